@@ -1,0 +1,16 @@
+"""Promptier runtime: load an artifact and classify prompts into tiers. Imports no torch."""
+
+from classifier.errors import ArtifactError, InvalidInputError, PromptierError
+from classifier.policy import RoutingRequest
+from classifier.runtime import DEFAULT_MODEL_DIR, ClassificationResult, TierClassifier, load
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "ArtifactError",
+    "ClassificationResult",
+    "InvalidInputError",
+    "PromptierError",
+    "RoutingRequest",
+    "TierClassifier",
+    "load",
+]

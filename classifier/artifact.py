@@ -1,0 +1,171 @@
+"""The artifact directory: one manifest plus the files it names.
+
+Layout::
+
+    DIR/
+      manifest.json      # ArtifactManifest below: tiers, policy, calibration, truncation, provenance
+      model.onnx         # inputs input_ids/attention_mask (int64, [batch, seq]); output logits [batch, n_tiers]
+      tokenizer.json     # a `tokenizers` fast tokenizer
+      MODEL_CARD.md      # for people
+      eval.json          # evaluation results (optional)
+
+`load_manifest` is the only reader of `manifest.json`; everything that needs an artifact goes through
+`classifier.load`, which calls it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from classifier.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE)
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
+MODEL_OUTPUT_NAME = "logits"
+MODES = ("quality", "balanced", "cost")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierSpec(_Strict):
+    """One tier: a price class, cheapest first in the manifest."""
+
+    name: str = Field(min_length=1)
+    input_usd_per_mtok: float = Field(ge=0)
+    output_usd_per_mtok: float = Field(ge=0)
+
+
+class TruncationConfig(_Strict):
+    """Bounds the work spent on one prompt, whatever its length.
+
+    The text is first cut to its first `head_chars` and last `tail_chars` characters (tokenizing
+    a megabyte only to throw most of it away is what makes long prompts slow), then to
+    `max_tokens` tokens including the two special tokens, keeping `head_fraction` of them from the
+    start and the rest from the end.
+    """
+
+    max_tokens: int = Field(ge=8, le=4096)
+    head_chars: int = Field(ge=16)
+    tail_chars: int = Field(ge=0)
+    head_fraction: float = Field(gt=0, le=1)
+
+
+class CurvePoint(_Strict):
+    """Routing on the validation split at one threshold."""
+
+    threshold: float
+    top_share: float
+    quality: float
+    cost_usd: float
+
+
+class PolicyConfig(_Strict):
+    """Pick the cheapest tier whose calibrated probability reaches a threshold.
+
+    `thresholds` maps each named mode to the threshold chosen on validation data; `quality_bands`
+    records the band below the top tier's quality each mode was chosen to hold. `curve` lets a
+    caller ask for a target share of top-tier calls instead of a threshold.
+    """
+
+    default_mode: str = "balanced"
+    thresholds: dict[str, float]
+    quality_bands: dict[str, float]
+    curve: list[CurvePoint] = Field(default_factory=list)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_in_unit_interval(cls, value: dict[str, float]) -> dict[str, float]:
+        for mode, threshold in value.items():
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold of mode {mode!r} is {threshold}, outside [0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _default_mode_known(self) -> PolicyConfig:
+        if self.default_mode not in self.thresholds:
+            raise ValueError(f"default_mode {self.default_mode!r} has no threshold")
+        return self
+
+
+class CalibrationConfig(_Strict):
+    """Per-tier temperature scaling: p = sigmoid(logit / temperature)."""
+
+    method: str = "temperature"
+    temperatures: list[float]
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(t <= 0 for t in value):
+            raise ValueError("temperatures must be positive")
+        return value
+
+
+class ArtifactManifest(_Strict):
+    """Everything the runtime needs to know about a model, validated on load."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_version: str = Field(min_length=1)
+    tiers: list[TierSpec] = Field(min_length=2)
+    policy: PolicyConfig
+    calibration: CalibrationConfig
+    truncation: TruncationConfig
+    architecture: dict[str, int | str | float] = Field(default_factory=dict)
+    training: dict[str, object] = Field(default_factory=dict)
+    data_fingerprint: str = ""
+    metrics: dict[str, object] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self.tiers]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArtifactManifest:
+        names = self.tier_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names are not unique: {names}")
+        if len(self.calibration.temperatures) != len(names):
+            raise ValueError(
+                f"calibration has {len(self.calibration.temperatures)} temperatures for {len(names)} tiers"
+            )
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        return self
+
+
+def load_manifest(directory: Path) -> ArtifactManifest:
+    """Read and validate `manifest.json`, checking that every required file is present.
+
+    Raises:
+        ArtifactError: the directory, a file, or a manifest field is missing or invalid.
+    """
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ArtifactError(f"artifact {directory} is incomplete: missing {', '.join(missing)}")
+    try:
+        raw = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not valid JSON: {exc}") from exc
+    try:
+        return ArtifactManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is invalid: {exc}") from exc
+
+
+def save_manifest(manifest: ArtifactManifest, directory: Path) -> None:
+    """Write `manifest.json` (the artifact's other files are written by their owners)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")

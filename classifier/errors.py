@@ -1,0 +1,13 @@
+"""Errors raised by the runtime. Each one maps to one gRPC status / HTTP code in `serving`."""
+
+
+class PromptierError(Exception):
+    """Base class of every error Promptier raises on purpose."""
+
+
+class ArtifactError(PromptierError):
+    """The artifact directory is missing, incomplete, corrupt or from an incompatible version."""
+
+
+class InvalidInputError(PromptierError, ValueError):
+    """A caller passed something the classifier cannot accept (empty text, wrong type, bad policy)."""

@@ -1,0 +1,190 @@
+"""ONNX Runtime inference: artifact in, typed routing decisions out. No torch on this path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from classifier.artifact import (
+    MODEL_FILE,
+    MODEL_INPUT_NAMES,
+    MODEL_OUTPUT_NAME,
+    TOKENIZER_FILE,
+    ArtifactManifest,
+    load_manifest,
+)
+from classifier.errors import ArtifactError, InvalidInputError
+from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_threshold
+from classifier.tokenization import PromptEncoder
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+# Far above any real prompt, far below what would exhaust memory; the text is cut to its head and
+# tail windows anyway, this only bounds what a caller may hand us.
+MAX_TEXT_CHARS = 2_000_000
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    """The routing decision for one prompt."""
+
+    tier: str
+    scores: dict[str, float]
+    threshold: float
+    truncated: bool
+    tokens: int
+    model_version: str
+
+
+def validate_text(text: object, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """Return `text` as a str fit for the model, or raise InvalidInputError saying why not."""
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"prompt is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
+    if not isinstance(text, str):
+        raise InvalidInputError(f"prompt must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InvalidInputError("prompt is empty")
+    if len(text) > max_chars:
+        raise InvalidInputError(f"prompt has {len(text)} characters; the limit is {max_chars}")
+    return text
+
+
+class TierClassifier:
+    """A loaded artifact: classify prompts and apply the routing policy.
+
+    Thread-safe: ONNX Runtime sessions may be run concurrently; the tokenizer is guarded.
+    """
+
+    def __init__(self, directory: Path, manifest: ArtifactManifest, session: ort.InferenceSession,
+                 encoder: PromptEncoder) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self._session = session
+        self._encoder = encoder
+        self._tier_names = manifest.tier_names
+        self._temperatures = np.asarray(manifest.calibration.temperatures, dtype=np.float32)
+        self._encode_lock = threading.Lock()
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(self._tier_names)
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        return self._encoder
+
+    def logits(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
+        """Raw model logits [n, n_tiers] for already-validated texts, with truncation flags and token counts."""
+        with self._encode_lock:
+            batch = self._encoder.encode_batch(texts)
+        logits = self._session.run(
+            [MODEL_OUTPUT_NAME],
+            {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+        )[0]
+        return logits, batch.truncated, batch.token_counts
+
+    def probabilities(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
+        """Calibrated per-tier probabilities [n, n_tiers] for already-validated texts."""
+        logits, truncated, tokens = self.logits(texts)
+        return 1.0 / (1.0 + np.exp(-logits / self._temperatures)), truncated, tokens
+
+    def classify(self, text: str, request: RoutingRequest | None = None) -> ClassificationResult:
+        """Classify one prompt.
+
+        Raises:
+            InvalidInputError: empty, non-string, invalid UTF-8 or oversized text, or a bad policy.
+        """
+        return self.classify_batch([text], request)[0]
+
+    def classify_batch(self, texts: Sequence[str], request: RoutingRequest | None = None
+                       ) -> list[ClassificationResult]:
+        """Classify many prompts in one model call (one policy for all of them).
+
+        Raises:
+            InvalidInputError: any text is invalid (the message names its index), or the policy is bad.
+        """
+        if isinstance(texts, str):
+            raise InvalidInputError("classify_batch takes a list of prompts, not one string")
+        if len(texts) == 0:
+            return []
+        checked = []
+        for index, text in enumerate(texts):
+            try:
+                checked.append(validate_text(text))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"item {index}: {exc}") from exc
+        threshold = resolve_threshold(self.manifest.policy, request)
+        allowed = allowed_mask(self._tier_names, request.allowed_tiers if request else None)
+        probabilities, truncated, tokens = self.probabilities(checked)
+        chosen = choose_tiers(probabilities, threshold, allowed)
+        return [
+            ClassificationResult(
+                tier=self._tier_names[int(chosen[row])],
+                scores={name: float(probabilities[row, col]) for col, name in enumerate(self._tier_names)},
+                threshold=threshold,
+                truncated=truncated[row],
+                tokens=tokens[row],
+                model_version=self.manifest.model_version,
+            )
+            for row in range(len(checked))
+        ]
+
+
+def _session(model_path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for corrupt/invalid graphs
+        raise ArtifactError(f"{model_path} is not a loadable ONNX model: {exc}") from exc
+
+
+def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
+    """Load and validate an artifact directory; `None` loads the default model shipped with the package.
+
+    The model runs once on a probe prompt before this returns, so a broken artifact fails here,
+    never on a live request.
+
+    Args:
+        path: artifact directory, or None for the default model.
+        threads: ONNX Runtime intra-op threads (1 gives the lowest latency per call).
+
+    Raises:
+        ArtifactError: missing files, invalid manifest, unloadable ONNX or tokenizer, wrong input or
+            output signature, or non-finite output on the probe.
+    """
+    directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    manifest = load_manifest(directory)
+    encoder = PromptEncoder.from_file(directory / TOKENIZER_FILE, manifest.truncation)
+    session = _session(directory / MODEL_FILE, threads)
+    input_names = tuple(sorted(i.name for i in session.get_inputs()))
+    if input_names != tuple(sorted(MODEL_INPUT_NAMES)):
+        raise ArtifactError(f"model inputs are {input_names}, expected {MODEL_INPUT_NAMES}")
+    output_names = [o.name for o in session.get_outputs()]
+    if output_names != [MODEL_OUTPUT_NAME]:
+        raise ArtifactError(f"model outputs are {output_names}, expected [{MODEL_OUTPUT_NAME!r}]")
+    classifier = TierClassifier(directory, manifest, session, encoder)
+    try:
+        probe, _, _ = classifier.logits(["Is this artifact able to classify a prompt?"])
+    except Exception as exc:
+        raise ArtifactError(f"the model failed on a probe prompt: {exc}") from exc
+    if probe.shape != (1, len(manifest.tiers)):
+        raise ArtifactError(
+            f"the model outputs {probe.shape[-1]} scores per prompt but the manifest has {len(manifest.tiers)} tiers"
+        )
+    if not np.isfinite(probe).all():
+        raise ArtifactError("the model produced non-finite scores on a probe prompt")
+    return classifier

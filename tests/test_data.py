@@ -1,0 +1,141 @@
+"""Reading logs and pools: every bad input names file, row, column and reason."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import POOL_YAML, synthetic_rows, write_jsonl
+from training.data import TierLabelRow, read_logs
+from training.errors import DataError
+from training.labels import build_table, split_table
+from training.pool import load_pool
+
+GOOD = {"prompt_id": "alpha:1", "prompt": "hi", "model": "a-7b", "score": 1.0, "source": "alpha"}
+
+
+@pytest.fixture
+def pool(tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "pool.yaml"
+    path.write_text(POOL_YAML)
+    return load_pool(path)
+
+
+@pytest.mark.parametrize(("row", "column", "reason"), [
+    ({**GOOD, "prompt": None}, "prompt", "missing value"),
+    ({**GOOD, "prompt": "  "}, "prompt", "empty string"),
+    ({**GOOD, "prompt": 5}, "prompt", "expected a string"),
+    ({**GOOD, "score": 1.5}, "score", "outside [0, 1]"),
+    ({**GOOD, "score": "high"}, "score", "expected a number"),
+    ({**GOOD, "score": True}, "score", "expected a number"),
+    ({k: v for k, v in GOOD.items() if k != "model"}, "model", "missing value"),
+    ({**GOOD, "cost_usd": -1}, "cost_usd", "negative"),
+])
+def test_bad_row_names_file_row_column_reason(tmp_path: Path, row: dict, column: str, reason: str) -> None:
+    path = write_jsonl(tmp_path / "logs.jsonl", [GOOD, row])
+    with pytest.raises(DataError) as info:
+        read_logs([path])
+    assert info.value.row == 2 and info.value.column == column
+    assert reason in str(info.value) and str(path) in str(info.value)
+
+
+def test_invalid_json_and_utf8_lines(tmp_path: Path) -> None:
+    path = tmp_path / "logs.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n{not json\n" + b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match="row 2: invalid JSON"):
+        read_logs([path])
+    rows, report = read_logs([path], skip_invalid=True)
+    assert len(rows) == 1 and report.total == 2
+    assert "invalid UTF-8" in report.summary() and "invalid JSON" in report.summary()
+
+
+def test_skip_invalid_counts_by_reason(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "logs.jsonl", [GOOD, {**GOOD, "score": 2}, {**GOOD, "score": 3}, {**GOOD}])
+    rows, report = read_logs([path], skip_invalid=True)
+    assert len(rows) == 2
+    assert report.total == 2 and report.counts["score 2.0 is outside [0, 1]"] == 1
+
+
+def test_unsupported_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "logs.csv").write_text("prompt\nhi\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_logs([tmp_path / "logs.csv"])
+    with pytest.raises(DataError, match="no such file"):
+        read_logs([tmp_path / "absent.jsonl"])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="cannot read Parquet"):
+        read_logs([tmp_path / "broken.parquet"])
+
+
+def test_parquet_and_jsonl_read_the_same(tmp_path: Path, pool) -> None:  # type: ignore[no-untyped-def]
+    rows = synthetic_rows(30)
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    from_jsonl, _ = build_table(read_logs([jsonl])[0], pool)
+    from_parquet, _ = build_table(read_logs([tmp_path / "a.parquet"])[0], pool)
+    assert from_jsonl.fingerprint() == from_parquet.fingerprint()
+
+
+def test_missing_outcomes_are_masked_not_failures(pool) -> None:  # type: ignore[no-untyped-def]
+    from training.data import OutcomeRow
+
+    outcome_rows = [
+        OutcomeRow("beta:1", "p", "b-8b", 0.0, "beta", "", None),
+        OutcomeRow("beta:1", "p", "b-51b", 1.0, "beta", "", None),
+        OutcomeRow("beta:1", "p", "unknown-model", 1.0, "beta", "", None),
+    ]
+    table, unused = build_table(outcome_rows, pool)
+    assert table.targets[0, :2].tolist() == [0.0, 1.0]
+    assert np.isnan(table.targets[0, 2])  # beta has no large model: unknown, not 0
+    assert unused == {"beta/unknown-model": 1}
+
+
+def test_duplicate_prompts_merge_and_scores_average(pool) -> None:  # type: ignore[no-untyped-def]
+    from training.data import OutcomeRow
+
+    rows = [OutcomeRow("alpha:1", "same", "a-7b", 1.0, "alpha", "", 0.5),
+            OutcomeRow("alpha:2", "same", "a-7b", 0.0, "alpha", "", 1.5),
+            OutcomeRow("alpha:3", "other", "a-7b", 1.0, "alpha", "", None)]
+    table, _ = build_table(rows, pool)
+    assert len(table) == 2
+    assert table.targets[0, 0] == 0.5 and table.costs[0, 0] == 1.0  # measured costs averaged
+    assert table.costs[1, 0] > 0  # estimated from price x tokens
+
+
+def test_tier_labels_mean_every_tier_from_the_label_up(pool) -> None:  # type: ignore[no-untyped-def]
+    table, _ = build_table([TierLabelRow("", "q", "medium", "x", "")], pool)
+    assert table.targets[0].tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(DataError, match="unknown tier 'huge'"):
+        build_table([TierLabelRow("", "q", "huge", "x", "")], pool)
+
+
+def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type: ignore[no-untyped-def]
+    from training.data import OutcomeRow
+
+    rows = [OutcomeRow(f"{s}:{i}", f"prompt {s} {i}", m, 1.0, s, "c", None)
+            for i in range(100) for s, m in (("alpha", "a-7b"), ("beta", "b-8b"))]
+    table, _ = build_table(rows, pool)
+    first, again = split_table(table, seed=3), split_table(table, seed=3)
+    assert (first == again).all() and not (first == split_table(table, seed=4)).all()
+    held = split_table(table, seed=3, holdout_sources=["beta"])
+    assert (held[table.sources == "beta"] == "test").all()
+    assert {"train", "val"} <= set(held[table.sources == "alpha"])
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("tiers: [{name: a, usd_per_mtok: {input: 1, output: 1}}]", "at least 2"),
+    ("tiers: [{name: a, usd_per_mtok: {input: 1, output: 1}}, {name: a, usd_per_mtok: {input: 1, output: 1}}]",
+     "unique"),
+    ("tiers: [{name: a, usd_per_mtok: {input: -1, output: 1}}, {name: b, usd_per_mtok: {input: 1, output: 1}}]",
+     "greater than or equal to 0"),
+    (POOL_YAML + "  gamma: {huge: x}\n", "unknown tier"),
+    ("tiers: [", "cannot read pool file"),
+])
+def test_bad_pool_files(tmp_path: Path, text: str, reason: str) -> None:
+    path = tmp_path / "pool.yaml"
+    path.write_text(text)
+    with pytest.raises(DataError, match=reason):
+        load_pool(path)

@@ -1,0 +1,55 @@
+"""Metrics against curves computed by hand."""
+
+import numpy as np
+import pytest
+
+from training.metrics import apgr, binary_curve, cpt, expected_calibration_error, roc_auc
+
+
+def test_auc_matches_hand_count_with_ties() -> None:
+    scores = np.array([0.1, 0.4, 0.4, 0.8])
+    labels = np.array([0, 0, 1, 1])
+    # Pairs (pos, neg): (0.4,0.1)=1, (0.4,0.4)=0.5, (0.8,0.1)=1, (0.8,0.4)=1 -> 3.5 / 4
+    assert roc_auc(scores, labels) == pytest.approx(0.875)
+    assert roc_auc(scores, np.ones(4)) is None
+
+
+def test_binary_curve_known_ordering() -> None:
+    weak = np.array([0.0, 0.0, 1.0, 1.0])
+    strong = np.array([1.0, 1.0, 1.0, 0.0])
+    # Route in order of hardness: prompt 0, 1, 2, 3.
+    curve = binary_curve(np.array([4.0, 3.0, 2.0, 1.0]), weak, strong)
+    assert curve.quality == pytest.approx([0.5, 0.75, 1.0, 1.0, 0.75])
+    assert curve.weak_quality == 0.5 and curve.strong_quality == 0.75
+    # PGR = (q - 0.5) / 0.25 -> [0, 1, 2, 2, 1]; trapezoid over steps of 0.25.
+    assert curve.pgr == pytest.approx([0, 1, 2, 2, 1])
+    assert apgr(curve) == pytest.approx(0.25 * (0.5 + 1.5 + 2 + 1.5))
+    assert cpt(curve, 0.5) == pytest.approx(0.125)
+    assert cpt(curve, 1.0) == pytest.approx(0.25)
+
+
+def test_random_routing_is_the_straight_line() -> None:
+    rng = np.random.default_rng(0)
+    weak = rng.integers(0, 2, 200).astype(float)
+    strong = np.maximum(weak, rng.integers(0, 2, 200)).astype(float)
+    curve = binary_curve(np.zeros(200), weak, strong)  # every prompt tied: the expected random order
+    assert curve.pgr == pytest.approx(np.linspace(0, 1, 201))
+    assert apgr(curve) == pytest.approx(0.5)
+    assert cpt(curve, 0.8) == pytest.approx(0.8)
+
+
+def test_oracle_beats_random_and_reaches_full_gap_early() -> None:
+    weak = np.array([1, 0, 0, 1, 0, 1, 1, 0], dtype=float)
+    strong = np.array([1, 1, 0, 1, 1, 1, 0, 1], dtype=float)
+    oracle = binary_curve(strong - weak, weak, strong)
+    # Three prompts gain from the strong tier and one loses: after those 3 calls quality is 7/8,
+    # PGR (0.875 - 0.5) / 0.25 = 1.5, above what always-strong gets.
+    assert oracle.pgr.max() == pytest.approx(1.5)
+    assert cpt(oracle, 1.0) <= 3 / 8
+    assert apgr(oracle) > 0.5
+
+
+def test_ece_perfect_and_off_by_constant() -> None:
+    p = np.array([0.2, 0.2, 0.8, 0.8])
+    assert expected_calibration_error(p, p.copy()) == 0
+    assert expected_calibration_error(p, np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.2)

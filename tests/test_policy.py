@@ -1,0 +1,45 @@
+"""The routing rule and its per-request overrides."""
+
+import numpy as np
+import pytest
+
+from classifier.artifact import CurvePoint, PolicyConfig
+from classifier.errors import InvalidInputError
+from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_threshold
+
+POLICY = PolicyConfig(
+    default_mode="balanced",
+    thresholds={"quality": 0.8, "balanced": 0.6, "cost": 0.4},
+    quality_bands={"quality": 0.005, "balanced": 0.02, "cost": 0.06},
+    curve=[CurvePoint(threshold=t, top_share=t * 0.5, quality=0.5, cost_usd=1.0) for t in (0.0, 0.5, 1.0)],
+)
+
+
+def test_cheapest_tier_reaching_threshold_ties_pass_and_fallback_is_top() -> None:
+    probabilities = np.array([[0.6, 0.9, 0.95], [0.5, 0.6, 0.7], [0.1, 0.2, 0.3]])
+    chosen = choose_tiers(probabilities, 0.6, np.ones(3, dtype=bool))
+    assert chosen.tolist() == [0, 1, 2]  # 0.6 == threshold passes; nothing passes -> top tier
+
+
+def test_allowed_tiers_restrict_choice_and_fallback() -> None:
+    probabilities = np.array([[0.9, 0.9, 0.9], [0.1, 0.1, 0.1]])
+    allowed = allowed_mask(["small", "medium", "large"], ["medium"])
+    assert choose_tiers(probabilities, 0.5, allowed).tolist() == [1, 1]
+    per_row = np.array([[True, True, False], [True, True, False]])
+    assert choose_tiers(probabilities, 0.5, per_row).tolist() == [0, 1]
+
+
+def test_resolve_threshold_modes_and_errors() -> None:
+    assert resolve_threshold(POLICY, None) == 0.6
+    assert resolve_threshold(POLICY, RoutingRequest(mode="cost")) == 0.4
+    assert resolve_threshold(POLICY, RoutingRequest(threshold=0.3)) == 0.3
+    assert resolve_threshold(POLICY, RoutingRequest(top_share=0.25)) == pytest.approx(0.5)
+    for bad in (RoutingRequest(mode="cheap"), RoutingRequest(threshold=1.5),
+                RoutingRequest(threshold=float("nan")), RoutingRequest(mode="cost", threshold=0.2),
+                RoutingRequest(top_share=-0.1)):
+        with pytest.raises(InvalidInputError):
+            resolve_threshold(POLICY, bad)
+    with pytest.raises(InvalidInputError, match="unknown tier"):
+        allowed_mask(["small", "large"], ["huge"])
+    with pytest.raises(InvalidInputError, match="empty"):
+        allowed_mask(["small", "large"], [])

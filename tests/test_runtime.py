@@ -1,0 +1,116 @@
+"""The torch-free runtime: loading, validation, truncation, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import classifier
+from classifier.artifact import TruncationConfig
+from classifier.errors import ArtifactError, InvalidInputError
+from classifier.tokenization import PromptEncoder
+from training.export import MAX_PROBABILITY_DIFF
+
+
+def test_missing_files_are_refused(artifact_copy: Path) -> None:
+    for name in ("model.onnx", "tokenizer.json", "manifest.json"):
+        (artifact_copy / name).rename(artifact_copy / f"{name}.bak")
+        with pytest.raises(ArtifactError, match=f"missing {name}"):
+            classifier.load(artifact_copy)
+        (artifact_copy / f"{name}.bak").rename(artifact_copy / name)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        classifier.load(artifact_copy / "nowhere")
+
+
+def test_corrupt_files_are_refused(artifact_copy: Path) -> None:
+    model = artifact_copy / "model.onnx"
+    good = model.read_bytes()
+    model.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ArtifactError, match="not a loadable ONNX model"):
+        classifier.load(artifact_copy)
+    model.write_bytes(good)
+    (artifact_copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="not a valid tokenizer"):
+        classifier.load(artifact_copy)
+
+
+def test_manifest_inconsistent_with_model_is_refused(artifact_copy: Path) -> None:
+    manifest_path = artifact_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tiers"].append({"name": "huge", "input_usd_per_mtok": 9, "output_usd_per_mtok": 9})
+    manifest["calibration"]["temperatures"].append(1.0)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="outputs 3 scores per prompt but the manifest has 4 tiers"):
+        classifier.load(artifact_copy)
+    manifest["calibration"]["temperatures"].pop()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="4 tiers"):
+        classifier.load(artifact_copy)
+    manifest_path.write_text("{ not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        classifier.load(artifact_copy)
+
+
+def test_bad_inputs_raise_clear_errors(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    for bad, message in (("", "empty"), ("   \n", "empty"), (42, "must be a string"),
+                         (b"\xff\xfe", "not valid UTF-8"), ("x" * 2_000_001, "limit")):
+        with pytest.raises(InvalidInputError, match=message):
+            runtime.classify(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="item 1: prompt is empty"):
+        runtime.classify_batch(["fine", ""])
+    with pytest.raises(InvalidInputError, match="not one string"):
+        runtime.classify_batch("a string")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="unknown tier"):
+        runtime.classify("hi", classifier.RoutingRequest(allowed_tiers=("gigantic",)))
+    assert runtime.classify("fine").tier in runtime.tier_names  # still serving after errors
+
+
+def test_batch_equals_single_and_results_are_typed(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    texts = ["hello cat", "prove the lemma about entropy " * 3, "sort a python list", "héllo wörld 你好 🙂"]
+    batch = runtime.classify_batch(texts)
+    for text, result in zip(texts, batch, strict=True):
+        single = runtime.classify(text)
+        assert single.tier == result.tier
+        # Dynamic int8 quantizes activations per batch, so padding neighbours shift scores slightly;
+        # the bound is the export's own parity tolerance.
+        assert all(abs(single.scores[k] - result.scores[k]) <= MAX_PROBABILITY_DIFF for k in single.scores)
+        assert set(result.scores) == {"small", "medium", "large"}
+        assert 0 <= result.threshold <= 1 and result.tokens >= 3
+    assert runtime.classify("hello", classifier.RoutingRequest(allowed_tiers=("medium",))).tier == "medium"
+
+
+def test_truncation_keeps_head_and_tail(tiny_backbone: Path) -> None:
+    config = TruncationConfig(max_tokens=12, head_chars=40, tail_chars=20, head_fraction=0.5)
+    encoder = PromptEncoder.from_file(tiny_backbone / "tokenizer.json", config)
+    short = encoder.encode_batch(["hello cat"])
+    assert short.truncated == [False] and short.token_counts == [4]
+    text = "hello " * 3 + "python " * 50 + "prove lemma"
+    cut, was_cut = encoder.cut_characters(text)
+    assert was_cut and cut.startswith("hello hello hello") and cut.endswith("prove lemma")
+    batch = encoder.encode_batch([text])
+    assert batch.truncated == [True] and batch.token_counts == [12]
+    vocabulary = encoder._tokenizer
+    ids = batch.input_ids[0].tolist()
+    assert ids[1:4] == [vocabulary.token_to_id("hello")] * 3  # head kept
+    assert ids[-3:-1] == [vocabulary.token_to_id("prove"), vocabulary.token_to_id("lemma")]  # tail kept
+
+
+def test_huge_prompt_is_bounded(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    result = runtime.classify("prove the theorem " * 60_000)  # ~1 MB
+    assert result.truncated and result.tokens == runtime.manifest.truncation.max_tokens
+
+
+def test_runtime_imports_and_runs_without_torch(trained_artifact: Path) -> None:
+    code = (
+        "import sys, classifier; r = classifier.load(sys.argv[1]); r.classify('hello cat'); "
+        "import serving; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'training')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(trained_artifact)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,89 @@
+"""Baseline routers scored on the same rows as the model: random, prompt length, oracle, and a
+logistic regression on the backbone's mean-pooled sentence embeddings (as in RouterBench)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from classifier.artifact import TruncationConfig
+from classifier.tokenization import PromptEncoder
+
+
+def random_scores(n: int, n_tiers: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(size=(n, n_tiers))
+
+
+def oracle_scores(targets: np.ndarray) -> np.ndarray:
+    """The logged outcomes themselves (unknown -> 0, never chosen anyway)."""
+    return np.nan_to_num(targets, nan=0.0)
+
+
+def _fit_soft_logistic(features: np.ndarray, targets: np.ndarray) -> LogisticRegression | float:
+    """Logistic regression on soft targets: each row once as a success weighted y, once as a failure
+    weighted 1 - y. Returns a constant when the targets leave nothing to fit."""
+    if len(targets) == 0:
+        return 0.5
+    weights = np.concatenate([targets, 1.0 - targets])
+    labels = np.concatenate([np.ones(len(targets)), np.zeros(len(targets))])
+    if weights[labels == 1].sum() == 0 or weights[labels == 0].sum() == 0:
+        return float(targets.mean())
+    model = LogisticRegression(C=1.0, max_iter=2000)
+    model.fit(np.concatenate([features, features]), labels, sample_weight=weights)
+    return model
+
+
+def per_tier_logistic(train_features: np.ndarray, train_targets: np.ndarray, eval_features: np.ndarray
+                      ) -> np.ndarray:
+    """One soft logistic regression per tier, each fitted on prompts whose outcome is known."""
+    scores = np.zeros((len(eval_features), train_targets.shape[1]))
+    for k in range(train_targets.shape[1]):
+        known = ~np.isnan(train_targets[:, k])
+        model = _fit_soft_logistic(train_features[known], train_targets[known, k])
+        scores[:, k] = model if isinstance(model, float) else model.predict_proba(eval_features)[:, 1]
+    return scores
+
+
+def length_features(prompts: Sequence[str]) -> np.ndarray:
+    return np.log1p(np.array([[len(p)] for p in prompts], dtype=np.float64))
+
+
+def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig,
+                        cache_dir: Path | None = None, batch_size: int = 64) -> np.ndarray:
+    """Mean-pooled, L2-normalised embeddings from the pretrained backbone (not fine-tuned), cached."""
+    digest = hashlib.sha256()
+    digest.update(str(backbone_dir.resolve()).encode())
+    digest.update(truncation.model_dump_json().encode())
+    for prompt in prompts:
+        digest.update(prompt.encode("utf-8", "surrogatepass") + b"\0")
+    cache_file = cache_dir / f"embeddings-{digest.hexdigest()[:20]}.npy" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        return np.load(cache_file)
+    import torch
+
+    from training.model import load_encoder
+    from training.trainer import _pad, tokenize_all
+
+    encoder = PromptEncoder.from_file(backbone_dir / "tokenizer.json", truncation)
+    token_ids = tokenize_all(encoder, prompts)
+    model = load_encoder(backbone_dir).eval()
+    order = np.argsort([len(x) for x in token_ids], kind="stable")
+    embeddings = np.zeros((len(prompts), model.config.hidden_size), dtype=np.float32)
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc="embedding baseline", unit="batch"):
+            batch = order[start : start + batch_size]
+            ids, mask = _pad([token_ids[i] for i in batch])
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).float()
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+            embeddings[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache_file, embeddings)
+    return embeddings

@@ -1,0 +1,129 @@
+"""The `promptier` command. Each subcommand imports its package lazily: `serve` and `classify` work
+without the train extra, and `promptier --help` starts fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from classifier.errors import PromptierError
+
+app = typer.Typer(help="Promptier: route each prompt to the cheapest LLM tier that answers it well.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+LogsOption = Annotated[list[Path], typer.Option("--logs", help="log files or directories (JSONL/Parquet)")]
+PoolOption = Annotated[Path, typer.Option("--pool", help="pool YAML: tiers, prices, models per source")]
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    logs: LogsOption,
+    pool: PoolOption,
+    out: Annotated[Path, typer.Option(help="artifact directory to write")],
+    config: Annotated[Path | None, typer.Option(help="training config YAML")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="checkpoints (default: OUT.work); rerun to resume")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="skip invalid rows and report them")] = False,
+    teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
+    unlabeled: Annotated[list[Path] | None, typer.Option(help="prompts without outcomes, for distillation")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    holdout_source: Annotated[list[str] | None, typer.Option(help="put a whole source in test")] = None,
+    holdout_category: Annotated[list[str] | None, typer.Option(help="put a whole category in test")] = None,
+    model_version: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Train a calibrated tier classifier on routing logs and write an evaluated ONNX artifact."""
+    from training.config import load_config
+    from training.pipeline import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config, epochs=epochs, seed=seed, holdout_sources=holdout_source,
+                          holdout_categories=holdout_category)
+        manifest = run_training(logs, pool, out, cfg, work_dir=work_dir, skip_invalid=skip_invalid,
+                                teacher=teacher, unlabeled=unlabeled or (), model_version=model_version,
+                                command="promptier " + shlex.join(sys.argv[1:]))
+    except (PromptierError, ValueError, FileNotFoundError) as error:
+        _fail(error)
+    typer.echo(f"wrote {out} ({manifest.model_version}); thresholds {manifest.policy.thresholds}")
+    test = manifest.metrics.get("test")
+    if isinstance(test, dict):
+        for group, methods in test.items():
+            typer.echo(f"  {group}: APGR {methods['promptier']['apgr']:.4f}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="artifact directory")],
+    logs: LogsOption,
+    pool: PoolOption,
+    out: Annotated[Path | None, typer.Option(help="report directory (default: MODEL/eval)")] = None,
+    embedding_baseline: Annotated[bool, typer.Option(help="include the MiniLM embedding baseline")] = True,
+    cache_dir: Annotated[Path | None, typer.Option(help="embedding cache (default ~/.cache/promptier)")] = None,
+    skip_invalid: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Evaluate a model against baselines on the prompts of LOGS it never saw."""
+    from classifier.artifact import load_manifest
+    from training.data import read_logs
+    from training.evaluate import EVAL_MD, evaluate_logs
+    from training.labels import build_table
+    from training.model import backbone_directory
+    from training.pool import load_pool
+
+    try:
+        manifest = load_manifest(model)
+        pool_spec = load_pool(pool)
+        if pool_spec.tier_names != manifest.tier_names:
+            raise PromptierError(f"pool tiers {pool_spec.tier_names} differ from the model's {manifest.tier_names}")
+        rows, skipped = read_logs(logs, skip_invalid)
+        table, _ = build_table(rows, pool_spec)
+        config = manifest.training.get("config", {})
+        backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
+        backbone_dir = backbone_directory(backbone) if embedding_baseline else None
+        out_dir = out or model / "eval"
+        report = evaluate_logs(model, table, backbone_dir, out_dir,
+                               cache_dir or Path.home() / ".cache" / "promptier")
+    except (PromptierError, ValueError, FileNotFoundError) as error:
+        _fail(error)
+    typer.echo((out_dir / EVAL_MD).read_text())
+    typer.echo(f"wrote {out_dir}/eval.json, eval.md, eval.png ({report['rows']} prompts; {skipped.summary()})")
+
+
+@app.command()
+def classify(
+    text: Annotated[str, typer.Argument(help="the prompt")],
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
+    threshold: Annotated[float | None, typer.Option()] = None,
+) -> None:
+    """Classify one prompt and print the routing decision as JSON."""
+    from dataclasses import asdict
+
+    import classifier
+
+    try:
+        runtime = classifier.load(model)
+        request = classifier.RoutingRequest(mode=mode, threshold=threshold)
+        result = runtime.classify(text, request)
+    except PromptierError as error:
+        _fail(error)
+    typer.echo(json.dumps(asdict(result), indent=2))
+
+
+def main() -> None:
+    """Entry point of the `promptier` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

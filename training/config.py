@@ -1,0 +1,75 @@
+"""Training configuration: validated, stored in the artifact, loadable from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_BACKBONE = "minilm-l6"
+
+
+class StudentConfig(BaseModel):
+    """A narrow encoder built from a teacher: its token embeddings projected to `hidden` by PCA."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden: int = Field(default=128, ge=16)
+    layers: int = Field(default=2, ge=1)
+    heads: int = Field(default=2, ge=1)
+    intermediate: int = Field(default=512, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> StudentConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run. Two runs with equal configs and data give equal models."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: str = Field(default=DEFAULT_BACKBONE, description="'minilm-l6' or a Hugging Face model directory")
+    student: StudentConfig | None = None
+    max_tokens: int = Field(default=128, ge=8, le=512)
+    head_fraction: float = Field(default=0.5, gt=0, le=1)
+    head_chars: int | None = Field(default=None, description="default: 8 x max_tokens")
+    tail_chars: int | None = Field(default=None, description="default: 4 x max_tokens")
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    freeze_embeddings: bool = Field(default=True, description="the vocabulary table dominates parameters and "
+                                    "optimizer time; the encoder layers adapt instead")
+    seed: int = 13
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: float = Field(default=0.1, ge=0, lt=1)
+    holdout_sources: list[str] = Field(default_factory=list)
+    holdout_categories: list[str] = Field(default_factory=list)
+    quality_bands: dict[str, float] = Field(
+        default_factory=lambda: {"quality": 0.005, "balanced": 0.02, "cost": 0.06},
+        description="how far below the top tier's validation quality each mode may go",
+    )
+    default_mode: str = "balanced"
+    checkpoint_every: int = Field(default=100, ge=1)
+    threads: int = Field(default=2, ge=1)
+    quantize: bool = True
+
+    @property
+    def resolved_head_chars(self) -> int:
+        return self.head_chars if self.head_chars is not None else 8 * self.max_tokens
+
+    @property
+    def resolved_tail_chars(self) -> int:
+        return self.tail_chars if self.tail_chars is not None else 4 * self.max_tokens
+
+
+def load_config(path: str | Path | None, **overrides: object) -> TrainConfig:
+    """Read a YAML config (or the defaults), then apply non-None overrides."""
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    return TrainConfig.model_validate(raw)

@@ -1,0 +1,190 @@
+"""Reading routing logs: outcome rows (one call, one score) or tier-labeled rows (prompt, tier).
+
+Every row is validated. An invalid row raises a DataError naming file, row, column and reason,
+unless `skip_invalid` is set; then it is counted in a SkipReport, by reason, and nothing is
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.errors import DataError
+
+OUTCOME_COLUMNS = ("prompt_id", "prompt", "model", "score", "source")
+LABEL_COLUMNS = ("prompt", "tier")
+LOG_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class OutcomeRow:
+    """One call: `model` answered `prompt` and got `score`."""
+
+    prompt_id: str
+    prompt: str
+    model: str
+    score: float
+    source: str
+    category: str
+    cost_usd: float | None
+
+
+@dataclass(frozen=True)
+class TierLabelRow:
+    """A prompt already labeled with the cheapest tier that answers it well."""
+
+    prompt_id: str
+    prompt: str
+    tier: str
+    source: str
+    category: str
+
+
+@dataclass
+class SkipReport:
+    """Rows skipped under --skip-invalid, counted by reason, with the first few locations."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, error: DataError) -> None:
+        self.counts[error.reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(str(error))
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no rows skipped"
+        reasons = "; ".join(f"{count} x {reason}" for reason, count in self.counts.most_common())
+        return f"skipped {self.total} invalid rows: {reasons}"
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files named directly, plus the log files inside named directories (sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(str(path), "no such file or directory")
+    if not files:
+        raise DataError(", ".join(map(str, paths)), "no log files found (expected .jsonl or .parquet)")
+    return files
+
+
+def _records(path: Path) -> Iterator[tuple[int, object]]:
+    """(row number, raw record) pairs; rows and lines are numbered from 1."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DataError(str(path), f"cannot read Parquet: {exc}") from exc
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(str(path), f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            if not raw_line.strip():
+                continue
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, DataError(str(path), f"invalid UTF-8 at byte {exc.start}", row=number)
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, DataError(str(path), f"invalid JSON: {exc.msg}", row=number)
+
+
+def _text(record: dict, column: str, path: str, row: int, required: bool = True) -> str:
+    value = record.get(column)
+    if value is None:
+        if required:
+            raise DataError(path, "missing value", row, column)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, f"expected a string, got {type(value).__name__}", row, column)
+    if required and not value.strip():
+        raise DataError(path, "empty string", row, column)
+    return value
+
+
+def _number(record: dict, column: str, path: str, row: int, required: bool) -> float | None:
+    value = record.get(column)
+    if value is None:
+        if required:
+            raise DataError(path, "missing value", row, column)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(path, f"expected a number, got {type(value).__name__}", row, column)
+    if not math.isfinite(value):
+        raise DataError(path, f"not a finite number: {value}", row, column)
+    return float(value)
+
+
+def parse_row(record: object, path: str, row: int) -> OutcomeRow | TierLabelRow:
+    """Validate one raw record.
+
+    Raises:
+        DataError: naming the column and reason.
+    """
+    if isinstance(record, DataError):
+        raise record
+    if not isinstance(record, dict):
+        raise DataError(path, f"expected an object, got {type(record).__name__}", row)
+    prompt = _text(record, "prompt", path, row)
+    source = _text(record, "source", path, row, required=False) or "default"
+    category = _text(record, "category", path, row, required=False)
+    if "tier" in record and "model" not in record:
+        tier = _text(record, "tier", path, row)
+        prompt_id = _text(record, "prompt_id", path, row, required=False)
+        return TierLabelRow(prompt_id, prompt, tier, source, category)
+    prompt_id = _text(record, "prompt_id", path, row)
+    model = _text(record, "model", path, row)
+    score = _number(record, "score", path, row, required=True)
+    assert score is not None
+    if not 0.0 <= score <= 1.0:
+        raise DataError(path, f"score {score} is outside [0, 1]", row, "score")
+    cost = _number(record, "cost_usd", path, row, required=False)
+    if cost is not None and cost < 0:
+        raise DataError(path, f"cost {cost} is negative", row, "cost_usd")
+    return OutcomeRow(prompt_id, prompt, model, score, source, category, cost)
+
+
+def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False
+              ) -> tuple[list[OutcomeRow | TierLabelRow], SkipReport]:
+    """Read and validate every row of every log file.
+
+    Raises:
+        DataError: the first invalid row, unless `skip_invalid`; a file that cannot be read at all
+            always raises.
+    """
+    rows: list[OutcomeRow | TierLabelRow] = []
+    report = SkipReport()
+    for path in expand_paths(paths):
+        for number, record in _records(path):
+            try:
+                rows.append(parse_row(record, str(path), number))
+            except DataError as error:
+                if not skip_invalid:
+                    raise
+                report.add(error)
+    if not rows:
+        raise DataError(", ".join(map(str, paths)), "no valid rows")
+    return rows, report

@@ -1,0 +1,26 @@
+"""Errors of the training pipeline."""
+
+from __future__ import annotations
+
+from classifier.errors import PromptierError
+
+
+class DataError(PromptierError):
+    """A log or pool file is invalid. The message names the file, the row or line, the column and why."""
+
+    def __init__(self, path: str, reason: str, row: int | None = None, column: str | None = None) -> None:
+        where = path
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {reason}")
+        self.path, self.row, self.column, self.reason = path, row, column, reason
+
+
+def require(module: str, extra: str = "train") -> None:
+    """Fail with the pip command that fixes a missing optional dependency."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise PromptierError(f"{module} is not installed; run: pip install 'promptier[{extra}]'")

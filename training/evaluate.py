@@ -1,0 +1,228 @@
+"""`promptier eval`: the model against baselines on prompts it never saw. JSON, Markdown and a PNG."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from classifier import load as load_artifact
+from training.baselines import (
+    length_features,
+    oracle_scores,
+    per_tier_logistic,
+    random_scores,
+    sentence_embeddings,
+)
+from training.labels import PromptTable, prompt_hash
+from training.metrics import apgr, binary_curve, cpt, tier_metrics
+from training.routing import always_top, cheapest_point_within, routing_curve, top_known_tier
+
+CPT_LEVELS = (0.5, 0.8, 0.95)
+SAVING_LEVELS = (0.95, 0.98, 0.99)
+MODEL = "promptier"
+EVAL_JSON, EVAL_MD, EVAL_PNG = "eval.json", "eval.md", "eval.png"
+
+
+def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    runtime = load_artifact(artifact, threads=2)
+    parts = [runtime.probabilities(prompts[i : i + batch])[0]
+             for i in tqdm(range(0, len(prompts), batch), desc="model", unit="batch")]
+    return np.concatenate(parts) if parts else np.zeros((0, len(runtime.tier_names)))
+
+
+def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: np.ndarray,
+                tier_names: list[str]) -> dict:
+    """Every metric for every method on one group of prompts."""
+    known = ~np.isnan(targets)
+    top_quality, top_cost = always_top(targets, costs)
+    single = {}
+    for k, name in enumerate(tier_names):
+        if known[:, k].any():
+            single[name] = {"quality": float(np.mean(targets[known[:, k], k])),
+                            "cost_usd": float(np.mean(costs[known[:, k], k])), "n": int(known[:, k].sum())}
+    # Binary routing: cheapest tier vs each prompt's most capable known tier.
+    binary_rows = known[:, 0]
+    rows = np.flatnonzero(binary_rows)
+    strong_index = top_known_tier(known)[rows]
+    weak, strong = targets[rows, 0], targets[rows, strong_index]
+    result: dict = {"n": len(targets), "top_quality": top_quality, "top_cost_usd": top_cost,
+                    "single_tiers": single, "methods": {}}
+    for method, probabilities in methods.items():
+        # The oracle knows each prompt's gain from the strong tier; routers use 1 - P(cheapest answers).
+        hardness = (strong - weak) if method == "oracle" else 1.0 - probabilities[rows, 0]
+        curve = binary_curve(hardness, weak, strong)
+        routing = routing_curve(probabilities, targets, costs)
+        savings = {}
+        for level in SAVING_LEVELS:
+            point = cheapest_point_within(routing, level * top_quality)
+            savings[f"{round(level * 100)}"] = None if point is None else 1.0 - point.cost_usd / top_cost
+        result["methods"][method] = {
+            "apgr": apgr(curve),
+            "cpt": {f"{round(level * 100)}": cpt(curve, level) for level in CPT_LEVELS},
+            "savings_vs_top": savings,
+            "tiers": tier_metrics(probabilities, targets, tier_names),
+            "binary_curve": {"strong_share": curve.strong_share[:: max(1, len(rows) // 100)].tolist(),
+                             "pgr": curve.pgr[:: max(1, len(rows) // 100)].tolist()},
+            "routing_curve": [{"quality": p.quality, "cost_usd": p.cost_usd, "top_share": p.top_share,
+                               "threshold": p.threshold} for p in routing],
+        }
+    return result
+
+
+def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTable | None,
+                   backbone_dir: Path | None, cache_dir: Path | None = None, seed: int = 0) -> dict:
+    """Score the artifact and the baselines on `eval_table`, overall and per source.
+
+    Baselines that learn (length, embedding) are fitted on `fit_table`, the prompts the model was
+    trained on, so that every method sees the same data; without it they are cross-fitted on the
+    evaluation rows in 5 folds.
+    """
+    from classifier.artifact import load_manifest
+
+    manifest = load_manifest(artifact)
+    tier_names = manifest.tier_names
+    methods: dict[str, np.ndarray] = {MODEL: model_probabilities(artifact, eval_table.prompts)}
+    methods["random"] = random_scores(len(eval_table), len(tier_names), seed)
+    methods["length"] = _learned(length_features, eval_table, fit_table, seed)
+    if backbone_dir is not None:
+        def embed(prompts: Sequence[str]) -> np.ndarray:
+            return sentence_embeddings(prompts, backbone_dir, manifest.truncation, cache_dir)
+        methods["embedding-lr"] = _learned(embed, eval_table, fit_table, seed)
+    methods["oracle"] = oracle_scores(eval_table.targets)
+    groups = {"all": np.ones(len(eval_table), dtype=bool)}
+    for source in sorted(set(eval_table.sources)):
+        groups[source] = eval_table.sources == source
+    report = {
+        "model_version": manifest.model_version,
+        "tiers": tier_names,
+        "rows": len(eval_table),
+        "fit_rows": len(fit_table) if fit_table is not None else 0,
+        "groups": {name: score_group({m: p[mask] for m, p in methods.items()}, eval_table.targets[mask],
+                                     eval_table.costs[mask], tier_names) for name, mask in groups.items()},
+    }
+    report["summary"] = summarize(report)
+    return report
+
+
+def _learned(featurize, eval_table: PromptTable, fit_table: PromptTable | None, seed: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    if fit_table is not None and len(fit_table) >= 50:
+        features = featurize(fit_table.prompts + eval_table.prompts)
+        return per_tier_logistic(features[: len(fit_table)], fit_table.targets, features[len(fit_table):])
+    features = featurize(eval_table.prompts)
+    folds = np.random.default_rng(seed).integers(0, 5, len(eval_table))
+    scores = np.zeros_like(eval_table.targets)
+    for fold in range(5):
+        held = folds == fold
+        if held.any():
+            scores[held] = per_tier_logistic(features[~held], eval_table.targets[~held], features[held])
+    return scores
+
+
+def summarize(report: dict) -> dict:
+    """The headline numbers: APGR, CPT and savings per group and method."""
+    return {group: {method: {"apgr": round(m["apgr"], 4),
+                             "cpt": {k: None if v is None else round(v, 4) for k, v in m["cpt"].items()},
+                             "savings_vs_top": {k: None if v is None else round(v, 4)
+                                                for k, v in m["savings_vs_top"].items()}}
+                    for method, m in g["methods"].items()}
+            for group, g in report["groups"].items()}
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Evaluation of {report['model_version']}", "",
+             f"{report['rows']} held-out prompts; learned baselines fitted on {report['fit_rows']} prompts. "
+             "APGR and CPT: cheapest tier vs the most capable known tier (RouteLLM). Savings: cost saved "
+             "versus always calling the most capable tier, at 95/98/99% of its quality (all tiers).", ""]
+    for group, g in report["groups"].items():
+        lines += [f"## {group} ({g['n']} prompts; top-tier quality {g['top_quality']:.4f}, "
+                  f"cost ${g['top_cost_usd'] * 1000:.4f} per 1k prompts)", "",
+                  "| method | APGR | CPT(50%) | CPT(80%) | CPT(95%) | saving @95% | saving @98% | saving @99% "
+                  "| AUC (cheapest tier) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for method, m in g["methods"].items():
+            auc = m["tiers"][report["tiers"][0]]["roc_auc"]
+            cells = [f"{m['apgr']:.4f}"] + [_pct(m["cpt"][k]) for k in ("50", "80", "95")] + \
+                    [_pct(m["savings_vs_top"][k]) for k in ("95", "98", "99")] + \
+                    ["-" if auc is None else f"{auc:.4f}"]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        singles = ", ".join(f"{name}: quality {s['quality']:.4f}, ${s['cost_usd'] * 1000:.4f}/1k"
+                            for name, s in g["single_tiers"].items())
+        lines += ["", f"Single tiers: {singles}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(report["groups"].items())
+    figure, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 9), squeeze=False)
+    for column, (group, g) in enumerate(groups):
+        top, bottom = axes[0][column], axes[1][column]
+        for method, m in g["methods"].items():
+            points = sorted(m["routing_curve"], key=lambda p: p["cost_usd"])
+            top.plot([p["cost_usd"] * 1000 for p in points], [p["quality"] for p in points], label=method,
+                     linewidth=2.2 if method == MODEL else 1.2)
+            bottom.plot(m["binary_curve"]["strong_share"], m["binary_curve"]["pgr"],
+                        label=f"{method} (APGR {m['apgr']:.3f})", linewidth=2.2 if method == MODEL else 1.2)
+        for name, s in g["single_tiers"].items():
+            top.scatter([s["cost_usd"] * 1000], [s["quality"]], marker="s", color="black", zorder=5)
+            top.annotate(name, (s["cost_usd"] * 1000, s["quality"]), textcoords="offset points", xytext=(5, -10))
+        top.set(title=f"{group}: quality vs cost", xlabel="USD per 1k prompts", ylabel="mean quality")
+        bottom.set(title=f"{group}: PGR vs strong-tier share", xlabel="share of calls to the strong tier",
+                   ylabel="performance gap recovered")
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+        bottom.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVAL_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out_dir / EVAL_MD).write_text(render_markdown(report), encoding="utf-8")
+    plot(report, out_dir / EVAL_PNG)
+
+
+def seen_prompts(artifact: Path) -> set[str]:
+    from training.pipeline import SEEN_PROMPTS_FILE
+
+    path = artifact / SEEN_PROMPTS_FILE
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbone_dir: Path | None,
+                   out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """Evaluate on the test split, fitting learned baselines on train+val (what the model saw)."""
+    test = np.flatnonzero(split == "test")
+    fit = np.flatnonzero(split != "test")
+    report = evaluate_table(artifact, table.subset(test), table.subset(fit), backbone_dir, cache_dir)
+    write_report(report, out_dir)
+    return report
+
+
+def evaluate_logs(artifact: Path, table: PromptTable, backbone_dir: Path | None, out_dir: Path,
+                  cache_dir: Path | None = None) -> dict:
+    """Evaluate on every prompt of `table` the model never saw; baselines fit on the ones it saw."""
+    seen = seen_prompts(artifact)
+    was_seen = np.array([prompt_hash(p) in seen for p in table.prompts], dtype=bool)
+    if was_seen.all():
+        raise ValueError("every prompt in these logs was used to train or calibrate the model")
+    fit_table = table.subset(np.flatnonzero(was_seen)) if was_seen.any() else None
+    report = evaluate_table(artifact, table.subset(np.flatnonzero(~was_seen)), fit_table, backbone_dir, cache_dir)
+    write_report(report, out_dir)
+    return report

