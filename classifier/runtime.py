@@ -116,29 +116,46 @@ class TierClassifier:
         """
         if isinstance(texts, str):
             raise InvalidInputError("classify_batch takes a list of prompts, not one string")
-        if len(texts) == 0:
-            return []
-        checked = []
-        for index, text in enumerate(texts):
+        outcomes = self.classify_items([(text, request) for text in texts])
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, InvalidInputError):
+                raise InvalidInputError(f"item {index}: {outcome}") from outcome
+        return outcomes  # type: ignore[return-value]
+
+    def classify_items(self, items: Sequence[tuple[object, RoutingRequest | None]]
+                       ) -> list[ClassificationResult | InvalidInputError]:
+        """Classify (text, policy) pairs in one model call; a bad item yields its error, not an exception.
+
+        This is the serving and batch-labeling path: one invalid prompt never fails its neighbours.
+        """
+        outcomes: list[ClassificationResult | InvalidInputError | None] = [None] * len(items)
+        valid: list[tuple[int, str, float, np.ndarray]] = []
+        for index, (text, request) in enumerate(items):
             try:
-                checked.append(validate_text(text))
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"item {index}: {exc}") from exc
-        threshold = resolve_threshold(self.manifest.policy, request)
-        allowed = allowed_mask(self._tier_names, request.allowed_tiers if request else None)
-        probabilities, truncated, tokens = self.probabilities(checked)
-        chosen = choose_tiers(probabilities, threshold, allowed)
-        return [
-            ClassificationResult(
-                tier=self._tier_names[int(chosen[row])],
+                checked = validate_text(text)
+                threshold = resolve_threshold(self.manifest.policy, request)
+                allowed = allowed_mask(self._tier_names, request.allowed_tiers if request else None)
+            except InvalidInputError as error:
+                outcomes[index] = error
+                continue
+            valid.append((index, checked, threshold, allowed))
+        if valid:
+            self._decide(valid, outcomes)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _decide(self, valid: list[tuple[int, str, float, np.ndarray]],
+                outcomes: list[ClassificationResult | InvalidInputError | None]) -> None:
+        probabilities, truncated, tokens = self.probabilities([text for _, text, _, _ in valid])
+        for row, (index, _, threshold, allowed) in enumerate(valid):
+            chosen = int(choose_tiers(probabilities[row : row + 1], threshold, allowed)[0])
+            outcomes[index] = ClassificationResult(
+                tier=self._tier_names[chosen],
                 scores={name: float(probabilities[row, col]) for col, name in enumerate(self._tier_names)},
                 threshold=threshold,
                 truncated=truncated[row],
                 tokens=tokens[row],
                 model_version=self.manifest.model_version,
             )
-            for row in range(len(checked))
-        ]
 
 
 def _session(model_path: Path, threads: int) -> ort.InferenceSession:

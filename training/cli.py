@@ -120,6 +120,27 @@ def classify(
     typer.echo(json.dumps(asdict(result), indent=2))
 
 
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 50051,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads of the model worker")] = 1,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+) -> None:
+    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory)."""
+    import asyncio
+
+    from serving.logs import configure_json_logging
+    from serving.server import serve_forever
+
+    configure_json_logging()
+    try:
+        asyncio.run(serve_forever(model, f"{host}:{port}", threads, metrics_port))
+    except PromptierError as error:
+        _fail(error)
+
+
 def main() -> None:
     """Entry point of the `promptier` command."""
     app()

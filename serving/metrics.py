@@ -1,0 +1,25 @@
+"""Prometheus metrics of one server instance (own registry, so tests can run several servers)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("promptier_requests", "RPCs by method and status code", ["rpc", "code"],
+                                registry=self.registry)
+        self.latency = Histogram(
+            "promptier_request_latency_seconds", "server-side latency by RPC", ["rpc"], registry=self.registry,
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.tiers = Counter("promptier_tier_decisions", "prompts routed to each tier", ["tier"],
+                             registry=self.registry)
+        self.truncations = Counter("promptier_truncated_prompts", "prompts cut to the model's window",
+                                   registry=self.registry)
+        self.reloads = Counter("promptier_model_reloads", "model reloads by outcome", ["outcome"],
+                               registry=self.registry)
+        self.queue_depth = Gauge("promptier_queue_depth", "work items waiting for the model", registry=self.registry)
+        self.batch_size = Histogram("promptier_batch_size", "prompts per model call", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

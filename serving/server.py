@@ -1,0 +1,323 @@
+"""The gRPC server: Router (Classify, ClassifyBatch, Info), Admin (Reload), health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import classifier
+from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
+from classifier.conversation import render_conversation
+from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from serving.batcher import Batcher, DeadlineExpiredError, QueueFullError, monotonic_ms
+from serving.metrics import ServerMetrics
+
+log = logging.getLogger("promptier.server")
+
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+ADMIN_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds enforced at the boundary (and reported by Info)."""
+
+    max_prompt_chars: int = 1_000_000
+    max_batch_items: int = 256
+    max_queue: int = 1024
+    max_batch: int = 64
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+class BadRequest(Exception):
+    """INVALID_ARGUMENT with a message meant for the caller."""
+
+
+def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one table from errors to gRPC status codes. Unexpected errors never leak their text."""
+    if isinstance(error, InvalidInputError | BadRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded: classification queue is full; retry later"
+    if isinstance(error, DeadlineExpiredError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the model could run"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class ModelHolder:
+    """The live model. Reload validates a new artifact fully before swapping the reference."""
+
+    def __init__(self, model: TierClassifier, directory: Path | None, threads: int) -> None:
+        self.model = model
+        self.directory = directory
+        self._threads = threads
+        self._lock = asyncio.Lock()
+
+    async def reload(self, directory: Path | None) -> tuple[str, str]:
+        async with self._lock:
+            target = directory or self.directory
+            loop = asyncio.get_running_loop()
+            new = await loop.run_in_executor(None, classifier.load, target, self._threads)
+            previous = self.model.model_version
+            self.model, self.directory = new, target  # one reference assignment: atomic for readers
+            return new.model_version, previous
+
+
+def _routing_request(policy: router_pb2.Policy) -> RoutingRequest | None:
+    has = {field.name for field, _ in policy.ListFields()}
+    if not has:
+        return None
+    return RoutingRequest(
+        mode=policy.mode or None,
+        threshold=policy.threshold if "threshold" in has else None,
+        top_share=policy.top_share if "top_share" in has else None,
+        allowed_tiers=tuple(policy.allowed_tiers) if policy.allowed_tiers else None,
+    )
+
+
+def _prompt_text(request: router_pb2.ClassifyRequest, limits: ServerLimits) -> str:
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        text = request.prompt
+    elif kind == "conversation":
+        messages = [(m.role, m.content) for m in request.conversation.messages]
+        if any(len(content) > limits.max_prompt_chars for _, content in messages):
+            raise BadRequest(f"a message is longer than {limits.max_prompt_chars} characters")
+        text = render_conversation(messages)
+    else:
+        raise BadRequest("request has neither prompt nor conversation")
+    if len(text) > limits.max_prompt_chars:
+        raise BadRequest(f"prompt has {len(text)} characters; the limit is {limits.max_prompt_chars}")
+    return text
+
+
+def _response(result: ClassificationResult, latency_ms: float) -> router_pb2.ClassifyResponse:
+    return router_pb2.ClassifyResponse(
+        tier=result.tier, scores=result.scores, threshold=result.threshold, truncated=result.truncated,
+        tokens=result.tokens, model_version=result.model_version, server_latency_ms=latency_ms,
+    )
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, holder: ModelHolder, batcher: Batcher, metrics: ServerMetrics, limits: ServerLimits) -> None:
+        self._holder, self._batcher, self._metrics, self._limits = holder, batcher, metrics, limits
+
+    def _record(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
+        self._metrics.requests.labels(rpc, code.name).inc()
+        self._metrics.latency.labels(rpc).observe(time.perf_counter() - start)
+
+    def _count(self, result: ClassificationResult) -> None:
+        self._metrics.tiers.labels(result.tier).inc()
+        if result.truncated:
+            self._metrics.truncations.inc()
+
+    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, error: BaseException, start: float) -> None:
+        code, message = _status_of(error)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("unexpected error in %s", rpc, exc_info=error)
+        self._record(rpc, code, start)
+        await context.abort(code, message)
+
+    async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+                       ) -> router_pb2.ClassifyResponse:
+        start = time.perf_counter()
+        try:
+            item = (_prompt_text(request, self._limits), _routing_request(request.policy))
+            (outcome,) = await self._batcher.submit([item], context.time_remaining())
+            if isinstance(outcome, InvalidInputError):
+                raise outcome
+        except Exception as error:
+            await self._fail(context, "Classify", error, start)
+            raise  # unreachable: abort raises
+        self._count(outcome)
+        self._record("Classify", grpc.StatusCode.OK, start)
+        return _response(outcome, monotonic_ms(start))
+
+    async def ClassifyBatch(self, request: router_pb2.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+                            ) -> router_pb2.ClassifyBatchResponse:
+        start = time.perf_counter()
+        items: list[tuple[object, RoutingRequest | None] | BaseException] = []
+        try:
+            if len(request.items) > self._limits.max_batch_items:
+                raise BadRequest(f"{len(request.items)} items; the limit is {self._limits.max_batch_items}")
+            for item in request.items:
+                try:
+                    items.append((_prompt_text(item, self._limits), _routing_request(item.policy)))
+                except (BadRequest, InvalidInputError) as error:
+                    items.append(error)
+            valid = [item for item in items if not isinstance(item, BaseException)]
+            outcomes = iter(await self._batcher.submit(valid, context.time_remaining()) if valid else [])
+        except Exception as error:
+            await self._fail(context, "ClassifyBatch", error, start)
+            raise
+        latency = monotonic_ms(start)
+        response = router_pb2.ClassifyBatchResponse()
+        for item in items:
+            outcome = item if isinstance(item, BaseException) else next(outcomes)
+            if isinstance(outcome, BaseException):
+                code, message = _status_of(outcome)
+                response.items.add(error=router_pb2.ItemError(code=code.name, message=message))
+            else:
+                self._count(outcome)
+                response.items.add(result=_response(outcome, latency))
+        self._record("ClassifyBatch", grpc.StatusCode.OK, start)
+        return response
+
+    async def Info(self, request: router_pb2.InfoRequest, context: grpc.aio.ServicerContext
+                   ) -> router_pb2.InfoResponse:
+        manifest = self._holder.model.manifest
+        self._metrics.requests.labels("Info", "OK").inc()
+        return router_pb2.InfoResponse(
+            model_version=manifest.model_version,
+            tiers=[router_pb2.Tier(name=t.name, input_usd_per_mtok=t.input_usd_per_mtok,
+                                   output_usd_per_mtok=t.output_usd_per_mtok) for t in manifest.tiers],
+            mode_thresholds=manifest.policy.thresholds, default_mode=manifest.policy.default_mode,
+            max_tokens=manifest.truncation.max_tokens, max_prompt_chars=self._limits.max_prompt_chars,
+            max_batch_items=self._limits.max_batch_items, data_fingerprint=manifest.data_fingerprint,
+        )
+
+
+def _router_handlers(service: RouterService) -> grpc.GenericRpcHandler:
+    """Router handlers that parse requests themselves, so a malformed message (invalid UTF-8 in a
+    string field, truncated bytes) is INVALID_ARGUMENT rather than grpcio's UNKNOWN."""
+
+    def parsing(method, message_type):  # type: ignore[no-untyped-def]
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            try:
+                request = message_type.FromString(raw)
+            except DecodeError as error:
+                service._metrics.requests.labels(method.__name__, "INVALID_ARGUMENT").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+            return await method(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(handler, response_serializer=lambda m: m.SerializeToString())
+
+    return grpc.method_handlers_generic_handler(ROUTER_SERVICE, {
+        "Classify": parsing(service.Classify, router_pb2.ClassifyRequest),
+        "ClassifyBatch": parsing(service.ClassifyBatch, router_pb2.ClassifyBatchRequest),
+        "Info": parsing(service.Info, router_pb2.InfoRequest),
+    })
+
+
+class AdminService(router_pb2_grpc.AdminServicer):
+    def __init__(self, server: RunningServer) -> None:
+        self._server = server
+
+    async def Reload(self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+                     ) -> router_pb2.ReloadResponse:
+        try:
+            version, previous = await self._server.reload(Path(request.model_dir) if request.model_dir else None)
+        except PromptierError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"reload refused, old model still serving: "
+                                f"{error}")
+            raise
+        return router_pb2.ReloadResponse(model_version=version, previous_model_version=previous)
+
+
+class RunningServer:
+    """A started server. `port` is the bound port (useful with port 0 in tests)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, holder: ModelHolder, batcher: Batcher,
+                 health_servicer: health.aio.HealthServicer, metrics: ServerMetrics) -> None:
+        self.server, self.port, self.holder, self.batcher = server, port, holder, batcher
+        self.health, self.metrics = health_servicer, metrics
+
+    async def reload(self, directory: Path | None = None) -> tuple[str, str]:
+        """Load, validate and swap in a new artifact; on failure the old model keeps serving."""
+        try:
+            version, previous = await self.holder.reload(directory)
+        except PromptierError as error:
+            self.metrics.reloads.labels("refused").inc()
+            log.error(json.dumps({"event": "reload_refused", "reason": str(error)}))
+            raise
+        self.metrics.reloads.labels("ok").inc()
+        log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous}))
+        return version, previous
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.batcher.stop()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:0", threads: int = 1,
+                       limits: ServerLimits | None = None, model: TierClassifier | None = None) -> RunningServer:
+    """Load the model, then bind and start. A bad artifact raises here, before any port is opened.
+
+    Args:
+        model_dir: artifact directory (None = the shipped default model).
+        address: host:port; port 0 picks a free one (see RunningServer.port).
+        threads: ONNX Runtime threads for the model worker.
+    """
+    limits = limits or ServerLimits()
+    metrics = ServerMetrics()
+    health_servicer = health.aio.HealthServicer()
+    for service in ("", ROUTER_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    loaded = model or await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
+    holder = ModelHolder(loaded, model_dir, threads)
+    batcher = Batcher(lambda: holder.model, metrics, max_queue=limits.max_queue, max_batch=limits.max_batch)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits)),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    running = RunningServer(server, port, holder, batcher, health_servicer, metrics)
+    router_pb2_grpc.add_AdminServicer_to_server(AdminService(running), server)
+    batcher.start()
+    await server.start()
+    for service in ("", ROUTER_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return running
+
+
+async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
+                        grace: float = 10.0) -> None:
+    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory."""
+    running = await start_server(model_dir, address, threads)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="0.0.0.0", registry=running.metrics.registry)
+    log.info(json.dumps({"event": "serving", "address": address, "port": running.port,
+                         "model_version": running.holder.model.model_version, "metrics_port": metrics_port}))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def reload_in_background() -> None:
+        async def reload() -> None:
+            try:
+                await running.reload()
+            except PromptierError:
+                pass  # already logged and counted; the old model keeps serving
+
+        loop.create_task(reload())
+
+    loop.add_signal_handler(signal.SIGHUP, reload_in_background)
+    await stop.wait()
+    log.info(json.dumps({"event": "draining", "grace_seconds": grace}))
+    await running.stop(grace)

@@ -1,0 +1,293 @@
+"""The real gRPC server on a real port (0 = any free one), driven by real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+import classifier
+from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from serving.client import AsyncRouterClient, RouterClient
+from serving.server import RunningServer, ServerLimits, start_server
+
+EASY = "hello thanks say hi cat dog"
+HARD = "prove theorem derive integral eigenvalue lemma"
+
+
+class ServerThread:
+    """Runs start_server on an event loop in a background thread."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.running: RunningServer | None = None
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def begin() -> None:
+                self.running = await start_server(**kwargs)  # type: ignore[arg-type]
+                ready.set()
+
+            self.loop.run_until_complete(begin())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(60), "server did not start"
+
+    @property
+    def target(self) -> str:
+        assert self.running is not None
+        return f"127.0.0.1:{self.running.port}"
+
+    def call(self, coroutine):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def stop(self, grace: float = 1.0) -> None:
+        assert self.running is not None
+        self.call(self.running.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(trained_artifact: Path) -> Iterator[ServerThread]:
+    running = ServerThread(model_dir=trained_artifact, limits=ServerLimits(max_prompt_chars=200_000,
+                                                                          max_batch_items=16))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def stub(server: ServerThread) -> Iterator[router_pb2_grpc.RouterStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield router_pb2_grpc.RouterStub(channel)
+
+
+def _code(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value.code()
+
+
+def test_classify_prompt_and_policies(server: ServerThread) -> None:
+    with RouterClient(server.target, timeout=5) as client:
+        easy = client.classify("hello thanks say hi cat dog")
+        hard = client.classify("prove theorem derive integral eigenvalue lemma")
+        assert (easy.tier, hard.tier) == ("small", "large")
+        assert set(easy.scores) == {"small", "medium", "large"} and easy.model_version == "tiny-test-1"
+        assert easy.server_latency_ms > 0 and easy.tokens > 2 and not easy.truncated
+        assert client.classify(EASY, allowed_tiers=["medium", "large"]).tier == "medium"
+        assert client.classify(HARD, threshold=0.0).tier == "small"  # everything passes 0
+        cost = client.classify(EASY, mode="cost")
+        info = client.info()
+        assert cost.threshold == pytest.approx(info.mode_thresholds["cost"])
+        assert [t.name for t in info.tiers] == ["small", "medium", "large"]
+        assert info.max_batch_items == 16 and info.max_tokens == 32
+
+
+def test_conversation_weighs_latest_turn_with_context(server: ServerThread) -> None:
+    with RouterClient(server.target, timeout=5) as client:
+        plan = [("user", "prove theorem derive integral eigenvalue lemma quantum entropy"),
+                ("assistant", "Here is a plan for the proof."), ("user", "hello say hi")]
+        alone = client.classify("hello say hi")
+        in_context = client.classify(messages=plan)
+        assert in_context.scores["small"] < alone.scores["small"]
+
+
+def test_batch_answers_per_item(server: ServerThread) -> None:
+    with RouterClient(server.target, timeout=5) as client:
+        outcomes = client.classify_batch([EASY, "", HARD, "x" * 200_001])
+    assert outcomes[0].tier == "small" and outcomes[2].tier == "large"  # type: ignore[union-attr]
+    assert outcomes[1] == grpc.StatusCode.INVALID_ARGUMENT and outcomes[3] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_invalid_arguments(stub: router_pb2_grpc.RouterStub) -> None:
+    request = router_pb2.ClassifyRequest
+    policy = router_pb2.Policy
+    for bad in (request(prompt=""), request(prompt="  "), request(), request(prompt="x" * 200_001),
+                request(prompt="hi", policy=policy(mode="cheapest")),
+                request(prompt="hi", policy=policy(threshold=1.5)),
+                request(prompt="hi", policy=policy(allowed_tiers=["gigantic"])),
+                request(conversation=router_pb2.Conversation()),
+                request(conversation=router_pb2.Conversation(messages=[router_pb2.Message(role="bot", content="a")]))):
+        assert _code(stub.Classify, bad, timeout=5) == grpc.StatusCode.INVALID_ARGUMENT
+    too_many = router_pb2.ClassifyBatchRequest(items=[request(prompt="hi")] * 17)
+    assert _code(stub.ClassifyBatch, too_many, timeout=5) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(request(prompt="hi", policy=policy(mode="cheapest")), timeout=5)
+    assert "unknown mode 'cheapest'" in info.value.details()
+
+
+def test_invalid_utf8_is_rejected_and_server_keeps_serving(server: ServerThread) -> None:
+    # A protobuf string must be UTF-8; send raw bytes the Python stub would refuse to build.
+    raw = b"\x0a\x03\xff\xfe\xfd"  # field 1 (prompt), length 3, invalid UTF-8
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary("/promptier.v1.Router/Classify", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        code = _code(call, raw, timeout=5)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    with RouterClient(server.target, timeout=5) as client:
+        assert client.classify(EASY).tier == "small"
+
+
+def test_deadline_expiry(stub: router_pb2_grpc.RouterStub) -> None:
+    assert _code(stub.Classify, router_pb2.ClassifyRequest(prompt="hi"), timeout=1e-6) == \
+        grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_health_and_reflection(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "promptier.v1.Router"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"promptier.v1.Router", "promptier.v1.Admin", "grpc.health.v1.Health"} <= services
+
+
+def test_concurrent_clients_get_consistent_answers(server: ServerThread) -> None:
+    prompts = [EASY, "prove lemma theorem", "sort python list"]
+    with RouterClient(server.target, timeout=5) as client:
+        expected = {p: client.classify(p).tier for p in prompts}
+
+        def worker(seed: int) -> list[bool]:
+            rng = random.Random(seed)
+            picks = [rng.choice(prompts) for _ in range(40)]
+            return [client.classify(p).tier == expected[p] for p in picks]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = [ok for batch in pool.map(worker, range(8)) for ok in batch]
+    assert len(results) == 320 and all(results)
+
+
+def test_async_client(server: ServerThread) -> None:
+    async def run() -> list[str]:
+        async with AsyncRouterClient(server.target, timeout=5) as client:
+            decisions = await asyncio.gather(*(client.classify(EASY) for _ in range(20)))
+            return [d.tier for d in decisions]
+
+    assert asyncio.run(run()) == ["small"] * 20
+
+
+def test_fuzz_then_still_serving(server: ServerThread, stub: router_pb2_grpc.RouterStub) -> None:
+    rng = random.Random(0)
+    for _ in range(150):
+        kind = rng.randrange(4)
+        if kind == 0:
+            text = "".join(chr(rng.randrange(1, 0x10FFFF)) for _ in range(rng.randrange(0, 300)))
+            text = text.encode("utf-8", "replace").decode("utf-8", "replace")
+            request = router_pb2.ClassifyRequest(prompt=text)
+        elif kind == 1:
+            messages = [router_pb2.Message(role=rng.choice(["user", "assistant", "x", ""]),
+                                           content=rng.choice(["", "hi", "prove " * rng.randrange(1, 2000)]))
+                        for _ in range(rng.randrange(0, 8))]
+            request = router_pb2.ClassifyRequest(conversation=router_pb2.Conversation(messages=messages))
+        elif kind == 2:
+            request = router_pb2.ClassifyRequest(prompt="hi", policy=router_pb2.Policy(
+                threshold=rng.uniform(-2, 2), mode=rng.choice(["", "cost", "??"])))
+        else:
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+            with grpc.insecure_channel(server.target) as channel:
+                call = channel.unary_unary("/promptier.v1.Router/Classify", request_serializer=lambda b: b,
+                                           response_deserializer=lambda b: b)
+                try:
+                    call(raw, timeout=5)
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            continue
+        try:
+            stub.Classify(request, timeout=5)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert stub.Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=5).tier == "small"
+
+
+class _SlowModel:
+    """Wraps a real model, adds latency (overload test) or fails (internal error test)."""
+
+    def __init__(self, model: classifier.TierClassifier, delay: float = 0.0, fail: bool = False) -> None:
+        self._model, self._delay, self._fail = model, delay, fail
+        self.manifest, self.model_version = model.manifest, model.model_version
+
+    def classify_items(self, items):  # type: ignore[no-untyped-def]
+        time.sleep(self._delay)
+        if self._fail and any("boom" in str(text) for text, _ in items):
+            raise RuntimeError("secret internal detail /etc/passwd")
+        return self._model.classify_items(items)
+
+
+def test_overload_is_refused_not_queued_forever(trained_artifact: Path) -> None:
+    slow = _SlowModel(classifier.load(trained_artifact), delay=0.3)
+    running = ServerThread(model=slow, limits=ServerLimits(max_queue=2, max_batch=1))
+    try:
+        with RouterClient(running.target, timeout=10, attempts=1) as client, ThreadPoolExecutor(12) as pool:
+            def call(_: int) -> str:
+                try:
+                    return client.classify(EASY).tier
+                except grpc.RpcError as error:
+                    return error.code().name
+
+            outcomes = list(pool.map(call, range(12)))
+        assert "RESOURCE_EXHAUSTED" in outcomes and "small" in outcomes
+        assert set(outcomes) <= {"RESOURCE_EXHAUSTED", "small"}
+    finally:
+        running.stop()
+
+
+def test_internal_errors_do_not_leak_and_server_survives(trained_artifact: Path) -> None:
+    failing = _SlowModel(classifier.load(trained_artifact), fail=True)
+    running = ServerThread(model=failing)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Classify(router_pb2.ClassifyRequest(prompt="boom"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert info.value.details() == "internal error"
+            assert stub.Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=5).tier == "small"
+    finally:
+        running.stop()
+
+
+def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -> None:
+    running = ServerThread(model_dir=trained_artifact)
+    try:
+        other = tmp_path / "v2"
+        shutil.copytree(trained_artifact, other)
+        manifest = (other / "manifest.json").read_text().replace('"tiny-test-1"', '"tiny-test-2"')
+        (other / "manifest.json").write_text(manifest)
+        broken = tmp_path / "broken"
+        shutil.copytree(trained_artifact, broken)
+        (broken / "model.onnx").write_bytes(b"not onnx")
+        with grpc.insecure_channel(running.target) as channel:
+            admin = router_pb2_grpc.AdminStub(channel)
+            router = router_pb2_grpc.RouterStub(channel)
+            reply = admin.Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=30)
+            assert (reply.model_version, reply.previous_model_version) == ("tiny-test-2", "tiny-test-1")
+            assert router.Classify(router_pb2.ClassifyRequest(prompt="hi"), timeout=5).model_version == "tiny-test-2"
+            with pytest.raises(grpc.RpcError) as info:
+                admin.Reload(router_pb2.ReloadRequest(model_dir=str(broken)), timeout=30)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "old model still serving" in info.value.details()
+            assert router.Classify(router_pb2.ClassifyRequest(prompt="hi"), timeout=5).model_version == "tiny-test-2"
+            health = health_pb2_grpc.HealthStub(channel)
+            assert running.running is not None
+            running.call(running.running.health.enter_graceful_shutdown())
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert running.running.metrics.reloads.labels("refused")._value.get() == 1
+    finally:
+        running.stop()
