@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -268,7 +269,9 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
     health_servicer = health.aio.HealthServicer()
     for service in ("", ROUTER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    loaded = model or await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
+    if model is None:
+        model = await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
+    loaded: TierClassifier = model
     holder = ModelHolder(loaded, model_dir, threads)
     batcher = Batcher(lambda: holder.model, metrics, max_queue=limits.max_queue, max_batch=limits.max_batch)
     server = grpc.aio.server(options=[
@@ -308,14 +311,17 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    reloads: set[asyncio.Task] = set()
+
     def reload_in_background() -> None:
         async def reload() -> None:
-            try:
+            # A refused reload is already logged and counted; the old model keeps serving.
+            with contextlib.suppress(PromptierError):
                 await running.reload()
-            except PromptierError:
-                pass  # already logged and counted; the old model keeps serving
 
-        loop.create_task(reload())
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_in_background)
     await stop.wait()
