@@ -5,7 +5,7 @@ import pytest
 
 from classifier.artifact import CurvePoint, PolicyConfig
 from classifier.errors import InvalidInputError
-from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_threshold
+from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, relative_scores, resolve_threshold
 
 POLICY = PolicyConfig(
     default_mode="balanced",
@@ -15,16 +15,23 @@ POLICY = PolicyConfig(
 )
 
 
-def test_cheapest_tier_reaching_threshold_ties_pass_and_fallback_is_top() -> None:
-    probabilities = np.array([[0.6, 0.9, 0.95], [0.5, 0.6, 0.7], [0.1, 0.2, 0.3]])
-    chosen = choose_tiers(probabilities, 0.6, np.ones(3, dtype=bool))
-    assert chosen.tolist() == [0, 1, 2]  # 0.6 == threshold passes; nothing passes -> top tier
+def test_cheapest_tier_reaching_relative_threshold() -> None:
+    probabilities = np.array([[0.6, 0.9, 0.96], [0.4, 0.7, 0.8], [0.1, 0.4, 0.8], [0.05, 0.08, 0.1]])
+    assert relative_scores(probabilities, np.ones(3, dtype=bool))[0].tolist() == pytest.approx([0.625, 0.9375, 1])
+    chosen = choose_tiers(probabilities, 0.625, np.ones(3, dtype=bool))
+    # row 0: 0.6/0.96 = 0.625 passes (ties pass); row 1: 0.4/0.8 < 0.625, 0.7/0.8 passes;
+    # row 2: only the top tier reaches it.
+    assert chosen.tolist()[:3] == [0, 1, 2]
+    # A prompt no tier is likely to answer goes cheap: 0.05 / 0.1 = 0.5 keeps half of what little the top offers.
+    assert choose_tiers(probabilities, 0.5, np.ones(3, dtype=bool))[3] == 0
+    assert choose_tiers(probabilities, 1.0, np.ones(3, dtype=bool)).tolist() == [2, 2, 2, 2]
 
 
 def test_allowed_tiers_restrict_choice_and_fallback() -> None:
-    probabilities = np.array([[0.9, 0.9, 0.9], [0.1, 0.1, 0.1]])
+    probabilities = np.array([[0.9, 0.9, 0.9], [0.1, 0.8, 0.9]])
     allowed = allowed_mask(["small", "medium", "large"], ["medium"])
     assert choose_tiers(probabilities, 0.5, allowed).tolist() == [1, 1]
+    # Relative to the top *allowed* tier (medium here), not to the large tier.
     per_row = np.array([[True, True, False], [True, True, False]])
     assert choose_tiers(probabilities, 0.5, per_row).tolist() == [0, 1]
 

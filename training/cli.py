@@ -121,6 +121,76 @@ def classify(
 
 
 @app.command()
+def label(
+    inputs: Annotated[list[str], typer.Argument(help="JSONL, Parquet or CSV files or globs")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output .jsonl or .parquet")],
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
+    threshold: Annotated[float | None, typer.Option()] = None,
+    prompt_column: Annotated[str, typer.Option()] = "prompt",
+    id_column: Annotated[str, typer.Option()] = "prompt_id",
+    messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
+    keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
+    workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
+    chunk_rows: Annotated[int, typer.Option()] = 4096,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted job")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="existing Ray cluster (default: start a local one)")] = None,
+) -> None:
+    """Label prompt files with the tier each prompt needs (one output row per input row)."""
+    import time
+
+    from classifier.labeling import LabelOptions, label_files
+
+    options = LabelOptions(prompt_column=prompt_column, id_column=id_column, messages_column=messages_column,
+                           keep_columns=tuple(keep or ()), mode=mode, threshold=threshold, chunk_rows=chunk_rows,
+                           model=str(model) if model else None)
+    started = time.perf_counter()
+    try:
+        if engine == "ray":
+            from classifier.labeling_ray import label_with_ray
+
+            stats = label_with_ray(inputs, output, options, address=ray_address)
+        elif engine == "local":
+            stats = label_files(inputs, output, options, workers=workers, resume=resume)
+        else:
+            raise PromptierError(f"unknown engine {engine!r}; use local or ray")
+    except PromptierError as error:
+        _fail(error)
+    elapsed = time.perf_counter() - started
+    typer.echo(f"labeled {stats.rows} rows ({stats.errors} with errors, {stats.resumed_rows} resumed) in "
+               f"{elapsed:.1f} s ({stats.rows / max(elapsed, 1e-9):,.0f} rows/s); tiers {stats.tiers} -> {output}")
+
+
+@app.command()
+def bench(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench.json"),
+    iterations: Annotated[int, typer.Option(help="timed calls per length bucket")] = 2000,
+    seconds: Annotated[float, typer.Option(help="duration of each throughput run")] = 5.0,
+) -> None:
+    """Measure the runtime: p50/p90/p99/max latency by length, batched throughput, peak RSS."""
+    from classifier.bench import main as run_bench
+
+    try:
+        run_bench(str(model) if model else None, out, iterations, seconds)
+    except PromptierError as error:
+        _fail(error)
+
+
+@app.command()
+def loadtest(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-serving.json"),
+    seconds: Annotated[float, typer.Option(help="duration of each scenario")] = 8.0,
+) -> None:
+    """Load-test a real `promptier serve` process on loopback at concurrency 1, 32 and 128."""
+    from serving.loadgen import main as run_loadtest
+
+    run_loadtest(str(model) if model else None, out, seconds)
+
+
+@app.command()
 def serve(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",

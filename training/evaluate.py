@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier import load as load_artifact
+from classifier.policy import relative_scores
 from training.baselines import (
     length_features,
     oracle_scores,
@@ -53,8 +54,10 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
     result: dict = {"n": len(targets), "top_quality": top_quality, "top_cost_usd": top_cost,
                     "single_tiers": single, "methods": {}}
     for method, probabilities in methods.items():
-        # The oracle knows each prompt's gain from the strong tier; routers use 1 - P(cheapest answers).
-        hardness = (strong - weak) if method == "oracle" else 1.0 - probabilities[rows, 0]
+        # The oracle knows each prompt's gain from the strong tier; a router scores a prompt by how much
+        # of the strong tier's expected quality the cheapest tier would lose (its relative score).
+        relative = relative_scores(probabilities[rows], known[rows])
+        hardness = (strong - weak) if method == "oracle" else 1.0 - relative[:, 0]
         curve = binary_curve(hardness, weak, strong)
         routing = routing_curve(probabilities, targets, costs)
         savings = {}

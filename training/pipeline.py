@@ -19,6 +19,7 @@ from classifier.artifact import (
     TruncationConfig,
     save_manifest,
 )
+from classifier.runtime import TierClassifier
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.data import SkipReport, read_logs
@@ -136,7 +137,7 @@ def train(
             raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
                             f"{data.pool.tier_names}")
         extra = read_unlabeled(unlabeled) if unlabeled else []
-        teacher_probs = _batched_probabilities(teacher_runtime, train_texts + extra)
+        teacher_probs = _cached_teacher_probabilities(teacher_runtime, train_texts + extra, work_dir)
         known = ~np.isnan(targets)
         blended = np.where(known, distill_weight * teacher_probs[: len(train_texts)]
                            + (1 - distill_weight) * np.nan_to_num(targets), teacher_probs[: len(train_texts)])
@@ -204,9 +205,22 @@ def train(
     return manifest
 
 
-def _batched_probabilities(runtime: object, texts: Sequence[str], batch: int = 64) -> np.ndarray:
+def _cached_teacher_probabilities(runtime: TierClassifier, texts: Sequence[str], work_dir: Path,
+                                  batch: int = 64) -> np.ndarray:
+    """The teacher's probabilities for `texts`, kept in the work dir so that a resumed run skips them."""
+    import hashlib
+
     from tqdm.auto import tqdm
 
-    parts = [runtime.probabilities(texts[i : i + batch])[0]  # type: ignore[attr-defined]
+    key = hashlib.sha256(runtime.model_version.encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    cache = work_dir / f"teacher-{key.hexdigest()[:16]}.npy"
+    if cache.exists():
+        return np.load(cache)
+    parts = [runtime.probabilities(texts[i : i + batch])[0]
              for i in tqdm(range(0, len(texts), batch), desc="teacher", unit="batch")]
-    return np.concatenate(parts)
+    probabilities = np.concatenate(parts)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache, probabilities)
+    return probabilities

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from classifier.artifact import CurvePoint
-from classifier.policy import choose_tiers
+from classifier.policy import choose_tiers, relative_scores, top_allowed_tier
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RoutingPoint:
 
 def top_known_tier(known: np.ndarray) -> np.ndarray:
     """Index of the most capable tier with a known outcome, per row."""
-    return known.shape[1] - 1 - np.argmax(known[:, ::-1], axis=1)
+    return top_allowed_tier(known)
 
 
 def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, threshold: float) -> RoutingPoint:
@@ -41,16 +41,18 @@ def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, 
     )
 
 
-def threshold_grid(probabilities: np.ndarray, points: int = 201) -> np.ndarray:
-    """Thresholds at the quantiles of the scores, plus both ends, so every region of the curve is sampled."""
-    finite = probabilities[np.isfinite(probabilities)]
+def threshold_grid(probabilities: np.ndarray, known: np.ndarray, points: int = 201) -> np.ndarray:
+    """Thresholds at the quantiles of the relative scores, plus both ends, so every region of the curve
+    is sampled."""
+    relative = relative_scores(probabilities, known)
+    finite = relative[known & np.isfinite(relative)]
     quantiles = np.quantile(finite, np.linspace(0, 1, points)) if finite.size else np.array([])
     return np.unique(np.clip(np.concatenate([[0.0, 1.0], quantiles]), 0.0, 1.0))
 
 
 def routing_curve(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray,
                   thresholds: np.ndarray | None = None) -> list[RoutingPoint]:
-    grid = threshold_grid(probabilities) if thresholds is None else thresholds
+    grid = threshold_grid(probabilities, ~np.isnan(targets)) if thresholds is None else thresholds
     return [simulate(probabilities, targets, costs, float(t)) for t in grid]
 
 

@@ -1,0 +1,157 @@
+"""`promptier bench`: latency by prompt length, batched throughput and memory of the runtime.
+
+Timings live here, never in tests. Prompts are built from a fixed English corpus, shuffled per prompt,
+and sized with the artifact's own tokenizer, so the buckets mean the same on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CORPUS = (
+    "A platform team runs a gateway in front of several language models and wants each request to go to "
+    "the cheapest model that will answer it well. Some prompts ask for a capital city or a greeting, others "
+    "ask to prove a theorem about eigenvalues, to optimise a database query, to refactor a Python module "
+    "with tests, or to explain the trade-offs between consistency models in distributed storage. Given the "
+    "following table of quarterly revenue, compute the growth rate and summarise the risks in two paragraphs. "
+    "Which of the following options best describes the mechanism of action of the drug? Write a function "
+    "that returns the longest palindromic substring, then analyse its time complexity and edge cases."
+).split()
+BUCKETS: tuple[tuple[str, int | None, int | None], ...] = (
+    ("16 tokens", 16, None), ("64 tokens", 64, None), ("128 tokens", 128, None), ("512 tokens", 512, None),
+    ("100k chars", None, 100_000),
+)
+
+
+def make_prompts(runtime, tokens: int | None, chars: int | None, count: int, seed: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """`count` different prompts of about `tokens` tokens (measured untruncated) or `chars` characters."""
+    rng = random.Random(seed)
+    tokenizer = runtime.encoder._tokenizer
+    prompts = []
+    for _ in range(count):
+        words: list[str] = []
+        if chars is not None:
+            while sum(len(w) + 1 for w in words) < chars:
+                words.append(rng.choice(CORPUS))
+            prompts.append(" ".join(words)[:chars])
+            continue
+        assert tokens is not None
+        while len(tokenizer.encode(" ".join(words), add_special_tokens=True).ids) < tokens:
+            words.append(rng.choice(CORPUS))
+        prompts.append(" ".join(words))
+    return prompts
+
+
+def _percentiles(samples_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(samples_ms)
+    return {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90)),
+            "p99_ms": float(np.percentile(values, 99)), "max_ms": float(values.max()),
+            "mean_ms": float(values.mean()), "n": len(samples_ms)}
+
+
+def latency(runtime, prompts: list[str], iterations: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Batch-1 latency of classify(), tokenization and policy included."""
+    for prompt in prompts[:20]:
+        runtime.classify(prompt)
+    samples = []
+    for i in range(iterations):
+        prompt = prompts[i % len(prompts)]
+        start = time.perf_counter()
+        runtime.classify(prompt)
+        samples.append((time.perf_counter() - start) * 1000)
+    return _percentiles(samples)
+
+
+def _throughput_worker(args: tuple[str | None, list[str], int, int, float]) -> int:
+    model, prompts, threads, batch, seconds = args
+    import classifier
+
+    runtime = classifier.load(model, threads=threads)
+    runtime.classify_batch(prompts[:batch])
+    done, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = (done * batch) % max(1, len(prompts) - batch)
+        runtime.classify_batch(prompts[start : start + batch])
+        done += batch
+    return done
+
+
+def throughput(model: str | None, prompts: list[str], processes: int, threads: int, batch: int,
+               seconds: float) -> float:
+    """Prompts per second over `seconds`, with `processes` workers of `threads` ORT threads each."""
+    if processes == 1:
+        return _throughput_worker((model, prompts, threads, batch, seconds)) / seconds
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as pool:
+        # Each worker loads its model first and counts only its own timed window.
+        counts = pool.map(_throughput_worker, [(model, prompts, threads, batch, seconds)] * processes)
+    return sum(counts) / seconds
+
+
+def loaded_rss_mb(model: str | None) -> float:
+    """Peak RSS of a fresh process that imports the runtime, loads the model and classifies."""
+    code = ("import resource, sys, classifier; r = classifier.load(None if sys.argv[1] == '-' else sys.argv[1]); "
+            "[r.classify('measure the memory of a loaded runtime ' * 20) for _ in range(100)]; "
+            "r.classify_batch(['a fairly long prompt about distributed systems ' * 30] * 64); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    output = subprocess.run([sys.executable, "-c", code, model or "-"], capture_output=True, text=True, check=True)
+    return int(output.stdout.strip().splitlines()[-1]) / 1024
+
+
+def run_benchmark(model: str | None, iterations: int = 2000, seconds: float = 5.0) -> dict:
+    import onnxruntime
+
+    import classifier
+
+    runtime = classifier.load(model, threads=1)
+    result: dict = {"model_version": runtime.model_version, "architecture": runtime.manifest.architecture,
+                    "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+                    "latency_batch1_1thread": {}, "throughput": {}}
+    prompts_by_bucket = {}
+    for index, (name, tokens, chars) in enumerate(BUCKETS):
+        prompts = make_prompts(runtime, tokens, chars, 50 if chars else 200, seed=index)
+        prompts_by_bucket[name] = prompts
+        runs = iterations if chars is None else max(200, iterations // 4)
+        result["latency_batch1_1thread"][name] = latency(runtime, prompts, runs)
+    prompts_128 = make_prompts(runtime, 128, None, 2048, seed=99)
+    for label, processes, threads in (("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)):
+        result["throughput"][f"{label}, batch 64, 128 tokens"] = round(
+            throughput(model, prompts_128, processes, threads, 64, seconds), 1)
+    result["best_throughput_per_s"] = max(result["throughput"].values())
+    result["loaded_process_peak_rss_mb"] = round(loaded_rss_mb(model), 1)
+    result["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def render(result: dict) -> str:
+    lines = [f"model {result['model_version']} ({result['architecture'].get('layers')} layers, hidden "
+             f"{result['architecture'].get('hidden')}), {result['cpu_count']} CPUs, ORT {result['onnxruntime']}",
+             "", "| prompt length | p50 ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
+    for name, stats in result["latency_batch1_1thread"].items():
+        lines.append(f"| {name} | {stats['p50_ms']:.3f} | {stats['p90_ms']:.3f} | {stats['p99_ms']:.3f} | "
+                     f"{stats['max_ms']:.3f} |")
+    lines += ["", "| batched throughput | prompts/s |", "|---|---|"]
+    lines += [f"| {name} | {value:,.0f} |" for name, value in result["throughput"].items()]
+    lines += ["", f"peak RSS of a process with the runtime loaded: {result['loaded_process_peak_rss_mb']} MB"]
+    return "\n".join(lines)
+
+
+def main(model: str | None, out: Path, iterations: int, seconds: float) -> dict:
+    result = run_benchmark(model, iterations, seconds)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+__all__ = ["main", "render", "run_benchmark"]

@@ -1,0 +1,87 @@
+"""Writes the notebooks from these cell lists (keeps them reviewable as code; outputs are not committed)."""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+TRAIN = [
+    new_markdown_cell("# Train and evaluate a router on a slice of routing logs\n\n"
+                      "Runs in about a minute on a laptop CPU. By default it builds a tiny backbone and synthetic "
+                      "logs (so it runs anywhere, CI included). Point `LOGS`, `POOL` and `BACKBONE` at your own "
+                      "outcome logs, pool file and `minilm-l6` for a real model."),
+    new_code_cell("from pathlib import Path\nimport tempfile\n\nLOGS = None      # e.g. ['../../shared/data/outcomes/llmrouter.parquet']\n"
+                  "POOL = None      # e.g. '../../shared/data/pools/reference.yaml'\nBACKBONE = None  # e.g. 'minilm-l6'\n"
+                  "work = Path(tempfile.mkdtemp(prefix='promptier-notebook-'))"),
+    new_code_cell("from training.synthetic import POOL_YAML, build_tiny_backbone, synthetic_rows, write_jsonl\n\n"
+                  "if LOGS is None:\n"
+                  "    LOGS = [write_jsonl(work / 'logs.jsonl', synthetic_rows(600))]\n"
+                  "    (work / 'pool.yaml').write_text(POOL_YAML)\n"
+                  "    POOL = work / 'pool.yaml'\n"
+                  "    BACKBONE = str(build_tiny_backbone(work / 'backbone'))\n"
+                  "print(LOGS, POOL, BACKBONE)"),
+    new_code_cell("from training.config import TrainConfig\nfrom training.pipeline import train\n\n"
+                  "config = TrainConfig(backbone=BACKBONE, max_tokens=32, epochs=6, batch_size=16, learning_rate=3e-3,\n"
+                  "                     freeze_embeddings=False, threads=2)\n"
+                  "manifest = train(LOGS, POOL, work / 'model', config, model_version='notebook-1')\n"
+                  "manifest.policy.thresholds"),
+    new_markdown_cell("The artifact directory is the unit of deployment; `classifier.load` is the one way to open it."),
+    new_code_cell("import classifier\n\nrouter = classifier.load(work / 'model')\n"
+                  "for prompt in ['hello thanks say hi', 'prove the theorem about the integral']:\n"
+                  "    print(router.classify(prompt))\n"
+                  "assert router.classify('hello thanks say hi cat').tier == 'small'"),
+    new_markdown_cell("## Cost-quality curve on the held-out split\n\nEach point is one threshold; the squares are "
+                      "the single tiers. Up and to the left is better."),
+    new_code_cell("import json\nimport matplotlib.pyplot as plt\n\n"
+                  "report = json.loads((work / 'model' / 'eval.json').read_text())\n"
+                  "group = report['groups']['all']\n"
+                  "fig, ax = plt.subplots(figsize=(6, 4))\n"
+                  "for method, m in group['methods'].items():\n"
+                  "    points = sorted(m['routing_curve'], key=lambda p: p['cost_usd'])\n"
+                  "    ax.plot([p['cost_usd'] * 1000 for p in points], [p['quality'] for p in points], label=method)\n"
+                  "for name, s in group['single_tiers'].items():\n"
+                  "    ax.scatter(s['cost_usd'] * 1000, s['quality'], marker='s', color='black')\n"
+                  "    ax.annotate(name, (s['cost_usd'] * 1000, s['quality']))\n"
+                  "ax.set(xlabel='USD per 1k prompts', ylabel='mean quality'); ax.legend(); plt.show()"),
+    new_code_cell("print((work / 'model' / 'eval.md').read_text())\n"
+                  "assert group['methods']['promptier']['apgr'] > group['methods']['random']['apgr']"),
+]
+
+SERVE = [
+    new_markdown_cell("# Call the gRPC routing service\n\nStarts `promptier serve` on a free local port with a model "
+                      "artifact, then calls it from Python the way a gateway would."),
+    new_code_cell("import socket, subprocess, sys, tempfile, time\nfrom pathlib import Path\n\n"
+                  "MODEL = None  # None: the default model shipped with the package\n"
+                  "with socket.socket() as s:\n    s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]\n"
+                  "command = [sys.executable, '-m', 'training.cli', 'serve', '--port', str(port)]\n"
+                  "if MODEL: command += ['--model', str(MODEL)]\n"
+                  "server = subprocess.Popen(command)\n"
+                  "from serving.loadgen import _wait_serving\n_wait_serving(f'127.0.0.1:{port}')"),
+    new_code_cell("from serving.client import RouterClient\n\n"
+                  "client = RouterClient(f'127.0.0.1:{port}', timeout=1.0)\ninfo = client.info()\n"
+                  "print(info.model_version, [t.name for t in info.tiers], dict(info.mode_thresholds))"),
+    new_code_cell("for prompt in ['What is the capital of France?',\n"
+                  "               'Prove that every bounded monotone sequence of real numbers converges.']:\n"
+                  "    decision = client.classify(prompt, mode='balanced')\n"
+                  "    print(f'{decision.tier:>7}  {decision.server_latency_ms:.2f} ms  {prompt}')\n"
+                  "conversation = [('user', 'Design a sharded, replicated key-value store with linearizable reads.'),\n"
+                  "                ('assistant', 'Here is a plan...'), ('user', 'ok, go ahead')]\n"
+                  "print('conversation ->', client.classify(messages=conversation).tier)"),
+    new_code_cell("batch = client.classify_batch(['hi', '', 'Summarise this contract clause by clause.'])\n"
+                  "print(batch)  # one result, or one status code, per item\n"
+                  "import grpc\nassert batch[1] == grpc.StatusCode.INVALID_ARGUMENT"),
+    new_code_cell("client.close()\nserver.terminate(); server.wait(10)"),
+]
+
+
+def main() -> None:
+    for name, cells in (("01_train_and_evaluate.ipynb", TRAIN), ("02_grpc_service.ipynb", SERVE)):
+        notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                      "language": "python"}})
+        nbformat.write(notebook, HERE / name)
+
+
+if __name__ == "__main__":
+    main()

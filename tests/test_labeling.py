@@ -1,0 +1,119 @@
+"""Batch labeling: formats, columns, bad rows, resume after kill -9, bounded inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from classifier.labeling import LabelingError, LabelOptions, label_files
+
+EASY = "hello thanks say hi cat dog"
+HARD = "prove theorem derive integral eigenvalue lemma"
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"prompt_id": f"p{i}", "prompt": (EASY, HARD, "sort python list héllo 🙂")[i % 3] + f" {i}",
+             "team": f"t{i % 4}"} for i in range(n)]
+
+
+def _read(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
+def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str) -> None:
+    rows = [{"id": r["prompt_id"], "text": r["prompt"], "team": r["team"]} for r in _rows(50)]
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), source)
+    else:
+        source.write_text("id,text,team\n" + "".join(f"{r['id']},{r['text']},{r['team']}\n" for r in rows))
+    options = LabelOptions(prompt_column="text", id_column="id", keep_columns=("team",), model=str(trained_artifact),
+                           chunk_rows=16)
+    stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=2, progress=False)
+    out = _read(tmp_path / "out.jsonl")
+    assert stats.rows == 50 and stats.errors == 0 and len(out) == 50
+    assert [r["id"] for r in out] == [r["id"] for r in rows]  # one output row per input row, in order
+    assert out[0]["tier"] == "small" and out[1]["tier"] == "large"
+    assert set(out[0]["scores"]) == {"small", "medium", "large"}
+    assert out[0]["team"] == "t0" and out[0]["model_version"] == "tiny-test-1"
+    assert json.loads(out[0]["policy"]) == {"mode": None, "threshold": None}
+
+
+def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(
+        json.dumps({"prompt_id": "a", "prompt": EASY}).encode() + b"\n"
+        + json.dumps({"prompt_id": "b"}).encode() + b"\n"
+        + json.dumps({"prompt_id": "c", "prompt": 5}).encode() + b"\n"
+        + b'{"prompt_id": "d", "prompt": "\xff\xfe"}\n'
+        + b"not json\n"
+        + json.dumps({"prompt_id": "f", "prompt": ""}).encode() + b"\n"
+        + json.dumps({"prompt_id": "g", "messages": [{"role": "user", "content": HARD}]}).encode() + b"\n"
+        + json.dumps({"prompt_id": "h", "prompt": HARD * 20_000}).encode() + b"\n"
+    )
+    stats = label_files([str(source)], tmp_path / "out.parquet", LabelOptions(model=str(trained_artifact)),
+                        workers=1, progress=False)
+    out = _read(tmp_path / "out.parquet")
+    assert [r["prompt_id"] for r in out] == ["a", "b", "c", "d", "in.jsonl:5", "f", "g", "h"]
+    errors = {r["prompt_id"]: r["error"] for r in out if r["error"]}
+    assert set(errors) == {"b", "c", "d", "in.jsonl:5", "f"} and stats.errors == 5
+    assert "must be a string" in errors["c"] and "UTF-8" in errors["d"] and "empty" in errors["f"]
+    assert out[6]["tier"] == "large" and out[7]["truncated"] is True
+    assert source.read_bytes().startswith(b'{"prompt_id": "a"')  # input untouched
+
+
+def test_empty_input_and_refusals(tmp_path: Path, trained_artifact: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    options = LabelOptions(model=str(trained_artifact))
+    assert label_files([str(empty)], tmp_path / "out.jsonl", options, workers=1, progress=False).rows == 0
+    assert (tmp_path / "out.jsonl").read_text() == ""
+    with pytest.raises(LabelingError, match="exists"):
+        label_files([str(empty)], tmp_path / "out.jsonl", options, workers=1, progress=False)
+    with pytest.raises(LabelingError, match="overwrite an input"):
+        label_files([str(empty)], empty, options, progress=False)
+    with pytest.raises(LabelingError, match="no input files"):
+        label_files([str(tmp_path / "*.parquet")], tmp_path / "x.jsonl", options, progress=False)
+    with pytest.raises(LabelingError, match="output must end"):
+        label_files([str(empty)], tmp_path / "x.txt", options, progress=False)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, trained_artifact: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in _rows(6000)))
+    reference = tmp_path / "reference.jsonl"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=200)
+    label_files([str(source)], reference, options, workers=2, progress=False)
+
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "training.cli", "label", str(source), "-o", str(out), "--model",
+               str(trained_artifact), "--chunk-rows", "200", "--workers", "2"]
+    job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the job and its workers, mid-run
+    job.wait()
+    written = len(list(parts.glob("part-*.parquet")))
+    assert 3 <= written < 30 and not out.exists()
+    with pytest.raises(LabelingError, match="--resume"):
+        label_files([str(source)], out, options, progress=False)
+    stats = label_files([str(source)], out, options, workers=2, resume=True, progress=False)
+    assert stats.resumed_rows >= 600
+    assert out.read_text() == reference.read_text()
+    assert not parts.exists()
