@@ -184,12 +184,12 @@ def label_chunk(records: list[dict], options: LabelOptions) -> list[dict]:
     out = []
     for index, (record, outcome) in enumerate(zip(records, outcomes, strict=True)):
         row: dict = {options.id_column: record.get(options.id_column, record["__row__"])}
-        error = prompt_errors.get(index) or (str(outcome) if isinstance(outcome, InvalidInputError) else None)
-        if error is None and not isinstance(outcome, InvalidInputError):
+        problem = prompt_errors.get(index) or (str(outcome) if isinstance(outcome, InvalidInputError) else None)
+        if problem is None and not isinstance(outcome, InvalidInputError):
             row.update(tier=outcome.tier, scores=json.dumps(outcome.scores), threshold=outcome.threshold,
                        truncated=outcome.truncated, tokens=outcome.tokens, error=None)
         else:
-            row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, error=error)
+            row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, error=problem)
         row.update(model_version=_worker_model.model_version, policy=policy)
         for column in options.keep_columns:
             value = record.get(column)

@@ -211,6 +211,25 @@ def serve(
         _fail(error)
 
 
+@app.command()
+def dispatch(
+    config: Annotated[Path, typer.Option(help="dispatcher YAML config")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+) -> None:
+    """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams."""
+    from serving.dispatch_config import load_dispatcher_config
+    from serving.dispatcher import run
+    from serving.logs import configure_json_logging
+
+    configure_json_logging()
+    try:
+        settings = load_dispatcher_config(config)
+    except PromptierError as error:
+        _fail(error)
+    run(settings, host, port)
+
+
 def main() -> None:
     """Entry point of the `promptier` command."""
     app()

@@ -1,0 +1,106 @@
+"""The dispatcher's YAML config, validated at start with errors that name the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from classifier.artifact import MODES
+from classifier.errors import PromptierError
+
+
+class ConfigError(PromptierError):
+    """The dispatcher config is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Upstream(_Strict):
+    """An OpenAI-compatible server playing one tier (hosted API, vLLM, llama.cpp server, Ollama)."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(min_length=1, description="the upstream's own model name")
+    api_key_env: str | None = Field(default=None, description="env var holding the upstream API key")
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="time to response headers")
+    read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between streamed chunks")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class ClassifierEndpoint(_Strict):
+    address: str = "127.0.0.1:50051"
+    timeout_ms: float = Field(default=20.0, gt=0, description="deadline of one Classify call")
+
+
+class DecisionLogConfig(_Strict):
+    path: Path = Path("decisions.jsonl")
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    backups: int = Field(default=5, ge=0)
+    store_prompts: bool = Field(default=False, description="write prompt text into the log")
+
+
+class DispatcherConfig(_Strict):
+    """Tiers are listed cheapest first; their names must be the classifier's tier names."""
+
+    classifier: ClassifierEndpoint = Field(default_factory=ClassifierEndpoint)
+    tiers: dict[str, Upstream] = Field(min_length=1)
+    default_mode: str = "balanced"
+    fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
+    inbound_api_keys_env: str | None = Field(default=None, description="env var: comma-separated accepted keys")
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DispatcherConfig:
+        if self.default_mode not in MODES:
+            raise ValueError(f"default_mode {self.default_mode!r} is not one of {MODES}")
+        if self.fallback_tier not in self.tiers:
+            raise ValueError(f"fallback_tier {self.fallback_tier!r} is not a configured tier {list(self.tiers)}")
+        return self
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(self.tiers)
+
+    def inbound_keys(self) -> set[str] | None:
+        if not self.inbound_api_keys_env:
+            return None
+        raw = os.environ.get(self.inbound_api_keys_env, "")
+        keys = {key.strip() for key in raw.split(",") if key.strip()}
+        if not keys:
+            raise ConfigError(f"inbound_api_keys_env names {self.inbound_api_keys_env}, which holds no keys")
+        return keys
+
+
+def load_dispatcher_config(path: Path) -> DispatcherConfig:
+    """Read and validate the config. Raises ConfigError naming the file and field."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    try:
+        config = DispatcherConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from exc
+    for name, upstream in config.tiers.items():
+        if upstream.api_key_env and upstream.api_key_env not in os.environ:
+            raise ConfigError(f"{path}: tiers.{name}.api_key_env: environment variable {upstream.api_key_env} "
+                              "is not set")
+    config.inbound_keys()
+    return config

@@ -1,0 +1,331 @@
+"""OpenAI-compatible dispatcher: classify each chat request over gRPC, forward it to its tier's upstream.
+
+`create_app(config)` builds the FastAPI app; `promptier dispatch --config dispatcher.yaml` serves it.
+Request and response bodies pass through untouched except the request's model name. Every response
+says, in x-promptier-* headers, which tier and upstream model served it and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+
+from classifier.artifact import MODES
+from serving.client import AsyncRouterClient, Decision
+from serving.decision_log import DecisionLog
+from serving.dispatch_config import DispatcherConfig
+
+log = logging.getLogger("promptier.dispatcher")
+ROUTER_PREFIX = "promptier"
+HEADER_PREFIX = "x-promptier-"
+
+
+@dataclass
+class Route:
+    tier: str
+    reason: str  # classified | pinned | fallback | escalated
+    mode: str | None
+    confidence: float | None
+    classifier_ms: float | None
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+class DispatcherMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("promptier_dispatch_requests", "requests by tier, reason and status",
+                                ["tier", "reason", "status"], registry=self.registry)
+        self.fallbacks = Counter("promptier_dispatch_classifier_fallbacks",
+                                 "requests routed to the fallback tier because the classifier failed",
+                                 ["cause"], registry=self.registry)
+        self.escalations = Counter("promptier_dispatch_escalations", "retries on a more capable tier",
+                                   ["from_tier"], registry=self.registry)
+        self.overhead = Histogram("promptier_dispatch_classify_seconds", "time spent asking the classifier",
+                                  registry=self.registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05))
+
+
+def _text_of(content: object) -> str:
+    """Message content as text: a string, or the text parts of a multi-part content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict) and
+                         isinstance(part.get("text"), str))
+    return ""
+
+
+class Dispatcher:
+    def __init__(self, config: DispatcherConfig) -> None:
+        self.config = config
+        self.tiers = config.tier_names
+        self.metrics = DispatcherMetrics()
+        self.decisions = DecisionLog(config.decision_log)
+        self.inbound_keys = config.inbound_keys()
+        self.prices: dict[str, tuple[float, float]] = {}
+
+    async def start(self) -> None:
+        """Open the gRPC channel and HTTP pool on the serving event loop (they are bound to it)."""
+        timeout = self.config.classifier.timeout_ms / 1000
+        # No retries: the deadline is a few ms, and the fallback tier is the answer to a failure.
+        self.classifier = AsyncRouterClient(self.config.classifier.address, timeout=timeout, attempts=1)
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        await self.refresh_prices()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.classifier.close()
+        self.decisions.close()
+
+    async def refresh_prices(self) -> None:
+        """Tier prices come from the classifier's Info; missing prices only leave cost estimates empty."""
+        try:
+            info = await self.classifier.info()
+        except grpc.RpcError:
+            return
+        self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in info.tiers}
+
+    # ------------------------------------------------------------------ routing
+    def parse_model(self, name: object) -> tuple[str | None, str | None]:
+        """(mode, pinned tier) from `promptier`, `promptier/<mode>` or `promptier/tier/<tier>`."""
+        if not isinstance(name, str):
+            raise HTTPError(400, "model must be a string", code="invalid_model")
+        parts = name.split("/")
+        if parts[0] != ROUTER_PREFIX:
+            raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}",
+                            code="model_not_found")
+        if len(parts) == 1:
+            return self.config.default_mode, None
+        if len(parts) == 2 and parts[1] in MODES:
+            return parts[1], None
+        if len(parts) == 3 and parts[1] == "tier" and parts[2] in self.tiers:
+            return None, parts[2]
+        raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}", code="model_not_found")
+
+    def model_ids(self) -> list[str]:
+        return ([ROUTER_PREFIX] + [f"{ROUTER_PREFIX}/{mode}" for mode in MODES]
+                + [f"{ROUTER_PREFIX}/tier/{tier}" for tier in self.tiers])
+
+    async def route(self, messages: list[tuple[str, str]], mode: str | None, pinned: str | None) -> Route:
+        if pinned is not None:
+            return Route(pinned, "pinned", None, None, None)
+        start = time.perf_counter()
+        try:
+            decision: Decision = await self.classifier.classify(messages=messages, mode=mode)
+        except grpc.RpcError as error:
+            cause = error.code().name if isinstance(error, grpc.Call) else "error"
+            self.metrics.fallbacks.labels(cause).inc()
+            log.warning(json.dumps({"event": "classifier_fallback", "cause": cause}))
+            return Route(self.config.fallback_tier, "fallback", mode, None, (time.perf_counter() - start) * 1000)
+        finally:
+            self.metrics.overhead.observe(time.perf_counter() - start)
+        if decision.tier not in self.tiers:
+            self.metrics.fallbacks.labels("unknown_tier").inc()
+            return Route(self.config.fallback_tier, "fallback", mode, None, (time.perf_counter() - start) * 1000)
+        return Route(decision.tier, "classified", mode, decision.scores.get(decision.tier),
+                     (time.perf_counter() - start) * 1000)
+
+    # ------------------------------------------------------------------ upstream
+    async def open_upstream(self, route: Route, body: dict) -> tuple[httpx.Response, str]:
+        """Send to the routed tier; on 5xx, timeout or connection failure before the first byte, retry on
+        the next more capable tier (never a cheaper one). Returns the response and the tier that answered."""
+        last_error = "no upstream tried"
+        for index in range(self.tiers.index(route.tier), len(self.tiers)):
+            tier = self.tiers[index]
+            upstream = self.config.tiers[tier]
+            payload = {**body, "model": upstream.model}
+            headers = {"content-type": "application/json"}
+            key = upstream.api_key()
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+            timeout = httpx.Timeout(connect=upstream.connect_timeout_s, read=upstream.read_timeout_s,
+                                    write=upstream.read_timeout_s, pool=upstream.connect_timeout_s)
+            request = self.http.build_request("POST", f"{upstream.base_url}/chat/completions", json=payload,
+                                              headers=headers, timeout=timeout)
+            try:
+                response = await asyncio.wait_for(self.http.send(request, stream=True),
+                                                  upstream.first_byte_timeout_s)
+            except (TimeoutError, httpx.TimeoutException):
+                last_error = f"tier {tier}: upstream timed out"
+            except httpx.TransportError as error:
+                last_error = f"tier {tier}: upstream unreachable ({type(error).__name__})"
+            else:
+                if response.status_code < 500:
+                    if tier != route.tier:
+                        route.reason = "escalated"
+                    return response, tier
+                await response.aclose()
+                last_error = f"tier {tier}: upstream returned {response.status_code}"
+            self.metrics.escalations.labels(tier).inc()
+            log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": last_error}))
+        raise HTTPError(502, f"every eligible upstream failed; last: {last_error}", kind="upstream_error",
+                        code="upstream_unavailable")
+
+    def headers(self, route: Route, tier: str) -> dict[str, str]:
+        headers = {f"{HEADER_PREFIX}tier": tier, f"{HEADER_PREFIX}upstream-model": self.config.tiers[tier].model,
+                   f"{HEADER_PREFIX}reason": route.reason,
+                   f"{HEADER_PREFIX}confidence": "" if route.confidence is None else f"{route.confidence:.4f}"}
+        if route.mode:
+            headers[f"{HEADER_PREFIX}mode"] = route.mode
+        if route.classifier_ms is not None:
+            headers[f"{HEADER_PREFIX}classifier-ms"] = f"{route.classifier_ms:.3f}"
+        return headers
+
+    def record(self, route: Route, tier: str | None, prompt: str, status: int, started: float,
+               usage: dict | None) -> None:
+        cost = None
+        if usage and tier in self.prices:
+            price_in, price_out = self.prices[tier]
+            cost = (usage.get("prompt_tokens", 0) * price_in + usage.get("completion_tokens", 0) * price_out) / 1e6
+        self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
+        self.decisions.write({
+            "prompt_id": f"dispatcher:{uuid.uuid4().hex}",
+            "prompt": prompt if self.decisions.store_prompts else None,
+            "model": self.config.tiers[tier].model if tier else None,
+            "score": None, "cost_usd": cost, "source": "dispatcher", "category": "",
+            "tier": tier, "routed_tier": route.tier, "reason": route.reason, "mode": route.mode,
+            "confidence": route.confidence, "classifier_ms": route.classifier_ms,
+            "latency_ms": (time.perf_counter() - started) * 1000, "usage": usage, "status": status,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HTTPError(400, f"request body is not valid JSON: {error}") from error
+    if not isinstance(body, dict):
+        raise HTTPError(400, "request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HTTPError(400, "messages must be a non-empty list")
+    pairs = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise HTTPError(400, f"messages[{index}] must be an object with a role")
+        pairs.append((message["role"], _text_of(message.get("content"))))
+    return body, pairs
+
+
+def create_app(config: DispatcherConfig) -> FastAPI:
+    """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
+    dispatcher = Dispatcher(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await dispatcher.start()
+        yield
+        await dispatcher.close()
+
+    app = FastAPI(title="Promptier dispatcher", lifespan=lifespan)
+    app.state.dispatcher = dispatcher
+    app.mount("/metrics", make_asgi_app(registry=dispatcher.metrics.registry))
+
+    @app.get("/health")
+    async def health() -> dict:
+        try:
+            await dispatcher.classifier.info()
+            classifier_state = "serving"
+        except grpc.RpcError:
+            classifier_state = "unavailable (requests go to the fallback tier)"
+        return {"status": "ok", "classifier": classifier_state, "fallback_tier": config.fallback_tier}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        data = [{"id": model_id, "object": "model", "owned_by": "promptier"} for model_id in dispatcher.model_ids()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if dispatcher.inbound_keys is not None:
+                supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if supplied not in dispatcher.inbound_keys:
+                    raise HTTPError(401, "invalid or missing API key", kind="authentication_error",
+                                    code="invalid_api_key")
+            body, messages = _parse_chat(await _read_body(request, config.max_request_bytes))
+            mode, pinned = dispatcher.parse_model(body.get("model"))
+        except HTTPError as error:
+            return error.response()
+        prompt = "\n\n".join(content for _, content in messages)
+        route = await dispatcher.route(messages, mode, pinned)
+        if not dispatcher.prices:
+            await dispatcher.refresh_prices()
+        try:
+            upstream, tier = await dispatcher.open_upstream(route, body)
+        except HTTPError as error:
+            dispatcher.record(route, None, prompt, error.status, started, None)
+            return error.response(dispatcher.headers(route, route.tier))
+        headers = dispatcher.headers(route, tier)
+        media_type = upstream.headers.get("content-type", "application/json")
+        if not body.get("stream"):
+            content = await upstream.aread()
+            await upstream.aclose()
+            usage = None
+            if upstream.status_code < 400:
+                try:
+                    usage = json.loads(content).get("usage")
+                except (ValueError, AttributeError):
+                    usage = None
+            dispatcher.record(route, tier, prompt, upstream.status_code, started, usage)
+            return Response(content, status_code=upstream.status_code, media_type=media_type, headers=headers)
+
+        async def relay() -> AsyncIterator[bytes]:
+            status = upstream.status_code
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as error:
+                status = 599  # recorded as a broken stream
+                event = {"error": {"message": f"upstream stream from tier {tier} broke: {type(error).__name__}",
+                                   "type": "upstream_error", "code": "stream_interrupted"}}
+                yield f"data: {json.dumps(event)}\n\n".encode()
+            finally:
+                # Also runs when the client disconnects: closing cancels the upstream call.
+                await upstream.aclose()
+                dispatcher.record(route, tier, prompt, status, started, None)
+
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type=media_type, headers=headers)
+
+    return app
+
+
+def run(config: DispatcherConfig, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")

@@ -1,0 +1,314 @@
+"""The dispatcher driven by the official openai SDK against recording upstream servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatcher import create_app
+from serving.server import ServerLimits
+from tests.test_server import EASY, HARD, ServerThread
+
+
+class Upstream:
+    """An OpenAI-compatible server that records what it received. `behaviour` is set per test."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.received: list[dict] = []
+        self.behaviour = "ok"
+        self.cancelled = threading.Event()
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):  # type: ignore[no-untyped-def]
+            body = await request.json()
+            self.received.append({"body": body, "authorization": request.headers.get("authorization")})
+            if self.behaviour == "500":
+                return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+            if self.behaviour == "400":
+                return JSONResponse({"error": {"message": "bad temperature", "type": "invalid_request_error"}},
+                                    status_code=400)
+            if self.behaviour == "slow":
+                await asyncio.sleep(3)
+            if body.get("stream"):
+                return StreamingResponse(self._stream(body), media_type="text/event-stream")
+            return {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": f"answer from {self.name}"}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.port = _run_uvicorn(self.server)
+
+    async def _stream(self, body: dict):  # type: ignore[no-untyped-def]
+        try:
+            for index in range(5):
+                if self.behaviour == "break" and index == 2:
+                    raise RuntimeError("upstream died mid-stream")
+                chunk = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": f"{self.name}-{index} "},
+                                      "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0.3 if self.behaviour == "slowstream" else 0)
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def _run_uvicorn(server: uvicorn.Server) -> int:
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    return int(server.servers[0].sockets[0].getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    servers = {name: Upstream(name) for name in ("small", "medium", "large")}
+    yield servers
+    for upstream in servers.values():
+        upstream.server.should_exit = True
+
+
+@pytest.fixture
+def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
+    for upstream in upstreams.values():
+        upstream.received.clear()
+        upstream.behaviour = "ok"
+        upstream.cancelled.clear()
+    return upstreams
+
+
+@pytest.fixture(scope="module")
+def grpc_classifier(trained_artifact: Path) -> Iterator[ServerThread]:
+    running = ServerThread(model_dir=trained_artifact, limits=ServerLimits())
+    yield running
+    running.stop()
+
+
+def _config(upstreams: dict[str, Upstream], classifier_address: str, log_path: Path, **extra: object
+            ) -> DispatcherConfig:
+    return DispatcherConfig.model_validate({
+        "classifier": {"address": classifier_address, "timeout_ms": 500},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model", "first_byte_timeout_s": 1.0,
+                         "read_timeout_s": 1.0} for name, u in upstreams.items()},
+        "fallback_tier": "large",
+        "decision_log": {"path": str(log_path), "store_prompts": True},
+        **extra,
+    })
+
+
+class Dispatcher:
+    def __init__(self, config: DispatcherConfig) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="error"))
+        self.port = _run_uvicorn(self.server)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+@pytest.fixture
+def dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> Iterator[Dispatcher]:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    yield running
+    running.stop()
+
+
+def _log(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+
+
+def test_routes_by_tier_and_passes_body_through(dispatcher: Dispatcher, fresh: dict[str, Upstream],
+                                                 tmp_path: Path) -> None:
+    client = dispatcher.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="promptier", messages=[{"role": "user", "content": EASY}], temperature=0.3, max_tokens=7)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "answer from small"
+    assert raw.headers["x-promptier-tier"] == "small" and raw.headers["x-promptier-reason"] == "classified"
+    assert raw.headers["x-promptier-upstream-model"] == "small-upstream-model"
+    assert 0 < float(raw.headers["x-promptier-confidence"]) <= 1
+    sent = fresh["small"].received[0]["body"]
+    assert sent["model"] == "small-upstream-model" and sent["temperature"] == 0.3 and sent["max_tokens"] == 7
+    hard = client.chat.completions.with_raw_response.create(model="promptier/quality",
+                                                           messages=[{"role": "user", "content": HARD}])
+    assert hard.headers["x-promptier-tier"] == "large" and hard.headers["x-promptier-mode"] == "quality"
+    entries = _log(tmp_path)
+    assert [e["tier"] for e in entries] == ["small", "large"]
+    assert entries[0]["prompt"] == EASY and entries[0]["usage"]["total_tokens"] == 15
+    assert entries[0]["cost_usd"] == pytest.approx((10 * 0.2 + 5 * 0.2) / 1e6)
+    assert {"prompt_id", "model", "score", "source", "category", "reason", "latency_ms", "status"} <= set(entries[0])
+
+
+def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+    client = dispatcher.client()
+    pinned = client.chat.completions.with_raw_response.create(
+        model="promptier/tier/medium", messages=[{"role": "user", "content": EASY}])
+    assert pinned.headers["x-promptier-tier"] == "medium" and pinned.headers["x-promptier-reason"] == "pinned"
+    ids = {model.id for model in client.models.list()}
+    assert {"promptier", "promptier/balanced", "promptier/cost", "promptier/tier/small"} <= ids
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health").json()
+    assert health["classifier"] == "serving"
+
+
+def test_streaming_is_relayed_chunk_for_chunk(dispatcher: Dispatcher) -> None:
+    stream = dispatcher.client().chat.completions.create(
+        model="promptier", messages=[{"role": "user", "content": EASY}], stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream]
+    assert pieces == [f"small-{i} " for i in range(5)]
+
+
+def test_async_client(dispatcher: Dispatcher) -> None:
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=dispatcher.base_url, api_key="unused", max_retries=0)
+        replies = await asyncio.gather(*(client.chat.completions.create(
+            model="promptier", messages=[{"role": "user", "content": text}]) for text in (EASY, HARD, EASY)))
+        await client.close()
+        return [r.choices[0].message.content for r in replies]
+
+    assert asyncio.run(run()) == ["answer from small", "answer from large", "answer from small"]
+
+
+def test_upstream_5xx_and_timeout_escalate_never_downgrade(dispatcher: Dispatcher, fresh: dict[str, Upstream],
+                                                           tmp_path: Path) -> None:
+    client = dispatcher.client()
+    fresh["small"].behaviour = "500"
+    raw = client.chat.completions.with_raw_response.create(model="promptier",
+                                                           messages=[{"role": "user", "content": EASY}])
+    assert raw.headers["x-promptier-tier"] == "medium" and raw.headers["x-promptier-reason"] == "escalated"
+    fresh["medium"].behaviour = "slow"
+    raw = client.chat.completions.with_raw_response.create(model="promptier",
+                                                           messages=[{"role": "user", "content": EASY}])
+    assert raw.headers["x-promptier-tier"] == "large"
+    fresh["large"].behaviour = "500"
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="promptier/tier/large", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502
+    assert len(fresh["small"].received) == 2 and len(fresh["large"].received) == 2  # never retried downwards
+    assert _log(tmp_path)[-1]["status"] == 502
+
+
+def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+    fresh["small"].behaviour = "400"
+    with pytest.raises(openai.BadRequestError) as info:
+        dispatcher.client().chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    assert "bad temperature" in str(info.value)
+    assert not fresh["medium"].received  # a caller's error is not retried elsewhere
+
+
+def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+    fresh["small"].behaviour = "break"
+    with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", timeout=10,
+                      json={"model": "promptier", "stream": True,
+                            "messages": [{"role": "user", "content": EASY}]}) as response:
+        text = "".join(response.iter_text())
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert len(events) == 3  # two chunks, then the error event; no [DONE]
+    assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
+
+
+def test_client_disconnect_cancels_upstream(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+    fresh["small"].behaviour = "slowstream"
+    with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", timeout=10,
+                      json={"model": "promptier", "stream": True,
+                            "messages": [{"role": "user", "content": EASY}]}) as response:
+        next(response.iter_bytes())
+    assert fresh["small"].cancelled.wait(5)
+
+
+def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_artifact: Path,
+                                            tmp_path: Path) -> None:
+    classifier_server = ServerThread(model_dir=trained_artifact)
+    running = Dispatcher(_config(fresh, classifier_server.target, tmp_path / "decisions.jsonl"))
+    try:
+        client = running.client()
+        first = client.chat.completions.with_raw_response.create(model="promptier",
+                                                                 messages=[{"role": "user", "content": EASY}])
+        assert first.headers["x-promptier-reason"] == "classified"
+        classifier_server.stop()  # killed mid-run
+        started = time.perf_counter()
+        second = client.chat.completions.with_raw_response.create(model="promptier",
+                                                                  messages=[{"role": "user", "content": EASY}])
+        assert time.perf_counter() - started < 3  # never hangs on the classifier
+        assert second.headers["x-promptier-reason"] == "fallback" and second.headers["x-promptier-tier"] == "large"
+        metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
+        assert "promptier_dispatch_classifier_fallbacks_total" in metrics
+        assert "unavailable" in httpx.get(f"http://127.0.0.1:{running.port}/health").json()["classifier"]
+    finally:
+        running.stop()
+
+
+def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTIER_KEYS", "k1,k2")
+    monkeypatch.setenv("SMALL_KEY", "secret-upstream-key")
+    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                     inbound_api_keys_env="PROMPTIER_KEYS", max_request_bytes=4096)
+    config.tiers["small"].api_key_env = "SMALL_KEY"
+    running = Dispatcher(config)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            running.client(api_key="wrong").chat.completions.create(model="promptier",
+                                                                    messages=[{"role": "user", "content": "hi"}])
+        client = running.client(api_key="k2")
+        client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+        assert fresh["small"].received[-1]["authorization"] == "Bearer secret-upstream-key"
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "x" * 5000}])
+        assert info.value.status_code == 413
+        url = f"{running.base_url}/chat/completions"
+        auth = {"authorization": "Bearer k1"}
+        assert httpx.post(url, content=b"{not json", headers=auth).status_code == 400
+        assert httpx.post(url, json={"model": "promptier", "messages": []}, headers=auth).status_code == 400
+        assert httpx.post(url, json={"model": "promptier", "messages": "hi"}, headers=auth).status_code == 400
+        assert httpx.post(url, content=b"\xff\xfe", headers=auth).status_code == 400
+        log_text = (tmp_path / "decisions.jsonl").read_text()
+        assert "secret-upstream-key" not in log_text and "k2" not in log_text
+    finally:
+        running.stop()
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    path = tmp_path / "dispatcher.yaml"
+    path.write_text("tiers: {small: {base_url: 'ftp://x', model: m}}\nfallback_tier: small\n")
+    with pytest.raises(ConfigError, match=r"tiers.small.base_url: .*must start with http"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: large\n")
+    with pytest.raises(ConfigError, match="fallback_tier 'large' is not a configured tier"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, surprise: 1}}\nfallback_tier: small\n")
+    with pytest.raises(ConfigError, match=r"tiers\.small\.surprise: Extra inputs are not permitted"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, api_key_env: NOPE_NOT_SET}}\n"
+                    "fallback_tier: small\n")
+    with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
+        load_dispatcher_config(path)
