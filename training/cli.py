@@ -230,6 +230,18 @@ def dispatch(
     run(settings, host, port)
 
 
+@app.command("dispatch-bench")
+def dispatch_bench(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-dispatch.json"),
+    requests: Annotated[int, typer.Option(help="requests per measurement")] = 500,
+) -> None:
+    """Measure the latency the dispatcher adds over calling an upstream directly (loopback)."""
+    from serving.dispatch_bench import main as run_dispatch_bench
+
+    run_dispatch_bench(str(model) if model else None, out, requests)
+
+
 def main() -> None:
     """Entry point of the `promptier` command."""
     app()
