@@ -34,21 +34,24 @@ BUCKETS: tuple[tuple[str, int | None, int | None], ...] = (
 
 
 def make_prompts(runtime, tokens: int | None, chars: int | None, count: int, seed: int) -> list[str]:  # type: ignore[no-untyped-def]
-    """`count` different prompts of about `tokens` tokens (measured untruncated) or `chars` characters."""
+    """`count` different prompts of `tokens` tokens (special tokens included, before truncation) or of
+    `chars` characters."""
     rng = random.Random(seed)
     tokenizer = runtime.encoder._tokenizer
     prompts = []
     for _ in range(count):
-        words: list[str] = []
         if chars is not None:
-            while sum(len(w) + 1 for w in words) < chars:
-                words.append(rng.choice(CORPUS))
-            prompts.append(" ".join(words)[:chars])
+            text = ""
+            while len(text) < chars:
+                text += " ".join(rng.choice(CORPUS) for _ in range(2000)) + " "
+            prompts.append(text[:chars])
             continue
         assert tokens is not None
-        while len(tokenizer.encode(" ".join(words), add_special_tokens=True).ids) < tokens:
-            words.append(rng.choice(CORPUS))
-        prompts.append(" ".join(words))
+        text = " ".join(rng.choice(CORPUS) for _ in range(tokens * 2))
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        # Cut at a token boundary so the prompt is exactly `tokens` tokens with [CLS] and [SEP].
+        end = encoding.offsets[tokens - 3][1]
+        prompts.append(text[:end])
     return prompts
 
 

@@ -199,15 +199,20 @@ def label_chunk(records: list[dict], options: LabelOptions) -> list[dict]:
 
 
 # ---------------------------------------------------------------- job side
-def _write_part(rows: list[dict], path: Path, keep_columns: Sequence[str], id_column: str) -> None:
-    temporary = path.with_suffix(".tmp")
+def rows_to_table(rows: list[dict], keep_columns: Sequence[str], id_column: str) -> pa.Table:
+    """Labeled rows as an Arrow table with a fixed schema (ids and kept columns as strings)."""
     schema = pa.schema([(id_column, pa.string()), ("tier", pa.string()), ("scores", pa.string()),
                         ("threshold", pa.float64()), ("truncated", pa.bool_()), ("tokens", pa.int32()),
                         ("error", pa.string()), ("model_version", pa.string()), ("policy", pa.string())]
                        + [(c, pa.string()) for c in keep_columns])
     normalised = [{**row, id_column: None if row[id_column] is None else str(row[id_column]),
                    **{c: None if row.get(c) is None else str(row[c]) for c in keep_columns}} for row in rows]
-    pq.write_table(pa.Table.from_pylist(normalised, schema=schema), temporary)
+    return pa.Table.from_pylist(normalised, schema=schema)
+
+
+def _write_part(rows: list[dict], path: Path, keep_columns: Sequence[str], id_column: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    pq.write_table(rows_to_table(rows, keep_columns, id_column), temporary)
     os.replace(temporary, path)  # atomic: a part either exists whole or not at all
 
 

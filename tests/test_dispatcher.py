@@ -312,3 +312,11 @@ def test_config_validation(tmp_path: Path) -> None:
                     "fallback_tier: small\n")
     with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
         load_dispatcher_config(path)
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGE_API_KEY", "x")
+    monkeypatch.setenv("PROMPTIER_API_KEYS", "k")
+    example = Path(__file__).resolve().parent.parent / "serving" / "dispatcher.example.yaml"
+    config = load_dispatcher_config(example)
+    assert config.tier_names == ["small", "medium", "large"] and config.fallback_tier == "large"

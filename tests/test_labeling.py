@@ -117,3 +117,26 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, trained_artifac
     assert stats.resumed_rows >= 600
     assert out.read_text() == reference.read_text()
     assert not parts.exists()
+
+
+def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from classifier.labeling_ray import label_with_ray
+
+    rows = _rows(300)
+    rows[7]["prompt"] = ""  # a bad row is reported the same way by both engines
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), source)
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=64, keep_columns=("team",))
+    label_files([str(source)], tmp_path / "local.jsonl", options, workers=2, progress=False)
+    stats = label_with_ray([str(source)], tmp_path / "ray.jsonl", options)
+    local, ray_rows = _read(tmp_path / "local.jsonl"), _read(tmp_path / "ray.jsonl")
+    assert stats.rows == 300 and stats.errors == 1
+    assert [r["prompt_id"] for r in ray_rows] == [r["prompt_id"] for r in local]
+    for a, b in zip(local, ray_rows, strict=True):
+        assert a["tier"] == b["tier"] and a["error"] == b["error"] and a["team"] == b["team"]
+        if a["scores"] is not None:
+            assert all(abs(a["scores"][k] - b["scores"][k]) <= 0.02 for k in a["scores"])  # int8 batch effects

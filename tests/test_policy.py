@@ -16,19 +16,22 @@ POLICY = PolicyConfig(
 
 
 def test_cheapest_tier_reaching_relative_threshold() -> None:
-    probabilities = np.array([[0.6, 0.9, 0.96], [0.4, 0.7, 0.8], [0.1, 0.4, 0.8], [0.05, 0.08, 0.1]])
-    assert relative_scores(probabilities, np.ones(3, dtype=bool))[0].tolist() == pytest.approx([0.625, 0.9375, 1])
-    chosen = choose_tiers(probabilities, 0.625, np.ones(3, dtype=bool))
-    # row 0: 0.6/0.96 = 0.625 passes (ties pass); row 1: 0.4/0.8 < 0.625, 0.7/0.8 passes;
-    # row 2: only the top tier reaches it.
+    probabilities = np.array([[0.4, 0.6, 0.6], [0.4, 0.7, 0.8], [0.1, 0.4, 0.8], [0.05, 0.08, 0.1]])
+    relative = relative_scores(probabilities, np.ones(3, dtype=bool))
+    assert relative[0].tolist() == pytest.approx([0.4, 0.5, 0.5])
+    chosen = choose_tiers(probabilities, 0.4, np.ones(3, dtype=bool))
+    # row 0: 0.4 / (0.4 + 0.6) = 0.4 passes (ties pass); row 1: 0.4/1.2 < 0.4, 0.7/1.5 passes;
+    # row 2: nothing cheaper reaches it, so the top tier.
     assert chosen.tolist()[:3] == [0, 1, 2]
-    # A prompt no tier is likely to answer goes cheap: 0.05 / 0.1 = 0.5 keeps half of what little the top offers.
-    assert choose_tiers(probabilities, 0.5, np.ones(3, dtype=bool))[3] == 0
+    # A prompt no tier is likely to answer goes cheap: 0.05 / 0.15 = 0.33 of "as good as the top".
+    assert choose_tiers(probabilities, 0.33, np.ones(3, dtype=bool))[3] == 0
     assert choose_tiers(probabilities, 1.0, np.ones(3, dtype=bool)).tolist() == [2, 2, 2, 2]
+    assert choose_tiers(probabilities, 0.0, np.ones(3, dtype=bool)).tolist() == [0, 0, 0, 0]
+    assert choose_tiers(np.zeros((1, 3)), 0.5, np.ones(3, dtype=bool)).tolist() == [0]
 
 
 def test_allowed_tiers_restrict_choice_and_fallback() -> None:
-    probabilities = np.array([[0.9, 0.9, 0.9], [0.1, 0.8, 0.9]])
+    probabilities = np.array([[0.9, 0.9, 0.95], [0.1, 0.8, 0.95]])
     allowed = allowed_mask(["small", "medium", "large"], ["medium"])
     assert choose_tiers(probabilities, 0.5, allowed).tolist() == [1, 1]
     # Relative to the top *allowed* tier (medium here), not to the large tier.

@@ -36,6 +36,8 @@ def train(
     skip_invalid: Annotated[bool, typer.Option(help="skip invalid rows and report them")] = False,
     teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="prompts without outcomes, for distillation")] = None,
+    distill_weight: Annotated[float, typer.Option(help="weight of the teacher's probabilities in the targets "
+                                                       "(1 = pure distillation)")] = 0.5,
     epochs: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     holdout_source: Annotated[list[str] | None, typer.Option(help="put a whole source in test")] = None,
@@ -51,7 +53,8 @@ def train(
         cfg = load_config(config, epochs=epochs, seed=seed, holdout_sources=holdout_source,
                           holdout_categories=holdout_category)
         manifest = run_training(logs, pool, out, cfg, work_dir=work_dir, skip_invalid=skip_invalid,
-                                teacher=teacher, unlabeled=unlabeled or (), model_version=model_version,
+                                teacher=teacher, unlabeled=unlabeled or (), distill_weight=distill_weight,
+                                model_version=model_version,
                                 command="promptier " + shlex.join(sys.argv[1:]))
     except (PromptierError, ValueError, FileNotFoundError) as error:
         _fail(error)
@@ -71,6 +74,8 @@ def evaluate(
     embedding_baseline: Annotated[bool, typer.Option(help="include the MiniLM embedding baseline")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="embedding cache (default ~/.cache/promptier)")] = None,
     skip_invalid: Annotated[bool, typer.Option()] = False,
+    record: Annotated[bool, typer.Option(help="store the results in the artifact (manifest, eval files, "
+                                               "model card)")] = False,
 ) -> None:
     """Evaluate a model against baselines on the prompts of LOGS it never saw."""
     from classifier.artifact import load_manifest
@@ -90,9 +95,13 @@ def evaluate(
         config = manifest.training.get("config", {})
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None
-        out_dir = out or model / "eval"
+        out_dir = model if record else (out or model / "eval")
         report = evaluate_logs(model, table, backbone_dir, out_dir,
                                cache_dir or Path.home() / ".cache" / "promptier")
+        if record:
+            from training.evaluate import record_in_artifact
+
+            record_in_artifact(model, report, table)
     except (PromptierError, ValueError, FileNotFoundError) as error:
         _fail(error)
     typer.echo((out_dir / EVAL_MD).read_text())

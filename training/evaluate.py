@@ -229,3 +229,32 @@ def evaluate_logs(artifact: Path, table: PromptTable, backbone_dir: Path | None,
     report = evaluate_table(artifact, table.subset(np.flatnonzero(~was_seen)), fit_table, backbone_dir, cache_dir)
     write_report(report, out_dir)
     return report
+
+
+SAMPLE_SIZE = 300
+
+
+def fixed_sample(table: PromptTable, seen: set[str], size: int = SAMPLE_SIZE) -> np.ndarray:
+    """The `size` unseen prompts with the smallest hashes: a sample anyone can rebuild from the logs."""
+    hashes = np.array([prompt_hash(p) for p in table.prompts])
+    unseen = np.flatnonzero(~np.isin(hashes, list(seen)))
+    return unseen[np.argsort(hashes[unseen], kind="stable")[:size]]
+
+
+def sample_metrics(artifact: Path, table: PromptTable) -> dict:
+    """Metrics on the fixed sample, recorded in the manifest so a test can recompute and compare them."""
+    index = fixed_sample(table, seen_prompts(artifact))
+    report = evaluate_table(artifact, table.subset(index), None, None)
+    return {"prompts": len(index), "summary": report["summary"]}
+
+
+def record_in_artifact(artifact: Path, report: dict, table: PromptTable) -> None:
+    """Store an evaluation in the artifact: manifest metrics, the fixed-sample check, the model card."""
+    from classifier.artifact import MODEL_CARD_FILE, load_manifest, save_manifest
+    from training.model_card import render_model_card
+
+    manifest = load_manifest(artifact)
+    metrics = {**manifest.metrics, "test": report["summary"], "test_sample": sample_metrics(artifact, table)}
+    manifest = manifest.model_copy(update={"metrics": metrics})
+    save_manifest(manifest, artifact)
+    (artifact / MODEL_CARD_FILE).write_text(render_model_card(manifest, artifact), encoding="utf-8")

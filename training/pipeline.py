@@ -100,7 +100,7 @@ def train(
     import torch
 
     from training.calibration import apply_temperatures, fit_temperatures
-    from training.evaluate import evaluate_split
+    from training.evaluate import evaluate_split, sample_metrics
     from training.export import MIN_PARITY_PROMPTS, write_artifact
     from training.model import TierModel, backbone_directory, build_student, load_encoder
     from training.model_card import render_model_card
@@ -197,7 +197,8 @@ def train(
     test_index = np.flatnonzero(split == "test")
     if test_index.size:
         report = evaluate_split(out_dir, table, split, backbone_dir=None, out_dir=out_dir)
-        manifest = manifest.model_copy(update={"metrics": {**manifest.metrics, "test": report["summary"]}})
+        metrics = {**manifest.metrics, "test": report["summary"], "test_sample": sample_metrics(out_dir, table)}
+        manifest = manifest.model_copy(update={"metrics": metrics})
     manifest = manifest.model_copy(update={"training": {**manifest.training,
                                                         "total_seconds": round(time.time() - started, 1)}})
     save_manifest(manifest, out_dir)

@@ -1,0 +1,62 @@
+"""The shipped default model: loads, is small, and its recorded metrics are reproducible."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import classifier
+from classifier.artifact import load_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("PROMPTIER_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def test_default_model_loads_and_is_within_budget() -> None:
+    runtime = classifier.load()
+    assert runtime.tier_names == ["small", "medium", "large"]
+    size = sum(p.stat().st_size for p in classifier.DEFAULT_MODEL_DIR.iterdir())
+    assert size <= 25 * 1024 * 1024
+    manifest = runtime.manifest
+    assert manifest.architecture["layers"] <= 4 and manifest.data_fingerprint
+    card = (classifier.DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    for needed in ("Apache-2.0", "MIT", "promptier train", "embedding-lr", "Data fingerprint"):
+        assert needed in card, needed
+    recorded = json.loads((classifier.DEFAULT_MODEL_DIR / "eval.json").read_text())["summary"]
+    assert recorded == manifest.metrics["test"]
+    for source in ("llmrouter", "mmlu-pro"):
+        methods = recorded[source]
+        assert methods["promptier"]["apgr"] > methods["length"]["apgr"]
+        assert methods["promptier"]["apgr"] > methods["embedding-lr"]["apgr"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "outcomes").is_dir(),
+                    reason="the shared routing logs are not on this machine (set PROMPTIER_SHARED_DATA)")
+def test_recorded_metrics_match_a_fresh_eval_on_the_fixed_sample() -> None:
+    from training.data import read_logs
+    from training.evaluate import sample_metrics
+    from training.labels import build_table
+    from training.pool import load_pool
+
+    pool = load_pool(SHARED_DATA / "pools" / "reference.yaml")
+    outcomes = SHARED_DATA / "outcomes"
+    rows, _ = read_logs([outcomes / "mmlu_pro.parquet", outcomes / "llmrouter.parquet"])
+    table, _ = build_table(rows, pool)
+    fresh = sample_metrics(classifier.DEFAULT_MODEL_DIR, table)
+    recorded = load_manifest(classifier.DEFAULT_MODEL_DIR).metrics["test_sample"]
+    assert fresh["prompts"] == recorded["prompts"] == 300
+    assert _close(fresh["summary"], recorded["summary"])
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        return all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6)
+        return True
+    assert a == b
+    return True
