@@ -93,14 +93,16 @@ class TierClassifier:
         # longest prompt: less padding, and a bounded activation peak (a batch of 64 long prompts
         # in one run adds ~80 MB of resident memory).
         order = np.argsort(batch.token_counts, kind="stable")
-        logits = np.empty((len(texts), len(self._tier_names)), dtype=np.float32)
+        parts = []
         for start in range(0, len(order), MAX_SESSION_BATCH):
             rows = order[start : start + MAX_SESSION_BATCH]
             width = int(max(batch.token_counts[i] for i in rows))
-            logits[rows] = self._session.run(
+            parts.append(self._session.run(
                 [MODEL_OUTPUT_NAME],
                 {"input_ids": batch.input_ids[rows, :width], "attention_mask": batch.attention_mask[rows, :width]},
-            )[0]
+            )[0])
+        logits = np.empty_like(np.concatenate(parts))
+        logits[order] = np.concatenate(parts)
         return logits, batch.truncated, batch.token_counts
 
     def probabilities(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
