@@ -52,9 +52,10 @@ def _measure(client: httpx.Client, url: str, body: dict, count: int, stream: boo
         start = time.perf_counter()
         if stream:
             with client.stream("POST", url, json={**body, "stream": True}) as response:
-                next(response.iter_raw())
+                chunks = response.iter_raw()
+                next(chunks)
                 samples.append((time.perf_counter() - start) * 1000)
-                for _ in response.iter_raw():
+                for _ in chunks:
                     pass
         else:
             client.post(url, json=body).raise_for_status()

@@ -45,7 +45,10 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"- Teacher: {training.get('teacher')}",
         f"- Data fingerprint (sha256 of prompts and targets): `{manifest.data_fingerprint}`",
         f"- Training time: {training.get('total_seconds')} s on {manifest.versions}", "",
-        "## Reproduce", "", "```", str(training.get("command", "(command not recorded)")), "```", "",
+        "## Reproduce", "",
+        *(["Teacher first:", "", "```", str(training["teacher_command"]), "```", "", "Then this model:", ""]
+          if training.get("teacher_command") else []),
+        "```", str(training.get("command", "(command not recorded)")), "```", "",
         "## Export parity", f"{manifest.metrics.get('export_parity')}", "",
         "## Evaluation (held-out test split)", "",
         eval_md.read_text(encoding="utf-8") if eval_md.exists() else "(no evaluation recorded)", "",
