@@ -50,8 +50,10 @@ TRAIN = [
 ]
 
 SERVE = [
-    new_markdown_cell("# Call the gRPC routing service\n\nStarts `promptier serve` on a free local port with a model "
-                      "artifact, then calls it from Python the way a gateway would."),
+    new_markdown_cell("# Call the gRPC routing service, the dispatcher, and read the decision log\n\n"
+                      "Starts `promptier serve` on a free local port with a model artifact, calls it from Python the way "
+                      "a gateway would, then sends OpenAI-SDK requests through `promptier dispatch` and reads its "
+                      "decision log."),
     new_code_cell("import socket, subprocess, sys, tempfile, time\nfrom pathlib import Path\n\n"
                   "MODEL = None  # None: the default model shipped with the package\n"
                   "with socket.socket() as s:\n    s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]\n"
@@ -72,7 +74,37 @@ SERVE = [
     new_code_cell("batch = client.classify_batch(['hi', '', 'Summarise this contract clause by clause.'])\n"
                   "print(batch)  # one result, or one status code, per item\n"
                   "import grpc\nassert batch[1] == grpc.StatusCode.INVALID_ARGUMENT"),
-    new_code_cell("client.close()\nserver.terminate(); server.wait(10)"),
+    new_markdown_cell("## Through the dispatcher, and the decision log\n\nA stand-in upstream (an OpenAI-compatible "
+                      "server that answers at once) plays every tier here; in production each tier is vLLM, llama.cpp "
+                      "server, Ollama or a hosted API. The official `openai` SDK talks to the dispatcher."),
+    new_code_cell("import json, threading, uvicorn\nfrom serving.dispatch_bench import echo_upstream\n\n"
+                  "upstream = uvicorn.Server(uvicorn.Config(echo_upstream(), host='127.0.0.1', port=0, log_level='error'))\n"
+                  "threading.Thread(target=upstream.run, daemon=True).start()\n"
+                  "while not upstream.started:\n    time.sleep(0.05)\n"
+                  "upstream_url = f'http://127.0.0.1:{upstream.servers[0].sockets[0].getsockname()[1]}/v1'\n"
+                  "work = Path(tempfile.mkdtemp(prefix='promptier-dispatch-'))\n"
+                  "config = {'classifier': {'address': f'127.0.0.1:{port}', 'timeout_ms': 200},\n"
+                  "          'tiers': {t: {'base_url': upstream_url, 'model': f'{t}-model'} for t in ('small', 'medium', 'large')},\n"
+                  "          'fallback_tier': 'large',\n"
+                  "          'decision_log': {'path': str(work / 'decisions.jsonl'), 'store_prompts': True}}\n"
+                  "(work / 'dispatcher.yaml').write_text(json.dumps(config))\n"
+                  "with socket.socket() as s:\n    s.bind(('127.0.0.1', 0)); http_port = s.getsockname()[1]\n"
+                  "dispatcher = subprocess.Popen([sys.executable, '-m', 'training.cli', 'dispatch', '--config',\n"
+                  "                               str(work / 'dispatcher.yaml'), '--port', str(http_port)])\n"
+                  "import httpx\nfor _ in range(100):\n    try:\n        httpx.get(f'http://127.0.0.1:{http_port}/health'); break\n"
+                  "    except httpx.HTTPError:\n        time.sleep(0.2)"),
+    new_code_cell("from openai import OpenAI\n\n"
+                  "openai_client = OpenAI(base_url=f'http://127.0.0.1:{http_port}/v1', api_key='unused')\n"
+                  "for prompt in ['What is the capital of France?', 'Prove that sqrt(2) is irrational.']:\n"
+                  "    reply = openai_client.chat.completions.with_raw_response.create(\n"
+                  "        model='promptier/balanced', messages=[{'role': 'user', 'content': prompt}])\n"
+                  "    print(reply.headers['x-promptier-tier'], reply.headers['x-promptier-reason'], '|', prompt)"),
+    new_code_cell("import pandas as pd\n\n"
+                  "decisions = pd.read_json(work / 'decisions.jsonl', lines=True)\n"
+                  "print(decisions[['tier', 'reason', 'model', 'confidence', 'classifier_ms', 'cost_usd', 'status']])\n"
+                  "assert len(decisions) == 2 and (decisions['status'] == 200).all()"),
+    new_code_cell("client.close()\nfor process in (dispatcher, server):\n    process.terminate(); process.wait(10)\n"
+                  "upstream.should_exit = True"),
 ]
 
 
