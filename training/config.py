@@ -38,7 +38,7 @@ class TrainConfig(BaseModel):
     tail_chars: int | None = Field(default=None, description="default: 4 x max_tokens")
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=5e-5, gt=0)
+    learning_rate: float = Field(default=8e-5, gt=0)
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
     freeze_embeddings: bool = Field(default=True, description="the vocabulary table dominates parameters and "
@@ -53,7 +53,7 @@ class TrainConfig(BaseModel):
         description="how far below the top tier's validation quality each mode may go",
     )
     default_mode: str = "balanced"
-    checkpoint_every: int = Field(default=100, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
     threads: int = Field(default=2, ge=1)
     quantize: bool = True
 
