@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from classifier.conversation import render_conversation
@@ -75,9 +74,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-def _jsonl_batches(path: Path, rows: int) -> Iterator[list[dict]]:
+def _jsonl_records(path: Path) -> Iterator[dict]:
     """JSONL read line by line so that one bad line becomes one bad row, not a failed file."""
-    batch: list[dict] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -97,45 +95,33 @@ def _jsonl_batches(path: Path, rows: int) -> Iterator[list[dict]]:
             except ValueError as exc:
                 record = {"__error__": f"line {number}: {exc}"}
             record.setdefault("__row__", f"{path.name}:{number}")
-            batch.append(record)
-            if len(batch) == rows:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            yield record
 
 
-def _arrow_batches(path: Path, rows: int) -> Iterator[list[dict]]:
+def _arrow_records(path: Path, rows: int) -> Iterator[dict]:
+    """Parquet or CSV, streamed in record batches of about `rows` rows."""
     if path.suffix == ".parquet":
         reader: Iterator[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(batch_size=rows)
-    elif path.suffix == ".csv":
-        reader = iter(pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 22)))
     else:
-        reader = iter(pa_json.read_json(path).to_batches(rows))
-    start = 0
-    pending: list[dict] = []
+        reader = iter(pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 22)))
+    number = 0
     for record_batch in reader:
         for record in record_batch.to_pylist():
-            start += 1
-            record.setdefault("__row__", f"{path.name}:{start}")
-            pending.append(record)
-            if len(pending) == rows:
-                yield pending
-                pending = []
-    if pending:
-        yield pending
+            number += 1
+            record.setdefault("__row__", f"{path.name}:{number}")
+            yield record
 
 
 def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[dict]]:
     """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact)."""
     pending: list[dict] = []
     for path in files:
-        batches = _jsonl_batches(path, rows) if path.suffix in (".jsonl", ".json") else _arrow_batches(path, rows)
-        for batch in batches:
-            pending.extend(batch)
-            while len(pending) >= rows:
-                yield pending[:rows]
-                pending = pending[rows:]
+        records = _jsonl_records(path) if path.suffix in (".jsonl", ".json") else _arrow_records(path, rows)
+        for record in records:
+            pending.append(record)
+            if len(pending) == rows:
+                yield pending
+                pending = []
     if pending:
         yield pending
 
