@@ -100,13 +100,13 @@ def top_allowed_tier(allowed: np.ndarray) -> np.ndarray:
     return allowed.shape[1] - 1 - np.argmax(allowed[:, ::-1], axis=1)
 
 
-def choose_tiers(probabilities: np.ndarray, threshold: float, allowed: np.ndarray) -> np.ndarray:
+def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Index of the chosen tier per row: the cheapest allowed tier whose relative score reaches `threshold`,
     else the most capable allowed tier. Threshold 1 always picks the top allowed tier, 0 the cheapest.
 
     Args:
         probabilities: [n, n_tiers] calibrated probabilities, tiers cheapest first.
-        threshold: the relative score a cheaper tier must reach, in [0, 1].
+        threshold: the relative score a cheaper tier must reach, in [0, 1]; or [n, 1], one per row.
         allowed: [n_tiers] or [n, n_tiers] boolean mask of tiers that may be chosen.
     """
     allowed = np.broadcast_to(allowed, probabilities.shape)

@@ -101,8 +101,9 @@ class TierClassifier:
                 [MODEL_OUTPUT_NAME],
                 {"input_ids": batch.input_ids[rows, :width], "attention_mask": batch.attention_mask[rows, :width]},
             )[0])
-        logits = np.empty_like(np.concatenate(parts))
-        logits[order] = np.concatenate(parts)
+        sorted_logits = np.concatenate(parts)
+        logits = np.empty_like(sorted_logits)
+        logits[order] = sorted_logits
         return logits, batch.truncated, batch.token_counts
 
     def probabilities(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
@@ -157,10 +158,13 @@ class TierClassifier:
     def _decide(self, valid: list[tuple[int, str, float, np.ndarray]],
                 outcomes: list[ClassificationResult | InvalidInputError | None]) -> None:
         probabilities, truncated, tokens = self.probabilities([text for _, text, _, _ in valid])
-        for row, (index, _, threshold, allowed) in enumerate(valid):
-            chosen = int(choose_tiers(probabilities[row : row + 1], threshold, allowed)[0])
+        # One vectorised policy call for the whole batch: each row brings its own threshold and tiers.
+        thresholds = np.array([threshold for _, _, threshold, _ in valid])[:, None]
+        allowed = np.stack([mask for _, _, _, mask in valid])
+        chosen = choose_tiers(probabilities, thresholds, allowed)
+        for row, (index, _, threshold, _) in enumerate(valid):
             outcomes[index] = ClassificationResult(
-                tier=self._tier_names[chosen],
+                tier=self._tier_names[int(chosen[row])],
                 scores={name: float(probabilities[row, col]) for col, name in enumerate(self._tier_names)},
                 threshold=threshold,
                 truncated=truncated[row],
