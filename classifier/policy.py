@@ -86,9 +86,11 @@ def relative_scores(probabilities: np.ndarray, allowed: np.ndarray) -> np.ndarra
     (p >= t / (1 - t) x p_top). Prompts that no tier is likely to answer thus go to a cheap tier,
     since the top tier would not help them; that is where most of a router's saving comes from.
     """
-    allowed = np.broadcast_to(allowed, probabilities.shape)
-    top = top_allowed_tier(allowed)
-    top_probability = probabilities[np.arange(len(probabilities)), top][:, None]
+    top = top_allowed_tier(np.broadcast_to(allowed, probabilities.shape))
+    return _relative_to(probabilities, probabilities[np.arange(len(top)), top][:, None])
+
+
+def _relative_to(probabilities: np.ndarray, top_probability: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         relative = probabilities / (probabilities + top_probability)
     # Both zero: no tier helps at all, so any tier is as good as the top one.
@@ -109,8 +111,13 @@ def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allow
         threshold: the relative score a cheaper tier must reach, in [0, 1]; or [n, 1], one per row.
         allowed: [n_tiers] or [n, n_tiers] boolean mask of tiers that may be chosen.
     """
+    if allowed.ndim == 1 and allowed.all():  # the common case: no per-request restriction
+        passing = _relative_to(probabilities, probabilities[:, -1:]) >= threshold
+        passing[:, -1] = True  # the top tier is where everything else falls back
+        return np.argmax(passing, axis=1)
     allowed = np.broadcast_to(allowed, probabilities.shape)
     top = top_allowed_tier(allowed)
-    passing = (relative_scores(probabilities, allowed) >= threshold) & allowed
-    passing[np.arange(len(top)), top] = True  # the top allowed tier is where everything else falls back
+    rows = np.arange(len(top))
+    passing = (_relative_to(probabilities, probabilities[rows, top][:, None]) >= threshold) & allowed
+    passing[rows, top] = True
     return np.argmax(passing, axis=1)

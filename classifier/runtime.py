@@ -72,6 +72,9 @@ class TierClassifier:
         self._tier_names = manifest.tier_names
         self._temperatures = np.asarray(manifest.calibration.temperatures, dtype=np.float32)
         self._encode_lock = threading.Lock()
+        self._outputs = [MODEL_OUTPUT_NAME]
+        self._all_tiers = np.ones(len(self._tier_names), dtype=bool)
+        self._all_tiers.flags.writeable = False  # shared by every request that allows all tiers
 
     @property
     def tier_names(self) -> list[str]:
@@ -89,6 +92,9 @@ class TierClassifier:
         """Raw model logits [n, n_tiers] for already-validated texts, with truncation flags and token counts."""
         with self._encode_lock:
             batch = self._encoder.encode_batch(texts)
+        if len(texts) <= MAX_SESSION_BATCH:  # the serving case: one run, no reordering
+            feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            return self._session.run(self._outputs, feeds)[0], batch.truncated, batch.token_counts
         # Run length-sorted slices of at most MAX_SESSION_BATCH prompts, each padded only to its own
         # longest prompt: less padding, and a bounded activation peak (a batch of 64 long prompts
         # in one run adds ~80 MB of resident memory).
@@ -98,7 +104,7 @@ class TierClassifier:
             rows = order[start : start + MAX_SESSION_BATCH]
             width = int(max(batch.token_counts[i] for i in rows))
             parts.append(self._session.run(
-                [MODEL_OUTPUT_NAME],
+                self._outputs,
                 {"input_ids": batch.input_ids[rows, :width], "attention_mask": batch.attention_mask[rows, :width]},
             )[0])
         sorted_logits = np.concatenate(parts)
@@ -146,7 +152,8 @@ class TierClassifier:
             try:
                 checked = validate_text(text)
                 threshold = resolve_threshold(self.manifest.policy, request)
-                allowed = allowed_mask(self._tier_names, request.allowed_tiers if request else None)
+                allowed = (self._all_tiers if request is None or request.allowed_tiers is None
+                           else allowed_mask(self._tier_names, request.allowed_tiers))
             except InvalidInputError as error:
                 outcomes[index] = error
                 continue
@@ -160,12 +167,14 @@ class TierClassifier:
         probabilities, truncated, tokens = self.probabilities([text for _, text, _, _ in valid])
         # One vectorised policy call for the whole batch: each row brings its own threshold and tiers.
         thresholds = np.array([threshold for _, _, threshold, _ in valid])[:, None]
-        allowed = np.stack([mask for _, _, _, mask in valid])
-        chosen = choose_tiers(probabilities, thresholds, allowed)
+        masks = [mask for _, _, _, mask in valid]
+        allowed = self._all_tiers if all(mask is self._all_tiers for mask in masks) else np.stack(masks)
+        chosen = choose_tiers(probabilities, thresholds, allowed).tolist()
+        rows = probabilities.tolist()  # Python floats at once, not one numpy scalar per score
         for row, (index, _, threshold, _) in enumerate(valid):
             outcomes[index] = ClassificationResult(
-                tier=self._tier_names[int(chosen[row])],
-                scores={name: float(probabilities[row, col]) for col, name in enumerate(self._tier_names)},
+                tier=self._tier_names[chosen[row]],
+                scores=dict(zip(self._tier_names, rows[row], strict=True)),
                 threshold=threshold,
                 truncated=truncated[row],
                 tokens=tokens[row],
