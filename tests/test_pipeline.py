@@ -86,3 +86,68 @@ def test_train_rejects_bad_logs_with_location(tmp_path: Path, tiny_backbone: Pat
     with pytest.raises(DataError, match=r"bad.jsonl, row 6, column 'score': score 7.0 is outside"):
         train([logs], pool_file, tmp_path / "out", tiny_config(tiny_backbone))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("student", [
+    {"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32, "pooling_heads": 2},
+    {"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32},  # a transformer student, the older kind
+])
+def test_distilled_student_learns_from_its_teacher(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
+                                                   pool_file: Path, trained_artifact: Path,
+                                                   student: dict) -> None:
+    unlabeled = write_jsonl(tmp_path / "unlabeled.jsonl",
+                            [{"prompt": row["prompt"] + " please"} for row in synthetic_rows(80, seed=5)])
+    out = tmp_path / "student"
+    manifest = train([synthetic_logs], pool_file, out,
+                     tiny_config(tiny_backbone, student=student, epochs=10, learning_rate=1e-2),
+                     teacher=trained_artifact, unlabeled=[unlabeled], distill_weight=1.0, model_version="student")
+    assert manifest.training["unlabeled_prompts"] > 0 and manifest.training["teacher"] == str(trained_artifact)
+    assert manifest.architecture["layers"] == (0 if student.get("kind") == "bag" else 1)
+    assert manifest.metrics["export_parity"]["tier_agreement"] >= 0.995
+    runtime, teacher = classifier.load(out), classifier.load(trained_artifact)
+    prompts = ["hello thanks say hi cat dog", "prove theorem derive integral eigenvalue lemma"]
+    assert [r.tier for r in runtime.classify_batch(prompts)] == [r.tier for r in teacher.classify_batch(prompts)]
+    summary = manifest.metrics["test"]["all"]
+    assert summary["promptier"]["apgr"] > summary["random"]["apgr"] + 0.1
+
+
+def test_fp16_embedding_tables_keep_the_model_output(trained_artifact: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from training.export import store_embeddings_fp16
+
+    target = tmp_path / "model.onnx"
+    assert store_embeddings_fp16(trained_artifact / "model.onnx", target, min_elements=100) >= 1
+    ids = np.random.default_rng(0).integers(5, 60, size=(4, 20))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    before = ort.InferenceSession(str(trained_artifact / "model.onnx")).run(None, feeds)[0]
+    after = ort.InferenceSession(str(target)).run(None, feeds)[0]
+    assert np.abs(before - after).max() < 1e-2
+    assert target.stat().st_size < (trained_artifact / "model.onnx").stat().st_size
+
+
+def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": row["prompt"]} for row in synthetic_rows(600, 3)])
+    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    out = tmp_path / "reexported"
+    result = CliRunner().invoke(app, ["export", "--artifact", str(trained_artifact), "--checkpoint",
+                                      str(checkpoint), "--prompts", str(prompts), "--out", str(out),
+                                      "--no-quantize"])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    assert manifest.metrics["export_parity"]["tier_agreement"] >= 0.995
+    assert manifest.metrics["test"] == load_manifest(trained_artifact).metrics["test"]
+    original, again = classifier.load(trained_artifact), classifier.load(out)
+    for prompt in ("hello thanks say hi cat dog", "prove theorem derive integral eigenvalue lemma"):
+        assert again.classify(prompt).tier == original.classify(prompt).tier
+        assert abs(again.classify(prompt).scores["large"] - original.classify(prompt).scores["large"]) < 0.02
+
+    too_few = write_jsonl(tmp_path / "few.jsonl", [{"prompt": "hi"}] * 10)
+    result = CliRunner().invoke(app, ["export", "--artifact", str(trained_artifact), "--checkpoint",
+                                      str(checkpoint), "--prompts", str(too_few), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "parity needs at least 500 prompts" in result.output
+    assert not (tmp_path / "x").exists()

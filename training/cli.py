@@ -192,11 +192,35 @@ def loadtest(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-serving.json"),
     seconds: Annotated[float, typer.Option(help="duration of each scenario")] = 8.0,
+    workers: Annotated[int, typer.Option(min=1, help="also test a server with this many processes")] = 2,
 ) -> None:
-    """Load-test a real `promptier serve` process on loopback at concurrency 1, 32 and 128."""
+    """Load-test a real `promptier serve` on loopback at concurrency 1, 32 and 128, with one server
+    process and with `--workers`."""
     from serving.loadgen import main as run_loadtest
 
-    run_loadtest(str(model) if model else None, out, seconds)
+    run_loadtest(str(model) if model else None, out, seconds, workers)
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Option(help="an artifact made by `promptier train`")],
+    checkpoint: Annotated[Path, typer.Option(help="its training checkpoint (WORK_DIR/checkpoint.pt)")],
+    prompts: Annotated[list[Path], typer.Option(help="prompts for the parity check (JSONL/Parquet with a "
+                                                      "`prompt` column; at least 500)")],
+    out: Annotated[Path, typer.Option(help="artifact directory to write")],
+    quantize: Annotated[bool, typer.Option(help="try int8 first (kept only if it clears the parity bars)")] = True,
+) -> None:
+    """Re-export a trained model to ONNX with the parity check (e.g. to try int8, or after an ORT upgrade)."""
+    from training.export import export_checkpoint
+    from training.pipeline import read_unlabeled
+
+    try:
+        manifest, report = export_checkpoint(artifact, checkpoint, read_unlabeled(prompts), out, quantize)
+    except (PromptierError, ValueError, FileNotFoundError) as error:
+        _fail(error)
+    typer.echo(f"wrote {out} ({manifest.architecture.get('quantization')}): tier agreement "
+               f"{report.tier_agreement:.4f}, max probability difference {report.max_probability_diff:.2e} "
+               f"on {report.prompts} prompts")
 
 
 @app.command()
@@ -205,7 +229,10 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 50051,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads of the model worker")] = 1,
-    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port "
+                                                     "(worker i of --workers on this port + i)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port (SO_REUSEPORT), "
+                                         "one model each; about one per core")] = 1,
 ) -> None:
     """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory)."""
     import asyncio
@@ -214,6 +241,18 @@ def serve(
     from serving.server import serve_forever
 
     configure_json_logging()
+    if workers > 1:
+        from classifier import load
+        from serving.workers import serve_workers
+
+        if port == 0:
+            raise typer.BadParameter("--workers needs a fixed --port: every worker binds the same one")
+
+        try:
+            load(model)  # a bad artifact fails here, once, before any worker starts
+        except PromptierError as error:
+            _fail(error)
+        raise typer.Exit(serve_workers(workers, model, f"{host}:{port}", threads, metrics_port))
     try:
         asyncio.run(serve_forever(model, f"{host}:{port}", threads, metrics_port))
     except PromptierError as error:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BACKBONE = "minilm-l6"
 
@@ -14,6 +16,7 @@ class StudentConfig(BaseModel):
     """A narrow encoder built from a teacher: its token embeddings projected to `hidden` by PCA."""
 
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["transformer"] = "transformer"
     hidden: int = Field(default=128, ge=16)
     layers: int = Field(default=2, ge=1)
     heads: int = Field(default=2, ge=1)
@@ -26,16 +29,34 @@ class StudentConfig(BaseModel):
         return self
 
 
+class BagStudentConfig(BaseModel):
+    """An attention-free student: the teacher's token embeddings (PCA to `embedding_dim`), pooled
+    by their mean and by `pooling_heads` learned per-token weightings, read by a small MLP.
+
+    Its cost per token is one table lookup, so a prompt costs about as much to classify as to
+    tokenize; the transformer student pays a dense layer stack per token.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["bag"]
+    embedding_dim: int = Field(default=256, ge=8)
+    pooling_heads: int = Field(default=3, ge=1, description="learned attention-pooling heads beside the mean")
+    mlp_hidden: int = Field(default=512, ge=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
 class TrainConfig(BaseModel):
     """Everything that decides a training run. Two runs with equal configs and data give equal models."""
 
     model_config = ConfigDict(extra="forbid")
     backbone: str = Field(default=DEFAULT_BACKBONE, description="'minilm-l6' or a Hugging Face model directory")
-    student: StudentConfig | None = None
+    student: StudentConfig | BagStudentConfig | None = Field(default=None, discriminator="kind")
     max_tokens: int = Field(default=128, ge=8, le=512)
     head_fraction: float = Field(default=0.5, gt=0, le=1)
-    head_chars: int | None = Field(default=None, description="default: 8 x max_tokens")
-    tail_chars: int | None = Field(default=None, description="default: 4 x max_tokens")
+    # Characters kept before tokenizing: enough for the head and tail token windows with margin
+    # (English runs ~4.2 characters a token), and no more, since tokenizing is most of the runtime.
+    head_chars: int | None = Field(default=None, description="default: 8 x the head's share of max_tokens")
+    tail_chars: int | None = Field(default=None, description="default: 6 x the tail's share of max_tokens")
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=8e-5, gt=0)
@@ -57,13 +78,22 @@ class TrainConfig(BaseModel):
     threads: int = Field(default=2, ge=1)
     quantize: bool = True
 
+    @field_validator("student", mode="before")
+    @classmethod
+    def _transformer_is_the_default_kind(cls, value: object) -> object:
+        # Configs written before there were two kinds of student have no `kind`.
+        if isinstance(value, dict) and "kind" not in value:
+            return {**value, "kind": "transformer"}
+        return value
+
     @property
     def resolved_head_chars(self) -> int:
-        return self.head_chars if self.head_chars is not None else 8 * self.max_tokens
+        return self.head_chars if self.head_chars is not None else math.ceil(8 * self.max_tokens * self.head_fraction)
 
     @property
     def resolved_tail_chars(self) -> int:
-        return self.tail_chars if self.tail_chars is not None else 4 * self.max_tokens
+        return self.tail_chars if self.tail_chars is not None else math.ceil(
+            6 * self.max_tokens * (1 - self.head_fraction))
 
 
 def load_config(path: str | Path | None, **overrides: object) -> TrainConfig:

@@ -66,7 +66,7 @@ def export_onnx(model: nn.Module, path: Path, max_tokens: int) -> None:
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             MODEL_OUTPUT_NAME: {0: "batch"}}
     torch.onnx.export(
-        _LogitsOnly(model), (dummy_ids, dummy_mask), str(path),
+        _LogitsOnly(model).eval(), (dummy_ids, dummy_mask), str(path),
         input_names=list(MODEL_INPUT_NAMES), output_names=[MODEL_OUTPUT_NAME],
         dynamic_axes=axes, opset_version=17, dynamo=False,
     )
@@ -77,6 +77,36 @@ def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def store_embeddings_fp16(source: Path, target: Path, min_elements: int = 1_000_000) -> int:
+    """Copy `source` with every large Gather table stored as float16 and cast back after the lookup.
+
+    A token-embedding table is most of a small model's file and memory, and a lookup reads only a
+    few rows, so halving the table costs nothing at run time; the rest of the graph stays fp32.
+    Returns how many tables were converted.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph_model = onnx.load(str(source))
+    graph = graph_model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    converted = 0
+    for position, node in reversed(list(enumerate(graph.node))):
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.data_type != TensorProto.FLOAT or np.prod(table.dims) < min_elements:
+            continue
+        table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name))
+        lookup = node.output[0] + "_fp16"
+        cast = helper.make_node("Cast", [lookup], [node.output[0]], to=TensorProto.FLOAT,
+                                name=f"{node.name or table.name}_to_fp32")
+        node.output[0] = lookup
+        graph.node.insert(position + 1, cast)
+        converted += 1
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(target))
+    return converted
 
 
 def check_parity(directory: Path, torch_probabilities: np.ndarray, texts: Sequence[str],
@@ -125,11 +155,15 @@ def write_artifact(
         shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
-        attempts = ["int8", "fp32"] if quantize else ["fp32"]
+        # Cheapest first; the first that clears the parity bars ships.
+        attempts = (["int8"] if quantize else []) + ["fp32 (fp16 embeddings)", "fp32"]
         failures: list[str] = []
         for quantization in attempts:
             if quantization == "int8":
                 quantize_int8(fp32_path, staging / MODEL_FILE)
+            elif quantization == "fp32 (fp16 embeddings)":
+                if not store_embeddings_fp16(fp32_path, staging / MODEL_FILE):
+                    continue  # no table large enough to matter
             else:
                 shutil.copyfile(fp32_path, staging / MODEL_FILE)
             note = {"quantization": quantization, "parity_failures": "; ".join(failures)}
@@ -158,3 +192,50 @@ def write_artifact(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], out_dir: Path,
+                      quantize: bool) -> tuple[ArtifactManifest, ParityReport]:
+    """Re-export a trained model: the weights of a training checkpoint, the rest of an artifact it made.
+
+    `artifact` gives the training config (to rebuild the architecture), the tokenizer, calibration,
+    thresholds and metrics; `checkpoint` (a training work dir's `checkpoint.pt`) gives the weights.
+    The parity check runs on `prompts` (at least MIN_PARITY_PROMPTS) plus one prompt far past the
+    token limit, so the new file is held to the same bars as at training time. Use it to try another
+    quantization, or to re-export after an ONNX Runtime upgrade, without retraining.
+
+    Raises:
+        ExportParityError: no candidate clears the bars (nothing is written).
+        ValueError: too few prompts, or a checkpoint that does not fit the artifact's architecture.
+    """
+    from classifier.artifact import TOKENIZER_FILE, load_manifest
+    from classifier.tokenization import PromptEncoder
+    from training.config import TrainConfig
+    from training.model import backbone_directory, build_model, load_encoder
+    from training.trainer import predict_logits, tokenize_all
+
+    manifest = load_manifest(artifact)
+    config = TrainConfig.model_validate(manifest.training["config"])
+    encoder = PromptEncoder.from_file(artifact / TOKENIZER_FILE, manifest.truncation)
+    model, _ = build_model(config, load_encoder(backbone_directory(config.backbone)), len(manifest.tiers),
+                           pad_id=encoder.pad_id)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    try:
+        model.load_state_dict(state.get("model", state))
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint} does not fit the architecture of {artifact}: {exc}") from exc
+    texts = [*prompts, " ".join(prompts[:40])]
+
+    def torch_logits(batch: Sequence[str]) -> np.ndarray:
+        return predict_logits(model, tokenize_all(encoder, batch))
+
+    copied = {name: (artifact / name).read_text(encoding="utf-8")
+              for name in ("seen_prompts.txt", "eval.json", "eval.md", "MODEL_CARD.md") if (artifact / name).is_file()}
+    manifest = manifest.model_copy(update={"architecture": {
+        key: value for key, value in manifest.architecture.items() if key not in ("quantization", "parity_failures")}})
+    written, report = write_artifact(model, manifest, artifact / TOKENIZER_FILE, texts, torch_logits, out_dir,
+                                     quantize, extra_files=copied)
+    for name in ("eval.png",):
+        if (artifact / name).is_file():
+            shutil.copyfile(artifact / name, out_dir / name)
+    return written, report

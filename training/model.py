@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel
 
-from training.config import DEFAULT_BACKBONE, StudentConfig
+from training.config import DEFAULT_BACKBONE, BagStudentConfig, StudentConfig, TrainConfig
 
 
 def backbone_directory(backbone: str) -> Path:
@@ -48,6 +48,83 @@ def load_encoder(directory: Path) -> PreTrainedModel:
     return AutoModel.from_pretrained(directory, add_pooling_layer=False)
 
 
+def _pca_table(teacher: PreTrainedModel, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centered teacher token embeddings projected on their top `dim` principal axes.
+
+    Returns (projected table [vocab, dim], mean [teacher_hidden], projection [teacher_hidden, dim]).
+    """
+    embeddings = teacher.get_input_embeddings().weight.detach().numpy()  # type: ignore[operator]
+    mean = embeddings.mean(axis=0)
+    _, _, components = np.linalg.svd(embeddings - mean, full_matrices=False)
+    projection = components[:dim].T
+    return (embeddings - mean) @ projection, mean, projection
+
+
+class BagTierModel(nn.Module):
+    """Token embeddings -> mean and learned attention pooling -> MLP -> one logit per tier.
+
+    No attention between tokens and no per-token dense layer: everything per token is a table
+    lookup, so the cost of a prompt is its tokenization plus one small MLP. Each pooling head has a
+    learned per-token weight (an IDF learned for routing), so the model can find the few words that
+    decide the tier ("prove", "refactor", "step by step") instead of averaging them away.
+    """
+
+    def __init__(self, table: np.ndarray, n_tiers: int, spec: BagStudentConfig, pad_id: int = 0) -> None:
+        super().__init__()
+        vocab, dim = table.shape
+        self.embeddings = nn.Embedding(vocab, dim)
+        self.token_weight = nn.Embedding(vocab, spec.pooling_heads)
+        with torch.no_grad():
+            self.embeddings.weight.copy_(torch.from_numpy(table / (table.std() + 1e-6)))
+            self.token_weight.weight.normal_(0.0, 0.1)
+        pooled = (spec.pooling_heads + 1) * dim
+        self.norm = nn.LayerNorm(pooled)
+        self.mlp = nn.Sequential(
+            nn.Dropout(spec.dropout), nn.Linear(pooled, spec.mlp_hidden), nn.GELU(),
+            nn.Dropout(spec.dropout), nn.Linear(spec.mlp_hidden, n_tiers),
+        )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        vectors = self.embeddings(input_ids)  # [batch, seq, dim]
+        present = attention_mask.to(vectors.dtype).unsqueeze(1)  # [batch, 1, seq]
+        mean_weights = present / present.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        # -1e4, not -inf: a fully padded row must not turn into NaN in the softmax.
+        scores = self.token_weight(input_ids).transpose(1, 2) + (1.0 - present) * -1e4
+        weights = torch.cat([mean_weights, torch.softmax(scores, dim=-1)], dim=1)  # [batch, heads+1, seq]
+        # One batched matmul pools every head: far cheaper in ONNX Runtime than elementwise ops.
+        pooled = torch.bmm(weights, vectors).flatten(1)
+        return self.mlp(self.norm(pooled))
+
+
+def build_model(config: TrainConfig, backbone: PreTrainedModel, n_tiers: int, pad_id: int = 0
+                ) -> tuple[nn.Module, dict[str, int | str | float]]:
+    """The model a config asks for, and the architecture summary the artifact records."""
+    student = config.student
+    model: nn.Module
+    if isinstance(student, BagStudentConfig):
+        table, _, _ = _pca_table(backbone, student.embedding_dim)
+        model = BagTierModel(table, n_tiers, student, pad_id)
+        architecture: dict[str, int | str | float] = {
+            "backbone": f"bag student of {config.backbone}", "layers": 0, "hidden": student.embedding_dim,
+            "mlp_hidden": student.mlp_hidden, "pooling_heads": student.pooling_heads, "pooling": "mean+learned-weights",
+        }
+    else:
+        encoder = build_student(backbone, student, config.seed) if student else backbone
+        model = TierModel(encoder, n_tiers)
+        architecture = {
+            "backbone": config.backbone if student is None else f"student of {config.backbone}",
+            "layers": int(encoder.config.num_hidden_layers), "hidden": int(encoder.config.hidden_size),
+            "pooling": "mean",
+        }
+    if config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)  # type: ignore[operator]
+    architecture["parameters"] = int(sum(p.numel() for p in model.parameters()))
+    return model, architecture
+
+
 def build_student(teacher: PreTrainedModel, spec: StudentConfig, seed: int) -> BertModel:
     """A narrow BERT whose token and position embeddings are the teacher's, projected by PCA.
 
@@ -67,12 +144,8 @@ def build_student(teacher: PreTrainedModel, spec: StudentConfig, seed: int) -> B
         pad_token_id=teacher_config.pad_token_id,
     )
     student = BertModel(config, add_pooling_layer=False)
-    embeddings = teacher.get_input_embeddings().weight.detach().numpy()  # type: ignore[operator]
-    mean = embeddings.mean(axis=0)
-    _, _, components = np.linalg.svd(embeddings - mean, full_matrices=False)
-    projection = components[: spec.hidden].T  # [teacher_hidden, hidden]
+    projected, _, projection = _pca_table(teacher, spec.hidden)
     # Rescale so the projected vectors have the per-dimension spread BERT's LayerNorm expects.
-    projected = (embeddings - mean) @ projection
     scale = 1.0 / (projected.std() + 1e-6) * 0.05
     word_table: torch.Tensor = student.embeddings.word_embeddings.weight  # type: ignore[assignment]
     position_table: torch.Tensor = student.embeddings.position_embeddings.weight  # type: ignore[assignment]

@@ -102,7 +102,7 @@ def train(
     from training.calibration import apply_temperatures, fit_temperatures
     from training.evaluate import evaluate_split, sample_metrics
     from training.export import MIN_PARITY_PROMPTS, write_artifact
-    from training.model import TierModel, backbone_directory, build_student, load_encoder
+    from training.model import backbone_directory, build_model, load_encoder
     from training.model_card import render_model_card
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.trainer import fit, predict_logits, tokenize_all
@@ -120,11 +120,8 @@ def train(
     encoder = PromptEncoder.from_file(tokenizer_file, truncation)
 
     torch.manual_seed(config.seed)
-    backbone = load_encoder(backbone_dir)
-    encoder_module = build_student(backbone, config.student, config.seed) if config.student else backbone
-    if config.freeze_embeddings:
-        encoder_module.get_input_embeddings().weight.requires_grad_(False)
-    model = TierModel(encoder_module, len(data.pool.tiers))
+    model, architecture = build_model(config, load_encoder(backbone_dir), len(data.pool.tiers),
+                                      pad_id=encoder.pad_id)
 
     train_index = np.flatnonzero(split == "train")
     train_texts = [table.prompts[i] for i in train_index]
@@ -156,13 +153,6 @@ def train(
     top_quality, _ = always_top(val_targets, val_costs)
     thresholds = mode_thresholds(curve, top_quality, config.quality_bands)
 
-    architecture: dict[str, int | str | float] = {
-        "backbone": config.backbone if config.student is None else f"student of {config.backbone}",
-        "layers": int(encoder_module.config.num_hidden_layers),
-        "hidden": int(encoder_module.config.hidden_size),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "pooling": "mean",
-    }
     manifest = ArtifactManifest(
         model_version=model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
         tiers=data.pool.tier_specs(),
