@@ -74,28 +74,32 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-def _jsonl_records(path: Path) -> Iterator[dict]:
-    """JSONL read line by line so that one bad line becomes one bad row, not a failed file."""
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Raw JSONL lines with their row names; parsed in the workers, where the cores are."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected an object, got {type(record).__name__}")
-            except UnicodeDecodeError as exc:
-                # Keep the row's id when the rest of the line parses, so the error row can be joined back.
-                try:
-                    salvaged = json.loads(raw.decode("utf-8", "replace"))
-                except ValueError:
-                    salvaged = None
-                record = dict(salvaged) if isinstance(salvaged, dict) else {}
-                record["__error__"] = f"line {number}: invalid UTF-8 at byte {exc.start}"
-            except ValueError as exc:
-                record = {"__error__": f"line {number}: {exc}"}
-            record.setdefault("__row__", f"{path.name}:{number}")
-            yield record
+            if raw.strip():
+                yield f"{path.name}:{number}", raw
+
+
+def parse_jsonl_line(row_name: str, raw: bytes) -> dict:
+    """One JSONL line as a record; a bad line becomes a record with an `__error__`, never an exception."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"expected an object, got {type(record).__name__}")
+    except UnicodeDecodeError as exc:
+        # Keep the row's id when the rest of the line parses, so the error row can be joined back.
+        try:
+            salvaged = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            salvaged = None
+        record = dict(salvaged) if isinstance(salvaged, dict) else {}
+        record["__error__"] = f"line {row_name.rsplit(':', 1)[-1]}: invalid UTF-8 at byte {exc.start}"
+    except ValueError as exc:
+        record = {"__error__": f"line {row_name.rsplit(':', 1)[-1]}: {exc}"}
+    record.setdefault("__row__", row_name)
+    return record
 
 
 def _arrow_records(path: Path, rows: int) -> Iterator[dict]:
@@ -112,11 +116,18 @@ def _arrow_records(path: Path, rows: int) -> Iterator[dict]:
             yield record
 
 
-def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[dict]]:
-    """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact)."""
-    pending: list[dict] = []
+RawRecord = dict | tuple[str, bytes]  # a parsed record (Parquet, CSV) or a raw JSONL line
+
+
+def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[RawRecord]]:
+    """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact).
+
+    JSONL lines stay raw bytes here: the job process only splits lines, and the workers parse.
+    """
+    pending: list[RawRecord] = []
     for path in files:
-        records = _jsonl_records(path) if path.suffix in (".jsonl", ".json") else _arrow_records(path, rows)
+        records: Iterator[RawRecord] = (_jsonl_lines(path) if path.suffix in (".jsonl", ".json")
+                                        else _arrow_records(path, rows))
         for record in records:
             pending.append(record)
             if len(pending) == rows:
@@ -172,7 +183,7 @@ def label_chunk(records: list[dict], options: LabelOptions) -> list[dict]:
         row: dict = {options.id_column: record.get(options.id_column, record["__row__"])}
         problem = prompt_errors.get(index) or (str(outcome) if isinstance(outcome, InvalidInputError) else None)
         if problem is None and not isinstance(outcome, InvalidInputError):
-            row.update(tier=outcome.tier, scores=json.dumps(outcome.scores), threshold=outcome.threshold,
+            row.update(tier=outcome.tier, scores=outcome.scores, threshold=outcome.threshold,
                        truncated=outcome.truncated, tokens=outcome.tokens, error=None)
         else:
             row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, error=problem)
@@ -191,15 +202,36 @@ def rows_to_table(rows: list[dict], keep_columns: Sequence[str], id_column: str)
                         ("threshold", pa.float64()), ("truncated", pa.bool_()), ("tokens", pa.int32()),
                         ("error", pa.string()), ("model_version", pa.string()), ("policy", pa.string())]
                        + [(c, pa.string()) for c in keep_columns])
-    normalised = [{**row, id_column: None if row[id_column] is None else str(row[id_column]),
-                   **{c: None if row.get(c) is None else str(row[c]) for c in keep_columns}} for row in rows]
+    normalised = [{**row, "scores": None if row["scores"] is None else json.dumps(row["scores"])}
+                  for row in _normalise(rows, keep_columns, id_column)]
     return pa.Table.from_pylist(normalised, schema=schema)
 
 
-def _write_part(rows: list[dict], path: Path, keep_columns: Sequence[str], id_column: str) -> None:
+def _normalise(rows: list[dict], keep_columns: Sequence[str], id_column: str) -> list[dict]:
+    """Ids and kept columns as strings: one output type per column, whatever the input held."""
+    return [{**row, id_column: None if row[id_column] is None else str(row[id_column]),
+             **{c: None if row.get(c) is None else str(row[c]) for c in keep_columns}} for row in rows]
+
+
+def label_part(chunk: list[RawRecord], options: LabelOptions, path: Path) -> LabelStats:
+    """Worker task: parse, label and write one part file (JSONL or Parquet, by `path`'s suffix).
+
+    The part is renamed into place only when complete, so after a kill it exists whole or not at all.
+    Only the counts travel back to the job process.
+    """
+    records = [parse_jsonl_line(*record) if isinstance(record, tuple) else record for record in chunk]
+    rows = label_chunk(records, options)
     temporary = path.with_suffix(".tmp")
-    pq.write_table(rows_to_table(rows, keep_columns, id_column), temporary)
-    os.replace(temporary, path)  # atomic: a part either exists whole or not at all
+    if path.suffix == ".jsonl":
+        lines = [json.dumps(row, ensure_ascii=False) + "\n"
+                 for row in _normalise(rows, options.keep_columns, options.id_column)]
+        temporary.write_text("".join(lines), encoding="utf-8")
+    else:
+        pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), temporary)
+    os.replace(temporary, path)
+    stats = LabelStats()
+    _count(rows, stats)
+    return stats
 
 
 def _fingerprint(files: Sequence[Path], options: LabelOptions) -> str:
@@ -211,8 +243,14 @@ def _fingerprint(files: Sequence[Path], options: LabelOptions) -> str:
 
 
 def _merge(parts: list[Path], output: Path) -> None:
+    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically."""
     temporary = output.with_name(output.name + ".tmp")
-    if output.suffix == ".parquet":
+    if output.suffix == ".jsonl" and all(part.suffix == ".jsonl" for part in parts):
+        with temporary.open("wb") as handle:
+            for part in parts:
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, handle)
+    elif output.suffix == ".parquet":
         writer = None
         for part in parts:
             table = pq.read_table(part)
@@ -263,7 +301,8 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
             return LabelStats()  # finished earlier: nothing to resume
         parts_dir.mkdir(parents=True)
         state_file.write_text(json.dumps({"fingerprint": fingerprint, "options": asdict(options)}))
-    done = {int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")}
+    part_suffix = ".jsonl" if output.suffix == ".jsonl" else ".parquet"
+    done = {int(p.stem.split("-")[1]) for p in parts_dir.glob(f"part-*{part_suffix}")}
     stats = LabelStats()
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
@@ -273,24 +312,26 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
         in_flight: dict[int, Future] = {}
 
         def collect(index: int) -> None:
-            rows = in_flight.pop(index).result()
-            _write_part(rows, parts_dir / f"part-{index:08d}.parquet", options.keep_columns, options.id_column)
-            _count(rows, stats)
-            bar.update(len(rows))
+            part = in_flight.pop(index).result()
+            stats.rows += part.rows
+            stats.errors += part.errors
+            for tier, count in part.tiers.items():
+                stats.tiers[tier] = stats.tiers.get(tier, 0) + count
+            bar.update(part.rows)
 
         for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
             if index in done:
                 stats.resumed_rows += len(chunk)
                 bar.update(len(chunk))
                 continue
-            in_flight[index] = pool.submit(label_chunk, chunk, options)
+            in_flight[index] = pool.submit(label_part, chunk, options, parts_dir / f"part-{index:08d}{part_suffix}")
             # At most two chunks per worker in flight: memory stays flat whatever the input size.
             while len(in_flight) >= 2 * workers:
                 collect(min(in_flight))
         while in_flight:
             collect(min(in_flight))
     bar.close()
-    parts = sorted(parts_dir.glob("part-*.parquet"))
+    parts = sorted(parts_dir.glob(f"part-*{part_suffix}"))
     _merge(parts, output)
     shutil.rmtree(parts_dir)
     return stats

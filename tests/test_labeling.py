@@ -105,11 +105,11 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, trained_artifac
     job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out.with_name(out.name + ".parts")
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 3:
+    while time.time() < deadline and len(list(parts.glob("part-*.jsonl"))) < 3:
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)  # the job and its workers, mid-run
     job.wait()
-    written = len(list(parts.glob("part-*.parquet")))
+    written = len(list(parts.glob("part-*.jsonl")))
     assert 3 <= written < 30 and not out.exists()
     with pytest.raises(LabelingError, match="--resume"):
         label_files([str(source)], out, options, progress=False)
