@@ -256,13 +256,15 @@ class RunningServer:
 
 
 async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:0", threads: int = 1,
-                       limits: ServerLimits | None = None, model: TierClassifier | None = None) -> RunningServer:
+                       limits: ServerLimits | None = None, model: TierClassifier | None = None,
+                       reuse_port: bool = False) -> RunningServer:
     """Load the model, then bind and start. A bad artifact raises here, before any port is opened.
 
     Args:
         model_dir: artifact directory (None = the shipped default model).
         address: host:port; port 0 picks a free one (see RunningServer.port).
         threads: ONNX Runtime threads for the model worker.
+        reuse_port: share the port with other server processes (SO_REUSEPORT; `--workers`).
     """
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
@@ -277,7 +279,8 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off unless asked: two servers started by mistake on one port must fail, not split traffic.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
     server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits)),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -297,9 +300,9 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
 
 
 async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
-                        grace: float = 10.0) -> None:
+                        grace: float = 10.0, reuse_port: bool = False) -> None:
     """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory."""
-    running = await start_server(model_dir, address, threads)
+    running = await start_server(model_dir, address, threads, reuse_port=reuse_port)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

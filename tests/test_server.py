@@ -291,3 +291,91 @@ def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -
         assert running.running.metrics.reloads.labels("refused")._value.get() == 1
     finally:
         running.stop()
+
+
+def _metric(port: int, name: str) -> float:
+    """Sum of a Prometheus counter's samples scraped from a worker's metrics endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    def workers() -> list[psutil.Process]:  # not the resource tracker that multiprocessing also starts
+        found = []
+        for child in psutil.Process(parent.pid).children():
+            try:
+                if "spawn_main" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:  # a killed worker not yet reaped (zombie) or already gone
+                continue
+        return found
+
+    port, metrics_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
+               "--workers", "2", "--metrics-port", str(metrics_port)]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+
+    def classify_over_new_connections(count: int) -> None:
+        for _ in range(count):  # one TCP connection each: the kernel spreads connections, not calls
+            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                reply = router_pb2_grpc.RouterStub(channel).Classify(
+                    router_pb2.ClassifyRequest(prompt="prove the theorem"), timeout=10, wait_for_ready=True)
+                assert reply.tier in {"small", "medium", "large"}
+
+    try:
+        _wait_serving(target)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # every worker serves once the kernel has spread connections
+            classify_over_new_connections(8)
+            served = [_metric(metrics_port + i, "promptier_requests_total") for i in (0, 1)]
+            if all(count > 0 for count in served):
+                break
+        assert all(count > 0 for count in served), served
+
+        os.kill(parent.pid, signal.SIGHUP)  # reload reaches every worker
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+                _metric(metrics_port + i, "promptier_model_reloads_total") >= 1 for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(_metric(metrics_port + i, "promptier_model_reloads_total") == 1 for i in (0, 1))
+
+        # A killed worker is replaced; the port keeps answering meanwhile.
+        victim = workers()[0]
+        victim.kill()
+        classify_over_new_connections(4)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            children = workers()
+            if len(children) == 2 and victim.pid not in {child.pid for child in children}:
+                break
+            time.sleep(0.2)
+        assert len(children) == 2 and victim.pid not in {child.pid for child in children}
+
+        parent.send_signal(signal.SIGTERM)  # drains every worker, then the parent exits cleanly
+        assert parent.wait(30) == 0
+        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> None:
+    import subprocess
+    import sys
+
+    (artifact_copy / "model.onnx").write_bytes(b"not onnx")
+    result = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(artifact_copy),
+                             "--port", "50999", "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "not a loadable ONNX model" in result.stderr

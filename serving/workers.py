@@ -1,0 +1,98 @@
+"""`promptier serve --workers N`: N server processes on one port (SO_REUSEPORT), one model each.
+
+One Python process is bound by its GIL to about one core of protocol work. With several processes
+the kernel spreads incoming connections over them, so a gateway with a few connections uses every
+core. The parent only supervises: it forwards SIGTERM/SIGINT (drain) and SIGHUP (reload) to every
+worker and restarts a worker that dies, logging it, so a crash costs capacity, never the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+log = logging.getLogger("promptier.serve")
+# A worker that dies sooner than this after its start counts as a failed start. After
+# MAX_FAILED_STARTS of them in a row the supervisor stops everything and exits non-zero: a restart
+# loop (port taken, broken environment) would only hide the reason.
+MIN_HEALTHY_SECONDS = 10.0
+MAX_FAILED_STARTS = 3
+
+
+def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: int | None) -> None:
+    import asyncio
+
+    from serving.logs import configure_json_logging
+    from serving.server import serve_forever
+
+    configure_json_logging()
+    # The parent handles Ctrl-C and forwards it as SIGTERM; a second copy would skip the drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True))
+
+
+def serve_workers(workers: int, model_dir: Path | None, address: str, threads: int,
+                  metrics_port: int | None) -> int:
+    """Run `workers` server processes on `address` until SIGTERM/SIGINT; returns the exit code.
+
+    Worker i serves Prometheus metrics on `metrics_port + i` (each process has its own counters).
+    """
+    context = multiprocessing.get_context("spawn")
+    processes: dict[int, tuple[BaseProcess, float]] = {}
+
+    def start(index: int) -> None:
+        port = None if metrics_port is None else metrics_port + index
+        process = context.Process(target=_worker, args=(model_dir, address, threads, port),
+                                  name=f"promptier-serve-{index}", daemon=False)
+        process.start()
+        processes[index] = (process, time.monotonic())
+        log.info(json.dumps({"event": "worker_started", "worker": index, "pid": process.pid}))
+
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for process, _ in processes.values():
+            if process.is_alive() and process.pid is not None:
+                _send(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for index in range(workers):
+        start(index)
+    exit_code = 0
+    failed_starts = dict.fromkeys(range(workers), 0)
+    while processes:
+        time.sleep(0.2)
+        for index, (process, started) in list(processes.items()):
+            if process.is_alive():
+                continue
+            del processes[index]
+            if stopping:
+                continue
+            quick = time.monotonic() - started < MIN_HEALTHY_SECONDS
+            failed_starts[index] = failed_starts[index] + 1 if quick else 0
+            log.error(json.dumps({"event": "worker_died", "worker": index, "exitcode": process.exitcode,
+                                  "failed_starts_in_a_row": failed_starts[index]}))
+            if failed_starts[index] >= MAX_FAILED_STARTS:
+                exit_code = 1
+                stopping = True
+                forward(signal.SIGTERM, None)  # it cannot stay up: stop all and say so
+                continue
+            time.sleep(0.5 * failed_starts[index])  # back off a worker that keeps dying young
+            start(index)
+    return exit_code
+
+
+def _send(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone; the supervision loop notices
+        os.kill(pid, signum)
