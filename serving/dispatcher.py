@@ -8,6 +8,7 @@ says, in x-promptier-* headers, which tier and upstream model served it and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_a
 from classifier.artifact import MODES
 from serving.client import AsyncRouterClient, Decision
 from serving.decision_log import DecisionLog
-from serving.dispatch_config import DispatcherConfig
+from serving.dispatch_config import ConfigError, DispatcherConfig
 
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
@@ -98,11 +99,19 @@ class Dispatcher:
         self.decisions.close()
 
     async def refresh_prices(self) -> None:
-        """Tier prices come from the classifier's Info; missing prices only leave cost estimates empty."""
+        """Tier prices come from the classifier's Info; missing prices only leave cost estimates empty.
+
+        Raises:
+            ConfigError: the classifier's tiers are not the config's (every request would fall back).
+        """
         try:
             info = await self.classifier.info()
         except grpc.RpcError:
-            return
+            return  # the classifier may start later; requests fall back (visibly) until it does
+        served = [tier.name for tier in info.tiers]
+        if served != self.tiers:
+            raise ConfigError(f"the classifier at {self.config.classifier.address} serves tiers {served}, "
+                              f"but the dispatcher config maps {self.tiers}; they must be the same, in order")
         self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in info.tiers}
 
     # ------------------------------------------------------------------ routing
@@ -285,7 +294,8 @@ def create_app(config: DispatcherConfig) -> FastAPI:
         prompt = "\n\n".join(content for _, content in messages)
         route = await dispatcher.route(messages, mode, pinned)
         if not dispatcher.prices:
-            await dispatcher.refresh_prices()
+            with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
+                await dispatcher.refresh_prices()
         try:
             upstream, tier = await dispatcher.open_upstream(route, body)
         except HTTPError as error:

@@ -320,3 +320,21 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     example = Path(__file__).resolve().parent.parent / "serving" / "dispatcher.example.yaml"
     config = load_dispatcher_config(example)
     assert config.tier_names == ["small", "medium", "large"] and config.fallback_tier == "large"
+
+
+def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[str, Upstream],
+                                                                    grpc_classifier: ServerThread,
+                                                                    tmp_path: Path) -> None:
+    from serving.dispatcher import Dispatcher as DispatcherCore
+
+    renamed = {"small": fresh["small"], "mid": fresh["medium"], "large": fresh["large"]}
+    core = DispatcherCore(_config(renamed, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+
+    async def start_and_close() -> None:
+        try:
+            await core.start()
+        finally:
+            await core.close()
+
+    with pytest.raises(ConfigError, match=r"serves tiers \['small', 'medium', 'large'\].*maps \['small', 'mid', "):
+        asyncio.run(start_and_close())
