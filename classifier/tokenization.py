@@ -148,7 +148,7 @@ class _AsciiFastPath:
     """
 
     _WORDS = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")  # BERT's words and ASCII punctuation marks
-    _CACHE_LIMIT = 200_000  # words; bounded memory whatever the traffic
+    _CACHE_LIMIT = 50_000  # words (~8 MB); bounded memory whatever the traffic
 
     def __init__(self, vocab: dict[str, int], unk_id: int, prefix: str, max_word_chars: int, lowercase: bool,
                  added: list[str]) -> None:

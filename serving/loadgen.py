@@ -41,13 +41,18 @@ def _wait_serving(target: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"server at {target} did not become SERVING")
 
 
+CONNECTIONS_PER_GENERATOR = 4
+
+
 async def _drive(target: str, prompts: list[str], concurrency: int, seconds: float, batch: int,
                  offset: int = 0) -> dict:
-    # Its own TCP connection (no shared subchannel pool), so that generator processes spread over
-    # the server's SO_REUSEPORT workers the way a gateway's connections do.
+    # Several TCP connections of its own (no shared subchannel pool), so that the load spreads over
+    # the server's SO_REUSEPORT workers the way a gateway's connection pool does.
     options = [("grpc.use_local_subchannel_pool", 1)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+    channels = [grpc.aio.insecure_channel(target, options=options)
+                for _ in range(min(concurrency, CONNECTIONS_PER_GENERATOR))]
+    try:
+        stubs = [router_pb2_grpc.RouterStub(channel) for channel in channels]
         latencies: list[float] = []
         errors = 0
         items = 0
@@ -55,6 +60,7 @@ async def _drive(target: str, prompts: list[str], concurrency: int, seconds: flo
 
         async def worker(start_index: int) -> None:
             nonlocal errors, items
+            stub = stubs[start_index % len(stubs)]
             i = start_index
             while time.perf_counter() < stop_at:
                 start = time.perf_counter()
@@ -71,13 +77,17 @@ async def _drive(target: str, prompts: list[str], concurrency: int, seconds: flo
                     errors += 1
                 i += concurrency * batch
 
-        # Warm-up, then the timed window.
-        await stub.Classify(router_pb2.ClassifyRequest(prompt=prompts[0]), timeout=5)
+        # Warm-up (every connection), then the timed window.
+        for stub in stubs:
+            await stub.Classify(router_pb2.ClassifyRequest(prompt=prompts[0]), timeout=5)
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
         await asyncio.gather(*(worker(offset + k) for k in range(concurrency)))
         elapsed = time.perf_counter() - began
         usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for channel in channels:
+            await channel.close()
     cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
     return {"latencies": latencies, "errors": errors, "items": items, "elapsed": elapsed, "cpu": cpu}
 
