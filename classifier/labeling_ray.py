@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from classifier.labeling import (
     LabelingError,
@@ -65,6 +66,9 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         else:
             ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     try:
+        # Keep input order so the output lines up with the input, as the local engine's does. Set
+        # before the datasets are created: a dataset keeps the context it was created with.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
         suffixes = {path.suffix for path in files}
         names = [str(path.resolve()) for path in files]
         if suffixes <= {".parquet"}:
@@ -75,8 +79,6 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
             dataset = ray.data.read_csv(names)
         else:
             raise LabelingError("the ray engine needs all inputs in one format")
-        # Keep input order so the merged output lines up with the input, as the local engine's does.
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
         # The local engine names rows without an id `file:row`; Ray has no row numbers, so require ids.
         if options.id_column not in dataset.schema().names:
             raise LabelingError(f"the ray engine needs an id column ({options.id_column!r}) in the input")
@@ -86,8 +88,12 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
                                       batch_format="pyarrow")
         staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=output.parent))
         try:
-            labeled.write_parquet(str(staging))
-            parts = sorted(staging.glob("*.parquet"))
+            # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file
+            # names do not sort in block order, and the output must line up with the input.
+            parts = []
+            for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
+                parts.append(staging / f"part-{number:08d}.parquet")
+                pq.write_table(table, parts[-1])
             _merge(parts, output)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -95,8 +101,6 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         if started_here:
             ray.shutdown()
     stats = LabelStats()
-    import pyarrow.parquet as pq
-
     if output.suffix == ".parquet":
         _count(pq.read_table(output).to_pylist(), stats)
     else:

@@ -126,15 +126,18 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     from classifier.labeling_ray import label_with_ray
 
-    rows = _rows(300)
+    rows = _rows(900)
     rows[7]["prompt"] = ""  # a bad row is reported the same way by both engines
-    source = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), source)
+    # Several files, the first much larger: Ray labels them in parallel, the small ones finish first,
+    # and the output must still keep the input order.
+    for part, (start, end) in enumerate([(0, 700), (700, 800), (800, 900)]):
+        pq.write_table(pa.Table.from_pylist(rows[start:end]), tmp_path / f"in-{part}.parquet")
+    source = tmp_path / "in-*.parquet"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=64, keep_columns=("team",))
     label_files([str(source)], tmp_path / "local.jsonl", options, workers=2, progress=False)
     stats = label_with_ray([str(source)], tmp_path / "ray.jsonl", options)
     local, ray_rows = _read(tmp_path / "local.jsonl"), _read(tmp_path / "ray.jsonl")
-    assert stats.rows == 300 and stats.errors == 1
+    assert stats.rows == 900 and stats.errors == 1
     assert [r["prompt_id"] for r in ray_rows] == [r["prompt_id"] for r in local]
     for a, b in zip(local, ray_rows, strict=True):
         assert a["tier"] == b["tier"] and a["error"] == b["error"] and a["team"] == b["team"]
