@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -135,29 +136,43 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list:
 
 
 class _AsciiFastPath:
-    """BERT tokenization of plain ASCII text in Python, with a cache of word pieces per word.
+    """BERT tokenization in Python, with a cache of word pieces per word, for text made of ASCII and
+    the common non-ASCII characters of Latin-1 and General Punctuation (curly quotes, dashes,
+    no-break spaces, accented letters).
 
-    For ASCII text BERT's pipeline is simple: the normalizer deletes control characters and
-    lowercases (accents and Chinese characters cannot occur), the pre-tokenizer splits on whitespace
-    and makes each punctuation mark its own word, and WordPiece splits each word greedily, longest
-    vocabulary piece first. Prompts repeat the same few thousand words, so with a word -> ids cache
-    this costs a regex pass and a dict lookup per word: about a quarter of the `tokenizers` call it
-    replaces, which is most of a prompt's classification time. Anything else (non-ASCII text,
-    text containing an added token such as "[CLS]", a tokenizer that is not BERT's) goes to
-    `tokenizers`. Tests compare both paths on random ASCII, control characters included.
+    For such text BERT's pipeline is simple: the normalizer deletes control characters, lowercases
+    and strips accents one character at a time, the pre-tokenizer splits on whitespace and makes each
+    punctuation mark its own word, and WordPiece splits each word greedily, longest vocabulary piece
+    first. What the normalizer and pre-tokenizer do to each of those characters is asked of the
+    tokenizer itself when the path is built, so `str.translate` and one regex reproduce them.
+    Prompts repeat the same few thousand words, so with a word -> ids cache this costs a regex pass and
+    a dict lookup per word: several times less than the `tokenizers` call it replaces, which is most
+    of a prompt's classification time. Anything else (other scripts, combining marks, text
+    containing an added token such as "[CLS]", a tokenizer that is not BERT's) goes to `tokenizers`.
+    Tests compare both paths on random text, control characters included.
     """
 
-    _WORDS = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")  # BERT's words and ASCII punctuation marks
     _CACHE_LIMIT = 50_000  # words (~8 MB); bounded memory whatever the traffic
+    # Non-ASCII characters the path may take, if the tokenizer's own answers for them are simple.
+    _CANDIDATES: ClassVar[list[str]] = [chr(code) for code in [*range(0xA0, 0x100), *range(0x2000, 0x2070),
+                                                              0x20AC, 0x2122]]
 
     def __init__(self, vocab: dict[str, int], unk_id: int, prefix: str, max_word_chars: int, lowercase: bool,
-                 added: list[str]) -> None:
+                 added: list[str], table: dict[int, str | None], word_chars: str, punctuation: str) -> None:
         self._vocab = vocab
         self._unk = [unk_id]
         self._prefix = prefix
         self._max_word_chars = max_word_chars
         self._lowercase = lowercase
         self._added = added
+        self._replacements = {chr(code): replacement or "" for code, replacement in table.items()}
+        # One regex pass finds the few characters to replace: str.translate with a dict walks every
+        # character of a non-ASCII string in Python-level lookups, 4x slower.
+        self._to_replace = re.compile("[" + "".join(re.escape(char) for char in self._replacements) + "]")
+        self._allowed = frozenset(chr(code) for code in range(128)) | frozenset(self._replacements)
+        word_class = "A-Za-z0-9" + "".join(re.escape(c) for c in word_chars)
+        punctuation_class = r"!-/:-@\[-`{-~" + "".join(re.escape(c) for c in punctuation)
+        self._words = re.compile(f"[{word_class}]+|[{punctuation_class}]")
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -173,20 +188,54 @@ class _AsciiFastPath:
         vocab = model["vocab"]
         if model.get("unk_token") not in vocab:
             return None
+        table, word_chars, punctuation = cls._character_table(tokenizer)
         return cls(vocab, vocab[model["unk_token"]], model.get("continuing_subword_prefix", "##"),
                    int(model.get("max_input_chars_per_word", 100)), bool(normalizer.get("lowercase", True)),
-                   [token["content"] for token in added])
+                   [token["content"] for token in added], table, word_chars, punctuation)
+
+    @classmethod
+    def _character_table(cls, tokenizer: Tokenizer) -> tuple[dict[int, str | None], str, str]:
+        """Ask the tokenizer what it does to each candidate character.
+
+        Returns the translate table (ASCII controls deleted, each accepted candidate replaced by its
+        normalized form) and the non-ASCII characters that end up inside words or as punctuation.
+        """
+        normalize, split = tokenizer.normalizer.normalize_str, tokenizer.pre_tokenizer.pre_tokenize_str
+        table: dict[int, str | None] = dict(_ASCII_CONTROLS)
+        classes: dict[str, str] = {}
+
+        def kind(char: str) -> str | None:
+            if char not in classes:
+                pieces = [piece for piece, _ in split(f"a{char}a")]
+                classes[char] = ("space" if pieces == ["a", "a"] else "punctuation" if pieces == ["a", char, "a"]
+                                 else "word" if pieces == [f"a{char}a"] else "other")
+            return classes[char]
+
+        for candidate in cls._CANDIDATES:
+            normalized = normalize(candidate)
+            kinds = {kind(char) for char in normalized if not char.isascii()}
+            if "other" in kinds:
+                continue  # not simple: leave texts with this character to the tokenizer
+            table[ord(candidate)] = "".join(" " if not c.isascii() and kind(c) == "space" else c for c in normalized)
+        word_chars = "".join(sorted(c for c, k in classes.items() if k == "word"))
+        punctuation = "".join(sorted(c for c, k in classes.items() if k == "punctuation"))
+        return table, word_chars, punctuation
 
     def applies(self, text: str) -> bool:
-        return text.isascii() and not any(token in text for token in self._added)
+        simple = text.isascii() or self._allowed.issuperset(text)
+        return simple and not any(token in text for token in self._added)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         cache = self._cache
         out = []
+        replacements = self._replacements
         for text in texts:
-            text = text.translate(_ASCII_CONTROLS)
+            if text.isascii():
+                text = text.translate(_ASCII_CONTROLS)
+            else:
+                text = self._to_replace.sub(lambda match: replacements[match.group()], text)
             ids: list[int] = []
-            for word in self._WORDS.findall(text.lower() if self._lowercase else text):
+            for word in self._words.findall(text.lower() if self._lowercase else text):
                 pieces = cache.get(word)
                 if pieces is None:
                     if len(cache) >= self._CACHE_LIMIT:

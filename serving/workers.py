@@ -28,6 +28,7 @@ MAX_FAILED_STARTS = 3
 
 def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: int | None) -> None:
     import asyncio
+    import threading
 
     from serving.logs import configure_json_logging
     from serving.server import serve_forever
@@ -35,7 +36,16 @@ def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: in
     configure_json_logging()
     # The parent handles Ctrl-C and forwards it as SIGTERM; a second copy would skip the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_drain_when_orphaned, args=(os.getppid(),), daemon=True).start()
     asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True))
+
+
+def _drain_when_orphaned(parent: int) -> None:
+    """A supervisor killed with SIGKILL cannot forward anything: drain rather than hold the port forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    log.error(json.dumps({"event": "supervisor_gone", "action": "draining"}))
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_workers(workers: int, model_dir: Path | None, address: str, threads: int,

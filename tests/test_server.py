@@ -368,7 +368,37 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
         assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     finally:
         if parent.poll() is None:
+            for child in workers():
+                child.kill()
             parent.kill()
+
+
+def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    port = _free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+                               "--port", str(port), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        children = psutil.Process(parent.pid).children()
+        parent.send_signal(signal.SIGKILL)  # no chance to forward anything
+        parent.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "workers outlived their supervisor and kept the port"
+    finally:
+        parent.kill()
+        for child in children:
+            if child.is_running():
+                child.kill()
 
 
 def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> None:

@@ -25,16 +25,23 @@ def _tokenizer_files(tiny_backbone: Path) -> list[Path]:
 
 
 def _random_texts(seed: int, count: int) -> list[str]:
+    from classifier.tokenization import _AsciiFastPath
+
     rng = random.Random(seed)
     every_ascii = [chr(code) for code in range(128)]
-    words = ["Prove", "the", "THEOREM", "refactor", "Python", "café", "naïve", "数学", "x²", "don't", "e.g."]
+    # The fast path's non-ASCII candidates, and characters that must send a text to `tokenizers`.
+    extended = every_ascii + _AsciiFastPath._CANDIDATES + ["数", "\u0301", "Σ", "ς", "😀", "\ufffd", "ﬁ"]
+    words = ["Prove", "the", "THEOREM", "refactor", "Python", "café", "naïve", "数学", "x²", "don't", "e.g.",
+             "“quoted”", "it’s", "—", "Résumé", "ÆSIR", "straße", "10°C", "½", "…"]
     texts = []
     for index in range(count):
-        if index % 3 == 0:  # any ASCII byte, control characters included
+        if index % 4 == 0:  # any ASCII byte, control characters included
             text = "".join(rng.choice(every_ascii) for _ in range(rng.randint(1, 300)))
-        elif index % 3 == 1:
+        elif index % 4 == 3:  # ASCII mixed with Latin-1, General Punctuation and a few other scripts
+            text = "".join(rng.choice(extended) for _ in range(rng.randint(1, 300)))
+        elif index % 4 == 1:
             text = "".join(rng.choice(string.printable) for _ in range(rng.randint(1, 300)))
-        else:  # words, some of them non-ASCII, which must take the tokenizer's own path
+        else:  # words, some of them outside the fast path
             text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
         if rng.random() < 0.1:
             text += rng.choice([" [CLS] x", " [SEP]", "[MASK]", " [cls]", "[PAD]"])
