@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from classifier.runtime import ClassificationResult
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 
 
@@ -32,15 +33,9 @@ def _options(attempts: int) -> list[tuple[str, object]]:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """A routing decision as returned by the server."""
+class Decision(ClassificationResult):
+    """A routing decision as returned by the server: the runtime's result plus the server's latency."""
 
-    tier: str
-    scores: dict[str, float]
-    threshold: float
-    truncated: bool
-    tokens: int
-    model_version: str
     server_latency_ms: float
 
     @classmethod
