@@ -25,12 +25,12 @@ def _tokenizer_files(tiny_backbone: Path) -> list[Path]:
 
 
 def _random_texts(seed: int, count: int) -> list[str]:
-    from classifier.tokenization import _AsciiFastPath
+    from classifier.tokenization import _WordPieceFastPath
 
     rng = random.Random(seed)
     every_ascii = [chr(code) for code in range(128)]
     # The fast path's non-ASCII candidates, and characters that must send a text to `tokenizers`.
-    extended = every_ascii + _AsciiFastPath._CANDIDATES + ["数", "\u0301", "Σ", "ς", "😀", "\ufffd", "ﬁ"]
+    extended = every_ascii + _WordPieceFastPath._CANDIDATES + ["数", "\u0301", "Σ", "ς", "😀", "\ufffd", "ﬁ"]
     words = ["Prove", "the", "THEOREM", "refactor", "Python", "café", "naïve", "数学", "x²", "don't", "e.g.",
              "“quoted”", "it’s", "—", "Résumé", "ÆSIR", "straße", "10°C", "½", "…"]
     texts = []
@@ -56,7 +56,7 @@ def test_fast_path_gives_the_tokenizer_ids(tiny_backbone: Path, seed: int) -> No
         reference.no_padding()
         reference.no_truncation()
         encoder = PromptEncoder.from_file(path, TRUNCATION)
-        assert encoder._ascii is not None, "a BERT tokenizer must get the fast path"
+        assert encoder._fast_path is not None, "a BERT tokenizer must get the fast path"
         # Plus words at and past WordPiece's 100-character limit, and pieces only "##" can match.
         texts = [*_random_texts(seed, 1500), "x" * 100, "x" * 101, "word " * 3 + "q" * 150, "ununbelievablyness"]
         expected = [encoding.ids for encoding in reference.encode_batch(texts, add_special_tokens=False)]
@@ -72,6 +72,6 @@ def test_other_normalizers_take_the_tokenizer_path(tiny_backbone: Path, tmp_path
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
     encoder = PromptEncoder.from_file(path, TRUNCATION)
-    assert encoder._ascii is None
+    assert encoder._fast_path is None
     assert encoder.token_ids(["Prove THE theorem"]) == [tokenizer.encode("Prove THE theorem",
                                                                           add_special_tokens=False).ids]
