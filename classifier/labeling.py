@@ -57,6 +57,13 @@ class LabelStats:
     resumed_rows: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
 
+    def add(self, other: LabelStats) -> None:
+        """Fold another part's counts into these."""
+        self.rows += other.rows
+        self.errors += other.errors
+        for tier, count in other.tiers.items():
+            self.tiers[tier] = self.tiers.get(tier, 0) + count
+
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     files: list[Path] = []
@@ -313,10 +320,7 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
 
         def collect(index: int) -> None:
             part = in_flight.pop(index).result()
-            stats.rows += part.rows
-            stats.errors += part.errors
-            for tier, count in part.tiers.items():
-                stats.tiers[tier] = stats.tiers.get(tier, 0) + count
+            stats.add(part)
             bar.update(part.rows)
 
         for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
