@@ -141,6 +141,8 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
     manifest = load_manifest(out)
     assert manifest.metrics["export_parity"]["tier_agreement"] >= 0.995
     assert manifest.metrics["test"] == load_manifest(trained_artifact).metrics["test"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"'quantization': '{manifest.architecture['quantization']}'" in card  # this export's, not the old one
     original, again = classifier.load(trained_artifact), classifier.load(out)
     for prompt in ("hello thanks say hi cat dog", "prove theorem derive integral eigenvalue lemma"):
         assert again.classify(prompt).tier == original.classify(prompt).tier

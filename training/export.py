@@ -208,10 +208,11 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         ExportParityError: no candidate clears the bars (nothing is written).
         ValueError: too few prompts, or a checkpoint that does not fit the artifact's architecture.
     """
-    from classifier.artifact import TOKENIZER_FILE, load_manifest
+    from classifier.artifact import MODEL_CARD_FILE, TOKENIZER_FILE, load_manifest
     from classifier.tokenization import PromptEncoder
     from training.config import TrainConfig
     from training.model import backbone_directory, build_model, load_encoder
+    from training.model_card import render_model_card
     from training.trainer import predict_logits, tokenize_all
 
     manifest = load_manifest(artifact)
@@ -230,12 +231,13 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         return predict_logits(model, tokenize_all(encoder, batch))
 
     copied = {name: (artifact / name).read_text(encoding="utf-8")
-              for name in ("seen_prompts.txt", "eval.json", "eval.md", "MODEL_CARD.md") if (artifact / name).is_file()}
+              for name in ("seen_prompts.txt", "eval.json", "eval.md") if (artifact / name).is_file()}
     manifest = manifest.model_copy(update={"architecture": {
         key: value for key, value in manifest.architecture.items() if key not in ("quantization", "parity_failures")}})
     written, report = write_artifact(model, manifest, artifact / TOKENIZER_FILE, texts, torch_logits, out_dir,
                                      quantize, extra_files=copied)
-    for name in ("eval.png",):
-        if (artifact / name).is_file():
-            shutil.copyfile(artifact / name, out_dir / name)
+    if (artifact / "eval.png").is_file():
+        shutil.copyfile(artifact / "eval.png", out_dir / "eval.png")
+    # Rendered anew, not copied: the card states the quantization and parity of this export.
+    (out_dir / MODEL_CARD_FILE).write_text(render_model_card(written, out_dir), encoding="utf-8")
     return written, report
