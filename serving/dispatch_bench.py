@@ -1,8 +1,9 @@
 """`promptier dispatch-bench`: latency the dispatcher adds over calling the upstream directly.
 
-Everything runs on loopback: a minimal OpenAI-compatible upstream that answers at once (so any
-difference is the dispatcher's), the gRPC classifier in its own process, and the dispatcher in its
-own process. Measures non-streaming latency and time to first streamed byte, p50/p99.
+Everything runs on loopback, each in its own process: a minimal OpenAI-compatible upstream that
+answers at once (so any difference is the dispatcher's), the gRPC classifier, and the dispatcher,
+first asking the gRPC classifier, then with the classifier embedded. Measures non-streaming latency
+and time to first streamed byte, p50/p99.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
@@ -63,66 +62,96 @@ def _measure(client: httpx.Client, url: str, body: dict, count: int, stream: boo
     return samples
 
 
+def _start_upstream(port: int) -> subprocess.Popen:
+    """The echo upstream in a process of its own, so that it does not share the client's interpreter."""
+    code = ("import uvicorn; from serving.dispatch_bench import echo_upstream; "
+            f"uvicorn.run(echo_upstream(), host='127.0.0.1', port={port}, log_level='error')")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer")
+
+
+def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
+    prompt = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
+              "with it. Give an example with two concurrent transactions.")
+    body = {"model": "promptier", "messages": [{"role": "user", "content": prompt}]}
+    direct_body = {**body, "model": "small-model"}
+    report: dict = {}
+    with httpx.Client(timeout=10) as client:
+        for stream in (False, True):
+            kind = "time_to_first_byte" if stream else "non_streaming"
+            _measure(client, f"{upstream_url}/chat/completions", direct_body, 50, stream)  # warm-up
+            _measure(client, f"{dispatcher_url}/chat/completions", body, 50, stream)
+            direct = _measure(client, f"{upstream_url}/chat/completions", direct_body, count, stream)
+            routed = _measure(client, f"{dispatcher_url}/chat/completions", body, count, stream)
+            report[kind] = {
+                "direct_p50_ms": float(np.percentile(direct, 50)),
+                "direct_p99_ms": float(np.percentile(direct, 99)),
+                "dispatcher_p50_ms": float(np.percentile(routed, 50)),
+                "dispatcher_p99_ms": float(np.percentile(routed, 99)),
+                "added_p50_ms": float(np.percentile(routed, 50) - np.percentile(direct, 50)),
+                "added_p99_ms": float(np.percentile(routed, 99) - np.percentile(direct, 99)),
+            }
+    return report
+
+
 def main(model: str | None, out: Path, count: int) -> dict:
-    upstream = uvicorn.Server(uvicorn.Config(echo_upstream(), host="127.0.0.1", port=0, log_level="error"))
-    threading.Thread(target=upstream.run, daemon=True).start()
-    while not upstream.started:
-        time.sleep(0.02)
-    upstream_url = f"http://127.0.0.1:{upstream.servers[0].sockets[0].getsockname()[1]}/v1"
-    grpc_port, http_port = _free_port(), _free_port()
+    """Measure the dispatcher with the gRPC classifier and with the classifier embedded in-process."""
+    upstream_port, grpc_port, http_port = _free_port(), _free_port(), _free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+    workdir = Path(tempfile.mkdtemp(prefix="promptier-dispatch-bench-"))
+    tiers = {name: {"base_url": upstream_url, "model": f"{name}-model"} for name in ("small", "medium", "large")}
+    classifiers = {
+        "grpc": {"address": f"127.0.0.1:{grpc_port}", "timeout_ms": 20},
+        "embedded": {"embedded": True, "timeout_ms": 20, **({"model": model} if model else {})},
+    }
     serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(grpc_port)]
     serve += ["--model", model] if model else []
-    workdir = Path(tempfile.mkdtemp(prefix="promptier-dispatch-bench-"))
-    config = workdir / "dispatcher.yaml"
-    tiers = {name: {"base_url": upstream_url, "model": f"{name}-model"} for name in ("small", "medium", "large")}
-    config.write_text(json.dumps({"classifier": {"address": f"127.0.0.1:{grpc_port}", "timeout_ms": 20},
-                                  "tiers": tiers, "fallback_tier": "large",
-                                  "decision_log": {"path": str(workdir / "decisions.jsonl")}}))
-    dispatch = [sys.executable, "-m", "training.cli", "dispatch", "--config", str(config), "--port", str(http_port)]
-    processes = [subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    processes = [_start_upstream(upstream_port),
+                 subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    report: dict = {"requests_per_measure": count}
     try:
         _wait_serving(f"127.0.0.1:{grpc_port}")
-        processes.append(subprocess.Popen(dispatch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        dispatcher_url = f"http://127.0.0.1:{http_port}/v1"
-        deadline = time.time() + 30
-        while time.time() < deadline:
+        for name, classifier in classifiers.items():
+            config = workdir / f"dispatcher-{name}.yaml"
+            config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
+                                          "decision_log": {"path": str(workdir / f"decisions-{name}.jsonl")}}))
+            dispatch = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                                         "--port", str(http_port)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
             try:
-                httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        prompt = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
-                  "with it. Give an example with two concurrent transactions.")
-        body = {"model": "promptier", "messages": [{"role": "user", "content": prompt}]}
-        direct_body = {**body, "model": "small-model"}
-        report: dict = {"requests_per_measure": count}
-        with httpx.Client(timeout=10) as client:
-            for stream in (False, True):
-                kind = "time_to_first_byte" if stream else "non_streaming"
-                _measure(client, f"{upstream_url}/chat/completions", direct_body, 50, stream)  # warm-up
-                _measure(client, f"{dispatcher_url}/chat/completions", body, 50, stream)
-                direct = _measure(client, f"{upstream_url}/chat/completions", direct_body, count, stream)
-                routed = _measure(client, f"{dispatcher_url}/chat/completions", body, count, stream)
-                report[kind] = {
-                    "direct_p50_ms": float(np.percentile(direct, 50)),
-                    "direct_p99_ms": float(np.percentile(direct, 99)),
-                    "dispatcher_p50_ms": float(np.percentile(routed, 50)),
-                    "dispatcher_p99_ms": float(np.percentile(routed, 99)),
-                    "added_p50_ms": float(np.percentile(routed, 50) - np.percentile(direct, 50)),
-                    "added_p99_ms": float(np.percentile(routed, 99) - np.percentile(direct, 99)),
-                }
+                _wait_http(f"http://127.0.0.1:{http_port}/health")
+                _wait_http(f"http://127.0.0.1:{upstream_port}/docs")
+                report[name] = _measure_pair(upstream_url, f"http://127.0.0.1:{http_port}/v1", count)
+                reasons = {json.loads(line)["reason"] for line in
+                           (workdir / f"decisions-{name}.jsonl").read_text().splitlines()}
+                if reasons != {"classified"}:  # a fallback would measure the wrong path
+                    raise RuntimeError(f"{name}: requests were not all classified: {sorted(reasons)}")
+            finally:
+                dispatch.terminate()
+                dispatch.wait(15)
     finally:
         for process in processes:
             process.terminate()
             process.wait(15)
-        upstream.should_exit = True
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| measure | direct p50 | via dispatcher p50 | added p50 | direct p99 | via dispatcher p99 | added p99 |")
-    print("|---|---|---|---|---|---|---|")
-    for kind in ("non_streaming", "time_to_first_byte"):
-        r = report[kind]
-        print(f"| {kind} | {r['direct_p50_ms']:.2f} ms | {r['dispatcher_p50_ms']:.2f} ms | "
-              f"{r['added_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | {r['dispatcher_p99_ms']:.2f} ms | "
-              f"{r['added_p99_ms']:.2f} ms |")
+    print("| classifier | measure | direct p50 | via dispatcher p50 | added p50 | direct p99 | via dispatcher p99 | "
+          "added p99 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in classifiers:
+        for kind in ("non_streaming", "time_to_first_byte"):
+            r = report[name][kind]
+            print(f"| {name} | {kind} | {r['direct_p50_ms']:.2f} ms | {r['dispatcher_p50_ms']:.2f} ms | "
+                  f"{r['added_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | {r['dispatcher_p99_ms']:.2f} ms | "
+                  f"{r['added_p99_ms']:.2f} ms |")
     print(f"\nwrote {out}")
     return report

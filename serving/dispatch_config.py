@@ -42,8 +42,19 @@ class Upstream(_Strict):
 
 
 class ClassifierEndpoint(_Strict):
+    """The gRPC service (default), or the runtime embedded in the dispatcher (`embedded: true`)."""
+
     address: str = "127.0.0.1:50051"
-    timeout_ms: float = Field(default=20.0, gt=0, description="deadline of one Classify call")
+    timeout_ms: float = Field(default=20.0, gt=0, description="deadline of one classification")
+    embedded: bool = Field(default=False, description="run the model inside the dispatcher: no network hop")
+    model: Path | None = Field(default=None, description="embedded only: artifact directory (default: shipped)")
+    threads: int = Field(default=1, ge=1, description="embedded only: ONNX Runtime threads")
+
+    @model_validator(mode="after")
+    def _embedded_fields(self) -> ClassifierEndpoint:
+        if not self.embedded and (self.model is not None or self.threads != 1):
+            raise ValueError("model and threads apply only with embedded: true (the gRPC service loads its own)")
+        return self
 
 
 class DecisionLogConfig(_Strict):

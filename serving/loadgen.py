@@ -1,6 +1,13 @@
-"""`promptier loadtest`: a real server process on loopback, driven by an asyncio gRPC load generator
-in another process. Reports p50/p99 and throughput per concurrency, and the generator's own CPU use
-(on a 2-core machine the generator competes with the server, so its cost is part of the picture)."""
+"""`promptier loadtest`: a real server process on loopback, driven by a load generator in other
+processes. Reports p50/p99 and throughput per concurrency, and the generator's own CPU use (on a
+2-core machine the generator competes with the server, so its cost is part of the picture).
+
+Two generators: `h2load` (nghttp2's HTTP/2 load tool, in C: it posts a gRPC-framed request and
+costs a few microseconds per call) and a Python asyncio gRPC client (about as costly per call as the
+server itself, so it understates what the server can do). h2load checks HTTP status only, so every
+h2load scenario is also checked against the server's own Prometheus counters: every call it sent
+must be counted there as OK.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,14 @@ import asyncio
 import json
 import multiprocessing
 import resource
+import shutil
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -25,6 +36,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait_serving(target: str, timeout: float = 60.0) -> None:
@@ -107,23 +123,83 @@ def _scenario(target: str, prompts: list[str], concurrency: int, batch: int, sec
                                       for k, share in enumerate(shares)])
     latencies = np.asarray([value for part in parts for value in part["latencies"]])
     elapsed = max(part["elapsed"] for part in parts)
-    return {"concurrency": concurrency, "batch": batch, "generator_processes": generators,
+    return {"concurrency": concurrency, "batch": batch, "generator": "python", "generator_processes": generators,
             "calls": int(latencies.size), "errors": sum(part["errors"] for part in parts),
             "prompts_per_s": sum(part["items"] for part in parts) / elapsed,
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
             "generator_cpu_cores": sum(part["cpu"] for part in parts) / elapsed}
 
 
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message (uncompressed), the body h2load posts."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def ok_calls(metrics_ports: list[int], rpc: str) -> tuple[int, int]:
+    """(OK, other) call counts of `rpc` summed over the servers' Prometheus endpoints."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ok = other = 0
+    for port in metrics_ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "promptier_requests_total" and sample.labels.get("rpc") == rpc:
+                    if sample.labels.get("code") == "OK":
+                        ok += int(sample.value)
+                    else:
+                        other += int(sample.value)
+    return ok, other
+
+
+def h2load_scenario(port: int, prompts: list[str], concurrency: int, batch: int, seconds: float,
+                    metrics_ports: list[int]) -> dict:
+    """One scenario driven by h2load: `concurrency` streams over min(concurrency, 8) connections."""
+    rpc = "Classify" if batch == 1 else "ClassifyBatch"
+    if batch == 1:
+        message = router_pb2.ClassifyRequest(prompt=prompts[0]).SerializeToString()
+    else:
+        message = router_pb2.ClassifyBatchRequest(
+            items=[router_pb2.ClassifyRequest(prompt=p) for p in prompts[:batch]]).SerializeToString()
+    connections = min(concurrency, 8)
+    with tempfile.TemporaryDirectory(prefix="promptier-h2load-") as workdir:
+        body, log = Path(workdir) / "request.bin", Path(workdir) / "calls.tsv"
+        body.write_bytes(grpc_frame(message))
+        command = ["h2load", "-c", str(connections), "-m", str(max(1, concurrency // connections)),
+                   "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                   f"http://127.0.0.1:{port}/promptier.v1.Router/{rpc}"]
+        subprocess.run([*command, "-D", "1"], check=True, capture_output=True)  # warm-up
+        ok_before, other_before = ok_calls(metrics_ports, rpc)
+        usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([*command, "-D", f"{round(seconds * 1000)}ms", f"--log-file={log}"], check=True,
+                       capture_output=True)
+        usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ok_after, other_after = ok_calls(metrics_ports, rpc)
+        rows = np.loadtxt(log, ndmin=2)
+    durations_ms = rows[:, 2] / 1000.0
+    span_s = (rows[:, 0].max() + rows[:, 2][rows[:, 0].argmax()] - rows[:, 0].min()) / 1e6
+    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    calls = int(rows.shape[0])
+    server_ok = ok_after - ok_before
+    return {"concurrency": concurrency, "batch": batch, "generator": "h2load", "connections": connections,
+            "calls": calls, "errors": int((rows[:, 1] != 200).sum()) + (other_after - other_before),
+            "server_counted_ok": server_ok, "prompts_per_s": calls * batch / span_s,
+            "p50_ms": float(np.percentile(durations_ms, 50)), "p99_ms": float(np.percentile(durations_ms, 99)),
+            "generator_cpu_cores": cpu / span_s}
+
+
 def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[int, int, int]], seconds: float,
-                 threads: int = 1, workers: int = 1) -> list[dict]:
+                 threads: int = 1, workers: int = 1, generator: str = "h2load") -> list[dict]:
     """Start `promptier serve` in a subprocess and run each (concurrency, batch, generator processes)
-    scenario against it; also report the server's own CPU use."""
+    scenario against it with `generator` (h2load or python); also report the server's own CPU use."""
     import psutil
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
+    while workers > 1 and any(_port_taken(metrics_port + i) for i in range(workers)):
+        metrics_port = _free_port()
     target = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "training.cli", "serve", "--port", str(port), "--threads", str(threads),
-               "--workers", str(workers)]
+               "--workers", str(workers), "--metrics-port", str(metrics_port)]
     if model:
         command += ["--model", model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -136,7 +212,11 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
             processes = [tree, *tree.children(recursive=True)]
             before = sum(sum(p.cpu_times()[:2]) for p in processes)
             began = time.perf_counter()
-            result = _scenario(target, prompts, concurrency, batch, seconds, generators)
+            if generator == "h2load":
+                result = h2load_scenario(port, prompts, concurrency, batch, seconds,
+                                         [metrics_port + i for i in range(workers)])
+            else:
+                result = _scenario(target, prompts, concurrency, batch, seconds, generators)
             spent = sum(sum(p.cpu_times()[:2]) for p in processes) - before
             result["server_cpu_cores"] = spent / (time.perf_counter() - began)
             results.append(result)
@@ -146,29 +226,84 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
         server.wait(15)
 
 
-def main(model: str | None, out: Path, seconds: float, workers: int = 2) -> dict:
+ECHO_SERVER = """
+import asyncio, sys, grpc
+from prometheus_client import start_http_server
+from serving.metrics import ServerMetrics
+from serving._proto.promptier.v1 import router_pb2
+metrics = ServerMetrics()
+reply = router_pb2.ClassifyResponse(tier="small").SerializeToString()
+async def classify(request, context):
+    metrics.requests.labels("Classify", "OK").inc()
+    return reply
+async def main():
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(classify, request_deserializer=bytes, response_serializer=bytes)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("promptier.v1.Router",
+                                                                         {"Classify": handler}),))
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    start_http_server(int(sys.argv[2]), addr="127.0.0.1", registry=metrics.registry)
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
+    """h2load against a Python gRPC server that answers Classify with a fixed reply and does no work:
+    what this machine's Python gRPC stack costs before any model runs."""
+    port, metrics_port = _free_port(), _free_port()
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(metrics_port)])
+    try:
+        deadline = time.time() + 30
+        while not _port_taken(port) or not _port_taken(metrics_port):
+            if time.time() > deadline:
+                raise TimeoutError("echo server did not start")
+            time.sleep(0.1)
+        return [h2load_scenario(port, prompts, concurrency, 1, seconds, [metrics_port]) for concurrency in (1, 32)]
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+def main(model: str | None, out: Path, seconds: float, workers: int = 2, generator: str = "auto") -> dict:
     import classifier
     from classifier.bench import make_prompts, throughput
 
+    if generator == "auto":
+        generator = "h2load" if shutil.which("h2load") else "python"
+    elif generator == "h2load" and not shutil.which("h2load"):
+        raise FileNotFoundError("h2load is not installed (Debian/Ubuntu: apt-get install nghttp2-client)")
     runtime = classifier.load(model)
     prompts = make_prompts(runtime, 128, None, 1024, seed=7)
     # The bare runtime's best figure on this machine is the yardstick: a process per core.
     bare = max(throughput(model, prompts, 1, 2, 64, seconds), throughput(model, prompts, 2, 1, 64, seconds))
     scenarios = [(1, 1, 1), (32, 1, 2), (128, 1, 2), (4, 64, 1)]
-    report: dict = {"model_version": runtime.model_version, "bare_runtime_prompts_per_s": bare, "servers": {}}
+    report: dict = {"model_version": runtime.model_version, "generator": generator,
+                    "bare_runtime_prompts_per_s": bare, "servers": {}}
     print(f"bare runtime (best of 1 process x 2 threads and 2 processes x 1 thread, batch 64, 128 tokens): "
-          f"{bare:,.0f} prompts/s\n")
-    print("| server processes | concurrency | prompts per call | generator processes | prompts/s | vs bare | "
-          "p50 ms | p99 ms | server CPU (cores) | generator CPU (cores) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{bare:,.0f} prompts/s; load generator: {generator}\n")
+    print("| server processes | concurrency | prompts per call | prompts/s | vs bare | p50 ms | p99 ms | "
+          "server CPU (cores) | generator CPU (cores) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def row(label: str, r: dict) -> None:
+        print(f"| {label} | {r['concurrency']} | {r['batch']} | {r['prompts_per_s']:,.0f} | "
+              f"{r['prompts_per_s'] / bare:.0%} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r.get('server_cpu_cores', float('nan')):.2f} | {r['generator_cpu_cores']:.2f} | {r['errors']} |")
+
     for server_workers in sorted({1, workers}):
-        results = run_loadtest(model, prompts, scenarios, seconds, workers=server_workers)
+        results = run_loadtest(model, prompts, scenarios, seconds, workers=server_workers, generator=generator)
         report["servers"][str(server_workers)] = results
         for r in results:
-            print(f"| {server_workers} | {r['concurrency']} | {r['batch']} | {r['generator_processes']} | "
-                  f"{r['prompts_per_s']:,.0f} | {r['prompts_per_s'] / bare:.0%} | {r['p50_ms']:.2f} | "
-                  f"{r['p99_ms']:.2f} | {r['server_cpu_cores']:.2f} | {r['generator_cpu_cores']:.2f} | "
-                  f"{r['errors']} |")
+            if generator == "h2load" and (r["errors"] or r["server_counted_ok"] < r["calls"]):
+                raise RuntimeError(f"h2load sent {r['calls']} calls but the server counted {r['server_counted_ok']} "
+                                   f"OK and {r['errors']} errors: the figures would not be of successful calls")
+            row(str(server_workers), r)
+    if generator == "h2load":
+        report["transport_floor"] = transport_floor(prompts, seconds)
+        for r in report["transport_floor"]:
+            row("1, no model (transport floor)", r)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")
     return report

@@ -16,7 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from classifier.errors import PromptierError
+from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app
 from serving.server import ServerLimits
 from tests.test_server import EASY, HARD, ServerThread
@@ -338,3 +339,65 @@ def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[
 
     with pytest.raises(ConfigError, match=r"serves tiers \['small', 'medium', 'large'\].*maps \['small', 'mid', "):
         asyncio.run(start_and_close())
+
+
+def test_decision_log_rotates_by_size_and_loses_no_line(tmp_path: Path) -> None:
+    from serving.decision_log import DecisionLog
+    from serving.dispatch_config import DecisionLogConfig
+
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(DecisionLogConfig(path=path, max_bytes=1024, backups=50))
+    for index in range(60):
+        log.write({"prompt_id": f"p{index}", "padding": "x" * 60})
+    log.close()
+    files = [path, *sorted(tmp_path.glob("decisions.jsonl.*"))]
+    assert len(files) > 3
+    assert all(file.stat().st_size <= 1024 for file in files)
+    ids = {json.loads(line)["prompt_id"] for file in files for line in file.read_text().splitlines()}
+    assert ids == {f"p{index}" for index in range(60)}
+    # Reopening an existing log keeps counting from its current size.
+    log = DecisionLog(DecisionLogConfig(path=path, max_bytes=1024, backups=50))
+    for index in range(20):
+        log.write({"prompt_id": f"q{index}", "padding": "x" * 60})
+    log.close()
+    assert all(file.stat().st_size <= 1024 for file in [path, *tmp_path.glob("decisions.jsonl.*")])
+
+
+def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    def embedded(timeout_ms: float) -> DispatcherConfig:
+        config = _config(fresh, "unused:1", tmp_path / "decisions.jsonl")
+        return config.model_copy(update={"classifier": ClassifierEndpoint(
+            embedded=True, model=trained_artifact, timeout_ms=timeout_ms)})
+
+    running = Dispatcher(embedded(500))
+    try:
+        client = running.client()
+        replies = [client.chat.completions.with_raw_response.create(
+            model="promptier", messages=[{"role": "user", "content": text}]) for text in (EASY, HARD)]
+        assert [r.headers["x-promptier-tier"] for r in replies] == ["small", "large"]
+        assert {r.headers["x-promptier-reason"] for r in replies} == {"classified"}
+        health = httpx.get(f"http://127.0.0.1:{running.port}/health").json()
+        assert health["classifier"] == "serving" and health["classifier_source"].startswith("embedded model")
+    finally:
+        running.stop()
+    running = Dispatcher(embedded(0.001))  # no model answers in 1 us: every request must fall back, visibly
+    try:
+        reply = running.client().chat.completions.with_raw_response.create(
+            model="promptier", messages=[{"role": "user", "content": EASY}])
+        assert reply.headers["x-promptier-reason"] == "fallback" and reply.headers["x-promptier-tier"] == "large"
+        metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
+        assert 'promptier_dispatch_classifier_fallbacks_total{cause="timeout"} 1.0' in metrics
+    finally:
+        running.stop()
+
+
+def test_embedded_classifier_config_and_bad_artifact(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only with embedded: true"):
+        ClassifierEndpoint(model=tmp_path)
+    config = DispatcherConfig.model_validate({
+        "classifier": {"embedded": True, "model": str(tmp_path / "missing")},
+        "tiers": {"small": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}, "fallback_tier": "small",
+        "decision_log": {"path": str(tmp_path / "d.jsonl")}})
+    with pytest.raises(PromptierError):  # refused before any port opens
+        create_app(config)

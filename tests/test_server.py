@@ -409,3 +409,30 @@ def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> N
     result = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(artifact_copy),
                              "--port", "50999", "--workers", "2"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "not a loadable ONNX model" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artifact: Path) -> None:
+    """The loadtest's h2load figures are of successful calls: the server's own counters must agree with
+    what h2load sent, and a scenario whose calls the server refuses is reported as errors."""
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port, _wait_serving, h2load_scenario
+
+    port, metrics_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
+               "--metrics-port", str(metrics_port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        good = h2load_scenario(port, [EASY, HARD], 4, 1, 1.0, [metrics_port])
+        assert good["calls"] > 0 and good["errors"] == 0
+        assert good["server_counted_ok"] >= good["calls"]  # every timed call was answered OK
+        assert good["p99_ms"] >= good["p50_ms"] > 0
+        # 300 items exceed the server's batch limit (256): HTTP 200 for h2load, INVALID_ARGUMENT for gRPC.
+        refused = h2load_scenario(port, [EASY] * 300, 1, 300, 1.0, [metrics_port])
+        assert refused["errors"] > 0 and refused["server_counted_ok"] == 0
+    finally:
+        server.terminate()
+        server.wait(15)

@@ -193,12 +193,18 @@ def loadtest(
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-serving.json"),
     seconds: Annotated[float, typer.Option(help="duration of each scenario")] = 8.0,
     workers: Annotated[int, typer.Option(min=1, help="also test a server with this many processes")] = 2,
+    generator: Annotated[str, typer.Option(help="auto (h2load if installed), h2load, or python")] = "auto",
 ) -> None:
     """Load-test a real `promptier serve` on loopback at concurrency 1, 32 and 128, with one server
     process and with `--workers`."""
     from serving.loadgen import main as run_loadtest
 
-    run_loadtest(str(model) if model else None, out, seconds, workers)
+    if generator not in ("auto", "h2load", "python"):
+        raise typer.BadParameter(f"--generator must be auto, h2load or python, not {generator!r}")
+    try:
+        run_loadtest(str(model) if model else None, out, seconds, workers, generator)
+    except FileNotFoundError as error:
+        _fail(error)
 
 
 @app.command()
