@@ -1,7 +1,7 @@
 """OpenAI-compatible dispatcher: classify each chat request over gRPC, forward it to its tier's upstream.
 
-`create_app(config)` builds the ASGI app (plain Starlette: FastAPI's per-request layers cost about
-0.5 ms here); `promptier dispatch --config dispatcher.yaml` serves it.
+`create_app(config)` builds the ASGI app (plain Starlette: FastAPI's per-request middleware layers
+showed in the dispatcher's profile); `promptier dispatch --config dispatcher.yaml` serves it.
 Request and response bodies pass through untouched except the request's model name. Every response
 says, in x-promptier-* headers, which tier and upstream model served it and why.
 """
