@@ -1,4 +1,5 @@
-"""OpenAI-compatible dispatcher: classify each chat request over gRPC, forward it to its tier's upstream.
+"""OpenAI-compatible dispatcher: classify each chat request (gRPC service or embedded runtime), forward it
+to its tier's upstream.
 
 `create_app(config)` builds the ASGI app (plain Starlette: FastAPI's per-request middleware layers
 showed in the dispatcher's profile); `promptier dispatch --config dispatcher.yaml` serves it.
