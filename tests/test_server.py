@@ -418,7 +418,7 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving, h2load_scenario
+    from serving.loadgen import _free_port, _wait_serving, h2load_scenario, require_all_ok
 
     port, metrics_port = _free_port(), _free_port()
     command = [sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
@@ -433,6 +433,9 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
         # 300 items exceed the server's batch limit (256): HTTP 200 for h2load, INVALID_ARGUMENT for gRPC.
         refused = h2load_scenario(port, [EASY] * 300, 1, 300, 1.0, [metrics_port])
         assert refused["errors"] > 0 and refused["server_counted_ok"] == 0
+        require_all_ok(good)
+        with pytest.raises(RuntimeError, match="would not be of successful calls"):
+            require_all_ok(refused)
     finally:
         server.terminate()
         server.wait(15)
