@@ -5,6 +5,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
+class BatcherMetrics:
+    """What the micro-batcher reports: queue depth and prompts per model call, under `prefix`."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.queue_depth = Gauge(f"{prefix}_queue_depth", "work items waiting for the model", registry=registry)
+        self.batch_size = Histogram(f"{prefix}_batch_size", "prompts per model call", registry=registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -20,6 +29,4 @@ class ServerMetrics:
                                    registry=self.registry)
         self.reloads = Counter("promptier_model_reloads", "model reloads by outcome", ["outcome"],
                                registry=self.registry)
-        self.queue_depth = Gauge("promptier_queue_depth", "work items waiting for the model", registry=self.registry)
-        self.batch_size = Histogram("promptier_batch_size", "prompts per model call", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batcher = BatcherMetrics(self.registry, "promptier")

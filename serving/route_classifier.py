@@ -20,7 +20,7 @@ from classifier import ClassificationResult, InvalidInputError, RoutingRequest, 
 from classifier.conversation import render_conversation
 from serving.batcher import Batcher, DeadlineExpiredError, QueueFullError
 from serving.client import AsyncRouterClient
-from serving.metrics import ServerMetrics
+from serving.metrics import BatcherMetrics
 
 
 class ClassifierUnavailable(Exception):
@@ -70,15 +70,18 @@ class EmbeddedRouteClassifier:
     """The runtime inside the dispatcher process. The model runs on its own worker thread (never on the
     event loop), with the same no-wait micro-batching as the gRPC server."""
 
-    def __init__(self, model: TierClassifier, timeout_s: float, max_queue: int = 1024) -> None:
+    def __init__(self, model: TierClassifier, timeout_s: float, metrics: BatcherMetrics,
+                 max_queue: int = 1024) -> None:
         self.model = model
         self._timeout_s = timeout_s
-        self._batcher = Batcher(lambda: self.model, ServerMetrics(), max_queue=max_queue)
+        self._batcher = Batcher(lambda: self.model, metrics, max_queue=max_queue)
 
     @classmethod
-    def load(cls, model_dir: Path | None, timeout_s: float, threads: int = 1) -> EmbeddedRouteClassifier:
-        """Load and validate the artifact (raises PromptierError on a bad one, before serving starts)."""
-        return cls(classifier.load(model_dir, threads), timeout_s)
+    def load(cls, model_dir: Path | None, timeout_s: float, metrics: BatcherMetrics,
+             threads: int = 1) -> EmbeddedRouteClassifier:
+        """Load and validate the artifact (raises PromptierError on a bad one, before serving starts).
+        `metrics` receives the embedded model's queue depth and batch sizes."""
+        return cls(classifier.load(model_dir, threads), timeout_s, metrics)
 
     def start(self) -> None:
         self._batcher.start()
@@ -87,9 +90,10 @@ class EmbeddedRouteClassifier:
         try:
             text = render_conversation(messages)
             request = RoutingRequest(mode=mode) if mode else None
-            # wait_for also bounds a model call already running, not only the wait in the queue.
-            (outcome,) = await asyncio.wait_for(self._batcher.submit([(text, request)], self._timeout_s),
-                                                self._timeout_s)
+            # The timeout also bounds a model call already running, not only the wait in the queue
+            # (asyncio.timeout, unlike wait_for, does not wrap the call in a task of its own).
+            async with asyncio.timeout(self._timeout_s):
+                (outcome,) = await self._batcher.submit([(text, request)], self._timeout_s)
         except InvalidInputError as error:
             raise ClassifierUnavailable("invalid_input") from error
         except (TimeoutError, DeadlineExpiredError) as error:

@@ -20,7 +20,7 @@ import classifier
 from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
 from classifier.conversation import render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.batcher import Batcher, DeadlineExpiredError, QueueFullError, monotonic_ms
+from serving.batcher import Batcher, BatcherStoppedError, DeadlineExpiredError, QueueFullError, monotonic_ms
 from serving.metrics import ServerMetrics
 
 log = logging.getLogger("promptier.server")
@@ -52,6 +52,8 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded: classification queue is full; retry later"
     if isinstance(error, DeadlineExpiredError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the model could run"
+    if isinstance(error, BatcherStoppedError):
+        return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another instance"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
@@ -275,7 +277,7 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         model = await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
     loaded: TierClassifier = model
     holder = ModelHolder(loaded, model_dir, threads)
-    batcher = Batcher(lambda: holder.model, metrics, max_queue=limits.max_queue, max_batch=limits.max_batch)
+    batcher = Batcher(lambda: holder.model, metrics.batcher, max_queue=limits.max_queue, max_batch=limits.max_batch)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),

@@ -379,6 +379,10 @@ def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(
         assert {r.headers["x-promptier-reason"] for r in replies} == {"classified"}
         health = httpx.get(f"http://127.0.0.1:{running.port}/health").json()
         assert health["classifier"] == "serving" and health["classifier_source"].startswith("embedded model")
+        # The embedded model's batcher reports on the dispatcher's own /metrics: two prompts, one model call each.
+        metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
+        assert "promptier_dispatch_classifier_batch_size_count 2.0" in metrics
+        assert "promptier_dispatch_classifier_queue_depth" in metrics
     finally:
         running.stop()
     running = Dispatcher(embedded(0.001))  # no model answers in 1 us: every request must fall back, visibly
