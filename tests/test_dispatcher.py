@@ -405,3 +405,17 @@ def test_embedded_classifier_config_and_bad_artifact(tmp_path: Path) -> None:
         "decision_log": {"path": str(tmp_path / "d.jsonl")}})
     with pytest.raises(PromptierError):  # refused before any port opens
         create_app(config)
+
+
+def test_decision_log_keeps_a_lone_surrogate_as_an_escape(tmp_path: Path) -> None:
+    from serving.decision_log import DecisionLog
+    from serving.dispatch_config import DecisionLogConfig
+
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(DecisionLogConfig(path=path))
+    log.write({"prompt_id": "a", "prompt": "caf\u00e9 \ud800 end"})  # a JSON body may carry "\ud800"
+    log.write({"prompt_id": "b", "prompt": "caf\u00e9"})
+    log.close()
+    lines = path.read_bytes().decode("utf-8").splitlines()  # the file stays valid UTF-8
+    assert [json.loads(line)["prompt"] for line in lines] == ["caf\u00e9 \ud800 end", "caf\u00e9"]
+    assert "café" in lines[1]  # non-ASCII text is written as is when it can be
