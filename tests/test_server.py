@@ -429,6 +429,7 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
         good = h2load_scenario(port, [EASY, HARD], 4, 1, 1.0, [metrics_port])
         assert good["calls"] > 0 and good["errors"] == 0
         assert good["server_counted_ok"] >= good["calls"]  # every timed call was answered OK
+        assert good["ok_calls_by_server_process"] == [good["server_counted_ok"]]
         assert good["p99_ms"] >= good["p50_ms"] > 0
         # 300 items exceed the server's batch limit (256): HTTP 200 for h2load, INVALID_ARGUMENT for gRPC.
         refused = h2load_scenario(port, [EASY] * 300, 1, 300, 1.0, [metrics_port])
