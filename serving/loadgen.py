@@ -7,11 +7,16 @@ costs a few microseconds per call) and a Python asyncio gRPC client (about as co
 server itself, so it understates what the server can do). h2load checks HTTP status only, so every
 h2load scenario is also checked against the server's own Prometheus counters: every call it sent
 must be counted there as OK.
+
+With h2load, two no-model servers are measured as well, with the same scenarios: a Python gRPC server
+(the floor of the stack `promptier serve` is built on) and a C++ one (`serving/native_floor.py`,
+skipped where g++ and libgrpc++ are not installed): what a compiled front end would cost per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import multiprocessing
 import resource
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -154,9 +160,15 @@ def ok_calls(metrics_ports: list[int], rpc: str) -> tuple[list[int], int]:
     return ok_by_server, other
 
 
+CallCounter = Callable[[str], tuple[list[int], int]]
+"""(OK calls per server process, other calls) of an RPC, as the server itself counted them."""
+
+
 def h2load_scenario(port: int, prompts: list[str], concurrency: int, batch: int, seconds: float,
-                    metrics_ports: list[int]) -> dict:
-    """One scenario driven by h2load: `concurrency` streams over min(concurrency, 8) connections."""
+                    metrics_ports: list[int], counter: CallCounter | None = None) -> dict:
+    """One scenario driven by h2load: `concurrency` streams over min(concurrency, 8) connections.
+    The server's own counts come from its Prometheus endpoints, or from `counter` if given."""
+    count = counter or (lambda rpc: ok_calls(metrics_ports, rpc))
     rpc = "Classify" if batch == 1 else "ClassifyBatch"
     if batch == 1:
         message = router_pb2.ClassifyRequest(prompt=prompts[0]).SerializeToString()
@@ -171,12 +183,12 @@ def h2load_scenario(port: int, prompts: list[str], concurrency: int, batch: int,
                    "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
                    f"http://127.0.0.1:{port}/promptier.v1.Router/{rpc}"]
         subprocess.run([*command, "-D", "1"], check=True, capture_output=True)  # warm-up
-        ok_before, other_before = ok_calls(metrics_ports, rpc)
+        ok_before, other_before = count(rpc)
         usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([*command, "-D", f"{round(seconds * 1000)}ms", f"--log-file={log}"], check=True,
                        capture_output=True)
         usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        ok_after, other_after = ok_calls(metrics_ports, rpc)
+        ok_after, other_after = count(rpc)
         rows = np.loadtxt(log, ndmin=2)
     durations_ms = rows[:, 2] / 1000.0
     span_s = ((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min()) / 1e6  # first start to last finish
@@ -268,6 +280,17 @@ asyncio.run(main())
 """
 
 
+def _with_server_cpu(pid: int, scenario: Callable[[], dict]) -> dict:
+    """Run a scenario and add the server process's CPU use over it (cores) to its result."""
+    import psutil
+
+    process = psutil.Process(pid)
+    before, began = sum(process.cpu_times()[:2]), time.perf_counter()
+    result = scenario()
+    result["server_cpu_cores"] = (sum(process.cpu_times()[:2]) - before) / (time.perf_counter() - began)
+    return result
+
+
 def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
     """h2load against a Python gRPC server that answers Classify with a fixed reply and does no work:
     what this machine's Python gRPC stack costs before any model runs."""
@@ -279,7 +302,31 @@ def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
             if time.time() > deadline:
                 raise TimeoutError("echo server did not start")
             time.sleep(0.1)
-        return [h2load_scenario(port, prompts, concurrency, 1, seconds, [metrics_port]) for concurrency in (1, 32)]
+        return [_with_server_cpu(server.pid, functools.partial(
+            h2load_scenario, port, prompts, concurrency, 1, seconds, [metrics_port])) for concurrency in (1, 32)]
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+def native_transport_floor(prompts: list[str], seconds: float) -> list[dict]:
+    """The same two scenarios against a C++ gRPC server that does no work (serving/native_floor.py).
+
+    Raises:
+        NativeBuildUnavailable: no compiler or gRPC C++ library here.
+    """
+    from serving.native_floor import answered_calls, build_echo_server, start_echo_server
+
+    binary = build_echo_server()
+    port = _free_port()
+    server = start_echo_server(binary, port)
+    try:
+        def counter(rpc: str) -> tuple[list[int], int]:
+            return [answered_calls(port)], 0
+
+        return [_with_server_cpu(server.pid, functools.partial(
+            h2load_scenario, port, prompts, concurrency, 1, seconds, [], counter=counter))
+            for concurrency in (1, 32)]
     finally:
         server.terminate()
         server.wait(15)
@@ -324,6 +371,16 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
         for r in report["transport_floor"]:
             require_all_ok(r)
             row("1, no model (transport floor)", r)
+        from serving.native_floor import NativeBuildUnavailable
+
+        try:
+            report["native_transport_floor"] = native_transport_floor(prompts, seconds)
+        except NativeBuildUnavailable as reason:
+            print(f"\n(C++ transport floor skipped: {reason})")
+        else:
+            for r in report["native_transport_floor"]:
+                require_all_ok(r)
+                row("1, no model, C++ gRPC (transport floor)", r)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")
     return report

@@ -440,3 +440,37 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
     finally:
         server.terminate()
         server.wait(15)
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Path) -> None:
+    from serving.loadgen import _free_port, h2load_scenario, require_all_ok
+    from serving.native_floor import NativeBuildUnavailable, answered_calls, build_echo_server, start_echo_server
+
+    try:
+        binary = build_echo_server(tmp_path / "cache")
+    except NativeBuildUnavailable as reason:
+        pytest.skip(str(reason))
+    assert build_echo_server(tmp_path / "cache") == binary  # cached by source hash: not rebuilt
+    port = _free_port()
+    server = start_echo_server(binary, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=5)
+        assert reply.tier == "small" and answered_calls(port) == 1
+
+        def counter(rpc: str) -> tuple[list[int], int]:
+            return [answered_calls(port)], 0
+
+        good = h2load_scenario(port, [EASY], 4, 1, 0.5, [], counter=counter)
+        assert good["calls"] > 0
+        require_all_ok(good)
+        # The echo server has no ClassifyBatch: HTTP 200 for h2load, UNIMPLEMENTED in gRPC, and its count
+        # of answered calls does not move, so the figure is refused.
+        refused = h2load_scenario(port, [EASY, HARD], 1, 2, 0.5, [], counter=counter)
+        assert refused["calls"] > 0 and refused["server_counted_ok"] == 0
+        with pytest.raises(RuntimeError, match="would not be of successful calls"):
+            require_all_ok(refused)
+    finally:
+        server.terminate()
+        server.wait(15)
