@@ -38,6 +38,7 @@ from serving.route_classifier import (
     GrpcRouteClassifier,
     RouteClassifier,
 )
+from serving.startup import freeze_startup_objects
 
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
@@ -387,5 +388,7 @@ def run(config: DispatcherConfig, host: str, port: int) -> None:
     import uvicorn
 
     # No access log (the decision log is the record) and no proxy-header rewriting: both cost per request.
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False,
+    app = create_app(config)
+    freeze_startup_objects()  # keeps full GC passes over start-up objects off the request path
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 proxy_headers=False, server_header=False)

@@ -22,6 +22,7 @@ from classifier.conversation import render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.batcher import Batcher, BatcherStoppedError, DeadlineExpiredError, QueueFullError, monotonic_ms
 from serving.metrics import ServerMetrics
+from serving.startup import freeze_startup_objects
 
 log = logging.getLogger("promptier.server")
 
@@ -305,6 +306,7 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
                         grace: float = 10.0, reuse_port: bool = False) -> None:
     """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory."""
     running = await start_server(model_dir, address, threads, reuse_port=reuse_port)
+    freeze_startup_objects()
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
