@@ -45,21 +45,32 @@ def echo_upstream() -> FastAPI:
     return app
 
 
-def _measure(client: httpx.Client, url: str, body: dict, count: int, stream: bool) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        if stream:
-            with client.stream("POST", url, json={**body, "stream": True}) as response:
-                chunks = response.iter_raw()
-                next(chunks)
-                samples.append((time.perf_counter() - start) * 1000)
-                for _ in chunks:
-                    pass
-        else:
-            client.post(url, json=body).raise_for_status()
-            samples.append((time.perf_counter() - start) * 1000)
-    return samples
+def _timed_request(client: httpx.Client, url: str, body: dict, stream: bool) -> float:
+    """Milliseconds to the whole response (non-streaming) or to the first streamed byte."""
+    start = time.perf_counter()
+    if stream:
+        with client.stream("POST", url, json={**body, "stream": True}) as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            elapsed = (time.perf_counter() - start) * 1000
+            for _ in chunks:
+                pass
+        return elapsed
+    client.post(url, json=body).raise_for_status()
+    return (time.perf_counter() - start) * 1000
+
+
+def _measure_interleaved(client: httpx.Client, direct: tuple[str, dict], routed: tuple[str, dict], count: int,
+                         stream: bool) -> tuple[list[float], list[float]]:
+    """Direct and routed requests in alternation (which goes first alternates too), so that a change in
+    the machine's load during the run shows in both series instead of in their difference."""
+    direct_ms: list[float] = []
+    routed_ms: list[float] = []
+    for index in range(count):
+        pair = [(direct, direct_ms), (routed, routed_ms)]
+        for (url, body), samples in (pair if index % 2 == 0 else pair[::-1]):
+            samples.append(_timed_request(client, url, body, stream))
+    return direct_ms, routed_ms
 
 
 def _start_upstream(port: int) -> subprocess.Popen:
@@ -89,10 +100,10 @@ def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
     with httpx.Client(timeout=10) as client:
         for stream in (False, True):
             kind = "time_to_first_byte" if stream else "non_streaming"
-            _measure(client, f"{upstream_url}/chat/completions", direct_body, 50, stream)  # warm-up
-            _measure(client, f"{dispatcher_url}/chat/completions", body, 50, stream)
-            direct = _measure(client, f"{upstream_url}/chat/completions", direct_body, count, stream)
-            routed = _measure(client, f"{dispatcher_url}/chat/completions", body, count, stream)
+            direct_target = (f"{upstream_url}/chat/completions", direct_body)
+            routed_target = (f"{dispatcher_url}/chat/completions", body)
+            _measure_interleaved(client, direct_target, routed_target, 50, stream)  # warm-up
+            direct, routed = _measure_interleaved(client, direct_target, routed_target, count, stream)
             report[kind] = {
                 "direct_p50_ms": float(np.percentile(direct, 50)),
                 "direct_p99_ms": float(np.percentile(direct, 99)),
