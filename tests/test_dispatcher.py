@@ -419,3 +419,23 @@ def test_decision_log_keeps_a_lone_surrogate_as_an_escape(tmp_path: Path) -> Non
     lines = path.read_bytes().decode("utf-8").splitlines()  # the file stays valid UTF-8
     assert [json.loads(line)["prompt"] for line in lines] == ["caf\u00e9 \ud800 end", "caf\u00e9"]
     assert "café" in lines[1]  # non-ASCII text is written as is when it can be
+
+
+def test_unexpected_error_is_a_json_500_and_the_dispatcher_keeps_serving(
+        dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import serving.dispatcher
+
+    def broken(raw: bytes) -> None:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(serving.dispatcher, "_parse_chat", broken)
+    body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
+    with caplog.at_level("ERROR", logger="promptier.dispatcher"):
+        reply = httpx.post(f"{dispatcher.base_url}/chat/completions", json=body)
+    assert reply.status_code == 500
+    assert reply.json()["error"]["type"] == "server_error"
+    assert "secret" not in reply.text  # nothing internal leaks to the caller
+    assert any("unhandled error" in record.getMessage() for record in caplog.records)  # but it is logged
+    monkeypatch.undo()
+    answer = dispatcher.client().chat.completions.create(model="promptier", messages=body["messages"])
+    assert answer.choices[0].message.content

@@ -488,3 +488,11 @@ def test_freeze_startup_objects_takes_them_out_of_collections() -> None:
         assert len(gc.get_objects(generation=2)) < frozen  # what a full collection still walks
     finally:
         gc.unfreeze()
+
+
+def test_native_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import serving.native_floor as native_floor
+
+    monkeypatch.setattr(native_floor.shutil, "which", lambda tool: None if tool == "grpc_cpp_plugin" else "/bin/x")
+    with pytest.raises(native_floor.NativeBuildUnavailable, match=r"missing grpc_cpp_plugin.*protobuf-compiler-grpc"):
+        native_floor.build_echo_server(tmp_path)
