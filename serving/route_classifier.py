@@ -49,7 +49,9 @@ class GrpcRouteClassifier:
         try:
             return await self._client.classify(messages=messages, mode=mode)
         except grpc.RpcError as error:
-            raise ClassifierUnavailable(error.code().name if isinstance(error, grpc.Call) else "error") from error
+            # grpc.aio's errors are not grpc.Call instances, but they do have code().
+            code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
+            raise ClassifierUnavailable(code.name if isinstance(code, grpc.StatusCode) else "error") from error
 
     async def tiers(self) -> list[TierPrice] | None:
         """The served tiers with prices, or None while the service cannot be reached."""

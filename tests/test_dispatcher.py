@@ -262,7 +262,7 @@ def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_
         assert time.perf_counter() - started < 3  # never hangs on the classifier
         assert second.headers["x-promptier-reason"] == "fallback" and second.headers["x-promptier-tier"] == "large"
         metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
-        assert "promptier_dispatch_classifier_fallbacks_total" in metrics
+        assert 'promptier_dispatch_classifier_fallbacks_total{cause="UNAVAILABLE"} 1.0' in metrics
         assert "unavailable" in httpx.get(f"http://127.0.0.1:{running.port}/health").json()["classifier"]
     finally:
         running.stop()
