@@ -6,11 +6,14 @@ with exponential backoff inside the call's deadline; every other status is retur
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from grpc.aio import Metadata
 
 from classifier.runtime import ClassificationResult
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
@@ -93,27 +96,142 @@ class RouterClient:
         self.close()
 
 
-class AsyncRouterClient:
-    """asyncio client; same surface as RouterClient."""
+@dataclass
+class _Waiting:
+    request: router_pb2.ClassifyRequest
+    deadline: float  # event-loop time
+    future: asyncio.Future[Decision]
 
-    def __init__(self, target: str, timeout: float = 0.05, attempts: int = 3) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_options(attempts))
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+class AsyncRouterClient:
+    """asyncio client; same surface as RouterClient.
+
+    With `coalesce=True`, calls made while `max_in_flight` RPCs are already out wait and then go
+    together as one ClassifyBatch (results and per-item errors are handed back to each caller, as if
+    each had made its own call); a call made while nothing waits goes out at once as a plain Classify.
+    There is no wait window: at concurrency 1 nothing changes, under load the server runs full
+    batches instead of queueing unary calls. `connections` opens that many HTTP/2 connections and
+    sends each RPC on the least busy one, so that a server with several SO_REUSEPORT processes gets
+    work on all of them (the kernel pins a connection to one process).
+    """
+
+    def __init__(self, target: str, timeout: float = 0.05, attempts: int = 3, *, coalesce: bool = False,
+                 max_in_flight: int = 4, max_batch: int = 64, connections: int = 1) -> None:
+        if connections < 1 or max_in_flight < 1 or max_batch < 1:
+            raise ValueError("connections, max_in_flight and max_batch must be at least 1")
+        # A local subchannel pool gives each channel its own connection (by default equal channels share one).
+        options = _options(attempts) + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
+        self._channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+        self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
+        self._busy = [0] * connections
+        self._stub = self._stubs[0]
         self.timeout = timeout
+        self._coalesce, self._max_in_flight, self._max_batch = coalesce, max_in_flight, max_batch
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._in_flight = 0
+        self._flush_scheduled = False
+        self._sending: set[asyncio.Task] = set()
 
     async def classify(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
                        timeout: float | None = None, **policy: object) -> Decision:
         request = build_request(prompt, messages, **policy)  # type: ignore[arg-type]
-        return Decision.from_proto(await self._stub.Classify(request, timeout=timeout or self.timeout))
+        limit = timeout or self.timeout
+        if not self._coalesce:
+            index = self._least_busy()
+            self._busy[index] += 1
+            try:
+                return Decision.from_proto(await self._stubs[index].Classify(request, timeout=limit))
+            finally:
+                self._busy[index] -= 1
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(request, loop.time() + limit, loop.create_future())
+        self._waiting.append(waiting)
+        if self._in_flight == 0:
+            self._flush()  # idle: send now, no event-loop turn in between
+        elif not self._flush_scheduled:
+            # Busy: let the calls made in this event-loop turn join the same batch.
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await waiting.future
+
+    def _least_busy(self) -> int:
+        return min(range(len(self._busy)), key=self._busy.__getitem__)
+
+    def _flush(self) -> None:
+        """Send what waits, in groups of up to max_batch, while fewer than max_in_flight RPCs are out."""
+        self._flush_scheduled = False
+        while self._waiting and self._in_flight < self._max_in_flight:
+            group: list[_Waiting] = []
+            while self._waiting and len(group) < self._max_batch:
+                waiting = self._waiting.popleft()
+                if not waiting.future.done():  # a cancelled caller is not sent
+                    group.append(waiting)
+            if not group:
+                break
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send(group))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, group: list[_Waiting]) -> None:
+        index = self._least_busy()
+        self._busy[index] += 1
+        try:
+            remaining = min(waiting.deadline for waiting in group) - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                _fail(group, grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
+                                                  "deadline expired before the call was sent"))
+                return
+            stub = self._stubs[index]
+            try:
+                if len(group) == 1:
+                    outcomes: list[Decision | grpc.RpcError] = [
+                        Decision.from_proto(await stub.Classify(group[0].request, timeout=remaining))]
+                else:
+                    batch = router_pb2.ClassifyBatchRequest(items=[waiting.request for waiting in group])
+                    response = await stub.ClassifyBatch(batch, timeout=remaining)
+                    outcomes = [_outcome(item) for item in response.items]
+            except grpc.RpcError as error:
+                _fail(group, error)
+                return
+            for waiting, outcome in zip(group, outcomes, strict=True):
+                if not waiting.future.done():
+                    if isinstance(outcome, Decision):
+                        waiting.future.set_result(outcome)
+                    else:
+                        waiting.future.set_exception(outcome)
+        except Exception as error:  # never leave a caller waiting forever
+            _fail(group, error)
+        finally:
+            self._busy[index] -= 1
+            self._in_flight -= 1
+            if self._waiting:
+                self._flush()
 
     async def info(self) -> router_pb2.InfoResponse:
         return await self._stub.Info(router_pb2.InfoRequest(), timeout=self.timeout * 10)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for task in list(self._sending):
+            task.cancel()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncRouterClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _outcome(item: router_pb2.ClassifyBatchItem) -> Decision | grpc.RpcError:
+    """One item of a ClassifyBatch answer as its caller would have got it from Classify."""
+    if item.HasField("result"):
+        return Decision.from_proto(item.result)
+    return grpc.aio.AioRpcError(grpc.StatusCode[item.error.code], Metadata(), Metadata(), item.error.message)
+
+
+def _fail(group: list[_Waiting], error: BaseException) -> None:
+    for waiting in group:
+        if not waiting.future.done():
+            waiting.future.set_exception(error)

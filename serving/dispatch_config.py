@@ -49,11 +49,17 @@ class ClassifierEndpoint(_Strict):
     embedded: bool = Field(default=False, description="run the model inside the dispatcher: no network hop")
     model: Path | None = Field(default=None, description="embedded only: artifact directory (default: shipped)")
     threads: int = Field(default=1, ge=1, description="embedded only: ONNX Runtime threads")
+    coalesce: bool = Field(default=True, description="gRPC only: concurrent requests share ClassifyBatch calls "
+                           "while earlier calls are in flight (no wait window; changes nothing at low load)")
+    connections: int = Field(default=2, ge=1, le=64, description="gRPC only: HTTP/2 connections to the service "
+                             "(one per `promptier serve --workers` process spreads the load over all of them)")
 
     @model_validator(mode="after")
     def _embedded_fields(self) -> ClassifierEndpoint:
         if not self.embedded and (self.model is not None or self.threads != 1):
             raise ValueError("model and threads apply only with embedded: true (the gRPC service loads its own)")
+        if self.embedded and {"coalesce", "connections"} & self.model_fields_set:
+            raise ValueError("coalesce and connections apply only to the gRPC service, not with embedded: true")
         return self
 
 

@@ -112,7 +112,8 @@ class Dispatcher:
             self.classifier = self.embedded
         else:
             # One attempt: the deadline is a few ms, and the fallback tier is the answer to a failure.
-            self.classifier = GrpcRouteClassifier(self.config.classifier.address, timeout)
+            self.classifier = GrpcRouteClassifier(self.config.classifier.address, timeout,
+                                                  self.config.classifier.coalesce, self.config.classifier.connections)
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
                                           skip_auto_headers=("User-Agent",))
         await self.refresh_prices()

@@ -41,9 +41,12 @@ class TierPrice:
 class GrpcRouteClassifier:
     """Asks `promptier serve` over gRPC, with one attempt per request (the fallback tier is the retry)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, coalesce: bool = True, connections: int = 2) -> None:
         self.address = address
-        self._client = AsyncRouterClient(address, timeout=timeout_s, attempts=1)
+        # Coalescing keeps the service batching under load: measured at 32 concurrent dispatcher requests,
+        # unary calls queued past the 20 ms deadline and a quarter of the requests fell back.
+        self._client = AsyncRouterClient(address, timeout=timeout_s, attempts=1, coalesce=coalesce,
+                                         connections=connections)
 
     async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None) -> ClassificationResult:
         try:

@@ -399,6 +399,8 @@ def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(
 def test_embedded_classifier_config_and_bad_artifact(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only with embedded: true"):
         ClassifierEndpoint(model=tmp_path)
+    with pytest.raises(ValueError, match="only to the gRPC service"):
+        ClassifierEndpoint(embedded=True, connections=4)
     config = DispatcherConfig.model_validate({
         "classifier": {"embedded": True, "model": str(tmp_path / "missing")},
         "tiers": {"small": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}, "fallback_tier": "small",

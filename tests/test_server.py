@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 import classifier
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.client import AsyncRouterClient, RouterClient
+from serving.client import AsyncRouterClient, Decision, RouterClient
 from serving.server import RunningServer, ServerLimits, start_server
 
 EASY = "hello thanks say hi cat dog"
@@ -180,6 +180,50 @@ def test_async_client(server: ServerThread) -> None:
             return [d.tier for d in decisions]
 
     assert asyncio.run(run()) == ["small"] * 20
+
+
+def test_async_client_coalesces_concurrent_calls_into_batches(server: ServerThread) -> None:
+    distinct = [EASY, HARD, "sort python list"]
+    prompts = distinct * 10 + [""]  # the empty prompt is invalid: only its caller gets the error
+    assert server.running is not None
+    requests = server.running.metrics.requests
+
+    def rpcs() -> tuple[float, float]:
+        return requests.labels("Classify", "OK")._value.get(), requests.labels("ClassifyBatch", "OK")._value.get()
+
+    async def run() -> tuple[dict, list, tuple, tuple, bool]:
+        async with AsyncRouterClient(server.target, timeout=5) as plain:
+            expected = {p: await plain.classify(p) for p in distinct}
+        before = rpcs()
+        async with AsyncRouterClient(server.target, timeout=5, coalesce=True, max_in_flight=1, max_batch=8,
+                                     connections=2) as client:
+            outcomes = await asyncio.gather(*(client.classify(p) for p in prompts), return_exceptions=True)
+            after = rpcs()
+            # A caller that gives up while waiting is dropped; the others are answered.
+            tasks = [asyncio.ensure_future(client.classify(p)) for p in distinct * 3]
+            await asyncio.sleep(0)
+            tasks[4].cancel()
+            rest = await asyncio.gather(*tasks, return_exceptions=True)
+            others_ok = all(isinstance(r, Decision) for i, r in enumerate(rest) if i != 4)
+            cancelled = isinstance(rest[4], asyncio.CancelledError)
+        return expected, outcomes, before, after, others_ok and cancelled
+
+    expected, outcomes, before, after, cancel_ok = asyncio.run(run())
+    for prompt, outcome in zip(prompts[:-1], outcomes[:-1], strict=True):
+        assert isinstance(outcome, Decision) and outcome.tier == expected[prompt].tier
+        # The same answer as a call of its own (a dynamic-int8 model's scores may move ~0.02 with batch neighbours).
+        assert outcome.scores == pytest.approx(expected[prompt].scores, abs=0.03)
+    assert isinstance(outcomes[-1], grpc.RpcError) and outcomes[-1].code() == grpc.StatusCode.INVALID_ARGUMENT
+    unary, batches = after[0] - before[0], after[1] - before[1]
+    assert batches >= 3 and unary + batches <= 6  # 31 calls in a handful of RPCs, not 31
+    assert cancel_ok
+
+    async def too_late() -> list:
+        async with AsyncRouterClient(server.target, timeout=1e-6, coalesce=True) as client:
+            return await asyncio.gather(*(client.classify(EASY) for _ in range(5)), return_exceptions=True)
+
+    late = asyncio.run(too_late())
+    assert all(isinstance(r, grpc.RpcError) and r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in late)
 
 
 def test_fuzz_then_still_serving(server: ServerThread, stub: router_pb2_grpc.RouterStub) -> None:
