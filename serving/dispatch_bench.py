@@ -2,13 +2,16 @@
 
 Everything runs on loopback, each in its own process: a minimal OpenAI-compatible upstream that
 answers at once (so any difference is the dispatcher's), the gRPC classifier, and the dispatcher,
-first asking the gRPC classifier, then with the classifier embedded. Measures non-streaming latency
-and time to first streamed byte, p50/p99.
+first asking the gRPC classifier (2 server processes), then with the classifier embedded. Measures
+non-streaming latency and time to first streamed byte, p50/p99, one request at a time; then, with
+h2load installed, throughput, latency and the share of requests that fell back under 8 and 32
+concurrent requests, also for the dispatcher without coalescing (one unary call per request).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from serving.loadgen import _free_port, _wait_serving
+
+LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
+               "with it. Give an example with two concurrent transactions.")
 
 
 def echo_upstream() -> FastAPI:
@@ -92,9 +98,7 @@ def _wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
-    prompt = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
-              "with it. Give an example with two concurrent transactions.")
-    body = {"model": "promptier", "messages": [{"role": "user", "content": prompt}]}
+    body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     direct_body = {**body, "model": "small-model"}
     report: dict = {}
     with httpx.Client(timeout=10) as client:
@@ -115,38 +119,91 @@ def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
     return report
 
 
-def main(model: str | None, out: Path, count: int) -> dict:
-    """Measure the dispatcher with the gRPC classifier and with the classifier embedded in-process."""
+def _reasons(metrics_url: str) -> dict[str, float]:
+    """Requests the dispatcher has answered so far, by routing reason."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
+        for sample in family.samples:
+            if sample.name == "promptier_dispatch_requests_total":
+                reason = sample.labels["reason"]
+                counts[reason] = counts.get(reason, 0.0) + sample.value
+    return counts
+
+
+def _load(dispatcher_url: str, body: dict, concurrency: int, seconds: float) -> dict:
+    """h2load (HTTP/1.1, one connection per concurrent client) against the dispatcher: throughput,
+    latency, and which share of the requests fell back instead of being classified."""
+    metrics_url = dispatcher_url.removesuffix("/v1") + "/metrics/"
+    with tempfile.TemporaryDirectory(prefix="promptier-dispatch-load-") as workdir:
+        request, log = Path(workdir) / "body.json", Path(workdir) / "calls.tsv"
+        request.write_text(json.dumps(body))
+        command = ["h2load", "--h1", "-c", str(concurrency), "-m", "1", "-d", str(request),
+                   "-H", "content-type: application/json", f"{dispatcher_url}/chat/completions"]
+        subprocess.run([*command, "-D", "1"], check=True, capture_output=True)  # warm-up
+        before = _reasons(metrics_url)
+        subprocess.run([*command, "-D", f"{round(seconds * 1000)}ms", f"--log-file={log}"], check=True,
+                       capture_output=True)
+        after = _reasons(metrics_url)
+        rows = np.loadtxt(log, ndmin=2)
+    durations_ms = rows[:, 2] / 1000.0
+    span_s = ((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min()) / 1e6
+    answered = {reason: after.get(reason, 0.0) - before.get(reason, 0.0) for reason in after}
+    total = sum(answered.values()) or 1.0
+    return {"concurrency": concurrency, "requests": int(rows.shape[0]), "requests_per_s": rows.shape[0] / span_s,
+            "p50_ms": float(np.percentile(durations_ms, 50)), "p99_ms": float(np.percentile(durations_ms, 99)),
+            "not_2xx": int(((rows[:, 1] < 200) | (rows[:, 1] >= 300)).sum()),
+            "fallback_share": answered.get("fallback", 0.0) / total}
+
+
+def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) -> dict:
+    """Measure the dispatcher with the gRPC classifier and with the classifier embedded in-process:
+    sequential added latency, then (with h2load installed) throughput and fallbacks under load."""
     upstream_port, grpc_port, http_port = _free_port(), _free_port(), _free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     workdir = Path(tempfile.mkdtemp(prefix="promptier-dispatch-bench-"))
     tiers = {name: {"base_url": upstream_url, "model": f"{name}-model"} for name in ("small", "medium", "large")}
+    address = f"127.0.0.1:{grpc_port}"
     classifiers = {
-        "grpc": {"address": f"127.0.0.1:{grpc_port}", "timeout_ms": 20},
+        "grpc": {"address": address, "timeout_ms": 20},
+        # The dispatcher before coalescing: one connection, one unary call per request.
+        "grpc, unary calls": {"address": address, "timeout_ms": 20, "coalesce": False, "connections": 1},
         "embedded": {"embedded": True, "timeout_ms": 20, **({"model": model} if model else {})},
     }
-    serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(grpc_port)]
+    sequential = ("grpc", "embedded")
+    load = shutil.which("h2load") is not None
+    serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(grpc_port), "--workers", "2"]
     serve += ["--model", model] if model else []
     processes = [_start_upstream(upstream_port),
                  subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    report: dict = {"requests_per_measure": count}
+    report: dict = {"requests_per_measure": count, "load": {}}
+    body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
-        _wait_serving(f"127.0.0.1:{grpc_port}")
+        _wait_serving(address)
+        time.sleep(2.0)  # health answers once the first of the two workers is up
         for name, classifier in classifiers.items():
-            config = workdir / f"dispatcher-{name}.yaml"
+            if name not in sequential and not load:
+                continue
+            config = workdir / f"dispatcher-{name.replace(' ', '_')}.yaml"
+            decisions = workdir / f"decisions-{name.replace(' ', '_')}.jsonl"
             config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
-                                          "decision_log": {"path": str(workdir / f"decisions-{name}.jsonl")}}))
+                                          "decision_log": {"path": str(decisions)}}))
             dispatch = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
                                          "--port", str(http_port)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
             try:
                 _wait_http(f"http://127.0.0.1:{http_port}/health")
                 _wait_http(f"http://127.0.0.1:{upstream_port}/docs")
-                report[name] = _measure_pair(upstream_url, f"http://127.0.0.1:{http_port}/v1", count)
-                reasons = {json.loads(line)["reason"] for line in
-                           (workdir / f"decisions-{name}.jsonl").read_text().splitlines()}
-                if reasons != {"classified"}:  # a fallback would measure the wrong path
-                    raise RuntimeError(f"{name}: requests were not all classified: {sorted(reasons)}")
+                dispatcher_url = f"http://127.0.0.1:{http_port}/v1"
+                if name in sequential:
+                    report[name] = _measure_pair(upstream_url, dispatcher_url, count)
+                    reasons = {json.loads(line)["reason"] for line in decisions.read_text().splitlines()}
+                    if reasons != {"classified"}:  # a fallback would measure the wrong path
+                        raise RuntimeError(f"{name}: requests were not all classified: {sorted(reasons)}")
+                if load:
+                    report["load"][name] = [_load(dispatcher_url, body, concurrency, load_seconds)
+                                            for concurrency in (8, 32)]
             finally:
                 dispatch.terminate()
                 dispatch.wait(15)
@@ -158,11 +215,21 @@ def main(model: str | None, out: Path, count: int) -> dict:
     print("| classifier | measure | direct p50 | via dispatcher p50 | added p50 | direct p99 | via dispatcher p99 | "
           "added p99 |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in classifiers:
+    for name in sequential:
         for kind in ("non_streaming", "time_to_first_byte"):
             r = report[name][kind]
             print(f"| {name} | {kind} | {r['direct_p50_ms']:.2f} ms | {r['dispatcher_p50_ms']:.2f} ms | "
                   f"{r['added_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | {r['dispatcher_p99_ms']:.2f} ms | "
                   f"{r['added_p99_ms']:.2f} ms |")
+    if load:
+        print("\nUnder load (h2load, HTTP/1.1, 6 s per row; the classifier service runs 2 processes):\n")
+        print("| classifier | concurrent requests | requests/s | p50 | p99 | fell back | not 2xx |")
+        print("|---|---|---|---|---|---|---|")
+        for name, rows in report["load"].items():
+            for r in rows:
+                print(f"| {name} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} ms | "
+                      f"{r['p99_ms']:.1f} ms | {r['fallback_share']:.1%} | {r['not_2xx']} |")
+    else:
+        print("\n(load rows skipped: h2load is not installed; Debian: apt-get install nghttp2-client)")
     print(f"\nwrote {out}")
     return report
