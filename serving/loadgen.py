@@ -114,6 +114,52 @@ async def _drive(target: str, prompts: list[str], concurrency: int, seconds: flo
     return {"latencies": latencies, "errors": errors, "items": items, "elapsed": elapsed, "cpu": cpu}
 
 
+async def _drive_coalescing_client(target: str, prompts: list[str], concurrency: int, seconds: float) -> dict:
+    """`concurrency` callers making unary classify calls through the official asyncio client with
+    coalescing on and one connection per server process: what a Python gateway using it gets."""
+    from serving.client import AsyncRouterClient
+
+    async with AsyncRouterClient(target, timeout=5, attempts=1, coalesce=True, connections=2) as client:
+        latencies: list[float] = []
+        errors = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def caller(index: int) -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    await client.classify(prompts[index % len(prompts)])
+                    latencies.append((time.perf_counter() - start) * 1000)
+                except grpc.RpcError:
+                    errors += 1
+                index += concurrency
+
+        await asyncio.gather(*(client.classify(prompts[0]) for _ in range(concurrency)))  # warm-up
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
+        began = time.perf_counter()
+        await asyncio.gather(*(caller(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - began
+        usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    return {"latencies": latencies, "errors": errors, "items": len(latencies), "elapsed": elapsed, "cpu": cpu}
+
+
+def _coalescing_client(args: tuple[str, list[str], int, float]) -> dict:
+    return asyncio.run(_drive_coalescing_client(*args))
+
+
+def coalescing_client_scenario(target: str, prompts: list[str], concurrency: int, seconds: float) -> dict:
+    """Unary calls at `concurrency` through AsyncRouterClient(coalesce=True), in a process of its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        part = pool.apply(_coalescing_client, ((target, prompts, concurrency, seconds),))
+    latencies = np.asarray(part["latencies"])
+    return {"concurrency": concurrency, "batch": 1, "generator": "python client, coalescing",
+            "calls": int(latencies.size), "errors": part["errors"], "prompts_per_s": part["items"] / part["elapsed"],
+            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+            "generator_cpu_cores": part["cpu"] / part["elapsed"]}
+
+
 def _generator(args: tuple[str, list[str], int, float, int, int]) -> dict:
     return asyncio.run(_drive(*args))
 
@@ -220,7 +266,8 @@ def _shares(counts: list[int] | None) -> str:
 
 
 def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[int, int, int]], seconds: float,
-                 threads: int = 1, workers: int = 1, generator: str = "h2load") -> list[dict]:
+                 threads: int = 1, workers: int = 1, generator: str = "h2load",
+                 coalescing_concurrency: tuple[int, ...] = ()) -> list[dict]:
     """Start `promptier serve` in a subprocess and run each (concurrency, batch, generator processes)
     scenario against it with `generator` (h2load or python); also report the server's own CPU use."""
     import psutil
@@ -248,6 +295,14 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
                                          [metrics_port + i for i in range(workers)])
             else:
                 result = _scenario(target, prompts, concurrency, batch, seconds, generators)
+            spent = sum(sum(p.cpu_times()[:2]) for p in processes) - before
+            result["server_cpu_cores"] = spent / (time.perf_counter() - began)
+            results.append(result)
+        for concurrency in coalescing_concurrency:
+            processes = [tree, *tree.children(recursive=True)]
+            before = sum(sum(p.cpu_times()[:2]) for p in processes)
+            began = time.perf_counter()
+            result = coalescing_client_scenario(target, prompts, concurrency, seconds)
             spent = sum(sum(p.cpu_times()[:2]) for p in processes) - before
             result["server_cpu_cores"] = spent / (time.perf_counter() - began)
             results.append(result)
@@ -360,12 +415,16 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
               f"{_shares(r.get('ok_calls_by_server_process'))} |")
 
     for server_workers in sorted({1, workers}):
-        results = run_loadtest(model, prompts, scenarios, seconds, workers=server_workers, generator=generator)
+        results = run_loadtest(model, prompts, scenarios, seconds, workers=server_workers, generator=generator,
+                               coalescing_concurrency=(32,) if server_workers > 1 else ())
         report["servers"][str(server_workers)] = results
         for r in results:
-            if generator == "h2load":
+            if r["generator"] == "h2load":
                 require_all_ok(r)
-            row(str(server_workers), r)
+            elif "coalescing" in r["generator"] and r["errors"]:
+                raise RuntimeError(f"{r['errors']} calls failed in the {r['generator']} scenario")
+            label = str(server_workers) + (", via the coalescing client" if "coalescing" in r["generator"] else "")
+            row(label, r)
     if generator == "h2load":
         report["transport_floor"] = transport_floor(prompts, seconds)
         for r in report["transport_floor"]:
