@@ -161,8 +161,12 @@ class AsyncRouterClient:
         """Send what waits, in groups of up to max_batch, while fewer than max_in_flight RPCs are out."""
         self._flush_scheduled = False
         while self._waiting and self._in_flight < self._max_in_flight:
+            # Split what waits over the connections: one big batch on one server process and crumbs on
+            # the other would keep the second process idle (measured: 31 of 32 callers in one batch).
+            parts = max(1, min(self._max_in_flight - self._in_flight, len(self._stubs)))
+            size = min(self._max_batch, -(-len(self._waiting) // parts))
             group: list[_Waiting] = []
-            while self._waiting and len(group) < self._max_batch:
+            while self._waiting and len(group) < size:
                 waiting = self._waiting.popleft()
                 if not waiting.future.done():  # a cancelled caller is not sent
                     group.append(waiting)
@@ -174,8 +178,8 @@ class AsyncRouterClient:
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, group: list[_Waiting]) -> None:
-        index = self._least_busy()
-        self._busy[index] += 1
+        index = self._least_busy()  # by prompts in flight on each connection
+        self._busy[index] += len(group)
         try:
             remaining = min(waiting.deadline for waiting in group) - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -203,7 +207,7 @@ class AsyncRouterClient:
         except Exception as error:  # never leave a caller waiting forever
             _fail(group, error)
         finally:
-            self._busy[index] -= 1
+            self._busy[index] -= len(group)
             self._in_flight -= 1
             if self._waiting:
                 self._flush()
