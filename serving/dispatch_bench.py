@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from serving.loadgen import _free_port, _wait_serving
+from serving.loadgen import _free_port, _wait_serving, h2load_log
 
 LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
                "with it. Give an example with two concurrent transactions.")
@@ -146,14 +146,12 @@ def _load(dispatcher_url: str, body: dict, concurrency: int, seconds: float) -> 
         subprocess.run([*command, "-D", f"{round(seconds * 1000)}ms", f"--log-file={log}"], check=True,
                        capture_output=True)
         after = _reasons(metrics_url)
-        rows = np.loadtxt(log, ndmin=2)
-    durations_ms = rows[:, 2] / 1000.0
-    span_s = ((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min()) / 1e6
+        timings = h2load_log(log)
     answered = {reason: after.get(reason, 0.0) - before.get(reason, 0.0) for reason in after}
     total = sum(answered.values()) or 1.0
-    return {"concurrency": concurrency, "requests": int(rows.shape[0]), "requests_per_s": rows.shape[0] / span_s,
-            "p50_ms": float(np.percentile(durations_ms, 50)), "p99_ms": float(np.percentile(durations_ms, 99)),
-            "not_2xx": int(((rows[:, 1] < 200) | (rows[:, 1] >= 300)).sum()),
+    return {"concurrency": concurrency, "requests": timings["calls"],
+            "requests_per_s": timings["calls"] / timings["span_s"], "p50_ms": timings["p50_ms"],
+            "p99_ms": timings["p99_ms"], "not_2xx": timings["not_200"],
             "fallback_share": answered.get("fallback", 0.0) / total}
 
 
@@ -222,7 +220,8 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
                   f"{r['added_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | {r['dispatcher_p99_ms']:.2f} ms | "
                   f"{r['added_p99_ms']:.2f} ms |")
     if load:
-        print("\nUnder load (h2load, HTTP/1.1, 6 s per row; the classifier service runs 2 processes):\n")
+        print(f"\nUnder load (h2load, HTTP/1.1, {load_seconds:g} s per row; the classifier service runs 2 "
+              "processes):\n")
         print("| classifier | concurrent requests | requests/s | p50 | p99 | fell back | not 2xx |")
         print("|---|---|---|---|---|---|---|")
         for name, rows in report["load"].items():

@@ -206,6 +206,16 @@ def ok_calls(metrics_ports: list[int], rpc: str) -> tuple[list[int], int]:
     return ok_by_server, other
 
 
+def h2load_log(path: Path) -> dict:
+    """Calls, span (first start to last finish), p50/p99 and non-200 count from h2load's --log-file
+    (one row per request: start time in us, HTTP status, duration in us)."""
+    rows = np.loadtxt(path, ndmin=2)
+    durations_ms = rows[:, 2] / 1000.0
+    return {"calls": int(rows.shape[0]), "span_s": float(((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min()) / 1e6),
+            "p50_ms": float(np.percentile(durations_ms, 50)), "p99_ms": float(np.percentile(durations_ms, 99)),
+            "not_200": int((rows[:, 1] != 200).sum())}
+
+
 CallCounter = Callable[[str], tuple[list[int], int]]
 """(OK calls per server process, other calls) of an RPC, as the server itself counted them."""
 
@@ -235,20 +245,17 @@ def h2load_scenario(port: int, prompts: list[str], concurrency: int, batch: int,
                        capture_output=True)
         usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         ok_after, other_after = count(rpc)
-        rows = np.loadtxt(log, ndmin=2)
-    durations_ms = rows[:, 2] / 1000.0
-    span_s = ((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min()) / 1e6  # first start to last finish
+        timings = h2load_log(log)
+    span_s, calls = timings["span_s"], timings["calls"]
     cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
-    calls = int(rows.shape[0])
     # Per server process: with SO_REUSEPORT the kernel pins each connection to one process, so a
     # lopsided split (say 3 of 4 connections on one process) shows here and explains a low figure.
     ok_by_server = [after - before for before, after in zip(ok_before, ok_after, strict=True)]
     return {"concurrency": concurrency, "batch": batch, "generator": "h2load", "connections": connections,
-            "calls": calls, "errors": int((rows[:, 1] != 200).sum()) + (other_after - other_before),
+            "calls": calls, "errors": timings["not_200"] + (other_after - other_before),
             "server_counted_ok": sum(ok_by_server), "ok_calls_by_server_process": ok_by_server,
             "prompts_per_s": calls * batch / span_s,
-            "p50_ms": float(np.percentile(durations_ms, 50)), "p99_ms": float(np.percentile(durations_ms, 99)),
-            "generator_cpu_cores": cpu / span_s}
+            "p50_ms": timings["p50_ms"], "p99_ms": timings["p99_ms"], "generator_cpu_cores": cpu / span_s}
 
 
 def require_all_ok(result: dict) -> None:
