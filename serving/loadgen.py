@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -66,6 +66,47 @@ def _wait_serving(target: str, timeout: float = 60.0) -> None:
 CONNECTIONS_PER_GENERATOR = 4
 
 
+async def _closed_loop(call: Callable[[int], Awaitable[int]], concurrency: int, seconds: float,
+                       offset: int = 0) -> dict:
+    """`concurrency` callers, each making one call after another for `seconds` (caller k starts at
+    index offset + k and steps by `concurrency`); `call(index)` returns the prompts it carried."""
+    latencies: list[float] = []
+    errors = 0
+    items = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def caller(index: int) -> None:
+        nonlocal errors, items
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                carried = await call(index)  # not `items += await ...`: that reads items before the await
+                items += carried
+                latencies.append((time.perf_counter() - start) * 1000)
+            except grpc.RpcError:
+                errors += 1
+            index += concurrency
+
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    began = time.perf_counter()
+    await asyncio.gather(*(caller(offset + k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    return {"latencies": latencies, "errors": errors, "items": items, "elapsed": elapsed, "cpu": cpu}
+
+
+def _summary(parts: list[dict], concurrency: int, batch: int, generator: str) -> dict:
+    """One scenario's figures from the parts its generator processes returned."""
+    latencies = np.asarray([value for part in parts for value in part["latencies"]])
+    elapsed = max(part["elapsed"] for part in parts)
+    return {"concurrency": concurrency, "batch": batch, "generator": generator, "generator_processes": len(parts),
+            "calls": int(latencies.size), "errors": sum(part["errors"] for part in parts),
+            "prompts_per_s": sum(part["items"] for part in parts) / elapsed,
+            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+            "generator_cpu_cores": sum(part["cpu"] for part in parts) / elapsed}
+
+
 async def _drive(target: str, prompts: list[str], concurrency: int, seconds: float, batch: int,
                  offset: int = 0) -> dict:
     # Several TCP connections of its own (no shared subchannel pool), so that the load spreads over
@@ -75,43 +116,25 @@ async def _drive(target: str, prompts: list[str], concurrency: int, seconds: flo
                 for _ in range(min(concurrency, CONNECTIONS_PER_GENERATOR))]
     try:
         stubs = [router_pb2_grpc.RouterStub(channel) for channel in channels]
-        latencies: list[float] = []
-        errors = 0
-        items = 0
-        stop_at = time.perf_counter() + seconds
 
-        async def worker(start_index: int) -> None:
-            nonlocal errors, items
-            stub = stubs[start_index % len(stubs)]
-            i = start_index
-            while time.perf_counter() < stop_at:
-                start = time.perf_counter()
-                try:
-                    if batch == 1:
-                        await stub.Classify(router_pb2.ClassifyRequest(prompt=prompts[i % len(prompts)]), timeout=5)
-                    else:
-                        chunk = [router_pb2.ClassifyRequest(prompt=prompts[(i + k) % len(prompts)])
-                                 for k in range(batch)]
-                        await stub.ClassifyBatch(router_pb2.ClassifyBatchRequest(items=chunk), timeout=5)
-                    latencies.append((time.perf_counter() - start) * 1000)
-                    items += batch
-                except grpc.RpcError:
-                    errors += 1
-                i += concurrency * batch
+        async def call(index: int) -> int:
+            start, rounds = offset + (index - offset) % concurrency, (index - offset) // concurrency
+            stub = stubs[start % len(stubs)]  # each caller keeps its connection
+            first = start + rounds * concurrency * batch  # steps of concurrency * batch keep callers apart
+            if batch == 1:
+                await stub.Classify(router_pb2.ClassifyRequest(prompt=prompts[first % len(prompts)]), timeout=5)
+            else:
+                chunk = [router_pb2.ClassifyRequest(prompt=prompts[(first + k) % len(prompts)]) for k in range(batch)]
+                await stub.ClassifyBatch(router_pb2.ClassifyBatchRequest(items=chunk), timeout=5)
+            return batch
 
         # Warm-up (every connection), then the timed window.
         for stub in stubs:
             await stub.Classify(router_pb2.ClassifyRequest(prompt=prompts[0]), timeout=5)
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(offset + k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - began
-        usage_after = resource.getrusage(resource.RUSAGE_SELF)
+        return await _closed_loop(call, concurrency, seconds, offset)
     finally:
         for channel in channels:
             await channel.close()
-    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
-    return {"latencies": latencies, "errors": errors, "items": items, "elapsed": elapsed, "cpu": cpu}
 
 
 async def _drive_coalescing_client(target: str, prompts: list[str], concurrency: int, seconds: float) -> dict:
@@ -120,29 +143,12 @@ async def _drive_coalescing_client(target: str, prompts: list[str], concurrency:
     from serving.client import AsyncRouterClient
 
     async with AsyncRouterClient(target, timeout=5, attempts=1, coalesce=True, connections=2) as client:
-        latencies: list[float] = []
-        errors = 0
-        stop_at = time.perf_counter() + seconds
-
-        async def caller(index: int) -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                start = time.perf_counter()
-                try:
-                    await client.classify(prompts[index % len(prompts)])
-                    latencies.append((time.perf_counter() - start) * 1000)
-                except grpc.RpcError:
-                    errors += 1
-                index += concurrency
+        async def call(index: int) -> int:
+            await client.classify(prompts[index % len(prompts)])
+            return 1
 
         await asyncio.gather(*(client.classify(prompts[0]) for _ in range(concurrency)))  # warm-up
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        began = time.perf_counter()
-        await asyncio.gather(*(caller(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - began
-        usage_after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
-    return {"latencies": latencies, "errors": errors, "items": len(latencies), "elapsed": elapsed, "cpu": cpu}
+        return await _closed_loop(call, concurrency, seconds)
 
 
 def _coalescing_client(args: tuple[str, list[str], int, float]) -> dict:
@@ -153,11 +159,7 @@ def coalescing_client_scenario(target: str, prompts: list[str], concurrency: int
     """Unary calls at `concurrency` through AsyncRouterClient(coalesce=True), in a process of its own."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         part = pool.apply(_coalescing_client, ((target, prompts, concurrency, seconds),))
-    latencies = np.asarray(part["latencies"])
-    return {"concurrency": concurrency, "batch": 1, "generator": "python client, coalescing",
-            "calls": int(latencies.size), "errors": part["errors"], "prompts_per_s": part["items"] / part["elapsed"],
-            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "generator_cpu_cores": part["cpu"] / part["elapsed"]}
+    return _summary([part], concurrency, 1, "python client, coalescing")
 
 
 def _generator(args: tuple[str, list[str], int, float, int, int]) -> dict:
@@ -173,13 +175,7 @@ def _scenario(target: str, prompts: list[str], concurrency: int, batch: int, sec
     with context.Pool(generators) as pool:
         parts = pool.map(_generator, [(target, prompts, share, seconds, batch, 7919 * k)
                                       for k, share in enumerate(shares)])
-    latencies = np.asarray([value for part in parts for value in part["latencies"]])
-    elapsed = max(part["elapsed"] for part in parts)
-    return {"concurrency": concurrency, "batch": batch, "generator": "python", "generator_processes": generators,
-            "calls": int(latencies.size), "errors": sum(part["errors"] for part in parts),
-            "prompts_per_s": sum(part["items"] for part in parts) / elapsed,
-            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "generator_cpu_cores": sum(part["cpu"] for part in parts) / elapsed}
+    return _summary(parts, concurrency, batch, "python")
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -272,13 +268,24 @@ def _shares(counts: list[int] | None) -> str:
     return " / ".join(f"{count / sum(counts):.0%}" for count in counts)
 
 
+def _with_server_cpu(pid: int, scenario: Callable[[], dict]) -> dict:
+    """Run a scenario and add the CPU use (cores) of the server process and its children over it."""
+    import psutil
+
+    tree = psutil.Process(pid)
+    processes = [tree, *tree.children(recursive=True)]
+    before, began = sum(sum(p.cpu_times()[:2]) for p in processes), time.perf_counter()
+    result = scenario()
+    spent = sum(sum(p.cpu_times()[:2]) for p in processes) - before
+    result["server_cpu_cores"] = spent / (time.perf_counter() - began)
+    return result
+
+
 def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[int, int, int]], seconds: float,
                  threads: int = 1, workers: int = 1, generator: str = "h2load",
                  coalescing_concurrency: tuple[int, ...] = ()) -> list[dict]:
     """Start `promptier serve` in a subprocess and run each (concurrency, batch, generator processes)
     scenario against it with `generator` (h2load or python); also report the server's own CPU use."""
-    import psutil
-
     port, metrics_port = _free_port(), _free_port()
     while workers > 1 and any(_port_taken(metrics_port + i) for i in range(workers)):
         metrics_port = _free_port()
@@ -291,28 +298,17 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
     try:
         _wait_serving(target)
         time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
-        tree = psutil.Process(server.pid)
         results = []
         for concurrency, batch, generators in scenarios:
-            processes = [tree, *tree.children(recursive=True)]
-            before = sum(sum(p.cpu_times()[:2]) for p in processes)
-            began = time.perf_counter()
             if generator == "h2load":
-                result = h2load_scenario(port, prompts, concurrency, batch, seconds,
-                                         [metrics_port + i for i in range(workers)])
+                scenario = functools.partial(h2load_scenario, port, prompts, concurrency, batch, seconds,
+                                             [metrics_port + i for i in range(workers)])
             else:
-                result = _scenario(target, prompts, concurrency, batch, seconds, generators)
-            spent = sum(sum(p.cpu_times()[:2]) for p in processes) - before
-            result["server_cpu_cores"] = spent / (time.perf_counter() - began)
-            results.append(result)
+                scenario = functools.partial(_scenario, target, prompts, concurrency, batch, seconds, generators)
+            results.append(_with_server_cpu(server.pid, scenario))
         for concurrency in coalescing_concurrency:
-            processes = [tree, *tree.children(recursive=True)]
-            before = sum(sum(p.cpu_times()[:2]) for p in processes)
-            began = time.perf_counter()
-            result = coalescing_client_scenario(target, prompts, concurrency, seconds)
-            spent = sum(sum(p.cpu_times()[:2]) for p in processes) - before
-            result["server_cpu_cores"] = spent / (time.perf_counter() - began)
-            results.append(result)
+            results.append(_with_server_cpu(server.pid, functools.partial(
+                coalescing_client_scenario, target, prompts, concurrency, seconds)))
         return results
     finally:
         server.terminate()
@@ -342,15 +338,6 @@ asyncio.run(main())
 """
 
 
-def _with_server_cpu(pid: int, scenario: Callable[[], dict]) -> dict:
-    """Run a scenario and add the server process's CPU use over it (cores) to its result."""
-    import psutil
-
-    process = psutil.Process(pid)
-    before, began = sum(process.cpu_times()[:2]), time.perf_counter()
-    result = scenario()
-    result["server_cpu_cores"] = (sum(process.cpu_times()[:2]) - before) / (time.perf_counter() - began)
-    return result
 
 
 def transport_floor(prompts: list[str], seconds: float) -> list[dict]:

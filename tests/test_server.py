@@ -540,3 +540,19 @@ def test_native_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setattr(native_floor.shutil, "which", lambda tool: None if tool == "grpc_cpp_plugin" else "/bin/x")
     with pytest.raises(native_floor.NativeBuildUnavailable, match=r"missing grpc_cpp_plugin.*protobuf-compiler-grpc"):
         native_floor.build_echo_server(tmp_path)
+
+
+def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> None:
+    from serving.loadgen import _closed_loop
+
+    seen: list[int] = []
+
+    async def call(index: int) -> int:
+        seen.append(index)
+        await asyncio.sleep(0)  # callers interleave here, as they do around a real RPC
+        return 3
+
+    result = asyncio.run(_closed_loop(call, concurrency=8, seconds=0.2, offset=100))
+    assert result["errors"] == 0 and len(result["latencies"]) > 8
+    assert result["items"] == 3 * len(result["latencies"])  # no increment lost between callers
+    assert {index % 8 for index in seen} == {(100 + k) % 8 for k in range(8)} and min(seen) == 100
