@@ -4,13 +4,19 @@ Each line goes to the file in one `write` on an O_APPEND descriptor, with no use
 crash loses at most the request in flight, and a line is never split between two writes. With scores
 added (e.g. by a judge), the file is valid input for `promptier train`.
 
-Rotation follows `logging.handlers.RotatingFileHandler`'s naming (`path.1` is the newest backup), but
-the size is counted here instead of stat()ing the path on every record, and there is no formatting
-layer: the stock handler cost 34 us per line, one `os.write` of the encoded line 14 us.
+Rotation follows `logging.handlers.RotatingFileHandler`'s naming (`path.1` is the newest backup), with
+no formatting layer: the stock handler cost 34 us per line, one `os.write` of the encoded line 14 us.
+
+Several processes may share one log (`promptier dispatch --workers N`): the size comes from the open
+file (so it counts every process's lines), and rotating takes an exclusive lock on `.<name>.lock` beside it, so
+one process rotates and the others, finding the path renamed under them, reopen it. A line another
+process writes while the rename happens lands in the newest backup: no line is lost or split, and a
+file can exceed `max_bytes` by one line per process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -28,7 +34,8 @@ class DecisionLog:
         self.store_prompts = config.store_prompts
         self._lock = threading.Lock()  # the embedded model's thread never writes, but callers may be threads
         self._fd = self._open()
-        self._size = os.fstat(self._fd).st_size
+        # Hidden, so that a glob of the log and its backups (`decisions.jsonl*`) does not pick it up.
+        self._lock_path = self.path.with_name(f".{self.path.name}.lock")
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -40,10 +47,34 @@ class DecisionLog:
         except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it as an escape
             line = (json.dumps(entry) + "\n").encode("ascii")
         with self._lock:
-            if self.max_bytes > 0 and self._size > 0 and self._size + len(line) > self.max_bytes:
-                self._rotate()
+            if self.max_bytes > 0:
+                size = os.fstat(self._fd).st_size  # other processes' lines included
+                if size > 0 and size + len(line) > self.max_bytes:
+                    self._rotate_or_follow(len(line))
             os.write(self._fd, line)
-            self._size += len(line)
+
+    def _rotate_or_follow(self, incoming: int) -> None:
+        """Rotate, unless another process already did: then reopen the new file and check it again."""
+        lock = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._still_current():
+                self._rotate()
+                return
+            os.close(self._fd)
+            self._fd = self._open()
+            size = os.fstat(self._fd).st_size
+            if size > 0 and size + incoming > self.max_bytes:
+                self._rotate()
+        finally:
+            os.close(lock)  # closing releases the lock
+
+    def _still_current(self) -> bool:
+        """Whether our descriptor is still the file at `path` (not renamed to a backup by another process)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _rotate(self) -> None:
         os.close(self._fd)
@@ -56,7 +87,6 @@ class DecisionLog:
         else:
             Path(self.path).unlink(missing_ok=True)
         self._fd = self._open()
-        self._size = 0
 
     def close(self) -> None:
         with self._lock:

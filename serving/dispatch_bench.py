@@ -163,11 +163,15 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
     workdir = Path(tempfile.mkdtemp(prefix="promptier-dispatch-bench-"))
     tiers = {name: {"base_url": upstream_url, "model": f"{name}-model"} for name in ("small", "medium", "large")}
     address = f"127.0.0.1:{grpc_port}"
+    embedded = {"embedded": True, "timeout_ms": 20, **({"model": model} if model else {})}
+    # name -> (classifier config, dispatcher processes)
     classifiers = {
-        "grpc": {"address": address, "timeout_ms": 20},
+        "grpc": ({"address": address, "timeout_ms": 20}, 1),
         # The dispatcher before coalescing: one connection, one unary call per request.
-        "grpc, unary calls": {"address": address, "timeout_ms": 20, "coalesce": False, "connections": 1},
-        "embedded": {"embedded": True, "timeout_ms": 20, **({"model": model} if model else {})},
+        "grpc, unary calls": ({"address": address, "timeout_ms": 20, "coalesce": False, "connections": 1}, 1),
+        "embedded": (embedded, 1),
+        "grpc, 2 dispatcher processes": ({"address": address, "timeout_ms": 20}, 2),
+        "embedded, 2 dispatcher processes": (embedded, 2),
     }
     sequential = ("grpc", "embedded")
     load = shutil.which("h2load") is not None
@@ -180,7 +184,7 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
     try:
         _wait_serving(address)
         time.sleep(2.0)  # health answers once the first of the two workers is up
-        for name, classifier in classifiers.items():
+        for name, (classifier, workers) in classifiers.items():
             if name not in sequential and not load:
                 continue
             config = workdir / f"dispatcher-{name.replace(' ', '_')}.yaml"
@@ -188,10 +192,12 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
             config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
                                           "decision_log": {"path": str(decisions)}}))
             dispatch = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
-                                         "--port", str(http_port)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                         "--port", str(http_port), "--workers", str(workers)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 _wait_http(f"http://127.0.0.1:{http_port}/health")
+                if workers > 1:
+                    time.sleep(3.0)  # health answers once the first worker is up; let the others load too
                 _wait_http(f"http://127.0.0.1:{upstream_port}/docs")
                 dispatcher_url = f"http://127.0.0.1:{http_port}/v1"
                 if name in sequential:

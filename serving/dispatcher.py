@@ -13,14 +13,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app, multiprocess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -30,7 +34,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from classifier.artifact import MODES
 from serving.decision_log import DecisionLog
-from serving.dispatch_config import ConfigError, DispatcherConfig
+from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.logs import configure_json_logging
 from serving.metrics import BatcherMetrics
 from serving.route_classifier import (
     ClassifierUnavailable,
@@ -43,6 +48,11 @@ from serving.startup import freeze_startup_objects
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
 HEADER_PREFIX = "x-promptier-"
+# `--workers N`: how the supervisor hands the config to the worker processes it spawns.
+CONFIG_ENV = "PROMPTIER_DISPATCH_CONFIG"
+# prometheus_client's multi-process mode: each worker keeps its metrics in files here, and /metrics
+# (answered by whichever worker gets the scrape) adds up every worker's.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -278,11 +288,15 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
     dispatcher = Dispatcher(config)
 
+    shared_metrics_dir = os.environ.get(METRICS_DIR_ENV)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await dispatcher.start()
         yield
         await dispatcher.close()
+        if shared_metrics_dir:
+            multiprocess.mark_process_dead(os.getpid(), shared_metrics_dir)  # its live gauges leave the sums
 
     async def health(request: Request) -> Response:
         reachable = await dispatcher.classifier.tiers() is not None
@@ -361,11 +375,15 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
 
+    exposed = dispatcher.metrics.registry
+    if shared_metrics_dir:
+        exposed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
     app = Starlette(lifespan=lifespan, routes=[
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
         Endpoint("/v1/chat/completions", chat, methods=["POST"]),
-        Mount("/metrics", make_asgi_app(registry=dispatcher.metrics.registry)),
+        Mount("/metrics", make_asgi_app(registry=exposed)),
     ])
     app.state.dispatcher = dispatcher
 
@@ -385,11 +403,50 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     return hot_path
 
 
-def run(config: DispatcherConfig, host: str, port: int) -> None:
+def app_from_environment() -> ASGIApp:
+    """The app of one `--workers` process: the config named by PROMPTIER_DISPATCH_CONFIG."""
+    configure_json_logging()
+    app = create_app(load_dispatcher_config(Path(os.environ[CONFIG_ENV])))
+    freeze_startup_objects()
+    return app
+
+
+def run(config: DispatcherConfig, host: str, port: int, workers: int = 1, config_path: Path | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code. With `workers` > 1, uvicorn's supervisor runs
+    that many processes on one listening socket (each accepts its own connections), restarts one that
+    dies, and replaces them one by one on SIGHUP (each new process rereads `config_path`; one that
+    fails to start leaves the old ones serving). Their metrics are added up on /metrics and they share
+    the decision log."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
     # No access log (the decision log is the record) and no proxy-header rewriting: both cost per request.
-    app = create_app(config)
-    freeze_startup_objects()  # keeps full GC passes over start-up objects off the request path
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                proxy_headers=False, server_header=False)
+    options: dict = {"host": host, "port": port, "access_log": False, "proxy_headers": False,
+                     "server_header": False}
+    if workers == 1:
+        app = create_app(config)
+        freeze_startup_objects()  # keeps full GC passes over start-up objects off the request path
+        uvicorn.run(app, log_level="warning", **options)
+        return 0
+    if config_path is None:
+        raise ValueError("several workers need the config's path: each worker process reads it")
+    os.environ[CONFIG_ENV] = str(config_path.resolve())
+    own_dir = METRICS_DIR_ENV not in os.environ
+    metrics_dir = tempfile.mkdtemp(prefix="promptier-dispatch-metrics-") if own_dir else os.environ[METRICS_DIR_ENV]
+    if not own_dir:  # files left by an earlier run would add their counts to ours
+        for stale in Path(metrics_dir).glob("*.db"):
+            stale.unlink()
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    try:
+        # Log level info: the supervisor says at that level when a worker died and was replaced.
+        server_config = uvicorn.Config("serving.dispatcher:app_from_environment", factory=True, workers=workers,
+                                       log_level="info", **options)
+        supervisor = Multiprocess(server_config, sockets=[server_config.bind_socket()])
+        supervisor.run()
+    finally:
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    # The supervisor stops everything when a worker fails before serving (bad artifact, tiers that
+    # differ from the classifier's); that must not look like a clean exit.
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0

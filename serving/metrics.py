@@ -9,7 +9,9 @@ class BatcherMetrics:
     """What the micro-batcher reports: queue depth and prompts per model call, under `prefix`."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self.queue_depth = Gauge(f"{prefix}_queue_depth", "work items waiting for the model", registry=registry)
+        # livesum: with the dispatcher's `--workers`, the sum over the running processes.
+        self.queue_depth = Gauge(f"{prefix}_queue_depth", "work items waiting for the model", registry=registry,
+                                 multiprocess_mode="livesum")
         self.batch_size = Histogram(f"{prefix}_batch_size", "prompts per model call", registry=registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 

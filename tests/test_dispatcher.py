@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -441,3 +441,164 @@ def test_unexpected_error_is_a_json_500_and_the_dispatcher_keeps_serving(
     monkeypatch.undo()
     answer = dispatcher.client().chat.completions.create(model="promptier", messages=body["messages"])
     assert answer.choices[0].message.content
+
+
+def test_decision_log_shared_by_processes_loses_and_splits_no_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "decisions.jsonl"
+    writer = ("import sys; from pathlib import Path; from serving.decision_log import DecisionLog; "
+              "from serving.dispatch_config import DecisionLogConfig; "
+              "log = DecisionLog(DecisionLogConfig(path=Path(sys.argv[1]), max_bytes=2048, backups=1000)); "
+              "[log.write({'prompt_id': f'{sys.argv[2]}-{i}', 'padding': 'x' * 60}) for i in range(400)]; "
+              "log.close()")
+    processes = [subprocess.Popen([sys.executable, "-c", writer, str(path), name]) for name in "abc"]
+    assert [process.wait(60) for process in processes] == [0, 0, 0]
+    files = [path, *tmp_path.glob("decisions.jsonl.*")]
+    ids = [json.loads(line)["prompt_id"] for file in files for line in file.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"{name}-{i}" for name in "abc" for i in range(400))  # none lost, none twice
+    assert len(files) > 20  # it did rotate, many times, under three writers
+    line = len(json.dumps({"prompt_id": "a-100", "padding": "x" * 60})) + 1
+    # Each process counts the file's real size, so a file overshoots by at most a line per writer.
+    assert max(file.stat().st_size for file in files) <= 2048 + 3 * line
+    assert not list(tmp_path.glob("decisions.jsonl*.lock"))  # the lock file stays out of the log's glob
+
+
+def _dispatcher_workers(parent_pid: int) -> list:  # type: ignore[type-arg]
+    import psutil
+
+    found = []
+    for child in psutil.Process(parent_pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):  # not multiprocessing's resource tracker
+                found.append(child)
+        except psutil.Error:  # a killed worker not yet reaped, or gone
+            continue
+    return found
+
+
+def _post_on_new_connection(port: int, body: dict, owner: Callable[[int], int] = lambda _: -1
+                             ) -> tuple[int, str | None, int]:
+    """(status, reason header, owner(the client's local port)) for one request on a connection of its
+    own; `owner` is asked while the connection is still open."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"content-type": "application/json"})
+        reply = connection.getresponse()
+        reply.read()
+        assert connection.sock is not None
+        return reply.status, reply.getheader("x-promptier-reason"), owner(connection.sock.getsockname()[1])
+    finally:
+        connection.close()
+
+
+def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from serving.loadgen import _free_port
+
+    log_path = tmp_path / "decisions.jsonl"
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log_path), "max_bytes": 4096, "backups": 1000}}))
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                               "--port", str(port), "--workers", "2"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
+
+    def owner(client_port: int) -> int:
+        for worker in _dispatcher_workers(parent.pid):
+            for connection in worker.net_connections(kind="tcp"):
+                if connection.laddr.port == port and connection.raddr and connection.raddr.port == client_port:
+                    return int(worker.pid)
+        return -1
+
+    def requests_total() -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics/", headers={"connection": "close"}).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("promptier_dispatch_requests_total{"))
+
+    try:
+        _wait_for_health(port, parent)
+        served: Counter[int] = Counter()
+        sent = 0
+        deadline = time.monotonic() + 60
+        while len(served) < 2 and time.monotonic() < deadline:
+            status, reason, worker = _post_on_new_connection(port, body, owner)
+            assert (status, reason) == (200, "classified")
+            sent += 1
+            served[worker] += 1
+        assert len(served) == 2 and -1 not in served, served  # both workers answered requests
+        # Whichever worker answers the scrape, /metrics counts every worker's requests.
+        assert [requests_total() for _ in range(6)] == [sent] * 6
+        lines = [line for file in [log_path, *tmp_path.glob("decisions.jsonl.*")]
+                 for line in file.read_text().splitlines()]
+        assert len(lines) == sent and {json.loads(line)["reason"] for line in lines} == {"classified"}
+
+        # A killed worker is replaced; its counts stay in the sums; the port keeps answering.
+        victim = _dispatcher_workers(parent.pid)[0]
+        victim.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pids = {worker.pid for worker in _dispatcher_workers(parent.pid)}
+            if len(pids) == 2 and victim.pid not in pids:
+                break
+            time.sleep(0.2)
+        assert len(pids) == 2 and victim.pid not in pids
+        _wait_for_health(port, parent)
+        assert _post_on_new_connection(port, body)[:2] == (200, "classified")
+        assert requests_total() == sent + 1
+
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+    finally:
+        if parent.poll() is None:
+            for worker in _dispatcher_workers(parent.pid):
+                worker.kill()
+            parent.kill()
+
+
+def _wait_for_health(port: int, process: object) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the dispatcher exited"  # type: ignore[attr-defined]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the dispatcher did not come up")
+
+
+def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port
+
+    config = tmp_path / "dispatcher.yaml"
+    tiers = {"small": "small", "mid": "medium", "large": "large"}  # the model serves small/medium/large
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact)},
+        "tiers": {name: {"base_url": fresh[upstream].url, "model": name} for name, upstream in tiers.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+    result = subprocess.run([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                             "--port", str(_free_port()), "--workers", "2"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3  # uvicorn's start-up failure code, as with one process
+    assert "serves tiers ['small', 'medium', 'large'], but the dispatcher config maps ['small', 'mid'" in result.stderr

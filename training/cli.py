@@ -270,8 +270,10 @@ def dispatch(
     config: Annotated[Path, typer.Option(help="dispatcher YAML config")],
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="dispatcher processes on the port (one core each)")] = 1,
 ) -> None:
     """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams."""
+    from classifier import load
     from serving.dispatch_config import load_dispatcher_config
     from serving.dispatcher import run
     from serving.logs import configure_json_logging
@@ -279,9 +281,11 @@ def dispatch(
     configure_json_logging()
     try:
         settings = load_dispatcher_config(config)
+        if workers > 1 and settings.classifier.embedded:
+            load(settings.classifier.model)  # a bad artifact fails here, once, before any worker starts
     except PromptierError as error:
         _fail(error)
-    run(settings, host, port)
+    raise typer.Exit(run(settings, host, port, workers, config))
 
 
 @app.command("dispatch-bench")
