@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -411,6 +412,12 @@ def app_from_environment() -> ASGIApp:
     return app
 
 
+def _sighup_needs_workers(signum: int, frame: object) -> None:
+    log.warning(json.dumps({"event": "sighup_ignored",
+                            "detail": "a single dispatcher process does not reread its config; restart it, "
+                                      "or run it with --workers 2 or more, where SIGHUP replaces the workers"}))
+
+
 def run(config: DispatcherConfig, host: str, port: int, workers: int = 1, config_path: Path | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code. With `workers` > 1, uvicorn's supervisor runs
     that many processes on one listening socket (each accepts its own connections), restarts one that
@@ -427,6 +434,8 @@ def run(config: DispatcherConfig, host: str, port: int, workers: int = 1, config
     if workers == 1:
         app = create_app(config)
         freeze_startup_objects()  # keeps full GC passes over start-up objects off the request path
+        # SIGHUP's default action is to terminate; with --workers it means "reread the config".
+        signal.signal(signal.SIGHUP, _sighup_needs_workers)
         uvicorn.run(app, log_level="warning", **options)
         return 0
     if config_path is None:

@@ -602,3 +602,34 @@ def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
                             timeout=120)
     assert result.returncode == 3  # uvicorn's start-up failure code, as with one process
     assert "serves tiers ['small', 'medium', 'large'], but the dispatcher config maps ['small', 'mid'" in result.stderr
+
+
+def test_a_single_dispatcher_process_survives_sighup_and_says_why_it_ignores_it(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port
+
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
+        "tiers": {name: {"base_url": u.url, "model": name} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_health(port, process)
+        process.send_signal(signal.SIGHUP)  # its default action would end the process
+        time.sleep(0.5)
+        body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
+        assert _post_on_new_connection(port, body)[:2] == (200, "classified")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGTERM  # uvicorn drains, then re-raises the signal it caught
+        assert '"event": "sighup_ignored"' in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
