@@ -125,6 +125,7 @@ class Dispatcher:
             # One attempt: the deadline is a few ms, and the fallback tier is the answer to a failure.
             self.classifier = GrpcRouteClassifier(self.config.classifier.address, timeout,
                                                   self.config.classifier.coalesce, self.config.classifier.connections)
+            self.classifier.start()
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
                                           skip_auto_headers=("User-Agent",))
         await self.refresh_prices()
@@ -302,9 +303,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def health(request: Request) -> Response:
         reachable = await dispatcher.classifier.tiers() is not None
         classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
-        return JSONResponse({"status": "ok", "classifier": classifier_state,
-                             "classifier_source": dispatcher.classifier.describe(),
-                             "fallback_tier": config.fallback_tier})
+        body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
+                                   "classifier_source": dispatcher.classifier.describe(),
+                                   "fallback_tier": config.fallback_tier}
+        if isinstance(dispatcher.classifier, GrpcRouteClassifier):
+            # How many of the service's processes this dispatcher's connections reach (null: not known yet).
+            body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
+        return JSONResponse(body)
 
     async def models(request: Request) -> Response:
         data = [{"id": model_id, "object": "model", "owned_by": "promptier"} for model_id in dispatcher.model_ids()]

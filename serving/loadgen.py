@@ -139,10 +139,13 @@ async def _drive(target: str, prompts: list[str], concurrency: int, seconds: flo
 
 async def _drive_coalescing_client(target: str, prompts: list[str], concurrency: int, seconds: float) -> dict:
     """`concurrency` callers making unary classify calls through the official asyncio client with
-    coalescing on and one connection per server process: what a Python gateway using it gets."""
+    coalescing on and one connection per server process (spread over them as the dispatcher does):
+    what a Python gateway using it gets."""
     from serving.client import AsyncRouterClient
 
     async with AsyncRouterClient(target, timeout=5, attempts=1, coalesce=True, connections=2) as client:
+        await client.spread_connections()
+
         async def call(index: int) -> int:
             await client.classify(prompts[index % len(prompts)])
             return 1
@@ -200,6 +203,11 @@ def ok_calls(metrics_ports: list[int], rpc: str) -> tuple[list[int], int]:
                         other += int(sample.value)
         ok_by_server.append(ok)
     return ok_by_server, other
+
+
+def _calls_by_process(metrics_ports: list[int]) -> list[int]:
+    unary, batch = ok_calls(metrics_ports, "Classify")[0], ok_calls(metrics_ports, "ClassifyBatch")[0]
+    return [a + b for a, b in zip(unary, batch, strict=True)]
 
 
 def h2load_log(path: Path) -> dict:
@@ -306,9 +314,15 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
             else:
                 scenario = functools.partial(_scenario, target, prompts, concurrency, batch, seconds, generators)
             results.append(_with_server_cpu(server.pid, scenario))
+        ports = [metrics_port + i for i in range(workers)]
         for concurrency in coalescing_concurrency:
-            results.append(_with_server_cpu(server.pid, functools.partial(
-                coalescing_client_scenario, target, prompts, concurrency, seconds)))
+            before = _calls_by_process(ports)
+            result = _with_server_cpu(server.pid, functools.partial(
+                coalescing_client_scenario, target, prompts, concurrency, seconds))
+            # Calls (unary and batch) each server process answered: shows how the connections spread.
+            result["ok_calls_by_server_process"] = [a - b for a, b in zip(_calls_by_process(ports), before,
+                                                                          strict=True)]
+            results.append(result)
         return results
     finally:
         server.terminate()

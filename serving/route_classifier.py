@@ -9,6 +9,9 @@ lets many dispatchers share one classifier and reload it on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ from classifier.conversation import render_conversation
 from serving.batcher import Batcher, DeadlineExpiredError, QueueFullError
 from serving.client import AsyncRouterClient
 from serving.metrics import BatcherMetrics
+
+log = logging.getLogger("promptier.dispatcher")
+SPREAD_CHECK_S = 10.0
 
 
 class ClassifierUnavailable(Exception):
@@ -43,10 +49,32 @@ class GrpcRouteClassifier:
 
     def __init__(self, address: str, timeout_s: float, coalesce: bool = True, connections: int = 2) -> None:
         self.address = address
+        self.connections = connections
         # Coalescing keeps the service batching under load: measured at 32 concurrent dispatcher requests,
         # unary calls queued past the 20 ms deadline and a quarter of the requests fell back.
         self._client = AsyncRouterClient(address, timeout=timeout_s, attempts=1, coalesce=coalesce,
                                          connections=connections)
+        self._spreading: asyncio.Task | None = None
+        self.processes_reached: int | None = None
+
+    def start(self) -> None:
+        """Keep the connections spread over the service's processes (call on the serving loop)."""
+        if self.connections > 1:
+            self._spreading = asyncio.get_running_loop().create_task(self._keep_connections_spread())
+
+    async def _keep_connections_spread(self) -> None:
+        # Checked at start and every SPREAD_CHECK_S: a service process that restarts takes its
+        # connections down, and gRPC reconnects them to wherever the kernel hashes the new ones.
+        while True:
+            try:
+                reached = await self._client.spread_connections()
+            except grpc.RpcError:
+                reached = None  # the service is down (requests fall back, visibly): try again later
+            if reached is not None and reached != self.processes_reached:
+                log.info(json.dumps({"event": "classifier_connections", "connections": self.connections,
+                                     "service_processes_reached": reached}))
+                self.processes_reached = reached
+            await asyncio.sleep(SPREAD_CHECK_S)
 
     async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None) -> ClassificationResult:
         try:
@@ -68,6 +96,10 @@ class GrpcRouteClassifier:
         return f"gRPC service at {self.address}"
 
     async def close(self) -> None:
+        if self._spreading is not None:
+            self._spreading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._spreading
         await self._client.close()
 
 

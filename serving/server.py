@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def _response(result: ClassificationResult, latency_ms: float) -> router_pb2.Cla
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, holder: ModelHolder, batcher: Batcher, metrics: ServerMetrics, limits: ServerLimits) -> None:
         self._holder, self._batcher, self._metrics, self._limits = holder, batcher, metrics, limits
+        self._instance = uuid.uuid4().hex[:16]  # per process: each --workers process has its own service
 
     def _record(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
         self._metrics.requests.labels(rpc, code.name).inc()
@@ -188,6 +190,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             mode_thresholds=manifest.policy.thresholds, default_mode=manifest.policy.default_mode,
             max_tokens=manifest.truncation.max_tokens, max_prompt_chars=self._limits.max_prompt_chars,
             max_batch_items=self._limits.max_batch_items, data_fingerprint=manifest.data_fingerprint,
+            server_instance=self._instance,
         )
 
 

@@ -179,6 +179,11 @@ def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[s
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health").json()
     assert health["classifier"] == "serving"
+    deadline = time.monotonic() + 10
+    while health["classifier_processes_reached"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the dispatcher spreads its 2 connections in the background
+        health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health").json()
+    assert health["classifier_processes_reached"] == 1  # the test service is a single process
 
 
 def test_streaming_is_relayed_chunk_for_chunk(dispatcher: Dispatcher) -> None:

@@ -96,6 +96,7 @@ def test_classify_prompt_and_policies(server: ServerThread) -> None:
         assert cost.threshold == pytest.approx(info.mode_thresholds["cost"])
         assert [t.name for t in info.tiers] == ["small", "medium", "large"]
         assert info.max_batch_items == 16 and info.max_tokens == 32
+        assert len(info.server_instance) == 16 and client.info().server_instance == info.server_instance
 
 
 def test_conversation_weighs_latest_turn_with_context(server: ServerThread) -> None:
@@ -415,6 +416,76 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
             for child in workers():
                 child.kill()
             parent.kill()
+
+
+def test_client_spreads_its_connections_over_the_server_processes(trained_artifact: Path,
+                                                                    server: ServerThread) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    port = _free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+                               "--port", str(port), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def my_connections(to_port: int) -> set[int]:
+        return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+                if c.status == "ESTABLISHED" and c.raddr and c.raddr.port == to_port}
+
+    def processes_reached(local_ports: set[int]) -> list[int]:
+        """The server process behind each of our connections (psutil, from the server's side)."""
+        owners = []
+        for child in psutil.Process(parent.pid).children():
+            try:
+                for c in child.net_connections("tcp"):
+                    if c.status == "ESTABLISHED" and c.laddr.port == port and c.raddr and c.raddr.port in local_ports:
+                        owners.append(child.pid)
+            except psutil.Error:
+                continue
+        return owners
+
+    async def spread(connections: int) -> tuple[int, list[int], bool]:
+        client = AsyncRouterClient(f"127.0.0.1:{port}", timeout=1.0, attempts=1, coalesce=True,
+                                   connections=connections)
+        try:
+            reached = await client.spread_connections(tries=16)
+            ports = my_connections(port)
+            owners = processes_reached(ports)
+            assert await client.spread_connections(tries=16) == reached
+            unchanged = my_connections(port) == ports  # spread already: nothing reopened
+            assert (await client.classify(EASY)).tier in {"small", "medium", "large"}
+            return reached, owners, unchanged
+        finally:
+            await client.close()
+
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        time.sleep(3.0)  # health answers once the first worker is up
+        for _ in range(3):
+            reached, owners, unchanged = asyncio.run(spread(2))
+            assert reached == 2 and len(owners) == 2 and len(set(owners)) == 2 and unchanged
+        # More connections than processes: evenly spread, and left alone once it is.
+        reached, owners, unchanged = asyncio.run(spread(3))
+        assert reached == 2 and sorted(owners.count(pid) for pid in set(owners)) == [1, 2] and unchanged
+    finally:
+        parent.terminate()
+        parent.wait(30)
+
+    async def one_process() -> tuple[int, bool]:
+        client = AsyncRouterClient(server.target, timeout=1.0, attempts=1, connections=2)
+        try:
+            reached = await client.spread_connections(tries=3)
+            ports = my_connections(server.running.port)
+            await client.spread_connections(tries=3)
+            return reached, my_connections(server.running.port) == ports
+        finally:
+            await client.close()
+
+    assert asyncio.run(one_process()) == (1, True)  # a single process: tried, then left alone
 
 
 def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> None:
