@@ -237,6 +237,8 @@ class AsyncRouterClient:
         Raises:
             grpc.RpcError: the server could not be asked.
         """
+        if tries < 1:
+            raise ValueError("tries must be at least 1")
         instances = [await self._instance_of(index) for index in range(len(self._channels))]
         if not all(instances):
             return 0

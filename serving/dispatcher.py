@@ -412,9 +412,22 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
 def app_from_environment() -> ASGIApp:
     """The app of one `--workers` process: the config named by PROMPTIER_DISPATCH_CONFIG."""
     configure_json_logging()
+    if METRICS_DIR_ENV in os.environ:
+        _forget_dead_workers(Path(os.environ[METRICS_DIR_ENV]))
     app = create_app(load_dispatcher_config(Path(os.environ[CONFIG_ENV])))
     freeze_startup_objects()
     return app
+
+
+def _forget_dead_workers(metrics_dir: Path) -> None:
+    """Drop the live gauges of workers that are gone (a killed worker never removes its own), so that
+    sums over live workers stay true; their counters stay, as counts must not go back."""
+    import psutil
+
+    for path in metrics_dir.glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            multiprocess.mark_process_dead(int(pid), str(metrics_dir))
 
 
 def _sighup_needs_workers(signum: int, frame: object) -> None:

@@ -518,7 +518,10 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
         "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
         "fallback_tier": "large", "decision_log": {"path": str(log_path), "max_bytes": 4096, "backups": 1000}}))
     port = _free_port()
-    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    metrics_dir = tmp_path / "metrics"  # given, so the test can look inside (otherwise a temporary one)
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"left by an earlier run")  # must not be counted
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     parent = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
                                "--port", str(port), "--workers", "2"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -566,6 +569,12 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
         _wait_for_health(port, parent)
         assert _post_on_new_connection(port, body)[:2] == (200, "classified")
         assert requests_total() == sent + 1
+        # The replacement, once up, drops the dead worker's live gauge (queue depth), not its counters.
+        deadline = time.monotonic() + 30
+        while list(metrics_dir.glob(f"gauge_live*_{victim.pid}.db")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not list(metrics_dir.glob(f"gauge_live*_{victim.pid}.db"))
+        assert list(metrics_dir.glob(f"counter_{victim.pid}.db"))
 
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(30) == 0
