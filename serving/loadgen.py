@@ -407,7 +407,9 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
     prompts = make_prompts(runtime, 128, None, 1024, seed=7)
     # The bare runtime's best figure on this machine is the yardstick: a process per core.
     bare = max(throughput(model, prompts, 1, 2, 64, seconds), throughput(model, prompts, 2, 1, 64, seconds))
-    scenarios = [(1, 1, 1), (32, 1, 2), (128, 1, 2), (8, 64, 1)]
+    # (concurrency, prompts per call, generator processes); 32 callers with 16 prompts each is issue #4's
+    # concurrency with calls a gateway batches.
+    scenarios = [(1, 1, 1), (32, 1, 2), (128, 1, 2), (8, 64, 1), (32, 16, 1)]
     report: dict = {"model_version": runtime.model_version, "generator": generator,
                     "bare_runtime_prompts_per_s": bare, "servers": {}}
     print(f"bare runtime (best of 1 process x 2 threads and 2 processes x 1 thread, batch 64, 128 tokens): "
