@@ -70,6 +70,9 @@ class GrpcRouteClassifier:
                 reached = await self._client.spread_connections()
             except grpc.RpcError:
                 reached = None  # the service is down (requests fall back, visibly): try again later
+            except Exception:  # never let the check die quietly: the next one may succeed
+                log.exception("checking the classifier connections failed")
+                reached = None
             if reached is not None and reached != self.processes_reached:
                 log.info(json.dumps({"event": "classifier_connections", "connections": self.connections,
                                      "service_processes_reached": reached}))
