@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ class AsyncRouterClient:
         options = _options(attempts) + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
         self._target, self._channel_options = target, options
         self._seen_instances: set[str] = set()
+        self._server_batch_limit: int | None = None  # learnt from Info before the first batch
         self._all_processes_reached = False
         self._channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
         self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
@@ -182,14 +184,27 @@ class AsyncRouterClient:
 
     async def _send(self, group: list[_Waiting]) -> None:
         index = self._least_busy()  # by prompts in flight on each connection
-        self._busy[index] += len(group)
+        stub = self._stubs[index]
+        loop = asyncio.get_running_loop()
+        counted = 0  # prompts this send has added to the connection's busy count
         try:
-            remaining = min(waiting.deadline for waiting in group) - asyncio.get_running_loop().time()
+            if len(group) > 1 and self._server_batch_limit is None:
+                # Before the first batch: how many items the server takes per ClassifyBatch (a larger
+                # one would be refused whole). What does not fit goes back to wait for the next send.
+                with contextlib.suppress(grpc.RpcError):
+                    limit = min(waiting.deadline for waiting in group) - loop.time()
+                    self._note_limits(await stub.Info(router_pb2.InfoRequest(), timeout=max(limit, 0.001)))
+                if len(group) > self._max_batch:
+                    self._waiting.extendleft(reversed(group[self._max_batch:]))
+                    group = group[: self._max_batch]
+                    self._flush()  # a free slot may take the rest at once
+            counted = len(group)
+            self._busy[index] += counted
+            remaining = min(waiting.deadline for waiting in group) - loop.time()
             if remaining <= 0:
                 _fail(group, grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
                                                   "deadline expired before the call was sent"))
                 return
-            stub = self._stubs[index]
             try:
                 if len(group) == 1:
                     outcomes: list[Decision | grpc.RpcError] = [
@@ -210,13 +225,21 @@ class AsyncRouterClient:
         except Exception as error:  # never leave a caller waiting forever
             _fail(group, error)
         finally:
-            self._busy[index] -= len(group)
+            self._busy[index] -= counted
             self._in_flight -= 1
             if self._waiting:
                 self._flush()
 
     async def info(self) -> router_pb2.InfoResponse:
-        return await self._stub.Info(router_pb2.InfoRequest(), timeout=self.timeout * 10)
+        info = await self._stub.Info(router_pb2.InfoRequest(), timeout=self.timeout * 10)
+        self._note_limits(info)
+        return info
+
+    def _note_limits(self, info: router_pb2.InfoResponse) -> None:
+        """Keep coalesced batches within the server's ClassifyBatch limit."""
+        if info.max_batch_items > 0:
+            self._server_batch_limit = info.max_batch_items
+            self._max_batch = min(self._max_batch, info.max_batch_items)
 
     async def spread_connections(self, tries: int = 8) -> int:
         """Spread the connections evenly over the server's processes, as far as it has them.
@@ -263,6 +286,7 @@ class AsyncRouterClient:
 
     async def _instance_of(self, index: int) -> str:
         info = await self._stubs[index].Info(router_pb2.InfoRequest(), timeout=self.timeout * 10)
+        self._note_limits(info)
         return str(info.server_instance)
 
     async def _reopen(self, index: int) -> None:

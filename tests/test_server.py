@@ -488,6 +488,36 @@ def test_client_spreads_its_connections_over_the_server_processes(trained_artifa
     assert asyncio.run(one_process()) == (1, True)  # a single process: tried, then left alone
 
 
+def test_coalescing_client_keeps_batches_within_the_server_limit(server: ServerThread) -> None:
+    async def run() -> list[str]:
+        # The fixture's server takes at most 16 items per ClassifyBatch; the client would group 64.
+        async with AsyncRouterClient(server.target, timeout=5.0, attempts=1, coalesce=True, max_in_flight=1,
+                                     max_batch=64) as client:
+            first = asyncio.ensure_future(client.classify(EASY))  # in flight: the rest must queue up
+            await asyncio.sleep(0)
+            rest = await asyncio.gather(*(client.classify(HARD if i % 3 else EASY) for i in range(100)))
+            return [d.tier for d in [await first, *rest]]
+
+    tiers = asyncio.run(run())  # a batch over the limit would fail all its callers with INVALID_ARGUMENT
+    assert len(tiers) == 101 and set(tiers) <= {"small", "medium", "large"}
+
+
+def test_calls_in_flight_survive_connections_being_reopened(server: ServerThread) -> None:
+    async def run() -> list[str]:
+        # One server process and two connections: spreading reopens the second one, several times.
+        async with AsyncRouterClient(server.target, timeout=5.0, attempts=1, coalesce=True,
+                                     connections=2) as client:
+            calls = [asyncio.ensure_future(client.classify(EASY if i % 2 else HARD)) for i in range(64)]
+            await asyncio.sleep(0)  # the first calls are on the wire when the reopening starts
+            reached = await client.spread_connections(tries=4)
+            decisions = await asyncio.gather(*calls)
+            assert reached == 1
+            return [d.tier for d in decisions]
+
+    tiers = asyncio.run(run())
+    assert len(tiers) == 64 and set(tiers) <= {"small", "medium", "large"}
+
+
 def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> None:
     import signal
     import subprocess
