@@ -186,8 +186,9 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def ok_calls(metrics_ports: list[int], rpc: str) -> tuple[list[int], int]:
-    """OK counts of `rpc` per server (one Prometheus endpoint each), and the other calls summed."""
+def ok_calls(metrics_ports: list[int], *rpcs: str) -> tuple[list[int], int]:
+    """OK counts of the `rpcs` per server (one Prometheus endpoint each, read once), and the other calls
+    of them summed."""
     from prometheus_client.parser import text_string_to_metric_families
 
     ok_by_server, other = [], 0
@@ -196,18 +197,13 @@ def ok_calls(metrics_ports: list[int], rpc: str) -> tuple[list[int], int]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "promptier_requests_total" and sample.labels.get("rpc") == rpc:
+                if sample.name == "promptier_requests_total" and sample.labels.get("rpc") in rpcs:
                     if sample.labels.get("code") == "OK":
                         ok += int(sample.value)
                     else:
                         other += int(sample.value)
         ok_by_server.append(ok)
     return ok_by_server, other
-
-
-def _calls_by_process(metrics_ports: list[int]) -> list[int]:
-    unary, batch = ok_calls(metrics_ports, "Classify")[0], ok_calls(metrics_ports, "ClassifyBatch")[0]
-    return [a + b for a, b in zip(unary, batch, strict=True)]
 
 
 def h2load_log(path: Path) -> dict:
@@ -316,12 +312,12 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
             results.append(_with_server_cpu(server.pid, scenario))
         ports = [metrics_port + i for i in range(workers)]
         for concurrency in coalescing_concurrency:
-            before = _calls_by_process(ports)
+            before = ok_calls(ports, "Classify", "ClassifyBatch")[0]
             result = _with_server_cpu(server.pid, functools.partial(
                 coalescing_client_scenario, target, prompts, concurrency, seconds))
             # Calls (unary and batch) each server process answered: shows how the connections spread.
-            result["ok_calls_by_server_process"] = [a - b for a, b in zip(_calls_by_process(ports), before,
-                                                                          strict=True)]
+            after = ok_calls(ports, "Classify", "ClassifyBatch")[0]
+            result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
             results.append(result)
         return results
     finally:
@@ -350,8 +346,6 @@ async def main():
     await server.wait_for_termination()
 asyncio.run(main())
 """
-
-
 
 
 def transport_floor(prompts: list[str], seconds: float) -> list[dict]:

@@ -20,7 +20,7 @@ from classifier.errors import PromptierError
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app
 from serving.server import ServerLimits
-from tests.test_server import EASY, HARD, ServerThread
+from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
 
 class Upstream:
@@ -470,19 +470,6 @@ def test_decision_log_shared_by_processes_loses_and_splits_no_line(tmp_path: Pat
     assert not list(tmp_path.glob("decisions.jsonl*.lock"))  # the lock file stays out of the log's glob
 
 
-def _dispatcher_workers(parent_pid: int) -> list:  # type: ignore[type-arg]
-    import psutil
-
-    found = []
-    for child in psutil.Process(parent_pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):  # not multiprocessing's resource tracker
-                found.append(child)
-        except psutil.Error:  # a killed worker not yet reaped, or gone
-            continue
-    return found
-
-
 def _post_on_new_connection(port: int, body: dict, owner: Callable[[int], int] = lambda _: -1
                              ) -> tuple[int, str | None, int]:
     """(status, reason header, owner(the client's local port)) for one request on a connection of its
@@ -528,11 +515,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
     body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
 
     def owner(client_port: int) -> int:
-        for worker in _dispatcher_workers(parent.pid):
-            for connection in worker.net_connections(kind="tcp"):
-                if connection.laddr.port == port and connection.raddr and connection.raddr.port == client_port:
-                    return int(worker.pid)
-        return -1
+        return worker_serving(parent.pid, port, client_port)
 
     def requests_total() -> float:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics/", headers={"connection": "close"}).text
@@ -557,11 +540,11 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
         assert len(lines) == sent and {json.loads(line)["reason"] for line in lines} == {"classified"}
 
         # A killed worker is replaced; its counts stay in the sums; the port keeps answering.
-        victim = _dispatcher_workers(parent.pid)[0]
+        victim = spawned_workers(parent.pid)[0]
         victim.kill()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            pids = {worker.pid for worker in _dispatcher_workers(parent.pid)}
+            pids = {worker.pid for worker in spawned_workers(parent.pid)}
             if len(pids) == 2 and victim.pid not in pids:
                 break
             time.sleep(0.2)
@@ -580,7 +563,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
         assert parent.wait(30) == 0
     finally:
         if parent.poll() is None:
-            for worker in _dispatcher_workers(parent.pid):
+            for worker in spawned_workers(parent.pid):
                 worker.kill()
             parent.kill()
 

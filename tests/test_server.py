@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -346,25 +347,41 @@ def _metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
+def spawned_workers(parent_pid: int) -> list[psutil.Process]:
+    """The worker processes a `--workers` supervisor started (not multiprocessing's resource tracker)."""
+    found = []
+    for child in psutil.Process(parent_pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # a killed worker not yet reaped (zombie) or already gone
+            continue
+    return found
+
+
+def worker_serving(parent_pid: int, server_port: int, client_port: int) -> int:
+    """The pid of the worker holding the server side of our connection from `client_port` (-1: none)."""
+    for worker in spawned_workers(parent_pid):
+        try:
+            for c in worker.net_connections("tcp"):
+                if (c.status == "ESTABLISHED" and c.laddr.port == server_port and c.raddr
+                        and c.raddr.port == client_port):
+                    return int(worker.pid)
+        except psutil.Error:
+            continue
+    return -1
+
+
 def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path) -> None:
     import os
     import signal
     import subprocess
     import sys
 
-    import psutil
-
     from serving.loadgen import _free_port, _wait_serving
 
-    def workers() -> list[psutil.Process]:  # not the resource tracker that multiprocessing also starts
-        found = []
-        for child in psutil.Process(parent.pid).children():
-            try:
-                if "spawn_main" in " ".join(child.cmdline()):
-                    found.append(child)
-            except psutil.Error:  # a killed worker not yet reaped (zombie) or already gone
-                continue
-        return found
+    def workers() -> list[psutil.Process]:
+        return spawned_workers(parent.pid)
 
     port, metrics_port = _free_port(), _free_port()
     command = [sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
@@ -423,8 +440,6 @@ def test_client_spreads_its_connections_over_the_server_processes(trained_artifa
     import subprocess
     import sys
 
-    import psutil
-
     from serving.loadgen import _free_port, _wait_serving
 
     port = _free_port()
@@ -437,16 +452,8 @@ def test_client_spreads_its_connections_over_the_server_processes(trained_artifa
                 if c.status == "ESTABLISHED" and c.raddr and c.raddr.port == to_port}
 
     def processes_reached(local_ports: set[int]) -> list[int]:
-        """The server process behind each of our connections (psutil, from the server's side)."""
-        owners = []
-        for child in psutil.Process(parent.pid).children():
-            try:
-                for c in child.net_connections("tcp"):
-                    if c.status == "ESTABLISHED" and c.laddr.port == port and c.raddr and c.raddr.port in local_ports:
-                        owners.append(child.pid)
-            except psutil.Error:
-                continue
-        return owners
+        """The server process behind each of our connections."""
+        return [worker_serving(parent.pid, port, local) for local in local_ports]
 
     async def spread(connections: int) -> tuple[int, list[int], bool]:
         client = AsyncRouterClient(f"127.0.0.1:{port}", timeout=1.0, attempts=1, coalesce=True,
@@ -522,8 +529,6 @@ def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> 
     import signal
     import subprocess
     import sys
-
-    import psutil
 
     from serving.loadgen import _free_port, _wait_serving
 
