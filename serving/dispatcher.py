@@ -19,7 +19,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +255,51 @@ class Dispatcher:
         })
 
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": the decision log's status for a caller that left
+
+
+class ClientGone(Exception):
+    """The caller disconnected before the response started."""
+
+
+class DisconnectWatch:
+    """Stops a request's work when its caller disconnects before the response starts.
+
+    uvicorn does not cancel a handler whose client went away, so without this a caller that gives up
+    (a timeout, a closed tab) would leave the upstream generating, and paid for, until it finished, and
+    a first-byte timeout would then escalate the request to a dearer tier for nobody. Watch the ASGI
+    `receive` channel (the body has been read, so the next message is the disconnect) and cancel the
+    handler's task; `guard()` turns that cancellation into `ClientGone`. Stop the watch before handing
+    the response over (a streaming response watches for itself).
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self.client_gone = False
+        self._request_task = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        if self._request_task is not None:
+            self._request_task.cancel()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.client_gone or self._request_task is None:
+                raise  # a shutdown, not the caller
+            self._request_task.uncancel()
+            raise ClientGone() from None
+
+    def stop(self) -> None:
+        """Called on the event loop between awaits, so a disconnect seen after it cancels nothing."""
+        self._watcher.cancel()
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -328,26 +373,42 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         except HTTPError as error:
             return error.response()
         prompt = "\n\n".join(content for _, content in messages)
-        route = await dispatcher.route(messages, mode, pinned)
-        if not dispatcher.prices:
-            with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
-                await dispatcher.refresh_prices()
+        route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
+        watch = DisconnectWatch(request.receive)
+        upstream: aiohttp.ClientResponse | None = None
+        tier: str | None = None
         try:
-            upstream, tier = await dispatcher.open_upstream(route, body)
-        except HTTPError as error:
-            dispatcher.record(route, None, prompt, error.status, started, None)
-            return error.response(dispatcher.headers(route, route.tier))
+            with watch.guard():
+                if not dispatcher.prices:
+                    with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
+                        await dispatcher.refresh_prices()
+                try:
+                    upstream, tier = await dispatcher.open_upstream(route, body)
+                except HTTPError as error:
+                    dispatcher.record(route, None, prompt, error.status, started, None)
+                    return error.response(dispatcher.headers(route, route.tier))
+                content = b""
+                if not body.get("stream"):
+                    try:
+                        content = await upstream.read()
+                    except (aiohttp.ClientError, TimeoutError) as error:
+                        upstream.close()
+                        failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
+                                            f"({type(error).__name__})", kind="upstream_error",
+                                            code="upstream_unavailable")
+                        dispatcher.record(route, tier, prompt, failure.status, started, None)
+                        return failure.response(dispatcher.headers(route, tier))
+        except ClientGone:
+            # Closing the upstream connection is what stops its work (vLLM and others abort on it).
+            if upstream is not None:
+                upstream.close()
+            dispatcher.record(route, tier or route.tier, prompt, CLIENT_CLOSED, started, None)
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
+        finally:
+            watch.stop()
         headers = dispatcher.headers(route, tier)
         media_type = upstream.headers.get("content-type", "application/json")
         if not body.get("stream"):
-            try:
-                content = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as error:
-                upstream.close()
-                failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
-                                    f"({type(error).__name__})", kind="upstream_error", code="upstream_unavailable")
-                dispatcher.record(route, tier, prompt, failure.status, started, None)
-                return failure.response(headers)
             upstream.release()
             usage = None
             if upstream.status < 400:
@@ -370,6 +431,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 event = {"error": {"message": f"upstream stream from tier {tier} broke: {type(error).__name__}",
                                    "type": "upstream_error", "code": "stream_interrupted"}}
                 yield f"data: {json.dumps(event)}\n\n".encode()
+            except (asyncio.CancelledError, GeneratorExit):
+                status = CLIENT_CLOSED  # the caller disconnected mid-stream
+                raise
             finally:
                 # Also runs when the client disconnects: closing the connection cancels the upstream call.
                 # A stream read to its end hands its connection back to the pool instead.

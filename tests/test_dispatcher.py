@@ -44,6 +44,13 @@ class Upstream:
                                     status_code=400)
             if self.behaviour == "slow":
                 await asyncio.sleep(3)
+            if self.behaviour == "generating":
+                # Like vLLM: a long generation that stops when its caller disconnects.
+                for _ in range(100):
+                    if await request.is_disconnected():
+                        self.cancelled.set()
+                        return JSONResponse({}, status_code=499)
+                    await asyncio.sleep(0.05)
             if body.get("stream"):
                 return StreamingResponse(self._stream(body), media_type="text/event-stream")
             return {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
@@ -242,13 +249,48 @@ def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict
     assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
 
 
-def test_client_disconnect_cancels_upstream(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+def test_client_disconnect_cancels_upstream(dispatcher: Dispatcher, fresh: dict[str, Upstream],
+                                           tmp_path: Path) -> None:
     fresh["small"].behaviour = "slowstream"
     with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", timeout=10,
                       json={"model": "promptier", "stream": True,
                             "messages": [{"role": "user", "content": EASY}]}) as response:
         next(response.iter_bytes())
     assert fresh["small"].cancelled.wait(5)
+    deadline = time.time() + 5
+    while not (tmp_path / "decisions.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    (entry,) = _log(tmp_path)
+    assert entry["status"] == 499  # the caller left mid-stream; the log says so instead of 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_before_the_upstream_answers_cancels_it_without_escalating(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path, stream: bool) -> None:
+    # A caller that gives up while the upstream is still working (a long non-streaming completion, or
+    # a stream whose first token has not come) must stop that work, and must not be escalated to a
+    # dearer tier when the first-byte timeout later expires.
+    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
+    config.tiers["small"].first_byte_timeout_s = 1.5
+    running = Dispatcher(config)
+    fresh["small"].behaviour = "generating"
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{running.base_url}/chat/completions", timeout=0.4,
+                       json={"model": "promptier", "stream": stream, "messages": [{"role": "user", "content": EASY}]})
+        assert fresh["small"].cancelled.wait(1.0)  # well before the dispatcher's own 1.5 s timeout
+        deadline = time.time() + 5
+        while not (tmp_path / "decisions.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # past the first-byte timeout: an escalation would have reached medium by now
+        (entry,) = _log(tmp_path)
+        assert entry["status"] == 499 and entry["tier"] == "small"
+        assert not fresh["medium"].received and not fresh["large"].received
+        metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
+        assert 'promptier_dispatch_requests_total{reason="classified",status="499",tier="small"} 1.0' in metrics
+        assert "promptier_dispatch_escalations_total{" not in metrics
+    finally:
+        running.stop()
 
 
 def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_artifact: Path,
