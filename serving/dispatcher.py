@@ -300,6 +300,29 @@ class DisconnectWatch:
         self._watcher.cancel()
 
 
+STREAM_TAIL_BYTES = 16 * 1024  # kept of each relayed stream: enough for its last event, where usage is
+
+
+def usage_from_stream_tail(tail: bytes) -> dict | None:
+    """Token usage from the end of a chat-completions event stream, if the upstream sent it.
+
+    OpenAI-compatible servers send usage in a last chunk when the caller asks for it
+    (`stream_options: {"include_usage": true}`); the dispatcher does not add that to the request, as
+    bodies pass through untouched.
+    """
+    for line in reversed(tail.splitlines()):
+        payload = line.removeprefix(b"data:").strip()
+        if not line.startswith(b"data:") or payload == b"[DONE]":
+            continue
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return None  # the last event is not JSON (cut, or not an OpenAI stream): no usage
+        usage = event.get("usage") if isinstance(event, dict) else None
+        return usage if isinstance(usage, dict) else None
+    return None
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -422,8 +445,11 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         async def relay() -> AsyncIterator[bytes]:
             status = upstream.status
             finished = False
+            tail = bytearray()
             try:
                 async for chunk in upstream.content.iter_any():
+                    tail += chunk
+                    del tail[:-STREAM_TAIL_BYTES]
                     yield chunk
                 finished = True
             except (aiohttp.ClientError, TimeoutError) as error:
@@ -441,7 +467,8 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                     upstream.release()
                 else:
                     upstream.close()
-                dispatcher.record(route, tier, prompt, status, started, None)
+                usage = usage_from_stream_tail(bytes(tail)) if finished and status < 400 else None
+                dispatcher.record(route, tier, prompt, status, started, usage)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
 

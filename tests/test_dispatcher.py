@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from classifier.errors import PromptierError
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.dispatcher import create_app
+from serving.dispatcher import create_app, usage_from_stream_tail
 from serving.server import ServerLimits
 from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
@@ -72,6 +72,10 @@ class Upstream:
                                       "finish_reason": None}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(0.3 if self.behaviour == "slowstream" else 0)
+            if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI does: a last, choiceless chunk
+                last = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                        "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             self.cancelled.set()
@@ -193,11 +197,19 @@ def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[s
     assert health["classifier_processes_reached"] == 1  # the test service is a single process
 
 
-def test_streaming_is_relayed_chunk_for_chunk(dispatcher: Dispatcher) -> None:
+def test_streaming_is_relayed_chunk_for_chunk(dispatcher: Dispatcher, tmp_path: Path) -> None:
     stream = dispatcher.client().chat.completions.create(
         model="promptier", messages=[{"role": "user", "content": EASY}], stream=True)
     pieces = [chunk.choices[0].delta.content for chunk in stream]
     assert pieces == [f"small-{i} " for i in range(5)]
+    with_usage = dispatcher.client().chat.completions.create(
+        model="promptier", messages=[{"role": "user", "content": EASY}], stream=True,
+        stream_options={"include_usage": True})
+    assert [chunk.usage.total_tokens for chunk in with_usage if chunk.usage] == [17]
+    without, with_ = _log(tmp_path)
+    assert without["usage"] is None and without["cost_usd"] is None and without["status"] == 200
+    # The caller asked for usage, so the stream's last chunk carries it: the log gets tokens and cost too.
+    assert with_["usage"]["total_tokens"] == 17 and with_["cost_usd"] == pytest.approx((12 * 0.2 + 5 * 0.2) / 1e6)
 
 
 def test_async_client(dispatcher: Dispatcher) -> None:
@@ -672,3 +684,16 @@ def test_a_single_dispatcher_process_survives_sighup_and_says_why_it_ignores_it(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_usage_is_read_from_the_last_event_of_a_stream() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    last = json.dumps({"choices": [], "usage": usage}).encode()
+    middle = json.dumps({"choices": [{"delta": {"content": "x"}}], "usage": None}).encode()
+    assert usage_from_stream_tail(b"data: " + middle + b"\n\ndata: " + last + b"\n\ndata: [DONE]\n\n") == usage
+    crlf = b"data: " + middle + b"\r\n\r\ndata: " + last + b"\r\n\r\ndata: [DONE]\r\n\r\n"
+    assert usage_from_stream_tail(crlf) == usage
+    assert usage_from_stream_tail(b"ge\": 1}\n\ndata: " + last + b"\n\n") == usage  # the tail began mid-event
+    assert usage_from_stream_tail(b"data: " + middle + b"\n\ndata: [DONE]\n\n") is None  # not asked for
+    assert usage_from_stream_tail(b"data: " + last[:20]) is None  # cut short
+    assert usage_from_stream_tail(b"event: ping\n\n") is None and usage_from_stream_tail(b"") is None
