@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -177,6 +178,33 @@ def test_routes_by_tier_and_passes_body_through(dispatcher: Dispatcher, fresh: d
     assert entries[0]["prompt"] == EASY and entries[0]["usage"]["total_tokens"] == 15
     assert entries[0]["cost_usd"] == pytest.approx((10 * 0.2 + 5 * 0.2) / 1e6)
     assert {"prompt_id", "model", "score", "source", "category", "reason", "latency_ms", "status"} <= set(entries[0])
+
+
+def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_path: Path) -> None:
+    # The loop the dispatcher exists for: route, have a judge fill in `score`, train on the result.
+    from training.data import read_logs
+    from training.labels import build_table
+    from training.pool import Pool
+
+    client = dispatcher.client()
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    client.chat.completions.create(model="promptier/tier/large", messages=[{"role": "user", "content": EASY}])
+    client.chat.completions.create(model="promptier/quality", messages=[{"role": "user", "content": HARD}])
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "not judged yet"}])
+    judged = tmp_path / "judged.jsonl"
+    scores = [0.0, 1.0, 1.0, None]  # the small model failed the easy prompt; the last row awaits its judge
+    judged.write_text("".join(json.dumps({**entry, "score": score}) + "\n"
+                              for entry, score in zip(_log(tmp_path), scores, strict=True)))
+    rows, skipped = read_logs([judged], skip_invalid=True)
+    assert skipped.total == 1 and "missing value" in skipped.summary()
+    pool = Pool.model_validate({
+        "tiers": [{"name": name, "usd_per_mtok": {"input": 1, "output": 1}} for name in ("small", "medium", "large")],
+        "sources": {"dispatcher": {name: f"{name}-upstream-model" for name in ("small", "medium", "large")}}})
+    table, unused = build_table(rows, pool)
+    assert not unused and table.prompts == [EASY, HARD]
+    easy, hard = table.targets
+    assert easy[0] == 0.0 and easy[2] == 1.0 and np.isnan(easy[1])  # unrouted tiers stay unknown, not failures
+    assert hard[2] == 1.0 and np.isnan(hard[:2]).all()
 
 
 def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
