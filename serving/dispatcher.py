@@ -34,6 +34,8 @@ from starlette.routing import Route as Endpoint
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from classifier.artifact import MODES
+from classifier.conversation import render_conversation
+from classifier.errors import InvalidInputError
 from serving.decision_log import DecisionLog
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.logs import configure_json_logging
@@ -323,6 +325,15 @@ def usage_from_stream_tail(tail: bytes) -> dict | None:
     return None
 
 
+def _logged_prompt(messages: list[tuple[str, str]]) -> str:
+    """The text the classifier read for this request, so that training on the decision log sees what
+    serving sees (for a conversation: the latest user turn first, then the earlier turns, newest first)."""
+    try:
+        return render_conversation(messages)
+    except InvalidInputError:  # nothing the classifier could read (it fell back): keep what there is
+        return "\n\n".join(content for _, content in messages)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -395,7 +406,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             mode, pinned = dispatcher.parse_model(body.get("model"))
         except HTTPError as error:
             return error.response()
-        prompt = "\n\n".join(content for _, content in messages)
+        prompt = _logged_prompt(messages) if dispatcher.decisions.store_prompts else ""
         route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
         watch = DisconnectWatch(request.receive)
         upstream: aiohttp.ClientResponse | None = None

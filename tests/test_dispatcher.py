@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app, usage_from_stream_tail
@@ -189,7 +190,9 @@ def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_
     client = dispatcher.client()
     client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
     client.chat.completions.create(model="promptier/tier/large", messages=[{"role": "user", "content": EASY}])
-    client.chat.completions.create(model="promptier/quality", messages=[{"role": "user", "content": HARD}])
+    conversation = [("system", "Be brief."), ("user", EASY), ("assistant", "Done."), ("user", HARD)]
+    client.chat.completions.create(model="promptier/quality",
+                                   messages=[{"role": role, "content": text} for role, text in conversation])
     client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "not judged yet"}])
     judged = tmp_path / "judged.jsonl"
     scores = [0.0, 1.0, 1.0, None]  # the small model failed the easy prompt; the last row awaits its judge
@@ -201,7 +204,8 @@ def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_
         "tiers": [{"name": name, "usd_per_mtok": {"input": 1, "output": 1}} for name in ("small", "medium", "large")],
         "sources": {"dispatcher": {name: f"{name}-upstream-model" for name in ("small", "medium", "large")}}})
     table, unused = build_table(rows, pool)
-    assert not unused and table.prompts == [EASY, HARD]
+    # A conversation is logged as the text the classifier read, so training sees what serving sees.
+    assert not unused and table.prompts == [EASY, render_conversation(conversation)]
     easy, hard = table.targets
     assert easy[0] == 0.0 and easy[2] == 1.0 and np.isnan(easy[1])  # unrouted tiers stay unknown, not failures
     assert hard[2] == 1.0 and np.isnan(hard[:2]).all()
