@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import signal
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ log = logging.getLogger("promptier.server")
 
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 ADMIN_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+ADMIN_TOKEN_ENV = "PROMPTIER_ADMIN_TOKEN"  # read from the environment: a command line is visible in `ps`
 
 
 @dataclass(frozen=True)
@@ -216,12 +221,53 @@ def _router_handlers(service: RouterService) -> grpc.GenericRpcHandler:
     })
 
 
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:...`) is this host."""
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)  # some gRPC versions write IPv6 brackets as %5B and %5D
+    if kind == "unix":
+        return True
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]").split("%")[0]
+    else:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AdminService(router_pb2_grpc.AdminServicer):
-    def __init__(self, server: RunningServer) -> None:
+    """Reload swaps the model every caller is routed by, from any directory the server can read, so it
+    is not open to whoever reaches the port: with a token (PROMPTIER_ADMIN_TOKEN) a call must present
+    it as `authorization: Bearer <token>`; without one, only callers on this host are accepted."""
+
+    def __init__(self, server: RunningServer, token: str | None = None) -> None:
         self._server = server
+        self._token = token
+
+    def _refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+        if self._token is not None:
+            metadata = {key: value for key, value in context.invocation_metadata() or ()}
+            supplied = str(metadata.get("authorization", "")).removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(supplied.encode(), self._token.encode()):
+                return grpc.StatusCode.UNAUTHENTICATED, "Admin calls need the header 'authorization: Bearer <token>'"
+            return None
+        if not is_local_peer(context.peer()):
+            return (grpc.StatusCode.PERMISSION_DENIED, "Admin calls are accepted only from this host unless the "
+                    "server is started with PROMPTIER_ADMIN_TOKEN set (then with that token); SIGHUP also reloads")
+        return None
 
     async def Reload(self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
                      ) -> router_pb2.ReloadResponse:
+        refusal = self._refusal(context)
+        if refusal is not None:
+            self._server.metrics.reloads.labels("denied").inc()
+            log.warning(json.dumps({"event": "admin_denied", "rpc": "Reload", "peer": context.peer(),
+                                    "code": refusal[0].name}))
+            await context.abort(*refusal)
         try:
             version, previous = await self._server.reload(Path(request.model_dir) if request.model_dir else None)
         except PromptierError as error:
@@ -263,7 +309,7 @@ class RunningServer:
 
 async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:0", threads: int = 1,
                        limits: ServerLimits | None = None, model: TierClassifier | None = None,
-                       reuse_port: bool = False) -> RunningServer:
+                       reuse_port: bool = False, admin_token: str | None = None) -> RunningServer:
     """Load the model, then bind and start. A bad artifact raises here, before any port is opened.
 
     Args:
@@ -271,6 +317,7 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         address: host:port; port 0 picks a free one (see RunningServer.port).
         threads: ONNX Runtime threads for the model worker.
         reuse_port: share the port with other server processes (SO_REUSEPORT; `--workers`).
+        admin_token: the token Admin calls must present; None accepts Admin calls from this host only.
     """
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
@@ -297,7 +344,7 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = RunningServer(server, port, holder, batcher, health_servicer, metrics)
-    router_pb2_grpc.add_AdminServicer_to_server(AdminService(running), server)
+    router_pb2_grpc.add_AdminServicer_to_server(AdminService(running, admin_token), server)
     batcher.start()
     await server.start()
     for service in ("", ROUTER_SERVICE):
@@ -308,7 +355,8 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
 async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
                         grace: float = 10.0, reuse_port: bool = False) -> None:
     """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory."""
-    running = await start_server(model_dir, address, threads, reuse_port=reuse_port)
+    running = await start_server(model_dir, address, threads, reuse_port=reuse_port,
+                                 admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     freeze_startup_objects()
     if metrics_port is not None:
         from prometheus_client import start_http_server

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import classifier
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.client import AsyncRouterClient, Decision, RouterClient
-from serving.server import RunningServer, ServerLimits, start_server
+from serving.server import RunningServer, ServerLimits, is_local_peer, start_server
 
 EASY = "hello thanks say hi cat dog"
 HARD = "prove theorem derive integral eigenvalue lemma"
@@ -337,6 +339,65 @@ def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -
         assert running.running.metrics.reloads.labels("refused")._value.get() == 1
     finally:
         running.stop()
+
+
+def test_admin_needs_the_token_when_the_server_has_one(trained_artifact: Path) -> None:
+    running = ServerThread(model_dir=trained_artifact, admin_token="s3cret")
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            admin = router_pb2_grpc.AdminStub(channel)
+            for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cre"),)]:
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.Reload(router_pb2.ReloadRequest(), metadata=metadata, timeout=30)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # from this host too
+            reply = admin.Reload(router_pb2.ReloadRequest(), metadata=(("authorization", "Bearer s3cret"),),
+                                 timeout=30)
+            assert reply.model_version == "tiny-test-1"
+            assert router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY),
+                                                                 timeout=5).tier == "small"
+        assert running.running is not None
+        assert running.running.metrics.reloads.labels("denied")._value.get() == 3
+        assert running.running.metrics.reloads.labels("ok")._value.get() == 1
+    finally:
+        running.stop()
+
+
+def _non_loopback_address() -> str | None:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback:
+                return address.address
+    return None
+
+
+def test_admin_without_a_token_refuses_callers_from_other_hosts(trained_artifact: Path) -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no network interface besides loopback")
+    running = ServerThread(model_dir=trained_artifact, address="0.0.0.0:0")
+    try:
+        assert running.running is not None
+        with grpc.insecure_channel(f"{address}:{running.running.port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                router_pb2_grpc.AdminStub(channel).Reload(router_pb2.ReloadRequest(), timeout=30)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "PROMPTIER_ADMIN_TOKEN" in info.value.details()
+            # The Router itself is for everyone who can reach the port.
+            assert router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY),
+                                                                 timeout=5).tier == "small"
+        with grpc.insecure_channel(f"127.0.0.1:{running.running.port}") as channel:
+            assert router_pb2_grpc.AdminStub(channel).Reload(router_pb2.ReloadRequest(), timeout=30).model_version
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(("peer", "local"), [
+    ("ipv4:127.0.0.1:50051", True), ("ipv4:127.8.0.1:1", True), ("ipv4:192.0.2.2:50051", False),
+    ("ipv6:[::1]:50051", True), ("ipv6:%5B::1%5D:50051", True), ("ipv6:[fd00::2]:50051", False),
+    ("ipv6:[::ffff:10.0.0.1]:1", False), ("unix:/run/promptier.sock", True), ("", False), ("ipv4:nonsense", False),
+])
+def test_which_peers_count_as_this_host(peer: str, local: bool) -> None:
+    assert is_local_peer(peer) is local
 
 
 def _metric(port: int, name: str) -> float:
