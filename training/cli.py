@@ -240,7 +240,11 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port (SO_REUSEPORT), "
                                          "one model each; about one per core")] = 1,
 ) -> None:
-    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory)."""
+    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory).
+
+    Admin.Reload accepts callers on this host only, or, with PROMPTIER_ADMIN_TOKEN set in the
+    environment, callers that send `authorization: Bearer <token>`.
+    """
     import asyncio
 
     from serving.logs import configure_json_logging
