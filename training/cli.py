@@ -242,8 +242,7 @@ def serve(
 ) -> None:
     """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory).
 
-    Admin.Reload accepts callers on this host only, or, with PROMPTIER_ADMIN_TOKEN set in the
-    environment, callers that send `authorization: Bearer <token>`.
+    Admin.Reload: callers on this host only, or callers with the token in env PROMPTIER_ADMIN_TOKEN.
     """
     import asyncio
 
