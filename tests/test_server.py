@@ -118,6 +118,32 @@ def test_batch_answers_per_item(server: ServerThread) -> None:
     assert outcomes[1] == grpc.StatusCode.INVALID_ARGUMENT and outcomes[3] == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_batch_items_carry_what_single_calls_do_and_are_counted(server: ServerThread) -> None:
+    assert server.running is not None
+    metrics = server.running.metrics
+
+    def decisions() -> dict[str, float]:
+        return {tier: metrics.tiers.labels(tier)._value.get() for tier in ("small", "medium", "large")}
+
+    tiers_before, truncated_before = decisions(), metrics.truncations._value.get()
+    long = " ".join(["word"] * 400)  # past the model's token window
+    prompts = [EASY, HARD, EASY, long]
+    with RouterClient(server.target, timeout=5) as client:
+        batch = client.classify_batch([*prompts, ""])
+        singles = [client.classify(prompt) for prompt in prompts]
+    assert batch[4] == grpc.StatusCode.INVALID_ARGUMENT
+    for item, single in zip(batch, singles, strict=False):
+        assert isinstance(item, Decision)
+        assert (item.tier, item.threshold, item.truncated, item.tokens, item.model_version) == (
+            single.tier, single.threshold, single.truncated, single.tokens, single.model_version)
+        assert item.scores == pytest.approx(single.scores, abs=1e-5) and item.server_latency_ms > 0
+    assert [item.truncated for item in singles] == [False, False, False, True]
+    counted = {tier: count - tiers_before[tier] for tier, count in decisions().items()}
+    expected = {tier: 2 * [d.tier for d in singles].count(tier) for tier in counted}
+    assert counted == expected  # every answered prompt once, the refused one not at all
+    assert metrics.truncations._value.get() - truncated_before == 2
+
+
 def test_invalid_arguments(stub: router_pb2_grpc.RouterStub) -> None:
     request = router_pb2.ClassifyRequest
     policy = router_pb2.Policy
