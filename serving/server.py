@@ -377,7 +377,9 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="0.0.0.0", registry=running.metrics.registry)
+        # On the gRPC interface: a server kept on loopback does not publish its metrics to the network.
+        metrics_host = address.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        start_http_server(metrics_port, addr=metrics_host, registry=running.metrics.registry)
     log.info(json.dumps({"event": "serving", "address": address, "port": running.port,
                          "model_version": running.holder.model.model_version, "metrics_port": metrics_port}))
     loop = asyncio.get_running_loop()

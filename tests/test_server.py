@@ -492,6 +492,10 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
             if all(count > 0 for count in served):
                 break
         assert all(count > 0 for count in served), served
+        outside = _non_loopback_address()
+        if outside is not None:  # metrics are on --host (127.0.0.1 here), not published to the network
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((outside, metrics_port), timeout=5).close()
 
         os.kill(parent.pid, signal.SIGHUP)  # reload reaches every worker
         deadline = time.monotonic() + 30

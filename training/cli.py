@@ -235,7 +235,7 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 50051,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads of the model worker")] = 1,
-    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port "
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port of --host "
                                                      "(worker i of --workers on this port + i)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port (SO_REUSEPORT), "
                                          "one model each; about one per core")] = 1,
