@@ -319,9 +319,9 @@ def test_client_gone_before_the_upstream_answers_cancels_it_without_escalating(
     running = Dispatcher(config)
     fresh["small"].behaviour = "generating"
     try:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{running.base_url}/chat/completions", timeout=0.4,
-                       json={"model": "promptier", "stream": stream, "messages": [{"role": "user", "content": EASY}]})
+        with pytest.raises(openai.APITimeoutError):  # the caller gives up and closes its connection
+            running.client(timeout=0.4).chat.completions.create(
+                model="promptier", stream=stream, messages=[{"role": "user", "content": EASY}])
         assert fresh["small"].cancelled.wait(1.0)  # well before the dispatcher's own 1.5 s timeout
         deadline = time.time() + 5
         while not (tmp_path / "decisions.jsonl").exists() and time.time() < deadline:
