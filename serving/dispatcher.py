@@ -276,7 +276,7 @@ class DisconnectWatch:
     itself).
     """
 
-    # A watcher task per request cost 10-25% of the dispatcher's throughput under load (interleaved
+    # A watcher task per request cost 10-26% of the dispatcher's throughput under load (interleaved
     # h2load runs); a timer costs next to nothing, and a request answered within it needs no watch.
     WATCH_AFTER_S = 0.05
 

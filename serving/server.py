@@ -250,9 +250,12 @@ def is_local_peer(peer: str) -> bool:
     else:
         return False
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # an IPv4 caller of a dual-stack [::] listener
+    return address.is_loopback
 
 
 class AdminService(router_pb2_grpc.AdminServicer):

@@ -420,7 +420,8 @@ def test_admin_without_a_token_refuses_callers_from_other_hosts(trained_artifact
 @pytest.mark.parametrize(("peer", "local"), [
     ("ipv4:127.0.0.1:50051", True), ("ipv4:127.8.0.1:1", True), ("ipv4:192.0.2.2:50051", False),
     ("ipv6:[::1]:50051", True), ("ipv6:%5B::1%5D:50051", True), ("ipv6:[fd00::2]:50051", False),
-    ("ipv6:[::ffff:10.0.0.1]:1", False), ("unix:/run/promptier.sock", True), ("", False), ("ipv4:nonsense", False),
+    ("ipv6:[::ffff:10.0.0.1]:1", False), ("ipv6:[::ffff:127.0.0.1]:1", True), ("unix:/run/promptier.sock", True),
+    ("", False), ("ipv4:nonsense", False),
 ])
 def test_which_peers_count_as_this_host(peer: str, local: bool) -> None:
     assert is_local_peer(peer) is local
