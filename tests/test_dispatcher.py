@@ -33,6 +33,8 @@ class Upstream:
         self.received: list[dict] = []
         self.behaviour = "ok"
         self.cancelled = threading.Event()
+        self.generation_s = 5.0  # how long "generating" works before it answers
+        self.generations_cancelled = 0
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -48,8 +50,9 @@ class Upstream:
                 await asyncio.sleep(3)
             if self.behaviour == "generating":
                 # Like vLLM: a long generation that stops when its caller disconnects.
-                for _ in range(100):
+                for _ in range(round(self.generation_s / 0.05)):
                     if await request.is_disconnected():
+                        self.generations_cancelled += 1
                         self.cancelled.set()
                         return JSONResponse({}, status_code=499)
                     await asyncio.sleep(0.05)
@@ -112,6 +115,7 @@ def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
         upstream.received.clear()
         upstream.behaviour = "ok"
         upstream.cancelled.clear()
+        upstream.generation_s, upstream.generations_cancelled = 5.0, 0
     return upstreams
 
 
@@ -335,6 +339,37 @@ def test_client_gone_before_the_upstream_answers_cancels_it_without_escalating(
         assert "promptier_dispatch_escalations_total{" not in metrics
     finally:
         running.stop()
+
+
+def test_callers_leaving_and_staying_at_once(dispatcher: Dispatcher, fresh: dict[str, Upstream],
+                                             tmp_path: Path) -> None:
+    # 24 concurrent callers of a 0.6 s generation, every other one giving up after 0.2 s: those that
+    # stay get their answer, each one that left stops its own generation and nobody else's, and the
+    # decision log has every request once, with the status each one ended with.
+    fresh["small"].behaviour, fresh["small"].generation_s = "generating", 0.6
+
+    async def run() -> list[int | str]:
+        async with httpx.AsyncClient(base_url=dispatcher.base_url) as client:
+            async def call(index: int) -> int | str:
+                body = {"model": "promptier", "stream": index % 4 in (0, 1),
+                        "messages": [{"role": "user", "content": EASY}]}
+                try:
+                    response = await client.post("/chat/completions", json=body,
+                                                 timeout=0.2 if index % 2 else 10)
+                    return response.status_code
+                except httpx.ReadTimeout:
+                    return "left"
+
+            return await asyncio.gather(*(call(index) for index in range(24)))
+
+    outcomes = asyncio.run(run())
+    assert outcomes == ["left" if index % 2 else 200 for index in range(24)]
+    deadline = time.time() + 5
+    while time.time() < deadline and (not (tmp_path / "decisions.jsonl").exists() or len(_log(tmp_path)) < 24):
+        time.sleep(0.05)
+    assert fresh["small"].generations_cancelled == 12 and len(fresh["small"].received) == 24
+    assert sorted(entry["status"] for entry in _log(tmp_path)) == [200] * 12 + [499] * 12
+    assert not fresh["medium"].received and not fresh["large"].received
 
 
 def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_artifact: Path,
