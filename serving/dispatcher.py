@@ -238,8 +238,14 @@ class Dispatcher:
             headers[f"{HEADER_PREFIX}classifier-ms"] = f"{route.classifier_ms:.3f}"
         return headers
 
-    def record(self, route: Route, tier: str | None, prompt: str, status: int, started: float,
+    def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
                usage: dict | None) -> None:
+        """Count the request and append it to the decision log (prompt text only with store_prompts)."""
+        prompt = conversation = None
+        if self.decisions.store_prompts:
+            prompt = _logged_prompt(messages)
+            if len(messages) > 1:  # for a judge: the conversation as it was, in order
+                conversation = [{"role": role, "content": content} for role, content in messages]
         cost = None
         if usage and tier in self.prices:
             price_in, price_out = self.prices[tier]
@@ -247,7 +253,7 @@ class Dispatcher:
         self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
         self.decisions.write({
             "prompt_id": f"dispatcher:{uuid.uuid4().hex}",
-            "prompt": prompt if self.decisions.store_prompts else None,
+            "prompt": prompt, "messages": conversation,
             "model": self.config.tiers[tier].model if tier else None,
             "score": None, "cost_usd": cost, "source": "dispatcher", "category": "",
             "tier": tier, "routed_tier": route.tier, "reason": route.reason, "mode": route.mode,
@@ -418,7 +424,6 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             mode, pinned = dispatcher.parse_model(body.get("model"))
         except HTTPError as error:
             return error.response()
-        prompt = _logged_prompt(messages) if dispatcher.decisions.store_prompts else ""
         route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
         watch = DisconnectWatch(request.receive)
         upstream: aiohttp.ClientResponse | None = None
@@ -431,7 +436,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 try:
                     upstream, tier = await dispatcher.open_upstream(route, body)
                 except HTTPError as error:
-                    dispatcher.record(route, None, prompt, error.status, started, None)
+                    dispatcher.record(route, None, messages, error.status, started, None)
                     return error.response(dispatcher.headers(route, route.tier))
                 content = b""
                 if not body.get("stream"):
@@ -442,13 +447,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                         failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
                                             f"({type(error).__name__})", kind="upstream_error",
                                             code="upstream_unavailable")
-                        dispatcher.record(route, tier, prompt, failure.status, started, None)
+                        dispatcher.record(route, tier, messages, failure.status, started, None)
                         return failure.response(dispatcher.headers(route, tier))
         except ClientGone:
             # Closing the upstream connection is what stops its work (vLLM and others abort on it).
             if upstream is not None:
                 upstream.close()
-            dispatcher.record(route, tier or route.tier, prompt, CLIENT_CLOSED, started, None)
+            dispatcher.record(route, tier or route.tier, messages, CLIENT_CLOSED, started, None)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         finally:
             watch.stop()
@@ -462,7 +467,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                     usage = json.loads(content).get("usage")
                 except (ValueError, AttributeError):
                     usage = None
-            dispatcher.record(route, tier, prompt, upstream.status, started, usage)
+            dispatcher.record(route, tier, messages, upstream.status, started, usage)
             return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -491,7 +496,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 else:
                     upstream.close()
                 usage = usage_from_stream_tail(bytes(tail)) if finished and status < 400 else None
-                dispatcher.record(route, tier, prompt, status, started, usage)
+                dispatcher.record(route, tier, messages, status, started, usage)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
 

@@ -198,6 +198,10 @@ def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_
     client.chat.completions.create(model="promptier/quality",
                                    messages=[{"role": role, "content": text} for role, text in conversation])
     client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "not judged yet"}])
+    logged = _log(tmp_path)
+    # For a judge, a conversation is also kept as it was, in order; a single message is the prompt itself.
+    assert logged[2]["messages"] == [{"role": role, "content": text} for role, text in conversation]
+    assert logged[0]["messages"] is None
     judged = tmp_path / "judged.jsonl"
     scores = [0.0, 1.0, 1.0, None]  # the small model failed the easy prompt; the last row awaits its judge
     judged.write_text("".join(json.dumps({**entry, "score": score}) + "\n"
