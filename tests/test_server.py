@@ -256,6 +256,41 @@ def test_async_client_coalesces_concurrent_calls_into_batches(server: ServerThre
     assert all(isinstance(r, grpc.RpcError) and r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in late)
 
 
+def test_blocking_client_coalesces_calls_from_many_threads(server: ServerThread) -> None:
+    assert server.running is not None
+    requests = server.running.metrics.requests
+
+    def rpcs() -> tuple[float, float]:
+        return requests.labels("Classify", "OK")._value.get(), requests.labels("ClassifyBatch", "OK")._value.get()
+
+    prompts = [EASY, HARD] * 24 + [""]  # the empty prompt is invalid: only its caller gets the error
+    before = rpcs()
+    with RouterClient(server.target, timeout=5, coalesce=True, connections=2) as client, \
+            ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        barrier = threading.Barrier(len(prompts))
+
+        def call(prompt: str) -> str:
+            barrier.wait()  # all at once, so that calls queue behind one another
+            try:
+                return client.classify(prompt).tier
+            except grpc.RpcError as error:
+                return error.code().name
+
+        tiers = list(pool.map(call, prompts))
+    after = rpcs()
+    assert tiers == ["small", "large"] * 24 + ["INVALID_ARGUMENT"]
+    unary, batches = after[0] - before[0], after[1] - before[1]
+    assert batches >= 1 and unary + batches < len(prompts) / 2  # grouped, not one RPC per call
+
+    with RouterClient("127.0.0.1:1", timeout=0.2, attempts=1, coalesce=True) as nowhere:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            nowhere.classify(EASY)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.perf_counter() - started < 2  # within its deadline, not the hand-off's grace
+    assert not any(thread.name == "promptier-client" for thread in threading.enumerate())  # closed
+
+
 def test_fuzz_then_still_serving(server: ServerThread, stub: router_pb2_grpc.RouterStub) -> None:
     rng = random.Random(0)
     for _ in range(150):
