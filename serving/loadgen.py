@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -158,11 +159,54 @@ def _coalescing_client(args: tuple[str, list[str], int, float]) -> dict:
     return asyncio.run(_drive_coalescing_client(*args))
 
 
-def coalescing_client_scenario(target: str, prompts: list[str], concurrency: int, seconds: float) -> dict:
-    """Unary calls at `concurrency` through AsyncRouterClient(coalesce=True), in a process of its own."""
+def _blocking_coalescing_client(args: tuple[str, list[str], int, float]) -> dict:
+    """`concurrency` threads making blocking classify calls through RouterClient(coalesce=True): what a
+    gateway that serves requests on threads gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.client import RouterClient
+
+    target, prompts, concurrency, seconds = args
+    latencies: list[float] = []
+    counts = [0, 0]  # calls answered, calls failed
+    lock = threading.Lock()
+    with RouterClient(target, timeout=5, attempts=1, coalesce=True, connections=2) as client:
+        client.classify(prompts[0])  # warm-up
+        stop_at = time.perf_counter() + seconds
+
+        def caller(index: int) -> None:
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    client.classify(prompts[index % len(prompts)])
+                    outcome = 0
+                except grpc.RpcError:
+                    outcome = 1
+                with lock:
+                    counts[outcome] += 1
+                    if not outcome:
+                        latencies.append((time.perf_counter() - start) * 1000)
+                index += concurrency
+
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
+        began = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(caller, range(concurrency)))
+        elapsed = time.perf_counter() - began
+        usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    return {"latencies": latencies, "errors": counts[1], "items": counts[0], "elapsed": elapsed, "cpu": cpu}
+
+
+def coalescing_client_scenario(target: str, prompts: list[str], concurrency: int, seconds: float,
+                               blocking: bool = False) -> dict:
+    """Unary calls at `concurrency` through the project's client with coalescing on, in a process of its
+    own: AsyncRouterClient on one event loop, or with `blocking` RouterClient called from threads."""
+    drive, label = ((_blocking_coalescing_client, "python client, blocking, coalescing") if blocking
+                    else (_coalescing_client, "python client, coalescing"))
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        part = pool.apply(_coalescing_client, ((target, prompts, concurrency, seconds),))
-    return _summary([part], concurrency, 1, "python client, coalescing")
+        part = pool.apply(drive, ((target, prompts, concurrency, seconds),))
+    return _summary([part], concurrency, 1, label)
 
 
 def _generator(args: tuple[str, list[str], int, float, int, int]) -> dict:
@@ -312,13 +356,14 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
             results.append(_with_server_cpu(server.pid, scenario))
         ports = [metrics_port + i for i in range(workers)]
         for concurrency in coalescing_concurrency:
-            before = ok_calls(ports, "Classify", "ClassifyBatch")[0]
-            result = _with_server_cpu(server.pid, functools.partial(
-                coalescing_client_scenario, target, prompts, concurrency, seconds))
-            # Calls (unary and batch) each server process answered: shows how the connections spread.
-            after = ok_calls(ports, "Classify", "ClassifyBatch")[0]
-            result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
-            results.append(result)
+            for blocking in (False, True):
+                before = ok_calls(ports, "Classify", "ClassifyBatch")[0]
+                result = _with_server_cpu(server.pid, functools.partial(
+                    coalescing_client_scenario, target, prompts, concurrency, seconds, blocking))
+                # Calls (unary and batch) each server process answered: shows how the connections spread.
+                after = ok_calls(ports, "Classify", "ClassifyBatch")[0]
+                result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
+                results.append(result)
         return results
     finally:
         server.terminate()
@@ -427,7 +472,9 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
                 require_all_ok(r)
             elif "coalescing" in r["generator"] and r["errors"]:
                 raise RuntimeError(f"{r['errors']} calls failed in the {r['generator']} scenario")
-            label = str(server_workers) + (", via the coalescing client" if "coalescing" in r["generator"] else "")
+            label = str(server_workers) + (", via the blocking coalescing client (threads)"
+                                           if "blocking" in r["generator"] else
+                                           ", via the coalescing client" if "coalescing" in r["generator"] else "")
             row(label, r)
     if generator == "h2load":
         report["transport_floor"] = transport_floor(prompts, seconds)
