@@ -789,3 +789,16 @@ def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> Non
     assert result["errors"] == 0 and len(result["latencies"]) > 8
     assert result["items"] == 3 * len(result["latencies"])  # no increment lost between callers
     assert {index % 8 for index in seen} == {(100 + k) % 8 for k in range(8)} and min(seen) == 100
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_coalescing_client_scenarios_count_calls_and_group_them(server: ServerThread, blocking: bool) -> None:
+    from serving.loadgen import coalescing_client_scenario
+
+    assert server.running is not None
+    requests = server.running.metrics.requests
+    before = requests.labels("ClassifyBatch", "OK")._value.get()
+    result = coalescing_client_scenario(server.target, [EASY, HARD, "sort a list"], 16, 1.0, blocking)
+    assert result["errors"] == 0 and result["calls"] > 16 and result["prompts_per_s"] > 0
+    assert ("blocking" in result["generator"]) is blocking and result["p99_ms"] >= result["p50_ms"] > 0
+    assert requests.labels("ClassifyBatch", "OK")._value.get() > before  # concurrent calls went out grouped
