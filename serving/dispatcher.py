@@ -19,7 +19,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,15 +271,15 @@ class ClientGone(Exception):
 
 
 class DisconnectWatch:
-    """Stops a request's work when its caller disconnects before the response starts.
+    """While entered, stops a request's work when its caller disconnects before the response starts.
 
     uvicorn does not cancel a handler whose client went away, so without this a caller that gives up
     (a timeout, a closed tab) would leave the upstream generating, and paid for, until it finished, and
     a first-byte timeout would then escalate the request to a dearer tier for nobody. After
     `WATCH_AFTER_S` the watch reads the ASGI `receive` channel (the body has been read, so the next
-    message is the disconnect) and cancels the handler's task; `guard()` turns that cancellation into
-    `ClientGone`. Stop the watch before handing the response over (a streaming response watches for
-    itself).
+    message is the disconnect) and cancels the handler's task; leaving the block turns that
+    cancellation into `ClientGone` and stops the watch. Leave it before handing the response over (a
+    streaming response watches for itself).
     """
 
     # A watcher task per request cost 10-26% of the dispatcher's throughput under load (interleaved
@@ -287,11 +287,16 @@ class DisconnectWatch:
     WATCH_AFTER_S = 0.05
 
     def __init__(self, receive: Receive) -> None:
-        self.client_gone = False
         self._receive = receive
-        self._request_task = asyncio.current_task()
+        self._client_gone = False
+        self._request_task: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> DisconnectWatch:
+        self._request_task = asyncio.current_task()
         self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
+        return self
 
     def _start_watching(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -299,25 +304,20 @@ class DisconnectWatch:
     async def _watch(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
-        self.client_gone = True
+        self._client_gone = True
         if self._request_task is not None:
             self._request_task.cancel()
 
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        try:
-            yield
-        except asyncio.CancelledError:
-            if not self.client_gone or self._request_task is None:
-                raise  # a shutdown, not the caller
-            self._request_task.uncancel()
-            raise ClientGone() from None
-
-    def stop(self) -> None:
-        """Called on the event loop between awaits, so a disconnect seen after it cancels nothing."""
-        self._timer.cancel()
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        # Runs on the event loop between awaits, so a disconnect seen after it cancels nothing.
+        if self._timer is not None:
+            self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
+        if kind is asyncio.CancelledError and self._client_gone and self._request_task is not None:
+            self._request_task.uncancel()
+            raise ClientGone() from None
+        # Anything else, a shutdown's cancellation included, goes on as it came.
 
 
 STREAM_TAIL_BYTES = 16 * 1024  # kept of each relayed stream: enough for its last event, where usage is
@@ -425,11 +425,10 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         except HTTPError as error:
             return error.response()
         route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
-        watch = DisconnectWatch(request.receive)
         upstream: aiohttp.ClientResponse | None = None
         tier: str | None = None
         try:
-            with watch.guard():
+            with DisconnectWatch(request.receive):
                 if not dispatcher.prices:
                     with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
                         await dispatcher.refresh_prices()
@@ -455,8 +454,6 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 upstream.close()
             dispatcher.record(route, tier or route.tier, messages, CLIENT_CLOSED, started, None)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
-        finally:
-            watch.stop()
         headers = dispatcher.headers(route, tier)
         media_type = upstream.headers.get("content-type", "application/json")
         if not body.get("stream"):
