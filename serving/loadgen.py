@@ -67,6 +67,11 @@ def _wait_serving(target: str, timeout: float = 60.0) -> None:
 CONNECTIONS_PER_GENERATOR = 4
 
 
+def _cpu_seconds(before: resource.struct_rusage, after: resource.struct_rusage) -> float:
+    """User plus system CPU time spent between two getrusage() readings."""
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 async def _closed_loop(call: Callable[[int], Awaitable[int]], concurrency: int, seconds: float,
                        offset: int = 0) -> dict:
     """`concurrency` callers, each making one call after another for `seconds` (caller k starts at
@@ -93,7 +98,7 @@ async def _closed_loop(call: Callable[[int], Awaitable[int]], concurrency: int, 
     await asyncio.gather(*(caller(offset + k) for k in range(concurrency)))
     elapsed = time.perf_counter() - began
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    cpu = _cpu_seconds(usage_before, usage_after)
     return {"latencies": latencies, "errors": errors, "items": items, "elapsed": elapsed, "cpu": cpu}
 
 
@@ -194,7 +199,7 @@ def _blocking_coalescing_client(args: tuple[str, list[str], int, float]) -> dict
             list(pool.map(caller, range(concurrency)))
         elapsed = time.perf_counter() - began
         usage_after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    cpu = _cpu_seconds(usage_before, usage_after)
     return {"latencies": latencies, "errors": counts[1], "items": counts[0], "elapsed": elapsed, "cpu": cpu}
 
 
@@ -291,7 +296,7 @@ def h2load_scenario(port: int, prompts: list[str], concurrency: int, batch: int,
         ok_after, other_after = count(rpc)
         timings = h2load_log(log)
     span_s, calls = timings["span_s"], timings["calls"]
-    cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    cpu = _cpu_seconds(usage_before, usage_after)
     # Per server process: with SO_REUSEPORT the kernel pins each connection to one process, so a
     # lopsided split (say 3 of 4 connections on one process) shows here and explains a low figure.
     ok_by_server = [after - before for before, after in zip(ok_before, ok_after, strict=True)]
