@@ -163,6 +163,15 @@ def _log(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
 
 
+def _log_once_written(tmp_path: Path, lines: int, wait_s: float = 5.0) -> list[dict]:
+    """The decision log once it has `lines` lines (or what it has after `wait_s`): requests whose caller
+    left are recorded after the response is gone."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and (not (tmp_path / "decisions.jsonl").exists() or len(_log(tmp_path)) < lines):
+        time.sleep(0.05)
+    return _log(tmp_path)
+
+
 def test_routes_by_tier_and_passes_body_through(dispatcher: Dispatcher, fresh: dict[str, Upstream],
                                                  tmp_path: Path) -> None:
     client = dispatcher.client()
@@ -309,10 +318,7 @@ def test_client_disconnect_cancels_upstream(dispatcher: Dispatcher, fresh: dict[
                             "messages": [{"role": "user", "content": EASY}]}) as response:
         next(response.iter_bytes())
     assert fresh["small"].cancelled.wait(5)
-    deadline = time.time() + 5
-    while not (tmp_path / "decisions.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    (entry,) = _log(tmp_path)
+    (entry,) = _log_once_written(tmp_path, 1)
     assert entry["status"] == 499  # the caller left mid-stream; the log says so instead of 200
 
 
@@ -331,9 +337,7 @@ def test_client_gone_before_the_upstream_answers_cancels_it_without_escalating(
             running.client(timeout=0.4).chat.completions.create(
                 model="promptier", stream=stream, messages=[{"role": "user", "content": EASY}])
         assert fresh["small"].cancelled.wait(1.0)  # well before the dispatcher's own 1.5 s timeout
-        deadline = time.time() + 5
-        while not (tmp_path / "decisions.jsonl").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        _log_once_written(tmp_path, 1)
         time.sleep(1.5)  # past the first-byte timeout: an escalation would have reached medium by now
         (entry,) = _log(tmp_path)
         assert entry["status"] == 499 and entry["tier"] == "small"
@@ -368,11 +372,9 @@ def test_callers_leaving_and_staying_at_once(dispatcher: Dispatcher, fresh: dict
 
     outcomes = asyncio.run(run())
     assert outcomes == ["left" if index % 2 else 200 for index in range(24)]
-    deadline = time.time() + 5
-    while time.time() < deadline and (not (tmp_path / "decisions.jsonl").exists() or len(_log(tmp_path)) < 24):
-        time.sleep(0.05)
+    entries = _log_once_written(tmp_path, 24)
     assert fresh["small"].generations_cancelled == 12 and len(fresh["small"].received) == 24
-    assert sorted(entry["status"] for entry in _log(tmp_path)) == [200] * 12 + [499] * 12
+    assert sorted(entry["status"] for entry in entries) == [200] * 12 + [499] * 12
     assert not fresh["medium"].received and not fresh["large"].received
 
 
