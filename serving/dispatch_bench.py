@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from serving.loadgen import _free_port, _wait_serving, h2load_log
 
+SEQUENTIAL = ("grpc", "embedded")  # the classifier configurations measured one request at a time
 LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
                "with it. Give an example with two concurrent transactions.")
 
@@ -158,9 +159,19 @@ def _load(dispatcher_url: str, body: dict, concurrency: int, seconds: float) -> 
 def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) -> dict:
     """Measure the dispatcher with the gRPC classifier and with the classifier embedded in-process:
     sequential added latency, then (with h2load installed) throughput and fallbacks under load."""
+    # Configs and decision logs (tens of MB per run) go away with the run.
+    with tempfile.TemporaryDirectory(prefix="promptier-dispatch-bench-") as scratch:
+        report = _run(model, Path(scratch), count, load_seconds)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    _print_report(report, load_seconds)
+    print(f"\nwrote {out}")
+    return report
+
+
+def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> dict:
+    """Start the upstream and the service, then each dispatcher in turn; measure; stop everything."""
     upstream_port, grpc_port, http_port = _free_port(), _free_port(), _free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-    workdir = Path(tempfile.mkdtemp(prefix="promptier-dispatch-bench-"))
     tiers = {name: {"base_url": upstream_url, "model": f"{name}-model"} for name in ("small", "medium", "large")}
     address = f"127.0.0.1:{grpc_port}"
     embedded = {"embedded": True, "timeout_ms": 20, **({"model": model} if model else {})}
@@ -173,7 +184,6 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
         "grpc, 2 dispatcher processes": ({"address": address, "timeout_ms": 20}, 2),
         "embedded, 2 dispatcher processes": (embedded, 2),
     }
-    sequential = ("grpc", "embedded")
     load = shutil.which("h2load") is not None
     serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(grpc_port), "--workers", "2"]
     serve += ["--model", model] if model else []
@@ -185,7 +195,7 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
         _wait_serving(address)
         time.sleep(2.0)  # health answers once the first of the two workers is up
         for name, (classifier, workers) in classifiers.items():
-            if name not in sequential and not load:
+            if name not in SEQUENTIAL and not load:
                 continue
             config = workdir / f"dispatcher-{name.replace(' ', '_')}.yaml"
             decisions = workdir / f"decisions-{name.replace(' ', '_')}.jsonl"
@@ -200,11 +210,16 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
                     time.sleep(3.0)  # health answers once the first worker is up; let the others load too
                 _wait_http(f"http://127.0.0.1:{upstream_port}/docs")
                 dispatcher_url = f"http://127.0.0.1:{http_port}/v1"
-                if name in sequential:
+                if name in SEQUENTIAL:
                     report[name] = _measure_pair(upstream_url, dispatcher_url, count)
-                    reasons = {json.loads(line)["reason"] for line in decisions.read_text().splitlines()}
+                    logged = [json.loads(line) for line in decisions.read_text().splitlines()]
+                    reasons = {row["reason"] for row in logged}
                     if reasons != {"classified"}:  # a fallback would measure the wrong path
                         raise RuntimeError(f"{name}: requests were not all classified: {sorted(reasons)}")
+                    # How much of the dispatcher's time went to asking the classifier (from its own log).
+                    asked = [row["classifier_ms"] for row in logged]
+                    report[name]["classifier_p50_ms"] = float(np.percentile(asked, 50))
+                    report[name]["classifier_p99_ms"] = float(np.percentile(asked, 99))
                 if load:
                     report["load"][name] = [_load(dispatcher_url, body, concurrency, load_seconds)
                                             for concurrency in (8, 32)]
@@ -215,17 +230,24 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
         for process in processes:
             process.terminate()
             process.wait(15)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _print_report(report: dict, load_seconds: float) -> None:
     print("| classifier | measure | direct p50 | via dispatcher p50 | added p50 | direct p99 | via dispatcher p99 | "
           "added p99 |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in sequential:
+    for name in SEQUENTIAL:
         for kind in ("non_streaming", "time_to_first_byte"):
             r = report[name][kind]
             print(f"| {name} | {kind} | {r['direct_p50_ms']:.2f} ms | {r['dispatcher_p50_ms']:.2f} ms | "
                   f"{r['added_p50_ms']:.2f} ms | {r['direct_p99_ms']:.2f} ms | {r['dispatcher_p99_ms']:.2f} ms | "
                   f"{r['added_p99_ms']:.2f} ms |")
-    if load:
+    asked = [f"{name} p50 {report[name]['classifier_p50_ms']:.2f} ms, p99 {report[name]['classifier_p99_ms']:.2f} ms"
+             for name in SEQUENTIAL]
+    print("\nOf which asking the classifier, inside the dispatcher (its decision log's classifier_ms, both "
+          f"measures): {'; '.join(asked)}")
+    if report["load"]:
         print(f"\nUnder load (h2load, HTTP/1.1, {load_seconds:g} s per row; the classifier service runs 2 "
               "processes):\n")
         print("| classifier | concurrent requests | requests/s | p50 | p99 | fell back | not 2xx |")
@@ -236,5 +258,3 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
                       f"{r['p99_ms']:.1f} ms | {r['fallback_share']:.1%} | {r['not_2xx']} |")
     else:
         print("\n(load rows skipped: h2load is not installed; Debian: apt-get install nghttp2-client)")
-    print(f"\nwrote {out}")
-    return report
