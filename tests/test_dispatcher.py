@@ -728,8 +728,10 @@ def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
     assert "serves tiers ['small', 'medium', 'large'], but the dispatcher config maps ['small', 'mid'" in result.stderr
 
 
-def test_a_single_dispatcher_process_survives_sighup_and_says_why_it_ignores_it(
-        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_one(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path, workers: int) -> None:
+    import http.client
     import signal
     import subprocess
     import sys
@@ -737,25 +739,75 @@ def test_a_single_dispatcher_process_survives_sighup_and_says_why_it_ignores_it(
     from serving.loadgen import _free_port
 
     config = tmp_path / "dispatcher.yaml"
-    config.write_text(json.dumps({
-        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
-        "tiers": {name: {"base_url": u.url, "model": name} for name, u in fresh.items()},
-        "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+
+    def write_config(small_model: str, tier_names: tuple[str, str, str] = ("small", "medium", "large")) -> None:
+        upstreams = list(fresh.values())
+        config.write_text(json.dumps({
+            "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
+            "tiers": {name: {"base_url": upstream.url, "model": small_model if name == "small" else name}
+                      for name, upstream in zip(tier_names, upstreams, strict=True)},
+            "fallback_tier": tier_names[-1], "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+
+    def small_upstream_model() -> str | None:
+        """The upstream model a request pinned to the small tier went to (one connection per request, so
+        that every worker alive gets requests), or None if the request failed."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("POST", "/v1/chat/completions", body=json.dumps(
+                {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}),
+                headers={"content-type": "application/json"})
+            reply = connection.getresponse()
+            reply.read()
+            return reply.getheader("x-promptier-upstream-model") if reply.status == 200 else None
+        except OSError:
+            return None
+        finally:
+            connection.close()
+
+    write_config("small-v1")
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                                    "--port", str(port), "--workers", str(workers)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         _wait_for_health(port, process)
-        process.send_signal(signal.SIGHUP)  # its default action would end the process
-        time.sleep(0.5)
-        body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
-        assert _post_on_new_connection(port, body)[:2] == (200, "classified")
+        assert small_upstream_model() == "small-v1"
+
+        first_workers = {worker.pid for worker in spawned_workers(process.pid)}
+        assert len(first_workers) == workers
+        write_config("small-v2")
+        process.send_signal(signal.SIGHUP)
+        answers: list[str | None] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            answers.append(small_upstream_model())  # requests keep coming while the workers are replaced
+            current = {worker.pid for worker in spawned_workers(process.pid)}
+            if len(current) == workers and not current & first_workers:
+                break
+        assert not current & first_workers and len(current) == workers  # every worker was replaced
+        assert None not in answers, answers  # not one request failed or was refused during the reload
+        assert [small_upstream_model() for _ in range(2 * workers)] == ["small-v2"] * (2 * workers)
+
+        # A bad edit (tier names the classifier does not serve): the replacement cannot start, the
+        # running workers keep serving the last good config, and the dispatcher says so.
+        write_config("small-v3", ("small", "mid", "large"))
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while "aborting the restart" not in stderr_path.read_text() and time.monotonic() < deadline:
+            assert small_upstream_model() == "small-v2"
+            time.sleep(0.2)
+        assert "aborting the restart" in stderr_path.read_text()
+        assert process.poll() is None
+        assert [small_upstream_model() for _ in range(2 * workers)] == ["small-v2"] * (2 * workers)
+
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-        assert process.returncode == -signal.SIGTERM  # uvicorn drains, then re-raises the signal it caught
-        assert '"event": "sighup_ignored"' in stderr
+        assert process.wait(30) == 0
     finally:
         if process.poll() is None:
+            for worker in spawned_workers(process.pid):
+                worker.kill()
             process.kill()
 
 

@@ -275,7 +275,7 @@ def dispatch(
     port: Annotated[int, typer.Option()] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="dispatcher processes on the port (one core each)")] = 1,
 ) -> None:
-    """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams."""
+    """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config)."""
     from classifier import load
     from serving.dispatch_config import load_dispatcher_config
     from serving.dispatcher import run
@@ -284,11 +284,11 @@ def dispatch(
     configure_json_logging()
     try:
         settings = load_dispatcher_config(config)
-        if workers > 1 and settings.classifier.embedded:
+        if settings.classifier.embedded:
             load(settings.classifier.model)  # a bad artifact fails here, once, before any worker starts
     except PromptierError as error:
         _fail(error)
-    raise typer.Exit(run(settings, host, port, workers, config))
+    raise typer.Exit(run(config, host, port, workers))
 
 
 @app.command("dispatch-bench")
