@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from classifier.artifact import MODES
 from classifier.conversation import render_conversation
-from classifier.errors import InvalidInputError
+from classifier.errors import InvalidInputError, PromptierError
 from serving.decision_log import DecisionLog
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.logs import configure_json_logging
@@ -525,11 +526,25 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
 
 
 def app_from_environment() -> ASGIApp:
-    """The app of one `--workers` process: the config named by PROMPTIER_DISPATCH_CONFIG."""
+    """The app of one worker process: the config named by PROMPTIER_DISPATCH_CONFIG.
+
+    A worker that cannot build its app (a config or artifact that does not load) exits with uvicorn's
+    start-up failure code: the supervisor then stops, at launch, instead of restarting the worker
+    forever (what it does with any other exit code), and on SIGHUP keeps the running workers.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+
     configure_json_logging()
     if METRICS_DIR_ENV in os.environ:
         _forget_dead_workers(Path(os.environ[METRICS_DIR_ENV]))
-    app = create_app(load_dispatcher_config(Path(os.environ[CONFIG_ENV])))
+    try:
+        app = create_app(load_dispatcher_config(Path(os.environ[CONFIG_ENV])))
+    except PromptierError as error:
+        log.error(json.dumps({"event": "worker_cannot_start", "error": str(error)}))
+        sys.exit(STARTUP_FAILURE)
+    except Exception:
+        log.exception("worker_cannot_start")
+        sys.exit(STARTUP_FAILURE)
     freeze_startup_objects()
     return app
 

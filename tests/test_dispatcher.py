@@ -790,20 +790,23 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
         assert None not in answers, answers  # not one request failed or was refused during the reload
         assert [small_upstream_model() for _ in range(2 * workers)] == ["small-v2"] * (2 * workers)
 
-        # A bad edit (tier names the classifier does not serve): the replacement cannot start, the
-        # running workers keep serving the last good config, and the dispatcher says so.
-        write_config("small-v3", ("small", "mid", "large"))
+        # A bad edit: the replacement cannot start, the running workers keep serving the last good
+        # config, and the dispatcher says so.
+        config.write_text("tiers: [not yaml")
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 90
         while "aborting the restart" not in stderr_path.read_text() and time.monotonic() < deadline:
             assert small_upstream_model() == "small-v2"
             time.sleep(0.2)
         assert "aborting the restart" in stderr_path.read_text()
+        assert '"event": "worker_cannot_start"' in stderr_path.read_text()
         assert process.poll() is None
         assert [small_upstream_model() for _ in range(2 * workers)] == ["small-v2"] * (2 * workers)
 
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        # A worker that dies now cannot be replaced from that file: the dispatcher stops with the
+        # start-up failure code instead of restarting the worker forever.
+        spawned_workers(process.pid)[0].kill()
+        assert process.wait(90) == 3
     finally:
         if process.poll() is None:
             for worker in spawned_workers(process.pid):
