@@ -14,9 +14,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +36,7 @@ from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from serving.decision_log import DecisionLog
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
 from serving.logs import configure_json_logging
 from serving.metrics import BatcherMetrics
 from serving.route_classifier import (
@@ -51,11 +50,6 @@ from serving.startup import freeze_startup_objects
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
 HEADER_PREFIX = "x-promptier-"
-# `--workers N`: how the supervisor hands the config to the worker processes it spawns.
-CONFIG_ENV = "PROMPTIER_DISPATCH_CONFIG"
-# prometheus_client's multi-process mode: each worker keeps its metrics in files here, and /metrics
-# (answered by whichever worker gets the scrape) adds up every worker's.
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -558,48 +552,3 @@ def _forget_dead_workers(metrics_dir: Path) -> None:
         pid = path.stem.rsplit("_", 1)[-1]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             multiprocess.mark_process_dead(int(pid), str(metrics_dir))
-
-
-WORKER_START_TIMEOUT_S = 30
-
-
-def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code.
-
-    Even one process runs under uvicorn's supervisor, which holds the listening socket and runs
-    `workers` processes on it (each accepts its own connections, reads `config_path` and loads its own
-    classifier): it restarts a worker that dies, and on SIGHUP replaces the workers one at a time, each
-    replacement serving before the worker it replaces retires, so a config change takes effect with no
-    refused connection (one that fails to start leaves the old ones serving). Their metrics are added
-    up on /metrics and they share the decision log. (Against a plain single process, in interleaved
-    runs: no difference in added latency or throughput.)
-    """
-    import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
-
-    # No access log (the decision log is the record) and no proxy-header rewriting: both cost per request.
-    options: dict = {"host": host, "port": port, "access_log": False, "proxy_headers": False,
-                     "server_header": False}
-    os.environ[CONFIG_ENV] = str(config_path.resolve())
-    own_dir = METRICS_DIR_ENV not in os.environ
-    metrics_dir = tempfile.mkdtemp(prefix="promptier-dispatch-metrics-") if own_dir else os.environ[METRICS_DIR_ENV]
-    if not own_dir:  # files left by an earlier run would add their counts to ours
-        for stale in Path(metrics_dir).glob("*.db"):
-            stale.unlink()
-    os.environ[METRICS_DIR_ENV] = metrics_dir
-    try:
-        # Log level info: the supervisor says at that level when a worker died and was replaced.
-        # The health-check timeout also bounds a replacement's start-up on SIGHUP (imports and loading an
-        # embedded model: 2-4 s here, more on a busy host); at uvicorn's 5 s a reload could be refused.
-        server_config = uvicorn.Config("serving.dispatcher:app_from_environment", factory=True, workers=workers,
-                                       log_level="info", timeout_worker_healthcheck=WORKER_START_TIMEOUT_S,
-                                       **options)
-        supervisor = Multiprocess(server_config, sockets=[server_config.bind_socket()])
-        supervisor.run()
-    finally:
-        if own_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    # The supervisor stops everything when a worker fails before serving (bad artifact, tiers that
-    # differ from the classifier's); that must not look like a clean exit.
-    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0

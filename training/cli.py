@@ -278,7 +278,7 @@ def dispatch(
     """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config)."""
     from classifier import load
     from serving.dispatch_config import load_dispatcher_config
-    from serving.dispatcher import run
+    from serving.dispatch_supervisor import run
     from serving.logs import configure_json_logging
 
     configure_json_logging()
