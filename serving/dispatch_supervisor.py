@@ -48,7 +48,7 @@ def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
     try:
         # Log level info: the supervisor says at that level when a worker died and was replaced.
         # The health-check timeout also bounds a replacement's start-up on SIGHUP (imports and loading an
-        # embedded model: 2-4 s here, more on a busy host); at uvicorn's 5 s a reload could be refused.
+        # embedded model: 2.4-3 s here, more on a busy host); at uvicorn's 5 s a reload could be refused.
         server_config = uvicorn.Config("serving.dispatcher:app_from_environment", factory=True, workers=workers,
                                        log_level="info", timeout_worker_healthcheck=WORKER_START_TIMEOUT_S,
                                        **options)
