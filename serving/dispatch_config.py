@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -92,6 +93,13 @@ class DispatcherConfig(_Strict):
     @property
     def tier_names(self) -> list[str]:
         return list(self.tiers)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the settings (not of the file's layout or comments; the config holds no
+        secrets, only the names of the variables that do): `/health` shows the one being served, so
+        that after a SIGHUP it says whether the edit is live."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def inbound_keys(self) -> set[str] | None:
         if not self.inbound_api_keys_env:

@@ -31,6 +31,7 @@ from starlette.routing import Mount
 from starlette.routing import Route as Endpoint
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import classifier
 from classifier.artifact import MODES
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
@@ -95,6 +96,35 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def _check_tier_names(served: list[str], configured: list[str], source: str) -> None:
+    if served != configured:
+        raise ConfigError(f"the classifier ({source}) serves tiers {served}, but the dispatcher config maps "
+                          f"{configured}; they must be the same, in order")
+
+
+async def check_config(config: DispatcherConfig) -> str:
+    """What `promptier dispatch --check` adds to reading the file: the embedded artifact loads, or the
+    gRPC service answers, and the classifier's tiers are the config's. Returns what was checked.
+
+    Raises:
+        PromptierError: the artifact does not load, or the tiers differ.
+    """
+    if config.classifier.embedded:
+        model = classifier.load(config.classifier.model)
+        _check_tier_names(model.tier_names, config.tier_names, f"embedded model {model.model_version}")
+        return f"embedded model {model.model_version} loads and serves tiers {model.tier_names}"
+    service = GrpcRouteClassifier(config.classifier.address, timeout_s=0.5, coalesce=False, connections=1)
+    try:
+        served = await service.tiers()
+    finally:
+        await service.close()
+    if served is None:
+        return (f"the gRPC service at {config.classifier.address} did not answer: its tiers are checked when "
+                "it does (until then requests go to the fallback tier)")
+    _check_tier_names([tier.name for tier in served], config.tier_names, service.describe())
+    return f"the gRPC service at {config.classifier.address} serves tiers {[tier.name for tier in served]}"
+
+
 class Dispatcher:
     def __init__(self, config: DispatcherConfig) -> None:
         self.config = config
@@ -140,10 +170,7 @@ class Dispatcher:
         served = await self.classifier.tiers()
         if served is None:
             return  # the classifier may start later; requests fall back (visibly) until it does
-        names = [tier.name for tier in served]
-        if names != self.tiers:
-            raise ConfigError(f"the classifier ({self.classifier.describe()}) serves tiers {names}, "
-                              f"but the dispatcher config maps {self.tiers}; they must be the same, in order")
+        _check_tier_names([tier.name for tier in served], self.tiers, self.classifier.describe())
         self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in served}
 
     # ------------------------------------------------------------------ routing
@@ -396,7 +423,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
         body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
                                    "classifier_source": dispatcher.classifier.describe(),
-                                   "fallback_tier": config.fallback_tier}
+                                   "fallback_tier": config.fallback_tier, "config_fingerprint": config.fingerprint}
         if isinstance(dispatcher.classifier, GrpcRouteClassifier):
             # How many of the service's processes this dispatcher's connections reach (null: not known yet).
             body["classifier_processes_reached"] = dispatcher.classifier.processes_reached

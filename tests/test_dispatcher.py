@@ -455,6 +455,39 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.tier_names == ["small", "medium", "large"] and config.fallback_tier == "large"
 
 
+def test_check_validates_a_config_against_its_classifier_without_serving(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, trained_artifact: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.loadgen import _free_port
+    from training.cli import app
+
+    def check(classifier: dict, tier_names: tuple[str, ...] = ("small", "medium", "large")) -> tuple[int, str, Path]:
+        path = tmp_path / f"config-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(json.dumps({
+            "classifier": classifier, "fallback_tier": tier_names[-1],
+            "tiers": {name: {"base_url": upstream.url, "model": name}
+                      for name, upstream in zip(tier_names, fresh.values(), strict=True)},
+            "decision_log": {"path": str(tmp_path / "never-written" / "d.jsonl")}}))
+        result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+        return result.exit_code, result.output, path
+
+    code, output, path = check({"embedded": True, "model": str(trained_artifact)})
+    assert code == 0, output
+    assert f"config_fingerprint {load_dispatcher_config(path).fingerprint}" in output
+    assert "serves tiers ['small', 'medium', 'large']" in output
+    code, output, _ = check({"address": grpc_classifier.target})
+    assert code == 0 and "the gRPC service at" in output and "serves tiers" in output, output
+    # Tier names the classifier does not serve: refused, whichever classifier it is.
+    for classifier in ({"embedded": True, "model": str(trained_artifact)}, {"address": grpc_classifier.target}):
+        code, output, _ = check(classifier, ("small", "mid", "large"))
+        assert code == 2 and "but the dispatcher config maps ['small', 'mid', 'large']" in output, output
+    # A service that does not answer cannot be asked: the file is still checked, and the output says so.
+    code, output, _ = check({"address": f"127.0.0.1:{_free_port()}"})
+    assert code == 0 and "did not answer" in output, output
+    assert not (tmp_path / "never-written").exists()  # a check serves nothing and writes no log
+
+
 def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[str, Upstream],
                                                                     grpc_classifier: ServerThread,
                                                                     tmp_path: Path) -> None:
@@ -774,6 +807,8 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
     try:
         _wait_for_health(port, process)
         assert small_upstream_model() == "small-v1"
+        first_fingerprint = httpx.get(f"http://127.0.0.1:{port}/health").json()["config_fingerprint"]
+        assert first_fingerprint == load_dispatcher_config(config).fingerprint
 
         first_workers = {worker.pid for worker in spawned_workers(process.pid)}
         assert len(first_workers) == workers
@@ -789,6 +824,9 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
         assert not current & first_workers and len(current) == workers  # every worker was replaced
         assert None not in answers, answers  # not one request failed or was refused during the reload
         assert [small_upstream_model() for _ in range(2 * workers)] == ["small-v2"] * (2 * workers)
+        # /health says which config is live: the fingerprint `promptier dispatch --check` prints for the file.
+        live = httpx.get(f"http://127.0.0.1:{port}/health", headers={"connection": "close"}).json()
+        assert live["config_fingerprint"] == load_dispatcher_config(config).fingerprint != first_fingerprint
 
         # A bad edit: the replacement cannot start, the running workers keep serving the last good
         # config, and the dispatcher says so.

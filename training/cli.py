@@ -274,6 +274,8 @@ def dispatch(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="dispatcher processes on the port (one core each)")] = 1,
+    check: Annotated[bool, typer.Option("--check", help="validate the config (and the classifier's tiers), "
+                                                        "print its fingerprint, and exit without serving")] = False,
 ) -> None:
     """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config)."""
     from classifier import load
@@ -284,6 +286,14 @@ def dispatch(
     configure_json_logging()
     try:
         settings = load_dispatcher_config(config)
+        if check:  # before a SIGHUP: an edit that does not load is refused, and then a crash stops the dispatcher
+            import asyncio
+
+            from serving.dispatcher import check_config
+
+            checked = asyncio.run(check_config(settings))
+            typer.echo(f"{config}: OK, config_fingerprint {settings.fingerprint}; {checked}")
+            return
         if settings.classifier.embedded:
             load(settings.classifier.model)  # a bad artifact fails here, once, before any worker starts
     except PromptierError as error:
