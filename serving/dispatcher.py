@@ -121,8 +121,9 @@ async def check_config(config: DispatcherConfig) -> str:
     if served is None:
         return (f"the gRPC service at {config.classifier.address} did not answer: its tiers are checked when "
                 "it does (until then requests go to the fallback tier)")
-    _check_tier_names([tier.name for tier in served], config.tier_names, service.describe())
-    return f"the gRPC service at {config.classifier.address} serves tiers {[tier.name for tier in served]}"
+    names = [tier.name for tier in served]
+    _check_tier_names(names, config.tier_names, service.describe())
+    return f"the gRPC service at {config.classifier.address} serves tiers {names}"
 
 
 class Dispatcher:
