@@ -408,6 +408,7 @@ def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
 def create_app(config: DispatcherConfig) -> ASGIApp:
     """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
     dispatcher = Dispatcher(config)
+    fingerprint = config.fingerprint  # a hash of the whole config: once, not per health probe
 
     shared_metrics_dir = os.environ.get(METRICS_DIR_ENV)
 
@@ -424,7 +425,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
         body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
                                    "classifier_source": dispatcher.classifier.describe(),
-                                   "fallback_tier": config.fallback_tier, "config_fingerprint": config.fingerprint}
+                                   "fallback_tier": config.fallback_tier, "config_fingerprint": fingerprint}
         if isinstance(dispatcher.classifier, GrpcRouteClassifier):
             # How many of the service's processes this dispatcher's connections reach (null: not known yet).
             body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
