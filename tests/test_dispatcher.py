@@ -164,8 +164,8 @@ def _log(tmp_path: Path) -> list[dict]:
 
 
 def _log_once_written(tmp_path: Path, lines: int, wait_s: float = 5.0) -> list[dict]:
-    """The decision log once it has `lines` lines (or what it has after `wait_s`): requests whose caller
-    left are recorded after the response is gone."""
+    """The decision log once it has `lines` lines (or what it has after `wait_s`): streams, and requests
+    whose caller left, are recorded after the response is gone."""
     deadline = time.time() + wait_s
     while time.time() < deadline and (not (tmp_path / "decisions.jsonl").exists() or len(_log(tmp_path)) < lines):
         time.sleep(0.05)
@@ -255,7 +255,7 @@ def test_streaming_is_relayed_chunk_for_chunk(dispatcher: Dispatcher, tmp_path: 
         model="promptier", messages=[{"role": "user", "content": EASY}], stream=True,
         stream_options={"include_usage": True})
     assert [chunk.usage.total_tokens for chunk in with_usage if chunk.usage] == [17]
-    without, with_ = _log(tmp_path)
+    without, with_ = _log_once_written(tmp_path, 2)  # a stream is logged after its last byte has gone
     assert without["usage"] is None and without["cost_usd"] is None and without["status"] == 200
     # The caller asked for usage, so the stream's last chunk carries it: the log gets tokens and cost too.
     assert with_["usage"]["total_tokens"] == 17 and with_["cost_usd"] == pytest.approx((12 * 0.2 + 5 * 0.2) / 1e6)
