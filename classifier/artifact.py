@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -31,6 +32,8 @@ REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE)
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 MODEL_OUTPUT_NAME = "logits"
 MODES = ("quality", "balanced", "cost")
+# How a tier's probability is compared with the top tier's: see classifier.policy.relative_scores.
+Rule = Literal["ratio", "difference"]
 
 
 class _Strict(BaseModel):
@@ -78,6 +81,7 @@ class PolicyConfig(_Strict):
     """
 
     default_mode: str = "balanced"
+    rule: Rule = "ratio"  # artifacts written before the field existed used "ratio"
     thresholds: dict[str, float]
     quality_bands: dict[str, float]
     curve: list[CurvePoint] = Field(default_factory=list)

@@ -169,7 +169,7 @@ class TierClassifier:
         thresholds = np.array([threshold for _, _, threshold, _ in valid])[:, None]
         masks = [mask for _, _, _, mask in valid]
         allowed = self._all_tiers if all(mask is self._all_tiers for mask in masks) else np.stack(masks)
-        chosen = choose_tiers(probabilities, thresholds, allowed).tolist()
+        chosen = choose_tiers(probabilities, thresholds, allowed, self.manifest.policy.rule).tolist()
         rows = probabilities.tolist()  # Python floats at once, not one numpy scalar per score
         for row, (index, _, threshold, _) in enumerate(valid):
             outcomes[index] = ClassificationResult(

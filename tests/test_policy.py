@@ -53,3 +53,16 @@ def test_resolve_threshold_modes_and_errors() -> None:
         allowed_mask(["small", "large"], ["huge"])
     with pytest.raises(InvalidInputError, match="empty"):
         allowed_mask(["small", "large"], [])
+
+
+def test_difference_rule_keeps_prompts_no_tier_answers_cheap() -> None:
+    # Row 0: every tier answers; row 1: no tier answers; row 2: only the top tier answers.
+    probabilities = np.array([[0.95, 0.96, 0.97], [0.02, 0.03, 0.08], [0.1, 0.3, 0.9]])
+    everything = np.ones(3, dtype=bool)
+    relative = relative_scores(probabilities, everything, "difference")
+    assert relative[:, 0] == pytest.approx([0.49, 0.47, 0.1])
+    assert choose_tiers(probabilities, 0.45, everything, "difference").tolist() == [0, 0, 2]
+    # The ratio rule sends the hopeless prompt to the top tier: 0.02 / (0.02 + 0.08) = 0.2.
+    assert choose_tiers(probabilities, 0.45, everything, "ratio").tolist() == [0, 2, 2]
+    assert choose_tiers(probabilities, 1.0, everything, "difference").tolist() == [2, 2, 2]
+    assert choose_tiers(probabilities, 0.0, everything, "difference").tolist() == [0, 0, 0]

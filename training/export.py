@@ -19,6 +19,7 @@ from classifier.artifact import (
     MODEL_INPUT_NAMES,
     MODEL_OUTPUT_NAME,
     ArtifactManifest,
+    Rule,
     save_manifest,
 )
 from classifier.errors import PromptierError
@@ -110,7 +111,7 @@ def store_embeddings_fp16(source: Path, target: Path, min_elements: int = 1_000_
 
 
 def check_parity(directory: Path, torch_probabilities: np.ndarray, texts: Sequence[str],
-                 threshold: float, quantization: str) -> ParityReport:
+                 threshold: float, quantization: str, rule: Rule = "ratio") -> ParityReport:
     """Load `directory` through the runtime and compare its probabilities and tiers with torch's."""
     runtime = load_artifact(directory, threads=2)
     onnx_probabilities = np.concatenate(
@@ -118,7 +119,8 @@ def check_parity(directory: Path, torch_probabilities: np.ndarray, texts: Sequen
     )
     allowed = np.ones(torch_probabilities.shape[1], dtype=bool)
     agreement = float(np.mean(
-        choose_tiers(onnx_probabilities, threshold, allowed) == choose_tiers(torch_probabilities, threshold, allowed)
+        choose_tiers(onnx_probabilities, threshold, allowed, rule)
+        == choose_tiers(torch_probabilities, threshold, allowed, rule)
     ))
     return ParityReport(
         prompts=len(texts),
@@ -169,7 +171,8 @@ def write_artifact(
             note = {"quantization": quantization, "parity_failures": "; ".join(failures)}
             candidate = manifest.model_copy(update={"architecture": {**manifest.architecture, **note}})
             save_manifest(candidate, staging)
-            report = check_parity(staging, torch_probabilities, parity_texts, threshold, quantization)
+            report = check_parity(staging, torch_probabilities, parity_texts, threshold, quantization,
+                                  manifest.policy.rule)
             if report.passed:
                 break
             failures.append(f"{quantization}: agreement {report.tier_agreement:.4f}, "

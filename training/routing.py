@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from classifier.artifact import CurvePoint
+from classifier.artifact import CurvePoint, Rule
 from classifier.policy import choose_tiers, relative_scores, top_allowed_tier
 
 
@@ -28,10 +28,11 @@ def top_known_tier(known: np.ndarray) -> np.ndarray:
     return top_allowed_tier(known)
 
 
-def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, threshold: float) -> RoutingPoint:
+def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, threshold: float,
+             rule: Rule = "ratio") -> RoutingPoint:
     """Mean quality, mean cost per prompt, and share sent to the top known tier, at one threshold."""
     known = ~np.isnan(targets)
-    chosen = choose_tiers(probabilities, threshold, known)
+    chosen = choose_tiers(probabilities, threshold, known, rule)
     rows = np.arange(len(chosen))
     return RoutingPoint(
         threshold=float(threshold),
@@ -41,19 +42,20 @@ def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, 
     )
 
 
-def threshold_grid(probabilities: np.ndarray, known: np.ndarray, points: int = 201) -> np.ndarray:
+def threshold_grid(probabilities: np.ndarray, known: np.ndarray, points: int = 201,
+                   rule: Rule = "ratio") -> np.ndarray:
     """Thresholds at the quantiles of the relative scores, plus both ends, so every region of the curve
     is sampled."""
-    relative = relative_scores(probabilities, known)
+    relative = relative_scores(probabilities, known, rule)
     finite = relative[known & np.isfinite(relative)]
     quantiles = np.quantile(finite, np.linspace(0, 1, points)) if finite.size else np.array([])
     return np.unique(np.clip(np.concatenate([[0.0, 1.0], quantiles]), 0.0, 1.0))
 
 
 def routing_curve(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray,
-                  thresholds: np.ndarray | None = None) -> list[RoutingPoint]:
-    grid = threshold_grid(probabilities, ~np.isnan(targets)) if thresholds is None else thresholds
-    return [simulate(probabilities, targets, costs, float(t)) for t in grid]
+                  thresholds: np.ndarray | None = None, rule: Rule = "ratio") -> list[RoutingPoint]:
+    grid = threshold_grid(probabilities, ~np.isnan(targets), rule=rule) if thresholds is None else thresholds
+    return [simulate(probabilities, targets, costs, float(t), rule) for t in grid]
 
 
 def always_top(targets: np.ndarray, costs: np.ndarray) -> tuple[float, float]:
