@@ -54,15 +54,35 @@ def length_features(prompts: Sequence[str]) -> np.ndarray:
 
 def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig,
                         cache_dir: Path | None = None, batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled, L2-normalised embeddings from the pretrained backbone (not fine-tuned), cached."""
+    """Mean-pooled, L2-normalised embeddings from the pretrained backbone (not fine-tuned).
+
+    With `cache_dir`, vectors are kept per prompt (one file per backbone and truncation), so evaluations
+    that share prompts in other combinations, such as the folds of leave-one-source-out, embed each once.
+    """
+    from training.labels import prompt_hash
+
     digest = hashlib.sha256()
     digest.update(str(backbone_dir.resolve()).encode())
     digest.update(truncation.model_dump_json().encode())
-    for prompt in prompts:
-        digest.update(prompt.encode("utf-8", "surrogatepass") + b"\0")
-    cache_file = cache_dir / f"embeddings-{digest.hexdigest()[:20]}.npy" if cache_dir else None
+    cache_file = cache_dir / f"embeddings-{digest.hexdigest()[:20]}.npz" if cache_dir else None
+    cached: dict[str, np.ndarray] = {}
     if cache_file is not None and cache_file.exists():
-        return np.load(cache_file)
+        with np.load(cache_file) as stored:
+            cached = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
+    keys = [prompt_hash(prompt) for prompt in prompts]
+    missing = sorted({key: i for i, key in enumerate(keys) if key not in cached}.values())
+    if missing:
+        vectors = _embed([prompts[i] for i in missing], backbone_dir, truncation, batch_size)
+        cached.update(zip((keys[i] for i in missing), vectors, strict=True))
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache_file.with_suffix(".tmp.npz")
+            np.savez(temporary, keys=np.array(list(cached)), vectors=np.stack(list(cached.values())))
+            temporary.replace(cache_file)
+    return np.stack([cached[key] for key in keys]) if keys else np.zeros((0, 0), dtype=np.float32)
+
+
+def _embed(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig, batch_size: int) -> np.ndarray:
     import torch
 
     from training.model import load_encoder
@@ -83,7 +103,4 @@ def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: 
             m = mask.unsqueeze(-1).float()
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
             embeddings[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache_file, embeddings)
     return embeddings

@@ -8,11 +8,14 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from classifier.errors import PromptierError
+
+if TYPE_CHECKING:
+    from classifier.artifact import ArtifactManifest
 
 app = typer.Typer(help="Promptier: route each prompt to the cheapest LLM tier that answers it well.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -76,8 +79,14 @@ def evaluate(
     skip_invalid: Annotated[bool, typer.Option()] = False,
     record: Annotated[bool, typer.Option(help="store the results in the artifact (manifest, eval files, "
                                                "model card)")] = False,
+    loso: Annotated[bool, typer.Option("--loso", help="also retrain the model's recipe once per source with that "
+                                                     "source held out, and score it there")] = False,
+    seeds: Annotated[str | None, typer.Option(help="also retrain the recipe with these seeds (e.g. 13,14,15) and "
+                                                   "report the spread of its in-distribution APGR")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="where --loso and --seeds train (default: MODEL.generalization)"
+                                                  )] = None,
 ) -> None:
-    """Evaluate a model against baselines on the prompts of LOGS it never saw."""
+    """Evaluate a model against baselines on the prompts of LOGS it never saw, and on the probe suite."""
     from classifier.artifact import load_manifest
     from training.data import read_logs
     from training.evaluate import EVAL_MD, evaluate_logs
@@ -98,14 +107,52 @@ def evaluate(
         out_dir = model if record else (out or model / "eval")
         report = evaluate_logs(model, table, backbone_dir, out_dir,
                                cache_dir or Path.home() / ".cache" / "promptier")
+        import classifier
+        from training.probes import evaluate_probes, render_probe_markdown
+
+        probes = evaluate_probes(classifier.load(model))
+        generalization = None
+        if loso or seeds:
+            generalization = _generalization(model, manifest, logs, pool, loso, seeds, work_dir, backbone_dir,
+                                             cache_dir or Path.home() / ".cache" / "promptier", skip_invalid)
         if record:
             from training.evaluate import record_in_artifact
 
-            record_in_artifact(model, report, table)
+            record_in_artifact(model, report, table, probes, generalization)
     except (PromptierError, ValueError, FileNotFoundError) as error:
         _fail(error)
     typer.echo((out_dir / EVAL_MD).read_text())
+    typer.echo(render_probe_markdown(probes, manifest.policy.default_mode))
+    if generalization is not None:
+        from training.generalization import render_markdown
+
+        typer.echo(render_markdown(generalization))
     typer.echo(f"wrote {out_dir}/eval.json, eval.md, eval.png ({report['rows']} prompts; {skipped.summary()})")
+
+
+def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], pool: Path, loso: bool,
+                    seeds: str | None, work_dir: Path | None, backbone_dir: Path | None, cache_dir: Path,
+                    skip_invalid: bool) -> dict:
+    """Retrain the artifact's recipe for --loso and --seeds."""
+    from training.config import TrainConfig
+    from training.generalization import leave_one_source_out, seed_spread
+
+    if manifest.training.get("teacher"):
+        raise PromptierError("--loso and --seeds retrain the recipe, and this model was distilled from a teacher "
+                             "artifact the recipe does not rebuild")
+    config = TrainConfig.model_validate(manifest.training["config"])
+    root = work_dir or model.with_name(model.name + ".generalization")
+    result: dict = {}
+    if loso:
+        result["leave_one_source_out"] = leave_one_source_out(logs, pool, config, root / "loso", backbone_dir,
+                                                               cache_dir, skip_invalid)
+    if seeds:
+        try:
+            seed_list = [int(seed) for seed in seeds.split(",")]
+        except ValueError as error:
+            raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
+        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid)
+    return result
 
 
 @app.command()

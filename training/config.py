@@ -43,6 +43,8 @@ class BagStudentConfig(BaseModel):
     pooling_heads: int = Field(default=3, ge=1, description="learned attention-pooling heads beside the mean")
     mlp_hidden: int = Field(default=512, ge=8)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    length_feature: bool = Field(default=False, description="give the MLP the log of the prompt's token count: "
+                                 "pooling averages it away, and length is a strong difficulty signal")
 
 
 class TrainConfig(BaseModel):
@@ -64,6 +66,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.01, ge=0)
     freeze_embeddings: bool = Field(default=True, description="the vocabulary table dominates parameters and "
                                     "optimizer time; the encoder layers adapt instead")
+    anchors: int = Field(default=0, ge=0, description="anchor prompts of obvious difficulty (training/anchors.py) "
+                         "added to the training split, up to this many of each kind; 0 = none")
     seed: int = 13
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
@@ -74,6 +78,9 @@ class TrainConfig(BaseModel):
         description="how far below the top tier's validation quality each mode may go",
     )
     default_mode: str = "balanced"
+    policy_rule: Literal["ratio", "difference"] = Field(
+        default="difference", description="how a tier's probability is compared with the top tier's "
+        "(classifier.policy.relative_scores)")
     checkpoint_every: int = Field(default=50, ge=1)
     threads: int = Field(default=2, ge=1)
     quantize: bool = True

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier import load as load_artifact
+from classifier.artifact import Rule
 from classifier.policy import relative_scores
 from training.baselines import (
     length_features,
@@ -37,8 +38,8 @@ def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64)
 
 
 def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: np.ndarray,
-                tier_names: list[str]) -> dict:
-    """Every metric for every method on one group of prompts."""
+                tier_names: list[str], rule: Rule = "ratio") -> dict:
+    """Every metric for every method on one group of prompts, each routed by the same `rule`."""
     known = ~np.isnan(targets)
     top_quality, top_cost = always_top(targets, costs)
     single = {}
@@ -56,10 +57,10 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
     for method, probabilities in methods.items():
         # The oracle knows each prompt's gain from the strong tier; a router scores a prompt by how much
         # of the strong tier's expected quality the cheapest tier would lose (its relative score).
-        relative = relative_scores(probabilities[rows], known[rows])
+        relative = relative_scores(probabilities[rows], known[rows], rule)
         hardness = (strong - weak) if method == "oracle" else 1.0 - relative[:, 0]
         curve = binary_curve(hardness, weak, strong)
-        routing = routing_curve(probabilities, targets, costs)
+        routing = routing_curve(probabilities, targets, costs, rule=rule)
         savings = {}
         for level in SAVING_LEVELS:
             point = cheapest_point_within(routing, level * top_quality)
@@ -105,8 +106,10 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
         "tiers": tier_names,
         "rows": len(eval_table),
         "fit_rows": len(fit_table) if fit_table is not None else 0,
+        "rule": manifest.policy.rule,
         "groups": {name: score_group({m: p[mask] for m, p in methods.items()}, eval_table.targets[mask],
-                                     eval_table.costs[mask], tier_names) for name, mask in groups.items()},
+                                     eval_table.costs[mask], tier_names, manifest.policy.rule)
+                   for name, mask in groups.items()},
     }
     report["summary"] = summarize(report)
     return report
@@ -248,13 +251,21 @@ def sample_metrics(artifact: Path, table: PromptTable) -> dict:
     return {"prompts": len(index), "summary": report["summary"]}
 
 
-def record_in_artifact(artifact: Path, report: dict, table: PromptTable) -> None:
-    """Store an evaluation in the artifact: manifest metrics, the fixed-sample check, the model card."""
+def record_in_artifact(artifact: Path, report: dict, table: PromptTable, probes: dict | None = None,
+                       generalization: dict | None = None) -> None:
+    """Store an evaluation in the artifact: manifest metrics, the fixed-sample check, the probe suite,
+    leave-one-source-out and seed figures when given, the model card."""
     from classifier.artifact import MODEL_CARD_FILE, load_manifest, save_manifest
+    from training.generalization import write_report
     from training.model_card import render_model_card
 
     manifest = load_manifest(artifact)
     metrics = {**manifest.metrics, "test": report["summary"], "test_sample": sample_metrics(artifact, table)}
+    if probes is not None:
+        metrics["probes"] = probes
+    if generalization:
+        metrics.update(generalization)
+        write_report(generalization, artifact)
     manifest = manifest.model_copy(update={"metrics": metrics})
     save_manifest(manifest, artifact)
     (artifact / MODEL_CARD_FILE).write_text(render_model_card(manifest, artifact), encoding="utf-8")

@@ -83,8 +83,9 @@ class BagTierModel(nn.Module):
             self.token_weight.weight.normal_(0.0, 0.1)
         pooled = (spec.pooling_heads + 1) * dim
         self.norm = nn.LayerNorm(pooled)
+        self.length_feature = spec.length_feature
         self.mlp = nn.Sequential(
-            nn.Dropout(spec.dropout), nn.Linear(pooled, spec.mlp_hidden), nn.GELU(),
+            nn.Dropout(spec.dropout), nn.Linear(pooled + int(spec.length_feature), spec.mlp_hidden), nn.GELU(),
             nn.Dropout(spec.dropout), nn.Linear(spec.mlp_hidden, n_tiers),
         )
 
@@ -99,8 +100,12 @@ class BagTierModel(nn.Module):
         scores = self.token_weight(input_ids).transpose(1, 2) + (1.0 - present) * -1e4
         weights = torch.cat([mean_weights, torch.softmax(scores, dim=-1)], dim=1)  # [batch, heads+1, seq]
         # One batched matmul pools every head: far cheaper in ONNX Runtime than elementwise ops.
-        pooled = torch.bmm(weights, vectors).flatten(1)
-        return self.mlp(self.norm(pooled))
+        pooled = self.norm(torch.bmm(weights, vectors).flatten(1))
+        if self.length_feature:
+            # log(tokens) scaled to about [-1, 1] over 2..128 tokens.
+            log_tokens = torch.log(present.sum(dim=-1).clamp(min=1.0)) / 2.5 - 1.0  # [batch, 1]
+            pooled = torch.cat([pooled, log_tokens], dim=1)
+        return self.mlp(pooled)
 
 
 def build_model(config: TrainConfig, backbone: PreTrainedModel, n_tiers: int, pad_id: int = 0
@@ -114,6 +119,7 @@ def build_model(config: TrainConfig, backbone: PreTrainedModel, n_tiers: int, pa
         architecture: dict[str, int | str | float] = {
             "backbone": f"bag student of {config.backbone}", "layers": 0, "hidden": student.embedding_dim,
             "mlp_hidden": student.mlp_hidden, "pooling_heads": student.pooling_heads, "pooling": "mean+learned-weights",
+            "length_feature": int(student.length_feature),
         }
     else:
         encoder = build_student(backbone, student, config.seed) if student else backbone

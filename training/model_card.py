@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from classifier.artifact import ArtifactManifest
+from training.generalization import render_markdown as render_generalization
+from training.probes import render_probe_markdown
 
 BACKBONE_LICENCES = {
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), installed offline from the PyPI "
@@ -12,8 +14,17 @@ BACKBONE_LICENCES = {
 }
 DATA_LICENCES = (
     "MMLU-Pro per-model outputs, TIGER-AI-Lab/MMLU-Pro (Apache-2.0); LLMRouter dcrouter data, "
-    "ulab-uiuc/LLMRouter (MIT); Arena-Hard prompts, lmarena/arena-hard-auto (Apache-2.0), unlabeled, "
-    "used for distillation only where listed below"
+    "ulab-uiuc/LLMRouter (MIT); LiveCodeBench leaderboard pass@1 (CC-BY-SA-4.0) joined to problem statements of "
+    "LiveCodeBench/submissions (MIT; the statements belong to LeetCode, AtCoder and Codeforces); CRUXEval-O "
+    "generations from WildEval/ZeroEval (Apache-2.0) on facebookresearch/cruxeval (MIT); Berkeley "
+    "Function-Calling Leaderboard v1 scores (HuanzhiMao/BFCL-Result) on ShishirPatil/gorilla test data "
+    "(Apache-2.0); whichever of these the logs below include"
+)
+ANCHOR_NOTE = (
+    "Anchor prompts (training/anchors.py): generated prompts of obvious difficulty (greetings, one-line facts, "
+    "small rewrites, trivial code on the cheapest tier; proofs, system designs, hard code on the top tier), "
+    "added to the training split only. Their outcomes are assumed, not measured; they are in no evaluation "
+    "and share no text with the probe suite."
 )
 
 
@@ -24,6 +35,8 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
     backbone = str(config.get("backbone", ""))
     eval_md = directory / "eval.md"
     policy = manifest.policy
+    metrics = manifest.metrics
+    probes = metrics.get("probes")
     lines = [
         f"# Model card: {manifest.model_version}", "",
         "Predicts, for each tier, the probability that the tier's model answers the prompt well; routes "
@@ -36,12 +49,14 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"rest from the tail), text first cut to {manifest.truncation.head_chars}+"
         f"{manifest.truncation.tail_chars} characters",
         f"- Calibration: per-tier temperatures {[round(t, 3) for t in manifest.calibration.temperatures]}",
-        f"- Policy thresholds: {policy.thresholds} (quality bands {policy.quality_bands}); "
+        f"- Policy: rule `{policy.rule}`, thresholds {policy.thresholds} (quality bands {policy.quality_bands}); "
         f"default mode `{policy.default_mode}`", "",
         "## Training data",
         f"- Logs: {training.get('logs')}; pool: {training.get('pool')}",
         f"- Sources and licences: {DATA_LICENCES}",
-        f"- Prompts per split: {training.get('prompts')}; unlabeled prompts: {training.get('unlabeled_prompts')}",
+        f"- Prompts per split: {training.get('prompts')}; unlabeled prompts: {training.get('unlabeled_prompts')}; "
+        f"anchor prompts: {training.get('anchor_prompts', 0)}",
+        *([f"- {ANCHOR_NOTE}"] if training.get("anchor_prompts") else []),
         f"- Teacher: {training.get('teacher')}",
         f"- Data fingerprint (sha256 of prompts and targets): `{manifest.data_fingerprint}`",
         f"- Training time: {training.get('total_seconds')} s on {manifest.versions}", "",
@@ -52,6 +67,11 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         "## Export parity", f"{manifest.metrics.get('export_parity')}", "",
         "## Evaluation (held-out test split)", "",
         eval_md.read_text(encoding="utf-8") if eval_md.exists() else "(no evaluation recorded)", "",
+        "## Probe suite (common sense)", "",
+        render_probe_markdown(probes, policy.default_mode) if isinstance(probes, dict) else "(not measured)", "",
+        "## Generalization", "",
+        render_generalization({k: metrics[k] for k in ("leave_one_source_out", "seeds") if k in metrics})
+        or "(not measured: `promptier eval --loso --seeds 13,14,15`)", "",
         "## Limits",
         "- Trained mostly on benchmark-style prompts (multiple choice, math, code, QA); open-ended chat "
         "traffic differs. Scores are noisy single samples.",

@@ -20,9 +20,10 @@ from classifier.artifact import (
     save_manifest,
 )
 from classifier.runtime import TierClassifier
+from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
-from training.data import SkipReport, read_logs
+from training.data import SkipReport, parse_row, read_logs
 from training.errors import DataError
 from training.labels import PromptTable, build_table, prompt_hash, split_table
 from training.pool import Pool, load_pool
@@ -50,6 +51,18 @@ def prepare_data(logs: Sequence[str | Path], pool_path: str | Path, config: Trai
     if not (split == "train").any() or not (split == "val").any():
         raise DataError("logs", f"too few prompts ({len(table)}) for a train and a validation split")
     return PreparedData(table, split, pool, skipped, unused)
+
+
+def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
+    """The config's anchor prompts (none of them in the probe suite) as a table, or None."""
+    if not config.anchors:
+        return None
+    from training.anchors import anchor_rows
+    from training.probes import load_probes
+
+    rows = anchor_rows(pool.tier_names, config.anchors, config.seed, exclude=[p.prompt for p in load_probes()])
+    table, _ = build_table([parse_row(row, "anchors", number) for number, row in enumerate(rows, start=1)], pool)
+    return table
 
 
 def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
@@ -91,11 +104,15 @@ def train(
     distill_weight: float = 0.5,
     model_version: str | None = None,
     command: str | None = None,
+    evaluation_backbone: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> ArtifactManifest:
     """Train, calibrate, choose thresholds, export with a parity check, evaluate on the test split.
 
     With `teacher`, the targets blend the teacher artifact's probabilities (weight `distill_weight`)
     with the logged outcomes, and unknown outcomes and `unlabeled` prompts take the teacher's alone.
+    With `evaluation_backbone`, the test-split evaluation includes the embedding baseline (embeddings
+    kept in `cache_dir`).
     """
     import torch
 
@@ -104,6 +121,7 @@ def train(
     from training.export import MIN_PARITY_PROMPTS, write_artifact
     from training.model import backbone_directory, build_model, load_encoder
     from training.model_card import render_model_card
+    from training.probes import evaluate_probes
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.trainer import fit, predict_logits, tokenize_all
 
@@ -127,8 +145,6 @@ def train(
     train_texts = [table.prompts[i] for i in train_index]
     targets = table.targets[train_index]
     if teacher is not None:
-        from classifier import load as load_artifact
-
         teacher_runtime = load_artifact(teacher, threads=config.threads)
         if teacher_runtime.tier_names != data.pool.tier_names:
             raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
@@ -140,6 +156,10 @@ def train(
                            + (1 - distill_weight) * np.nan_to_num(targets), teacher_probs[: len(train_texts)])
         targets = np.concatenate([blended, teacher_probs[len(train_texts):]])
         train_texts = train_texts + extra
+    anchors = anchor_table(data.pool, config)
+    if anchors is not None:  # after distillation: anchors keep their own labels, not the teacher's
+        train_texts = train_texts + anchors.prompts
+        targets = np.concatenate([targets, anchors.targets])
     token_ids = tokenize_all(encoder, train_texts)
     fit(model, token_ids, targets, config, work_dir, description="student" if config.student else "train")
 
@@ -149,14 +169,14 @@ def train(
     temperatures = fit_temperatures(val_logits, table.targets[val_index])
     val_probs = apply_temperatures(val_logits, temperatures)
     val_targets, val_costs = table.targets[val_index], table.costs[val_index]
-    curve = routing_curve(val_probs, val_targets, val_costs)
+    curve = routing_curve(val_probs, val_targets, val_costs, rule=config.policy_rule)
     top_quality, _ = always_top(val_targets, val_costs)
     thresholds = mode_thresholds(curve, top_quality, config.quality_bands)
 
     manifest = ArtifactManifest(
         model_version=model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
         tiers=data.pool.tier_specs(),
-        policy=PolicyConfig(default_mode=config.default_mode, thresholds=thresholds,
+        policy=PolicyConfig(default_mode=config.default_mode, rule=config.policy_rule, thresholds=thresholds,
                             quality_bands=dict(config.quality_bands), curve=curve_points(curve)),
         calibration=CalibrationConfig(temperatures=temperatures),
         truncation=truncation,
@@ -165,7 +185,8 @@ def train(
                   "distill_weight": distill_weight if teacher else None,
                   "logs": [str(p) for p in logs], "pool": str(pool_path), "command": command,
                   "prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-                  "unlabeled_prompts": len(train_texts) - len(train_index),
+                  "unlabeled_prompts": len(train_texts) - len(train_index) - (len(anchors) if anchors else 0),
+                  "anchor_prompts": len(anchors) if anchors else 0,
                   "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
                   "train_seconds": round(time.time() - started, 1)},
         data_fingerprint=table.fingerprint(),
@@ -185,10 +206,12 @@ def train(
     manifest, _ = write_artifact(model, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
                                  config.quantize, extra_files={SEEN_PROMPTS_FILE: "\n".join(seen) + "\n"})
     test_index = np.flatnonzero(split == "test")
+    metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(out_dir))}
     if test_index.size:
-        report = evaluate_split(out_dir, table, split, backbone_dir=None, out_dir=out_dir)
-        metrics = {**manifest.metrics, "test": report["summary"], "test_sample": sample_metrics(out_dir, table)}
-        manifest = manifest.model_copy(update={"metrics": metrics})
+        report = evaluate_split(out_dir, table, split, backbone_dir=evaluation_backbone, out_dir=out_dir,
+                                cache_dir=cache_dir)
+        metrics.update({"test": report["summary"], "test_sample": sample_metrics(out_dir, table)})
+    manifest = manifest.model_copy(update={"metrics": metrics})
     manifest = manifest.model_copy(update={"training": {**manifest.training,
                                                         "total_seconds": round(time.time() - started, 1)}})
     save_manifest(manifest, out_dir)

@@ -1,0 +1,108 @@
+"""How a training recipe generalizes: leave-one-source-out and seed-to-seed spread.
+
+A random split of the same sources flatters a router: its test prompts look like its training
+prompts. Leaving a whole source out (train on every other source, test on it) measures what a new
+customer's traffic, unlike any of the logs, would get. Retraining with other seeds measures how much
+of a difference between two recipes is noise.
+
+Both retrain the recipe: an artifact's recorded training config, run again on the same logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.errors import DataError
+from training.pipeline import prepare_data, train
+
+log = logging.getLogger(__name__)
+BASELINES = ("length", "embedding-lr")
+MODEL = "promptier"
+
+
+def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, work_root: Path,
+                         backbone_dir: Path | None, cache_dir: Path | None = None,
+                         skip_invalid: bool = False) -> dict:
+    """Train once per source with that source held out entirely; score each on the source it never saw.
+
+    Returns {"sources": {source: {method: {"apgr", "savings_vs_top"}}}, "beats_baselines": {source: bool}},
+    comparing the recipe with the length and embedding baselines fitted on the same training sources.
+    """
+    data = prepare_data(logs, pool, config, skip_invalid)
+    sources = sorted(set(data.table.sources))
+    if len(sources) < 2:
+        raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
+    result: dict = {"sources": {}, "beats_baselines": {}}
+    for source in sources:
+        log.info("leave-one-source-out: training without %s", source)
+        # Every other source's prompts go to training and validation: the test split is the held-out source.
+        fold = config.model_copy(update={"holdout_sources": [source], "holdout_categories": [], "test_fraction": 0.0})
+        out = work_root / f"without-{source}"
+        manifest = train(logs, pool, out, fold, work_dir=work_root / f"without-{source}.work",
+                         skip_invalid=skip_invalid, model_version=f"loso-{source}",
+                         evaluation_backbone=backbone_dir, cache_dir=cache_dir)
+        summary = manifest.metrics["test"]
+        assert isinstance(summary, dict)
+        methods = {method: summary[source][method] for method in (MODEL, *BASELINES) if method in summary[source]}
+        result["sources"][source] = methods
+        result["beats_baselines"][source] = all(
+            methods[MODEL]["apgr"] > methods[b]["apgr"] for b in BASELINES if b in methods)
+    return result
+
+
+def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
+                work_root: Path, skip_invalid: bool = False) -> dict:
+    """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread."""
+    runs: dict[str, dict[str, float]] = {}
+    for seed in seeds:
+        log.info("seed spread: training with seed %d", seed)
+        manifest = train(logs, pool, work_root / f"seed-{seed}", config.model_copy(update={"seed": seed}),
+                         work_dir=work_root / f"seed-{seed}.work", skip_invalid=skip_invalid,
+                         model_version=f"seed-{seed}")
+        summary = manifest.metrics["test"]
+        assert isinstance(summary, dict)
+        runs[str(seed)] = {group: methods[MODEL]["apgr"] for group, methods in summary.items()}
+    groups = sorted(set.intersection(*(set(r) for r in runs.values())))
+    per_group = {}
+    for group in groups:
+        values = np.array([runs[seed][group] for seed in runs])
+        per_group[group] = {"mean": float(values.mean()), "spread": float(values.max() - values.min()),
+                            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return {"seeds": [int(s) for s in seeds], "runs": runs, "apgr": per_group}
+
+
+def render_markdown(report: dict) -> str:
+    """Leave-one-source-out and seed figures as Markdown tables (what the model card shows)."""
+    lines: list[str] = []
+    loso = report.get("leave_one_source_out")
+    if loso:
+        wins = sum(loso["beats_baselines"].values())
+        lines += [f"Leave-one-source-out APGR (trained on every other source; beats both baselines on "
+                  f"{wins} of {len(loso['sources'])} sources):", "",
+                  "| held-out source | promptier | length | embedding-lr | beats both |", "|---|---|---|---|---|"]
+        for source, methods in loso["sources"].items():
+            cells = [f"{methods[m]['apgr']:.4f}" if m in methods else "-" for m in (MODEL, *BASELINES)]
+            beats = "yes" if loso["beats_baselines"][source] else "no"
+            lines.append(f"| {source} | " + " | ".join(cells) + f" | {beats} |")
+        lines.append("")
+    seeds = report.get("seeds")
+    if seeds:
+        lines += [f"In-distribution APGR over seeds {seeds['seeds']} (each seed its own random split):", "",
+                  "| group | mean | spread (max - min) | runs |", "|---|---|---|---|"]
+        for group, values in seeds["apgr"].items():
+            runs = ", ".join(f"{seeds['runs'][s][group]:.4f}" for s in seeds["runs"])
+            lines.append(f"| {group} | {values['mean']:.4f} | {values['spread']:.4f} | {runs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, directory: Path, name: str = "generalization") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (directory / f"{name}.md").write_text(render_markdown(report), encoding="utf-8")

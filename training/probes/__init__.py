@@ -1,0 +1,135 @@
+"""The probe suite: prompts of obvious difficulty, the common-sense check of a router.
+
+`probes.jsonl` holds prompts any person would call easy (greetings, one-line facts, small rewrites)
+or hard (proofs, system designs, tricky code), across kinds and languages, with short-hard and
+long-easy ones so that length alone cannot pass. It was written before any model was trained on it
+and is never trained on. It is split once into two fixed halves: models, features and thresholds
+are chosen on `select`, and figures are reported on `report`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from classifier.artifact import MODES
+from classifier.policy import RoutingRequest, relative_scores
+from classifier.runtime import TierClassifier
+from training.metrics import roc_auc
+
+PROBES_FILE = Path(__file__).resolve().parent / "probes.jsonl"
+HALVES = ("select", "report")
+DIFFICULTIES = ("easy", "hard")
+# Part of the hash that assigns halves: changing it would reshuffle them, so it never changes.
+_SPLIT_SALT = "promptier-probes-v1"
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    difficulty: str
+    kind: str
+    language: str
+    half: str
+
+
+def _split_key(prompt: str) -> str:
+    return hashlib.sha256(f"{_SPLIT_SALT}\0{prompt}".encode()).hexdigest()
+
+
+def load_probes(path: Path = PROBES_FILE) -> list[Probe]:
+    """Read the suite and assign each probe its half.
+
+    Within each (difficulty, kind) group, probes sorted by a salted hash of their text go alternately
+    to `select` and `report`: both halves get the same mix, and adding probes moves no existing one.
+
+    Raises:
+        ValueError: a line that is not a valid probe.
+    """
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("difficulty") not in DIFFICULTIES or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}, line {number}: not a probe: {line[:80]!r}")
+        records.append(record)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        groups[(record["difficulty"], record["kind"])].append(record)
+    half_of: dict[str, str] = {}
+    for members in groups.values():
+        for position, record in enumerate(sorted(members, key=lambda r: _split_key(r["prompt"]))):
+            half_of[record["prompt"]] = HALVES[position % 2]
+    return [Probe(r["prompt"], r["difficulty"], r["kind"], r["language"], half_of[r["prompt"]]) for r in records]
+
+
+def _shares(tiers: Sequence[str], chosen: np.ndarray, hard: np.ndarray) -> dict[str, float]:
+    cheapest, top = tiers[0], tiers[-1]
+    easy = ~hard
+    return {
+        "easy_on_cheapest": float(np.mean(chosen[easy] == cheapest)) if easy.any() else float("nan"),
+        "easy_on_top": float(np.mean(chosen[easy] == top)) if easy.any() else float("nan"),
+        "hard_on_top": float(np.mean(chosen[hard] == top)) if hard.any() else float("nan"),
+        "hard_on_cheapest": float(np.mean(chosen[hard] == cheapest)) if hard.any() else float("nan"),
+    }
+
+
+def evaluate_probes(runtime: TierClassifier, probes: Sequence[Probe] | None = None) -> dict:
+    """AUC of the router's hardness score (easy vs hard) and, under each mode, where easy and hard
+    probes go; per half, and per kind on the report half.
+
+    The hardness score is 1 - the cheapest tier's relative score, the quantity routing thresholds;
+    the tiers come from the runtime's own decisions, so whatever decides a prompt (the model or the
+    prior for unfamiliar prompts) is what is measured.
+    """
+    probes = list(load_probes() if probes is None else probes)
+    prompts = [p.prompt for p in probes]
+    hard = np.array([p.difficulty == "hard" for p in probes])
+    tiers = runtime.tier_names
+    decisions = {mode: runtime.classify_batch(prompts, RoutingRequest(mode=mode))
+                 for mode in MODES if mode in runtime.manifest.policy.thresholds}
+    default = decisions[runtime.manifest.policy.default_mode]
+    probabilities = np.array([[d.scores[t] for t in tiers] for d in default])
+    hardness = 1.0 - relative_scores(probabilities, np.ones(len(tiers), dtype=bool),
+                                     runtime.manifest.policy.rule)[:, 0]
+    report: dict = {"probes": len(probes), "halves": {}}
+    for half in HALVES:
+        rows = np.array([p.half == half for p in probes])
+        report["halves"][half] = {
+            "probes": int(rows.sum()), "easy": int((rows & ~hard).sum()), "hard": int((rows & hard).sum()),
+            "auc": roc_auc(hardness[rows], hard[rows]),
+            "modes": {mode: _shares(tiers, np.array([d.tier for d in ds])[rows], hard[rows])
+                      for mode, ds in decisions.items()},
+        }
+    chosen = np.array([d.tier for d in default])
+    kinds = sorted({p.kind for p in probes})
+    report_rows = np.array([p.half == "report" for p in probes])
+    report["report_by_kind"] = {
+        kind: _shares(tiers, chosen[report_rows & (np.array([p.kind for p in probes]) == kind)],
+                      hard[report_rows & (np.array([p.kind for p in probes]) == kind)])
+        for kind in kinds
+    }
+    return report
+
+
+def render_probe_markdown(report: dict, default_mode: str) -> str:
+    """The probe figures as a Markdown table per half."""
+    lines = [f"Probe suite: {report['probes']} prompts of obvious difficulty; choices are made on `select`, "
+             "figures reported on `report`.", "",
+             "| half | probes | AUC | mode | easy -> cheapest | easy -> top | hard -> top |",
+             "|---|---|---|---|---|---|---|"]
+    for half, h in report["halves"].items():
+        for mode, shares in h["modes"].items():
+            marker = " (default)" if mode == default_mode else ""
+            auc = "-" if h["auc"] is None else f"{h['auc']:.3f}"
+            lines.append(f"| {half} | {h['probes']} | {auc} | {mode}{marker} | "
+                         f"{shares['easy_on_cheapest']:.1%} | {shares['easy_on_top']:.1%} | "
+                         f"{shares['hard_on_top']:.1%} |")
+    return "\n".join(lines) + "\n"
