@@ -16,6 +16,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,8 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE)
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 MODEL_OUTPUT_NAME = "logits"
+# Optional second output: how unlike the training prompts each prompt is (see FamiliarityConfig).
+UNFAMILIARITY_OUTPUT_NAME = "unfamiliarity"
 MODES = ("quality", "balanced", "cost")
 # How a tier's probability is compared with the top tier's: see classifier.policy.relative_scores.
 Rule = Literal["ratio", "difference"]
@@ -115,6 +118,35 @@ class CalibrationConfig(_Strict):
         return value
 
 
+class PriorConfig(_Strict):
+    """The documented rule for prompts the model does not know (classifier/prior.py)."""
+
+    short_chars: int = Field(default=200, ge=1)
+    long_chars: int = Field(default=2000, ge=1)
+
+
+class FamiliarityConfig(_Strict):
+    """When a prompt is too unlike the training prompts for the model's scores to be trusted.
+
+    The model's `unfamiliarity` output is how far a prompt's pooled features lie from the training
+    prompts', in units of their spread (training/model.py, WithUnfamiliarity).
+    Above `threshold` the prior decides the tier. `reference` holds the 0th, 1st, ..., 100th percentiles
+    of the unfamiliarity of held-out prompts like the training ones, so a value reads as a percentile.
+    """
+
+    threshold: float = Field(gt=0)
+    reference: list[float] = Field(min_length=2)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+
+    @field_validator("threshold", "reference")
+    @classmethod
+    def _finite(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("must be finite")
+        return value
+
+
 class ArtifactManifest(_Strict):
     """Everything the runtime needs to know about a model, validated on load."""
 
@@ -129,6 +161,7 @@ class ArtifactManifest(_Strict):
     data_fingerprint: str = ""
     metrics: dict[str, object] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
+    familiarity: FamiliarityConfig | None = None
 
     @property
     def tier_names(self) -> list[str]:

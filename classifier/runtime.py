@@ -15,11 +15,13 @@ from classifier.artifact import (
     MODEL_INPUT_NAMES,
     MODEL_OUTPUT_NAME,
     TOKENIZER_FILE,
+    UNFAMILIARITY_OUTPUT_NAME,
     ArtifactManifest,
     load_manifest,
 )
 from classifier.errors import ArtifactError, InvalidInputError
 from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_threshold
+from classifier.prior import prior_tier
 from classifier.tokenization import PromptEncoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -39,6 +41,13 @@ class ClassificationResult:
     truncated: bool
     tokens: int
     model_version: str
+    # "model", or "prior" when the prompt was too unlike the training prompts for the model's scores
+    # to be trusted and the documented prior (classifier/prior.py) chose the tier.
+    decided_by: str = "model"
+    # How typical the prompt is of what the model was trained on: the share of held-out training-like
+    # prompts that are more unlike it (1 = as typical as any, 0 = beyond all of them); None when the
+    # artifact does not measure it.
+    familiarity: float | None = None
 
 
 def validate_text(text: object, max_chars: int = MAX_TEXT_CHARS) -> str:
@@ -72,7 +81,9 @@ class TierClassifier:
         self._tier_names = manifest.tier_names
         self._temperatures = np.asarray(manifest.calibration.temperatures, dtype=np.float32)
         self._encode_lock = threading.Lock()
-        self._outputs = [MODEL_OUTPUT_NAME]
+        familiarity = manifest.familiarity
+        self._outputs = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME] if familiarity else [])
+        self._reference = np.asarray(familiarity.reference if familiarity else [], dtype=np.float64)
         self._all_tiers = np.ones(len(self._tier_names), dtype=bool)
         self._all_tiers.flags.writeable = False  # shared by every request that allows all tiers
 
@@ -90,32 +101,49 @@ class TierClassifier:
 
     def logits(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
         """Raw model logits [n, n_tiers] for already-validated texts, with truncation flags and token counts."""
+        logits, _, truncated, tokens = self._run(texts)
+        return logits, truncated, tokens
+
+    def _run(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None, list[bool], list[int]]:
+        """Logits, unfamiliarity (None when the artifact has none), truncation flags and token counts."""
         with self._encode_lock:
             batch = self._encoder.encode_batch(texts)
         if len(texts) <= MAX_SESSION_BATCH:  # the serving case: one run, no reordering
             feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            return self._session.run(self._outputs, feeds)[0], batch.truncated, batch.token_counts
+            outputs = self._session.run(self._outputs, feeds)
+            return outputs[0], outputs[1] if len(outputs) > 1 else None, batch.truncated, batch.token_counts
         # Run length-sorted slices of at most MAX_SESSION_BATCH prompts, each padded only to its own
         # longest prompt: less padding, and a bounded activation peak (a batch of 64 long prompts
         # in one run adds ~80 MB of resident memory).
         order = np.argsort(batch.token_counts, kind="stable")
-        parts = []
+        parts: list[list[np.ndarray]] = []
         for start in range(0, len(order), MAX_SESSION_BATCH):
             rows = order[start : start + MAX_SESSION_BATCH]
             width = int(max(batch.token_counts[i] for i in rows))
             parts.append(self._session.run(
                 self._outputs,
                 {"input_ids": batch.input_ids[rows, :width], "attention_mask": batch.attention_mask[rows, :width]},
-            )[0])
-        sorted_logits = np.concatenate(parts)
-        logits = np.empty_like(sorted_logits)
-        logits[order] = sorted_logits
-        return logits, batch.truncated, batch.token_counts
+            ))
+        results: list[np.ndarray] = []
+        for output in range(len(self._outputs)):
+            ordered = np.concatenate([part[output] for part in parts])
+            restored = np.empty_like(ordered)
+            restored[order] = ordered
+            results.append(restored)
+        return results[0], results[1] if len(results) > 1 else None, batch.truncated, batch.token_counts
 
     def probabilities(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
         """Calibrated per-tier probabilities [n, n_tiers] for already-validated texts."""
         logits, truncated, tokens = self.logits(texts)
-        return 1.0 / (1.0 + np.exp(-logits / self._temperatures)), truncated, tokens
+        return self._calibrate(logits), truncated, tokens
+
+    def _calibrate(self, logits: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-logits / self._temperatures))
+
+    def familiarity(self, unfamiliarity: np.ndarray) -> np.ndarray:
+        """Unfamiliarity values as familiarity in [0, 1]: the share of reference prompts more unlike."""
+        percentile = np.interp(unfamiliarity, self._reference, np.linspace(0.0, 1.0, len(self._reference)))
+        return 1.0 - percentile
 
     def classify(self, text: str, request: RoutingRequest | None = None) -> ClassificationResult:
         """Classify one prompt.
@@ -164,12 +192,23 @@ class TierClassifier:
 
     def _decide(self, valid: list[tuple[int, str, float, np.ndarray]],
                 outcomes: list[ClassificationResult | InvalidInputError | None]) -> None:
-        probabilities, truncated, tokens = self.probabilities([text for _, text, _, _ in valid])
+        texts = [text for _, text, _, _ in valid]
+        logits, unfamiliarity, truncated, tokens = self._run(texts)
+        probabilities = self._calibrate(logits)
         # One vectorised policy call for the whole batch: each row brings its own threshold and tiers.
         thresholds = np.array([threshold for _, _, threshold, _ in valid])[:, None]
         masks = [mask for _, _, _, mask in valid]
         allowed = self._all_tiers if all(mask is self._all_tiers for mask in masks) else np.stack(masks)
         chosen = choose_tiers(probabilities, thresholds, allowed, self.manifest.policy.rule).tolist()
+        decided_by = ["model"] * len(valid)
+        familiar: list[float | None] = [None] * len(valid)
+        if unfamiliarity is not None and self.manifest.familiarity is not None:
+            familiar = self.familiarity(unfamiliarity).tolist()
+            config = self.manifest.familiarity
+            for unknown in np.flatnonzero(unfamiliarity > config.threshold).tolist():
+                chosen[unknown] = _nearest_allowed(prior_tier(texts[unknown], len(self._tier_names), config.prior),
+                                                   masks[unknown])
+                decided_by[unknown] = "prior"
         rows = probabilities.tolist()  # Python floats at once, not one numpy scalar per score
         for row, (index, _, threshold, _) in enumerate(valid):
             outcomes[index] = ClassificationResult(
@@ -179,7 +218,16 @@ class TierClassifier:
                 truncated=truncated[row],
                 tokens=tokens[row],
                 model_version=self.manifest.model_version,
+                decided_by=decided_by[row],
+                familiarity=familiar[row],
             )
+
+
+def _nearest_allowed(tier: int, allowed: np.ndarray) -> int:
+    """`tier` if allowed, else the next more capable allowed tier, else the most capable allowed one."""
+    candidates = np.flatnonzero(allowed)
+    above = candidates[candidates >= tier]
+    return int(above[0]) if above.size else int(candidates[-1])
 
 
 def _session(model_path: Path, threads: int) -> ort.InferenceSession:
@@ -215,8 +263,9 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
     if input_names != tuple(sorted(MODEL_INPUT_NAMES)):
         raise ArtifactError(f"model inputs are {input_names}, expected {MODEL_INPUT_NAMES}")
     output_names = [o.name for o in session.get_outputs()]
-    if output_names != [MODEL_OUTPUT_NAME]:
-        raise ArtifactError(f"model outputs are {output_names}, expected [{MODEL_OUTPUT_NAME!r}]")
+    expected = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME] if manifest.familiarity else [])
+    if output_names[: len(expected)] != expected:
+        raise ArtifactError(f"model outputs are {output_names}, expected {expected}")
     classifier = TierClassifier(directory, manifest, session, encoder)
     try:
         probe, _, _ = classifier.logits(["Is this artifact able to classify a prompt?"])

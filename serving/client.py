@@ -44,12 +44,15 @@ def _options(attempts: int) -> list[tuple[str, object]]:
 class Decision(ClassificationResult):
     """A routing decision as returned by the server: the runtime's result plus the server's latency."""
 
-    server_latency_ms: float
+    server_latency_ms: float = 0.0
 
     @classmethod
     def from_proto(cls, response: router_pb2.ClassifyResponse) -> Decision:
-        return cls(response.tier, dict(response.scores), response.threshold, response.truncated, response.tokens,
-                   response.model_version, response.server_latency_ms)
+        return cls(tier=response.tier, scores=dict(response.scores), threshold=response.threshold,
+                   truncated=response.truncated, tokens=response.tokens, model_version=response.model_version,
+                   decided_by=response.decided_by or "model",
+                   familiarity=response.familiarity if response.HasField("familiarity") else None,
+                   server_latency_ms=response.server_latency_ms)
 
 
 def build_request(prompt: str | None = None, messages: Sequence[tuple[str, str]] | None = None,

@@ -122,6 +122,9 @@ def _fill(response: router_pb2.ClassifyResponse, result: ClassificationResult, l
     response.tier, response.threshold, response.truncated = result.tier, result.threshold, result.truncated
     response.tokens, response.model_version, response.server_latency_ms = (result.tokens, result.model_version,
                                                                            latency_ms)
+    response.decided_by = result.decided_by
+    if result.familiarity is not None:
+        response.familiarity = result.familiarity
     scores = response.scores
     for tier, score in result.scores.items():  # the map's update() is a Python loop anyway
         scores[tier] = score

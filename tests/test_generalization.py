@@ -74,3 +74,41 @@ def test_leave_one_source_out_trains_without_each_source(tmp_path: Path, tiny_ba
         assert set(report["groups"]) == {"all", source}
     assert "| alpha |" in render_markdown({"leave_one_source_out": result})
     assert any((tmp_path / "cache").iterdir())  # embeddings kept for the next fold
+
+
+def test_prior_reads_length_and_structure() -> None:
+    from classifier.artifact import PriorConfig
+    from classifier.prior import is_technical, prior_tier
+
+    config = PriorConfig(short_chars=200, long_chars=2000)
+    assert prior_tier("Bonjour, comment ça va ?", 3, config) == 0
+    assert prior_tier("x" * 500, 3, config) == 1
+    assert prior_tier("word " * 500, 3, config) == 2
+    assert prior_tier("```python\nprint(1)\n```", 3, config) == 2
+    assert is_technical("Solve \\int_0^1 x^2 dx") and is_technical("int main() {\n  return 0;\n}")
+    assert is_technical("if a = b and b ≤ c then a ≤ c") and not is_technical("Thanks, see you at 5!")
+    assert prior_tier("hi", 2, config) == 0 and prior_tier("x" * 500, 2, config) == 1
+
+
+def test_unfamiliar_prompts_are_routed_by_the_prior_visibly(tmp_path: Path, tiny_backbone: Path,
+                                                            synthetic_logs: Path, pool_file: Path) -> None:
+    from training.pipeline import train
+
+    config = tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
+                                                 "pooling_heads": 2, "length_feature": True},
+                         epochs=8, learning_rate=1e-2,
+                         familiarity={"directions": 8, "quantile": 0.99, "short_chars": 60, "long_chars": 400})
+    manifest = train([synthetic_logs], pool_file, tmp_path / "model", config, model_version="familiar")
+    assert manifest.familiarity is not None and manifest.familiarity.threshold > 0
+    runtime = classifier.load(tmp_path / "model")
+    known = runtime.classify("prove theorem derive integral eigenvalue lemma")
+    assert known.decided_by == "model" and known.familiarity is not None and known.familiarity > 0.01
+    # Every token unknown to the vocabulary: nothing like it was trained on.
+    short = runtime.classify("ζζζ ωωω ψψψ")
+    long_technical = runtime.classify("ζζζ ωωω ψψψ; {" + " ζζζ" * 150)
+    for result in (short, long_technical):
+        assert result.decided_by == "prior" and result.familiarity is not None and result.familiarity < 0.01
+    assert short.tier == "small" and long_technical.tier == "large"
+    # The prior respects allowed tiers: its choice, else the next more capable allowed tier.
+    pinned = runtime.classify("ζζζ ωωω ψψψ", classifier.RoutingRequest(allowed_tiers=("medium", "large")))
+    assert pinned.tier == "medium" and pinned.decided_by == "prior"

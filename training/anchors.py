@@ -216,6 +216,97 @@ HARD_REASONING = [
     "solve it and prove the solution is unique.",
 ]
 
+MULTILINGUAL_EASY = [
+    "Quelle est la capitale de {country_fr} ?", "Combien font {a} et {b} ?",
+    "Comment dit-on « {word_en} » en anglais ?",
+    "C'est quoi un {noun_fr} ?", "Quel jour sommes-nous après lundi ?", "Donne-moi un synonyme de « content ».",
+    "Was ist die Hauptstadt von {country_de}?", "Wie viel ist {a} plus {b}?", "Was bedeutet das Wort „{word_de}“?",
+    "Wie spät ist es in Berlin, wenn es in London 10 Uhr ist?", "Nenne mir drei Farben.",
+    "¿Cuál es la capital de {country_es}?", "¿Cuánto es {a} más {b}?", "¿Cómo se dice «{word_en}» en inglés?",
+    "Dime tres frutas.", "¿Qué día va después del martes?", "Qual è la capitale della {country_it}?",
+    "Quanto fa {a} per {b}?", "Come si dice «grazie» in inglese?", "Qual é a capital do {country_pt}?",
+    "Quanto é {a} mais {b}?", "Como se diz «obrigado» em inglês?", "Какая столица у Франции?",
+    "Сколько будет {a} плюс {b}?",
+    "Как сказать «спасибо» по-английски?", "法国的首都是哪里？", "{a}加{b}等于多少？", "“谢谢”用英语怎么说？",
+    "日本の首都はどこですか？", "{a}たす{b}はいくつですか？", "「ありがとう」は英語で何と言いますか？",
+]
+COUNTRIES_FR = ["l'Espagne", "l'Italie", "l'Allemagne", "la Belgique", "la Suisse", "le Portugal", "la Grèce"]
+COUNTRIES_DE = ["Frankreich", "Italien", "Spanien", "Österreich", "Polen", "Schweden", "Norwegen"]
+COUNTRIES_ES = ["Francia", "Italia", "Alemania", "Portugal", "Perú", "Chile", "Argentina"]
+COUNTRIES_IT = ["Francia", "Spagna", "Germania", "Grecia", "Svezia"]
+COUNTRIES_PT = ["Brasil", "Japão", "Canadá", "México", "Chile"]
+NOUNS_FR = ["chat", "vélo", "parapluie", "frigo", "stylo"]
+WORDS_DE = ["Fenster", "Hund", "Apfel", "Schule", "Zug"]
+WORDS_EN = ["window", "apple", "dog", "school", "train", "book", "house"]
+DEFINITIONS = ["What is a {noun}?", "define {word2}", "What does '{word2}' mean?", "Give me a synonym for {adjective}.",
+               "What's another word for {adjective}?", "Use '{word2}' in a sentence.", "Is '{word2}' a noun or a verb?"]
+WORDS2 = ["happy", "brave", "library", "whisper", "quickly", "ocean", "garden", "friendly", "borrow", "ancient"]
+HOW_TO = ["how do I boil an egg?", "how long should I cook pasta?", "How do I take a screenshot on Windows?",
+          "how to make a cup of tea", "How do I reset my router?", "how do I tie my shoes?",
+          "How do I copy and paste on a Mac?", "What's a good way to remember someone's name?",
+          "how often should I water a cactus?", "How do I zip a folder?",
+          "how do I turn off my phone's flashlight?", "How can I fall asleep faster?", "how many cups are in a litre?"]
+LISTINGS = [
+    ("Product: {brand} Desk Lamp\nColour: {colour}\nPower: 40 W\nHeight: 45 cm\nWarranty: 2 years\nIn the box: lamp, "
+     "bulb, manual", ["What colour is the lamp?", "How tall is it?", "How long is the warranty?"]),
+    ("Recipe: {brand} pancakes\nServes 4\n- 2 eggs\n- 250 ml milk\n- 200 g flour\n- a pinch of salt\n- butter for "
+     "the pan\nWhisk everything, rest 10 minutes, fry on medium heat.", ["How many eggs do I need?",
+     "How many people does this serve?", "How long should the batter rest?"]),
+    ("Receipt - {brand} Market\nBread 2.50\nMilk 1.20\nApples 3.10\nCoffee 6.80\nTotal 13.60\nPaid by card",
+     ["What was the total?", "How much was the coffee?", "How did I pay?"]),
+    ('{{"service": "{brand_lower}-api", "port": 8080, "debug": false, "workers": 4, "region": "eu-west-1"}}',
+     ["What port does this use?", "Is debug on?", "How many workers are configured?"]),
+    ("Review: I bought the {brand} kettle last month. It boils fast, looks {colour_adj} on the counter and the handle "
+     "stays cool. The lid is a bit stiff but overall I'm very happy with it and would buy it again.",
+     ["Is this review positive or negative?", "What does the reviewer dislike?", "Give this review a star rating."]),
+    ("def greet(name):\n    message = 'Hello, ' + name\n    print(message)\n\ngreet('{name}')",
+     ["Add a comment at the top of this code.", "Rename the variable message to text.", "What does this code print?"]),
+    ("<html>\n<head><title>Home</title></head>\n<body>\n<h1>Welcome</h1>\n<p>We are open every day from 9 to 5.</p>\n"
+     "</body>\n</html>", ["Change the title to \"{brand}\".", "What are the opening hours on this page?",
+                            "Make the heading say Hello instead of Welcome."]),
+    ("Meeting notes ({day}):\n- {name} will send the slides by Friday\n- Budget review moved to next week\n- {name2} "
+     "to book the room for the workshop\n- Everyone: fill in the survey", ["List the action items.",
+     "Who is sending the slides?", "Summarise these notes in one sentence."]),
+]
+BRANDS = ["Nordic", "Acme", "Sunny", "Bluebird", "Maple", "Orchid", "Harbor", "Pinewood"]
+COLOURS = ["matte black", "white", "sage green", "red", "silver"]
+
+PROOF_FRAMES_OTHER = ["Докажите, что {p}.", "Beweisen Sie, dass {p}.", "Démontrez que {p}.", "Demuestra que {p}.",
+                      "Dimostra che {p}.", "证明：{p}。", "次を証明せよ：{p}。"]
+CONSTRAINED_WRITING = [
+    "Write a {n}-line poem about {topic} in which every line starts with the next letter of the alphabet and no "
+    "word is repeated, then prove no word repeats by listing them all.",
+    "Write a story of exactly {n} words about {topic} without using the letter '{letter}', and give the word count "
+    "of every sentence.", "Compose a sestina about {topic} with the six end-words rotating in the strict traditional "
+    "order, and mark the pattern in each stanza.", "Write a sonnet about {topic} in strict iambic pentameter with an "
+    "ABAB CDCD EFEF GG rhyme scheme and scan every line.",
+    "Translate a classic sonnet about {topic} into {language}, keeping the metre, the rhyme scheme and every image.",
+]
+TOPICS = ["the sea", "insomnia", "a broken clock", "migration", "the first snow", "an empty station", "inflation"]
+HARD_ANALYSIS = [
+    "Compare the doctrine of {doctrine} in German and English contract law, citing the leading cases and explaining "
+    "how each would decide a case where {facts}.", "A {age}-year-old presents with {symptoms}. Give a ranked "
+    "differential diagnosis with the findings that separate each, the next tests, and how each result changes "
+    "management.", "Derive the {quantity} of {system_phys} from first principles, state every approximation and "
+    "estimate the error each introduces.",
+]
+DOCTRINES = ["frustration of purpose", "culpa in contrahendo", "anticipatory breach", "good faith in negotiations"]
+FACTS = ["the buyer learns of a defect after paying but before delivery", "a supplier goes bankrupt mid-contract"]
+SYMPTOMS = ["fever, a new heart murmur and splinter haemorrhages", "progressive weakness, ptosis worse in the "
+            "evening and a thymic mass", "polyuria, weight loss and a normal fasting glucose"]
+QUANTITIES = ["partition function", "dispersion relation", "critical exponent", "ground-state energy"]
+SYSTEMS_PHYS = ["a 2D Ising model on a square lattice", "phonons in a 1D diatomic chain",
+                "a particle in a finite square well", "a rotating relativistic string"]
+HARD_CODE_FRAMES = [
+    "Write a {thing} in {lang} that is safe under concurrent use, with no locks on the read path, and explain why "
+    "it is linearizable.", "Optimise this {thing} in {lang} to handle 10 million operations per second on one core; "
+    "show the profiling evidence for each change.", "Implement {algorithm} in {lang} with the best known asymptotic "
+    "complexity, prove the bound, and handle every edge case.",
+]
+THINGS = ["LRU cache", "skip list", "work-stealing deque", "ring buffer", "trie with deletion", "interval tree"]
+ALGORITHMS = ["suffix array construction (SA-IS)", "min-cost max-flow", "Edmonds' blossom matching",
+              "Aho-Corasick with failure links", "a persistent segment tree", "Dinic's algorithm"]
+
 
 def _normalise(text: str) -> str:
     return re.sub(r"\W+", " ", text.lower()).strip()
@@ -233,7 +324,14 @@ def _fill(rng: random.Random, template: str) -> str:
         "phrase": rng.choice(PHRASES), "language": rng.choice(LANGUAGES), "lang": rng.choice(CODE_LANGUAGES),
         "a": a, "b": b, "c": rng.choice([10, 20, 50, 80, 100, 200, 500]), "d": rng.choice([2, 4, 5, 10]),
         "p": rng.choice([10, 20, 25, 50]), "x": round(rng.uniform(1, 99), 1), "u1": u1, "u2": u2,
-        "words": rng.choice(WORD_SETS),
+        "words": rng.choice(WORD_SETS), "country_fr": rng.choice(COUNTRIES_FR), "country_de": rng.choice(COUNTRIES_DE),
+        "country_es": rng.choice(COUNTRIES_ES), "country_it": rng.choice(COUNTRIES_IT),
+        "country_pt": rng.choice(COUNTRIES_PT), "noun_fr": rng.choice(NOUNS_FR), "word_de": rng.choice(WORDS_DE),
+        "word_en": rng.choice(WORDS_EN), "word2": rng.choice(WORDS2), "n": rng.choice([12, 14, 26, 40, 100]),
+        "topic": rng.choice(TOPICS), "letter": rng.choice("eaio"), "doctrine": rng.choice(DOCTRINES),
+        "facts": rng.choice(FACTS), "age": rng.randint(19, 80), "symptoms": rng.choice(SYMPTOMS),
+        "quantity": rng.choice(QUANTITIES), "system_phys": rng.choice(SYSTEMS_PHYS), "thing": rng.choice(THINGS),
+        "algorithm": rng.choice(ALGORITHMS),
     }
     return template.format(**values)
 
@@ -248,13 +346,25 @@ def _long_easy(rng: random.Random) -> str:
     return f"{task}\n\n{body}" if rng.random() < 0.5 else f"{body}\n\n{task}"
 
 
+def _listing_question(rng: random.Random) -> str:
+    template, questions = rng.choice(LISTINGS)
+    brand = rng.choice(BRANDS)
+    names = rng.sample(NAMES, 2)
+    text = template.format(brand=brand, brand_lower=brand.lower(), colour=rng.choice(COLOURS),
+                           colour_adj=rng.choice(["nice", "great", "modern", "cheap"]), name=names[0],
+                           name2=names[1], day=rng.choice(DAYS))
+    question = rng.choice(questions).format(brand=brand)
+    return f"{question}\n\n{text}" if rng.random() < 0.5 else f"{text}\n\n{question}"
+
+
 def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
     return [
         lambda: rng.choice(GREETINGS), lambda: rng.choice(SMALL_TALK),
         lambda: _fill(rng, rng.choice(FACT_QUESTIONS)), lambda: _fill(rng, rng.choice(REWRITES)),
         lambda: _fill(rng, rng.choice(TRANSLATE)), lambda: _fill(rng, rng.choice(EASY_CODE)),
         lambda: _fill(rng, rng.choice(MATH)), lambda: _fill(rng, rng.choice(FORMATTING)),
-        lambda: _long_easy(rng),
+        lambda: _long_easy(rng), lambda: _fill(rng, rng.choice(MULTILINGUAL_EASY)),
+        lambda: _fill(rng, rng.choice(DEFINITIONS)), lambda: rng.choice(HOW_TO), lambda: _listing_question(rng),
     ]
 
 
@@ -265,6 +375,9 @@ def _hard_makers(rng: random.Random) -> list[Callable[[], str]]:
                                                  **dict(zip(("c1", "c2", "c3"), rng.sample(CONSTRAINTS, 3),
                                                             strict=True))),
         lambda: rng.choice(HARD_CODE), lambda: rng.choice(HARD_WRITING), lambda: rng.choice(HARD_REASONING),
+        lambda: rng.choice(PROOF_FRAMES_OTHER).format(p=rng.choice(HARD_PROOFS)),
+        lambda: _fill(rng, rng.choice(CONSTRAINED_WRITING)), lambda: _fill(rng, rng.choice(HARD_ANALYSIS)),
+        lambda: _fill(rng, rng.choice(HARD_CODE_FRAMES)),
     ]
 
 

@@ -58,7 +58,8 @@ def train(
         manifest = run_training(logs, pool, out, cfg, work_dir=work_dir, skip_invalid=skip_invalid,
                                 teacher=teacher, unlabeled=unlabeled or (), distill_weight=distill_weight,
                                 model_version=model_version,
-                                command="promptier " + shlex.join(sys.argv[1:]))
+                                command="promptier " + shlex.join(sys.argv[1:]),
+                                cache_dir=Path.home() / ".cache" / "promptier")
     except (PromptierError, ValueError, FileNotFoundError) as error:
         _fail(error)
     typer.echo(f"wrote {out} ({manifest.model_version}); thresholds {manifest.policy.thresholds}")

@@ -47,6 +47,34 @@ class BagStudentConfig(BaseModel):
                                  "pooling averages it away, and length is a strong difficulty signal")
 
 
+class EmbeddingTeacherConfig(BaseModel):
+    """An MLP on the backbone's frozen sentence embeddings, trained first; its probabilities are the
+    student's targets (training/embedding_teacher.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["embedding-mlp"] = "embedding-mlp"
+    hidden: int = Field(default=256, ge=8)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    distill_weight: float = Field(default=1.0, ge=0, le=1, description="weight of the teacher's probabilities in "
+                                  "the student's targets, against the logged outcomes (1 = pure distillation)")
+
+
+class FamiliarityTrainConfig(BaseModel):
+    """Measure how unlike the training prompts a prompt is, and let the prior route the most unlike
+    (classifier.artifact.FamiliarityConfig, classifier/prior.py). Bag students only."""
+
+    model_config = ConfigDict(extra="forbid")
+    directions: int = Field(default=64, ge=1, description="principal directions of the training features used")
+    quantile: float = Field(default=0.99, gt=0, lt=1, description="share of held-out training-like prompts "
+                            "(validation logs and fresh anchors) the model still decides; beyond it, the prior")
+    short_chars: int = Field(default=200, ge=1, description="the prior's cheapest tier: this short and not technical")
+    long_chars: int = Field(default=2000, ge=1, description="the prior's top tier: this long, or technical")
+
+
 class TrainConfig(BaseModel):
     """Everything that decides a training run. Two runs with equal configs and data give equal models."""
 
@@ -68,6 +96,10 @@ class TrainConfig(BaseModel):
                                     "optimizer time; the encoder layers adapt instead")
     anchors: int = Field(default=0, ge=0, description="anchor prompts of obvious difficulty (training/anchors.py) "
                          "added to the training split, up to this many of each kind; 0 = none")
+    anchor_weight: int = Field(default=1, ge=1, description="how many times each anchor counts in training")
+    teacher: EmbeddingTeacherConfig | None = Field(default=None, description="train an embedding teacher first and "
+                                                   "fit the model to its probabilities")
+    familiarity: FamiliarityTrainConfig | None = None
     seed: int = 13
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
@@ -92,6 +124,12 @@ class TrainConfig(BaseModel):
         if isinstance(value, dict) and "kind" not in value:
             return {**value, "kind": "transformer"}
         return value
+
+    @model_validator(mode="after")
+    def _familiarity_needs_a_bag_student(self) -> TrainConfig:
+        if self.familiarity is not None and not isinstance(self.student, BagStudentConfig):
+            raise ValueError("familiarity is measured on a bag student's features; set student.kind: bag")
+        return self
 
     @property
     def resolved_head_chars(self) -> int:

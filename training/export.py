@@ -18,6 +18,7 @@ from classifier.artifact import (
     MODEL_FILE,
     MODEL_INPUT_NAMES,
     MODEL_OUTPUT_NAME,
+    UNFAMILIARITY_OUTPUT_NAME,
     ArtifactManifest,
     Rule,
     save_manifest,
@@ -50,25 +51,31 @@ class ParityReport:
         return self.tier_agreement >= MIN_TIER_AGREEMENT and self.max_probability_diff <= MAX_PROBABILITY_DIFF
 
 
-class _LogitsOnly(nn.Module):
+class _Exported(nn.Module):
+    """The model as exported: positional inputs, its outputs unchanged."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.model(input_ids, attention_mask)
 
 
 def export_onnx(model: nn.Module, path: Path, max_tokens: int) -> None:
-    """fp32 ONNX with dynamic batch and sequence axes."""
+    """fp32 ONNX with dynamic batch and sequence axes; a model that returns (logits, unfamiliarity)
+    gets both outputs."""
     model.eval()
     dummy_ids = torch.ones((2, max_tokens), dtype=torch.long)
     dummy_mask = torch.ones((2, max_tokens), dtype=torch.long)
+    with torch.no_grad():
+        outputs = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME]
+                                         if isinstance(model(dummy_ids, dummy_mask), tuple) else [])
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            MODEL_OUTPUT_NAME: {0: "batch"}}
+            **{name: {0: "batch"} for name in outputs}}
     torch.onnx.export(
-        _LogitsOnly(model).eval(), (dummy_ids, dummy_mask), str(path),
-        input_names=list(MODEL_INPUT_NAMES), output_names=[MODEL_OUTPUT_NAME],
+        _Exported(model).eval(), (dummy_ids, dummy_mask), str(path),
+        input_names=list(MODEL_INPUT_NAMES), output_names=outputs,
         dynamic_axes=axes, opset_version=17, dynamo=False,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,10 @@ class BagTierModel(nn.Module):
         return self.embeddings
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(input_ids, attention_mask))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the MLP reads: the normalised pooled vectors (and the log token count)."""
         vectors = self.embeddings(input_ids)  # [batch, seq, dim]
         present = attention_mask.to(vectors.dtype).unsqueeze(1)  # [batch, 1, seq]
         mean_weights = present / present.sum(dim=-1, keepdim=True).clamp(min=1.0)
@@ -105,7 +110,67 @@ class BagTierModel(nn.Module):
             # log(tokens) scaled to about [-1, 1] over 2..128 tokens.
             log_tokens = torch.log(present.sum(dim=-1).clamp(min=1.0)) / 2.5 - 1.0  # [batch, 1]
             pooled = torch.cat([pooled, log_tokens], dim=1)
-        return self.mlp(pooled)
+        return pooled
+
+
+class WithUnfamiliarity(nn.Module):
+    """A bag model that also outputs each prompt's unfamiliarity: how far its features lie from the
+    training prompts', in units of their spread: squared distance along each of the top principal
+    directions over that direction's variance, plus the squared distance off those directions over the
+    mean variance there, averaged over (directions + 1) terms. The second term catches what a distance
+    along the main directions alone misses: a prompt unlike anything seen often lies off them.
+
+    It costs one [features x directions] product per prompt; the runtime reads it to decide when the
+    model's scores cannot be trusted (classifier.artifact.FamiliarityConfig).
+    """
+
+    def __init__(self, model: BagTierModel, statistics: FeatureStatistics) -> None:
+        super().__init__()
+        self.model = model
+        self.mean: torch.Tensor
+        self.directions: torch.Tensor
+        self.variances: torch.Tensor
+        self.register_buffer("mean", torch.tensor(statistics.mean, dtype=torch.float32))
+        self.register_buffer("directions", torch.tensor(statistics.directions, dtype=torch.float32))
+        self.register_buffer("variances", torch.tensor(statistics.variances, dtype=torch.float32))
+        self.residual_variance = float(statistics.residual_variance)
+        self.terms = float(statistics.directions.shape[1] + 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(input_ids, attention_mask)
+        centred = features - self.mean
+        projected = centred @ self.directions
+        along = projected.pow(2)
+        off = centred.pow(2).sum(dim=-1) - along.sum(dim=-1)
+        unfamiliarity = ((along / self.variances).sum(dim=-1) + off.clamp(min=0.0) / self.residual_variance)
+        return self.model.mlp(features), unfamiliarity / self.terms
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    mean: np.ndarray  # [dim]
+    directions: np.ndarray  # [dim, k], orthonormal columns
+    variances: np.ndarray  # [k]
+    residual_variance: float  # mean variance of the remaining directions
+
+    def unfamiliarity(self, features: np.ndarray) -> np.ndarray:
+        """What WithUnfamiliarity computes in the graph, for features computed outside it."""
+        centred = features - self.mean
+        along = (centred @ self.directions) ** 2
+        off = np.maximum((centred**2).sum(axis=1) - along.sum(axis=1), 0.0)
+        return ((along / self.variances).sum(axis=1) + off / self.residual_variance) / (self.variances.size + 1)
+
+
+def fit_feature_statistics(features: np.ndarray, directions: int) -> FeatureStatistics:
+    """Mean, top principal directions and variances of training features, and the residual variance."""
+    mean = features.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(features - mean, rowvar=False))
+    order = np.argsort(eigenvalues)[::-1]
+    top, rest = order[:directions], order[directions:]
+    # The floors keep directions the training prompts barely use from amplifying float noise.
+    floor = max(float(eigenvalues[order[0]]) * 1e-4, 1e-8)
+    residual = float(eigenvalues[rest].mean()) if rest.size else floor
+    return FeatureStatistics(mean, eigenvectors[:, top], np.maximum(eigenvalues[top], floor), max(residual, floor))
 
 
 def build_model(config: TrainConfig, backbone: PreTrainedModel, n_tiers: int, pad_id: int = 0

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,7 +16,9 @@ from classifier.artifact import (
     MODEL_CARD_FILE,
     ArtifactManifest,
     CalibrationConfig,
+    FamiliarityConfig,
     PolicyConfig,
+    PriorConfig,
     TruncationConfig,
     save_manifest,
 )
@@ -27,6 +30,9 @@ from training.data import SkipReport, parse_row, read_logs
 from training.errors import DataError
 from training.labels import PromptTable, build_table, prompt_hash, split_table
 from training.pool import Pool, load_pool
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 SEEN_PROMPTS_FILE = "seen_prompts.txt"
@@ -157,9 +163,13 @@ def train(
         targets = np.concatenate([blended, teacher_probs[len(train_texts):]])
         train_texts = train_texts + extra
     anchors = anchor_table(data.pool, config)
-    if anchors is not None:  # after distillation: anchors keep their own labels, not the teacher's
-        train_texts = train_texts + anchors.prompts
-        targets = np.concatenate([targets, anchors.targets])
+    if anchors is not None:
+        train_texts = train_texts + anchors.prompts * config.anchor_weight
+        targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
+    teacher_report = None
+    if config.teacher is not None:
+        targets, teacher_report = _embedding_teacher_targets(config, backbone_dir, truncation, cache_dir,
+                                                             train_texts, targets, table, split)
     token_ids = tokenize_all(encoder, train_texts)
     fit(model, token_ids, targets, config, work_dir, description="student" if config.student else "train")
 
@@ -185,8 +195,10 @@ def train(
                   "distill_weight": distill_weight if teacher else None,
                   "logs": [str(p) for p in logs], "pool": str(pool_path), "command": command,
                   "prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-                  "unlabeled_prompts": len(train_texts) - len(train_index) - (len(anchors) if anchors else 0),
+                  "unlabeled_prompts": len(train_texts) - len(train_index)
+                  - (len(anchors) * config.anchor_weight if anchors else 0),
                   "anchor_prompts": len(anchors) if anchors else 0,
+                  "embedding_teacher": teacher_report,
                   "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
                   "train_seconds": round(time.time() - started, 1)},
         data_fingerprint=table.fingerprint(),
@@ -203,7 +215,11 @@ def train(
         return predict_logits(model, tokenize_all(encoder, texts))
 
     seen = sorted({prompt_hash(table.prompts[i]) for i in np.flatnonzero(split != "test")})
-    manifest, _ = write_artifact(model, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
+    exported = model
+    if config.familiarity is not None:
+        exported, familiarity = _fit_familiarity(model, encoder, train_texts, table, split, data.pool, config)
+        manifest = manifest.model_copy(update={"familiarity": familiarity})
+    manifest, _ = write_artifact(exported, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
                                  config.quantize, extra_files={SEEN_PROMPTS_FILE: "\n".join(seen) + "\n"})
     test_index = np.flatnonzero(split == "test")
     metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(out_dir))}
@@ -217,6 +233,68 @@ def train(
     save_manifest(manifest, out_dir)
     (out_dir / MODEL_CARD_FILE).write_text(render_model_card(manifest, out_dir), encoding="utf-8")
     return manifest
+
+
+def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, train_texts: Sequence[str],
+                     table: PromptTable, split: np.ndarray, pool: Pool, config: TrainConfig
+                     ) -> tuple[torch.nn.Module, FamiliarityConfig]:
+    """The model with its unfamiliarity output, and when the runtime should let the prior decide.
+
+    The statistics come from the features of every prompt the model was trained on; the reference is
+    prompts like them it never saw: the validation logs and anchors generated with another seed.
+    """
+    from training.anchors import anchor_rows
+    from training.model import BagTierModel, WithUnfamiliarity, fit_feature_statistics
+    from training.probes import load_probes
+    from training.trainer import predict, tokenize_all
+
+    spec = config.familiarity
+    assert spec is not None and isinstance(model, BagTierModel)
+    features = predict(model, tokenize_all(encoder, sorted(set(train_texts))), method="features")
+    statistics = fit_feature_statistics(features, spec.directions)
+    fresh: list[str] = []
+    if config.anchors:  # anchors were trained on, so fresh ones are prompts like the training ones
+        seen = set(train_texts) | {p.prompt for p in load_probes()}
+        fresh = [row["prompt"] for row in anchor_rows(pool.tier_names, config.anchors, config.seed + 1,
+                                                      exclude=seen)]
+    reference_texts = [table.prompts[i] for i in np.flatnonzero(split == "val")] + fresh
+    reference = predict(model, tokenize_all(encoder, reference_texts), method="features")
+    unfamiliarity = statistics.unfamiliarity(reference)
+    familiarity = FamiliarityConfig(
+        threshold=float(np.quantile(unfamiliarity, spec.quantile)),
+        reference=np.quantile(unfamiliarity, np.linspace(0, 1, 101)).tolist(),
+        prior=PriorConfig(short_chars=spec.short_chars, long_chars=spec.long_chars))
+    return WithUnfamiliarity(model, statistics), familiarity
+
+
+def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncation: TruncationConfig,
+                               cache_dir: Path | None, texts: list[str], targets: np.ndarray, table: PromptTable,
+                               split: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Fit the embedding teacher on (texts, targets) and return the student's targets: its probabilities,
+    blended with the known targets by `distill_weight`; and its validation APGR per source."""
+    from training.embedding_teacher import fit_teacher, teacher_features, teacher_probabilities
+    from training.evaluate import score_group
+
+    spec = config.teacher
+    assert spec is not None
+    log.info("embedding teacher: features for %d prompts", len(texts))
+    features = teacher_features(texts, backbone_dir, truncation, cache_dir)
+    network = fit_teacher(features, targets, spec, config.seed)
+    probabilities = teacher_probabilities(network, features)
+    known = ~np.isnan(targets)
+    blended = np.where(known, spec.distill_weight * probabilities + (1 - spec.distill_weight) * np.nan_to_num(targets),
+                       probabilities)
+    val = np.flatnonzero(split == "val")
+    val_probabilities = teacher_probabilities(
+        network, teacher_features([table.prompts[i] for i in val], backbone_dir, truncation, cache_dir))
+    report = {}
+    for source in sorted(set(table.sources[val])):
+        rows = table.sources[val] == source
+        group = score_group({"teacher": val_probabilities[rows]}, table.targets[val][rows], table.costs[val][rows],
+                            table.tier_names, config.policy_rule)
+        report[source] = round(group["methods"]["teacher"]["apgr"], 4)
+    log.info("embedding teacher: validation APGR %s", report)
+    return blended, {"validation_apgr": report}
 
 
 def _cached_teacher_probabilities(runtime: TierClassifier, texts: Sequence[str], work_dir: Path,

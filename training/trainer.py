@@ -140,14 +140,22 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 def predict_logits(model: nn.Module, token_ids: list[np.ndarray], batch_size: int = 64,
                    description: str | None = None) -> np.ndarray:
     """Logits [n, n_tiers], computed in length-sorted batches and returned in input order."""
+    return predict(model, token_ids, batch_size, description)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, token_ids: list[np.ndarray], batch_size: int = 64, description: str | None = None,
+            method: str = "forward") -> np.ndarray:
+    """`model.<method>(input_ids, mask)` [n, ...], in length-sorted batches, returned in input order."""
     model.eval()
+    function = getattr(model, method)
     order = np.argsort([len(x) for x in token_ids], kind="stable")
     outputs: list[np.ndarray] = []
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=description is None):
         batch = order[start : start + batch_size]
         input_ids, mask = _pad([token_ids[i] for i in batch])
-        outputs.append(model(input_ids, mask).numpy())
+        outputs.append(function(input_ids, mask).numpy())
     logits = np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
     result = np.empty_like(logits)
     result[order] = logits

@@ -1,0 +1,44 @@
+"""The prior that routes prompts the model does not know: by length and structure alone.
+
+A model trained on routing logs has seen benchmark questions, code problems, tool calls and the
+anchor prompts; a prompt far from all of them (measured by the model's own unfamiliarity output)
+would get a score the model has no basis for. Such a prompt is routed by this rule instead, which
+every operator can read and predict:
+
+- technical (a code block or code-like lines, LaTeX, dense mathematical notation) or long
+  (`long_chars` characters or more): the most capable tier;
+- short (`short_chars` characters or fewer) and not technical: the cheapest tier;
+- anything else: the middle tier.
+
+The result says when the prior decided (`decided_by == "prior"`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from classifier.artifact import PriorConfig
+
+# Each is a sign of a technical request that length alone misses: a fenced block, lines that end
+# like code, a LaTeX command, or several mathematical symbols.
+_TECHNICAL = re.compile(
+    r"```"
+    r"|[;{}]\s*$"
+    r"|\\(?:frac|int|sum|begin|mathbb|sqrt|prod|lim)(?![A-Za-z])"
+    r"|(?:[=<>≤≥≠∫∑∏√∞∂∇±×÷^].*){3}",
+    re.MULTILINE,
+)
+
+
+def is_technical(text: str) -> bool:
+    """Whether `text` carries code or dense mathematics."""
+    return _TECHNICAL.search(text) is not None
+
+
+def prior_tier(text: str, n_tiers: int, config: PriorConfig) -> int:
+    """Index of the tier the prior gives `text`, among `n_tiers` tiers cheapest first."""
+    if len(text) >= config.long_chars or is_technical(text):
+        return n_tiers - 1
+    if len(text) <= config.short_chars:
+        return 0
+    return (n_tiers - 1) // 2 if n_tiers > 2 else n_tiers - 1
