@@ -4,11 +4,12 @@ Benchmark logs hold questions, not conversation: no greeting, no "thanks!", no o
 model knows, no "fix the typo in this sentence", and few requests as hard as a research proof or
 a system design with a page of constraints. A model trained on them alone has never seen either
 end and places them by accident (a greeting can land on the top tier). Anchors are prompts of
-*obvious* difficulty, generated here from templates and word lists, written as tier-labeled rows
-(`tier` = the cheapest tier that answers well): easy ones on the cheapest tier, hard ones on the
-top tier. Their outcomes are assumed, not measured, so they are kept apart: their own source name,
-never in any evaluation, listed in the model card. They share no text with the probe suite (checked
-when they are built: any anchor equal to a probe after normalisation is dropped).
+*obvious* difficulty, generated here from templates and word lists, each trained towards assumed
+outcomes (`assumed_outcomes`: every tier answers an easy one; a hard one defeats the cheapest tier and
+is a coin flip for the top one). Their outcomes are assumed, not measured, so they are kept apart:
+their own source name, never in any evaluation, listed in the model card. They share no text with
+the probe suite (checked when they are built: any anchor equal to a probe after normalisation is
+dropped).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
 
 ANCHOR_SOURCE = "anchors"
 
@@ -306,6 +309,20 @@ HARD_CODE_FRAMES = [
 THINGS = ["LRU cache", "skip list", "work-stealing deque", "ring buffer", "trie with deletion", "interval tree"]
 ALGORITHMS = ["suffix array construction (SA-IS)", "min-cost max-flow", "Edmonds' blossom matching",
               "Aho-Corasick with failure links", "a persistent segment tree", "Dinic's algorithm"]
+
+
+# The outcomes anchors stand for, per tier from cheapest to top. Any model answers an easy anchor; a hard
+# one defeats a small model and is far from certain for the top tier: a hard target of 1 for the top
+# tier would teach that tier's head that everything hard is solved, and lift its score on every prompt.
+EASY_OUTCOME = 1.0
+HARD_OUTCOMES = (0.05, 0.6)  # cheapest tier, top tier; tiers between are interpolated
+
+
+def assumed_outcomes(difficulty: str, n_tiers: int) -> list[float]:
+    """The per-tier outcomes an anchor of `difficulty` ('easy' or 'hard') is trained towards."""
+    if difficulty == "easy":
+        return [EASY_OUTCOME] * n_tiers
+    return [float(v) for v in np.linspace(HARD_OUTCOMES[0], HARD_OUTCOMES[1], n_tiers)]
 
 
 def _normalise(text: str) -> str:

@@ -26,7 +26,7 @@ from classifier.runtime import TierClassifier
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
-from training.data import SkipReport, parse_row, read_logs
+from training.data import SkipReport, read_logs
 from training.errors import DataError
 from training.labels import PromptTable, build_table, prompt_hash, split_table
 from training.pool import Pool, load_pool
@@ -63,12 +63,19 @@ def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
     """The config's anchor prompts (none of them in the probe suite) as a table, or None."""
     if not config.anchors:
         return None
-    from training.anchors import anchor_rows
+    from training.anchors import anchor_rows, assumed_outcomes
     from training.probes import load_probes
 
     rows = anchor_rows(pool.tier_names, config.anchors, config.seed, exclude=[p.prompt for p in load_probes()])
-    table, _ = build_table([parse_row(row, "anchors", number) for number, row in enumerate(rows, start=1)], pool)
-    return table
+    n_tiers = len(pool.tier_names)
+    prompts = [row["prompt"] for row in rows]
+    return PromptTable(
+        prompts=prompts, prompt_ids=[row["prompt_id"] for row in rows],
+        sources=np.array([row["source"] for row in rows], dtype=object),
+        categories=np.array([row["category"] for row in rows], dtype=object),
+        targets=np.array([assumed_outcomes(row["category"], n_tiers) for row in rows]),
+        costs=np.array([[pool.estimated_cost(k, len(text)) for k in range(n_tiers)] for text in prompts]),
+        tier_names=pool.tier_names)
 
 
 def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
