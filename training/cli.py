@@ -188,7 +188,7 @@ def label(
     messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
     keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
     workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
-    chunk_rows: Annotated[int, typer.Option()] = 4096,
+    chunk_rows: Annotated[int, typer.Option(min=1)] = 4096,
     resume: Annotated[bool, typer.Option(help="continue an interrupted job")] = False,
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="existing Ray cluster (default: start a local one)")] = None,

@@ -1,0 +1,139 @@
+"""Batch labeling when things go wrong: each test stages one failure with real processes and files."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from classifier.labeling import LabelOptions, label_files
+from tests.test_labeling import EASY, HARD, _read
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Temporary and lock files anywhere under `root`."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith((".tmp", ".lock")))
+
+
+# ---------------------------------------------------------------- malformed rows
+def _malformed_jsonl(path: Path) -> Path:
+    lines = [
+        "\ufeff" + json.dumps({"prompt_id": "bom", "prompt": EASY}),  # a UTF-8 BOM before the first row
+        json.dumps({"prompt_id": "deep", "prompt": EASY, "meta": "x"})[:-1] + ', "nest": ' + "[" * 100_000
+        + "]" * 100_000 + "}",
+        json.dumps({"prompt_id": "chat", "messages": [{"role": "user", "content": HARD}]}),
+        '{"prompt_id": "nan", "prompt": NaN}',
+        json.dumps({"prompt_id": "obj", "prompt": {"text": EASY}}),
+        json.dumps({"prompt_id": "msgstr", "messages": "hello"}),
+        json.dumps({"prompt_id": "msgint", "messages": [{"role": "user", "content": 5}]}),
+        "[1, 2]",
+        "null",
+        '{"prompt_id": "broken", "prompt": ',
+        '{"prompt_id": "surrogate", "prompt": "hi \\ud800 there"}',
+        '{"prompt_id": "bad-id-\\udfff", "prompt": "hello"}',
+        json.dumps({"prompt_id": "marker", "prompt": EASY, "__error__": "not mine", "__row__": "nor this"}),
+        json.dumps({"prompt_id": 7, "prompt": HARD, "team": {"name": "a", "tags": [1, 2]}}),
+        json.dumps({"prompt_id": "shallow", "prompt": EASY, "nest": [[[[[[[[1]]]]]]]]}),
+        json.dumps({"prompt_id": "last", "prompt": HARD}),
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
+    return path
+
+
+def _malformed_csv(path: Path) -> Path:
+    path.write_bytes(
+        b"\xef\xbb\xbfprompt_id,prompt,team\n"
+        b"007," + EASY.encode() + b",a\n"
+        b"short,only two\n"
+        b"long,too,many,fields\n"
+        b"utf," + b"\xff\xfe bad" + b",b\n"
+        b'multi,"' + HARD.encode() + b'\nsecond line",c\n'
+        b"\n"
+        b"huge," + (HARD + " ") .encode() * 5_000 + b",d\n"
+        b"end," + HARD.encode() + b",e\n"
+    )
+    return path
+
+
+EXPECTED_JSONL_ERRORS = {
+    "in.jsonl:2": "line 2: JSON nested deeper than 64 levels",
+    "nan": "prompt must be a string, got float",
+    "obj": "prompt must be a string, got dict",
+    "msgstr": "'messages' must be a list of messages, got str",
+    "msgint": "messages must be objects with a string content",
+    "in.jsonl:8": "line 8: expected an object, got list",
+    "in.jsonl:9": "line 9: expected an object, got NoneType",
+    "in.jsonl:10": "line 10: Expecting value",
+    "surrogate": "prompt is not valid Unicode: unpaired surrogate at character 3",
+    "bad-id-\\udfff": "column 'prompt_id': unpaired surrogate at character 7",
+}
+
+
+def test_malformed_jsonl_rows_become_row_errors(tmp_path: Path, trained_artifact: Path) -> None:
+    source = _malformed_jsonl(tmp_path / "in.jsonl")
+    options = LabelOptions(model=str(trained_artifact), keep_columns=("team",), chunk_rows=4)
+    stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=1, progress=False)
+    out = _read(tmp_path / "out.jsonl")
+    assert [r["prompt_id"] for r in out] == [
+        "bom", "in.jsonl:2", "chat", "nan", "obj", "msgstr", "msgint", "in.jsonl:8", "in.jsonl:9", "in.jsonl:10",
+        "surrogate", "bad-id-\\udfff", "marker", "7", "shallow", "last"]
+    errors = {r["prompt_id"]: r["error"] for r in out if r["error"]}
+    assert set(errors) == set(EXPECTED_JSONL_ERRORS) and stats.errors == len(EXPECTED_JSONL_ERRORS)
+    for row_id, fragment in EXPECTED_JSONL_ERRORS.items():
+        assert fragment in errors[row_id], (row_id, errors[row_id])
+    by_id = {r["prompt_id"]: r for r in out}
+    assert by_id["bom"]["tier"] == "small" and by_id["chat"]["tier"] == "large"
+    assert by_id["marker"]["tier"] == "small" and by_id["shallow"]["tier"] == "small"
+    assert json.loads(by_id["7"]["team"]) == {"name": "a", "tags": [1, 2]}
+
+
+def test_malformed_csv_rows_become_row_errors(tmp_path: Path, trained_artifact: Path) -> None:
+    source = _malformed_csv(tmp_path / "in.csv")
+    options = LabelOptions(model=str(trained_artifact), keep_columns=("team",))
+    stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=1, progress=False)
+    out = _read(tmp_path / "out.jsonl")
+    assert [r["prompt_id"] for r in out] == ["007", "short", "long", "utf", "multi", "huge", "end"]
+    errors = {r["prompt_id"]: r["error"] for r in out if r["error"]}
+    assert set(errors) == {"short", "long", "utf"} and stats.errors == 3
+    assert "2 fields" in errors["short"] and "4 fields" in errors["long"] and "UTF-8" in errors["utf"]
+    by_id = {r["prompt_id"]: r for r in out}
+    assert by_id["007"]["tier"] == "small" and by_id["007"]["team"] == "a"
+    assert by_id["multi"]["tier"] == "large" and by_id["huge"]["truncated"] is True
+
+
+def test_parquet_values_of_any_type_are_kept_as_text(tmp_path: Path, trained_artifact: Path) -> None:
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"prompt_id": 1, "prompt": EASY, "when": datetime(2026, 1, 2, 3, 4, 5), "blob": b"\x00\xff"},
+        {"prompt_id": 2, "prompt": None, "when": None, "blob": None},
+    ]), source)
+    options = LabelOptions(model=str(trained_artifact), keep_columns=("when", "blob"))
+    label_files([str(source)], tmp_path / "out.jsonl", options, workers=1, progress=False)
+    out = _read(tmp_path / "out.jsonl")
+    assert [r["prompt_id"] for r in out] == ["1", "2"]
+    assert out[0]["error"] is None and "2026-01-02" in out[0]["when"] and out[0]["blob"]
+    assert "no 'prompt'" in out[1]["error"] and out[1]["when"] is None
+
+
+def test_ray_engine_agrees_with_local_on_malformed_rows(tmp_path: Path, trained_artifact: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from classifier.labeling_ray import label_with_ray
+
+    inputs = [str(_malformed_jsonl(tmp_path / "in.jsonl")), str(_malformed_csv(tmp_path / "in.csv"))]
+    options = LabelOptions(model=str(trained_artifact), keep_columns=("team",), chunk_rows=4)
+    label_files(inputs, tmp_path / "local.jsonl", options, workers=1, progress=False)
+    stats = label_with_ray(inputs, tmp_path / "ray.jsonl", options)
+    local, ray_rows = _read(tmp_path / "local.jsonl"), _read(tmp_path / "ray.jsonl")
+    assert stats.rows == len(local) == 23 and stats.errors == len(EXPECTED_JSONL_ERRORS) + 3
+    for a, b in zip(local, ray_rows, strict=True):
+        assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
+        if a["scores"] is not None:
+            assert all(abs(a["scores"][k] - b["scores"][k]) <= 0.02 for k in a["scores"])  # int8 batch effects
+    assert _leftovers(tmp_path) == []
