@@ -14,12 +14,17 @@ be labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes an
 from __future__ import annotations
 
 import csv
+import ctypes
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -371,10 +376,12 @@ def _cell(value: object) -> tuple[str | None, str | None]:
 
 # ---------------------------------------------------------------- worker side (one model per process)
 _worker_model = None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(model: str | None) -> None:
-    """Pool worker initializer: load the model."""
+def _init_worker(model: str | None, parent: int) -> None:
+    """Pool worker initializer: tie this process's life to the job process's, then load the model."""
+    _exit_with_parent(parent)
     load_worker_model(model)
 
 
@@ -384,6 +391,31 @@ def load_worker_model(model: str | None) -> None:
     import classifier
 
     _worker_model = classifier.load(model, threads=1)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Make this worker end when the job process `parent` does, even when it is killed with -9.
+
+    Otherwise an orphaned worker keeps its model's memory forever: it waits on a queue whose writing
+    end it holds itself, so it never sees end-of-file.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def label_chunk(rows: list[ParsedRow], options: LabelOptions) -> list[dict]:
@@ -510,7 +542,7 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
     context = multiprocessing.get_context("spawn")
     bar = tqdm(desc="labeling", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(options.model,)) as pool:
+                             initargs=(options.model, os.getpid())) as pool:
         in_flight: dict[int, Future] = {}
 
         def collect(index: int) -> None:

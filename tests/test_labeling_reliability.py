@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +16,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from classifier.labeling import LabelOptions, label_files
-from tests.test_labeling import EASY, HARD, _read
+from tests.test_labeling import EASY, HARD, _read, _rows
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", "label", *args]
+
+
+def _wait_for(condition, what: str, seconds: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll `condition` until it holds; a generous bound, only to end a test that would hang."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -137,3 +160,43 @@ def test_ray_engine_agrees_with_local_on_malformed_rows(tmp_path: Path, trained_
         if a["scores"] is not None:
             assert all(abs(a["scores"][k] - b["scores"][k]) <= 0.02 for k in a["scores"])  # int8 batch effects
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- workers die with the job
+def test_workers_exit_when_the_job_is_killed(tmp_path: Path, trained_artifact: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    source = _jsonl(tmp_path / "in.jsonl", _rows(20_000))
+    job = subprocess.Popen(_cli(str(source), "-o", str(tmp_path / "out.jsonl"), "--model", str(trained_artifact),
+                                "--chunk-rows", "100", "--workers", "2"),
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list = []  # type: ignore[type-arg]
+
+    def gone(process) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            return process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        parent = psutil.Process(job.pid)
+
+        def workers() -> list:  # type: ignore[type-arg]
+            found = []
+            for process in parent.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "spawn_main" in " ".join(process.cmdline()):
+                        found.append(process)
+            return found
+
+        _wait_for(lambda: len(workers()) == 2, "two worker processes")
+        children = parent.children(recursive=True)
+        job.send_signal(signal.SIGKILL)  # the job process alone, as the OOM killer would
+        assert job.wait() == -signal.SIGKILL
+        _wait_for(lambda: all(gone(p) for p in children), "the workers to exit", seconds=60)
+    finally:
+        for process in children:  # whatever outlived the job must not outlive the test
+            if not gone(process):
+                process.kill()
+        if job.poll() is None:
+            job.kill()
+            job.wait()
