@@ -6,6 +6,11 @@ interrupted job (even kill -9) resumes at the first missing part with `resume=Tr
 exactly the output of an uninterrupted run. Parts are merged into the output file at the end.
 The input is never modified.
 
+Beside OUTPUT a job keeps:
+
+- `OUTPUT.lock`: locked for the whole job, so that two jobs never write one output; removed at the end.
+- `OUTPUT.parts/`: the finished parts and `job.json`, the job's fingerprint; removed at the end.
+
 Every input row goes through one parser, `parse_row`, which the Ray engine shares: a row that cannot
 be labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes an output row with an
 `error`, never an exception.
@@ -13,6 +18,7 @@ be labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import glob
@@ -106,14 +112,18 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
     """Refuse an output or options that cannot work, before anything is written.
 
     Raises:
-        LabelingError: the output type is wrong, the output is an input, a kept column would overwrite
-            an output column, or chunk_rows is not positive.
+        LabelingError: the output type is wrong, the output (or a file beside it) is an input, a kept
+            column would overwrite an output column, or chunk_rows is not positive.
     """
     if output.suffix not in OUTPUT_SUFFIXES:
         raise LabelingError(f"output must end in {OUTPUT_SUFFIXES}, got {output.name}")
     inputs = {f.resolve() for f in files}
     if output.resolve() in inputs:
         raise LabelingError("output would overwrite an input; the labeler never edits its input")
+    beside = [_lock_path(output)]
+    if any(path.resolve() in inputs for path in beside):
+        raise LabelingError(f"an input is named like a file the labeler keeps beside {output.name}: "
+                            f"{', '.join(p.name for p in beside)}")
     clashes = [c for c in options.keep_columns if c == options.id_column or c in DECISION_COLUMNS]
     if clashes:
         raise LabelingError(f"--keep {clashes} would overwrite output columns of the same name")
@@ -471,6 +481,61 @@ def rows_to_table(rows: list[dict], keep_columns: Sequence[str], id_column: str)
                                  for row in rows], schema=schema)
 
 
+def _lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `output` (`OUTPUT.lock`, flock) for the with-block.
+
+    One labeling job per output: a second job would otherwise merge, or replace, what the first writes.
+    The lock file holds the holder's pid, for the error message, and is removed on release.
+
+    Raises:
+        LabelingError: another job holds the lock (the message names the output and its pid), or the
+            lock file cannot be created.
+    """
+    import fcntl
+
+    path = _lock_path(output)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LabelingError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LabelingError(f"{output} is being written by another labeling job (pid {holder}); "
+                                "wait for it to finish, or choose another output") from None
+        except OSError as exc:
+            os.close(fd)
+            raise LabelingError(f"cannot lock {path}: {exc.strerror or exc}") from None
+        # A holder removes the file when it finishes; a lock taken on a removed file locks nothing.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # the pid is for messages only; a full disk must not stop the job
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        _remove(path)
+        os.close(fd)
+
+
 def _fingerprint(files: Sequence[Path], options: LabelOptions) -> str:
     digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
     for path in files:
@@ -511,14 +576,23 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
                 resume: bool = False, progress: bool = True) -> LabelStats:
     """Label every row of `inputs` into `output` (.jsonl or .parquet).
 
-    Raises:
-        LabelingError: bad inputs/outputs, an existing output without --resume, or a resume whose
-            inputs or options differ from the interrupted job's.
-    """
-    from tqdm.auto import tqdm
+    One job per output at a time (`OUTPUT.lock`).
 
+    Raises:
+        LabelingError: bad inputs/outputs, another job on the output, an existing output without
+            --resume, or a resume whose inputs or options differ from the interrupted job's.
+    """
     files = expand_inputs(inputs)
     check_job(files, output, options)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(output):
+        return _label_locked(files, output, options, workers, resume, progress)
+
+
+def _label_locked(files: list[Path], output: Path, options: LabelOptions, workers: int | None, resume: bool,
+                  progress: bool) -> LabelStats:
+    from tqdm.auto import tqdm
+
     parts_dir = output.with_name(output.name + ".parts")
     state_file = parts_dir / "job.json"
     fingerprint = _fingerprint(files, options)

@@ -30,6 +30,7 @@ from classifier.labeling import (
     expand_inputs,
     label_chunk,
     load_worker_model,
+    output_lock,
     parse_row,
     read_rows,
     rows_to_table,
@@ -74,8 +75,10 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
                    actors: int = 2) -> LabelStats:
     """Label with Ray Data; the output equals the local engine's for the same input and options.
 
+    Holds the output's lock like the local engine, and refuses an existing output (no resume).
+
     Raises:
-        LabelingError: ray is not installed, or bad inputs/outputs.
+        LabelingError: ray is not installed, bad inputs/outputs, or another job on the output.
     """
     try:
         import ray
@@ -83,20 +86,22 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         raise LabelingError("the ray engine needs Ray: pip install 'promptier[ray]'") from exc
     files = expand_inputs(inputs)
     check_job(files, output, options)
-    if output.exists():
-        raise LabelingError(f"{output} exists; remove it or choose another output")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-    try:
-        _run(ray, files, output, options, actors)
-    finally:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(output):
+        if output.exists():
+            raise LabelingError(f"{output} exists; remove it or choose another output")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        try:
+            _run(ray, files, output, options, actors)
+        finally:
+            if started_here:
+                ray.shutdown()
     stats = LabelStats()
     if output.suffix == ".parquet":
         _count(pq.read_table(output).to_pylist(), stats)

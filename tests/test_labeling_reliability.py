@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from classifier.labeling import LabelOptions, label_files
+from classifier import labeling
+from classifier.labeling import LabelingError, LabelOptions, label_files
 from tests.test_labeling import EASY, HARD, _read, _rows
 
 
@@ -40,6 +42,51 @@ def _wait_for(condition, what: str, seconds: float = 120.0) -> None:  # type: ig
 def _leftovers(root: Path) -> list[str]:
     """Temporary and lock files anywhere under `root`."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith((".tmp", ".lock")))
+
+
+# ---------------------------------------------------------------- one job per output
+def test_second_job_on_the_same_output_fails_fast_and_the_first_finishes(tmp_path: Path,
+                                                                         trained_artifact: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _rows(3000))
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=200)
+    label_files([str(source)], tmp_path / "reference.jsonl", options, workers=2, progress=False)
+    out = tmp_path / "out.jsonl"
+    command = _cli(str(source), "-o", str(out), "--model", str(trained_artifact), "--chunk-rows", "200",
+                   "--workers", "2", "--resume")
+    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = out.with_name(out.name + ".lock")
+    try:
+        # Freeze the first job once it holds the lock: from then on the race is decided, whatever the speed.
+        _wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), "the first job's lock")
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert str(out) in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert not out.exists()  # the second job touched nothing
+        os.kill(first.pid, signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGCONT)
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, stderr
+    assert out.read_text() == (tmp_path / "reference.jsonl").read_text()
+    assert not out.with_name(out.name + ".parts").exists() and _leftovers(tmp_path) == []
+
+
+def test_lock_is_per_output_and_released(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with labeling.output_lock(out):
+        with pytest.raises(LabelingError, match=rf"{out}.*pid {os.getpid()}"), labeling.output_lock(out):
+            pass
+        with labeling.output_lock(tmp_path / "other.jsonl"):
+            pass
+    with labeling.output_lock(out):  # released and taken again
+        pass
+    assert _leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------- malformed rows
