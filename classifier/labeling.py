@@ -9,7 +9,9 @@ The input is never modified.
 Beside OUTPUT a job keeps:
 
 - `OUTPUT.lock`: locked for the whole job, so that two jobs never write one output; removed at the end.
-- `OUTPUT.parts/`: the finished parts and `job.json`, the job's fingerprint; removed at the end.
+- `OUTPUT.parts/`: the finished parts and `job.json`, the job's record; removed at the end.
+- `OUTPUT.job.json`: the record of the job that wrote OUTPUT (its inputs, model and options). A resume
+  checks it, so that it never mistakes an unrelated file, or another job's output, for its own.
 
 Every input row goes through one parser, `parse_row`, which the Ray engine shares: a row that cannot
 be labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes an output row with an
@@ -39,10 +41,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from classifier.artifact import REQUIRED_FILES, load_manifest
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from classifier.policy import RoutingRequest
-from classifier.runtime import MAX_TEXT_CHARS, ClassificationResult, validate_text
+from classifier.runtime import DEFAULT_MODEL_DIR, MAX_TEXT_CHARS, ClassificationResult, validate_text
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
@@ -50,6 +53,7 @@ DECISION_COLUMNS = ("tier", "scores", "threshold", "truncated", "tokens", "error
 # Deeper JSON is refused with the same error in every process: where the recursion limit would stop
 # the parser depends on the caller's stack, which differs between a pool worker and a Ray actor.
 MAX_JSON_DEPTH = 64
+JOB_RECORD = "job.json"
 
 
 class LabelingError(PromptierError):
@@ -72,12 +76,16 @@ class LabelOptions:
 
 @dataclass
 class LabelStats:
-    """What a job did: rows labeled now, how many of them failed, rows resumed from an earlier run."""
+    """What a job did: rows labeled now, how many of them failed, rows resumed from an earlier run.
+
+    `complete` is set when OUTPUT was already the finished output of this job and nothing ran.
+    """
 
     rows: int = 0
     errors: int = 0
     resumed_rows: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
 
     def add(self, other: LabelStats) -> None:
         """Fold another part's counts into these."""
@@ -120,7 +128,7 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
     inputs = {f.resolve() for f in files}
     if output.resolve() in inputs:
         raise LabelingError("output would overwrite an input; the labeler never edits its input")
-    beside = [_lock_path(output)]
+    beside = [_lock_path(output), _record_path(output)]
     if any(path.resolve() in inputs for path in beside):
         raise LabelingError(f"an input is named like a file the labeler keeps beside {output.name}: "
                             f"{', '.join(p.name for p in beside)}")
@@ -485,6 +493,14 @@ def _lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
+def _parts_path(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def _record_path(output: Path) -> Path:
+    return output.with_name(output.name + ".job.json")
+
+
 def _remove(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
@@ -536,12 +552,71 @@ def output_lock(output: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _fingerprint(files: Sequence[Path], options: LabelOptions) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
+def _job_record(files: Sequence[Path], options: LabelOptions) -> dict:
+    """What decides a job's output: its inputs (path, size, mtime), model and options.
+
+    Raises:
+        ArtifactError: the model directory is not a valid artifact.
+    """
+    model = Path(options.model) if options.model else DEFAULT_MODEL_DIR
+    manifest = load_manifest(model)
+    inputs = []
     for path in files:
         stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+        inputs.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    model_files = {}
+    for name in REQUIRED_FILES:
+        stat = (model / name).stat()
+        model_files[name] = [stat.st_size, stat.st_mtime_ns]
+    settings = {key: value for key, value in asdict(options).items() if key != "model"}
+    return {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
+                                        "files": model_files}, "options": settings}
+
+
+def _fingerprint(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: object, new: dict) -> str:
+    """What differs between two job records, in words."""
+    if not isinstance(old, dict):
+        return "its record is from another version of promptier"
+    found = []
+    old_inputs = old.get("inputs") or []
+    if [i.get("path") for i in old_inputs] != [i["path"] for i in new["inputs"]]:
+        found.append("the input files")
+    else:
+        found += [f"input {Path(n['path']).name} (modified since)"
+                  for o, n in zip(old_inputs, new["inputs"], strict=True) if o != n]
+    old_model = old.get("model") or {}
+    if old_model != new["model"]:
+        versions = (old_model.get("model_version"), new["model"]["model_version"])
+        found.append(f"the model ({versions[0]} -> {versions[1]})" if versions[0] != versions[1] else "the model")
+    old_options = old.get("options") or {}
+    for key in sorted(set(old_options) | set(new["options"])):
+        if old_options.get(key) != new["options"].get(key):
+            found.append(f"option {key} ({old_options.get(key)!r} -> {new['options'].get(key)!r})")
+    return ", ".join(found) or "the job record"
+
+
+def _read_record(path: Path) -> dict | None:
+    """A job record, or None when it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write `value` to `path` atomically (a temporary file renamed into place)."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
 
 
 def _merge(parts: list[Path], output: Path) -> None:
@@ -576,11 +651,15 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
                 resume: bool = False, progress: bool = True) -> LabelStats:
     """Label every row of `inputs` into `output` (.jsonl or .parquet).
 
-    One job per output at a time (`OUTPUT.lock`).
+    One job per output at a time (`OUTPUT.lock`). An existing output is never replaced: without
+    `resume` it is refused; with `resume` it must be the finished output of this very job (same
+    inputs, model and options, per `OUTPUT.job.json`), and then nothing runs (`complete` is set).
+    An interrupted job (`OUTPUT.parts`) continues only with `resume` and only if it is the same job.
 
     Raises:
-        LabelingError: bad inputs/outputs, another job on the output, an existing output without
-            --resume, or a resume whose inputs or options differ from the interrupted job's.
+        LabelingError: bad inputs/outputs, another job on the output, or an existing output or an
+            interrupted job that is not this job's.
+        ArtifactError: the model is not a valid artifact.
     """
     files = expand_inputs(inputs)
     check_job(files, output, options)
@@ -593,22 +672,29 @@ def _label_locked(files: list[Path], output: Path, options: LabelOptions, worker
                   progress: bool) -> LabelStats:
     from tqdm.auto import tqdm
 
-    parts_dir = output.with_name(output.name + ".parts")
-    state_file = parts_dir / "job.json"
-    fingerprint = _fingerprint(files, options)
+    parts_dir, record_path = _parts_path(output), _record_path(output)
+    job = _job_record(files, options)
+    fingerprint = _fingerprint(job)
+    state_file = parts_dir / JOB_RECORD
     if parts_dir.exists():
         if not resume:
             raise LabelingError(f"{parts_dir} exists from an interrupted job; pass --resume to continue it")
-        state = json.loads(state_file.read_text())
-        if state["fingerprint"] != fingerprint:
-            raise LabelingError("cannot resume: inputs or options differ from the interrupted job")
-    else:
-        if output.exists() and not resume:
+        state = _read_record(state_file)
+        if state is None:
+            if any(parts_dir.glob("part-*")):
+                raise LabelingError(f"cannot resume: {state_file} is missing or unreadable, so the parts in "
+                                    f"{parts_dir} cannot be matched to this job; remove {parts_dir} to start over")
+            _start(parts_dir, state_file, job, fingerprint)  # the job died while creating it
+        elif state.get("fingerprint") != fingerprint:
+            raise LabelingError(f"cannot resume: {parts_dir} holds a different job "
+                                f"({_differences(state.get('job'), job)}); nothing was changed. Rerun with the "
+                                f"original inputs, model and options, or remove {parts_dir} to start over")
+    elif output.exists():
+        if not resume:
             raise LabelingError(f"{output} exists; remove it or choose another output")
-        if output.exists():
-            return LabelStats()  # finished earlier: nothing to resume
-        parts_dir.mkdir(parents=True)
-        state_file.write_text(json.dumps({"fingerprint": fingerprint, "options": asdict(options)}))
+        return _finished(output, record_path, job, fingerprint)
+    else:
+        _start(parts_dir, state_file, job, fingerprint)
     part_suffix = ".jsonl" if output.suffix == ".jsonl" else ".parquet"
     done = {int(p.stem.split("-")[1]) for p in parts_dir.glob(f"part-*{part_suffix}")}
     stats = LabelStats()
@@ -638,8 +724,36 @@ def _label_locked(files: list[Path], output: Path, options: LabelOptions, worker
     bar.close()
     parts = sorted(parts_dir.glob(f"part-*{part_suffix}"))
     _merge(parts, output)
+    _write_json(record_path, {"fingerprint": fingerprint, "job": job, "rows": stats.rows + stats.resumed_rows,
+                              "output_bytes": output.stat().st_size})
     shutil.rmtree(parts_dir)
     return stats
+
+
+def _start(parts_dir: Path, state_file: Path, job: dict, fingerprint: str) -> None:
+    parts_dir.mkdir(exist_ok=True)
+    _write_json(state_file, {"fingerprint": fingerprint, "job": job})
+
+
+def _finished(output: Path, record_path: Path, job: dict, fingerprint: str) -> LabelStats:
+    """`--resume` of an output with no interrupted job: fine if it is this job's finished output.
+
+    Raises:
+        LabelingError: `output` is not the finished output of this job; it is left unchanged.
+    """
+    record = _read_record(record_path)
+    if record is None:
+        raise LabelingError(f"{output} exists and is not the output of this job (no readable job record "
+                            f"{record_path.name} beside it); nothing was changed. Remove it to label again, or "
+                            "choose another output")
+    if record.get("fingerprint") != fingerprint:
+        raise LabelingError(f"{output} is not the output of this job ({_differences(record.get('job'), job)}); "
+                            "nothing was changed. Remove it to label again, or choose another output")
+    if record.get("output_bytes") != output.stat().st_size:
+        raise LabelingError(f"{output} is not the output of this job: it changed after the job wrote it; "
+                            "nothing was changed. Remove it to label again, or choose another output")
+    rows = record.get("rows")
+    return LabelStats(resumed_rows=rows if isinstance(rows, int) else 0, complete=True)
 
 
 def _count(rows: list[dict], stats: LabelStats) -> None:

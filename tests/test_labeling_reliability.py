@@ -15,10 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
 from classifier import labeling
 from classifier.labeling import LabelingError, LabelOptions, label_files
 from tests.test_labeling import EASY, HARD, _read, _rows
+from training.cli import app
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -75,6 +77,11 @@ def test_second_job_on_the_same_output_fails_fast_and_the_first_finishes(tmp_pat
     assert first.returncode == 0, stderr
     assert out.read_text() == (tmp_path / "reference.jsonl").read_text()
     assert not out.with_name(out.name + ".parts").exists() and _leftovers(tmp_path) == []
+    # Once the job is done, --resume says so and leaves the output alone.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stdout
+    assert out.read_text() == (tmp_path / "reference.jsonl").read_text()
 
 
 def test_lock_is_per_output_and_released(tmp_path: Path) -> None:
@@ -87,6 +94,73 @@ def test_lock_is_per_output_and_released(tmp_path: Path) -> None:
     with labeling.output_lock(out):  # released and taken again
         pass
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- resume checks the job
+def test_resume_refuses_an_unrelated_output(tmp_path: Path, trained_artifact: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _rows(20))
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"something": "else"}\n')
+    result = CliRunner().invoke(app, ["label", str(source), "-o", str(out), "--model", str(trained_artifact),
+                                      "--resume"])
+    assert result.exit_code == 2, result.output
+    assert str(out) in result.output and "not the output of this job" in result.output
+    assert out.read_text() == '{"something": "else"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    # Without --resume an existing output is refused as well, and kept.
+    result = CliRunner().invoke(app, ["label", str(source), "-o", str(out), "--model", str(trained_artifact)])
+    assert result.exit_code == 2 and "exists" in result.output
+    assert out.read_text() == '{"something": "else"}\n'
+
+
+def test_resume_of_a_finished_job_checks_its_record(tmp_path: Path, trained_artifact: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _rows(30))
+    out = tmp_path / "out.parquet"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
+    label_files([str(source)], out, options, workers=1, progress=False)
+    finished = out.read_bytes()
+    stats = label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    assert stats.complete and stats.resumed_rows == 30 and stats.rows == 0
+    with pytest.raises(LabelingError, match="mode"):
+        label_files([str(source)], out, LabelOptions(model=str(trained_artifact), chunk_rows=8, mode="cost"),
+                    workers=1, resume=True, progress=False)
+    with pytest.raises(LabelingError, match="model"):
+        label_files([str(source)], out, LabelOptions(chunk_rows=8), workers=1, resume=True, progress=False)
+    with source.open("a") as handle:
+        handle.write(json.dumps({"prompt_id": "late", "prompt": EASY}) + "\n")
+    with pytest.raises(LabelingError, match=r"input in\.jsonl"):
+        label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    assert out.read_bytes() == finished
+    assert _leftovers(tmp_path) == []
+
+
+def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, trained_artifact: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _rows(40))
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
+    label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
+
+    def interrupted(parts: list[Path], output: Path) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(labeling, "_merge", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            label_files([str(source)], out, options, workers=1, progress=False)
+    parts = out.with_name(out.name + ".parts")
+    before = {p.name: p.read_bytes() for p in parts.iterdir()}
+    assert len(before) == 6  # five parts and the job record
+    with pytest.raises(LabelingError, match=r"chunk_rows \(8 -> 16\)"):
+        label_files([str(source)], out, LabelOptions(model=str(trained_artifact), chunk_rows=16), workers=1,
+                    resume=True, progress=False)
+    (parts / "job.json").write_text("{broken")
+    with pytest.raises(LabelingError, match=r"job\.json"):
+        label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    (parts / "job.json").write_bytes(before["job.json"])
+    assert {p.name: p.read_bytes() for p in parts.iterdir()} == before and not out.exists()
+    stats = label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    assert stats.resumed_rows == 40 and out.read_text() == (tmp_path / "reference.jsonl").read_text()
 
 
 # ---------------------------------------------------------------- malformed rows

@@ -204,6 +204,9 @@ def label(
     started = time.perf_counter()
     try:
         if engine == "ray":
+            if resume:
+                raise PromptierError("--resume works with the local engine only; the ray engine labels "
+                                     "everything in one run")
             from classifier.labeling_ray import label_with_ray
 
             stats = label_with_ray(inputs, output, options, address=ray_address)
@@ -213,6 +216,10 @@ def label(
             raise PromptierError(f"unknown engine {engine!r}; use local or ray")
     except PromptierError as error:
         _fail(error)
+    if stats.complete:
+        typer.echo(f"{output} is already complete ({stats.resumed_rows} rows, labeled earlier by this job); "
+                   "nothing to do")
+        return
     elapsed = time.perf_counter() - started
     typer.echo(f"labeled {stats.rows} rows ({stats.errors} with errors, {stats.resumed_rows} resumed) in "
                f"{elapsed:.1f} s ({stats.rows / max(elapsed, 1e-9):,.0f} rows/s); tiers {stats.tiers} -> {output}")
