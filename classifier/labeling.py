@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -464,15 +465,22 @@ def label_part(chunk: list[tuple[str, Payload]], options: LabelOptions, path: Pa
 
     The part is renamed into place only when complete, so after a kill it exists whole or not at all.
     Only the counts travel back to the job process.
+
+    Raises:
+        LabelingError: the part cannot be written (disk full, ...); no partial file is left.
     """
     rows = label_chunk([parse_row(name, payload, options) for name, payload in chunk], options)
     temporary = path.with_suffix(".tmp")
-    with temporary.open("wb") as handle:
-        if path.suffix == ".parquet":
-            pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), handle)
-        else:
-            handle.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as handle:
+            if path.suffix == ".parquet":
+                pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), handle)
+            else:
+                handle.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
+        os.replace(temporary, path)
+    except OSError as exc:
+        _remove(temporary)
+        raise _cannot_write(path, exc) from None
     stats = LabelStats()
     _count(rows, stats)
     return stats
@@ -499,6 +507,12 @@ def _parts_path(output: Path) -> Path:
 
 def _record_path(output: Path) -> Path:
     return output.with_name(output.name + ".job.json")
+
+
+def _cannot_write(path: Path, error: OSError, resumable: bool = True) -> LabelingError:
+    """The error for a failed write: which file, and the system's reason (no traceback)."""
+    hint = "; the finished parts are kept: make room, then rerun with --resume" if resumable else ""
+    return LabelingError(f"cannot write {path}: {error.strerror or error}{hint}")
 
 
 def _remove(path: Path) -> None:
@@ -620,31 +634,41 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _merge(parts: list[Path], output: Path) -> None:
-    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically."""
+    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically.
+
+    Raises:
+        OSError: a write failed; no temporary file is left and `output` is unchanged.
+    """
     temporary = output.with_name(output.name + ".tmp")
-    if output.suffix == ".jsonl" and all(part.suffix == ".jsonl" for part in parts):
-        with temporary.open("wb") as handle:
-            for part in parts:
-                with part.open("rb") as source:
-                    shutil.copyfileobj(source, handle)
-    elif output.suffix == ".parquet":
-        writer = None
-        for part in parts:
-            table = pq.read_table(part)
-            writer = writer or pq.ParquetWriter(temporary, table.schema)
-            writer.write_table(table)
-        if writer is None:
-            pq.write_table(pa.table({}), temporary)
+    try:
+        if output.suffix == ".jsonl" and all(part.suffix == ".jsonl" for part in parts):
+            with temporary.open("wb") as handle:
+                for part in parts:
+                    with part.open("rb") as source:
+                        shutil.copyfileobj(source, handle)
+        elif output.suffix == ".parquet":
+            writer = None
+            try:
+                for part in parts:
+                    table = pq.read_table(part)
+                    writer = writer or pq.ParquetWriter(temporary, table.schema)
+                    writer.write_table(table)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                pq.write_table(pa.table({}), temporary)
         else:
-            writer.close()
-    else:
-        with temporary.open("w", encoding="utf-8") as handle:
-            for part in parts:
-                for row in pq.read_table(part).to_pylist():
-                    if row.get("scores") is not None:
-                        row["scores"] = json.loads(row["scores"])
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, output)
+            with temporary.open("w", encoding="utf-8") as handle:
+                for part in parts:
+                    for row in pq.read_table(part).to_pylist():
+                        if row.get("scores") is not None:
+                            row["scores"] = json.loads(row["scores"])
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, output)
+    except BaseException:
+        _remove(temporary)
+        raise
 
 
 def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, workers: int | None = None,
@@ -655,15 +679,19 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
     `resume` it is refused; with `resume` it must be the finished output of this very job (same
     inputs, model and options, per `OUTPUT.job.json`), and then nothing runs (`complete` is set).
     An interrupted job (`OUTPUT.parts`) continues only with `resume` and only if it is the same job.
+    A write error (disk full) removes temporary files and keeps the finished parts.
 
     Raises:
-        LabelingError: bad inputs/outputs, another job on the output, or an existing output or an
-            interrupted job that is not this job's.
+        LabelingError: bad inputs/outputs, another job on the output, an existing output or an
+            interrupted job that is not this job's, or a write error.
         ArtifactError: the model is not a valid artifact.
     """
     files = expand_inputs(inputs)
     check_job(files, output, options)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(output.parent, exc, resumable=False) from None
     with output_lock(output):
         return _label_locked(files, output, options, workers, resume, progress)
 
@@ -701,38 +729,61 @@ def _label_locked(files: list[Path], output: Path, options: LabelOptions, worker
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     bar = tqdm(desc="labeling", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(options.model, os.getpid())) as pool:
-        in_flight: dict[int, Future] = {}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(options.model, os.getpid())) as pool:
+            in_flight: dict[int, Future] = {}
 
-        def collect(index: int) -> None:
-            part = in_flight.pop(index).result()
-            stats.add(part)
-            bar.update(part.rows)
+            def collect(index: int) -> None:
+                part = in_flight.pop(index).result()
+                stats.add(part)
+                bar.update(part.rows)
 
-        for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
-            if index in done:
-                stats.resumed_rows += len(chunk)
-                bar.update(len(chunk))
-                continue
-            in_flight[index] = pool.submit(label_part, chunk, options, parts_dir / f"part-{index:08d}{part_suffix}")
-            # At most two chunks per worker in flight: memory stays flat whatever the input size.
-            while len(in_flight) >= 2 * workers:
-                collect(min(in_flight))
-        while in_flight:
-            collect(min(in_flight))
-    bar.close()
-    parts = sorted(parts_dir.glob(f"part-*{part_suffix}"))
-    _merge(parts, output)
-    _write_json(record_path, {"fingerprint": fingerprint, "job": job, "rows": stats.rows + stats.resumed_rows,
-                              "output_bytes": output.stat().st_size})
-    shutil.rmtree(parts_dir)
+            try:
+                for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
+                    if index in done:
+                        stats.resumed_rows += len(chunk)
+                        bar.update(len(chunk))
+                        continue
+                    in_flight[index] = pool.submit(label_part, chunk, options,
+                                                   parts_dir / f"part-{index:08d}{part_suffix}")
+                    # At most two chunks per worker in flight: memory stays flat whatever the input size.
+                    while len(in_flight) >= 2 * workers:
+                        collect(min(in_flight))
+                while in_flight:
+                    collect(min(in_flight))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        bar.close()
+        parts = sorted(parts_dir.glob(f"part-*{part_suffix}"))
+        try:
+            _merge(parts, output)
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        total = stats.rows + stats.resumed_rows
+        try:
+            _write_json(record_path, {"fingerprint": fingerprint, "job": job, "rows": total,
+                                      "output_bytes": output.stat().st_size})
+        except OSError as exc:
+            raise _cannot_write(record_path, exc) from None
+    except BrokenProcessPool:
+        raise LabelingError("a worker process died or could not start (out of memory? killed? a model that does "
+                            "not load?); the finished parts are kept: rerun with --resume") from None
+    finally:
+        bar.close()
+        for temporary in parts_dir.glob("*.tmp"):  # a worker's, should it have died while writing
+            _remove(temporary)
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return stats
 
 
 def _start(parts_dir: Path, state_file: Path, job: dict, fingerprint: str) -> None:
-    parts_dir.mkdir(exist_ok=True)
-    _write_json(state_file, {"fingerprint": fingerprint, "job": job})
+    try:
+        parts_dir.mkdir(exist_ok=True)
+        _write_json(state_file, {"fingerprint": fingerprint, "job": job})
+    except OSError as exc:
+        raise _cannot_write(state_file, exc, resumable=False) from None
 
 
 def _finished(output: Path, record_path: Path, job: dict, fingerprint: str) -> LabelStats:

@@ -24,6 +24,7 @@ from classifier.labeling import (
     LabelingError,
     LabelOptions,
     LabelStats,
+    _cannot_write,
     _count,
     _merge,
     check_job,
@@ -78,7 +79,8 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
     Holds the output's lock like the local engine, and refuses an existing output (no resume).
 
     Raises:
-        LabelingError: ray is not installed, bad inputs/outputs, or another job on the output.
+        LabelingError: ray is not installed, bad inputs/outputs, another job on the output, or a write
+            error (no temporary files are left).
     """
     try:
         import ray
@@ -86,7 +88,10 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         raise LabelingError("the ray engine needs Ray: pip install 'promptier[ray]'") from exc
     files = expand_inputs(inputs)
     check_job(files, output, options)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(output.parent, exc, resumable=False) from None
     with output_lock(output):
         if output.exists():
             raise LabelingError(f"{output} exists; remove it or choose another output")
@@ -128,7 +133,13 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
         parts = []
         for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
             parts.append(staging / f"part-{number:08d}.parquet")
-            pq.write_table(table, parts[-1])
-        _merge(parts, output)
+            try:
+                pq.write_table(table, parts[-1])
+            except OSError as exc:
+                raise _cannot_write(parts[-1], exc, resumable=False) from None
+        try:
+            _merge(parts, output)
+        except OSError as exc:
+            raise _cannot_write(output, exc, resumable=False) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -321,3 +322,86 @@ def test_workers_exit_when_the_job_is_killed(tmp_path: Path, trained_artifact: P
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+# ---------------------------------------------------------------- write errors
+def test_disk_full_while_merging_fails_cleanly_and_resumes(tmp_path: Path, trained_artifact: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _rows(50))
+    label_files([str(source)], tmp_path / "reference.jsonl", LabelOptions(model=str(trained_artifact), chunk_rows=16),
+                workers=1, progress=False)
+    out = tmp_path / "out.jsonl"
+    args = ["label", str(source), "-o", str(out), "--model", str(trained_artifact), "--chunk-rows", "16",
+            "--workers", "1"]
+
+    def full_disk(source_file, target_file, *args: object) -> None:  # type: ignore[no-untyped-def]
+        target_file.write(source_file.read(10))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(labeling.shutil, "copyfileobj", full_disk)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.output and str(out) in result.output and "--resume" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert len(list(out.with_name(out.name + ".parts").glob("part-*.jsonl"))) == 4  # finished work is kept
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == (tmp_path / "reference.jsonl").read_text() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_disk_full_in_a_worker_leaves_no_partial_part(tmp_path: Path, trained_artifact: Path, suffix: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import classifier
+
+    monkeypatch.setattr(labeling, "_worker_model", classifier.load(trained_artifact))
+    real_open = Path.open
+
+    def full_disk(self: Path, mode: str = "r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "w" not in mode:
+            return real_open(self, mode, *args, **kwargs)
+        handle = real_open(self, mode, *args, **kwargs)
+        handle.write(b"partial" if "b" in mode else "partial")
+        handle.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    part = tmp_path / f"part-00000000{suffix}"
+    chunk = [(f"in.jsonl:{i}", json.dumps(row).encode()) for i, row in enumerate(_rows(5), start=1)]
+    with pytest.raises(LabelingError, match=rf"{part}.*No space left on device"):
+        labeling.label_part(chunk, LabelOptions(), part)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_error_in_a_worker_ends_the_job_cleanly(tmp_path: Path, trained_artifact: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _rows(50))
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=16)
+    label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
+
+    def interrupted(parts: list[Path], output: Path) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # an interrupted job: its four parts are written
+        patch.setattr(labeling, "_merge", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            label_files([str(source)], out, options, workers=1, progress=False)
+    parts = out.with_name(out.name + ".parts")
+    (parts / "part-00000002.jsonl").unlink()
+    (parts / "part-00000002.tmp").mkdir()  # where the worker writes that part again: a write error
+    command = _cli(str(source), "-o", str(out), "--model", str(trained_artifact), "--chunk-rows", "16",
+                   "--workers", "2", "--resume")
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr
+    assert "part-00000002" in failed.stderr and "Is a directory" in failed.stderr and "--resume" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not out.exists() and [p.name for p in tmp_path.rglob("*.lock")] == []
+    kept = {p.name for p in parts.glob("part-*.jsonl")}
+    assert {"part-00000000.jsonl", "part-00000001.jsonl"} <= kept and "part-00000002.jsonl" not in kept
+    (parts / "part-00000002.tmp").rmdir()
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_text() == (tmp_path / "reference.jsonl").read_text() and _leftovers(tmp_path) == []
