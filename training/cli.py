@@ -189,11 +189,27 @@ def label(
     keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
     workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
     chunk_rows: Annotated[int, typer.Option(min=1)] = 4096,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted job")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted job (local engine); a no-op for a job "
+                                              "that already finished")] = False,
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="existing Ray cluster (default: start a local one)")] = None,
 ) -> None:
-    """Label prompt files with the tier each prompt needs (one output row per input row)."""
+    """Label prompt files with the tier each prompt needs (one output row per input row, in input order).
+
+    A row that cannot be labeled (broken or too deeply nested JSON, missing or non-string prompt,
+    invalid text, a CSV line with the wrong number of fields) gets an `error` and null decision
+    fields; the job goes on. A UTF-8 BOM at the start of a file is ignored.
+
+    One job per output: OUTPUT.lock is held for the whole job, and a second job on the same output
+    fails at once, naming the job that holds it. An existing OUTPUT is never replaced: remove it
+    first. An interrupted job (OUTPUT.parts) continues with --resume only if its inputs (path, size,
+    modification time), model and options are unchanged; --resume of an output this job already
+    finished does nothing (OUTPUT.job.json records the job). The local engine's workers exit when
+    the job process dies, even by kill -9.
+
+    A write error (disk full) removes the temporary files, keeps the finished parts, and exits with
+    status 2, as do all refusals; make room and rerun with --resume.
+    """
     import time
 
     from classifier.labeling import LabelOptions, label_files
