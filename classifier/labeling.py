@@ -5,31 +5,56 @@ processes (one model per process), and writes each chunk as an atomically rename
 interrupted job (even kill -9) resumes at the first missing part with `resume=True` and produces
 exactly the output of an uninterrupted run. Parts are merged into the output file at the end.
 The input is never modified.
+
+Beside OUTPUT a job keeps:
+
+- `OUTPUT.lock`: locked for the whole job, so that two jobs never write one output; removed at the end.
+- `OUTPUT.parts/`: the finished parts and `job.json`, the job's record; removed at the end.
+- `OUTPUT.job.json`: the record of the job that wrote OUTPUT (its inputs, model and options). A resume
+  checks it, so that it never mistakes an unrelated file, or another job's output, for its own.
+
+Every input row goes through one parser, `parse_row`, which the Ray engine shares: a row that cannot
+be labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes an output row with an
+`error`, never an exception.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import ctypes
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from classifier.artifact import REQUIRED_FILES, load_manifest
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from classifier.policy import RoutingRequest
+from classifier.runtime import DEFAULT_MODEL_DIR, MAX_TEXT_CHARS, ClassificationResult, validate_text
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+DECISION_COLUMNS = ("tier", "scores", "threshold", "truncated", "tokens", "error", "model_version", "policy")
+# Deeper JSON is refused with the same error in every process: where the recursion limit would stop
+# the parser depends on the caller's stack, which differs between a pool worker and a Ray actor.
+MAX_JSON_DEPTH = 64
+JOB_RECORD = "job.json"
 
 
 class LabelingError(PromptierError):
@@ -52,10 +77,16 @@ class LabelOptions:
 
 @dataclass
 class LabelStats:
+    """What a job did: rows labeled now, how many of them failed, rows resumed from an earlier run.
+
+    `complete` is set when OUTPUT was already the finished output of this job and nothing ran.
+    """
+
     rows: int = 0
     errors: int = 0
     resumed_rows: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
 
     def add(self, other: LabelStats) -> None:
         """Fold another part's counts into these."""
@@ -66,6 +97,11 @@ class LabelStats:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Input files named by paths or globs, in a deterministic order.
+
+    Raises:
+        LabelingError: a path does not exist, has an unsupported type, or nothing matches.
+    """
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
@@ -81,62 +117,143 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Raw JSONL lines with their row names; parsed in the workers, where the cores are."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield f"{path.name}:{number}", raw
+def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> None:
+    """Refuse an output or options that cannot work, before anything is written.
+
+    Raises:
+        LabelingError: the output type is wrong, the output (or a file beside it) is an input, a kept
+            column would overwrite an output column, or chunk_rows is not positive.
+    """
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise LabelingError(f"output must end in {OUTPUT_SUFFIXES}, got {output.name}")
+    inputs = {f.resolve() for f in files}
+    if output.resolve() in inputs:
+        raise LabelingError("output would overwrite an input; the labeler never edits its input")
+    beside = [_lock_path(output), _record_path(output)]
+    if any(path.resolve() in inputs for path in beside):
+        raise LabelingError(f"an input is named like a file the labeler keeps beside {output.name}: "
+                            f"{', '.join(p.name for p in beside)}")
+    clashes = [c for c in options.keep_columns if c == options.id_column or c in DECISION_COLUMNS]
+    if clashes:
+        raise LabelingError(f"--keep {clashes} would overwrite output columns of the same name")
+    if options.chunk_rows < 1:
+        raise LabelingError(f"chunk_rows must be at least 1, got {options.chunk_rows}")
 
 
-def parse_jsonl_line(row_name: str, raw: bytes) -> dict:
-    """One JSONL line as a record; a bad line becomes a record with an `__error__`, never an exception."""
+# ---------------------------------------------------------------- reading rows
+@dataclass(frozen=True)
+class BadRow:
+    """A row its reader could not make a record of (a CSV line with the wrong number of fields, ...)."""
+
+    error: str
+    record: dict  # what could be read of it, so that the error row keeps the row's id
+
+
+# A raw JSONL line (parsed in the workers, where the cores are), a Parquet or CSV record, or a bad row.
+Payload = bytes | dict | BadRow
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_rows(path: Path, batch_rows: int = 4096) -> Iterator[tuple[str, Payload]]:
+    """Every row of one input file, in file order, as (row name `FILE:N`, payload).
+
+    The row name is the output id of a row without one. Both engines read through this function.
+
+    Raises:
+        LabelingError: the file cannot be read at all (missing, not Parquet, ...).
+    """
+    if path.suffix in (".jsonl", ".json"):
+        return _jsonl_lines(path)
+    if path.suffix == ".csv":
+        return _csv_rows(path)
+    return _parquet_records(path, batch_rows)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, Payload]]:
+    """Raw JSONL lines named by line number; blank lines are skipped, a leading UTF-8 BOM dropped."""
     try:
-        record = json.loads(raw.decode("utf-8"))
-        if not isinstance(record, dict):
-            raise ValueError(f"expected an object, got {type(record).__name__}")
-    except UnicodeDecodeError as exc:
-        # Keep the row's id when the rest of the line parses, so the error row can be joined back.
-        try:
-            salvaged = json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
-            salvaged = None
-        record = dict(salvaged) if isinstance(salvaged, dict) else {}
-        record["__error__"] = f"line {row_name.rsplit(':', 1)[-1]}: invalid UTF-8 at byte {exc.start}"
-    except ValueError as exc:
-        record = {"__error__": f"line {row_name.rsplit(':', 1)[-1]}: {exc}"}
-    record.setdefault("__row__", row_name)
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM):]
+                if raw.strip():
+                    yield f"{path.name}:{number}", raw
+    except OSError as exc:
+        raise LabelingError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Payload]]:
+    """CSV records (all values text, as written) named by record number; a bad line is a BadRow.
+
+    Python's csv module rather than Arrow's reader: Arrow fails the whole file on one line with the
+    wrong number of fields or with invalid UTF-8, and infers types (an id `007` would become 7).
+    """
+    # Allow fields as long as the longest prompt the model accepts (csv's default stops at 128 KiB).
+    # The limit is per process; the labeler's processes read no other CSV.
+    previous_limit = csv.field_size_limit(max(csv.field_size_limit(), MAX_TEXT_CHARS + 1))
+    try:
+        # utf-8-sig drops a leading BOM; surrogateescape keeps undecodable bytes, reported per row below.
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            reader = csv.reader(handle)
+            header: list[str] | None = None
+            number = 0
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:  # the reader goes on at the next line
+                    if header is None:
+                        raise LabelingError(f"{path}: unreadable CSV header: {exc}") from exc
+                    number += 1
+                    yield f"{path.name}:{number}", BadRow(f"CSV line {reader.line_num}: {exc}", {})
+                    continue
+                if header is None:
+                    header = cells
+                    continue
+                if not cells:
+                    continue  # a blank line
+                number += 1
+                yield f"{path.name}:{number}", _csv_record(header, cells, reader.line_num)
+    except OSError as exc:
+        raise LabelingError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _csv_record(header: list[str], cells: list[str], line: int) -> Payload:
+    record = dict(zip(header, cells, strict=False))
+    for name, value in record.items():
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # undecodable bytes, kept as surrogates by surrogateescape
+                clean = {k: v.encode("utf-8", "replace").decode("utf-8") for k, v in record.items()}
+                return BadRow(f"CSV line {line}: invalid UTF-8 in column {name!r} at character {exc.start}", clean)
+    if len(cells) != len(header):
+        return BadRow(f"CSV line {line}: {len(cells)} fields; the header has {len(header)}", record)
     return record
 
 
-def _arrow_records(path: Path, rows: int) -> Iterator[dict]:
-    """Parquet or CSV, streamed in record batches of about `rows` rows."""
-    if path.suffix == ".parquet":
-        reader: Iterator[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(batch_size=rows)
-    else:
-        reader = iter(pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 22)))
-    number = 0
-    for record_batch in reader:
-        for record in record_batch.to_pylist():
-            number += 1
-            record.setdefault("__row__", f"{path.name}:{number}")
-            yield record
+def _parquet_records(path: Path, rows: int) -> Iterator[tuple[str, Payload]]:
+    """Parquet records named by row number, streamed in record batches of about `rows` rows."""
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
+        number = 0
+        for record_batch in batches:
+            for record in record_batch.to_pylist():
+                number += 1
+                yield f"{path.name}:{number}", record
+    except (OSError, pa.ArrowException) as exc:
+        raise LabelingError(f"cannot read {path} as Parquet: {exc}") from exc
 
 
-RawRecord = dict | tuple[str, bytes]  # a parsed record (Parquet, CSV) or a raw JSONL line
-
-
-def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[RawRecord]]:
-    """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact).
-
-    JSONL lines stay raw bytes here: the job process only splits lines, and the workers parse.
-    """
-    pending: list[RawRecord] = []
+def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[tuple[str, Payload]]]:
+    """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact)."""
+    pending: list[tuple[str, Payload]] = []
     for path in files:
-        records: Iterator[RawRecord] = (_jsonl_lines(path) if path.suffix in (".jsonl", ".json")
-                                        else _arrow_records(path, rows))
-        for record in records:
-            pending.append(record)
+        for row in read_rows(path, rows):
+            pending.append(row)
             if len(pending) == rows:
                 yield pending
                 pending = []
@@ -144,62 +261,229 @@ def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[RawRecord]]:
         yield pending
 
 
+# ---------------------------------------------------------------- parsing rows
+@dataclass(frozen=True)
+class ParsedRow:
+    """One input row as the labeler uses it: output id, kept columns, and the prompt or why there is none."""
+
+    row_id: str
+    prompt: str | None
+    error: str | None
+    kept: dict[str, str | None]
+
+
+def parse_row(name: str, payload: Payload, options: LabelOptions) -> ParsedRow:
+    """Turn one input row into what is labeled; every problem with the row becomes its `error`.
+
+    Never raises: one malformed row must not end a job (nor every resume of it). Both engines label
+    through this function, so they agree row for row.
+    """
+    try:
+        return _parse_row(name, payload, options)
+    except Exception as exc:  # whatever a row holds, it is that row's error, not the job's
+        return ParsedRow(row_id=name, prompt=None, error=f"unreadable row: {type(exc).__name__}: {exc}",
+                         kept=dict.fromkeys(options.keep_columns))
+
+
+def _parse_row(name: str, payload: Payload, options: LabelOptions) -> ParsedRow:
+    if isinstance(payload, bytes):
+        record, error = _json_record(name, payload)
+    elif isinstance(payload, BadRow):
+        record, error = payload.record, payload.error
+    else:
+        record, error = payload, None
+    prompt = None
+    if error is None:
+        try:
+            prompt = _prompt_of(record, options)
+        except InvalidInputError as exc:
+            error = str(exc)
+    raw_id = record.get(options.id_column)
+    row_id, problem = _cell(name if raw_id is None else raw_id)
+    assert row_id is not None
+    problems = [f"column {options.id_column!r}: {problem}"] if problem else []
+    kept: dict[str, str | None] = {}
+    for column in options.keep_columns:
+        kept[column], problem = _cell(record.get(column))
+        if problem:
+            problems.append(f"column {column!r}: {problem}")
+    error = error or "; ".join(problems) or None
+    return ParsedRow(row_id=row_id, prompt=None if error else prompt, error=error, kept=kept)
+
+
+def _json_record(name: str, raw: bytes) -> tuple[dict, str | None]:
+    """One JSONL line as (record, error)."""
+    line = name.rsplit(":", 1)[-1]
+    try:
+        value, problem = _load_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        # Keep the row's id when the rest of the line parses, so the error row can be joined back.
+        salvaged, _ = _load_json(raw.decode("utf-8", "replace"))
+        return (salvaged if isinstance(salvaged, dict) else {}), f"line {line}: invalid UTF-8 at byte {exc.start}"
+    if problem is None and not isinstance(value, dict):
+        problem = f"expected an object, got {type(value).__name__}"
+    if problem is not None:
+        return {}, f"line {line}: {problem}"
+    assert isinstance(value, dict)
+    return value, None
+
+
+def _load_json(text: str) -> tuple[object, str | None]:
+    """Parse JSON text as (value, None), or (None, why not)."""
+    too_deep = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return None, too_deep
+    except ValueError as exc:
+        return None, str(exc)
+    return (None, too_deep) if _deeper_than(value, MAX_JSON_DEPTH) else (value, None)
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels (iterative: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _prompt_of(record: dict, options: LabelOptions) -> str:
+    """The row's prompt: its prompt column, else its conversation rendered; validated for the model."""
+    value = record.get(options.prompt_column)
+    if value is not None:
+        return validate_text(value)
+    messages = record.get(options.messages_column)
+    if messages is None:
+        raise InvalidInputError(f"row has no {options.prompt_column!r} (or {options.messages_column!r}) value")
+    if not isinstance(messages, list):
+        raise InvalidInputError(f"{options.messages_column!r} must be a list of messages, "
+                                f"got {type(messages).__name__}")
+    pairs = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise InvalidInputError("messages must be objects with a string content")
+        pairs.append((str(message.get("role", "")), message["content"]))
+    return validate_text(render_conversation(pairs))
+
+
+def _cell(value: object) -> tuple[str | None, str | None]:
+    """A value as output text (one type per column, whatever the input held), and what is wrong with it."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict | list | tuple):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    else:  # numbers, and the dates, decimals and bytes that Parquet holds
+        text = str(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON may escape a lone surrogate, which no UTF-8 output can hold: write it escaped.
+            return (text.encode("utf-8", "backslashreplace").decode("utf-8"),
+                    f"unpaired surrogate at character {exc.start}")
+    return text, None
+
+
 # ---------------------------------------------------------------- worker side (one model per process)
 _worker_model = None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(model: str | None) -> None:
+def _init_worker(model: str | None, parent: int) -> None:
+    """Pool worker initializer: tie this process's life to the job process's, then load the model."""
+    _exit_with_parent(parent)
+    load_worker_model(model)
+
+
+def load_worker_model(model: str | None) -> None:
+    """Load the model this process labels with (a pool worker, or a Ray actor)."""
     global _worker_model
     import classifier
 
     _worker_model = classifier.load(model, threads=1)
 
 
-def _prompt_of(record: dict, options: LabelOptions) -> str:
-    if "__error__" in record:
-        raise InvalidInputError(str(record["__error__"]))
-    if options.prompt_column in record and record[options.prompt_column] is not None:
-        return record[options.prompt_column]  # validated by the runtime (type, emptiness, size)
-    messages = record.get(options.messages_column)
-    if isinstance(messages, list):
-        pairs = []
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise InvalidInputError("messages must be objects with a string content")
-            pairs.append((str(message.get("role", "")), message["content"]))
-        return render_conversation(pairs)
-    raise InvalidInputError(f"row has no {options.prompt_column!r} (or {options.messages_column!r}) value")
+def _exit_with_parent(parent: int) -> None:
+    """Make this worker end when the job process `parent` does, even when it is killed with -9.
+
+    Otherwise an orphaned worker keeps its model's memory forever: it waits on a queue whose writing
+    end it holds itself, so it never sees end-of-file.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
-def label_chunk(records: list[dict], options: LabelOptions) -> list[dict]:
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def label_chunk(rows: list[ParsedRow], options: LabelOptions) -> list[dict]:
     """Label one chunk; a bad row gets an error and null decision fields, the rest are unaffected."""
     assert _worker_model is not None, "worker not initialised"
     request = RoutingRequest(mode=options.mode, threshold=options.threshold)
-    items: list[tuple[object, RoutingRequest | None]] = []
-    prompt_errors: dict[int, str] = {}
-    for index, record in enumerate(records):
-        try:
-            items.append((_prompt_of(record, options), request))
-        except InvalidInputError as error:
-            prompt_errors[index] = str(error)
-            items.append(("", request))  # placeholder; replaced by the error below
-    outcomes = _worker_model.classify_items(items)
+    valid = [index for index, row in enumerate(rows) if row.error is None]
+    results = _worker_model.classify_items([(rows[index].prompt, request) for index in valid])
+    outcomes = dict(zip(valid, results, strict=True))
     policy = json.dumps({"mode": options.mode, "threshold": options.threshold}, sort_keys=True)
     out = []
-    for index, (record, outcome) in enumerate(zip(records, outcomes, strict=True)):
-        row: dict = {options.id_column: record.get(options.id_column, record["__row__"])}
-        problem = prompt_errors.get(index) or (str(outcome) if isinstance(outcome, InvalidInputError) else None)
-        if problem is None and not isinstance(outcome, InvalidInputError):
+    for index, parsed in enumerate(rows):
+        row: dict = {options.id_column: parsed.row_id}
+        outcome = outcomes.get(index)
+        if isinstance(outcome, ClassificationResult):
             row.update(tier=outcome.tier, scores=outcome.scores, threshold=outcome.threshold,
                        truncated=outcome.truncated, tokens=outcome.tokens, error=None)
         else:
+            problem = parsed.error or str(outcome)
             row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, error=problem)
-        row.update(model_version=_worker_model.model_version, policy=policy)
-        for column in options.keep_columns:
-            value = record.get(column)
-            row[column] = value if value is None or isinstance(value, str | int | float | bool) else json.dumps(value)
+        row.update(model_version=_worker_model.model_version, policy=policy, **parsed.kept)
         out.append(row)
     return out
+
+
+def label_part(chunk: list[tuple[str, Payload]], options: LabelOptions, path: Path) -> LabelStats:
+    """Worker task: parse, label and write one part file (JSONL or Parquet, by `path`'s suffix).
+
+    The part is renamed into place only when complete, so after a kill it exists whole or not at all.
+    Only the counts travel back to the job process.
+
+    Raises:
+        LabelingError: the part cannot be written (disk full, ...); no partial file is left.
+    """
+    rows = label_chunk([parse_row(name, payload, options) for name, payload in chunk], options)
+    temporary = path.with_suffix(".tmp")
+    try:
+        with temporary.open("wb") as handle:
+            if path.suffix == ".parquet":
+                pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), handle)
+            else:
+                handle.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
+        os.replace(temporary, path)
+    except OSError as exc:
+        _remove(temporary)
+        raise _cannot_write(path, exc) from None
+    stats = LabelStats()
+    _count(rows, stats)
+    return stats
 
 
 # ---------------------------------------------------------------- job side
@@ -209,136 +493,318 @@ def rows_to_table(rows: list[dict], keep_columns: Sequence[str], id_column: str)
                         ("threshold", pa.float64()), ("truncated", pa.bool_()), ("tokens", pa.int32()),
                         ("error", pa.string()), ("model_version", pa.string()), ("policy", pa.string())]
                        + [(c, pa.string()) for c in keep_columns])
-    normalised = [{**row, "scores": None if row["scores"] is None else json.dumps(row["scores"])}
-                  for row in _normalise(rows, keep_columns, id_column)]
-    return pa.Table.from_pylist(normalised, schema=schema)
+    return pa.Table.from_pylist([{**row, "scores": None if row["scores"] is None else json.dumps(row["scores"])}
+                                 for row in rows], schema=schema)
 
 
-def _normalise(rows: list[dict], keep_columns: Sequence[str], id_column: str) -> list[dict]:
-    """Ids and kept columns as strings: one output type per column, whatever the input held."""
-    return [{**row, id_column: None if row[id_column] is None else str(row[id_column]),
-             **{c: None if row.get(c) is None else str(row[c]) for c in keep_columns}} for row in rows]
+def _lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
 
 
-def label_part(chunk: list[RawRecord], options: LabelOptions, path: Path) -> LabelStats:
-    """Worker task: parse, label and write one part file (JSONL or Parquet, by `path`'s suffix).
+def _parts_path(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
 
-    The part is renamed into place only when complete, so after a kill it exists whole or not at all.
-    Only the counts travel back to the job process.
+
+def _record_path(output: Path) -> Path:
+    return output.with_name(output.name + ".job.json")
+
+
+def _cannot_write(path: Path, error: OSError, resumable: bool = True) -> LabelingError:
+    """The error for a failed write: which file, and the system's reason (no traceback)."""
+    hint = "; the finished parts are kept: make room, then rerun with --resume" if resumable else ""
+    return LabelingError(f"cannot write {path}: {error.strerror or error}{hint}")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `output` (`OUTPUT.lock`, flock) for the with-block.
+
+    One labeling job per output: a second job would otherwise merge, or replace, what the first writes.
+    The lock file holds the holder's pid, for the error message, and is removed on release.
+
+    Raises:
+        LabelingError: another job holds the lock (the message names the output and its pid), or the
+            lock file cannot be created.
     """
-    records = [parse_jsonl_line(*record) if isinstance(record, tuple) else record for record in chunk]
-    rows = label_chunk(records, options)
-    temporary = path.with_suffix(".tmp")
-    if path.suffix == ".jsonl":
-        lines = [json.dumps(row, ensure_ascii=False) + "\n"
-                 for row in _normalise(rows, options.keep_columns, options.id_column)]
-        temporary.write_text("".join(lines), encoding="utf-8")
-    else:
-        pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), temporary)
-    os.replace(temporary, path)
-    stats = LabelStats()
-    _count(rows, stats)
-    return stats
+    import fcntl
+
+    path = _lock_path(output)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LabelingError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LabelingError(f"{output} is being written by another labeling job (pid {holder}); "
+                                "wait for it to finish, or choose another output") from None
+        except OSError as exc:
+            os.close(fd)
+            raise LabelingError(f"cannot lock {path}: {exc.strerror or exc}") from None
+        # A holder removes the file when it finishes; a lock taken on a removed file locks nothing.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # the pid is for messages only; a full disk must not stop the job
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        _remove(path)
+        os.close(fd)
 
 
-def _fingerprint(files: Sequence[Path], options: LabelOptions) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
+def _job_record(files: Sequence[Path], options: LabelOptions) -> dict:
+    """What decides a job's output: its inputs (path, size, mtime), model and options.
+
+    Raises:
+        ArtifactError: the model directory is not a valid artifact.
+    """
+    model = Path(options.model) if options.model else DEFAULT_MODEL_DIR
+    manifest = load_manifest(model)
+    inputs = []
     for path in files:
         stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+        inputs.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    model_files = {}
+    for name in REQUIRED_FILES:
+        stat = (model / name).stat()
+        model_files[name] = [stat.st_size, stat.st_mtime_ns]
+    settings = {key: value for key, value in asdict(options).items() if key != "model"}
+    return {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
+                                        "files": model_files}, "options": settings}
+
+
+def _fingerprint(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: object, new: dict) -> str:
+    """What differs between two job records, in words."""
+    if not isinstance(old, dict):
+        return "its record is from another version of promptier"
+    found = []
+    old_inputs = old.get("inputs") or []
+    if [i.get("path") for i in old_inputs] != [i["path"] for i in new["inputs"]]:
+        found.append("the input files")
+    else:
+        found += [f"input {Path(n['path']).name} (modified since)"
+                  for o, n in zip(old_inputs, new["inputs"], strict=True) if o != n]
+    old_model = old.get("model") or {}
+    if old_model != new["model"]:
+        versions = (old_model.get("model_version"), new["model"]["model_version"])
+        found.append(f"the model ({versions[0]} -> {versions[1]})" if versions[0] != versions[1] else "the model")
+    old_options = old.get("options") or {}
+    for key in sorted(set(old_options) | set(new["options"])):
+        if old_options.get(key) != new["options"].get(key):
+            found.append(f"option {key} ({old_options.get(key)!r} -> {new['options'].get(key)!r})")
+    return ", ".join(found) or "the job record"
+
+
+def _read_record(path: Path) -> dict | None:
+    """A job record, or None when it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write `value` to `path` atomically (a temporary file renamed into place)."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        _remove(temporary)
+        raise
 
 
 def _merge(parts: list[Path], output: Path) -> None:
-    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically."""
+    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically.
+
+    Raises:
+        OSError: a write failed; no temporary file is left and `output` is unchanged.
+    """
     temporary = output.with_name(output.name + ".tmp")
-    if output.suffix == ".jsonl" and all(part.suffix == ".jsonl" for part in parts):
-        with temporary.open("wb") as handle:
-            for part in parts:
-                with part.open("rb") as source:
-                    shutil.copyfileobj(source, handle)
-    elif output.suffix == ".parquet":
-        writer = None
-        for part in parts:
-            table = pq.read_table(part)
-            writer = writer or pq.ParquetWriter(temporary, table.schema)
-            writer.write_table(table)
-        if writer is None:
-            pq.write_table(pa.table({}), temporary)
+    try:
+        if output.suffix == ".jsonl" and all(part.suffix == ".jsonl" for part in parts):
+            with temporary.open("wb") as handle:
+                for part in parts:
+                    with part.open("rb") as source:
+                        shutil.copyfileobj(source, handle)
+        elif output.suffix == ".parquet":
+            writer = None
+            try:
+                for part in parts:
+                    table = pq.read_table(part)
+                    writer = writer or pq.ParquetWriter(temporary, table.schema)
+                    writer.write_table(table)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                pq.write_table(pa.table({}), temporary)
         else:
-            writer.close()
-    else:
-        with temporary.open("w", encoding="utf-8") as handle:
-            for part in parts:
-                for row in pq.read_table(part).to_pylist():
-                    if row.get("scores") is not None:
-                        row["scores"] = json.loads(row["scores"])
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, output)
+            with temporary.open("w", encoding="utf-8") as handle:
+                for part in parts:
+                    for row in pq.read_table(part).to_pylist():
+                        if row.get("scores") is not None:
+                            row["scores"] = json.loads(row["scores"])
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, output)
+    except BaseException:
+        _remove(temporary)
+        raise
 
 
 def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, workers: int | None = None,
                 resume: bool = False, progress: bool = True) -> LabelStats:
     """Label every row of `inputs` into `output` (.jsonl or .parquet).
 
+    One job per output at a time (`OUTPUT.lock`). An existing output is never replaced: without
+    `resume` it is refused; with `resume` it must be the finished output of this very job (same
+    inputs, model and options, per `OUTPUT.job.json`), and then nothing runs (`complete` is set).
+    An interrupted job (`OUTPUT.parts`) continues only with `resume` and only if it is the same job.
+    A write error (disk full) removes temporary files and keeps the finished parts.
+
     Raises:
-        LabelingError: bad inputs/outputs, an existing output without --resume, or a resume whose
-            inputs or options differ from the interrupted job's.
+        LabelingError: bad inputs/outputs, another job on the output, an existing output or an
+            interrupted job that is not this job's, or a write error.
+        ArtifactError: the model is not a valid artifact.
     """
+    files = expand_inputs(inputs)
+    check_job(files, output, options)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(output.parent, exc, resumable=False) from None
+    with output_lock(output):
+        return _label_locked(files, output, options, workers, resume, progress)
+
+
+def _label_locked(files: list[Path], output: Path, options: LabelOptions, workers: int | None, resume: bool,
+                  progress: bool) -> LabelStats:
     from tqdm.auto import tqdm
 
-    files = expand_inputs(inputs)
-    if output.suffix not in OUTPUT_SUFFIXES:
-        raise LabelingError(f"output must end in {OUTPUT_SUFFIXES}, got {output.name}")
-    if any(output.resolve() == f.resolve() for f in files):
-        raise LabelingError("output would overwrite an input; the labeler never edits its input")
-    parts_dir = output.with_name(output.name + ".parts")
-    state_file = parts_dir / "job.json"
-    fingerprint = _fingerprint(files, options)
+    parts_dir, record_path = _parts_path(output), _record_path(output)
+    job = _job_record(files, options)
+    fingerprint = _fingerprint(job)
+    state_file = parts_dir / JOB_RECORD
     if parts_dir.exists():
         if not resume:
             raise LabelingError(f"{parts_dir} exists from an interrupted job; pass --resume to continue it")
-        state = json.loads(state_file.read_text())
-        if state["fingerprint"] != fingerprint:
-            raise LabelingError("cannot resume: inputs or options differ from the interrupted job")
-    else:
-        if output.exists() and not resume:
+        state = _read_record(state_file)
+        if state is None:
+            if any(parts_dir.glob("part-*")):
+                raise LabelingError(f"cannot resume: {state_file} is missing or unreadable, so the parts in "
+                                    f"{parts_dir} cannot be matched to this job; remove {parts_dir} to start over")
+            _start(parts_dir, state_file, job, fingerprint)  # the job died while creating it
+        elif state.get("fingerprint") != fingerprint:
+            raise LabelingError(f"cannot resume: {parts_dir} holds a different job "
+                                f"({_differences(state.get('job'), job)}); nothing was changed. Rerun with the "
+                                f"original inputs, model and options, or remove {parts_dir} to start over")
+    elif output.exists():
+        if not resume:
             raise LabelingError(f"{output} exists; remove it or choose another output")
-        if output.exists():
-            return LabelStats()  # finished earlier: nothing to resume
-        parts_dir.mkdir(parents=True)
-        state_file.write_text(json.dumps({"fingerprint": fingerprint, "options": asdict(options)}))
+        return _finished(output, record_path, job, fingerprint)
+    else:
+        _start(parts_dir, state_file, job, fingerprint)
     part_suffix = ".jsonl" if output.suffix == ".jsonl" else ".parquet"
     done = {int(p.stem.split("-")[1]) for p in parts_dir.glob(f"part-*{part_suffix}")}
     stats = LabelStats()
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     bar = tqdm(desc="labeling", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(options.model,)) as pool:
-        in_flight: dict[int, Future] = {}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(options.model, os.getpid())) as pool:
+            in_flight: dict[int, Future] = {}
 
-        def collect(index: int) -> None:
-            part = in_flight.pop(index).result()
-            stats.add(part)
-            bar.update(part.rows)
+            def collect(index: int) -> None:
+                part = in_flight.pop(index).result()
+                stats.add(part)
+                bar.update(part.rows)
 
-        for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
-            if index in done:
-                stats.resumed_rows += len(chunk)
-                bar.update(len(chunk))
-                continue
-            in_flight[index] = pool.submit(label_part, chunk, options, parts_dir / f"part-{index:08d}{part_suffix}")
-            # At most two chunks per worker in flight: memory stays flat whatever the input size.
-            while len(in_flight) >= 2 * workers:
-                collect(min(in_flight))
-        while in_flight:
-            collect(min(in_flight))
-    bar.close()
-    parts = sorted(parts_dir.glob(f"part-*{part_suffix}"))
-    _merge(parts, output)
-    shutil.rmtree(parts_dir)
+            try:
+                for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
+                    if index in done:
+                        stats.resumed_rows += len(chunk)
+                        bar.update(len(chunk))
+                        continue
+                    in_flight[index] = pool.submit(label_part, chunk, options,
+                                                   parts_dir / f"part-{index:08d}{part_suffix}")
+                    # At most two chunks per worker in flight: memory stays flat whatever the input size.
+                    while len(in_flight) >= 2 * workers:
+                        collect(min(in_flight))
+                while in_flight:
+                    collect(min(in_flight))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        bar.close()
+        parts = sorted(parts_dir.glob(f"part-*{part_suffix}"))
+        try:
+            _merge(parts, output)
+        except OSError as exc:
+            raise _cannot_write(output, exc) from None
+        total = stats.rows + stats.resumed_rows
+        try:
+            _write_json(record_path, {"fingerprint": fingerprint, "job": job, "rows": total,
+                                      "output_bytes": output.stat().st_size})
+        except OSError as exc:
+            raise _cannot_write(record_path, exc) from None
+    except BrokenProcessPool:
+        raise LabelingError("a worker process died or could not start (out of memory? killed? a model that does "
+                            "not load?); the finished parts are kept: rerun with --resume") from None
+    finally:
+        bar.close()
+        for temporary in parts_dir.glob("*.tmp"):  # a worker's, should it have died while writing
+            _remove(temporary)
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return stats
+
+
+def _start(parts_dir: Path, state_file: Path, job: dict, fingerprint: str) -> None:
+    try:
+        parts_dir.mkdir(exist_ok=True)
+        _write_json(state_file, {"fingerprint": fingerprint, "job": job})
+    except OSError as exc:
+        raise _cannot_write(state_file, exc, resumable=False) from None
+
+
+def _finished(output: Path, record_path: Path, job: dict, fingerprint: str) -> LabelStats:
+    """`--resume` of an output with no interrupted job: fine if it is this job's finished output.
+
+    Raises:
+        LabelingError: `output` is not the finished output of this job; it is left unchanged.
+    """
+    record = _read_record(record_path)
+    if record is None:
+        raise LabelingError(f"{output} exists and is not the output of this job (no readable job record "
+                            f"{record_path.name} beside it); nothing was changed. Remove it to label again, or "
+                            "choose another output")
+    if record.get("fingerprint") != fingerprint:
+        raise LabelingError(f"{output} is not the output of this job ({_differences(record.get('job'), job)}); "
+                            "nothing was changed. Remove it to label again, or choose another output")
+    if record.get("output_bytes") != output.stat().st_size:
+        raise LabelingError(f"{output} is not the output of this job: it changed after the job wrote it; "
+                            "nothing was changed. Remove it to label again, or choose another output")
+    rows = record.get("rows")
+    return LabelStats(resumed_rows=rows if isinstance(rows, int) else 0, complete=True)
 
 
 def _count(rows: list[dict], stats: LabelStats) -> None:

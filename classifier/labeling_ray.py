@@ -1,15 +1,20 @@
 """`promptier label --engine ray`: the same labeling as a Ray Data pipeline.
 
-read -> map_batches with a callable class that loads the artifact once per actor -> write. Runs on a
-local Ray instance by default, or on an existing cluster with `address`. Ray writes a directory of
-part files; they are merged into OUTPUT so the result matches the local engine row for row.
+read (one task per file, through the local engine's readers) -> map_batches with a callable class
+that loads the artifact once per actor and parses and labels rows with the local engine's functions
+-> write. Runs on a local Ray instance by default, or on an existing cluster with `address`. The
+labeled blocks are merged into OUTPUT so the result matches the local engine row for row, malformed
+rows included.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,92 +24,122 @@ from classifier.labeling import (
     LabelingError,
     LabelOptions,
     LabelStats,
+    _cannot_write,
     _count,
     _merge,
+    check_job,
     expand_inputs,
     label_chunk,
+    load_worker_model,
+    output_lock,
+    parse_row,
+    read_rows,
     rows_to_table,
 )
+
+# Rows travel from the readers to the labelers as (row name, pickled payload): a payload is a raw
+# JSONL line, a record, or a bad row, and records of different files need not share a schema.
+ROW_SCHEMA = pa.schema([("row", pa.string()), ("payload", pa.binary())])
+
+
+def _read_files(batch: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
+    """Ray task: the rows of the files named in `batch`, in file order, `batch_rows` at a time."""
+    names: list[str] = []
+    payloads: list[bytes] = []
+    for path in batch.column("path").to_pylist():
+        for name, payload in read_rows(Path(path), batch_rows):
+            names.append(name)
+            payloads.append(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+            if len(names) == batch_rows:
+                yield pa.table([names, payloads], schema=ROW_SCHEMA)
+                names, payloads = [], []
+    if names:
+        yield pa.table([names, payloads], schema=ROW_SCHEMA)
 
 
 class _Labeler:
     """Ray actor: one model per actor, loaded in __init__."""
 
     def __init__(self, options: LabelOptions) -> None:
-        from classifier import labeling
-
-        labeling._init_worker(options.model)
+        load_worker_model(options.model)
         self._options = options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        records = batch.to_pylist()
-        for number, record in enumerate(records):
-            record.setdefault("__row__", str(number))
-        rows = label_chunk(records, self._options)
-        return rows_to_table(rows, self._options.keep_columns, self._options.id_column)
+        rows = [parse_row(name, pickle.loads(payload), self._options)
+                for name, payload in zip(batch.column("row").to_pylist(), batch.column("payload").to_pylist(),
+                                         strict=True)]
+        return rows_to_table(label_chunk(rows, self._options), self._options.keep_columns,
+                             self._options.id_column)
 
 
 def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, address: str | None = None,
                    actors: int = 2) -> LabelStats:
     """Label with Ray Data; the output equals the local engine's for the same input and options.
 
+    Holds the output's lock like the local engine, and refuses an existing output (no resume).
+
     Raises:
-        LabelingError: ray is not installed, or bad inputs/outputs.
+        LabelingError: ray is not installed, bad inputs/outputs, another job on the output, or a write
+            error (no temporary files are left).
     """
     try:
         import ray
     except ImportError as exc:
         raise LabelingError("the ray engine needs Ray: pip install 'promptier[ray]'") from exc
     files = expand_inputs(inputs)
-    if output.exists():
-        raise LabelingError(f"{output} exists; remove it or choose another output")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    check_job(files, output, options)
     try:
-        # Keep input order so the output lines up with the input, as the local engine's does. Set
-        # before the datasets are created: a dataset keeps the context it was created with.
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        suffixes = {path.suffix for path in files}
-        names = [str(path.resolve()) for path in files]
-        if suffixes <= {".parquet"}:
-            dataset = ray.data.read_parquet(names)
-        elif suffixes <= {".jsonl", ".json"}:
-            dataset = ray.data.read_json(names, lines=True)
-        elif suffixes <= {".csv"}:
-            dataset = ray.data.read_csv(names)
-        else:
-            raise LabelingError("the ray engine needs all inputs in one format")
-        # The local engine names rows without an id `file:row`; Ray has no row numbers, so require ids.
-        if options.id_column not in dataset.schema().names:
-            raise LabelingError(f"the ray engine needs an id column ({options.id_column!r}) in the input")
-        # 0.5 CPU per actor: on a 2-core machine, whole-CPU actors starve the readers (Ray Data deadlock).
-        labeled = dataset.map_batches(_Labeler, fn_constructor_kwargs={"options": options},
-                                      batch_size=options.chunk_rows, concurrency=actors, num_cpus=0.5,
-                                      batch_format="pyarrow")
-        staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=output.parent))
-        try:
-            # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file
-            # names do not sort in block order, and the output must line up with the input.
-            parts = []
-            for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
-                parts.append(staging / f"part-{number:08d}.parquet")
-                pq.write_table(table, parts[-1])
-            _merge(parts, output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(output.parent, exc, resumable=False) from None
+    with output_lock(output):
+        if output.exists():
+            raise LabelingError(f"{output} exists; remove it or choose another output")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        try:
+            _run(ray, files, output, options, actors)
+        finally:
+            if started_here:
+                ray.shutdown()
     stats = LabelStats()
     if output.suffix == ".parquet":
         _count(pq.read_table(output).to_pylist(), stats)
     else:
-        import json
-
-        _count([json.loads(line) for line in output.read_text().splitlines()], stats)
+        _count([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()], stats)
     return stats
+
+
+def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: int) -> None:  # type: ignore[no-untyped-def]
+    # Keep input order so the output lines up with the input, as the local engine's does. Set
+    # before the datasets are created: a dataset keeps the context it was created with.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    paths = ray.data.from_items([{"path": str(path.resolve())} for path in files], override_num_blocks=len(files))
+    # 0.5 CPU per task and actor: on a 2-core machine, whole-CPU actors starve the readers (Ray Data deadlock).
+    rows = paths.map_batches(_read_files, fn_kwargs={"batch_rows": options.chunk_rows}, batch_size=1,
+                             batch_format="pyarrow", num_cpus=0.5)
+    labeled = rows.map_batches(_Labeler, fn_constructor_kwargs={"options": options},
+                               batch_size=options.chunk_rows, concurrency=actors, num_cpus=0.5,
+                               batch_format="pyarrow")
+    staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=output.parent))
+    try:
+        # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file
+        # names do not sort in block order, and the output must line up with the input.
+        parts = []
+        for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
+            parts.append(staging / f"part-{number:08d}.parquet")
+            try:
+                pq.write_table(table, parts[-1])
+            except OSError as exc:
+                raise _cannot_write(parts[-1], exc, resumable=False) from None
+        try:
+            _merge(parts, output)
+        except OSError as exc:
+            raise _cannot_write(output, exc, resumable=False) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

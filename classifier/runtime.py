@@ -59,6 +59,12 @@ def validate_text(text: object, max_chars: int = MAX_TEXT_CHARS) -> str:
             raise InvalidInputError(f"prompt is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
     if not isinstance(text, str):
         raise InvalidInputError(f"prompt must be a string, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (JSON can escape one) fails the tokenizer's batch
+            raise InvalidInputError(f"prompt is not valid Unicode: unpaired surrogate at character {exc.start}"
+                                    ) from None
     if not text.strip():
         raise InvalidInputError("prompt is empty")
     if len(text) > max_chars:

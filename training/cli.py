@@ -189,12 +189,28 @@ def label(
     messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
     keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
     workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
-    chunk_rows: Annotated[int, typer.Option()] = 4096,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted job")] = False,
+    chunk_rows: Annotated[int, typer.Option(min=1)] = 4096,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted job (local engine); a no-op for a job "
+                                              "that already finished")] = False,
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="existing Ray cluster (default: start a local one)")] = None,
 ) -> None:
-    """Label prompt files with the tier each prompt needs (one output row per input row)."""
+    """Label prompt files with the tier each prompt needs (one output row per input row, in input order).
+
+    A row that cannot be labeled (broken or too deeply nested JSON, missing or non-string prompt,
+    invalid text, a CSV line with the wrong number of fields) gets an `error` and null decision
+    fields; the job goes on. A UTF-8 BOM at the start of a file is ignored.
+
+    One job per output: OUTPUT.lock is held for the whole job, and a second job on the same output
+    fails at once, naming the job that holds it. An existing OUTPUT is never replaced: remove it
+    first. An interrupted job (OUTPUT.parts) continues with --resume only if its inputs (path, size,
+    modification time), model and options are unchanged; --resume of an output this job already
+    finished does nothing (OUTPUT.job.json records the job). The local engine's workers exit when
+    the job process dies, even by kill -9.
+
+    A write error (disk full) removes the temporary files, keeps the finished parts, and exits with
+    status 2, as do all refusals; make room and rerun with --resume.
+    """
     import time
 
     from classifier.labeling import LabelOptions, label_files
@@ -205,6 +221,9 @@ def label(
     started = time.perf_counter()
     try:
         if engine == "ray":
+            if resume:
+                raise PromptierError("--resume works with the local engine only; the ray engine labels "
+                                     "everything in one run")
             from classifier.labeling_ray import label_with_ray
 
             stats = label_with_ray(inputs, output, options, address=ray_address)
@@ -214,6 +233,10 @@ def label(
             raise PromptierError(f"unknown engine {engine!r}; use local or ray")
     except PromptierError as error:
         _fail(error)
+    if stats.complete:
+        typer.echo(f"{output} is already complete ({stats.resumed_rows} rows, labeled earlier by this job); "
+                   "nothing to do")
+        return
     elapsed = time.perf_counter() - started
     typer.echo(f"labeled {stats.rows} rows ({stats.errors} with errors, {stats.resumed_rows} resumed) in "
                f"{elapsed:.1f} s ({stats.rows / max(elapsed, 1e-9):,.0f} rows/s); tiers {stats.tiers} -> {output}")
