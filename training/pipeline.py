@@ -175,8 +175,12 @@ def train(
         targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
     teacher_report = None
     if config.teacher is not None:
-        targets, teacher_report = _embedding_teacher_targets(config, backbone_dir, truncation, cache_dir,
-                                                             train_texts, targets, table, split)
+        distilled, teacher_report = _embedding_teacher_targets(config, backbone_dir, truncation, cache_dir,
+                                                               train_texts, targets, table, split)
+        # Anchors keep the outcomes they stand for: the teacher's softer guesses for them would blur
+        # the very ends they are there to mark.
+        logged = len(train_texts) - (len(anchors) * config.anchor_weight if anchors is not None else 0)
+        targets = np.concatenate([distilled[:logged], targets[logged:]])
     token_ids = tokenize_all(encoder, train_texts)
     fit(model, token_ids, targets, config, work_dir, description="student" if config.student else "train")
 
