@@ -25,7 +25,14 @@ import classifier
 from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
 from classifier.conversation import render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.batcher import Batcher, BatcherStoppedError, DeadlineExpiredError, QueueFullError, monotonic_ms
+from serving.batcher import (
+    Batcher,
+    BatcherStoppedError,
+    DeadlineExpiredError,
+    Lane,
+    QueueFullError,
+    monotonic_ms,
+)
 from serving.metrics import ServerMetrics
 from serving.startup import freeze_startup_objects
 
@@ -36,15 +43,34 @@ ADMIN_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 ADMIN_TOKEN_ENV = "PROMPTIER_ADMIN_TOKEN"  # read from the environment: a command line is visible in `ps`
 
 
+# How long a call, once aborted by the server, has to be answered before gRPC cancels it on shutdown.
+STOP_ANSWER_S = 5.0
+# A cancellation this close to the call's deadline is the client's deadline passing (its clock started
+# a network hop before ours), not the client cancelling.
+DEADLINE_SLACK_S = 0.1
+
+
 @dataclass(frozen=True)
 class ServerLimits:
-    """Bounds enforced at the boundary (and reported by Info)."""
+    """Bounds enforced at the boundary (and reported by Info).
+
+    Queues are counted in prompts: `max_queue` for Classify calls, `max_batch_queue` for
+    ClassifyBatch calls, so batch traffic cannot fill the room single calls need (see
+    serving.batcher). A call that does not fit is refused RESOURCE_EXHAUSTED at once.
+    """
 
     max_prompt_chars: int = 1_000_000
     max_batch_items: int = 256
     max_queue: int = 1024
+    max_batch_queue: int = 1024
     max_batch: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
+
+
+# gRPC core sheds calls that wait for the application past a backlog of 1,000 (randomly, up to
+# 3,000), and the caller sees a bare CANCELLED that no handler ever counted. Every call must reach the
+# handlers, which refuse overload explicitly.
+MAX_PENDING_CALLS = 1 << 20
 
 
 class BadRequest(Exception):
@@ -56,7 +82,8 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, InvalidInputError | BadRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded: classification queue is full; retry later"
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded: the {error.lane} classification queue is full; retry later")
     if isinstance(error, DeadlineExpiredError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the model could run"
     if isinstance(error, BatcherStoppedError):
@@ -152,17 +179,32 @@ class RouterService(router_pb2_grpc.RouterServicer):
         code, message = _status_of(error)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", rpc, exc_info=error)
+        if isinstance(error, QueueFullError):
+            self._metrics.overload.labels(rpc, f"{error.lane}_queue_full").inc()
         self._record(rpc, code, start)
         await context.abort(code, message)
+
+    def _cancelled(self, context: grpc.aio.ServicerContext, rpc: str, start: float) -> None:
+        """Count a call that gRPC cancelled under its handler: the client's deadline passed or it went away."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        self._record(rpc, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, start)
+
+    async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
+                      lane: Lane) -> list[ClassificationResult | InvalidInputError]:
+        return await self._batcher.submit(items, context.time_remaining(), lane)
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
                        ) -> router_pb2.ClassifyResponse:
         start = time.perf_counter()
         try:
             item = (_prompt_text(request, self._limits), _routing_request(request))
-            (outcome,) = await self._batcher.submit([item], context.time_remaining())
+            (outcome,) = await self._submit([item], context, "unary")
             if isinstance(outcome, InvalidInputError):
                 raise outcome
+        except asyncio.CancelledError:
+            self._cancelled(context, "Classify", start)
+            raise
         except Exception as error:
             await self._fail(context, "Classify", error, start)
             raise  # unreachable: abort raises
@@ -183,7 +225,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 except (BadRequest, InvalidInputError) as error:
                     items.append(error)
             valid = [item for item in items if not isinstance(item, BaseException)]
-            outcomes = iter(await self._batcher.submit(valid, context.time_remaining()) if valid else [])
+            outcomes = iter(await self._submit(valid, context, "batch") if valid else [])
+        except asyncio.CancelledError:
+            self._cancelled(context, "ClassifyBatch", start)
+            raise
         except Exception as error:
             await self._fail(context, "ClassifyBatch", error, start)
             raise
@@ -319,10 +364,16 @@ class RunningServer:
         return version, previous
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds."""
+        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds.
+
+        What still waits for the model after `grace` is answered UNAVAILABLE (counted), before gRPC
+        would cancel it: a caller never sees a bare CANCELLED from a shutdown.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(grace + STOP_ANSWER_S))
+        await self.batcher.drain(grace)
         await self.batcher.stop()
+        await stopping
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -337,6 +388,8 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         model_dir: artifact directory (None = the shipped default model).
         address: host:port; port 0 picks a free one (see RunningServer.port).
         threads: ONNX Runtime threads for the model worker.
+        limits: request and queue bounds (see ServerLimits).
+        model: an already loaded model to serve instead of loading `model_dir` (tests).
         reuse_port: share the port with other server processes (SO_REUSEPORT; `--workers`).
         admin_token: the token Admin calls must present; None accepts Admin calls from this host only.
     """
@@ -349,10 +402,13 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         model = await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
     loaded: TierClassifier = model
     holder = ModelHolder(loaded, model_dir, threads)
-    batcher = Batcher(lambda: holder.model, metrics.batcher, max_queue=limits.max_queue, max_batch=limits.max_batch)
+    batcher = Batcher(lambda: holder.model, metrics.batcher, max_queue=limits.max_queue, max_batch=limits.max_batch,
+                      max_batch_queue=limits.max_batch_queue)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         # Off unless asked: two servers started by mistake on one port must fail, not split traffic.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])

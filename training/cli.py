@@ -290,6 +290,8 @@ def serve(
     """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory).
 
     Admin.Reload: callers on this host only, or callers with the token in env PROMPTIER_ADMIN_TOKEN.
+    Overload is refused at once with RESOURCE_EXHAUSTED: the queues are counted in prompts, with
+    separate room for Classify and ClassifyBatch calls, so batch traffic cannot starve single calls.
     """
     import asyncio
 
