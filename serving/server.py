@@ -9,16 +9,20 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import resource
 import signal
+import socket
 import time
 import urllib.parse
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -54,6 +58,8 @@ STOP_ANSWER_S = 5.0
 # A cancellation this close to the call's deadline is the client's deadline passing (its clock started
 # a network hop before ours), not the client cancelling.
 DEADLINE_SLACK_S = 0.1
+# The longest model_dir an Admin.Reload accepts (Linux PATH_MAX).
+MAX_MODEL_DIR_BYTES = 4096
 
 
 def default_max_connections() -> int:
@@ -142,10 +148,61 @@ class BadRequest(Exception):
     """INVALID_ARGUMENT with a message meant for the caller."""
 
 
+class BindError(PromptierError):
+    """The server could not listen on its address (the port is taken, or the address is not this host's)."""
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise BindError, saying why, if `host:port` cannot be listened on.
+
+    `--workers` checks this once before starting: the workers bind with SO_REUSEPORT, which a port
+    held by another such server would let them share, where this plain bind fails.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as error:
+        raise BindError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+
+
+# Bounds on what a status message echoes back. gRPC sends the message percent-encoded in the
+# trailers, and a client refuses trailers past its metadata limit (8 KiB by default) with
+# RESOURCE_EXHAUSTED, which clients retry: a long invalid field must still read INVALID_ARGUMENT.
+MAX_QUOTED_CHARS = 200
+MAX_DETAIL_BYTES = 2048
+_QUOTED = re.compile("'[^'\\n]*'|\"[^\"\\n]*\"")
+
+
+def bounded_detail(text: str) -> str:
+    """`text` with each quoted value cut to MAX_QUOTED_CHARS characters and the whole to MAX_DETAIL_BYTES
+    bytes once percent-encoded. Every status message and item error goes through here."""
+    def shorten(match: re.Match[str]) -> str:
+        quoted = match.group(0)
+        if len(quoted) <= MAX_QUOTED_CHARS + 2:
+            return quoted
+        return f"{quoted[: MAX_QUOTED_CHARS + 1]}...{quoted[-1]} ({len(quoted) - 2} characters)"
+
+    text = _QUOTED.sub(shorten, text)
+    encoded = 0
+    for index, char in enumerate(text):
+        encoded += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "replace"))
+        if encoded > MAX_DETAIL_BYTES:
+            return text[:index] + "... (cut)"
+    return text
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, bounded_detail(message))
+    raise AssertionError("unreachable: abort raises")
+
+
 def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one table from errors to gRPC status codes. Unexpected errors never leak their text."""
     if isinstance(error, InvalidInputError | BadRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, bounded_detail(str(error))
     if isinstance(error, QueueFullError):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server overloaded: the {error.lane} classification queue is full; retry later")
@@ -240,14 +297,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if truncated:
             self._metrics.truncations.inc(truncated)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, error: BaseException, start: float) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, error: BaseException, start: float
+                    ) -> NoReturn:
         code, message = _status_of(error)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", rpc, exc_info=error)
         if isinstance(error, QueueFullError):
             self._metrics.overload.labels(rpc, f"{error.lane}_queue_full").inc()
         self._record(rpc, code, start)
-        await context.abort(code, message)
+        await _abort(context, code, message)
 
     def _cancelled(self, context: grpc.aio.ServicerContext, rpc: str, start: float) -> None:
         """Count a call that gRPC cancelled under its handler: the client's deadline passed or it went away."""
@@ -272,7 +330,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise
         except Exception as error:
             await self._fail(context, "Classify", error, start)
-            raise  # unreachable: abort raises
         self._count([outcome])
         self._record("Classify", grpc.StatusCode.OK, start)
         return _fill(router_pb2.ClassifyResponse(), outcome, monotonic_ms(start))
@@ -296,7 +353,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise
         except Exception as error:
             await self._fail(context, "ClassifyBatch", error, start)
-            raise
         latency = monotonic_ms(start)
         response = router_pb2.ClassifyBatchResponse()
         answered: list[ClassificationResult] = []
@@ -327,26 +383,41 @@ class RouterService(router_pb2_grpc.RouterServicer):
         )
 
 
-def _router_handlers(service: RouterService) -> grpc.GenericRpcHandler:
-    """Router handlers that parse requests themselves, so a malformed message (invalid UTF-8 in a
-    string field, truncated bytes) is INVALID_ARGUMENT rather than grpcio's UNKNOWN."""
+_Handler = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]
+# Answers a request that does not parse (it must abort): (method name, context, the parse error).
+_OnMalformed = Callable[[str, grpc.aio.ServicerContext, DecodeError], Awaitable[NoReturn]]
 
-    def parsing(method, message_type):  # type: ignore[no-untyped-def]
-        async def handler(raw: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+
+def _parsing_handlers(service: str, methods: dict[str, tuple[_Handler, type[Message]]],
+                      on_malformed: _OnMalformed) -> grpc.GenericRpcHandler:
+    """Unary handlers that parse requests themselves, so a malformed message (invalid UTF-8 in a
+    string field, truncated bytes) is answered by `on_malformed` (INVALID_ARGUMENT) rather than by
+    grpcio's UNKNOWN naming a Python exception class."""
+
+    def parsing(name: str, method: _Handler, message_type: type[Message]) -> grpc.RpcMethodHandler:
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
             try:
                 request = message_type.FromString(raw)
             except DecodeError as error:
-                service._metrics.requests.labels(method.__name__, "INVALID_ARGUMENT").inc()
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+                await on_malformed(name, context, error)
             return await method(request, context)
 
         return grpc.unary_unary_rpc_method_handler(handler, response_serializer=lambda m: m.SerializeToString())
 
-    return grpc.method_handlers_generic_handler(ROUTER_SERVICE, {
-        "Classify": parsing(service.Classify, router_pb2.ClassifyRequest),
-        "ClassifyBatch": parsing(service.ClassifyBatch, router_pb2.ClassifyBatchRequest),
-        "Info": parsing(service.Info, router_pb2.InfoRequest),
-    })
+    return grpc.method_handlers_generic_handler(
+        service, {name: parsing(name, method, message_type) for name, (method, message_type) in methods.items()})
+
+
+def _router_handlers(service: RouterService, metrics: ServerMetrics) -> grpc.GenericRpcHandler:
+    async def malformed(method: str, context: grpc.aio.ServicerContext, error: DecodeError) -> NoReturn:
+        metrics.requests.labels(method, "INVALID_ARGUMENT").inc()
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+
+    return _parsing_handlers(ROUTER_SERVICE, {
+        "Classify": (service.Classify, router_pb2.ClassifyRequest),
+        "ClassifyBatch": (service.ClassifyBatch, router_pb2.ClassifyBatchRequest),
+        "Info": (service.Info, router_pb2.InfoRequest),
+    }, malformed)
 
 
 def is_local_peer(peer: str) -> bool:
@@ -391,21 +462,53 @@ class AdminService(router_pb2_grpc.AdminServicer):
                     "server is started with PROMPTIER_ADMIN_TOKEN set (then with that token); SIGHUP also reloads")
         return None
 
-    async def Reload(self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
-                     ) -> router_pb2.ReloadResponse:
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Abort (counted, logged) unless the caller may use Admin."""
         refusal = self._refusal(context)
         if refusal is not None:
             self._server.metrics.reloads.labels("denied").inc()
             log.warning(json.dumps({"event": "admin_denied", "rpc": "Reload", "peer": context.peer(),
                                     "code": refusal[0].name}))
-            await context.abort(*refusal)
+            await _abort(context, *refusal)
+
+    async def malformed(self, method: str, context: grpc.aio.ServicerContext, error: DecodeError) -> NoReturn:
+        """A request that does not parse: refused as any Admin call first, then INVALID_ARGUMENT."""
+        await self._authorize(context)
+        self._server.metrics.reloads.labels("invalid").inc()
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+
+    async def Reload(self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+                     ) -> router_pb2.ReloadResponse:
+        await self._authorize(context)
+        problem = _model_dir_problem(request.model_dir)
+        if problem is not None:
+            self._server.metrics.reloads.labels("invalid").inc()
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             version, previous = await self._server.reload(Path(request.model_dir) if request.model_dir else None)
         except PromptierError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"reload refused, old model still serving: "
-                                f"{error}")
-            raise
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"reload refused, old model still serving: {error}")
+        except Exception:
+            log.exception("unexpected error in Reload")
+            self._server.metrics.reloads.labels("error").inc()
+            await _abort(context, grpc.StatusCode.INTERNAL, "reload failed on an internal error; the old model "
+                         "is still serving")
         return router_pb2.ReloadResponse(model_version=version, previous_model_version=previous)
+
+
+def _model_dir_problem(model_dir: str) -> str | None:
+    """Why `model_dir` cannot name a directory (None: it can, or it is empty, meaning the start directory)."""
+    if "\0" in model_dir:
+        return "model_dir contains a NUL character; it must be a directory path"
+    if len(model_dir.encode("utf-8")) > MAX_MODEL_DIR_BYTES:
+        return f"model_dir is longer than {MAX_MODEL_DIR_BYTES} bytes; it must be a directory path"
+    return None
+
+
+def _admin_handlers(service: AdminService) -> grpc.GenericRpcHandler:
+    return _parsing_handlers(ADMIN_SERVICE, {"Reload": (service.Reload, router_pb2.ReloadRequest)},
+                             service.malformed)
 
 
 class RunningServer:
@@ -422,7 +525,7 @@ class RunningServer:
             version, previous = await self.holder.reload(directory)
         except PromptierError as error:
             self.metrics.reloads.labels("refused").inc()
-            log.error(json.dumps({"event": "reload_refused", "reason": str(error)}))
+            log.error(json.dumps({"event": "reload_refused", "reason": bounded_detail(str(error))}))
             raise
         self.metrics.reloads.labels("ok").inc()
         log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous}))
@@ -457,6 +560,9 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         model: an already loaded model to serve instead of loading `model_dir` (tests).
         reuse_port: share the port with other server processes (SO_REUSEPORT; `--workers`).
         admin_token: the token Admin calls must present; None accepts Admin calls from this host only.
+
+    Raises:
+        PromptierError: the artifact is invalid (ArtifactError) or the address cannot be bound (BindError).
     """
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
@@ -474,16 +580,20 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         # Off unless asked: two servers started by mistake on one port must fail, not split traffic.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
-    server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits)),))
+    server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits), metrics),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpcio says only "Failed to bind"; a plain bind says why
+        host, _, number = address.rpartition(":")
+        if number.isdigit():
+            ensure_port_free(host, int(number))
+        raise BindError(f"cannot listen on {address}") from error
     running = RunningServer(server, port, holder, batcher, health_servicer, metrics)
-    router_pb2_grpc.add_AdminServicer_to_server(AdminService(running, admin_token), server)
+    server.add_generic_rpc_handlers((_admin_handlers(AdminService(running, admin_token)),))
     batcher.start()
     await server.start()
     for service in ("", ROUTER_SERVICE):
@@ -493,7 +603,11 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
 
 async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
                         grace: float = 10.0, reuse_port: bool = False, limits: ServerLimits | None = None) -> None:
-    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory."""
+    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory.
+
+    Raises:
+        PromptierError: the artifact is invalid, or the gRPC or metrics address cannot be bound.
+    """
     running = await start_server(model_dir, address, threads, limits=limits, reuse_port=reuse_port,
                                  admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     freeze_startup_objects()
@@ -502,7 +616,11 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
 
         # On the gRPC interface: a server kept on loopback does not publish its metrics to the network.
         metrics_host = address.rpartition(":")[0].strip("[]") or "0.0.0.0"
-        start_http_server(metrics_port, addr=metrics_host, registry=running.metrics.registry)
+        try:
+            start_http_server(metrics_port, addr=metrics_host, registry=running.metrics.registry)
+        except OSError as error:
+            await running.stop(0)
+            raise BindError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}") from error
     log.info(json.dumps({"event": "serving", "address": address, "port": running.port,
                          "model_version": running.holder.model.model_version, "metrics_port": metrics_port}))
     loop = asyncio.get_running_loop()

@@ -42,7 +42,13 @@ def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: in
     # The parent handles Ctrl-C and forwards it as SIGTERM; a second copy would skip the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_drain_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True, limits=limits))
+    from classifier import PromptierError
+
+    try:
+        asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True, limits=limits))
+    except PromptierError as error:  # e.g. its metrics port is taken: said once, without a traceback
+        log.error(json.dumps({"event": "worker_failed", "reason": str(error)}))
+        raise SystemExit(2) from None
 
 
 def _drain_when_orphaned(parent: int) -> None:

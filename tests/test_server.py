@@ -643,6 +643,76 @@ def test_serve_applies_its_connection_options(trained_artifact: Path) -> None:
         server.wait(30)
 
 
+def test_long_invalid_fields_are_invalid_argument_with_bounded_details(stub: router_pb2_grpc.RouterStub) -> None:
+    """An error that quoted a 20 KB field whole would pass the client's metadata limit, and the caller
+    would see RESOURCE_EXHAUSTED (which clients retry) instead of INVALID_ARGUMENT."""
+    request, policy = router_pb2.ClassifyRequest, router_pb2.Policy
+    long_role = router_pb2.Conversation(messages=[router_pb2.Message(role="r" * 20_000, content="hi")])
+    for bad, says in ((request(prompt="hi", policy=policy(mode="m" * 20_000)), "unknown mode 'mmm"),
+                      (request(prompt="hi", policy=policy(mode="é" * 20_000)), "unknown mode 'ééé"),
+                      (request(prompt="hi", policy=policy(allowed_tiers=["t" * 40] * 2_000)), "unknown tier"),
+                      (request(conversation=long_role), "unknown role 'rrr")):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(bad, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details()
+        assert says in details and len(details.encode()) <= 2_200
+    batch = stub.ClassifyBatch(router_pb2.ClassifyBatchRequest(items=[
+        request(prompt="hi", policy=policy(mode="m" * 20_000)), request(prompt=EASY)]), timeout=10)
+    assert batch.items[0].error.code == "INVALID_ARGUMENT" and len(batch.items[0].error.message) <= 2_200
+    assert batch.items[1].result.tier == "small"
+
+
+def test_reload_errors_are_clear_codes_and_never_echo_files(trained_artifact: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    shutil.copytree(trained_artifact, secret)
+    (secret / "manifest.json").write_text('{"api_key": "SECRET-TOKEN-1", "nested": {"password": "SECRET-2"}}')
+    running = ServerThread(model_dir=trained_artifact)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            admin = router_pb2_grpc.AdminStub(channel)
+            raw = channel.unary_unary("/promptier.v1.Admin/Reload", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\x0a\x03\xff\xfe\xfd", timeout=30)  # model_dir that is not UTF-8
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed request" in info.value.details() and "class" not in info.value.details()
+            for model_dir, says in (("a\0b", "NUL"), ("/" + "a" * 5_000, "longer than 4096 bytes")):
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.Reload(router_pb2.ReloadRequest(model_dir=model_dir), timeout=30)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in info.value.details()
+            for model_dir, says in (("/" + "a" * 300, "File name too long"), (str(secret), "manifest.json is invalid")):
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.Reload(router_pb2.ReloadRequest(model_dir=model_dir), timeout=30)
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+                assert says in info.value.details() and "SECRET" not in info.value.details()
+                assert "old model still serving" in info.value.details()
+            assert router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY),
+                                                                 timeout=10).model_version == "tiny-test-1"
+    finally:
+        running.stop()
+    assert running.running is not None
+    assert running.running.metrics.reloads.labels("invalid")._value.get() == 3
+    assert running.running.metrics.reloads.labels("refused")._value.get() == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_a_busy_port_says_so_and_exits_2(trained_artifact: Path, workers: int) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+                                 "--port", str(port), "--workers", str(workers)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -> None:
     running = ServerThread(model_dir=trained_artifact)
     try:

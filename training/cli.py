@@ -320,6 +320,7 @@ def serve(
                           max_connections=max_connections, max_streams=max_streams)
     if workers > 1:
         from classifier import load
+        from serving.server import ensure_port_free
         from serving.workers import serve_workers
 
         if port == 0:
@@ -327,6 +328,7 @@ def serve(
 
         try:
             load(model)  # a bad artifact fails here, once, before any worker starts
+            ensure_port_free(host, port)  # and a port in use, before workers die trying to bind it
         except PromptierError as error:
             _fail(error)
         raise typer.Exit(serve_workers(workers, model, f"{host}:{port}", threads, metrics_port, limits))
