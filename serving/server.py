@@ -214,17 +214,24 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ModelHolder:
-    """The live model. Reload validates a new artifact fully before swapping the reference."""
+    """The live model. Reload validates a new artifact fully before swapping the reference.
+
+    `start_directory` is the directory the server was started with (None: the shipped default model):
+    what an empty Admin.Reload and SIGHUP load, even after a reload from another directory.
+    `directory` is the one the serving model came from.
+    """
 
     def __init__(self, model: TierClassifier, directory: Path | None, threads: int) -> None:
         self.model = model
+        self.start_directory = directory
         self.directory = directory
         self._threads = threads
         self._lock = asyncio.Lock()
 
     async def reload(self, directory: Path | None) -> tuple[str, str]:
+        """Load `directory` (None: the start directory) and swap it in; returns (new, previous) versions."""
         async with self._lock:
-            target = directory or self.directory
+            target = self.start_directory if directory is None else directory
             loop = asyncio.get_running_loop()
             new = await loop.run_in_executor(None, classifier.load, target, self._threads)
             previous = self.model.model_version
@@ -520,7 +527,10 @@ class RunningServer:
         self.health, self.metrics = health_servicer, metrics
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
-        """Load, validate and swap in a new artifact; on failure the old model keeps serving."""
+        """Load, validate and swap in a new artifact; on failure the old model keeps serving.
+
+        `directory` None reloads the directory the server was started with (what SIGHUP does).
+        """
         try:
             version, previous = await self.holder.reload(directory)
         except PromptierError as error:
@@ -528,7 +538,8 @@ class RunningServer:
             log.error(json.dumps({"event": "reload_refused", "reason": bounded_detail(str(error))}))
             raise
         self.metrics.reloads.labels("ok").inc()
-        log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous}))
+        log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous,
+                             "directory": str(self.holder.directory or "the shipped default model")}))
         return version, previous
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -603,7 +614,8 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
 
 async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
                         grace: float = 10.0, reuse_port: bool = False, limits: ServerLimits | None = None) -> None:
-    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory.
+    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the directory the
+    server was started with (as an empty Admin.Reload does).
 
     Raises:
         PromptierError: the artifact is invalid, or the gRPC or metrics address cannot be bound.

@@ -696,6 +696,59 @@ def test_reload_errors_are_clear_codes_and_never_echo_files(trained_artifact: Pa
     assert running.running.metrics.reloads.labels("refused")._value.get() == 2
 
 
+def _tagged_copy(artifact: Path, target: Path, version: str) -> Path:
+    shutil.copytree(artifact, target)
+    manifest = target / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tiny-test-1"', f'"{version}"'))
+    return target
+
+
+def test_empty_reload_reloads_the_start_directory(trained_artifact: Path, tmp_path: Path) -> None:
+    """As the proto says: an empty Admin.Reload (and SIGHUP, which calls the same reload) loads the
+    directory the server was started with, even after a reload from another directory."""
+    start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
+    running = ServerThread(model_dir=start)
+    assert running.running is not None
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            admin = router_pb2_grpc.AdminStub(channel)
+            reply = admin.Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=30)
+            assert (reply.model_version, reply.previous_model_version) == ("other-1", "start-1")
+            reply = admin.Reload(router_pb2.ReloadRequest(), timeout=30)
+            assert (reply.model_version, reply.previous_model_version) == ("start-1", "other-1")
+            admin.Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=30)
+            assert running.call(running.running.reload()) == ("start-1", "other-1")  # what SIGHUP runs
+    finally:
+        running.stop()
+
+
+def test_sighup_reloads_the_start_directory_after_an_admin_reload(trained_artifact: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(start), "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            router_pb2_grpc.AdminStub(channel).Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=60)
+            assert router.Info(router_pb2.InfoRequest(), timeout=10).model_version == "other-1"
+            server.send_signal(signal.SIGHUP)
+            _wait_until(lambda: router.Info(router_pb2.InfoRequest(), timeout=10).model_version == "start-1",
+                        "SIGHUP to reload the start directory")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_on_a_busy_port_says_so_and_exits_2(trained_artifact: Path, workers: int) -> None:
     import subprocess

@@ -303,7 +303,7 @@ def serve(
     max_streams: Annotated[int, typer.Option(min=1, help="calls in flight per connection; a client queues "
                                              "more itself")] = 256,
 ) -> None:
-    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory).
+    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory it started with).
 
     Admin.Reload: callers on this host only, or callers with the token in env PROMPTIER_ADMIN_TOKEN.
     Overload is refused at once with RESOURCE_EXHAUSTED: the queues are counted in prompts, with
