@@ -24,7 +24,6 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import classifier
 from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
@@ -39,6 +38,7 @@ from serving.batcher import (
     monotonic_ms,
 )
 from serving.metrics import ServerMetrics
+from serving.reflection import enable_reflection
 from serving.startup import freeze_startup_objects
 
 log = logging.getLogger("promptier.server")
@@ -593,9 +593,8 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
     ])
     server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits), metrics),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    enable_reflection((ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                      server)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as error:  # grpcio says only "Failed to bind"; a plain bind says why

@@ -214,6 +214,33 @@ def test_health_and_reflection(server: ServerThread) -> None:
     assert {"promptier.v1.Router", "promptier.v1.Admin", "grpc.health.v1.Health"} <= services
 
 
+def test_reflection_v1_lists_and_describes_the_services(server: ServerThread) -> None:
+    """grpcurl and other current tools ask for grpc.reflection.v1 first; v1alpha stays for older ones."""
+    from google.protobuf import descriptor_pb2, message_factory
+
+    from serving.reflection import v1_file_descriptor
+
+    v1 = v1_file_descriptor()
+    request_type = message_factory.GetMessageClass(v1.message_types_by_name["ServerReflectionRequest"])
+    response_type = message_factory.GetMessageClass(v1.message_types_by_name["ServerReflectionResponse"])
+    with grpc.insecure_channel(server.target) as channel:
+        info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=request_type.SerializeToString,
+                                     response_deserializer=response_type.FromString)
+        listed, router, itself = info(iter([
+            request_type(list_services=""), request_type(file_containing_symbol="promptier.v1.Router"),
+            request_type(file_containing_symbol="grpc.reflection.v1.ServerReflection")]), timeout=10)
+    services = {service.name for service in listed.list_services_response.service}
+    assert {"promptier.v1.Router", "promptier.v1.Admin", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    for described, package, service_name in ((router, "promptier.v1", "Router"),
+                                             (itself, "grpc.reflection.v1", "ServerReflection")):
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                 for raw in described.file_descriptor_response.file_descriptor_proto]
+        assert any(file.package == package and service.name == service_name
+                   for file in files for service in file.service), described
+
+
 def test_concurrent_clients_get_consistent_answers(server: ServerThread) -> None:
     prompts = [EASY, "prove lemma theorem", "sort python list"]
     with RouterClient(server.target, timeout=5) as client:
