@@ -177,10 +177,11 @@ def test_invalid_utf8_is_rejected_and_server_keeps_serving(server: ServerThread)
 def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A call whose deadline passes while it waits for the model fails with DEADLINE_EXCEEDED, and the
     server goes on serving. The model is held on an event, not raced against the clock."""
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     classify_items = classifier.TierClassifier.classify_items
 
     def held(self, items):  # type: ignore[no-untyped-def]
+        entered.set()
         release.wait(30)
         return classify_items(self, items)
 
@@ -190,6 +191,8 @@ def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch
         with grpc.insecure_channel(running.target) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             occupying = stub.Classify.future(router_pb2.ClassifyRequest(prompt="hi"), timeout=60)
+            # Calls on one channel may reach the server in either order: the short one must queue behind.
+            assert entered.wait(60)
             code = _code(stub.Classify, router_pb2.ClassifyRequest(prompt="hi"), timeout=0.3)
             release.set()
             assert occupying.result().tier
