@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from classifier.errors import ArtifactError
 
@@ -40,7 +41,9 @@ Rule = Literal["ratio", "difference"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: json.loads reads NaN and Infinity, and a NaN temperature or threshold would load
+    # and then serve NaN scores; every float of a manifest must be finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TierSpec(_Strict):
@@ -92,15 +95,14 @@ class PolicyConfig(_Strict):
     @field_validator("thresholds")
     @classmethod
     def _thresholds_in_unit_interval(cls, value: dict[str, float]) -> dict[str, float]:
-        for mode, threshold in value.items():
-            if not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"threshold of mode {mode!r} is {threshold}, outside [0, 1]")
+        if not all(0.0 <= threshold <= 1.0 for threshold in value.values()):
+            raise ValueError("every mode's threshold must be in [0, 1]")
         return value
 
     @model_validator(mode="after")
     def _default_mode_known(self) -> PolicyConfig:
         if self.default_mode not in self.thresholds:
-            raise ValueError(f"default_mode {self.default_mode!r} has no threshold")
+            raise ValueError("default_mode names a mode that has no threshold")
         return self
 
 
@@ -171,7 +173,7 @@ class ArtifactManifest(_Strict):
     def _consistent(self) -> ArtifactManifest:
         names = self.tier_names
         if len(set(names)) != len(names):
-            raise ValueError(f"tier names are not unique: {names}")
+            raise ValueError("tier names are not unique")
         if len(self.calibration.temperatures) != len(names):
             raise ValueError(
                 f"calibration has {len(self.calibration.temperatures)} temperatures for {len(names)} tiers"
@@ -181,25 +183,68 @@ class ArtifactManifest(_Strict):
         return self
 
 
+def _schema_fields(model: type[BaseModel], seen: set[str] | None = None) -> set[str]:
+    """The field names of `model` and of the models its fields hold."""
+    names = seen if seen is not None else set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for candidate in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                _schema_fields(candidate, names)
+    return names
+
+
+_SCHEMA_FIELDS = frozenset(_schema_fields(ArtifactManifest))
+
+
+def _describe(error: ErrorDetails) -> str:
+    """One validation error as the field's path and the rule it breaks. Nothing read from the file (a
+    value, or a key the file chose) is repeated: the message may reach a caller of Admin.Reload, who may
+    point the server at a file they cannot read themselves."""
+    where = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part in _SCHEMA_FIELDS:
+            where += f".{part}" if where else part
+        else:
+            where += "[...]"
+    if error["type"] == "extra_forbidden":
+        return f"{where.removesuffix('[...]') or 'the manifest'} has a field it does not know"
+    return f"{where or 'the manifest'}: {error['msg']}"
+
+
 def load_manifest(directory: Path) -> ArtifactManifest:
     """Read and validate `manifest.json`, checking that every required file is present.
+
+    Error messages name the field and the rule; they never quote the file's content.
 
     Raises:
         ArtifactError: the directory, a file, or a manifest field is missing or invalid.
     """
-    if not directory.is_dir():
-        raise ArtifactError(f"artifact directory {directory} does not exist")
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
-    if missing:
-        raise ArtifactError(f"artifact {directory} is incomplete: missing {', '.join(missing)}")
     try:
-        raw = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{directory / MANIFEST_FILE} is not valid JSON: {exc}") from exc
+        if not directory.is_dir():
+            raise ArtifactError(f"artifact directory {directory} does not exist")
+        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+        if missing:
+            raise ArtifactError(f"artifact {directory} is incomplete: missing {', '.join(missing)}")
+        text = (directory / MANIFEST_FILE).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not UTF-8 text") from exc
+    except OSError as exc:  # a path too long, a directory not readable...
+        raise ArtifactError(f"cannot read artifact directory {directory}: {exc.strerror or 'unreadable'}") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                            f"column {exc.colno}") from exc
     try:
         return ArtifactManifest.model_validate(raw)
     except ValidationError as exc:
-        raise ArtifactError(f"{directory / MANIFEST_FILE} is invalid: {exc}") from exc
+        problems = exc.errors(include_url=False, include_context=False, include_input=False)
+        shown = "; ".join(_describe(problem) for problem in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is invalid: {shown}{more}") from exc
 
 
 def save_manifest(manifest: ArtifactManifest, directory: Path) -> None:

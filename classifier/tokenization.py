@@ -65,7 +65,10 @@ class PromptEncoder:
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
-            raise ArtifactError(f"{path} is not a valid tokenizer file: {exc}") from exc
+            # Its text may quote the file ("invalid type: string ..."): only the position is repeated.
+            where = re.search(r"line \d+ column \d+", str(exc))
+            raise ArtifactError(f"{path} is not a valid tokenizer file"
+                                + (f" (at {where.group(0)})" if where else "")) from exc
         return cls(tokenizer, truncation)
 
     @property

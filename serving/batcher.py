@@ -1,33 +1,47 @@
 """Micro-batching without a wait window: whatever has queued while the model was busy runs together.
 
-The model runs in one worker thread, never on the event loop. The event loop hands work to it through
-a C-level queue that wakes the thread directly, and the thread hands each batch's results back with one
+The model runs in one worker thread, never on the event loop. The event loop queues work under a
+lock and wakes the thread; the thread hands each model call's results back with one
 `call_soon_threadsafe`. (An earlier version ran an asyncio task that moved work into a thread-pool
 executor: one more event-loop turn and the executor's bookkeeping on every request, which showed at
-concurrency 1.) The queue is bounded; a full queue is refused at once (the server answers
-RESOURCE_EXHAUSTED) rather than growing memory.
+concurrency 1.)
+
+Admission is counted in prompts, not calls, in two lanes with a budget each: `unary` (one prompt per
+call: interactive traffic) and `batch` (calls carrying many prompts). A call that would take its lane
+past its budget is refused at once (QueueFullError, which the server answers RESOURCE_EXHAUSTED)
+rather than growing memory, and a full batch lane never refuses a unary call. The model thread takes
+at most `max_batch` prompts per model call and alternates which lane it fills first, cutting a large
+batch call into several model calls, so unary prompts wait for at most one model call of batch
+prompts however many of those are queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from classifier import ClassificationResult, InvalidInputError, RoutingRequest, TierClassifier
 from serving.metrics import BatcherMetrics
 
 Outcome = ClassificationResult | InvalidInputError
+Lane = Literal["unary", "batch"]
+LANES: tuple[Lane, ...] = ("unary", "batch")
 log = logging.getLogger("promptier.batcher")
 
 
 class QueueFullError(Exception):
-    """The bounded queue is full: the server is overloaded."""
+    """Admitting the call would take its lane past its budget of queued prompts: the server is overloaded."""
+
+    def __init__(self, lane: Lane) -> None:
+        super().__init__(f"the {lane} queue is full")
+        self.lane = lane
 
 
 class DeadlineExpiredError(Exception):
@@ -38,128 +52,234 @@ class BatcherStoppedError(Exception):
     """The batcher was stopped before the work ran."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Work:
     items: list[tuple[object, RoutingRequest | None]]
     deadline: float | None  # time.monotonic()
     future: asyncio.Future = field(repr=False)
+    lane: Lane
+    taken: int = 0  # items handed to the model so far (a batch call may span several model calls)
+    outcomes: list[Outcome] = field(default_factory=list)  # written by the model thread only
 
 
-_STOP = object()
+@dataclass
+class _Chunk:
+    work: _Work
+    start: int
+    end: int
 
 
 class Batcher:
     """Collects classification work from many RPCs and runs it in as few model calls as possible."""
 
     def __init__(self, model: Callable[[], TierClassifier], metrics: BatcherMetrics, max_queue: int = 1024,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, max_batch_queue: int | None = None) -> None:
+        """
+        Args:
+            model: returns the model to run a batch with (read once per model call).
+            metrics: where queue depth and batch sizes are reported.
+            max_queue: prompts of the `unary` lane that may wait for the model.
+            max_batch: prompts per model call (a call is never split below one prompt).
+            max_batch_queue: prompts of the `batch` lane that may wait; None: as many as `max_queue`.
+        """
+        if max_queue < 1 or max_batch < 1 or (max_batch_queue is not None and max_batch_queue < 1):
+            raise ValueError("max_queue, max_batch and max_batch_queue must be at least 1")
         self._model = model
         self._metrics = metrics
-        self._max_queue = max_queue
+        self._budgets: dict[Lane, int] = {"unary": max_queue,
+                                          "batch": max_queue if max_batch_queue is None else max_batch_queue}
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Work | object] = queue.SimpleQueue()
+        self._lanes: dict[Lane, collections.deque[_Work]] = {lane: collections.deque() for lane in LANES}
+        self._queued: dict[Lane, int] = dict.fromkeys(LANES, 0)  # prompts not yet handed to the model
+        self._running: list[_Work] = []  # works with prompts in the model call in progress
+        self._turn = 0  # which lane fills the next model call first
+        self._wake = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         """Start the model thread; results are delivered to the running event loop."""
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="promptier-model", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Finish the batch in progress, fail what is still queued, and end the thread."""
+    def queued(self, lane: Lane) -> int:
+        """Prompts of `lane` waiting for the model (not counting those in the model call in progress)."""
+        with self._wake:
+            return self._queued[lane]
+
+    def calls(self, lane: Lane) -> int:
+        """Calls of `lane` not yet answered: waiting for the model or in the model call in progress."""
+        with self._wake:
+            return len(self._lanes[lane]) + sum(1 for work in self._running
+                                                if work.lane == lane and work not in self._lanes[lane])
+
+    def idle(self) -> bool:
+        """Whether nothing waits for the model and no model call is in progress."""
+        with self._wake:
+            return not self._running and not any(self._lanes.values())
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the batcher to become idle; returns whether it did."""
+        deadline = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)  # only on shutdown: a short poll costs nothing there
+        return True
+
+    async def stop(self, join_timeout: float = 30.0) -> None:
+        """Fail everything not yet answered (queued or in the model) with BatcherStoppedError, so each
+        caller gets an explicit answer, then end the thread once its model call in progress returns."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._thread = None
-        while True:
-            try:
-                work = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(work, _Work) and not work.future.done():
+        with self._wake:
+            self._stopping = True
+            pending = [work for lane in LANES for work in self._lanes[lane]] + self._running
+            for lane in LANES:
+                self._lanes[lane].clear()
+                self._queued[lane] = 0
+            self._wake.notify_all()
+        self._metrics.queue_depth.set(0)
+        for work in pending:
+            if not work.future.done():
                 work.future.set_exception(BatcherStoppedError())
+        thread, self._thread = self._thread, None
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, join_timeout)
 
-    async def submit(self, items: Sequence[tuple[object, RoutingRequest | None]], timeout: float | None
-                     ) -> list[Outcome]:
-        """Queue items and wait for their outcomes. Raises QueueFullError or DeadlineExpiredError."""
-        if self._thread is None or self._loop is None:
+    async def submit(self, items: Sequence[tuple[object, RoutingRequest | None]], timeout: float | None,
+                     lane: Lane = "unary") -> list[Outcome]:
+        """Queue items and wait for their outcomes.
+
+        Raises:
+            QueueFullError: the lane has no room for these prompts.
+            DeadlineExpiredError: `timeout` passed before the model reached them.
+            BatcherStoppedError: the batcher is stopped or stopping.
+        """
+        if self._thread is None or self._loop is None or self._stopping:
             raise BatcherStoppedError()
-        # Only the event loop puts and only the model thread takes, so qsize() never undercounts.
-        if self._queue.qsize() >= self._max_queue:
-            raise QueueFullError
         work = _Work(list(items), None if timeout is None else time.monotonic() + timeout,
-                     self._loop.create_future())
-        self._queue.put(work)
-        self._metrics.queue_depth.set(self._queue.qsize())
-        return await work.future
+                     self._loop.create_future(), lane)
+        with self._wake:
+            if self._queued[lane] + len(work.items) > self._budgets[lane] and self._queued[lane] > 0:
+                raise QueueFullError(lane)  # an empty lane takes any one call, whatever its size
+            self._lanes[lane].append(work)
+            self._queued[lane] += len(work.items)
+            depth = self._queued["unary"] + self._queued["batch"]
+            self._wake.notify()
+        self._metrics.queue_depth.set(depth)
+        try:
+            return await work.future
+        except asyncio.CancelledError:
+            self._withdraw(work)  # the caller went away: its prompts no longer hold the lane's budget
+            raise
+
+    def _withdraw(self, work: _Work) -> None:
+        with self._wake:
+            try:
+                self._lanes[work.lane].remove(work)  # O(queued works), bounded by the lane's budget
+            except ValueError:
+                return  # fully handed to the model already
+            self._queued[work.lane] -= len(work.items) - work.taken
+            depth = self._queued["unary"] + self._queued["batch"]
+        self._metrics.queue_depth.set(depth)
 
     # ------------------------------------------------------------------ model thread
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if not isinstance(first, _Work):  # the stop marker
-                return
-            batch = [first]
-            size = len(first.items)
-            stopping = False
-            while size < self._max_batch:
-                try:
-                    work = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if not isinstance(work, _Work):
-                    stopping = True
-                    break
-                batch.append(work)
-                size += len(work.items)
-            self._metrics.queue_depth.set(self._queue.qsize())
+            with self._wake:
+                while not self._stopping and not any(self._lanes.values()):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                chunks, expired = self._take()
+                self._running = list({id(chunk.work): chunk.work for chunk in chunks}.values())
+                depth = self._queued["unary"] + self._queued["batch"]
+            self._metrics.queue_depth.set(depth)
             try:
-                self._run_batch(batch)
+                self._run_chunks(chunks, expired)
             except Exception:  # never let the model thread die: every later request would hang
                 log.exception("batch delivery failed")
-            if stopping:
-                return
+            finally:
+                with self._wake:
+                    self._running = []
 
-    def _run_batch(self, batch: list[_Work]) -> None:
+    def _take(self) -> tuple[list[_Chunk], list[_Work]]:
+        """Under the lock: up to max_batch prompts, from the lane whose turn it is first, then the other."""
+        first = LANES[self._turn]
+        self._turn = 1 - self._turn
         now = time.monotonic()
-        live: list[_Work] = []
+        chunks: list[_Chunk] = []
         expired: list[_Work] = []
-        for work in batch:
-            if work.future.done():  # the caller went away (cancelled RPC); read-only check, benign race
-                continue
-            (expired if work.deadline is not None and work.deadline <= now else live).append(work)
-        if expired:
-            self._deliver(expired, DeadlineExpiredError())
-        if not live:
-            return
-        model = self._model()  # one model per batch: a reload never splits a request
-        entries = [entry for work in live for entry in work.items]
-        self._metrics.batch_size.observe(len(entries))
-        try:
-            outcomes: list[Outcome] | Exception = model.classify_items(entries)
-        except Exception as error:  # delivered to each caller, who maps it to INTERNAL
-            outcomes = error
-        self._deliver(live, outcomes)
+        size = 0
+        for lane in (first, *(other for other in LANES if other != first)):
+            queue = self._lanes[lane]
+            while queue and size < self._max_batch:
+                work = queue[0]
+                if work.future.done() or (work.deadline is not None and work.deadline <= now):
+                    queue.popleft()
+                    self._queued[lane] -= len(work.items) - work.taken
+                    if not work.future.done():
+                        expired.append(work)
+                    continue
+                end = min(len(work.items), work.taken + self._max_batch - size)
+                chunks.append(_Chunk(work, work.taken, end))
+                self._queued[lane] -= end - work.taken
+                size += end - work.taken
+                work.taken = end
+                if end == len(work.items):
+                    queue.popleft()
+        return chunks, expired
 
-    def _deliver(self, works: list[_Work], outcomes: list[Outcome] | Exception) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-            self._loop.call_soon_threadsafe(_set_outcomes, works, outcomes)
-
-
-def _set_outcomes(works: list[_Work], outcomes: list[Outcome] | Exception) -> None:
-    """On the event loop: hand each caller its slice of the batch, or the batch's error."""
-    start = 0
-    for work in works:
-        if not work.future.done():
-            if isinstance(outcomes, Exception):
-                work.future.set_exception(outcomes)
+    def _run_chunks(self, chunks: list[_Chunk], expired: list[_Work]) -> None:
+        answers: list[tuple[_Work, list[Outcome] | BaseException]] = [(work, DeadlineExpiredError())
+                                                                     for work in expired]
+        if chunks:
+            model = self._model()  # one model per model call; a batch call cut in several may see a reload
+            entries = [entry for chunk in chunks for entry in chunk.work.items[chunk.start : chunk.end]]
+            self._metrics.batch_size.observe(len(entries))
+            try:
+                outcomes = model.classify_items(entries)
+            except Exception as error:  # delivered to each caller, who maps it to INTERNAL
+                failed = list({id(chunk.work): chunk.work for chunk in chunks}.values())
+                self._forget(failed)
+                answers.extend((work, error) for work in failed)
             else:
-                work.future.set_result(outcomes[start : start + len(work.items)])
-        start += len(work.items)
+                start = 0
+                for chunk in chunks:
+                    count = chunk.end - chunk.start
+                    chunk.work.outcomes.extend(outcomes[start : start + count])
+                    start += count
+                    if len(chunk.work.outcomes) == len(chunk.work.items):
+                        answers.append((chunk.work, chunk.work.outcomes))
+        if answers:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+                self._loop.call_soon_threadsafe(_set_outcomes, answers)
+
+    def _forget(self, works: list[_Work]) -> None:
+        """Drop what is still queued of works that have failed (a batch call cut in several model calls)."""
+        with self._wake:
+            for work in works:
+                if work.taken < len(work.items):
+                    try:
+                        self._lanes[work.lane].remove(work)
+                    except ValueError:
+                        continue
+                    self._queued[work.lane] -= len(work.items) - work.taken
+
+
+def _set_outcomes(answers: list[tuple[_Work, list[Outcome] | BaseException]]) -> None:
+    """On the event loop: hand each caller its outcomes, or the error of its model call."""
+    for work, answer in answers:
+        if work.future.done():
+            continue
+        if isinstance(answer, BaseException):
+            work.future.set_exception(answer)
+        else:
+            work.future.set_result(answer)
 
 
 def monotonic_ms(start: float) -> float:

@@ -10,7 +10,7 @@ class BatcherMetrics:
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
         # livesum: with the dispatcher's `--workers`, the sum over the running processes.
-        self.queue_depth = Gauge(f"{prefix}_queue_depth", "work items waiting for the model", registry=registry,
+        self.queue_depth = Gauge(f"{prefix}_queue_depth", "prompts waiting for the model", registry=registry,
                                  multiprocess_mode="livesum")
         self.batch_size = Histogram(f"{prefix}_batch_size", "prompts per model call", registry=registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -31,4 +31,7 @@ class ServerMetrics:
                                    registry=self.registry)
         self.reloads = Counter("promptier_model_reloads", "model reloads by outcome", ["outcome"],
                                registry=self.registry)
+        # Every refusal for overload is also in promptier_requests as RESOURCE_EXHAUSTED; this says why.
+        self.overload = Counter("promptier_overload_refusals", "calls refused RESOURCE_EXHAUSTED for overload, "
+                                "by RPC and reason", ["rpc", "reason"], registry=self.registry)
         self.batcher = BatcherMetrics(self.registry, "promptier")

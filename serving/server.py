@@ -9,24 +9,36 @@ import ipaddress
 import json
 import logging
 import os
+import re
+import resource
 import signal
+import socket
 import time
 import urllib.parse
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 import classifier
 from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
 from classifier.conversation import render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.batcher import Batcher, BatcherStoppedError, DeadlineExpiredError, QueueFullError, monotonic_ms
+from serving.batcher import (
+    Batcher,
+    BatcherStoppedError,
+    DeadlineExpiredError,
+    Lane,
+    QueueFullError,
+    monotonic_ms,
+)
 from serving.metrics import ServerMetrics
+from serving.reflection import enable_reflection
 from serving.startup import freeze_startup_objects
 
 log = logging.getLogger("promptier.server")
@@ -36,27 +48,164 @@ ADMIN_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 ADMIN_TOKEN_ENV = "PROMPTIER_ADMIN_TOKEN"  # read from the environment: a command line is visible in `ps`
 
 
+# Kept free for what else a server process opens (model files, metrics, logs) when the connection
+# limit is derived from the open-file limit.
+RESERVED_FILE_DESCRIPTORS = 128
+# An upper bound for the derived connection limit, for processes whose open-file limit is huge.
+DEFAULT_MAX_CONNECTIONS_CAP = 10_000
+# How long a call, once aborted by the server, has to be answered before gRPC cancels it on shutdown.
+STOP_ANSWER_S = 5.0
+# A cancellation this close to the call's deadline is the client's deadline passing (its clock started
+# a network hop before ours), not the client cancelling.
+DEADLINE_SLACK_S = 0.1
+# The longest model_dir an Admin.Reload accepts (Linux PATH_MAX).
+MAX_MODEL_DIR_BYTES = 4096
+
+
+def default_max_connections() -> int:
+    """Connections to accept at once: the open-file limit less a reserve, so that a flood of connections
+    cannot take the descriptors the process needs to go on serving the connections it has."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS_CAP
+    return max(16, min(DEFAULT_MAX_CONNECTIONS_CAP, soft - RESERVED_FILE_DESCRIPTORS))
+
+
 @dataclass(frozen=True)
 class ServerLimits:
-    """Bounds enforced at the boundary (and reported by Info)."""
+    """Bounds enforced at the boundary (and reported by Info), and how connections are bounded.
+
+    Queues are counted in prompts: `max_queue` for Classify calls, `max_batch_queue` for
+    ClassifyBatch calls, so batch traffic cannot fill the room single calls need (see
+    serving.batcher). A call that does not fit is refused RESOURCE_EXHAUSTED at once.
+
+    Connections: one that has not completed its HTTP/2 preface within `handshake_timeout_s` is
+    closed, as is one without a call for `idle_timeout_s` (None: never) or older than
+    `max_connection_age_s` (None: never; calls in flight get `max_connection_age_grace_s` more).
+    A silent peer is pinged after `keepalive_time_s` (None: gRPC's default, 2 hours) and dropped if it
+    does not answer within `keepalive_timeout_s`. Beyond `max_connections` (None: derived from the
+    open-file limit) new connections are closed at once; a client may have `max_streams` calls in flight
+    per connection (it queues more itself).
+    """
 
     max_prompt_chars: int = 1_000_000
     max_batch_items: int = 256
     max_queue: int = 1024
+    max_batch_queue: int = 1024
     max_batch: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float | None = 300.0
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
+    keepalive_time_s: float | None = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_connections: int | None = None
+    max_streams: int = 256
+
+    def __post_init__(self) -> None:
+        required = (self.max_prompt_chars, self.max_batch_items, self.max_queue, self.max_batch_queue,
+                    self.max_batch, self.max_message_bytes, self.handshake_timeout_s, self.keepalive_timeout_s,
+                    self.max_streams)
+        optional = (self.idle_timeout_s, self.max_connection_age_s, self.keepalive_time_s, self.max_connections)
+        if (not all(value > 0 for value in required) or not all(value is None or value > 0 for value in optional)
+                or self.max_connection_age_grace_s < 0):
+            raise ValueError(f"every limit must be positive (None where allowed: no limit): {self}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC core channel arguments that enforce the connection bounds."""
+        def ms(seconds: float) -> int:
+            return max(1, min(2**31 - 1, round(seconds * 1000)))
+
+        connections = self.max_connections or default_max_connections()
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout_s)),
+            ("grpc.max_allowed_incoming_connections", connections),
+            ("grpc.max_concurrent_streams", self.max_streams),
+            # gRPC core sheds calls that wait for the application past a backlog of 1,000 (randomly, up
+            # to 3,000), and the caller sees a bare CANCELLED that no handler ever counted. Every call
+            # must reach the handlers, which refuse overload explicitly: the backlog is bounded by
+            # connections x streams instead.
+            ("grpc.server.max_pending_requests", min(2**31 - 1, connections * self.max_streams)),
+            ("grpc.server.max_pending_requests_hard_limit", min(2**31 - 1, connections * self.max_streams)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection that carries no data
+        ]
+        if self.idle_timeout_s is not None:
+            options.append(("grpc.max_connection_idle_ms", ms(self.idle_timeout_s)))
+        if self.max_connection_age_s is not None:
+            options += [("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
+                        ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s))]
+        if self.keepalive_time_s is not None:
+            options.append(("grpc.keepalive_time_ms", ms(self.keepalive_time_s)))
+        return options
 
 
 class BadRequest(Exception):
     """INVALID_ARGUMENT with a message meant for the caller."""
 
 
+class BindError(PromptierError):
+    """The server could not listen on its address (the port is taken, or the address is not this host's)."""
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise BindError, saying why, if `host:port` cannot be listened on.
+
+    `--workers` checks this once before starting: the workers bind with SO_REUSEPORT, which a port
+    held by another such server would let them share, where this plain bind fails.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as error:
+        raise BindError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+
+
+# Bounds on what a status message echoes back. gRPC sends the message percent-encoded in the
+# trailers, and a client refuses trailers past its metadata limit (8 KiB by default) with
+# RESOURCE_EXHAUSTED, which clients retry: a long invalid field must still read INVALID_ARGUMENT.
+MAX_QUOTED_CHARS = 200
+MAX_DETAIL_BYTES = 2048
+_QUOTED = re.compile("'[^'\\n]*'|\"[^\"\\n]*\"")
+
+
+def bounded_detail(text: str) -> str:
+    """`text` with each quoted value cut to MAX_QUOTED_CHARS characters and the whole to MAX_DETAIL_BYTES
+    bytes once percent-encoded. Every status message and item error goes through here."""
+    def shorten(match: re.Match[str]) -> str:
+        quoted = match.group(0)
+        if len(quoted) <= MAX_QUOTED_CHARS + 2:
+            return quoted
+        return f"{quoted[: MAX_QUOTED_CHARS + 1]}...{quoted[-1]} ({len(quoted) - 2} characters)"
+
+    text = _QUOTED.sub(shorten, text)
+    encoded = 0
+    for index, char in enumerate(text):
+        encoded += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "replace"))
+        if encoded > MAX_DETAIL_BYTES:
+            return text[:index] + "... (cut)"
+    return text
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, bounded_detail(message))
+    raise AssertionError("unreachable: abort raises")
+
+
 def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one table from errors to gRPC status codes. Unexpected errors never leak their text."""
     if isinstance(error, InvalidInputError | BadRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, bounded_detail(str(error))
     if isinstance(error, QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server overloaded: classification queue is full; retry later"
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server overloaded: the {error.lane} classification queue is full; retry later")
     if isinstance(error, DeadlineExpiredError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the model could run"
     if isinstance(error, BatcherStoppedError):
@@ -65,17 +214,24 @@ def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ModelHolder:
-    """The live model. Reload validates a new artifact fully before swapping the reference."""
+    """The live model. Reload validates a new artifact fully before swapping the reference.
+
+    `start_directory` is the directory the server was started with (None: the shipped default model):
+    what an empty Admin.Reload and SIGHUP load, even after a reload from another directory.
+    `directory` is the one the serving model came from.
+    """
 
     def __init__(self, model: TierClassifier, directory: Path | None, threads: int) -> None:
         self.model = model
+        self.start_directory = directory
         self.directory = directory
         self._threads = threads
         self._lock = asyncio.Lock()
 
     async def reload(self, directory: Path | None) -> tuple[str, str]:
+        """Load `directory` (None: the start directory) and swap it in; returns (new, previous) versions."""
         async with self._lock:
-            target = directory or self.directory
+            target = self.start_directory if directory is None else directory
             loop = asyncio.get_running_loop()
             new = await loop.run_in_executor(None, classifier.load, target, self._threads)
             previous = self.model.model_version
@@ -151,24 +307,39 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if truncated:
             self._metrics.truncations.inc(truncated)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, error: BaseException, start: float) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, error: BaseException, start: float
+                    ) -> NoReturn:
         code, message = _status_of(error)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", rpc, exc_info=error)
+        if isinstance(error, QueueFullError):
+            self._metrics.overload.labels(rpc, f"{error.lane}_queue_full").inc()
         self._record(rpc, code, start)
-        await context.abort(code, message)
+        await _abort(context, code, message)
+
+    def _cancelled(self, context: grpc.aio.ServicerContext, rpc: str, start: float) -> None:
+        """Count a call that gRPC cancelled under its handler: the client's deadline passed or it went away."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        self._record(rpc, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, start)
+
+    async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
+                      lane: Lane) -> list[ClassificationResult | InvalidInputError]:
+        return await self._batcher.submit(items, context.time_remaining(), lane)
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
                        ) -> router_pb2.ClassifyResponse:
         start = time.perf_counter()
         try:
             item = (_prompt_text(request, self._limits), _routing_request(request))
-            (outcome,) = await self._batcher.submit([item], context.time_remaining())
+            (outcome,) = await self._submit([item], context, "unary")
             if isinstance(outcome, InvalidInputError):
                 raise outcome
+        except asyncio.CancelledError:
+            self._cancelled(context, "Classify", start)
+            raise
         except Exception as error:
             await self._fail(context, "Classify", error, start)
-            raise  # unreachable: abort raises
         self._count([outcome])
         self._record("Classify", grpc.StatusCode.OK, start)
         return _fill(router_pb2.ClassifyResponse(), outcome, monotonic_ms(start))
@@ -186,10 +357,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 except (BadRequest, InvalidInputError) as error:
                     items.append(error)
             valid = [item for item in items if not isinstance(item, BaseException)]
-            outcomes = iter(await self._batcher.submit(valid, context.time_remaining()) if valid else [])
+            outcomes = iter(await self._submit(valid, context, "batch") if valid else [])
+        except asyncio.CancelledError:
+            self._cancelled(context, "ClassifyBatch", start)
+            raise
         except Exception as error:
             await self._fail(context, "ClassifyBatch", error, start)
-            raise
         latency = monotonic_ms(start)
         response = router_pb2.ClassifyBatchResponse()
         answered: list[ClassificationResult] = []
@@ -220,26 +393,41 @@ class RouterService(router_pb2_grpc.RouterServicer):
         )
 
 
-def _router_handlers(service: RouterService) -> grpc.GenericRpcHandler:
-    """Router handlers that parse requests themselves, so a malformed message (invalid UTF-8 in a
-    string field, truncated bytes) is INVALID_ARGUMENT rather than grpcio's UNKNOWN."""
+_Handler = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]
+# Answers a request that does not parse (it must abort): (method name, context, the parse error).
+_OnMalformed = Callable[[str, grpc.aio.ServicerContext, DecodeError], Awaitable[NoReturn]]
 
-    def parsing(method, message_type):  # type: ignore[no-untyped-def]
-        async def handler(raw: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+
+def _parsing_handlers(service: str, methods: dict[str, tuple[_Handler, type[Message]]],
+                      on_malformed: _OnMalformed) -> grpc.GenericRpcHandler:
+    """Unary handlers that parse requests themselves, so a malformed message (invalid UTF-8 in a
+    string field, truncated bytes) is answered by `on_malformed` (INVALID_ARGUMENT) rather than by
+    grpcio's UNKNOWN naming a Python exception class."""
+
+    def parsing(name: str, method: _Handler, message_type: type[Message]) -> grpc.RpcMethodHandler:
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
             try:
                 request = message_type.FromString(raw)
             except DecodeError as error:
-                service._metrics.requests.labels(method.__name__, "INVALID_ARGUMENT").inc()
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+                await on_malformed(name, context, error)
             return await method(request, context)
 
         return grpc.unary_unary_rpc_method_handler(handler, response_serializer=lambda m: m.SerializeToString())
 
-    return grpc.method_handlers_generic_handler(ROUTER_SERVICE, {
-        "Classify": parsing(service.Classify, router_pb2.ClassifyRequest),
-        "ClassifyBatch": parsing(service.ClassifyBatch, router_pb2.ClassifyBatchRequest),
-        "Info": parsing(service.Info, router_pb2.InfoRequest),
-    })
+    return grpc.method_handlers_generic_handler(
+        service, {name: parsing(name, method, message_type) for name, (method, message_type) in methods.items()})
+
+
+def _router_handlers(service: RouterService, metrics: ServerMetrics) -> grpc.GenericRpcHandler:
+    async def malformed(method: str, context: grpc.aio.ServicerContext, error: DecodeError) -> NoReturn:
+        metrics.requests.labels(method, "INVALID_ARGUMENT").inc()
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+
+    return _parsing_handlers(ROUTER_SERVICE, {
+        "Classify": (service.Classify, router_pb2.ClassifyRequest),
+        "ClassifyBatch": (service.ClassifyBatch, router_pb2.ClassifyBatchRequest),
+        "Info": (service.Info, router_pb2.InfoRequest),
+    }, malformed)
 
 
 def is_local_peer(peer: str) -> bool:
@@ -284,21 +472,53 @@ class AdminService(router_pb2_grpc.AdminServicer):
                     "server is started with PROMPTIER_ADMIN_TOKEN set (then with that token); SIGHUP also reloads")
         return None
 
-    async def Reload(self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
-                     ) -> router_pb2.ReloadResponse:
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Abort (counted, logged) unless the caller may use Admin."""
         refusal = self._refusal(context)
         if refusal is not None:
             self._server.metrics.reloads.labels("denied").inc()
             log.warning(json.dumps({"event": "admin_denied", "rpc": "Reload", "peer": context.peer(),
                                     "code": refusal[0].name}))
-            await context.abort(*refusal)
+            await _abort(context, *refusal)
+
+    async def malformed(self, method: str, context: grpc.aio.ServicerContext, error: DecodeError) -> NoReturn:
+        """A request that does not parse: refused as any Admin call first, then INVALID_ARGUMENT."""
+        await self._authorize(context)
+        self._server.metrics.reloads.labels("invalid").inc()
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {error}")
+
+    async def Reload(self, request: router_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+                     ) -> router_pb2.ReloadResponse:
+        await self._authorize(context)
+        problem = _model_dir_problem(request.model_dir)
+        if problem is not None:
+            self._server.metrics.reloads.labels("invalid").inc()
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             version, previous = await self._server.reload(Path(request.model_dir) if request.model_dir else None)
         except PromptierError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"reload refused, old model still serving: "
-                                f"{error}")
-            raise
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"reload refused, old model still serving: {error}")
+        except Exception:
+            log.exception("unexpected error in Reload")
+            self._server.metrics.reloads.labels("error").inc()
+            await _abort(context, grpc.StatusCode.INTERNAL, "reload failed on an internal error; the old model "
+                         "is still serving")
         return router_pb2.ReloadResponse(model_version=version, previous_model_version=previous)
+
+
+def _model_dir_problem(model_dir: str) -> str | None:
+    """Why `model_dir` cannot name a directory (None: it can, or it is empty, meaning the start directory)."""
+    if "\0" in model_dir:
+        return "model_dir contains a NUL character; it must be a directory path"
+    if len(model_dir.encode("utf-8")) > MAX_MODEL_DIR_BYTES:
+        return f"model_dir is longer than {MAX_MODEL_DIR_BYTES} bytes; it must be a directory path"
+    return None
+
+
+def _admin_handlers(service: AdminService) -> grpc.GenericRpcHandler:
+    return _parsing_handlers(ADMIN_SERVICE, {"Reload": (service.Reload, router_pb2.ReloadRequest)},
+                             service.malformed)
 
 
 class RunningServer:
@@ -310,22 +530,32 @@ class RunningServer:
         self.health, self.metrics = health_servicer, metrics
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
-        """Load, validate and swap in a new artifact; on failure the old model keeps serving."""
+        """Load, validate and swap in a new artifact; on failure the old model keeps serving.
+
+        `directory` None reloads the directory the server was started with (what SIGHUP does).
+        """
         try:
             version, previous = await self.holder.reload(directory)
         except PromptierError as error:
             self.metrics.reloads.labels("refused").inc()
-            log.error(json.dumps({"event": "reload_refused", "reason": str(error)}))
+            log.error(json.dumps({"event": "reload_refused", "reason": bounded_detail(str(error))}))
             raise
         self.metrics.reloads.labels("ok").inc()
-        log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous}))
+        log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous,
+                             "directory": str(self.holder.directory or "the shipped default model")}))
         return version, previous
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds."""
+        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds.
+
+        What still waits for the model after `grace` is answered UNAVAILABLE (counted), before gRPC
+        would cancel it: a caller never sees a bare CANCELLED from a shutdown.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(grace + STOP_ANSWER_S))
+        await self.batcher.drain(grace)
         await self.batcher.stop()
+        await stopping
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -340,8 +570,13 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         model_dir: artifact directory (None = the shipped default model).
         address: host:port; port 0 picks a free one (see RunningServer.port).
         threads: ONNX Runtime threads for the model worker.
+        limits: request, queue and connection bounds (see ServerLimits).
+        model: an already loaded model to serve instead of loading `model_dir` (tests).
         reuse_port: share the port with other server processes (SO_REUSEPORT; `--workers`).
         admin_token: the token Admin calls must present; None accepts Admin calls from this host only.
+
+    Raises:
+        PromptierError: the artifact is invalid (ArtifactError) or the address cannot be bound (BindError).
     """
     limits = limits or ServerLimits()
     metrics = ServerMetrics()
@@ -352,23 +587,26 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         model = await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
     loaded: TierClassifier = model
     holder = ModelHolder(loaded, model_dir, threads)
-    batcher = Batcher(lambda: holder.model, metrics.batcher, max_queue=limits.max_queue, max_batch=limits.max_batch)
+    batcher = Batcher(lambda: holder.model, metrics.batcher, max_queue=limits.max_queue, max_batch=limits.max_batch,
+                      max_batch_queue=limits.max_batch_queue)
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
-        ("grpc.max_send_message_length", limits.max_message_bytes),
+        *limits.grpc_options(),
         # Off unless asked: two servers started by mistake on one port must fail, not split traffic.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
-    server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits)),))
+    server.add_generic_rpc_handlers((_router_handlers(RouterService(holder, batcher, metrics, limits), metrics),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+    enable_reflection((ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                      server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpcio says only "Failed to bind"; a plain bind says why
+        host, _, number = address.rpartition(":")
+        if number.isdigit():
+            ensure_port_free(host, int(number))
+        raise BindError(f"cannot listen on {address}") from error
     running = RunningServer(server, port, holder, batcher, health_servicer, metrics)
-    router_pb2_grpc.add_AdminServicer_to_server(AdminService(running, admin_token), server)
+    server.add_generic_rpc_handlers((_admin_handlers(AdminService(running, admin_token)),))
     batcher.start()
     await server.start()
     for service in ("", ROUTER_SERVICE):
@@ -377,9 +615,14 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
 
 
 async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
-                        grace: float = 10.0, reuse_port: bool = False) -> None:
-    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the model directory."""
-    running = await start_server(model_dir, address, threads, reuse_port=reuse_port,
+                        grace: float = 10.0, reuse_port: bool = False, limits: ServerLimits | None = None) -> None:
+    """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the directory the
+    server was started with (as an empty Admin.Reload does).
+
+    Raises:
+        PromptierError: the artifact is invalid, or the gRPC or metrics address cannot be bound.
+    """
+    running = await start_server(model_dir, address, threads, limits=limits, reuse_port=reuse_port,
                                  admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     freeze_startup_objects()
     if metrics_port is not None:
@@ -387,7 +630,11 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
 
         # On the gRPC interface: a server kept on loopback does not publish its metrics to the network.
         metrics_host = address.rpartition(":")[0].strip("[]") or "0.0.0.0"
-        start_http_server(metrics_port, addr=metrics_host, registry=running.metrics.registry)
+        try:
+            start_http_server(metrics_port, addr=metrics_host, registry=running.metrics.registry)
+        except OSError as error:
+            await running.stop(0)
+            raise BindError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}") from error
     log.info(json.dumps({"event": "serving", "address": address, "port": running.port,
                          "model_version": running.holder.model.model_version, "metrics_port": metrics_port}))
     loop = asyncio.get_running_loop()

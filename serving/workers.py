@@ -17,6 +17,10 @@ import signal
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.server import ServerLimits
 
 log = logging.getLogger("promptier.serve")
 # A worker that dies sooner than this after its start counts as a failed start. After
@@ -26,7 +30,8 @@ MIN_HEALTHY_SECONDS = 10.0
 MAX_FAILED_STARTS = 3
 
 
-def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: int | None) -> None:
+def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
+            limits: ServerLimits | None) -> None:
     import asyncio
     import threading
 
@@ -37,7 +42,13 @@ def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: in
     # The parent handles Ctrl-C and forwards it as SIGTERM; a second copy would skip the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_drain_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True))
+    from classifier import PromptierError
+
+    try:
+        asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True, limits=limits))
+    except PromptierError as error:  # e.g. its metrics port is taken: said once, without a traceback
+        log.error(json.dumps({"event": "worker_failed", "reason": str(error)}))
+        raise SystemExit(2) from None
 
 
 def _drain_when_orphaned(parent: int) -> None:
@@ -49,7 +60,7 @@ def _drain_when_orphaned(parent: int) -> None:
 
 
 def serve_workers(workers: int, model_dir: Path | None, address: str, threads: int,
-                  metrics_port: int | None) -> int:
+                  metrics_port: int | None, limits: ServerLimits | None = None) -> int:
     """Run `workers` server processes on `address` until SIGTERM/SIGINT; returns the exit code.
 
     Worker i serves Prometheus metrics on `metrics_port + i` (each process has its own counters).
@@ -59,7 +70,7 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
 
     def start(index: int) -> None:
         port = None if metrics_port is None else metrics_port + index
-        process = context.Process(target=_worker, args=(model_dir, address, threads, port),
+        process = context.Process(target=_worker, args=(model_dir, address, threads, port, limits),
                                   name=f"promptier-serve-{index}", daemon=False)
         process.start()
         processes[index] = (process, time.monotonic())

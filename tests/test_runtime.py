@@ -113,3 +113,50 @@ def test_runtime_imports_and_runs_without_torch(trained_artifact: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code, str(trained_artifact)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("where", "value", "field"), [
+    ("temperature", float("nan"), r"calibration\.temperatures\[1\]"),
+    ("temperature", float("inf"), r"calibration\.temperatures\[1\]"),
+    ("threshold", float("nan"), r"policy\.thresholds\[\.\.\.\]"),
+    ("threshold", float("-inf"), r"policy\.thresholds\[\.\.\.\]"),
+    ("curve", float("nan"), r"policy\.curve\[0\]\.threshold"),
+])
+def test_non_finite_numbers_in_the_manifest_are_refused_at_load(artifact_copy: Path, where: str, value: float,
+                                                                field: str) -> None:
+    """json reads NaN and Infinity; a NaN temperature would load and serve NaN scores."""
+    path = artifact_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if where == "temperature":
+        manifest["calibration"]["temperatures"][1] = value
+    elif where == "threshold":
+        manifest["policy"]["thresholds"][manifest["policy"]["default_mode"]] = value
+    else:
+        manifest["policy"]["curve"] = [{"threshold": value, "top_share": 0.5, "quality": 0.5, "cost_usd": 1.0}]
+    path.write_text(json.dumps(manifest))  # writes NaN / Infinity, as json.dumps does by default
+    with pytest.raises(ArtifactError, match=field + ": Input should be a finite number"):
+        classifier.load(artifact_copy)
+
+
+def test_manifest_errors_never_quote_the_file(artifact_copy: Path) -> None:
+    """Admin.Reload passes these messages to its caller, who may name a file they cannot read."""
+    path = artifact_copy / "manifest.json"
+    good = json.loads(path.read_text())
+    for content in ({"api_key": "SECRET-1"},
+                    {**good, "policy": {**good["policy"], "SECRET-2": 1}},
+                    {**good, "model_version": ["SECRET-3"]},
+                    {**good, "policy": {**good["policy"], "default_mode": "SECRET-4"}},
+                    {**good, "tiers": [{**tier, "name": "SECRET-5"} for tier in good["tiers"]]}):
+        path.write_text(json.dumps(content))
+        with pytest.raises(ArtifactError) as info:
+            classifier.load(artifact_copy)
+        assert "SECRET" not in str(info.value) and "manifest.json is invalid" in str(info.value)
+    path.write_text('{"model_version": "SECRET-6", oops}')
+    with pytest.raises(ArtifactError, match="not valid JSON") as info:
+        classifier.load(artifact_copy)
+    assert "SECRET" not in str(info.value)
+    path.write_text(json.dumps(good))
+    (artifact_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "SECRET-7"}}')
+    with pytest.raises(ArtifactError, match="not a valid tokenizer") as info:
+        classifier.load(artifact_copy)
+    assert "SECRET" not in str(info.value)

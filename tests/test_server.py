@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import random
 import shutil
@@ -176,10 +177,11 @@ def test_invalid_utf8_is_rejected_and_server_keeps_serving(server: ServerThread)
 def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A call whose deadline passes while it waits for the model fails with DEADLINE_EXCEEDED, and the
     server goes on serving. The model is held on an event, not raced against the clock."""
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     classify_items = classifier.TierClassifier.classify_items
 
     def held(self, items):  # type: ignore[no-untyped-def]
+        entered.set()
         release.wait(30)
         return classify_items(self, items)
 
@@ -189,6 +191,8 @@ def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch
         with grpc.insecure_channel(running.target) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             occupying = stub.Classify.future(router_pb2.ClassifyRequest(prompt="hi"), timeout=60)
+            # Calls on one channel may reach the server in either order: the short one must queue behind.
+            assert entered.wait(60)
             code = _code(stub.Classify, router_pb2.ClassifyRequest(prompt="hi"), timeout=0.3)
             release.set()
             assert occupying.result().tier
@@ -197,6 +201,10 @@ def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch
         release.set()
         running.stop()
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # gRPC cancelled the expired call under its handler; it is counted with the status its caller saw.
+    assert running.running is not None
+    assert running.running.metrics.requests.labels("Classify", "DEADLINE_EXCEEDED")._value.get() == 1
+    assert running.running.metrics.requests.labels("Classify", "OK")._value.get() == 2
 
 
 def test_health_and_reflection(server: ServerThread) -> None:
@@ -207,6 +215,33 @@ def test_health_and_reflection(server: ServerThread) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"promptier.v1.Router", "promptier.v1.Admin", "grpc.health.v1.Health"} <= services
+
+
+def test_reflection_v1_lists_and_describes_the_services(server: ServerThread) -> None:
+    """grpcurl and other current tools ask for grpc.reflection.v1 first; v1alpha stays for older ones."""
+    from google.protobuf import descriptor_pb2, message_factory
+
+    from serving.reflection import v1_file_descriptor
+
+    v1 = v1_file_descriptor()
+    request_type = message_factory.GetMessageClass(v1.message_types_by_name["ServerReflectionRequest"])
+    response_type = message_factory.GetMessageClass(v1.message_types_by_name["ServerReflectionResponse"])
+    with grpc.insecure_channel(server.target) as channel:
+        info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=request_type.SerializeToString,
+                                     response_deserializer=response_type.FromString)
+        listed, router, itself = info(iter([
+            request_type(list_services=""), request_type(file_containing_symbol="promptier.v1.Router"),
+            request_type(file_containing_symbol="grpc.reflection.v1.ServerReflection")]), timeout=10)
+    services = {service.name for service in listed.list_services_response.service}
+    assert {"promptier.v1.Router", "promptier.v1.Admin", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    for described, package, service_name in ((router, "promptier.v1", "Router"),
+                                             (itself, "grpc.reflection.v1", "ServerReflection")):
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                 for raw in described.file_descriptor_response.file_descriptor_proto]
+        assert any(file.package == package and service.name == service_name
+                   for file in files for service in file.service), described
 
 
 def test_concurrent_clients_get_consistent_answers(server: ServerThread) -> None:
@@ -377,6 +412,144 @@ def test_overload_is_refused_not_queued_forever(trained_artifact: Path) -> None:
         running.stop()
 
 
+class _HeldModel:
+    """Wraps a real model; every model call waits on `release` (a test holds work on this event, never
+    on a timer) and is recorded, so a test can see which prompts each model call carried."""
+
+    def __init__(self, model: classifier.TierClassifier) -> None:
+        self._model = model
+        self.manifest, self.model_version = model.manifest, model.model_version
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def classify_items(self, items):  # type: ignore[no-untyped-def]
+        self.calls.append([str(text) for text, _ in items])
+        self.entered.set()
+        assert self.release.wait(120), "the test never released the model"
+        return self._model.classify_items(items)
+
+
+def _wait_until(condition, what: str, bound_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    """A bounded poll: the bound is generous, it only keeps a broken build from hanging."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def _counted(running: RunningServer, rpc: str, code: str) -> float:
+    return running.metrics.requests.labels(rpc, code)._value.get()
+
+
+def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
+    """One client keeping ClassifyBatch x 256 calls coming fills only the room batch calls have (counted
+    in prompts); unary calls are admitted beside it and run between its chunks, and the flooder is told
+    RESOURCE_EXHAUSTED, counted with its reason. The model is held on an event while the queues fill,
+    so nothing here depends on how fast it runs."""
+    held = _HeldModel(classifier.load(trained_artifact))
+    running = ServerThread(model=held, limits=ServerLimits(max_queue=100, max_batch_queue=1024))
+    assert running.running is not None
+    batcher, metrics = running.running.batcher, running.running.metrics
+    flood_request = router_pb2.ClassifyBatchRequest(items=[router_pb2.ClassifyRequest(prompt=HARD)] * 256)
+    try:
+        with grpc.insecure_channel(running.target) as flood_channel, \
+                grpc.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            flooder, router = router_pb2_grpc.RouterStub(flood_channel), router_pb2_grpc.RouterStub(channel)
+            flood = [flooder.ClassifyBatch.future(flood_request, timeout=300) for _ in range(150)]
+            # Every flood call is either refused by now or admitted (waiting, or in the held model).
+            _wait_until(lambda: held.entered.is_set() and sum(f.done() for f in flood) + batcher.calls("batch") == 150,
+                        "the flood to be admitted or refused")
+            assert batcher.queued("batch") <= 1024
+            single = [router.Classify.future(router_pb2.ClassifyRequest(prompt=EASY), timeout=300)
+                      for _ in range(100)]
+            _wait_until(lambda: batcher.calls("unary") == 100 or any(f.done() for f in single),
+                        "the single calls to be admitted")
+            more_flood = [flooder.ClassifyBatch.future(flood_request, timeout=300) for _ in range(20)]
+            _wait_until(lambda: all(f.done() for f in more_flood), "the second wave to be refused")
+            held_calls = len(held.calls)
+            held.release.set()
+            tiers = [f.result().tier for f in single]
+            flood_codes = [f.code() for f in flood + more_flood]
+    finally:
+        held.release.set()
+        running.stop()
+    assert tiers == ["small"] * 100  # every single call served, none refused for the flood
+    refused = flood_codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert refused >= 140 and set(flood_codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all(f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for f in more_flood)
+    assert _counted(running.running, "ClassifyBatch", "RESOURCE_EXHAUSTED") == refused
+    assert metrics.overload.labels("ClassifyBatch", "batch_queue_full")._value.get() == refused
+    assert _counted(running.running, "ClassifyBatch", "OK") == flood_codes.count(grpc.StatusCode.OK)
+    assert _counted(running.running, "Classify", "OK") == 100
+    # Fair turns: the 100 single prompts ran within the first model calls after the held one, between
+    # chunks of at most max_batch batch prompts, not behind the ~1,000 batch prompts queued before them.
+    after = held.calls[held_calls:]
+    last_single = max(index for index, call in enumerate(after) if EASY in call)
+    assert last_single <= 4 and all(len(call) <= 64 for call in held.calls), [len(c) for c in after]
+
+
+def test_every_call_reaches_a_handler_and_is_counted_with_its_status(trained_artifact: Path) -> None:
+    """gRPC core sheds calls the application has not picked up past a backlog of 1,000 with a bare
+    CANCELLED that no handler sees. 3,000 concurrent calls over 12 connections: each is answered OK or
+    RESOURCE_EXHAUSTED (never CANCELLED) and counted once. Deadlines are generous, so no outcome
+    depends on speed."""
+    slow = _SlowModel(classifier.load(trained_artifact), delay=0.005)
+    running = ServerThread(model=slow, limits=ServerLimits(max_queue=64))
+    assert running.running is not None
+
+    async def flood() -> list[grpc.StatusCode]:
+        channels = [grpc.aio.insecure_channel(running.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(12)]
+        stubs = [router_pb2_grpc.RouterStub(channel) for channel in channels]
+
+        async def one(index: int) -> grpc.StatusCode:
+            try:
+                await stubs[index % 12].Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=300)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                return error.code()
+
+        try:
+            return await asyncio.gather(*(one(index) for index in range(3000)))
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    try:
+        codes = asyncio.run(flood())
+    finally:
+        running.stop()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, collections.Counter(codes)
+    for code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        assert _counted(running.running, "Classify", code.name) == codes.count(code)
+    assert running.running.metrics.overload.labels("Classify", "unary_queue_full")._value.get() == codes.count(
+        grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_shutdown_answers_waiting_calls_unavailable(trained_artifact: Path) -> None:
+    """Calls still waiting for the model when the drain's grace ends are answered UNAVAILABLE (which
+    clients retry elsewhere) and counted, rather than cancelled by gRPC with a bare CANCELLED."""
+    held = _HeldModel(classifier.load(trained_artifact))
+    running = ServerThread(model=held)
+    assert running.running is not None
+    batcher = running.running.batcher
+    stopper = threading.Thread(target=running.stop, args=(0.2,))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            calls = [router.Classify.future(router_pb2.ClassifyRequest(prompt=EASY), timeout=300) for _ in range(6)]
+            _wait_until(lambda: held.entered.is_set() and batcher.calls("unary") == 6, "six calls in the server")
+            stopper.start()
+            _wait_until(lambda: all(call.done() for call in calls), "the calls to be answered")
+            codes = [call.code() for call in calls]
+    finally:
+        held.release.set()
+        stopper.join(60)
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 6
+    assert _counted(running.running, "Classify", "UNAVAILABLE") == 6
+
+
 def test_internal_errors_do_not_leak_and_server_survives(trained_artifact: Path) -> None:
     failing = _SlowModel(classifier.load(trained_artifact), fail=True)
     running = ServerThread(model=failing)
@@ -390,6 +563,237 @@ def test_internal_errors_do_not_leak_and_server_survives(trained_artifact: Path)
             assert stub.Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=5).tier == "small"
     finally:
         running.stop()
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _closed_now(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock` by now (reading and dropping whatever it sent before)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the server
+        return True
+    return True
+
+
+def test_slow_and_idle_connections_are_closed_while_real_calls_go_on(trained_artifact: Path) -> None:
+    """A connection that sends nothing, or half an HTTP/2 preface, is closed after the handshake
+    timeout; one that completed its preface and carries no call, after the idle timeout. Both are
+    configured short here; the bound on each wait is generous."""
+    running = ServerThread(model_dir=trained_artifact,
+                           limits=ServerLimits(handshake_timeout_s=1.0, idle_timeout_s=2.0))
+    assert running.running is not None
+    port = running.running.port
+    sockets: dict[str, list[socket.socket]] = {"silent": [], "half preface": [], "idle": []}
+    try:
+        for _ in range(5):
+            sockets["silent"].append(socket.create_connection(("127.0.0.1", port)))
+            half = socket.create_connection(("127.0.0.1", port))
+            half.sendall(HTTP2_PREFACE[:10])
+            sockets["half preface"].append(half)
+            idle = socket.create_connection(("127.0.0.1", port))
+            idle.sendall(HTTP2_PREFACE + EMPTY_SETTINGS_FRAME)
+            sockets["idle"].append(idle)
+        everything = [sock for socks in sockets.values() for sock in socks]
+        with RouterClient(running.target, timeout=10) as client:
+            assert [client.classify(EASY).tier for _ in range(5)] == ["small"] * 5
+            _wait_until(lambda: all(_closed_now(sock) for sock in everything), "the server to close them all",
+                        bound_s=60)
+            assert client.classify(HARD).tier == "large"
+    finally:
+        for sock in (sock for socks in sockets.values() for sock in socks):
+            sock.close()
+        running.stop()
+
+
+def test_connections_past_the_limit_are_refused_and_existing_ones_keep_serving(trained_artifact: Path) -> None:
+    running = ServerThread(model_dir=trained_artifact,
+                           limits=ServerLimits(max_connections=4, handshake_timeout_s=300.0))
+    assert running.running is not None
+    port = running.running.port
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    hogs: list[socket.socket] = []
+    try:
+        with grpc.insecure_channel(running.target, options=own_connection) as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            assert router.Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=10).tier == "small"
+            hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # 3 fit beside ours
+            _wait_until(lambda: sum(_closed_now(sock) for sock in hogs) >= 3, "connections past the limit to close")
+            assert sum(_closed_now(sock) for sock in hogs) == 3  # the other three wait in their long handshake
+            assert router.Classify(router_pb2.ClassifyRequest(prompt=HARD), timeout=10).tier == "large"
+            with grpc.insecure_channel(running.target, options=own_connection) as newcomer:
+                code = _code(router_pb2_grpc.RouterStub(newcomer).Classify,
+                             router_pb2.ClassifyRequest(prompt=EASY), timeout=5)
+            assert code == grpc.StatusCode.UNAVAILABLE
+            for sock in hogs:
+                sock.close()
+
+            def newcomer_served() -> bool:
+                with grpc.insecure_channel(running.target, options=own_connection) as fresh:
+                    try:
+                        return router_pb2_grpc.RouterStub(fresh).Classify(
+                            router_pb2.ClassifyRequest(prompt=EASY), timeout=5).tier == "small"
+                    except grpc.RpcError:
+                        return False
+
+            _wait_until(newcomer_served, "a new connection to be accepted once the others closed")
+    finally:
+        for sock in hogs:
+            sock.close()
+        running.stop()
+
+
+def test_serve_applies_its_connection_options(trained_artifact: Path) -> None:
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+                               "--port", str(port), "--handshake-timeout", "1", "--idle-timeout", "2",
+                               "--max-connections", "50", "--max-streams", "8"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        silent = socket.create_connection(("127.0.0.1", port))
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(HTTP2_PREFACE + EMPTY_SETTINGS_FRAME)
+        _wait_until(lambda: _closed_now(silent) and _closed_now(idle), "serve to close both", bound_s=60)
+        with RouterClient(f"127.0.0.1:{port}", timeout=10) as client:
+            assert client.classify(EASY).tier == "small"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_long_invalid_fields_are_invalid_argument_with_bounded_details(stub: router_pb2_grpc.RouterStub) -> None:
+    """An error that quoted a 20 KB field whole would pass the client's metadata limit, and the caller
+    would see RESOURCE_EXHAUSTED (which clients retry) instead of INVALID_ARGUMENT."""
+    request, policy = router_pb2.ClassifyRequest, router_pb2.Policy
+    long_role = router_pb2.Conversation(messages=[router_pb2.Message(role="r" * 20_000, content="hi")])
+    for bad, says in ((request(prompt="hi", policy=policy(mode="m" * 20_000)), "unknown mode 'mmm"),
+                      (request(prompt="hi", policy=policy(mode="é" * 20_000)), "unknown mode 'ééé"),
+                      (request(prompt="hi", policy=policy(allowed_tiers=["t" * 40] * 2_000)), "unknown tier"),
+                      (request(conversation=long_role), "unknown role 'rrr")):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(bad, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details()
+        assert says in details and len(details.encode()) <= 2_200
+    batch = stub.ClassifyBatch(router_pb2.ClassifyBatchRequest(items=[
+        request(prompt="hi", policy=policy(mode="m" * 20_000)), request(prompt=EASY)]), timeout=10)
+    assert batch.items[0].error.code == "INVALID_ARGUMENT" and len(batch.items[0].error.message) <= 2_200
+    assert batch.items[1].result.tier == "small"
+
+
+def test_reload_errors_are_clear_codes_and_never_echo_files(trained_artifact: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    shutil.copytree(trained_artifact, secret)
+    (secret / "manifest.json").write_text('{"api_key": "SECRET-TOKEN-1", "nested": {"password": "SECRET-2"}}')
+    running = ServerThread(model_dir=trained_artifact)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            admin = router_pb2_grpc.AdminStub(channel)
+            raw = channel.unary_unary("/promptier.v1.Admin/Reload", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\x0a\x03\xff\xfe\xfd", timeout=30)  # model_dir that is not UTF-8
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed request" in info.value.details() and "class" not in info.value.details()
+            for model_dir, says in (("a\0b", "NUL"), ("/" + "a" * 5_000, "longer than 4096 bytes")):
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.Reload(router_pb2.ReloadRequest(model_dir=model_dir), timeout=30)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in info.value.details()
+            for model_dir, says in (("/" + "a" * 300, "File name too long"), (str(secret), "manifest.json is invalid")):
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.Reload(router_pb2.ReloadRequest(model_dir=model_dir), timeout=30)
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+                assert says in info.value.details() and "SECRET" not in info.value.details()
+                assert "old model still serving" in info.value.details()
+            assert router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY),
+                                                                 timeout=10).model_version == "tiny-test-1"
+    finally:
+        running.stop()
+    assert running.running is not None
+    assert running.running.metrics.reloads.labels("invalid")._value.get() == 3
+    assert running.running.metrics.reloads.labels("refused")._value.get() == 2
+
+
+def _tagged_copy(artifact: Path, target: Path, version: str) -> Path:
+    shutil.copytree(artifact, target)
+    manifest = target / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tiny-test-1"', f'"{version}"'))
+    return target
+
+
+def test_empty_reload_reloads_the_start_directory(trained_artifact: Path, tmp_path: Path) -> None:
+    """As the proto says: an empty Admin.Reload (and SIGHUP, which calls the same reload) loads the
+    directory the server was started with, even after a reload from another directory."""
+    start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
+    running = ServerThread(model_dir=start)
+    assert running.running is not None
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            admin = router_pb2_grpc.AdminStub(channel)
+            reply = admin.Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=30)
+            assert (reply.model_version, reply.previous_model_version) == ("other-1", "start-1")
+            reply = admin.Reload(router_pb2.ReloadRequest(), timeout=30)
+            assert (reply.model_version, reply.previous_model_version) == ("start-1", "other-1")
+            admin.Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=30)
+            assert running.call(running.running.reload()) == ("start-1", "other-1")  # what SIGHUP runs
+    finally:
+        running.stop()
+
+
+def test_sighup_reloads_the_start_directory_after_an_admin_reload(trained_artifact: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(start), "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            router_pb2_grpc.AdminStub(channel).Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=60)
+            assert router.Info(router_pb2.InfoRequest(), timeout=10).model_version == "other-1"
+            server.send_signal(signal.SIGHUP)
+            _wait_until(lambda: router.Info(router_pb2.InfoRequest(), timeout=10).model_version == "start-1",
+                        "SIGHUP to reload the start directory")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_a_busy_port_says_so_and_exits_2(trained_artifact: Path, workers: int) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+                                 "--port", str(port), "--workers", str(workers)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -> None:

@@ -310,19 +310,41 @@ def serve(
                                                      "(worker i of --workers on this port + i)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port (SO_REUSEPORT), "
                                          "one model each; about one per core")] = 1,
+    handshake_timeout: Annotated[float, typer.Option(min=0.001, help="seconds a new connection has to send "
+                                                     "its HTTP/2 preface; slower ones are closed")] = 10.0,
+    idle_timeout: Annotated[float, typer.Option(min=0, help="close a connection that has carried no call for "
+                                                "this many seconds (0: never); gRPC clients reconnect by "
+                                                "themselves")] = 300.0,
+    max_connection_age: Annotated[float, typer.Option(min=0, help="close connections older than this many "
+                                                      "seconds (0: never), after 30 s more for calls in "
+                                                      "flight")] = 0.0,
+    keepalive: Annotated[float, typer.Option(min=0, help="ping a connection silent for this many seconds and "
+                                             "close it if the client does not answer within 20 s (0: gRPC's "
+                                             "default, 2 hours)")] = 60.0,
+    max_connections: Annotated[int | None, typer.Option(min=1, help="connections open at once, per process; "
+                                                        "more are closed on accept (default: the open-file "
+                                                        "limit less 128)")] = None,
+    max_streams: Annotated[int, typer.Option(min=1, help="calls in flight per connection; a client queues "
+                                             "more itself")] = 256,
 ) -> None:
-    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory).
+    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory it started with).
 
     Admin.Reload: callers on this host only, or callers with the token in env PROMPTIER_ADMIN_TOKEN.
+    Overload is refused at once with RESOURCE_EXHAUSTED: the queues are counted in prompts, with
+    separate room for Classify and ClassifyBatch calls, so batch traffic cannot starve single calls.
     """
     import asyncio
 
     from serving.logs import configure_json_logging
-    from serving.server import serve_forever
+    from serving.server import ServerLimits, serve_forever
 
     configure_json_logging()
+    limits = ServerLimits(handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout or None,
+                          max_connection_age_s=max_connection_age or None, keepalive_time_s=keepalive or None,
+                          max_connections=max_connections, max_streams=max_streams)
     if workers > 1:
         from classifier import load
+        from serving.server import ensure_port_free
         from serving.workers import serve_workers
 
         if port == 0:
@@ -330,11 +352,12 @@ def serve(
 
         try:
             load(model)  # a bad artifact fails here, once, before any worker starts
+            ensure_port_free(host, port)  # and a port in use, before workers die trying to bind it
         except PromptierError as error:
             _fail(error)
-        raise typer.Exit(serve_workers(workers, model, f"{host}:{port}", threads, metrics_port))
+        raise typer.Exit(serve_workers(workers, model, f"{host}:{port}", threads, metrics_port, limits))
     try:
-        asyncio.run(serve_forever(model, f"{host}:{port}", threads, metrics_port))
+        asyncio.run(serve_forever(model, f"{host}:{port}", threads, metrics_port, limits=limits))
     except PromptierError as error:
         _fail(error)
 

@@ -217,20 +217,21 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
     Raises:
         ExportParityError: no candidate clears the bars (nothing is written).
         ValueError: too few prompts, or a checkpoint that does not fit the artifact's architecture.
+        PromptierError: the checkpoint holds more than tensors and plain data (it is not unpickled).
     """
     from classifier.artifact import MODEL_CARD_FILE, TOKENIZER_FILE, load_manifest
     from classifier.tokenization import PromptEncoder
     from training.config import TrainConfig
     from training.model import backbone_directory, build_model, load_encoder
     from training.model_card import render_model_card
-    from training.trainer import predict_logits, tokenize_all
+    from training.trainer import load_checkpoint, predict_logits, tokenize_all
 
     manifest = load_manifest(artifact)
     config = TrainConfig.model_validate(manifest.training["config"])
     encoder = PromptEncoder.from_file(artifact / TOKENIZER_FILE, manifest.truncation)
     model, _ = build_model(config, load_encoder(backbone_directory(config.backbone)), len(manifest.tiers),
                            pad_id=encoder.pad_id)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     try:
         model.load_state_dict(state.get("model", state))
     except RuntimeError as exc:

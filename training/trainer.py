@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from classifier.errors import PromptierError
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 
@@ -88,7 +90,7 @@ def fit(model: nn.Module, token_ids: list[np.ndarray], targets: np.ndarray, conf
     step = 0
     checkpoint_path = work_dir / CHECKPOINT_FILE
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -120,6 +122,26 @@ def fit(model: nn.Module, token_ids: list[np.ndarray], targets: np.ndarray, conf
     progress.close()
     model.eval()
     return model
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by training (or a bare state dict) onto the CPU.
+
+    A checkpoint is a pickle, and unpickling can run code; only tensors, numbers, strings and plain
+    containers are read (torch's weights_only), which is all a checkpoint holds (the RNG state is a
+    tensor).
+
+    Raises:
+        PromptierError: the file holds anything else, so it is refused unread.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PromptierError(f"{path} holds objects other than tensors, numbers and containers: refused, since "
+                             f"loading it could run code. Use checkpoints written by promptier train.") from exc
+    if not isinstance(state, dict):
+        raise PromptierError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
