@@ -261,8 +261,12 @@ class Dispatcher:
         return headers
 
     def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
-               usage: dict | None) -> None:
-        """Count the request and append it to the decision log (prompt text only with store_prompts)."""
+               usage: dict | None, note: str | None = None) -> None:
+        """Count the request and append it to the decision log (prompt text only with store_prompts).
+
+        `usage` must have passed `read_usage` (token counts that are numbers); `note` says why a
+        successful answer is logged without usage or cost.
+        """
         prompt = conversation = None
         if self.decisions.store_prompts:
             prompt = _logged_prompt(messages)
@@ -271,7 +275,7 @@ class Dispatcher:
         cost = None
         if usage and tier in self.prices:
             price_in, price_out = self.prices[tier]
-            cost = (usage.get("prompt_tokens", 0) * price_in + usage.get("completion_tokens", 0) * price_out) / 1e6
+            cost = (usage["prompt_tokens"] * price_in + usage["completion_tokens"] * price_out) / 1e6
         self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
         self.decisions.write({
             "prompt_id": f"dispatcher:{uuid.uuid4().hex}",
@@ -280,7 +284,7 @@ class Dispatcher:
             "score": None, "cost_usd": cost, "source": "dispatcher", "category": "",
             "tier": tier, "routed_tier": route.tier, "reason": route.reason, "mode": route.mode,
             "confidence": route.confidence, "classifier_ms": route.classifier_ms,
-            "latency_ms": (time.perf_counter() - started) * 1000, "usage": usage, "status": status,
+            "latency_ms": (time.perf_counter() - started) * 1000, "usage": usage, "status": status, "note": note,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 
@@ -343,10 +347,13 @@ class DisconnectWatch:
 
 
 STREAM_TAIL_BYTES = 16 * 1024  # kept of each relayed stream: enough for its last event, where usage is
+TOKEN_COUNT_LIMIT = 1e12  # a count at least this large is nonsense, and would make a nonsense cost
+NO_USAGE = "the upstream sent no usage"
 
 
-def usage_from_stream_tail(tail: bytes) -> dict | None:
-    """Token usage from the end of a chat-completions event stream, if the upstream sent it.
+def usage_from_stream_tail(tail: bytes) -> object:
+    """The `usage` of the last event of a chat-completions event stream, if the upstream sent one
+    (as sent: `read_usage` checks it).
 
     OpenAI-compatible servers send usage in a last chunk when the caller asks for it
     (`stream_options: {"include_usage": true}`); the dispatcher does not add that to the request, as
@@ -358,11 +365,44 @@ def usage_from_stream_tail(tail: bytes) -> dict | None:
             continue
         try:
             event = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None  # the last event is not JSON (cut, or not an OpenAI stream): no usage
-        usage = event.get("usage") if isinstance(event, dict) else None
-        return usage if isinstance(usage, dict) else None
+        return event.get("usage") if isinstance(event, dict) else None
     return None
+
+
+_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
+def _describe(value: object) -> str:
+    return "null or missing" if value is None else _KINDS.get(type(value), type(value).__name__)
+
+
+def read_usage(usage: object) -> tuple[dict | None, str | None]:
+    """(usage, None) when an upstream's `usage` has token counts a cost can be computed from; otherwise
+    (None, why not). What an upstream sends there is its own affair: the answer is relayed either way."""
+    if usage is None:
+        return None, NO_USAGE
+    if not isinstance(usage, dict):
+        return None, f"usage is {_describe(usage)}, not an object"
+    for field in ("prompt_tokens", "completion_tokens"):
+        count = usage.get(field)
+        if isinstance(count, bool) or not isinstance(count, int | float):
+            return None, f"usage.{field} is {_describe(count)}, not a token count"
+        if not 0 <= count < TOKEN_COUNT_LIMIT:  # NaN fails this too
+            return None, f"usage.{field} is {count!r}, not a token count"
+    return usage, None
+
+
+def usage_of_body(content: bytes) -> tuple[dict | None, str | None]:
+    """`read_usage` of a non-streaming chat-completions body."""
+    try:
+        answer = json.loads(content)
+    except (ValueError, RecursionError):
+        return None, "the response body is not JSON"
+    if not isinstance(answer, dict):
+        return None, "the response body is not a JSON object"
+    return read_usage(answer.get("usage"))
 
 
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:
@@ -481,13 +521,8 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         media_type = upstream.headers.get("content-type", "application/json")
         if not body.get("stream"):
             upstream.release()
-            usage = None
-            if upstream.status < 400:
-                try:
-                    usage = json.loads(content).get("usage")
-                except (ValueError, AttributeError):
-                    usage = None
-            dispatcher.record(route, tier, messages, upstream.status, started, usage)
+            usage, note = usage_of_body(content) if upstream.status < 400 else (None, None)
+            dispatcher.record(route, tier, messages, upstream.status, started, usage, note)
             return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -515,8 +550,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                     upstream.release()
                 else:
                     upstream.close()
-                usage = usage_from_stream_tail(bytes(tail)) if finished and status < 400 else None
-                dispatcher.record(route, tier, messages, status, started, usage)
+                usage = note = None
+                if finished and status < 400:
+                    usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
+                    if usage is None and note == NO_USAGE:
+                        note = "the stream carried no usage (sent when the caller asks for it with " \
+                               "stream_options.include_usage)"
+                dispatcher.record(route, tier, messages, status, started, usage, note)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
 

@@ -24,6 +24,9 @@ from serving.dispatcher import create_app, usage_from_stream_tail
 from serving.server import ServerLimits
 from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
+MISSING = object()  # an Upstream.usage that leaves the field out
+USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
 
 class Upstream:
     """An OpenAI-compatible server that records what it received. `behaviour` is set per test."""
@@ -36,6 +39,7 @@ class Upstream:
         self.generation_s = 5.0  # how long "generating" works before it answers
         self.finish = threading.Event()  # ends every "generating" call at once
         self.generations_cancelled = 0
+        self.usage: object = USAGE  # what its answers say in `usage` (MISSING: nothing)
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -61,10 +65,12 @@ class Upstream:
                     await asyncio.sleep(0.05)
             if body.get("stream"):
                 return StreamingResponse(self._stream(body), media_type="text/event-stream")
-            return {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": f"answer from {self.name}"}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                      "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": f"answer from {self.name}"}}]}
+            if self.usage is not MISSING:
+                answer["usage"] = self.usage
+            return answer
 
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
@@ -82,7 +88,10 @@ class Upstream:
                 await asyncio.sleep(0.3 if self.behaviour == "slowstream" else 0)
             if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI does: a last, choiceless chunk
                 last = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                        "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}}
+                        "choices": []}
+                if self.usage is not MISSING:
+                    last["usage"] = ({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+                                     if self.usage is USAGE else self.usage)
                 yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
@@ -120,6 +129,7 @@ def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
         upstream.cancelled.clear()
         upstream.finish.clear()
         upstream.generation_s, upstream.generations_cancelled = 5.0, 0
+        upstream.usage = USAGE
     return upstreams
 
 
@@ -301,6 +311,51 @@ def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[s
         dispatcher.client().chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
     assert "bad temperature" in str(info.value)
     assert not fresh["medium"].received  # a caller's error is not retried elsewhere
+
+
+UNREADABLE_USAGE = {
+    "null counts": ({"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+                    "usage.prompt_tokens is null or missing, not a token count"),
+    "string counts": ({"prompt_tokens": "10", "completion_tokens": "5", "total_tokens": "15"},
+                      "usage.prompt_tokens is a string, not a token count"),
+    "a number": (15, "usage is a number, not an object"),
+    "a string": ("garbage", "usage is a string, not an object"),
+    "a negative count": ({"prompt_tokens": 10, "completion_tokens": -5}, "usage.completion_tokens is -5"),
+    "missing": (MISSING, "no usage"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_with_unreadable_usage_are_relayed_and_logged_without_cost(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path, stream: bool) -> None:
+    # The upstream answered (and was paid): what it says in `usage` must not turn that into an error.
+    url = f"{dispatcher.base_url}/chat/completions"
+    body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}], "stream": stream,
+            "stream_options": {"include_usage": True}} if stream else \
+        {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
+    for count, (usage, note) in enumerate(UNREADABLE_USAGE.values(), start=1):
+        fresh["small"].usage = usage
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=10) as response:
+                status, text = response.status_code, "".join(response.iter_text())
+            events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", text  # the stream was relayed to its end
+            last = json.loads(events[-2])
+            relayed = last.get("usage", MISSING)
+            assert len(events) == 7 and "error" not in last
+        else:
+            reply = httpx.post(url, json=body, timeout=10)
+            status, relayed = reply.status_code, reply.json().get("usage", MISSING)
+            assert reply.json()["choices"][0]["message"]["content"] == "answer from small"
+        assert status == 200
+        assert relayed == usage  # as the upstream sent it
+        entry = _log_once_written(tmp_path, count)[-1]
+        assert (entry["status"], entry["tier"], entry["usage"], entry["cost_usd"]) == (200, "small", None, None)
+        assert note in entry["note"], entry["note"]
+    fresh["small"].usage = USAGE
+    httpx.post(url, json=body, timeout=10).raise_for_status()
+    entry = _log_once_written(tmp_path, len(UNREADABLE_USAGE) + 1)[-1]
+    assert entry["cost_usd"] > 0 and entry["note"] is None
 
 
 def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
