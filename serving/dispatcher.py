@@ -347,6 +347,9 @@ class DisconnectWatch:
 
 
 STREAM_TAIL_BYTES = 16 * 1024  # kept of each relayed stream: enough for its last event, where usage is
+# A non-streaming answer up to this size is read whole, for the usage in it; a larger one is relayed as
+# it comes (and logged without usage), so that one huge answer cannot take the process's memory.
+BUFFERED_BODY_LIMIT = 4 * 1024 * 1024
 TOKEN_COUNT_LIMIT = 1e12  # a count at least this large is nonsense, and would make a nonsense cost
 NO_USAGE = "the upstream sent no usage"
 
@@ -403,6 +406,23 @@ def usage_of_body(content: bytes) -> tuple[dict | None, str | None]:
     if not isinstance(answer, dict):
         return None, "the response body is not a JSON object"
     return read_usage(answer.get("usage"))
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
+    """(the body's chunks, True) when it ends within `limit` bytes; else (those come so far, False)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return chunks, False
+    return chunks, True
+
+
+class ResponseCut(Exception):
+    """The upstream failed in the middle of a body that has no way to carry an error: the caller's
+    connection must be closed without ending the response, so that it sees the body incomplete."""
 
 
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:
@@ -487,6 +507,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             mode, pinned = dispatcher.parse_model(body.get("model"))
         except HTTPError as error:
             return error.response()
+        streamed = bool(body.get("stream"))
         route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
         upstream: aiohttp.ClientResponse | None = None
         tier: str | None = None
@@ -500,10 +521,11 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 except HTTPError as error:
                     dispatcher.record(route, None, messages, error.status, started, None)
                     return error.response(dispatcher.headers(route, route.tier))
-                content = b""
-                if not body.get("stream"):
+                received: list[bytes] = []  # the start of a body too large to hold, relayed first
+                whole = False
+                if not streamed:
                     try:
-                        content = await upstream.read()
+                        received, whole = await _read_up_to(upstream, BUFFERED_BODY_LIMIT)
                     except (aiohttp.ClientError, TimeoutError) as error:
                         upstream.close()
                         failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
@@ -519,26 +541,33 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         headers = dispatcher.headers(route, tier)
         media_type = upstream.headers.get("content-type", "application/json")
-        if not body.get("stream"):
+        if whole:
             upstream.release()
+            content = b"".join(received)
             usage, note = usage_of_body(content) if upstream.status < 400 else (None, None)
             dispatcher.record(route, tier, messages, upstream.status, started, usage, note)
             return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
+            """The rest of the upstream's body as it comes: an event stream, or a body too large to hold."""
             status = upstream.status
             finished = False
             tail = bytearray()
             try:
+                while received:
+                    yield received.pop(0)
                 async for chunk in upstream.content.iter_any():
-                    tail += chunk
-                    del tail[:-STREAM_TAIL_BYTES]
+                    if streamed:
+                        tail += chunk
+                        del tail[:-STREAM_TAIL_BYTES]
                     yield chunk
                 finished = True
             except (aiohttp.ClientError, TimeoutError) as error:
                 status = 599  # recorded as a broken stream
-                event = {"error": {"message": f"upstream stream from tier {tier} broke: {type(error).__name__}",
-                                   "type": "upstream_error", "code": "stream_interrupted"}}
+                detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
+                if not streamed:
+                    raise ResponseCut(detail) from None
+                event = {"error": {"message": detail, "type": "upstream_error", "code": "stream_interrupted"}}
                 yield f"data: {json.dumps(event)}\n\n".encode()
             except (asyncio.CancelledError, GeneratorExit):
                 status = CLIENT_CLOSED  # the caller disconnected mid-stream
@@ -552,10 +581,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                     upstream.close()
                 usage = note = None
                 if finished and status < 400:
-                    usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
-                    if usage is None and note == NO_USAGE:
-                        note = "the stream carried no usage (sent when the caller asks for it with " \
-                               "stream_options.include_usage)"
+                    if streamed:
+                        usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
+                        if usage is None and note == NO_USAGE:
+                            note = "the stream carried no usage (sent when the caller asks for it with " \
+                                   "stream_options.include_usage)"
+                    else:
+                        note = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
                 dispatcher.record(route, tier, messages, status, started, usage, note)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
@@ -581,7 +613,11 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             except Exception:  # what ServerErrorMiddleware would do, without its cost on every request
                 log.exception("unhandled error in chat completions")
                 response = HTTPError(500, "internal error", kind="server_error").response()
-            await response(scope, receive, send)
+            try:
+                await response(scope, receive, send)
+            except ResponseCut as cut:
+                # Returning with the response unfinished makes uvicorn close the connection, unterminated.
+                log.warning(json.dumps({"event": "response_cut", "detail": str(cut)}))
         else:
             await app(scope, receive, send)
 

@@ -28,6 +28,16 @@ MISSING = object()  # an Upstream.usage that leaves the field out
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
+def huge_answer(model: str, megabytes: int) -> tuple[bytes, bytes, bytes]:
+    """A chat completion of `megabytes` MiB, as (head, one MiB of content, tail): sent as head, the
+    MiB `megabytes` times, then tail, so that neither end holds it whole."""
+    answer = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "@"}}], "usage": USAGE})
+    head, tail = answer.split("@")
+    return head.encode(), b"x" * (1 << 20), tail.encode()
+
+
 class Upstream:
     """An OpenAI-compatible server that records what it received. `behaviour` is set per test."""
 
@@ -40,6 +50,7 @@ class Upstream:
         self.finish = threading.Event()  # ends every "generating" call at once
         self.generations_cancelled = 0
         self.usage: object = USAGE  # what its answers say in `usage` (MISSING: nothing)
+        self.huge_mb = 80  # the size of a "huge" answer
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -53,6 +64,18 @@ class Upstream:
                                     status_code=400)
             if self.behaviour == "slow":
                 await asyncio.sleep(3)
+            if self.behaviour in ("huge", "huge_break"):
+                head, block, tail = huge_answer(body["model"], self.huge_mb)
+
+                async def huge():  # type: ignore[no-untyped-def]
+                    yield head
+                    for index in range(self.huge_mb):
+                        if self.behaviour == "huge_break" and index == self.huge_mb // 2:
+                            raise RuntimeError("upstream died mid-answer")
+                        yield block
+                    yield tail
+
+                return StreamingResponse(huge(), media_type="application/json")
             if self.behaviour == "generating":
                 # Like vLLM: a long generation that stops when its caller disconnects.
                 for _ in range(round(self.generation_s / 0.05)):
@@ -129,7 +152,7 @@ def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
         upstream.cancelled.clear()
         upstream.finish.clear()
         upstream.generation_s, upstream.generations_cancelled = 5.0, 0
-        upstream.usage = USAGE
+        upstream.usage, upstream.huge_mb = USAGE, 80
     return upstreams
 
 
@@ -356,6 +379,85 @@ def test_answers_with_unreadable_usage_are_relayed_and_logged_without_cost(
     httpx.post(url, json=body, timeout=10).raise_for_status()
     entry = _log_once_written(tmp_path, len(UNREADABLE_USAGE) + 1)[-1]
     assert entry["cost_usd"] > 0 and entry["note"] is None
+
+
+def test_a_huge_answer_is_relayed_as_it_comes_not_held_in_memory(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from serving.loadgen import _free_port
+
+    log_path, config = tmp_path / "decisions.jsonl", tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"address": grpc_classifier.target},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log_path)}}))
+    port = _free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
+    try:
+        _wait_for_health(port, parent)
+        (worker,) = spawned_workers(parent.pid)
+        for _ in range(3):  # the request path warmed up, so that what grows next is the answer's doing
+            httpx.post(url, json=body, timeout=30).raise_for_status()
+        before = worker.memory_info().rss
+        fresh["small"].behaviour, fresh["small"].huge_mb = "huge", 80
+        head, block, tail = huge_answer("small-upstream-model", 80)
+        expected = hashlib.sha256(head)
+        for _ in range(80):
+            expected.update(block)
+        expected.update(tail)
+        size = len(head) + 80 * len(block) + len(tail)
+        received, digest, peak, next_sample = 0, hashlib.sha256(), before, 0
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                received += len(chunk)
+                digest.update(chunk)
+                if received >= next_sample:  # the worker's memory, every 2 MiB of the answer
+                    peak = max(peak, worker.memory_info().rss)
+                    next_sample += 2 << 20
+        assert received == size and digest.hexdigest() == expected.hexdigest()  # intact, to the last byte
+        growth = peak - before  # about the 4 MiB the dispatcher reads before it knows the answer is large
+        assert growth < size / 4, f"the dispatcher grew by {growth / 2**20:.0f} MiB relaying {size / 2**20:.0f} MiB"
+        entry = _log_once_written(tmp_path, 4)[-1]
+        assert entry["status"] == 200 and entry["usage"] is None and "over" in entry["note"]
+    finally:
+        parent.terminate()
+        try:
+            parent.wait(30)
+        except subprocess.TimeoutExpired:
+            for process in [*spawned_workers(parent.pid), parent]:
+                process.kill()
+        psutil.wait_procs([parent], timeout=5)
+
+
+def test_a_huge_answer_cut_by_its_upstream_reaches_the_caller_incomplete(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
+    # Relayed as it comes, the answer has started when the upstream breaks: a JSON body cannot carry an
+    # error event, so the caller's connection is closed before the end of the body, which it sees.
+    fresh["small"].behaviour, fresh["small"].huge_mb = "huge_break", 12
+    body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
+    received = 0
+    with pytest.raises(httpx.RemoteProtocolError), \
+            httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received += len(chunk)
+    assert 4 << 20 < received < 12 << 20
+    (entry,) = _log_once_written(tmp_path, 1)
+    assert entry["status"] == 599 and entry["usage"] is None
+    fresh["small"].behaviour = "ok"
+    assert dispatcher.client().chat.completions.create(model="promptier/tier/small",
+                                                       messages=body["messages"]).choices
 
 
 def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
