@@ -222,7 +222,10 @@ class Dispatcher:
         for index in range(self.tiers.index(route.tier), len(self.tiers)):
             tier = self.tiers[index]
             upstream = self.config.tiers[tier]
-            payload = json.dumps({**body, "model": upstream.model}).encode()
+            try:
+                payload = json.dumps({**body, "model": upstream.model}, allow_nan=False).encode()
+            except (ValueError, RecursionError) as error:  # a number out of float range, or nesting too deep
+                raise HTTPError(400, f"request body cannot be sent on as JSON: {error}") from None
             headers = {"content-type": "application/json"}
             key = upstream.api_key()
             if key:
@@ -447,13 +450,23 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constant(name: str) -> object:
+    raise HTTPError(400, f"request body is not valid JSON: {name} is not a JSON number")
+
+
 def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HTTPError(400, f"request body is not valid JSON: {error}") from error
+        raise HTTPError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise HTTPError(400, "request body is nested too deeply") from None
+    except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise HTTPError(400, f"request body has a number that cannot be read: {str(error).split(';')[0]}") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "request body must be a JSON object")
+    if not isinstance(body.get("stream", False), bool) and body["stream"] is not None:
+        raise HTTPError(400, "stream must be true or false")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise HTTPError(400, "messages must be a non-empty list")

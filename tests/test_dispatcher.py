@@ -601,6 +601,30 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
         running.stop()
 
 
+def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+    url = f"{dispatcher.base_url}/chat/completions"
+    start = '{"model": "promptier", "messages": [{"role": "user", "content": "hi"}], '
+
+    def post(rest: str) -> httpx.Response:
+        return httpx.post(url, content=start + rest, headers={"content-type": "application/json"}, timeout=10)
+
+    cases = {
+        '"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}": "nested too deeply",
+        '"seed": ' + "7" * 5000 + "}": "number",
+        '"temperature": NaN}': "NaN",
+        '"temperature": 1e999}': "Out of range float",
+        '"stream": "false"}': "stream must be true or false",
+        '"stream": 0}': "stream must be true or false",
+    }
+    for rest, message in cases.items():
+        reply = post(rest)
+        assert reply.status_code == 400, (rest[:40], reply.status_code, reply.text[:200])
+        assert message in reply.json()["error"]["message"], reply.json()
+    assert not any(upstream.received for upstream in fresh.values())
+    reply = post('"stream": null}')  # as the OpenAI API allows: not streamed
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
 def test_config_validation(tmp_path: Path) -> None:
     path = tmp_path / "dispatcher.yaml"
     path.write_text("tiers: {small: {base_url: 'ftp://x', model: m}}\nfallback_tier: small\n")
