@@ -28,8 +28,11 @@ class Upstream(_Strict):
     model: str = Field(min_length=1, description="the upstream's own model name")
     api_key_env: str | None = Field(default=None, description="env var holding the upstream API key")
     connect_timeout_s: float = Field(default=2.0, gt=0)
-    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="time to response headers")
-    read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between streamed chunks")
+    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="time to response headers (for a "
+                                        "non-streaming request, usually the whole generation); independent of "
+                                        "read_timeout_s")
+    read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between body chunks, once the "
+                                  "headers have come")
 
     @field_validator("base_url")
     @classmethod

@@ -230,13 +230,14 @@ class Dispatcher:
             key = upstream.api_key()
             if key:
                 headers["authorization"] = f"Bearer {key}"
-            # sock_read bounds each gap between streamed chunks; asyncio.timeout bounds the wait for headers.
-            timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s,
-                                            sock_read=upstream.read_timeout_s)
+            # asyncio.timeout bounds the wait for headers; read_timeout_s, set once they have come, each gap
+            # in the body (as sock_read from the start, it would also cut the wait for headers short).
+            timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s, sock_read=None)
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout_s):
                     response = await self.http.post(f"{upstream.base_url}/chat/completions", data=payload,
                                                      headers=headers, timeout=timeout)
+                _bound_body_reads(response, upstream.read_timeout_s)
             except TimeoutError:
                 last_error = f"tier {tier}: upstream timed out"
             except aiohttp.ClientError as error:
@@ -409,6 +410,15 @@ def usage_of_body(content: bytes) -> tuple[dict | None, str | None]:
     if not isinstance(answer, dict):
         return None, "the response body is not a JSON object"
     return read_usage(answer.get("usage"))
+
+
+def _bound_body_reads(response: aiohttp.ClientResponse, seconds: float) -> None:
+    """Bound each gap in the response body by `seconds` from now on (its headers have come)."""
+    connection = response.connection
+    if connection is None or connection.protocol is None or response.content.is_eof():
+        return  # all of it has come: nothing to wait for (and no end of body left to stop a timer)
+    connection.protocol.read_timeout = seconds
+    connection.protocol.start_timeout()
 
 
 async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:

@@ -50,6 +50,7 @@ class Upstream:
         self.finish = threading.Event()  # ends every "generating" call at once
         self.generations_cancelled = 0
         self.usage: object = USAGE  # what its answers say in `usage` (MISSING: nothing)
+        self.delay_s = 1.0  # how long "delay" waits before it answers
         self.huge_mb = 80  # the size of a "huge" answer
         app = FastAPI()
 
@@ -64,6 +65,8 @@ class Upstream:
                                     status_code=400)
             if self.behaviour == "slow":
                 await asyncio.sleep(3)
+            if self.behaviour == "delay":
+                await asyncio.sleep(self.delay_s)
             if self.behaviour in ("huge", "huge_break"):
                 head, block, tail = huge_answer(body["model"], self.huge_mb)
 
@@ -109,6 +112,8 @@ class Upstream:
                                       "finish_reason": None}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(0.3 if self.behaviour == "slowstream" else 0)
+                if self.behaviour == "stall" and index == 1:
+                    await asyncio.sleep(5)  # goes quiet mid-stream
             if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI does: a last, choiceless chunk
                 last = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
                         "choices": []}
@@ -152,7 +157,7 @@ def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
         upstream.cancelled.clear()
         upstream.finish.clear()
         upstream.generation_s, upstream.generations_cancelled = 5.0, 0
-        upstream.usage, upstream.huge_mb = USAGE, 80
+        upstream.usage, upstream.delay_s, upstream.huge_mb = USAGE, 1.0, 80
     return upstreams
 
 
@@ -623,6 +628,30 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
     assert not any(upstream.received for upstream in fresh.values())
     reply = post('"stream": null}')  # as the OpenAI API allows: not streamed
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
+def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
+    config.tiers["small"].first_byte_timeout_s, config.tiers["small"].read_timeout_s = 10.0, 0.3
+    running = Dispatcher(config)
+    try:
+        # A non-streaming answer comes whole after its generation: the first-byte timeout is the bound.
+        fresh["small"].behaviour, fresh["small"].delay_s = "delay", 1.0
+        reply = running.client().chat.completions.with_raw_response.create(
+            model="promptier/tier/small", messages=[{"role": "user", "content": EASY}])
+        assert reply.headers["x-promptier-tier"] == "small" and reply.headers["x-promptier-reason"] == "pinned"
+        assert not fresh["medium"].received
+        # Once the headers have come, the read timeout bounds each gap: a stream gone quiet is cut.
+        fresh["small"].behaviour = "stall"
+        with httpx.stream("POST", f"{running.base_url}/chat/completions", timeout=30,
+                          json={"model": "promptier/tier/small", "stream": True,
+                                "messages": [{"role": "user", "content": EASY}]}) as response:
+            text = "".join(response.iter_text())
+        events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+        assert len(events) == 3 and json.loads(events[-1])["error"]["code"] == "stream_interrupted", text
+    finally:
+        running.stop()
 
 
 def test_config_validation(tmp_path: Path) -> None:
