@@ -74,6 +74,24 @@ class DecisionLogConfig(_Strict):
     store_prompts: bool = Field(default=False, description="write prompt text into the log")
 
 
+class InboundConfig(_Strict):
+    """Limits on callers' connections, so that slow or idle clients cannot hold the dispatcher's sockets
+    (and file descriptors) until real requests fail. Read by each worker process when it starts (so a
+    SIGHUP applies them too)."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a request's headers must have come in "
+                                    "full within this of its first byte (of the connection, for the first "
+                                    "request); otherwise 408 and the connection is closed")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request's body must have come in full "
+                                  "within this of its headers; otherwise 408 and the connection is closed")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed "
+                                      "after this")
+    max_connections: int | None = Field(default=None, ge=1, description="open caller connections per worker "
+                                        "process; one more is answered 503 and closed at once. Default: half "
+                                        "of the open-file limit less 64 (each caller connection may need an "
+                                        "upstream one)")
+
+
 class DispatcherConfig(_Strict):
     """Tiers are listed cheapest first; their names must be the classifier's tier names."""
 
@@ -83,6 +101,7 @@ class DispatcherConfig(_Strict):
     fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
     inbound_api_keys_env: str | None = Field(default=None, description="env var: comma-separated accepted keys")
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    inbound: InboundConfig = Field(default_factory=InboundConfig)
     decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app, multiprocess
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount
 from starlette.routing import Route as Endpoint
@@ -38,6 +38,7 @@ from classifier.errors import InvalidInputError, PromptierError
 from serving.decision_log import DecisionLog
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
+from serving.inbound import INBOUND_ATTRIBUTE
 from serving.logs import configure_json_logging
 from serving.metrics import BatcherMetrics
 from serving.route_classifier import (
@@ -448,6 +449,12 @@ def _logged_prompt(messages: list[tuple[str, str]]) -> str:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, up to `limit` bytes.
+
+    Raises:
+        HTTPError: 413, the body is larger.
+        ClientDisconnect: the caller left (or took too long: serving.inbound) before sending all of it.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
@@ -530,6 +537,12 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             mode, pinned = dispatcher.parse_model(body.get("model"))
         except HTTPError as error:
             return error.response()
+        except ClientDisconnect:
+            # A caller that leaves mid-body is routine (and one too slow is cut off by serving.inbound).
+            client = request.scope.get("client")
+            log.info(json.dumps({"event": "client_left_before_its_body_came",
+                                 "client": f"{client[0]}:{client[1]}" if client else None}))
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         streamed = bool(body.get("stream"))
         route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
         upstream: aiohttp.ClientResponse | None = None
@@ -644,6 +657,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         else:
             await app(scope, receive, send)
 
+    setattr(hot_path, INBOUND_ATTRIBUTE, config.inbound)  # what serving.inbound's server reads its limits from
     return hot_path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app, usage_from_stream_tail
+from serving.inbound import DispatchServerConfig
 from serving.server import ServerLimits
 from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
@@ -182,7 +185,8 @@ def _config(upstreams: dict[str, Upstream], classifier_address: str, log_path: P
 
 class Dispatcher:
     def __init__(self, config: DispatcherConfig) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="error"))
+        self.server = uvicorn.Server(DispatchServerConfig(create_app(config), host="127.0.0.1", port=0,
+                                                          log_level="error"))
         self.port = _run_uvicorn(self.server)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
@@ -606,6 +610,122 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
         running.stop()
 
 
+def _until_closed(connection: socket.socket) -> bytes:
+    """What the server sends until it closes the connection. The socket's timeout bounds the wait (a
+    server that never closes fails the test); it measures nothing."""
+    received = b""
+    while True:
+        try:
+            chunk = connection.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def _slow_client(port: int, sent: bytes) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(sent)
+    return connection
+
+
+HEADERS = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+           b"content-length: 400\r\n\r\n")
+
+
+def test_slow_clients_are_cut_off_and_others_keep_being_served(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                 inbound={"header_timeout_s": 0.5, "body_timeout_s": 0.5}))
+    try:
+        slow = {"silent": _slow_client(running.port, b""),
+                "half the headers": _slow_client(running.port, HEADERS[:40]),
+                "half the body": _slow_client(running.port, HEADERS + b'{"model": "promptier", ' * 8)}
+        client = running.client()
+        for _ in range(3):  # meanwhile, callers that send their requests are served
+            client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+        answers = {}
+        for what, connection in slow.items():
+            answers[what] = _until_closed(connection)
+            connection.close()
+        assert answers.pop("silent") == b""  # closed quietly, like an idle keep-alive connection
+        for what, answer in answers.items():
+            assert answer.startswith(b"HTTP/1.1 408 "), (what, answer)
+        # Trickling does not extend the deadline: a byte at a time, each within the timeout, still ends.
+        trickler = _slow_client(running.port, b"")
+        trickler.settimeout(0.05)
+        answer = b""
+        for byte in (HEADERS[:-4] + b"\r\nx-padding: " + b"a" * 2000)[:2000]:
+            try:
+                trickler.sendall(bytes([byte]))
+                answer = trickler.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            break
+        trickler.settimeout(30)
+        answer += _until_closed(trickler)
+        trickler.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        # A keep-alive connection between requests is not cut by the request deadlines.
+        with httpx.Client(base_url=running.base_url) as keep_alive:
+            for _ in range(2):
+                assert keep_alive.get("/models").status_code == 200
+                time.sleep(0.7)
+            assert keep_alive.get("/models").status_code == 200
+        assert len(_log(tmp_path)) == 3  # the requests cut off never reached routing
+    finally:
+        running.stop()
+
+
+def test_a_caller_that_leaves_mid_body_is_one_log_line_without_traceback(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    try:
+        with caplog.at_level("INFO", logger="promptier.dispatcher"), caplog.at_level("INFO", logger="uvicorn"):
+            for _ in range(2):
+                _slow_client(running.port, HEADERS + b'{"model": "prom').close()
+
+            def lines() -> list[logging.LogRecord]:
+                return [record for record in caplog.records if "client_left" in record.getMessage()]
+
+            deadline = time.monotonic() + 10
+            while len(lines()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(lines()) == 2
+            assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+        assert running.client().chat.completions.create(model="promptier",
+                                                        messages=[{"role": "user", "content": EASY}]).choices
+    finally:
+        running.stop()
+
+
+def test_connections_past_the_limit_are_refused_at_once(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                 inbound={"max_connections": 3, "header_timeout_s": 60}))
+    try:
+        held = [_slow_client(running.port, b"") for _ in range(3)]
+        refused = _slow_client(running.port, b"")
+        answer = _until_closed(refused)  # answered without waiting for a request
+        refused.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in answer, answer
+        for connection in held:
+            connection.close()
+        status = None
+        for _ in range(200):  # once the server has seen them go
+            status = httpx.get(f"{running.base_url}/models").status_code
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        running.stop()
+
+
 def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
     url = f"{dispatcher.base_url}/chat/completions"
     start = '{"model": "promptier", "messages": [{"role": "user", "content": "hi"}], '
@@ -668,6 +788,10 @@ def test_config_validation(tmp_path: Path) -> None:
     path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, api_key_env: NOPE_NOT_SET}}\n"
                     "fallback_tier: small\n")
     with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "inbound: {header_timeout_s: 0}\n")
+    with pytest.raises(ConfigError, match=r"inbound\.header_timeout_s: Input should be greater than 0"):
         load_dispatcher_config(path)
 
 
