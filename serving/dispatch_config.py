@@ -101,8 +101,20 @@ class DispatcherConfig(_Strict):
     fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
     inbound_api_keys_env: str | None = Field(default=None, description="env var: comma-separated accepted keys")
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    allowed_hosts: list[str] = Field(default_factory=list, description="without inbound keys, the Host names "
+                                     "accepted besides localhost and IP addresses (a browser page on another "
+                                     "name must not reach the dispatcher through DNS rebinding); '*' accepts "
+                                     "any. Not checked when inbound keys are configured")
     inbound: InboundConfig = Field(default_factory=InboundConfig)
     decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or any(char in name for char in ":/ "):
+                raise ValueError(f"allowed_hosts entries are host names without scheme or port, got {name!r}")
+        return [name.lower().rstrip(".") if name != "*" else name for name in value]
 
     @model_validator(mode="after")
     def _consistent(self) -> DispatcherConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -439,6 +440,48 @@ class ResponseCut(Exception):
     connection must be closed without ending the response, so that it sees the body incomplete."""
 
 
+class HostCheck:
+    """Whether a request's Host header may reach a dispatcher that asks for no API key.
+
+    A web page can make the browser send requests to the dispatcher (a cross-site POST with a body that
+    is not JSON, which the 415 stops), and through DNS rebinding (its own name made to resolve to the
+    dispatcher's address) it can even read the answers: the browser then sends the page's name as
+    Host. So without keys, Host must be `localhost`, an IP address (a name is needed to rebind), or a
+    name in `allowed_hosts`. A request without Host (HTTP/1.0) comes from no browser. Answers are
+    cached per Host value, so that the check costs a dict lookup.
+    """
+
+    CACHED = 1024
+
+    def __init__(self, allowed: list[str]) -> None:
+        self.names = frozenset({"localhost", *allowed})
+        self.seen: dict[bytes, bool] = {}
+
+    def __call__(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for name, value in headers:
+            if name == b"host":
+                allowed = self.seen.get(value)
+                if allowed is None:
+                    allowed = self.judge(value.decode("latin-1"))
+                    if len(self.seen) < self.CACHED:
+                        self.seen[value] = allowed
+                return allowed
+        return True
+
+    def judge(self, host: str) -> bool:
+        host = host.strip().lower()
+        # [IPv6]:port, or name:port (IPv4 included)
+        host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        host = host.rstrip(".")
+        if host in self.names:
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+
+
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:
     """The text the classifier read for this request, so that training on the decision log sees what
     serving sees (for a conversation: the latest user turn first, then the earlier turns, newest first)."""
@@ -469,6 +512,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _no_constant(name: str) -> object:
     raise HTTPError(400, f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.partition(";")[0].strip().lower() == "application/json"
 
 
 def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
@@ -528,6 +575,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         try:
+            if not _is_json(request.headers.get("content-type", "")):
+                raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
+                                code="unsupported_media_type")
             if dispatcher.inbound_keys is not None:
                 supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if supplied not in dispatcher.inbound_keys:
@@ -640,10 +690,19 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     ])
     app.state.dispatcher = dispatcher
 
+    # Without inbound keys, a browser page must not reach the dispatcher under a name of its own.
+    host_allowed = (HostCheck(config.allowed_hosts)
+                    if dispatcher.inbound_keys is None and "*" not in config.allowed_hosts else None)
+    host_refused = HTTPError(403, "this Host is not allowed: name the dispatcher by localhost or an IP address, "
+                             "list its name in allowed_hosts, or configure inbound_api_keys_env",
+                             code="host_not_allowed").response()
+
     async def hot_path(scope: Scope, receive: Receive, send: Send) -> None:
         """Chat completions skip Starlette's middleware and router (a tenth of the per-request work in
         the dispatcher's profile); everything else, lifespan included, goes through the app."""
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
+        if scope["type"] == "http" and host_allowed is not None and not host_allowed(scope["headers"]):
+            await host_refused(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
             try:
                 response = await chat(Request(scope, receive))
             except Exception:  # what ServerErrorMiddleware would do, without its cost on every request

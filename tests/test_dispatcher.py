@@ -205,6 +205,22 @@ def dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_pa
     running.stop()
 
 
+@pytest.fixture
+def fresh_dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path
+                     ) -> Iterator[Callable[..., Dispatcher]]:
+    """Starts dispatchers with config fields of the test's own (each logs to its own file)."""
+    started: list[Dispatcher] = []
+
+    def start(**extra: object) -> Dispatcher:
+        started.append(Dispatcher(_config(fresh, grpc_classifier.target,
+                                          tmp_path / f"decisions-{len(started)}.jsonl", **extra)))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
+
+
 def _log(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
 
@@ -599,7 +615,7 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
             client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "x" * 5000}])
         assert info.value.status_code == 413
         url = f"{running.base_url}/chat/completions"
-        auth = {"authorization": "Bearer k1"}
+        auth = {"authorization": "Bearer k1", "content-type": "application/json"}
         assert httpx.post(url, content=b"{not json", headers=auth).status_code == 400
         assert httpx.post(url, json={"model": "promptier", "messages": []}, headers=auth).status_code == 400
         assert httpx.post(url, json={"model": "promptier", "messages": "hi"}, headers=auth).status_code == 400
@@ -774,6 +790,37 @@ def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
         running.stop()
 
 
+def test_requests_a_browser_page_could_forge_are_refused_without_keys(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], fresh_dispatcher: Callable[..., Dispatcher]) -> None:
+    url = f"{dispatcher.base_url}/chat/completions"
+    body = json.dumps({"model": "promptier", "messages": [{"role": "user", "content": EASY}]})
+    # A cross-site form or fetch may send text/plain (or form data) with no preflight: not executed.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": content_type} if content_type else {}
+        reply = httpx.post(url, content=body, headers=headers)
+        assert reply.status_code == 415 and reply.json()["error"]["code"] == "unsupported_media_type"
+    assert not fresh["small"].received
+    assert httpx.post(url, content=body, headers={"content-type": "Application/JSON; charset=utf-8"}).status_code == 200
+    # DNS rebinding: the page's own name, resolved to the dispatcher's address, arrives as Host.
+    port = dispatcher.port
+    for path in ("/v1/chat/completions", "/v1/models", "/health", "/metrics/"):
+        headers = {"host": f"rebind.example:{port}", "content-type": "application/json"}
+        reply = httpx.request("POST" if "chat" in path else "GET", f"http://127.0.0.1:{port}{path}",
+                              content=body, headers=headers)
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "host_not_allowed", path
+    assert len(fresh["small"].received) == 1
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", f"10.1.2.3:{port}",
+                 "LOCALHOST."):
+        assert httpx.get(f"{dispatcher.base_url}/models", headers={"host": host}).status_code == 200, host
+    # A name the operator serves the dispatcher under is listed in allowed_hosts.
+    listed = fresh_dispatcher(allowed_hosts=["dispatcher.internal"])
+    models = f"{listed.base_url}/models"
+    assert httpx.get(models, headers={"host": f"dispatcher.internal:{listed.port}"}).status_code == 200
+    assert httpx.get(models, headers={"host": "rebind.example"}).status_code == 403
+    anything = fresh_dispatcher(allowed_hosts=["*"])
+    assert httpx.get(f"{anything.base_url}/models", headers={"host": "rebind.example"}).status_code == 200
+
+
 def test_config_validation(tmp_path: Path) -> None:
     path = tmp_path / "dispatcher.yaml"
     path.write_text("tiers: {small: {base_url: 'ftp://x', model: m}}\nfallback_tier: small\n")
@@ -788,6 +835,10 @@ def test_config_validation(tmp_path: Path) -> None:
     path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, api_key_env: NOPE_NOT_SET}}\n"
                     "fallback_tier: small\n")
     with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "allowed_hosts: ['dispatcher.internal:8080']\n")
+    with pytest.raises(ConfigError, match=r"allowed_hosts: .*host names without scheme or port"):
         load_dispatcher_config(path)
     path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
                     "inbound: {header_timeout_s: 0}\n")

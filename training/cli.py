@@ -327,6 +327,8 @@ def dispatch(
     """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config).
 
     Slow callers: config `inbound:` (header_timeout_s, body_timeout_s: 408; max_connections: 503).
+
+    Browsers: POST application/json (else 415); without inbound keys, Host: localhost, an IP or allowed_hosts (403).
     """
     from classifier import load
     from serving.dispatch_config import load_dispatcher_config
