@@ -28,8 +28,11 @@ class Upstream(_Strict):
     model: str = Field(min_length=1, description="the upstream's own model name")
     api_key_env: str | None = Field(default=None, description="env var holding the upstream API key")
     connect_timeout_s: float = Field(default=2.0, gt=0)
-    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="time to response headers")
-    read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between streamed chunks")
+    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="time to response headers (for a "
+                                        "non-streaming request, usually the whole generation); independent of "
+                                        "read_timeout_s")
+    read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between body chunks, once the "
+                                  "headers have come")
 
     @field_validator("base_url")
     @classmethod
@@ -71,6 +74,24 @@ class DecisionLogConfig(_Strict):
     store_prompts: bool = Field(default=False, description="write prompt text into the log")
 
 
+class InboundConfig(_Strict):
+    """Limits on callers' connections, so that slow or idle clients cannot hold the dispatcher's sockets
+    (and file descriptors) until real requests fail. Read by each worker process when it starts (so a
+    SIGHUP applies them too)."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a request's headers must have come in "
+                                    "full within this of its first byte (of the connection, for the first "
+                                    "request); otherwise 408 and the connection is closed")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request's body must have come in full "
+                                  "within this of its headers; otherwise 408 and the connection is closed")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed "
+                                      "after this")
+    max_connections: int | None = Field(default=None, ge=1, description="open caller connections per worker "
+                                        "process; one more is answered 503 and closed at once. Default: half "
+                                        "of the open-file limit less 64 (each caller connection may need an "
+                                        "upstream one)")
+
+
 class DispatcherConfig(_Strict):
     """Tiers are listed cheapest first; their names must be the classifier's tier names."""
 
@@ -80,7 +101,20 @@ class DispatcherConfig(_Strict):
     fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
     inbound_api_keys_env: str | None = Field(default=None, description="env var: comma-separated accepted keys")
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    allowed_hosts: list[str] = Field(default_factory=list, description="without inbound keys, the Host names "
+                                     "accepted besides localhost and IP addresses (a browser page on another "
+                                     "name must not reach the dispatcher through DNS rebinding); '*' accepts "
+                                     "any. Not checked when inbound keys are configured")
+    inbound: InboundConfig = Field(default_factory=InboundConfig)
     decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or any(char in name for char in ":/ "):
+                raise ValueError(f"allowed_hosts entries are host names without scheme or port, got {name!r}")
+        return [name.lower().rstrip(".") if name != "*" else name for name in value]
 
     @model_validator(mode="after")
     def _consistent(self) -> DispatcherConfig:

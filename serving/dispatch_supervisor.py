@@ -31,9 +31,10 @@ def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
     up on /metrics and they share the decision log. (Against a plain single process, in interleaved
     runs: no difference in added latency or throughput.)
     """
-    import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+
+    from serving.inbound import DispatchServerConfig
 
     # No access log (the decision log is the record) and no proxy-header rewriting: both cost per request.
     options: dict = {"host": host, "port": port, "access_log": False, "proxy_headers": False,
@@ -49,9 +50,10 @@ def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
         # Log level info: the supervisor says at that level when a worker died and was replaced.
         # The health-check timeout also bounds a replacement's start-up on SIGHUP (imports and loading an
         # embedded model: 2.4-3 s here, more on a busy host); at uvicorn's 5 s a reload could be refused.
-        server_config = uvicorn.Config("serving.dispatcher:app_from_environment", factory=True, workers=workers,
-                                       log_level="info", timeout_worker_healthcheck=WORKER_START_TIMEOUT_S,
-                                       **options)
+        # Each worker takes its connection limits (config `inbound:`) from the app it loads.
+        server_config = DispatchServerConfig("serving.dispatcher:app_from_environment", factory=True,
+                                             workers=workers, log_level="info",
+                                             timeout_worker_healthcheck=WORKER_START_TIMEOUT_S, **options)
         supervisor = Multiprocess(server_config, sockets=[server_config.bind_socket()])
         supervisor.run()
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app, multiprocess
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount
 from starlette.routing import Route as Endpoint
@@ -38,6 +39,7 @@ from classifier.errors import InvalidInputError, PromptierError
 from serving.decision_log import DecisionLog
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
+from serving.inbound import INBOUND_ATTRIBUTE
 from serving.logs import configure_json_logging
 from serving.metrics import BatcherMetrics
 from serving.route_classifier import (
@@ -222,18 +224,22 @@ class Dispatcher:
         for index in range(self.tiers.index(route.tier), len(self.tiers)):
             tier = self.tiers[index]
             upstream = self.config.tiers[tier]
-            payload = json.dumps({**body, "model": upstream.model}).encode()
+            try:
+                payload = json.dumps({**body, "model": upstream.model}, allow_nan=False).encode()
+            except (ValueError, RecursionError) as error:  # a number out of float range, or nesting too deep
+                raise HTTPError(400, f"request body cannot be sent on as JSON: {error}") from None
             headers = {"content-type": "application/json"}
             key = upstream.api_key()
             if key:
                 headers["authorization"] = f"Bearer {key}"
-            # sock_read bounds each gap between streamed chunks; asyncio.timeout bounds the wait for headers.
-            timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s,
-                                            sock_read=upstream.read_timeout_s)
+            # asyncio.timeout bounds the wait for headers; read_timeout_s, set once they have come, each gap
+            # in the body (as sock_read from the start, it would also cut the wait for headers short).
+            timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s, sock_read=None)
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout_s):
                     response = await self.http.post(f"{upstream.base_url}/chat/completions", data=payload,
                                                      headers=headers, timeout=timeout)
+                _bound_body_reads(response, upstream.read_timeout_s)
             except TimeoutError:
                 last_error = f"tier {tier}: upstream timed out"
             except aiohttp.ClientError as error:
@@ -261,8 +267,12 @@ class Dispatcher:
         return headers
 
     def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
-               usage: dict | None) -> None:
-        """Count the request and append it to the decision log (prompt text only with store_prompts)."""
+               usage: dict | None, note: str | None = None) -> None:
+        """Count the request and append it to the decision log (prompt text only with store_prompts).
+
+        `usage` must have passed `read_usage` (token counts that are numbers); `note` says why a
+        successful answer is logged without usage or cost.
+        """
         prompt = conversation = None
         if self.decisions.store_prompts:
             prompt = _logged_prompt(messages)
@@ -271,7 +281,7 @@ class Dispatcher:
         cost = None
         if usage and tier in self.prices:
             price_in, price_out = self.prices[tier]
-            cost = (usage.get("prompt_tokens", 0) * price_in + usage.get("completion_tokens", 0) * price_out) / 1e6
+            cost = (usage["prompt_tokens"] * price_in + usage["completion_tokens"] * price_out) / 1e6
         self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
         self.decisions.write({
             "prompt_id": f"dispatcher:{uuid.uuid4().hex}",
@@ -280,7 +290,7 @@ class Dispatcher:
             "score": None, "cost_usd": cost, "source": "dispatcher", "category": "",
             "tier": tier, "routed_tier": route.tier, "reason": route.reason, "mode": route.mode,
             "confidence": route.confidence, "classifier_ms": route.classifier_ms,
-            "latency_ms": (time.perf_counter() - started) * 1000, "usage": usage, "status": status,
+            "latency_ms": (time.perf_counter() - started) * 1000, "usage": usage, "status": status, "note": note,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 
@@ -343,10 +353,16 @@ class DisconnectWatch:
 
 
 STREAM_TAIL_BYTES = 16 * 1024  # kept of each relayed stream: enough for its last event, where usage is
+# A non-streaming answer up to this size is read whole, for the usage in it; a larger one is relayed as
+# it comes (and logged without usage), so that one huge answer cannot take the process's memory.
+BUFFERED_BODY_LIMIT = 4 * 1024 * 1024
+TOKEN_COUNT_LIMIT = 1e12  # a count at least this large is nonsense, and would make a nonsense cost
+NO_USAGE = "the upstream sent no usage"
 
 
-def usage_from_stream_tail(tail: bytes) -> dict | None:
-    """Token usage from the end of a chat-completions event stream, if the upstream sent it.
+def usage_from_stream_tail(tail: bytes) -> object:
+    """The `usage` of the last event of a chat-completions event stream, if the upstream sent one
+    (as sent: `read_usage` checks it).
 
     OpenAI-compatible servers send usage in a last chunk when the caller asks for it
     (`stream_options: {"include_usage": true}`); the dispatcher does not add that to the request, as
@@ -358,11 +374,112 @@ def usage_from_stream_tail(tail: bytes) -> dict | None:
             continue
         try:
             event = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None  # the last event is not JSON (cut, or not an OpenAI stream): no usage
-        usage = event.get("usage") if isinstance(event, dict) else None
-        return usage if isinstance(usage, dict) else None
+        return event.get("usage") if isinstance(event, dict) else None
     return None
+
+
+_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
+def _describe(value: object) -> str:
+    return "null or missing" if value is None else _KINDS.get(type(value), type(value).__name__)
+
+
+def read_usage(usage: object) -> tuple[dict | None, str | None]:
+    """(usage, None) when an upstream's `usage` has token counts a cost can be computed from; otherwise
+    (None, why not). What an upstream sends there is its own affair: the answer is relayed either way."""
+    if usage is None:
+        return None, NO_USAGE
+    if not isinstance(usage, dict):
+        return None, f"usage is {_describe(usage)}, not an object"
+    for field in ("prompt_tokens", "completion_tokens"):
+        count = usage.get(field)
+        if isinstance(count, bool) or not isinstance(count, int | float):
+            return None, f"usage.{field} is {_describe(count)}, not a token count"
+        if not 0 <= count < TOKEN_COUNT_LIMIT:  # NaN fails this too
+            return None, f"usage.{field} is {count!r}, not a token count"
+    return usage, None
+
+
+def usage_of_body(content: bytes) -> tuple[dict | None, str | None]:
+    """`read_usage` of a non-streaming chat-completions body."""
+    try:
+        answer = json.loads(content)
+    except (ValueError, RecursionError):
+        return None, "the response body is not JSON"
+    if not isinstance(answer, dict):
+        return None, "the response body is not a JSON object"
+    return read_usage(answer.get("usage"))
+
+
+def _bound_body_reads(response: aiohttp.ClientResponse, seconds: float) -> None:
+    """Bound each gap in the response body by `seconds` from now on (its headers have come)."""
+    connection = response.connection
+    if connection is None or connection.protocol is None or response.content.is_eof():
+        return  # all of it has come: nothing to wait for (and no end of body left to stop a timer)
+    connection.protocol.read_timeout = seconds
+    connection.protocol.start_timeout()
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
+    """(the body's chunks, True) when it ends within `limit` bytes; else (those come so far, False)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return chunks, False
+    return chunks, True
+
+
+class ResponseCut(Exception):
+    """The upstream failed in the middle of a body that has no way to carry an error: the caller's
+    connection must be closed without ending the response, so that it sees the body incomplete."""
+
+
+class HostCheck:
+    """Whether a request's Host header may reach a dispatcher that asks for no API key.
+
+    A web page can make the browser send requests to the dispatcher (a cross-site POST with a body that
+    is not JSON, which the 415 stops), and through DNS rebinding (its own name made to resolve to the
+    dispatcher's address) it can even read the answers: the browser then sends the page's name as
+    Host. So without keys, Host must be `localhost`, an IP address (a name is needed to rebind), or a
+    name in `allowed_hosts`. A request without Host (HTTP/1.0) comes from no browser. Answers are
+    cached per Host value, so that the check costs a dict lookup.
+    """
+
+    CACHED = 1024
+
+    def __init__(self, allowed: list[str]) -> None:
+        self.names = frozenset({"localhost", *allowed})
+        self.seen: dict[bytes, bool] = {}
+
+    def __call__(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for name, value in headers:
+            if name == b"host":
+                allowed = self.seen.get(value)
+                if allowed is None:
+                    allowed = self.judge(value.decode("latin-1"))
+                    if len(self.seen) < self.CACHED:
+                        self.seen[value] = allowed
+                return allowed
+        return True
+
+    def judge(self, host: str) -> bool:
+        host = host.strip().lower()
+        # [IPv6]:port, or name:port (IPv4 included)
+        host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        host = host.rstrip(".")
+        if host in self.names:
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
 
 
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:
@@ -375,6 +492,12 @@ def _logged_prompt(messages: list[tuple[str, str]]) -> str:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, up to `limit` bytes.
+
+    Raises:
+        HTTPError: 413, the body is larger.
+        ClientDisconnect: the caller left (or took too long: serving.inbound) before sending all of it.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
@@ -387,13 +510,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constant(name: str) -> object:
+    raise HTTPError(400, f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.partition(";")[0].strip().lower() == "application/json"
+
+
 def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HTTPError(400, f"request body is not valid JSON: {error}") from error
+        raise HTTPError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise HTTPError(400, "request body is nested too deeply") from None
+    except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise HTTPError(400, f"request body has a number that cannot be read: {str(error).split(';')[0]}") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "request body must be a JSON object")
+    if not isinstance(body.get("stream", False), bool) and body["stream"] is not None:
+        raise HTTPError(400, "stream must be true or false")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise HTTPError(400, "messages must be a non-empty list")
@@ -438,6 +575,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         try:
+            if not _is_json(request.headers.get("content-type", "")):
+                raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
+                                code="unsupported_media_type")
             if dispatcher.inbound_keys is not None:
                 supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if supplied not in dispatcher.inbound_keys:
@@ -447,6 +587,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             mode, pinned = dispatcher.parse_model(body.get("model"))
         except HTTPError as error:
             return error.response()
+        except ClientDisconnect:
+            # A caller that leaves mid-body is routine (and one too slow is cut off by serving.inbound).
+            client = request.scope.get("client")
+            log.info(json.dumps({"event": "client_left_before_its_body_came",
+                                 "client": f"{client[0]}:{client[1]}" if client else None}))
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
+        streamed = bool(body.get("stream"))
         route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
         upstream: aiohttp.ClientResponse | None = None
         tier: str | None = None
@@ -460,10 +607,11 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 except HTTPError as error:
                     dispatcher.record(route, None, messages, error.status, started, None)
                     return error.response(dispatcher.headers(route, route.tier))
-                content = b""
-                if not body.get("stream"):
+                received: list[bytes] = []  # the start of a body too large to hold, relayed first
+                whole = False
+                if not streamed:
                     try:
-                        content = await upstream.read()
+                        received, whole = await _read_up_to(upstream, BUFFERED_BODY_LIMIT)
                     except (aiohttp.ClientError, TimeoutError) as error:
                         upstream.close()
                         failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
@@ -479,31 +627,33 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         headers = dispatcher.headers(route, tier)
         media_type = upstream.headers.get("content-type", "application/json")
-        if not body.get("stream"):
+        if whole:
             upstream.release()
-            usage = None
-            if upstream.status < 400:
-                try:
-                    usage = json.loads(content).get("usage")
-                except (ValueError, AttributeError):
-                    usage = None
-            dispatcher.record(route, tier, messages, upstream.status, started, usage)
+            content = b"".join(received)
+            usage, note = usage_of_body(content) if upstream.status < 400 else (None, None)
+            dispatcher.record(route, tier, messages, upstream.status, started, usage, note)
             return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
+            """The rest of the upstream's body as it comes: an event stream, or a body too large to hold."""
             status = upstream.status
             finished = False
             tail = bytearray()
             try:
+                while received:
+                    yield received.pop(0)
                 async for chunk in upstream.content.iter_any():
-                    tail += chunk
-                    del tail[:-STREAM_TAIL_BYTES]
+                    if streamed:
+                        tail += chunk
+                        del tail[:-STREAM_TAIL_BYTES]
                     yield chunk
                 finished = True
             except (aiohttp.ClientError, TimeoutError) as error:
                 status = 599  # recorded as a broken stream
-                event = {"error": {"message": f"upstream stream from tier {tier} broke: {type(error).__name__}",
-                                   "type": "upstream_error", "code": "stream_interrupted"}}
+                detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
+                if not streamed:
+                    raise ResponseCut(detail) from None
+                event = {"error": {"message": detail, "type": "upstream_error", "code": "stream_interrupted"}}
                 yield f"data: {json.dumps(event)}\n\n".encode()
             except (asyncio.CancelledError, GeneratorExit):
                 status = CLIENT_CLOSED  # the caller disconnected mid-stream
@@ -515,8 +665,16 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                     upstream.release()
                 else:
                     upstream.close()
-                usage = usage_from_stream_tail(bytes(tail)) if finished and status < 400 else None
-                dispatcher.record(route, tier, messages, status, started, usage)
+                usage = note = None
+                if finished and status < 400:
+                    if streamed:
+                        usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
+                        if usage is None and note == NO_USAGE:
+                            note = "the stream carried no usage (sent when the caller asks for it with " \
+                                   "stream_options.include_usage)"
+                    else:
+                        note = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
+                dispatcher.record(route, tier, messages, status, started, usage, note)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
 
@@ -532,19 +690,33 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     ])
     app.state.dispatcher = dispatcher
 
+    # Without inbound keys, a browser page must not reach the dispatcher under a name of its own.
+    host_allowed = (HostCheck(config.allowed_hosts)
+                    if dispatcher.inbound_keys is None and "*" not in config.allowed_hosts else None)
+    host_refused = HTTPError(403, "this Host is not allowed: name the dispatcher by localhost or an IP address, "
+                             "list its name in allowed_hosts, or configure inbound_api_keys_env",
+                             code="host_not_allowed").response()
+
     async def hot_path(scope: Scope, receive: Receive, send: Send) -> None:
         """Chat completions skip Starlette's middleware and router (a tenth of the per-request work in
         the dispatcher's profile); everything else, lifespan included, goes through the app."""
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
+        if scope["type"] == "http" and host_allowed is not None and not host_allowed(scope["headers"]):
+            await host_refused(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
             try:
                 response = await chat(Request(scope, receive))
             except Exception:  # what ServerErrorMiddleware would do, without its cost on every request
                 log.exception("unhandled error in chat completions")
                 response = HTTPError(500, "internal error", kind="server_error").response()
-            await response(scope, receive, send)
+            try:
+                await response(scope, receive, send)
+            except ResponseCut as cut:
+                # Returning with the response unfinished makes uvicorn close the connection, unterminated.
+                log.warning(json.dumps({"event": "response_cut", "detail": str(cut)}))
         else:
             await app(scope, receive, send)
 
+    setattr(hot_path, INBOUND_ATTRIBUTE, config.inbound)  # what serving.inbound's server reads its limits from
     return hot_path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +23,22 @@ from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app, usage_from_stream_tail
+from serving.inbound import DispatchServerConfig
 from serving.server import ServerLimits
 from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
+
+MISSING = object()  # an Upstream.usage that leaves the field out
+USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+
+def huge_answer(model: str, megabytes: int) -> tuple[bytes, bytes, bytes]:
+    """A chat completion of `megabytes` MiB, as (head, one MiB of content, tail): sent as head, the
+    MiB `megabytes` times, then tail, so that neither end holds it whole."""
+    answer = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "@"}}], "usage": USAGE})
+    head, tail = answer.split("@")
+    return head.encode(), b"x" * (1 << 20), tail.encode()
 
 
 class Upstream:
@@ -36,6 +52,9 @@ class Upstream:
         self.generation_s = 5.0  # how long "generating" works before it answers
         self.finish = threading.Event()  # ends every "generating" call at once
         self.generations_cancelled = 0
+        self.usage: object = USAGE  # what its answers say in `usage` (MISSING: nothing)
+        self.delay_s = 1.0  # how long "delay" waits before it answers
+        self.huge_mb = 80  # the size of a "huge" answer
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -49,6 +68,20 @@ class Upstream:
                                     status_code=400)
             if self.behaviour == "slow":
                 await asyncio.sleep(3)
+            if self.behaviour == "delay":
+                await asyncio.sleep(self.delay_s)
+            if self.behaviour in ("huge", "huge_break"):
+                head, block, tail = huge_answer(body["model"], self.huge_mb)
+
+                async def huge():  # type: ignore[no-untyped-def]
+                    yield head
+                    for index in range(self.huge_mb):
+                        if self.behaviour == "huge_break" and index == self.huge_mb // 2:
+                            raise RuntimeError("upstream died mid-answer")
+                        yield block
+                    yield tail
+
+                return StreamingResponse(huge(), media_type="application/json")
             if self.behaviour == "generating":
                 # Like vLLM: a long generation that stops when its caller disconnects.
                 for _ in range(round(self.generation_s / 0.05)):
@@ -61,10 +94,12 @@ class Upstream:
                     await asyncio.sleep(0.05)
             if body.get("stream"):
                 return StreamingResponse(self._stream(body), media_type="text/event-stream")
-            return {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": f"answer from {self.name}"}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                      "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": f"answer from {self.name}"}}]}
+            if self.usage is not MISSING:
+                answer["usage"] = self.usage
+            return answer
 
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
@@ -80,9 +115,14 @@ class Upstream:
                                       "finish_reason": None}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(0.3 if self.behaviour == "slowstream" else 0)
+                if self.behaviour == "stall" and index == 1:
+                    await asyncio.sleep(5)  # goes quiet mid-stream
             if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI does: a last, choiceless chunk
                 last = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                        "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}}
+                        "choices": []}
+                if self.usage is not MISSING:
+                    last["usage"] = ({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+                                     if self.usage is USAGE else self.usage)
                 yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
@@ -120,6 +160,7 @@ def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
         upstream.cancelled.clear()
         upstream.finish.clear()
         upstream.generation_s, upstream.generations_cancelled = 5.0, 0
+        upstream.usage, upstream.delay_s, upstream.huge_mb = USAGE, 1.0, 80
     return upstreams
 
 
@@ -144,7 +185,8 @@ def _config(upstreams: dict[str, Upstream], classifier_address: str, log_path: P
 
 class Dispatcher:
     def __init__(self, config: DispatcherConfig) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="error"))
+        self.server = uvicorn.Server(DispatchServerConfig(create_app(config), host="127.0.0.1", port=0,
+                                                          log_level="error"))
         self.port = _run_uvicorn(self.server)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
@@ -161,6 +203,22 @@ def dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_pa
     running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     yield running
     running.stop()
+
+
+@pytest.fixture
+def fresh_dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path
+                     ) -> Iterator[Callable[..., Dispatcher]]:
+    """Starts dispatchers with config fields of the test's own (each logs to its own file)."""
+    started: list[Dispatcher] = []
+
+    def start(**extra: object) -> Dispatcher:
+        started.append(Dispatcher(_config(fresh, grpc_classifier.target,
+                                          tmp_path / f"decisions-{len(started)}.jsonl", **extra)))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 def _log(tmp_path: Path) -> list[dict]:
@@ -303,6 +361,130 @@ def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[s
     assert not fresh["medium"].received  # a caller's error is not retried elsewhere
 
 
+UNREADABLE_USAGE = {
+    "null counts": ({"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+                    "usage.prompt_tokens is null or missing, not a token count"),
+    "string counts": ({"prompt_tokens": "10", "completion_tokens": "5", "total_tokens": "15"},
+                      "usage.prompt_tokens is a string, not a token count"),
+    "a number": (15, "usage is a number, not an object"),
+    "a string": ("garbage", "usage is a string, not an object"),
+    "a negative count": ({"prompt_tokens": 10, "completion_tokens": -5}, "usage.completion_tokens is -5"),
+    "missing": (MISSING, "no usage"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_with_unreadable_usage_are_relayed_and_logged_without_cost(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path, stream: bool) -> None:
+    # The upstream answered (and was paid): what it says in `usage` must not turn that into an error.
+    url = f"{dispatcher.base_url}/chat/completions"
+    body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}], "stream": stream,
+            "stream_options": {"include_usage": True}} if stream else \
+        {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
+    for count, (usage, note) in enumerate(UNREADABLE_USAGE.values(), start=1):
+        fresh["small"].usage = usage
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=10) as response:
+                status, text = response.status_code, "".join(response.iter_text())
+            events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", text  # the stream was relayed to its end
+            last = json.loads(events[-2])
+            relayed = last.get("usage", MISSING)
+            assert len(events) == 7 and "error" not in last
+        else:
+            reply = httpx.post(url, json=body, timeout=10)
+            status, relayed = reply.status_code, reply.json().get("usage", MISSING)
+            assert reply.json()["choices"][0]["message"]["content"] == "answer from small"
+        assert status == 200
+        assert relayed == usage  # as the upstream sent it
+        entry = _log_once_written(tmp_path, count)[-1]
+        assert (entry["status"], entry["tier"], entry["usage"], entry["cost_usd"]) == (200, "small", None, None)
+        assert note in entry["note"], entry["note"]
+    fresh["small"].usage = USAGE
+    httpx.post(url, json=body, timeout=10).raise_for_status()
+    entry = _log_once_written(tmp_path, len(UNREADABLE_USAGE) + 1)[-1]
+    assert entry["cost_usd"] > 0 and entry["note"] is None
+
+
+def test_a_huge_answer_is_relayed_as_it_comes_not_held_in_memory(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from serving.loadgen import _free_port
+
+    log_path, config = tmp_path / "decisions.jsonl", tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"address": grpc_classifier.target},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log_path)}}))
+    port = _free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
+    try:
+        _wait_for_health(port, parent)
+        (worker,) = spawned_workers(parent.pid)
+        for _ in range(3):  # the request path warmed up, so that what grows next is the answer's doing
+            httpx.post(url, json=body, timeout=30).raise_for_status()
+        before = worker.memory_info().rss
+        fresh["small"].behaviour, fresh["small"].huge_mb = "huge", 80
+        head, block, tail = huge_answer("small-upstream-model", 80)
+        expected = hashlib.sha256(head)
+        for _ in range(80):
+            expected.update(block)
+        expected.update(tail)
+        size = len(head) + 80 * len(block) + len(tail)
+        received, digest, peak, next_sample = 0, hashlib.sha256(), before, 0
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                received += len(chunk)
+                digest.update(chunk)
+                if received >= next_sample:  # the worker's memory, every 2 MiB of the answer
+                    peak = max(peak, worker.memory_info().rss)
+                    next_sample += 2 << 20
+        assert received == size and digest.hexdigest() == expected.hexdigest()  # intact, to the last byte
+        growth = peak - before  # about the 4 MiB the dispatcher reads before it knows the answer is large
+        assert growth < size / 4, f"the dispatcher grew by {growth / 2**20:.0f} MiB relaying {size / 2**20:.0f} MiB"
+        entry = _log_once_written(tmp_path, 4)[-1]
+        assert entry["status"] == 200 and entry["usage"] is None and "over" in entry["note"]
+    finally:
+        parent.terminate()
+        try:
+            parent.wait(30)
+        except subprocess.TimeoutExpired:
+            for process in [*spawned_workers(parent.pid), parent]:
+                process.kill()
+        psutil.wait_procs([parent], timeout=5)
+
+
+def test_a_huge_answer_cut_by_its_upstream_reaches_the_caller_incomplete(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
+    # Relayed as it comes, the answer has started when the upstream breaks: a JSON body cannot carry an
+    # error event, so the caller's connection is closed before the end of the body, which it sees.
+    fresh["small"].behaviour, fresh["small"].huge_mb = "huge_break", 12
+    body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
+    received = 0
+    with pytest.raises(httpx.RemoteProtocolError), \
+            httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received += len(chunk)
+    assert 4 << 20 < received < 12 << 20
+    (entry,) = _log_once_written(tmp_path, 1)
+    assert entry["status"] == 599 and entry["usage"] is None
+    fresh["small"].behaviour = "ok"
+    assert dispatcher.client().chat.completions.create(model="promptier/tier/small",
+                                                       messages=body["messages"]).choices
+
+
 def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
     fresh["small"].behaviour = "break"
     with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", timeout=10,
@@ -433,7 +615,7 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
             client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "x" * 5000}])
         assert info.value.status_code == 413
         url = f"{running.base_url}/chat/completions"
-        auth = {"authorization": "Bearer k1"}
+        auth = {"authorization": "Bearer k1", "content-type": "application/json"}
         assert httpx.post(url, content=b"{not json", headers=auth).status_code == 400
         assert httpx.post(url, json={"model": "promptier", "messages": []}, headers=auth).status_code == 400
         assert httpx.post(url, json={"model": "promptier", "messages": "hi"}, headers=auth).status_code == 400
@@ -442,6 +624,201 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
         assert "secret-upstream-key" not in log_text and "k2" not in log_text
     finally:
         running.stop()
+
+
+def _until_closed(connection: socket.socket) -> bytes:
+    """What the server sends until it closes the connection. The socket's timeout bounds the wait (a
+    server that never closes fails the test); it measures nothing."""
+    received = b""
+    while True:
+        try:
+            chunk = connection.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def _slow_client(port: int, sent: bytes) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(sent)
+    return connection
+
+
+HEADERS = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+           b"content-length: 400\r\n\r\n")
+
+
+def test_slow_clients_are_cut_off_and_others_keep_being_served(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                 inbound={"header_timeout_s": 0.5, "body_timeout_s": 0.5}))
+    try:
+        slow = {"silent": _slow_client(running.port, b""),
+                "half the headers": _slow_client(running.port, HEADERS[:40]),
+                "half the body": _slow_client(running.port, HEADERS + b'{"model": "promptier", ' * 8)}
+        client = running.client()
+        for _ in range(3):  # meanwhile, callers that send their requests are served
+            client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+        answers = {}
+        for what, connection in slow.items():
+            answers[what] = _until_closed(connection)
+            connection.close()
+        assert answers.pop("silent") == b""  # closed quietly, like an idle keep-alive connection
+        for what, answer in answers.items():
+            assert answer.startswith(b"HTTP/1.1 408 "), (what, answer)
+        # Trickling does not extend the deadline: a byte at a time, each within the timeout, still ends.
+        trickler = _slow_client(running.port, b"")
+        trickler.settimeout(0.05)
+        answer = b""
+        for byte in (HEADERS[:-4] + b"\r\nx-padding: " + b"a" * 2000)[:2000]:
+            try:
+                trickler.sendall(bytes([byte]))
+                answer = trickler.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            break
+        trickler.settimeout(30)
+        answer += _until_closed(trickler)
+        trickler.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        # A keep-alive connection between requests is not cut by the request deadlines.
+        with httpx.Client(base_url=running.base_url) as keep_alive:
+            for _ in range(2):
+                assert keep_alive.get("/models").status_code == 200
+                time.sleep(0.7)
+            assert keep_alive.get("/models").status_code == 200
+        assert len(_log(tmp_path)) == 3  # the requests cut off never reached routing
+    finally:
+        running.stop()
+
+
+def test_a_caller_that_leaves_mid_body_is_one_log_line_without_traceback(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    try:
+        with caplog.at_level("INFO", logger="promptier.dispatcher"), caplog.at_level("INFO", logger="uvicorn"):
+            for _ in range(2):
+                _slow_client(running.port, HEADERS + b'{"model": "prom').close()
+
+            def lines() -> list[logging.LogRecord]:
+                return [record for record in caplog.records if "client_left" in record.getMessage()]
+
+            deadline = time.monotonic() + 10
+            while len(lines()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(lines()) == 2
+            assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+        assert running.client().chat.completions.create(model="promptier",
+                                                        messages=[{"role": "user", "content": EASY}]).choices
+    finally:
+        running.stop()
+
+
+def test_connections_past_the_limit_are_refused_at_once(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                 inbound={"max_connections": 3, "header_timeout_s": 60}))
+    try:
+        held = [_slow_client(running.port, b"") for _ in range(3)]
+        refused = _slow_client(running.port, b"")
+        answer = _until_closed(refused)  # answered without waiting for a request
+        refused.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in answer, answer
+        for connection in held:
+            connection.close()
+        status = None
+        for _ in range(200):  # once the server has seen them go
+            status = httpx.get(f"{running.base_url}/models").status_code
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        running.stop()
+
+
+def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
+    url = f"{dispatcher.base_url}/chat/completions"
+    start = '{"model": "promptier", "messages": [{"role": "user", "content": "hi"}], '
+
+    def post(rest: str) -> httpx.Response:
+        return httpx.post(url, content=start + rest, headers={"content-type": "application/json"}, timeout=10)
+
+    cases = {
+        '"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}": "nested too deeply",
+        '"seed": ' + "7" * 5000 + "}": "number",
+        '"temperature": NaN}': "NaN",
+        '"temperature": 1e999}': "Out of range float",
+        '"stream": "false"}': "stream must be true or false",
+        '"stream": 0}': "stream must be true or false",
+    }
+    for rest, message in cases.items():
+        reply = post(rest)
+        assert reply.status_code == 400, (rest[:40], reply.status_code, reply.text[:200])
+        assert message in reply.json()["error"]["message"], reply.json()
+    assert not any(upstream.received for upstream in fresh.values())
+    reply = post('"stream": null}')  # as the OpenAI API allows: not streamed
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
+def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
+    config.tiers["small"].first_byte_timeout_s, config.tiers["small"].read_timeout_s = 10.0, 0.3
+    running = Dispatcher(config)
+    try:
+        # A non-streaming answer comes whole after its generation: the first-byte timeout is the bound.
+        fresh["small"].behaviour, fresh["small"].delay_s = "delay", 1.0
+        reply = running.client().chat.completions.with_raw_response.create(
+            model="promptier/tier/small", messages=[{"role": "user", "content": EASY}])
+        assert reply.headers["x-promptier-tier"] == "small" and reply.headers["x-promptier-reason"] == "pinned"
+        assert not fresh["medium"].received
+        # Once the headers have come, the read timeout bounds each gap: a stream gone quiet is cut.
+        fresh["small"].behaviour = "stall"
+        with httpx.stream("POST", f"{running.base_url}/chat/completions", timeout=30,
+                          json={"model": "promptier/tier/small", "stream": True,
+                                "messages": [{"role": "user", "content": EASY}]}) as response:
+            text = "".join(response.iter_text())
+        events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+        assert len(events) == 3 and json.loads(events[-1])["error"]["code"] == "stream_interrupted", text
+    finally:
+        running.stop()
+
+
+def test_requests_a_browser_page_could_forge_are_refused_without_keys(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], fresh_dispatcher: Callable[..., Dispatcher]) -> None:
+    url = f"{dispatcher.base_url}/chat/completions"
+    body = json.dumps({"model": "promptier", "messages": [{"role": "user", "content": EASY}]})
+    # A cross-site form or fetch may send text/plain (or form data) with no preflight: not executed.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": content_type} if content_type else {}
+        reply = httpx.post(url, content=body, headers=headers)
+        assert reply.status_code == 415 and reply.json()["error"]["code"] == "unsupported_media_type"
+    assert not fresh["small"].received
+    assert httpx.post(url, content=body, headers={"content-type": "Application/JSON; charset=utf-8"}).status_code == 200
+    # DNS rebinding: the page's own name, resolved to the dispatcher's address, arrives as Host.
+    port = dispatcher.port
+    for path in ("/v1/chat/completions", "/v1/models", "/health", "/metrics/"):
+        headers = {"host": f"rebind.example:{port}", "content-type": "application/json"}
+        reply = httpx.request("POST" if "chat" in path else "GET", f"http://127.0.0.1:{port}{path}",
+                              content=body, headers=headers)
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "host_not_allowed", path
+    assert len(fresh["small"].received) == 1
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", f"10.1.2.3:{port}",
+                 "LOCALHOST."):
+        assert httpx.get(f"{dispatcher.base_url}/models", headers={"host": host}).status_code == 200, host
+    # A name the operator serves the dispatcher under is listed in allowed_hosts.
+    listed = fresh_dispatcher(allowed_hosts=["dispatcher.internal"])
+    models = f"{listed.base_url}/models"
+    assert httpx.get(models, headers={"host": f"dispatcher.internal:{listed.port}"}).status_code == 200
+    assert httpx.get(models, headers={"host": "rebind.example"}).status_code == 403
+    anything = fresh_dispatcher(allowed_hosts=["*"])
+    assert httpx.get(f"{anything.base_url}/models", headers={"host": "rebind.example"}).status_code == 200
 
 
 def test_config_validation(tmp_path: Path) -> None:
@@ -458,6 +835,14 @@ def test_config_validation(tmp_path: Path) -> None:
     path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, api_key_env: NOPE_NOT_SET}}\n"
                     "fallback_tier: small\n")
     with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "allowed_hosts: ['dispatcher.internal:8080']\n")
+    with pytest.raises(ConfigError, match=r"allowed_hosts: .*host names without scheme or port"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "inbound: {header_timeout_s: 0}\n")
+    with pytest.raises(ConfigError, match=r"inbound\.header_timeout_s: Input should be greater than 0"):
         load_dispatcher_config(path)
 
 

@@ -371,7 +371,12 @@ def dispatch(
     check: Annotated[bool, typer.Option("--check", help="validate the config (and the classifier's tiers), "
                                                         "print its fingerprint, and exit without serving")] = False,
 ) -> None:
-    """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config)."""
+    """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config).
+
+    Slow callers: config `inbound:` (header_timeout_s, body_timeout_s: 408; max_connections: 503).
+
+    Browsers: POST application/json (else 415); without inbound keys, Host: localhost, an IP or allowed_hosts (403).
+    """
     from classifier import load
     from serving.dispatch_config import load_dispatcher_config
     from serving.dispatch_supervisor import run

@@ -1,0 +1,213 @@
+"""The dispatcher's HTTP server: uvicorn with deadlines on reading each request and a cap on connections.
+
+uvicorn closes a keep-alive connection that stays idle between requests, but sets no deadline on a
+request's headers or body: a client that connects and sends nothing, or trickles its request a byte
+at a time, holds its socket (a file descriptor) as long as it likes, and about a thousand of them
+make real requests fail. Here a request's headers must have come in full within `header_timeout_s`
+of its first byte (of the connection, for the first request) and its body within `body_timeout_s` of
+its headers; these are deadlines, not idle gaps, so trickling does not extend them. A request past
+its deadline (checked a few times per timeout, at least once a second) is answered 408 and its
+connection closed (a connection that has sent nothing is closed without a word, as an idle keep-alive
+one is). Past `max_connections` open connections a new one is answered 503 and closed at once, before
+the process runs out of descriptors.
+
+The limits are the `inbound` section of the dispatcher config the app was built from: each worker
+reads them when it loads its app, so a SIGHUP applies them like the rest of the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import resource
+import time
+import weakref
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from serving.dispatch_config import InboundConfig
+
+log = logging.getLogger("promptier.dispatcher")
+
+# The attribute of the ASGI app (set by `serving.dispatcher.create_app`) that holds its inbound limits.
+INBOUND_ATTRIBUTE = "promptier_inbound"
+# Descriptors kept for everything that is not a caller's connection (listening socket, decision log,
+# classifier channels, imports).
+RESERVED_DESCRIPTORS = 64
+HEADERS, BODY = "headers", "body"
+INFINITY = math.inf
+
+
+def _raw_response(status: str, message: str, code: str, kind: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+TOO_MANY_CONNECTIONS = _raw_response("503 Service Unavailable", "too many open connections; try again later",
+                                     "too_many_connections", "server_error")
+
+
+def default_max_connections() -> int:
+    """Half of this process's open-file limit, less a reserve: each caller connection may need an
+    upstream connection of its own."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, (soft - RESERVED_DESCRIPTORS) // 2)
+
+
+def inbound_of(app: object) -> InboundConfig:
+    """The inbound limits the app was built with (through uvicorn's wrapping middlewares), or the defaults."""
+    for _ in range(8):
+        inbound = getattr(app, INBOUND_ATTRIBUTE, None)
+        if isinstance(inbound, InboundConfig):
+            return inbound
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return InboundConfig()
+
+
+class DispatchServerConfig(uvicorn.Config):
+    """uvicorn's config for the dispatcher: its guarded HTTP protocol, with the limits of the app it loads.
+
+    No WebSocket support (the dispatcher serves none): an upgrade request is answered as plain HTTP.
+    """
+
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        super().__init__(app, http=GuardedHttpToolsProtocol, ws="none", **kwargs)
+        self.inbound = InboundConfig()
+        self.max_connections = default_max_connections()
+
+    def load(self) -> None:
+        super().load()
+        self.inbound = inbound_of(self.loaded_app)
+        self.timeout_keep_alive = self.inbound.keep_alive_timeout_s
+        self.max_connections = self.inbound.max_connections or default_max_connections()
+
+
+class _RefusalLog:
+    """At most one log line a second about refused connections (a flood must not flood the log too)."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+        self.last = 0.0
+
+    def add(self, limit: int) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            log.warning(json.dumps({"event": "connections_refused", "count": self.refused, "max_connections": limit}))
+            self.refused, self.last = 0, now
+
+
+_refusals = _RefusalLog()
+
+
+class _Sweeper:
+    """Closes, every `interval` seconds, the connections of one server whose request is past its deadline.
+
+    One timer per server instead of one per request: arming and cancelling a timer for each phase of
+    each request cost ~10 us a request here (uvloop), a sweep costs a comparison per open connection.
+    A deadline is thus enforced up to `interval` late.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: set, interval: float) -> None:
+        self.loop, self.connections, self.interval = loop, connections, interval
+        self.loop.call_later(self.interval, self.sweep)
+
+    def sweep(self) -> None:
+        try:
+            now = self.loop.time()
+            for connection in [c for c in self.connections if getattr(c, "deadline", INFINITY) <= now]:
+                try:
+                    connection.timed_out(now)
+                except Exception:  # one connection's trouble must not stop the sweeps
+                    log.exception("request deadline check failed")
+        finally:
+            self.loop.call_later(self.interval, self.sweep)
+
+
+_sweepers: weakref.WeakKeyDictionary[ServerState, _Sweeper] = weakref.WeakKeyDictionary()
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's headers, then on its body, and a
+    cap on the server's open connections."""
+
+    def __init__(self, config: uvicorn.Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        inbound = config.inbound if isinstance(config, DispatchServerConfig) else InboundConfig()
+        self.header_timeout_s = inbound.header_timeout_s
+        self.body_timeout_s = inbound.body_timeout_s
+        self.max_connections = (config.max_connections if isinstance(config, DispatchServerConfig)
+                                else default_max_connections())
+        self.deadline = INFINITY  # loop time by which the current phase must be done
+        self.phase = HEADERS
+        self.received_any = False
+        if server_state not in _sweepers:
+            interval = min(max(min(self.header_timeout_s, self.body_timeout_s) / 4, 0.05), 1.0)
+            _sweepers[server_state] = _Sweeper(self.loop, self.connections, interval)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self.transport = transport  # for connection_lost; never added to the server's connections
+            transport.write(TOO_MANY_CONNECTIONS)
+            transport.close()
+            _refusals.add(self.max_connections)
+            return
+        super().connection_made(transport)
+        self.deadline, self.phase = self.loop.time() + self.header_timeout_s, HEADERS
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        if self.deadline == INFINITY and (self.cycle is None or self.cycle.response_complete):
+            # The first bytes of the next request on this connection.
+            self.deadline, self.phase = self.loop.time() + self.header_timeout_s, HEADERS
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.deadline, self.phase = self.loop.time() + self.body_timeout_s, BODY
+
+    def on_message_complete(self) -> None:
+        self.deadline = INFINITY
+        super().on_message_complete()
+
+    def timed_out(self, now: float) -> None:
+        """The current phase is past its deadline: answer 408 where that can be read as an answer, and close."""
+        seconds = self.header_timeout_s if self.phase == HEADERS else self.body_timeout_s
+        self.deadline = INFINITY
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # Reading is paused on our side (the app has not taken the body so far, or a pipelined request
+            # waits for the one before it): the wait is not the caller's.
+            self.deadline = now + seconds
+            return
+        cycle = self.cycle
+        if self.phase == BODY:
+            answer = cycle is not None and not cycle.response_started  # else the app has answered already
+            if cycle is not None:
+                cycle.disconnected = True  # a handler still reading the body sees the caller gone, and stops
+                cycle.message_event.set()
+        else:
+            # Not on a connection that never sent a byte (closed quietly, like an idle keep-alive one: a
+            # client that sends its request as we answer would read our 408 as the answer to it), nor
+            # while a response of ours is under way (a pipelined request coming in pieces).
+            answer = self.received_any and (cycle is None or cycle.response_complete)
+        if answer:
+            self.transport.write(_raw_response("408 Request Timeout",
+                                               f"the request's {self.phase} did not come in full within {seconds:g} s",
+                                               "request_timeout", "invalid_request_error"))
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else None
+        log.info(json.dumps({"event": "request_read_timeout", "phase": self.phase, "timeout_s": seconds,
+                             "client": client}))
+        self.transport.close()
