@@ -20,13 +20,18 @@ import re
 from classifier.artifact import PriorConfig
 
 # Each is a sign of a technical request that length alone misses: a fenced block, lines that end
-# like code, a LaTeX command, or several mathematical symbols.
+# like code, a LaTeX command, several mathematical symbols, or a word that asks for a proof, a
+# derivation or an implementation (in the languages the default model was trained to recognise).
 _TECHNICAL = re.compile(
     r"```"
     r"|[;{}]\s*$"
     r"|\\(?:frac|int|sum|begin|mathbb|sqrt|prod|lim)(?![A-Za-z])"
-    r"|(?:[=<>≤≥≠∫∑∏√∞∂∇±×÷^].*){3}",
-    re.MULTILINE,
+    r"|(?:[=<>≤≥≠≡∀∃∈⊂∫∑∏√∞∂∇±×÷^→].*){3}"
+    r"|\b(?:prove|proof|theorem|lemma|derive|rigorous|implement|algorithm|complexity"
+    r"|démontr\w*|preuve|théorème|beweis\w*|satz|demuestr\w*|demostr\w*|teorema|dimostr\w*"
+    r"|доказ\w*|докаж\w*|теорем\w*)\b"
+    r"|证明|定理|証明",
+    re.MULTILINE | re.IGNORECASE,
 )
 
 

@@ -324,6 +324,77 @@ def assumed_outcomes(difficulty: str, n_tiers: int) -> list[float]:
         return [EASY_OUTCOME] * n_tiers
     return [float(v) for v in np.linspace(HARD_OUTCOMES[0], HARD_OUTCOMES[1], n_tiers)]
 
+# Hard requests written natively in other languages (a proof, a verse translation keeping metre and rhyme,
+# an expert legal or medical comparison), and easy ones beside them: the model reads other scripts
+# through rare word pieces, and would otherwise find every such prompt equally unremarkable.
+NATIVE_HARD = [
+    "Докажите, что {ru_statement}.", "Приведите строгое доказательство того, что {ru_statement}.",
+    "Beweisen Sie vollständig, dass {de_statement}.", "Zeige rigoros: {de_statement}.",
+    "Démontrez rigoureusement que {fr_statement}.", "Prouvez en détail que {fr_statement}.",
+    "Demuestra de forma rigurosa que {es_statement}.", "Dimostra in modo rigoroso che {it_statement}.",
+    "请严格证明：{zh_statement}。", "次のことを厳密に証明せよ：{ja_statement}。",
+    "Переведите стихотворение «{ru_poem}» на {ru_language} язык, сохранив размер и рифму, и объясните выбор.",
+    "Übersetze das Gedicht „{de_poem}“ ins {de_language}e und bewahre dabei Versmaß und Reimschema.",
+    "Traduisez le poème « {fr_poem} » en {fr_language} en conservant le mètre et les rimes, vers par vers.",
+    "Сравните {ru_legal} в праве России и Германии со ссылками на судебную практику и статьи кодексов.",
+    "Vergleichen Sie {de_legal} im deutschen und französischen Recht anhand der Rechtsprechung.",
+    "Analysez en détail {fr_legal} en droit français et allemand, avec la jurisprudence pertinente.",
+    "请比较中美两国法律中关于{zh_legal}的规定，并引用相关判例加以分析。",
+    "{ja_legal}について、日本法とドイツ法の違いを判例を挙げて詳しく論じてください。",
+]
+RU_STATEMENTS = ["группа порядка p^2 абелева", "множество простых чисел бесконечно", "число e иррационально",
+                 "всякая непрерывная функция на отрезке равномерно непрерывна", "ряд обратных простых расходится"]
+DE_STATEMENTS = ["jede endliche Integritätsbereich ein Körper ist", "die Cantor-Menge überabzählbar ist",
+                 "pi irrational ist", "jeder kompakte Hausdorffraum normal ist", "das Halteproblem unentscheidbar ist"]
+FR_STATEMENTS = ["tout groupe d'ordre p^2 est abélien", "la série des inverses des nombres premiers diverge",
+                 "e est transcendant", "tout espace vectoriel admet une base",
+                 "l'ensemble de Cantor est de mesure nulle"]
+ES_STATEMENTS = ["hay infinitos primos de la forma 4k+3", "todo dominio de integridad finito es un cuerpo",
+                 "la raíz cuadrada de 2 es irracional y la de 3 también, sin usar la factorización única"]
+IT_STATEMENTS = ["ogni gruppo di ordine p^2 è abeliano", "il problema della fermata è indecidibile",
+                 "ogni successione monotona limitata converge"]
+ZH_STATEMENTS = ["素数有无穷多个", "每个有限整环都是域", "圆周率是无理数", "有界单调数列必收敛"]
+JA_STATEMENTS = ["素数は無限に存在する", "有限整域は体である", "円周率は無理数である", "有界な単調数列は収束する"]
+RU_POEMS = ["Я помню чудное мгновенье", "Белеет парус одинокий", "Зимнее утро"]
+DE_POEMS = ["Erlkönig", "Der Panther", "Mondnacht"]
+FR_POEMS = ["Le Pont Mirabeau", "Demain, dès l'aube", "L'Albatros"]
+RU_LANGUAGES = ["английский", "немецкий", "французский"]
+DE_LANGUAGES = ["Englisch", "Spanisch", "Italienisch"]
+FR_LANGUAGES = ["anglais", "allemand", "espagnol"]
+RU_LEGAL = ["институт добросовестного приобретения", "ответственность директора за убытки"]
+DE_LEGAL = ["die Haftung des Geschäftsführers in der Insolvenz", "den gutgläubigen Erwerb beweglicher Sachen"]
+FR_LEGAL = ["la responsabilité du fait des produits défectueux", "l'imprévision dans les contrats commerciaux"]
+ZH_LEGAL = ["公司董事的忠实义务", "善意取得制度"]
+JA_LEGAL = ["取締役の善管注意義務と経営判断原則", "契約不適合責任における追完請求"]
+NATIVE_EASY = [
+    "Trie ces mots par ordre alphabétique : {fr_words}", "Ordena estas palabras alfabéticamente: {es_words}",
+    "Sortiere diese Wörter alphabetisch: {de_words}", "Расставь слова по алфавиту: {ru_words}",
+    "Traduis en anglais : « {fr_phrase} »", "Übersetze ins Englische: „{de_phrase}“",
+    "Traduce al inglés: «{es_phrase}»", "Переведи на английский: «{ru_phrase}»", "把这句话翻译成英文：{zh_phrase}",
+    "この文を英語に訳してください：{ja_phrase}", "Corrige l'orthographe : « {fr_typo} »",
+    "Korrigiere die Rechtschreibung: „{de_typo}“", "Corrige la ortografía: «{es_typo}»",
+]
+FR_WORDS = ["zèbre, chat, lion, âne", "pomme, banane, cerise", "rouge, bleu, vert, jaune"]
+ES_WORDS = ["perro, gato, ratón", "mesa, silla, lámpara", "uva, pera, manzana"]
+DE_WORDS = ["Hund, Katze, Maus", "Tisch, Stuhl, Lampe", "Apfel, Birne, Traube"]
+RU_WORDS = ["кошка, собака, мышь", "стол, стул, лампа", "яблоко, груша, слива"]
+FR_PHRASES = ["Je suis en retard, désolé.", "Le magasin ferme à 18 heures.", "Merci pour ton aide hier."]
+DE_PHRASES = ["Ich komme morgen später.", "Das Essen war sehr lecker.", "Wo ist der Bahnhof?"]
+ES_PHRASES = ["Llego tarde, lo siento.", "La tienda cierra a las seis.", "Gracias por tu ayuda."]
+RU_PHRASES = ["Я опаздываю, извини.", "Магазин закрывается в шесть.", "Спасибо за помощь."]
+ZH_PHRASES = ["我明天会晚一点到。", "这家餐厅很好吃。", "谢谢你的帮助。"]
+JA_PHRASES = ["明日は少し遅れます。", "この店は六時に閉まります。", "手伝ってくれてありがとう。"]
+FR_TYPOS = ["je suis aller au marcher hier", "il fait beaux aujourdhui"]
+DE_TYPOS = ["ich habe keine zeit heute abend", "das wetter ist schon"]
+ES_TYPOS = ["mañana boy a la playa", "estoi muy cansado oy"]
+EASY_CODE_MORE = [
+    "Give me SQL that returns every column of the {table} table.", "SQL to count the rows in {table}?",
+    "How do I rename a file in the terminal?", "What does `ls -la` do?", "How do I undo my last git commit?",
+    "Write a CSS rule that makes all paragraphs blue.", "How do I center a div?",
+    "Write a regular expression that matches a five-digit number.", "How do I install a Python package with pip?",
+]
+TABLES = ["users", "orders", "products", "customers", "employees"]
+
 
 def _normalise(text: str) -> str:
     return re.sub(r"\W+", " ", text.lower()).strip()
@@ -348,7 +419,19 @@ def _fill(rng: random.Random, template: str) -> str:
         "topic": rng.choice(TOPICS), "letter": rng.choice("eaio"), "doctrine": rng.choice(DOCTRINES),
         "facts": rng.choice(FACTS), "age": rng.randint(19, 80), "symptoms": rng.choice(SYMPTOMS),
         "quantity": rng.choice(QUANTITIES), "system_phys": rng.choice(SYSTEMS_PHYS), "thing": rng.choice(THINGS),
-        "algorithm": rng.choice(ALGORITHMS),
+        "algorithm": rng.choice(ALGORITHMS), "ru_statement": rng.choice(RU_STATEMENTS),
+        "de_statement": rng.choice(DE_STATEMENTS), "fr_statement": rng.choice(FR_STATEMENTS),
+        "es_statement": rng.choice(ES_STATEMENTS), "it_statement": rng.choice(IT_STATEMENTS),
+        "zh_statement": rng.choice(ZH_STATEMENTS), "ja_statement": rng.choice(JA_STATEMENTS),
+        "ru_poem": rng.choice(RU_POEMS), "de_poem": rng.choice(DE_POEMS), "fr_poem": rng.choice(FR_POEMS),
+        "ru_language": rng.choice(RU_LANGUAGES), "de_language": rng.choice(DE_LANGUAGES),
+        "fr_language": rng.choice(FR_LANGUAGES), "ru_legal": rng.choice(RU_LEGAL), "de_legal": rng.choice(DE_LEGAL),
+        "fr_legal": rng.choice(FR_LEGAL), "zh_legal": rng.choice(ZH_LEGAL), "ja_legal": rng.choice(JA_LEGAL),
+        "fr_words": rng.choice(FR_WORDS), "es_words": rng.choice(ES_WORDS), "de_words": rng.choice(DE_WORDS),
+        "ru_words": rng.choice(RU_WORDS), "fr_phrase": rng.choice(FR_PHRASES), "de_phrase": rng.choice(DE_PHRASES),
+        "es_phrase": rng.choice(ES_PHRASES), "ru_phrase": rng.choice(RU_PHRASES), "zh_phrase": rng.choice(ZH_PHRASES),
+        "ja_phrase": rng.choice(JA_PHRASES), "fr_typo": rng.choice(FR_TYPOS), "de_typo": rng.choice(DE_TYPOS),
+        "es_typo": rng.choice(ES_TYPOS), "table": rng.choice(TABLES),
     }
     return template.format(**values)
 
@@ -382,6 +465,7 @@ def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: _fill(rng, rng.choice(MATH)), lambda: _fill(rng, rng.choice(FORMATTING)),
         lambda: _long_easy(rng), lambda: _fill(rng, rng.choice(MULTILINGUAL_EASY)),
         lambda: _fill(rng, rng.choice(DEFINITIONS)), lambda: rng.choice(HOW_TO), lambda: _listing_question(rng),
+        lambda: _fill(rng, rng.choice(NATIVE_EASY)), lambda: _fill(rng, rng.choice(EASY_CODE_MORE)),
     ]
 
 
@@ -394,7 +478,8 @@ def _hard_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: rng.choice(HARD_CODE), lambda: rng.choice(HARD_WRITING), lambda: rng.choice(HARD_REASONING),
         lambda: rng.choice(PROOF_FRAMES_OTHER).format(p=rng.choice(HARD_PROOFS)),
         lambda: _fill(rng, rng.choice(CONSTRAINED_WRITING)), lambda: _fill(rng, rng.choice(HARD_ANALYSIS)),
-        lambda: _fill(rng, rng.choice(HARD_CODE_FRAMES)),
+        lambda: _fill(rng, rng.choice(HARD_CODE_FRAMES)), lambda: _fill(rng, rng.choice(NATIVE_HARD)),
+        lambda: _fill(rng, rng.choice(NATIVE_HARD)),
     ]
 
 
