@@ -20,9 +20,44 @@ import fcntl
 import json
 import os
 import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.dispatch_config import DecisionLogConfig
+
+# The schema of a decision-log line, kept here and nowhere else. Version 2 added `schema_version`,
+# `decided_by` and `note`; lines without `schema_version` are version 1.
+DECISION_SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One request: the routing-log columns `promptier train` reads (prompt_id, prompt, model, score,
+    cost_usd, source, category), then how it was routed and what it cost."""
+
+    prompt_id: str
+    prompt: str | None  # only with store_prompts: the text the classifier read
+    messages: list[dict] | None  # a conversation of more than one message, as it came, for a judge
+    model: str | None  # the upstream model that answered
+    score: float | None  # filled in later by a judge or feedback
+    cost_usd: float | None
+    source: str
+    category: str
+    tier: str | None  # the tier that answered
+    routed_tier: str  # the tier routing chose (escalation may move `tier` up)
+    reason: str  # classified | pinned | fallback | escalated
+    mode: str | None
+    confidence: float | None
+    decided_by: str | None  # model | prior, when the classifier decided
+    classifier_ms: float | None
+    latency_ms: float
+    usage: dict | None
+    status: int
+    note: str | None  # why a successful answer was logged without usage or cost
+    time: str
+
+    def as_dict(self) -> dict:
+        return {"schema_version": DECISION_SCHEMA_VERSION, **asdict(self)}
 
 
 class DecisionLog:

@@ -36,7 +36,7 @@ import classifier
 from classifier.artifact import MODES
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
-from serving.decision_log import DecisionLog
+from serving.decision_log import DecisionLog, DecisionRecord
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
 from serving.inbound import INBOUND_ATTRIBUTE
@@ -62,6 +62,7 @@ class Route:
     mode: str | None
     confidence: float | None
     classifier_ms: float | None
+    decided_by: str | None = None  # model | prior, when the classifier decided
 
 
 class HTTPError(Exception):
@@ -214,7 +215,7 @@ class Dispatcher:
             self.metrics.fallbacks.labels("unknown_tier").inc()
             return Route(self.config.fallback_tier, "fallback", mode, None, (time.perf_counter() - start) * 1000)
         return Route(decision.tier, "classified", mode, decision.scores.get(decision.tier),
-                     (time.perf_counter() - start) * 1000)
+                     (time.perf_counter() - start) * 1000, decision.decided_by)
 
     # ------------------------------------------------------------------ upstream
     async def open_upstream(self, route: Route, body: dict) -> tuple[aiohttp.ClientResponse, str]:
@@ -264,6 +265,8 @@ class Dispatcher:
             headers[f"{HEADER_PREFIX}mode"] = route.mode
         if route.classifier_ms is not None:
             headers[f"{HEADER_PREFIX}classifier-ms"] = f"{route.classifier_ms:.3f}"
+        if route.decided_by is not None:
+            headers[f"{HEADER_PREFIX}decided-by"] = route.decided_by
         return headers
 
     def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
@@ -283,16 +286,14 @@ class Dispatcher:
             price_in, price_out = self.prices[tier]
             cost = (usage["prompt_tokens"] * price_in + usage["completion_tokens"] * price_out) / 1e6
         self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
-        self.decisions.write({
-            "prompt_id": f"dispatcher:{uuid.uuid4().hex}",
-            "prompt": prompt, "messages": conversation,
-            "model": self.config.tiers[tier].model if tier else None,
-            "score": None, "cost_usd": cost, "source": "dispatcher", "category": "",
-            "tier": tier, "routed_tier": route.tier, "reason": route.reason, "mode": route.mode,
-            "confidence": route.confidence, "classifier_ms": route.classifier_ms,
-            "latency_ms": (time.perf_counter() - started) * 1000, "usage": usage, "status": status, "note": note,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        self.decisions.write(DecisionRecord(
+            prompt_id=f"dispatcher:{uuid.uuid4().hex}", prompt=prompt, messages=conversation,
+            model=self.config.tiers[tier].model if tier else None, score=None, cost_usd=cost,
+            source="dispatcher", category="", tier=tier, routed_tier=route.tier, reason=route.reason,
+            mode=route.mode, confidence=route.confidence, decided_by=route.decided_by,
+            classifier_ms=route.classifier_ms, latency_ms=(time.perf_counter() - started) * 1000, usage=usage,
+            status=status, note=note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        ).as_dict())
 
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the decision log's status for a caller that left

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
+from serving.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app, usage_from_stream_tail
 from serving.inbound import DispatchServerConfig
@@ -244,6 +245,7 @@ def test_routes_by_tier_and_passes_body_through(dispatcher: Dispatcher, fresh: d
     assert raw.headers["x-promptier-tier"] == "small" and raw.headers["x-promptier-reason"] == "classified"
     assert raw.headers["x-promptier-upstream-model"] == "small-upstream-model"
     assert 0 < float(raw.headers["x-promptier-confidence"]) <= 1
+    assert raw.headers["x-promptier-decided-by"] == "model"  # the fixture model measures no familiarity
     sent = fresh["small"].received[0]["body"]
     assert sent["model"] == "small-upstream-model" and sent["temperature"] == 0.3 and sent["max_tokens"] == 7
     hard = client.chat.completions.with_raw_response.create(model="promptier/quality",
@@ -254,6 +256,7 @@ def test_routes_by_tier_and_passes_body_through(dispatcher: Dispatcher, fresh: d
     assert entries[0]["prompt"] == EASY and entries[0]["usage"]["total_tokens"] == 15
     assert entries[0]["cost_usd"] == pytest.approx((10 * 0.2 + 5 * 0.2) / 1e6)
     assert {"prompt_id", "model", "score", "source", "category", "reason", "latency_ms", "status"} <= set(entries[0])
+    assert entries[0]["schema_version"] == DECISION_SCHEMA_VERSION and entries[0]["decided_by"] == "model"
 
 
 def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_path: Path) -> None:
