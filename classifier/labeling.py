@@ -686,14 +686,24 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
             interrupted job that is not this job's, or a write error.
         ArtifactError: the model is not a valid artifact.
     """
+    files = prepare_job(inputs, output, options)
+    with output_lock(output):
+        return _label_locked(files, output, options, workers, resume, progress)
+
+
+def prepare_job(inputs: Sequence[str], output: Path, options: LabelOptions) -> list[Path]:
+    """The job's input files, once the job is checked and the output's folder exists (both engines).
+
+    Raises:
+        LabelingError: bad inputs or options, or the output's folder cannot be created.
+    """
     files = expand_inputs(inputs)
     check_job(files, output, options)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _cannot_write(output.parent, exc, resumable=False) from None
-    with output_lock(output):
-        return _label_locked(files, output, options, workers, resume, progress)
+    return files
 
 
 def _label_locked(files: list[Path], output: Path, options: LabelOptions, workers: int | None, resume: bool,

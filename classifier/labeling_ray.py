@@ -27,12 +27,11 @@ from classifier.labeling import (
     _cannot_write,
     _count,
     _merge,
-    check_job,
-    expand_inputs,
     label_chunk,
     load_worker_model,
     output_lock,
     parse_row,
+    prepare_job,
     read_rows,
     rows_to_table,
 )
@@ -86,12 +85,7 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         import ray
     except ImportError as exc:
         raise LabelingError("the ray engine needs Ray: pip install 'promptier[ray]'") from exc
-    files = expand_inputs(inputs)
-    check_job(files, output, options)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _cannot_write(output.parent, exc, resumable=False) from None
+    files = prepare_job(inputs, output, options)
     with output_lock(output):
         if output.exists():
             raise LabelingError(f"{output} exists; remove it or choose another output")
