@@ -213,3 +213,17 @@ def test_int8_export_is_kept_only_when_it_clears_the_parity_bars(trained_artifac
     is_int8 = bool(shipped & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"})
     assert is_int8 == (manifest.architecture["quantization"] == "int8")
     assert is_int8 or manifest.architecture["parity_failures"].startswith("int8:")
+
+
+def test_training_commands_without_the_train_extra_say_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    result = CliRunner().invoke(app, ["train", "--logs", "x.jsonl", "--pool", "p.yaml", "--out", "o"])
+    assert result.exit_code == 2
+    assert "pip install 'promptier[train]'" in result.output and "Traceback" not in result.output

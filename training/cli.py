@@ -29,6 +29,17 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _require_training_extra() -> None:
+    """Training, evaluation and export need the `train` extra; say how to install it, not a traceback."""
+    from training.errors import require
+
+    try:
+        for module in ("torch", "transformers", "sklearn"):
+            require(module)
+    except PromptierError as error:
+        _fail(error)
+
+
 @app.command()
 def train(
     logs: LogsOption,
@@ -48,6 +59,7 @@ def train(
     model_version: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Train a calibrated tier classifier on routing logs and write an evaluated ONNX artifact."""
+    _require_training_extra()
     from training.config import load_config
     from training.pipeline import train as run_training
 
@@ -88,6 +100,7 @@ def evaluate(
                                                   )] = None,
 ) -> None:
     """Evaluate a model against baselines on the prompts of LOGS it never saw, and on the probe suite."""
+    _require_training_extra()
     from classifier.artifact import load_manifest
     from training.data import read_logs
     from training.evaluate import EVAL_MD, evaluate_logs
@@ -288,6 +301,7 @@ def export(
     quantize: Annotated[bool, typer.Option(help="try int8 first (kept only if it clears the parity bars)")] = True,
 ) -> None:
     """Re-export a trained model to ONNX with the parity check (e.g. to try int8, or after an ORT upgrade)."""
+    _require_training_extra()
     from training.export import export_checkpoint
     from training.pipeline import read_unlabeled
 
