@@ -42,8 +42,9 @@ def test_recorded_metrics_match_a_fresh_eval_on_the_fixed_sample() -> None:
     from training.pool import load_pool
 
     pool = load_pool(SHARED_DATA / "pools" / "reference.yaml")
-    outcomes = SHARED_DATA / "outcomes"
-    rows, _ = read_logs([outcomes / "mmlu_pro.parquet", outcomes / "llmrouter.parquet"])
+    logs = load_manifest(classifier.DEFAULT_MODEL_DIR).training["logs"]
+    assert isinstance(logs, list)
+    rows, _ = read_logs([SHARED_DATA / "outcomes" / Path(str(log)).name for log in logs])
     table, _ = build_table(rows, pool)
     fresh = sample_metrics(classifier.DEFAULT_MODEL_DIR, table)
     recorded = load_manifest(classifier.DEFAULT_MODEL_DIR).metrics["test_sample"]
@@ -60,3 +61,16 @@ def _close(a: object, b: object) -> bool:
         return True
     assert a == b
     return True
+
+
+def test_recorded_probe_figures_are_what_the_shipped_model_does() -> None:
+    from training.probes import evaluate_probes
+
+    runtime = classifier.load()
+    assert runtime.manifest.familiarity is not None  # the shipped model knows when it does not know
+    fresh = evaluate_probes(runtime)
+    recorded = runtime.manifest.metrics["probes"]
+    assert _close(json.loads(json.dumps(fresh)), recorded)
+    greeting = runtime.classify("hi")
+    assert greeting.tier == "small" and greeting.decided_by in ("model", "prior")
+    assert greeting.familiarity is not None and 0.0 <= greeting.familiarity <= 1.0

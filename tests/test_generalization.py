@@ -112,3 +112,25 @@ def test_unfamiliar_prompts_are_routed_by_the_prior_visibly(tmp_path: Path, tiny
     # The prior respects allowed tiers: its choice, else the next more capable allowed tier.
     pinned = runtime.classify("ζζζ ωωω ψψψ", classifier.RoutingRequest(allowed_tiers=("medium", "large")))
     assert pinned.tier == "medium" and pinned.decided_by == "prior"
+
+
+def test_embedding_teacher_and_anchors_in_one_recipe(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
+                                                     pool_file: Path) -> None:
+    """The shipped recipe's shape on the tiny backbone: anchors, an embedding teacher, a bag student."""
+    from training.pipeline import train
+
+    config = tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
+                                                 "pooling_heads": 2, "length_feature": True},
+                         epochs=8, learning_rate=1e-2, anchors=10, anchor_weight=2,
+                         teacher={"kind": "embedding-mlp", "hidden": 32, "epochs": 20})
+    manifest = train([synthetic_logs], pool_file, tmp_path / "model", config, model_version="recipe",
+                     cache_dir=tmp_path / "cache")
+    training = manifest.training
+    assert isinstance(training["embedding_teacher"], dict)
+    assert set(training["embedding_teacher"]["validation_apgr"]) == {"alpha", "beta"}
+    assert training["anchor_prompts"] > 0 and training["unlabeled_prompts"] == 0
+    # The tiny backbone is untrained, so its sentence embeddings teach little: this checks the recipe's
+    # mechanics (cached embeddings, the teacher's report, an artifact that serves), not its quality.
+    assert any((tmp_path / "cache").iterdir())
+    result = classifier.load(tmp_path / "model").classify("prove theorem derive integral eigenvalue lemma")
+    assert result.tier in manifest.tier_names and "probes" in manifest.metrics

@@ -164,12 +164,11 @@ def train(
                             f"{data.pool.tier_names}")
         extra = read_unlabeled(unlabeled) if unlabeled else []
         teacher_probs = _cached_teacher_probabilities(teacher_runtime, train_texts + extra, work_dir)
-        known = ~np.isnan(targets)
-        blended = np.where(known, distill_weight * teacher_probs[: len(train_texts)]
-                           + (1 - distill_weight) * np.nan_to_num(targets), teacher_probs[: len(train_texts)])
-        targets = np.concatenate([blended, teacher_probs[len(train_texts):]])
+        targets = np.concatenate([blend(teacher_probs[: len(train_texts)], targets, distill_weight),
+                                  teacher_probs[len(train_texts):]])
         train_texts = train_texts + extra
     anchors = anchor_table(data.pool, config)
+    anchor_rows = len(anchors) * config.anchor_weight if anchors is not None else 0
     if anchors is not None:
         train_texts = train_texts + anchors.prompts * config.anchor_weight
         targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
@@ -179,7 +178,7 @@ def train(
                                                                train_texts, targets, table, split)
         # Anchors keep the outcomes they stand for: the teacher's softer guesses for them would blur
         # the very ends they are there to mark.
-        logged = len(train_texts) - (len(anchors) * config.anchor_weight if anchors is not None else 0)
+        logged = len(train_texts) - anchor_rows
         targets = np.concatenate([distilled[:logged], targets[logged:]])
     token_ids = tokenize_all(encoder, train_texts)
     fit(model, token_ids, targets, config, work_dir, description="student" if config.student else "train")
@@ -206,8 +205,7 @@ def train(
                   "distill_weight": distill_weight if teacher else None,
                   "logs": [str(p) for p in logs], "pool": str(pool_path), "command": command,
                   "prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-                  "unlabeled_prompts": len(train_texts) - len(train_index)
-                  - (len(anchors) * config.anchor_weight if anchors else 0),
+                  "unlabeled_prompts": len(train_texts) - len(train_index) - anchor_rows,
                   "anchor_prompts": len(anchors) if anchors else 0,
                   "embedding_teacher": teacher_report,
                   "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
@@ -291,10 +289,7 @@ def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncati
     log.info("embedding teacher: features for %d prompts", len(texts))
     features = teacher_features(texts, backbone_dir, truncation, cache_dir)
     network = fit_teacher(features, targets, spec, config.seed)
-    probabilities = teacher_probabilities(network, features)
-    known = ~np.isnan(targets)
-    blended = np.where(known, spec.distill_weight * probabilities + (1 - spec.distill_weight) * np.nan_to_num(targets),
-                       probabilities)
+    blended = blend(teacher_probabilities(network, features), targets, spec.distill_weight)
     val = np.flatnonzero(split == "val")
     val_probabilities = teacher_probabilities(
         network, teacher_features([table.prompts[i] for i in val], backbone_dir, truncation, cache_dir))
@@ -306,6 +301,12 @@ def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncati
         report[source] = round(group["methods"]["teacher"]["apgr"], 4)
     log.info("embedding teacher: validation APGR %s", report)
     return blended, {"validation_apgr": report}
+
+
+def blend(teacher: np.ndarray, targets: np.ndarray, weight: float) -> np.ndarray:
+    """Distillation targets: `weight` x the teacher's probabilities + the rest from the logged outcomes;
+    the teacher's alone where the outcome is unknown (NaN)."""
+    return np.where(np.isnan(targets), teacher, weight * teacher + (1 - weight) * np.nan_to_num(targets))
 
 
 def _cached_teacher_probabilities(runtime: TierClassifier, texts: Sequence[str], work_dir: Path,
