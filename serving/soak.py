@@ -57,6 +57,7 @@ WELL_BEHAVED_BAR_PCT = 99.0
 PAID_DELIVERED_BAR_PCT = 100.0
 SERVE_WORKERS = 2
 CAPACITY_SECONDS = 3.0
+TRAFFIC_SETUP_S = 10.0  # for the traffic processes to start and connect before the window opens
 START_TIMEOUT_S = 120.0  # for the service, the dispatcher and the upstream to come up
 STOP_TIMEOUT_S = 30.0  # for a SIGTERM to end a process before it is killed
 CONFIRM_TIMEOUT_S = 60.0  # for a kill or a reload to show its effect
@@ -64,6 +65,7 @@ LABEL_JOB_TIMEOUT_S = 300.0
 LABEL_FIRST_AT_S = 5.0  # the first label round starts this long into the window
 LOCK_REFUSAL = "is being written by another labeling job"
 TRACEBACK = "Traceback (most recent call last)"
+TIMELINE_BIN_S = 10  # the printed timeline of failures counts them per this many seconds
 
 
 @dataclass(frozen=True)
@@ -567,18 +569,21 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         report["capacity"] = capacity
         flood_rate = options.flood_factor * capacity["prompts_per_s"] / options.flood_batch
 
-        begin, epoch, cpu_before = time.monotonic(), time.time(), psutil.cpu_times()
+        # Every traffic process sets up (imports, connections), then all start at `start_at`.
+        start_at = time.time() + TRAFFIC_SETUP_S
         children.start("flood", soak_clients.flood, target=target, batch=options.flood_batch,
-                       calls_per_s=flood_rate, seconds=seconds)
+                       calls_per_s=flood_rate, seconds=seconds, start_at=start_at)
         children.start("well_behaved", soak_clients.well_behaved, target=target,
                        calls_per_s=options.well_behaved_rate, deadline_s=options.deadline_ms / 1000,
-                       seconds=seconds, epoch=epoch)
+                       seconds=seconds, start_at=start_at)
         children.start("dispatch", soak_clients.dispatch_traffic, base_url=dispatch_url,
-                       calls_per_s=options.dispatch_rate, seconds=seconds, epoch=epoch)
+                       calls_per_s=options.dispatch_rate, seconds=seconds, start_at=start_at)
         if options.slow_connections:
             children.start("slow", soak_clients.slow_connections,
                            ports={"grpc": grpc_port, "http": dispatch_port}, per_port=options.slow_connections,
-                           seconds=seconds)
+                           seconds=seconds, start_at=start_at)
+        time.sleep(max(0.0, start_at - time.time()))
+        begin, cpu_before = time.monotonic(), psutil.cpu_times()
         chaos = ChaosRecord()
         rounds: list[dict] = []
         threads = [
@@ -592,7 +597,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         for thread in threads:
             thread.start()
         names = ["flood", "well_behaved", "dispatch", *(["slow"] if options.slow_connections else [])]
-        traffic = children.collect(names, seconds + 120)
+        traffic = children.collect(names, seconds + 120)  # each ends by itself, `seconds` after start_at
         report["window_seconds"] = time.monotonic() - begin
         report["machine_cpu_busy_pct"] = _busy_pct(cpu_before, psutil.cpu_times())
         stop.set()  # no new chaos or label round; the ones under way finish (each bounded)
@@ -762,9 +767,12 @@ def render_timeline(report: dict) -> str:
     well, details = report["well_behaved"], report["details"]
     events = [f"{e['action']} {e['at_s']:g}s" for e in details["chaos_events"]]
     events += [f"label {r['at_s']:g}s" for r in details["label_rounds"]]
-    failures = ", ".join(f"{second}s: {count}" for second, count in (well["failures_by_second"] or {}).items())
+    bins: Counter[int] = Counter()
+    for second, count in (well["failures_by_second"] or {}).items():
+        bins[int(second) // TIMELINE_BIN_S * TIMELINE_BIN_S] += count
+    failures = ", ".join(f"{start}-{start + TIMELINE_BIN_S}s: {count}" for start, count in sorted(bins.items()))
     lag = well["client_loop_lag"] or {}
-    return (f"\nwell-behaved failures by second of the window: {failures or 'none'}\n"
+    return (f"\nwell-behaved calls failed, by {TIMELINE_BIN_S} s of the window: {failures or 'none'}\n"
             f"events: {', '.join(events) or 'none'}\n"
             f"the client's event loop woke late from 10 ms sleeps by p50 {_ms(lag.get('p50_ms'))}, p99 "
             f"{_ms(lag.get('p99_ms'))}, max {_ms(lag.get('max_ms'))} ({well['client_loop_lags_over_deadline']} "

@@ -61,6 +61,11 @@ def _code(error: grpc.RpcError) -> str:
     return status.name if isinstance(status, grpc.StatusCode) else type(error).__name__
 
 
+async def _until(start_at: float) -> None:
+    """Sleep until `start_at` (a `time.time()`): traffic set up in several processes starts together."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+
+
 async def _open_loop(rate: float, seconds: float, max_in_flight: int,
                      call: Callable[[int], Coroutine[object, object, None]]) -> dict:
     """Start `call(i)` at `rate` per second for `seconds`, never more than `max_in_flight` at once; then
@@ -126,14 +131,16 @@ async def _measure_capacity(target: str, batch: int, seconds: float, in_flight: 
 
 
 def flood(target: str, batch: int, calls_per_s: float, seconds: float, connections: int = 8,
-          max_in_flight: int = 64) -> dict:
+          max_in_flight: int = 64, start_at: float | None = None) -> dict:
     """ClassifyBatch calls of `batch` prompts at `calls_per_s` (open loop) over `connections`
-    connections for `seconds`, without retries; every call counted by how it ended."""
-    return asyncio.run(_flood(target, batch, calls_per_s, seconds, connections, max_in_flight))
+    connections for `seconds` from `start_at` (a `time.time()`; default now), without retries; every
+    call counted by how it ended."""
+    return asyncio.run(_flood(target, batch, calls_per_s, seconds, connections, max_in_flight,
+                              start_at or time.time()))
 
 
 async def _flood(target: str, batch: int, calls_per_s: float, seconds: float, connections: int,
-                 max_in_flight: int) -> dict:
+                 max_in_flight: int, start_at: float) -> dict:
     request = batch_request(batch, seed=2)
     channels, calls = _raw_batch_calls(target, connections)
     outcomes: Counter[str] = Counter()
@@ -145,6 +152,7 @@ async def _flood(target: str, batch: int, calls_per_s: float, seconds: float, co
             except grpc.RpcError as error:
                 outcomes[_code(error)] += 1
 
+        await _until(start_at)
         schedule = await _open_loop(calls_per_s, seconds, max_in_flight, call)
     finally:
         for channel in channels:
@@ -153,19 +161,19 @@ async def _flood(target: str, batch: int, calls_per_s: float, seconds: float, co
 
 
 def well_behaved(target: str, calls_per_s: float, deadline_s: float, seconds: float,
-                 epoch: float | None = None) -> dict:
+                 start_at: float | None = None) -> dict:
     """Single Classify calls at `calls_per_s` (open loop) through the project's client (one connection
     per server process, retries on UNAVAILABLE within the deadline), each with a `deadline_s`
-    deadline; counted by status.
+    deadline, for `seconds` from `start_at` (a `time.time()`; default now); counted by status.
 
     Also what tells a starved service from a starved machine: the latency the client saw and the time
     the server says it held each answered call (`server_latency_ms`, queueing for the model included),
-    the second each failure fell in (counted from `epoch`, a `time.time()`, default the start: to set
-    beside the chaos events), and how late this
+    the second each failure fell in (counted from `start_at`: to set beside the chaos events), and how
+    late this
     process's own event loop woke from 10 ms sleeps (when the client itself waits that long for a core,
     so does everything else on the machine).
     """
-    return asyncio.run(_well_behaved(target, calls_per_s, deadline_s, seconds, epoch or time.time()))
+    return asyncio.run(_well_behaved(target, calls_per_s, deadline_s, seconds, start_at or time.time()))
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -185,7 +193,8 @@ async def _loop_lag(until: float, lags: list[float], tick_s: float = 0.01) -> No
         lags.append((time.perf_counter() - asked - tick_s) * 1000)
 
 
-async def _well_behaved(target: str, calls_per_s: float, deadline_s: float, seconds: float, epoch: float) -> dict:
+async def _well_behaved(target: str, calls_per_s: float, deadline_s: float, seconds: float,
+                        start_at: float) -> dict:
     from serving.client import AsyncRouterClient
 
     texts = prompts(512, 40, seed=3)
@@ -198,6 +207,7 @@ async def _well_behaved(target: str, calls_per_s: float, deadline_s: float, seco
         # Unspread, the calls still work, on whichever processes the connections reached.
         with contextlib.suppress(grpc.RpcError, TimeoutError):
             await asyncio.wait_for(client.spread_connections(), timeout=10)
+        await _until(start_at)
         begin = time.monotonic()
 
         async def call(index: int) -> None:
@@ -206,7 +216,7 @@ async def _well_behaved(target: str, calls_per_s: float, deadline_s: float, seco
                 decision = await client.classify(texts[index % len(texts)])
             except grpc.RpcError as error:
                 outcomes[_code(error)] += 1
-                failed_at[int(time.time() - epoch)] += 1
+                failed_at[int(time.time() - start_at)] += 1
                 return
             latencies.append((time.perf_counter() - start) * 1000)
             server_ms.append(decision.server_latency_ms)
@@ -237,16 +247,19 @@ def _slow_modes(kind: str) -> dict[str, tuple[bytes, bytes]]:
     return {"silent": (b"", b""), "trickle-headers": (b"", head + body), "trickle-body": (head, body)}
 
 
-def slow_connections(ports: dict[str, int], per_port: int, seconds: float, trickle_gap_s: float = 0.5) -> dict:
+def slow_connections(ports: dict[str, int], per_port: int, seconds: float, trickle_gap_s: float = 0.5,
+                     start_at: float | None = None) -> dict:
     """Keep `per_port` slow connections open to each port of `ports` (kind -> port; kind "grpc" or
-    "http") for `seconds`, spread over the modes: send nothing, or trickle a request a byte every
-    `trickle_gap_s`. A connection the server closes is reopened (after a short pause), so the pressure
-    stays; counted per kind and mode: opened, closed by the server, refused or failed to connect, and
-    the largest number open at once."""
-    return asyncio.run(_slow_connections(ports, per_port, seconds, trickle_gap_s))
+    "http") for `seconds` from `start_at` (a `time.time()`; default now), spread over the modes: send
+    nothing, or trickle a request a byte every `trickle_gap_s`. A connection the server closes is
+    reopened (after a short pause), so the pressure stays; counted per kind and mode: opened, closed by
+    the server, refused or failed to connect, and the largest number open at once."""
+    return asyncio.run(_slow_connections(ports, per_port, seconds, trickle_gap_s, start_at or time.time()))
 
 
-async def _slow_connections(ports: dict[str, int], per_port: int, seconds: float, trickle_gap_s: float) -> dict:
+async def _slow_connections(ports: dict[str, int], per_port: int, seconds: float, trickle_gap_s: float,
+                            start_at: float) -> dict:
+    await _until(start_at)
     end = time.monotonic() + seconds
     stats: dict[str, Counter[str]] = {}
     open_now: Counter[str] = Counter()
@@ -304,12 +317,13 @@ async def _slow_connections(ports: dict[str, int], per_port: int, seconds: float
 
 # ---------------------------------------------------------------- dispatcher
 def dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, first_id: int = 0,
-                     epoch: float | None = None) -> dict:
-    """Chat completions through the dispatcher at `calls_per_s` (open loop) for `seconds`, cycling
+                     start_at: float | None = None) -> dict:
+    """Chat completions through the dispatcher at `calls_per_s` (open loop) for `seconds` from
+    `start_at` (a `time.time()`; default now), cycling
     through the fake upstream's behaviours (serving.soak_upstream.BEHAVIOURS); each answer is checked
     against what the upstream sent for it. Returns the ids delivered intact, counts per outcome, and
-    the first failures (with the second they came at, counted from `epoch`, a `time.time()`)."""
-    return asyncio.run(_dispatch_traffic(base_url, calls_per_s, seconds, first_id, epoch or time.time()))
+    the first failures (with the second they came at, counted from `start_at`)."""
+    return asyncio.run(_dispatch_traffic(base_url, calls_per_s, seconds, first_id, start_at or time.time()))
 
 
 def _events(raw: bytes) -> list[str]:
@@ -351,7 +365,8 @@ def judge_answer(request_id: int, behaviour: str, include_usage: bool, status: i
     return "intact"
 
 
-async def _dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, first_id: int, epoch: float) -> dict:
+async def _dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, first_id: int,
+                            start_at: float) -> dict:
     import httpx
 
     from serving.soak_upstream import BEHAVIOURS, tag
@@ -388,8 +403,9 @@ async def _dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, f
                 intact.append(request_id)
             elif kind in ("mangled", "failed_5xx", "transport_error") and len(mangled) < 20:
                 mangled.append({"id": request_id, "behaviour": behaviour, "outcome": outcome,
-                                "at_s": round(time.time() - epoch, 2)})
+                                "at_s": round(time.time() - start_at, 2)})
 
+        await _until(start_at)
         schedule = await _open_loop(calls_per_s, seconds, 64, call)
     return {**schedule, "calls_per_s": calls_per_s, "outcomes": dict(outcomes), "routing_reasons": dict(reasons),
             "intact_ids": intact, "failures": mangled}
