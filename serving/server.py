@@ -655,6 +655,9 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_in_background)
+    # A `--workers` process starts with SIGHUP blocked (serving.workers), so that a reload asked for while
+    # it loads waits for the handler above instead of killing it; a pending one is delivered here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     await stop.wait()
     log.info(json.dumps({"event": "draining", "grace_seconds": grace}))
     await running.stop(grace)

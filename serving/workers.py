@@ -72,7 +72,15 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
         port = None if metrics_port is None else metrics_port + index
         process = context.Process(target=_worker, args=(model_dir, address, threads, port, limits),
                                   name=f"promptier-serve-{index}", daemon=False)
-        process.start()
+        # SIGHUP's default action ends a process, and a worker installs its reload handler only once it
+        # serves: a reload forwarded while a replacement starts would kill it (and count as a failed
+        # start). Started with SIGHUP blocked (the mask survives exec), the worker gets such a reload
+        # once it can handle it. Blocked here, not ignored, so that none sent meanwhile is lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         processes[index] = (process, time.monotonic())
         log.info(json.dumps({"event": "worker_started", "worker": index, "pid": process.pid}))
 

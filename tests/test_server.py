@@ -1103,6 +1103,62 @@ def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> 
                 child.kill()
 
 
+def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_artifact: Path,
+                                                                       tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serving.loadgen import _free_port, _wait_serving
+
+    port, metrics_port = _free_port(), _free_port()
+    log = tmp_path / "serve.err"
+    with log.open("wb") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+                                   "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
+                                  stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(spawned_workers(parent.pid)) < 2:
+            time.sleep(0.1)
+        victim = spawned_workers(parent.pid)[0]
+        victim.kill()
+        replacement = None
+        deadline = time.monotonic() + 30
+        while replacement is None and time.monotonic() < deadline:
+            fresh = [w for w in spawned_workers(parent.pid) if w.pid != victim.pid and w.create_time() >
+                     victim.create_time() + 0.5]
+            replacement = fresh[0] if fresh else None
+            time.sleep(0.02)
+        assert replacement is not None
+        os.kill(parent.pid, signal.SIGHUP)  # the replacement is still importing and loading its model
+
+        def reloads(index: int) -> float:
+            try:
+                return _metric(metrics_port + index, "promptier_model_reloads_total")
+            except OSError:  # the replacement does not serve its metrics yet
+                return -1
+
+        deadline = time.monotonic() + 120  # both workers count the reload, the replacement once it serves
+        while time.monotonic() < deadline and not all(reloads(i) >= 1 for i in (0, 1)):
+            time.sleep(0.2)
+        assert [reloads(i) for i in (0, 1)] == [1, 1]
+        assert replacement.is_running()
+        deaths = [json.loads(line) for line in log.read_text().splitlines() if '"worker_died"' in line]
+        assert [death["exitcode"] for death in deaths] == [-signal.SIGKILL]  # only the one killed here
+    finally:
+        parent.terminate()
+        try:
+            parent.wait(60)
+        except subprocess.TimeoutExpired:
+            for child in spawned_workers(parent.pid):
+                child.kill()
+            parent.kill()
+
+
 def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> None:
     import subprocess
     import sys

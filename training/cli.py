@@ -292,6 +292,44 @@ def loadtest(
 
 
 @app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(min=0.05, help="length of the window everything runs at once")] = 5.0,
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON report")] = Path("bench-soak.json"),
+    deadline_ms: Annotated[float, typer.Option(min=1, help="deadline of each well-behaved Classify call")] = 50.0,
+    well_behaved_rate: Annotated[float, typer.Option(min=0.1, help="well-behaved Classify calls per second")] = 20.0,
+    flood_factor: Annotated[float, typer.Option(min=0.1, help="the flood, as a multiple of the service's "
+                                                "capacity measured just before")] = 2.0,
+    slow_connections: Annotated[int, typer.Option(min=0, help="slow connections held to each of the gRPC and "
+                                                  "dispatcher ports")] = 200,
+    dispatch_rate: Annotated[float, typer.Option(min=0.1, help="chat completions per second through the "
+                                                 "dispatcher")] = 20.0,
+    label_rows: Annotated[int, typer.Option(min=1, help="rows of the generated labeling input")] = 20_000,
+    label_every: Annotated[float, typer.Option(min=1, help="seconds between label rounds")] = 60.0,
+    chaos_every: Annotated[float, typer.Option(min=3, help="seconds between serve worker kills (and between "
+                                               "reloads)")] = 60.0,
+) -> None:
+    """Chaos and soak on loopback: flood, slow connections, odd upstreams, worker kills, reloads and
+    concurrent label jobs, all at once; prints a table and writes a JSON report.
+
+    Exit code 0 only if the bars held: well-behaved calls served >= 99%, paid upstream answers delivered
+    100%, no labeled row lost or duplicated (and one label job of each pair refused by the lock), no
+    crash; 1 if one did not; 2 if the soak could not start.
+    """
+    from serving.soak import SoakOptions
+    from serving.soak import main as run_soak
+
+    options = SoakOptions(minutes=minutes, model=model, deadline_ms=deadline_ms, well_behaved_rate=well_behaved_rate,
+                          flood_factor=flood_factor, slow_connections=slow_connections, dispatch_rate=dispatch_rate,
+                          label_rows=label_rows, label_every_s=label_every, chaos_every_s=chaos_every)
+    try:
+        report = run_soak(options, out)
+    except (RuntimeError, TimeoutError) as error:
+        _fail(error)
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+@app.command()
 def export(
     artifact: Annotated[Path, typer.Option(help="an artifact made by `promptier train`")],
     checkpoint: Annotated[Path, typer.Option(help="its training checkpoint (WORK_DIR/checkpoint.pt)")],
