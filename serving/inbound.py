@@ -41,6 +41,9 @@ INBOUND_ATTRIBUTE = "promptier_inbound"
 RESERVED_DESCRIPTORS = 64
 HEADERS, BODY = "headers", "body"
 INFINITY = math.inf
+# When a worker retires (SIGHUP, SIGTERM), how long a connection it accepted just before, on which no
+# byte has come yet, may take to send its request.
+SHUTDOWN_GRACE_S = 2.0
 
 
 def _raw_response(status: str, message: str, code: str, kind: str) -> bytes:
@@ -152,6 +155,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.deadline = INFINITY  # loop time by which the current phase must be done
         self.phase = HEADERS
         self.received_any = False
+        self.last_request = False  # the server is shutting down: answer the request under way, then close
         if server_state not in _sweepers:
             interval = min(max(min(self.header_timeout_s, self.body_timeout_s) / 4, 0.05), 1.0)
             _sweepers[server_state] = _Sweeper(self.loop, self.connections, interval)
@@ -175,11 +179,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        if self.last_request and self.cycle is not None:
+            self.cycle.keep_alive = False
         self.deadline, self.phase = self.loop.time() + self.body_timeout_s, BODY
 
     def on_message_complete(self) -> None:
         self.deadline = INFINITY
         super().on_message_complete()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown without resetting a caller: uvicorn closes every connection with no response
+        under way, including one accepted a moment ago whose request is still arriving (or is unread in
+        the socket), and the caller then sees its request reset, unanswered. Such a connection instead
+        gets its request answered (within the usual deadlines) and is then closed; only a keep-alive
+        connection idle between requests is closed at once."""
+        if self.deadline == INFINITY or self.transport.is_closing():
+            super().shutdown()
+            return
+        self.last_request = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif not self.received_any:
+            self.deadline = min(self.deadline, self.loop.time() + SHUTDOWN_GRACE_S)
 
     def timed_out(self, now: float) -> None:
         """The current phase is past its deadline: answer 408 where that can be read as an answer, and close."""

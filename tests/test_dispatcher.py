@@ -745,6 +745,29 @@ def test_connections_past_the_limit_are_refused_at_once(
         running.stop()
 
 
+def test_a_retiring_dispatcher_answers_the_connections_it_had_accepted(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    """A worker told to stop (SIGHUP's replacement, SIGTERM) still answers a request that reaches it on a
+    connection it accepted before, then closes; a silent one is closed. Neither caller sees a reset."""
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    caller, silent = _slow_client(running.port, b""), _slow_client(running.port, b"")
+    connections = running.server.server_state.connections
+    deadline = time.monotonic() + 30  # bounds the waits below; measures nothing
+    while len(connections) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(connections) == 2
+    running.stop()  # the graceful shutdown a retiring worker goes through
+    while not all(getattr(c, "last_request", False) for c in list(connections)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert connections and all(c.last_request for c in connections)  # shutting down, and both still open
+    caller.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = _until_closed(caller)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" in answer.lower(), answer
+    assert _until_closed(silent) == b""
+    caller.close()
+    silent.close()
+
+
 def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
     url = f"{dispatcher.base_url}/chat/completions"
     start = '{"model": "promptier", "messages": [{"role": "user", "content": "hi"}], '
