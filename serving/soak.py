@@ -63,6 +63,13 @@ STOP_TIMEOUT_S = 30.0  # for a SIGTERM to end a process before it is killed
 CONFIRM_TIMEOUT_S = 60.0  # for a kill or a reload to show its effect
 LABEL_JOB_TIMEOUT_S = 300.0
 LABEL_FIRST_AT_S = 5.0  # the first label round starts this long into the window
+# Label jobs run as batch work beside a latency-bound service should (serving/README.md): at a lower CPU
+# priority, so that on a small machine they take the cores the service leaves idle, not its deadlines.
+LABEL_NICENESS = 10
+# The flooder, the slow connections and the dispatcher's callers stand for other machines: on loopback
+# they run at a lower priority, so that the services, not the load generators, get the cores they share.
+# The well-behaved client keeps the services' priority: its own waits count against it.
+LOAD_NICENESS = 10
 LOCK_REFUSAL = "is being written by another labeling job"
 TRACEBACK = "Traceback (most recent call last)"
 TIMELINE_BIN_S = 10  # the printed timeline of failures counts them per this many seconds
@@ -149,8 +156,10 @@ def _spawned_children(pid: int) -> list:
     return [child for _, child in sorted(workers, key=lambda pair: pair[0])]
 
 
-def _child_main(name: str, function: Callable[..., dict], kwargs: dict, results: multiprocessing.Queue) -> None:
+def _child_main(name: str, function: Callable[..., dict], kwargs: dict, results: multiprocessing.Queue,
+                niceness: int) -> None:
     try:
+        os.nice(niceness)
         results.put((name, function(**kwargs)))
     except Exception:
         results.put((name, {"error": traceback.format_exc()}))
@@ -164,8 +173,9 @@ class _Children:
         self._results: multiprocessing.Queue = self._context.Queue()
         self._processes: dict[str, BaseProcess] = {}
 
-    def start(self, name: str, function: Callable[..., dict], **kwargs: object) -> None:
-        process = self._context.Process(target=_child_main, args=(name, function, kwargs, self._results),
+    def start(self, name: str, function: Callable[..., dict], niceness: int = 0, **kwargs: object) -> None:
+        """Run `function(**kwargs)` in a process of its own, `niceness` added to its CPU priority."""
+        process = self._context.Process(target=_child_main, args=(name, function, kwargs, self._results, niceness),
                                         name=f"soak-{name}", daemon=True)
         process.start()
         self._processes[name] = process
@@ -415,8 +425,10 @@ def label_round(index: int, input_path: Path, rows: int, workdir: Path, model: P
     jobs = []
     for job in range(2):
         err = (workdir / f"label-{index}-{job}.err").open("wb")
-        jobs.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=_python_env(),
-                                      cwd=workdir), time.monotonic(), err))
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=_python_env(), cwd=workdir)
+        with contextlib.suppress(psutil.Error):  # a job refused at once may be gone already
+            psutil.Process(process.pid).nice(LABEL_NICENESS)
+        jobs.append((process, time.monotonic(), err))
     ended = []
     for process, started, err in jobs:
         try:
@@ -571,15 +583,15 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
 
         # Every traffic process sets up (imports, connections), then all start at `start_at`.
         start_at = time.time() + TRAFFIC_SETUP_S
-        children.start("flood", soak_clients.flood, target=target, batch=options.flood_batch,
+        children.start("flood", soak_clients.flood, niceness=LOAD_NICENESS, target=target, batch=options.flood_batch,
                        calls_per_s=flood_rate, seconds=seconds, start_at=start_at)
         children.start("well_behaved", soak_clients.well_behaved, target=target,
                        calls_per_s=options.well_behaved_rate, deadline_s=options.deadline_ms / 1000,
                        seconds=seconds, start_at=start_at)
-        children.start("dispatch", soak_clients.dispatch_traffic, base_url=dispatch_url,
+        children.start("dispatch", soak_clients.dispatch_traffic, niceness=LOAD_NICENESS, base_url=dispatch_url,
                        calls_per_s=options.dispatch_rate, seconds=seconds, start_at=start_at)
         if options.slow_connections:
-            children.start("slow", soak_clients.slow_connections,
+            children.start("slow", soak_clients.slow_connections, niceness=LOAD_NICENESS,
                            ports={"grpc": grpc_port, "http": dispatch_port}, per_port=options.slow_connections,
                            seconds=seconds, start_at=start_at)
         time.sleep(max(0.0, start_at - time.time()))
@@ -673,7 +685,7 @@ def summarize(raw: dict) -> dict:
         "flood": {"calls": flood_calls, "refused_resource_exhausted": refused,
                   "refused_pct": _pct(refused, flood_calls), "by_status": flood_outcomes,
                   "calls_per_s": flood.get("calls_per_s"), "prompts_per_call": flood.get("batch"),
-                  "not_sent": flood.get("not_sent"),
+                  "not_sent": flood.get("not_sent"), "load_generators_niceness": LOAD_NICENESS,
                   "capacity_prompts_per_s": raw["capacity"]["prompts_per_s"]},
         "dispatcher": {"requests": sum(dispatch_outcomes.values()), "by_outcome": dispatch_outcomes,
                        "paid_answers": len(paid), "paid_delivered_intact": delivered,
@@ -682,7 +694,7 @@ def summarize(raw: dict) -> dict:
                        "upstream_answers": raw["upstream"].get("answers", {}),
                        "routing_reasons": dispatch.get("routing_reasons", {}),
                        "failures": dispatch.get("failures", [])},
-        "labeling": {"rounds": len(rounds), "rows_per_round": raw["options"]["label_rows"],
+        "labeling": {"rounds": len(rounds), "rows_per_round": raw["options"]["label_rows"], "niceness": LABEL_NICENESS,
                      "rows_lost": sum(r["output"]["lost"] for r in rounds),
                      "rows_duplicated": sum(r["output"]["duplicated"] + r["output"]["foreign"] for r in rounds),
                      "rounds_exactly_one_ran": sum(r["exactly_one_ran"] for r in rounds),
@@ -734,7 +746,8 @@ def render_table(report: dict) -> str:
          _count_pct(well["served"], well["calls"], well["served_pct"]), f">= {WELL_BEHAVED_BAR_PCT:g}%", ok[0]),
         (f"flooder ClassifyBatch calls ({flood['prompts_per_call']} prompts, {flood['calls_per_s']:.1f}/s = "
          f"{flood['calls_per_s'] * flood['prompts_per_call'] / flood['capacity_prompts_per_s']:.1f}x the "
-         f"{flood['capacity_prompts_per_s']:,.0f} prompts/s measured) refused RESOURCE_EXHAUSTED",
+         f"{flood['capacity_prompts_per_s']:,.0f} prompts/s measured; load generators at nice "
+         f"{flood['load_generators_niceness']}) refused RESOURCE_EXHAUSTED",
          _count_pct(flood["refused_resource_exhausted"], flood["calls"], flood["refused_pct"]), "expected", "-"),
         ("paid upstream answers (200s) delivered intact through the dispatcher",
          _count_pct(dispatch["paid_delivered_intact"], dispatch["paid_answers"], dispatch["paid_delivered_pct"]),
@@ -744,7 +757,8 @@ def render_table(report: dict) -> str:
          " / ".join(f"{outcomes.get(kind, 0):,}" for kind in ("intact", "interrupted", "returned_5xx", "failed_5xx",
                                                              "transport_error", "mangled")) +
          f" of {dispatch['requests']:,}", "-", "-"),
-        (f"labeled rows lost / duplicated ({labeling['rounds']} rounds x {labeling['rows_per_round']:,} rows)",
+        (f"labeled rows lost / duplicated ({labeling['rounds']} rounds x {labeling['rows_per_round']:,} rows, "
+         f"jobs at nice {labeling['niceness']})",
          f"{labeling['rows_lost']} / {labeling['rows_duplicated']}", "0 / 0", ok[2]),
         ("label rounds: exactly one job ran / the second refused by the lock",
          f"{labeling['rounds_exactly_one_ran']} / {labeling['second_job_refused_by_lock']} of {labeling['rounds']}",
