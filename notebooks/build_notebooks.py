@@ -57,7 +57,7 @@ SERVE = [
     new_code_cell("import socket, subprocess, sys, tempfile, time\nfrom pathlib import Path\n\n"
                   "MODEL = None  # None: the default model shipped with the package\n"
                   "with socket.socket() as s:\n    s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]\n"
-                  "command = [sys.executable, '-m', 'training.cli', 'serve', '--port', str(port)]\n"
+                  "command = [sys.executable, '-m', 'classifier.cli', 'serve', '--port', str(port)]\n"
                   "if MODEL: command += ['--model', str(MODEL)]\n"
                   "server = subprocess.Popen(command)\n"
                   "from serving.loadgen import _wait_serving\n_wait_serving(f'127.0.0.1:{port}')"),
@@ -89,7 +89,7 @@ SERVE = [
                   "          'decision_log': {'path': str(work / 'decisions.jsonl'), 'store_prompts': True}}\n"
                   "(work / 'dispatcher.yaml').write_text(json.dumps(config))\n"
                   "with socket.socket() as s:\n    s.bind(('127.0.0.1', 0)); http_port = s.getsockname()[1]\n"
-                  "dispatcher = subprocess.Popen([sys.executable, '-m', 'training.cli', 'dispatch', '--config',\n"
+                  "dispatcher = subprocess.Popen([sys.executable, '-m', 'classifier.cli', 'dispatch', '--config',\n"
                   "                               str(work / 'dispatcher.yaml'), '--port', str(http_port)])\n"
                   "import httpx\nfor _ in range(100):\n    try:\n        httpx.get(f'http://127.0.0.1:{http_port}/health'); break\n"
                   "    except httpx.HTTPError:\n        time.sleep(0.2)"),

@@ -185,7 +185,7 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> d
         "embedded, 2 dispatcher processes": (embedded, 2),
     }
     load = shutil.which("h2load") is not None
-    serve = [sys.executable, "-m", "training.cli", "serve", "--port", str(grpc_port), "--workers", "2"]
+    serve = [sys.executable, "-m", "classifier.cli", "serve", "--port", str(grpc_port), "--workers", "2"]
     serve += ["--model", model] if model else []
     processes = [_start_upstream(upstream_port),
                  subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -201,7 +201,7 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> d
             decisions = workdir / f"decisions-{name.replace(' ', '_')}.jsonl"
             config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
                                           "decision_log": {"path": str(decisions)}}))
-            dispatch = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+            dispatch = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                                          "--port", str(http_port), "--workers", str(workers)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:

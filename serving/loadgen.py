@@ -343,7 +343,7 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
     while workers > 1 and any(_port_taken(metrics_port + i) for i in range(workers)):
         metrics_port = _free_port()
     target = f"127.0.0.1:{port}"
-    command = [sys.executable, "-m", "training.cli", "serve", "--port", str(port), "--threads", str(threads),
+    command = [sys.executable, "-m", "classifier.cli", "serve", "--port", str(port), "--threads", str(threads),
                "--workers", str(workers), "--metrics-port", str(metrics_port)]
     if model:
         command += ["--model", model]

@@ -102,7 +102,7 @@ class SoakOptions:
 
 # ---------------------------------------------------------------- processes
 def _python_env() -> dict[str, str]:
-    """The environment for `python -m training.cli` children: this checkout's packages first, so they
+    """The environment for `python -m classifier.cli` children: this checkout's packages first, so they
     run the same code as this process whatever is installed."""
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
@@ -112,7 +112,7 @@ def _python_env() -> dict[str, str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", *args]
+    return [sys.executable, "-m", "classifier.cli", *args]
 
 
 def _start(command: list[str], workdir: Path, name: str) -> subprocess.Popen:

@@ -426,7 +426,7 @@ def test_a_huge_answer_is_relayed_as_it_comes_not_held_in_memory(
         "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
         "fallback_tier": "large", "decision_log": {"path": str(log_path)}}))
     port = _free_port()
-    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -884,8 +884,8 @@ def test_check_validates_a_config_against_its_classifier_without_serving(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, trained_artifact: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from serving.cli import app
     from serving.loadgen import _free_port
-    from training.cli import app
 
     def check(classifier: dict, tier_names: tuple[str, ...] = ("small", "medium", "large")) -> tuple[int, str, Path]:
         path = tmp_path / f"config-{len(list(tmp_path.iterdir()))}.yaml"
@@ -1094,7 +1094,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"left by an earlier run")  # must not be counted
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                                "--port", str(port), "--workers", "2"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
@@ -1179,7 +1179,7 @@ def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
         "classifier": {"embedded": True, "model": str(trained_artifact)},
         "tiers": {name: {"base_url": fresh[upstream].url, "model": name} for name, upstream in tiers.items()},
         "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
-    result = subprocess.run([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                              "--port", str(_free_port()), "--workers", "2"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 3  # uvicorn's start-up failure code, as with one process
@@ -1228,7 +1228,7 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
     port = _free_port()
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "training.cli", "dispatch", "--config", str(config),
+        process = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                                     "--port", str(port), "--workers", str(workers)],
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     try:

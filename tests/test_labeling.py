@@ -100,7 +100,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, trained_artifac
     label_files([str(source)], reference, options, workers=2, progress=False)
 
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, "-m", "training.cli", "label", str(source), "-o", str(out), "--model",
+    command = [sys.executable, "-m", "classifier.cli", "label", str(source), "-o", str(out), "--model",
                str(trained_artifact), "--chunk-rows", "200", "--workers", "2"]
     job = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out.with_name(out.name + ".parts")

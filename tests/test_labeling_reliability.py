@@ -19,9 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from classifier import labeling
+from classifier.cli import app
 from classifier.labeling import LabelingError, LabelOptions, label_files
 from tests.test_labeling import EASY, HARD, _read, _rows
-from training.cli import app
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -30,7 +30,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", "label", *args]
+    return [sys.executable, "-m", "classifier.cli", "label", *args]
 
 
 def _wait_for(condition, what: str, seconds: float = 120.0) -> None:  # type: ignore[no-untyped-def]

@@ -656,7 +656,7 @@ def test_serve_applies_its_connection_options(trained_artifact: Path) -> None:
     from serving.loadgen import _free_port, _wait_serving
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+    server = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                "--port", str(port), "--handshake-timeout", "1", "--idle-timeout", "2",
                                "--max-connections", "50", "--max-streams", "8"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -763,7 +763,7 @@ def test_sighup_reloads_the_start_directory_after_an_admin_reload(trained_artifa
     start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
     other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(start), "--port",
+    server = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(start), "--port",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_serving(f"127.0.0.1:{port}")
@@ -788,7 +788,7 @@ def test_serve_on_a_busy_port_says_so_and_exits_2(trained_artifact: Path, worker
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+        result = subprocess.run([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                  "--port", str(port), "--workers", str(workers)],
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -932,7 +932,7 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
         return spawned_workers(parent.pid)
 
     port, metrics_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
+    command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
                "--workers", "2", "--metrics-port", str(metrics_port)]
     parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
@@ -995,7 +995,7 @@ def test_client_spreads_its_connections_over_the_server_processes(trained_artifa
     from serving.loadgen import _free_port, _wait_serving
 
     port = _free_port()
-    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                "--port", str(port), "--workers", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -1085,7 +1085,7 @@ def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> 
     from serving.loadgen import _free_port, _wait_serving
 
     port = _free_port()
-    parent = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                "--port", str(port), "--workers", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[psutil.Process] = []
@@ -1116,7 +1116,7 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
     port, metrics_port = _free_port(), _free_port()
     log = tmp_path / "serve.err"
     with log.open("wb") as err:
-        parent = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact),
+        parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                    "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
                                   stdout=subprocess.DEVNULL, stderr=err)
     try:
@@ -1164,7 +1164,7 @@ def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> N
     import sys
 
     (artifact_copy / "model.onnx").write_bytes(b"not onnx")
-    result = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(artifact_copy),
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", "serve", "--model", str(artifact_copy),
                              "--port", "50999", "--workers", "2"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "not a loadable ONNX model" in result.stderr
 
@@ -1179,7 +1179,7 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
     from serving.loadgen import _free_port, _wait_serving, h2load_scenario, require_all_ok
 
     port, metrics_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "training.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
+    command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
                "--metrics-port", str(metrics_port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 def test_short_soak_keeps_answers_rows_and_processes_whole(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    command = [sys.executable, "-m", "training.cli", "soak", "--minutes", "0.5", "--chaos-every", "15",
+    command = [sys.executable, "-m", "classifier.cli", "soak", "--minutes", "0.5", "--chaos-every", "15",
                "--label-rows", "3000", "--label-every", "15", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: a bar did not hold (the CPU-bound one may not)

@@ -1,0 +1,166 @@
+"""The `promptier` command, and the runtime's own subcommands (`classify`, `label`, `bench`).
+
+Each package keeps its commands in its own `cli` module (`training.cli`, `serving.cli`); the
+package's `pyproject.toml` names every subcommand under the entry-point group `promptier.commands`.
+The command loads only the module of the subcommand it runs, so `promptier serve` never imports
+training code and this package imports neither of the others. Each module imports its heavy
+dependencies inside the command, so that `promptier --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from classifier.errors import PromptierError
+
+COMMAND_GROUP = "promptier.commands"
+HELP = "Promptier: route each prompt to the cheapest LLM tier that answers it well."
+
+app = typer.Typer(help="The runtime's commands.", no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def fail(error: Exception) -> NoReturn:
+    """End a command with the error's message on stderr and exit status 2 (no traceback)."""
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@cache
+def _commands() -> dict[str, EntryPoint]:
+    return {entry.name: entry for entry in entry_points(group=COMMAND_GROUP)}
+
+
+def command_line(args: list[str]) -> typer.Typer:
+    """The `promptier` app for these arguments: the commands of the package that owns the subcommand
+    named, or of every package when none is (`promptier --help`)."""
+    commands = _commands()
+    named = next((arg for arg in args if not arg.startswith("-")), None)
+    entries = [commands[named]] if named in commands else list(commands.values())
+    root = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
+    loaded: dict[str, typer.Typer] = {}
+    for entry in entries:
+        if entry.value not in loaded:
+            package_app = entry.load()
+            if not isinstance(package_app, typer.Typer):
+                raise TypeError(f"entry point {entry.value} of {COMMAND_GROUP} is not a Typer app")
+            loaded[entry.value] = package_app
+            root.registered_commands += package_app.registered_commands
+    return root
+
+
+@app.command()
+def classify(
+    text: Annotated[str, typer.Argument(help="the prompt")],
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
+    threshold: Annotated[float | None, typer.Option()] = None,
+) -> None:
+    """Classify one prompt and print the routing decision as JSON."""
+    from dataclasses import asdict
+
+    import classifier
+
+    try:
+        runtime = classifier.load(model)
+        request = classifier.RoutingRequest(mode=mode, threshold=threshold)
+        result = runtime.classify(text, request)
+    except PromptierError as error:
+        fail(error)
+    typer.echo(json.dumps(asdict(result), indent=2))
+
+
+@app.command()
+def label(
+    inputs: Annotated[list[str], typer.Argument(help="JSONL, Parquet or CSV files or globs")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output .jsonl or .parquet")],
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
+    threshold: Annotated[float | None, typer.Option()] = None,
+    prompt_column: Annotated[str, typer.Option()] = "prompt",
+    id_column: Annotated[str, typer.Option()] = "prompt_id",
+    messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
+    keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
+    workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
+    chunk_rows: Annotated[int, typer.Option(min=1)] = 4096,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted job (local engine); a no-op for a job "
+                                              "that already finished")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="existing Ray cluster (default: start a local one)")] = None,
+) -> None:
+    """Label prompt files with the tier each prompt needs (one output row per input row, in input order).
+
+    A row that cannot be labeled (broken or too deeply nested JSON, missing or non-string prompt,
+    invalid text, a CSV line with the wrong number of fields) gets an `error` and null decision
+    fields; the job goes on. A UTF-8 BOM at the start of a file is ignored.
+
+    One job per output: OUTPUT.lock is held for the whole job, and a second job on the same output
+    fails at once, naming the job that holds it. An existing OUTPUT is never replaced: remove it
+    first. An interrupted job (OUTPUT.parts) continues with --resume only if its inputs (path, size,
+    modification time), model and options are unchanged; --resume of an output this job already
+    finished does nothing (OUTPUT.job.json records the job). The local engine's workers exit when
+    the job process dies, even by kill -9.
+
+    A write error (disk full) removes the temporary files, keeps the finished parts, and exits with
+    status 2, as do all refusals; make room and rerun with --resume.
+    """
+    import time
+
+    from classifier.labeling import LabelOptions, label_files
+
+    options = LabelOptions(prompt_column=prompt_column, id_column=id_column, messages_column=messages_column,
+                           keep_columns=tuple(keep or ()), mode=mode, threshold=threshold, chunk_rows=chunk_rows,
+                           model=str(model) if model else None)
+    started = time.perf_counter()
+    try:
+        if engine == "ray":
+            if resume:
+                raise PromptierError("--resume works with the local engine only; the ray engine labels "
+                                     "everything in one run")
+            from classifier.labeling_ray import label_with_ray
+
+            stats = label_with_ray(inputs, output, options, address=ray_address)
+        elif engine == "local":
+            stats = label_files(inputs, output, options, workers=workers, resume=resume)
+        else:
+            raise PromptierError(f"unknown engine {engine!r}; use local or ray")
+    except PromptierError as error:
+        fail(error)
+    if stats.complete:
+        typer.echo(f"{output} is already complete ({stats.resumed_rows} rows, labeled earlier by this job); "
+                   "nothing to do")
+        return
+    elapsed = time.perf_counter() - started
+    typer.echo(f"labeled {stats.rows} rows ({stats.errors} with errors, {stats.resumed_rows} resumed) in "
+               f"{elapsed:.1f} s ({stats.rows / max(elapsed, 1e-9):,.0f} rows/s); tiers {stats.tiers} -> {output}")
+
+
+@app.command()
+def bench(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench.json"),
+    iterations: Annotated[int, typer.Option(help="timed calls per length bucket")] = 2000,
+    seconds: Annotated[float, typer.Option(help="duration of each throughput run")] = 5.0,
+) -> None:
+    """Measure the runtime: p50/p90/p99/max latency by length, batched throughput, peak RSS."""
+    from classifier.bench import main as run_bench
+
+    try:
+        run_bench(str(model) if model else None, out, iterations, seconds)
+    except PromptierError as error:
+        fail(error)
+
+
+def main() -> None:
+    """Entry point of the `promptier` command."""
+    command_line(sys.argv[1:])()
+
+
+if __name__ == "__main__":
+    main()

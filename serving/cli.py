@@ -1,0 +1,188 @@
+"""`promptier serve`, `dispatch`, `loadtest`, `soak` and `dispatch-bench`: the serving product's commands.
+
+Registered with the `promptier` command through the `promptier.commands` entry points (see
+`classifier.cli`); heavy imports happen inside each command, and none of them imports training code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from classifier.cli import fail
+from classifier.errors import PromptierError
+
+app = typer.Typer(help="Serve routers and put them in front of models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 50051,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads of the model worker")] = 1,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port of --host "
+                                                     "(worker i of --workers on this port + i)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port (SO_REUSEPORT), "
+                                         "one model each; about one per core")] = 1,
+    handshake_timeout: Annotated[float, typer.Option(min=0.001, help="seconds a new connection has to send "
+                                                     "its HTTP/2 preface; slower ones are closed")] = 10.0,
+    idle_timeout: Annotated[float, typer.Option(min=0, help="close a connection that has carried no call for "
+                                                "this many seconds (0: never); gRPC clients reconnect by "
+                                                "themselves")] = 300.0,
+    max_connection_age: Annotated[float, typer.Option(min=0, help="close connections older than this many "
+                                                      "seconds (0: never), after 30 s more for calls in "
+                                                      "flight")] = 0.0,
+    keepalive: Annotated[float, typer.Option(min=0, help="ping a connection silent for this many seconds and "
+                                             "close it if the client does not answer within 20 s (0: gRPC's "
+                                             "default, 2 hours)")] = 60.0,
+    max_connections: Annotated[int | None, typer.Option(min=1, help="connections open at once, per process; "
+                                                        "more are closed on accept (default: the open-file "
+                                                        "limit less 128)")] = None,
+    max_streams: Annotated[int, typer.Option(min=1, help="calls in flight per connection; a client queues "
+                                             "more itself")] = 256,
+) -> None:
+    """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory it started with).
+
+    Admin.Reload: callers on this host only, or callers with the token in env PROMPTIER_ADMIN_TOKEN.
+    Overload is refused at once with RESOURCE_EXHAUSTED: the queues are counted in prompts, with
+    separate room for Classify and ClassifyBatch calls, so batch traffic cannot starve single calls.
+    """
+    import asyncio
+
+    from serving.logs import configure_json_logging
+    from serving.server import ServerLimits, serve_forever
+
+    configure_json_logging()
+    limits = ServerLimits(handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout or None,
+                          max_connection_age_s=max_connection_age or None, keepalive_time_s=keepalive or None,
+                          max_connections=max_connections, max_streams=max_streams)
+    if workers > 1:
+        from classifier import load
+        from serving.server import ensure_port_free
+        from serving.workers import serve_workers
+
+        if port == 0:
+            raise typer.BadParameter("--workers needs a fixed --port: every worker binds the same one")
+
+        try:
+            load(model)  # a bad artifact fails here, once, before any worker starts
+            ensure_port_free(host, port)  # and a port in use, before workers die trying to bind it
+        except PromptierError as error:
+            fail(error)
+        raise typer.Exit(serve_workers(workers, model, f"{host}:{port}", threads, metrics_port, limits))
+    try:
+        asyncio.run(serve_forever(model, f"{host}:{port}", threads, metrics_port, limits=limits))
+    except PromptierError as error:
+        fail(error)
+
+
+@app.command()
+def dispatch(
+    config: Annotated[Path, typer.Option(help="dispatcher YAML config")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="dispatcher processes on the port (one core each)")] = 1,
+    check: Annotated[bool, typer.Option("--check", help="validate the config (and the classifier's tiers), "
+                                                        "print its fingerprint, and exit without serving")] = False,
+) -> None:
+    """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config).
+
+    Slow callers: config `inbound:` (header_timeout_s, body_timeout_s: 408; max_connections: 503).
+
+    Browsers: POST application/json (else 415); without inbound keys, Host: localhost, an IP or allowed_hosts (403).
+    """
+    from classifier import load
+    from serving.dispatch_config import load_dispatcher_config
+    from serving.dispatch_supervisor import run
+    from serving.logs import configure_json_logging
+
+    configure_json_logging()
+    try:
+        settings = load_dispatcher_config(config)
+        if check:  # before a SIGHUP: an edit that does not load is refused, and then a crash stops the dispatcher
+            import asyncio
+
+            from serving.dispatcher import check_config
+
+            checked = asyncio.run(check_config(settings))
+            typer.echo(f"{config}: OK, config_fingerprint {settings.fingerprint}; {checked}")
+            return
+        if settings.classifier.embedded:
+            load(settings.classifier.model)  # a bad artifact fails here, once, before any worker starts
+    except PromptierError as error:
+        fail(error)
+    raise typer.Exit(run(config, host, port, workers))
+
+
+@app.command("dispatch-bench")
+def dispatch_bench(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-dispatch.json"),
+    requests: Annotated[int, typer.Option(help="requests per measurement")] = 500,
+) -> None:
+    """Measure the latency the dispatcher adds over calling an upstream directly (loopback)."""
+    from serving.dispatch_bench import main as run_dispatch_bench
+
+    run_dispatch_bench(str(model) if model else None, out, requests)
+
+
+@app.command()
+def loadtest(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-serving.json"),
+    seconds: Annotated[float, typer.Option(help="duration of each scenario")] = 8.0,
+    workers: Annotated[int, typer.Option(min=1, help="also test a server with this many processes")] = 2,
+    generator: Annotated[str, typer.Option(help="auto (h2load if installed), h2load, or python")] = "auto",
+) -> None:
+    """Load-test a real `promptier serve` on loopback at concurrency 1, 32 and 128, with one server
+    process and with `--workers`."""
+    from serving.loadgen import main as run_loadtest
+
+    if generator not in ("auto", "h2load", "python"):
+        raise typer.BadParameter(f"--generator must be auto, h2load or python, not {generator!r}")
+    try:
+        run_loadtest(str(model) if model else None, out, seconds, workers, generator)
+    except FileNotFoundError as error:
+        fail(error)
+
+
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(min=0.05, help="length of the window everything runs at once")] = 5.0,
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON report")] = Path("bench-soak.json"),
+    deadline_ms: Annotated[float, typer.Option(min=1, help="deadline of each well-behaved Classify call")] = 50.0,
+    well_behaved_rate: Annotated[float, typer.Option(min=0.1, help="well-behaved Classify calls per second")] = 20.0,
+    flood_factor: Annotated[float, typer.Option(min=0.1, help="the flood, as a multiple of the service's "
+                                                "capacity measured just before")] = 2.0,
+    slow_connections: Annotated[int, typer.Option(min=0, help="slow connections held to each of the gRPC and "
+                                                  "dispatcher ports")] = 200,
+    dispatch_rate: Annotated[float, typer.Option(min=0.1, help="chat completions per second through the "
+                                                 "dispatcher")] = 20.0,
+    label_rows: Annotated[int, typer.Option(min=1, help="rows of the generated labeling input")] = 20_000,
+    label_every: Annotated[float, typer.Option(min=1, help="seconds between label rounds")] = 60.0,
+    chaos_every: Annotated[float, typer.Option(min=3, help="seconds between serve worker kills (and between "
+                                               "reloads)")] = 60.0,
+) -> None:
+    """Chaos and soak on loopback: flood, slow connections, odd upstreams, worker kills, reloads and
+    concurrent label jobs, all at once; prints a table and writes a JSON report.
+
+    Exit code 0 only if the bars held: well-behaved calls served >= 99%, paid upstream answers delivered
+    100%, no labeled row lost or duplicated (and one label job of each pair refused by the lock), no
+    crash; 1 if one did not; 2 if the soak could not start.
+    """
+    from serving.soak import SoakOptions
+    from serving.soak import main as run_soak
+
+    options = SoakOptions(minutes=minutes, model=model, deadline_ms=deadline_ms, well_behaved_rate=well_behaved_rate,
+                          flood_factor=flood_factor, slow_connections=slow_connections, dispatch_rate=dispatch_rate,
+                          label_rows=label_rows, label_every_s=label_every, chaos_every_s=chaos_every)
+    try:
+        report = run_soak(options, out)
+    except (RuntimeError, TimeoutError) as error:
+        fail(error)
+    raise typer.Exit(0 if report["passed"] else 1)

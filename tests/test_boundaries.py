@@ -1,0 +1,103 @@
+"""The packages' boundaries: `classifier/` (the runtime) imports neither of the others; `training/` and
+`serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
+training code and no torch when they run."""
+
+from __future__ import annotations
+
+import ast
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"classifier": {"training", "serving"}, "training": {"serving"}, "serving": {"training"}}
+TRAINING_ONLY = ("training", "torch", "transformers", "sklearn")
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports anywhere in it (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_package_imports_only_what_its_product_may(package: str) -> None:
+    crossings = {str(path.relative_to(ROOT)): sorted(_imported_packages(path) & FORBIDDEN[package])
+                 for path in sorted((ROOT / package).rglob("*.py")) if "_proto" not in path.parts}
+    assert {path: names for path, names in crossings.items() if names} == {}
+
+
+def _loaded_modules(importtime_stderr: str) -> set[str]:
+    """Module names from `python -X importtime` output."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def _training_modules(names: set[str]) -> list[str]:
+    return sorted(name for name in names if name.split(".")[0] in TRAINING_ONLY)
+
+
+def _promptier(*args: str) -> list[str]:
+    return [sys.executable, "-X", "importtime", "-m", "classifier.cli", *args]
+
+
+def test_classify_and_label_load_no_training_code(tmp_path: Path) -> None:
+    result = subprocess.run(_promptier("classify", "What is the capital of France?"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["tier"]
+    loaded = _loaded_modules(result.stderr)
+    assert "classifier.runtime" in loaded  # the check reads what was really imported
+    assert _training_modules(loaded) == []
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt_id": str(i), "prompt": f"say hi {i}"}) + "\n" for i in range(5)))
+    result = subprocess.run(_promptier("label", str(source), "-o", str(tmp_path / "out.jsonl"), "--workers", "1"),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+    assert _training_modules(_loaded_modules(result.stderr)) == []
+
+
+def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
+    from serving.loadgen import _free_port, _wait_serving
+
+    port = _free_port()
+    server = subprocess.Popen(_promptier("serve", "--port", str(port)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    loaded = _loaded_modules(stderr)
+    assert "serving.server" in loaded and "grpc" in loaded
+    assert _training_modules(loaded) == []
+
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True},
+        "tiers": {name: {"base_url": f"http://127.0.0.1:{_free_port()}/v1", "model": name}
+                  for name in ("small", "medium", "large")},
+        "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+    result = subprocess.run(_promptier("dispatch", "--config", str(config), "--check"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = _loaded_modules(result.stderr)
+    assert "serving.dispatcher" in loaded
+    assert _training_modules(loaded) == []
