@@ -258,9 +258,13 @@ class Dispatcher:
                         code="upstream_unavailable")
 
     def headers(self, route: Route, tier: str) -> dict[str, str]:
+        """Every response: tier, upstream model, reason. What only a classification knows (mode,
+        confidence, classifier time, who decided) only when the request was classified: an empty
+        header would read as a value."""
         headers = {f"{HEADER_PREFIX}tier": tier, f"{HEADER_PREFIX}upstream-model": self.config.tiers[tier].model,
-                   f"{HEADER_PREFIX}reason": route.reason,
-                   f"{HEADER_PREFIX}confidence": "" if route.confidence is None else f"{route.confidence:.4f}"}
+                   f"{HEADER_PREFIX}reason": route.reason}
+        if route.confidence is not None:
+            headers[f"{HEADER_PREFIX}confidence"] = f"{route.confidence:.4f}"
         if route.mode:
             headers[f"{HEADER_PREFIX}mode"] = route.mode
         if route.classifier_ms is not None:

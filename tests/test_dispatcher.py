@@ -298,6 +298,8 @@ def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[s
     pinned = client.chat.completions.with_raw_response.create(
         model="promptier/tier/medium", messages=[{"role": "user", "content": EASY}])
     assert pinned.headers["x-promptier-tier"] == "medium" and pinned.headers["x-promptier-reason"] == "pinned"
+    # Nothing was classified: no empty or made-up classification headers.
+    assert not {"x-promptier-confidence", "x-promptier-mode", "x-promptier-decided-by"} & set(pinned.headers)
     ids = {model.id for model in client.models.list()}
     assert {"promptier", "promptier/balanced", "promptier/cost", "promptier/tier/small"} <= ids
     with pytest.raises(openai.NotFoundError):
