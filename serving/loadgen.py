@@ -236,8 +236,12 @@ def grpc_frame(message: bytes) -> bytes:
 
 
 def ok_calls(metrics_ports: list[int], *rpcs: str) -> tuple[list[int], int]:
-    """OK counts of the `rpcs` per server (one Prometheus endpoint each, read once), and the other calls
-    of them summed."""
+    """OK counts of the `rpcs` per server (one Prometheus endpoint each, read once), and the calls of
+    them the server failed, summed.
+
+    CANCELLED calls are neither: the caller gave up on them. h2load ends each run by closing its
+    connections with calls still in flight; the server counts those as CANCELLED (when it notices,
+    possibly after the next reading), and h2load logs them as no call at all."""
     from prometheus_client.parser import text_string_to_metric_families
 
     ok_by_server, other = [], 0
@@ -249,7 +253,7 @@ def ok_calls(metrics_ports: list[int], *rpcs: str) -> tuple[list[int], int]:
                 if sample.name == "promptier_requests_total" and sample.labels.get("rpc") in rpcs:
                     if sample.labels.get("code") == "OK":
                         ok += int(sample.value)
-                    else:
+                    elif sample.labels.get("code") != "CANCELLED":
                         other += int(sample.value)
         ok_by_server.append(ok)
     return ok_by_server, other
