@@ -50,7 +50,8 @@ from classifier.runtime import DEFAULT_MODEL_DIR, MAX_TEXT_CHARS, Classification
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
-DECISION_COLUMNS = ("tier", "scores", "threshold", "truncated", "tokens", "error", "model_version", "policy")
+DECISION_COLUMNS = ("tier", "scores", "threshold", "truncated", "tokens", "decided_by", "familiarity", "error",
+                    "model_version", "policy")
 # Deeper JSON is refused with the same error in every process: where the recursion limit would stop
 # the parser depends on the caller's stack, which differs between a pool worker and a Ray actor.
 MAX_JSON_DEPTH = 64
@@ -451,10 +452,12 @@ def label_chunk(rows: list[ParsedRow], options: LabelOptions) -> list[dict]:
         outcome = outcomes.get(index)
         if isinstance(outcome, ClassificationResult):
             row.update(tier=outcome.tier, scores=outcome.scores, threshold=outcome.threshold,
-                       truncated=outcome.truncated, tokens=outcome.tokens, error=None)
+                       truncated=outcome.truncated, tokens=outcome.tokens, decided_by=outcome.decided_by,
+                       familiarity=outcome.familiarity, error=None)
         else:
             problem = parsed.error or str(outcome)
-            row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, error=problem)
+            row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, decided_by=None,
+                       familiarity=None, error=problem)
         row.update(model_version=_worker_model.model_version, policy=policy, **parsed.kept)
         out.append(row)
     return out
@@ -491,7 +494,8 @@ def rows_to_table(rows: list[dict], keep_columns: Sequence[str], id_column: str)
     """Labeled rows as an Arrow table with a fixed schema (ids and kept columns as strings)."""
     schema = pa.schema([(id_column, pa.string()), ("tier", pa.string()), ("scores", pa.string()),
                         ("threshold", pa.float64()), ("truncated", pa.bool_()), ("tokens", pa.int32()),
-                        ("error", pa.string()), ("model_version", pa.string()), ("policy", pa.string())]
+                        ("decided_by", pa.string()), ("familiarity", pa.float64()), ("error", pa.string()),
+                        ("model_version", pa.string()), ("policy", pa.string())]
                        + [(c, pa.string()) for c in keep_columns])
     return pa.Table.from_pylist([{**row, "scores": None if row["scores"] is None else json.dumps(row["scores"])}
                                  for row in rows], schema=schema)

@@ -51,6 +51,7 @@ def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str
     assert set(out[0]["scores"]) == {"small", "medium", "large"}
     assert out[0]["team"] == "t0" and out[0]["model_version"] == "tiny-test-1"
     assert json.loads(out[0]["policy"]) == {"mode": None, "threshold": None}
+    assert {r["decided_by"] for r in out} <= {"model", "prior"} and "model" in {r["decided_by"] for r in out}
 
 
 def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact: Path) -> None:
@@ -73,6 +74,8 @@ def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact:
     assert set(errors) == {"b", "c", "d", "in.jsonl:5", "f"} and stats.errors == 5
     assert "must be a string" in errors["c"] and "UTF-8" in errors["d"] and "empty" in errors["f"]
     assert out[6]["tier"] == "large" and out[7]["truncated"] is True
+    assert all(r["decided_by"] is None and r["familiarity"] is None for r in out if r["error"])
+    assert all(r["decided_by"] in ("model", "prior") for r in out if not r["error"])
     assert source.read_bytes().startswith(b'{"prompt_id": "a"')  # input untouched
 
 
