@@ -191,14 +191,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Graceful shutdown without resetting a caller: uvicorn closes every connection with no response
         under way, including one accepted a moment ago whose request is still arriving (or is unread in
         the socket), and the caller then sees its request reset, unanswered. Such a connection instead
-        gets its request answered (within the usual deadlines) and is then closed; only a keep-alive
-        connection idle between requests is closed at once."""
-        if self.deadline == INFINITY or self.transport.is_closing():
+        gets its request answered (within the usual deadlines) and is then closed. A response under way
+        finishes and then closes, as in uvicorn; anything else (an idle keep-alive connection, the rest of
+        a body the app has already answered) is closed at once."""
+        cycle = self.cycle
+        in_flight = cycle is not None and not cycle.response_complete
+        request_arriving = self.deadline != INFINITY and self.phase == HEADERS and not in_flight
+        if self.transport.is_closing() or not (in_flight or request_arriving):
             super().shutdown()
             return
         self.last_request = True
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
+        if in_flight:
+            assert cycle is not None
+            cycle.keep_alive = False
         elif not self.received_any:
             self.deadline = min(self.deadline, self.loop.time() + SHUTDOWN_GRACE_S)
 

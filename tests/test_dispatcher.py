@@ -748,26 +748,44 @@ def test_connections_past_the_limit_are_refused_at_once(
 
 
 def test_a_retiring_dispatcher_answers_the_connections_it_had_accepted(
-        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker told to stop (SIGHUP's replacement, SIGTERM) still answers a request that reaches it on a
-    connection it accepted before, then closes; a silent one is closed. Neither caller sees a reset."""
+    connection it accepted before, then closes; a silent one is closed; and one whose request it has
+    already answered (before reading all of its body) is closed at once instead of holding the
+    shutdown open."""
+    from serving import inbound
+
+    monkeypatch.setattr(inbound, "SHUTDOWN_GRACE_S", 10.0)  # the caller's request may come late on a busy machine
     running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     caller, silent = _slow_client(running.port, b""), _slow_client(running.port, b"")
+    answered_early = _slow_client(running.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                 b"content-type: text/plain\r\ncontent-length: 20\r\n\r\n0123456789")
+    assert answered_early.recv(65536).startswith(b"HTTP/1.1 415 ")  # answered without reading the rest
     connections = running.server.server_state.connections
     deadline = time.monotonic() + 30  # bounds the waits below; measures nothing
-    while len(connections) < 2 and time.monotonic() < deadline:
+    while len(connections) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(connections) == 2
+    assert len(connections) == 3
     running.stop()  # the graceful shutdown a retiring worker goes through
-    while not all(getattr(c, "last_request", False) for c in list(connections)) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        now = list(connections)
+        if len(now) == 2 and all(getattr(c, "last_request", False) for c in now):
+            break
         time.sleep(0.01)
-    assert connections and all(c.last_request for c in connections)  # shutting down, and both still open
+    now = list(connections)
+    assert len(now) == 2 and all(c.last_request for c in now)  # shutting down; the two waiting still open
+    answered_early.sendall(b"0123456789")
+    assert _until_closed(answered_early) == b""
     caller.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     answer = _until_closed(caller)
     assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" in answer.lower(), answer
     assert _until_closed(silent) == b""
-    caller.close()
-    silent.close()
+    while connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not connections  # nothing holds the shutdown open
+    for connection in (caller, silent, answered_early):
+        connection.close()
 
 
 def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
