@@ -41,17 +41,22 @@ def command_line(args: list[str]) -> typer.Typer:
     """The `promptier` app for these arguments: the commands of the package that owns the subcommand
     named, or of every package when none is (`promptier --help`)."""
     commands = _commands()
+    if not commands:
+        raise SystemExit(f"promptier: no commands are installed (entry points {COMMAND_GROUP}); "
+                         "reinstall the package: pip install -e .")
     named = next((arg for arg in args if not arg.startswith("-")), None)
     entries = [commands[named]] if named in commands else list(commands.values())
     root = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
-    loaded: dict[str, typer.Typer] = {}
-    for entry in entries:
-        if entry.value not in loaded:
-            package_app = entry.load()
-            if not isinstance(package_app, typer.Typer):
-                raise TypeError(f"entry point {entry.value} of {COMMAND_GROUP} is not a Typer app")
-            loaded[entry.value] = package_app
-            root.registered_commands += package_app.registered_commands
+
+    @root.callback()
+    def _group() -> None:
+        """Keeps `root` a group of subcommands even with one command registered."""
+
+    for entry in {entry.value: entry for entry in entries}.values():  # each package's app once
+        package_app = entry.load()
+        if not isinstance(package_app, typer.Typer):
+            raise TypeError(f"entry point {entry.value} of {COMMAND_GROUP} is not a Typer app")
+        root.registered_commands += package_app.registered_commands
     return root
 
 

@@ -75,17 +75,18 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     from serving.loadgen import _free_port, _wait_serving
 
     port = _free_port()
-    server = subprocess.Popen(_promptier("serve", "--port", str(port)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    stderr_path = tmp_path / "serve.err"  # a file, not a pipe: nothing reads it until the server serves
+    with stderr_path.open("w") as stderr:
+        server = subprocess.Popen(_promptier("serve", "--port", str(port)), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         _wait_serving(f"127.0.0.1:{port}")
         server.send_signal(signal.SIGTERM)
-        _, stderr = server.communicate(timeout=60)
+        server.wait(60)
     finally:
         if server.poll() is None:
             server.kill()
-            server.communicate()
-    loaded = _loaded_modules(stderr)
+            server.wait()
+    loaded = _loaded_modules(stderr_path.read_text())
     assert "serving.server" in loaded and "grpc" in loaded
     assert _training_modules(loaded) == []
 
