@@ -587,8 +587,9 @@ def _job_record(files: Sequence[Path], options: LabelOptions) -> dict:
         stat = (model / name).stat()
         model_files[name] = [stat.st_size, stat.st_mtime_ns]
     settings = {key: value for key, value in asdict(options).items() if key != "model"}
+    # The output's columns: parts written by a version with other columns must not be mixed with these.
     return {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
-                                        "files": model_files}, "options": settings}
+                                        "files": model_files}, "options": settings, "columns": list(DECISION_COLUMNS)}
 
 
 def _fingerprint(job: dict) -> str:
@@ -614,6 +615,8 @@ def _differences(old: object, new: dict) -> str:
     for key in sorted(set(old_options) | set(new["options"])):
         if old_options.get(key) != new["options"].get(key):
             found.append(f"option {key} ({old_options.get(key)!r} -> {new['options'].get(key)!r})")
+    if old.get("columns") != new["columns"]:
+        found.append("the output's columns (the job was started by another version of promptier)")
     return ", ".join(found) or "the job record"
 
 

@@ -127,6 +127,14 @@ def test_resume_of_a_finished_job_checks_its_record(tmp_path: Path, trained_arti
                     workers=1, resume=True, progress=False)
     with pytest.raises(LabelingError, match="model"):
         label_files([str(source)], out, LabelOptions(chunk_rows=8), workers=1, resume=True, progress=False)
+    # A job recorded by a version whose output had other columns is not taken for this one.
+    record_path = out.with_name(out.name + ".job.json")
+    record = json.loads(record_path.read_text())
+    older = {**record["job"], "columns": record["job"]["columns"][:-2]}
+    record_path.write_text(json.dumps({**record, "job": older, "fingerprint": "from an older version"}))
+    with pytest.raises(LabelingError, match="columns"):
+        label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    record_path.write_text(json.dumps(record))
     with source.open("a") as handle:
         handle.write(json.dumps({"prompt_id": "late", "prompt": EASY}) + "\n")
     with pytest.raises(LabelingError, match=r"input in\.jsonl"):
