@@ -172,8 +172,8 @@ def soak(
     concurrent label jobs, all at once; prints a table and writes a JSON report.
 
     Exit code 0 only if the bars held: well-behaved calls served >= 99%, paid upstream answers delivered
-    100%, no labeled row lost or duplicated (and one label job of each pair refused by the lock), no
-    crash; 1 if one did not; 2 if the soak could not start.
+    100%, no labeled row lost or duplicated, exactly one label job of each pair run (the other refused),
+    no crash; 1 if one did not; 2 if the soak could not start.
     """
     from serving.soak import SoakOptions
     from serving.soak import main as run_soak

@@ -12,7 +12,8 @@ Started together and run for the whole window:
   unreadable `usage`, 500s and streams cut midway, with a client checking every answer against what
   the upstream sent;
 - rounds of two `promptier label` jobs started at the same moment on one output: one must run, the
-  other must be refused by the lock, and the output must hold every input row exactly once;
+  other must be refused (by the lock, or by the finished output if it came after the first had
+  finished), and the output must hold every input row exactly once;
 - chaos on a schedule: `kill -9` of the oldest serve worker, then SIGHUP to the serve supervisor and
   to the dispatcher, once per `chaos_every_s` each, each checked to have taken effect.
 
@@ -71,6 +72,8 @@ LABEL_NICENESS = 10
 # The well-behaved client keeps the services' priority: its own waits count against it.
 LOAD_NICENESS = 10
 LOCK_REFUSAL = "is being written by another labeling job"
+# The refusal a job gets when the other one has already finished the output (it started later).
+EXISTS_REFUSAL = "exists; remove it or choose another output"
 TRACEBACK = "Traceback (most recent call last)"
 TIMELINE_BIN_S = 10  # the printed timeline of failures counts them per this many seconds
 
@@ -439,12 +442,13 @@ def label_round(index: int, input_path: Path, rows: int, workdir: Path, model: P
             code = None  # timed out
         err.close()
         stderr = Path(err.name).read_text(encoding="utf-8", errors="replace")
-        ended.append({"exit_code": code, "seconds": round(time.monotonic() - started, 1),
-                      "refused_by_lock": LOCK_REFUSAL in stderr, "traceback": TRACEBACK in stderr})
+        refusal = "lock" if LOCK_REFUSAL in stderr else "finished output" if EXISTS_REFUSAL in stderr else None
+        ended.append({"exit_code": code, "seconds": round(time.monotonic() - started, 1), "refusal": refusal,
+                      "traceback": TRACEBACK in stderr})
     ran = [job for job in ended if job["exit_code"] == 0]
     refused = [job for job in ended if job["exit_code"] not in (0, None)]
     result = {"round": index, "jobs": ended, "exactly_one_ran": len(ran) == 1 and len(refused) == 1,
-              "refused_by_lock": len(refused) == 1 and refused[0]["refused_by_lock"],
+              "refused_by": refused[0]["refusal"] if len(refused) == 1 else None,
               "output": check_label_output(output, rows),
               "left_behind": sorted(p.name for p in (output.with_name(output.name + ".lock"),
                                                      output.with_name(output.name + ".parts")) if p.exists())}
@@ -698,7 +702,11 @@ def summarize(raw: dict) -> dict:
                      "rows_lost": sum(r["output"]["lost"] for r in rounds),
                      "rows_duplicated": sum(r["output"]["duplicated"] + r["output"]["foreign"] for r in rounds),
                      "rounds_exactly_one_ran": sum(r["exactly_one_ran"] for r in rounds),
-                     "second_job_refused_by_lock": sum(r["refused_by_lock"] for r in rounds),
+                     # Which job wins is the scheduler's choice; the other is refused by the lock or, if
+                     # it reached the output after the first had finished, by the finished output.
+                     "second_job_refused_by_lock": sum(r["refused_by"] == "lock" for r in rounds),
+                     "second_job_refused_by_finished_output": sum(r["refused_by"] == "finished output"
+                                                                  for r in rounds),
                      "files_left_behind": sum(len(r["left_behind"]) for r in rounds)},
         "chaos": {key: value for key, value in chaos.items() if key != "events"},
         "crashes": {"total": sum(crashes.values()), **crashes},
@@ -760,8 +768,9 @@ def render_table(report: dict) -> str:
         (f"labeled rows lost / duplicated ({labeling['rounds']} rounds x {labeling['rows_per_round']:,} rows, "
          f"jobs at nice {labeling['niceness']})",
          f"{labeling['rows_lost']} / {labeling['rows_duplicated']}", "0 / 0", ok[2]),
-        ("label rounds: exactly one job ran / the second refused by the lock",
-         f"{labeling['rounds_exactly_one_ran']} / {labeling['second_job_refused_by_lock']} of {labeling['rounds']}",
+        ("label rounds: exactly one job ran / the other refused by the lock, by the finished output",
+         f"{labeling['rounds_exactly_one_ran']} / {labeling['second_job_refused_by_lock']}, "
+         f"{labeling['second_job_refused_by_finished_output']} of {labeling['rounds']}",
          "all", ok[3]),
         ("serve worker kills (replaced) / reloads: serve (confirmed), dispatcher (confirmed)",
          f"{chaos['worker_kills']} ({chaos['worker_kills_replaced']}) / {chaos['serve_reloads']} "

@@ -51,7 +51,10 @@ def test_short_soak_keeps_answers_rows_and_processes_whole(tmp_path: Path) -> No
     assert labeling["rounds"] >= 1
     assert labeling["rows_lost"] == 0 and labeling["rows_duplicated"] == 0
     assert labeling["rounds_exactly_one_ran"] == labeling["rounds"]
-    assert labeling["second_job_refused_by_lock"] == labeling["rounds"]
+    # The other job of each pair is refused, by the lock or by the output the first has just finished
+    # (which, on a loaded machine, may come first).
+    refused = labeling["second_job_refused_by_lock"] + labeling["second_job_refused_by_finished_output"]
+    assert refused == labeling["rounds"]
     assert labeling["files_left_behind"] == 0
 
     chaos = report["chaos"]
