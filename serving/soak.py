@@ -50,7 +50,7 @@ import psutil
 import yaml
 
 from serving import soak_clients
-from serving.loadgen import _wait_serving
+from serving.loadgen import _port_taken, _wait_serving
 from serving.soak_upstream import run_upstream
 
 # The bars a run must hold for exit code 0.
@@ -574,7 +574,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         if not _wait_until(lambda: _http_ok(f"{dispatch_url}/health") or dispatch.poll() is not None,
                            START_TIMEOUT_S) or dispatch.poll() is not None:
             raise RuntimeError(f"promptier dispatch did not start; see {workdir}/dispatch.err")
-        if not _wait_until(lambda: soak_clients.port_open(upstream_port), START_TIMEOUT_S):
+        if not _wait_until(lambda: _port_taken(upstream_port), START_TIMEOUT_S):
             raise RuntimeError("the fake upstream did not start")
 
         children.start("capacity", soak_clients.measure_capacity, target=target, batch=options.flood_batch,

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -409,10 +408,3 @@ async def _dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, f
         schedule = await _open_loop(calls_per_s, seconds, 64, call)
     return {**schedule, "calls_per_s": calls_per_s, "outcomes": dict(outcomes), "routing_reasons": dict(reasons),
             "intact_ids": intact, "failures": mangled}
-
-
-def port_open(port: int) -> bool:
-    """Whether something accepts connections on 127.0.0.1:`port`."""
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
