@@ -391,7 +391,7 @@ def test_answers_with_unreadable_usage_are_relayed_and_logged_without_cost(
         if stream:
             with httpx.stream("POST", url, json=body, timeout=10) as response:
                 status, text = response.status_code, "".join(response.iter_text())
-            events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+            events = _data_events(text)
             assert events[-1] == "[DONE]", text  # the stream was relayed to its end
             last = json.loads(events[-2])
             relayed = last.get("usage", MISSING)
@@ -490,13 +490,18 @@ def test_a_huge_answer_cut_by_its_upstream_reaches_the_caller_incomplete(
                                                        messages=body["messages"]).choices
 
 
+def _data_events(text: str) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    return [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+
+
 def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
     fresh["small"].behaviour = "break"
     with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", timeout=10,
                       json={"model": "promptier", "stream": True,
                             "messages": [{"role": "user", "content": EASY}]}) as response:
         text = "".join(response.iter_text())
-    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    events = _data_events(text)
     assert len(events) == 3  # two chunks, then the error event; no [DONE]
     assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
 
@@ -830,7 +835,7 @@ def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
                           json={"model": "promptier/tier/small", "stream": True,
                                 "messages": [{"role": "user", "content": EASY}]}) as response:
             text = "".join(response.iter_text())
-        events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+        events = _data_events(text)
         assert len(events) == 3 and json.loads(events[-1])["error"]["code"] == "stream_interrupted", text
     finally:
         running.stop()
