@@ -11,3 +11,11 @@ class ArtifactError(PromptierError):
 
 class InvalidInputError(PromptierError, ValueError):
     """A caller passed something the classifier cannot accept (empty text, wrong type, bad policy)."""
+
+
+def require(module: str, extra: str) -> None:
+    """Fail with the pip command that fixes a missing optional dependency (`promptier[extra]`)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise PromptierError(f"{module} is not installed; run: pip install 'promptier[{extra}]'")

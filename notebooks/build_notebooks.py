@@ -60,7 +60,7 @@ SERVE = [
                   "command = [sys.executable, '-m', 'classifier.cli', 'serve', '--port', str(port)]\n"
                   "if MODEL: command += ['--model', str(MODEL)]\n"
                   "server = subprocess.Popen(command)\n"
-                  "from serving.loadgen import _wait_serving\n_wait_serving(f'127.0.0.1:{port}')"),
+                  "from serving.bench.ports import wait_serving\nwait_serving(f'127.0.0.1:{port}')"),
     new_code_cell("from serving.client import RouterClient\n\n"
                   "client = RouterClient(f'127.0.0.1:{port}', timeout=1.0)\ninfo = client.info()\n"
                   "print(info.model_version, [t.name for t in info.tiers], dict(info.mode_thresholds))"),
@@ -77,7 +77,7 @@ SERVE = [
     new_markdown_cell("## Through the dispatcher, and the decision log\n\nA stand-in upstream (an OpenAI-compatible "
                       "server that answers at once) plays every tier here; in production each tier is vLLM, llama.cpp "
                       "server, Ollama or a hosted API. The official `openai` SDK talks to the dispatcher."),
-    new_code_cell("import json, threading, uvicorn\nfrom serving.dispatch_bench import echo_upstream\n\n"
+    new_code_cell("import json, threading, uvicorn\nfrom serving.bench.dispatch_bench import echo_upstream\n\n"
                   "upstream = uvicorn.Server(uvicorn.Config(echo_upstream(), host='127.0.0.1', port=0, log_level='error'))\n"
                   "threading.Thread(target=upstream.run, daemon=True).start()\n"
                   "while not upstream.started:\n    time.sleep(0.05)\n"

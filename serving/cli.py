@@ -18,6 +18,17 @@ app = typer.Typer(help="Serve routers and put them in front of models.", no_args
                   pretty_exceptions_enable=False)
 
 
+def _require_bench_extra() -> None:
+    """The load tools drive the services with clients the services themselves do not need."""
+    from classifier.errors import require
+
+    try:
+        for module in ("httpx", "fastapi"):
+            require(module, "bench")
+    except PromptierError as error:
+        fail(error)
+
+
 @app.command()
 def serve(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
@@ -125,7 +136,8 @@ def dispatch_bench(
     requests: Annotated[int, typer.Option(help="requests per measurement")] = 500,
 ) -> None:
     """Measure the latency the dispatcher adds over calling an upstream directly (loopback)."""
-    from serving.dispatch_bench import main as run_dispatch_bench
+    _require_bench_extra()
+    from serving.bench.dispatch_bench import main as run_dispatch_bench
 
     run_dispatch_bench(str(model) if model else None, out, requests)
 
@@ -140,7 +152,7 @@ def loadtest(
 ) -> None:
     """Load-test a real `promptier serve` on loopback at concurrency 1, 32 and 128, with one server
     process and with `--workers`."""
-    from serving.loadgen import main as run_loadtest
+    from serving.bench.loadgen import main as run_loadtest
 
     if generator not in ("auto", "h2load", "python"):
         raise typer.BadParameter(f"--generator must be auto, h2load or python, not {generator!r}")
@@ -175,8 +187,9 @@ def soak(
     100%, no labeled row lost or duplicated, exactly one label job of each pair run (the other refused),
     no crash; 1 if one did not; 2 if the soak could not start.
     """
-    from serving.soak import SoakOptions
-    from serving.soak import main as run_soak
+    _require_bench_extra()
+    from serving.bench.soak import SoakOptions
+    from serving.bench.soak import main as run_soak
 
     options = SoakOptions(minutes=minutes, model=model, deadline_ms=deadline_ms, well_behaved_rate=well_behaved_rate,
                           flood_factor=flood_factor, slow_connections=slow_connections, dispatch_rate=dispatch_rate,

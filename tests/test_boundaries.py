@@ -1,6 +1,6 @@
 """The packages' boundaries: `classifier/` (the runtime) imports neither of the others; `training/` and
 `serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
-training code and no torch when they run."""
+training code and no torch when they run, and the services none of the load tools."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"classifier": {"training", "serving"}, "training": {"serving"}, "serving": {"training"}}
 TRAINING_ONLY = ("training", "torch", "transformers", "sklearn")
+BENCH_ONLY = ("httpx", "fastapi")
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -49,6 +50,11 @@ def _training_modules(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.split(".")[0] in TRAINING_ONLY)
 
 
+def _load_tool_modules(names: set[str]) -> list[str]:
+    """Modules of the load tools and of the `bench` extra, which the services must run without."""
+    return sorted(name for name in names if name.startswith("serving.bench") or name.split(".")[0] in BENCH_ONLY)
+
+
 def _promptier(*args: str) -> list[str]:
     return [sys.executable, "-X", "importtime", "-m", "classifier.cli", *args]
 
@@ -72,14 +78,14 @@ def test_classify_and_label_load_no_training_code(tmp_path: Path) -> None:
 
 
 def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
-    port = _free_port()
+    port = free_port()
     stderr_path = tmp_path / "serve.err"  # a file, not a pipe: nothing reads it until the server serves
     with stderr_path.open("w") as stderr:
         server = subprocess.Popen(_promptier("serve", "--port", str(port)), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         server.send_signal(signal.SIGTERM)
         server.wait(60)
     finally:
@@ -89,11 +95,12 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     loaded = _loaded_modules(stderr_path.read_text())
     assert "serving.server" in loaded and "grpc" in loaded
     assert _training_modules(loaded) == []
+    assert _load_tool_modules(loaded) == []
 
     config = tmp_path / "dispatcher.yaml"
     config.write_text(json.dumps({
         "classifier": {"embedded": True},
-        "tiers": {name: {"base_url": f"http://127.0.0.1:{_free_port()}/v1", "model": name}
+        "tiers": {name: {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": name}
                   for name in ("small", "medium", "large")},
         "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
     result = subprocess.run(_promptier("dispatch", "--config", str(config), "--check"), capture_output=True,
@@ -102,3 +109,4 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     loaded = _loaded_modules(result.stderr)
     assert "serving.dispatcher" in loaded
     assert _training_modules(loaded) == []
+    assert _load_tool_modules(loaded) == []

@@ -420,14 +420,14 @@ def test_a_huge_answer_is_relayed_as_it_comes_not_held_in_memory(
 
     import psutil
 
-    from serving.loadgen import _free_port
+    from serving.bench.ports import free_port
 
     log_path, config = tmp_path / "decisions.jsonl", tmp_path / "dispatcher.yaml"
     config.write_text(json.dumps({
         "classifier": {"address": grpc_classifier.target},
         "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
         "fallback_tier": "large", "decision_log": {"path": str(log_path)}}))
-    port = _free_port()
+    port = free_port()
     parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
@@ -909,8 +909,8 @@ def test_check_validates_a_config_against_its_classifier_without_serving(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, trained_artifact: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from serving.bench.ports import free_port
     from serving.cli import app
-    from serving.loadgen import _free_port
 
     def check(classifier: dict, tier_names: tuple[str, ...] = ("small", "medium", "large")) -> tuple[int, str, Path]:
         path = tmp_path / f"config-{len(list(tmp_path.iterdir()))}.yaml"
@@ -933,7 +933,7 @@ def test_check_validates_a_config_against_its_classifier_without_serving(
         code, output, _ = check(classifier, ("small", "mid", "large"))
         assert code == 2 and "but the dispatcher config maps ['small', 'mid', 'large']" in output, output
     # A service that does not answer cannot be asked: the file is still checked, and the output says so.
-    code, output, _ = check({"address": f"127.0.0.1:{_free_port()}"})
+    code, output, _ = check({"address": f"127.0.0.1:{free_port()}"})
     assert code == 0 and "did not answer" in output, output
     assert not (tmp_path / "never-written").exists()  # a check serves nothing and writes no log
 
@@ -1106,7 +1106,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
     import sys
     from collections import Counter
 
-    from serving.loadgen import _free_port
+    from serving.bench.ports import free_port
 
     log_path = tmp_path / "decisions.jsonl"
     config = tmp_path / "dispatcher.yaml"
@@ -1114,7 +1114,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
         "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
         "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
         "fallback_tier": "large", "decision_log": {"path": str(log_path), "max_bytes": 4096, "backups": 1000}}))
-    port = _free_port()
+    port = free_port()
     metrics_dir = tmp_path / "metrics"  # given, so the test can look inside (otherwise a temporary one)
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"left by an earlier run")  # must not be counted
@@ -1196,7 +1196,7 @@ def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port
+    from serving.bench.ports import free_port
 
     config = tmp_path / "dispatcher.yaml"
     tiers = {"small": "small", "mid": "medium", "large": "large"}  # the model serves small/medium/large
@@ -1205,7 +1205,7 @@ def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
         "tiers": {name: {"base_url": fresh[upstream].url, "model": name} for name, upstream in tiers.items()},
         "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
     result = subprocess.run([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
-                             "--port", str(_free_port()), "--workers", "2"], capture_output=True, text=True,
+                             "--port", str(free_port()), "--workers", "2"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 3  # uvicorn's start-up failure code, as with one process
     assert "serves tiers ['small', 'medium', 'large'], but the dispatcher config maps ['small', 'mid'" in result.stderr
@@ -1219,7 +1219,7 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port
+    from serving.bench.ports import free_port
 
     config = tmp_path / "dispatcher.yaml"
 
@@ -1250,7 +1250,7 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
             connection.close()
 
     write_config("small-v1")
-    port = _free_port()
+    port = free_port()
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),

@@ -653,15 +653,15 @@ def test_serve_applies_its_connection_options(trained_artifact: Path) -> None:
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                "--port", str(port), "--handshake-timeout", "1", "--idle-timeout", "2",
                                "--max-connections", "50", "--max-streams", "8"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         silent = socket.create_connection(("127.0.0.1", port))
         idle = socket.create_connection(("127.0.0.1", port))
         idle.sendall(HTTP2_PREFACE + EMPTY_SETTINGS_FRAME)
@@ -758,15 +758,15 @@ def test_sighup_reloads_the_start_directory_after_an_admin_reload(trained_artifa
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
     start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
     other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(start), "--port",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             router = router_pb2_grpc.RouterStub(channel)
             router_pb2_grpc.AdminStub(channel).Reload(router_pb2.ReloadRequest(model_dir=str(other)), timeout=60)
@@ -926,12 +926,12 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
     def workers() -> list[psutil.Process]:
         return spawned_workers(parent.pid)
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
                "--workers", "2", "--metrics-port", str(metrics_port)]
     parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -945,7 +945,7 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
                 assert reply.tier in {"small", "medium", "large"}
 
     try:
-        _wait_serving(target)
+        wait_serving(target)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # every worker serves once the kernel has spread connections
             classify_over_new_connections(8)
@@ -992,9 +992,9 @@ def test_client_spreads_its_connections_over_the_server_processes(trained_artifa
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
-    port = _free_port()
+    port = free_port()
     parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                "--port", str(port), "--workers", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1022,7 +1022,7 @@ def test_client_spreads_its_connections_over_the_server_processes(trained_artifa
             await client.close()
 
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         time.sleep(3.0)  # health answers once the first worker is up
         for _ in range(3):
             reached, owners, unchanged = asyncio.run(spread(2))
@@ -1082,15 +1082,15 @@ def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> 
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
-    port = _free_port()
+    port = free_port()
     parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                "--port", str(port), "--workers", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[psutil.Process] = []
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         children = psutil.Process(parent.pid).children()
         parent.send_signal(signal.SIGKILL)  # no chance to forward anything
         parent.wait(10)
@@ -1111,16 +1111,16 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving
+    from serving.bench.ports import free_port, wait_serving
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     log = tmp_path / "serve.err"
     with log.open("wb") as err:
         parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
                                    "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
                                   stdout=subprocess.DEVNULL, stderr=err)
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(spawned_workers(parent.pid)) < 2:
             time.sleep(0.1)
@@ -1176,14 +1176,15 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
     import subprocess
     import sys
 
-    from serving.loadgen import _free_port, _wait_serving, h2load_scenario, require_all_ok
+    from serving.bench.loadgen import h2load_scenario, require_all_ok
+    from serving.bench.ports import free_port, wait_serving
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
                "--metrics-port", str(metrics_port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         good = h2load_scenario(port, [EASY, HARD], 4, 1, 1.0, [metrics_port])
         assert good["calls"] > 0 and good["errors"] == 0
         assert good["server_counted_ok"] >= good["calls"]  # every timed call was answered OK
@@ -1202,15 +1203,16 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
 def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Path) -> None:
-    from serving.loadgen import _free_port, h2load_scenario, require_all_ok
-    from serving.native_floor import NativeBuildUnavailable, answered_calls, build_echo_server, start_echo_server
+    from serving.bench.loadgen import h2load_scenario, require_all_ok
+    from serving.bench.native_floor import NativeBuildUnavailable, answered_calls, build_echo_server, start_echo_server
+    from serving.bench.ports import free_port
 
     try:
         binary = build_echo_server(tmp_path / "cache")
     except NativeBuildUnavailable as reason:
         pytest.skip(str(reason))
     assert build_echo_server(tmp_path / "cache") == binary  # cached by source hash: not rebuilt
-    port = _free_port()
+    port = free_port()
     server = start_echo_server(binary, port)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -1249,7 +1251,7 @@ def test_freeze_startup_objects_takes_them_out_of_collections() -> None:
 
 
 def test_native_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import serving.native_floor as native_floor
+    import serving.bench.native_floor as native_floor
 
     monkeypatch.setattr(native_floor.shutil, "which", lambda tool: None if tool == "grpc_cpp_plugin" else "/bin/x")
     with pytest.raises(native_floor.NativeBuildUnavailable, match=r"missing grpc_cpp_plugin.*protobuf-compiler-grpc"):
@@ -1257,7 +1259,7 @@ def test_native_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> None:
-    from serving.loadgen import _closed_loop
+    from serving.bench.loadgen import _closed_loop
 
     seen: list[int] = []
 
@@ -1274,7 +1276,7 @@ def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> Non
 
 @pytest.mark.parametrize("blocking", [False, True])
 def test_coalescing_client_scenarios_count_calls_and_group_them(server: ServerThread, blocking: bool) -> None:
-    from serving.loadgen import coalescing_client_scenario
+    from serving.bench.loadgen import coalescing_client_scenario
 
     assert server.running is not None
     requests = server.running.metrics.requests

@@ -28,11 +28,11 @@ PoolOption = Annotated[Path, typer.Option("--pool", help="pool YAML: tiers, pric
 
 def _require_training_extra() -> None:
     """Training, evaluation and export need the `train` extra; say how to install it, not a traceback."""
-    from training.errors import require
+    from classifier.errors import require
 
     try:
         for module in ("torch", "transformers", "sklearn"):
-            require(module)
+            require(module, "train")
     except PromptierError as error:
         fail(error)
 

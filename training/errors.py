@@ -16,11 +16,3 @@ class DataError(PromptierError):
             where += f", column {column!r}"
         super().__init__(f"{where}: {reason}")
         self.path, self.row, self.column, self.reason = path, row, column, reason
-
-
-def require(module: str, extra: str = "train") -> None:
-    """Fail with the pip command that fixes a missing optional dependency."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise PromptierError(f"{module} is not installed; run: pip install 'promptier[{extra}]'")

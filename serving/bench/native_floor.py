@@ -1,4 +1,4 @@
-"""The transport floor of a compiled gRPC server: `serving/native/echo_server.cc`, built on demand.
+"""The transport floor of a compiled gRPC server: `serving/bench/native/echo_server.cc`, built on demand.
 
 `promptier loadtest` drives it with h2load exactly like the real server, so the table shows what a
 C++ gRPC front end would cost per call on this machine before any model work (issue #4's unary bar

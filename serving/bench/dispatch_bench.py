@@ -23,7 +23,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from serving.loadgen import _free_port, _wait_serving, h2load_log
+from serving.bench.loadgen import h2load_log
+from serving.bench.ports import free_port, wait_serving
 
 SEQUENTIAL = ("grpc", "embedded")  # the classifier configurations measured one request at a time
 LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
@@ -82,7 +83,7 @@ def _measure_interleaved(client: httpx.Client, direct: tuple[str, dict], routed:
 
 def _start_upstream(port: int) -> subprocess.Popen:
     """The echo upstream in a process of its own, so that it does not share the client's interpreter."""
-    code = ("import uvicorn; from serving.dispatch_bench import echo_upstream; "
+    code = ("import uvicorn; from serving.bench.dispatch_bench import echo_upstream; "
             f"uvicorn.run(echo_upstream(), host='127.0.0.1', port={port}, log_level='error')")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -170,7 +171,7 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) ->
 
 def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> dict:
     """Start the upstream and the service, then each dispatcher in turn; measure; stop everything."""
-    upstream_port, grpc_port, http_port = _free_port(), _free_port(), _free_port()
+    upstream_port, grpc_port, http_port = free_port(), free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     tiers = {name: {"base_url": upstream_url, "model": f"{name}-model"} for name in ("small", "medium", "large")}
     address = f"127.0.0.1:{grpc_port}"
@@ -192,7 +193,7 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> d
     report: dict = {"requests_per_measure": count, "load": {}}
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
-        _wait_serving(address)
+        wait_serving(address)
         time.sleep(2.0)  # health answers once the first of the two workers is up
         for name, (classifier, workers) in classifiers.items():
             if name not in SEQUENTIAL and not load:

@@ -19,7 +19,7 @@ Started together and run for the whole window:
 
 At the end: a table, a JSON report, and whether the bars held (well-behaved calls served, paid answers
 delivered, labeled rows neither lost nor duplicated, no crash). The traffic lives in
-`serving.soak_clients`, the fake upstream in `serving.soak_upstream`.
+`serving.bench.soak_clients`, the fake upstream in `serving.bench.soak_upstream`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from typing import Any
 import psutil
 import yaml
 
-from serving import soak_clients
-from serving.loadgen import _port_taken, _wait_serving
-from serving.soak_upstream import run_upstream
+from serving.bench import soak_clients
+from serving.bench.ports import port_taken, wait_serving
+from serving.bench.soak_upstream import run_upstream
 
 # The bars a run must hold for exit code 0.
 WELL_BEHAVED_BAR_PCT = 99.0
@@ -107,7 +107,7 @@ class SoakOptions:
 def _python_env() -> dict[str, str]:
     """The environment for `python -m classifier.cli` children: this checkout's packages first, so they
     run the same code as this process whatever is installed."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.pop("PROMPTIER_ADMIN_TOKEN", None)  # SIGHUP is how this run reloads; Admin stays local-only
@@ -169,7 +169,7 @@ def _child_main(name: str, function: Callable[..., dict], kwargs: dict, results:
 
 
 class _Children:
-    """Traffic functions of `serving.soak_clients`, each in a spawned process, and their results."""
+    """Traffic functions of `serving.bench.soak_clients`, each in a spawned process, and their results."""
 
     def __init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")
@@ -568,13 +568,13 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
                     "cpus": os.cpu_count(), "load_average_before": list(os.getloadavg())}
     try:
         children.start_process("upstream", run_upstream, upstream_port, f"{tiers[-1]}-model")
-        _wait_serving(target, START_TIMEOUT_S)
+        wait_serving(target, START_TIMEOUT_S)
         if not _wait_until(lambda: _serve_ready(serve, metrics_ports), START_TIMEOUT_S):
             raise RuntimeError(f"promptier serve did not start its {SERVE_WORKERS} workers; see {workdir}/serve.err")
         if not _wait_until(lambda: _http_ok(f"{dispatch_url}/health") or dispatch.poll() is not None,
                            START_TIMEOUT_S) or dispatch.poll() is not None:
             raise RuntimeError(f"promptier dispatch did not start; see {workdir}/dispatch.err")
-        if not _wait_until(lambda: _port_taken(upstream_port), START_TIMEOUT_S):
+        if not _wait_until(lambda: port_taken(upstream_port), START_TIMEOUT_S):
             raise RuntimeError("the fake upstream did not start")
 
         children.start("capacity", soak_clients.measure_capacity, target=target, batch=options.flood_batch,

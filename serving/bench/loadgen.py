@@ -9,7 +9,7 @@ h2load scenario is also checked against the server's own Prometheus counters: ev
 must be counted there as OK.
 
 With h2load, two no-model servers are measured as well, with the same scenarios: a Python gRPC server
-(the floor of the stack `promptier serve` is built on) and a C++ one (`serving/native_floor.py`,
+(the floor of the stack `promptier serve` is built on) and a C++ one (`serving/bench/native_floor.py`,
 skipped where g++ and libgrpc++ are not installed): what a compiled front end would cost per call.
 """
 
@@ -21,7 +21,6 @@ import json
 import multiprocessing
 import resource
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -34,35 +33,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_taken(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait_serving(target: str, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.time() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise TimeoutError(f"server at {target} did not become SERVING")
-
+from serving.bench.ports import free_port, port_taken, wait_serving
 
 CONNECTIONS_PER_GENERATOR = 4
 
@@ -343,9 +316,9 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
                  coalescing_concurrency: tuple[int, ...] = ()) -> list[dict]:
     """Start `promptier serve` in a subprocess and run each (concurrency, batch, generator processes)
     scenario against it with `generator` (h2load or python); also report the server's own CPU use."""
-    port, metrics_port = _free_port(), _free_port()
-    while workers > 1 and any(_port_taken(metrics_port + i) for i in range(workers)):
-        metrics_port = _free_port()
+    port, metrics_port = free_port(), free_port()
+    while workers > 1 and any(port_taken(metrics_port + i) for i in range(workers)):
+        metrics_port = free_port()
     target = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "classifier.cli", "serve", "--port", str(port), "--threads", str(threads),
                "--workers", str(workers), "--metrics-port", str(metrics_port)]
@@ -353,7 +326,7 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
         command += ["--model", model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_serving(target)
+        wait_serving(target)
         time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
         results = []
         for concurrency, batch, generators in scenarios:
@@ -405,11 +378,11 @@ asyncio.run(main())
 def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
     """h2load against a Python gRPC server that answers Classify with a fixed reply and does no work:
     what this machine's Python gRPC stack costs before any model runs."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(metrics_port)])
     try:
         deadline = time.time() + 30
-        while not _port_taken(port) or not _port_taken(metrics_port):
+        while not port_taken(port) or not port_taken(metrics_port):
             if time.time() > deadline:
                 raise TimeoutError("echo server did not start")
             time.sleep(0.1)
@@ -421,15 +394,15 @@ def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
 
 
 def native_transport_floor(prompts: list[str], seconds: float) -> list[dict]:
-    """The same two scenarios against a C++ gRPC server that does no work (serving/native_floor.py).
+    """The same two scenarios against a C++ gRPC server that does no work (serving/bench/native_floor.py).
 
     Raises:
         NativeBuildUnavailable: no compiler or gRPC C++ library here.
     """
-    from serving.native_floor import answered_calls, build_echo_server, start_echo_server
+    from serving.bench.native_floor import answered_calls, build_echo_server, start_echo_server
 
     binary = build_echo_server()
-    port = _free_port()
+    port = free_port()
     server = start_echo_server(binary, port)
     try:
         def counter(rpc: str) -> tuple[list[int], int]:
@@ -490,7 +463,7 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
         for r in report["transport_floor"]:
             require_all_ok(r)
             row("1, no model (transport floor)", r)
-        from serving.native_floor import NativeBuildUnavailable
+        from serving.bench.native_floor import NativeBuildUnavailable
 
         try:
             report["native_transport_floor"] = native_transport_floor(prompts, seconds)

@@ -1,5 +1,5 @@
 """The traffic of `promptier soak`, one kind per process: each function runs for a fixed time, on
-loopback, and returns plain counts (a dict that pickles), so that `serving.soak` can run it in a
+loopback, and returns plain counts (a dict that pickles), so that `serving.bench.soak` can run it in a
 process of its own and judge the run from what came back.
 
 - `measure_capacity`: ClassifyBatch calls with a few in flight, alone on the service: prompts/s.
@@ -7,7 +7,7 @@ process of its own and judge the run from what came back.
 - `well_behaved`: single Classify calls with a short deadline at a modest fixed rate.
 - `slow_connections`: connections that send nothing or trickle bytes, reopened when closed.
 - `dispatch_traffic`: chat completions through the dispatcher, each answer checked against what
-  the fake upstream (`serving.soak_upstream`) sent.
+  the fake upstream (`serving.bench.soak_upstream`) sent.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, first_id
                      start_at: float | None = None) -> dict:
     """Chat completions through the dispatcher at `calls_per_s` (open loop) for `seconds` from
     `start_at` (a `time.time()`; default now), cycling
-    through the fake upstream's behaviours (serving.soak_upstream.BEHAVIOURS); each answer is checked
+    through the fake upstream's behaviours (serving.bench.soak_upstream.BEHAVIOURS); each answer is checked
     against what the upstream sent for it. Returns the ids delivered intact, counts per outcome, and
     the first failures (with the second they came at, counted from `start_at`)."""
     return asyncio.run(_dispatch_traffic(base_url, calls_per_s, seconds, first_id, start_at or time.time()))
@@ -336,7 +336,7 @@ def judge_answer(request_id: int, behaviour: str, include_usage: bool, status: i
     stream, ended with the dispatcher's stream_interrupted event), `returned_5xx` (the upstream's
     failure on every tier, said as a 5xx), `failed_5xx:<status>` (a 5xx where the upstream would have
     answered), or `mangled:<why>` (an answer other than the upstream's)."""
-    from serving.soak_upstream import completion, stream_events
+    from serving.bench.soak_upstream import completion, stream_events
 
     if status >= 500:  # not an answer: nothing was paid for (an upstream timeout, a refused connection)
         return "returned_5xx" if behaviour == "500-always" else f"failed_5xx:status {status}"
@@ -368,7 +368,7 @@ async def _dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, f
                             start_at: float) -> dict:
     import httpx
 
-    from serving.soak_upstream import BEHAVIOURS, tag
+    from serving.bench.soak_upstream import BEHAVIOURS, tag
 
     texts = prompts(256, 30, seed=4)
     outcomes: Counter[str] = Counter()

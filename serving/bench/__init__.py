@@ -1,0 +1,1 @@
+"""Load generators, benchmarks and the soak: tools that drive the services, never loaded by them."""
