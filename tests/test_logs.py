@@ -1,0 +1,59 @@
+"""The services' JSON log lines: a caller that left before its answer was sent is one warning line, while
+any other error keeps its traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from serving.logs import GRPC_CORE_LOGGER, configure_json_logging
+
+
+@pytest.fixture
+def json_logging() -> Iterator[io.StringIO]:
+    """The services' logging, writing to a buffer instead of stderr."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    saved_filters = core.filters[:]
+    configure_json_logging()
+    buffer = io.StringIO()
+    [handler] = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(buffer)
+    yield buffer
+    root.handlers[:], core.filters[:] = saved_handlers, saved_filters
+    root.setLevel(saved_level)
+
+
+def _raise_and_log(logger: logging.Logger, message: str) -> None:
+    try:
+        raise RuntimeError('Failed "execute_batch": (SendInitialMetadataOperation, SendMessageOperation)')
+    except RuntimeError:
+        logger.exception(message)  # how gRPC's Cython layer reports it
+
+
+def _lines(buffer: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def test_an_answer_the_caller_left_before_is_one_warning_line(json_logging: io.StringIO) -> None:
+    _raise_and_log(logging.getLogger(GRPC_CORE_LOGGER),
+                   "ExecuteBatchError raised in core by servicer method [/promptier.v1.Router/Classify]")
+    [line] = _lines(json_logging)
+    assert line["level"] == "WARNING" and line["event"] == "answer_not_delivered"
+    assert line["method"] == "/promptier.v1.Router/Classify"
+    assert "exception" not in line and "Traceback" not in json.dumps(line)
+
+    configure_json_logging()  # configuring twice adds no second filter
+    assert sum(type(f).__name__ == "UndeliveredAnswerFilter" for f in logging.getLogger(GRPC_CORE_LOGGER).filters) == 1
+
+
+def test_other_grpc_core_errors_keep_their_traceback(json_logging: io.StringIO) -> None:
+    _raise_and_log(logging.getLogger(GRPC_CORE_LOGGER), "Unexpected [RuntimeError] raised by servicer method [/x]")
+    [line] = _lines(json_logging)
+    assert line["level"] == "ERROR" and "Traceback (most recent call last)" in line["exception"]
