@@ -12,6 +12,29 @@ from training.synthetic import POOL_YAML, build_tiny_backbone, synthetic_rows, w
 __all__ = ["POOL_YAML", "build_tiny_backbone", "synthetic_rows", "write_jsonl"]
 
 
+# The fast lane (`pytest -m "not slow"`) leaves out what trains models beyond the shared fixture, runs
+# whole products for a minute (soak, notebooks, reloads of worker processes), or builds native code.
+# CI runs everything. Kept in one place, so that a test's speed is judged where the others' are.
+SLOW_MODULES = {"test_pipeline", "test_generalization", "test_checkpoints", "test_notebooks", "test_soak",
+                "test_default_model"}
+SLOW_TESTS = {
+    "test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_one",
+    "test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log",
+    "test_native_echo_floor_answers_and_counts_only_what_it_answered",
+    "test_client_spreads_its_connections_over_the_server_processes",
+    "test_ray_engine_equals_local_engine",
+    "test_ray_engine_agrees_with_local_on_malformed_rows",
+    "test_kill_9_then_resume_equals_uninterrupted",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:  # type: ignore[attr-defined]
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_backbone(tmp_path_factory.mktemp("backbone"))
