@@ -1,4 +1,5 @@
-"""`promptier serve`, `dispatch`, `loadtest`, `soak` and `dispatch-bench`: the serving product's commands.
+"""`promptier serve`, `dispatch`, `loadtest`, `soak`, `dispatch-bench` and `litellm-bench`: the serving
+product's commands.
 
 Registered with the `promptier` command through the `promptier.commands` entry points (see
 `classifier.cli`); heavy imports happen inside each command, and none of them imports training code.
@@ -128,6 +129,19 @@ def dispatch_bench(
     from serving.dispatch_bench import main as run_dispatch_bench
 
     run_dispatch_bench(str(model) if model else None, out, requests)
+
+
+@app.command("litellm-bench")
+def litellm_bench(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-litellm.json"),
+    requests: Annotated[int, typer.Option(min=10, help="requests of each kind")] = 300,
+) -> None:
+    """Measure the latency the Promptier LiteLLM callback adds to requests through a real LiteLLM proxy
+    (loopback; needs the `litellm` extra)."""
+    from serving.litellm_bench import main as run_litellm_bench
+
+    run_litellm_bench(str(model) if model else None, out, requests)
 
 
 @app.command()

@@ -4,15 +4,9 @@ three recording OpenAI-compatible upstreams, called with the openai SDK."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import yaml
@@ -22,6 +16,7 @@ pytest.importorskip("litellm", reason="LiteLLM is not installed: pip install -e 
 import classifier  # after the skip: this module needs LiteLLM
 from classifier.conversation import render_conversation
 from serving.dispatch_config import ConfigError
+from serving.litellm_bench import LiteLLMProxy
 from serving.litellm_router import (
     CONFIG_ENV,
     LiteLLMRouterConfig,
@@ -40,20 +35,6 @@ MASTER_KEY = "sk-promptier-test"
 READY_WAIT_S = 300
 
 
-def _litellm_command(config: Path, port: int) -> list[str]:
-    """The `litellm` command installed beside this interpreter (the package's own console script)."""
-    script = shutil.which("litellm", path=str(Path(sys.executable).parent)) or shutil.which("litellm")
-    assert script, "LiteLLM is importable but its `litellm` command is not installed"
-    return [script, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-
-
-def _environment(promptier_config: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("LITELLM_", "DATABASE_URL"))}
-    env.update({CONFIG_ENV: str(promptier_config), "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                "LITELLM_LOG": "WARNING", "PYTHONUNBUFFERED": "1"})
-    return env
-
-
 def _litellm_config(upstreams: dict[str, Upstream], callbacks: list[str]) -> dict:
     return {
         "model_list": [{"model_name": GROUPS[tier], "litellm_params": {
@@ -66,45 +47,17 @@ def _litellm_config(upstreams: dict[str, Upstream], callbacks: list[str]) -> dic
     }
 
 
-class Proxy:
-    """A `litellm --config` process and its output file."""
+class Proxy(LiteLLMProxy):
+    """The proxy as the tests drive it: waits until it serves, and hands out openai clients."""
 
-    def __init__(self, directory: Path, config: dict, promptier_config: Path) -> None:
-        self.port = _free_port()
-        path = directory / "litellm.yaml"
-        path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.output = directory / "litellm.out"
-        with self.output.open("w") as output:
-            self.process = subprocess.Popen(_litellm_command(path, self.port), cwd=directory, stdout=output,
-                                            stderr=subprocess.STDOUT, env=_environment(promptier_config))
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.output.read_text(errors="replace")[-chars:]
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_WAIT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the LiteLLM proxy exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health/liveliness", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"the LiteLLM proxy did not answer within {READY_WAIT_S} s:\n{self.tail()}")
+    def wait_ready(self, timeout_s: float = READY_WAIT_S) -> None:
+        try:
+            super().wait_ready(timeout_s)
+        except RuntimeError as error:
+            pytest.fail(str(error))
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=MASTER_KEY, max_retries=0,
-                             timeout=120)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=120)
 
 
 def _write(path: Path, config: dict) -> Path:
