@@ -139,6 +139,11 @@ def litellm_bench(
 ) -> None:
     """Measure the latency the Promptier LiteLLM callback adds to requests through a real LiteLLM proxy
     (loopback; needs the `litellm` extra)."""
+    import os
+
+    # This process imports LiteLLM (through the callback's module) but prices nothing: without this, the
+    # import tries to fetch LiteLLM's model cost map from the network.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     from serving.litellm_bench import main as run_litellm_bench
 
     run_litellm_bench(str(model) if model else None, out, requests)

@@ -4,6 +4,7 @@ three recording OpenAI-compatible upstreams, called with the openai SDK."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import openai
 import pytest
 import yaml
 
+# Importing LiteLLM otherwise fetches its model cost map from the network (and retries for seconds offline).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 pytest.importorskip("litellm", reason="LiteLLM is not installed: pip install -e '.[litellm]'")
 
 import classifier  # after the skip: this module needs LiteLLM
