@@ -269,3 +269,10 @@ def test_a_proxy_whose_tier_map_does_not_fit_the_model_does_not_start(upstreams:
         failing.stop()
     assert failing.process.returncode != 0
     assert "map every tier of the model" in failing.tail(100_000)
+
+
+def test_the_example_config_fits_the_shipped_model() -> None:
+    example = Path(__file__).resolve().parent.parent / "serving" / "promptier-litellm.example.yaml"
+    router = PromptierRouter.from_file(example)  # loads the shipped model and checks the tier map against it
+    assert list(router.config.tiers) == classifier.load().tier_names
+    assert router.config.classifier.embedded and router.config.router_model == "promptier"
