@@ -1,6 +1,6 @@
 """The packages' boundaries: `classifier/` (the runtime) imports neither of the others; `training/` and
 `serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
-training code and no torch when they run."""
+training code and no torch when they run, nor LiteLLM (only serving/litellm_router.py imports it)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def _training_modules(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.split(".")[0] in TRAINING_ONLY)
 
 
+def _litellm_modules(names: set[str]) -> list[str]:
+    """LiteLLM is for serving/litellm_router.py alone (an extra): no other command may load it."""
+    return sorted(name for name in names if name.split(".")[0] == "litellm")
+
+
 def _promptier(*args: str) -> list[str]:
     return [sys.executable, "-X", "importtime", "-m", "classifier.cli", *args]
 
@@ -60,7 +65,7 @@ def test_classify_and_label_load_no_training_code(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["tier"]
     loaded = _loaded_modules(result.stderr)
     assert "classifier.runtime" in loaded  # the check reads what was really imported
-    assert _training_modules(loaded) == []
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
 
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"prompt_id": str(i), "prompt": f"say hi {i}"}) + "\n" for i in range(5)))
@@ -88,7 +93,7 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
             server.wait()
     loaded = _loaded_modules(stderr_path.read_text())
     assert "serving.server" in loaded and "grpc" in loaded
-    assert _training_modules(loaded) == []
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
 
     config = tmp_path / "dispatcher.yaml"
     config.write_text(json.dumps({
@@ -101,4 +106,4 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = _loaded_modules(result.stderr)
     assert "serving.dispatcher" in loaded
-    assert _training_modules(loaded) == []
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
