@@ -20,7 +20,7 @@ guarantees:
 - The complexity router's `classifier_type: custom` plugin returns a tier name, but it never sees the
   tier map: it cannot check at start that the model's tiers are the ones mapped (a mismatch would
   only show as fallbacks), it cannot add response headers, and LiteLLM meters routers with tier names
-  of their own as a licensed feature (one per proxy without a licence).
+  of their own as a licensed feature (one per proxy without a license).
 
 The hook runs after authentication, on the proxy's event loop, before the Router resolves the model
 name, so LiteLLM's retries, fallbacks and load balancing apply within the chosen group; a companion

@@ -28,6 +28,7 @@ from serving.litellm_router import (
 )
 from serving.loadgen import _free_port
 from tests.fake_upstream import Upstream
+from tests.test_server import ServerThread
 
 EASY = ("hi", "What is the capital of France?")
 HARD = ("Prove that there are infinitely many primes, then design a fault-tolerant distributed consensus protocol "
@@ -230,6 +231,33 @@ def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path) -> No
     decision = asyncio.run(route())
     assert decision["reason"] == "fallback" and decision["model_group"] == "top-group"
     assert decision["cause"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_through_the_grpc_service_tiers_are_checked_at_start_and_requests_classified(
+        runtime: classifier.TierClassifier) -> None:
+    service = ServerThread()  # `promptier serve` in-process, with the shipped model
+    try:
+        address = {"address": service.target, "timeout_ms": 2000}
+        with pytest.raises(ConfigError, match="map every tier of the model"):
+            PromptierRouter(LiteLLMRouterConfig.model_validate(
+                {"tiers": {"small": "a", "large": "b"}, "fallback_tier": "small", "classifier": address}))
+        router = PromptierRouter(LiteLLMRouterConfig.model_validate(
+            {"tiers": GROUPS, "fallback_tier": "medium", "classifier": address}))
+
+        async def route() -> list[dict]:
+            try:
+                return [await router.decide({"model": "promptier", "messages": [{"role": "user", "content": prompt}],
+                                             "metadata": {"promptier_mode": "cost"}}, "acompletion")
+                        for prompt in (EASY[1], HARD)]
+            finally:
+                await router.close()
+
+        for prompt, decision in zip((EASY[1], HARD), asyncio.run(route()), strict=True):
+            expected = _expected_tier(runtime, prompt, "cost")
+            assert (decision["reason"], decision["tier"], decision["model_group"], decision["mode"]) == (
+                "classified", expected, GROUPS[expected], "cost")
+    finally:
+        service.stop()
 
 
 def test_bad_configs_are_refused_with_the_field_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
