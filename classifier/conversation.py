@@ -9,6 +9,17 @@ from classifier.errors import InvalidInputError
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
+def content_text(content: object) -> str:
+    """An OpenAI chat message's content as text: a string, or the text parts of a multi-part content list
+    (images and other parts are not read)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict) and
+                         isinstance(part.get("text"), str))
+    return ""
+
+
 def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
     """The latest user turn first, then the earlier turns from newest to oldest.
 

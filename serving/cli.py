@@ -1,4 +1,5 @@
-"""`promptier serve`, `dispatch`, `loadtest`, `soak` and `dispatch-bench`: the serving product's commands.
+"""`promptier serve`, `dispatch`, `loadtest`, `soak`, `dispatch-bench` and `litellm-bench`: the serving
+product's commands.
 
 Registered with the `promptier` command through the `promptier.commands` entry points (see
 `classifier.cli`); heavy imports happen inside each command, and none of them imports training code.
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from classifier.cli import fail
-from classifier.errors import PromptierError
+from classifier.errors import PromptierError, require
 
 app = typer.Typer(help="Serve routers and put them in front of models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -20,8 +21,6 @@ app = typer.Typer(help="Serve routers and put them in front of models.", no_args
 
 def _require_bench_extra() -> None:
     """The load tools drive the services with clients the services themselves do not need."""
-    from classifier.errors import require
-
     try:
         for module in ("httpx", "fastapi"):
             require(module, "bench")
@@ -140,6 +139,29 @@ def dispatch_bench(
     from serving.bench.dispatch_bench import main as run_dispatch_bench
 
     run_dispatch_bench(str(model) if model else None, out, requests)
+
+
+@app.command("litellm-bench")
+def litellm_bench(
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-litellm.json"),
+    requests: Annotated[int, typer.Option(min=10, help="requests of each kind")] = 300,
+) -> None:
+    """Measure the latency the Promptier LiteLLM callback adds to requests through a real LiteLLM proxy
+    (loopback; needs the `litellm` extra)."""
+    import os
+
+    # This process imports LiteLLM (through the callback's module) but prices nothing: without this, the
+    # import tries to fetch LiteLLM's model cost map from the network.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    _require_bench_extra()
+    try:
+        require("litellm", "litellm")
+    except PromptierError as error:
+        fail(error)
+    from serving.bench.litellm_bench import main as run_litellm_bench
+
+    run_litellm_bench(str(model) if model else None, out, requests)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -145,18 +146,26 @@ class DispatcherConfig(_Strict):
         return keys
 
 
-def load_dispatcher_config(path: Path) -> DispatcherConfig:
-    """Read and validate the config. Raises ConfigError naming the file and field."""
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def read_config(path: Path, schema: type[SchemaT]) -> SchemaT:
+    """Read a YAML file and validate it against `schema`. Raises ConfigError naming the file and field."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     try:
-        config = DispatcherConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
+
+
+def load_dispatcher_config(path: Path) -> DispatcherConfig:
+    """Read and validate the config. Raises ConfigError naming the file and field."""
+    config = read_config(path, DispatcherConfig)
     for name, upstream in config.tiers.items():
         if upstream.api_key_env and upstream.api_key_env not in os.environ:
             raise ConfigError(f"{path}: tiers.{name}.api_key_env: environment variable {upstream.api_key_env} "

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import classifier
 from classifier.artifact import MODES
-from classifier.conversation import render_conversation
+from classifier.conversation import content_text, render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
@@ -87,16 +87,6 @@ class DispatcherMetrics:
                                    ["from_tier"], registry=self.registry)
         self.overhead = Histogram("promptier_dispatch_classify_seconds", "time spent asking the classifier",
                                   registry=self.registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05))
-
-
-def _text_of(content: object) -> str:
-    """Message content as text: a string, or the text parts of a multi-part content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict) and
-                         isinstance(part.get("text"), str))
-    return ""
 
 
 def _check_tier_names(served: list[str], configured: list[str], source: str) -> None:
@@ -543,7 +533,7 @@ def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise HTTPError(400, f"messages[{index}] must be an object with a role")
-        pairs.append((message["role"], _text_of(message.get("content"))))
+        pairs.append((message["role"], content_text(message.get("content"))))
     return body, pairs
 
 

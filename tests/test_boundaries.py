@@ -1,6 +1,7 @@
 """The packages' boundaries: `classifier/` (the runtime) imports neither of the others; `training/` and
 `serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
-training code and no torch when they run, and the services none of the load tools."""
+training code and no torch when they run, the services none of the load tools, and none of them LiteLLM
+(only serving/litellm_router.py imports it)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def _load_tool_modules(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.startswith("serving.bench") or name.split(".")[0] in BENCH_ONLY)
 
 
+def _litellm_modules(names: set[str]) -> list[str]:
+    """LiteLLM is for serving/litellm_router.py alone (an extra): no other command may load it."""
+    return sorted(name for name in names if name.split(".")[0] == "litellm")
+
+
 def _promptier(*args: str) -> list[str]:
     return [sys.executable, "-X", "importtime", "-m", "classifier.cli", *args]
 
@@ -66,7 +72,7 @@ def test_classify_and_label_load_no_training_code(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["tier"]
     loaded = _loaded_modules(result.stderr)
     assert "classifier.runtime" in loaded  # the check reads what was really imported
-    assert _training_modules(loaded) == []
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
 
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"prompt_id": str(i), "prompt": f"say hi {i}"}) + "\n" for i in range(5)))
@@ -94,7 +100,7 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
             server.wait()
     loaded = _loaded_modules(stderr_path.read_text())
     assert "serving.server" in loaded and "grpc" in loaded
-    assert _training_modules(loaded) == []
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
     assert _load_tool_modules(loaded) == []
 
     config = tmp_path / "dispatcher.yaml"
@@ -108,5 +114,5 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = _loaded_modules(result.stderr)
     assert "serving.dispatcher" in loaded
-    assert _training_modules(loaded) == []
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
     assert _load_tool_modules(loaded) == []

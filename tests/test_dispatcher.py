@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +15,6 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
@@ -26,123 +23,8 @@ from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherC
 from serving.dispatcher import create_app, usage_from_stream_tail
 from serving.inbound import DispatchServerConfig
 from serving.server import ServerLimits
+from tests.fake_upstream import MISSING, USAGE, Upstream, huge_answer, run_uvicorn
 from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
-
-MISSING = object()  # an Upstream.usage that leaves the field out
-USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-
-
-def huge_answer(model: str, megabytes: int) -> tuple[bytes, bytes, bytes]:
-    """A chat completion of `megabytes` MiB, as (head, one MiB of content, tail): sent as head, the
-    MiB `megabytes` times, then tail, so that neither end holds it whole."""
-    answer = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": model,
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": "@"}}], "usage": USAGE})
-    head, tail = answer.split("@")
-    return head.encode(), b"x" * (1 << 20), tail.encode()
-
-
-class Upstream:
-    """An OpenAI-compatible server that records what it received. `behaviour` is set per test."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.received: list[dict] = []
-        self.behaviour = "ok"
-        self.cancelled = threading.Event()
-        self.generation_s = 5.0  # how long "generating" works before it answers
-        self.finish = threading.Event()  # ends every "generating" call at once
-        self.generations_cancelled = 0
-        self.usage: object = USAGE  # what its answers say in `usage` (MISSING: nothing)
-        self.delay_s = 1.0  # how long "delay" waits before it answers
-        self.huge_mb = 80  # the size of a "huge" answer
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request):  # type: ignore[no-untyped-def]
-            body = await request.json()
-            self.received.append({"body": body, "authorization": request.headers.get("authorization")})
-            if self.behaviour == "500":
-                return JSONResponse({"error": {"message": "boom"}}, status_code=500)
-            if self.behaviour == "400":
-                return JSONResponse({"error": {"message": "bad temperature", "type": "invalid_request_error"}},
-                                    status_code=400)
-            if self.behaviour == "slow":
-                await asyncio.sleep(3)
-            if self.behaviour == "delay":
-                await asyncio.sleep(self.delay_s)
-            if self.behaviour in ("huge", "huge_break"):
-                head, block, tail = huge_answer(body["model"], self.huge_mb)
-
-                async def huge():  # type: ignore[no-untyped-def]
-                    yield head
-                    for index in range(self.huge_mb):
-                        if self.behaviour == "huge_break" and index == self.huge_mb // 2:
-                            raise RuntimeError("upstream died mid-answer")
-                        yield block
-                    yield tail
-
-                return StreamingResponse(huge(), media_type="application/json")
-            if self.behaviour == "generating":
-                # Like vLLM: a long generation that stops when its caller disconnects.
-                for _ in range(round(self.generation_s / 0.05)):
-                    if self.finish.is_set():
-                        break
-                    if await request.is_disconnected():
-                        self.generations_cancelled += 1
-                        self.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    await asyncio.sleep(0.05)
-            if body.get("stream"):
-                return StreamingResponse(self._stream(body), media_type="text/event-stream")
-            answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
-                      "choices": [{"index": 0, "finish_reason": "stop",
-                                   "message": {"role": "assistant", "content": f"answer from {self.name}"}}]}
-            if self.usage is not MISSING:
-                answer["usage"] = self.usage
-            return answer
-
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.port = _run_uvicorn(self.server)
-
-    async def _stream(self, body: dict):  # type: ignore[no-untyped-def]
-        try:
-            for index in range(5):
-                if self.behaviour == "break" and index == 2:
-                    raise RuntimeError("upstream died mid-stream")
-                chunk = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": f"{self.name}-{index} "},
-                                      "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-                await asyncio.sleep(0.3 if self.behaviour == "slowstream" else 0)
-                if self.behaviour == "stall" and index == 1:
-                    await asyncio.sleep(5)  # goes quiet mid-stream
-            if (body.get("stream_options") or {}).get("include_usage"):  # as OpenAI does: a last, choiceless chunk
-                last = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                        "choices": []}
-                if self.usage is not MISSING:
-                    last["usage"] = ({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
-                                     if self.usage is USAGE else self.usage)
-                yield f"data: {json.dumps(last)}\n\n"
-            yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
-def _run_uvicorn(server: uvicorn.Server) -> int:
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    return int(server.servers[0].sockets[0].getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +70,7 @@ class Dispatcher:
     def __init__(self, config: DispatcherConfig) -> None:
         self.server = uvicorn.Server(DispatchServerConfig(create_app(config), host="127.0.0.1", port=0,
                                                           log_level="error"))
-        self.port = _run_uvicorn(self.server)
+        self.port = run_uvicorn(self.server)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     def client(self, **kwargs: object) -> openai.OpenAI:

@@ -1,0 +1,295 @@
+"""Promptier inside a LiteLLM proxy: chat requests for the router's model name are classified and sent to
+the model group their tier maps to.
+
+In the LiteLLM config::
+
+    router_settings:
+      model_group_alias: {promptier: medium}       # lists the name; where it goes if this hook is absent
+    litellm_settings:
+      callbacks: ["serving.litellm_router.hook"]   # built from the file named by PROMPTIER_LITELLM_CONFIG
+
+The hook is a `CustomLogger` whose `async_pre_call_hook` rewrites the request's `model` before the
+proxy hands it to its Router, as LiteLLM's own sensitive-data routing does. Of LiteLLM 1.110's
+extension points this is the one that can move a request to another model group with this project's
+guarantees:
+
+- `CustomLogger.async_pre_routing_hook` is never called for callbacks: the Router asks only the
+  strategies it registered from `auto_router/...` deployments.
+- A custom routing strategy picks a deployment within the model group already chosen, and is set
+  from Python (`Router.set_custom_routing_strategy`), not from the proxy's config.
+- The complexity router's `classifier_type: custom` plugin returns a tier name, but it never sees the
+  tier map: it cannot check at start that the model's tiers are the ones mapped (a mismatch would
+  only show as fallbacks), it cannot add response headers, and LiteLLM meters routers with tier names
+  of their own as a licensed feature (one per proxy without a license).
+
+The hook runs after authentication, on the proxy's event loop, before the Router resolves the model
+name, so LiteLLM's retries, fallbacks and load balancing apply within the chosen group; a companion
+`async_post_call_response_headers_hook` puts the decision in `x-promptier-*` response headers.
+LiteLLM is imported by this module only: nothing else in Promptier imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import classifier
+from classifier.artifact import MODES
+from classifier.conversation import content_text
+from classifier.errors import InvalidInputError
+from serving.dispatch_config import ClassifierEndpoint, ConfigError, read_config
+from serving.metrics import BatcherMetrics
+from serving.route_classifier import ClassifierUnavailable, EmbeddedRouteClassifier, GrpcRouteClassifier
+
+try:
+    from fastapi import HTTPException
+    from litellm.integrations.custom_logger import CustomLogger
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("serving.litellm_router needs LiteLLM: pip install 'promptier[litellm]'") from error
+
+log = logging.getLogger("promptier.litellm")
+CONFIG_ENV = "PROMPTIER_LITELLM_CONFIG"
+MODE_KEY = "promptier_mode"  # in the request's `metadata`: this request's routing mode
+RECORD_KEY = "promptier"  # in the request's `metadata`: the decision, for headers and LiteLLM's loggers
+HEADER_PREFIX = "x-promptier-"
+# The proxy's call types for /chat/completions; other endpoints carry no chat messages to classify.
+CHAT_CALL_TYPES = frozenset({"acompletion", "completion"})
+
+
+class LiteLLMRouterConfig(BaseModel):
+    """What the hook reads from the file named by PROMPTIER_LITELLM_CONFIG."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    router_model: str = Field(default="promptier", min_length=1, description="the model name callers ask for to "
+                              "be routed; any other name is served as asked (pinned)")
+    tiers: dict[str, str] = Field(min_length=1, description="each tier of the model -> the LiteLLM model group "
+                                  "(model_name in model_list) that serves it")
+    fallback_tier: str = Field(description="tier whose group serves a request the classifier could not decide")
+    default_mode: str = "balanced"
+    classifier: ClassifierEndpoint = Field(default_factory=ClassifierEndpoint)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LiteLLMRouterConfig:
+        if self.default_mode not in MODES:
+            raise ValueError(f"default_mode {self.default_mode!r} is not one of {MODES}")
+        if self.fallback_tier not in self.tiers:
+            raise ValueError(f"fallback_tier {self.fallback_tier!r} is not a configured tier {list(self.tiers)}")
+        empty = [tier for tier, group in self.tiers.items() if not group.strip()]
+        if empty:
+            raise ValueError(f"tiers {empty} map to an empty model group name")
+        if self.router_model in self.tiers.values():
+            raise ValueError(f"router_model {self.router_model!r} is also a tier's model group: a request for that "
+                             "group would be classified instead of served as asked")
+        return self
+
+
+class RoutingRecord(dict):
+    """A routing record made by a PromptierRouter: a caller's JSON can hold a dict under the same key, never
+    one of these, so only the hook's own records come back as headers."""
+
+
+def load_router_config(path: Path) -> LiteLLMRouterConfig:
+    """Read and validate the hook's config. Raises ConfigError naming the file and field."""
+    return read_config(path, LiteLLMRouterConfig)
+
+
+def chat_messages(messages: object) -> list[tuple[str, str]]:
+    """(role, text) pairs of an OpenAI chat request's `messages`.
+
+    Raises:
+        InvalidInputError: not a non-empty list of objects with a string role.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInputError("messages must be a non-empty list")
+    pairs = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidInputError(f"messages[{index}] must be an object with a role")
+        pairs.append((message["role"], content_text(message.get("content"))))
+    return pairs
+
+
+def _check_tiers(served: list[str], config: LiteLLMRouterConfig, source: str) -> None:
+    if sorted(served) != sorted(config.tiers):
+        raise ConfigError(f"the classifier ({source}) decides between tiers {served}, but the Promptier LiteLLM "
+                          f"config maps {list(config.tiers)}; map every tier of the model, and only those")
+
+
+class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, untyped where it is not installed
+    """The LiteLLM callback: classify, choose the tier's model group, say so in headers."""
+
+    def __init__(self, config: LiteLLMRouterConfig) -> None:
+        """Load and check the classifier; raises PromptierError (ConfigError, ArtifactError) when the model
+        does not load or its tiers are not the config's, so that the proxy stops before it serves."""
+        super().__init__()
+        self.config = config
+        self.route_classifier: EmbeddedRouteClassifier | GrpcRouteClassifier | None = None
+        endpoint = config.classifier
+        self._embedded: EmbeddedRouteClassifier | None = None
+        if endpoint.embedded:
+            model = classifier.load(endpoint.model, endpoint.threads)
+            _check_tiers(model.tier_names, config, f"embedded model {model.model_version}")
+            metrics = BatcherMetrics(CollectorRegistry(), "promptier_litellm_classifier")
+            self._embedded = EmbeddedRouteClassifier(model, endpoint.timeout_ms / 1000, metrics)
+        else:
+            self._check_service_tiers()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._groups_served = False
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PromptierRouter:
+        """The hook for a config file (for a module of your own: `hook = PromptierRouter.from_file(...)`)."""
+        return cls(load_router_config(Path(path)))
+
+    def _check_service_tiers(self) -> None:
+        """The gRPC service's tiers, if it answers now; if not, a decision for a tier the config does not map
+        falls back (logged) until it is fixed, as the dispatcher does."""
+        from serving.client import RouterClient
+
+        address = self.config.classifier.address
+        try:
+            with RouterClient(address, timeout=2.0, attempts=1) as client:
+                served = [tier.name for tier in client.info().tiers]
+        except Exception as error:  # grpc.RpcError, or a malformed address
+            log.warning(json.dumps({"event": "classifier_not_checked", "address": address,
+                                    "detail": type(error).__name__}))
+            return
+        _check_tiers(served, self.config, f"gRPC service at {address}")
+
+    def _started_on(self, loop: asyncio.AbstractEventLoop) -> EmbeddedRouteClassifier | GrpcRouteClassifier:
+        """The classifier, started on `loop`: its worker thread hands results to the loop that serves requests,
+        and gRPC channels belong to the loop they were opened on, which only exists once the proxy runs."""
+        if self.route_classifier is None:
+            endpoint = self.config.classifier
+            self.route_classifier = self._embedded or GrpcRouteClassifier(
+                endpoint.address, endpoint.timeout_ms / 1000, endpoint.coalesce, endpoint.connections)
+            self.route_classifier.start()
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("PromptierRouter serves one event loop; this call came from another")
+        return self.route_classifier
+
+    async def close(self) -> None:
+        """Stop the classifier (its thread, or its gRPC channels)."""
+        if self.route_classifier is not None:
+            await self.route_classifier.close()
+
+    def _check_groups(self) -> None:
+        """Every mapped group is served by this proxy (checked until it holds: groups can be added at run time).
+
+        Raises:
+            HTTPException: 500 naming the tiers whose groups are missing.
+        """
+        if self._groups_served:
+            return
+        from litellm.proxy import proxy_server
+
+        router = proxy_server.llm_router
+        if router is None:
+            raise HTTPException(status_code=500, detail="promptier: the proxy has no model_list to route to")
+        served = set(router.registry().names())
+        missing = {tier: group for tier, group in self.config.tiers.items() if group not in served}
+        if missing:
+            log.error(json.dumps({"event": "model_groups_missing", "missing": missing}))
+            raise HTTPException(status_code=500, detail=f"promptier: tiers map to model groups this proxy does not "
+                                f"serve: {missing}; served: {sorted(served)}")
+        self._groups_served = True
+
+    def _mode(self, metadata: Mapping[str, Any]) -> str:
+        mode = metadata.get(MODE_KEY, self.config.default_mode)
+        if mode not in MODES:
+            raise HTTPException(status_code=400, detail=f"metadata.{MODE_KEY} must be one of {list(MODES)}, "
+                                f"got {str(mode)[:100]!r}")
+        return str(mode)
+
+    async def decide(self, data: dict, call_type: str) -> RoutingRecord:
+        """The routing record for a request to the router model: tier, group, reason and, when classified,
+        mode, confidence, who decided and the classifier's time."""
+        metadata = data.get("metadata")
+        mode = self._mode(metadata if isinstance(metadata, dict) else {})
+        route_classifier = self._started_on(asyncio.get_running_loop())
+        started = time.perf_counter()
+        cause: str | None = None
+        try:
+            if call_type not in CHAT_CALL_TYPES:
+                raise ClassifierUnavailable("unsupported_call_type")
+            try:
+                messages = chat_messages(data.get("messages"))
+            except InvalidInputError as error:
+                raise ClassifierUnavailable("invalid_input") from error
+            decision = await route_classifier.classify(messages, mode)
+            if decision.tier not in self.config.tiers:
+                raise ClassifierUnavailable("unknown_tier")
+        except ClassifierUnavailable as error:
+            cause = error.cause
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if cause is not None:
+            tier = self.config.fallback_tier
+            log.warning(json.dumps({"event": "classifier_fallback", "cause": cause, "tier": tier,
+                                    "model_group": self.config.tiers[tier]}))
+            return RoutingRecord(tier=tier, model_group=self.config.tiers[tier], reason="fallback", cause=cause,
+                            mode=mode, classifier_ms=round(elapsed_ms, 3))
+        return RoutingRecord(tier=decision.tier, model_group=self.config.tiers[decision.tier], reason="classified",
+                        mode=mode, confidence=round(decision.scores.get(decision.tier, 0.0), 4),
+                        decided_by=decision.decided_by, model_version=decision.model_version,
+                        classifier_ms=round(elapsed_ms, 3))
+
+    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict, call_type: str
+                                  ) -> dict | None:
+        """LiteLLM's pre-call hook: rewrite `model` of a request for the router model to its tier's group.
+
+        Raises:
+            HTTPException: 400 for an unknown `metadata.promptier_mode`; 500 when a mapped group is not served.
+        """
+        metadata = data.get("metadata")
+        if data.get("model") != self.config.router_model:
+            if isinstance(metadata, dict) and not isinstance(metadata.get(RECORD_KEY), RoutingRecord):
+                metadata.pop(RECORD_KEY, None)  # a caller's own "decision" must not come back as headers
+            return None
+        self._check_groups()
+        record = await self.decide(data, call_type)
+        if not isinstance(metadata, dict):
+            metadata = data["metadata"] = {}
+        metadata[RECORD_KEY] = record
+        data["model"] = record["model_group"]
+        return data
+
+    async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any, response: Any,
+                                                    request_headers: dict[str, str] | None = None,
+                                                    litellm_call_info: dict[str, object] | None = None
+                                                    ) -> dict[str, str] | None:
+        """The decision as `x-promptier-*` headers, on routed requests only (failed ones included)."""
+        metadata = data.get("metadata")
+        record = metadata.get(RECORD_KEY) if isinstance(metadata, dict) else None
+        if not isinstance(record, RoutingRecord):
+            return None
+        return {f"{HEADER_PREFIX}{key.replace('_', '-')}": str(value) for key, value in record.items()
+                if value is not None}
+
+
+_hook: PromptierRouter | None = None
+
+
+def __getattr__(name: str) -> PromptierRouter:
+    """`serving.litellm_router.hook`: the hook built from PROMPTIER_LITELLM_CONFIG, once per process, when
+    LiteLLM resolves its callbacks (never at import)."""
+    global _hook
+    if name != "hook":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _hook is None:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"set {CONFIG_ENV} to the Promptier LiteLLM config file (see serving/README.md, "
+                              "\"LiteLLM\")")
+        _hook = PromptierRouter.from_file(path)
+    return _hook

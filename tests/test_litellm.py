@@ -1,0 +1,306 @@
+"""Promptier as a LiteLLM callback: a real LiteLLM proxy, started from its own package on a free port, in front of
+three recording OpenAI-compatible upstreams, called with the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+# Importing LiteLLM otherwise fetches its model cost map from the network (and retries for seconds offline).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+pytest.importorskip("litellm", reason="LiteLLM is not installed: pip install -e '.[litellm]'")
+
+import classifier  # after the skip: this module needs LiteLLM
+from classifier.conversation import render_conversation
+from serving.bench.litellm_bench import LiteLLMProxy
+from serving.bench.ports import free_port
+from serving.dispatch_config import ConfigError
+from serving.litellm_router import (
+    CONFIG_ENV,
+    LiteLLMRouterConfig,
+    PromptierRouter,
+    load_router_config,
+)
+from tests.fake_upstream import Upstream
+from tests.test_server import ServerThread
+
+EASY = ("hi", "What is the capital of France?")
+HARD = ("Prove that there are infinitely many primes, then design a fault-tolerant distributed consensus protocol "
+        "for a multi-region database and prove its safety under network partitions.")
+GROUPS = {"small": "cheap-group", "medium": "mid-group", "large": "top-group"}
+MASTER_KEY = "sk-promptier-test"
+# LiteLLM's proxy takes 10-30 s to start on a quiet machine; on a busy 2-core one, longer.
+READY_WAIT_S = 300
+
+
+def _litellm_config(upstreams: dict[str, Upstream], callbacks: list[str]) -> dict:
+    return {
+        "model_list": [{"model_name": GROUPS[tier], "litellm_params": {
+            "model": f"openai/{tier}-upstream-model", "api_base": upstream.url, "api_key": "sk-upstream"}}
+            for tier, upstream in upstreams.items()],
+        # The alias lists `promptier` in /v1/models, and is where it would go if the hook were not loaded.
+        "router_settings": {"model_group_alias": {"promptier": GROUPS["medium"]}, "num_retries": 0},
+        "litellm_settings": {"callbacks": callbacks},
+        "general_settings": {"master_key": MASTER_KEY},
+    }
+
+
+class Proxy(LiteLLMProxy):
+    """The proxy as the tests drive it: waits until it serves, and hands out openai clients."""
+
+    def wait_ready(self, timeout_s: float = READY_WAIT_S) -> None:
+        try:
+            super().wait_ready(timeout_s)
+        except RuntimeError as error:
+            pytest.fail(str(error))
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=120)
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    servers = {tier: Upstream(tier) for tier in GROUPS}
+    yield servers
+    for upstream in servers.values():
+        upstream.server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def proxy(upstreams: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """The proxy with the shipped model embedded, as the README configures it, plus a second router (built from
+    a module beside the config, as a user's own would be) whose top tier maps to a group the proxy lacks."""
+    directory = tmp_path_factory.mktemp("litellm")
+    promptier_config = _write(directory / "promptier.yaml", {
+        "tiers": GROUPS, "fallback_tier": "medium", "classifier": {"embedded": True, "timeout_ms": 2000}})
+    unserved = _write(directory / "unserved.yaml", {
+        "router_model": "promptier-unserved", "tiers": {**GROUPS, "large": "no-such-group"},
+        "fallback_tier": "medium", "classifier": {"embedded": True}})
+    (directory / "own_hooks.py").write_text(
+        "from serving.litellm_router import PromptierRouter\n"
+        f"unserved = PromptierRouter.from_file({str(unserved)!r})\n", encoding="utf-8")
+    running = Proxy(directory, _litellm_config(upstreams, ["serving.litellm_router.hook", "own_hooks.unserved"]),
+                    promptier_config)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def runtime() -> classifier.TierClassifier:
+    return classifier.load()
+
+
+def _expected_tier(runtime: classifier.TierClassifier, prompt: str, mode: str | None = None) -> str:
+    request = classifier.RoutingRequest(mode=mode) if mode else None
+    return runtime.classify(render_conversation([("user", prompt)]), request).tier
+
+
+def _received(upstreams: dict[str, Upstream]) -> dict[str, int]:
+    return {tier: len(upstream.received) for tier, upstream in upstreams.items()}
+
+
+def _clear(upstreams: dict[str, Upstream]) -> None:
+    for upstream in upstreams.values():
+        upstream.received.clear()
+
+
+def _ask(proxy: Proxy, prompt: str, model: str = "promptier", **extra: object) -> tuple[dict[str, str], str]:
+    raw = proxy.client().chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": prompt}], **extra)  # type: ignore[call-overload]
+    return dict(raw.headers), raw.parse().choices[0].message.content
+
+
+def test_easy_and_hard_prompts_reach_the_groups_their_tiers_map_to(proxy: Proxy, upstreams: dict[str, Upstream],
+                                                                   runtime: classifier.TierClassifier) -> None:
+    tiers = runtime.tier_names
+    hard_tier = _expected_tier(runtime, HARD)
+    for easy in EASY:
+        # What the shipped model decides, not a hard-coded answer; but the test means something only if it
+        # tells the two apart, cheaper first.
+        assert tiers.index(_expected_tier(runtime, easy)) < tiers.index(hard_tier), easy
+    for prompt in (*EASY, HARD):
+        _clear(upstreams)
+        expected = _expected_tier(runtime, prompt)
+        headers, answer = _ask(proxy, prompt)
+        assert answer == f"answer from {expected}", prompt
+        assert _received(upstreams) == {tier: int(tier == expected) for tier in GROUPS}
+        assert upstreams[expected].received[0]["body"]["model"] == f"{expected}-upstream-model"
+        assert upstreams[expected].received[0]["body"]["messages"] == [{"role": "user", "content": prompt}]
+        assert headers["x-promptier-tier"] == expected
+        assert headers["x-promptier-model-group"] == GROUPS[expected]
+        assert headers["x-promptier-reason"] == "classified"
+        assert headers["x-promptier-mode"] == "balanced"
+        assert headers["x-promptier-decided-by"] in ("model", "prior")
+        assert headers["x-promptier-model-version"] == runtime.model_version
+        assert 0.0 <= float(headers["x-promptier-confidence"]) <= 1.0
+
+
+def test_streaming_requests_are_routed_too(proxy: Proxy, upstreams: dict[str, Upstream],
+                                           runtime: classifier.TierClassifier) -> None:
+    _clear(upstreams)
+    expected = _expected_tier(runtime, HARD)
+    with proxy.client().chat.completions.with_streaming_response.create(
+            model="promptier", messages=[{"role": "user", "content": HARD}], stream=True) as response:
+        assert response.headers["x-promptier-tier"] == expected
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+    assert text == "".join(f"{expected}-{index} " for index in range(5))
+    assert _received(upstreams) == {tier: int(tier == expected) for tier in GROUPS}
+
+
+def test_a_model_other_than_the_router_model_is_served_as_asked(proxy: Proxy, upstreams: dict[str, Upstream]
+                                                                 ) -> None:
+    _clear(upstreams)
+    # An easy prompt pinned to the top group stays there; a "decision" the caller wrote into its metadata
+    # does not come back as headers.
+    headers, answer = _ask(proxy, EASY[0], model=GROUPS["large"],
+                           extra_body={"metadata": {"promptier": {"tier": "small", "reason": "classified"}}})
+    assert answer == "answer from large"
+    assert _received(upstreams) == {"small": 0, "medium": 0, "large": 1}
+    assert not [name for name in headers if name.startswith("x-promptier-")]
+
+
+def test_the_mode_comes_from_request_metadata_and_a_bad_one_is_a_400(proxy: Proxy, upstreams: dict[str, Upstream],
+                                                                      runtime: classifier.TierClassifier) -> None:
+    for mode in ("cost", "quality"):
+        _clear(upstreams)
+        expected = _expected_tier(runtime, HARD, mode)
+        headers, answer = _ask(proxy, HARD, extra_body={"metadata": {"promptier_mode": mode}})
+        assert (headers["x-promptier-mode"], headers["x-promptier-tier"], answer) == (
+            mode, expected, f"answer from {expected}")
+    _clear(upstreams)
+    with pytest.raises(openai.BadRequestError) as refused:
+        _ask(proxy, HARD, extra_body={"metadata": {"promptier_mode": "cheapest"}})
+    assert "promptier_mode" in str(refused.value) and "cheapest" in str(refused.value)
+    assert _received(upstreams) == {"small": 0, "medium": 0, "large": 0}
+    assert _ask(proxy, EASY[0])[0]["x-promptier-reason"] == "classified"  # and it keeps serving
+
+
+def test_a_request_the_classifier_cannot_read_goes_to_the_fallback_group_visibly(
+        proxy: Proxy, upstreams: dict[str, Upstream]) -> None:
+    _clear(upstreams)
+    raw = proxy.client().chat.completions.with_raw_response.create(
+        model="promptier", messages=[{"role": "system", "content": "You are terse."}])
+    assert raw.parse().choices[0].message.content == "answer from medium"
+    assert _received(upstreams) == {"small": 0, "medium": 1, "large": 0}
+    assert (raw.headers["x-promptier-reason"], raw.headers["x-promptier-cause"],
+            raw.headers["x-promptier-tier"]) == ("fallback", "invalid_input", "medium")
+    assert "x-promptier-confidence" not in raw.headers
+    assert '"event": "classifier_fallback", "cause": "invalid_input"' in proxy.tail(200_000)
+
+
+def test_a_tier_mapped_to_a_group_the_proxy_lacks_is_a_500_that_names_it(proxy: Proxy,
+                                                                          upstreams: dict[str, Upstream]) -> None:
+    _clear(upstreams)
+    with pytest.raises(openai.InternalServerError) as failed:
+        _ask(proxy, EASY[0], model="promptier-unserved")
+    assert "no-such-group" in str(failed.value)
+    assert _received(upstreams) == {"small": 0, "medium": 0, "large": 0}
+    assert _ask(proxy, EASY[1])[0]["x-promptier-reason"] == "classified"  # the other router is unaffected
+
+
+def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path) -> None:
+    """The gRPC form, with nothing listening: the start only warns (the service may come later); each request
+    goes to the fallback group and says why."""
+    config = LiteLLMRouterConfig.model_validate({
+        "tiers": GROUPS, "fallback_tier": "large",
+        "classifier": {"address": f"127.0.0.1:{free_port()}", "timeout_ms": 200}})
+    router = PromptierRouter(config)
+
+    async def route() -> dict:
+        data = {"model": "promptier", "messages": [{"role": "user", "content": HARD}]}
+        try:
+            await router.decide(data, "acompletion")  # the proxy's hook, less its check of the model groups
+            return await router.decide(data, "acompletion")
+        finally:
+            await router.close()
+
+    decision = asyncio.run(route())
+    assert decision["reason"] == "fallback" and decision["model_group"] == "top-group"
+    assert decision["cause"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_through_the_grpc_service_tiers_are_checked_at_start_and_requests_classified(
+        runtime: classifier.TierClassifier) -> None:
+    service = ServerThread()  # `promptier serve` in-process, with the shipped model
+    try:
+        address = {"address": service.target, "timeout_ms": 2000}
+        with pytest.raises(ConfigError, match="map every tier of the model"):
+            PromptierRouter(LiteLLMRouterConfig.model_validate(
+                {"tiers": {"small": "a", "large": "b"}, "fallback_tier": "small", "classifier": address}))
+        router = PromptierRouter(LiteLLMRouterConfig.model_validate(
+            {"tiers": GROUPS, "fallback_tier": "medium", "classifier": address}))
+
+        async def route() -> list[dict]:
+            try:
+                return [await router.decide({"model": "promptier", "messages": [{"role": "user", "content": prompt}],
+                                             "metadata": {"promptier_mode": "cost"}}, "acompletion")
+                        for prompt in (EASY[1], HARD)]
+            finally:
+                await router.close()
+
+        for prompt, decision in zip((EASY[1], HARD), asyncio.run(route()), strict=True):
+            expected = _expected_tier(runtime, prompt, "cost")
+            assert (decision["reason"], decision["tier"], decision["model_group"], decision["mode"]) == (
+                "classified", expected, GROUPS[expected], "cost")
+    finally:
+        service.stop()
+
+
+def test_bad_configs_are_refused_with_the_field_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refusal(config: dict) -> str:
+        with pytest.raises(ConfigError) as refused:
+            load_router_config(_write(tmp_path / "bad.yaml", config))
+        return str(refused.value)
+
+    assert "fallback_tier 'huge'" in refusal({"tiers": GROUPS, "fallback_tier": "huge"})
+    assert "default_mode" in refusal({"tiers": GROUPS, "fallback_tier": "small", "default_mode": "cheap"})
+    assert "router_model 'cheap-group'" in refusal({"tiers": GROUPS, "fallback_tier": "small",
+                                                    "router_model": "cheap-group"})
+    assert "tiers" in refusal({"fallback_tier": "small"})
+    assert "extra" in refusal({"tiers": GROUPS, "fallback_tier": "small", "fallback_group": "x"}).lower()
+    # The model's tiers are small, medium, large: a map that leaves one out, or names another, cannot load.
+    for tiers in ({"small": "a", "large": "b"}, {**GROUPS, "tiny": "t"}):
+        with pytest.raises(ConfigError, match="map every tier of the model"):
+            PromptierRouter(LiteLLMRouterConfig.model_validate(
+                {"tiers": tiers, "fallback_tier": "small", "classifier": {"embedded": True}}))
+    import serving.litellm_router as module
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(module, "_hook", None)
+    with pytest.raises(ConfigError, match=CONFIG_ENV):
+        module.hook  # noqa: B018  (resolving the attribute is what LiteLLM does)
+
+
+def test_a_proxy_whose_tier_map_does_not_fit_the_model_does_not_start(upstreams: dict[str, Upstream],
+                                                                      tmp_path: Path) -> None:
+    promptier_config = _write(tmp_path / "promptier.yaml", {
+        "tiers": {"small": GROUPS["small"], "large": GROUPS["large"]}, "fallback_tier": "small",
+        "classifier": {"embedded": True}})
+    failing = Proxy(tmp_path, _litellm_config(upstreams, ["serving.litellm_router.hook"]), promptier_config)
+    try:
+        failing.process.wait(timeout=READY_WAIT_S)
+    finally:
+        failing.stop()
+    assert failing.process.returncode != 0
+    assert "map every tier of the model" in failing.tail(100_000)
+
+
+def test_the_example_config_fits_the_shipped_model() -> None:
+    example = Path(__file__).resolve().parent.parent / "serving" / "promptier-litellm.example.yaml"
+    router = PromptierRouter.from_file(example)  # loads the shipped model and checks the tier map against it
+    assert list(router.config.tiers) == classifier.load().tier_names
+    assert router.config.classifier.embedded and router.config.router_model == "promptier"
