@@ -20,14 +20,16 @@ import fcntl
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from serving.dispatch_config import DecisionLogConfig
 
 # The schema of a decision-log line, kept here and nowhere else. Version 2 added `schema_version`,
-# `decided_by` and `note`; lines without `schema_version` are version 1.
-DECISION_SCHEMA_VERSION = 2
+# `decided_by` and `note`; lines without `schema_version` are version 1. Version 3 added what the
+# request needed of its tier and whether that moved it (serving.capabilities): `needs`,
+# `estimated_tokens`, `steered`, and the reasons `no_text` and `capability`.
+DECISION_SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,9 @@ class DecisionRecord:
     category: str
     tier: str | None  # the tier that answered
     routed_tier: str  # the tier routing chose (escalation may move `tier` up)
-    reason: str  # classified | pinned | fallback | escalated
+    # classified | pinned | fallback | escalated, or: no_text (no user text to classify: the no-text
+    # tier), capability (the tier routing first chose cannot serve the request; see `steered`)
+    reason: str
     mode: str | None
     confidence: float | None
     decided_by: str | None  # model | prior, when the classifier decided
@@ -55,6 +59,14 @@ class DecisionRecord:
     status: int
     note: str | None  # why a successful answer was logged without usage or cost
     time: str
+    # What the request needed of its tier: any of images, audio, tools, json_output (in that order).
+    needs: list[str] = field(default_factory=list)
+    # The dispatcher's estimate of the request's tokens, prompt plus completion limit, checked against
+    # each tier's context_window (serving.capabilities.request_needs says how it is counted).
+    estimated_tokens: int | None = None
+    # When a capability moved the request: {"from_tier", "from_reason" (classified, fallback or
+    # no_text), "by": [capabilities that tier lacked, context_window included]}; else null.
+    steered: dict | None = None
 
     def as_dict(self) -> dict:
         return {"schema_version": DECISION_SCHEMA_VERSION, **asdict(self)}

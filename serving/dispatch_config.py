@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from classifier.artifact import MODES
 from classifier.errors import PromptierError
+from serving.capabilities import Serves
 
 
 class ConfigError(PromptierError):
@@ -34,6 +35,8 @@ class Upstream(_Strict):
                                         "read_timeout_s")
     read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between body chunks, once the "
                                   "headers have come")
+    serves: Serves = Field(default_factory=Serves, description="what the model can take (serving.capabilities); "
+                           "default: everything, no context limit")
 
     @field_validator("base_url")
     @classmethod
@@ -100,6 +103,9 @@ class DispatcherConfig(_Strict):
     tiers: dict[str, Upstream] = Field(min_length=1)
     default_mode: str = "balanced"
     fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
+    no_text_tier: str | None = Field(default=None, description="tier for a request with no user text to classify "
+                                     "(an image alone, an empty turn); default: the cheapest tier that can serve "
+                                     "it. A tier set here that cannot serve it gives way to the nearest that can")
     inbound_api_keys_env: str | None = Field(default=None, description="env var: comma-separated accepted keys")
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     allowed_hosts: list[str] = Field(default_factory=list, description="without inbound keys, the Host names "
@@ -123,6 +129,8 @@ class DispatcherConfig(_Strict):
             raise ValueError(f"default_mode {self.default_mode!r} is not one of {MODES}")
         if self.fallback_tier not in self.tiers:
             raise ValueError(f"fallback_tier {self.fallback_tier!r} is not a configured tier {list(self.tiers)}")
+        if self.no_text_tier is not None and self.no_text_tier not in self.tiers:
+            raise ValueError(f"no_text_tier {self.no_text_tier!r} is not a configured tier {list(self.tiers)}")
         return self
 
     @property

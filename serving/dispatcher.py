@@ -36,6 +36,16 @@ import classifier
 from classifier.artifact import MODES
 from classifier.conversation import content_text, render_conversation
 from classifier.errors import InvalidInputError, PromptierError
+from serving.capabilities import (
+    NO_NEEDS,
+    CapabilityMetrics,
+    CapabilityRefusal,
+    CapabilityRouter,
+    Needs,
+    Steered,
+    describe_serves,
+    request_needs,
+)
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
@@ -58,11 +68,13 @@ HEADER_PREFIX = "x-promptier-"
 @dataclass
 class Route:
     tier: str
-    reason: str  # classified | pinned | fallback | escalated
+    reason: str  # classified | pinned | fallback | escalated | no_text | capability
     mode: str | None
     confidence: float | None
     classifier_ms: float | None
     decided_by: str | None = None  # model | prior, when the classifier decided
+    needs: Needs = NO_NEEDS  # what the request needs of its tier (serving.capabilities)
+    steered: Steered | None = None  # set when a capability, not the classifier or a policy, chose the tier
 
 
 class HTTPError(Exception):
@@ -102,6 +114,11 @@ async def check_config(config: DispatcherConfig) -> str:
     Raises:
         PromptierError: the artifact does not load, or the tiers differ.
     """
+    capabilities = f"; capabilities: {describe_serves({name: tier.serves for name, tier in config.tiers.items()})}"
+    return await _check_classifier(config) + capabilities
+
+
+async def _check_classifier(config: DispatcherConfig) -> str:
     if config.classifier.embedded:
         model = classifier.load(config.classifier.model)
         _check_tier_names(model.tier_names, config.tier_names, f"embedded model {model.model_version}")
@@ -133,6 +150,8 @@ class Dispatcher:
                 config.classifier.model, config.classifier.timeout_ms / 1000,
                 BatcherMetrics(self.metrics.registry, "promptier_dispatch_classifier"), config.classifier.threads)
         self.decisions = DecisionLog(config.decision_log)
+        self.capabilities = CapabilityRouter(self.tiers, {name: tier.serves for name, tier in config.tiers.items()},
+                                             CapabilityMetrics(self.metrics.registry))
 
     async def start(self) -> None:
         """Open the classifier and the HTTP pool on the serving event loop (they are bound to it)."""
@@ -188,9 +207,25 @@ class Dispatcher:
         return ([ROUTER_PREFIX] + [f"{ROUTER_PREFIX}/{mode}" for mode in MODES]
                 + [f"{ROUTER_PREFIX}/tier/{tier}" for tier in self.tiers])
 
-    async def route(self, messages: list[tuple[str, str]], mode: str | None, pinned: str | None) -> Route:
+    async def route(self, messages: list[tuple[str, str]], mode: str | None, pinned: str | None,
+                    needs: Needs = NO_NEEDS) -> Route:
+        """Where the request goes: its pinned tier, the classifier's (or the fallback), or for a request
+        with no user text the no-text tier; moved to the nearest tier that can serve what it `needs`
+        (`CapabilityRouter.check` has refused those that none can serve, or that are pinned to a tier
+        that cannot)."""
         if pinned is not None:
-            return Route(pinned, "pinned", None, None, None)
+            return Route(pinned, "pinned", None, None, None, needs=needs)
+        if not needs.has_text:  # nothing to classify: not a classifier failure, so not the fallback tier
+            tier = self.config.no_text_tier or self.capabilities.cheapest(needs)
+            route = Route(tier, "no_text", mode, None, None, needs=needs)
+        else:
+            route = await self.classify(messages, mode)
+            route.needs = needs
+        route.tier, route.reason, route.steered = self.capabilities.steer(route.tier, route.reason, needs)
+        return route
+
+    async def classify(self, messages: list[tuple[str, str]], mode: str | None) -> Route:
+        """The classifier's tier, or the fallback tier when it fails or is too slow."""
         start = time.perf_counter()
         try:
             decision = await self.classifier.classify(messages, mode)
@@ -212,8 +247,7 @@ class Dispatcher:
         """Send to the routed tier; on 5xx, timeout or connection failure before the first byte, retry on
         the next more capable tier (never a cheaper one). Returns the response and the tier that answered."""
         last_error = "no upstream tried"
-        for index in range(self.tiers.index(route.tier), len(self.tiers)):
-            tier = self.tiers[index]
+        for tier in self.capabilities.escalation(route.tier, route.needs):
             upstream = self.config.tiers[tier]
             try:
                 payload = json.dumps({**body, "model": upstream.model}, allow_nan=False).encode()
@@ -261,6 +295,11 @@ class Dispatcher:
             headers[f"{HEADER_PREFIX}classifier-ms"] = f"{route.classifier_ms:.3f}"
         if route.decided_by is not None:
             headers[f"{HEADER_PREFIX}decided-by"] = route.decided_by
+        if route.needs.features:
+            headers[f"{HEADER_PREFIX}needs"] = ",".join(route.needs.features)
+        if route.steered is not None:
+            headers[f"{HEADER_PREFIX}steered-from"] = route.steered.from_tier
+            headers[f"{HEADER_PREFIX}steered-by"] = ",".join(route.steered.by)
         return headers
 
     def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
@@ -287,6 +326,8 @@ class Dispatcher:
             mode=route.mode, confidence=route.confidence, decided_by=route.decided_by,
             classifier_ms=route.classifier_ms, latency_ms=(time.perf_counter() - started) * 1000, usage=usage,
             status=status, note=note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            needs=list(route.needs.features), estimated_tokens=route.needs.tokens,
+            steered=route.steered.as_dict() if route.steered is not None else None,
         ).as_dict())
 
 
@@ -580,8 +621,14 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                                     code="invalid_api_key")
             body, messages = _parse_chat(await _read_body(request, config.max_request_bytes))
             mode, pinned = dispatcher.parse_model(body.get("model"))
+            needs = request_needs(body, messages)
+            dispatcher.capabilities.check(needs, pinned)
         except HTTPError as error:
             return error.response()
+        except CapabilityRefusal as refusal:
+            # 400 as the OpenAI API answers a request its model cannot take (an image to a text-only
+            # model, a prompt past its context): the request, not the server, has to change.
+            return HTTPError(400, refusal.message, code=refusal.code).response()
         except ClientDisconnect:
             # A caller that leaves mid-body is routine (and one too slow is cut off by serving.inbound).
             client = request.scope.get("client")
@@ -589,7 +636,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                                  "client": f"{client[0]}:{client[1]}" if client else None}))
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         streamed = bool(body.get("stream"))
-        route = await dispatcher.route(messages, mode, pinned)  # bounded by the classifier's deadline
+        route = await dispatcher.route(messages, mode, pinned, needs)  # bounded by the classifier's deadline
         upstream: aiohttp.ClientResponse | None = None
         tier: str | None = None
         try:
