@@ -78,6 +78,15 @@ class DecisionLogConfig(_Strict):
     store_prompts: bool = Field(default=False, description="write prompt text into the log")
 
 
+class SavingsPageConfig(_Strict):
+    """The savings page (GET /promptier/savings), drawn from the decision log (serving.savings_page)."""
+
+    enabled: bool = True
+    max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, description="the newest this many bytes of "
+                           "the decision log and its backups are read (~15,000 requests at 270 bytes a line); "
+                           "reading costs about a second of one core per 4-16 MB (serving/README.md)")
+
+
 class InboundConfig(_Strict):
     """Limits on callers' connections, so that slow or idle clients cannot hold the dispatcher's sockets
     (and file descriptors) until real requests fail. Read by each worker process when it starts (so a
@@ -114,6 +123,7 @@ class DispatcherConfig(_Strict):
                                      "any. Not checked when inbound keys are configured")
     inbound: InboundConfig = Field(default_factory=InboundConfig)
     decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
+    savings_page: SavingsPageConfig = Field(default_factory=SavingsPageConfig)
 
     @field_validator("allowed_hosts")
     @classmethod

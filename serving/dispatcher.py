@@ -58,6 +58,7 @@ from serving.route_classifier import (
     GrpcRouteClassifier,
     RouteClassifier,
 )
+from serving.savings_page import SavingsReport, savings_routes
 from serving.startup import freeze_startup_objects
 
 log = logging.getLogger("promptier.dispatcher")
@@ -729,6 +730,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         Endpoint("/v1/models", models, methods=["GET"]),
         Endpoint("/v1/chat/completions", chat, methods=["POST"]),
         Mount("/metrics", make_asgi_app(registry=exposed)),
+        *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
+                                       config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
+                         dispatcher.inbound_keys) if config.savings_page.enabled else []),
     ])
     app.state.dispatcher = dispatcher
 

@@ -1,0 +1,295 @@
+"""The savings page: requests through a real dispatcher, the page loaded in headless chromium, and the
+numbers it shows checked against the decision log it was drawn from."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import classifier
+from serving import savings_page
+from serving.bench.ports import free_port
+from serving.decision_log import DecisionLog
+from serving.dispatch_config import DecisionLogConfig
+from serving.savings import DEFAULT_GROUP, LogWindow, percentile, read_window, summarize
+from tests import test_dispatcher
+from tests.test_dispatch_capabilities import IMAGE, _restricted, _user
+from tests.test_dispatcher import Dispatcher, Upstream, _config
+from tests.test_server import EASY, HARD, ServerThread
+
+upstreams, fresh, grpc_classifier = test_dispatcher.upstreams, test_dispatcher.fresh, test_dispatcher.grpc_classifier
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TIERS = ["small", "medium", "large"]
+
+
+@pytest.fixture(autouse=True)
+def no_refresh_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each load in these tests must see the log as it is (the floor only spares a busy dispatcher).
+    monkeypatch.setattr(savings_page, "MIN_REFRESH_S", 0.0)
+
+
+def chromium(url: str, profile: Path, *flags: str) -> str:
+    """Load `url` in headless chromium, let its script fetch and render, and return stdout (the DOM
+    with --dump-dom). --virtual-time-budget waits for the page's fetches before the dump or screenshot."""
+    assert CHROMIUM is not None
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=20000",
+               "--window-size=1280,1800", "--hide-scrollbars", *flags, url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+class Cells(HTMLParser):
+    """(group, field) -> (data-value, shown text) of the page's data cells, and the visible form/error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: dict[tuple[str, str], tuple[str, str]] = {}
+        self.hidden: dict[str, bool] = {}
+        self._open: tuple[str, str, str] | None = None
+        self._text = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if found.get("id"):
+            self.hidden[str(found["id"])] = "hidden" in found
+        if "data-field" in found and "data-group" in found:
+            self._open = (str(found["data-group"]), str(found["data-field"]), found.get("data-value") or "")
+            self._text = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._open is not None:
+            self._text += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._open is not None and tag in ("td", "p"):
+            group, name, value = self._open
+            self.cells[(group, name)] = (value, self._text.strip())
+            self._open = None
+
+
+def _log_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _expected(rows: list[dict], top_price: tuple[float, float]) -> dict:
+    """What the page must show for `rows`, computed here from the log on its own."""
+    costed = [row for row in rows if row["cost_usd"] is not None]
+    spend = sum(row["cost_usd"] for row in costed)
+    top = sum((row["usage"]["prompt_tokens"] * top_price[0] + row["usage"]["completion_tokens"] * top_price[1]) / 1e6
+              for row in costed)
+    latencies = sorted(row["classifier_ms"] for row in rows if row["classifier_ms"] is not None)
+
+    def nearest_rank(q: int) -> float:
+        return latencies[math.ceil(q / 100 * len(latencies)) - 1]
+
+    return {"requests": len(rows), "spend_usd": spend, "top_tier_usd": top, "saved_usd": top - spend,
+            "fallbacks": sum(row["reason"] == "fallback" or (row["steered"] or {}).get("from_reason") == "fallback"
+                             for row in rows),
+            "escalations": sum(row["reason"] == "escalated" for row in rows),
+            "errors": sum(row["status"] >= 400 for row in rows),
+            "classifier_p50_ms": nearest_rank(50), "classifier_p99_ms": nearest_rank(99),
+            **{f"tier:{tier}": sum(row["tier"] == tier for row in rows) for tier in TIERS}}
+
+
+def _wait_for_rows(path: Path, count: int) -> list[dict]:
+    deadline = time.monotonic() + 10  # streams are logged after their last byte; bounds the wait only
+    while time.monotonic() < deadline and (not path.exists() or len(_log_rows(path)) < count):
+        time.sleep(0.05)
+    return _log_rows(path)
+
+
+@pytest.fixture
+def traffic(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Dispatcher, Path]]:
+    """A dispatcher with inbound keys, after a mix of requests: classified to each tier, pinned,
+    escalated, steered by a capability, without text, streamed without usage, and one that fell back
+    (from a second dispatcher sharing the log, whose classifier is down)."""
+    monkeypatch.setenv("SAVINGS_KEYS", "operator-key")
+    log = tmp_path / "decisions.jsonl"
+    running = Dispatcher(_restricted(_config(fresh, grpc_classifier.target, log, inbound_api_keys_env="SAVINGS_KEYS")))
+    client = running.client(api_key="operator-key")
+    for _ in range(3):
+        client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    for _ in range(2):
+        client.chat.completions.create(model="promptier/quality", messages=[{"role": "user", "content": HARD}])
+    client.chat.completions.create(model="promptier/tier/medium", messages=[{"role": "user", "content": EASY}])
+    client.chat.completions.create(model="promptier", messages=_user(EASY, IMAGE))
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": ""}])
+    for _ in client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}],
+                                            stream=True):
+        pass
+    fresh["small"].behaviour = "500"
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    fresh["small"].behaviour = "ok"
+    down = Dispatcher(_config(fresh, f"127.0.0.1:{free_port()}", log))
+    try:
+        down.client().chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    finally:
+        down.stop()
+    _wait_for_rows(log, 11)
+    yield running, log
+    running.stop()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+def test_savings_page_in_a_browser_shows_the_numbers_of_the_log(traffic: tuple[Dispatcher, Path],
+                                                                trained_artifact: Path, tmp_path: Path) -> None:
+    from PIL import Image, ImageStat
+
+    running, log = traffic
+    rows = _log_rows(log)
+    reasons = {row["reason"] for row in rows}
+    assert {"classified", "pinned", "escalated", "capability", "no_text", "fallback"} <= reasons, reasons
+    # Another tenant's rows, as a dispatcher with tenants writes them: the page adds them up apart.
+    with log.open("a") as file:
+        for row in rows[:4]:
+            file.write(json.dumps({**row, "tenant": "acme", "prompt_id": row["prompt_id"] + "-acme"}) + "\n")
+    rows = _log_rows(log)
+    prices = {tier.name: (tier.input_usd_per_mtok, tier.output_usd_per_mtok)
+              for tier in classifier.load(trained_artifact).manifest.tiers}
+    page = f"http://127.0.0.1:{running.port}/promptier/savings"
+    cells = Cells()
+    cells.feed(chromium(f"{page}#key=operator-key", tmp_path / "profile", "--dump-dom"))
+    assert not cells.hidden["report"] and cells.hidden["login"] and cells.hidden["error"]
+    groups = {"all": rows, DEFAULT_GROUP: [row for row in rows if "tenant" not in row],
+              "acme": [row for row in rows if row.get("tenant") == "acme"]}
+    for group, group_rows in groups.items():
+        for name, expected in _expected(group_rows, prices["large"]).items():
+            value, text = cells.cells[(group, name)]
+            assert float(value) == pytest.approx(expected, rel=1e-9, abs=1e-15), (group, name, value, expected)
+            if name in ("requests", "fallbacks", "escalations", "errors"):
+                assert text == f"{expected:,}", (group, name, text)
+    assert cells.cells[("all", "saved_usd")][1].startswith("$")
+    total = _expected(rows, prices["large"])
+    assert total["saved_usd"] > 0 and total["fallbacks"] == 1 and total["escalations"] == 1
+    # A screenshot of the same page: drawn, not blank (the tier colours of the charts are in it).
+    shot = tmp_path / "savings.png"
+    chromium(f"{page}#key=operator-key", tmp_path / "profile-2", f"--screenshot={shot}")
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 1800)
+    assert max(ImageStat.Stat(image.convert("L")).stddev) > 20
+    colours = image.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 50
+    present = {colour for _, colour in colours}
+    assert {(0x4E, 0x79, 0xA7), (0xF2, 0x8E, 0x2B), (0x59, 0xA1, 0x4F)} <= present  # small, medium, large
+    # Without the key the page loads but shows no data: it asks for the key.
+    refused = Cells()
+    refused.feed(chromium(page, tmp_path / "profile-3", "--dump-dom"))
+    assert not refused.hidden["login"] and refused.hidden["report"] and not refused.cells
+
+
+def test_savings_data_is_protected_like_the_other_endpoints(traffic: tuple[Dispatcher, Path]) -> None:
+    running, log = traffic
+    base = f"http://127.0.0.1:{running.port}/promptier"
+    assert httpx.get(f"{base}/savings.json").status_code == 401
+    assert httpx.get(f"{base}/savings.json", headers={"authorization": "Bearer wrong"}).status_code == 401
+    reply = httpx.get(f"{base}/savings.json", headers={"authorization": "Bearer operator-key"})
+    assert reply.status_code == 200 and reply.json()["total"]["requests"] == len(_log_rows(log))
+    assert "access-control-allow-origin" not in reply.headers
+    page = httpx.get(f"{base}/savings")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'sha256-" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY" and b"operator-key" not in page.content
+
+
+def test_savings_page_refuses_a_foreign_host_without_keys_and_can_be_turned_off(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    off = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "other.jsonl", savings_page={"enabled": False}))
+    try:
+        url = f"http://127.0.0.1:{running.port}/promptier/savings.json"
+        empty = httpx.get(url).json()  # no request yet: an empty log is an empty report
+        assert empty["total"]["requests"] == 0 and empty["window"]["rows"] == 0
+        running.client().chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+        assert httpx.get(url).json()["total"]["by_tier"] == {"small": 1, "medium": 0, "large": 0}
+        for path in ("savings", "savings.json"):
+            reply = httpx.get(f"http://127.0.0.1:{running.port}/promptier/{path}", headers={"host": "rebind.example"})
+            assert reply.status_code == 403 and reply.json()["error"]["code"] == "host_not_allowed"
+            assert httpx.get(f"http://127.0.0.1:{off.port}/promptier/{path}").status_code == 404
+    finally:
+        running.stop()
+        off.stop()
+
+
+def test_the_window_reads_the_backups_newest_first_within_its_bound(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(DecisionLogConfig(path=path, max_bytes=4096, backups=3))
+    for index in range(200):  # ~100 bytes each: about 5 files' worth, of which 4 are kept
+        log.write({"n": index, "time": f"2026-01-01T00:{index // 60:02d}:{index % 60:02d}Z", "tier": "small",
+                   "status": 200, "reason": "classified", "cost_usd": 0.001, "padding": "x" * 30})
+    log.close()
+    with path.open("ab") as file:
+        file.write(b'{"n": "half a line being written')  # a line still being appended is left for later
+    stream = b"".join(Path(name).read_bytes() for name in (f"{path}.3", f"{path}.2", f"{path}.1", str(path)))
+    complete = stream[:stream.rfind(b"\n") + 1]
+    everything = read_window(path, 3, 10 << 20)
+    assert [row["n"] for row in everything.rows] == [json.loads(line)["n"] for line in complete.splitlines()]
+    assert everything.rows[0]["n"] > 0  # the oldest lines went with the rotation
+    assert not everything.truncated and everything.files[0] == str(path) and len(everything.files) == 4
+    at_a_line = len(stream) - stream.rfind(b"\n", 0, len(stream) - 5000) - 1  # the window starts with a line
+    for bound in (5000, 4999, 5001, at_a_line, at_a_line + 1, len(stream) - len(complete) + 300):
+        # The newest `bound` bytes: the lines wholly inside them, across the current file and its backups.
+        window = stream[-bound:]
+        starts_clean = stream[-bound - 1:-bound] == b"\n"
+        inside = window[:window.rfind(b"\n") + 1]
+        inside = inside if starts_clean else inside[inside.find(b"\n") + 1:]
+        bounded = read_window(path, 3, bound)
+        assert bounded.truncated and bounded.bytes_read == bound
+        assert [row["n"] for row in bounded.rows] == [json.loads(line)["n"] for line in inside.splitlines()], bound
+    bounded = read_window(path, 3, 5000)
+    report = summarize(bounded, TIERS, {"large": (1.0, 2.0)})
+    assert report["total"]["requests"] == len(bounded.rows)
+    assert report["total"]["spend_usd"] == pytest.approx(0.001 * len(bounded.rows))
+    assert sum(sum(bucket.values()) for bucket in report["total"]["over_time"]) == len(bounded.rows)
+    assert report["bucket_s"] == 60 and len(report["buckets"]) <= 48
+
+
+def test_summary_groups_tenants_and_prices_the_top_tier() -> None:
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    rows = [
+        {"tenant": "a", "tier": "small", "reason": "classified", "status": 200, "cost_usd": 0.0003, "usage": usage,
+         "classifier_ms": 1.0, "time": "2026-01-01T00:00:00Z"},
+        {"tenant": "a", "tier": "large", "reason": "fallback", "status": 200, "cost_usd": 0.0015, "usage": usage,
+         "classifier_ms": 20.0, "time": "2026-01-01T00:30:00Z"},
+        {"tier": "medium", "reason": "capability", "status": 200, "cost_usd": None, "usage": None,
+         "classifier_ms": 3.0, "steered": {"from_tier": "large", "from_reason": "fallback", "by": ["images"]},
+         "time": "2026-01-01T02:00:00Z"},
+        {"tier": None, "reason": "escalated", "status": 502, "cost_usd": None, "usage": None, "classifier_ms": None,
+         "time": "2026-01-01T02:00:01Z"},
+    ]
+    report = summarize(LogWindow(rows, [], 0, False, 0), TIERS, {"small": (0.2, 0.2), "large": (1.0, 5.0)})
+    groups = {group["tenant"]: group for group in report["groups"]}
+    assert list(groups) == ["a", DEFAULT_GROUP]
+    a = groups["a"]
+    assert a["spend_usd"] == pytest.approx(0.0018) and a["top_tier_usd"] == pytest.approx(2 * 0.0015)
+    assert a["saved_usd"] == pytest.approx(0.0012) and a["saved_share"] == pytest.approx(0.4)
+    assert a["fallbacks"] == 1 and a["classifier_ms"]["p50"] == 1.0 and a["classifier_ms"]["p99"] == 20.0
+    default = groups[DEFAULT_GROUP]
+    assert default["fallbacks"] == 1 and default["escalations"] == 1 and default["errors"] == 1
+    assert default["answered_without_cost"] == 1 and default["spend_usd"] == 0
+    assert report["total"]["requests"] == 4 and report["total"]["by_tier"] == {"small": 1, "medium": 1, "large": 1}
+    assert report["bucket_s"] == 300 and len(report["buckets"]) == 25
+    assert summarize(LogWindow(rows, [], 0, False, 0), TIERS, {})["total"]["top_tier_usd"] is None  # no prices yet
+    assert percentile([5.0, 1.0, 3.0], 50) == 3.0 and percentile([], 50) is None
+
+
+def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Dispatcher, Path]) -> None:
+    running, log = traffic
+    with pytest.raises(openai.BadRequestError):  # refused before routing: not in the log
+        running.client(api_key="operator-key").chat.completions.create(
+            model="promptier/tier/small", messages=_user(EASY, IMAGE))
+    reply = httpx.get(f"http://127.0.0.1:{running.port}/promptier/savings.json",
+                      headers={"authorization": "Bearer operator-key"})
+    assert reply.json()["total"]["requests"] == len(_log_rows(log)) == 11
