@@ -104,6 +104,8 @@ def dispatch(
     Slow callers: config `inbound:` (header_timeout_s, body_timeout_s: 408; max_connections: 503).
 
     Browsers: POST application/json (else 415); without inbound keys, Host: localhost, an IP or allowed_hosts (403).
+
+    Tiers' `serves:` say what each model takes; operators' page: GET /promptier/savings.
     """
     from classifier import load
     from serving.dispatch_config import load_dispatcher_config
