@@ -144,7 +144,7 @@ def request_needs(body: dict, messages: Sequence[tuple[str, str]]) -> Needs:
     tokens = -(-chars // CHARS_PER_TOKEN) + image_parts * IMAGE_TOKENS + completion
     features = tuple(name for name, needed in zip(FEATURES, (images, audio, tools, json_output), strict=True)
                      if needed)
-    has_text = any(role == "user" and text.strip() for role, text in messages)
+    has_text = any(role == "user" and text and not text.isspace() for role, text in messages)
     return Needs(features, tokens, has_text)
 
 
