@@ -1,5 +1,5 @@
-"""`promptier serve`, `dispatch`, `loadtest`, `soak`, `dispatch-bench` and `litellm-bench`: the serving
-product's commands.
+"""`promptier serve`, `dispatch`, `loadtest`, `soak`, `dispatch-bench`, `litellm-bench` and `budget-sim`: the
+serving product's commands.
 
 Registered with the `promptier` command through the `promptier.commands` entry points (see
 `classifier.cli`); heavy imports happen inside each command, and none of them imports training code.
@@ -164,6 +164,69 @@ def litellm_bench(
     from serving.bench.litellm_bench import main as run_litellm_bench
 
     run_litellm_bench(str(model) if model else None, out, requests)
+
+
+@app.command("budget-sim")
+def budget_sim(
+    inputs: Annotated[list[Path], typer.Argument(help="decision logs (promptier dispatch) or labeled logs "
+                                                 "(promptier label): .jsonl or .parquet")],
+    budget_usd: Annotated[float | None, typer.Option(min=0.0, help="the period's budget in USD")] = None,
+    budget_share: Annotated[float | None, typer.Option(min=0.0, help="the budget as a share of the unpaced "
+                                                       "spend of these requests (default 0.5)")] = None,
+    config: Annotated[Path | None, typer.Option(help="dispatcher config: take --tenant's budget settings and "
+                                                "allowed tiers from it")] = None,
+    tenant: Annotated[str | None, typer.Option(help="replay only this tenant's rows of a decision log")] = None,
+    max_quality_loss: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="pacing's quality floor "
+                                                           "(default: the config's, else 0.5)")] = None,
+    pacing_band: Annotated[float | None, typer.Option(min=0.001, max=1.0, help="(default: the config's, "
+                                                      "else 0.1)")] = None,
+    on_exhausted: Annotated[str | None, typer.Option(help="cheapest | reject (default: the config's, else "
+                                                     "cheapest)")] = None,
+    model: Annotated[Path | None, typer.Option(help="artifact whose tiers and prices to use (default: shipped)")
+                     ] = None,
+    prompt_tokens: Annotated[int, typer.Option(min=0, help="for rows without usage")] = 500,
+    completion_tokens: Annotated[int, typer.Option(min=0, help="for rows without usage")] = 300,
+    arrival: Annotated[str, typer.Option(help="uniform: evenly over the period in file order; logged: by each "
+                                         "row's time")] = "uniform",
+    out: Annotated[Path, typer.Option(help="JSON report")] = Path("budget-sim.json"),
+    png: Annotated[Path | None, typer.Option(help="plot of spend over the period (needs matplotlib; default: "
+                                             "the --out path with .png)")] = None,
+) -> None:
+    """Replay logged requests over one budget period: spend and downgrades unpaced, under a hard cap, and
+    paced (the dispatcher's own pacing code)."""
+    from serving.budget_sim import main as run_budget_sim
+
+    if arrival not in ("uniform", "logged"):
+        raise typer.BadParameter(f"--arrival must be uniform or logged, not {arrival!r}")
+    if on_exhausted not in (None, "cheapest", "reject"):
+        raise typer.BadParameter(f"--on-exhausted must be cheapest or reject, not {on_exhausted!r}")
+    if budget_usd is not None and budget_share is not None:
+        raise typer.BadParameter("give --budget-usd or --budget-share, not both")
+    try:
+        from serving.tenant_config import BudgetConfig
+
+        settings = BudgetConfig(usd=1.0)  # the config's defaults; usd is replaced below
+        allowed = None
+        if config is not None:
+            from serving.dispatch_config import ConfigError, load_dispatcher_config
+
+            tenants = load_dispatcher_config(config).tenants
+            chosen = tenants.get(tenant) if tenant is not None else None
+            if chosen is None or chosen.budget is None:
+                raise ConfigError(f"{config}: --tenant must name a tenant with a budget "
+                                  f"(these have one: {[name for name, t in tenants.items() if t.budget]})")
+            budget = settings = chosen.budget
+            allowed = chosen.allowed_tiers
+            if budget_share is None and budget_usd is None:
+                budget_usd = budget.usd
+        run_budget_sim(inputs, out, png or out.with_suffix(".png"), budget_usd=budget_usd, budget_share=budget_share,
+                       band=pacing_band or settings.pacing_band,
+                       max_quality_loss=max_quality_loss or settings.max_quality_loss,
+                       on_exhausted=on_exhausted or settings.on_exhausted,  # type: ignore[arg-type]
+                       model=model, default_tokens=(prompt_tokens, completion_tokens), arrival=arrival,
+                       tenant=tenant, allowed_tiers=allowed)
+    except (PromptierError, OSError) as error:
+        fail(error)
 
 
 @app.command()

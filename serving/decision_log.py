@@ -29,7 +29,14 @@ from serving.dispatch_config import DecisionLogConfig
 # `decided_by` and `note`; lines without `schema_version` are version 1. Version 3 added what the
 # request needed of its tier and whether that moved it (serving.capabilities): `needs`,
 # `estimated_tokens`, `steered`, and the reasons `no_text` and `capability`.
-DECISION_SCHEMA_VERSION = 3
+# Version 4 added the caller's `tenant` (always set: "default" when no tenants are configured or the
+# caller's key is inbound_api_keys_env's), `scores` (the classifier's per-tier probabilities, when its
+# model decided: what `promptier budget-sim` replays), `unpaced_tier` (the tier the policy chose when
+# the tenant's budget moved the request elsewhere, else null) and `budget_pressure` (the tenant's
+# pacing pressure in [0, 1], null without a budget); `reason` may also be `paced` or
+# `budget_exhausted`, and `cost_usd` of an answer without usage, for a tenant with a budget, is
+# counted from characters (`note` says so).
+DECISION_SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ class DecisionRecord:
     tier: str | None  # the tier that answered
     routed_tier: str  # the tier routing chose (escalation may move `tier` up)
     # classified | pinned | fallback | escalated, or: no_text (no user text to classify: the no-text
-    # tier), capability (the tier routing first chose cannot serve the request; see `steered`)
+    # tier), capability (the tier routing first chose cannot serve the request; see `steered`),
+    # paced | budget_exhausted (the tenant's budget moved it; see `unpaced_tier`)
     reason: str
     mode: str | None
     confidence: float | None
@@ -67,6 +75,10 @@ class DecisionRecord:
     # When a capability moved the request: {"from_tier", "from_reason" (classified, fallback or
     # no_text), "by": [capabilities that tier lacked, context_window included]}; else null.
     steered: dict | None = None
+    tenant: str = "default"
+    scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
+    unpaced_tier: str | None = None  # the policy's tier, when the budget moved the request off it
+    budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
 
     def as_dict(self) -> dict:
         return {"schema_version": DECISION_SCHEMA_VERSION, **asdict(self)}

@@ -1,0 +1,337 @@
+"""`promptier budget-sim`: replay logged requests against a budget, with and without pacing.
+
+Each request of a decision log (`promptier dispatch`) or of a labeled log (`promptier label`) is
+replayed over one budget period, in order, under three policies, all through
+`serving.budget_pacing.decide`, the function the live dispatcher calls:
+
+- unpaced: the tier the policy chose (what the log says), no budget;
+- hard cap: that tier until the budget is spent, then the cheapest tier (or a refusal);
+- paced: the dispatcher's pacing.
+
+A request costs, on each tier, its token counts (the logged usage; for a row without usage,
+`--prompt-tokens`/`--completion-tokens`) at that tier's prices, from the model artifact's manifest, where
+the dispatcher takes them from too. Counting the same tokens on every tier is an approximation: models
+answer at different lengths. Pacing needs the per-tier probabilities the classifier returned
+(decision-log `scores`, schema version 4, or a labeled row's `scores`); a row without them keeps its
+tier, as in the dispatcher. The replay reads spend exactly, where a dispatcher process reads it up to
+`spend_store.refresh_ms` late.
+
+Prints a table, writes JSON and, with matplotlib installed, a PNG of spend over the period.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+from classifier.errors import PromptierError
+from serving.budget_pacing import BudgetRule, OnExhausted, decide
+
+CURVE_POINTS = 100  # spend is sampled at this many evenly spaced moments of the period
+
+
+class SimulationError(PromptierError):
+    """The simulation cannot run on these inputs."""
+
+
+@dataclass(frozen=True)
+class Request:
+    at: float  # when it arrives, as a fraction of the period in [0, 1)
+    chosen: int  # the tier the unpaced policy chose
+    probabilities: tuple[float, ...] | None  # per tier, when the classifier's model decided
+    costs: tuple[float, ...]  # USD on each tier
+    prompt_tokens: float  # what pacing sizes the request by (the dispatcher: characters / 4)
+
+
+@dataclass
+class Outcome:
+    """What one policy did over the period."""
+
+    name: str
+    spend_usd: float = 0.0
+    served: int = 0
+    refused: int = 0
+    downgrades: int = 0  # served below the tier the unpaced policy chose
+    expected_good: float = 0.0  # sum of the served tier's probability of a good answer (scored requests)
+    scored: int = 0
+    by_tier: dict[str, int] = field(default_factory=dict)
+    curve: list[float] = field(default_factory=list)  # spend at each of CURVE_POINTS moments
+
+    def summary(self, budget: float) -> dict:
+        row = {key: value for key, value in asdict(self).items() if key != "curve"}
+        row["spend_vs_budget"] = self.spend_usd / budget if budget > 0 else None
+        row["mean_p_good"] = self.expected_good / self.scored if self.scored else None
+        return row
+
+
+def simulate(requests: Sequence[Request], tiers: Sequence[str], rule: BudgetRule | None, allowed: Sequence[int],
+             prices: Sequence[tuple[float, float]], name: str) -> Outcome:
+    """Replay `requests` (sorted by arrival) under `rule` (None: no budget)."""
+    outcome = Outcome(name, by_tier=dict.fromkeys(tiers, 0))
+    point = 0
+    for request in requests:
+        while point < CURVE_POINTS and (point + 1) / CURVE_POINTS <= request.at:
+            outcome.curve.append(outcome.spend_usd)
+            point += 1
+        tier = request.chosen
+        if rule is not None:
+            decision = decide(rule, outcome.spend_usd, request.at, request.chosen, request.probabilities, allowed,
+                              prices, request.prompt_tokens)
+            if decision.reject:
+                outcome.refused += 1
+                if request.probabilities is not None:
+                    outcome.scored += 1  # a refusal is no good answer
+                continue
+            tier = decision.tier
+        outcome.served += 1
+        outcome.by_tier[tiers[tier]] += 1
+        outcome.downgrades += tier < request.chosen
+        outcome.spend_usd += request.costs[tier]
+        if request.probabilities is not None:
+            outcome.scored += 1
+            outcome.expected_good += request.probabilities[tier]
+    outcome.curve += [outcome.spend_usd] * (CURVE_POINTS - len(outcome.curve))
+    return outcome
+
+
+def _rows(path: Path) -> Iterator[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+        return
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as error:
+                    raise SimulationError(f"{path}:{number}: not a JSON line: {error}") from None
+                if isinstance(row, dict):
+                    yield row
+
+
+def _json_field(value: object) -> object:
+    """A labeled log keeps columns as strings: a JSON object in one is read back."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _count(value: object) -> float | None:
+    """A token count, also from a labeled log's string column ("18"); None if it is not one."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9:
+        return float(value)
+    return None
+
+
+def _tokens(row: dict, default: tuple[int, int]) -> tuple[float, float]:
+    """(prompt, completion) tokens: the row's usage, or its prompt_tokens/completion_tokens, else `default`."""
+    usage = _json_field(row.get("usage"))
+    source = usage if isinstance(usage, dict) else row
+    prompt, completion = _count(source.get("prompt_tokens")), _count(source.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return float(default[0]), float(default[1])
+    return prompt, completion
+
+
+@dataclass
+class Replay:
+    requests: list[Request]
+    skipped: dict[str, int]
+
+
+def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequence[tuple[float, float]],
+                  default_tokens: tuple[int, int], arrival: str = "uniform", tenant: str | None = None) -> Replay:
+    """The replayable requests of decision logs or labeled logs, placed over one period.
+
+    Args:
+        arrival: `uniform`: evenly spaced in file order; `logged`: by their logged `time`, the log's
+            first to last request stretched over the period.
+        tenant: decision logs only: that tenant's requests.
+    """
+    skipped: dict[str, int] = {}
+    kept: list[tuple[str | None, int, tuple[float, ...] | None, tuple[float, ...], float]] = []
+
+    def skip(why: str) -> None:
+        skipped[why] = skipped.get(why, 0) + 1
+
+    for path in paths:
+        for row in _rows(path):
+            logged = "schema_version" in row or "routed_tier" in row
+            if logged:
+                if tenant is not None and row.get("tenant", "default") != tenant:
+                    skip("another tenant")
+                    continue
+                status = row.get("status")
+                if not isinstance(status, int) or not 200 <= status < 400 or row.get("tier") is None:
+                    skip("not answered (error, refusal or caller gone)")
+                    continue
+                chosen_name = row.get("unpaced_tier") or row.get("routed_tier")
+            else:
+                if row.get("error"):
+                    skip("not labeled (error)")
+                    continue
+                chosen_name = row.get("tier")
+            if chosen_name not in tiers:
+                skip("tier not among the model's tiers")
+                continue
+            scores = _json_field(row.get("scores"))
+            probabilities = None
+            if isinstance(scores, dict) and row.get("decided_by", "model") == "model" and all(
+                    isinstance(scores.get(name), int | float) for name in tiers):
+                probabilities = tuple(float(scores[name]) for name in tiers)
+            prompt, completion = _tokens(row, default_tokens)
+            costs = tuple((prompt * price_in + completion * price_out) / 1e6 for price_in, price_out in tier_prices)
+            kept.append((row.get("time") if isinstance(row.get("time"), str) else None, tiers.index(chosen_name),
+                         probabilities, costs, prompt))
+    if not kept:
+        raise SimulationError(f"no replayable request in {[str(p) for p in paths]} (skipped: {skipped or 'none'})")
+    if arrival == "logged":
+        if any(when is None for when, *_ in kept):
+            raise SimulationError("--arrival logged needs a `time` on every row (decision logs have one)")
+        moments = [datetime.fromisoformat(str(when).replace("Z", "+00:00")).timestamp() for when, *_ in kept]
+        first, span = min(moments), max(moments) - min(moments)
+        places = [(moment - first) / span * (1 - 1 / len(kept)) if span > 0 else index / len(kept)
+                  for index, moment in enumerate(moments)]
+    else:
+        places = [index / len(kept) for index in range(len(kept))]
+    requests = [Request(at, chosen, probabilities, costs, prompt)
+                for at, (_, chosen, probabilities, costs, prompt) in zip(places, kept, strict=True)]
+    requests.sort(key=lambda request: request.at)
+    return Replay(requests, skipped)
+
+
+def compare(requests: Sequence[Request], tiers: Sequence[str], tier_prices: Sequence[tuple[float, float]],
+            rule: BudgetRule, allowed: Sequence[int] | None = None) -> dict:
+    """Unpaced, hard cap and paced over the same requests; `rule.usd` is the budget."""
+    allowed = list(allowed if allowed is not None else range(len(tiers)))
+    prices = list(tier_prices)
+    unpaced = simulate(requests, tiers, None, allowed, prices, "unpaced")
+    hard = simulate(requests, tiers, BudgetRule(rule.usd, pacing=False, on_exhausted=rule.on_exhausted),
+                    allowed, prices, "hard cap")
+    paced = simulate(requests, tiers, rule, allowed, prices, "paced")
+    return {"requests": len(requests), "budget_usd": rule.usd, "rule": asdict(rule), "tiers": list(tiers),
+            "tier_prices_usd_per_mtok": [list(price) for price in tier_prices],
+            "budget_share_of_unpaced": rule.usd / unpaced.spend_usd if unpaced.spend_usd > 0 else None,
+            "policies": {o.name: o.summary(rule.usd) for o in (unpaced, hard, paced)},
+            "curve": {"elapsed": [(i + 1) / CURVE_POINTS for i in range(CURVE_POINTS)],
+                      **{o.name: o.curve for o in (unpaced, hard, paced)}}}
+
+
+def within(requests: Sequence[Request], allowed: Sequence[int]) -> list[Request]:
+    """Requests of a log routed without a tenant's tiers, each moved up to the nearest tier the tenant may
+    use (what the classifier picks when asked with allowed_tiers, up to how close the two tiers scored)."""
+    return [request if request.chosen in allowed else replace(
+        request, chosen=next((tier for tier in allowed if tier > request.chosen), allowed[-1]))
+        for request in requests]
+
+
+def budget_for(requests: Sequence[Request], budget_usd: float | None, budget_share: float | None) -> float:
+    """The budget: given in USD, or as a share of the unpaced spend of these requests."""
+    if budget_usd is not None:
+        return budget_usd
+    unpaced = sum(request.costs[request.chosen] for request in requests)
+    if unpaced <= 0:
+        raise SimulationError("these requests cost nothing at the model's prices: give --budget-usd")
+    return unpaced * (budget_share if budget_share is not None else 0.5)
+
+
+def print_report(report: dict) -> None:
+    budget = report["budget_usd"]
+    print(f"{report['requests']} requests, budget ${budget:,.4f} "
+          f"({report['budget_share_of_unpaced']:.0%} of the unpaced spend)\n")
+    print("| policy | spend | of budget | served | downgraded | refused | mean P(good answer) | by tier |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in report["policies"].items():
+        quality = f"{row['mean_p_good']:.3f}" if row["mean_p_good"] is not None else "n/a"
+        tiers = ", ".join(f"{tier} {count}" for tier, count in row["by_tier"].items())
+        print(f"| {name} | ${row['spend_usd']:,.4f} | {row['spend_vs_budget']:.1%} | {row['served']} | "
+              f"{row['downgrades']} | {row['refused']} | {quality} | {tiers} |")
+    curve = report["curve"]
+    print("\nSpend over the period (share of the budget):\n")
+    print("| elapsed | budget line | unpaced | hard cap | paced |")
+    print("|---|---|---|---|---|")
+    for index in range(CURVE_POINTS // 10 - 1, CURVE_POINTS, CURVE_POINTS // 10):
+        elapsed = curve["elapsed"][index]
+        print(f"| {elapsed:.0%} | {elapsed:.0%} | " + " | ".join(
+            f"{curve[name][index] / budget:.1%}" for name in ("unpaced", "hard cap", "paced")) + " |")
+
+
+def plot(report: dict, path: Path) -> bool:
+    """Spend over the period and the budget line, as a PNG; False (and a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: matplotlib is not installed; pip install matplotlib)")
+        return False
+    curve, budget = report["curve"], report["budget_usd"]
+    elapsed = [0.0, *curve["elapsed"]]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="even budget line")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    for name, style in (("unpaced", "--"), ("hard cap", "-."), ("paced", "-")):
+        axis.plot(elapsed, [0.0] + [value / budget for value in curve[name]], style, label=name)
+    axis.set_xlabel("share of the budget period elapsed")
+    axis.set_ylabel("spend / budget")
+    rows = report["policies"]
+    axis.set_title(f"{report['requests']} requests; downgrades: hard cap {rows['hard cap']['downgrades']}, "
+                   f"paced {rows['paced']['downgrades']}", fontsize=10)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def main(inputs: Sequence[Path], out: Path, png: Path | None, *, budget_usd: float | None = None,
+         budget_share: float | None = None, band: float = 0.1, max_quality_loss: float = 0.5,
+         on_exhausted: OnExhausted = "cheapest", model: Path | None = None,
+         default_tokens: tuple[int, int] = (500, 300), arrival: str = "uniform", tenant: str | None = None,
+         allowed_tiers: Sequence[str] | None = None) -> dict:
+    """Run the comparison and report it. The budget: `budget_usd`, else `budget_share` (default 0.5) of
+    the unpaced spend; the other settings are a tenant's `budget:` fields.
+
+    Raises:
+        PromptierError: unreadable inputs or artifact, or nothing to replay.
+    """
+    from classifier.artifact import load_manifest
+    from classifier.runtime import DEFAULT_MODEL_DIR
+
+    manifest = load_manifest(model or DEFAULT_MODEL_DIR)
+    tiers = [tier.name for tier in manifest.tiers]
+    tier_prices = [(tier.input_usd_per_mtok, tier.output_usd_per_mtok) for tier in manifest.tiers]
+    unknown = [tier for tier in allowed_tiers or () if tier not in tiers]
+    if unknown:
+        raise SimulationError(f"allowed tiers {unknown} are not the model's tiers {tiers}")
+    allowed = sorted(tiers.index(tier) for tier in allowed_tiers) if allowed_tiers else None
+    replay = read_requests(inputs, tiers, tier_prices, default_tokens, arrival, tenant)
+    requests = within(replay.requests, allowed) if allowed else replay.requests
+    rule = BudgetRule(budget_for(requests, budget_usd, budget_share), pacing=True, band=band,
+                      max_quality_loss=max_quality_loss, on_exhausted=on_exhausted)
+    report = compare(requests, tiers, tier_prices, rule, allowed)
+    report["inputs"] = [str(path) for path in inputs]
+    report["skipped"] = replay.skipped
+    report["arrival"] = arrival
+    print_report(report)
+    if replay.skipped:
+        print(f"\nskipped rows: {replay.skipped}")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    if png is not None and plot(report, png):
+        print(f"wrote {png}")
+    return report

@@ -1,0 +1,206 @@
+"""Budget pacing (serving.budget_pacing) and its simulation (`promptier budget-sim`)."""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from classifier.artifact import load_manifest
+from classifier.policy import choose_tiers
+from classifier.runtime import DEFAULT_MODEL_DIR
+from serving.budget_pacing import (
+    EXHAUSTED,
+    PACED,
+    BudgetRule,
+    budget_pressure,
+    decide,
+    paced_tier,
+    window_of,
+)
+from serving.decision_log import DecisionRecord
+
+MANIFEST = load_manifest(DEFAULT_MODEL_DIR)
+TIERS = [tier.name for tier in MANIFEST.tiers]
+PRICES = [(tier.input_usd_per_mtok, tier.output_usd_per_mtok) for tier in MANIFEST.tiers]
+
+
+def _utc(*fields: int) -> float:
+    return float(calendar.timegm((*fields, 0, 0, 0)[:6]))
+
+
+def test_periods_are_calendar_aligned_in_utc() -> None:
+    leap = window_of("month", _utc(2024, 2, 29, 23, 59, 59))
+    assert (leap.key, leap.start, leap.end) == ("2024-02", _utc(2024, 2, 1), _utc(2024, 3, 1))
+    december = window_of("month", _utc(2025, 12, 31, 12))
+    assert (december.key, december.end) == ("2025-12", _utc(2026, 1, 1))
+    day = window_of("day", _utc(2025, 6, 14, 18))
+    assert (day.key, day.start, day.end) == ("2025-06-14", _utc(2025, 6, 14), _utc(2025, 6, 15))
+    assert day.elapsed(_utc(2025, 6, 14, 18)) == pytest.approx(0.75)
+    assert window_of("day", day.end).key == "2025-06-15"  # the end belongs to the next period
+
+
+def test_pressure_rises_continuously_from_the_even_line_to_full_at_the_band() -> None:
+    budget, band = 100.0, 0.1
+    assert budget_pressure(30.0, budget, 0.5, band) == 0.0  # under the line
+    assert budget_pressure(50.0, budget, 0.5, band) == 0.0  # on it
+    # Half the band ahead of what the rest of the period allows: half pressure; the whole band: full.
+    assert budget_pressure(52.5, budget, 0.5, band) == pytest.approx(0.5)
+    assert budget_pressure(55.0, budget, 0.5, band) == pytest.approx(1.0)
+    spends = np.linspace(50.0, 56.0, 61)
+    pressures = [budget_pressure(float(s), budget, 0.5, band) for s in spends]
+    assert all(b >= a for a, b in itertools.pairwise(pressures))  # monotone
+    assert max(abs(b - a) for a, b in itertools.pairwise(pressures)) < 0.05  # no jump
+    # The same lead late in the period weighs more: the band shrinks with the time left.
+    assert budget_pressure(91.0, budget, 0.9, band) == 1.0 > budget_pressure(51.0, budget, 0.5, band)
+    assert budget_pressure(100.0, budget, 0.2, band) == 1.0 and budget_pressure(10.0, budget, 1.0, band) == 1.0
+
+
+def test_a_paced_request_goes_where_the_saving_is_large_and_the_loss_within_the_floor() -> None:
+    costs_of = {"short": 10.0, "long": 8000.0}
+    from serving.budget_pacing import estimated_costs, reference_cost
+
+    reference = reference_cost(PRICES)
+    probabilities = [0.55, 0.70, 0.80]
+    allowed = [0, 1, 2]
+
+    def paced(prompt: str, pressure: float, chosen: int = 2, floor: float = 1.0, p: list[float] = probabilities,
+              tiers: list[int] = allowed) -> int:
+        return paced_tier(p, chosen, tiers, estimated_costs(PRICES, costs_of[prompt]), reference, pressure * 4.0,
+                          floor)
+
+    assert paced("short", 0.0) == 2  # no pressure, no move
+    assert paced("short", 1.0) == 0  # full pressure: the cheapest tier, not the next one down
+    assert paced("long", 0.3) == 0  # a long prompt saves more: it moves at lower pressure
+    assert paced("short", 0.3) == 2
+    assert paced("short", 1.0, floor=0.2) == 1  # the floor: small would give up 0.25, medium 0.10
+    assert paced("short", 1.0, floor=0.05) == 2
+    assert paced("short", 1.0, tiers=[1, 2]) == 1  # only allowed tiers
+    # Medium to small saves a few cents: not worth a downgrade, even at full pressure.
+    assert paced("short", 1.0, chosen=1) == 1
+
+
+def test_decide_stops_at_exhaustion_as_configured_and_leaves_unscored_requests_alone() -> None:
+    scores = (0.55, 0.70, 0.80)
+    cheapest = BudgetRule(usd=10.0, max_quality_loss=1.0)
+    reject = BudgetRule(usd=10.0, on_exhausted="reject")
+    spent = decide(cheapest, 10.0, 0.5, 2, scores, [0, 1, 2], PRICES, 100)
+    assert (spent.tier, spent.reason, spent.reject) == (0, EXHAUSTED, False)
+    assert decide(cheapest, 10.0, 0.5, 2, scores, [1, 2], PRICES, 100).tier == 1  # its cheapest allowed tier
+    refused = decide(reject, 12.0, 0.5, 2, scores, [0, 1, 2], PRICES, 100)
+    assert refused.reject and refused.reason == EXHAUSTED
+    ahead = decide(cheapest, 9.0, 0.5, 2, scores, [0, 1, 2], PRICES, 100)
+    assert (ahead.tier, ahead.reason, ahead.pressure) == (0, PACED, 1.0)
+    # Pinned, fallback or prior-decided requests have no scores: not paced, however far ahead.
+    assert decide(cheapest, 9.0, 0.5, 2, None, [0, 1, 2], PRICES, 100).tier == 2
+    # Without prices (the classifier not reached yet) nothing can be weighed: not paced either.
+    assert decide(cheapest, 9.0, 0.5, 2, scores, [0, 1, 2], [], 100).tier == 2
+    hard = BudgetRule(usd=10.0, pacing=False)
+    assert decide(hard, 9.9, 0.5, 2, scores, [0, 1, 2], PRICES, 100).tier == 2  # a hard cap waits for the end
+
+
+def synthetic_decision_log(path: Path, requests: int, difficulty: float, seed: int) -> dict[str, float]:
+    """A month of traffic as the dispatcher would log it: prompts of varied difficulty (`difficulty`
+    shifts the mix of tiers), per-tier probabilities from a latent-ability model, the tier the shipped
+    model's balanced policy picks, and log-normal prompt and answer lengths. Returns the tier mix."""
+    rng = np.random.default_rng(seed)
+    hardness = rng.normal(difficulty, 1.0, requests)
+    ability = np.array([-0.9, 0.0, 0.7])  # small, medium, large
+    noise = rng.normal(0, 0.5, (requests, 3))
+    probabilities = 1 / (1 + np.exp(-(2.0 * (ability[None, :] - hardness[:, None]) + noise)))
+    chosen = choose_tiers(probabilities, MANIFEST.policy.thresholds["balanced"], np.ones(3, bool),
+                          MANIFEST.policy.rule)
+    prompt_tokens = np.exp(rng.normal(math.log(300), 1.0, requests)).round()
+    answer_tokens = np.exp(rng.normal(math.log(250), 0.8, requests)).round()
+    start = _utc(2025, 6, 1)
+    with path.open("w") as handle:
+        for index in range(requests):
+            tier = TIERS[chosen[index]]
+            usage = {"prompt_tokens": int(prompt_tokens[index]), "completion_tokens": int(answer_tokens[index])}
+            row = DecisionRecord(
+                prompt_id=f"dispatcher:{index}", prompt=None, messages=None, model=f"{tier}-model", score=None,
+                cost_usd=None, source="dispatcher", category="", tier=tier, routed_tier=tier, reason="classified",
+                mode="balanced", confidence=float(probabilities[index, chosen[index]]), decided_by="model",
+                classifier_ms=1.0, latency_ms=100.0, usage=usage, status=200, note=None,
+                time=_iso(start + index * 30 * 86400 / requests), tenant="search",
+                scores=dict(zip(TIERS, probabilities[index].tolist(), strict=True)))
+            handle.write(json.dumps(row.as_dict()) + "\n")
+    return dict(zip(TIERS, (np.bincount(chosen, minlength=3) / requests).tolist(), strict=True))
+
+
+def _iso(epoch: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _budget_sim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("difficulty", "seed"), [(-1.4, 11), (-0.8, 12), (-0.3, 13)])
+def test_pacing_meets_half_the_unpaced_spend_with_fewer_downgrades_than_a_hard_cap(
+        tmp_path: Path, difficulty: float, seed: int) -> None:
+    """The bar: a budget of half the unpaced spend, met within 5% by pacing, with fewer requests served
+    below the policy's tier than a hard cap at the same budget (which then serves the cheapest tier)."""
+    log = tmp_path / "decisions.jsonl"
+    mix = synthetic_decision_log(log, 4000, difficulty, seed)
+    assert min(mix.values()) > 0.05 and mix["large"] < 0.7, mix  # a mix of tiers, not one
+    out = tmp_path / "sim.json"
+    # The settings a tenant gets by default (quality floor 0.5, band 0.1).
+    result = _budget_sim(str(log), "--budget-share", "0.5", "--tenant", "search", "--arrival", "logged",
+                         "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    policies = report["policies"]
+    assert report["requests"] == 4000 and report["budget_share_of_unpaced"] == pytest.approx(0.5)
+    assert policies["unpaced"]["spend_vs_budget"] == pytest.approx(2.0)
+    paced, hard = policies["paced"], policies["hard cap"]
+    assert abs(paced["spend_vs_budget"] - 1.0) <= 0.05, paced
+    assert paced["downgrades"] < hard["downgrades"], (paced, hard)
+    assert paced["mean_p_good"] > hard["mean_p_good"]  # and the answers are better on the way
+    assert hard["spend_vs_budget"] > 1.0  # the cap serves the cheapest tier once spent: it overshoots
+    # The paced curve tracks the budget line: never more than the band's worth above it.
+    for elapsed, spend in zip(report["curve"]["elapsed"], report["curve"]["paced"], strict=True):
+        assert spend / report["budget_usd"] <= elapsed + 0.1 + 0.01, elapsed
+    assert "| paced |" in result.stdout and "| hard cap |" in result.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot: matplotlib is not installed" in result.stdout
+    else:
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_sim_replays_labeled_logs_and_refuses_what_it_cannot_replay(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["hi", "Prove that there are infinitely many primes.", "What is the capital of France?",
+             "Write a Python function that merges two sorted lists, with tests.",
+             "Explain the CAP theorem with an example of each trade-off."] * 8
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": text, "completion_tokens": 200 + i,
+                                           "prompt_tokens": len(text) // 4 + 1}) + "\n"
+                               for i, text in enumerate(texts)))
+    labeled = tmp_path / "labeled.jsonl"
+    label = subprocess.run([sys.executable, "-m", "classifier.cli", "label", str(prompts), "-o", str(labeled),
+                            "--keep", "prompt_tokens", "--keep", "completion_tokens", "--workers", "1"],
+                           capture_output=True, text=True, timeout=300)
+    assert label.returncode == 0, label.stderr
+    out = tmp_path / "sim.json"
+    result = _budget_sim(str(labeled), "--budget-usd", "0.0001", "--out", str(out), "--png", str(tmp_path / "p.png"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["requests"] == len(texts) and report["budget_usd"] == 0.0001
+    # Kept token counts (strings in a labeled log) are what each request costs.
+    assert report["policies"]["unpaced"]["spend_usd"] > 0.0001
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"tier": "nope", "scores": {}}\n')
+    failed = _budget_sim(str(broken), "--out", str(tmp_path / "x.json"))
+    assert failed.returncode == 2 and "no replayable request" in failed.stderr and "tier not among" in failed.stderr
