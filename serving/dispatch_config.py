@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from classifier.artifact import MODES
 from classifier.errors import PromptierError
 from serving.capabilities import Serves
+from serving.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
 
 
 class ConfigError(PromptierError):
@@ -124,6 +125,10 @@ class DispatcherConfig(_Strict):
     inbound: InboundConfig = Field(default_factory=InboundConfig)
     decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
     savings_page: SavingsPageConfig = Field(default_factory=SavingsPageConfig)
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict, description="teams by API key, each with "
+                                             "its own policy and budget (serving/README.md: Tenants)")
+    spend_store: SpendStoreConfig = Field(default_factory=SpendStoreConfig, description="where tenants' spend "
+                                          "is kept (used when a tenant has a budget)")
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -141,6 +146,7 @@ class DispatcherConfig(_Strict):
             raise ValueError(f"fallback_tier {self.fallback_tier!r} is not a configured tier {list(self.tiers)}")
         if self.no_text_tier is not None and self.no_text_tier not in self.tiers:
             raise ValueError(f"no_text_tier {self.no_text_tier!r} is not a configured tier {list(self.tiers)}")
+        check_tenants(self.tenants, self.tier_names, self.inbound_api_keys_env)
         return self
 
     @property
@@ -162,6 +168,27 @@ class DispatcherConfig(_Strict):
         if not keys:
             raise ConfigError(f"inbound_api_keys_env names {self.inbound_api_keys_env}, which holds no keys")
         return keys
+
+    def tenant_of_key(self) -> dict[str, str] | None:
+        """Each accepted API key -> its tenant's name; None when no key is configured (then every request
+        is the tenant `default`'s). Keys come from the environment and never appear in an error.
+
+        Raises:
+            ConfigError: a tenant's variable is unset or empty, or one key is given to two tenants.
+        """
+        owners: dict[str, str] = dict.fromkeys(self.inbound_keys() or (), DEFAULT_TENANT)
+        for name, tenant in self.tenants.items():
+            if tenant.api_keys_env is None:
+                continue
+            raw = os.environ.get(tenant.api_keys_env, "")
+            keys = {key.strip() for key in raw.split(",") if key.strip()}
+            if not keys:
+                raise ConfigError(f"tenants.{name}.api_keys_env names {tenant.api_keys_env}, which holds no keys")
+            for key in keys:
+                if owners.setdefault(key, name) != name:
+                    raise ConfigError(f"tenants.{name}: one of its keys is also a key of the tenant "
+                                      f"{owners[key]!r}; a key must belong to one tenant")
+        return owners if owners else None
 
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
@@ -188,5 +215,11 @@ def load_dispatcher_config(path: Path) -> DispatcherConfig:
         if upstream.api_key_env and upstream.api_key_env not in os.environ:
             raise ConfigError(f"{path}: tiers.{name}.api_key_env: environment variable {upstream.api_key_env} "
                               "is not set")
-    config.inbound_keys()
+    store = config.spend_store
+    if store.kind == "redis" and store.url_env not in os.environ:
+        raise ConfigError(f"{path}: spend_store.url_env: environment variable {store.url_env} is not set")
+    try:
+        config.tenant_of_key()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     return config

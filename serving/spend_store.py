@@ -1,0 +1,308 @@
+"""Tenants' spend per period, shared by every dispatcher process, and the in-process view requests read.
+
+Stores (one row or key per tenant and period, holding the USD spent):
+
+- `SqliteSpendStore`: one file shared by the processes of a host (`promptier dispatch --workers N`), in
+  WAL mode so that readers never wait for the writer; each write is one short `BEGIN IMMEDIATE`
+  transaction of upserts, and `busy_timeout` queues processes that write at the same moment.
+  `synchronous=NORMAL`: a committed write survives a process crash (the WAL is in the OS's hands);
+  a power cut may lose the last moments of spend, which only makes pacing a little lenient.
+- `RedisSpendStore`: a Redis server that several hosts share; `INCRBYFLOAT` adds atomically, and each
+  key expires a month after its period ends.
+
+`SpendLedger` keeps the current totals in process memory: requests read a dict, never the store. A
+thread of its own writes the process's spend (as soon as a request is charged; requests charged while
+a write is under way go together in the next one) and rereads every watched total every `refresh_ms`.
+What a request sees is the store's total as of this process's last write or refresh, plus this
+process's own spend not yet written: other processes' spend shows at most `refresh_ms` (plus one
+store round trip) late, this process's at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+from classifier.errors import PromptierError
+
+log = logging.getLogger("promptier.dispatcher")
+Key = tuple[str, str]  # (tenant, period key)
+# Redis keys outlive their period by this long, so that last month's spend can still be read.
+REDIS_RETENTION_S = 35 * 86400
+
+
+class SpendStoreError(PromptierError):
+    """The spend store cannot be opened or used."""
+
+
+class SpendStore(Protocol):
+    def add(self, increments: dict[Key, float], expires: dict[str, float]) -> dict[Key, float]:
+        """Add each increment; return the new totals of those keys. `expires`: period key -> its end."""
+        ...
+
+    def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
+        """The stored totals of `keys` (0 for a key never written)."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteSpendStore:
+    """Spend in a SQLite file (WAL), shared by the processes of one host."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit (isolation_level None): transactions are begun explicitly, IMMEDIATE, so that two
+            # writers queue on busy_timeout instead of one failing on a lock upgrade.
+            self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS spend (tenant TEXT NOT NULL, period TEXT NOT NULL, "
+                             "usd REAL NOT NULL, PRIMARY KEY (tenant, period)) WITHOUT ROWID")
+        except (OSError, sqlite3.Error) as error:
+            raise SpendStoreError(f"spend store {path}: cannot open it: {error}") from error
+        self._lock = threading.Lock()  # one connection, used by the ledger's thread and by tools
+
+    @staticmethod
+    def read_only(path: Path) -> SqliteSpendStore:
+        """An existing store opened only to read it (`promptier dispatch --check`).
+
+        Raises:
+            SpendStoreError: the file is not a spend store.
+        """
+        store = SqliteSpendStore.__new__(SqliteSpendStore)
+        store.path, store._lock = path, threading.Lock()
+        try:
+            uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+            store._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            store._db.execute("SELECT tenant, period, usd FROM spend LIMIT 1").fetchall()
+        except sqlite3.Error as error:
+            raise SpendStoreError(f"spend store {path}: cannot read it: {error}") from error
+        return store
+
+    def add(self, increments: dict[Key, float], expires: dict[str, float]) -> dict[Key, float]:
+        totals: dict[Key, float] = {}
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for (tenant, period), usd in increments.items():
+                    (total,) = self._db.execute(
+                        "INSERT INTO spend (tenant, period, usd) VALUES (?, ?, ?) ON CONFLICT (tenant, period) "
+                        "DO UPDATE SET usd = usd + excluded.usd RETURNING usd", (tenant, period, usd)).fetchone()
+                    totals[(tenant, period)] = float(total)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return totals
+
+    def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
+        wanted = set(keys)
+        found = dict.fromkeys(wanted, 0.0)
+        periods = sorted({period for _, period in wanted})
+        if not periods:
+            return found
+        with self._lock:
+            rows = self._db.execute(f"SELECT tenant, period, usd FROM spend WHERE period IN "
+                                    f"({', '.join('?' * len(periods))})", periods).fetchall()
+        for tenant, period, usd in rows:
+            if (tenant, period) in wanted:
+                found[(tenant, period)] = float(usd)
+        return found
+
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class RedisSpendStore:
+    """Spend in Redis, shared by dispatchers on several hosts. Needs the `redis` package (extra `[redis]`)."""
+
+    def __init__(self, url: str, prefix: str = "promptier", timeout_s: float = 2.0) -> None:
+        try:
+            import redis
+        except ImportError as error:
+            raise SpendStoreError("spend_store kind redis needs the redis client: pip install 'promptier[redis]'"
+                                  ) from error
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+        self.prefix = prefix
+        # The URL may carry a password: describe the server by host and port only.
+        options = self._redis.connection_pool.connection_kwargs
+        self._where = f"redis {options.get('host', '?')}:{options.get('port', '?')}/{options.get('db', 0)}"
+
+    def key(self, tenant: str, period: str) -> str:
+        return f"{self.prefix}:spend:{period}:{tenant}"
+
+    def ping(self) -> None:
+        """Raises SpendStoreError when the server does not answer."""
+        try:
+            self._redis.ping()
+        except self._errors as error:
+            raise SpendStoreError(f"spend store {self._where}: {type(error).__name__}: {error}") from error
+
+    def add(self, increments: dict[Key, float], expires: dict[str, float]) -> dict[Key, float]:
+        pipe = self._redis.pipeline(transaction=False)
+        for (tenant, period), usd in increments.items():
+            pipe.incrbyfloat(self.key(tenant, period), usd)
+            pipe.expireat(self.key(tenant, period), int(expires[period] + REDIS_RETENTION_S))
+        replies = pipe.execute()
+        return {key: float(total) for key, total in zip(increments, replies[::2], strict=True)}
+
+    def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
+        wanted = list(keys)
+        if not wanted:
+            return {}
+        values = self._redis.mget([self.key(tenant, period) for tenant, period in wanted])
+        return {key: float(value) if value is not None else 0.0 for key, value in zip(wanted, values, strict=True)}
+
+    def describe(self) -> str:
+        return self._where
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+class SpendLedger:
+    """The process's view of every tenant's spend, kept current by a thread of its own (module docstring).
+
+    `spent` and `charge` are what the request path calls: a dict read, a dict update and an event.
+    A store that fails is retried on the next round with the spend it has not taken yet; meanwhile the
+    view keeps counting this process's spend, and `error` says what failed (shown by /health).
+    """
+
+    def __init__(self, store: SpendStore, refresh_s: float, on_refresh: Callable[[dict[Key, float]], None]
+                 | None = None, on_error: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.refresh_s = refresh_s
+        self._on_refresh = on_refresh
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._stored: dict[Key, float] = {}  # the store's totals, as last read or written
+        self._pending: dict[Key, float] = {}  # this process's spend not yet handed to the store
+        self._writing: dict[Key, float] = {}  # handed to the store, not yet confirmed
+        self._expires: dict[str, float] = {}
+        self._watched: dict[str, Key] = {}  # tenant -> its current (tenant, period)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.last_ok: float | None = None
+
+    def spent(self, key: Key) -> float:
+        """Spend of (tenant, period) as this process knows it."""
+        with self._lock:  # uncontended but for the moments the thread moves spend between the three
+            return self._stored.get(key, 0.0) + self._pending.get(key, 0.0) + self._writing.get(key, 0.0)
+
+    def watch(self, key: Key, period_end: float) -> None:
+        """Keep (tenant, period) refreshed; the first time, read it now (so a new period, or a process
+        that just started, does not start from zero for a refresh interval)."""
+        if self._watched.get(key[0]) == key:
+            return
+        with self._lock:
+            self._watched[key[0]] = key  # a tenant's earlier period is no longer read
+            self._expires[key[1]] = period_end
+        self._wake.set()
+
+    def charge(self, key: Key, usd: float) -> None:
+        """Add this process's spend: counted in `spent` at once, written by the thread."""
+        if usd <= 0.0:
+            return
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0.0) + usd
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="promptier-spend-ledger", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is pending (within `timeout_s`) and stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.store.close()
+
+    def _run(self) -> None:
+        next_refresh = 0.0
+        while True:
+            self._wake.wait(max(0.0, next_refresh - time.monotonic()))
+            self._wake.clear()
+            stopping = self._stopping
+            self._write()
+            if time.monotonic() >= next_refresh or self._unread():
+                self._refresh()
+                next_refresh = time.monotonic() + self.refresh_s
+            if stopping:
+                return
+
+    def _unread(self) -> bool:
+        with self._lock:
+            return any(key not in self._stored for key in self._watched.values())
+
+    def _write(self) -> None:
+        with self._lock:
+            if not self._pending:
+                return
+            batch, self._pending = self._pending, {}
+            self._writing = batch
+            expires = {period: self._expires.get(period, time.time() + 31 * 86400) for _, period in batch}
+        try:
+            totals = self.store.add(batch, expires)
+        except Exception as error:  # any store failure: keep the spend, retry on the next round
+            with self._lock:
+                for key, usd in batch.items():
+                    self._pending[key] = self._pending.get(key, 0.0) + usd
+                self._writing = {}
+            self._failed("write", error)
+            return
+        with self._lock:
+            self._stored.update(totals)  # totals include what this write added
+            self._writing = {}
+        self._succeeded()
+
+    def _refresh(self) -> None:
+        with self._lock:
+            watched = list(self._watched.values())
+        if not watched:
+            return
+        try:
+            totals = self.store.totals(watched)
+        except Exception as error:
+            self._failed("read", error)
+            return
+        with self._lock:  # writes run on this same thread: none is unconfirmed now, so nothing counts twice
+            self._stored.update(totals)
+        self._succeeded()
+        if self._on_refresh is not None:
+            self._on_refresh(dict(totals))
+
+    def _succeeded(self) -> None:
+        if self.error is not None:
+            log.info(json.dumps({"event": "spend_store_recovered", "store": self.store.describe()}))
+        self.error = None
+        self.last_ok = time.time()
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        detail = f"{operation} failed: {type(error).__name__}: {error}"
+        if self.error is None:  # once per outage, not once per request
+            log.warning(json.dumps({"event": "spend_store_failed", "store": self.store.describe(), "detail": detail}))
+        self.error = detail
+        if self._on_error is not None:
+            self._on_error(operation)

@@ -1,0 +1,175 @@
+"""Spend stores (SQLite shared by processes, a real Redis server) and the in-process ledger over them."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serving.bench.ports import free_port
+from serving.spend_store import RedisSpendStore, SpendLedger, SpendStoreError, SqliteSpendStore
+from serving.tenants import check_tenants_and_store
+
+PERIOD_END = time.time() + 86400
+
+
+class RedisServer:
+    """A real `redis-server` on a free loopback port, without persistence."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
+                    connection.sendall(b"PING\r\n")
+                    if connection.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    pytest.importorskip("redis", reason="the redis client is not installed: pip install 'promptier[redis]'")
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+def _add_many(path: str, tenant: str, times: int) -> None:
+    store = SqliteSpendStore(Path(path))
+    for _ in range(times):
+        store.add({(tenant, "2025-06"): 0.25, ("shared", "2025-06"): 0.5}, {"2025-06": PERIOD_END})
+    store.close()
+
+
+def test_sqlite_store_shared_by_processes_loses_no_write(tmp_path: Path) -> None:
+    path = tmp_path / "spend.sqlite3"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_add_many, args=(str(path), f"t{index}", 200)) for index in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    store = SqliteSpendStore(path)
+    totals = store.totals([("t0", "2025-06"), ("t3", "2025-06"), ("shared", "2025-06"), ("t0", "2025-07")])
+    # Every one of the 1,600 writes counted (quarters and halves add up exactly in binary).
+    assert totals == {("t0", "2025-06"): 50.0, ("t3", "2025-06"): 50.0, ("shared", "2025-06"): 400.0,
+                      ("t0", "2025-07"): 0.0}
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    with pytest.raises(SpendStoreError, match="cannot open it"):
+        SqliteSpendStore(tmp_path / "spend.sqlite3" / "not-a-dir" / "x.sqlite3")
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_ledger_counts_its_own_spend_at_once_and_another_process_within_its_refresh(tmp_path: Path) -> None:
+    path = tmp_path / "spend.sqlite3"
+    key = ("search", "2025-06")
+    SqliteSpendStore(path).add({key: 3.0}, {"2025-06": PERIOD_END})  # spend from before the start
+    first, second = (SpendLedger(SqliteSpendStore(path), refresh_s=0.05) for _ in range(2))
+    for ledger in (first, second):
+        ledger.watch(key, PERIOD_END)
+        ledger.start()
+    try:
+        assert _wait_for(lambda: first.spent(key) == 3.0 and second.spent(key) == 3.0)  # read when first watched
+        first.charge(key, 1.5)
+        assert first.spent(key) == 4.5  # its own spend: at once, before the store has it
+        assert _wait_for(lambda: second.spent(key) == 4.5)  # the other process's: after a refresh
+        for _ in range(100):
+            second.charge(key, 0.01)
+        assert _wait_for(lambda: abs(first.spent(key) - 5.5) < 1e-9 and abs(second.spent(key) - 5.5) < 1e-9)
+    finally:
+        first.close()
+        second.close()
+    assert SqliteSpendStore(path).totals([key])[key] == pytest.approx(5.5)
+
+
+def test_redis_store_adds_atomically_and_expires_its_keys(redis_server: RedisServer) -> None:
+    import redis
+
+    store = RedisSpendStore(redis_server.url, prefix="test")
+    key = ("search", "2025-06")
+    assert store.add({key: 0.25}, {"2025-06": PERIOD_END}) == {key: 0.25}
+    assert store.add({key: 0.5, ("other", "2025-06"): 1.0}, {"2025-06": PERIOD_END})[key] == 0.75
+    assert store.totals([key, ("nobody", "2025-06")]) == {key: 0.75, ("nobody", "2025-06"): 0.0}
+    client = redis.Redis.from_url(redis_server.url)
+    ttl = client.ttl("test:spend:2025-06:search")
+    assert 30 * 86400 < ttl <= 36 * 86400  # kept a month after the period ends, then gone
+    assert "127.0.0.1" in store.describe() and "redis://" not in store.describe()
+    store.close()
+
+
+def test_ledger_keeps_counting_through_a_redis_outage_and_writes_the_spend_when_it_is_back(
+        redis_server: RedisServer) -> None:
+    errors: list[str] = []
+    ledger = SpendLedger(RedisSpendStore(redis_server.url), refresh_s=0.05, on_error=errors.append)
+    key = ("search", "2025-06")
+    ledger.watch(key, PERIOD_END)
+    ledger.start()
+    try:
+        ledger.charge(key, 1.0)
+        assert _wait_for(lambda: RedisSpendStore(redis_server.url).totals([key])[key] == 1.0)
+        redis_server.stop()
+        ledger.charge(key, 2.0)
+        assert _wait_for(lambda: "write" in errors and ledger.error is not None)  # said, not swallowed
+        assert ledger.spent(key) == 3.0  # the spend is still counted here
+        restarted = RedisServer(redis_server.port)  # the same server comes back, empty
+        redis_server.process = restarted.process
+        assert _wait_for(lambda: ledger.error is None)
+        # What this process could not write is written now (the server lost what it had before).
+        assert _wait_for(lambda: RedisSpendStore(redis_server.url).totals([key])[key] == 2.0)
+    finally:
+        ledger.close()
+
+
+def test_check_reads_an_existing_store_and_writes_nothing(tmp_path: Path, redis_server: RedisServer,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.dispatch_config import DispatcherConfig
+
+    def config(store: dict) -> DispatcherConfig:
+        return DispatcherConfig.model_validate({
+            "tiers": {"small": {"base_url": "http://x/v1", "model": "m"}}, "fallback_tier": "small",
+            "tenants": {"search": {"api_keys_env": "K", "budget": {"usd": 5}}}, "spend_store": store})
+
+    path = tmp_path / "new" / "spend.sqlite3"
+    assert "will be created" in check_tenants_and_store(config({"path": str(path)}))
+    assert not path.parent.exists()
+    SqliteSpendStore(path).close()
+    assert "spend store sqlite" in check_tenants_and_store(config({"path": str(path)}))
+    (tmp_path / "junk.sqlite3").write_text("not a database")
+    with pytest.raises(SpendStoreError, match="cannot read it"):
+        check_tenants_and_store(config({"path": str(tmp_path / "junk.sqlite3")}))
+    monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
+    assert "answers" in check_tenants_and_store(config({"kind": "redis", "url_env": "SPEND_REDIS_URL"}))
+    monkeypatch.setenv("SPEND_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(SpendStoreError, match="ConnectionError"):
+        check_tenants_and_store(config({"kind": "redis", "url_env": "SPEND_REDIS_URL"}))
