@@ -60,6 +60,16 @@ from serving.route_classifier import (
 )
 from serving.savings_page import SavingsReport, savings_routes
 from serving.startup import freeze_startup_objects
+from serving.stream_meter import (
+    CHARS_PER_TOKEN,
+    ESTIMATED,
+    StreamMeter,
+    answer_chars,
+    ask_for_usage,
+    estimated_usage,
+    wants_usage,
+)
+from serving.tenants import Tenant, Tenants, check_tenants_and_store
 
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
@@ -69,13 +79,16 @@ HEADER_PREFIX = "x-promptier-"
 @dataclass
 class Route:
     tier: str
-    reason: str  # classified | pinned | fallback | escalated | no_text | capability
+    reason: str  # classified | pinned | fallback | escalated | no_text | capability | paced | budget_exhausted
     mode: str | None
     confidence: float | None
     classifier_ms: float | None
     decided_by: str | None = None  # model | prior, when the classifier decided
     needs: Needs = NO_NEEDS  # what the request needs of its tier (serving.capabilities)
     steered: Steered | None = None  # set when a capability, not the classifier or a policy, chose the tier
+    scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
+    unpaced_tier: str | None = None  # the policy's tier, when the tenant's budget moved the request
+    budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
 
 
 class HTTPError(Exception):
@@ -116,7 +129,8 @@ async def check_config(config: DispatcherConfig) -> str:
         PromptierError: the artifact does not load, or the tiers differ.
     """
     capabilities = f"; capabilities: {describe_serves({name: tier.serves for name, tier in config.tiers.items()})}"
-    return await _check_classifier(config) + capabilities
+    tenants = check_tenants_and_store(config)
+    return await _check_classifier(config) + capabilities + f"; {tenants}"
 
 
 async def _check_classifier(config: DispatcherConfig) -> str:
@@ -142,7 +156,7 @@ class Dispatcher:
         self.config = config
         self.tiers = config.tier_names
         self.metrics = DispatcherMetrics()
-        self.inbound_keys = config.inbound_keys()
+        self.tenants = Tenants(config, self.metrics.registry)  # opens the spend store: a bad one stops the start
         self.prices: dict[str, tuple[float, float]] = {}
         self.embedded: EmbeddedRouteClassifier | None = None
         if config.classifier.embedded:
@@ -169,10 +183,12 @@ class Dispatcher:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
                                           skip_auto_headers=("User-Agent",))
         await self.refresh_prices()
+        self.tenants.start()
 
     async def close(self) -> None:
         await self.http.close()
         await self.classifier.close()
+        self.tenants.close()
         self.decisions.close()
 
     async def refresh_prices(self) -> None:
@@ -186,10 +202,12 @@ class Dispatcher:
             return  # the classifier may start later; requests fall back (visibly) until it does
         _check_tier_names([tier.name for tier in served], self.tiers, self.classifier.describe())
         self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in served}
+        self.tenants.set_prices(self.prices)
 
     # ------------------------------------------------------------------ routing
-    def parse_model(self, name: object) -> tuple[str | None, str | None]:
-        """(mode, pinned tier) from `promptier`, `promptier/<mode>` or `promptier/tier/<tier>`."""
+    def parse_model(self, name: object, tenant: Tenant | None = None) -> tuple[str | None, str | None]:
+        """(mode, pinned tier) from `promptier`, `promptier/<mode>` or `promptier/tier/<tier>`; `promptier`
+        is the tenant's default mode, and a tier pinned must be one the tenant may use (else 403)."""
         if not isinstance(name, str):
             raise HTTPError(400, "model must be a string", code="invalid_model")
         parts = name.split("/")
@@ -197,10 +215,13 @@ class Dispatcher:
             raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}",
                             code="model_not_found")
         if len(parts) == 1:
-            return self.config.default_mode, None
+            return (tenant.mode if tenant else self.config.default_mode), None
         if len(parts) == 2 and parts[1] in MODES:
             return parts[1], None
         if len(parts) == 3 and parts[1] == "tier" and parts[2] in self.tiers:
+            if tenant is not None and not tenant.may_use(parts[2]):
+                raise HTTPError(403, f"tier {parts[2]!r} is not allowed for this API key; allowed: "
+                                f"{list(tenant.allowed_names or ())}", kind="permission_error", code="tier_not_allowed")
             return None, parts[2]
         raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}", code="model_not_found")
 
@@ -209,46 +230,78 @@ class Dispatcher:
                 + [f"{ROUTER_PREFIX}/tier/{tier}" for tier in self.tiers])
 
     async def route(self, messages: list[tuple[str, str]], mode: str | None, pinned: str | None,
-                    needs: Needs = NO_NEEDS) -> Route:
+                    needs: Needs = NO_NEEDS, tenant: Tenant | None = None) -> Route:
         """Where the request goes: its pinned tier, the classifier's (or the fallback), or for a request
         with no user text the no-text tier; moved to the nearest tier that can serve what it `needs`
         (`CapabilityRouter.check` has refused those that none can serve, or that are pinned to a tier
-        that cannot)."""
+        that cannot). A tenant's classifier choice and fallback stay within its allowed tiers."""
         if pinned is not None:
             return Route(pinned, "pinned", None, None, None, needs=needs)
         if not needs.has_text:  # nothing to classify: not a classifier failure, so not the fallback tier
             tier = self.config.no_text_tier or self.capabilities.cheapest(needs)
+            if tenant is not None and not tenant.may_use(tier):
+                tier = self.tiers[tenant.allowed[0]]
             route = Route(tier, "no_text", mode, None, None, needs=needs)
         else:
-            route = await self.classify(messages, mode)
+            route = await self.classify(messages, mode, tenant)
             route.needs = needs
         route.tier, route.reason, route.steered = self.capabilities.steer(route.tier, route.reason, needs)
         return route
 
-    async def classify(self, messages: list[tuple[str, str]], mode: str | None) -> Route:
-        """The classifier's tier, or the fallback tier when it fails or is too slow."""
+    async def classify(self, messages: list[tuple[str, str]], mode: str | None, tenant: Tenant | None = None
+                       ) -> Route:
+        """The classifier's tier (among the tenant's tiers), or the fallback tier when it fails or is too slow."""
         start = time.perf_counter()
+        allowed = tenant.allowed_names if tenant else None
+        fallback = tenant.fallback_tier if tenant else self.config.fallback_tier
         try:
-            decision = await self.classifier.classify(messages, mode)
+            decision = await self.classifier.classify(messages, mode, allowed)
         except ClassifierUnavailable as error:
             cause = error.cause
             self.metrics.fallbacks.labels(cause).inc()
             log.warning(json.dumps({"event": "classifier_fallback", "cause": cause}))
-            return Route(self.config.fallback_tier, "fallback", mode, None, (time.perf_counter() - start) * 1000)
+            return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000)
         finally:
             self.metrics.overhead.observe(time.perf_counter() - start)
-        if decision.tier not in self.tiers:
+        if decision.tier not in self.tiers or (allowed is not None and decision.tier not in allowed):
             self.metrics.fallbacks.labels("unknown_tier").inc()
-            return Route(self.config.fallback_tier, "fallback", mode, None, (time.perf_counter() - start) * 1000)
+            return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000)
         return Route(decision.tier, "classified", mode, decision.scores.get(decision.tier),
-                     (time.perf_counter() - start) * 1000, decision.decided_by)
+                     (time.perf_counter() - start) * 1000, decision.decided_by,
+                     scores=decision.scores if decision.decided_by == "model" else None)
+
+    def apply_budget(self, route: Route, tenant: Tenant, messages: list[tuple[str, str]]) -> None:
+        """Let the tenant's budget move the route to a cheaper tier (paced, or spent: the cheapest).
+
+        Raises:
+            HTTPError: 429, the budget is spent and the tenant's rule is to refuse.
+        """
+        prompt_tokens = sum(len(content) for _, content in messages) / CHARS_PER_TOKEN
+        usable = tenant.allowed  # a move must stay on a tier that can serve what the request needs
+        if self.capabilities.restricted:
+            usable = tuple(index for index in usable if not self.capabilities.missing(self.tiers[index], route.needs))
+        decision = self.tenants.apply_budget(tenant, route.tier, route.scores, prompt_tokens, usable)
+        if decision is None:
+            return
+        route.budget_pressure = decision.pressure
+        if decision.reject:
+            route.reason = decision.reason or route.reason
+            raise HTTPError(429, f"the budget of this API key's tenant ({tenant.name}) for the current period is "
+                            "spent; requests are refused until the period ends (see Retry-After)",
+                            kind="insufficient_quota", code="budget_exhausted")
+        if decision.reason is not None:
+            route.unpaced_tier, route.tier, route.reason = route.tier, self.tiers[decision.tier], decision.reason
 
     # ------------------------------------------------------------------ upstream
-    async def open_upstream(self, route: Route, body: dict) -> tuple[aiohttp.ClientResponse, str]:
+    async def open_upstream(self, route: Route, body: dict, tenant: Tenant | None = None
+                            ) -> tuple[aiohttp.ClientResponse, str]:
         """Send to the routed tier; on 5xx, timeout or connection failure before the first byte, retry on
-        the next more capable tier (never a cheaper one). Returns the response and the tier that answered."""
+        the next more capable tier the tenant may use (never a cheaper one). Returns the response and the
+        tier that answered."""
         last_error = "no upstream tried"
         for tier in self.capabilities.escalation(route.tier, route.needs):
+            if tenant is not None and not tenant.may_use(tier):
+                continue
             upstream = self.config.tiers[tier]
             try:
                 payload = json.dumps({**body, "model": upstream.model}, allow_nan=False).encode()
@@ -301,24 +354,35 @@ class Dispatcher:
         if route.steered is not None:
             headers[f"{HEADER_PREFIX}steered-from"] = route.steered.from_tier
             headers[f"{HEADER_PREFIX}steered-by"] = ",".join(route.steered.by)
+        if route.budget_pressure is not None:
+            headers[f"{HEADER_PREFIX}budget-pressure"] = f"{route.budget_pressure:.3f}"
         return headers
 
     def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
-               usage: dict | None, note: str | None = None) -> None:
-        """Count the request and append it to the decision log (prompt text only with store_prompts).
+               usage: dict | None, note: str | None = None, tenant: Tenant | None = None,
+               completion_chars: int | None = None) -> None:
+        """Count the request, charge its cost to its tenant, and append it to the decision log (prompt
+        text only with store_prompts).
 
         `usage` must have passed `read_usage` (token counts that are numbers); `note` says why a
-        successful answer is logged without usage or cost.
+        successful answer is logged without usage or cost. `completion_chars`: the answer's characters,
+        counted for a tenant with a budget, whose answer without usage is charged by count.
         """
+        tenant = tenant or self.tenants.default
         prompt = conversation = None
         if self.decisions.store_prompts:
             prompt = _logged_prompt(messages)
             if len(messages) > 1:  # for a judge: the conversation as it was, in order
                 conversation = [{"role": role, "content": content} for role, content in messages]
         cost = None
-        if usage and tier in self.prices:
+        counted = usage
+        if usage is None and completion_chars is not None and tier is not None:
+            counted = estimated_usage(sum(len(content) for _, content in messages), completion_chars)
+            note = f"{note}; {ESTIMATED}" if note else ESTIMATED
+        if counted and tier in self.prices:
             price_in, price_out = self.prices[tier]
-            cost = (usage["prompt_tokens"] * price_in + usage["completion_tokens"] * price_out) / 1e6
+            cost = (counted["prompt_tokens"] * price_in + counted["completion_tokens"] * price_out) / 1e6
+        self.tenants.charge(tenant, tier, cost)
         self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
         self.decisions.write(DecisionRecord(
             prompt_id=f"dispatcher:{uuid.uuid4().hex}", prompt=prompt, messages=conversation,
@@ -328,7 +392,8 @@ class Dispatcher:
             classifier_ms=route.classifier_ms, latency_ms=(time.perf_counter() - started) * 1000, usage=usage,
             status=status, note=note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             needs=list(route.needs.features), estimated_tokens=route.needs.tokens,
-            steered=route.steered.as_dict() if route.steered is not None else None,
+            steered=route.steered.as_dict() if route.steered is not None else None, tenant=tenant.name,
+            scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
         ).as_dict())
 
 
@@ -603,6 +668,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         if isinstance(dispatcher.classifier, GrpcRouteClassifier):
             # How many of the service's processes this dispatcher's connections reach (null: not known yet).
             body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
+        body.update(dispatcher.tenants.health())
         return JSONResponse(body)
 
     async def models(request: Request) -> Response:
@@ -615,13 +681,11 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             if not _is_json(request.headers.get("content-type", "")):
                 raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
                                 code="unsupported_media_type")
-            if dispatcher.inbound_keys is not None:
-                supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if supplied not in dispatcher.inbound_keys:
-                    raise HTTPError(401, "invalid or missing API key", kind="authentication_error",
-                                    code="invalid_api_key")
+            tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
+            if tenant is None:
+                raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
             body, messages = _parse_chat(await _read_body(request, config.max_request_bytes))
-            mode, pinned = dispatcher.parse_model(body.get("model"))
+            mode, pinned = dispatcher.parse_model(body.get("model"), tenant)
             needs = request_needs(body, messages)
             dispatcher.capabilities.check(needs, pinned)
         except HTTPError as error:
@@ -637,7 +701,25 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                                  "client": f"{client[0]}:{client[1]}" if client else None}))
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         streamed = bool(body.get("stream"))
-        route = await dispatcher.route(messages, mode, pinned, needs)  # bounded by the classifier's deadline
+        route = await dispatcher.route(messages, mode, pinned, needs, tenant)  # bounded by the classifier's deadline
+        if not tenant.may_use(route.tier):  # steered by a capability to a tier this key may not use
+            refused = HTTPError(403, f"this request needs {', '.join(route.steered.by if route.steered else ())}, "
+                                f"which none of this API key's tiers ({', '.join(tenant.allowed_names or ())}) "
+                                "serves", kind="permission_error", code="tier_not_allowed")
+            dispatcher.record(route, None, messages, refused.status, started, None, tenant=tenant)
+            return refused.response(dispatcher.headers(route, route.tier))
+        metered = tenant.budget is not None  # its answers are charged: by usage, else by counted characters
+        meter: StreamMeter | None = None
+        if metered:
+            try:
+                dispatcher.apply_budget(route, tenant, messages)
+            except HTTPError as error:
+                dispatcher.record(route, None, messages, error.status, started, None, tenant=tenant)
+                return error.response({**dispatcher.headers(route, route.tier),
+                                       "retry-after": str(dispatcher.tenants.seconds_left(tenant))})
+            if streamed:
+                meter = StreamMeter(drop_usage_chunk=not wants_usage(body))
+                body = ask_for_usage(body)
         upstream: aiohttp.ClientResponse | None = None
         tier: str | None = None
         try:
@@ -646,9 +728,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                     with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
                         await dispatcher.refresh_prices()
                 try:
-                    upstream, tier = await dispatcher.open_upstream(route, body)
+                    upstream, tier = await dispatcher.open_upstream(route, body, tenant)
                 except HTTPError as error:
-                    dispatcher.record(route, None, messages, error.status, started, None)
+                    dispatcher.record(route, None, messages, error.status, started, None, tenant=tenant)
                     return error.response(dispatcher.headers(route, route.tier))
                 received: list[bytes] = []  # the start of a body too large to hold, relayed first
                 whole = False
@@ -660,13 +742,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                         failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
                                             f"({type(error).__name__})", kind="upstream_error",
                                             code="upstream_unavailable")
-                        dispatcher.record(route, tier, messages, failure.status, started, None)
+                        dispatcher.record(route, tier, messages, failure.status, started, None, tenant=tenant)
                         return failure.response(dispatcher.headers(route, tier))
         except ClientGone:
             # Closing the upstream connection is what stops its work (vLLM and others abort on it).
             if upstream is not None:
                 upstream.close()
-            dispatcher.record(route, tier or route.tier, messages, CLIENT_CLOSED, started, None)
+            dispatcher.record(route, tier or route.tier, messages, CLIENT_CLOSED, started, None, tenant=tenant)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         headers = dispatcher.headers(route, tier)
         media_type = upstream.headers.get("content-type", "application/json")
@@ -674,7 +756,8 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             upstream.release()
             content = b"".join(received)
             usage, note = usage_of_body(content) if upstream.status < 400 else (None, None)
-            dispatcher.record(route, tier, messages, upstream.status, started, usage, note)
+            counted = answer_chars(content) if metered and usage is None and upstream.status < 400 else None
+            dispatcher.record(route, tier, messages, upstream.status, started, usage, note, tenant, counted)
             return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
@@ -682,14 +765,23 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             status = upstream.status
             finished = False
             tail = bytearray()
+            relayed = 0  # bytes of a body too large to hold: what a metered answer is charged by
             try:
                 while received:
+                    relayed += len(received[0])
                     yield received.pop(0)
                 async for chunk in upstream.content.iter_any():
-                    if streamed:
+                    if meter is not None:
+                        chunk = meter.feed(chunk)  # whole events, less a usage chunk the caller did not ask for
+                        if not chunk:
+                            continue
+                    elif streamed:
                         tail += chunk
                         del tail[:-STREAM_TAIL_BYTES]
+                    relayed += len(chunk)
                     yield chunk
+                if meter is not None and (rest := meter.finish()):
+                    yield rest
                 finished = True
             except (aiohttp.ClientError, TimeoutError) as error:
                 status = 599  # recorded as a broken stream
@@ -709,7 +801,15 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 else:
                     upstream.close()
                 usage = note = None
-                if finished and status < 400:
+                counted = None
+                if metered and upstream.status < 400:  # an answer begun is paid for, even one cut short
+                    if meter is not None:
+                        usage, note = read_usage(meter.usage)
+                        counted = meter.completion_chars if usage is None else None
+                    else:
+                        counted = relayed
+                        note = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
+                elif finished and status < 400:
                     if streamed:
                         usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
                         if usage is None and note == NO_USAGE:
@@ -717,7 +817,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                                    "stream_options.include_usage)"
                     else:
                         note = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
-                dispatcher.record(route, tier, messages, status, started, usage, note)
+                dispatcher.record(route, tier, messages, status, started, usage, note, tenant, counted)
 
         return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
 
@@ -732,13 +832,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         Mount("/metrics", make_asgi_app(registry=exposed)),
         *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
                                        config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
-                         dispatcher.inbound_keys) if config.savings_page.enabled else []),
+                         dispatcher.tenants.keys()) if config.savings_page.enabled else []),
     ])
     app.state.dispatcher = dispatcher
 
     # Without inbound keys, a browser page must not reach the dispatcher under a name of its own.
     host_allowed = (HostCheck(config.allowed_hosts)
-                    if dispatcher.inbound_keys is None and "*" not in config.allowed_hosts else None)
+                    if dispatcher.tenants.open and "*" not in config.allowed_hosts else None)
     host_refused = HTTPError(403, "this Host is not allowed: name the dispatcher by localhost or an IP address, "
                              "list its name in allowed_hosts, or configure inbound_api_keys_env",
                              code="host_not_allowed").response()

@@ -79,9 +79,10 @@ class GrpcRouteClassifier:
                 self.processes_reached = reached
             await asyncio.sleep(SPREAD_CHECK_S)
 
-    async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None) -> ClassificationResult:
+    async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None,
+                       allowed_tiers: Sequence[str] | None = None) -> ClassificationResult:
         try:
-            return await self._client.classify(messages=messages, mode=mode)
+            return await self._client.classify(messages=messages, mode=mode, allowed_tiers=allowed_tiers)
         except grpc.RpcError as error:
             # grpc.aio's errors are not grpc.Call instances, but they do have code().
             code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
@@ -126,10 +127,12 @@ class EmbeddedRouteClassifier:
     def start(self) -> None:
         self._batcher.start()
 
-    async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None) -> ClassificationResult:
+    async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None,
+                       allowed_tiers: Sequence[str] | None = None) -> ClassificationResult:
         try:
             text = render_conversation(messages)
-            request = RoutingRequest(mode=mode) if mode else None
+            allowed = tuple(allowed_tiers) if allowed_tiers is not None else None
+            request = RoutingRequest(mode=mode, allowed_tiers=allowed) if mode or allowed else None
             # The timeout also bounds a model call already running, not only the wait in the queue
             # (asyncio.timeout, unlike wait_for, does not wrap the call in a task of its own).
             async with asyncio.timeout(self._timeout_s):

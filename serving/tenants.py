@@ -153,6 +153,10 @@ class Tenants:
             return self.default
         return self._by_key.get(authorization.removeprefix("Bearer ").strip())
 
+    def keys(self) -> set[str] | None:
+        """Every accepted key (any tenant's), or None when the dispatcher asks for none."""
+        return None if self.open else set(self._by_key)
+
     def start(self) -> None:
         if self.ledger is not None:
             now = time.time()
@@ -172,12 +176,13 @@ class Tenants:
             self.prices = [prices[tier] for tier in self.tiers]
 
     def apply_budget(self, tenant: Tenant, tier: str, probabilities: dict[str, float] | None,
-                     prompt_tokens: float) -> BudgetDecision | None:
+                     prompt_tokens: float, allowed: tuple[int, ...] | None = None) -> BudgetDecision | None:
         """What the tenant's budget makes of the policy's `tier` (None: the tenant has no budget).
 
         `probabilities`: the classifier's per-tier probabilities when its model decided, else None (a
         request not scored is not paced, only stopped once the budget is spent). `prompt_tokens`: an
-        estimate, which pacing sizes the request's saving by.
+        estimate, which pacing sizes the request's saving by. `allowed`: the tiers it may move to
+        (default: the tenant's; the dispatcher leaves out those that cannot serve the request).
         """
         if tenant.budget is None or tenant.clock is None or self.ledger is None:
             return None
@@ -189,7 +194,7 @@ class Tenants:
         if probabilities is not None and self.prices:
             scores = [probabilities.get(name, 0.0) for name in self.tiers]
         decision = decide(tenant.budget, self.ledger.spent(key), window.elapsed(now), self.tiers.index(tier), scores,
-                          tenant.allowed, self.prices, prompt_tokens)
+                          allowed or tenant.allowed, self.prices, prompt_tokens)
         if decision.reject:
             self.metrics.refusals.labels(tenant.name).inc()
         elif decision.reason in (PACED, EXHAUSTED):

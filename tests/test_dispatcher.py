@@ -782,9 +782,12 @@ def test_config_validation(tmp_path: Path) -> None:
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LARGE_API_KEY", "x")
     monkeypatch.setenv("PROMPTIER_API_KEYS", "k")
+    monkeypatch.setenv("SEARCH_TEAM_KEYS", "s1,s2")
+    monkeypatch.setenv("RESEARCH_TEAM_KEYS", "r1")
     example = Path(__file__).resolve().parent.parent / "serving" / "dispatcher.example.yaml"
     config = load_dispatcher_config(example)
     assert config.tier_names == ["small", "medium", "large"] and config.fallback_tier == "large"
+    assert config.tenant_of_key() == {"k": "default", "s1": "search", "s2": "search", "r1": "research"}
 
 
 def test_check_validates_a_config_against_its_classifier_without_serving(

@@ -1,0 +1,121 @@
+"""What an answer cost when its tenant has a budget: upstream usage, or counted characters.
+
+For a streamed request of a tenant with a budget, the dispatcher asks the upstream for usage
+(`stream_options.include_usage`, which OpenAI-compatible servers answer with a last, choiceless chunk
+that carries `usage`). When the caller did not ask for it, that chunk is taken out of the relayed
+stream, so the caller gets the stream it asked for. An upstream that sends no usage (or a stream cut
+short) is charged by count: `ceil(characters / 4)` tokens of the prompt's text and of the answer's
+text (content, reasoning and tool-call arguments), about what English text averages per token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+CHARS_PER_TOKEN = 4
+ESTIMATED = "spend counted as 4 characters per token of prompt and answer"
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def estimated_usage(prompt_chars: int, completion_chars: int) -> dict[str, int]:
+    """Token counts estimated from characters (CHARS_PER_TOKEN per token)."""
+    prompt = math.ceil(prompt_chars / CHARS_PER_TOKEN)
+    completion = math.ceil(completion_chars / CHARS_PER_TOKEN)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def wants_usage(body: dict) -> bool:
+    """Whether the caller asked for usage in its stream itself."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def ask_for_usage(body: dict) -> dict:
+    """The request body with `stream_options.include_usage` set (the caller's other options kept)."""
+    options = body.get("stream_options")
+    return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+
+
+def text_chars(choices: object, part: str) -> int:
+    """Characters of answer text in `choices` (`part`: "delta" in a stream chunk, "message" in an answer)."""
+    if not isinstance(choices, list):
+        return 0
+    count = 0
+    for choice in choices:
+        message = choice.get(part) if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        for field in ("content", "reasoning_content"):
+            if isinstance(message.get(field), str):
+                count += len(message[field])
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                count += len(function["arguments"])
+    return count
+
+
+def answer_chars(body: bytes) -> int:
+    """Characters of answer text in a non-streaming chat completion (0 if it cannot be read)."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return 0
+    return text_chars(answer.get("choices"), "message") if isinstance(answer, dict) else 0
+
+
+class StreamMeter:
+    """Reads a relayed event stream event by event: the usage it carries and the characters of its text.
+
+    `feed` returns what to relay: whole events only (an event is held until its blank line has come),
+    byte for byte, less the usage chunk when `drop_usage_chunk` (the dispatcher asked for it, not the
+    caller). `finish` returns what is left at the end of the stream.
+    """
+
+    def __init__(self, drop_usage_chunk: bool) -> None:
+        self.drop_usage_chunk = drop_usage_chunk
+        self.usage: object = None  # the stream's `usage`, as sent (serving.dispatcher.read_usage checks it)
+        self.completion_chars = 0
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        ends = list(_EVENT_END.finditer(data))
+        if not ends:
+            self._pending = data
+            return b""
+        self._pending = data[ends[-1].end():]
+        relayed = []
+        start = 0
+        for end in ends:
+            event = data[start:end.end()]
+            start = end.end()
+            if self._read(event):
+                relayed.append(event)
+        return b"".join(relayed)
+
+    def finish(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest if rest and self._read(rest) else b""
+
+    def _read(self, event: bytes) -> bool:
+        """Take what the event says; False when it is the usage chunk to leave out."""
+        payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+        if not payload or payload == b"[DONE]":
+            return True
+        try:
+            parsed = json.loads(payload)
+        except (ValueError, RecursionError):
+            return True  # not ours to judge: relayed as it came
+        if not isinstance(parsed, dict):
+            return True
+        choices = parsed.get("choices")
+        self.completion_chars += text_chars(choices, "delta")
+        if parsed.get("usage") is not None:
+            self.usage = parsed["usage"]
+            if self.drop_usage_chunk and choices == []:
+                return False
+        return True

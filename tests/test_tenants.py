@@ -1,0 +1,425 @@
+"""Tenants end to end: the openai SDK through a real dispatcher on a real port, with recording upstreams,
+a real gRPC classifier, spend kept in SQLite (shared by worker processes) or in a real Redis server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.budget_pacing import window_of
+from serving.decision_log import DECISION_SCHEMA_VERSION
+from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.spend_store import RedisSpendStore, SqliteSpendStore
+from serving.stream_meter import estimated_usage
+from tests.fake_upstream import MISSING, Upstream
+from tests.test_dispatcher import (  # noqa: F401  (fixtures)
+    Dispatcher,
+    _config,
+    _wait_for_health,
+    fresh,
+    grpc_classifier,
+    upstreams,
+)
+from tests.test_server import EASY, HARD, spawned_workers, worker_serving
+from tests.test_spend_store import RedisServer, redis_server  # noqa: F401  (fixture)
+
+PRICES = {"small": (0.2, 0.2), "medium": (0.9, 0.9), "large": (1.25, 5.0)}  # the test model's, per Mtok
+
+
+def _rows(path: Path, count: int, wait_s: float = 10.0) -> list[dict]:
+    """The decision log once it has `count` lines (streams are logged after their last byte)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            break
+        time.sleep(0.02)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _cost(tier: str, prompt_tokens: float, completion_tokens: float) -> float:
+    price_in, price_out = PRICES[tier]
+    return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
+
+
+def _metrics(port: int) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics/", headers={"connection": "close"}).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _eventually(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def _ask(client: openai.OpenAI, text: str, model: str = "promptier") -> tuple[str, dict]:
+    """(tier, headers) of one chat completion."""
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": text}])
+    raw.parse()
+    return raw.headers["x-promptier-tier"], dict(raw.headers)
+
+
+@pytest.fixture
+def started(fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path) -> Iterator:  # noqa: F811
+    """Starts dispatchers with tenants (each logs to its own file); stops them after the test."""
+    running: list[Dispatcher] = []
+
+    def start(log_name: str = "decisions.jsonl", **extra: object) -> Dispatcher:
+        running.append(Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / log_name, **extra)))
+        return running[-1]
+
+    yield start
+    for dispatcher in running:
+        dispatcher.stop()
+
+
+def test_each_key_gets_its_tenants_policy_and_unknown_keys_are_refused(
+        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setenv("RESEARCH_KEYS", "research-key-1, research-key-2")
+    monkeypatch.setenv("SUPPORT_KEYS", "support-key")
+    monkeypatch.setenv("LEGACY_KEYS", "legacy-key")
+    dispatcher = started(inbound_api_keys_env="LEGACY_KEYS", tenants={
+        "research": {"api_keys_env": "RESEARCH_KEYS", "default_mode": "quality"},
+        "support": {"api_keys_env": "SUPPORT_KEYS", "default_mode": "cost", "allowed_tiers": ["small", "medium"]}})
+    research, support = dispatcher.client(api_key="research-key-2"), dispatcher.client(api_key="support-key")
+    legacy = dispatcher.client(api_key="legacy-key")
+
+    tier, headers = _ask(research, HARD)
+    assert (tier, headers["x-promptier-mode"]) == ("large", "quality")
+    received_by_large = len(fresh["large"].received)
+    tier, headers = _ask(support, HARD)  # the classifier chose among support's tiers only
+    assert tier in ("small", "medium") and headers["x-promptier-mode"] == "cost"
+    assert len(fresh["large"].received) == received_by_large
+    tier, headers = _ask(legacy, HARD)  # inbound_api_keys_env's keys: the default tenant, as before
+    assert (tier, headers["x-promptier-mode"]) == ("large", "balanced")
+    assert "x-promptier-budget-pressure" not in headers  # no budget, nothing to say
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        support.chat.completions.create(model="promptier/tier/large", messages=[{"role": "user", "content": EASY}])
+    assert refused.value.code == "tier_not_allowed"
+    with pytest.raises(openai.AuthenticationError):
+        dispatcher.client(api_key="nobody").chat.completions.create(
+            model="promptier", messages=[{"role": "user", "content": EASY}])
+    keyless = httpx.post(f"{dispatcher.base_url}/chat/completions",
+                         json={"model": "promptier", "messages": [{"role": "user", "content": EASY}]})
+    assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_api_key"
+    # A failing tier escalates only to tiers the tenant may use: support's medium has nowhere to go.
+    fresh["medium"].behaviour = "500"
+    received_by_large = len(fresh["large"].received)
+    with pytest.raises(openai.APIStatusError) as failed:
+        support.chat.completions.create(model="promptier/tier/medium", messages=[{"role": "user", "content": EASY}])
+    assert failed.value.status_code == 502 and len(fresh["large"].received) == received_by_large
+
+    rows = _rows(tmp_path / "decisions.jsonl", 4)
+    assert [row["tenant"] for row in rows] == ["research", "support", "default", "support"]
+    assert rows[-1]["status"] == 502 and all(row["schema_version"] == DECISION_SCHEMA_VERSION for row in rows)
+    assert rows[0]["scores"] is not None and set(rows[0]["scores"]) == {"small", "medium", "large"}
+    metrics = _metrics(dispatcher.port)
+    tenants = {dict(labels)["tenant"] for (name, labels) in metrics if name.startswith("promptier_dispatch_tenant")}
+    assert tenants == {"research", "support", "default"}  # refused keys label nothing
+    served = metrics[("promptier_dispatch_tenant_requests_total", (("tenant", "support"), ("tier", "none")))]
+    assert served == 1.0  # the 502
+    everything = (tmp_path / "decisions.jsonl").read_text() + httpx.get(f"http://127.0.0.1:{dispatcher.port}/metrics/").text
+    assert not any(key in everything for key in ("research-key", "support-key", "legacy-key"))
+
+
+def _budgeted(tmp_path: Path, usd: float, **budget: object) -> dict:
+    return {"api_keys_env": "SEARCH_KEYS", "budget": {"usd": usd, "period": "month", **budget}}
+
+
+def _seed(store_path: Path, tenant: str, usd: float, period: str = "month") -> None:
+    """Spend written by another process (another dispatcher worker, say)."""
+    window = window_of(period, time.time())  # type: ignore[arg-type]
+    store = SqliteSpendStore(store_path)
+    store.add({(tenant, window.key): usd}, {window.key: window.end})
+    store.close()
+
+
+def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budget(
+        started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    store_path = tmp_path / "spend.sqlite3"
+    budget = 100.0
+    dispatcher = started(tenants={"search": _budgeted(tmp_path, budget, max_quality_loss=1.0)},
+                         spend_store={"path": str(store_path), "refresh_ms": 50})
+    client = dispatcher.client(api_key="search-key")
+
+    def pressure_after_request() -> tuple[str, float, str]:
+        tier, headers = _ask(client, HARD)
+        return tier, float(headers["x-promptier-budget-pressure"]), headers["x-promptier-reason"]
+
+    tier, pressure, reason = pressure_after_request()
+    assert (tier, reason) == ("large", "classified") and pressure == 0.0  # on budget: the policy's tier
+    window = window_of("month", time.time())
+    elapsed = window.elapsed(time.time())
+
+    def ahead_by(share_of_band: float) -> float:
+        """Spend that puts the tenant `share_of_band` of the pacing band ahead of what it may spend."""
+        return budget * elapsed + share_of_band * 0.1 * budget * (1 - elapsed)
+
+    _seed(store_path, "search", ahead_by(0.5))  # the store has other processes' spend: seen within refresh_ms
+    seen: list[tuple[str, float, str]] = []
+    assert _eventually(lambda: seen.append(pressure_after_request()) or abs(seen[-1][1] - 0.5) < 0.02), seen[-1]
+    _seed(store_path, "search", ahead_by(1.5) - ahead_by(0.5))
+    assert _eventually(lambda: seen.append(pressure_after_request()) or seen[-1][1] == 1.0), seen[-1]
+    assert seen[-1][0] == "small" and seen[-1][2] == "paced"  # full pressure: the cheapest tier
+    tier, headers = _ask(client, EASY)  # already the cheapest tier: nothing to move
+    assert (tier, headers["x-promptier-reason"]) == ("small", "classified")
+
+    rows = _rows(tmp_path / "decisions.jsonl", 2 + len(seen))
+    paced = [row for row in rows if row["reason"] == "paced"]
+    assert paced and all(row["unpaced_tier"] == "large" and row["tier"] == "small" for row in paced)
+    assert all(row["tenant"] == "search" and row["budget_pressure"] is not None for row in rows)
+    # Pressure only rose as spend ran ahead, and routing followed it toward cheaper tiers.
+    pressures = [round(row["budget_pressure"], 4) for row in rows if row["prompt"] == HARD]
+    assert pressures == sorted(pressures) and pressures[0] == 0.0 and pressures[-1] == 1.0
+    metrics = _metrics(dispatcher.port)
+    assert metrics[("promptier_dispatch_tenant_budget_moves_total", (("cause", "paced"), ("tenant", "search")))] == len(
+        paced)
+    assert metrics[("promptier_dispatch_tenant_budget_pressure", (("tenant", "search"),))] == 1.0
+    assert metrics[("promptier_dispatch_tenant_budget_usd", (("tenant", "search"),))] == budget
+    # This dispatcher's own spend reached the shared store, on top of what was seeded.
+    logged = sum(row["cost_usd"] for row in rows)
+    key = ("search", window.key)
+    assert _eventually(lambda: abs(SqliteSpendStore(store_path).totals([key])[key] - ahead_by(1.5) - logged) < 1e-9)
+    health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health").json()
+    assert health["spend_store_state"] == "ok" and health["tenants_with_budgets"] == ["search"]
+
+
+def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured(
+        started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRUGAL_KEYS", "frugal-key")
+    monkeypatch.setenv("STRICT_KEYS", "strict-key")
+    store_path = tmp_path / "spend.sqlite3"
+    _seed(store_path, "frugal", 2.0)
+    _seed(store_path, "strict", 2.0, "day")
+    dispatcher = started(spend_store={"path": str(store_path), "refresh_ms": 50}, tenants={
+        "frugal": {"api_keys_env": "FRUGAL_KEYS", "budget": {"usd": 2.0, "on_exhausted": "cheapest"}},
+        "strict": {"api_keys_env": "STRICT_KEYS", "allowed_tiers": ["medium", "large"],
+                   "budget": {"usd": 2.0, "period": "day", "on_exhausted": "reject"}}})
+    assert _eventually(lambda: all(
+        _metrics(dispatcher.port).get(("promptier_dispatch_tenant_period_spend_usd", (("tenant", name),))) == 2.0
+        for name in ("frugal", "strict")))  # both read from the store
+    frugal = dispatcher.client(api_key="frugal-key")
+    tier, headers = _ask(frugal, HARD)
+    assert (tier, headers["x-promptier-reason"], headers["x-promptier-budget-pressure"]) == (
+        "small", "budget_exhausted", "1.000")
+    tier, headers = _ask(frugal, EASY, model="promptier/tier/large")  # pinned requests too: the budget is spent
+    assert (tier, headers["x-promptier-reason"]) == ("small", "budget_exhausted")
+
+    strict = dispatcher.client(api_key="strict-key")
+    with pytest.raises(openai.RateLimitError) as refused:
+        strict.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    error = refused.value
+    assert error.code == "budget_exhausted" and error.type == "insufficient_quota"
+    assert "strict" in error.message and "budget" in error.message
+    day = window_of("day", time.time())
+    assert 0 < int(error.response.headers["retry-after"]) <= day.end - time.time() + 1  # the period's end
+
+    rows = _rows(tmp_path / "decisions.jsonl", 3)
+    assert [(row["tenant"], row["tier"], row["status"], row["reason"]) for row in rows] == [
+        ("frugal", "small", 200, "budget_exhausted"), ("frugal", "small", 200, "budget_exhausted"),
+        ("strict", None, 429, "budget_exhausted")]
+    assert rows[0]["unpaced_tier"] == "large" and rows[1]["unpaced_tier"] == "large"
+    metrics = _metrics(dispatcher.port)
+    assert metrics[("promptier_dispatch_tenant_budget_refusals_total", (("tenant", "strict"),))] == 1.0
+
+
+def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
+        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    store_path = tmp_path / "spend.sqlite3"
+    dispatcher = started(tenants={"search": _budgeted(tmp_path, 50.0)},
+                         spend_store={"path": str(store_path), "refresh_ms": 50})
+    search = dispatcher.client(api_key="search-key")
+    messages = [{"role": "user", "content": EASY}]
+
+    # The caller did not ask for usage: the dispatcher does, and takes the usage chunk out of the stream.
+    chunks = list(search.chat.completions.create(model="promptier", messages=messages, stream=True))
+    assert [chunk.choices[0].delta.content for chunk in chunks] == [f"small-{i} " for i in range(5)]
+    assert all(chunk.usage is None for chunk in chunks)
+    sent = fresh["small"].received[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}
+    # The caller asked for it: it gets the usage chunk, as the upstream sent it.
+    chunks = list(search.chat.completions.create(model="promptier", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert [chunk.usage.total_tokens for chunk in chunks if chunk.usage] == [17]
+    # An upstream that sends no usage: the answer is charged by its characters (4 per token).
+    fresh["small"].usage = MISSING
+    chunks = list(search.chat.completions.create(model="promptier", messages=messages, stream=True))
+    answer = "".join(chunk.choices[0].delta.content for chunk in chunks if chunk.choices)
+    _rows(tmp_path / "decisions.jsonl", 3)  # logged in order: the stream first
+    search.chat.completions.create(model="promptier", messages=messages)  # and without streaming
+
+    rows = _rows(tmp_path / "decisions.jsonl", 4)
+    assert [row["usage"]["total_tokens"] if row["usage"] else None for row in rows] == [17, 17, None, None]
+    assert rows[0]["cost_usd"] == pytest.approx(_cost("small", 12, 5)) and rows[0]["note"] is None
+    counted = estimated_usage(len(EASY), len(answer))
+    assert rows[2]["cost_usd"] == pytest.approx(_cost("small", counted["prompt_tokens"], counted["completion_tokens"]))
+    assert "4 characters per token" in rows[2]["note"] and "no usage" in rows[2]["note"]
+    counted = estimated_usage(len(EASY), len("answer from small"))
+    assert rows[3]["cost_usd"] == pytest.approx(_cost("small", counted["prompt_tokens"], counted["completion_tokens"]))
+    key = ("search", window_of("month", time.time()).key)
+    total = sum(row["cost_usd"] for row in rows)
+    assert _eventually(lambda: SqliteSpendStore(store_path).totals([key])[key] == pytest.approx(total))
+
+    # A tenant without a budget: the stream passes through untouched, as it always has.
+    monkeypatch.setenv("OTHER_KEYS", "other-key")
+    plain = started("plain.jsonl", tenants={"other": {"api_keys_env": "OTHER_KEYS"}})
+    list(plain.client(api_key="other-key").chat.completions.create(model="promptier", messages=messages, stream=True))
+    assert "stream_options" not in fresh["small"].received[-1]["body"]
+
+
+def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream], trained_artifact: Path,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    from serving.bench.ports import free_port
+
+    store_path = tmp_path / "spend.sqlite3"
+    log_path = tmp_path / "decisions.jsonl"
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log_path), "store_prompts": True},
+        "tenants": {"search": {"api_keys_env": "SEARCH_KEYS", "budget": {"usd": 1000}}},
+        "spend_store": {"path": str(store_path), "refresh_ms": 50}}))
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
+                               "--port", str(port), "--workers", "2"], env={**os.environ, "SEARCH_KEYS": "k"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def post(text: str) -> int:
+        """The worker that answered one request, sent on a connection of its own."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/v1/chat/completions", headers={
+                "content-type": "application/json", "authorization": "Bearer k"},
+                body=json.dumps({"model": "promptier", "messages": [{"role": "user", "content": text}]}))
+            reply = connection.getresponse()
+            reply.read()
+            assert reply.status == 200
+            assert connection.sock is not None
+            return worker_serving(parent.pid, port, connection.sock.getsockname()[1])
+        finally:
+            connection.close()
+
+    try:
+        _wait_for_health(port, parent)
+        workers: set[int] = set()
+        sent = 0
+        deadline = time.monotonic() + 60
+        while (len(workers) < 2 or sent < 20) and time.monotonic() < deadline:
+            workers.add(post(HARD if sent % 2 else EASY))
+            sent += 1
+        assert len(workers - {-1}) == 2, workers  # both processes served and charged
+        rows = _rows(log_path, sent)
+        assert len(rows) == sent and all(row["cost_usd"] for row in rows)
+        total = sum(row["cost_usd"] for row in rows)
+        key = ("search", window_of("month", time.time()).key)
+        # Every request of both processes is in the one store, once.
+        assert _eventually(lambda: SqliteSpendStore(store_path).totals([key])[key] == pytest.approx(total, rel=1e-9))
+        spend = sum(value for (name, labels), value in _metrics(port).items()
+                    if name == "promptier_dispatch_tenant_spend_usd_total")
+        assert spend == pytest.approx(total)  # /metrics adds up both workers
+    finally:
+        for worker in spawned_workers(parent.pid):
+            worker.kill()
+        parent.kill()
+        parent.wait(30)
+
+
+def test_dispatchers_on_several_hosts_share_spend_through_redis(
+        started, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
+    store = {"kind": "redis", "url_env": "SPEND_REDIS_URL", "key_prefix": "test", "refresh_ms": 50}
+    first = started("first.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store)
+    second = started("second.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store)
+    for _ in range(3):
+        _ask(first.client(api_key="search-key"), HARD)
+    _ask(second.client(api_key="search-key"), EASY)
+    rows = _rows(tmp_path / "first.jsonl", 3) + _rows(tmp_path / "second.jsonl", 1)
+    total = sum(row["cost_usd"] for row in rows)
+    key = ("search", window_of("month", time.time()).key)
+    reader = RedisSpendStore(redis_server.url, prefix="test")
+    assert _eventually(lambda: reader.totals([key])[key] == pytest.approx(total))
+    # Each dispatcher sees the other's spend: the period's spend, as both report it, is the sum.
+    for dispatcher in (first, second):
+        assert _eventually(lambda d=dispatcher: _metrics(d.port).get(
+            ("promptier_dispatch_tenant_period_spend_usd", (("tenant", "search"),))) == pytest.approx(total))
+    assert "redis 127.0.0.1" in httpx.get(f"http://127.0.0.1:{first.port}/health").json()["spend_store"]
+
+
+def _load(tmp_path: Path, text: str) -> DispatcherConfig:
+    path = tmp_path / "dispatcher.yaml"
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: s}, large: {base_url: 'http://x/v1', model: l}}\n"
+                    "fallback_tier: large\n" + text)
+    return load_dispatcher_config(path)
+
+
+@pytest.mark.parametrize(("section", "error"), [
+    ("tenants: {a: {api_keys_env: A_KEYS, allowed_tiers: [small, huge]}}",
+     r"tenants\.a\.allowed_tiers: \['huge'\] are not configured tiers"),
+    ("tenants: {a: {default_mode: cheap, api_keys_env: A_KEYS}}", r"tenants\.a\.default_mode: .*'cheap' is not one of"),
+    ("tenants: {a: {}}", r"tenants\.a: api_keys_env is required"),
+    ("tenants: {a: {api_keys_env: UNSET_KEYS_VAR}}", r"tenants\.a\.api_keys_env names UNSET_KEYS_VAR, which holds no"),
+    ("tenants: {a: {api_keys_env: A_KEYS}, b: {api_keys_env: SAME_KEYS}}", r"tenants\.b: one of its keys is also a key "
+                                                                         r"of the tenant 'a'"),
+    ("tenants: {a: {api_keys_env: A_KEYS}, b: {api_keys_env: A_KEYS}}", r"\['A_KEYS'\] named by more than one tenant"),
+    ("inbound_api_keys_env: A_KEYS\ntenants: {a: {api_keys_env: A_KEYS}}",
+     r"whose keys belong to the tenant 'default'"),
+    ("tenants: {default: {api_keys_env: A_KEYS}}", r"tenants\.default: its keys are inbound_api_keys_env's"),
+    ("tenants: {'team a': {api_keys_env: A_KEYS}}", r"tenants\.team a: a tenant name is 1-64 letters"),
+    ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: 0}}}", r"tenants\.a\.budget\.usd: Input should be greater"),
+    ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: 5, period: week}}}", r"budget\.period: Input should be 'day'"),
+    ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: 5, on_exhausted: wait}}}", r"on_exhausted: Input should be"),
+    ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: 5, max_quality_loss: 2}}}", r"max_quality_loss: Input should"),
+    ("spend_store: {kind: redis}", r"spend_store: Value error, kind: redis needs url_env"),
+    ("spend_store: {kind: redis, url_env: UNSET_REDIS_URL}", r"UNSET_REDIS_URL is not set"),
+    ("spend_store: {url_env: X}", r"url_env and key_prefix apply only with kind: redis"),
+    ("spend_store: {kind: redis, url_env: X, path: s.db}", r"path applies only with kind: sqlite"),
+])
+def test_tenant_config_mistakes_are_refused_with_the_field_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                section: str, error: str) -> None:
+    monkeypatch.setenv("A_KEYS", "secret-a")
+    monkeypatch.setenv("SAME_KEYS", "other, secret-a")
+    with pytest.raises(ConfigError, match=error) as raised:
+        _load(tmp_path, section)
+    assert "secret-a" not in str(raised.value)  # a key is never in an error
+
+
+def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], trained_artifact: Path,  # noqa: F811
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    monkeypatch.setenv("SEARCH_KEYS", "k1")
+    path = tmp_path / "dispatcher.yaml"
+    path.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact)}, "fallback_tier": "large",
+        "tiers": {name: {"base_url": upstream.url, "model": name} for name, upstream in fresh.items()},
+        "tenants": {"search": {"api_keys_env": "SEARCH_KEYS", "budget": {"usd": 300, "on_exhausted": "reject"}},
+                    "default": {"default_mode": "cost"}},
+        "spend_store": {"path": str(tmp_path / "store" / "spend.sqlite3")}}))
+    result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "tenants: search ($300 per month, paced, then reject), default (no budget)" in result.output
+    assert "will be created" in result.output and not (tmp_path / "store").exists()
+    monkeypatch.delenv("SEARCH_KEYS")
+    result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+    assert result.exit_code == 2 and "SEARCH_KEYS, which holds no keys" in result.output
