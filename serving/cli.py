@@ -135,12 +135,26 @@ def dispatch_bench(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-dispatch.json"),
     requests: Annotated[int, typer.Option(help="requests per measurement")] = 500,
+    config_overlay: Annotated[Path | None, typer.Option(help="YAML whose top-level sections are added to every "
+                                                        "dispatcher config of the bench (e.g. tenants and "
+                                                        "spend_store, to measure their cost)")] = None,
+    load: Annotated[bool, typer.Option(help="also measure under load with h2load, if installed")] = True,
 ) -> None:
     """Measure the latency the dispatcher adds over calling an upstream directly (loopback)."""
     _require_bench_extra()
+    import yaml
+
     from serving.bench.dispatch_bench import main as run_dispatch_bench
 
-    run_dispatch_bench(str(model) if model else None, out, requests)
+    overlay = None
+    if config_overlay is not None:
+        try:
+            overlay = yaml.safe_load(config_overlay.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as error:
+            fail(error)
+        if not isinstance(overlay, dict):
+            fail(ValueError(f"{config_overlay}: a config overlay is a mapping of config sections"))
+    run_dispatch_bench(str(model) if model else None, out, requests, overlay=overlay, load=load)
 
 
 @app.command("litellm-bench")

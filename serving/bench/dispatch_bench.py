@@ -157,19 +157,23 @@ def _load(dispatcher_url: str, body: dict, concurrency: int, seconds: float) -> 
             "fallback_share": answered.get("fallback", 0.0) / total}
 
 
-def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0) -> dict:
+def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0, overlay: dict | None = None,
+         load: bool = True) -> dict:
     """Measure the dispatcher with the gRPC classifier and with the classifier embedded in-process:
-    sequential added latency, then (with h2load installed) throughput and fallbacks under load."""
+    sequential added latency, then (with h2load installed, unless `load` is False) throughput and
+    fallbacks under load. `overlay`: top-level config sections added to every dispatcher's config (say,
+    tenants and a spend store, to measure what they cost)."""
     # Configs and decision logs (tens of MB per run) go away with the run.
     with tempfile.TemporaryDirectory(prefix="promptier-dispatch-bench-") as scratch:
-        report = _run(model, Path(scratch), count, load_seconds)
+        report = _run(model, Path(scratch), count, load_seconds, overlay or {}, load)
     out.write_text(json.dumps(report, indent=2) + "\n")
     _print_report(report, load_seconds)
     print(f"\nwrote {out}")
     return report
 
 
-def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> dict:
+def _run(model: str | None, workdir: Path, count: int, load_seconds: float, overlay: dict, load_wanted: bool
+         ) -> dict:
     """Start the upstream and the service, then each dispatcher in turn; measure; stop everything."""
     upstream_port, grpc_port, http_port = free_port(), free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
@@ -185,12 +189,12 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> d
         "grpc, 2 dispatcher processes": ({"address": address, "timeout_ms": 20}, 2),
         "embedded, 2 dispatcher processes": (embedded, 2),
     }
-    load = shutil.which("h2load") is not None
+    load = load_wanted and shutil.which("h2load") is not None
     serve = [sys.executable, "-m", "classifier.cli", "serve", "--port", str(grpc_port), "--workers", "2"]
     serve += ["--model", model] if model else []
     processes = [_start_upstream(upstream_port),
                  subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    report: dict = {"requests_per_measure": count, "load": {}}
+    report: dict = {"requests_per_measure": count, "load": {}, "config_overlay": overlay}
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
         wait_serving(address)
@@ -201,7 +205,7 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float) -> d
             config = workdir / f"dispatcher-{name.replace(' ', '_')}.yaml"
             decisions = workdir / f"decisions-{name.replace(' ', '_')}.jsonl"
             config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
-                                          "decision_log": {"path": str(decisions)}}))
+                                          "decision_log": {"path": str(decisions)}, **overlay}))
             dispatch = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
                                          "--port", str(http_port), "--workers", str(workers)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
