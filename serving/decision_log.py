@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.dispatch_config import DecisionLogConfig
@@ -81,7 +81,9 @@ class DecisionRecord:
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
 
     def as_dict(self) -> dict:
-        return {"schema_version": DECISION_SCHEMA_VERSION, **asdict(self)}
+        # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no
+        # copies; dataclasses.asdict deep-copied them, a third of record()'s time in the dispatcher.
+        return {"schema_version": DECISION_SCHEMA_VERSION, **self.__dict__}
 
 
 class DecisionLog:
