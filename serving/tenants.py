@@ -8,6 +8,7 @@ is read and written by `SpendLedger`'s thread. Config: serving.tenant_config; pa
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class Tenants:
         self._by_key = {key: self.by_name[name] for key, name in (owners or {}).items()}
         self.default = self.by_name[DEFAULT_TENANT]
         self.metrics = TenantMetrics(registry)
+        self._counters: dict[tuple[str, str | None], tuple[Counter, Counter]] = {}
         self.prices: list[tuple[float, float]] = []  # the tiers' (input, output) USD per Mtok, once known
         self.ledger: SpendLedger | None = None
         budgeted = [tenant for tenant in self.by_name.values() if tenant.budget is not None]
@@ -213,13 +215,23 @@ class Tenants:
 
     def charge(self, tenant: Tenant, tier: str | None, usd: float | None) -> None:
         """Count an answered request, and its cost against the tenant's budget."""
-        self.metrics.requests.labels(tenant.name, tier or "none").inc()
+        counters = self._counters.get((tenant.name, tier))
+        if counters is None:  # labels() takes a lock and builds a key: once per tenant and tier, not per request
+            counters = self._counters[(tenant.name, tier)] = (
+                self.metrics.requests.labels(tenant.name, tier or "none"), self.metrics.spend.labels(tenant.name))
+        counters[0].inc()
         if usd is None or usd <= 0.0:
             return
-        self.metrics.spend.labels(tenant.name).inc(usd)
+        counters[1].inc(usd)
         if tenant.clock is not None and self.ledger is not None:
             window = tenant.clock.at(time.time())
-            self.ledger.charge((tenant.name, window.key), usd)
+            self.ledger.charge((tenant.name, window.key), usd, wake=False)
+            try:
+                # The write starts once the event loop is free again: after the response has been written
+                # (a non-streaming request is charged just before), not while it is.
+                asyncio.get_running_loop().call_soon(self.ledger.wake)
+            except RuntimeError:  # no event loop (a tool, a test): now
+                self.ledger.wake()
 
     def health(self) -> dict[str, object]:
         """The spend store's state, for /health (nothing when no tenant has a budget)."""
