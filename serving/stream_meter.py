@@ -17,6 +17,7 @@ import re
 CHARS_PER_TOKEN = 4
 ESTIMATED = "spend counted as 4 characters per token of prompt and answer"
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+MAX_EVENT_BYTES = 1 << 20  # held back at most until an event's end: more is relayed unread
 
 
 def estimated_usage(prompt_chars: int, completion_chars: int) -> dict[str, int]:
@@ -84,10 +85,7 @@ class StreamMeter:
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
         ends = list(_EVENT_END.finditer(data))
-        if not ends:
-            self._pending = data
-            return b""
-        self._pending = data[ends[-1].end():]
+        self._pending = data[ends[-1].end():] if ends else data
         relayed = []
         start = 0
         for end in ends:
@@ -95,6 +93,11 @@ class StreamMeter:
             start = end.end()
             if self._read(event):
                 relayed.append(event)
+        if len(self._pending) > MAX_EVENT_BYTES:
+            # Not an event stream, or an event too large to hold: relayed as it comes, counted by its size.
+            relayed.append(self._pending)
+            self.completion_chars += len(self._pending)
+            self._pending = b""
         return b"".join(relayed)
 
     def finish(self) -> bytes:

@@ -423,3 +423,29 @@ def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], train
     monkeypatch.delenv("SEARCH_KEYS")
     result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
     assert result.exit_code == 2 and "SEARCH_KEYS, which holds no keys" in result.output
+
+
+def test_stream_meter_relays_whole_events_and_takes_out_only_the_usage_chunk_it_asked_for() -> None:
+    from serving.stream_meter import MAX_EVENT_BYTES, StreamMeter
+
+    def event(payload: dict, end: bytes = b"\n\n") -> bytes:
+        return b"data: " + json.dumps(payload).encode() + end
+
+    chunk = event({"choices": [{"delta": {"content": "héllo", "tool_calls": [{"function": {"arguments": "{}"}}]}}],
+                   "usage": None})
+    usage_chunk = event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}, b"\r\n\r\n")
+    stream = b": keep-alive\n\n" + chunk + usage_chunk + b"data: [DONE]\n\n"
+    for drop in (True, False):
+        meter = StreamMeter(drop_usage_chunk=drop)
+        relayed = b"".join(meter.feed(stream[i:i + 5]) for i in range(0, len(stream), 5)) + meter.finish()
+        expected = stream.replace(usage_chunk, b"") if drop else stream
+        assert relayed == expected  # byte for byte, whatever the chunking
+        assert meter.usage == {"prompt_tokens": 3, "completion_tokens": 2} and meter.completion_chars == 7
+    # A choiceless chunk without usage (Azure's prompt-filter results) is the caller's: never taken out.
+    filtered = event({"choices": [], "prompt_filter_results": []})
+    meter = StreamMeter(drop_usage_chunk=True)
+    assert meter.feed(filtered) == filtered and meter.usage is None
+    # A body that is no event stream is relayed as it comes, not held whole.
+    meter = StreamMeter(drop_usage_chunk=True)
+    blob = b"x" * (MAX_EVENT_BYTES + 1)
+    assert meter.feed(blob) == blob and meter.completion_chars == len(blob) and meter.finish() == b""
