@@ -29,9 +29,9 @@ DOWNGRADE_PENALTY: each downgrade is a change a caller can notice, so few large 
 small ones). `max_quality_loss` is the operator's quality floor: no paced request gives up more than
 that much probability of a good answer, whatever the pressure.
 
-Lowering one threshold for every tier instead (what a mode does) makes more downgrades than a hard cap
-at the same budget: it moves medium-tier prompts to the small tier for a few cents each (measured with
-`promptier budget-sim`, serving/README.md: Tenants).
+Lowering one threshold for every tier instead (what a mode does) made more downgrades than a hard cap
+at the same budget: it moves medium-tier prompts to the small tier for a few cents each (measured on
+the simulation's requests, serving/README.md: Tenants and budgets).
 
 **Exhausted.** Once `s >= B`: the cheapest allowed tier, or a refusal, as configured.
 """
@@ -99,7 +99,7 @@ def budget_pressure(spent: float, budget: float, elapsed: float, band: float) ->
 
 # The shape of the paced decision (see the module docstring); fixed, so that the live dispatcher and
 # the simulation decide alike. Chosen with the simulation on the shared outcome logs and on synthetic
-# traffic of several tier mixes (serving/README.md: Tenants).
+# traffic of several tier mixes (serving/README.md: Tenants and budgets).
 ASSUMED_COMPLETION_TOKENS = 300
 REFERENCE_PROMPT_TOKENS = 1000
 MAX_EXCHANGE_RATE = 4.0
