@@ -449,3 +449,37 @@ def test_stream_meter_relays_whole_events_and_takes_out_only_the_usage_chunk_it_
     meter = StreamMeter(drop_usage_chunk=True)
     blob = b"x" * (MAX_EVENT_BYTES + 1)
     assert meter.feed(blob) == blob and meter.completion_chars == len(blob) and meter.finish() == b""
+
+
+def test_a_tenants_tiers_and_budget_never_send_a_request_to_a_tier_that_cannot_serve_it(
+        fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_dispatch_capabilities import IMAGE, _restricted
+
+    monkeypatch.setenv("TEXT_KEYS", "text-key")
+    monkeypatch.setenv("FRUGAL_KEYS", "frugal-key")
+    store_path = tmp_path / "spend.sqlite3"
+    _seed(store_path, "frugal", 1.0)  # spent: its requests go to the cheapest tier that can serve them
+    config = _restricted(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                 spend_store={"path": str(store_path), "refresh_ms": 50}, tenants={
+                                     "text": {"api_keys_env": "TEXT_KEYS", "allowed_tiers": ["small", "large"]},
+                                     "frugal": {"api_keys_env": "FRUGAL_KEYS", "budget": {"usd": 1.0}}}))
+    dispatcher = Dispatcher(config)  # only medium takes images (tests.test_dispatch_capabilities.SERVES)
+    try:
+        picture = [{"role": "user", "content": [{"type": "text", "text": HARD}, IMAGE]}]
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            dispatcher.client(api_key="text-key").chat.completions.create(model="promptier", messages=picture)
+        assert refused.value.code == "tier_not_allowed" and "images" in refused.value.message
+        frugal = dispatcher.client(api_key="frugal-key")
+        assert _eventually(lambda: _metrics(dispatcher.port).get(
+            ("promptier_dispatch_tenant_period_spend_usd", (("tenant", "frugal"),))) == 1.0)
+        raw = frugal.chat.completions.with_raw_response.create(model="promptier", messages=picture)
+        assert raw.headers["x-promptier-tier"] == "medium"  # the cheapest that sees images, not small
+        tier, headers = _ask(frugal, HARD)
+        assert (tier, headers["x-promptier-reason"]) == ("small", "budget_exhausted")  # text only: small
+        assert [upstream.received[-1]["body"]["messages"][0]["content"] for upstream in [fresh["small"]]] == [HARD]
+        rows = _rows(tmp_path / "decisions.jsonl", 3)
+        assert [(row["tenant"], row["tier"], row["status"]) for row in rows] == [
+            ("text", None, 403), ("frugal", "medium", 200), ("frugal", "small", 200)]
+    finally:
+        dispatcher.stop()
