@@ -29,6 +29,7 @@ from pathlib import Path
 
 from classifier.errors import PromptierError
 from serving.budget_pacing import BudgetRule, OnExhausted, decide
+from serving.decision_log import OUTCOME_KIND
 
 CURVE_POINTS = 100  # spend is sampled at this many evenly spaced moments of the period
 
@@ -169,6 +170,8 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
 
     for path in paths:
         for row in _rows(path):
+            if row.get("kind") == OUTCOME_KIND:  # a score reported later, not a request
+                continue
             logged = "schema_version" in row or "routed_tier" in row
             if logged:
                 if tenant is not None and row.get("tenant", "default") != tenant:

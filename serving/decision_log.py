@@ -36,7 +36,11 @@ from serving.dispatch_config import DecisionLogConfig
 # pacing pressure in [0, 1], null without a budget); `reason` may also be `paced` or
 # `budget_exhausted`, and `cost_usd` of an answer without usage, for a tenant with a budget, is
 # counted from characters (`note` says so).
-DECISION_SCHEMA_VERSION = 4
+# Version 5 added outcome lines: `{"kind": "outcome", "prompt_id", "score", "judge", "time"}`, a score
+# reported later (POST /v1/promptier/outcomes) for the request whose line has that `prompt_id` (sent to
+# the caller as `x-promptier-request-id`); `promptier train` joins the two. Request lines have no `kind`.
+DECISION_SCHEMA_VERSION = 5
+OUTCOME_KIND = "outcome"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,19 @@ class DecisionRecord:
         # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no
         # copies; dataclasses.asdict deep-copied them, a third of record()'s time in the dispatcher.
         return {"schema_version": DECISION_SCHEMA_VERSION, **self.__dict__}
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    """A score for an earlier request: how well its answer served, in [0, 1], from a judge or a user."""
+
+    prompt_id: str  # the request's `prompt_id` (its x-promptier-request-id)
+    score: float
+    judge: str | None  # who scored it (free text, bounded), e.g. "thumbs" or a judge model's name
+    time: str
+
+    def as_dict(self) -> dict:
+        return {"schema_version": DECISION_SCHEMA_VERSION, "kind": OUTCOME_KIND, **self.__dict__}
 
 
 class DecisionLog:

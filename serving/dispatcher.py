@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -52,6 +52,7 @@ from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
 from serving.inbound import INBOUND_ATTRIBUTE
 from serving.logs import configure_json_logging
 from serving.metrics import BatcherMetrics
+from serving.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
 from serving.route_classifier import (
     ClassifierUnavailable,
     EmbeddedRouteClassifier,
@@ -89,6 +90,9 @@ class Route:
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
     unpaced_tier: str | None = None  # the policy's tier, when the tenant's budget moved the request
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
+    # The decision log's prompt_id for this request, sent to the caller so that it can report how the
+    # answer served (serving.outcomes).
+    request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
 
 
 class HTTPError(Exception):
@@ -113,6 +117,8 @@ class DispatcherMetrics:
                                    ["from_tier"], registry=self.registry)
         self.overhead = Histogram("promptier_dispatch_classify_seconds", "time spent asking the classifier",
                                   registry=self.registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05))
+        self.outcomes = Counter("promptier_dispatch_outcomes", "outcome scores reported for earlier answers",
+                                registry=self.registry)
 
 
 def _check_tier_names(served: list[str], configured: list[str], source: str) -> None:
@@ -340,7 +346,7 @@ class Dispatcher:
         confidence, classifier time, who decided) only when the request was classified: an empty
         header would read as a value."""
         headers = {f"{HEADER_PREFIX}tier": tier, f"{HEADER_PREFIX}upstream-model": self.config.tiers[tier].model,
-                   f"{HEADER_PREFIX}reason": route.reason}
+                   f"{HEADER_PREFIX}reason": route.reason, f"{HEADER_PREFIX}request-id": route.request_id}
         if route.confidence is not None:
             headers[f"{HEADER_PREFIX}confidence"] = f"{route.confidence:.4f}"
         if route.mode:
@@ -385,7 +391,7 @@ class Dispatcher:
         self.tenants.charge(tenant, tier, cost)
         self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
         self.decisions.write(DecisionRecord(
-            prompt_id=f"dispatcher:{uuid.uuid4().hex}", prompt=prompt, messages=conversation,
+            prompt_id=route.request_id, prompt=prompt, messages=conversation,
             model=self.config.tiers[tier].model if tier else None, score=None, cost_usd=cost,
             source="dispatcher", category="", tier=tier, routed_tier=route.tier, reason=route.reason,
             mode=route.mode, confidence=route.confidence, decided_by=route.decided_by,
@@ -496,12 +502,12 @@ def read_usage(usage: object) -> tuple[dict | None, str | None]:
         return None, NO_USAGE
     if not isinstance(usage, dict):
         return None, f"usage is {_describe(usage)}, not an object"
-    for field in ("prompt_tokens", "completion_tokens"):
-        count = usage.get(field)
+    for count_name in ("prompt_tokens", "completion_tokens"):
+        count = usage.get(count_name)
         if isinstance(count, bool) or not isinstance(count, int | float):
-            return None, f"usage.{field} is {_describe(count)}, not a token count"
+            return None, f"usage.{count_name} is {_describe(count)}, not a token count"
         if not 0 <= count < TOKEN_COUNT_LIMIT:  # NaN fails this too
-            return None, f"usage.{field} is {count!r}, not a token count"
+            return None, f"usage.{count_name} is {count!r}, not a token count"
     return usage, None
 
 
@@ -671,6 +677,25 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         body.update(dispatcher.tenants.health())
         return JSONResponse(body)
 
+    async def outcomes(request: Request) -> Response:
+        """Scores for earlier answers (serving.outcomes), appended to the decision log for training."""
+        try:
+            if not _is_json(request.headers.get("content-type", "")):
+                raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
+                                code="unsupported_media_type")
+            if dispatcher.tenants.authenticate(request.headers.get("authorization", "")) is None:
+                raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+            reports = parse_outcomes(await _read_body(request, MAX_OUTCOMES_BODY_BYTES))
+        except HTTPError as error:
+            return error.response()
+        except OutcomeError as error:
+            return HTTPError(400, str(error), code="invalid_outcome").response()
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED)
+        accepted = record_outcomes(dispatcher.decisions, reports)
+        dispatcher.metrics.outcomes.inc(accepted)
+        return JSONResponse({"accepted": accepted}, status_code=202)
+
     async def models(request: Request) -> Response:
         data = [{"id": model_id, "object": "model", "owned_by": "promptier"} for model_id in dispatcher.model_ids()]
         return JSONResponse({"object": "list", "data": data})
@@ -829,6 +854,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
         Endpoint("/v1/chat/completions", chat, methods=["POST"]),
+        Endpoint("/v1/promptier/outcomes", outcomes, methods=["POST"]),
         Mount("/metrics", make_asgi_app(registry=exposed)),
         *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
                                        config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.decision_log import OUTCOME_KIND
+
 DEFAULT_GROUP = "default"
 MAX_GROUPS = 50  # tenants shown one by one; the rest are added up as OTHER_GROUP
 OTHER_GROUP = "(other tenants)"
@@ -91,7 +93,8 @@ def read_window(path: Path, backups: int, max_bytes: int) -> LogWindow:
                 unreadable += 1
                 continue
             if isinstance(row, dict):
-                rows.append(row)
+                if row.get("kind") != OUTCOME_KIND:  # a score reported later, not a request
+                    rows.append(row)
             else:
                 unreadable += 1
     return LogWindow(rows, files, max_bytes - max(budget, 0), truncated, unreadable)
