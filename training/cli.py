@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Train and evaluate routers.", no_args_is_help=True, pretty_exceptions_enable=False)
 
 LogsOption = Annotated[list[Path], typer.Option("--logs", help="log files or directories (JSONL/Parquet)")]
+DEFAULT_DISTILL_WEIGHT = 0.5
 PoolOption = Annotated[Path, typer.Option("--pool", help="pool YAML: tiers, prices, models per source")]
 
 
@@ -48,22 +49,41 @@ def train(
     teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="prompts without outcomes, for distillation")] = None,
     distill_weight: Annotated[float, typer.Option(help="weight of the teacher's probabilities in the targets "
-                                                       "(1 = pure distillation)")] = 0.5,
+                                                       "(1 = pure distillation)")] = DEFAULT_DISTILL_WEIGHT,
     epochs: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     holdout_source: Annotated[list[str] | None, typer.Option(help="put a whole source in test")] = None,
     holdout_category: Annotated[list[str] | None, typer.Option(help="put a whole category in test")] = None,
     model_version: Annotated[str | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto (a GPU when torch sees one), cpu or cuda; "
+                                                    "overrides the config's")] = None,
+    precision: Annotated[str | None, typer.Option(help="on a GPU: auto (bf16, else fp16), fp32, bf16 or fp16; "
+                                                       "always fp32 on a CPU")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="stream the logs (memory bounded by "
+                                                "the held-out prompts; split by prompt hash)")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="data-parallel processes on this machine, started with "
+                                                       "torchrun (one per GPU with --device cuda)")] = 1,
 ) -> None:
     """Train a calibrated tier classifier on routing logs and write an evaluated ONNX artifact."""
     _require_training_extra()
     from training.config import load_config
+    from training.devices import torchrun_environment
     from training.pipeline import train as run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world_size, _ = torchrun_environment()
+    if processes > 1 and world_size == 1:
+        _launch(processes, {"logs": logs, "pool": pool, "out": out, "config": config, "work_dir": work_dir,
+                            "skip_invalid": skip_invalid, "teacher": teacher, "unlabeled": unlabeled,
+                            "distill_weight": distill_weight, "epochs": epochs, "seed": seed,
+                            "holdout_source": holdout_source, "holdout_category": holdout_category,
+                            "model_version": model_version, "device": device, "precision": precision,
+                            "stream": stream, "processes": processes})
+        return
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config, epochs=epochs, seed=seed, holdout_sources=holdout_source,
-                          holdout_categories=holdout_category)
+                          holdout_categories=holdout_category, device=device, precision=precision, streaming=stream)
         manifest = run_training(logs, pool, out, cfg, work_dir=work_dir, skip_invalid=skip_invalid,
                                 teacher=teacher, unlabeled=unlabeled or (), distill_weight=distill_weight,
                                 model_version=model_version,
@@ -71,11 +91,40 @@ def train(
                                 cache_dir=Path.home() / ".cache" / "promptier")
     except (PromptierError, ValueError, FileNotFoundError) as error:
         fail(error)
+    if manifest is None:  # a process of a distributed run other than the main one
+        return
     typer.echo(f"wrote {out} ({manifest.model_version}); thresholds {manifest.policy.thresholds}")
     test = manifest.metrics.get("test")
     if isinstance(test, dict):
         for group, methods in test.items():
             typer.echo(f"  {group}: APGR {methods['promptier']['apgr']:.4f}")
+
+
+def _launch(processes: int, options: dict[str, object]) -> None:
+    """Run this same `train` command as `processes` processes under torchrun (PyTorch's launcher),
+    on this machine, at a free port; exit with its status."""
+    import subprocess
+
+    arguments = ["train"]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or (value is False and name != "stream") or (
+                name == "distill_weight" and value == DEFAULT_DISTILL_WEIGHT):
+            continue  # the defaults: left out, so that the recorded command reads as it was typed
+        if isinstance(value, bool):
+            arguments.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                arguments += [flag, str(item)]
+        else:
+            arguments += [flag, str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               # "--": torchrun's own parser would otherwise claim --logs (a prefix of its --logs-specs).
+               "-m", "training.cli", "--", *arguments]
+    typer.echo(f"starting {processes} processes: {shlex.join(command)}", err=True)
+    status = subprocess.run(command, check=False).returncode
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command("eval")
@@ -187,3 +236,7 @@ def export(
     typer.echo(f"wrote {out} ({manifest.architecture.get('quantization')}): tier agreement "
                f"{report.tier_agreement:.4f}, max probability difference {report.max_probability_diff:.2e} "
                f"on {report.prompts} prompts")
+
+
+if __name__ == "__main__":  # how torchrun starts each process of `promptier train --processes N`
+    app()
