@@ -253,7 +253,7 @@ class _Streamer:
             for i in heldout.tolist():
                 row = rows[i]
                 self.heldout_texts.append(row.prompt)
-                self.heldout_ids.append(row.prompt_id or f"{row.source}:{hashes[i]:016x}")
+                self.heldout_ids.append(row.prompt_id or f"{row.source}:{int(hashes[i]):016x}")
 
     def _aggregate(self, ids: np.ndarray, tiers: np.ndarray, rows: Sequence[OutcomeRow | TierLabelRow]) -> None:
         outcome = tiers >= 0
