@@ -168,7 +168,9 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
     last_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
     model.to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    fused = config.fused_optimizer if config.fused_optimizer is not None else device.type == "cuda"
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=True if fused else None)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     scaler = place.grad_scaler()
     step = 0
