@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import resource
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SEEN_PROMPTS_FILE = "seen_prompts.txt"
 TRAINSET_DIR = "trainset"  # in the work dir: the training set as token ids, for streaming and other processes
+HELDOUT_CHUNK = 4096  # held-out prompts tokenized and scored at a time when streaming
 
 
 @dataclass
@@ -145,6 +148,8 @@ def train(
     command: str | None = None,
     evaluation_backbone: Path | None = None,
     cache_dir: Path | None = None,
+    init_from: Path | None = None,
+    compare_with: Path | None = None,
 ) -> ArtifactManifest | None:
     """Train, calibrate, choose thresholds, export with a parity check, evaluate on the test split.
 
@@ -152,6 +157,10 @@ def train(
     with the logged outcomes, and unknown outcomes and `unlabeled` prompts take the teacher's alone.
     With `evaluation_backbone`, the test-split evaluation includes the embedding baseline (embeddings
     kept in `cache_dir`).
+
+    With `init_from` (a training checkpoint), the model starts from its weights instead of the
+    backbone's (a fresh optimizer and schedule); with `compare_with` (an artifact), the test split's
+    prompts that artifact never saw are scored by both, in the manifest's `metrics.retrain`.
 
     Under `torchrun` (several processes), the main process reads the logs and writes the training
     set to the work dir; every process trains on its share of each batch; only the main one writes
@@ -179,8 +188,12 @@ def train(
                       if config.streaming else
                       _in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
                                         teacher, unlabeled, distill_weight, cache_dir))
+        stages = {"inputs": round(time.time() - started, 1)}
+        peaks = {"inputs": peak_rss_mb()}
         torch.manual_seed(config.seed)
         model, architecture = build_model(config, load_encoder(backbone_dir), len(pool.tiers), pad_id=encoder.pad_id)
+        if init_from is not None:
+            _load_weights(model, init_from)
         tokens, targets = (inputs.tokens, inputs.targets) if inputs is not None else ([], np.zeros(0))
         if place.distributed:
             if inputs is not None and isinstance(inputs.tokens, list):
@@ -190,12 +203,30 @@ def train(
         fit_report: dict = {}
         fit(model, tokens, targets, config, work_dir, description="student" if config.student else "train",
             placement=place, report=fit_report)
+        stages["model_and_fit"] = round(time.time() - started - stages["inputs"], 1)
+        peaks["model_and_fit"] = peak_rss_mb()
     if inputs is None:
         return None
-    return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, work_dir, out_dir, started,
-                   fit_report, teacher=teacher, distill_weight=distill_weight, model_version=model_version,
-                   logs=logs, pool_path=pool_path, command=command, evaluation_backbone=evaluation_backbone,
-                   cache_dir=cache_dir)
+    run = _Run(logs=logs, pool_path=pool_path, out_dir=out_dir, work_dir=work_dir, teacher=teacher,
+               distill_weight=distill_weight, model_version=model_version, command=command,
+               evaluation_backbone=evaluation_backbone, cache_dir=cache_dir, init_from=init_from,
+               compare_with=compare_with, started=started, stages=stages, peaks=peaks)
+    return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, fit_report, run)
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Start from a training checkpoint's weights.
+
+    Raises:
+        ValueError: the checkpoint is of another architecture.
+    """
+    from training.trainer import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(state.get("model", state))
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint} does not fit this config's architecture: {str(exc)[:300]}") from exc
 
 
 def _vocab_size(tokenizer_file: Path) -> int:
@@ -288,11 +319,29 @@ def _streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
                           parity_extra=data.parity_texts, fingerprint=data.fingerprint, record=record)
 
 
+@dataclass
+class _Run:
+    """One `train` call's arguments that the finishing stage needs, and what the run measured so far."""
+
+    logs: Sequence[str | Path]
+    pool_path: str | Path
+    out_dir: Path
+    work_dir: Path
+    teacher: Path | None
+    distill_weight: float
+    model_version: str | None
+    command: str | None
+    evaluation_backbone: Path | None
+    cache_dir: Path | None
+    init_from: Path | None
+    compare_with: Path | None
+    started: float
+    stages: dict[str, float]
+    peaks: dict[str, float]
+
+
 def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, pool: Pool, config: TrainConfig,
-            encoder: PromptEncoder, tokenizer_file: Path, work_dir: Path, out_dir: Path, started: float,
-            fit_report: dict, *, teacher: Path | None, distill_weight: float, model_version: str | None,
-            logs: Sequence[str | Path], pool_path: str | Path, command: str | None,
-            evaluation_backbone: Path | None, cache_dir: Path | None) -> ArtifactManifest:
+            encoder: PromptEncoder, tokenizer_file: Path, fit_report: dict, run: _Run) -> ArtifactManifest:
     """Calibrate, choose thresholds, fit familiarity, export with the parity check, evaluate (main process)."""
     from training.calibration import apply_temperatures, fit_temperatures
     from training.evaluate import evaluate_split, sample_metrics
@@ -301,12 +350,17 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
     from training.probes import evaluate_probes
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.streaming import write_hashes
-    from training.trainer import predict_logits, tokenize_all
+    from training.trainer import CHECKPOINT_FILE, predict_logits, tokenize_all
 
-    table, split = inputs.table, inputs.split
+    table, split, peaks, started, out_dir = inputs.table, inputs.split, run.peaks, run.started, run.out_dir
     val_index = np.flatnonzero(split == "val")
     val_texts = [table.prompts[i] for i in val_index]
-    val_logits = predict_logits(model, tokenize_all(encoder, val_texts), description="validate")
+    if inputs.familiarity_texts is None:  # streamed: held-out prompts a chunk at a time
+        val_logits = np.concatenate([predict_logits(model, tokenize_all(encoder, val_texts[i : i + HELDOUT_CHUNK]))
+                                     for i in range(0, len(val_texts), HELDOUT_CHUNK)])
+    else:
+        val_logits = predict_logits(model, tokenize_all(encoder, val_texts), description="validate")
+    peaks["validate"] = peak_rss_mb()
     temperatures = fit_temperatures(val_logits, table.targets[val_index])
     val_probs = apply_temperatures(val_logits, temperatures)
     val_targets, val_costs = table.targets[val_index], table.costs[val_index]
@@ -315,17 +369,19 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
     thresholds = mode_thresholds(curve, top_quality, config.quality_bands)
 
     manifest = ArtifactManifest(
-        model_version=model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
+        model_version=run.model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
         tiers=pool.tier_specs(),
         policy=PolicyConfig(default_mode=config.default_mode, rule=config.policy_rule, thresholds=thresholds,
                             quality_bands=dict(config.quality_bands), curve=curve_points(curve)),
         calibration=CalibrationConfig(temperatures=temperatures),
         truncation=encoder.truncation,
         architecture=architecture,
-        training={"config": config.model_dump(), "teacher": str(teacher) if teacher else None,
-                  "distill_weight": distill_weight if teacher else None,
-                  "logs": [str(p) for p in logs], "pool": str(pool_path), "command": command,
+        training={"config": config.model_dump(), "teacher": str(run.teacher) if run.teacher else None,
+                  "distill_weight": run.distill_weight if run.teacher else None,
+                  "logs": [str(p) for p in run.logs], "pool": str(run.pool_path), "command": run.command,
                   **inputs.record, "fit": fit_report,
+                  "checkpoint": str((run.work_dir / CHECKPOINT_FILE).resolve()),
+                  **({"init_from": str(run.compare_with or run.init_from)} if run.init_from else {}),
                   "train_seconds": round(time.time() - started, 1)},
         data_fingerprint=inputs.fingerprint,
         versions=_versions(),
@@ -341,26 +397,42 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
     def torch_logits(texts: Sequence[str]) -> np.ndarray:
         return predict_logits(model, tokenize_all(encoder, texts))
 
-    seen_file = work_dir / SEEN_PROMPTS_FILE
+    seen_file = run.work_dir / SEEN_PROMPTS_FILE
     write_hashes(seen_file, inputs.seen_hashes)
     exported = model
     if config.familiarity is not None:
         exported, familiarity = _fit_familiarity(model, encoder, inputs, pool, config)
         manifest = manifest.model_copy(update={"familiarity": familiarity})
+        peaks["familiarity"] = peak_rss_mb()
     manifest, _ = write_artifact(exported, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
                                  config.quantize, extra_paths={SEEN_PROMPTS_FILE: seen_file})
     test_index = np.flatnonzero(split == "test")
+    peaks["export"] = peak_rss_mb()
     metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(out_dir))}
     if test_index.size:
-        report = evaluate_split(out_dir, table, split, backbone_dir=evaluation_backbone, out_dir=out_dir,
-                                cache_dir=cache_dir)
+        report = evaluate_split(out_dir, table, split, backbone_dir=run.evaluation_backbone, out_dir=out_dir,
+                                cache_dir=run.cache_dir)
         metrics.update({"test": report["summary"], "test_sample": sample_metrics(out_dir, table)})
+        if run.compare_with is not None:
+            from training.retrain import compare_on_test
+
+            metrics["retrain"] = compare_on_test(run.compare_with, out_dir, table, split)
     manifest = manifest.model_copy(update={"metrics": metrics})
-    manifest = manifest.model_copy(update={"training": {**manifest.training,
-                                                        "total_seconds": round(time.time() - started, 1)}})
+    peaks["evaluate"] = peak_rss_mb()
+    total = round(time.time() - started, 1)
+    stages = {**run.stages, "finish": round(total - sum(run.stages.values()), 1)}
+    manifest = manifest.model_copy(update={"training": {**manifest.training, "peak_rss_mb": peaks["evaluate"],
+                                                        "stage_peak_rss_mb": peaks, "stage_seconds": stages,
+                                                        "total_seconds": total}})
     save_manifest(manifest, out_dir)
     (out_dir / MODEL_CARD_FILE).write_text(render_model_card(manifest, out_dir), encoding="utf-8")
     return manifest
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def validation_metrics(logits: np.ndarray, probabilities: np.ndarray, table: PromptTable, rule: Rule) -> dict:
@@ -411,8 +483,14 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: Tra
                                                       exclude=seen)]
     table, split = inputs.table, inputs.split
     reference_texts = [table.prompts[i] for i in np.flatnonzero(split == "val")] + fresh
-    reference = predict(model, tokenize_all(encoder, reference_texts), method="features")
-    unfamiliarity = statistics.unfamiliarity(reference)
+    if inputs.familiarity_texts is None:  # streamed: features of a chunk at a time, never all of them
+        unfamiliarity = np.concatenate([
+            statistics.unfamiliarity(predict(model, tokenize_all(encoder, reference_texts[i : i + HELDOUT_CHUNK]),
+                                             method="features"))
+            for i in range(0, len(reference_texts), HELDOUT_CHUNK)])
+    else:
+        reference = predict(model, tokenize_all(encoder, reference_texts), method="features")
+        unfamiliarity = statistics.unfamiliarity(reference)
     familiarity = FamiliarityConfig(
         threshold=float(np.quantile(unfamiliarity, spec.quantile)),
         reference=np.quantile(unfamiliarity, np.linspace(0, 1, 101)).tolist(),
@@ -420,7 +498,7 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: Tra
     return WithUnfamiliarity(model, statistics), familiarity
 
 
-def _store_feature_statistics(model: torch.nn.Module, store: TokenStore, directions: int, chunk: int = 8192
+def _store_feature_statistics(model: torch.nn.Module, store: TokenStore, directions: int, chunk: int = HELDOUT_CHUNK
                               ) -> FeatureStatistics:
     """Feature statistics of every prompt in a token store, accumulated a chunk at a time (float64
     sums, shifted by the first chunk's mean so that the one-pass covariance keeps its precision)."""

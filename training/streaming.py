@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import resource
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -291,6 +290,8 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
         DataError: an invalid row (unless `skip_invalid`), no usable row, or too few prompts for a
             training and a validation split.
     """
+    from training.pipeline import peak_rss_mb
+
     skipped = SkipReport()
     streamer = _Streamer(pool, config, encoder, writer)
     for chunk in _chunks(iter_rows(paths, skipped, skip_invalid), chunk_rows):
@@ -323,7 +324,7 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
     stats: dict[str, int | float] = {
         "rows": streamer.rows + skipped.total, "rows_used": streamer.used_rows, "prompts": n,
         "token_store_bytes": writer.bytes_written, **streamer.memory(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_mb": peak_rss_mb(),
         # Two distinct prompts share an 8-byte hash with probability about n^2 / 2^65.
         "hash_collision_probability": float(n) ** 2 / 2.0**65,
     }
