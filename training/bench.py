@@ -42,10 +42,10 @@ class Mode:
         return f"{self.device} x{self.processes} {self.reading}"
 
 
-def bench_config(backbone: str, streaming: bool, max_steps: int, device: str) -> dict:
-    """The shipped recipe without its teacher (which needs every prompt's text), capped at `max_steps`,
-    with the fused optimizer that large runs should use."""
-    config = yaml.safe_load(SHIPPED_RECIPE.read_text(encoding="utf-8"))
+def bench_config(backbone: str, streaming: bool, max_steps: int, device: str, recipe: Path = SHIPPED_RECIPE) -> dict:
+    """A recipe (the shipped one by default) without its teacher (which needs every prompt's text),
+    capped at `max_steps`, with the fused optimizer that large runs should use."""
+    config = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     config.pop("teacher", None)
     config.update(backbone=backbone, streaming=streaming, max_steps=max_steps, device=device, epochs=1,
                   fused_optimizer=True)
@@ -102,12 +102,12 @@ def _logs(root: Path, rows: int, prompt_chars: int) -> Path:
 
 
 def run_one(root: Path, logs: Path, pool: Path, backbone: str, mode: Mode, max_steps: int, rows: int,
-            timeout: float) -> dict:
+            timeout: float, recipe: Path = SHIPPED_RECIPE) -> dict:
     """One `promptier train` in a child process; its figures."""
     name = f"{rows}-{mode.device}-{mode.processes}-{mode.reading}"
     config_file = root / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(bench_config(backbone, mode.reading == "streamed", max_steps,
-                                                       mode.device)), encoding="utf-8")
+                                                       mode.device, recipe)), encoding="utf-8")
     out, work = root / f"model-{name}", root / f"model-{name}.work"
     for stale in (out, work):
         if stale.exists():
@@ -118,6 +118,7 @@ def run_one(root: Path, logs: Path, pool: Path, backbone: str, mode: Mode, max_s
                "--config", str(config_file), "--out", str(out), "--work-dir", str(work),
                "--processes", str(mode.processes)]
     log_file = root / f"{name}.log"
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with log_file.open("w", encoding="utf-8") as output:
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
@@ -132,7 +133,9 @@ def run_one(root: Path, logs: Path, pool: Path, backbone: str, mode: Mode, max_s
     wall = time.perf_counter() - started
     result: dict = {"rows": rows, "mode": mode.name, "device": mode.device, "processes": mode.processes,
                     "reading": mode.reading, "max_steps": max_steps, "wall_seconds": round(wall, 1),
-                    "peak_rss_tree_mb": round(tree_peak / 2**20, 1), "status": status, "log": str(log_file)}
+                    "peak_rss_tree_mb": round(tree_peak / 2**20, 1), "status": status, "log": str(log_file),
+                    # Other work on the machine slows a run: its 1-minute load average before and after.
+                    "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if status != 0:
         tail = log_file.read_text(encoding="utf-8", errors="replace")[-1500:]
         result["error"] = tail
@@ -172,7 +175,8 @@ def modes(devices: list[str], processes: list[int], readings: list[str]) -> list
 
 
 def run_bench(rows: list[int], devices: list[str], processes: list[int], readings: list[str], max_steps: int,
-              backbone: str, prompt_chars: int, root: Path, out: Path, timeout: float) -> dict:
+              backbone: str, prompt_chars: int, root: Path, out: Path, timeout: float,
+              recipe: Path = SHIPPED_RECIPE) -> dict:
     """Every (rows, mode) run, printed as it finishes and written to `out` as JSON."""
     import torch
 
@@ -191,19 +195,21 @@ def run_bench(rows: list[int], devices: list[str], processes: list[int], reading
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__,
                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
-        "backbone": backbone, "prompt_chars": prompt_chars, "runs": [],
+        "recipe": str(recipe), "backbone": backbone, "prompt_chars": prompt_chars, "runs": [],
     }
-    print(f"{'rows':>9} {'mode':<22} {'prompts/s':>10} {'steps':>6} {'main MB':>8} {'tree MB':>8} {'wall s':>7}")
+    print(f"{'rows':>9} {'mode':<22} {'prompts/s':>10} {'steps':>6} {'main MB':>8} {'tree MB':>8} {'wall s':>7} "
+          f"{'load':>9}")
     for count in rows:
         logs = _logs(root, count, prompt_chars)
         for mode in modes(devices, processes, readings):
-            result = run_one(root, logs, pool, backbone, mode, max_steps, count, timeout)
+            result = run_one(root, logs, pool, backbone, mode, max_steps, count, timeout, recipe)
             report["runs"].append(result)
             if "error" in result:
                 print(f"{count:>9} {mode.name:<22} failed (status {result['status']}); see {result['log']}")
             else:
+                load = result["load_average"]
                 print(f"{count:>9} {mode.name:<22} {result['train_prompts_per_second']:>10.0f} {result['steps']:>6} "
                       f"{result['peak_rss_main_mb']:>8.0f} {result['peak_rss_tree_mb']:>8.0f} "
-                      f"{result['wall_seconds']:>7.0f}", flush=True)
+                      f"{result['wall_seconds']:>7.0f} {load[0]:>4.1f}-{load[1]:<4.1f}", flush=True)
             out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report

@@ -176,6 +176,8 @@ def train_bench(
     backbone: Annotated[str, typer.Option(help="'minilm-l6' (the shipped model's), 'tiny' (the test fixture's) "
                                                "or a model directory")] = "minilm-l6",
     prompt_chars: Annotated[int, typer.Option(min=10, help="characters per synthetic prompt")] = 1000,
+    recipe: Annotated[Path | None, typer.Option(help="training config to run (default: the shipped recipe); "
+                                                     "its teacher is dropped")] = None,
     work_dir: Annotated[Path, typer.Option(help="synthetic logs (kept for reuse), models, per-run logs")
                         ] = Path("train-bench.work"),
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("train-bench.json"),
@@ -183,11 +185,12 @@ def train_bench(
 ) -> None:
     """Measure training: prompts/s and peak memory on synthetic logs, per device and process count."""
     _require_training_extra()
-    from training.bench import run_bench
+    from training.bench import SHIPPED_RECIPE, run_bench
 
     try:
         run_bench([int(r) for r in rows.split(",")], devices.split(","), [int(p) for p in processes.split(",")],
-                  reading.split(","), max_steps, backbone, prompt_chars, work_dir, out, timeout)
+                  reading.split(","), max_steps, backbone, prompt_chars, work_dir, out, timeout,
+                  recipe or SHIPPED_RECIPE)
     except (PromptierError, ValueError) as error:
         fail(error)
     typer.echo(f"wrote {out}")
