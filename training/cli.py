@@ -7,6 +7,7 @@ Registered with the `promptier` command through the `promptier.commands` entry p
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Train and evaluate routers.", no_args_is_help=True, pretty_exceptions_enable=False)
 
 LogsOption = Annotated[list[Path], typer.Option("--logs", help="log files or directories (JSONL/Parquet)")]
+DEFAULT_DISTILL_WEIGHT = 0.5
 PoolOption = Annotated[Path, typer.Option("--pool", help="pool YAML: tiers, prices, models per source")]
 
 
@@ -48,34 +50,150 @@ def train(
     teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
     unlabeled: Annotated[list[Path] | None, typer.Option(help="prompts without outcomes, for distillation")] = None,
     distill_weight: Annotated[float, typer.Option(help="weight of the teacher's probabilities in the targets "
-                                                       "(1 = pure distillation)")] = 0.5,
+                                                       "(1 = pure distillation)")] = DEFAULT_DISTILL_WEIGHT,
     epochs: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     holdout_source: Annotated[list[str] | None, typer.Option(help="put a whole source in test")] = None,
     holdout_category: Annotated[list[str] | None, typer.Option(help="put a whole category in test")] = None,
     model_version: Annotated[str | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto (a GPU when torch sees one), cpu or cuda; "
+                                                    "overrides the config's")] = None,
+    precision: Annotated[str | None, typer.Option(help="on a GPU: auto (bf16, else fp16), fp32, bf16 or fp16; "
+                                                       "always fp32 on a CPU")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="stream the logs (memory bounded by "
+                                                "the held-out prompts; split by prompt hash)")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="data-parallel processes on this machine, started with "
+                                                       "torchrun (one per GPU with --device cuda)")] = 1,
+    init_from: Annotated[Path | None, typer.Option(help="continue this artifact's training checkpoint on LOGS (same "
+                                                        "tiers, its recipe unless --config); promoted to OUT only "
+                                                        "if not worse on the new held-out prompts")] = None,
+    force: Annotated[bool, typer.Option(help="with --init-from: promote even if worse")] = False,
 ) -> None:
     """Train a calibrated tier classifier on routing logs and write an evaluated ONNX artifact."""
     _require_training_extra()
+    # The launcher of --processes N only starts torchrun: it imports no torch (and holds no memory).
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and world_size == 1:
+        _launch(processes, {"logs": logs, "pool": pool, "out": out, "config": config, "work_dir": work_dir,
+                            "skip_invalid": skip_invalid, "teacher": teacher, "unlabeled": unlabeled,
+                            "distill_weight": distill_weight, "epochs": epochs, "seed": seed,
+                            "holdout_source": holdout_source, "holdout_category": holdout_category,
+                            "model_version": model_version, "device": device, "precision": precision,
+                            "stream": stream, "processes": processes, "init_from": init_from, "force": force})
+        return
     from training.config import load_config
     from training.pipeline import train as run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    overrides = {"epochs": epochs, "seed": seed, "holdout_sources": holdout_source,
+                 "holdout_categories": holdout_category, "device": device, "precision": precision, "streaming": stream}
+    command = "promptier " + shlex.join(sys.argv[1:])
+    if init_from is not None:
+        _retrain(init_from, logs, pool, out, config, overrides, force, work_dir, skip_invalid, model_version, command)
+        return
     try:
-        cfg = load_config(config, epochs=epochs, seed=seed, holdout_sources=holdout_source,
-                          holdout_categories=holdout_category)
+        cfg = load_config(config, **overrides)
         manifest = run_training(logs, pool, out, cfg, work_dir=work_dir, skip_invalid=skip_invalid,
                                 teacher=teacher, unlabeled=unlabeled or (), distill_weight=distill_weight,
-                                model_version=model_version,
-                                command="promptier " + shlex.join(sys.argv[1:]),
+                                model_version=model_version, command=command,
                                 cache_dir=Path.home() / ".cache" / "promptier")
     except (PromptierError, ValueError, FileNotFoundError) as error:
         fail(error)
+    if manifest is None:  # a process of a distributed run other than the main one
+        return
     typer.echo(f"wrote {out} ({manifest.model_version}); thresholds {manifest.policy.thresholds}")
     test = manifest.metrics.get("test")
     if isinstance(test, dict):
         for group, methods in test.items():
             typer.echo(f"  {group}: APGR {methods['promptier']['apgr']:.4f}")
+
+
+def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Path | None, overrides: dict,
+             force: bool, work_dir: Path | None, skip_invalid: bool, model_version: str | None, command: str) -> None:
+    """`train --init-from`: continue, compare, promote or not (exit status 3 when not promoted)."""
+    from training.config import load_config
+    from training.retrain import retrain
+
+    try:
+        result = retrain(previous, logs, pool, out, load_config(config, **overrides) if config else None,
+                         force=force, work_dir=work_dir, skip_invalid=skip_invalid, model_version=model_version,
+                         command=command, cache_dir=Path.home() / ".cache" / "promptier", overrides=overrides)
+    except (PromptierError, ValueError, FileNotFoundError) as error:
+        fail(error)
+    if result is None:  # a process of a distributed run other than the main one
+        return
+    comparison = result.comparison
+    typer.echo(f"on {comparison['prompts']} held-out prompts of the new logs (APGR, previous -> new):")
+    for group, values in comparison["apgr"].items():
+        typer.echo(f"  {group}: {values['previous']:.4f} -> {values['new']:.4f}")
+    if result.promoted:
+        kept = f"; the artifact it replaces is at {result.rollback}" if result.rollback else ""
+        typer.echo(f"promoted {result.manifest.model_version} to {result.location}{kept}")
+        return
+    typer.secho(f"not promoted: {result.manifest.model_version} is worse than "
+                f"{comparison['previous_model_version']} on the new logs; it is at {result.location} "
+                f"(rerun with --force to promote it)", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(3)
+
+
+def _launch(processes: int, options: dict[str, object]) -> None:
+    """Run this same `train` command as `processes` processes under torchrun (PyTorch's launcher),
+    on this machine, at a free port; exit with its status."""
+    import subprocess
+
+    arguments = ["train"]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or (value is False and name != "stream") or (
+                name == "distill_weight" and value == DEFAULT_DISTILL_WEIGHT):
+            continue  # the defaults: left out, so that the recorded command reads as it was typed
+        if isinstance(value, bool):
+            arguments.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                arguments += [flag, str(item)]
+        else:
+            arguments += [flag, str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               # "--": torchrun's own parser would otherwise claim --logs (a prefix of its --logs-specs).
+               "-m", "training.cli", "--", *arguments]
+    typer.echo(f"starting {processes} processes: {shlex.join(command)}", err=True)
+    status = subprocess.run(command, check=False).returncode
+    if status:
+        raise typer.Exit(status)
+
+
+@app.command("train-bench")
+def train_bench(
+    rows: Annotated[str, typer.Option(help="synthetic log sizes in rows, comma-separated (full run: "
+                                          "100000,1000000)")] = "100000",
+    devices: Annotated[str, typer.Option(help="'available' (the CPU, and CUDA when present), or cpu,cuda")
+                       ] = "available",
+    processes: Annotated[str, typer.Option(help="data-parallel process counts to compare")] = "1,2",
+    reading: Annotated[str, typer.Option(help="streamed, memory, or both comma-separated")] = "streamed",
+    max_steps: Annotated[int, typer.Option(min=1, help="training steps per run (global batches of 32)")] = 200,
+    backbone: Annotated[str, typer.Option(help="'minilm-l6' (the shipped model's), 'tiny' (the test fixture's) "
+                                               "or a model directory")] = "minilm-l6",
+    prompt_chars: Annotated[int, typer.Option(min=10, help="characters per synthetic prompt")] = 1000,
+    recipe: Annotated[Path | None, typer.Option(help="training config to run (default: the shipped recipe); "
+                                                     "its teacher is dropped")] = None,
+    work_dir: Annotated[Path, typer.Option(help="synthetic logs (kept for reuse), models, per-run logs")
+                        ] = Path("train-bench.work"),
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("train-bench.json"),
+    timeout: Annotated[float, typer.Option(help="seconds before a run is stopped")] = 3600.0,
+) -> None:
+    """Measure training: prompts/s and peak memory on synthetic logs, per device and process count."""
+    _require_training_extra()
+    from training.bench import SHIPPED_RECIPE, run_bench
+
+    try:
+        run_bench([int(r) for r in rows.split(",")], devices.split(","), [int(p) for p in processes.split(",")],
+                  reading.split(","), max_steps, backbone, prompt_chars, work_dir, out, timeout,
+                  recipe or SHIPPED_RECIPE)
+    except (PromptierError, ValueError) as error:
+        fail(error)
+    typer.echo(f"wrote {out}")
 
 
 @app.command("eval")
@@ -187,3 +305,7 @@ def export(
     typer.echo(f"wrote {out} ({manifest.architecture.get('quantization')}): tier agreement "
                f"{report.tier_agreement:.4f}, max probability difference {report.max_probability_diff:.2e} "
                f"on {report.prompts} prompts")
+
+
+if __name__ == "__main__":  # how torchrun starts each process of `promptier train --processes N`
+    app()

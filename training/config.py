@@ -10,6 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BACKBONE = "minilm-l6"
+DeviceName = Literal["auto", "cpu", "cuda"]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class StudentConfig(BaseModel):
@@ -115,6 +117,18 @@ class TrainConfig(BaseModel):
         "(classifier.policy.relative_scores)")
     checkpoint_every: int = Field(default=50, ge=1)
     threads: int = Field(default=2, ge=1)
+    device: DeviceName = Field(default="auto", description="where to train: 'auto' takes a GPU when torch sees one "
+                               "(training/devices.py)")
+    precision: PrecisionName = Field(default="auto", description="arithmetic on a GPU: 'auto' is bf16 where the "
+                                     "GPU has it, else fp16 (autocast); always fp32 on a CPU")
+    fused_optimizer: bool | None = Field(default=None, description="AdamW's fused kernel: several times faster "
+                                         "steps on a CPU for a large vocabulary table, equal up to float rounding; "
+                                         "default: on for GPUs, off on a CPU (so that recipes rebuild bit for bit)")
+    streaming: bool = Field(default=False, description="read the logs as a stream (training/streaming.py): memory "
+                            "bounded by the prompts held out, not the rows; the split is decided by each prompt's "
+                            "hash, so it differs from the in-memory split")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (for "
+                                  "benchmarks); the learning-rate schedule still spans `epochs`")
     quantize: bool = True
 
     @field_validator("student", mode="before")

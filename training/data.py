@@ -19,6 +19,7 @@ from training.errors import DataError
 OUTCOME_COLUMNS = ("prompt_id", "prompt", "model", "score", "source")
 LABEL_COLUMNS = ("prompt", "tier")
 LOG_SUFFIXES = (".jsonl", ".json", ".parquet")
+PARQUET_BATCH_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,17 @@ def _records(path: Path) -> Iterator[tuple[int, object]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        # Row group by row group, a batch at a time: a shard never has to fit in memory whole.
         try:
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path)
+            batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+            number = 0
+            for batch in batches:
+                for record in batch.to_pylist():
+                    number += 1
+                    yield number, record
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataError(str(path), f"cannot read Parquet: {exc}") from exc
-        yield from enumerate(table.to_pylist(), start=1)
         return
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(str(path), f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
@@ -175,16 +182,25 @@ def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False
         DataError: the first invalid row, unless `skip_invalid`; a file that cannot be read at all
             always raises.
     """
-    rows: list[OutcomeRow | TierLabelRow] = []
     report = SkipReport()
+    rows = list(iter_rows(paths, report, skip_invalid))
+    if not rows:
+        raise DataError(", ".join(map(str, paths)), "no valid rows")
+    return rows, report
+
+
+def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: bool = False
+              ) -> Iterator[OutcomeRow | TierLabelRow]:
+    """Every valid row of every log file, one at a time (JSONL line by line, Parquet a batch at a time).
+
+    Raises:
+        DataError: the first invalid row, unless `skip_invalid` (then it is counted in `report`).
+    """
     for path in expand_paths(paths):
         for number, record in _records(path):
             try:
-                rows.append(parse_row(record, str(path), number))
+                yield parse_row(record, str(path), number)
             except DataError as error:
                 if not skip_invalid:
                     raise
                 report.add(error)
-    if not rows:
-        raise DataError(", ".join(map(str, paths)), "no valid rows")
-    return rows, report

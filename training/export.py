@@ -146,9 +146,11 @@ def write_artifact(
     out_dir: Path,
     quantize: bool,
     extra_files: dict[str, str] | None = None,
+    extra_paths: dict[str, Path] | None = None,
 ) -> tuple[ArtifactManifest, ParityReport]:
     """Export, check parity, and only then move the finished artifact into `out_dir`.
 
+    `extra_files` (name: text) and `extra_paths` (name: file to copy) are written beside the model.
     Tries int8 first when `quantize` is set; if int8 misses the parity bars, fp32 is tried and the
     manifest records why. If fp32 misses them too, ExportParityError is raised and nothing is written.
     """
@@ -164,6 +166,8 @@ def write_artifact(
         shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
+        for name, source in (extra_paths or {}).items():
+            shutil.copyfile(source, staging / name)
         # Cheapest first; the first that clears the parity bars ships.
         attempts = (["int8"] if quantize else []) + ["fp32 (fp16 embeddings)", "fp32"]
         failures: list[str] = []

@@ -47,6 +47,7 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
         manifest = train(logs, pool, out, fold, work_dir=work_root / f"without-{source}.work",
                          skip_invalid=skip_invalid, model_version=f"loso-{source}",
                          evaluation_backbone=backbone_dir, cache_dir=cache_dir)
+        assert manifest is not None  # one process: it is the main one
         summary = manifest.metrics["test"]
         assert isinstance(summary, dict)
         methods = {method: summary[source][method] for method in (MODEL, *BASELINES) if method in summary[source]}
@@ -65,6 +66,7 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
         manifest = train(logs, pool, work_root / f"seed-{seed}", config.model_copy(update={"seed": seed}),
                          work_dir=work_root / f"seed-{seed}.work", skip_invalid=skip_invalid,
                          model_version=f"seed-{seed}")
+        assert manifest is not None  # one process: it is the main one
         summary = manifest.metrics["test"]
         assert isinstance(summary, dict)
         runs[str(seed)] = {group: methods[MODEL]["apgr"] for group, methods in summary.items()}

@@ -164,7 +164,12 @@ class FeatureStatistics:
 def fit_feature_statistics(features: np.ndarray, directions: int) -> FeatureStatistics:
     """Mean, top principal directions and variances of training features, and the residual variance."""
     mean = features.mean(axis=0)
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(features - mean, rowvar=False))
+    return statistics_from_moments(mean, np.cov(features - mean, rowvar=False), directions)
+
+
+def statistics_from_moments(mean: np.ndarray, covariance: np.ndarray, directions: int) -> FeatureStatistics:
+    """FeatureStatistics from the features' mean and covariance (however they were accumulated)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     order = np.argsort(eigenvalues)[::-1]
     top, rest = order[:directions], order[directions:]
     # The floors keep directions the training prompts barely use from amplifying float noise.

@@ -58,8 +58,9 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"anchor prompts: {training.get('anchor_prompts', 0)}",
         *([f"- {ANCHOR_NOTE}"] if training.get("anchor_prompts") else []),
         f"- Teacher: {training.get('teacher')}",
-        f"- Data fingerprint (sha256 of prompts and targets): `{manifest.data_fingerprint}`",
-        f"- Training time: {training.get('total_seconds')} s on {manifest.versions}", "",
+        f"- Data fingerprint (sha256 of {_fingerprint_basis(training)} and targets): `{manifest.data_fingerprint}`",
+        f"- Training time: {training.get('total_seconds')} s on {manifest.versions}{_where(training)}", "",
+        *_retrain_section(training, metrics),
         "## Reproduce", "",
         *(["Teacher first:", "", "```", str(training["teacher_command"]), "```", "", "Then this model:", ""]
           if training.get("teacher_command") else []),
@@ -78,3 +79,31 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         "- The llmrouter source has no frontier model, so the top tier's outcome is only learned from MMLU-Pro.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fingerprint_basis(training: dict) -> str:
+    data = training.get("data")
+    return "prompt hashes" if isinstance(data, dict) and data.get("reading") == "streamed" else "prompts"
+
+
+def _where(training: dict) -> str:
+    fit = training.get("fit")
+    if not isinstance(fit, dict) or "device" not in fit:
+        return ""
+    return (f"; trained on {fit['device']} ({fit.get('device_name')}), {fit['precision']}, "
+            f"{fit['processes']} process(es)")
+
+
+def _retrain_section(training: dict, metrics: dict) -> list[str]:
+    """How a model continued from a deployed one compares with it on the new logs' held-out prompts."""
+    retrain = metrics.get("retrain")
+    if not isinstance(retrain, dict):
+        return []
+    lines = ["## Continued from a deployed model",
+             f"- Initialised from {training.get('init_from')} ({retrain['previous_model_version']}), then trained "
+             f"on the logs above; calibration and thresholds chosen anew.",
+             f"- On {retrain['prompts']} held-out prompts of the new logs that neither model saw:", "",
+             "| group | previous APGR | this model's APGR |", "|---|---|---|"]
+    for group, values in retrain["apgr"].items():
+        lines.append(f"| {group} | {values['previous']:.4f} | {values['new']:.4f} |")
+    return [*lines, ""]

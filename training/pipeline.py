@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import resource
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,8 +36,14 @@ from training.pool import Pool, load_pool
 if TYPE_CHECKING:
     import torch
 
+    from classifier.artifact import Rule
+    from training.model import FeatureStatistics
+    from training.token_store import Examples, TokenStore
+
 log = logging.getLogger(__name__)
 SEEN_PROMPTS_FILE = "seen_prompts.txt"
+TRAINSET_DIR = "trainset"  # in the work dir: the training set as token ids, for streaming and other processes
+HELDOUT_CHUNK = 4096  # held-out prompts tokenized and scored at a time when streaming
 
 
 @dataclass
@@ -47,9 +55,9 @@ class PreparedData:
     unused_models: dict[str, int]
 
 
-def prepare_data(logs: Sequence[str | Path], pool_path: str | Path, config: TrainConfig,
+def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, config: TrainConfig,
                  skip_invalid: bool = False) -> PreparedData:
-    pool = load_pool(pool_path)
+    pool = pool_path if isinstance(pool_path, Pool) else load_pool(pool_path)
     rows, skipped = read_logs(logs, skip_invalid=skip_invalid)
     table, unused = build_table(rows, pool)
     split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
@@ -105,6 +113,27 @@ def _versions() -> dict[str, str]:
             "tokenizers": tokenizers.__version__}
 
 
+@dataclass
+class TrainingInputs:
+    """What a run trains on and is judged by, from logs read into memory or streamed.
+
+    `table` and `split` hold every prompt when the logs were read into memory, and only the held-out
+    (validation and test) prompts when they were streamed; then the training prompts exist only as
+    token ids in the store behind `tokens`.
+    """
+
+    tokens: list[np.ndarray] | Examples
+    targets: np.ndarray
+    table: PromptTable
+    split: np.ndarray
+    seen_hashes: np.ndarray  # uint64 hashes of every prompt trained or calibrated on
+    familiarity_texts: list[str] | None  # the texts trained on; None: read the token store
+    anchor_texts: list[str]
+    parity_extra: list[str]  # training prompts that fill the parity set when too few are held out
+    fingerprint: str
+    record: dict  # what the manifest's `training` says about the data
+
+
 def train(
     logs: Sequence[str | Path],
     pool_path: str | Path,
@@ -119,55 +148,119 @@ def train(
     command: str | None = None,
     evaluation_backbone: Path | None = None,
     cache_dir: Path | None = None,
-) -> ArtifactManifest:
+    init_from: Path | None = None,
+    compare_with: Path | None = None,
+) -> ArtifactManifest | None:
     """Train, calibrate, choose thresholds, export with a parity check, evaluate on the test split.
 
     With `teacher`, the targets blend the teacher artifact's probabilities (weight `distill_weight`)
     with the logged outcomes, and unknown outcomes and `unlabeled` prompts take the teacher's alone.
     With `evaluation_backbone`, the test-split evaluation includes the embedding baseline (embeddings
     kept in `cache_dir`).
+
+    With `init_from` (a training checkpoint), the model starts from its weights instead of the
+    backbone's (a fresh optimizer and schedule); with `compare_with` (an artifact), the test split's
+    prompts that artifact never saw are scored by both, in the manifest's `metrics.retrain`.
+
+    Under `torchrun` (several processes), the main process reads the logs and writes the training
+    set to the work dir; every process trains on its share of each batch; only the main one writes
+    checkpoints and the artifact, and returns the manifest. The others return None.
     """
     import torch
 
-    from training.calibration import apply_temperatures, fit_temperatures
-    from training.evaluate import evaluate_split, sample_metrics
-    from training.export import MIN_PARITY_PROMPTS, write_artifact
+    from training.devices import placed
     from training.model import backbone_directory, build_model, load_encoder
-    from training.model_card import render_model_card
-    from training.probes import evaluate_probes
-    from training.routing import always_top, curve_points, mode_thresholds, routing_curve
-    from training.trainer import fit, predict_logits, tokenize_all
+    from training.token_store import load_examples, write_training_set
+    from training.trainer import fit
 
     started = time.time()
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
-    data = prepare_data(logs, pool_path, config, skip_invalid)
-    table, split = data.table, data.split
-    log.info("%d prompts (%s); %s", len(table), {s: int((split == s).sum()) for s in ("train", "val", "test")},
-             data.skipped.summary())
+    pool = load_pool(pool_path)
     backbone_dir = backbone_directory(config.backbone)
     tokenizer_file = backbone_dir / "tokenizer.json"
     truncation = TruncationConfig(max_tokens=config.max_tokens, head_chars=config.resolved_head_chars,
                                   tail_chars=config.resolved_tail_chars, head_fraction=config.head_fraction)
     encoder = PromptEncoder.from_file(tokenizer_file, truncation)
+    with placed(config.device, config.precision) as place:
+        inputs = None
+        if place.is_main:
+            inputs = (_streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher)
+                      if config.streaming else
+                      _in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
+                                        teacher, unlabeled, distill_weight, cache_dir))
+        stages = {"inputs": round(time.time() - started, 1)}
+        peaks = {"inputs": peak_rss_mb()}
+        torch.manual_seed(config.seed)
+        model, architecture = build_model(config, load_encoder(backbone_dir), len(pool.tiers), pad_id=encoder.pad_id)
+        if init_from is not None:
+            _load_weights(model, init_from)
+        tokens, targets = (inputs.tokens, inputs.targets) if inputs is not None else ([], np.zeros(0))
+        if place.distributed:
+            if inputs is not None and isinstance(inputs.tokens, list):
+                write_training_set(work_dir / TRAINSET_DIR, inputs.tokens, inputs.targets, _vocab_size(tokenizer_file))
+            place.wait_for_main()
+            tokens, targets = load_examples(work_dir / TRAINSET_DIR)
+        fit_report: dict = {}
+        fit(model, tokens, targets, config, work_dir, description="student" if config.student else "train",
+            placement=place, report=fit_report)
+        stages["model_and_fit"] = round(time.time() - started - stages["inputs"], 1)
+        peaks["model_and_fit"] = peak_rss_mb()
+    if inputs is None:
+        return None
+    run = _Run(logs=logs, pool_path=pool_path, out_dir=out_dir, work_dir=work_dir, teacher=teacher,
+               distill_weight=distill_weight, model_version=model_version, command=command,
+               evaluation_backbone=evaluation_backbone, cache_dir=cache_dir, init_from=init_from,
+               compare_with=compare_with, started=started, stages=stages, peaks=peaks)
+    return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, fit_report, run)
 
-    torch.manual_seed(config.seed)
-    model, architecture = build_model(config, load_encoder(backbone_dir), len(data.pool.tiers),
-                                      pad_id=encoder.pad_id)
 
+def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Start from a training checkpoint's weights.
+
+    Raises:
+        ValueError: the checkpoint is of another architecture.
+    """
+    from training.trainer import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(state.get("model", state))
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint} does not fit this config's architecture: {str(exc)[:300]}") from exc
+
+
+def _vocab_size(tokenizer_file: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_file(str(tokenizer_file)).get_vocab_size())
+
+
+def _in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig, encoder: PromptEncoder,
+                      backbone_dir: Path, truncation: TruncationConfig, work_dir: Path, skip_invalid: bool,
+                      teacher: Path | None, unlabeled: Sequence[str | Path], distill_weight: float,
+                      cache_dir: Path | None) -> TrainingInputs:
+    """Every row read into a PromptTable; teacher targets, unlabeled prompts and anchors added."""
+    from training.export import MIN_PARITY_PROMPTS
+    from training.trainer import tokenize_all
+
+    data = prepare_data(logs, pool, config, skip_invalid)
+    table, split = data.table, data.split
+    log.info("%d prompts (%s); %s", len(table), {s: int((split == s).sum()) for s in ("train", "val", "test")},
+             data.skipped.summary())
     train_index = np.flatnonzero(split == "train")
     train_texts = [table.prompts[i] for i in train_index]
     targets = table.targets[train_index]
     if teacher is not None:
         teacher_runtime = load_artifact(teacher, threads=config.threads)
-        if teacher_runtime.tier_names != data.pool.tier_names:
+        if teacher_runtime.tier_names != pool.tier_names:
             raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
-                            f"{data.pool.tier_names}")
+                            f"{pool.tier_names}")
         extra = read_unlabeled(unlabeled) if unlabeled else []
         teacher_probs = _cached_teacher_probabilities(teacher_runtime, train_texts + extra, work_dir)
         targets = np.concatenate([blend(teacher_probs[: len(train_texts)], targets, distill_weight),
                                   teacher_probs[len(train_texts):]])
         train_texts = train_texts + extra
-    anchors = anchor_table(data.pool, config)
+    anchors = anchor_table(pool, config)
     anchor_rows = len(anchors) * config.anchor_weight if anchors is not None else 0
     if anchors is not None:
         train_texts = train_texts + anchors.prompts * config.anchor_weight
@@ -180,12 +273,94 @@ def train(
         # the very ends they are there to mark.
         logged = len(train_texts) - anchor_rows
         targets = np.concatenate([distilled[:logged], targets[logged:]])
-    token_ids = tokenize_all(encoder, train_texts)
-    fit(model, token_ids, targets, config, work_dir, description="student" if config.student else "train")
+    seen = np.array(sorted({int(prompt_hash(table.prompts[i]), 16) for i in np.flatnonzero(split != "test")}),
+                    dtype=np.uint64)
+    record = {"prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+              "unlabeled_prompts": len(train_texts) - len(train_index) - anchor_rows,
+              "anchor_prompts": len(anchors) if anchors else 0, "embedding_teacher": teacher_report,
+              "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models}
+    return TrainingInputs(tokens=tokenize_all(encoder, train_texts), targets=targets, table=table, split=split,
+                          seen_hashes=seen, familiarity_texts=train_texts,
+                          anchor_texts=anchors.prompts if anchors is not None else [],
+                          parity_extra=[table.prompts[i] for i in train_index[:MIN_PARITY_PROMPTS]],
+                          fingerprint=table.fingerprint(), record=record)
 
+
+def _streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig, encoder: PromptEncoder,
+                     tokenizer_file: Path, work_dir: Path, skip_invalid: bool, teacher: Path | None
+                     ) -> TrainingInputs:
+    """The logs streamed into a token store in the work dir (training/streaming.py); anchors appended."""
+    from training.streaming import stream_logs
+    from training.token_store import Examples, TokenStoreWriter, save_examples
+    from training.trainer import tokenize_all
+
+    if teacher is not None or config.teacher is not None:
+        raise DataError("config", "a teacher reads every training prompt's text, which streaming does not keep: "
+                        "train with streaming: false, or use a recipe without a teacher")
+    writer = TokenStoreWriter(work_dir / TRAINSET_DIR, _vocab_size(tokenizer_file))
+    data = stream_logs(logs, pool, config, encoder, writer, skip_invalid)
+    n_train = len(data.train_targets)
+    slots, targets = np.arange(n_train), data.train_targets
+    anchors = anchor_table(pool, config)
+    if anchors is not None:
+        anchor_slots = writer.append(tokenize_all(encoder, anchors.prompts))
+        slots = np.concatenate([slots, np.tile(anchor_slots, config.anchor_weight)])
+        targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
+    store = writer.close()
+    save_examples(work_dir / TRAINSET_DIR, slots, targets)
+    log.info("%s prompts; %s", data.prompt_counts, data.skipped.summary())
+    record = {"prompts": data.prompt_counts, "unlabeled_prompts": 0,
+              "anchor_prompts": len(anchors) if anchors else 0, "embedding_teacher": None,
+              "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
+              "data": {"reading": "streamed", **data.stats}}
+    return TrainingInputs(tokens=Examples(store, slots), targets=targets, table=data.heldout,
+                          split=data.heldout_split, seen_hashes=np.concatenate([data.train_hashes, data.val_hashes]),
+                          familiarity_texts=None, anchor_texts=anchors.prompts if anchors is not None else [],
+                          parity_extra=data.parity_texts, fingerprint=data.fingerprint, record=record)
+
+
+@dataclass
+class _Run:
+    """One `train` call's arguments that the finishing stage needs, and what the run measured so far."""
+
+    logs: Sequence[str | Path]
+    pool_path: str | Path
+    out_dir: Path
+    work_dir: Path
+    teacher: Path | None
+    distill_weight: float
+    model_version: str | None
+    command: str | None
+    evaluation_backbone: Path | None
+    cache_dir: Path | None
+    init_from: Path | None
+    compare_with: Path | None
+    started: float
+    stages: dict[str, float]
+    peaks: dict[str, float]
+
+
+def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, pool: Pool, config: TrainConfig,
+            encoder: PromptEncoder, tokenizer_file: Path, fit_report: dict, run: _Run) -> ArtifactManifest:
+    """Calibrate, choose thresholds, fit familiarity, export with the parity check, evaluate (main process)."""
+    from training.calibration import apply_temperatures, fit_temperatures
+    from training.evaluate import evaluate_split, sample_metrics
+    from training.export import MIN_PARITY_PROMPTS, write_artifact
+    from training.model_card import render_model_card
+    from training.probes import evaluate_probes
+    from training.routing import always_top, curve_points, mode_thresholds, routing_curve
+    from training.streaming import write_hashes
+    from training.trainer import CHECKPOINT_FILE, predict_logits, tokenize_all
+
+    table, split, peaks, started, out_dir = inputs.table, inputs.split, run.peaks, run.started, run.out_dir
     val_index = np.flatnonzero(split == "val")
     val_texts = [table.prompts[i] for i in val_index]
-    val_logits = predict_logits(model, tokenize_all(encoder, val_texts), description="validate")
+    if inputs.familiarity_texts is None:  # streamed: held-out prompts a chunk at a time
+        val_logits = np.concatenate([predict_logits(model, tokenize_all(encoder, val_texts[i : i + HELDOUT_CHUNK]))
+                                     for i in range(0, len(val_texts), HELDOUT_CHUNK)])
+    else:
+        val_logits = predict_logits(model, tokenize_all(encoder, val_texts), description="validate")
+    peaks["validate"] = peak_rss_mb()
     temperatures = fit_temperatures(val_logits, table.targets[val_index])
     val_probs = apply_temperatures(val_logits, temperatures)
     val_targets, val_costs = table.targets[val_index], table.costs[val_index]
@@ -194,59 +369,93 @@ def train(
     thresholds = mode_thresholds(curve, top_quality, config.quality_bands)
 
     manifest = ArtifactManifest(
-        model_version=model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
-        tiers=data.pool.tier_specs(),
+        model_version=run.model_version or f"promptier-{time.strftime('%Y%m%d-%H%M%S')}",
+        tiers=pool.tier_specs(),
         policy=PolicyConfig(default_mode=config.default_mode, rule=config.policy_rule, thresholds=thresholds,
                             quality_bands=dict(config.quality_bands), curve=curve_points(curve)),
         calibration=CalibrationConfig(temperatures=temperatures),
-        truncation=truncation,
+        truncation=encoder.truncation,
         architecture=architecture,
-        training={"config": config.model_dump(), "teacher": str(teacher) if teacher else None,
-                  "distill_weight": distill_weight if teacher else None,
-                  "logs": [str(p) for p in logs], "pool": str(pool_path), "command": command,
-                  "prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-                  "unlabeled_prompts": len(train_texts) - len(train_index) - anchor_rows,
-                  "anchor_prompts": len(anchors) if anchors else 0,
-                  "embedding_teacher": teacher_report,
-                  "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
+        training={"config": config.model_dump(), "teacher": str(run.teacher) if run.teacher else None,
+                  "distill_weight": run.distill_weight if run.teacher else None,
+                  "logs": [str(p) for p in run.logs], "pool": str(run.pool_path), "command": run.command,
+                  **inputs.record, "fit": fit_report,
+                  "checkpoint": str((run.work_dir / CHECKPOINT_FILE).resolve()),
+                  **({"init_from": str(run.compare_with or run.init_from)} if run.init_from else {}),
                   "train_seconds": round(time.time() - started, 1)},
-        data_fingerprint=table.fingerprint(),
+        data_fingerprint=inputs.fingerprint,
         versions=_versions(),
+        metrics={"validation": validation_metrics(val_logits, val_probs, table.subset(val_index), config.policy_rule)},
     )
     parity_index = np.flatnonzero(split != "train")
     parity_texts = [table.prompts[i] for i in parity_index[: max(MIN_PARITY_PROMPTS, 1000)]]
     # One prompt far beyond the model's limit, so parity covers the truncation path too.
     parity_texts.append(" ".join(table.prompts[i] for i in parity_index[:40]))
     if len(parity_texts) < MIN_PARITY_PROMPTS:
-        parity_texts += [table.prompts[i] for i in train_index[: MIN_PARITY_PROMPTS - len(parity_texts)]]
+        parity_texts += inputs.parity_extra[: MIN_PARITY_PROMPTS - len(parity_texts)]
 
     def torch_logits(texts: Sequence[str]) -> np.ndarray:
         return predict_logits(model, tokenize_all(encoder, texts))
 
-    seen = sorted({prompt_hash(table.prompts[i]) for i in np.flatnonzero(split != "test")})
+    seen_file = run.work_dir / SEEN_PROMPTS_FILE
+    write_hashes(seen_file, inputs.seen_hashes)
     exported = model
     if config.familiarity is not None:
-        exported, familiarity = _fit_familiarity(model, encoder, train_texts, table, split, data.pool, config)
+        exported, familiarity = _fit_familiarity(model, encoder, inputs, pool, config)
         manifest = manifest.model_copy(update={"familiarity": familiarity})
+        peaks["familiarity"] = peak_rss_mb()
     manifest, _ = write_artifact(exported, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
-                                 config.quantize, extra_files={SEEN_PROMPTS_FILE: "\n".join(seen) + "\n"})
+                                 config.quantize, extra_paths={SEEN_PROMPTS_FILE: seen_file})
     test_index = np.flatnonzero(split == "test")
+    peaks["export"] = peak_rss_mb()
     metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(out_dir))}
     if test_index.size:
-        report = evaluate_split(out_dir, table, split, backbone_dir=evaluation_backbone, out_dir=out_dir,
-                                cache_dir=cache_dir)
+        report = evaluate_split(out_dir, table, split, backbone_dir=run.evaluation_backbone, out_dir=out_dir,
+                                cache_dir=run.cache_dir)
         metrics.update({"test": report["summary"], "test_sample": sample_metrics(out_dir, table)})
+        if run.compare_with is not None:
+            from training.retrain import compare_on_test
+
+            metrics["retrain"] = compare_on_test(run.compare_with, out_dir, table, split)
     manifest = manifest.model_copy(update={"metrics": metrics})
-    manifest = manifest.model_copy(update={"training": {**manifest.training,
-                                                        "total_seconds": round(time.time() - started, 1)}})
+    peaks["evaluate"] = peak_rss_mb()
+    total = round(time.time() - started, 1)
+    stages = {**run.stages, "finish": round(total - sum(run.stages.values()), 1)}
+    manifest = manifest.model_copy(update={"training": {**manifest.training, "peak_rss_mb": peaks["evaluate"],
+                                                        "stage_peak_rss_mb": peaks, "stage_seconds": stages,
+                                                        "total_seconds": total}})
     save_manifest(manifest, out_dir)
     (out_dir / MODEL_CARD_FILE).write_text(render_model_card(manifest, out_dir), encoding="utf-8")
     return manifest
 
 
-def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, train_texts: Sequence[str],
-                     table: PromptTable, split: np.ndarray, pool: Pool, config: TrainConfig
-                     ) -> tuple[torch.nn.Module, FamiliarityConfig]:
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def validation_metrics(logits: np.ndarray, probabilities: np.ndarray, table: PromptTable, rule: Rule) -> dict:
+    """The validation split's masked BCE (before calibration) and APGR per source (after): what a
+    distributed run is compared with one process on."""
+    from training.evaluate import score_group
+
+    known = ~np.isnan(table.targets)
+    targets = np.nan_to_num(table.targets)
+    # log(1 + e^x) - y x, the BCE with logits, stable for large |x|.
+    losses = np.logaddexp(0.0, logits) - targets * logits
+    result: dict = {"prompts": len(table), "loss": float(losses[known].mean()), "apgr": {}}
+    groups = {"all": np.ones(len(table), dtype=bool),
+              **{str(source): table.sources == source for source in sorted(set(table.sources))}}
+    for name, rows in groups.items():
+        scored = score_group({"model": probabilities[rows]}, table.targets[rows], table.costs[rows], table.tier_names,
+                             rule)
+        result["apgr"][name] = round(float(scored["methods"]["model"]["apgr"]), 6)
+    return result
+
+
+def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: TrainingInputs, pool: Pool,
+                     config: TrainConfig) -> tuple[torch.nn.Module, FamiliarityConfig]:
     """The model with its unfamiliarity output, and when the runtime should let the prior decide.
 
     The statistics come from the features of every prompt the model was trained on; the reference is
@@ -259,21 +468,57 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, train_texts
 
     spec = config.familiarity
     assert spec is not None and isinstance(model, BagTierModel)
-    features = predict(model, tokenize_all(encoder, sorted(set(train_texts))), method="features")
-    statistics = fit_feature_statistics(features, spec.directions)
+    if inputs.familiarity_texts is not None:
+        features = predict(model, tokenize_all(encoder, sorted(set(inputs.familiarity_texts))), method="features")
+        statistics = fit_feature_statistics(features, spec.directions)
+        trained_on = set(inputs.familiarity_texts)
+    else:
+        assert not isinstance(inputs.tokens, list)
+        statistics = _store_feature_statistics(model, inputs.tokens.store, spec.directions)
+        trained_on = set(inputs.anchor_texts)
     fresh: list[str] = []
     if config.anchors:  # anchors were trained on, so fresh ones are prompts like the training ones
-        seen = set(train_texts) | {p.prompt for p in load_probes()}
+        seen = trained_on | {p.prompt for p in load_probes()}
         fresh = [row["prompt"] for row in anchor_rows(pool.tier_names, config.anchors, config.seed + 1,
                                                       exclude=seen)]
+    table, split = inputs.table, inputs.split
     reference_texts = [table.prompts[i] for i in np.flatnonzero(split == "val")] + fresh
-    reference = predict(model, tokenize_all(encoder, reference_texts), method="features")
-    unfamiliarity = statistics.unfamiliarity(reference)
+    if inputs.familiarity_texts is None:  # streamed: features of a chunk at a time, never all of them
+        unfamiliarity = np.concatenate([
+            statistics.unfamiliarity(predict(model, tokenize_all(encoder, reference_texts[i : i + HELDOUT_CHUNK]),
+                                             method="features"))
+            for i in range(0, len(reference_texts), HELDOUT_CHUNK)])
+    else:
+        reference = predict(model, tokenize_all(encoder, reference_texts), method="features")
+        unfamiliarity = statistics.unfamiliarity(reference)
     familiarity = FamiliarityConfig(
         threshold=float(np.quantile(unfamiliarity, spec.quantile)),
         reference=np.quantile(unfamiliarity, np.linspace(0, 1, 101)).tolist(),
         prior=PriorConfig(short_chars=spec.short_chars, long_chars=spec.long_chars))
     return WithUnfamiliarity(model, statistics), familiarity
+
+
+def _store_feature_statistics(model: torch.nn.Module, store: TokenStore, directions: int, chunk: int = HELDOUT_CHUNK
+                              ) -> FeatureStatistics:
+    """Feature statistics of every prompt in a token store, accumulated a chunk at a time (float64
+    sums, shifted by the first chunk's mean so that the one-pass covariance keeps its precision)."""
+    from training.model import statistics_from_moments
+    from training.trainer import predict
+
+    shift = None
+    count, total, products = 0, None, None
+    for start in range(0, len(store), chunk):
+        features = predict(model, store.get(np.arange(start, min(start + chunk, len(store)))),
+                           method="features").astype(np.float64)
+        shift = features.mean(axis=0) if shift is None else shift
+        centred = features - shift
+        total = centred.sum(axis=0) if total is None else total + centred.sum(axis=0)
+        products = centred.T @ centred if products is None else products + centred.T @ centred
+        count += len(features)
+    assert shift is not None and total is not None and products is not None and count > 1
+    offset = total / count
+    covariance = (products - count * np.outer(offset, offset)) / (count - 1)
+    return statistics_from_moments(shift + offset, covariance, directions)
 
 
 def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncation: TruncationConfig,

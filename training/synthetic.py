@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 WORDS = (
@@ -86,3 +87,91 @@ def synthetic_rows(n_prompts: int = 600, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+_MODELS = {"alpha": ["a-7b", "a-70b", "a-frontier"], "beta": ["b-8b", "b-51b"]}
+_LEVELS = ("easy", "medium", "hard")
+# Every 50th prompt is logged again later (another request with the same text): the reader must merge them.
+_REPEAT_EVERY, _REPEAT_LAG = 50, 24
+_WORD_ARRAYS = [__import__("numpy").array(words, dtype=object) for words in (EASY, MEDIUM, HARD, WORDS)]
+
+
+def _long_prompt(seed: int, index: int, chars: int) -> tuple[str, int, str]:
+    """Prompt `index` of a long-prompt log: (text, difficulty level, source), a function of (seed, index)."""
+    import numpy as np
+
+    if index % _REPEAT_EVERY == _REPEAT_EVERY - 1:
+        index -= _REPEAT_LAG
+    rng = np.random.default_rng([seed, index])
+    level = index % 3
+    vocabulary = _WORD_ARRAYS[level]
+    # One word in four carries the difficulty; the rest is filler from the whole vocabulary. Shortest
+    # words are 2 characters and a space: chars // 3 words always reach `chars`.
+    count = chars // 3 + 1
+    words = np.where(rng.random(count) < 0.25, vocabulary[rng.integers(len(vocabulary), size=count)],
+                     _WORD_ARRAYS[3][rng.integers(len(WORDS), size=count)])
+    ends = np.cumsum(np.char.str_len(words.astype(str)) + 1)
+    words = words[: int(np.searchsorted(ends, chars)) + 1]
+    return " ".join(words.tolist()) + f" {index}", level, "alpha" if index % 4 else "beta"
+
+
+def iter_long_rows(n_rows: int, prompt_chars: int = 1000, seed: int = 0) -> Iterator[dict]:
+    """`n_rows` outcome rows of `prompt_chars`-character prompts, one at a time (nothing accumulates).
+
+    The difficulty rule of `synthetic_rows`, with prompts long enough to stand for real traffic
+    (1 KB by default) and every 50th prompt repeated later in the log.
+    """
+    rng = random.Random(seed)
+    emitted = 0
+    index = 0
+    while emitted < n_rows:
+        prompt, level, source = _long_prompt(seed, index, prompt_chars)
+        for tier, model in enumerate(_MODELS[source]):
+            if emitted == n_rows:
+                break
+            noisy = rng.random() < 0.05
+            yield {"prompt_id": f"{source}:{index}", "prompt": prompt, "model": model,
+                   "score": float((tier >= level) != noisy), "cost_usd": None, "source": source,
+                   "category": _LEVELS[level]}
+            emitted += 1
+        index += 1
+
+
+def write_parquet_shards(directory: Path, n_rows: int, prompt_chars: int = 1000, seed: int = 0,
+                         shard_rows: int = 250_000, row_group_rows: int = 50_000) -> list[Path]:
+    """Write `iter_long_rows` to Parquet shards of `shard_rows` rows, a row group at a time: memory
+    stays at one row group however many rows are written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("model", pa.string()),
+                        ("score", pa.float64()), ("cost_usd", pa.float64()), ("source", pa.string()),
+                        ("category", pa.string())])
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    writer = None
+    group: list[dict] = []
+    in_shard = 0
+
+    def flush() -> None:
+        if group:
+            assert writer is not None
+            writer.write_batch(pa.RecordBatch.from_pylist(group, schema=schema))
+            group.clear()
+
+    for row in iter_long_rows(n_rows, prompt_chars, seed):
+        if writer is None or in_shard == shard_rows:
+            flush()
+            if writer is not None:
+                writer.close()
+            paths.append(directory / f"part-{len(paths):05d}.parquet")
+            writer = pq.ParquetWriter(paths[-1], schema)
+            in_shard = 0
+        group.append(row)
+        in_shard += 1
+        if len(group) == row_group_rows:
+            flush()
+    flush()
+    if writer is not None:
+        writer.close()
+    return paths

@@ -1,0 +1,105 @@
+"""`promptier train --init-from`: continue a deployed model on new logs; promote only if not worse."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import classifier
+from classifier.artifact import load_manifest
+from tests.conftest import synthetic_rows, tiny_config, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def _train(args: list[str]):  # type: ignore[no-untyped-def]
+    from training.cli import app
+
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def _config(tmp_path: Path, name: str, backbone: Path, **overrides: object) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(backbone, **overrides).model_dump()))
+    return path
+
+
+def test_a_better_retrain_is_promoted_and_the_previous_model_kept(tmp_path: Path, tiny_backbone: Path,
+                                                                   pool_file: Path) -> None:
+    old_logs = write_jsonl(tmp_path / "old.jsonl", synthetic_rows(540, seed=3))
+    new_logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    deployed = tmp_path / "deployed"
+    # The deployed model stopped after 4 steps: continuing it on the new logs must beat it there.
+    weak = _config(tmp_path, "weak", tiny_backbone, max_steps=4)
+    result = _train(["--logs", str(old_logs), "--pool", str(pool_file), "--out", str(deployed), "--config", str(weak),
+                     "--model-version", "v1"])
+    assert result.exit_code == 0, result.output
+    assert Path(str(load_manifest(deployed).training["checkpoint"])).is_file()
+
+    result = _train(["--logs", str(new_logs), "--pool", str(pool_file), "--out", str(deployed),
+                     "--init-from", str(deployed), "--model-version", "v2", "--config",
+                     str(_config(tmp_path, "continue", tiny_backbone))])
+    assert result.exit_code == 0, result.output
+    assert "promoted v2" in result.output and "deployed.previous-v1" in result.output
+    new = load_manifest(deployed)
+    assert new.model_version == "v2" and new.training["init_from"] == str(deployed)
+    comparison = new.metrics["retrain"]
+    assert isinstance(comparison, dict) and comparison["previous_model_version"] == "v1"
+    assert comparison["apgr"]["all"]["new"] > comparison["apgr"]["all"]["previous"] and not comparison["worse"]
+    assert comparison["prompts"] > 0
+    # The previous artifact is intact beside it, ready to roll back to.
+    assert load_manifest(tmp_path / "deployed.previous-v1").model_version == "v1"
+    classifier.load(tmp_path / "deployed.previous-v1")
+    assert "## Continued from a deployed model" in (deployed / "MODEL_CARD.md").read_text()
+
+
+def test_a_worse_retrain_is_not_promoted_unless_forced(tmp_path: Path, tiny_backbone: Path, pool_file: Path,
+                                                       trained_artifact: Path) -> None:
+    deployed = tmp_path / "deployed"
+    shutil.copytree(trained_artifact, deployed)
+    new_logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    # One step at learning rate 1 wrecks the weights (each moves by about 1): a retrain that is worse.
+    wrecking = _config(tmp_path, "wreck", tiny_backbone, learning_rate=1.0, warmup_ratio=0.0, max_steps=1)
+    args = ["--logs", str(new_logs), "--pool", str(pool_file), "--out", str(deployed), "--init-from", str(deployed),
+            "--config", str(wrecking), "--model-version", "wrecked"]
+    result = _train(args)
+    assert result.exit_code == 3, result.output
+    assert "not promoted: wrecked is worse than tiny-test-1" in result.output
+    assert load_manifest(deployed).model_version == "tiny-test-1"  # untouched
+    candidate = load_manifest(tmp_path / "deployed.candidate")
+    assert candidate.metrics["retrain"]["worse"]  # type: ignore[index]
+
+    result = _train([*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(deployed).model_version == "wrecked"
+    assert load_manifest(tmp_path / "deployed.previous-tiny-test-1").model_version == "tiny-test-1"
+
+
+def test_init_from_refuses_other_tiers_and_a_missing_checkpoint(tmp_path: Path, artifact_copy: Path) -> None:
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60))
+    two_tiers = tmp_path / "pool.yaml"
+    two_tiers.write_text(yaml.safe_dump({
+        "tiers": [{"name": "small", "usd_per_mtok": {"input": 0.2, "output": 0.2}},
+                  {"name": "large", "usd_per_mtok": {"input": 1.0, "output": 5.0}}],
+        "sources": {"alpha": {"small": "a-7b", "large": "a-frontier"}}}))
+    result = _train(["--logs", str(logs), "--pool", str(two_tiers), "--out", str(tmp_path / "o"),
+                     "--init-from", str(artifact_copy)])
+    assert result.exit_code == 2 and "differ from" in result.output and "same tiers" in result.output
+
+    from classifier.artifact import save_manifest
+
+    manifest = load_manifest(artifact_copy)
+    save_manifest(manifest.model_copy(update={"training": {**manifest.training, "checkpoint": "/nowhere.pt"}}),
+                  artifact_copy)
+    pool = tmp_path / "pool3.yaml"
+    from training.synthetic import POOL_YAML
+
+    pool.write_text(POOL_YAML)
+    result = _train(["--logs", str(logs), "--pool", str(pool), "--out", str(tmp_path / "o"),
+                     "--init-from", str(artifact_copy)])
+    assert result.exit_code == 2 and "checkpoint" in result.output and "not on this machine" in result.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.candidate").exists()

@@ -1,0 +1,133 @@
+"""`promptier train --init-from ARTIFACT`: continue a deployed model on new logs, promote it only if
+it is not worse there.
+
+The artifact's manifest records its training checkpoint (`training.checkpoint`; older artifacts: the
+default work dir, `ARTIFACT.work/checkpoint.pt`). The new run starts from those weights with the
+artifact's recipe (its recorded config, unless another is given), trains on the new logs with a
+fresh optimizer and schedule, and calibrates and chooses thresholds on the new logs' validation
+split. Both models are then scored on the new logs' test prompts that neither saw; the new one is
+promoted (moved to OUT) unless its APGR there is below the previous model's, or with `force`. The
+artifact OUT held before is moved aside to `OUT.previous-VERSION`, to roll back to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from classifier.artifact import ArtifactManifest, load_manifest
+from classifier.errors import PromptierError
+from training.config import TrainConfig
+from training.errors import DataError
+from training.labels import PromptTable, prompt_hash
+from training.pool import load_pool
+
+log = logging.getLogger(__name__)
+CANDIDATE_SUFFIX = ".candidate"
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    manifest: ArtifactManifest
+    comparison: dict
+    promoted: bool
+    location: Path  # where the new artifact is: OUT when promoted, else OUT.candidate
+    rollback: Path | None  # where the artifact OUT held before now is
+
+
+def checkpoint_of(artifact: Path) -> Path:
+    """The training checkpoint behind an artifact.
+
+    Raises:
+        PromptierError: the manifest names none that exists, and none is in the default work dir.
+    """
+    manifest = load_manifest(artifact)
+    recorded = manifest.training.get("checkpoint")
+    candidates = ([Path(str(recorded))] if recorded else []) + [
+        artifact.with_name(artifact.name + ".work") / "checkpoint.pt"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise PromptierError(f"the training checkpoint of {artifact} is not on this machine (looked for "
+                         f"{', '.join(map(str, candidates))}); --init-from needs the work dir of the run that "
+                         f"trained it")
+
+
+def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.ndarray) -> dict:
+    """APGR of both artifacts on the test prompts neither saw (the previous one may have trained on
+    some of the new logs' prompts, which would flatter it)."""
+    from training.evaluate import evaluate_table, seen_prompts
+
+    seen = seen_prompts(previous)
+    test = [i for i in np.flatnonzero(split == "test") if prompt_hash(table.prompts[i]) not in seen]
+    if not test:
+        raise DataError("logs", f"every test prompt of the new logs was seen by {previous}: nothing to compare on")
+    subset = table.subset(np.array(test))
+    before = evaluate_table(previous, subset, None, None)["summary"]
+    after = evaluate_table(new, subset, None, None)["summary"]
+    apgr = {group: {"previous": before[group]["promptier"]["apgr"], "new": after[group]["promptier"]["apgr"]}
+            for group in after}
+    return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test), "apgr": apgr,
+            "worse": apgr["all"]["new"] < apgr["all"]["previous"]}
+
+
+def promote(candidate: Path, out: Path) -> Path | None:
+    """Move `candidate` to `out`; the artifact `out` held moves aside first. Returns where it went."""
+    rollback = None
+    if out.exists():
+        version = load_manifest(out).model_version
+        rollback = out.with_name(f"{out.name}.previous-{version}")
+        suffix = 1
+        while rollback.exists():
+            suffix += 1
+            rollback = out.with_name(f"{out.name}.previous-{version}-{suffix}")
+        out.rename(rollback)
+    candidate.rename(out)
+    return rollback
+
+
+def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Path, config: TrainConfig | None,
+            *, force: bool = False, work_dir: Path | None = None, skip_invalid: bool = False,
+            model_version: str | None = None, command: str | None = None, cache_dir: Path | None = None,
+            overrides: dict | None = None) -> RetrainResult | None:
+    """Continue `previous` on `logs`; promote to `out` unless worse there (or with `force`).
+
+    Returns None in the processes of a distributed run other than the main one.
+
+    Raises:
+        PromptierError: other tiers than the previous model's, no checkpoint, a model distilled from
+            a teacher artifact (its targets are not in the recipe), or logs whose test prompts it all saw.
+    """
+    from training.pipeline import train
+
+    manifest = load_manifest(previous)
+    pool = load_pool(pool_path)
+    if pool.tier_names != manifest.tier_names:
+        raise DataError(str(pool_path), f"tiers {pool.tier_names} differ from {previous}'s {manifest.tier_names}: "
+                        "--init-from continues a model with the same tiers")
+    if manifest.training.get("teacher"):
+        raise PromptierError(f"{previous} was distilled from a teacher artifact, which its recipe does not rebuild")
+    if config is None:
+        config = TrainConfig.model_validate({**manifest.training["config"],  # type: ignore[dict-item]
+                                             **{k: v for k, v in (overrides or {}).items() if v is not None}})
+    checkpoint = checkpoint_of(previous)
+    candidate = out.with_name(out.name + CANDIDATE_SUFFIX)
+    # A work dir of its own per model continued from: a rerun resumes it, a later retrain does not.
+    work_dir = work_dir or out.with_name(f"{out.name}.retrain-{manifest.model_version}.work")
+    new = train(logs, pool_path, candidate, config, work_dir=work_dir, skip_invalid=skip_invalid,
+                model_version=model_version, command=command, cache_dir=cache_dir, init_from=checkpoint,
+                compare_with=previous)
+    if new is None:
+        return None
+    comparison = new.metrics.get("retrain")
+    if not isinstance(comparison, dict):
+        raise DataError("logs", "the new logs have no test split to compare the models on (test_fraction is 0)")
+    promoted = force or not comparison["worse"]
+    rollback = promote(candidate, out) if promoted else None
+    log.info("retrain: APGR %.4f -> %.4f on %d new held-out prompts; %s", comparison["apgr"]["all"]["previous"],
+             comparison["apgr"]["all"]["new"], comparison["prompts"], "promoted" if promoted else "not promoted")
+    return RetrainResult(new, comparison, promoted, out if promoted else candidate, rollback)
