@@ -16,7 +16,7 @@ __all__ = ["POOL_YAML", "build_tiny_backbone", "synthetic_rows", "write_jsonl"]
 # whole products for a minute (soak, notebooks, reloads of worker processes), or builds native code.
 # CI runs everything. Kept in one place, so that a test's speed is judged where the others' are.
 SLOW_MODULES = {"test_pipeline", "test_generalization", "test_checkpoints", "test_notebooks", "test_soak",
-                "test_default_model", "test_litellm"}
+                "test_default_model", "test_litellm", "test_feedback"}
 SLOW_TESTS = {
     "test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_one",
     "test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log",

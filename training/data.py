@@ -46,12 +46,21 @@ class TierLabelRow:
     category: str
 
 
+# A dispatcher's decision log holds request lines (score null until one is reported) and outcome lines
+# `{"kind": "outcome", "prompt_id", "score"}` (written by serving.decision_log, reported through the
+# dispatcher's POST /v1/promptier/outcomes). Reading joins them: a request line takes the mean score
+# reported for its prompt_id; one with none yet, or without stored prompt text, is left out and counted.
+OUTCOME_KIND = "outcome"
+
+
 @dataclass
 class SkipReport:
-    """Rows skipped under --skip-invalid, counted by reason, with the first few locations."""
+    """Rows skipped under --skip-invalid, counted by reason, with the first few locations; and the
+    decision-log lines left out because they cannot train yet (no outcome reported, no prompt stored)."""
 
     counts: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    not_trainable: Counter[str] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -63,10 +72,14 @@ class SkipReport:
             self.examples.append(str(error))
 
     def summary(self) -> str:
-        if not self.total:
-            return "no rows skipped"
-        reasons = "; ".join(f"{count} x {reason}" for reason, count in self.counts.most_common())
-        return f"skipped {self.total} invalid rows: {reasons}"
+        parts = []
+        if self.total:
+            reasons = "; ".join(f"{count} x {reason}" for reason, count in self.counts.most_common())
+            parts.append(f"skipped {self.total} invalid rows: {reasons}")
+        if self.not_trainable:
+            parts.append("decision-log lines left out: " + "; ".join(
+                f"{count} x {reason}" for reason, count in self.not_trainable.most_common()))
+        return "; ".join(parts) or "no rows skipped"
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -75,7 +88,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES or is_rotated_jsonl(p)))
         elif path.is_file():
             files.append(path)
         else:
@@ -102,7 +115,7 @@ def _records(path: Path) -> Iterator[tuple[int, object]]:
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataError(str(path), f"cannot read Parquet: {exc}") from exc
         return
-    if path.suffix not in (".jsonl", ".json"):
+    if path.suffix not in (".jsonl", ".json") and not is_rotated_jsonl(path):
         raise DataError(str(path), f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
     with path.open("rb") as handle:
         for number, raw_line in enumerate(handle, start=1):
@@ -189,15 +202,71 @@ def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False
     return rows, report
 
 
+def is_rotated_jsonl(path: Path) -> bool:
+    """A rotated backup of a JSONL log (`decisions.jsonl.1`): read as JSONL."""
+    return len(path.suffixes) >= 2 and path.suffixes[-2] == ".jsonl" and path.suffix[1:].isdigit()
+
+
+def reported_outcomes(files: Sequence[Path]) -> dict[str, float]:
+    """The mean reported score per prompt_id, from the outcome lines of JSONL files (a first pass that
+    parses only lines naming the outcome kind, so that a log's request lines cost a substring test)."""
+    marker = f'"kind": "{OUTCOME_KIND}"'.encode()
+    sums: dict[str, list[float]] = {}
+    for path in files:
+        if path.suffix == ".parquet":
+            continue
+        with path.open("rb") as handle:
+            for raw_line in handle:
+                if marker not in raw_line:
+                    continue
+                try:
+                    record = json.loads(raw_line)
+                except ValueError:
+                    continue  # reported as invalid by the main pass
+                score = record.get("score") if isinstance(record, dict) else None
+                prompt_id = record.get("prompt_id") if isinstance(record, dict) else None
+                if (isinstance(prompt_id, str) and isinstance(score, int | float) and not isinstance(score, bool)
+                        and 0.0 <= score <= 1.0):
+                    total = sums.setdefault(prompt_id, [0.0, 0.0])
+                    total[0] += score
+                    total[1] += 1
+    return {prompt_id: total / count for prompt_id, (total, count) in sums.items()}
+
+
+def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport) -> object | None:
+    """A decision-log record made trainable with its reported outcome; None when it is not a row to
+    train on (an outcome line itself, or a request line without a score or a prompt)."""
+    if not isinstance(record, dict):
+        return record
+    if record.get("kind") == OUTCOME_KIND:
+        return None
+    if record.get("score") is not None or "routed_tier" not in record:
+        return record  # scored already, or not a decision-log line (parse_row says if it is invalid)
+    score = outcomes.get(str(record.get("prompt_id")))
+    if score is None:
+        report.not_trainable["no outcome reported yet"] += 1
+        return None
+    if not record.get("prompt") or not record.get("model"):
+        report.not_trainable["no prompt stored (decision_log.store_prompts is off) or no answer"] += 1
+        return None
+    return {**record, "score": score}
+
+
 def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: bool = False
               ) -> Iterator[OutcomeRow | TierLabelRow]:
     """Every valid row of every log file, one at a time (JSONL line by line, Parquet a batch at a time).
+    Decision logs are joined with the outcomes reported for their requests (see OUTCOME_KIND).
 
     Raises:
         DataError: the first invalid row, unless `skip_invalid` (then it is counted in `report`).
     """
-    for path in expand_paths(paths):
-        for number, record in _records(path):
+    files = expand_paths(paths)
+    outcomes = reported_outcomes(files)
+    for path in files:
+        for number, raw in _records(path):
+            record = _join_outcome(raw, outcomes, report)
+            if record is None:
+                continue
             try:
                 yield parse_row(record, str(path), number)
             except DataError as error:
