@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,23 @@ def artifact_copy(trained_artifact: Path, tmp_path: Path) -> Path:
     target = tmp_path / "model"
     shutil.copytree(trained_artifact, target)
     return target
+
+
+@contextlib.contextmanager
+def dies_after_first_checkpoint() -> Iterator[None]:
+    """Training inside this block stops (KeyboardInterrupt) right after writing its first checkpoint, as
+    a killed run would; the block expects that interruption."""
+    from training import trainer
+
+    save = trainer._save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    trainer._save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        trainer._save_checkpoint = save

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from classifier.errors import PromptierError
-from tests.conftest import synthetic_rows, tiny_config, write_jsonl
+from tests.conftest import dies_after_first_checkpoint, synthetic_rows, tiny_config, write_jsonl
 from training.devices import DeviceError, Placement, resolve_device, resolve_precision
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this test is about a machine without a GPU")
@@ -110,19 +110,9 @@ def test_the_mixed_precision_loop_trains_and_resumes(tmp_path: Path, tiny_backbo
     assert ("scaler" in state) == (precision == "fp16")
 
     # Stop after the first checkpoint (step 7), resume: the same weights as the uninterrupted run.
-    save = trainer._save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    trainer._save_checkpoint = save_then_die
-    try:
-        torch.manual_seed(0)
-        with pytest.raises(KeyboardInterrupt):
-            fit(_Bag(), tokens, targets, config, tmp_path / "resumed", placement=placement)
-    finally:
-        trainer._save_checkpoint = save
+    torch.manual_seed(0)
+    with dies_after_first_checkpoint():
+        fit(_Bag(), tokens, targets, config, tmp_path / "resumed", placement=placement)
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["step"] == 7
     torch.manual_seed(1)  # resuming must not depend on the fresh model's initialisation
     resumed = fit(_Bag(), tokens, targets, config, tmp_path / "resumed", placement=placement)

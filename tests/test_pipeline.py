@@ -8,7 +8,7 @@ import pytest
 
 import classifier
 from classifier.artifact import load_manifest
-from tests.conftest import synthetic_rows, tiny_config, write_jsonl
+from tests.conftest import dies_after_first_checkpoint, synthetic_rows, tiny_config, write_jsonl
 from training.errors import DataError
 from training.pipeline import SEEN_PROMPTS_FILE, train
 
@@ -56,20 +56,8 @@ def test_same_seed_same_model_and_resume_matches(tmp_path: Path, tiny_backbone: 
     assert first.policy.thresholds == pytest.approx(second.policy.thresholds)
 
     # Interrupt right after the first checkpoint (step 10), then rerun: it resumes and lands on the same model.
-    from training import trainer
-
-    save = trainer._save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    trainer._save_checkpoint = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train([logs], pool_file, tmp_path / "c", config, model_version="c")
-    finally:
-        trainer._save_checkpoint = save
+    with dies_after_first_checkpoint():
+        train([logs], pool_file, tmp_path / "c", config, model_version="c")
     assert (tmp_path / "c.work" / "checkpoint.pt").exists() and not (tmp_path / "c").exists()
     third = train([logs], pool_file, tmp_path / "c", config, model_version="c")
     assert third.calibration.temperatures == pytest.approx(first.calibration.temperatures, rel=1e-4)
