@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import classifier
 from classifier.artifact import MODES
-from classifier.conversation import content_text, render_conversation
+from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from serving.capabilities import (
     NO_NEEDS,
@@ -49,7 +48,17 @@ from serving.capabilities import (
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
+from serving.http_error import HTTPError
 from serving.inbound import INBOUND_ATTRIBUTE
+from serving.inbound_request import (
+    CLIENT_CLOSED,
+    ClientGone,
+    DisconnectWatch,
+    HostCheck,
+    is_json,
+    parse_chat,
+    read_body,
+)
 from serving.logs import configure_json_logging
 from serving.metrics import BatcherMetrics
 from serving.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
@@ -71,6 +80,17 @@ from serving.stream_meter import (
     wants_usage,
 )
 from serving.tenants import Tenant, Tenants, check_tenants_and_store
+from serving.upstream_body import (
+    BUFFERED_BODY_LIMIT,
+    NO_USAGE,
+    STREAM_TAIL_BYTES,
+    ResponseCut,
+    bound_body_reads,
+    read_up_to,
+    read_usage,
+    usage_from_stream_tail,
+    usage_of_body,
+)
 
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
@@ -93,16 +113,6 @@ class Route:
     # The decision log's prompt_id for this request, sent to the caller so that it can report how the
     # answer served (serving.outcomes).
     request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "code": self.code}},
-                            status_code=self.status, headers=headers)
 
 
 class DispatcherMetrics:
@@ -324,7 +334,7 @@ class Dispatcher:
                 async with asyncio.timeout(upstream.first_byte_timeout_s):
                     response = await self.http.post(f"{upstream.base_url}/chat/completions", data=payload,
                                                      headers=headers, timeout=timeout)
-                _bound_body_reads(response, upstream.read_timeout_s)
+                bound_body_reads(response, upstream.read_timeout_s)
             except TimeoutError:
                 last_error = f"tier {tier}: upstream timed out"
             except aiohttp.ClientError as error:
@@ -403,193 +413,6 @@ class Dispatcher:
         ).as_dict())
 
 
-CLIENT_CLOSED = 499  # nginx's "client closed request": the decision log's status for a caller that left
-
-
-class ClientGone(Exception):
-    """The caller disconnected before the response started."""
-
-
-class DisconnectWatch:
-    """While entered, stops a request's work when its caller disconnects before the response starts.
-
-    uvicorn does not cancel a handler whose client went away, so without this a caller that gives up
-    (a timeout, a closed tab) would leave the upstream generating, and paid for, until it finished, and
-    a first-byte timeout would then escalate the request to a dearer tier for nobody. After
-    `WATCH_AFTER_S` the watch reads the ASGI `receive` channel (the body has been read, so the next
-    message is the disconnect) and cancels the handler's task; leaving the block turns that
-    cancellation into `ClientGone` and stops the watch. Leave it before handing the response over (a
-    streaming response watches for itself).
-    """
-
-    # A watcher task per request cost 10-26% of the dispatcher's throughput under load (interleaved
-    # h2load runs); a timer costs next to nothing, and a request answered within it needs no watch.
-    WATCH_AFTER_S = 0.05
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self._client_gone = False
-        self._request_task: asyncio.Task | None = None
-        self._watcher: asyncio.Task | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def __enter__(self) -> DisconnectWatch:
-        self._request_task = asyncio.current_task()
-        self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start_watching)
-        return self
-
-    def _start_watching(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self._client_gone = True
-        if self._request_task is not None:
-            self._request_task.cancel()
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
-        # Runs on the event loop between awaits, so a disconnect seen after it cancels nothing.
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
-        if kind is asyncio.CancelledError and self._client_gone and self._request_task is not None:
-            self._request_task.uncancel()
-            raise ClientGone() from None
-        # Anything else, a shutdown's cancellation included, goes on as it came.
-
-
-STREAM_TAIL_BYTES = 16 * 1024  # kept of each relayed stream: enough for its last event, where usage is
-# A non-streaming answer up to this size is read whole, for the usage in it; a larger one is relayed as
-# it comes (and logged without usage), so that one huge answer cannot take the process's memory.
-BUFFERED_BODY_LIMIT = 4 * 1024 * 1024
-TOKEN_COUNT_LIMIT = 1e12  # a count at least this large is nonsense, and would make a nonsense cost
-NO_USAGE = "the upstream sent no usage"
-
-
-def usage_from_stream_tail(tail: bytes) -> object:
-    """The `usage` of the last event of a chat-completions event stream, if the upstream sent one
-    (as sent: `read_usage` checks it).
-
-    OpenAI-compatible servers send usage in a last chunk when the caller asks for it
-    (`stream_options: {"include_usage": true}`); the dispatcher does not add that to the request, as
-    bodies pass through untouched.
-    """
-    for line in reversed(tail.splitlines()):
-        payload = line.removeprefix(b"data:").strip()
-        if not line.startswith(b"data:") or payload == b"[DONE]":
-            continue
-        try:
-            event = json.loads(payload)
-        except (ValueError, RecursionError):
-            return None  # the last event is not JSON (cut, or not an OpenAI stream): no usage
-        return event.get("usage") if isinstance(event, dict) else None
-    return None
-
-
-_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
-
-
-def _describe(value: object) -> str:
-    return "null or missing" if value is None else _KINDS.get(type(value), type(value).__name__)
-
-
-def read_usage(usage: object) -> tuple[dict | None, str | None]:
-    """(usage, None) when an upstream's `usage` has token counts a cost can be computed from; otherwise
-    (None, why not). What an upstream sends there is its own affair: the answer is relayed either way."""
-    if usage is None:
-        return None, NO_USAGE
-    if not isinstance(usage, dict):
-        return None, f"usage is {_describe(usage)}, not an object"
-    for count_name in ("prompt_tokens", "completion_tokens"):
-        count = usage.get(count_name)
-        if isinstance(count, bool) or not isinstance(count, int | float):
-            return None, f"usage.{count_name} is {_describe(count)}, not a token count"
-        if not 0 <= count < TOKEN_COUNT_LIMIT:  # NaN fails this too
-            return None, f"usage.{count_name} is {count!r}, not a token count"
-    return usage, None
-
-
-def usage_of_body(content: bytes) -> tuple[dict | None, str | None]:
-    """`read_usage` of a non-streaming chat-completions body."""
-    try:
-        answer = json.loads(content)
-    except (ValueError, RecursionError):
-        return None, "the response body is not JSON"
-    if not isinstance(answer, dict):
-        return None, "the response body is not a JSON object"
-    return read_usage(answer.get("usage"))
-
-
-def _bound_body_reads(response: aiohttp.ClientResponse, seconds: float) -> None:
-    """Bound each gap in the response body by `seconds` from now on (its headers have come)."""
-    connection = response.connection
-    if connection is None or connection.protocol is None or response.content.is_eof():
-        return  # all of it has come: nothing to wait for (and no end of body left to stop a timer)
-    connection.protocol.read_timeout = seconds
-    connection.protocol.start_timeout()
-
-
-async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
-    """(the body's chunks, True) when it ends within `limit` bytes; else (those come so far, False)."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await response.content.readany():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return chunks, False
-    return chunks, True
-
-
-class ResponseCut(Exception):
-    """The upstream failed in the middle of a body that has no way to carry an error: the caller's
-    connection must be closed without ending the response, so that it sees the body incomplete."""
-
-
-class HostCheck:
-    """Whether a request's Host header may reach a dispatcher that asks for no API key.
-
-    A web page can make the browser send requests to the dispatcher (a cross-site POST with a body that
-    is not JSON, which the 415 stops), and through DNS rebinding (its own name made to resolve to the
-    dispatcher's address) it can even read the answers: the browser then sends the page's name as
-    Host. So without keys, Host must be `localhost`, an IP address (a name is needed to rebind), or a
-    name in `allowed_hosts`. A request without Host (HTTP/1.0) comes from no browser. Answers are
-    cached per Host value, so that the check costs a dict lookup.
-    """
-
-    CACHED = 1024
-
-    def __init__(self, allowed: list[str]) -> None:
-        self.names = frozenset({"localhost", *allowed})
-        self.seen: dict[bytes, bool] = {}
-
-    def __call__(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        for name, value in headers:
-            if name == b"host":
-                allowed = self.seen.get(value)
-                if allowed is None:
-                    allowed = self.judge(value.decode("latin-1"))
-                    if len(self.seen) < self.CACHED:
-                        self.seen[value] = allowed
-                return allowed
-        return True
-
-    def judge(self, host: str) -> bool:
-        host = host.strip().lower()
-        # [IPv6]:port, or name:port (IPv4 included)
-        host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
-        host = host.rstrip(".")
-        if host in self.names:
-            return True
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return True
-
-
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:
     """The text the classifier read for this request, so that training on the decision log sees what
     serving sees (for a conversation: the latest user turn first, then the earlier turns, newest first)."""
@@ -597,57 +420,6 @@ def _logged_prompt(messages: list[tuple[str, str]]) -> str:
         return render_conversation(messages)
     except InvalidInputError:  # nothing the classifier could read (it fell back): keep what there is
         return "\n\n".join(content for _, content in messages)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, up to `limit` bytes.
-
-    Raises:
-        HTTPError: 413, the body is larger.
-        ClientDisconnect: the caller left (or took too long: serving.inbound) before sending all of it.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _no_constant(name: str) -> object:
-    raise HTTPError(400, f"request body is not valid JSON: {name} is not a JSON number")
-
-
-def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or content_type.partition(";")[0].strip().lower() == "application/json"
-
-
-def _parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
-    try:
-        body = json.loads(raw, parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HTTPError(400, f"request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise HTTPError(400, "request body is nested too deeply") from None
-    except ValueError as error:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise HTTPError(400, f"request body has a number that cannot be read: {str(error).split(';')[0]}") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "request body must be a JSON object")
-    if not isinstance(body.get("stream", False), bool) and body["stream"] is not None:
-        raise HTTPError(400, "stream must be true or false")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HTTPError(400, "messages must be a non-empty list")
-    pairs = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise HTTPError(400, f"messages[{index}] must be an object with a role")
-        pairs.append((message["role"], content_text(message.get("content"))))
-    return body, pairs
 
 
 def create_app(config: DispatcherConfig) -> ASGIApp:
@@ -680,12 +452,12 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def outcomes(request: Request) -> Response:
         """Scores for earlier answers (serving.outcomes), appended to the decision log for training."""
         try:
-            if not _is_json(request.headers.get("content-type", "")):
+            if not is_json(request.headers.get("content-type", "")):
                 raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
                                 code="unsupported_media_type")
             if dispatcher.tenants.authenticate(request.headers.get("authorization", "")) is None:
                 raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
-            reports = parse_outcomes(await _read_body(request, MAX_OUTCOMES_BODY_BYTES))
+            reports = parse_outcomes(await read_body(request, MAX_OUTCOMES_BODY_BYTES))
         except HTTPError as error:
             return error.response()
         except OutcomeError as error:
@@ -703,13 +475,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            if not _is_json(request.headers.get("content-type", "")):
+            if not is_json(request.headers.get("content-type", "")):
                 raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
                                 code="unsupported_media_type")
             tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
             if tenant is None:
                 raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
-            body, messages = _parse_chat(await _read_body(request, config.max_request_bytes))
+            body, messages = parse_chat(await read_body(request, config.max_request_bytes))
             mode, pinned = dispatcher.parse_model(body.get("model"), tenant)
             needs = request_needs(body, messages)
             dispatcher.capabilities.check(needs, pinned)
@@ -761,7 +533,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
                 whole = False
                 if not streamed:
                     try:
-                        received, whole = await _read_up_to(upstream, BUFFERED_BODY_LIMIT)
+                        received, whole = await read_up_to(upstream, BUFFERED_BODY_LIMIT)
                     except (aiohttp.ClientError, TimeoutError) as error:
                         upstream.close()
                         failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "

@@ -260,9 +260,9 @@ def test_tiers_that_declare_nothing_are_sent_anything(fresh: dict[str, Upstream]
 
 def test_request_needs_reads_the_body() -> None:
     def needs(body: dict) -> tuple[tuple[str, ...], int, bool]:
-        from serving.dispatcher import _parse_chat
+        from serving.inbound_request import parse_chat
 
-        parsed, messages = _parse_chat(json.dumps(body).encode())
+        parsed, messages = parse_chat(json.dumps(body).encode())
         found = request_needs(parsed, messages)
         return found.features, found.tokens, found.has_text
 

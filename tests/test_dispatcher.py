@@ -20,9 +20,10 @@ from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
 from serving.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.dispatcher import create_app, usage_from_stream_tail
+from serving.dispatcher import create_app
 from serving.inbound import DispatchServerConfig
 from serving.server import ServerLimits
+from serving.upstream_body import usage_from_stream_tail
 from tests.fake_upstream import MISSING, USAGE, Upstream, huge_answer, run_uvicorn
 from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
@@ -932,7 +933,7 @@ def test_unexpected_error_is_a_json_500_and_the_dispatcher_keeps_serving(
     def broken(raw: bytes) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(serving.dispatcher, "_parse_chat", broken)
+    monkeypatch.setattr(serving.dispatcher, "parse_chat", broken)
     body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
     with caplog.at_level("ERROR", logger="promptier.dispatcher"):
         reply = httpx.post(f"{dispatcher.base_url}/chat/completions", json=body)
