@@ -16,8 +16,8 @@ from serving.capabilities import CHARS_PER_TOKEN, IMAGE_TOKENS, Serves, request_
 from serving.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from tests import test_dispatcher
+from tests.grpc_server import EASY, HARD, ServerThread
 from tests.test_dispatcher import Dispatcher, Upstream, _config
-from tests.test_server import EASY, HARD, ServerThread
 
 # The dispatcher tests' upstreams and classifier, as fixtures of this module too (found by name).
 upstreams, fresh, grpc_classifier = test_dispatcher.upstreams, test_dispatcher.fresh, test_dispatcher.grpc_classifier

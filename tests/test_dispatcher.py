@@ -25,7 +25,7 @@ from serving.inbound import DispatchServerConfig
 from serving.server import ServerLimits
 from serving.upstream_body import usage_from_stream_tail
 from tests.fake_upstream import MISSING, USAGE, Upstream, huge_answer, run_uvicorn
-from tests.test_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
+from tests.grpc_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from serving.litellm_router import (
     load_router_config,
 )
 from tests.fake_upstream import Upstream
-from tests.test_server import ServerThread
+from tests.grpc_server import ServerThread
 
 EASY = ("hi", "What is the capital of France?")
 HARD = ("Prove that there are infinitely many primes, then design a fault-tolerant distributed consensus protocol "

@@ -23,9 +23,9 @@ from serving.decision_log import DecisionLog
 from serving.dispatch_config import DecisionLogConfig
 from serving.savings import DEFAULT_GROUP, LogWindow, percentile, read_window, summarize
 from tests import test_dispatcher
+from tests.grpc_server import EASY, HARD, ServerThread
 from tests.test_dispatch_capabilities import IMAGE, _restricted, _user
 from tests.test_dispatcher import Dispatcher, Upstream, _config
-from tests.test_server import EASY, HARD, ServerThread
 
 upstreams, fresh, grpc_classifier = test_dispatcher.upstreams, test_dispatcher.fresh, test_dispatcher.grpc_classifier
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -23,47 +23,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import classifier
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.client import AsyncRouterClient, Decision, RouterClient
-from serving.server import RunningServer, ServerLimits, is_local_peer, start_server
-
-EASY = "hello thanks say hi cat dog"
-HARD = "prove theorem derive integral eigenvalue lemma"
-
-
-class ServerThread:
-    """Runs start_server on an event loop in a background thread."""
-
-    def __init__(self, **kwargs: object) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.running: RunningServer | None = None
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-
-            async def begin() -> None:
-                self.running = await start_server(**kwargs)  # type: ignore[arg-type]
-                ready.set()
-
-            self.loop.run_until_complete(begin())
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(60), "server did not start"
-
-    @property
-    def target(self) -> str:
-        assert self.running is not None
-        return f"127.0.0.1:{self.running.port}"
-
-    def call(self, coroutine):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
-
-    def stop(self, grace: float = 1.0) -> None:
-        assert self.running is not None
-        self.call(self.running.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+from serving.server import RunningServer, ServerLimits, is_local_peer
+from tests.grpc_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
 
 @pytest.fixture(scope="module")
@@ -893,31 +854,6 @@ def _metric(port: int, name: str) -> float:
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
-def spawned_workers(parent_pid: int) -> list[psutil.Process]:
-    """The worker processes a `--workers` supervisor started (not multiprocessing's resource tracker)."""
-    found = []
-    for child in psutil.Process(parent_pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:  # a killed worker not yet reaped (zombie) or already gone
-            continue
-    return found
-
-
-def worker_serving(parent_pid: int, server_port: int, client_port: int) -> int:
-    """The pid of the worker holding the server side of our connection from `client_port` (-1: none)."""
-    for worker in spawned_workers(parent_pid):
-        try:
-            for c in worker.net_connections("tcp"):
-                if (c.status == "ESTABLISHED" and c.laddr.port == server_port and c.raddr
-                        and c.raddr.port == client_port):
-                    return int(worker.pid)
-        except psutil.Error:
-            continue
-    return -1
 
 
 def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path) -> None:

@@ -23,6 +23,7 @@ from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatch
 from serving.spend_store import RedisSpendStore, SqliteSpendStore
 from serving.stream_meter import estimated_usage
 from tests.fake_upstream import MISSING, Upstream
+from tests.grpc_server import EASY, HARD, spawned_workers, worker_serving
 from tests.test_dispatcher import (  # noqa: F401  (fixtures)
     Dispatcher,
     _config,
@@ -31,7 +32,6 @@ from tests.test_dispatcher import (  # noqa: F401  (fixtures)
     grpc_classifier,
     upstreams,
 )
-from tests.test_server import EASY, HARD, spawned_workers, worker_serving
 from tests.test_spend_store import RedisServer, redis_server  # noqa: F401  (fixture)
 
 PRICES = {"small": (0.2, 0.2), "medium": (0.9, 0.9), "large": (1.25, 5.0)}  # the test model's, per Mtok
