@@ -294,3 +294,14 @@ def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Disp
     reply = httpx.get(f"http://127.0.0.1:{running.port}/promptier/savings.json",
                       headers={"authorization": "Bearer operator-key"})
     assert reply.json()["total"]["requests"] == len(_log_rows(log)) == 11
+
+
+def test_reported_outcomes_in_the_log_are_not_counted_as_requests(tmp_path: Path) -> None:
+    from serving.decision_log import OutcomeRecord
+
+    path = tmp_path / "decisions.jsonl"
+    request = {"schema_version": 5, "prompt_id": "dispatcher:" + "a" * 32, "tier": "small", "routed_tier": "small",
+               "reason": "classified", "status": 200, "cost_usd": 0.001, "time": "2026-11-29T10:00:00Z"}
+    outcome = OutcomeRecord(prompt_id=request["prompt_id"], score=1.0, judge=None, time="2026-11-29T10:01:00Z")
+    path.write_text(json.dumps(request) + "\n" + json.dumps(outcome.as_dict()) + "\n")
+    assert [row["prompt_id"] for row in read_window(path, 0, 1 << 20).rows] == [request["prompt_id"]]
