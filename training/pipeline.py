@@ -133,6 +133,11 @@ class TrainingInputs:
     fingerprint: str
     record: dict  # what the manifest's `training` says about the data
 
+    @property
+    def streamed(self) -> bool:
+        """The training prompts exist only as token ids: held-out prompts are scored a chunk at a time."""
+        return self.familiarity_texts is None
+
 
 def train(
     logs: Sequence[str | Path],
@@ -355,7 +360,7 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
     table, split, peaks, started, out_dir = inputs.table, inputs.split, run.peaks, run.started, run.out_dir
     val_index = np.flatnonzero(split == "val")
     val_texts = [table.prompts[i] for i in val_index]
-    if inputs.familiarity_texts is None:  # streamed: held-out prompts a chunk at a time
+    if inputs.streamed:
         val_logits = np.concatenate([predict_logits(model, tokenize_all(encoder, val_texts[i : i + HELDOUT_CHUNK]))
                                      for i in range(0, len(val_texts), HELDOUT_CHUNK)])
     else:
@@ -483,7 +488,7 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: Tra
                                                       exclude=seen)]
     table, split = inputs.table, inputs.split
     reference_texts = [table.prompts[i] for i in np.flatnonzero(split == "val")] + fresh
-    if inputs.familiarity_texts is None:  # streamed: features of a chunk at a time, never all of them
+    if inputs.streamed:  # features of a chunk at a time, never all of them
         unfamiliarity = np.concatenate([
             statistics.unfamiliarity(predict(model, tokenize_all(encoder, reference_texts[i : i + HELDOUT_CHUNK]),
                                              method="features"))
