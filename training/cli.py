@@ -296,7 +296,7 @@ def export(
     """Re-export a trained model to ONNX with the parity check (e.g. to try int8, or after an ORT upgrade)."""
     _require_training_extra()
     from training.export import export_checkpoint
-    from training.pipeline import read_unlabeled
+    from training.inputs import read_unlabeled
 
     try:
         manifest, report = export_checkpoint(artifact, checkpoint, read_unlabeled(prompts), out, quantize)

@@ -19,7 +19,8 @@ import numpy as np
 
 from training.config import TrainConfig
 from training.errors import DataError
-from training.pipeline import prepare_data, train
+from training.inputs import prepare_data
+from training.pipeline import train
 
 log = logging.getLogger(__name__)
 BASELINES = ("length", "embedding-lr")

@@ -136,8 +136,8 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
 
     Runs where `placement` says (default: the config's device, one process). In a distributed run
     every process calls this with the same examples; only the main one writes checkpoints. A
-    checkpoint holds the unwrapped model's weights on the CPU, so a run may resume on another
-    device or with another number of processes (with the same global `batch_size`).
+    checkpoint holds the unwrapped model's weights (read back onto the CPU), so a run may resume on
+    another device or with another number of processes (with the same global `batch_size`).
 
     Args:
         token_ids: per-example token ids (from `tokenize_all`, or a TokenSource such as a token store).

@@ -1,0 +1,257 @@
+"""What a training run trains on: the logs read into memory or streamed, with teacher targets and anchors.
+
+`promptier train` (training/pipeline.py) builds its TrainingInputs here, fits on them, and finishes
+(calibration, export, evaluation) with what they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from classifier.artifact import TruncationConfig
+from classifier.runtime import TierClassifier
+from classifier.runtime import load as load_artifact
+from classifier.tokenization import PromptEncoder
+from training.config import TrainConfig
+from training.data import SkipReport, read_logs
+from training.errors import DataError
+from training.labels import PromptTable, build_table, prompt_hash, split_table
+from training.pool import Pool, load_pool
+
+if TYPE_CHECKING:
+    from training.token_store import Examples
+
+log = logging.getLogger(__name__)
+TRAINSET_DIR = "trainset"  # in the work dir: the training set as token ids, for streaming and other processes
+
+
+@dataclass
+class PreparedData:
+    table: PromptTable
+    split: np.ndarray
+    pool: Pool
+    skipped: SkipReport
+    unused_models: dict[str, int]
+
+
+def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, config: TrainConfig,
+                 skip_invalid: bool = False) -> PreparedData:
+    pool = pool_path if isinstance(pool_path, Pool) else load_pool(pool_path)
+    rows, skipped = read_logs(logs, skip_invalid=skip_invalid)
+    table, unused = build_table(rows, pool)
+    split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
+                        config.holdout_sources, config.holdout_categories)
+    if not (split == "train").any() or not (split == "val").any():
+        raise DataError("logs", f"too few prompts ({len(table)}) for a train and a validation split")
+    return PreparedData(table, split, pool, skipped, unused)
+
+
+def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
+    """The config's anchor prompts (none of them in the probe suite) as a table, or None."""
+    if not config.anchors:
+        return None
+    from training.anchors import anchor_rows, assumed_outcomes
+    from training.probes import load_probes
+
+    rows = anchor_rows(pool.tier_names, config.anchors, config.seed, exclude=[p.prompt for p in load_probes()])
+    n_tiers = len(pool.tier_names)
+    prompts = [row["prompt"] for row in rows]
+    return PromptTable(
+        prompts=prompts, prompt_ids=[row["prompt_id"] for row in rows],
+        sources=np.array([row["source"] for row in rows], dtype=object),
+        categories=np.array([row["category"] for row in rows], dtype=object),
+        targets=np.array([assumed_outcomes(row["category"], n_tiers) for row in rows]),
+        costs=np.array([[pool.estimated_cost(k, len(text)) for k in range(n_tiers)] for text in prompts]),
+        tier_names=pool.tier_names)
+
+
+def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
+    """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation."""
+    from training.data import _records, expand_paths
+
+    prompts = []
+    for path in expand_paths(paths):
+        for number, record in _records(path):
+            if isinstance(record, DataError):
+                raise record
+            text = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(str(path), "missing or empty prompt", number, "prompt")
+            prompts.append(text)
+    return prompts
+
+
+@dataclass
+class TrainingInputs:
+    """What a run trains on and is judged by, from logs read into memory or streamed.
+
+    `table` and `split` hold every prompt when the logs were read into memory, and only the held-out
+    (validation and test) prompts when they were streamed; then the training prompts exist only as
+    token ids in the store behind `tokens`.
+    """
+
+    tokens: list[np.ndarray] | Examples
+    targets: np.ndarray
+    table: PromptTable
+    split: np.ndarray
+    seen_hashes: np.ndarray  # uint64 hashes of every prompt trained or calibrated on
+    familiarity_texts: list[str] | None  # the texts trained on; None: read the token store
+    anchor_texts: list[str]
+    parity_extra: list[str]  # training prompts that fill the parity set when too few are held out
+    fingerprint: str
+    record: dict  # what the manifest's `training` says about the data
+
+    @property
+    def streamed(self) -> bool:
+        """The training prompts exist only as token ids: held-out prompts are scored a chunk at a time."""
+        return self.familiarity_texts is None
+
+
+def vocab_size(tokenizer_file: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_file(str(tokenizer_file)).get_vocab_size())
+
+
+def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig, encoder: PromptEncoder,
+                      backbone_dir: Path, truncation: TruncationConfig, work_dir: Path, skip_invalid: bool,
+                      teacher: Path | None, unlabeled: Sequence[str | Path], distill_weight: float,
+                      cache_dir: Path | None) -> TrainingInputs:
+    """Every row read into a PromptTable; teacher targets, unlabeled prompts and anchors added."""
+    from training.export import MIN_PARITY_PROMPTS
+    from training.trainer import tokenize_all
+
+    data = prepare_data(logs, pool, config, skip_invalid)
+    table, split = data.table, data.split
+    log.info("%d prompts (%s); %s", len(table), {s: int((split == s).sum()) for s in ("train", "val", "test")},
+             data.skipped.summary())
+    train_index = np.flatnonzero(split == "train")
+    train_texts = [table.prompts[i] for i in train_index]
+    targets = table.targets[train_index]
+    if teacher is not None:
+        teacher_runtime = load_artifact(teacher, threads=config.threads)
+        if teacher_runtime.tier_names != pool.tier_names:
+            raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
+                            f"{pool.tier_names}")
+        extra = read_unlabeled(unlabeled) if unlabeled else []
+        teacher_probs = _cached_teacher_probabilities(teacher_runtime, train_texts + extra, work_dir)
+        targets = np.concatenate([blend(teacher_probs[: len(train_texts)], targets, distill_weight),
+                                  teacher_probs[len(train_texts):]])
+        train_texts = train_texts + extra
+    anchors = anchor_table(pool, config)
+    anchor_rows = len(anchors) * config.anchor_weight if anchors is not None else 0
+    if anchors is not None:
+        train_texts = train_texts + anchors.prompts * config.anchor_weight
+        targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
+    teacher_report = None
+    if config.teacher is not None:
+        distilled, teacher_report = _embedding_teacher_targets(config, backbone_dir, truncation, cache_dir,
+                                                               train_texts, targets, table, split)
+        # Anchors keep the outcomes they stand for: the teacher's softer guesses for them would blur
+        # the very ends they are there to mark.
+        logged = len(train_texts) - anchor_rows
+        targets = np.concatenate([distilled[:logged], targets[logged:]])
+    seen = np.array(sorted({int(prompt_hash(table.prompts[i]), 16) for i in np.flatnonzero(split != "test")}),
+                    dtype=np.uint64)
+    record = {"prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+              "unlabeled_prompts": len(train_texts) - len(train_index) - anchor_rows,
+              "anchor_prompts": len(anchors) if anchors else 0, "embedding_teacher": teacher_report,
+              "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models}
+    return TrainingInputs(tokens=tokenize_all(encoder, train_texts), targets=targets, table=table, split=split,
+                          seen_hashes=seen, familiarity_texts=train_texts,
+                          anchor_texts=anchors.prompts if anchors is not None else [],
+                          parity_extra=[table.prompts[i] for i in train_index[:MIN_PARITY_PROMPTS]],
+                          fingerprint=table.fingerprint(), record=record)
+
+
+def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig, encoder: PromptEncoder,
+                     tokenizer_file: Path, work_dir: Path, skip_invalid: bool, teacher: Path | None
+                     ) -> TrainingInputs:
+    """The logs streamed into a token store in the work dir (training/streaming.py); anchors appended."""
+    from training.streaming import stream_logs
+    from training.token_store import Examples, TokenStoreWriter, save_examples
+    from training.trainer import tokenize_all
+
+    if teacher is not None or config.teacher is not None:
+        raise DataError("config", "a teacher reads every training prompt's text, which streaming does not keep: "
+                        "train with streaming: false, or use a recipe without a teacher")
+    writer = TokenStoreWriter(work_dir / TRAINSET_DIR, vocab_size(tokenizer_file))
+    data = stream_logs(logs, pool, config, encoder, writer, skip_invalid)
+    n_train = len(data.train_targets)
+    slots, targets = np.arange(n_train), data.train_targets
+    anchors = anchor_table(pool, config)
+    if anchors is not None:
+        anchor_slots = writer.append(tokenize_all(encoder, anchors.prompts))
+        slots = np.concatenate([slots, np.tile(anchor_slots, config.anchor_weight)])
+        targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
+    store = writer.close()
+    save_examples(work_dir / TRAINSET_DIR, slots, targets)
+    log.info("%s prompts; %s", data.prompt_counts, data.skipped.summary())
+    record = {"prompts": data.prompt_counts, "unlabeled_prompts": 0,
+              "anchor_prompts": len(anchors) if anchors else 0, "embedding_teacher": None,
+              "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models,
+              "data": {"reading": "streamed", **data.stats}}
+    return TrainingInputs(tokens=Examples(store, slots), targets=targets, table=data.heldout,
+                          split=data.heldout_split, seen_hashes=np.concatenate([data.train_hashes, data.val_hashes]),
+                          familiarity_texts=None, anchor_texts=anchors.prompts if anchors is not None else [],
+                          parity_extra=data.parity_texts, fingerprint=data.fingerprint, record=record)
+
+
+def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncation: TruncationConfig,
+                               cache_dir: Path | None, texts: list[str], targets: np.ndarray, table: PromptTable,
+                               split: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Fit the embedding teacher on (texts, targets) and return the student's targets: its probabilities,
+    blended with the known targets by `distill_weight`; and its validation APGR per source."""
+    from training.embedding_teacher import fit_teacher, teacher_features, teacher_probabilities
+    from training.evaluate import score_group
+
+    spec = config.teacher
+    assert spec is not None
+    log.info("embedding teacher: features for %d prompts", len(texts))
+    features = teacher_features(texts, backbone_dir, truncation, cache_dir)
+    network = fit_teacher(features, targets, spec, config.seed)
+    blended = blend(teacher_probabilities(network, features), targets, spec.distill_weight)
+    val = np.flatnonzero(split == "val")
+    val_probabilities = teacher_probabilities(
+        network, teacher_features([table.prompts[i] for i in val], backbone_dir, truncation, cache_dir))
+    report = {}
+    for source in sorted(set(table.sources[val])):
+        rows = table.sources[val] == source
+        group = score_group({"teacher": val_probabilities[rows]}, table.targets[val][rows], table.costs[val][rows],
+                            table.tier_names, config.policy_rule)
+        report[source] = round(group["methods"]["teacher"]["apgr"], 4)
+    log.info("embedding teacher: validation APGR %s", report)
+    return blended, {"validation_apgr": report}
+
+
+def blend(teacher: np.ndarray, targets: np.ndarray, weight: float) -> np.ndarray:
+    """Distillation targets: `weight` x the teacher's probabilities + the rest from the logged outcomes;
+    the teacher's alone where the outcome is unknown (NaN)."""
+    return np.where(np.isnan(targets), teacher, weight * teacher + (1 - weight) * np.nan_to_num(targets))
+
+
+def _cached_teacher_probabilities(runtime: TierClassifier, texts: Sequence[str], work_dir: Path,
+                                  batch: int = 64) -> np.ndarray:
+    """The teacher's probabilities for `texts`, kept in the work dir so that a resumed run skips them."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    key = hashlib.sha256(runtime.model_version.encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    cache = work_dir / f"teacher-{key.hexdigest()[:16]}.npy"
+    if cache.exists():
+        return np.load(cache)
+    parts = [runtime.probabilities(texts[i : i + batch])[0]
+             for i in tqdm(range(0, len(texts), batch), desc="teacher", unit="batch")]
+    probabilities = np.concatenate(parts)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache, probabilities)
+    return probabilities
