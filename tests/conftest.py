@@ -18,7 +18,7 @@ __all__ = ["POOL_YAML", "build_tiny_backbone", "synthetic_rows", "write_jsonl"]
 # whole products for a minute (soak, notebooks, reloads of worker processes), or builds native code.
 # CI runs everything. Kept in one place, so that a test's speed is judged where the others' are.
 SLOW_MODULES = {"test_pipeline", "test_generalization", "test_checkpoints", "test_notebooks", "test_soak",
-                "test_default_model", "test_litellm", "test_feedback"}
+                "test_default_model", "test_litellm", "test_feedback", "test_devices"}
 SLOW_TESTS = {
     "test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_one",
     "test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log",
@@ -27,6 +27,8 @@ SLOW_TESTS = {
     "test_ray_engine_equals_local_engine",
     "test_ray_engine_agrees_with_local_on_malformed_rows",
     "test_kill_9_then_resume_equals_uninterrupted",
+    "test_streamed_training_end_to_end",
+    "test_a_retiring_dispatcher_answers_the_connections_it_had_accepted",
 }
 
 
