@@ -449,14 +449,20 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         body.update(dispatcher.tenants.health())
         return JSONResponse(body)
 
+    def caller(request: Request) -> Tenant:
+        """The tenant of a JSON POST's API key. Raises HTTPError: 415 not JSON, 401 no valid key."""
+        if not is_json(request.headers.get("content-type", "")):
+            raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
+                            code="unsupported_media_type")
+        tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
+        if tenant is None:
+            raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+        return tenant
+
     async def outcomes(request: Request) -> Response:
         """Scores for earlier answers (serving.outcomes), appended to the decision log for training."""
         try:
-            if not is_json(request.headers.get("content-type", "")):
-                raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
-                                code="unsupported_media_type")
-            if dispatcher.tenants.authenticate(request.headers.get("authorization", "")) is None:
-                raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+            caller(request)
             reports = parse_outcomes(await read_body(request, MAX_OUTCOMES_BODY_BYTES))
         except HTTPError as error:
             return error.response()
@@ -475,12 +481,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            if not is_json(request.headers.get("content-type", "")):
-                raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
-                                code="unsupported_media_type")
-            tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
-            if tenant is None:
-                raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+            tenant = caller(request)
             body, messages = parse_chat(await read_body(request, config.max_request_bytes))
             mode, pinned = dispatcher.parse_model(body.get("model"), tenant)
             needs = request_needs(body, messages)
