@@ -208,14 +208,18 @@ def is_rotated_jsonl(path: Path) -> bool:
 
 
 def reported_outcomes(files: Sequence[Path]) -> dict[str, float]:
-    """The mean reported score per prompt_id, from the outcome lines of JSONL files (a first pass that
-    parses only lines naming the outcome kind, so that a log's request lines cost a substring test)."""
+    """The mean reported score per prompt_id, from the outcome lines of decision logs (a first pass that
+    reads only files that start like a decision log, and parses only lines naming the outcome kind)."""
     marker = f'"kind": "{OUTCOME_KIND}"'.encode()
     sums: dict[str, list[float]] = {}
     for path in files:
         if path.suffix == ".parquet":
             continue
         with path.open("rb") as handle:
+            # Every decision-log line carries schema_version: a file whose first line does not is not one.
+            if b'"schema_version"' not in handle.readline():
+                continue
+            handle.seek(0)
             for raw_line in handle:
                 if marker not in raw_line:
                     continue
