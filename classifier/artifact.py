@@ -91,18 +91,24 @@ class PolicyConfig(_Strict):
     thresholds: dict[str, float]
     quality_bands: dict[str, float]
     curve: list[CurvePoint] = Field(default_factory=list)
+    # Per mode: the cheapest tier is taken whenever its calibrated probability reaches this floor,
+    # whatever the top tier's (a mode without one has no floor; see `classifier.policy`).
+    cheap_floors: dict[str, float] = Field(default_factory=dict)
 
-    @field_validator("thresholds")
+    @field_validator("thresholds", "cheap_floors")
     @classmethod
-    def _thresholds_in_unit_interval(cls, value: dict[str, float]) -> dict[str, float]:
-        if not all(0.0 <= threshold <= 1.0 for threshold in value.values()):
-            raise ValueError("every mode's threshold must be in [0, 1]")
+    def _values_in_unit_interval(cls, value: dict[str, float]) -> dict[str, float]:
+        if not all(0.0 <= number <= 1.0 for number in value.values()):
+            raise ValueError("every mode's threshold and cheap floor must be in [0, 1]")
         return value
 
     @model_validator(mode="after")
-    def _default_mode_known(self) -> PolicyConfig:
+    def _modes_known(self) -> PolicyConfig:
         if self.default_mode not in self.thresholds:
             raise ValueError("default_mode names a mode that has no threshold")
+        unknown = sorted(set(self.cheap_floors) - set(self.thresholds))
+        if unknown:
+            raise ValueError(f"cheap_floors names modes that have no threshold: {unknown}")
         return self
 
 

@@ -13,6 +13,14 @@ most capable allowed tier, p_top (see `relative_scores`), by one of two rules st
   prompt no tier is likely to answer to the top tier whenever p_top is a few times p.
 
 Both are 0.5 when the tier is as likely as the top tier to answer well, and grow with p.
+
+A mode may also carry a *cheap floor*: the cheapest allowed tier is taken whenever its own calibrated
+probability reaches the floor, however sure the model is of the top tier. Relative rules alone send
+a prompt the cheapest tier answers 85% of the time to the top tier when the top tier is put at 99%;
+for obviously easy requests that is money spent on a difference the model cannot vouch for. Floors
+are chosen at training time on the probe suite's selection half, with the mode's threshold re-chosen
+beside each candidate so that the mode still holds its quality band on validation logs. A request
+that gives an explicit threshold or top-tier share gets no floor: it asked for that rule alone.
 """
 
 from __future__ import annotations
@@ -60,6 +68,18 @@ def resolve_threshold(policy: PolicyConfig, request: RoutingRequest | None) -> f
         known = ", ".join(sorted(policy.thresholds)) or ", ".join(MODES)
         raise InvalidInputError(f"unknown mode {mode!r}; known modes: {known}")
     return policy.thresholds[mode]
+
+
+def resolve_floor(policy: PolicyConfig, request: RoutingRequest | None) -> float | None:
+    """The cheap floor a request routes under: its mode's (or the default mode's), or None.
+
+    Call after `resolve_threshold`, which rejects malformed requests.
+    """
+    if request is None:
+        return policy.cheap_floors.get(policy.default_mode)
+    if request.threshold is not None or request.top_share is not None:
+        return None
+    return policy.cheap_floors.get(request.mode or policy.default_mode)
 
 
 def threshold_for_top_share(policy: PolicyConfig, top_share: float) -> float:
@@ -112,7 +132,7 @@ def top_allowed_tier(allowed: np.ndarray) -> np.ndarray:
 
 
 def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allowed: np.ndarray,
-                 rule: Rule = "ratio") -> np.ndarray:
+                 rule: Rule = "ratio", cheap_floor: float | np.ndarray | None = None) -> np.ndarray:
     """Index of the chosen tier per row: the cheapest allowed tier whose relative score reaches `threshold`,
     else the most capable allowed tier. Threshold 1 always picks the top allowed tier, 0 the cheapest.
 
@@ -121,14 +141,22 @@ def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allow
         threshold: the relative score a cheaper tier must reach, in [0, 1]; or [n, 1], one per row.
         allowed: [n_tiers] or [n, n_tiers] boolean mask of tiers that may be chosen.
         rule: how a tier's score is compared with the top tier's (see `relative_scores`).
+        cheap_floor: where the cheapest allowed tier's own probability reaches it, that tier is chosen;
+            a number, or [n, 1] per row (NaN: no floor for that row); None: no floor.
     """
     if allowed.ndim == 1 and allowed.all():  # the common case: no per-request restriction
         passing = _relative_to(probabilities, probabilities[:, -1:], rule) >= threshold
+        if cheap_floor is not None:
+            passing[:, :1] |= probabilities[:, :1] >= cheap_floor
         passing[:, -1] = True  # the top tier is where everything else falls back
         return np.argmax(passing, axis=1)
     allowed = np.broadcast_to(allowed, probabilities.shape)
     top = top_allowed_tier(allowed)
     rows = np.arange(len(top))
     passing = (_relative_to(probabilities, probabilities[rows, top][:, None], rule) >= threshold) & allowed
+    if cheap_floor is not None:
+        cheapest = np.argmax(allowed, axis=1)
+        floors = np.broadcast_to(np.asarray(cheap_floor, dtype=float).reshape(-1, 1), (len(rows), 1))[:, 0]
+        passing[rows, cheapest] |= probabilities[rows, cheapest] >= floors
     passing[rows, top] = True
     return np.argmax(passing, axis=1)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -20,7 +22,7 @@ from classifier.artifact import (
     load_manifest,
 )
 from classifier.errors import ArtifactError, InvalidInputError
-from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_threshold
+from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_floor, resolve_threshold
 from classifier.prior import prior_tier
 from classifier.tokenization import PromptEncoder
 
@@ -181,31 +183,34 @@ class TierClassifier:
         This is the serving and batch-labeling path: one invalid prompt never fails its neighbours.
         """
         outcomes: list[ClassificationResult | InvalidInputError | None] = [None] * len(items)
-        valid: list[tuple[int, str, float, np.ndarray]] = []
+        valid: list[_ValidItem] = []
         for index, (text, request) in enumerate(items):
             try:
                 checked = validate_text(text)
                 threshold = resolve_threshold(self.manifest.policy, request)
+                floor = resolve_floor(self.manifest.policy, request)
                 allowed = (self._all_tiers if request is None or request.allowed_tiers is None
                            else allowed_mask(self._tier_names, request.allowed_tiers))
             except InvalidInputError as error:
                 outcomes[index] = error
                 continue
-            valid.append((index, checked, threshold, allowed))
+            valid.append(_ValidItem(index, checked, threshold, math.nan if floor is None else floor, allowed))
         if valid:
             self._decide(valid, outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _decide(self, valid: list[tuple[int, str, float, np.ndarray]],
-                outcomes: list[ClassificationResult | InvalidInputError | None]) -> None:
-        texts = [text for _, text, _, _ in valid]
+    def _decide(self, valid: list[_ValidItem], outcomes: list[ClassificationResult | InvalidInputError | None]
+                ) -> None:
+        texts = [item.text for item in valid]
         logits, unfamiliarity, truncated, tokens = self._run(texts)
         probabilities = self._calibrate(logits)
-        # One vectorised policy call for the whole batch: each row brings its own threshold and tiers.
-        thresholds = np.array([threshold for _, _, threshold, _ in valid])[:, None]
-        masks = [mask for _, _, _, mask in valid]
+        # One vectorised policy call for the whole batch: each row brings its own threshold, floor and tiers.
+        thresholds = np.array([item.threshold for item in valid])[:, None]
+        floors = np.array([item.cheap_floor for item in valid])[:, None]
+        masks = [item.allowed for item in valid]
         allowed = self._all_tiers if all(mask is self._all_tiers for mask in masks) else np.stack(masks)
-        chosen = choose_tiers(probabilities, thresholds, allowed, self.manifest.policy.rule).tolist()
+        chosen = choose_tiers(probabilities, thresholds, allowed, self.manifest.policy.rule,
+                              None if np.isnan(floors).all() else floors).tolist()
         decided_by = ["model"] * len(valid)
         familiar: list[float | None] = [None] * len(valid)
         if unfamiliarity is not None and self.manifest.familiarity is not None:
@@ -216,17 +221,27 @@ class TierClassifier:
                                                    masks[unknown])
                 decided_by[unknown] = "prior"
         rows = probabilities.tolist()  # Python floats at once, not one numpy scalar per score
-        for row, (index, _, threshold, _) in enumerate(valid):
-            outcomes[index] = ClassificationResult(
+        for row, item in enumerate(valid):
+            outcomes[item.position] = ClassificationResult(
                 tier=self._tier_names[chosen[row]],
                 scores=dict(zip(self._tier_names, rows[row], strict=True)),
-                threshold=threshold,
+                threshold=item.threshold,
                 truncated=truncated[row],
                 tokens=tokens[row],
                 model_version=self.manifest.model_version,
                 decided_by=decided_by[row],
                 familiarity=familiar[row],
             )
+
+
+class _ValidItem(NamedTuple):
+    """One item that passed validation, with the policy it routes under."""
+
+    position: int
+    text: str
+    threshold: float
+    cheap_floor: float  # NaN: no floor
+    allowed: np.ndarray
 
 
 def _nearest_allowed(tier: int, allowed: np.ndarray) -> int:

@@ -5,7 +5,14 @@ import pytest
 
 from classifier.artifact import CurvePoint, PolicyConfig
 from classifier.errors import InvalidInputError
-from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, relative_scores, resolve_threshold
+from classifier.policy import (
+    RoutingRequest,
+    allowed_mask,
+    choose_tiers,
+    relative_scores,
+    resolve_floor,
+    resolve_threshold,
+)
 
 POLICY = PolicyConfig(
     default_mode="balanced",
@@ -66,3 +73,30 @@ def test_difference_rule_keeps_prompts_no_tier_answers_cheap() -> None:
     assert choose_tiers(probabilities, 0.45, everything, "ratio").tolist() == [0, 2, 2]
     assert choose_tiers(probabilities, 1.0, everything, "difference").tolist() == [2, 2, 2]
     assert choose_tiers(probabilities, 0.0, everything, "difference").tolist() == [0, 0, 0]
+
+
+def test_cheap_floor_takes_the_cheapest_tier_when_it_is_likely_enough() -> None:
+    probabilities = np.array([[0.85, 0.9, 0.99], [0.5, 0.9, 0.99], [0.95, 0.2, 0.99]])
+    everything = np.ones(3, dtype=bool)
+    assert choose_tiers(probabilities, 0.49, everything).tolist() == [2, 2, 2]
+    assert choose_tiers(probabilities, 0.49, everything, cheap_floor=0.8).tolist() == [0, 2, 0]
+    # Per row; NaN is no floor for that row.
+    per_row = np.array([[0.8], [np.nan], [np.nan]])
+    assert choose_tiers(probabilities, 0.49, everything, cheap_floor=per_row).tolist() == [0, 2, 2]
+    # With the cheapest tier not allowed, the floor applies to the cheapest allowed one.
+    no_small = np.array([[False, True, True]] * 3)
+    assert choose_tiers(probabilities, 0.49, no_small, cheap_floor=0.85).tolist() == [1, 1, 2]
+
+
+def test_cheap_floor_follows_the_mode_never_an_explicit_threshold() -> None:
+    policy = POLICY.model_copy(update={"cheap_floors": {"balanced": 0.8, "cost": 0.7}})
+    assert resolve_floor(policy, None) == 0.8
+    assert resolve_floor(policy, RoutingRequest(mode="cost")) == 0.7
+    assert resolve_floor(policy, RoutingRequest(mode="quality")) is None
+    assert resolve_floor(policy, RoutingRequest(threshold=0.5)) is None
+    assert resolve_floor(policy, RoutingRequest(top_share=0.2)) is None
+    assert resolve_floor(POLICY, None) is None
+    with pytest.raises(ValueError, match="cheap floor must be in"):
+        PolicyConfig(**{**POLICY.model_dump(), "cheap_floors": {"balanced": 1.5}})
+    with pytest.raises(ValueError, match="no threshold"):
+        PolicyConfig(**{**POLICY.model_dump(), "cheap_floors": {"thrifty": 0.5}})

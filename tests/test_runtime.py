@@ -160,3 +160,28 @@ def test_manifest_errors_never_quote_the_file(artifact_copy: Path) -> None:
     with pytest.raises(ArtifactError, match="not a valid tokenizer") as info:
         classifier.load(artifact_copy)
     assert "SECRET" not in str(info.value)
+
+
+def test_a_cheap_floor_in_the_manifest_routes_mode_requests_only(artifact_copy: Path) -> None:
+    """A floor of 0 sends every mode request it covers to the cheapest tier; explicit thresholds and
+    modes without a floor route as before."""
+    from classifier.policy import RoutingRequest
+
+    prompts = [f"question {i}: how many {i} are in {i * 7}?" for i in range(40)]
+    before = classifier.load(artifact_copy)
+    top = RoutingRequest(threshold=1.0)
+    assert {r.tier for r in before.classify_batch(prompts, top)} == {before.tier_names[-1]}
+    quality = [r.tier for r in before.classify_batch(prompts, RoutingRequest(mode="quality"))]
+    cheapest = before.tier_names[0]
+    assert {r.tier for r in before.classify_batch(prompts) if r.decided_by == "model"} != {cheapest}
+    path = artifact_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    default = manifest["policy"]["default_mode"]
+    manifest["policy"]["cheap_floors"] = {default: 0.0}
+    path.write_text(json.dumps(manifest))
+    after = classifier.load(artifact_copy)
+    decided = after.classify_batch(prompts)
+    assert {r.tier for r in decided if r.decided_by == "model"} == {cheapest}
+    assert {r.tier for r in after.classify_batch(prompts, top)} == {after.tier_names[-1]}
+    if default != "quality":
+        assert [r.tier for r in after.classify_batch(prompts, RoutingRequest(mode="quality"))] == quality
