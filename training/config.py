@@ -112,6 +112,9 @@ class TrainConfig(BaseModel):
         description="how far below the top tier's validation quality each mode may go",
     )
     default_mode: str = "balanced"
+    cheap_floor_modes: list[str] = Field(
+        default_factory=list, description="modes given a cheap floor (classifier.policy), chosen on the probe "
+        "suite's selection half; none by default")
     policy_rule: Literal["ratio", "difference"] = Field(
         default="difference", description="how a tier's probability is compared with the top tier's "
         "(classifier.policy.relative_scores)")

@@ -50,7 +50,8 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"{manifest.truncation.tail_chars} characters",
         f"- Calibration: per-tier temperatures {[round(t, 3) for t in manifest.calibration.temperatures]}",
         f"- Policy: rule `{policy.rule}`, thresholds {policy.thresholds} (quality bands {policy.quality_bands}); "
-        f"default mode `{policy.default_mode}`", "",
+        f"default mode `{policy.default_mode}`",
+        *_floor_lines(policy.cheap_floors, training.get("cheap_floor_search")), "",
         "## Training data",
         f"- Logs: {training.get('logs')}; pool: {training.get('pool')}",
         f"- Sources and licences: {DATA_LICENCES}",
@@ -79,6 +80,19 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         "- The llmrouter source has no frontier model, so the top tier's outcome is only learned from MMLU-Pro.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _floor_lines(floors: dict[str, float], searched: object) -> list[str]:
+    """The cheap floors and how they were chosen (on the probe suite's selection half)."""
+    if not floors and not isinstance(searched, dict):
+        return []
+    from training.cheap_floor import floors_table
+
+    lines = [f"- Cheap floors (the cheapest tier whenever its probability reaches the floor): {floors or 'none'}"]
+    if isinstance(searched, dict):
+        lines += ["", "Floors searched on the probe suite's selection half (each with its threshold re-chosen "
+                  "on validation logs to hold the mode's quality band):", "", floors_table(searched)]
+    return lines
 
 
 def _fingerprint_basis(training: dict) -> str:

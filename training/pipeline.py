@@ -238,6 +238,14 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
                                  config.quantize, extra_paths={SEEN_PROMPTS_FILE: seen_file})
     test_index = np.flatnonzero(split == "test")
     peaks["export"] = peak_rss_mb()
+    if config.cheap_floor_modes:
+        from training.cheap_floor import choose_cheap_floors
+
+        policy, searched = choose_cheap_floors(load_artifact(out_dir), val_probs, val_targets, val_costs,
+                                               manifest.policy, config.cheap_floor_modes)
+        manifest = manifest.model_copy(update={"policy": policy,
+                                               "training": {**manifest.training, "cheap_floor_search": searched}})
+        save_manifest(manifest, out_dir)
     metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(out_dir))}
     if test_index.size:
         report = evaluate_split(out_dir, table, split, backbone_dir=run.evaluation_backbone, out_dir=out_dir,

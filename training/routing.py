@@ -29,10 +29,10 @@ def top_known_tier(known: np.ndarray) -> np.ndarray:
 
 
 def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, threshold: float,
-             rule: Rule = "ratio") -> RoutingPoint:
+             rule: Rule = "ratio", cheap_floor: float | None = None) -> RoutingPoint:
     """Mean quality, mean cost per prompt, and share sent to the top known tier, at one threshold."""
     known = ~np.isnan(targets)
-    chosen = choose_tiers(probabilities, threshold, known, rule)
+    chosen = choose_tiers(probabilities, threshold, known, rule, cheap_floor)
     rows = np.arange(len(chosen))
     return RoutingPoint(
         threshold=float(threshold),
@@ -53,9 +53,10 @@ def threshold_grid(probabilities: np.ndarray, known: np.ndarray, points: int = 2
 
 
 def routing_curve(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray,
-                  thresholds: np.ndarray | None = None, rule: Rule = "ratio") -> list[RoutingPoint]:
+                  thresholds: np.ndarray | None = None, rule: Rule = "ratio",
+                  cheap_floor: float | None = None) -> list[RoutingPoint]:
     grid = threshold_grid(probabilities, ~np.isnan(targets), rule=rule) if thresholds is None else thresholds
-    return [simulate(probabilities, targets, costs, float(t), rule) for t in grid]
+    return [simulate(probabilities, targets, costs, float(t), rule, cheap_floor) for t in grid]
 
 
 def always_top(targets: np.ndarray, costs: np.ndarray) -> tuple[float, float]:

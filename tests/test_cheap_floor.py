@@ -1,0 +1,45 @@
+"""Choosing cheap floors on the probe suite's selection half, within each mode's quality band."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import classifier
+from training.cheap_floor import FLOOR_GRID, choose_cheap_floors, floors_table
+from training.routing import always_top, simulate
+
+
+def _validation(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    probabilities = np.sort(rng.uniform(size=(n, 3)), axis=1)  # dearer tiers answer more often
+    targets = (rng.uniform(size=(n, 3)) < probabilities).astype(float)
+    costs = np.tile([0.1, 0.5, 2.0], (n, 1))
+    return probabilities, targets, costs
+
+
+def test_every_candidate_holds_the_band_and_the_best_separation_is_kept(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    policy = runtime.manifest.policy
+    probabilities, targets, costs = _validation()
+    chosen, searched = choose_cheap_floors(runtime, probabilities, targets, costs, policy, ["balanced"])
+    rows = searched["balanced"]
+    assert [row["floor"] for row in rows] == [None, *FLOOR_GRID]
+    top_quality, _ = always_top(targets, costs)
+    floor_band = (1 - policy.quality_bands["balanced"]) * top_quality
+    for row in rows[1:]:
+        if row["threshold"] < 1.0:  # 1.0 is "no point reaches the band": everything goes up
+            point = simulate(probabilities, targets, costs, row["threshold"], policy.rule, row["floor"])
+            assert point.quality >= floor_band - 1e-12
+    best = max(rows, key=lambda row: row["separation"])
+    assert chosen.thresholds["balanced"] == best["threshold"]
+    assert chosen.cheap_floors.get("balanced") == best["floor"]
+    assert {m: t for m, t in chosen.thresholds.items() if m != "balanced"} == \
+        {m: t for m, t in policy.thresholds.items() if m != "balanced"}
+    assert "| balanced | none |" in floors_table(searched)
+
+
+def test_unknown_modes_are_refused(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    with pytest.raises(ValueError, match="thrifty"):
+        choose_cheap_floors(runtime, *_validation(n=50), runtime.manifest.policy, ["thrifty"])

@@ -1,0 +1,87 @@
+"""Choosing each mode's cheap floor (see `classifier.policy`): on the probe suite's selection half.
+
+For each candidate floor, the mode's threshold is chosen again on the validation logs with the floor
+in place (so the mode still holds its quality band there), and the probes of the selection half are
+routed by that pair. The floor kept is the one that best separates obvious cases at the cheap end,
+measured as the share of easy probes on the cheapest tier minus the share of hard probes on it; no
+floor is kept unless it beats routing without one. The report half is never looked at here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from classifier.artifact import PolicyConfig
+from classifier.policy import choose_tiers
+from classifier.runtime import TierClassifier
+from training.probes import load_probes
+from training.routing import always_top, mode_thresholds, routing_curve
+
+FLOOR_GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def _separation(chosen: np.ndarray, hard: np.ndarray) -> tuple[float, float, float]:
+    easy_cheap = float(np.mean(chosen[~hard] == 0))
+    hard_cheap = float(np.mean(chosen[hard] == 0))
+    return easy_cheap - hard_cheap, easy_cheap, hard_cheap
+
+
+def choose_cheap_floors(runtime: TierClassifier, val_probabilities: np.ndarray, val_targets: np.ndarray,
+                        val_costs: np.ndarray, policy: PolicyConfig, modes: Sequence[str],
+                        grid: Sequence[float] = FLOOR_GRID) -> tuple[PolicyConfig, dict[str, list[dict]]]:
+    """The policy with a floor (and its re-chosen threshold) for each of `modes` where one helps, and
+    the whole search per mode for the model card.
+
+    `runtime` is the artifact as written without floors: its decisions say which probes the prior
+    routes (a floor never touches those) and give the calibrated probabilities of the rest.
+    """
+    unknown = sorted(set(modes) - set(policy.thresholds))
+    if unknown:
+        raise ValueError(f"cheap_floor_modes names modes the policy does not have: {unknown}")
+    probes = [probe for probe in load_probes() if probe.half == "select"]
+    decisions = runtime.classify_batch([probe.prompt for probe in probes])
+    tiers = runtime.tier_names
+    probabilities = np.array([[decision.scores[tier] for tier in tiers] for decision in decisions])
+    by_prior = np.array([decision.decided_by == "prior" for decision in decisions])
+    prior_tiers = np.array([tiers.index(decision.tier) for decision in decisions])
+    hard = np.array([probe.difficulty == "hard" for probe in probes])
+    everything = np.ones(len(tiers), dtype=bool)
+    top_quality, _ = always_top(val_targets, val_costs)
+
+    def routed(threshold: float, floor: float | None) -> np.ndarray:
+        chosen = choose_tiers(probabilities, threshold, everything, policy.rule, floor)
+        return np.where(by_prior, prior_tiers, chosen)
+
+    thresholds, floors = dict(policy.thresholds), dict(policy.cheap_floors)
+    searched: dict[str, list[dict]] = {}
+    for mode in modes:
+        band = {mode: policy.quality_bands[mode]}
+        candidates: list[tuple[float | None, float]] = [(None, policy.thresholds[mode])]
+        for candidate in grid:
+            curve = routing_curve(val_probabilities, val_targets, val_costs, rule=policy.rule,
+                                  cheap_floor=candidate)
+            candidates.append((candidate, mode_thresholds(curve, top_quality, band)[mode]))
+        rows: list[dict] = []
+        for floor, threshold in candidates:
+            separation, easy_cheap, hard_cheap = _separation(routed(threshold, floor), hard)
+            rows.append({"floor": floor, "threshold": threshold, "separation": separation,
+                         "easy_on_cheapest": easy_cheap, "hard_on_cheapest": hard_cheap})
+        # Ties go to the candidate listed first: no floor, then the highest (most cautious) floor.
+        best = max(rows, key=lambda row: row["separation"])
+        searched[mode] = rows
+        thresholds[mode] = best["threshold"]
+        if best["floor"] is not None:
+            floors[mode] = best["floor"]
+    return policy.model_copy(update={"thresholds": thresholds, "cheap_floors": floors}), searched
+
+
+def floors_table(searched: Mapping[str, list[dict]]) -> str:
+    """The floor search as Markdown, one row per candidate."""
+    lines = ["| mode | floor | threshold | easy -> cheapest | hard -> cheapest | separation |",
+             "|---|---|---|---|---|---|"]
+    for mode, rows in searched.items():
+        lines += [f"| {mode} | {'none' if r['floor'] is None else r['floor']} | {r['threshold']:.4f} | "
+                  f"{r['easy_on_cheapest']:.1%} | {r['hard_on_cheapest']:.1%} | {r['separation']:.3f} |" for r in rows]
+    return "\n".join(lines)
