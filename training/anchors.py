@@ -395,6 +395,54 @@ EASY_CODE_MORE = [
 ]
 TABLES = ["users", "orders", "products", "customers", "employees"]
 
+# Everyday messages written in other languages, each with a simple ask in the same language (translate
+# it, find the date, shorten it): length and an unfamiliar script alone must not read as difficulty.
+NATIVE_MESSAGES = {
+    "fr": (["Salut {name} !", "J'espère que tu vas bien et que le week-end s'est bien passé.",
+            "On se retrouve {day_fr} à {time} devant la boulangerie, comme d'habitude.",
+            "N'oublie pas d'apporter les gâteaux, les enfants les attendent avec impatience.",
+            "Si tu es en retard, envoie-moi juste un petit message.",
+            "Merci encore pour ton aide avec le déménagement.",
+            "Le parking est gratuit après 18 heures.", "À bientôt et bises,", "{name2}"],
+           ["Tu peux me traduire ce message en anglais ?", "C'est quand, le rendez-vous ? Je ne retrouve plus l'info.",
+            "Résume ce message en une phrase, s'il te plaît.", "Rends ce message un peu plus poli.",
+            "Qui a écrit ce message ?"]),
+    "de": (["Hallo {name},", "ich hoffe, es geht dir gut und du hattest ein schönes Wochenende.",
+            "Wir treffen uns am {day_de} um {time} vor dem Rathaus.", "Bitte bring die Unterlagen vom letzten Mal mit.",
+            "Falls du es nicht schaffst, sag einfach kurz Bescheid.", "Danke nochmal für deine Hilfe beim Umzug!",
+            "Parken ist nach 18 Uhr kostenlos.", "Viele Grüße", "{name2}"],
+           ["Kannst du mir diese Nachricht ins Englische übersetzen?", "Wann ist das Treffen genau?",
+            "Fasse die Nachricht bitte in einem Satz zusammen.", "Mach die Nachricht etwas höflicher.",
+            "Wer hat diese Nachricht geschrieben?"]),
+    "es": (["¡Hola, {name}!", "Espero que estés bien y que hayas tenido un buen fin de semana.",
+            "Quedamos el {day_es} a las {time} en la plaza, como siempre.",
+            "No te olvides de traer las fotos del viaje.",
+            "Si llegas tarde, mándame un mensaje.", "Gracias otra vez por ayudarme con la mudanza.",
+            "El aparcamiento es gratis después de las seis.", "Un abrazo,", "{name2}"],
+           ["¿Me traduces este mensaje al inglés?", "¿Cuándo es la cita? No encuentro la fecha.",
+            "Resume este mensaje en una frase, por favor.", "Haz este mensaje un poco más educado.",
+            "¿Quién escribió este mensaje?"]),
+    "it": (["Ciao {name}!", "Spero che tu stia bene e che il weekend sia andato bene.",
+            "Ci vediamo {day_it} alle {time} davanti al bar, come sempre.",
+            "Non dimenticare di portare le foto della gita.",
+            "Se fai tardi, mandami un messaggio.", "Grazie ancora per l'aiuto con il trasloco.",
+            "Il parcheggio è gratuito dopo le sei.", "Un abbraccio,", "{name2}"],
+           ["Puoi tradurre in inglese quello che mi ha scritto?", "Quando ci vediamo esattamente?",
+            "Riassumi questo messaggio in una frase, per favore.", "Rendi questo messaggio un po' più gentile.",
+            "Chi ha scritto questo messaggio?"]),
+    "pt": (["Oi, {name}!", "Espero que você esteja bem e que o fim de semana tenha sido bom.",
+            "A gente se encontra na {day_pt} às {time} na frente da padaria.",
+            "Não esqueça de trazer as fotos da viagem.",
+            "Se atrasar, me manda uma mensagem.", "Obrigado de novo pela ajuda com a mudança.",
+            "O estacionamento é grátis depois das seis.", "Um abraço,", "{name2}"],
+           ["Pode traduzir esta mensagem para o inglês?", "Quando é o encontro? Não acho a data.",
+            "Resuma esta mensagem em uma frase, por favor.", "Deixe esta mensagem um pouco mais educada.",
+            "Quem escreveu esta mensagem?"]),
+}
+NATIVE_DAYS = {"fr": ["lundi", "mardi", "jeudi", "samedi"], "de": ["Montag", "Dienstag", "Donnerstag", "Samstag"],
+               "es": ["lunes", "martes", "jueves", "sábado"], "it": ["lunedì", "martedì", "giovedì", "sabato"],
+               "pt": ["segunda", "terça", "quinta", "sexta"]}
+
 
 def _normalise(text: str) -> str:
     return re.sub(r"\W+", " ", text.lower()).strip()
@@ -446,6 +494,18 @@ def _long_easy(rng: random.Random) -> str:
     return f"{task}\n\n{body}" if rng.random() < 0.5 else f"{body}\n\n{task}"
 
 
+def _native_long_easy(rng: random.Random) -> str:
+    language = rng.choice(sorted(NATIVE_MESSAGES))
+    lines, tasks = NATIVE_MESSAGES[language]
+    names = rng.sample(NAMES, 2)
+    day = rng.choice(NATIVE_DAYS[language])
+    values = {"name": names[0], "name2": names[1], "time": f"{rng.randint(9, 19)}:{rng.choice(['00', '30'])}",
+              f"day_{language}": day}
+    body = "\n".join(line.format(**values) for line in lines if rng.random() < 0.8 or "{name" in line)
+    task = rng.choice(tasks)
+    return f"{task}\n\n{body}" if rng.random() < 0.5 else f"{body}\n\n{task}"
+
+
 def _listing_question(rng: random.Random) -> str:
     template, questions = rng.choice(LISTINGS)
     brand = rng.choice(BRANDS)
@@ -466,6 +526,7 @@ def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: _long_easy(rng), lambda: _fill(rng, rng.choice(MULTILINGUAL_EASY)),
         lambda: _fill(rng, rng.choice(DEFINITIONS)), lambda: rng.choice(HOW_TO), lambda: _listing_question(rng),
         lambda: _fill(rng, rng.choice(NATIVE_EASY)), lambda: _fill(rng, rng.choice(EASY_CODE_MORE)),
+        lambda: _native_long_easy(rng),
     ]
 
 
