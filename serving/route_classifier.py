@@ -13,13 +13,13 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 import classifier
 from classifier import ClassificationResult, InvalidInputError, RoutingRequest, TierClassifier
+from classifier.artifact import TierSpec
 from classifier.conversation import render_conversation
 from serving.batcher import Batcher, DeadlineExpiredError, QueueFullError
 from serving.client import AsyncRouterClient
@@ -35,13 +35,6 @@ class ClassifierUnavailable(Exception):
     def __init__(self, cause: str) -> None:
         super().__init__(cause)
         self.cause = cause
-
-
-@dataclass(frozen=True)
-class TierPrice:
-    name: str
-    input_usd_per_mtok: float
-    output_usd_per_mtok: float
 
 
 class GrpcRouteClassifier:
@@ -88,13 +81,14 @@ class GrpcRouteClassifier:
             code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
             raise ClassifierUnavailable(code.name if isinstance(code, grpc.StatusCode) else "error") from error
 
-    async def tiers(self) -> list[TierPrice] | None:
+    async def tiers(self) -> list[TierSpec] | None:
         """The served tiers with prices, or None while the service cannot be reached."""
         try:
             info = await self._client.info()
         except grpc.RpcError:
             return None
-        return [TierPrice(t.name, t.input_usd_per_mtok, t.output_usd_per_mtok) for t in info.tiers]
+        return [TierSpec(name=t.name, input_usd_per_mtok=t.input_usd_per_mtok,
+                         output_usd_per_mtok=t.output_usd_per_mtok) for t in info.tiers]
 
     def describe(self) -> str:
         return f"gRPC service at {self.address}"
@@ -149,8 +143,8 @@ class EmbeddedRouteClassifier:
             raise ClassifierUnavailable("invalid_input")
         return outcome
 
-    async def tiers(self) -> list[TierPrice] | None:
-        return [TierPrice(t.name, t.input_usd_per_mtok, t.output_usd_per_mtok) for t in self.model.manifest.tiers]
+    async def tiers(self) -> list[TierSpec] | None:
+        return list(self.model.manifest.tiers)
 
     def describe(self) -> str:
         return f"embedded model {self.model.model_version}"

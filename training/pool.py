@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from classifier.artifact import TierSpec
 from training.errors import DataError
@@ -16,25 +16,23 @@ DEFAULT_OUTPUT_TOKENS = 256
 CHARS_PER_TOKEN = 4.0
 
 
-class Price(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
-
-
-class PoolTier(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    usd_per_mtok: Price
-
-
 class Pool(BaseModel):
     """A validated pool file."""
 
     model_config = ConfigDict(extra="forbid")
-    tiers: list[PoolTier] = Field(min_length=2)
+    tiers: list[TierSpec] = Field(min_length=2)
     sources: dict[str, dict[str, str]] = Field(default_factory=dict)
     output_tokens_estimate: int = Field(default=DEFAULT_OUTPUT_TOKENS, ge=0)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tiers_from_file(cls, value: object) -> object:
+        """The file writes a tier's price as `usd_per_mtok: {input, output}`; the artifact's `TierSpec`
+        is the one tier-and-price model everywhere else, so the file form is read into it here."""
+        if not isinstance(value, list):
+            return value
+        return [_tier_from_file(tier) if isinstance(tier, dict) and "usd_per_mtok" in tier else tier
+                for tier in value]
 
     @model_validator(mode="after")
     def _consistent(self) -> Pool:
@@ -52,16 +50,14 @@ class Pool(BaseModel):
         return [tier.name for tier in self.tiers]
 
     def tier_specs(self) -> list[TierSpec]:
-        return [
-            TierSpec(name=t.name, input_usd_per_mtok=t.usd_per_mtok.input, output_usd_per_mtok=t.usd_per_mtok.output)
-            for t in self.tiers
-        ]
+        return list(self.tiers)
 
     def estimated_cost(self, tier_index: int, prompt_chars: int) -> float:
         """Price x tokens for one call, for logs that carry no measured cost."""
-        price = self.tiers[tier_index].usd_per_mtok
+        tier = self.tiers[tier_index]
         input_tokens = prompt_chars / CHARS_PER_TOKEN
-        return (input_tokens * price.input + self.output_tokens_estimate * price.output) / 1e6
+        return (input_tokens * tier.input_usd_per_mtok
+                + self.output_tokens_estimate * tier.output_usd_per_mtok) / 1e6
 
     def tier_of(self, source: str, model: str) -> int | None:
         """Which tier `model` plays in `source`, or None if it plays none."""
@@ -69,6 +65,14 @@ class Pool(BaseModel):
             if mapped == model:
                 return self.tier_names.index(name)
         return None
+
+
+def _tier_from_file(tier: dict) -> dict:
+    price = tier["usd_per_mtok"]
+    if not isinstance(price, dict) or set(price) != {"input", "output"}:
+        raise ValueError("usd_per_mtok must have exactly the keys input and output")
+    rest = {key: value for key, value in tier.items() if key != "usd_per_mtok"}
+    return {**rest, "input_usd_per_mtok": price["input"], "output_usd_per_mtok": price["output"]}
 
 
 def load_pool(path: str | Path) -> Pool:
