@@ -9,7 +9,7 @@ from pathlib import Path
 import classifier
 from tests.conftest import tiny_config
 from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
-from training.generalization import leave_one_source_out, render_markdown
+from training.generalization import leave_one_source_out, own_run, render_markdown, seed_spread
 from training.probes import PROBES_FILE, evaluate_probes, load_probes
 
 
@@ -134,3 +134,23 @@ def test_embedding_teacher_and_anchors_in_one_recipe(tmp_path: Path, tiny_backbo
     assert any((tmp_path / "cache").iterdir())
     result = classifier.load(tmp_path / "model").classify("prove theorem derive integral eigenvalue lemma")
     assert result.tier in manifest.tier_names and "probes" in manifest.metrics
+
+
+def test_seed_spread_counts_the_evaluated_model_as_its_own_seeds_run(tmp_path: Path, trained_artifact: Path,
+                                                                    synthetic_logs: Path, pool_file: Path) -> None:
+    from training.config import TrainConfig
+
+    manifest = classifier.load(trained_artifact).manifest
+    config = TrainConfig.model_validate(manifest.training["config"])
+    known = own_run(manifest.metrics, manifest.data_fingerprint, [synthetic_logs], pool_file, config)
+    assert set(known) == {config.seed} and known[config.seed]
+    # Retraining that seed rebuilds the same model: reusing the artifact saves a run, not a measurement.
+    again = seed_spread([synthetic_logs], pool_file, config, [config.seed], tmp_path / "again")
+    assert again["runs"][str(config.seed)] == known[config.seed]
+    reused = seed_spread([synthetic_logs], pool_file, config, [config.seed], tmp_path / "reused", known=known)
+    assert reused["runs"] == again["runs"] and not (tmp_path / "reused").exists()
+    # Other logs than the artifact's: nothing is reused.
+    lines = synthetic_logs.read_text(encoding="utf-8").splitlines()
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("\n".join(lines[: len(lines) * 3 // 4]) + "\n", encoding="utf-8")
+    assert own_run(manifest.metrics, manifest.data_fingerprint, [fewer], pool_file, config) == {}

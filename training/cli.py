@@ -264,7 +264,7 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
                     skip_invalid: bool) -> dict:
     """Retrain the artifact's recipe for --loso and --seeds."""
     from training.config import TrainConfig
-    from training.generalization import leave_one_source_out, seed_spread
+    from training.generalization import leave_one_source_out, own_run, seed_spread
 
     if manifest.training.get("teacher"):
         raise PromptierError("--loso and --seeds retrain the recipe, and this model was distilled from a teacher "
@@ -280,7 +280,8 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
             seed_list = [int(seed) for seed in seeds.split(",")]
         except ValueError as error:
             raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
-        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid)
+        known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
+        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known)
     return result
 
 

@@ -59,10 +59,18 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
 
 
 def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
-                work_root: Path, skip_invalid: bool = False) -> dict:
-    """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread."""
-    runs: dict[str, dict[str, float]] = {}
+                work_root: Path, skip_invalid: bool = False, known: dict[int, dict[str, float]] | None = None
+                ) -> dict:
+    """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread.
+
+    `known` gives runs already made, per seed (APGR per group): the evaluated artifact is the run of the
+    seed it was trained with, when the logs are the ones it was trained on (see `own_run`).
+    """
+    runs: dict[str, dict[str, float]] = {str(seed): dict(known[seed]) for seed in seeds if known and seed in known}
     for seed in seeds:
+        if str(seed) in runs:
+            log.info("seed spread: seed %d is the evaluated model itself", seed)
+            continue
         log.info("seed spread: training with seed %d", seed)
         manifest = train(logs, pool, work_root / f"seed-{seed}", config.model_copy(update={"seed": seed}),
                          work_dir=work_root / f"seed-{seed}.work", skip_invalid=skip_invalid,
@@ -78,6 +86,19 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
         per_group[group] = {"mean": float(values.mean()), "spread": float(values.max() - values.min()),
                             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
     return {"seeds": [int(s) for s in seeds], "runs": runs, "apgr": per_group}
+
+
+def own_run(manifest_metrics: dict, manifest_fingerprint: str, logs: Sequence[str | Path], pool: str | Path,
+            config: TrainConfig, skip_invalid: bool = False) -> dict[int, dict[str, float]]:
+    """The evaluated artifact as the run of its own seed, if `logs` hold exactly the data it was trained on
+    (same prompts and targets); else nothing. Training is deterministic on a CPU, so retraining that seed
+    would only rebuild the same model."""
+    test = manifest_metrics.get("test")
+    if not isinstance(test, dict):
+        return {}
+    if prepare_data(logs, pool, config, skip_invalid).table.fingerprint() != manifest_fingerprint:
+        return {}
+    return {config.seed: {group: methods[MODEL]["apgr"] for group, methods in test.items() if MODEL in methods}}
 
 
 def render_markdown(report: dict) -> str:
