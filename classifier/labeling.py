@@ -42,7 +42,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from classifier.artifact import REQUIRED_FILES, load_manifest
+from classifier.artifact import load_manifest
+from classifier.artifact_layout import REQUIRED_FILES
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from classifier.policy import RoutingRequest
