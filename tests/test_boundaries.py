@@ -2,7 +2,7 @@
 `serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
 training code and no torch when they run, the services none of the load tools, and none of them LiteLLM
 (only serving/litellm_router.py imports it). Within the packages, no modules import each other in a
-cycle."""
+cycle; and no test module imports another (shared helpers live in helper modules or conftest.py)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,14 @@ def test_no_modules_import_each_other_in_a_cycle() -> None:
     graph = {name: _imported_modules(path, set(paths)) - {name} for name, path in paths.items()}
     assert "training.evaluate" in graph["training.pipeline"]  # the check sees imports inside functions
     assert _cycles(graph) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """A test module's helpers reached from another make one module's edits break the other's tests."""
+    tests = {_module_name(path) for path in (ROOT / "tests").glob("test_*.py")}
+    crossings = {name: sorted(_imported_modules(ROOT / f"{name.replace('.', '/')}.py", tests) - {name})
+                 for name in sorted(tests)}
+    assert {name: imported for name, imported in crossings.items() if imported} == {}
 
 
 def _loaded_modules(importtime_stderr: str) -> set[str]:
