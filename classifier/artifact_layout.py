@@ -11,6 +11,7 @@ Layout::
       eval.json, eval.md, eval.png            # the held-out evaluation
       generalization.json, generalization.md  # leave-one-source-out and seed figures, when measured
       seen_prompts.txt       # hashes of the prompts trained or calibrated on, which evaluation leaves out
+      eval/                  # where `promptier eval` writes its eval files when not told to record them
 
 Every reader (the runtime, the labeler, training's evaluation) and every writer (training's pipeline,
 export and evaluation) takes these names from here, so that each file is named once. Writers go
@@ -48,6 +49,9 @@ GENERALIZATION_FILES = (GENERALIZATION_JSON_FILE, GENERALIZATION_MD_FILE)
 # and writes the model, manifest and card anew.
 WEIGHTS_RECORDS = (SEEN_PROMPTS_FILE, *EVAL_FILES, *GENERALIZATION_FILES)
 MEMBER_FILES = frozenset({*REQUIRED_FILES, MODEL_CARD_FILE, *WEIGHTS_RECORDS})
+# A report directory, not a file of the artifact: no artifact is written with one, and a re-export
+# leaves it behind.
+EVAL_REPORT_DIR = "eval"
 
 
 def member(directory: Path, name: str) -> Path:

@@ -217,7 +217,7 @@ def evaluate(
     """Evaluate a model against baselines on the prompts of LOGS it never saw, and on the probe suite."""
     _require_training_extra()
     from classifier.artifact import load_manifest
-    from classifier.artifact_layout import EVAL_FILES, EVAL_MD_FILE
+    from classifier.artifact_layout import EVAL_FILES, EVAL_MD_FILE, EVAL_REPORT_DIR
     from training.data import read_logs
     from training.evaluate import evaluate_logs
     from training.labels import build_table
@@ -234,7 +234,7 @@ def evaluate(
         config = manifest.training.get("config", {})
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None
-        out_dir = model if record else (out or model / "eval")
+        out_dir = model if record else (out or model / EVAL_REPORT_DIR)
         report = evaluate_logs(model, table, backbone_dir, out_dir,
                                cache_dir or Path.home() / ".cache" / "promptier")
         import classifier
