@@ -1,15 +1,7 @@
-"""The artifact directory: one manifest plus the files it names.
+"""The artifact manifest: its schema, and its one reader and writer.
 
-Layout::
-
-    DIR/
-      manifest.json      # ArtifactManifest below: tiers, policy, calibration, truncation, provenance
-      model.onnx         # inputs input_ids/attention_mask (int64, [batch, seq]); output logits [batch, n_tiers]
-      tokenizer.json     # a `tokenizers` fast tokenizer
-      MODEL_CARD.md      # for people
-      eval.json          # evaluation results (optional)
-
-`load_manifest` is the only reader of `manifest.json`; everything that needs an artifact goes through
+The files of an artifact directory are named in classifier/artifact_layout.py. `load_manifest` is
+the only reader of `manifest.json`; everything that needs an artifact goes through
 `classifier.load`, which calls it.
 """
 
@@ -23,14 +15,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from classifier.artifact_layout import MANIFEST_FILE, REQUIRED_FILES, write_member_text
 from classifier.errors import ArtifactError
 
 SCHEMA_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-MODEL_CARD_FILE = "MODEL_CARD.md"
-REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE)
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 MODEL_OUTPUT_NAME = "logits"
 # Optional second output: how unlike the training prompts each prompt is (see FamiliarityConfig).
@@ -254,6 +242,5 @@ def load_manifest(directory: Path) -> ArtifactManifest:
 
 
 def save_manifest(manifest: ArtifactManifest, directory: Path) -> None:
-    """Write `manifest.json` (the artifact's other files are written by their owners)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    """Write `manifest.json` whole (the artifact's other files are written by their owners)."""
+    write_member_text(directory, MANIFEST_FILE, manifest.model_dump_json(indent=2) + "\n")

@@ -21,7 +21,6 @@ be labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes an
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import glob
 import hashlib
@@ -42,19 +41,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from classifier.artifact import REQUIRED_FILES, load_manifest
+from classifier.artifact import load_manifest
+from classifier.artifact_layout import REQUIRED_FILES
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
 from classifier.policy import RoutingRequest
-from classifier.runtime import DEFAULT_MODEL_DIR, MAX_TEXT_CHARS, ClassificationResult, validate_text
+from classifier.prompt_files import BadRow, Payload, PromptFileError, decode_json_line, read_payloads
+from classifier.runtime import DEFAULT_MODEL_DIR, ClassificationResult, validate_text
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 DECISION_COLUMNS = ("tier", "scores", "threshold", "truncated", "tokens", "decided_by", "familiarity", "error",
                     "model_version", "policy")
-# Deeper JSON is refused with the same error in every process: where the recursion limit would stop
-# the parser depends on the caller's stack, which differs between a pool worker and a Ray actor.
-MAX_JSON_DEPTH = 64
 JOB_RECORD = "job.json"
 
 
@@ -142,111 +140,20 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
 
 
 # ---------------------------------------------------------------- reading rows
-@dataclass(frozen=True)
-class BadRow:
-    """A row its reader could not make a record of (a CSV line with the wrong number of fields, ...)."""
-
-    error: str
-    record: dict  # what could be read of it, so that the error row keeps the row's id
-
-
-# A raw JSONL line (parsed in the workers, where the cores are), a Parquet or CSV record, or a bad row.
-Payload = bytes | dict | BadRow
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
 def read_rows(path: Path, batch_rows: int = 4096) -> Iterator[tuple[str, Payload]]:
     """Every row of one input file, in file order, as (row name `FILE:N`, payload).
 
-    The row name is the output id of a row without one. Both engines read through this function.
+    The row name is the output id of a row without one. Both engines read through this function, and
+    it through classifier/prompt_files.py, which training reads its logs with too.
 
     Raises:
         LabelingError: the file cannot be read at all (missing, not Parquet, ...).
     """
-    if path.suffix in (".jsonl", ".json"):
-        return _jsonl_lines(path)
-    if path.suffix == ".csv":
-        return _csv_rows(path)
-    return _parquet_records(path, batch_rows)
-
-
-def _jsonl_lines(path: Path) -> Iterator[tuple[str, Payload]]:
-    """Raw JSONL lines named by line number; blank lines are skipped, a leading UTF-8 BOM dropped."""
     try:
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if number == 1 and raw.startswith(UTF8_BOM):
-                    raw = raw[len(UTF8_BOM):]
-                if raw.strip():
-                    yield f"{path.name}:{number}", raw
-    except OSError as exc:
-        raise LabelingError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[str, Payload]]:
-    """CSV records (all values text, as written) named by record number; a bad line is a BadRow.
-
-    Python's csv module rather than Arrow's reader: Arrow fails the whole file on one line with the
-    wrong number of fields or with invalid UTF-8, and infers types (an id `007` would become 7).
-    """
-    # Allow fields as long as the longest prompt the model accepts (csv's default stops at 128 KiB).
-    # The limit is per process; the labeler's processes read no other CSV.
-    previous_limit = csv.field_size_limit(max(csv.field_size_limit(), MAX_TEXT_CHARS + 1))
-    try:
-        # utf-8-sig drops a leading BOM; surrogateescape keeps undecodable bytes, reported per row below.
-        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-            reader = csv.reader(handle)
-            header: list[str] | None = None
-            number = 0
-            while True:
-                try:
-                    cells = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:  # the reader goes on at the next line
-                    if header is None:
-                        raise LabelingError(f"{path}: unreadable CSV header: {exc}") from exc
-                    number += 1
-                    yield f"{path.name}:{number}", BadRow(f"CSV line {reader.line_num}: {exc}", {})
-                    continue
-                if header is None:
-                    header = cells
-                    continue
-                if not cells:
-                    continue  # a blank line
-                number += 1
-                yield f"{path.name}:{number}", _csv_record(header, cells, reader.line_num)
-    except OSError as exc:
-        raise LabelingError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    finally:
-        csv.field_size_limit(previous_limit)
-
-
-def _csv_record(header: list[str], cells: list[str], line: int) -> Payload:
-    record = dict(zip(header, cells, strict=False))
-    for name, value in record.items():
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:  # undecodable bytes, kept as surrogates by surrogateescape
-                clean = {k: v.encode("utf-8", "replace").decode("utf-8") for k, v in record.items()}
-                return BadRow(f"CSV line {line}: invalid UTF-8 in column {name!r} at character {exc.start}", clean)
-    if len(cells) != len(header):
-        return BadRow(f"CSV line {line}: {len(cells)} fields; the header has {len(header)}", record)
-    return record
-
-
-def _parquet_records(path: Path, rows: int) -> Iterator[tuple[str, Payload]]:
-    """Parquet records named by row number, streamed in record batches of about `rows` rows."""
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
-        number = 0
-        for record_batch in batches:
-            for record in record_batch.to_pylist():
-                number += 1
-                yield f"{path.name}:{number}", record
-    except (OSError, pa.ArrowException) as exc:
-        raise LabelingError(f"cannot read {path} as Parquet: {exc}") from exc
+        for number, payload in read_payloads(path, batch_rows):
+            yield f"{path.name}:{number}", payload
+    except PromptFileError as exc:
+        raise LabelingError(str(exc)) from exc
 
 
 def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[tuple[str, Payload]]]:
@@ -313,46 +220,9 @@ def _parse_row(name: str, payload: Payload, options: LabelOptions) -> ParsedRow:
 
 
 def _json_record(name: str, raw: bytes) -> tuple[dict, str | None]:
-    """One JSONL line as (record, error)."""
-    line = name.rsplit(":", 1)[-1]
-    try:
-        value, problem = _load_json(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        # Keep the row's id when the rest of the line parses, so the error row can be joined back.
-        salvaged, _ = _load_json(raw.decode("utf-8", "replace"))
-        return (salvaged if isinstance(salvaged, dict) else {}), f"line {line}: invalid UTF-8 at byte {exc.start}"
-    if problem is None and not isinstance(value, dict):
-        problem = f"expected an object, got {type(value).__name__}"
-    if problem is not None:
-        return {}, f"line {line}: {problem}"
-    assert isinstance(value, dict)
-    return value, None
-
-
-def _load_json(text: str) -> tuple[object, str | None]:
-    """Parse JSON text as (value, None), or (None, why not)."""
-    too_deep = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        return None, too_deep
-    except ValueError as exc:
-        return None, str(exc)
-    return (None, too_deep) if _deeper_than(value, MAX_JSON_DEPTH) else (value, None)
-
-
-def _deeper_than(value: object, limit: int) -> bool:
-    """Whether lists and objects nest more than `limit` levels (iterative: no recursion limit)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
+    """One JSONL line as (record, error), the error naming the line."""
+    record, problem = decode_json_line(raw)
+    return record, None if problem is None else f"line {name.rsplit(':', 1)[-1]}: {problem}"
 
 
 def _prompt_of(record: dict, options: LabelOptions) -> str:

@@ -13,14 +13,13 @@ import numpy as np
 import onnxruntime as ort
 
 from classifier.artifact import (
-    MODEL_FILE,
     MODEL_INPUT_NAMES,
     MODEL_OUTPUT_NAME,
-    TOKENIZER_FILE,
     UNFAMILIARITY_OUTPUT_NAME,
     ArtifactManifest,
     load_manifest,
 )
+from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE
 from classifier.errors import ArtifactError, InvalidInputError
 from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_floor, resolve_threshold
 from classifier.prior import prior_tier

@@ -6,10 +6,16 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from training.synthetic import POOL_YAML, build_tiny_backbone, synthetic_rows, write_jsonl
+
+if TYPE_CHECKING:
+    from tests.fake_upstream import Upstream
+    from tests.grpc_server import ServerThread
+    from tests.redis_server import RedisServer
 
 __all__ = ["POOL_YAML", "build_tiny_backbone", "synthetic_rows", "write_jsonl"]
 
@@ -105,3 +111,55 @@ def dies_after_first_checkpoint() -> Iterator[None]:
             yield
     finally:
         trainer._save_checkpoint = save
+
+
+# The dispatcher tests' fixtures: recording upstreams, the gRPC classifier on the test model, a Redis
+# server. Imported inside, so that tests that use none of them load none of their servers' code.
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    """One recording upstream per tier of the test model, for a module's tests."""
+    from tests.fake_upstream import Upstream
+
+    servers = {name: Upstream(name) for name in ("small", "medium", "large")}
+    yield servers
+    for upstream in servers.values():
+        upstream.server.should_exit = True
+
+
+@pytest.fixture
+def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
+    """The module's upstreams, with what they recorded cleared and their behaviour reset."""
+    from tests.fake_upstream import USAGE
+
+    for upstream in upstreams.values():
+        upstream.received.clear()
+        upstream.behaviour = "ok"
+        upstream.cancelled.clear()
+        upstream.finish.clear()
+        upstream.generation_s, upstream.generations_cancelled = 5.0, 0
+        upstream.usage, upstream.delay_s, upstream.huge_mb = USAGE, 1.0, 80
+    return upstreams
+
+
+@pytest.fixture(scope="module")
+def grpc_classifier(trained_artifact: Path) -> Iterator[ServerThread]:
+    """The gRPC service on the test model, in this process, for a module's tests."""
+    from serving.server import ServerLimits
+    from tests.grpc_server import ServerThread
+
+    running = ServerThread(model_dir=trained_artifact, limits=ServerLimits())
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port (the test is skipped, saying why, without one)."""
+    from tests.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    pytest.importorskip("redis", reason="the redis client is not installed: pip install 'promptier[redis]'")
+    server = RedisServer()
+    yield server
+    server.stop()

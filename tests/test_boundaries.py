@@ -1,7 +1,8 @@
 """The packages' boundaries: `classifier/` (the runtime) imports neither of the others; `training/` and
 `serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
 training code and no torch when they run, the services none of the load tools, and none of them LiteLLM
-(only serving/litellm_router.py imports it)."""
+(only serving/litellm_router.py imports it). Within the packages, no modules import each other in a
+cycle; and no test module imports another (shared helpers live in helper modules or conftest.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,68 @@ def test_a_package_imports_only_what_its_product_may(package: str) -> None:
     crossings = {str(path.relative_to(ROOT)): sorted(_imported_packages(path) & FORBIDDEN[package])
                  for path in sorted((ROOT / package).rglob("*.py")) if "_proto" not in path.parts}
     assert {path: names for path, names in crossings.items() if names} == {}
+
+
+def _imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The modules of `known` that a module imports anywhere in it (`from a.b import c` may import a.b.c)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+    return found & known
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`, one per group of modules that import each other (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while not group or group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_no_modules_import_each_other_in_a_cycle() -> None:
+    """Imports inside functions count too: a cycle hidden in one makes the order modules may be read in
+    (and the layering) a matter of luck."""
+    paths = {_module_name(path): path for package in FORBIDDEN for path in sorted((ROOT / package).rglob("*.py"))
+             if "_proto" not in path.parts}
+    graph = {name: _imported_modules(path, set(paths)) - {name} for name, path in paths.items()}
+    assert "training.evaluate" in graph["training.pipeline"]  # the check sees imports inside functions
+    assert _cycles(graph) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """A test module's helpers reached from another make one module's edits break the other's tests."""
+    tests = {_module_name(path) for path in (ROOT / "tests").glob("test_*.py")}
+    crossings = {name: sorted(_imported_modules(ROOT / f"{name.replace('.', '/')}.py", tests) - {name})
+                 for name in sorted(tests)}
+    assert {name: imported for name, imported in crossings.items() if imported} == {}
 
 
 def _loaded_modules(importtime_stderr: str) -> set[str]:

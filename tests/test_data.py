@@ -52,6 +52,25 @@ def test_invalid_json_and_utf8_lines(tmp_path: Path) -> None:
     assert "invalid UTF-8" in report.summary() and "invalid JSON" in report.summary()
 
 
+def test_logs_are_read_as_the_labeler_reads_prompt_files(tmp_path: Path) -> None:
+    """One reader for both: a leading BOM is dropped, and JSON nested too deep, JSON that is not an
+    object and broken JSON are each a row's problem (counted by reason, without where in the line)."""
+    from classifier.labeling import LabelOptions, parse_row, read_rows
+
+    path = tmp_path / "logs.jsonl"
+    lines = ["\ufeff" + json.dumps(GOOD), '{"prompt_id": "deep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             "[1, 2]", "{not json", "{also not json"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows, report = read_logs([path], skip_invalid=True)
+    assert [row.prompt for row in rows] == ["hi"]
+    assert report.counts == {"JSON nested deeper than 64 levels": 1, "expected an object, got list": 1,
+                             "invalid JSON: Expecting property name enclosed in double quotes": 2}
+    labeled = [parse_row(name, payload, LabelOptions()) for name, payload in read_rows(path)]
+    assert [row.error is None for row in labeled] == [True, False, False, False, False]
+    assert labeled[1].error == "line 2: JSON nested deeper than 64 levels"
+    assert labeled[3].error == "line 4: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+
+
 def test_skip_invalid_counts_by_reason(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "logs.jsonl", [GOOD, {**GOOD, "score": 2}, {**GOOD, "score": 3}, {**GOOD}])
     rows, report = read_logs([path], skip_invalid=True)

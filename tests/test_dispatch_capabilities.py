@@ -14,38 +14,18 @@ import pytest
 from serving.bench.ports import free_port
 from serving.capabilities import CHARS_PER_TOKEN, IMAGE_TOKENS, Serves, request_needs
 from serving.decision_log import DECISION_SCHEMA_VERSION
-from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
-from tests import test_dispatcher
+from serving.dispatch_config import ConfigError, load_dispatcher_config
+from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, user_with_parts
+from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
-from tests.test_dispatcher import Dispatcher, Upstream, _config
 
-# The dispatcher tests' upstreams and classifier, as fixtures of this module too (found by name).
-upstreams, fresh, grpc_classifier = test_dispatcher.upstreams, test_dispatcher.fresh, test_dispatcher.grpc_classifier
-
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAA"
-                                                   "fFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="}}
 AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZFZm10IBAAAAABAAEA", "format": "wav"}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}}]
-# small: a text-only 7B with a short window; medium: vision and tools; large: tools and JSON, no vision.
-# Nobody takes audio.
-SERVES = {
-    "small": Serves(images=False, audio=False, tools=False, json_output=False, context_window=2000),
-    "medium": Serves(audio=False, json_output=False, context_window=4000),
-    "large": Serves(images=False, audio=False),
-}
-
-
-def _restricted(config: DispatcherConfig) -> DispatcherConfig:
-    for name, serves in SERVES.items():
-        config.tiers[name].serves = serves
-    return config
-
-
 @pytest.fixture
 def capable(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> Iterator[Dispatcher]:
-    running = Dispatcher(_restricted(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")))
+    running = Dispatcher(restricted(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")))
     yield running
     running.stop()
 
@@ -58,27 +38,24 @@ def _served_by(fresh: dict[str, Upstream]) -> list[str]:
     return [name for name, upstream in fresh.items() if upstream.received]
 
 
-def _user(*parts: dict | str) -> list[dict]:
-    return [{"role": "user", "content": [part if isinstance(part, dict) else {"type": "text", "text": part}
-                                         for part in parts]}]
-
-
 def test_an_image_never_goes_to_a_tier_without_vision(capable: Dispatcher, fresh: dict[str, Upstream],
                                                       tmp_path: Path) -> None:
     client = capable.client()
     # The classifier sends the text to small, which lacks vision: the next tier up that has it serves.
-    easy = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY, IMAGE))
+    easy = client.chat.completions.with_raw_response.create(model="promptier",
+                                                           messages=user_with_parts(EASY, IMAGE))
     assert easy.headers["x-promptier-tier"] == "medium" and easy.headers["x-promptier-reason"] == "capability"
     assert easy.headers["x-promptier-steered-from"] == "small" and easy.headers["x-promptier-steered-by"] == "images"
     assert easy.headers["x-promptier-needs"] == "images"
     assert easy.parse().choices[0].message.content == "answer from medium"
     # The classifier sends it to large, which lacks vision too: no dearer tier has it, so the nearest cheaper.
-    hard = client.chat.completions.with_raw_response.create(model="promptier/quality", messages=_user(HARD, IMAGE))
+    hard = client.chat.completions.with_raw_response.create(model="promptier/quality",
+                                                           messages=user_with_parts(HARD, IMAGE))
     assert hard.headers["x-promptier-tier"] == "medium" and hard.headers["x-promptier-steered-from"] == "large"
     assert _served_by(fresh) == ["medium"]
     assert fresh["medium"].received[0]["body"]["messages"][0]["content"][1] == IMAGE  # passed on untouched
     # The same text without the image goes where the classifier says.
-    plain = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY))
+    plain = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY))
     assert plain.headers["x-promptier-tier"] == "small" and plain.headers["x-promptier-reason"] == "classified"
     assert "x-promptier-steered-from" not in plain.headers and "x-promptier-needs" not in plain.headers
     rows = _log(tmp_path)
@@ -96,8 +73,8 @@ def test_an_image_never_goes_to_a_tier_without_vision(capable: Dispatcher, fresh
 def test_tools_and_json_output_only_go_to_tiers_that_serve_them(capable: Dispatcher, fresh: dict[str, Upstream],
                                                                 tmp_path: Path) -> None:
     client = capable.client()
-    tools = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY), tools=TOOLS,
-                                                            tool_choice="auto")
+    tools = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY),
+                                                            tools=TOOLS, tool_choice="auto")
     assert tools.headers["x-promptier-tier"] == "medium" and tools.headers["x-promptier-steered-by"] == "tools"
     assert fresh["medium"].received[-1]["body"]["tools"] == TOOLS
     # A conversation that already carries a tool result needs a tier that reads tool messages, tools or not.
@@ -108,14 +85,15 @@ def test_tools_and_json_output_only_go_to_tiers_that_serve_them(capable: Dispatc
     followup = client.chat.completions.with_raw_response.create(model="promptier", messages=turns)
     assert followup.headers["x-promptier-tier"] == "medium" and followup.headers["x-promptier-needs"] == "tools"
     structured = client.chat.completions.with_raw_response.create(
-        model="promptier", messages=_user(EASY), response_format={"type": "json_object"})
+        model="promptier", messages=user_with_parts(EASY), response_format={"type": "json_object"})
     assert structured.headers["x-promptier-tier"] == "large"
     assert structured.headers["x-promptier-steered-by"] == "json_output"
     schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
     assert client.chat.completions.with_raw_response.create(
-        model="promptier", messages=_user(EASY), response_format=schema).headers["x-promptier-tier"] == "large"
+        model="promptier", messages=user_with_parts(EASY),
+        response_format=schema).headers["x-promptier-tier"] == "large"
     # response_format text asks for nothing.
-    text = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY),
+    text = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY),
                                                            response_format={"type": "text"})
     assert text.headers["x-promptier-tier"] == "small"
     assert len(fresh["small"].received) == 1 and "tools" not in fresh["small"].received[0]["body"]
@@ -133,7 +111,7 @@ def test_a_prompt_past_a_tiers_context_window_never_goes_to_it(capable: Dispatch
     if reply.headers["x-promptier-reason"] == "capability":  # the classifier may itself have said medium
         assert reply.headers["x-promptier-steered-by"] == "context_window"
     # The completion the caller asks for counts: a short prompt with max_tokens past small's window.
-    capped = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY),
+    capped = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY),
                                                              max_tokens=1995)
     assert capped.headers["x-promptier-tier"] == "medium"
     assert capped.headers["x-promptier-steered-from"] == "small"
@@ -152,7 +130,7 @@ def test_a_prompt_past_a_tiers_context_window_never_goes_to_it(capable: Dispatch
 def test_a_request_without_text_is_routed_by_capability_not_counted_as_a_fallback(
         capable: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
     client = capable.client()
-    image_only = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(IMAGE))
+    image_only = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(IMAGE))
     # The cheapest tier that can serve it; the classifier is not asked.
     assert image_only.headers["x-promptier-tier"] == "medium" and image_only.headers["x-promptier-reason"] == "no_text"
     assert "x-promptier-classifier-ms" not in image_only.headers
@@ -174,23 +152,25 @@ def test_a_request_without_text_is_routed_by_capability_not_counted_as_a_fallbac
 def test_no_text_tier_from_the_config_and_the_fallback_give_way_to_a_capable_tier(
         fresh: dict[str, Upstream], tmp_path: Path) -> None:
     # No classifier answers here: every request with text falls back, to large, which lacks vision.
-    config = _restricted(_config(fresh, f"127.0.0.1:{free_port()}", tmp_path / "decisions.jsonl",
-                                 no_text_tier="large"))
+    config = restricted(dispatcher_config(fresh, f"127.0.0.1:{free_port()}", tmp_path / "decisions.jsonl",
+                                          no_text_tier="large"))
     running = Dispatcher(config)
     try:
         client = running.client()
-        fallback = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY, IMAGE))
+        fallback = client.chat.completions.with_raw_response.create(model="promptier",
+                                                                    messages=user_with_parts(EASY, IMAGE))
         assert fallback.headers["x-promptier-tier"] == "medium"
         assert fallback.headers["x-promptier-reason"] == "capability"
         assert fallback.headers["x-promptier-steered-from"] == "large"
-        text_only = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY))
+        text_only = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY))
         assert text_only.headers["x-promptier-tier"] == "large"
         assert text_only.headers["x-promptier-reason"] == "fallback"
         # The configured no-text tier serves what it can, and gives way when it cannot.
         empty = client.chat.completions.with_raw_response.create(model="promptier",
                                                                 messages=[{"role": "user", "content": ""}])
         assert empty.headers["x-promptier-tier"] == "large" and empty.headers["x-promptier-reason"] == "no_text"
-        image_only = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(IMAGE))
+        image_only = client.chat.completions.with_raw_response.create(model="promptier",
+                                                                      messages=user_with_parts(IMAGE))
         assert image_only.headers["x-promptier-tier"] == "medium"
         rows = _log(tmp_path)
         assert rows[0]["steered"] == {"from_tier": "large", "from_reason": "fallback", "by": ["images"]}
@@ -205,27 +185,27 @@ def test_requests_no_tier_can_serve_are_refused_naming_the_capability(capable: D
                                                                      fresh: dict[str, Upstream]) -> None:
     client = capable.client()
     with pytest.raises(openai.BadRequestError) as audio:
-        client.chat.completions.create(model="promptier", messages=_user(EASY, AUDIO))
+        client.chat.completions.create(model="promptier", messages=user_with_parts(EASY, AUDIO))
     assert audio.value.status_code == 400 and audio.value.code == "no_capable_tier"
     assert "audio input (input_audio content parts)" in audio.value.message
     # Each exists somewhere, not together: the message says which tier has which.
     with pytest.raises(openai.BadRequestError) as combined:
-        client.chat.completions.create(model="promptier", messages=_user(EASY, IMAGE),
+        client.chat.completions.create(model="promptier", messages=user_with_parts(EASY, IMAGE),
                                        response_format={"type": "json_object"})
     assert combined.value.code == "no_capable_tier"
     assert "no tier has all of them (tiers with each: images: medium; json_output: large)" in combined.value.message
     # Pinned to a tier that cannot: refused, with the tiers that can.
     with pytest.raises(openai.BadRequestError) as pinned:
-        client.chat.completions.create(model="promptier/tier/small", messages=_user(EASY, IMAGE))
+        client.chat.completions.create(model="promptier/tier/small", messages=user_with_parts(EASY, IMAGE))
     assert pinned.value.code == "tier_cannot_serve"
     assert pinned.value.body["message"].startswith("tier small cannot serve this request: it needs images")
     assert "tiers that can: medium" in pinned.value.message
     with pytest.raises(openai.BadRequestError) as window:
-        client.chat.completions.create(model="promptier/tier/medium", messages=_user(EASY), max_tokens=5000)
+        client.chat.completions.create(model="promptier/tier/medium", messages=user_with_parts(EASY), max_tokens=5000)
     assert window.value.code == "tier_cannot_serve" and "context_window of medium is 4,000" in window.value.message
     # Pinned to a tier that can: served there, as asked.
     pinned_ok = client.chat.completions.with_raw_response.create(model="promptier/tier/medium",
-                                                                messages=_user(EASY, IMAGE))
+                                                                messages=user_with_parts(EASY, IMAGE))
     assert pinned_ok.headers["x-promptier-tier"] == "medium" and pinned_ok.headers["x-promptier-reason"] == "pinned"
     assert _served_by(fresh) == ["medium"] and len(fresh["medium"].received) == 1
     metrics = httpx.get(f"http://127.0.0.1:{capable.port}/metrics/").text
@@ -239,19 +219,20 @@ def test_an_upstream_failure_escalates_only_to_tiers_that_can_serve(capable: Dis
     client = capable.client()
     fresh["medium"].behaviour = "500"
     with pytest.raises(openai.APIStatusError) as failed:  # large lacks vision: nowhere else to go
-        client.chat.completions.create(model="promptier", messages=_user(EASY, IMAGE))
+        client.chat.completions.create(model="promptier", messages=user_with_parts(EASY, IMAGE))
     assert failed.value.status_code == 502 and not fresh["large"].received and not fresh["small"].received
-    tools = client.chat.completions.with_raw_response.create(model="promptier", messages=_user(EASY), tools=TOOLS)
+    tools = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY),
+                                                            tools=TOOLS)
     assert tools.headers["x-promptier-tier"] == "large" and tools.headers["x-promptier-reason"] == "escalated"
     assert tools.headers["x-promptier-steered-from"] == "small"  # steered first, then escalated
 
 
 def test_tiers_that_declare_nothing_are_sent_anything(fresh: dict[str, Upstream], grpc_classifier: ServerThread,
                                                       tmp_path: Path) -> None:
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     try:
         reply = running.client().chat.completions.with_raw_response.create(
-            model="promptier", messages=_user(EASY, IMAGE, AUDIO), tools=TOOLS, max_tokens=10**6)
+            model="promptier", messages=user_with_parts(EASY, IMAGE, AUDIO), tools=TOOLS, max_tokens=10**6)
         assert reply.headers["x-promptier-tier"] == "small" and reply.headers["x-promptier-reason"] == "classified"
         assert reply.headers["x-promptier-needs"] == "images,audio,tools"
     finally:

@@ -14,77 +14,21 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
 from serving.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatcher import create_app
-from serving.inbound import DispatchServerConfig
-from serving.server import ServerLimits
 from serving.upstream_body import usage_from_stream_tail
-from tests.fake_upstream import MISSING, USAGE, Upstream, huge_answer, run_uvicorn
+from tests.dispatcher_harness import Dispatcher, dispatcher_config, wait_for_health
+from tests.fake_upstream import MISSING, USAGE, Upstream, huge_answer
 from tests.grpc_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
-
-
-@pytest.fixture(scope="module")
-def upstreams() -> Iterator[dict[str, Upstream]]:
-    servers = {name: Upstream(name) for name in ("small", "medium", "large")}
-    yield servers
-    for upstream in servers.values():
-        upstream.server.should_exit = True
-
-
-@pytest.fixture
-def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
-    for upstream in upstreams.values():
-        upstream.received.clear()
-        upstream.behaviour = "ok"
-        upstream.cancelled.clear()
-        upstream.finish.clear()
-        upstream.generation_s, upstream.generations_cancelled = 5.0, 0
-        upstream.usage, upstream.delay_s, upstream.huge_mb = USAGE, 1.0, 80
-    return upstreams
-
-
-@pytest.fixture(scope="module")
-def grpc_classifier(trained_artifact: Path) -> Iterator[ServerThread]:
-    running = ServerThread(model_dir=trained_artifact, limits=ServerLimits())
-    yield running
-    running.stop()
-
-
-def _config(upstreams: dict[str, Upstream], classifier_address: str, log_path: Path, **extra: object
-            ) -> DispatcherConfig:
-    return DispatcherConfig.model_validate({
-        "classifier": {"address": classifier_address, "timeout_ms": 500},
-        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model", "first_byte_timeout_s": 1.0,
-                         "read_timeout_s": 1.0} for name, u in upstreams.items()},
-        "fallback_tier": "large",
-        "decision_log": {"path": str(log_path), "store_prompts": True},
-        **extra,
-    })
-
-
-class Dispatcher:
-    def __init__(self, config: DispatcherConfig) -> None:
-        self.server = uvicorn.Server(DispatchServerConfig(create_app(config), host="127.0.0.1", port=0,
-                                                          log_level="error"))
-        self.port = run_uvicorn(self.server)
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-
-    def client(self, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0,
-                             **kwargs)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self.server.should_exit = True
 
 
 @pytest.fixture
 def dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> Iterator[Dispatcher]:
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     yield running
     running.stop()
 
@@ -96,8 +40,8 @@ def fresh_dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, 
     started: list[Dispatcher] = []
 
     def start(**extra: object) -> Dispatcher:
-        started.append(Dispatcher(_config(fresh, grpc_classifier.target,
-                                          tmp_path / f"decisions-{len(started)}.jsonl", **extra)))
+        started.append(Dispatcher(dispatcher_config(fresh, grpc_classifier.target,
+                                                    tmp_path / f"decisions-{len(started)}.jsonl", **extra)))
         return started[-1]
 
     yield start
@@ -319,7 +263,7 @@ def test_a_huge_answer_is_relayed_as_it_comes_not_held_in_memory(
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     body = {"model": "promptier/tier/small", "messages": [{"role": "user", "content": EASY}]}
     try:
-        _wait_for_health(port, parent)
+        wait_for_health(port, parent)
         (worker,) = spawned_workers(parent.pid)
         for _ in range(3):  # the request path warmed up, so that what grows next is the answer's doing
             httpx.post(url, json=body, timeout=30).raise_for_status()
@@ -409,7 +353,7 @@ def test_client_gone_before_the_upstream_answers_cancels_it_without_escalating(
     # A caller that gives up while the upstream is still working (a long non-streaming completion, or
     # a stream whose first token has not come) must stop that work, and must not be escalated to a
     # dearer tier when the first-byte timeout later expires.
-    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
+    config = dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
     config.tiers["small"].first_byte_timeout_s = 1.5
     running = Dispatcher(config)
     fresh["small"].behaviour = "generating"
@@ -472,7 +416,7 @@ def test_callers_leaving_and_staying_at_once(dispatcher: Dispatcher, fresh: dict
 def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_artifact: Path,
                                             tmp_path: Path) -> None:
     classifier_server = ServerThread(model_dir=trained_artifact)
-    running = Dispatcher(_config(fresh, classifier_server.target, tmp_path / "decisions.jsonl"))
+    running = Dispatcher(dispatcher_config(fresh, classifier_server.target, tmp_path / "decisions.jsonl"))
     try:
         client = running.client()
         first = client.chat.completions.with_raw_response.create(model="promptier",
@@ -495,8 +439,8 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTIER_KEYS", "k1,k2")
     monkeypatch.setenv("SMALL_KEY", "secret-upstream-key")
-    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
-                     inbound_api_keys_env="PROMPTIER_KEYS", max_request_bytes=4096)
+    config = dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                               inbound_api_keys_env="PROMPTIER_KEYS", max_request_bytes=4096)
     config.tiers["small"].api_key_env = "SMALL_KEY"
     running = Dispatcher(config)
     try:
@@ -547,8 +491,8 @@ HEADERS = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-ty
 
 def test_slow_clients_are_cut_off_and_others_keep_being_served(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
-                                 inbound={"header_timeout_s": 0.5, "body_timeout_s": 0.5}))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                           inbound={"header_timeout_s": 0.5, "body_timeout_s": 0.5}))
     try:
         slow = {"silent": _slow_client(running.port, b""),
                 "half the headers": _slow_client(running.port, HEADERS[:40]),
@@ -594,7 +538,7 @@ def test_slow_clients_are_cut_off_and_others_keep_being_served(
 def test_a_caller_that_leaves_mid_body_is_one_log_line_without_traceback(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     try:
         with caplog.at_level("INFO", logger="promptier.dispatcher"), caplog.at_level("INFO", logger="uvicorn"):
             for _ in range(2):
@@ -616,8 +560,8 @@ def test_a_caller_that_leaves_mid_body_is_one_log_line_without_traceback(
 
 def test_connections_past_the_limit_are_refused_at_once(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
-                                 inbound={"max_connections": 3, "header_timeout_s": 60}))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                           inbound={"max_connections": 3, "header_timeout_s": 60}))
     try:
         held = [_slow_client(running.port, b"") for _ in range(3)]
         refused = _slow_client(running.port, b"")
@@ -647,7 +591,7 @@ def test_a_retiring_dispatcher_answers_the_connections_it_had_accepted(
     from serving import inbound
 
     monkeypatch.setattr(inbound, "SHUTDOWN_GRACE_S", 10.0)  # the caller's request may come late on a busy machine
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     caller, silent = _slow_client(running.port, b""), _slow_client(running.port, b"")
     answered_early = _slow_client(running.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                                  b"content-type: text/plain\r\ncontent-length: 20\r\n\r\n0123456789")
@@ -704,7 +648,7 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
 
 def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
-    config = _config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
+    config = dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")
     config.tiers["small"].first_byte_timeout_s, config.tiers["small"].read_timeout_s = 10.0, 0.3
     running = Dispatcher(config)
     try:
@@ -832,7 +776,7 @@ def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[
     from serving.dispatcher import Dispatcher as DispatcherCore
 
     renamed = {"small": fresh["small"], "mid": fresh["medium"], "large": fresh["large"]}
-    core = DispatcherCore(_config(renamed, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    core = DispatcherCore(dispatcher_config(renamed, grpc_classifier.target, tmp_path / "decisions.jsonl"))
 
     async def start_and_close() -> None:
         try:
@@ -869,7 +813,7 @@ def test_decision_log_rotates_by_size_and_loses_no_line(tmp_path: Path) -> None:
 def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(
         fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
     def embedded(timeout_ms: float) -> DispatcherConfig:
-        config = _config(fresh, "unused:1", tmp_path / "decisions.jsonl")
+        config = dispatcher_config(fresh, "unused:1", tmp_path / "decisions.jsonl")
         return config.model_copy(update={"classifier": ClassifierEndpoint(
             embedded=True, model=trained_artifact, timeout_ms=timeout_ms)})
 
@@ -1021,7 +965,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
                    if line.startswith("promptier_dispatch_requests_total{"))
 
     try:
-        _wait_for_health(port, parent)
+        wait_for_health(port, parent)
         served: Counter[int] = Counter()
         sent = 0
         deadline = time.monotonic() + 60
@@ -1047,7 +991,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
                 break
             time.sleep(0.2)
         assert len(pids) == 2 and victim.pid not in pids
-        _wait_for_health(port, parent)
+        wait_for_health(port, parent)
         assert _post_on_new_connection(port, body)[:2] == (200, "classified")
         assert requests_total() == sent + 1
         # The replacement, once up, drops the dead worker's live gauge (queue depth), not its counters.
@@ -1064,19 +1008,6 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
             for worker in spawned_workers(parent.pid):
                 worker.kill()
             parent.kill()
-
-
-def _wait_for_health(port: int, process: object) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the dispatcher exited"  # type: ignore[attr-defined]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the dispatcher did not come up")
 
 
 def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
@@ -1145,7 +1076,7 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
                                     "--port", str(port), "--workers", str(workers)],
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_for_health(port, process)
+        wait_for_health(port, process)
         assert small_upstream_model() == "small-v1"
         first_fingerprint = httpx.get(f"http://127.0.0.1:{port}/health").json()["config_fingerprint"]
         assert first_fingerprint == load_dispatcher_config(config).fingerprint

@@ -15,25 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from classifier.labeling import LabelingError, LabelOptions, label_files
-
-EASY = "hello thanks say hi cat dog"
-HARD = "prove theorem derive integral eigenvalue lemma"
-
-
-def _rows(n: int) -> list[dict]:
-    return [{"prompt_id": f"p{i}", "prompt": (EASY, HARD, "sort python list héllo 🙂")[i % 3] + f" {i}",
-             "team": f"t{i % 4}"} for i in range(n)]
-
-
-def _read(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.grpc_server import EASY, HARD
+from tests.labeling_files import read_output, sample_rows
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
 def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str) -> None:
-    rows = [{"id": r["prompt_id"], "text": r["prompt"], "team": r["team"]} for r in _rows(50)]
+    rows = [{"id": r["prompt_id"], "text": r["prompt"], "team": r["team"]} for r in sample_rows(50)]
     source = tmp_path / f"in{suffix}"
     if suffix == ".jsonl":
         source.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -44,7 +32,7 @@ def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str
     options = LabelOptions(prompt_column="text", id_column="id", keep_columns=("team",), model=str(trained_artifact),
                            chunk_rows=16)
     stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=2, progress=False)
-    out = _read(tmp_path / "out.jsonl")
+    out = read_output(tmp_path / "out.jsonl")
     assert stats.rows == 50 and stats.errors == 0 and len(out) == 50
     assert [r["id"] for r in out] == [r["id"] for r in rows]  # one output row per input row, in order
     assert out[0]["tier"] == "small" and out[1]["tier"] == "large"
@@ -68,7 +56,7 @@ def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact:
     )
     stats = label_files([str(source)], tmp_path / "out.parquet", LabelOptions(model=str(trained_artifact)),
                         workers=1, progress=False)
-    out = _read(tmp_path / "out.parquet")
+    out = read_output(tmp_path / "out.parquet")
     assert [r["prompt_id"] for r in out] == ["a", "b", "c", "d", "in.jsonl:5", "f", "g", "h"]
     errors = {r["prompt_id"]: r["error"] for r in out if r["error"]}
     assert set(errors) == {"b", "c", "d", "in.jsonl:5", "f"} and stats.errors == 5
@@ -97,7 +85,7 @@ def test_empty_input_and_refusals(tmp_path: Path, trained_artifact: Path) -> Non
 
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, trained_artifact: Path) -> None:
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in _rows(6000)))
+    source.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(6000)))
     reference = tmp_path / "reference.jsonl"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=200)
     label_files([str(source)], reference, options, workers=2, progress=False)
@@ -129,7 +117,7 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     from classifier.labeling_ray import label_with_ray
 
-    rows = _rows(900)
+    rows = sample_rows(900)
     rows[7]["prompt"] = ""  # a bad row is reported the same way by both engines
     # Several files, the first much larger: Ray labels them in parallel, the small ones finish first,
     # and the output must still keep the input order.
@@ -139,7 +127,7 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
     options = LabelOptions(model=str(trained_artifact), chunk_rows=64, keep_columns=("team",))
     label_files([str(source)], tmp_path / "local.jsonl", options, workers=2, progress=False)
     stats = label_with_ray([str(source)], tmp_path / "ray.jsonl", options)
-    local, ray_rows = _read(tmp_path / "local.jsonl"), _read(tmp_path / "ray.jsonl")
+    local, ray_rows = read_output(tmp_path / "local.jsonl"), read_output(tmp_path / "ray.jsonl")
     assert stats.rows == 900 and stats.errors == 1
     assert [r["prompt_id"] for r in ray_rows] == [r["prompt_id"] for r in local]
     for a, b in zip(local, ray_rows, strict=True):

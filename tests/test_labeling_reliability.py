@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from classifier import labeling
 from classifier.cli import app
 from classifier.labeling import LabelingError, LabelOptions, label_files
-from tests.test_labeling import EASY, HARD, _read, _rows
+from tests.grpc_server import EASY, HARD
+from tests.labeling_files import read_output, sample_rows
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -50,7 +51,7 @@ def _leftovers(root: Path) -> list[str]:
 # ---------------------------------------------------------------- one job per output
 def test_second_job_on_the_same_output_fails_fast_and_the_first_finishes(tmp_path: Path,
                                                                          trained_artifact: Path) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _rows(3000))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(3000))
     options = LabelOptions(model=str(trained_artifact), chunk_rows=200)
     label_files([str(source)], tmp_path / "reference.jsonl", options, workers=2, progress=False)
     out = tmp_path / "out.jsonl"
@@ -99,7 +100,7 @@ def test_lock_is_per_output_and_released(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- resume checks the job
 def test_resume_refuses_an_unrelated_output(tmp_path: Path, trained_artifact: Path) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _rows(20))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(20))
     out = tmp_path / "out.jsonl"
     out.write_text('{"something": "else"}\n')
     result = CliRunner().invoke(app, ["label", str(source), "-o", str(out), "--model", str(trained_artifact),
@@ -115,7 +116,7 @@ def test_resume_refuses_an_unrelated_output(tmp_path: Path, trained_artifact: Pa
 
 
 def test_resume_of_a_finished_job_checks_its_record(tmp_path: Path, trained_artifact: Path) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _rows(30))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(30))
     out = tmp_path / "out.parquet"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
     label_files([str(source)], out, options, workers=1, progress=False)
@@ -145,7 +146,7 @@ def test_resume_of_a_finished_job_checks_its_record(tmp_path: Path, trained_arti
 
 def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, trained_artifact: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _rows(40))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(40))
     out = tmp_path / "out.jsonl"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
     label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
@@ -230,7 +231,7 @@ def test_malformed_jsonl_rows_become_row_errors(tmp_path: Path, trained_artifact
     source = _malformed_jsonl(tmp_path / "in.jsonl")
     options = LabelOptions(model=str(trained_artifact), keep_columns=("team",), chunk_rows=4)
     stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=1, progress=False)
-    out = _read(tmp_path / "out.jsonl")
+    out = read_output(tmp_path / "out.jsonl")
     assert [r["prompt_id"] for r in out] == [
         "bom", "in.jsonl:2", "chat", "nan", "obj", "msgstr", "msgint", "in.jsonl:8", "in.jsonl:9", "in.jsonl:10",
         "surrogate", "bad-id-\\udfff", "marker", "7", "shallow", "last"]
@@ -248,7 +249,7 @@ def test_malformed_csv_rows_become_row_errors(tmp_path: Path, trained_artifact: 
     source = _malformed_csv(tmp_path / "in.csv")
     options = LabelOptions(model=str(trained_artifact), keep_columns=("team",))
     stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=1, progress=False)
-    out = _read(tmp_path / "out.jsonl")
+    out = read_output(tmp_path / "out.jsonl")
     assert [r["prompt_id"] for r in out] == ["007", "short", "long", "utf", "multi", "huge", "end"]
     errors = {r["prompt_id"]: r["error"] for r in out if r["error"]}
     assert set(errors) == {"short", "long", "utf"} and stats.errors == 3
@@ -266,7 +267,7 @@ def test_parquet_values_of_any_type_are_kept_as_text(tmp_path: Path, trained_art
     ]), source)
     options = LabelOptions(model=str(trained_artifact), keep_columns=("when", "blob"))
     label_files([str(source)], tmp_path / "out.jsonl", options, workers=1, progress=False)
-    out = _read(tmp_path / "out.jsonl")
+    out = read_output(tmp_path / "out.jsonl")
     assert [r["prompt_id"] for r in out] == ["1", "2"]
     assert out[0]["error"] is None and "2026-01-02" in out[0]["when"] and out[0]["blob"]
     assert "no 'prompt'" in out[1]["error"] and out[1]["when"] is None
@@ -283,7 +284,7 @@ def test_ray_engine_agrees_with_local_on_malformed_rows(tmp_path: Path, trained_
     options = LabelOptions(model=str(trained_artifact), keep_columns=("team",), chunk_rows=4)
     label_files(inputs, tmp_path / "local.jsonl", options, workers=1, progress=False)
     stats = label_with_ray(inputs, tmp_path / "ray.jsonl", options)
-    local, ray_rows = _read(tmp_path / "local.jsonl"), _read(tmp_path / "ray.jsonl")
+    local, ray_rows = read_output(tmp_path / "local.jsonl"), read_output(tmp_path / "ray.jsonl")
     assert stats.rows == len(local) == 23 and stats.errors == len(EXPECTED_JSONL_ERRORS) + 3
     for a, b in zip(local, ray_rows, strict=True):
         assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
@@ -295,7 +296,7 @@ def test_ray_engine_agrees_with_local_on_malformed_rows(tmp_path: Path, trained_
 # ---------------------------------------------------------------- workers die with the job
 def test_workers_exit_when_the_job_is_killed(tmp_path: Path, trained_artifact: Path) -> None:
     psutil = pytest.importorskip("psutil")
-    source = _jsonl(tmp_path / "in.jsonl", _rows(20_000))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(20_000))
     job = subprocess.Popen(_cli(str(source), "-o", str(tmp_path / "out.jsonl"), "--model", str(trained_artifact),
                                 "--chunk-rows", "100", "--workers", "2"),
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -335,7 +336,7 @@ def test_workers_exit_when_the_job_is_killed(tmp_path: Path, trained_artifact: P
 # ---------------------------------------------------------------- write errors
 def test_disk_full_while_merging_fails_cleanly_and_resumes(tmp_path: Path, trained_artifact: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _rows(50))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(50))
     label_files([str(source)], tmp_path / "reference.jsonl", LabelOptions(model=str(trained_artifact), chunk_rows=16),
                 workers=1, progress=False)
     out = tmp_path / "out.jsonl"
@@ -377,7 +378,7 @@ def test_disk_full_in_a_worker_leaves_no_partial_part(tmp_path: Path, trained_ar
 
     monkeypatch.setattr(Path, "open", full_disk)
     part = tmp_path / f"part-00000000{suffix}"
-    chunk = [(f"in.jsonl:{i}", json.dumps(row).encode()) for i, row in enumerate(_rows(5), start=1)]
+    chunk = [(f"in.jsonl:{i}", json.dumps(row).encode()) for i, row in enumerate(sample_rows(5), start=1)]
     with pytest.raises(LabelingError, match=rf"{part}.*No space left on device"):
         labeling.label_part(chunk, LabelOptions(), part)
     assert list(tmp_path.iterdir()) == []
@@ -385,7 +386,7 @@ def test_disk_full_in_a_worker_leaves_no_partial_part(tmp_path: Path, trained_ar
 
 def test_write_error_in_a_worker_ends_the_job_cleanly(tmp_path: Path, trained_artifact: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _rows(50))
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(50))
     out = tmp_path / "out.jsonl"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=16)
     label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)

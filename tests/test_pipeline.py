@@ -8,9 +8,10 @@ import pytest
 
 import classifier
 from classifier.artifact import load_manifest
+from classifier.artifact_layout import SEEN_PROMPTS_FILE
 from tests.conftest import dies_after_first_checkpoint, synthetic_rows, tiny_config, write_jsonl
 from training.errors import DataError
-from training.pipeline import SEEN_PROMPTS_FILE, train
+from training.pipeline import train
 
 
 def test_trained_artifact_is_complete_and_learned_the_task(trained_artifact: Path) -> None:
@@ -131,6 +132,9 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
     assert manifest.metrics["test"] == load_manifest(trained_artifact).metrics["test"]
     card = (out / "MODEL_CARD.md").read_text()
     assert f"'quantization': '{manifest.architecture['quantization']}'" in card  # this export's, not the old one
+    # The evaluation and the seen prompts describe the weights, which did not change: they come along.
+    assert {p.name for p in out.iterdir()} == {p.name for p in trained_artifact.iterdir()}
+    assert (out / SEEN_PROMPTS_FILE).read_bytes() == (trained_artifact / SEEN_PROMPTS_FILE).read_bytes()
     original, again = classifier.load(trained_artifact), classifier.load(out)
     for prompt in ("hello thanks say hi cat dog", "prove theorem derive integral eigenvalue lemma"):
         assert again.classify(prompt).tier == original.classify(prompt).tier
@@ -141,6 +145,24 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
                                       str(checkpoint), "--prompts", str(too_few), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "parity needs at least 500 prompts" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_an_export_that_fails_parity_leaves_the_previous_artifact_as_it_was(
+        trained_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from training import export
+
+    out = tmp_path / "deployed"
+    shutil.copytree(trained_artifact, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(export, "MIN_TIER_AGREEMENT", 1.01)  # a bar no export clears
+    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    with pytest.raises(export.ExportParityError):
+        export.export_checkpoint(trained_artifact, checkpoint, [row["prompt"] for row in synthetic_rows(600, 3)],
+                                 out, quantize=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["deployed"]  # nothing staged is left beside it
 
 
 def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,

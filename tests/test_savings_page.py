@@ -22,12 +22,10 @@ from serving.bench.ports import free_port
 from serving.decision_log import DecisionLog
 from serving.dispatch_config import DecisionLogConfig
 from serving.savings import DEFAULT_GROUP, LogWindow, percentile, read_window, summarize
-from tests import test_dispatcher
+from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, user_with_parts
+from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
-from tests.test_dispatch_capabilities import IMAGE, _restricted, _user
-from tests.test_dispatcher import Dispatcher, Upstream, _config
 
-upstreams, fresh, grpc_classifier = test_dispatcher.upstreams, test_dispatcher.fresh, test_dispatcher.grpc_classifier
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TIERS = ["small", "medium", "large"]
 
@@ -118,14 +116,15 @@ def traffic(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path:
     (from a second dispatcher sharing the log, whose classifier is down)."""
     monkeypatch.setenv("SAVINGS_KEYS", "operator-key")
     log = tmp_path / "decisions.jsonl"
-    running = Dispatcher(_restricted(_config(fresh, grpc_classifier.target, log, inbound_api_keys_env="SAVINGS_KEYS")))
+    running = Dispatcher(restricted(dispatcher_config(fresh, grpc_classifier.target, log,
+                                                      inbound_api_keys_env="SAVINGS_KEYS")))
     client = running.client(api_key="operator-key")
     for _ in range(3):
         client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
     for _ in range(2):
         client.chat.completions.create(model="promptier/quality", messages=[{"role": "user", "content": HARD}])
     client.chat.completions.create(model="promptier/tier/medium", messages=[{"role": "user", "content": EASY}])
-    client.chat.completions.create(model="promptier", messages=_user(EASY, IMAGE))
+    client.chat.completions.create(model="promptier", messages=user_with_parts(EASY, IMAGE))
     client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": ""}])
     for _ in client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}],
                                             stream=True):
@@ -133,7 +132,7 @@ def traffic(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path:
     fresh["small"].behaviour = "500"
     client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
     fresh["small"].behaviour = "ok"
-    down = Dispatcher(_config(fresh, f"127.0.0.1:{free_port()}", log))
+    down = Dispatcher(dispatcher_config(fresh, f"127.0.0.1:{free_port()}", log))
     try:
         down.client().chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
     finally:
@@ -207,8 +206,9 @@ def test_savings_data_is_protected_like_the_other_endpoints(traffic: tuple[Dispa
 
 def test_savings_page_refuses_a_foreign_host_without_keys_and_can_be_turned_off(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
-    running = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
-    off = Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / "other.jsonl", savings_page={"enabled": False}))
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    off = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "other.jsonl",
+                                       savings_page={"enabled": False}))
     try:
         url = f"http://127.0.0.1:{running.port}/promptier/savings.json"
         empty = httpx.get(url).json()  # no request yet: an empty log is an empty report
@@ -290,7 +290,7 @@ def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Disp
     running, log = traffic
     with pytest.raises(openai.BadRequestError):  # refused before routing: not in the log
         running.client(api_key="operator-key").chat.completions.create(
-            model="promptier/tier/small", messages=_user(EASY, IMAGE))
+            model="promptier/tier/small", messages=user_with_parts(EASY, IMAGE))
     reply = httpx.get(f"http://127.0.0.1:{running.port}/promptier/savings.json",
                       headers={"authorization": "Bearer operator-key"})
     assert reply.json()["total"]["requests"] == len(_log_rows(log)) == 11

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,44 +11,9 @@ import pytest
 from serving.bench.ports import free_port
 from serving.spend_store import RedisSpendStore, SpendLedger, SpendStoreError, SqliteSpendStore
 from serving.tenants import check_tenants_and_store
+from tests.redis_server import RedisServer
 
 PERIOD_END = time.time() + 86400
-
-
-class RedisServer:
-    """A real `redis-server` on a free loopback port, without persistence."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
-                    connection.sendall(b"PING\r\n")
-                    if connection.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    pytest.importorskip("redis", reason="the redis client is not installed: pip install 'promptier[redis]'")
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 def _add_many(path: str, tenant: str, times: int) -> None:

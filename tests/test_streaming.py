@@ -124,7 +124,8 @@ def test_streaming_reports_bad_rows_like_reading_whole(tmp_path: Path, pool, tin
 def test_streamed_training_end_to_end(tmp_path: Path, tiny_backbone: Path, pool_file: Path) -> None:
     """Streaming with the shipped recipe's parts (bag student, anchors, familiarity) on Parquet shards."""
     import classifier
-    from training.pipeline import SEEN_PROMPTS_FILE, train
+    from classifier.artifact_layout import SEEN_PROMPTS_FILE
+    from training.pipeline import train
     from training.synthetic import write_parquet_shards
 
     shards = write_parquet_shards(tmp_path / "logs", 2400, prompt_chars=120, shard_rows=1000, row_group_rows=300)

@@ -22,17 +22,10 @@ from serving.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.spend_store import RedisSpendStore, SqliteSpendStore
 from serving.stream_meter import estimated_usage
+from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, wait_for_health
 from tests.fake_upstream import MISSING, Upstream
 from tests.grpc_server import EASY, HARD, spawned_workers, worker_serving
-from tests.test_dispatcher import (  # noqa: F401  (fixtures)
-    Dispatcher,
-    _config,
-    _wait_for_health,
-    fresh,
-    grpc_classifier,
-    upstreams,
-)
-from tests.test_spend_store import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.redis_server import RedisServer
 
 PRICES = {"small": (0.2, 0.2), "medium": (0.9, 0.9), "large": (1.25, 5.0)}  # the test model's, per Mtok
 
@@ -75,12 +68,12 @@ def _ask(client: openai.OpenAI, text: str, model: str = "promptier") -> tuple[st
 
 
 @pytest.fixture
-def started(fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path) -> Iterator:  # noqa: F811
+def started(fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path) -> Iterator:
     """Starts dispatchers with tenants (each logs to its own file); stops them after the test."""
     running: list[Dispatcher] = []
 
     def start(log_name: str = "decisions.jsonl", **extra: object) -> Dispatcher:
-        running.append(Dispatcher(_config(fresh, grpc_classifier.target, tmp_path / log_name, **extra)))
+        running.append(Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / log_name, **extra)))
         return running[-1]
 
     yield start
@@ -89,7 +82,7 @@ def started(fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path) -> Iter
 
 
 def test_each_key_gets_its_tenants_policy_and_unknown_keys_are_refused(
-        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESEARCH_KEYS", "research-key-1, research-key-2")
     monkeypatch.setenv("SUPPORT_KEYS", "support-key")
     monkeypatch.setenv("LEGACY_KEYS", "legacy-key")
@@ -240,7 +233,7 @@ def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured
 
 
 def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
-        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEARCH_KEYS", "search-key")
     store_path = tmp_path / "spend.sqlite3"
     dispatcher = started(tenants={"search": _budgeted(tmp_path, 50.0)},
@@ -284,7 +277,7 @@ def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
     assert "stream_options" not in fresh["small"].received[-1]["body"]
 
 
-def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream], trained_artifact: Path,  # noqa: F811
+def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream], trained_artifact: Path,
                                                        tmp_path: Path) -> None:
     from serving.bench.ports import free_port
 
@@ -318,7 +311,7 @@ def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream
             connection.close()
 
     try:
-        _wait_for_health(port, parent)
+        wait_for_health(port, parent)
         workers: set[int] = set()
         sent = 0
         deadline = time.monotonic() + 60
@@ -343,7 +336,7 @@ def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream
 
 
 def test_dispatchers_on_several_hosts_share_spend_through_redis(
-        started, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        started, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEARCH_KEYS", "search-key")
     monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
     store = {"kind": "redis", "url_env": "SPEND_REDIS_URL", "key_prefix": "test", "refresh_ms": 50}
@@ -402,7 +395,7 @@ def test_tenant_config_mistakes_are_refused_with_the_field_named(tmp_path: Path,
     assert "secret-a" not in str(raised.value)  # a key is never in an error
 
 
-def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], trained_artifact: Path,  # noqa: F811
+def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], trained_artifact: Path,
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -452,19 +445,18 @@ def test_stream_meter_relays_whole_events_and_takes_out_only_the_usage_chunk_it_
 
 
 def test_a_tenants_tiers_and_budget_never_send_a_request_to_a_tier_that_cannot_serve_it(
-        fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path,  # noqa: F811
+        fresh: dict[str, Upstream], grpc_classifier, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_dispatch_capabilities import IMAGE, _restricted
 
     monkeypatch.setenv("TEXT_KEYS", "text-key")
     monkeypatch.setenv("FRUGAL_KEYS", "frugal-key")
     store_path = tmp_path / "spend.sqlite3"
     _seed(store_path, "frugal", 1.0)  # spent: its requests go to the cheapest tier that can serve them
-    config = _restricted(_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
-                                 spend_store={"path": str(store_path), "refresh_ms": 50}, tenants={
-                                     "text": {"api_keys_env": "TEXT_KEYS", "allowed_tiers": ["small", "large"]},
-                                     "frugal": {"api_keys_env": "FRUGAL_KEYS", "budget": {"usd": 1.0}}}))
-    dispatcher = Dispatcher(config)  # only medium takes images (tests.test_dispatch_capabilities.SERVES)
+    tenants = {"text": {"api_keys_env": "TEXT_KEYS", "allowed_tiers": ["small", "large"]},
+               "frugal": {"api_keys_env": "FRUGAL_KEYS", "budget": {"usd": 1.0}}}
+    config = restricted(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                          spend_store={"path": str(store_path), "refresh_ms": 50}, tenants=tenants))
+    dispatcher = Dispatcher(config)  # only medium takes images (tests.dispatcher_harness.SERVES)
     try:
         picture = [{"role": "user", "content": [{"type": "text", "text": HARD}, IMAGE]}]
         with pytest.raises(openai.PermissionDeniedError) as refused:

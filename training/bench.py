@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from classifier.artifact_layout import MANIFEST_FILE
 from classifier.errors import PromptierError
 
 SHIPPED_RECIPE = Path(__file__).parent / "configs" / "default.yaml"
@@ -140,7 +141,7 @@ def run_one(root: Path, logs: Path, pool: Path, backbone: str, mode: Mode, max_s
         tail = log_file.read_text(encoding="utf-8", errors="replace")[-1500:]
         result["error"] = tail
         return result
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
     training = manifest["training"]
     fit = training["fit"]
     result.update(prompts=sum(training["prompts"].values()), train_prompts=training["prompts"]["train"],

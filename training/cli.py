@@ -217,8 +217,9 @@ def evaluate(
     """Evaluate a model against baselines on the prompts of LOGS it never saw, and on the probe suite."""
     _require_training_extra()
     from classifier.artifact import load_manifest
+    from classifier.artifact_layout import EVAL_FILES, EVAL_MD_FILE, EVAL_REPORT_DIR
     from training.data import read_logs
-    from training.evaluate import EVAL_MD, evaluate_logs
+    from training.evaluate import evaluate_logs
     from training.labels import build_table
     from training.model import backbone_directory
     from training.pool import load_pool
@@ -233,7 +234,7 @@ def evaluate(
         config = manifest.training.get("config", {})
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None
-        out_dir = model if record else (out or model / "eval")
+        out_dir = model if record else (out or model / EVAL_REPORT_DIR)
         report = evaluate_logs(model, table, backbone_dir, out_dir,
                                cache_dir or Path.home() / ".cache" / "promptier")
         import classifier
@@ -250,13 +251,13 @@ def evaluate(
             record_in_artifact(model, report, table, probes, generalization)
     except (PromptierError, ValueError, FileNotFoundError) as error:
         fail(error)
-    typer.echo((out_dir / EVAL_MD).read_text())
+    typer.echo((out_dir / EVAL_MD_FILE).read_text())
     typer.echo(render_probe_markdown(probes, manifest.policy.default_mode))
     if generalization is not None:
-        from training.generalization import render_markdown
+        from training.generalization_report import render_markdown
 
         typer.echo(render_markdown(generalization))
-    typer.echo(f"wrote {out_dir}/eval.json, eval.md, eval.png ({report['rows']} prompts; {skipped.summary()})")
+    typer.echo(f"wrote {out_dir}/{', '.join(EVAL_FILES)} ({report['rows']} prompts; {skipped.summary()})")
 
 
 def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], pool: Path, loso: bool,

@@ -2,7 +2,8 @@
 
 Every row is validated. An invalid row raises a DataError naming file, row, column and reason,
 unless `skip_invalid` is set; then it is counted in a SkipReport, by reason, and nothing is
-dropped silently.
+dropped silently. Files are read by the labeler's reader, classifier/prompt_files.py: a log and a
+file of prompts to label are read alike.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from classifier.prompt_files import PromptFileError, decode_json_line, file_format, is_rotated_jsonl, read_payloads
 from training.errors import DataError
 
 OUTCOME_COLUMNS = ("prompt_id", "prompt", "model", "score", "source")
@@ -98,38 +100,28 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _records(path: Path) -> Iterator[tuple[int, object]]:
-    """(row number, raw record) pairs; rows and lines are numbered from 1."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def read_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(row number, raw record) pairs of one log file, read by the runtime's prompt-file reader (the
+    labeler's); a line that is not a record comes as the DataError that says why.
 
-        # Row group by row group, a batch at a time: a shard never has to fit in memory whole.
-        try:
-            parquet = pq.ParquetFile(path)
-            batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
-            number = 0
-            for batch in batches:
-                for record in batch.to_pylist():
-                    number += 1
-                    yield number, record
-        except Exception as exc:  # pyarrow raises several types for corrupt files
-            raise DataError(str(path), f"cannot read Parquet: {exc}") from exc
-        return
-    if path.suffix not in (".jsonl", ".json") and not is_rotated_jsonl(path):
+    Raises:
+        DataError: the file is not JSONL or Parquet, or cannot be read at all.
+    """
+    if file_format(path) not in ("jsonl", "parquet"):
         raise DataError(str(path), f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
-    with path.open("rb") as handle:
-        for number, raw_line in enumerate(handle, start=1):
-            if not raw_line.strip():
+    try:
+        for number, payload in read_payloads(path, PARQUET_BATCH_ROWS):
+            if not isinstance(payload, bytes):
+                yield number, payload
                 continue
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, DataError(str(path), f"invalid UTF-8 at byte {exc.start}", row=number)
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, DataError(str(path), f"invalid JSON: {exc.msg}", row=number)
+            record, problem = decode_json_line(payload)
+            if problem is None:
+                yield number, record
+            else:  # counted by reason under --skip-invalid: the reason leaves out where in the line
+                reason = f"invalid JSON: {problem.reason}" if problem.syntax else problem.reason
+                yield number, DataError(str(path), reason, row=number)
+    except PromptFileError as exc:
+        raise DataError(str(path), exc.reason) from exc
 
 
 def _text(record: dict, column: str, path: str, row: int, required: bool = True) -> str:
@@ -202,11 +194,6 @@ def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False
     return rows, report
 
 
-def is_rotated_jsonl(path: Path) -> bool:
-    """A rotated backup of a JSONL log (`decisions.jsonl.1`): read as JSONL."""
-    return len(path.suffixes) >= 2 and path.suffixes[-2] == ".jsonl" and path.suffix[1:].isdigit()
-
-
 def reported_outcomes(files: Sequence[Path]) -> dict[str, float]:
     """The mean reported score per prompt_id, from the outcome lines of decision logs (a first pass that
     reads only files that start like a decision log, and parses only lines naming the outcome kind)."""
@@ -267,7 +254,7 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
     files = expand_paths(paths)
     outcomes = reported_outcomes(files)
     for path in files:
-        for number, raw in _records(path):
+        for number, raw in read_records(path):
             record = _join_outcome(raw, outcomes, report)
             if record is None:
                 continue

@@ -10,6 +10,15 @@ import numpy as np
 
 from classifier import load as load_artifact
 from classifier.artifact import Rule
+from classifier.artifact_layout import (
+    EVAL_JSON_FILE,
+    EVAL_MD_FILE,
+    EVAL_PNG_FILE,
+    MODEL_CARD_FILE,
+    SEEN_PROMPTS_FILE,
+    write_member_text,
+    writing_member,
+)
 from classifier.policy import relative_scores
 from training.baselines import (
     length_features,
@@ -18,6 +27,7 @@ from training.baselines import (
     random_scores,
     sentence_embeddings,
 )
+from training.errors import DataError
 from training.labels import PromptTable, prompt_hash
 from training.metrics import apgr, binary_curve, cpt, tier_metrics
 from training.routing import always_top, cheapest_point_within, routing_curve, top_known_tier
@@ -25,7 +35,6 @@ from training.routing import always_top, cheapest_point_within, routing_curve, t
 CPT_LEVELS = (0.5, 0.8, 0.95)
 SAVING_LEVELS = (0.95, 0.98, 0.99)
 MODEL = "promptier"
-EVAL_JSON, EVAL_MD, EVAL_PNG = "eval.json", "eval.md", "eval.png"
 
 
 def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64) -> np.ndarray:
@@ -198,17 +207,39 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EVAL_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out_dir / EVAL_MD).write_text(render_markdown(report), encoding="utf-8")
-    plot(report, out_dir / EVAL_PNG)
+    """The evaluation as the artifact's eval files (JSON, Markdown, PNG), each replaced whole."""
+    write_member_text(out_dir, EVAL_JSON_FILE, json.dumps(report, indent=1) + "\n")
+    write_member_text(out_dir, EVAL_MD_FILE, render_markdown(report))
+    with writing_member(out_dir, EVAL_PNG_FILE) as path:
+        plot(report, path)
 
 
 def seen_prompts(artifact: Path) -> set[str]:
-    from training.pipeline import SEEN_PROMPTS_FILE
-
+    """The hashes of the prompts an artifact was trained or calibrated on (none recorded: empty)."""
     path = artifact / SEEN_PROMPTS_FILE
     return set(path.read_text().split()) if path.exists() else set()
+
+
+def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.ndarray) -> dict:
+    """APGR of both artifacts on the test prompts neither saw (the previous one may have trained on
+    some of the new logs' prompts, which would flatter it).
+
+    Raises:
+        DataError: the previous artifact saw every test prompt.
+    """
+    from classifier.artifact import load_manifest
+
+    seen = seen_prompts(previous)
+    test = [i for i in np.flatnonzero(split == "test") if prompt_hash(table.prompts[i]) not in seen]
+    if not test:
+        raise DataError("logs", f"every test prompt of the new logs was seen by {previous}: nothing to compare on")
+    subset = table.subset(np.array(test))
+    before = evaluate_table(previous, subset, None, None)["summary"]
+    after = evaluate_table(new, subset, None, None)["summary"]
+    apgr = {group: {"previous": before[group][MODEL]["apgr"], "new": after[group][MODEL]["apgr"]}
+            for group in after}
+    return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test), "apgr": apgr,
+            "worse": apgr["all"]["new"] < apgr["all"]["previous"]}
 
 
 def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbone_dir: Path | None,
@@ -255,8 +286,8 @@ def record_in_artifact(artifact: Path, report: dict, table: PromptTable, probes:
                        generalization: dict | None = None) -> None:
     """Store an evaluation in the artifact: manifest metrics, the fixed-sample check, the probe suite,
     leave-one-source-out and seed figures when given, the model card."""
-    from classifier.artifact import MODEL_CARD_FILE, load_manifest, save_manifest
-    from training.generalization import write_report
+    from classifier.artifact import load_manifest, save_manifest
+    from training.generalization_report import write_report as write_generalization_report
     from training.model_card import render_model_card
 
     manifest = load_manifest(artifact)
@@ -265,7 +296,7 @@ def record_in_artifact(artifact: Path, report: dict, table: PromptTable, probes:
         metrics["probes"] = probes
     if generalization:
         metrics.update(generalization)
-        write_report(generalization, artifact)
+        write_generalization_report(generalization, artifact)
     manifest = manifest.model_copy(update={"metrics": metrics})
     save_manifest(manifest, artifact)
-    (artifact / MODEL_CARD_FILE).write_text(render_model_card(manifest, artifact), encoding="utf-8")
+    write_member_text(artifact, MODEL_CARD_FILE, render_model_card(manifest, artifact))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from torch import nn
 
 from classifier import load as load_artifact
 from classifier.artifact import (
-    MODEL_FILE,
     MODEL_INPUT_NAMES,
     MODEL_OUTPUT_NAME,
     UNFAMILIARITY_OUTPUT_NAME,
@@ -23,6 +21,7 @@ from classifier.artifact import (
     Rule,
     save_manifest,
 )
+from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE, member, staged_artifact
 from classifier.errors import PromptierError
 from classifier.policy import choose_tiers
 from training.calibration import apply_temperatures
@@ -33,6 +32,8 @@ log = logging.getLogger(__name__)
 MIN_TIER_AGREEMENT = 0.995
 MAX_PROBABILITY_DIFF = 0.02
 MIN_PARITY_PROMPTS = 500
+# The unquantized export, in the directory being written only: removed before the artifact is complete.
+FP32_SCRATCH_FILE = "model.fp32.onnx"
 
 
 class ExportParityError(PromptierError):
@@ -137,75 +138,76 @@ def check_parity(directory: Path, torch_probabilities: np.ndarray, texts: Sequen
     )
 
 
-def write_artifact(
+def check_parity_set(parity_texts: Sequence[str]) -> None:
+    """Raises ValueError when there are too few parity prompts to hold an export to the bars."""
+    if len(parity_texts) < MIN_PARITY_PROMPTS:
+        raise ValueError(f"parity needs at least {MIN_PARITY_PROMPTS} prompts, got {len(parity_texts)}")
+
+
+def export_into(
     model: nn.Module,
     manifest: ArtifactManifest,
     tokenizer_file: Path,
     parity_texts: Sequence[str],
     torch_logits: Callable[[Sequence[str]], np.ndarray],
-    out_dir: Path,
+    staging: Path,
     quantize: bool,
     extra_files: dict[str, str] | None = None,
     extra_paths: dict[str, Path] | None = None,
 ) -> tuple[ArtifactManifest, ParityReport]:
-    """Export, check parity, and only then move the finished artifact into `out_dir`.
+    """Export the model, tokenizer and manifest into `staging`, a directory of `staged_artifact`.
 
-    `extra_files` (name: text) and `extra_paths` (name: file to copy) are written beside the model.
-    Tries int8 first when `quantize` is set; if int8 misses the parity bars, fp32 is tried and the
-    manifest records why. If fp32 misses them too, ExportParityError is raised and nothing is written.
+    `extra_files` (name: text) and `extra_paths` (name: file to copy) are written beside the model,
+    under names of the artifact layout. Tries int8 first when `quantize` is set; if int8 misses the
+    parity bars, fp32 is tried and the manifest records why.
+
+    Raises:
+        ExportParityError: fp32 misses the bars too (the caller's staged directory is then discarded).
+        ValueError: too few parity prompts, or an extra file the layout does not name.
     """
-    if len(parity_texts) < MIN_PARITY_PROMPTS:
-        raise ValueError(f"parity needs at least {MIN_PARITY_PROMPTS} prompts, got {len(parity_texts)}")
+    check_parity_set(parity_texts)
     torch_probabilities = apply_temperatures(torch_logits(parity_texts), manifest.calibration.temperatures)
     threshold = manifest.policy.thresholds[manifest.policy.default_mode]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
-    try:
-        fp32_path = staging / "model.fp32.onnx"
-        export_onnx(model, fp32_path, manifest.truncation.max_tokens)
-        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
-        for name, source in (extra_paths or {}).items():
-            shutil.copyfile(source, staging / name)
-        # Cheapest first; the first that clears the parity bars ships.
-        attempts = (["int8"] if quantize else []) + ["fp32 (fp16 embeddings)", "fp32"]
-        failures: list[str] = []
-        for quantization in attempts:
-            if quantization == "int8":
-                quantize_int8(fp32_path, staging / MODEL_FILE)
-            elif quantization == "fp32 (fp16 embeddings)":
-                if not store_embeddings_fp16(fp32_path, staging / MODEL_FILE):
-                    continue  # no table large enough to matter
-            else:
-                shutil.copyfile(fp32_path, staging / MODEL_FILE)
-            note = {"quantization": quantization, "parity_failures": "; ".join(failures)}
-            candidate = manifest.model_copy(update={"architecture": {**manifest.architecture, **note}})
-            save_manifest(candidate, staging)
-            report = check_parity(staging, torch_probabilities, parity_texts, threshold, quantization,
-                                  manifest.policy.rule)
-            if report.passed:
-                break
-            failures.append(f"{quantization}: agreement {report.tier_agreement:.4f}, "
-                            f"max diff {report.max_probability_diff:.4f}")
-            log.warning("export parity failed for %s", failures[-1])
+    fp32_path = staging / FP32_SCRATCH_FILE
+    export_onnx(model, fp32_path, manifest.truncation.max_tokens)
+    shutil.copyfile(tokenizer_file, member(staging, TOKENIZER_FILE))
+    for name, text in (extra_files or {}).items():
+        member(staging, name).write_text(text, encoding="utf-8")
+    for name, source in (extra_paths or {}).items():
+        shutil.copyfile(source, member(staging, name))
+    model_path = member(staging, MODEL_FILE)
+    # Cheapest first; the first that clears the parity bars ships.
+    attempts = (["int8"] if quantize else []) + ["fp32 (fp16 embeddings)", "fp32"]
+    failures: list[str] = []
+    for quantization in attempts:
+        if quantization == "int8":
+            quantize_int8(fp32_path, model_path)
+        elif quantization == "fp32 (fp16 embeddings)":
+            if not store_embeddings_fp16(fp32_path, model_path):
+                continue  # no table large enough to matter
         else:
-            raise ExportParityError(
-                f"exported model disagrees with torch (need agreement >= {MIN_TIER_AGREEMENT}, "
-                f"diff <= {MAX_PROBABILITY_DIFF}): {'; '.join(failures)}"
-            )
-        fp32_path.unlink()
-        parity = {"prompts": report.prompts, "tier_agreement": report.tier_agreement,
-                  "max_probability_diff": report.max_probability_diff}
-        candidate = candidate.model_copy(update={"metrics": {**candidate.metrics, "export_parity": parity}})
+            shutil.copyfile(fp32_path, model_path)
+        note = {"quantization": quantization, "parity_failures": "; ".join(failures)}
+        candidate = manifest.model_copy(update={"architecture": {**manifest.architecture, **note}})
         save_manifest(candidate, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-        return candidate, report
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        report = check_parity(staging, torch_probabilities, parity_texts, threshold, quantization,
+                              manifest.policy.rule)
+        if report.passed:
+            break
+        failures.append(f"{quantization}: agreement {report.tier_agreement:.4f}, "
+                        f"max diff {report.max_probability_diff:.4f}")
+        log.warning("export parity failed for %s", failures[-1])
+    else:
+        raise ExportParityError(
+            f"exported model disagrees with torch (need agreement >= {MIN_TIER_AGREEMENT}, "
+            f"diff <= {MAX_PROBABILITY_DIFF}): {'; '.join(failures)}"
+        )
+    fp32_path.unlink()
+    parity = {"prompts": report.prompts, "tier_agreement": report.tier_agreement,
+              "max_probability_diff": report.max_probability_diff}
+    candidate = candidate.model_copy(update={"metrics": {**candidate.metrics, "export_parity": parity}})
+    save_manifest(candidate, staging)
+    return candidate, report
 
 
 def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], out_dir: Path,
@@ -223,7 +225,8 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         ValueError: too few prompts, or a checkpoint that does not fit the artifact's architecture.
         PromptierError: the checkpoint holds more than tensors and plain data (it is not unpickled).
     """
-    from classifier.artifact import MODEL_CARD_FILE, TOKENIZER_FILE, load_manifest
+    from classifier.artifact import load_manifest
+    from classifier.artifact_layout import MODEL_CARD_FILE, WEIGHTS_RECORDS, write_member_text
     from classifier.tokenization import PromptEncoder
     from training.config import TrainConfig
     from training.model import backbone_directory, build_model, load_encoder
@@ -245,14 +248,13 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
     def torch_logits(batch: Sequence[str]) -> np.ndarray:
         return predict_logits(model, tokenize_all(encoder, batch))
 
-    copied = {name: (artifact / name).read_text(encoding="utf-8")
-              for name in ("seen_prompts.txt", "eval.json", "eval.md") if (artifact / name).is_file()}
     manifest = manifest.model_copy(update={"architecture": {
         key: value for key, value in manifest.architecture.items() if key not in ("quantization", "parity_failures")}})
-    written, report = write_artifact(model, manifest, artifact / TOKENIZER_FILE, texts, torch_logits, out_dir,
-                                     quantize, extra_files=copied)
-    if (artifact / "eval.png").is_file():
-        shutil.copyfile(artifact / "eval.png", out_dir / "eval.png")
-    # Rendered anew, not copied: the card states the quantization and parity of this export.
-    (out_dir / MODEL_CARD_FILE).write_text(render_model_card(written, out_dir), encoding="utf-8")
+    carried = {name: artifact / name for name in WEIGHTS_RECORDS if (artifact / name).is_file()}
+    check_parity_set(texts)
+    with staged_artifact(out_dir) as staging:
+        written, report = export_into(model, manifest, artifact / TOKENIZER_FILE, texts, torch_logits, staging,
+                                      quantize, extra_paths=carried)
+        # Rendered anew, not copied: the card states the quantization and parity of this export.
+        write_member_text(staging, MODEL_CARD_FILE, render_model_card(written, staging))
     return written, report

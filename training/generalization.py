@@ -10,7 +10,6 @@ Both retrain the recipe: an artifact's recorded training config, run again on th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +18,12 @@ import numpy as np
 
 from training.config import TrainConfig
 from training.errors import DataError
+from training.generalization_report import BASELINES, MODEL, render_markdown, write_report
 from training.inputs import prepare_data
 from training.pipeline import train
 
+__all__ = ["leave_one_source_out", "render_markdown", "seed_spread", "write_report"]
 log = logging.getLogger(__name__)
-BASELINES = ("length", "embedding-lr")
-MODEL = "promptier"
 
 
 def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, work_root: Path,
@@ -99,34 +98,3 @@ def own_run(manifest_metrics: dict, manifest_fingerprint: str, logs: Sequence[st
     if prepare_data(logs, pool, config, skip_invalid).table.fingerprint() != manifest_fingerprint:
         return {}
     return {config.seed: {group: methods[MODEL]["apgr"] for group, methods in test.items() if MODEL in methods}}
-
-
-def render_markdown(report: dict) -> str:
-    """Leave-one-source-out and seed figures as Markdown tables (what the model card shows)."""
-    lines: list[str] = []
-    loso = report.get("leave_one_source_out")
-    if loso:
-        wins = sum(loso["beats_baselines"].values())
-        lines += [f"Leave-one-source-out APGR (trained on every other source; beats both baselines on "
-                  f"{wins} of {len(loso['sources'])} sources):", "",
-                  "| held-out source | promptier | length | embedding-lr | beats both |", "|---|---|---|---|---|"]
-        for source, methods in loso["sources"].items():
-            cells = [f"{methods[m]['apgr']:.4f}" if m in methods else "-" for m in (MODEL, *BASELINES)]
-            beats = "yes" if loso["beats_baselines"][source] else "no"
-            lines.append(f"| {source} | " + " | ".join(cells) + f" | {beats} |")
-        lines.append("")
-    seeds = report.get("seeds")
-    if seeds:
-        lines += [f"In-distribution APGR over seeds {seeds['seeds']} (each seed its own random split):", "",
-                  "| group | mean | spread (max - min) | runs |", "|---|---|---|---|"]
-        for group, values in seeds["apgr"].items():
-            runs = ", ".join(f"{seeds['runs'][s][group]:.4f}" for s in seeds["runs"])
-            lines.append(f"| {group} | {values['mean']:.4f} | {values['spread']:.4f} | {runs} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, directory: Path, name: str = "generalization") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (directory / f"{name}.md").write_text(render_markdown(report), encoding="utf-8")

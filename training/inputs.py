@@ -73,11 +73,11 @@ def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
 
 def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
     """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation."""
-    from training.data import _records, expand_paths
+    from training.data import expand_paths, read_records
 
     prompts = []
     for path in expand_paths(paths):
-        for number, record in _records(path):
+        for number, record in read_records(path):
             if isinstance(record, DataError):
                 raise record
             text = record.get("prompt") if isinstance(record, dict) else None

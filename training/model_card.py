@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from classifier.artifact import ArtifactManifest
-from training.generalization import render_markdown as render_generalization
+from classifier.artifact_layout import EVAL_MD_FILE
+from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
 
 BACKBONE_LICENCES = {
@@ -33,7 +34,7 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
     config = training.get("config", {})
     assert isinstance(config, dict)
     backbone = str(config.get("backbone", ""))
-    eval_md = directory / "eval.md"
+    eval_md = directory / EVAL_MD_FILE
     policy = manifest.policy
     metrics = manifest.metrics
     probes = metrics.get("probes")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from classifier.artifact import (
-    MODEL_CARD_FILE,
     ArtifactManifest,
     CalibrationConfig,
     FamiliarityConfig,
@@ -24,11 +21,13 @@ from classifier.artifact import (
     TruncationConfig,
     save_manifest,
 )
+from classifier.artifact_layout import MODEL_CARD_FILE, SEEN_PROMPTS_FILE, staged_artifact, write_member_text
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.inputs import TRAINSET_DIR, TrainingInputs, in_memory_inputs, streamed_inputs, vocab_size
 from training.labels import PromptTable
+from training.memory import peak_rss_mb
 from training.pool import Pool, load_pool
 
 if TYPE_CHECKING:
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
     from training.token_store import TokenStore
 
 log = logging.getLogger(__name__)
-SEEN_PROMPTS_FILE = "seen_prompts.txt"
 HELDOUT_CHUNK = 4096  # held-out prompts tokenized and scored at a time when streaming
 
 
@@ -174,10 +172,8 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
             encoder: PromptEncoder, tokenizer_file: Path, fit_report: dict, run: _Run) -> ArtifactManifest:
     """Calibrate, choose thresholds, fit familiarity, export with the parity check, evaluate (main process)."""
     from training.calibration import apply_temperatures, fit_temperatures
-    from training.evaluate import evaluate_split, sample_metrics
-    from training.export import MIN_PARITY_PROMPTS, write_artifact
+    from training.export import MIN_PARITY_PROMPTS, check_parity_set, export_into
     from training.model_card import render_model_card
-    from training.probes import evaluate_probes
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.streaming import write_hashes
     from training.trainer import CHECKPOINT_FILE, predict_logits, tokenize_all
@@ -234,43 +230,56 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
         exported, familiarity = _fit_familiarity(model, encoder, inputs, pool, config)
         manifest = manifest.model_copy(update={"familiarity": familiarity})
         peaks["familiarity"] = peak_rss_mb()
-    manifest, _ = write_artifact(exported, manifest, tokenizer_file, parity_texts, torch_logits, out_dir,
-                                 config.quantize, extra_paths={SEEN_PROMPTS_FILE: seen_file})
-    test_index = np.flatnonzero(split == "test")
-    peaks["export"] = peak_rss_mb()
-    if config.cheap_floor_modes:
-        from training.cheap_floor import choose_cheap_floors
-
-        policy, searched = choose_cheap_floors(load_artifact(out_dir), val_probs, val_targets, val_costs,
-                                               manifest.policy, config.cheap_floor_modes)
-        manifest = manifest.model_copy(update={"policy": policy,
-                                               "training": {**manifest.training, "cheap_floor_search": searched}})
-        save_manifest(manifest, out_dir)
-    metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(out_dir))}
-    if test_index.size:
-        report = evaluate_split(out_dir, table, split, backbone_dir=run.evaluation_backbone, out_dir=out_dir,
-                                cache_dir=run.cache_dir)
-        metrics.update({"test": report["summary"], "test_sample": sample_metrics(out_dir, table)})
-        if run.compare_with is not None:
-            from training.retrain import compare_on_test
-
-            metrics["retrain"] = compare_on_test(run.compare_with, out_dir, table, split)
-    manifest = manifest.model_copy(update={"metrics": metrics})
-    peaks["evaluate"] = peak_rss_mb()
-    total = round(time.time() - started, 1)
-    stages = {**run.stages, "finish": round(total - sum(run.stages.values()), 1)}
-    manifest = manifest.model_copy(update={"training": {**manifest.training, "peak_rss_mb": peaks["evaluate"],
-                                                        "stage_peak_rss_mb": peaks, "stage_seconds": stages,
-                                                        "total_seconds": total}})
-    save_manifest(manifest, out_dir)
-    (out_dir / MODEL_CARD_FILE).write_text(render_model_card(manifest, out_dir), encoding="utf-8")
+    check_parity_set(parity_texts)
+    # Everything below lands in a staged directory that replaces OUT only once the card is written: a
+    # run stopped during evaluation leaves OUT as it was, never a model without its evaluation.
+    with staged_artifact(out_dir) as staging:
+        manifest, _ = export_into(exported, manifest, tokenizer_file, parity_texts, torch_logits, staging,
+                                  config.quantize, extra_paths={SEEN_PROMPTS_FILE: seen_file})
+        peaks["export"] = peak_rss_mb()
+        if config.cheap_floor_modes:
+            manifest = _with_cheap_floors(manifest, staging, val_probs, val_targets, val_costs, config)
+        manifest = _evaluated(manifest, staging, inputs, run)
+        peaks["evaluate"] = peak_rss_mb()
+        total = round(time.time() - started, 1)
+        stages = {**run.stages, "finish": round(total - sum(run.stages.values()), 1)}
+        manifest = manifest.model_copy(update={"training": {**manifest.training, "peak_rss_mb": peaks["evaluate"],
+                                                            "stage_peak_rss_mb": peaks, "stage_seconds": stages,
+                                                            "total_seconds": total}})
+        save_manifest(manifest, staging)
+        write_member_text(staging, MODEL_CARD_FILE, render_model_card(manifest, staging))
     return manifest
 
 
-def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+def _with_cheap_floors(manifest: ArtifactManifest, directory: Path, val_probabilities: np.ndarray,
+                       val_targets: np.ndarray, val_costs: np.ndarray, config: TrainConfig) -> ArtifactManifest:
+    """The manifest with cheap floors chosen on the probe suite's selection half (`training.cheap_floor`),
+    saved into `directory` so that the evaluation after it routes as the shipped artifact will."""
+    from training.cheap_floor import choose_cheap_floors
+
+    policy, searched = choose_cheap_floors(load_artifact(directory), val_probabilities, val_targets, val_costs,
+                                           manifest.policy, config.cheap_floor_modes)
+    manifest = manifest.model_copy(update={"policy": policy,
+                                           "training": {**manifest.training, "cheap_floor_search": searched}})
+    save_manifest(manifest, directory)
+    return manifest
+
+
+def _evaluated(manifest: ArtifactManifest, directory: Path, inputs: TrainingInputs, run: _Run) -> ArtifactManifest:
+    """The manifest with the probe suite's figures and, when there is a test split, the test split's (whose
+    reports are written into `directory`) and the comparison with the model continued from."""
+    from training.evaluate import compare_on_test, evaluate_split, sample_metrics
+    from training.probes import evaluate_probes
+
+    table, split = inputs.table, inputs.split
+    metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(directory))}
+    if np.any(split == "test"):
+        report = evaluate_split(directory, table, split, backbone_dir=run.evaluation_backbone, out_dir=directory,
+                                cache_dir=run.cache_dir)
+        metrics.update({"test": report["summary"], "test_sample": sample_metrics(directory, table)})
+        if run.compare_with is not None:
+            metrics["retrain"] = compare_on_test(run.compare_with, directory, table, split)
+    return manifest.model_copy(update={"metrics": metrics})
 
 
 def validation_metrics(logits: np.ndarray, probabilities: np.ndarray, table: PromptTable, rule: Rule) -> dict:

@@ -17,13 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from classifier.artifact import ArtifactManifest, load_manifest
 from classifier.errors import PromptierError
 from training.config import TrainConfig
 from training.errors import DataError
-from training.labels import PromptTable, prompt_hash
 from training.pool import load_pool
 
 log = logging.getLogger(__name__)
@@ -55,24 +52,6 @@ def checkpoint_of(artifact: Path) -> Path:
     raise PromptierError(f"the training checkpoint of {artifact} is not on this machine (looked for "
                          f"{', '.join(map(str, candidates))}); --init-from needs the work dir of the run that "
                          f"trained it")
-
-
-def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.ndarray) -> dict:
-    """APGR of both artifacts on the test prompts neither saw (the previous one may have trained on
-    some of the new logs' prompts, which would flatter it)."""
-    from training.evaluate import evaluate_table, seen_prompts
-
-    seen = seen_prompts(previous)
-    test = [i for i in np.flatnonzero(split == "test") if prompt_hash(table.prompts[i]) not in seen]
-    if not test:
-        raise DataError("logs", f"every test prompt of the new logs was seen by {previous}: nothing to compare on")
-    subset = table.subset(np.array(test))
-    before = evaluate_table(previous, subset, None, None)["summary"]
-    after = evaluate_table(new, subset, None, None)["summary"]
-    apgr = {group: {"previous": before[group]["promptier"]["apgr"], "new": after[group]["promptier"]["apgr"]}
-            for group in after}
-    return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test), "apgr": apgr,
-            "worse": apgr["all"]["new"] < apgr["all"]["previous"]}
 
 
 def promote(candidate: Path, out: Path) -> Path | None:

@@ -290,7 +290,7 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
         DataError: an invalid row (unless `skip_invalid`), no usable row, or too few prompts for a
             training and a validation split.
     """
-    from training.pipeline import peak_rss_mb
+    from training.memory import peak_rss_mb
 
     skipped = SkipReport()
     streamer = _Streamer(pool, config, encoder, writer)

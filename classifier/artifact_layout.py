@@ -1,0 +1,134 @@
+"""The artifact directory's layout: the name of every file it may hold, and how writers put files there.
+
+Layout::
+
+    DIR/
+      manifest.json          # required: tiers, policy, calibration, truncation, provenance (classifier.artifact)
+      model.onnx             # required: inputs input_ids/attention_mask (int64, [batch, seq]);
+                             #   output logits [batch, n_tiers]
+      tokenizer.json         # required: a `tokenizers` fast tokenizer
+      MODEL_CARD.md          # for people
+      eval.json, eval.md, eval.png            # the held-out evaluation
+      generalization.json, generalization.md  # leave-one-source-out and seed figures, when measured
+      seen_prompts.txt       # hashes of the prompts trained or calibrated on, which evaluation leaves out
+      eval/                  # where `promptier eval` writes its eval files when not told to record them
+
+Every reader (the runtime, the labeler, training's evaluation) and every writer (training's pipeline,
+export and evaluation) takes these names from here, so that each file is named once. Writers go
+through `member` (which refuses a name the layout does not declare), `write_member_text` and
+`writing_member` (a file appears whole or not at all), and `staged_artifact` (a whole artifact
+appears at once, or the previous one stays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from classifier.errors import ArtifactError
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+EVAL_JSON_FILE = "eval.json"
+EVAL_MD_FILE = "eval.md"
+EVAL_PNG_FILE = "eval.png"
+GENERALIZATION_JSON_FILE = "generalization.json"
+GENERALIZATION_MD_FILE = "generalization.md"
+SEEN_PROMPTS_FILE = "seen_prompts.txt"
+
+REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE)
+EVAL_FILES = (EVAL_JSON_FILE, EVAL_MD_FILE, EVAL_PNG_FILE)
+GENERALIZATION_FILES = (GENERALIZATION_JSON_FILE, GENERALIZATION_MD_FILE)
+# What describes the trained weights rather than one export of them: a re-export carries these over,
+# and writes the model, manifest and card anew.
+WEIGHTS_RECORDS = (SEEN_PROMPTS_FILE, *EVAL_FILES, *GENERALIZATION_FILES)
+MEMBER_FILES = frozenset({*REQUIRED_FILES, MODEL_CARD_FILE, *WEIGHTS_RECORDS})
+# A report directory, not a file of the artifact: no artifact is written with one, and a re-export
+# leaves it behind.
+EVAL_REPORT_DIR = "eval"
+
+
+def member(directory: Path, name: str) -> Path:
+    """The path of the artifact file `name` in `directory`.
+
+    Raises:
+        ValueError: the layout declares no file of that name (a writer inventing one would ship a file
+            no reader knows of).
+    """
+    if name not in MEMBER_FILES:
+        raise ValueError(f"{name!r} is not a file of the artifact layout (classifier/artifact_layout.py)")
+    return directory / name
+
+
+@contextlib.contextmanager
+def writing_member(directory: Path, name: str) -> Iterator[Path]:
+    """A temporary path beside member `name` to write it to; renamed over it when the block succeeds.
+
+    A server may reload the artifact while `promptier eval --record` rewrites its files in place: it
+    must read the old file or the new one, never half of one. The temporary file keeps the member's
+    suffix, for writers that choose a format by it (matplotlib).
+    """
+    target = member(directory, name)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=target.suffix, dir=directory)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def write_member_text(directory: Path, name: str, text: str) -> Path:
+    """Write member `name` of `directory` whole (see `writing_member`). Returns its path."""
+    with writing_member(directory, name) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return directory / name
+
+
+@contextlib.contextmanager
+def staged_artifact(out_dir: Path) -> Iterator[Path]:
+    """A fresh directory beside `out_dir` to write a whole artifact into.
+
+    When the block succeeds, the staged directory replaces `out_dir`; when it raises (a parity check
+    that fails, an interrupted run), the staged directory is removed and `out_dir` is as it was. A
+    server pointed at `out_dir` therefore never loads an artifact whose evaluation or card is missing.
+
+    Raises:
+        ArtifactError: the staged directory holds a file the layout does not declare.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        yield staging
+        undeclared = sorted(path.name for path in staging.iterdir() if path.name not in MEMBER_FILES)
+        if undeclared:
+            raise ArtifactError(f"the artifact for {out_dir} would hold files the layout does not declare: "
+                                f"{', '.join(undeclared)}")
+        _replace_directory(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move `source` to `target`; a directory `target` held is moved aside first and removed after, so
+    that `target` is never a mix of the two (POSIX has no atomic exchange of two directories)."""
+    if not target.exists():
+        source.rename(target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    target.rename(aside)  # onto the empty directory mkdtemp made: a unique name nobody else takes
+    try:
+        source.rename(target)
+    except OSError:
+        aside.rename(target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""The dispatcher on a real port in a test's process, and the configs the dispatcher tests share.
+
+Its fixtures (recording upstreams, a gRPC classifier) are in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import uvicorn
+
+from serving.capabilities import Serves
+from serving.dispatch_config import DispatcherConfig
+from serving.dispatcher import create_app
+from serving.inbound import DispatchServerConfig
+from tests.fake_upstream import Upstream, run_uvicorn
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAA"
+                                                   "fFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="}}
+# small: a text-only 7B with a short window; medium: vision and tools; large: tools and JSON, no vision.
+# Nobody takes audio.
+SERVES = {
+    "small": Serves(images=False, audio=False, tools=False, json_output=False, context_window=2000),
+    "medium": Serves(audio=False, json_output=False, context_window=4000),
+    "large": Serves(images=False, audio=False),
+}
+
+
+def dispatcher_config(upstreams: dict[str, Upstream], classifier_address: str, log_path: Path, **extra: object
+                      ) -> DispatcherConfig:
+    """A dispatcher in front of `upstreams`, classifying through `classifier_address`, logging prompts."""
+    return DispatcherConfig.model_validate({
+        "classifier": {"address": classifier_address, "timeout_ms": 500},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model", "first_byte_timeout_s": 1.0,
+                         "read_timeout_s": 1.0} for name, u in upstreams.items()},
+        "fallback_tier": "large",
+        "decision_log": {"path": str(log_path), "store_prompts": True},
+        **extra,
+    })
+
+
+def restricted(config: DispatcherConfig) -> DispatcherConfig:
+    """`config` with the tiers serving only what SERVES says."""
+    for name, serves in SERVES.items():
+        config.tiers[name].serves = serves
+    return config
+
+
+def user_with_parts(*parts: dict | str) -> list[dict]:
+    """One user message whose content is `parts` (a str is a text part)."""
+    return [{"role": "user", "content": [part if isinstance(part, dict) else {"type": "text", "text": part}
+                                         for part in parts]}]
+
+
+class Dispatcher:
+    """The dispatcher app served by uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, config: DispatcherConfig) -> None:
+        self.server = uvicorn.Server(DispatchServerConfig(create_app(config), host="127.0.0.1", port=0,
+                                                          log_level="error"))
+        self.port = run_uvicorn(self.server)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+def wait_for_health(port: int, process: object) -> None:
+    """Wait until a dispatcher started as `process` (a Popen) answers /health on `port`."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the dispatcher exited"  # type: ignore[attr-defined]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the dispatcher did not come up")

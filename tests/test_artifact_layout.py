@@ -1,0 +1,87 @@
+"""The artifact layout: training writes exactly the files classifier/artifact_layout.py declares, a
+whole artifact appears at once or not at all, and one file is replaced whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import classifier
+from classifier.artifact_layout import (
+    GENERALIZATION_FILES,
+    MEMBER_FILES,
+    REQUIRED_FILES,
+    member,
+    staged_artifact,
+    write_member_text,
+    writing_member,
+)
+from classifier.errors import ArtifactError
+
+
+def test_a_trained_artifact_holds_exactly_the_declared_files(trained_artifact: Path) -> None:
+    """Written by the real pipeline: a file under a name the layout does not declare fails here."""
+    names = {path.name for path in trained_artifact.iterdir()}
+    # Only `promptier eval --record --loso/--seeds` writes the generalization files.
+    assert names == MEMBER_FILES - set(GENERALIZATION_FILES)
+    # Nothing staged or set aside is left beside it: the artifact and its training work dir only.
+    assert sorted(path.name for path in trained_artifact.parent.iterdir()) == [
+        trained_artifact.name, f"{trained_artifact.name}.work"]
+    classifier.load(trained_artifact)
+
+
+def test_member_refuses_a_name_the_layout_does_not_declare(tmp_path: Path) -> None:
+    assert member(tmp_path, "eval.json") == tmp_path / "eval.json"
+    with pytest.raises(ValueError, match=r"'evaluation\.json' is not a file of the artifact layout"):
+        member(tmp_path, "evaluation.json")
+    with pytest.raises(ValueError):
+        write_member_text(tmp_path, "notes.txt", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_member_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    write_member_text(tmp_path, "eval.md", "old\n")
+    with pytest.raises(RuntimeError), writing_member(tmp_path, "eval.md") as temporary:
+        temporary.write_text("half of the new")
+        raise RuntimeError("the writer died")
+    assert (tmp_path / "eval.md").read_text() == "old\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["eval.md"]  # no temporary file left
+    write_member_text(tmp_path, "eval.md", "new\n")
+    assert (tmp_path / "eval.md").read_text() == "new\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["eval.md"]
+
+
+def _write_required(directory: Path, marker: str) -> None:
+    for name in REQUIRED_FILES:
+        (directory / name).write_text(marker)
+
+
+def test_a_staged_artifact_replaces_the_old_one_only_when_complete(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    with staged_artifact(out) as staging:
+        assert staging.parent == tmp_path and not out.exists()
+        _write_required(staging, "v1")
+        (staging / "eval.png").write_bytes(b"png")
+    assert sorted(path.name for path in out.iterdir()) == sorted([*REQUIRED_FILES, "eval.png"])
+
+    # A writer that fails half way: the previous artifact stays as it was, nothing is left beside it.
+    with pytest.raises(RuntimeError), staged_artifact(out) as staging:
+        _write_required(staging, "v2")
+        raise RuntimeError("parity failed")
+    assert (out / "manifest.json").read_text() == "v1"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+    # A writer that used a name the layout does not declare: refused before anything is replaced.
+    with pytest.raises(ArtifactError, match=r"does not declare: scratch\.onnx"), staged_artifact(out) as staging:
+        _write_required(staging, "v3")
+        (staging / "scratch.onnx").write_bytes(b"")
+    assert (out / "manifest.json").read_text() == "v1"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+    # A complete one replaces the old directory entirely: no file of v1 survives in it.
+    with staged_artifact(out) as staging:
+        _write_required(staging, "v4")
+    assert sorted(path.name for path in out.iterdir()) == sorted(REQUIRED_FILES)
+    assert (out / "manifest.json").read_text() == "v4"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]

@@ -1,0 +1,46 @@
+"""Leave-one-source-out and seed figures as Markdown and as files of the artifact.
+
+Apart from training/generalization.py, which measures them by retraining: the model card and the
+evaluation that records them need only this, not the training pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from classifier.artifact_layout import GENERALIZATION_JSON_FILE, GENERALIZATION_MD_FILE, write_member_text
+
+BASELINES = ("length", "embedding-lr")
+MODEL = "promptier"
+
+
+def render_markdown(report: dict) -> str:
+    """Leave-one-source-out and seed figures as Markdown tables (what the model card shows)."""
+    lines: list[str] = []
+    loso = report.get("leave_one_source_out")
+    if loso:
+        wins = sum(loso["beats_baselines"].values())
+        lines += [f"Leave-one-source-out APGR (trained on every other source; beats both baselines on "
+                  f"{wins} of {len(loso['sources'])} sources):", "",
+                  "| held-out source | promptier | length | embedding-lr | beats both |", "|---|---|---|---|---|"]
+        for source, methods in loso["sources"].items():
+            cells = [f"{methods[m]['apgr']:.4f}" if m in methods else "-" for m in (MODEL, *BASELINES)]
+            beats = "yes" if loso["beats_baselines"][source] else "no"
+            lines.append(f"| {source} | " + " | ".join(cells) + f" | {beats} |")
+        lines.append("")
+    seeds = report.get("seeds")
+    if seeds:
+        lines += [f"In-distribution APGR over seeds {seeds['seeds']} (each seed its own random split):", "",
+                  "| group | mean | spread (max - min) | runs |", "|---|---|---|---|"]
+        for group, values in seeds["apgr"].items():
+            runs = ", ".join(f"{seeds['runs'][s][group]:.4f}" for s in seeds["runs"])
+            lines.append(f"| {group} | {values['mean']:.4f} | {values['spread']:.4f} | {runs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, directory: Path) -> None:
+    """The figures as the artifact's generalization files (JSON and Markdown), each replaced whole."""
+    write_member_text(directory, GENERALIZATION_JSON_FILE, json.dumps(report, indent=1) + "\n")
+    write_member_text(directory, GENERALIZATION_MD_FILE, render_markdown(report))
