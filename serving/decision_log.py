@@ -39,7 +39,10 @@ from serving.dispatch_config import DecisionLogConfig
 # Version 5 added outcome lines: `{"kind": "outcome", "prompt_id", "score", "judge", "time"}`, a score
 # reported later (POST /v1/promptier/outcomes) for the request whose line has that `prompt_id` (sent to
 # the caller as `x-promptier-request-id`); `promptier train` joins the two. Request lines have no `kind`.
-DECISION_SCHEMA_VERSION = 5
+# Version 6 added exploration (serving.exploration): `propensity` (for a classified request, the
+# probability that its tier was chosen; null otherwise) and `explored` (a random draw chose the tier);
+# `reason` may also be `explored`.
+DECISION_SCHEMA_VERSION = 6
 OUTCOME_KIND = "outcome"
 
 
@@ -60,7 +63,8 @@ class DecisionRecord:
     routed_tier: str  # the tier routing chose (escalation may move `tier` up)
     # classified | pinned | fallback | escalated, or: no_text (no user text to classify: the no-text
     # tier), capability (the tier routing first chose cannot serve the request; see `steered`),
-    # paced | budget_exhausted (the tenant's budget moved it; see `unpaced_tier`)
+    # paced | budget_exhausted (the tenant's budget moved it; see `unpaced_tier`), explored (a random
+    # draw chose the tier; see `propensity`)
     reason: str
     mode: str | None
     confidence: float | None
@@ -83,6 +87,8 @@ class DecisionRecord:
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
     unpaced_tier: str | None = None  # the policy's tier, when the budget moved the request off it
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
+    propensity: float | None = None  # P(this tier | the policy's choice), for a classified request
+    explored: bool = False  # exploration's random draw chose the tier
 
     def as_dict(self) -> dict:
         # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no

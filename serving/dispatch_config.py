@@ -113,6 +113,9 @@ class DispatcherConfig(_Strict):
     tiers: dict[str, Upstream] = Field(min_length=1)
     default_mode: str = "balanced"
     fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
+    exploration_share: float = Field(default=0.0, ge=0.0, le=0.5, description="share of classified requests "
+                                     "answered by a tier drawn at random, for unbiased outcome feedback "
+                                     "(serving/exploration.py); off by default: it costs quality or money")
     no_text_tier: str | None = Field(default=None, description="tier for a request with no user text to classify "
                                      "(an image alone, an empty turn); default: the cheapest tier that can serve "
                                      "it. A tier set here that cannot serve it gives way to the nearest that can")

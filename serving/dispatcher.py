@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import sys
 import time
 import uuid
@@ -48,6 +49,7 @@ from serving.capabilities import (
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
 from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
+from serving.exploration import draw_tier
 from serving.http_error import HTTPError
 from serving.inbound import INBOUND_ATTRIBUTE
 from serving.inbound_request import (
@@ -100,7 +102,8 @@ HEADER_PREFIX = "x-promptier-"
 @dataclass
 class Route:
     tier: str
-    reason: str  # classified | pinned | fallback | escalated | no_text | capability | paced | budget_exhausted
+    # classified | pinned | fallback | escalated | no_text | capability | paced | budget_exhausted | explored
+    reason: str
     mode: str | None
     confidence: float | None
     classifier_ms: float | None
@@ -110,6 +113,8 @@ class Route:
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
     unpaced_tier: str | None = None  # the policy's tier, when the tenant's budget moved the request
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
+    propensity: float | None = None  # P(this tier | the policy's choice), for a classified request
+    explored: bool = False  # exploration's random draw chose the tier (serving.exploration)
     # The decision log's prompt_id for this request, sent to the caller so that it can report how the
     # answer served (serving.outcomes).
     request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
@@ -183,6 +188,7 @@ class Dispatcher:
         self.decisions = DecisionLog(config.decision_log)
         self.capabilities = CapabilityRouter(self.tiers, {name: tier.serves for name, tier in config.tiers.items()},
                                              CapabilityMetrics(self.metrics.registry))
+        self._rng = random.Random()  # exploration's draws; seeded from the OS, per worker process
 
     async def start(self) -> None:
         """Open the classifier and the HTTP pool on the serving event loop (they are bound to it)."""
@@ -308,6 +314,21 @@ class Dispatcher:
         if decision.reason is not None:
             route.unpaced_tier, route.tier, route.reason = route.tier, self.tiers[decision.tier], decision.reason
 
+    def explore(self, route: Route, tenant: Tenant) -> None:
+        """With the configured exploration share, send a classified request to a tier drawn at random
+        among those it may use, and record the propensity of its tier either way."""
+        share = self.config.exploration_share
+        if share <= 0.0 or route.reason != "classified":
+            return
+        usable = [name for name in self.tiers
+                  if tenant.may_use(name) and not self.capabilities.missing(name, route.needs)]
+        if route.tier not in usable:
+            return
+        draw = draw_tier(route.tier, usable, share, self._rng)
+        route.propensity = draw.propensity
+        if draw.explored:
+            route.tier, route.reason, route.explored = draw.tier, "explored", True
+
     # ------------------------------------------------------------------ upstream
     async def open_upstream(self, route: Route, body: dict, tenant: Tenant | None = None
                             ) -> tuple[aiohttp.ClientResponse, str]:
@@ -410,6 +431,7 @@ class Dispatcher:
             needs=list(route.needs.features), estimated_tokens=route.needs.tokens,
             steered=route.steered.as_dict() if route.steered is not None else None, tenant=tenant.name,
             scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
+            propensity=route.propensity, explored=route.explored,
         ).as_dict())
 
 
@@ -518,6 +540,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             if streamed:
                 meter = StreamMeter(drop_usage_chunk=not wants_usage(body))
                 body = ask_for_usage(body)
+        dispatcher.explore(route, tenant)  # after the budget: a paced request is not drawn again
         upstream: aiohttp.ClientResponse | None = None
         tier: str | None = None
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,14 +27,6 @@ from training.synthetic import EASY, HARD, MEDIUM
 pytestmark = pytest.mark.slow
 TIERS = ("small", "medium", "large")
 KEY = "sk-feedback-test"
-
-
-@pytest.fixture
-def upstreams() -> Iterator[dict[str, Upstream]]:
-    servers = {name: Upstream(name) for name in TIERS}
-    yield servers
-    for upstream in servers.values():
-        upstream.server.should_exit = True
 
 
 def _dispatcher(model: Path, upstreams: dict[str, Upstream], log: Path, monkeypatch: pytest.MonkeyPatch

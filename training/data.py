@@ -179,16 +179,16 @@ def parse_row(record: object, path: str, row: int) -> OutcomeRow | TierLabelRow:
     return OutcomeRow(prompt_id, prompt, model, score, source, category, cost)
 
 
-def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False
+def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False, explored_only: bool = False
               ) -> tuple[list[OutcomeRow | TierLabelRow], SkipReport]:
-    """Read and validate every row of every log file.
+    """Read and validate every row of every log file (`explored_only`: see `iter_rows`).
 
     Raises:
         DataError: the first invalid row, unless `skip_invalid`; a file that cannot be read at all
             always raises.
     """
     report = SkipReport()
-    rows = list(iter_rows(paths, report, skip_invalid))
+    rows = list(iter_rows(paths, report, skip_invalid, explored_only))
     if not rows:
         raise DataError(", ".join(map(str, paths)), "no valid rows")
     return rows, report
@@ -224,12 +224,17 @@ def reported_outcomes(files: Sequence[Path]) -> dict[str, float]:
     return {prompt_id: total / count for prompt_id, (total, count) in sums.items()}
 
 
-def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport) -> object | None:
+def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport, explored_only: bool = False
+                  ) -> object | None:
     """A decision-log record made trainable with its reported outcome; None when it is not a row to
-    train on (an outcome line itself, or a request line without a score or a prompt)."""
+    train on (an outcome line itself, a request line without a score or a prompt, or, with
+    `explored_only`, one whose tier the policy chose rather than exploration's random draw)."""
     if not isinstance(record, dict):
         return record
     if record.get("kind") == OUTCOME_KIND:
+        return None
+    if explored_only and "routed_tier" in record and record.get("explored") is not True:
+        report.not_trainable["tier chosen by the policy, not explored (outcome_rows: explored)"] += 1
         return None
     if record.get("score") is not None or "routed_tier" not in record:
         return record  # scored already, or not a decision-log line (parse_row says if it is invalid)
@@ -243,10 +248,11 @@ def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport
     return {**record, "score": score}
 
 
-def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: bool = False
-              ) -> Iterator[OutcomeRow | TierLabelRow]:
+def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: bool = False,
+              explored_only: bool = False) -> Iterator[OutcomeRow | TierLabelRow]:
     """Every valid row of every log file, one at a time (JSONL line by line, Parquet a batch at a time).
-    Decision logs are joined with the outcomes reported for their requests (see OUTCOME_KIND).
+    Decision logs are joined with the outcomes reported for their requests (see OUTCOME_KIND); with
+    `explored_only`, only their requests whose tier exploration drew (serving.exploration) are kept.
 
     Raises:
         DataError: the first invalid row, unless `skip_invalid` (then it is counted in `report`).
@@ -255,7 +261,7 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
     outcomes = reported_outcomes(files)
     for path in files:
         for number, raw in read_records(path):
-            record = _join_outcome(raw, outcomes, report)
+            record = _join_outcome(raw, outcomes, report, explored_only)
             if record is None:
                 continue
             try:

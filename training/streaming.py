@@ -294,7 +294,8 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
 
     skipped = SkipReport()
     streamer = _Streamer(pool, config, encoder, writer)
-    for chunk in _chunks(iter_rows(paths, skipped, skip_invalid), chunk_rows):
+    explored_only = config.outcome_rows == "explored"
+    for chunk in _chunks(iter_rows(paths, skipped, skip_invalid, explored_only), chunk_rows):
         streamer.add(chunk)
     where = ", ".join(map(str, paths))
     if not streamer.rows:
