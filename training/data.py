@@ -49,7 +49,7 @@ class TierLabelRow:
 
 
 # A dispatcher's decision log holds request lines (score null until one is reported) and outcome lines
-# `{"kind": "outcome", "prompt_id", "score"}` (written by serving.decision_log, reported through the
+# `{"kind": "outcome", "prompt_id", "score"}` (written by serving.dispatch.decision_log, reported through the
 # dispatcher's POST /v1/promptier/outcomes). Reading joins them: a request line takes the mean score
 # reported for its prompt_id; one with none yet, or without stored prompt text, is left out and counted.
 OUTCOME_KIND = "outcome"

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from classifier.artifact import MODES
 from classifier.errors import PromptierError
-from serving.capabilities import Serves
-from serving.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
+from serving.dispatch.capabilities import Serves
+from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
 
 
 class ConfigError(PromptierError):
@@ -36,8 +36,8 @@ class Upstream(_Strict):
                                         "read_timeout_s")
     read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between body chunks, once the "
                                   "headers have come")
-    serves: Serves = Field(default_factory=Serves, description="what the model can take (serving.capabilities); "
-                           "default: everything, no context limit")
+    serves: Serves = Field(default_factory=Serves, description="what the model can take "
+                           "(serving.dispatch.capabilities); default: everything, no context limit")
 
     @field_validator("base_url")
     @classmethod
@@ -80,7 +80,7 @@ class DecisionLogConfig(_Strict):
 
 
 class SavingsPageConfig(_Strict):
-    """The savings page (GET /promptier/savings), drawn from the decision log (serving.savings_page)."""
+    """The savings page (GET /promptier/savings), drawn from the decision log (serving.dispatch.savings_page)."""
 
     enabled: bool = True
     max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, description="the newest this many bytes of "
