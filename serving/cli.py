@@ -63,8 +63,8 @@ def serve(
     """
     import asyncio
 
-    from serving.logs import configure_json_logging
-    from serving.server import ServerLimits, serve_forever
+    from serving.common.logs import configure_json_logging
+    from serving.service.server import ServerLimits, serve_forever
 
     configure_json_logging()
     limits = ServerLimits(handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout or None,
@@ -72,8 +72,8 @@ def serve(
                           max_connections=max_connections, max_streams=max_streams)
     if workers > 1:
         from classifier import load
-        from serving.server import ensure_port_free
-        from serving.workers import serve_workers
+        from serving.service.server import ensure_port_free
+        from serving.service.workers import serve_workers
 
         if port == 0:
             raise typer.BadParameter("--workers needs a fixed --port: every worker binds the same one")
@@ -108,9 +108,9 @@ def dispatch(
     Tiers' `serves:` say what each model takes; operators' page: GET /promptier/savings.
     """
     from classifier import load
-    from serving.dispatch_config import load_dispatcher_config
-    from serving.dispatch_supervisor import run
-    from serving.logs import configure_json_logging
+    from serving.common.logs import configure_json_logging
+    from serving.dispatch.dispatch_config import load_dispatcher_config
+    from serving.dispatch.dispatch_supervisor import run
 
     configure_json_logging()
     try:
@@ -118,7 +118,7 @@ def dispatch(
         if check:  # before a SIGHUP: an edit that does not load is refused, and then a crash stops the dispatcher
             import asyncio
 
-            from serving.dispatcher import check_config
+            from serving.dispatch.dispatcher import check_config
 
             checked = asyncio.run(check_config(settings))
             typer.echo(f"{config}: OK, config_fingerprint {settings.fingerprint}; {checked}")
@@ -208,7 +208,7 @@ def budget_sim(
 ) -> None:
     """Replay logged requests over one budget period: spend and downgrades unpaced, under a hard cap, and
     paced (the dispatcher's own pacing code)."""
-    from serving.budget_sim import main as run_budget_sim
+    from serving.dispatch.budget_sim import main as run_budget_sim
 
     if arrival not in ("uniform", "logged"):
         raise typer.BadParameter(f"--arrival must be uniform or logged, not {arrival!r}")
@@ -217,12 +217,12 @@ def budget_sim(
     if budget_usd is not None and budget_share is not None:
         raise typer.BadParameter("give --budget-usd or --budget-share, not both")
     try:
-        from serving.tenant_config import BudgetConfig
+        from serving.dispatch.tenant_config import BudgetConfig
 
         settings = BudgetConfig(usd=1.0)  # the config's defaults; usd is replaced below
         allowed = None
         if config is not None:
-            from serving.dispatch_config import ConfigError, load_dispatcher_config
+            from serving.dispatch.dispatch_config import ConfigError, load_dispatcher_config
 
             tenants = load_dispatcher_config(config).tenants
             chosen = tenants.get(tenant) if tenant is not None else None

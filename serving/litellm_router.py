@@ -46,9 +46,9 @@ import classifier
 from classifier.artifact import MODES
 from classifier.conversation import content_text
 from classifier.errors import InvalidInputError
-from serving.dispatch_config import ClassifierEndpoint, ConfigError, read_config
-from serving.metrics import BatcherMetrics
-from serving.route_classifier import ClassifierUnavailable, EmbeddedRouteClassifier, GrpcRouteClassifier
+from serving.common.batcher import BatcherMetrics
+from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, read_config
+from serving.dispatch.route_classifier import ClassifierUnavailable, EmbeddedRouteClassifier, GrpcRouteClassifier
 
 try:
     from fastapi import HTTPException

@@ -12,10 +12,10 @@ import httpx
 import openai
 import uvicorn
 
-from serving.capabilities import Serves
-from serving.dispatch_config import DispatcherConfig
-from serving.dispatcher import create_app
-from serving.inbound import DispatchServerConfig
+from serving.dispatch.capabilities import Serves
+from serving.dispatch.dispatch_config import DispatcherConfig
+from serving.dispatch.dispatcher import create_app
+from serving.dispatch.inbound import DispatchServerConfig
 from tests.fake_upstream import Upstream, run_uvicorn
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAA"

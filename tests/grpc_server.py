@@ -8,7 +8,7 @@ import threading
 
 import psutil
 
-from serving.server import RunningServer, start_server
+from serving.service.server import RunningServer, start_server
 
 EASY = "hello thanks say hi cat dog"
 HARD = "prove theorem derive integral eigenvalue lemma"

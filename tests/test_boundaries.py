@@ -1,8 +1,10 @@
 """The packages' boundaries: `classifier/` (the runtime) imports neither of the others; `training/` and
 `serving/` import `classifier/`, never each other; and the runtime's and serving's commands load no
 training code and no torch when they run, the services none of the load tools, and none of them LiteLLM
-(only serving/litellm_router.py imports it). Within the packages, no modules import each other in a
-cycle; and no test module imports another (shared helpers live in helper modules or conftest.py)."""
+(only serving/litellm_router.py imports it). Within `serving/`, the gRPC service and the dispatcher
+import nothing of each other (what both run is in serving/common/), and `serve` and `dispatch` load none of
+each other's modules. Within the packages, no modules import each other in a cycle; and no test module
+imports another (shared helpers live in helper modules or conftest.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"classifier": {"training", "serving"}, "training": {"serving"}, "serving": {"training"}}
 TRAINING_ONLY = ("training", "torch", "transformers", "sklearn")
 BENCH_ONLY = ("httpx", "fastapi")
+# serving/'s products, each its own package: a change to one is read there (and in serving/common/, which
+# both the service and the dispatcher run), never in another product's code. serving.client, the gRPC
+# client gateways import, is how the dispatcher reaches the service.
+SERVING_PRODUCTS = ("serving.service", "serving.dispatch", "serving.bench", "serving.litellm_router", "serving.cli")
+SERVING_FORBIDDEN = {
+    "serving.common": set(SERVING_PRODUCTS),
+    "serving.client": set(SERVING_PRODUCTS) | {"serving.common"},
+    "serving.service": set(SERVING_PRODUCTS) - {"serving.service"},
+    "serving.dispatch": set(SERVING_PRODUCTS) - {"serving.dispatch"},
+}
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -52,6 +64,22 @@ def _imported_modules(path: Path, known: set[str]) -> set[str]:
 
 def _module_name(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(f"{package}.")
+
+
+def test_serving_products_import_nothing_of_each_other() -> None:
+    paths = {_module_name(path): path for path in sorted((ROOT / "serving").rglob("*.py"))
+             if "_proto" not in path.parts}
+    imported = {name: _imported_modules(path, set(paths) | set(SERVING_PRODUCTS)) for name, path in paths.items()}
+    # The check sees what a module imports: the dispatcher's classifier reaches the service through the client.
+    assert {"serving.client", "serving.common.batcher"} <= imported["serving.dispatch.route_classifier"]
+    crossings = {name: sorted(module for module in modules for forbidden in SERVING_FORBIDDEN[package]
+                              if _within(module, forbidden))
+                 for package in SERVING_FORBIDDEN for name, modules in imported.items() if _within(name, package)}
+    assert {name: modules for name, modules in crossings.items() if modules} == {}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -119,6 +147,10 @@ def _load_tool_modules(names: set[str]) -> list[str]:
     return sorted(name for name in names if name.startswith("serving.bench") or name.split(".")[0] in BENCH_ONLY)
 
 
+def _modules_of(names: set[str], package: str) -> list[str]:
+    return sorted(name for name in names if _within(name, package))
+
+
 def _litellm_modules(names: set[str]) -> list[str]:
     """LiteLLM is for serving/litellm_router.py alone (an extra): no other command may load it."""
     return sorted(name for name in names if name.split(".")[0] == "litellm")
@@ -162,9 +194,9 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
             server.kill()
             server.wait()
     loaded = _loaded_modules(stderr_path.read_text())
-    assert "serving.server" in loaded and "grpc" in loaded
+    assert "serving.service.server" in loaded and "grpc" in loaded
     assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
-    assert _load_tool_modules(loaded) == []
+    assert _load_tool_modules(loaded) == [] and _modules_of(loaded, "serving.dispatch") == []
 
     config = tmp_path / "dispatcher.yaml"
     config.write_text(json.dumps({
@@ -176,6 +208,6 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = _loaded_modules(result.stderr)
-    assert "serving.dispatcher" in loaded
+    assert "serving.dispatch.dispatcher" in loaded and "serving.common.batcher" in loaded
     assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
-    assert _load_tool_modules(loaded) == []
+    assert _load_tool_modules(loaded) == [] and _modules_of(loaded, "serving.service") == []

@@ -1,4 +1,4 @@
-"""Budget pacing (serving.budget_pacing) and its simulation (`promptier budget-sim`)."""
+"""Budget pacing (serving.dispatch.budget_pacing) and its simulation (`promptier budget-sim`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from classifier.artifact import load_manifest
 from classifier.policy import choose_tiers
 from classifier.runtime import DEFAULT_MODEL_DIR
-from serving.budget_pacing import (
+from serving.dispatch.budget_pacing import (
     EXHAUSTED,
     PACED,
     BudgetRule,
@@ -25,7 +25,7 @@ from serving.budget_pacing import (
     paced_tier,
     window_of,
 )
-from serving.decision_log import DecisionRecord
+from serving.dispatch.decision_log import DecisionRecord
 
 MANIFEST = load_manifest(DEFAULT_MODEL_DIR)
 TIERS = [tier.name for tier in MANIFEST.tiers]
@@ -65,7 +65,7 @@ def test_pressure_rises_continuously_from_the_even_line_to_full_at_the_band() ->
 
 def test_a_paced_request_goes_where_the_saving_is_large_and_the_loss_within_the_floor() -> None:
     costs_of = {"short": 10.0, "long": 8000.0}
-    from serving.budget_pacing import estimated_costs, reference_cost
+    from serving.dispatch.budget_pacing import estimated_costs, reference_cost
 
     reference = reference_cost(PRICES)
     probabilities = [0.55, 0.70, 0.80]

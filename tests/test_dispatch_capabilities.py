@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from serving.bench.ports import free_port
-from serving.capabilities import CHARS_PER_TOKEN, IMAGE_TOKENS, Serves, request_needs
-from serving.decision_log import DECISION_SCHEMA_VERSION
-from serving.dispatch_config import ConfigError, load_dispatcher_config
+from serving.dispatch.capabilities import CHARS_PER_TOKEN, IMAGE_TOKENS, Serves, request_needs
+from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
+from serving.dispatch.dispatch_config import ConfigError, load_dispatcher_config
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, user_with_parts
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
@@ -241,7 +241,7 @@ def test_tiers_that_declare_nothing_are_sent_anything(fresh: dict[str, Upstream]
 
 def test_request_needs_reads_the_body() -> None:
     def needs(body: dict) -> tuple[tuple[str, ...], int, bool]:
-        from serving.inbound_request import parse_chat
+        from serving.dispatch.inbound_request import parse_chat
 
         parsed, messages = parse_chat(json.dumps(body).encode())
         found = request_needs(parsed, messages)

@@ -17,10 +17,10 @@ import pytest
 
 from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
-from serving.decision_log import DECISION_SCHEMA_VERSION
-from serving.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.dispatcher import create_app
-from serving.upstream_body import usage_from_stream_tail
+from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
+from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatch.dispatcher import create_app
+from serving.dispatch.upstream_body import usage_from_stream_tail
 from tests.dispatcher_harness import Dispatcher, dispatcher_config, wait_for_health
 from tests.fake_upstream import MISSING, USAGE, Upstream, huge_answer
 from tests.grpc_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
@@ -588,7 +588,7 @@ def test_a_retiring_dispatcher_answers_the_connections_it_had_accepted(
     connection it accepted before, then closes; a silent one is closed; and one whose request it has
     already answered (before reading all of its body) is closed at once instead of holding the
     shutdown open."""
-    from serving import inbound
+    from serving.dispatch import inbound
 
     monkeypatch.setattr(inbound, "SHUTDOWN_GRACE_S", 10.0)  # the caller's request may come late on a busy machine
     running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
@@ -731,7 +731,7 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTIER_API_KEYS", "k")
     monkeypatch.setenv("SEARCH_TEAM_KEYS", "s1,s2")
     monkeypatch.setenv("RESEARCH_TEAM_KEYS", "r1")
-    example = Path(__file__).resolve().parent.parent / "serving" / "dispatcher.example.yaml"
+    example = Path(__file__).resolve().parent.parent / "serving" / "dispatch" / "dispatcher.example.yaml"
     config = load_dispatcher_config(example)
     assert config.tier_names == ["small", "medium", "large"] and config.fallback_tier == "large"
     assert config.tenant_of_key() == {"k": "default", "s1": "search", "s2": "search", "r1": "research"}
@@ -773,7 +773,7 @@ def test_check_validates_a_config_against_its_classifier_without_serving(
 def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[str, Upstream],
                                                                     grpc_classifier: ServerThread,
                                                                     tmp_path: Path) -> None:
-    from serving.dispatcher import Dispatcher as DispatcherCore
+    from serving.dispatch.dispatcher import Dispatcher as DispatcherCore
 
     renamed = {"small": fresh["small"], "mid": fresh["medium"], "large": fresh["large"]}
     core = DispatcherCore(dispatcher_config(renamed, grpc_classifier.target, tmp_path / "decisions.jsonl"))
@@ -789,8 +789,8 @@ def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[
 
 
 def test_decision_log_rotates_by_size_and_loses_no_line(tmp_path: Path) -> None:
-    from serving.decision_log import DecisionLog
-    from serving.dispatch_config import DecisionLogConfig
+    from serving.dispatch.decision_log import DecisionLog
+    from serving.dispatch.dispatch_config import DecisionLogConfig
 
     path = tmp_path / "decisions.jsonl"
     log = DecisionLog(DecisionLogConfig(path=path, max_bytes=1024, backups=50))
@@ -857,8 +857,8 @@ def test_embedded_classifier_config_and_bad_artifact(tmp_path: Path) -> None:
 
 
 def test_decision_log_keeps_a_lone_surrogate_as_an_escape(tmp_path: Path) -> None:
-    from serving.decision_log import DecisionLog
-    from serving.dispatch_config import DecisionLogConfig
+    from serving.dispatch.decision_log import DecisionLog
+    from serving.dispatch.dispatch_config import DecisionLogConfig
 
     path = tmp_path / "decisions.jsonl"
     log = DecisionLog(DecisionLogConfig(path=path))
@@ -872,12 +872,12 @@ def test_decision_log_keeps_a_lone_surrogate_as_an_escape(tmp_path: Path) -> Non
 
 def test_unexpected_error_is_a_json_500_and_the_dispatcher_keeps_serving(
         dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import serving.dispatcher
+    import serving.dispatch.dispatcher
 
     def broken(raw: bytes) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(serving.dispatcher, "parse_chat", broken)
+    monkeypatch.setattr(serving.dispatch.dispatcher, "parse_chat", broken)
     body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
     with caplog.at_level("ERROR", logger="promptier.dispatcher"):
         reply = httpx.post(f"{dispatcher.base_url}/chat/completions", json=body)
@@ -895,8 +895,8 @@ def test_decision_log_shared_by_processes_loses_and_splits_no_line(tmp_path: Pat
     import sys
 
     path = tmp_path / "decisions.jsonl"
-    writer = ("import sys; from pathlib import Path; from serving.decision_log import DecisionLog; "
-              "from serving.dispatch_config import DecisionLogConfig; "
+    writer = ("import sys; from pathlib import Path; from serving.dispatch.decision_log import DecisionLog; "
+              "from serving.dispatch.dispatch_config import DecisionLogConfig; "
               "log = DecisionLog(DecisionLogConfig(path=Path(sys.argv[1]), max_bytes=2048, backups=1000)); "
               "[log.write({'prompt_id': f'{sys.argv[2]}-{i}', 'padding': 'x' * 60}) for i in range(400)]; "
               "log.close()")

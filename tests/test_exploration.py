@@ -12,10 +12,10 @@ import httpx
 import pytest
 import uvicorn
 
-from serving.dispatch_config import DispatcherConfig
-from serving.dispatcher import create_app
-from serving.exploration import draw_tier
-from serving.inbound import DispatchServerConfig
+from serving.dispatch.dispatch_config import DispatcherConfig
+from serving.dispatch.dispatcher import create_app
+from serving.dispatch.exploration import draw_tier
+from serving.dispatch.inbound import DispatchServerConfig
 from tests.fake_upstream import Upstream, run_uvicorn
 from training.data import read_logs
 

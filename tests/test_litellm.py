@@ -20,7 +20,7 @@ import classifier  # after the skip: this module needs LiteLLM
 from classifier.conversation import render_conversation
 from serving.bench.litellm_bench import LiteLLMProxy
 from serving.bench.ports import free_port
-from serving.dispatch_config import ConfigError
+from serving.dispatch.dispatch_config import ConfigError
 from serving.litellm_router import (
     CONFIG_ENV,
     LiteLLMRouterConfig,

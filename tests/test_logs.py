@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from serving.logs import GRPC_CORE_LOGGER, configure_json_logging
+from serving.common.logs import GRPC_CORE_LOGGER, configure_json_logging
 
 
 @pytest.fixture

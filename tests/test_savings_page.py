@@ -17,11 +17,11 @@ import openai
 import pytest
 
 import classifier
-from serving import savings_page
 from serving.bench.ports import free_port
-from serving.decision_log import DecisionLog
-from serving.dispatch_config import DecisionLogConfig
-from serving.savings import DEFAULT_GROUP, LogWindow, percentile, read_window, summarize
+from serving.dispatch import savings_page
+from serving.dispatch.decision_log import DecisionLog
+from serving.dispatch.dispatch_config import DecisionLogConfig
+from serving.dispatch.savings import DEFAULT_GROUP, LogWindow, percentile, read_window, summarize
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, user_with_parts
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
@@ -297,7 +297,7 @@ def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Disp
 
 
 def test_reported_outcomes_in_the_log_are_not_counted_as_requests(tmp_path: Path) -> None:
-    from serving.decision_log import OutcomeRecord
+    from serving.dispatch.decision_log import OutcomeRecord
 
     path = tmp_path / "decisions.jsonl"
     request = {"schema_version": 5, "prompt_id": "dispatcher:" + "a" * 32, "tier": "small", "routed_tier": "small",

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import classifier
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.client import AsyncRouterClient, Decision, RouterClient
-from serving.server import RunningServer, ServerLimits, is_local_peer
+from serving.service.server import RunningServer, ServerLimits, is_local_peer
 from tests.grpc_server import EASY, HARD, ServerThread, spawned_workers, worker_serving
 
 
@@ -182,7 +182,7 @@ def test_reflection_v1_lists_and_describes_the_services(server: ServerThread) ->
     """grpcurl and other current tools ask for grpc.reflection.v1 first; v1alpha stays for older ones."""
     from google.protobuf import descriptor_pb2, message_factory
 
-    from serving.reflection import v1_file_descriptor
+    from serving.service.reflection import v1_file_descriptor
 
     v1 = v1_file_descriptor()
     request_type = message_factory.GetMessageClass(v1.message_types_by_name["ServerReflectionRequest"])
@@ -1175,7 +1175,7 @@ def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Pa
 def test_freeze_startup_objects_takes_them_out_of_collections() -> None:
     import gc
 
-    from serving.startup import freeze_startup_objects
+    from serving.common.startup import freeze_startup_objects
 
     try:
         freeze_startup_objects()

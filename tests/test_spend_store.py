@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from serving.bench.ports import free_port
-from serving.spend_store import RedisSpendStore, SpendLedger, SpendStoreError, SqliteSpendStore
-from serving.tenants import check_tenants_and_store
+from serving.dispatch.spend_store import RedisSpendStore, SpendLedger, SpendStoreError, SqliteSpendStore
+from serving.dispatch.tenants import check_tenants_and_store
 from tests.redis_server import RedisServer
 
 PERIOD_END = time.time() + 86400
@@ -114,7 +114,7 @@ def test_ledger_keeps_counting_through_a_redis_outage_and_writes_the_spend_when_
 
 def test_check_reads_an_existing_store_and_writes_nothing(tmp_path: Path, redis_server: RedisServer,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.dispatch_config import DispatcherConfig
+    from serving.dispatch.dispatch_config import DispatcherConfig
 
     def config(store: dict) -> DispatcherConfig:
         return DispatcherConfig.model_validate({

@@ -17,11 +17,11 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.budget_pacing import window_of
-from serving.decision_log import DECISION_SCHEMA_VERSION
-from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.spend_store import RedisSpendStore, SqliteSpendStore
-from serving.stream_meter import estimated_usage
+from serving.dispatch.budget_pacing import window_of
+from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
+from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatch.spend_store import RedisSpendStore, SqliteSpendStore
+from serving.dispatch.stream_meter import estimated_usage
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, wait_for_health
 from tests.fake_upstream import MISSING, Upstream
 from tests.grpc_server import EASY, HARD, spawned_workers, worker_serving
@@ -419,7 +419,7 @@ def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], train
 
 
 def test_stream_meter_relays_whole_events_and_takes_out_only_the_usage_chunk_it_asked_for() -> None:
-    from serving.stream_meter import MAX_EVENT_BYTES, StreamMeter
+    from serving.dispatch.stream_meter import MAX_EVENT_BYTES, StreamMeter
 
     def event(payload: dict, end: bytes = b"\n\n") -> bytes:
         return b"data: " + json.dumps(payload).encode() + end

@@ -114,7 +114,7 @@ class TrainConfig(BaseModel):
     default_mode: str = "balanced"
     outcome_rows: Literal["all", "explored"] = Field(
         default="all", description="which answered requests of a dispatcher's decision log train: all, or only "
-        "those whose tier exploration drew at random (unbiased; serving/exploration.py)")
+        "those whose tier exploration drew at random (unbiased; serving/dispatch/exploration.py)")
     cheap_floor_modes: list[str] = Field(
         default_factory=list, description="modes given a cheap floor (classifier.policy), chosen on the probe "
         "suite's selection half; none by default")

@@ -49,7 +49,7 @@ class TierLabelRow:
 
 
 # A dispatcher's decision log holds request lines (score null until one is reported) and outcome lines
-# `{"kind": "outcome", "prompt_id", "score"}` (written by serving.decision_log, reported through the
+# `{"kind": "outcome", "prompt_id", "score"}` (written by serving.dispatch.decision_log, reported through the
 # dispatcher's POST /v1/promptier/outcomes). Reading joins them: a request line takes the mean score
 # reported for its prompt_id; one with none yet, or without stored prompt text, is left out and counted.
 OUTCOME_KIND = "outcome"
@@ -252,7 +252,7 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
               explored_only: bool = False) -> Iterator[OutcomeRow | TierLabelRow]:
     """Every valid row of every log file, one at a time (JSONL line by line, Parquet a batch at a time).
     Decision logs are joined with the outcomes reported for their requests (see OUTCOME_KIND); with
-    `explored_only`, only their requests whose tier exploration drew (serving.exploration) are kept.
+    `explored_only`, only their requests whose tier exploration drew (serving.dispatch.exploration) are kept.
 
     Raises:
         DataError: the first invalid row, unless `skip_invalid` (then it is counted in `report`).

@@ -355,7 +355,7 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
 ECHO_SERVER = """
 import asyncio, sys, grpc
 from prometheus_client import start_http_server
-from serving.metrics import ServerMetrics
+from serving.service.metrics import ServerMetrics
 from serving._proto.promptier.v1 import router_pb2
 metrics = ServerMetrics()
 reply = router_pb2.ClassifyResponse(tier="small").SerializeToString()

@@ -27,13 +27,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
 from classifier import ClassificationResult, InvalidInputError, RoutingRequest, TierClassifier
-from serving.metrics import BatcherMetrics
 
 Outcome = ClassificationResult | InvalidInputError
 Lane = Literal["unary", "batch"]
 LANES: tuple[Lane, ...] = ("unary", "batch")
 log = logging.getLogger("promptier.batcher")
+
+
+class BatcherMetrics:
+    """What the micro-batcher reports: queue depth and prompts per model call, under `prefix`."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        # livesum: with the dispatcher's `--workers`, the sum over the running processes.
+        self.queue_depth = Gauge(f"{prefix}_queue_depth", "prompts waiting for the model", registry=registry,
+                                 multiprocess_mode="livesum")
+        self.batch_size = Histogram(f"{prefix}_batch_size", "prompts per model call", registry=registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 
 class QueueFullError(Exception):

@@ -1,5 +1,5 @@
 """The savings page: `GET /promptier/savings` (one static HTML file, no build step) and the JSON it
-reads, `GET /promptier/savings.json` (`serving.savings` over the dispatcher's decision log).
+reads, `GET /promptier/savings.json` (`serving.dispatch.savings` over the dispatcher's decision log).
 
 The HTML holds no data, so it is served to any caller the Host check lets through (a browser cannot
 send an API key when it navigates); the JSON is the data, and asks for an inbound API key
@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.savings import log_files, read_window, summarize
+from serving.dispatch.savings import log_files, read_window, summarize
 
 PAGE_PATH = "/promptier/savings"
 DATA_PATH = "/promptier/savings.json"
@@ -38,7 +38,7 @@ MIN_REFRESH_S = 5.0
 
 def _page() -> tuple[bytes, str]:
     """The page and its Content-Security-Policy (the hashes of its inline script and style)."""
-    html = resources.files("serving").joinpath("savings.html").read_text(encoding="utf-8")
+    html = resources.files("serving.dispatch").joinpath("savings.html").read_text(encoding="utf-8")
 
     def hashes(tag: str) -> str:
         blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)

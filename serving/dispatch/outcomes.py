@@ -3,7 +3,7 @@
 `POST /v1/promptier/outcomes` takes `{"request_id": ID, "score": S}` or `{"outcomes": [...]}` (at most
 `MAX_OUTCOMES_PER_CALL`), where ID is the `x-promptier-request-id` the dispatcher sent with the answer
 and S is in [0, 1], with an optional `judge` (who scored it). Each is appended to the decision log as an
-outcome line (serving.decision_log.OutcomeRecord); `promptier train` joins it to the request's line,
+outcome line (serving.dispatch.decision_log.OutcomeRecord); `promptier train` joins it to the request's line,
 which then carries the prompt (with `store_prompts`), the model that answered and this score.
 
 Nothing here checks that the id was issued: with several dispatcher processes or hosts the request may
@@ -19,7 +19,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving.decision_log import DecisionLog, OutcomeRecord
+from serving.dispatch.decision_log import DecisionLog, OutcomeRecord
 
 MAX_OUTCOMES_PER_CALL = 1000
 MAX_OUTCOMES_BODY_BYTES = 256 * 1024

@@ -1,19 +1,10 @@
-"""Prometheus metrics of one server instance (own registry, so tests can run several servers)."""
+"""Prometheus metrics of one gRPC server instance (own registry, so tests can run several servers)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-
-class BatcherMetrics:
-    """What the micro-batcher reports: queue depth and prompts per model call, under `prefix`."""
-
-    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        # livesum: with the dispatcher's `--workers`, the sum over the running processes.
-        self.queue_depth = Gauge(f"{prefix}_queue_depth", "prompts waiting for the model", registry=registry,
-                                 multiprocess_mode="livesum")
-        self.batch_size = Histogram(f"{prefix}_batch_size", "prompts per model call", registry=registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+from serving.common.batcher import BatcherMetrics
 
 
 class ServerMetrics:

@@ -2,7 +2,7 @@
 
 Each request of a decision log (`promptier dispatch`) or of a labeled log (`promptier label`) is
 replayed over one budget period, in order, under three policies, all through
-`serving.budget_pacing.decide`, the function the live dispatcher calls:
+`serving.dispatch.budget_pacing.decide`, the function the live dispatcher calls:
 
 - unpaced: the tier the policy chose (what the log says), no budget;
 - hard cap: that tier until the budget is spent, then the cheapest tier (or a refusal);
@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 
 from classifier.errors import PromptierError
-from serving.budget_pacing import BudgetRule, OnExhausted, decide
-from serving.decision_log import OUTCOME_KIND
+from serving.dispatch.budget_pacing import BudgetRule, OnExhausted, decide
+from serving.dispatch.decision_log import OUTCOME_KIND
 
 CURVE_POINTS = 100  # spend is sampled at this many evenly spaced moments of the period
 

@@ -30,11 +30,11 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from serving.dispatch_config import InboundConfig
+from serving.dispatch.dispatch_config import InboundConfig
 
 log = logging.getLogger("promptier.dispatcher")
 
-# The attribute of the ASGI app (set by `serving.dispatcher.create_app`) that holds its inbound limits.
+# The attribute of the ASGI app (set by `serving.dispatch.dispatcher.create_app`) that holds its inbound limits.
 INBOUND_ATTRIBUTE = "promptier_inbound"
 # Descriptors kept for everything that is not a caller's connection (listening socket, decision log,
 # classifier channels, imports).

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from classifier.conversation import content_text
-from serving.http_error import HTTPError
+from serving.dispatch.http_error import HTTPError
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the decision log's status for a caller that left
 
@@ -117,7 +117,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     Raises:
         HTTPError: 413, the body is larger.
-        ClientDisconnect: the caller left (or took too long: serving.inbound) before sending all of it.
+        ClientDisconnect: the caller left (or took too long: serving.dispatch.inbound) before sending all of it.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from classifier.artifact import MODES
 from classifier.errors import PromptierError
-from serving.capabilities import Serves
-from serving.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
+from serving.dispatch.capabilities import Serves
+from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
 
 
 class ConfigError(PromptierError):
@@ -36,8 +36,8 @@ class Upstream(_Strict):
                                         "read_timeout_s")
     read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between body chunks, once the "
                                   "headers have come")
-    serves: Serves = Field(default_factory=Serves, description="what the model can take (serving.capabilities); "
-                           "default: everything, no context limit")
+    serves: Serves = Field(default_factory=Serves, description="what the model can take "
+                           "(serving.dispatch.capabilities); default: everything, no context limit")
 
     @field_validator("base_url")
     @classmethod
@@ -80,7 +80,7 @@ class DecisionLogConfig(_Strict):
 
 
 class SavingsPageConfig(_Strict):
-    """The savings page (GET /promptier/savings), drawn from the decision log (serving.savings_page)."""
+    """The savings page (GET /promptier/savings), drawn from the decision log (serving.dispatch.savings_page)."""
 
     enabled: bool = True
     max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, description="the newest this many bytes of "
@@ -115,7 +115,7 @@ class DispatcherConfig(_Strict):
     fallback_tier: str = Field(description="tier used when the classifier is down or too slow")
     exploration_share: float = Field(default=0.0, ge=0.0, le=0.5, description="share of classified requests "
                                      "answered by a tier drawn at random, for unbiased outcome feedback "
-                                     "(serving/exploration.py); off by default: it costs quality or money")
+                                     "(serving/dispatch/exploration.py); off by default: it costs quality or money")
     no_text_tier: str | None = Field(default=None, description="tier for a request with no user text to classify "
                                      "(an image alone, an empty turn); default: the cheapest tier that can serve "
                                      "it. A tier set here that cannot serve it gives way to the nearest that can")

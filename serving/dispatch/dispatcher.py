@@ -36,7 +36,10 @@ import classifier
 from classifier.artifact import MODES
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError, PromptierError
-from serving.capabilities import (
+from serving.common.batcher import BatcherMetrics
+from serving.common.logs import configure_json_logging
+from serving.common.startup import freeze_startup_objects
+from serving.dispatch.capabilities import (
     NO_NEEDS,
     CapabilityMetrics,
     CapabilityRefusal,
@@ -46,13 +49,13 @@ from serving.capabilities import (
     describe_serves,
     request_needs,
 )
-from serving.decision_log import DecisionLog, DecisionRecord
-from serving.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
-from serving.exploration import draw_tier
-from serving.http_error import HTTPError
-from serving.inbound import INBOUND_ATTRIBUTE
-from serving.inbound_request import (
+from serving.dispatch.decision_log import DecisionLog, DecisionRecord
+from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatch.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
+from serving.dispatch.exploration import draw_tier
+from serving.dispatch.http_error import HTTPError
+from serving.dispatch.inbound import INBOUND_ATTRIBUTE
+from serving.dispatch.inbound_request import (
     CLIENT_CLOSED,
     ClientGone,
     DisconnectWatch,
@@ -61,18 +64,15 @@ from serving.inbound_request import (
     parse_chat,
     read_body,
 )
-from serving.logs import configure_json_logging
-from serving.metrics import BatcherMetrics
-from serving.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
-from serving.route_classifier import (
+from serving.dispatch.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
+from serving.dispatch.route_classifier import (
     ClassifierUnavailable,
     EmbeddedRouteClassifier,
     GrpcRouteClassifier,
     RouteClassifier,
 )
-from serving.savings_page import SavingsReport, savings_routes
-from serving.startup import freeze_startup_objects
-from serving.stream_meter import (
+from serving.dispatch.savings_page import SavingsReport, savings_routes
+from serving.dispatch.stream_meter import (
     CHARS_PER_TOKEN,
     ESTIMATED,
     StreamMeter,
@@ -81,8 +81,8 @@ from serving.stream_meter import (
     estimated_usage,
     wants_usage,
 )
-from serving.tenants import Tenant, Tenants, check_tenants_and_store
-from serving.upstream_body import (
+from serving.dispatch.tenants import Tenant, Tenants, check_tenants_and_store
+from serving.dispatch.upstream_body import (
     BUFFERED_BODY_LIMIT,
     NO_USAGE,
     STREAM_TAIL_BYTES,
@@ -108,15 +108,15 @@ class Route:
     confidence: float | None
     classifier_ms: float | None
     decided_by: str | None = None  # model | prior, when the classifier decided
-    needs: Needs = NO_NEEDS  # what the request needs of its tier (serving.capabilities)
+    needs: Needs = NO_NEEDS  # what the request needs of its tier (serving.dispatch.capabilities)
     steered: Steered | None = None  # set when a capability, not the classifier or a policy, chose the tier
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
     unpaced_tier: str | None = None  # the policy's tier, when the tenant's budget moved the request
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
     propensity: float | None = None  # P(this tier | the policy's choice), for a classified request
-    explored: bool = False  # exploration's random draw chose the tier (serving.exploration)
+    explored: bool = False  # exploration's random draw chose the tier (serving.dispatch.exploration)
     # The decision log's prompt_id for this request, sent to the caller so that it can report how the
-    # answer served (serving.outcomes).
+    # answer served (serving.dispatch.outcomes).
     request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
 
 
@@ -482,7 +482,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         return tenant
 
     async def outcomes(request: Request) -> Response:
-        """Scores for earlier answers (serving.outcomes), appended to the decision log for training."""
+        """Scores for earlier answers (serving.dispatch.outcomes), appended to the decision log for training."""
         try:
             caller(request)
             reports = parse_outcomes(await read_body(request, MAX_OUTCOMES_BODY_BYTES))
@@ -515,7 +515,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             # model, a prompt past its context): the request, not the server, has to change.
             return HTTPError(400, refusal.message, code=refusal.code).response()
         except ClientDisconnect:
-            # A caller that leaves mid-body is routine (and one too slow is cut off by serving.inbound).
+            # A caller that leaves mid-body is routine (and one too slow is cut off by serving.dispatch.inbound).
             client = request.scope.get("client")
             log.info(json.dumps({"event": "client_left_before_its_body_came",
                                  "client": f"{client[0]}:{client[1]}" if client else None}))
@@ -684,7 +684,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         else:
             await app(scope, receive, send)
 
-    setattr(hot_path, INBOUND_ATTRIBUTE, config.inbound)  # what serving.inbound's server reads its limits from
+    setattr(hot_path, INBOUND_ATTRIBUTE, config.inbound)  # what serving.dispatch.inbound's server reads its limits from
     return hot_path
 
 

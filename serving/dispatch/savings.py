@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.decision_log import OUTCOME_KIND
+from serving.dispatch.decision_log import OUTCOME_KIND
 
 DEFAULT_GROUP = "default"
 MAX_GROUPS = 50  # tenants shown one by one; the rest are added up as OTHER_GROUP

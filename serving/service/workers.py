@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serving.server import ServerLimits
+    from serving.service.server import ServerLimits
 
 log = logging.getLogger("promptier.serve")
 # A worker that dies sooner than this after its start counts as a failed start. After
@@ -35,8 +35,8 @@ def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: in
     import asyncio
     import threading
 
-    from serving.logs import configure_json_logging
-    from serving.server import serve_forever
+    from serving.common.logs import configure_json_logging
+    from serving.service.server import serve_forever
 
     configure_json_logging()
     # The parent handles Ctrl-C and forwards it as SIGTERM; a second copy would skip the drain.

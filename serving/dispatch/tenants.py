@@ -3,7 +3,8 @@
 The dispatcher calls `Tenants.authenticate` for each request, `Tenants.apply_budget` once the policy
 has chosen a tier, and `Tenants.charge` with the request's cost once the answer is in. Everything on
 the request path is in-process (a dict lookup, the pacing arithmetic, a cached spend); the spend store
-is read and written by `SpendLedger`'s thread. Config: serving.tenant_config; pacing: serving.budget_pacing.
+is read and written by `SpendLedger`'s thread. Config: serving.dispatch.tenant_config; pacing:
+serving.dispatch.budget_pacing.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from serving.budget_pacing import EXHAUSTED, PACED, BudgetDecision, BudgetRule, WindowClock, decide
-from serving.dispatch_config import ConfigError, DispatcherConfig
-from serving.spend_store import RedisSpendStore, SpendLedger, SpendStore, SpendStoreError, SqliteSpendStore
-from serving.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig
+from serving.dispatch.budget_pacing import EXHAUSTED, PACED, BudgetDecision, BudgetRule, WindowClock, decide
+from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
+from serving.dispatch.spend_store import RedisSpendStore, SpendLedger, SpendStore, SpendStoreError, SqliteSpendStore
+from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig
 
 
 @dataclass

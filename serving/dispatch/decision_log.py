@@ -23,11 +23,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.dispatch_config import DecisionLogConfig
+from serving.dispatch.dispatch_config import DecisionLogConfig
 
 # The schema of a decision-log line, kept here and nowhere else. Version 2 added `schema_version`,
 # `decided_by` and `note`; lines without `schema_version` are version 1. Version 3 added what the
-# request needed of its tier and whether that moved it (serving.capabilities): `needs`,
+# request needed of its tier and whether that moved it (serving.dispatch.capabilities): `needs`,
 # `estimated_tokens`, `steered`, and the reasons `no_text` and `capability`.
 # Version 4 added the caller's `tenant` (always set: "default" when no tenants are configured or the
 # caller's key is inbound_api_keys_env's), `scores` (the classifier's per-tier probabilities, when its
@@ -39,7 +39,7 @@ from serving.dispatch_config import DecisionLogConfig
 # Version 5 added outcome lines: `{"kind": "outcome", "prompt_id", "score", "judge", "time"}`, a score
 # reported later (POST /v1/promptier/outcomes) for the request whose line has that `prompt_id` (sent to
 # the caller as `x-promptier-request-id`); `promptier train` joins the two. Request lines have no `kind`.
-# Version 6 added exploration (serving.exploration): `propensity` (for a classified request, the
+# Version 6 added exploration (serving.dispatch.exploration): `propensity` (for a classified request, the
 # probability that its tier was chosen; null otherwise) and `explored` (a random draw chose the tier);
 # `reason` may also be `explored`.
 DECISION_SCHEMA_VERSION = 6
@@ -78,7 +78,7 @@ class DecisionRecord:
     # What the request needed of its tier: any of images, audio, tools, json_output (in that order).
     needs: list[str] = field(default_factory=list)
     # The dispatcher's estimate of the request's tokens, prompt plus completion limit, checked against
-    # each tier's context_window (serving.capabilities.request_needs says how it is counted).
+    # each tier's context_window (serving.dispatch.capabilities.request_needs says how it is counted).
     estimated_tokens: int | None = None
     # When a capability moved the request: {"from_tier", "from_reason" (classified, fallback or
     # no_text), "by": [capabilities that tier lacked, context_window included]}; else null.

@@ -78,7 +78,7 @@ class StreamMeter:
 
     def __init__(self, drop_usage_chunk: bool) -> None:
         self.drop_usage_chunk = drop_usage_chunk
-        self.usage: object = None  # the stream's `usage`, as sent (serving.upstream_body.read_usage checks it)
+        self.usage: object = None  # the stream's `usage`, as sent (serving.dispatch.upstream_body.read_usage checks it)
         self.completion_chars = 0
         self._pending = b""
 

@@ -1,7 +1,7 @@
 """The `tenants:` and `spend_store:` sections of the dispatcher config (validated with the rest of it).
 
 A tenant is a team behind one or more API keys: its own default mode, the tiers it may use, and an
-optional budget per calendar period (UTC) that pacing meets by routing (serving.budget_pacing).
+optional budget per calendar period (UTC) that pacing meets by routing (serving.dispatch.budget_pacing).
 Keys are never in the file: each tenant names an environment variable that holds them, comma-separated.
 """
 
@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from classifier.artifact import MODES
-from serving.budget_pacing import BudgetRule, OnExhausted, Period
+from serving.dispatch.budget_pacing import BudgetRule, OnExhausted, Period
 
 DEFAULT_TENANT = "default"
 # Tenant names become Prometheus label values and Redis key parts: short, plain, and from the config

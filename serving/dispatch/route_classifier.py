@@ -21,9 +21,8 @@ import classifier
 from classifier import ClassificationResult, InvalidInputError, RoutingRequest, TierClassifier
 from classifier.artifact import TierSpec
 from classifier.conversation import render_conversation
-from serving.batcher import Batcher, DeadlineExpiredError, QueueFullError
 from serving.client import AsyncRouterClient
-from serving.metrics import BatcherMetrics
+from serving.common.batcher import Batcher, BatcherMetrics, DeadlineExpiredError, QueueFullError
 
 log = logging.getLogger("promptier.dispatcher")
 SPREAD_CHECK_S = 10.0

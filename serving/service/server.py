@@ -29,7 +29,7 @@ import classifier
 from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
 from classifier.conversation import render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.batcher import (
+from serving.common.batcher import (
     Batcher,
     BatcherStoppedError,
     DeadlineExpiredError,
@@ -37,9 +37,9 @@ from serving.batcher import (
     QueueFullError,
     monotonic_ms,
 )
-from serving.metrics import ServerMetrics
-from serving.reflection import enable_reflection
-from serving.startup import freeze_startup_objects
+from serving.common.startup import freeze_startup_objects
+from serving.service.metrics import ServerMetrics
+from serving.service.reflection import enable_reflection
 
 log = logging.getLogger("promptier.server")
 
@@ -77,7 +77,7 @@ class ServerLimits:
 
     Queues are counted in prompts: `max_queue` for Classify calls, `max_batch_queue` for
     ClassifyBatch calls, so batch traffic cannot fill the room single calls need (see
-    serving.batcher). A call that does not fit is refused RESOURCE_EXHAUSTED at once.
+    serving.common.batcher). A call that does not fit is refused RESOURCE_EXHAUSTED at once.
 
     Connections: one that has not completed its HTTP/2 preface within `handshake_timeout_s` is
     closed, as is one without a call for `idle_timeout_s` (None: never) or older than
@@ -655,7 +655,7 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_in_background)
-    # A `--workers` process starts with SIGHUP blocked (serving.workers), so that a reload asked for while
+    # A `--workers` process starts with SIGHUP blocked (serving.service.workers), so that a reload asked for while
     # it loads waits for the handler above instead of killing it; a pending one is delivered here.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     await stop.wait()
