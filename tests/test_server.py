@@ -82,12 +82,16 @@ def test_batch_answers_per_item(server: ServerThread) -> None:
 
 def test_batch_items_carry_what_single_calls_do_and_are_counted(server: ServerThread) -> None:
     assert server.running is not None
-    metrics = server.running.metrics
+    registry = server.running.metrics.registry
 
     def decisions() -> dict[str, float]:
-        return {tier: metrics.tiers.labels(tier)._value.get() for tier in ("small", "medium", "large")}
+        return {tier: registry.get_sample_value("promptier_tier_decisions_total", {"tier": tier}) or 0.0
+                for tier in ("small", "medium", "large")}
 
-    tiers_before, truncated_before = decisions(), metrics.truncations._value.get()
+    def truncated() -> float:
+        return registry.get_sample_value("promptier_truncated_prompts_total") or 0.0
+
+    tiers_before, truncated_before = decisions(), truncated()
     long = " ".join(["word"] * 400)  # past the model's token window
     prompts = [EASY, HARD, EASY, long]
     with RouterClient(server.target, timeout=5) as client:
@@ -103,7 +107,7 @@ def test_batch_items_carry_what_single_calls_do_and_are_counted(server: ServerTh
     counted = {tier: count - tiers_before[tier] for tier, count in decisions().items()}
     expected = {tier: 2 * [d.tier for d in singles].count(tier) for tier in counted}
     assert counted == expected  # every answered prompt once, the refused one not at all
-    assert metrics.truncations._value.get() - truncated_before == 2
+    assert truncated() - truncated_before == 2
 
 
 def test_invalid_arguments(stub: router_pb2_grpc.RouterStub) -> None:
@@ -164,8 +168,8 @@ def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     # gRPC cancelled the expired call under its handler; it is counted with the status its caller saw.
     assert running.running is not None
-    assert running.running.metrics.requests.labels("Classify", "DEADLINE_EXCEEDED")._value.get() == 1
-    assert running.running.metrics.requests.labels("Classify", "OK")._value.get() == 2
+    assert _counted(running.running, "Classify", "DEADLINE_EXCEEDED") == 1
+    assert _counted(running.running, "Classify", "OK") == 2
 
 
 def test_health_and_reflection(server: ServerThread) -> None:
@@ -233,10 +237,10 @@ def test_async_client_coalesces_concurrent_calls_into_batches(server: ServerThre
     distinct = [EASY, HARD, "sort python list"]
     prompts = distinct * 10 + [""]  # the empty prompt is invalid: only its caller gets the error
     assert server.running is not None
-    requests = server.running.metrics.requests
+    running = server.running
 
     def rpcs() -> tuple[float, float]:
-        return requests.labels("Classify", "OK")._value.get(), requests.labels("ClassifyBatch", "OK")._value.get()
+        return _counted(running, "Classify", "OK"), _counted(running, "ClassifyBatch", "OK")
 
     async def run() -> tuple[dict, list, tuple, tuple, bool]:
         async with AsyncRouterClient(server.target, timeout=5) as plain:
@@ -275,10 +279,10 @@ def test_async_client_coalesces_concurrent_calls_into_batches(server: ServerThre
 
 def test_blocking_client_coalesces_calls_from_many_threads(server: ServerThread) -> None:
     assert server.running is not None
-    requests = server.running.metrics.requests
+    running = server.running
 
     def rpcs() -> tuple[float, float]:
-        return requests.labels("Classify", "OK")._value.get(), requests.labels("ClassifyBatch", "OK")._value.get()
+        return _counted(running, "Classify", "OK"), _counted(running, "ClassifyBatch", "OK")
 
     prompts = [EASY, HARD] * 24 + [""]  # the empty prompt is invalid: only its caller gets the error
     before = rpcs()
@@ -400,7 +404,12 @@ def _wait_until(condition, what: str, bound_s: float = 120.0) -> None:  # type: 
 
 
 def _counted(running: RunningServer, rpc: str, code: str) -> float:
-    return running.metrics.requests.labels(rpc, code)._value.get()
+    return _sample(running, "promptier_requests", rpc=rpc, code=code)
+
+
+def _sample(running: RunningServer, counter: str, **labels: str) -> float:
+    """A counter of the service as its /metrics exposes it (0 before its first increment)."""
+    return running.metrics.registry.get_sample_value(f"{counter}_total", labels) or 0.0
 
 
 def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
@@ -411,7 +420,7 @@ def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
     held = _HeldModel(classifier.load(trained_artifact))
     running = ServerThread(model=held, limits=ServerLimits(max_queue=100, max_batch_queue=1024))
     assert running.running is not None
-    batcher, metrics = running.running.batcher, running.running.metrics
+    batcher = running.running.batcher
     flood_request = router_pb2.ClassifyBatchRequest(items=[router_pb2.ClassifyRequest(prompt=HARD)] * 256)
     try:
         with grpc.insecure_channel(running.target) as flood_channel, \
@@ -440,7 +449,8 @@ def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
     assert refused >= 140 and set(flood_codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all(f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for f in more_flood)
     assert _counted(running.running, "ClassifyBatch", "RESOURCE_EXHAUSTED") == refused
-    assert metrics.overload.labels("ClassifyBatch", "batch_queue_full")._value.get() == refused
+    assert _sample(running.running, "promptier_overload_refusals", rpc="ClassifyBatch", reason="batch_queue_full") \
+        == refused
     assert _counted(running.running, "ClassifyBatch", "OK") == flood_codes.count(grpc.StatusCode.OK)
     assert _counted(running.running, "Classify", "OK") == 100
     # Fair turns: the 100 single prompts ran within the first model calls after the held one, between
@@ -484,8 +494,8 @@ def test_every_call_reaches_a_handler_and_is_counted_with_its_status(trained_art
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, collections.Counter(codes)
     for code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED):
         assert _counted(running.running, "Classify", code.name) == codes.count(code)
-    assert running.running.metrics.overload.labels("Classify", "unary_queue_full")._value.get() == codes.count(
-        grpc.StatusCode.RESOURCE_EXHAUSTED)
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert _sample(running.running, "promptier_overload_refusals", rpc="Classify", reason="unary_queue_full") == refused
 
 
 def test_shutdown_answers_waiting_calls_unavailable(trained_artifact: Path) -> None:
@@ -683,8 +693,8 @@ def test_reload_errors_are_clear_codes_and_never_echo_files(trained_artifact: Pa
     finally:
         running.stop()
     assert running.running is not None
-    assert running.running.metrics.reloads.labels("invalid")._value.get() == 3
-    assert running.running.metrics.reloads.labels("refused")._value.get() == 2
+    assert _sample(running.running, "promptier_model_reloads", outcome="invalid") == 3
+    assert _sample(running.running, "promptier_model_reloads", outcome="refused") == 2
 
 
 def _tagged_copy(artifact: Path, target: Path, version: str) -> Path:
@@ -783,7 +793,7 @@ def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -
             running.call(running.running.health.enter_graceful_shutdown())
             status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert running.running.metrics.reloads.labels("refused")._value.get() == 1
+        assert _sample(running.running, "promptier_model_reloads", outcome="refused") == 1
     finally:
         running.stop()
 
@@ -803,8 +813,8 @@ def test_admin_needs_the_token_when_the_server_has_one(trained_artifact: Path) -
             assert router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY),
                                                                  timeout=5).tier == "small"
         assert running.running is not None
-        assert running.running.metrics.reloads.labels("denied")._value.get() == 3
-        assert running.running.metrics.reloads.labels("ok")._value.get() == 1
+        assert _sample(running.running, "promptier_model_reloads", outcome="denied") == 3
+        assert _sample(running.running, "promptier_model_reloads", outcome="ok") == 1
     finally:
         running.stop()
 
@@ -1215,9 +1225,8 @@ def test_coalescing_client_scenarios_count_calls_and_group_them(server: ServerTh
     from serving.bench.loadgen import coalescing_client_scenario
 
     assert server.running is not None
-    requests = server.running.metrics.requests
-    before = requests.labels("ClassifyBatch", "OK")._value.get()
+    before = _counted(server.running, "ClassifyBatch", "OK")
     result = coalescing_client_scenario(server.target, [EASY, HARD, "sort a list"], 16, 1.0, blocking)
     assert result["errors"] == 0 and result["calls"] > 16 and result["prompts_per_s"] > 0
     assert ("blocking" in result["generator"]) is blocking and result["p99_ms"] >= result["p50_ms"] > 0
-    assert requests.labels("ClassifyBatch", "OK")._value.get() > before  # concurrent calls went out grouped
+    assert _counted(server.running, "ClassifyBatch", "OK") > before  # concurrent calls went out grouped
