@@ -39,9 +39,9 @@ from serving.dispatch.dispatch_config import DecisionLogConfig
 # Version 5 added outcome lines: `{"kind": "outcome", "prompt_id", "score", "judge", "time"}`, a score
 # reported later (POST /v1/promptier/outcomes) for the request whose line has that `prompt_id` (sent to
 # the caller as `x-promptier-request-id`); `promptier train` joins the two. Request lines have no `kind`.
-# Version 6 added exploration (serving.dispatch.exploration): `propensity` (for a classified request, the
-# probability that its tier was chosen; null otherwise) and `explored` (a random draw chose the tier);
-# `reason` may also be `explored`.
+# Version 6 added exploration (serving.dispatch.exploration): `propensity` (for a classified request while
+# exploration is on, the probability that its tier was chosen; null otherwise) and `explored` (a random
+# draw chose the tier); `reason` may also be `explored`.
 DECISION_SCHEMA_VERSION = 6
 OUTCOME_KIND = "outcome"
 
@@ -87,7 +87,7 @@ class DecisionRecord:
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
     unpaced_tier: str | None = None  # the policy's tier, when the budget moved the request off it
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
-    propensity: float | None = None  # P(this tier | the policy's choice), for a classified request
+    propensity: float | None = None  # P(this tier | the policy's choice), classified and exploring only
     explored: bool = False  # exploration's random draw chose the tier
 
     def as_dict(self) -> dict:
