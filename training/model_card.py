@@ -41,7 +41,8 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
     lines = [
         f"# Model card: {manifest.model_version}", "",
         "Predicts, for each tier, the probability that the tier's model answers the prompt well; routes "
-        "to the cheapest tier whose calibrated probability reaches the policy threshold.", "",
+        "to the cheapest tier whose score relative to the top tier's reaches the mode's threshold (or, "
+        "where the mode has a cheap floor, to the cheapest tier when its own probability reaches it).", "",
         "## Model",
         f"- Architecture: {manifest.architecture}",
         f"- Backbone: {BACKBONE_LICENCES.get(backbone, backbone)}",
