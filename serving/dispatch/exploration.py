@@ -1,14 +1,15 @@
 """Exploration: a share of classified requests answered by a tier drawn at random, with its propensity.
 
-Outcomes reported back (serving.outcomes) exist only for the tier that answered, and the routing
-policy chooses that tier from the prompt: a cheap tier's head, retrained on them, would learn only
-from the prompts the current model already thought easy. With `exploration_share` e > 0, each
+Outcomes reported back (serving.dispatch.outcomes) exist only for the tier that answered, and the
+routing policy chooses that tier from the prompt: a cheap tier's head, retrained on them, would learn
+only from the prompts the current model already thought easy. With `exploration_share` e > 0, each
 classified request is, with probability e, sent to a tier drawn uniformly from the n tiers it may go
-to (the tenant's tiers that can serve what it needs). The decision log records, for every classified
-request, the probability that its tier was chosen (`propensity`: (1 - e) [tier is the policy's] + e / n)
-and whether the draw decided (`explored`). Explored answers are a randomized experiment: training on
-them alone (`outcome_rows: explored` in the training config) is unbiased; all rows can be weighted by
-1 / propensity instead. Exploration costs quality or money on purpose, so it is off unless configured.
+to (the tenant's tiers that can serve what it needs). While it is on, the decision log records, for
+every classified request, the probability that its tier was chosen (`propensity`: (1 - e) if it is
+the policy's tier, plus e / n) and whether the draw decided (`explored`). Explored answers are a
+randomized experiment: training on them alone (`outcome_rows: explored` in the training config) is
+unbiased; all rows can be weighted by 1 / propensity instead. Exploration costs quality or money on
+purpose, so it is off unless configured.
 """
 
 from __future__ import annotations
