@@ -16,16 +16,10 @@ import numpy as np
 from classifier.artifact import PolicyConfig
 from classifier.policy import choose_tiers
 from classifier.runtime import TierClassifier
-from training.probes import load_probes
+from training.probes import load_probes, tier_shares
 from training.routing import always_top, mode_thresholds, routing_curve
 
 FLOOR_GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
-
-
-def _separation(chosen: np.ndarray, hard: np.ndarray) -> tuple[float, float, float]:
-    easy_cheap = float(np.mean(chosen[~hard] == 0))
-    hard_cheap = float(np.mean(chosen[hard] == 0))
-    return easy_cheap - hard_cheap, easy_cheap, hard_cheap
 
 
 def choose_cheap_floors(runtime: TierClassifier, val_probabilities: np.ndarray, val_targets: np.ndarray,
@@ -65,9 +59,11 @@ def choose_cheap_floors(runtime: TierClassifier, val_probabilities: np.ndarray, 
             candidates.append((candidate, mode_thresholds(curve, top_quality, band)[mode]))
         rows: list[dict] = []
         for floor, threshold in candidates:
-            separation, easy_cheap, hard_cheap = _separation(routed(threshold, floor), hard)
-            rows.append({"floor": floor, "threshold": threshold, "separation": separation,
-                         "easy_on_cheapest": easy_cheap, "hard_on_cheapest": hard_cheap})
+            shares = tier_shares(tiers, np.array(tiers)[routed(threshold, floor)], hard)
+            rows.append({"floor": floor, "threshold": threshold,
+                         "separation": shares["easy_on_cheapest"] - shares["hard_on_cheapest"],
+                         "easy_on_cheapest": shares["easy_on_cheapest"],
+                         "hard_on_cheapest": shares["hard_on_cheapest"]})
         # Ties go to the candidate listed first: no floor, then the highest (most cautious) floor.
         best = max(rows, key=lambda row: row["separation"])
         searched[mode] = rows

@@ -70,7 +70,8 @@ def load_probes(path: Path = PROBES_FILE) -> list[Probe]:
     return [Probe(r["prompt"], r["difficulty"], r["kind"], r["language"], half_of[r["prompt"]]) for r in records]
 
 
-def _shares(tiers: Sequence[str], chosen: np.ndarray, hard: np.ndarray) -> dict[str, float]:
+def tier_shares(tiers: Sequence[str], chosen: np.ndarray, hard: np.ndarray) -> dict[str, float]:
+    """Of the easy and the hard probes, the shares on the cheapest and on the top tier (`chosen`: tier names)."""
     cheapest, top = tiers[0], tiers[-1]
     easy = ~hard
     return {
@@ -105,14 +106,14 @@ def evaluate_probes(runtime: TierClassifier, probes: Sequence[Probe] | None = No
         report["halves"][half] = {
             "probes": int(rows.sum()), "easy": int((rows & ~hard).sum()), "hard": int((rows & hard).sum()),
             "auc": roc_auc(hardness[rows], hard[rows]),
-            "modes": {mode: _shares(tiers, np.array([d.tier for d in ds])[rows], hard[rows])
+            "modes": {mode: tier_shares(tiers, np.array([d.tier for d in ds])[rows], hard[rows])
                       for mode, ds in decisions.items()},
         }
     chosen = np.array([d.tier for d in default])
     kinds = sorted({p.kind for p in probes})
     report_rows = np.array([p.half == "report" for p in probes])
     report["report_by_kind"] = {
-        kind: _shares(tiers, chosen[report_rows & (np.array([p.kind for p in probes]) == kind)],
+        kind: tier_shares(tiers, chosen[report_rows & (np.array([p.kind for p in probes]) == kind)],
                       hard[report_rows & (np.array([p.kind for p in probes]) == kind)])
         for kind in kinds
     }
