@@ -19,6 +19,7 @@ from classifier.conversation import render_conversation
 from classifier.errors import PromptierError
 from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatch.dispatch_supervisor import WORKER_START_TIMEOUT_S
 from serving.dispatch.dispatcher import create_app
 from serving.dispatch.upstream_body import usage_from_stream_tail
 from tests.dispatcher_harness import Dispatcher, dispatcher_config, wait_for_health
@@ -981,10 +982,13 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
                  for line in file.read_text().splitlines()]
         assert len(lines) == sent and {json.loads(line)["reason"] for line in lines} == {"classified"}
 
-        # A killed worker is replaced; its counts stay in the sums; the port keeps answering.
+        # A worker that hangs and is then killed is replaced well within the supervisor's health-check
+        # wait (which the hang makes it start); its counts stay in the sums; the port keeps answering.
         victim = spawned_workers(parent.pid)[0]
+        victim.suspend()
+        time.sleep(2)  # the supervisor pings every 0.5 s: it is now waiting on the frozen worker
         victim.kill()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S / 2
         while time.monotonic() < deadline:
             pids = {worker.pid for worker in spawned_workers(parent.pid)}
             if len(pids) == 2 and victim.pid not in pids:

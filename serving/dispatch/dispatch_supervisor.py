@@ -12,12 +12,31 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from uvicorn.supervisors import Multiprocess
+
 # How the supervisor hands the config to the worker processes it spawns.
 CONFIG_ENV = "PROMPTIER_DISPATCH_CONFIG"
 # prometheus_client's multi-process mode: each worker keeps its metrics in files here, and /metrics
 # (answered by whichever worker gets the scrape) adds up every worker's.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_START_TIMEOUT_S = 30
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's supervisor, with a dead worker seen as dead at once.
+
+    uvicorn pings each worker over a pipe and waits up to the health-check timeout for the answer. The
+    parent keeps its copy of the worker's end of that pipe open, so a worker killed while a ping is in
+    flight (or frozen, then killed) never shows as end-of-file: the whole loop waited out the 30 s
+    timeout before replacing it. Closing the parent's copy once the worker holds its own turns a death
+    into an immediate end-of-file, and the replacement starts on the next turn of the loop.
+    """
+
+    def keep_subprocess_alive(self) -> None:
+        for process in self.processes:
+            if process.pid is not None:  # started: the worker has its own copy of the descriptor
+                process.child_conn.close()  # idempotent; uvicorn closes it again on terminate/kill
+        super().keep_subprocess_alive()
 
 
 def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
@@ -32,7 +51,6 @@ def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
     runs: no difference in added latency or throughput.)
     """
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     from serving.dispatch.inbound import DispatchServerConfig
 
@@ -54,7 +72,7 @@ def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
         server_config = DispatchServerConfig("serving.dispatch.dispatcher:app_from_environment", factory=True,
                                              workers=workers, log_level="info",
                                              timeout_worker_healthcheck=WORKER_START_TIMEOUT_S, **options)
-        supervisor = Multiprocess(server_config, sockets=[server_config.bind_socket()])
+        supervisor = WorkerSupervisor(server_config, sockets=[server_config.bind_socket()])
         supervisor.run()
     finally:
         if own_dir:
