@@ -336,7 +336,9 @@ def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream
 
 
 def test_dispatchers_on_several_hosts_share_spend_through_redis(
-        started, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        redis_server: RedisServer, started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # redis_server comes first so that it is set up first and stopped last: the dispatchers stop while
+    # their store still answers (otherwise their ledgers log a failed read into a closed capture).
     monkeypatch.setenv("SEARCH_KEYS", "search-key")
     monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
     store = {"kind": "redis", "url_env": "SPEND_REDIS_URL", "key_prefix": "test", "refresh_ms": 50}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from typing import TextIO
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,8 +46,29 @@ class UndeliveredAnswerFilter(logging.Filter):
 GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record is logged, as logging's own last-resort handler does.
+
+    A plain StreamHandler keeps the stream of the moment it was made; when a server is embedded in a
+    process that swaps `sys.stderr` (a test runner capturing output, a host redirecting it), a later
+    record from a background thread would go to a closed stream and be lost with a "Logging error".
+    """
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _stream: TextIO) -> None:
+        """Ignored: the stream is always the current `sys.stderr`."""
+
+
 def configure_json_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
+    """Log one JSON object per line to standard error, at `level` and above."""
+    handler = CurrentStderrHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     core = logging.getLogger(GRPC_CORE_LOGGER)
