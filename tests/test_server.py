@@ -454,10 +454,12 @@ def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
     assert _counted(running.running, "ClassifyBatch", "OK") == flood_codes.count(grpc.StatusCode.OK)
     assert _counted(running.running, "Classify", "OK") == 100
     # Fair turns: the 100 single prompts ran within the first model calls after the held one, between
-    # chunks of at most max_batch batch prompts, not behind the ~1,000 batch prompts queued before them.
+    # chunks of at most max_batch batch prompts, not behind the ~1,000 batch prompts queued before them,
+    # and in model calls of their own: none waited for batch prompts' compute in its own call.
     after = held.calls[held_calls:]
     last_single = max(index for index, call in enumerate(after) if EASY in call)
     assert last_single <= 4 and all(len(call) <= 64 for call in held.calls), [len(c) for c in after]
+    assert all(set(call) == {EASY} for call in after if EASY in call), [sorted(set(c)) for c in after]
 
 
 def test_every_call_reaches_a_handler_and_is_counted_with_its_status(trained_artifact: Path) -> None:

@@ -10,9 +10,12 @@ Admission is counted in prompts, not calls, in two lanes with a budget each: `un
 call: interactive traffic) and `batch` (calls carrying many prompts). A call that would take its lane
 past its budget is refused at once (QueueFullError, which the server answers RESOURCE_EXHAUSTED)
 rather than growing memory, and a full batch lane never refuses a unary call. The model thread takes
-at most `max_batch` prompts per model call and alternates which lane it fills first, cutting a large
-batch call into several model calls, so unary prompts wait for at most one model call of batch
-prompts however many of those are queued.
+at most `max_batch` prompts per model call, cutting a large batch call into several model calls.
+Queued unary prompts run next, in a model call of their own (topped up with batch prompts, each would
+wait for a whole batch chunk's compute), unless the previous call was such a one and batch prompts
+wait: then a batch chunk runs, topped up with unary prompts if it has room. So unary prompts wait for
+at most one model call of batch prompts however many of those are queued, and a stream of unary calls
+cannot starve the batch lane either.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class Batcher:
         self._lanes: dict[Lane, collections.deque[_Work]] = {lane: collections.deque() for lane in LANES}
         self._queued: dict[Lane, int] = dict.fromkeys(LANES, 0)  # prompts not yet handed to the model
         self._running: list[_Work] = []  # works with prompts in the model call in progress
-        self._turn = 0  # which lane fills the next model call first
+        self._last_was_unary = False  # whether the last model call was a unary-only one
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -219,14 +222,18 @@ class Batcher:
                     self._running = []
 
     def _take(self) -> tuple[list[_Chunk], list[_Work]]:
-        """Under the lock: up to max_batch prompts, from the lane whose turn it is first, then the other."""
-        first = LANES[self._turn]
-        self._turn = 1 - self._turn
+        """Under the lock: the next model call's prompts (up to max_batch), and works whose deadline passed.
+
+        Unary prompts alone when they wait, unless the last call was unary and batch prompts wait: then
+        batch prompts first, unary ones filling any room left.
+        """
         now = time.monotonic()
         chunks: list[_Chunk] = []
         expired: list[_Work] = []
         size = 0
-        for lane in (first, *(other for other in LANES if other != first)):
+
+        def fill(lane: Lane) -> None:
+            nonlocal size
             queue = self._lanes[lane]
             while queue and size < self._max_batch:
                 work = queue[0]
@@ -243,6 +250,13 @@ class Batcher:
                 work.taken = end
                 if end == len(work.items):
                     queue.popleft()
+
+        if not (self._last_was_unary and self._lanes["batch"]):
+            fill("unary")
+        self._last_was_unary = bool(chunks)
+        if not chunks:
+            fill("batch")
+            fill("unary")
         return chunks, expired
 
     def _run_chunks(self, chunks: list[_Chunk], expired: list[_Work]) -> None:
