@@ -163,3 +163,17 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.stop()
+
+
+if TYPE_CHECKING:
+    from tests.dispatcher_harness import Dispatcher
+
+
+@pytest.fixture
+def dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> Iterator[Dispatcher]:
+    """A dispatcher in front of the module's upstreams and gRPC classifier, logging to tmp_path/decisions.jsonl."""
+    from tests.dispatcher_harness import Dispatcher, dispatcher_config
+
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    yield running
+    running.stop()

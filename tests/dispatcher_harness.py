@@ -1,10 +1,12 @@
-"""The dispatcher on a real port in a test's process, and the configs the dispatcher tests share.
+"""The dispatcher on a real port in a test's process, the configs the dispatcher tests share, and
+readers of what it wrote (the decision log, server-sent events).
 
-Its fixtures (recording upstreams, a gRPC classifier) are in tests/conftest.py.
+Its fixtures (recording upstreams, a gRPC classifier, a dispatcher in front of them) are in tests/conftest.py.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -84,3 +86,22 @@ def wait_for_health(port: int, process: object) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("the dispatcher did not come up")
+
+
+def read_log(tmp_path: Path) -> list[dict]:
+    """The decision log a dispatcher of `dispatcher_config` wrote at tmp_path/decisions.jsonl, parsed."""
+    return [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+
+
+def read_log_once_written(tmp_path: Path, lines: int, wait_s: float = 5.0) -> list[dict]:
+    """The decision log once it has `lines` lines (or what it has after `wait_s`): streams, and requests
+    whose caller left, are recorded after the response is gone."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and (not (tmp_path / "decisions.jsonl").exists() or len(read_log(tmp_path)) < lines):
+        time.sleep(0.05)
+    return read_log(tmp_path)
+
+
+def data_events(text: str) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    return [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]

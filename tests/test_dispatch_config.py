@@ -1,0 +1,116 @@
+"""Dispatcher config loading and validation: bad fields, the example, `--check`, tiers the classifier lacks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from classifier.errors import PromptierError
+from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
+from serving.dispatch.dispatcher import create_app
+from tests.dispatcher_harness import dispatcher_config
+from tests.fake_upstream import Upstream
+from tests.grpc_server import ServerThread
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    path = tmp_path / "dispatcher.yaml"
+    path.write_text("tiers: {small: {base_url: 'ftp://x', model: m}}\nfallback_tier: small\n")
+    with pytest.raises(ConfigError, match=r"tiers.small.base_url: .*must start with http"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: large\n")
+    with pytest.raises(ConfigError, match="fallback_tier 'large' is not a configured tier"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, surprise: 1}}\nfallback_tier: small\n")
+    with pytest.raises(ConfigError, match=r"tiers\.small\.surprise: Extra inputs are not permitted"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m, api_key_env: NOPE_NOT_SET}}\n"
+                    "fallback_tier: small\n")
+    with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "allowed_hosts: ['dispatcher.internal:8080']\n")
+    with pytest.raises(ConfigError, match=r"allowed_hosts: .*host names without scheme or port"):
+        load_dispatcher_config(path)
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "inbound: {header_timeout_s: 0}\n")
+    with pytest.raises(ConfigError, match=r"inbound\.header_timeout_s: Input should be greater than 0"):
+        load_dispatcher_config(path)
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGE_API_KEY", "x")
+    monkeypatch.setenv("PROMPTIER_API_KEYS", "k")
+    monkeypatch.setenv("SEARCH_TEAM_KEYS", "s1,s2")
+    monkeypatch.setenv("RESEARCH_TEAM_KEYS", "r1")
+    example = Path(__file__).resolve().parent.parent / "serving" / "dispatch" / "dispatcher.example.yaml"
+    config = load_dispatcher_config(example)
+    assert config.tier_names == ["small", "medium", "large"] and config.fallback_tier == "large"
+    assert config.tenant_of_key() == {"k": "default", "s1": "search", "s2": "search", "r1": "research"}
+
+
+def test_check_validates_a_config_against_its_classifier_without_serving(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, trained_artifact: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.bench.ports import free_port
+    from serving.cli import app
+
+    def check(classifier: dict, tier_names: tuple[str, ...] = ("small", "medium", "large")) -> tuple[int, str, Path]:
+        path = tmp_path / f"config-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(json.dumps({
+            "classifier": classifier, "fallback_tier": tier_names[-1],
+            "tiers": {name: {"base_url": upstream.url, "model": name}
+                      for name, upstream in zip(tier_names, fresh.values(), strict=True)},
+            "decision_log": {"path": str(tmp_path / "never-written" / "d.jsonl")}}))
+        result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+        return result.exit_code, result.output, path
+
+    code, output, path = check({"embedded": True, "model": str(trained_artifact)})
+    assert code == 0, output
+    assert f"config_fingerprint {load_dispatcher_config(path).fingerprint}" in output
+    assert "serves tiers ['small', 'medium', 'large']" in output
+    code, output, _ = check({"address": grpc_classifier.target})
+    assert code == 0 and "the gRPC service at" in output and "serves tiers" in output, output
+    # Tier names the classifier does not serve: refused, whichever classifier it is.
+    for classifier in ({"embedded": True, "model": str(trained_artifact)}, {"address": grpc_classifier.target}):
+        code, output, _ = check(classifier, ("small", "mid", "large"))
+        assert code == 2 and "but the dispatcher config maps ['small', 'mid', 'large']" in output, output
+    # A service that does not answer cannot be asked: the file is still checked, and the output says so.
+    code, output, _ = check({"address": f"127.0.0.1:{free_port()}"})
+    assert code == 0 and "did not answer" in output, output
+    assert not (tmp_path / "never-written").exists()  # a check serves nothing and writes no log
+
+
+def test_tiers_that_differ_from_the_classifier_are_refused_at_start(fresh: dict[str, Upstream],
+                                                                    grpc_classifier: ServerThread,
+                                                                    tmp_path: Path) -> None:
+    from serving.dispatch.dispatcher import Dispatcher as DispatcherCore
+
+    renamed = {"small": fresh["small"], "mid": fresh["medium"], "large": fresh["large"]}
+    core = DispatcherCore(dispatcher_config(renamed, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+
+    async def start_and_close() -> None:
+        try:
+            await core.start()
+        finally:
+            await core.close()
+
+    with pytest.raises(ConfigError, match=r"serves tiers \['small', 'medium', 'large'\].*maps \['small', 'mid', "):
+        asyncio.run(start_and_close())
+
+
+def test_embedded_classifier_config_and_bad_artifact(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only with embedded: true"):
+        ClassifierEndpoint(model=tmp_path)
+    with pytest.raises(ValueError, match="only to the gRPC service"):
+        ClassifierEndpoint(embedded=True, connections=4)
+    config = DispatcherConfig.model_validate({
+        "classifier": {"embedded": True, "model": str(tmp_path / "missing")},
+        "tiers": {"small": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}, "fallback_tier": "small",
+        "decision_log": {"path": str(tmp_path / "d.jsonl")}})
+    with pytest.raises(PromptierError):  # refused before any port opens
+        create_app(config)

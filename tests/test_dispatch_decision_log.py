@@ -1,0 +1,106 @@
+"""The decision log: rotation, writers in several processes, odd text, and its rows as training input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from classifier.conversation import render_conversation
+from tests.dispatcher_harness import Dispatcher, read_log
+from tests.grpc_server import EASY, HARD
+
+
+def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_path: Path) -> None:
+    # The loop the dispatcher exists for: route, have a judge fill in `score`, train on the result.
+    from training.data import read_logs
+    from training.labels import build_table
+    from training.pool import Pool
+
+    client = dispatcher.client()
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    client.chat.completions.create(model="promptier/tier/large", messages=[{"role": "user", "content": EASY}])
+    conversation = [("system", "Be brief."), ("user", EASY), ("assistant", "Done."), ("user", HARD)]
+    client.chat.completions.create(model="promptier/quality",
+                                   messages=[{"role": role, "content": text} for role, text in conversation])
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "not judged yet"}])
+    logged = read_log(tmp_path)
+    # For a judge, a conversation is also kept as it was, in order; a single message is the prompt itself.
+    assert logged[2]["messages"] == [{"role": role, "content": text} for role, text in conversation]
+    assert logged[0]["messages"] is None
+    judged = tmp_path / "judged.jsonl"
+    scores = [0.0, 1.0, 1.0, None]  # the small model failed the easy prompt; the last row awaits its judge
+    judged.write_text("".join(json.dumps({**entry, "score": score}) + "\n"
+                              for entry, score in zip(read_log(tmp_path), scores, strict=True)))
+    rows, skipped = read_logs([judged])
+    # The row without a score is waiting for one: left out and counted, not an invalid row.
+    assert skipped.total == 0 and skipped.not_trainable == {"no outcome reported yet": 1}
+    assert "1 x no outcome reported yet" in skipped.summary()
+    pool = Pool.model_validate({
+        "tiers": [{"name": name, "usd_per_mtok": {"input": 1, "output": 1}} for name in ("small", "medium", "large")],
+        "sources": {"dispatcher": {name: f"{name}-upstream-model" for name in ("small", "medium", "large")}}})
+    table, unused = build_table(rows, pool)
+    # A conversation is logged as the text the classifier read, so training sees what serving sees.
+    assert not unused and table.prompts == [EASY, render_conversation(conversation)]
+    easy, hard = table.targets
+    assert easy[0] == 0.0 and easy[2] == 1.0 and np.isnan(easy[1])  # unrouted tiers stay unknown, not failures
+    assert hard[2] == 1.0 and np.isnan(hard[:2]).all()
+
+
+def test_decision_log_rotates_by_size_and_loses_no_line(tmp_path: Path) -> None:
+    from serving.dispatch.decision_log import DecisionLog
+    from serving.dispatch.dispatch_config import DecisionLogConfig
+
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(DecisionLogConfig(path=path, max_bytes=1024, backups=50))
+    for index in range(60):
+        log.write({"prompt_id": f"p{index}", "padding": "x" * 60})
+    log.close()
+    files = [path, *sorted(tmp_path.glob("decisions.jsonl.*"))]
+    assert len(files) > 3
+    assert all(file.stat().st_size <= 1024 for file in files)
+    ids = {json.loads(line)["prompt_id"] for file in files for line in file.read_text().splitlines()}
+    assert ids == {f"p{index}" for index in range(60)}
+    # Reopening an existing log keeps counting from its current size.
+    log = DecisionLog(DecisionLogConfig(path=path, max_bytes=1024, backups=50))
+    for index in range(20):
+        log.write({"prompt_id": f"q{index}", "padding": "x" * 60})
+    log.close()
+    assert all(file.stat().st_size <= 1024 for file in [path, *tmp_path.glob("decisions.jsonl.*")])
+
+
+def test_decision_log_keeps_a_lone_surrogate_as_an_escape(tmp_path: Path) -> None:
+    from serving.dispatch.decision_log import DecisionLog
+    from serving.dispatch.dispatch_config import DecisionLogConfig
+
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(DecisionLogConfig(path=path))
+    log.write({"prompt_id": "a", "prompt": "caf\u00e9 \ud800 end"})  # a JSON body may carry "\ud800"
+    log.write({"prompt_id": "b", "prompt": "caf\u00e9"})
+    log.close()
+    lines = path.read_bytes().decode("utf-8").splitlines()  # the file stays valid UTF-8
+    assert [json.loads(line)["prompt"] for line in lines] == ["caf\u00e9 \ud800 end", "caf\u00e9"]
+    assert "café" in lines[1]  # non-ASCII text is written as is when it can be
+
+
+def test_decision_log_shared_by_processes_loses_and_splits_no_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "decisions.jsonl"
+    writer = ("import sys; from pathlib import Path; from serving.dispatch.decision_log import DecisionLog; "
+              "from serving.dispatch.dispatch_config import DecisionLogConfig; "
+              "log = DecisionLog(DecisionLogConfig(path=Path(sys.argv[1]), max_bytes=2048, backups=1000)); "
+              "[log.write({'prompt_id': f'{sys.argv[2]}-{i}', 'padding': 'x' * 60}) for i in range(400)]; "
+              "log.close()")
+    processes = [subprocess.Popen([sys.executable, "-c", writer, str(path), name]) for name in "abc"]
+    assert [process.wait(60) for process in processes] == [0, 0, 0]
+    files = [path, *tmp_path.glob("decisions.jsonl.*")]
+    ids = [json.loads(line)["prompt_id"] for file in files for line in file.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"{name}-{i}" for name in "abc" for i in range(400))  # none lost, none twice
+    assert len(files) > 20  # it did rotate, many times, under three writers
+    line = len(json.dumps({"prompt_id": "a-100", "padding": "x" * 60})) + 1
+    # Each process counts the file's real size, so a file overshoots by at most a line per writer.
+    assert max(file.stat().st_size for file in files) <= 2048 + 3 * line
+    assert not list(tmp_path.glob("decisions.jsonl*.lock"))  # the lock file stays out of the log's glob
