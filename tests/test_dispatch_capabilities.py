@@ -15,7 +15,7 @@ from serving.bench.ports import free_port
 from serving.dispatch.capabilities import CHARS_PER_TOKEN, IMAGE_TOKENS, Serves, request_needs
 from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch.dispatch_config import ConfigError, load_dispatcher_config
-from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, user_with_parts
+from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, read_log, restricted, user_with_parts
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
 
@@ -28,10 +28,6 @@ def capable(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path:
     running = Dispatcher(restricted(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")))
     yield running
     running.stop()
-
-
-def _log(tmp_path: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
 
 
 def _served_by(fresh: dict[str, Upstream]) -> list[str]:
@@ -58,7 +54,7 @@ def test_an_image_never_goes_to_a_tier_without_vision(capable: Dispatcher, fresh
     plain = client.chat.completions.with_raw_response.create(model="promptier", messages=user_with_parts(EASY))
     assert plain.headers["x-promptier-tier"] == "small" and plain.headers["x-promptier-reason"] == "classified"
     assert "x-promptier-steered-from" not in plain.headers and "x-promptier-needs" not in plain.headers
-    rows = _log(tmp_path)
+    rows = read_log(tmp_path)
     assert [row["schema_version"] for row in rows] == [DECISION_SCHEMA_VERSION] * 3 and DECISION_SCHEMA_VERSION >= 3
     assert [row["reason"] for row in rows] == ["capability", "capability", "classified"]
     assert rows[0]["needs"] == ["images"] and rows[2]["needs"] == []
@@ -97,7 +93,7 @@ def test_tools_and_json_output_only_go_to_tiers_that_serve_them(capable: Dispatc
                                                            response_format={"type": "text"})
     assert text.headers["x-promptier-tier"] == "small"
     assert len(fresh["small"].received) == 1 and "tools" not in fresh["small"].received[0]["body"]
-    assert [row["needs"] for row in _log(tmp_path)] == [["tools"], ["tools"], ["json_output"], ["json_output"], []]
+    assert [row["needs"] for row in read_log(tmp_path)] == [["tools"], ["tools"], ["json_output"], ["json_output"], []]
 
 
 def test_a_prompt_past_a_tiers_context_window_never_goes_to_it(capable: Dispatcher, fresh: dict[str, Upstream],
@@ -121,7 +117,7 @@ def test_a_prompt_past_a_tiers_context_window_never_goes_to_it(capable: Dispatch
         "role": "user", "content": long * 2}])
     assert longer.headers["x-promptier-tier"] == "large"
     assert not fresh["small"].received
-    rows = _log(tmp_path)
+    rows = read_log(tmp_path)
     assert rows[0]["estimated_tokens"] == -(-len(long) // CHARS_PER_TOKEN)
     assert rows[1]["estimated_tokens"] == -(-len(EASY) // CHARS_PER_TOKEN) + 1995
     assert rows[1]["steered"] == {"from_tier": "small", "from_reason": "classified", "by": ["context_window"]}
@@ -143,7 +139,7 @@ def test_a_request_without_text_is_routed_by_capability_not_counted_as_a_fallbac
     metrics = httpx.get(f"http://127.0.0.1:{capable.port}/metrics/").text
     assert "promptier_dispatch_classifier_fallbacks_total{" not in metrics  # no fallback of any cause
     assert 'promptier_dispatch_requests_total{reason="no_text",status="200",tier="medium"} 1.0' in metrics
-    rows = _log(tmp_path)
+    rows = read_log(tmp_path)
     assert [row["reason"] for row in rows] == ["no_text"] * 3
     assert rows[0]["needs"] == ["images"] and rows[0]["estimated_tokens"] == IMAGE_TOKENS
     assert not fresh["large"].received
@@ -172,7 +168,7 @@ def test_no_text_tier_from_the_config_and_the_fallback_give_way_to_a_capable_tie
         image_only = client.chat.completions.with_raw_response.create(model="promptier",
                                                                       messages=user_with_parts(IMAGE))
         assert image_only.headers["x-promptier-tier"] == "medium"
-        rows = _log(tmp_path)
+        rows = read_log(tmp_path)
         assert rows[0]["steered"] == {"from_tier": "large", "from_reason": "fallback", "by": ["images"]}
         assert rows[3]["steered"] == {"from_tier": "large", "from_reason": "no_text", "by": ["images"]}
         metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
