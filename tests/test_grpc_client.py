@@ -1,0 +1,220 @@
+"""The client library on a real server: async and blocking clients, coalescing, spread connections."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from serving.client import AsyncRouterClient, Decision, RouterClient
+from serving.service.server import ServerLimits
+from tests.grpc_server import EASY, HARD, ServerThread, worker_serving
+from tests.server_probes import counted
+
+
+@pytest.fixture(scope="module")
+def server(trained_artifact: Path) -> Iterator[ServerThread]:
+    """The service on the test model, taking at most 16 items per ClassifyBatch (a limit the coalescing
+    client must keep to)."""
+    running = ServerThread(model_dir=trained_artifact, limits=ServerLimits(max_prompt_chars=200_000,
+                                                                          max_batch_items=16))
+    yield running
+    running.stop()
+
+
+def test_async_client(server: ServerThread) -> None:
+    async def run() -> list[str]:
+        async with AsyncRouterClient(server.target, timeout=5) as client:
+            decisions = await asyncio.gather(*(client.classify(EASY) for _ in range(20)))
+            return [d.tier for d in decisions]
+
+    assert asyncio.run(run()) == ["small"] * 20
+
+
+def test_async_client_coalesces_concurrent_calls_into_batches(server: ServerThread) -> None:
+    distinct = [EASY, HARD, "sort python list"]
+    prompts = distinct * 10 + [""]  # the empty prompt is invalid: only its caller gets the error
+    assert server.running is not None
+    running = server.running
+
+    def rpcs() -> tuple[float, float]:
+        return counted(running, "Classify", "OK"), counted(running, "ClassifyBatch", "OK")
+
+    async def run() -> tuple[dict, list, tuple, tuple, bool]:
+        async with AsyncRouterClient(server.target, timeout=5) as plain:
+            expected = {p: await plain.classify(p) for p in distinct}
+        before = rpcs()
+        async with AsyncRouterClient(server.target, timeout=5, coalesce=True, max_in_flight=1, max_batch=8,
+                                     connections=2) as client:
+            outcomes = await asyncio.gather(*(client.classify(p) for p in prompts), return_exceptions=True)
+            after = rpcs()
+            # A caller that gives up while waiting is dropped; the others are answered.
+            tasks = [asyncio.ensure_future(client.classify(p)) for p in distinct * 3]
+            await asyncio.sleep(0)
+            tasks[4].cancel()
+            rest = await asyncio.gather(*tasks, return_exceptions=True)
+            others_ok = all(isinstance(r, Decision) for i, r in enumerate(rest) if i != 4)
+            cancelled = isinstance(rest[4], asyncio.CancelledError)
+        return expected, outcomes, before, after, others_ok and cancelled
+
+    expected, outcomes, before, after, cancel_ok = asyncio.run(run())
+    for prompt, outcome in zip(prompts[:-1], outcomes[:-1], strict=True):
+        assert isinstance(outcome, Decision) and outcome.tier == expected[prompt].tier
+        # The same answer as a call of its own (a dynamic-int8 model's scores may move ~0.02 with batch neighbours).
+        assert outcome.scores == pytest.approx(expected[prompt].scores, abs=0.03)
+    assert isinstance(outcomes[-1], grpc.RpcError) and outcomes[-1].code() == grpc.StatusCode.INVALID_ARGUMENT
+    unary, batches = after[0] - before[0], after[1] - before[1]
+    assert batches >= 3 and unary + batches <= 6  # 31 calls in a handful of RPCs, not 31
+    assert cancel_ok
+
+    async def too_late() -> list:
+        async with AsyncRouterClient(server.target, timeout=1e-6, coalesce=True) as client:
+            return await asyncio.gather(*(client.classify(EASY) for _ in range(5)), return_exceptions=True)
+
+    late = asyncio.run(too_late())
+    assert all(isinstance(r, grpc.RpcError) and r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in late)
+
+
+def test_blocking_client_coalesces_calls_from_many_threads(server: ServerThread) -> None:
+    assert server.running is not None
+    running = server.running
+
+    def rpcs() -> tuple[float, float]:
+        return counted(running, "Classify", "OK"), counted(running, "ClassifyBatch", "OK")
+
+    prompts = [EASY, HARD] * 24 + [""]  # the empty prompt is invalid: only its caller gets the error
+    before = rpcs()
+    with RouterClient(server.target, timeout=5, coalesce=True, connections=2) as client, \
+            ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        barrier = threading.Barrier(len(prompts))
+
+        def call(prompt: str) -> str:
+            barrier.wait()  # all at once, so that calls queue behind one another
+            try:
+                return client.classify(prompt).tier
+            except grpc.RpcError as error:
+                return error.code().name
+
+        tiers = list(pool.map(call, prompts))
+    after = rpcs()
+    assert tiers == ["small", "large"] * 24 + ["INVALID_ARGUMENT"]
+    unary, batches = after[0] - before[0], after[1] - before[1]
+    assert batches >= 1 and unary + batches < len(prompts) / 2  # grouped, not one RPC per call
+
+    with RouterClient("127.0.0.1:1", timeout=0.2, attempts=1, coalesce=True) as nowhere:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            nowhere.classify(EASY)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert time.perf_counter() - started < 2  # within its deadline, not the hand-off's grace
+    assert not any(thread.name == "promptier-client" for thread in threading.enumerate())  # closed
+
+
+def test_client_spreads_its_connections_over_the_server_processes(trained_artifact: Path,
+                                                                    server: ServerThread) -> None:
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, wait_serving
+
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
+                               "--port", str(port), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def my_connections(to_port: int) -> set[int]:
+        return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+                if c.status == "ESTABLISHED" and c.raddr and c.raddr.port == to_port}
+
+    def processes_reached(local_ports: set[int]) -> list[int]:
+        """The server process behind each of our connections."""
+        return [worker_serving(parent.pid, port, local) for local in local_ports]
+
+    async def spread(connections: int) -> tuple[int, list[int], bool]:
+        client = AsyncRouterClient(f"127.0.0.1:{port}", timeout=1.0, attempts=1, coalesce=True,
+                                   connections=connections)
+        try:
+            reached = await client.spread_connections(tries=16)
+            ports = my_connections(port)
+            owners = processes_reached(ports)
+            assert await client.spread_connections(tries=16) == reached
+            unchanged = my_connections(port) == ports  # spread already: nothing reopened
+            assert (await client.classify(EASY)).tier in {"small", "medium", "large"}
+            return reached, owners, unchanged
+        finally:
+            await client.close()
+
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        time.sleep(3.0)  # health answers once the first worker is up
+        for _ in range(3):
+            reached, owners, unchanged = asyncio.run(spread(2))
+            assert reached == 2 and len(owners) == 2 and len(set(owners)) == 2 and unchanged
+        # More connections than processes: evenly spread, and left alone once it is.
+        reached, owners, unchanged = asyncio.run(spread(3))
+        assert reached == 2 and sorted(owners.count(pid) for pid in set(owners)) == [1, 2] and unchanged
+    finally:
+        parent.terminate()
+        parent.wait(30)
+
+    async def one_process() -> tuple[int, bool]:
+        client = AsyncRouterClient(server.target, timeout=1.0, attempts=1, connections=2)
+        try:
+            reached = await client.spread_connections(tries=3)
+            ports = my_connections(server.running.port)
+            await client.spread_connections(tries=3)
+            return reached, my_connections(server.running.port) == ports
+        finally:
+            await client.close()
+
+    assert asyncio.run(one_process()) == (1, True)  # a single process: tried, then left alone
+
+
+def test_coalescing_client_keeps_batches_within_the_server_limit(server: ServerThread) -> None:
+    async def run() -> list[str]:
+        # The fixture's server takes at most 16 items per ClassifyBatch; the client would group 64.
+        async with AsyncRouterClient(server.target, timeout=5.0, attempts=1, coalesce=True, max_in_flight=1,
+                                     max_batch=64) as client:
+            first = asyncio.ensure_future(client.classify(EASY))  # in flight: the rest must queue up
+            await asyncio.sleep(0)
+            rest = await asyncio.gather(*(client.classify(HARD if i % 3 else EASY) for i in range(100)))
+            return [d.tier for d in [await first, *rest]]
+
+    tiers = asyncio.run(run())  # a batch over the limit would fail all its callers with INVALID_ARGUMENT
+    assert len(tiers) == 101 and set(tiers) <= {"small", "medium", "large"}
+
+
+def test_calls_in_flight_survive_connections_being_reopened(server: ServerThread) -> None:
+    async def run() -> list[str]:
+        # One server process and two connections: spreading reopens the second one, several times.
+        async with AsyncRouterClient(server.target, timeout=5.0, attempts=1, coalesce=True,
+                                     connections=2) as client:
+            calls = [asyncio.ensure_future(client.classify(EASY if i % 2 else HARD)) for i in range(64)]
+            await asyncio.sleep(0)  # the first calls are on the wire when the reopening starts
+            reached = await client.spread_connections(tries=4)
+            decisions = await asyncio.gather(*calls)
+            assert reached == 1
+            return [d.tier for d in decisions]
+
+    tiers = asyncio.run(run())
+    assert len(tiers) == 64 and set(tiers) <= {"small", "medium", "large"}
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_coalescing_client_scenarios_count_calls_and_group_them(server: ServerThread, blocking: bool) -> None:
+    from serving.bench.loadgen import coalescing_client_scenario
+
+    assert server.running is not None
+    before = counted(server.running, "ClassifyBatch", "OK")
+    result = coalescing_client_scenario(server.target, [EASY, HARD, "sort a list"], 16, 1.0, blocking)
+    assert result["errors"] == 0 and result["calls"] > 16 and result["prompts_per_s"] > 0
+    assert ("blocking" in result["generator"]) is blocking and result["p99_ms"] >= result["p50_ms"] > 0
+    assert counted(server.running, "ClassifyBatch", "OK") > before  # concurrent calls went out grouped
+

@@ -1,0 +1,105 @@
+"""The load tools: h2load and closed-loop generators count answered calls; the native echo floor."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from tests.grpc_server import EASY, HARD
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artifact: Path) -> None:
+    """The loadtest's h2load figures are of successful calls: the server's own counters must agree with
+    what h2load sent, and a scenario whose calls the server refuses is reported as errors."""
+    import subprocess
+    import sys
+
+    from serving.bench.loadgen import h2load_scenario, require_all_ok
+    from serving.bench.ports import free_port, wait_serving
+
+    port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
+               "--metrics-port", str(metrics_port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        good = h2load_scenario(port, [EASY, HARD], 4, 1, 1.0, [metrics_port])
+        assert good["calls"] > 0 and good["errors"] == 0
+        assert good["server_counted_ok"] >= good["calls"]  # every timed call was answered OK
+        assert good["ok_calls_by_server_process"] == [good["server_counted_ok"]]
+        assert good["p99_ms"] >= good["p50_ms"] > 0
+        # 300 items exceed the server's batch limit (256): HTTP 200 for h2load, INVALID_ARGUMENT for gRPC.
+        refused = h2load_scenario(port, [EASY] * 300, 1, 300, 1.0, [metrics_port])
+        assert refused["errors"] > 0 and refused["server_counted_ok"] == 0
+        require_all_ok(good)
+        with pytest.raises(RuntimeError, match="would not be of successful calls"):
+            require_all_ok(refused)
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Path) -> None:
+    from serving.bench.loadgen import h2load_scenario, require_all_ok
+    from serving.bench.native_floor import NativeBuildUnavailable, answered_calls, build_echo_server, start_echo_server
+    from serving.bench.ports import free_port
+
+    try:
+        binary = build_echo_server(tmp_path / "cache")
+    except NativeBuildUnavailable as reason:
+        pytest.skip(str(reason))
+    assert build_echo_server(tmp_path / "cache") == binary  # cached by source hash: not rebuilt
+    port = free_port()
+    server = start_echo_server(binary, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=5)
+        assert reply.tier == "small" and answered_calls(port) == 1
+
+        def counter(rpc: str) -> tuple[list[int], int]:
+            return [answered_calls(port)], 0
+
+        good = h2load_scenario(port, [EASY], 4, 1, 0.5, [], counter=counter)
+        assert good["calls"] > 0
+        require_all_ok(good)
+        # The echo server has no ClassifyBatch: HTTP 200 for h2load, UNIMPLEMENTED in gRPC, and its count
+        # of answered calls does not move, so the figure is refused.
+        refused = h2load_scenario(port, [EASY, HARD], 1, 2, 0.5, [], counter=counter)
+        assert refused["calls"] > 0 and refused["server_counted_ok"] == 0
+        with pytest.raises(RuntimeError, match="would not be of successful calls"):
+            require_all_ok(refused)
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+def test_native_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import serving.bench.native_floor as native_floor
+
+    monkeypatch.setattr(native_floor.shutil, "which", lambda tool: None if tool == "grpc_cpp_plugin" else "/bin/x")
+    with pytest.raises(native_floor.NativeBuildUnavailable, match=r"missing grpc_cpp_plugin.*protobuf-compiler-grpc"):
+        native_floor.build_echo_server(tmp_path)
+
+
+def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> None:
+    from serving.bench.loadgen import _closed_loop
+
+    seen: list[int] = []
+
+    async def call(index: int) -> int:
+        seen.append(index)
+        await asyncio.sleep(0)  # callers interleave here, as they do around a real RPC
+        return 3
+
+    result = asyncio.run(_closed_loop(call, concurrency=8, seconds=0.2, offset=100))
+    assert result["errors"] == 0 and len(result["latencies"]) > 8
+    assert result["items"] == 3 * len(result["latencies"])  # no increment lost between callers
+    assert {index % 8 for index in seen} == {(100 + k) % 8 for k in range(8)} and min(seen) == 100
+

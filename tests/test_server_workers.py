@@ -1,0 +1,183 @@
+"""serve --workers: processes share one port, reload, restart, drain, and refuse a bad artifact."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from tests.grpc_server import spawned_workers
+from tests.server_probes import non_loopback_address
+
+
+def _metric(port: int, name: str) -> float:
+    """Sum of a Prometheus counter's samples scraped from a worker's metrics endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, wait_serving
+
+    def workers() -> list[psutil.Process]:
+        return spawned_workers(parent.pid)
+
+    port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
+               "--workers", "2", "--metrics-port", str(metrics_port)]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+
+    def classify_over_new_connections(count: int) -> None:
+        for _ in range(count):  # one TCP connection each: the kernel spreads connections, not calls
+            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                reply = router_pb2_grpc.RouterStub(channel).Classify(
+                    router_pb2.ClassifyRequest(prompt="prove the theorem"), timeout=60, wait_for_ready=True)
+                assert reply.tier in {"small", "medium", "large"}
+
+    try:
+        wait_serving(target)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # every worker serves once the kernel has spread connections
+            classify_over_new_connections(8)
+            served = [_metric(metrics_port + i, "promptier_requests_total") for i in (0, 1)]
+            if all(count > 0 for count in served):
+                break
+        assert all(count > 0 for count in served), served
+        outside = non_loopback_address()
+        if outside is not None:  # metrics are on --host (127.0.0.1 here), not published to the network
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((outside, metrics_port), timeout=5).close()
+
+        os.kill(parent.pid, signal.SIGHUP)  # reload reaches every worker
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+                _metric(metrics_port + i, "promptier_model_reloads_total") >= 1 for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(_metric(metrics_port + i, "promptier_model_reloads_total") == 1 for i in (0, 1))
+
+        # A killed worker is replaced; the port keeps answering meanwhile.
+        victim = workers()[0]
+        victim.kill()
+        classify_over_new_connections(4)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            children = workers()
+            if len(children) == 2 and victim.pid not in {child.pid for child in children}:
+                break
+            time.sleep(0.2)
+        assert len(children) == 2 and victim.pid not in {child.pid for child in children}
+
+        parent.send_signal(signal.SIGTERM)  # drains every worker, then the parent exits cleanly
+        assert parent.wait(120) == 0
+        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+    finally:
+        if parent.poll() is None:
+            for child in workers():
+                child.kill()
+            parent.kill()
+
+
+def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, wait_serving
+
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
+                               "--port", str(port), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        children = psutil.Process(parent.pid).children()
+        parent.send_signal(signal.SIGKILL)  # no chance to forward anything
+        parent.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "workers outlived their supervisor and kept the port"
+    finally:
+        parent.kill()
+        for child in children:
+            if child.is_running():
+                child.kill()
+
+
+def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_artifact: Path,
+                                                                       tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, wait_serving
+
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path / "serve.err"
+    with log.open("wb") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
+                                   "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
+                                  stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(spawned_workers(parent.pid)) < 2:
+            time.sleep(0.1)
+        victim = spawned_workers(parent.pid)[0]
+        victim.kill()
+        replacement = None
+        deadline = time.monotonic() + 30
+        while replacement is None and time.monotonic() < deadline:
+            fresh = [w for w in spawned_workers(parent.pid) if w.pid != victim.pid and w.create_time() >
+                     victim.create_time() + 0.5]
+            replacement = fresh[0] if fresh else None
+            time.sleep(0.02)
+        assert replacement is not None
+        os.kill(parent.pid, signal.SIGHUP)  # the replacement is still importing and loading its model
+
+        def reloads(index: int) -> float:
+            try:
+                return _metric(metrics_port + index, "promptier_model_reloads_total")
+            except OSError:  # the replacement does not serve its metrics yet
+                return -1
+
+        deadline = time.monotonic() + 120  # both workers count the reload, the replacement once it serves
+        while time.monotonic() < deadline and not all(reloads(i) >= 1 for i in (0, 1)):
+            time.sleep(0.2)
+        assert [reloads(i) for i in (0, 1)] == [1, 1]
+        assert replacement.is_running()
+        deaths = [json.loads(line) for line in log.read_text().splitlines() if '"worker_died"' in line]
+        assert [death["exitcode"] for death in deaths] == [-signal.SIGKILL]  # only the one killed here
+    finally:
+        parent.terminate()
+        try:
+            parent.wait(60)
+        except subprocess.TimeoutExpired:
+            for child in spawned_workers(parent.pid):
+                child.kill()
+            parent.kill()
+
+
+def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> None:
+    import subprocess
+    import sys
+
+    (artifact_copy / "model.onnx").write_bytes(b"not onnx")
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", "serve", "--model", str(artifact_copy),
+                             "--port", "50999", "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "not a loadable ONNX model" in result.stderr
+
