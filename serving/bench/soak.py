@@ -304,7 +304,9 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         start_at = time.time() + TRAFFIC_SETUP_S
         children.start("flood", soak_clients.flood, niceness=LOAD_NICENESS, target=target, batch=options.flood_batch,
                        calls_per_s=flood_rate, seconds=seconds, start_at=start_at)
-        children.start("well_behaved", soak_clients.well_behaved, target=target,
+        # The well-behaved client stands for a caller on another machine: in a scheduling group of its
+        # own, so that what it measures is the service, not its share of a core beside the load generators.
+        children.start("well_behaved", soak_clients.well_behaved, own_session=True, target=target,
                        calls_per_s=options.well_behaved_rate, deadline_s=options.deadline_ms / 1000,
                        seconds=seconds, start_at=start_at)
         children.start("dispatch", soak_clients.dispatch_traffic, niceness=LOAD_NICENESS, base_url=dispatch_url,

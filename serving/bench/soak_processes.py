@@ -89,8 +89,13 @@ def spawned_children(pid: int) -> list:
 
 
 def _child_main(name: str, function: Callable[..., dict], kwargs: dict, results: multiprocessing.Queue,
-                niceness: int) -> None:
+                niceness: int, own_session: bool = False) -> None:
     try:
+        if own_session:
+            # A session of its own is a scheduling group of its own where the kernel groups sessions
+            # (autogroup): the process then gets a fair share of the CPU however busy the soak's other
+            # processes keep theirs, as a process on another machine would.
+            os.setsid()
         os.nice(niceness)
         results.put((name, function(**kwargs)))
     except Exception:
@@ -105,9 +110,12 @@ class Children:
         self._results: multiprocessing.Queue = self._context.Queue()
         self._processes: dict[str, BaseProcess] = {}
 
-    def start(self, name: str, function: Callable[..., dict], niceness: int = 0, **kwargs: object) -> None:
-        """Run `function(**kwargs)` in a process of its own, `niceness` added to its CPU priority."""
-        process = self._context.Process(target=_child_main, args=(name, function, kwargs, self._results, niceness),
+    def start(self, name: str, function: Callable[..., dict], niceness: int = 0, own_session: bool = False,
+              **kwargs: object) -> None:
+        """Run `function(**kwargs)` in a process of its own, `niceness` added to its CPU priority; with
+        `own_session`, in a session (and so a scheduling group) of its own."""
+        process = self._context.Process(target=_child_main,
+                                        args=(name, function, kwargs, self._results, niceness, own_session),
                                         name=f"soak-{name}", daemon=True)
         process.start()
         self._processes[name] = process
