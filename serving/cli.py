@@ -64,7 +64,8 @@ def serve(
     import asyncio
 
     from serving.common.logs import configure_json_logging
-    from serving.service.server import ServerLimits, serve_forever
+    from serving.service.limits import ServerLimits
+    from serving.service.server import serve_forever
 
     configure_json_logging()
     limits = ServerLimits(handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout or None,
@@ -72,7 +73,7 @@ def serve(
                           max_connections=max_connections, max_streams=max_streams)
     if workers > 1:
         from classifier import load
-        from serving.service.server import ensure_port_free
+        from serving.service.binding import ensure_port_free
         from serving.service.workers import serve_workers
 
         if port == 0:

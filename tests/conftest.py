@@ -162,7 +162,7 @@ def fresh(upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
 @pytest.fixture(scope="module")
 def grpc_classifier(trained_artifact: Path) -> Iterator[ServerThread]:
     """The gRPC service on the test model, in this process, for a module's tests."""
-    from serving.service.server import ServerLimits
+    from serving.service.limits import ServerLimits
     from tests.grpc_server import ServerThread
 
     running = ServerThread(model_dir=trained_artifact, limits=ServerLimits())

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from serving.client import AsyncRouterClient, Decision, RouterClient
-from serving.service.server import ServerLimits
+from serving.service.limits import ServerLimits
 from tests.grpc_server import EASY, HARD, ServerThread, worker_serving
 from tests.server_probes import counted
 

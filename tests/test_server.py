@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.client import Decision, RouterClient
-from serving.service.server import ServerLimits
+from serving.service.limits import ServerLimits
 from tests.grpc_server import EASY, HARD, ServerThread
 from tests.server_probes import code_of
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.service.server import is_local_peer
+from serving.service.admin import is_local_peer
 from tests.grpc_server import EASY, ServerThread
 from tests.server_probes import non_loopback_address, sample, wait_until
 

@@ -15,7 +15,7 @@ import pytest
 import classifier
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.client import RouterClient
-from serving.service.server import ServerLimits
+from serving.service.limits import ServerLimits
 from tests.grpc_server import EASY, HARD, ServerThread
 from tests.server_probes import code_of, counted, sample, wait_until
 

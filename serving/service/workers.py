@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serving.service.server import ServerLimits
+    from serving.service.limits import ServerLimits
 
 log = logging.getLogger("promptier.serve")
 # A worker that dies sooner than this after its start counts as a failed start. After
