@@ -23,6 +23,14 @@ def _metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
+def _metric_or_zero(port: int, name: str) -> float:
+    """`_metric`, or 0 while the worker's metrics endpoint is not listening yet."""
+    try:
+        return _metric(port, name)
+    except OSError:
+        return 0.0
+
+
 def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path) -> None:
     import os
     import signal
@@ -52,7 +60,8 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # every worker serves once the kernel has spread connections
             classify_over_new_connections(8)
-            served = [_metric(metrics_port + i, "promptier_requests_total") for i in (0, 1)]
+            # A worker may serve calls before its metrics endpoint listens: not up yet counts as none.
+            served = [_metric_or_zero(metrics_port + i, "promptier_requests_total") for i in (0, 1)]
             if all(count > 0 for count in served):
                 break
         assert all(count > 0 for count in served), served
