@@ -1,10 +1,10 @@
 """`promptier label --engine ray`: the same labeling as a Ray Data pipeline.
 
-read (one task per file, through the local engine's readers) -> map_batches with a callable class
-that loads the artifact once per actor and parses and labels rows with the local engine's functions
--> write. Runs on a local Ray instance by default, or on an existing cluster with `address`. The
-labeled blocks are merged into OUTPUT so the result matches the local engine row for row, malformed
-rows included.
+read (one task per file, through the readers the local engine uses) -> map_batches with a callable
+class that loads the artifact once per actor and parses and labels rows with the same functions as
+the local engine (classifier/labeling_rows.py, classifier/labeling_worker.py) -> write. Runs on a
+local Ray instance by default, or on an existing cluster with `address`. The labeled blocks are
+merged into OUTPUT so the result matches the local engine row for row, malformed rows included.
 """
 
 from __future__ import annotations
@@ -20,21 +20,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from classifier.labeling import (
-    LabelingError,
-    LabelOptions,
-    LabelStats,
-    _cannot_write,
-    _count,
-    _merge,
-    label_chunk,
-    load_worker_model,
-    output_lock,
-    parse_row,
-    prepare_job,
-    read_rows,
-    rows_to_table,
-)
+from classifier.labeling import prepare_job
+from classifier.labeling_options import LabelingError, LabelOptions, LabelStats
+from classifier.labeling_output import cannot_write, merge_parts, output_lock, rows_to_table
+from classifier.labeling_rows import parse_row, read_rows
+from classifier.labeling_worker import label_chunk, load_worker_model
 
 # Rows travel from the readers to the labelers as (row name, pickled payload): a payload is a raw
 # JSONL line, a record, or a bad row, and records of different files need not share a schema.
@@ -101,12 +91,9 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         finally:
             if started_here:
                 ray.shutdown()
-    stats = LabelStats()
     if output.suffix == ".parquet":
-        _count(pq.read_table(output).to_pylist(), stats)
-    else:
-        _count([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()], stats)
-    return stats
+        return LabelStats.of_rows(pq.read_table(output).to_pylist())
+    return LabelStats.of_rows([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()])
 
 
 def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: int) -> None:  # type: ignore[no-untyped-def]
@@ -130,10 +117,10 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
             try:
                 pq.write_table(table, parts[-1])
             except OSError as exc:
-                raise _cannot_write(parts[-1], exc, resumable=False) from None
+                raise cannot_write(parts[-1], exc, resumable=False) from None
         try:
-            _merge(parts, output)
+            merge_parts(parts, output)
         except OSError as exc:
-            raise _cannot_write(output, exc, resumable=False) from None
+            raise cannot_write(output, exc, resumable=False) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

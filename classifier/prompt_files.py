@@ -3,7 +3,7 @@
 `read_payloads` yields every row of one file, numbered, in file order, without judging it: a raw
 JSONL line (decoded by `decode_json_line`, where the caller chooses: the labeler does it in its
 worker processes), a Parquet or CSV record, or a `BadRow` for a CSV line that is not a record. What a
-row must hold is the caller's business: the labeler wants a prompt (classifier/labeling.py), training
+row must hold is the caller's business: the labeler wants a prompt (classifier/labeling_rows.py), training
 an outcome or a tier (training/data.py).
 """
 

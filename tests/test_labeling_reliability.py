@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from classifier import labeling
+from classifier import labeling, labeling_local, labeling_output, labeling_worker
 from classifier.cli import app
 from classifier.labeling import LabelingError, LabelOptions, label_files
 from tests.grpc_server import EASY, HARD
@@ -155,7 +155,7 @@ def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, tra
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(labeling, "_merge", interrupted)
+        patch.setattr(labeling_output, "merge_parts", interrupted)
         with pytest.raises(KeyboardInterrupt):
             label_files([str(source)], out, options, workers=1, progress=False)
     parts = out.with_name(out.name + ".parts")
@@ -348,7 +348,7 @@ def test_disk_full_while_merging_fails_cleanly_and_resumes(tmp_path: Path, train
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(labeling.shutil, "copyfileobj", full_disk)
+        patch.setattr(labeling_output.shutil, "copyfileobj", full_disk)
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "No space left on device" in result.output and str(out) in result.output and "--resume" in result.output
@@ -365,7 +365,7 @@ def test_disk_full_in_a_worker_leaves_no_partial_part(tmp_path: Path, trained_ar
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import classifier
 
-    monkeypatch.setattr(labeling, "_worker_model", classifier.load(trained_artifact))
+    monkeypatch.setattr(labeling_worker, "_worker_model", classifier.load(trained_artifact))
     real_open = Path.open
 
     def full_disk(self: Path, mode: str = "r", *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -380,7 +380,7 @@ def test_disk_full_in_a_worker_leaves_no_partial_part(tmp_path: Path, trained_ar
     part = tmp_path / f"part-00000000{suffix}"
     chunk = [(f"in.jsonl:{i}", json.dumps(row).encode()) for i, row in enumerate(sample_rows(5), start=1)]
     with pytest.raises(LabelingError, match=rf"{part}.*No space left on device"):
-        labeling.label_part(chunk, LabelOptions(), part)
+        labeling_local.label_part(chunk, LabelOptions(), part)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -395,7 +395,7 @@ def test_write_error_in_a_worker_ends_the_job_cleanly(tmp_path: Path, trained_ar
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # an interrupted job: its four parts are written
-        patch.setattr(labeling, "_merge", interrupted)
+        patch.setattr(labeling_output, "merge_parts", interrupted)
         with pytest.raises(KeyboardInterrupt):
             label_files([str(source)], out, options, workers=1, progress=False)
     parts = out.with_name(out.name + ".parts")
