@@ -119,7 +119,7 @@ def dispatch(
         if check:  # before a SIGHUP: an edit that does not load is refused, and then a crash stops the dispatcher
             import asyncio
 
-            from serving.dispatch.dispatcher import check_config
+            from serving.dispatch.config_check import check_config
 
             checked = asyncio.run(check_config(settings))
             typer.echo(f"{config}: OK, config_fingerprint {settings.fingerprint}; {checked}")

@@ -14,9 +14,9 @@ import httpx
 import openai
 import uvicorn
 
+from serving.dispatch.app import create_app
 from serving.dispatch.capabilities import Serves
 from serving.dispatch.dispatch_config import DispatcherConfig
-from serving.dispatch.dispatcher import create_app
 from serving.dispatch.inbound import DispatchServerConfig
 from tests.fake_upstream import Upstream, run_uvicorn
 

@@ -208,7 +208,7 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = _loaded_modules(result.stderr)
-    assert "serving.dispatch.dispatcher" in loaded and "serving.common.batcher" in loaded
+    assert "serving.dispatch.config_check" in loaded and "serving.common.batcher" in loaded
     assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
     assert _load_tool_modules(loaded) == [] and _modules_of(loaded, "serving.service") == []
 

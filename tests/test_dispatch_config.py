@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from classifier.errors import PromptierError
+from serving.dispatch.app import create_app
 from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.dispatch.dispatcher import create_app
 from tests.dispatcher_harness import dispatcher_config
 from tests.fake_upstream import Upstream
 from tests.grpc_server import ServerThread

@@ -118,12 +118,12 @@ def test_requests_a_browser_page_could_forge_are_refused_without_keys(
 
 def test_unexpected_error_is_a_json_500_and_the_dispatcher_keeps_serving(
         dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import serving.dispatch.dispatcher
+    import serving.dispatch.chat
 
     def broken(raw: bytes) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(serving.dispatch.dispatcher, "parse_chat", broken)
+    monkeypatch.setattr(serving.dispatch.chat, "parse_chat", broken)
     body = {"model": "promptier", "messages": [{"role": "user", "content": EASY}]}
     with caplog.at_level("ERROR", logger="promptier.dispatcher"):
         reply = httpx.post(f"{dispatcher.base_url}/chat/completions", json=body)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import uvicorn
 
+from serving.dispatch.app import create_app
 from serving.dispatch.dispatch_config import DispatcherConfig
-from serving.dispatch.dispatcher import create_app
 from serving.dispatch.exploration import draw_tier
 from serving.dispatch.inbound import DispatchServerConfig
 from tests.fake_upstream import Upstream, run_uvicorn

@@ -15,9 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 import classifier
+from serving.dispatch.app import create_app
 from serving.dispatch.decision_log import OUTCOME_KIND as LOGGED_OUTCOME_KIND
 from serving.dispatch.dispatch_config import DispatcherConfig
-from serving.dispatch.dispatcher import create_app
 from serving.dispatch.inbound import DispatchServerConfig
 from tests.conftest import POOL_YAML, synthetic_rows, tiny_config, write_jsonl
 from tests.fake_upstream import Upstream, run_uvicorn

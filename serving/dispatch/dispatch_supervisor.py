@@ -1,8 +1,8 @@
 """`promptier dispatch`'s parent process: uvicorn's supervisor over the dispatcher's worker processes.
 
-Apart from `serving.dispatch.dispatcher` so that the parent, which only holds the listening socket and watches
-the workers, does not import the request path (aiohttp, Starlette, gRPC, prometheus): measured with
-an embedded model, 95 MB resident instead of 117 (49 MB of its own instead of 63).
+Apart from the workers' entry (`serving.dispatch.worker`) so that the parent, which only holds the listening
+socket and watches the workers, does not import the request path (aiohttp, Starlette, gRPC, prometheus):
+measured with an embedded model, 95 MB resident instead of 117 (49 MB of its own instead of 63).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def run(config_path: Path, host: str, port: int, workers: int = 1) -> int:
         # The health-check timeout also bounds a replacement's start-up on SIGHUP (imports and loading an
         # embedded model: 2.4-3 s here, more on a busy host); at uvicorn's 5 s a reload could be refused.
         # Each worker takes its connection limits (config `inbound:`) from the app it loads.
-        server_config = DispatchServerConfig("serving.dispatch.dispatcher:app_from_environment", factory=True,
+        server_config = DispatchServerConfig("serving.dispatch.worker:app_from_environment", factory=True,
                                              workers=workers, log_level="info",
                                              timeout_worker_healthcheck=WORKER_START_TIMEOUT_S, **options)
         supervisor = WorkerSupervisor(server_config, sockets=[server_config.bind_socket()])

@@ -1,98 +1,44 @@
-"""OpenAI-compatible dispatcher: classify each chat request (gRPC service or embedded runtime), forward it
-to its tier's upstream.
+"""The dispatcher's routing core, without HTTP serving: where each chat request goes and what is kept of it.
 
-`create_app(config)` builds the ASGI app (plain Starlette: FastAPI's per-request middleware layers
-showed in the dispatcher's profile); `promptier dispatch --config dispatcher.yaml` serves it.
-Request and response bodies pass through untouched except the request's model name. Every response
-says, in x-promptier-* headers, which tier and upstream model served it and why.
+`Dispatcher` decides a request's tier (pinned, the classifier's, the fallback when the classifier fails,
+moved by what the request needs, by its tenant's budget or by exploration), sends it to that tier's
+upstream (escalating to a more capable tier when the upstream fails before answering), says why in
+x-promptier-* headers, and records it: metrics, the tenant's spend, the decision log.
+`serving.dispatch.app` serves it over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import random
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app, multiprocess
-from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount
-from starlette.routing import Route as Endpoint
-from starlette.types import ASGIApp, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-import classifier
 from classifier.artifact import MODES
 from classifier.conversation import render_conversation
-from classifier.errors import InvalidInputError, PromptierError
+from classifier.errors import InvalidInputError
 from serving.common.batcher import BatcherMetrics
-from serving.common.logs import configure_json_logging
-from serving.common.startup import freeze_startup_objects
-from serving.dispatch.capabilities import (
-    NO_NEEDS,
-    CapabilityMetrics,
-    CapabilityRefusal,
-    CapabilityRouter,
-    Needs,
-    Steered,
-    describe_serves,
-    request_needs,
-)
+from serving.dispatch.capabilities import NO_NEEDS, CapabilityMetrics, CapabilityRouter, Needs, Steered
+from serving.dispatch.config_check import check_tier_names
 from serving.dispatch.decision_log import DecisionLog, DecisionRecord
-from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, load_dispatcher_config
-from serving.dispatch.dispatch_supervisor import CONFIG_ENV, METRICS_DIR_ENV
+from serving.dispatch.dispatch_config import DispatcherConfig
 from serving.dispatch.exploration import draw_tier
 from serving.dispatch.http_error import HTTPError
-from serving.dispatch.inbound import INBOUND_ATTRIBUTE
-from serving.dispatch.inbound_request import (
-    CLIENT_CLOSED,
-    ClientGone,
-    DisconnectWatch,
-    HostCheck,
-    is_json,
-    parse_chat,
-    read_body,
-)
-from serving.dispatch.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
 from serving.dispatch.route_classifier import (
     ClassifierUnavailable,
     EmbeddedRouteClassifier,
     GrpcRouteClassifier,
     RouteClassifier,
 )
-from serving.dispatch.savings_page import SavingsReport, savings_routes
-from serving.dispatch.stream_meter import (
-    CHARS_PER_TOKEN,
-    ESTIMATED,
-    StreamMeter,
-    answer_chars,
-    ask_for_usage,
-    estimated_usage,
-    wants_usage,
-)
-from serving.dispatch.tenants import Tenant, Tenants, check_tenants_and_store
-from serving.dispatch.upstream_body import (
-    BUFFERED_BODY_LIMIT,
-    NO_USAGE,
-    STREAM_TAIL_BYTES,
-    ResponseCut,
-    bound_body_reads,
-    read_up_to,
-    read_usage,
-    usage_from_stream_tail,
-    usage_of_body,
-)
+from serving.dispatch.stream_meter import CHARS_PER_TOKEN, ESTIMATED, estimated_usage
+from serving.dispatch.tenants import Tenant, Tenants
+from serving.dispatch.upstream_body import bound_body_reads
 
 log = logging.getLogger("promptier.dispatcher")
 ROUTER_PREFIX = "promptier"
@@ -101,6 +47,8 @@ HEADER_PREFIX = "x-promptier-"
 
 @dataclass
 class Route:
+    """Where one request goes and why: what its headers and its decision log line say."""
+
     tier: str
     # classified | pinned | fallback | escalated | no_text | capability | paced | budget_exhausted | explored
     reason: str
@@ -121,6 +69,8 @@ class Route:
 
 
 class DispatcherMetrics:
+    """The dispatcher's own Prometheus metrics, in one registry with the tenants', capabilities' and classifier's."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("promptier_dispatch_requests", "requests by tier, reason and status",
@@ -136,43 +86,10 @@ class DispatcherMetrics:
                                 registry=self.registry)
 
 
-def _check_tier_names(served: list[str], configured: list[str], source: str) -> None:
-    if served != configured:
-        raise ConfigError(f"the classifier ({source}) serves tiers {served}, but the dispatcher config maps "
-                          f"{configured}; they must be the same, in order")
-
-
-async def check_config(config: DispatcherConfig) -> str:
-    """What `promptier dispatch --check` adds to reading the file: the embedded artifact loads, or the
-    gRPC service answers, and the classifier's tiers are the config's. Returns what was checked.
-
-    Raises:
-        PromptierError: the artifact does not load, or the tiers differ.
-    """
-    capabilities = f"; capabilities: {describe_serves({name: tier.serves for name, tier in config.tiers.items()})}"
-    tenants = check_tenants_and_store(config)
-    return await _check_classifier(config) + capabilities + f"; {tenants}"
-
-
-async def _check_classifier(config: DispatcherConfig) -> str:
-    if config.classifier.embedded:
-        model = classifier.load(config.classifier.model)
-        _check_tier_names(model.tier_names, config.tier_names, f"embedded model {model.model_version}")
-        return f"embedded model {model.model_version} loads and serves tiers {model.tier_names}"
-    service = GrpcRouteClassifier(config.classifier.address, timeout_s=0.5, coalesce=False, connections=1)
-    try:
-        served = await service.tiers()
-    finally:
-        await service.close()
-    if served is None:
-        return (f"the gRPC service at {config.classifier.address} did not answer: its tiers are checked when "
-                "it does (until then requests go to the fallback tier)")
-    names = [tier.name for tier in served]
-    _check_tier_names(names, config.tier_names, service.describe())
-    return f"the gRPC service at {config.classifier.address} serves tiers {names}"
-
 
 class Dispatcher:
+    """Routes, forwards and records chat requests for one config; `start` on the serving event loop first."""
+
     def __init__(self, config: DispatcherConfig) -> None:
         self.config = config
         self.tiers = config.tier_names
@@ -222,7 +139,7 @@ class Dispatcher:
         served = await self.classifier.tiers()
         if served is None:
             return  # the classifier may start later; requests fall back (visibly) until it does
-        _check_tier_names([tier.name for tier in served], self.tiers, self.classifier.describe())
+        check_tier_names([tier.name for tier in served], self.tiers, self.classifier.describe())
         self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in served}
         self.tenants.set_prices(self.prices)
 
@@ -443,281 +360,3 @@ def _logged_prompt(messages: list[tuple[str, str]]) -> str:
     except InvalidInputError:  # nothing the classifier could read (it fell back): keep what there is
         return "\n\n".join(content for _, content in messages)
 
-
-def create_app(config: DispatcherConfig) -> ASGIApp:
-    """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
-    dispatcher = Dispatcher(config)
-    fingerprint = config.fingerprint  # a hash of the whole config: once, not per health probe
-
-    shared_metrics_dir = os.environ.get(METRICS_DIR_ENV)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await dispatcher.start()
-        yield
-        await dispatcher.close()
-        if shared_metrics_dir:
-            multiprocess.mark_process_dead(os.getpid(), shared_metrics_dir)  # its live gauges leave the sums
-
-    async def health(request: Request) -> Response:
-        reachable = await dispatcher.classifier.tiers() is not None
-        classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
-        body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
-                                   "classifier_source": dispatcher.classifier.describe(),
-                                   "fallback_tier": config.fallback_tier, "config_fingerprint": fingerprint}
-        if isinstance(dispatcher.classifier, GrpcRouteClassifier):
-            # How many of the service's processes this dispatcher's connections reach (null: not known yet).
-            body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
-        body.update(dispatcher.tenants.health())
-        return JSONResponse(body)
-
-    def caller(request: Request) -> Tenant:
-        """The tenant of a JSON POST's API key. Raises HTTPError: 415 not JSON, 401 no valid key."""
-        if not is_json(request.headers.get("content-type", "")):
-            raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
-                            code="unsupported_media_type")
-        tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
-        if tenant is None:
-            raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
-        return tenant
-
-    async def outcomes(request: Request) -> Response:
-        """Scores for earlier answers (serving.dispatch.outcomes), appended to the decision log for training."""
-        try:
-            caller(request)
-            reports = parse_outcomes(await read_body(request, MAX_OUTCOMES_BODY_BYTES))
-        except HTTPError as error:
-            return error.response()
-        except OutcomeError as error:
-            return HTTPError(400, str(error), code="invalid_outcome").response()
-        except ClientDisconnect:
-            return Response(status_code=CLIENT_CLOSED)
-        accepted = record_outcomes(dispatcher.decisions, reports)
-        dispatcher.metrics.outcomes.inc(accepted)
-        return JSONResponse({"accepted": accepted}, status_code=202)
-
-    async def models(request: Request) -> Response:
-        data = [{"id": model_id, "object": "model", "owned_by": "promptier"} for model_id in dispatcher.model_ids()]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def chat(request: Request) -> Response:
-        started = time.perf_counter()
-        try:
-            tenant = caller(request)
-            body, messages = parse_chat(await read_body(request, config.max_request_bytes))
-            mode, pinned = dispatcher.parse_model(body.get("model"), tenant)
-            needs = request_needs(body, messages)
-            dispatcher.capabilities.check(needs, pinned)
-        except HTTPError as error:
-            return error.response()
-        except CapabilityRefusal as refusal:
-            # 400 as the OpenAI API answers a request its model cannot take (an image to a text-only
-            # model, a prompt past its context): the request, not the server, has to change.
-            return HTTPError(400, refusal.message, code=refusal.code).response()
-        except ClientDisconnect:
-            # A caller that leaves mid-body is routine (and one too slow is cut off by serving.dispatch.inbound).
-            client = request.scope.get("client")
-            log.info(json.dumps({"event": "client_left_before_its_body_came",
-                                 "client": f"{client[0]}:{client[1]}" if client else None}))
-            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
-        streamed = bool(body.get("stream"))
-        route = await dispatcher.route(messages, mode, pinned, needs, tenant)  # bounded by the classifier's deadline
-        if not tenant.may_use(route.tier):  # steered by a capability to a tier this key may not use
-            refused = HTTPError(403, f"this request needs {', '.join(route.steered.by if route.steered else ())}, "
-                                f"which none of this API key's tiers ({', '.join(tenant.allowed_names or ())}) "
-                                "serves", kind="permission_error", code="tier_not_allowed")
-            dispatcher.record(route, None, messages, refused.status, started, None, tenant=tenant)
-            return refused.response(dispatcher.headers(route, route.tier))
-        metered = tenant.budget is not None  # its answers are charged: by usage, else by counted characters
-        meter: StreamMeter | None = None
-        if metered:
-            try:
-                dispatcher.apply_budget(route, tenant, messages)
-            except HTTPError as error:
-                dispatcher.record(route, None, messages, error.status, started, None, tenant=tenant)
-                return error.response({**dispatcher.headers(route, route.tier),
-                                       "retry-after": str(dispatcher.tenants.seconds_left(tenant))})
-            if streamed:
-                meter = StreamMeter(drop_usage_chunk=not wants_usage(body))
-                body = ask_for_usage(body)
-        dispatcher.explore(route, tenant)  # after the budget: a paced request is not drawn again
-        upstream: aiohttp.ClientResponse | None = None
-        tier: str | None = None
-        try:
-            with DisconnectWatch(request.receive):
-                if not dispatcher.prices:
-                    with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
-                        await dispatcher.refresh_prices()
-                try:
-                    upstream, tier = await dispatcher.open_upstream(route, body, tenant)
-                except HTTPError as error:
-                    dispatcher.record(route, None, messages, error.status, started, None, tenant=tenant)
-                    return error.response(dispatcher.headers(route, route.tier))
-                received: list[bytes] = []  # the start of a body too large to hold, relayed first
-                whole = False
-                if not streamed:
-                    try:
-                        received, whole = await read_up_to(upstream, BUFFERED_BODY_LIMIT)
-                    except (aiohttp.ClientError, TimeoutError) as error:
-                        upstream.close()
-                        failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
-                                            f"({type(error).__name__})", kind="upstream_error",
-                                            code="upstream_unavailable")
-                        dispatcher.record(route, tier, messages, failure.status, started, None, tenant=tenant)
-                        return failure.response(dispatcher.headers(route, tier))
-        except ClientGone:
-            # Closing the upstream connection is what stops its work (vLLM and others abort on it).
-            if upstream is not None:
-                upstream.close()
-            dispatcher.record(route, tier or route.tier, messages, CLIENT_CLOSED, started, None, tenant=tenant)
-            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
-        headers = dispatcher.headers(route, tier)
-        media_type = upstream.headers.get("content-type", "application/json")
-        if whole:
-            upstream.release()
-            content = b"".join(received)
-            usage, note = usage_of_body(content) if upstream.status < 400 else (None, None)
-            counted = answer_chars(content) if metered and usage is None and upstream.status < 400 else None
-            dispatcher.record(route, tier, messages, upstream.status, started, usage, note, tenant, counted)
-            return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
-
-        async def relay() -> AsyncIterator[bytes]:
-            """The rest of the upstream's body as it comes: an event stream, or a body too large to hold."""
-            status = upstream.status
-            finished = False
-            tail = bytearray()
-            relayed = 0  # bytes of a body too large to hold: what a metered answer is charged by
-            try:
-                while received:
-                    relayed += len(received[0])
-                    yield received.pop(0)
-                async for chunk in upstream.content.iter_any():
-                    if meter is not None:
-                        chunk = meter.feed(chunk)  # whole events, less a usage chunk the caller did not ask for
-                        if not chunk:
-                            continue
-                    elif streamed:
-                        tail += chunk
-                        del tail[:-STREAM_TAIL_BYTES]
-                    relayed += len(chunk)
-                    yield chunk
-                if meter is not None and (rest := meter.finish()):
-                    yield rest
-                finished = True
-            except (aiohttp.ClientError, TimeoutError) as error:
-                status = 599  # recorded as a broken stream
-                detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
-                if not streamed:
-                    raise ResponseCut(detail) from None
-                event = {"error": {"message": detail, "type": "upstream_error", "code": "stream_interrupted"}}
-                yield f"data: {json.dumps(event)}\n\n".encode()
-            except (asyncio.CancelledError, GeneratorExit):
-                status = CLIENT_CLOSED  # the caller disconnected mid-stream
-                raise
-            finally:
-                # Also runs when the client disconnects: closing the connection cancels the upstream call.
-                # A stream read to its end hands its connection back to the pool instead.
-                if finished:
-                    upstream.release()
-                else:
-                    upstream.close()
-                usage = note = None
-                counted = None
-                if metered and upstream.status < 400:  # an answer begun is paid for, even one cut short
-                    if meter is not None:
-                        usage, note = read_usage(meter.usage)
-                        counted = meter.completion_chars if usage is None else None
-                    else:
-                        counted = relayed
-                        note = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
-                elif finished and status < 400:
-                    if streamed:
-                        usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
-                        if usage is None and note == NO_USAGE:
-                            note = "the stream carried no usage (sent when the caller asks for it with " \
-                                   "stream_options.include_usage)"
-                    else:
-                        note = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
-                dispatcher.record(route, tier, messages, status, started, usage, note, tenant, counted)
-
-        return StreamingResponse(relay(), status_code=upstream.status, media_type=media_type, headers=headers)
-
-    exposed = dispatcher.metrics.registry
-    if shared_metrics_dir:
-        exposed = CollectorRegistry()
-        multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
-    app = Starlette(lifespan=lifespan, routes=[
-        Endpoint("/health", health, methods=["GET"]),
-        Endpoint("/v1/models", models, methods=["GET"]),
-        Endpoint("/v1/chat/completions", chat, methods=["POST"]),
-        Endpoint("/v1/promptier/outcomes", outcomes, methods=["POST"]),
-        Mount("/metrics", make_asgi_app(registry=exposed)),
-        *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
-                                       config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
-                         dispatcher.tenants.keys()) if config.savings_page.enabled else []),
-    ])
-    app.state.dispatcher = dispatcher
-
-    # Without inbound keys, a browser page must not reach the dispatcher under a name of its own.
-    host_allowed = (HostCheck(config.allowed_hosts)
-                    if dispatcher.tenants.open and "*" not in config.allowed_hosts else None)
-    host_refused = HTTPError(403, "this Host is not allowed: name the dispatcher by localhost or an IP address, "
-                             "list its name in allowed_hosts, or configure inbound_api_keys_env",
-                             code="host_not_allowed").response()
-
-    async def hot_path(scope: Scope, receive: Receive, send: Send) -> None:
-        """Chat completions skip Starlette's middleware and router (a tenth of the per-request work in
-        the dispatcher's profile); everything else, lifespan included, goes through the app."""
-        if scope["type"] == "http" and host_allowed is not None and not host_allowed(scope["headers"]):
-            await host_refused(scope, receive, send)
-        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
-            try:
-                response = await chat(Request(scope, receive))
-            except Exception:  # what ServerErrorMiddleware would do, without its cost on every request
-                log.exception("unhandled error in chat completions")
-                response = HTTPError(500, "internal error", kind="server_error").response()
-            try:
-                await response(scope, receive, send)
-            except ResponseCut as cut:
-                # Returning with the response unfinished makes uvicorn close the connection, unterminated.
-                log.warning(json.dumps({"event": "response_cut", "detail": str(cut)}))
-        else:
-            await app(scope, receive, send)
-
-    setattr(hot_path, INBOUND_ATTRIBUTE, config.inbound)  # what serving.dispatch.inbound's server reads its limits from
-    return hot_path
-
-
-def app_from_environment() -> ASGIApp:
-    """The app of one worker process: the config named by PROMPTIER_DISPATCH_CONFIG.
-
-    A worker that cannot build its app (a config or artifact that does not load) exits with uvicorn's
-    start-up failure code: the supervisor then stops, at launch, instead of restarting the worker
-    forever (what it does with any other exit code), and on SIGHUP keeps the running workers.
-    """
-    from uvicorn.config import STARTUP_FAILURE
-
-    configure_json_logging()
-    if METRICS_DIR_ENV in os.environ:
-        _forget_dead_workers(Path(os.environ[METRICS_DIR_ENV]))
-    try:
-        app = create_app(load_dispatcher_config(Path(os.environ[CONFIG_ENV])))
-    except PromptierError as error:
-        log.error(json.dumps({"event": "worker_cannot_start", "error": str(error)}))
-        sys.exit(STARTUP_FAILURE)
-    except Exception:
-        log.exception("worker_cannot_start")
-        sys.exit(STARTUP_FAILURE)
-    freeze_startup_objects()
-    return app
-
-
-def _forget_dead_workers(metrics_dir: Path) -> None:
-    """Drop the live gauges of workers that are gone (a killed worker never removes its own), so that
-    sums over live workers stay true; their counters stay, as counts must not go back."""
-    import psutil
-
-    for path in metrics_dir.glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[-1]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            multiprocess.mark_process_dead(int(pid), str(metrics_dir))

@@ -34,7 +34,7 @@ from serving.dispatch.dispatch_config import InboundConfig
 
 log = logging.getLogger("promptier.dispatcher")
 
-# The attribute of the ASGI app (set by `serving.dispatch.dispatcher.create_app`) that holds its inbound limits.
+# The attribute of the ASGI app (set by `serving.dispatch.app.create_app`) that holds its inbound limits.
 INBOUND_ATTRIBUTE = "promptier_inbound"
 # Descriptors kept for everything that is not a caller's connection (listening socket, decision log,
 # classifier channels, imports).

@@ -1,17 +1,21 @@
-"""What the dispatcher reads from its callers, and how: a bounded body, parsed chat requests, the Host
-check, and the watch that notices a caller who left."""
+"""What the dispatcher reads from its callers, and how: a bounded body, parsed chat requests, the caller's
+tenant, the Host check, and the watch that notices a caller who left."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import json
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.types import Receive
 
 from classifier.conversation import content_text
 from serving.dispatch.http_error import HTTPError
+
+if TYPE_CHECKING:
+    from serving.dispatch.tenants import Tenant, Tenants
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the decision log's status for a caller that left
 
@@ -137,6 +141,21 @@ def _no_constant(name: str) -> object:
 
 def is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def caller(request: Request, tenants: Tenants) -> Tenant:
+    """The tenant of a JSON POST's API key.
+
+    Raises:
+        HTTPError: 415, the body is not JSON; 401, no valid API key.
+    """
+    if not is_json(request.headers.get("content-type", "")):
+        raise HTTPError(415, "the request body must be JSON, sent with content-type: application/json",
+                        code="unsupported_media_type")
+    tenant = tenants.authenticate(request.headers.get("authorization", ""))
+    if tenant is None:
+        raise HTTPError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
+    return tenant
 
 
 def parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:

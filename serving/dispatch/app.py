@@ -1,0 +1,132 @@
+"""The dispatcher's HTTP app: OpenAI-compatible chat completions in front of the tiers' upstreams, with
+health, the models list, outcome reports, metrics and the savings page.
+
+`create_app(config)` builds the ASGI app (plain Starlette: FastAPI's per-request middleware layers
+showed in the dispatcher's profile); `promptier dispatch --config dispatcher.yaml` serves it, one app per
+worker process (`serving.dispatch.worker`). Every chat response says, in x-promptier-* headers, which
+tier and upstream model served it and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client import CollectorRegistry, make_asgi_app, multiprocess
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount
+from starlette.routing import Route as Endpoint
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serving.dispatch.chat import ChatCompletions
+from serving.dispatch.dispatch_config import DispatcherConfig
+from serving.dispatch.dispatch_supervisor import METRICS_DIR_ENV
+from serving.dispatch.dispatcher import Dispatcher
+from serving.dispatch.http_error import HTTPError
+from serving.dispatch.inbound import INBOUND_ATTRIBUTE
+from serving.dispatch.inbound_request import CLIENT_CLOSED, HostCheck, caller, read_body
+from serving.dispatch.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
+from serving.dispatch.route_classifier import GrpcRouteClassifier
+from serving.dispatch.savings_page import SavingsReport, savings_routes
+from serving.dispatch.upstream_body import ResponseCut
+
+log = logging.getLogger("promptier.dispatcher")
+
+
+def create_app(config: DispatcherConfig) -> ASGIApp:
+    """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
+    dispatcher = Dispatcher(config)
+    fingerprint = config.fingerprint  # a hash of the whole config: once, not per health probe
+
+    shared_metrics_dir = os.environ.get(METRICS_DIR_ENV)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await dispatcher.start()
+        yield
+        await dispatcher.close()
+        if shared_metrics_dir:
+            multiprocess.mark_process_dead(os.getpid(), shared_metrics_dir)  # its live gauges leave the sums
+
+    async def health(request: Request) -> Response:
+        reachable = await dispatcher.classifier.tiers() is not None
+        classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
+        body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
+                                   "classifier_source": dispatcher.classifier.describe(),
+                                   "fallback_tier": config.fallback_tier, "config_fingerprint": fingerprint}
+        if isinstance(dispatcher.classifier, GrpcRouteClassifier):
+            # How many of the service's processes this dispatcher's connections reach (null: not known yet).
+            body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
+        body.update(dispatcher.tenants.health())
+        return JSONResponse(body)
+
+    async def outcomes(request: Request) -> Response:
+        """Scores for earlier answers (serving.dispatch.outcomes), appended to the decision log for training."""
+        try:
+            caller(request, dispatcher.tenants)
+            reports = parse_outcomes(await read_body(request, MAX_OUTCOMES_BODY_BYTES))
+        except HTTPError as error:
+            return error.response()
+        except OutcomeError as error:
+            return HTTPError(400, str(error), code="invalid_outcome").response()
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED)
+        accepted = record_outcomes(dispatcher.decisions, reports)
+        dispatcher.metrics.outcomes.inc(accepted)
+        return JSONResponse({"accepted": accepted}, status_code=202)
+
+    async def models(request: Request) -> Response:
+        data = [{"id": model_id, "object": "model", "owned_by": "promptier"} for model_id in dispatcher.model_ids()]
+        return JSONResponse({"object": "list", "data": data})
+
+    chat = ChatCompletions(dispatcher)
+
+    exposed = dispatcher.metrics.registry
+    if shared_metrics_dir:
+        exposed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
+    app = Starlette(lifespan=lifespan, routes=[
+        Endpoint("/health", health, methods=["GET"]),
+        Endpoint("/v1/models", models, methods=["GET"]),
+        Endpoint("/v1/chat/completions", chat.handle, methods=["POST"]),
+        Endpoint("/v1/promptier/outcomes", outcomes, methods=["POST"]),
+        Mount("/metrics", make_asgi_app(registry=exposed)),
+        *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
+                                       config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
+                         dispatcher.tenants.keys()) if config.savings_page.enabled else []),
+    ])
+    app.state.dispatcher = dispatcher
+
+    # Without inbound keys, a browser page must not reach the dispatcher under a name of its own.
+    host_allowed = (HostCheck(config.allowed_hosts)
+                    if dispatcher.tenants.open and "*" not in config.allowed_hosts else None)
+    host_refused = HTTPError(403, "this Host is not allowed: name the dispatcher by localhost or an IP address, "
+                             "list its name in allowed_hosts, or configure inbound_api_keys_env",
+                             code="host_not_allowed").response()
+
+    async def hot_path(scope: Scope, receive: Receive, send: Send) -> None:
+        """Chat completions skip Starlette's middleware and router (a tenth of the per-request work in
+        the dispatcher's profile); everything else, lifespan included, goes through the app."""
+        if scope["type"] == "http" and host_allowed is not None and not host_allowed(scope["headers"]):
+            await host_refused(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
+            try:
+                response = await chat.handle(Request(scope, receive))
+            except Exception:  # what ServerErrorMiddleware would do, without its cost on every request
+                log.exception("unhandled error in chat completions")
+                response = HTTPError(500, "internal error", kind="server_error").response()
+            try:
+                await response(scope, receive, send)
+            except ResponseCut as cut:
+                # Returning with the response unfinished makes uvicorn close the connection, unterminated.
+                log.warning(json.dumps({"event": "response_cut", "detail": str(cut)}))
+        else:
+            await app(scope, receive, send)
+
+    setattr(hot_path, INBOUND_ATTRIBUTE, config.inbound)  # what serving.dispatch.inbound's server reads its limits from
+    return hot_path

@@ -1,0 +1,236 @@
+"""POST /v1/chat/completions: admit a caller's request, route it, send it to its tier's upstream, and pass
+the answer back, whole or relayed as it comes, recording each request once in the decision log.
+
+Request and response bodies pass through untouched except the request's model name; a metered tenant's
+stream also asks its upstream for usage, and drops the usage chunk that its caller did not ask for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from serving.dispatch.capabilities import CapabilityRefusal, request_needs
+from serving.dispatch.dispatch_config import ConfigError
+from serving.dispatch.dispatcher import Dispatcher, Route
+from serving.dispatch.http_error import HTTPError
+from serving.dispatch.inbound_request import (
+    CLIENT_CLOSED,
+    ClientGone,
+    DisconnectWatch,
+    caller,
+    parse_chat,
+    read_body,
+)
+from serving.dispatch.stream_meter import StreamMeter, answer_chars, ask_for_usage, wants_usage
+from serving.dispatch.tenants import Tenant
+from serving.dispatch.upstream_body import (
+    BUFFERED_BODY_LIMIT,
+    NO_USAGE,
+    STREAM_TAIL_BYTES,
+    ResponseCut,
+    read_up_to,
+    read_usage,
+    usage_from_stream_tail,
+    usage_of_body,
+)
+
+log = logging.getLogger("promptier.dispatcher")
+OVER_BUFFER_NOTE = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
+
+
+@dataclass
+class ChatExchange:
+    """One chat completion on its way through: what its answer is relayed and recorded with."""
+
+    tenant: Tenant
+    body: dict
+    messages: list[tuple[str, str]]
+    route: Route
+    started: float  # time.perf_counter() when the request came: the decision log's latency
+    streamed: bool
+    metered: bool  # its answers are charged: by usage, else by counted characters
+    meter: StreamMeter | None = None  # a metered stream's usage and characters, read as it is relayed
+
+
+class ChatCompletions:
+    """The chat completions endpoint of one dispatcher: `handle` answers a request."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one chat completion request: refused with the OpenAI API's error shape, or the upstream's
+        answer with x-promptier-* headers that say where it went and why."""
+        started = time.perf_counter()
+        dispatcher = self.dispatcher
+        try:
+            tenant = caller(request, dispatcher.tenants)
+            body, messages = parse_chat(await read_body(request, dispatcher.config.max_request_bytes))
+            mode, pinned = dispatcher.parse_model(body.get("model"), tenant)
+            needs = request_needs(body, messages)
+            dispatcher.capabilities.check(needs, pinned)
+        except HTTPError as error:
+            return error.response()
+        except CapabilityRefusal as refusal:
+            # 400 as the OpenAI API answers a request its model cannot take (an image to a text-only
+            # model, a prompt past its context): the request, not the server, has to change.
+            return HTTPError(400, refusal.message, code=refusal.code).response()
+        except ClientDisconnect:
+            # A caller that leaves mid-body is routine (and one too slow is cut off by serving.dispatch.inbound).
+            client = request.scope.get("client")
+            log.info(json.dumps({"event": "client_left_before_its_body_came",
+                                 "client": f"{client[0]}:{client[1]}" if client else None}))
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
+        streamed = bool(body.get("stream"))
+        route = await dispatcher.route(messages, mode, pinned, needs, tenant)  # bounded by the classifier's deadline
+        chat = ChatExchange(tenant, body, messages, route, started, streamed, metered=tenant.budget is not None)
+        if not tenant.may_use(route.tier):  # steered by a capability to a tier this key may not use
+            refused = HTTPError(403, f"this request needs {', '.join(route.steered.by if route.steered else ())}, "
+                                f"which none of this API key's tiers ({', '.join(tenant.allowed_names or ())}) "
+                                "serves", kind="permission_error", code="tier_not_allowed")
+            self._record(chat, None, refused.status)
+            return refused.response(dispatcher.headers(route, route.tier))
+        if chat.metered:
+            try:
+                dispatcher.apply_budget(route, tenant, messages)
+            except HTTPError as error:
+                self._record(chat, None, error.status)
+                return error.response({**dispatcher.headers(route, route.tier),
+                                       "retry-after": str(dispatcher.tenants.seconds_left(tenant))})
+            if streamed:
+                chat.meter = StreamMeter(drop_usage_chunk=not wants_usage(body))
+                chat.body = ask_for_usage(body)
+        dispatcher.explore(route, tenant)  # after the budget: a paced request is not drawn again
+        return await self._forward(request, chat)
+
+    async def _forward(self, request: Request, chat: ChatExchange) -> Response:
+        """Send the request to its tier's upstream (escalating on failure) and answer with what comes back:
+        a body small enough to hold, whole; an event stream, or a body too large to hold, relayed."""
+        dispatcher, route = self.dispatcher, chat.route
+        upstream: aiohttp.ClientResponse | None = None
+        tier: str | None = None
+        try:
+            with DisconnectWatch(request.receive):
+                if not dispatcher.prices:
+                    with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
+                        await dispatcher.refresh_prices()
+                try:
+                    upstream, tier = await dispatcher.open_upstream(route, chat.body, chat.tenant)
+                except HTTPError as error:
+                    self._record(chat, None, error.status)
+                    return error.response(dispatcher.headers(route, route.tier))
+                received: list[bytes] = []  # the start of a body too large to hold, relayed first
+                whole = False
+                if not chat.streamed:
+                    try:
+                        received, whole = await read_up_to(upstream, BUFFERED_BODY_LIMIT)
+                    except (aiohttp.ClientError, TimeoutError) as error:
+                        upstream.close()
+                        failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
+                                            f"({type(error).__name__})", kind="upstream_error",
+                                            code="upstream_unavailable")
+                        self._record(chat, tier, failure.status)
+                        return failure.response(dispatcher.headers(route, tier))
+        except ClientGone:
+            # Closing the upstream connection is what stops its work (vLLM and others abort on it).
+            if upstream is not None:
+                upstream.close()
+            self._record(chat, tier or route.tier, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
+        headers = dispatcher.headers(route, tier)
+        media_type = upstream.headers.get("content-type", "application/json")
+        if whole:
+            upstream.release()
+            content = b"".join(received)
+            usage, note = usage_of_body(content) if upstream.status < 400 else (None, None)
+            counted = answer_chars(content) if chat.metered and usage is None and upstream.status < 400 else None
+            self._record(chat, tier, upstream.status, usage, note, counted)
+            return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
+        return StreamingResponse(self._relay(chat, upstream, tier, received), status_code=upstream.status,
+                                 media_type=media_type, headers=headers)
+
+    async def _relay(self, chat: ChatExchange, upstream: aiohttp.ClientResponse, tier: str,
+                     received: list[bytes]) -> AsyncIterator[bytes]:
+        """The rest of the upstream's body as it comes (after `received`, its start): an event stream, or a
+        body too large to hold. Recorded once it ends, however it ends."""
+        streamed, meter = chat.streamed, chat.meter
+        status = upstream.status
+        finished = False
+        tail = bytearray()  # the end of a stream not metered, where its usage chunk is
+        relayed = 0  # bytes of a body too large to hold: what a metered answer is charged by
+        try:
+            while received:
+                relayed += len(received[0])
+                yield received.pop(0)
+            async for chunk in upstream.content.iter_any():
+                if meter is not None:
+                    chunk = meter.feed(chunk)  # whole events, less a usage chunk the caller did not ask for
+                    if not chunk:
+                        continue
+                elif streamed:
+                    tail += chunk
+                    del tail[:-STREAM_TAIL_BYTES]
+                relayed += len(chunk)
+                yield chunk
+            if meter is not None and (rest := meter.finish()):
+                yield rest
+            finished = True
+        except (aiohttp.ClientError, TimeoutError) as error:
+            status = 599  # recorded as a broken stream
+            detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
+            if not streamed:
+                raise ResponseCut(detail) from None
+            event = {"error": {"message": detail, "type": "upstream_error", "code": "stream_interrupted"}}
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CLIENT_CLOSED  # the caller disconnected mid-stream
+            raise
+        finally:
+            # Also runs when the client disconnects: closing the connection cancels the upstream call.
+            # A stream read to its end hands its connection back to the pool instead.
+            if finished:
+                upstream.release()
+            else:
+                upstream.close()
+            usage, note, counted = _relayed_usage(chat, upstream.status, status, finished, tail, relayed)
+            self._record(chat, tier, status, usage, note, counted)
+
+    def _record(self, chat: ChatExchange, tier: str | None, status: int, usage: dict | None = None,
+                note: str | None = None, completion_chars: int | None = None) -> None:
+        self.dispatcher.record(chat.route, tier, chat.messages, status, chat.started, usage, note, chat.tenant,
+                               completion_chars)
+
+
+def _relayed_usage(chat: ChatExchange, upstream_status: int, status: int, finished: bool, tail: bytearray,
+                   relayed: int) -> tuple[dict | None, str | None, int | None]:
+    """What the decision log keeps of a relayed answer: (usage, the note on why there is none, and for a
+    metered answer without usage the characters or bytes it is charged by)."""
+    usage: dict | None = None
+    note: str | None = None
+    counted: int | None = None
+    if chat.metered and upstream_status < 400:  # an answer begun is paid for, even one cut short
+        if chat.meter is not None:
+            usage, note = read_usage(chat.meter.usage)
+            counted = chat.meter.completion_chars if usage is None else None
+        else:
+            counted = relayed
+            note = OVER_BUFFER_NOTE
+    elif finished and status < 400:
+        if chat.streamed:
+            usage, note = read_usage(usage_from_stream_tail(bytes(tail)))
+            if usage is None and note == NO_USAGE:
+                note = "the stream carried no usage (sent when the caller asks for it with " \
+                       "stream_options.include_usage)"
+        else:
+            note = OVER_BUFFER_NOTE
+    return usage, note, counted
