@@ -89,9 +89,7 @@ def trained_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Pa
 @pytest.fixture
 def artifact_copy(trained_artifact: Path, tmp_path: Path) -> Path:
     """A private copy a test may damage."""
-    target = tmp_path / "model"
-    shutil.copytree(trained_artifact, target)
-    return target
+    return Path(shutil.copytree(trained_artifact, tmp_path / "model"))
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +104,7 @@ def shipped_artifact() -> Path:
 @pytest.fixture
 def shipped_artifact_copy(shipped_artifact: Path, tmp_path: Path) -> Path:
     """A private copy of the shipped model a test may damage."""
-    target = tmp_path / "model"
-    shutil.copytree(shipped_artifact, target)
-    return target
+    return Path(shutil.copytree(shipped_artifact, tmp_path / "model"))
 
 
 @contextlib.contextmanager
