@@ -18,7 +18,6 @@ The names users import from here (`label_files`, `LabelOptions`, `LabelStats`, `
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from classifier.labeling_options import (
 from classifier.labeling_output import JOB_RECORD, cannot_write, lock_path, output_lock, record_path, rows_to_table
 from classifier.labeling_rows import ParsedRow, parse_row, read_chunks, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
+from classifier.prompt_files import expand_pattern
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -67,8 +67,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     """
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
-        for match in matches:
+        for match in expand_pattern(pattern):
             path = Path(match)
             if not path.is_file():
                 raise LabelingError(f"{match}: no such file")

@@ -10,6 +10,7 @@ an outcome or a tier (training/data.py).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,14 @@ def file_format(path: Path) -> FileFormat | None:
     if path.suffix == ".parquet":
         return "parquet"
     return None
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """A path as given, or, when it holds a glob character (`*`, `?`, `[`), its matches sorted (`**`
+    crosses directories). Quoted on the command line, one pattern names many files in every shell."""
+    if any(character in pattern for character in "*?["):
+        return sorted(glob.glob(pattern, recursive=True))
+    return [pattern]
 
 
 def is_rotated_jsonl(path: Path) -> bool:

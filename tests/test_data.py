@@ -158,3 +158,15 @@ def test_bad_pool_files(tmp_path: Path, text: str, reason: str) -> None:
     path.write_text(text)
     with pytest.raises(DataError, match=reason):
         load_pool(path)
+
+
+def test_logs_may_be_named_by_a_glob_pattern(tmp_path: Path) -> None:
+    rows = synthetic_rows()
+    write_jsonl(tmp_path / "a.jsonl", rows[:10])
+    write_jsonl(tmp_path / "b.jsonl", rows[10:30])
+    (tmp_path / "notes.txt").write_text("not a log")
+    read, _ = read_logs([str(tmp_path / "*.jsonl")])
+    assert len(read) == 30  # both files, in name order, and nothing else
+    assert [row.prompt for row in read][:10] == [row["prompt"] for row in rows[:10]]
+    with pytest.raises(DataError, match="no file matches this pattern"):
+        read_logs([str(tmp_path / "*.parquet")])

@@ -15,7 +15,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from classifier.prompt_files import PromptFileError, decode_json_line, file_format, is_rotated_jsonl, read_payloads
+from classifier.prompt_files import (
+    PromptFileError,
+    decode_json_line,
+    expand_pattern,
+    file_format,
+    is_rotated_jsonl,
+    read_payloads,
+)
 from training.errors import DataError
 
 OUTCOME_COLUMNS = ("prompt_id", "prompt", "model", "score", "source")
@@ -85,16 +92,19 @@ class SkipReport:
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named directly, plus the log files inside named directories (sorted)."""
+    """Files named directly or by a glob pattern, plus the log files inside named directories (sorted)."""
     files: list[Path] = []
     for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES or is_rotated_jsonl(p)))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(str(path), "no such file or directory")
+        matches = expand_pattern(str(raw))
+        if not matches:
+            raise DataError(str(raw), "no file matches this pattern")
+        for path in map(Path, matches):
+            if path.is_dir():
+                files.extend(sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES or is_rotated_jsonl(p)))
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise DataError(str(path), "no such file or directory")
     if not files:
         raise DataError(", ".join(map(str, paths)), "no log files found (expected .jsonl or .parquet)")
     return files
