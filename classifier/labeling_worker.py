@@ -31,7 +31,12 @@ def label_chunk(rows: list[ParsedRow], options: LabelOptions) -> list[dict]:
     valid = [index for index, row in enumerate(rows) if row.error is None]
     results = _worker_model.classify_items([(rows[index].prompt, request) for index in valid])
     outcomes = dict(zip(valid, results, strict=True))
-    policy = json.dumps({"mode": options.mode, "threshold": options.threshold}, sort_keys=True)
+    # The policy the rows were routed by: a job that names neither a mode nor a threshold gets the
+    # model's default mode, and says which (a later reader cannot know what the default was).
+    mode = options.mode
+    if mode is None and options.threshold is None:
+        mode = _worker_model.manifest.policy.default_mode
+    policy = json.dumps({"mode": mode, "threshold": options.threshold}, sort_keys=True)
     out = []
     for index, parsed in enumerate(rows):
         row: dict = {options.id_column: parsed.row_id}

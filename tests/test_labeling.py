@@ -39,7 +39,8 @@ def test_formats_and_columns(tmp_path: Path, shipped_artifact: Path, suffix: str
     assert set(out[0]["scores"]) == {"small", "medium", "large"}
     model_version = json.loads((shipped_artifact / "manifest.json").read_text())["model_version"]
     assert out[0]["team"] == "t0" and out[0]["model_version"] == model_version
-    assert json.loads(out[0]["policy"]) == {"mode": None, "threshold": None}
+    default_mode = json.loads((shipped_artifact / "manifest.json").read_text())["policy"]["default_mode"]
+    assert json.loads(out[0]["policy"]) == {"mode": default_mode, "threshold": None}  # what routed them
     assert {r["decided_by"] for r in out} <= {"model", "prior"} and "model" in {r["decided_by"] for r in out}
 
 
