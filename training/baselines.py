@@ -96,7 +96,7 @@ def _embed(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationCon
     from tqdm.auto import tqdm
 
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc="embedding baseline", unit="batch"):
+        for start in tqdm(range(0, len(order), batch_size), desc="MiniLM sentence embeddings", unit="batch"):
             batch = order[start : start + batch_size]
             ids, mask = _pad([token_ids[i] for i in batch])
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
