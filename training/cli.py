@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Train and evaluate routers.", no_args_is_help=True, pretty_exceptions_enable=False)
 
-LogsOption = Annotated[list[Path], typer.Option("--logs", help="log files or directories (JSONL/Parquet)")]
+LogsOption = Annotated[list[Path], typer.Option(
+    "--logs", help="a log file, directory or quoted glob pattern (JSONL/Parquet); repeat for more")]
 DEFAULT_DISTILL_WEIGHT = 0.5
 PoolOption = Annotated[Path, typer.Option("--pool", help="pool YAML: tiers, prices, models per source")]
 
