@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,10 @@ def file_format(path: Path) -> FileFormat | None:
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """A path as given, or, when it holds a glob character (`*`, `?`, `[`), its matches sorted (`**`
-    crosses directories). Quoted on the command line, one pattern names many files in every shell."""
-    if any(character in pattern for character in "*?["):
+    """A path as given when it exists (even with glob characters in its name), else, when it holds a
+    glob character (`*`, `?`, `[`), its matches sorted (`**` crosses directories). Quoted on the
+    command line, one pattern names many files in every shell."""
+    if not os.path.lexists(pattern) and any(character in pattern for character in "*?["):
         return sorted(glob.glob(pattern, recursive=True))
     return [pattern]
 

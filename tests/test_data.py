@@ -168,5 +168,13 @@ def test_logs_may_be_named_by_a_glob_pattern(tmp_path: Path) -> None:
     read, _ = read_logs([str(tmp_path / "*.jsonl")])
     assert len(read) == 30  # both files, in name order, and nothing else
     assert [row.prompt for row in read][:10] == [row["prompt"] for row in rows[:10]]
-    with pytest.raises(DataError, match="no file matches this pattern"):
+    with pytest.raises(DataError, match="no log file matches this pattern"):
         read_logs([str(tmp_path / "*.parquet")])
+    # `**` matches directories too, and patterns may overlap: each log file is still read once.
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "c.jsonl", rows[30:35])
+    read, _ = read_logs([str(tmp_path / "**"), str(tmp_path / "*.jsonl")])
+    assert len(read) == 35
+    named = tmp_path / "run[1].jsonl"  # glob characters in a name that exists: that file
+    write_jsonl(named, rows[:3])
+    assert len(read_logs([str(named)])[0]) == 3

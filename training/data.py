@@ -96,18 +96,27 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         matches = expand_pattern(str(raw))
-        if not matches:
-            raise DataError(str(raw), "no file matches this pattern")
-        for path in map(Path, matches):
-            if path.is_dir():
-                files.extend(sorted(p for p in path.rglob("*") if p.suffix in LOG_SUFFIXES or is_rotated_jsonl(p)))
-            elif path.is_file():
-                files.append(path)
-            else:
-                raise DataError(str(path), "no such file or directory")
+        if matches != [str(raw)]:  # a glob: its log files (a `**` pattern also matches directories)
+            found = [path for path in map(Path, matches) if path.is_file() and _is_log_file(path)]
+            if not found:
+                raise DataError(str(raw), "no log file matches this pattern")
+            files.extend(found)
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if _is_log_file(p)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(str(path), "no such file or directory")
+    files = list(dict.fromkeys(files))  # a file named twice (by overlapping patterns) is read once
     if not files:
         raise DataError(", ".join(map(str, paths)), "no log files found (expected .jsonl or .parquet)")
     return files
+
+
+def _is_log_file(path: Path) -> bool:
+    return path.suffix in LOG_SUFFIXES or is_rotated_jsonl(path)
 
 
 def read_records(path: Path) -> Iterator[tuple[int, object]]:
