@@ -61,3 +61,10 @@ def test_records_go_to_stderr_as_it_is_now_not_as_it_was_when_logging_was_set_up
     monkeypatch.setattr(sys, "stderr", later)
     logging.getLogger("promptier.test").warning(json.dumps({"event": "second"}))
     assert [json.loads(line)["event"] for line in later.getvalue().splitlines()] == ["second"]
+
+
+def test_setting_another_stream_is_refused_not_ignored() -> None:
+    from serving.common.logs import CurrentStderrHandler
+
+    with pytest.raises(AttributeError, match=r"current sys\.stderr"):
+        CurrentStderrHandler().setStream(io.StringIO())

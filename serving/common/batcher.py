@@ -11,11 +11,11 @@ call: interactive traffic) and `batch` (calls carrying many prompts). A call tha
 past its budget is refused at once (QueueFullError, which the server answers RESOURCE_EXHAUSTED)
 rather than growing memory, and a full batch lane never refuses a unary call. The model thread takes
 at most `max_batch` prompts per model call, cutting a large batch call into several model calls.
-Queued unary prompts run next, in a model call of their own (topped up with batch prompts, each would
-wait for a whole batch chunk's compute), unless the previous call was such a one and batch prompts
-wait: then a batch chunk runs, topped up with unary prompts if it has room. So unary prompts wait for
-at most one model call of batch prompts however many of those are queued, and a stream of unary calls
-cannot starve the batch lane either.
+Queued unary prompts run next, in a model call of their own, never topped up with batch prompts (each
+unary prompt would then wait for a whole batch chunk's compute), unless the previous call was such a
+one and batch prompts wait: then a batch chunk runs, topped up with unary prompts if it has room. So
+unary prompts wait for at most one model call of batch prompts however many of those are queued, and
+a stream of unary calls cannot starve the batch lane either.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Batcher:
         self._lanes: dict[Lane, collections.deque[_Work]] = {lane: collections.deque() for lane in LANES}
         self._queued: dict[Lane, int] = dict.fromkeys(LANES, 0)  # prompts not yet handed to the model
         self._running: list[_Work] = []  # works with prompts in the model call in progress
-        self._last_was_unary = False  # whether the last model call was a unary-only one
+        self._last_was_unary = False  # whether the last model call was taken unary lane first
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -256,7 +256,7 @@ class Batcher:
         self._last_was_unary = bool(chunks)
         if not chunks:
             fill("batch")
-            fill("unary")
+            fill("unary")  # room a short batch remainder left (or the unary turn was skipped)
         return chunks, expired
 
     def _run_chunks(self, chunks: list[_Chunk], expired: list[_Work]) -> None:

@@ -54,16 +54,18 @@ class CurrentStderrHandler(logging.StreamHandler):
     record from a background thread would go to a closed stream and be lost with a "Logging error".
     """
 
-    def __init__(self) -> None:
-        logging.Handler.__init__(self)
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        logging.Handler.__init__(self, level)
 
     @property  # type: ignore[override]
     def stream(self) -> TextIO:
+        """The current `sys.stderr`."""
         return sys.stderr
 
     @stream.setter
     def stream(self, _stream: TextIO) -> None:
-        """Ignored: the stream is always the current `sys.stderr`."""
+        raise AttributeError("CurrentStderrHandler always writes to the current sys.stderr; "
+                             "use a logging.StreamHandler for another stream")
 
 
 def configure_json_logging(level: int = logging.INFO) -> None:

@@ -27,15 +27,18 @@ class WorkerSupervisor(Multiprocess):
 
     uvicorn pings each worker over a pipe and waits up to the health-check timeout for the answer. The
     parent keeps its copy of the worker's end of that pipe open, so a worker killed while a ping is in
-    flight (or frozen, then killed) never shows as end-of-file: the whole loop waited out the 30 s
-    timeout before replacing it. Closing the parent's copy once the worker holds its own turns a death
-    into an immediate end-of-file, and the replacement starts on the next turn of the loop.
+    flight (or frozen, then killed) never shows as end-of-file, and the loop would wait out the whole
+    timeout (30 s) before replacing it. Closing the parent's copy once the worker holds its own turns a
+    death into an immediate end-of-file, and the worker is replaced in the same pass.
     """
 
     def keep_subprocess_alive(self) -> None:
+        """Close the parent's copies of started workers' pipe ends, then uvicorn's check and restart."""
         for process in self.processes:
-            if process.pid is not None:  # started: the worker has its own copy of the descriptor
-                process.child_conn.close()  # idempotent; uvicorn closes it again on terminate/kill
+            # `child_conn` is uvicorn's (0.54); were it renamed, supervision goes on as uvicorn does it.
+            connection = getattr(process, "child_conn", None)
+            if connection is not None and process.pid is not None:  # started: the worker has its own copy
+                connection.close()  # idempotent; uvicorn closes it again on terminate/kill
         super().keep_subprocess_alive()
 
 
