@@ -16,7 +16,7 @@ from pathlib import Path
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError
 from classifier.labeling_options import LabelingError, LabelOptions
-from classifier.prompt_files import BadRow, Payload, PromptFileError, decode_json_line, read_payloads
+from classifier.prompt_files import BadRow, Payload, PromptFileError, batched, decode_json_line, read_payloads
 from classifier.runtime import validate_text
 
 
@@ -38,15 +38,7 @@ def read_rows(path: Path, batch_rows: int = 4096) -> Iterator[tuple[str, Payload
 
 def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[tuple[str, Payload]]]:
     """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact)."""
-    pending: list[tuple[str, Payload]] = []
-    for path in files:
-        for row in read_rows(path, rows):
-            pending.append(row)
-            if len(pending) == rows:
-                yield pending
-                pending = []
-    if pending:
-        yield pending
+    return batched((row for path in files for row in read_rows(path, rows)), rows)
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,17 @@ import csv
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from classifier.errors import PromptierError
+
+T = TypeVar("T")
 
 # Deeper JSON is refused with the same error in every process: where the recursion limit would stop
 # the parser depends on the caller's stack, which differs between a pool worker and a Ray actor.
@@ -80,6 +82,18 @@ def expand_pattern(pattern: str) -> list[str]:
     if not os.path.lexists(pattern) and any(character in pattern for character in "*?["):
         return sorted(glob.glob(pattern, recursive=True))
     return [pattern]
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter), in order: itertools.batched of Python 3.12."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def is_rotated_jsonl(path: Path) -> bool:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from classifier.prompt_files import batched
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.data import OutcomeRow, SkipReport, TierLabelRow, iter_rows
@@ -157,17 +158,6 @@ class _Codes:
         return np.array(self.names, dtype=object)[codes] if len(codes) else np.zeros(0, dtype=object)
 
 
-def _chunks(rows: Iterator[OutcomeRow | TierLabelRow], size: int) -> Iterator[list[OutcomeRow | TierLabelRow]]:
-    chunk: list[OutcomeRow | TierLabelRow] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 class _Streamer:
     """The state of one pass over the logs (see `stream_logs`)."""
 
@@ -295,7 +285,7 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
     skipped = SkipReport()
     streamer = _Streamer(pool, config, encoder, writer)
     explored_only = config.outcome_rows == "explored"
-    for chunk in _chunks(iter_rows(paths, skipped, skip_invalid, explored_only), chunk_rows):
+    for chunk in batched(iter_rows(paths, skipped, skip_invalid, explored_only), chunk_rows):
         streamer.add(chunk)
     where = ", ".join(map(str, paths))
     if not streamer.rows:
