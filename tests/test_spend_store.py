@@ -43,6 +43,30 @@ def test_sqlite_store_shared_by_processes_loses_no_write(tmp_path: Path) -> None
         SqliteSpendStore(tmp_path / "spend.sqlite3" / "not-a-dir" / "x.sqlite3")
 
 
+def test_a_store_opens_while_another_process_holds_the_new_file_mid_write(tmp_path: Path) -> None:
+    """Switching a new file to WAL while another connection holds a write lock gets "database is
+    locked" at once (SQLite does not wait where waiting could deadlock); several dispatcher workers
+    opening a new store together hit this. The store retries within its busy timeout."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "spend.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE early (a)")
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # what a plain switch gets
+        sqlite3.connect(path, timeout=5, isolation_level=None).execute("PRAGMA journal_mode = WAL")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        store = SqliteSpendStore(path)
+    finally:
+        release.join()
+        other.close()
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
 def _wait_for(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

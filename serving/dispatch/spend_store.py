@@ -72,13 +72,29 @@ class SqliteSpendStore:
             # writers queue on busy_timeout instead of one failing on a lock upgrade.
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._set_wal(time.monotonic() + busy_timeout_s)
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS spend (tenant TEXT NOT NULL, period TEXT NOT NULL, "
                              "usd REAL NOT NULL, PRIMARY KEY (tenant, period)) WITHOUT ROWID")
         except (OSError, sqlite3.Error) as error:
             raise SpendStoreError(f"spend store {path}: cannot open it: {error}") from error
         self._lock = threading.Lock()  # one connection, used by the ledger's thread and by tools
+
+    def _set_wal(self, deadline: float) -> None:
+        """Switch the file to WAL, retrying "database is locked" until `deadline` (a time.monotonic()).
+
+        Several processes opening a new store at once (a dispatcher's workers starting) race to change
+        its journal mode; SQLite answers one of them "locked" at once, without waiting on busy_timeout,
+        where waiting could deadlock. Retrying after the others' switch is what waiting would have done.
+        """
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     @staticmethod
     def read_only(path: Path) -> SqliteSpendStore:
