@@ -37,12 +37,13 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
     import subprocess
     import sys
 
-    from serving.bench.ports import free_port, wait_serving
+    from serving.bench.ports import free_port, listen_ports, wait_serving
 
     def workers() -> list[psutil.Process]:
         return spawned_workers(parent.pid)
 
-    port, metrics_port = free_port(), free_port()
+    # Worker i serves metrics on metrics_port + i: the whole run must be free, not only its first port.
+    port, metrics_port = free_port(), listen_ports(2)[0]
     command = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact), "--port", str(port),
                "--workers", "2", "--metrics-port", str(metrics_port)]
     parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,9 +134,10 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
     import subprocess
     import sys
 
-    from serving.bench.ports import free_port, wait_serving
+    from serving.bench.ports import free_port, listen_ports, wait_serving
 
-    port, metrics_port = free_port(), free_port()
+    # Worker i serves metrics on metrics_port + i: the whole run must be free, not only its first port.
+    port, metrics_port = free_port(), listen_ports(2)[0]
     log = tmp_path / "serve.err"
     with log.open("wb") as err:
         parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),

@@ -45,7 +45,7 @@ import psutil
 import yaml
 
 from serving.bench import soak_clients
-from serving.bench.ports import port_taken, wait_serving
+from serving.bench.ports import listen_ports, port_taken, wait_serving
 from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, label_rounds, write_label_input
 from serving.bench.soak_processes import (
     LOAD_NICENESS,
@@ -54,7 +54,6 @@ from serving.bench.soak_processes import (
     Children,
     cli_command,
     http_ok,
-    listen_ports,
     reloads_ok,
     serve_ready,
     spawned_children,

@@ -160,42 +160,6 @@ class Children:
         self._processes.clear()
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def listen_ports(count: int) -> list[int]:
-    """`count` consecutive free ports on 127.0.0.1, outside the kernel's range for outgoing connections.
-
-    A port picked by binding port 0 comes from that range, and this run opens and closes thousands of
-    connections: one of them may take the metrics port of a serve worker killed a moment before, and
-    its replacement, failing to bind it, would count as a failed start.
-
-    Raises:
-        RuntimeError: no such run of free ports was found in a bounded number of tries.
-    """
-    import random
-    import socket
-
-    low, high = _ephemeral_range()
-    first, last = (1024, low - 1) if low - 1024 > high - 65535 else (high + 1, 65535)
-    for _ in range(200):
-        start = random.randint(first, last - count + 1)
-        try:
-            with contextlib.ExitStack() as held:
-                for port in range(start, start + count):
-                    sock = held.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return list(range(start, start + count))
-        except OSError:
-            continue
-    raise RuntimeError(f"found no {count} consecutive free ports on 127.0.0.1 between {first} and {last}")
-
-
 def metrics_text(port: int) -> str | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
