@@ -105,3 +105,14 @@ def read_log_once_written(tmp_path: Path, lines: int, wait_s: float = 5.0) -> li
 def data_events(text: str) -> list[str]:
     """The `data:` payloads of a server-sent event stream, in order."""
     return [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+
+
+def streamed_events(base_url: str, model: str, content: str, timeout: float) -> tuple[list[str], str]:
+    """A streamed chat completion of one user message: its `data:` payloads, and the raw text."""
+    import httpx
+
+    with httpx.stream("POST", f"{base_url}/chat/completions", timeout=timeout,
+                      json={"model": model, "stream": True, "messages": [{"role": "user", "content": content}]}
+                      ) as response:
+        text = "".join(response.iter_text())
+    return data_events(text), text

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.dispatcher_harness import Dispatcher, data_events, read_log_once_written, wait_for_health
+from tests.dispatcher_harness import Dispatcher, read_log_once_written, streamed_events, wait_for_health
 from tests.fake_upstream import Upstream, huge_answer
 from tests.grpc_server import EASY, ServerThread, spawned_workers
 
@@ -109,10 +109,6 @@ def test_a_huge_answer_cut_by_its_upstream_reaches_the_caller_incomplete(
 
 def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:
     fresh["small"].behaviour = "break"
-    with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", timeout=10,
-                      json={"model": "promptier", "stream": True,
-                            "messages": [{"role": "user", "content": EASY}]}) as response:
-        text = "".join(response.iter_text())
-    events = data_events(text)
+    events, _ = streamed_events(dispatcher.base_url, "promptier", EASY, timeout=10)
     assert len(events) == 3  # two chunks, then the error event; no [DONE]
     assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"

@@ -10,7 +10,14 @@ import openai
 import pytest
 
 from serving.dispatch.upstream_body import usage_from_stream_tail
-from tests.dispatcher_harness import Dispatcher, data_events, dispatcher_config, read_log, read_log_once_written
+from tests.dispatcher_harness import (
+    Dispatcher,
+    data_events,
+    dispatcher_config,
+    read_log,
+    read_log_once_written,
+    streamed_events,
+)
 from tests.fake_upstream import MISSING, USAGE, Upstream
 from tests.grpc_server import EASY, ServerThread
 
@@ -56,11 +63,7 @@ def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
         assert not fresh["medium"].received
         # Once the headers have come, the read timeout bounds each gap: a stream gone quiet is cut.
         fresh["small"].behaviour = "stall"
-        with httpx.stream("POST", f"{running.base_url}/chat/completions", timeout=30,
-                          json={"model": "promptier/tier/small", "stream": True,
-                                "messages": [{"role": "user", "content": EASY}]}) as response:
-            text = "".join(response.iter_text())
-        events = data_events(text)
+        events, text = streamed_events(running.base_url, "promptier/tier/small", EASY, timeout=30)
         assert len(events) == 3 and json.loads(events[-1])["error"]["code"] == "stream_interrupted", text
     finally:
         running.stop()
