@@ -4,7 +4,7 @@ logistic regression on the backbone's mean-pooled sentence embeddings (as in Rou
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +53,12 @@ def length_features(prompts: Sequence[str]) -> np.ndarray:
 
 
 def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig,
-                        cache_dir: Path | None = None, batch_size: int = 64) -> np.ndarray:
+                        cache_dir: Path | None = None, batch_size: int = 64, save_every: int = 50) -> np.ndarray:
     """Mean-pooled, L2-normalised embeddings from the pretrained backbone (not fine-tuned).
 
     With `cache_dir`, vectors are kept per prompt (one file per backbone and truncation), so evaluations
     that share prompts in other combinations, such as the folds of leave-one-source-out, embed each once.
+    The cache is also written every `save_every` batches, so an interrupted run resumes where it stopped.
     """
     from training.labels import prompt_hash
 
@@ -72,18 +73,32 @@ def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: 
     keys = [prompt_hash(prompt) for prompt in prompts]
     missing = sorted({key: i for i, key in enumerate(keys) if key not in cached}.values())
     if missing:
-        vectors = _embed([prompts[i] for i in missing], backbone_dir, truncation, batch_size)
-        cached.update(zip((keys[i] for i in missing), vectors, strict=True))
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cache_file.with_suffix(".tmp.npz")
-            np.savez(temporary, keys=np.array(list(cached)), vectors=np.stack(list(cached.values())))
-            temporary.replace(cache_file)
+        unsaved = 0
+        for positions, vectors in embedded_batches([prompts[i] for i in missing], backbone_dir, truncation,
+                                                   batch_size):
+            cached.update(zip((keys[missing[i]] for i in positions), vectors, strict=True))
+            unsaved += 1
+            if cache_file is not None and unsaved >= save_every:
+                _save_cache(cache_file, cached)
+                unsaved = 0
+        if cache_file is not None and unsaved:
+            _save_cache(cache_file, cached)
     return np.stack([cached[key] for key in keys]) if keys else np.zeros((0, 0), dtype=np.float32)
 
 
-def _embed(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig, batch_size: int) -> np.ndarray:
+def _save_cache(cache_file: Path, cached: dict[str, np.ndarray]) -> None:
+    """Replace the cache file whole, so a reader never sees half of one."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_file.with_suffix(".tmp.npz")
+    np.savez(temporary, keys=np.array(list(cached)), vectors=np.stack(list(cached.values())))
+    temporary.replace(cache_file)
+
+
+def embedded_batches(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig,
+                     batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each batch's positions in `prompts` and their sentence embeddings, shortest prompts first."""
     import torch
+    from tqdm.auto import tqdm
 
     from training.model import load_encoder
     from training.trainer import _pad, tokenize_all
@@ -92,9 +107,6 @@ def _embed(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationCon
     token_ids = tokenize_all(encoder, prompts)
     model = load_encoder(backbone_dir).eval()
     order = np.argsort([len(x) for x in token_ids], kind="stable")
-    embeddings = np.zeros((len(prompts), model.config.hidden_size), dtype=np.float32)
-    from tqdm.auto import tqdm
-
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="MiniLM sentence embeddings", unit="batch"):
             batch = order[start : start + batch_size]
@@ -102,5 +114,4 @@ def _embed(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationCon
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
             m = mask.unsqueeze(-1).float()
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-            embeddings[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-    return embeddings
+            yield batch, torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
