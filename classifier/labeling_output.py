@@ -31,6 +31,10 @@ from classifier.artifact_layout import REQUIRED_FILES
 from classifier.labeling_options import DECISION_COLUMNS, LabelingError, LabelOptions, LabelStats
 from classifier.runtime import DEFAULT_MODEL_DIR
 
+# What the output's columns hold. Raised whenever a column keeps its name but changes its meaning, so
+# that parts written by another version are never continued into one mixed output.
+OUTPUT_FORMAT = 2
+
 JOB_RECORD = "job.json"
 
 
@@ -155,7 +159,8 @@ def _job_record(files: Sequence[Path], options: LabelOptions) -> dict:
     settings = {key: value for key, value in asdict(options).items() if key != "model"}
     # The output's columns: parts written by a version with other columns must not be mixed with these.
     return {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
-                                        "files": model_files}, "options": settings, "columns": list(DECISION_COLUMNS)}
+                                        "files": model_files}, "options": settings, "columns": list(DECISION_COLUMNS),
+            "format": OUTPUT_FORMAT}
 
 
 def _fingerprint(job: dict) -> str:
@@ -181,7 +186,7 @@ def _differences(old: object, new: dict) -> str:
     for key in sorted(set(old_options) | set(new["options"])):
         if old_options.get(key) != new["options"].get(key):
             found.append(f"option {key} ({old_options.get(key)!r} -> {new['options'].get(key)!r})")
-    if old.get("columns") != new["columns"]:
+    if old.get("columns") != new["columns"] or old.get("format") != new["format"]:
         found.append("the output's columns (the job was started by another version of promptier)")
     return ", ".join(found) or "the job record"
 

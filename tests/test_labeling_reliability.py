@@ -167,6 +167,13 @@ def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, tra
     (parts / "job.json").write_text("{broken")
     with pytest.raises(LabelingError, match=r"job\.json"):
         label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    # A job started by a version whose columns meant something else is not continued.
+    record = json.loads(before["job.json"])
+    del record["job"]["format"]
+    record["fingerprint"] = labeling_output._fingerprint(record["job"])
+    (parts / "job.json").write_text(json.dumps(record))
+    with pytest.raises(LabelingError, match="started by another version"):
+        label_files([str(source)], out, options, workers=1, resume=True, progress=False)
     (parts / "job.json").write_bytes(before["job.json"])
     assert {p.name: p.read_bytes() for p in parts.iterdir()} == before and not out.exists()
     stats = label_files([str(source)], out, options, workers=1, resume=True, progress=False)
