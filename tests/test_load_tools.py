@@ -20,7 +20,7 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
     import subprocess
     import sys
 
-    from serving.bench.loadgen import h2load_scenario, require_all_ok
+    from serving.bench.h2load import h2load_scenario, require_all_ok
     from serving.bench.ports import free_port, wait_serving
 
     port, metrics_port = free_port(), free_port()
@@ -47,7 +47,7 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
 def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Path) -> None:
-    from serving.bench.loadgen import h2load_scenario, require_all_ok
+    from serving.bench.h2load import h2load_scenario, require_all_ok
     from serving.bench.native_floor import NativeBuildUnavailable, answered_calls, build_echo_server, start_echo_server
     from serving.bench.ports import free_port
 

@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from serving.bench.loadgen import h2load_log
+from serving.bench.h2load import h2load_log
 from serving.bench.ports import free_port, wait_serving
 
 SEQUENTIAL = ("grpc", "embedded")  # the classifier configurations measured one request at a time
