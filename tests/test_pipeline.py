@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -100,13 +101,15 @@ def test_distilled_student_learns_from_its_teacher(tmp_path: Path, tiny_backbone
     assert summary["promptier"]["apgr"] > summary["random"]["apgr"] + 0.1
 
 
-def test_fp16_embedding_tables_keep_the_model_output(trained_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["fp16", "int8"])
+def test_compact_embedding_tables_keep_the_model_output(trained_artifact: Path, tmp_path: Path,
+                                                        storage: Literal["fp16", "int8"]) -> None:
     import onnxruntime as ort
 
-    from training.export import store_embeddings_fp16
+    from training.export import store_embedding_tables
 
     target = tmp_path / "model.onnx"
-    assert store_embeddings_fp16(trained_artifact / "model.onnx", target, min_elements=100) >= 1
+    assert store_embedding_tables(trained_artifact / "model.onnx", target, storage, min_elements=100) >= 1
     ids = np.random.default_rng(0).integers(5, 60, size=(4, 20))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     before = ort.InferenceSession(str(trained_artifact / "model.onnx")).run(None, feeds)[0]
