@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 import classifier
 from tests.conftest import tiny_config
 from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
@@ -115,9 +117,19 @@ def test_unfamiliar_prompts_are_routed_by_the_prior_visibly(tmp_path: Path, tiny
 
 
 def test_embedding_teacher_and_anchors_in_one_recipe(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
-                                                     pool_file: Path) -> None:
+                                                     pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped recipe's shape on the tiny backbone: anchors, an embedding teacher, a bag student."""
+    from training import baselines
     from training.pipeline import train
+
+    embedded: list[int] = []
+    real_batches = baselines.embedded_batches
+
+    def counting(prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        embedded.append(len(prompts))
+        yield from real_batches(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "embedded_batches", counting)
 
     config = tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
                                                  "pooling_heads": 2, "length_feature": True},
@@ -134,6 +146,12 @@ def test_embedding_teacher_and_anchors_in_one_recipe(tmp_path: Path, tiny_backbo
     assert any((tmp_path / "cache").iterdir())
     result = classifier.load(tmp_path / "model").classify("prove theorem derive integral eigenvalue lemma")
     assert result.tier in manifest.tier_names and "probes" in manifest.metrics
+    # Retraining with another seed (`eval --seeds`) reads the same cache: it embeds only the prompts that
+    # no earlier run did (those the first run held out for its test split).
+    cold = sum(embedded)
+    seed_spread([synthetic_logs], pool_file, config, [config.seed + 1], tmp_path / "seeds",
+                cache_dir=tmp_path / "cache")
+    assert 0 < sum(embedded) - cold < cold / 2
 
 
 def test_seed_spread_counts_the_evaluated_model_as_its_own_seeds_run(tmp_path: Path, trained_artifact: Path,

@@ -283,7 +283,7 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
         except ValueError as error:
             raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
-        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known)
+        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir)
     return result
 
 

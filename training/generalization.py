@@ -58,12 +58,13 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
 
 
 def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
-                work_root: Path, skip_invalid: bool = False, known: dict[int, dict[str, float]] | None = None
-                ) -> dict:
+                work_root: Path, skip_invalid: bool = False, known: dict[int, dict[str, float]] | None = None,
+                cache_dir: Path | None = None) -> dict:
     """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread.
 
     `known` gives runs already made, per seed (APGR per group): the evaluated artifact is the run of the
-    seed it was trained with, when the logs are the ones it was trained on (see `own_run`).
+    seed it was trained with, when the logs are the ones it was trained on (see `own_run`). With
+    `cache_dir`, a recipe with an embedding teacher embeds only the prompts no earlier run embedded.
     """
     runs: dict[str, dict[str, float]] = {str(seed): dict(known[seed]) for seed in seeds if known and seed in known}
     for seed in seeds:
@@ -73,7 +74,7 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
         log.info("seed spread: training with seed %d", seed)
         manifest = train(logs, pool, work_root / f"seed-{seed}", config.model_copy(update={"seed": seed}),
                          work_dir=work_root / f"seed-{seed}.work", skip_invalid=skip_invalid,
-                         model_version=f"seed-{seed}")
+                         model_version=f"seed-{seed}", cache_dir=cache_dir)
         assert manifest is not None  # one process: it is the main one
         summary = manifest.metrics["test"]
         assert isinstance(summary, dict)
