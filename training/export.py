@@ -199,13 +199,14 @@ def export_into(
     # The int8 forms only where the config asks for quantization: on a 384-wide table the int8 lookup's
     # Cast and Mul cost the shipped student a few hundredths of a millisecond per prompt.
     attempts = (["int8", "fp32 (int8 embeddings)"] if quantize else []) + ["fp32 (fp16 embeddings)", "fp32"]
+    table_storage: dict[str, Literal["fp16", "int8"]] = {"fp32 (int8 embeddings)": "int8",
+                                                         "fp32 (fp16 embeddings)": "fp16"}
     failures: list[str] = []
     for quantization in attempts:
         if quantization == "int8":
             quantize_int8(fp32_path, model_path)
-        elif quantization in ("fp32 (int8 embeddings)", "fp32 (fp16 embeddings)"):
-            storage: Literal["fp16", "int8"] = "int8" if "int8" in quantization else "fp16"
-            if not store_embedding_tables(fp32_path, model_path, storage):
+        elif quantization in table_storage:
+            if not store_embedding_tables(fp32_path, model_path, table_storage[quantization]):
                 continue  # no table large enough to matter
         else:
             shutil.copyfile(fp32_path, model_path)
