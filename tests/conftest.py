@@ -53,6 +53,21 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_backbone(tmp_path_factory.mktemp("backbone"))
 
 
+def count_embedded_prompts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every sentence-embedding pass append how many prompts it embeds to the returned list."""
+    from training import baselines
+
+    real_batches = baselines.embedded_batches
+    counts: list[int] = []
+
+    def counting(prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        counts.append(len(prompts))
+        yield from real_batches(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "embedded_batches", counting)
+    return counts
+
+
 @pytest.fixture(scope="session")
 def pool_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pool") / "pool.yaml"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from classifier.artifact import TruncationConfig
+from tests.conftest import count_embedded_prompts
 
 TRUNCATION = TruncationConfig(max_tokens=32, head_chars=256, tail_chars=128, head_fraction=0.5)
 
@@ -20,7 +21,6 @@ def test_an_interrupted_run_keeps_the_batches_it_finished(tiny_backbone: Path, t
 
     prompts = [f"prompt number {i} " + "word " * (i % 7) for i in range(40)]
     real_batches = baselines.embedded_batches
-    embedded: list[int] = []
 
     def interrupted_after_three(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         for count, (positions, vectors) in enumerate(real_batches(*args, **kwargs)):  # type: ignore[arg-type]
@@ -32,11 +32,8 @@ def test_an_interrupted_run_keeps_the_batches_it_finished(tiny_backbone: Path, t
     with pytest.raises(Interrupted):
         baselines.sentence_embeddings(prompts, tiny_backbone, TRUNCATION, tmp_path, batch_size=4, save_every=2)
 
-    def counting(prompts_to_embed, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        embedded.append(len(prompts_to_embed))
-        yield from real_batches(prompts_to_embed, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(baselines, "embedded_batches", counting)
+    monkeypatch.undo()  # the real embedding pass again, now counted
+    embedded = count_embedded_prompts(monkeypatch)
     resumed = baselines.sentence_embeddings(prompts, tiny_backbone, TRUNCATION, tmp_path, batch_size=4)
     # Two batches of four were saved before the interruption (the third was not yet due to be saved).
     assert embedded == [len(prompts) - 8]

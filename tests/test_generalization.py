@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import classifier
-from tests.conftest import tiny_config
+from tests.conftest import count_embedded_prompts, tiny_config
 from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
 from training.generalization import leave_one_source_out, own_run, render_markdown, seed_spread
 from training.probes import PROBES_FILE, evaluate_probes, load_probes
@@ -119,18 +119,9 @@ def test_unfamiliar_prompts_are_routed_by_the_prior_visibly(tmp_path: Path, tiny
 def test_embedding_teacher_and_anchors_in_one_recipe(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
                                                      pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped recipe's shape on the tiny backbone: anchors, an embedding teacher, a bag student."""
-    from training import baselines
     from training.pipeline import train
 
-    embedded: list[int] = []
-    real_batches = baselines.embedded_batches
-
-    def counting(prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
-        embedded.append(len(prompts))
-        yield from real_batches(prompts, *args, **kwargs)
-
-    monkeypatch.setattr(baselines, "embedded_batches", counting)
-
+    embedded = count_embedded_prompts(monkeypatch)
     config = tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
                                                  "pooling_heads": 2, "length_feature": True},
                          epochs=8, learning_rate=1e-2, anchors=10, anchor_weight=2,
