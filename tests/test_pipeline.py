@@ -118,6 +118,41 @@ def test_compact_embedding_tables_keep_the_model_output(trained_artifact: Path, 
     assert target.stat().st_size < (trained_artifact / "model.onnx").stat().st_size
 
 
+def test_int8_rows_pooled_by_a_bag_student_are_scaled_in_the_pooling_weights(tmp_path: Path) -> None:
+    """The shipped student's form: its table's row scales multiply the pooling weights, never the rows,
+    and the output (logits and unfamiliarity) stays the fp32 model's."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from training.config import BagStudentConfig
+    from training.export import export_onnx, store_embedding_tables
+    from training.model import BagTierModel, WithUnfamiliarity, fit_feature_statistics
+
+    torch.manual_seed(0)
+    table = np.random.default_rng(0).normal(size=(500, 16))
+    bag = BagTierModel(table, 3, BagStudentConfig(kind="bag", embedding_dim=16, pooling_heads=2, length_feature=True))
+    ids = np.random.default_rng(1).integers(1, 500, size=(6, 24))
+    mask = np.ones_like(ids)
+    mask[3, 10:] = 0  # a padded row
+    with torch.no_grad():
+        features = bag.features(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    source, target = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_onnx(WithUnfamiliarity(bag, fit_feature_statistics(features, 4)), source, max_tokens=24)
+    assert store_embedding_tables(source, target, "int8", min_elements=5000) == 1
+    nodes = onnx.load(str(target)).graph.node
+    cast = next(node for node in nodes if node.op_type == "Cast" and node.name.endswith("_to_fp32"))
+    assert [node.op_type for node in nodes if cast.output[0] in node.input] == ["MatMul"]
+    assert any(node.op_type == "Mul" and node.name.endswith("_row_scale") for node in nodes)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    before = ort.InferenceSession(str(source)).run(None, feeds)
+    after = ort.InferenceSession(str(target)).run(None, feeds)
+    for original, compact in zip(before, after, strict=True):
+        assert np.abs(original - compact).max() < 2e-2 * max(1.0, np.abs(original).max())
+    # The table's 4 bytes per value become 1, plus 4 per row for its scale and ~1 kB for the added nodes.
+    assert source.stat().st_size - target.stat().st_size >= table.size * 3 - table.shape[0] * 4 - 1000
+
+
 def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -99,6 +99,10 @@ def store_embedding_tables(source: Path, target: Path, storage: Literal["fp16", 
     few rows, so shrinking the table costs nothing at run time. The lookups are a Cast and a Mul,
     exact on every CPU (no integer matrix kernels whose rounding differs between instruction sets),
     and the rest of the graph stays fp32. Returns how many tables were converted.
+
+    Where int8 rows feed only a MatMul that weights them (pooling: weights [.., heads, tokens] @ rows
+    [.., tokens, dim]), the row scales multiply the weights instead of the rows: the same product,
+    heads x tokens multiplies instead of tokens x dim.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -117,20 +121,46 @@ def store_embedding_tables(source: Path, target: Path, storage: Literal["fp16", 
         node.output[0] = lookup
         if storage == "fp16":
             table.CopyFrom(numpy_helper.from_array(values.astype(np.float16), table.name))
-            added = [helper.make_node("Cast", [lookup], [output], to=TensorProto.FLOAT, name=f"{name}_to_fp32")]
-        else:
-            scales = np.abs(values).max(axis=1, keepdims=True) / 127.0
-            scales[scales == 0] = 1.0
-            table.CopyFrom(numpy_helper.from_array(np.round(values / scales).astype(np.int8), table.name))
-            graph.initializer.append(numpy_helper.from_array(scales.astype(np.float32), f"{table.name}_row_scales"))
+            graph.node.insert(position + 1, helper.make_node("Cast", [lookup], [output], to=TensorProto.FLOAT,
+                                                             name=f"{name}_to_fp32"))
+            converted += 1
+            continue
+        scales = np.abs(values).max(axis=1) / 127.0
+        scales[scales == 0] = 1.0
+        table.CopyFrom(numpy_helper.from_array(np.round(values / scales[:, None]).astype(np.int8), table.name))
+        consumers = [other for other in graph.node if output in other.input]
+        pooling = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "MatMul" \
+            and list(consumers[0].input).count(output) == 1 and consumers[0].input[1] == output else None
+        row_scales = f"{table.name}_row_scales"
+        graph.initializer.append(numpy_helper.from_array(
+            scales.astype(np.float32) if pooling is not None else scales[:, None].astype(np.float32), row_scales))
+        gather_scales = helper.make_node("Gather", [row_scales, node.input[1]], [f"{lookup}_scales"], axis=0,
+                                         name=f"{name}_row_scales")
+        if pooling is None:
             added = [
                 helper.make_node("Cast", [lookup], [f"{lookup}_fp32"], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
-                helper.make_node("Gather", [f"{table.name}_row_scales", node.input[1]], [f"{lookup}_scales"],
-                                 axis=0, name=f"{name}_row_scales"),
+                gather_scales,
                 helper.make_node("Mul", [f"{lookup}_fp32", f"{lookup}_scales"], [output], name=f"{name}_scaled"),
             ]
-        for offset, extra in enumerate(added, start=1):
-            graph.node.insert(position + offset, extra)
+            for offset, extra in enumerate(added, start=1):
+                graph.node.insert(position + offset, extra)
+        else:
+            # Scales [.., tokens] -> [.., 1, tokens], multiplied into the weights each row gets.
+            weights, scaled_weights = pooling.input[0], f"{pooling.name}_weights_row_scaled"
+            axis = f"{lookup}_scales_axis"
+            graph.initializer.append(numpy_helper.from_array(np.array([-2], dtype=np.int64), axis))
+            added = [
+                helper.make_node("Cast", [lookup], [output], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
+                gather_scales,
+                helper.make_node("Unsqueeze", [f"{lookup}_scales", axis], [f"{lookup}_scales_row"],
+                                 name=f"{name}_row_scales_unsqueeze"),
+                helper.make_node("Mul", [weights, f"{lookup}_scales_row"], [scaled_weights],
+                                 name=f"{pooling.name}_row_scale"),
+            ]
+            pooling.input[0] = scaled_weights
+            at = list(graph.node).index(pooling)
+            for offset, extra in enumerate(added):
+                graph.node.insert(at + offset, extra)
         converted += 1
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(target))
@@ -195,10 +225,11 @@ def export_into(
     for name, source in (extra_paths or {}).items():
         shutil.copyfile(source, member(staging, name))
     model_path = member(staging, MODEL_FILE)
-    # Cheapest first; the first that clears the parity bars ships.
-    # The int8 forms only where the config asks for quantization: on a 384-wide table the int8 lookup's
-    # Cast and Mul cost the shipped student a few hundredths of a millisecond per prompt.
-    attempts = (["int8", "fp32 (int8 embeddings)"] if quantize else []) + ["fp32 (fp16 embeddings)", "fp32"]
+    # Smallest first; the first that clears the parity bars ships. int8 matrix kernels only where the
+    # config asks for quantization: their rounding differs between CPUs. int8 table rows are exact
+    # lookups, so every export tries them.
+    attempts = ["int8"] if quantize else []
+    attempts += ["fp32 (int8 embeddings)", "fp32 (fp16 embeddings)", "fp32"]
     table_storage: dict[str, Literal["fp16", "int8"]] = {"fp32 (int8 embeddings)": "int8",
                                                          "fp32 (fp16 embeddings)": "fp16"}
     failures: list[str] = []
