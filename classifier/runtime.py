@@ -91,6 +91,7 @@ class TierClassifier:
         familiarity = manifest.familiarity
         self._outputs = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME] if familiarity else [])
         self._reference = np.asarray(familiarity.reference if familiarity else [], dtype=np.float64)
+        self._reference_shares = np.linspace(0.0, 1.0, len(self._reference))
         self._all_tiers = np.ones(len(self._tier_names), dtype=bool)
         self._all_tiers.flags.writeable = False  # shared by every request that allows all tiers
 
@@ -149,7 +150,7 @@ class TierClassifier:
 
     def familiarity(self, unfamiliarity: np.ndarray) -> np.ndarray:
         """Unfamiliarity values as familiarity in [0, 1]: the share of reference prompts more unlike."""
-        percentile = np.interp(unfamiliarity, self._reference, np.linspace(0.0, 1.0, len(self._reference)))
+        percentile = np.interp(unfamiliarity, self._reference, self._reference_shares)
         return 1.0 - percentile
 
     def classify(self, text: str, request: RoutingRequest | None = None) -> ClassificationResult:
