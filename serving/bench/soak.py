@@ -44,7 +44,7 @@ from typing import Any
 import psutil
 import yaml
 
-from serving.bench import soak_clients
+from serving.bench import soak_clients, soak_slow_clients
 from serving.bench.ports import listen_ports, port_taken, wait_serving
 from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, label_rounds, write_label_input
 from serving.bench.soak_processes import (
@@ -311,7 +311,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         children.start("dispatch", soak_clients.dispatch_traffic, niceness=LOAD_NICENESS, base_url=dispatch_url,
                        calls_per_s=options.dispatch_rate, seconds=seconds, start_at=start_at)
         if options.slow_connections:
-            children.start("slow", soak_clients.slow_connections, niceness=LOAD_NICENESS,
+            children.start("slow", soak_slow_clients.slow_connections, niceness=LOAD_NICENESS,
                            ports={"grpc": grpc_port, "http": dispatch_port}, per_port=options.slow_connections,
                            seconds=seconds, start_at=start_at)
         time.sleep(max(0.0, start_at - time.time()))

@@ -5,9 +5,10 @@ process of its own and judge the run from what came back.
 - `measure_capacity`: ClassifyBatch calls with a few in flight, alone on the service: prompts/s.
 - `flood`: ClassifyBatch calls of many prompts at a fixed rate (open loop), counted by status.
 - `well_behaved`: single Classify calls with a short deadline at a modest fixed rate.
-- `slow_connections`: connections that send nothing or trickle bytes, reopened when closed.
 - `dispatch_traffic`: chat completions through the dispatcher, each answer checked against what
   the fake upstream (`serving.bench.soak_upstream`) sent.
+
+Slow connections have a module of their own, `serving.bench.soak_slow_clients`.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _code(error: grpc.RpcError) -> str:
     return status.name if isinstance(status, grpc.StatusCode) else type(error).__name__
 
 
-async def _until(start_at: float) -> None:
+async def sleep_until(start_at: float) -> None:
     """Sleep until `start_at` (a `time.time()`): traffic set up in several processes starts together."""
     await asyncio.sleep(max(0.0, start_at - time.time()))
 
@@ -151,7 +152,7 @@ async def _flood(target: str, batch: int, calls_per_s: float, seconds: float, co
             except grpc.RpcError as error:
                 outcomes[_code(error)] += 1
 
-        await _until(start_at)
+        await sleep_until(start_at)
         schedule = await _open_loop(calls_per_s, seconds, max_in_flight, call)
     finally:
         for channel in channels:
@@ -206,7 +207,7 @@ async def _well_behaved(target: str, calls_per_s: float, deadline_s: float, seco
         # Unspread, the calls still work, on whichever processes the connections reached.
         with contextlib.suppress(grpc.RpcError, TimeoutError):
             await asyncio.wait_for(client.spread_connections(), timeout=10)
-        await _until(start_at)
+        await sleep_until(start_at)
         begin = time.monotonic()
 
         async def call(index: int) -> None:
@@ -233,87 +234,6 @@ async def _well_behaved(target: str, calls_per_s: float, deadline_s: float, seco
 
 
 # ---------------------------------------------------------------- slow connections
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def _slow_modes(kind: str) -> dict[str, tuple[bytes, bytes]]:
-    """Per mode: (bytes sent at once, bytes then trickled one at a time)."""
-    if kind == "grpc":
-        return {"silent": (b"", b""), "trickle-preface": (b"", HTTP2_PREFACE * 8)}
-    body = json.dumps({"model": "promptier", "messages": [{"role": "user", "content": "x" * 400}]}).encode()
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
-    return {"silent": (b"", b""), "trickle-headers": (b"", head + body), "trickle-body": (head, body)}
-
-
-def slow_connections(ports: dict[str, int], per_port: int, seconds: float, trickle_gap_s: float = 0.5,
-                     start_at: float | None = None) -> dict:
-    """Keep `per_port` slow connections open to each port of `ports` (kind -> port; kind "grpc" or
-    "http") for `seconds` from `start_at` (a `time.time()`; default now), spread over the modes: send
-    nothing, or trickle a request a byte every `trickle_gap_s`. A connection the server closes is
-    reopened (after a short pause), so the pressure stays; counted per kind and mode: opened, closed by
-    the server, refused or failed to connect, and the largest number open at once."""
-    return asyncio.run(_slow_connections(ports, per_port, seconds, trickle_gap_s, start_at or time.time()))
-
-
-async def _slow_connections(ports: dict[str, int], per_port: int, seconds: float, trickle_gap_s: float,
-                            start_at: float) -> dict:
-    await _until(start_at)
-    end = time.monotonic() + seconds
-    stats: dict[str, Counter[str]] = {}
-    open_now: Counter[str] = Counter()
-    most_open: Counter[str] = Counter()
-
-    async def hold(kind: str, port: int, mode: str, first: bytes, trickle: bytes) -> None:
-        counts = stats.setdefault(f"{kind}/{mode}", Counter())
-        while time.monotonic() < end:
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=5)
-            except (OSError, TimeoutError):
-                counts["connect_failed"] += 1
-                await asyncio.sleep(0.5)
-                continue
-            counts["opened"] += 1
-            open_now[kind] += 1
-            most_open[kind] = max(most_open[kind], open_now[kind])
-            try:
-                writer.write(first)
-                position = 0
-                while time.monotonic() < end:
-                    reading = asyncio.ensure_future(reader.read(65536))
-                    done, _ = await asyncio.wait({reading}, timeout=trickle_gap_s)
-                    if not done:
-                        reading.cancel()
-                        if trickle:
-                            writer.write(trickle[position % len(trickle):position % len(trickle) + 1])
-                            position += 1
-                        continue
-                    data = reading.result()
-                    if not data:
-                        counts["closed_by_server"] += 1
-                        break
-                    if data.startswith(b"HTTP/1.1 408"):
-                        counts["answered_408"] += 1
-                    elif data.startswith(b"HTTP/1.1 503"):
-                        counts["answered_503"] += 1
-            except (OSError, asyncio.IncompleteReadError):
-                counts["closed_by_server"] += 1
-            finally:
-                open_now[kind] -= 1
-                writer.close()
-            await asyncio.sleep(0.2)  # bounded churn: at most five reconnects a second per slot
-
-    tasks = []
-    for kind, port in ports.items():
-        modes = _slow_modes(kind)
-        for index in range(per_port):
-            mode = list(modes)[index % len(modes)]
-            tasks.append(hold(kind, port, mode, *modes[mode]))
-    await asyncio.gather(*tasks)
-    return {"per_port": per_port, "modes": {key: dict(value) for key, value in sorted(stats.items())},
-            "most_open_at_once": dict(most_open)}
-
-
 # ---------------------------------------------------------------- dispatcher
 def dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, first_id: int = 0,
                      start_at: float | None = None) -> dict:
@@ -404,7 +324,7 @@ async def _dispatch_traffic(base_url: str, calls_per_s: float, seconds: float, f
                 mangled.append({"id": request_id, "behaviour": behaviour, "outcome": outcome,
                                 "at_s": round(time.time() - start_at, 2)})
 
-        await _until(start_at)
+        await sleep_until(start_at)
         schedule = await _open_loop(calls_per_s, seconds, 64, call)
     return {**schedule, "calls_per_s": calls_per_s, "outcomes": dict(outcomes), "routing_reasons": dict(reasons),
             "intact_ids": intact, "failures": mangled}
