@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE, member, stage
 from classifier.errors import PromptierError
 from classifier.policy import choose_tiers
 from training.calibration import apply_temperatures
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -96,75 +99,96 @@ def store_embedding_tables(source: Path, target: Path, storage: Literal["fp16", 
     divided by its largest magnitude over 127, so no row loses more than half a step of its own range).
 
     A token-embedding table is most of a small model's file and memory, and a lookup reads only a
-    few rows, so shrinking the table costs nothing at run time. The lookups are a Cast and a Mul,
-    exact on every CPU (no integer matrix kernels whose rounding differs between instruction sets),
-    and the rest of the graph stays fp32. Returns how many tables were converted.
-
-    Where int8 rows feed only a MatMul that weights them (pooling: weights [.., heads, tokens] @ rows
-    [.., tokens, dim]), the row scales multiply the weights instead of the rows: the same product,
-    heads x tokens multiplies instead of tokens x dim.
+    few rows, so shrinking the table costs nothing at run time. The lookups are a Cast (and, for int8,
+    a Mul by the row scales), exact on every CPU: no integer matrix kernels whose rounding differs
+    between instruction sets, and the rest of the graph stays fp32. Returns how many tables were
+    converted.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     graph_model = onnx.load(str(source))
     graph = graph_model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     converted = 0
-    for position, node in reversed(list(enumerate(graph.node))):
+    for node in reversed(list(graph.node)):
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
         if table is None or table.data_type != TensorProto.FLOAT or np.prod(table.dims) < min_elements:
             continue
-        values = numpy_helper.to_array(table)
-        name, output = node.name or table.name, node.output[0]
-        lookup = f"{output}_{storage}"
-        node.output[0] = lookup
-        if storage == "fp16":
-            table.CopyFrom(numpy_helper.from_array(values.astype(np.float16), table.name))
-            graph.node.insert(position + 1, helper.make_node("Cast", [lookup], [output], to=TensorProto.FLOAT,
-                                                             name=f"{name}_to_fp32"))
-            converted += 1
-            continue
-        scales = np.abs(values).max(axis=1) / 127.0
-        scales[scales == 0] = 1.0
-        table.CopyFrom(numpy_helper.from_array(np.round(values / scales[:, None]).astype(np.int8), table.name))
-        consumers = [other for other in graph.node if output in other.input]
-        pooling = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "MatMul" \
-            and list(consumers[0].input).count(output) == 1 and consumers[0].input[1] == output else None
-        row_scales = f"{table.name}_row_scales"
-        graph.initializer.append(numpy_helper.from_array(
-            scales.astype(np.float32) if pooling is not None else scales[:, None].astype(np.float32), row_scales))
-        gather_scales = helper.make_node("Gather", [row_scales, node.input[1]], [f"{lookup}_scales"], axis=0,
-                                         name=f"{name}_row_scales")
-        if pooling is None:
-            added = [
-                helper.make_node("Cast", [lookup], [f"{lookup}_fp32"], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
-                gather_scales,
-                helper.make_node("Mul", [f"{lookup}_fp32", f"{lookup}_scales"], [output], name=f"{name}_scaled"),
-            ]
-            for offset, extra in enumerate(added, start=1):
-                graph.node.insert(position + offset, extra)
-        else:
-            # Scales [.., tokens] -> [.., 1, tokens], multiplied into the weights each row gets.
-            weights, scaled_weights = pooling.input[0], f"{pooling.name}_weights_row_scaled"
-            axis = f"{lookup}_scales_axis"
-            graph.initializer.append(numpy_helper.from_array(np.array([-2], dtype=np.int64), axis))
-            added = [
-                helper.make_node("Cast", [lookup], [output], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
-                gather_scales,
-                helper.make_node("Unsqueeze", [f"{lookup}_scales", axis], [f"{lookup}_scales_row"],
-                                 name=f"{name}_row_scales_unsqueeze"),
-                helper.make_node("Mul", [weights, f"{lookup}_scales_row"], [scaled_weights],
-                                 name=f"{pooling.name}_row_scale"),
-            ]
-            pooling.input[0] = scaled_weights
-            at = list(graph.node).index(pooling)
-            for offset, extra in enumerate(added):
-                graph.node.insert(at + offset, extra)
+        (_store_fp16_table if storage == "fp16" else _store_int8_rows)(graph, node, table)
         converted += 1
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(target))
     return converted
+
+
+def _store_fp16_table(graph: onnx.GraphProto, lookup: onnx.NodeProto, table: onnx.TensorProto) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    output = lookup.output[0]
+    lookup.output[0] = f"{output}_fp16"
+    table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name))
+    _insert_after(graph, lookup, [helper.make_node("Cast", [lookup.output[0]], [output], to=TensorProto.FLOAT,
+                                                   name=f"{lookup.name or table.name}_to_fp32")])
+
+
+def _store_int8_rows(graph: onnx.GraphProto, lookup: onnx.NodeProto, table: onnx.TensorProto) -> None:
+    """int8 rows and a Gather of their scales. Where the rows only feed a pooling MatMul (weights
+    [.., heads, tokens] @ rows [.., tokens, dim]), the scales multiply the weights each row gets instead
+    of the rows: the same product, heads x tokens multiplies instead of tokens x dim."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = numpy_helper.to_array(table)
+    scales = np.abs(values).max(axis=1) / 127.0
+    scales[scales == 0] = 1.0
+    table.CopyFrom(numpy_helper.from_array(np.round(values / scales[:, None]).astype(np.int8), table.name))
+    name, output = lookup.name or table.name, lookup.output[0]
+    rows, row_scales = f"{output}_int8", f"{output}_int8_scales"
+    lookup.output[0] = rows
+    pooling = _sole_pooling_reader(graph, output)
+    scale_table = f"{table.name}_row_scales"
+    graph.initializer.append(numpy_helper.from_array(
+        (scales if pooling is not None else scales[:, None]).astype(np.float32), scale_table))
+    gather_scales = helper.make_node("Gather", [scale_table, lookup.input[1]], [row_scales], axis=0,
+                                     name=f"{name}_row_scales")
+    if pooling is None:
+        _insert_after(graph, lookup, [
+            helper.make_node("Cast", [rows], [f"{rows}_fp32"], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
+            gather_scales,
+            helper.make_node("Mul", [f"{rows}_fp32", row_scales], [output], name=f"{name}_scaled"),
+        ])
+        return
+    # Scales [.., tokens] -> [.., 1, tokens], multiplied into the pooling weights.
+    weights, scaled_weights, axis = pooling.input[0], f"{pooling.name}_weights_row_scaled", f"{row_scales}_axis"
+    graph.initializer.append(numpy_helper.from_array(np.array([-2], dtype=np.int64), axis))
+    pooling.input[0] = scaled_weights
+    _insert_before(graph, pooling, [
+        helper.make_node("Cast", [rows], [output], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
+        gather_scales,
+        helper.make_node("Unsqueeze", [row_scales, axis], [f"{row_scales}_row"], name=f"{name}_row_scales_unsqueeze"),
+        helper.make_node("Mul", [weights, f"{row_scales}_row"], [scaled_weights], name=f"{pooling.name}_row_scale"),
+    ])
+
+
+def _sole_pooling_reader(graph: onnx.GraphProto, rows: str) -> onnx.NodeProto | None:
+    """The MatMul that weights `rows` (its second input, not its first), where nothing else reads them."""
+    readers = [node for node in graph.node if rows in node.input]
+    if len(readers) == 1 and readers[0].op_type == "MatMul" and list(readers[0].input) == [readers[0].input[0], rows] \
+            and readers[0].input[0] != rows:
+        return readers[0]
+    return None
+
+
+def _insert_after(graph: onnx.GraphProto, node: onnx.NodeProto, added: list[onnx.NodeProto]) -> None:
+    position = list(graph.node).index(node) + 1
+    for offset, extra in enumerate(added):
+        graph.node.insert(position + offset, extra)
+
+
+def _insert_before(graph: onnx.GraphProto, node: onnx.NodeProto, added: list[onnx.NodeProto]) -> None:
+    position = list(graph.node).index(node)
+    for offset, extra in enumerate(added):
+        graph.node.insert(position + offset, extra)
 
 
 def check_parity(directory: Path, torch_probabilities: np.ndarray, texts: Sequence[str],
