@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import threading
+import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -90,9 +91,9 @@ class PromptEncoder:
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Content token ids (no special tokens) of each text, exactly as the tokenizer file says.
 
-        Text of ASCII, Latin-1 and General Punctuation is tokenized in Python with a word cache (see
-        `_WordPieceFastPath`), several times faster than the `tokenizers` call for a typical prompt;
-        the result is the same ids.
+        Text whose characters the tokenizer treats one at a time (ASCII and most characters of most
+        scripts) is tokenized in Python with a word cache (see `_WordPieceFastPath`), several times
+        faster than the `tokenizers` call for a typical prompt; the result is the same ids.
         """
         fast_path = self._fast_path
         ids: list[list[int]] = [[] for _ in texts]
@@ -140,43 +141,50 @@ def _encode(tokenizer: Tokenizer, texts: list[str]) -> list:
 
 
 class _WordPieceFastPath:
-    """BERT tokenization in Python, with a cache of word pieces per word, for text made of ASCII and
-    the common non-ASCII characters of Latin-1 and General Punctuation (curly quotes, dashes,
-    no-break spaces, accented letters).
+    """BERT tokenization in Python, with a cache of word pieces per word, for text whose characters
+    BERT's pipeline treats one at a time: ASCII, and the characters of any script (accented Latin,
+    curly quotes, Greek, Cyrillic, CJK, kana, Hangul, Arabic, emoji, ...) for which the tokenizer itself
+    answers simply.
 
     For such text BERT's pipeline is simple: the normalizer deletes control characters, lowercases
-    and strips accents one character at a time, the pre-tokenizer splits on whitespace and makes each
-    punctuation mark its own word, and WordPiece splits each word greedily, longest vocabulary piece
-    first. What the normalizer and pre-tokenizer do to each of those characters is asked of the
-    tokenizer itself when the path is built, so `str.translate` and one regex reproduce them.
+    and strips accents one character at a time (and puts spaces around each CJK ideograph), the
+    pre-tokenizer splits on whitespace and makes each punctuation mark its own word, and WordPiece
+    splits each word greedily, longest vocabulary piece first. What the normalizer and pre-tokenizer
+    do to a character is asked of the tokenizer itself, a Unicode block (256 code points) at a time,
+    the first time a text holds a character of that block; one regex substitution and one regex split
+    then reproduce it. A character is kept out (its text goes to `tokenizers`) where the answer is not
+    simple: it splits a word in some other way, it is a combining mark (which canonical reordering
+    would move), or Python's lowercasing would change what the normalizer gives.
     Prompts repeat the same few thousand words, so with a word -> ids cache this costs a regex pass and
-    a dict lookup per word: several times less than the `tokenizers` call it replaces, which is most
-    of a prompt's classification time. Anything else (other scripts, combining marks, text
-    containing an added token such as "[CLS]", a tokenizer that is not BERT's) goes to `tokenizers`.
-    Tests compare both paths on random text, control characters included.
+    a dict lookup per word: several times less than the `tokenizers` call it replaces, which would be
+    most of a prompt's classification time. Text containing an added token such as "[CLS]", and any
+    tokenizer that is not BERT's, go to `tokenizers`. Tests compare both paths on random text of many
+    scripts, control characters included.
     """
 
     _CACHE_LIMIT = 50_000  # words (~8 MB); bounded memory whatever the traffic
-    # Non-ASCII characters the path may take, if the tokenizer's own answers for them are simple.
-    _CANDIDATES: ClassVar[list[str]] = [chr(code) for code in [*range(0xA0, 0x100), *range(0x2000, 0x2070),
-                                                              0x20AC, 0x2122]]
+    _BLOCK_BITS = 8  # a block is 256 code points: examining one costs ~2 ms, once per process
+    _MAX_BLOCKS = 512  # beyond this many examined blocks, new ones go to `tokenizers`: bounded memory
 
-    def __init__(self, vocab: dict[str, int], unk_id: int, prefix: str, max_word_chars: int, lowercase: bool,
-                 added: list[str], table: dict[int, str | None], word_chars: str, punctuation: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab: dict[str, int], unk_id: int, prefix: str,
+                 max_word_chars: int, lowercase: bool, added: list[str]) -> None:
         self._vocab = vocab
         self._unk = [unk_id]
         self._prefix = prefix
         self._max_word_chars = max_word_chars
         self._lowercase = lowercase
         self._added = added
-        self._replacements = {chr(code): replacement or "" for code, replacement in table.items()}
-        # One regex pass finds the few characters to replace: str.translate with a dict walks every
-        # character of a non-ASCII string in Python-level lookups, 4x slower.
-        self._to_replace = re.compile("[" + "".join(re.escape(char) for char in self._replacements) + "]")
-        self._allowed = frozenset(chr(code) for code in range(128)) | frozenset(self._replacements)
-        word_class = "A-Za-z0-9" + "".join(re.escape(c) for c in word_chars)
-        punctuation_class = r"!-/:-@\[-`{-~" + "".join(re.escape(c) for c in punctuation)
-        self._words = re.compile(f"[{word_class}]+|[{punctuation_class}]")
+        self._normalize = tokenizer.normalizer.normalize_str
+        self._split = tokenizer.pre_tokenizer.pre_tokenize_str
+        self._kinds: dict[str, str] = {}
+        # Character -> what the normalizer makes of it, for every accepted character that changes.
+        self._replacements: dict[str, str] = {chr(code): "" for code in _ASCII_CONTROLS}
+        self._word_chars: set[str] = set()
+        self._punctuation: set[str] = set()
+        self._examined: set[int] = set()
+        self._learning = threading.Lock()
+        self._to_replace, self._words = self._patterns()
+        self._allowed = frozenset(chr(code) for code in range(128))
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -192,42 +200,70 @@ class _WordPieceFastPath:
         vocab = model["vocab"]
         if model.get("unk_token") not in vocab:
             return None
-        table, word_chars, punctuation = cls._character_table(tokenizer)
-        return cls(vocab, vocab[model["unk_token"]], model.get("continuing_subword_prefix", "##"),
+        return cls(tokenizer, vocab, vocab[model["unk_token"]], model.get("continuing_subword_prefix", "##"),
                    int(model.get("max_input_chars_per_word", 100)), bool(normalizer.get("lowercase", True)),
-                   [token["content"] for token in added], table, word_chars, punctuation)
+                   [token["content"] for token in added])
 
-    @classmethod
-    def _character_table(cls, tokenizer: Tokenizer) -> tuple[dict[int, str | None], str, str]:
-        """Ask the tokenizer what it does to each candidate character.
+    def _kind(self, char: str) -> str:
+        """How the pre-tokenizer treats `char` between two letters: space, punctuation, word or other."""
+        kind = self._kinds.get(char)
+        if kind is None:
+            pieces = [piece for piece, _ in self._split(f"a{char}a")]
+            kind = self._kinds[char] = ("space" if pieces == ["a", "a"] else "punctuation" if pieces == ["a", char, "a"]
+                                        else "word" if pieces == [f"a{char}a"] else "other")
+        return kind
 
-        Returns the translate table (ASCII controls deleted, each accepted candidate replaced by its
-        normalized form) and the non-ASCII characters that end up inside words or as punctuation.
-        """
-        normalize, split = tokenizer.normalizer.normalize_str, tokenizer.pre_tokenizer.pre_tokenize_str
-        table: dict[int, str | None] = dict(_ASCII_CONTROLS)
-        classes: dict[str, str] = {}
-
-        def kind(char: str) -> str:
-            if char not in classes:
-                pieces = [piece for piece, _ in split(f"a{char}a")]
-                classes[char] = ("space" if pieces == ["a", "a"] else "punctuation" if pieces == ["a", char, "a"]
-                                 else "word" if pieces == [f"a{char}a"] else "other")
-            return classes[char]
-
-        for candidate in cls._CANDIDATES:
-            normalized = normalize(candidate)
-            kinds = {kind(char) for char in normalized if not char.isascii()}
+    def _examine_block(self, block: int) -> set[str]:
+        """Ask the tokenizer about each non-ASCII character of `block`; return those accepted."""
+        accepted = set()
+        for code in range(max(128, block << self._BLOCK_BITS), min((block + 1) << self._BLOCK_BITS, 0x110000)):
+            char = chr(code)
+            if 0xD800 <= code < 0xE000 or unicodedata.combining(char):
+                continue  # surrogates cannot be encoded; combining marks are reordered across characters
+            normalized = self._normalize(char)
+            if any(unicodedata.combining(c) for c in normalized):
+                continue
+            if self._lowercase and normalized.lower() != normalized:
+                continue  # the whole text is lowercased after the substitution: it must not change this
+            kinds = {self._kind(c) for c in normalized if not c.isascii()}
             if "other" in kinds:
-                continue  # not simple: leave texts with this character to the tokenizer
-            table[ord(candidate)] = "".join(" " if not c.isascii() and kind(c) == "space" else c for c in normalized)
-        word_chars = "".join(sorted(c for c, k in classes.items() if k == "word"))
-        punctuation = "".join(sorted(c for c, k in classes.items() if k == "punctuation"))
-        return table, word_chars, punctuation
+                continue
+            replacement = "".join(" " if not c.isascii() and self._kind(c) == "space" else c for c in normalized)
+            if replacement != char:
+                self._replacements[char] = replacement
+            self._word_chars.update(c for c in replacement if not c.isascii() and self._kind(c) == "word")
+            self._punctuation.update(c for c in replacement if not c.isascii() and self._kind(c) == "punctuation")
+            accepted.add(char)
+        return accepted
+
+    def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[str]]:
+        """The substitution that applies the normalizer, and the split into words and punctuation."""
+        to_replace = re.compile(f"[{_character_class(self._replacements)}]")
+        word_class = "A-Za-z0-9" + _character_class(self._word_chars)
+        punctuation_class = r"!-/:-@\[-`{-~" + _character_class(self._punctuation)
+        return to_replace, re.compile(f"[{word_class}]+|[{punctuation_class}]")
+
+    def _learn(self, text: str) -> None:
+        """Examine the blocks of `text`'s characters not examined yet (bounded: `_MAX_BLOCKS`)."""
+        blocks = {ord(char) >> self._BLOCK_BITS for char in set(text).difference(self._allowed)}
+        if blocks.issubset(self._examined) or len(self._examined) >= self._MAX_BLOCKS:
+            return
+        with self._learning:
+            new = sorted(blocks - self._examined)[: self._MAX_BLOCKS - len(self._examined)]
+            if not new:
+                return
+            accepted = set().union(*(self._examine_block(block) for block in new))
+            # Patterns first, the allowed set last: a text allowed by the new set finds its characters in them.
+            self._to_replace, self._words = self._patterns()
+            self._examined.update(new)
+            self._allowed = self._allowed | accepted
 
     def applies(self, text: str) -> bool:
-        simple = text.isascii() or self._allowed.issuperset(text)
-        return simple and not any(token in text for token in self._added)
+        if not (text.isascii() or self._allowed.issuperset(text)):
+            self._learn(text)
+            if not self._allowed.issuperset(text):
+                return False
+        return not any(token in text for token in self._added)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         cache = self._cache
@@ -267,6 +303,20 @@ class _WordPieceFastPath:
                 return self._unk  # no piece matches: the whole word is unknown
             start = end
         return pieces
+
+
+def _character_class(chars: Iterable[str]) -> str:
+    """A regex character class body for `chars`, runs of consecutive code points as ranges."""
+    codes = sorted({ord(char) for char in chars})
+    parts, start = [], 0
+    while start < len(codes):
+        end = start
+        while end + 1 < len(codes) and codes[end + 1] == codes[end] + 1:
+            end += 1
+        first, last = re.escape(chr(codes[start])), re.escape(chr(codes[end]))
+        parts.append(first if start == end else f"{first}-{last}")
+        start = end + 1
+    return "".join(parts)
 
 
 def _special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""The ASCII fast path of the encoder must give exactly the tokenizer's own ids."""
+"""The Python fast path of the encoder must give exactly the tokenizer's own ids, in every script."""
 
 from __future__ import annotations
 
@@ -24,20 +24,28 @@ def _tokenizer_files(tiny_backbone: Path) -> list[Path]:
     return [*files, Path(get_model_path()) / "tokenizer.json"]
 
 
-def _random_texts(seed: int, count: int) -> list[str]:
-    from classifier.tokenization import _WordPieceFastPath
+# Code points of many scripts and symbol blocks, as (first, last) ranges: Latin-1 and Latin Extended,
+# combining marks, Greek, Cyrillic, Hebrew, Arabic, Devanagari, Thai, Hangul jamo, General Punctuation
+# and the symbols after it, CJK punctuation, kana, ideographs, Hangul syllables, surrogate-free
+# private use, presentation forms, full-width forms, the replacement character, emoji.
+SCRIPTS = [(0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x52F), (0x590, 0x5FF), (0x600, 0x6FF),
+           (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x22FF), (0x3000, 0x30FF),
+           (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0xE000, 0xE010), (0xFB00, 0xFB4F), (0xFF00, 0xFFEF),
+           (0xFFFD, 0xFFFD), (0x1F300, 0x1F64F)]
 
+
+def _random_texts(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
     every_ascii = [chr(code) for code in range(128)]
-    # The fast path's non-ASCII candidates, and characters that must send a text to `tokenizers`.
-    extended = every_ascii + _WordPieceFastPath._CANDIDATES + ["数", "\u0301", "Σ", "ς", "😀", "\ufffd", "ﬁ"]
+    extended = every_ascii + [chr(code) for first, last in SCRIPTS for code in range(first, last + 1)]
     words = ["Prove", "the", "THEOREM", "refactor", "Python", "café", "naïve", "数学", "x²", "don't", "e.g.",
-             "“quoted”", "it’s", "—", "Résumé", "ÆSIR", "straße", "10°C", "½", "…"]
+             "“quoted”", "it’s", "—", "Résumé", "ÆSIR", "straße", "10°C", "½", "…", "ΟΔΟΣ", "Ёлка", "İstanbul",
+             "ǅemal", "東京タワー", "한국어", "مرحبا", "नमस्ते", "e\u0301\u0323", "ﬁne", "Ⅻ", "😀👍", "\u3000"]
     texts = []
     for index in range(count):
         if index % 4 == 0:  # any ASCII byte, control characters included
             text = "".join(rng.choice(every_ascii) for _ in range(rng.randint(1, 300)))
-        elif index % 4 == 3:  # ASCII mixed with Latin-1, General Punctuation and a few other scripts
+        elif index % 4 == 3:  # ASCII mixed with characters of many scripts
             text = "".join(rng.choice(extended) for _ in range(rng.randint(1, 300)))
         elif index % 4 == 1:
             text = "".join(rng.choice(string.printable) for _ in range(rng.randint(1, 300)))
@@ -62,6 +70,29 @@ def test_fast_path_gives_the_tokenizer_ids(tiny_backbone: Path, seed: int) -> No
         expected = [encoding.ids for encoding in reference.encode_batch(texts, add_special_tokens=False)]
         assert encoder.token_ids(texts) == expected  # one mixed batch
         assert [encoder.token_ids([text])[0] for text in texts[:300]] == expected[:300]  # one at a time
+        fast_path = encoder._fast_path
+        assert all(fast_path.applies(text) for text in ["東京タワー ΟΔΟΣ Ёлка", "مرحبا 😀", "한국어 İstanbul"])
+        assert not fast_path.applies("e\u0301")  # a combining mark: canonical reordering is left to tokenizers
+
+
+def test_fast_path_learns_new_scripts_safely_under_concurrent_use(tiny_backbone: Path) -> None:
+    """Threads that meet new scripts at once each get the tokenizer's ids: a block examined by one
+    thread is never half-visible to another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = _tokenizer_files(tiny_backbone)[-1]
+    reference = Tokenizer.from_file(str(path))
+    reference.no_padding()
+    reference.no_truncation()
+    rng = random.Random(3)
+    scripts = [chr(code) for first, last in SCRIPTS for code in range(first, last + 1)]
+    texts = ["".join(rng.choice(scripts + [" "] * 20) for _ in range(60)) for _ in range(400)]
+    expected = [encoding.ids for encoding in reference.encode_batch(texts, add_special_tokens=False)]
+    encoder = PromptEncoder.from_file(path, TRUNCATION)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda text: encoder.token_ids([text])[0], texts))
+    assert results == expected
+    assert encoder._fast_path is not None and len(encoder._fast_path._examined) > 10
 
 
 def test_other_normalizers_take_the_tokenizer_path(tiny_backbone: Path, tmp_path: Path) -> None:
