@@ -150,11 +150,12 @@ class _WordPieceFastPath:
     and strips accents one character at a time (and puts spaces around each CJK ideograph), the
     pre-tokenizer splits on whitespace and makes each punctuation mark its own word, and WordPiece
     splits each word greedily, longest vocabulary piece first. What the normalizer and pre-tokenizer
-    do to a character is asked of the tokenizer itself, a Unicode block (256 code points) at a time,
-    the first time a text holds a character of that block; one regex substitution and one regex split
-    then reproduce it. A character is kept out (its text goes to `tokenizers`) where the answer is not
-    simple: it splits a word in some other way, it is a combining mark (which canonical reordering
-    would move), or Python's lowercasing would change what the normalizer gives.
+    do to a character is asked of the tokenizer itself, a Unicode block (256 code points of the Basic
+    Multilingual Plane, or of emoji) at a time, the first time a text holds a character of that block;
+    one regex substitution and one regex split then reproduce it. A character is kept out (its text
+    goes to `tokenizers`) where the answer is not simple: it splits a word in some other way, it is a
+    combining mark (which canonical reordering would move), or Python's lowercasing would change what
+    the normalizer gives.
     Prompts repeat the same few thousand words, so with a word -> ids cache this costs a regex pass and
     a dict lookup per word: several times less than the `tokenizers` call it replaces, which would be
     most of a prompt's classification time. Text containing an added token such as "[CLS]", and any
@@ -164,7 +165,9 @@ class _WordPieceFastPath:
 
     _CACHE_LIMIT = 50_000  # words (~8 MB); bounded memory whatever the traffic
     _BLOCK_BITS = 8  # a block is 256 code points: examining one costs ~2 ms, once per process
-    _MAX_BLOCKS = 512  # beyond this many examined blocks, new ones go to `tokenizers`: bounded memory
+    # At most this many new blocks are examined for one text (the rest on later texts; until then the
+    # text goes to `tokenizers`), so no single request stalls the others for long.
+    _BLOCKS_PER_TEXT = 4
 
     def __init__(self, tokenizer: Tokenizer, vocab: dict[str, int], unk_id: int, prefix: str,
                  max_word_chars: int, lowercase: bool, added: list[str]) -> None:
@@ -179,12 +182,14 @@ class _WordPieceFastPath:
         self._kinds: dict[str, str] = {}
         # Character -> what the normalizer makes of it, for every accepted character that changes.
         self._replacements: dict[str, str] = {chr(code): "" for code in _ASCII_CONTROLS}
-        self._word_chars: set[str] = set()
-        self._punctuation: set[str] = set()
+        # Regex character-class fragments, one per examined block: joined, never re-sorted, so a
+        # block costs the same to add however many came before it.
+        self._classes: dict[str, list[str]] = {
+            "replace": [_character_class(chr(code) for code in _ASCII_CONTROLS)], "word": [], "punctuation": []}
         self._examined: set[int] = set()
         self._learning = threading.Lock()
         self._to_replace, self._words = self._patterns()
-        self._allowed = frozenset(chr(code) for code in range(128))
+        self._allowed = {chr(code) for code in range(128)}  # only grows, in place, under `_learning`
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -213,9 +218,19 @@ class _WordPieceFastPath:
                                         else "word" if pieces == [f"a{char}a"] else "other")
         return kind
 
+    @staticmethod
+    def _learnable(block: int) -> bool:
+        """The blocks that may be examined: the Basic Multilingual Plane bar surrogates and private use,
+        and the emoji blocks. A fixed set of 234 blocks, so whatever the traffic, learning ends and its
+        memory is bounded (~60,000 characters); other planes go to `tokenizers`."""
+        return block < 0xD8 or 0xF9 <= block < 0x100 or 0x1F0 <= block < 0x1FB
+
     def _examine_block(self, block: int) -> set[str]:
         """Ask the tokenizer about each non-ASCII character of `block`; return those accepted."""
-        accepted = set()
+        accepted: set[str] = set()
+        replaced: set[str] = set()
+        word_chars: set[str] = set()
+        punctuation: set[str] = set()
         for code in range(max(128, block << self._BLOCK_BITS), min((block + 1) << self._BLOCK_BITS, 0x110000)):
             char = chr(code)
             if 0xD800 <= code < 0xE000 or unicodedata.combining(char):
@@ -231,32 +246,37 @@ class _WordPieceFastPath:
             replacement = "".join(" " if not c.isascii() and self._kind(c) == "space" else c for c in normalized)
             if replacement != char:
                 self._replacements[char] = replacement
-            self._word_chars.update(c for c in replacement if not c.isascii() and self._kind(c) == "word")
-            self._punctuation.update(c for c in replacement if not c.isascii() and self._kind(c) == "punctuation")
+                replaced.add(char)
+            word_chars.update(c for c in replacement if not c.isascii() and self._kind(c) == "word")
+            punctuation.update(c for c in replacement if not c.isascii() and self._kind(c) == "punctuation")
             accepted.add(char)
+        for name, chars in (("replace", replaced), ("word", word_chars), ("punctuation", punctuation)):
+            if chars:
+                self._classes[name].append(_character_class(chars))
         return accepted
 
     def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[str]]:
         """The substitution that applies the normalizer, and the split into words and punctuation."""
-        to_replace = re.compile(f"[{_character_class(self._replacements)}]")
-        word_class = "A-Za-z0-9" + _character_class(self._word_chars)
-        punctuation_class = r"!-/:-@\[-`{-~" + _character_class(self._punctuation)
+        to_replace = re.compile("[" + "".join(self._classes["replace"]) + "]")
+        word_class = "A-Za-z0-9" + "".join(self._classes["word"])
+        punctuation_class = r"!-/:-@\[-`{-~" + "".join(self._classes["punctuation"])
         return to_replace, re.compile(f"[{word_class}]+|[{punctuation_class}]")
 
     def _learn(self, text: str) -> None:
-        """Examine the blocks of `text`'s characters not examined yet (bounded: `_MAX_BLOCKS`)."""
+        """Examine up to `_BLOCKS_PER_TEXT` learnable blocks of `text`'s characters not examined yet."""
         blocks = {ord(char) >> self._BLOCK_BITS for char in set(text).difference(self._allowed)}
-        if blocks.issubset(self._examined) or len(self._examined) >= self._MAX_BLOCKS:
+        if not any(self._learnable(block) for block in blocks.difference(self._examined)):
             return
         with self._learning:
-            new = sorted(blocks - self._examined)[: self._MAX_BLOCKS - len(self._examined)]
+            new = sorted(block for block in blocks.difference(self._examined) if self._learnable(block))
             if not new:
                 return
+            new = new[: self._BLOCKS_PER_TEXT]
             accepted = set().union(*(self._examine_block(block) for block in new))
             # Patterns first, the allowed set last: a text allowed by the new set finds its characters in them.
             self._to_replace, self._words = self._patterns()
             self._examined.update(new)
-            self._allowed = self._allowed | accepted
+            self._allowed.update(accepted)
 
     def applies(self, text: str) -> bool:
         if not (text.isascii() or self._allowed.issuperset(text)):

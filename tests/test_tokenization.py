@@ -106,3 +106,26 @@ def test_other_normalizers_take_the_tokenizer_path(tiny_backbone: Path, tmp_path
     assert encoder._fast_path is None
     assert encoder.token_ids(["Prove THE theorem"]) == [tokenizer.encode("Prove THE theorem",
                                                                           add_special_tokens=False).ids]
+
+
+def test_fast_path_learning_is_bounded(tiny_backbone: Path) -> None:
+    """Characters of private-use and unassigned planes are never learned, a text learns at most a few
+    new blocks at a time, and every text still gets the tokenizer's ids meanwhile."""
+    path = _tokenizer_files(tiny_backbone)[-1]
+    reference = Tokenizer.from_file(str(path))
+    reference.no_padding()
+    reference.no_truncation()
+    encoder = PromptEncoder.from_file(path, TRUNCATION)
+    fast_path = encoder._fast_path
+    assert fast_path is not None
+    junk = " ".join(chr((block << 8) + 0x41) for block in range(0xF00, 0x1100))  # planes 15 and 16
+    assert encoder.token_ids([junk]) == [reference.encode(junk, add_special_tokens=False).ids]
+    assert not fast_path._examined
+    # One character of each of 215 blocks of the Basic Multilingual Plane, within the character cut.
+    many = " ".join(chr((block << 8) + 0x41) for block in range(0x01, 0xD8))
+    expected = reference.encode(many, add_special_tokens=False).ids
+    assert encoder.token_ids([many]) == [expected]
+    assert len(fast_path._examined) == fast_path._BLOCKS_PER_TEXT
+    for _ in range(60):
+        assert encoder.token_ids([many]) == [expected]
+    assert fast_path._examined == set(range(0x01, 0xD8))
