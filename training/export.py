@@ -128,8 +128,9 @@ def _store_fp16_table(graph: onnx.GraphProto, lookup: onnx.NodeProto, table: onn
     output = lookup.output[0]
     lookup.output[0] = f"{output}_fp16"
     table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name))
-    _insert_after(graph, lookup, [helper.make_node("Cast", [lookup.output[0]], [output], to=TensorProto.FLOAT,
-                                                   name=f"{lookup.name or table.name}_to_fp32")])
+    cast = helper.make_node("Cast", [lookup.output[0]], [output], to=TensorProto.FLOAT,
+                            name=f"{lookup.name or table.name}_to_fp32")
+    _insert_nodes(graph, list(graph.node).index(lookup) + 1, [cast])
 
 
 def _store_int8_rows(graph: onnx.GraphProto, lookup: onnx.NodeProto, table: onnx.TensorProto) -> None:
@@ -152,7 +153,7 @@ def _store_int8_rows(graph: onnx.GraphProto, lookup: onnx.NodeProto, table: onnx
     gather_scales = helper.make_node("Gather", [scale_table, lookup.input[1]], [row_scales], axis=0,
                                      name=f"{name}_row_scales")
     if pooling is None:
-        _insert_after(graph, lookup, [
+        _insert_nodes(graph, list(graph.node).index(lookup) + 1, [
             helper.make_node("Cast", [rows], [f"{rows}_fp32"], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
             gather_scales,
             helper.make_node("Mul", [f"{rows}_fp32", row_scales], [output], name=f"{name}_scaled"),
@@ -162,7 +163,7 @@ def _store_int8_rows(graph: onnx.GraphProto, lookup: onnx.NodeProto, table: onnx
     weights, scaled_weights, axis = pooling.input[0], f"{pooling.name}_weights_row_scaled", f"{row_scales}_axis"
     graph.initializer.append(numpy_helper.from_array(np.array([-2], dtype=np.int64), axis))
     pooling.input[0] = scaled_weights
-    _insert_before(graph, pooling, [
+    _insert_nodes(graph, list(graph.node).index(pooling), [
         helper.make_node("Cast", [rows], [output], to=TensorProto.FLOAT, name=f"{name}_to_fp32"),
         gather_scales,
         helper.make_node("Unsqueeze", [row_scales, axis], [f"{row_scales}_row"], name=f"{name}_row_scales_unsqueeze"),
@@ -179,14 +180,8 @@ def _sole_pooling_reader(graph: onnx.GraphProto, rows: str) -> onnx.NodeProto | 
     return None
 
 
-def _insert_after(graph: onnx.GraphProto, node: onnx.NodeProto, added: list[onnx.NodeProto]) -> None:
-    position = list(graph.node).index(node) + 1
-    for offset, extra in enumerate(added):
-        graph.node.insert(position + offset, extra)
-
-
-def _insert_before(graph: onnx.GraphProto, node: onnx.NodeProto, added: list[onnx.NodeProto]) -> None:
-    position = list(graph.node).index(node)
+def _insert_nodes(graph: onnx.GraphProto, position: int, added: list[onnx.NodeProto]) -> None:
+    """Insert `added`, in order, at `position` of the graph's (topologically sorted) node list."""
     for offset, extra in enumerate(added):
         graph.node.insert(position + offset, extra)
 
