@@ -74,7 +74,16 @@ def test_leave_one_source_out_trains_without_each_source(tmp_path: Path, tiny_ba
         assert manifest["training"]["config"]["holdout_sources"] == [source]
         report = json.loads((tmp_path / f"without-{source}" / "eval.json").read_text())
         assert set(report["groups"]) == {"all", source}
-    assert "| alpha |" in render_markdown({"leave_one_source_out": result})
+        leads = methods["promptier"]["apgr_vs"]
+        assert set(leads) == {"length", "embedding-lr"}
+        for baseline, lead in leads.items():
+            assert lead["difference"] == pytest.approx(methods["promptier"]["apgr"] - methods[baseline]["apgr"],
+                                                       abs=2e-4)
+            assert lead["ci95"][0] <= lead["ci95"][1]
+    table = render_markdown({"leave_one_source_out": result})
+    alpha = next(line for line in table.splitlines() if line.startswith("| alpha |"))
+    lead = result["sources"]["alpha"]["promptier"]["apgr_vs"]["length"]
+    assert f"{lead['difference']:+.3f} [{lead['ci95'][0]:+.3f}, {lead['ci95'][1]:+.3f}]" in alpha
     assert any((tmp_path / "cache").iterdir())  # embeddings kept for the next fold
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.metrics import apgr, binary_curve, cpt, expected_calibration_error, roc_auc
+from training.metrics import apgr, apgr_difference_interval, binary_curve, cpt, expected_calibration_error, roc_auc
 
 
 def test_auc_matches_hand_count_with_ties() -> None:
@@ -53,3 +53,18 @@ def test_ece_perfect_and_off_by_constant() -> None:
     p = np.array([0.2, 0.2, 0.8, 0.8])
     assert expected_calibration_error(p, p.copy()) == 0
     assert expected_calibration_error(p, np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.2)
+
+
+def test_apgr_lead_interval_separates_a_real_lead_from_a_tie() -> None:
+    rng = np.random.default_rng(1)
+    weak = rng.integers(0, 2, 400).astype(float)
+    strong = np.maximum(weak, rng.integers(0, 2, 400)).astype(float)
+    informed = (strong - weak) + rng.normal(0.0, 0.7, 400)
+    coin, other_coin = rng.random(400), rng.random(400)
+    lead = apgr(binary_curve(informed, weak, strong)) - apgr(binary_curve(coin, weak, strong))
+    low, high = apgr_difference_interval(informed, coin, weak, strong, resamples=300)
+    assert 0.0 < low < lead < high
+    # Two routers that know nothing: their difference is the luck of the prompts, so the interval spans zero.
+    low, high = apgr_difference_interval(coin, other_coin, weak, strong, resamples=300)
+    assert low < 0.0 < high
+    assert apgr_difference_interval(coin, coin, weak, strong, resamples=50) == (0.0, 0.0)

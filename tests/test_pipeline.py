@@ -28,6 +28,11 @@ def test_trained_artifact_is_complete_and_learned_the_task(trained_artifact: Pat
     summary = manifest.metrics["test"]["all"]
     assert summary["promptier"]["apgr"] > summary["random"]["apgr"] + 0.1
     assert summary["oracle"]["apgr"] >= summary["promptier"]["apgr"]
+    # Each lead over a learned baseline comes with its bootstrap interval, in the JSON and the Markdown.
+    lead = summary["promptier"]["apgr_vs"]["length"]
+    assert lead["difference"] == pytest.approx(summary["promptier"]["apgr"] - summary["length"]["apgr"], abs=2e-4)
+    assert lead["ci95"][0] <= lead["ci95"][1]
+    assert "APGR lead, with its 95% paired-bootstrap interval" in (trained_artifact / "eval.md").read_text()
 
     runtime = classifier.load(trained_artifact)
     easy = runtime.classify("hello thanks say hi cat dog", classifier.RoutingRequest(mode="balanced"))

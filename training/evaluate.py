@@ -28,13 +28,13 @@ from training.baselines import (
     sentence_embeddings,
 )
 from training.errors import DataError
+from training.generalization_report import BASELINES, MODEL, format_lead
 from training.labels import PromptTable, prompt_hash
-from training.metrics import apgr, binary_curve, cpt, tier_metrics
+from training.metrics import apgr, apgr_difference_interval, binary_curve, cpt, tier_metrics
 from training.routing import always_top, cheapest_point_within, routing_curve, top_known_tier
 
 CPT_LEVELS = (0.5, 0.8, 0.95)
 SAVING_LEVELS = (0.95, 0.98, 0.99)
-MODEL = "promptier"
 
 
 def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64) -> np.ndarray:
@@ -48,7 +48,11 @@ def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64)
 
 def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: np.ndarray,
                 tier_names: list[str], rule: Rule = "ratio") -> dict:
-    """Every metric for every method on one group of prompts, each routed by the same `rule`."""
+    """Every metric for every method on one group of prompts, each routed by the same `rule`.
+
+    The model's entry also holds, per baseline, its APGR lead and a 95% paired-bootstrap interval
+    of that lead (`apgr_vs`): whether the group's prompts can tell the two apart at all.
+    """
     known = ~np.isnan(targets)
     top_quality, top_cost = always_top(targets, costs)
     single = {}
@@ -63,11 +67,13 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
     weak, strong = targets[rows, 0], targets[rows, strong_index]
     result: dict = {"n": len(targets), "top_quality": top_quality, "top_cost_usd": top_cost,
                     "single_tiers": single, "methods": {}}
+    hardness_of: dict[str, np.ndarray] = {}
     for method, probabilities in methods.items():
         # The oracle knows each prompt's gain from the strong tier; a router scores a prompt by how much
         # of the strong tier's expected quality the cheapest tier would lose (its relative score).
         relative = relative_scores(probabilities[rows], known[rows], rule)
         hardness = (strong - weak) if method == "oracle" else 1.0 - relative[:, 0]
+        hardness_of[method] = hardness
         curve = binary_curve(hardness, weak, strong)
         routing = routing_curve(probabilities, targets, costs, rule=rule)
         savings = {}
@@ -84,6 +90,11 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
             "routing_curve": [{"quality": p.quality, "cost_usd": p.cost_usd, "top_share": p.top_share,
                                "threshold": p.threshold} for p in routing],
         }
+    if MODEL in methods and len(rows) > 1:
+        result["methods"][MODEL]["apgr_vs"] = {
+            baseline: {"difference": result["methods"][MODEL]["apgr"] - result["methods"][baseline]["apgr"],
+                       "ci95": list(apgr_difference_interval(hardness_of[MODEL], hardness_of[baseline], weak, strong))}
+            for baseline in BASELINES if baseline in methods}
     return result
 
 
@@ -139,13 +150,23 @@ def _learned(featurize, eval_table: PromptTable, fit_table: PromptTable | None, 
 
 
 def summarize(report: dict) -> dict:
-    """The headline numbers: APGR, CPT and savings per group and method."""
-    return {group: {method: {"apgr": round(m["apgr"], 4),
-                             "cpt": {k: None if v is None else round(v, 4) for k, v in m["cpt"].items()},
-                             "savings_vs_top": {k: None if v is None else round(v, 4)
-                                                for k, v in m["savings_vs_top"].items()}}
-                    for method, m in g["methods"].items()}
+    """The headline numbers: APGR, CPT and savings per group and method, and the model's APGR leads."""
+    return {group: {method: _headline(m) for method, m in g["methods"].items()}
             for group, g in report["groups"].items()}
+
+
+def _headline(metrics: dict) -> dict:
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
+
+    headline = {"apgr": round(metrics["apgr"], 4),
+                "cpt": {k: rounded(v) for k, v in metrics["cpt"].items()},
+                "savings_vs_top": {k: rounded(v) for k, v in metrics["savings_vs_top"].items()}}
+    if "apgr_vs" in metrics:
+        headline["apgr_vs"] = {baseline: {"difference": round(lead["difference"], 4),
+                                          "ci95": [round(x, 4) for x in lead["ci95"]]}
+                               for baseline, lead in metrics["apgr_vs"].items()}
+    return headline
 
 
 def render_markdown(report: dict) -> str:
@@ -168,6 +189,10 @@ def render_markdown(report: dict) -> str:
         singles = ", ".join(f"{name}: quality {s['quality']:.4f}, ${s['cost_usd'] * 1000:.4f}/1k"
                             for name, s in g["single_tiers"].items())
         lines += ["", f"Single tiers: {singles}", ""]
+        leads = g["methods"].get(MODEL, {}).get("apgr_vs")
+        if leads:
+            lines += [f"{MODEL}'s APGR lead, with its 95% paired-bootstrap interval over these prompts: "
+                      + "; ".join(f"over {b} {format_lead(lead)}" for b, lead in leads.items()), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,12 @@ BASELINES = ("length", "embedding-lr")
 MODEL = "promptier"
 
 
+def format_lead(lead: dict) -> str:
+    """An APGR lead and its interval, e.g. `+0.012 [-0.008, +0.031]`."""
+    low, high = lead["ci95"]
+    return f"{lead['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def render_markdown(report: dict) -> str:
     """Leave-one-source-out and seed figures as Markdown tables (what the model card shows)."""
     lines: list[str] = []
@@ -22,12 +28,16 @@ def render_markdown(report: dict) -> str:
     if loso:
         wins = sum(loso["beats_baselines"].values())
         lines += [f"Leave-one-source-out APGR (trained on every other source; beats both baselines on "
-                  f"{wins} of {len(loso['sources'])} sources):", "",
-                  "| held-out source | promptier | length | embedding-lr | beats both |", "|---|---|---|---|---|"]
+                  f"{wins} of {len(loso['sources'])} sources). Each lead over a baseline comes with its 95% "
+                  "paired-bootstrap interval over the held-out prompts: one that spans zero is a tie.", "",
+                  "| held-out source | promptier | length | embedding-lr | beats both | lead over length "
+                  "| lead over embedding-lr |", "|---|---|---|---|---|---|---|"]
         for source, methods in loso["sources"].items():
             cells = [f"{methods[m]['apgr']:.4f}" if m in methods else "-" for m in (MODEL, *BASELINES)]
             beats = "yes" if loso["beats_baselines"][source] else "no"
-            lines.append(f"| {source} | " + " | ".join(cells) + f" | {beats} |")
+            leads = methods[MODEL].get("apgr_vs", {})
+            cells += [beats] + [format_lead(leads[b]) if b in leads else "-" for b in BASELINES]
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
         lines.append("")
     seeds = report.get("seeds")
     if seeds:

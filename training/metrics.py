@@ -116,3 +116,24 @@ def cpt(curve: BinaryCurve, target_pgr: float) -> float | None:
     # Linear interpolation between the last point below and the first point at or above.
     fraction = (target_pgr - pgr[i - 1]) / (pgr[i] - pgr[i - 1])
     return float(x[i - 1] + fraction * (x[i] - x[i - 1]))
+
+
+def apgr_difference_interval(hardness: np.ndarray, baseline_hardness: np.ndarray, weak: np.ndarray,
+                             strong: np.ndarray, resamples: int = 1000, level: float = 0.95,
+                             seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of APGR(hardness) - APGR(baseline_hardness) under a paired bootstrap.
+
+    Both routers are scored on the same resampled prompts, so the interval reflects how much of a
+    difference between them is the luck of which prompts a source happened to contain. An interval
+    that straddles zero means the prompts at hand cannot tell the two apart.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(weak)
+    differences = np.empty(resamples)
+    for r in range(resamples):
+        rows = rng.integers(0, n, n)
+        differences[r] = (apgr(binary_curve(hardness[rows], weak[rows], strong[rows]))
+                          - apgr(binary_curve(baseline_hardness[rows], weak[rows], strong[rows])))
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(differences, [tail, 1.0 - tail])
+    return float(low), float(high)
