@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from training.metrics import apgr, apgr_difference_interval, binary_curve, cpt, expected_calibration_error, roc_auc
+from training.metrics import (
+    apgr,
+    apgr_difference_interval,
+    binary_curve,
+    cpt,
+    expected_calibration_error,
+    resampled_apgrs,
+    roc_auc,
+)
 
 
 def test_auc_matches_hand_count_with_ties() -> None:
@@ -53,6 +61,17 @@ def test_ece_perfect_and_off_by_constant() -> None:
     p = np.array([0.2, 0.2, 0.8, 0.8])
     assert expected_calibration_error(p, p.copy()) == 0
     assert expected_calibration_error(p, np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.2)
+
+
+def test_apgr_of_a_resample_given_as_counts_is_the_apgr_of_the_resampled_prompts() -> None:
+    rng = np.random.default_rng(2)
+    weak = rng.integers(0, 2, 300).astype(float)
+    strong = np.maximum(weak, rng.integers(0, 2, 300)).astype(float)
+    hardness = np.round(rng.normal(0.0, 1.0, 300), 1)  # coarse: many ties, as a constant-ish router has
+    drawn = rng.integers(0, 300, (4, 300))  # with replacement: repeated prompts tie with themselves
+    counts = np.stack([np.bincount(rows, minlength=300) for rows in drawn]).astype(float)
+    expected = [apgr(binary_curve(hardness[rows], weak[rows], strong[rows])) for rows in drawn]
+    assert resampled_apgrs(hardness, strong - weak, counts) == pytest.approx(expected, abs=1e-12)
 
 
 def test_apgr_lead_interval_separates_a_real_lead_from_a_tie() -> None:

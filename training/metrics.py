@@ -129,11 +129,37 @@ def apgr_difference_interval(hardness: np.ndarray, baseline_hardness: np.ndarray
     """
     rng = np.random.default_rng(seed)
     n = len(weak)
+    gains = strong - weak
     differences = np.empty(resamples)
-    for r in range(resamples):
-        rows = rng.integers(0, n, n)
-        differences[r] = (apgr(binary_curve(hardness[rows], weak[rows], strong[rows]))
-                          - apgr(binary_curve(baseline_hardness[rows], weak[rows], strong[rows])))
+    # A resample is a count per prompt; scoring counts keeps each router's one sort of the prompts.
+    chunk = max(1, min(resamples, 2_000_000 // max(n, 1)))
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        drawn = rng.integers(0, n, (size, n)) + (np.arange(size) * n)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+        differences[start : start + size] = (resampled_apgrs(hardness, gains, counts)
+                                             - resampled_apgrs(baseline_hardness, gains, counts))
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(differences, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def resampled_apgrs(hardness: np.ndarray, gains: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """APGR of one router on each resample, a resample given as how many times it holds each prompt.
+
+    The same curve as `binary_curve` on the resampled prompts: prompts sorted hardest first, tie
+    groups (including a prompt drawn more than once) interpolated linearly, so the area is the
+    trapezoid rule over the tie groups' end points. `gains` is strong - weak per prompt.
+    """
+    n_resamples, n = counts.shape
+    order = np.argsort(-hardness, kind="stable")
+    group_ends = np.concatenate([np.flatnonzero(np.diff(hardness[order]) != 0), [n - 1]])
+    weights = counts[:, order]
+    start = np.zeros((n_resamples, 1))
+    share = np.concatenate([start, np.cumsum(weights, axis=1)[:, group_ends]], axis=1) / n
+    gained = np.concatenate([start, np.cumsum(weights * gains[order], axis=1)[:, group_ends]], axis=1)
+    area = np.sum(np.diff(share, axis=1) * (gained[:, 1:] + gained[:, :-1]) / 2.0, axis=1)
+    total = gained[:, -1]
+    # As in BinaryCurve.pgr: no gap between the tiers means no gap to recover.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(total) < 1e-12 * n, 0.0, area / total)
