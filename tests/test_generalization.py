@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 
 import classifier
 from tests.conftest import count_embedded_prompts, tiny_config
-from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
+from training.anchors import ALGORITHMS, ANCHOR_SOURCE, CODE_LANGUAGES, THINGS, _normalise, anchor_rows
+from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
 from training.generalization import leave_one_source_out, own_run, render_markdown, seed_spread
 from training.probes import PROBES_FILE, evaluate_probes, load_probes
 
@@ -43,6 +45,20 @@ def test_anchors_cover_both_ends_and_never_repeat_a_probe() -> None:
     first = rows[0]["prompt"]
     again = anchor_rows(["small", "medium", "large"], per_kind=60, exclude=[*probes, first])
     assert first not in {row["prompt"] for row in again}
+
+
+SCRIPTS = {"cyrillic": ("\u0400", "\u04ff"), "kana": ("\u3040", "\u30ff"), "hangul": ("\uac00", "\ud7a3")}
+
+
+def test_other_scripts_appear_at_both_ends_so_no_language_reads_as_easy() -> None:
+    rows = anchor_rows(["small", "medium", "large"], per_kind=150)
+    for script, (low, high) in SCRIPTS.items():
+        tiers = Counter(row["tier"] for row in rows if any(low <= ch <= high for ch in row["prompt"]))
+        assert tiers["small"] >= 3 and tiers["large"] >= 3, (script, tiers)
+    # Every native template fills from the slots it is given.
+    values = native_values(random.Random(0), ALGORITHMS, CODE_LANGUAGES, THINGS)
+    for template in [*NATIVE_EASY_MORE, *(t for kinds in NATIVE_HARD_KINDS.values() for t in kinds)]:
+        assert "{" not in template.format(**values)
 
 
 def test_probe_report_measures_what_the_runtime_decides(trained_artifact: Path) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
+
 ANCHOR_SOURCE = "anchors"
 
 GREETINGS = [
@@ -307,6 +309,28 @@ HARD_CODE_FRAMES = [
     "complexity, prove the bound, and handle every edge case.",
 ]
 THINGS = ["LRU cache", "skip list", "work-stealing deque", "ring buffer", "trie with deletion", "interval tree"]
+# Short requests whose whole difficulty is a constraint or a trick: length must not read as ease.
+SHORT_HARD = [
+    "Write a {form} about {topic} that reads the same backwards, letter by letter.",
+    "Write a {form} about {topic} in which every word starts with the letter {upper}.",
+    "Write a {form} about {topic} where each word is one letter longer than the one before.",
+    "Write a {form} about {topic} that never uses the letter e.",
+    "Write a quine in {lang}.", "Write a {lang} program that prints its own source code reversed.",
+    "Write a {lang} one-liner that is also valid {lang2} and prints the same thing in both.",
+    "Find every {n}-letter English word whose letters are in alphabetical order, and prove the list is complete.",
+    "Translate {poem} into {language} as verse, keeping its metre and rhyme scheme.",
+]
+FORMS = ["sentence", "couplet", "limerick", "haiku", "tweet", "two-line poem"]
+OBJECTS = ["derangements of n letters", "binary strings of length n with no two adjacent ones",
+           "ways to tile a 2-by-n board with dominoes", "lattice paths that never cross the diagonal",
+           "labelled trees on n vertices", "partitions of n into distinct parts"]
+PATTERNS = ["HTH", "HHT", "three heads in a row", "HTHT"]
+CLAIMS = ["every continuous function the uniform limit of polynomials on the whole real line",
+          "the product of two irrational numbers always irrational", "every group of order 15 cyclic",
+          "P(A|B) > P(A) always implies P(B|A) > P(B)", "every bounded sequence in a Hilbert space convergent",
+          "a countable union of countable sets countable without the axiom of choice"]
+POEMS = ["Goethe's 'Erlkönig'", "Baudelaire's 'L'Albatros'", "Pushkin's 'I loved you'", "Lorca's 'Romance sonámbulo'",
+         "Leopardi's 'L'infinito'", "a Heine ballad"]
 ALGORITHMS = ["suffix array construction (SA-IS)", "min-cost max-flow", "Edmonds' blossom matching",
               "Aho-Corasick with failure links", "a persistent segment tree", "Dinic's algorithm"]
 
@@ -479,7 +503,9 @@ def _fill(rng: random.Random, template: str) -> str:
         "ru_words": rng.choice(RU_WORDS), "fr_phrase": rng.choice(FR_PHRASES), "de_phrase": rng.choice(DE_PHRASES),
         "es_phrase": rng.choice(ES_PHRASES), "ru_phrase": rng.choice(RU_PHRASES), "zh_phrase": rng.choice(ZH_PHRASES),
         "ja_phrase": rng.choice(JA_PHRASES), "fr_typo": rng.choice(FR_TYPOS), "de_typo": rng.choice(DE_TYPOS),
-        "es_typo": rng.choice(ES_TYPOS), "table": rng.choice(TABLES),
+        "es_typo": rng.choice(ES_TYPOS), "table": rng.choice(TABLES), "form": rng.choice(FORMS),
+        "upper": rng.choice("BCDFGLMPST"), "lang2": rng.choice(CODE_LANGUAGES), "objects": rng.choice(OBJECTS),
+        "pattern": rng.choice(PATTERNS), "claim": rng.choice(CLAIMS), "poem": rng.choice(POEMS),
     }
     return template.format(**values)
 
@@ -517,6 +543,16 @@ def _listing_question(rng: random.Random) -> str:
     return f"{question}\n\n{text}" if rng.random() < 0.5 else f"{text}\n\n{question}"
 
 
+def _native_kind(rng: random.Random) -> str:
+    """A hard request of any kind, in a language drawn uniformly, so that no language reads as easy."""
+    template = rng.choice(NATIVE_HARD_KINDS[rng.choice(sorted(NATIVE_HARD_KINDS))])
+    return template.format(**native_values(rng, ALGORITHMS, CODE_LANGUAGES, THINGS))
+
+
+def _native_easy(rng: random.Random) -> str:
+    return rng.choice(NATIVE_EASY_MORE).format(**native_values(rng, ALGORITHMS, CODE_LANGUAGES, THINGS))
+
+
 def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
     return [
         lambda: rng.choice(GREETINGS), lambda: rng.choice(SMALL_TALK),
@@ -526,7 +562,7 @@ def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: _long_easy(rng), lambda: _fill(rng, rng.choice(MULTILINGUAL_EASY)),
         lambda: _fill(rng, rng.choice(DEFINITIONS)), lambda: rng.choice(HOW_TO), lambda: _listing_question(rng),
         lambda: _fill(rng, rng.choice(NATIVE_EASY)), lambda: _fill(rng, rng.choice(EASY_CODE_MORE)),
-        lambda: _native_long_easy(rng),
+        lambda: _native_long_easy(rng), lambda: _native_easy(rng),
     ]
 
 
@@ -540,7 +576,8 @@ def _hard_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: rng.choice(PROOF_FRAMES_OTHER).format(p=rng.choice(HARD_PROOFS)),
         lambda: _fill(rng, rng.choice(CONSTRAINED_WRITING)), lambda: _fill(rng, rng.choice(HARD_ANALYSIS)),
         lambda: _fill(rng, rng.choice(HARD_CODE_FRAMES)), lambda: _fill(rng, rng.choice(NATIVE_HARD)),
-        lambda: _fill(rng, rng.choice(NATIVE_HARD)),
+        lambda: _fill(rng, rng.choice(SHORT_HARD)),
+        lambda: _fill(rng, rng.choice(NATIVE_HARD)), lambda: _native_kind(rng),
     ]
 
 
