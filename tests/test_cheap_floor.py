@@ -28,10 +28,12 @@ def test_every_candidate_holds_the_band_and_the_best_separation_is_kept(trained_
     top_quality, _ = always_top(targets, costs)
     floor_band = (1 - policy.quality_bands["balanced"]) * top_quality
     for row in rows[1:]:
-        if row["threshold"] < 1.0:  # 1.0 is "no point reaches the band": everything goes up
-            point = simulate(probabilities, targets, costs, row["threshold"], policy.rule, row["floor"])
-            assert point.quality >= floor_band - 1e-12
-    best = max(rows, key=lambda row: row["separation"])
+        point = simulate(probabilities, targets, costs, row["threshold"], policy.rule, row["floor"])
+        # A floor no threshold can bring back within the band is never kept.
+        assert (point.quality >= floor_band - 1e-12) == row["holds_band"]
+        assert row["separation"] == pytest.approx(row["easy_on_cheapest"] - row["hard_on_cheapest"]
+                                                  + row["hard_on_top"] - row["easy_on_top"])
+    best = max((row for row in rows if row["holds_band"]), key=lambda row: row["separation"])
     assert chosen.thresholds["balanced"] == best["threshold"]
     assert chosen.cheap_floors.get("balanced") == best["floor"]
     assert {m: t for m, t in chosen.thresholds.items() if m != "balanced"} == \
@@ -43,3 +45,18 @@ def test_unknown_modes_are_refused(trained_artifact: Path) -> None:
     runtime = classifier.load(trained_artifact)
     with pytest.raises(ValueError, match="thrifty"):
         choose_cheap_floors(runtime, *_validation(n=50), runtime.manifest.policy, ["thrifty"])
+
+
+def test_a_floor_that_breaks_the_quality_band_is_never_kept(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    policy = runtime.manifest.policy
+    probabilities, targets, costs = _validation(seed=1)
+    # The cheapest tier looks certain on every validation prompt and fails every one: any floor
+    # routes everything to it, and no threshold can bring the quality back.
+    probabilities[:, 0] = 0.99
+    targets[:, 0] = 0.0
+    chosen, searched = choose_cheap_floors(runtime, probabilities, targets, costs, policy, ["balanced"])
+    assert not any(row["holds_band"] for row in searched["balanced"][1:])
+    assert "balanced" not in chosen.cheap_floors
+    assert chosen.thresholds["balanced"] == policy.thresholds["balanced"]
+    assert "cannot hold the band" in floors_table(searched)

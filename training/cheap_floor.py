@@ -2,9 +2,12 @@
 
 For each candidate floor, the mode's threshold is chosen again on the validation logs with the floor
 in place (so the mode still holds its quality band there), and the probes of the selection half are
-routed by that pair. The floor kept is the one that best separates obvious cases at the cheap end,
-measured as the share of easy probes on the cheapest tier minus the share of hard probes on it; no
-floor is kept unless it beats routing without one. The report half is never looked at here.
+routed by that pair. The floor kept is the one that best separates obvious cases at both ends: the
+share of easy probes on the cheapest tier minus that of hard ones, plus the share of hard probes on
+the top tier minus that of easy ones. The top end counts because a low floor can only hold the
+mode's quality band if the threshold sends everything it does not floor to the top tier, easy
+prompts included. No floor is kept unless it beats routing without one. The report half is never
+looked at here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from classifier.artifact import PolicyConfig
 from classifier.policy import choose_tiers
 from classifier.runtime import TierClassifier
 from training.probes import load_probes, tier_shares
-from training.routing import always_top, mode_thresholds, routing_curve
+from training.routing import always_top, cheapest_point_within, routing_curve
 
 FLOOR_GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 
@@ -51,21 +54,24 @@ def choose_cheap_floors(runtime: TierClassifier, val_probabilities: np.ndarray, 
     thresholds, floors = dict(policy.thresholds), dict(policy.cheap_floors)
     searched: dict[str, list[dict]] = {}
     for mode in modes:
-        band = {mode: policy.quality_bands[mode]}
-        candidates: list[tuple[float | None, float]] = [(None, policy.thresholds[mode])]
+        min_quality = (1.0 - policy.quality_bands[mode]) * top_quality
+        candidates: list[tuple[float | None, float, bool]] = [(None, policy.thresholds[mode], True)]
         for candidate in grid:
             curve = routing_curve(val_probabilities, val_targets, val_costs, rule=policy.rule,
                                   cheap_floor=candidate)
-            candidates.append((candidate, mode_thresholds(curve, top_quality, band)[mode]))
+            point = cheapest_point_within(curve, min_quality)
+            # A floor that sends so much to the cheapest tier that no threshold restores the band is
+            # out, however well it separates the probes.
+            candidates.append((candidate, point.threshold if point else 1.0, point is not None))
         rows: list[dict] = []
-        for floor, threshold in candidates:
+        for floor, threshold, holds_band in candidates:
             shares = tier_shares(tiers, np.array(tiers)[routed(threshold, floor)], hard)
-            rows.append({"floor": floor, "threshold": threshold,
-                         "separation": shares["easy_on_cheapest"] - shares["hard_on_cheapest"],
-                         "easy_on_cheapest": shares["easy_on_cheapest"],
-                         "hard_on_cheapest": shares["hard_on_cheapest"]})
+            separation = (shares["easy_on_cheapest"] - shares["hard_on_cheapest"]
+                          + shares["hard_on_top"] - shares["easy_on_top"])
+            rows.append({"floor": floor, "threshold": threshold, "holds_band": holds_band,
+                         "separation": separation, **shares})
         # Ties go to the candidate listed first: no floor, then the highest (most cautious) floor.
-        best = max(rows, key=lambda row: row["separation"])
+        best = max((row for row in rows if row["holds_band"]), key=lambda row: row["separation"])
         searched[mode] = rows
         thresholds[mode] = best["threshold"]
         if best["floor"] is not None:
@@ -75,9 +81,19 @@ def choose_cheap_floors(runtime: TierClassifier, val_probabilities: np.ndarray, 
 
 def floors_table(searched: Mapping[str, list[dict]]) -> str:
     """The floor search as Markdown, one row per candidate."""
-    lines = ["| mode | floor | threshold | easy -> cheapest | hard -> cheapest | separation |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| mode | floor | threshold | easy -> cheapest | hard -> cheapest | easy -> top | hard -> top "
+             "| separation |", "|---|---|---|---|---|---|---|---|"]
     for mode, rows in searched.items():
         lines += [f"| {mode} | {'none' if r['floor'] is None else r['floor']} | {r['threshold']:.4f} | "
-                  f"{r['easy_on_cheapest']:.1%} | {r['hard_on_cheapest']:.1%} | {r['separation']:.3f} |" for r in rows]
+                  f"{r['easy_on_cheapest']:.1%} | {r['hard_on_cheapest']:.1%} | {_share(r, 'easy_on_top')} | "
+                  f"{_share(r, 'hard_on_top')} | {_separation(r)} |" for r in rows]
     return "\n".join(lines)
+
+
+def _share(row: Mapping[str, float], key: str) -> str:
+    # Searches recorded before the top end was scored lack its shares.
+    return f"{row[key]:.1%}" if key in row else "-"
+
+
+def _separation(row: Mapping[str, float]) -> str:
+    return f"{row['separation']:.3f}" if row.get("holds_band", True) else "cannot hold the band"
