@@ -95,6 +95,18 @@ REWRITES = [
     "Can you fix the spelling in: {sentence}", "Turn this into a question: {sentence}",
     "Shorten this: {sentence}", "Put this sentence in all caps: {sentence}", "Make this friendlier: {sentence}",
 ]
+# Short everyday writing: "write" alone is no sign of difficulty; the constraints of the hard kinds are.
+EASY_WRITING = [
+    "Write a one-line {occasion} message for {name}.", "Write a short thank-you note to {name} for the {gift}.",
+    "Draft a quick text telling {name} I'm running ten minutes late.",
+    "Write a two-sentence reminder that {subject} is on {day}.", "Suggest a title for a blog post about {topic}.",
+    "Write a caption for a photo of my {animal}.", "write a short {occasion} card message for my {relative}",
+    "Write a polite one-line reply saying I can't make it on {day}.",
+    "Can you write a short note to {name} asking to borrow the {gift}?",
+]
+OCCASIONS = ["birthday", "farewell", "congratulations", "get-well", "thank-you", "welcome", "good-luck"]
+GIFTS = ["flowers", "book", "ladder", "cake", "birthday card", "lift to the station", "umbrella"]
+RELATIVES = ["mum", "dad", "sister", "grandma", "uncle", "cousin", "neighbour", "coworker"]
 PHRASES = ["good morning", "thank you very much", "where is the train station?", "I love you", "how much is this?",
            "see you tomorrow", "happy birthday", "my name is Tom", "I am hungry", "the bill, please", "good luck",
            "excuse me", "what time is it?", "I don't understand", "nice to meet you"]
@@ -506,6 +518,8 @@ def _fill(rng: random.Random, template: str) -> str:
         "es_typo": rng.choice(ES_TYPOS), "table": rng.choice(TABLES), "form": rng.choice(FORMS),
         "upper": rng.choice("BCDFGLMPST"), "lang2": rng.choice(CODE_LANGUAGES), "objects": rng.choice(OBJECTS),
         "pattern": rng.choice(PATTERNS), "claim": rng.choice(CLAIMS), "poem": rng.choice(POEMS),
+        "occasion": rng.choice(OCCASIONS), "gift": rng.choice(GIFTS), "relative": rng.choice(RELATIVES),
+        "name": rng.choice(NAMES), "day": rng.choice(DAYS), "subject": rng.choice(LETTER_SUBJECTS),
     }
     return template.format(**values)
 
@@ -562,7 +576,7 @@ def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: _long_easy(rng), lambda: _fill(rng, rng.choice(MULTILINGUAL_EASY)),
         lambda: _fill(rng, rng.choice(DEFINITIONS)), lambda: rng.choice(HOW_TO), lambda: _listing_question(rng),
         lambda: _fill(rng, rng.choice(NATIVE_EASY)), lambda: _fill(rng, rng.choice(EASY_CODE_MORE)),
-        lambda: _native_long_easy(rng), lambda: _native_easy(rng),
+        lambda: _native_long_easy(rng), lambda: _native_easy(rng), lambda: _fill(rng, rng.choice(EASY_WRITING)),
     ]
 
 

@@ -142,6 +142,10 @@ NATIVE_EASY_MORE: list[str] = [
     "नमस्ते, आप कैसे हैं?", "भारत की राजधानी क्या है?", "{a} और {b} का जोड़ कितना है?",
     "Hej! Hur mår du?", "Vad är huvudstaden i Norge?", "Hallo, hoe gaat het?", "Wat is de hoofdstad van België?",
     "Cześć, co słychać?", "Jaka jest stolica Polski?",
+    "Écris un petit mot pour remercier ma voisine pour les fleurs.", "Écris un message d'anniversaire d'une ligne.",
+    "Schreib eine kurze Nachricht, dass ich zehn Minuten später komme.", "Schreib einen Satz zum Geburtstag.",
+    "Escribe un mensaje corto de cumpleaños para mi hermana.", "Escribe una nota breve para dar las gracias.",
+    "Scrivi un breve messaggio di auguri per un collega.", "Escreva uma mensagem curta de parabéns.",
     "今日は何曜日ですか？", "日本の首都はどこですか？", "你好，今天天气怎么样？", "中国的首都是哪里？",
     "Привет! Как дела?", "Какая столица у Испании?", "Сколько будет {a} плюс {b}?",
 ]
