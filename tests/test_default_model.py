@@ -34,6 +34,20 @@ def test_default_model_loads_and_is_within_budget() -> None:
         assert methods["promptier"]["apgr"] > methods["embedding-lr"]["apgr"]
 
 
+def test_default_model_names_no_path_of_the_machine_that_built_it() -> None:
+    def strings(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [s for item in value.values() for s in strings(item)]
+        if isinstance(value, list):
+            return [s for item in value for s in strings(item)]
+        return [value] if isinstance(value, str) else []
+
+    manifest = json.loads((classifier.DEFAULT_MODEL_DIR / "manifest.json").read_text())
+    assert not [s for s in strings(manifest) if Path(s).is_absolute()]
+    card = (classifier.DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    assert str(REPO) not in card and "/home/" not in card and "/tmp/" not in card
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "outcomes").is_dir(),
                     reason="the shared routing logs are not on this machine (set PROMPTIER_SHARED_DATA)")
 def test_recorded_metrics_match_a_fresh_eval_on_the_fixed_sample() -> None:
