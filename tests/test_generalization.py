@@ -13,7 +13,7 @@ import classifier
 from tests.conftest import count_embedded_prompts, tiny_config
 from training.anchors import ALGORITHMS, ANCHOR_SOURCE, CODE_LANGUAGES, THINGS, _normalise, anchor_rows
 from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
-from training.generalization import leave_one_source_out, own_run, render_markdown, seed_spread
+from training.generalization import leave_one_source_out, own_run, render_markdown, report_probes, seed_spread
 from training.probes import PROBES_FILE, evaluate_probes, load_probes
 
 
@@ -181,10 +181,30 @@ def test_seed_spread_counts_the_evaluated_model_as_its_own_seeds_run(tmp_path: P
     # Retraining that seed rebuilds the same model: reusing the artifact saves a run, not a measurement.
     again = seed_spread([synthetic_logs], pool_file, config, [config.seed], tmp_path / "again")
     assert again["runs"][str(config.seed)] == known[config.seed]
-    reused = seed_spread([synthetic_logs], pool_file, config, [config.seed], tmp_path / "reused", known=known)
+    # Each run's probe figures come along: the report half under the default mode, as the run recorded them.
+    own_probes = report_probes(manifest.metrics, manifest.policy.default_mode)
+    assert own_probes is not None and 0.0 <= own_probes["auc"] <= 1.0
+    assert again["probes"] == {"mode": manifest.policy.default_mode, "runs": {str(config.seed): own_probes}}
+    reused = seed_spread([synthetic_logs], pool_file, config, [config.seed], tmp_path / "reused", known=known,
+                         known_probes={config.seed: own_probes})
     assert reused["runs"] == again["runs"] and not (tmp_path / "reused").exists()
+    assert reused["probes"] == again["probes"]
+    table = render_markdown({"seeds": reused})
+    assert f"| {config.seed} | {own_probes['auc']:.3f} | {own_probes['easy_on_cheapest']:.1%} |" in table
     # Other logs than the artifact's: nothing is reused.
     lines = synthetic_logs.read_text(encoding="utf-8").splitlines()
     fewer = tmp_path / "fewer.jsonl"
     fewer.write_text("\n".join(lines[: len(lines) * 3 // 4]) + "\n", encoding="utf-8")
     assert own_run(manifest.metrics, manifest.data_fingerprint, [fewer], pool_file, config) == {}
+
+
+def test_seed_table_gives_each_runs_probe_figures_and_their_mean() -> None:
+    shares = {"easy_on_cheapest": 0.9, "easy_on_top": 0.04, "hard_on_top": 0.8, "hard_on_cheapest": 0.1}
+    seeds = {"seeds": [1, 2], "runs": {"1": {"all": 0.6}, "2": {"all": 0.7}},
+             "apgr": {"all": {"mean": 0.65, "spread": 0.1, "std": 0.07}},
+             "probes": {"mode": "balanced", "runs": {"1": {"auc": 0.94, **shares},
+                                                     "2": {"auc": 0.96, **shares, "easy_on_top": 0.08}}}}
+    table = render_markdown({"seeds": seeds})
+    assert "per seed (mode `balanced`)" in table
+    assert "| 2 | 0.960 | 90.0% | 8.0% | 80.0% | 10.0% |" in table
+    assert "| mean | 0.950 | 90.0% | 6.0% | 80.0% | 10.0% |" in table

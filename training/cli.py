@@ -266,7 +266,7 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
                     skip_invalid: bool) -> dict:
     """Retrain the artifact's recipe for --loso and --seeds."""
     from training.config import TrainConfig
-    from training.generalization import leave_one_source_out, own_run, seed_spread
+    from training.generalization import leave_one_source_out, own_run, report_probes, seed_spread
 
     if manifest.training.get("teacher"):
         raise PromptierError("--loso and --seeds retrain the recipe, and this model was distilled from a teacher "
@@ -283,7 +283,9 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
         except ValueError as error:
             raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
-        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir)
+        known_probes = {seed: report_probes(manifest.metrics, manifest.policy.default_mode) for seed in known}
+        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir,
+                                      known_probes)
     return result
 
 

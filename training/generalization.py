@@ -22,7 +22,7 @@ from training.generalization_report import BASELINES, MODEL, render_markdown, wr
 from training.inputs import prepare_data
 from training.pipeline import train
 
-__all__ = ["leave_one_source_out", "render_markdown", "seed_spread", "write_report"]
+__all__ = ["leave_one_source_out", "render_markdown", "report_probes", "seed_spread", "write_report"]
 log = logging.getLogger(__name__)
 
 
@@ -59,14 +59,18 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
 
 def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
                 work_root: Path, skip_invalid: bool = False, known: dict[int, dict[str, float]] | None = None,
-                cache_dir: Path | None = None) -> dict:
-    """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread.
+                cache_dir: Path | None = None, known_probes: dict[int, dict[str, float] | None] | None = None) -> dict:
+    """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread;
+    and each run's figures on the probe suite's report half (`report_probes`), under the default mode.
 
     `known` gives runs already made, per seed (APGR per group): the evaluated artifact is the run of the
-    seed it was trained with, when the logs are the ones it was trained on (see `own_run`). With
-    `cache_dir`, a recipe with an embedding teacher embeds only the prompts no earlier run embedded.
+    seed it was trained with, when the logs are the ones it was trained on (see `own_run`);
+    `known_probes` gives those runs' probe figures. With `cache_dir`, a recipe with an embedding teacher
+    embeds only the prompts no earlier run embedded.
     """
     runs: dict[str, dict[str, float]] = {str(seed): dict(known[seed]) for seed in seeds if known and seed in known}
+    probes: dict[str, dict[str, float]] = {
+        str(seed): figures for seed, figures in (known_probes or {}).items() if figures and str(seed) in runs}
     for seed in seeds:
         if str(seed) in runs:
             log.info("seed spread: seed %d is the evaluated model itself", seed)
@@ -79,13 +83,29 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
         summary = manifest.metrics["test"]
         assert isinstance(summary, dict)
         runs[str(seed)] = {group: methods[MODEL]["apgr"] for group, methods in summary.items()}
+        figures = report_probes(manifest.metrics, manifest.policy.default_mode)
+        if figures:
+            probes[str(seed)] = figures
     groups = sorted(set.intersection(*(set(r) for r in runs.values())))
     per_group = {}
     for group in groups:
         values = np.array([runs[seed][group] for seed in runs])
         per_group[group] = {"mean": float(values.mean()), "spread": float(values.max() - values.min()),
                             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-    return {"seeds": [int(s) for s in seeds], "runs": runs, "apgr": per_group}
+    result = {"seeds": [int(s) for s in seeds], "runs": runs, "apgr": per_group}
+    if probes:
+        result["probes"] = {"mode": config.default_mode, "runs": probes}
+    return result
+
+
+def report_probes(metrics: dict, mode: str) -> dict[str, float] | None:
+    """A run's figures on the probe suite's report half, as its manifest records them: the AUC and, under
+    `mode`, the shares of easy and hard probes on the cheapest and the top tier. None if not recorded."""
+    probes = metrics.get("probes")
+    half = probes.get("halves", {}).get("report") if isinstance(probes, dict) else None
+    if not isinstance(half, dict) or mode not in half.get("modes", {}):
+        return None
+    return {"auc": float(half["auc"]), **{key: float(value) for key, value in half["modes"][mode].items()}}
 
 
 def own_run(manifest_metrics: dict, manifest_fingerprint: str, logs: Sequence[str | Path], pool: str | Path,

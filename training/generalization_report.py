@@ -47,7 +47,28 @@ def render_markdown(report: dict) -> str:
             runs = ", ".join(f"{seeds['runs'][s][group]:.4f}" for s in seeds["runs"])
             lines.append(f"| {group} | {values['mean']:.4f} | {values['spread']:.4f} | {runs} |")
         lines.append("")
+        if seeds.get("probes"):
+            lines += _probe_lines(seeds["probes"])
     return "\n".join(lines)
+
+
+PROBE_SHARES = ("easy_on_cheapest", "easy_on_top", "hard_on_top", "hard_on_cheapest")
+
+
+def _probe_lines(probes: dict) -> list[str]:
+    runs = probes["runs"]
+    lines = [f"The probe suite's report half, per seed (mode `{probes['mode']}`):", "",
+             "| seed | AUC | easy -> cheapest | easy -> top | hard -> top | hard -> cheapest |",
+             "|---|---|---|---|---|---|"]
+    lines += [_probe_row(seed, figures) for seed, figures in runs.items()]
+    if len(runs) > 1:
+        means = {key: sum(figures[key] for figures in runs.values()) / len(runs) for key in ("auc", *PROBE_SHARES)}
+        lines.append(_probe_row("mean", means))
+    return [*lines, ""]
+
+
+def _probe_row(label: str, figures: dict) -> str:
+    return f"| {label} | {figures['auc']:.3f} | " + " | ".join(f"{figures[key]:.1%}" for key in PROBE_SHARES) + " |"
 
 
 def write_report(report: dict, directory: Path) -> None:
