@@ -11,7 +11,7 @@ import pytest
 
 import classifier
 from tests.conftest import count_embedded_prompts, tiny_config
-from training.anchors import ALGORITHMS, ANCHOR_SOURCE, CODE_LANGUAGES, THINGS, _normalise, anchor_rows
+from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
 from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
 from training.generalization import leave_one_source_out, own_run, render_markdown, report_probes, seed_spread
 from training.probes import PROBES_FILE, evaluate_probes, load_probes
@@ -47,7 +47,8 @@ def test_anchors_cover_both_ends_and_never_repeat_a_probe() -> None:
     assert first not in {row["prompt"] for row in again}
 
 
-SCRIPTS = {"cyrillic": ("\u0400", "\u04ff"), "kana": ("\u3040", "\u30ff"), "hangul": ("\uac00", "\ud7a3")}
+SCRIPTS = {"cyrillic": ("\u0400", "\u04ff"), "kana": ("\u3040", "\u30ff"), "hangul": ("\uac00", "\ud7a3"),
+           "arabic": ("\u0600", "\u06ff"), "devanagari": ("\u0900", "\u097f")}
 
 
 def test_other_scripts_appear_at_both_ends_so_no_language_reads_as_easy() -> None:
@@ -56,7 +57,7 @@ def test_other_scripts_appear_at_both_ends_so_no_language_reads_as_easy() -> Non
         tiers = Counter(row["tier"] for row in rows if any(low <= ch <= high for ch in row["prompt"]))
         assert tiers["small"] >= 3 and tiers["large"] >= 3, (script, tiers)
     # Every native template fills from the slots it is given.
-    values = native_values(random.Random(0), ALGORITHMS, CODE_LANGUAGES, THINGS)
+    values = native_values(random.Random(0))
     for template in [*NATIVE_EASY_MORE, *(t for kinds in NATIVE_HARD_KINDS.values() for t in kinds)]:
         assert "{" not in template.format(**values)
 
@@ -208,3 +209,18 @@ def test_seed_table_gives_each_runs_probe_figures_and_their_mean() -> None:
     assert "per seed (mode `balanced`)" in table
     assert "| 2 | 0.960 | 90.0% | 8.0% | 80.0% | 10.0% |" in table
     assert "| mean | 0.950 | 90.0% | 6.0% | 80.0% | 10.0% |" in table
+
+
+def test_seed_table_marks_runs_without_probe_figures_and_undefined_ones() -> None:
+    shares = {"easy_on_cheapest": 0.9, "easy_on_top": 0.04, "hard_on_top": 0.8, "hard_on_cheapest": 0.1}
+    seeds = {"seeds": [1, 2, 3], "runs": {"1": {"all": 0.6}, "2": {"all": 0.7}, "3": {"all": 0.5}},
+             "apgr": {"all": {"mean": 0.6, "spread": 0.2, "std": 0.1}},
+             "probes": {"mode": "balanced", "runs": {"1": {"auc": 0.94, **shares}, "2": {"auc": None, **shares}}}}
+    table = render_markdown({"seeds": seeds})
+    assert "| 2 | - | 90.0% |" in table and "| 3 | - | - | - | - | - |" in table
+    assert "| mean of 2 | 0.940 | 90.0% |" in table
+    metrics = {"probes": {"halves": {"report": {"auc": None, "modes": {"balanced": {**shares, "easy_on_top":
+                                                                                  float("nan")}}}}}}
+    assert report_probes(metrics, "balanced") == {"auc": None, **shares, "easy_on_top": None}
+    assert report_probes({}, "balanced") is None and report_probes(metrics, "cost") is None
+

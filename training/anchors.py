@@ -99,14 +99,16 @@ REWRITES = [
 EASY_WRITING = [
     "Write a one-line {occasion} message for {name}.", "Write a short thank-you note to {name} for the {gift}.",
     "Draft a quick text telling {name} I'm running ten minutes late.",
-    "Write a two-sentence reminder that {subject} is on {day}.", "Suggest a title for a blog post about {topic}.",
-    "Write a caption for a photo of my {animal}.", "write a short {occasion} card message for my {relative}",
+    "Write a two-sentence reminder that {event} is on {day}.", "Suggest a title for a blog post about {topic}.",
+    "Write a caption for a photo of my {animal}.", "write a short {occasion} card message for my {recipient}",
     "Write a polite one-line reply saying I can't make it on {day}.",
-    "Can you write a short note to {name} asking to borrow the {gift}?",
+    "Can you write a short note to {name} asking to borrow the {borrowable}?",
 ]
 OCCASIONS = ["birthday", "farewell", "congratulations", "get-well", "thank-you", "welcome", "good-luck"]
-GIFTS = ["flowers", "book", "ladder", "cake", "birthday card", "lift to the station", "umbrella"]
-RELATIVES = ["mum", "dad", "sister", "grandma", "uncle", "cousin", "neighbour", "coworker"]
+GIFTS = ["flowers", "book", "cake", "birthday card", "lift to the station", "help with the move"]
+BORROWABLES = ["ladder", "umbrella", "book", "drill", "camping tent", "bike pump"]
+RECIPIENTS = ["mum", "dad", "sister", "grandma", "uncle", "cousin", "neighbour", "coworker"]
+EVENTS = ["the team lunch", "the project kickoff", "the school trip", "the birthday party", "the quarterly review"]
 PHRASES = ["good morning", "thank you very much", "where is the train station?", "I love you", "how much is this?",
            "see you tomorrow", "happy birthday", "my name is Tom", "I am hungry", "the bill, please", "good luck",
            "excuse me", "what time is it?", "I don't understand", "nice to meet you"]
@@ -324,25 +326,21 @@ THINGS = ["LRU cache", "skip list", "work-stealing deque", "ring buffer", "trie 
 # Short requests whose whole difficulty is a constraint or a trick: length must not read as ease.
 SHORT_HARD = [
     "Write a {form} about {topic} that reads the same backwards, letter by letter.",
-    "Write a {form} about {topic} in which every word starts with the letter {upper}.",
-    "Write a {form} about {topic} where each word is one letter longer than the one before.",
+    "Write a limerick about {topic} in which every word starts with the letter {upper}.",
+    "Write a sentence about {topic} in which each word is one letter longer than the one before.",
     "Write a {form} about {topic} that never uses the letter e.",
-    "Write a quine in {lang}.", "Write a {lang} program that prints its own source code reversed.",
-    "Write a {lang} one-liner that is also valid {lang2} and prints the same thing in both.",
-    "Find every {n}-letter English word whose letters are in alphabetical order, and prove the list is complete.",
-    "Translate {poem} into {language} as verse, keeping its metre and rhyme scheme.",
+    "Write a {lang} quine whose source code is also a palindrome.",
+    "Write a {lang} program that prints its own source code reversed.",
+    "Write one program that is valid {polyglot} and prints the same thing in both.",
+    "Find every six-letter English word whose letters are in alphabetical order, and prove the list is complete.",
+    "Translate {poem_translation} as verse, keeping its metre and rhyme scheme.",
 ]
 FORMS = ["sentence", "couplet", "limerick", "haiku", "tweet", "two-line poem"]
-OBJECTS = ["derangements of n letters", "binary strings of length n with no two adjacent ones",
-           "ways to tile a 2-by-n board with dominoes", "lattice paths that never cross the diagonal",
-           "labelled trees on n vertices", "partitions of n into distinct parts"]
-PATTERNS = ["HTH", "HHT", "three heads in a row", "HTHT"]
-CLAIMS = ["every continuous function the uniform limit of polynomials on the whole real line",
-          "the product of two irrational numbers always irrational", "every group of order 15 cyclic",
-          "P(A|B) > P(A) always implies P(B|A) > P(B)", "every bounded sequence in a Hilbert space convergent",
-          "a countable union of countable sets countable without the axiom of choice"]
-POEMS = ["Goethe's 'Erlkönig'", "Baudelaire's 'L'Albatros'", "Pushkin's 'I loved you'", "Lorca's 'Romance sonámbulo'",
-         "Leopardi's 'L'infinito'", "a Heine ballad"]
+POLYGLOTS = ["Python and valid Ruby", "C and valid Python", "Perl and valid Python", "JavaScript and valid Python",
+             "Ruby and valid Perl", "C and valid Haskell"]
+POEM_TRANSLATIONS = ["Goethe's 'Erlkönig' into English", "Baudelaire's 'L'Albatros' into German",
+                     "Pushkin's 'I loved you' into French", "Lorca's 'Romance sonámbulo' into English",
+                     "Leopardi's 'L'infinito' into Spanish", "a Heine ballad into Italian"]
 ALGORITHMS = ["suffix array construction (SA-IS)", "min-cost max-flow", "Edmonds' blossom matching",
               "Aho-Corasick with failure links", "a persistent segment tree", "Dinic's algorithm"]
 
@@ -516,10 +514,10 @@ def _fill(rng: random.Random, template: str) -> str:
         "es_phrase": rng.choice(ES_PHRASES), "ru_phrase": rng.choice(RU_PHRASES), "zh_phrase": rng.choice(ZH_PHRASES),
         "ja_phrase": rng.choice(JA_PHRASES), "fr_typo": rng.choice(FR_TYPOS), "de_typo": rng.choice(DE_TYPOS),
         "es_typo": rng.choice(ES_TYPOS), "table": rng.choice(TABLES), "form": rng.choice(FORMS),
-        "upper": rng.choice("BCDFGLMPST"), "lang2": rng.choice(CODE_LANGUAGES), "objects": rng.choice(OBJECTS),
-        "pattern": rng.choice(PATTERNS), "claim": rng.choice(CLAIMS), "poem": rng.choice(POEMS),
-        "occasion": rng.choice(OCCASIONS), "gift": rng.choice(GIFTS), "relative": rng.choice(RELATIVES),
-        "name": rng.choice(NAMES), "day": rng.choice(DAYS), "subject": rng.choice(LETTER_SUBJECTS),
+        "upper": rng.choice("BCDFGLMPST"), "polyglot": rng.choice(POLYGLOTS),
+        "poem_translation": rng.choice(POEM_TRANSLATIONS), "occasion": rng.choice(OCCASIONS),
+        "gift": rng.choice(GIFTS), "borrowable": rng.choice(BORROWABLES), "recipient": rng.choice(RECIPIENTS),
+        "name": rng.choice(NAMES), "day": rng.choice(DAYS), "event": rng.choice(EVENTS),
     }
     return template.format(**values)
 
@@ -560,11 +558,11 @@ def _listing_question(rng: random.Random) -> str:
 def _native_kind(rng: random.Random) -> str:
     """A hard request of any kind, in a language drawn uniformly, so that no language reads as easy."""
     template = rng.choice(NATIVE_HARD_KINDS[rng.choice(sorted(NATIVE_HARD_KINDS))])
-    return template.format(**native_values(rng, ALGORITHMS, CODE_LANGUAGES, THINGS))
+    return template.format(**native_values(rng))
 
 
 def _native_easy(rng: random.Random) -> str:
-    return rng.choice(NATIVE_EASY_MORE).format(**native_values(rng, ALGORITHMS, CODE_LANGUAGES, THINGS))
+    return rng.choice(NATIVE_EASY_MORE).format(**native_values(rng))
 
 
 def _easy_makers(rng: random.Random) -> list[Callable[[], str]]:
@@ -591,7 +589,7 @@ def _hard_makers(rng: random.Random) -> list[Callable[[], str]]:
         lambda: _fill(rng, rng.choice(CONSTRAINED_WRITING)), lambda: _fill(rng, rng.choice(HARD_ANALYSIS)),
         lambda: _fill(rng, rng.choice(HARD_CODE_FRAMES)), lambda: _fill(rng, rng.choice(NATIVE_HARD)),
         lambda: _fill(rng, rng.choice(SHORT_HARD)),
-        lambda: _fill(rng, rng.choice(NATIVE_HARD)), lambda: _native_kind(rng),
+        lambda: _fill(rng, rng.choice(NATIVE_HARD)), lambda: _native_kind(rng), lambda: _native_kind(rng),
     ]
 
 

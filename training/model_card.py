@@ -24,7 +24,7 @@ DATA_LICENCES = (
 ANCHOR_NOTE = (
     "Anchor prompts (training/anchors.py): generated prompts of obvious difficulty (greetings, one-line facts, "
     "small rewrites, trivial code on the cheapest tier; proofs, system designs, hard code, constrained writing "
-    "on the top tier), in English and, for every kind, in ten other languages (training/anchors_native.py), "
+    "on the top tier), in English and, at both ends, in fifteen other languages (training/anchors_native.py), "
     "added to the training split only. Their outcomes are assumed, not measured; they are in no evaluation "
     "and share no text with the probe suite."
 )
