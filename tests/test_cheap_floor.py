@@ -18,7 +18,7 @@ def _validation(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray, np
     return probabilities, targets, costs
 
 
-def test_every_candidate_holds_the_band_and_the_best_separation_is_kept(trained_artifact: Path) -> None:
+def test_candidates_are_marked_by_whether_they_hold_the_band_and_the_best_is_kept(trained_artifact: Path) -> None:
     runtime = classifier.load(trained_artifact)
     policy = runtime.manifest.policy
     probabilities, targets, costs = _validation()
@@ -49,7 +49,8 @@ def test_unknown_modes_are_refused(trained_artifact: Path) -> None:
 
 def test_a_floor_that_breaks_the_quality_band_is_never_kept(trained_artifact: Path) -> None:
     runtime = classifier.load(trained_artifact)
-    policy = runtime.manifest.policy
+    # The policy comes with a floor: when no candidate floor may be kept, that one goes too.
+    policy = runtime.manifest.policy.model_copy(update={"cheap_floors": {"balanced": 0.99}})
     probabilities, targets, costs = _validation(seed=1)
     # The cheapest tier looks certain on every validation prompt and fails every one: any floor
     # routes everything to it, and no threshold can bring the quality back.
@@ -60,3 +61,19 @@ def test_a_floor_that_breaks_the_quality_band_is_never_kept(trained_artifact: Pa
     assert "balanced" not in chosen.cheap_floors
     assert chosen.thresholds["balanced"] == policy.thresholds["balanced"]
     assert "cannot hold the band" in floors_table(searched)
+
+
+def test_only_the_floors_that_hold_the_band_compete(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    policy = runtime.manifest.policy
+    probabilities, targets, costs = _validation(seed=2)
+    # The cheapest tier answers exactly the prompts it is surest of: high floors lose nothing, low ones
+    # send it prompts it fails.
+    targets[:, 0] = (probabilities[:, 0] >= 0.8).astype(float)
+    chosen, searched = choose_cheap_floors(runtime, probabilities, targets, costs, policy, ["balanced"])
+    rows = searched["balanced"]
+    holding = {row["floor"] for row in rows[1:] if row["holds_band"]}
+    assert 0.95 in holding and 0.6 not in holding
+    kept = chosen.cheap_floors.get("balanced")
+    assert kept is None or kept in holding
+

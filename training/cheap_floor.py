@@ -12,6 +12,7 @@ looked at here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -70,13 +71,22 @@ def choose_cheap_floors(runtime: TierClassifier, val_probabilities: np.ndarray, 
                           + shares["hard_on_top"] - shares["easy_on_top"])
             rows.append({"floor": floor, "threshold": threshold, "holds_band": holds_band,
                          "separation": separation, **shares})
-        # Ties go to the candidate listed first: no floor, then the highest (most cautious) floor.
-        best = max((row for row in rows if row["holds_band"]), key=lambda row: row["separation"])
+        # Ties go to the candidate listed first: no floor, then the highest (most cautious) floor. Rounding
+        # keeps sums of equal shares taken in another order tied; an undefined separation (a half without
+        # easy or without hard probes) never wins.
+        best = max((row for row in rows if row["holds_band"]), key=_rank)
         searched[mode] = rows
         thresholds[mode] = best["threshold"]
-        if best["floor"] is not None:
+        if best["floor"] is None:
+            floors.pop(mode, None)
+        else:
             floors[mode] = best["floor"]
     return policy.model_copy(update={"thresholds": thresholds, "cheap_floors": floors}), searched
+
+
+def _rank(row: Mapping[str, float]) -> float:
+    separation = row["separation"]
+    return -math.inf if math.isnan(separation) else round(separation, 9)
 
 
 def floors_table(searched: Mapping[str, list[dict]]) -> str:
