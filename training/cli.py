@@ -283,7 +283,7 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
         except ValueError as error:
             raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
-        known_probes = {seed: report_probes(manifest.metrics, manifest.policy.default_mode) for seed in known}
+        known_probes = {seed: report_probes(manifest.metrics, config.default_mode) for seed in known}
         result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir,
                                       known_probes)
     return result

@@ -11,6 +11,7 @@ Both retrain the recipe: an artifact's recorded training config, run again on th
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
 
 def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
                 work_root: Path, skip_invalid: bool = False, known: dict[int, dict[str, float]] | None = None,
-                cache_dir: Path | None = None, known_probes: dict[int, dict[str, float] | None] | None = None) -> dict:
+                cache_dir: Path | None = None,
+                known_probes: dict[int, dict[str, float | None] | None] | None = None) -> dict:
     """Train the recipe once per seed (each with its own split); APGR per source: each run, mean and spread;
     and each run's figures on the probe suite's report half (`report_probes`), under the default mode.
 
@@ -69,7 +71,7 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
     embeds only the prompts no earlier run embedded.
     """
     runs: dict[str, dict[str, float]] = {str(seed): dict(known[seed]) for seed in seeds if known and seed in known}
-    probes: dict[str, dict[str, float]] = {
+    probes: dict[str, dict[str, float | None]] = {
         str(seed): figures for seed, figures in (known_probes or {}).items() if figures and str(seed) in runs}
     for seed in seeds:
         if str(seed) in runs:
@@ -83,7 +85,7 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
         summary = manifest.metrics["test"]
         assert isinstance(summary, dict)
         runs[str(seed)] = {group: methods[MODEL]["apgr"] for group, methods in summary.items()}
-        figures = report_probes(manifest.metrics, manifest.policy.default_mode)
+        figures = report_probes(manifest.metrics, config.default_mode)
         if figures:
             probes[str(seed)] = figures
     groups = sorted(set.intersection(*(set(r) for r in runs.values())))
@@ -98,14 +100,16 @@ def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfi
     return result
 
 
-def report_probes(metrics: dict, mode: str) -> dict[str, float] | None:
+def report_probes(metrics: dict, mode: str) -> dict[str, float | None] | None:
     """A run's figures on the probe suite's report half, as its manifest records them: the AUC and, under
-    `mode`, the shares of easy and hard probes on the cheapest and the top tier. None if not recorded."""
+    `mode`, the shares of easy and hard probes on the cheapest and the top tier (None where a figure is
+    undefined: an AUC without both classes). None if the run recorded no probe figures."""
     probes = metrics.get("probes")
     half = probes.get("halves", {}).get("report") if isinstance(probes, dict) else None
     if not isinstance(half, dict) or mode not in half.get("modes", {}):
         return None
-    return {"auc": float(half["auc"]), **{key: float(value) for key, value in half["modes"][mode].items()}}
+    figures = {"auc": half.get("auc"), **half["modes"][mode]}
+    return {key: None if value is None or math.isnan(value) else float(value) for key, value in figures.items()}
 
 
 def own_run(manifest_metrics: dict, manifest_fingerprint: str, logs: Sequence[str | Path], pool: str | Path,

@@ -48,27 +48,36 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {group} | {values['mean']:.4f} | {values['spread']:.4f} | {runs} |")
         lines.append("")
         if seeds.get("probes"):
-            lines += _probe_lines(seeds["probes"])
+            lines += _probe_lines(seeds)
     return "\n".join(lines)
 
 
 PROBE_SHARES = ("easy_on_cheapest", "easy_on_top", "hard_on_top", "hard_on_cheapest")
 
 
-def _probe_lines(probes: dict) -> list[str]:
+def _probe_lines(seeds: dict) -> list[str]:
+    """One row per seed (a dash where a run recorded no probe figures) and the mean of those that did."""
+    probes = seeds["probes"]
     runs = probes["runs"]
     lines = [f"The probe suite's report half, per seed (mode `{probes['mode']}`):", "",
              "| seed | AUC | easy -> cheapest | easy -> top | hard -> top | hard -> cheapest |",
              "|---|---|---|---|---|---|"]
-    lines += [_probe_row(seed, figures) for seed, figures in runs.items()]
+    lines += [_probe_row(seed, runs.get(seed, {})) for seed in seeds["runs"]]
     if len(runs) > 1:
-        means = {key: sum(figures[key] for figures in runs.values()) / len(runs) for key in ("auc", *PROBE_SHARES)}
-        lines.append(_probe_row("mean", means))
+        means = {}
+        for key in ("auc", *PROBE_SHARES):
+            values = [figures[key] for figures in runs.values() if figures.get(key) is not None]
+            means[key] = sum(values) / len(values) if values else None
+        label = "mean" if len(runs) == len(seeds["runs"]) else f"mean of {len(runs)}"
+        lines.append(_probe_row(label, means))
     return [*lines, ""]
 
 
 def _probe_row(label: str, figures: dict) -> str:
-    return f"| {label} | {figures['auc']:.3f} | " + " | ".join(f"{figures[key]:.1%}" for key in PROBE_SHARES) + " |"
+    auc = figures.get("auc")
+    cells = [f"{auc:.3f}" if auc is not None else "-"]
+    cells += [f"{figures[key]:.1%}" if figures.get(key) is not None else "-" for key in PROBE_SHARES]
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def write_report(report: dict, directory: Path) -> None:
