@@ -34,10 +34,12 @@ SERVES = {
 def dispatcher_config(upstreams: dict[str, Upstream], classifier_address: str, log_path: Path, **extra: object
                       ) -> DispatcherConfig:
     """A dispatcher in front of `upstreams`, classifying through `classifier_address`, logging prompts."""
+    # Timeouts generous enough that a healthy classifier or upstream on a busy machine never trips them: a
+    # test that wants a timeout makes its upstream stall far longer (`Upstream.behaviour == "slow"`).
     return DispatcherConfig.model_validate({
-        "classifier": {"address": classifier_address, "timeout_ms": 500},
-        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model", "first_byte_timeout_s": 1.0,
-                         "read_timeout_s": 1.0} for name, u in upstreams.items()},
+        "classifier": {"address": classifier_address, "timeout_ms": 5000},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model", "first_byte_timeout_s": 5.0,
+                         "read_timeout_s": 5.0} for name, u in upstreams.items()},
         "fallback_tier": "large",
         "decision_log": {"path": str(log_path), "store_prompts": True},
         **extra,

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 MISSING = object()  # an Upstream.usage that leaves the field out
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+SLOW_S = 20.0  # a "slow" upstream answers after this long: far past any timeout the dispatcher tests set
 
 
 def huge_answer(model: str, megabytes: int) -> tuple[bytes, bytes, bytes]:
@@ -51,7 +52,7 @@ class Upstream:
                 return JSONResponse({"error": {"message": "bad temperature", "type": "invalid_request_error"}},
                                     status_code=400)
             if self.behaviour == "slow":
-                await asyncio.sleep(3)
+                await asyncio.sleep(SLOW_S)
             if self.behaviour == "delay":
                 await asyncio.sleep(self.delay_s)
             if self.behaviour in ("huge", "huge_break"):
