@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 MISSING = object()  # an Upstream.usage that leaves the field out
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-SLOW_S = 20.0  # a "slow" upstream answers after this long: far past any timeout the dispatcher tests set
+SLOW_S = 10.0  # a "slow" upstream answers after this long: twice the longest timeout the dispatcher tests set
 
 
 def huge_answer(model: str, megabytes: int) -> tuple[bytes, bytes, bytes]:
