@@ -13,8 +13,17 @@ import classifier
 from tests.conftest import count_embedded_prompts, tiny_config
 from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
 from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
-from training.generalization import leave_one_source_out, own_run, render_markdown, report_probes, seed_spread
+from training.errors import DataError
+from training.generalization import (
+    leave_one_source_out,
+    own_run,
+    render_markdown,
+    report_probes,
+    seed_spread,
+    traffic_half,
+)
 from training.probes import PROBES_FILE, evaluate_probes, load_probes
+from training.synthetic import write_jsonl
 
 
 def test_probe_suite_is_balanced_split_in_fixed_halves_and_not_separable_by_length() -> None:
@@ -104,6 +113,36 @@ def test_leave_one_source_out_trains_without_each_source(tmp_path: Path, tiny_ba
     assert any((tmp_path / "cache").iterdir())  # embeddings kept for the next fold
 
 
+def test_leave_one_source_out_with_traffic_scores_both_folds_on_the_unseen_half(
+        tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path, pool_file: Path) -> None:
+    without_teacher = tiny_config(tiny_backbone, epochs=2)
+    with pytest.raises(DataError, match="teacher"):
+        leave_one_source_out([synthetic_logs], pool_file, without_teacher, tmp_path, None, traffic=True)
+    config = tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
+                                                 "pooling_heads": 2}, epochs=2, learning_rate=1e-2,
+                         teacher={"kind": "embedding-mlp", "hidden": 32, "epochs": 5})
+    result = leave_one_source_out([synthetic_logs], pool_file, config, tmp_path, backbone_dir=tiny_backbone,
+                                  cache_dir=tmp_path / "cache", traffic=True)
+    sizes = Counter(json.loads(line)["source"] for line in synthetic_logs.read_text().splitlines())
+    prompts = {source: len({json.loads(line)["prompt_id"] for line in synthetic_logs.read_text().splitlines()
+                            if json.loads(line)["source"] == source}) for source in sizes}
+    for source, figures in result["with_traffic"].items():
+        # Half the source's prompts are traffic, the other half scored; none is both.
+        assert figures["traffic_prompts"] + figures["scored_prompts"] == prompts[source]
+        assert 0.3 < figures["traffic_prompts"] / prompts[source] < 0.7
+        traffic = [json.loads(line)["prompt"] for line in (tmp_path / f"traffic-{source}.jsonl").open()]
+        manifest = json.loads((tmp_path / f"traffic-{source}" / "manifest.json").read_text())
+        assert manifest["training"]["unlabeled_prompts"] == len(traffic) == figures["traffic_prompts"]
+        assert manifest["training"]["config"]["holdout_sources"] == [source]
+        apgr, lead = figures["apgr"], figures["lead_over_without_traffic"]
+        assert {"promptier", "without-traffic", "length", "embedding-lr"} <= set(apgr)
+        assert lead["difference"] == pytest.approx(apgr["promptier"] - apgr["without-traffic"], abs=2e-4)
+    # The halves depend on the prompt ids alone.
+    ids = [f"alpha:{i}" for i in range(200)]
+    assert (traffic_half(ids) == traffic_half(list(ids))).all() and 60 < traffic_half(ids).sum() < 140
+    table = render_markdown({"leave_one_source_out": result})
+    assert "with its traffic" in table and any(line.startswith("| beta | ") for line in table.splitlines()[-4:])
+
 def test_prior_reads_length_and_structure() -> None:
     from classifier.artifact import PriorConfig
     from classifier.prior import is_technical, prior_tier
@@ -151,18 +190,27 @@ def test_embedding_teacher_and_anchors_in_one_recipe(tmp_path: Path, tiny_backbo
     config = tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
                                                  "pooling_heads": 2, "length_feature": True},
                          epochs=8, learning_rate=1e-2, anchors=10, anchor_weight=2,
-                         teacher={"kind": "embedding-mlp", "hidden": 32, "epochs": 20})
+                         teacher={"kind": "embedding-mlp", "hidden": 32, "epochs": 20},
+                         familiarity={"directions": 8, "quantile": 0.99, "short_chars": 60, "long_chars": 400})
+    # Traffic unlike the logs and anchors, without outcomes: trained without it, the model leaves such a
+    # prompt to the prior (familiarity 0).
+    unfamiliar = ". , . , . , . , . ,"
+    unlabeled = write_jsonl(tmp_path / "traffic.jsonl", [{"prompt": unfamiliar + " ." * (i % 7)} for i in range(60)])
     manifest = train([synthetic_logs], pool_file, tmp_path / "model", config, model_version="recipe",
-                     cache_dir=tmp_path / "cache")
+                     cache_dir=tmp_path / "cache", unlabeled=[unlabeled])
     training = manifest.training
     assert isinstance(training["embedding_teacher"], dict)
     assert set(training["embedding_teacher"]["validation_apgr"]) == {"alpha", "beta"}
-    assert training["anchor_prompts"] > 0 and training["unlabeled_prompts"] == 0
+    assert training["anchor_prompts"] > 0 and training["unlabeled_prompts"] == 60
     # The tiny backbone is untrained, so its sentence embeddings teach little: this checks the recipe's
     # mechanics (cached embeddings, the teacher's report, an artifact that serves), not its quality.
     assert any((tmp_path / "cache").iterdir())
-    result = classifier.load(tmp_path / "model").classify("prove theorem derive integral eigenvalue lemma")
+    runtime = classifier.load(tmp_path / "model")
+    result = runtime.classify("prove theorem derive integral eigenvalue lemma")
     assert result.tier in manifest.tier_names and "probes" in manifest.metrics
+    # The unlabeled traffic was trained on (with the teacher's labels), so prompts like it are familiar:
+    # the model decides them, not the prior that routes what no training prompt resembles.
+    assert runtime.classify(unfamiliar).decided_by == "model"
     # Retraining with another seed (`eval --seeds`) reads the same cache: it embeds only the prompts that
     # no earlier run did (those the first run held out for its test split).
     cold = sum(embedded)

@@ -106,6 +106,14 @@ def test_distilled_student_learns_from_its_teacher(tmp_path: Path, tiny_backbone
     assert summary["promptier"]["apgr"] > summary["random"]["apgr"] + 0.1
 
 
+
+def test_unlabeled_prompts_without_a_teacher_are_refused_not_ignored(tmp_path: Path, tiny_backbone: Path,
+                                                                    synthetic_logs: Path, pool_file: Path) -> None:
+    unlabeled = write_jsonl(tmp_path / "traffic.jsonl", [{"prompt": "hello there"}])
+    with pytest.raises(DataError, match="teacher"):
+        train([synthetic_logs], pool_file, tmp_path / "model", tiny_config(tiny_backbone), unlabeled=[unlabeled])
+    assert not (tmp_path / "model").exists()
+
 @pytest.mark.parametrize("storage", ["fp16", "int8"])
 def test_compact_embedding_tables_keep_the_model_output(trained_artifact: Path, tmp_path: Path,
                                                         storage: Literal["fp16", "int8"]) -> None:
@@ -280,3 +288,15 @@ def test_training_commands_without_the_train_extra_say_how_to_install_it(monkeyp
     result = CliRunner().invoke(app, ["train", "--logs", "x.jsonl", "--pool", "p.yaml", "--out", "o"])
     assert result.exit_code == 2
     assert "pip install 'promptier[train]'" in result.output and "Traceback" not in result.output
+
+
+def test_eval_refuses_loso_traffic_without_loso(trained_artifact: Path, synthetic_logs: Path,
+                                                pool_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(synthetic_logs),
+                                      "--pool", str(pool_file), "--no-embedding-baseline", "--loso-traffic",
+                                      "--out", str(tmp_path / "eval")])
+    assert result.exit_code != 0 and "--loso-traffic extends --loso" in result.output

@@ -49,7 +49,10 @@ def train(
     work_dir: Annotated[Path | None, typer.Option(help="checkpoints (default: OUT.work); rerun to resume")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="skip invalid rows and report them")] = False,
     teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
-    unlabeled: Annotated[list[Path] | None, typer.Option(help="prompts without outcomes, for distillation")] = None,
+    unlabeled: Annotated[list[Path] | None, typer.Option(help="prompts without outcomes (e.g. your gateway's "
+                                                               "traffic; JSONL or Parquet with a `prompt` column), "
+                                                               "learned from the teacher's labels: --teacher's or "
+                                                               "the recipe's embedding teacher's")] = None,
     distill_weight: Annotated[float, typer.Option(help="weight of the teacher's probabilities in the targets "
                                                        "(1 = pure distillation)")] = DEFAULT_DISTILL_WEIGHT,
     epochs: Annotated[float | None, typer.Option()] = None,
@@ -210,6 +213,11 @@ def evaluate(
                                                "model card)")] = False,
     loso: Annotated[bool, typer.Option("--loso", help="also retrain the model's recipe once per source with that "
                                                      "source held out, and score it there")] = False,
+    loso_traffic: Annotated[bool, typer.Option("--loso-traffic", help="with --loso, also retrain each fold with "
+                                                                     "the texts of half the held-out source's "
+                                                                     "prompts unlabeled (as a customer's traffic "
+                                                                     "without outcomes), scored on the other "
+                                                                     "half")] = False,
     seeds: Annotated[str | None, typer.Option(help="also retrain the recipe with these seeds (e.g. 13,14,15) and "
                                                    "report the spread of its in-distribution APGR")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="where --loso and --seeds train (default: MODEL.generalization)"
@@ -226,6 +234,8 @@ def evaluate(
     from training.pool import load_pool
 
     try:
+        if loso_traffic and not loso:
+            raise PromptierError("--loso-traffic extends --loso: pass both")
         manifest = load_manifest(model)
         pool_spec = load_pool(pool)
         if pool_spec.tier_names != manifest.tier_names:
@@ -245,11 +255,16 @@ def evaluate(
         generalization = None
         if loso or seeds:
             generalization = _generalization(model, manifest, logs, pool, loso, seeds, work_dir, backbone_dir,
-                                             cache_dir or Path.home() / ".cache" / "promptier", skip_invalid)
+                                             cache_dir or Path.home() / ".cache" / "promptier", skip_invalid,
+                                             loso_traffic)
         if record:
             from training.evaluate import record_in_artifact
 
             record_in_artifact(model, report, table, probes, generalization)
+        elif generalization is not None:
+            from training.generalization_report import write_report
+
+            write_report(generalization, out_dir)
     except (PromptierError, ValueError, FileNotFoundError) as error:
         fail(error)
     typer.echo((out_dir / EVAL_MD_FILE).read_text())
@@ -263,8 +278,8 @@ def evaluate(
 
 def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], pool: Path, loso: bool,
                     seeds: str | None, work_dir: Path | None, backbone_dir: Path | None, cache_dir: Path,
-                    skip_invalid: bool) -> dict:
-    """Retrain the artifact's recipe for --loso and --seeds."""
+                    skip_invalid: bool, loso_traffic: bool = False) -> dict:
+    """Retrain the artifact's recipe for --loso (and --loso-traffic) and --seeds."""
     from training.config import TrainConfig
     from training.generalization import leave_one_source_out, own_run, report_probes, seed_spread
 
@@ -276,7 +291,7 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
     result: dict = {}
     if loso:
         result["leave_one_source_out"] = leave_one_source_out(logs, pool, config, root / "loso", backbone_dir,
-                                                               cache_dir, skip_invalid)
+                                                               cache_dir, skip_invalid, loso_traffic)
     if seeds:
         try:
             seed_list = [int(seed) for seed in seeds.split(",")]

@@ -47,11 +47,12 @@ def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64)
 
 
 def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: np.ndarray,
-                tier_names: list[str], rule: Rule = "ratio") -> dict:
+                tier_names: list[str], rule: Rule = "ratio", rivals: Sequence[str] = BASELINES) -> dict:
     """Every metric for every method on one group of prompts, each routed by the same `rule`.
 
-    The model's entry also holds, per baseline, its APGR lead and a 95% paired-bootstrap interval
-    of that lead (`apgr_vs`): whether the group's prompts can tell the two apart at all.
+    The model's entry also holds, per baseline (or per method named in `rivals`), its APGR lead and a
+    95% paired-bootstrap interval of that lead (`apgr_vs`): whether the group's prompts can tell the two
+    apart at all.
     """
     known = ~np.isnan(targets)
     top_quality, top_cost = always_top(targets, costs)
@@ -94,7 +95,7 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
         result["methods"][MODEL]["apgr_vs"] = {
             baseline: {"difference": result["methods"][MODEL]["apgr"] - result["methods"][baseline]["apgr"],
                        "ci95": list(apgr_difference_interval(hardness_of[MODEL], hardness_of[baseline], weak, strong))}
-            for baseline in BASELINES if baseline in methods}
+            for baseline in rivals if baseline in methods}
     return result
 
 

@@ -10,6 +10,8 @@ Both retrain the recipe: an artifact's recorded training config, run again on th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from training.config import TrainConfig
 from training.errors import DataError
 from training.generalization_report import BASELINES, MODEL, render_markdown, write_report
 from training.inputs import prepare_data
+from training.labels import PromptTable
 from training.pipeline import train
 
 __all__ = ["leave_one_source_out", "render_markdown", "report_probes", "seed_spread", "write_report"]
@@ -29,16 +32,23 @@ log = logging.getLogger(__name__)
 
 def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, work_root: Path,
                          backbone_dir: Path | None, cache_dir: Path | None = None,
-                         skip_invalid: bool = False) -> dict:
+                         skip_invalid: bool = False, traffic: bool = False) -> dict:
     """Train once per source with that source held out entirely; score each on the source it never saw.
 
     Returns {"sources": {source: {method: {"apgr", "savings_vs_top"}}}, "beats_baselines": {source: bool}},
     comparing the recipe with the length and embedding baselines fitted on the same training sources.
+
+    With `traffic`, each source is also held out a second way, as a customer whose logs have no
+    outcomes would have it: the texts of half its prompts (`traffic_half`) are given to training as
+    unlabeled prompts, and both models are scored on the other half (the result's "with_traffic").
     """
     data = prepare_data(logs, pool, config, skip_invalid)
-    sources = sorted(set(data.table.sources))
+    table = data.table
+    sources = sorted(set(table.sources))
     if len(sources) < 2:
         raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
+    if traffic and config.teacher is None:
+        raise DataError("config", "--loso-traffic needs a recipe whose embedding teacher labels the unlabeled half")
     result: dict = {"sources": {}, "beats_baselines": {}}
     for source in sources:
         log.info("leave-one-source-out: training without %s", source)
@@ -55,7 +65,52 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
         result["sources"][source] = methods
         result["beats_baselines"][source] = all(
             methods[MODEL]["apgr"] > methods[b]["apgr"] for b in BASELINES if b in methods)
+        if traffic:
+            result.setdefault("with_traffic", {})[source] = _with_traffic(
+                logs, pool, fold, table, source, out, work_root, backbone_dir, cache_dir, skip_invalid)
     return result
+
+
+WITHOUT_TRAFFIC = "without-traffic"
+
+
+def traffic_half(prompt_ids: Sequence[str]) -> np.ndarray:
+    """Which prompts of a held-out source stand for its unlabeled traffic (True) and which are scored:
+    half each, by a hash of the prompt id, so every run and recipe splits a source the same way."""
+    return np.array([hashlib.sha256(pid.encode("utf-8")).digest()[0] % 2 == 0 for pid in prompt_ids], dtype=bool)
+
+
+def _with_traffic(logs: Sequence[str | Path], pool: str | Path, fold: TrainConfig, table: PromptTable,
+                  source: str, without: Path, work_root: Path, backbone_dir: Path | None, cache_dir: Path | None,
+                  skip_invalid: bool) -> dict:
+    """Retrain the fold with half the held-out source's texts unlabeled; score both folds on the other half."""
+    from training.evaluate import evaluate_table, model_probabilities, score_group
+
+    held = np.flatnonzero(table.sources == source)
+    in_traffic = traffic_half([table.prompt_ids[i] for i in held])
+    traffic_rows, scored_rows = held[in_traffic], held[~in_traffic]
+    traffic_file = work_root / f"traffic-{source}.jsonl"
+    traffic_file.parent.mkdir(parents=True, exist_ok=True)
+    traffic_file.write_text("".join(json.dumps({"prompt": table.prompts[i]}) + "\n" for i in traffic_rows),
+                            encoding="utf-8")
+    log.info("leave-one-source-out: training without %s's outcomes, with %d of its prompts unlabeled",
+             source, len(traffic_rows))
+    out = work_root / f"traffic-{source}"
+    manifest = train(logs, pool, out, fold, work_dir=work_root / f"traffic-{source}.work", skip_invalid=skip_invalid,
+                     unlabeled=[traffic_file], model_version=f"loso-traffic-{source}", cache_dir=cache_dir)
+    assert manifest is not None  # one process: it is the main one
+    scored = table.subset(scored_rows)
+    report = evaluate_table(out, scored, table.subset(np.flatnonzero(table.sources != source)), backbone_dir,
+                            cache_dir)
+    probabilities = {MODEL: model_probabilities(out, scored.prompts),
+                     WITHOUT_TRAFFIC: model_probabilities(without, scored.prompts)}
+    lead = score_group(probabilities, scored.targets, scored.costs, scored.tier_names, manifest.policy.rule,
+                       rivals=[WITHOUT_TRAFFIC])
+    methods = report["groups"][source]["methods"]
+    return {"traffic_prompts": len(traffic_rows), "scored_prompts": len(scored_rows),
+            "apgr": {method: round(methods[method]["apgr"], 4) for method in (MODEL, *BASELINES) if method in methods}
+            | {WITHOUT_TRAFFIC: round(lead["methods"][WITHOUT_TRAFFIC]["apgr"], 4)},
+            "lead_over_without_traffic": lead["methods"][MODEL]["apgr_vs"][WITHOUT_TRAFFIC]}
 
 
 def seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],

@@ -39,6 +39,8 @@ def render_markdown(report: dict) -> str:
             cells += [beats] + [format_lead(leads[b]) if b in leads else "-" for b in BASELINES]
             lines.append(f"| {source} | " + " | ".join(cells) + " |")
         lines.append("")
+        if loso.get("with_traffic"):
+            lines += _traffic_lines(loso["with_traffic"])
     seeds = report.get("seeds")
     if seeds:
         lines += [f"In-distribution APGR over seeds {seeds['seeds']} (each seed its own random split):", "",
@@ -50,6 +52,22 @@ def render_markdown(report: dict) -> str:
         if seeds.get("probes"):
             lines += _probe_lines(seeds)
     return "\n".join(lines)
+
+
+def _traffic_lines(with_traffic: dict) -> list[str]:
+    """Each held-out source scored on half its prompts, the fold retrained with the other half unlabeled."""
+    lines = ["The same folds when the held-out source's traffic is known without outcomes: the texts of half "
+             "its prompts given to training as unlabeled prompts (labelled by the recipe's teacher), every "
+             "method scored on the other half.", "",
+             "| held-out source | scored prompts | without its traffic | with its traffic | lead [95% interval] "
+             "| length | embedding-lr |", "|---|---|---|---|---|---|---|"]
+    for source, figures in with_traffic.items():
+        apgr = figures["apgr"]
+        cells = [str(figures["scored_prompts"]), f"{apgr['without-traffic']:.4f}", f"{apgr[MODEL]:.4f}",
+                 format_lead(figures["lead_over_without_traffic"])]
+        cells += [f"{apgr[b]:.4f}" if b in apgr else "-" for b in BASELINES]
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 PROBE_SHARES = ("easy_on_cheapest", "easy_on_top", "hard_on_top", "hard_on_cheapest")

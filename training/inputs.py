@@ -144,6 +144,14 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
         targets = np.concatenate([blend(teacher_probs[: len(train_texts)], targets, distill_weight),
                                   teacher_probs[len(train_texts):]])
         train_texts = train_texts + extra
+    elif unlabeled:
+        if config.teacher is None:
+            raise DataError("unlabeled", "unlabeled prompts are learned from a teacher's probabilities: pass --teacher "
+                            "or use a recipe with an embedding teacher")
+        # Outcomes unknown (NaN): the embedding teacher, fitted on the logged prompts, labels them.
+        extra = read_unlabeled(unlabeled)
+        targets = np.concatenate([targets, np.full((len(extra), targets.shape[1]), np.nan)])
+        train_texts = train_texts + extra
     anchors = anchor_table(pool, config)
     anchor_rows = len(anchors) * config.anchor_weight if anchors is not None else 0
     if anchors is not None:
@@ -171,16 +179,17 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
 
 
 def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig, encoder: PromptEncoder,
-                     tokenizer_file: Path, work_dir: Path, skip_invalid: bool, teacher: Path | None
-                     ) -> TrainingInputs:
+                     tokenizer_file: Path, work_dir: Path, skip_invalid: bool, teacher: Path | None,
+                     unlabeled: Sequence[str | Path] = ()) -> TrainingInputs:
     """The logs streamed into a token store in the work dir (training/streaming.py); anchors appended."""
     from training.streaming import stream_logs
     from training.token_store import Examples, TokenStoreWriter, save_examples
     from training.trainer import tokenize_all
 
-    if teacher is not None or config.teacher is not None:
-        raise DataError("config", "a teacher reads every training prompt's text, which streaming does not keep: "
-                        "train with streaming: false, or use a recipe without a teacher")
+    if teacher is not None or config.teacher is not None or unlabeled:
+        raise DataError("config", "a teacher (and the unlabeled prompts it labels) reads every training prompt's "
+                        "text, which streaming does not keep: train with streaming: false, or use a recipe "
+                        "without a teacher")
     writer = TokenStoreWriter(work_dir / TRAINSET_DIR, vocab_size(tokenizer_file))
     data = stream_logs(logs, pool, config, encoder, writer, skip_invalid)
     n_train = len(data.train_targets)
@@ -215,7 +224,9 @@ def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncati
     assert spec is not None
     log.info("embedding teacher: features for %d prompts", len(texts))
     features = teacher_features(texts, backbone_dir, truncation, cache_dir)
-    network = fit_teacher(features, targets, spec, config.seed)
+    # Unlabeled prompts (no known outcome) carry no loss; the teacher labels them afterwards.
+    labelled = ~np.isnan(targets).all(axis=1)
+    network = fit_teacher(features[labelled], targets[labelled], spec, config.seed)
     blended = blend(teacher_probabilities(network, features), targets, spec.distill_weight)
     val = np.flatnonzero(split == "val")
     val_probabilities = teacher_probabilities(

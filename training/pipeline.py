@@ -102,7 +102,8 @@ def train(
     with placed(config.device, config.precision) as place:
         inputs = None
         if place.is_main:
-            inputs = (streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher)
+            inputs = (streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher,
+                                       unlabeled)
                       if config.streaming else
                       in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
                                         teacher, unlabeled, distill_weight, cache_dir))
