@@ -103,3 +103,8 @@ def test_init_from_refuses_other_tiers_and_a_missing_checkpoint(tmp_path: Path, 
                      "--init-from", str(artifact_copy)])
     assert result.exit_code == 2 and "checkpoint" in result.output and "not on this machine" in result.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.candidate").exists()
+    # A continued model learns the new logs alone: unlabeled prompts would be ignored, so they are refused.
+    traffic = write_jsonl(tmp_path / "traffic.jsonl", [{"prompt": "hello there"}])
+    result = _train(["--logs", str(logs), "--pool", str(pool), "--out", str(tmp_path / "o"),
+                     "--init-from", str(artifact_copy), "--unlabeled", str(traffic)])
+    assert result.exit_code == 2 and "--unlabeled" in result.output and not (tmp_path / "o").exists()

@@ -94,6 +94,9 @@ def train(
                  "holdout_categories": holdout_category, "device": device, "precision": precision, "streaming": stream}
     command = "promptier " + shlex.join(sys.argv[1:])
     if init_from is not None:
+        if teacher is not None or unlabeled:
+            fail(PromptierError("--init-from continues a model on new logs alone: --teacher and --unlabeled need "
+                                "a fresh run (leave out --init-from)"))
         _retrain(init_from, logs, pool, out, config, overrides, force, work_dir, skip_invalid, model_version, command)
         return
     try:
