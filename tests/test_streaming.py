@@ -179,6 +179,11 @@ def test_streaming_refuses_a_teacher(tmp_path: Path, tiny_backbone: Path, pool_f
     with pytest.raises(DataError, match="streaming does not keep"):
         train([logs], pool_file, tmp_path / "out", config)
     assert not (tmp_path / "out").exists()
+    # Unlabeled prompts need a teacher's labels, so a streamed run refuses them rather than drop them.
+    traffic = write_jsonl(tmp_path / "traffic.jsonl", [{"prompt": "hello there"}])
+    with pytest.raises(DataError, match="unlabeled"):
+        train([logs], pool_file, tmp_path / "out", tiny_config(tiny_backbone, streaming=True), unlabeled=[traffic])
+    assert not (tmp_path / "out").exists()
 
 
 def test_streamed_fingerprint_follows_the_targets() -> None:
