@@ -300,3 +300,58 @@ def test_eval_refuses_loso_traffic_without_loso(trained_artifact: Path, syntheti
                                       "--pool", str(pool_file), "--no-embedding-baseline", "--loso-traffic",
                                       "--out", str(tmp_path / "eval")])
     assert result.exit_code != 0 and "--loso-traffic extends --loso" in result.output
+    # This model's recipe has no embedding teacher to label the traffic: refused before any evaluation.
+    result = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(synthetic_logs),
+                                      "--pool", str(pool_file), "--no-embedding-baseline", "--loso",
+                                      "--loso-traffic", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 2 and "embedding teacher" in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_eval_will_not_retrain_a_model_that_learned_unlabeled_prompts_as_its_recipe(
+        artifact_copy: Path, synthetic_logs: Path, pool_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from classifier.artifact import save_manifest
+    from training.cli import app
+
+    model = artifact_copy
+    manifest = load_manifest(model)
+    save_manifest(manifest.model_copy(update={"training": {**manifest.training, "unlabeled_prompts": 40}}), model)
+    result = CliRunner().invoke(app, ["eval", "--model", str(model), "--logs", str(synthetic_logs), "--pool",
+                                      str(pool_file), "--no-embedding-baseline", "--seeds", "14",
+                                      "--work-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "40 unlabeled prompts" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unlabeled_prompts_take_the_embedding_teachers_labels_and_anchors_keep_theirs(
+        tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path, pool_file: Path) -> None:
+    from classifier.artifact import TruncationConfig
+    from classifier.tokenization import PromptEncoder
+    from training.inputs import anchor_table, in_memory_inputs
+    from training.labels import prompt_hash
+    from training.pool import load_pool
+
+    config = tiny_config(tiny_backbone, anchors=5, anchor_weight=2,
+                         teacher={"kind": "embedding-mlp", "hidden": 16, "epochs": 3})
+    truncation = TruncationConfig(max_tokens=config.max_tokens, head_chars=config.resolved_head_chars,
+                                  tail_chars=config.resolved_tail_chars, head_fraction=config.head_fraction)
+    encoder = PromptEncoder.from_file(tiny_backbone / "tokenizer.json", truncation)
+    logged = json.loads(synthetic_logs.read_text().splitlines()[0])["prompt"]
+    fresh = [row["prompt"] + " today" for row in synthetic_rows(30, seed=9)]
+    # A logged prompt and a repeat are dropped: one has outcomes already, the other adds nothing.
+    traffic = write_jsonl(tmp_path / "traffic.jsonl", [{"prompt": p} for p in [*fresh, logged, fresh[0]]])
+    pool = load_pool(pool_file)
+    inputs = in_memory_inputs([synthetic_logs], pool, config, encoder, tiny_backbone, truncation, tmp_path / "work",
+                              False, None, [traffic], 1.0, tmp_path / "cache")
+    unique = list(dict.fromkeys(fresh))
+    assert inputs.record["unlabeled_prompts"] == len(unique)
+    assert inputs.record["unlabeled_dropped"] == len(fresh) + 2 - len(unique)
+    n_train = int((inputs.split == "train").sum())
+    unlabeled = inputs.targets[n_train:n_train + len(unique)]
+    assert np.isfinite(unlabeled).all() and ((unlabeled > 0) & (unlabeled < 1)).all()
+    anchors = anchor_table(pool, config)
+    assert anchors is not None
+    assert np.allclose(inputs.targets[n_train + len(unique):], np.concatenate([anchors.targets] * 2), equal_nan=True)
+    assert {int(prompt_hash(p), 16) for p in unique} <= set(inputs.seen_hashes.tolist())

@@ -240,6 +240,10 @@ def evaluate(
         if loso_traffic and not loso:
             raise PromptierError("--loso-traffic extends --loso: pass both")
         manifest = load_manifest(model)
+        recipe = manifest.training.get("config")
+        if loso_traffic and not (isinstance(recipe, dict) and recipe.get("teacher")):
+            raise PromptierError("--loso-traffic gives each fold unlabeled prompts, which only a recipe with an "
+                                 "embedding teacher can learn from; this model's recipe has none")
         pool_spec = load_pool(pool)
         if pool_spec.tier_names != manifest.tier_names:
             raise PromptierError(f"pool tiers {pool_spec.tier_names} differ from the model's {manifest.tier_names}")
@@ -289,6 +293,10 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
     if manifest.training.get("teacher"):
         raise PromptierError("--loso and --seeds retrain the recipe, and this model was distilled from a teacher "
                              "artifact the recipe does not rebuild")
+    if manifest.training.get("unlabeled_prompts"):
+        raise PromptierError("--loso and --seeds retrain the recipe on the logs, and this model also learned "
+                             f"{manifest.training['unlabeled_prompts']} unlabeled prompts that the logs do not hold: "
+                             "measure the recipe on a model trained without them")
     config = TrainConfig.model_validate(manifest.training["config"])
     root = work_dir or model.with_name(model.name + ".generalization")
     result: dict = {}

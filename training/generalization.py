@@ -21,7 +21,7 @@ import numpy as np
 
 from training.config import TrainConfig
 from training.errors import DataError
-from training.generalization_report import BASELINES, MODEL, render_markdown, write_report
+from training.generalization_report import BASELINES, MODEL, WITHOUT_TRAFFIC, render_markdown, write_report
 from training.inputs import prepare_data
 from training.labels import PromptTable
 from training.pipeline import train
@@ -71,7 +71,7 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
     return result
 
 
-WITHOUT_TRAFFIC = "without-traffic"
+MIN_TRAFFIC_HALF = 20  # prompts in each half of a source, below which its traffic figures would be noise
 
 
 def traffic_half(prompt_ids: Sequence[str]) -> np.ndarray:
@@ -83,12 +83,19 @@ def traffic_half(prompt_ids: Sequence[str]) -> np.ndarray:
 def _with_traffic(logs: Sequence[str | Path], pool: str | Path, fold: TrainConfig, table: PromptTable,
                   source: str, without: Path, work_root: Path, backbone_dir: Path | None, cache_dir: Path | None,
                   skip_invalid: bool) -> dict:
-    """Retrain the fold with half the held-out source's texts unlabeled; score both folds on the other half."""
+    """Retrain the fold with half the held-out source's texts unlabeled; score both folds on the other half.
+
+    The traffic fold's own artifact also scores itself on the whole source, the half it learned included:
+    only the figures returned here are held out.
+    """
     from training.evaluate import evaluate_table, model_probabilities, score_group
 
     held = np.flatnonzero(table.sources == source)
     in_traffic = traffic_half([table.prompt_ids[i] for i in held])
     traffic_rows, scored_rows = held[in_traffic], held[~in_traffic]
+    if min(len(traffic_rows), len(scored_rows)) < MIN_TRAFFIC_HALF:
+        log.warning("leave-one-source-out: %s is too small to split into traffic and scored halves", source)
+        return {"skipped": f"too few prompts to halve ({len(held)})"}
     traffic_file = work_root / f"traffic-{source}.jsonl"
     traffic_file.parent.mkdir(parents=True, exist_ok=True)
     traffic_file.write_text("".join(json.dumps({"prompt": table.prompts[i]}) + "\n" for i in traffic_rows),

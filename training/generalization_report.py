@@ -13,6 +13,7 @@ from classifier.artifact_layout import GENERALIZATION_JSON_FILE, GENERALIZATION_
 
 BASELINES = ("length", "embedding-lr")
 MODEL = "promptier"
+WITHOUT_TRAFFIC = "without-traffic"  # the plain leave-one-source-out fold, beside the one given the traffic
 
 
 def format_lead(lead: dict) -> str:
@@ -62,8 +63,11 @@ def _traffic_lines(with_traffic: dict) -> list[str]:
              "| held-out source | scored prompts | without its traffic | with its traffic | lead [95% interval] "
              "| length | embedding-lr |", "|---|---|---|---|---|---|---|"]
     for source, figures in with_traffic.items():
+        if "skipped" in figures:
+            lines.append(f"| {source} | {figures['skipped']} | - | - | - | - | - |")
+            continue
         apgr = figures["apgr"]
-        cells = [str(figures["scored_prompts"]), f"{apgr['without-traffic']:.4f}", f"{apgr[MODEL]:.4f}",
+        cells = [str(figures["scored_prompts"]), f"{apgr[WITHOUT_TRAFFIC]:.4f}", f"{apgr[MODEL]:.4f}",
                  format_lead(figures["lead_over_without_traffic"])]
         cells += [f"{apgr[b]:.4f}" if b in apgr else "-" for b in BASELINES]
         lines.append(f"| {source} | " + " | ".join(cells) + " |")

@@ -87,6 +87,36 @@ def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
     return prompts
 
 
+def new_unlabeled(paths: Sequence[str | Path], table: PromptTable, split: np.ndarray) -> tuple[list[str], int]:
+    """The unlabeled prompts of `paths` that the training and validation logs do not hold, each once;
+    and how many were dropped.
+
+    A training prompt already has its outcomes, a validation prompt is what calibration and thresholds
+    are chosen on (training on its text would bias them), and a repeat would only weigh one prompt more
+    than the rest. A test prompt is kept, with a warning: the test figures then include prompts whose
+    text, though none of their outcomes, was trained on (leave-one-source-out with traffic does this on
+    purpose and scores only the other half).
+    """
+    if not paths:
+        return [], 0
+    given = read_unlabeled(paths)
+    known = {table.prompts[i] for i in np.flatnonzero(split != "test")}
+    tested = {table.prompts[i] for i in np.flatnonzero(split == "test")}
+    fresh: list[str] = []
+    for text in given:
+        if text not in known:
+            known.add(text)
+            fresh.append(text)
+    if len(fresh) < len(given):
+        log.info("unlabeled prompts: %d of %d dropped (training or validation prompts of the logs, or repeats)",
+                 len(given) - len(fresh), len(given))
+    in_test = sum(text in tested for text in fresh)
+    if in_test:
+        log.warning("unlabeled prompts: %d are test-split prompts of the logs; the test figures include their texts",
+                    in_test)
+    return fresh, len(given) - len(fresh)
+
+
 @dataclass
 class TrainingInputs:
     """What a run trains on and is judged by, from logs read into memory or streamed.
@@ -139,17 +169,15 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
         if teacher_runtime.tier_names != pool.tier_names:
             raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
                             f"{pool.tier_names}")
-        extra = read_unlabeled(unlabeled) if unlabeled else []
+        extra, repeated = new_unlabeled(unlabeled, table, split)
         teacher_probs = _cached_teacher_probabilities(teacher_runtime, train_texts + extra, work_dir)
         targets = np.concatenate([blend(teacher_probs[: len(train_texts)], targets, distill_weight),
                                   teacher_probs[len(train_texts):]])
         train_texts = train_texts + extra
-    elif unlabeled:
-        if config.teacher is None:
-            raise DataError("unlabeled", "unlabeled prompts are learned from a teacher's probabilities: pass --teacher "
-                            "or use a recipe with an embedding teacher")
-        # Outcomes unknown (NaN): the embedding teacher, fitted on the logged prompts, labels them.
-        extra = read_unlabeled(unlabeled)
+    else:
+        # Outcomes unknown (NaN): the embedding teacher, fitted on the logged prompts, labels them
+        # (pipeline.train has refused unlabeled prompts when the recipe has no teacher).
+        extra, repeated = new_unlabeled(unlabeled, table, split)
         targets = np.concatenate([targets, np.full((len(extra), targets.shape[1]), np.nan)])
         train_texts = train_texts + extra
     anchors = anchor_table(pool, config)
@@ -162,13 +190,14 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
         distilled, teacher_report = _embedding_teacher_targets(config, backbone_dir, truncation, cache_dir,
                                                                train_texts, targets, table, split)
         # Anchors keep the outcomes they stand for: the teacher's softer guesses for them would blur
-        # the very ends they are there to mark.
-        logged = len(train_texts) - anchor_rows
-        targets = np.concatenate([distilled[:logged], targets[logged:]])
-    seen = np.array(sorted({int(prompt_hash(table.prompts[i]), 16) for i in np.flatnonzero(split != "test")}),
-                    dtype=np.uint64)
+        # the very ends they are there to mark. Logged and unlabeled prompts take the teacher's.
+        taught = len(train_texts) - anchor_rows
+        targets = np.concatenate([distilled[:taught], targets[taught:]])
+    # Unlabeled prompts count as seen: an evaluation must not score the model on what it trained on.
+    seen_texts = [table.prompts[i] for i in np.flatnonzero(split != "test")] + extra
+    seen = np.array(sorted({int(prompt_hash(text), 16) for text in seen_texts}), dtype=np.uint64)
     record = {"prompts": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-              "unlabeled_prompts": len(train_texts) - len(train_index) - anchor_rows,
+              "unlabeled_prompts": len(extra), "unlabeled_dropped": repeated,
               "anchor_prompts": len(anchors) if anchors else 0, "embedding_teacher": teacher_report,
               "skipped_rows": dict(data.skipped.counts), "unused_models": data.unused_models}
     return TrainingInputs(tokens=tokenize_all(encoder, train_texts), targets=targets, table=table, split=split,
@@ -179,17 +208,16 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
 
 
 def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig, encoder: PromptEncoder,
-                     tokenizer_file: Path, work_dir: Path, skip_invalid: bool, teacher: Path | None,
-                     unlabeled: Sequence[str | Path] = ()) -> TrainingInputs:
+                     tokenizer_file: Path, work_dir: Path, skip_invalid: bool, teacher: Path | None
+                     ) -> TrainingInputs:
     """The logs streamed into a token store in the work dir (training/streaming.py); anchors appended."""
     from training.streaming import stream_logs
     from training.token_store import Examples, TokenStoreWriter, save_examples
     from training.trainer import tokenize_all
 
-    if teacher is not None or config.teacher is not None or unlabeled:
-        raise DataError("config", "a teacher (and the unlabeled prompts it labels) reads every training prompt's "
-                        "text, which streaming does not keep: train with streaming: false, or use a recipe "
-                        "without a teacher")
+    if teacher is not None or config.teacher is not None:
+        raise DataError("config", "a teacher reads every training prompt's text, which streaming does not keep: "
+                        "train with streaming: false, or use a recipe without a teacher")
     writer = TokenStoreWriter(work_dir / TRAINSET_DIR, vocab_size(tokenizer_file))
     data = stream_logs(logs, pool, config, encoder, writer, skip_invalid)
     n_train = len(data.train_targets)

@@ -25,6 +25,7 @@ from classifier.artifact_layout import MODEL_CARD_FILE, SEEN_PROMPTS_FILE, stage
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
+from training.errors import DataError
 from training.inputs import TRAINSET_DIR, TrainingInputs, in_memory_inputs, streamed_inputs, vocab_size
 from training.labels import PromptTable
 from training.memory import peak_rss_mb
@@ -50,6 +51,17 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
             "tokenizers": tokenizers.__version__}
+
+
+def _check_unlabeled(unlabeled: Sequence[str | Path], config: TrainConfig, teacher: Path | None) -> None:
+    """Refuse unlabeled prompts the run could not learn from, before any log is read: ignoring them
+    would train a model that silently lacks the traffic it was given."""
+    if teacher is None and config.teacher is None:
+        raise DataError(str(unlabeled[0]), "unlabeled prompts are learned from a teacher's labels: pass --teacher "
+                        "or use a recipe with an embedding teacher (training/configs/default.yaml)")
+    if config.streaming:
+        raise DataError(str(unlabeled[0]), "unlabeled prompts are labelled by a teacher, which a streamed run cannot "
+                        "use (it keeps no prompt text): set streaming: false, or leave out the unlabeled prompts")
 
 
 def train(
@@ -91,6 +103,8 @@ def train(
     from training.token_store import load_examples, write_training_set
     from training.trainer import fit
 
+    if unlabeled:
+        _check_unlabeled(unlabeled, config, teacher)
     started = time.time()
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
     pool = load_pool(pool_path)
@@ -102,8 +116,7 @@ def train(
     with placed(config.device, config.precision) as place:
         inputs = None
         if place.is_main:
-            inputs = (streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher,
-                                       unlabeled)
+            inputs = (streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher)
                       if config.streaming else
                       in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
                                         teacher, unlabeled, distill_weight, cache_dir))
