@@ -164,22 +164,20 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
     train_index = np.flatnonzero(split == "train")
     train_texts = [table.prompts[i] for i in train_index]
     targets = table.targets[train_index]
+    extra, repeated = new_unlabeled(unlabeled, table, split)
     if teacher is not None:
         teacher_runtime = load_artifact(teacher, threads=config.threads)
         if teacher_runtime.tier_names != pool.tier_names:
             raise DataError(str(teacher), f"teacher tiers {teacher_runtime.tier_names} differ from the pool's "
                             f"{pool.tier_names}")
-        extra, repeated = new_unlabeled(unlabeled, table, split)
         teacher_probs = _cached_teacher_probabilities(teacher_runtime, train_texts + extra, work_dir)
         targets = np.concatenate([blend(teacher_probs[: len(train_texts)], targets, distill_weight),
                                   teacher_probs[len(train_texts):]])
-        train_texts = train_texts + extra
     else:
         # Outcomes unknown (NaN): the embedding teacher, fitted on the logged prompts, labels them
         # (pipeline.train has refused unlabeled prompts when the recipe has no teacher).
-        extra, repeated = new_unlabeled(unlabeled, table, split)
         targets = np.concatenate([targets, np.full((len(extra), targets.shape[1]), np.nan)])
-        train_texts = train_texts + extra
+    train_texts = train_texts + extra
     anchors = anchor_table(pool, config)
     anchor_rows = len(anchors) * config.anchor_weight if anchors is not None else 0
     if anchors is not None:
