@@ -28,10 +28,16 @@ def test_default_model_loads_and_is_within_budget() -> None:
         assert needed in card, needed
     recorded = json.loads((classifier.DEFAULT_MODEL_DIR / "eval.json").read_text())["summary"]
     assert recorded == manifest.metrics["test"]
-    for source in ("llmrouter", "mmlu-pro"):
-        methods = recorded[source]
-        assert methods["promptier"]["apgr"] > methods["length"]["apgr"]
-        assert methods["promptier"]["apgr"] > methods["embedding-lr"]["apgr"]
+    # Over all held-out prompts the model is ahead of both learned baselines beyond the luck of the split.
+    for baseline in ("length", "embedding-lr"):
+        assert recorded["all"]["promptier"]["apgr_vs"][baseline]["ci95"][0] > 0, baseline
+    # Per source, it is never clearly behind one. A point comparison would assert noise on llmrouter,
+    # whose two tiers differ by 0.03 in mean quality: its lead's interval spans more than 2 APGR.
+    for source, methods in recorded.items():
+        for baseline, lead in methods["promptier"]["apgr_vs"].items():
+            assert lead["ci95"][1] > 0, (source, baseline, lead)
+    assert recorded["mmlu-pro"]["promptier"]["apgr"] > recorded["mmlu-pro"]["length"]["apgr"]
+    assert recorded["mmlu-pro"]["promptier"]["apgr"] > recorded["mmlu-pro"]["embedding-lr"]["apgr"]
 
 
 def test_default_model_names_no_path_of_the_machine_that_built_it() -> None:
