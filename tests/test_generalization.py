@@ -132,8 +132,8 @@ def test_leave_one_source_out_with_traffic_scores_both_folds_on_the_unseen_half(
         assert 0.3 < figures["traffic_prompts"] / prompts[source] < 0.7
         traffic = [json.loads(line)["prompt"] for line in (tmp_path / f"traffic-{source}.jsonl").open()]
         # The traffic is exactly the source's prompts whose id falls in the traffic half.
-        rows = {json.loads(line)["prompt_id"]: json.loads(line)["prompt"]
-                for line in synthetic_logs.read_text().splitlines() if json.loads(line)["source"] == source}
+        logged = [json.loads(line) for line in synthetic_logs.read_text().splitlines()]
+        rows = {row["prompt_id"]: row["prompt"] for row in logged if row["source"] == source}
         ids = sorted(rows)
         assert sorted(traffic) == sorted(rows[i] for i, t in zip(ids, traffic_half(ids), strict=True) if t)
         manifest = json.loads((tmp_path / f"traffic-{source}" / "manifest.json").read_text())
