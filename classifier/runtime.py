@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from classifier.artifact import (
 )
 from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE
 from classifier.errors import ArtifactError, InvalidInputError
-from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_floor, resolve_threshold
+from classifier.policy import RoutingRequest, allowed_mask, choose_tier, resolve_floor, resolve_threshold
 from classifier.prior import prior_tier
 from classifier.tokenization import PromptEncoder
 
@@ -92,8 +91,6 @@ class TierClassifier:
         self._outputs = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME] if familiarity else [])
         self._reference = np.asarray(familiarity.reference if familiarity else [], dtype=np.float64)
         self._reference_shares = np.linspace(0.0, 1.0, len(self._reference))
-        self._all_tiers = np.ones(len(self._tier_names), dtype=bool)
-        self._all_tiers.flags.writeable = False  # shared by every request that allows all tiers
 
     @property
     def tier_names(self) -> list[str]:
@@ -189,12 +186,12 @@ class TierClassifier:
                 checked = validate_text(text)
                 threshold = resolve_threshold(self.manifest.policy, request)
                 floor = resolve_floor(self.manifest.policy, request)
-                allowed = (self._all_tiers if request is None or request.allowed_tiers is None
-                           else allowed_mask(self._tier_names, request.allowed_tiers))
+                allowed = (None if request is None or request.allowed_tiers is None
+                           else tuple(allowed_mask(self._tier_names, request.allowed_tiers).tolist()))
             except InvalidInputError as error:
                 outcomes[index] = error
                 continue
-            valid.append(_ValidItem(index, checked, threshold, math.nan if floor is None else floor, allowed))
+            valid.append(_ValidItem(index, checked, threshold, floor, allowed))
         if valid:
             self._decide(valid, outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
@@ -203,33 +200,30 @@ class TierClassifier:
                 ) -> None:
         texts = [item.text for item in valid]
         logits, unfamiliarity, truncated, tokens = self._run(texts)
-        probabilities = self._calibrate(logits)
-        # One vectorised policy call for the whole batch: each row brings its own threshold, floor and tiers.
-        thresholds = np.array([item.threshold for item in valid])[:, None]
-        floors = np.array([item.cheap_floor for item in valid])[:, None]
-        masks = [item.allowed for item in valid]
-        allowed = self._all_tiers if all(mask is self._all_tiers for mask in masks) else np.stack(masks)
-        chosen = choose_tiers(probabilities, thresholds, allowed, self.manifest.policy.rule,
-                              None if np.isnan(floors).all() else floors).tolist()
-        decided_by = ["model"] * len(valid)
+        # Python floats at once, not one numpy scalar per score; the policy then runs per row in
+        # Python (`choose_tier`), since one request is one row.
+        rows = self._calibrate(logits).tolist()
         familiar: list[float | None] = [None] * len(valid)
-        if unfamiliarity is not None and self.manifest.familiarity is not None:
+        unknown = [False] * len(valid)
+        config = self.manifest.familiarity
+        if unfamiliarity is not None and config is not None:
             familiar = self.familiarity(unfamiliarity).tolist()
-            config = self.manifest.familiarity
-            for unknown in np.flatnonzero(unfamiliarity > config.threshold).tolist():
-                chosen[unknown] = _nearest_allowed(prior_tier(texts[unknown], len(self._tier_names), config.prior),
-                                                   masks[unknown])
-                decided_by[unknown] = "prior"
-        rows = probabilities.tolist()  # Python floats at once, not one numpy scalar per score
+            unknown = (unfamiliarity > config.threshold).tolist()
+        rule = self.manifest.policy.rule
         for row, item in enumerate(valid):
+            if unknown[row]:
+                assert config is not None
+                chosen = _nearest_allowed(prior_tier(item.text, len(self._tier_names), config.prior), item.allowed)
+            else:
+                chosen = choose_tier(rows[row], item.threshold, item.allowed, rule, item.cheap_floor)
             outcomes[item.position] = ClassificationResult(
-                tier=self._tier_names[chosen[row]],
+                tier=self._tier_names[chosen],
                 scores=dict(zip(self._tier_names, rows[row], strict=True)),
                 threshold=item.threshold,
                 truncated=truncated[row],
                 tokens=tokens[row],
                 model_version=self.manifest.model_version,
-                decided_by=decided_by[row],
+                decided_by="prior" if unknown[row] else "model",
                 familiarity=familiar[row],
             )
 
@@ -240,15 +234,16 @@ class _ValidItem(NamedTuple):
     position: int
     text: str
     threshold: float
-    cheap_floor: float  # NaN: no floor
-    allowed: np.ndarray
+    cheap_floor: float | None
+    allowed: tuple[bool, ...] | None  # None: every tier
 
 
-def _nearest_allowed(tier: int, allowed: np.ndarray) -> int:
+def _nearest_allowed(tier: int, allowed: tuple[bool, ...] | None) -> int:
     """`tier` if allowed, else the next more capable allowed tier, else the most capable allowed one."""
-    candidates = np.flatnonzero(allowed)
-    above = candidates[candidates >= tier]
-    return int(above[0]) if above.size else int(candidates[-1])
+    if allowed is None:
+        return tier
+    candidates = [index for index, ok in enumerate(allowed) if ok]
+    return next((index for index in candidates if index >= tier), candidates[-1])
 
 
 def _session(model_path: Path, threads: int) -> ort.InferenceSession:

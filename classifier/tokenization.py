@@ -92,7 +92,7 @@ class PromptEncoder:
         """Content token ids (no special tokens) of each text, exactly as the tokenizer file says.
 
         Text whose characters the tokenizer treats one at a time (ASCII and most characters of most
-        scripts) is tokenized in Python with a word cache (see `_WordPieceFastPath`), several times
+        scripts) is tokenized in Python with a cache of ids per word (see `_WordPieceFastPath`), several times
         faster than the `tokenizers` call for a typical prompt; the result is the same ids.
         """
         fast_path = self._fast_path
@@ -118,16 +118,21 @@ class PromptEncoder:
         """Encode texts into one padded batch (padded to the longest item, not to max_tokens)."""
         cut = [self.cut_characters(text) for text in texts]
         windows = [self._window(ids) for ids in self.token_ids([text for text, _ in cut])]
-        width = max(len(ids) for ids, _ in windows)
-        input_ids = np.full((len(windows), width), self._pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(windows), width), dtype=np.int64)
-        for row, (ids, _) in enumerate(windows):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
+        lengths = [len(ids) for ids, _ in windows]
+        width = max(lengths)
+        if min(lengths) == width:  # one prompt (the serving case) or equal lengths: nothing to pad
+            input_ids = np.array([ids for ids, _ in windows], dtype=np.int64)
+            attention_mask = np.ones_like(input_ids)
+        else:
+            input_ids = np.full((len(windows), width), self._pad_id, dtype=np.int64)
+            attention_mask = np.zeros((len(windows), width), dtype=np.int64)
+            for row, (ids, _) in enumerate(windows):
+                input_ids[row, : len(ids)] = ids
+                attention_mask[row, : len(ids)] = 1
         return EncodedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            token_counts=[len(ids) for ids, _ in windows],
+            token_counts=lengths,
             truncated=[char_cut or token_cut for (_, char_cut), (_, token_cut) in zip(cut, windows, strict=True)],
         )
 
@@ -156,14 +161,16 @@ class _WordPieceFastPath:
     goes to `tokenizers`) where the answer is not simple: it splits a word in some other way, it is a
     combining mark (which canonical reordering would move), or Python's lowercasing would change what
     the normalizer gives.
-    Prompts repeat the same few thousand words, so with a word -> ids cache this costs a regex pass and
-    a dict lookup per word: several times less than the `tokenizers` call it replaces, which would be
-    most of a prompt's classification time. Text containing an added token such as "[CLS]", and any
-    tokenizer that is not BERT's, go to `tokenizers`. Tests compare both paths on random text of many
+    Prompts repeat the same few thousand words, so with a cache of ids per whitespace-separated chunk
+    this costs a split and a dict lookup per chunk (the regex runs only on chunks not seen yet):
+    several times less than the `tokenizers` call it replaces, which would be most of a prompt's
+    classification time. Text containing an added token such as "[CLS]", and any tokenizer that is
+    not BERT's, go to `tokenizers`. Tests compare both paths on random text of many
     scripts, control characters included.
     """
 
-    _CACHE_LIMIT = 50_000  # words (~8 MB); bounded memory whatever the traffic
+    _CACHE_LIMIT = 50_000  # chunks (~8 MB); bounded memory whatever the traffic
+    _CACHE_KEY_CHARS = 48  # longer chunks are rarely seen twice; their words are cached instead
     _BLOCK_BITS = 8  # a block is 256 code points: examining one costs ~2 ms, once per process
     # At most this many new blocks are examined for one text (the rest on later texts; until then the
     # text goes to `tokenizers`), so no single request stalls the others for long.
@@ -244,6 +251,8 @@ class _WordPieceFastPath:
             if "other" in kinds:
                 continue
             replacement = "".join(" " if not c.isascii() and self._kind(c) == "space" else c for c in normalized)
+            if any(c.isspace() and self._kind(c) != "space" for c in replacement):
+                continue  # `str.split` would end a word here where BERT does not
             if replacement != char:
                 self._replacements[char] = replacement
                 replaced.add(char)
@@ -291,7 +300,6 @@ class _WordPieceFastPath:
         return not any(token in text for token in self._added)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        cache = self._cache
         out = []
         replacements = self._replacements
         for text in texts:
@@ -299,16 +307,35 @@ class _WordPieceFastPath:
                 text = text.translate(_ASCII_CONTROLS)
             else:
                 text = self._to_replace.sub(lambda match: replacements[match.group()], text)
+            if self._lowercase:
+                text = text.lower()
+            # Whitespace ends a word for BERT's pre-tokenizer as for `str.split` (characters that would
+            # split differently are never accepted, see `_examine_block`), so each whitespace-separated
+            # chunk is looked up whole: one dict lookup for "function," rather than a regex match
+            # and two lookups.
             ids: list[int] = []
-            for word in self._words.findall(text.lower() if self._lowercase else text):
-                pieces = cache.get(word)
-                if pieces is None:
-                    if len(cache) >= self._CACHE_LIMIT:
-                        cache.clear()
-                    pieces = cache[word] = self._word_pieces(word)
-                ids += pieces
+            for chunk in text.split():
+                pieces = self._cache.get(chunk)
+                ids += self._chunk_pieces(chunk) if pieces is None else pieces
             out.append(ids)
         return out
+
+    def _chunk_pieces(self, chunk: str) -> list[int]:
+        """Ids of a whitespace-free chunk, cached for chunks short enough to recur."""
+        cache = self._cache
+        words = self._words.findall(chunk)
+        if words == [chunk]:
+            pieces = self._word_pieces(chunk)
+        else:
+            pieces = []
+            for word in words:
+                cached = cache.get(word)
+                pieces += self._chunk_pieces(word) if cached is None else cached
+        if len(chunk) <= self._CACHE_KEY_CHARS:
+            if len(cache) >= self._CACHE_LIMIT:
+                cache.clear()
+            cache[chunk] = pieces
+        return pieces
 
     def _word_pieces(self, word: str) -> list[int]:
         """Greedy longest-match-first WordPiece, as `tokenizers` does it."""

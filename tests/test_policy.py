@@ -8,6 +8,7 @@ from classifier.errors import InvalidInputError
 from classifier.policy import (
     RoutingRequest,
     allowed_mask,
+    choose_tier,
     choose_tiers,
     relative_scores,
     resolve_floor,
@@ -100,3 +101,27 @@ def test_cheap_floor_follows_the_mode_never_an_explicit_threshold() -> None:
         PolicyConfig(**{**POLICY.model_dump(), "cheap_floors": {"balanced": 1.5}})
     with pytest.raises(ValueError, match="no threshold"):
         PolicyConfig(**{**POLICY.model_dump(), "cheap_floors": {"thrifty": 0.5}})
+
+
+@pytest.mark.parametrize("rule", ["ratio", "difference"])
+def test_one_row_policy_chooses_as_the_vectorised_one(rule: str) -> None:
+    rng = np.random.default_rng(7)
+    # Probabilities on a coarse grid, so that ties between tiers, with the threshold and with the
+    # floor all occur, plus exact zeros and ones.
+    grid = np.linspace(0.0, 1.0, 11)
+    disagreements = []
+    for _ in range(4000):
+        n_tiers = int(rng.integers(2, 5))
+        probabilities = rng.choice(grid, size=n_tiers)
+        allowed = rng.random(n_tiers) < 0.7
+        if not allowed.any():
+            allowed[rng.integers(n_tiers)] = True
+        threshold = float(rng.choice([*grid[:6], 0.45, 0.55, 1.0, rng.random()]))
+        floor = None if rng.random() < 0.5 else float(rng.choice(grid))
+        mask = None if allowed.all() and rng.random() < 0.5 else tuple(allowed.tolist())
+        expected = choose_tiers(probabilities[None, :], threshold, allowed, rule,  # type: ignore[arg-type]
+                                floor)[0]
+        chosen = choose_tier(probabilities.tolist(), threshold, mask, rule, floor)  # type: ignore[arg-type]
+        if chosen != expected:
+            disagreements.append((probabilities.tolist(), threshold, mask, floor, chosen, int(expected)))
+    assert not disagreements, disagreements[:5]

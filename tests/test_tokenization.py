@@ -24,14 +24,16 @@ def _tokenizer_files(tiny_backbone: Path) -> list[Path]:
     return [*files, Path(get_model_path()) / "tokenizer.json"]
 
 
-# Code points of many scripts and symbol blocks, as (first, last) ranges: Latin-1 and Latin Extended,
-# combining marks, Greek, Cyrillic, Hebrew, Arabic, Devanagari, Thai, Hangul jamo, General Punctuation
-# and the symbols after it, CJK punctuation, kana, ideographs, Hangul syllables, surrogate-free
-# private use, presentation forms, full-width forms, the replacement character, emoji.
-SCRIPTS = [(0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x52F), (0x590, 0x5FF), (0x600, 0x6FF),
-           (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x22FF), (0x3000, 0x30FF),
-           (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0xE000, 0xE010), (0xFB00, 0xFB4F), (0xFF00, 0xFFEF),
-           (0xFFFD, 0xFFFD), (0x1F300, 0x1F64F)]
+# Code points of many scripts and symbol blocks, as (first, last) ranges: C1 controls, Latin-1 and
+# Latin Extended, combining marks, Greek, Cyrillic, Hebrew, Arabic, Devanagari, Thai, Hangul jamo,
+# Ogham's space mark, Mongolian's vowel separator, General Punctuation and the symbols after it, CJK
+# punctuation, kana, ideographs, Hangul syllables, surrogate-free private use, presentation forms, the
+# zero-width no-break space, full-width forms, the replacement character, emoji. Several of them are
+# whitespace to Python's `str.split` and not to BERT, or the other way round.
+SCRIPTS = [(0x80, 0x9F), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x52F), (0x590, 0x5FF),
+           (0x600, 0x6FF), (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x1680, 0x1680), (0x180E, 0x180E),
+           (0x2000, 0x22FF), (0x3000, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0xE000, 0xE010),
+           (0xFB00, 0xFB4F), (0xFEFF, 0xFEFF), (0xFF00, 0xFFEF), (0xFFFD, 0xFFFD), (0x1F300, 0x1F64F)]
 
 
 def _random_texts(seed: int, count: int) -> list[str]:
