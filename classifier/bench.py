@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import platform
 import random
 import resource
 import subprocess
@@ -53,6 +54,28 @@ def make_prompts(runtime, tokens: int | None, chars: int | None, count: int, see
         end = encoding.offsets[tokens - 3][1]
         prompts.append(text[:end])
     return prompts
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """The CPU's model name and whether it has VNNI int8 instructions (None where unknown).
+
+    The same build's latency differs by a third between the CPUs a cloud hands out, so a figure
+    without its CPU cannot be compared with another.
+    """
+    name, flags = "", None
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and flags is None:
+            flags = set(value.split())
+    return {"model": name or platform.processor() or platform.machine(),
+            "avx512_vnni": None if flags is None else "avx512_vnni" in flags,
+            "avx_vnni": None if flags is None else "avx_vnni" in flags}
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -118,7 +141,7 @@ def run_benchmark(model: str | None, iterations: int = 2000, seconds: float = 5.
 
     runtime = classifier.load(model, threads=1)
     result: dict = {"model_version": runtime.model_version, "architecture": runtime.manifest.architecture,
-                    "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+                    "cpu": cpu_description(), "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
                     "latency_batch1_1thread": {}, "throughput": {}}
     prompts_by_bucket = {}
     for index, (name, tokens, chars) in enumerate(BUCKETS):
@@ -144,7 +167,8 @@ def run_benchmark(model: str | None, iterations: int = 2000, seconds: float = 5.
 
 def render(result: dict) -> str:
     lines = [f"model {result['model_version']} ({result['architecture'].get('layers')} layers, hidden "
-             f"{result['architecture'].get('hidden')}), {result['cpu_count']} CPUs, ORT {result['onnxruntime']}",
+             f"{result['architecture'].get('hidden')}), {result['cpu_count']} CPUs ({result['cpu']['model']}, "
+             f"AVX-512 VNNI: {result['cpu']['avx512_vnni']}), ORT {result['onnxruntime']}",
              "", "| prompt length | p50 ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     for name, stats in result["latency_batch1_1thread"].items():
         lines.append(f"| {name} | {stats['p50_ms']:.3f} | {stats['p90_ms']:.3f} | {stats['p99_ms']:.3f} | "

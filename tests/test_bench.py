@@ -1,0 +1,40 @@
+"""`promptier bench`: every bucket measured, the CPU named, the figures written; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from classifier.bench import BUCKETS, cpu_description
+
+
+def test_cpu_description_reads_the_model_name_and_vnni_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu sse avx2 avx512_vnni\n\n"
+                       "processor\t: 1\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu sse avx2 avx512_vnni\n")
+    assert cpu_description(cpuinfo) == {"model": "Example CPU @ 2.0GHz", "avx512_vnni": True, "avx_vnni": False}
+    cpuinfo.write_text("model name\t: Other CPU\nflags\t\t: fpu avx2 avx_vnni\n")
+    assert cpu_description(cpuinfo) == {"model": "Other CPU", "avx512_vnni": False, "avx_vnni": True}
+    # Without /proc/cpuinfo (another OS) the flags are unknown, not absent.
+    described = cpu_description(tmp_path / "missing")
+    assert described["avx512_vnni"] is None and described["avx_vnni"] is None
+
+
+def test_bench_measures_every_bucket_and_writes_its_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", "bench", "--out", str(out), "--iterations", "40",
+                             "--seconds", "0.3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    latency = written["latency_batch1_1thread"]
+    assert [name for name, _, _ in BUCKETS] == list(latency)[: len(BUCKETS)]
+    assert len(latency) == len(BUCKETS) + 2  # plus the CJK and combining-mark variants of 128 tokens
+    for stats in latency.values():
+        assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    assert latency["128 tokens"]["n"] == 40
+    assert all(rate > 0 for rate in written["throughput"].values())
+    assert written["loaded_process_peak_rss_mb"] > 0
+    assert written["cpu"]["model"] and written["cpu"]["model"] in result.stdout
+    assert "| 128 tokens |" in result.stdout
