@@ -167,8 +167,11 @@ def choose_tier(probabilities: Sequence[float], threshold: float, allowed: Seque
     """`choose_tiers` for one row, in Python floats: the serving path's policy.
 
     A request is one row, and numpy's fixed cost per call (a few microseconds on a 1 x 3 array, some
-    twenty calls for the vectorised rule) would cost more than the arithmetic. Tests hold both
-    functions to the same choice on random rows, masks, thresholds and floors.
+    twenty calls for the vectorised rule) would cost more than the arithmetic. The arithmetic is in
+    float64 on the scores a result reports, so anyone can reproduce a decision from its scores (the
+    model's float32 arithmetic could differ by one rounding where a score sits within ~1e-7 of the
+    threshold). Tests hold both functions to the same choice on random rows, masks, thresholds and
+    floors, and the runtime's every decision to its reported scores.
 
     Args:
         probabilities: calibrated probabilities, tiers cheapest first.

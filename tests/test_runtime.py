@@ -190,3 +190,35 @@ def test_a_cheap_floor_in_the_manifest_routes_mode_requests_only(artifact_copy: 
     assert {r.tier for r in after.classify_batch(prompts, top)} == {after.tier_names[-1]}
     if default != "quality":
         assert [r.tier for r in after.classify_batch(prompts, RoutingRequest(mode="quality"))] == quality
+
+
+def test_each_decision_follows_from_the_scores_it_reports(shipped_artifact: Path) -> None:
+    """A caller who applies the vectorised policy to a result's own scores gets the runtime's tier, for
+    every mode, explicit threshold and allowed-tier set, batched or not."""
+    import numpy as np
+
+    from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_floor, resolve_threshold
+
+    runtime = classifier.load(shipped_artifact)
+    policy, names = runtime.manifest.policy, runtime.tier_names
+    prompts = ["hi", "What is the capital of France?", "Prove that there are infinitely many primes.",
+               "Write a lock-free queue in C++ with tests.", "Traduis « bonjour » en anglais.",
+               *[f"question {i}: how many {i} are in {i * 7}?" for i in range(30)]]
+    requests = [None, *(RoutingRequest(mode=mode) for mode in policy.thresholds),
+                *(RoutingRequest(threshold=t) for t in (0.0, 0.3, 0.45, 0.5, 0.55, 1.0)),
+                RoutingRequest(allowed_tiers=(names[0], names[-1])), RoutingRequest(allowed_tiers=(names[1],)),
+                RoutingRequest(mode=policy.default_mode, allowed_tiers=tuple(names[1:]))]
+    checked = 0
+    for request in requests:
+        allowed = allowed_mask(names, None if request is None else request.allowed_tiers)
+        threshold, floor = resolve_threshold(policy, request), resolve_floor(policy, request)
+        results = runtime.classify_batch(prompts, request)
+        assert [runtime.classify(prompt, request).tier for prompt in prompts[:5]] == [r.tier for r in results[:5]]
+        for result in results:
+            if result.decided_by != "model":
+                continue
+            scores = np.array([[result.scores[name] for name in names]])
+            expected = choose_tiers(scores, threshold, allowed, policy.rule, floor)[0]
+            assert result.tier == names[expected], (result, request)
+            checked += 1
+    assert checked > len(prompts) * len(requests) // 2  # the prior did not decide most of them
