@@ -149,10 +149,12 @@ def run_benchmark(model: str | None, iterations: int = 2000, seconds: float = 5.
         prompts_by_bucket[name] = prompts
         runs = iterations if chars is None else max(200, iterations // 4)
         result["latency_batch1_1thread"][name] = latency(runtime, prompts, runs)
-    # Most scripts take the fast tokenizer path once their block has been examined (a CJK character
-    # here); a combining mark sends a prompt to `tokenizers`: these buckets show both prices.
+    # Most scripts take the fast tokenizer path once their block has been examined (a CJK character,
+    # a decomposed accent here); a character beyond the Basic Multilingual Plane other than emoji (a
+    # rare ideograph) sends a prompt to `tokenizers`: these buckets show both prices.
     for name, inserted in (("128 tokens + a CJK character", " \u6570 "),
-                           ("128 tokens + a combining mark (the `tokenizers` path)", "e\u0301 ")):
+                           ("128 tokens + a combining mark", "e\u0301 "),
+                           ("128 tokens + a rare ideograph (the `tokenizers` path)", "\U00020000 ")):
         changed = [prompt.replace(" ", f" {inserted}", 1) for prompt in prompts_by_bucket["128 tokens"]]
         result["latency_batch1_1thread"][name] = latency(runtime, changed, iterations)
     prompts_128 = make_prompts(runtime, 128, None, 2048, seed=99)

@@ -30,7 +30,7 @@ def test_bench_measures_every_bucket_and_writes_its_json(tmp_path: Path) -> None
     written = json.loads(out.read_text())
     latency = written["latency_batch1_1thread"]
     assert [name for name, _, _ in BUCKETS] == list(latency)[: len(BUCKETS)]
-    assert len(latency) == len(BUCKETS) + 2  # plus the CJK and combining-mark variants of 128 tokens
+    assert len(latency) == len(BUCKETS) + 3  # plus 128 tokens with a CJK character, an accent, a rare ideograph
     for stats in latency.values():
         assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
     assert latency["128 tokens"]["n"] == 40

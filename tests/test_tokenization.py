@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import string
 from pathlib import Path
@@ -74,7 +75,28 @@ def test_fast_path_gives_the_tokenizer_ids(tiny_backbone: Path, seed: int) -> No
         assert [encoder.token_ids([text])[0] for text in texts[:300]] == expected[:300]  # one at a time
         fast_path = encoder._fast_path
         assert all(fast_path.applies(text) for text in ["東京タワー ΟΔΟΣ Ёлка", "مرحبا 😀", "한국어 İstanbul"])
-        assert not fast_path.applies("e\u0301")  # a combining mark: canonical reordering is left to tokenizers
+        # Marks the normalizer deletes (it strips accents) stay on the fast path: decomposed accents, the
+        # Devanagari virama, Thai vowel and tone marks, Arabic harakat.
+        assert all(fast_path.applies(text) for text in ["e\u0301", "क्षमा करें", "ที่นี่", "مَرْحَبًا"])
+
+
+@pytest.mark.parametrize("seed", [2])
+def test_a_tokenizer_that_keeps_accents_leaves_combining_marks_to_tokenizers(tiny_backbone: Path, tmp_path: Path,
+                                                                           seed: int) -> None:
+    for index, path in enumerate(_tokenizer_files(tiny_backbone)):
+        spec = json.loads(path.read_text())
+        spec["normalizer"]["strip_accents"] = False  # canonical reordering of the marks now shows in the ids
+        kept = tmp_path / f"tokenizer-{index}.json"
+        kept.write_text(json.dumps(spec))
+        reference = Tokenizer.from_file(str(kept))
+        reference.no_padding()
+        reference.no_truncation()
+        encoder = PromptEncoder.from_file(kept, TRUNCATION)
+        assert encoder._fast_path is not None
+        texts = [*_random_texts(seed, 1000), "e\u0323\u0301 e\u0301\u0323", "क्षमा करें"]
+        expected = [encoding.ids for encoding in reference.encode_batch(texts, add_special_tokens=False)]
+        assert encoder.token_ids(texts) == expected
+        assert not encoder._fast_path.applies("e\u0301")
 
 
 def test_fast_path_learns_new_scripts_safely_under_concurrent_use(tiny_backbone: Path) -> None:
