@@ -92,8 +92,9 @@ class PromptEncoder:
         """Content token ids (no special tokens) of each text, exactly as the tokenizer file says.
 
         Text whose characters the tokenizer treats one at a time (ASCII and most characters of most
-        scripts) is tokenized in Python with a cache of ids per word (see `_WordPieceFastPath`), several times
-        faster than the `tokenizers` call for a typical prompt; the result is the same ids.
+        scripts) is tokenized in Python with a cache of ids per whitespace-separated chunk (see
+        `_WordPieceFastPath`), several times faster than the `tokenizers` call for a typical prompt;
+        the result is the same ids.
         """
         fast_path = self._fast_path
         ids: list[list[int]] = [[] for _ in texts]
@@ -307,7 +308,7 @@ class _WordPieceFastPath:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         out = []
-        replacements = self._replacements
+        cache, replacements = self._cache, self._replacements
         for text in texts:
             if text.isascii():
                 text = text.translate(_ASCII_CONTROLS)
@@ -321,7 +322,7 @@ class _WordPieceFastPath:
             # and two lookups.
             ids: list[int] = []
             for chunk in text.split():
-                pieces = self._cache.get(chunk)
+                pieces = cache.get(chunk)
                 ids += self._chunk_pieces(chunk) if pieces is None else pieces
             out.append(ids)
         return out
