@@ -9,7 +9,8 @@ Layout::
       tokenizer.json         # required: a `tokenizers` fast tokenizer
       MODEL_CARD.md          # for people
       eval.json, eval.md, eval.png            # the held-out evaluation
-      generalization.json, generalization.md  # leave-one-source-out and seed figures, when measured
+      generalization.json, generalization.md, generalization.png  # leave-one-source-out and seed
+                                                                  #   figures, when measured
       seen_prompts.txt       # hashes of the prompts trained or calibrated on, which evaluation leaves out
       eval/                  # where `promptier eval` writes its eval files when not told to record them
 
@@ -40,11 +41,12 @@ EVAL_MD_FILE = "eval.md"
 EVAL_PNG_FILE = "eval.png"
 GENERALIZATION_JSON_FILE = "generalization.json"
 GENERALIZATION_MD_FILE = "generalization.md"
+GENERALIZATION_PNG_FILE = "generalization.png"
 SEEN_PROMPTS_FILE = "seen_prompts.txt"
 
 REQUIRED_FILES = (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE)
 EVAL_FILES = (EVAL_JSON_FILE, EVAL_MD_FILE, EVAL_PNG_FILE)
-GENERALIZATION_FILES = (GENERALIZATION_JSON_FILE, GENERALIZATION_MD_FILE)
+GENERALIZATION_FILES = (GENERALIZATION_JSON_FILE, GENERALIZATION_MD_FILE, GENERALIZATION_PNG_FILE)
 # What describes the trained weights rather than one export of them: a re-export carries these over,
 # and writes the model, manifest and card anew.
 WEIGHTS_RECORDS = (SEEN_PROMPTS_FILE, *EVAL_FILES, *GENERALIZATION_FILES)

@@ -278,3 +278,34 @@ def test_seed_table_marks_runs_without_probe_figures_and_undefined_ones() -> Non
     assert report_probes(metrics, "balanced") == {"auc": None, **shares, "easy_on_top": None}
     assert report_probes({}, "balanced") is None and report_probes(metrics, "cost") is None
 
+
+
+def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from classifier.artifact_layout import GENERALIZATION_FILES
+    from training.generalization_report import plot, write_report
+
+    shares = {"easy_on_cheapest": 0.9, "easy_on_top": 0.04, "hard_on_top": 0.8, "hard_on_cheapest": 0.1}
+    seeds = {"seeds": [1, 2], "runs": {"1": {"all": 0.6}, "2": {"all": 0.7}},
+             "apgr": {"all": {"mean": 0.65, "spread": 0.1, "std": 0.07}},
+             "probes": {"mode": "balanced", "runs": {"1": {"auc": None, **shares}}}}
+    lead = {"difference": 0.02, "ci95": [-0.01, 0.05]}
+    loso = {"sources": {"alpha": {"promptier": {"apgr": 0.6, "apgr_vs": {"length": lead}}, "length": {"apgr": 0.58}},
+                        "beta": {"promptier": {"apgr": 0.5, "apgr_vs": {"length": lead, "embedding-lr": lead}},
+                                 "length": {"apgr": 0.48}, "embedding-lr": {"apgr": 0.48}}},
+            "beats_baselines": {"alpha": True, "beta": True},
+            "with_traffic": {"alpha": {"skipped": "too few prompts to halve (30)"},
+                             "beta": {"traffic_prompts": 40, "scored_prompts": 41, "lead_over_without_traffic": lead,
+                                      "apgr": {"promptier": 0.52, "without-traffic": 0.5, "length": 0.47}}}}
+    write_report({"leave_one_source_out": loso, "seeds": seeds}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(GENERALIZATION_FILES)
+    both = imread(tmp_path / "generalization.png")
+    plot({"seeds": {**seeds, "probes": None}}, tmp_path / "seeds.png")
+    plot({"leave_one_source_out": loso}, tmp_path / "loso.png")
+    # Four panels two by two; one; two side by side: the image is as tall as its rows, as wide as its columns.
+    seeds_only, loso_only = imread(tmp_path / "seeds.png"), imread(tmp_path / "loso.png")
+    assert both.shape[0] == 2 * loso_only.shape[0] and both.shape[1] == loso_only.shape[1]
+    assert seeds_only.shape[0] == loso_only.shape[0] and 2 * seeds_only.shape[1] == loso_only.shape[1]
+    with pytest.raises(ValueError, match="no leave-one-source-out or seed figures"):
+        plot({}, tmp_path / "empty.png")

@@ -1,4 +1,4 @@
-"""Leave-one-source-out and seed figures as Markdown and as files of the artifact.
+"""Leave-one-source-out and seed figures as Markdown, as an image and as files of the artifact.
 
 Apart from training/generalization.py, which measures them by retraining: the model card and the
 evaluation that records them need only this, not the training pipeline.
@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from classifier.artifact_layout import GENERALIZATION_JSON_FILE, GENERALIZATION_MD_FILE, write_member_text
+from classifier.artifact_layout import (
+    GENERALIZATION_JSON_FILE,
+    GENERALIZATION_MD_FILE,
+    GENERALIZATION_PNG_FILE,
+    write_member_text,
+    writing_member,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 BASELINES = ("length", "embedding-lr")
 MODEL = "promptier"
@@ -102,7 +112,104 @@ def _probe_row(label: str, figures: dict) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def plot(report: dict, path: Path) -> None:
+    """The figures as one image, a panel for each that was measured: leave-one-source-out APGR per
+    held-out source beside the baselines; each lead with its 95% interval (a tie is an interval
+    across zero), the held-out source's traffic included; in-distribution APGR per seed; and where the
+    probe suite's report half sends easy and hard prompts, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loso, seeds = report.get("leave_one_source_out"), report.get("seeds")
+    panels = ([_plot_loso, _plot_leads] if loso else []) + ([_plot_seeds] if seeds else [])
+    panels += [_plot_probes] if seeds and seeds.get("probes") else []
+    if not panels:
+        raise ValueError("no leave-one-source-out or seed figures to plot")
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.8 * rows), squeeze=False)
+    for draw, axis in zip(panels, axes.flat, strict=False):
+        draw(report, axis)
+        axis.grid(alpha=0.3)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_loso(report: dict, axis: Axes) -> None:
+    loso = report["leave_one_source_out"]
+    sources = list(loso["sources"])
+    width = 0.8 / (1 + len(BASELINES))
+    lowest = 0.5
+    for k, method in enumerate((MODEL, *BASELINES)):
+        values = [loso["sources"][s][method]["apgr"] if method in loso["sources"][s] else float("nan")
+                  for s in sources]
+        lowest = min([lowest, *(v for v in values if v == v)])
+        axis.bar([i + (k - 1) * width for i in range(len(sources))], values, width, label=method)
+    axis.axhline(0.5, color="black", linestyle="--", linewidth=1, label="random")
+    wins = sum(loso["beats_baselines"].values())
+    axis.set(title=f"Leave-one-source-out APGR (beats both baselines on {wins} of {len(sources)})",
+             ylabel="APGR on the held-out source")
+    axis.set_xticks(range(len(sources)), sources, rotation=20)
+    axis.set_ylim(bottom=max(0.0, lowest - 0.1))  # the differences, not the distance from zero
+    axis.legend(fontsize=8)
+
+
+def _plot_leads(report: dict, axis: Axes) -> None:
+    loso = report["leave_one_source_out"]
+    sources = list(loso["sources"])
+    rows: list[tuple[str, list[dict | None]]] = [
+        (f"over {b}", [loso["sources"][s][MODEL].get("apgr_vs", {}).get(b) for s in sources]) for b in BASELINES]
+    traffic = loso.get("with_traffic") or {}
+    if traffic:
+        rows.append(("with its traffic over without",
+                     [traffic.get(s, {}).get("lead_over_without_traffic") for s in sources]))
+    for k, (label, leads) in enumerate(rows):
+        ys = [i + (k - 1) * 0.22 for i, lead in enumerate(leads) if lead]
+        shown = [lead for lead in leads if lead]
+        axis.errorbar([lead["difference"] for lead in shown], ys, fmt="o", capsize=3, label=label,
+                      xerr=[[lead["difference"] - lead["ci95"][0] for lead in shown],
+                            [lead["ci95"][1] - lead["difference"] for lead in shown]])
+    axis.axvline(0.0, color="black", linewidth=1)
+    axis.set_yticks(range(len(sources)), sources)
+    axis.invert_yaxis()
+    axis.set(title="promptier's APGR lead, 95% interval", xlabel="APGR difference (an interval across 0 is a tie)")
+    axis.legend(fontsize=8)
+
+
+def _plot_seeds(report: dict, axis: Axes) -> None:
+    seeds = report["seeds"]
+    groups = list(seeds["apgr"])
+    for seed, run in seeds["runs"].items():
+        axis.scatter(range(len(groups)), [run.get(g, float("nan")) for g in groups], label=f"seed {seed}", alpha=0.8)
+    axis.scatter(range(len(groups)), [seeds["apgr"][g]["mean"] for g in groups], marker="_", s=600,
+                 color="black", label="mean")
+    axis.set_xticks(range(len(groups)), groups, rotation=20)
+    axis.set(title="In-distribution APGR per seed (each its own split)", ylabel="APGR on the test split")
+    axis.legend(fontsize=8)
+
+
+def _plot_probes(report: dict, axis: Axes) -> None:
+    probes = report["seeds"]["probes"]
+    runs = probes["runs"]
+    width = 0.8 / max(len(runs), 1)
+    for k, (seed, figures) in enumerate(runs.items()):
+        auc = figures.get("auc")
+        axis.bar([i + (k - (len(runs) - 1) / 2) * width for i in range(len(PROBE_SHARES))],
+                 [figures.get(key) if figures.get(key) is not None else float("nan") for key in PROBE_SHARES],
+                 width, label=f"seed {seed}" + (f" (AUC {auc:.3f})" if auc is not None else ""))
+    axis.set_xticks(range(len(PROBE_SHARES)), [key.replace("_on_", " -> ") for key in PROBE_SHARES])
+    axis.set(title=f"Probe suite, report half (mode {probes['mode']})", ylabel="share of the probes", ylim=(0, 1))
+    axis.legend(fontsize=8)
+
+
 def write_report(report: dict, directory: Path) -> None:
-    """The figures as the artifact's generalization files (JSON and Markdown), each replaced whole."""
+    """The figures as the artifact's generalization files (JSON, Markdown, PNG), each replaced whole."""
     write_member_text(directory, GENERALIZATION_JSON_FILE, json.dumps(report, indent=1) + "\n")
     write_member_text(directory, GENERALIZATION_MD_FILE, render_markdown(report))
+    with writing_member(directory, GENERALIZATION_PNG_FILE) as path:
+        plot(report, path)
