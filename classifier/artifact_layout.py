@@ -56,6 +56,21 @@ MEMBER_FILES = frozenset({*REQUIRED_FILES, MODEL_CARD_FILE, *WEIGHTS_RECORDS})
 EVAL_REPORT_DIR = "eval"
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes its files and directories private (0600, 0700). An artifact is written by one user
+# (a training job) and read by others (the server, the labeler), so its members get the modes that
+# open() and mkdir() would give them: the process's umask decides, as for any other file it writes.
+# The umask is read once, at import, because reading it means setting it for a moment.
+_UMASK = _process_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_DIRECTORY_MODE = 0o777 & ~_UMASK
+
+
 def member(directory: Path, name: str) -> Path:
     """The path of the artifact file `name` in `directory`.
 
@@ -82,6 +97,7 @@ def writing_member(directory: Path, name: str) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, _FILE_MODE)
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -109,6 +125,7 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
+        os.chmod(staging, _DIRECTORY_MODE)
         yield staging
         undeclared = sorted(path.name for path in staging.iterdir() if path.name not in MEMBER_FILES)
         if undeclared:

@@ -31,6 +31,20 @@ def test_a_trained_artifact_holds_exactly_the_declared_files(trained_artifact: P
     classifier.load(trained_artifact)
 
 
+def test_an_artifact_is_readable_by_whoever_the_umask_lets_read_files(trained_artifact: Path, tmp_path: Path) -> None:
+    """Trained by one user, served by another: members get open()'s modes, not tempfile's private ones."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(trained_artifact.stat().st_mode) == 0o777 & ~umask
+    for path in trained_artifact.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    write_member_text(tmp_path, "eval.md", "rewritten in place\n")
+    assert stat.S_IMODE((tmp_path / "eval.md").stat().st_mode) == 0o666 & ~umask
+
+
 def test_member_refuses_a_name_the_layout_does_not_declare(tmp_path: Path) -> None:
     assert member(tmp_path, "eval.json") == tmp_path / "eval.json"
     with pytest.raises(ValueError, match=r"'evaluation\.json' is not a file of the artifact layout"):
