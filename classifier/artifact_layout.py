@@ -57,6 +57,11 @@ EVAL_REPORT_DIR = "eval"
 
 
 def _process_umask() -> int:
+    """The umask, read where Linux shows it; elsewhere set and restored (a moment's change)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -65,7 +70,7 @@ def _process_umask() -> int:
 # tempfile makes its files and directories private (0600, 0700). An artifact is written by one user
 # (a training job) and read by others (the server, the labeler), so its members get the modes that
 # open() and mkdir() would give them: the process's umask decides, as for any other file it writes.
-# The umask is read once, at import, because reading it means setting it for a moment.
+# The umask is read once, at import.
 _UMASK = _process_umask()
 _FILE_MODE = 0o666 & ~_UMASK
 _DIRECTORY_MODE = 0o777 & ~_UMASK
