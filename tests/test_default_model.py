@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ def test_default_model_loads_and_is_within_budget() -> None:
     card = (classifier.DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
     for needed in ("Apache-2.0", "MIT", "promptier train", "embedding-lr", "Data fingerprint"):
         assert needed in card, needed
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert set(images) == {"eval.png", "generalization.png"}
+    assert all((classifier.DEFAULT_MODEL_DIR / name).is_file() for name in images)
     recorded = json.loads((classifier.DEFAULT_MODEL_DIR / "eval.json").read_text())["summary"]
     assert recorded == manifest.metrics["test"]
     # Over all held-out prompts the model is ahead of both learned baselines beyond the luck of the split.

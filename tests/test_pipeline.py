@@ -33,6 +33,8 @@ def test_trained_artifact_is_complete_and_learned_the_task(trained_artifact: Pat
     assert lead["difference"] == pytest.approx(summary["promptier"]["apgr"] - summary["length"]["apgr"], abs=2e-4)
     assert lead["ci95"][0] <= lead["ci95"][1]
     assert "APGR lead, with its 95% paired-bootstrap interval" in (trained_artifact / "eval.md").read_text()
+    card = (trained_artifact / "MODEL_CARD.md").read_text()
+    assert "](eval.png)" in card and "](generalization.png)" not in card  # an image is linked once it exists
 
     runtime = classifier.load(trained_artifact)
     easy = runtime.classify("hello thanks say hi cat dog", classifier.RoutingRequest(mode="balanced"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from classifier.artifact import ArtifactManifest
-from classifier.artifact_layout import EVAL_MD_FILE
+from classifier.artifact_layout import EVAL_MD_FILE, EVAL_PNG_FILE, GENERALIZATION_PNG_FILE
 from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
 
@@ -72,17 +72,24 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         "## Export parity", f"{manifest.metrics.get('export_parity')}", "",
         "## Evaluation (held-out test split)", "",
         eval_md.read_text(encoding="utf-8") if eval_md.exists() else "(no evaluation recorded)", "",
+        *_figure(directory, EVAL_PNG_FILE, "Quality against cost and performance gap recovered, per source"),
         "## Probe suite (common sense)", "",
         render_probe_markdown(probes, policy.default_mode) if isinstance(probes, dict) else "(not measured)", "",
         "## Generalization", "",
         render_generalization({k: metrics[k] for k in ("leave_one_source_out", "seeds") if k in metrics})
         or "(not measured: `promptier eval --loso --seeds 13,14,15`)", "",
+        *_figure(directory, GENERALIZATION_PNG_FILE, "Leave-one-source-out, seeds and probe figures"),
         "## Limits",
         "- Trained mostly on benchmark-style prompts (multiple choice, math, code, QA); open-ended chat "
         "traffic differs. Scores are noisy single samples.",
         "- The llmrouter source has no frontier model, so the top tier's outcome is only learned from MMLU-Pro.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _figure(directory: Path, name: str, caption: str) -> list[str]:
+    """A link to one of the artifact's images, by its name in the artifact, when it has it."""
+    return [f"![{caption}]({name})", ""] if (directory / name).is_file() else []
 
 
 def _floor_lines(floors: dict[str, float], searched: object) -> list[str]:
