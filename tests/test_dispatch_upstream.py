@@ -29,16 +29,28 @@ def test_upstream_5xx_and_timeout_escalate_never_downgrade(dispatcher: Dispatche
     raw = client.chat.completions.with_raw_response.create(model="promptier",
                                                            messages=[{"role": "user", "content": EASY}])
     assert raw.headers["x-promptier-tier"] == "medium" and raw.headers["x-promptier-reason"] == "escalated"
+    assert raw.headers["x-promptier-failed-tiers"] == "small"
     fresh["medium"].behaviour = "slow"
     raw = client.chat.completions.with_raw_response.create(model="promptier",
                                                            messages=[{"role": "user", "content": EASY}])
-    assert raw.headers["x-promptier-tier"] == "large"
+    assert raw.headers["x-promptier-tier"] == "large" and raw.headers["x-promptier-failed-tiers"] == "small,medium"
+    assert read_log(tmp_path)[-1]["failed_tiers"] == ["small", "medium"]
     fresh["large"].behaviour = "500"
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="promptier/tier/large", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 502
     assert len(fresh["small"].received) == 2 and len(fresh["large"].received) == 2  # never retried downwards
     assert read_log(tmp_path)[-1]["status"] == 502
+    # Every tier failing: the 502 says the request was escalated, where it ended and what failed on the way,
+    # not only the tier routing first chose.
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    headers = info.value.response.headers
+    assert info.value.status_code == 502 and headers["x-promptier-reason"] == "escalated"
+    assert headers["x-promptier-tier"] == "large" and headers["x-promptier-failed-tiers"] == "small,medium,large"
+    line = read_log(tmp_path)[-1]
+    assert (line["tier"], line["routed_tier"], line["reason"], line["status"]) == (None, "small", "escalated", 502)
+    assert line["failed_tiers"] == ["small", "medium", "large"]
 
 
 def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:

@@ -128,7 +128,7 @@ class ChatCompletions:
                     upstream, tier = await dispatcher.open_upstream(route, chat.body, chat.tenant)
                 except HTTPError as error:
                     self._record(chat, None, error.status)
-                    return error.response(dispatcher.headers(route, route.tier))
+                    return error.response(dispatcher.headers(route, dispatcher.last_tier(route)))
                 received: list[bytes] = []  # the start of a body too large to hold, relayed first
                 whole = False
                 if not chat.streamed:

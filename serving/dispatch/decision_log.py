@@ -42,7 +42,10 @@ from serving.dispatch.dispatch_config import DecisionLogConfig
 # Version 6 added exploration (serving.dispatch.exploration): `propensity` (for a classified request while
 # exploration is on, the probability that its tier was chosen; null otherwise) and `explored` (a random
 # draw chose the tier); `reason` may also be `explored`.
-DECISION_SCHEMA_VERSION = 6
+# Version 7 added `failed_tiers`: the tiers whose upstream failed (5xx, timeout, unreachable), in order,
+# before one answered (`tier`) or none did (status 502, `tier` null); a request that went on to a second
+# tier has the reason `escalated` whether or not one answered.
+DECISION_SCHEMA_VERSION = 7
 OUTCOME_KIND = "outcome"
 
 
@@ -89,6 +92,7 @@ class DecisionRecord:
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
     propensity: float | None = None  # P(this tier | the policy's choice), classified and exploring only
     explored: bool = False  # exploration's random draw chose the tier
+    failed_tiers: list[str] = field(default_factory=list)  # upstreams that failed, in the order tried
 
     def as_dict(self) -> dict:
         # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no

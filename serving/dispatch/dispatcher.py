@@ -63,6 +63,8 @@ class Route:
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
     propensity: float | None = None  # P(this tier | the policy's choice), for a classified request
     explored: bool = False  # exploration's random draw chose the tier (serving.dispatch.exploration)
+    # The tiers whose upstream failed (5xx, timeout, unreachable) before one answered or none did, in order.
+    failed_tiers: list[str] = field(default_factory=list)
     # The decision log's prompt_id for this request, sent to the caller so that it can report how the
     # answer served (serving.dispatch.outcomes).
     request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
@@ -284,10 +286,17 @@ class Dispatcher:
                     return response, tier
                 response.close()
                 last_error = f"tier {tier}: upstream returned {response.status}"
+            route.failed_tiers.append(tier)
             self.metrics.escalations.labels(tier).inc()
             log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": last_error}))
+        if len(route.failed_tiers) > 1:
+            route.reason = "escalated"  # escalated, and no tier answered: the 502 says so
         raise HTTPError(502, f"every eligible upstream failed; last: {last_error}", kind="upstream_error",
                         code="upstream_unavailable")
+
+    def last_tier(self, route: Route) -> str:
+        """Where the request ended: the last tier whose upstream was tried, else the routed tier."""
+        return route.failed_tiers[-1] if route.failed_tiers else route.tier
 
     def headers(self, route: Route, tier: str) -> dict[str, str]:
         """Every response: tier, upstream model, reason. What only a classification knows (mode,
@@ -310,6 +319,8 @@ class Dispatcher:
             headers[f"{HEADER_PREFIX}steered-by"] = ",".join(route.steered.by)
         if route.budget_pressure is not None:
             headers[f"{HEADER_PREFIX}budget-pressure"] = f"{route.budget_pressure:.3f}"
+        if route.failed_tiers:
+            headers[f"{HEADER_PREFIX}failed-tiers"] = ",".join(route.failed_tiers)
         return headers
 
     def record(self, route: Route, tier: str | None, messages: list[tuple[str, str]], status: int, started: float,
@@ -348,7 +359,7 @@ class Dispatcher:
             needs=list(route.needs.features), estimated_tokens=route.needs.tokens,
             steered=route.steered.as_dict() if route.steered is not None else None, tenant=tenant.name,
             scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
-            propensity=route.propensity, explored=route.explored,
+            propensity=route.propensity, explored=route.explored, failed_tiers=list(route.failed_tiers),
         ).as_dict())
 
 
