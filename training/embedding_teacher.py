@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from classifier.artifact import TruncationConfig
 from training.config import EmbeddingTeacherConfig
@@ -40,7 +41,7 @@ def fit_teacher(features: np.ndarray, targets: np.ndarray, config: EmbeddingTeac
     x = torch.from_numpy(features)
     y = torch.tensor(targets, dtype=torch.float32)
     network.train()
-    for _ in range(config.epochs):
+    for _ in tqdm(range(config.epochs), desc="embedding teacher", unit="epoch"):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), config.batch_size):
             batch = order[start : start + config.batch_size]

@@ -49,8 +49,17 @@ class TierModel(nn.Module):
 
 
 def load_encoder(directory: Path) -> PreTrainedModel:
-    # The pooler is unused (mean pooling) and would only add weights to the export.
-    return AutoModel.from_pretrained(directory, add_pooling_layer=False)
+    from transformers.utils import logging as transformers_logging
+
+    # The pooler is unused (mean pooling) and would only add weights to the export. Leaving it out
+    # makes transformers warn that the checkpoint's pooler weights were not used ("This IS NOT
+    # expected if..."), which is expected here: its warnings are silenced for this one load.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(directory, add_pooling_layer=False)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _pca_table(teacher: PreTrainedModel, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
