@@ -156,7 +156,10 @@ class TierClassifier:
         Raises:
             InvalidInputError: empty, non-string, invalid UTF-8 or oversized text, or a bad policy.
         """
-        return self.classify_batch([text], request)[0]
+        outcome = self.classify_items([(text, request)])[0]
+        if isinstance(outcome, InvalidInputError):
+            raise outcome  # as it is: "item 0" would name a list the caller never made
+        return outcome
 
     def classify_batch(self, texts: Sequence[str], request: RoutingRequest | None = None
                        ) -> list[ClassificationResult]:

@@ -61,8 +61,9 @@ def test_bad_inputs_raise_clear_errors(shipped_artifact: Path) -> None:
     runtime = classifier.load(shipped_artifact)
     for bad, message in (("", "empty"), ("   \n", "empty"), (42, "must be a string"),
                          (b"\xff\xfe", "not valid UTF-8"), ("x" * 2_000_001, "limit")):
-        with pytest.raises(InvalidInputError, match=message):
+        with pytest.raises(InvalidInputError, match=message) as info:
             runtime.classify(bad)  # type: ignore[arg-type]
+        assert not str(info.value).startswith("item")  # one prompt: no index into a list it never sent
     with pytest.raises(InvalidInputError, match="item 1: prompt is empty"):
         runtime.classify_batch(["fine", ""])
     with pytest.raises(InvalidInputError, match="not one string"):
