@@ -55,6 +55,27 @@ def test_client_gone_before_the_upstream_answers_cancels_it_without_escalating(
         running.stop()
 
 
+def test_a_caller_leaving_during_an_escalation_is_logged_where_it_left(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    # small fails, medium is at work when the caller gives up: the line says the request was escalated,
+    # that small failed, and that medium (not small) was the tier at work; nothing goes on to large.
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
+    fresh["small"].behaviour, fresh["medium"].behaviour = "500", "generating"
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            running.client(timeout=1.0).chat.completions.create(
+                model="promptier", messages=[{"role": "user", "content": EASY}])
+        assert fresh["medium"].cancelled.wait(5.0)
+        (entry,) = read_log_once_written(tmp_path, 1)
+        assert (entry["status"], entry["tier"], entry["routed_tier"], entry["reason"], entry["failed_tiers"]) == (
+            499, "medium", "small", "escalated", ["small"])
+        assert not fresh["large"].received
+        metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
+        assert 'promptier_dispatch_requests_total{reason="escalated",status="499",tier="medium"} 1.0' in metrics
+    finally:
+        running.stop()
+
+
 def test_callers_leaving_and_staying_at_once(dispatcher: Dispatcher, fresh: dict[str, Upstream],
                                              tmp_path: Path) -> None:
     # 24 concurrent callers of a long generation, every other one leaving once the upstream has all 24:

@@ -51,6 +51,8 @@ def test_upstream_5xx_and_timeout_escalate_never_downgrade(dispatcher: Dispatche
     line = read_log(tmp_path)[-1]
     assert (line["tier"], line["routed_tier"], line["reason"], line["status"]) == (None, "small", "escalated", 502)
     assert line["failed_tiers"] == ["small", "medium", "large"]
+    metrics = httpx.get(f"http://127.0.0.1:{dispatcher.port}/metrics/").text
+    assert 'promptier_dispatch_requests_total{reason="escalated",status="502",tier="large"} 1.0' in metrics
 
 
 def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:

@@ -145,7 +145,7 @@ class ChatCompletions:
             # Closing the upstream connection is what stops its work (vLLM and others abort on it).
             if upstream is not None:
                 upstream.close()
-            self._record(chat, tier or route.tier, CLIENT_CLOSED)
+            self._record(chat, tier or dispatcher.last_tier(route), CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         headers = dispatcher.headers(route, tier)
         media_type = upstream.headers.get("content-type", "application/json")

@@ -62,7 +62,7 @@ class DecisionRecord:
     cost_usd: float | None
     source: str
     category: str
-    tier: str | None  # the tier that answered
+    tier: str | None  # the tier that answered (status 499: the one at work when the caller left)
     routed_tier: str  # the tier routing chose (escalation may move `tier` up)
     # classified | pinned | fallback | escalated, or: no_text (no user text to classify: the no-text
     # tier), capability (the tier routing first chose cannot serve the request; see `steered`),

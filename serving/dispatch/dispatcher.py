@@ -65,6 +65,8 @@ class Route:
     explored: bool = False  # exploration's random draw chose the tier (serving.dispatch.exploration)
     # The tiers whose upstream failed (5xx, timeout, unreachable) before one answered or none did, in order.
     failed_tiers: list[str] = field(default_factory=list)
+    # The tier whose upstream was asked last: the one that answered, or the one at work when the caller left.
+    upstream_tier: str | None = None
     # The decision log's prompt_id for this request, sent to the caller so that it can report how the
     # answer served (serving.dispatch.outcomes).
     request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
@@ -270,6 +272,9 @@ class Dispatcher:
             # asyncio.timeout bounds the wait for headers; read_timeout_s, set once they have come, each gap
             # in the body (as sock_read from the start, it would also cut the wait for headers short).
             timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s, sock_read=None)
+            route.upstream_tier = tier
+            if route.failed_tiers:
+                route.reason = "escalated"  # now, not once it answers: the caller may leave before that
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout_s):
                     response = await self.http.post(f"{upstream.base_url}/chat/completions", data=payload,
@@ -289,14 +294,12 @@ class Dispatcher:
             route.failed_tiers.append(tier)
             self.metrics.escalations.labels(tier).inc()
             log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": last_error}))
-        if len(route.failed_tiers) > 1:
-            route.reason = "escalated"  # escalated, and no tier answered: the 502 says so
         raise HTTPError(502, f"every eligible upstream failed; last: {last_error}", kind="upstream_error",
                         code="upstream_unavailable")
 
     def last_tier(self, route: Route) -> str:
-        """Where the request ended: the last tier whose upstream was tried, else the routed tier."""
-        return route.failed_tiers[-1] if route.failed_tiers else route.tier
+        """Where the request ended: the last tier whose upstream was asked, else the routed tier."""
+        return route.upstream_tier or route.tier
 
     def headers(self, route: Route, tier: str) -> dict[str, str]:
         """Every response: tier, upstream model, reason. What only a classification knows (mode,
@@ -348,7 +351,7 @@ class Dispatcher:
             price_in, price_out = self.prices[tier]
             cost = (counted["prompt_tokens"] * price_in + counted["completion_tokens"] * price_out) / 1e6
         self.tenants.charge(tenant, tier, cost)
-        self.metrics.requests.labels(tier or route.tier, route.reason, str(status)).inc()
+        self.metrics.requests.labels(tier or self.last_tier(route), route.reason, str(status)).inc()
         self.decisions.write(DecisionRecord(
             prompt_id=route.request_id, prompt=prompt, messages=conversation,
             model=self.config.tiers[tier].model if tier else None, score=None, cost_usd=cost,
