@@ -92,3 +92,17 @@ def test_explored_answers_are_logged_with_propensity_and_train_alone(
     assert sum(report.not_trainable.values()) == 130 - len(explored)
     everything, _ = read_logs([log])
     assert len(everything) == 130
+
+    # An explored request whose drawn tier failed was answered by a tier nobody drew: it does not train.
+    drawn = next(line for line in lines if line["explored"])
+    other = next(tier for tier in ("small", "medium", "large") if tier != drawn["routed_tier"])
+    moved = {**drawn, "prompt_id": "dispatcher:moved", "tier": other, "reason": "escalated",
+             "failed_tiers": [drawn["routed_tier"]]}
+    outcome = json.loads(next(line for line in log.read_text().splitlines() if '"kind": "outcome"' in line))
+    scored = [json.dumps(line) for line in (drawn, moved, {**outcome, "prompt_id": drawn["prompt_id"]},
+                                             {**outcome, "prompt_id": "dispatcher:moved"})]
+    small_log = tmp_path / "moved.jsonl"
+    small_log.write_text("\n".join(scored) + "\n")
+    rows, report = read_logs([small_log], explored_only=True)
+    assert [row.prompt_id for row in rows] == [drawn["prompt_id"]]
+    assert report.not_trainable == {"explored, but the drawn tier's upstream failed": 1}

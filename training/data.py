@@ -255,6 +255,10 @@ def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport
     if explored_only and "routed_tier" in record and record.get("explored") is not True:
         report.not_trainable["tier chosen by the policy, not explored (outcome_rows: explored)"] += 1
         return None
+    if explored_only and "routed_tier" in record and record.get("tier") != record.get("routed_tier"):
+        # The drawn tier's upstream failed and another answered: that tier was not drawn at random.
+        report.not_trainable["explored, but the drawn tier's upstream failed"] += 1
+        return None
     if record.get("score") is not None or "routed_tier" not in record:
         return record  # scored already, or not a decision-log line (parse_row says if it is invalid)
     score = outcomes.get(str(record.get("prompt_id")))
