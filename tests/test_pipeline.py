@@ -168,6 +168,24 @@ def test_int8_rows_pooled_by_a_bag_student_are_scaled_in_the_pooling_weights(tmp
     assert source.stat().st_size - target.stat().st_size >= table.size * 3 - table.shape[0] * 4 - 1000
 
 
+def test_a_backbone_missing_weights_is_refused_not_left_at_random(tiny_backbone: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from training.model import load_encoder
+
+    load_encoder(tiny_backbone)  # whole: loads
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_backbone, broken)
+    weights = broken / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[next(name for name in tensors if name.endswith("attention.self.query.weight"))]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold the whole encoder.*missing keys.*query"):
+        load_encoder(broken)
+
+
 def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -49,17 +49,29 @@ class TierModel(nn.Module):
 
 
 def load_encoder(directory: Path) -> PreTrainedModel:
+    """The backbone's encoder, without its pooler.
+
+    Raises:
+        ValueError: the directory's weights do not fill the encoder (missing or mis-shaped tensors):
+            an encoder left partly at random would train without a word of complaint.
+    """
     from transformers.utils import logging as transformers_logging
 
     # The pooler is unused (mean pooling) and would only add weights to the export. Leaving it out
     # makes transformers warn that the checkpoint's pooler weights were not used ("This IS NOT
-    # expected if..."), which is expected here: its warnings are silenced for this one load.
+    # expected if..."), which is expected here. Its warnings are silenced for this load; what they would
+    # say of missing or mis-shaped weights is checked below instead.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return AutoModel.from_pretrained(directory, add_pooling_layer=False)
+        encoder, loading = AutoModel.from_pretrained(directory, add_pooling_layer=False, output_loading_info=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
+    problems = [f"{kind.replace('_', ' ')}: {', '.join(map(str, loading[kind][:5]))}"
+                for kind in ("missing_keys", "mismatched_keys") if loading.get(kind)]
+    if problems:
+        raise ValueError(f"{directory} does not hold the whole encoder ({'; '.join(problems)})")
+    return encoder
 
 
 def _pca_table(teacher: PreTrainedModel, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
