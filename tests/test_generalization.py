@@ -281,10 +281,12 @@ def test_seed_table_marks_runs_without_probe_figures_and_undefined_ones() -> Non
 
 
 def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.image import imread
 
     from classifier.artifact_layout import GENERALIZATION_FILES
-    from training.generalization_report import plot, write_report
+    from training.generalization_report import PROBE_SHARES, figure, write_report
 
     shares = {"easy_on_cheapest": 0.9, "easy_on_top": 0.04, "hard_on_top": 0.8, "hard_on_cheapest": 0.1}
     seeds = {"seeds": [1, 2], "runs": {"1": {"all": 0.6}, "2": {"all": 0.7}},
@@ -300,12 +302,51 @@ def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Pa
                                       "apgr": {"promptier": 0.52, "without-traffic": 0.5, "length": 0.47}}}}
     write_report({"leave_one_source_out": loso, "seeds": seeds}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(GENERALIZATION_FILES)
-    both = imread(tmp_path / "generalization.png")
-    plot({"seeds": {**seeds, "probes": None}}, tmp_path / "seeds.png")
-    plot({"leave_one_source_out": loso}, tmp_path / "loso.png")
-    # Four panels two by two; one; two side by side: the image is as tall as its rows, as wide as its columns.
-    seeds_only, loso_only = imread(tmp_path / "seeds.png"), imread(tmp_path / "loso.png")
-    assert both.shape[0] == 2 * loso_only.shape[0] and both.shape[1] == loso_only.shape[1]
-    assert seeds_only.shape[0] == loso_only.shape[0] and 2 * seeds_only.shape[1] == loso_only.shape[1]
+    assert imread(tmp_path / "generalization.png").shape[0] > 0
+
+    drawn = figure({"leave_one_source_out": loso, "seeds": seeds})
+    bars, leads, per_seed, probes = [axis for axis in drawn.axes if axis.get_visible()]
+    # APGR bars by method, then source; a method a source lacks is a gap, not a zero.
+    heights = [patch.get_height() for patch in bars.patches]
+    assert heights[:4] == [0.6, 0.5, 0.58, 0.48] and np.isnan(heights[4]) and heights[5] == 0.48
+    # One point per lead that exists: over length for both sources, the rest only where measured.
+    points = [list(container.lines[0].get_xdata()) for container in leads.containers]
+    assert points == [[0.02, 0.02], [0.02], [0.02]]
+    whiskers = leads.containers[0].lines[2][0].get_segments()  # each lead's interval, drawn as its x extent
+    assert [list(segment[:, 0]) for segment in whiskers] == [pytest.approx([-0.01, 0.05])] * 2
+    assert [list(collection.get_offsets()[:, 1]) for collection in per_seed.collections] == [[0.6], [0.7], [0.65]]
+    assert [patch.get_height() for patch in probes.patches] == [shares[key] for key in PROBE_SHARES]
+    plt.close(drawn)
+    for report, panels in (({"seeds": {**seeds, "probes": None}}, 1), ({"leave_one_source_out": loso}, 2)):
+        drawn = figure(report)
+        assert sum(axis.get_visible() for axis in drawn.axes) == panels
+        plt.close(drawn)
     with pytest.raises(ValueError, match="no leave-one-source-out or seed figures"):
-        plot({}, tmp_path / "empty.png")
+        figure({})
+
+
+def test_recording_seeds_keeps_the_recorded_leave_one_source_out_figures(
+        artifact_copy: Path, synthetic_logs: Path, pool_file: Path) -> None:
+    """`eval --record --seeds` measures only the seeds; the artifact's generalization files, manifest and
+    card keep the leave-one-source-out figures recorded before, beside the new seed figures."""
+    from typer.testing import CliRunner
+
+    from classifier.artifact import load_manifest, save_manifest
+    from training.cli import app
+
+    lead = {"difference": 0.02, "ci95": [-0.01, 0.05]}
+    loso = {"sources": {"alpha": {"promptier": {"apgr": 0.6, "apgr_vs": {"length": lead}}, "length": {"apgr": 0.58}}},
+            "beats_baselines": {"alpha": True}}
+    manifest = load_manifest(artifact_copy)
+    save_manifest(manifest.model_copy(update={"metrics": {**manifest.metrics, "leave_one_source_out": loso}}),
+                  artifact_copy)
+    seed = str(manifest.training["config"]["seed"])
+    result = CliRunner().invoke(app, ["eval", "--model", str(artifact_copy), "--logs", str(synthetic_logs),
+                                      "--pool", str(pool_file), "--record", "--seeds", seed])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((artifact_copy / "generalization.json").read_text())
+    assert recorded["leave_one_source_out"] == loso and set(recorded["seeds"]["runs"]) == {seed}
+    assert load_manifest(artifact_copy).metrics["leave_one_source_out"] == loso
+    assert "| alpha | 0.6000 |" in (artifact_copy / "generalization.md").read_text()
+    card = (artifact_copy / "MODEL_CARD.md").read_text()
+    assert "| alpha | 0.6000 |" in card and "](generalization.png)" in card

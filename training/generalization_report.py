@@ -20,8 +20,10 @@ from classifier.artifact_layout import (
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 BASELINES = ("length", "embedding-lr")
+GENERALIZATION_KEYS = ("leave_one_source_out", "seeds")  # the report's sections, as the manifest's metrics
 MODEL = "promptier"
 WITHOUT_TRAFFIC = "without-traffic"  # the plain leave-one-source-out fold, beside the one given the traffic
 
@@ -113,10 +115,23 @@ def _probe_row(label: str, figures: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """The figures as one image, a panel for each that was measured: leave-one-source-out APGR per
-    held-out source beside the baselines; each lead with its 95% interval (a tie is an interval
-    across zero), the held-out source's traffic included; in-distribution APGR per seed; and where the
-    probe suite's report half sends easy and hard prompts, per seed."""
+    """The figures as one image (see `figure`), written to `path`."""
+    import matplotlib.pyplot as plt
+
+    drawn = figure(report)
+    drawn.savefig(path, dpi=100)
+    plt.close(drawn)
+
+
+def figure(report: dict) -> Figure:
+    """The figures as one matplotlib figure, a panel for each that was measured: leave-one-source-out
+    APGR per held-out source beside the baselines; each lead with its 95% interval (a tie is an
+    interval across zero), the held-out source's traffic included; in-distribution APGR per seed; and
+    where the probe suite's report half sends easy and hard prompts, per seed.
+
+    Raises:
+        ValueError: the report holds neither leave-one-source-out nor seed figures.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,15 +144,14 @@ def plot(report: dict, path: Path) -> None:
         raise ValueError("no leave-one-source-out or seed figures to plot")
     columns = min(2, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.8 * rows), squeeze=False)
+    drawn, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.8 * rows), squeeze=False)
     for draw, axis in zip(panels, axes.flat, strict=False):
         draw(report, axis)
         axis.grid(alpha=0.3)
     for axis in axes.flat[len(panels):]:
         axis.set_visible(False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    drawn.tight_layout()
+    return drawn
 
 
 def _plot_loso(report: dict, axis: Axes) -> None:
