@@ -313,7 +313,7 @@ def record_in_artifact(artifact: Path, report: dict, table: PromptTable, probes:
     """Store an evaluation in the artifact: manifest metrics, the fixed-sample check, the probe suite,
     leave-one-source-out and seed figures when given, the model card."""
     from classifier.artifact import load_manifest, save_manifest
-    from training.generalization_report import GENERALIZATION_KEYS
+    from training.generalization_report import recorded as recorded_generalization
     from training.generalization_report import write_report as write_generalization_report
     from training.model_card import render_model_card
 
@@ -325,7 +325,7 @@ def record_in_artifact(artifact: Path, report: dict, table: PromptTable, probes:
         metrics.update(generalization)
         # Every figure the artifact holds, not only those just measured: a `--seeds` run keeps the
         # recorded leave-one-source-out figures, in the files as in the manifest and the card.
-        write_generalization_report({key: metrics[key] for key in GENERALIZATION_KEYS if key in metrics}, artifact)
+        write_generalization_report(recorded_generalization(metrics), artifact)
     manifest = manifest.model_copy(update={"metrics": metrics})
     save_manifest(manifest, artifact)
     write_member_text(artifact, MODEL_CARD_FILE, render_model_card(manifest, artifact))

@@ -23,9 +23,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 BASELINES = ("length", "embedding-lr")
-GENERALIZATION_KEYS = ("leave_one_source_out", "seeds")  # the report's sections, as the manifest's metrics
+_SECTIONS = ("leave_one_source_out", "seeds")  # the report's sections, as the manifest's metrics name them
 MODEL = "promptier"
 WITHOUT_TRAFFIC = "without-traffic"  # the plain leave-one-source-out fold, beside the one given the traffic
+
+
+def recorded(metrics: dict) -> dict:
+    """The generalization figures an artifact's manifest metrics hold (the report's sections it has)."""
+    return {section: metrics[section] for section in _SECTIONS if section in metrics}
 
 
 def format_lead(lead: dict) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from classifier.artifact import ArtifactManifest
 from classifier.artifact_layout import EVAL_MD_FILE, EVAL_PNG_FILE, GENERALIZATION_PNG_FILE
-from training.generalization_report import GENERALIZATION_KEYS
+from training.generalization_report import recorded as recorded_generalization
 from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
 
@@ -77,7 +77,7 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         "## Probe suite (common sense)", "",
         render_probe_markdown(probes, policy.default_mode) if isinstance(probes, dict) else "(not measured)", "",
         "## Generalization", "",
-        render_generalization({k: metrics[k] for k in GENERALIZATION_KEYS if k in metrics})
+        render_generalization(recorded_generalization(metrics))
         or "(not measured: `promptier eval --loso --seeds 13,14,15`)", "",
         *_figure(directory, GENERALIZATION_PNG_FILE, "Leave-one-source-out, seeds and probe figures"),
         "## Limits",
