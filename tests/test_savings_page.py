@@ -114,11 +114,13 @@ def traffic(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path:
     """A dispatcher with inbound keys, after a mix of requests: classified to each tier, pinned,
     escalated, steered by a capability, without text, streamed without usage, and one that fell back
     (from a second dispatcher sharing the log, whose classifier is down)."""
-    monkeypatch.setenv("SAVINGS_KEYS", "operator-key")
+    monkeypatch.setenv("SAVINGS_KEYS", "caller-key")
+    monkeypatch.setenv("OPERATOR_KEYS", "operator-key")
     log = tmp_path / "decisions.jsonl"
     running = Dispatcher(restricted(dispatcher_config(fresh, grpc_classifier.target, log,
-                                                      inbound_api_keys_env="SAVINGS_KEYS")))
-    client = running.client(api_key="operator-key")
+                                                      inbound_api_keys_env="SAVINGS_KEYS",
+                                                      savings_page={"operator_keys_env": "OPERATOR_KEYS"})))
+    client = running.client(api_key="caller-key")
     for _ in range(3):
         client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
     for _ in range(2):
@@ -188,6 +190,13 @@ def test_savings_page_in_a_browser_shows_the_numbers_of_the_log(traffic: tuple[D
     refused = Cells()
     refused.feed(chromium(page, tmp_path / "profile-3", "--dump-dom"))
     assert not refused.hidden["login"] and refused.hidden["report"] and not refused.cells
+    # A tenant's own key shows that tenant alone, and says so.
+    dom = chromium(f"{page}#key=caller-key", tmp_path / "profile-4", "--dump-dom")
+    own = Cells()
+    own.feed(dom)
+    assert not own.hidden["report"] and "Tenant default only" in dom
+    assert {group for group, _ in own.cells} == {"all", DEFAULT_GROUP}
+    assert float(own.cells[("all", "requests")][0]) == len(groups[DEFAULT_GROUP])
 
 
 def test_savings_data_is_protected_like_the_other_endpoints(traffic: tuple[Dispatcher, Path]) -> None:
@@ -202,6 +211,66 @@ def test_savings_data_is_protected_like_the_other_endpoints(traffic: tuple[Dispa
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'sha256-" in page.headers["content-security-policy"]
     assert page.headers["x-frame-options"] == "DENY" and b"operator-key" not in page.content
+
+
+def test_a_tenants_key_sees_its_own_figures_and_an_operator_key_every_tenants(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALPHA_KEYS", "alpha-key")
+    monkeypatch.setenv("BETA_KEYS", "beta-key")
+    monkeypatch.setenv("OPERATOR_KEYS", "ops-key")
+    log = tmp_path / "decisions.jsonl"
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, log, savings_page={
+        "operator_keys_env": "OPERATOR_KEYS"}, tenants={"alpha": {"api_keys_env": "ALPHA_KEYS"},
+                                                        "beta": {"api_keys_env": "BETA_KEYS"}}))
+    try:
+        for text in (EASY, HARD):
+            running.client(api_key="alpha-key").chat.completions.create(
+                model="promptier", messages=[{"role": "user", "content": text}])
+        running.client(api_key="beta-key").chat.completions.create(
+            model="promptier", messages=[{"role": "user", "content": HARD}])
+        rows = _wait_for_rows(log, 3)
+        url = f"http://127.0.0.1:{running.port}/promptier/savings.json"
+
+        def seen_by(key: str) -> dict:
+            reply = httpx.get(url, headers={"authorization": f"Bearer {key}"})
+            assert reply.status_code == 200
+            return reply.json()
+
+        for key, tenant in (("alpha-key", "alpha"), ("beta-key", "beta")):
+            own = seen_by(key)
+            mine = [row for row in rows if row["tenant"] == tenant]
+            assert own["tenant"] == tenant and [group["tenant"] for group in own["groups"]] == [tenant]
+            assert own["total"]["requests"] == own["window"]["rows"] == len(mine)
+            assert own["total"]["spend_usd"] == pytest.approx(sum(row["cost_usd"] for row in mine))
+            assert own["window"]["files"] == []  # the operator's paths are not a tenant's business
+        everything = seen_by("ops-key")
+        assert everything["tenant"] is None and everything["total"]["requests"] == 3
+        assert {group["tenant"] for group in everything["groups"]} == {"alpha", "beta"}
+        assert everything["window"]["files"] == [str(log)]
+        assert httpx.get(url, headers={"authorization": "Bearer nobody"}).status_code == 401
+        # An operator key reads the page and nothing else: it is no key for requests.
+        with pytest.raises(openai.AuthenticationError):
+            running.client(api_key="ops-key").chat.completions.create(
+                model="promptier", messages=[{"role": "user", "content": EASY}])
+    finally:
+        running.stop()
+
+
+def test_operator_keys_alone_guard_the_page_of_a_dispatcher_without_tenant_keys(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPERATOR_KEYS", "ops-key")
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                           savings_page={"operator_keys_env": "OPERATOR_KEYS"}))
+    try:
+        running.client().chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+        url = f"http://127.0.0.1:{running.port}/promptier/savings.json"
+        assert httpx.get(url).status_code == 401
+        reply = httpx.get(url, headers={"authorization": "Bearer ops-key"})
+        assert reply.status_code == 200 and reply.json()["total"]["requests"] == 1
+    finally:
+        running.stop()
 
 
 def test_savings_page_refuses_a_foreign_host_without_keys_and_can_be_turned_off(
@@ -289,7 +358,7 @@ def test_summary_groups_tenants_and_prices_the_top_tier() -> None:
 def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Dispatcher, Path]) -> None:
     running, log = traffic
     with pytest.raises(openai.BadRequestError):  # refused before routing: not in the log
-        running.client(api_key="operator-key").chat.completions.create(
+        running.client(api_key="caller-key").chat.completions.create(
             model="promptier/tier/small", messages=user_with_parts(EASY, IMAGE))
     reply = httpx.get(f"http://127.0.0.1:{running.port}/promptier/savings.json",
                       headers={"authorization": "Bearer operator-key"})

@@ -376,6 +376,9 @@ def _load(tmp_path: Path, text: str) -> DispatcherConfig:
     ("tenants: {a: {api_keys_env: A_KEYS}, b: {api_keys_env: SAME_KEYS}}", r"tenants\.b: one of its keys is also a key "
                                                                          r"of the tenant 'a'"),
     ("tenants: {a: {api_keys_env: A_KEYS}, b: {api_keys_env: A_KEYS}}", r"\['A_KEYS'\] named by more than one tenant"),
+    ("savings_page: {operator_keys_env: UNSET_KEYS_VAR}", r"operator_keys_env names UNSET_KEYS_VAR, which holds no"),
+    ("tenants: {a: {api_keys_env: A_KEYS}}\nsavings_page: {operator_keys_env: SAME_KEYS}",
+     r"operator_keys_env: one of its keys is also a key of the tenant 'a'"),
     ("inbound_api_keys_env: A_KEYS\ntenants: {a: {api_keys_env: A_KEYS}}",
      r"whose keys belong to the tenant 'default'"),
     ("tenants: {default: {api_keys_env: A_KEYS}}", r"tenants\.default: its keys are inbound_api_keys_env's"),

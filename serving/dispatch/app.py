@@ -32,7 +32,7 @@ from serving.dispatch.inbound import INBOUND_ATTRIBUTE
 from serving.dispatch.inbound_request import CLIENT_CLOSED, HostCheck, caller, read_body
 from serving.dispatch.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
 from serving.dispatch.route_classifier import GrpcRouteClassifier
-from serving.dispatch.savings_page import SavingsReport, savings_routes
+from serving.dispatch.savings_page import SavingsAccess, SavingsReport, savings_routes
 from serving.dispatch.upstream_body import ResponseCut
 
 log = logging.getLogger("promptier.dispatcher")
@@ -98,7 +98,8 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         Mount("/metrics", make_asgi_app(registry=exposed)),
         *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
                                        config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
-                         dispatcher.tenants.keys()) if config.savings_page.enabled else []),
+                         SavingsAccess(dispatcher.tenants, config.operator_keys()))
+          if config.savings_page.enabled else []),
     ])
     app.state.dispatcher = dispatcher
 

@@ -86,6 +86,9 @@ class SavingsPageConfig(_Strict):
     max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, description="the newest this many bytes of "
                            "the decision log and its backups are read (~15,000 requests at 270 bytes a line); "
                            "reading costs about a second of one core per 4-16 MB (serving/README.md)")
+    operator_keys_env: str | None = Field(default=None, description="environment variable of comma-separated "
+                                          "keys that see every tenant's figures; a tenant's own key sees only "
+                                          "its own; these keys are accepted by the savings page alone")
 
 
 class InboundConfig(_Strict):
@@ -194,6 +197,27 @@ class DispatcherConfig(_Strict):
         return owners if owners else None
 
 
+    def operator_keys(self) -> set[str] | None:
+        """The savings page's operator keys (they see every tenant's figures); None when none is configured.
+
+        Raises:
+            ConfigError: the variable is unset or empty, or one of its keys is also a tenant's key (a key
+                handed to a team would show that team every other team's spend).
+        """
+        name = self.savings_page.operator_keys_env
+        if name is None:
+            return None
+        keys = {key.strip() for key in os.environ.get(name, "").split(",") if key.strip()}
+        if not keys:
+            raise ConfigError(f"savings_page.operator_keys_env names {name}, which holds no keys")
+        owners = self.tenant_of_key() or {}
+        for key in keys:
+            if key in owners:
+                raise ConfigError(f"savings_page.operator_keys_env: one of its keys is also a key of the tenant "
+                                  f"{owners[key]!r}; an operator key must be a key of its own")
+        return keys
+
+
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
@@ -223,6 +247,7 @@ def load_dispatcher_config(path: Path) -> DispatcherConfig:
         raise ConfigError(f"{path}: spend_store.url_env: environment variable {store.url_env} is not set")
     try:
         config.tenant_of_key()
+        config.operator_keys()
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     return config

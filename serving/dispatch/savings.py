@@ -218,6 +218,18 @@ def bucket_size(span_s: int) -> int:
     return 86400 * math.ceil((span_s // 86400 + 1) / MAX_BUCKETS)
 
 
+def group_of(row: dict) -> str:
+    """The tenant a row is counted under: its `tenant`, or DEFAULT_GROUP for rows written without one."""
+    tenant = row.get("tenant")
+    return tenant if isinstance(tenant, str) and tenant else DEFAULT_GROUP
+
+
+def of_tenant(window: LogWindow, tenant: str) -> LogWindow:
+    """The window's rows of one tenant, without the names of the operator's log files."""
+    return LogWindow([row for row in window.rows if group_of(row) == tenant], [], window.bytes_read,
+                     window.truncated, window.unreadable_lines)
+
+
 def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float, float]]) -> dict:
     """The savings report of the rows in `window` (see the module docstring); `tiers` cheapest first,
     `prices` per tier as (input, output) USD per million tokens, possibly empty (not known yet)."""
@@ -230,8 +242,7 @@ def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float
     buckets = list(range(first, max(known) + 1, size)) if known else []
     groups: dict[str, _Group] = {}
     for row, moment in zip(window.rows, times, strict=True):
-        tenant = row.get("tenant")
-        name = tenant if isinstance(tenant, str) and tenant else DEFAULT_GROUP
+        name = group_of(row)
         group = groups.get(name)
         if group is None:
             group = groups[name] = _Group(tiers)

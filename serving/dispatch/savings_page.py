@@ -2,15 +2,18 @@
 reads, `GET /promptier/savings.json` (`serving.dispatch.savings` over the dispatcher's decision log).
 
 The HTML holds no data, so it is served to any caller the Host check lets through (a browser cannot
-send an API key when it navigates); the JSON is the data, and asks for an inbound API key
-(`authorization: Bearer KEY`) when the dispatcher has them: the page takes it from a form, or from
-the address's fragment (`#key=...`, which the browser never sends), and keeps it for the tab only
-(sessionStorage). The page's script and style are allowed by their hashes and nothing else
-(Content-Security-Policy), it cannot be framed, and no answer allows another origin to read it.
+send an API key when it navigates); the JSON is the data, and asks for a key (`authorization: Bearer
+KEY`) when the dispatcher has keys: an operator key (`savings_page.operator_keys_env`) sees every
+tenant's figures, a tenant's own key only that tenant's, so one team never sees another's spend. The
+page takes the key from a form, or from the address's fragment (`#key=...`, which the browser never
+sends), and keeps it for the tab only (sessionStorage). The page's script and style are allowed by
+their hashes and nothing else (Content-Security-Policy), it cannot be framed, and no answer allows
+another origin to read it.
 
-Reading the log runs on a worker thread, at most one at a time, and its result is reused while the
-log files and prices are unchanged, and for MIN_REFRESH_S in any case, so that pages left open cost
-the dispatcher at most one reading per MIN_REFRESH_S (the page itself asks every 30 s).
+Reading the log runs on a worker thread, at most one at a time, and its rows and each view's report
+are reused while the log files and prices are unchanged, and for MIN_REFRESH_S in any case, so that
+pages left open cost the dispatcher at most one reading per MIN_REFRESH_S (the page itself asks every
+30 s).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.dispatch.savings import log_files, read_window, summarize
+from serving.dispatch.savings import LogWindow, log_files, of_tenant, read_window, summarize
+from serving.dispatch.tenants import Tenants, bearer_key, key_digest
 
 PAGE_PATH = "/promptier/savings"
 DATA_PATH = "/promptier/savings.json"
@@ -51,8 +56,39 @@ def _page() -> tuple[bytes, str]:
     return html.encode(), policy
 
 
+@dataclass(frozen=True)
+class View:
+    """Whose figures a caller may see: one tenant's, or every tenant's (`tenant` None)."""
+
+    tenant: str | None
+
+
+EVERY_TENANT = View(None)
+
+
+class SavingsAccess:
+    """Which view each key gets: an operator key every tenant's, a tenant's key its own tenant's.
+
+    A dispatcher without any key (every request is the default tenant's) shows its page to anyone the
+    Host check lets through, unless operator keys are configured, which then are the only way in.
+    """
+
+    def __init__(self, tenants: Tenants, operator_keys: set[str] | None) -> None:
+        self.tenants = tenants
+        self._operators = {key_digest(key) for key in operator_keys or ()}
+
+    def view(self, authorization: str) -> View | None:
+        """The view of a request's `Authorization` header; None: refused."""
+        if key_digest(bearer_key(authorization)) in self._operators:
+            return EVERY_TENANT
+        if self.tenants.open:
+            return None if self._operators else EVERY_TENANT
+        tenant = self.tenants.authenticate(authorization)
+        return View(tenant.name) if tenant is not None else None
+
+
 class SavingsReport:
-    """The latest report, recomputed when the log or the prices change."""
+    """The latest report of each view, recomputed when the log or the prices change."""
 
     def __init__(self, log_path: Path, backups: int, max_bytes: int, tiers: list[str],
                  prices: Callable[[], dict[str, tuple[float, float]]]) -> None:
@@ -61,7 +97,9 @@ class SavingsReport:
         self._lock = asyncio.Lock()
         self._key: tuple | None = None
         self._at = 0.0
-        self._report: dict | None = None
+        self._window: LogWindow | None = None
+        self._prices: dict[str, tuple[float, float]] = {}
+        self._reports: dict[View, dict] = {}
 
     def _signature(self) -> tuple:
         files = []
@@ -73,23 +111,27 @@ class SavingsReport:
             files.append((status.st_ino, status.st_size, status.st_mtime_ns))
         return tuple(files), tuple(sorted(self.prices().items()))
 
-    async def get(self) -> dict:
+    async def get(self, view: View = EVERY_TENANT) -> dict:
         async with self._lock:  # one reading at a time; callers meanwhile get its result
             key = self._signature()
             fresh = time.monotonic() - self._at < MIN_REFRESH_S
-            if self._report is None or (key != self._key and not fresh):
-                prices = dict(self.prices())
-                self._report = await asyncio.to_thread(self._compute, prices)
-                self._key, self._at = key, time.monotonic()
-            return self._report
+            if self._window is None or (key != self._key and not fresh):
+                self._prices = dict(self.prices())
+                self._window = await asyncio.to_thread(read_window, self.log_path, self.backups, self.max_bytes)
+                self._key, self._at, self._reports = key, time.monotonic(), {}
+            if view not in self._reports:
+                self._reports[view] = await asyncio.to_thread(self._summarize, self._window, view)
+            return self._reports[view]
 
-    def _compute(self, prices: dict[str, tuple[float, float]]) -> dict:
-        report = summarize(read_window(self.log_path, self.backups, self.max_bytes), self.tiers, prices)
+    def _summarize(self, window: LogWindow, view: View) -> dict:
+        report = summarize(window if view.tenant is None else of_tenant(window, view.tenant), self.tiers,
+                           self._prices)
         report["window"]["max_bytes"] = self.max_bytes
+        report["tenant"] = view.tenant
         return report
 
 
-def savings_routes(report: SavingsReport, inbound_keys: set[str] | None) -> list[Route]:
+def savings_routes(report: SavingsReport, access: SavingsAccess) -> list[Route]:
     """The page's two endpoints, for the dispatcher's Starlette app."""
     page, policy = _page()
     page_headers = {"content-security-policy": policy, "x-frame-options": "DENY", "cache-control": "no-store",
@@ -99,12 +141,11 @@ def savings_routes(report: SavingsReport, inbound_keys: set[str] | None) -> list
         return Response(page, media_type="text/html; charset=utf-8", headers=page_headers)
 
     async def savings_data(request: Request) -> Response:
-        if inbound_keys is not None:
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if supplied not in inbound_keys:
-                return JSONResponse({"error": {"message": "invalid or missing API key", "type": "authentication_error",
-                                               "code": "invalid_api_key"}}, status_code=401)
-        return JSONResponse(await report.get(), headers={"cache-control": "no-store",
-                                                         "x-content-type-options": "nosniff"})
+        view = access.view(request.headers.get("authorization", ""))
+        if view is None:
+            return JSONResponse({"error": {"message": "invalid or missing API key", "type": "authentication_error",
+                                           "code": "invalid_api_key"}}, status_code=401)
+        return JSONResponse(await report.get(view), headers={"cache-control": "no-store",
+                                                             "x-content-type-options": "nosniff"})
 
     return [Route(PAGE_PATH, savings_page, methods=["GET"]), Route(DATA_PATH, savings_data, methods=["GET"])]
