@@ -5,8 +5,9 @@ anchor prompts; a prompt far from all of them (measured by the model's own unfam
 would get a score the model has no basis for. Such a prompt is routed by this rule instead, which
 every operator can read and predict:
 
-- technical (a code block or code-like lines, LaTeX, dense mathematical notation) or long
-  (`long_chars` characters or more): the most capable tier;
+- technical (a code block or code-like lines, LaTeX, dense mathematical notation, a request for a
+  proof or an implementation, or to design a system) or long (`long_chars` characters or more): the
+  most capable tier;
 - short (`short_chars` characters or fewer) and not technical: the cheapest tier;
 - anything else: the middle tier.
 
@@ -20,8 +21,16 @@ import re
 from classifier.artifact import PriorConfig
 
 # Each is a sign of a technical request that length alone misses: a fenced block, lines that end
-# like code, a LaTeX command, several mathematical symbols, or a word that asks for a proof, a
-# derivation or an implementation (in the languages the default model was trained to recognise).
+# like code, a LaTeX command, several mathematical symbols, a word that asks for a proof, a
+# derivation or an implementation, or a request to design a system (a verb of design, then within
+# the sentence a system-like object: "plan a birthday party" or "design a logo" stays plain). Proofs
+# and designs are matched in the languages the default model was trained to recognise.
+_DESIGN_VERBS = (r"design|architect|build|plan|conçois|concevez|concevoir|entwirf|entwerfen|entwerfe|diseña|diseñe"
+                 r"|diseñar|progetta|progettare|projete|projetar|спроектируй\w*|разработай\w*")
+_DESIGNED_THINGS = (r"systems?|services?|pipelines?|platforms?|protocols?|databases?|clusters?|caches?|gateways?"
+                    r"|architectures?|infrastructure|backends?|schedulers?|queues?|ledgers?|système\w*|plateforme"
+                    r"|protocole|\w*system|architektur|plattform|protokoll|datenbank|sistema\w*|arquitectura"
+                    r"|arquitetura|architettura|plataforma|piattaforma|protocol\w*|систем\w*|архитектур\w*")
 _TECHNICAL = re.compile(
     r"```"
     r"|[;{}]\s*$"
@@ -30,7 +39,9 @@ _TECHNICAL = re.compile(
     r"|\b(?:prove|proof|theorem|lemma|derive|rigorous|implement|algorithm|complexity"
     r"|démontr\w*|preuve|théorème|beweis\w*|satz|demuestr\w*|demostr\w*|teorema|dimostr\w*"
     r"|доказ\w*|докаж\w*|теорем\w*)\b"
-    r"|证明|定理|証明",
+    rf"|\b(?:{_DESIGN_VERBS})\b[^.?!\n]{{0,60}}?\b(?:{_DESIGNED_THINGS})\b"
+    r"|证明|定理|証明|设计.{0,20}(?:系统|架构)|(?:系统|架构).{0,20}设计"
+    r"|設計.{0,20}(?:システム|アーキテクチャ)|(?:システム|アーキテクチャ).{0,20}設計",
     re.MULTILINE | re.IGNORECASE,
 )
 

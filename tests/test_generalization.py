@@ -160,6 +160,14 @@ def test_prior_reads_length_and_structure() -> None:
     assert is_technical("Solve \\int_0^1 x^2 dx") and is_technical("int main() {\n  return 0;\n}")
     assert is_technical("if a = b and b ≤ c then a ≤ c") and not is_technical("Thanks, see you at 5!")
     assert prior_tier("hi", 2, config) == 0 and prior_tier("x" * 500, 2, config) == 1
+    # A short request to design a system is as demanding as a proof; everyday plans and designs are not.
+    for design in ("Architect a real-time fraud detection pipeline for card payments under 50 ms.",
+                   "Entwirf ein verteiltes Zahlungssystem.", "分散決済システムを設計してください",
+                   "Diseña un sistema de reservas distribuido."):
+        assert prior_tier(design, 3, config) == 2, design
+    for plain in ("Plan a birthday party for my son.", "Design a logo for a bakery.",
+                  "Design a poster for the school fair. Which printing system is cheapest?"):
+        assert prior_tier(plain, 3, config) == 0, plain
 
 
 def test_unfamiliar_prompts_are_routed_by_the_prior_visibly(tmp_path: Path, tiny_backbone: Path,
