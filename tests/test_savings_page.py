@@ -3,6 +3,7 @@ numbers it shows checked against the decision log it was drawn from."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -15,13 +16,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
 import classifier
 from serving.bench.ports import free_port
 from serving.dispatch import savings_page
 from serving.dispatch.decision_log import DecisionLog
-from serving.dispatch.dispatch_config import DecisionLogConfig
+from serving.dispatch.dispatch_config import DecisionLogConfig, DispatcherConfig
 from serving.dispatch.savings import DEFAULT_GROUP, LogWindow, percentile, read_window, summarize
+from serving.dispatch.tenants import Tenants
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, user_with_parts
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
@@ -255,6 +258,63 @@ def test_a_tenants_key_sees_its_own_figures_and_an_operator_key_every_tenants(
                 model="promptier", messages=[{"role": "user", "content": EASY}])
     finally:
         running.stop()
+
+
+def _tenants(monkeypatch: pytest.MonkeyPatch, **extra: object) -> Tenants:
+    monkeypatch.setenv("ALPHA_KEYS", "alpha-key")
+    monkeypatch.setenv("LEGACY_KEYS", "legacy-key")
+    config = DispatcherConfig.model_validate({
+        "tiers": {tier: {"base_url": "http://127.0.0.1:9/v1", "model": tier} for tier in TIERS},
+        "fallback_tier": "large", **extra})
+    return Tenants(config, CollectorRegistry())
+
+
+def test_each_key_opens_one_view_whatever_form_its_header_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    keyed = _tenants(monkeypatch, inbound_api_keys_env="LEGACY_KEYS", tenants={"alpha": {"api_keys_env": "ALPHA_KEYS"}})
+    access = savings_page.SavingsAccess(keyed, {"ops-key"})
+    for header in ("Bearer alpha-key", "bearer alpha-key", "BEARER   alpha-key ", "alpha-key"):
+        assert access.view(header) == savings_page.View("alpha"), header
+    assert access.view("Bearer legacy-key") == savings_page.View(DEFAULT_GROUP)
+    assert access.view("Bearer ops-key") is savings_page.EVERY_TENANT
+    for refused in ("", "Bearer", "Bearer alpha", "Basic alpha-key", "Bearer alpha-key2"):
+        assert access.view(refused) is None, refused
+    assert keyed.authenticate("bearer alpha-key") is keyed.by_name["alpha"]  # requests read keys alike
+    open_dispatcher = _tenants(monkeypatch)
+    assert savings_page.SavingsAccess(open_dispatcher, None).view("") is savings_page.EVERY_TENANT
+    guarded = savings_page.SavingsAccess(open_dispatcher, {"ops-key"})
+    assert guarded.view("") is None and guarded.view("Bearer anything") is None
+    assert guarded.view("Bearer ops-key") is savings_page.EVERY_TENANT
+
+
+def test_views_are_cut_from_one_reading_and_a_tenant_learns_nothing_of_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+
+    def row(tenant: str | None, cost: float) -> str:
+        fields = {"tier": "small", "reason": "classified", "status": 200, "cost_usd": cost, "usage": None,
+                  "classifier_ms": 1.0, "time": "2026-11-29T10:00:00Z"}
+        return json.dumps(fields if tenant is None else {**fields, "tenant": tenant}) + "\n"
+
+    path.write_text(row("alpha", 0.5) + row(None, 0.25) + row("beta", 1.0) + row("beta", 1.0) + "not json\n")
+    report = savings_page.SavingsReport(path, 0, 1 << 20, TIERS, lambda: {})
+
+    async def views() -> list[dict]:
+        return [await report.get(view) for view in (savings_page.View("alpha"), savings_page.EVERY_TENANT,
+                                                    savings_page.View(DEFAULT_GROUP),
+                                                    savings_page.View("gamma"))]
+
+    alpha, everything, default, gamma = asyncio.run(views())
+    assert alpha["tenant"] == "alpha" and alpha["total"]["requests"] == 1 and alpha["total"]["spend_usd"] == 0.5
+    assert alpha["window"]["files"] == [] and alpha["window"]["bytes_read"] == 0
+    assert alpha["window"]["unreadable_lines"] == 0 and alpha["window"]["rows"] == 1
+    assert [group["tenant"] for group in alpha["groups"]] == ["alpha"]
+    assert default["total"]["requests"] == 1 and default["total"]["spend_usd"] == 0.25  # rows without a tenant
+    assert gamma["tenant"] == "gamma" and gamma["total"]["requests"] == 0 and gamma["groups"] == []
+    assert everything["tenant"] is None and everything["total"]["requests"] == 4
+    assert everything["window"]["files"] == [str(path)] and everything["window"]["unreadable_lines"] == 1
+    with path.open("a") as file:
+        file.write(row("alpha", 0.125))
+    later = asyncio.run(report.get(savings_page.View("alpha")))  # a new row refreshes every view
+    assert later["total"]["requests"] == 2 and later["total"]["spend_usd"] == 0.625
 
 
 def test_operator_keys_alone_guard_the_page_of_a_dispatcher_without_tenant_keys(

@@ -224,10 +224,14 @@ def group_of(row: dict) -> str:
     return tenant if isinstance(tenant, str) and tenant else DEFAULT_GROUP
 
 
-def of_tenant(window: LogWindow, tenant: str) -> LogWindow:
-    """The window's rows of one tenant, without the names of the operator's log files."""
-    return LogWindow([row for row in window.rows if group_of(row) == tenant], [], window.bytes_read,
-                     window.truncated, window.unreadable_lines)
+def by_tenant(window: LogWindow) -> dict[str, LogWindow]:
+    """The window split by tenant, each part as a tenant may see it: its own rows, and nothing that
+    tells of the others (no file names, no byte count, no unreadable lines); only whether older rows
+    were left out."""
+    rows: dict[str, list[dict]] = {}
+    for row in window.rows:
+        rows.setdefault(group_of(row), []).append(row)
+    return {tenant: LogWindow(own, [], 0, window.truncated, 0) for tenant, own in rows.items()}
 
 
 def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float, float]]) -> dict:

@@ -10,8 +10,9 @@ sends), and keeps it for the tab only (sessionStorage). The page's script and st
 their hashes and nothing else (Content-Security-Policy), it cannot be framed, and no answer allows
 another origin to read it.
 
-Reading the log runs on a worker thread, at most one at a time, and its rows and each view's report
-are reused while the log files and prices are unchanged, and for MIN_REFRESH_S in any case, so that
+Reading the log runs on a worker thread, at most one at a time; one reading makes every view's report
+(every tenant's, then each tenant's from its own rows: twice the summing, and no row kept once it is
+done), reused while the log files and prices are unchanged, and for MIN_REFRESH_S in any case, so that
 pages left open cost the dispatcher at most one reading per MIN_REFRESH_S (the page itself asks every
 30 s).
 """
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.dispatch.savings import LogWindow, log_files, of_tenant, read_window, summarize
+from serving.dispatch.savings import LogWindow, by_tenant, log_files, read_window, summarize
 from serving.dispatch.tenants import Tenants, bearer_key, key_digest
 
 PAGE_PATH = "/promptier/savings"
@@ -97,9 +98,8 @@ class SavingsReport:
         self._lock = asyncio.Lock()
         self._key: tuple | None = None
         self._at = 0.0
-        self._window: LogWindow | None = None
-        self._prices: dict[str, tuple[float, float]] = {}
-        self._reports: dict[View, dict] = {}
+        # Each view's report, and the report of a tenant without rows in the window.
+        self._cache: tuple[dict[View, dict], dict] | None = None
 
     def _signature(self) -> tuple:
         files = []
@@ -115,19 +115,25 @@ class SavingsReport:
         async with self._lock:  # one reading at a time; callers meanwhile get its result
             key = self._signature()
             fresh = time.monotonic() - self._at < MIN_REFRESH_S
-            if self._window is None or (key != self._key and not fresh):
-                self._prices = dict(self.prices())
-                self._window = await asyncio.to_thread(read_window, self.log_path, self.backups, self.max_bytes)
-                self._key, self._at, self._reports = key, time.monotonic(), {}
-            if view not in self._reports:
-                self._reports[view] = await asyncio.to_thread(self._summarize, self._window, view)
-            return self._reports[view]
+            if self._cache is None or (key != self._key and not fresh):
+                self._cache = await asyncio.to_thread(self._compute, dict(self.prices()))
+                self._key, self._at = key, time.monotonic()
+            reports, nothing = self._cache
+            report = reports.get(view)
+            return report if report is not None else {**nothing, "tenant": view.tenant}
 
-    def _summarize(self, window: LogWindow, view: View) -> dict:
-        report = summarize(window if view.tenant is None else of_tenant(window, view.tenant), self.tiers,
-                           self._prices)
+    def _compute(self, prices: dict[str, tuple[float, float]]) -> tuple[dict[View, dict], dict]:
+        window = read_window(self.log_path, self.backups, self.max_bytes)
+        reports = {EVERY_TENANT: self._report(window, prices, None)}
+        for tenant, own in by_tenant(window).items():
+            reports[View(tenant)] = self._report(own, prices, tenant)
+        nothing = self._report(LogWindow([], [], 0, window.truncated, 0), prices, None)
+        return reports, nothing
+
+    def _report(self, window: LogWindow, prices: dict[str, tuple[float, float]], tenant: str | None) -> dict:
+        report = summarize(window, self.tiers, prices)
         report["window"]["max_bytes"] = self.max_bytes
-        report["tenant"] = view.tenant
+        report["tenant"] = tenant
         return report
 
 

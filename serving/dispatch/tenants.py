@@ -40,8 +40,10 @@ class Tenant:
 
 
 def bearer_key(authorization: str) -> str:
-    """The key of an `Authorization: Bearer <key>` header (the header itself when it has no scheme)."""
-    return authorization.removeprefix("Bearer ").strip()
+    """The key of an `Authorization: Bearer <key>` header (the scheme in any case, as RFC 9110 has it;
+    the whole header when it names no scheme)."""
+    scheme, _, rest = authorization.strip().partition(" ")
+    return rest.strip() if rest and scheme.casefold() == "bearer" else authorization.strip()
 
 
 def key_digest(key: str) -> bytes:
