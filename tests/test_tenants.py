@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -142,8 +143,26 @@ def _seed(store_path: Path, tenant: str, usd: float, period: str = "month") -> N
     store.close()
 
 
+@pytest.fixture
+def mid_month(monkeypatch: pytest.MonkeyPatch) -> Callable[[], float]:
+    """A clock in the middle of this month, for the dispatcher's tenants and the test alike. Pacing's band
+    is a share of what is left of the period: in a month's last minutes it is worth less than one
+    request, and a test of pressure between 0 and 1 would depend on the date it runs."""
+    import serving.dispatch.tenants
+
+    now = time.time()
+    month = window_of("month", now)
+    shift = (month.start + month.end) / 2 - now
+
+    def clock() -> float:
+        return time.time() + shift
+
+    monkeypatch.setattr(serving.dispatch.tenants, "time", SimpleNamespace(time=clock))  # its only use of time
+    return clock
+
+
 def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budget(
-        started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mid_month: Callable[[], float]) -> None:
     monkeypatch.setenv("SEARCH_KEYS", "search-key")
     store_path = tmp_path / "spend.sqlite3"
     budget = 100.0
@@ -157,8 +176,8 @@ def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budge
 
     tier, pressure, reason = pressure_after_request()
     assert (tier, reason) == ("large", "classified") and pressure == 0.0  # on budget: the policy's tier
-    window = window_of("month", time.time())
-    elapsed = window.elapsed(time.time())
+    window = window_of("month", mid_month())
+    elapsed = window.elapsed(mid_month())
 
     def ahead_by(share_of_band: float) -> float:
         """Spend that puts the tenant `share_of_band` of the pacing band ahead of what it may spend."""
@@ -379,6 +398,10 @@ def _load(tmp_path: Path, text: str) -> DispatcherConfig:
     ("savings_page: {operator_keys_env: UNSET_KEYS_VAR}", r"operator_keys_env names UNSET_KEYS_VAR, which holds no"),
     ("tenants: {a: {api_keys_env: A_KEYS}}\nsavings_page: {operator_keys_env: SAME_KEYS}",
      r"operator_keys_env: one of its keys is also a key of the tenant 'a'"),
+    ("tenants: {a: {api_keys_env: A_KEYS}}\nsavings_page: {operator_keys_env: A_KEYS}",
+     r"operator_keys_env: one of its keys is also a key of the tenant 'a'"),
+    ("inbound_api_keys_env: A_KEYS\nsavings_page: {operator_keys_env: A_KEYS}",
+     r"operator_keys_env: one of its keys is also a key of the tenant 'default'"),
     ("inbound_api_keys_env: A_KEYS\ntenants: {a: {api_keys_env: A_KEYS}}",
      r"whose keys belong to the tenant 'default'"),
     ("tenants: {default: {api_keys_env: A_KEYS}}", r"tenants\.default: its keys are inbound_api_keys_env's"),
