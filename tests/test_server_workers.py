@@ -100,6 +100,80 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
             parent.kill()
 
 
+def _served_version(port: int) -> str | None:
+    """The model version a worker's metrics endpoint says it serves (None: not listening yet)."""
+    import re
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    found = re.search(r'^promptier_model_info\{model_version="([^"]*)"\} 1\.0$', text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def test_an_admin_reload_reaches_every_worker_and_a_replacement_starts_on_it(trained_artifact: Path,
+                                                                            tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, listen_ports, wait_serving
+
+    def tagged(name: str, version: str) -> Path:
+        target = Path(shutil.copytree(trained_artifact, tmp_path / name))
+        manifest = target / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"tiny-test-1"', f'"{version}"'))
+        return target
+
+    start, other = tagged("start", "start-1"), tagged("other", "other-1")
+    port, metrics_port = free_port(), listen_ports(2)[0]
+    parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(start), "--port",
+                               str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+
+    def every_worker_serves(version: str) -> bool:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(_served_version(metrics_port + i) == version for i in (0, 1)):
+                return True
+            time.sleep(0.2)
+        return False
+
+    try:
+        wait_serving(target)
+        assert every_worker_serves("start-1")
+        with grpc.insecure_channel(target) as channel:  # one connection: one worker gets the call
+            reply = router_pb2_grpc.AdminStub(channel).Reload(router_pb2.ReloadRequest(model_dir=str(other)),
+                                                             timeout=60)
+        assert (reply.model_version, reply.previous_model_version) == ("other-1", "start-1")
+        assert every_worker_serves("other-1"), [_served_version(metrics_port + i) for i in (0, 1)]
+        # A worker that dies is replaced on the model the others serve, not on the start directory.
+        victim = spawned_workers(parent.pid)[0]
+        victim.kill()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+                len(spawned_workers(parent.pid)) < 2 or victim.pid in {w.pid for w in spawned_workers(parent.pid)}):
+            time.sleep(0.2)
+        assert every_worker_serves("other-1"), [_served_version(metrics_port + i) for i in (0, 1)]
+        with grpc.insecure_channel(target) as channel:
+            for _ in range(4):
+                assert router_pb2_grpc.RouterStub(channel).Info(router_pb2.InfoRequest(), timeout=30,
+                                                                wait_for_ready=True).model_version == "other-1"
+        parent.send_signal(signal.SIGHUP)  # the operator's reload: every worker back to the start directory
+        assert every_worker_serves("start-1"), [_served_version(metrics_port + i) for i in (0, 1)]
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(120) == 0
+    finally:
+        if parent.poll() is None:
+            for child in spawned_workers(parent.pid):
+                child.kill()
+            parent.kill()
+
+
 def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> None:
     import signal
     import subprocess

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from classifier import PromptierError
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from serving.service.fleet import FleetModel
 from serving.service.metrics import ServerMetrics
 from serving.service.parsing import parsing_handlers
 from serving.service.status import abort
@@ -28,9 +29,11 @@ MAX_MODEL_DIR_BYTES = 4096
 
 
 class ReloadTarget(Protocol):
-    """What Admin needs of a server (serving.service.server.RunningServer): its metrics and its reload."""
+    """What Admin needs of a server (serving.service.server.RunningServer): its metrics, its reload, and
+    (in a `--workers` process) the fleet its reloads are shared with."""
 
     metrics: ServerMetrics
+    fleet: FleetModel | None
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]: ...
 
@@ -99,8 +102,9 @@ class AdminService(router_pb2_grpc.AdminServicer):
         if problem is not None:
             self._server.metrics.reloads.labels("invalid").inc()
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        directory = Path(request.model_dir) if request.model_dir else None
         try:
-            version, previous = await self._server.reload(Path(request.model_dir) if request.model_dir else None)
+            version, previous = await self._server.reload(directory)
         except PromptierError as error:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                         f"reload refused, old model still serving: {error}")
@@ -109,6 +113,8 @@ class AdminService(router_pb2_grpc.AdminServicer):
             self._server.metrics.reloads.labels("error").inc()
             await abort(context, grpc.StatusCode.INTERNAL, "reload failed on an internal error; the old model "
                         "is still serving")
+        if self._server.fleet is not None:  # the other `--workers` processes load it too, moments later
+            self._server.fleet.announce(directory)
         return router_pb2.ReloadResponse(model_version=version, previous_model_version=previous)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 
 from serving.common.batcher import BatcherMetrics
 
@@ -22,6 +22,8 @@ class ServerMetrics:
                                    registry=self.registry)
         self.reloads = Counter("promptier_model_reloads", "model reloads by outcome", ["outcome"],
                                registry=self.registry)
+        # Which model this process routes by: with `--workers`, one series per worker shows that all agree.
+        self.model = Info("promptier_model", "the model this process serves", registry=self.registry)
         # Every refusal for overload is also in promptier_requests as RESOURCE_EXHAUSTED; this says why.
         self.overload = Counter("promptier_overload_refusals", "calls refused RESOURCE_EXHAUSTED for overload, "
                                 "by RPC and reason", ["rpc", "reason"], registry=self.registry)

@@ -20,6 +20,7 @@ from serving.common.batcher import Batcher
 from serving.common.startup import freeze_startup_objects
 from serving.service.admin import ADMIN_SERVICE, ADMIN_TOKEN_ENV, AdminService, admin_handlers
 from serving.service.binding import BindError, ensure_port_free
+from serving.service.fleet import FLEET_SIGNAL, FleetModel, same_directory
 from serving.service.limits import ServerLimits
 from serving.service.live_model import ModelHolder
 from serving.service.metrics import ServerMetrics
@@ -40,6 +41,7 @@ class RunningServer:
                  health_servicer: health.aio.HealthServicer, metrics: ServerMetrics) -> None:
         self.server, self.port, self.holder, self.batcher = server, port, holder, batcher
         self.health, self.metrics = health_servicer, metrics
+        self.fleet: FleetModel | None = None  # set in a `--workers` process: Admin.Reload reaches every worker
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
         """Load, validate and swap in a new artifact; on failure the old model keeps serving.
@@ -53,6 +55,7 @@ class RunningServer:
             log.error(json.dumps({"event": "reload_refused", "reason": bounded_detail(str(error))}))
             raise
         self.metrics.reloads.labels("ok").inc()
+        self.metrics.model.info({"model_version": version})
         log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous,
                              "directory": str(self.holder.directory or "the shipped default model")}))
         return version, previous
@@ -98,6 +101,7 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
     if model is None:
         model = await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
     loaded: TierClassifier = model
+    metrics.model.info({"model_version": loaded.model_version})
     holder = ModelHolder(loaded, model_dir, threads)
     batcher = Batcher(lambda: holder.model, metrics.batcher, max_queue=limits.max_queue, max_batch=limits.max_batch,
                       max_batch_queue=limits.max_batch_queue)
@@ -127,15 +131,29 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
 
 
 async def serve_forever(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
-                        grace: float = 10.0, reuse_port: bool = False, limits: ServerLimits | None = None) -> None:
+                        grace: float = 10.0, reuse_port: bool = False, limits: ServerLimits | None = None,
+                        fleet: FleetModel | None = None) -> None:
     """The `promptier serve` loop: SIGTERM/SIGINT drain and exit, SIGHUP reloads the directory the
-    server was started with (as an empty Admin.Reload does).
+    server was started with (as an empty Admin.Reload does). In a `--workers` process (`fleet` given)
+    it starts on the fleet's model and follows the fleet's reloads (serving.service.fleet).
 
     Raises:
         PromptierError: the artifact is invalid, or the gRPC or metrics address cannot be bound.
     """
-    running = await start_server(model_dir, address, threads, limits=limits, reuse_port=reuse_port,
+    loop = asyncio.get_running_loop()
+    model, serving_dir = None, model_dir
+    fleet_dir = fleet.read() if fleet is not None else None
+    if fleet_dir is not None and not same_directory(fleet_dir, model_dir):
+        try:  # a worker started after a reload serves what the others serve
+            model = await loop.run_in_executor(None, classifier.load, fleet_dir, threads)
+            serving_dir = fleet_dir
+        except PromptierError as error:
+            log.error(json.dumps({"event": "fleet_model_refused", "reason": bounded_detail(str(error)),
+                                  "action": "serving the start directory"}))
+    running = await start_server(model_dir, address, threads, limits=limits, model=model, reuse_port=reuse_port,
                                  admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
+    running.holder.directory = serving_dir  # the start directory stays model_dir, for SIGHUP
+    running.fleet = fleet
     freeze_startup_objects()
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -149,7 +167,6 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
             raise BindError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}") from error
     log.info(json.dumps({"event": "serving", "address": address, "port": running.port,
                          "model_version": running.holder.model.model_version, "metrics_port": metrics_port}))
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -167,9 +184,26 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_in_background)
-    # A `--workers` process starts with SIGHUP blocked (serving.service.workers), so that a reload asked for while
-    # it loads waits for the handler above instead of killing it; a pending one is delivered here.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    if fleet is not None:
+        following = fleet
+
+        def follow_fleet() -> None:
+            async def follow() -> None:
+                wanted = following.read()  # read when run: of several reloads in a row, the last counts
+                if same_directory(wanted or running.holder.start_directory, running.holder.directory):
+                    return  # this worker made the reload, or already follows it
+                with contextlib.suppress(PromptierError):  # logged and counted; the old model keeps serving
+                    await running.reload(wanted)
+
+            task = loop.create_task(follow())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(FLEET_SIGNAL, follow_fleet)
+    # A `--workers` process starts with its reload signals blocked (serving.service.workers), so that a
+    # reload asked for while it loads waits for the handlers above instead of killing it; a pending one is
+    # delivered here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, FLEET_SIGNAL})
     await stop.wait()
     log.info(json.dumps({"event": "draining", "grace_seconds": grace}))
     await running.stop(grace)

@@ -3,7 +3,8 @@
 One Python process is bound by its GIL to about one core of protocol work. With several processes
 the kernel spreads incoming connections over them, so a gateway with a few connections uses every
 core. The parent only supervises: it forwards SIGTERM/SIGINT (drain) and SIGHUP (reload) to every
-worker and restarts a worker that dies, logging it, so a crash costs capacity, never the port.
+worker, relays a reload one worker was asked for to the others (serving.service.fleet), and restarts
+a worker that dies, logging it, so a crash costs capacity, never the port.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from serving.service.fleet import FLEET_SIGNAL, FleetModel
 
 if TYPE_CHECKING:
     from serving.service.limits import ServerLimits
@@ -31,7 +36,7 @@ MAX_FAILED_STARTS = 3
 
 
 def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
-            limits: ServerLimits | None) -> None:
+            limits: ServerLimits | None, fleet: FleetModel) -> None:
     import asyncio
     import threading
 
@@ -45,7 +50,8 @@ def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: in
     from classifier import PromptierError
 
     try:
-        asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True, limits=limits))
+        asyncio.run(serve_forever(model_dir, address, threads, metrics_port, reuse_port=True, limits=limits,
+                                  fleet=fleet))
     except PromptierError as error:  # e.g. its metrics port is taken: said once, without a traceback
         log.error(json.dumps({"event": "worker_failed", "reason": str(error)}))
         raise SystemExit(2) from None
@@ -67,20 +73,23 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
     """
     context = multiprocessing.get_context("spawn")
     processes: dict[int, tuple[BaseProcess, float]] = {}
+    fleet_dir = Path(tempfile.mkdtemp(prefix="promptier-serve-"))
+    fleet = FleetModel(fleet_dir / "model_dir", os.getpid())
+    reload_signals = {signal.SIGHUP, FLEET_SIGNAL}
 
     def start(index: int) -> None:
         port = None if metrics_port is None else metrics_port + index
-        process = context.Process(target=_worker, args=(model_dir, address, threads, port, limits),
+        process = context.Process(target=_worker, args=(model_dir, address, threads, port, limits, fleet),
                                   name=f"promptier-serve-{index}", daemon=False)
-        # SIGHUP's default action ends a process, and a worker installs its reload handler only once it
-        # serves: a reload forwarded while a replacement starts would kill it (and count as a failed
-        # start). Started with SIGHUP blocked (the mask survives exec), the worker gets such a reload
-        # once it can handle it. Blocked here, not ignored, so that none sent meanwhile is lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # SIGHUP's (and SIGUSR1's) default action ends a process, and a worker installs its reload
+        # handlers only once it serves: a reload forwarded while a replacement starts would kill it (and
+        # count as a failed start). Started with them blocked (the mask survives exec), the worker gets
+        # such a reload once it can handle it. Blocked here, not ignored, so that none sent meanwhile is lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, reload_signals)
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, reload_signals)
         processes[index] = (process, time.monotonic())
         log.info(json.dumps({"event": "worker_started", "worker": index, "pid": process.pid}))
 
@@ -90,36 +99,41 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+        if signum == signal.SIGHUP:
+            fleet.write(None)  # an operator's SIGHUP: every worker back to the start directory
         for process, _ in processes.values():
             if process.is_alive() and process.pid is not None:
                 _send(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, *reload_signals):
         signal.signal(signum, forward)
-    for index in range(workers):
-        start(index)
-    exit_code = 0
-    failed_starts = dict.fromkeys(range(workers), 0)
-    while processes:
-        time.sleep(0.2)
-        for index, (process, started) in list(processes.items()):
-            if process.is_alive():
-                continue
-            del processes[index]
-            if stopping:
-                continue
-            quick = time.monotonic() - started < MIN_HEALTHY_SECONDS
-            failed_starts[index] = failed_starts[index] + 1 if quick else 0
-            log.error(json.dumps({"event": "worker_died", "worker": index, "exitcode": process.exitcode,
-                                  "failed_starts_in_a_row": failed_starts[index]}))
-            if failed_starts[index] >= MAX_FAILED_STARTS:
-                exit_code = 1
-                stopping = True
-                forward(signal.SIGTERM, None)  # it cannot stay up: stop all and say so
-                continue
-            time.sleep(0.5 * failed_starts[index])  # back off a worker that keeps dying young
+    try:
+        for index in range(workers):
             start(index)
-    return exit_code
+        exit_code = 0
+        failed_starts = dict.fromkeys(range(workers), 0)
+        while processes:
+            time.sleep(0.2)
+            for index, (process, started) in list(processes.items()):
+                if process.is_alive():
+                    continue
+                del processes[index]
+                if stopping:
+                    continue
+                quick = time.monotonic() - started < MIN_HEALTHY_SECONDS
+                failed_starts[index] = failed_starts[index] + 1 if quick else 0
+                log.error(json.dumps({"event": "worker_died", "worker": index, "exitcode": process.exitcode,
+                                      "failed_starts_in_a_row": failed_starts[index]}))
+                if failed_starts[index] >= MAX_FAILED_STARTS:
+                    exit_code = 1
+                    stopping = True
+                    forward(signal.SIGTERM, None)  # it cannot stay up: stop all and say so
+                    continue
+                time.sleep(0.5 * failed_starts[index])  # back off a worker that keeps dying young
+                start(index)
+        return exit_code
+    finally:
+        shutil.rmtree(fleet_dir, ignore_errors=True)
 
 
 def _send(pid: int, signum: int) -> None:
