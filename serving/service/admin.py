@@ -15,7 +15,6 @@ from google.protobuf.message import DecodeError
 
 from classifier import PromptierError
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.service.fleet import FleetModel
 from serving.service.metrics import ServerMetrics
 from serving.service.parsing import parsing_handlers
 from serving.service.status import abort
@@ -29,13 +28,12 @@ MAX_MODEL_DIR_BYTES = 4096
 
 
 class ReloadTarget(Protocol):
-    """What Admin needs of a server (serving.service.server.RunningServer): its metrics, its reload, and
-    (in a `--workers` process) the fleet its reloads are shared with."""
+    """What Admin needs of a server (serving.service.server.RunningServer): its metrics and its reload
+    (shared with every `--workers` process)."""
 
     metrics: ServerMetrics
-    fleet: FleetModel | None
 
-    async def reload(self, directory: Path | None = None) -> tuple[str, str]: ...
+    async def reload_and_share(self, directory: Path | None = None) -> tuple[str, str]: ...
 
 
 def is_local_peer(peer: str) -> bool:
@@ -104,7 +102,7 @@ class AdminService(router_pb2_grpc.AdminServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         directory = Path(request.model_dir) if request.model_dir else None
         try:
-            version, previous = await self._server.reload(directory)
+            version, previous = await self._server.reload_and_share(directory)
         except PromptierError as error:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                         f"reload refused, old model still serving: {error}")
@@ -113,8 +111,6 @@ class AdminService(router_pb2_grpc.AdminServicer):
             self._server.metrics.reloads.labels("error").inc()
             await abort(context, grpc.StatusCode.INTERNAL, "reload failed on an internal error; the old model "
                         "is still serving")
-        if self._server.fleet is not None:  # the other `--workers` processes load it too, moments later
-            self._server.fleet.announce(directory)
         return router_pb2.ReloadResponse(model_version=version, previous_model_version=previous)
 
 

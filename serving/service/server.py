@@ -42,6 +42,8 @@ class RunningServer:
         self.server, self.port, self.holder, self.batcher = server, port, holder, batcher
         self.health, self.metrics = health_servicer, metrics
         self.fleet: FleetModel | None = None  # set in a `--workers` process: Admin.Reload reaches every worker
+        self.fleet_generation: str | None = None  # the fleet file's generation this process has applied
+        self._fleet_lock = asyncio.Lock()  # one fleet step at a time: the file's order is the order of swaps
 
     async def reload(self, directory: Path | None = None) -> tuple[str, str]:
         """Load, validate and swap in a new artifact; on failure the old model keeps serving.
@@ -59,6 +61,28 @@ class RunningServer:
         log.info(json.dumps({"event": "reloaded", "model_version": version, "previous": previous,
                              "directory": str(self.holder.directory or "the shipped default model")}))
         return version, previous
+
+    async def reload_and_share(self, directory: Path | None = None) -> tuple[str, str]:
+        """Admin.Reload: `reload`, then in a `--workers` process have every other worker load the same
+        directory (serving.service.fleet)."""
+        if self.fleet is None:
+            return await self.reload(directory)
+        async with self._fleet_lock:
+            versions = await self.reload(directory)
+            self.fleet_generation = self.fleet.announce(directory) or self.fleet_generation
+            return versions
+
+    async def follow_fleet(self) -> None:
+        """Load what the fleet file names, unless this process has applied that generation already."""
+        if self.fleet is None:
+            return
+        async with self._fleet_lock:
+            state = self.fleet.read()  # read under the lock: of several reloads in a row, the last counts
+            if state.generation is None or state.generation == self.fleet_generation:
+                return
+            self.fleet_generation = state.generation
+            with contextlib.suppress(PromptierError):  # logged and counted; the old model keeps serving
+                await self.reload(state.directory)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds.
@@ -142,11 +166,11 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
     """
     loop = asyncio.get_running_loop()
     model, serving_dir = None, model_dir
-    fleet_dir = fleet.read() if fleet is not None else None
-    if fleet_dir is not None and not same_directory(fleet_dir, model_dir):
+    state = fleet.read() if fleet is not None else None
+    if state is not None and state.directory is not None and not same_directory(state.directory, model_dir):
         try:  # a worker started after a reload serves what the others serve
-            model = await loop.run_in_executor(None, classifier.load, fleet_dir, threads)
-            serving_dir = fleet_dir
+            model = await loop.run_in_executor(None, classifier.load, state.directory, threads)
+            serving_dir = state.directory
         except PromptierError as error:
             log.error(json.dumps({"event": "fleet_model_refused", "reason": bounded_detail(str(error)),
                                   "action": "serving the start directory"}))
@@ -154,6 +178,7 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
                                  admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     running.holder.directory = serving_dir  # the start directory stays model_dir, for SIGHUP
     running.fleet = fleet
+    running.fleet_generation = state.generation if state is not None else None
     freeze_startup_objects()
     if metrics_port is not None:
         from prometheus_client import start_http_server
@@ -185,17 +210,9 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
 
     loop.add_signal_handler(signal.SIGHUP, reload_in_background)
     if fleet is not None:
-        following = fleet
 
         def follow_fleet() -> None:
-            async def follow() -> None:
-                wanted = following.read()  # read when run: of several reloads in a row, the last counts
-                if same_directory(wanted or running.holder.start_directory, running.holder.directory):
-                    return  # this worker made the reload, or already follows it
-                with contextlib.suppress(PromptierError):  # logged and counted; the old model keeps serving
-                    await running.reload(wanted)
-
-            task = loop.create_task(follow())
+            task = loop.create_task(running.follow_fleet())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 

@@ -99,8 +99,12 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
-        if signum == signal.SIGHUP:
-            fleet.write(None)  # an operator's SIGHUP: every worker back to the start directory
+        if signum == signal.SIGHUP:  # an operator's SIGHUP: every worker back to the start directory
+            try:
+                fleet.write(None)
+                signum = FLEET_SIGNAL  # through the file, so a reload announced meanwhile cannot overtake it
+            except OSError as error:  # each worker's own SIGHUP reloads its start directory all the same
+                log.error(json.dumps({"event": "fleet_write_failed", "reason": str(error)}))
         for process, _ in processes.values():
             if process.is_alive() and process.pid is not None:
                 _send(process.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
