@@ -246,6 +246,7 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
                                                                        tmp_path: Path) -> None:
     import json
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -255,8 +256,9 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
     # Worker i serves metrics on metrics_port + i: the whole run must be free, not only its first port.
     port, metrics_port = free_port(), listen_ports(2)[0]
     log = tmp_path / "serve.err"
+    artifact = Path(shutil.copytree(trained_artifact, tmp_path / "model"))
     with log.open("wb") as err:
-        parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
+        parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(artifact),
                                    "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
                                   stdout=subprocess.DEVNULL, stderr=err)
     try:
@@ -274,18 +276,17 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
             replacement = fresh[0] if fresh else None
             time.sleep(0.02)
         assert replacement is not None
+        manifest = artifact / "manifest.json"  # new files in the start directory, then the reload
+        manifest.write_text(manifest.read_text().replace('"tiny-test-1"', '"tiny-test-2"'))
         os.kill(parent.pid, signal.SIGHUP)  # the replacement is still importing and loading its model
 
-        def reloads(index: int) -> float:
-            try:
-                return _metric(metrics_port + index, "promptier_model_reloads_total")
-            except OSError:  # the replacement does not serve its metrics yet
-                return -1
-
-        deadline = time.monotonic() + 120  # both workers count the reload, the replacement once it serves
-        while time.monotonic() < deadline and not all(reloads(i) >= 1 for i in (0, 1)):
+        # Both end on the new files: the survivor by reloading, the replacement by reloading once it
+        # serves, or by having read the start directory after the reload was asked for.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+                _served_version(metrics_port + i) == "tiny-test-2" for i in (0, 1)):
             time.sleep(0.2)
-        assert [reloads(i) for i in (0, 1)] == [1, 1]
+        assert [_served_version(metrics_port + i) for i in (0, 1)] == ["tiny-test-2"] * 2
         assert replacement.is_running()
         deaths = [json.loads(line) for line in log.read_text().splitlines() if '"worker_died"' in line]
         assert [death["exitcode"] for death in deaths] == [-signal.SIGKILL]  # only the one killed here
