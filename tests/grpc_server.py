@@ -4,7 +4,9 @@ worker processes of a `--workers` one, for the tests of every component that tal
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
+from pathlib import Path
 
 import psutil
 
@@ -74,3 +76,11 @@ def worker_serving(parent_pid: int, server_port: int, client_port: int) -> int:
         except psutil.Error:
             continue
     return -1
+
+
+def tagged_copy(artifact: Path, target: Path, version: str) -> Path:
+    """A copy of the test artifact (model version "tiny-test-1") at `target`, under `version`."""
+    shutil.copytree(artifact, target)
+    manifest = target / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tiny-test-1"', f'"{version}"'))
+    return target

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.service.admin import is_local_peer
-from tests.grpc_server import EASY, ServerThread
+from tests.grpc_server import EASY, ServerThread, tagged_copy
 from tests.server_probes import non_loopback_address, sample, wait_until
 
 
@@ -49,18 +49,11 @@ def test_reload_errors_are_clear_codes_and_never_echo_files(trained_artifact: Pa
     assert sample(running.running, "promptier_model_reloads", outcome="refused") == 2
 
 
-def _tagged_copy(artifact: Path, target: Path, version: str) -> Path:
-    shutil.copytree(artifact, target)
-    manifest = target / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"tiny-test-1"', f'"{version}"'))
-    return target
-
-
 def test_empty_reload_reloads_the_start_directory(trained_artifact: Path, tmp_path: Path) -> None:
     """As the proto says: an empty Admin.Reload (and SIGHUP, which calls the same reload) loads the
     directory the server was started with, even after a reload from another directory."""
-    start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
-    other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
+    start = tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = tagged_copy(trained_artifact, tmp_path / "other", "other-1")
     running = ServerThread(model_dir=start)
     assert running.running is not None
     try:
@@ -83,8 +76,8 @@ def test_sighup_reloads_the_start_directory_after_an_admin_reload(trained_artifa
 
     from serving.bench.ports import free_port, wait_serving
 
-    start = _tagged_copy(trained_artifact, tmp_path / "start", "start-1")
-    other = _tagged_copy(trained_artifact, tmp_path / "other", "other-1")
+    start = tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = tagged_copy(trained_artifact, tmp_path / "other", "other-1")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(start), "--port",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from tests.grpc_server import spawned_workers
+from tests.grpc_server import spawned_workers, tagged_copy
 from tests.server_probes import non_loopback_address
 
 
@@ -135,20 +135,14 @@ def _served_version(port: int) -> str | None:
 
 def test_an_admin_reload_reaches_every_worker_and_a_replacement_starts_on_it(trained_artifact: Path,
                                                                             tmp_path: Path) -> None:
-    import shutil
     import signal
     import subprocess
     import sys
 
     from serving.bench.ports import free_port, listen_ports, wait_serving
 
-    def tagged(name: str, version: str) -> Path:
-        target = Path(shutil.copytree(trained_artifact, tmp_path / name))
-        manifest = target / "manifest.json"
-        manifest.write_text(manifest.read_text().replace('"tiny-test-1"', f'"{version}"'))
-        return target
-
-    start, other = tagged("start", "start-1"), tagged("other", "other-1")
+    start = tagged_copy(trained_artifact, tmp_path / "start", "start-1")
+    other = tagged_copy(trained_artifact, tmp_path / "other", "other-1")
     port, metrics_port = free_port(), listen_ports(2)[0]
     parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(start), "--port",
                                str(port), "--workers", "2", "--metrics-port", str(metrics_port)],
