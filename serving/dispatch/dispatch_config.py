@@ -169,11 +169,7 @@ class DispatcherConfig(_Strict):
     def inbound_keys(self) -> set[str] | None:
         if not self.inbound_api_keys_env:
             return None
-        raw = os.environ.get(self.inbound_api_keys_env, "")
-        keys = {key.strip() for key in raw.split(",") if key.strip()}
-        if not keys:
-            raise ConfigError(f"inbound_api_keys_env names {self.inbound_api_keys_env}, which holds no keys")
-        return keys
+        return _keys_from_env(self.inbound_api_keys_env, "inbound_api_keys_env")
 
     def tenant_of_key(self) -> dict[str, str] | None:
         """Each accepted API key -> its tenant's name; None when no key is configured (then every request
@@ -186,16 +182,11 @@ class DispatcherConfig(_Strict):
         for name, tenant in self.tenants.items():
             if tenant.api_keys_env is None:
                 continue
-            raw = os.environ.get(tenant.api_keys_env, "")
-            keys = {key.strip() for key in raw.split(",") if key.strip()}
-            if not keys:
-                raise ConfigError(f"tenants.{name}.api_keys_env names {tenant.api_keys_env}, which holds no keys")
-            for key in keys:
+            for key in _keys_from_env(tenant.api_keys_env, f"tenants.{name}.api_keys_env"):
                 if owners.setdefault(key, name) != name:
                     raise ConfigError(f"tenants.{name}: one of its keys is also a key of the tenant "
                                       f"{owners[key]!r}; a key must belong to one tenant")
         return owners if owners else None
-
 
     def operator_keys(self) -> set[str] | None:
         """The savings page's operator keys (they see every tenant's figures); None when none is configured.
@@ -207,15 +198,25 @@ class DispatcherConfig(_Strict):
         name = self.savings_page.operator_keys_env
         if name is None:
             return None
-        keys = {key.strip() for key in os.environ.get(name, "").split(",") if key.strip()}
-        if not keys:
-            raise ConfigError(f"savings_page.operator_keys_env names {name}, which holds no keys")
+        keys = _keys_from_env(name, "savings_page.operator_keys_env")
         owners = self.tenant_of_key() or {}
         for key in keys:
             if key in owners:
                 raise ConfigError(f"savings_page.operator_keys_env: one of its keys is also a key of the tenant "
                                   f"{owners[key]!r}; an operator key must be a key of its own")
         return keys
+
+
+def _keys_from_env(variable: str, field: str) -> set[str]:
+    """The comma-separated keys in environment variable `variable`, which config `field` names.
+
+    Raises:
+        ConfigError: the variable is unset or holds no key (the error names the field, never a key).
+    """
+    keys = {key.strip() for key in os.environ.get(variable, "").split(",") if key.strip()}
+    if not keys:
+        raise ConfigError(f"{field} names {variable}, which holds no keys")
+    return keys
 
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
