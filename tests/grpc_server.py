@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def spawned_workers(parent_pid: int) -> list[psutil.Process]:
         except psutil.Error:  # a killed worker not yet reaped (zombie) or already gone
             continue
     return found
+
+
+def stop_supervisor(parent: subprocess.Popen[bytes]) -> None:
+    """Kill a `--workers` supervisor a test left running, and its workers first: killed alone, it
+    would leave them serving the port to the next test."""
+    if parent.poll() is None:
+        for worker in spawned_workers(parent.pid):
+            worker.kill()
+        parent.kill()
 
 
 def worker_serving(parent_pid: int, server_port: int, client_port: int) -> int:

@@ -12,7 +12,7 @@ import pytest
 from serving.dispatch.dispatch_config import load_dispatcher_config
 from tests.dispatcher_harness import wait_for_health
 from tests.fake_upstream import Upstream
-from tests.grpc_server import EASY, spawned_workers
+from tests.grpc_server import EASY, spawned_workers, stop_supervisor
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -103,7 +103,4 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
         spawned_workers(process.pid)[0].kill()
         assert process.wait(90) == 3
     finally:
-        if process.poll() is None:
-            for worker in spawned_workers(process.pid):
-                worker.kill()
-            process.kill()
+        stop_supervisor(process)

@@ -12,7 +12,7 @@ import httpx
 from serving.dispatch.dispatch_supervisor import WORKER_START_TIMEOUT_S
 from tests.dispatcher_harness import wait_for_health
 from tests.fake_upstream import Upstream
-from tests.grpc_server import EASY, spawned_workers, worker_serving
+from tests.grpc_server import EASY, spawned_workers, stop_supervisor, worker_serving
 
 
 def _post_on_new_connection(port: int, body: dict, owner: Callable[[int], int] = lambda _: -1
@@ -111,10 +111,7 @@ def test_dispatcher_workers_spread_connections_add_up_metrics_and_share_the_log(
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(30) == 0
     finally:
-        if parent.poll() is None:
-            for worker in spawned_workers(parent.pid):
-                worker.kill()
-            parent.kill()
+        stop_supervisor(parent)
 
 
 def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(

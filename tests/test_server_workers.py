@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from tests.grpc_server import spawned_workers, tagged_copy
+from tests.grpc_server import spawned_workers, stop_supervisor, tagged_copy
 from tests.server_probes import non_loopback_address
 
 
@@ -94,10 +94,7 @@ def test_workers_share_one_port_reload_restart_and_drain(trained_artifact: Path)
         assert parent.wait(120) == 0
         assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     finally:
-        if parent.poll() is None:
-            for child in workers():
-                child.kill()
-            parent.kill()
+        stop_supervisor(parent)
 
 
 def test_the_fleet_file_names_a_new_generation_for_every_reload(tmp_path: Path,
@@ -204,10 +201,7 @@ def test_an_admin_reload_reaches_every_worker_and_a_replacement_starts_on_it(tra
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(120) == 0
     finally:
-        if parent.poll() is None:
-            for child in spawned_workers(parent.pid):
-                child.kill()
-            parent.kill()
+        stop_supervisor(parent)
 
 
 def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> None:

@@ -25,7 +25,7 @@ from serving.dispatch.spend_store import RedisSpendStore, SqliteSpendStore
 from serving.dispatch.stream_meter import estimated_usage
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, wait_for_health
 from tests.fake_upstream import MISSING, Upstream
-from tests.grpc_server import EASY, HARD, spawned_workers, worker_serving
+from tests.grpc_server import EASY, HARD, stop_supervisor, worker_serving
 from tests.redis_server import RedisServer
 
 PRICES = {"small": (0.2, 0.2), "medium": (0.9, 0.9), "large": (1.25, 5.0)}  # the test model's, per Mtok
@@ -349,9 +349,7 @@ def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream
                     if name == "promptier_dispatch_tenant_spend_usd_total")
         assert spend == pytest.approx(total)  # /metrics adds up both workers
     finally:
-        for worker in spawned_workers(parent.pid):
-            worker.kill()
-        parent.kill()
+        stop_supervisor(parent)
         parent.wait(30)
 
 
