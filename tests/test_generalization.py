@@ -11,7 +11,7 @@ import pytest
 
 import classifier
 from tests.conftest import count_embedded_prompts, tiny_config
-from training.anchors import ANCHOR_SOURCE, _normalise, anchor_rows
+from training.anchors import ANCHOR_SOURCE, anchor_rows, normalise_prompt
 from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
 from training.errors import DataError
 from training.generalization import (
@@ -49,7 +49,7 @@ def test_anchors_cover_both_ends_and_never_repeat_a_probe() -> None:
     tiers = Counter(row["tier"] for row in rows)
     assert tiers["small"] >= 300 and tiers["large"] >= 100 and set(tiers) == {"small", "large"}
     assert {row["source"] for row in rows} == {ANCHOR_SOURCE}
-    assert not {_normalise(row["prompt"]) for row in rows} & {_normalise(p) for p in probes}
+    assert not {normalise_prompt(row["prompt"]) for row in rows} & {normalise_prompt(p) for p in probes}
     # Excluding an anchor's text removes it: what the probe check relies on.
     first = rows[0]["prompt"]
     again = anchor_rows(["small", "medium", "large"], per_kind=60, exclude=[*probes, first])

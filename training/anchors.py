@@ -478,7 +478,8 @@ NATIVE_DAYS = {"fr": ["lundi", "mardi", "jeudi", "samedi"], "de": ["Montag", "Di
                "pt": ["segunda", "terça", "quinta", "sexta"]}
 
 
-def _normalise(text: str) -> str:
+def normalise_prompt(text: str) -> str:
+    """`text` lowercased, with every run of non-word characters one space: how prompts are compared."""
     return re.sub(r"\W+", " ", text.lower()).strip()
 
 
@@ -604,7 +605,7 @@ def _distinct(makers: Sequence[Callable[[], str]], per_maker: int, rng: random.R
                 break
             text = make()
             text = text if rng.random() < 0.7 else text.lower()
-            key = _normalise(text)
+            key = normalise_prompt(text)
             if key and key not in seen and key not in excluded:
                 seen.add(key)
                 out.append(text)
@@ -618,7 +619,7 @@ def anchor_rows(tier_names: Sequence[str], per_kind: int = 150, seed: int = 0,
     tier) and each hard kind (top tier). Prompts equal to any of `exclude` after normalisation (the probe
     suite) are dropped."""
     rng = random.Random(seed)
-    excluded = {_normalise(text) for text in exclude}
+    excluded = {normalise_prompt(text) for text in exclude}
     seen: set[str] = set()
     rows: list[dict] = []
     for difficulty, makers, tier in (("easy", _easy_makers(rng), tier_names[0]),

@@ -99,6 +99,8 @@ class TrainConfig(BaseModel):
     anchors: int = Field(default=0, ge=0, description="anchor prompts of obvious difficulty (training/anchors.py) "
                          "added to the training split, up to this many of each kind; 0 = none")
     anchor_weight: int = Field(default=1, ge=1, description="how many times each anchor counts in training")
+    chat_anchors: bool = Field(default=False, description="add the opening turns of the training half of a "
+                               "human-written chat corpus (training/chat_anchors.py) to the anchors, as easy prompts")
     teacher: EmbeddingTeacherConfig | None = Field(default=None, description="train an embedding teacher first and "
                                                    "fit the model to its probabilities")
     familiarity: FamiliarityTrainConfig | None = None

@@ -53,13 +53,21 @@ def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, confi
 
 
 def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
-    """The config's anchor prompts (none of them in the probe suite) as a table, or None."""
-    if not config.anchors:
+    """The config's anchor prompts, generated and chat openers (none of them in the probe suite), as a
+    table, or None."""
+    if not config.anchors and not config.chat_anchors:
         return None
-    from training.anchors import anchor_rows, assumed_outcomes
+    from training.anchors import ANCHOR_SOURCE, anchor_rows, assumed_outcomes
     from training.probes import load_probes
 
-    rows = anchor_rows(pool.tier_names, config.anchors, config.seed, exclude=[p.prompt for p in load_probes()])
+    probes = [p.prompt for p in load_probes()]
+    rows = anchor_rows(pool.tier_names, config.anchors, config.seed, exclude=probes)
+    if config.chat_anchors:
+        from training.chat_anchors import chat_openers
+
+        openers = chat_openers("train", exclude=probes + [row["prompt"] for row in rows])
+        rows += [{"prompt": text, "source": ANCHOR_SOURCE, "category": "easy", "prompt_id": f"{ANCHOR_SOURCE}:chat:{i}"}
+                 for i, text in enumerate(openers)]
     n_tiers = len(pool.tier_names)
     prompts = [row["prompt"] for row in rows]
     return PromptTable(

@@ -29,6 +29,11 @@ ANCHOR_NOTE = (
     "added to the training split only. Their outcomes are assumed, not measured; they are in no evaluation "
     "and share no text with the probe suite."
 )
+CHAT_ANCHOR_NOTE = (
+    "Chat openers (training/chat_anchors.py): the first turns of the conversations in the training half of the "
+    "ChatterBot corpus (PyPI chatterbot-corpus 1.3.3, BSD licence, user-contributed; trivia left out), as easy "
+    "anchors. The other half is the chat check below, never trained on."
+)
 
 
 def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
@@ -62,6 +67,7 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"- Prompts per split: {training.get('prompts')}; unlabeled prompts: {training.get('unlabeled_prompts')}; "
         f"anchor prompts: {training.get('anchor_prompts', 0)}",
         *([f"- {ANCHOR_NOTE}"] if training.get("anchor_prompts") else []),
+        *([f"- {CHAT_ANCHOR_NOTE}"] if _config_of(training).get("chat_anchors") else []),
         f"- Teacher: {training.get('teacher')}",
         f"- Data fingerprint (sha256 of {_fingerprint_basis(training)} and targets): `{manifest.data_fingerprint}`",
         f"- Training time: {training.get('total_seconds')} s on {manifest.versions}{_where(training)}", "",
@@ -132,3 +138,9 @@ def _retrain_section(training: dict, metrics: dict) -> list[str]:
     for group, values in retrain["apgr"].items():
         lines.append(f"| {group} | {values['previous']:.4f} | {values['new']:.4f} |")
     return [*lines, ""]
+
+
+def _config_of(training: dict) -> dict:
+    """The training config recorded in the manifest, or {} for an artifact without one."""
+    config = training.get("config")
+    return config if isinstance(config, dict) else {}

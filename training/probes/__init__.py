@@ -21,6 +21,7 @@ import numpy as np
 from classifier.artifact import MODES
 from classifier.policy import RoutingRequest, relative_scores
 from classifier.runtime import TierClassifier
+from training.chat_anchors import evaluate_chat_check, render_chat_check
 from training.metrics import roc_auc
 
 PROBES_FILE = Path(__file__).resolve().parent / "probes.jsonl"
@@ -117,6 +118,7 @@ def evaluate_probes(runtime: TierClassifier, probes: Sequence[Probe] | None = No
                       hard[report_rows & (np.array([p.kind for p in probes]) == kind)])
         for kind in kinds
     }
+    report["chat_check"] = evaluate_chat_check(runtime)
     return report
 
 
@@ -133,4 +135,7 @@ def render_probe_markdown(report: dict, default_mode: str) -> str:
             lines.append(f"| {half} | {h['probes']} | {auc} | {mode}{marker} | "
                          f"{shares['easy_on_cheapest']:.1%} | {shares['easy_on_top']:.1%} | "
                          f"{shares['hard_on_top']:.1%} |")
+    chat_check = report.get("chat_check")
+    if isinstance(chat_check, dict):
+        lines += ["", render_chat_check(chat_check, default_mode).rstrip("\n")]
     return "\n".join(lines) + "\n"

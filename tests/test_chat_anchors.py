@@ -1,0 +1,106 @@
+"""Chat openers from the ChatterBot corpus: the split into a trained half and a checked half, the easy
+anchors they become, and the chat check that `promptier eval` reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import classifier
+from classifier.errors import PromptierError
+from classifier.policy import RoutingRequest
+from tests.conftest import tiny_config
+from training import chat_anchors
+from training.anchors import ANCHOR_SOURCE, assumed_outcomes, normalise_prompt
+from training.chat_anchors import chat_openers, corpus_files, evaluate_chat_check, half_of, render_chat_check
+from training.probes import load_probes, render_probe_markdown
+
+
+def _keys(texts: list[str]) -> set[str]:
+    return {normalise_prompt(text) for text in texts}
+
+
+def test_the_corpus_splits_by_file_into_two_disjoint_halves_without_trivia() -> None:
+    files = corpus_files()
+    assert len({path.parent.name for path in files}) >= 20  # languages
+    halves = {half_of(path) for path in files}
+    assert halves == {"train", "check"}
+    train, check = chat_openers("train"), chat_openers("check")
+    assert len(train) > 1000 and len(check) > 1000
+    assert not _keys(train) & _keys(check)  # an opener of both sides' files is the training half's alone
+    assert chat_openers("train") == train  # the split and the order are fixed
+
+    trivia = [text for path in files if path.stem == "trivia" for text in chat_anchors._first_turns(path)]
+    assert trivia and not _keys(trivia) & (_keys(train) | _keys(check))
+    # Every opener of a training-half file is trained on or repeats an earlier one: files stay whole.
+    one_train_file = next(path for path in files if half_of(path) == "train" and path.stem != "trivia")
+    assert _keys(chat_anchors._first_turns(one_train_file)) <= _keys(train)
+
+
+def test_excluded_prompts_are_left_out_after_normalising() -> None:
+    train = chat_openers("train")
+    dropped = train[0]
+    kept = chat_openers("train", exclude=[f"  {dropped.upper()}!! "])
+    assert dropped not in kept and len(kept) == len(train) - 1
+
+
+def test_a_missing_corpus_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "chatterbot_corpus", None)  # import fails as if not installed
+    with pytest.raises(PromptierError, match="chatterbot-corpus"):
+        chat_openers("train")
+
+
+def test_an_unreadable_corpus_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "english" / "greetings.yml"
+    broken.parent.mkdir()
+    broken.write_text("conversations:\n- - hi\n  - [unclosed\n", encoding="utf-8")
+    monkeypatch.setattr(chat_anchors, "corpus_files", lambda: [broken])
+    with pytest.raises(PromptierError, match=r"english/greetings\.yml"):
+        chat_openers(half_of(broken))
+
+
+def test_chat_anchors_join_the_anchor_table_as_easy_prompts(tiny_backbone: Path, pool_file: Path) -> None:
+    from training.inputs import anchor_table
+    from training.pool import load_pool
+
+    pool = load_pool(pool_file)
+    without = anchor_table(pool, tiny_config(tiny_backbone, anchors=3))
+    with_chat = anchor_table(pool, tiny_config(tiny_backbone, anchors=3, chat_anchors=True))
+    assert without is not None and with_chat is not None
+    added = with_chat.prompts[len(without):]
+    assert with_chat.prompts[:len(without)] == without.prompts
+    assert len(added) > 1000 and _keys(added) <= _keys(chat_openers("train"))
+    assert not _keys(added) & _keys([probe.prompt for probe in load_probes()])
+    assert set(with_chat.sources) == {ANCHOR_SOURCE}
+    assert (with_chat.categories[len(without):] == "easy").all()
+    assert np.allclose(with_chat.targets[len(without):], assumed_outcomes("easy", len(pool.tier_names)))
+    assert len(set(with_chat.prompt_ids)) == len(with_chat)
+    # An opener that repeats a generated anchor ("Hola") is left to the generated one; without
+    # generated anchors it comes back.
+    only_chat = anchor_table(pool, tiny_config(tiny_backbone, chat_anchors=True))
+    assert only_chat is not None and set(added) < set(only_chat.prompts)
+    assert set(only_chat.prompts) == set(chat_openers("train", exclude=[probe.prompt for probe in load_probes()]))
+    assert not _keys(added) & _keys(without.prompts)
+
+
+def test_the_chat_check_reports_where_the_held_out_openers_go(trained_artifact: Path) -> None:
+    runtime = classifier.load(trained_artifact)
+    report = evaluate_chat_check(runtime)
+    openers = chat_openers("check", exclude=[probe.prompt for probe in load_probes()])
+    assert report["prompts"] == len(openers)
+    tiers = runtime.tier_names
+    for mode, shares in report["modes"].items():
+        decisions = runtime.classify_batch(openers, RoutingRequest(mode=mode))
+        assert shares["easy_on_cheapest"] == pytest.approx(np.mean([d.tier == tiers[0] for d in decisions]))
+        assert shares["easy_on_top"] == pytest.approx(np.mean([d.tier == tiers[-1] for d in decisions]))
+        assert shares["decided_by_prior"] == pytest.approx(np.mean([d.decided_by == "prior" for d in decisions]))
+    assert set(report["modes"]) == set(runtime.manifest.policy.thresholds)
+    table = render_chat_check(report, runtime.manifest.policy.default_mode)
+    default_row = next(line for line in table.splitlines() if "(default)" in line)
+    shares = report["modes"][runtime.manifest.policy.default_mode]
+    assert f"{shares['easy_on_top']:.1%}" in default_row
+    assert table.rstrip("\n") in render_probe_markdown({"probes": 0, "halves": {}, "chat_check": report},
+                                                       runtime.manifest.policy.default_mode)
