@@ -23,6 +23,8 @@ import numpy as np
 from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_values
 
 ANCHOR_SOURCE = "anchors"
+# The prompt ids of chat openers (training/chat_anchors.py) among the anchors start with this.
+CHAT_ANCHOR_PREFIX = f"{ANCHOR_SOURCE}:chat:"
 
 GREETINGS = [
     "hi", "hello", "hey", "hey there", "hi!", "hello there", "good morning", "good evening", "good afternoon",

@@ -99,8 +99,11 @@ class TrainConfig(BaseModel):
     anchors: int = Field(default=0, ge=0, description="anchor prompts of obvious difficulty (training/anchors.py) "
                          "added to the training split, up to this many of each kind; 0 = none")
     anchor_weight: int = Field(default=1, ge=1, description="how many times each anchor counts in training")
-    chat_anchors: bool = Field(default=False, description="add the opening turns of the training half of a "
-                               "human-written chat corpus (training/chat_anchors.py) to the anchors, as easy prompts")
+    chat_anchors: bool = Field(default=False, description="add the opening turns of the conversations on the "
+                               "training half of the topics of a human-written chat corpus "
+                               "(training/chat_anchors.py) to the anchors, as easy prompts")
+    chat_anchor_weight: int | None = Field(default=None, ge=1, description="how many times each chat opener counts "
+                                           "in training; unset, as many times as a generated anchor (anchor_weight)")
     teacher: EmbeddingTeacherConfig | None = Field(default=None, description="train an embedding teacher first and "
                                                    "fit the model to its probabilities")
     familiarity: FamiliarityTrainConfig | None = None
@@ -151,6 +154,13 @@ class TrainConfig(BaseModel):
     def _familiarity_needs_a_bag_student(self) -> TrainConfig:
         if self.familiarity is not None and not isinstance(self.student, BagStudentConfig):
             raise ValueError("familiarity is measured on a bag student's features; set student.kind: bag")
+        return self
+
+    @model_validator(mode="after")
+    def _chat_weight_needs_chat_anchors(self) -> TrainConfig:
+        if self.chat_anchor_weight is not None and not self.chat_anchors:
+            raise ValueError("chat_anchor_weight counts chat openers, which this config leaves out: set "
+                             "chat_anchors: true, or drop chat_anchor_weight")
         return self
 
     @property

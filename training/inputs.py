@@ -18,6 +18,7 @@ from classifier.artifact import TruncationConfig
 from classifier.runtime import TierClassifier
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
+from training.anchors import CHAT_ANCHOR_PREFIX
 from training.config import TrainConfig
 from training.data import SkipReport, read_logs
 from training.errors import DataError
@@ -52,6 +53,16 @@ def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, confi
     return PreparedData(table, split, pool, skipped, unused)
 
 
+def anchor_order(anchors: PromptTable, config: TrainConfig) -> np.ndarray:
+    """The anchor table's rows in the order training sees them: the whole set of generated anchors
+    `anchor_weight` times over, then the chat openers `chat_anchor_weight` times over (a weight of their
+    own because they outnumber the generated easy anchors, all of one kind)."""
+    is_chat = np.array([prompt_id.startswith(CHAT_ANCHOR_PREFIX) for prompt_id in anchors.prompt_ids], dtype=bool)
+    chat_weight = config.chat_anchor_weight or config.anchor_weight
+    return np.concatenate([np.tile(np.flatnonzero(~is_chat), config.anchor_weight),
+                           np.tile(np.flatnonzero(is_chat), chat_weight)]).astype(np.int64)
+
+
 def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
     """The config's anchor prompts, generated and chat openers (none of them in the probe suite), as a
     table, or None."""
@@ -66,7 +77,7 @@ def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
         from training.chat_anchors import chat_openers
 
         openers = chat_openers("train", exclude=probes + [row["prompt"] for row in rows])
-        rows += [{"prompt": text, "source": ANCHOR_SOURCE, "category": "easy", "prompt_id": f"{ANCHOR_SOURCE}:chat:{i}"}
+        rows += [{"prompt": text, "source": ANCHOR_SOURCE, "category": "easy", "prompt_id": f"{CHAT_ANCHOR_PREFIX}{i}"}
                  for i, text in enumerate(openers)]
     n_tiers = len(pool.tier_names)
     prompts = [row["prompt"] for row in rows]
@@ -187,10 +198,11 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
         targets = np.concatenate([targets, np.full((len(extra), targets.shape[1]), np.nan)])
     train_texts = train_texts + extra
     anchors = anchor_table(pool, config)
-    anchor_rows = len(anchors) * config.anchor_weight if anchors is not None else 0
+    order = anchor_order(anchors, config) if anchors is not None else np.zeros(0, dtype=np.int64)
+    anchor_rows = len(order)
     if anchors is not None:
-        train_texts = train_texts + anchors.prompts * config.anchor_weight
-        targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
+        train_texts = train_texts + [anchors.prompts[i] for i in order]
+        targets = np.concatenate([targets, anchors.targets[order]])
     teacher_report = None
     if config.teacher is not None:
         distilled, teacher_report = _embedding_teacher_targets(config, backbone_dir, truncation, cache_dir,
@@ -231,8 +243,9 @@ def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig,
     anchors = anchor_table(pool, config)
     if anchors is not None:
         anchor_slots = writer.append(tokenize_all(encoder, anchors.prompts))
-        slots = np.concatenate([slots, np.tile(anchor_slots, config.anchor_weight)])
-        targets = np.concatenate([targets, *[anchors.targets] * config.anchor_weight])
+        order = anchor_order(anchors, config)
+        slots = np.concatenate([slots, np.asarray(anchor_slots)[order]])
+        targets = np.concatenate([targets, anchors.targets[order]])
     store = writer.close()
     save_examples(work_dir / TRAINSET_DIR, slots, targets)
     log.info("%s prompts; %s", data.prompt_counts, data.skipped.summary())

@@ -30,9 +30,9 @@ ANCHOR_NOTE = (
     "and share no text with the probe suite."
 )
 CHAT_ANCHOR_NOTE = (
-    "Chat openers (training/chat_anchors.py): the first turns of the conversations in the training half of the "
-    "ChatterBot corpus (PyPI chatterbot-corpus 1.3.3, BSD licence, user-contributed; trivia left out), as easy "
-    "anchors. The other half is the chat check below, never trained on."
+    "Chat openers (training/chat_anchors.py): the first turns of the conversations on the training half of the "
+    "topics of the ChatterBot corpus (PyPI chatterbot-corpus 1.3.3, BSD licence, user-contributed; trivia left "
+    "out), in every language, as easy anchors. The other topics are the chat check below, never trained on."
 )
 
 
@@ -67,7 +67,8 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"- Prompts per split: {training.get('prompts')}; unlabeled prompts: {training.get('unlabeled_prompts')}; "
         f"anchor prompts: {training.get('anchor_prompts', 0)}",
         *([f"- {ANCHOR_NOTE}"] if training.get("anchor_prompts") else []),
-        *([f"- {CHAT_ANCHOR_NOTE}"] if _config_of(training).get("chat_anchors") else []),
+        *([f"- {CHAT_ANCHOR_NOTE}{_anchor_weights(_config_of(training))}"] if _config_of(training).get("chat_anchors")
+          else []),
         f"- Teacher: {training.get('teacher')}",
         f"- Data fingerprint (sha256 of {_fingerprint_basis(training)} and targets): `{manifest.data_fingerprint}`",
         f"- Training time: {training.get('total_seconds')} s on {manifest.versions}{_where(training)}", "",
@@ -138,6 +139,17 @@ def _retrain_section(training: dict, metrics: dict) -> list[str]:
     for group, values in retrain["apgr"].items():
         lines.append(f"| {group} | {values['previous']:.4f} | {values['new']:.4f} |")
     return [*lines, ""]
+
+
+def _anchor_weights(config: dict) -> str:
+    """How many times each generated anchor and each chat opener counted in training."""
+    generated = int(config.get("anchor_weight") or 1)
+    chat = int(config.get("chat_anchor_weight") or generated)
+    return f" Each generated anchor counts {_times(generated)} in training, each chat opener {_times(chat)}."
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
 
 
 def _config_of(training: dict) -> dict:
