@@ -27,6 +27,11 @@ def test_default_model_loads_and_is_within_budget() -> None:
     card = (classifier.DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
     for needed in ("Apache-2.0", "MIT", "promptier train", "embedding-lr", "Data fingerprint"):
         assert needed in card, needed
+    config = manifest.training["config"]
+    if config.get("chat_anchors"):  # the card names the chat corpus and how much its openers counted
+        chat_weight = config.get("chat_anchor_weight") or config["anchor_weight"]
+        assert "chatterbot-corpus" in card
+        assert f"each chat opener {'once' if chat_weight == 1 else f'{chat_weight} times'}." in card
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
     assert set(images) == {"eval.png", "generalization.png"}
     assert all((classifier.DEFAULT_MODEL_DIR / name).is_file() for name in images)
