@@ -27,6 +27,8 @@ from training.chat_anchors import (
 )
 from training.probes import load_probes, render_probe_markdown
 
+SUITE = [probe.prompt for probe in load_probes()]
+
 
 def _keys(texts: list[str]) -> set[str]:
     return {normalise_prompt(text) for text in texts}
@@ -140,7 +142,7 @@ def test_a_chat_weight_without_chat_openers_is_a_config_error(tiny_backbone: Pat
 
 def test_the_chat_check_reports_where_the_held_out_openers_go(trained_artifact: Path) -> None:
     runtime = classifier.load(trained_artifact)
-    report = evaluate_chat_check(runtime)
+    report = evaluate_chat_check(runtime, SUITE)
     openers = chat_openers("check", exclude=[probe.prompt for probe in load_probes()])
     assert report["prompts"] == len(openers) and report["corpus"].startswith("chatterbot-corpus ")
     tiers = runtime.tier_names
@@ -169,13 +171,13 @@ def test_the_chat_check_leaves_out_openers_the_artifact_trained_on(artifact_copy
     assert overlap, "the corpus and the generated anchors share greetings; the exclusion below is tested"
 
     runtime = classifier.load(artifact_copy)
-    before = evaluate_chat_check(runtime)["prompts"]
+    before = evaluate_chat_check(runtime, SUITE)["prompts"]
     config = {**runtime.manifest.training["config"], "anchors": 150, "seed": 13}
     runtime.manifest = runtime.manifest.model_copy(update={"training": {**runtime.manifest.training,
                                                                         "config": config}})
-    assert evaluate_chat_check(runtime)["prompts"] == before - len(overlap)
+    assert evaluate_chat_check(runtime, SUITE)["prompts"] == before - len(overlap)
 
     learned = chat_openers("check", exclude=probes)[:3]  # as if they had been in its logs
     with (artifact_copy / SEEN_PROMPTS_FILE).open("a") as seen:
         seen.write("".join(f"{prompt_hash(text)}\n" for text in learned))
-    assert evaluate_chat_check(classifier.load(artifact_copy))["prompts"] == before - 3
+    assert evaluate_chat_check(classifier.load(artifact_copy), SUITE)["prompts"] == before - 3

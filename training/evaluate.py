@@ -15,7 +15,6 @@ from classifier.artifact_layout import (
     EVAL_MD_FILE,
     EVAL_PNG_FILE,
     MODEL_CARD_FILE,
-    SEEN_PROMPTS_FILE,
     write_member_text,
     writing_member,
 )
@@ -29,7 +28,7 @@ from training.baselines import (
 )
 from training.errors import DataError
 from training.generalization_report import BASELINES, MODEL, format_lead
-from training.labels import PromptTable, prompt_hash
+from training.labels import PromptTable, prompt_hash, seen_prompts
 from training.metrics import apgr, apgr_difference_interval, binary_curve, cpt, tier_metrics
 from training.routing import always_top, cheapest_point_within, routing_curve, top_known_tier
 
@@ -238,12 +237,6 @@ def write_report(report: dict, out_dir: Path) -> None:
     write_member_text(out_dir, EVAL_MD_FILE, render_markdown(report))
     with writing_member(out_dir, EVAL_PNG_FILE) as path:
         plot(report, path)
-
-
-def seen_prompts(artifact: Path) -> set[str]:
-    """The hashes of the prompts an artifact was trained or calibrated on (none recorded: empty)."""
-    path = artifact / SEEN_PROMPTS_FILE
-    return set(path.read_text().split()) if path.exists() else set()
 
 
 def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.ndarray) -> dict:

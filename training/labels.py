@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from classifier.artifact_layout import SEEN_PROMPTS_FILE
 from training.data import OutcomeRow, TierLabelRow
 from training.errors import DataError
 from training.pool import Pool
@@ -18,6 +20,12 @@ SPLITS = ("train", "val", "test")
 def prompt_hash(text: str) -> str:
     """Stable 16-hex-digit identity of a prompt text (what `seen_prompts` stores)."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def seen_prompts(artifact: Path) -> set[str]:
+    """The hashes of the prompts an artifact was trained or calibrated on (none recorded: empty)."""
+    path = artifact / SEEN_PROMPTS_FILE
+    return set(path.read_text().split()) if path.exists() else set()
 
 
 @dataclass

@@ -118,7 +118,7 @@ def evaluate_probes(runtime: TierClassifier, probes: Sequence[Probe] | None = No
                       hard[report_rows & (np.array([p.kind for p in probes]) == kind)])
         for kind in kinds
     }
-    report["chat_check"] = evaluate_chat_check(runtime)
+    report["chat_check"] = evaluate_chat_check(runtime, [probe.prompt for probe in load_probes()])
     return report
 
 
