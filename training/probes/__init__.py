@@ -91,7 +91,8 @@ def evaluate_probes(runtime: TierClassifier, probes: Sequence[Probe] | None = No
     the tiers come from the runtime's own decisions, so whatever decides a prompt (the model or the
     prior for unfamiliar prompts) is what is measured.
     """
-    probes = list(load_probes() if probes is None else probes)
+    suite = load_probes()
+    probes = list(suite if probes is None else probes)
     prompts = [p.prompt for p in probes]
     hard = np.array([p.difficulty == "hard" for p in probes])
     tiers = runtime.tier_names
@@ -118,7 +119,8 @@ def evaluate_probes(runtime: TierClassifier, probes: Sequence[Probe] | None = No
                       hard[report_rows & (np.array([p.kind for p in probes]) == kind)])
         for kind in kinds
     }
-    report["chat_check"] = evaluate_chat_check(runtime, [probe.prompt for probe in load_probes()])
+    # The chat check leaves out every prompt of the suite, not only those evaluated here.
+    report["chat_check"] = evaluate_chat_check(runtime, [probe.prompt for probe in suite])
     return report
 
 
