@@ -6,8 +6,9 @@ would get a score the model has no basis for. Such a prompt is routed by this ru
 every operator can read and predict:
 
 - technical (a code block or code-like lines, LaTeX, dense mathematical notation, a request for a
-  proof or an implementation, or to design a system) or long (`long_chars` characters or more): the
-  most capable tier;
+  proof or an implementation, or to design a system), a piece of writing under a formal constraint
+  (an acrostic, a lipogram, a palindrome, a pangram, strict metre and rhyme) or long (`long_chars`
+  characters or more): the most capable tier;
 - short (`short_chars` characters or fewer) and not technical: the cheapest tier;
 - anything else: the middle tier.
 
@@ -46,14 +47,42 @@ _TECHNICAL = re.compile(
 )
 
 
+# Writing whose difficulty is all in a formal constraint: such a request is short and reads as plain
+# prose, yet small models fail it. Only named constraints count ("write a poem" stays plain); a named
+# form counts when it is asked for ("is racecar a palindrome?" is a plain question), in the languages
+# of the proofs above.
+_WRITING_VERBS = (r"write|compose|create|craft|make|invent|come up with|generate|produce|give me|écri\w*|compose\w*"
+                  r"|schreib\w*|verfass\w*|escrib\w*|compón|componga|scrivi|scrivere|componi|escrev\w*|напиши\w*"
+                  r"|сочини\w*|составь\w*")
+_CONSTRAINED_FORMS = (r"acrostics?|lipograms?|pangrams?|palindromes?|palíndromos?|univocalic|sestinas?|villanelles?"
+                      r"|acrósticos?|acrostiches?|akrostichon|acrostici|acrostico|lipogrammes?|lipogramas?|pangramas?"
+                      r"|акростих\w*|липограмм\w*|панграмм\w*|палиндром\w*")
+# A program about the form ("write a palindrome checker") is ordinary code.
+_NOT_THE_FORM = r"(?!\s+(?:checker|check|function|program|detector|finder|test|validator|generator)\b)"
+_CONSTRAINED = re.compile(
+    rf"\b(?:{_WRITING_VERBS})\b[^.?!\n]{{0,60}}?\b(?:{_CONSTRAINED_FORMS})\b{_NOT_THE_FORM}"
+    r"|\b(?:iambic|pentameter|hexameter|ямб\w*|хоре\w*)\b"
+    r"|\b(?:initials|first letters?|initial letters?)\b[^.?!\n]{0,40}\bspell"
+    r"|\bwithout (?:using )?(?:the |any )?letters? ['\"‘“]?\w['\"’”]?(?:\W|$)"
+    r"|\b(?:metre|meter|rhyme scheme)\b[^.?!\n]{0,30}\brhym|\brhym\w*[^.?!\n]{0,30}\b(?:metre|meter)\b"
+    r"|\bevery word (?:starts|begins) with",
+    re.IGNORECASE,
+)
+
+
 def is_technical(text: str) -> bool:
     """Whether `text` carries code or dense mathematics."""
     return _TECHNICAL.search(text) is not None
 
 
+def is_constrained_writing(text: str) -> bool:
+    """Whether `text` asks for writing under a formal constraint (an acrostic, a lipogram, strict metre)."""
+    return _CONSTRAINED.search(text) is not None
+
+
 def prior_tier(text: str, n_tiers: int, config: PriorConfig) -> int:
     """Index of the tier the prior gives `text`, among `n_tiers` tiers cheapest first."""
-    if len(text) >= config.long_chars or is_technical(text):
+    if len(text) >= config.long_chars or is_technical(text) or is_constrained_writing(text):
         return n_tiers - 1
     if len(text) <= config.short_chars:
         return 0

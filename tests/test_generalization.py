@@ -168,6 +168,16 @@ def test_prior_reads_length_and_structure() -> None:
     for plain in ("Plan a birthday party for my son.", "Design a logo for a bakery.",
                   "Design a poster for the school fair. Which printing system is cheapest?"):
         assert prior_tier(plain, 3, config) == 0, plain
+    # So is a short piece of writing under a formal constraint; a form named in a question, a program
+    # about it, or writing without a named constraint is not.
+    for constrained in ("Write a villanelle about rain whose first letters spell AUTUMN.",
+                        "Write a paragraph about cats without using the letter a.",
+                        "Compose a palindrome about a canoe.", "Напиши акростих о зиме.",
+                        "Render this ballad into German, keeping its metre and rhyme."):
+        assert prior_tier(constrained, 3, config) == 2, constrained
+    for plain in ("Is racecar a palindrome?", "can you write a palindrome checker in Python?",
+                  "Write a short poem for my mum's birthday.", "What rhymes with orange?"):
+        assert prior_tier(plain, 3, config) == 0, plain
 
 
 def test_unfamiliar_prompts_are_routed_by_the_prior_visibly(tmp_path: Path, tiny_backbone: Path,
