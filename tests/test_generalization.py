@@ -356,8 +356,11 @@ def test_recording_seeds_keeps_the_recorded_leave_one_source_out_figures(
     loso = {"sources": {"alpha": {"promptier": {"apgr": 0.6, "apgr_vs": {"length": lead}}, "length": {"apgr": 0.58}}},
             "beats_baselines": {"alpha": True}}
     manifest = load_manifest(artifact_copy)
-    save_manifest(manifest.model_copy(update={"metrics": {**manifest.metrics, "leave_one_source_out": loso}}),
-                  artifact_copy)
+    # Probe figures recorded before a change of the runtime: the artifact's own seed row must not reuse them.
+    stale = json.loads(json.dumps(manifest.metrics["probes"]))
+    stale["halves"]["report"]["auc"] = 0.123
+    save_manifest(manifest.model_copy(update={"metrics": {**manifest.metrics, "leave_one_source_out": loso,
+                                                          "probes": stale}}), artifact_copy)
     seed = str(manifest.training["config"]["seed"])
     result = CliRunner().invoke(app, ["eval", "--model", str(artifact_copy), "--logs", str(synthetic_logs),
                                       "--pool", str(pool_file), "--record", "--seeds", seed])
@@ -365,6 +368,9 @@ def test_recording_seeds_keeps_the_recorded_leave_one_source_out_figures(
     recorded = json.loads((artifact_copy / "generalization.json").read_text())
     assert recorded["leave_one_source_out"] == loso and set(recorded["seeds"]["runs"]) == {seed}
     assert load_manifest(artifact_copy).metrics["leave_one_source_out"] == loso
+    mode = manifest.policy.default_mode
+    assert recorded["seeds"]["probes"]["runs"][seed] == report_probes(load_manifest(artifact_copy).metrics, mode)
+    assert recorded["seeds"]["probes"]["runs"][seed]["auc"] != 0.123
     assert "| alpha | 0.6000 |" in (artifact_copy / "generalization.md").read_text()
     card = (artifact_copy / "MODEL_CARD.md").read_text()
     assert "| alpha | 0.6000 |" in card and "](generalization.png)" in card

@@ -263,7 +263,7 @@ def evaluate(
         if loso or seeds:
             generalization = _generalization(model, manifest, logs, pool, loso, seeds, work_dir, backbone_dir,
                                              cache_dir or Path.home() / ".cache" / "promptier", skip_invalid,
-                                             loso_traffic)
+                                             loso_traffic, probes)
         if record:
             from training.evaluate import record_in_artifact
 
@@ -285,8 +285,11 @@ def evaluate(
 
 def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], pool: Path, loso: bool,
                     seeds: str | None, work_dir: Path | None, backbone_dir: Path | None, cache_dir: Path,
-                    skip_invalid: bool, loso_traffic: bool = False) -> dict:
-    """Retrain the artifact's recipe for --loso (and --loso-traffic) and --seeds."""
+                    skip_invalid: bool, loso_traffic: bool = False, probes: dict | None = None) -> dict:
+    """Retrain the artifact's recipe for --loso (and --loso-traffic) and --seeds.
+
+    `probes`, the probe figures just measured on the artifact, stand for its own seed's run: those in its
+    manifest may predate a change of the runtime (the prior), and every other seed is measured now."""
     from training.config import TrainConfig
     from training.generalization import leave_one_source_out, own_run, report_probes, seed_spread
 
@@ -309,7 +312,8 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
         except ValueError as error:
             raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
-        known_probes = {seed: report_probes(manifest.metrics, config.default_mode) for seed in known}
+        measured = manifest.metrics if probes is None else {"probes": probes}
+        known_probes = {seed: report_probes(measured, config.default_mode) for seed in known}
         result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir,
                                       known_probes)
     return result
