@@ -168,6 +168,43 @@ def test_int8_rows_pooled_by_a_bag_student_are_scaled_in_the_pooling_weights(tmp
     assert source.stat().st_size - target.stat().st_size >= table.size * 3 - table.shape[0] * 4 - 1000
 
 
+def test_edge_pooling_reads_which_tokens_open_and_close_a_prompt(tmp_path: Path) -> None:
+    """A bag is blind to order; with `edge_tokens` the first and last tokens are also pooled on their own,
+    so moving a token to an end changes the features and shuffling the middle does not, in torch and in
+    the exported graph, padded or not."""
+    import onnxruntime as ort
+    import torch
+
+    from training.config import BagStudentConfig
+    from training.export import export_onnx
+    from training.model import BagTierModel
+
+    torch.manual_seed(0)
+    table = np.random.default_rng(0).normal(size=(100, 8))
+    spec = {"kind": "bag", "embedding_dim": 8, "pooling_heads": 1, "mlp_hidden": 8, "length_feature": True}
+    plain = BagTierModel(table, 3, BagStudentConfig(**spec)).eval()
+    edged = BagTierModel(table, 3, BagStudentConfig(**spec, edge_tokens=2)).eval()
+    prompt = [1, 11, 12, 13, 14, 15, 16, 2]
+    middle_shuffled = [1, 11, 14, 13, 12, 15, 16, 2]
+    end_moved = [1, 16, 12, 13, 14, 15, 11, 2]
+    ids = torch.tensor([prompt, middle_shuffled, end_moved])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain_features, edged_features = plain.features(ids, mask), edged.features(ids, mask)
+    assert torch.allclose(plain_features[0], plain_features[2], atol=1e-6)
+    assert torch.allclose(edged_features[0], edged_features[1], atol=1e-6)
+    assert not torch.allclose(edged_features[0], edged_features[2], atol=1e-3)
+    export_onnx(edged, tmp_path / "edged.onnx", max_tokens=12)
+    session = ort.InferenceSession(str(tmp_path / "edged.onnx"))
+    padded = np.zeros((2, 12), dtype=np.int64)
+    padded[0, :8], padded[1, :6] = prompt, [1, 11, 12, 13, 14, 2]
+    logits = session.run(None, {"input_ids": padded, "attention_mask": (padded > 0).astype(np.int64)})[0]
+    alone = session.run(None, {"input_ids": padded[1:, :6], "attention_mask": np.ones((1, 6), dtype=np.int64)})[0]
+    with torch.no_grad():
+        expected = edged(torch.tensor([prompt]), torch.ones((1, 8), dtype=torch.int64)).numpy()
+    assert np.abs(logits[:1] - expected).max() < 1e-4 and np.abs(logits[1:] - alone).max() < 1e-4
+
+
 def test_a_backbone_missing_weights_is_refused_not_left_at_random(tiny_backbone: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -47,6 +47,9 @@ class BagStudentConfig(BaseModel):
     dropout: float = Field(default=0.1, ge=0, lt=1)
     length_feature: bool = Field(default=False, description="give the MLP the log of the prompt's token count: "
                                  "pooling averages it away, and length is a strong difficulty signal")
+    edge_tokens: int = Field(default=0, ge=0, le=64, description="also pool the first and the last this many "
+                             "tokens by their mean (0: not): what a prompt asks is mostly at one end, and a "
+                             "whole-prompt mean lets a long pasted text drown it")
 
 
 class EmbeddingTeacherConfig(BaseModel):

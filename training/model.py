@@ -92,7 +92,9 @@ class BagTierModel(nn.Module):
     No attention between tokens and no per-token dense layer: everything per token is a table
     lookup, so the cost of a prompt is its tokenization plus one small MLP. Each pooling head has a
     learned per-token weight (an IDF learned for routing), so the model can find the few words that
-    decide the tier ("prove", "refactor", "step by step") instead of averaging them away.
+    decide the tier ("prove", "refactor", "step by step") instead of averaging them away. With
+    `edge_tokens`, the first and the last tokens are also pooled on their own: the request of a long
+    prompt is usually at one end of it, around a pasted text that a whole-prompt mean is mostly made of.
     """
 
     def __init__(self, table: np.ndarray, n_tiers: int, spec: BagStudentConfig, pad_id: int = 0) -> None:
@@ -103,7 +105,8 @@ class BagTierModel(nn.Module):
         with torch.no_grad():
             self.embeddings.weight.copy_(torch.from_numpy(table / (table.std() + 1e-6)))
             self.token_weight.weight.normal_(0.0, 0.1)
-        pooled = (spec.pooling_heads + 1) * dim
+        self.edge_tokens = spec.edge_tokens
+        pooled = (spec.pooling_heads + 1 + (2 if spec.edge_tokens else 0)) * dim
         self.norm = nn.LayerNorm(pooled)
         self.length_feature = spec.length_feature
         self.mlp = nn.Sequential(
@@ -124,7 +127,10 @@ class BagTierModel(nn.Module):
         mean_weights = present / present.sum(dim=-1, keepdim=True).clamp(min=1.0)
         # -1e4, not -inf: a fully padded row must not turn into NaN in the softmax.
         scores = self.token_weight(input_ids).transpose(1, 2) + (1.0 - present) * -1e4
-        weights = torch.cat([mean_weights, torch.softmax(scores, dim=-1)], dim=1)  # [batch, heads+1, seq]
+        rows = [mean_weights, torch.softmax(scores, dim=-1)]
+        if self.edge_tokens:
+            rows += self._edge_weights(present)
+        weights = torch.cat(rows, dim=1)  # [batch, heads+1 (+2), seq]
         # One batched matmul pools every head: far cheaper in ONNX Runtime than elementwise ops.
         pooled = self.norm(torch.bmm(weights, vectors).flatten(1))
         if self.length_feature:
@@ -132,6 +138,16 @@ class BagTierModel(nn.Module):
             log_tokens = torch.log(present.sum(dim=-1).clamp(min=1.0)) / 2.5 - 1.0  # [batch, 1]
             pooled = torch.cat([pooled, log_tokens], dim=1)
         return pooled
+
+    def _edge_weights(self, present: torch.Tensor) -> list[torch.Tensor]:
+        """Mean-pooling weights over the first and over the last `edge_tokens` tokens of each row
+        ([batch, 1, seq] each; rows are padded on the right, so a row's last token is at its count - 1)."""
+        position = torch.cumsum(present, dim=-1) - 1.0  # 0 for a row's first token, count - 1 for its last
+        count = present.sum(dim=-1, keepdim=True)
+        head = present * (position < self.edge_tokens).to(present.dtype)
+        tail = present * (position >= count - self.edge_tokens).to(present.dtype)
+        return [head / head.sum(dim=-1, keepdim=True).clamp(min=1.0),
+                tail / tail.sum(dim=-1, keepdim=True).clamp(min=1.0)]
 
 
 class WithUnfamiliarity(nn.Module):
