@@ -9,7 +9,7 @@ every operator can read and predict:
   proof or an implementation, or to design a system), a piece of writing under a formal constraint
   (an acrostic, a lipogram, a palindrome, a pangram, strict metre and rhyme) or long (`long_chars`
   characters or more): the most capable tier;
-- short (`short_chars` characters or fewer) and not technical: the cheapest tier;
+- short (`short_chars` characters or fewer), neither technical nor constrained: the cheapest tier;
 - anything else: the middle tier.
 
 The result says when the prior decided (`decided_by == "prior"`).
@@ -48,24 +48,35 @@ _TECHNICAL = re.compile(
 
 
 # Writing whose difficulty is all in a formal constraint: such a request is short and reads as plain
-# prose, yet small models fail it. Only named constraints count ("write a poem" stays plain); a named
-# form counts when it is asked for ("is racecar a palindrome?" is a plain question), in the languages
-# of the proofs above.
+# prose, yet small models fail it. Only named constraints count ("write a poem" stays plain), and only
+# when they are asked for: a question about a form ("is racecar a palindrome?", "what is iambic
+# pentameter?"), a text about it or a program that handles it is ordinary. English, French, German,
+# Spanish, Italian, Portuguese and Russian.
 _WRITING_VERBS = (r"write|compose|create|craft|make|invent|come up with|generate|produce|give me|écri\w*|compose\w*"
                   r"|schreib\w*|verfass\w*|escrib\w*|compón|componga|scrivi|scrivere|componi|escrev\w*|напиши\w*"
                   r"|сочини\w*|составь\w*")
 _CONSTRAINED_FORMS = (r"acrostics?|lipograms?|pangrams?|palindromes?|palíndromos?|univocalic|sestinas?|villanelles?"
-                      r"|acrósticos?|acrostiches?|akrostichon|acrostici|acrostico|lipogrammes?|lipogramas?|pangramas?"
-                      r"|акростих\w*|липограмм\w*|панграмм\w*|палиндром\w*")
-# A program about the form ("write a palindrome checker") is ordinary code.
-_NOT_THE_FORM = r"(?!\s+(?:checker|check|function|program|detector|finder|test|validator|generator)\b)"
+                      r"|acrósticos?|acrostiches?|akrostichon|akrosticha|acrostici|acrostico|lipogrammes?|lipogramas?"
+                      r"|lipogramm|pangramas?|pangramm|palindrom|палиндром\w*|акростих\w*|липограмм\w*|панграмм\w*")
+# Between the verb and the form, at most three words that keep the form the thing written ("write me a
+# short palindrome"); a preposition or a code word means the form is a topic or an input instead.
+_FILLER_WORD = (r"(?!(?:of|about|on|for|that|which|whether|to|with|using|program\w*|function\w*|script\w*"
+                r"|code|class|method|regex|función|fonction|funktion|функци\w*|программ\w*)\b)[\w'’-]+")
+_NOT_THE_FORM = (r"(?![-\s]+(?:check\w*|function\w*|program\w*|detect\w*|find\w*|test\w*|validat\w*"
+                 r"|generat\w*|numbers?|substrings?|subsequences?|script\w*)\b)")
+_METRE = r"metre|meter|iambic|pentameter|hexameter|mètre|métrica|metrica|métrica|versmaß|metrum|ямб\w*|размер\w*"
+_RHYME = r"rhym\w*|rimes?|rima\w*|reim\w*|рифм\w*"
+_KEEPING = (r"keep\w*|preserv\w*|maintain\w*|retain\w*|strict|gardant|garde[rz]?|respect\w*|conserv\w*|manten\w*"
+            r"|mantien\w*|beibehalt\w*|behalt\w*|сохран\w*|соблюд\w*")
 _CONSTRAINED = re.compile(
-    rf"\b(?:{_WRITING_VERBS})\b[^.?!\n]{{0,60}}?\b(?:{_CONSTRAINED_FORMS})\b{_NOT_THE_FORM}"
-    r"|\b(?:iambic|pentameter|hexameter|ямб\w*|хоре\w*)\b"
-    r"|\b(?:initials|first letters?|initial letters?)\b[^.?!\n]{0,40}\bspell"
+    rf"\b(?:{_WRITING_VERBS})\s+(?:{_FILLER_WORD}\s+){{0,3}}(?:{_CONSTRAINED_FORMS})\b{_NOT_THE_FORM}"
+    rf"|\b(?:{_WRITING_VERBS})\b[^.?!\n]{{0,60}}?\b(?:iambic|pentameter|hexameter|tetrameter|trochaic|dactylic)\b"
+    rf"|\b(?:{_KEEPING})\b[^.?!\n]{{0,30}}?\b(?:(?:{_METRE})\b[^.?!\n]{{0,30}}?\b(?:{_RHYME})"
+    rf"|(?:{_RHYME})\b[^.?!\n]{{0,30}}?\b(?:{_METRE}))\b"
+    r"|\b(?:initials|first letters?|initial letters?)\b[^.?!\n]{0,40}\b(?:spells?|spell out|spelling out)\b"
     r"|\bwithout (?:using )?(?:the |any )?letters? ['\"‘“]?\w['\"’”]?(?:\W|$)"
-    r"|\b(?:metre|meter|rhyme scheme)\b[^.?!\n]{0,30}\brhym|\brhym\w*[^.?!\n]{0,30}\b(?:metre|meter)\b"
-    r"|\bevery word (?:starts|begins) with",
+    r"|\bevery word (?:starts|begins) with (?:the (?:same )?letter\b|['\"‘“]?\w['\"’”]?\b"
+    r"(?!\s*(?:capital|uppercase|upper-case|lower-case|lowercase)))",
     re.IGNORECASE,
 )
 
@@ -76,7 +87,8 @@ def is_technical(text: str) -> bool:
 
 
 def is_constrained_writing(text: str) -> bool:
-    """Whether `text` asks for writing under a formal constraint (an acrostic, a lipogram, strict metre)."""
+    """Whether `text` asks for writing under a formal constraint (an acrostic, a lipogram, a palindrome,
+    strict metre and rhyme)."""
     return _CONSTRAINED.search(text) is not None
 
 

@@ -173,10 +173,15 @@ def test_prior_reads_length_and_structure() -> None:
     for constrained in ("Write a villanelle about rain whose first letters spell AUTUMN.",
                         "Write a paragraph about cats without using the letter a.",
                         "Compose a palindrome about a canoe.", "Напиши акростих о зиме.",
-                        "Render this ballad into German, keeping its metre and rhyme."):
+                        "Render this ballad into German, keeping its metre and rhyme.",
+                        "Переведи это стихотворение, сохранив ямб и рифму."):
         assert prior_tier(constrained, 3, config) == 2, constrained
     for plain in ("Is racecar a palindrome?", "can you write a palindrome checker in Python?",
-                  "Write a short poem for my mum's birthday.", "What rhymes with orange?"):
+                  "Write a Python function that checks whether a word is a palindrome.",
+                  "Write a palindrome-checking function", "Generate a list of 10 palindromes",
+                  "Write a blog post about the history of palindromes.", "What is iambic pentameter?",
+                  "Capitalize the first letter of each word and fix spelling.", "What rhymes with meter?",
+                  "Make sure every word starts with a capital letter", "Write a short poem for my mum's birthday."):
         assert prior_tier(plain, 3, config) == 0, plain
 
 
@@ -371,6 +376,8 @@ def test_recording_seeds_keeps_the_recorded_leave_one_source_out_figures(
     mode = manifest.policy.default_mode
     assert recorded["seeds"]["probes"]["runs"][seed] == report_probes(load_manifest(artifact_copy).metrics, mode)
     assert recorded["seeds"]["probes"]["runs"][seed]["auc"] != 0.123
+    # ... and they were measured on the artifact itself, not on a retrained copy of its seed.
+    assert not (artifact_copy.with_name(artifact_copy.name + ".generalization") / "seeds" / f"seed-{seed}").exists()
     assert "| alpha | 0.6000 |" in (artifact_copy / "generalization.md").read_text()
     card = (artifact_copy / "MODEL_CARD.md").read_text()
     assert "| alpha | 0.6000 |" in card and "](generalization.png)" in card

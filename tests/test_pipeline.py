@@ -133,7 +133,8 @@ def test_compact_embedding_tables_keep_the_model_output(trained_artifact: Path, 
     assert target.stat().st_size < (trained_artifact / "model.onnx").stat().st_size
 
 
-def test_int8_rows_pooled_by_a_bag_student_are_scaled_in_the_pooling_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("edge_tokens", [0, 4])
+def test_int8_rows_pooled_by_a_bag_student_are_scaled_in_the_pooling_weights(tmp_path: Path, edge_tokens: int) -> None:
     """The shipped student's form: its table's row scales multiply the pooling weights, never the rows,
     and the output (logits and unfamiliarity) stays the fp32 model's."""
     import onnx
@@ -146,7 +147,8 @@ def test_int8_rows_pooled_by_a_bag_student_are_scaled_in_the_pooling_weights(tmp
 
     torch.manual_seed(0)
     table = np.random.default_rng(0).normal(size=(500, 16))
-    bag = BagTierModel(table, 3, BagStudentConfig(kind="bag", embedding_dim=16, pooling_heads=2, length_feature=True))
+    bag = BagTierModel(table, 3, BagStudentConfig(kind="bag", embedding_dim=16, pooling_heads=2, length_feature=True,
+                                                  edge_tokens=edge_tokens))
     ids = np.random.default_rng(1).integers(1, 500, size=(6, 24))
     mask = np.ones_like(ids)
     mask[3, 10:] = 0  # a padded row
