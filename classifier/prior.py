@@ -52,7 +52,7 @@ _TECHNICAL = re.compile(
 # when they are asked for: a question about a form ("is racecar a palindrome?", "what is iambic
 # pentameter?"), a text about it or a program that handles it is ordinary. English, French, German,
 # Spanish, Italian, Portuguese and Russian.
-_WRITING_VERBS = (r"write|compose|create|craft|make|invent|come up with|generate|produce|give me|écri\w*|compose\w*"
+_WRITING_VERBS = (r"write|compose\w*|create|craft|make|invent|come up with|generate|produce|give me|écri\w*"
                   r"|schreib\w*|verfass\w*|escrib\w*|compón|componga|scrivi|scrivere|componi|escrev\w*|напиши\w*"
                   r"|сочини\w*|составь\w*")
 _CONSTRAINED_FORMS = (r"acrostics?|lipograms?|pangrams?|palindromes?|palíndromos?|univocalic|sestinas?|villanelles?"
@@ -64,7 +64,7 @@ _FILLER_WORD = (r"(?!(?:of|about|on|for|that|which|whether|to|with|using|program
                 r"|code|class|method|regex|función|fonction|funktion|функци\w*|программ\w*)\b)[\w'’-]+")
 _NOT_THE_FORM = (r"(?![-\s]+(?:check\w*|function\w*|program\w*|detect\w*|find\w*|test\w*|validat\w*"
                  r"|generat\w*|numbers?|substrings?|subsequences?|script\w*)\b)")
-_METRE = r"metre|meter|iambic|pentameter|hexameter|mètre|métrica|metrica|métrica|versmaß|metrum|ямб\w*|размер\w*"
+_METRE = r"metre|meter|iambic|pentameter|hexameter|mètre|métrica|metrica|versmaß|metrum|ямб\w*|размер\w*"
 _RHYME = r"rhym\w*|rimes?|rima\w*|reim\w*|рифм\w*"
 _KEEPING = (r"keep\w*|preserv\w*|maintain\w*|retain\w*|strict|gardant|garde[rz]?|respect\w*|conserv\w*|manten\w*"
             r"|mantien\w*|beibehalt\w*|behalt\w*|сохран\w*|соблюд\w*")
