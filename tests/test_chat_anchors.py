@@ -100,7 +100,7 @@ def test_chat_anchors_join_the_anchor_table_as_easy_prompts(tiny_backbone: Path,
     added = with_chat.prompts[len(without):]
     assert with_chat.prompts[:len(without)] == without.prompts
     assert len(added) > 1000 and _keys(added) <= _keys(chat_openers("train"))
-    assert not _keys(added) & _keys([probe.prompt for probe in load_probes()])
+    assert not _keys(added) & _keys(SUITE)
     assert set(with_chat.sources) == {ANCHOR_SOURCE}
     assert (with_chat.categories[len(without):] == "easy").all()
     assert np.allclose(with_chat.targets[len(without):], assumed_outcomes("easy", len(pool.tier_names)))
@@ -109,7 +109,7 @@ def test_chat_anchors_join_the_anchor_table_as_easy_prompts(tiny_backbone: Path,
     # anchors every opener of the training half is there.
     only_chat = anchor_table(pool, tiny_config(tiny_backbone, chat_anchors=True))
     assert only_chat is not None and set(added) <= set(only_chat.prompts)
-    assert set(only_chat.prompts) == set(chat_openers("train", exclude=[probe.prompt for probe in load_probes()]))
+    assert set(only_chat.prompts) == set(chat_openers("train", exclude=SUITE))
     assert not _keys(added) & _keys(without.prompts)
 
 
@@ -143,7 +143,7 @@ def test_a_chat_weight_without_chat_openers_is_a_config_error(tiny_backbone: Pat
 def test_the_chat_check_reports_where_the_held_out_openers_go(trained_artifact: Path) -> None:
     runtime = classifier.load(trained_artifact)
     report = evaluate_chat_check(runtime, SUITE)
-    openers = chat_openers("check", exclude=[probe.prompt for probe in load_probes()])
+    openers = chat_openers("check", exclude=SUITE)
     assert report["prompts"] == len(openers) and report["corpus"].startswith("chatterbot-corpus ")
     tiers = runtime.tier_names
     for mode, shares in report["modes"].items():
@@ -163,11 +163,10 @@ def test_the_chat_check_reports_where_the_held_out_openers_go(trained_artifact: 
 def test_the_chat_check_leaves_out_openers_the_artifact_trained_on(artifact_copy: Path) -> None:
     from training.labels import prompt_hash
 
-    probes = [probe.prompt for probe in load_probes()]
     # "Привет!"-like greetings are generated anchors too; an artifact trained on anchors never
     # counts them as held out.
-    generated = [row["prompt"] for row in anchor_rows(["small", "medium", "large"], 150, 13, exclude=probes)]
-    overlap = _keys(generated) & _keys(chat_openers("check", exclude=probes))
+    generated = [row["prompt"] for row in anchor_rows(["small", "medium", "large"], 150, 13, exclude=SUITE)]
+    overlap = _keys(generated) & _keys(chat_openers("check", exclude=SUITE))
     assert overlap, "the corpus and the generated anchors share greetings; the exclusion below is tested"
 
     runtime = classifier.load(artifact_copy)
@@ -177,7 +176,7 @@ def test_the_chat_check_leaves_out_openers_the_artifact_trained_on(artifact_copy
                                                                         "config": config}})
     assert evaluate_chat_check(runtime, SUITE)["prompts"] == before - len(overlap)
 
-    learned = chat_openers("check", exclude=probes)[:3]  # as if they had been in its logs
+    learned = chat_openers("check", exclude=SUITE)[:3]  # as if they had been in its logs
     with (artifact_copy / SEEN_PROMPTS_FILE).open("a") as seen:
         seen.write("".join(f"{prompt_hash(text)}\n" for text in learned))
     assert evaluate_chat_check(classifier.load(artifact_copy), SUITE)["prompts"] == before - 3
