@@ -16,6 +16,7 @@ from training.anchors_native import NATIVE_EASY_MORE, NATIVE_HARD_KINDS, native_
 from training.errors import DataError
 from training.generalization import (
     leave_one_source_out,
+    loso_seed_spread,
     own_run,
     render_markdown,
     report_probes,
@@ -111,6 +112,40 @@ def test_leave_one_source_out_trains_without_each_source(tmp_path: Path, tiny_ba
     lead = result["sources"]["alpha"]["promptier"]["apgr_vs"]["length"]
     assert f"{lead['difference']:+.3f} [{lead['ci95'][0]:+.3f}, {lead['ci95'][1]:+.3f}]" in alpha
     assert any((tmp_path / "cache").iterdir())  # embeddings kept for the next fold
+
+
+def test_leave_one_source_out_over_seeds_judges_each_source_on_the_mean(
+        tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path, pool_file: Path) -> None:
+    config = tiny_config(tiny_backbone, epochs=2)
+    seeds = [config.seed, config.seed + 1]
+    result = loso_seed_spread([synthetic_logs], pool_file, config, seeds, tmp_path, backbone_dir=tiny_backbone,
+                              cache_dir=tmp_path / "cache")
+    assert result["seeds"] == seeds and set(result["runs"]) == {str(seed) for seed in seeds}
+    for seed in seeds:
+        for source in ("alpha", "beta"):
+            # Each fold is the recipe with this seed and the source held out, scored on that source.
+            manifest = json.loads((tmp_path / f"seed-{seed}" / f"without-{source}" / "manifest.json").read_text())
+            assert manifest["training"]["config"]["seed"] == seed
+            assert manifest["training"]["config"]["holdout_sources"] == [source]
+            report = json.loads((tmp_path / f"seed-{seed}" / f"without-{source}" / "eval.json").read_text())
+            assert result["runs"][str(seed)][source]["promptier"] == pytest.approx(
+                report["groups"][source]["methods"]["promptier"]["apgr"], abs=1e-4)
+    for source, methods in result["sources"].items():
+        assert {"promptier", "length", "embedding-lr"} <= set(methods)
+        for method, figures in methods.items():
+            values = [result["runs"][str(seed)][source][method] for seed in seeds]
+            assert figures["mean"] == pytest.approx(sum(values) / len(values))
+            assert figures["min"] == min(values) and figures["max"] == max(values)
+        assert result["beats_baselines"][source] == all(
+            methods["promptier"]["mean"] > methods[b]["mean"] for b in ("length", "embedding-lr"))
+    # Two seeds of one fold are two different models, not one model scored twice.
+    assert any(result["runs"][str(seeds[0])][s]["promptier"] != result["runs"][str(seeds[1])][s]["promptier"]
+               for s in ("alpha", "beta"))
+    table = render_markdown({"loso_seeds": result})
+    alpha = next(line for line in table.splitlines() if line.startswith("| alpha |"))
+    model = result["sources"]["alpha"]["promptier"]
+    assert alpha.startswith(f"| alpha | {model['mean']:.4f} | {model['min']:.4f} - {model['max']:.4f} |")
+    assert f"over seeds {seeds}" in table
 
 
 def test_leave_one_source_out_with_traffic_scores_both_folds_on_the_unseen_half(
@@ -340,7 +375,20 @@ def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Pa
     assert [list(collection.get_offsets()[:, 1]) for collection in per_seed.collections] == [[0.6], [0.7], [0.65]]
     assert [patch.get_height() for patch in probes.patches] == [shares[key] for key in PROBE_SHARES]
     plt.close(drawn)
-    for report, panels in (({"seeds": {**seeds, "probes": None}}, 1), ({"leave_one_source_out": loso}, 2)):
+    over_seeds = {"seeds": [1, 2], "runs": {"1": {"alpha": {"promptier": 0.55, "length": 0.5}},
+                                             "2": {"alpha": {"promptier": 0.65, "length": 0.5}}},
+                  "sources": {"alpha": {"promptier": {"mean": 0.6, "min": 0.55, "max": 0.65},
+                                        "length": {"mean": 0.5, "min": 0.5, "max": 0.5}}},
+                  "beats_baselines": {"alpha": True}}
+    drawn = figure({"loso_seeds": over_seeds})
+    (panel,) = [axis for axis in drawn.axes if axis.get_visible()]
+    # One point per method that was measured, each mean with the lowest and highest seed's figure.
+    assert [list(container.lines[0].get_ydata()) for container in panel.containers][:2] == [[0.6], [0.5]]
+    spans = panel.containers[0].lines[2][0].get_segments()
+    assert list(spans[0][:, 1]) == pytest.approx([0.55, 0.65])
+    plt.close(drawn)
+    for report, panels in (({"seeds": {**seeds, "probes": None}}, 1), ({"leave_one_source_out": loso}, 2),
+                           ({"leave_one_source_out": loso, "loso_seeds": over_seeds}, 3)):
         drawn = figure(report)
         assert sum(axis.get_visible() for axis in drawn.axes) == panels
         plt.close(drawn)

@@ -221,10 +221,12 @@ def evaluate(
                                                                      "prompts unlabeled (as a customer's traffic "
                                                                      "without outcomes), scored on the other "
                                                                      "half")] = False,
+    loso_seeds: Annotated[str | None, typer.Option(help="also run leave-one-source-out once per seed (e.g. "
+                                                        "13,14,15) and judge each held-out source on the mean")] = None,
     seeds: Annotated[str | None, typer.Option(help="also retrain the recipe with these seeds (e.g. 13,14,15) and "
                                                    "report the spread of its in-distribution APGR")] = None,
-    work_dir: Annotated[Path | None, typer.Option(help="where --loso and --seeds train (default: MODEL.generalization)"
-                                                  )] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="where --loso, --loso-seeds and --seeds train (default: "
+                                                       "MODEL.generalization)")] = None,
 ) -> None:
     """Evaluate a model against baselines on the prompts of LOGS it never saw, and on the probe suite."""
     _require_training_extra()
@@ -260,10 +262,10 @@ def evaluate(
 
         probes = evaluate_probes(classifier.load(model))
         generalization = None
-        if loso or seeds:
+        if loso or seeds or loso_seeds:
             generalization = _generalization(model, manifest, logs, pool, loso, seeds, work_dir, backbone_dir,
                                              cache_dir or Path.home() / ".cache" / "promptier", skip_invalid,
-                                             loso_traffic, probes)
+                                             loso_traffic, probes, loso_seeds)
         if record:
             from training.evaluate import record_in_artifact
 
@@ -285,13 +287,14 @@ def evaluate(
 
 def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], pool: Path, loso: bool,
                     seeds: str | None, work_dir: Path | None, backbone_dir: Path | None, cache_dir: Path,
-                    skip_invalid: bool, loso_traffic: bool = False, probes: dict | None = None) -> dict:
-    """Retrain the artifact's recipe for --loso (and --loso-traffic) and --seeds.
+                    skip_invalid: bool, loso_traffic: bool = False, probes: dict | None = None,
+                    loso_seeds: str | None = None) -> dict:
+    """Retrain the artifact's recipe for --loso (and --loso-traffic), --loso-seeds and --seeds.
 
     `probes`, the probe figures just measured on the artifact, stand for its own seed's run: those in its
     manifest may predate a change of the runtime (the prior), and every other seed is measured now."""
     from training.config import TrainConfig
-    from training.generalization import leave_one_source_out, own_run, report_probes, seed_spread
+    from training.generalization import leave_one_source_out, loso_seed_spread, own_run, report_probes, seed_spread
 
     if manifest.training.get("teacher"):
         raise PromptierError("--loso and --seeds retrain the recipe, and this model was distilled from a teacher "
@@ -306,17 +309,24 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
     if loso:
         result["leave_one_source_out"] = leave_one_source_out(logs, pool, config, root / "loso", backbone_dir,
                                                                cache_dir, skip_invalid, loso_traffic)
+    if loso_seeds:
+        result["loso_seeds"] = loso_seed_spread(logs, pool, config, _seed_list("--loso-seeds", loso_seeds),
+                                                root / "loso-seeds", backbone_dir, cache_dir, skip_invalid)
     if seeds:
-        try:
-            seed_list = [int(seed) for seed in seeds.split(",")]
-        except ValueError as error:
-            raise PromptierError(f"--seeds takes integers separated by commas, got {seeds!r}") from error
+        seed_list = _seed_list("--seeds", seeds)
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
         measured = manifest.metrics if probes is None else {"probes": probes}
         known_probes = {seed: report_probes(measured, config.default_mode) for seed in known}
         result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir,
                                       known_probes)
     return result
+
+
+def _seed_list(option: str, seeds: str) -> list[int]:
+    try:
+        return [int(seed) for seed in seeds.split(",")]
+    except ValueError as error:
+        raise PromptierError(f"{option} takes integers separated by commas, got {seeds!r}") from error
 
 
 @app.command()

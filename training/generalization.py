@@ -26,7 +26,8 @@ from training.inputs import prepare_data
 from training.labels import PromptTable
 from training.pipeline import train
 
-__all__ = ["leave_one_source_out", "render_markdown", "report_probes", "seed_spread", "write_report"]
+__all__ = ["leave_one_source_out", "loso_seed_spread", "render_markdown", "report_probes", "seed_spread",
+           "write_report"]
 log = logging.getLogger(__name__)
 
 
@@ -52,23 +53,72 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
     result: dict = {"sources": {}, "beats_baselines": {}}
     for source in sources:
         log.info("leave-one-source-out: training without %s", source)
-        # Every other source's prompts go to training and validation: the test split is the held-out source.
-        fold = config.model_copy(update={"holdout_sources": [source], "holdout_categories": [], "test_fraction": 0.0})
+        fold = _fold_config(config, source)
         out = work_root / f"without-{source}"
-        manifest = train(logs, pool, out, fold, work_dir=work_root / f"without-{source}.work",
-                         skip_invalid=skip_invalid, model_version=f"loso-{source}",
-                         evaluation_backbone=backbone_dir, cache_dir=cache_dir)
-        assert manifest is not None  # one process: it is the main one
-        summary = manifest.metrics["test"]
-        assert isinstance(summary, dict)
-        methods = {method: summary[source][method] for method in (MODEL, *BASELINES) if method in summary[source]}
+        methods = _train_fold(logs, pool, fold, source, out, backbone_dir, cache_dir, skip_invalid)
         result["sources"][source] = methods
-        result["beats_baselines"][source] = all(
-            methods[MODEL]["apgr"] > methods[b]["apgr"] for b in BASELINES if b in methods)
+        result["beats_baselines"][source] = _beats_baselines({m: figures["apgr"] for m, figures in methods.items()})
         if traffic:
             result.setdefault("with_traffic", {})[source] = _with_traffic(
                 logs, pool, fold, table, source, out, work_root, backbone_dir, cache_dir, skip_invalid)
     return result
+
+
+def loso_seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
+                     work_root: Path, backbone_dir: Path | None, cache_dir: Path | None = None,
+                     skip_invalid: bool = False) -> dict:
+    """Leave-one-source-out once per seed: each held-out source's APGR, the model's and the baselines', per
+    seed and averaged over the seeds; whether the model's mean beats each baseline's mean.
+
+    One seed's fold can differ from the next by more than two recipes differ (a fold's validation split,
+    initialisation and batch order all follow the seed), so a recipe is judged on the mean.
+
+    Returns {"seeds", "runs": {seed: {source: {method: apgr}}},
+    "sources": {source: {method: {"mean", "min", "max"}}}, "beats_baselines": {source: bool}}.
+    """
+    sources = sorted(set(prepare_data(logs, pool, config, skip_invalid).table.sources))
+    if len(sources) < 2:
+        raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in seeds:
+        runs[str(seed)] = {}
+        for source in sources:
+            log.info("leave-one-source-out over seeds: seed %d, training without %s", seed, source)
+            fold = _fold_config(config.model_copy(update={"seed": seed}), source)
+            methods = _train_fold(logs, pool, fold, source, work_root / f"seed-{seed}" / f"without-{source}",
+                                  backbone_dir, cache_dir, skip_invalid)
+            runs[str(seed)][source] = {method: figures["apgr"] for method, figures in methods.items()}
+    per_source: dict[str, dict[str, dict[str, float]]] = {}
+    beats: dict[str, bool] = {}
+    for source in sources:
+        measured = set.intersection(*(set(run[source]) for run in runs.values()))
+        values = {method: np.array([run[source][method] for run in runs.values()]) for method in sorted(measured)}
+        per_source[source] = {method: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
+                              for method, v in values.items()}
+        beats[source] = _beats_baselines({method: v["mean"] for method, v in per_source[source].items()})
+    return {"seeds": [int(seed) for seed in seeds], "runs": runs, "sources": per_source, "beats_baselines": beats}
+
+
+def _fold_config(config: TrainConfig, source: str) -> TrainConfig:
+    """The recipe with `source` held out: every other source's prompts go to training and validation, and
+    the test split is the held-out source."""
+    return config.model_copy(update={"holdout_sources": [source], "holdout_categories": [], "test_fraction": 0.0})
+
+
+def _train_fold(logs: Sequence[str | Path], pool: str | Path, fold: TrainConfig, source: str, out: Path,
+                backbone_dir: Path | None, cache_dir: Path | None, skip_invalid: bool) -> dict:
+    """Train one fold into `out`; the model's and the baselines' figures on the held-out `source`."""
+    manifest = train(logs, pool, out, fold, work_dir=out.with_name(out.name + ".work"), skip_invalid=skip_invalid,
+                     model_version=f"loso-{source}", evaluation_backbone=backbone_dir, cache_dir=cache_dir)
+    assert manifest is not None  # one process: it is the main one
+    summary = manifest.metrics["test"]
+    assert isinstance(summary, dict)
+    return {method: summary[source][method] for method in (MODEL, *BASELINES) if method in summary[source]}
+
+
+def _beats_baselines(apgr: dict[str, float]) -> bool:
+    """Whether the model's APGR is above every baseline's that was measured."""
+    return all(apgr[MODEL] > apgr[b] for b in BASELINES if b in apgr)
 
 
 MIN_TRAFFIC_HALF = 20  # prompts in each half of a source, below which its traffic figures would be noise

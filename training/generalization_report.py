@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 BASELINES = ("length", "embedding-lr")
-_SECTIONS = ("leave_one_source_out", "seeds")  # the report's sections, as the manifest's metrics name them
+# The report's sections, as the manifest's metrics name them.
+_SECTIONS = ("leave_one_source_out", "loso_seeds", "seeds")
 MODEL = "promptier"
 WITHOUT_TRAFFIC = "without-traffic"  # the plain leave-one-source-out fold, beside the one given the traffic
 
@@ -59,6 +60,8 @@ def render_markdown(report: dict) -> str:
         lines.append("")
         if loso.get("with_traffic"):
             lines += _traffic_lines(loso["with_traffic"])
+    if report.get("loso_seeds"):
+        lines += _loso_seed_lines(report["loso_seeds"])
     seeds = report.get("seeds")
     if seeds:
         lines += [f"In-distribution APGR over seeds {seeds['seeds']} (each seed its own random split):", "",
@@ -70,6 +73,23 @@ def render_markdown(report: dict) -> str:
         if seeds.get("probes"):
             lines += _probe_lines(seeds)
     return "\n".join(lines)
+
+
+def _loso_seed_lines(over_seeds: dict) -> list[str]:
+    """Each held-out source's APGR averaged over the seeds (the model's lowest and highest beside it)."""
+    wins = sum(over_seeds["beats_baselines"].values())
+    lines = [f"Leave-one-source-out APGR over seeds {over_seeds['seeds']}, each fold retrained per seed: the mean "
+             f"beats both baselines' means on {wins} of {len(over_seeds['sources'])} sources.", "",
+             "| held-out source | promptier mean | promptier min - max | length | embedding-lr | beats both "
+             "| per seed |", "|---|---|---|---|---|---|---|"]
+    for source, methods in over_seeds["sources"].items():
+        model = methods[MODEL]
+        cells = [f"{model['mean']:.4f}", f"{model['min']:.4f} - {model['max']:.4f}"]
+        cells += [f"{methods[b]['mean']:.4f}" if b in methods else "-" for b in BASELINES]
+        cells.append("yes" if over_seeds["beats_baselines"][source] else "no")
+        cells.append(", ".join(f"{run[source][MODEL]:.4f}" for run in over_seeds["runs"].values()))
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _traffic_lines(with_traffic: dict) -> list[str]:
@@ -131,7 +151,8 @@ def plot(report: dict, path: Path) -> None:
 def figure(report: dict) -> Figure:
     """The figures as one matplotlib figure, a panel for each that was measured: leave-one-source-out
     APGR per held-out source beside the baselines; each lead with its 95% interval (a tie is an
-    interval across zero), the held-out source's traffic included; in-distribution APGR per seed; and
+    interval across zero), the held-out source's traffic included; leave-one-source-out APGR over seeds,
+    each mean with the lowest and highest seed's; in-distribution APGR per seed; and
     where the probe suite's report half sends easy and hard prompts, per seed.
 
     Raises:
@@ -143,7 +164,8 @@ def figure(report: dict) -> Figure:
     import matplotlib.pyplot as plt
 
     loso, seeds = report.get("leave_one_source_out"), report.get("seeds")
-    panels = ([_plot_loso, _plot_leads] if loso else []) + ([_plot_seeds] if seeds else [])
+    panels = ([_plot_loso, _plot_leads] if loso else []) + ([_plot_loso_seeds] if report.get("loso_seeds") else [])
+    panels += [_plot_seeds] if seeds else []
     panels += [_plot_probes] if seeds and seeds.get("probes") else []
     if not panels:
         raise ValueError("no leave-one-source-out or seed figures to plot")
@@ -197,6 +219,24 @@ def _plot_leads(report: dict, axis: Axes) -> None:
     axis.set_yticks(range(len(sources)), sources)
     axis.invert_yaxis()
     axis.set(title="promptier's APGR lead, 95% interval", xlabel="APGR difference (an interval across 0 is a tie)")
+    axis.legend(fontsize=8)
+
+
+def _plot_loso_seeds(report: dict, axis: Axes) -> None:
+    over_seeds = report["loso_seeds"]
+    sources = list(over_seeds["sources"])
+    for k, method in enumerate((MODEL, *BASELINES)):
+        xs = [i + (k - 1) * 0.22 for i in range(len(sources))]
+        figures = [over_seeds["sources"][s].get(method) for s in sources]
+        means = [f["mean"] if f else float("nan") for f in figures]
+        spans = [[f["mean"] - f["min"] if f else 0.0 for f in figures],
+                 [f["max"] - f["mean"] if f else 0.0 for f in figures]]
+        axis.errorbar(xs, means, yerr=spans, fmt="o", capsize=3, label=f"{method} (mean, min - max)")
+    axis.axhline(0.5, color="black", linestyle="--", linewidth=1, label="random")
+    wins = sum(over_seeds["beats_baselines"].values())
+    axis.set(title=f"Leave-one-source-out over seeds {over_seeds['seeds']} (mean beats both on {wins} of "
+                   f"{len(sources)})", ylabel="APGR on the held-out source")
+    axis.set_xticks(range(len(sources)), sources, rotation=20)
     axis.legend(fontsize=8)
 
 
