@@ -361,6 +361,11 @@ def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Pa
     write_report({"leave_one_source_out": loso, "seeds": seeds}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(GENERALIZATION_FILES)
     assert imread(tmp_path / "generalization.png").shape[0] > 0
+    # A report that cannot be drawn replaces none of the files recorded before.
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError):
+        write_report({"seeds": None}, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
     drawn = figure({"leave_one_source_out": loso, "seeds": seeds})
     bars, leads, per_seed, probes = [axis for axis in drawn.axes if axis.get_visible()]
@@ -375,15 +380,19 @@ def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Pa
     assert [list(collection.get_offsets()[:, 1]) for collection in per_seed.collections] == [[0.6], [0.7], [0.65]]
     assert [patch.get_height() for patch in probes.patches] == [shares[key] for key in PROBE_SHARES]
     plt.close(drawn)
-    over_seeds = {"seeds": [1, 2], "runs": {"1": {"alpha": {"promptier": 0.55, "length": 0.5}},
-                                             "2": {"alpha": {"promptier": 0.65, "length": 0.5}}},
+    # The length baseline's three equal figures: their float mean lands just below them.
+    over_seeds = {"seeds": [1, 2, 3], "runs": {"1": {"alpha": {"promptier": 0.55, "length": 0.7}},
+                                                "2": {"alpha": {"promptier": 0.65, "length": 0.7}},
+                                                "3": {"alpha": {"promptier": 0.6, "length": 0.7}}},
                   "sources": {"alpha": {"promptier": {"mean": 0.6, "min": 0.55, "max": 0.65},
-                                        "length": {"mean": 0.5, "min": 0.5, "max": 0.5}}},
-                  "beats_baselines": {"alpha": True}}
+                                        "length": {"mean": float(np.mean([0.7] * 3)), "min": 0.7, "max": 0.7}}},
+                  "beats_baselines": {"alpha": False}}
+    assert np.mean([0.7] * 3) < 0.7  # the rounding that drawing must survive
     drawn = figure({"loso_seeds": over_seeds})
     (panel,) = [axis for axis in drawn.axes if axis.get_visible()]
     # One point per method that was measured, each mean with the lowest and highest seed's figure.
-    assert [list(container.lines[0].get_ydata()) for container in panel.containers][:2] == [[0.6], [0.5]]
+    assert [list(container.lines[0].get_ydata()) for container in panel.containers][:2] == [
+        [0.6], [np.mean([0.7] * 3)]]
     spans = panel.containers[0].lines[2][0].get_segments()
     assert list(spans[0][:, 1]) == pytest.approx([0.55, 0.65])
     plt.close(drawn)

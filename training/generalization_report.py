@@ -229,8 +229,9 @@ def _plot_loso_seeds(report: dict, axis: Axes) -> None:
         xs = [i + (k - 1) * 0.22 for i in range(len(sources))]
         figures = [over_seeds["sources"][s].get(method) for s in sources]
         means = [f["mean"] if f else float("nan") for f in figures]
-        spans = [[f["mean"] - f["min"] if f else 0.0 for f in figures],
-                 [f["max"] - f["mean"] if f else 0.0 for f in figures]]
+        # Clamped at zero: the mean of equal figures can land a rounding error outside them.
+        spans = [[max(0.0, f["mean"] - f["min"]) if f else 0.0 for f in figures],
+                 [max(0.0, f["max"] - f["mean"]) if f else 0.0 for f in figures]]
         axis.errorbar(xs, means, yerr=spans, fmt="o", capsize=3, label=f"{method} (mean, min - max)")
     axis.axhline(0.5, color="black", linestyle="--", linewidth=1, label="random")
     wins = sum(over_seeds["beats_baselines"].values())
@@ -267,8 +268,10 @@ def _plot_probes(report: dict, axis: Axes) -> None:
 
 
 def write_report(report: dict, directory: Path) -> None:
-    """The figures as the artifact's generalization files (JSON, Markdown, PNG), each replaced whole."""
-    write_member_text(directory, GENERALIZATION_JSON_FILE, json.dumps(report, indent=1) + "\n")
-    write_member_text(directory, GENERALIZATION_MD_FILE, render_markdown(report))
+    """The figures as the artifact's generalization files (JSON, Markdown, PNG), each replaced whole.
+
+    The image is drawn first: should drawing fail, the files recorded before are left as they were."""
     with writing_member(directory, GENERALIZATION_PNG_FILE) as path:
         plot(report, path)
+    write_member_text(directory, GENERALIZATION_JSON_FILE, json.dumps(report, indent=1) + "\n")
+    write_member_text(directory, GENERALIZATION_MD_FILE, render_markdown(report))
