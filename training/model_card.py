@@ -85,7 +85,7 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         render_probe_markdown(probes, policy.default_mode) if isinstance(probes, dict) else "(not measured)", "",
         "## Generalization", "",
         render_generalization(recorded_generalization(metrics))
-        or "(not measured: `promptier eval --loso --seeds 13,14,15`)", "",
+        or "(not measured: `promptier eval --loso --loso-seeds 13,14,15 --seeds 13,14,15`)", "",
         *_figure(directory, GENERALIZATION_PNG_FILE, "Leave-one-source-out, seeds and probe figures"),
         "## Limits",
         "- Trained mostly on benchmark-style prompts (multiple choice, math, code, QA); open-ended chat "
