@@ -365,6 +365,14 @@ def test_eval_refuses_loso_traffic_without_loso(trained_artifact: Path, syntheti
                                       "--loso-traffic", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 2 and "embedding teacher" in result.output
     assert not (tmp_path / "eval").exists()
+    # Seeds that are not integers, or one named twice: refused before any evaluation too.
+    for option, value, message in (("--loso-seeds", "13,x", "takes integers"), ("--seeds", "14,14", "more than once"),
+                                   ("--loso-seeds", "13,14,13", "more than once")):
+        result = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(synthetic_logs),
+                                          "--pool", str(pool_file), "--no-embedding-baseline", option, value,
+                                          "--out", str(tmp_path / "eval")])
+        assert result.exit_code == 2 and option in result.output and message in result.output
+        assert not (tmp_path / "eval").exists()
 
 
 def test_eval_will_not_retrain_a_model_that_learned_unlabeled_prompts_as_its_recipe(

@@ -241,6 +241,8 @@ def evaluate(
     try:
         if loso_traffic and not loso:
             raise PromptierError("--loso-traffic extends --loso: pass both")
+        seed_list = _seed_list("--seeds", seeds) if seeds else []
+        loso_seed_list = _seed_list("--loso-seeds", loso_seeds) if loso_seeds else []
         manifest = load_manifest(model)
         recipe = manifest.training.get("config")
         if loso_traffic and not (isinstance(recipe, dict) and recipe.get("teacher")):
@@ -262,10 +264,10 @@ def evaluate(
 
         probes = evaluate_probes(classifier.load(model))
         generalization = None
-        if loso or seeds or loso_seeds:
-            generalization = _generalization(model, manifest, logs, pool, loso, seeds, work_dir, backbone_dir,
+        if loso or seed_list or loso_seed_list:
+            generalization = _generalization(model, manifest, logs, pool, loso, seed_list, work_dir, backbone_dir,
                                              cache_dir or Path.home() / ".cache" / "promptier", skip_invalid,
-                                             loso_traffic, probes, loso_seeds)
+                                             loso_traffic, probes, loso_seed_list)
         if record:
             from training.evaluate import record_in_artifact
 
@@ -286,9 +288,9 @@ def evaluate(
 
 
 def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], pool: Path, loso: bool,
-                    seeds: str | None, work_dir: Path | None, backbone_dir: Path | None, cache_dir: Path,
+                    seeds: list[int], work_dir: Path | None, backbone_dir: Path | None, cache_dir: Path,
                     skip_invalid: bool, loso_traffic: bool = False, probes: dict | None = None,
-                    loso_seeds: str | None = None) -> dict:
+                    loso_seeds: list[int] | None = None) -> dict:
     """Retrain the artifact's recipe for --loso (and --loso-traffic), --loso-seeds and --seeds.
 
     `probes`, the probe figures just measured on the artifact, stand for its own seed's run: those in its
@@ -310,23 +312,26 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
         result["leave_one_source_out"] = leave_one_source_out(logs, pool, config, root / "loso", backbone_dir,
                                                                cache_dir, skip_invalid, loso_traffic)
     if loso_seeds:
-        result["loso_seeds"] = loso_seed_spread(logs, pool, config, _seed_list("--loso-seeds", loso_seeds),
-                                                root / "loso-seeds", backbone_dir, cache_dir, skip_invalid)
+        result["loso_seeds"] = loso_seed_spread(logs, pool, config, loso_seeds, root / "loso-seeds", backbone_dir,
+                                                cache_dir, skip_invalid)
     if seeds:
-        seed_list = _seed_list("--seeds", seeds)
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
         measured = manifest.metrics if probes is None else {"probes": probes}
         known_probes = {seed: report_probes(measured, config.default_mode) for seed in known}
-        result["seeds"] = seed_spread(logs, pool, config, seed_list, root / "seeds", skip_invalid, known, cache_dir,
+        result["seeds"] = seed_spread(logs, pool, config, seeds, root / "seeds", skip_invalid, known, cache_dir,
                                       known_probes)
     return result
 
 
 def _seed_list(option: str, seeds: str) -> list[int]:
+    """The seeds an option names, e.g. "13,14,15"; each once (a seed run twice is one run counted twice)."""
     try:
-        return [int(seed) for seed in seeds.split(",")]
+        seed_list = [int(seed) for seed in seeds.split(",")]
     except ValueError as error:
         raise PromptierError(f"{option} takes integers separated by commas, got {seeds!r}") from error
+    if len(set(seed_list)) < len(seed_list):
+        raise PromptierError(f"{option} names a seed more than once: {seeds!r}")
+    return seed_list
 
 
 @app.command()
