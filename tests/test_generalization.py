@@ -141,6 +141,13 @@ def test_leave_one_source_out_over_seeds_judges_each_source_on_the_mean(
     # Two seeds of one fold are two different models, not one model scored twice.
     assert any(result["runs"][str(seeds[0])][s]["promptier"] != result["runs"][str(seeds[1])][s]["promptier"]
                for s in ("alpha", "beta"))
+    # Folds already trained for a seed (by --loso in the same evaluation) are counted, not trained again.
+    reused = loso_seed_spread([synthetic_logs], pool_file, config, seeds, tmp_path / "reused",
+                              backbone_dir=tiny_backbone, cache_dir=tmp_path / "cache",
+                              known={seeds[0]: result["runs"][str(seeds[0])]})
+    assert reused == result
+    assert not (tmp_path / "reused" / f"seed-{seeds[0]}").exists()
+    assert (tmp_path / "reused" / f"seed-{seeds[1]}").exists()
     table = render_markdown({"loso_seeds": result})
     alpha = next(line for line in table.splitlines() if line.startswith("| alpha |"))
     model = result["sources"]["alpha"]["promptier"]
@@ -438,3 +445,24 @@ def test_recording_seeds_keeps_the_recorded_leave_one_source_out_figures(
     assert "| alpha | 0.6000 |" in (artifact_copy / "generalization.md").read_text()
     card = (artifact_copy / "MODEL_CARD.md").read_text()
     assert "| alpha | 0.6000 |" in card and "](generalization.png)" in card
+
+
+def test_eval_with_loso_and_loso_seeds_trains_the_recipes_own_seed_once(
+        artifact_copy: Path, synthetic_logs: Path, pool_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from classifier.artifact import load_manifest
+    from training.cli import app
+
+    seed = load_manifest(artifact_copy).training["config"]["seed"]
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["eval", "--model", str(artifact_copy), "--logs", str(synthetic_logs),
+                                      "--pool", str(pool_file), "--no-embedding-baseline", "--record", "--loso",
+                                      "--loso-seeds", f"{seed},{seed + 1}", "--work-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    recorded = load_manifest(artifact_copy).metrics
+    loso, over_seeds = recorded["leave_one_source_out"], recorded["loso_seeds"]
+    assert over_seeds["runs"][str(seed)] == {source: {method: figures["apgr"] for method, figures in methods.items()}
+                                             for source, methods in loso["sources"].items()}
+    assert not (runs / "loso-seeds" / f"seed-{seed}").exists() and (runs / "loso-seeds" / f"seed-{seed + 1}").exists()
+    assert "over seeds" in (artifact_copy / "MODEL_CARD.md").read_text()

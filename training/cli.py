@@ -312,8 +312,12 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
         result["leave_one_source_out"] = leave_one_source_out(logs, pool, config, root / "loso", backbone_dir,
                                                                cache_dir, skip_invalid, loso_traffic)
     if loso_seeds:
+        # The recipe's own seed was just trained by --loso, on the same logs: its folds count once.
+        trained = {config.seed: {source: {method: figures["apgr"] for method, figures in methods.items()}
+                                 for source, methods in result["leave_one_source_out"]["sources"].items()}
+                   } if loso else None
         result["loso_seeds"] = loso_seed_spread(logs, pool, config, loso_seeds, root / "loso-seeds", backbone_dir,
-                                                cache_dir, skip_invalid)
+                                                cache_dir, skip_invalid, trained)
     if seeds:
         known = own_run(manifest.metrics, manifest.data_fingerprint, logs, pool, config, skip_invalid)
         measured = manifest.metrics if probes is None else {"probes": probes}

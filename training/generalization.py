@@ -66,12 +66,15 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
 
 def loso_seed_spread(logs: Sequence[str | Path], pool: str | Path, config: TrainConfig, seeds: Sequence[int],
                      work_root: Path, backbone_dir: Path | None, cache_dir: Path | None = None,
-                     skip_invalid: bool = False) -> dict:
+                     skip_invalid: bool = False, known: dict[int, dict[str, dict[str, float]]] | None = None
+                     ) -> dict:
     """Leave-one-source-out once per seed: each held-out source's APGR, the model's and the baselines', per
     seed and averaged over the seeds; whether the model's mean beats each baseline's mean.
 
     One seed's fold can differ from the next by more than two recipes differ (a fold's validation split,
-    initialisation and batch order all follow the seed), so a recipe is judged on the mean.
+    initialisation and batch order all follow the seed), so a recipe is judged on the mean. `known` gives
+    folds already trained on the same logs, per seed (APGR per source and method), e.g. by
+    `leave_one_source_out` in the same evaluation: those seeds are not trained again.
 
     Returns {"seeds", "runs": {seed: {source: {method: apgr}}},
     "sources": {source: {method: {"mean", "min", "max"}}}, "beats_baselines": {source: bool}}.
@@ -81,6 +84,10 @@ def loso_seed_spread(logs: Sequence[str | Path], pool: str | Path, config: Train
         raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
     runs: dict[str, dict[str, dict[str, float]]] = {}
     for seed in seeds:
+        if known and seed in known:
+            log.info("leave-one-source-out over seeds: seed %d's folds are already trained", seed)
+            runs[str(seed)] = known[seed]
+            continue
         runs[str(seed)] = {}
         for source in sources:
             log.info("leave-one-source-out over seeds: seed %d, training without %s", seed, source)
