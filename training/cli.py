@@ -296,7 +296,14 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
     `probes`, the probe figures just measured on the artifact, stand for its own seed's run: those in its
     manifest may predate a change of the runtime (the prior), and every other seed is measured now."""
     from training.config import TrainConfig
-    from training.generalization import leave_one_source_out, loso_seed_spread, own_run, report_probes, seed_spread
+    from training.generalization import (
+        apgr_per_method,
+        leave_one_source_out,
+        loso_seed_spread,
+        own_run,
+        report_probes,
+        seed_spread,
+    )
 
     if manifest.training.get("teacher"):
         raise PromptierError("--loso and --seeds retrain the recipe, and this model was distilled from a teacher "
@@ -313,7 +320,7 @@ def _generalization(model: Path, manifest: ArtifactManifest, logs: list[Path], p
                                                                cache_dir, skip_invalid, loso_traffic)
     if loso_seeds:
         # The recipe's own seed was just trained by --loso, on the same logs: its folds count once.
-        trained = {config.seed: {source: {method: figures["apgr"] for method, figures in methods.items()}
+        trained = {config.seed: {source: apgr_per_method(methods)
                                  for source, methods in result["leave_one_source_out"]["sources"].items()}
                    } if loso else None
         result["loso_seeds"] = loso_seed_spread(logs, pool, config, loso_seeds, root / "loso-seeds", backbone_dir,

@@ -26,8 +26,8 @@ from training.inputs import prepare_data
 from training.labels import PromptTable
 from training.pipeline import train
 
-__all__ = ["leave_one_source_out", "loso_seed_spread", "render_markdown", "report_probes", "seed_spread",
-           "write_report"]
+__all__ = ["apgr_per_method", "leave_one_source_out", "loso_seed_spread", "render_markdown", "report_probes",
+           "seed_spread", "write_report"]
 log = logging.getLogger(__name__)
 
 
@@ -43,11 +43,8 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
     outcomes would have it: the texts of half its prompts (`traffic_half`) are given to training as
     unlabeled prompts, and both models are scored on the other half (the result's "with_traffic").
     """
-    data = prepare_data(logs, pool, config, skip_invalid)
-    table = data.table
-    sources = sorted(set(table.sources))
-    if len(sources) < 2:
-        raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
+    table = prepare_data(logs, pool, config, skip_invalid).table
+    sources = _held_out_sources(table)
     if traffic and config.teacher is None:
         raise DataError("config", "--loso-traffic needs a recipe whose embedding teacher labels the unlabeled half")
     result: dict = {"sources": {}, "beats_baselines": {}}
@@ -57,7 +54,7 @@ def leave_one_source_out(logs: Sequence[str | Path], pool: str | Path, config: T
         out = work_root / f"without-{source}"
         methods = _train_fold(logs, pool, fold, source, out, backbone_dir, cache_dir, skip_invalid)
         result["sources"][source] = methods
-        result["beats_baselines"][source] = _beats_baselines({m: figures["apgr"] for m, figures in methods.items()})
+        result["beats_baselines"][source] = _beats_baselines(apgr_per_method(methods))
         if traffic:
             result.setdefault("with_traffic", {})[source] = _with_traffic(
                 logs, pool, fold, table, source, out, work_root, backbone_dir, cache_dir, skip_invalid)
@@ -79,9 +76,7 @@ def loso_seed_spread(logs: Sequence[str | Path], pool: str | Path, config: Train
     Returns {"seeds", "runs": {seed: {source: {method: apgr}}},
     "sources": {source: {method: {"mean", "min", "max"}}}, "beats_baselines": {source: bool}}.
     """
-    sources = sorted(set(prepare_data(logs, pool, config, skip_invalid).table.sources))
-    if len(sources) < 2:
-        raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
+    sources = _held_out_sources(prepare_data(logs, pool, config, skip_invalid).table)
     runs: dict[str, dict[str, dict[str, float]]] = {}
     for seed in seeds:
         if known and seed in known:
@@ -94,7 +89,7 @@ def loso_seed_spread(logs: Sequence[str | Path], pool: str | Path, config: Train
             fold = _fold_config(config.model_copy(update={"seed": seed}), source)
             methods = _train_fold(logs, pool, fold, source, work_root / f"seed-{seed}" / f"without-{source}",
                                   backbone_dir, cache_dir, skip_invalid)
-            runs[str(seed)][source] = {method: figures["apgr"] for method, figures in methods.items()}
+            runs[str(seed)][source] = apgr_per_method(methods)
     per_source: dict[str, dict[str, dict[str, float]]] = {}
     beats: dict[str, bool] = {}
     for source in sources:
@@ -104,6 +99,19 @@ def loso_seed_spread(logs: Sequence[str | Path], pool: str | Path, config: Train
                               for method, v in values.items()}
         beats[source] = _beats_baselines({method: v["mean"] for method, v in per_source[source].items()})
     return {"seeds": [int(seed) for seed in seeds], "runs": runs, "sources": per_source, "beats_baselines": beats}
+
+
+def apgr_per_method(methods: dict) -> dict[str, float]:
+    """A fold's APGR per method, out of its figures per method (as `leave_one_source_out` gives them)."""
+    return {method: figures["apgr"] for method, figures in methods.items()}
+
+
+def _held_out_sources(table: PromptTable) -> list[str]:
+    """The sources to hold out, one per fold; at least two, so that every fold has one to train on."""
+    sources = sorted(set(table.sources))
+    if len(sources) < 2:
+        raise DataError("logs", f"leave-one-source-out needs at least two sources, got {sources}")
+    return sources
 
 
 def _fold_config(config: TrainConfig, source: str) -> TrainConfig:
