@@ -270,8 +270,11 @@ def _plot_probes(report: dict, axis: Axes) -> None:
 def write_report(report: dict, directory: Path) -> None:
     """The figures as the artifact's generalization files (JSON, Markdown, PNG), each replaced whole.
 
-    The image is drawn first: should drawing fail, the files recorded before are left as they were."""
+    Everything is rendered before any file is replaced: should rendering or drawing fail, the files
+    recorded before are left as they were."""
+    as_json = json.dumps(report, indent=1) + "\n"
+    as_markdown = render_markdown(report)
     with writing_member(directory, GENERALIZATION_PNG_FILE) as path:
         plot(report, path)
-    write_member_text(directory, GENERALIZATION_JSON_FILE, json.dumps(report, indent=1) + "\n")
-    write_member_text(directory, GENERALIZATION_MD_FILE, render_markdown(report))
+    write_member_text(directory, GENERALIZATION_JSON_FILE, as_json)
+    write_member_text(directory, GENERALIZATION_MD_FILE, as_markdown)
