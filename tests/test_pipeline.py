@@ -349,6 +349,24 @@ def test_training_commands_without_the_train_extra_say_how_to_install_it(monkeyp
     assert "pip install 'promptier[train]'" in result.output and "Traceback" not in result.output
 
 
+def test_eval_writes_the_probe_figures_it_prints_into_its_json(trained_artifact: Path, synthetic_logs: Path,
+                                                              pool_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.probes import evaluate_probes
+
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(synthetic_logs),
+                                      "--pool", str(pool_file), "--no-embedding-baseline", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert report["probes"] == json.loads(json.dumps(evaluate_probes(classifier.load(trained_artifact))))
+    # The printed table shows where hard probes went at both ends, as the JSON records them.
+    shares = report["probes"]["halves"]["report"]["modes"][load_manifest(trained_artifact).policy.default_mode]
+    assert f"| {shares['hard_on_top']:.1%} | {shares['hard_on_cheapest']:.1%} |" in result.output
+
+
 def test_eval_refuses_loso_traffic_without_loso(trained_artifact: Path, synthetic_logs: Path,
                                                 pool_file: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner

@@ -257,12 +257,12 @@ def evaluate(
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None
         out_dir = model if record else (out or model / EVAL_REPORT_DIR)
-        report = evaluate_logs(model, table, backbone_dir, out_dir,
-                               cache_dir or Path.home() / ".cache" / "promptier")
         import classifier
         from training.probes import evaluate_probes, render_probe_markdown
 
         probes = evaluate_probes(classifier.load(model))
+        report = evaluate_logs(model, table, backbone_dir, out_dir,
+                               cache_dir or Path.home() / ".cache" / "promptier", probes)
         generalization = None
         if loso or seed_list or loso_seed_list:
             generalization = _generalization(model, manifest, logs, pool, loso, seed_list, work_dir, backbone_dir,

@@ -272,14 +272,19 @@ def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbo
 
 
 def evaluate_logs(artifact: Path, table: PromptTable, backbone_dir: Path | None, out_dir: Path,
-                  cache_dir: Path | None = None) -> dict:
-    """Evaluate on every prompt of `table` the model never saw; baselines fit on the ones it saw."""
+                  cache_dir: Path | None = None, probes: dict | None = None) -> dict:
+    """Evaluate on every prompt of `table` the model never saw; baselines fit on the ones it saw.
+
+    `probes` (the probe suite's figures, `training.probes.evaluate_probes`) are written into the report
+    beside the logs' figures, so that its JSON file holds everything the evaluation measured."""
     seen = seen_prompts(artifact)
     was_seen = np.array([prompt_hash(p) in seen for p in table.prompts], dtype=bool)
     if was_seen.all():
         raise ValueError("every prompt in these logs was used to train or calibrate the model")
     fit_table = table.subset(np.flatnonzero(was_seen)) if was_seen.any() else None
     report = evaluate_table(artifact, table.subset(np.flatnonzero(~was_seen)), fit_table, backbone_dir, cache_dir)
+    if probes is not None:
+        report["probes"] = probes
     write_report(report, out_dir)
     return report
 

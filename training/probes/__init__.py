@@ -128,15 +128,15 @@ def render_probe_markdown(report: dict, default_mode: str) -> str:
     """The probe figures as a Markdown table per half."""
     lines = [f"Probe suite: {report['probes']} prompts of obvious difficulty; choices are made on `select`, "
              "figures reported on `report`.", "",
-             "| half | probes | AUC | mode | easy -> cheapest | easy -> top | hard -> top |",
-             "|---|---|---|---|---|---|---|"]
+             "| half | probes | AUC | mode | easy -> cheapest | easy -> top | hard -> top | hard -> cheapest |",
+             "|---|---|---|---|---|---|---|---|"]
     for half, h in report["halves"].items():
         for mode, shares in h["modes"].items():
             marker = " (default)" if mode == default_mode else ""
             auc = "-" if h["auc"] is None else f"{h['auc']:.3f}"
             lines.append(f"| {half} | {h['probes']} | {auc} | {mode}{marker} | "
                          f"{shares['easy_on_cheapest']:.1%} | {shares['easy_on_top']:.1%} | "
-                         f"{shares['hard_on_top']:.1%} |")
+                         f"{shares['hard_on_top']:.1%} | {shares['hard_on_cheapest']:.1%} |")
     chat_check = report.get("chat_check")
     if isinstance(chat_check, dict):
         lines += ["", render_chat_check(chat_check, default_mode).rstrip("\n")]
