@@ -54,6 +54,7 @@ def test_eval_report_lists_every_method_per_source(trained_artifact: Path) -> No
     assert set(methods["promptier"]["savings_vs_top"]) == {"95", "98", "99"}
     # beta has no large model: its large-tier metrics are over zero prompts, never counted as failures.
     assert report["groups"]["beta"]["methods"]["promptier"]["tiers"]["large"]["n"] == 0
+    assert report["probes"] == json.loads(json.dumps(load_manifest(trained_artifact).metrics["probes"]))
 
 
 def test_same_seed_same_model_and_resume_matches(tmp_path: Path, tiny_backbone: Path, pool_file: Path) -> None:

@@ -231,9 +231,12 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(report: dict, out_dir: Path) -> None:
-    """The evaluation as the artifact's eval files (JSON, Markdown, PNG), each replaced whole."""
-    write_member_text(out_dir, EVAL_JSON_FILE, json.dumps(report, indent=1) + "\n")
+def write_report(report: dict, out_dir: Path, probes: dict | None = None) -> None:
+    """The evaluation as the artifact's eval files (JSON, Markdown, PNG), each replaced whole; `probes` (the
+    probe suite's figures, `training.probes.evaluate_probes`), when given, go into the JSON beside the
+    logs' figures, so that it holds everything the evaluation measured."""
+    recorded = report if probes is None else {**report, "probes": probes}
+    write_member_text(out_dir, EVAL_JSON_FILE, json.dumps(recorded, indent=1) + "\n")
     write_member_text(out_dir, EVAL_MD_FILE, render_markdown(report))
     with writing_member(out_dir, EVAL_PNG_FILE) as path:
         plot(report, path)
@@ -262,30 +265,27 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
 
 
 def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbone_dir: Path | None,
-                   out_dir: Path, cache_dir: Path | None = None) -> dict:
-    """Evaluate on the test split, fitting learned baselines on train+val (what the model saw)."""
+                   out_dir: Path, cache_dir: Path | None = None, probes: dict | None = None) -> dict:
+    """Evaluate on the test split, fitting learned baselines on train+val (what the model saw); `probes`
+    as in `write_report`."""
     test = np.flatnonzero(split == "test")
     fit = np.flatnonzero(split != "test")
     report = evaluate_table(artifact, table.subset(test), table.subset(fit), backbone_dir, cache_dir)
-    write_report(report, out_dir)
+    write_report(report, out_dir, probes)
     return report
 
 
 def evaluate_logs(artifact: Path, table: PromptTable, backbone_dir: Path | None, out_dir: Path,
                   cache_dir: Path | None = None, probes: dict | None = None) -> dict:
-    """Evaluate on every prompt of `table` the model never saw; baselines fit on the ones it saw.
-
-    `probes` (the probe suite's figures, `training.probes.evaluate_probes`) are written into the report
-    beside the logs' figures, so that its JSON file holds everything the evaluation measured."""
+    """Evaluate on every prompt of `table` the model never saw; baselines fit on the ones it saw; `probes`
+    as in `write_report`."""
     seen = seen_prompts(artifact)
     was_seen = np.array([prompt_hash(p) in seen for p in table.prompts], dtype=bool)
     if was_seen.all():
         raise ValueError("every prompt in these logs was used to train or calibrate the model")
     fit_table = table.subset(np.flatnonzero(was_seen)) if was_seen.any() else None
     report = evaluate_table(artifact, table.subset(np.flatnonzero(~was_seen)), fit_table, backbone_dir, cache_dir)
-    if probes is not None:
-        report["probes"] = probes
-    write_report(report, out_dir)
+    write_report(report, out_dir, probes)
     return report
 
 

@@ -287,10 +287,11 @@ def _evaluated(manifest: ArtifactManifest, directory: Path, inputs: TrainingInpu
     from training.probes import evaluate_probes
 
     table, split = inputs.table, inputs.split
-    metrics = {**manifest.metrics, "probes": evaluate_probes(load_artifact(directory))}
+    probes = evaluate_probes(load_artifact(directory))
+    metrics = {**manifest.metrics, "probes": probes}
     if np.any(split == "test"):
         report = evaluate_split(directory, table, split, backbone_dir=run.evaluation_backbone, out_dir=directory,
-                                cache_dir=run.cache_dir)
+                                cache_dir=run.cache_dir, probes=probes)
         metrics.update({"test": report["summary"], "test_sample": sample_metrics(directory, table)})
         if run.compare_with is not None:
             metrics["retrain"] = compare_on_test(run.compare_with, directory, table, split)
