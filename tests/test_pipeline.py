@@ -57,6 +57,19 @@ def test_eval_report_lists_every_method_per_source(trained_artifact: Path) -> No
     assert report["probes"] == json.loads(json.dumps(load_manifest(trained_artifact).metrics["probes"]))
 
 
+def test_an_evaluation_that_cannot_be_rendered_replaces_none_of_the_recorded_files(trained_artifact: Path,
+                                                                                  tmp_path: Path) -> None:
+    from classifier.artifact_layout import EVAL_FILES
+    from training.evaluate import write_report
+
+    write_report(json.loads((trained_artifact / "eval.json").read_text()), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(EVAL_FILES)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(KeyError):
+        write_report({"model_version": "broken"}, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_same_seed_same_model_and_resume_matches(tmp_path: Path, tiny_backbone: Path, pool_file: Path) -> None:
     logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(540, seed=3))
     config = tiny_config(tiny_backbone, epochs=2, checkpoint_every=10)

@@ -234,12 +234,16 @@ def plot(report: dict, path: Path) -> None:
 def write_report(report: dict, out_dir: Path, probes: dict | None = None) -> None:
     """The evaluation as the artifact's eval files (JSON, Markdown, PNG), each replaced whole; `probes` (the
     probe suite's figures, `training.probes.evaluate_probes`), when given, go into the JSON beside the
-    logs' figures, so that it holds everything the evaluation measured."""
-    recorded = report if probes is None else {**report, "probes": probes}
-    write_member_text(out_dir, EVAL_JSON_FILE, json.dumps(recorded, indent=1) + "\n")
-    write_member_text(out_dir, EVAL_MD_FILE, render_markdown(report))
+    logs' figures, so that it holds everything the evaluation measured.
+
+    Everything is rendered before any file is replaced: should rendering or drawing fail, the files
+    recorded before are left as they were."""
+    as_json = json.dumps(report if probes is None else {**report, "probes": probes}, indent=1) + "\n"
+    as_markdown = render_markdown(report)
     with writing_member(out_dir, EVAL_PNG_FILE) as path:
         plot(report, path)
+    write_member_text(out_dir, EVAL_JSON_FILE, as_json)
+    write_member_text(out_dir, EVAL_MD_FILE, as_markdown)
 
 
 def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.ndarray) -> dict:
