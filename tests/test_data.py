@@ -131,6 +131,16 @@ def test_tier_labels_mean_every_tier_from_the_label_up(pool) -> None:  # type: i
         build_table([TierLabelRow("", "q", "huge", "x", "")], pool)
 
 
+def test_a_label_naming_no_tier_of_the_pool_is_an_invalid_row(tmp_path: Path, pool) -> None:  # type: ignore[no-untyped-def]
+    """Read against the pool, a tier label it lacks names file, row and column, and --skip-invalid skips it."""
+    path = write_jsonl(tmp_path / "labels.jsonl", [{"prompt": "q", "tier": "medium"}, {"prompt": "r", "tier": "huge"}])
+    with pytest.raises(DataError) as info:
+        read_logs([path], tiers=pool.tier_names)
+    assert (info.value.row, info.value.column) == (2, "tier") and str(path) in str(info.value)
+    assert "unknown tier 'huge'" in str(info.value)
+    rows, report = read_logs([path], skip_invalid=True, tiers=pool.tier_names)
+    assert [row.prompt for row in rows] == ["q"] and report.total == 1
+
 def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type: ignore[no-untyped-def]
     from training.data import OutcomeRow
 

@@ -251,7 +251,7 @@ def evaluate(
         pool_spec = load_pool(pool)
         if pool_spec.tier_names != manifest.tier_names:
             raise PromptierError(f"pool tiers {pool_spec.tier_names} differ from the model's {manifest.tier_names}")
-        rows, skipped = read_logs(logs, skip_invalid)
+        rows, skipped = read_logs(logs, skip_invalid, tiers=pool_spec.tier_names)
         table, _ = build_table(rows, pool_spec)
         config = manifest.training.get("config", {})
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"

@@ -169,8 +169,9 @@ def _number(record: dict, column: str, path: str, row: int, required: bool) -> f
     return float(value)
 
 
-def parse_row(record: object, path: str, row: int) -> OutcomeRow | TierLabelRow:
-    """Validate one raw record.
+def parse_row(record: object, path: str, row: int, tiers: Sequence[str] | None = None
+              ) -> OutcomeRow | TierLabelRow:
+    """Validate one raw record; with `tiers` (the pool's), a tier-labeled row must name one of them.
 
     Raises:
         DataError: naming the column and reason.
@@ -184,6 +185,8 @@ def parse_row(record: object, path: str, row: int) -> OutcomeRow | TierLabelRow:
     category = _text(record, "category", path, row, required=False)
     if "tier" in record and "model" not in record:
         tier = _text(record, "tier", path, row)
+        if tiers is not None and tier not in tiers:
+            raise DataError(path, f"unknown tier {tier!r} (pool tiers: {list(tiers)})", row, "tier")
         prompt_id = _text(record, "prompt_id", path, row, required=False)
         return TierLabelRow(prompt_id, prompt, tier, source, category)
     prompt_id = _text(record, "prompt_id", path, row)
@@ -198,16 +201,16 @@ def parse_row(record: object, path: str, row: int) -> OutcomeRow | TierLabelRow:
     return OutcomeRow(prompt_id, prompt, model, score, source, category, cost)
 
 
-def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False, explored_only: bool = False
-              ) -> tuple[list[OutcomeRow | TierLabelRow], SkipReport]:
-    """Read and validate every row of every log file (`explored_only`: see `iter_rows`).
+def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False, explored_only: bool = False,
+              tiers: Sequence[str] | None = None) -> tuple[list[OutcomeRow | TierLabelRow], SkipReport]:
+    """Read and validate every row of every log file (`explored_only`, `tiers`: see `iter_rows`).
 
     Raises:
         DataError: the first invalid row, unless `skip_invalid`; a file that cannot be read at all
             always raises.
     """
     report = SkipReport()
-    rows = list(iter_rows(paths, report, skip_invalid, explored_only))
+    rows = list(iter_rows(paths, report, skip_invalid, explored_only, tiers))
     if not rows:
         raise DataError(", ".join(map(str, paths)), "no valid rows")
     return rows, report
@@ -272,10 +275,11 @@ def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport
 
 
 def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: bool = False,
-              explored_only: bool = False) -> Iterator[OutcomeRow | TierLabelRow]:
+              explored_only: bool = False, tiers: Sequence[str] | None = None) -> Iterator[OutcomeRow | TierLabelRow]:
     """Every valid row of every log file, one at a time (JSONL line by line, Parquet a batch at a time).
     Decision logs are joined with the outcomes reported for their requests (see OUTCOME_KIND); with
     `explored_only`, only their requests whose tier exploration drew (serving.dispatch.exploration) are kept.
+    With `tiers` (the pool's), a tier-labeled row naming another tier is invalid like any other bad value.
 
     Raises:
         DataError: the first invalid row, unless `skip_invalid` (then it is counted in `report`).
@@ -288,7 +292,7 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
             if record is None:
                 continue
             try:
-                yield parse_row(record, str(path), number)
+                yield parse_row(record, str(path), number, tiers)
             except DataError as error:
                 if not skip_invalid:
                     raise

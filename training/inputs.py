@@ -44,7 +44,8 @@ class PreparedData:
 def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, config: TrainConfig,
                  skip_invalid: bool = False) -> PreparedData:
     pool = pool_path if isinstance(pool_path, Pool) else load_pool(pool_path)
-    rows, skipped = read_logs(logs, skip_invalid=skip_invalid, explored_only=config.outcome_rows == "explored")
+    rows, skipped = read_logs(logs, skip_invalid=skip_invalid, explored_only=config.outcome_rows == "explored",
+                              tiers=pool.tier_names)
     table, unused = build_table(rows, pool)
     split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
                         config.holdout_sources, config.holdout_categories)

@@ -285,7 +285,7 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
     skipped = SkipReport()
     streamer = _Streamer(pool, config, encoder, writer)
     explored_only = config.outcome_rows == "explored"
-    for chunk in batched(iter_rows(paths, skipped, skip_invalid, explored_only), chunk_rows):
+    for chunk in batched(iter_rows(paths, skipped, skip_invalid, explored_only, pool.tier_names), chunk_rows):
         streamer.add(chunk)
     where = ", ".join(map(str, paths))
     if not streamer.rows:
