@@ -304,6 +304,7 @@ def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone:
     result = CliRunner().invoke(app, ["train", "--logs", str(synthetic_logs), "--pool", str(pool_file),
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "not the shipped recipe: pass --config training/configs/default.yaml" in result.output
     manifest = load_manifest(out)
     defaults = TrainConfig()
     assert manifest.training["config"] == defaults.model_dump()
@@ -454,3 +455,15 @@ def test_unlabeled_prompts_take_the_embedding_teachers_labels_and_anchors_keep_t
     assert anchors is not None
     assert np.allclose(inputs.targets[n_train + len(unique):], np.concatenate([anchors.targets] * 2), equal_nan=True)
     assert {int(prompt_hash(p), 16) for p in unique} <= set(inputs.seen_hashes.tolist())
+
+
+def test_the_model_card_counts_the_invalid_rows_a_run_skipped(trained_artifact: Path) -> None:
+    """A model trained on part of its logs (--skip-invalid) says how much was left out, and why."""
+    from training.model_card import render_model_card
+
+    manifest = load_manifest(trained_artifact)
+    skipped = {"score 7.0 is outside [0, 1]": 3, "missing value": 1}
+    card = render_model_card(manifest.model_copy(update={"training": {**manifest.training, "skipped_rows": skipped}}),
+                             trained_artifact)
+    assert "- Invalid rows skipped (`--skip-invalid`): 4 (3 x score 7.0 is outside [0, 1]; 1 x missing value)" in card
+    assert "Invalid rows skipped" not in render_model_card(manifest, trained_artifact)

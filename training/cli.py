@@ -20,6 +20,7 @@ from classifier.errors import PromptierError
 
 if TYPE_CHECKING:
     from classifier.artifact import ArtifactManifest
+    from training.config import TrainConfig
 
 app = typer.Typer(help="Train and evaluate routers.", no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -53,8 +54,10 @@ def train(
                                                                "traffic; JSONL or Parquet with a `prompt` column), "
                                                                "learned from the teacher's labels: --teacher's or "
                                                                "the recipe's embedding teacher's")] = None,
-    distill_weight: Annotated[float, typer.Option(help="weight of the teacher's probabilities in the targets "
-                                                       "(1 = pure distillation)")] = DEFAULT_DISTILL_WEIGHT,
+    distill_weight: Annotated[float | None, typer.Option(
+        min=0, max=1, help="weight of the teacher's probabilities in the targets (1 = pure distillation): "
+        f"--teacher's (default {DEFAULT_DISTILL_WEIGHT}), else the recipe's embedding teacher's (overrides the "
+        "config's teacher.distill_weight)")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     holdout_source: Annotated[list[str] | None, typer.Option(help="put a whole source in test")] = None,
@@ -94,15 +97,20 @@ def train(
                  "holdout_categories": holdout_category, "device": device, "precision": precision, "streaming": stream}
     command = "promptier " + shlex.join(sys.argv[1:])
     if init_from is not None:
-        if teacher is not None or unlabeled:
-            fail(PromptierError("--init-from continues a model on new logs alone: --teacher and --unlabeled need "
-                                "a fresh run (leave out --init-from)"))
+        if teacher is not None or unlabeled or distill_weight is not None:
+            fail(PromptierError("--init-from continues a model on new logs alone: --teacher, --unlabeled and "
+                                "--distill-weight need a fresh run (leave out --init-from)"))
         _retrain(init_from, logs, pool, out, config, overrides, force, work_dir, skip_invalid, model_version, command)
         return
+    if config is None and rank == 0:
+        typer.secho("no --config: training/config.py's built-in defaults (a whole MiniLM fine-tune, no anchors, no "
+                    "student), not the shipped recipe: pass --config training/configs/default.yaml for that",
+                    fg=typer.colors.YELLOW, err=True)
     try:
-        cfg = load_config(config, **overrides)
+        cfg = _with_distill_weight(load_config(config, **overrides), teacher, distill_weight)
         manifest = run_training(logs, pool, out, cfg, work_dir=work_dir, skip_invalid=skip_invalid,
-                                teacher=teacher, unlabeled=unlabeled or (), distill_weight=distill_weight,
+                                teacher=teacher, unlabeled=unlabeled or (),
+                                distill_weight=DEFAULT_DISTILL_WEIGHT if distill_weight is None else distill_weight,
                                 model_version=model_version, command=command,
                                 cache_dir=Path.home() / ".cache" / "promptier")
     except (PromptierError, ValueError, FileNotFoundError) as error:
@@ -114,6 +122,18 @@ def train(
     if isinstance(test, dict):
         for group, methods in test.items():
             typer.echo(f"  {group}: APGR {methods['promptier']['apgr']:.4f}")
+
+
+def _with_distill_weight(config: TrainConfig, teacher: Path | None, distill_weight: float | None) -> TrainConfig:
+    """The config with `--distill-weight` applied to the recipe's embedding teacher, when there is no
+    `--teacher` artifact for it to weight; refused when neither teacher exists, as a flag that changes
+    nothing would let a run look like something it is not."""
+    if distill_weight is None or teacher is not None:
+        return config
+    if config.teacher is None:
+        raise PromptierError("--distill-weight weights a teacher's probabilities: pass --teacher, or use a recipe "
+                             "with an embedding teacher (training/configs/default.yaml)")
+    return config.model_copy(update={"teacher": config.teacher.model_copy(update={"distill_weight": distill_weight})})
 
 
 def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Path | None, overrides: dict,
@@ -152,8 +172,7 @@ def _launch(processes: int, options: dict[str, object]) -> None:
     arguments = ["train"]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
-        if value is None or (value is False and name != "stream") or (
-                name == "distill_weight" and value == DEFAULT_DISTILL_WEIGHT):
+        if value is None or (value is False and name != "stream"):
             continue  # the defaults: left out, so that the recorded command reads as it was typed
         if isinstance(value, bool):
             arguments.append(flag if value else "--no-" + name.replace("_", "-"))

@@ -66,6 +66,7 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         f"- Sources and licences: {DATA_LICENCES}",
         f"- Prompts per split: {training.get('prompts')}; unlabeled prompts: {training.get('unlabeled_prompts')}; "
         f"anchor prompts: {training.get('anchor_prompts', 0)}",
+        *_skipped_lines(training),
         *([f"- {ANCHOR_NOTE}"] if training.get("anchor_prompts") else []),
         *([f"- {CHAT_ANCHOR_NOTE}{_anchor_weights(_config_of(training))}"] if _config_of(training).get("chat_anchors")
           else []),
@@ -93,6 +94,16 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         "- The llmrouter source has no frontier model, so the top tier's outcome is only learned from MMLU-Pro.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _skipped_lines(training: dict) -> list[str]:
+    """The invalid rows a `--skip-invalid` run left out, by reason: a model trained on part of its logs
+    says so where its data is described."""
+    skipped = training.get("skipped_rows")
+    if not isinstance(skipped, dict) or not skipped:
+        return []
+    reasons = "; ".join(f"{count} x {reason}" for reason, count in sorted(skipped.items(), key=lambda item: -item[1]))
+    return [f"- Invalid rows skipped (`--skip-invalid`): {sum(skipped.values())} ({reasons})"]
 
 
 def _figure(directory: Path, name: str, caption: str) -> list[str]:

@@ -1,0 +1,67 @@
+"""`promptier train`'s options reach the recipe they name, or are refused before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import POOL_YAML, synthetic_rows, tiny_config, write_jsonl
+
+
+def _train(args: list[str]):  # type: ignore[no-untyped-def]
+    from training.cli import app
+
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def _files(tmp_path: Path, tiny_backbone: Path, **overrides: object) -> list[str]:
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_backbone, **overrides).model_dump()))
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(POOL_YAML)
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("")
+    return ["--logs", str(logs), "--pool", str(pool), "--config", str(config), "--out", str(tmp_path / "out")]
+
+
+def test_distill_weight_sets_the_recipes_embedding_teacher(tmp_path: Path, tiny_backbone: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --teacher, the weight is the embedding teacher's: the config the run gets (and the artifact
+    stores) carries it, so the recorded command and config rebuild the same model."""
+    import training.pipeline
+
+    received = []
+    monkeypatch.setattr(training.pipeline, "train", lambda *args, **kwargs: received.append(args[3]))
+    files = _files(tmp_path, tiny_backbone, teacher={"kind": "embedding-mlp", "distill_weight": 0.5})
+    result = _train([*files, "--distill-weight", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert received[0].teacher.distill_weight == 0.2
+    result = _train(files)
+    assert result.exit_code == 0, result.output
+    assert received[1].teacher.distill_weight == 0.5
+
+
+def test_distill_weight_without_a_teacher_is_refused(tmp_path: Path, tiny_backbone: Path) -> None:
+    """A weight for a teacher that does not exist would change nothing while the command said it had."""
+    files = _files(tmp_path, tiny_backbone)
+    result = _train([*files, "--distill-weight", "0.2"])
+    assert result.exit_code == 2 and "--distill-weight weights a teacher" in result.output
+    result = _train([*files, "--distill-weight", "1.5"])
+    assert result.exit_code == 2 and "Invalid value for '--distill-weight'" in result.output
+    result = _train([*files, "--distill-weight", "0.2", "--init-from", str(tmp_path)])
+    assert result.exit_code == 2 and "--distill-weight need a fresh run" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_logs_too_small_to_check_the_export_are_refused_before_training(tmp_path: Path, tiny_backbone: Path) -> None:
+    """The export's parity check needs 500 prompts: logs with fewer stop at once with how many they
+    give, not after a whole fit."""
+    files = _files(tmp_path, tiny_backbone)
+    write_jsonl(Path(files[1]), synthetic_rows(60, seed=3))
+    result = _train(files)
+    assert result.exit_code == 2, result.output
+    assert "too few prompts" in result.output and "at least 500 distinct prompts" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work" / "checkpoint.pt").exists()
