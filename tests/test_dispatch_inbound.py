@@ -55,8 +55,17 @@ def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifi
         assert httpx.post(url, json={"model": "promptier", "messages": []}, headers=auth).status_code == 400
         assert httpx.post(url, json={"model": "promptier", "messages": "hi"}, headers=auth).status_code == 400
         assert httpx.post(url, content=b"\xff\xfe", headers=auth).status_code == 400
+        assert httpx.post(url, json={"model": "gpt-nope", "messages": [{"role": "user", "content": "hi"}]},
+                          headers=auth).status_code == 404
         log_text = (tmp_path / "decisions.jsonl").read_text()
         assert "secret-upstream-key" not in log_text and "k2" not in log_text
+        # Refused before routing: not routing decisions, so not logged, but counted where an operator looks.
+        assert len(log_text.splitlines()) == 1
+        metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics").text  # no trailing slash needed
+        assert 'promptier_dispatch_refused_total{code="invalid_api_key",status="401"} 1.0' in metrics
+        assert 'promptier_dispatch_refused_total{code="request_too_large",status="413"} 1.0' in metrics
+        assert 'promptier_dispatch_refused_total{code="invalid_request_error",status="400"} 4.0' in metrics
+        assert 'promptier_dispatch_refused_total{code="model_not_found",status="404"} 1.0' in metrics
     finally:
         running.stop()
 

@@ -38,6 +38,16 @@ from serving.dispatch.upstream_body import ResponseCut
 log = logging.getLogger("promptier.dispatcher")
 
 
+class _Asgi:
+    """An ASGI app that a Route serves as it is (a plain function would be taken for a request handler)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 def create_app(config: DispatcherConfig) -> ASGIApp:
     """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
     dispatcher = Dispatcher(config)
@@ -90,12 +100,15 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     if shared_metrics_dir:
         exposed = CollectorRegistry()
         multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
+    metrics = make_asgi_app(registry=exposed)
     app = Starlette(lifespan=lifespan, routes=[
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
         Endpoint("/v1/chat/completions", chat.handle, methods=["POST"]),
         Endpoint("/v1/promptier/outcomes", outcomes, methods=["POST"]),
-        Mount("/metrics", make_asgi_app(registry=exposed)),
+        # Both /metrics and /metrics/: a Mount alone answers the first with a redirect plain curl does not follow.
+        Endpoint("/metrics", _Asgi(metrics), methods=["GET", "HEAD"]),
+        Mount("/metrics", metrics),
         *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
                                        config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
                          SavingsAccess(dispatcher.tenants, config.operator_keys()))

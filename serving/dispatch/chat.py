@@ -80,16 +80,17 @@ class ChatCompletions:
             needs = request_needs(body, messages)
             dispatcher.capabilities.check(needs, pinned)
         except HTTPError as error:
-            return error.response()
+            return self._refused(error)
         except CapabilityRefusal as refusal:
             # 400 as the OpenAI API answers a request its model cannot take (an image to a text-only
             # model, a prompt past its context): the request, not the server, has to change.
-            return HTTPError(400, refusal.message, code=refusal.code).response()
+            return self._refused(HTTPError(400, refusal.message, code=refusal.code))
         except ClientDisconnect:
             # A caller that leaves mid-body is routine (and one too slow is cut off by serving.dispatch.inbound).
             client = request.scope.get("client")
             log.info(json.dumps({"event": "client_left_before_its_body_came",
                                  "client": f"{client[0]}:{client[1]}" if client else None}))
+            dispatcher.metrics.refused.labels(str(CLIENT_CLOSED), "client_left").inc()
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         streamed = bool(body.get("stream"))
         route = await dispatcher.route(messages, mode, pinned, needs, tenant)  # bounded by the classifier's deadline
@@ -112,6 +113,11 @@ class ChatCompletions:
                 chat.body = ask_for_usage(body)
         dispatcher.explore(route, tenant)  # after the budget: a paced request is not drawn again
         return await self._forward(request, chat)
+
+    def _refused(self, error: HTTPError) -> Response:
+        """The answer to a request refused before routing, counted by status and code."""
+        self.dispatcher.metrics.refused.labels(str(error.status), error.code or error.kind).inc()
+        return error.response()
 
     async def _forward(self, request: Request, chat: ChatExchange) -> Response:
         """Send the request to its tier's upstream (escalating on failure) and answer with what comes back:
