@@ -223,9 +223,10 @@ def budget_sim(
         settings = BudgetConfig(usd=1.0)  # the config's defaults; usd is replaced below
         allowed = None
         if config is not None:
-            from serving.dispatch.dispatch_config import ConfigError, load_dispatcher_config
+            from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, read_config
 
-            tenants = load_dispatcher_config(config).tenants
+            # The config's settings alone: a replay sends nothing, so the keys it names need not be set.
+            tenants = read_config(config, DispatcherConfig).tenants
             chosen = tenants.get(tenant) if tenant is not None else None
             if chosen is None or chosen.budget is None:
                 raise ConfigError(f"{config}: --tenant must name a tenant with a budget "

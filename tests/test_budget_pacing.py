@@ -207,3 +207,30 @@ def test_budget_sim_replays_labeled_logs_and_refuses_what_it_cannot_replay(tmp_p
     broken.write_text('{"tier": "nope", "scores": {}}\n')
     failed = _budget_sim(str(broken), "--out", str(tmp_path / "x.json"))
     assert failed.returncode == 2 and "no replayable request" in failed.stderr and "tier not among" in failed.stderr
+
+
+def test_budget_sim_takes_a_tenants_budget_from_a_dispatcher_config_without_its_keys(tmp_path: Path) -> None:
+    """An offline replay reads the tenant's settings from the config the dispatcher runs; the keys the
+    config names live in the dispatcher's environment, not the analyst's, and a replay sends nothing."""
+    import os
+    import shutil
+
+    import serving.dispatch
+
+    config = tmp_path / "dispatcher.yaml"
+    shutil.copy(Path(serving.dispatch.__file__).parent / "dispatcher.example.yaml", config)
+    log = tmp_path / "decisions.jsonl"
+    synthetic_decision_log(log, 400, -0.8, 12)
+    log.write_text(log.read_text().replace('"tenant": "search"', '"tenant": "research"'))  # the example's budgeted one
+    named = ("LARGE_API_KEY", "PROMPTIER_API_KEYS", "SEARCH_TEAM_KEYS", "RESEARCH_TEAM_KEYS")
+    environment = {name: value for name, value in os.environ.items() if name not in named}
+    out = tmp_path / "sim.json"
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(log), "--config", str(config),
+                             "--tenant", "research", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["budget_usd"] == 500  # the example's research budget
+    refused = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(log), "--config", str(config),
+                              "--tenant", "search", "--out", str(out)],
+                             capture_output=True, text=True, timeout=300, env=environment)
+    assert refused.returncode == 2 and "--tenant must name a tenant with a budget" in refused.stderr
