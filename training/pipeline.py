@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -346,15 +346,19 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: Tra
     prompts like them it never saw: the validation logs and anchors generated with another seed.
     """
     from training.anchors import anchor_rows
-    from training.model import BagTierModel, WithUnfamiliarity, fit_feature_statistics
+    from training.model import BagTierModel, WithUnfamiliarity
     from training.probes import load_probes
     from training.trainer import predict, tokenize_all
 
     spec = config.familiarity
     assert spec is not None and isinstance(model, BagTierModel)
     if inputs.familiarity_texts is not None:
-        features = predict(model, tokenize_all(encoder, sorted(set(inputs.familiarity_texts))), method="features")
-        statistics = fit_feature_statistics(features, spec.directions)
+        # A chunk at a time: a million prompts' features at once, and their covariance's float64 copies,
+        # would take gigabytes the run has no other need for.
+        texts = sorted(set(inputs.familiarity_texts))
+        statistics = _chunked_feature_statistics(
+            model, (tokenize_all(encoder, texts[i : i + HELDOUT_CHUNK]) for i in range(0, len(texts), HELDOUT_CHUNK)),
+            spec.directions)
         trained_on = set(inputs.familiarity_texts)
     else:
         assert not isinstance(inputs.tokens, list)
@@ -367,14 +371,10 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: Tra
                                                       exclude=seen)]
     table, split = inputs.table, inputs.split
     reference_texts = [table.prompts[i] for i in np.flatnonzero(split == "val")] + fresh
-    if inputs.streamed:  # features of a chunk at a time, never all of them
-        unfamiliarity = np.concatenate([
-            statistics.unfamiliarity(predict(model, tokenize_all(encoder, reference_texts[i : i + HELDOUT_CHUNK]),
-                                             method="features"))
-            for i in range(0, len(reference_texts), HELDOUT_CHUNK)])
-    else:
-        reference = predict(model, tokenize_all(encoder, reference_texts), method="features")
-        unfamiliarity = statistics.unfamiliarity(reference)
+    unfamiliarity = np.concatenate([  # features of a chunk at a time, never all of them
+        statistics.unfamiliarity(predict(model, tokenize_all(encoder, reference_texts[i : i + HELDOUT_CHUNK]),
+                                         method="features"))
+        for i in range(0, len(reference_texts), HELDOUT_CHUNK)])
     familiarity = FamiliarityConfig(
         threshold=float(np.quantile(unfamiliarity, spec.quantile)),
         reference=np.quantile(unfamiliarity, np.linspace(0, 1, 101)).tolist(),
@@ -384,16 +384,23 @@ def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: Tra
 
 def _store_feature_statistics(model: torch.nn.Module, store: TokenStore, directions: int, chunk: int = HELDOUT_CHUNK
                               ) -> FeatureStatistics:
-    """Feature statistics of every prompt in a token store, accumulated a chunk at a time (float64
+    """Feature statistics of every prompt in a token store, read a chunk at a time."""
+    return _chunked_feature_statistics(
+        model, (store.get(np.arange(start, min(start + chunk, len(store)))) for start in range(0, len(store), chunk)),
+        directions)
+
+
+def _chunked_feature_statistics(model: torch.nn.Module, chunks: Iterable[list[np.ndarray]],
+                                directions: int) -> FeatureStatistics:
+    """Feature statistics of every prompt in `chunks` (token ids), accumulated a chunk at a time (float64
     sums, shifted by the first chunk's mean so that the one-pass covariance keeps its precision)."""
     from training.model import statistics_from_moments
     from training.trainer import predict
 
     shift = None
     count, total, products = 0, None, None
-    for start in range(0, len(store), chunk):
-        features = predict(model, store.get(np.arange(start, min(start + chunk, len(store)))),
-                           method="features").astype(np.float64)
+    for tokens in chunks:
+        features = predict(model, tokens, method="features").astype(np.float64)
         shift = features.mean(axis=0) if shift is None else shift
         centred = features - shift
         total = centred.sum(axis=0) if total is None else total + centred.sum(axis=0)
