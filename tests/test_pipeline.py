@@ -467,3 +467,9 @@ def test_the_model_card_counts_the_invalid_rows_a_run_skipped(trained_artifact: 
                              trained_artifact)
     assert "- Invalid rows skipped (`--skip-invalid`): 4 (3 x score 7.0 is outside [0, 1]; 1 x missing value)" in card
     assert "Invalid rows skipped" not in render_model_card(manifest, trained_artifact)
+    many = {f"score {7 + i}.0 is outside [0, 1]": 1 for i in range(40)}
+    card = render_model_card(manifest.model_copy(update={"training": {**manifest.training, "skipped_rows": many}}),
+                             trained_artifact)
+    line = next(line for line in card.splitlines() if line.startswith("- Invalid rows skipped"))
+    assert line.startswith("- Invalid rows skipped (`--skip-invalid`): 40 (") and "and 35 more reasons" in line
+    assert line.count(" x score ") == 5

@@ -53,6 +53,10 @@ def test_distill_weight_without_a_teacher_is_refused(tmp_path: Path, tiny_backbo
     assert result.exit_code == 2 and "Invalid value for '--distill-weight'" in result.output
     result = _train([*files, "--distill-weight", "0.2", "--init-from", str(tmp_path)])
     assert result.exit_code == 2 and "--distill-weight need a fresh run" in result.output
+    # Refused by the launcher of several processes, once, before torchrun starts any.
+    result = _train([*files, "--distill-weight", "0.2", "--processes", "2"])
+    assert result.exit_code == 2 and "--distill-weight weights a teacher" in result.output
+    assert "starting 2 processes" not in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -65,3 +69,23 @@ def test_logs_too_small_to_check_the_export_are_refused_before_training(tmp_path
     assert result.exit_code == 2, result.output
     assert "too few prompts" in result.output and "at least 500 distinct prompts" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work" / "checkpoint.pt").exists()
+
+
+def test_the_launcher_of_several_processes_forwards_the_weight(tmp_path: Path, tiny_backbone: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process torchrun starts gets the options as given: a weight of 0 is a weight, not a default."""
+    import subprocess
+
+    started: list[list[str]] = []
+
+    def run(command: list[str], check: bool) -> subprocess.CompletedProcess:
+        started.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    files = _files(tmp_path, tiny_backbone, teacher={"kind": "embedding-mlp"})
+    result = _train([*files, "--distill-weight", "0", "--processes", "2"])
+    assert result.exit_code == 0, result.output
+    (command,) = started
+    assert "torch.distributed.run" in command and "--nproc-per-node=2" in command
+    assert command[command.index("--distill-weight") + 1] == "0.0"

@@ -80,7 +80,17 @@ def train(
     _require_training_extra()
     # The launcher of --processes N only starts torchrun: it imports no torch (and holds no memory).
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if init_from is not None and (teacher is not None or unlabeled or distill_weight is not None):
+        fail(PromptierError("--init-from continues a model on new logs alone: --teacher, --unlabeled and "
+                            "--distill-weight need a fresh run (leave out --init-from)"))
     if processes > 1 and world_size == 1:
+        if distill_weight is not None and teacher is None:  # refused here once, not by every process
+            from training.config import load_config
+
+            try:
+                _with_distill_weight(load_config(config), teacher, distill_weight)
+            except (PromptierError, ValueError, FileNotFoundError) as error:
+                fail(error)
         _launch(processes, {"logs": logs, "pool": pool, "out": out, "config": config, "work_dir": work_dir,
                             "skip_invalid": skip_invalid, "teacher": teacher, "unlabeled": unlabeled,
                             "distill_weight": distill_weight, "epochs": epochs, "seed": seed,
@@ -97,9 +107,6 @@ def train(
                  "holdout_categories": holdout_category, "device": device, "precision": precision, "streaming": stream}
     command = "promptier " + shlex.join(sys.argv[1:])
     if init_from is not None:
-        if teacher is not None or unlabeled or distill_weight is not None:
-            fail(PromptierError("--init-from continues a model on new logs alone: --teacher, --unlabeled and "
-                                "--distill-weight need a fresh run (leave out --init-from)"))
         _retrain(init_from, logs, pool, out, config, overrides, force, work_dir, skip_invalid, model_version, command)
         return
     if config is None and rank == 0:

@@ -163,6 +163,17 @@ class TrainingInputs:
         return self.familiarity_texts is None
 
 
+def require_enough_prompts(distinct_prompts: int) -> None:
+    """Refuse logs too small for the export's parity check, which holds the exported model to torch's on
+    MIN_PARITY_PROMPTS prompts (held-out ones first, then training ones) before anything is written."""
+    from training.export import MIN_PARITY_PROMPTS
+
+    if distinct_prompts < MIN_PARITY_PROMPTS:
+        raise DataError("logs", f"too few prompts: {distinct_prompts} distinct prompts in the logs; training needs "
+                        f"at least {MIN_PARITY_PROMPTS} distinct prompts (the exported model is checked against "
+                        "torch on that many before it is written)")
+
+
 def vocab_size(tokenizer_file: Path) -> int:
     from tokenizers import Tokenizer
 
@@ -179,6 +190,7 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
 
     data = prepare_data(logs, pool, config, skip_invalid)
     table, split = data.table, data.split
+    require_enough_prompts(len(table))  # before any teacher labels or fits anything
     log.info("%d prompts (%s); %s", len(table), {s: int((split == s).sum()) for s in ("train", "val", "test")},
              data.skipped.summary())
     train_index = np.flatnonzero(split == "train")
@@ -239,6 +251,7 @@ def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig,
                         "train with streaming: false, or use a recipe without a teacher")
     writer = TokenStoreWriter(work_dir / TRAINSET_DIR, vocab_size(tokenizer_file))
     data = stream_logs(logs, pool, config, encoder, writer, skip_invalid)
+    require_enough_prompts(sum(data.prompt_counts.values()))
     n_train = len(data.train_targets)
     slots, targets = np.arange(n_train), data.train_targets
     anchors = anchor_table(pool, config)

@@ -96,13 +96,20 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+SKIP_REASONS_SHOWN = 5
+
+
 def _skipped_lines(training: dict) -> list[str]:
     """The invalid rows a `--skip-invalid` run left out, by reason: a model trained on part of its logs
     says so where its data is described."""
     skipped = training.get("skipped_rows")
     if not isinstance(skipped, dict) or not skipped:
         return []
-    reasons = "; ".join(f"{count} x {reason}" for reason, count in sorted(skipped.items(), key=lambda item: -item[1]))
+    # Reasons name the bad value, so there can be as many as rows: the card shows the commonest few.
+    ranked = sorted(skipped.items(), key=lambda item: -item[1])
+    reasons = "; ".join(f"{count} x {reason}" for reason, count in ranked[:SKIP_REASONS_SHOWN])
+    if len(ranked) > SKIP_REASONS_SHOWN:
+        reasons += f"; and {len(ranked) - SKIP_REASONS_SHOWN} more reasons (the manifest's training.skipped_rows)"
     return [f"- Invalid rows skipped (`--skip-invalid`): {sum(skipped.values())} ({reasons})"]
 
 

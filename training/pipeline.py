@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from training.token_store import TokenStore
 
 log = logging.getLogger(__name__)
-HELDOUT_CHUNK = 4096  # held-out prompts tokenized and scored at a time when streaming
+HELDOUT_CHUNK = 4096  # prompts tokenized and scored at a time where all of them at once would cost memory
 
 
 def _versions() -> dict[str, str]:
@@ -120,7 +120,6 @@ def train(
                       if config.streaming else
                       in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
                                         teacher, unlabeled, distill_weight, cache_dir))
-            _check_enough_prompts(inputs)
         stages = {"inputs": round(time.time() - started, 1)}
         peaks = {"inputs": peak_rss_mb()}
         torch.manual_seed(config.seed)
@@ -195,17 +194,6 @@ def parity_prompts(inputs: TrainingInputs) -> list[str]:
     if len(texts) < MIN_PARITY_PROMPTS:
         texts += inputs.parity_extra[: MIN_PARITY_PROMPTS - len(texts)]
     return texts
-
-
-def _check_enough_prompts(inputs: TrainingInputs) -> None:
-    """Refuse, before any fitting, logs too small for the export's parity check to hold the model to its bars."""
-    from training.export import MIN_PARITY_PROMPTS
-
-    available = len(parity_prompts(inputs))
-    if available < MIN_PARITY_PROMPTS:
-        raise DataError("logs", f"too few prompts: the export is checked against torch on {MIN_PARITY_PROMPTS} "
-                        f"prompts (held-out ones first, then training ones) and these logs give {available}; "
-                        f"train on logs with at least {MIN_PARITY_PROMPTS} distinct prompts")
 
 
 def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, pool: Pool, config: TrainConfig,
