@@ -51,7 +51,7 @@ def serve(
                                              "default, 2 hours)")] = 60.0,
     max_connections: Annotated[int | None, typer.Option(min=1, help="connections open at once, per process; "
                                                         "more are closed on accept (default: the open-file "
-                                                        "limit less 128)")] = None,
+                                                        "limit less 128, at most 10,000)")] = None,
     max_streams: Annotated[int, typer.Option(min=1, help="calls in flight per connection; a client queues "
                                              "more itself")] = 256,
 ) -> None:

@@ -215,22 +215,33 @@ def test_budget_sim_takes_a_tenants_budget_from_a_dispatcher_config_without_its_
     import os
     import shutil
 
+    import yaml
+
     import serving.dispatch
+    from serving.dispatch.dispatch_config import DispatcherConfig, read_config
 
     config = tmp_path / "dispatcher.yaml"
     shutil.copy(Path(serving.dispatch.__file__).parent / "dispatcher.example.yaml", config)
+    example = read_config(config, DispatcherConfig)
+    budgeted = next(name for name, tenant in example.tenants.items() if tenant.budget is not None)
+    unbudgeted = next(name for name, tenant in example.tenants.items() if tenant.budget is None)
     log = tmp_path / "decisions.jsonl"
     synthetic_decision_log(log, 400, -0.8, 12)
-    log.write_text(log.read_text().replace('"tenant": "search"', '"tenant": "research"'))  # the example's budgeted one
-    named = ("LARGE_API_KEY", "PROMPTIER_API_KEYS", "SEARCH_TEAM_KEYS", "RESEARCH_TEAM_KEYS")
+    log.write_text(log.read_text().replace('"tenant": "search"', json.dumps({"tenant": budgeted})[1:-1]))
+    # Every variable the config names (upstream and inbound keys) is unset for the replay.
+    raw = yaml.safe_load(config.read_text())
+    named = {value for section in (raw["tiers"].values(), raw["tenants"].values()) for entry in section
+             for key, value in entry.items() if key.endswith("_env")} | {raw["inbound_api_keys_env"]}
+    assert "LARGE_API_KEY" in named
     environment = {name: value for name, value in os.environ.items() if name not in named}
     out = tmp_path / "sim.json"
     result = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(log), "--config", str(config),
-                             "--tenant", "research", "--out", str(out)],
+                             "--tenant", budgeted, "--out", str(out)],
                             capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr
-    assert json.loads(out.read_text())["budget_usd"] == 500  # the example's research budget
+    budget = example.tenants[budgeted].budget
+    assert budget is not None and json.loads(out.read_text())["budget_usd"] == budget.usd
     refused = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(log), "--config", str(config),
-                              "--tenant", "search", "--out", str(out)],
+                              "--tenant", unbudgeted, "--out", str(out)],
                              capture_output=True, text=True, timeout=300, env=environment)
     assert refused.returncode == 2 and "--tenant must name a tenant with a budget" in refused.stderr

@@ -113,6 +113,9 @@ def test_requests_a_browser_page_could_forge_are_refused_without_keys(
                               content=body, headers=headers)
         assert reply.status_code == 403 and reply.json()["error"]["code"] == "host_not_allowed", path
     assert len(fresh["small"].received) == 1
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'promptier_dispatch_refused_total{code="host_not_allowed",status="403"} 4.0' in metrics
+    assert 'promptier_dispatch_refused_total{code="unsupported_media_type",status="415"} 4.0' in metrics
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}", f"10.1.2.3:{port}",
                  "LOCALHOST."):
         assert httpx.get(f"{dispatcher.base_url}/models", headers={"host": host}).status_code == 200, host

@@ -127,12 +127,14 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         """Chat completions skip Starlette's middleware and router (a tenth of the per-request work in
         the dispatcher's profile); everything else, lifespan included, goes through the app."""
         if scope["type"] == "http" and host_allowed is not None and not host_allowed(scope["headers"]):
+            dispatcher.metrics.refused.labels("403", "host_not_allowed").inc()
             await host_refused(scope, receive, send)
         elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
             try:
                 response = await chat.handle(Request(scope, receive))
             except Exception:  # what ServerErrorMiddleware would do, without its cost on every request
                 log.exception("unhandled error in chat completions")
+                dispatcher.metrics.refused.labels("500", "server_error").inc()
                 response = HTTPError(500, "internal error", kind="server_error").response()
             try:
                 await response(scope, receive, send)

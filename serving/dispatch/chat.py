@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: admit a caller's request, route it, send it to its tier's upstream, and pass
-the answer back, whole or relayed as it comes, recording each request once in the decision log.
+the answer back, whole or relayed as it comes, recording each routed request once in the decision log
+(a request refused before routing is counted in the dispatcher's metrics instead).
 
 Request and response bodies pass through untouched except the request's model name; a metered tenant's
 stream also asks its upstream for usage, and drops the usage chunk that its caller did not ask for.

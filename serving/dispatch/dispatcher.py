@@ -88,10 +88,12 @@ class DispatcherMetrics:
                                   registry=self.registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05))
         self.outcomes = Counter("promptier_dispatch_outcomes", "outcome scores reported for earlier answers",
                                 registry=self.registry)
-        # Refused before a tier was chosen, so neither in the requests above nor in the decision log (whose
-        # rows are routing decisions): counted here by status and the error's code, both from a fixed set.
-        self.refused = Counter("promptier_dispatch_refused", "chat requests refused before routing (bad input, "
-                               "no or an unknown API key, unknown model, a capability no tier has, caller gone)",
+        # Answered without a routing decision, so neither in the requests above nor in the decision log
+        # (whose rows are routing decisions): counted here by status and the error's code, both from a
+        # fixed set.
+        self.refused = Counter("promptier_dispatch_refused", "requests answered with an error before a routing "
+                               "decision: bad input, no or an unknown API key, an unknown or forbidden model, a "
+                               "capability no allowed tier has, a caller gone, a Host not allowed, an internal error",
                                ["status", "code"], registry=self.registry)
 
 
