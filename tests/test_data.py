@@ -141,6 +141,7 @@ def test_a_label_naming_no_tier_of_the_pool_is_an_invalid_row(tmp_path: Path, po
     rows, report = read_logs([path], skip_invalid=True, tiers=pool.tier_names)
     assert [row.prompt for row in rows] == ["q"] and report.total == 1
 
+
 def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type: ignore[no-untyped-def]
     from training.data import OutcomeRow
 

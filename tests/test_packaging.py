@@ -14,6 +14,7 @@ from training.bench import SHIPPED_RECIPE
 from training.probes import PROBES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
+INSTALLED = Path(classifier.__file__).resolve().parents[1]  # where the packages are read from: ROOT, if editable
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "proto", "classifier", "training", "serving")
 
 
@@ -31,12 +32,14 @@ def test_the_wheel_holds_the_model_probes_recipes_and_example_configs(tmp_path: 
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("promptier-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    read_at_run_time = [PROBES_FILE, SHIPPED_RECIPE, *classifier.DEFAULT_MODEL_DIR.iterdir(),
-                        Path(serving.dispatch.__file__).parent / "savings.html",
-                        Path(serving.dispatch.__file__).parent / "dispatcher.example.yaml",
-                        ROOT / "serving" / "promptier-litellm.example.yaml"]
-    missing = [str(path.relative_to(ROOT)) for path in read_at_run_time
-               if path.relative_to(ROOT).as_posix() not in names]
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    dispatch = Path(serving.dispatch.__file__).resolve().parent
+    read_at_run_time = [PROBES_FILE, SHIPPED_RECIPE, dispatch / "savings.html", dispatch / "dispatcher.example.yaml",
+                        dispatch.parent / "promptier-litellm.example.yaml",
+                        # The artifact's files (a local `promptier eval` may have added a folder beside them).
+                        *(path for path in classifier.DEFAULT_MODEL_DIR.iterdir() if path.is_file())]
+    missing = [name for name in (path.resolve().relative_to(INSTALLED).as_posix() for path in read_at_run_time)
+               if name not in names]
     assert not missing, f"not in the wheel: {missing}"
     assert "serving/_proto/promptier/v1/router_pb2.py" in names  # generated while building
