@@ -473,3 +473,24 @@ def test_the_model_card_counts_the_invalid_rows_a_run_skipped(trained_artifact: 
     line = next(line for line in card.splitlines() if line.startswith("- Invalid rows skipped"))
     assert line.startswith("- Invalid rows skipped (`--skip-invalid`): 40 (") and "and 35 more reasons" in line
     assert line.count(" x score ") == 5
+
+
+def test_eval_of_the_shipped_model_writes_where_it_runs_and_a_bad_out_is_an_error(
+        synthetic_logs: Path, pool_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --model, the shipped model; its reports never go into the installed package (which may be
+    read-only); a directory that cannot be written is a one-line error, not a traceback."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    package_files = sorted(classifier.DEFAULT_MODEL_DIR.parent.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    arguments = ["eval", "--logs", str(synthetic_logs), "--pool", str(pool_file), "--no-embedding-baseline"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "runs" / "eval" / "eval.json").read_text())
+    assert report["model_version"] == load_manifest(classifier.DEFAULT_MODEL_DIR).model_version and report["probes"]
+    assert sorted(classifier.DEFAULT_MODEL_DIR.parent.rglob("*")) == package_files
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "a-file" / "eval")])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "a-file" in result.output

@@ -46,7 +46,8 @@ def train(
     logs: LogsOption,
     pool: PoolOption,
     out: Annotated[Path, typer.Option(help="artifact directory to write")],
-    config: Annotated[Path | None, typer.Option(help="training config YAML")] = None,
+    config: Annotated[Path | None, typer.Option(help="training config YAML, or a recipe of the package by name "
+                                                     "(default: training/configs/default.yaml, the shipped one)")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="checkpoints (default: OUT.work); rerun to resume")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="skip invalid rows and report them")] = False,
     teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
@@ -120,7 +121,7 @@ def train(
                                 distill_weight=DEFAULT_DISTILL_WEIGHT if distill_weight is None else distill_weight,
                                 model_version=model_version, command=command,
                                 cache_dir=Path.home() / ".cache" / "promptier")
-    except (PromptierError, ValueError, FileNotFoundError) as error:
+    except (PromptierError, ValueError, OSError) as error:
         fail(error)
     if manifest is None:  # a process of a distributed run other than the main one
         return
@@ -218,7 +219,8 @@ def train_bench(
 ) -> None:
     """Measure training: prompts/s and peak memory on synthetic logs, per device and process count."""
     _require_training_extra()
-    from training.bench import SHIPPED_RECIPE, run_bench
+    from training.bench import run_bench
+    from training.config import SHIPPED_RECIPE
 
     try:
         run_bench([int(r) for r in rows.split(",")], devices.split(","), [int(p) for p in processes.split(",")],
@@ -231,10 +233,11 @@ def train_bench(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Option(help="artifact directory")],
     logs: LogsOption,
     pool: PoolOption,
-    out: Annotated[Path | None, typer.Option(help="report directory (default: MODEL/eval)")] = None,
+    model: Annotated[Path | None, typer.Option(help="artifact directory (default: the shipped model)")] = None,
+    out: Annotated[Path | None, typer.Option(help="report directory (default: MODEL/eval; runs/eval for the "
+                                                  "shipped model, which is part of the installed package)")] = None,
     embedding_baseline: Annotated[bool, typer.Option(help="include the MiniLM embedding baseline")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="embedding cache (default ~/.cache/promptier)")] = None,
     skip_invalid: Annotated[bool, typer.Option()] = False,
@@ -252,10 +255,18 @@ def evaluate(
     seeds: Annotated[str | None, typer.Option(help="also retrain the recipe with these seeds (e.g. 13,14,15) and "
                                                    "report the spread of its in-distribution APGR")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="where --loso, --loso-seeds and --seeds train (default: "
-                                                       "MODEL.generalization)")] = None,
+                                                       "MODEL.generalization; runs/generalization for the shipped "
+                                                       "model)")] = None,
 ) -> None:
     """Evaluate a model against baselines on the prompts of LOGS it never saw, and on the probe suite."""
     _require_training_extra()
+    import classifier
+
+    model = model or classifier.DEFAULT_MODEL_DIR
+    if model.resolve() == classifier.DEFAULT_MODEL_DIR.resolve():
+        # The shipped model lives in the installed package: reports go where the command runs.
+        work_dir = work_dir or Path("runs") / "generalization"
+        out = out or Path("runs") / "eval"
     from classifier.artifact import load_manifest
     from classifier.artifact_layout import EVAL_FILES, EVAL_MD_FILE, EVAL_REPORT_DIR
     from training.data import read_logs
@@ -283,7 +294,6 @@ def evaluate(
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None
         out_dir = model if record else (out or model / EVAL_REPORT_DIR)
-        import classifier
         from training.probes import evaluate_probes, render_probe_markdown
 
         probes = evaluate_probes(classifier.load(model))
@@ -302,7 +312,7 @@ def evaluate(
             from training.generalization_report import write_report
 
             write_report(generalization, out_dir)
-    except (PromptierError, ValueError, FileNotFoundError) as error:
+    except (PromptierError, ValueError, OSError) as error:  # OSError: e.g. a read-only --out or --record
         fail(error)
     typer.echo((out_dir / EVAL_MD_FILE).read_text())
     typer.echo(render_probe_markdown(probes, manifest.policy.default_mode))
