@@ -10,7 +10,7 @@ from pathlib import Path
 
 import classifier
 import serving.dispatch
-from training.bench import SHIPPED_RECIPE
+from training.config import SHIPPED_RECIPE
 from training.probes import PROBES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -89,3 +89,20 @@ def test_the_launcher_of_several_processes_forwards_the_weight(tmp_path: Path, t
     (command,) = started
     assert "torch.distributed.run" in command and "--nproc-per-node=2" in command
     assert command[command.index("--distill-weight") + 1] == "0.0"
+
+
+def test_a_recipe_is_found_by_name_or_by_its_checkout_path_wherever_the_command_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The READMEs' and model cards' `--config training/configs/default.yaml` also works where the package
+    is installed without a checkout; a file that exists is read as given."""
+    from training.config import SHIPPED_RECIPE, load_config
+
+    monkeypatch.chdir(tmp_path)
+    shipped = load_config(SHIPPED_RECIPE)
+    assert load_config("training/configs/default.yaml") == shipped == load_config("default")
+    assert load_config("teacher").student is None and shipped.student is not None
+    (tmp_path / "training" / "configs").mkdir(parents=True)
+    (tmp_path / "training" / "configs" / "default.yaml").write_text("epochs: 2\n")
+    assert load_config("training/configs/default.yaml").epochs == 2
+    with pytest.raises(FileNotFoundError, match="no config file 'elsewhere/default.yaml'.*default, student"):
+        load_config("elsewhere/default.yaml")

@@ -28,8 +28,7 @@ import yaml
 
 from classifier.artifact_layout import MANIFEST_FILE
 from classifier.errors import PromptierError
-
-SHIPPED_RECIPE = Path(__file__).parent / "configs" / "default.yaml"
+from training.config import SHIPPED_RECIPE, recipe_path
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Mode:
 def bench_config(backbone: str, streaming: bool, max_steps: int, device: str, recipe: Path = SHIPPED_RECIPE) -> dict:
     """A recipe (the shipped one by default) without its teacher (which needs every prompt's text),
     capped at `max_steps`, with the fused optimizer that large runs should use."""
-    config = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    config = yaml.safe_load(recipe_path(recipe).read_text(encoding="utf-8"))
     config.pop("teacher", None)
     config.update(backbone=backbone, streaming=streaming, max_steps=max_steps, device=device, epochs=1,
                   fused_optimizer=True)

@@ -10,6 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BACKBONE = "minilm-l6"
+RECIPES_DIR = Path(__file__).parent / "configs"  # the recipes, installed with the package
+SHIPPED_RECIPE = RECIPES_DIR / "default.yaml"
 DeviceName = Literal["auto", "cpu", "cuda"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -176,10 +178,29 @@ class TrainConfig(BaseModel):
             6 * self.max_tokens * (1 - self.head_fraction))
 
 
+def recipe_path(path: str | Path) -> Path:
+    """`path` if it exists; else the recipe of the package it names, by name (`default`, `default.yaml`) or by
+    its path in a checkout (`training/configs/default.yaml`), so that the commands the READMEs and model
+    cards give work where the package is installed without a checkout.
+
+    Raises:
+        FileNotFoundError: neither, naming the recipes there are.
+    """
+    given = Path(path)
+    if given.exists():
+        return given
+    name = given.name if given.suffix else given.name + ".yaml"
+    if given.parent in (Path("."), Path("training/configs")) and (RECIPES_DIR / name).is_file():
+        return RECIPES_DIR / name
+    recipes = ", ".join(sorted(recipe.stem for recipe in RECIPES_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no config file {str(given)!r}; the package's recipes, by name: {recipes}")
+
+
 def load_config(path: str | Path | None, **overrides: object) -> TrainConfig:
-    """Read a YAML config (or the defaults), then apply non-None overrides."""
+    """Read a YAML config (a file, or a recipe of the package by name: `recipe_path`) or the defaults,
+    then apply non-None overrides."""
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(recipe_path(path).read_text(encoding="utf-8")) or {}
     raw.update({key: value for key, value in overrides.items() if value is not None})
     return TrainConfig.model_validate(raw)
