@@ -104,5 +104,5 @@ def test_a_recipe_is_found_by_name_or_by_its_checkout_path_wherever_the_command_
     (tmp_path / "training" / "configs").mkdir(parents=True)
     (tmp_path / "training" / "configs" / "default.yaml").write_text("epochs: 2\n")
     assert load_config("training/configs/default.yaml").epochs == 2
-    with pytest.raises(FileNotFoundError, match="no config file 'elsewhere/default.yaml'.*default, student"):
+    with pytest.raises(FileNotFoundError, match=r"no config file 'elsewhere/default\.yaml'.*default, student"):
         load_config("elsewhere/default.yaml")

@@ -47,7 +47,8 @@ def train(
     pool: PoolOption,
     out: Annotated[Path, typer.Option(help="artifact directory to write")],
     config: Annotated[Path | None, typer.Option(help="training config YAML, or a recipe of the package by name "
-                                                     "(default: training/configs/default.yaml, the shipped one)")] = None,
+                                                     "(`default` is the shipped model's); without it, the "
+                                                     "built-in defaults")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="checkpoints (default: OUT.work); rerun to resume")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="skip invalid rows and report them")] = False,
     teacher: Annotated[Path | None, typer.Option(help="distil from this artifact's probabilities")] = None,
