@@ -15,6 +15,9 @@ import typer
 from classifier.cli import fail
 from classifier.errors import PromptierError, require
 
+# Installed with the package: `promptier dispatch --example` gives it wherever there is no checkout.
+EXAMPLE_DISPATCHER_CONFIG = Path(__file__).resolve().parent / "dispatch" / "dispatcher.example.yaml"
+
 app = typer.Typer(help="Serve routers and put them in front of models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
@@ -93,12 +96,15 @@ def serve(
 
 @app.command()
 def dispatch(
-    config: Annotated[Path, typer.Option(help="dispatcher YAML config")],
+    config: Annotated[Path | None, typer.Option(help="dispatcher YAML config")] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="dispatcher processes on the port (one core each)")] = 1,
     check: Annotated[bool, typer.Option("--check", help="validate the config (and the classifier's tiers), "
                                                         "print its fingerprint, and exit without serving")] = False,
+    example: Annotated[bool, typer.Option("--example", help="print the package's commented example config and "
+                                                            "exit (promptier dispatch --example > dispatcher.yaml)")
+                       ] = False,
 ) -> None:
     """Run the OpenAI-compatible dispatcher in front of the tiers' upstreams (SIGHUP rereads the config).
 
@@ -113,6 +119,12 @@ def dispatch(
     from serving.dispatch.dispatch_config import load_dispatcher_config
     from serving.dispatch.dispatch_supervisor import run
 
+    if example:
+        typer.echo(EXAMPLE_DISPATCHER_CONFIG.read_text(encoding="utf-8"), nl=False)
+        return
+    if config is None:
+        fail(PromptierError("--config is required: `promptier dispatch --example > dispatcher.yaml` writes a "
+                            "commented example to start from"))
     configure_json_logging()
     try:
         settings = load_dispatcher_config(config)

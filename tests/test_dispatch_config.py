@@ -52,6 +52,19 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.tenant_of_key() == {"k": "default", "s1": "search", "s2": "search", "r1": "research"}
 
 
+def test_dispatch_prints_its_example_config_and_asks_for_one(tmp_path: Path) -> None:
+    """Where the package is installed without a checkout, `--example` is how a config is started."""
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    result = CliRunner().invoke(app, ["dispatch", "--example"])
+    example = Path(__file__).resolve().parent.parent / "serving" / "dispatch" / "dispatcher.example.yaml"
+    assert result.exit_code == 0 and result.output == example.read_text()
+    result = CliRunner().invoke(app, ["dispatch"])
+    assert result.exit_code == 2 and "promptier dispatch --example > dispatcher.yaml" in result.output
+
+
 def test_check_validates_a_config_against_its_classifier_without_serving(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, trained_artifact: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
