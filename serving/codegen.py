@@ -1,7 +1,8 @@
 """Generate the gRPC stubs from proto/ (run by the package build; never edit the output by hand).
 
-`python -m serving.codegen` writes `serving/_proto/promptier/v1/`; `--check` exits 1 if the stubs
-there differ from what the current .proto files produce.
+`python -m serving.codegen` writes `serving/_proto/promptier/v1/`, the stubs and a copy of the .proto
+files (so that an installed package has the service definition without a checkout); `--check` exits 1
+if what is there differs from what the current .proto files produce.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ PACKAGE_PREFIX = "serving._proto."
 
 
 def generate(output: Path = OUTPUT) -> list[Path]:
-    """Run protoc on every .proto under proto/ and make the imports package-relative."""
+    """Run protoc on every .proto under proto/, make the imports package-relative, and copy the .proto
+    files beside the stubs."""
     from grpc_tools import protoc
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
@@ -39,7 +41,16 @@ def generate(output: Path = OUTPUT) -> list[Path]:
     for directory in {p.parent for p in written} | {output, *output.glob("*")}:
         if directory.is_dir():
             (directory / "__init__.py").touch()
+    for proto in protos:
+        copy = output / proto.relative_to(PROTO_ROOT)
+        copy.write_text(proto.read_text(encoding="utf-8"), encoding="utf-8")
+        written.append(copy)
     return written
+
+
+def proto_root() -> Path:
+    """Where the .proto files are: proto/ in a checkout, else their copy installed beside the stubs."""
+    return PROTO_ROOT if any(PROTO_ROOT.rglob("*.proto")) else OUTPUT
 
 
 def check() -> bool:
@@ -48,7 +59,7 @@ def check() -> bool:
         fresh = Path(temporary)
         generate(fresh)
         stale = []
-        for path in fresh.rglob("*.py*"):
+        for path in (p for p in fresh.rglob("*") if p.suffix in (".py", ".pyi", ".proto")):
             current = OUTPUT / path.relative_to(fresh)
             if not current.exists() or current.read_text() != path.read_text():
                 stale.append(str(current.relative_to(ROOT)))

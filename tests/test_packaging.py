@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import classifier
 import serving.dispatch
 from training.config import SHIPPED_RECIPE
@@ -37,9 +39,23 @@ def test_the_wheel_holds_the_model_probes_recipes_and_example_configs(tmp_path: 
     dispatch = Path(serving.dispatch.__file__).resolve().parent
     read_at_run_time = [PROBES_FILE, SHIPPED_RECIPE, dispatch / "savings.html", dispatch / "dispatcher.example.yaml",
                         dispatch.parent / "promptier-litellm.example.yaml",
+                        # The service definition, for clients and the native load-test server.
+                        dispatch.parent / "_proto" / "promptier" / "v1" / "router.proto",
                         # The artifact's files (a local `promptier eval` may have added a folder beside them).
                         *(path for path in classifier.DEFAULT_MODEL_DIR.iterdir() if path.is_file())]
     missing = [name for name in (path.resolve().relative_to(INSTALLED).as_posix() for path in read_at_run_time)
                if name not in names]
     assert not missing, f"not in the wheel: {missing}"
     assert "serving/_proto/promptier/v1/router_pb2.py" in names  # generated while building
+
+
+def test_without_a_checkout_the_service_definition_is_read_from_beside_its_stubs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients and the native load-test server need router.proto; an installed package has its copy."""
+    import serving.codegen as codegen
+
+    monkeypatch.setattr(codegen, "PROTO_ROOT", tmp_path / "no-checkout")
+    root = codegen.proto_root()
+    assert root == codegen.OUTPUT
+    definition = Path("promptier") / "v1" / "router.proto"
+    assert (root / definition).read_text() == (ROOT / "proto" / definition).read_text()

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.codegen import PROTO_ROOT
+from serving.codegen import proto_root
 
 SOURCE = Path(__file__).resolve().parent / "native" / "echo_server.cc"
 TOOLS = ("g++", "protoc", "grpc_cpp_plugin", "pkg-config")
@@ -48,9 +48,10 @@ def build_echo_server(cache: Path | None = None) -> Path:
                                      f"libgrpc++-dev protobuf-compiler-grpc)")
     if subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode != 0:
         raise NativeBuildUnavailable("pkg-config finds no grpc++/protobuf (Debian: apt-get install libgrpc++-dev)")
-    protos = sorted(PROTO_ROOT.rglob("*.proto"))
+    root = proto_root()
+    protos = sorted(root.rglob("*.proto"))
     if not protos:
-        raise NativeBuildUnavailable(f"no .proto files under {PROTO_ROOT} (run from a source checkout)")
+        raise NativeBuildUnavailable(f"no .proto files under {root}")
     digest = hashlib.sha256(SOURCE.read_bytes() + b"".join(p.read_bytes() for p in protos)).hexdigest()[:16]
     binary = (cache or _cache_dir()) / f"echo_server-{digest}"
     if binary.exists():
@@ -59,8 +60,8 @@ def build_echo_server(cache: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="promptier-native-") as workdir:
         generated = Path(workdir)
         plugin = shutil.which("grpc_cpp_plugin")
-        subprocess.run(["protoc", f"-I{PROTO_ROOT}", f"--cpp_out={generated}", f"--grpc_out={generated}",
-                        f"--plugin=protoc-gen-grpc={plugin}", *[str(p.relative_to(PROTO_ROOT)) for p in protos]],
+        subprocess.run(["protoc", f"-I{root}", f"--cpp_out={generated}", f"--grpc_out={generated}",
+                        f"--plugin=protoc-gen-grpc={plugin}", *[str(p.relative_to(root)) for p in protos]],
                        check=True, capture_output=True, text=True)
         flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"], check=True,
                                capture_output=True, text=True).stdout.split()
