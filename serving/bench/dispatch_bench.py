@@ -194,7 +194,9 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
     serve += ["--model", model] if model else []
     processes = [_start_upstream(upstream_port),
                  subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    report: dict = {"requests_per_measure": count, "load": {}, "config_overlay": overlay}
+    report: dict = {"requests_per_measure": count, "load": {}, "config_overlay": overlay,
+                    "load_skipped": None if load else "--no-load" if not load_wanted else
+                    "h2load is not installed; Debian: apt-get install nghttp2-client"}
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
         wait_serving(address)
@@ -262,4 +264,4 @@ def _print_report(report: dict, load_seconds: float) -> None:
                 print(f"| {name} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} ms | "
                       f"{r['p99_ms']:.1f} ms | {r['fallback_share']:.1%} | {r['not_2xx']} |")
     else:
-        print("\n(load rows skipped: h2load is not installed; Debian: apt-get install nghttp2-client)")
+        print(f"\n(load rows skipped: {report['load_skipped']})")
