@@ -182,25 +182,11 @@ class _Run:
     peaks: dict[str, float]
 
 
-def parity_prompts(inputs: TrainingInputs) -> list[str]:
-    """The prompts the export is checked on: held-out ones first (up to 1,000), one far beyond the
-    model's limit so that parity covers the truncation path too, then training prompts up to the minimum."""
-    from training.export import MIN_PARITY_PROMPTS
-
-    table, split = inputs.table, inputs.split
-    parity_index = np.flatnonzero(split != "train")
-    texts = [table.prompts[i] for i in parity_index[: max(MIN_PARITY_PROMPTS, 1000)]]
-    texts.append(" ".join(table.prompts[i] for i in parity_index[:40]))
-    if len(texts) < MIN_PARITY_PROMPTS:
-        texts += inputs.parity_extra[: MIN_PARITY_PROMPTS - len(texts)]
-    return texts
-
-
 def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, pool: Pool, config: TrainConfig,
             encoder: PromptEncoder, tokenizer_file: Path, fit_report: dict, run: _Run) -> ArtifactManifest:
     """Calibrate, choose thresholds, fit familiarity, export with the parity check, evaluate (main process)."""
     from training.calibration import apply_temperatures, fit_temperatures
-    from training.export import check_parity_set, export_into
+    from training.export import MIN_PARITY_PROMPTS, check_parity_set, export_into
     from training.model_card import render_model_card
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.streaming import write_hashes
@@ -242,7 +228,12 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
         versions=_versions(),
         metrics={"validation": validation_metrics(val_logits, val_probs, table.subset(val_index), config.policy_rule)},
     )
-    parity_texts = parity_prompts(inputs)
+    parity_index = np.flatnonzero(split != "train")
+    parity_texts = [table.prompts[i] for i in parity_index[: max(MIN_PARITY_PROMPTS, 1000)]]
+    # One prompt far beyond the model's limit, so parity covers the truncation path too.
+    parity_texts.append(" ".join(table.prompts[i] for i in parity_index[:40]))
+    if len(parity_texts) < MIN_PARITY_PROMPTS:
+        parity_texts += inputs.parity_extra[: MIN_PARITY_PROMPTS - len(parity_texts)]
 
     def torch_logits(texts: Sequence[str]) -> np.ndarray:
         return predict_logits(model, tokenize_all(encoder, texts))
