@@ -91,7 +91,7 @@ def train(
 
             try:
                 _with_distill_weight(load_config(config), teacher, distill_weight)
-            except (PromptierError, ValueError, FileNotFoundError) as error:
+            except (PromptierError, ValueError, OSError) as error:
                 fail(error)
         _launch(processes, {"logs": logs, "pool": pool, "out": out, "config": config, "work_dir": work_dir,
                             "skip_invalid": skip_invalid, "teacher": teacher, "unlabeled": unlabeled,
