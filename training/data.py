@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +83,19 @@ class SkipReport:
     def summary(self) -> str:
         parts = []
         if self.total:
-            reasons = "; ".join(f"{count} x {reason}" for reason, count in self.counts.most_common())
-            parts.append(f"skipped {self.total} invalid rows: {reasons}")
+            parts.append(f"skipped {self.total} invalid rows: {counted_reasons(self.counts)}")
         if self.not_trainable:
-            parts.append("decision-log lines left out: " + "; ".join(
-                f"{count} x {reason}" for reason, count in self.not_trainable.most_common()))
+            parts.append("decision-log lines left out: " + counted_reasons(self.not_trainable))
         return "; ".join(parts) or "no rows skipped"
+
+
+def counted_reasons(counts: Mapping[str, int], limit: int | None = None) -> str:
+    """`3 x reason; 1 x other`, commonest first; with `limit`, that many and how many more there are."""
+    ranked = Counter(counts).most_common()
+    shown = "; ".join(f"{count} x {reason}" for reason, count in ranked[:limit])
+    if limit is not None and len(ranked) > limit:
+        shown += f"; and {len(ranked) - limit} more reasons"
+    return shown
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:

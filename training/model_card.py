@@ -6,6 +6,7 @@ from pathlib import Path
 
 from classifier.artifact import ArtifactManifest
 from classifier.artifact_layout import EVAL_MD_FILE, EVAL_PNG_FILE, GENERALIZATION_PNG_FILE
+from training.data import counted_reasons
 from training.generalization_report import recorded as recorded_generalization
 from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
@@ -106,10 +107,9 @@ def _skipped_lines(training: dict) -> list[str]:
     if not isinstance(skipped, dict) or not skipped:
         return []
     # Reasons name the bad value, so there can be as many as rows: the card shows the commonest few.
-    ranked = sorted(skipped.items(), key=lambda item: -item[1])
-    reasons = "; ".join(f"{count} x {reason}" for reason, count in ranked[:SKIP_REASONS_SHOWN])
-    if len(ranked) > SKIP_REASONS_SHOWN:
-        reasons += f"; and {len(ranked) - SKIP_REASONS_SHOWN} more reasons (the manifest's training.skipped_rows)"
+    reasons = counted_reasons(skipped, SKIP_REASONS_SHOWN)
+    if len(skipped) > SKIP_REASONS_SHOWN:
+        reasons += " (the manifest's training.skipped_rows)"
     return [f"- Invalid rows skipped (`--skip-invalid`): {sum(skipped.values())} ({reasons})"]
 
 
