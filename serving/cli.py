@@ -31,6 +31,20 @@ def _require_bench_extra() -> None:
         fail(error)
 
 
+def _bench_model(model: Path | None) -> str | None:
+    """The artifact a bench's services load, checked here once (a bad one would otherwise show only as a
+    service that never got ready) and made absolute (some of them run in scratch directories)."""
+    if model is None:
+        return None
+    from classifier import load
+
+    try:
+        load(model)
+    except PromptierError as error:
+        fail(error)
+    return str(model.resolve())
+
+
 @app.command()
 def serve(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
@@ -167,7 +181,11 @@ def dispatch_bench(
             fail(error)
         if not isinstance(overlay, dict):
             fail(ValueError(f"{config_overlay}: a config overlay is a mapping of config sections"))
-    run_dispatch_bench(str(model) if model else None, out, requests, overlay=overlay, load=load)
+    artifact = _bench_model(model)
+    try:
+        run_dispatch_bench(artifact, out, requests, overlay=overlay, load=load)
+    except RuntimeError as error:  # a service it started exited or never got ready: its stderr says why
+        fail(error)
 
 
 @app.command("litellm-bench")
@@ -190,7 +208,11 @@ def litellm_bench(
         fail(error)
     from serving.bench.litellm_bench import main as run_litellm_bench
 
-    run_litellm_bench(str(model) if model else None, out, requests)
+    artifact = _bench_model(model)
+    try:
+        run_litellm_bench(artifact, out, requests)
+    except RuntimeError as error:  # the proxy or the upstream exited or never got ready: their output says why
+        fail(error)
 
 
 @app.command("budget-sim")
@@ -272,7 +294,7 @@ def loadtest(
     if generator not in ("auto", "h2load", "python"):
         raise typer.BadParameter(f"--generator must be auto, h2load or python, not {generator!r}")
     try:
-        run_loadtest(str(model) if model else None, out, seconds, workers, generator)
+        run_loadtest(_bench_model(model), out, seconds, workers, generator)
     except FileNotFoundError as error:
         fail(error)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -103,3 +106,48 @@ def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> Non
     assert result["items"] == 3 * len(result["latencies"])  # no increment lost between callers
     assert {index % 8 for index in seen} == {(100 + k) % 8 for k in range(8)} and min(seen) == 100
 
+
+
+def _dispatch_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "classifier.cli", "dispatch-bench", "--requests", "3", "--no-load",
+               "--out", str(tmp_path / "bench-dispatch.json"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+
+def test_dispatch_bench_measures_both_classifier_configurations_from_classified_requests(tmp_path: Path) -> None:
+    """Every figure comes from requests the dispatcher classified (the bench refuses fallbacks) and the
+    classifier's share from the dispatcher's own decision log."""
+    import math
+
+    from serving.bench.dispatch_bench import SEQUENTIAL
+
+    result = _dispatch_bench(tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "bench-dispatch.json").read_text())
+    assert report["load_skipped"] == "--no-load" and report["load"] == {}
+    for name in SEQUENTIAL:
+        for measure in ("non_streaming", "time_to_first_byte"):
+            figures = report[name][measure]
+            assert all(math.isfinite(value) for value in figures.values())
+            assert figures["direct_p50_ms"] > 0 and figures["dispatcher_p50_ms"] > 0
+        assert report[name]["classifier_p99_ms"] >= report[name]["classifier_p50_ms"] > 0
+    assert not list(tmp_path.glob("decisions*"))  # its configs and decision logs went with the run
+
+
+def test_dispatch_bench_says_why_a_dispatcher_it_started_refused_to_run(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("tenants: 5\n")
+    result = _dispatch_bench(tmp_path, "--config-overlay", str(overlay))
+    assert result.returncode == 2
+    assert "the dispatcher (grpc) exited with status 2" in result.stderr and "tenants" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "bench-dispatch.json").exists()
+
+
+@pytest.mark.parametrize("command", ["dispatch-bench", "loadtest", "litellm-bench"])
+def test_benches_refuse_a_bad_artifact_before_starting_any_service(command: str, tmp_path: Path) -> None:
+    """The services a bench starts would only show a bad artifact as never getting ready."""
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", command, "--model", "missing-model"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "artifact directory missing-model does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from serving.bench.h2load import h2load_log
 from serving.bench.ports import free_port, wait_serving
+from serving.bench.soak_processes import cli_command, start_process, stop_process
 
 SEQUENTIAL = ("grpc", "embedded")  # the classifier configurations measured one request at a time
 LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
@@ -81,22 +82,53 @@ def _measure_interleaved(client: httpx.Client, direct: tuple[str, dict], routed:
     return direct_ms, routed_ms
 
 
-def _start_upstream(port: int) -> subprocess.Popen:
+def start_upstream(port: int, workdir: Path) -> subprocess.Popen:
     """The echo upstream in a process of its own, so that it does not share the client's interpreter."""
     code = ("import uvicorn; from serving.bench.dispatch_bench import echo_upstream; "
             f"uvicorn.run(echo_upstream(), host='127.0.0.1', port={port}, log_level='error')")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_process([cli_command()[0], "-c", code], workdir, "upstream")
 
 
-def _wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def answers_http(url: str) -> Callable[[], bool]:
+    """A readiness check: whether anything answers HTTP at `url` (any status)."""
+    def answers() -> bool:
         try:
             httpx.get(url, timeout=1)
-            return
+            return True
         except httpx.HTTPError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer")
+            return False
+    return answers
+
+
+def _answers_grpc(address: str) -> Callable[[], bool]:
+    """A readiness check: whether the gRPC health service at `address` says SERVING."""
+    def answers() -> bool:
+        try:
+            wait_serving(address, timeout=1)
+            return True
+        except TimeoutError:
+            return False
+    return answers
+
+
+def wait_started(process: subprocess.Popen, name: str, workdir: Path, ready: Callable[[], bool],
+                  timeout: float = 60.0) -> None:
+    """Block until `ready()`; a process that exits first (say, a dispatcher refusing its config) or never
+    gets ready raises RuntimeError with the end of what it wrote to stderr, instead of a bare timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {name} exited with status {process.returncode} before it was ready:\n"
+                               f"{_stderr_tail(workdir, name)}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the {name} was not ready after {timeout:g} s:\n{_stderr_tail(workdir, name)}")
+
+
+def _stderr_tail(workdir: Path, name: str, lines: int = 20) -> str:
+    text = (workdir / f"{name}.err").read_text(encoding="utf-8", errors="replace").strip()
+    return "\n".join(text.splitlines()[-lines:]) or "(nothing on stderr)"
 
 
 def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
@@ -190,16 +222,16 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
         "embedded, 2 dispatcher processes": (embedded, 2),
     }
     load = load_wanted and shutil.which("h2load") is not None
-    serve = [sys.executable, "-m", "classifier.cli", "serve", "--port", str(grpc_port), "--workers", "2"]
-    serve += ["--model", model] if model else []
-    processes = [_start_upstream(upstream_port),
-                 subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    serve = cli_command("serve", "--port", str(grpc_port), "--workers", "2", *(["--model", model] if model else []))
+    upstream = start_upstream(upstream_port, workdir)
+    processes = [upstream, start_process(serve, workdir, "classifier service")]
     report: dict = {"requests_per_measure": count, "load": {}, "config_overlay": overlay,
                     "load_skipped": None if load else "--no-load" if not load_wanted else
                     "h2load is not installed; Debian: apt-get install nghttp2-client"}
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
-        wait_serving(address)
+        wait_started(upstream, "upstream", workdir, answers_http(f"http://127.0.0.1:{upstream_port}/docs"))
+        wait_started(processes[1], "classifier service", workdir, _answers_grpc(address))
         time.sleep(2.0)  # health answers once the first of the two workers is up
         for name, (classifier, workers) in classifiers.items():
             if name not in SEQUENTIAL and not load:
@@ -208,14 +240,13 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
             decisions = workdir / f"decisions-{name.replace(' ', '_')}.jsonl"
             config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
                                           "decision_log": {"path": str(decisions)}, **overlay}))
-            dispatch = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
-                                         "--port", str(http_port), "--workers", str(workers)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            label = f"dispatcher ({name})"
+            dispatch = start_process(cli_command("dispatch", "--config", str(config), "--port", str(http_port),
+                                                 "--workers", str(workers)), workdir, label)
             try:
-                _wait_http(f"http://127.0.0.1:{http_port}/health")
+                wait_started(dispatch, label, workdir, answers_http(f"http://127.0.0.1:{http_port}/health"))
                 if workers > 1:
                     time.sleep(3.0)  # health answers once the first worker is up; let the others load too
-                _wait_http(f"http://127.0.0.1:{upstream_port}/docs")
                 dispatcher_url = f"http://127.0.0.1:{http_port}/v1"
                 if name in SEQUENTIAL:
                     report[name] = _measure_pair(upstream_url, dispatcher_url, count)
@@ -231,12 +262,10 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
                     report["load"][name] = [_load(dispatcher_url, body, concurrency, load_seconds)
                                             for concurrency in (8, 32)]
             finally:
-                dispatch.terminate()
-                dispatch.wait(15)
+                stop_process(dispatch)
     finally:
         for process in processes:
-            process.terminate()
-            process.wait(15)
+            stop_process(process)
     return report
 
 

@@ -22,8 +22,9 @@ import httpx
 import numpy as np
 import yaml
 
-from serving.bench.dispatch_bench import LOAD_PROMPT, _start_upstream, _wait_http
+from serving.bench.dispatch_bench import LOAD_PROMPT, answers_http, start_upstream, wait_started
 from serving.bench.ports import free_port
+from serving.bench.soak_processes import stop_process
 from serving.litellm_router import CONFIG_ENV
 
 MASTER_KEY = "sk-promptier-bench"
@@ -141,16 +142,15 @@ def main(model: str | None, out: Path, count: int) -> dict:
             "litellm_settings": {"callbacks": ["serving.litellm_router.hook"]},
             "general_settings": {"master_key": MASTER_KEY},
         }
-        upstream = _start_upstream(upstream_port)
+        upstream = start_upstream(upstream_port, directory)
         proxy = LiteLLMProxy(directory, litellm_config, promptier_config)
         try:
-            _wait_http(f"{upstream_url.removesuffix('/v1')}/docs")
+            wait_started(upstream, "upstream", directory, answers_http(f"{upstream_url.removesuffix('/v1')}/docs"))
             proxy.wait_ready(300)
             report = {"requests": count, "prompt_chars": len(LOAD_PROMPT), **_measure(proxy.url, count)}
         finally:
             proxy.stop()
-            upstream.terminate()
-            upstream.wait(15)
+            stop_process(upstream)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("| requests through the LiteLLM proxy | p50 | p90 | p99 |\n|---|---|---|---|")
     for key, label in (("pinned", "pinned to a group (hook passes)"), ("routed", "router model (classified)"),
