@@ -8,19 +8,19 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 
 TRAIN = [
-    new_markdown_cell("# Train and evaluate a router on a slice of routing logs\n\n"
-                      "Runs in about a minute on a laptop CPU. By default it builds a tiny backbone and synthetic "
-                      "logs (so it runs anywhere, CI included). Point `LOGS`, `POOL` and `BACKBONE` at your own "
-                      "outcome logs, pool file and `minilm-l6` for a real model."),
-    new_code_cell("from pathlib import Path\nimport tempfile\n\nLOGS = None      # e.g. ['../../shared/data/outcomes/llmrouter.parquet']\n"
-                  "POOL = None      # e.g. '../../shared/data/pools/reference.yaml'\nBACKBONE = None  # e.g. 'minilm-l6'\n"
-                  "work = Path(tempfile.mkdtemp(prefix='promptier-notebook-'))"),
-    new_code_cell("from training.synthetic import POOL_YAML, build_tiny_backbone, synthetic_rows, write_jsonl\n\n"
-                  "if LOGS is None:\n"
-                  "    LOGS = [write_jsonl(work / 'logs.jsonl', synthetic_rows(600))]\n"
-                  "    (work / 'pool.yaml').write_text(POOL_YAML)\n"
-                  "    POOL = work / 'pool.yaml'\n"
-                  "    BACKBONE = str(build_tiny_backbone(work / 'backbone'))\n"
+    new_markdown_cell("# Train and evaluate a router on synthetic routing logs\n\n"
+                      "Runs in about a minute on a laptop CPU: a tiny backbone and synthetic logs, so that every "
+                      "step (training, the artifact, its evaluation) is quick to see and runs anywhere, CI included. "
+                      "A real router is trained on your own logs with the shipped recipe, `promptier train --config "
+                      "default --logs ... --pool ...` (README, \"Train on your own logs\"); `classifier.load` and "
+                      "the evaluation files below work the same on its artifact."),
+    new_code_cell("from pathlib import Path\nimport tempfile\n\n"
+                  "from training.synthetic import POOL_YAML, build_tiny_backbone, synthetic_rows, write_jsonl\n\n"
+                  "work = Path(tempfile.mkdtemp(prefix='promptier-notebook-'))\n"
+                  "LOGS = [write_jsonl(work / 'logs.jsonl', synthetic_rows(600))]\n"
+                  "(work / 'pool.yaml').write_text(POOL_YAML)\n"
+                  "POOL = work / 'pool.yaml'\n"
+                  "BACKBONE = str(build_tiny_backbone(work / 'backbone'))\n"
                   "print(LOGS, POOL, BACKBONE)"),
     new_code_cell("from training.config import TrainConfig\nfrom training.pipeline import train\n\n"
                   "config = TrainConfig(backbone=BACKBONE, max_tokens=32, epochs=6, batch_size=16, learning_rate=3e-3,\n"
@@ -33,14 +33,15 @@ TRAIN = [
                   "    print(router.classify(prompt))\n"
                   "assert router.classify('hello thanks say hi cat').tier == 'small'"),
     new_markdown_cell("## Cost-quality curve on the held-out split\n\nEach point is one threshold; the squares are "
-                      "the single tiers. Up and to the left is better."),
+                      "the single tiers, each over the prompts it has outcomes for (a source without a large model "
+                      "leaves its prompts out of the large tier's square). Up and to the left is better."),
     new_code_cell("import json\nimport matplotlib.pyplot as plt\n\n"
                   "report = json.loads((work / 'model' / 'eval.json').read_text())\n"
                   "group = report['groups']['all']\n"
                   "fig, ax = plt.subplots(figsize=(6, 4))\n"
                   "for method, m in group['methods'].items():\n"
                   "    points = sorted(m['routing_curve'], key=lambda p: p['cost_usd'])\n"
-                  "    ax.plot([p['cost_usd'] * 1000 for p in points], [p['quality'] for p in points], label=method)\n"
+                  "    ax.plot([p['cost_usd'] * 1000 for p in points], [p['quality'] for p in points], '.-', label=method)\n"
                   "for name, s in group['single_tiers'].items():\n"
                   "    ax.scatter(s['cost_usd'] * 1000, s['quality'], marker='s', color='black')\n"
                   "    ax.annotate(name, (s['cost_usd'] * 1000, s['quality']))\n"
@@ -68,8 +69,13 @@ SERVE = [
                   "               'Prove that every bounded monotone sequence of real numbers converges.']:\n"
                   "    decision = client.classify(prompt, mode='balanced')\n"
                   "    print(f'{decision.tier:>7}  {decision.server_latency_ms:.2f} ms  {prompt}')\n"
+                  "# The latest turn is read first, then the turns before it: a short 'go ahead' is routed with the plan\n"
+                  "# it approves.\n"
+                  "plan = ('1. Partition the key space with consistent hashing into 256 virtual shards. 2. Replicate each '\n"
+                  "        'shard on three nodes with Raft; the leader serves linearizable reads after a read-index round. '\n"
+                  "        '3. Rebalance by streaming snapshots, then the log tail. 4. Clients cache the shard map.')\n"
                   "conversation = [('user', 'Design a sharded, replicated key-value store with linearizable reads.'),\n"
-                  "                ('assistant', 'Here is a plan...'), ('user', 'ok, go ahead')]\n"
+                  "                ('assistant', plan), ('user', 'ok, go ahead')]\n"
                   "print('conversation ->', client.classify(messages=conversation).tier)"),
     new_code_cell("batch = client.classify_batch(['hi', '', 'Summarise this contract clause by clause.'])\n"
                   "print(batch)  # one result, or one status code, per item\n"

@@ -22,6 +22,11 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     errors = [f"{output.get('ename')}: {output.get('evalue')}" for cell in notebook.cells
               for output in cell.get("outputs", []) if output.get("output_type") == "error"]
     assert not errors, errors
+    # A figure the notebook draws is shown: a library call that switched the kernel's matplotlib backend
+    # would leave the cell silently empty.
+    for cell in notebook.cells:
+        if "plt.show()" in cell.source:
+            assert any("image/png" in output.get("data", {}) for output in cell.get("outputs", [])), cell.source
 
 
 def test_notebooks_match_their_source() -> None:

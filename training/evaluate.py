@@ -201,13 +201,13 @@ def _pct(value: float | None) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Quality against cost and PGR against the strong tier's share, per group, as a PNG at `path`."""
+    # A Figure of its own, not pyplot's: drawing must not switch the backend of a notebook that calls it.
+    from matplotlib.figure import Figure
 
     groups = list(report["groups"].items())
-    figure, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 9), squeeze=False)
+    figure = Figure(figsize=(5.5 * len(groups), 9))
+    axes = figure.subplots(2, len(groups), squeeze=False)
     for column, (group, g) in enumerate(groups):
         top, bottom = axes[0][column], axes[1][column]
         for method, m in g["methods"].items():
@@ -228,7 +228,6 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def write_report(report: dict, out_dir: Path, probes: dict | None = None) -> None:

@@ -141,11 +141,7 @@ def _probe_row(label: str, figures: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """The figures as one image (see `figure`), written to `path`."""
-    import matplotlib.pyplot as plt
-
-    drawn = figure(report)
-    drawn.savefig(path, dpi=100)
-    plt.close(drawn)
+    figure(report).savefig(path, dpi=100)
 
 
 def figure(report: dict) -> Figure:
@@ -158,10 +154,8 @@ def figure(report: dict) -> Figure:
     Raises:
         ValueError: the report holds neither leave-one-source-out nor seed figures.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: drawing must not switch the backend of a notebook that calls it.
+    from matplotlib.figure import Figure
 
     loso, seeds = report.get("leave_one_source_out"), report.get("seeds")
     panels = ([_plot_loso, _plot_leads] if loso else []) + ([_plot_loso_seeds] if report.get("loso_seeds") else [])
@@ -171,7 +165,8 @@ def figure(report: dict) -> Figure:
         raise ValueError("no leave-one-source-out or seed figures to plot")
     columns = min(2, len(panels))
     rows = -(-len(panels) // columns)
-    drawn, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.8 * rows), squeeze=False)
+    drawn = Figure(figsize=(7 * columns, 4.8 * rows))
+    axes = drawn.subplots(rows, columns, squeeze=False)
     for draw, axis in zip(panels, axes.flat, strict=False):
         draw(report, axis)
         axis.grid(alpha=0.3)

@@ -274,17 +274,15 @@ def print_report(report: dict) -> None:
 
 def plot(report: dict, path: Path) -> bool:
     """Spend over the period and the budget line, as a PNG; False (and a message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, not pyplot's, which would switch the backend of a notebook that calls this
+        from matplotlib.figure import Figure
     except ImportError:
         print("(no plot: matplotlib is not installed; pip install matplotlib)")
         return False
     curve, budget = report["curve"], report["budget_usd"]
     elapsed = [0.0, *curve["elapsed"]]
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    figure = Figure(figsize=(7, 4.2))
+    axis = figure.subplots()
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="even budget line")
     axis.axhline(1.0, color="grey", linewidth=0.8)
     for name, style in (("unpaced", "--"), ("hard cap", "-."), ("paced", "-")):
@@ -297,7 +295,6 @@ def plot(report: dict, path: Path) -> bool:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return True
 
 
