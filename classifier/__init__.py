@@ -1,6 +1,6 @@
 """Promptier runtime: load an artifact and classify prompts into tiers. Imports no torch."""
 
-from classifier.errors import ArtifactError, InvalidInputError, PromptierError
+from classifier.errors import ArtifactError, InvalidInputError, ModelError, PromptierError
 from classifier.policy import RoutingRequest
 from classifier.runtime import DEFAULT_MODEL_DIR, ClassificationResult, TierClassifier, load
 
@@ -9,6 +9,7 @@ __all__ = [
     "ArtifactError",
     "ClassificationResult",
     "InvalidInputError",
+    "ModelError",
     "PromptierError",
     "RoutingRequest",
     "TierClassifier",

@@ -7,6 +7,7 @@ the only reader of `manifest.json`; everything that needs an artifact goes throu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -140,6 +141,8 @@ class FamiliarityConfig(_Strict):
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(v) for v in values):
             raise ValueError("must be finite")
+        if isinstance(value, list) and any(b < a for a, b in itertools.pairwise(value)):
+            raise ValueError("percentiles must not decrease")  # read by interpolation, which needs them sorted
         return value
 
 

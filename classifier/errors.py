@@ -9,6 +9,11 @@ class ArtifactError(PromptierError):
     """The artifact directory is missing, incomplete, corrupt or from an incompatible version."""
 
 
+class ModelError(PromptierError):
+    """The model or its tokenizer failed on prompts that passed validation, or scored one with a
+    non-finite number: a defect of the artifact or of the runtime, never of the caller's input."""
+
+
 class InvalidInputError(PromptierError, ValueError):
     """A caller passed something the classifier cannot accept (empty text, wrong type, bad policy)."""
 

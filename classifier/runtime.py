@@ -19,10 +19,10 @@ from classifier.artifact import (
     load_manifest,
 )
 from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE
-from classifier.errors import ArtifactError, InvalidInputError
+from classifier.errors import ArtifactError, InvalidInputError, ModelError, PromptierError
 from classifier.policy import RoutingRequest, allowed_mask, choose_tier, resolve_floor, resolve_threshold
 from classifier.prior import prior_tier
-from classifier.tokenization import PromptEncoder
+from classifier.tokenization import EncodedBatch, PromptEncoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 # Far above any real prompt, far below what would exhaust memory; the text is cut to its head and
@@ -106,17 +106,32 @@ class TierClassifier:
 
     def logits(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
         """Raw model logits [n, n_tiers] for already-validated texts, with truncation flags and token counts."""
-        logits, _, truncated, tokens = self._run(texts)
-        return logits, truncated, tokens
+        logits, _, batch = self._run(texts)
+        return logits, batch.truncated, batch.token_counts
 
-    def _run(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None, list[bool], list[int]]:
-        """Logits, unfamiliarity (None when the artifact has none), truncation flags and token counts."""
+    def _run(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None, EncodedBatch]:
+        """Logits, unfamiliarity (None when the artifact has none) and the encoded batch they came from.
+
+        Raises:
+            ModelError: the tokenizer or the model failed on these texts.
+        """
+        try:
+            return self._encode_and_run(texts)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            # `tokenizers` reports a Rust panic as a BaseException (pyo3's PanicException), which an
+            # `except Exception` misses: in a server's model thread it would end the thread, and every
+            # later request would wait forever. As an ordinary error it fails only these prompts.
+            raise ModelError(f"the model failed on {len(texts)} prompt(s): {type(exc).__name__}: {exc}") from exc
+
+    def _encode_and_run(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None, EncodedBatch]:
         with self._encode_lock:
             batch = self._encoder.encode_batch(texts)
         if len(texts) <= MAX_SESSION_BATCH:  # the serving case: one run, no reordering
             feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             outputs = self._session.run(self._outputs, feeds)
-            return outputs[0], outputs[1] if len(outputs) > 1 else None, batch.truncated, batch.token_counts
+            return outputs[0], outputs[1] if len(outputs) > 1 else None, batch
         # Run length-sorted slices of at most MAX_SESSION_BATCH prompts, each padded only to its own
         # longest prompt: less padding, and a bounded activation peak (a batch of 64 long prompts
         # in one run adds ~80 MB of resident memory).
@@ -135,7 +150,7 @@ class TierClassifier:
             restored = np.empty_like(ordered)
             restored[order] = ordered
             results.append(restored)
-        return results[0], results[1] if len(results) > 1 else None, batch.truncated, batch.token_counts
+        return results[0], results[1] if len(results) > 1 else None, batch
 
     def probabilities(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool], list[int]]:
         """Calibrated per-tier probabilities [n, n_tiers] for already-validated texts."""
@@ -154,10 +169,12 @@ class TierClassifier:
         """Classify one prompt.
 
         Raises:
-            InvalidInputError: empty, non-string, invalid UTF-8 or oversized text, or a bad policy.
+            InvalidInputError: empty, non-string, invalid UTF-8 or oversized text, text with nothing
+                the model reads, or a bad policy.
+            ModelError: the model failed on this prompt.
         """
         outcome = self.classify_items([(text, request)])[0]
-        if isinstance(outcome, InvalidInputError):
+        if isinstance(outcome, PromptierError):
             raise outcome  # as it is: "item 0" would name a list the caller never made
         return outcome
 
@@ -167,42 +184,67 @@ class TierClassifier:
 
         Raises:
             InvalidInputError: any text is invalid (the message names its index), or the policy is bad.
+            ModelError: the model failed on a prompt (the message names its index).
         """
         if isinstance(texts, str):
             raise InvalidInputError("classify_batch takes a list of prompts, not one string")
+        _policy_of((None, request))
+        self._policy(request)  # one policy for all of them: its error is not any one item's
         outcomes = self.classify_items([(text, request) for text in texts])
         for index, outcome in enumerate(outcomes):
-            if isinstance(outcome, InvalidInputError):
-                raise InvalidInputError(f"item {index}: {outcome}") from outcome
+            if isinstance(outcome, PromptierError):
+                raise type(outcome)(f"item {index}: {outcome}") from outcome
         return outcomes  # type: ignore[return-value]
 
     def classify_items(self, items: Sequence[tuple[object, RoutingRequest | None]]
-                       ) -> list[ClassificationResult | InvalidInputError]:
-        """Classify (text, policy) pairs in one model call; a bad item yields its error, not an exception.
+                       ) -> list[ClassificationResult | PromptierError]:
+        """Classify (text, policy) pairs in one model call; a bad item yields its error, not an exception:
+        InvalidInputError for what the caller sent, ModelError for a prompt the model failed on.
 
         This is the serving and batch-labeling path: one invalid prompt never fails its neighbours.
         """
-        outcomes: list[ClassificationResult | InvalidInputError | None] = [None] * len(items)
+        outcomes: list[ClassificationResult | PromptierError | None] = [None] * len(items)
         valid: list[_ValidItem] = []
-        for index, (text, request) in enumerate(items):
+        for index, item in enumerate(items):
             try:
+                text, request = _policy_of(item)
                 checked = validate_text(text)
-                threshold = resolve_threshold(self.manifest.policy, request)
-                floor = resolve_floor(self.manifest.policy, request)
-                allowed = (None if request is None or request.allowed_tiers is None
-                           else tuple(allowed_mask(self._tier_names, request.allowed_tiers).tolist()))
+                threshold, floor, allowed = self._policy(request)
             except InvalidInputError as error:
                 outcomes[index] = error
                 continue
             valid.append(_ValidItem(index, checked, threshold, floor, allowed))
         if valid:
-            self._decide(valid, outcomes)
+            try:
+                self._decide(valid, outcomes)
+            except ModelError as error:
+                if len(valid) == 1:
+                    outcomes[valid[0].position] = error
+                else:  # again one at a time: only the prompts the model fails on get its error
+                    for one in valid:
+                        try:
+                            self._decide([one], outcomes)
+                        except ModelError as alone:
+                            outcomes[one.position] = alone
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _decide(self, valid: list[_ValidItem], outcomes: list[ClassificationResult | InvalidInputError | None]
+    def _policy(self, request: RoutingRequest | None) -> tuple[float, float | None, tuple[bool, ...] | None]:
+        """The threshold, cheap floor and allowed tiers (None: all) a request routes under.
+
+        Raises:
+            InvalidInputError: an unknown mode or tier, or a threshold or share out of range.
+        """
+        threshold = resolve_threshold(self.manifest.policy, request)
+        floor = resolve_floor(self.manifest.policy, request)
+        allowed = (None if request is None or request.allowed_tiers is None
+                   else tuple(allowed_mask(self._tier_names, request.allowed_tiers).tolist()))
+        return threshold, floor, allowed
+
+    def _decide(self, valid: list[_ValidItem], outcomes: list[ClassificationResult | PromptierError | None]
                 ) -> None:
         texts = [item.text for item in valid]
-        logits, unfamiliarity, truncated, tokens = self._run(texts)
+        logits, unfamiliarity, batch = self._run(texts)
+        _require_finite(logits, unfamiliarity, len(texts))
         # Python floats at once, not one numpy scalar per score; the policy then runs per row in
         # Python (`choose_tier`), since one request is one row.
         rows = self._calibrate(logits).tolist()
@@ -211,9 +253,21 @@ class TierClassifier:
         config = self.manifest.familiarity
         if unfamiliarity is not None and config is not None:
             familiar = self.familiarity(unfamiliarity).tolist()
-            unknown = (unfamiliarity > config.threshold).tolist()
+            # A prompt none of whose tokens the vocabulary knows ([UNK]: a script it lacks, only emoji)
+            # gives the model nothing but its length: the prior routes it, as it does one unlike the
+            # training prompts. (Not a share short of all: many CJK ideographs are [UNK] too, and the
+            # ones it knows carry what the model learned of those languages.)
+            unknown = [far or unread == content for far, unread, content in
+                       zip((unfamiliarity > config.threshold).tolist(), batch.unknown_tokens, batch.content_tokens,
+                           strict=True)]
         rule = self.manifest.policy.rule
         for row, item in enumerate(valid):
+            if batch.content_tokens[row] == 0:
+                # Zero-width spaces, a byte-order mark, control characters: the tokenizer deletes them
+                # all, and the model would score the bare [CLS] [SEP] as a confident easy prompt.
+                outcomes[item.position] = InvalidInputError(
+                    "prompt has no text the model reads (only whitespace, control or formatting characters)")
+                continue
             if unknown[row]:
                 assert config is not None
                 chosen = _nearest_allowed(prior_tier(item.text, len(self._tier_names), config.prior), item.allowed)
@@ -223,12 +277,44 @@ class TierClassifier:
                 tier=self._tier_names[chosen],
                 scores=dict(zip(self._tier_names, rows[row], strict=True)),
                 threshold=item.threshold,
-                truncated=truncated[row],
-                tokens=tokens[row],
+                truncated=batch.truncated[row],
+                tokens=batch.token_counts[row],
                 model_version=self.manifest.model_version,
                 decided_by="prior" if unknown[row] else "model",
                 familiarity=familiar[row],
             )
+
+
+def _require_finite(logits: np.ndarray, unfamiliarity: np.ndarray | None, count: int) -> None:
+    """A NaN score passes or fails every threshold comparison alike and so routes with full confidence:
+    such a batch is a model failure, never a decision.
+
+    Raises:
+        ModelError: the outputs have the wrong shape or a non-finite value.
+    """
+    if logits.ndim != 2 or logits.shape[0] != count or (unfamiliarity is not None and unfamiliarity.shape != (count,)):
+        raise ModelError(f"the model's outputs have shapes {logits.shape}"
+                         + (f" and {unfamiliarity.shape}" if unfamiliarity is not None else "")
+                         + f" for {count} prompt(s)")
+    bad = ~np.isfinite(logits).all(axis=1)
+    if unfamiliarity is not None:
+        bad |= ~np.isfinite(unfamiliarity)
+    if bad.any():
+        raise ModelError(f"the model gave non-finite scores for {int(bad.sum())} of {count} prompt(s)")
+
+
+def _policy_of(item: object) -> tuple[object, RoutingRequest | None]:
+    """An item as its (text, policy) pair.
+
+    Raises:
+        InvalidInputError: the item is not a pair, or its policy is neither a RoutingRequest nor None.
+    """
+    if not (isinstance(item, tuple | list) and len(item) == 2):
+        raise InvalidInputError(f"an item is a (prompt, RoutingRequest or None) pair, got {type(item).__name__}")
+    text, request = item
+    if request is not None and not isinstance(request, RoutingRequest):
+        raise InvalidInputError(f"a policy is a RoutingRequest or None, got {type(request).__name__}")
+    return text, request
 
 
 class _ValidItem(NamedTuple):
@@ -285,15 +371,34 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
     expected = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME] if manifest.familiarity else [])
     if output_names[: len(expected)] != expected:
         raise ArtifactError(f"model outputs are {output_names}, expected {expected}")
+    if manifest.familiarity is None and UNFAMILIARITY_OUTPUT_NAME in output_names:
+        # Without the manifest's threshold the output would be ignored: no prompt could reach the prior.
+        raise ArtifactError(f"the model has an {UNFAMILIARITY_OUTPUT_NAME!r} output but the manifest has no "
+                            "familiarity section to read it with")
     classifier = TierClassifier(directory, manifest, session, encoder)
-    try:
-        probe, _, _ = classifier.logits(["Is this artifact able to classify a prompt?"])
-    except Exception as exc:
-        raise ArtifactError(f"the model failed on a probe prompt: {exc}") from exc
-    if probe.shape != (1, len(manifest.tiers)):
-        raise ArtifactError(
-            f"the model outputs {probe.shape[-1]} scores per prompt but the manifest has {len(manifest.tiers)} tiers"
-        )
-    if not np.isfinite(probe).all():
-        raise ArtifactError("the model produced non-finite scores on a probe prompt")
+    _probe(classifier, session, encoder)
     return classifier
+
+
+def _probe(classifier: TierClassifier, session: ort.InferenceSession, encoder: PromptEncoder) -> None:
+    """Run the model as serving will before anything is served: a batch of two prompts of different
+    lengths, one filling the token window, and the tokenizer's highest id (a vocabulary larger than the
+    model's embedding table fails only on the prompts that use its last tokens).
+
+    Raises:
+        ArtifactError: the model failed, or its outputs have the wrong shape or a non-finite value.
+    """
+    tiers = len(classifier.manifest.tiers)
+    texts = ["Is this artifact able to classify a prompt?", " ".join(["probe"] * 2 * encoder.truncation.max_tokens)]
+    try:
+        logits, unfamiliarity, _ = classifier._run(texts)
+    except ModelError as exc:
+        raise ArtifactError(f"the model failed on probe prompts: {exc}") from exc
+    if logits.ndim == 2 and logits.shape[0] == len(texts) and logits.shape[1] != tiers:
+        raise ArtifactError(f"the model outputs {logits.shape[1]} scores per prompt but the manifest has {tiers} tiers")
+    highest = np.array([[encoder.vocabulary_size - 1] * 3], dtype=np.int64)
+    try:
+        _require_finite(logits, unfamiliarity, len(texts))
+        session.run(None, {"input_ids": highest, "attention_mask": np.ones_like(highest)})
+    except Exception as exc:  # ModelError, or ONNX Runtime's own error for an id beyond the table
+        raise ArtifactError(f"the model failed on probe prompts: {exc}") from exc

@@ -35,6 +35,8 @@ class EncodedBatch:
     attention_mask: np.ndarray  # int64 [batch, seq]
     token_counts: list[int]  # tokens fed to the model, special tokens included
     truncated: list[bool]
+    content_tokens: list[int]  # of token_counts, those that come from the text
+    unknown_tokens: list[int]  # of content_tokens, those the vocabulary does not know ([UNK])
 
 
 class PromptEncoder:
@@ -49,6 +51,7 @@ class PromptEncoder:
         self._prefix, self._suffix = _special_tokens(tokenizer)
         pad_id = tokenizer.token_to_id("[PAD]")
         self._pad_id = 0 if pad_id is None else pad_id
+        self._unk_id = tokenizer.token_to_id("[UNK]")  # None: a vocabulary without one knows every token
         self._content_budget = truncation.max_tokens - len(self._prefix) - len(self._suffix)
         if self._content_budget < 2:
             raise ArtifactError(f"max_tokens={truncation.max_tokens} leaves no room for content tokens")
@@ -75,6 +78,11 @@ class PromptEncoder:
     @property
     def pad_id(self) -> int:
         return self._pad_id
+
+    @property
+    def vocabulary_size(self) -> int:
+        """Ids this tokenizer can produce: 0 to vocabulary_size - 1."""
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
     @property
     def truncation(self) -> TruncationConfig:
@@ -130,11 +138,15 @@ class PromptEncoder:
             for row, (ids, _) in enumerate(windows):
                 input_ids[row, : len(ids)] = ids
                 attention_mask[row, : len(ids)] = 1
+        specials = len(self._prefix) + len(self._suffix)
+        unk = self._unk_id
         return EncodedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_counts=lengths,
             truncated=[char_cut or token_cut for (_, char_cut), (_, token_cut) in zip(cut, windows, strict=True)],
+            content_tokens=[length - specials for length in lengths],
+            unknown_tokens=[0 if unk is None else ids.count(unk) for ids, _ in windows],
         )
 
 

@@ -223,3 +223,102 @@ def test_each_decision_follows_from_the_scores_it_reports(shipped_artifact: Path
             assert result.tier == names[expected], (result, request)
             checked += 1
     assert checked > len(prompts) * len(requests) // 2  # the prior did not decide most of them
+
+
+def test_prompts_with_nothing_the_model_reads_are_refused_not_routed(shipped_artifact: Path) -> None:
+    """The tokenizer deletes these characters: the model would score a bare [CLS] [SEP] as an easy prompt."""
+    runtime = classifier.load(shipped_artifact)
+    for bad in ("\u200b", "\x00\x01", "\ufeff", "\u00a0\u200b\u200b"):
+        with pytest.raises(InvalidInputError, match="no text the model reads"):
+            runtime.classify(bad)
+    alone, refused = runtime.classify_items([("What is 2 + 2?", None), ("\u200b", None)])
+    assert isinstance(alone, classifier.ClassificationResult) and isinstance(refused, InvalidInputError)
+    assert runtime.classify("\ufeffWhat is 2 + 2?").tier == alone.tier  # a byte-order mark before text is fine
+
+
+def test_a_prompt_the_vocabulary_cannot_read_at_all_is_routed_by_the_prior(shipped_artifact: Path) -> None:
+    runtime = classifier.load(shipped_artifact)
+    for unreadable in ("ሰላም ነው እንዴት ነህ", "🐶🐱🐭"):  # [UNK], every token
+        assert runtime.classify(unreadable).decided_by == "prior"
+    for partly in ("I just got a new puppy, look! 🐶", "ሰላም ነው እንዴት ነህ?"):  # a token the model knows
+        assert runtime.classify(partly).decided_by == "model"
+
+
+def test_malformed_items_get_their_own_errors(shipped_artifact: Path) -> None:
+    runtime = classifier.load(shipped_artifact)
+    good, bad_policy, not_a_pair = runtime.classify_items(
+        [("hi there", None), ("hello", {"mode": "cost"}), "hello"])  # type: ignore[list-item]
+    assert isinstance(good, classifier.ClassificationResult)
+    assert isinstance(bad_policy, InvalidInputError) and "RoutingRequest or None, got dict" in str(bad_policy)
+    assert isinstance(not_a_pair, InvalidInputError) and "pair, got str" in str(not_a_pair)
+    with pytest.raises(InvalidInputError, match="got dict"):
+        runtime.classify("hello", {"mode": "cost"})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"^unknown mode 'x'"):  # the shared policy's error is no item's
+        runtime.classify_batch(["a", "b"], classifier.RoutingRequest(mode="x"))
+
+
+class _Panic(BaseException):
+    """What `tokenizers` raises on a Rust panic (pyo3's PanicException): not an Exception."""
+
+
+def test_a_tokenizer_panic_fails_only_its_own_prompts(shipped_artifact: Path, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    runtime = classifier.load(shipped_artifact)
+    encode = PromptEncoder.encode_batch
+
+    def panicking(self: PromptEncoder, texts: list[str]):  # type: ignore[no-untyped-def]
+        if any("PANIC" in text for text in texts):
+            raise _Panic("AddedVocabulary bad split")
+        return encode(self, texts)
+
+    monkeypatch.setattr(PromptEncoder, "encode_batch", panicking)
+    first, failed, last = runtime.classify_items([("hello there", None), ("PANIC here", None),
+                                                  ("Prove that there are infinitely many primes.", None)])
+    assert isinstance(failed, classifier.ModelError) and "_Panic: AddedVocabulary bad split" in str(failed)
+    assert isinstance(first, classifier.ClassificationResult) and isinstance(last, classifier.ClassificationResult)
+    with pytest.raises(classifier.ModelError):
+        runtime.classify("PANIC")
+    with pytest.raises(classifier.ModelError, match=r"^item 1: "):
+        runtime.classify_batch(["fine", "PANIC"])
+
+
+def test_non_finite_scores_are_a_model_failure_never_a_decision(shipped_artifact: Path) -> None:
+    """A NaN passes or fails every threshold alike: it would route with full confidence."""
+    runtime = classifier.load(shipped_artifact)
+    session = runtime._session
+    run = session.run
+
+    def nan_for_one_word_prompts(outputs, feeds):  # type: ignore[no-untyped-def]
+        results = run(outputs, feeds)
+        one_word = feeds["attention_mask"].sum(axis=1) == 3  # [CLS] word [SEP]
+        results[0][one_word] = float("nan")
+        return results
+
+    session.run = nan_for_one_word_prompts  # type: ignore[method-assign]
+    nan, scored = runtime.classify_items([("hello", None), ("Prove that there are infinitely many primes.", None)])
+    assert isinstance(nan, classifier.ModelError) and "non-finite" in str(nan)
+    assert isinstance(scored, classifier.ClassificationResult)
+
+
+def test_artifacts_whose_parts_do_not_fit_are_refused_at_load(shipped_artifact_copy: Path) -> None:
+    manifest_path, tokenizer_path = shipped_artifact_copy / "manifest.json", shipped_artifact_copy / "tokenizer.json"
+    manifest, tokenizer = manifest_path.read_text(), tokenizer_path.read_text()
+    without = json.loads(manifest)
+    without.pop("familiarity")
+    manifest_path.write_text(json.dumps(without))
+    with pytest.raises(ArtifactError, match="'unfamiliarity' output but the manifest has no familiarity"):
+        classifier.load(shipped_artifact_copy)  # the prior would silently never decide
+    reversed_reference = json.loads(manifest)
+    reversed_reference["familiarity"]["reference"].reverse()
+    manifest_path.write_text(json.dumps(reversed_reference))
+    with pytest.raises(ArtifactError, match="percentiles must not decrease"):
+        classifier.load(shipped_artifact_copy)
+    manifest_path.write_text(manifest)
+    grown = json.loads(tokenizer)  # a token id past the model's embedding table
+    grown["added_tokens"].append({"id": 30522, "content": "[NEW]", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True})
+    tokenizer_path.write_text(json.dumps(grown))
+    with pytest.raises(ArtifactError, match="failed on probe prompts"):
+        classifier.load(shipped_artifact_copy)
+    tokenizer_path.write_text(tokenizer)
+    assert classifier.load(shipped_artifact_copy).classify("hello").tier  # the parts as shipped fit

@@ -32,9 +32,9 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from classifier import ClassificationResult, InvalidInputError, RoutingRequest, TierClassifier
+from classifier import ClassificationResult, PromptierError, RoutingRequest, TierClassifier
 
-Outcome = ClassificationResult | InvalidInputError
+Outcome = ClassificationResult | PromptierError  # per item: a decision, or why there is none
 Lane = Literal["unary", "batch"]
 LANES: tuple[Lane, ...] = ("unary", "batch")
 log = logging.getLogger("promptier.batcher")
@@ -215,7 +215,9 @@ class Batcher:
             self._metrics.queue_depth.set(depth)
             try:
                 self._run_chunks(chunks, expired)
-            except Exception:  # never let the model thread die: every later request would hang
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # never let the model thread die: every later request would hang
                 log.exception("batch delivery failed")
             finally:
                 with self._wake:

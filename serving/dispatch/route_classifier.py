@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 import classifier
-from classifier import ClassificationResult, InvalidInputError, RoutingRequest, TierClassifier
+from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest, TierClassifier
 from classifier.artifact import TierSpec
 from classifier.conversation import render_conversation
 from serving.client import AsyncRouterClient
@@ -140,6 +140,8 @@ class EmbeddedRouteClassifier:
             raise ClassifierUnavailable("error") from error
         if isinstance(outcome, InvalidInputError):
             raise ClassifierUnavailable("invalid_input")
+        if isinstance(outcome, PromptierError):  # the model failed on this prompt: a visible fallback
+            raise ClassifierUnavailable("error") from outcome
         return outcome
 
     async def tiers(self) -> list[TierSpec] | None:

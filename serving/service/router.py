@@ -11,7 +11,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from classifier import ClassificationResult, InvalidInputError, RoutingRequest
+from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest
 from classifier.conversation import render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.common.batcher import Batcher, Lane, QueueFullError, monotonic_ms
@@ -116,7 +116,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._record(rpc, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, start)
 
     async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
-                      lane: Lane) -> list[ClassificationResult | InvalidInputError]:
+                      lane: Lane) -> list[ClassificationResult | PromptierError]:
         return await self._batcher.submit(items, context.time_remaining(), lane)
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -125,7 +125,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             item = (_prompt_text(request, self._limits), _routing_request(request))
             (outcome,) = await self._submit([item], context, "unary")
-            if isinstance(outcome, InvalidInputError):
+            if isinstance(outcome, PromptierError):
                 raise outcome
         except asyncio.CancelledError:
             self._cancelled(context, "Classify", start)
@@ -162,6 +162,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             outcome = item if isinstance(item, BaseException) else next(outcomes)
             if isinstance(outcome, BaseException):
                 code, message = status_of(outcome)
+                if code == grpc.StatusCode.INTERNAL:  # the caller sees "internal error"; the operator, why
+                    log.error("ClassifyBatch item failed: %s", outcome)
                 response.items.add(error=router_pb2.ItemError(code=code.name, message=message))
             else:
                 answered.append(outcome)
