@@ -204,3 +204,25 @@ def dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_pa
     running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl"))
     yield running
     running.stop()
+
+
+class TokenizerPanic(BaseException):
+    """What `tokenizers` raises on a Rust panic (pyo3's PanicException): not an Exception."""
+
+
+@pytest.fixture
+def tokenizer_panics(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A marker: from here on, a batch holding a text with it makes the tokenizer panic, as a bug in
+    `tokenizers` does (AddedVocabulary splits, huggingface/tokenizers#1349); other batches encode as usual."""
+    from classifier.tokenization import PromptEncoder
+
+    marker = "PANIC"
+    encode = PromptEncoder.encode_batch
+
+    def panicking(self: PromptEncoder, texts: list[str]):  # type: ignore[no-untyped-def]
+        if any(marker in text for text in texts):
+            raise TokenizerPanic("AddedVocabulary bad split")
+        return encode(self, texts)
+
+    monkeypatch.setattr(PromptEncoder, "encode_batch", panicking)
+    return marker

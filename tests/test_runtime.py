@@ -257,29 +257,16 @@ def test_malformed_items_get_their_own_errors(shipped_artifact: Path) -> None:
         runtime.classify_batch(["a", "b"], classifier.RoutingRequest(mode="x"))
 
 
-class _Panic(BaseException):
-    """What `tokenizers` raises on a Rust panic (pyo3's PanicException): not an Exception."""
-
-
-def test_a_tokenizer_panic_fails_only_its_own_prompts(shipped_artifact: Path, monkeypatch: pytest.MonkeyPatch
-                                                      ) -> None:
+def test_a_tokenizer_panic_fails_only_its_own_prompts(shipped_artifact: Path, tokenizer_panics: str) -> None:
     runtime = classifier.load(shipped_artifact)
-    encode = PromptEncoder.encode_batch
-
-    def panicking(self: PromptEncoder, texts: list[str]):  # type: ignore[no-untyped-def]
-        if any("PANIC" in text for text in texts):
-            raise _Panic("AddedVocabulary bad split")
-        return encode(self, texts)
-
-    monkeypatch.setattr(PromptEncoder, "encode_batch", panicking)
-    first, failed, last = runtime.classify_items([("hello there", None), ("PANIC here", None),
+    first, failed, last = runtime.classify_items([("hello there", None), (f"{tokenizer_panics} here", None),
                                                   ("Prove that there are infinitely many primes.", None)])
-    assert isinstance(failed, classifier.ModelError) and "_Panic: AddedVocabulary bad split" in str(failed)
+    assert isinstance(failed, classifier.ModelError) and "TokenizerPanic: AddedVocabulary bad split" in str(failed)
     assert isinstance(first, classifier.ClassificationResult) and isinstance(last, classifier.ClassificationResult)
     with pytest.raises(classifier.ModelError):
-        runtime.classify("PANIC")
+        runtime.classify(tokenizer_panics)
     with pytest.raises(classifier.ModelError, match=r"^item 1: "):
-        runtime.classify_batch(["fine", "PANIC"])
+        runtime.classify_batch(["fine", tokenizer_panics])
 
 
 def test_non_finite_scores_are_a_model_failure_never_a_decision(shipped_artifact: Path) -> None:
