@@ -92,7 +92,7 @@ def label(
     id_column: Annotated[str, typer.Option()] = "prompt_id",
     messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
     keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
-    workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="processes (default: all cores)")] = None,
     chunk_rows: Annotated[int, typer.Option(min=1)] = 4096,
     resume: Annotated[bool, typer.Option(help="continue an interrupted job (local engine); a no-op for a job "
                                               "that already finished")] = False,
@@ -113,7 +113,8 @@ def label(
     the job process dies, even by kill -9.
 
     A write error (disk full) removes the temporary files, keeps the finished parts, and exits with
-    status 2, as do all refusals; make room and rerun with --resume.
+    status 2, as do all refusals; make room and rerun with --resume. A job whose every row failed
+    (a mistyped --prompt-column, say) writes its output and exits with status 1.
     """
     import time
 
@@ -132,11 +133,17 @@ def label(
 
             stats = label_with_ray(inputs, output, options, address=ray_address)
         elif engine == "local":
+            if ray_address:
+                raise PromptierError("--ray-address needs --engine ray")
             stats = label_files(inputs, output, options, workers=workers, resume=resume)
         else:
             raise PromptierError(f"unknown engine {engine!r}; use local or ray")
     except PromptierError as error:
         fail(error)
+    except KeyboardInterrupt:
+        hint = "; the finished parts are kept: rerun the same command with --resume" if engine == "local" else ""
+        typer.secho(f"interrupted{hint}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
     if stats.complete:
         typer.echo(f"{output} is already complete ({stats.resumed_rows} rows, labeled earlier by this job); "
                    "nothing to do")
@@ -144,6 +151,11 @@ def label(
     elapsed = time.perf_counter() - started
     typer.echo(f"labeled {stats.rows} rows ({stats.errors} with errors, {stats.resumed_rows} resumed) in "
                f"{elapsed:.1f} s ({stats.rows / max(elapsed, 1e-9):,.0f} rows/s); tiers {stats.tiers} -> {output}")
+    if stats.rows and stats.errors == stats.rows:
+        typer.secho(f"every row failed (see the error column of {output}): is --prompt-column "
+                    f"({prompt_column!r}) or --messages-column ({messages_column!r}) the input's?",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

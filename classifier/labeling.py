@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from classifier.errors import InvalidInputError
 from classifier.labeling_local import label_locally, label_part
 from classifier.labeling_options import (
     DECISION_COLUMNS,
@@ -63,19 +64,28 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     """Input files named by paths or globs, in a deterministic order.
 
     Raises:
-        LabelingError: a path does not exist, has an unsupported type, or nothing matches.
+        LabelingError: a path does not exist or has an unsupported type, or a glob matches no file (a
+            mistyped one among several would otherwise drop its files from the job unnoticed).
     """
     files: list[Path] = []
     for pattern in patterns:
-        for match in expand_pattern(pattern):
+        matches = expand_pattern(pattern)
+        if matches != [pattern]:  # a glob: its files (a `**` pattern also matches directories)
+            matches = [match for match in matches if Path(match).is_file()]
+            if not matches:
+                raise LabelingError(f"no input files match {pattern!r}")
+        for match in matches:
             path = Path(match)
+            if path.is_dir():
+                raise LabelingError(f"{match}: is a directory; name its files, or a glob such as '{match}/*.jsonl'")
             if not path.is_file():
                 raise LabelingError(f"{match}: no such file")
             if path.suffix not in INPUT_SUFFIXES:
-                raise LabelingError(f"{match}: unsupported input type {path.suffix!r} (use {INPUT_SUFFIXES})")
+                raise LabelingError(f"{match}: unsupported input type {path.suffix!r} (use "
+                                    f"{', '.join(INPUT_SUFFIXES)})")
             files.append(path)
     if not files:
-        raise LabelingError(f"no input files match {list(patterns)}")
+        raise LabelingError("no input files given")
     return files
 
 
@@ -87,7 +97,7 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
             column would overwrite an output column, or chunk_rows is not positive.
     """
     if output.suffix not in OUTPUT_SUFFIXES:
-        raise LabelingError(f"output must end in {OUTPUT_SUFFIXES}, got {output.name}")
+        raise LabelingError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output.name}")
     inputs = {f.resolve() for f in files}
     if output.resolve() in inputs:
         raise LabelingError("output would overwrite an input; the labeler never edits its input")
@@ -100,6 +110,24 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
         raise LabelingError(f"--keep {clashes} would overwrite output columns of the same name")
     if options.chunk_rows < 1:
         raise LabelingError(f"chunk_rows must be at least 1, got {options.chunk_rows}")
+
+
+def check_model_and_policy(options: LabelOptions) -> None:
+    """Load the job's model once, here, and route by its policy: a model that does not load would
+    otherwise fail in every worker, and a bad mode or threshold in every row, after the job had started.
+
+    Raises:
+        ArtifactError: the model is not a valid artifact.
+        LabelingError: the mode or threshold is not one the model can route by.
+    """
+    from classifier.policy import RoutingRequest, resolve_threshold
+    from classifier.runtime import load
+
+    model = load(options.model)
+    try:
+        resolve_threshold(model.manifest.policy, RoutingRequest(mode=options.mode, threshold=options.threshold))
+    except InvalidInputError as exc:
+        raise LabelingError(f"--mode/--threshold: {exc}") from None
 
 
 def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, workers: int | None = None,
@@ -130,6 +158,7 @@ def prepare_job(inputs: Sequence[str], output: Path, options: LabelOptions) -> l
     """
     files = expand_inputs(inputs)
     check_job(files, output, options)
+    check_model_and_policy(options)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from classifier.labeling_options import LabelingError, LabelOptions, LabelStats
-from classifier.labeling_output import open_job, write_part
+from classifier.labeling_output import StagedJob, open_job, write_part
 from classifier.labeling_rows import parse_row, read_chunks
 from classifier.labeling_worker import label_chunk, load_worker_model
 from classifier.prompt_files import Payload
@@ -87,12 +87,24 @@ def label_locally(files: Sequence[Path], output: Path, options: LabelOptions, wo
             or a worker that died (the finished parts are kept for a resume).
         ArtifactError: the model is not a valid artifact.
     """
-    from tqdm.auto import tqdm
-
     staged = open_job(files, output, options, resume)
     if isinstance(staged, LabelStats):
         return staged
     done = staged.finished_parts()
+    try:
+        return _label_parts(files, staged, done, options, workers, progress)
+    except BaseException:
+        if not staged.finished_parts():
+            # Nothing to keep (an unreadable input, a refused option): left behind, the folder would
+            # only make the next run ask for --resume of a job that never labeled a row.
+            staged.remove_parts()
+        raise
+
+
+def _label_parts(files: Sequence[Path], staged: StagedJob, done: set[int], options: LabelOptions,
+                 workers: int | None, progress: bool) -> LabelStats:
+    from tqdm.auto import tqdm
+
     stats = LabelStats()
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")

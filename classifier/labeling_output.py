@@ -156,7 +156,9 @@ def _job_record(files: Sequence[Path], options: LabelOptions) -> dict:
     for name in REQUIRED_FILES:
         stat = (model / name).stat()
         model_files[name] = [stat.st_size, stat.st_mtime_ns]
-    settings = {key: value for key, value in asdict(options).items() if key != "model"}
+    # As JSON has them (a tuple is read back as a list), so that a record compares equal to its reread self.
+    settings = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(options).items()
+                if key != "model"}
     # The output's columns: parts written by a version with other columns must not be mixed with these.
     return {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
                                         "files": model_files}, "options": settings, "columns": list(DECISION_COLUMNS),

@@ -83,7 +83,10 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         started_here = not ray.is_initialized()
         if started_here:
             if address:
-                ray.init(address=address, log_to_driver=False)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except (ConnectionError, TimeoutError) as exc:
+                    raise LabelingError(f"cannot reach the Ray cluster at {address}: {exc}") from None
             else:
                 ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         try:
@@ -105,8 +108,8 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
     rows = paths.map_batches(_read_files, fn_kwargs={"batch_rows": options.chunk_rows}, batch_size=1,
                              batch_format="pyarrow", num_cpus=0.5)
     labeled = rows.map_batches(_Labeler, fn_constructor_kwargs={"options": options},
-                               batch_size=options.chunk_rows, concurrency=actors, num_cpus=0.5,
-                               batch_format="pyarrow")
+                               batch_size=options.chunk_rows, compute=ray.data.ActorPoolStrategy(size=actors),
+                               num_cpus=0.5, batch_format="pyarrow")
     staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=output.parent))
     try:
         # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file

@@ -139,3 +139,44 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
         assert a["tier"] == b["tier"] and a["error"] == b["error"] and a["team"] == b["team"]
         if a["scores"] is not None:
             assert all(abs(a["scores"][k] - b["scores"][k]) <= 0.02 for k in a["scores"])  # int8 batch effects
+
+
+def test_a_job_that_cannot_run_is_refused_before_it_leaves_anything(tmp_path: Path, shipped_artifact: Path,
+                                                                     shipped_artifact_copy: Path) -> None:
+    """Refused at start, not as an error in every row or a traceback in every worker; and a job that
+    failed before it labeled a row leaves no parts that the next run would take for an interrupted job."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(20)))
+    out = tmp_path / "out.jsonl"
+    parts = out.with_name(out.name + ".parts")
+    model = str(shipped_artifact)
+    for options, reason in ((LabelOptions(model=model, mode="bogus"), "unknown mode 'bogus'"),
+                            (LabelOptions(model=model, threshold=5.0), r"threshold must be in \[0, 1\]"),
+                            (LabelOptions(model=model, mode="cost", threshold=0.4), "at most one of")):
+        with pytest.raises(LabelingError, match=reason):
+            label_files([str(source)], out, options, workers=1, progress=False)
+    with pytest.raises(LabelingError, match=r"no input files match '.*nomatch-\*\.jsonl'"):  # beside one that matches
+        label_files([str(source), str(tmp_path / "nomatch-*.jsonl")], out, LabelOptions(model=model), progress=False)
+    (shipped_artifact_copy / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(classifier.ArtifactError, match="not a loadable ONNX model"):
+        label_files([str(source)], out, LabelOptions(model=str(shipped_artifact_copy)), progress=False)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(LabelingError, match="Parquet"):
+        label_files([str(broken)], out, LabelOptions(model=model), workers=1, progress=False)
+    assert not parts.exists() and not out.exists()
+    assert label_files([str(source)], out, LabelOptions(model=model), workers=1, progress=False).rows == 20
+
+
+def test_the_command_says_when_every_row_failed(tmp_path: Path, shipped_artifact: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(5)))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "classifier.cli", "label", str(source), "--output", str(out), "--model",
+               str(shipped_artifact), "--workers", "1", "--prompt-column", "text"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "every row failed" in result.stderr and "'text'" in result.stderr
+    assert len(read_output(out)) == 5  # written all the same: each row says why
+    refused = subprocess.run([*command[:-2], "--ray-address", "ray://nowhere:1"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "--ray-address needs --engine ray" in refused.stderr

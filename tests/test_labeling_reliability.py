@@ -161,9 +161,10 @@ def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, tra
     parts = out.with_name(out.name + ".parts")
     before = {p.name: p.read_bytes() for p in parts.iterdir()}
     assert len(before) == 6  # five parts and the job record
-    with pytest.raises(LabelingError, match=r"chunk_rows \(8 -> 16\)"):
+    with pytest.raises(LabelingError, match=r"chunk_rows \(8 -> 16\)") as refused:
         label_files([str(source)], out, LabelOptions(model=str(trained_artifact), chunk_rows=16), workers=1,
                     resume=True, progress=False)
+    assert "keep_columns" not in str(refused.value)  # only what differs, not a list read back from JSON
     (parts / "job.json").write_text("{broken")
     with pytest.raises(LabelingError, match=r"job\.json"):
         label_files([str(source)], out, options, workers=1, resume=True, progress=False)
