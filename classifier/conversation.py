@@ -7,6 +7,11 @@ from collections.abc import Sequence
 from classifier.errors import InvalidInputError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+# Far above a real conversation; it bounds the work a caller can ask for before any check of length.
+MAX_MESSAGES = 10_000
+# The head window of the shipped truncation (TruncationConfig.head_chars): a latest turn longer than
+# this is split around the other turns so that both its ends are read.
+LATEST_TURN_HEAD_CHARS = 512
 
 
 def content_text(content: object) -> str:
@@ -21,17 +26,25 @@ def content_text(content: object) -> str:
 
 
 def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
-    """The latest user turn first, then the earlier turns from newest to oldest.
+    """The one text the classifier reads for a conversation: the latest user turn first, then every
+    other turn from newest to oldest (those after it too: an agent's tool results and the assistant's
+    last step are what the next call continues).
 
-    The encoder keeps the head of a text in full and only the tail of the rest, so the turn that
-    decides the request is always read whole, and the context just before it is read next. A short
-    "yes, do it" after a long plan is therefore classified with that plan, not as a trivial prompt.
+    The encoder reads a text's head and its tail (classifier/tokenization.py), so the turn that decides
+    the request is read first and the context nearest it next, and a short "yes, do it" after a plan is
+    classified with that plan, not as a trivial prompt. A latest turn longer than the head window
+    (`LATEST_TURN_HEAD_CHARS`) is split at a space near its middle and the other turns go between its
+    halves: its end, where a long paste usually puts the question, is then what the tail window reads,
+    not the oldest turn (often a system prompt).
 
     Raises:
-        InvalidInputError: no messages, an unknown role, or no user turn with content.
+        InvalidInputError: no messages, more than `MAX_MESSAGES`, an unknown role, or no user turn
+            with content.
     """
     if not messages:
         raise InvalidInputError("conversation has no messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidInputError(f"conversation has {len(messages)} messages; the limit is {MAX_MESSAGES}")
     for index, (role, _) in enumerate(messages):
         if role not in ROLES:
             raise InvalidInputError(f"message {index} has unknown role {role!r}; expected one of {ROLES}")
@@ -39,5 +52,11 @@ def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
     if not user_turns:
         raise InvalidInputError("conversation has no user message with content")
     latest = user_turns[-1]
-    earlier = [f"{role}: {content}" for role, content in reversed(messages[:latest]) if content.strip()]
-    return "\n\n".join([messages[latest][1], *earlier])
+    turn = messages[latest][1]
+    others = [f"{role}: {content}" for index, (role, content) in reversed(list(enumerate(messages)))
+              if index != latest and content.strip()]
+    if len(turn) <= LATEST_TURN_HEAD_CHARS or not others:
+        return "\n\n".join([turn, *others])
+    middle = turn.find(" ", len(turn) // 2)
+    middle = len(turn) // 2 if middle < 0 else middle
+    return "\n\n".join([turn[:middle], *others, turn[middle:].lstrip(" ")])

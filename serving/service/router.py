@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from classifier import ClassificationResult, InvalidInputError, PromptierError, RoutingRequest
-from classifier.conversation import render_conversation
+from classifier.conversation import MAX_MESSAGES, render_conversation
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.common.batcher import Batcher, Lane, QueueFullError, monotonic_ms
 from serving.service.limits import ServerLimits
@@ -49,6 +49,9 @@ def _prompt_text(request: router_pb2.ClassifyRequest, limits: ServerLimits) -> s
     if kind == "prompt":
         text = request.prompt
     elif kind == "conversation":
+        if len(request.conversation.messages) > MAX_MESSAGES:  # before any per-message work on the event loop
+            raise BadRequest(f"conversation has {len(request.conversation.messages)} messages; the limit is "
+                             f"{MAX_MESSAGES}")
         messages = [(m.role, m.content) for m in request.conversation.messages]
         if any(len(content) > limits.max_prompt_chars for _, content in messages):
             raise BadRequest(f"a message is longer than {limits.max_prompt_chars} characters")

@@ -1,0 +1,55 @@
+"""How a conversation becomes the one text the classifier reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+import classifier
+from classifier.conversation import MAX_MESSAGES, render_conversation
+from classifier.errors import InvalidInputError
+from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from tests.grpc_server import ServerThread
+from tests.server_probes import code_of
+
+QUESTION = "Prove rigorously that exponential backoff bounds the expected number of retries, and derive the bound."
+PASTE = "The service was degraded between 10:00 and 11:00 while the cache warmed up again. " * 12
+
+
+def test_turns_after_the_latest_user_turn_are_read() -> None:
+    """An agent's next call continues its tool results and last step, which come after the user's turn."""
+    text = render_conversation([("user", "ok go ahead"), ("assistant", "calling the test runner"),
+                                ("tool", "FAILED test_lock.py::test_two_writers - deadlock"),
+                                ("assistant", "The locking protocol must be redesigned.")])
+    assert text.startswith("ok go ahead\n\nassistant: The locking protocol must be redesigned.")
+    assert "tool: FAILED test_lock.py" in text and text.endswith("assistant: calling the test runner")
+
+
+def test_a_long_latest_turn_keeps_its_end_in_the_window_read(shipped_artifact: Path) -> None:
+    """Its end, where a pasted text puts the question, is read; before, the oldest turn took the tail."""
+    encoder = classifier.load(shipped_artifact).encoder
+    system = "You are a helpful assistant for ACME Corp. Answer politely and concisely. " * 8
+    window, cut = encoder.cut_characters(render_conversation([("system", system), ("user", PASTE + QUESTION)]))
+    assert cut and QUESTION in window and window.startswith(PASTE[:100])
+    short = render_conversation([("system", system), ("user", QUESTION)])
+    assert short == f"{QUESTION}\n\nsystem: {system}"  # a turn that fits the head window stays whole, first
+
+
+def test_a_conversation_past_the_message_limit_is_refused(trained_artifact: Path) -> None:
+    many = [("user", "hi"), ("assistant", "hello")] * (MAX_MESSAGES // 2) + [("user", "and now?")]
+    with pytest.raises(InvalidInputError, match=f"the limit is {MAX_MESSAGES}"):
+        render_conversation(many)
+    running = ServerThread(model_dir=trained_artifact)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            request = router_pb2.ClassifyRequest(conversation=router_pb2.Conversation(
+                messages=[router_pb2.Message(role=role, content=content) for role, content in many]))
+            assert code_of(stub.Classify, request, timeout=30) == grpc.StatusCode.INVALID_ARGUMENT
+            request = router_pb2.ClassifyRequest(conversation=router_pb2.Conversation(
+                messages=[router_pb2.Message(role=role, content=content) for role, content in many[-3:]]))
+            assert stub.Classify(request, timeout=30).tier
+    finally:
+        running.stop()
