@@ -47,6 +47,10 @@ class PromptEncoder:
         # The tokenizer file may carry its own truncation/padding; ours replaces them.
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
+        # What a user writes is text: "[CLS]" or "[PAD]" in a prompt (code that quotes BERT's tokens, say)
+        # is those characters, not the markers the template adds. Matched as special tokens they would
+        # change routing at the writer's will.
+        self._tokenizer.encode_special_tokens = True
         self._truncation = truncation
         self._prefix, self._suffix = _special_tokens(tokenizer)
         pad_id = tokenizer.token_to_id("[PAD]")
@@ -177,9 +181,9 @@ class _WordPieceFastPath:
     Prompts repeat the same few thousand words, so with a cache of ids per whitespace-separated chunk
     this costs a split and a dict lookup per chunk (the regex runs only on chunks not seen yet):
     several times less than the `tokenizers` call it replaces, which would be most of a prompt's
-    classification time. Text containing an added token such as "[CLS]", and any tokenizer that is
-    not BERT's, go to `tokenizers`. Tests compare both paths on random text of many
-    scripts, control characters included.
+    classification time. Text containing an added token that is not special (special ones, such as
+    "[CLS]", are read as text), and any tokenizer that is not BERT's, go to `tokenizers`. Tests compare
+    both paths on random text of many scripts, control characters included.
     """
 
     # Chunks of at most `max_input_chars_per_word` characters: a few MB for ordinary text; 39 MB measured
@@ -226,9 +230,10 @@ class _WordPieceFastPath:
         vocab = model["vocab"]
         if model.get("unk_token") not in vocab:
             return None
+        # Special tokens are encoded as text (PromptEncoder); other added tokens still split a text.
         return cls(tokenizer, vocab, vocab[model["unk_token"]], model.get("continuing_subword_prefix", "##"),
                    int(model.get("max_input_chars_per_word", 100)), bool(normalizer.get("lowercase", True)),
-                   [token["content"] for token in added])
+                   [token["content"] for token in added if not token.get("special", False)])
 
     def _kind(self, char: str) -> str:
         """How the pre-tokenizer treats `char` between two letters: space, punctuation, word or other."""

@@ -309,3 +309,13 @@ def test_artifacts_whose_parts_do_not_fit_are_refused_at_load(shipped_artifact_c
         classifier.load(shipped_artifact_copy)
     tokenizer_path.write_text(tokenizer)
     assert classifier.load(shipped_artifact_copy).classify("hello").tier  # the parts as shipped fit
+
+
+def test_special_tokens_written_in_a_prompt_are_read_as_text(shipped_artifact: Path) -> None:
+    """Matched as markers, "[CLS]" typed five times turned a hard prompt into an easy one."""
+    runtime = classifier.load(shipped_artifact)
+    markers = {runtime.encoder._tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]", "[PAD]", "[MASK]")}
+    (ids,) = runtime.encoder.token_ids(["What does [CLS] do? And [SEP], [PAD], [MASK]?"])
+    assert not markers & set(ids) and len(ids) > 20
+    hard = "Implement a lock-free queue in C++ with hazard pointers and prove that it is linearizable."
+    assert runtime.classify(hard + " [CLS]" * 5).tier == runtime.classify(hard).tier == "large"
