@@ -48,6 +48,10 @@ class ClassificationResult:
     # prompts that are more unlike it (1 = as typical as any, 0 = beyond all of them); None when the
     # artifact does not measure it.
     familiarity: float | None = None
+    # The cheap floor the request routed under: where the cheapest allowed tier's own score reaches it,
+    # that tier is chosen whatever `threshold` says (with `scores`, `threshold` and the artifact's rule,
+    # this reproduces the decision); None when the request's mode has none or it gave a threshold.
+    cheap_floor: float | None = None
 
 
 def validate_text(text: object, max_chars: int = MAX_TEXT_CHARS) -> str:
@@ -282,6 +286,7 @@ class TierClassifier:
                 model_version=self.manifest.model_version,
                 decided_by="prior" if unknown[row] else "model",
                 familiarity=familiar[row],
+                cheap_floor=item.cheap_floor,
             )
 
 

@@ -52,6 +52,7 @@ class Decision(ClassificationResult):
                    truncated=response.truncated, tokens=response.tokens, model_version=response.model_version,
                    decided_by=response.decided_by or "model",
                    familiarity=response.familiarity if response.HasField("familiarity") else None,
+                   cheap_floor=response.cheap_floor if response.HasField("cheap_floor") else None,
                    server_latency_ms=response.server_latency_ms)
 
 

@@ -194,8 +194,8 @@ def test_a_cheap_floor_in_the_manifest_routes_mode_requests_only(artifact_copy: 
 
 
 def test_each_decision_follows_from_the_scores_it_reports(shipped_artifact: Path) -> None:
-    """A caller who applies the vectorised policy to a result's own scores gets the runtime's tier, for
-    every mode, explicit threshold and allowed-tier set, batched or not."""
+    """A caller who applies the vectorised policy to a result's own scores, threshold and cheap floor gets
+    the runtime's tier, for every mode, explicit threshold and allowed-tier set, batched or not."""
     import numpy as np
 
     from classifier.policy import RoutingRequest, allowed_mask, choose_tiers, resolve_floor, resolve_threshold
@@ -218,8 +218,9 @@ def test_each_decision_follows_from_the_scores_it_reports(shipped_artifact: Path
         for result in results:
             if result.decided_by != "model":
                 continue
+            assert (result.threshold, result.cheap_floor) == (threshold, floor)
             scores = np.array([[result.scores[name] for name in names]])
-            expected = choose_tiers(scores, threshold, allowed, policy.rule, floor)[0]
+            expected = choose_tiers(scores, result.threshold, allowed, policy.rule, result.cheap_floor)[0]
             assert result.tier == names[expected], (result, request)
             checked += 1
     assert checked > len(prompts) * len(requests) // 2  # the prior did not decide most of them

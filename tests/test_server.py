@@ -245,3 +245,20 @@ def test_a_prompt_the_model_fails_on_fails_alone_and_the_server_keeps_serving(tr
             assert client.classify(EASY).tier == "small"
     finally:
         running.stop()
+
+
+def test_a_decision_carries_the_cheap_floor_it_routed_under(shipped_artifact: Path) -> None:
+    """With its scores and threshold, what a client needs to reproduce the decision."""
+    import classifier
+
+    floors = classifier.load(shipped_artifact).manifest.policy.cheap_floors
+    assert floors  # the shipped model has floors for some modes
+    running = ServerThread(model_dir=shipped_artifact)
+    try:
+        with RouterClient(running.target, timeout=5) as client:
+            assert dict(client.info().mode_cheap_floors) == floors
+            for mode in ("quality", "balanced", "cost"):
+                assert client.classify("What is the capital of France?", mode=mode).cheap_floor == floors.get(mode)
+            assert client.classify("What is the capital of France?", threshold=0.5).cheap_floor is None
+    finally:
+        running.stop()

@@ -74,6 +74,8 @@ def _fill(response: router_pb2.ClassifyResponse, result: ClassificationResult, l
     response.decided_by = result.decided_by
     if result.familiarity is not None:
         response.familiarity = result.familiarity
+    if result.cheap_floor is not None:
+        response.cheap_floor = result.cheap_floor
     scores = response.scores
     for tier, score in result.scores.items():  # the map's update() is a Python loop anyway
         scores[tier] = score
@@ -183,7 +185,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             model_version=manifest.model_version,
             tiers=[router_pb2.Tier(name=t.name, input_usd_per_mtok=t.input_usd_per_mtok,
                                    output_usd_per_mtok=t.output_usd_per_mtok) for t in manifest.tiers],
-            mode_thresholds=manifest.policy.thresholds, default_mode=manifest.policy.default_mode,
+            mode_thresholds=manifest.policy.thresholds, mode_cheap_floors=manifest.policy.cheap_floors,
+            default_mode=manifest.policy.default_mode,
             max_tokens=manifest.truncation.max_tokens, max_prompt_chars=self._limits.max_prompt_chars,
             max_batch_items=self._limits.max_batch_items, data_fingerprint=manifest.data_fingerprint,
             server_instance=self._instance,
