@@ -220,6 +220,8 @@ def load_manifest(directory: Path) -> ArtifactManifest:
         ArtifactError: the directory, a file, or a manifest field is missing or invalid.
     """
     try:
+        if directory.is_file():
+            raise ArtifactError(f"{directory} is a file; give the artifact directory that holds it")
         if not directory.is_dir():
             raise ArtifactError(f"artifact directory {directory} does not exist")
         missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]

@@ -62,19 +62,26 @@ def command_line(args: list[str]) -> typer.Typer:
 
 @app.command()
 def classify(
-    text: Annotated[str, typer.Argument(help="the prompt")],
+    text: Annotated[str, typer.Argument(help="the prompt; - reads it from standard input (put -- before a "
+                                            "prompt that starts with -)")],
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
-    threshold: Annotated[float | None, typer.Option()] = None,
+    threshold: Annotated[float | None, typer.Option(help="raw threshold in [0, 1]")] = None,
+    top_share: Annotated[float | None, typer.Option(help="target share of top-tier calls in [0, 1]")] = None,
+    allowed_tier: Annotated[list[str] | None, typer.Option(help="a tier this request may go to (repeat it)")] = None,
 ) -> None:
     """Classify one prompt and print the routing decision as JSON."""
+    import sys
     from dataclasses import asdict
 
     import classifier
 
+    if text == "-":  # a long prompt or a file does not fit an argument list
+        text = sys.stdin.read()
     try:
         runtime = classifier.load(model)
-        request = classifier.RoutingRequest(mode=mode, threshold=threshold)
+        request = classifier.RoutingRequest(mode=mode, threshold=threshold, top_share=top_share,
+                                            allowed_tiers=tuple(allowed_tier) if allowed_tier else None)
         result = runtime.classify(text, request)
     except PromptierError as error:
         fail(error)

@@ -110,15 +110,19 @@ def output_lock(output: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def output_schema(keep_columns: Sequence[str], id_column: str) -> pa.Schema:
+    """The labeled output's columns and types (ids and kept columns as strings)."""
+    return pa.schema([(id_column, pa.string()), ("tier", pa.string()), ("scores", pa.string()),
+                      ("threshold", pa.float64()), ("truncated", pa.bool_()), ("tokens", pa.int32()),
+                      ("decided_by", pa.string()), ("familiarity", pa.float64()), ("error", pa.string()),
+                      ("model_version", pa.string()), ("policy", pa.string())]
+                     + [(c, pa.string()) for c in keep_columns])
+
+
 def rows_to_table(rows: list[dict], keep_columns: Sequence[str], id_column: str) -> pa.Table:
-    """Labeled rows as an Arrow table with a fixed schema (ids and kept columns as strings)."""
-    schema = pa.schema([(id_column, pa.string()), ("tier", pa.string()), ("scores", pa.string()),
-                        ("threshold", pa.float64()), ("truncated", pa.bool_()), ("tokens", pa.int32()),
-                        ("decided_by", pa.string()), ("familiarity", pa.float64()), ("error", pa.string()),
-                        ("model_version", pa.string()), ("policy", pa.string())]
-                       + [(c, pa.string()) for c in keep_columns])
+    """Labeled rows as an Arrow table of the output's schema."""
     return pa.Table.from_pylist([{**row, "scores": None if row["scores"] is None else json.dumps(row["scores"])}
-                                 for row in rows], schema=schema)
+                                 for row in rows], schema=output_schema(keep_columns, id_column))
 
 
 def write_part(rows: list[dict], options: LabelOptions, path: Path) -> None:
@@ -213,8 +217,9 @@ def _write_json(path: Path, value: dict) -> None:
         raise
 
 
-def merge_parts(parts: list[Path], output: Path) -> None:
-    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically.
+def merge_parts(parts: list[Path], output: Path, schema: pa.Schema) -> None:
+    """Concatenate part files (Parquet, or JSONL for a JSONL output) into `output`, atomically; with
+    no parts (an empty input), a Parquet output is an empty table of `schema`.
 
     Raises:
         OSError: a write failed; no temporary file is left and `output` is unchanged.
@@ -237,7 +242,7 @@ def merge_parts(parts: list[Path], output: Path) -> None:
                 if writer is not None:
                     writer.close()
             if writer is None:
-                pq.write_table(pa.table({}), temporary)
+                pq.write_table(schema.empty_table(), temporary)
         else:
             with temporary.open("w", encoding="utf-8") as handle:
                 for part in parts:
@@ -280,7 +285,8 @@ class StagedJob:
         """
         parts = sorted(parts_path(self.output).glob(f"part-*{self.part_suffix}"))
         try:
-            merge_parts(parts, self.output)
+            options = self.job["options"]
+            merge_parts(parts, self.output, output_schema(options["keep_columns"], options["id_column"]))
         except OSError as exc:
             raise cannot_write(self.output, exc) from None
         record_file = record_path(self.output)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from classifier.labeling import prepare_job
 from classifier.labeling_options import LabelingError, LabelOptions, LabelStats
-from classifier.labeling_output import cannot_write, merge_parts, output_lock, rows_to_table
+from classifier.labeling_output import cannot_write, merge_parts, output_lock, output_schema, rows_to_table
 from classifier.labeling_rows import parse_row, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
 
@@ -122,7 +122,7 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
             except OSError as exc:
                 raise cannot_write(parts[-1], exc, resumable=False) from None
         try:
-            merge_parts(parts, output)
+            merge_parts(parts, output, output_schema(options.keep_columns, options.id_column))
         except OSError as exc:
             raise cannot_write(output, exc, resumable=False) from None
     finally:

@@ -365,6 +365,8 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
         ArtifactError: missing files, invalid manifest, unloadable ONNX or tokenizer, wrong input or
             output signature, or non-finite output on the probe.
     """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ArtifactError(f"threads must be a whole number of at least 1, got {threads!r}")
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     manifest = load_manifest(directory)
     encoder = PromptEncoder.from_file(directory / TOKENIZER_FILE, manifest.truncation)

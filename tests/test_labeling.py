@@ -78,6 +78,8 @@ def test_empty_input_and_refusals(tmp_path: Path, shipped_artifact: Path) -> Non
     options = LabelOptions(model=str(shipped_artifact))
     assert label_files([str(empty)], tmp_path / "out.jsonl", options, workers=1, progress=False).rows == 0
     assert (tmp_path / "out.jsonl").read_text() == ""
+    label_files([str(empty)], tmp_path / "parquet" / "out.parquet", options, workers=1, progress=False)
+    assert "tier" in pq.read_schema(tmp_path / "parquet" / "out.parquet").names  # not a table without columns
     with pytest.raises(LabelingError, match="exists"):
         label_files([str(empty)], tmp_path / "out.jsonl", options, workers=1, progress=False)
     with pytest.raises(LabelingError, match="overwrite an input"):

@@ -320,3 +320,24 @@ def test_special_tokens_written_in_a_prompt_are_read_as_text(shipped_artifact: P
     assert not markers & set(ids) and len(ids) > 20
     hard = "Implement a lock-free queue in C++ with hazard pointers and prove that it is linearizable."
     assert runtime.classify(hard + " [CLS]" * 5).tier == runtime.classify(hard).tier == "large"
+
+
+def test_classify_command_reads_standard_input_and_takes_every_policy(shipped_artifact: Path, tmp_path: Path
+                                                                      ) -> None:
+    def classify(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "classifier.cli", "classify", "--model", str(shipped_artifact),
+                               *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+    pasted = classify("-", stdin="Summarise the following report. " + "The quarter went well. " * 20_000)
+    assert pasted.returncode == 0 and json.loads(pasted.stdout)["truncated"]  # too long for an argument list
+    steered = classify("--allowed-tier", "medium", "--allowed-tier", "large", "--", "-5 + 3 = ?")
+    assert steered.returncode == 0 and json.loads(steered.stdout)["tier"] in ("medium", "large")
+    refused = classify("--top-share", "2", "hi")
+    assert refused.returncode == 2 and "top_share must be in [0, 1]" in refused.stderr
+
+
+def test_load_names_what_is_wrong_with_its_arguments(shipped_artifact: Path) -> None:
+    with pytest.raises(ArtifactError, match="is a file; give the artifact directory"):
+        classifier.load(shipped_artifact / "model.onnx")
+    with pytest.raises(ArtifactError, match="threads must be a whole number of at least 1"):
+        classifier.load(shipped_artifact, threads=0)
