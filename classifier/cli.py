@@ -76,13 +76,14 @@ def classify(
 
     import classifier
 
-    if text == "-":  # a long prompt or a file does not fit an argument list
-        text = sys.stdin.read()
     try:
+        # A long prompt or a file does not fit an argument list. Bytes: the runtime decodes them and
+        # names the first byte that is not UTF-8.
+        prompt: str | bytes = sys.stdin.buffer.read() if text == "-" else text
         runtime = classifier.load(model)
         request = classifier.RoutingRequest(mode=mode, threshold=threshold, top_share=top_share,
                                             allowed_tiers=tuple(allowed_tier) if allowed_tier else None)
-        result = runtime.classify(text, request)
+        result = runtime.classify(prompt, request)  # type: ignore[arg-type]
     except PromptierError as error:
         fail(error)
     typer.echo(json.dumps(asdict(result), indent=2))

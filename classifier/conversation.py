@@ -9,9 +9,10 @@ from classifier.errors import InvalidInputError
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # Far above a real conversation; it bounds the work a caller can ask for before any check of length.
 MAX_MESSAGES = 10_000
-# The head window of the shipped truncation (TruncationConfig.head_chars): a latest turn longer than
-# this is split around the other turns so that both its ends are read.
-LATEST_TURN_HEAD_CHARS = 512
+# A latest turn longer than this is split around the other turns, so that its end is read too. About
+# 40 tokens of English, well inside the 63 tokens the shipped truncation reads from a text's head, so
+# that a turn that would overflow that window is always split; a split short turn is still read whole.
+LATEST_TURN_SPLIT_CHARS = 160
 
 
 def content_text(content: object) -> str:
@@ -32,8 +33,8 @@ def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
 
     The encoder reads a text's head and its tail (classifier/tokenization.py), so the turn that decides
     the request is read first and the context nearest it next, and a short "yes, do it" after a plan is
-    classified with that plan, not as a trivial prompt. A latest turn longer than the head window
-    (`LATEST_TURN_HEAD_CHARS`) is split at a space near its middle and the other turns go between its
+    classified with that plan, not as a trivial prompt. A latest turn longer than a sentence or two
+    (`LATEST_TURN_SPLIT_CHARS`) is split at a space near its middle and the other turns go between its
     halves: its end, where a long paste usually puts the question, is then what the tail window reads,
     not the oldest turn (often a system prompt).
 
@@ -55,7 +56,7 @@ def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
     turn = messages[latest][1]
     others = [f"{role}: {content}" for index, (role, content) in reversed(list(enumerate(messages)))
               if index != latest and content.strip()]
-    if len(turn) <= LATEST_TURN_HEAD_CHARS or not others:
+    if len(turn) <= LATEST_TURN_SPLIT_CHARS or not others:
         return "\n\n".join([turn, *others])
     middle = turn.find(" ", len(turn) // 2)
     middle = len(turn) // 2 if middle < 0 else middle

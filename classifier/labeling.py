@@ -145,6 +145,8 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
             interrupted job that is not this job's, or a write error.
         ArtifactError: the model is not a valid artifact.
     """
+    if workers is not None and workers < 1:
+        raise LabelingError(f"workers must be at least 1, got {workers}")
     files = prepare_job(inputs, output, options)
     with output_lock(output):
         return label_locally(files, output, options, workers, resume, progress)
@@ -155,6 +157,7 @@ def prepare_job(inputs: Sequence[str], output: Path, options: LabelOptions) -> l
 
     Raises:
         LabelingError: bad inputs or options, or the output's folder cannot be created.
+        ArtifactError: the model is not a valid artifact.
     """
     files = expand_inputs(inputs)
     check_job(files, output, options)

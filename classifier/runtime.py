@@ -219,18 +219,22 @@ class TierClassifier:
                 continue
             valid.append(_ValidItem(index, checked, threshold, floor, allowed))
         if valid:
-            try:
-                self._decide(valid, outcomes)
-            except ModelError as error:
-                if len(valid) == 1:
-                    outcomes[valid[0].position] = error
-                else:  # again one at a time: only the prompts the model fails on get its error
-                    for one in valid:
-                        try:
-                            self._decide([one], outcomes)
-                        except ModelError as alone:
-                            outcomes[one.position] = alone
+            self._decide_isolating(valid, outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _decide_isolating(self, items: list[_ValidItem], outcomes: list[ClassificationResult | PromptierError | None]
+                          ) -> None:
+        """`_decide`, and where the model fails on the batch, again on each half: only the prompts it
+        fails on get its error, in about 2 log2(n) more runs per failing prompt rather than n."""
+        try:
+            self._decide(items, outcomes)
+        except ModelError as error:
+            if len(items) == 1:
+                outcomes[items[0].position] = error
+                return
+            middle = len(items) // 2
+            self._decide_isolating(items[:middle], outcomes)
+            self._decide_isolating(items[middle:], outcomes)
 
     def _policy(self, request: RoutingRequest | None) -> tuple[float, float | None, tuple[bool, ...] | None]:
         """The threshold, cheap floor and allowed tiers (None: all) a request routes under.
@@ -270,7 +274,8 @@ class TierClassifier:
                 # Zero-width spaces, a byte-order mark, control characters: the tokenizer deletes them
                 # all, and the model would score the bare [CLS] [SEP] as a confident easy prompt.
                 outcomes[item.position] = InvalidInputError(
-                    "prompt has no text the model reads (only whitespace, control or formatting characters)")
+                    "prompt has no text the model reads: what it reads (the whole prompt, or the start and "
+                    "end of a long one) is only whitespace, control or formatting characters")
                 continue
             if unknown[row]:
                 assert config is not None
@@ -362,11 +367,13 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
         threads: ONNX Runtime intra-op threads (1 gives the lowest latency per call).
 
     Raises:
-        ArtifactError: missing files, invalid manifest, unloadable ONNX or tokenizer, wrong input or
-            output signature, or non-finite output on the probe.
+        ArtifactError: `path` is not an artifact directory (missing, or a file), missing files, invalid
+            manifest, unloadable ONNX or tokenizer, wrong input or output signature, an output the
+            manifest does not read, or a failure, wrong shape or non-finite output on the probe.
+        InvalidInputError: `threads` is not a whole number of at least 1.
     """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ArtifactError(f"threads must be a whole number of at least 1, got {threads!r}")
+        raise InvalidInputError(f"threads must be a whole number of at least 1, got {threads!r}")
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     manifest = load_manifest(directory)
     encoder = PromptEncoder.from_file(directory / TOKENIZER_FILE, manifest.truncation)
@@ -403,7 +410,7 @@ def _probe(classifier: TierClassifier, session: ort.InferenceSession, encoder: P
         raise ArtifactError(f"the model failed on probe prompts: {exc}") from exc
     if logits.ndim == 2 and logits.shape[0] == len(texts) and logits.shape[1] != tiers:
         raise ArtifactError(f"the model outputs {logits.shape[1]} scores per prompt but the manifest has {tiers} tiers")
-    highest = np.array([[encoder.vocabulary_size - 1] * 3], dtype=np.int64)
+    highest = np.array([[encoder.highest_id] * 3], dtype=np.int64)
     try:
         _require_finite(logits, unfamiliarity, len(texts))
         session.run(None, {"input_ids": highest, "attention_mask": np.ones_like(highest)})

@@ -55,7 +55,8 @@ class PromptEncoder:
         self._prefix, self._suffix = _special_tokens(tokenizer)
         pad_id = tokenizer.token_to_id("[PAD]")
         self._pad_id = 0 if pad_id is None else pad_id
-        self._unk_id = tokenizer.token_to_id("[UNK]")  # None: a vocabulary without one knows every token
+        unknown = (json.loads(tokenizer.to_str()).get("model") or {}).get("unk_token")
+        self._unk_id = None if unknown is None else tokenizer.token_to_id(unknown)  # None: it knows every token
         self._content_budget = truncation.max_tokens - len(self._prefix) - len(self._suffix)
         if self._content_budget < 2:
             raise ArtifactError(f"max_tokens={truncation.max_tokens} leaves no room for content tokens")
@@ -84,16 +85,21 @@ class PromptEncoder:
         return self._pad_id
 
     @property
-    def vocabulary_size(self) -> int:
-        """Ids this tokenizer can produce: 0 to vocabulary_size - 1."""
-        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+    def highest_id(self) -> int:
+        """The highest token id this tokenizer can produce (ids need not be contiguous)."""
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values())
 
     @property
     def truncation(self) -> TruncationConfig:
         return self._truncation
 
     def cut_characters(self, text: str) -> tuple[str, bool]:
-        """Keep the head and tail character windows of `text`; say whether anything was cut."""
+        """Keep the head and tail character windows of `text`; say whether anything was cut.
+
+        Whitespace at either end goes first: the tokenizer drops it anyway, and a padded prompt's
+        windows would otherwise hold nothing else.
+        """
+        text = text.strip()
         head, tail = self._truncation.head_chars, self._truncation.tail_chars
         if len(text) <= head + tail:
             return text, False

@@ -213,7 +213,7 @@ class TokenizerPanic(BaseException):
 @pytest.fixture
 def tokenizer_panics(monkeypatch: pytest.MonkeyPatch) -> str:
     """A marker: from here on, a batch holding a text with it makes the tokenizer panic, as a bug in
-    `tokenizers` does (AddedVocabulary splits, huggingface/tokenizers#1349); other batches encode as usual."""
+    `tokenizers` can (it has panicked splitting text around added tokens); other batches encode as usual."""
     from classifier.tokenization import PromptEncoder
 
     marker = "PANIC"

@@ -27,14 +27,20 @@ def test_turns_after_the_latest_user_turn_are_read() -> None:
     assert "tool: FAILED test_lock.py" in text and text.endswith("assistant: calling the test runner")
 
 
-def test_a_long_latest_turn_keeps_its_end_in_the_window_read(shipped_artifact: Path) -> None:
-    """Its end, where a pasted text puts the question, is read; before, the oldest turn took the tail."""
+def test_the_end_of_a_long_latest_turn_is_among_the_tokens_read(shipped_artifact: Path) -> None:
+    """Where a pasted text puts the question: the tail of the window is the turn's end, not the oldest
+    turn's (here a system prompt)."""
     encoder = classifier.load(shipped_artifact).encoder
     system = "You are a helpful assistant for ACME Corp. Answer politely and concisely. " * 8
-    window, cut = encoder.cut_characters(render_conversation([("system", system), ("user", PASTE + QUESTION)]))
-    assert cut and QUESTION in window and window.startswith(PASTE[:100])
-    short = render_conversation([("system", system), ("user", QUESTION)])
-    assert short == f"{QUESTION}\n\nsystem: {system}"  # a turn that fits the head window stays whole, first
+    (question,) = encoder.token_ids([QUESTION])
+    end = question[-10:]  # "... derive the bound."
+    for length in (0, 100, 180, 250, 350, 450, 550, 800, len(PASTE)):
+        turn = PASTE[:length] + QUESTION
+        batch = encoder.encode_batch([render_conversation([("system", system), ("user", turn)])])
+        read = batch.input_ids[0].tolist()
+        assert any(read[i : i + len(end)] == end for i in range(len(read))), length
+    short = render_conversation([("system", system), ("user", "What is 2 + 2?")])
+    assert short == f"What is 2 + 2?\n\nsystem: {system}"  # a short turn stays whole, first
 
 
 def test_a_conversation_past_the_message_limit_is_refused(trained_artifact: Path) -> None:

@@ -386,7 +386,6 @@ def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Pa
     assert [list(segment[:, 0]) for segment in whiskers] == [pytest.approx([-0.01, 0.05])] * 2
     assert [list(collection.get_offsets()[:, 1]) for collection in per_seed.collections] == [[0.6], [0.7], [0.65]]
     assert [patch.get_height() for patch in probes.patches] == [shares[key] for key in PROBE_SHARES]
-    plt.close(drawn)
     # The length baseline's three equal figures: their float mean lands just below them.
     over_seeds = {"seeds": [1, 2, 3], "runs": {"1": {"alpha": {"promptier": 0.55, "length": 0.7}},
                                                 "2": {"alpha": {"promptier": 0.65, "length": 0.7}},
@@ -402,14 +401,13 @@ def test_generalization_files_draw_a_panel_for_each_figure_measured(tmp_path: Pa
         [0.6], [np.mean([0.7] * 3)]]
     spans = panel.containers[0].lines[2][0].get_segments()
     assert list(spans[0][:, 1]) == pytest.approx([0.55, 0.65])
-    plt.close(drawn)
     for report, panels in (({"seeds": {**seeds, "probes": None}}, 1), ({"leave_one_source_out": loso}, 2),
                            ({"leave_one_source_out": loso, "loso_seeds": over_seeds}, 3)):
         drawn = figure(report)
         assert sum(axis.get_visible() for axis in drawn.axes) == panels
-        plt.close(drawn)
     with pytest.raises(ValueError, match="no leave-one-source-out or seed figures"):
         figure({})
+    assert not plt.get_fignums()  # figures of their own: neither pyplot nor a notebook's backend was touched
 
 
 def test_recording_seeds_keeps_the_recorded_leave_one_source_out_figures(

@@ -151,7 +151,7 @@ def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, tra
     options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
     label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
 
-    def interrupted(parts: list[Path], output: Path) -> None:
+    def interrupted(parts: list[Path], output: Path, schema: object) -> None:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
@@ -399,7 +399,7 @@ def test_write_error_in_a_worker_ends_the_job_cleanly(tmp_path: Path, trained_ar
     options = LabelOptions(model=str(trained_artifact), chunk_rows=16)
     label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
 
-    def interrupted(parts: list[Path], output: Path) -> None:
+    def interrupted(parts: list[Path], output: Path, schema: object) -> None:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # an interrupted job: its four parts are written

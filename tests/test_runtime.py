@@ -268,6 +268,15 @@ def test_a_tokenizer_panic_fails_only_its_own_prompts(shipped_artifact: Path, to
         runtime.classify(tokenizer_panics)
     with pytest.raises(classifier.ModelError, match=r"^item 1: "):
         runtime.classify_batch(["fine", tokenizer_panics])
+    # In a batch of 64, the failing prompt is found by halving, not by running each prompt alone.
+    session, runs = runtime._session, []
+    run = session.run
+    session.run = lambda outputs, feeds: runs.append(1) or run(outputs, feeds)  # type: ignore[method-assign]
+    prompts = [f"question {i}: what is {i} + {i}?" for i in range(64)]
+    prompts[37] = f"{tokenizer_panics} {prompts[37]}"
+    outcomes = runtime.classify_items([(prompt, None) for prompt in prompts])
+    assert [i for i, o in enumerate(outcomes) if isinstance(o, classifier.ModelError)] == [37]
+    assert len(runs) < 32
 
 
 def test_non_finite_scores_are_a_model_failure_never_a_decision(shipped_artifact: Path) -> None:
@@ -304,7 +313,7 @@ def test_artifacts_whose_parts_do_not_fit_are_refused_at_load(shipped_artifact_c
     manifest_path.write_text(manifest)
     grown = json.loads(tokenizer)  # a token id past the model's embedding table
     grown["added_tokens"].append({"id": 30522, "content": "[NEW]", "single_word": False, "lstrip": False,
-                                  "rstrip": False, "normalized": False, "special": True})
+                                  "rstrip": False, "normalized": False, "special": False})
     tokenizer_path.write_text(json.dumps(grown))
     with pytest.raises(ArtifactError, match="failed on probe prompts"):
         classifier.load(shipped_artifact_copy)
@@ -334,10 +343,13 @@ def test_classify_command_reads_standard_input_and_takes_every_policy(shipped_ar
     assert steered.returncode == 0 and json.loads(steered.stdout)["tier"] in ("medium", "large")
     refused = classify("--top-share", "2", "hi")
     assert refused.returncode == 2 and "top_share must be in [0, 1]" in refused.stderr
+    undecodable = subprocess.run([sys.executable, "-m", "classifier.cli", "classify", "--model", str(shipped_artifact),
+                                  "-"], input=b"hello \xff world", capture_output=True, timeout=120)
+    assert undecodable.returncode == 2 and b"not valid UTF-8: invalid start byte at byte 6" in undecodable.stderr
 
 
 def test_load_names_what_is_wrong_with_its_arguments(shipped_artifact: Path) -> None:
     with pytest.raises(ArtifactError, match="is a file; give the artifact directory"):
         classifier.load(shipped_artifact / "model.onnx")
-    with pytest.raises(ArtifactError, match="threads must be a whole number of at least 1"):
+    with pytest.raises(InvalidInputError, match="threads must be a whole number of at least 1"):
         classifier.load(shipped_artifact, threads=0)

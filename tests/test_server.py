@@ -233,8 +233,8 @@ def test_long_invalid_fields_are_invalid_argument_with_bounded_details(stub: rou
 
 def test_a_prompt_the_model_fails_on_fails_alone_and_the_server_keeps_serving(trained_artifact: Path,
                                                                             tokenizer_panics: str) -> None:
-    """Uncaught in the model thread, such a failure ended it: every later call waited forever while
-    health still said SERVING."""
+    """A failure that ended the model thread would leave every later call waiting forever while health
+    still said SERVING."""
     running = ServerThread(model_dir=trained_artifact)
     try:
         with RouterClient(running.target, timeout=5) as client:

@@ -43,7 +43,9 @@ def build_tiny_backbone(directory: Path) -> Path:
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!")
-    vocab_list = special + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters]
+    # Once each: a word that is also a letter would leave a hole in the ids, which the model's
+    # embedding table (one row per token) does not have.
+    vocab_list = list(dict.fromkeys(special + sorted(set(WORDS)) + letters + [f"##{c}" for c in letters]))
     vocab = {token: index for index, token in enumerate(vocab_list)}
     tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
