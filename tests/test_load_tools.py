@@ -151,3 +151,31 @@ def test_benches_refuse_a_bad_artifact_before_starting_any_service(command: str,
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2
     assert "artifact directory missing-model does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_terminated_dispatch_bench_stops_the_services_it_started(tmp_path: Path) -> None:
+    """They run in sessions of their own, which a signal to the bench's process group does not reach."""
+    import signal
+
+    import psutil
+
+    from tests.server_probes import wait_until
+
+    bench = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch-bench", "--requests", "3", "--no-load",
+                              "--out", str(tmp_path / "bench.json")], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        started: list[psutil.Process] = []
+
+        def services_running() -> bool:
+            started[:] = psutil.Process(bench.pid).children(recursive=True)
+            return len(started) >= 3  # the upstream and the classifier service's supervisor and workers
+
+        wait_until(services_running, "the bench's services to start")
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(120) == 128 + signal.SIGTERM
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started),
+                   "the services to stop")
+    finally:
+        if bench.poll() is None:
+            bench.kill()

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,8 +23,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from serving.bench.h2load import h2load_log
-from serving.bench.ports import free_port, wait_serving
-from serving.bench.soak_processes import cli_command, start_process, stop_process
+from serving.bench.ports import free_port
+from serving.bench.soak_processes import (
+    answers_grpc,
+    answers_http,
+    cli_command,
+    sigterm_as_exit,
+    start_process,
+    stop_process,
+    wait_started,
+)
 
 SEQUENTIAL = ("grpc", "embedded")  # the classifier configurations measured one request at a time
 LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
@@ -87,48 +94,6 @@ def start_upstream(port: int, workdir: Path) -> subprocess.Popen:
     code = ("import uvicorn; from serving.bench.dispatch_bench import echo_upstream; "
             f"uvicorn.run(echo_upstream(), host='127.0.0.1', port={port}, log_level='error')")
     return start_process([cli_command()[0], "-c", code], workdir, "upstream")
-
-
-def answers_http(url: str) -> Callable[[], bool]:
-    """A readiness check: whether anything answers HTTP at `url` (any status)."""
-    def answers() -> bool:
-        try:
-            httpx.get(url, timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-    return answers
-
-
-def _answers_grpc(address: str) -> Callable[[], bool]:
-    """A readiness check: whether the gRPC health service at `address` says SERVING."""
-    def answers() -> bool:
-        try:
-            wait_serving(address, timeout=1)
-            return True
-        except TimeoutError:
-            return False
-    return answers
-
-
-def wait_started(process: subprocess.Popen, name: str, workdir: Path, ready: Callable[[], bool],
-                  timeout: float = 60.0) -> None:
-    """Block until `ready()`; a process that exits first (say, a dispatcher refusing its config) or never
-    gets ready raises RuntimeError with the end of what it wrote to stderr, instead of a bare timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the {name} exited with status {process.returncode} before it was ready:\n"
-                               f"{_stderr_tail(workdir, name)}")
-        if ready():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the {name} was not ready after {timeout:g} s:\n{_stderr_tail(workdir, name)}")
-
-
-def _stderr_tail(workdir: Path, name: str, lines: int = 20) -> str:
-    text = (workdir / f"{name}.err").read_text(encoding="utf-8", errors="replace").strip()
-    return "\n".join(text.splitlines()[-lines:]) or "(nothing on stderr)"
 
 
 def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
@@ -196,7 +161,7 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0, ov
     fallbacks under load. `overlay`: top-level config sections added to every dispatcher's config (say,
     tenants and a spend store, to measure what they cost)."""
     # Configs and decision logs (tens of MB per run) go away with the run.
-    with tempfile.TemporaryDirectory(prefix="promptier-dispatch-bench-") as scratch:
+    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="promptier-dispatch-bench-") as scratch:
         report = _run(model, Path(scratch), count, load_seconds, overlay or {}, load)
     out.write_text(json.dumps(report, indent=2) + "\n")
     _print_report(report, load_seconds)
@@ -223,15 +188,16 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
     }
     load = load_wanted and shutil.which("h2load") is not None
     serve = cli_command("serve", "--port", str(grpc_port), "--workers", "2", *(["--model", model] if model else []))
-    upstream = start_upstream(upstream_port, workdir)
-    processes = [upstream, start_process(serve, workdir, "classifier service")]
+    processes: list[subprocess.Popen] = []
     report: dict = {"requests_per_measure": count, "load": {}, "config_overlay": overlay,
                     "load_skipped": None if load else "--no-load" if not load_wanted else
                     "h2load is not installed; Debian: apt-get install nghttp2-client"}
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
+        processes.append(upstream := start_upstream(upstream_port, workdir))
+        processes.append(service := start_process(serve, workdir, "classifier service"))
         wait_started(upstream, "upstream", workdir, answers_http(f"http://127.0.0.1:{upstream_port}/docs"))
-        wait_started(processes[1], "classifier service", workdir, _answers_grpc(address))
+        wait_started(service, "classifier service", workdir, answers_grpc(address))
         time.sleep(2.0)  # health answers once the first of the two workers is up
         for name, (classifier, workers) in classifiers.items():
             if name not in SEQUENTIAL and not load:

@@ -22,9 +22,9 @@ import httpx
 import numpy as np
 import yaml
 
-from serving.bench.dispatch_bench import LOAD_PROMPT, answers_http, start_upstream, wait_started
+from serving.bench.dispatch_bench import LOAD_PROMPT, start_upstream
 from serving.bench.ports import free_port
-from serving.bench.soak_processes import stop_process
+from serving.bench.soak_processes import answers_http, sigterm_as_exit, stop_process, wait_started
 from serving.litellm_router import CONFIG_ENV
 
 MASTER_KEY = "sk-promptier-bench"
@@ -127,7 +127,7 @@ def main(model: str | None, out: Path, count: int) -> dict:
     upstream_port = free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     groups = {tier: tier for tier in ("small", "medium", "large")}
-    with tempfile.TemporaryDirectory(prefix="promptier-litellm-bench-") as scratch:
+    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="promptier-litellm-bench-") as scratch:
         directory = Path(scratch)
         # A deadline far above the classifier's time: this measures its cost, not how often a deadline is met.
         classifier = {"embedded": True, "timeout_ms": 1000, **({"model": model} if model else {})}
@@ -143,13 +143,15 @@ def main(model: str | None, out: Path, count: int) -> dict:
             "general_settings": {"master_key": MASTER_KEY},
         }
         upstream = start_upstream(upstream_port, directory)
-        proxy = LiteLLMProxy(directory, litellm_config, promptier_config)
+        proxy: LiteLLMProxy | None = None
         try:
+            proxy = LiteLLMProxy(directory, litellm_config, promptier_config)
             wait_started(upstream, "upstream", directory, answers_http(f"{upstream_url.removesuffix('/v1')}/docs"))
             proxy.wait_ready(300)
             report = {"requests": count, "prompt_chars": len(LOAD_PROMPT), **_measure(proxy.url, count)}
         finally:
-            proxy.stop()
+            if proxy is not None:
+                proxy.stop()
             stop_process(upstream)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("| requests through the LiteLLM proxy | p50 | p90 | p99 |\n|---|---|---|---|")

@@ -14,12 +14,15 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import psutil
+
+from serving.bench.ports import wait_serving
 
 SERVE_WORKERS = 2
 STOP_TIMEOUT_S = 30.0  # for a SIGTERM to end a process before it is killed
@@ -175,6 +178,68 @@ def reloads_ok(port: int) -> float | None:
         return None
     match = re.search(r'^promptier_model_reloads_total\{outcome="ok"\} (\S+)$', text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def answers_http(url: str) -> Callable[[], bool]:
+    """A readiness check: whether anything answers HTTP at `url` (any status)."""
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+        except urllib.error.HTTPError:
+            return True  # an answer all the same
+        except OSError:
+            return False
+        return True
+    return answers
+
+
+def answers_grpc(address: str) -> Callable[[], bool]:
+    """A readiness check: whether the gRPC health service at `address` says SERVING."""
+    def answers() -> bool:
+        try:
+            wait_serving(address, timeout=1)
+        except TimeoutError:
+            return False
+        return True
+    return answers
+
+
+def wait_started(process: subprocess.Popen, name: str, workdir: Path, ready: Callable[[], bool],
+                 timeout: float = 60.0) -> None:
+    """Block until `ready()` for a process `start_process` started as `name` in `workdir`. One that
+    exits first (say, a dispatcher refusing its config) or never gets ready raises RuntimeError with the
+    end of what it wrote to stderr, instead of a bare timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {name} exited with status {process.returncode} before it was ready:\n"
+                               f"{stderr_tail(workdir, name)}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the {name} was not ready after {timeout:g} s:\n{stderr_tail(workdir, name)}")
+
+
+def stderr_tail(workdir: Path, name: str, lines: int = 20) -> str:
+    """The last `lines` lines a process `start_process` started as `name` wrote to stderr."""
+    text = (workdir / f"{name}.err").read_text(encoding="utf-8", errors="replace").strip()
+    return "\n".join(text.splitlines()[-lines:]) or "(nothing on stderr)"
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit: `finally` blocks then stop the services a tool
+    started in sessions of their own, which a signal to the tool's process group no longer reaches.
+    (Python's default SIGTERM ends the process without running them.) Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def http_ok(url: str) -> bool:
