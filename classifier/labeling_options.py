@@ -14,8 +14,8 @@ from classifier.errors import PromptierError
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
-DECISION_COLUMNS = ("tier", "scores", "threshold", "truncated", "tokens", "decided_by", "familiarity", "error",
-                    "model_version", "policy")
+DECISION_COLUMNS = ("tier", "scores", "threshold", "cheap_floor", "truncated", "tokens", "decided_by", "familiarity",
+                    "error", "model_version", "policy")
 
 
 class LabelingError(PromptierError):

@@ -83,6 +83,7 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         started_here = not ray.is_initialized()
         if started_here:
             if address:
+                _require_reachable(address)
                 try:
                     ray.init(address=address, log_to_driver=False)
                 except (ConnectionError, TimeoutError) as exc:
@@ -97,6 +98,24 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
     if output.suffix == ".parquet":
         return LabelStats.of_rows(pq.read_table(output).to_pylist())
     return LabelStats.of_rows([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()])
+
+
+def _require_reachable(address: str) -> None:
+    """Refuse a cluster address nothing listens on: for a `host:port` address Ray retries for minutes
+    before it gives up, and for `ray://` only after 30 s. ("auto" and other forms are left to Ray.)
+
+    Raises:
+        LabelingError: no connection could be made to the address's host and port.
+    """
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise LabelingError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
 def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: int) -> None:  # type: ignore[no-untyped-def]

@@ -43,12 +43,12 @@ def label_chunk(rows: list[ParsedRow], options: LabelOptions) -> list[dict]:
         outcome = outcomes.get(index)
         if isinstance(outcome, ClassificationResult):
             row.update(tier=outcome.tier, scores=outcome.scores, threshold=outcome.threshold,
-                       truncated=outcome.truncated, tokens=outcome.tokens, decided_by=outcome.decided_by,
-                       familiarity=outcome.familiarity, error=None)
+                       cheap_floor=outcome.cheap_floor, truncated=outcome.truncated, tokens=outcome.tokens,
+                       decided_by=outcome.decided_by, familiarity=outcome.familiarity, error=None)
         else:
             problem = parsed.error or str(outcome)
-            row.update(tier=None, scores=None, threshold=None, truncated=None, tokens=None, decided_by=None,
-                       familiarity=None, error=problem)
+            row.update(tier=None, scores=None, threshold=None, cheap_floor=None, truncated=None, tokens=None,
+                       decided_by=None, familiarity=None, error=problem)
         row.update(model_version=_worker_model.model_version, policy=policy, **parsed.kept)
         out.append(row)
     return out

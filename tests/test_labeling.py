@@ -38,6 +38,8 @@ def test_formats_and_columns(tmp_path: Path, shipped_artifact: Path, suffix: str
     assert [r["id"] for r in out] == [r["id"] for r in rows]  # one output row per input row, in order
     assert out[0]["tier"] == "small" and out[1]["tier"] == "large"
     assert set(out[0]["scores"]) == {"small", "medium", "large"}
+    policy = classifier.load(shipped_artifact).manifest.policy  # the floor it routed under, as a result says
+    assert out[0]["cheap_floor"] == policy.cheap_floors.get(policy.default_mode) is not None
     model_version = json.loads((shipped_artifact / "manifest.json").read_text())["model_version"]
     assert out[0]["team"] == "t0" and out[0]["model_version"] == model_version
     default_mode = json.loads((shipped_artifact / "manifest.json").read_text())["policy"]["default_mode"]
@@ -182,3 +184,16 @@ def test_the_command_says_when_every_row_failed(tmp_path: Path, shipped_artifact
     refused = subprocess.run([*command[:-2], "--ray-address", "ray://nowhere:1"], capture_output=True, text=True,
                              timeout=120)
     assert refused.returncode == 2 and "--ray-address needs --engine ray" in refused.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_an_unreachable_ray_cluster_is_refused_at_once(tmp_path: Path, shipped_artifact: Path, address: str) -> None:
+    """Ray itself retries a host:port address for minutes before it gives up."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from classifier.labeling_ray import label_with_ray
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(LabelingError, match=f"cannot reach the Ray cluster at {address}"):
+        label_with_ray([str(source)], tmp_path / "out.jsonl", LabelOptions(model=str(shipped_artifact)),
+                       address=address)
