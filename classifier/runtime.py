@@ -20,6 +20,7 @@ from classifier.artifact import (
 )
 from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE
 from classifier.errors import ArtifactError, InvalidInputError, ModelError, PromptierError
+from classifier.model_checks import probe, require_finite
 from classifier.policy import RoutingRequest, allowed_mask, choose_tier, resolve_floor, resolve_threshold
 from classifier.prior import prior_tier
 from classifier.tokenization import EncodedBatch, PromptEncoder
@@ -252,7 +253,7 @@ class TierClassifier:
                 ) -> None:
         texts = [item.text for item in valid]
         logits, unfamiliarity, batch = self._run(texts)
-        _require_finite(logits, unfamiliarity, len(texts))
+        require_finite(logits, unfamiliarity, len(texts))
         # Python floats at once, not one numpy scalar per score; the policy then runs per row in
         # Python (`choose_tier`), since one request is one row.
         rows = self._calibrate(logits).tolist()
@@ -293,24 +294,6 @@ class TierClassifier:
                 familiarity=familiar[row],
                 cheap_floor=item.cheap_floor,
             )
-
-
-def _require_finite(logits: np.ndarray, unfamiliarity: np.ndarray | None, count: int) -> None:
-    """A NaN score passes or fails every threshold comparison alike and so routes with full confidence:
-    such a batch is a model failure, never a decision.
-
-    Raises:
-        ModelError: the outputs have the wrong shape or a non-finite value.
-    """
-    if logits.ndim != 2 or logits.shape[0] != count or (unfamiliarity is not None and unfamiliarity.shape != (count,)):
-        raise ModelError(f"the model's outputs have shapes {logits.shape}"
-                         + (f" and {unfamiliarity.shape}" if unfamiliarity is not None else "")
-                         + f" for {count} prompt(s)")
-    bad = ~np.isfinite(logits).all(axis=1)
-    if unfamiliarity is not None:
-        bad |= ~np.isfinite(unfamiliarity)
-    if bad.any():
-        raise ModelError(f"the model gave non-finite scores for {int(bad.sum())} of {count} prompt(s)")
 
 
 def _policy_of(item: object) -> tuple[object, RoutingRequest | None]:
@@ -390,29 +373,5 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
         raise ArtifactError(f"the model has an {UNFAMILIARITY_OUTPUT_NAME!r} output but the manifest has no "
                             "familiarity section to read it with")
     classifier = TierClassifier(directory, manifest, session, encoder)
-    _probe(classifier, session, encoder)
+    probe(classifier, session, encoder)
     return classifier
-
-
-def _probe(classifier: TierClassifier, session: ort.InferenceSession, encoder: PromptEncoder) -> None:
-    """Run the model as serving will before anything is served: a batch of two prompts of different
-    lengths, one filling the token window, and the tokenizer's highest id (a vocabulary larger than the
-    model's embedding table fails only on the prompts that use its last tokens).
-
-    Raises:
-        ArtifactError: the model failed, or its outputs have the wrong shape or a non-finite value.
-    """
-    tiers = len(classifier.manifest.tiers)
-    texts = ["Is this artifact able to classify a prompt?", " ".join(["probe"] * 2 * encoder.truncation.max_tokens)]
-    try:
-        logits, unfamiliarity, _ = classifier._run(texts)
-    except ModelError as exc:
-        raise ArtifactError(f"the model failed on probe prompts: {exc}") from exc
-    if logits.ndim == 2 and logits.shape[0] == len(texts) and logits.shape[1] != tiers:
-        raise ArtifactError(f"the model outputs {logits.shape[1]} scores per prompt but the manifest has {tiers} tiers")
-    highest = np.array([[encoder.highest_id] * 3], dtype=np.int64)
-    try:
-        _require_finite(logits, unfamiliarity, len(texts))
-        session.run(None, {"input_ids": highest, "attention_mask": np.ones_like(highest)})
-    except Exception as exc:  # ModelError, or ONNX Runtime's own error for an id beyond the table
-        raise ArtifactError(f"the model failed on probe prompts: {exc}") from exc
