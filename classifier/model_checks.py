@@ -3,7 +3,7 @@ call, and a probe of the whole artifact before anything is served."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -11,8 +11,8 @@ import onnxruntime as ort
 from classifier.errors import ArtifactError, ModelError
 from classifier.tokenization import PromptEncoder
 
-if TYPE_CHECKING:
-    from classifier.runtime import TierClassifier
+# A loaded model's run on some texts: logits, unfamiliarity (None without it), and what else it returns.
+ModelRun = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray | None, object]]
 
 
 def require_finite(logits: np.ndarray, unfamiliarity: np.ndarray | None, count: int) -> None:
@@ -33,7 +33,7 @@ def require_finite(logits: np.ndarray, unfamiliarity: np.ndarray | None, count: 
         raise ModelError(f"the model gave non-finite scores for {int(bad.sum())} of {count} prompt(s)")
 
 
-def probe(classifier: TierClassifier, session: ort.InferenceSession, encoder: PromptEncoder) -> None:
+def probe(run: ModelRun, tiers: int, session: ort.InferenceSession, encoder: PromptEncoder) -> None:
     """Run the model as serving will before anything is served: a batch of two prompts of different
     lengths, one filling the token window, and the tokenizer's highest id (a vocabulary larger than the
     model's embedding table fails only on the prompts that use its last tokens).
@@ -41,10 +41,9 @@ def probe(classifier: TierClassifier, session: ort.InferenceSession, encoder: Pr
     Raises:
         ArtifactError: the model failed, or its outputs have the wrong shape or a non-finite value.
     """
-    tiers = len(classifier.manifest.tiers)
     texts = ["Is this artifact able to classify a prompt?", " ".join(["probe"] * 2 * encoder.truncation.max_tokens)]
     try:
-        logits, unfamiliarity, _ = classifier._run(texts)
+        logits, unfamiliarity, _ = run(texts)
     except ModelError as exc:
         raise ArtifactError(f"the model failed on probe prompts: {exc}") from exc
     if logits.ndim == 2 and logits.shape[0] == len(texts) and logits.shape[1] != tiers:

@@ -373,5 +373,5 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
         raise ArtifactError(f"the model has an {UNFAMILIARITY_OUTPUT_NAME!r} output but the manifest has no "
                             "familiarity section to read it with")
     classifier = TierClassifier(directory, manifest, session, encoder)
-    probe(classifier, session, encoder)
+    probe(classifier._run, len(manifest.tiers), session, encoder)
     return classifier
