@@ -1,5 +1,6 @@
 """Promptier runtime: load an artifact and classify prompts into tiers. Imports no torch."""
 
+from classifier.conversation import render_conversation
 from classifier.errors import ArtifactError, InvalidInputError, ModelError, PromptierError
 from classifier.policy import RoutingRequest
 from classifier.runtime import DEFAULT_MODEL_DIR, ClassificationResult, TierClassifier, load
@@ -14,4 +15,5 @@ __all__ = [
     "RoutingRequest",
     "TierClassifier",
     "load",
+    "render_conversation",
 ]

@@ -195,7 +195,7 @@ def litellm_bench(
     requests: Annotated[int, typer.Option(min=10, help="requests of each kind")] = 300,
 ) -> None:
     """Measure the latency the Promptier LiteLLM callback adds to requests through a real LiteLLM proxy
-    (loopback; needs the `litellm` extra)."""
+    (loopback; needs the `bench` and `litellm` extras)."""
     import os
 
     # This process imports LiteLLM (through the callback's module) but prices nothing: without this, the

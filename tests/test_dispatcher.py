@@ -87,6 +87,7 @@ def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_
                                                                   messages=[{"role": "user", "content": EASY}])
         assert time.perf_counter() - started < 3  # never hangs on the classifier
         assert second.headers["x-promptier-reason"] == "fallback" and second.headers["x-promptier-tier"] == "large"
+        assert second.headers["x-promptier-cause"] == "UNAVAILABLE"  # why, beside the fallback itself
         metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
         assert 'promptier_dispatch_classifier_fallbacks_total{cause="UNAVAILABLE"} 1.0' in metrics
         assert "unavailable" in httpx.get(f"http://127.0.0.1:{running.port}/health").json()["classifier"]
@@ -121,6 +122,7 @@ def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(
         reply = running.client().chat.completions.with_raw_response.create(
             model="promptier", messages=[{"role": "user", "content": EASY}])
         assert reply.headers["x-promptier-reason"] == "fallback" and reply.headers["x-promptier-tier"] == "large"
+        assert reply.headers["x-promptier-cause"] == "timeout"
         metrics = httpx.get(f"http://127.0.0.1:{running.port}/metrics/").text
         assert 'promptier_dispatch_classifier_fallbacks_total{cause="timeout"} 1.0' in metrics
     finally:

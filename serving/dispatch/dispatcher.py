@@ -56,6 +56,7 @@ class Route:
     confidence: float | None
     classifier_ms: float | None
     decided_by: str | None = None  # model | prior, when the classifier decided
+    cause: str | None = None  # why the classifier gave no tier, on a fallback (a gRPC status name, timeout, ...)
     needs: Needs = NO_NEEDS  # what the request needs of its tier (serving.dispatch.capabilities)
     steered: Steered | None = None  # set when a capability, not the classifier or a policy, chose the tier
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
@@ -210,12 +211,12 @@ class Dispatcher:
             cause = error.cause
             self.metrics.fallbacks.labels(cause).inc()
             log.warning(json.dumps({"event": "classifier_fallback", "cause": cause}))
-            return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000)
+            return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000, cause=cause)
         finally:
             self.metrics.overhead.observe(time.perf_counter() - start)
         if decision.tier not in self.tiers or (allowed is not None and decision.tier not in allowed):
             self.metrics.fallbacks.labels("unknown_tier").inc()
-            return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000)
+            return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000, cause="unknown_tier")
         return Route(decision.tier, "classified", mode, decision.scores.get(decision.tier),
                      (time.perf_counter() - start) * 1000, decision.decided_by,
                      scores=decision.scores if decision.decided_by == "model" else None)
@@ -322,6 +323,8 @@ class Dispatcher:
             headers[f"{HEADER_PREFIX}classifier-ms"] = f"{route.classifier_ms:.3f}"
         if route.decided_by is not None:
             headers[f"{HEADER_PREFIX}decided-by"] = route.decided_by
+        if route.cause is not None:
+            headers[f"{HEADER_PREFIX}cause"] = route.cause
         if route.needs.features:
             headers[f"{HEADER_PREFIX}needs"] = ",".join(route.needs.features)
         if route.steered is not None:
