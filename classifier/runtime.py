@@ -193,8 +193,7 @@ class TierClassifier:
         """
         if isinstance(texts, str):
             raise InvalidInputError("classify_batch takes a list of prompts, not one string")
-        _policy_of((None, request))
-        self._policy(request)  # one policy for all of them: its error is not any one item's
+        self._policy(_request_of(request))  # one policy for all of them: its error is not any one item's
         outcomes = self.classify_items([(text, request) for text in texts])
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, PromptierError):
@@ -305,9 +304,18 @@ def _policy_of(item: object) -> tuple[object, RoutingRequest | None]:
     if not (isinstance(item, tuple | list) and len(item) == 2):
         raise InvalidInputError(f"an item is a (prompt, RoutingRequest or None) pair, got {type(item).__name__}")
     text, request = item
+    return text, _request_of(request)
+
+
+def _request_of(request: object) -> RoutingRequest | None:
+    """`request` as a policy.
+
+    Raises:
+        InvalidInputError: it is neither a RoutingRequest nor None.
+    """
     if request is not None and not isinstance(request, RoutingRequest):
         raise InvalidInputError(f"a policy is a RoutingRequest or None, got {type(request).__name__}")
-    return text, request
+    return request
 
 
 class _ValidItem(NamedTuple):
