@@ -114,9 +114,8 @@ def output_schema(keep_columns: Sequence[str], id_column: str) -> pa.Schema:
     """The labeled output's columns and types (ids and kept columns as strings)."""
     return pa.schema([(id_column, pa.string()), ("tier", pa.string()), ("scores", pa.string()),
                       ("threshold", pa.float64()), ("cheap_floor", pa.float64()), ("truncated", pa.bool_()),
-                      ("tokens", pa.int32()),
-                      ("decided_by", pa.string()), ("familiarity", pa.float64()), ("error", pa.string()),
-                      ("model_version", pa.string()), ("policy", pa.string())]
+                      ("tokens", pa.int32()), ("decided_by", pa.string()), ("familiarity", pa.float64()),
+                      ("error", pa.string()), ("model_version", pa.string()), ("policy", pa.string())]
                      + [(c, pa.string()) for c in keep_columns])
 
 

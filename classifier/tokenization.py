@@ -55,14 +55,15 @@ class PromptEncoder:
         self._prefix, self._suffix = _special_tokens(tokenizer)
         pad_id = tokenizer.token_to_id("[PAD]")
         self._pad_id = 0 if pad_id is None else pad_id
-        unknown = (json.loads(tokenizer.to_str()).get("model") or {}).get("unk_token")
+        spec = json.loads(tokenizer.to_str())  # the file's settings, read once for both uses below
+        unknown = (spec.get("model") or {}).get("unk_token")
         self._unk_id = None if unknown is None else tokenizer.token_to_id(unknown)  # None: it knows every token
         self._content_budget = truncation.max_tokens - len(self._prefix) - len(self._suffix)
         if self._content_budget < 2:
             raise ArtifactError(f"max_tokens={truncation.max_tokens} leaves no room for content tokens")
         self._head_tokens = max(1, round(self._content_budget * truncation.head_fraction))
         self._tail_tokens = self._content_budget - self._head_tokens
-        self._fast_path = _WordPieceFastPath.for_tokenizer(tokenizer)
+        self._fast_path = _WordPieceFastPath.for_tokenizer(tokenizer, spec)
 
     @classmethod
     def from_file(cls, path: Path, truncation: TruncationConfig) -> PromptEncoder:
@@ -224,8 +225,8 @@ class _WordPieceFastPath:
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer) -> _WordPieceFastPath | None:
-        spec = json.loads(tokenizer.to_str())
+    def for_tokenizer(cls, tokenizer: Tokenizer, spec: dict) -> _WordPieceFastPath | None:
+        """The fast path for `tokenizer` (`spec`: its JSON settings), or None where it cannot apply."""
         normalizer, pre_tokenizer = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
         model, added = spec.get("model") or {}, spec.get("added_tokens") or []
         if (normalizer.get("type") != "BertNormalizer" or not normalizer.get("clean_text", True)

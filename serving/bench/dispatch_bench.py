@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def start_upstream(port: int, workdir: Path) -> subprocess.Popen:
     """The echo upstream in a process of its own, so that it does not share the client's interpreter."""
     code = ("import uvicorn; from serving.bench.dispatch_bench import echo_upstream; "
             f"uvicorn.run(echo_upstream(), host='127.0.0.1', port={port}, log_level='error')")
-    return start_process([cli_command()[0], "-c", code], workdir, "upstream")
+    return start_process([sys.executable, "-c", code], workdir, "upstream")
 
 
 def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
