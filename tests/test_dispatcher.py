@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from classifier.policy import choose_tier
 from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch.dispatch_config import ClassifierEndpoint, DispatcherConfig
 from tests.dispatcher_harness import Dispatcher, dispatcher_config, read_log
@@ -39,6 +40,11 @@ def test_routes_by_tier_and_passes_body_through(dispatcher: Dispatcher, fresh: d
     assert entries[0]["cost_usd"] == pytest.approx((10 * 0.2 + 5 * 0.2) / 1e6)
     assert {"prompt_id", "model", "score", "source", "category", "reason", "latency_ms", "status"} <= set(entries[0])
     assert entries[0]["schema_version"] == DECISION_SCHEMA_VERSION and entries[0]["decided_by"] == "model"
+    for entry in entries:  # each line carries what reproduces its decision: model, scores, threshold, floor
+        scores = [entry["scores"][tier] for tier in ("small", "medium", "large")]
+        chosen = choose_tier(scores, entry["threshold"], cheap_floor=entry["cheap_floor"])
+        assert ["small", "medium", "large"][chosen] == entry["routed_tier"] and entry["model_version"]
+    assert entries[0]["threshold"] != entries[1]["threshold"]  # balanced, then quality
 
 
 def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[str, Upstream]) -> None:

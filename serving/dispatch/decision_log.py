@@ -45,7 +45,10 @@ from serving.dispatch.dispatch_config import DecisionLogConfig
 # Version 7 added `failed_tiers`: the tiers whose upstream failed (5xx, timeout, unreachable), in order,
 # before one answered (`tier`) or none did (status 502, `tier` null); a request that went on to a second
 # tier has the reason `escalated` whether or not one answered.
-DECISION_SCHEMA_VERSION = 7
+# Version 8 added what reproduces a classified decision from its line: `model_version` (the classifier's
+# model; null when it gave no tier), and, when its model decided, `threshold` and `cheap_floor` (the rule
+# it applied to `scores`; `cheap_floor` null when none applied).
+DECISION_SCHEMA_VERSION = 8
 OUTCOME_KIND = "outcome"
 
 
@@ -93,6 +96,9 @@ class DecisionRecord:
     propensity: float | None = None  # P(this tier | the policy's choice), classified and exploring only
     explored: bool = False  # exploration's random draw chose the tier
     failed_tiers: list[str] = field(default_factory=list)  # upstreams that failed, in the order tried
+    model_version: str | None = None  # the classifier's model, when it gave the tier
+    threshold: float | None = None  # the threshold its rule applied to `scores`, when its model decided
+    cheap_floor: float | None = None  # the cheap floor applied with it, when there was one
 
     def as_dict(self) -> dict:
         # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no

@@ -66,6 +66,11 @@ class Route:
     explored: bool = False  # exploration's random draw chose the tier (serving.dispatch.exploration)
     # The tiers whose upstream failed (5xx, timeout, unreachable) before one answered or none did, in order.
     failed_tiers: list[str] = field(default_factory=list)
+    # The classifier's model and the rule it applied, when it gave the tier: with `scores`, what
+    # reproduces the decision.
+    model_version: str | None = None
+    threshold: float | None = None
+    cheap_floor: float | None = None
     # The tier whose upstream was asked last: the one that answered, or the one at work when the caller left.
     upstream_tier: str | None = None
     # The decision log's prompt_id for this request, sent to the caller so that it can report how the
@@ -217,9 +222,12 @@ class Dispatcher:
         if decision.tier not in self.tiers or (allowed is not None and decision.tier not in allowed):
             self.metrics.fallbacks.labels("unknown_tier").inc()
             return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000, cause="unknown_tier")
+        by_model = decision.decided_by == "model"  # the prior's tier comes from no scores and no threshold
         return Route(decision.tier, "classified", mode, decision.scores.get(decision.tier),
                      (time.perf_counter() - start) * 1000, decision.decided_by,
-                     scores=decision.scores if decision.decided_by == "model" else None)
+                     scores=decision.scores if by_model else None, model_version=decision.model_version,
+                     threshold=decision.threshold if by_model else None,
+                     cheap_floor=decision.cheap_floor if by_model else None)
 
     def apply_budget(self, route: Route, tenant: Tenant, messages: list[tuple[str, str]]) -> None:
         """Let the tenant's budget move the route to a cheaper tier (paced, or spent: the cheapest).
@@ -373,6 +381,7 @@ class Dispatcher:
             steered=route.steered.as_dict() if route.steered is not None else None, tenant=tenant.name,
             scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
             propensity=route.propensity, explored=route.explored, failed_tiers=list(route.failed_tiers),
+            model_version=route.model_version, threshold=route.threshold, cheap_floor=route.cheap_floor,
         ).as_dict())
 
 
