@@ -7,19 +7,26 @@ the only reader of `manifest.json`; everything that needs an artifact goes throu
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from classifier.artifact_layout import MANIFEST_FILE, REQUIRED_FILES, write_member_text
+from classifier.artifact_layout import MANIFEST_FILE, MODEL_FILE, REQUIRED_FILES, TOKENIZER_FILE, write_member_text
 from classifier.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+# Version 2 added `files`, the sha256 of the model and the tokenizer, which loading checks. Version 1
+# manifests (without it) still load, unchecked.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+DIGESTED_FILES = (MODEL_FILE, TOKENIZER_FILE)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 MODEL_OUTPUT_NAME = "logits"
 # Optional second output: how unlike the training prompts each prompt is (see FamiliarityConfig).
@@ -161,10 +168,21 @@ class ArtifactManifest(_Strict):
     metrics: dict[str, object] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     familiarity: FamiliarityConfig | None = None
+    # sha256 (hex) of each file of DIGESTED_FILES, as exported: a model or tokenizer changed afterwards,
+    # or copied in from another artifact, is refused at load instead of routing with parts that differ
+    # from those evaluated.
+    files: dict[str, str] = Field(default_factory=dict)
 
     @property
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self.tiers]
+
+    @field_validator("files")
+    @classmethod
+    def _digests(cls, files: dict[str, str]) -> dict[str, str]:
+        if not set(files) <= set(DIGESTED_FILES) or not all(map(_SHA256_HEX.fullmatch, files.values())):
+            raise ValueError(f"must give the sha256 (lowercase hex) of {' and '.join(DIGESTED_FILES)}")
+        return files
 
     @model_validator(mode="after")
     def _consistent(self) -> ArtifactManifest:
@@ -175,8 +193,11 @@ class ArtifactManifest(_Strict):
             raise ValueError(
                 f"calibration has {len(self.calibration.temperatures)} temperatures for {len(names)} tiers"
             )
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(f"schema_version {self.schema_version} is not supported "
+                             f"(expected one of {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
+        if self.schema_version == 1 and self.files:
+            raise ValueError("files needs schema_version 2")
         return self
 
 
@@ -238,12 +259,43 @@ def load_manifest(directory: Path) -> ArtifactManifest:
         raise ArtifactError(f"{directory / MANIFEST_FILE} is not valid JSON: {exc.msg} at line {exc.lineno} "
                             f"column {exc.colno}") from exc
     try:
-        return ArtifactManifest.model_validate(raw)
+        manifest = ArtifactManifest.model_validate(raw)
     except ValidationError as exc:
         problems = exc.errors(include_url=False, include_context=False, include_input=False)
         shown = "; ".join(_describe(problem) for problem in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ArtifactError(f"{directory / MANIFEST_FILE} is invalid: {shown}{more}") from exc
+    # A manifest being built has no digests yet; one written at schema 2 has them all.
+    missing_digests = [name for name in DIGESTED_FILES if name not in manifest.files]
+    if manifest.schema_version >= 2 and missing_digests:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is invalid: files has no sha256 of "
+                            f"{' and '.join(missing_digests)}")
+    return manifest
+
+
+def file_digest(content: bytes) -> str:
+    """The digest `files` records for a file's bytes."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def with_file_digests(manifest: ArtifactManifest, directory: Path) -> ArtifactManifest:
+    """`manifest` at the current schema, recording the digests of `directory`'s model and tokenizer as
+    they are now: for the writer that has just put them there."""
+    files = {name: file_digest((directory / name).read_bytes()) for name in DIGESTED_FILES}
+    return manifest.model_copy(update={"schema_version": SCHEMA_VERSION, "files": files})
+
+
+def check_file_digest(manifest: ArtifactManifest, name: str, content: bytes) -> None:
+    """Refuse `content` as the artifact's file `name` when the manifest records another digest.
+
+    Raises:
+        ArtifactError: the digests differ.
+    """
+    recorded = manifest.files.get(name)
+    if recorded is not None and file_digest(content) != recorded:
+        raise ArtifactError(f"{name} is not the file this manifest was exported with (its sha256 differs): "
+                            "it changed after export or comes from another artifact; restore the exported file "
+                            "or re-export (promptier export)")
 
 
 def save_manifest(manifest: ArtifactManifest, directory: Path) -> None:

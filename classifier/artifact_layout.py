@@ -3,7 +3,8 @@
 Layout::
 
     DIR/
-      manifest.json          # required: tiers, policy, calibration, truncation, provenance (classifier.artifact)
+      manifest.json          # required: tiers, policy, calibration, truncation, provenance, and the
+                             #   sha256 of model.onnx and tokenizer.json (classifier.artifact)
       model.onnx             # required: inputs input_ids/attention_mask (int64, [batch, seq]);
                              #   output logits [batch, n_tiers]
       tokenizer.json         # required: a `tokenizers` fast tokenizer

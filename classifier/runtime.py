@@ -16,6 +16,7 @@ from classifier.artifact import (
     MODEL_OUTPUT_NAME,
     UNFAMILIARITY_OUTPUT_NAME,
     ArtifactManifest,
+    check_file_digest,
     load_manifest,
 )
 from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE
@@ -336,13 +337,20 @@ def _nearest_allowed(tier: int, allowed: tuple[bool, ...] | None) -> int:
     return next((index for index in candidates if index >= tier), candidates[-1])
 
 
-def _session(model_path: Path, threads: int) -> ort.InferenceSession:
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or 'unreadable'}") from exc
+
+
+def _session(model: bytes, model_path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for corrupt/invalid graphs
         raise ArtifactError(f"{model_path} is not a loadable ONNX model: {exc}") from exc
 
@@ -360,15 +368,18 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
     Raises:
         ArtifactError: `path` is not an artifact directory (missing, or a file), missing files, invalid
             manifest, unloadable ONNX or tokenizer, wrong input or output signature, an output the
-            manifest does not read, or a failure, wrong shape or non-finite output on the probe.
+            manifest does not read, a failure, wrong shape or non-finite output on the probe, or a model
+            or tokenizer whose sha256 is not the one the manifest records.
         InvalidInputError: `threads` is not a whole number of at least 1.
     """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidInputError(f"threads must be a whole number of at least 1, got {threads!r}")
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     manifest = load_manifest(directory)
-    encoder = PromptEncoder.from_file(directory / TOKENIZER_FILE, manifest.truncation)
-    session = _session(directory / MODEL_FILE, threads)
+    # Each file is read once: the bytes whose digest is checked are the bytes that serve.
+    tokenizer_bytes, model_bytes = _read(directory / TOKENIZER_FILE), _read(directory / MODEL_FILE)
+    encoder = PromptEncoder.from_bytes(tokenizer_bytes, manifest.truncation, directory / TOKENIZER_FILE)
+    session = _session(model_bytes, directory / MODEL_FILE, threads)
     input_names = tuple(sorted(i.name for i in session.get_inputs()))
     if input_names != tuple(sorted(MODEL_INPUT_NAMES)):
         raise ArtifactError(f"model inputs are {input_names}, expected {MODEL_INPUT_NAMES}")
@@ -382,4 +393,8 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
                             "familiarity section to read it with")
     classifier = TierClassifier(directory, manifest, session, encoder)
     probe(classifier._run, len(manifest.tiers), session, encoder)
+    # After the checks above, so that a file that is not a model or tokenizer at all is named as such;
+    # a valid one that is not the exported file is refused here.
+    check_file_digest(manifest, TOKENIZER_FILE, tokenizer_bytes)
+    check_file_digest(manifest, MODEL_FILE, model_bytes)
     return classifier

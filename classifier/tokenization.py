@@ -70,10 +70,25 @@ class PromptEncoder:
         """Load a `tokenizer.json`.
 
         Raises:
-            ArtifactError: the file is not a valid tokenizer.
+            ArtifactError: the file cannot be read or is not a valid tokenizer.
         """
         try:
-            tokenizer = Tokenizer.from_file(str(path))
+            content = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path}: {exc.strerror or 'unreadable'}") from exc
+        return cls.from_bytes(content, truncation, path)
+
+    @classmethod
+    def from_bytes(cls, content: bytes, truncation: TruncationConfig, path: Path) -> PromptEncoder:
+        """Load a `tokenizer.json` already read from `path` (which only names it in errors).
+
+        Raises:
+            ArtifactError: the content is not a valid tokenizer.
+        """
+        try:
+            tokenizer = Tokenizer.from_str(content.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ArtifactError(f"{path} is not a valid tokenizer file (not UTF-8)") from exc
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             # Its text may quote the file ("invalid type: string ..."): only the position is repeated.
             where = re.search(r"line \d+ column \d+", str(exc))

@@ -321,6 +321,33 @@ def test_artifacts_whose_parts_do_not_fit_are_refused_at_load(shipped_artifact_c
     assert classifier.load(shipped_artifact_copy).classify("hello").tier  # the parts as shipped fit
 
 
+def test_model_and_tokenizer_must_be_the_files_the_manifest_was_exported_with(shipped_artifact_copy: Path) -> None:
+    """Valid files that are not the exported ones (a reformatted tokenizer, a model with one more
+    protobuf field) would load and route with parts nobody evaluated: their sha256 refuses them."""
+    manifest_path = shipped_artifact_copy / "manifest.json"
+    tokenizer_path, model_path = shipped_artifact_copy / "tokenizer.json", shipped_artifact_copy / "model.onnx"
+    manifest, tokenizer, model = manifest_path.read_text(), tokenizer_path.read_text(), model_path.read_bytes()
+    tokenizer_path.write_text(json.dumps(json.loads(tokenizer), indent=1))  # the same tokenizer, other bytes
+    with pytest.raises(ArtifactError, match=r"tokenizer\.json is not the file this manifest was exported with"):
+        classifier.load(shipped_artifact_copy)
+    tokenizer_path.write_text(tokenizer)
+    model_path.write_bytes(model + bytes([0xC2, 0x3E, 1]) + b"x")  # field 1000, unknown to ONNX: still loads
+    with pytest.raises(ArtifactError, match=r"model\.onnx is not the file this manifest was exported with"):
+        classifier.load(shipped_artifact_copy)
+    version_1 = json.loads(manifest)
+    version_1["schema_version"] = 1
+    version_1.pop("files")
+    manifest_path.write_text(json.dumps(version_1))
+    assert classifier.load(shipped_artifact_copy).classify("hello").tier  # schema 1 had no digests: unchecked
+    manifest_path.write_text(json.dumps({**version_1, "schema_version": 2}))
+    with pytest.raises(ArtifactError, match=r"files has no sha256 of model\.onnx and tokenizer\.json"):
+        classifier.load(shipped_artifact_copy)
+    manifest_path.write_text(json.dumps({**json.loads(manifest), "files": {"model.onnx": "SECRET"}}))
+    with pytest.raises(ArtifactError, match="files: Value error, must give the sha256") as info:
+        classifier.load(shipped_artifact_copy)
+    assert "SECRET" not in str(info.value)
+
+
 def test_special_tokens_written_in_a_prompt_are_read_as_text(shipped_artifact: Path) -> None:
     """Matched as markers, "[CLS]" typed five times turned a hard prompt into an easy one."""
     runtime = classifier.load(shipped_artifact)

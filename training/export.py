@@ -21,6 +21,7 @@ from classifier.artifact import (
     ArtifactManifest,
     Rule,
     save_manifest,
+    with_file_digests,
 )
 from classifier.artifact_layout import MODEL_FILE, TOKENIZER_FILE, member, staged_artifact
 from classifier.errors import PromptierError
@@ -261,7 +262,8 @@ def export_into(
         else:
             shutil.copyfile(fp32_path, model_path)
         note = {"quantization": quantization, "parity_failures": "; ".join(failures)}
-        candidate = manifest.model_copy(update={"architecture": {**manifest.architecture, **note}})
+        candidate = with_file_digests(manifest.model_copy(update={"architecture": {**manifest.architecture, **note}}),
+                                      staging)
         save_manifest(candidate, staging)
         report = check_parity(staging, torch_probabilities, parity_texts, threshold, quantization,
                               manifest.policy.rule)
