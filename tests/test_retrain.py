@@ -108,3 +108,33 @@ def test_init_from_refuses_other_tiers_and_a_missing_checkpoint(tmp_path: Path, 
     result = _train(["--logs", str(logs), "--pool", str(pool), "--out", str(tmp_path / "o"),
                      "--init-from", str(artifact_copy), "--unlabeled", str(traffic)])
     assert result.exit_code == 2 and "--unlabeled" in result.output and not (tmp_path / "o").exists()
+
+
+def test_init_from_continues_the_artifacts_own_checkpoint_only(tmp_path: Path, trained_artifact: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from another directory, the recorded (relative) checkpoint is found beside the artifact; a
+    checkpoint of another run in its place (an older model's, say) is refused, never continued."""
+    import torch
+
+    from classifier.artifact import save_manifest
+    from training.retrain import checkpoint_of
+
+    own = Path(str(load_manifest(trained_artifact).training["checkpoint"]))
+    deployed = Path(shutil.copytree(trained_artifact, tmp_path / "models" / "current"))
+    work = tmp_path / "models" / "current.retrain-v1.work"
+    work.mkdir()
+    shutil.copyfile(own, work / own.name)
+    manifest = load_manifest(deployed)
+    save_manifest(manifest.model_copy(update={"training": {**manifest.training,
+                                                           "checkpoint": f"models/{work.name}/{own.name}"}}),
+                  deployed)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert checkpoint_of(deployed) == work / own.name
+    older = tmp_path / "models" / "current.work"  # the default work dir, holding the first model's checkpoint
+    older.mkdir()
+    state = torch.load(own, weights_only=True)
+    torch.save({**state, "run_key": "another run"}, older / own.name)
+    shutil.copyfile(older / own.name, work / own.name)
+    with pytest.raises(classifier.PromptierError, match="belongs to another run"):
+        checkpoint_of(deployed)

@@ -2,7 +2,8 @@
 it is not worse there.
 
 The artifact's manifest records its training checkpoint (`training.checkpoint`; older artifacts: the
-default work dir, `ARTIFACT.work/checkpoint.pt`). The new run starts from those weights with the
+default work dir, `ARTIFACT.work/checkpoint.pt`) and the run key the checkpoint carries, so a
+checkpoint of another run is never continued in its place. The new run starts from those weights with the
 artifact's recipe (its recorded config, unless another is given), trains on the new logs with a
 fresh optimizer and schedule, and calibrates and chooses thresholds on the new logs' validation
 split. Both models are then scored on the new logs' test prompts that neither saw; the new one is
@@ -39,19 +40,37 @@ class RetrainResult:
 def checkpoint_of(artifact: Path) -> Path:
     """The training checkpoint behind an artifact.
 
+    The manifest records it as training was given it, relative to the directory training ran in; from
+    elsewhere it is looked for under the same work dir's name beside the artifact, where training puts it
+    by default. A checkpoint is only taken if it is the artifact's own: the run key it carries must be
+    the one the manifest records (artifacts recorded before run keys: any checkpoint found). The default
+    work dir `ARTIFACT.work` is looked in only when the manifest records no checkpoint at all.
+
     Raises:
-        PromptierError: the manifest names none that exists, and none is in the default work dir.
+        PromptierError: none of the places holds the artifact's own checkpoint.
     """
+    from training.trainer import load_checkpoint
+
     manifest = load_manifest(artifact)
     recorded = manifest.training.get("checkpoint")
-    candidates = ([Path(str(recorded))] if recorded else []) + [
-        artifact.with_name(artifact.name + ".work") / "checkpoint.pt"]
-    for path in candidates:
-        if path.is_file():
+    if recorded:
+        path = Path(str(recorded))
+        candidates = [path, artifact.parent / path.parent.name / path.name]
+    else:
+        candidates = [artifact.with_name(artifact.name + ".work") / "checkpoint.pt"]
+    fit = manifest.training.get("fit")
+    expected = fit.get("run_key") if isinstance(fit, dict) else None
+    others = []
+    for path in dict.fromkeys(candidates):
+        if not path.is_file():
+            continue
+        if expected is None or load_checkpoint(path).get("run_key") == expected:
             return path
+        others.append(str(path))
+    found = f"; {', '.join(others)} belongs to another run (trained after it, or on other logs)" if others else ""
     raise PromptierError(f"the training checkpoint of {artifact} is not on this machine (looked for "
-                         f"{', '.join(map(str, candidates))}); --init-from needs the work dir of the run that "
-                         f"trained it")
+                         f"{', '.join(map(str, dict.fromkeys(candidates)))}{found}); --init-from needs the work "
+                         "dir of the run that trained it")
 
 
 def promote(candidate: Path, out: Path) -> Path | None:

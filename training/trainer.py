@@ -3,6 +3,8 @@ in one process or several (DistributedDataParallel)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -24,6 +26,20 @@ from training.config import TrainConfig
 from training.devices import Placement, resolve_device, resolve_precision
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The settings a checkpoint's steps depend on. The others (device, precision, threads, max_steps, and what
+# is chosen after training: calibration, thresholds, export) may change between a run and its resumption.
+_RUN_SETTINGS = ("backbone", "student", "max_tokens", "head_fraction", "head_chars", "tail_chars", "epochs",
+                 "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "freeze_embeddings", "seed")
+
+
+def run_key(config: TrainConfig, lengths: np.ndarray, targets: np.ndarray) -> str:
+    """What identifies one training run: its examples (token counts and targets) and the settings its
+    steps depend on. A checkpoint carries it, so that a rerun resumes only the same run."""
+    digest = hashlib.sha256(json.dumps({name: getattr(config, name) for name in _RUN_SETTINGS}, sort_keys=True,
+                                       default=lambda value: value.model_dump()).encode())
+    digest.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(np.nan_to_num(targets, nan=-1.0), dtype=np.float32).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def seed_everything(seed: int) -> None:
@@ -175,8 +191,14 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
     scaler = place.grad_scaler()
     step = 0
     checkpoint_path = work_dir / CHECKPOINT_FILE
+    key = run_key(config, lengths, targets)
     if checkpoint_path.exists():
-        step = _resume(load_checkpoint(checkpoint_path), model, optimizer, scheduler, scaler, place, config.seed)
+        state = load_checkpoint(checkpoint_path)
+        if state.get("run_key", key) != key:  # checkpoints written before the key existed resume as before
+            raise PromptierError(
+                f"{checkpoint_path} is the checkpoint of another run (other logs, examples or training settings), "
+                f"so it cannot be resumed: delete {work_dir} to start afresh, or give another --work-dir")
+        step = _resume(state, model, optimizer, scheduler, scaler, place, config.seed)
     network: nn.Module = model
     if place.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -227,14 +249,14 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
                 reported = _reduced(epoch_loss, place)
                 progress.set_postfix(loss=f"{reported[0] / max(reported[1], 1):.4f}", epoch=epoch)
             if step % config.checkpoint_every == 0 or step == last_step:
-                _checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, step, place)
+                _checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, step, place, key)
     progress.close()
     reported = _reduced(epoch_loss, place)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     if report is not None:
-        report.update(steps=step, steps_this_run=step - first_step, seconds=round(seconds, 3),
+        report.update(run_key=key, steps=step, steps_this_run=step - first_step, seconds=round(seconds, 3),
                       examples_per_second=round(examples / seconds, 1) if seconds > 0 else None,
                       train_loss=round(reported[0] / reported[1], 6) if reported[1] else None,
                       **place.describe())
@@ -282,9 +304,9 @@ def _resume(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def _checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None, step: int,
-                place: Placement) -> None:
-    """Write a checkpoint from the main process, with every process's random state."""
-    extra: dict = {}
+                place: Placement, key: str) -> None:
+    """Write a checkpoint from the main process, with every process's random state and the run's key."""
+    extra: dict = {"run_key": key}
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     cuda_rng = torch.cuda.get_rng_state(place.device) if place.device.type == "cuda" else None
