@@ -164,7 +164,10 @@ class TierClassifier:
         return self._calibrate(logits), truncated, tokens
 
     def _calibrate(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-logits / self._temperatures))
+        # exp overflows to inf for a logit far below zero, which gives the right probability, 0: not a
+        # warning on every call of a model with confident scores.
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-logits / self._temperatures))
 
     def familiarity(self, unfamiliarity: np.ndarray) -> np.ndarray:
         """Unfamiliarity values as familiarity in [0, 1]: the share of reference prompts more unlike."""
