@@ -96,28 +96,68 @@ def test_outcomes_reported_to_the_dispatcher_train_the_next_model(
         assert httpx.post(f"{base}/v1/promptier/outcomes", json=outcomes[0]).status_code == 401
         assert httpx.post(f"{base}/v1/promptier/outcomes", headers=headers,
                           json={"request_id": "not-an-id", "score": 1}).status_code == 400
+        for loose in ("0.5", True):  # a number only: training would read neither as one
+            assert httpx.post(f"{base}/v1/promptier/outcomes", headers=headers,
+                              json={"request_id": outcomes[0]["request_id"], "score": loose}).status_code == 400
         # One more answer, not scored yet: left out of training and counted as such.
         client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": "hello cat"}])
+        # Scores for requests this log does not hold (another worker's, say): accepted, and counted as such.
+        orphans = [{"request_id": f"dispatcher:{i:032x}", "score": 1.0} for i in range(3)]
+        reported = httpx.post(f"{base}/v1/promptier/outcomes", json={"outcomes": orphans}, headers=headers)
+        assert reported.status_code == 202
     finally:
         server.should_exit = True
 
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sum(line.get("kind") == OUTCOME_KIND for line in lines) == 540
+    assert sum(line.get("kind") == OUTCOME_KIND for line in lines) == 543
     rows, report = read_logs([log])
     assert len(rows) == 540 and report.not_trainable["no outcome reported yet"] == 1
+    assert report.not_trainable["outcome reported for a request not in these logs"] == 3
     scored = {row.prompt_id: row.score for row in rows}
     assert scored == {o["request_id"]: o["score"] for o in outcomes}
 
-    result = _train(["--logs", str(log), "--pool", str(pool), "--out", str(deployed), "--init-from", str(deployed),
-                     "--config", str(config), "--model-version", "v2", "--force"])
+    # Alone, the log knows one tier per prompt: no threshold can be chosen on it (it would pick 0, every
+    # prompt to the cheapest tier), so training says so before it starts.
+    alone = _train(["--logs", str(log), "--pool", str(pool), "--out", str(deployed), "--init-from", str(deployed),
+                    "--config", str(config), "--model-version", "v2"])
+    assert alone.exit_code == 2 and "outcomes on two tiers or more" in alone.output, alone.output
+    assert classifier.load(deployed).model_version == "v1"
+    scored_on_every_tier = write_jsonl(tmp_path / "judged.jsonl", synthetic_rows(300, seed=4))
+    result = _train(["--logs", str(log), "--logs", str(scored_on_every_tier), "--pool", str(pool), "--out",
+                     str(deployed), "--init-from", str(deployed), "--config", str(config), "--model-version", "v2",
+                     "--force"])
     assert result.exit_code == 0, result.output
     assert "promoted v2" in result.output
     assert classifier.load(deployed).model_version == "v2"
     server, base = _dispatcher(deployed, upstreams, tmp_path / "after.jsonl", monkeypatch)
     try:
-        raw = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0).chat.completions.with_raw_response \
-            .create(model="promptier", messages=[{"role": "user", "content": "prove the theorem lemma"}])
-        assert raw.parse().choices[0].message.content and raw.headers["x-promptier-reason"] == "classified"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        tiers = [client.chat.completions.with_raw_response.create(
+                     model="promptier", messages=[{"role": "user", "content": text}]).headers["x-promptier-tier"]
+                 for text in ("hello cat", "prove the theorem lemma eigenvalue integral")]
+        assert tiers == ["small", "large"]  # it still routes by difficulty
     finally:
         server.should_exit = True
     assert json.loads((tmp_path / "after.jsonl").read_text().splitlines()[0])["model"] is not None
+
+
+def test_an_outcome_joins_only_a_request_of_the_tenant_whose_key_reported_it(tmp_path: Path) -> None:
+    """One tenant's key cannot score another's answers: such an outcome trains nothing, and is counted."""
+    def request(number: int, tenant: str) -> dict:
+        return {"schema_version": 8, "prompt_id": f"dispatcher:{number:032x}", "prompt": f"question {number}",
+                "model": "small-upstream-model", "score": None, "cost_usd": 0.001, "source": "dispatcher",
+                "category": "", "tier": "small", "routed_tier": "small", "tenant": tenant}
+
+    def outcome(number: int, score: float, tenant: str | None) -> dict:
+        line = {"schema_version": 8, "kind": OUTCOME_KIND, "prompt_id": f"dispatcher:{number:032x}",
+                "score": score, "judge": None, "time": "2026-12-02T00:00:00Z"}
+        # No tenant: a line written before outcome lines named one, which joins any tenant's request.
+        return {**line, "tenant": tenant} if tenant is not None else {**line, "schema_version": 7}
+
+    lines = [request(1, "search"), request(2, "search"), request(3, "default"),
+             outcome(1, 1.0, "search"), outcome(1, 0.0, "research"),  # research's score for search's answer
+             outcome(2, 0.0, "research"), outcome(3, 1.0, None)]
+    log = write_jsonl(tmp_path / "decisions.jsonl", lines)
+    rows, report = read_logs([log])
+    assert {row.prompt_id[-1]: row.score for row in rows} == {"1": 1.0, "3": 1.0}
+    assert report.not_trainable["outcome reported with another tenant's key"] == 1

@@ -219,15 +219,21 @@ def read_logs(paths: Sequence[str | Path], skip_invalid: bool = False, explored_
     report = SkipReport()
     rows = list(iter_rows(paths, report, skip_invalid, explored_only, tiers))
     if not rows:
-        raise DataError(", ".join(map(str, paths)), "no valid rows")
+        raise DataError(", ".join(map(str, paths)), f"no valid rows ({report.summary()})")
     return rows, report
 
 
-def reported_outcomes(files: Sequence[Path]) -> dict[str, float]:
-    """The mean reported score per prompt_id, from the outcome lines of decision logs (a first pass that
-    reads only files that start like a decision log, and parses only lines naming the outcome kind)."""
+# An outcome's key: the request's prompt_id and the tenant whose key reported it (None: a line written
+# before outcome lines named it, which joins any tenant's request).
+OutcomeKey = tuple[str, str | None]
+
+
+def reported_outcomes(files: Sequence[Path]) -> dict[OutcomeKey, float]:
+    """The mean reported score per (prompt_id, reporting tenant), from the outcome lines of decision logs (a
+    first pass that reads only files that start like a decision log, and parses only lines naming the
+    outcome kind)."""
     marker = f'"kind": "{OUTCOME_KIND}"'.encode()
-    sums: dict[str, list[float]] = {}
+    sums: dict[OutcomeKey, list[float]] = {}
     for path in files:
         if path.suffix == ".parquet":
             continue
@@ -245,16 +251,17 @@ def reported_outcomes(files: Sequence[Path]) -> dict[str, float]:
                     continue  # reported as invalid by the main pass
                 score = record.get("score") if isinstance(record, dict) else None
                 prompt_id = record.get("prompt_id") if isinstance(record, dict) else None
+                tenant = record.get("tenant") if isinstance(record, dict) else None
                 if (isinstance(prompt_id, str) and isinstance(score, int | float) and not isinstance(score, bool)
-                        and 0.0 <= score <= 1.0):
-                    total = sums.setdefault(prompt_id, [0.0, 0.0])
+                        and 0.0 <= score <= 1.0 and (tenant is None or isinstance(tenant, str))):
+                    total = sums.setdefault((prompt_id, tenant), [0.0, 0.0])
                     total[0] += score
                     total[1] += 1
-    return {prompt_id: total / count for prompt_id, (total, count) in sums.items()}
+    return {key: total / count for key, (total, count) in sums.items()}
 
 
-def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport, explored_only: bool = False
-                  ) -> object | None:
+def _join_outcome(record: object, outcomes: dict[OutcomeKey, float], report: SkipReport,
+                  explored_only: bool = False, scored_prompts: frozenset[str] = frozenset()) -> object | None:
     """A decision-log record made trainable with its reported outcome; None when it is not a row to
     train on (an outcome line itself, a request line without a score or a prompt, or, with
     `explored_only`, one whose tier the policy chose rather than exploration's random draw)."""
@@ -271,9 +278,13 @@ def _join_outcome(record: object, outcomes: dict[str, float], report: SkipReport
         return None
     if record.get("score") is not None or "routed_tier" not in record:
         return record  # scored already, or not a decision-log line (parse_row says if it is invalid)
-    score = outcomes.get(str(record.get("prompt_id")))
+    prompt_id = str(record.get("prompt_id"))
+    score = outcomes.get((prompt_id, str(record.get("tenant", "default"))), outcomes.get((prompt_id, None)))
     if score is None:
-        report.not_trainable["no outcome reported yet"] += 1
+        # Scored only with another tenant's key: that tenant cannot judge (or poison) this one's answers.
+        reason = "outcome reported with another tenant's key" if prompt_id in scored_prompts else \
+            "no outcome reported yet"
+        report.not_trainable[reason] += 1
         return None
     if not record.get("prompt") or not record.get("model"):
         report.not_trainable["no prompt stored (decision_log.store_prompts is off) or no answer"] += 1
@@ -293,9 +304,13 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
     """
     files = expand_paths(paths)
     outcomes = reported_outcomes(files)
+    scored_prompts = frozenset(prompt_id for prompt_id, _ in outcomes)
+    requested: set[str] = set()  # the prompt_ids of the request lines read, which outcomes join
     for path in files:
         for number, raw in read_records(path):
-            record = _join_outcome(raw, outcomes, report, explored_only)
+            if outcomes and isinstance(raw, dict) and "routed_tier" in raw:
+                requested.add(str(raw.get("prompt_id")))
+            record = _join_outcome(raw, outcomes, report, explored_only, scored_prompts)
             if record is None:
                 continue
             try:
@@ -304,3 +319,6 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
                 if not skip_invalid:
                     raise
                 report.add(error)
+    orphans = len(scored_prompts - requested)
+    if orphans:  # its request is in a file not given (a rotated backup, another worker's log), or never was
+        report.not_trainable["outcome reported for a request not in these logs"] += orphans

@@ -174,6 +174,24 @@ def require_enough_prompts(distinct_prompts: int) -> None:
                         "torch on that many before it is written)")
 
 
+# Calibration and the mode thresholds are chosen by routing validation prompts among the tiers whose
+# outcomes they have: a prompt known on one tier only can go nowhere else, so it measures no threshold.
+MIN_COMPARABLE_PROMPTS = 20
+
+
+def require_comparable_prompts(table: PromptTable, split: np.ndarray) -> None:
+    """Refuse logs whose validation prompts too rarely have outcomes on two tiers or more: the
+    thresholds chosen on them would mean nothing (a log of served requests, one tier per prompt,
+    chooses threshold 0: every prompt to the cheapest tier)."""
+    validation = table.targets[split == "val"]
+    comparable = int(np.count_nonzero((~np.isnan(validation)).sum(axis=1) >= 2))
+    if comparable < MIN_COMPARABLE_PROMPTS:
+        raise DataError("logs", f"only {comparable} of the {len(validation)} validation prompts have outcomes on two "
+                        f"tiers or more (at least {MIN_COMPARABLE_PROMPTS} are needed to choose the thresholds). "
+                        "A decision log knows one tier per request: train on it together with logs that score "
+                        "several tiers per prompt (benchmark logs, or a sample judged on every tier)")
+
+
 def vocab_size(tokenizer_file: Path) -> int:
     from tokenizers import Tokenizer
 
@@ -191,6 +209,7 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
     data = prepare_data(logs, pool, config, skip_invalid)
     table, split = data.table, data.split
     require_enough_prompts(len(table))  # before any teacher labels or fits anything
+    require_comparable_prompts(table, split)
     log.info("%d prompts (%s); %s", len(table), {s: int((split == s).sum()) for s in ("train", "val", "test")},
              data.skipped.summary())
     train_index = np.flatnonzero(split == "train")
@@ -261,6 +280,7 @@ def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig,
         slots = np.concatenate([slots, np.asarray(anchor_slots)[order]])
         targets = np.concatenate([targets, anchors.targets[order]])
     store = writer.close()
+    require_comparable_prompts(data.heldout, data.heldout_split)
     save_examples(work_dir / TRAINSET_DIR, slots, targets)
     log.info("%s prompts; %s", data.prompt_counts, data.skipped.summary())
     record = {"prompts": data.prompt_counts, "unlabeled_prompts": 0,

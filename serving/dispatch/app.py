@@ -78,7 +78,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     async def outcomes(request: Request) -> Response:
         """Scores for earlier answers (serving.dispatch.outcomes), appended to the decision log for training."""
         try:
-            caller(request, dispatcher.tenants)
+            reporter = caller(request, dispatcher.tenants)
             reports = parse_outcomes(await read_body(request, MAX_OUTCOMES_BODY_BYTES))
         except HTTPError as error:
             return error.response()
@@ -86,7 +86,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             return HTTPError(400, str(error), code="invalid_outcome").response()
         except ClientDisconnect:
             return Response(status_code=CLIENT_CLOSED)
-        accepted = record_outcomes(dispatcher.decisions, reports)
+        accepted = record_outcomes(dispatcher.decisions, reports, reporter.name)
         dispatcher.metrics.outcomes.inc(accepted)
         return JSONResponse({"accepted": accepted}, status_code=202)
 

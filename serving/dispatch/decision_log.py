@@ -47,7 +47,8 @@ from serving.dispatch.dispatch_config import DecisionLogConfig
 # tier has the reason `escalated` whether or not one answered.
 # Version 8 added what reproduces a classified decision from its line: `model_version` (the classifier's
 # model; null when it gave no tier), and, when its model decided, `threshold` and `cheap_floor` (the rule
-# it applied to `scores`; `cheap_floor` null when none applied).
+# it applied to `scores`; `cheap_floor` null when none applied); outcome lines gained `tenant`, whose key
+# reported the score (training joins it only to that tenant's requests).
 DECISION_SCHEMA_VERSION = 8
 OUTCOME_KIND = "outcome"
 
@@ -114,6 +115,7 @@ class OutcomeRecord:
     score: float
     judge: str | None  # who scored it (free text, bounded), e.g. "thumbs" or a judge model's name
     time: str
+    tenant: str = "default"  # whose API key reported it
 
     def as_dict(self) -> dict:
         return {"schema_version": DECISION_SCHEMA_VERSION, "kind": OUTCOME_KIND, **self.__dict__}

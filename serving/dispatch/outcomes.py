@@ -8,7 +8,9 @@ which then carries the prompt (with `store_prompts`), the model that answered an
 
 Nothing here checks that the id was issued: with several dispatcher processes or hosts the request may
 have been answered by another one, and an unknown id only adds a line that no request line matches
-(training counts and skips it). The call is authenticated like chat completions.
+(training counts and skips it). The call is authenticated like chat completions, and the line records
+the tenant whose key reported it: training joins an outcome only to a request of the same tenant, so
+one tenant's key cannot score (or poison the training data of) another tenant's answers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class OutcomeReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request_id: str = Field(max_length=64)
-    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)  # a number: not "0.5", not true
     judge: str | None = Field(default=None, max_length=64)
 
     @field_validator("request_id")
@@ -71,10 +73,10 @@ def parse_outcomes(raw: bytes) -> list[OutcomeReport]:
         raise OutcomeError(f"{where}: {first['msg']} ({len(error.errors())} error(s) in all)") from None
 
 
-def record_outcomes(log: DecisionLog, outcomes: list[OutcomeReport]) -> int:
-    """Append the outcomes to the decision log; returns how many."""
+def record_outcomes(log: DecisionLog, outcomes: list[OutcomeReport], tenant: str) -> int:
+    """Append the outcomes to the decision log, each with the `tenant` whose key reported it; returns how many."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for outcome in outcomes:
         log.write(OutcomeRecord(prompt_id=outcome.request_id, score=outcome.score, judge=outcome.judge,
-                                time=now).as_dict())
+                                time=now, tenant=tenant).as_dict())
     return len(outcomes)
