@@ -223,7 +223,8 @@ def budget_sim(
     budget_share: Annotated[float | None, typer.Option(min=0.0, help="the budget as a share of the unpaced "
                                                        "spend of these requests (default 0.5)")] = None,
     config: Annotated[Path | None, typer.Option(help="dispatcher config: take --tenant's budget settings and "
-                                                "allowed tiers from it")] = None,
+                                                "allowed tiers from it (the paced row is replayed even for a "
+                                                "tenant with pacing off)")] = None,
     tenant: Annotated[str | None, typer.Option(help="replay only this tenant's rows of a decision log")] = None,
     max_quality_loss: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="pacing's quality floor "
                                                            "(default: the config's, else 0.5)")] = None,
@@ -251,6 +252,10 @@ def budget_sim(
         raise typer.BadParameter(f"--on-exhausted must be cheapest or reject, not {on_exhausted!r}")
     if budget_usd is not None and budget_share is not None:
         raise typer.BadParameter("give --budget-usd or --budget-share, not both")
+    for name, value in (("--budget-usd", budget_usd), ("--budget-share", budget_share),
+                        ("--max-quality-loss", max_quality_loss)):
+        if value is not None and value <= 0:  # a budget of nothing has no pace; a floor of 0 moves nothing
+            raise typer.BadParameter(f"{name} must be greater than 0, got {value}")
     try:
         from serving.dispatch.tenant_config import BudgetConfig
 
@@ -270,8 +275,8 @@ def budget_sim(
             if budget_share is None and budget_usd is None:
                 budget_usd = budget.usd
         run_budget_sim(inputs, out, png or out.with_suffix(".png"), budget_usd=budget_usd, budget_share=budget_share,
-                       band=pacing_band or settings.pacing_band,
-                       max_quality_loss=max_quality_loss or settings.max_quality_loss,
+                       band=pacing_band if pacing_band is not None else settings.pacing_band,
+                       max_quality_loss=max_quality_loss if max_quality_loss is not None else settings.max_quality_loss,
                        on_exhausted=on_exhausted or settings.on_exhausted,  # type: ignore[arg-type]
                        model=model, default_tokens=(prompt_tokens, completion_tokens), arrival=arrival,
                        tenant=tenant, allowed_tiers=allowed)

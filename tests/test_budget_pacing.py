@@ -207,6 +207,9 @@ def test_budget_sim_replays_labeled_logs_and_refuses_what_it_cannot_replay(tmp_p
     broken.write_text('{"tier": "nope", "scores": {}}\n')
     failed = _budget_sim(str(broken), "--out", str(tmp_path / "x.json"))
     assert failed.returncode == 2 and "no replayable request" in failed.stderr and "tier not among" in failed.stderr
+    for option in ("--budget-usd", "--budget-share", "--max-quality-loss"):  # a usage error, not a traceback
+        zero = _budget_sim(str(labeled), option, "0", "--out", str(tmp_path / "z.json"))
+        assert zero.returncode == 2 and "must be greater than 0" in zero.stderr and "Traceback" not in zero.stderr
 
 
 def test_budget_sim_takes_a_tenants_budget_from_a_dispatcher_config_without_its_keys(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from serving.dispatch.spend_store import RedisSpendStore, SqliteSpendStore
 from serving.dispatch.stream_meter import estimated_usage
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, wait_for_health
 from tests.fake_upstream import MISSING, Upstream
-from tests.grpc_server import EASY, HARD, stop_supervisor, worker_serving
+from tests.grpc_server import EASY, HARD, ServerThread, stop_supervisor, worker_serving
 from tests.redis_server import RedisServer
 
 PRICES = {"small": (0.2, 0.2), "medium": (0.9, 0.9), "large": (1.25, 5.0)}  # the test model's, per Mtok
@@ -195,6 +195,7 @@ def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budge
     rows = _rows(tmp_path / "decisions.jsonl", 2 + len(seen))
     paced = [row for row in rows if row["reason"] == "paced"]
     assert paced and all(row["unpaced_tier"] == "large" and row["tier"] == "small" for row in paced)
+    assert all(row["confidence"] == row["scores"]["small"] for row in paced)  # the served tier's, not large's
     assert all(row["tenant"] == "search" and row["budget_pressure"] is not None for row in rows)
     # Pressure only rose as spend ran ahead, and routing followed it toward cheaper tiers.
     pressures = [round(row["budget_pressure"], 4) for row in rows if row["prompt"] == HARD]
@@ -219,7 +220,7 @@ def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured
     store_path = tmp_path / "spend.sqlite3"
     _seed(store_path, "frugal", 2.0)
     _seed(store_path, "strict", 2.0, "day")
-    dispatcher = started(spend_store={"path": str(store_path), "refresh_ms": 50}, tenants={
+    dispatcher = started(spend_store={"path": str(store_path), "refresh_ms": 50}, exploration_share=0.5, tenants={
         "frugal": {"api_keys_env": "FRUGAL_KEYS", "budget": {"usd": 2.0, "on_exhausted": "cheapest"}},
         "strict": {"api_keys_env": "STRICT_KEYS", "allowed_tiers": ["medium", "large"],
                    "budget": {"usd": 2.0, "period": "day", "on_exhausted": "reject"}}})
@@ -241,6 +242,9 @@ def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured
     assert "strict" in error.message and "budget" in error.message
     day = window_of("day", time.time())
     assert 0 < int(error.response.headers["retry-after"]) <= day.end - time.time() + 1  # the period's end
+    # Refused before any upstream: no tier or upstream model named (the key may not even use them).
+    assert error.response.headers["x-promptier-reason"] == "budget_exhausted"
+    assert not {"x-promptier-tier", "x-promptier-upstream-model"} & set(error.response.headers)
 
     rows = _rows(tmp_path / "decisions.jsonl", 3)
     assert [(row["tenant"], row["tier"], row["status"], row["reason"]) for row in rows] == [
@@ -249,6 +253,10 @@ def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured
     assert rows[0]["unpaced_tier"] == "large" and rows[1]["unpaced_tier"] == "large"
     metrics = _metrics(dispatcher.port)
     assert metrics[("promptier_dispatch_tenant_budget_refusals_total", (("tenant", "strict"),))] == 1.0
+    # Easy prompts stay on the cheapest tier, where the policy puts them: were a spent budget's requests
+    # explored (half of them, each to one of three tiers), all twenty would stay there 3 times in 10,000.
+    assert {_ask(frugal, f"{EASY} ({i})")[0] for i in range(20)} == {"small"}
+    assert not any(row["explored"] for row in _rows(tmp_path / "decisions.jsonl", 23))
 
 
 def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
@@ -278,13 +286,15 @@ def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
     search.chat.completions.create(model="promptier", messages=messages)  # and without streaming
 
     rows = _rows(tmp_path / "decisions.jsonl", 4)
-    assert [row["usage"]["total_tokens"] if row["usage"] else None for row in rows] == [17, 17, None, None]
+    assert [row["usage"]["total_tokens"] for row in rows[:2]] == [17, 17]
     assert rows[0]["cost_usd"] == pytest.approx(_cost("small", 12, 5)) and rows[0]["note"] is None
     counted = estimated_usage(len(EASY), len(answer))
     assert rows[2]["cost_usd"] == pytest.approx(_cost("small", counted["prompt_tokens"], counted["completion_tokens"]))
     assert "4 characters per token" in rows[2]["note"] and "no usage" in rows[2]["note"]
+    assert rows[2]["usage"] == counted  # the counts it was charged by, as the savings page reads them
     counted = estimated_usage(len(EASY), len("answer from small"))
     assert rows[3]["cost_usd"] == pytest.approx(_cost("small", counted["prompt_tokens"], counted["completion_tokens"]))
+    assert rows[3]["usage"] == counted
     key = ("search", window_of("month", time.time()).key)
     total = sum(row["cost_usd"] for row in rows)
     assert _eventually(lambda: SqliteSpendStore(store_path).totals([key])[key] == pytest.approx(total))
@@ -440,6 +450,10 @@ def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], train
     assert result.exit_code == 0, result.output
     assert "tenants: search ($300 per month, paced, then reject), default (no budget)" in result.output
     assert "will be created" in result.output and not (tmp_path / "store").exists()
+    (tmp_path / "store").write_text("a file where the store's folder would go")
+    result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    (tmp_path / "store").unlink()
     monkeypatch.delenv("SEARCH_KEYS")
     result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
     assert result.exit_code == 2 and "SEARCH_KEYS, which holds no keys" in result.output
@@ -502,3 +516,36 @@ def test_a_tenants_tiers_and_budget_never_send_a_request_to_a_tier_that_cannot_s
             ("text", None, 403), ("frugal", "medium", 200), ("frugal", "small", 200)]
     finally:
         dispatcher.stop()
+
+
+def test_answers_given_before_the_classifier_first_answers_are_charged_once_prices_are_known(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prices come from the classifier. Down since the start, every request falls back to the dearest tier:
+    those answers are held and charged once it answers, not let through free of the budget."""
+    from serving.bench.ports import free_port
+
+    monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "decisions.jsonl"
+    dispatcher = Dispatcher(dispatcher_config(fresh, address, log, tenants={"search": _budgeted(tmp_path, 100.0)},
+                                              spend_store={"path": str(tmp_path / "spend.sqlite3")}))
+    classifier_server = None
+    try:
+        client = dispatcher.client(api_key="search-key")
+        assert [_ask(client, EASY)[1]["x-promptier-reason"] for _ in range(2)] == ["fallback", "fallback"]
+        held = _rows(log, 2)
+        assert all(row["cost_usd"] is None and "charged to the budget once" in row["note"] for row in held)
+        spend = ("promptier_dispatch_tenant_spend_usd_total", (("tenant", "search"),))
+        assert _metrics(dispatcher.port).get(spend, 0.0) == 0.0
+        classifier_server = ServerThread(model_dir=trained_artifact, address=address)
+        # The channel reconnects after its backoff: until then requests still fall back.
+        assert _eventually(lambda: _ask(client, EASY)[1]["x-promptier-reason"] == "classified", timeout_s=30)
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        assert rows[-1]["cost_usd"] > 0  # charged as it is answered, now that prices are known
+        every_answer = sum(_cost(row["tier"], row["usage"]["prompt_tokens"], row["usage"]["completion_tokens"])
+                           for row in rows)
+        assert _metrics(dispatcher.port)[spend] == pytest.approx(every_answer)  # the held ones included
+    finally:
+        dispatcher.stop()
+        if classifier_server is not None:
+            classifier_server.stop()

@@ -101,13 +101,13 @@ class ChatCompletions:
                                 f"which none of this API key's tiers ({', '.join(tenant.allowed_names or ())}) "
                                 "serves", kind="permission_error", code="tier_not_allowed")
             self._record(chat, None, refused.status)
-            return refused.response(dispatcher.headers(route, route.tier))
+            return refused.response(dispatcher.headers(route, None))
         if chat.metered:
             try:
                 dispatcher.apply_budget(route, tenant, messages)
             except HTTPError as error:
                 self._record(chat, None, error.status)
-                return error.response({**dispatcher.headers(route, route.tier),
+                return error.response({**dispatcher.headers(route, None),
                                        "retry-after": str(dispatcher.tenants.seconds_left(tenant))})
             if streamed:
                 chat.meter = StreamMeter(drop_usage_chunk=not wants_usage(body))

@@ -41,6 +41,8 @@ from serving.dispatch.tenants import Tenant, Tenants
 from serving.dispatch.upstream_body import bound_body_reads
 
 log = logging.getLogger("promptier.dispatcher")
+OWED = ("tier prices unknown when answered (the classifier had not answered since the start): charged to the "
+        "budget once they are known")
 ROUTER_PREFIX = "promptier"
 HEADER_PREFIX = "x-promptier-"
 
@@ -113,6 +115,8 @@ class Dispatcher:
         self.metrics = DispatcherMetrics()
         self.tenants = Tenants(config, self.metrics.registry)  # opens the spend store: a bad one stops the start
         self.prices: dict[str, tuple[float, float]] = {}
+        # The tokens of budgeted answers given before any prices were known, per (tenant, tier): charged then.
+        self._owed: dict[tuple[str, str], tuple[Tenant, dict[str, int]]] = {}
         self.embedded: EmbeddedRouteClassifier | None = None
         if config.classifier.embedded:
             # Loaded here, before the port opens: a bad artifact stops the start with its error.
@@ -159,6 +163,13 @@ class Dispatcher:
         check_tier_names([tier.name for tier in served], self.tiers, self.classifier.describe())
         self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in served}
         self.tenants.set_prices(self.prices)
+        owed, self._owed = self._owed, {}
+        for (_, tier), (tenant, usage) in owed.items():
+            self.tenants.add_spend(tenant, self._cost(tier, usage))
+
+    def _cost(self, tier: str, usage: dict) -> float:
+        price_in, price_out = self.prices[tier]
+        return (usage["prompt_tokens"] * price_in + usage["completion_tokens"] * price_out) / 1e6
 
     # ------------------------------------------------------------------ routing
     def parse_model(self, name: object, tenant: Tenant | None = None) -> tuple[str | None, str | None]:
@@ -250,13 +261,18 @@ class Dispatcher:
                             kind="insufficient_quota", code="budget_exhausted")
         if decision.reason is not None:
             route.unpaced_tier, route.tier, route.reason = route.tier, self.tiers[decision.tier], decision.reason
+            # The confidence is the served tier's probability, as for a classified request.
+            route.confidence = route.scores.get(route.tier) if route.scores else None
 
     def explore(self, route: Route, tenant: Tenant) -> None:
         """With the configured exploration share, send a classified request to a tier drawn at random
-        among those it may use, and record the propensity of its tier either way."""
+        among those it may use, and record the propensity of its tier either way. A request of a tenant
+        whose spend is ahead of its budget's pace, or spent, is never drawn (and has no propensity)."""
         share = self.config.exploration_share
         if share <= 0.0 or route.reason != "classified":
             return
+        if route.budget_pressure is not None and route.budget_pressure > 0.0:
+            return  # spend is ahead of the budget (or the budget is spent): no dearer tier by chance
         usable = [name for name in self.tiers
                   if tenant.may_use(name) and not self.capabilities.missing(name, route.needs)]
         if route.tier not in usable:
@@ -317,12 +333,15 @@ class Dispatcher:
         """Where the request ended: the last tier whose upstream was asked, else the routed tier."""
         return route.upstream_tier or route.tier
 
-    def headers(self, route: Route, tier: str) -> dict[str, str]:
-        """Every response: tier, upstream model, reason. What only a classification knows (mode,
+    def headers(self, route: Route, tier: str | None) -> dict[str, str]:
+        """Every response: tier and upstream model (None: the request was refused before any upstream, and
+        names none, least of all one its key may not use), reason. What only a classification knows (mode,
         confidence, classifier time, who decided) only when the request was classified: an empty
         header would read as a value."""
-        headers = {f"{HEADER_PREFIX}tier": tier, f"{HEADER_PREFIX}upstream-model": self.config.tiers[tier].model,
-                   f"{HEADER_PREFIX}reason": route.reason, f"{HEADER_PREFIX}request-id": route.request_id}
+        headers = {f"{HEADER_PREFIX}reason": route.reason, f"{HEADER_PREFIX}request-id": route.request_id}
+        if tier is not None:
+            headers[f"{HEADER_PREFIX}tier"] = tier
+            headers[f"{HEADER_PREFIX}upstream-model"] = self.config.tiers[tier].model
         if route.confidence is not None:
             headers[f"{HEADER_PREFIX}confidence"] = f"{route.confidence:.4f}"
         if route.mode:
@@ -366,8 +385,14 @@ class Dispatcher:
             counted = estimated_usage(sum(len(content) for _, content in messages), completion_chars)
             note = f"{note}; {ESTIMATED}" if note else ESTIMATED
         if counted and tier in self.prices:
-            price_in, price_out = self.prices[tier]
-            cost = (counted["prompt_tokens"] * price_in + counted["completion_tokens"] * price_out) / 1e6
+            cost = self._cost(tier, counted)
+        elif counted and tier is not None and tenant.budget is not None:
+            # Prices come from the classifier, which has not answered since the start: the answer is paid
+            # for all the same, so its tokens are held and charged once the prices are known.
+            owed = self._owed.setdefault((tenant.name, tier), (tenant, {"prompt_tokens": 0, "completion_tokens": 0}))[1]
+            owed["prompt_tokens"] += counted["prompt_tokens"]
+            owed["completion_tokens"] += counted["completion_tokens"]
+            note = f"{note}; {OWED}" if note else OWED
         self.tenants.charge(tenant, tier, cost)
         self.metrics.requests.labels(tier or self.last_tier(route), route.reason, str(status)).inc()
         self.decisions.write(DecisionRecord(
@@ -375,7 +400,7 @@ class Dispatcher:
             model=self.config.tiers[tier].model if tier else None, score=None, cost_usd=cost,
             source="dispatcher", category="", tier=tier, routed_tier=route.tier, reason=route.reason,
             mode=route.mode, confidence=route.confidence, decided_by=route.decided_by,
-            classifier_ms=route.classifier_ms, latency_ms=(time.perf_counter() - started) * 1000, usage=usage,
+            classifier_ms=route.classifier_ms, latency_ms=(time.perf_counter() - started) * 1000, usage=counted,
             status=status, note=note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             needs=list(route.needs.features), estimated_tokens=route.needs.tokens,
             steered=route.steered.as_dict() if route.steered is not None else None, tenant=tenant.name,

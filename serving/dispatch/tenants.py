@@ -115,6 +115,8 @@ def check_tenants_and_store(config: DispatcherConfig) -> str:
             SqliteSpendStore.read_only(path).close()
             return f"{summary}; spend store sqlite {path} reads"
         folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise SpendStoreError(f"spend store {path}: cannot be created: {folder} is a file, not a folder")
         if folder is None or not os.access(folder, os.W_OK):
             raise SpendStoreError(f"spend store {path}: cannot be created: {folder} is not writable")
         return f"{summary}; spend store sqlite {path} will be created"
@@ -231,9 +233,14 @@ class Tenants:
             counters = self._counters[(tenant.name, tier)] = (
                 self.metrics.requests.labels(tenant.name, tier or "none"), self.metrics.spend.labels(tenant.name))
         counters[0].inc()
-        if usd is None or usd <= 0.0:
+        if usd is not None:
+            self.add_spend(tenant, usd, counters[1])
+
+    def add_spend(self, tenant: Tenant, usd: float, counter: Counter | None = None) -> None:
+        """Charge `usd` to the tenant's spend (and its budget's period), without counting a request."""
+        if usd <= 0.0:
             return
-        counters[1].inc(usd)
+        (counter or self.metrics.spend.labels(tenant.name)).inc(usd)
         if tenant.clock is not None and self.ledger is not None:
             window = tenant.clock.at(time.time())
             self.ledger.charge((tenant.name, window.key), usd, wake=False)
