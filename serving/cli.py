@@ -288,25 +288,26 @@ def budget_sim(
 def loadtest(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-serving.json"),
-    seconds: Annotated[float, typer.Option(help="duration of each scenario")] = 8.0,
+    seconds: Annotated[float, typer.Option(min=1.0, help="duration of each scenario")] = 8.0,
     workers: Annotated[int, typer.Option(min=1, help="also test a server with this many processes")] = 2,
     generator: Annotated[str, typer.Option(help="auto (h2load if installed), h2load, or python")] = "auto",
 ) -> None:
-    """Load-test a real `promptier serve` on loopback at concurrency 1, 32 and 128, with one server
-    process and with `--workers`."""
+    """Load-test a real `promptier serve` on loopback, with one server process and with `--workers`: unary
+    calls at concurrency 1, 32 and 128, batch calls, the coalescing clients and the transport floors."""
     from serving.bench.loadgen import main as run_loadtest
 
     if generator not in ("auto", "h2load", "python"):
         raise typer.BadParameter(f"--generator must be auto, h2load or python, not {generator!r}")
     try:
         run_loadtest(_bench_model(model), out, seconds, workers, generator)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, RuntimeError) as error:
         fail(error)
 
 
 @app.command()
 def soak(
-    minutes: Annotated[float, typer.Option(min=0.05, help="length of the window everything runs at once")] = 5.0,
+    minutes: Annotated[float, typer.Option(min=0.1, help="length of the window everything runs at once (the "
+                                           "first label round starts 5 s into it)")] = 5.0,
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON report")] = Path("bench-soak.json"),
     deadline_ms: Annotated[float, typer.Option(min=1, help="deadline of each well-behaved Classify call")] = 50.0,
@@ -333,7 +334,9 @@ def soak(
     from serving.bench.soak import SoakOptions
     from serving.bench.soak import main as run_soak
 
-    options = SoakOptions(minutes=minutes, model=model, deadline_ms=deadline_ms, well_behaved_rate=well_behaved_rate,
+    artifact = _bench_model(model)  # a bad artifact is named now, not after the services failed to start
+    options = SoakOptions(minutes=minutes, model=Path(artifact) if artifact else None, deadline_ms=deadline_ms,
+                          well_behaved_rate=well_behaved_rate,
                           flood_factor=flood_factor, slow_connections=slow_connections, dispatch_rate=dispatch_rate,
                           label_rows=label_rows, label_every_s=label_every, chaos_every_s=chaos_every)
     try:

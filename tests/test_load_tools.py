@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
@@ -179,3 +181,51 @@ def test_a_terminated_dispatch_bench_stops_the_services_it_started(tmp_path: Pat
     finally:
         if bench.poll() is None:
             bench.kill()
+
+
+def _loadtest_with_its_server(tmp_path: Path) -> tuple[subprocess.Popen, psutil.Process]:
+    """A `promptier loadtest` under way, and the `promptier serve` it started."""
+    from tests.server_probes import wait_until
+
+    loadtest = subprocess.Popen([sys.executable, "-m", "classifier.cli", "loadtest", "--generator", "python",
+                                 "--seconds", "3", "--workers", "1", "--out", str(tmp_path / "bench.json")],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    found: list[psutil.Process] = []
+
+    def server_running() -> bool:
+        for child in psutil.Process(loadtest.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "serve" in child.cmdline():
+                    found.append(child)
+                    return True
+        return loadtest.poll() is not None
+
+    wait_until(server_running, "the load test's server to start", bound_s=180)
+    assert found, loadtest.communicate()[1]
+    return loadtest, found[0]
+
+
+def test_a_load_test_whose_server_dies_says_so(tmp_path: Path) -> None:
+    loadtest, server = _loadtest_with_its_server(tmp_path)
+    try:
+        server.kill()
+        _, stderr = loadtest.communicate(timeout=180)
+        assert loadtest.returncode == 2 and "the server exited with status -9" in stderr, stderr
+        assert "Traceback" not in stderr and not (tmp_path / "bench.json").exists()
+    finally:
+        if loadtest.poll() is None:
+            loadtest.kill()
+
+
+def test_a_terminated_load_test_stops_its_server(tmp_path: Path) -> None:
+    import signal
+
+    loadtest, server = _loadtest_with_its_server(tmp_path)
+    try:
+        loadtest.send_signal(signal.SIGTERM)
+        assert loadtest.wait(120) == 128 + signal.SIGTERM
+        psutil.wait_procs([server], timeout=60)
+        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if loadtest.poll() is None:
+            loadtest.kill()

@@ -65,3 +65,51 @@ def test_short_soak_keeps_answers_rows_and_processes_whole(tmp_path: Path) -> No
     assert report["crashes"]["total"] == 0, report["crashes"]
     slow = report["details"]["slow_connections"]
     assert slow["most_open_at_once"] == {"grpc": 200, "http": 200}
+
+
+def test_soak_refuses_what_it_cannot_run_before_starting_anything(tmp_path: Path) -> None:
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for args, says in ((["--model", str(tmp_path / "nowhere")], "does not exist"),
+                       (["--model", str(broken)], "missing"),
+                       (["--out", str(tmp_path / "no-such-folder" / "soak.json")], "does not exist")):
+        result = subprocess.run([sys.executable, "-m", "classifier.cli", "soak", "--minutes", "0.5", *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_sigterm_stops_every_service_the_soak_started(tmp_path: Path) -> None:
+    """The services run in sessions of their own (so that a signal to the soak's group does not reach
+    them): a SIGTERM to the soak must stop them itself, as Ctrl-C does."""
+    import contextlib
+    import signal
+    import time
+
+    import psutil
+
+    soak = subprocess.Popen([sys.executable, "-m", "classifier.cli", "soak", "--minutes", "2", "--out",
+                             str(tmp_path / "soak.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert soak.stdout is not None
+        scratch = Path(soak.stdout.readline().rsplit("scratch ", 1)[1].strip())
+        started: list[psutil.Process] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and soak.poll() is None:
+            started = psutil.Process(soak.pid).children(recursive=True)
+            commands = []
+            for child in started:
+                with contextlib.suppress(psutil.Error):  # one may end between the listing and this
+                    commands.append(" ".join(child.cmdline()))
+            if any(" serve " in c for c in commands) and any(" dispatch " in c for c in commands) and \
+                    (scratch / "dispatch.err").exists():
+                break
+            time.sleep(0.5)
+        assert soak.poll() is None and started, "the soak did not start its services"
+        soak.send_signal(signal.SIGTERM)
+        soak.wait(120)
+        _, alive = psutil.wait_procs(started, timeout=60)
+        assert not alive, alive
+    finally:
+        if soak.poll() is None:
+            soak.kill()

@@ -23,10 +23,12 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import IO, TypeVar
 
 import grpc
 import numpy as np
@@ -228,32 +230,54 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
                "--workers", str(workers), "--metrics-port", str(metrics_port)]
     if model:
         command += ["--model", model]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The server's stderr is read back only to say why it went away, should a scenario fail.
+    with tempfile.TemporaryFile() as stderr:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        guarded = functools.partial(_run_scenarios_or_say_why, server, stderr)
+        try:
+            guarded(lambda: wait_serving(target))
+            time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
+            results = []
+            for concurrency, batch, generators in scenarios:
+                if generator == "h2load":
+                    scenario = functools.partial(h2load_scenario, port, prompts, concurrency, batch, seconds,
+                                                 [metrics_port + i for i in range(workers)])
+                else:
+                    scenario = functools.partial(_scenario, target, prompts, concurrency, batch, seconds, generators)
+                results.append(guarded(functools.partial(_with_server_cpu, server.pid, scenario)))
+            ports = [metrics_port + i for i in range(workers)]
+            for concurrency in coalescing_concurrency:
+                for blocking in (False, True):
+                    before = guarded(lambda: ok_calls(ports, "Classify", "ClassifyBatch")[0])
+                    result = guarded(functools.partial(_with_server_cpu, server.pid, functools.partial(
+                        coalescing_client_scenario, target, prompts, concurrency, seconds, blocking)))
+                    # Calls (unary and batch) each server process answered: shows how the connections spread.
+                    after = guarded(lambda: ok_calls(ports, "Classify", "ClassifyBatch")[0])
+                    result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
+                    results.append(result)
+            return results
+        finally:
+            server.terminate()
+            server.wait(15)
+
+
+T = TypeVar("T")
+
+
+def _run_scenarios_or_say_why(server: subprocess.Popen, stderr: IO[bytes], step: Callable[[], T]) -> T:
+    """`step()`; when it fails (a refused connection, a failed call, a metrics page gone), a
+    RuntimeError that says whether the server had exited and what it last wrote, instead of the
+    traceback of whichever client noticed first."""
     try:
-        wait_serving(target)
-        time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
-        results = []
-        for concurrency, batch, generators in scenarios:
-            if generator == "h2load":
-                scenario = functools.partial(h2load_scenario, port, prompts, concurrency, batch, seconds,
-                                             [metrics_port + i for i in range(workers)])
-            else:
-                scenario = functools.partial(_scenario, target, prompts, concurrency, batch, seconds, generators)
-            results.append(_with_server_cpu(server.pid, scenario))
-        ports = [metrics_port + i for i in range(workers)]
-        for concurrency in coalescing_concurrency:
-            for blocking in (False, True):
-                before = ok_calls(ports, "Classify", "ClassifyBatch")[0]
-                result = _with_server_cpu(server.pid, functools.partial(
-                    coalescing_client_scenario, target, prompts, concurrency, seconds, blocking))
-                # Calls (unary and batch) each server process answered: shows how the connections spread.
-                after = ok_calls(ports, "Classify", "ClassifyBatch")[0]
-                result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
-                results.append(result)
-        return results
-    finally:
-        server.terminate()
-        server.wait(15)
+        return step()
+    except (OSError, grpc.RpcError, RuntimeError, TimeoutError, subprocess.SubprocessError) as error:
+        time.sleep(0.5)  # a server being killed may take a moment to be reaped
+        if server.poll() is None:
+            raise RuntimeError(f"the load test failed while the server was up: {error}") from error
+        stderr.seek(0)
+        tail = "\n".join(stderr.read().decode("utf-8", "replace").strip().splitlines()[-15:])
+        raise RuntimeError(f"the server exited with status {server.returncode} during the load test:\n"
+                           f"{tail or '(nothing on stderr)'}") from error
 
 
 ECHO_SERVER = """
@@ -321,6 +345,22 @@ def native_transport_floor(prompts: list[str], seconds: float) -> list[dict]:
 
 
 def main(model: str | None, out: Path, seconds: float, workers: int = 2, generator: str = "auto") -> dict:
+    """Run every scenario, print the table and write the JSON to `out`; SIGTERM stops the servers it
+    started, as Ctrl-C does.
+
+    Raises:
+        FileNotFoundError: h2load asked for and missing, or `out`'s folder missing (found before any run).
+        RuntimeError: a scenario failed: whether the server had exited, and its last words.
+    """
+    from serving.bench.soak_processes import sigterm_as_exit
+
+    if not out.absolute().parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.absolute().parent} does not exist")
+    with sigterm_as_exit():
+        return _main(model, out, seconds, workers, generator)
+
+
+def _main(model: str | None, out: Path, seconds: float, workers: int, generator: str) -> dict:
     import classifier
     from classifier.bench import make_prompts, throughput
 

@@ -45,20 +45,23 @@ import psutil
 import yaml
 
 from serving.bench import soak_clients, soak_slow_clients
-from serving.bench.ports import listen_ports, port_taken, wait_serving
+from serving.bench.ports import listen_ports, port_taken
 from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, label_rounds, write_label_input
 from serving.bench.soak_processes import (
     LOAD_NICENESS,
     SERVE_WORKERS,
     TRACEBACK,
     Children,
+    answers_grpc,
     cli_command,
     http_ok,
     reloads_ok,
     serve_ready,
+    sigterm_as_exit,
     spawned_children,
     start_process,
     stop_process,
+    wait_started,
     wait_until,
 )
 from serving.bench.soak_report import pct, render_table, render_timeline, summarize
@@ -282,7 +285,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
                     "cpus": os.cpu_count(), "load_average_before": list(os.getloadavg())}
     try:
         children.start_process("upstream", run_upstream, upstream_port, f"{tiers[-1]}-model")
-        wait_serving(target, START_TIMEOUT_S)
+        wait_started(serve, "serve", workdir, answers_grpc(target), START_TIMEOUT_S)  # its exit, and why, at once
         if not wait_until(lambda: serve_ready(serve, metrics_ports), START_TIMEOUT_S):
             raise RuntimeError(f"promptier serve did not start its {SERVE_WORKERS} workers; see {workdir}/serve.err")
         if not wait_until(lambda: http_ok(f"{dispatch_url}/health") or dispatch.poll() is not None,
@@ -366,10 +369,13 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
 def main(options: SoakOptions, out: Path) -> dict:
     """Run the soak, print the table, write the JSON report to `out`; returns the report. The scratch
     directory is removed when the bars held, and kept (its path printed) for a look when not."""
+    if not out.absolute().parent.is_dir():  # found now, not after the whole run
+        raise RuntimeError(f"--out {out}: folder {out.absolute().parent} does not exist")
     workdir = Path(tempfile.mkdtemp(prefix="promptier-soak-"))
     print(f"soak: {options.minutes:g} min on loopback; {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{value:.2f}' for value in os.getloadavg())}; scratch {workdir}", flush=True)
-    report = run_soak(options, workdir)
+    with sigterm_as_exit():  # SIGTERM stops the services it started too, as Ctrl-C does
+        report = run_soak(options, workdir)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(render_table(report))
     print(render_timeline(report))

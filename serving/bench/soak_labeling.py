@@ -81,7 +81,9 @@ def label_round(index: int, input_path: Path, rows: int, workdir: Path, model: P
         ended.append({"exit_code": code, "seconds": round(time.monotonic() - started, 1), "refusal": refusal,
                       "traceback": TRACEBACK in stderr})
     ran = [job for job in ended if job["exit_code"] == 0]
-    refused = [job for job in ended if job["exit_code"] not in (0, None)]
+    # Refused means turned away by the lock or the finished output, with its message: a job that failed
+    # any other way (a traceback) did not refuse, and the round does not hold.
+    refused = [job for job in ended if job["exit_code"] not in (0, None) and job["refusal"] is not None]
     result = {"round": index, "jobs": ended, "exactly_one_ran": len(ran) == 1 and len(refused) == 1,
               "refused_by": refused[0]["refusal"] if len(refused) == 1 else None,
               "output": check_label_output(output, rows),
