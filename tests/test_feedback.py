@@ -161,3 +161,17 @@ def test_an_outcome_joins_only_a_request_of_the_tenant_whose_key_reported_it(tmp
     rows, report = read_logs([log])
     assert {row.prompt_id[-1]: row.score for row in rows} == {"1": 1.0, "3": 1.0}
     assert report.not_trainable["outcome reported with another tenant's key"] == 1
+
+
+def test_a_decision_log_gives_its_prompts_as_unlabeled_or_parity_prompts(tmp_path: Path) -> None:
+    """`promptier export --prompts` and `--unlabeled` read the request lines and pass over outcome lines."""
+    from training.errors import DataError
+    from training.inputs import read_unlabeled
+
+    log = write_jsonl(tmp_path / "decisions.jsonl", [
+        {"schema_version": 8, "prompt_id": "dispatcher:" + "1" * 32, "prompt": "first question"},
+        {"schema_version": 8, "kind": OUTCOME_KIND, "prompt_id": "dispatcher:" + "1" * 32, "score": 1.0},
+        {"schema_version": 8, "prompt_id": "dispatcher:" + "2" * 32, "prompt": "second question"}])
+    assert read_unlabeled([log]) == ["first question", "second question"]
+    with pytest.raises(DataError, match="missing or empty prompt"):  # a request line without its text still is
+        read_unlabeled([write_jsonl(tmp_path / "bare.jsonl", [{"prompt_id": "x", "prompt": None}])])

@@ -92,14 +92,17 @@ def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
 
 
 def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
-    """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation."""
-    from training.data import expand_paths, read_records
+    """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation; a decision
+    log's outcome lines, which hold no prompt, are passed over."""
+    from training.data import OUTCOME_KIND, expand_paths, read_records
 
     prompts = []
     for path in expand_paths(paths):
         for number, record in read_records(path):
             if isinstance(record, DataError):
                 raise record
+            if isinstance(record, dict) and record.get("kind") == OUTCOME_KIND:
+                continue
             text = record.get("prompt") if isinstance(record, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise DataError(str(path), "missing or empty prompt", number, "prompt")
