@@ -198,6 +198,8 @@ def test_savings_page_in_a_browser_shows_the_numbers_of_the_log(traffic: tuple[D
     own = Cells()
     own.feed(dom)
     assert not own.hidden["report"] and "Tenant default only" in dom
+    assert '<tr class="total"><td>Tenant default</td>' in dom  # its total is its own, not "All tenants"
+    assert "<h2>Tiers over time, tenant default</h2>" in dom
     assert {group for group, _ in own.cells} == {"all", DEFAULT_GROUP}
     assert float(own.cells[("all", "requests")][0]) == len(groups[DEFAULT_GROUP])
 

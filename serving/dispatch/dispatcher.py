@@ -101,7 +101,7 @@ class DispatcherMetrics:
         # fixed set.
         self.refused = Counter("promptier_dispatch_refused", "requests answered with an error before a routing "
                                "decision: bad input, no or an unknown API key, an unknown or forbidden model, a "
-                               "capability no allowed tier has, a caller gone, a Host not allowed, an internal error",
+                               "caller gone, a Host not allowed, an internal error",
                                ["status", "code"], registry=self.registry)
 
 
