@@ -14,10 +14,13 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from classifier.errors import PromptierError
 
 CORPUS = (
     "A platform team runs a gateway in front of several language models and wants each request to go to "
@@ -181,7 +184,33 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_output(out: Path) -> None:
+    """Make sure the JSON can be written at `out` before minutes of measuring: its folder is created
+    (as `promptier label` does for its output) and a file is created and removed there.
+
+    Raises:
+        PromptierError: `out` is a directory, or its folder cannot be created or written to.
+    """
+    if out.is_dir():
+        raise PromptierError(f"cannot write {out}: it is a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # A trial file rather than os.access: access() says yes to root on a read-only file system.
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
+            pass
+    except OSError as error:
+        raise PromptierError(f"cannot write {out}: {error.strerror or error}") from None
+
+
 def main(model: str | None, out: Path, iterations: int, seconds: float) -> dict:
+    """Run the benchmark, write its JSON to `out` (checked writable first) and print its tables.
+
+    Raises:
+        PromptierError: `out` cannot be written, or the model cannot be loaded.
+    """
+    if iterations < 1 or seconds <= 0:  # no samples to take percentiles of, no window to divide by
+        raise PromptierError(f"iterations must be at least 1 and seconds above 0, not {iterations} and {seconds}")
+    check_output(out)
     result = run_benchmark(model, iterations, seconds)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result))
@@ -189,4 +218,4 @@ def main(model: str | None, out: Path, iterations: int, seconds: float) -> dict:
     return result
 
 
-__all__ = ["main", "render", "run_benchmark"]
+__all__ = ["check_output", "main", "render", "run_benchmark"]

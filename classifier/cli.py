@@ -170,12 +170,16 @@ def label(
 def bench(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench.json"),
-    iterations: Annotated[int, typer.Option(help="timed calls per length bucket")] = 2000,
-    seconds: Annotated[float, typer.Option(help="duration of each throughput run")] = 5.0,
+    iterations: Annotated[int, typer.Option(min=1, help="timed calls per length bucket")] = 2000,
+    seconds: Annotated[float, typer.Option(help="duration of each throughput run, above 0")] = 5.0,
 ) -> None:
-    """Measure the runtime: p50/p90/p99/max latency by length, batched throughput, peak RSS."""
+    """Measure the runtime: p50/p90/p99/max latency by length, batched throughput, peak RSS.
+
+    OUT's folder is created if missing, and checked writable before anything is measured."""
     from classifier.bench import main as run_bench
 
+    if seconds <= 0:  # throughput is prompts over this window (typer's min cannot exclude 0 itself)
+        raise typer.BadParameter(f"--seconds must be greater than 0, got {seconds}")
     try:
         run_bench(str(model) if model else None, out, iterations, seconds)
     except PromptierError as error:

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
 from classifier.bench import BUCKETS, cpu_description
+from classifier.cli import app
 
 
 def test_cpu_description_reads_the_model_name_and_vnni_flags(tmp_path: Path) -> None:
@@ -23,7 +27,7 @@ def test_cpu_description_reads_the_model_name_and_vnni_flags(tmp_path: Path) -> 
 
 
 def test_bench_measures_every_bucket_and_writes_its_json(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+    out = tmp_path / "new" / "bench.json"  # a folder that does not exist yet: created, as `label` does
     result = subprocess.run([sys.executable, "-m", "classifier.cli", "bench", "--out", str(out), "--iterations", "40",
                              "--seconds", "0.3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -38,3 +42,26 @@ def test_bench_measures_every_bucket_and_writes_its_json(tmp_path: Path) -> None
     assert written["loaded_process_peak_rss_mb"] > 0
     assert written["cpu"]["model"] and written["cpu"]["model"] in result.stdout
     assert "| 128 tokens |" in result.stdout
+
+
+@pytest.mark.parametrize(("option", "value"), [("--iterations", "0"), ("--iterations", "-3"), ("--seconds", "0"),
+                                               ("--seconds", "-1")])
+def test_bench_refuses_no_samples_or_no_time_before_measuring(tmp_path: Path, option: str, value: str) -> None:
+    # No percentiles of zero samples, no rate over zero (or negative) seconds: a usage error, not a traceback.
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--out", str(out), option, value])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_bench_checks_its_output_can_be_written_before_measuring(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    out = blocker / "bench.json"  # its folder cannot be created: a file is in the way
+    # Tiny figures, so that a regression (measure first, fail to write after) stays short.
+    result = CliRunner().invoke(app, ["bench", "--out", str(out), "--iterations", "1", "--seconds", "0.01"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {out}" in result.output and "Traceback" not in result.output
+    # Refused before measuring: no table was printed.
+    assert "| prompt length |" not in result.output

@@ -216,20 +216,30 @@ def train_bench(
     work_dir: Annotated[Path, typer.Option(help="synthetic logs (kept for reuse), models, per-run logs")
                         ] = Path("train-bench.work"),
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("train-bench.json"),
-    timeout: Annotated[float, typer.Option(help="seconds before a run is stopped")] = 3600.0,
+    timeout: Annotated[float, typer.Option(help="seconds before a run is stopped, with every process it "
+                                                "started")] = 3600.0,
 ) -> None:
-    """Measure training: prompts/s and peak memory on synthetic logs, per device and process count."""
+    """Measure training: prompts/s and peak memory on synthetic logs, per device and process count.
+
+    Every option is checked before the synthetic logs are written (exit status 2 when one is wrong).
+    Exit status 1 when any run failed or timed out: each is named, and the JSON keeps the others' figures."""
     _require_training_extra()
-    from training.bench import run_bench
+    from training.bench import failed_runs, plan_runs, run_bench
     from training.config import SHIPPED_RECIPE
 
     try:
-        run_bench([int(r) for r in rows.split(",")], devices.split(","), [int(p) for p in processes.split(",")],
-                  reading.split(","), max_steps, backbone, prompt_chars, work_dir, out, timeout,
-                  recipe or SHIPPED_RECIPE)
-    except (PromptierError, ValueError) as error:
+        sizes, run_modes = plan_runs(rows, devices, processes, reading, max_steps, backbone,
+                                     recipe or SHIPPED_RECIPE, timeout, work_dir, out)
+        report = run_bench(sizes, run_modes, max_steps, backbone, prompt_chars, work_dir, out, timeout,
+                           recipe or SHIPPED_RECIPE)
+    except (PromptierError, ValueError, OSError) as error:
         fail(error)
     typer.echo(f"wrote {out}")
+    failed = failed_runs(report)
+    if failed:
+        typer.secho(f"{len(failed)} of {len(report['runs'])} runs failed:\n  " + "\n  ".join(failed),
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command("eval")

@@ -23,13 +23,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from classifier.signals import sigterm_as_exit
 from serving.bench.h2load import h2load_log
 from serving.bench.ports import free_port
 from serving.bench.soak_processes import (
     answers_grpc,
     answers_http,
     cli_command,
-    sigterm_as_exit,
     start_process,
     stop_process,
     wait_started,

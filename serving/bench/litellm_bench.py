@@ -22,9 +22,10 @@ import httpx
 import numpy as np
 import yaml
 
+from classifier.signals import sigterm_as_exit
 from serving.bench.dispatch_bench import LOAD_PROMPT, start_upstream
 from serving.bench.ports import free_port
-from serving.bench.soak_processes import answers_http, sigterm_as_exit, stop_process, wait_started
+from serving.bench.soak_processes import answers_http, stop_process, wait_started
 from serving.litellm_router import CONFIG_ENV
 
 MASTER_KEY = "sk-promptier-bench"

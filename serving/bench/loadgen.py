@@ -352,7 +352,7 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
         FileNotFoundError: h2load asked for and missing, or `out`'s folder missing (found before any run).
         RuntimeError: a scenario failed: whether the server had exited, and its last words.
     """
-    from serving.bench.soak_processes import sigterm_as_exit
+    from classifier.signals import sigterm_as_exit
 
     if not out.absolute().parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.absolute().parent} does not exist")

@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 import yaml
 
+from classifier.signals import sigterm_as_exit
 from serving.bench import soak_clients, soak_slow_clients
 from serving.bench.ports import listen_ports, port_taken
 from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, label_rounds, write_label_input
@@ -57,7 +58,6 @@ from serving.bench.soak_processes import (
     http_ok,
     reloads_ok,
     serve_ready,
-    sigterm_as_exit,
     spawned_children,
     start_process,
     stop_process,

@@ -16,7 +16,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -225,21 +225,6 @@ def stderr_tail(workdir: Path, name: str, lines: int = 20) -> str:
     """The last `lines` lines a process `start_process` started as `name` wrote to stderr."""
     text = (workdir / f"{name}.err").read_text(encoding="utf-8", errors="replace").strip()
     return "\n".join(text.splitlines()[-lines:]) or "(nothing on stderr)"
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Within the block, SIGTERM raises SystemExit: `finally` blocks then stop the services a tool
-    started in sessions of their own, which a signal to the tool's process group no longer reaches.
-    (Python's default SIGTERM ends the process without running them.) Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def http_ok(url: str) -> bool:
