@@ -48,7 +48,9 @@ from serving.dispatch.dispatch_config import DecisionLogConfig
 # Version 8 added what reproduces a classified decision from its line: `model_version` (the classifier's
 # model; null when it gave no tier), and, when its model decided, `threshold` and `cheap_floor` (the rule
 # it applied to `scores`; `cheap_floor` null when none applied); outcome lines gained `tenant`, whose key
-# reported the score (training joins it only to that tenant's requests).
+# reported the score (training joins it only to that tenant's requests); the `usage` of an answer charged
+# by count (`note` says so) holds the counts it was charged by, and a budgeted answer given before the
+# classifier's prices were known has `cost_usd` null and a `note` (it is charged once they are).
 DECISION_SCHEMA_VERSION = 8
 OUTCOME_KIND = "outcome"
 
