@@ -23,11 +23,15 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf or nan: an infinite budget would pace nothing and print as "$inf".
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class BudgetConfig(_Strict):
     """Spend allowed per calendar period, met by routing toward cheaper tiers as spend runs ahead."""
+
+    # `pacing: "yes"` or `usd: "500"` is a mistake to name, not to coerce (as `serves:` does).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     usd: float = Field(gt=0, description="the budget of one period, in USD")
     period: Period = Field(default="month", description="day or month, calendar-aligned in UTC")
