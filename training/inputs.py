@@ -183,12 +183,13 @@ MIN_COMPARABLE_PROMPTS = 20
 
 
 def require_comparable_prompts(table: PromptTable, split: np.ndarray) -> None:
-    """Refuse logs whose validation prompts too rarely have outcomes on two tiers or more: the
-    thresholds chosen on them would mean nothing (a log of served requests, one tier per prompt,
-    chooses threshold 0: every prompt to the cheapest tier)."""
+    """Refuse logs whose validation prompts too rarely have outcomes on two tiers or more (fewer than
+    MIN_COMPARABLE_PROMPTS, unless every one of a smaller split has): the thresholds chosen on them would
+    mean nothing (a log of served requests, one tier per prompt, chooses threshold 0: every prompt to the
+    cheapest tier)."""
     validation = table.targets[split == "val"]
     comparable = int(np.count_nonzero((~np.isnan(validation)).sum(axis=1) >= 2))
-    if comparable < MIN_COMPARABLE_PROMPTS:
+    if comparable < min(MIN_COMPARABLE_PROMPTS, len(validation)) or comparable == 0:
         raise DataError("logs", f"only {comparable} of the {len(validation)} validation prompts have outcomes on two "
                         f"tiers or more (at least {MIN_COMPARABLE_PROMPTS} are needed to choose the thresholds). "
                         "A decision log knows one tier per request: train on it together with logs that score "
