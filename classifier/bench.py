@@ -170,9 +170,17 @@ def run_benchmark(model: str | None, iterations: int = 2000, seconds: float = 5.
     return result
 
 
+def _shape(architecture: dict) -> str:
+    """The model's shape in a few words: a backbone names itself (a bag student has no layers to count)."""
+    backbone = architecture.get("backbone")
+    if backbone and not architecture.get("layers"):
+        return f"{backbone}, width {architecture.get('hidden')}"
+    return f"{architecture.get('layers')} layers, hidden {architecture.get('hidden')}"
+
+
 def render(result: dict) -> str:
-    lines = [f"model {result['model_version']} ({result['architecture'].get('layers')} layers, hidden "
-             f"{result['architecture'].get('hidden')}), {result['cpu_count']} CPUs ({result['cpu']['model']}, "
+    lines = [f"model {result['model_version']} ({_shape(result['architecture'])}), "
+             f"{result['cpu_count']} CPUs ({result['cpu']['model']}, "
              f"AVX-512 VNNI: {result['cpu']['avx512_vnni']}), ORT {result['onnxruntime']}",
              "", "| prompt length | p50 ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     for name, stats in result["latency_batch1_1thread"].items():
