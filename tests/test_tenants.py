@@ -3,6 +3,7 @@ a real gRPC classifier, spend kept in SQLite (shared by worker processes) or in 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -298,6 +299,13 @@ def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
     key = ("search", window_of("month", time.time()).key)
     total = sum(row["cost_usd"] for row in rows)
     assert _eventually(lambda: SqliteSpendStore(store_path).totals([key])[key] == pytest.approx(total))
+    # A stream the upstream breaks off is charged by what was relayed, and its note says it was cut.
+    fresh["small"].behaviour = "break"
+    with contextlib.suppress(openai.APIError):  # the stream ends with a stream_interrupted event
+        list(search.chat.completions.create(model="promptier", messages=messages, stream=True))
+    cut = _rows(tmp_path / "decisions.jsonl", 5)[4]
+    assert cut["status"] == 599 and cut["cost_usd"] > 0 and "cut before its usage came" in cut["note"]
+    fresh["small"].behaviour = "ok"
 
     # A tenant without a budget: the stream passes through untouched, as it always has.
     monkeypatch.setenv("OTHER_KEYS", "other-key")

@@ -229,6 +229,9 @@ def _relayed_usage(chat: ChatExchange, upstream_status: int, status: int, finish
         if chat.meter is not None:
             usage, note = read_usage(chat.meter.usage)
             counted = chat.meter.completion_chars if usage is None else None
+            if usage is None and not finished:  # no usage because the stream ended early, not because none is sent
+                note = "the stream was cut before its usage came (the caller left, or the upstream broke off)"
+
         else:
             counted = relayed
             note = OVER_BUFFER_NOTE
