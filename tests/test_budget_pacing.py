@@ -248,3 +248,20 @@ def test_budget_sim_takes_a_tenants_budget_from_a_dispatcher_config_without_its_
                               "--tenant", unbudgeted, "--out", str(out)],
                              capture_output=True, text=True, timeout=300, env=environment)
     assert refused.returncode == 2 and "--tenant must name a tenant with a budget" in refused.stderr
+
+
+def test_budget_sim_replays_requests_a_spent_budget_refused(tmp_path: Path) -> None:
+    """A 429 for a spent budget is a request all the same: left out, the replay would understate demand."""
+    log = tmp_path / "decisions.jsonl"
+    synthetic_decision_log(log, 200, -0.8, 3)
+    answered = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [{**row, "prompt_id": f"{row['prompt_id']}-refused", "status": 429, "tier": None,
+                "reason": "budget_exhausted", "usage": None, "cost_usd": None} for row in answered[:10]]
+    other = {**answered[0], "prompt_id": "gone", "status": 499, "tier": None}  # a caller gone: not replayed
+    with log.open("a") as file:
+        file.writelines(json.dumps(row) + "\n" for row in [*refused, other])
+    out = tmp_path / "sim.json"
+    result = _budget_sim(str(log), "--budget-share", "0.5", "--tenant", "search", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["requests"] == 210 and sum(report["skipped"].values()) == 1

@@ -178,8 +178,12 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                     skip("another tenant")
                     continue
                 status = row.get("status")
-                if not isinstance(status, int) or not 200 <= status < 400 or row.get("tier") is None:
-                    skip("not answered (error, refusal or caller gone)")
+                # A request its spent budget refused is demand all the same: the replay asks what the
+                # budget would have made of it (it costs the default tokens, having no usage).
+                refused_by_budget = status == 429 and row.get("reason") == "budget_exhausted"
+                if not refused_by_budget and (not isinstance(status, int) or not 200 <= status < 400
+                                              or row.get("tier") is None):
+                    skip("not answered (error, other refusal or caller gone)")
                     continue
                 chosen_name = row.get("unpaced_tier") or row.get("routed_tier")
             else:
