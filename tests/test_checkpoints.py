@@ -12,6 +12,7 @@ from torch import nn
 
 from classifier.errors import PromptierError
 from tests.conftest import tiny_config
+from tests.tiny_bag import TinyBag
 
 
 class _RunsCode:
@@ -81,19 +82,6 @@ def test_a_checkpoint_written_by_training_loads_whole(tmp_path: Path) -> None:
     torch.optim.AdamW(restored.parameters(), lr=1e-3).load_state_dict(state["optimizer"])
 
 
-class _Bag(nn.Module):
-    """The smallest model `fit` can train: token embeddings, mean-pooled, to one logit per tier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(16, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = mask.unsqueeze(-1).float()
-        return self.head((self.embedding(input_ids) * weights).sum(1) / weights.sum(1).clamp(min=1))
-
-
 def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -> None:
     """A checkpoint left by a run on other examples or settings is refused, not resumed: resumed, it
     would train nothing more (its steps are done) and keep the other run's weights."""
@@ -104,13 +92,13 @@ def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -
     config = tiny_config(tiny_backbone, epochs=1, batch_size=8, checkpoint_every=2)
     work_dir = tmp_path / "work"
     report: dict = {}
-    fit(_Bag(), tokens, targets, config, work_dir, report=report)
+    fit(TinyBag(), tokens, targets, config, work_dir, report=report)
     assert report["steps_this_run"] == 5
     again: dict = {}
-    fit(_Bag(), tokens, targets, config.model_copy(update={"threads": 1}), work_dir, report=again)
+    fit(TinyBag(), tokens, targets, config.model_copy(update={"threads": 1}), work_dir, report=again)
     assert again["steps_this_run"] == 0 and again["run_key"] == report["run_key"]  # the same run: resumed
     others = ((1.0 - targets, config), (targets, config.model_copy(update={"seed": config.seed + 1})),
               (targets, config.model_copy(update={"learning_rate": 3.0})))
     for other_targets, other_config in others:
         with pytest.raises(PromptierError, match="checkpoint of another run"):
-            fit(_Bag(), tokens, other_targets, other_config, work_dir)
+            fit(TinyBag(), tokens, other_targets, other_config, work_dir)

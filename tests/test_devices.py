@@ -13,26 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from classifier.errors import PromptierError
 from tests.conftest import dies_after_first_checkpoint, synthetic_rows, tiny_config, write_jsonl
+from tests.tiny_bag import TinyBag
 from training.devices import DeviceError, Placement, resolve_device, resolve_precision
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this test is about a machine without a GPU")
-
-
-class _Bag(nn.Module):
-    """Mean of token embeddings -> one logit per tier: enough model for the loop's mechanics."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embeddings = nn.Embedding(50, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        return self.head((self.embeddings(input_ids) * mask).sum(1) / mask.sum(1))
 
 
 def _examples(n: int = 96) -> tuple[list[np.ndarray], np.ndarray]:
@@ -67,7 +54,7 @@ def test_a_recipe_asking_for_bf16_trains_bit_for_bit_as_fp32_on_a_cpu(tmp_path: 
     models = []
     for name, precision in (("fp32", "fp32"), ("bf16", "bf16")):
         torch.manual_seed(0)
-        model = _Bag()
+        model = TinyBag()
         config = tiny_config(tiny_backbone, epochs=2, device="cpu", precision=precision)
         models.append(fit(model, tokens, targets, config, tmp_path / name))
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
@@ -82,7 +69,7 @@ def test_the_fused_optimizer_trains_the_same_weights_up_to_rounding(tmp_path: Pa
     for fused in (None, True):
         torch.manual_seed(0)
         config = tiny_config(tiny_backbone, epochs=5, learning_rate=1e-2, device="cpu", fused_optimizer=fused)
-        models.append(fit(_Bag(), tokens, targets, config, tmp_path / str(fused)))
+        models.append(fit(TinyBag(), tokens, targets, config, tmp_path / str(fused)))
     difference = max((a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters(),
                                                                  strict=True))
     assert difference < 1e-5  # measured 5e-7 after 65 steps
@@ -98,7 +85,7 @@ def test_the_mixed_precision_loop_trains_and_resumes(tmp_path: Path, tiny_backbo
     placement = Placement(torch.device("cpu"), precision)  # type: ignore[arg-type]
     config = tiny_config(tiny_backbone, epochs=4, batch_size=16, learning_rate=3e-2, checkpoint_every=7)
     torch.manual_seed(0)
-    untrained = _Bag()
+    untrained = TinyBag()
     ids, mask = trainer._pad(tokens)
     before = masked_bce(untrained(ids, mask), torch.tensor(targets, dtype=torch.float32)).item()
     report: dict = {}
@@ -112,10 +99,10 @@ def test_the_mixed_precision_loop_trains_and_resumes(tmp_path: Path, tiny_backbo
     # Stop after the first checkpoint (step 7), resume: the same weights as the uninterrupted run.
     torch.manual_seed(0)
     with dies_after_first_checkpoint():
-        fit(_Bag(), tokens, targets, config, tmp_path / "resumed", placement=placement)
+        fit(TinyBag(), tokens, targets, config, tmp_path / "resumed", placement=placement)
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["step"] == 7
     torch.manual_seed(1)  # resuming must not depend on the fresh model's initialisation
-    resumed = fit(_Bag(), tokens, targets, config, tmp_path / "resumed", placement=placement)
+    resumed = fit(TinyBag(), tokens, targets, config, tmp_path / "resumed", placement=placement)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
