@@ -51,6 +51,10 @@ class Upstream:
             if self.behaviour == "400":
                 return JSONResponse({"error": {"message": "bad temperature", "type": "invalid_request_error"}},
                                     status_code=400)
+            if self.behaviour == "429":  # as hosted APIs do: when to try again, and a header of its own
+                return JSONResponse({"error": {"message": "rate limit reached", "type": "rate_limit_error"}},
+                                    status_code=429, headers={"retry-after": "7", "retry-after-ms": "7000",
+                                                              "x-should-retry": "true", "x-upstream-secret": "s"})
             if self.behaviour == "slow":
                 await asyncio.sleep(SLOW_S)
             if self.behaviour == "delay":
@@ -95,6 +99,10 @@ class Upstream:
             for index in range(5):
                 if self.behaviour == "break" and index == 2:
                     raise RuntimeError("upstream died mid-stream")
+                if self.behaviour == "break_mid_event" and index == 2:
+                    yield 'data: {"id": "s1", "object": "chat.comp'  # the first bytes of an event, then it dies
+                    await asyncio.sleep(0.2)  # so that they go out on their own, before the connection drops
+                    raise RuntimeError("upstream died mid-event")
                 chunk = {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
                          "choices": [{"index": 0, "delta": {"content": f"{self.name}-{index} "},
                                       # as OpenAI does, the last content chunk says why it ended
@@ -111,6 +119,8 @@ class Upstream:
                                      if self.usage is USAGE else self.usage)
                 yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
+            if self.behaviour == "linger":  # the body ends a while after its last event (a slow proxy, a busy server)
+                await asyncio.sleep(1.0)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise

@@ -127,3 +127,15 @@ def test_embedded_classifier_config_and_bad_artifact(tmp_path: Path) -> None:
         "decision_log": {"path": str(tmp_path / "d.jsonl")}})
     with pytest.raises(PromptierError):  # refused before any port opens
         create_app(config)
+
+
+def test_an_embedded_model_whose_tiers_differ_is_refused_before_any_port_opens(tmp_path: Path) -> None:
+    # Its tiers are known once it has loaded: refused as a bad artifact is, so that a worker started by a
+    # SIGHUP logs worker_cannot_start with the reason instead of failing later in its start-up.
+    config = DispatcherConfig.model_validate({
+        "classifier": {"embedded": True},  # the shipped model: small, medium, large
+        "tiers": {name: {"base_url": "http://127.0.0.1:9/v1", "model": "m"} for name in ("small", "mid", "large")},
+        "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}})
+    with pytest.raises(ConfigError, match=r"serves tiers \['small', 'medium', 'large'\].*maps \['small', 'mid', "):
+        create_app(config)
+    assert not (tmp_path / "d.jsonl").exists()

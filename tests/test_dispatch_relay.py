@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.dispatcher_harness import Dispatcher, read_log_once_written, streamed_events, wait_for_health
@@ -112,3 +113,63 @@ def test_broken_stream_ends_with_error_event(dispatcher: Dispatcher, fresh: dict
     events, _ = streamed_events(dispatcher.base_url, "promptier", EASY, timeout=10)
     assert len(events) == 3  # two chunks, then the error event; no [DONE]
     assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
+
+
+def test_a_stream_cut_mid_event_ends_with_an_error_event_the_sdk_reads(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
+    # The upstream dies after the first bytes of an event: relayed as they came, they would join the
+    # error event into one line that is not JSON, and the caller would see a decoding error, not why.
+    fresh["small"].behaviour = "break_mid_event"
+    events, _ = streamed_events(dispatcher.base_url, "promptier/tier/small", EASY, timeout=10)
+    assert [json.loads(event).get("error", {}).get("code") for event in events] == [None, None, "stream_interrupted"]
+    stream = dispatcher.client().chat.completions.create(
+        model="promptier/tier/small", messages=[{"role": "user", "content": EASY}], stream=True)
+    pieces = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            pieces.append(chunk.choices[0].delta.content)
+    assert pieces == ["small-0 ", "small-1 "] and "broke" in info.value.message
+    assert [entry["status"] for entry in read_log_once_written(tmp_path, 2)] == [599, 599]
+
+
+def test_a_stream_the_caller_read_to_its_end_is_logged_answered(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
+    # OpenAI's SDK closes the connection as soon as it has read `data: [DONE]`, without waiting for the
+    # end of the body: a caller that got the whole answer has not left it unfinished.
+    fresh["small"].behaviour = "linger"
+    stream = dispatcher.client().chat.completions.create(
+        model="promptier/tier/small", messages=[{"role": "user", "content": EASY}], stream=True,
+        stream_options={"include_usage": True})
+    assert [chunk.usage.total_tokens for chunk in stream if chunk.usage] == [17]
+    (entry,) = read_log_once_written(tmp_path, 1)
+    assert entry["status"] == 200 and entry["usage"]["total_tokens"] == 17 and entry["note"] is None
+    metrics = httpx.get(f"http://127.0.0.1:{dispatcher.port}/metrics").text
+    assert 'promptier_dispatch_requests_total{reason="pinned",status="200",tier="small"} 1.0' in metrics
+
+
+def test_event_framer_relays_whole_events_and_sees_the_end() -> None:
+    from serving.dispatch.stream_meter import MAX_EVENT_BYTES, EventFramer
+
+    framer = EventFramer()
+    assert framer.feed(b'data: {"a": 1}\n\ndata: {"b"') == b'data: {"a": 1}\n\n'  # the half event waits
+    assert framer.feed(b': 2}\r\n\r\ndata: [DO') == b'data: {"b": 2}\r\n\r\n' and not framer.done
+    assert framer.feed(b"NE]\n\n") == b"data: [DONE]\n\n" and framer.done
+    assert framer.finish() == b""
+    body = EventFramer()  # not an event stream (a JSON error to a streamed request): all of it, at the end
+    assert body.feed(b'{"error": {"message": "no"}}') == b"" and body.finish() == b'{"error": {"message": "no"}}'
+    blob = b"x" * (MAX_EVENT_BYTES + 1)  # more than an event may hold: relayed as it comes
+    assert EventFramer().feed(blob) == blob
+
+
+def test_an_answer_cut_before_it_was_relayed_names_its_tier_as_failed(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
+    # Under the size held whole, nothing of the answer has reached the caller when the upstream breaks:
+    # a 502 that, as every answer after an upstream failure, says which tier failed.
+    fresh["small"].behaviour, fresh["small"].huge_mb = "huge_break", 2
+    with pytest.raises(openai.APIStatusError) as info:
+        dispatcher.client().chat.completions.create(model="promptier/tier/small",
+                                                    messages=[{"role": "user", "content": EASY}])
+    headers = info.value.response.headers
+    assert info.value.status_code == 502 and headers["x-promptier-failed-tiers"] == "small"
+    (entry,) = read_log_once_written(tmp_path, 1)
+    assert entry["status"] == 502 and entry["failed_tiers"] == ["small"]

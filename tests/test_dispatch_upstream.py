@@ -63,6 +63,22 @@ def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[s
     assert not fresh["medium"].received  # a caller's error is not retried elsewhere
 
 
+def test_an_upstream_429_keeps_the_headers_that_say_when_to_retry(dispatcher: Dispatcher,
+                                                                   fresh: dict[str, Upstream]) -> None:
+    # OpenAI's SDKs wait what retry-after(-ms) says before they retry a 429; without it they retry at
+    # once, into the same rate limit. The upstream's other headers stay its own.
+    fresh["small"].behaviour = "429"
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as info:
+            dispatcher.client().chat.completions.create(
+                model="promptier/tier/small", messages=[{"role": "user", "content": EASY}], stream=stream)
+        headers = info.value.response.headers
+        assert (headers.get("retry-after"), headers.get("retry-after-ms"), headers.get("x-should-retry")) == (
+            "7", "7000", "true")
+        assert "x-upstream-secret" not in headers and headers["x-promptier-tier"] == "small"
+    assert not fresh["medium"].received
+
+
 def test_first_byte_timeout_is_not_cut_short_by_the_read_timeout(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
     config = dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl")

@@ -32,7 +32,7 @@ from serving.dispatch.inbound_request import (
     parse_chat,
     read_body,
 )
-from serving.dispatch.stream_meter import StreamMeter, answer_chars, ask_for_usage, wants_usage
+from serving.dispatch.stream_meter import EventFramer, StreamMeter, answer_chars, ask_for_usage, wants_usage
 from serving.dispatch.tenants import Tenant
 from serving.dispatch.upstream_body import (
     BUFFERED_BODY_LIMIT,
@@ -41,6 +41,7 @@ from serving.dispatch.upstream_body import (
     ResponseCut,
     read_up_to,
     read_usage,
+    relayed_headers,
     usage_from_stream_tail,
     usage_of_body,
 )
@@ -143,18 +144,14 @@ class ChatCompletions:
                         received, whole = await read_up_to(upstream, BUFFERED_BODY_LIMIT)
                     except (aiohttp.ClientError, TimeoutError) as error:
                         upstream.close()
-                        failure = HTTPError(502, f"upstream of tier {tier} failed while sending its response "
-                                            f"({type(error).__name__})", kind="upstream_error",
-                                            code="upstream_unavailable")
-                        self._record(chat, tier, failure.status)
-                        return failure.response(dispatcher.headers(route, tier))
+                        return self._broke_before_relaying(chat, tier, error)
         except ClientGone:
             # Closing the upstream connection is what stops its work (vLLM and others abort on it).
             if upstream is not None:
                 upstream.close()
             self._record(chat, tier or dispatcher.last_tier(route), CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
-        headers = dispatcher.headers(route, tier)
+        headers = {**relayed_headers(upstream.headers), **dispatcher.headers(route, tier)}
         media_type = upstream.headers.get("content-type", "application/json")
         if whole:
             upstream.release()
@@ -166,11 +163,24 @@ class ChatCompletions:
         return StreamingResponse(self._relay(chat, upstream, tier, received), status_code=upstream.status,
                                  media_type=media_type, headers=headers)
 
+    def _broke_before_relaying(self, chat: ChatExchange, tier: str, error: Exception) -> Response:
+        """A 502 for an upstream that broke off a body of which nothing has reached the caller: its tier
+        failed, and says so where a tier that fails before answering does (headers, log, decision log)."""
+        detail = f"upstream of tier {tier} failed while sending its response ({type(error).__name__})"
+        chat.route.failed_tiers.append(tier)
+        log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": detail}))
+        failure = HTTPError(502, detail, kind="upstream_error", code="upstream_unavailable")
+        self._record(chat, tier, failure.status)
+        return failure.response(self.dispatcher.headers(chat.route, tier))
+
     async def _relay(self, chat: ChatExchange, upstream: aiohttp.ClientResponse, tier: str,
                      received: list[bytes]) -> AsyncIterator[bytes]:
-        """The rest of the upstream's body as it comes (after `received`, its start): an event stream, or a
-        body too large to hold. Recorded once it ends, however it ends."""
-        streamed, meter = chat.streamed, chat.meter
+        """The rest of the upstream's body as it comes (after `received`, its start): an event stream, whole
+        events at a time, or a body too large to hold. Recorded once it ends, however it ends."""
+        streamed = chat.streamed
+        # A stream goes out whole events at a time: the meter's, or a framer's for a stream not metered.
+        framer: StreamMeter | EventFramer | None = chat.meter if chat.meter is not None else (
+            EventFramer() if streamed else None)
         status = upstream.status
         finished = False
         tail = bytearray()  # the end of a stream not metered, where its usage chunk is
@@ -180,27 +190,30 @@ class ChatCompletions:
                 relayed += len(received[0])
                 yield received.pop(0)
             async for chunk in upstream.content.iter_any():
-                if meter is not None:
-                    chunk = meter.feed(chunk)  # whole events, less a usage chunk the caller did not ask for
-                    if not chunk:
-                        continue
-                elif streamed:
-                    tail += chunk
-                    del tail[:-STREAM_TAIL_BYTES]
+                if framer is not None and not (chunk := framer.feed(chunk)):
+                    continue  # an event still on its way (or a usage chunk the caller did not ask for)
+                _keep_tail(chat, tail, chunk)
                 relayed += len(chunk)
                 yield chunk
-            if meter is not None and (rest := meter.finish()):
+            if framer is not None and (rest := framer.finish()):
+                _keep_tail(chat, tail, rest)
                 yield rest
             finished = True
         except (aiohttp.ClientError, TimeoutError) as error:
+            if framer is not None and framer.done:
+                return  # broken after its last event: the caller has the whole answer (recorded below)
             status = 599  # recorded as a broken stream
             detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
             if not streamed:
-                raise ResponseCut(detail) from None
+                raise ResponseCut(detail) from None  # logged where the connection is closed
+            log.warning(json.dumps({"event": "stream_interrupted", "tier": tier, "detail": detail}))
             event = {"error": {"message": detail, "type": "upstream_error", "code": "stream_interrupted"}}
             yield f"data: {json.dumps(event)}\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
-            status = CLIENT_CLOSED  # the caller disconnected mid-stream
+            # The caller disconnected mid-stream, unless it had the whole answer: OpenAI's SDK closes
+            # its connection as soon as it has read `data: [DONE]`, before the body's end comes.
+            if framer is None or not framer.done:
+                status = CLIENT_CLOSED
             raise
         finally:
             # Also runs when the client disconnects: closing the connection cancels the upstream call.
@@ -209,7 +222,8 @@ class ChatCompletions:
                 upstream.release()
             else:
                 upstream.close()
-            usage, note, counted = _relayed_usage(chat, upstream.status, status, finished, tail, relayed)
+            answered = finished or (framer is not None and framer.done)
+            usage, note, counted = _relayed_usage(chat, upstream.status, status, answered, tail, relayed)
             self._record(chat, tier, status, usage, note, counted)
 
     def _record(self, chat: ChatExchange, tier: str | None, status: int, usage: dict | None = None,
@@ -218,10 +232,18 @@ class ChatCompletions:
                                completion_chars)
 
 
+def _keep_tail(chat: ChatExchange, tail: bytearray, chunk: bytes) -> None:
+    """Keep the end of a stream that is not metered in `tail`: its usage chunk, if any, is there."""
+    if chat.streamed and chat.meter is None:
+        tail += chunk
+        del tail[:-STREAM_TAIL_BYTES]
+
+
 def _relayed_usage(chat: ChatExchange, upstream_status: int, status: int, finished: bool, tail: bytearray,
                    relayed: int) -> tuple[dict | None, str | None, int | None]:
     """What the decision log keeps of a relayed answer: (usage, the note on why there is none, and for a
-    metered answer without usage the characters or bytes it is charged by)."""
+    metered answer without usage the characters or bytes it is charged by). `finished`: the caller got
+    all of it."""
     usage: dict | None = None
     note: str | None = None
     counted: int | None = None

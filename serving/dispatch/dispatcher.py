@@ -123,6 +123,9 @@ class Dispatcher:
             self.embedded = EmbeddedRouteClassifier.load(
                 config.classifier.model, config.classifier.timeout_ms / 1000,
                 BatcherMetrics(self.metrics.registry, "promptier_dispatch_classifier"), config.classifier.threads)
+            # Its tiers are known now: a mismatch is refused as a bad artifact is, before any port opens
+            # (a worker started by SIGHUP then logs worker_cannot_start with the reason).
+            check_tier_names(self.embedded.model.tier_names, self.tiers, self.embedded.describe())
         self.decisions = DecisionLog(config.decision_log)
         self.capabilities = CapabilityRouter(self.tiers, {name: tier.serves for name, tier in config.tiers.items()},
                                              CapabilityMetrics(self.metrics.registry))

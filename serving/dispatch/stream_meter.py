@@ -68,16 +68,64 @@ def answer_chars(body: bytes) -> int:
     return text_chars(answer.get("choices"), "message") if isinstance(answer, dict) else 0
 
 
+def last_event_end(data: bytes) -> int:
+    """Where the last whole event of an event stream's `data` ends (0: no event has ended in it)."""
+    if data.endswith(b"\n\n"):  # the usual case: a chunk that ends with an event
+        return len(data)
+    end = 0
+    for match in _EVENT_END.finditer(data):
+        end = match.end()
+    return end
+
+
+def ends_with_done(events: bytes) -> bool:
+    """Whether the last event of `events` (whole events) is the stream's end, `data: [DONE]`."""
+    lines = events.rstrip(b"\r\n")
+    last = lines[max(lines.rfind(b"\n"), lines.rfind(b"\r")) + 1:]
+    return last.startswith(b"data:") and last[5:].strip() == b"[DONE]"
+
+
+class EventFramer:
+    """Cuts a relayed event stream at the ends of its events.
+
+    `feed` returns the whole events come so far, byte for byte, and holds back an event still on its way
+    (up to MAX_EVENT_BYTES: more is relayed as it comes). A stream that breaks then leaves the caller no
+    half event, which would run into the error event that ends it and make it unreadable. `done` says
+    that the last event relayed was `data: [DONE]`: the caller has the whole answer.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = last_event_end(data)
+        if len(data) - end > MAX_EVENT_BYTES:  # not an event stream, or an event too large to hold
+            end = len(data)
+        self._pending = data[end:]
+        if end:
+            self.done = ends_with_done(data[:end])
+        return data[:end]
+
+    def finish(self) -> bytes:
+        """What is left at the end of the stream (an event without its blank line, or a body that is no stream)."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+
 class StreamMeter:
     """Reads a relayed event stream event by event: the usage it carries and the characters of its text.
 
     `feed` returns what to relay: whole events only (an event is held until its blank line has come),
     byte for byte, less the usage chunk when `drop_usage_chunk` (the dispatcher asked for it, not the
-    caller). `finish` returns what is left at the end of the stream.
+    caller). `finish` returns what is left at the end of the stream. `done`, as `EventFramer`'s, says
+    that `data: [DONE]` has been read.
     """
 
     def __init__(self, drop_usage_chunk: bool) -> None:
         self.drop_usage_chunk = drop_usage_chunk
+        self.done = False
         self.usage: object = None  # the stream's `usage`, as sent (serving.dispatch.upstream_body.read_usage checks it)
         self.completion_chars = 0
         self._pending = b""
@@ -107,7 +155,10 @@ class StreamMeter:
     def _read(self, event: bytes) -> bool:
         """Take what the event says; False when it is the usage chunk to leave out."""
         payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
-        if not payload or payload == b"[DONE]":
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        if not payload:
             return True
         try:
             parsed = json.loads(payload)

@@ -4,6 +4,7 @@ it (for a stream, in its last event), checked before it prices anything."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -88,6 +89,17 @@ async def read_up_to(response: aiohttp.ClientResponse, limit: int) -> tuple[list
         if size > limit:
             return chunks, False
     return chunks, True
+
+
+# The upstream's response headers that go back to the caller with its answer: what OpenAI's SDKs act on
+# when they retry (how long to wait before retrying a 429 or a 503, and whether to retry at all). The
+# others are the upstream's own (its account's rate limits, its request ids) and are not passed on.
+RELAYED_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an upstream's response that its caller gets too (RELAYED_HEADERS), as they came."""
+    return {name: headers[name] for name in RELAYED_HEADERS if name in headers}
 
 
 class ResponseCut(Exception):
