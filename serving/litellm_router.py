@@ -39,13 +39,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import classifier
 from classifier.artifact import MODES
 from classifier.conversation import content_text
-from classifier.errors import InvalidInputError
+from classifier.errors import ArtifactError, InvalidInputError
 from serving.common.batcher import BatcherMetrics
 from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, read_config
 from serving.dispatch.route_classifier import ClassifierUnavailable, EmbeddedRouteClassifier, GrpcRouteClassifier
@@ -148,8 +149,18 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
 
     @classmethod
     def from_file(cls, path: str | Path) -> PromptierRouter:
-        """The hook for a config file (for a module of your own: `hook = PromptierRouter.from_file(...)`)."""
-        return cls(load_router_config(Path(path)))
+        """The hook for a config file (for a module of your own: `hook = PromptierRouter.from_file(...)`).
+
+        Raises:
+            ConfigError, ArtifactError: naming the file, as a proxy with several routers has several.
+        """
+        config = load_router_config(Path(path))
+        try:
+            return cls(config)
+        except ConfigError as error:  # the tier map is not the model's
+            raise ConfigError(f"{path}: tiers: {error}") from error
+        except ArtifactError as error:
+            raise ArtifactError(f"{path}: classifier.model: {error}") from error
 
     def _check_service_tiers(self) -> None:
         """The gRPC service's tiers, if it answers now; if not, a decision for a tier the config does not map
@@ -161,8 +172,9 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
             with RouterClient(address, timeout=2.0, attempts=1) as client:
                 served = [tier.name for tier in client.info().tiers]
         except Exception as error:  # grpc.RpcError, or a malformed address
+            code = error.code() if isinstance(error, grpc.Call) else None
             log.warning(json.dumps({"event": "classifier_not_checked", "address": address,
-                                    "detail": type(error).__name__}))
+                                    "detail": code.name if isinstance(code, grpc.StatusCode) else repr(error)}))
             return
         _check_tiers(served, self.config, f"gRPC service at {address}")
 
@@ -197,12 +209,15 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         router = proxy_server.llm_router
         if router is None:
             raise HTTPException(status_code=500, detail="promptier: the proxy has no model_list to route to")
-        served = set(router.registry().names())
-        missing = {tier: group for tier, group in self.config.tiers.items() if group not in served}
+        registry = router.registry()
+        # What a request for the name may reach, not the configured names alone: a group served by a wildcard
+        # deployment (`model_name: "openai/*"`) is in no list of names, yet LiteLLM routes it.
+        missing = {tier: group for tier, group in self.config.tiers.items()
+                   if not registry.names(group, kind="route_candidates")}
         if missing:
             log.error(json.dumps({"event": "model_groups_missing", "missing": missing}))
             raise HTTPException(status_code=500, detail=f"promptier: tiers map to model groups this proxy does not "
-                                f"serve: {missing}; served: {sorted(served)}")
+                                f"serve: {missing}; served: {sorted(registry.names())}")
         self._groups_served = True
 
     def _mode(self, metadata: Mapping[str, Any]) -> str:

@@ -18,6 +18,7 @@ pytest.importorskip("litellm", reason="LiteLLM is not installed: pip install -e 
 
 import classifier  # after the skip: this module needs LiteLLM
 from classifier.conversation import render_conversation
+from classifier.errors import ArtifactError
 from serving.bench.litellm_bench import LiteLLMProxy
 from serving.bench.ports import free_port
 from serving.dispatch.dispatch_config import ConfigError
@@ -35,6 +36,10 @@ HARD = ("Prove that there are infinitely many primes, then design a fault-tolera
         "for a multi-region database and prove its safety under network partitions.")
 GROUPS = {"small": "cheap-group", "medium": "mid-group", "large": "top-group"}
 MASTER_KEY = "sk-promptier-test"
+# As serving/README.md lists them: each group escalates to every dearer one (LiteLLM does not chain fallbacks).
+FALLBACKS = [{GROUPS["small"]: [GROUPS["medium"], GROUPS["large"]]}, {GROUPS["medium"]: [GROUPS["large"]]}]
+# A deployment serving any `wild/<model>`: a group that is in no list of model names, yet LiteLLM routes it.
+WILDCARD_GROUP = "wild/large-upstream-model"
 # LiteLLM's proxy takes 10-30 s to start on a quiet machine; on a busy 2-core one, longer.
 READY_WAIT_S = 300
 
@@ -43,9 +48,12 @@ def _litellm_config(upstreams: dict[str, Upstream], callbacks: list[str]) -> dic
     return {
         "model_list": [{"model_name": GROUPS[tier], "litellm_params": {
             "model": f"openai/{tier}-upstream-model", "api_base": upstream.url, "api_key": "sk-upstream"}}
-            for tier, upstream in upstreams.items()],
+            for tier, upstream in upstreams.items()] + [{"model_name": "wild/*", "litellm_params": {
+                "model": "openai/*", "api_base": upstreams["large"].url, "api_key": "sk-upstream"}}],
         # The alias lists `promptier` in /v1/models, and is where it would go if the hook were not loaded.
-        "router_settings": {"model_group_alias": {"promptier": GROUPS["medium"]}, "num_retries": 0},
+        # Without cooldowns, an upstream a test makes fail is not left out of the next tests' requests.
+        "router_settings": {"model_group_alias": {"promptier": GROUPS["medium"]}, "num_retries": 0,
+                            "fallbacks": FALLBACKS, "disable_cooldowns": True},
         "litellm_settings": {"callbacks": callbacks},
         "general_settings": {"master_key": MASTER_KEY},
     }
@@ -79,19 +87,24 @@ def upstreams() -> Iterator[dict[str, Upstream]]:
 
 @pytest.fixture(scope="module")
 def proxy(upstreams: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    """The proxy with the shipped model embedded, as the README configures it, plus a second router (built from
-    a module beside the config, as a user's own would be) whose top tier maps to a group the proxy lacks."""
+    """The proxy with the shipped model embedded, as the README configures it, plus two more routers (built from
+    a module beside the config, as a user's own would be): one whose top tier maps to a group the proxy lacks,
+    one whose top tier maps to a name only a wildcard deployment serves."""
     directory = tmp_path_factory.mktemp("litellm")
     promptier_config = _write(directory / "promptier.yaml", {
         "tiers": GROUPS, "fallback_tier": "medium", "classifier": {"embedded": True, "timeout_ms": 2000}})
     unserved = _write(directory / "unserved.yaml", {
         "router_model": "promptier-unserved", "tiers": {**GROUPS, "large": "no-such-group"},
         "fallback_tier": "medium", "classifier": {"embedded": True}})
+    wildcard = _write(directory / "wildcard.yaml", {
+        "router_model": "promptier-wildcard", "tiers": {**GROUPS, "large": WILDCARD_GROUP},
+        "fallback_tier": "medium", "classifier": {"embedded": True, "timeout_ms": 2000}})
     (directory / "own_hooks.py").write_text(
         "from serving.litellm_router import PromptierRouter\n"
-        f"unserved = PromptierRouter.from_file({str(unserved)!r})\n", encoding="utf-8")
-    running = Proxy(directory, _litellm_config(upstreams, ["serving.litellm_router.hook", "own_hooks.unserved"]),
-                    promptier_config)
+        f"unserved = PromptierRouter.from_file({str(unserved)!r})\n"
+        f"wildcard = PromptierRouter.from_file({str(wildcard)!r})\n", encoding="utf-8")
+    callbacks = ["serving.litellm_router.hook", "own_hooks.unserved", "own_hooks.wildcard"]
+    running = Proxy(directory, _litellm_config(upstreams, callbacks), promptier_config)
     try:
         running.wait_ready()
         yield running
@@ -212,13 +225,46 @@ def test_a_tier_mapped_to_a_group_the_proxy_lacks_is_a_500_that_names_it(proxy: 
     assert _ask(proxy, EASY[1])[0]["x-promptier-reason"] == "classified"  # the other router is unaffected
 
 
-def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path) -> None:
+def test_a_tier_mapped_to_a_name_a_wildcard_deployment_serves_is_routed(
+        proxy: Proxy, upstreams: dict[str, Upstream], runtime: classifier.TierClassifier) -> None:
+    groups = {**GROUPS, "large": WILDCARD_GROUP}
+    for prompt in (EASY[0], HARD):
+        _clear(upstreams)
+        expected = _expected_tier(runtime, prompt)
+        headers, answer = _ask(proxy, prompt, model="promptier-wildcard")
+        assert answer == f"answer from {expected}", prompt
+        assert (headers["x-promptier-reason"], headers["x-promptier-model-group"]) == ("classified", groups[expected])
+        assert upstreams[expected].received[0]["body"]["model"] == f"{expected}-upstream-model"
+
+
+def test_an_upstream_that_fails_escalates_through_the_listed_fallbacks_and_the_headers_keep_the_decision(
+        proxy: Proxy, upstreams: dict[str, Upstream], runtime: classifier.TierClassifier) -> None:
+    cheapest = runtime.tier_names[0]
+    assert _expected_tier(runtime, EASY[0]) == cheapest  # or this would test nothing
+    _clear(upstreams)
+    for tier in ("small", "medium"):
+        upstreams[tier].behaviour = "500"
+    try:
+        headers, answer = _ask(proxy, EASY[0])
+    finally:
+        for upstream in upstreams.values():
+            upstream.behaviour = "ok"
+    assert answer == "answer from large"
+    assert _received(upstreams) == {"small": 1, "medium": 1, "large": 1}
+    assert (headers["x-promptier-tier"], headers["x-promptier-model-group"], headers["x-promptier-reason"]) == (
+        cheapest, GROUPS[cheapest], "classified")
+    assert headers["x-litellm-model-group"] == GROUPS["large"]
+
+
+def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
     """The gRPC form, with nothing listening: the start only warns (the service may come later); each request
     goes to the fallback group and says why."""
     config = LiteLLMRouterConfig.model_validate({
         "tiers": GROUPS, "fallback_tier": "large",
         "classifier": {"address": f"127.0.0.1:{free_port()}", "timeout_ms": 200}})
     router = PromptierRouter(config)
+    assert '"event": "classifier_not_checked"' in caplog.text and '"detail": "UNAVAILABLE"' in caplog.text
 
     async def route() -> dict:
         data = {"model": "promptier", "messages": [{"role": "user", "content": HARD}]}
@@ -277,6 +323,14 @@ def test_bad_configs_are_refused_with_the_field_named(tmp_path: Path, monkeypatc
         with pytest.raises(ConfigError, match="map every tier of the model"):
             PromptierRouter(LiteLLMRouterConfig.model_validate(
                 {"tiers": tiers, "fallback_tier": "small", "classifier": {"embedded": True}}))
+    # From a file, the error names it: a proxy with several routers has several.
+    unfit = _write(tmp_path / "unfit.yaml", {"tiers": {"small": "a", "large": "b"}, "fallback_tier": "small",
+                                             "classifier": {"embedded": True}})
+    with pytest.raises(ConfigError, match=f"^{unfit}: tiers: .*map every tier of the model"):
+        PromptierRouter.from_file(unfit)
+    with pytest.raises(ArtifactError, match=f"^{unfit}: classifier.model: "):
+        PromptierRouter.from_file(_write(unfit, {"tiers": GROUPS, "fallback_tier": "small", "classifier": {
+            "embedded": True, "model": str(tmp_path / "no-model")}}))
     import serving.litellm_router as module
 
     monkeypatch.delenv(CONFIG_ENV, raising=False)
@@ -296,6 +350,7 @@ def test_a_proxy_whose_tier_map_does_not_fit_the_model_does_not_start(upstreams:
     finally:
         failing.stop()
     assert failing.process.returncode != 0
+    assert f"{promptier_config}: tiers: " in failing.tail(100_000)
     assert "map every tier of the model" in failing.tail(100_000)
 
 
