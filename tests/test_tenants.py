@@ -429,6 +429,7 @@ def _load(tmp_path: Path, text: str) -> DispatcherConfig:
     ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: .inf}}}", r"budget\.usd: Input should be a finite number"),
     ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: '500'}}}", r"budget\.usd: Input should be a valid number"),
     ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: 5, pacing: 'yes'}}}", r"pacing: Input should be a valid bool"),
+    ("tenants: {a: {api_keys_env: A_KEYS, budget: {usd: 5, pace: true}}}", r"budget\.pace: Extra inputs are not"),
     ("spend_store: {kind: redis}", r"spend_store: Value error, kind: redis needs url_env"),
     ("spend_store: {kind: redis, url_env: UNSET_REDIS_URL}", r"UNSET_REDIS_URL is not set"),
     ("spend_store: {url_env: X}", r"url_env and key_prefix apply only with kind: redis"),

@@ -30,8 +30,9 @@ class _Strict(BaseModel):
 class BudgetConfig(_Strict):
     """Spend allowed per calendar period, met by routing toward cheaper tiers as spend runs ahead."""
 
-    # `pacing: "yes"` or `usd: "500"` is a mistake to name, not to coerce (as `serves:` does).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    # `pacing: "yes"` or `usd: "500"` is a mistake to name, not to coerce (as `serves:` does). Merged
+    # with _Strict's settings, which still apply.
+    model_config = ConfigDict(strict=True)
 
     usd: float = Field(gt=0, description="the budget of one period, in USD")
     period: Period = Field(default="month", description="day or month, calendar-aligned in UTC")
