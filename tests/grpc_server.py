@@ -1,5 +1,6 @@
-"""The gRPC service in a test's process (a real server on a free port, on its own event loop) and the
-worker processes of a `--workers` one, for the tests of every component that talks to it."""
+"""The gRPC service in a test's process (a real server on a free port, on its own event loop), a model a
+test holds on an event, and the worker processes of a `--workers` one, for the tests of every component
+that talks to it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,29 @@ from pathlib import Path
 
 import psutil
 
+import classifier
 from serving.service.server import RunningServer, start_server
 
 EASY = "hello thanks say hi cat dog"
 HARD = "prove theorem derive integral eigenvalue lemma"
+
+
+class HeldModel:
+    """Wraps a real model; every model call waits on `release` (a test holds work on this event, never
+    on a timer) and is recorded, so a test can see which prompts each model call carried."""
+
+    def __init__(self, model: classifier.TierClassifier) -> None:
+        self._model = model
+        self.manifest, self.model_version = model.manifest, model.model_version
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def classify_items(self, items):  # type: ignore[no-untyped-def]
+        self.calls.append([str(text) for text, _ in items])
+        self.entered.set()
+        assert self.release.wait(120), "the test never released the model"
+        return self._model.classify_items(items)
 
 
 class ServerThread:

@@ -15,7 +15,7 @@ import pytest
 
 from serving.client import AsyncRouterClient, Decision, RouterClient
 from serving.service.limits import ServerLimits
-from tests.grpc_server import EASY, HARD, ServerThread, worker_serving
+from tests.grpc_server import EASY, HARD, HeldModel, ServerThread, worker_serving
 from tests.server_probes import counted
 
 
@@ -216,3 +216,35 @@ def test_coalescing_client_scenarios_count_calls_and_group_them(server: ServerTh
     assert ("blocking" in result["generator"]) is blocking and result["p99_ms"] >= result["p50_ms"] > 0
     assert counted(server.running, "ClassifyBatch", "OK") > before  # concurrent calls went out grouped
 
+
+
+def test_closing_a_coalescing_client_answers_every_caller(trained_artifact: Path) -> None:
+    """close() used to cancel the sends in flight without answering their callers, who then waited
+    forever (the deadline was the cancelled call's); every caller gets an RpcError instead."""
+    import classifier
+
+    held = HeldModel(classifier.load(trained_artifact))
+    running = ServerThread(model=held)
+
+    async def run() -> list[BaseException | Decision]:
+        client = AsyncRouterClient(running.target, timeout=300, attempts=1, coalesce=True, max_in_flight=1)
+        calls = [asyncio.ensure_future(client.classify(EASY)) for _ in range(5)]
+        while not held.entered.is_set():  # one call is in the model, the others wait in the client
+            await asyncio.sleep(0.01)
+        await client.close()
+        # Bounded only so that a regression fails instead of hanging: every caller is answered by now.
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+        with pytest.raises(grpc.RpcError) as info:
+            await client.classify(EASY)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        held.release.set()
+        running.stop()
+    assert len(outcomes) == 5
+    for outcome in outcomes:
+        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.CANCELLED, outcome
+        assert "client was closed" in (outcome.details() or "")

@@ -231,6 +231,40 @@ def test_long_invalid_fields_are_invalid_argument_with_bounded_details(stub: rou
 
 
 
+def test_a_batch_of_many_conversation_messages_does_not_hold_other_calls(server: ServerThread,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendering a 16 MiB batch of conversations (a million messages) ran on the event loop and held
+    every other caller's call for 0.6 s. Here rendering is held on an event, not timed: a single call
+    must be answered while the batch is still being rendered."""
+    import threading
+
+    import serving.service.router as router_module
+
+    rendering, release = threading.Event(), threading.Event()
+    render = router_module.render_conversation
+
+    def held(messages):  # type: ignore[no-untyped-def]
+        if messages[-1][1] == "hold the render":
+            rendering.set()
+            assert release.wait(60), "the test never released the render"
+        return render(messages)
+
+    monkeypatch.setattr(router_module, "render_conversation", held)
+    turns = [router_pb2.Message(role="user", content="hi")] * 5_999 + [router_pb2.Message(role="user",
+                                                                                          content="hold the render")]
+    item = router_pb2.ClassifyRequest(conversation=router_pb2.Conversation(messages=turns))
+    with grpc.insecure_channel(server.target) as channel, RouterClient(server.target, timeout=30) as client:
+        batch = router_pb2_grpc.RouterStub(channel).ClassifyBatch.future(
+            router_pb2.ClassifyBatchRequest(items=[item, item]), timeout=120)
+        try:
+            assert rendering.wait(60), "the batch never reached its rendering"
+            assert client.classify(HARD).tier == "large"  # answered while the batch is held
+        finally:
+            release.set()
+        answers = batch.result().items
+        assert [answer.WhichOneof("outcome") for answer in answers] == ["result", "result"], answers[0].error
+
+
 def test_a_prompt_the_model_fails_on_fails_alone_and_the_server_keeps_serving(trained_artifact: Path,
                                                                             tokenizer_panics: str) -> None:
     """A failure that ended the model thread would leave every later call waiting forever while health

@@ -112,6 +112,30 @@ def test_serve_on_a_busy_port_says_so_and_exits_2(trained_artifact: Path, worker
     assert "Traceback" not in result.stderr
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_serve_takes_an_ipv6_host_as_written(trained_artifact: Path) -> None:
+    """`promptier serve --host ::1` made the address `::1:PORT`, which gRPC cannot parse: the server
+    refused to start, saying only that it could not listen."""
+    if not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    running = ServerThread(model_dir=trained_artifact, address="::1:0")
+    try:
+        assert running.running is not None
+        with grpc.insecure_channel(f"[::1]:{running.running.port}") as channel:
+            reply = router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=10)
+        assert reply.tier == "small"
+    finally:
+        running.stop()
+
+
 def test_reload_good_and_bad_and_drain(trained_artifact: Path, tmp_path: Path) -> None:
     running = ServerThread(model_dir=trained_artifact)
     try:

@@ -16,7 +16,7 @@ import classifier
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.client import RouterClient
 from serving.service.limits import ServerLimits
-from tests.grpc_server import EASY, HARD, ServerThread
+from tests.grpc_server import EASY, HARD, HeldModel, ServerThread
 from tests.server_probes import code_of, counted, sample, wait_until
 
 
@@ -31,24 +31,6 @@ class _SlowModel:
         time.sleep(self._delay)
         if self._fail and any("boom" in str(text) for text, _ in items):
             raise RuntimeError("secret internal detail /etc/passwd")
-        return self._model.classify_items(items)
-
-
-class _HeldModel:
-    """Wraps a real model; every model call waits on `release` (a test holds work on this event, never
-    on a timer) and is recorded, so a test can see which prompts each model call carried."""
-
-    def __init__(self, model: classifier.TierClassifier) -> None:
-        self._model = model
-        self.manifest, self.model_version = model.manifest, model.model_version
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        self.calls: list[list[str]] = []
-
-    def classify_items(self, items):  # type: ignore[no-untyped-def]
-        self.calls.append([str(text) for text, _ in items])
-        self.entered.set()
-        assert self.release.wait(120), "the test never released the model"
         return self._model.classify_items(items)
 
 
@@ -75,7 +57,7 @@ def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
     in prompts); unary calls are admitted beside it and run between its chunks, and the flooder is told
     RESOURCE_EXHAUSTED, counted with its reason. The model is held on an event while the queues fill,
     so nothing here depends on how fast it runs."""
-    held = _HeldModel(classifier.load(trained_artifact))
+    held = HeldModel(classifier.load(trained_artifact))
     running = ServerThread(model=held, limits=ServerLimits(max_queue=100, max_batch_queue=1024))
     assert running.running is not None
     batcher = running.running.batcher
@@ -161,7 +143,7 @@ def test_every_call_reaches_a_handler_and_is_counted_with_its_status(trained_art
 def test_shutdown_answers_waiting_calls_unavailable(trained_artifact: Path) -> None:
     """Calls still waiting for the model when the drain's grace ends are answered UNAVAILABLE (which
     clients retry elsewhere) and counted, rather than cancelled by gRPC with a bare CANCELLED."""
-    held = _HeldModel(classifier.load(trained_artifact))
+    held = HeldModel(classifier.load(trained_artifact))
     running = ServerThread(model=held)
     assert running.running is not None
     batcher = running.running.batcher
@@ -228,3 +210,30 @@ def test_deadline_expiry(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch
     assert counted(running.running, "Classify", "DEADLINE_EXCEEDED") == 1
     assert counted(running.running, "Classify", "OK") == 2
 
+
+
+def test_drain_ends_health_watches_instead_of_waiting_out_the_grace(trained_artifact: Path) -> None:
+    """A Watch never ends by itself: an open one (gRPC client-side health checking keeps one per
+    connection) held every drain for its whole grace, although nothing else was in flight. It is told
+    NOT_SERVING, then ended once the drain is done."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = ServerThread(model_dir=trained_artifact)
+    assert running.running is not None
+    seen: list[str] = []
+    with grpc.insecure_channel(running.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=600)
+        first = next(watch)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        with RouterClient(running.target, timeout=10) as client:
+            assert client.classify(EASY).tier == "small"
+        # A grace far longer than the bound on the call: the stop must not wait it out.
+        running.call(running.running.stop(grace=300))
+        try:
+            for update in watch:
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(update.status))
+        except grpc.RpcError as error:  # the stream may also end with the connection
+            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), error
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    running.thread.join(10)
+    assert seen == ["NOT_SERVING"]

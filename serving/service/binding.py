@@ -25,3 +25,15 @@ def ensure_port_free(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as error:
         raise BindError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+
+
+def grpc_address(address: str) -> str:
+    """`address` (host:port) as gRPC parses it: an IPv6 literal in brackets.
+
+    `promptier serve --host ::` makes `:::50051`, which gRPC cannot resolve ("Misformatted domain
+    name"), where `[::]:50051` is the dual-stack wildcard the operator asked for.
+    """
+    host, separator, port = address.rpartition(":")
+    if separator and ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return address

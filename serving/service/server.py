@@ -12,15 +12,16 @@ import signal
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import classifier
 from classifier import PromptierError, TierClassifier
 from serving.common.batcher import Batcher
 from serving.common.startup import freeze_startup_objects
 from serving.service.admin import ADMIN_SERVICE, ADMIN_TOKEN_ENV, AdminService, admin_handlers
-from serving.service.binding import BindError, ensure_port_free
+from serving.service.binding import BindError, ensure_port_free, grpc_address
 from serving.service.fleet import FLEET_SIGNAL, FleetModel, same_directory
+from serving.service.health import SERVING, ServerHealth
 from serving.service.limits import ServerLimits
 from serving.service.live_model import ModelHolder
 from serving.service.metrics import ServerMetrics
@@ -38,7 +39,7 @@ class RunningServer:
     """A started server. `port` is the bound port (useful with port 0 in tests)."""
 
     def __init__(self, server: grpc.aio.Server, port: int, holder: ModelHolder, batcher: Batcher,
-                 health_servicer: health.aio.HealthServicer, metrics: ServerMetrics) -> None:
+                 health_servicer: ServerHealth, metrics: ServerMetrics) -> None:
         self.server, self.port, self.holder, self.batcher = server, port, holder, batcher
         self.health, self.metrics = health_servicer, metrics
         self.fleet: FleetModel | None = None  # set in a `--workers` process: Admin.Reload reaches every worker
@@ -85,7 +86,8 @@ class RunningServer:
                 await self.reload(state.directory)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds.
+        """Drain: report NOT_SERVING, stop accepting, let in-flight RPCs finish within `grace` seconds,
+        then end health Watch streams (they have said NOT_SERVING; they would never end by themselves).
 
         What still waits for the model after `grace` is answered UNAVAILABLE (counted), before gRPC
         would cancel it: a caller never sees a bare CANCELLED from a shutdown.
@@ -94,6 +96,7 @@ class RunningServer:
         stopping = asyncio.ensure_future(self.server.stop(grace + STOP_ANSWER_S))
         await self.batcher.drain(grace)
         await self.batcher.stop()
+        await self.health.end_watches()  # else an open Watch alone would hold the stop for its whole grace
         await stopping
 
     async def wait(self) -> None:
@@ -118,10 +121,9 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         PromptierError: the artifact is invalid (ArtifactError) or the address cannot be bound (BindError).
     """
     limits = limits or ServerLimits()
+    address = grpc_address(address)
     metrics = ServerMetrics()
-    health_servicer = health.aio.HealthServicer()
-    for service in ("", ROUTER_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer = ServerHealth(("", ROUTER_SERVICE))  # NOT_SERVING until started
     if model is None:
         model = await asyncio.get_running_loop().run_in_executor(None, classifier.load, model_dir, threads)
     loaded: TierClassifier = model
@@ -150,7 +152,7 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
     batcher.start()
     await server.start()
     for service in ("", ROUTER_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(service, SERVING)
     return running
 
 
@@ -165,6 +167,7 @@ async def serve_forever(model_dir: Path | None, address: str, threads: int, metr
         PromptierError: the artifact is invalid, or the gRPC or metrics address cannot be bound.
     """
     loop = asyncio.get_running_loop()
+    address = grpc_address(address)
     model, serving_dir = None, model_dir
     state = fleet.read() if fleet is not None else None
     if state is not None and state.directory is not None and not same_directory(state.directory, model_dir):
