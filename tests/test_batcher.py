@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from serving.common.batcher import Batcher, BatcherMetrics
+from serving.common.batcher import Batcher, BatcherMetrics, QueueFullError
 
 
 class _RecordingModel:
@@ -61,3 +61,103 @@ def test_a_stream_of_unary_calls_cannot_starve_a_batch_call() -> None:
     assert kinds[:6] == ["unary", "batch", "unary", "batch", "unary", "batch"], kinds
     assert all(len(call) <= 8 for call in calls)
     assert all(prompt.startswith("u") for call in calls if call[0].startswith("u") for prompt in call)
+
+
+def _batcher(model: object, max_batch: int = 8, budget: int = 1000) -> Batcher:
+    return Batcher(lambda: model, BatcherMetrics(CollectorRegistry(), "test"),  # type: ignore[arg-type,return-value]
+                   max_queue=budget, max_batch=max_batch, max_batch_queue=budget)
+
+
+def test_callers_take_turns_so_one_callers_flood_delays_another_by_one_model_call() -> None:
+    async def scenario() -> list[list[str]]:
+        model = _RecordingModel()
+        batcher = _batcher(model)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit([("flood-first", None)], None, caller="flooder"))
+            await _until(model.entered.is_set, "the first call to enter the model")
+            flood = [asyncio.ensure_future(batcher.submit([(f"flood{i}", None)], None, caller="flooder"))
+                     for i in range(200)]
+            await _until(lambda: batcher.queued("unary") == 200, "the flood to queue")
+            other = asyncio.ensure_future(batcher.submit([("other", None)], None, caller="other"))
+            await _until(lambda: batcher.queued("unary") == 201, "the other caller's call to queue")
+            model.release.set()
+            await asyncio.gather(first, other, *flood)
+            return model.calls
+        finally:
+            model.release.set()
+            await batcher.stop()
+
+    calls = asyncio.run(scenario())
+    # The call after the held one already carries the other caller's prompt, queued behind 200 of the
+    # flooder's; first come first served would have run it 25 model calls later.
+    assert "other" in calls[1], calls[:3]
+    assert sum(len(call) for call in calls) == 202 and all(len(call) <= 8 for call in calls)
+
+
+def test_one_caller_may_hold_half_the_batch_lane_and_the_rest_stays_for_others() -> None:
+    async def scenario() -> tuple[list[str], int]:
+        model = _RecordingModel()
+        batcher = _batcher(model, max_batch=64, budget=1024)
+        batcher.start()
+        refusals: list[str] = []
+        try:
+            first = asyncio.ensure_future(batcher.submit([(f"a{i}", None) for i in range(64)], None, "batch", "a"))
+            await _until(model.entered.is_set, "the first call to enter the model")
+            admitted = [asyncio.ensure_future(batcher.submit([(f"a{i}", None) for i in range(256)], None, "batch",
+                                                             "a")) for _ in range(2)]
+            await _until(lambda: batcher.queued("batch") == 512, "the flooder's half to queue")
+            try:
+                await batcher.submit([("a-more", None)], None, "batch", "a")
+            except QueueFullError as error:
+                refusals.append(f"a refused by_caller={error.by_caller}: {error}")
+            others = asyncio.ensure_future(batcher.submit([(f"b{i}", None) for i in range(256)], None, "batch", "b"))
+            await _until(lambda: batcher.queued("batch") == 768, "another caller's call to queue")
+            model.release.set()
+            await asyncio.gather(first, *admitted)
+            return refusals, len(await others)
+        finally:
+            model.release.set()
+            await batcher.stop()
+
+    refusals, others_answered = asyncio.run(scenario())
+    assert refusals == ["a refused by_caller=True: this caller holds its share of the batch queue"]
+    assert others_answered == 256  # admitted beside the flooder's half, and served
+
+
+class _ModelThatAnswersItsName:
+    """Answers each prompt with its own name; holds every call until released, once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def classify_items(self, items: Sequence[tuple[object, object]]) -> list[str]:
+        self.entered.set()
+        self.release.wait(30)
+        return [self.name] * len(items)
+
+
+def test_a_batch_call_cut_into_pieces_is_answered_by_one_model_across_a_reload() -> None:
+    async def scenario() -> tuple[Sequence[object], Sequence[object]]:
+        old, new = _ModelThatAnswersItsName("old"), _ModelThatAnswersItsName("new")
+        new.release.set()
+        current = [old]
+        batcher = Batcher(lambda: current[0], BatcherMetrics(CollectorRegistry(), "test"),  # type: ignore[arg-type,return-value]
+                          max_queue=100, max_batch=8, max_batch_queue=100)
+        batcher.start()
+        try:
+            batch = asyncio.ensure_future(batcher.submit([(f"b{i}", None) for i in range(20)], None, "batch"))
+            await _until(old.entered.is_set, "the batch's first piece to enter the old model")
+            current[0] = new  # a reload while the first of three pieces runs
+            later = asyncio.ensure_future(batcher.submit([("u", None)], None))
+            old.release.set()
+            return await batch, await later
+        finally:
+            old.release.set()
+            await batcher.stop()
+
+    batch_answers, later_answers = asyncio.run(scenario())
+    assert batch_answers == ["old"] * 20  # every piece on the model that took its first prompts
+    assert later_answers == ["new"]  # a call that came after the reload gets the new model

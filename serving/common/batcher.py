@@ -16,6 +16,18 @@ unary prompt would then wait for a whole batch chunk's compute), unless the prev
 one and batch prompts wait: then a batch chunk runs, topped up with unary prompts if it has room. So
 unary prompts wait for at most one model call of batch prompts however many of those are queued, and
 a stream of unary calls cannot starve the batch lane either.
+
+Within a lane, callers (the gRPC service: one per connection) take turns: a model call takes a call
+from each caller with work queued in turn, so one caller's flood of queued calls delays another
+caller's call by at most one model call, not by the whole flood. And no caller may hold more than
+half of the batch lane's budget (CALLER_SHARE), where a few large calls from one caller would
+otherwise fill it and shut out the rest. (In the unary lane, one prompt a call, a connection's calls
+in flight are bounded by gRPC's stream limit, 256 against a lane of 1,024 by default.) Work
+submitted without a caller (the dispatcher's embedded model, whose callers are its tenants, shared
+out before they reach it) is one caller with no share limit.
+
+Each call is answered by one model: a batch call cut into several model calls is run by the model
+that took its first prompts, even if a reload swapped in another in between.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +49,8 @@ from classifier import ClassificationResult, PromptierError, RoutingRequest, Tie
 Outcome = ClassificationResult | PromptierError  # per item: a decision, or why there is none
 Lane = Literal["unary", "batch"]
 LANES: tuple[Lane, ...] = ("unary", "batch")
+# The most of the batch lane's budget one caller may hold: with two callers or more it is never one's alone.
+CALLER_SHARE = 0.5
 log = logging.getLogger("promptier.batcher")
 
 
@@ -52,11 +66,14 @@ class BatcherMetrics:
 
 
 class QueueFullError(Exception):
-    """Admitting the call would take its lane past its budget of queued prompts: the server is overloaded."""
+    """Admitting the call would take its lane past its budget of queued prompts (the server is
+    overloaded), or its caller past its share of that budget (`by_caller`: that caller sends too much)."""
 
-    def __init__(self, lane: Lane) -> None:
-        super().__init__(f"the {lane} queue is full")
+    def __init__(self, lane: Lane, by_caller: bool = False) -> None:
+        super().__init__(f"this caller holds its share of the {lane} queue" if by_caller
+                         else f"the {lane} queue is full")
         self.lane = lane
+        self.by_caller = by_caller
 
 
 class DeadlineExpiredError(Exception):
@@ -73,6 +90,8 @@ class _Work:
     deadline: float | None  # time.monotonic()
     future: asyncio.Future = field(repr=False)
     lane: Lane
+    caller: str | None = None
+    model: TierClassifier | None = field(default=None, repr=False)  # the model that took its first prompts
     taken: int = 0  # items handed to the model so far (a batch call may span several model calls)
     outcomes: list[Outcome] = field(default_factory=list)  # written by the model thread only
 
@@ -82,6 +101,78 @@ class _Chunk:
     work: _Work
     start: int
     end: int
+
+
+Answer = tuple[_Work, list[Outcome] | BaseException]  # a call's outcomes, or the error of its model call
+
+
+class _Lane:
+    """A lane's queued works: one queue per caller, callers served in turn, and the prompts each holds."""
+
+    def __init__(self) -> None:
+        self._turns: collections.OrderedDict[str | None, collections.deque[_Work]] = collections.OrderedDict()
+        self._held: collections.Counter[str | None] = collections.Counter()
+        self.queued = 0  # prompts not yet handed to the model
+
+    def __bool__(self) -> bool:
+        return bool(self._turns)
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._turns.values())
+
+    def __iter__(self) -> Iterator[_Work]:
+        for queue in self._turns.values():
+            yield from queue
+
+    def __contains__(self, work: _Work) -> bool:
+        return work in self._turns.get(work.caller, ())
+
+    def held(self, caller: str | None) -> int:
+        """Prompts `caller` has waiting in this lane."""
+        return self._held[caller]
+
+    def add(self, work: _Work) -> None:
+        self._turns.setdefault(work.caller, collections.deque()).append(work)
+        self._count(work.caller, len(work.items))
+
+    def next_work(self) -> _Work:
+        """The first queued work of the caller whose turn it is."""
+        return next(iter(self._turns.values()))[0]
+
+    def took(self, work: _Work, end: int) -> None:
+        """`work`, the next work, has had its prompts up to `end` handed to the model: its caller's turn is
+        over (a work not finished stays first in that caller's queue)."""
+        self._count(work.caller, -(end - work.taken))
+        work.taken = end
+        queue = self._turns[work.caller]
+        if end == len(work.items):
+            queue.popleft()
+        if queue:
+            self._turns.move_to_end(work.caller)
+        else:
+            del self._turns[work.caller]
+
+    def remove(self, work: _Work) -> bool:
+        """Drop `work` and its prompts not yet taken; False when it is not queued (taken whole already)."""
+        queue = self._turns.get(work.caller)
+        if queue is None or work not in queue:
+            return False
+        queue.remove(work)  # O(the caller's queued works), bounded by the lane's budget
+        if not queue:
+            del self._turns[work.caller]
+        self._count(work.caller, -(len(work.items) - work.taken))
+        return True
+
+    def clear(self) -> None:
+        self._turns.clear()
+        self._held.clear()
+        self.queued = 0
+
+    def _count(self, caller: str | None, prompts: int) -> None:
+        self.queued += prompts
+        self._held[caller] += prompts
+        if self._held[caller] <= 0:
+            del self._held[caller]
 
 
 class Batcher:
@@ -104,8 +195,7 @@ class Batcher:
         self._budgets: dict[Lane, int] = {"unary": max_queue,
                                           "batch": max_queue if max_batch_queue is None else max_batch_queue}
         self._max_batch = max_batch
-        self._lanes: dict[Lane, collections.deque[_Work]] = {lane: collections.deque() for lane in LANES}
-        self._queued: dict[Lane, int] = dict.fromkeys(LANES, 0)  # prompts not yet handed to the model
+        self._lanes: dict[Lane, _Lane] = {lane: _Lane() for lane in LANES}
         self._running: list[_Work] = []  # works with prompts in the model call in progress
         self._last_was_unary = False  # whether the last model call was taken unary lane first
         self._wake = threading.Condition()
@@ -123,7 +213,7 @@ class Batcher:
     def queued(self, lane: Lane) -> int:
         """Prompts of `lane` waiting for the model (not counting those in the model call in progress)."""
         with self._wake:
-            return self._queued[lane]
+            return self._lanes[lane].queued
 
     def calls(self, lane: Lane) -> int:
         """Calls of `lane` not yet answered: waiting for the model or in the model call in progress."""
@@ -155,7 +245,6 @@ class Batcher:
             pending = [work for lane in LANES for work in self._lanes[lane]] + self._running
             for lane in LANES:
                 self._lanes[lane].clear()
-                self._queued[lane] = 0
             self._wake.notify_all()
         self._metrics.queue_depth.set(0)
         for work in pending:
@@ -165,24 +254,32 @@ class Batcher:
         await asyncio.get_running_loop().run_in_executor(None, thread.join, join_timeout)
 
     async def submit(self, items: Sequence[tuple[object, RoutingRequest | None]], timeout: float | None,
-                     lane: Lane = "unary") -> list[Outcome]:
+                     lane: Lane = "unary", caller: str | None = None) -> list[Outcome]:
         """Queue items and wait for their outcomes.
 
+        Args:
+            caller: who sends them (callers take turns within a lane, and each holds at most CALLER_SHARE
+                of the batch lane); None: one caller for all such work, with no share limit.
+
         Raises:
-            QueueFullError: the lane has no room for these prompts.
+            QueueFullError: the lane has no room for these prompts, or their caller holds its share.
             DeadlineExpiredError: `timeout` passed before the model reached them.
             BatcherStoppedError: the batcher is stopped or stopping.
         """
         if self._thread is None or self._loop is None or self._stopping:
             raise BatcherStoppedError()
         work = _Work(list(items), None if timeout is None else time.monotonic() + timeout,
-                     self._loop.create_future(), lane)
+                     self._loop.create_future(), lane, caller)
         with self._wake:
-            if self._queued[lane] + len(work.items) > self._budgets[lane] and self._queued[lane] > 0:
-                raise QueueFullError(lane)  # an empty lane takes any one call, whatever its size
-            self._lanes[lane].append(work)
-            self._queued[lane] += len(work.items)
-            depth = self._queued["unary"] + self._queued["batch"]
+            queue, budget = self._lanes[lane], self._budgets[lane]
+            # An empty lane takes any one call, whatever its size; so does a caller holding nothing.
+            if queue.queued + len(work.items) > budget and queue.queued > 0:
+                raise QueueFullError(lane)
+            held = queue.held(caller)
+            if lane == "batch" and caller is not None and held + len(work.items) > budget * CALLER_SHARE and held > 0:
+                raise QueueFullError(lane, by_caller=True)
+            queue.add(work)
+            depth = self._depth()
             self._wake.notify()
         self._metrics.queue_depth.set(depth)
         try:
@@ -193,13 +290,14 @@ class Batcher:
 
     def _withdraw(self, work: _Work) -> None:
         with self._wake:
-            try:
-                self._lanes[work.lane].remove(work)  # O(queued works), bounded by the lane's budget
-            except ValueError:
+            if not self._lanes[work.lane].remove(work):
                 return  # fully handed to the model already
-            self._queued[work.lane] -= len(work.items) - work.taken
-            depth = self._queued["unary"] + self._queued["batch"]
+            depth = self._depth()
         self._metrics.queue_depth.set(depth)
+
+    def _depth(self) -> int:
+        """Under the lock: prompts waiting for the model, both lanes."""
+        return sum(queue.queued for queue in self._lanes.values())
 
     # ------------------------------------------------------------------ model thread
     def _run(self) -> None:
@@ -211,7 +309,7 @@ class Batcher:
                     return
                 chunks, expired = self._take()
                 self._running = list({id(chunk.work): chunk.work for chunk in chunks}.values())
-                depth = self._queued["unary"] + self._queued["batch"]
+                depth = self._depth()
             self._metrics.queue_depth.set(depth)
             try:
                 self._run_chunks(chunks, expired)
@@ -227,7 +325,8 @@ class Batcher:
         """Under the lock: the next model call's prompts (up to max_batch), and works whose deadline passed.
 
         Unary prompts alone when they wait, unless the last call was unary and batch prompts wait: then
-        batch prompts first, unary ones filling any room left.
+        batch prompts first, unary ones filling any room left. Within a lane, callers take turns: one
+        work (or as much of it as fits) from each.
         """
         now = time.monotonic()
         chunks: list[_Chunk] = []
@@ -238,20 +337,16 @@ class Batcher:
             nonlocal size
             queue = self._lanes[lane]
             while queue and size < self._max_batch:
-                work = queue[0]
+                work = queue.next_work()
                 if work.future.done() or (work.deadline is not None and work.deadline <= now):
-                    queue.popleft()
-                    self._queued[lane] -= len(work.items) - work.taken
+                    queue.remove(work)
                     if not work.future.done():
                         expired.append(work)
                     continue
                 end = min(len(work.items), work.taken + self._max_batch - size)
                 chunks.append(_Chunk(work, work.taken, end))
-                self._queued[lane] -= end - work.taken
                 size += end - work.taken
-                work.taken = end
-                if end == len(work.items):
-                    queue.popleft()
+                queue.took(work, end)
 
         if not (self._last_was_unary and self._lanes["batch"]):
             fill("unary")
@@ -262,44 +357,60 @@ class Batcher:
         return chunks, expired
 
     def _run_chunks(self, chunks: list[_Chunk], expired: list[_Work]) -> None:
-        answers: list[tuple[_Work, list[Outcome] | BaseException]] = [(work, DeadlineExpiredError())
-                                                                     for work in expired]
+        answers: list[Answer] = [(work, DeadlineExpiredError()) for work in expired]
         if chunks:
-            model = self._model()  # one model per model call; a batch call cut in several may see a reload
-            entries = [entry for chunk in chunks for entry in chunk.work.items[chunk.start : chunk.end]]
-            self._metrics.batch_size.observe(len(entries))
-            try:
-                outcomes = model.classify_items(entries)
-            except Exception as error:  # delivered to each caller, who maps it to INTERNAL
-                failed = list({id(chunk.work): chunk.work for chunk in chunks}.values())
-                self._forget(failed)
-                answers.extend((work, error) for work in failed)
-            else:
-                start = 0
-                for chunk in chunks:
-                    count = chunk.end - chunk.start
-                    chunk.work.outcomes.extend(outcomes[start : start + count])
-                    start += count
-                    if len(chunk.work.outcomes) == len(chunk.work.items):
-                        answers.append((chunk.work, chunk.work.outcomes))
+            self._metrics.batch_size.observe(sum(chunk.end - chunk.start for chunk in chunks))
+            current = self._model()  # read once per model call
+            for chunk in chunks:
+                chunk.work.model = chunk.work.model or current
+            # One model call, unless a reload came between the pieces of a batch call, which finishes on
+            # the model it started with: then one call per model.
+            for model, group in _by_model(chunks):
+                answers.extend(self._classify(model, group))
         if answers:
             assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
                 self._loop.call_soon_threadsafe(_set_outcomes, answers)
+
+    def _classify(self, model: TierClassifier, chunks: list[_Chunk]) -> list[Answer]:
+        """Run `chunks` in one call of `model`: the works this completes, with their outcomes, or each
+        work's error if the call failed."""
+        entries = [entry for chunk in chunks for entry in chunk.work.items[chunk.start : chunk.end]]
+        try:
+            outcomes = model.classify_items(entries)
+        except Exception as error:  # delivered to each caller, who maps it to INTERNAL
+            failed = list({id(chunk.work): chunk.work for chunk in chunks}.values())
+            self._forget(failed)
+            return [(work, error) for work in failed]
+        answers: list[Answer] = []
+        start = 0
+        for chunk in chunks:
+            count = chunk.end - chunk.start
+            chunk.work.outcomes.extend(outcomes[start : start + count])
+            start += count
+            if len(chunk.work.outcomes) == len(chunk.work.items):
+                answers.append((chunk.work, chunk.work.outcomes))
+        return answers
 
     def _forget(self, works: list[_Work]) -> None:
         """Drop what is still queued of works that have failed (a batch call cut in several model calls)."""
         with self._wake:
             for work in works:
                 if work.taken < len(work.items):
-                    try:
-                        self._lanes[work.lane].remove(work)
-                    except ValueError:
-                        continue
-                    self._queued[work.lane] -= len(work.items) - work.taken
+                    self._lanes[work.lane].remove(work)
 
 
-def _set_outcomes(answers: list[tuple[_Work, list[Outcome] | BaseException]]) -> None:
+def _by_model(chunks: list[_Chunk]) -> list[tuple[TierClassifier, list[_Chunk]]]:
+    """`chunks` grouped by the model their work is pinned to, in order of first appearance."""
+    groups: dict[int, tuple[TierClassifier, list[_Chunk]]] = {}
+    for chunk in chunks:
+        model = chunk.work.model
+        assert model is not None  # pinned before grouping
+        groups.setdefault(id(model), (model, []))[1].append(chunk)
+    return list(groups.values())
+
+
+def _set_outcomes(answers: list[Answer]) -> None:
     """On the event loop: hand each caller its outcomes, or the error of its model call."""
     for work, answer in answers:
         if work.future.done():

@@ -132,7 +132,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if code == grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", rpc, exc_info=error)
         if isinstance(error, QueueFullError):
-            self._metrics.overload.labels(rpc, f"{error.lane}_queue_full").inc()
+            reason = "caller_share_full" if error.by_caller else "queue_full"
+            self._metrics.overload.labels(rpc, f"{error.lane}_{reason}").inc()
         self._record(rpc, code, start)
         await abort(context, code, message)
 
@@ -152,7 +153,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
                       lane: Lane) -> list[ClassificationResult | PromptierError]:
-        return await self._batcher.submit(items, context.time_remaining(), lane)
+        # A caller is a connection (its peer address and port): callers take turns at the model.
+        return await self._batcher.submit(items, context.time_remaining(), lane, caller=context.peer())
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
                        ) -> router_pb2.ClassifyResponse:

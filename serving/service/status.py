@@ -51,6 +51,10 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one table from errors to gRPC status codes. Unexpected errors never leak their text."""
     if isinstance(error, InvalidInputError | BadRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, bounded_detail(str(error))
+    if isinstance(error, QueueFullError) and error.by_caller:
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this connection already holds half of the {error.lane} classification queue (no caller may "
+                f"hold more, so that others are served); retry later")
     if isinstance(error, QueueFullError):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server overloaded: the {error.lane} classification queue is full; retry later")
