@@ -112,6 +112,24 @@ def test_missing_outcomes_are_masked_not_failures(pool) -> None:  # type: ignore
     assert unused == {"beta/unknown-model": 1}
 
 
+def test_a_source_the_pool_maps_no_model_of_is_named_on_the_console(tmp_path: Path, pool,  # type: ignore[no-untyped-def]
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from training.config import TrainConfig
+    from training.inputs import prepare_data
+
+    served = [{"prompt_id": f"d{i}", "prompt": f"question {i}", "model": "mistral-7b", "score": 1.0,
+               "source": "dispatcher"} for i in range(3)]
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60) + served)
+    with caplog.at_level("WARNING", logger="training.inputs"):
+        data = prepare_data([logs], pool, TrainConfig())
+    assert pool.unmapped_sources(data.unused_models) == {"dispatcher": 3}
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert "source 'dispatcher': none of its 3 outcome rows is used" in warning
+    assert "sources: {dispatcher: {TIER: MODEL, ...}}" in warning and "mistral-7b" in warning
+    # A model the pool leaves out of a source it maps is a choice, not a forgotten source: no warning.
+    assert pool.unmapped_sources({"beta/unknown-model": 1}) == {}
+
+
 def test_duplicate_prompts_merge_and_scores_average(pool) -> None:  # type: ignore[no-untyped-def]
     from training.data import OutcomeRow
 

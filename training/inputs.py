@@ -41,12 +41,24 @@ class PreparedData:
     unused_models: dict[str, int]
 
 
+def warn_unmapped_sources(pool: Pool, unused: dict[str, int]) -> None:
+    """Say which sources of the logs go wholly unused because the pool maps none of their models: a
+    forgotten pool entry (a decision log's `dispatcher` most often) would otherwise leave a log out of
+    training with nothing on the console to say so."""
+    for source, rows in pool.unmapped_sources(unused).items():
+        models = sorted(key.split("/", 1)[1] for key in unused if key.split("/", 1)[0] == source)
+        log.warning("source %r: none of its %d outcome rows is used, as the pool maps none of its models to a "
+                    "tier; to use them, add to the pool `sources: {%s: {TIER: MODEL, ...}}` (its models: %s)",
+                    source, rows, source, ", ".join(models[:5]) + (", ..." if len(models) > 5 else ""))
+
+
 def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, config: TrainConfig,
                  skip_invalid: bool = False) -> PreparedData:
     pool = pool_path if isinstance(pool_path, Pool) else load_pool(pool_path)
     rows, skipped = read_logs(logs, skip_invalid=skip_invalid, explored_only=config.outcome_rows == "explored",
                               tiers=pool.tier_names)
     table, unused = build_table(rows, pool)
+    warn_unmapped_sources(pool, unused)
     split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
                         config.holdout_sources, config.holdout_categories)
     if not (split == "train").any() or not (split == "val").any():
@@ -274,6 +286,7 @@ def streamed_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig,
                         "train with streaming: false, or use a recipe without a teacher")
     writer = TokenStoreWriter(work_dir / TRAINSET_DIR, vocab_size(tokenizer_file))
     data = stream_logs(logs, pool, config, encoder, writer, skip_invalid)
+    warn_unmapped_sources(pool, data.unused_models)
     require_enough_prompts(sum(data.prompt_counts.values()))
     n_train = len(data.train_targets)
     slots, targets = np.arange(n_train), data.train_targets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -58,6 +59,16 @@ class Pool(BaseModel):
         input_tokens = prompt_chars / CHARS_PER_TOKEN
         return (input_tokens * tier.input_usd_per_mtok
                 + self.output_tokens_estimate * tier.output_usd_per_mtok) / 1e6
+
+    def unmapped_sources(self, unused: Mapping[str, int]) -> dict[str, int]:
+        """The sources of `unused` ("source/model" -> rows, as the log readers count them) that this pool
+        maps no model of, with their rows: every outcome of such a source goes unused."""
+        rows: dict[str, int] = {}
+        for key, count in unused.items():
+            source = key.split("/", 1)[0]
+            if source not in self.sources:
+                rows[source] = rows.get(source, 0) + count
+        return rows
 
     def tier_of(self, source: str, model: str) -> int | None:
         """Which tier `model` plays in `source`, or None if it plays none."""
