@@ -217,6 +217,15 @@ def test_a_load_test_whose_server_dies_says_so(tmp_path: Path) -> None:
             loadtest.kill()
 
 
+def test_waiting_for_a_server_that_exited_stops_at_once_and_says_so() -> None:
+    from serving.bench.ports import free_port, wait_serving
+
+    server = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    server.wait()
+    with pytest.raises(RuntimeError, match="the server exited with status 3 before it served"):
+        wait_serving(f"127.0.0.1:{free_port()}", timeout=600, process=server)
+
+
 def test_a_terminated_load_test_stops_its_server(tmp_path: Path) -> None:
     import signal
 

@@ -235,7 +235,7 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
         guarded = functools.partial(_run_scenarios_or_say_why, server, stderr)
         try:
-            guarded(lambda: wait_serving(target))
+            guarded(lambda: wait_serving(target, process=server))
             time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
             results = []
             for concurrency, batch, generators in scenarios:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,12 +26,19 @@ def port_taken(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_serving(target: str, timeout: float = 60.0) -> None:
-    """Block until the gRPC health service at `target` answers SERVING; TimeoutError after `timeout` s."""
+def wait_serving(target: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    """Block until the gRPC health service at `target` answers SERVING; TimeoutError after `timeout` s.
+
+    Raises:
+        RuntimeError: `process` (the server, when the caller started it) exited first: waiting on would
+            only end in the timeout.
+    """
     deadline = time.time() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.time() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with status {process.returncode} before it served")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
                         health_pb2.HealthCheckResponse.SERVING:
