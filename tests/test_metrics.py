@@ -87,3 +87,27 @@ def test_apgr_lead_interval_separates_a_real_lead_from_a_tie() -> None:
     low, high = apgr_difference_interval(coin, other_coin, weak, strong, resamples=300)
     assert low < 0.0 < high
     assert apgr_difference_interval(coin, coin, weak, strong, resamples=50) == (0.0, 0.0)
+
+
+def test_prompts_known_on_one_tier_only_neither_score_nor_dilute_apgr() -> None:
+    from training.evaluate import routing_groups, score_group
+
+    rng = np.random.default_rng(0)
+    n = 200
+    weak = rng.integers(0, 2, n).astype(float)
+    strong = np.maximum(weak, rng.integers(0, 2, n))
+    benchmark = np.column_stack([weak, np.full(n, np.nan), strong])
+    hardness = (strong - weak) + rng.normal(0, 0.5, n)
+    model = np.column_stack([1 - hardness, np.full(n, 0.5), np.ones(n)])
+    costs = np.tile([1.0, 2.0, 3.0], (n, 1))
+    alone = score_group({"model": model}, benchmark, costs, ["s", "m", "l"])["methods"]["model"]["apgr"]
+    # Requests a dispatcher served, each known on the one tier that answered.
+    served = np.array([[1.0, np.nan, np.nan], [np.nan, np.nan, 0.0]] * 30)
+    served_model = np.tile([0.9, 0.5, 1.0], (60, 1))
+    targets = np.vstack([benchmark, served])
+    sources = np.array(["bench"] * n + ["dispatcher"] * 60, dtype=object)
+    groups = routing_groups(sources, targets)
+    assert list(groups) == ["all", "bench"]  # no APGR for a source no prompt of which two tiers know
+    mixed = score_group({"model": np.vstack([model, served_model])}, targets, np.tile([1.0, 2.0, 3.0], (n + 60, 1)),
+                        ["s", "m", "l"])["methods"]["model"]["apgr"]
+    assert mixed == pytest.approx(alone)  # and they do not dilute the whole's

@@ -45,6 +45,25 @@ def model_probabilities(artifact: Path, prompts: Sequence[str], batch: int = 64)
     return np.concatenate(parts) if parts else np.zeros((0, len(runtime.tier_names)))
 
 
+def comparable_rows(targets: np.ndarray) -> np.ndarray:
+    """Which prompts have an outcome on the cheapest tier and on a more capable one: those on which
+    routing between them can gain or lose anything. A served request, known on its one tier, is not."""
+    known = ~np.isnan(targets)
+    return known[:, 0] & known[:, 1:].any(axis=1)
+
+
+def routing_groups(sources: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks of the groups a report scores: "all", then each source with a comparable prompt (one
+    without, such as a decision log's, has no APGR: 0 would read as a model that ranks nothing)."""
+    comparable = comparable_rows(targets)
+    groups = {"all": np.ones(len(sources), dtype=bool)}
+    for source in sorted(set(sources)):
+        mask = sources == source
+        if comparable[mask].any():
+            groups[str(source)] = mask
+    return groups
+
+
 def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: np.ndarray,
                 tier_names: list[str], rule: Rule = "ratio", rivals: Sequence[str] = BASELINES) -> dict:
     """Every metric for every method on one group of prompts, each routed by the same `rule`.
@@ -60,9 +79,8 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
         if known[:, k].any():
             single[name] = {"quality": float(np.mean(targets[known[:, k], k])),
                             "cost_usd": float(np.mean(costs[known[:, k], k])), "n": int(known[:, k].sum())}
-    # Binary routing: cheapest tier vs each prompt's most capable known tier.
-    binary_rows = known[:, 0]
-    rows = np.flatnonzero(binary_rows)
+    # Binary routing: cheapest tier vs each prompt's most capable known tier, on the prompts known on both.
+    rows = np.flatnonzero(comparable_rows(targets))
     strong_index = top_known_tier(known)[rows]
     weak, strong = targets[rows, 0], targets[rows, strong_index]
     result: dict = {"n": len(targets), "top_quality": top_quality, "top_cost_usd": top_cost,
@@ -118,9 +136,7 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
             return sentence_embeddings(prompts, backbone_dir, manifest.truncation, cache_dir)
         methods["embedding-lr"] = _learned(embed, eval_table, fit_table, seed)
     methods["oracle"] = oracle_scores(eval_table.targets)
-    groups = {"all": np.ones(len(eval_table), dtype=bool)}
-    for source in sorted(set(eval_table.sources)):
-        groups[source] = eval_table.sources == source
+    groups = routing_groups(eval_table.sources, eval_table.targets)
     report = {
         "model_version": manifest.model_version,
         "tiers": tier_names,

@@ -316,7 +316,7 @@ def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncati
     """Fit the embedding teacher on (texts, targets) and return the student's targets: its probabilities,
     blended with the known targets by `distill_weight`; and its validation APGR per source."""
     from training.embedding_teacher import fit_teacher, teacher_features, teacher_probabilities
-    from training.evaluate import score_group
+    from training.evaluate import routing_groups, score_group
 
     spec = config.teacher
     assert spec is not None
@@ -330,8 +330,10 @@ def _embedding_teacher_targets(config: TrainConfig, backbone_dir: Path, truncati
     val_probabilities = teacher_probabilities(
         network, teacher_features([table.prompts[i] for i in val], backbone_dir, truncation, cache_dir))
     report = {}
-    for source in sorted(set(table.sources[val])):
-        rows = table.sources[val] == source
+    groups = routing_groups(table.sources[val], table.targets[val])
+    for source, rows in groups.items():
+        if source == "all":
+            continue  # the teacher is reported per source
         group = score_group({"teacher": val_probabilities[rows]}, table.targets[val][rows], table.costs[val][rows],
                             table.tier_names, config.policy_rule)
         report[source] = round(group["methods"]["teacher"]["apgr"], 4)

@@ -301,16 +301,14 @@ def _evaluated(manifest: ArtifactManifest, directory: Path, inputs: TrainingInpu
 def validation_metrics(logits: np.ndarray, probabilities: np.ndarray, table: PromptTable, rule: Rule) -> dict:
     """The validation split's masked BCE (before calibration) and APGR per source (after): what a
     distributed run is compared with one process on."""
-    from training.evaluate import score_group
+    from training.evaluate import routing_groups, score_group
 
     known = ~np.isnan(table.targets)
     targets = np.nan_to_num(table.targets)
     # log(1 + e^x) - y x, the BCE with logits, stable for large |x|.
     losses = np.logaddexp(0.0, logits) - targets * logits
     result: dict = {"prompts": len(table), "loss": float(losses[known].mean()), "apgr": {}}
-    groups = {"all": np.ones(len(table), dtype=bool),
-              **{str(source): table.sources == source for source in sorted(set(table.sources))}}
-    for name, rows in groups.items():
+    for name, rows in routing_groups(table.sources, table.targets).items():
         scored = score_group({"model": probabilities[rows]}, table.targets[rows], table.costs[rows], table.tier_names,
                              rule)
         result["apgr"][name] = round(float(scored["methods"]["model"]["apgr"]), 6)
