@@ -158,7 +158,7 @@ class AsyncRouterClient:
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._in_flight = 0
         self._flush_scheduled = False
-        self._sending: set[asyncio.Task] = set()
+        self._sending: dict[asyncio.Task, list[_Waiting]] = {}  # each send and the callers it answers
         self._closed = False
 
     async def classify(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
@@ -205,8 +205,11 @@ class AsyncRouterClient:
                 break
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send(group))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            self._sending[task] = group
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._sending.pop(task, None)
 
     async def _send(self, group: list[_Waiting]) -> None:
         index = self._least_busy()  # by prompts in flight on each connection
@@ -248,9 +251,6 @@ class AsyncRouterClient:
                         waiting.future.set_result(outcome)
                     else:
                         waiting.future.set_exception(outcome)
-        except asyncio.CancelledError:  # close(): its callers must not wait for an answer that cannot come
-            _fail(group, _client_closed())
-            raise
         except Exception as error:  # never leave a caller waiting forever
             _fail(group, error)
         finally:
@@ -332,10 +332,12 @@ class AsyncRouterClient:
         self._closed = True
         while self._waiting:
             _fail([self._waiting.popleft()], _client_closed())
-        sending = list(self._sending)
+        sending = dict(self._sending)
         for task in sending:
             task.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)  # each has answered its callers
+        await asyncio.gather(*sending, return_exceptions=True)
+        for group in sending.values():  # a send cancelled before it started never ran to answer its own
+            _fail(group, _client_closed())
         for channel in self._channels:
             await channel.close()
 

@@ -248,3 +248,26 @@ def test_closing_a_coalescing_client_answers_every_caller(trained_artifact: Path
     for outcome in outcomes:
         assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.CANCELLED, outcome
         assert "client was closed" in (outcome.details() or "")
+
+
+def test_a_client_closed_before_its_send_started_answers_the_caller(trained_artifact: Path) -> None:
+    """The send a call creates is cancelled by a close() in the same turn of the event loop, before
+    its first step: nothing in it runs, so close() itself must answer the caller."""
+    import classifier
+
+    running = ServerThread(model=classifier.load(trained_artifact))
+
+    async def run() -> list[BaseException | Decision]:
+        client = AsyncRouterClient(running.target, timeout=300, attempts=1, coalesce=True)
+        call = asyncio.ensure_future(client.classify(EASY))
+        await asyncio.sleep(0)  # the call has queued and created its send, which has not started
+        await client.close()
+        # Bounded only so that a regression fails instead of hanging.
+        return await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 60)
+
+    try:
+        (outcome,) = asyncio.run(run())
+    finally:
+        running.stop()
+    assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.CANCELLED, outcome
+    assert "client was closed" in (outcome.details() or "")
