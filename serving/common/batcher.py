@@ -155,9 +155,12 @@ class _Lane:
     def remove(self, work: _Work) -> bool:
         """Drop `work` and its prompts not yet taken; False when it is not queued (taken whole already)."""
         queue = self._turns.get(work.caller)
-        if queue is None or work not in queue:
+        if queue is None:
             return False
-        queue.remove(work)  # O(the caller's queued works), bounded by the lane's budget
+        try:
+            queue.remove(work)  # O(the caller's queued works), bounded by the lane's budget
+        except ValueError:
+            return False
         if not queue:
             del self._turns[work.caller]
         self._count(work.caller, -(len(work.items) - work.taken))
@@ -359,10 +362,10 @@ class Batcher:
     def _run_chunks(self, chunks: list[_Chunk], expired: list[_Work]) -> None:
         answers: list[Answer] = [(work, DeadlineExpiredError()) for work in expired]
         if chunks:
-            self._metrics.batch_size.observe(sum(chunk.end - chunk.start for chunk in chunks))
             current = self._model()  # read once per model call
             for chunk in chunks:
-                chunk.work.model = chunk.work.model or current
+                if chunk.work.model is None:
+                    chunk.work.model = current
             # One model call, unless a reload came between the pieces of a batch call, which finishes on
             # the model it started with: then one call per model.
             for model, group in _by_model(chunks):
@@ -376,6 +379,7 @@ class Batcher:
         """Run `chunks` in one call of `model`: the works this completes, with their outcomes, or each
         work's error if the call failed."""
         entries = [entry for chunk in chunks for entry in chunk.work.items[chunk.start : chunk.end]]
+        self._metrics.batch_size.observe(len(entries))
         try:
             outcomes = model.classify_items(entries)
         except Exception as error:  # delivered to each caller, who maps it to INTERNAL

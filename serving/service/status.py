@@ -8,7 +8,7 @@ from typing import NoReturn
 import grpc
 
 from classifier import InvalidInputError
-from serving.common.batcher import BatcherStoppedError, DeadlineExpiredError, QueueFullError
+from serving.common.batcher import CALLER_SHARE, BatcherStoppedError, DeadlineExpiredError, QueueFullError
 
 
 class BadRequest(Exception):
@@ -53,8 +53,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, bounded_detail(str(error))
     if isinstance(error, QueueFullError) and error.by_caller:
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this connection already holds half of the {error.lane} classification queue (no caller may "
-                f"hold more, so that others are served); retry later")
+                f"this caller already holds {CALLER_SHARE:.0%} of the {error.lane} classification queue (no caller "
+                f"may hold more, so that others are served); retry later")
     if isinstance(error, QueueFullError):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server overloaded: the {error.lane} classification queue is full; retry later")
