@@ -161,3 +161,23 @@ def test_a_batch_call_cut_into_pieces_is_answered_by_one_model_across_a_reload()
     batch_answers, later_answers = asyncio.run(scenario())
     assert batch_answers == ["old"] * 20  # every piece on the model that took its first prompts
     assert later_answers == ["new"]  # a call that came after the reload gets the new model
+
+
+def test_a_drain_waits_for_a_call_still_being_prepared() -> None:
+    async def scenario() -> tuple[bool, bool, list[str]]:
+        model = _RecordingModel()
+        model.release.set()
+        batcher = _batcher(model)
+        batcher.start()
+        try:
+            with batcher.arriving():  # a large batch being rendered on a thread
+                idle_while_preparing = await batcher.drain(0.05)
+            answer = asyncio.ensure_future(batcher.submit([("prepared", None)], None, "batch"))
+            drained = await batcher.drain(60)
+            return idle_while_preparing, drained, await answer
+        finally:
+            await batcher.stop()
+
+    idle_while_preparing, drained, answer = asyncio.run(scenario())
+    assert not idle_while_preparing  # a shutdown would otherwise stop the batcher under the call
+    assert drained and answer == ["prepared"]

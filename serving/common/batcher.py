@@ -201,6 +201,7 @@ class Batcher:
         self._lanes: dict[Lane, _Lane] = {lane: _Lane() for lane in LANES}
         self._running: list[_Work] = []  # works with prompts in the model call in progress
         self._last_was_unary = False  # whether the last model call was taken unary lane first
+        self._arriving = 0  # calls being prepared for `submit` (see `arriving`)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -225,9 +226,22 @@ class Batcher:
                                                 if work.lane == lane and work not in self._lanes[lane])
 
     def idle(self) -> bool:
-        """Whether nothing waits for the model and no model call is in progress."""
+        """Whether nothing waits for the model, no model call is in progress and no call is `arriving`."""
         with self._wake:
-            return not self._running and not any(self._lanes.values())
+            return not self._running and not any(self._lanes.values()) and not self._arriving
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Count a call as in flight while it is prepared for `submit` away from the event loop (a large
+        batch rendered on a thread): a drain waits for it as for queued work, rather than stopping
+        the batcher under it. Submit right after the block, with no await between."""
+        with self._wake:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._arriving -= 1
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the batcher to become idle; returns whether it did."""

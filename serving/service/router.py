@@ -149,7 +149,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if sum(len(item.conversation.messages) for item in requests if item.HasField("conversation")) \
                 <= INLINE_MESSAGES:
             return _prepared(requests, self._limits)
-        return await asyncio.get_running_loop().run_in_executor(self._preparer, _prepared, requests, self._limits)
+        with self._batcher.arriving():
+            return await asyncio.get_running_loop().run_in_executor(self._preparer, _prepared, requests,
+                                                                    self._limits)
 
     async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
                       lane: Lane) -> list[ClassificationResult | PromptierError]:
