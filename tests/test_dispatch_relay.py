@@ -159,6 +159,18 @@ def test_event_framer_relays_whole_events_and_sees_the_end() -> None:
     assert body.feed(b'{"error": {"message": "no"}}') == b"" and body.finish() == b'{"error": {"message": "no"}}'
     blob = b"x" * (MAX_EVENT_BYTES + 1)  # more than an event may hold: relayed as it comes
     assert EventFramer().feed(blob) == blob
+    # Whatever the chunking, every byte goes out once, in order, whole events at a time.
+    stream = b'data: {"a": 1}\r\n\r\n: ping\n\ndata: {"b":\ndata: 2}\n\ndata: [DONE]\n\n'
+    for size in (1, 2, 3, 5, 7):
+        framer = EventFramer()
+        pieces = [framer.feed(stream[i:i + size]) for i in range(0, len(stream), size)]
+        assert b"".join(pieces) + framer.finish() == stream and framer.done
+        assert all(piece.endswith((b"\n\n", b"\r\n\r\n")) for piece in pieces if piece)
+    # The end is `[DONE]` as an event's whole data, and stays seen once seen.
+    framer = EventFramer()
+    assert framer.feed(b"data: {}\ndata: [DONE]\n\n") and not framer.done
+    framer.feed(b"data: [DONE]\n\n: ping\n\n")
+    assert framer.done
 
 
 def test_an_answer_cut_before_it_was_relayed_names_its_tier_as_failed(

@@ -68,97 +68,93 @@ def answer_chars(body: bytes) -> int:
     return text_chars(answer.get("choices"), "message") if isinstance(answer, dict) else 0
 
 
-def last_event_end(data: bytes) -> int:
-    """Where the last whole event of an event stream's `data` ends (0: no event has ended in it)."""
-    if data.endswith(b"\n\n"):  # the usual case: a chunk that ends with an event
-        return len(data)
-    end = 0
-    for match in _EVENT_END.finditer(data):
-        end = match.end()
-    return end
-
-
-def ends_with_done(events: bytes) -> bool:
-    """Whether the last event of `events` (whole events) is the stream's end, `data: [DONE]`."""
-    lines = events.rstrip(b"\r\n")
-    last = lines[max(lines.rfind(b"\n"), lines.rfind(b"\r")) + 1:]
-    return last.startswith(b"data:") and last[5:].strip() == b"[DONE]"
+def event_payload(event: bytes) -> bytes:
+    """The data of one event: its `data:` lines' values, joined."""
+    return b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
 
 
 class EventFramer:
     """Cuts a relayed event stream at the ends of its events.
 
-    `feed` returns the whole events come so far, byte for byte, and holds back an event still on its way
-    (up to MAX_EVENT_BYTES: more is relayed as it comes). A stream that breaks then leaves the caller no
-    half event, which would run into the error event that ends it and make it unreadable. `done` says
-    that the last event relayed was `data: [DONE]`: the caller has the whole answer.
+    `split` returns the whole events come so far, byte for byte, and holds back an event still on its
+    way (up to MAX_EVENT_BYTES: more is returned apart, as bytes to relay unread). A stream that breaks
+    then leaves the caller no half event, which would run into the error event that ends it and make
+    it unreadable. `done` says that `data: [DONE]` has gone by: the caller has the whole answer.
     """
 
     def __init__(self) -> None:
         self.done = False
-        self._pending = b""
+        self._pending = bytearray()
+
+    def split(self, chunk: bytes) -> tuple[list[bytes], bytes]:
+        """(the events `chunk` completes, bytes past MAX_EVENT_BYTES without an event's end)."""
+        # Only the new bytes are searched, with the 3 before them that may begin an event's end: a long
+        # event arriving in small chunks costs its length once, not once per chunk.
+        searched_from = max(0, len(self._pending) - 3)
+        self._pending += chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _EVENT_END.finditer(self._pending, searched_from):
+            events.append(bytes(self._pending[start:match.end()]))
+            start = match.end()
+        del self._pending[:start]
+        for event in events:
+            if b"[DONE]" in event and event_payload(event) == b"[DONE]":
+                self.done = True
+        if len(self._pending) > MAX_EVENT_BYTES:  # not an event stream, or an event too large to hold
+            overflow = bytes(self._pending)
+            self._pending.clear()
+            return events, overflow
+        return events, b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        end = last_event_end(data)
-        if len(data) - end > MAX_EVENT_BYTES:  # not an event stream, or an event too large to hold
-            end = len(data)
-        self._pending = data[end:]
-        if end:
-            self.done = ends_with_done(data[:end])
-        return data[:end]
+        """What to relay of `chunk`: whole events, or bytes past MAX_EVENT_BYTES."""
+        events, overflow = self.split(chunk)
+        return b"".join(events) + overflow
 
     def finish(self) -> bytes:
         """What is left at the end of the stream (an event without its blank line, or a body that is no stream)."""
-        rest, self._pending = self._pending, b""
+        rest = bytes(self._pending)
+        self._pending.clear()
+        if event_payload(rest) == b"[DONE]":
+            self.done = True
         return rest
 
 
 class StreamMeter:
     """Reads a relayed event stream event by event: the usage it carries and the characters of its text.
 
-    `feed` returns what to relay: whole events only (an event is held until its blank line has come),
-    byte for byte, less the usage chunk when `drop_usage_chunk` (the dispatcher asked for it, not the
-    caller). `finish` returns what is left at the end of the stream. `done`, as `EventFramer`'s, says
-    that `data: [DONE]` has been read.
+    `feed` returns what to relay: whole events only (EventFramer's), byte for byte, less the usage chunk
+    when `drop_usage_chunk` (the dispatcher asked for it, not the caller). `finish` returns what is left
+    at the end of the stream. `done`, as EventFramer's, says that `data: [DONE]` has gone by.
     """
 
     def __init__(self, drop_usage_chunk: bool) -> None:
         self.drop_usage_chunk = drop_usage_chunk
-        self.done = False
         self.usage: object = None  # the stream's `usage`, as sent (serving.dispatch.upstream_body.read_usage checks it)
         self.completion_chars = 0
-        self._pending = b""
+        self._framer = EventFramer()
+
+    @property
+    def done(self) -> bool:
+        return self._framer.done
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
-        ends = list(_EVENT_END.finditer(data))
-        self._pending = data[ends[-1].end():] if ends else data
-        relayed = []
-        start = 0
-        for end in ends:
-            event = data[start:end.end()]
-            start = end.end()
-            if self._read(event):
-                relayed.append(event)
-        if len(self._pending) > MAX_EVENT_BYTES:
-            # Not an event stream, or an event too large to hold: relayed as it comes, counted by its size.
-            relayed.append(self._pending)
-            self.completion_chars += len(self._pending)
-            self._pending = b""
+        events, overflow = self._framer.split(chunk)
+        relayed = [event for event in events if self._read(event)]
+        if overflow:  # relayed unread, counted by its size
+            relayed.append(overflow)
+            self.completion_chars += len(overflow)
         return b"".join(relayed)
 
     def finish(self) -> bytes:
-        rest, self._pending = self._pending, b""
+        rest = self._framer.finish()
         return rest if rest and self._read(rest) else b""
 
     def _read(self, event: bytes) -> bool:
         """Take what the event says; False when it is the usage chunk to leave out."""
-        payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
-        if payload == b"[DONE]":
-            self.done = True
-            return True
-        if not payload:
+        payload = event_payload(event)
+        if not payload or payload == b"[DONE]":
             return True
         try:
             parsed = json.loads(payload)
