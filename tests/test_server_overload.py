@@ -106,6 +106,40 @@ def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
     assert all(set(call) == {EASY} for call in after if EASY in call), [sorted(set(c)) for c in after]
 
 
+def test_callers_a_proxy_names_on_one_connection_each_have_their_share(trained_artifact: Path) -> None:
+    """Behind a proxy every client shares its connections: the caller it names in x-promptier-caller,
+    not the connection, is who holds a share of the batch queue."""
+    held = HeldModel(classifier.load(trained_artifact))
+    running = ServerThread(model=held, limits=ServerLimits(max_batch_queue=1024))
+    assert running.running is not None
+    batcher = running.running.batcher
+    request = router_pb2.ClassifyBatchRequest(items=[router_pb2.ClassifyRequest(prompt=HARD)] * 256)
+
+    def send(stub: router_pb2_grpc.RouterStub, caller: str) -> grpc.Future:
+        return stub.ClassifyBatch.future(request, timeout=300, metadata=[("x-promptier-caller", caller)])
+
+    try:
+        with grpc.insecure_channel(running.target) as channel:  # one connection for every caller
+            stub = router_pb2_grpc.RouterStub(channel)
+            first = send(stub, "alice")
+            wait_until(held.entered.is_set, "alice's first call to enter the model")
+            alice = [send(stub, "alice") for _ in range(4)]
+            wait_until(lambda: sum(f.done() for f in alice) + batcher.calls("batch") == 5,
+                       "alice's calls to be admitted or refused")
+            bob = send(stub, "bob")
+            wait_until(lambda: batcher.calls("batch") == 1 + sum(not f.done() for f in alice) + 1 or bob.done(),
+                       "bob's call to be admitted")
+            held.release.set()
+            codes = [f.code() for f in alice]
+            bob_tiers = {item.result.tier for item in bob.result().items}
+            first.result()
+    finally:
+        held.release.set()
+        running.stop()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # alice beyond her half
+    assert bob_tiers == {"large"}  # bob, on the same connection, has a share of his own
+
+
 def test_every_call_reaches_a_handler_and_is_counted_with_its_status(trained_artifact: Path) -> None:
     """gRPC core sheds calls the application has not picked up past a backlog of 1,000 with a bare
     CANCELLED that no handler sees. 3,000 concurrent calls over 12 connections: each is answered OK or

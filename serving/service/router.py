@@ -35,6 +35,19 @@ DEADLINE_SLACK_S = 0.1
 # conversation at the limit (MAX_MESSAGES) costs a few milliseconds and stays on the loop.
 INLINE_MESSAGES = MAX_MESSAGES
 Prepared = tuple[object, RoutingRequest | None]  # a batch item's text and policy
+# Metadata a proxy in front of the service sets to name the client a call is from: callers take turns
+# at the model, and each may hold only its share of the batch queue (serving.common.batcher).
+CALLER_METADATA = "x-promptier-caller"
+MAX_CALLER_CHARS = 128
+
+
+def _caller(context: grpc.aio.ServicerContext) -> str:
+    """Who a call is from, for turns and shares at the model: the caller a proxy names in CALLER_METADATA
+    (all its clients share its connections), else the connection (peer address and port)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CALLER_METADATA and isinstance(value, str) and value:
+            return "caller:" + value[:MAX_CALLER_CHARS]
+    return "peer:" + context.peer()
 
 
 def _routing_request(request: router_pb2.ClassifyRequest) -> RoutingRequest | None:
@@ -155,8 +168,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
                       lane: Lane) -> list[ClassificationResult | PromptierError]:
-        # A caller is a connection (its peer address and port): callers take turns at the model.
-        return await self._batcher.submit(items, context.time_remaining(), lane, caller=context.peer())
+        return await self._batcher.submit(items, context.time_remaining(), lane, caller=_caller(context))
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
                        ) -> router_pb2.ClassifyResponse:
