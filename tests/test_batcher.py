@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.common.batcher import Batcher, BatcherMetrics, QueueFullError
@@ -181,3 +182,11 @@ def test_a_drain_waits_for_a_call_still_being_prepared() -> None:
     idle_while_preparing, drained, answer = asyncio.run(scenario())
     assert not idle_while_preparing  # a shutdown would otherwise stop the batcher under the call
     assert drained and answer == ["prepared"]
+
+
+def test_a_batch_call_may_not_be_larger_than_a_callers_share_of_the_batch_queue() -> None:
+    from serving.service.limits import ServerLimits
+
+    with pytest.raises(ValueError, match=r"max_batch_items \(256\) must be at most 50% of max_batch_queue \(500\)"):
+        ServerLimits(max_batch_queue=500)
+    assert ServerLimits(max_batch_queue=512).max_batch_items == 256

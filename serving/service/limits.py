@@ -5,6 +5,8 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
+from serving.common.batcher import CALLER_SHARE
+
 # Kept free for what else a server process opens (model files, metrics, logs) when the connection
 # limit is derived from the open-file limit.
 RESERVED_FILE_DESCRIPTORS = 128
@@ -61,6 +63,10 @@ class ServerLimits:
         if (not all(value > 0 for value in required) or not all(value is None or value > 0 for value in optional)
                 or self.max_connection_age_grace_s < 0):
             raise ValueError(f"every limit must be positive (None where allowed: no limit): {self}")
+        if self.max_batch_items > self.max_batch_queue * CALLER_SHARE:
+            # One call larger than a caller's share would be admitted whole and hold the lane alone.
+            raise ValueError(f"max_batch_items ({self.max_batch_items}) must be at most {CALLER_SHARE:.0%} of "
+                             f"max_batch_queue ({self.max_batch_queue}), the most one caller may hold")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The gRPC core channel arguments that enforce the connection bounds."""
