@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from classifier.errors import InvalidInputError
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
+# OpenAI's chat roles; `function` is the older form of `tool` that its API and SDKs still accept.
+ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 # Far above a real conversation; it bounds the work a caller can ask for before any check of length.
 MAX_MESSAGES = 10_000
 # A latest turn longer than this is split around the other turns, so that its end is read too. About

@@ -27,6 +27,16 @@ def test_turns_after_the_latest_user_turn_are_read() -> None:
     assert "tool: FAILED test_lock.py" in text and text.endswith("assistant: calling the test runner")
 
 
+def test_every_role_openais_api_accepts_is_read() -> None:
+    """A function result (the older form of a tool result) is part of a valid request, not invalid input
+    that would send it to the fallback tier."""
+    text = render_conversation([("developer", "Answer briefly."), ("user", "What is the weather in Paris?"),
+                                ("assistant", ""), ("function", '{"temperature": 21}')])
+    assert text == 'What is the weather in Paris?\n\nfunction: {"temperature": 21}\n\ndeveloper: Answer briefly.'
+    with pytest.raises(InvalidInputError, match="unknown role 'robot'"):
+        render_conversation([("robot", "beep"), ("user", "hi")])
+
+
 def test_the_end_of_a_long_latest_turn_is_among_the_tokens_read(shipped_artifact: Path) -> None:
     """Where a pasted text puts the question: the tail of the window is the turn's end, not the oldest
     turn's (here a system prompt)."""
