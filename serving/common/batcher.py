@@ -17,14 +17,14 @@ one and batch prompts wait: then a batch chunk runs, topped up with unary prompt
 unary prompts wait for at most one model call of batch prompts however many of those are queued, and
 a stream of unary calls cannot starve the batch lane either.
 
-Within a lane, callers (the gRPC service: one per connection) take turns: a model call takes a call
-from each caller with work queued in turn, so one caller's flood of queued calls delays another
-caller's call by at most one model call, not by the whole flood. And no caller may hold more than
-half of the batch lane's budget (CALLER_SHARE), where a few large calls from one caller would
-otherwise fill it and shut out the rest. (In the unary lane, one prompt a call, a connection's calls
-in flight are bounded by gRPC's stream limit, 256 against a lane of 1,024 by default.) Work
-submitted without a caller (the dispatcher's embedded model, whose callers are its tenants, shared
-out before they reach it) is one caller with no share limit.
+Within a lane, callers (to the gRPC service: a connection, or the client a proxy names) take turns:
+a model call takes a call from each caller with work queued in turn, so one caller's flood of queued
+calls delays another caller's call by at most one model call, not by the whole flood. And no caller
+may hold more than half of the batch lane's budget (CALLER_SHARE), where a few large calls from one
+caller would otherwise fill it and shut out the rest. (In the unary lane, one prompt a call, a
+connection's calls in flight are bounded by gRPC's stream limit, 256 against a lane of 1,024 by
+default.) Work submitted without a caller (the dispatcher's embedded model, whose callers are its
+tenants, shared out before they reach it) is one caller with no share limit.
 
 Each call is answered by one model: a batch call cut into several model calls is run by the model
 that took its first prompts, even if a reload swapped in another in between.
