@@ -155,6 +155,15 @@ def test_benches_refuse_a_bad_artifact_before_starting_any_service(command: str,
     assert "artifact directory missing-model does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["dispatch-bench", "loadtest", "litellm-bench", "soak"])
+def test_benches_refuse_a_report_path_that_is_a_folder_before_measuring(command: str, tmp_path: Path) -> None:
+    """Found at the end, it lost the whole run: the soak measured for its minutes, then could not write."""
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", command, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"--out {tmp_path} is a folder" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_terminated_dispatch_bench_stops_the_services_it_started(tmp_path: Path) -> None:
     """They run in sessions of their own, which a signal to the bench's process group does not reach."""
     import signal

@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from classifier.signals import sigterm_as_exit
 from serving.bench.h2load import h2load_log
 from serving.bench.ports import free_port
+from serving.bench.report_path import check_report_path
 from serving.bench.soak_processes import (
     answers_grpc,
     answers_http,
@@ -161,6 +162,7 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0, ov
     sequential added latency, then (with h2load installed, unless `load` is False) throughput and
     fallbacks under load. `overlay`: top-level config sections added to every dispatcher's config (say,
     tenants and a spend store, to measure what they cost)."""
+    check_report_path(out)
     # Configs and decision logs (tens of MB per run) go away with the run.
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="promptier-dispatch-bench-") as scratch:
         report = _run(model, Path(scratch), count, load_seconds, overlay or {}, load)

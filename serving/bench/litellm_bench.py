@@ -25,6 +25,7 @@ import yaml
 from classifier.signals import sigterm_as_exit
 from serving.bench.dispatch_bench import LOAD_PROMPT, start_upstream
 from serving.bench.ports import free_port
+from serving.bench.report_path import check_report_path
 from serving.bench.soak_processes import answers_http, stop_process, wait_started
 from serving.litellm_router import CONFIG_ENV
 
@@ -125,6 +126,7 @@ def _measure(proxy_url: str, count: int) -> dict:
 
 def main(model: str | None, out: Path, count: int) -> dict:
     """Start the upstream and the proxy, measure `count` pairs of requests, write `out` and print a table."""
+    check_report_path(out)
     upstream_port = free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     groups = {tier: tier for tier in ("small", "medium", "large")}

@@ -36,6 +36,7 @@ import numpy as np
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.bench.h2load import cpu_seconds, h2load_scenario, ok_calls, require_all_ok
 from serving.bench.ports import free_port, port_taken, wait_serving
+from serving.bench.report_path import check_report_path
 
 CONNECTIONS_PER_GENERATOR = 4
 
@@ -349,13 +350,13 @@ def main(model: str | None, out: Path, seconds: float, workers: int = 2, generat
     started, as Ctrl-C does.
 
     Raises:
-        FileNotFoundError: h2load asked for and missing, or `out`'s folder missing (found before any run).
-        RuntimeError: a scenario failed: whether the server had exited, and its last words.
+        FileNotFoundError: h2load asked for and missing.
+        RuntimeError: `out` cannot take the report (found before any run), or a scenario failed: whether
+            the server had exited, and its last words.
     """
     from classifier.signals import sigterm_as_exit
 
-    if not out.absolute().parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {out.absolute().parent} does not exist")
+    check_report_path(out)
     with sigterm_as_exit():
         return _main(model, out, seconds, workers, generator)
 

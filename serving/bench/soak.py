@@ -47,6 +47,7 @@ import yaml
 from classifier.signals import sigterm_as_exit
 from serving.bench import soak_clients, soak_slow_clients
 from serving.bench.ports import listen_ports, port_taken
+from serving.bench.report_path import check_report_path
 from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, label_rounds, write_label_input
 from serving.bench.soak_processes import (
     LOAD_NICENESS,
@@ -369,8 +370,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
 def main(options: SoakOptions, out: Path) -> dict:
     """Run the soak, print the table, write the JSON report to `out`; returns the report. The scratch
     directory is removed when the bars held, and kept (its path printed) for a look when not."""
-    if not out.absolute().parent.is_dir():  # found now, not after the whole run
-        raise RuntimeError(f"--out {out}: folder {out.absolute().parent} does not exist")
+    check_report_path(out)
     workdir = Path(tempfile.mkdtemp(prefix="promptier-soak-"))
     print(f"soak: {options.minutes:g} min on loopback; {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{value:.2f}' for value in os.getloadavg())}; scratch {workdir}", flush=True)
