@@ -35,11 +35,15 @@ async def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _batcher(model: object, max_batch: int = 8, budget: int = 1000) -> Batcher:
+    return Batcher(lambda: model, BatcherMetrics(CollectorRegistry(), "test"),  # type: ignore[arg-type,return-value]
+                   max_queue=budget, max_batch=max_batch, max_batch_queue=budget)
+
+
 def test_a_stream_of_unary_calls_cannot_starve_a_batch_call() -> None:
     async def scenario() -> list[list[str]]:
         model = _RecordingModel()
-        batcher = Batcher(lambda: model, BatcherMetrics(CollectorRegistry(), "test"),  # type: ignore[arg-type,return-value]
-                          max_queue=1000, max_batch=8, max_batch_queue=1000)
+        batcher = _batcher(model)
         batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit([("u-first", None)], timeout=None))
@@ -62,11 +66,6 @@ def test_a_stream_of_unary_calls_cannot_starve_a_batch_call() -> None:
     assert kinds[:6] == ["unary", "batch", "unary", "batch", "unary", "batch"], kinds
     assert all(len(call) <= 8 for call in calls)
     assert all(prompt.startswith("u") for call in calls if call[0].startswith("u") for prompt in call)
-
-
-def _batcher(model: object, max_batch: int = 8, budget: int = 1000) -> Batcher:
-    return Batcher(lambda: model, BatcherMetrics(CollectorRegistry(), "test"),  # type: ignore[arg-type,return-value]
-                   max_queue=budget, max_batch=max_batch, max_batch_queue=budget)
 
 
 def test_callers_take_turns_so_one_callers_flood_delays_another_by_one_model_call() -> None:
