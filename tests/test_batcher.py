@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -40,12 +41,22 @@ def _batcher(model: object, max_batch: int = 8, budget: int = 1000) -> Batcher:
                    max_queue=budget, max_batch=max_batch, max_batch_queue=budget)
 
 
+@contextlib.asynccontextmanager
+async def _running(model: _RecordingModel, max_batch: int = 8, budget: int = 1000) -> AsyncIterator[Batcher]:
+    """A started batcher over `model`; on the way out the model is released and the batcher stopped."""
+    batcher = _batcher(model, max_batch, budget)
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        model.release.set()
+        await batcher.stop()
+
+
 def test_a_stream_of_unary_calls_cannot_starve_a_batch_call() -> None:
     async def scenario() -> list[list[str]]:
         model = _RecordingModel()
-        batcher = _batcher(model)
-        batcher.start()
-        try:
+        async with _running(model) as batcher:
             first = asyncio.ensure_future(batcher.submit([("u-first", None)], timeout=None))
             await _until(model.entered.is_set, "the first call to enter the model")
             batch = asyncio.ensure_future(batcher.submit([(f"b{i}", None) for i in range(20)], timeout=None,
@@ -55,9 +66,6 @@ def test_a_stream_of_unary_calls_cannot_starve_a_batch_call() -> None:
             model.release.set()
             await asyncio.gather(first, batch, *unary)
             return model.calls
-        finally:
-            model.release.set()
-            await batcher.stop()
 
     calls = asyncio.run(scenario())
     kinds = ["batch" if call[0].startswith("b") else "unary" for call in calls]
@@ -71,9 +79,7 @@ def test_a_stream_of_unary_calls_cannot_starve_a_batch_call() -> None:
 def test_callers_take_turns_so_one_callers_flood_delays_another_by_one_model_call() -> None:
     async def scenario() -> list[list[str]]:
         model = _RecordingModel()
-        batcher = _batcher(model)
-        batcher.start()
-        try:
+        async with _running(model) as batcher:
             first = asyncio.ensure_future(batcher.submit([("flood-first", None)], None, caller="flooder"))
             await _until(model.entered.is_set, "the first call to enter the model")
             flood = [asyncio.ensure_future(batcher.submit([(f"flood{i}", None)], None, caller="flooder"))
@@ -84,9 +90,6 @@ def test_callers_take_turns_so_one_callers_flood_delays_another_by_one_model_cal
             model.release.set()
             await asyncio.gather(first, other, *flood)
             return model.calls
-        finally:
-            model.release.set()
-            await batcher.stop()
 
     calls = asyncio.run(scenario())
     # The call after the held one already carries the other caller's prompt, queued behind 200 of the
@@ -98,10 +101,8 @@ def test_callers_take_turns_so_one_callers_flood_delays_another_by_one_model_cal
 def test_one_caller_may_hold_half_the_batch_lane_and_the_rest_stays_for_others() -> None:
     async def scenario() -> tuple[list[str], int]:
         model = _RecordingModel()
-        batcher = _batcher(model, max_batch=64, budget=1024)
-        batcher.start()
         refusals: list[str] = []
-        try:
+        async with _running(model, max_batch=64, budget=1024) as batcher:
             first = asyncio.ensure_future(batcher.submit([(f"a{i}", None) for i in range(64)], None, "batch", "a"))
             await _until(model.entered.is_set, "the first call to enter the model")
             admitted = [asyncio.ensure_future(batcher.submit([(f"a{i}", None) for i in range(256)], None, "batch",
@@ -116,9 +117,6 @@ def test_one_caller_may_hold_half_the_batch_lane_and_the_rest_stays_for_others()
             model.release.set()
             await asyncio.gather(first, *admitted)
             return refusals, len(await others)
-        finally:
-            model.release.set()
-            await batcher.stop()
 
     refusals, others_answered = asyncio.run(scenario())
     assert refusals == ["a refused by_caller=True: this caller holds its share of the batch queue"]
@@ -164,7 +162,7 @@ def test_a_batch_call_cut_into_pieces_is_answered_by_one_model_across_a_reload()
 
 
 def test_a_drain_waits_for_a_call_still_being_prepared() -> None:
-    async def scenario() -> tuple[bool, bool, list[str]]:
+    async def scenario() -> tuple[bool, bool, Sequence[object]]:
         model = _RecordingModel()
         model.release.set()
         batcher = _batcher(model)
