@@ -333,11 +333,12 @@ class AsyncRouterClient:
         while self._waiting:
             _fail([self._waiting.popleft()], _client_closed())
         sending = dict(self._sending)
-        for task in sending:
+        for task, group in sending.items():
             task.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)
-        for group in sending.values():  # a send cancelled before it started never ran to answer its own
+            # Answered here, before any await: a send cancelled before it started never runs to answer
+            # its own, and a close() cancelled while it waits below must leave nobody waiting.
             _fail(group, _client_closed())
+        await asyncio.gather(*sending, return_exceptions=True)
         for channel in self._channels:
             await channel.close()
 
