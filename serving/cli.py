@@ -71,6 +71,10 @@ def serve(
                                                         "limit less 128, at most 10,000)")] = None,
     max_streams: Annotated[int, typer.Option(min=1, help="calls in flight per connection; a client queues "
                                              "more itself")] = 256,
+    trust_caller_metadata: Annotated[bool, typer.Option(help="take the caller a proxy in front names in "
+                                                        "x-promptier-caller as who a call is from (callers "
+                                                        "take turns and hold a share of the batch queue); "
+                                                        "else each connection is a caller")] = False,
 ) -> None:
     """Run the gRPC routing service (SIGTERM drains, SIGHUP reloads the model directory it started with).
 
@@ -87,7 +91,8 @@ def serve(
     configure_json_logging()
     limits = ServerLimits(handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout or None,
                           max_connection_age_s=max_connection_age or None, keepalive_time_s=keepalive or None,
-                          max_connections=max_connections, max_streams=max_streams)
+                          max_connections=max_connections, max_streams=max_streams,
+                          trust_caller_metadata=trust_caller_metadata)
     if workers > 1:
         from classifier import load
         from serving.service.binding import ensure_port_free

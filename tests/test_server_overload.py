@@ -106,11 +106,14 @@ def test_batch_flood_cannot_starve_single_calls(trained_artifact: Path) -> None:
     assert all(set(call) == {EASY} for call in after if EASY in call), [sorted(set(c)) for c in after]
 
 
-def test_callers_a_proxy_names_on_one_connection_each_have_their_share(trained_artifact: Path) -> None:
+@pytest.mark.parametrize("trusted", [True, False])
+def test_callers_a_trusted_proxy_names_on_one_connection_each_have_their_share(trained_artifact: Path,
+                                                                               trusted: bool) -> None:
     """Behind a proxy every client shares its connections: the caller it names in x-promptier-caller,
-    not the connection, is who holds a share of the batch queue."""
+    not the connection, holds a share of the batch queue, when the server trusts the metadata; when it
+    does not, a name is no way to take another share."""
     held = HeldModel(classifier.load(trained_artifact))
-    running = ServerThread(model=held, limits=ServerLimits(max_batch_queue=1024))
+    running = ServerThread(model=held, limits=ServerLimits(max_batch_queue=1024, trust_caller_metadata=trusted))
     assert running.running is not None
     batcher = running.running.batcher
     request = router_pb2.ClassifyBatchRequest(items=[router_pb2.ClassifyRequest(prompt=HARD)] * 256)
@@ -131,13 +134,17 @@ def test_callers_a_proxy_names_on_one_connection_each_have_their_share(trained_a
                        "bob's call to be admitted")
             held.release.set()
             codes = [f.code() for f in alice]
-            bob_tiers = {item.result.tier for item in bob.result().items}
+            bob_code = bob.code()
+            bob_tiers = {item.result.tier for item in bob.result().items} if bob_code == grpc.StatusCode.OK else set()
             first.result()
     finally:
         held.release.set()
         running.stop()
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # alice beyond her half
-    assert bob_tiers == {"large"}  # bob, on the same connection, has a share of his own
+    if trusted:
+        assert bob_tiers == {"large"}  # bob, on the same connection, has a share of his own
+    else:
+        assert bob_code == grpc.StatusCode.RESOURCE_EXHAUSTED  # one connection, one share, whatever it says
 
 
 def test_every_call_reaches_a_handler_and_is_counted_with_its_status(trained_artifact: Path) -> None:
@@ -275,3 +282,43 @@ def test_drain_ends_health_watches_instead_of_waiting_out_the_grace(trained_arti
     running.loop.call_soon_threadsafe(running.loop.stop)
     running.thread.join(10)
     assert seen == ["NOT_SERVING"]
+
+
+def test_a_drain_waits_for_a_batch_still_being_prepared_on_its_thread(trained_artifact: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of many conversation messages is rendered on a thread before it reaches the model's queue;
+    a drain that began meanwhile must wait for it, not stop the queue under it (UNAVAILABLE)."""
+    import serving.service.router as router_module
+
+    preparing, release = threading.Event(), threading.Event()
+    render = router_module._prepared
+
+    def held_render(*args):  # type: ignore[no-untyped-def]
+        preparing.set()
+        assert release.wait(120), "the test never released the preparation"
+        return render(*args)
+
+    monkeypatch.setattr(router_module, "INLINE_MESSAGES", 0)  # every conversation batch goes to the thread
+    monkeypatch.setattr(router_module, "_prepared", held_render)
+    running = ServerThread(model=classifier.load(trained_artifact))
+    assert running.running is not None
+    draining = threading.Event()
+    drain = running.running.batcher.drain
+
+    async def noted_drain(timeout: float) -> bool:
+        draining.set()
+        return await drain(timeout)
+
+    running.running.batcher.drain = noted_drain  # type: ignore[method-assign]
+    conversation = router_pb2.Conversation(messages=[router_pb2.Message(role="user", content=EASY)])
+    request = router_pb2.ClassifyBatchRequest(items=[router_pb2.ClassifyRequest(conversation=conversation)])
+    with grpc.insecure_channel(running.target) as channel:
+        call = router_pb2_grpc.RouterStub(channel).ClassifyBatch.future(request, timeout=300)
+        wait_until(preparing.is_set, "the batch to be prepared on its thread")
+        stopper = threading.Thread(target=running.stop, kwargs={"grace": 60})
+        stopper.start()
+        wait_until(draining.is_set, "the drain to begin")
+        release.set()
+        tiers = [item.result.tier for item in call.result().items]
+        stopper.join(120)
+    assert tiers == ["small"]

@@ -38,6 +38,10 @@ class ServerLimits:
     does not answer within `keepalive_timeout_s`. Beyond `max_connections` (None: derived from the
     open-file limit) new connections are closed at once; a client may have `max_streams` calls in flight
     per connection (it queues more itself).
+
+    Callers take turns at the model, and each may hold only its share of the batch queue. A caller is a
+    connection, or with `trust_caller_metadata` the client a proxy in front names in x-promptier-caller
+    (any peer could set it, to take many shares or spend another's: trust it only behind such a proxy).
     """
 
     max_prompt_chars: int = 1_000_000
@@ -54,6 +58,7 @@ class ServerLimits:
     keepalive_timeout_s: float = 20.0
     max_connections: int | None = None
     max_streams: int = 256
+    trust_caller_metadata: bool = False
 
     def __post_init__(self) -> None:
         required = (self.max_prompt_chars, self.max_batch_items, self.max_queue, self.max_batch_queue,

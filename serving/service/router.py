@@ -35,18 +35,19 @@ DEADLINE_SLACK_S = 0.1
 # conversation at the limit (MAX_MESSAGES) costs a few milliseconds and stays on the loop.
 INLINE_MESSAGES = MAX_MESSAGES
 Prepared = tuple[object, RoutingRequest | None]  # a batch item's text and policy
-# Metadata a proxy in front of the service sets to name the client a call is from: callers take turns
-# at the model, and each may hold only its share of the batch queue (serving.common.batcher).
+# Metadata a proxy in front of the service sets to name the client a call is from (read only when the
+# server trusts it): callers take turns at the model, and each holds only its share of the batch queue.
 CALLER_METADATA = "x-promptier-caller"
 MAX_CALLER_CHARS = 128
 
 
-def _caller(context: grpc.aio.ServicerContext) -> str:
-    """Who a call is from, for turns and shares at the model: the caller a proxy names in CALLER_METADATA
-    (all its clients share its connections), else the connection (peer address and port)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == CALLER_METADATA and isinstance(value, str) and value:
-            return "caller:" + value[:MAX_CALLER_CHARS]
+def _caller(context: grpc.aio.ServicerContext, trust_metadata: bool) -> str:
+    """Who a call is from, for turns and shares at the model: the connection (peer address and port), or
+    with `trust_metadata` the caller a proxy names in CALLER_METADATA (its clients share its connections)."""
+    if trust_metadata:
+        for key, value in context.invocation_metadata() or ():
+            if key == CALLER_METADATA and isinstance(value, str) and value:
+                return "caller:" + value[:MAX_CALLER_CHARS]
     return "peer:" + context.peer()
 
 
@@ -168,7 +169,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _submit(self, items: list[tuple[object, RoutingRequest | None]], context: grpc.aio.ServicerContext,
                       lane: Lane) -> list[ClassificationResult | PromptierError]:
-        return await self._batcher.submit(items, context.time_remaining(), lane, caller=_caller(context))
+        caller = _caller(context, self._limits.trust_caller_metadata)
+        return await self._batcher.submit(items, context.time_remaining(), lane, caller=caller)
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
                        ) -> router_pb2.ClassifyResponse:
