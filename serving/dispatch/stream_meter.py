@@ -73,6 +73,11 @@ def event_payload(event: bytes) -> bytes:
     return b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
 
 
+def is_done(event: bytes) -> bool:
+    """Whether `event` ends the stream: its whole data is `[DONE]`."""
+    return b"[DONE]" in event and event_payload(event) == b"[DONE]"
+
+
 class EventFramer:
     """Cuts a relayed event stream at the ends of its events.
 
@@ -98,9 +103,7 @@ class EventFramer:
             events.append(bytes(self._pending[start:match.end()]))
             start = match.end()
         del self._pending[:start]
-        for event in events:
-            if b"[DONE]" in event and event_payload(event) == b"[DONE]":
-                self.done = True
+        self.done = self.done or any(is_done(event) for event in events)
         if len(self._pending) > MAX_EVENT_BYTES:  # not an event stream, or an event too large to hold
             overflow = bytes(self._pending)
             self._pending.clear()
@@ -116,8 +119,7 @@ class EventFramer:
         """What is left at the end of the stream (an event without its blank line, or a body that is no stream)."""
         rest = bytes(self._pending)
         self._pending.clear()
-        if event_payload(rest) == b"[DONE]":
-            self.done = True
+        self.done = self.done or is_done(rest)
         return rest
 
 
