@@ -7,7 +7,6 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.common.batcher import Batcher, BatcherMetrics, QueueFullError
@@ -165,25 +164,14 @@ def test_a_drain_waits_for_a_call_still_being_prepared() -> None:
     async def scenario() -> tuple[bool, bool, Sequence[object]]:
         model = _RecordingModel()
         model.release.set()
-        batcher = _batcher(model)
-        batcher.start()
-        try:
+        async with _running(model) as batcher:
             with batcher.arriving():  # a large batch being rendered on a thread
                 idle_while_preparing = await batcher.drain(0.05)
             answer = asyncio.ensure_future(batcher.submit([("prepared", None)], None, "batch"))
             drained = await batcher.drain(60)
             return idle_while_preparing, drained, await answer
-        finally:
-            await batcher.stop()
 
     idle_while_preparing, drained, answer = asyncio.run(scenario())
     assert not idle_while_preparing  # a shutdown would otherwise stop the batcher under the call
     assert drained and answer == ["prepared"]
 
-
-def test_a_batch_call_may_not_be_larger_than_a_callers_share_of_the_batch_queue() -> None:
-    from serving.service.limits import ServerLimits
-
-    with pytest.raises(ValueError, match=r"max_batch_items \(256\) must be at most 50% of max_batch_queue \(500\)"):
-        ServerLimits(max_batch_queue=500)
-    assert ServerLimits(max_batch_queue=512).max_batch_items == 256

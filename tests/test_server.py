@@ -296,3 +296,9 @@ def test_a_decision_carries_the_cheap_floor_it_routed_under(shipped_artifact: Pa
             assert client.classify("What is the capital of France?", threshold=0.5).cheap_floor is None
     finally:
         running.stop()
+
+
+def test_a_batch_call_may_not_be_larger_than_a_callers_share_of_the_batch_queue() -> None:
+    with pytest.raises(ValueError, match=r"max_batch_items \(256\) must be at most 50% of max_batch_queue \(500\)"):
+        ServerLimits(max_batch_queue=500)
+    assert ServerLimits(max_batch_queue=512).max_batch_items == 256
