@@ -218,9 +218,12 @@ def test_coalescing_client_scenarios_count_calls_and_group_them(server: ServerTh
 
 
 
-def test_closing_a_coalescing_client_answers_every_caller(trained_artifact: Path) -> None:
+@pytest.mark.parametrize("close_cancelled", [False, True])
+def test_closing_a_coalescing_client_answers_every_caller(trained_artifact: Path, close_cancelled: bool) -> None:
     """close() used to cancel the sends in flight without answering their callers, who then waited
-    forever (the deadline was the cancelled call's); every caller gets an RpcError instead."""
+    forever (the deadline was the cancelled call's); every caller gets an RpcError instead, also when
+    close() is itself cancelled while it waits for its sends to end (a shutdown task cancelled, a
+    wait_for run out)."""
     import classifier
 
     held = HeldModel(classifier.load(trained_artifact))
@@ -231,7 +234,12 @@ def test_closing_a_coalescing_client_answers_every_caller(trained_artifact: Path
         calls = [asyncio.ensure_future(client.classify(EASY)) for _ in range(5)]
         while not held.entered.is_set():  # one call is in the model, the others wait in the client
             await asyncio.sleep(0.01)
-        await client.close()
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.sleep(0)  # close() has cancelled the send in flight and waits for it to end
+        if close_cancelled:
+            closing.cancel()
+        else:
+            await closing
         # Bounded only so that a regression fails instead of hanging: every caller is answered by now.
         outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
         with pytest.raises(grpc.RpcError) as info:
@@ -271,32 +279,3 @@ def test_a_client_closed_before_its_send_started_answers_the_caller(trained_arti
         running.stop()
     assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.CANCELLED, outcome
     assert "client was closed" in (outcome.details() or "")
-
-
-def test_a_close_that_is_itself_cancelled_leaves_no_caller_waiting(trained_artifact: Path) -> None:
-    """close() cancelled while it waits for its sends to end (a shutdown task cancelled, a wait_for run
-    out) must already have answered their callers."""
-    import classifier
-
-    held = HeldModel(classifier.load(trained_artifact))
-    running = ServerThread(model=held)
-
-    async def run() -> list[BaseException | Decision]:
-        client = AsyncRouterClient(running.target, timeout=300, attempts=1, coalesce=True, max_in_flight=1)
-        calls = [asyncio.ensure_future(client.classify(EASY)) for _ in range(3)]
-        while not held.entered.is_set():  # one call is in the model, the others wait in the client
-            await asyncio.sleep(0.01)
-        closing = asyncio.ensure_future(client.close())
-        await asyncio.sleep(0)  # close() has cancelled the send in flight and waits for it to end
-        closing.cancel()
-        # Bounded only so that a regression fails instead of hanging.
-        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
-
-    try:
-        outcomes = asyncio.run(run())
-    finally:
-        held.release.set()
-        running.stop()
-    assert len(outcomes) == 3
-    for outcome in outcomes:
-        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.CANCELLED, outcome
