@@ -322,3 +322,25 @@ def test_a_drain_waits_for_a_batch_still_being_prepared_on_its_thread(trained_ar
         tiers = [item.result.tier for item in call.result().items]
         stopper.join(120)
     assert tiers == ["small"]
+
+
+def test_a_stopped_server_leaves_no_preparer_thread(trained_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that prepares large conversation batches ends with its server: an application that
+    starts and stops servers must not gather one idle thread per server."""
+    import serving.service.router as router_module
+
+    monkeypatch.setattr(router_module, "INLINE_MESSAGES", 0)  # every conversation batch goes to the thread
+    before = set(threading.enumerate())
+    running = ServerThread(model=classifier.load(trained_artifact))
+    conversation = router_pb2.Conversation(messages=[router_pb2.Message(role="user", content=EASY)])
+    request = router_pb2.ClassifyBatchRequest(items=[router_pb2.ClassifyRequest(conversation=conversation)])
+    with grpc.insecure_channel(running.target) as channel:
+        reply = router_pb2_grpc.RouterStub(channel).ClassifyBatch(request, timeout=60)
+    assert [item.result.tier for item in reply.items] == ["small"]
+    preparers = [thread for thread in set(threading.enumerate()) - before
+                 if thread.name.startswith("promptier-prepare")]
+    assert preparers, "the batch was not prepared on the preparer thread"
+    running.stop()
+    for thread in preparers:
+        thread.join(30)
+    assert not [thread.name for thread in preparers if thread.is_alive()]

@@ -125,6 +125,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # One thread: large batches wait for one another there, and the event loop keeps its share of the GIL.
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="promptier-prepare")
 
+    def close(self) -> None:
+        """Let the preparer thread end once the server has stopped: a process that starts and stops
+        servers (an embedding application, the tests) would otherwise keep one idle thread per server."""
+        self._preparer.shutdown(wait=False, cancel_futures=True)
+
     def _record(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
         self._metrics.requests.labels(rpc, code.name).inc()
         self._metrics.latency.labels(rpc).observe(time.perf_counter() - start)

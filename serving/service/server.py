@@ -39,8 +39,9 @@ class RunningServer:
     """A started server. `port` is the bound port (useful with port 0 in tests)."""
 
     def __init__(self, server: grpc.aio.Server, port: int, holder: ModelHolder, batcher: Batcher,
-                 health_servicer: ServerHealth, metrics: ServerMetrics) -> None:
+                 health_servicer: ServerHealth, metrics: ServerMetrics, router: RouterService) -> None:
         self.server, self.port, self.holder, self.batcher = server, port, holder, batcher
+        self.router = router
         self.health, self.metrics = health_servicer, metrics
         self.fleet: FleetModel | None = None  # set in a `--workers` process: Admin.Reload reaches every worker
         self.fleet_generation: str | None = None  # the fleet file's generation this process has applied
@@ -98,6 +99,7 @@ class RunningServer:
         await self.batcher.stop()
         await self.health.end_watches()  # else an open Watch alone would hold the stop for its whole grace
         await stopping
+        self.router.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -136,7 +138,8 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         # Off unless asked: two servers started by mistake on one port must fail, not split traffic.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
-    server.add_generic_rpc_handlers((router_handlers(RouterService(holder, batcher, metrics, limits), metrics),))
+    router = RouterService(holder, batcher, metrics, limits)
+    server.add_generic_rpc_handlers((router_handlers(router, metrics),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((ROUTER_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                       server)
@@ -147,7 +150,7 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         if number.isdigit():
             ensure_port_free(host, int(number))
         raise BindError(f"cannot listen on {address}") from error
-    running = RunningServer(server, port, holder, batcher, health_servicer, metrics)
+    running = RunningServer(server, port, holder, batcher, health_servicer, metrics, router)
     server.add_generic_rpc_handlers((admin_handlers(AdminService(running, admin_token)),))
     batcher.start()
     await server.start()
