@@ -64,7 +64,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             multiprocess.mark_process_dead(os.getpid(), shared_metrics_dir)  # its live gauges leave the sums
 
     async def health(request: Request) -> Response:
-        reachable = await dispatcher.classifier.tiers() is not None
+        reachable = await dispatcher.classifier.served() is not None
         classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
         body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
                                    "classifier_source": dispatcher.classifier.describe(),

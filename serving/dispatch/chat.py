@@ -129,7 +129,7 @@ class ChatCompletions:
         tier: str | None = None
         try:
             with DisconnectWatch(request.receive):
-                if not dispatcher.prices:
+                if dispatcher.prices_outdated(route):
                     with contextlib.suppress(ConfigError):  # a late mismatch shows as unknown_tier fallbacks
                         await dispatcher.refresh_prices()
                 try:

@@ -44,12 +44,12 @@ async def _check_classifier(config: DispatcherConfig) -> str:
         return f"embedded model {model.model_version} loads and serves tiers {model.tier_names}"
     service = GrpcRouteClassifier(config.classifier.address, timeout_s=0.5, coalesce=False, connections=1)
     try:
-        served = await service.tiers()
+        served = await service.served()
     finally:
         await service.close()
     if served is None:
         return (f"the gRPC service at {config.classifier.address} did not answer: its tiers are checked when "
                 "it does (until then requests go to the fallback tier)")
-    names = [tier.name for tier in served]
+    names = [tier.name for tier in served.tiers]
     check_tier_names(names, config.tier_names, service.describe())
     return f"the gRPC service at {config.classifier.address} serves tiers {names}"

@@ -10,6 +10,7 @@ x-promptier-* headers, and records it: metrics, the tenant's spend, the decision
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -27,7 +28,7 @@ from serving.common.batcher import BatcherMetrics
 from serving.dispatch.capabilities import NO_NEEDS, CapabilityMetrics, CapabilityRouter, Needs, Steered
 from serving.dispatch.config_check import check_tier_names
 from serving.dispatch.decision_log import DecisionLog, DecisionRecord
-from serving.dispatch.dispatch_config import DispatcherConfig
+from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
 from serving.dispatch.exploration import draw_tier
 from serving.dispatch.http_error import HTTPError
 from serving.dispatch.route_classifier import (
@@ -45,6 +46,9 @@ OWED = ("tier prices unknown when answered (the classifier had not answered sinc
         "budget once they are known")
 ROUTER_PREFIX = "promptier"
 HEADER_PREFIX = "x-promptier-"
+# How often a dispatcher in front of a gRPC service reads its prices again: the service reloads models on
+# its own, and a new model's manifest may price its tiers differently.
+PRICES_REFRESH_S = 30.0
 
 
 @dataclass
@@ -115,6 +119,10 @@ class Dispatcher:
         self.metrics = DispatcherMetrics()
         self.tenants = Tenants(config, self.metrics.registry)  # opens the spend store: a bad one stops the start
         self.prices: dict[str, tuple[float, float]] = {}
+        self.prices_version: str | None = None  # the classifier model whose manifest `prices` come from
+        # The model version whose decision last asked for the prices again, and when (monotonic).
+        self._prices_asked: tuple[str | None, float] = (None, 0.0)
+        self._following_prices: asyncio.Task | None = None
         # The tokens of budgeted answers given before any prices were known, per (tenant, tier): charged then.
         self._owed: dict[tuple[str, str], tuple[Tenant, dict[str, int]]] = {}
         self.embedded: EmbeddedRouteClassifier | None = None
@@ -146,9 +154,42 @@ class Dispatcher:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=0),
                                           skip_auto_headers=("User-Agent",))
         await self.refresh_prices()
+        if self.embedded is None:  # an embedded model is this worker's for its life; a service reloads
+            self._following_prices = asyncio.get_running_loop().create_task(self._follow_prices())
         self.tenants.start()
 
+    async def _follow_prices(self) -> None:
+        """Read the service's prices again every PRICES_REFRESH_S: after it reloads a model whose prices
+        changed, costs, budgets and pacing move to them, pinned traffic (which carries no model version)
+        included."""
+        while True:
+            await asyncio.sleep(PRICES_REFRESH_S)
+            try:
+                await self.refresh_prices()
+            except ConfigError as error:  # the service's tiers changed: requests fall back, visibly
+                log.warning(json.dumps({"event": "classifier_tiers_changed", "reason": str(error)}))
+            except Exception:  # never let the loop die quietly: the next read may succeed
+                log.exception("reading the classifier's prices failed")
+
+    def prices_outdated(self, route: Route) -> bool:
+        """Whether the model that classified `route` is not the one the prices were read from, and no
+        decision of that model asked for them in the last second (a fleet mid-reload answers with both
+        versions for a moment, and its Info may come from a process still on the old one)."""
+        if not self.prices:
+            return True
+        if route.model_version is None or route.model_version == self.prices_version:
+            return False
+        asked_by, asked_at = self._prices_asked
+        if route.model_version == asked_by and time.monotonic() - asked_at < 1.0:
+            return False
+        self._prices_asked = (route.model_version, time.monotonic())
+        return True
+
     async def close(self) -> None:
+        if self._following_prices is not None:
+            self._following_prices.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following_prices
         await self.http.close()
         await self.classifier.close()
         self.tenants.close()
@@ -160,11 +201,15 @@ class Dispatcher:
         Raises:
             ConfigError: the classifier's tiers are not the config's (every request would fall back).
         """
-        served = await self.classifier.tiers()
+        served = await self.classifier.served()
         if served is None:
             return  # the classifier may start later; requests fall back (visibly) until it does
-        check_tier_names([tier.name for tier in served], self.tiers, self.classifier.describe())
-        self.prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in served}
+        check_tier_names([tier.name for tier in served.tiers], self.tiers, self.classifier.describe())
+        prices = {t.name: (t.input_usd_per_mtok, t.output_usd_per_mtok) for t in served.tiers}
+        if self.prices and prices != self.prices:
+            log.info(json.dumps({"event": "prices_changed", "model_version": served.model_version,
+                                 "previous_model_version": self.prices_version, "usd_per_mtok": prices}))
+        self.prices, self.prices_version = prices, served.model_version
         self.tenants.set_prices(self.prices)
         owed, self._owed = self._owed, {}
         for (_, tier), (tenant, usage) in owed.items():

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -26,6 +27,13 @@ from serving.common.batcher import Batcher, BatcherMetrics, DeadlineExpiredError
 
 log = logging.getLogger("promptier.dispatcher")
 SPREAD_CHECK_S = 10.0
+
+
+class ServedModel(NamedTuple):
+    """The model a classifier serves now: its version and its tiers with their prices."""
+
+    model_version: str
+    tiers: list[TierSpec]
 
 
 class ClassifierUnavailable(Exception):
@@ -80,14 +88,15 @@ class GrpcRouteClassifier:
             code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
             raise ClassifierUnavailable(code.name if isinstance(code, grpc.StatusCode) else "error") from error
 
-    async def tiers(self) -> list[TierSpec] | None:
-        """The served tiers with prices, or None while the service cannot be reached."""
+    async def served(self) -> ServedModel | None:
+        """The served model's version and tiers with prices, or None while the service cannot be reached."""
         try:
             info = await self._client.info()
         except grpc.RpcError:
             return None
-        return [TierSpec(name=t.name, input_usd_per_mtok=t.input_usd_per_mtok,
-                         output_usd_per_mtok=t.output_usd_per_mtok) for t in info.tiers]
+        return ServedModel(info.model_version, [TierSpec(name=t.name, input_usd_per_mtok=t.input_usd_per_mtok,
+                                                         output_usd_per_mtok=t.output_usd_per_mtok)
+                                                for t in info.tiers])
 
     def describe(self) -> str:
         return f"gRPC service at {self.address}"
@@ -144,8 +153,8 @@ class EmbeddedRouteClassifier:
             raise ClassifierUnavailable("error") from outcome
         return outcome
 
-    async def tiers(self) -> list[TierSpec] | None:
-        return list(self.model.manifest.tiers)
+    async def served(self) -> ServedModel | None:
+        return ServedModel(self.model.model_version, list(self.model.manifest.tiers))
 
     def describe(self) -> str:
         return f"embedded model {self.model.model_version}"
