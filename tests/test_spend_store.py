@@ -98,6 +98,55 @@ def test_ledger_counts_its_own_spend_at_once_and_another_process_within_its_refr
     assert SqliteSpendStore(path).totals([key])[key] == pytest.approx(5.5)
 
 
+class ReplyLost:
+    """A real store whose first write is applied and then lost on the way back, as a timeout after the
+    server has run the command (a stall, a network blip, a failover) looks to the writer."""
+
+    def __init__(self, store: SqliteSpendStore | RedisSpendStore) -> None:
+        self.store, self.lost = store, 0
+
+    def add(self, increments, expires, writer="", sequence=0):  # type: ignore[no-untyped-def]
+        totals = self.store.add(increments, expires, writer, sequence)
+        if not self.lost:
+            self.lost += 1
+            raise TimeoutError("the reply was lost")
+        return totals
+
+    def totals(self, keys):  # type: ignore[no-untyped-def]
+        return self.store.totals(keys)
+
+    def describe(self) -> str:
+        return self.store.describe()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_write_whose_reply_was_lost_is_charged_once(kind: str, tmp_path: Path, redis_server: RedisServer) -> None:
+    """The ledger retries a write it got no answer for; the store must not add the same spend again."""
+    store = SqliteSpendStore(tmp_path / "spend.sqlite3") if kind == "sqlite" else RedisSpendStore(redis_server.url)
+    lossy = ReplyLost(store)
+    errors: list[str] = []
+    ledger = SpendLedger(lossy, refresh_s=0.05, on_error=errors.append)
+    key = ("search", "2025-06")
+    ledger.watch(key, PERIOD_END)
+    ledger.start()
+    try:
+        assert _wait_for(lambda: ledger.last_ok is not None)  # the first read is done
+        ledger.charge(key, 1.0)
+        assert _wait_for(lambda: lossy.lost == 1 and ledger.error is None)  # lost, then retried and confirmed
+        ledger.charge(key, 0.25)  # and the writes after it still count
+        assert _wait_for(lambda: store.totals([key])[key] == 1.25)
+        assert ledger.spent(key) == 1.25
+    finally:
+        ledger.close()
+    assert errors == ["write"]
+    other = SqliteSpendStore(tmp_path / "spend.sqlite3") if kind == "sqlite" else RedisSpendStore(redis_server.url)
+    assert other.totals([key])[key] == 1.25
+    other.close()
+
+
 def test_redis_store_adds_atomically_and_expires_its_keys(redis_server: RedisServer) -> None:
     import redis
 

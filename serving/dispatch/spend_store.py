@@ -7,8 +7,13 @@ Stores (one row or key per tenant and period, holding the USD spent):
   transaction of upserts, and `busy_timeout` queues processes that write at the same moment.
   `synchronous=NORMAL`: a committed write survives a process crash (the WAL is in the OS's hands);
   a power cut may lose the last moments of spend, which only makes pacing a little lenient.
-- `RedisSpendStore`: a Redis server that several hosts share; `INCRBYFLOAT` adds atomically, and each
-  key expires a month after its period ends.
+- `RedisSpendStore`: a Redis server that several hosts share; one script adds a write's increments
+  atomically (`INCRBYFLOAT`), and each key expires a month after its period ends.
+
+Writes are idempotent: each writer (a ledger) numbers its writes, and a store records per writer the last
+number it applied, in the same transaction or script as the increments. A write whose reply was lost
+(a timeout, a connection reset, a failover) is retried with the same number and the same increments, and
+a store that had applied it applies nothing: spend is charged once.
 
 `SpendLedger` keeps the current totals in process memory: requests read a dict, never the store. A
 thread of its own writes the process's spend (once a request is charged, writes at least
@@ -27,6 +32,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +43,9 @@ log = logging.getLogger("promptier.dispatcher")
 Key = tuple[str, str]  # (tenant, period key)
 # Redis keys outlive their period by this long, so that last month's spend can still be read.
 REDIS_RETENTION_S = 35 * 86400
+# How long a store remembers a writer's last write number after its last write: a write is retried until
+# it is confirmed, so only a writer silent for this long (a stopped process) is forgotten.
+WRITER_RETENTION_S = 7 * 86400
 # Writes are at least this far apart: one write per request at low load, one for all the requests
 # charged in the interval at high load (a SQLite write took 75 us of CPU here, which a busy process
 # should not pay hundreds of times a second).
@@ -48,8 +57,10 @@ class SpendStoreError(PromptierError):
 
 
 class SpendStore(Protocol):
-    def add(self, increments: dict[Key, float], expires: dict[str, float]) -> dict[Key, float]:
-        """Add each increment; return the new totals of those keys. `expires`: period key -> its end."""
+    def add(self, increments: dict[Key, float], expires: dict[str, float], writer: str = "", sequence: int = 0
+            ) -> dict[Key, float]:
+        """Add each increment, unless `writer` already had write `sequence` (or a later one) applied; return
+        the totals of those keys. `expires`: period key -> its end. Without a writer, always add."""
         ...
 
     def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
@@ -76,6 +87,8 @@ class SqliteSpendStore:
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS spend (tenant TEXT NOT NULL, period TEXT NOT NULL, "
                              "usd REAL NOT NULL, PRIMARY KEY (tenant, period)) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE IF NOT EXISTS writers (writer TEXT PRIMARY KEY, sequence INTEGER NOT NULL, "
+                             "written REAL NOT NULL) WITHOUT ROWID")
         except (OSError, sqlite3.Error) as error:
             raise SpendStoreError(f"spend store {path}: cannot open it: {error}") from error
         self._lock = threading.Lock()  # one connection, used by the ledger's thread and by tools
@@ -113,21 +126,44 @@ class SqliteSpendStore:
             raise SpendStoreError(f"spend store {path}: cannot read it: {error}") from error
         return store
 
-    def add(self, increments: dict[Key, float], expires: dict[str, float]) -> dict[Key, float]:
+    def add(self, increments: dict[Key, float], expires: dict[str, float], writer: str = "", sequence: int = 0
+            ) -> dict[Key, float]:
         totals: dict[Key, float] = {}
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for (tenant, period), usd in increments.items():
-                    (total,) = self._db.execute(
-                        "INSERT INTO spend (tenant, period, usd) VALUES (?, ?, ?) ON CONFLICT (tenant, period) "
-                        "DO UPDATE SET usd = usd + excluded.usd RETURNING usd", (tenant, period, usd)).fetchone()
-                    totals[(tenant, period)] = float(total)
+                if not writer or self._take_sequence(writer, sequence):
+                    for (tenant, period), usd in increments.items():
+                        (total,) = self._db.execute(
+                            "INSERT INTO spend (tenant, period, usd) VALUES (?, ?, ?) ON CONFLICT (tenant, period) "
+                            "DO UPDATE SET usd = usd + excluded.usd RETURNING usd", (tenant, period, usd)).fetchone()
+                        totals[(tenant, period)] = float(total)
+                else:
+                    totals = self._read(increments)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return totals
+
+    def _take_sequence(self, writer: str, sequence: int) -> bool:
+        """Record `sequence` as `writer`'s last applied write, unless it was already; inside a transaction."""
+        row = self._db.execute("SELECT sequence FROM writers WHERE writer = ?", (writer,)).fetchone()
+        if row is not None and row[0] >= sequence:
+            return False
+        now = time.time()
+        self._db.execute("INSERT INTO writers (writer, sequence, written) VALUES (?, ?, ?) ON CONFLICT (writer) "
+                         "DO UPDATE SET sequence = excluded.sequence, written = excluded.written",
+                         (writer, sequence, now))
+        self._db.execute("DELETE FROM writers WHERE written < ?", (now - WRITER_RETENTION_S,))
+        return True
+
+    def _read(self, keys: Iterable[Key]) -> dict[Key, float]:
+        found: dict[Key, float] = {}
+        for tenant, period in keys:
+            row = self._db.execute("SELECT usd FROM spend WHERE tenant = ? AND period = ?", (tenant, period)).fetchone()
+            found[(tenant, period)] = float(row[0]) if row is not None else 0.0
+        return found
 
     def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
         wanted = set(keys)
@@ -151,6 +187,29 @@ class SqliteSpendStore:
             self._db.close()
 
 
+# One write, atomic on the server: the increments unless this writer's write number was applied already,
+# then the totals (as strings: Redis truncates a Lua number to an integer). KEYS[1] holds the writer's last
+# applied number; ARGV: the write's number (0: no writer, always add), that key's time to live, then
+# (USD, expiry time) per spend key.
+_REDIS_ADD = """
+local sequence = tonumber(ARGV[1])
+if sequence == 0 or sequence > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  for i = 2, #KEYS do
+    redis.call('INCRBYFLOAT', KEYS[i], ARGV[2 * i - 1])
+    redis.call('EXPIREAT', KEYS[i], ARGV[2 * i])
+  end
+  if sequence > 0 then
+    redis.call('SET', KEYS[1], sequence, 'EX', ARGV[2])
+  end
+end
+local totals = {}
+for i = 2, #KEYS do
+  totals[i - 1] = redis.call('GET', KEYS[i]) or '0'
+end
+return totals
+"""
+
+
 class RedisSpendStore:
     """Spend in Redis, shared by dispatchers on several hosts. Needs the `redis` package (extra `[redis]`)."""
 
@@ -163,6 +222,7 @@ class RedisSpendStore:
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self.prefix = prefix
+        self._add = self._redis.register_script(_REDIS_ADD)
         # The URL may carry a password: describe the server by host and port only.
         options = self._redis.connection_pool.connection_kwargs
         self._where = f"redis {options.get('host', '?')}:{options.get('port', '?')}/{options.get('db', 0)}"
@@ -177,13 +237,15 @@ class RedisSpendStore:
         except self._errors as error:
             raise SpendStoreError(f"spend store {self._where}: {type(error).__name__}: {error}") from error
 
-    def add(self, increments: dict[Key, float], expires: dict[str, float]) -> dict[Key, float]:
-        pipe = self._redis.pipeline(transaction=False)
+    def add(self, increments: dict[Key, float], expires: dict[str, float], writer: str = "", sequence: int = 0
+            ) -> dict[Key, float]:
+        keys = [f"{self.prefix}:spend-writer:{writer}"]
+        args: list[str | int] = [sequence if writer else 0, WRITER_RETENTION_S]
         for (tenant, period), usd in increments.items():
-            pipe.incrbyfloat(self.key(tenant, period), usd)
-            pipe.expireat(self.key(tenant, period), int(expires[period] + REDIS_RETENTION_S))
-        replies = pipe.execute()
-        return {key: float(total) for key, total in zip(increments, replies[::2], strict=True)}
+            keys.append(self.key(tenant, period))
+            args += [repr(usd), int(expires[period] + REDIS_RETENTION_S)]
+        replies = self._add(keys=keys, args=args)
+        return {key: float(total) for key, total in zip(increments, replies, strict=True)}
 
     def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
         wanted = list(keys)
@@ -218,7 +280,9 @@ class SpendLedger:
         self._lock = threading.Lock()
         self._stored: dict[Key, float] = {}  # the store's totals, as last read or written
         self._pending: dict[Key, float] = {}  # this process's spend not yet handed to the store
-        self._writing: dict[Key, float] = {}  # handed to the store, not yet confirmed
+        self._writing: dict[Key, float] = {}  # handed to the store, not yet confirmed: retried as it is
+        self._writer = uuid.uuid4().hex  # the store applies each of this ledger's numbered writes once
+        self._sequence = 0  # the number of the write in `_writing`
         self._expires: dict[str, float] = {}
         self._watched: dict[str, Key] = {}  # tenant -> its current (tenant, period)
         self._wake = threading.Event()
@@ -292,18 +356,18 @@ class SpendLedger:
 
     def _write(self) -> None:
         with self._lock:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, {}
-            self._writing = batch
+            if not self._writing:
+                if not self._pending:
+                    return
+                self._writing, self._pending = self._pending, {}
+                self._sequence += 1
+            batch = dict(self._writing)
             expires = {period: self._expires.get(period, time.time() + 31 * 86400) for _, period in batch}
         try:
-            totals = self.store.add(batch, expires)
-        except Exception as error:  # any store failure: keep the spend, retry on the next round
-            with self._lock:
-                for key, usd in batch.items():
-                    self._pending[key] = self._pending.get(key, 0.0) + usd
-                self._writing = {}
+            totals = self.store.add(batch, expires, self._writer, self._sequence)
+        except Exception as error:
+            # Any store failure: the same write is retried on the next round, with its number, so that a
+            # store that applied it but whose reply was lost does not apply it again.
             self._failed("write", error)
             return
         with self._lock:
@@ -314,6 +378,8 @@ class SpendLedger:
     def _refresh(self) -> None:
         with self._lock:
             watched = list(self._watched.values())
+            if self._writing:  # a write the store may have applied: its totals would count it twice here
+                return
         if not watched:
             return
         try:
