@@ -102,3 +102,39 @@ def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -
     for other_targets, other_config in others:
         with pytest.raises(PromptierError, match="checkpoint of another run"):
             fit(TinyBag(), tokens, other_targets, other_config, work_dir)
+
+
+def test_a_model_with_familiarity_re_exports_from_its_own_checkpoint_only(tmp_path: Path, tiny_backbone: Path,
+                                                                          synthetic_logs: Path, pool_file: Path
+                                                                          ) -> None:
+    """`promptier export` rebuilds the unfamiliarity output (the shipped recipe has one) from the statistics
+    its run wrote into the checkpoint, and refuses a checkpoint another run wrote."""
+    import classifier
+    from training.export import export_checkpoint
+    from training.pipeline import train
+    from training.synthetic import synthetic_rows
+
+    def familiar(seed: int):  # type: ignore[no-untyped-def]
+        return tiny_config(tiny_backbone, student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32,
+                                                   "pooling_heads": 2, "length_feature": True},
+                           epochs=4, learning_rate=1e-2, seed=seed,
+                           familiarity={"directions": 8, "quantile": 0.99, "short_chars": 60, "long_chars": 400})
+
+    original = tmp_path / "model"
+    train([synthetic_logs], pool_file, original, familiar(7), model_version="familiar")
+    prompts = [row["prompt"] for row in synthetic_rows(600, 3)]
+    checkpoint = tmp_path / "model.work" / "checkpoint.pt"
+    export_checkpoint(original, checkpoint, prompts, tmp_path / "again", quantize=False)
+    before, after = classifier.load(original), classifier.load(tmp_path / "again")
+    probes = ["prove theorem derive integral eigenvalue lemma", "hello thanks say hi", "ζζζ ωωω ψψψ"]
+    for old, new in zip(before.classify_batch(probes), after.classify_batch(probes), strict=True):
+        assert (new.tier, new.decided_by) == (old.tier, old.decided_by)
+        assert new.familiarity == pytest.approx(old.familiarity, abs=1e-4)
+    assert {before.classify("ζζζ ωωω ψψψ").decided_by} == {"prior"}  # the prior's path is covered too
+
+    other = tmp_path / "other"
+    train([synthetic_logs], pool_file, other, familiar(8), model_version="other")
+    with pytest.raises(PromptierError, match="another run's checkpoint"):
+        export_checkpoint(original, tmp_path / "other.work" / "checkpoint.pt", prompts, tmp_path / "wrong",
+                          quantize=False)
+    assert not (tmp_path / "wrong").exists()

@@ -295,29 +295,57 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
     token limit, so the new file is held to the same bars as at training time. Use it to try another
     quantization, or to re-export after an ONNX Runtime upgrade, without retraining.
 
+    A model with familiarity gets its unfamiliarity output back from the statistics its run wrote into the
+    checkpoint once training finished.
+
     Raises:
         ExportParityError: no candidate clears the bars (nothing is written).
         ValueError: too few prompts, or a checkpoint that does not fit the artifact's architecture.
-        PromptierError: the checkpoint holds more than tensors and plain data (it is not unpickled).
+        PromptierError: the checkpoint holds more than tensors and plain data (it is not unpickled), is
+            another run's (its run key is not the one the manifest records), or lacks the familiarity
+            statistics the artifact's model needs.
     """
     from classifier.artifact import load_manifest
     from classifier.artifact_layout import MODEL_CARD_FILE, WEIGHTS_RECORDS, write_member_text
     from classifier.tokenization import PromptEncoder
     from training.config import TrainConfig
-    from training.model import backbone_directory, build_model, load_encoder
+    from training.model import (
+        BagTierModel,
+        FeatureStatistics,
+        WithUnfamiliarity,
+        backbone_directory,
+        build_model,
+        load_encoder,
+    )
     from training.model_card import render_model_card
-    from training.trainer import load_checkpoint, predict_logits, tokenize_all
+    from training.trainer import FAMILIARITY_STATISTICS, load_checkpoint, predict_logits, tokenize_all
 
     manifest = load_manifest(artifact)
     config = TrainConfig.model_validate(manifest.training["config"])
+    state = load_checkpoint(checkpoint)
+    fit = manifest.training.get("fit")
+    expected = fit.get("run_key") if isinstance(fit, dict) else None
+    if expected is not None and state.get("run_key", expected) != expected:
+        raise PromptierError(f"{checkpoint} is another run's checkpoint, not the one that trained {artifact} "
+                             "(trained after it, or on other logs): give that run's checkpoint "
+                             f"({manifest.training.get('checkpoint')} where training ran)")
+    statistics = state.get(FAMILIARITY_STATISTICS)
+    if manifest.familiarity is not None and not isinstance(statistics, dict):
+        raise PromptierError(f"{checkpoint} holds no familiarity statistics, which the model of {artifact} "
+                             "outputs: it was written before its run finished, or by a promptier train that did "
+                             "not keep them; retrain to re-export this model")
     encoder = PromptEncoder.from_file(artifact / TOKENIZER_FILE, manifest.truncation)
     model, _ = build_model(config, load_encoder(backbone_directory(config.backbone)), len(manifest.tiers),
                            pad_id=encoder.pad_id)
-    state = load_checkpoint(checkpoint)
     try:
         model.load_state_dict(state.get("model", state))
     except RuntimeError as exc:
         raise ValueError(f"{checkpoint} does not fit the architecture of {artifact}: {exc}") from exc
+    exported: torch.nn.Module = model
+    if manifest.familiarity is not None:
+        if not isinstance(model, BagTierModel) or not isinstance(statistics, dict):
+            raise ValueError(f"{artifact} has familiarity, which only a bag student's export outputs")
+        exported = WithUnfamiliarity(model, FeatureStatistics.from_tensors(statistics))
     texts = [*prompts, " ".join(prompts[:40])]
 
     def torch_logits(batch: Sequence[str]) -> np.ndarray:
@@ -328,7 +356,7 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
     carried = {name: artifact / name for name in WEIGHTS_RECORDS if (artifact / name).is_file()}
     check_parity_set(texts)
     with staged_artifact(out_dir) as staging:
-        written, report = export_into(model, manifest, artifact / TOKENIZER_FILE, texts, torch_logits, staging,
+        written, report = export_into(exported, manifest, artifact / TOKENIZER_FILE, texts, torch_logits, staging,
                                       quantize, extra_paths=carried)
         # Rendered anew, not copied: the card states the quantization and parity of this export.
         write_member_text(staging, MODEL_CARD_FILE, render_model_card(written, staging))

@@ -164,6 +164,7 @@ class WithUnfamiliarity(nn.Module):
     def __init__(self, model: BagTierModel, statistics: FeatureStatistics) -> None:
         super().__init__()
         self.model = model
+        self.statistics = statistics
         self.mean: torch.Tensor
         self.directions: torch.Tensor
         self.variances: torch.Tensor
@@ -189,6 +190,19 @@ class FeatureStatistics:
     directions: np.ndarray  # [dim, k], orthonormal columns
     variances: np.ndarray  # [k]
     residual_variance: float  # mean variance of the remaining directions
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics as tensors, for a checkpoint (which holds tensors and plain data only)."""
+        return {"mean": torch.from_numpy(np.asarray(self.mean)),
+                "directions": torch.from_numpy(np.asarray(self.directions)),
+                "variances": torch.from_numpy(np.asarray(self.variances)),
+                "residual_variance": torch.tensor(self.residual_variance, dtype=torch.float64)}
+
+    @staticmethod
+    def from_tensors(stored: dict[str, torch.Tensor]) -> FeatureStatistics:
+        """The statistics `as_tensors` stored."""
+        return FeatureStatistics(stored["mean"].numpy(), stored["directions"].numpy(), stored["variances"].numpy(),
+                                 float(stored["residual_variance"]))
 
     def unfamiliarity(self, features: np.ndarray) -> np.ndarray:
         """What WithUnfamiliarity computes in the graph, for features computed outside it."""

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from classifier.artifact import Rule
-    from training.model import FeatureStatistics
+    from training.model import FeatureStatistics, WithUnfamiliarity
     from training.token_store import TokenStore
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,13 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
     from training.model_card import render_model_card
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.streaming import write_hashes
-    from training.trainer import CHECKPOINT_FILE, predict_logits, tokenize_all
+    from training.trainer import (
+        CHECKPOINT_FILE,
+        FAMILIARITY_STATISTICS,
+        add_to_checkpoint,
+        predict_logits,
+        tokenize_all,
+    )
 
     table, split, peaks, started, out_dir = inputs.table, inputs.split, run.peaks, run.started, run.out_dir
     val_index = np.flatnonzero(split == "val")
@@ -244,6 +250,9 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
     if config.familiarity is not None:
         exported, familiarity = _fit_familiarity(model, encoder, inputs, pool, config)
         manifest = manifest.model_copy(update={"familiarity": familiarity})
+        checkpoint = run.work_dir / CHECKPOINT_FILE
+        if checkpoint.is_file():  # `promptier export` rebuilds the unfamiliarity output from them
+            add_to_checkpoint(checkpoint, **{FAMILIARITY_STATISTICS: exported.statistics.as_tensors()})
         peaks["familiarity"] = peak_rss_mb()
     check_parity_set(parity_texts)
     # Everything below lands in a staged directory that replaces OUT only once the card is written: a
@@ -316,7 +325,7 @@ def validation_metrics(logits: np.ndarray, probabilities: np.ndarray, table: Pro
 
 
 def _fit_familiarity(model: torch.nn.Module, encoder: PromptEncoder, inputs: TrainingInputs, pool: Pool,
-                     config: TrainConfig) -> tuple[torch.nn.Module, FamiliarityConfig]:
+                     config: TrainConfig) -> tuple[WithUnfamiliarity, FamiliarityConfig]:
     """The model with its unfamiliarity output, and when the runtime should let the prior decide.
 
     The statistics come from the features of every prompt the model was trained on; the reference is

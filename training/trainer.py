@@ -26,6 +26,8 @@ from training.config import TrainConfig
 from training.devices import Placement, resolve_device, resolve_precision
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The checkpoint entry holding the finished run's familiarity statistics (training.model.FeatureStatistics).
+FAMILIARITY_STATISTICS = "familiarity_statistics"
 # The settings a checkpoint's steps depend on. The others (device, precision, threads, max_steps, and what
 # is chosen after training: calibration, thresholds, export) may change between a run and its resumption.
 _RUN_SETTINGS = ("backbone", "student", "max_tokens", "head_fraction", "head_chars", "tail_chars", "epochs",
@@ -342,6 +344,16 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict):
         raise PromptierError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
     return state
+
+
+def add_to_checkpoint(path: Path, **entries: object) -> None:
+    """Write `entries` (tensors and plain data) into the checkpoint at `path`, atomically: what the finished
+    run computed after its last step (e.g. the familiarity statistics) and a re-export needs."""
+    state = load_checkpoint(path)
+    state.update(entries)
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
