@@ -207,3 +207,21 @@ def test_logs_may_be_named_by_a_glob_pattern(tmp_path: Path) -> None:
     named = tmp_path / "run[1].jsonl"  # glob characters in a name that exists: that file
     write_jsonl(named, rows[:3])
     assert len(read_logs([str(named)])[0]) == 3
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(("option", "name", "kind"), [("holdout_sources", "alpha_typo", "source"),
+                                                      ("holdout_categories", "nope", "category")])
+def test_a_held_out_name_no_prompt_has_is_refused_before_training(  # type: ignore[no-untyped-def]
+        tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path, pool_file: Path, streaming: bool, option: str,
+        name: str, kind: str) -> None:
+    """A misspelt --holdout-source would hold out nothing and report a random split as transfer."""
+    from tests.conftest import tiny_config
+    from training.pipeline import train
+
+    config = tiny_config(tiny_backbone, streaming=streaming, **{option: ["alpha", name] if kind == "source" else [name]})
+    with pytest.raises(DataError, match=f"no prompt has the held-out {kind} '{name}'; the logs' {kind} names") as info:
+        train([synthetic_logs], pool_file, tmp_path / "model", config)
+    if kind == "source":
+        assert "alpha, beta" in str(info.value)
+    assert not (tmp_path / "model").exists()

@@ -22,7 +22,7 @@ from training.anchors import CHAT_ANCHOR_PREFIX
 from training.config import TrainConfig
 from training.data import SkipReport, read_logs
 from training.errors import DataError
-from training.labels import PromptTable, build_table, prompt_hash, split_table
+from training.labels import PromptTable, build_table, check_holdouts, prompt_hash, split_table
 from training.pool import Pool, load_pool
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, confi
                               tiers=pool.tier_names)
     table, unused = build_table(rows, pool)
     warn_unmapped_sources(pool, unused)
+    check_holdouts(table.sources, table.categories, config.holdout_sources, config.holdout_categories)
     split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
                         config.holdout_sources, config.holdout_categories)
     if not (split == "train").any() or not (split == "val").any():

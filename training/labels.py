@@ -149,6 +149,26 @@ def build_table(rows: Iterable[OutcomeRow | TierLabelRow], pool: Pool) -> tuple[
     return table.subset(np.flatnonzero(keep)), unused
 
 
+def check_holdouts(sources: Iterable[str], categories: Iterable[str], holdout_sources: Sequence[str],
+                   holdout_categories: Sequence[str]) -> None:
+    """Refuse a held-out source or category that no prompt of the logs has.
+
+    A misspelt name would hold out nothing: the run would train on every source and report a random
+    split as if it measured transfer.
+
+    Raises:
+        DataError: names the held-out names no prompt has, and the names the logs do have.
+    """
+    for kind, wanted, present in (("source", holdout_sources, set(sources)),
+                                  ("category", holdout_categories, set(categories))):
+        missing = [name for name in wanted if name not in present]
+        if missing:
+            known = sorted(present)
+            shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+            raise DataError("logs", f"no prompt has the held-out {kind} {', '.join(map(repr, missing))}; "
+                                    f"the logs' {kind} names (of rows the pool maps): {shown}")
+
+
 def split_table(table: PromptTable, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 holdout_sources: Sequence[str] = (), holdout_categories: Sequence[str] = ()) -> np.ndarray:
     """Assign each prompt to train/val/test, seeded and by prompt (duplicates were merged already).

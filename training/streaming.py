@@ -31,7 +31,7 @@ from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.data import OutcomeRow, SkipReport, TierLabelRow, iter_rows
 from training.errors import DataError
-from training.labels import PromptTable
+from training.labels import PromptTable, check_holdouts
 from training.pool import Pool
 from training.token_store import Growable, TokenStoreWriter
 
@@ -292,6 +292,8 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
         raise DataError(where, "no valid rows")
     if not streamer.index.size:
         raise DataError("logs", f"no row maps to a tier of the pool; unmapped source/model pairs: {streamer.unused}")
+    check_holdouts(streamer.sources.names, streamer.categories.names, config.holdout_sources,
+                   config.holdout_categories)
     n = streamer.index.size
     with np.errstate(invalid="ignore", divide="ignore"):
         targets = streamer.sums.array / streamer.counts.array
