@@ -52,6 +52,17 @@ def test_invalid_json_and_utf8_lines(tmp_path: Path) -> None:
     assert "invalid UTF-8" in report.summary() and "invalid JSON" in report.summary()
 
 
+def test_a_prompt_holding_a_lone_surrogate_is_an_invalid_row(tmp_path: Path) -> None:
+    """JSON can escape half of a surrogate pair (a JavaScript client cutting a string inside an emoji); the
+    tokenizer fails on it, so it is refused where it is read, with file, row and column."""
+    path = tmp_path / "logs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD).replace('"hi"', '"hi \\ud83d"') + "\n")
+    with pytest.raises(DataError, match="row 2, column 'prompt': not valid Unicode: holds an unpaired surrogate"):
+        read_logs([path])
+    rows, report = read_logs([path], skip_invalid=True)
+    assert [row.prompt for row in rows] == ["hi"] and report.total == 1
+
+
 def test_logs_are_read_as_the_labeler_reads_prompt_files(tmp_path: Path) -> None:
     """One reader for both: a leading BOM is dropped, and JSON nested too deep, JSON that is not an
     object and broken JSON are each a row's problem (counted by reason, without where in the line)."""

@@ -160,7 +160,23 @@ def _text(record: dict, column: str, path: str, row: int, required: bool = True)
         raise DataError(path, f"expected a string, got {type(value).__name__}", row, column)
     if required and not value.strip():
         raise DataError(path, "empty string", row, column)
+    check_unicode(value, path, row, column)
     return value
+
+
+def check_unicode(value: str, path: str, row: int, column: str) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate: JSON can escape one (`\\ud83d`, what a JavaScript
+    client writes when it cuts a string inside an emoji), and the tokenizer fails on it.
+
+    Raises:
+        DataError: names the file, row and column.
+    """
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # the reason holds no position, so --skip-invalid counts such rows together
+        raise DataError(path, "not valid Unicode: holds an unpaired surrogate", row, column) from None
 
 
 def _number(record: dict, column: str, path: str, row: int, required: bool) -> float | None:
