@@ -230,7 +230,8 @@ def test_a_held_out_name_no_prompt_has_is_refused_before_training(  # type: igno
     from tests.conftest import tiny_config
     from training.pipeline import train
 
-    config = tiny_config(tiny_backbone, streaming=streaming, **{option: ["alpha", name] if kind == "source" else [name]})
+    held_out = ["alpha", name] if kind == "source" else [name]
+    config = tiny_config(tiny_backbone, streaming=streaming, **{option: held_out})
     with pytest.raises(DataError, match=f"no prompt has the held-out {kind} '{name}'; the logs' {kind} names") as info:
         train([synthetic_logs], pool_file, tmp_path / "model", config)
     if kind == "source":
