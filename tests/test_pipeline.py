@@ -494,3 +494,30 @@ def test_eval_of_the_shipped_model_writes_where_it_runs_and_a_bad_out_is_an_erro
     (tmp_path / "a-file").write_text("")
     result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "a-file" / "eval")])
     assert result.exit_code == 2 and "Traceback" not in result.output and "a-file" in result.output
+
+
+def test_eval_names_a_source_it_leaves_out_and_refuses_record_with_out(trained_artifact: Path, pool_file: Path,
+                                                                       tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A source the pool maps no model of is left out of the evaluation, and the console says so, as
+    training does; --record with --out would silently write to one of them only."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.synthetic import synthetic_rows, write_jsonl
+
+    rows = synthetic_rows(300, 11)
+    renamed = [{**row, "source": "alpha_v2"} if row["source"] == "alpha" else row for row in rows]
+    logs = write_jsonl(tmp_path / "logs.jsonl", rows + [{**row, "prompt_id": "v2-" + row["prompt_id"]}
+                                                        for row in renamed if row["source"] == "alpha_v2"])
+    with caplog.at_level("WARNING", logger="training.inputs"):
+        result = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(logs), "--pool",
+                                          str(pool_file), "--no-embedding-baseline", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("source 'alpha_v2': none of its" in warning for warning in warnings), warnings
+    recorded = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(logs), "--pool",
+                                        str(pool_file), "--no-embedding-baseline", "--record",
+                                        "--out", str(tmp_path / "elsewhere")])
+    assert recorded.exit_code == 2 and "--record writes the results into MODEL" in recorded.output
+    assert not (tmp_path / "elsewhere").exists()

@@ -274,6 +274,7 @@ def evaluate(
     import classifier
 
     model = model or classifier.DEFAULT_MODEL_DIR
+    out_given = out is not None
     if model.resolve() == classifier.DEFAULT_MODEL_DIR.resolve():
         # The shipped model lives in the installed package: reports go where the command runs.
         work_dir = work_dir or Path("runs") / "generalization"
@@ -282,11 +283,15 @@ def evaluate(
     from classifier.artifact_layout import EVAL_FILES, EVAL_MD_FILE, EVAL_REPORT_DIR
     from training.data import read_logs
     from training.evaluate import evaluate_logs
+    from training.inputs import warn_unmapped_sources
     from training.labels import build_table
     from training.model import backbone_directory
     from training.pool import load_pool
 
     try:
+        if record and out_given:
+            raise PromptierError("--record writes the results into MODEL, and --out names where they go without "
+                                 "it: pass one of them")
         if loso_traffic and not loso:
             raise PromptierError("--loso-traffic extends --loso: pass both")
         seed_list = _seed_list("--seeds", seeds) if seeds else []
@@ -300,7 +305,8 @@ def evaluate(
         if pool_spec.tier_names != manifest.tier_names:
             raise PromptierError(f"pool tiers {pool_spec.tier_names} differ from the model's {manifest.tier_names}")
         rows, skipped = read_logs(logs, skip_invalid, tiers=pool_spec.tier_names)
-        table, _ = build_table(rows, pool_spec)
+        table, unused = build_table(rows, pool_spec)
+        warn_unmapped_sources(pool_spec, unused)  # their prompts are not evaluated: say so, as training does
         config = manifest.training.get("config", {})
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None
