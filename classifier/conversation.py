@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sized
+from itertools import islice
 
 from classifier.errors import InvalidInputError
 
@@ -27,7 +28,36 @@ def content_text(content: object) -> str:
     return ""
 
 
-def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
+# A message as callers hold one: a (role, content) pair, or an OpenAI chat message object.
+Message = tuple[str, object] | Mapping[str, object]
+
+
+def _pairs(messages: Iterable[Message]) -> list[tuple[str, str]]:
+    """(role, text) per message: a pair's or an object's content read as `content_text` reads it (a string,
+    the text parts of a list, nothing for null), its role checked."""
+    taken = list(islice(messages, MAX_MESSAGES + 1))  # any iterable, bounded before anything else is done
+    if len(taken) > MAX_MESSAGES:
+        count = len(messages) if isinstance(messages, Sized) else f"more than {MAX_MESSAGES}"
+        raise InvalidInputError(f"conversation has {count} messages; the limit is {MAX_MESSAGES}")
+    pairs = []
+    for index, message in enumerate(taken):
+        if isinstance(message, Mapping):
+            role, content = message.get("role"), message.get("content")
+        elif isinstance(message, tuple | list) and len(message) == 2:
+            role, content = message
+        else:
+            raise InvalidInputError(f"message {index} must be a (role, content) pair or an object with a role and "
+                                    f"a content, got {type(message).__name__}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise InvalidInputError(f"message {index} has unknown role {role!r}; expected one of {ROLES}")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidInputError(f"message {index} content must be a string, a list of parts or null, got "
+                                    f"{type(content).__name__}")
+        pairs.append((role, content_text(content)))
+    return pairs
+
+
+def render_conversation(messages: Iterable[Message]) -> str:
     """The one text the classifier reads for a conversation: the latest user turn first, then every
     other turn from newest to oldest (those after it too: an agent's tool results and the assistant's
     last step are what the next call continues).
@@ -39,17 +69,16 @@ def render_conversation(messages: Sequence[tuple[str, str]]) -> str:
     halves: its end, where a long paste usually puts the question, is then what the tail window reads,
     not the oldest turn (often a system prompt).
 
+    `messages` are (role, content) pairs or OpenAI chat message objects (`{"role", "content"}`); a
+    content is a string, a list of parts (its text parts are read) or null (a tool-calling turn).
+
     Raises:
-        InvalidInputError: no messages, more than `MAX_MESSAGES`, an unknown role, or no user turn
-            with content.
+        InvalidInputError: no messages, more than `MAX_MESSAGES`, a message of another shape, an unknown
+            role, or no user turn with content.
     """
+    messages = _pairs(messages)
     if not messages:
         raise InvalidInputError("conversation has no messages")
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidInputError(f"conversation has {len(messages)} messages; the limit is {MAX_MESSAGES}")
-    for index, (role, _) in enumerate(messages):
-        if role not in ROLES:
-            raise InvalidInputError(f"message {index} has unknown role {role!r}; expected one of {ROLES}")
     user_turns = [i for i, (role, content) in enumerate(messages) if role == "user" and content.strip()]
     if not user_turns:
         raise InvalidInputError("conversation has no user message with content")

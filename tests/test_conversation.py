@@ -69,3 +69,25 @@ def test_a_conversation_past_the_message_limit_is_refused(trained_artifact: Path
             assert stub.Classify(request, timeout=30).tier
     finally:
         running.stop()
+
+
+def test_openai_chat_messages_render_as_their_pairs_do() -> None:
+    """The public renderer takes what an application holds: OpenAI message objects (null content on a
+    tool-calling turn, content as a list of parts) and any iterable, with a clear refusal otherwise."""
+    pairs = [("system", "Be brief."), ("user", "Plan the migration."), ("assistant", ""), ("tool", "done"),
+             ("user", "describe this picture")]
+    objects = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Plan the migration."},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+               {"role": "tool", "content": "done", "tool_call_id": "1"},
+               {"role": "user", "content": [{"type": "text", "text": "describe this picture"},
+                                            {"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    expected = render_conversation(pairs)
+    assert render_conversation(objects) == expected
+    assert render_conversation(message for message in objects) == expected
+    assert render_conversation([("assistant", None), ("user", [{"type": "text", "text": "hi"}])]) == "hi"
+    for bad, message in (([("user", "a", "b")], "must be a \\(role, content\\) pair or an object"),
+                         (["user: hi"], "must be a \\(role, content\\) pair"),
+                         ([{"content": "hi"}], "unknown role None"),
+                         ([("user", 5)], "content must be a string, a list of parts or null, got int")):
+        with pytest.raises(InvalidInputError, match=message):
+            render_conversation(bad)  # type: ignore[arg-type]
