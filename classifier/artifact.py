@@ -258,6 +258,10 @@ def load_manifest(directory: Path) -> ArtifactManifest:
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{directory / MANIFEST_FILE} is not valid JSON: {exc.msg} at line {exc.lineno} "
                             f"column {exc.colno}") from exc
+    except RecursionError:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not a manifest: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not a manifest: {str(exc).split(';')[0]}") from None
     try:
         manifest = ArtifactManifest.model_validate(raw)
     except ValidationError as exc:

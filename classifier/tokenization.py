@@ -39,6 +39,23 @@ class EncodedBatch:
     unknown_tokens: list[int]  # of content_tokens, those the vocabulary does not know ([UNK])
 
 
+def concatenate(batches: Sequence[EncodedBatch], pad_id: int) -> EncodedBatch:
+    """One batch of the rows of `batches`, in order, padded to the widest of them."""
+    width = max(batch.input_ids.shape[1] for batch in batches)
+    rows = sum(batch.input_ids.shape[0] for batch in batches)
+    input_ids = np.full((rows, width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((rows, width), dtype=np.int64)
+    start = 0
+    for batch in batches:
+        count, columns = batch.input_ids.shape
+        input_ids[start : start + count, :columns] = batch.input_ids
+        attention_mask[start : start + count, :columns] = batch.attention_mask
+        start += count
+    return EncodedBatch(input_ids, attention_mask, [n for b in batches for n in b.token_counts],
+                        [t for b in batches for t in b.truncated], [n for b in batches for n in b.content_tokens],
+                        [n for b in batches for n in b.unknown_tokens])
+
+
 class PromptEncoder:
     """Turns prompt texts into model inputs with a hard bound on work per prompt."""
 

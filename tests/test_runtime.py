@@ -161,6 +161,12 @@ def test_manifest_errors_never_quote_the_file(shipped_artifact_copy: Path) -> No
     with pytest.raises(ArtifactError, match="not valid JSON") as info:
         classifier.load(shipped_artifact_copy)
     assert "SECRET" not in str(info.value)
+    for broken, reason in (('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+                           ('{"model_version": "SECRET-8", "schema_version": ' + "9" * 5000 + "}", "digits")):
+        path.write_text(broken)
+        with pytest.raises(ArtifactError, match=reason) as info:
+            classifier.load(shipped_artifact_copy)
+        assert "SECRET" not in str(info.value) and "999" not in str(info.value)
     path.write_text(json.dumps(good))
     (shipped_artifact_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "SECRET-7"}}')
     with pytest.raises(ArtifactError, match="not a valid tokenizer") as info:
@@ -380,3 +386,30 @@ def test_load_names_what_is_wrong_with_its_arguments(shipped_artifact: Path) -> 
         classifier.load(shipped_artifact / "model.onnx")
     with pytest.raises(InvalidInputError, match="threads must be a whole number of at least 1"):
         classifier.load(shipped_artifact, threads=0)
+
+
+def test_a_large_batch_is_tokenized_a_slice_at_a_time_with_the_same_results(shipped_artifact: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each slice holds the tokenizer's lock on its own, so that another thread's single prompt waits for
+    one slice, not the whole batch; the batch's results are those of tokenizing it in one piece."""
+    import classifier.runtime as runtime_module
+
+    router = classifier.load(shipped_artifact)
+    count = 3 * runtime_module.ENCODE_SLICE + 5
+    prompts = [f"Question {i}: " + "why " * (i % 97) + "is the sky blue?" for i in range(count)]
+    calls: list[int] = []
+    encode = router.encoder.encode_batch
+
+    def counted(texts):  # type: ignore[no-untyped-def]
+        calls.append(len(texts))
+        return encode(texts)
+
+    monkeypatch.setattr(router.encoder, "encode_batch", counted)
+    sliced = router.classify_batch(prompts)
+    assert calls == [runtime_module.ENCODE_SLICE] * 3 + [5]
+    monkeypatch.setattr(runtime_module, "ENCODE_SLICE", len(prompts))
+    whole = router.classify_batch(prompts)
+    assert calls[4:] == [len(prompts)]
+    assert [(a.tier, a.truncated, a.decided_by) for a in sliced] == [(b.tier, b.truncated, b.decided_by) for b in whole]
+    for a, b in zip(sliced, whole, strict=True):
+        assert a.scores == pytest.approx(b.scores, abs=1e-6)
