@@ -26,9 +26,10 @@ that gives an explicit threshold or top-tier share gets no floor: it asked for t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from classifier.artifact import MODES, PolicyConfig, Rule
 from classifier.errors import InvalidInputError
@@ -43,6 +44,15 @@ class RoutingRequest(BaseModel):
     threshold: float | None = Field(default=None)
     top_share: float | None = Field(default=None)
     allowed_tiers: tuple[str, ...] | None = None
+
+    def __init__(self, **fields: Any) -> None:
+        """Raises InvalidInputError (a PromptierError, as for every other bad request) naming the field."""
+        try:
+            super().__init__(**fields)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "request"
+            raise InvalidInputError(f"routing request {where}: {first['msg']}") from None
 
 
 def resolve_threshold(policy: PolicyConfig, request: RoutingRequest | None) -> float:

@@ -413,3 +413,12 @@ def test_a_large_batch_is_tokenized_a_slice_at_a_time_with_the_same_results(ship
     assert [(a.tier, a.truncated, a.decided_by) for a in sliced] == [(b.tier, b.truncated, b.decided_by) for b in whole]
     for a, b in zip(sliced, whole, strict=True):
         assert a.scores == pytest.approx(b.scores, abs=1e-6)
+
+
+def test_a_malformed_routing_request_is_an_invalid_input_error() -> None:
+    """A caller catching PromptierError (every other bad request raises one) catches these too."""
+    for fields, where in (({"allowed_tiers": "small"}, "allowed_tiers"), ({"mode": 1}, "mode"),
+                          ({"threshold": "high"}, "threshold"), ({"tier": "small"}, "tier")):
+        with pytest.raises(InvalidInputError, match=f"routing request {where}: "):
+            classifier.RoutingRequest(**fields)
+    assert classifier.RoutingRequest(mode="cost", allowed_tiers=("small",)).allowed_tiers == ("small",)
