@@ -561,3 +561,24 @@ def test_answers_given_before_the_classifier_first_answers_are_charged_once_pric
         dispatcher.stop()
         if classifier_server is not None:
             classifier_server.stop()
+
+
+def test_a_starting_dispatcher_reads_the_spend_before_it_serves(started, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store slow to answer at start (a busy Redis, a cold disk) must not let a spent budget through:
+    before its first read a process knows only its own spend, which after a start is none."""
+    monkeypatch.setenv("STRICT_KEYS", "strict-key")
+    store_path = tmp_path / "spend.sqlite3"
+    _seed(store_path, "strict", 2.0, "day")
+    read = SqliteSpendStore.totals
+
+    def slow_first_read(self, keys):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)
+        return read(self, keys)
+
+    monkeypatch.setattr(SqliteSpendStore, "totals", slow_first_read)
+    dispatcher = started(spend_store={"path": str(store_path), "refresh_ms": 60_000}, tenants={
+        "strict": {"api_keys_env": "STRICT_KEYS", "budget": {"usd": 2.0, "period": "day", "on_exhausted": "reject"}}})
+    with pytest.raises(openai.RateLimitError):
+        dispatcher.client(api_key="strict-key").chat.completions.create(
+            model="promptier", messages=[{"role": "user", "content": EASY}])

@@ -157,6 +157,7 @@ class Dispatcher:
         if self.embedded is None:  # an embedded model is this worker's for its life; a service reloads
             self._following_prices = asyncio.get_running_loop().create_task(self._follow_prices())
         self.tenants.start()
+        await asyncio.to_thread(self.tenants.wait_for_spend)
 
     async def _follow_prices(self) -> None:
         """Read the service's prices again every PRICES_REFRESH_S: after it reloads a model whose prices

@@ -286,6 +286,7 @@ class SpendLedger:
         self._expires: dict[str, float] = {}
         self._watched: dict[str, Key] = {}  # tenant -> its current (tenant, period)
         self._wake = threading.Event()
+        self._read_tried = threading.Event()  # set once a read of the watched totals succeeded or failed
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: str | None = None
@@ -322,6 +323,12 @@ class SpendLedger:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="promptier-spend-ledger", daemon=True)
         self._thread.start()
+
+    def wait_first_read(self, timeout_s: float) -> bool:
+        """Wait until the first read of the watched totals has answered, or failed, or `timeout_s` passed;
+        whether it succeeded. Until then `spent` knows only this process's own spend."""
+        self._read_tried.wait(timeout_s)
+        return self.last_ok is not None
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is pending (within `timeout_s`) and stop."""
@@ -381,15 +388,18 @@ class SpendLedger:
             if self._writing:  # a write the store may have applied: its totals would count it twice here
                 return
         if not watched:
+            self._read_tried.set()  # nothing to read
             return
         try:
             totals = self.store.totals(watched)
         except Exception as error:
             self._failed("read", error)
+            self._read_tried.set()
             return
         with self._lock:  # writes run on this same thread: none is unconfirmed now, so nothing counts twice
             self._stored.update(totals)
         self._succeeded()
+        self._read_tried.set()
         if self._on_refresh is not None:
             self._on_refresh(dict(totals))
 

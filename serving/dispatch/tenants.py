@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ from serving.dispatch.budget_pacing import EXHAUSTED, PACED, BudgetDecision, Bud
 from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
 from serving.dispatch.spend_store import RedisSpendStore, SpendLedger, SpendStore, SpendStoreError, SqliteSpendStore
 from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig
+
+log = logging.getLogger("promptier.dispatcher")
+# How long a starting process waits for its first read of the tenants' spend before it serves.
+FIRST_READ_S = 5.0
 
 
 @dataclass
@@ -180,6 +186,15 @@ class Tenants:
                     window = tenant.clock.at(now)
                     self.ledger.watch((tenant.name, window.key), window.end)
             self.ledger.start()
+
+    def wait_for_spend(self, timeout_s: float = FIRST_READ_S) -> None:
+        """Block until the ledger has read the budgeted tenants' spend (or the store failed, or `timeout_s`
+        passed): a process that served before that read would see every budget unspent, and let a tenant
+        whose budget is spent through until it lands."""
+        if self.ledger is not None and not self.ledger.wait_first_read(timeout_s):
+            log.warning(json.dumps({"event": "spend_store_unread", "store": self.ledger.store.describe(),
+                                    "detail": self.ledger.error or f"no answer within {timeout_s:g} s",
+                                    "action": "serving; budgets count this process's spend until a read succeeds"}))
 
     def close(self) -> None:
         if self.ledger is not None:
