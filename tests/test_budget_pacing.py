@@ -265,3 +265,33 @@ def test_budget_sim_replays_requests_a_spent_budget_refused(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["requests"] == 210 and sum(report["skipped"].values()) == 1
+
+
+def test_budget_sim_replays_in_logged_order_sizes_refusals_like_answers_and_takes_the_policys_tier(
+        tmp_path: Path) -> None:
+    """A shell lists rotated logs as decisions.jsonl, .1, .10, .2: the replay follows the lines' times. A
+    request a spent budget refused has no usage: it is sized like the answered ones, not by the defaults.
+    An explored request is replayed on the tier the policy chose, not the one the random draw did."""
+    from serving.dispatch.budget_sim import read_requests
+
+    tiers, prices = ["small", "medium", "large"], [(0.2, 0.2), (0.9, 0.9), (1.25, 5.0)]
+
+    def line(minute: int, **fields: object) -> str:
+        row = {"schema_version": 8, "tenant": "default", "status": 200, "reason": "classified", "tier": "small",
+               "routed_tier": "small", "unpaced_tier": None, "decided_by": "model", "explored": False,
+               "scores": {"small": 0.9, "medium": 0.95, "large": 0.97}, "threshold": 0.4, "cheap_floor": None,
+               "usage": {"prompt_tokens": 100 + minute, "completion_tokens": 10},
+               "time": f"2026-12-01T10:{minute:02d}:00Z"}
+        return json.dumps({**row, **fields}) + "\n"
+
+    (tmp_path / "decisions.jsonl.2").write_text(line(0) + line(1))  # the oldest backup
+    (tmp_path / "decisions.jsonl.10").write_text("")
+    (tmp_path / "decisions.jsonl.1").write_text(line(2) + line(3, tier="large", routed_tier="large", explored=True,
+                                                                 reason="explored"))
+    (tmp_path / "decisions.jsonl").write_text(line(4, status=429, reason="budget_exhausted", tier=None, usage=None))
+    shell_order = sorted(tmp_path.iterdir())
+    replay = read_requests(shell_order, tiers, prices, (500, 300))
+    assert [request.prompt_tokens for request in replay.requests] == [100, 101, 102, 103, 101.5]
+    assert [tiers[request.chosen] for request in replay.requests] == ["small"] * 5  # the explored one too
+    refused = replay.requests[-1]
+    assert refused.costs[0] == pytest.approx((101.5 * 0.2 + 10 * 0.2) / 1e6)

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+from classifier.artifact import Rule
 from classifier.errors import PromptierError
+from classifier.policy import choose_tier
 from serving.dispatch.budget_pacing import BudgetRule, OnExhausted, decide
 from serving.dispatch.decision_log import OUTCOME_KIND
 
@@ -153,17 +155,35 @@ class Replay:
     skipped: dict[str, int]
 
 
+def _policy_tier(row: dict, tiers: Sequence[str], rule: Rule) -> str | None:
+    """The tier the policy chose for an explored request (the draw may have sent it elsewhere), from the
+    scores, threshold and cheap floor its line records; None when it records no scores."""
+    scores, threshold = _json_field(row.get("scores")), row.get("threshold")
+    if not isinstance(scores, dict) or not isinstance(threshold, int | float) or not all(
+            isinstance(scores.get(name), int | float) for name in tiers):
+        return None
+    floor = row.get("cheap_floor")
+    return tiers[choose_tier([float(scores[name]) for name in tiers], float(threshold), rule=rule,
+                             cheap_floor=float(floor) if isinstance(floor, int | float) else None)]
+
+
 def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequence[tuple[float, float]],
-                  default_tokens: tuple[int, int], arrival: str = "uniform", tenant: str | None = None) -> Replay:
+                  default_tokens: tuple[int, int], arrival: str = "uniform", tenant: str | None = None,
+                  rule: Rule = "ratio") -> Replay:
     """The replayable requests of decision logs or labeled logs, placed over one period.
 
     Args:
-        arrival: `uniform`: evenly spaced in file order; `logged`: by their logged `time`, the log's
-            first to last request stretched over the period.
+        arrival: `uniform`: evenly spaced in the order they were logged (by `time` where every row has
+            one, as decision lines do, so that a shell's order of rotated files does not matter; else in
+            file order); `logged`: by their logged `time`, the log's first to last request stretched
+            over the period.
         tenant: decision logs only: that tenant's requests.
+        rule: the model's policy rule, which gives an explored request's policy tier from its scores.
     """
     skipped: dict[str, int] = {}
-    kept: list[tuple[str | None, int, tuple[float, ...] | None, tuple[float, ...], float]] = []
+    # (time, policy tier, probabilities, prompt tokens, completion tokens) per replayable request
+    kept: list[tuple[str | None, int, tuple[float, ...] | None, float, float]] = []
+    without_usage: set[int] = set()  # refused requests, which have no usage: sized like those answered
 
     def skip(why: str) -> None:
         skipped[why] = skipped.get(why, 0) + 1
@@ -186,6 +206,13 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                     skip("not answered (error, other refusal or caller gone)")
                     continue
                 chosen_name = row.get("unpaced_tier") or row.get("routed_tier")
+                if row.get("explored"):
+                    chosen_name = _policy_tier(row, tiers, rule)
+                    if chosen_name is None:
+                        skip("explored, with no scores to give the policy's tier")
+                        continue
+                if refused_by_budget:
+                    without_usage.add(len(kept))
             else:
                 if row.get("error"):
                     skip("not labeled (error)")
@@ -200,24 +227,47 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                     isinstance(scores.get(name), int | float) for name in tiers):
                 probabilities = tuple(float(scores[name]) for name in tiers)
             prompt, completion = _tokens(row, default_tokens)
-            costs = tuple((prompt * price_in + completion * price_out) / 1e6 for price_in, price_out in tier_prices)
             kept.append((row.get("time") if isinstance(row.get("time"), str) else None, tiers.index(chosen_name),
-                         probabilities, costs, prompt))
+                         probabilities, prompt, completion))
     if not kept:
         raise SimulationError(f"no replayable request in {[str(p) for p in paths]} (skipped: {skipped or 'none'})")
+    if without_usage:
+        kept = _sized_like_the_answered(kept, without_usage)
+    if arrival == "uniform" and all(when is not None for when, *_ in kept):
+        kept.sort(key=lambda row: _moment(str(row[0])))  # stable: rows of one second keep their file order
     if arrival == "logged":
         if any(when is None for when, *_ in kept):
             raise SimulationError("--arrival logged needs a `time` on every row (decision logs have one)")
-        moments = [datetime.fromisoformat(str(when).replace("Z", "+00:00")).timestamp() for when, *_ in kept]
+        moments = [_moment(str(when)) for when, *_ in kept]
         first, span = min(moments), max(moments) - min(moments)
         places = [(moment - first) / span * (1 - 1 / len(kept)) if span > 0 else index / len(kept)
                   for index, moment in enumerate(moments)]
     else:
         places = [index / len(kept) for index in range(len(kept))]
-    requests = [Request(at, chosen, probabilities, costs, prompt)
-                for at, (_, chosen, probabilities, costs, prompt) in zip(places, kept, strict=True)]
+    requests = [Request(at, chosen, probabilities, _costs(prompt, completion, tier_prices), prompt)
+                for at, (_, chosen, probabilities, prompt, completion) in zip(places, kept, strict=True)]
     requests.sort(key=lambda request: request.at)
     return Replay(requests, skipped)
+
+
+def _costs(prompt: float, completion: float, tier_prices: Sequence[tuple[float, float]]) -> tuple[float, ...]:
+    """USD of a request of these tokens on each tier."""
+    return tuple((prompt * price_in + completion * price_out) / 1e6 for price_in, price_out in tier_prices)
+
+
+def _moment(when: str) -> float:
+    return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+
+
+def _sized_like_the_answered(kept: list, refused: set[int]) -> list:
+    """Requests a spent budget refused, given the mean tokens of the answered ones (the defaults only
+    when none was answered): they have no usage, and the defaults may be far from the traffic."""
+    answered = [row for index, row in enumerate(kept) if index not in refused]
+    if not answered:
+        return kept
+    prompt = sum(row[3] for row in answered) / len(answered)
+    completion = sum(row[4] for row in answered) / len(answered)
+    return [(*row[:3], prompt, completion) if index in refused else row for index, row in enumerate(kept)]
 
 
 def compare(requests: Sequence[Request], tiers: Sequence[str], tier_prices: Sequence[tuple[float, float]],
@@ -323,7 +373,7 @@ def main(inputs: Sequence[Path], out: Path, png: Path | None, *, budget_usd: flo
     if unknown:
         raise SimulationError(f"allowed tiers {unknown} are not the model's tiers {tiers}")
     allowed = sorted(tiers.index(tier) for tier in allowed_tiers) if allowed_tiers else None
-    replay = read_requests(inputs, tiers, tier_prices, default_tokens, arrival, tenant)
+    replay = read_requests(inputs, tiers, tier_prices, default_tokens, arrival, tenant, manifest.policy.rule)
     requests = within(replay.requests, allowed) if allowed else replay.requests
     rule = BudgetRule(budget_for(requests, budget_usd, budget_share), pacing=True, band=band,
                       max_quality_loss=max_quality_loss, on_exhausted=on_exhausted)
