@@ -117,6 +117,19 @@ def write_member_text(directory: Path, name: str, text: str) -> Path:
     return directory / name
 
 
+def check_destination(out_dir: Path) -> None:
+    """Refuse an artifact destination that cannot become an artifact directory, before any work.
+
+    Raises:
+        ArtifactError: `out_dir` or a folder above it is a file.
+    """
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ArtifactError(f"{out_dir} cannot be an artifact directory: {path} is a file")
+            return
+
+
 @contextlib.contextmanager
 def staged_artifact(out_dir: Path) -> Iterator[Path]:
     """A fresh directory beside `out_dir` to write a whole artifact into.
@@ -126,8 +139,9 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
     server pointed at `out_dir` therefore never loads an artifact whose evaluation or card is missing.
 
     Raises:
-        ArtifactError: the staged directory holds a file the layout does not declare.
+        ArtifactError: `out_dir` is a file, or the staged directory holds a file the layout does not declare.
     """
+    check_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
@@ -150,7 +164,11 @@ def _replace_directory(source: Path, target: Path) -> None:
         source.rename(target)
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
-    target.rename(aside)  # onto the empty directory mkdtemp made: a unique name nobody else takes
+    try:
+        target.rename(aside)  # onto the empty directory mkdtemp made: a unique name nobody else takes
+    except OSError:
+        aside.rmdir()
+        raise
     try:
         source.rename(target)
     except OSError:

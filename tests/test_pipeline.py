@@ -521,3 +521,31 @@ def test_eval_names_a_source_it_leaves_out_and_refuses_record_with_out(trained_a
                                         "--out", str(tmp_path / "elsewhere")])
     assert recorded.exit_code == 2 and "--record writes the results into MODEL" in recorded.output
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_train_and_export_refuse_an_out_that_is_a_file_before_any_work(trained_artifact: Path, synthetic_logs: Path,
+                                                                       pool_file: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An --out naming a file failed only once the run was done, with a bare OSError (export: a traceback),
+    and left an empty folder beside it at each attempt."""
+    from typer.testing import CliRunner
+
+    import training.pipeline
+    from training.cli import app
+
+    taken = tmp_path / "afile"
+    taken.write_text("not an artifact")
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(training.pipeline, "train", never)
+    for command in (["train", "--logs", str(synthetic_logs), "--pool", str(pool_file), "--out", str(taken)],
+                    ["export", "--artifact", str(trained_artifact), "--checkpoint",
+                     str(trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"),
+                     "--prompts", str(synthetic_logs), "--out", str(taken / "model")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert f"{taken} is a file" in result.output and "Traceback" not in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+    assert taken.read_text() == "not an artifact"

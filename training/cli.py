@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from classifier.artifact_layout import check_destination
 from classifier.cli import fail
 from classifier.errors import PromptierError
 
@@ -85,6 +86,10 @@ def train(
     if init_from is not None and (teacher is not None or unlabeled or distill_weight is not None):
         fail(PromptierError("--init-from continues a model on new logs alone: --teacher, --unlabeled and "
                             "--distill-weight need a fresh run (leave out --init-from)"))
+    try:
+        check_destination(out)  # before hours of training, not at the end
+    except PromptierError as error:
+        fail(error)
     if processes > 1 and world_size == 1:
         if distill_weight is not None and teacher is None:  # refused here once, not by every process
             from training.config import load_config
@@ -413,8 +418,9 @@ def export(
     from training.inputs import read_unlabeled
 
     try:
+        check_destination(out)
         manifest, report = export_checkpoint(artifact, checkpoint, read_unlabeled(prompts), out, quantize)
-    except (PromptierError, ValueError, FileNotFoundError) as error:
+    except (PromptierError, ValueError, OSError) as error:  # OSError: a file missing, a folder not writable
         fail(error)
     typer.echo(f"wrote {out} ({manifest.architecture.get('quantization')}): tier agreement "
                f"{report.tier_agreement:.4f}, max probability difference {report.max_probability_diff:.2e} "
