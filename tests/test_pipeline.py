@@ -549,3 +549,19 @@ def test_train_and_export_refuse_an_out_that_is_a_file_before_any_work(trained_a
         assert f"{taken} is a file" in result.output and "Traceback" not in result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
     assert taken.read_text() == "not an artifact"
+
+
+def test_eval_refuses_logs_where_no_prompt_is_known_on_two_tiers(trained_artifact: Path, pool_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """Scored there, every APGR, the oracle's included, was a table of zeros."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.synthetic import synthetic_rows, write_jsonl
+
+    cheapest_only = [row for row in synthetic_rows(200, 12) if row["model"] in ("a-7b", "b-8b")]
+    logs = write_jsonl(tmp_path / "logs.jsonl", cheapest_only)
+    result = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(logs), "--pool",
+                                      str(pool_file), "--no-embedding-baseline", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 2 and "routing cannot be scored on these logs" in result.output, result.output
+    assert not (tmp_path / "eval").exists()

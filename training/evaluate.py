@@ -302,6 +302,11 @@ def evaluate_logs(artifact: Path, table: PromptTable, backbone_dir: Path | None,
     was_seen = np.array([prompt_hash(p) in seen for p in table.prompts], dtype=bool)
     if was_seen.all():
         raise ValueError("every prompt in these logs was used to train or calibrate the model")
+    if not comparable_rows(table.targets[~was_seen]).any():
+        # Every APGR would be 0, the oracle's too: a table that reads as routers that rank nothing.
+        raise ValueError("no prompt the model never saw has outcomes on the cheapest tier and a more capable "
+                         "one, so routing cannot be scored on these logs (a decision log alone has one tier per "
+                         "prompt: give logs that score several tiers per prompt)")
     fit_table = table.subset(np.flatnonzero(was_seen)) if was_seen.any() else None
     report = evaluate_table(artifact, table.subset(np.flatnonzero(~was_seen)), fit_table, backbone_dir, cache_dir)
     write_report(report, out_dir, probes)
