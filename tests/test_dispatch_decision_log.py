@@ -104,3 +104,35 @@ def test_decision_log_shared_by_processes_loses_and_splits_no_line(tmp_path: Pat
     # Each process counts the file's real size, so a file overshoots by at most a line per writer.
     assert max(file.stat().st_size for file in files) <= 2048 + 3 * line
     assert not list(tmp_path.glob("decisions.jsonl*.lock"))  # the lock file stays out of the log's glob
+
+
+def test_one_tenants_outcome_flood_rotates_only_its_own_outcome_file(tmp_path: Path) -> None:
+    """Any key may report outcomes, for ids it cannot check. Kept in the log, a flood of them rotated every
+    request line and every other tenant's reports out of it; each tenant's reports now have a file of
+    their own beside the log, which training reads with it."""
+    from serving.dispatch.decision_log import DecisionLog
+    from serving.dispatch.dispatch_config import DecisionLogConfig
+    from serving.dispatch.outcomes import OutcomeReport, record_outcomes
+    from training.data import read_logs
+
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(DecisionLogConfig(path=path, max_bytes=4096, backups=1))
+    ids = [f"dispatcher:{i:032x}" for i in range(4)]
+    for index, request_id in enumerate(ids):
+        log.write({"schema_version": 9, "prompt_id": request_id, "prompt": f"question {index}", "model": "m-7b",
+                   "score": None, "source": "dispatcher", "category": "", "tier": "small", "routed_tier": "small",
+                   "tenant": "search" if index < 2 else "ads"})
+    record_outcomes(log, [OutcomeReport(request_id=ids[0], score=1.0), OutcomeReport(request_id=ids[1], score=0.0)],
+                    "search")
+    flood = [OutcomeReport(request_id=f"dispatcher:{i:032x}", score=1.0) for i in range(1000, 1000 + 1000)]
+    for _ in range(5):
+        record_outcomes(log, flood, "ads")
+    record_outcomes(log, [OutcomeReport(request_id=ids[2], score=0.5)], "ads")
+    log.close()
+    assert len(path.read_text().splitlines()) == 4  # every request line is still there
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "decisions.jsonl", "decisions.outcomes.ads.jsonl", "decisions.outcomes.ads.jsonl.1",
+        "decisions.outcomes.search.jsonl"]
+    rows, report = read_logs([path])  # named alone, the log is read with its outcome files
+    assert {row.prompt_id: row.score for row in rows} == {ids[0]: 1.0, ids[1]: 0.0, ids[2]: 0.5}
+    assert report.not_trainable["no outcome reported yet"] == 1

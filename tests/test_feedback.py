@@ -109,8 +109,10 @@ def test_outcomes_reported_to_the_dispatcher_train_the_next_model(
         server.should_exit = True
 
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sum(line.get("kind") == OUTCOME_KIND for line in lines) == 543
-    rows, report = read_logs([log])
+    assert not any(line.get("kind") == OUTCOME_KIND for line in lines)  # outcomes are kept beside the log
+    reported = [json.loads(line) for line in (tmp_path / "decisions.outcomes.default.jsonl").read_text().splitlines()]
+    assert len(reported) == 543 and {line["kind"] for line in reported} == {OUTCOME_KIND}
+    rows, report = read_logs([log])  # the log alone: its outcome files are read with it
     assert len(rows) == 540 and report.not_trainable["no outcome reported yet"] == 1
     assert report.not_trainable["outcome reported for a request not in these logs"] == 3
     scored = {row.prompt_id: row.score for row in rows}

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from classifier.decision_files import outcome_logs_beside
 from classifier.prompt_files import (
     PromptFileError,
     decode_json_line,
@@ -55,9 +56,10 @@ class TierLabelRow:
     category: str
 
 
-# A dispatcher's decision log holds request lines (score null until one is reported) and outcome lines
+# A dispatcher's decision log holds request lines (score null until one is reported); outcome lines
 # `{"kind": "outcome", "prompt_id", "score"}` (written by serving.dispatch.decision_log, reported through the
-# dispatcher's POST /v1/promptier/outcomes). Reading joins them: a request line takes the mean score
+# dispatcher's POST /v1/promptier/outcomes) are in files beside it (classifier.decision_files), or in the log
+# itself in logs written before schema version 9. Reading joins them: a request line takes the mean score
 # reported for its prompt_id; one with none yet, or without stored prompt text, is left out and counted.
 OUTCOME_KIND = "outcome"
 
@@ -319,7 +321,9 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
         DataError: the first invalid row, unless `skip_invalid` (then it is counted in `report`).
     """
     files = expand_paths(paths)
-    outcomes = reported_outcomes(files)
+    # A decision log's outcomes are in files beside it, read with it however the log was named.
+    beside = [outcome for path in files for outcome in outcome_logs_beside(path)]
+    outcomes = reported_outcomes(list(dict.fromkeys([*files, *beside])))
     scored_prompts = frozenset(prompt_id for prompt_id, _ in outcomes)
     requested: set[str] = set()  # the prompt_ids of the request lines read, which outcomes join
     for path in files:

@@ -1,4 +1,5 @@
-"""The decision log: one JSON line per request, in the routing-log schema, rotated by size.
+"""The decision log: one JSON line per request, in the routing-log schema, rotated by size; and beside
+it, one outcome file per tenant that reports scores (classifier.decision_files), rotated the same way.
 
 Each line goes to the file in one `write` on an O_APPEND descriptor, with no user-space buffer, so a
 crash loses at most the request in flight, and a line is never split between two writes. With scores
@@ -23,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from classifier.decision_files import outcome_log_path
 from serving.dispatch.dispatch_config import DecisionLogConfig
 
 # The schema of a decision-log line, kept here and nowhere else. Version 2 added `schema_version`,
@@ -51,7 +53,11 @@ from serving.dispatch.dispatch_config import DecisionLogConfig
 # reported the score (training joins it only to that tenant's requests); the `usage` of an answer charged
 # by count (`note` says so) holds the counts it was charged by, and a budgeted answer given before the
 # classifier's prices were known has `cost_usd` null and a `note` (it is charged once they are).
-DECISION_SCHEMA_VERSION = 8
+# Version 9 moved outcome lines out of the log into a file per reporting tenant beside it
+# (`decisions.outcomes.<tenant>.jsonl`, classifier.decision_files), rotated like the log: a tenant that
+# reports many outcomes rotates its own file only. Their lines are as before; readers take outcome lines
+# from either place.
+DECISION_SCHEMA_VERSION = 9
 OUTCOME_KIND = "outcome"
 
 
@@ -124,12 +130,46 @@ class OutcomeRecord:
 
 
 class DecisionLog:
+    """The request lines, in the log, and the outcome lines, in each reporting tenant's file beside it."""
+
     def __init__(self, config: DecisionLogConfig) -> None:
         config.path.parent.mkdir(parents=True, exist_ok=True)
         self.path = config.path
-        self.max_bytes = config.max_bytes
-        self.backups = config.backups
         self.store_prompts = config.store_prompts
+        self._config = config
+        self._requests = RotatingLog(config.path, config.max_bytes, config.backups)
+        self._outcomes: dict[str, RotatingLog] = {}  # per tenant: its names come from the config, so few
+        self._lock = threading.Lock()
+
+    def write(self, entry: dict) -> None:
+        """Append one request line (durable against a process crash once this returns)."""
+        self._requests.write(entry)
+
+    def write_outcome(self, tenant: str, entry: dict) -> None:
+        """Append one outcome line to the file of the tenant that reported it."""
+        log = self._outcomes.get(tenant)
+        if log is None:
+            with self._lock:
+                log = self._outcomes.get(tenant)
+                if log is None:
+                    log = self._outcomes[tenant] = RotatingLog(outcome_log_path(self.path, tenant),
+                                                               self._config.max_bytes, self._config.backups)
+        log.write(entry)
+
+    def close(self) -> None:
+        self._requests.close()
+        with self._lock:
+            for log in self._outcomes.values():
+                log.close()
+
+
+class RotatingLog:
+    """One JSON-lines file rotated by size, shared by processes (the module docstring says how)."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
         self._lock = threading.Lock()  # the embedded model's thread never writes, but callers may be threads
         self._fd = self._open()
         # Hidden, so that a glob of the log and its backups (`decisions.jsonl*`) does not pick it up.

@@ -2,8 +2,9 @@
 
 `POST /v1/promptier/outcomes` takes `{"request_id": ID, "score": S}` or `{"outcomes": [...]}` (at most
 `MAX_OUTCOMES_PER_CALL`), where ID is the `x-promptier-request-id` the dispatcher sent with the answer
-and S is in [0, 1], with an optional `judge` (who scored it). Each is appended to the decision log as an
-outcome line (serving.dispatch.decision_log.OutcomeRecord); `promptier train` joins it to the request's line,
+and S is in [0, 1], with an optional `judge` (who scored it). Each is appended as an outcome line
+(serving.dispatch.decision_log.OutcomeRecord) to the reporting tenant's outcome file beside the decision log
+(classifier.decision_files); `promptier train` joins it to the request's line,
 which then carries the prompt (with `store_prompts`), the model that answered and this score.
 
 Nothing here checks that the id was issued: with several dispatcher processes or hosts the request may
@@ -74,9 +75,10 @@ def parse_outcomes(raw: bytes) -> list[OutcomeReport]:
 
 
 def record_outcomes(log: DecisionLog, outcomes: list[OutcomeReport], tenant: str) -> int:
-    """Append the outcomes to the decision log, each with the `tenant` whose key reported it; returns how many."""
+    """Append the outcomes to the reporting `tenant`'s outcome file beside the decision log, each line
+    naming that tenant; returns how many."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for outcome in outcomes:
-        log.write(OutcomeRecord(prompt_id=outcome.request_id, score=outcome.score, judge=outcome.judge,
-                                time=now, tenant=tenant).as_dict())
+        log.write_outcome(tenant, OutcomeRecord(prompt_id=outcome.request_id, score=outcome.score,
+                                                judge=outcome.judge, time=now, tenant=tenant).as_dict())
     return len(outcomes)
