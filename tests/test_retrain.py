@@ -46,7 +46,8 @@ def test_a_better_retrain_is_promoted_and_the_previous_model_kept(tmp_path: Path
     assert result.exit_code == 0, result.output
     assert "promoted v2" in result.output and "deployed.previous-v1" in result.output
     new = load_manifest(deployed)
-    assert new.model_version == "v2" and new.training["init_from"] == str(deployed)
+    # The model it started from is no longer at OUT: the records name where it went.
+    assert new.model_version == "v2" and new.training["init_from"] == str(tmp_path / "deployed.previous-v1")
     comparison = new.metrics["retrain"]
     assert isinstance(comparison, dict) and comparison["previous_model_version"] == "v1"
     assert comparison["apgr"]["all"]["new"] > comparison["apgr"]["all"]["previous"] and not comparison["worse"]
@@ -72,6 +73,7 @@ def test_a_worse_retrain_is_not_promoted_unless_forced(tmp_path: Path, tiny_back
     assert load_manifest(deployed).model_version == "tiny-test-1"  # untouched
     candidate = load_manifest(tmp_path / "deployed.candidate")
     assert candidate.metrics["retrain"]["worse"]  # type: ignore[index]
+    assert candidate.training["init_from"] == str(deployed)  # not promoted: that model is still there
 
     result = _train([*args, "--force"])
     assert result.exit_code == 0, result.output
@@ -138,3 +140,77 @@ def test_init_from_continues_the_artifacts_own_checkpoint_only(tmp_path: Path, t
     shutil.copyfile(older / own.name, work / own.name)
     with pytest.raises(classifier.PromptierError, match="belongs to another run"):
         checkpoint_of(deployed)
+
+
+def test_a_continued_model_counts_every_ancestors_prompts_as_seen(tmp_path: Path, tiny_backbone: Path,
+                                                                  pool_file: Path, trained_artifact: Path,
+                                                                  synthetic_logs: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continued twice (the second time streamed), on logs that hold the first model's prompts again: each
+    continuation's seen prompts include every ancestor's, and its test evaluation scores none of them."""
+    import numpy as np
+
+    from training import evaluate
+    from training.labels import prompt_hash, seen_prompts
+    from training.retrain import retrain
+
+    evaluated: list[set[str]] = []
+    real_evaluate_split = evaluate.evaluate_split
+
+    def recording(artifact, table, split, *args, **kwargs):  # type: ignore[no-untyped-def]
+        evaluated.append({prompt_hash(table.prompts[i]) for i in np.flatnonzero(split == "test")})
+        return real_evaluate_split(artifact, table, split, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_split", recording)
+    first = Path(shutil.copytree(trained_artifact, tmp_path / "v1"))
+    first_seen = seen_prompts(first)
+    second_logs = write_jsonl(tmp_path / "second.jsonl", synthetic_rows(300, seed=11))
+    second = retrain(first, [synthetic_logs, second_logs], pool_file, tmp_path / "v2",
+                     tiny_config(tiny_backbone, max_steps=4), force=True, model_version="v2")
+    assert second is not None
+    assert first_seen < seen_prompts(second.location)
+    assert evaluated[-1] and not evaluated[-1] & first_seen
+    left_out = second.manifest.training["test_prompts_seen_before"]
+    assert isinstance(left_out, int) and left_out > 0
+    assert f"{left_out} test prompts of the logs above are in no evaluation" in (
+        second.location / "MODEL_CARD.md").read_text()
+
+    third_logs = write_jsonl(tmp_path / "third.jsonl", synthetic_rows(300, seed=12))
+    third = retrain(second.location, [synthetic_logs, third_logs], pool_file, tmp_path / "v3",
+                    tiny_config(tiny_backbone, max_steps=4, streaming=True), force=True, model_version="v3")
+    assert third is not None
+    assert seen_prompts(second.location) < seen_prompts(third.location)
+    # The first model's prompts, two generations back, are neither tested nor compared on.
+    assert evaluated[-1] and not evaluated[-1] & first_seen
+    assert third.manifest.training["test_prompts_seen_before"]
+
+
+def test_a_promoted_continuation_names_where_the_model_it_started_from_went(
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path, trained_artifact: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continued in place (`--init-from models/cur --out models/cur`), the previous model moves aside:
+    the manifest, the card and the recorded command name it there, as relative as it was given, so that
+    the command rebuilds this model instead of continuing it; the card still agrees with the manifest."""
+    from training.model_card import render_model_card
+    from training.retrain import retrain
+
+    shutil.copytree(trained_artifact, tmp_path / "models" / "cur")
+    write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    (tmp_path / "pool.yaml").write_text(pool_file.read_text())
+    monkeypatch.chdir(tmp_path)
+    cur = Path("models/cur")
+    command = "promptier train --logs new.jsonl --pool pool.yaml --init-from models/cur --out models/cur --force"
+    result = retrain(cur, ["new.jsonl"], Path("pool.yaml"), cur, tiny_config(tiny_backbone, max_steps=4),
+                     force=True, model_version="v2", command=command)
+    assert result is not None and result.promoted
+    assert result.rollback == Path("models/cur.previous-tiny-test-1")
+    manifest = load_manifest(cur)
+    assert manifest == result.manifest
+    assert manifest.training["init_from"] == "models/cur.previous-tiny-test-1"
+    assert manifest.training["command"] == command.replace("--init-from models/cur",
+                                                           "--init-from models/cur.previous-tiny-test-1")
+    card = (cur / "MODEL_CARD.md").read_text()
+    assert card == render_model_card(manifest, cur)
+    assert "Initialised from models/cur.previous-tiny-test-1 (tiny-test-1)" in card
+    assert str(tmp_path) not in card
+    classifier.load(cur)  # the model and tokenizer still match the digests the rewritten manifest records

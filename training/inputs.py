@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from classifier.artifact import TruncationConfig
+from classifier.artifact_layout import SEEN_PROMPTS_FILE
 from classifier.runtime import TierClassifier
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
@@ -104,28 +105,82 @@ def anchor_table(pool: Pool, config: TrainConfig) -> PromptTable | None:
         tier_names=pool.tier_names)
 
 
-def read_unlabeled(paths: Sequence[str | Path]) -> list[str]:
-    """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation; a decision
-    log's outcome lines, which hold no prompt, are passed over."""
+# The reason a decision-log request line without prompt text is left out: the dispatcher logs an empty
+# prompt for a request with no user text to classify, and none at all with store_prompts off.
+NO_PROMPT_TEXT = "request without prompt text (no user text, or decision_log.store_prompts off)"
+
+
+def read_unlabeled(paths: Sequence[str | Path], report: SkipReport | None = None,
+                   skip_invalid: bool = False) -> list[str]:
+    """Prompts without outcomes (JSONL or Parquet with a `prompt` column), for distillation or the
+    export's parity check.
+
+    A decision log's outcome lines, which hold no prompt, are passed over; so are its request lines
+    without prompt text, counted in `report` as not trainable (as the outcome join counts them), since
+    the dispatcher logs them for requests with no user text.
+
+    Raises:
+        DataError: the first invalid row (a line of another file without a prompt, say), unless
+            `skip_invalid` (then it is counted in `report`); decision logs none of whose request lines
+            holds its text.
+    """
     from training.data import OUTCOME_KIND, expand_paths, read_records
 
+    report = report if report is not None else SkipReport()
     prompts = []
+    passed_over = skipped = 0
     for path in expand_paths(paths):
         for number, record in read_records(path):
-            if isinstance(record, DataError):
-                raise record
             if isinstance(record, dict) and record.get("kind") == OUTCOME_KIND:
                 continue
-            text = record.get("prompt") if isinstance(record, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(str(path), "missing or empty prompt", number, "prompt")
+            try:
+                text = _unlabeled_prompt(record, str(path), number)
+            except DataError as error:
+                if not skip_invalid:
+                    raise
+                report.add(error)
+                skipped += 1
+                continue
+            if text is None:
+                passed_over += 1
+                continue
             prompts.append(text)
+    if skipped:
+        log.warning("unlabeled prompts: %d invalid rows skipped (--skip-invalid)", skipped)
+    if passed_over:
+        report.not_trainable[NO_PROMPT_TEXT] += passed_over
+        log.info("unlabeled prompts: %d decision-log request lines without prompt text passed over", passed_over)
+        if not prompts:  # all of them without text: store_prompts was off, and the run would learn nothing
+            raise DataError(", ".join(map(str, paths)), "no request line holds its prompt text (a decision log "
+                            "written with decision_log.store_prompts off): nothing to learn from")
     return prompts
 
 
-def new_unlabeled(paths: Sequence[str | Path], table: PromptTable, split: np.ndarray) -> tuple[list[str], int]:
+def _unlabeled_prompt(record: object, path: str, row: int) -> str | None:
+    """A record's prompt text; None for a decision log's request line without one.
+
+    Raises:
+        DataError: the record is not a line of prompts (the reader's error, or no prompt text outside a
+            decision log's request lines).
+    """
+    if isinstance(record, DataError):
+        raise record
+    if not isinstance(record, dict):
+        raise DataError(path, "missing or empty prompt", row, "prompt")
+    text = record.get("prompt")
+    # A request line of a decision log (only those record the routed tier), as the outcome join knows them.
+    if "routed_tier" in record and (text is None or (isinstance(text, str) and not text.strip())):
+        return None
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(path, "missing or empty prompt", row, "prompt")
+    return text
+
+
+def new_unlabeled(paths: Sequence[str | Path], table: PromptTable, split: np.ndarray, report: SkipReport | None = None,
+                  skip_invalid: bool = False) -> tuple[list[str], int]:
     """The unlabeled prompts of `paths` that the training and validation logs do not hold, each once;
-    and how many were dropped.
+    and how many were dropped. Rows left out as they are read are counted in `report` (see
+    `read_unlabeled`).
 
     A training prompt already has its outcomes, a validation prompt is what calibration and thresholds
     are chosen on (training on its text would bias them), and a repeat would only weigh one prompt more
@@ -135,7 +190,7 @@ def new_unlabeled(paths: Sequence[str | Path], table: PromptTable, split: np.nda
     """
     if not paths:
         return [], 0
-    given = read_unlabeled(paths)
+    given = read_unlabeled(paths, report, skip_invalid)
     known = {table.prompts[i] for i in np.flatnonzero(split != "test")}
     tested = {table.prompts[i] for i in np.flatnonzero(split == "test")}
     fresh: list[str] = []
@@ -177,6 +232,37 @@ class TrainingInputs:
     def streamed(self) -> bool:
         """The training prompts exist only as token ids: held-out prompts are scored a chunk at a time."""
         return self.familiarity_texts is None
+
+
+def with_previous_seen(inputs: TrainingInputs, previous: Path) -> TrainingInputs:
+    """The inputs of a run continued from the artifact `previous`, which counts what it saw as seen.
+
+    The continued weights learned from every prompt `previous` saw, and from its ancestors' (its
+    `seen_prompts.txt` holds theirs, this function having put them there): the new artifact's seen
+    prompts hold them all, so that `promptier eval` never scores it on them, and its test split leaves
+    out those among its own test prompts (they are neither trained on nor evaluated: moving them to
+    training would change the split that a rerun of the recipe must rebuild).
+
+    Raises:
+        DataError: every test prompt of the logs was seen by `previous` or an ancestor.
+    """
+    from training.streaming import hash64, read_hashes
+
+    inherited = read_hashes(previous / SEEN_PROMPTS_FILE)
+    hashes = np.fromiter((hash64(text) for text in inputs.table.prompts), dtype=np.uint64,
+                         count=len(inputs.table))
+    seen_before = (inputs.split == "test") & np.isin(hashes, inherited)
+    tested = int(np.count_nonzero(inputs.split == "test"))
+    if tested and int(seen_before.sum()) == tested:
+        raise DataError("logs", f"every test prompt of the new logs was seen by {previous} or a model it was "
+                        "continued from: nothing to evaluate the continued model on")
+    if seen_before.any():
+        log.info("test split: %d of %d prompts left out, as %s or a model it was continued from saw them",
+                 int(seen_before.sum()), tested, previous)
+    keep = np.flatnonzero(~seen_before)
+    return replace(inputs, table=inputs.table.subset(keep), split=inputs.split[keep],
+                   seen_hashes=np.union1d(inputs.seen_hashes.astype(np.uint64), inherited),
+                   record={**inputs.record, "test_prompts_seen_before": int(seen_before.sum())})
 
 
 def require_enough_prompts(distinct_prompts: int) -> None:
@@ -232,7 +318,7 @@ def in_memory_inputs(logs: Sequence[str | Path], pool: Pool, config: TrainConfig
     train_index = np.flatnonzero(split == "train")
     train_texts = [table.prompts[i] for i in train_index]
     targets = table.targets[train_index]
-    extra, repeated = new_unlabeled(unlabeled, table, split)
+    extra, repeated = new_unlabeled(unlabeled, table, split, data.skipped, skip_invalid)
     if teacher is not None:
         teacher_runtime = load_artifact(teacher, threads=config.threads)
         if teacher_runtime.tier_names != pool.tier_names:

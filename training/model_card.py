@@ -152,11 +152,22 @@ def _retrain_section(training: dict, metrics: dict) -> list[str]:
     lines = ["## Continued from a deployed model",
              f"- Initialised from {training.get('init_from')} ({retrain['previous_model_version']}), then trained "
              f"on the logs above; calibration and thresholds chosen anew.",
+             *_seen_before_lines(training),
              f"- On {retrain['prompts']} held-out prompts of the new logs that neither model saw:", "",
              "| group | previous APGR | this model's APGR |", "|---|---|---|"]
     for group, values in retrain["apgr"].items():
         lines.append(f"| {group} | {values['previous']:.4f} | {values['new']:.4f} |")
     return [*lines, ""]
+
+
+def _seen_before_lines(training: dict) -> list[str]:
+    """How many test prompts of the new logs the evaluation left out because the weights it started
+    from had learned from them: the test figures above do not cover them."""
+    count = training.get("test_prompts_seen_before")
+    if not isinstance(count, int) or not count:
+        return []
+    return [f"- {count} test prompts of the logs above are in no evaluation: the model it was initialised from "
+            "(or one that model continued) trained or calibrated on them."]
 
 
 def _anchor_weights(config: dict) -> str:

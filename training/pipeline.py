@@ -26,7 +26,14 @@ from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.errors import DataError
-from training.inputs import TRAINSET_DIR, TrainingInputs, in_memory_inputs, streamed_inputs, vocab_size
+from training.inputs import (
+    TRAINSET_DIR,
+    TrainingInputs,
+    in_memory_inputs,
+    streamed_inputs,
+    vocab_size,
+    with_previous_seen,
+)
 from training.labels import PromptTable
 from training.memory import peak_rss_mb
 from training.pool import Pool, load_pool
@@ -90,7 +97,9 @@ def train(
 
     With `init_from` (a training checkpoint), the model starts from its weights instead of the
     backbone's (a fresh optimizer and schedule); with `compare_with` (an artifact), the test split's
-    prompts that artifact never saw are scored by both, in the manifest's `metrics.retrain`.
+    prompts that artifact never saw are scored by both, in the manifest's `metrics.retrain`. The prompts
+    that artifact saw (its ancestors' among them) count as seen by the new one: they are in its seen
+    prompts and out of its test evaluation.
 
     Under `torchrun` (several processes), the main process reads the logs and writes the training
     set to the work dir; every process trains on its share of each batch; only the main one writes
@@ -120,6 +129,8 @@ def train(
                       if config.streaming else
                       in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
                                         teacher, unlabeled, distill_weight, cache_dir))
+            if compare_with is not None:
+                inputs = with_previous_seen(inputs, compare_with)
         stages = {"inputs": round(time.time() - started, 1)}
         peaks = {"inputs": peak_rss_mb()}
         torch.manual_seed(config.seed)

@@ -8,17 +8,20 @@ artifact's recipe (its recorded config, unless another is given), trains on the 
 fresh optimizer and schedule, and calibrates and chooses thresholds on the new logs' validation
 split. Both models are then scored on the new logs' test prompts that neither saw; the new one is
 promoted (moved to OUT) unless its APGR there is below the previous model's, or with `force`. The
-artifact OUT held before is moved aside to `OUT.previous-VERSION`, to roll back to.
+artifact OUT held before is moved aside to `OUT.previous-VERSION`, to roll back to; when that is the
+model continued from, the new artifact's manifest and card name it there, so that its recorded command
+rebuilds the new model rather than continuing it.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from classifier.artifact import ArtifactManifest, load_manifest
+from classifier.artifact import ArtifactManifest, load_manifest, save_manifest
 from classifier.errors import PromptierError
 from training.config import TrainConfig
 from training.errors import DataError
@@ -73,19 +76,66 @@ def checkpoint_of(artifact: Path) -> Path:
                          "dir of the run that trained it")
 
 
-def promote(candidate: Path, out: Path) -> Path | None:
-    """Move `candidate` to `out`; the artifact `out` held moves aside first. Returns where it went."""
-    rollback = None
-    if out.exists():
-        version = load_manifest(out).model_version
-        rollback = out.with_name(f"{out.name}.previous-{version}")
-        suffix = 1
-        while rollback.exists():
-            suffix += 1
-            rollback = out.with_name(f"{out.name}.previous-{version}-{suffix}")
+def rollback_location(out: Path) -> Path | None:
+    """Where promotion moves the artifact `out` holds: `OUT.previous-VERSION`, numbered when that name is
+    taken; None when `out` holds none."""
+    if not out.exists():
+        return None
+    version = load_manifest(out).model_version
+    rollback = out.with_name(f"{out.name}.previous-{version}")
+    suffix = 1
+    while rollback.exists():
+        suffix += 1
+        rollback = out.with_name(f"{out.name}.previous-{version}-{suffix}")
+    return rollback
+
+
+def promote(candidate: Path, out: Path, rollback: Path | None) -> None:
+    """Move `candidate` to `out`; the artifact `out` holds moves to `rollback` first."""
+    if rollback is not None:
         out.rename(rollback)
     candidate.rename(out)
-    return rollback
+
+
+def same_directory(first: Path, second: Path) -> bool:
+    """Whether two paths name one existing directory, however each is spelt."""
+    try:
+        return first.samefile(second)
+    except OSError:
+        return False
+
+
+def with_init_from(command: str, start: str) -> str:
+    """A recorded `promptier train` command with its `--init-from` argument replaced by `start`."""
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word == "--init-from" and i + 1 < len(words):
+            words[i + 1] = start
+        elif word.startswith("--init-from="):
+            words[i] = f"--init-from={start}"
+    return shlex.join(words)
+
+
+def record_start_moved(candidate: Path, manifest: ArtifactManifest, start: Path) -> ArtifactManifest:
+    """The candidate's manifest and model card, rewritten to name `start` as the model it was initialised
+    from (in `training.init_from` and in the recorded command); returns the manifest.
+
+    Promoting a model continued from OUT into OUT moves the model it started from aside: left as they
+    were, the records would name OUT, so the recorded command would continue this model instead of
+    rebuilding it. Only the manifest's provenance changes (the digests it records are of the model and
+    tokenizer), and the card is rendered anew from it, so the two agree.
+    """
+    from classifier.artifact_layout import MODEL_CARD_FILE, write_member_text
+    from training.model_card import render_model_card
+
+    training = {**manifest.training, "init_from": str(start)}
+    command = training.get("command")
+    if isinstance(command, str):
+        training["command"] = with_init_from(command, str(start))
+    manifest = manifest.model_copy(update={"training": training})
+    save_manifest(manifest, candidate)
+    write_member_text(candidate, MODEL_CARD_FILE, render_model_card(manifest, candidate))
+    return manifest
 
 
 def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Path, config: TrainConfig | None,
@@ -125,7 +175,13 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
     if not isinstance(comparison, dict):
         raise DataError("logs", "the new logs have no test split to compare the models on (test_fraction is 0)")
     promoted = force or not comparison["worse"]
-    rollback = promote(candidate, out) if promoted else None
+    rollback = rollback_location(out) if promoted else None
+    if promoted:
+        if rollback is not None and same_directory(previous, out):
+            # Named as the user named the artifact continued from, so that a relative path stays relative.
+            start = previous.with_name(rollback.name) if previous.name else rollback
+            new = record_start_moved(candidate, new, start)
+        promote(candidate, out, rollback)
     log.info("retrain: APGR %.4f -> %.4f on %d new held-out prompts; %s", comparison["apgr"]["all"]["previous"],
              comparison["apgr"]["all"]["new"], comparison["prompts"], "promoted" if promoted else "not promoted")
     return RetrainResult(new, comparison, promoted, out if promoted else candidate, rollback)

@@ -348,3 +348,15 @@ def write_hashes(path: Path, hashes: np.ndarray, chunk: int = 65536) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for start in range(0, len(values), chunk):
             handle.write("".join(f"{int(v):016x}\n" for v in values[start : start + chunk]))
+
+
+def read_hashes(path: Path, chunk: int = 65536) -> np.ndarray:
+    """The prompt hashes of a `seen_prompts.txt` as uint64 (none recorded: empty), read in chunks: an
+    artifact trained on millions of prompts would cost far more memory as a set of strings."""
+    if not path.exists():
+        return np.zeros(0, dtype=np.uint64)
+    parts = []
+    with path.open(encoding="utf-8") as handle:
+        while lines := handle.readlines(chunk * 17):
+            parts.append(np.array([int(line, 16) for line in lines if line.strip()], dtype=np.uint64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
