@@ -34,7 +34,7 @@ from classifier.labeling_options import (
 from classifier.labeling_output import JOB_RECORD, cannot_write, lock_path, output_lock, record_path, rows_to_table
 from classifier.labeling_rows import ParsedRow, parse_row, read_chunks, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
-from classifier.prompt_files import expand_pattern
+from classifier.prompt_files import PromptFileError, expand_pattern, file_format, refuse_json_array
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -80,9 +80,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                 raise LabelingError(f"{match}: is a directory; name its files, or a glob such as '{match}/*.jsonl'")
             if not path.is_file():
                 raise LabelingError(f"{match}: no such file")
-            if path.suffix not in INPUT_SUFFIXES:
+            if file_format(path) is None:
                 raise LabelingError(f"{match}: unsupported input type {path.suffix!r} (use "
-                                    f"{', '.join(INPUT_SUFFIXES)})")
+                                    f"{', '.join(INPUT_SUFFIXES)}, or a rotated log such as NAME.jsonl.1)")
             files.append(path)
     if not files:
         raise LabelingError("no input files given")
@@ -93,8 +93,9 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
     """Refuse an output or options that cannot work, before anything is written.
 
     Raises:
-        LabelingError: the output type is wrong, the output (or a file beside it) is an input, a kept
-            column would overwrite an output column, or chunk_rows is not positive.
+        LabelingError: the output type is wrong, the output (or a file beside it) is an input, the id
+            column or a kept column would overwrite an output column, chunk_rows is not positive, or
+            a JSON input holds an array rather than JSON Lines.
     """
     if output.suffix not in OUTPUT_SUFFIXES:
         raise LabelingError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output.name}")
@@ -105,11 +106,20 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
     if any(path.resolve() in inputs for path in beside):
         raise LabelingError(f"an input is named like a file the labeler keeps beside {output.name}: "
                             f"{', '.join(p.name for p in beside)}")
+    if options.id_column in DECISION_COLUMNS:
+        raise LabelingError(f"--id-column {options.id_column!r} would overwrite the output column of the same "
+                            f"name; the output's columns are {', '.join(DECISION_COLUMNS)}")
     clashes = [c for c in options.keep_columns if c == options.id_column or c in DECISION_COLUMNS]
     if clashes:
         raise LabelingError(f"--keep {clashes} would overwrite output columns of the same name")
     if options.chunk_rows < 1:
         raise LabelingError(f"chunk_rows must be at least 1, got {options.chunk_rows}")
+    for path in files:  # found here, not after the files before it were labeled
+        if file_format(path) == "jsonl":
+            try:
+                refuse_json_array(path)
+            except PromptFileError as exc:
+                raise LabelingError(str(exc)) from None
 
 
 def check_model_and_policy(options: LabelOptions) -> None:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from classifier.artifact import load_manifest
 from classifier.artifact_layout import REQUIRED_FILES
 from classifier.labeling_options import DECISION_COLUMNS, LabelingError, LabelOptions, LabelStats
+from classifier.labeling_rows import input_names
 from classifier.runtime import DEFAULT_MODEL_DIR
 
 # What the output's columns hold. Raised whenever a column keeps its name but changes its meaning, so
@@ -164,9 +165,16 @@ def _job_record(files: Sequence[Path], options: LabelOptions) -> dict:
     settings = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(options).items()
                 if key != "model"}
     # The output's columns: parts written by a version with other columns must not be mixed with these.
-    return {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
-                                        "files": model_files}, "options": settings, "columns": list(DECISION_COLUMNS),
-            "format": OUTPUT_FORMAT}
+    job = {"inputs": inputs, "model": {"path": str(model.resolve()), "model_version": manifest.model_version,
+                                       "files": model_files}, "options": settings, "columns": list(DECISION_COLUMNS),
+           "format": OUTPUT_FORMAT}
+    names = input_names(files)
+    if names != [path.name for path in files]:
+        # Recorded only where an input is not named by its file name alone: every other job's record, so
+        # its fingerprint, stays what the versions that named rows by file name wrote (their interrupted
+        # runs still resume), and parts that named this job's rows otherwise are not continued.
+        job["input_names"] = names
+    return job
 
 
 def _fingerprint(job: dict) -> str:
@@ -192,6 +200,9 @@ def _differences(old: object, new: dict) -> str:
     for key in sorted(set(old_options) | set(new["options"])):
         if old_options.get(key) != new["options"].get(key):
             found.append(f"option {key} ({old_options.get(key)!r} -> {new['options'].get(key)!r})")
+    if old.get("input_names") != new.get("input_names") and "the input files" not in found:
+        found.append("the ids of rows without one (the inputs are named by other paths, or the job was started "
+                     "by a version of promptier that named them by their file names only)")
     if old.get("columns") != new["columns"] or old.get("format") != new["format"]:
         found.append("the output's columns (the job was started by another version of promptier)")
     return ", ".join(found) or "the job record"

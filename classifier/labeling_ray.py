@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from classifier.labeling import prepare_job
 from classifier.labeling_options import LabelingError, LabelOptions, LabelStats
 from classifier.labeling_output import cannot_write, merge_parts, output_lock, output_schema, rows_to_table
-from classifier.labeling_rows import parse_row, read_rows
+from classifier.labeling_rows import input_names, parse_row, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
 
 # Rows travel from the readers to the labelers as (row name, pickled payload): a payload is a raw
@@ -35,8 +35,8 @@ def _read_files(batch: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
     """Ray task: the rows of the files named in `batch`, in file order, `batch_rows` at a time."""
     names: list[str] = []
     payloads: list[bytes] = []
-    for path in batch.column("path").to_pylist():
-        for name, payload in read_rows(Path(path), batch_rows):
+    for path, file_name in zip(batch.column("path").to_pylist(), batch.column("name").to_pylist(), strict=True):
+        for name, payload in read_rows(Path(path), batch_rows, file_name):
             names.append(name)
             payloads.append(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
             if len(names) == batch_rows:
@@ -122,7 +122,9 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
     # Keep input order so the output lines up with the input, as the local engine's does. Set
     # before the datasets are created: a dataset keeps the context it was created with.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    paths = ray.data.from_items([{"path": str(path.resolve())} for path in files], override_num_blocks=len(files))
+    # Each file with the name its rows' ids are given, as the local engine names them (input_names).
+    items = [{"path": str(path.resolve()), "name": name} for path, name in zip(files, input_names(files), strict=True)]
+    paths = ray.data.from_items(items, override_num_blocks=len(files))
     # 0.5 CPU per task and actor: on a 2-core machine, whole-CPU actors starve the readers (Ray Data deadlock).
     rows = paths.map_batches(_read_files, fn_kwargs={"batch_rows": options.chunk_rows}, batch_size=1,
                              batch_format="pyarrow", num_cpus=0.5)

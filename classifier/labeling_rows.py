@@ -9,6 +9,7 @@ labeled (broken JSON, nesting too deep, wrong types, invalid text) becomes a par
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +21,43 @@ from classifier.prompt_files import BadRow, Payload, PromptFileError, batched, d
 from classifier.runtime import validate_text
 
 
-def read_rows(path: Path, batch_rows: int = 4096) -> Iterator[tuple[str, Payload]]:
-    """Every row of one input file, in file order, as (row name `FILE:N`, payload).
+def read_rows(path: Path, batch_rows: int = 4096, name: str | None = None) -> Iterator[tuple[str, Payload]]:
+    """Every row of one input file, in file order, as (row name `NAME:N`, payload).
 
-    The row name is the output id of a row without one. Both engines read through this function, and
-    it through classifier/prompt_files.py, which training reads its logs with too.
+    The row name is the output id of a row without one; `NAME` is the file's name unless given (a job's
+    inputs are named by `input_names`). Both engines read through this function, and it through
+    classifier/prompt_files.py, which training reads its logs with too.
 
     Raises:
         LabelingError: the file cannot be read at all (missing, not Parquet, ...).
     """
+    name = path.name if name is None else name
     try:
         for number, payload in read_payloads(path, batch_rows):
-            yield f"{path.name}:{number}", payload
+            yield f"{name}:{number}", payload
     except PromptFileError as exc:
         raise LabelingError(str(exc)) from exc
 
 
+def input_names(files: Sequence[Path]) -> list[str]:
+    """The name each of a job's inputs gives the ids of its rows without one (`NAME:N`): the file's path
+    below the folder that holds all the inputs.
+
+    So two `requests.jsonl` of different folders never give two rows one id, while a single input, or
+    inputs of one folder, are named by their file names (the ids of earlier jobs, which a resume keeps).
+    Paths are made absolute without resolving links: a link's name is the one the user gave.
+    """
+    paths = [os.path.abspath(path) for path in files]
+    if not paths:
+        return []
+    folder = os.path.commonpath([os.path.dirname(path) for path in paths])
+    return [Path(os.path.relpath(path, folder)).as_posix() for path in paths]
+
+
 def read_chunks(files: Sequence[Path], rows: int) -> Iterator[list[tuple[str, Payload]]]:
     """Fixed-size chunks of rows across all files, in a deterministic order (what makes resume exact)."""
-    return batched((row for path in files for row in read_rows(path, rows)), rows)
+    named = zip(files, input_names(files), strict=True)
+    return batched((row for path, name in named for row in read_rows(path, rows, name)), rows)
 
 
 @dataclass(frozen=True)
@@ -97,22 +116,39 @@ def _json_record(name: str, raw: bytes) -> tuple[dict, str | None]:
 
 
 def _prompt_of(record: dict, options: LabelOptions) -> str:
-    """The row's prompt: its prompt column, else its conversation rendered; validated for the model."""
+    """The row's prompt: its prompt column, else (when that is missing or blank) its conversation rendered
+    as the dispatcher renders one; validated for the model."""
     value = record.get(options.prompt_column)
-    if value is not None:
-        return validate_text(value)
     messages = record.get(options.messages_column)
+    # A log that writes both columns leaves the prompt empty on chat rows: their text is the conversation.
+    blank = isinstance(value, str | bytes) and not value.strip()
+    if value is not None and not (blank and messages is not None):
+        return validate_text(value)
     if messages is None:
         raise InvalidInputError(f"row has no {options.prompt_column!r} (or {options.messages_column!r}) value")
     if not isinstance(messages, list):
         raise InvalidInputError(f"{options.messages_column!r} must be a list of messages, "
                                 f"got {type(messages).__name__}")
-    pairs = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise InvalidInputError("messages must be objects with a string content")
-        pairs.append((str(message.get("role", "")), message["content"]))
-    return validate_text(render_conversation(pairs))
+    return validate_text(render_conversation(_chat_messages(messages)))
+
+
+def _chat_messages(messages: list) -> list[dict]:
+    """`messages` checked to be OpenAI chat message objects, as the dispatcher takes them.
+
+    Their contents are read by render_conversation as the dispatcher reads them (classifier.conversation.
+    content_text: a string, the text parts of a list, nothing for the null content of a tool-calling
+    turn), so that a conversation gets the same tier here as there; a Parquet struct's missing fields
+    are nulls.
+
+    Raises:
+        InvalidInputError: a message that is not an object (render_conversation checks the rest: roles,
+            content types, the number of messages).
+    """
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidInputError(f"message {index} must be an object with a role and a content, got "
+                                    f"{type(message).__name__}")
+    return messages
 
 
 def _cell(value: object) -> tuple[str | None, str | None]:

@@ -2,7 +2,7 @@
 
 `read_payloads` yields every row of one file, numbered, in file order, without judging it: a raw
 JSONL line (decoded by `decode_json_line`, where the caller chooses: the labeler does it in its
-worker processes), a Parquet or CSV record, or a `BadRow` for a CSV line that is not a record. What a
+worker processes), a Parquet or CSV record, or a `BadRow` for a CSV record it cannot read. What a
 row must hold is the caller's business: the labeler wants a prompt (classifier/labeling_rows.py), training
 an outcome or a tier (training/data.py).
 """
@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TextIO, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +29,10 @@ T = TypeVar("T")
 # the parser depends on the caller's stack, which differs between a pool worker and a Ray actor.
 MAX_JSON_DEPTH = 64
 UTF8_BOM = b"\xef\xbb\xbf"
+# A CSV field or line longer than this many times the longest prompt the model takes is an error row
+# without being read whole, so that one cell cannot take unbounded memory; a longer prompt under this
+# bound is read, and refused with its length (validate_text) in a row that keeps its id.
+CSV_LIMIT_FACTOR = 8
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
 
@@ -109,7 +113,8 @@ def read_payloads(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, Pay
     has to fit in memory whole.
 
     Raises:
-        PromptFileError: the file cannot be read at all, or its type is not one of `file_format`'s.
+        PromptFileError: the file cannot be read at all, its type is not one of `file_format`'s, or it
+            holds a JSON array rather than JSON Lines.
     """
     kind = file_format(path)
     if kind == "jsonl":
@@ -121,8 +126,44 @@ def read_payloads(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, Pay
     raise PromptFileError(path, f"unsupported file type {path.suffix!r}")
 
 
+def refuse_json_array(path: Path) -> None:
+    """Refuse a JSON file that holds an array (what `json.dump` of a list writes) rather than JSON Lines.
+
+    Read line by line, such a file would be an error for every line, blamed on the rows. Only the
+    first character that is not whitespace (after a BOM) is read: a file of JSON Lines starts with an
+    object, and a first line that is an array could not be a row anyway.
+
+    Raises:
+        PromptFileError: the file starts with `[`, or cannot be read.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(UTF8_BOM))
+            chunk = b"" if head == UTF8_BOM else head
+            while True:
+                start = chunk.lstrip()
+                if start:
+                    break
+                chunk = handle.read(65536)
+                if not chunk:
+                    return
+    except OSError as exc:
+        raise PromptFileError(path, f"cannot read it: {exc.strerror or exc}") from exc
+    if start.startswith(b"["):
+        converted = path.with_suffix(".jsonl").name
+        if converted == path.name:  # `jq ... x.jsonl > x.jsonl` would empty the file before jq reads it
+            converted = f"{path.stem}.lines.jsonl"
+        raise PromptFileError(path, "is a JSON array; prompt files are JSON Lines, one object per line "
+                                    f"(convert it with: jq -c '.[]' {path.name} > {converted})")
+
+
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, Payload]]:
-    """Raw JSONL lines numbered by line; blank lines are skipped, a leading UTF-8 BOM dropped."""
+    """Raw JSONL lines numbered by line; blank lines are skipped, a leading UTF-8 BOM dropped.
+
+    Raises:
+        PromptFileError: the file cannot be read, or holds a JSON array (`refuse_json_array`).
+    """
+    refuse_json_array(path)
     try:
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -135,48 +176,110 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, Payload]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Payload]]:
-    """CSV records (all values text, as written) numbered by record; a bad line is a BadRow.
+    """CSV records (all values text, as written) numbered by record; a record the reader cannot read
+    is one BadRow, and the next record is read from its own first line.
 
     Python's csv module rather than Arrow's reader: Arrow fails the whole file on one line with the
     wrong number of fields or with invalid UTF-8, and infers types (an id `007` would become 7).
     """
-    # Imported here: only CSV needs the runtime's limit, and the logs training reads are never CSV.
-    from classifier.runtime import MAX_TEXT_CHARS
-
-    # Allow fields as long as the longest prompt the model accepts (csv's default stops at 128 KiB).
+    limit = _csv_char_limit()
     # The limit is per process, and is put back when the file is read.
-    previous_limit = csv.field_size_limit(max(csv.field_size_limit(), MAX_TEXT_CHARS + 1))
+    previous_limit = csv.field_size_limit(limit)
     try:
         # utf-8-sig drops a leading BOM; surrogateescape keeps undecodable bytes, reported per row below.
         with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-            reader = csv.reader(handle)
+            lines = _CsvLines(handle, limit)
+            reader = csv.reader(lines)
             header: list[str] | None = None
             number = 0
             while True:
+                first_line = lines.line + 1
                 try:
                     cells = next(reader)
                 except StopIteration:
                     return
-                except csv.Error as exc:  # the reader goes on at the next line
+                except csv.Error as exc:
                     if header is None:
                         raise PromptFileError(path, f"unreadable CSV header: {exc}") from exc
+                    # The reader starts again at the next line, which may be inside this record's field.
+                    lines.skip_record()
                     number += 1
-                    yield number, BadRow(f"CSV line {reader.line_num}: {exc}", {})
+                    yield number, BadRow(f"CSV line {first_line}: {exc}", {})
                     continue
+                lines.record_read()
                 if header is None:
                     header = cells
                     continue
                 if not cells:
                     continue  # a blank line
                 number += 1
-                yield number, _csv_record(header, cells, reader.line_num)
+                yield number, _csv_record(header, cells, first_line)
     except OSError as exc:
         raise PromptFileError(path, f"cannot read it: {exc.strerror or exc}") from exc
     finally:
         csv.field_size_limit(previous_limit)
 
 
+def _csv_char_limit() -> int:
+    """The longest CSV field, or line, that is read: `CSV_LIMIT_FACTOR` times the longest prompt the model takes."""
+    # Imported here: only CSV needs the runtime's limit, and the logs training reads are never CSV.
+    from classifier.runtime import MAX_TEXT_CHARS
+
+    return CSV_LIMIT_FACTOR * MAX_TEXT_CHARS
+
+
+class _CsvLineTooLong(csv.Error):
+    """A line longer than the CSV character limit (the csv reader passes its source's errors on)."""
+
+
+class _CsvLines:
+    """A CSV file's lines for csv.reader, read `limit` characters at most, with what it takes to find the
+    end of a record the reader gave up on: the line number, and the quote characters of the record so far.
+
+    The reader ends a record at the end of a line, outside quotes; after an error it starts again at the
+    next line, which may lie inside a quoted field. In a quoted field quotes come in pairs (`""` is one
+    quote), so a record ends at the first line end after an even number of quotes.
+    """
+
+    def __init__(self, handle: TextIO, limit: int) -> None:
+        self.handle, self.limit = handle, limit
+        self.line = 0  # lines read to their end
+        self.quotes = 0  # quote characters read since the last record ended
+        self.cut = False  # the last read stopped at `limit`, inside a line
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        text = self._read()
+        if not text:
+            raise StopIteration
+        if self.cut:
+            raise _CsvLineTooLong(f"a line longer than {self.limit} characters")
+        return text
+
+    def _read(self) -> str:
+        text = self.handle.readline(self.limit)
+        self.quotes += text.count('"')
+        self.cut = len(text) == self.limit and not text.endswith(("\n", "\r"))
+        if text and not self.cut:
+            self.line += 1
+        return text
+
+    def record_read(self) -> None:
+        """The reader made a record of the lines read: the next one starts on the next line."""
+        self.quotes = 0
+
+    def skip_record(self) -> None:
+        """Skip the rest of a record the reader gave up on: the rest of its line, then, while one of its
+        quoted fields is open, every line up to the one that closes it."""
+        while (self.cut or self.quotes % 2) and self._read():
+            pass
+        self.quotes = 0
+
+
 def _csv_record(header: list[str], cells: list[str], line: int) -> Payload:
+    """One CSV record by its header's names, or a BadRow naming the record's first line and its problem."""
     record = dict(zip(header, cells, strict=False))
     for name, value in record.items():
         if not value.isascii():

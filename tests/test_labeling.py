@@ -129,16 +129,21 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
     rows = sample_rows(900)
     rows[7]["prompt"] = ""  # a bad row is reported the same way by both engines
     # Several files, the first much larger: Ray labels them in parallel, the small ones finish first,
-    # and the output must still keep the input order.
+    # and the output must still keep the input order. In two folders, and one file's rows without ids:
+    # both engines name those rows by the file's path below the folder the inputs share.
     for part, (start, end) in enumerate([(0, 700), (700, 800), (800, 900)]):
-        pq.write_table(pa.Table.from_pylist(rows[start:end]), tmp_path / f"in-{part}.parquet")
-    source = tmp_path / "in-*.parquet"
+        folder = tmp_path / ("a" if part == 0 else "b")
+        folder.mkdir(exist_ok=True)
+        chunk = [{k: v for k, v in row.items() if k != "prompt_id" or part != 1} for row in rows[start:end]]
+        pq.write_table(pa.Table.from_pylist(chunk), folder / f"in-{part}.parquet")
+    source = tmp_path / "*" / "in-*.parquet"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=64, keep_columns=("team",))
     label_files([str(source)], tmp_path / "local.jsonl", options, workers=2, progress=False)
     stats = label_with_ray([str(source)], tmp_path / "ray.jsonl", options)
     local, ray_rows = read_output(tmp_path / "local.jsonl"), read_output(tmp_path / "ray.jsonl")
     assert stats.rows == 900 and stats.errors == 1
     assert [r["prompt_id"] for r in ray_rows] == [r["prompt_id"] for r in local]
+    assert local[700]["prompt_id"] == "b/in-1.parquet:1" and local[699]["prompt_id"] == rows[699]["prompt_id"]
     for a, b in zip(local, ray_rows, strict=True):
         assert a["tier"] == b["tier"] and a["error"] == b["error"] and a["team"] == b["team"]
         if a["scores"] is not None:

@@ -226,7 +226,7 @@ EXPECTED_JSONL_ERRORS = {
     "nan": "prompt must be a string, got float",
     "obj": "prompt must be a string, got dict",
     "msgstr": "'messages' must be a list of messages, got str",
-    "msgint": "messages must be objects with a string content",
+    "msgint": "message 0 content must be a string, a list of parts or null, got int",
     "in.jsonl:8": "line 8: expected an object, got list",
     "in.jsonl:9": "line 9: expected an object, got NoneType",
     "in.jsonl:10": "line 10: Expecting value",

@@ -1,0 +1,227 @@
+"""Batch labeling's inputs: the rows real logs hold, and the files a user points the labeler at."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import classifier
+from classifier import labeling_output, prompt_files
+from classifier.labeling import (
+    DECISION_COLUMNS,
+    LabelingError,
+    LabelOptions,
+    expand_inputs,
+    label_files,
+    parse_row,
+    read_chunks,
+    read_rows,
+)
+from classifier.prompt_files import BadRow, PromptFileError, read_payloads
+from classifier.runtime import MAX_TEXT_CHARS
+from tests.grpc_server import EASY, HARD
+from tests.labeling_files import read_output
+
+# ---------------------------------------------------------------- chat rows as OpenAI's API writes them
+TOOL_CALL = [{"role": "system", "content": "You are a helpful assistant."},
+             {"role": "user", "content": HARD},
+             {"role": "assistant", "content": None,
+              "tool_calls": [{"id": "1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "1", "content": "sunny"}]
+CONTENT_PARTS = [{"role": "user", "content": [{"type": "text", "text": EASY},
+                                              {"type": "image_url", "image_url": {"url": "http://x"}}]}]
+
+
+def _dispatcher_text(messages: list) -> str:
+    """The text the dispatcher classifies for a chat request with these messages."""
+    from serving.dispatch.inbound_request import parse_chat
+
+    _, pairs = parse_chat(json.dumps({"model": "promptier", "messages": messages}).encode())
+    return classifier.render_conversation(pairs)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _parsed(path: Path, options: LabelOptions | None = None) -> list:
+    """Every row of one file as the labeler parses it (no model needed)."""
+    return [parse_row(name, payload, options or LabelOptions()) for name, payload in read_rows(path)]
+
+
+def test_chat_rows_read_as_the_dispatcher_reads_them(tmp_path: Path) -> None:
+    """A tool-calling turn (null content) and multi-part content are standard chat rows: the labeler reads
+    the same text from them as the dispatcher, so that it gives them the tier the dispatcher routes by."""
+    rows = [{"prompt_id": "tool", "messages": TOOL_CALL}, {"prompt_id": "parts", "messages": CONTENT_PARTS},
+            {"prompt_id": "blank", "prompt": " ", "messages": CONTENT_PARTS}]
+    parsed = _parsed(_jsonl(tmp_path / "chat.jsonl", rows))
+    assert [row.error for row in parsed] == [None, None, None]
+    assert [row.prompt for row in parsed] == [_dispatcher_text(TOOL_CALL), _dispatcher_text(CONTENT_PARTS),
+                                              _dispatcher_text(CONTENT_PARTS)]
+
+
+def test_chat_rows_in_parquet_structs(tmp_path: Path) -> None:
+    """Parquet holds messages as structs: a field a message lacks (a tool call's content) is a null."""
+    source = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": "tool", "messages": TOOL_CALL}]), source)
+    (row,) = _parsed(source)
+    assert row.error is None and row.prompt == _dispatcher_text(TOOL_CALL)
+    parts = tmp_path / "parts.parquet"  # a content of parts: the image part's `text` is a null
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": "parts", "messages": CONTENT_PARTS}]), parts)
+    (row,) = _parsed(parts)
+    assert row.error is None and row.prompt == _dispatcher_text(CONTENT_PARTS)
+
+
+def test_chat_rows_that_are_not_conversations_are_row_errors(tmp_path: Path) -> None:
+    rows = [{"prompt_id": "role", "messages": [{"role": "wizard", "content": EASY}]},
+            {"prompt_id": "shape", "messages": ["just text"]},
+            {"prompt_id": "no-user", "messages": [{"role": "assistant", "content": None, "tool_calls": []}]},
+            {"prompt_id": "empty", "prompt": ""},
+            {"prompt_id": "first", "prompt": EASY, "messages": CONTENT_PARTS}]
+    errors = {row.row_id: row.error for row in _parsed(_jsonl(tmp_path / "chat.jsonl", rows))}
+    assert "unknown role 'wizard'" in errors["role"]
+    assert "message 0 must be an object" in errors["shape"]
+    assert "no user message" in errors["no-user"]
+    assert errors["empty"] == "prompt is empty"  # no conversation to fall back on
+    assert errors["first"] is None  # a prompt beside a conversation is the row's text
+
+
+def test_chat_rows_are_labeled_with_the_dispatchers_tier(tmp_path: Path, shipped_artifact: Path) -> None:
+    source = _jsonl(tmp_path / "chat.jsonl", [{"prompt_id": "tool", "messages": TOOL_CALL},
+                                              {"prompt_id": "parts", "messages": CONTENT_PARTS}])
+    label_files([str(source)], tmp_path / "out.jsonl", LabelOptions(model=str(shipped_artifact)), workers=1,
+                progress=False)
+    runtime = classifier.load(shipped_artifact)
+    assert [(row["tier"], row["error"]) for row in read_output(tmp_path / "out.jsonl")] == [
+        (runtime.classify(_dispatcher_text(TOOL_CALL)).tier, None),
+        (runtime.classify(_dispatcher_text(CONTENT_PARTS)).tier, None)]
+
+
+# ---------------------------------------------------------------- CSV records longer than a prompt can be
+def _csv(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["prompt_id", "prompt"], *rows])
+    return path
+
+
+def test_a_csv_prompt_over_the_models_limit_is_one_row_that_says_so(tmp_path: Path) -> None:
+    big = ("x" * 1000 + "\n") * 2100  # quoted, on 2,100 lines
+    source = _csv(tmp_path / "big.csv", [["1", EASY], ["2", big], ["3", HARD]])
+    parsed = _parsed(source)
+    assert [(row.row_id, row.error) for row in parsed] == [
+        ("1", None), ("2", f"prompt has {len(big)} characters; the limit is {MAX_TEXT_CHARS}"), ("3", None)]
+    assert parsed[2].prompt == HARD
+
+
+def test_a_csv_record_over_the_read_limit_is_one_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field or line too long to read is one error row, and the reader goes on at the next record, not
+    inside the quoted field it gave up on (where every line would have been taken for a record)."""
+    monkeypatch.setattr(prompt_files, "_csv_char_limit", lambda: 40)
+    source = _csv(tmp_path / "in.csv", [
+        ["a", "short"],
+        ["b", 'she said "hi, there"\n' * 5],  # a quoted field over the limit, on 6 lines, with quotes
+        ["c", "short"],
+        ["d", "y" * 100],  # a line over the limit
+        ["e", 'a,"b"\n' + "z" * 100 + "\nend"],  # a line over the limit inside a quoted field
+        ["f", "x" * 30 + "\r\n" + "y" * 30],  # a field over the limit whose lines are each under it
+        ["g", "short, last"],
+    ])
+    payloads = list(read_payloads(source))
+    assert [number for number, _ in payloads] == [1, 2, 3, 4, 5, 6, 7]
+    assert [payload for _, payload in payloads if not isinstance(payload, BadRow)] == [
+        {"prompt_id": "a", "prompt": "short"}, {"prompt_id": "c", "prompt": "short"},
+        {"prompt_id": "g", "prompt": "short, last"}]
+    assert [payload.error for _, payload in payloads if isinstance(payload, BadRow)] == [
+        "CSV line 3: field larger than field limit (40)", "CSV line 10: a line longer than 40 characters",
+        "CSV line 11: a line longer than 40 characters", "CSV line 14: field larger than field limit (40)"]
+
+
+# ---------------------------------------------------------------- what the id column may be
+def test_an_id_column_named_like_an_output_column_is_refused(tmp_path: Path, shipped_artifact: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", [{"tier": "id-1", "prompt": EASY}])
+    for column in DECISION_COLUMNS:
+        for output in (tmp_path / "out.jsonl", tmp_path / "out.parquet"):
+            options = LabelOptions(model=str(shipped_artifact), id_column=column)
+            with pytest.raises(LabelingError, match=f"--id-column '{column}' would overwrite"):
+                label_files([str(source)], output, options, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# ---------------------------------------------------------------- files that are not JSON Lines
+@pytest.mark.parametrize("text", ['[\n  {"prompt": "hi"},\n  {"prompt": "there"}\n]\n',
+                                  '\ufeff \n[{"prompt": "hi"}]'])
+def test_a_json_array_is_refused_before_anything_is_labeled(tmp_path: Path, shipped_artifact: Path,
+                                                            text: str) -> None:
+    first = _jsonl(tmp_path / "a.jsonl", [{"prompt": EASY}] * 10)
+    array = tmp_path / "b.json"
+    array.write_text(text, encoding="utf-8")
+    with pytest.raises(PromptFileError, match="is a JSON array; prompt files are JSON Lines"):
+        list(read_payloads(array))  # what training reads its logs with, too
+    misnamed = tmp_path / "c.jsonl"
+    misnamed.write_text(text, encoding="utf-8")
+    with pytest.raises(PromptFileError, match=r"jq -c '\.\[\]' c\.jsonl > c\.lines\.jsonl\)"):
+        list(read_payloads(misnamed))  # the command it suggests never writes over what it reads
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(shipped_artifact), chunk_rows=2)
+    with pytest.raises(LabelingError, match=r"b\.json: is a JSON array.*jq -c"):
+        label_files([str(first), str(array)], out, options, workers=1, progress=False)
+    assert not out.exists() and not out.with_name("out.jsonl.parts").exists()
+
+
+def test_rotated_jsonl_logs_are_inputs(tmp_path: Path) -> None:
+    for name in ("decisions.jsonl", "decisions.jsonl.1", "decisions.jsonl.2"):
+        _jsonl(tmp_path / name, [{"prompt": EASY}])
+    files = expand_inputs([str(tmp_path / "decisions.jsonl*")])
+    assert [path.name for path in files] == ["decisions.jsonl", "decisions.jsonl.1", "decisions.jsonl.2"]
+    assert [name for chunk in read_chunks(files, 2) for name, _ in chunk] == [
+        "decisions.jsonl:1", "decisions.jsonl.1:1", "decisions.jsonl.2:1"]
+    (tmp_path / "notes.txt.1").write_text("x")
+    with pytest.raises(LabelingError, match=r"unsupported input type '\.1'"):
+        expand_inputs([str(tmp_path / "notes.txt.1")])
+
+
+# ---------------------------------------------------------------- ids of rows without one
+def test_ids_of_rows_without_one_are_unique_across_folders(tmp_path: Path, shipped_artifact: Path) -> None:
+    for day in ("d1", "d2"):
+        (tmp_path / "days" / day).mkdir(parents=True)
+        _jsonl(tmp_path / "days" / day / "requests.jsonl", [{"prompt": EASY}, {"prompt": HARD}])
+    _jsonl(tmp_path / "days" / "d1" / "other.jsonl", [{"prompt": EASY}])
+    options = LabelOptions(model=str(shipped_artifact))
+    files = expand_inputs([str(tmp_path / "days/*/requests.jsonl")])
+    assert [name for chunk in read_chunks(files, 3) for name, _ in chunk] == [
+        "d1/requests.jsonl:1", "d1/requests.jsonl:2", "d2/requests.jsonl:1", "d2/requests.jsonl:2"]
+    label_files([str(tmp_path / "days/*/requests.jsonl")], tmp_path / "out.jsonl", options, workers=1,
+                progress=False)
+    assert [row["prompt_id"] for row in read_output(tmp_path / "out.jsonl")] == [
+        "d1/requests.jsonl:1", "d1/requests.jsonl:2", "d2/requests.jsonl:1", "d2/requests.jsonl:2"]
+    # One input, or inputs of one folder, keep the ids (and the job records, so the resumes) they had.
+    for inputs, names in (([files[0]], ["requests.jsonl:1", "requests.jsonl:2"]),
+                          (expand_inputs([str(tmp_path / "days/d1/*.jsonl")]),
+                           ["other.jsonl:1", "requests.jsonl:1", "requests.jsonl:2"])):
+        assert [name for chunk in read_chunks(inputs, 4) for name, _ in chunk] == names
+        assert "input_names" not in labeling_output._job_record(inputs, options)
+    assert "input_names" in labeling_output._job_record(files, options)
+
+
+def test_resume_refuses_parts_whose_rows_were_named_otherwise(tmp_path: Path, shipped_artifact: Path) -> None:
+    """An interrupted job whose parts named rows by their file names only is not continued with other ids."""
+    for day in ("d1", "d2"):
+        (tmp_path / day).mkdir()
+        _jsonl(tmp_path / day / "requests.jsonl", [{"prompt": EASY}])
+    inputs = [str(tmp_path / "*/requests.jsonl")]
+    options = LabelOptions(model=str(shipped_artifact))
+    out = tmp_path / "out.jsonl"
+    job = labeling_output._job_record(expand_inputs(inputs), options)
+    job.pop("input_names", None)  # the record of a job started by a version that named rows by file name only
+    parts = labeling_output.parts_path(out)
+    parts.mkdir()
+    (parts / "job.json").write_text(json.dumps({"fingerprint": labeling_output._fingerprint(job), "job": job}))
+    (parts / "part-00000000.jsonl").write_text(json.dumps({"prompt_id": "requests.jsonl:1"}) + "\n")
+    with pytest.raises(LabelingError, match="holds a different job \\(the ids of rows without one"):
+        label_files(inputs, out, options, workers=1, resume=True, progress=False)
