@@ -72,3 +72,13 @@ def test_a_run_learns_a_decision_logs_prompts_and_passes_over_those_without_text
     inputs = in_memory_inputs([synthetic_logs], load_pool(pool_file), config, encoder, tiny_backbone, truncation,
                               tmp_path / "work", False, None, [log], 1.0, tmp_path / "cache")
     assert inputs.record["unlabeled_prompts"] == len(fresh)
+
+
+def test_an_unlabeled_prompt_holding_a_lone_surrogate_is_an_invalid_row(tmp_path: Path) -> None:
+    """The tokenizer fails on half a surrogate pair; named where it is read, and skipped under --skip-invalid."""
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text('{"prompt": "fine"}\n{"prompt": "cut emoji \\ud83d"}\n')
+    with pytest.raises(DataError, match=r"row 2, column 'prompt': not valid Unicode"):
+        read_unlabeled([traffic])
+    report = SkipReport()
+    assert read_unlabeled([traffic], report, skip_invalid=True) == ["fine"] and report.total == 1

@@ -21,7 +21,7 @@ from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.anchors import CHAT_ANCHOR_PREFIX
 from training.config import TrainConfig
-from training.data import SkipReport, read_logs
+from training.data import SkipReport, check_unicode, read_logs
 from training.errors import DataError
 from training.labels import PromptTable, build_table, check_holdouts, prompt_hash, split_table
 from training.pool import Pool, load_pool
@@ -173,6 +173,7 @@ def _unlabeled_prompt(record: object, path: str, row: int) -> str | None:
         return None
     if not isinstance(text, str) or not text.strip():
         raise DataError(path, "missing or empty prompt", row, "prompt")
+    check_unicode(text, path, row, "prompt")
     return text
 
 
