@@ -565,3 +565,23 @@ def test_eval_refuses_logs_where_no_prompt_is_known_on_two_tiers(trained_artifac
                                       str(pool_file), "--no-embedding-baseline", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 2 and "routing cannot be scored on these logs" in result.output, result.output
     assert not (tmp_path / "eval").exists()
+
+
+def test_an_evaluation_says_when_its_baselines_were_cross_fitted(trained_artifact: Path, tmp_path: Path) -> None:
+    """Too few prompts the model saw to fit the learned baselines on: they are cross-fitted on the evaluated
+    prompts, and the report says so instead of "fitted on 0 prompts"."""
+    from training.data import read_logs
+    from training.evaluate import evaluate_table, render_markdown
+    from training.labels import build_table
+    from training.pool import load_pool
+    from training.synthetic import POOL_YAML
+
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text(POOL_YAML)
+    pool = load_pool(pool_path)
+    table, _ = build_table(read_logs([write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(120, 5))])[0], pool)
+    few = table.subset(np.arange(10))
+    for fit_table, expected in ((None, "cross-fitted on these prompts"), (few, "cross-fitted on these prompts"),
+                                (table, f"fitted on {len(table)} prompts")):
+        report = evaluate_table(trained_artifact, table, fit_table, None)
+        assert expected in render_markdown(report)

@@ -116,6 +116,10 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
     return result
 
 
+# Fewer prompts the model saw than this, and the learned baselines are cross-fitted on the evaluated ones.
+MIN_FIT_ROWS = 50
+
+
 def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTable | None,
                    backbone_dir: Path | None, cache_dir: Path | None = None, seed: int = 0) -> dict:
     """Score the artifact and the baselines on `eval_table`, overall and per source.
@@ -141,7 +145,8 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
         "model_version": manifest.model_version,
         "tiers": tier_names,
         "rows": len(eval_table),
-        "fit_rows": len(fit_table) if fit_table is not None else 0,
+        # 0: too few prompts the model saw to fit them on, so they were cross-fitted on the evaluated ones
+        "fit_rows": len(fit_table) if fit_table is not None and len(fit_table) >= MIN_FIT_ROWS else 0,
         "rule": manifest.policy.rule,
         "groups": {name: score_group({m: p[mask] for m, p in methods.items()}, eval_table.targets[mask],
                                      eval_table.costs[mask], tier_names, manifest.policy.rule)
@@ -152,7 +157,7 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
 
 
 def _learned(featurize, eval_table: PromptTable, fit_table: PromptTable | None, seed: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    if fit_table is not None and len(fit_table) >= 50:
+    if fit_table is not None and len(fit_table) >= MIN_FIT_ROWS:
         features = featurize(fit_table.prompts + eval_table.prompts)
         return per_tier_logistic(features[: len(fit_table)], fit_table.targets, features[len(fit_table):])
     features = featurize(eval_table.prompts)
@@ -185,9 +190,15 @@ def _headline(metrics: dict) -> dict:
     return headline
 
 
+def _baselines_fit(fit_rows: int) -> str:
+    if fit_rows:
+        return f"learned baselines fitted on {fit_rows} prompts"
+    return "learned baselines cross-fitted on these prompts (5 folds: too few prompts the model saw to fit them on)"
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report['model_version']}", "",
-             f"{report['rows']} held-out prompts; learned baselines fitted on {report['fit_rows']} prompts. "
+             f"{report['rows']} held-out prompts; {_baselines_fit(report['fit_rows'])}. "
              "APGR and CPT: cheapest tier vs the most capable known tier (RouteLLM). Savings: cost saved "
              "versus always calling the most capable tier, at 95/98/99% of its quality (all tiers).", ""]
     for group, g in report["groups"].items():
