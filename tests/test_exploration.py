@@ -98,7 +98,8 @@ def test_explored_answers_are_logged_with_propensity_and_train_alone(
     other = next(tier for tier in ("small", "medium", "large") if tier != drawn["routed_tier"])
     moved = {**drawn, "prompt_id": "dispatcher:moved", "tier": other, "reason": "escalated",
              "failed_tiers": [drawn["routed_tier"]]}
-    outcome = json.loads(next(line for line in log.read_text().splitlines() if '"kind": "outcome"' in line))
+    (outcomes,) = log.parent.glob(f"{log.stem}.outcomes.*.jsonl")  # beside the log, one file per reporting tenant
+    outcome = json.loads(outcomes.read_text().splitlines()[0])
     scored = [json.dumps(line) for line in (drawn, moved, {**outcome, "prompt_id": drawn["prompt_id"]},
                                              {**outcome, "prompt_id": "dispatcher:moved"})]
     small_log = tmp_path / "moved.jsonl"
