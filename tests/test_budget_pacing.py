@@ -288,10 +288,15 @@ def test_budget_sim_replays_in_logged_order_sizes_refusals_like_answers_and_take
     (tmp_path / "decisions.jsonl.10").write_text("")
     (tmp_path / "decisions.jsonl.1").write_text(line(2) + line(3, tier="large", routed_tier="large", explored=True,
                                                                  reason="explored"))
-    (tmp_path / "decisions.jsonl").write_text(line(4, status=429, reason="budget_exhausted", tier=None, usage=None))
+    (tmp_path / "decisions.jsonl").write_text(  # a refusal on a tier the model lacks is skipped, sized by nothing
+        line(4, status=429, reason="budget_exhausted", tier=None, usage=None)
+        + line(4, status=429, reason="budget_exhausted", tier=None, usage=None, routed_tier="huge")
+        + line(5, usage={"prompt_tokens": 7, "completion_tokens": 10}))
     shell_order = sorted(tmp_path.iterdir())
     replay = read_requests(shell_order, tiers, prices, (500, 300))
-    assert [request.prompt_tokens for request in replay.requests] == [100, 101, 102, 103, 101.5]
-    assert [tiers[request.chosen] for request in replay.requests] == ["small"] * 5  # the explored one too
-    refused = replay.requests[-1]
-    assert refused.costs[0] == pytest.approx((101.5 * 0.2 + 10 * 0.2) / 1e6)
+    mean = (100 + 101 + 102 + 103 + 7) / 5
+    assert [request.prompt_tokens for request in replay.requests] == [100, 101, 102, 103, mean, 7]
+    assert [tiers[request.chosen] for request in replay.requests] == ["small"] * 6  # the explored one too
+    refused = replay.requests[-2]
+    assert refused.costs[0] == pytest.approx((mean * 0.2 + 10 * 0.2) / 1e6)
+    assert replay.skipped == {"tier not among the model's tiers": 1}

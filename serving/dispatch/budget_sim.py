@@ -193,13 +193,14 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
             if row.get("kind") == OUTCOME_KIND:  # a score reported later, not a request
                 continue
             logged = "schema_version" in row or "routed_tier" in row
+            refused_by_budget = False
             if logged:
                 if tenant is not None and row.get("tenant", "default") != tenant:
                     skip("another tenant")
                     continue
                 status = row.get("status")
                 # A request its spent budget refused is demand all the same: the replay asks what the
-                # budget would have made of it (it costs the default tokens, having no usage).
+                # budget would have made of it (having no usage, it is sized like the answered ones).
                 refused_by_budget = status == 429 and row.get("reason") == "budget_exhausted"
                 if not refused_by_budget and (not isinstance(status, int) or not 200 <= status < 400
                                               or row.get("tier") is None):
@@ -211,8 +212,6 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                     if chosen_name is None:
                         skip("explored, with no scores to give the policy's tier")
                         continue
-                if refused_by_budget:
-                    without_usage.add(len(kept))
             else:
                 if row.get("error"):
                     skip("not labeled (error)")
@@ -227,6 +226,8 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                     isinstance(scores.get(name), int | float) for name in tiers):
                 probabilities = tuple(float(scores[name]) for name in tiers)
             prompt, completion = _tokens(row, default_tokens)
+            if refused_by_budget:
+                without_usage.add(len(kept))
             kept.append((row.get("time") if isinstance(row.get("time"), str) else None, tiers.index(chosen_name),
                          probabilities, prompt, completion))
     if not kept:
@@ -256,7 +257,10 @@ def _costs(prompt: float, completion: float, tier_prices: Sequence[tuple[float, 
 
 
 def _moment(when: str) -> float:
-    return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    try:
+        return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise SimulationError(f"a row's time {when[:40]!r} is not an ISO 8601 time") from None
 
 
 def _sized_like_the_answered(kept: list, refused: set[int]) -> list:
