@@ -99,21 +99,26 @@ def test_ledger_counts_its_own_spend_at_once_and_another_process_within_its_refr
 
 
 class ReplyLost:
-    """A real store whose first write is applied and then lost on the way back, as a timeout after the
-    server has run the command (a stall, a network blip, a failover) looks to the writer."""
+    """A real store whose first `lose` writes are applied (unless `refuse`) and then lost on the way back,
+    as a timeout after the server has run the command (a stall, a network blip, a failover) looks to the
+    writer; with `refuse`, as a store that reads but cannot write (a full disk, a read-only replica)."""
 
-    def __init__(self, store: SqliteSpendStore | RedisSpendStore) -> None:
-        self.store, self.lost = store, 0
+    def __init__(self, store: SqliteSpendStore | RedisSpendStore, lose: int = 1, refuse: bool = False) -> None:
+        self.store, self.lost, self.lose, self.refuse = store, 0, lose, refuse
 
     def add(self, increments, expires, writer="", sequence=0):  # type: ignore[no-untyped-def]
-        totals = self.store.add(increments, expires, writer, sequence)
-        if not self.lost:
+        if self.lost < self.lose:
+            if not self.refuse:
+                self.store.add(increments, expires, writer, sequence)
             self.lost += 1
             raise TimeoutError("the reply was lost")
-        return totals
+        return self.store.add(increments, expires, writer, sequence)
 
     def totals(self, keys):  # type: ignore[no-untyped-def]
         return self.store.totals(keys)
+
+    def totals_and_applied(self, keys, writer):  # type: ignore[no-untyped-def]
+        return self.store.totals_and_applied(keys, writer)
 
     def describe(self) -> str:
         return self.store.describe()
@@ -145,6 +150,35 @@ def test_a_write_whose_reply_was_lost_is_charged_once(kind: str, tmp_path: Path,
     other = SqliteSpendStore(tmp_path / "spend.sqlite3") if kind == "sqlite" else RedisSpendStore(redis_server.url)
     assert other.totals([key])[key] == 1.25
     other.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("refuse", [False, True])
+def test_while_writes_fail_the_ledger_still_reads_the_others_spend_and_counts_its_own_once(
+        kind: str, refuse: bool, tmp_path: Path, redis_server: RedisServer) -> None:
+    """Writes that keep failing (applied with the answer lost, or refused) while reads work: the other
+    processes' spend still shows, and this process's own counts once, whether the store took it or not."""
+    def open_store() -> SqliteSpendStore | RedisSpendStore:
+        return SqliteSpendStore(tmp_path / "spend.sqlite3") if kind == "sqlite" else RedisSpendStore(redis_server.url)
+
+    lossy = ReplyLost(open_store(), lose=10**9, refuse=refuse)
+    ledger = SpendLedger(lossy, refresh_s=0.05)
+    key = ("search", "2025-06")
+    ledger.watch(key, PERIOD_END)
+    ledger.start()
+    other = open_store()
+    try:
+        assert _wait_for(lambda: ledger.last_ok is not None)
+        ledger.charge(key, 1.0)
+        assert _wait_for(lambda: lossy.lost >= 1)
+        other.add({key: 50.0}, {"2025-06": PERIOD_END})  # another process's spend
+        assert _wait_for(lambda: ledger.spent(key) == 51.0)
+        time.sleep(0.3)  # several more failed writes and refreshes: still counted once
+        assert ledger.spent(key) == 51.0
+        assert other.totals([key])[key] == (50.0 if refuse else 51.0)
+    finally:
+        ledger.close(timeout_s=0.5)
+        other.close()
 
 
 def test_redis_store_adds_atomically_and_expires_its_keys(redis_server: RedisServer) -> None:

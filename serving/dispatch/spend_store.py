@@ -67,6 +67,11 @@ class SpendStore(Protocol):
         """The stored totals of `keys` (0 for a key never written)."""
         ...
 
+    def totals_and_applied(self, keys: Iterable[Key], writer: str) -> tuple[dict[Key, float], int]:
+        """`totals`, and the number of `writer`'s last applied write (0: none), read at one moment: whether
+        a write whose answer was lost is in those totals."""
+        ...
+
     def describe(self) -> str: ...
 
     def close(self) -> None: ...
@@ -166,18 +171,25 @@ class SqliteSpendStore:
         return found
 
     def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
+        return self.totals_and_applied(keys, "")[0]
+
+    def totals_and_applied(self, keys: Iterable[Key], writer: str) -> tuple[dict[Key, float], int]:
         wanted = set(keys)
         found = dict.fromkeys(wanted, 0.0)
         periods = sorted({period for _, period in wanted})
-        if not periods:
-            return found
         with self._lock:
-            rows = self._db.execute(f"SELECT tenant, period, usd FROM spend WHERE period IN "
-                                    f"({', '.join('?' * len(periods))})", periods).fetchall()
+            self._db.execute("BEGIN")  # one snapshot for both reads (WAL: readers never wait)
+            try:
+                rows = self._db.execute(f"SELECT tenant, period, usd FROM spend WHERE period IN "
+                                        f"({', '.join('?' * len(periods))})", periods).fetchall() if periods else []
+                row = self._db.execute("SELECT sequence FROM writers WHERE writer = ?", (writer,)).fetchone() \
+                    if writer else None
+            finally:
+                self._db.execute("COMMIT")
         for tenant, period, usd in rows:
             if (tenant, period) in wanted:
                 found[(tenant, period)] = float(usd)
-        return found
+        return found, int(row[0]) if row is not None else 0
 
     def describe(self) -> str:
         return f"sqlite {self.path}"
@@ -248,11 +260,16 @@ class RedisSpendStore:
         return {key: float(total) for key, total in zip(increments, replies, strict=True)}
 
     def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
+        return self.totals_and_applied(keys, "")[0]
+
+    def totals_and_applied(self, keys: Iterable[Key], writer: str) -> tuple[dict[Key, float], int]:
         wanted = list(keys)
-        if not wanted:
-            return {}
-        values = self._redis.mget([self.key(tenant, period) for tenant, period in wanted])
-        return {key: float(value) if value is not None else 0.0 for key, value in zip(wanted, values, strict=True)}
+        # One MGET: the writer's number and the totals as of one moment.
+        values = self._redis.mget([f"{self.prefix}:spend-writer:{writer}",
+                                   *(self.key(tenant, period) for tenant, period in wanted)])
+        totals = {key: float(value) if value is not None else 0.0
+                  for key, value in zip(wanted, values[1:], strict=True)}
+        return totals, int(values[0]) if writer and values[0] is not None else 0
 
     def describe(self) -> str:
         return self._where
@@ -385,18 +402,21 @@ class SpendLedger:
     def _refresh(self) -> None:
         with self._lock:
             watched = list(self._watched.values())
-            if self._writing:  # a write the store may have applied: its totals would count it twice here
-                return
         if not watched:
             self._read_tried.set()  # nothing to read
             return
         try:
-            totals = self.store.totals(watched)
+            totals, applied = self.store.totals_and_applied(watched, self._writer)
         except Exception as error:
             self._failed("read", error)
             self._read_tried.set()
             return
-        with self._lock:  # writes run on this same thread: none is unconfirmed now, so nothing counts twice
+        # Writes run on this same thread, so `_writing` is as the last write left it: a write still
+        # unconfirmed is in these totals exactly when the store has applied its number (its answer was
+        # lost), and then it is confirmed here; else `spent` goes on adding it to them.
+        with self._lock:
+            if self._writing and applied >= self._sequence:
+                self._writing = {}
             self._stored.update(totals)
         self._succeeded()
         self._read_tried.set()
