@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from classifier.prompt_files import is_rotated_jsonl
-
 OUTCOMES_INFIX = ".outcomes."
 
 
@@ -24,6 +22,9 @@ def outcome_log_path(log: Path, tenant: str) -> Path:
 def outcome_logs_beside(log: Path) -> list[Path]:
     """The outcome files (and their backups) of the decision log `log`, itself a log or one of its
     rotated backups (`decisions.jsonl.3`); none for a file that is an outcome file already."""
+    # Imported here: the dispatcher, which only writes these files, need not load pyarrow with the reader.
+    from classifier.prompt_files import is_rotated_jsonl
+
     name = log.name.rsplit(".", 1)[0] if is_rotated_jsonl(log) else log.name
     base = Path(name)
     if OUTCOMES_INFIX in name or not base.suffix:
