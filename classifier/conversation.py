@@ -41,6 +41,10 @@ def _pairs(messages: Iterable[Message]) -> list[tuple[str, str]]:
         raise InvalidInputError(f"conversation has {count} messages; the limit is {MAX_MESSAGES}")
     pairs = []
     for index, message in enumerate(taken):
+        # The serving path's shape first, read as it is: a (role, text) tuple.
+        if type(message) is tuple and len(message) == 2 and type(message[1]) is str and message[0] in ROLES:
+            pairs.append((message[0], message[1]))
+            continue
         if isinstance(message, Mapping):
             role, content = message.get("role"), message.get("content")
         elif isinstance(message, tuple | list) and len(message) == 2:
