@@ -138,3 +138,9 @@ def test_a_model_with_familiarity_re_exports_from_its_own_checkpoint_only(tmp_pa
         export_checkpoint(original, tmp_path / "other.work" / "checkpoint.pt", prompts, tmp_path / "wrong",
                           quantize=False)
     assert not (tmp_path / "wrong").exists()
+    # The same run's key, trained further (a rerun with a larger max_steps): other weights, refused too.
+    further = torch.load(checkpoint, weights_only=True)
+    further["step"] += 10
+    torch.save(further, tmp_path / "further.pt")
+    with pytest.raises(PromptierError, match="trained to step"):
+        export_checkpoint(original, tmp_path / "further.pt", prompts, tmp_path / "wrong", quantize=False)

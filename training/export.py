@@ -329,6 +329,12 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         raise PromptierError(f"{checkpoint} is another run's checkpoint, not the one that trained {artifact} "
                              "(trained after it, or on other logs): give that run's checkpoint "
                              f"({manifest.training.get('checkpoint')} where training ran)")
+    trained_steps = fit.get("steps") if isinstance(fit, dict) else None
+    if isinstance(trained_steps, int) and isinstance(state.get("step"), int) and state["step"] != trained_steps:
+        # The run key leaves out how long a run goes on (max_steps): a rerun in the same work dir that
+        # trained further writes a checkpoint of the same key and other weights.
+        raise PromptierError(f"{checkpoint} holds the weights of step {state['step']}, and {artifact} was "
+                             f"trained to step {trained_steps}: it is a later or earlier run's checkpoint")
     statistics = state.get(FAMILIARITY_STATISTICS)
     if manifest.familiarity is not None and not isinstance(statistics, dict):
         raise PromptierError(f"{checkpoint} holds no familiarity statistics, which the model of {artifact} "
