@@ -214,3 +214,20 @@ def test_a_promoted_continuation_names_where_the_model_it_started_from_went(
     assert "Initialised from models/cur.previous-tiny-test-1 (tiny-test-1)" in card
     assert str(tmp_path) not in card
     classifier.load(cur)  # the model and tokenizer still match the digests the rewritten manifest records
+
+
+def test_a_continuation_does_not_inherit_the_earlier_runs_held_out_sources(tmp_path: Path, tiny_backbone: Path,
+                                                                           pool_file: Path) -> None:
+    """A source held out to measure the earlier run need not be in the new logs: without --holdout-source
+    the continuation holds out nothing, rather than being refused for a name its logs lack."""
+    old_logs = write_jsonl(tmp_path / "old.jsonl", synthetic_rows(540, seed=3))
+    alpha_only = write_jsonl(tmp_path / "new.jsonl", [row for row in synthetic_rows(900, seed=11)
+                                                      if row["source"] == "alpha"])
+    deployed = tmp_path / "deployed"
+    result = _train(["--logs", str(old_logs), "--pool", str(pool_file), "--out", str(deployed), "--config",
+                     str(_config(tmp_path, "held", tiny_backbone, holdout_sources=["beta"])), "--model-version", "v1"])
+    assert result.exit_code == 0, result.output
+    result = _train(["--logs", str(alpha_only), "--pool", str(pool_file), "--out", str(deployed),
+                     "--init-from", str(deployed), "--model-version", "v2", "--force"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(deployed).training["config"]["holdout_sources"] == []

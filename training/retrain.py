@@ -160,7 +160,10 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
     if manifest.training.get("teacher"):
         raise PromptierError(f"{previous} was distilled from a teacher artifact, which its recipe does not rebuild")
     if config is None:
+        # Held-out sources and categories measured the earlier run's transfer; the new logs may not hold
+        # them, and a continuation trains on all it is given unless told otherwise (--holdout-*).
         config = TrainConfig.model_validate({**manifest.training["config"],  # type: ignore[dict-item]
+                                             "holdout_sources": [], "holdout_categories": [],
                                              **{k: v for k, v in (overrides or {}).items() if v is not None}})
     checkpoint = checkpoint_of(previous)
     candidate = out.with_name(out.name + CANDIDATE_SUFFIX)
