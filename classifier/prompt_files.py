@@ -202,9 +202,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Payload]]:
                     if header is None:
                         raise PromptFileError(path, f"unreadable CSV header: {exc}") from exc
                     # The reader starts again at the next line, which may be inside this record's field.
-                    lines.skip_record()
+                    skipped = lines.skip_record()
                     number += 1
-                    yield number, BadRow(f"CSV line {first_line}: {exc}", {})
+                    yield number, BadRow(f"CSV line {first_line}: {exc}{skipped}", {})
                     continue
                 lines.record_read()
                 if header is None:
@@ -270,12 +270,21 @@ class _CsvLines:
         """The reader made a record of the lines read: the next one starts on the next line."""
         self.quotes = 0
 
-    def skip_record(self) -> None:
+    def skip_record(self) -> str:
         """Skip the rest of a record the reader gave up on: the rest of its line, then, while one of its
-        quoted fields is open, every line up to the one that closes it."""
-        while (self.cut or self.quotes % 2) and self._read():
-            pass
+        quoted fields is open, every line up to the one that closes it. Returns what that took, when it
+        took the rest of the file (a stray quote in an unquoted field looks like one never closed): the
+        rows there are then not lost silently."""
+        start, ended = self.line, False
+        while self.cut or self.quotes % 2:
+            if not self._read():
+                ended = True
+                break
         self.quotes = 0
+        if ended and self.line > start + 1:
+            return (f"; a quote in it is never closed, so lines {start + 2}-{self.line} to the end of the file "
+                    "were read as part of it")
+        return ""
 
 
 def _csv_record(header: list[str], cells: list[str], line: int) -> Payload:

@@ -142,6 +142,20 @@ def test_a_csv_record_over_the_read_limit_is_one_error_row(tmp_path: Path, monke
         "CSV line 11: a line longer than 40 characters", "CSV line 14: field larger than field limit (40)"]
 
 
+def test_a_stray_quote_in_an_overlong_csv_line_says_what_it_took(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quote inside an unquoted field looks like a quoted field never closed: skipping to its end takes
+    the rest of the file, and the error row says which lines went with it rather than losing them silently."""
+    monkeypatch.setattr(prompt_files, "_csv_char_limit", lambda: 40)
+    source = tmp_path / "in.csv"
+    source.write_text("prompt_id,prompt\n1,short\n2," + "x" * 50 + '"x\n3,after\n4,more\n', newline="")
+    payloads = [payload for _, payload in read_payloads(source)]
+    assert payloads[0] == {"prompt_id": "1", "prompt": "short"} and len(payloads) == 2
+    assert isinstance(payloads[1], BadRow) and payloads[1].error == (
+        "CSV line 3: a line longer than 40 characters; a quote in it is never closed, so lines 4-5 to the end "
+        "of the file were read as part of it")
+
+
 # ---------------------------------------------------------------- what the id column may be
 def test_an_id_column_named_like_an_output_column_is_refused(tmp_path: Path, shipped_artifact: Path) -> None:
     source = _jsonl(tmp_path / "in.jsonl", [{"tier": "id-1", "prompt": EASY}])
