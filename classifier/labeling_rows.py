@@ -17,7 +17,15 @@ from pathlib import Path
 from classifier.conversation import render_conversation
 from classifier.errors import InvalidInputError
 from classifier.labeling_options import LabelingError, LabelOptions
-from classifier.prompt_files import BadRow, Payload, PromptFileError, batched, decode_json_line, read_payloads
+from classifier.prompt_files import (
+    BadRow,
+    Payload,
+    PromptFileError,
+    batched,
+    decode_json_line,
+    read_payloads,
+    surrogate_at,
+)
 from classifier.runtime import validate_text
 
 
@@ -161,11 +169,8 @@ def _cell(value: object) -> tuple[str | None, str | None]:
         text = json.dumps(value, ensure_ascii=False, default=str)
     else:  # numbers, and the dates, decimals and bytes that Parquet holds
         text = str(value)
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # JSON may escape a lone surrogate, which no UTF-8 output can hold: write it escaped.
-            return (text.encode("utf-8", "backslashreplace").decode("utf-8"),
-                    f"unpaired surrogate at character {exc.start}")
+    position = surrogate_at(text)
+    if position is not None:
+        # JSON may escape a lone surrogate, which no UTF-8 output can hold: write it escaped.
+        return text.encode("utf-8", "backslashreplace").decode("utf-8"), f"unpaired surrogate at character {position}"
     return text, None

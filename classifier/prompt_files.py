@@ -287,16 +287,26 @@ class _CsvLines:
         return ""
 
 
+def surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate, which UTF-8 cannot encode (a JSON escape of half a
+    pair, or undecodable bytes kept by surrogateescape); None when it holds none."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def _csv_record(header: list[str], cells: list[str], line: int) -> Payload:
     """One CSV record by its header's names, or a BadRow naming the record's first line and its problem."""
     record = dict(zip(header, cells, strict=False))
     for name, value in record.items():
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:  # undecodable bytes, kept as surrogates by surrogateescape
-                clean = {k: v.encode("utf-8", "replace").decode("utf-8") for k, v in record.items()}
-                return BadRow(f"CSV line {line}: invalid UTF-8 in column {name!r} at character {exc.start}", clean)
+        position = surrogate_at(value)
+        if position is not None:  # undecodable bytes, kept as surrogates by surrogateescape
+            clean = {k: v.encode("utf-8", "replace").decode("utf-8") for k, v in record.items()}
+            return BadRow(f"CSV line {line}: invalid UTF-8 in column {name!r} at character {position}", clean)
     if len(cells) != len(header):
         return BadRow(f"CSV line {line}: {len(cells)} fields; the header has {len(header)}", record)
     return record

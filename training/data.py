@@ -23,6 +23,7 @@ from classifier.prompt_files import (
     file_format,
     is_rotated_jsonl,
     read_payloads,
+    surrogate_at,
 )
 from training.errors import DataError
 
@@ -173,12 +174,8 @@ def check_unicode(value: str, path: str, row: int, column: str) -> None:
     Raises:
         DataError: names the file, row and column.
     """
-    if value.isascii():
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # the reason holds no position, so --skip-invalid counts such rows together
-        raise DataError(path, "not valid Unicode: holds an unpaired surrogate", row, column) from None
+    if surrogate_at(value) is not None:  # the reason holds no position: --skip-invalid counts such rows together
+        raise DataError(path, "not valid Unicode: holds an unpaired surrogate", row, column)
 
 
 def _number(record: dict, column: str, path: str, row: int, required: bool) -> float | None:
