@@ -161,6 +161,8 @@ def test_savings_page_in_a_browser_shows_the_numbers_of_the_log(traffic: tuple[D
     with log.open("a") as file:
         for row in rows[:4]:
             file.write(json.dumps({**row, "tenant": "acme", "prompt_id": row["prompt_id"] + "-acme"}) + "\n")
+        # Answered by a tier since renamed (a retrain that renamed it): still shown, in a column of its own.
+        file.write(json.dumps({**rows[0], "tenant": "acme", "prompt_id": "renamed", "tier": "xlarge"}) + "\n")
     rows = _log_rows(log)
     prices = {tier.name: (tier.input_usd_per_mtok, tier.output_usd_per_mtok)
               for tier in classifier.load(trained_artifact).manifest.tiers}
@@ -177,6 +179,8 @@ def test_savings_page_in_a_browser_shows_the_numbers_of_the_log(traffic: tuple[D
             if name in ("requests", "fallbacks", "escalations", "errors"):
                 assert text == f"{expected:,}", (group, name, text)
     assert cells.cells[("all", "saved_usd")][1].startswith("$")
+    for group in ("all", "acme"):  # the renamed tier's request is counted where the page shows tiers
+        assert cells.cells[(group, "tier:xlarge")][0] == "1", group
     total = _expected(rows, prices["large"])
     assert total["saved_usd"] > 0 and total["fallbacks"] >= 1
     # A screenshot of the same page: drawn, not blank (the tier colours of the charts are in it).

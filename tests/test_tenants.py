@@ -407,6 +407,7 @@ def _load(tmp_path: Path, text: str) -> DispatcherConfig:
      r"tenants\.a\.allowed_tiers: \['huge'\] are not configured tiers"),
     ("tenants: {a: {default_mode: cheap, api_keys_env: A_KEYS}}", r"tenants\.a\.default_mode: .*'cheap' is not one of"),
     ("tenants: {a: {}}", r"tenants\.a: api_keys_env is required"),
+    ("tenants: {all: {api_keys_env: A_KEYS}}", r"tenants\.all: the name is taken by the savings page's total"),
     ("tenants: {a: {api_keys_env: UNSET_KEYS_VAR}}", r"tenants\.a\.api_keys_env names UNSET_KEYS_VAR, which holds no"),
     ("tenants: {a: {api_keys_env: A_KEYS}, b: {api_keys_env: SAME_KEYS}}", r"tenants\.b: one of its keys is also a key "
                                                                          r"of the tenant 'a'"),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.dispatch.decision_log import OUTCOME_KIND
+from serving.dispatch.tenant_config import ALL_TENANTS
 
 DEFAULT_GROUP = "default"
 MAX_GROUPS = 50  # tenants shown one by one; the rest are added up as OTHER_GROUP
@@ -274,7 +275,7 @@ def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float
                    for tier, price in prices.items()},
         "bucket_s": size,
         "buckets": [_iso(bucket) for bucket in buckets],
-        "total": total.report("all", buckets, priced),
+        "total": total.report(ALL_TENANTS, buckets, priced),
         "groups": [group.report(name, buckets, priced) for name, group in shown],
     }
 

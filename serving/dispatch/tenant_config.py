@@ -20,6 +20,8 @@ DEFAULT_TENANT = "default"
 # Tenant names become Prometheus label values and Redis key parts: short, plain, and from the config
 # only (so the label set is bounded by the file, never by what callers send).
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The name the savings page gives its total over every tenant (serving.dispatch.savings): no tenant's.
+ALL_TENANTS = "all"
 
 
 class _Strict(BaseModel):
@@ -116,6 +118,8 @@ def check_tenants(tenants: dict[str, TenantConfig], tiers: list[str], inbound_ap
         if not TENANT_NAME.match(name):
             raise ValueError(f"tenants.{name}: a tenant name is 1-64 letters, digits, '_', '.' or '-', "
                              "starting with a letter or digit")
+        if name == ALL_TENANTS:
+            raise ValueError(f"tenants.{name}: the name is taken by the savings page's total of every tenant")
         unknown = [tier for tier in tenant.allowed_tiers or [] if tier not in tiers]
         if unknown:
             raise ValueError(f"tenants.{name}.allowed_tiers: {unknown} are not configured tiers {tiers}")
