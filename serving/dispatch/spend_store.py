@@ -144,7 +144,7 @@ class SqliteSpendStore:
                             "DO UPDATE SET usd = usd + excluded.usd RETURNING usd", (tenant, period, usd)).fetchone()
                         totals[(tenant, period)] = float(total)
                 else:
-                    totals = self._read(increments)
+                    totals = self._select_totals(set(increments))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -163,32 +163,30 @@ class SqliteSpendStore:
         self._db.execute("DELETE FROM writers WHERE written < ?", (now - WRITER_RETENTION_S,))
         return True
 
-    def _read(self, keys: Iterable[Key]) -> dict[Key, float]:
-        found: dict[Key, float] = {}
-        for tenant, period in keys:
-            row = self._db.execute("SELECT usd FROM spend WHERE tenant = ? AND period = ?", (tenant, period)).fetchone()
-            found[(tenant, period)] = float(row[0]) if row is not None else 0.0
+    def _select_totals(self, wanted: set[Key]) -> dict[Key, float]:
+        """The stored totals of `wanted` (0 for a key never written), under the caller's lock and transaction."""
+        found = dict.fromkeys(wanted, 0.0)
+        periods = sorted({period for _, period in wanted})
+        if periods:
+            rows = self._db.execute(f"SELECT tenant, period, usd FROM spend WHERE period IN "
+                                    f"({', '.join('?' * len(periods))})", periods).fetchall()
+            for tenant, period, usd in rows:
+                if (tenant, period) in wanted:
+                    found[(tenant, period)] = float(usd)
         return found
 
     def totals(self, keys: Iterable[Key]) -> dict[Key, float]:
         return self.totals_and_applied(keys, "")[0]
 
     def totals_and_applied(self, keys: Iterable[Key], writer: str) -> tuple[dict[Key, float], int]:
-        wanted = set(keys)
-        found = dict.fromkeys(wanted, 0.0)
-        periods = sorted({period for _, period in wanted})
         with self._lock:
             self._db.execute("BEGIN")  # one snapshot for both reads (WAL: readers never wait)
             try:
-                rows = self._db.execute(f"SELECT tenant, period, usd FROM spend WHERE period IN "
-                                        f"({', '.join('?' * len(periods))})", periods).fetchall() if periods else []
+                found = self._select_totals(set(keys))
                 row = self._db.execute("SELECT sequence FROM writers WHERE writer = ?", (writer,)).fetchone() \
                     if writer else None
             finally:
                 self._db.execute("COMMIT")
-        for tenant, period, usd in rows:
-            if (tenant, period) in wanted:
-                found[(tenant, period)] = float(usd)
         return found, int(row[0]) if row is not None else 0
 
     def describe(self) -> str:
@@ -242,6 +240,10 @@ class RedisSpendStore:
     def key(self, tenant: str, period: str) -> str:
         return f"{self.prefix}:spend:{period}:{tenant}"
 
+    def writer_key(self, writer: str) -> str:
+        """Where a writer's last applied write number is kept."""
+        return f"{self.prefix}:spend-writer:{writer}"
+
     def ping(self) -> None:
         """Raises SpendStoreError when the server does not answer."""
         try:
@@ -251,7 +253,7 @@ class RedisSpendStore:
 
     def add(self, increments: dict[Key, float], expires: dict[str, float], writer: str = "", sequence: int = 0
             ) -> dict[Key, float]:
-        keys = [f"{self.prefix}:spend-writer:{writer}"]
+        keys = [self.writer_key(writer)]
         args: list[str | int] = [sequence if writer else 0, WRITER_RETENTION_S]
         for (tenant, period), usd in increments.items():
             keys.append(self.key(tenant, period))
@@ -265,7 +267,7 @@ class RedisSpendStore:
     def totals_and_applied(self, keys: Iterable[Key], writer: str) -> tuple[dict[Key, float], int]:
         wanted = list(keys)
         # One MGET: the writer's number and the totals as of one moment.
-        values = self._redis.mget([f"{self.prefix}:spend-writer:{writer}",
+        values = self._redis.mget([self.writer_key(writer),
                                    *(self.key(tenant, period) for tenant, period in wanted)])
         totals = {key: float(value) if value is not None else 0.0
                   for key, value in zip(wanted, values[1:], strict=True)}
