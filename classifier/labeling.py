@@ -86,7 +86,16 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             files.append(path)
     if not files:
         raise LabelingError("no input files given")
-    return files
+    return _each_once(files)
+
+
+def _each_once(files: Sequence[Path]) -> list[Path]:
+    """The files in order, each once: overlapping globs, or a file named by two spellings or through a
+    link, would otherwise label its rows twice, two output rows to one input row."""
+    kept: dict[Path, Path] = {}
+    for path in files:
+        kept.setdefault(path.resolve(), path)
+    return list(kept.values())
 
 
 def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> None:

@@ -213,7 +213,7 @@ def test_logs_may_be_named_by_a_glob_pattern(tmp_path: Path) -> None:
     # `**` matches directories too, and patterns may overlap: each log file is still read once.
     (tmp_path / "sub").mkdir()
     write_jsonl(tmp_path / "sub" / "c.jsonl", rows[30:35])
-    read, _ = read_logs([str(tmp_path / "**"), str(tmp_path / "*.jsonl")])
+    read, _ = read_logs([str(tmp_path / "**"), str(tmp_path / "*.jsonl"), str(tmp_path / "sub" / ".." / "b.jsonl")])
     assert len(read) == 35
     named = tmp_path / "run[1].jsonl"  # glob characters in a name that exists: that file
     write_jsonl(named, rows[:3])

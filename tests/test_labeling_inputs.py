@@ -200,6 +200,20 @@ def test_rotated_jsonl_logs_are_inputs(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "notes.txt.1")])
 
 
+def test_a_file_named_twice_is_labeled_once(tmp_path: Path, shipped_artifact: Path) -> None:
+    """Overlapping globs, another spelling of a path and a link to a file all name one input."""
+    _jsonl(tmp_path / "a.jsonl", [{"prompt": EASY}, {"prompt": HARD}])
+    _jsonl(tmp_path / "b.jsonl", [{"prompt": EASY}])
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    inputs = [str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl"), str(tmp_path / "." / "b.jsonl"),
+              str(tmp_path / "link.jsonl")]
+    assert [path.name for path in expand_inputs(inputs)] == ["a.jsonl", "b.jsonl"]
+    out = tmp_path / "out" / "labels.jsonl"
+    out.parent.mkdir()
+    label_files(inputs, out, LabelOptions(model=str(shipped_artifact)), workers=1, progress=False)
+    assert [row["prompt_id"] for row in read_output(out)] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:1"]
+
+
 # ---------------------------------------------------------------- ids of rows without one
 def test_ids_of_rows_without_one_are_unique_across_folders(tmp_path: Path, shipped_artifact: Path) -> None:
     for day in ("d1", "d2"):

@@ -119,7 +119,11 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(str(path), "no such file or directory")
-    files = list(dict.fromkeys(files))  # a file named twice (by overlapping patterns) is read once
+    # A file named twice (by overlapping patterns, another spelling or a link) is read once, where first named.
+    first_names: dict[Path, Path] = {}
+    for path in files:
+        first_names.setdefault(path.resolve(), path)
+    files = list(first_names.values())
     if not files:
         raise DataError(", ".join(map(str, paths)), "no log files found (expected .jsonl or .parquet)")
     return files
