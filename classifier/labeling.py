@@ -34,7 +34,7 @@ from classifier.labeling_options import (
 from classifier.labeling_output import JOB_RECORD, cannot_write, lock_path, output_lock, record_path, rows_to_table
 from classifier.labeling_rows import ParsedRow, parse_row, read_chunks, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
-from classifier.prompt_files import PromptFileError, expand_pattern, file_format, refuse_json_array
+from classifier.prompt_files import PromptFileError, each_once, expand_pattern, file_format, refuse_json_array
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -86,16 +86,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             files.append(path)
     if not files:
         raise LabelingError("no input files given")
-    return _each_once(files)
+    return each_once(files)
 
-
-def _each_once(files: Sequence[Path]) -> list[Path]:
-    """The files in order, each once: overlapping globs, or a file named by two spellings or through a
-    link, would otherwise label its rows twice, two output rows to one input row."""
-    kept: dict[Path, Path] = {}
-    for path in files:
-        kept.setdefault(path.resolve(), path)
-    return list(kept.values())
 
 
 def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> None:

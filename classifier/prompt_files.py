@@ -88,6 +88,15 @@ def expand_pattern(pattern: str) -> list[str]:
     return [pattern]
 
 
+def each_once(files: Iterable[Path]) -> list[Path]:
+    """The files in order, each once, where first named: overlapping globs, another spelling of a path
+    or a link to a file would otherwise read its rows twice."""
+    first_names: dict[Path, Path] = {}
+    for path in files:
+        first_names.setdefault(path.resolve(), path)
+    return list(first_names.values())
+
+
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """`items` in lists of `size` (the last one shorter), in order: itertools.batched of Python 3.12."""
     batch: list[T] = []

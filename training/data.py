@@ -19,6 +19,7 @@ from classifier.decision_files import outcome_logs_beside
 from classifier.prompt_files import (
     PromptFileError,
     decode_json_line,
+    each_once,
     expand_pattern,
     file_format,
     is_rotated_jsonl,
@@ -119,11 +120,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(str(path), "no such file or directory")
-    # A file named twice (by overlapping patterns, another spelling or a link) is read once, where first named.
-    first_names: dict[Path, Path] = {}
-    for path in files:
-        first_names.setdefault(path.resolve(), path)
-    files = list(first_names.values())
+    files = each_once(files)
     if not files:
         raise DataError(", ".join(map(str, paths)), "no log files found (expected .jsonl or .parquet)")
     return files
