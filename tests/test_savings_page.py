@@ -30,6 +30,7 @@ from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NODE = shutil.which("node")
 TIERS = ["small", "medium", "large"]
 
 
@@ -206,6 +207,18 @@ def test_savings_page_in_a_browser_shows_the_numbers_of_the_log(traffic: tuple[D
     assert "<h2>Tiers over time, tenant default</h2>" in dom
     assert {group for group, _ in own.cells} == {"all", DEFAULT_GROUP}
     assert float(own.cells[("all", "requests")][0]) == len(groups[DEFAULT_GROUP])
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (Debian: apt-get install nodejs)")
+def test_the_page_writes_money_with_its_sign_before_the_currency() -> None:
+    """Escalations can cost a tenant more than always-top-tier would have: that saving reads -$0.047."""
+    page = (Path(savings_page.__file__).parent / "savings.html").read_text()
+    start = page.index("function usd(")
+    usd = page[start:page.index("\n}\n", start) + 3]
+    values = "[-0.047, 0.047, -1234.5, 1234.5, 0, -1e-8, null]"
+    shown = subprocess.run([str(NODE), "-e", f"{usd}\nconsole.log(JSON.stringify({values}.map(usd)));"],
+                           capture_output=True, text=True, check=True, timeout=60).stdout
+    assert json.loads(shown) == ["-$0.04700", "$0.04700", "-$1,234.50", "$1,234.50", "$0", "-$1.000e-8", "unknown"]
 
 
 def test_savings_data_is_protected_like_the_other_endpoints(traffic: tuple[Dispatcher, Path]) -> None:
