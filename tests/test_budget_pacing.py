@@ -272,6 +272,7 @@ def test_budget_sim_replays_in_logged_order_sizes_refusals_like_answers_and_take
     """A shell lists rotated logs as decisions.jsonl, .1, .10, .2: the replay follows the lines' times. A
     request a spent budget refused has no usage: it is sized like the answered ones, not by the defaults.
     An explored request is replayed on the tier the policy chose, not the one the random draw did."""
+    from serving.dispatch import budget_sim
     from serving.dispatch.budget_sim import read_requests
 
     tiers, prices = ["small", "medium", "large"], [(0.2, 0.2), (0.9, 0.9), (1.25, 5.0)]
@@ -300,3 +301,11 @@ def test_budget_sim_replays_in_logged_order_sizes_refusals_like_answers_and_take
     refused = replay.requests[-2]
     assert refused.costs[0] == pytest.approx((mean * 0.2 + 10 * 0.2) / 1e6)
     assert replay.skipped == {"tier not among the model's tiers": 1}
+    # A tenant allowed small and medium: its policy weighs small against medium, not against large.
+    explored = line(0, tier="medium", routed_tier="medium", explored=True, reason="explored", threshold=0.45,
+                    scores={"small": 0.5, "medium": 0.6, "large": 0.95})
+    (tmp_path / "restricted.jsonl").write_text(explored)
+    for allowed, policy in ((None, "large"), (["small", "medium"], "small")):
+        report = budget_sim.main([tmp_path / "restricted.jsonl"], tmp_path / "sim.json", None, allowed_tiers=allowed)
+        assert report["tiers"] == tiers
+        assert {tier for tier, n in report["policies"]["unpaced"]["by_tier"].items() if n} == {policy}

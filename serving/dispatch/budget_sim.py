@@ -155,21 +155,23 @@ class Replay:
     skipped: dict[str, int]
 
 
-def _policy_tier(row: dict, tiers: Sequence[str], rule: Rule) -> str | None:
+def _policy_tier(row: dict, tiers: Sequence[str], rule: Rule, allowed: Sequence[int] | None) -> str | None:
     """The tier the policy chose for an explored request (the draw may have sent it elsewhere), from the
-    scores, threshold and cheap floor its line records; None when it records no scores."""
+    scores, threshold and cheap floor its line records, among the `allowed` tiers (the tenant's, which
+    the line does not record; None: all); None when it records no scores."""
     scores, threshold = _json_field(row.get("scores")), row.get("threshold")
     if not isinstance(scores, dict) or not isinstance(threshold, int | float) or not all(
             isinstance(scores.get(name), int | float) for name in tiers):
         return None
     floor = row.get("cheap_floor")
-    return tiers[choose_tier([float(scores[name]) for name in tiers], float(threshold), rule=rule,
+    mask = None if allowed is None else [index in allowed for index in range(len(tiers))]
+    return tiers[choose_tier([float(scores[name]) for name in tiers], float(threshold), mask, rule=rule,
                              cheap_floor=float(floor) if isinstance(floor, int | float) else None)]
 
 
 def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequence[tuple[float, float]],
                   default_tokens: tuple[int, int], arrival: str = "uniform", tenant: str | None = None,
-                  rule: Rule = "ratio") -> Replay:
+                  rule: Rule = "ratio", allowed: Sequence[int] | None = None) -> Replay:
     """The replayable requests of decision logs or labeled logs, placed over one period.
 
     Args:
@@ -179,6 +181,7 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
             over the period.
         tenant: decision logs only: that tenant's requests.
         rule: the model's policy rule, which gives an explored request's policy tier from its scores.
+        allowed: the tenant's allowed tiers (indices), among which that policy tier is chosen; None: all.
     """
     skipped: dict[str, int] = {}
     # (time, policy tier, probabilities, prompt tokens, completion tokens) per replayable request
@@ -208,7 +211,7 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                     continue
                 chosen_name = row.get("unpaced_tier") or row.get("routed_tier")
                 if row.get("explored"):
-                    chosen_name = _policy_tier(row, tiers, rule)
+                    chosen_name = _policy_tier(row, tiers, rule, allowed)
                     if chosen_name is None:
                         skip("explored, with no scores to give the policy's tier")
                         continue
@@ -377,7 +380,7 @@ def main(inputs: Sequence[Path], out: Path, png: Path | None, *, budget_usd: flo
     if unknown:
         raise SimulationError(f"allowed tiers {unknown} are not the model's tiers {tiers}")
     allowed = sorted(tiers.index(tier) for tier in allowed_tiers) if allowed_tiers else None
-    replay = read_requests(inputs, tiers, tier_prices, default_tokens, arrival, tenant, manifest.policy.rule)
+    replay = read_requests(inputs, tiers, tier_prices, default_tokens, arrival, tenant, manifest.policy.rule, allowed)
     requests = within(replay.requests, allowed) if allowed else replay.requests
     rule = BudgetRule(budget_for(requests, budget_usd, budget_share), pacing=True, band=band,
                       max_quality_loss=max_quality_loss, on_exhausted=on_exhausted)
