@@ -136,3 +136,56 @@ def test_one_tenants_outcome_flood_rotates_only_its_own_outcome_file(tmp_path: P
     rows, report = read_logs([path])  # named alone, the log is read with its outcome files
     assert {row.prompt_id: row.score for row in rows} == {ids[0]: 1.0, ids[1]: 0.0, ids[2]: 0.5}
     assert report.not_trainable["no outcome reported yet"] == 1
+
+
+def test_decision_log_moved_or_deleted_by_an_operator_is_reopened(dispatcher: Dispatcher, tmp_path: Path) -> None:
+    """logrotate without copytruncate renames the log (or an operator deletes it) while the dispatcher runs:
+    the next line goes to a new file at the log's path, not on into the moved file or the deleted one."""
+    import httpx
+
+    client = dispatcher.client()
+    path, outcomes = tmp_path / "decisions.jsonl", tmp_path / "decisions.outcomes.default.jsonl"
+
+    def routed() -> str:
+        answer = client.chat.completions.with_raw_response.create(
+            model="promptier/tier/small", messages=[{"role": "user", "content": "hello"}])
+        return answer.headers["x-promptier-request-id"]
+
+    def report(request_id: str) -> None:
+        reported = httpx.post(f"{dispatcher.base_url}/promptier/outcomes", json={"request_id": request_id, "score": 1})
+        assert reported.status_code == 202, reported.text
+
+    first = routed()
+    report(first)
+    path.rename(tmp_path / "decisions.jsonl-20270101")  # what logrotate's `create` mode does
+    outcomes.rename(tmp_path / "decisions.outcomes.default.jsonl-20270101")
+    second = routed()
+    report(second)
+    assert [line["prompt_id"] for line in read_log(tmp_path)] == [second]
+    assert [json.loads(line)["prompt_id"] for line in outcomes.read_text().splitlines()] == [second]
+    path.unlink()  # deleted outright: the line after it must not go to the unlinked file
+    outcomes.unlink()
+    third = routed()
+    report(third)
+    assert [line["prompt_id"] for line in read_log(tmp_path)] == [third]
+    assert [json.loads(line)["prompt_id"] for line in outcomes.read_text().splitlines()] == [third]
+    moved = (tmp_path / "decisions.jsonl-20270101").read_text().splitlines()
+    assert [json.loads(line)["prompt_id"] for line in moved] == [first]
+
+
+def test_decision_log_writers_in_several_processes_each_follow_a_moved_log(tmp_path: Path) -> None:
+    """Each worker process has its own descriptor on the log: every one of them notices the move."""
+    from serving.dispatch.decision_log import RotatingLog
+
+    path = tmp_path / "decisions.jsonl"
+    writers = [RotatingLog(path, max_bytes=0, backups=0), RotatingLog(path, max_bytes=1 << 20, backups=2)]
+    for index, writer in enumerate(writers):
+        writer.write({"prompt_id": f"before-{index}"})
+    path.rename(tmp_path / "decisions.jsonl.old")
+    for index, writer in enumerate(writers):
+        writer.write({"prompt_id": f"after-{index}"})
+    for writer in writers:
+        writer.close()
+    assert [json.loads(line)["prompt_id"] for line in path.read_text().splitlines()] == ["after-0", "after-1"]
+    old = (tmp_path / "decisions.jsonl.old").read_text().splitlines()
+    assert [json.loads(line)["prompt_id"] for line in old] == ["before-0", "before-1"]

@@ -20,6 +20,7 @@ from serving.dispatch.decision_log import OUTCOME_KIND as LOGGED_OUTCOME_KIND
 from serving.dispatch.dispatch_config import DispatcherConfig
 from serving.dispatch.inbound import DispatchServerConfig
 from tests.conftest import POOL_YAML, synthetic_rows, tiny_config, write_jsonl
+from tests.dispatcher_harness import Dispatcher
 from tests.fake_upstream import Upstream, run_uvicorn
 from training.data import OUTCOME_KIND, read_logs
 from training.synthetic import EASY, HARD, MEDIUM
@@ -141,6 +142,25 @@ def test_outcomes_reported_to_the_dispatcher_train_the_next_model(
     finally:
         server.should_exit = True
     assert json.loads((tmp_path / "after.jsonl").read_text().splitlines()[0])["model"] is not None
+
+
+def test_an_outcome_for_an_id_with_anything_after_it_is_refused_not_lost(dispatcher: Dispatcher,
+                                                                        tmp_path: Path) -> None:
+    """An id read with its line end (a header saved to a file, `readline()`) joins no request line: were it
+    accepted, the score would be lost behind a 202. Refused, the caller learns to strip it."""
+    client = dispatcher.client()
+    answer = client.chat.completions.with_raw_response.create(
+        model="promptier/tier/small", messages=[{"role": "user", "content": "hello"}])
+    request_id = answer.headers["x-promptier-request-id"]
+    url = f"{dispatcher.base_url}/promptier/outcomes"
+    for trailing in ("\n", "\r\n", " "):
+        refused = httpx.post(url, json={"request_id": request_id + trailing, "score": 1.0})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_outcome", refused.text
+    assert not (tmp_path / "decisions.outcomes.default.jsonl").exists()  # nothing of them was written
+    accepted = httpx.post(url, json={"request_id": request_id, "score": 1.0})
+    assert (accepted.status_code, accepted.json()) == (202, {"accepted": 1})
+    rows, _ = read_logs([tmp_path / "decisions.jsonl"])
+    assert [(row.prompt_id, row.score) for row in rows] == [(request_id, 1.0)]
 
 
 def test_an_outcome_joins_only_a_request_of_the_tenant_whose_key_reported_it(tmp_path: Path) -> None:

@@ -13,12 +13,17 @@ file (so it counts every process's lines), and rotating takes an exclusive lock 
 beside it, so one process rotates and the others, finding the path renamed under them, reopen it. A
 line another process writes while the rename happens lands in the newest backup: no line is lost or
 split, and a file can exceed `max_bytes` by one line per process.
+
+Each process checks before every line that the path still names the file it writes (one `stat`, which
+also gives the size): a log moved away or deleted by an operator (logrotate without copytruncate) is
+followed at once, so the next line goes to a new file at the path and none goes on into the old one.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +31,8 @@ from pathlib import Path
 
 from classifier.decision_files import outcome_log_path
 from serving.dispatch.dispatch_config import DecisionLogConfig
+
+log = logging.getLogger("promptier.dispatcher")
 
 # The schema of a decision-log line, kept here and nowhere else. Version 2 added `schema_version`,
 # `decided_by` and `note`; lines without `schema_version` are version 1. Version 3 added what the
@@ -164,19 +171,29 @@ class DecisionLog:
 
 
 class RotatingLog:
-    """One JSON-lines file rotated by size, shared by processes (the module docstring says how)."""
+    """One JSON-lines file rotated by size, shared by processes (the module docstring says how).
+
+    Before each line it checks (one `stat`, which also gives the size rotation needs) that the path still
+    names the file its descriptor writes, as `logging.handlers.WatchedFileHandler` does: when an operator
+    has moved the file away (logrotate without copytruncate) or deleted it, or another process has rotated
+    it, the line goes to the file now at the path, created if need be, not on into the old one.
+    """
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
         self._lock = threading.Lock()  # the embedded model's thread never writes, but callers may be threads
-        self._fd = self._open()
+        self._fd, self._identity = self._open()
+        self._reopen_failed = False  # logged once per failure spell, not once per line
         # Hidden, so that a glob of the log and its backups (`decisions.jsonl*`) does not pick it up.
         self._lock_path = self.path.with_name(f".{self.path.name}.lock")
 
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def _open(self) -> tuple[int, tuple[int, int]]:
+        """A descriptor on the file at `path` (created if missing), and that file's (st_dev, st_ino)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        opened = os.fstat(fd)
+        return fd, (opened.st_dev, opened.st_ino)
 
     def write(self, entry: dict) -> None:
         """Append one entry as a JSON line (durable against a process crash once this returns)."""
@@ -185,11 +202,36 @@ class RotatingLog:
         except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it as an escape
             line = (json.dumps(entry) + "\n").encode("ascii")
         with self._lock:
-            if self.max_bytes > 0:
-                size = os.fstat(self._fd).st_size  # other processes' lines included
-                if size > 0 and size + len(line) > self.max_bytes:
-                    self._rotate_or_follow(len(line))
+            if self._fd < 0:
+                raise ValueError(f"{self.path} is closed")
+            size = self._size_following_path()  # other processes' lines included
+            if self.max_bytes > 0 and size > 0 and size + len(line) > self.max_bytes:
+                self._rotate_or_follow(len(line))
             os.write(self._fd, line)
+
+    def _size_following_path(self) -> int:
+        """The size of the file at `path`, after reopening it if it is not the file our descriptor writes."""
+        try:
+            at_path = os.stat(self.path)
+        except OSError:  # gone, or its directory is (or cannot be searched): try to open it again
+            at_path = None
+        if at_path is not None and (at_path.st_dev, at_path.st_ino) == self._identity:
+            return at_path.st_size
+        self._reopen()
+        return os.fstat(self._fd).st_size
+
+    def _reopen(self) -> None:
+        """Point our descriptor at the file now at `path`; when that fails (its directory is gone, say),
+        keep writing where we were, which loses no line that a later reopen could have saved."""
+        try:
+            fd, identity = self._open()
+        except OSError as error:
+            if not self._reopen_failed:
+                log.warning(json.dumps({"event": "log_reopen_failed", "path": str(self.path), "detail": str(error)}))
+            self._reopen_failed = True
+            return
+        os.close(self._fd)
+        self._fd, self._identity, self._reopen_failed = fd, identity, False
 
     def _rotate_or_follow(self, incoming: int) -> None:
         """Rotate, unless another process already did: then reopen the new file and check it again."""
@@ -200,7 +242,7 @@ class RotatingLog:
                 self._rotate()
                 return
             os.close(self._fd)
-            self._fd = self._open()
+            self._fd, self._identity = self._open()
             size = os.fstat(self._fd).st_size
             if size > 0 and size + incoming > self.max_bytes:
                 self._rotate()
@@ -210,9 +252,10 @@ class RotatingLog:
     def _still_current(self) -> bool:
         """Whether our descriptor is still the file at `path` (not renamed to a backup by another process)."""
         try:
-            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+            at_path = os.stat(self.path)
         except FileNotFoundError:
             return False
+        return (at_path.st_dev, at_path.st_ino) == self._identity
 
     def _rotate(self) -> None:
         os.close(self._fd)
@@ -224,7 +267,7 @@ class RotatingLog:
             self.path.replace(self.path.with_name(f"{self.path.name}.1"))
         else:
             Path(self.path).unlink(missing_ok=True)
-        self._fd = self._open()
+        self._fd, self._identity = self._open()
 
     def close(self) -> None:
         with self._lock:

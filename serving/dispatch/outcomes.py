@@ -26,7 +26,8 @@ from serving.dispatch.decision_log import DecisionLog, OutcomeRecord
 
 MAX_OUTCOMES_PER_CALL = 1000
 MAX_OUTCOMES_BODY_BYTES = 256 * 1024
-REQUEST_ID = re.compile(r"^dispatcher:[0-9a-f]{32}$")
+# Matched whole (fullmatch): `$` would also let a trailing newline through, and such an id joins no request.
+REQUEST_ID = re.compile(r"dispatcher:[0-9a-f]{32}")
 
 
 class OutcomeReport(BaseModel):
@@ -41,7 +42,7 @@ class OutcomeReport(BaseModel):
     @field_validator("request_id")
     @classmethod
     def _issued_shape(cls, value: str) -> str:
-        if not REQUEST_ID.match(value):
+        if not REQUEST_ID.fullmatch(value):
             raise ValueError("is not a request id the dispatcher issues (x-promptier-request-id: dispatcher:<32 hex>)")
         return value
 
