@@ -230,6 +230,49 @@ def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> 
                 child.kill()
 
 
+# A supervisor whose back-off before restarting a dead worker is where SIGTERM arrives: every death
+# counts as a failed start (so a back-off follows it), and the back-off itself sends the SIGTERM.
+_SIGTERM_IN_BACKOFF = """
+import os, signal, sys, time
+from pathlib import Path
+from serving.service import workers
+
+workers.MIN_HEALTHY_SECONDS = float("inf")
+poll = time.sleep
+
+def sleep(seconds):
+    if seconds >= 0.5:  # the back-off, not the 0.2 s poll
+        os.kill(os.getpid(), signal.SIGTERM)
+    poll(seconds)
+
+time.sleep = sleep
+sys.exit(workers.serve_workers(2, Path(sys.argv[1]), f"127.0.0.1:{sys.argv[2]}", 1, None))
+"""
+
+
+def test_a_sigterm_while_a_dead_worker_waits_for_its_restart_stops_everything(trained_artifact: Path) -> None:
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, wait_serving
+
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-c", _SIGTERM_IN_BACKOFF, str(trained_artifact), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_serving(f"127.0.0.1:{port}", process=parent)
+        deadline = time.monotonic() + 120
+        while len(spawned_workers(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        victim, survivor = spawned_workers(parent.pid)[:2]
+        victim.kill()
+        # The drain was forwarded to the live worker only: a replacement started after it would serve on.
+        assert parent.wait(60) == 0, "the supervisor did not exit after SIGTERM"
+        assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+    finally:
+        stop_supervisor(parent)
+
+
 def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_artifact: Path,
                                                                        tmp_path: Path) -> None:
     import json

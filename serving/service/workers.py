@@ -92,6 +92,8 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
             signal.pthread_sigmask(signal.SIG_UNBLOCK, reload_signals)
         processes[index] = (process, time.monotonic())
         log.info(json.dumps({"event": "worker_started", "worker": index, "pid": process.pid}))
+        if stopping and process.pid is not None:  # a SIGTERM forwarded while it started did not reach it
+            _send(process.pid, signal.SIGTERM)
 
     stopping = False
 
@@ -134,7 +136,8 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
                     forward(signal.SIGTERM, None)  # it cannot stay up: stop all and say so
                     continue
                 time.sleep(0.5 * failed_starts[index])  # back off a worker that keeps dying young
-                start(index)
+                if not stopping:  # a SIGTERM during the back-off was forwarded to the others only
+                    start(index)
         return exit_code
     finally:
         shutil.rmtree(fleet_dir, ignore_errors=True)
