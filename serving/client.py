@@ -22,6 +22,8 @@ from classifier.runtime import ClassificationResult
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 
 T = TypeVar("T")
+# The largest message either side of a connection accepts (the server's default max_message_bytes).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def _service_config(attempts: int) -> str:
@@ -33,8 +35,8 @@ def _service_config(attempts: int) -> str:
 
 
 def _options(attempts: int) -> list[tuple[str, object]]:
-    sizes: list[tuple[str, object]] = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                                       ("grpc.max_send_message_length", 16 * 1024 * 1024)]
+    sizes: list[tuple[str, object]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     if attempts <= 1:  # gRPC's retry policy needs at least 2 attempts; 1 means "no retries"
         return [("grpc.enable_retries", 0), *sizes]
     return [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(attempts)), *sizes]
@@ -125,6 +127,13 @@ class _Waiting:
     request: router_pb2.ClassifyRequest
     deadline: float  # event-loop time
     future: asyncio.Future[Decision]
+    size: int  # bytes the request adds to a ClassifyBatchRequest
+
+
+def _batch_item_bytes(request: router_pb2.ClassifyRequest) -> int:
+    """What `request` adds to a ClassifyBatchRequest: its bytes, its field tag and its length prefix."""
+    size = request.ByteSize()
+    return size + 1 + max(1, -(-size.bit_length() // 7))
 
 
 class AsyncRouterClient:
@@ -132,8 +141,8 @@ class AsyncRouterClient:
 
     With `coalesce=True`, calls made while `max_in_flight` RPCs are already out wait and then go
     together as one ClassifyBatch (results and per-item errors are handed back to each caller, as if
-    each had made its own call); a call made while nothing waits goes out at once as a plain Classify.
-    There is no wait window: at concurrency 1 nothing changes, under load the server runs full
+    each had made its own call, under its own deadline); a call made while nothing waits goes out at
+    once as a plain Classify. There is no wait window: at concurrency 1 nothing changes, under load the server runs full
     batches instead of queueing unary calls. `connections` opens that many HTTP/2 connections and
     sends each RPC on the least busy one, so that a server with several SO_REUSEPORT processes gets
     work on all of them (the kernel pins a connection to one process).
@@ -175,7 +184,7 @@ class AsyncRouterClient:
             finally:
                 self._busy[index] -= 1
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(request, loop.time() + limit, loop.create_future())
+        waiting = _Waiting(request, loop.time() + limit, loop.create_future(), _batch_item_bytes(request))
         self._waiting.append(waiting)
         if self._in_flight == 0:
             self._flush()  # idle: send now, no event-loop turn in between
@@ -183,7 +192,12 @@ class AsyncRouterClient:
             # Busy: let the calls made in this event-loop turn join the same batch.
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await waiting.future
+        # Each caller's own deadline, kept here: the batch it travels in carries the latest of its callers'.
+        try:
+            return await asyncio.wait_for(waiting.future, limit)
+        except TimeoutError:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
+                                       "Deadline Exceeded") from None
 
     def _least_busy(self) -> int:
         return min(range(len(self._busy)), key=self._busy.__getitem__)
@@ -195,18 +209,29 @@ class AsyncRouterClient:
             # Split what waits over the connections: one big batch on one server process and crumbs on
             # the other would keep the second process idle (measured: 31 of 32 callers in one batch).
             parts = max(1, min(self._max_in_flight - self._in_flight, len(self._stubs)))
-            size = min(self._max_batch, -(-len(self._waiting) // parts))
-            group: list[_Waiting] = []
-            while self._waiting and len(group) < size:
-                waiting = self._waiting.popleft()
-                if not waiting.future.done():  # a cancelled caller is not sent
-                    group.append(waiting)
+            group = self._take_group(min(self._max_batch, -(-len(self._waiting) // parts)))
             if not group:
                 break
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send(group))
             self._sending[task] = group
             task.add_done_callback(self._sent)
+
+    def _take_group(self, size: int) -> list[_Waiting]:
+        """Up to `size` waiting callers, fewer where more would make a ClassifyBatchRequest larger than
+        a connection carries: valid calls that fit one by one must not fail together as one oversized message."""
+        group: list[_Waiting] = []
+        total = 0
+        while self._waiting and len(group) < size:
+            waiting = self._waiting[0]
+            if waiting.future.done():  # a cancelled caller (or one past its deadline) is not sent
+                self._waiting.popleft()
+                continue
+            if group and total + waiting.size > MAX_MESSAGE_BYTES:
+                break
+            group.append(self._waiting.popleft())
+            total += waiting.size
+        return group
 
     def _sent(self, task: asyncio.Task) -> None:
         self._sending.pop(task, None)
@@ -229,7 +254,9 @@ class AsyncRouterClient:
                     self._flush()  # a free slot may take the rest at once
             counted = len(group)
             self._busy[index] += counted
-            remaining = min(waiting.deadline for waiting in group) - loop.time()
+            # The latest deadline: a caller with a short one must not cut short the others' calls (each
+            # caller's own deadline is kept in `classify`).
+            remaining = max(waiting.deadline for waiting in group) - loop.time()
             if remaining <= 0:
                 _fail(group, grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, Metadata(), Metadata(),
                                                   "deadline expired before the call was sent"))

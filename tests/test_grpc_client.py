@@ -279,3 +279,56 @@ def test_a_client_closed_before_its_send_started_answers_the_caller(trained_arti
         running.stop()
     assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.CANCELLED, outcome
     assert "client was closed" in (outcome.details() or "")
+
+
+def test_a_coalesced_call_keeps_its_own_deadline_whatever_its_batch_neighbours(trained_artifact: Path) -> None:
+    """A call with a short deadline grouped with one with a long deadline: the short one expires on its
+    own, and the long one is answered, as each would be had it made its own call."""
+    import classifier
+
+    held = HeldModel(classifier.load(trained_artifact))
+    running = ServerThread(model=held)
+
+    async def run() -> tuple[BaseException | Decision, BaseException | Decision]:
+        async with AsyncRouterClient(running.target, timeout=300, attempts=1, coalesce=True,
+                                     max_in_flight=2) as client:
+            first = asyncio.ensure_future(client.classify(EASY))
+            while not held.entered.is_set():  # the first call is in the model: the next two go out together
+                await asyncio.sleep(0.01)
+            short = asyncio.ensure_future(client.classify(EASY, timeout=0.05))
+            long = asyncio.ensure_future(client.classify(HARD, timeout=300))
+            # Bounded only so that a regression fails instead of hanging.
+            (short_outcome,) = await asyncio.wait_for(asyncio.gather(short, return_exceptions=True), 60)
+            held.release.set()
+            await first
+            (long_outcome,) = await asyncio.wait_for(asyncio.gather(long, return_exceptions=True), 60)
+            return short_outcome, long_outcome
+
+    try:
+        short_outcome, long_outcome = asyncio.run(run())
+    finally:
+        held.release.set()
+        running.stop()
+    assert isinstance(short_outcome, grpc.RpcError) and short_outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(long_outcome, Decision), long_outcome
+
+
+def test_coalesced_batches_stay_within_the_message_size_limit(trained_artifact: Path) -> None:
+    """Calls that are each valid and each fit a message are never grouped into one ClassifyBatch larger
+    than a connection carries (which would fail all of them at once with RESOURCE_EXHAUSTED)."""
+    running = ServerThread(model_dir=trained_artifact)
+    # 900,000 characters (under the server's 1,000,000) of 2.25 MB: eight of them are over 16 MiB.
+    prompts = [f"{index} " + "\N{GRINNING FACE} " * 450_000 for index in range(9)]
+
+    async def run() -> list[BaseException | Decision]:
+        async with AsyncRouterClient(running.target, timeout=300, attempts=1, coalesce=True) as client:
+            first = asyncio.ensure_future(client.classify(prompts[0]))  # in flight: the rest queue up
+            await asyncio.sleep(0)
+            rest = await asyncio.gather(*(client.classify(p) for p in prompts[1:]), return_exceptions=True)
+            return [await first, *rest]
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        running.stop()
+    assert all(isinstance(outcome, Decision) for outcome in outcomes), outcomes
