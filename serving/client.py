@@ -1,7 +1,10 @@
 """Python clients (sync and asyncio) for the Router service, with deadlines and retries.
 
-Retries use gRPC's own retry policy (service config): UNAVAILABLE and RESOURCE_EXHAUSTED are retried
-with exponential backoff inside the call's deadline; every other status is returned at once.
+Retries use gRPC's own retry policy (service config): UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED are
+retried with exponential backoff inside the call's deadline; every other status is returned at once.
+CANCELLED is retried because a server that stops cancels, in gRPC core, the calls that reached it in the
+instant before its GOAWAY did, before any handler saw them; a Router call reads nothing but its request,
+so sending it again is safe, and a call this client cancels itself is never retried.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def _service_config(attempts: int) -> str:
     return json.dumps({"methodConfig": [{
         "name": [{"service": "promptier.v1.Router"}],
         "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.005s", "maxBackoff": "0.1s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]},
     }]})
 
 

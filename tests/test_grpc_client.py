@@ -332,3 +332,35 @@ def test_coalesced_batches_stay_within_the_message_size_limit(trained_artifact: 
     finally:
         running.stop()
     assert all(isinstance(outcome, Decision) for outcome in outcomes), outcomes
+
+
+def test_a_call_cancelled_before_any_handler_saw_it_is_retried() -> None:
+    """A server that stops cancels, in gRPC core, the calls that reached it just before its GOAWAY (a bare
+    CANCELLED no handler sees). A Router call only reads its request, so the client sends it again."""
+    from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+
+    class CancelsFirst(router_pb2_grpc.RouterServicer):
+        calls = 0
+
+        def Classify(self, request: router_pb2.ClassifyRequest,
+                     context: grpc.ServicerContext) -> router_pb2.ClassifyResponse:
+            CancelsFirst.calls += 1
+            if CancelsFirst.calls == 1:
+                context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+            return router_pb2.ClassifyResponse(tier="small", scores={"small": 0.9, "large": 0.95}, threshold=0.5)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    router_pb2_grpc.add_RouterServicer_to_server(CancelsFirst(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with RouterClient(f"127.0.0.1:{port}", timeout=30) as router:
+            assert router.classify(EASY).tier == "small"
+        assert CancelsFirst.calls == 2
+        CancelsFirst.calls = 0
+        with RouterClient(f"127.0.0.1:{port}", timeout=30, attempts=1) as router, \
+                pytest.raises(grpc.RpcError) as refused:
+            router.classify(EASY)  # attempts=1: no retry, the status as it came
+        assert refused.value.code() == grpc.StatusCode.CANCELLED
+    finally:
+        server.stop(None)

@@ -91,7 +91,9 @@ class RunningServer:
         then end health Watch streams (they have said NOT_SERVING; they would never end by themselves).
 
         What still waits for the model after `grace` is answered UNAVAILABLE (counted), before gRPC
-        would cancel it: a caller never sees a bare CANCELLED from a shutdown.
+        would cancel it. A call that reaches the server in the instant it stops, before the client has
+        read its GOAWAY, is cancelled by gRPC core before any handler sees it (a bare CANCELLED, not
+        counted): `serving.client` retries those.
         """
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self.server.stop(grace + STOP_ANSWER_S))
