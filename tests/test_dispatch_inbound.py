@@ -89,6 +89,7 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
         reply = post(rest)
         assert reply.status_code == 400, (rest[:40], reply.status_code, reply.text[:200])
         assert message in reply.json()["error"]["message"], reply.json()
+        assert "x-promptier-tier" not in reply.headers  # refused before routing: no tier was chosen
     assert not any(upstream.received for upstream in fresh.values())
     reply = post('"stream": null}')  # as the OpenAI API allows: not streamed
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
