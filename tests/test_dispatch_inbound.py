@@ -93,6 +93,12 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
     assert not any(upstream.received for upstream in fresh.values())
     reply = post('"stream": null}')  # as the OpenAI API allows: not streamed
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    # A wrong path or method is answered in the same error shape, which OpenAI's SDKs read.
+    unknown = httpx.post(f"{dispatcher.base_url}/completions", json={"model": "promptier", "prompt": "hi"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url", unknown.text
+    wrong = httpx.get(url)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed", wrong.text
+    assert wrong.headers["allow"] == "POST"
 
 
 def test_requests_a_browser_page_could_forge_are_refused_without_keys(

@@ -48,6 +48,18 @@ class _Asgi:
         await self.app(scope, receive, send)
 
 
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """An unknown path in the OpenAI error shape (OpenAI's SDKs read `error.message` from it)."""
+    return HTTPError(404, f"no such endpoint: {request.url.path}", code="unknown_url").response()
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    """A method a path does not take, in the OpenAI error shape, with the `Allow` header HTTP asks for."""
+    allowed = getattr(exc, "headers", None) or {}
+    return HTTPError(405, f"{request.method} is not allowed on {request.url.path}",
+                     code="method_not_allowed").response(headers=dict(allowed))
+
+
 def create_app(config: DispatcherConfig) -> ASGIApp:
     """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
     dispatcher = Dispatcher(config)
@@ -101,7 +113,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         exposed = CollectorRegistry()
         multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
     metrics = make_asgi_app(registry=exposed)
-    app = Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed}, routes=[
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
         Endpoint("/v1/chat/completions", chat.handle, methods=["POST"]),
