@@ -123,6 +123,9 @@ class ReplyLost:
     def describe(self) -> str:
         return self.store.describe()
 
+    def identity(self) -> str:
+        return self.store.identity()
+
     def close(self) -> None:
         self.store.close()
 
@@ -217,6 +220,66 @@ def test_ledger_keeps_counting_through_a_redis_outage_and_writes_the_spend_when_
         assert _wait_for(lambda: RedisSpendStore(redis_server.url).totals([key])[key] == 2.0)
     finally:
         ledger.close()
+
+
+def test_spend_a_process_could_not_write_before_it_stopped_is_written_once_by_the_next(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """A process stops while Redis is down: the spend it could not write is kept on local disk, and the
+    next process on the same store writes it, once, even when the journal is replayed twice."""
+    key, journal = ("search", "2025-06"), tmp_path / "journal"
+    first = SpendLedger(RedisSpendStore(redis_server.url), refresh_s=0.05, journal_dir=journal)
+    first.watch(key, PERIOD_END)
+    first.start()
+    first.charge(key, 1.0)
+    assert _wait_for(lambda: RedisSpendStore(redis_server.url).totals([key])[key] == 1.0)
+    redis_server.stop()
+    first.charge(key, 2.0)
+    assert _wait_for(lambda: first.error is not None)  # that write failed and waits for a retry
+    first.charge(key, 0.5)  # charged after it
+    first.close(timeout_s=2)
+    (kept,) = journal.glob("spend-unwritten.*.json")
+    copy = kept.read_bytes()
+    restarted = RedisServer(redis_server.port)  # back, empty (no persistence): the 1.0 written before is gone
+    redis_server.process = restarted.process
+
+    def replayed_by_a_new_process() -> float:
+        ledger = SpendLedger(RedisSpendStore(redis_server.url), refresh_s=0.05, journal_dir=journal)
+        ledger.watch(key, PERIOD_END)
+        ledger.start()
+        try:
+            assert ledger.wait_first_read(30)  # journals are replayed before the first read
+            assert not list(journal.glob("spend-unwritten.*.json"))
+            return ledger.spent(key)
+        finally:
+            ledger.close()
+
+    assert replayed_by_a_new_process() == 2.5
+    kept.write_bytes(copy)  # a second replay of the same journal (two processes racing to it) adds nothing
+    assert replayed_by_a_new_process() == 2.5
+    assert RedisSpendStore(redis_server.url).totals([key])[key] == 2.5
+
+
+def test_a_journal_is_replayed_only_into_its_own_store(tmp_path: Path) -> None:
+    key = ("search", "2025-06")
+    refusing = ReplyLost(SqliteSpendStore(tmp_path / "a.sqlite3"), lose=10**9, refuse=True)
+    stopped = SpendLedger(refusing, refresh_s=0.05, journal_dir=tmp_path)
+    stopped.watch(key, PERIOD_END)
+    stopped.start()
+    stopped.charge(key, 1.25)
+    assert _wait_for(lambda: refusing.lost >= 1)
+    stopped.close(timeout_s=2)
+    assert len(list(tmp_path.glob("spend-unwritten.*.json"))) == 1
+    (tmp_path / "spend-unwritten.broken.json").write_text("{not json")
+    for name, total, left in (("b.sqlite3", 0.0, 2), ("a.sqlite3", 1.25, 1)):
+        ledger = SpendLedger(SqliteSpendStore(tmp_path / name), refresh_s=0.05, journal_dir=tmp_path)
+        ledger.watch(key, PERIOD_END)
+        ledger.start()
+        try:
+            assert ledger.wait_first_read(30)
+            assert ledger.spent(key) == total  # another store's journal is left for its own store
+        finally:
+            ledger.close()
+        assert len(list(tmp_path.glob("spend-unwritten.*.json"))) == left  # an unreadable one is never deleted
 
 
 def test_check_reads_an_existing_store_and_writes_nothing(tmp_path: Path, redis_server: RedisServer,

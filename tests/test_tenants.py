@@ -377,7 +377,8 @@ def test_dispatchers_on_several_hosts_share_spend_through_redis(
     # their store still answers (otherwise their ledgers log a failed read into a closed capture).
     monkeypatch.setenv("SEARCH_KEYS", "search-key")
     monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
-    store = {"kind": "redis", "url_env": "SPEND_REDIS_URL", "key_prefix": "test", "refresh_ms": 50}
+    store = {"kind": "redis", "url_env": "SPEND_REDIS_URL", "key_prefix": "test", "refresh_ms": 50,
+             "journal_dir": str(tmp_path / "journal")}
     first = started("first.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store)
     second = started("second.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store)
     for _ in range(3):

@@ -21,13 +21,15 @@ WRITE_INTERVAL_S apart: the requests charged in between go together in the next 
 every watched total every `refresh_ms`.
 What a request sees is the store's total as of this process's last write or refresh, plus this
 process's own spend not yet written: other processes' spend shows at most `refresh_ms` (plus one
-store round trip) late, this process's at once.
+store round trip) late, this process's at once. Spend still unwritten when the ledger closes goes to a
+journal on local disk, which the next ledger on the same store writes (serving.dispatch.spend_journal).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Protocol
 
 from classifier.errors import PromptierError
+from serving.dispatch import spend_journal
+from serving.dispatch.spend_journal import JournaledWrite
 
 log = logging.getLogger("promptier.dispatcher")
 Key = tuple[str, str]  # (tenant, period key)
@@ -50,6 +54,8 @@ WRITER_RETENTION_S = 7 * 86400
 # charged in the interval at high load (a SQLite write took 75 us of CPU here, which a busy process
 # should not pay hundreds of times a second).
 WRITE_INTERVAL_S = 0.02
+# How often a running ledger looks again for journals that stopped processes left (serving.dispatch.spend_journal).
+JOURNAL_SCAN_S = 10.0
 
 
 class SpendStoreError(PromptierError):
@@ -73,6 +79,11 @@ class SpendStore(Protocol):
         ...
 
     def describe(self) -> str: ...
+
+    def identity(self) -> str:
+        """Names this store's data (not only its server) across processes and hosts: a journal of
+        unwritten spend is replayed only into the store it was kept for."""
+        ...
 
     def close(self) -> None: ...
 
@@ -192,6 +203,9 @@ class SqliteSpendStore:
     def describe(self) -> str:
         return f"sqlite {self.path}"
 
+    def identity(self) -> str:
+        return f"sqlite {self.path.resolve()}"
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -276,6 +290,9 @@ class RedisSpendStore:
     def describe(self) -> str:
         return self._where
 
+    def identity(self) -> str:
+        return f"{self._where} {self.prefix}"
+
     def close(self) -> None:
         self._redis.close()
 
@@ -290,8 +307,12 @@ class SpendLedger:
 
     def __init__(self, store: SpendStore, refresh_s: float, on_refresh: Callable[[dict[Key, float]], None]
                  | None = None, on_error: Callable[[str], None] | None = None,
-                 write_interval_s: float = WRITE_INTERVAL_S) -> None:
+                 write_interval_s: float = WRITE_INTERVAL_S, journal_dir: Path | None = None) -> None:
+        """`journal_dir`: where spend still unwritten at `close` is kept, and where this ledger looks for
+        what stopped processes of the same store kept (serving.dispatch.spend_journal); None: nowhere."""
         self.store = store
+        self.journal_dir = journal_dir
+        self._journals_scanned = -math.inf  # time.monotonic() of the last look for other processes' journals
         self.refresh_s = refresh_s
         self.write_interval_s = write_interval_s
         self._on_refresh = on_refresh
@@ -350,12 +371,43 @@ class SpendLedger:
         return self.last_ok is not None
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is pending (within `timeout_s`) and stop."""
+        """Write what is pending (within `timeout_s`), keep in the journal what the store did not take,
+        and stop."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        unwritten = self._unwritten()
+        if unwritten:
+            self._keep(unwritten)
         self.store.close()
+
+    def _unwritten(self) -> list[JournaledWrite]:
+        """The unconfirmed write under its number and the spend charged after it under the next: what the
+        store would have been sent. A write still running past `close`'s wait is in it too; should that
+        write land, its number makes the journal's copy a no-op."""
+        with self._lock:
+            writes = [JournaledWrite(sequence, dict(spend), {period: self._expires.get(period, time.time() + 31 * 86400)
+                                                             for _, period in spend})
+                      for sequence, spend in ((self._sequence, self._writing), (self._sequence + 1, self._pending))
+                      if spend]
+        return writes
+
+    def _keep(self, writes: list[JournaledWrite]) -> None:
+        usd = {f"{tenant}/{period}": value for write in writes for (tenant, period), value in write.increments.items()}
+        if self.journal_dir is not None:
+            try:
+                path = spend_journal.save(self.journal_dir, self.store.identity(), self._writer, writes)
+            except OSError as error:
+                detail = f"journal not written: {type(error).__name__}: {error}"
+            else:
+                log.warning(json.dumps({"event": "spend_journaled", "store": self.store.describe(), "path": str(path),
+                                        "usd": usd, "detail": self.error}))
+                return
+        else:
+            detail = "no journal directory"
+        log.error(json.dumps({"event": "spend_unwritten_at_stop", "store": self.store.describe(), "usd": usd,
+                              "detail": detail}))
 
     def _run(self) -> None:
         next_refresh = 0.0
@@ -369,6 +421,7 @@ class SpendLedger:
             self._wake.clear()
             if self._pending:
                 last_write = time.monotonic()
+            self._replay_journals()
             self._write()
             if time.monotonic() >= next_refresh or self._unread():
                 self._refresh()
@@ -400,6 +453,26 @@ class SpendLedger:
             self._stored.update(totals)  # totals include what this write added
             self._writing = {}
         self._succeeded()
+
+    def _replay_journals(self) -> None:
+        """Write the spend that stopped processes of this store kept in journals (at start, then every
+        JOURNAL_SCAN_S: a process replaced by a reload may stop after this one started). Each write goes
+        under the stopped process's writer id and number, so it is charged once however often it is sent."""
+        if self.journal_dir is None or time.monotonic() - self._journals_scanned < JOURNAL_SCAN_S:
+            return
+        for journal in spend_journal.load(self.journal_dir, self.store.identity()):
+            try:
+                for write in journal.writes:
+                    totals = self.store.add(write.increments, write.expires, journal.writer, write.sequence)
+                    with self._lock:
+                        self._stored.update(totals)
+            except Exception as error:  # the store is down: every journal waits for the next round
+                self._failed("replay", error)
+                return
+            journal.path.unlink(missing_ok=True)
+            log.info(json.dumps({"event": "spend_journal_replayed", "store": self.store.describe(),
+                                 "writer": journal.writer, "usd": round(journal.usd(), 9)}))
+        self._journals_scanned = time.monotonic()
 
     def _refresh(self) -> None:
         with self._lock:

@@ -92,6 +92,16 @@ class SpendStoreConfig(_Strict):
     key_prefix: str = Field(default="promptier", min_length=1, description="redis only: prefix of the keys")
     refresh_ms: float = Field(default=250.0, ge=10, le=60_000, description="a process reads the other "
                               "processes' spend at most this long after they wrote it")
+    journal_dir: Path | None = Field(default=None, description="where a process that stops while the store "
+                                     "is down keeps the spend it could not write, for the next process on "
+                                     "the same store to write (default: the SQLite file's directory; for "
+                                     "Redis, the directory the dispatcher runs in)")
+
+    def journal_directory(self) -> Path:
+        """`journal_dir`, or its default."""
+        if self.journal_dir is not None:
+            return self.journal_dir
+        return self.path.parent if self.path is not None else Path(".")
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> SpendStoreConfig:

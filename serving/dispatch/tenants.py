@@ -167,7 +167,8 @@ class Tenants:
         if budgeted:
             self.ledger = SpendLedger(open_store(config.spend_store), config.spend_store.refresh_ms / 1000,
                                       on_refresh=self._show_spend,
-                                      on_error=lambda operation: self.metrics.store_errors.labels(operation).inc())
+                                      on_error=lambda operation: self.metrics.store_errors.labels(operation).inc(),
+                                      journal_dir=config.spend_store.journal_directory())
             for tenant in budgeted:
                 assert tenant.budget is not None
                 self.metrics.budget.labels(tenant.name).set(tenant.budget.usd)
