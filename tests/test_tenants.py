@@ -112,6 +112,12 @@ def test_each_key_gets_its_tenants_policy_and_unknown_keys_are_refused(
     keyless = httpx.post(f"{dispatcher.base_url}/chat/completions",
                          json={"model": "promptier", "messages": [{"role": "user", "content": EASY}]})
     assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_api_key"
+    # The models list, as OpenAI's, needs a key, and offers a tenant only the tier pins it may use.
+    pins = {model.id for model in support.models.list() if "/tier/" in model.id}
+    assert pins == {"promptier/tier/small", "promptier/tier/medium"}
+    assert "promptier/tier/large" in {model.id for model in research.models.list()}
+    listed = httpx.get(f"{dispatcher.base_url}/models")
+    assert listed.status_code == 401 and listed.json()["error"]["code"] == "invalid_api_key"
     # A failing tier escalates only to tiers the tenant may use: support's medium has nowhere to go.
     fresh["medium"].behaviour = "500"
     received_by_large = len(fresh["large"].received)

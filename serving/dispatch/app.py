@@ -103,7 +103,14 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         return JSONResponse({"accepted": accepted}, status_code=202)
 
     async def models(request: Request) -> Response:
-        data = [{"id": model_id, "object": "model", "owned_by": "promptier"} for model_id in dispatcher.model_ids()]
+        """The model names a caller may ask for: with inbound keys, the key's tenant's (as OpenAI's API,
+        a key is needed), so that no tier pin the tenant would be refused is offered."""
+        tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
+        if tenant is None:
+            return HTTPError(401, "invalid or missing API key", kind="authentication_error",
+                             code="invalid_api_key").response()
+        data = [{"id": model_id, "object": "model", "owned_by": "promptier"}
+                for model_id in dispatcher.model_ids(tenant)]
         return JSONResponse({"object": "list", "data": data})
 
     chat = ChatCompletions(dispatcher)

@@ -241,9 +241,10 @@ class Dispatcher:
             return None, parts[2]
         raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}", code="model_not_found")
 
-    def model_ids(self) -> list[str]:
+    def model_ids(self, tenant: Tenant | None = None) -> list[str]:
+        """The names requests may ask for: the router, its modes, and a pin per tier (the tenant's tiers)."""
         return ([ROUTER_PREFIX] + [f"{ROUTER_PREFIX}/{mode}" for mode in MODES]
-                + [f"{ROUTER_PREFIX}/tier/{tier}" for tier in self.tiers])
+                + [f"{ROUTER_PREFIX}/tier/{tier}" for tier in self.tiers if tenant is None or tenant.may_use(tier)])
 
     async def route(self, messages: list[tuple[str, str]], mode: str | None, pinned: str | None,
                     needs: Needs = NO_NEEDS, tenant: Tenant | None = None) -> Route:
