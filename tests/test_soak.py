@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_short_soak_keeps_answers_rows_and_processes_whole(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
@@ -113,3 +115,43 @@ def test_sigterm_stops_every_service_the_soak_started(tmp_path: Path) -> None:
     finally:
         if soak.poll() is None:
             soak.kill()
+
+
+def test_stopping_the_label_jobs_ends_a_round_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A soak ended early (SIGTERM) runs no `finally` in the daemon thread of its label rounds: the jobs
+    of the round under way must be ended from outside it, or they label on after the soak exited."""
+    import threading
+    import time
+
+    import psutil
+
+    from serving.bench import soak_labeling
+
+    # A job that would outlive the soak: it never finishes by itself within the test.
+    monkeypatch.setattr(soak_labeling, "cli_command", lambda *args: [sys.executable, "-c", "import time; "
+                                                                     "time.sleep(600)"])
+    jobs = soak_labeling.LabelJobs()
+    rounds: list[dict] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=soak_labeling.label_rounds, daemon=True,
+                              args=(tmp_path / "input.jsonl", 10, tmp_path, None,
+                                    time.monotonic() - soak_labeling.LABEL_FIRST_AT_S, 600.0, 600.0, stop, rounds,
+                                    jobs))
+    thread.start()
+    me = psutil.Process()
+    started: list[psutil.Process] = []
+    deadline = time.monotonic() + 60
+    while len(started) < 2 and time.monotonic() < deadline:
+        started = [child for child in me.children() if "time.sleep(600)" in " ".join(child.cmdline())]
+        time.sleep(0.1)
+    assert len(started) == 2, "the round did not start its two jobs"
+
+    stop.set()  # what the soak's `finally` does: no new round, then the jobs under way ended
+    jobs.stop_all()
+    thread.join(60)
+    assert not thread.is_alive()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, alive
+    assert [job["exit_code"] for job in rounds[0]["jobs"]] != [0, 0]
+    with (tmp_path / "late.err").open("wb") as err:  # a job the round would start after the stop
+        assert jobs.start([sys.executable, "-c", "pass"], tmp_path, err) is None

@@ -48,7 +48,7 @@ from classifier.signals import sigterm_as_exit
 from serving.bench import soak_clients, soak_slow_clients
 from serving.bench.ports import listen_ports, port_taken
 from serving.bench.report_path import check_report_path
-from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, label_rounds, write_label_input
+from serving.bench.soak_labeling import LABEL_JOB_TIMEOUT_S, LabelJobs, label_rounds, write_label_input
 from serving.bench.soak_processes import (
     LOAD_NICENESS,
     SERVE_WORKERS,
@@ -275,6 +275,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
     write_label_input(label_input, options.label_rows)
 
     children = Children()
+    label_jobs = LabelJobs()
     serve = start_process(cli_command("serve", "--port", str(grpc_port), "--workers", str(SERVE_WORKERS),
                                       "--metrics-port", str(metrics_port), *model_args), workdir, "serve")
     dispatch = start_process(cli_command("dispatch", "--config", str(config_path), "--port", str(dispatch_port)),
@@ -328,7 +329,7 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
                                    options.chaos_every_s, stop, chaos)),
             threading.Thread(target=label_rounds, name="soak-label", daemon=True,
                              args=(label_input, options.label_rows, workdir, options.model, begin, seconds,
-                                   options.label_every_s, stop, rounds)),
+                                   options.label_every_s, stop, rounds, label_jobs)),
         ]
         for thread in threads:
             thread.start()
@@ -351,9 +352,12 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         report.update(traffic=traffic, upstream=upstream, chaos=asdict(chaos), label_rounds=rounds)
     finally:
         stop.set()
+        # The label jobs and the traffic first: on a soak ended early they still run, and the slow
+        # connections would hold the dispatcher's shutdown open until it is killed.
+        label_jobs.stop_all()
+        children.stop_all()
         report["dispatch_stop_exit_code"] = stop_process(dispatch)
         report["serve_stop_exit_code"] = stop_process(serve)
-        children.stop_all()
     report["load_average_after"] = list(os.getloadavg())
     report["logs"] = {
         "serve_tracebacks": _count_in(workdir / "serve.err", TRACEBACK),

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -54,21 +55,65 @@ def check_label_output(path: Path, rows: int) -> dict:
             "error_rows": errors, "in_order": order == sorted(expected)}
 
 
-def label_round(index: int, input_path: Path, rows: int, workdir: Path, model: Path | None) -> dict:
+class LabelJobs:
+    """The `promptier label` processes of the rounds under way. They are the soak's children but not in a
+    session of their own, and the rounds run in a daemon thread: a soak ended early (SIGTERM, a failed
+    start) would leave them labeling after it exited unless `stop_all` ends them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: list[subprocess.Popen] = []
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop_all` was called: no job starts any more."""
+        return self._stopped
+
+    def start(self, command: list[str], workdir: Path, err: IO[bytes]) -> subprocess.Popen | None:
+        """Start one job at the label niceness, or none (None) once `stop_all` was called."""
+        with self._lock:  # held while starting, so that stop_all cannot miss a job being started
+            if self._stopped:
+                return None
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=python_env(), cwd=workdir)
+            self._running = [job for job in self._running if job.poll() is None] + [process]
+        with contextlib.suppress(psutil.Error):  # a job refused at once may be gone already
+            psutil.Process(process.pid).nice(LABEL_NICENESS)
+        return process
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs and end the running ones: SIGTERM, then SIGKILL after `timeout` s."""
+        with self._lock:
+            self._stopped = True
+            running, self._running = self._running, []
+        for process in running:
+            if process.poll() is None:
+                process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+
+
+def label_round(index: int, input_path: Path, rows: int, workdir: Path, model: Path | None,
+                jobs: LabelJobs) -> dict:
     """Two `promptier label` jobs on one output, started at the same moment: how each ended, and
     what the output holds."""
     output = workdir / f"labels-{index}.jsonl"
     command = cli_command("label", str(input_path), "--output", str(output), "--workers", "1",
                    *(["--model", str(model)] if model else []))
-    jobs = []
+    jobs_started = []
     for job in range(2):
         err = (workdir / f"label-{index}-{job}.err").open("wb")
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=python_env(), cwd=workdir)
-        with contextlib.suppress(psutil.Error):  # a job refused at once may be gone already
-            psutil.Process(process.pid).nice(LABEL_NICENESS)
-        jobs.append((process, time.monotonic(), err))
+        process = jobs.start(command, workdir, err)
+        if process is None:  # the soak is stopping
+            err.close()
+            break
+        jobs_started.append((process, time.monotonic(), err))
     ended = []
-    for process, started, err in jobs:
+    for process, started, err in jobs_started:
         try:
             code: int | None = process.wait(max(1.0, started + LABEL_JOB_TIMEOUT_S - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -95,14 +140,14 @@ def label_round(index: int, input_path: Path, rows: int, workdir: Path, model: P
 
 
 def label_rounds(input_path: Path, rows: int, workdir: Path, model: Path | None, begin: float, seconds: float,
-                  every: float, stop: threading.Event, rounds: list[dict]) -> None:
+                 every: float, stop: threading.Event, rounds: list[dict], jobs: LabelJobs) -> None:
     """A label round at LABEL_FIRST_AT_S into the window and every `every` seconds after, while the
-    window lasts (a round started inside it may end after it)."""
+    window lasts (a round started inside it may end after it), its jobs started through `jobs`."""
     index = 0
     while True:
         at = LABEL_FIRST_AT_S + index * every
-        if at >= seconds or stop.wait(max(0.0, begin + at - time.monotonic())):
+        if at >= seconds or stop.wait(max(0.0, begin + at - time.monotonic())) or jobs.stopped:
             return
         started = round(time.monotonic() - begin, 1)
-        rounds.append({"at_s": started, **label_round(index, input_path, rows, workdir, model)})
+        rounds.append({"at_s": started, **label_round(index, input_path, rows, workdir, model, jobs)})
         index += 1
