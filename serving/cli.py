@@ -166,7 +166,7 @@ def dispatch(
 def dispatch_bench(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-dispatch.json"),
-    requests: Annotated[int, typer.Option(help="requests per measurement")] = 500,
+    requests: Annotated[int, typer.Option(min=1, help="requests per measurement")] = 500,
     config_overlay: Annotated[Path | None, typer.Option(help="YAML whose top-level sections are added to every "
                                                         "dispatcher config of the bench (e.g. tenants and "
                                                         "spend_store, to measure their cost)")] = None,

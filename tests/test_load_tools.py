@@ -164,6 +164,25 @@ def test_benches_refuse_a_report_path_that_is_a_folder_before_measuring(command:
     assert f"--out {tmp_path} is a folder" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a folder no process can create files in")
+@pytest.mark.parametrize("command", ["dispatch-bench", "loadtest", "litellm-bench", "soak"])
+def test_benches_refuse_a_report_path_they_cannot_write_before_measuring(command: str, tmp_path: Path) -> None:
+    """An existing folder is not enough: one the report cannot be created in (read-only, no permission)
+    lost the whole run, with a traceback at its end."""
+    out = Path("/proc/promptier-bench.json")  # /proc takes no new file, not even root's
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", command, "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"--out {out}: cannot write there" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dispatch_bench_refuses_no_requests_before_starting_any_service(tmp_path: Path) -> None:
+    """No percentiles of zero samples: a usage error, not a traceback after the services started."""
+    result = _dispatch_bench(tmp_path, "--requests", "0")
+    assert result.returncode == 2 and "--requests" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bench-dispatch.json").exists()
+
+
 def test_a_terminated_dispatch_bench_stops_the_services_it_started(tmp_path: Path) -> None:
     """They run in sessions of their own, which a signal to the bench's process group does not reach."""
     import signal
