@@ -133,6 +133,7 @@ def test_dispatch_bench_measures_both_classifier_configurations_from_classified_
             assert all(math.isfinite(value) for value in figures.values())
             assert figures["direct_p50_ms"] > 0 and figures["dispatcher_p50_ms"] > 0
         assert report[name]["classifier_p99_ms"] >= report[name]["classifier_p50_ms"] > 0
+        assert report[name]["classifier_samples"] == 2 * 3  # the timed requests of both measures, no warm-up
     assert not list(tmp_path.glob("decisions*"))  # its configs and decision logs went with the run
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,7 @@ from serving.bench.soak_processes import (
     wait_started,
 )
 
+WARM_UP_REQUESTS = 50  # per measure, before the timed ones; left out of every figure
 SEQUENTIAL = ("grpc", "embedded")  # the classifier configurations measured one request at a time
 LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a crash, and what fsync has to do "
                "with it. Give an example with two concurrent transactions.")
@@ -63,8 +65,9 @@ def echo_upstream() -> FastAPI:
     return app
 
 
-def _timed_request(client: httpx.Client, url: str, body: dict, stream: bool) -> float:
-    """Milliseconds to the whole response (non-streaming) or to the first streamed byte."""
+def _timed_request(client: httpx.Client, url: str, body: dict, stream: bool) -> tuple[float, str | None]:
+    """Milliseconds to the whole response (non-streaming) or to the first streamed byte, and the
+    dispatcher's request id (None from the upstream)."""
     start = time.perf_counter()
     if stream:
         with client.stream("POST", url, json={**body, "stream": True}) as response:
@@ -73,22 +76,34 @@ def _timed_request(client: httpx.Client, url: str, body: dict, stream: bool) -> 
             elapsed = (time.perf_counter() - start) * 1000
             for _ in chunks:
                 pass
-        return elapsed
-    client.post(url, json=body).raise_for_status()
-    return (time.perf_counter() - start) * 1000
+        return elapsed, response.headers.get("x-promptier-request-id")
+    response = client.post(url, json=body)
+    response.raise_for_status()
+    return (time.perf_counter() - start) * 1000, response.headers.get("x-promptier-request-id")
+
+
+@dataclass
+class Interleaved:
+    """One sequential measure: milliseconds per request, direct and routed, and the routed ones' ids."""
+
+    direct_ms: list[float] = field(default_factory=list)
+    routed_ms: list[float] = field(default_factory=list)
+    routed_ids: set[str] = field(default_factory=set)
 
 
 def _measure_interleaved(client: httpx.Client, direct: tuple[str, dict], routed: tuple[str, dict], count: int,
-                         stream: bool) -> tuple[list[float], list[float]]:
+                         stream: bool) -> Interleaved:
     """Direct and routed requests in alternation (which goes first alternates too), so that a change in
     the machine's load during the run shows in both series instead of in their difference."""
-    direct_ms: list[float] = []
-    routed_ms: list[float] = []
+    measured = Interleaved()
     for index in range(count):
-        pair = [(direct, direct_ms), (routed, routed_ms)]
+        pair = [(direct, measured.direct_ms), (routed, measured.routed_ms)]
         for (url, body), samples in (pair if index % 2 == 0 else pair[::-1]):
-            samples.append(_timed_request(client, url, body, stream))
-    return direct_ms, routed_ms
+            elapsed, request_id = _timed_request(client, url, body, stream)
+            samples.append(elapsed)
+            if samples is measured.routed_ms and request_id is not None:
+                measured.routed_ids.add(request_id)
+    return measured
 
 
 def start_upstream(port: int, workdir: Path) -> subprocess.Popen:
@@ -98,17 +113,21 @@ def start_upstream(port: int, workdir: Path) -> subprocess.Popen:
     return start_process([sys.executable, "-c", code], workdir, "upstream")
 
 
-def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
+def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> tuple[dict, set[str]]:
+    """Both measures' figures, and the request ids of the timed routed requests (not the warm-up's)."""
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     direct_body = {**body, "model": "small-model"}
     report: dict = {}
+    timed: set[str] = set()
     with httpx.Client(timeout=10) as client:
         for stream in (False, True):
             kind = "time_to_first_byte" if stream else "non_streaming"
             direct_target = (f"{upstream_url}/chat/completions", direct_body)
             routed_target = (f"{dispatcher_url}/chat/completions", body)
-            _measure_interleaved(client, direct_target, routed_target, 50, stream)  # warm-up
-            direct, routed = _measure_interleaved(client, direct_target, routed_target, count, stream)
+            _measure_interleaved(client, direct_target, routed_target, WARM_UP_REQUESTS, stream)
+            measured = _measure_interleaved(client, direct_target, routed_target, count, stream)
+            direct, routed = measured.direct_ms, measured.routed_ms
+            timed |= measured.routed_ids
             report[kind] = {
                 "direct_p50_ms": float(np.percentile(direct, 50)),
                 "direct_p99_ms": float(np.percentile(direct, 99)),
@@ -117,7 +136,7 @@ def _measure_pair(upstream_url: str, dispatcher_url: str, count: int) -> dict:
                 "added_p50_ms": float(np.percentile(routed, 50) - np.percentile(direct, 50)),
                 "added_p99_ms": float(np.percentile(routed, 99) - np.percentile(direct, 99)),
             }
-    return report
+    return report, timed
 
 
 def _reasons(metrics_url: str) -> dict[str, float]:
@@ -218,15 +237,17 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
                     time.sleep(3.0)  # health answers once the first worker is up; let the others load too
                 dispatcher_url = f"http://127.0.0.1:{http_port}/v1"
                 if name in SEQUENTIAL:
-                    report[name] = _measure_pair(upstream_url, dispatcher_url, count)
+                    report[name], timed = _measure_pair(upstream_url, dispatcher_url, count)
                     logged = [json.loads(line) for line in decisions.read_text().splitlines()]
                     reasons = {row["reason"] for row in logged}
                     if reasons != {"classified"}:  # a fallback would measure the wrong path
                         raise RuntimeError(f"{name}: requests were not all classified: {sorted(reasons)}")
-                    # How much of the dispatcher's time went to asking the classifier (from its own log).
-                    asked = [row["classifier_ms"] for row in logged]
+                    # How much of the dispatcher's time went to asking the classifier (from its own log), over
+                    # the timed requests only: the warm-up's first calls are the slowest.
+                    asked = classifier_ms_of(logged, timed)
                     report[name]["classifier_p50_ms"] = float(np.percentile(asked, 50))
                     report[name]["classifier_p99_ms"] = float(np.percentile(asked, 99))
+                    report[name]["classifier_samples"] = len(asked)
                 if load:
                     report["load"][name] = [_load(dispatcher_url, body, concurrency, load_seconds)
                                             for concurrency in (8, 32)]
@@ -236,6 +257,19 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
         for process in processes:
             stop_process(process)
     return report
+
+
+def classifier_ms_of(logged: list[dict], request_ids: set[str]) -> list[float]:
+    """The `classifier_ms` of the decision-log rows of these requests.
+
+    Raises:
+        RuntimeError: a request's row is missing (the figures would be of other requests).
+    """
+    asked = [row["classifier_ms"] for row in logged if row.get("prompt_id") in request_ids]
+    if len(asked) != len(request_ids):
+        raise RuntimeError(f"{len(request_ids) - len(asked)} of {len(request_ids)} timed requests are not in the "
+                           "decision log")
+    return asked
 
 
 def _print_report(report: dict, load_seconds: float) -> None:
