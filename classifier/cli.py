@@ -10,6 +10,7 @@ dependencies inside the command, so that `promptier --help` stays fast.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -30,6 +31,14 @@ def fail(error: Exception) -> NoReturn:
     """End a command with the error's message on stderr and exit status 2 (no traceback)."""
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback for float options: `nan` and `inf` parse as floats, and a duration, a budget or
+    a rate of either would run forever or write figures no JSON reader takes."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 @cache
@@ -66,8 +75,9 @@ def classify(
                                             "prompt that starts with -)")],
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
-    threshold: Annotated[float | None, typer.Option(help="raw threshold in [0, 1]")] = None,
-    top_share: Annotated[float | None, typer.Option(help="target share of top-tier calls in [0, 1]")] = None,
+    threshold: Annotated[float | None, typer.Option(callback=finite, help="raw threshold in [0, 1]")] = None,
+    top_share: Annotated[float | None, typer.Option(callback=finite,
+                                                    help="target share of top-tier calls in [0, 1]")] = None,
     allowed_tier: Annotated[list[str] | None, typer.Option(help="a tier this request may go to (repeat it)")] = None,
 ) -> None:
     """Classify one prompt and print the routing decision as JSON."""
@@ -95,7 +105,7 @@ def label(
     output: Annotated[Path, typer.Option("--output", "-o", help="output .jsonl or .parquet")],
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
-    threshold: Annotated[float | None, typer.Option()] = None,
+    threshold: Annotated[float | None, typer.Option(callback=finite)] = None,
     prompt_column: Annotated[str, typer.Option()] = "prompt",
     id_column: Annotated[str, typer.Option()] = "prompt_id",
     messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
@@ -171,7 +181,7 @@ def bench(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench.json"),
     iterations: Annotated[int, typer.Option(min=1, help="timed calls per length bucket")] = 2000,
-    seconds: Annotated[float, typer.Option(help="duration of each throughput run, above 0")] = 5.0,
+    seconds: Annotated[float, typer.Option(callback=finite, help="duration of each throughput run, above 0")] = 5.0,
 ) -> None:
     """Measure the runtime: p50/p90/p99/max latency by length, batched throughput, peak RSS.
 

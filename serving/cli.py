@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from classifier.cli import fail
+from classifier.cli import fail, finite
 from classifier.errors import PromptierError, require
 
 # Installed with the package: `promptier dispatch --example` gives it wherever there is no checkout.
@@ -55,15 +55,19 @@ def serve(
                                                      "(worker i of --workers on this port + i)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="server processes sharing the port (SO_REUSEPORT), "
                                          "one model each; about one per core")] = 1,
-    handshake_timeout: Annotated[float, typer.Option(min=0.001, help="seconds a new connection has to send "
+    handshake_timeout: Annotated[float, typer.Option(callback=finite,
+                                                     min=0.001, help="seconds a new connection has to send "
                                                      "its HTTP/2 preface; slower ones are closed")] = 10.0,
-    idle_timeout: Annotated[float, typer.Option(min=0, help="close a connection that has carried no call for "
+    idle_timeout: Annotated[float, typer.Option(callback=finite,
+                                                min=0, help="close a connection that has carried no call for "
                                                 "this many seconds (0: never); gRPC clients reconnect by "
                                                 "themselves")] = 300.0,
-    max_connection_age: Annotated[float, typer.Option(min=0, help="close connections older than this many "
+    max_connection_age: Annotated[float, typer.Option(callback=finite,
+                                                      min=0, help="close connections older than this many "
                                                       "seconds (0: never), after 30 s more for calls in "
                                                       "flight")] = 0.0,
-    keepalive: Annotated[float, typer.Option(min=0, help="ping a connection silent for this many seconds and "
+    keepalive: Annotated[float, typer.Option(callback=finite,
+                                             min=0, help="ping a connection silent for this many seconds and "
                                              "close it if the client does not answer within 20 s (0: gRPC's "
                                              "default, 2 hours)")] = 60.0,
     max_connections: Annotated[int | None, typer.Option(min=1, help="connections open at once, per process; "
@@ -224,16 +228,20 @@ def litellm_bench(
 def budget_sim(
     inputs: Annotated[list[Path], typer.Argument(help="decision logs (promptier dispatch) or labeled logs "
                                                  "(promptier label): .jsonl or .parquet")],
-    budget_usd: Annotated[float | None, typer.Option(min=0.0, help="the period's budget in USD")] = None,
-    budget_share: Annotated[float | None, typer.Option(min=0.0, help="the budget as a share of the unpaced "
+    budget_usd: Annotated[float | None, typer.Option(callback=finite,
+                                                     min=0.0, help="the period's budget in USD")] = None,
+    budget_share: Annotated[float | None, typer.Option(callback=finite,
+                                                       min=0.0, help="the budget as a share of the unpaced "
                                                        "spend of these requests (default 0.5)")] = None,
     config: Annotated[Path | None, typer.Option(help="dispatcher config: take --tenant's budget settings and "
                                                 "allowed tiers from it (the paced row is replayed even for a "
                                                 "tenant with pacing off)")] = None,
     tenant: Annotated[str | None, typer.Option(help="replay only this tenant's rows of a decision log")] = None,
-    max_quality_loss: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="pacing's quality floor "
+    max_quality_loss: Annotated[float | None, typer.Option(callback=finite,
+                                                           min=0.0, max=1.0, help="pacing's quality floor "
                                                            "(default: the config's, else 0.5)")] = None,
-    pacing_band: Annotated[float | None, typer.Option(min=0.001, max=1.0, help="(default: the config's, "
+    pacing_band: Annotated[float | None, typer.Option(callback=finite,
+                                                      min=0.001, max=1.0, help="(default: the config's, "
                                                       "else 0.1)")] = None,
     on_exhausted: Annotated[str | None, typer.Option(help="cheapest | reject (default: the config's, else "
                                                      "cheapest)")] = None,
@@ -293,7 +301,7 @@ def budget_sim(
 def loadtest(
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench-serving.json"),
-    seconds: Annotated[float, typer.Option(min=1.0, help="duration of each scenario")] = 8.0,
+    seconds: Annotated[float, typer.Option(callback=finite, min=1.0, help="duration of each scenario")] = 8.0,
     workers: Annotated[int, typer.Option(min=1, help="also test a server with this many processes")] = 2,
     generator: Annotated[str, typer.Option(help="auto (h2load if installed), h2load, or python")] = "auto",
 ) -> None:
@@ -311,21 +319,27 @@ def loadtest(
 
 @app.command()
 def soak(
-    minutes: Annotated[float, typer.Option(min=0.1, help="length of the window everything runs at once (the "
+    minutes: Annotated[float, typer.Option(callback=finite,
+                                           min=0.1, help="length of the window everything runs at once (the "
                                            "first label round starts 5 s into it)")] = 5.0,
     model: Annotated[Path | None, typer.Option(help="artifact directory (default: shipped model)")] = None,
     out: Annotated[Path, typer.Option(help="JSON report")] = Path("bench-soak.json"),
-    deadline_ms: Annotated[float, typer.Option(min=1, help="deadline of each well-behaved Classify call")] = 50.0,
-    well_behaved_rate: Annotated[float, typer.Option(min=0.1, help="well-behaved Classify calls per second")] = 20.0,
-    flood_factor: Annotated[float, typer.Option(min=0.1, help="the flood, as a multiple of the service's "
+    deadline_ms: Annotated[float, typer.Option(callback=finite,
+                                               min=1, help="deadline of each well-behaved Classify call")] = 50.0,
+    well_behaved_rate: Annotated[float, typer.Option(callback=finite,
+                                                     min=0.1, help="well-behaved Classify calls per second")] = 20.0,
+    flood_factor: Annotated[float, typer.Option(callback=finite,
+                                                min=0.1, help="the flood, as a multiple of the service's "
                                                 "capacity measured just before")] = 2.0,
     slow_connections: Annotated[int, typer.Option(min=0, help="slow connections held to each of the gRPC and "
                                                   "dispatcher ports")] = 200,
-    dispatch_rate: Annotated[float, typer.Option(min=0.1, help="chat completions per second through the "
+    dispatch_rate: Annotated[float, typer.Option(callback=finite,
+                                                 min=0.1, help="chat completions per second through the "
                                                  "dispatcher")] = 20.0,
     label_rows: Annotated[int, typer.Option(min=1, help="rows of the generated labeling input")] = 20_000,
-    label_every: Annotated[float, typer.Option(min=1, help="seconds between label rounds")] = 60.0,
-    chaos_every: Annotated[float, typer.Option(min=3, help="seconds between serve worker kills (and between "
+    label_every: Annotated[float, typer.Option(callback=finite, min=1, help="seconds between label rounds")] = 60.0,
+    chaos_every: Annotated[float, typer.Option(callback=finite,
+                                               min=3, help="seconds between serve worker kills (and between "
                                                "reloads)")] = 60.0,
 ) -> None:
     """Chaos and soak on loopback: flood, slow connections, odd upstreams, worker kills, reloads and

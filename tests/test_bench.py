@@ -45,7 +45,7 @@ def test_bench_measures_every_bucket_and_writes_its_json(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("option", "value"), [("--iterations", "0"), ("--iterations", "-3"), ("--seconds", "0"),
-                                               ("--seconds", "-1")])
+                                               ("--seconds", "-1"), ("--seconds", "nan"), ("--seconds", "inf")])
 def test_bench_refuses_no_samples_or_no_time_before_measuring(tmp_path: Path, option: str, value: str) -> None:
     # No percentiles of zero samples, no rate over zero (or negative) seconds: a usage error, not a traceback.
     out = tmp_path / "bench.json"
@@ -65,3 +65,13 @@ def test_bench_checks_its_output_can_be_written_before_measuring(tmp_path: Path)
     assert f"cannot write {out}" in result.output and "Traceback" not in result.output
     # Refused before measuring: no table was printed.
     assert "| prompt length |" not in result.output
+
+
+@pytest.mark.parametrize("command", [["loadtest", "--seconds", "inf"], ["train-bench", "--timeout", "nan"],
+                                     ["budget-sim", "decisions.jsonl", "--budget-usd", "inf"],
+                                     ["serve", "--keepalive", "inf"]])
+def test_float_options_of_every_product_refuse_nan_and_infinity(command: list[str], tmp_path: Path) -> None:
+    """`nan` and `inf` parse as floats: a run of infinite seconds never ends, and NaN figures are no JSON."""
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", *command], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "must be a finite number" in result.stderr, result.stderr

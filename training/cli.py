@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from classifier.artifact_layout import check_destination
-from classifier.cli import fail
+from classifier.cli import fail, finite
 from classifier.errors import PromptierError
 
 if TYPE_CHECKING:
@@ -57,11 +57,11 @@ def train(
                                                                "traffic; JSONL or Parquet with a `prompt` column), "
                                                                "learned from the teacher's labels: --teacher's or "
                                                                "the recipe's embedding teacher's")] = None,
-    distill_weight: Annotated[float | None, typer.Option(
+    distill_weight: Annotated[float | None, typer.Option(callback=finite,
         min=0, max=1, help="weight of the teacher's probabilities in the targets (1 = pure distillation): "
         f"--teacher's (default {DEFAULT_DISTILL_WEIGHT}), else the recipe's embedding teacher's (overrides the "
         "config's teacher.distill_weight)")] = None,
-    epochs: Annotated[float | None, typer.Option()] = None,
+    epochs: Annotated[float | None, typer.Option(callback=finite)] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     holdout_source: Annotated[list[str] | None, typer.Option(help="put a whole source in test")] = None,
     holdout_category: Annotated[list[str] | None, typer.Option(help="put a whole category in test")] = None,
@@ -221,7 +221,8 @@ def train_bench(
     work_dir: Annotated[Path, typer.Option(help="synthetic logs (kept for reuse), models, per-run logs")
                         ] = Path("train-bench.work"),
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("train-bench.json"),
-    timeout: Annotated[float, typer.Option(help="seconds before a run is stopped, with every process it "
+    timeout: Annotated[float, typer.Option(callback=finite,
+                                           help="seconds before a run is stopped, with every process it "
                                                 "started")] = 3600.0,
 ) -> None:
     """Measure training: prompts/s and peak memory on synthetic logs, per device and process count.
