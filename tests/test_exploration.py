@@ -86,6 +86,8 @@ def test_explored_answers_are_logged_with_propensity_and_train_alone(
                 pytest.approx(SHARE / 3), pytest.approx(1 - SHARE + SHARE / 3))
         else:
             assert line["reason"] == "classified" and line["propensity"] == pytest.approx(1 - SHARE + SHARE / 3)
+        if line["scores"] is not None:  # the served tier's probability, wherever the draw sent the request
+            assert line["confidence"] == pytest.approx(line["scores"][line["tier"]]), line
     explored = {line["prompt_id"] for line in lines if line["explored"]}
     rows, report = read_logs([log], explored_only=True)
     assert {row.prompt_id for row in rows} == explored

@@ -331,6 +331,9 @@ class Dispatcher:
         route.propensity = draw.propensity
         if draw.explored:
             route.tier, route.reason, route.explored = draw.tier, "explored", True
+            # The confidence is the served tier's probability, as for a classified or paced request: left
+            # as the policy's tier's, an explored line would pair one tier with another's probability.
+            route.confidence = route.scores.get(route.tier) if route.scores else None
 
     # ------------------------------------------------------------------ upstream
     async def open_upstream(self, route: Route, body: dict, tenant: Tenant | None = None
