@@ -231,3 +231,35 @@ def test_a_continuation_does_not_inherit_the_earlier_runs_held_out_sources(tmp_p
                      "--init-from", str(deployed), "--model-version", "v2", "--force"])
     assert result.exit_code == 0, result.output
     assert load_manifest(deployed).training["config"]["holdout_sources"] == []
+
+
+def test_a_retrain_with_no_comparable_unseen_test_prompt_is_not_promoted_unless_forced(
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path, trained_artifact: Path, synthetic_logs: Path) -> None:
+    """The continuing loop's usual logs: the same judged sample again, which the deployed model has
+    seen, and fresh served requests, known on one tier each. No prompt of the test split is then both
+    unseen and known on two tiers: APGR is 0 for both models there, which must not read as "not worse"."""
+    import json
+
+    from training.labels import prompt_hash, seen_prompts
+
+    deployed = tmp_path / "deployed"
+    shutil.copytree(trained_artifact, deployed)
+    seen = seen_prompts(deployed)
+    judged = [row for row in map(json.loads, synthetic_logs.read_text().splitlines())
+              if prompt_hash(row["prompt"]) in seen]
+    served: dict[str, dict] = {}
+    for row in synthetic_rows(300, seed=21):  # one tier per prompt, as a decision log's requests
+        served.setdefault(row["prompt"] + " served", {**row, "prompt": row["prompt"] + " served"})
+    logs = write_jsonl(tmp_path / "new.jsonl", judged + list(served.values()))
+    args = ["--logs", str(logs), "--pool", str(pool_file), "--out", str(deployed), "--init-from", str(deployed),
+            "--config", str(_config(tmp_path, "continue", tiny_backbone)), "--model-version", "v2"]
+    result = _train(args)
+    assert result.exit_code == 3, result.output
+    assert "cannot be compared" in result.output and "two tiers" in result.output, result.output
+    assert load_manifest(deployed).model_version == "tiny-test-1"  # untouched
+    comparison = load_manifest(tmp_path / "deployed.candidate").metrics["retrain"]
+    assert isinstance(comparison, dict) and comparison["comparable_prompts"] == 0 and comparison["worse"] is None
+
+    result = _train([*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(deployed).model_version == "v2"

@@ -172,10 +172,21 @@ def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Pa
         kept = f"; the artifact it replaces is at {result.rollback}" if result.rollback else ""
         typer.echo(f"promoted {result.manifest.model_version} to {result.location}{kept}")
         return
-    typer.secho(f"not promoted: {result.manifest.model_version} is worse than "
-                f"{comparison['previous_model_version']} on the new logs; it is at {result.location} "
-                f"(rerun with --force to promote it)", fg=typer.colors.YELLOW, err=True)
+    typer.secho(f"not promoted: {_why_not_promoted(result.manifest.model_version, comparison)}; it is at "
+                f"{result.location} (rerun with --force to promote it)", fg=typer.colors.YELLOW, err=True)
     raise typer.Exit(3)
+
+
+def _why_not_promoted(version: str, comparison: dict) -> str:
+    """Why a continued model was not promoted: worse than the model it continued, or not comparable with
+    it at all (no held-out prompt known on two tiers, so both APGRs are 0 and measure nothing)."""
+    previous = comparison["previous_model_version"]
+    if comparison["worse"] is None:
+        return (f"{version} and {previous} cannot be compared: none of the {comparison['prompts']} held-out "
+                "prompts of the new logs that neither saw has outcomes on two tiers (the cheapest and a more "
+                "capable one). A decision log knows one tier per request: add judged prompts that "
+                f"{previous} never saw (benchmark logs, or a sample judged on every tier)")
+    return f"{version} is worse than {previous} on the new logs"
 
 
 def _launch(processes: int, options: dict[str, object]) -> None:

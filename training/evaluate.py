@@ -276,6 +276,11 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
     """APGR of both artifacts on the test prompts neither saw (the previous one may have trained on
     some of the new logs' prompts, which would flatter it).
 
+    APGR is measured on the prompts among them known on the cheapest tier and a more capable one
+    (`comparable_prompts`). When there is none (served requests alone, one tier each, beside a judged
+    sample the previous model trained on), both APGRs are 0 and say nothing: `worse` is then None,
+    undecided, rather than False.
+
     Raises:
         DataError: the previous artifact saw every test prompt.
     """
@@ -290,8 +295,10 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
     after = evaluate_table(new, subset, None, None)["summary"]
     apgr = {group: {"previous": before[group][MODEL]["apgr"], "new": after[group][MODEL]["apgr"]}
             for group in after}
-    return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test), "apgr": apgr,
-            "worse": apgr["all"]["new"] < apgr["all"]["previous"]}
+    comparable = int(np.count_nonzero(comparable_rows(subset.targets)))
+    worse = apgr["all"]["new"] < apgr["all"]["previous"] if comparable else None
+    return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test),
+            "comparable_prompts": comparable, "apgr": apgr, "worse": worse}
 
 
 def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbone_dir: Path | None,

@@ -157,6 +157,8 @@ def _retrain_section(training: dict, metrics: dict) -> list[str]:
              "| group | previous APGR | this model's APGR |", "|---|---|---|"]
     for group, values in retrain["apgr"].items():
         lines.append(f"| {group} | {values['previous']:.4f} | {values['new']:.4f} |")
+    if retrain.get("worse", False) is None:
+        lines += ["", "None of these prompts has outcomes on two tiers: the APGRs above compare nothing."]
     return [*lines, ""]
 
 

@@ -146,6 +146,10 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
 
     Returns None in the processes of a distributed run other than the main one.
 
+    The new model is promoted when its APGR on the new logs' held-out prompts is not below the previous
+    model's; when none of those prompts is known on two tiers (so neither APGR measures anything), only
+    with `force`.
+
     Raises:
         PromptierError: other tiers than the previous model's, no checkpoint, a model distilled from
             a teacher artifact (its targets are not in the recipe), or logs whose test prompts it all saw.
@@ -177,7 +181,8 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
     comparison = new.metrics.get("retrain")
     if not isinstance(comparison, dict):
         raise DataError("logs", "the new logs have no test split to compare the models on (test_fraction is 0)")
-    promoted = force or not comparison["worse"]
+    # `worse` is None when no held-out prompt could tell the models apart: promoted only with `force`.
+    promoted = force or comparison["worse"] is False
     rollback = rollback_location(out) if promoted else None
     if promoted:
         if rollback is not None and same_directory(previous, out):
