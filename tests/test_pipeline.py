@@ -585,3 +585,15 @@ def test_an_evaluation_says_when_its_baselines_were_cross_fitted(trained_artifac
                                 (table, f"fitted on {len(table)} prompts")):
         report = evaluate_table(trained_artifact, table, fit_table, None)
         assert expected in render_markdown(report)
+
+
+def test_export_parity_counts_a_tie_at_float_precision_as_agreement_and_a_real_flip_as_not() -> None:
+    """A threshold chosen among near-saturated scores can be 1e-10: fp32 rounds a relative score of 1.7e-10
+    to 0, which no export could avoid. A tier that a quantized model moves by 0.2 is a disagreement."""
+    from training.export import tier_agreement
+
+    torch = np.array([[1.7e-10, 0.9, 0.99], [0.3, 0.6, 0.7], [0.9, 0.9, 0.9]])
+    rounded = np.array([[0.0, 0.9, 0.99], [0.3, 0.6, 0.7], [0.9, 0.9, 0.9]])
+    assert tier_agreement(rounded, torch, 1.5e-10) == 1.0
+    moved = np.array([[1.7e-10, 0.9, 0.99], [0.9, 0.6, 0.7], [0.9, 0.9, 0.9]])  # 0.3 -> 0.9: a cheaper tier now
+    assert tier_agreement(moved, torch, 0.45) == pytest.approx(2 / 3)
