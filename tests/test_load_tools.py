@@ -109,6 +109,26 @@ def test_closed_loop_counts_every_prompt_its_concurrent_callers_carried() -> Non
     assert {index % 8 for index in seen} == {(100 + k) % 8 for k in range(8)} and min(seen) == 100
 
 
+@pytest.mark.parametrize("answered", [5, 0])
+def test_a_scenario_with_failed_calls_is_refused_not_reported_from_the_calls_that_succeeded(answered: int) -> None:
+    """Percentiles over the calls that succeeded would flatter a server that refused the rest; with none,
+    there are no percentiles at all. Every generator's scenario is held to it, as h2load's is."""
+    import grpc
+
+    from serving.bench.loadgen import _closed_loop, _summary
+
+    async def call(index: int) -> int:
+        await asyncio.sleep(0)
+        if index % 8 >= answered:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        return 1
+
+    part = asyncio.run(_closed_loop(call, concurrency=8, seconds=0.1, offset=0))
+    assert part["errors"] > 0
+    with pytest.raises(RuntimeError, match=r"calls failed in the python scenario"):
+        _summary([part], 8, 1, "python")
+
+
 
 def _dispatch_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "classifier.cli", "dispatch-bench", "--requests", "3", "--no-load",
