@@ -68,6 +68,7 @@ def test_train_bench_rejects_an_unknown_reading(tmp_path: Path) -> None:
     ("--rows", "0", "--rows takes whole numbers above 0"),
     ("--rows", "-5", "--rows takes whole numbers above 0"),
     ("--rows", "1e5", "--rows takes whole numbers above 0"),
+    ("--rows", "1400,300", "--rows [300]: training needs at least 500 distinct prompts"),
     ("--processes", "0", "--processes takes whole numbers above 0"),
     ("--devices", "foo", "--devices takes available, cpu and/or cuda, not ['foo']"),
     ("--backbone", "{tmp}/nonexistent", "--backbone takes 'minilm-l6', 'tiny' or a model directory"),
@@ -84,7 +85,7 @@ def test_train_bench_checks_every_option_before_writing_any_log(tmp_path: Path, 
     (tmp_path / "bad.yaml").write_text("batch_size: many\n")  # YAML, not a valid config
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "a-file").write_text("not a folder\n")
-    options = {"--rows": "50", "--processes": "1", "--devices": "cpu", "--backbone": "tiny",
+    options = {"--rows": "1400", "--processes": "1", "--devices": "cpu", "--backbone": "tiny",
                "--work-dir": str(tmp_path / "work"), "--out": str(tmp_path / "bench.json")}
     options[option] = value.format(tmp=tmp_path)
     result = CliRunner().invoke(app, ["train-bench", "--prompt-chars", "20",
@@ -110,11 +111,11 @@ def test_train_bench_exits_1_naming_the_runs_that_failed(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(training.bench, "run_one", run_one)
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["train-bench", "--rows", "50", "--processes", "1,2", "--devices", "cpu",
+    result = CliRunner().invoke(app, ["train-bench", "--rows", "1400", "--processes", "1,2", "--devices", "cpu",
                                       "--backbone", "tiny", "--prompt-chars", "20", "--work-dir",
                                       str(tmp_path / "work"), "--out", str(out)])
     assert result.exit_code == 1, result.output
-    assert "1 of 2 runs failed" in result.output and "50 rows, cpu x2 streamed: status 2" in result.output
+    assert "1 of 2 runs failed" in result.output and "1400 rows, cpu x2 streamed: status 2" in result.output
     assert "cpu x1 streamed: status" not in result.output
     assert [run["status"] for run in json.loads(out.read_text())["runs"]] == [0, 2]  # both recorded
 
