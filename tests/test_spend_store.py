@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -270,13 +271,20 @@ def test_a_journal_is_replayed_only_into_its_own_store(tmp_path: Path) -> None:
     stopped.close(timeout_s=2)
     assert len(list(tmp_path.glob("spend-unwritten.*.json"))) == 1
     (tmp_path / "spend-unwritten.broken.json").write_text("{not json")
-    for name, total, left in (("b.sqlite3", 0.0, 2), ("a.sqlite3", 1.25, 1)):
+    (tmp_path / "spend-unwritten.list.json").write_text("[]")  # JSON, but no journal
+    (tmp_path / "spend-unwritten.no-end.json").write_text(json.dumps({
+        "journal_version": 1, "store": refusing.identity(), "writer": "w",
+        "writes": [{"sequence": 1, "expires": {}, "increments": [["search", "2025-06", 1.0]]}]}))
+    for name, total, left in (("b.sqlite3", 0.0, 4), ("a.sqlite3", 1.25, 3)):
         ledger = SpendLedger(SqliteSpendStore(tmp_path / name), refresh_s=0.05, journal_dir=tmp_path)
         ledger.watch(key, PERIOD_END)
         ledger.start()
         try:
             assert ledger.wait_first_read(30)
             assert ledger.spent(key) == total  # another store's journal is left for its own store
+            ledger.charge(key, 1.0)  # and a malformed one stops nothing: the ledger writes on
+            assert _wait_for(lambda: SqliteSpendStore(tmp_path / name).totals([key])[key] == total + 1.0)
+            assert ledger.error is None
         finally:
             ledger.close()
         assert len(list(tmp_path.glob("spend-unwritten.*.json"))) == left  # an unreadable one is never deleted

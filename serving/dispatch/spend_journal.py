@@ -80,7 +80,7 @@ def load(directory: Path, store: str) -> list[Journal]:
     for path in paths:
         try:
             journal = _read(path)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # any malformed file: left in place, never fatal to the ledger
             if path not in _reported:  # once, not at every scan
                 _reported.add(path)
                 log.error(json.dumps({"event": "spend_journal_unreadable", "path": str(path),
@@ -104,13 +104,21 @@ def _read(path: Path) -> Journal | None:
         body = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    if body.get("journal_version") != JOURNAL_VERSION:
-        raise ValueError(f"journal_version {body.get('journal_version')!r}, this version reads {JOURNAL_VERSION}")
-    writes = [JournaledWrite(int(write["sequence"]),
-                             {(str(tenant), str(period)): _usd(usd) for tenant, period, usd in write["increments"]},
-                             {str(period): float(end) for period, end in write["expires"].items()})
-              for write in body["writes"]]
+    if not isinstance(body, dict) or body.get("journal_version") != JOURNAL_VERSION:
+        version = body.get("journal_version") if isinstance(body, dict) else None
+        raise ValueError(f"journal_version {version!r}, this version reads {JOURNAL_VERSION}")
+    writes = [_write(write) for write in body["writes"]]
     return Journal(path, str(body["store"]), str(body["writer"]), writes)
+
+
+def _write(raw: dict) -> JournaledWrite:
+    """One journaled write, checked whole: a store is only ever sent what it can apply."""
+    increments = {(str(tenant), str(period)): _usd(usd) for tenant, period, usd in raw["increments"]}
+    expires = {str(period): float(end) for period, end in raw["expires"].items()}
+    missing = {period for _, period in increments} - set(expires)
+    if missing:
+        raise ValueError(f"write {raw['sequence']}: no period end for {sorted(missing)}")
+    return JournaledWrite(int(raw["sequence"]), increments, expires)
 
 
 def _usd(value: object) -> float:

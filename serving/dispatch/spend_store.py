@@ -460,19 +460,25 @@ class SpendLedger:
         under the stopped process's writer id and number, so it is charged once however often it is sent."""
         if self.journal_dir is None or time.monotonic() - self._journals_scanned < JOURNAL_SCAN_S:
             return
+        # Scanned now whatever happens below: a store that is down is retried at the next scan, not at
+        # every round, where each try could cost its connect timeout before the round's write and read.
+        self._journals_scanned = time.monotonic()
         for journal in spend_journal.load(self.journal_dir, self.store.identity()):
             try:
                 for write in journal.writes:
                     totals = self.store.add(write.increments, write.expires, journal.writer, write.sequence)
                     with self._lock:
                         self._stored.update(totals)
-            except Exception as error:  # the store is down: every journal waits for the next round
+            except Exception as error:  # the store is down (the journal's writes were checked when read)
                 self._failed("replay", error)
                 return
-            journal.path.unlink(missing_ok=True)
+            try:
+                journal.path.unlink(missing_ok=True)
+            except OSError as error:  # left behind: replayed again later, which its numbers make a no-op
+                log.warning(json.dumps({"event": "spend_journal_not_deleted", "path": str(journal.path),
+                                        "detail": str(error)}))
             log.info(json.dumps({"event": "spend_journal_replayed", "store": self.store.describe(),
                                  "writer": journal.writer, "usd": round(journal.usd(), 9)}))
-        self._journals_scanned = time.monotonic()
 
     def _refresh(self) -> None:
         with self._lock:
