@@ -136,6 +136,14 @@ def test_one_tenants_outcome_flood_rotates_only_its_own_outcome_file(tmp_path: P
     rows, report = read_logs([path])  # named alone, the log is read with its outcome files
     assert {row.prompt_id: row.score for row in rows} == {ids[0]: 1.0, ids[1]: 0.0, ids[2]: 0.5}
     assert report.not_trainable["no outcome reported yet"] == 1
+    # The log and a backup of it named through a link to their folder: the outcome files beside both are
+    # one set, each read once, not counted twice in a prompt's mean score. (The backup holds an outcome
+    # line of the kind logs held before outcome files, so that a file read twice would move the mean.)
+    (tmp_path / "decisions.jsonl.1").write_text(json.dumps({
+        "schema_version": 8, "kind": "outcome", "prompt_id": ids[0], "score": 0.0, "tenant": "search"}) + "\n")
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
+    rows, _ = read_logs([path, tmp_path.parent / f"{tmp_path.name}-link" / "decisions.jsonl.1"])
+    assert {row.prompt_id: row.score for row in rows} == {ids[0]: 0.5, ids[1]: 0.0, ids[2]: 0.5}
 
 
 def test_decision_log_moved_or_deleted_by_an_operator_is_reopened(dispatcher: Dispatcher, tmp_path: Path) -> None:

@@ -283,7 +283,9 @@ def test_a_journal_is_replayed_only_into_its_own_store(tmp_path: Path) -> None:
             assert ledger.wait_first_read(30)
             assert ledger.spent(key) == total  # another store's journal is left for its own store
             ledger.charge(key, 1.0)  # and a malformed one stops nothing: the ledger writes on
-            assert _wait_for(lambda: SqliteSpendStore(tmp_path / name).totals([key])[key] == total + 1.0)
+            reader = SqliteSpendStore(tmp_path / name)
+            assert _wait_for(lambda store=reader, before=total: store.totals([key])[key] == before + 1.0)
+            reader.close()
             assert ledger.error is None
         finally:
             ledger.close()

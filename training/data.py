@@ -321,7 +321,7 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
     files = expand_paths(paths)
     # A decision log's outcomes are in files beside it, read with it however the log was named.
     beside = [outcome for path in files for outcome in outcome_logs_beside(path)]
-    outcomes = reported_outcomes(list(dict.fromkeys([*files, *beside])))
+    outcomes = reported_outcomes(each_once([*files, *beside]))
     scored_prompts = frozenset(prompt_id for prompt_id, _ in outcomes)
     requested: set[str] = set()  # the prompt_ids of the request lines read, which outcomes join
     for path in files:
