@@ -597,3 +597,6 @@ def test_export_parity_counts_a_tie_at_float_precision_as_agreement_and_a_real_f
     assert tier_agreement(rounded, torch, 1.5e-10) == 1.0
     moved = np.array([[1.7e-10, 0.9, 0.99], [0.9, 0.6, 0.7], [0.9, 0.9, 0.9]])  # 0.3 -> 0.9: a cheaper tier now
     assert tier_agreement(moved, torch, 0.45) == pytest.approx(2 / 3)
+    # On the threshold in the ONNX model's scores only (0.5000004 against 0.5): a tie too.
+    on_threshold = np.array([[0.5000008, 0.1, 0.5]]), np.array([[0.4998, 0.1, 0.5]])
+    assert tier_agreement(*on_threshold, 0.5) == 1.0

@@ -206,16 +206,18 @@ def check_parity(directory: Path, torch_probabilities: np.ndarray, texts: Sequen
 
 def tier_agreement(onnx_probabilities: np.ndarray, torch_probabilities: np.ndarray, threshold: float,
                    rule: Rule = "ratio") -> float:
-    """Share of prompts both engines route alike. A prompt whose torch tier changes when the threshold
-    moves by TIE_TOLERANCE either way sits on the threshold to float precision (a threshold chosen
+    """Share of prompts both engines route alike. A prompt whose tier, in either engine, changes when the
+    threshold moves by TIE_TOLERANCE either way sits on the threshold to float precision (a threshold chosen
     among near-saturated scores can be 1e-10, where fp32 rounds a relative score to 0): it counts as
     agreeing whichever tier ONNX picks, as no export could reproduce that digit. Quantization errors
     (1e-3 and up) still count."""
     allowed = np.ones(torch_probabilities.shape[1], dtype=bool)
     same = choose_tiers(onnx_probabilities, threshold, allowed, rule) == choose_tiers(
         torch_probabilities, threshold, allowed, rule)
-    tied = choose_tiers(torch_probabilities, threshold - TIE_TOLERANCE, allowed, rule) != choose_tiers(
-        torch_probabilities, threshold + TIE_TOLERANCE, allowed, rule)
+    tied = np.zeros(len(torch_probabilities), dtype=bool)
+    for probabilities in (torch_probabilities, onnx_probabilities):  # on the threshold in either engine
+        tied |= choose_tiers(probabilities, threshold - TIE_TOLERANCE, allowed, rule) != choose_tiers(
+            probabilities, threshold + TIE_TOLERANCE, allowed, rule)
     return float(np.mean(same | tied))
 
 
