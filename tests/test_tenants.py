@@ -115,6 +115,9 @@ def test_each_key_gets_its_tenants_policy_and_unknown_keys_are_refused(
     # The models list, as OpenAI's, needs a key, and offers a tenant only the tier pins it may use.
     pins = {model.id for model in support.models.list() if "/tier/" in model.id}
     assert pins == {"promptier/tier/small", "promptier/tier/medium"}
+    with pytest.raises(openai.NotFoundError) as unknown:  # nor does the message of a model that does not exist
+        support.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": EASY}])
+    assert "promptier/tier/medium" in str(unknown.value) and "promptier/tier/large" not in str(unknown.value)
     assert "promptier/tier/large" in {model.id for model in research.models.list()}
     listed = httpx.get(f"{dispatcher.base_url}/models")
     assert listed.status_code == 401 and listed.json()["error"]["code"] == "invalid_api_key"

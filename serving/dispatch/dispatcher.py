@@ -83,6 +83,13 @@ class Route:
     # answer served (serving.dispatch.outcomes).
     request_id: str = field(default_factory=lambda: f"dispatcher:{uuid.uuid4().hex}")
 
+    def serve_on(self, tier: str, reason: str) -> None:
+        """Move the request to `tier` for `reason` (a budget, exploration). Its confidence becomes that
+        tier's probability, as a classified request's is (None when the model's scores are not known):
+        left as the policy tier's, a line would pair one tier with another's probability."""
+        self.tier, self.reason = tier, reason
+        self.confidence = self.scores.get(tier) if self.scores else None
+
 
 class DispatcherMetrics:
     """The dispatcher's own Prometheus metrics, in one registry with the tenants', capabilities' and classifier's."""
@@ -228,7 +235,7 @@ class Dispatcher:
             raise HTTPError(400, "model must be a string", code="invalid_model")
         parts = name.split("/")
         if parts[0] != ROUTER_PREFIX:
-            raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}",
+            raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids(tenant)}",
                             code="model_not_found")
         if len(parts) == 1:
             return (tenant.mode if tenant else self.config.default_mode), None
@@ -239,7 +246,8 @@ class Dispatcher:
                 raise HTTPError(403, f"tier {parts[2]!r} is not allowed for this API key; allowed: "
                                 f"{list(tenant.allowed_names or ())}", kind="permission_error", code="tier_not_allowed")
             return None, parts[2]
-        raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids()}", code="model_not_found")
+        raise HTTPError(404, f"model {name!r} does not exist; use one of {self.model_ids(tenant)}",
+                        code="model_not_found")
 
     def model_ids(self, tenant: Tenant | None = None) -> list[str]:
         """The names requests may ask for: the router, its modes, and a pin per tier (the tenant's tiers)."""
@@ -310,9 +318,8 @@ class Dispatcher:
                             "spent; requests are refused until the period ends (see Retry-After)",
                             kind="insufficient_quota", code="budget_exhausted")
         if decision.reason is not None:
-            route.unpaced_tier, route.tier, route.reason = route.tier, self.tiers[decision.tier], decision.reason
-            # The confidence is the served tier's probability, as for a classified request.
-            route.confidence = route.scores.get(route.tier) if route.scores else None
+            route.unpaced_tier = route.tier
+            route.serve_on(self.tiers[decision.tier], decision.reason)
 
     def explore(self, route: Route, tenant: Tenant) -> None:
         """With the configured exploration share, send a classified request to a tier drawn at random
@@ -330,10 +337,8 @@ class Dispatcher:
         draw = draw_tier(route.tier, usable, share, self._rng)
         route.propensity = draw.propensity
         if draw.explored:
-            route.tier, route.reason, route.explored = draw.tier, "explored", True
-            # The confidence is the served tier's probability, as for a classified or paced request: left
-            # as the policy's tier's, an explored line would pair one tier with another's probability.
-            route.confidence = route.scores.get(route.tier) if route.scores else None
+            route.serve_on(draw.tier, "explored")
+            route.explored = True
 
     # ------------------------------------------------------------------ upstream
     async def open_upstream(self, route: Route, body: dict, tenant: Tenant | None = None
