@@ -108,6 +108,27 @@ def test_a_caller_that_leaves_mid_body_is_one_log_line_without_traceback(
         running.stop()
 
 
+def test_request_headers_past_their_bound_are_refused_and_closed(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                           inbound={"max_header_bytes": 4096, "header_timeout_s": 2}))
+    try:
+        oversized = {"a header": b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nx-padding: " + b"a" * 6000,
+                     "the request line": b"GET /v1/models?" + b"a" * 6000}
+        for what, sent in oversized.items():  # never ended: without the bound, only the deadline stops them
+            connection = _slow_client(running.port, sent)
+            answer = _until_closed(connection)
+            connection.close()
+            assert answer.startswith(b"HTTP/1.1 431 "), (what, answer)
+            assert b"request_header_fields_too_large" in answer
+        # Headers within the bound are served, on a connection that goes on to a second request.
+        with httpx.Client(base_url=running.base_url) as client:
+            for _ in range(2):
+                assert client.get("/models", headers={"x-padding": "a" * 3000}).status_code == 200
+    finally:
+        running.stop()
+
+
 def test_connections_past_the_limit_are_refused_at_once(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
     running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",

@@ -88,7 +88,8 @@ class SavingsPageConfig(_Strict):
                            "reading costs about a second of one core per 4-16 MB (serving/README.md)")
     operator_keys_env: str | None = Field(default=None, description="environment variable of comma-separated "
                                           "keys that see every tenant's figures; a tenant's own key sees only "
-                                          "its own; these keys are accepted by the savings page alone")
+                                          "its own; these keys are accepted by the savings page and, once "
+                                          "set, /metrics alone (its labels carry every tenant's spend)")
 
 
 class InboundConfig(_Strict):
@@ -103,6 +104,10 @@ class InboundConfig(_Strict):
                                   "within this of its headers; otherwise 408 and the connection is closed")
     keep_alive_timeout_s: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed "
                                       "after this")
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="a request's line and headers may take "
+                                  "this many bytes; more is answered 431 and the connection closed (the HTTP "
+                                  "parser sets no bound of its own, and a caller could send hundreds of MB "
+                                  "within header_timeout_s)")
     max_connections: int | None = Field(default=None, ge=1, description="open caller connections per worker "
                                         "process; one more is answered 503 and closed at once. Default: half "
                                         "of the open-file limit less 64 (each caller connection may need an "

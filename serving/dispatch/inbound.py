@@ -5,7 +5,11 @@ request's headers or body: a client that connects and sends nothing, or trickles
 at a time, holds its socket (a file descriptor) as long as it likes, and about a thousand of them
 make real requests fail. Here a request's headers must have come in full within `header_timeout_s`
 of its first byte (of the connection, for the first request) and its body within `body_timeout_s` of
-its headers; these are deadlines, not idle gaps, so trickling does not extend them. A request past
+its headers; these are deadlines, not idle gaps, so trickling does not extend them. Nor does httptools
+bound the size of a request line or header (uvicorn joins the pieces as they come, copying the whole
+each time): a request whose line and headers pass `max_header_bytes` is answered 431 and its
+connection closed, where one caller could otherwise send hundreds of MB within the deadline and hold
+the event loop and the memory meanwhile. A request past
 its deadline (checked a few times per timeout, at least once a second) is answered 408 and its
 connection closed (a connection that has sent nothing is closed without a word, as an idle keep-alive
 one is). Past `max_connections` open connections a new one is answered 503 and closed at once, before
@@ -150,6 +154,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         inbound = config.inbound if isinstance(config, DispatchServerConfig) else InboundConfig()
         self.header_timeout_s = inbound.header_timeout_s
         self.body_timeout_s = inbound.body_timeout_s
+        self.max_header_bytes = inbound.max_header_bytes
+        self.in_headers = False  # the parser has begun a request whose headers have not ended
+        self.header_bytes = 0  # received since that request began
         self.max_connections = (config.max_connections if isinstance(config, DispatchServerConfig)
                                 else default_max_connections())
         self.deadline = INFINITY  # loop time by which the current phase must be done
@@ -176,8 +183,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # The first bytes of the next request on this connection.
             self.deadline, self.phase = self.loop.time() + self.header_timeout_s, HEADERS
         super().data_received(data)
+        # Counted whole chunks at a time, so a chunk that also holds the end of the previous request may
+        # count against this one: an overshoot of one read, against a bound far above real headers.
+        # Pipelined requests are counted too: their headers are parsed while the one before is answered.
+        if self.in_headers and not self.transport.is_closing():
+            self.header_bytes += len(data)
+            if self.header_bytes > self.max_header_bytes:
+                self.headers_too_large()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_headers, self.header_bytes = True, 0
+
+    def headers_too_large(self) -> None:
+        """The request's line and headers passed `max_header_bytes` before they ended: answer 431 (unless a
+        response of ours is under way, which the answer would corrupt) and close."""
+        cycle = self.cycle
+        self.deadline, self.in_headers = INFINITY, False
+        if cycle is None or cycle.response_complete:
+            self.transport.write(_raw_response(
+                "431 Request Header Fields Too Large",
+                f"the request's line and headers exceed {self.max_header_bytes} bytes",
+                "request_header_fields_too_large", "invalid_request_error"))
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else None
+        log.info(json.dumps({"event": "request_headers_too_large", "max_header_bytes": self.max_header_bytes,
+                             "client": client}))
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
+        self.in_headers = False
         super().on_headers_complete()
         if self.last_request and self.cycle is not None:
             self.cycle.keep_alive = False
