@@ -185,6 +185,15 @@ def test_while_writes_fail_the_ledger_still_reads_the_others_spend_and_counts_it
         other.close()
 
 
+@pytest.mark.parametrize("url", ["redis://:Zk9q/Xw3S@10.0.0.5:6379/0", "redis://app:Zk9q#Xw3S@10.0.0.5:6379/0",
+                                 "redis://:Zk9q?Xw3S@10.0.0.5:6379/0"])
+def test_a_redis_url_that_does_not_parse_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(SpendStoreError, match="cannot be parsed") as refused:
+        RedisSpendStore(url)
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__  # no parser message chained
+    assert "Zk9q" not in str(refused.value)
+
+
 def test_redis_store_adds_atomically_and_expires_its_keys(redis_server: RedisServer) -> None:
     import redis
 

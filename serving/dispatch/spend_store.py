@@ -243,7 +243,14 @@ class RedisSpendStore:
         except ImportError as error:
             raise SpendStoreError("spend_store kind redis needs the redis client: pip install 'promptier[redis]'"
                                   ) from error
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        except ValueError:
+            # Not chained, and the parser's message left out: for a password holding '/', '?' or '#' it
+            # quotes the password's first characters as the "port".
+            raise SpendStoreError("spend store: the Redis URL cannot be parsed (percent-encode any '/', '?', '#' "
+                                  "or '@' in its password); the URL is not shown, as it may hold a password"
+                                  ) from None
         self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
         self.prefix = prefix
         self._add = self._redis.register_script(_REDIS_ADD)
