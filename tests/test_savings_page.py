@@ -271,6 +271,14 @@ def test_a_tenants_key_sees_its_own_figures_and_an_operator_key_every_tenants(
         assert {group["tenant"] for group in everything["groups"]} == {"alpha", "beta"}
         assert everything["window"]["files"] == [str(log)]
         assert httpx.get(url, headers={"authorization": "Bearer nobody"}).status_code == 401
+        # /metrics labels every tenant's spend and budget: with operator keys set, it is theirs alone.
+        for path in ("/metrics", "/metrics/"):
+            metrics = f"http://127.0.0.1:{running.port}{path}"
+            for refused in ({}, {"authorization": "Bearer alpha-key"}, {"authorization": "Bearer nobody"}):
+                reply = httpx.get(metrics, headers=refused)
+                assert reply.status_code == 401 and "tenant_spend" not in reply.text, (path, refused)
+            reply = httpx.get(metrics, headers={"authorization": "Bearer ops-key"})
+            assert reply.status_code == 200 and 'promptier_dispatch_tenant_spend_usd_total{tenant="beta"}' in reply.text
         # An operator key reads the page and nothing else: it is no key for requests.
         with pytest.raises(openai.AuthenticationError):
             running.client(api_key="ops-key").chat.completions.create(

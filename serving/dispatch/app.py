@@ -32,7 +32,7 @@ from serving.dispatch.inbound import INBOUND_ATTRIBUTE
 from serving.dispatch.inbound_request import CLIENT_CLOSED, HostCheck, caller, read_body
 from serving.dispatch.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
 from serving.dispatch.route_classifier import GrpcRouteClassifier
-from serving.dispatch.savings_page import SavingsAccess, SavingsReport, savings_routes
+from serving.dispatch.savings_page import EVERY_TENANT, SavingsAccess, SavingsReport, savings_routes
 from serving.dispatch.upstream_body import ResponseCut
 
 log = logging.getLogger("promptier.dispatcher")
@@ -45,6 +45,25 @@ class _Asgi:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class _OperatorsOnly:
+    """An ASGI app answered only to a caller whose key sees every tenant's figures (an operator key),
+    others 401: /metrics has every tenant's spend, budget and requests by tier in its labels, which the
+    savings page shows a tenant's key only for its own tenant."""
+
+    def __init__(self, app: ASGIApp, access: SavingsAccess) -> None:
+        self.app, self.access = app, access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        authorization = Request(scope).headers.get("authorization", "")
+        if self.access.view(authorization) != EVERY_TENANT:
+            refused = HTTPError(401, "/metrics shows every tenant's figures: it needs an operator key "
+                                "(savings_page.operator_keys_env) as `authorization: Bearer KEY`",
+                                kind="authentication_error", code="invalid_api_key")
+            await refused.response()(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -120,6 +139,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         exposed = CollectorRegistry()
         multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
     metrics = make_asgi_app(registry=exposed)
+    access = SavingsAccess(dispatcher.tenants, config.operator_keys())
+    if access.has_operators:  # operators are told apart from tenants: the per-tenant series are theirs alone
+        metrics = _OperatorsOnly(metrics, access)
     app = Starlette(lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed}, routes=[
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
@@ -130,7 +152,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         Mount("/metrics", metrics),
         *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
                                        config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
-                         SavingsAccess(dispatcher.tenants, config.operator_keys()))
+                         access)
           if config.savings_page.enabled else []),
     ])
     app.state.dispatcher = dispatcher

@@ -78,6 +78,11 @@ class SavingsAccess:
         self.tenants = tenants
         self._operators = {key_digest(key) for key in operator_keys or ()}
 
+    @property
+    def has_operators(self) -> bool:
+        """Whether operator keys are configured: then every-tenant figures need one, wherever they are shown."""
+        return bool(self._operators)
+
     def view(self, authorization: str) -> View | None:
         """The view of a request's `Authorization` header; None: refused."""
         if key_digest(bearer_key(authorization)) in self._operators:
