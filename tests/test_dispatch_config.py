@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,14 @@ def test_config_validation(tmp_path: Path) -> None:
                     "fallback_tier: small\n")
     with pytest.raises(ConfigError, match="NOPE_NOT_SET is not set"):
         load_dispatcher_config(path)
+    for broken in ("", "abc\ndef"):  # refused at start, naming the variable, never the key
+        os.environ["NOPE_NOT_SET"] = broken
+        try:
+            with pytest.raises(ConfigError, match="NOPE_NOT_SET holds an empty key, or one with a line break") as bad:
+                load_dispatcher_config(path)
+            assert "abc" not in str(bad.value)
+        finally:
+            del os.environ["NOPE_NOT_SET"]
     path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
                     "allowed_hosts: ['dispatcher.internal:8080']\n")
     with pytest.raises(ConfigError, match=r"allowed_hosts: .*host names without scheme or port"):

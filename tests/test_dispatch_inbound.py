@@ -34,7 +34,7 @@ def fresh_dispatcher(fresh: dict[str, Upstream], grpc_classifier: ServerThread, 
 def test_bad_requests_and_inbound_keys(fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTIER_KEYS", "k1,k2")
-    monkeypatch.setenv("SMALL_KEY", "secret-upstream-key")
+    monkeypatch.setenv("SMALL_KEY", "secret-upstream-key\n")  # as read from a secret file: the line end goes
     config = dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
                                inbound_api_keys_env="PROMPTIER_KEYS", max_request_bytes=4096)
     config.tiers["small"].api_key_env = "SMALL_KEY"

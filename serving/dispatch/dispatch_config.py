@@ -47,7 +47,9 @@ class Upstream(_Strict):
         return value.rstrip("/")
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The upstream key, without the line end a key read from a secret file usually carries (sent as
+        it is, it made every request to the tier fail before it left: no header may hold one)."""
+        return os.environ.get(self.api_key_env, "").strip() if self.api_key_env else None
 
 
 class ClassifierEndpoint(_Strict):
@@ -248,6 +250,10 @@ def load_dispatcher_config(path: Path) -> DispatcherConfig:
         if upstream.api_key_env and upstream.api_key_env not in os.environ:
             raise ConfigError(f"{path}: tiers.{name}.api_key_env: environment variable {upstream.api_key_env} "
                               "is not set")
+        key = upstream.api_key()
+        if key is not None and (not key or not key.isprintable()):  # the key itself is never shown
+            raise ConfigError(f"{path}: tiers.{name}.api_key_env: environment variable {upstream.api_key_env} "
+                              "holds an empty key, or one with a line break or another control character")
     store = config.spend_store
     if store.kind == "redis" and store.url_env not in os.environ:
         raise ConfigError(f"{path}: spend_store.url_env: environment variable {store.url_env} is not set")
