@@ -148,3 +148,32 @@ def test_an_embedded_model_whose_tiers_differ_is_refused_before_any_port_opens(t
     with pytest.raises(ConfigError, match=r"serves tiers \['small', 'medium', 'large'\].*maps \['small', 'mid', "):
         create_app(config)
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_check_refuses_a_decision_log_that_a_worker_could_not_open(shipped_artifact: Path, tmp_path: Path) -> None:
+    """What `--check` passes, a SIGHUP's replacement worker must be able to start with: it opens the
+    decision log for appending, so a check that passed a log it cannot open would let the edit be
+    refused (and the next crash stop the dispatcher)."""
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    def check(log_path: Path) -> tuple[int, str]:
+        path = tmp_path / "dispatcher.yaml"
+        path.write_text(json.dumps({
+            "classifier": {"embedded": True, "model": str(shipped_artifact)}, "fallback_tier": "large",
+            "tiers": {name: {"base_url": "http://127.0.0.1:9/v1", "model": name}
+                      for name in ("small", "medium", "large")},
+            "decision_log": {"path": str(log_path)}}))
+        result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+        return result.exit_code, result.output
+
+    (tmp_path / "a-file").write_text("not a folder")
+    code, output = check(tmp_path / "a-file" / "logs" / "d.jsonl")
+    assert code == 2 and "decision_log.path" in output and "is a file, not a folder" in output, output
+    (tmp_path / "a-folder.jsonl").mkdir()
+    code, output = check(tmp_path / "a-folder.jsonl")
+    assert code == 2 and "decision_log.path" in output and "not a file" in output, output
+    code, output = check(tmp_path / "logs" / "d.jsonl")
+    assert code == 0 and "decision log" in output and "will be created" in output, output
+    assert not (tmp_path / "logs").exists()  # a check writes nothing

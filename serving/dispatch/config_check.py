@@ -7,6 +7,9 @@ without importing the HTTP stack that serves requests.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import classifier
 from serving.dispatch.capabilities import describe_serves
 from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
@@ -34,7 +37,29 @@ async def check_config(config: DispatcherConfig) -> str:
     """
     capabilities = f"; capabilities: {describe_serves({name: tier.serves for name, tier in config.tiers.items()})}"
     tenants = check_tenants_and_store(config)
-    return await _check_classifier(config) + capabilities + f"; {tenants}"
+    log = check_decision_log(config.decision_log.path)
+    return await _check_classifier(config) + capabilities + f"; {tenants}; {log}"
+
+
+def check_decision_log(path: Path) -> str:
+    """That a worker can open the decision log for appending (as it does before serving), without
+    creating or writing anything. Returns what was checked.
+
+    Raises:
+        ConfigError: the log, or the folder it would be created in, cannot be written.
+    """
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(f"decision_log.path: {path} is not a file")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"decision_log.path: {path} is not writable")
+        return f"decision log {path} is writable"
+    folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"decision_log.path: {path} cannot be created: {folder} is a file, not a folder")
+    if folder is None or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"decision_log.path: {path} cannot be created: {folder} is not writable")
+    return f"decision log {path} will be created"
 
 
 async def _check_classifier(config: DispatcherConfig) -> str:
