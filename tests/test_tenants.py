@@ -593,3 +593,37 @@ def test_a_starting_dispatcher_reads_the_spend_before_it_serves(started, tmp_pat
     with pytest.raises(openai.RateLimitError):
         dispatcher.client(api_key="strict-key").chat.completions.create(
             model="promptier", messages=[{"role": "user", "content": EASY}])
+
+
+@pytest.mark.parametrize(("before", "after"), [("day", "month"), ("month", "day")])
+def test_a_budget_whose_period_changes_on_reload_counts_the_spend_already_in_its_new_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str, after: str) -> None:
+    """A SIGHUP that changes a budget's period starts workers that read the new period's total: spend
+    charged under the old period must be in it, or a spent budget opens again (here, today's spend is
+    in both today's and this month's total)."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.dispatch.tenants import Tenants
+
+    monkeypatch.setenv("SEARCH_KEYS", "k1")
+
+    def tenants(period: str) -> Tenants:
+        config = DispatcherConfig.model_validate({
+            "tiers": {name: {"base_url": "http://127.0.0.1:9/v1", "model": name} for name in ("small", "large")},
+            "fallback_tier": "large", "spend_store": {"path": str(tmp_path / "spend.sqlite3")},
+            "tenants": {"search": {"api_keys_env": "SEARCH_KEYS", "budget": {"usd": 1.0, "period": period}}}})
+        started = Tenants(config, CollectorRegistry())
+        started.start()
+        started.wait_for_spend()
+        return started
+
+    old = tenants(before)
+    old.charge(old.by_name["search"], "large", 0.75)
+    old.close()  # the retiring worker writes what it charged
+    new = tenants(after)
+    try:
+        assert new.ledger is not None
+        key = ("search", window_of(after, time.time()).key)  # type: ignore[arg-type]
+        assert new.ledger.spent(key) == pytest.approx(0.75)
+    finally:
+        new.close()

@@ -354,11 +354,14 @@ class SpendLedger:
             self._expires[key[1]] = period_end
         self._wake.set()
 
-    def charge(self, key: Key, usd: float, wake: bool = True) -> None:
-        """Add this process's spend: counted in `spent` at once, written by the thread (now, or on `wake`)."""
+    def charge(self, key: Key, usd: float, wake: bool = True, period_end: float | None = None) -> None:
+        """Add this process's spend: counted in `spent` at once, written by the thread (now, or on `wake`).
+        `period_end`: when the key's period ends, for a key that is written but not watched."""
         if usd <= 0.0:
             return
         with self._lock:
+            if period_end is not None:
+                self._expires.setdefault(key[1], period_end)
             self._pending[key] = self._pending.get(key, 0.0) + usd
         if wake:
             self._wake.set()

@@ -17,10 +17,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from serving.dispatch.budget_pacing import EXHAUSTED, PACED, BudgetDecision, BudgetRule, WindowClock, decide
+from serving.dispatch.budget_pacing import EXHAUSTED, PACED, BudgetDecision, BudgetRule, Period, WindowClock, decide
 from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
 from serving.dispatch.spend_store import RedisSpendStore, SpendLedger, SpendStore, SpendStoreError, SqliteSpendStore
 from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig
@@ -28,6 +29,9 @@ from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, Ten
 log = logging.getLogger("promptier.dispatcher")
 # How long a starting process waits for its first read of the tenants' spend before it serves.
 FIRST_READ_S = 5.0
+# Every period a budgeted tenant's spend is written under, whichever its budget is: a reload that changes
+# the period then reads a total that already holds the spend charged under the old one.
+PERIODS: tuple[Period, ...] = get_args(Period)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Tenant:
     fallback_tier: str  # where its requests go when the classifier cannot answer
     budget: BudgetRule | None = None
     clock: WindowClock | None = None
+    spend_clocks: tuple[WindowClock, ...] = ()  # one per period in PERIODS, when it has a budget
     shown_pressure: float = field(default=-1.0)  # last value put in the pressure gauge
 
     def may_use(self, tier: str) -> bool:
@@ -144,7 +149,8 @@ def _tenant(name: str, settings: TenantConfig, config: DispatcherConfig) -> Tena
     budget = settings.budget
     return Tenant(name=name, mode=settings.default_mode or config.default_mode, allowed=allowed,
                   allowed_names=tuple(tiers[index] for index in allowed) if names else None, fallback_tier=fallback,
-                  budget=budget.rule() if budget else None, clock=WindowClock(budget.period) if budget else None)
+                  budget=budget.rule() if budget else None, clock=WindowClock(budget.period) if budget else None,
+                  spend_clocks=tuple(WindowClock(period) for period in PERIODS) if budget else ())
 
 
 class Tenants:
@@ -258,8 +264,10 @@ class Tenants:
             return
         (counter or self.metrics.spend.labels(tenant.name)).inc(usd)
         if tenant.clock is not None and self.ledger is not None:
-            window = tenant.clock.at(time.time())
-            self.ledger.charge((tenant.name, window.key), usd, wake=False)
+            now = time.time()
+            for clock in tenant.spend_clocks:  # its budget's period among them
+                window = clock.at(now)
+                self.ledger.charge((tenant.name, window.key), usd, wake=False, period_end=window.end)
             try:
                 # The write starts once the event loop is free again: after the response has been written
                 # (a non-streaming request is charged just before), not while it is.
