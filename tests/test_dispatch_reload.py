@@ -104,3 +104,79 @@ def test_sighup_rereads_the_config_without_a_failed_request_and_refuses_a_bad_on
         assert process.wait(90) == 3
     finally:
         stop_supervisor(process)
+
+
+def test_a_reload_replaces_every_worker_while_the_retired_ones_finish_their_requests(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    """An LLM answer can take minutes: a retired worker finishes it, and meanwhile the next worker is
+    replaced too, rather than the workers serving two configs (and nothing supervising them) that long."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    from serving.bench.ports import free_port
+
+    fresh["medium"].behaviour, fresh["medium"].generation_s = "generating", 600.0  # until `finish` is set
+    config = tmp_path / "dispatcher.yaml"
+
+    def write_config(small_model: str) -> None:
+        config.write_text(json.dumps({
+            "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 500},
+            # No escalation of the held requests, however slowly the workers start on a busy machine.
+            "tiers": {name: {"base_url": upstream.url, "model": small_model if name == "small" else name,
+                             "first_byte_timeout_s": 600} for name, upstream in fresh.items()},
+            "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+
+    write_config("small-v1")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
+                                "--port", str(port), "--workers", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers: list[int] = []
+    held: list[threading.Thread] = []
+
+    def hold() -> None:  # a request the upstream answers only once `finish` is set
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300, json={
+            "model": "promptier/tier/medium", "messages": [{"role": "user", "content": EASY}]})
+        answers.append(reply.status_code)
+
+    def holders() -> set[int]:
+        """The workers holding a connection from this test's process (each held request has its own)."""
+        ours = {connection.laddr.port for connection in psutil.Process().net_connections("tcp")
+                if connection.raddr and connection.raddr.port == port}
+        return {worker.pid for worker in spawned_workers(process.pid)
+                if any(c.raddr and c.raddr.port in ours for c in worker.net_connections("tcp"))}
+
+    try:
+        wait_for_health(port, process)
+        first = {worker.pid for worker in spawned_workers(process.pid)}
+        deadline = time.monotonic() + 60
+        while holders() != first and time.monotonic() < deadline:  # a held request on each worker
+            held.append(threading.Thread(target=hold, daemon=True))
+            held[-1].start()
+            time.sleep(0.3)
+        assert holders() == first, "could not hold a request on each worker"
+        write_config("small-v2")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        replaced: set[int] = set()
+        while len(replaced) < 2 and time.monotonic() < deadline:
+            replaced = {worker.pid for worker in spawned_workers(process.pid)} - first
+            time.sleep(0.2)
+        # Both replaced while every held request is still open on the retired workers.
+        assert len(replaced) == 2 and not answers, (replaced, answers)
+        assert {worker.pid for worker in spawned_workers(process.pid)} >= first  # still finishing
+        fresh["medium"].finish.set()
+        for thread in held:
+            thread.join(120)
+        assert answers == [200] * len(held)  # every held request was answered in full
+        deadline = time.monotonic() + 60
+        while {worker.pid for worker in spawned_workers(process.pid)} & first and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not {worker.pid for worker in spawned_workers(process.pid)} & first  # the retired ones exited
+    finally:
+        fresh["medium"].finish.set()
+        stop_supervisor(process)
