@@ -62,6 +62,9 @@ CONFIG_ENV = "PROMPTIER_LITELLM_CONFIG"
 MODE_KEY = "promptier_mode"  # in the request's `metadata`: this request's routing mode
 RECORD_KEY = "promptier"  # in the request's `metadata`: the decision, for headers and LiteLLM's loggers
 HEADER_PREFIX = "x-promptier-"
+# LiteLLM's own metadata field for what its spend logs keep: they, and every logger that reads the
+# StandardLoggingPayload (Langfuse, OpenTelemetry, S3, ...), drop metadata keys LiteLLM does not know.
+SPEND_LOGS_KEY = "spend_logs_metadata"
 # The proxy's call types for /chat/completions; other endpoints carry no chat messages to classify.
 CHAT_CALL_TYPES = frozenset({"acompletion", "completion"})
 
@@ -221,7 +224,10 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         self._groups_served = True
 
     def _mode(self, metadata: Mapping[str, Any]) -> str:
-        mode = metadata.get(MODE_KEY, self.config.default_mode)
+        # A null is "not set", as SDKs send an optional field left empty.
+        mode = metadata.get(MODE_KEY)
+        if mode is None:
+            mode = self.config.default_mode
         if mode not in MODES:
             raise HTTPException(status_code=400, detail=f"metadata.{MODE_KEY} must be one of {list(MODES)}, "
                                 f"got {str(mode)[:100]!r}")
@@ -270,12 +276,14 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         if data.get("model") != self.config.router_model:
             if isinstance(metadata, dict) and not isinstance(metadata.get(RECORD_KEY), RoutingRecord):
                 metadata.pop(RECORD_KEY, None)  # a caller's own "decision" must not come back as headers
+                _spend_logs_record(metadata, None)
             return None
         self._check_groups()
         record = await self.decide(data, call_type)
         if not isinstance(metadata, dict):
             metadata = data["metadata"] = {}
         metadata[RECORD_KEY] = record
+        _spend_logs_record(metadata, record)
         data["model"] = record["model_group"]
         return data
 
@@ -290,6 +298,23 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
             return None
         return {f"{HEADER_PREFIX}{key.replace('_', '-')}": str(value) for key, value in record.items()
                 if value is not None}
+
+
+def _spend_logs_record(metadata: dict, record: RoutingRecord | None) -> None:
+    """Put `record` (None: no decision) under RECORD_KEY in the request's `spend_logs_metadata`, beside what
+    the caller put there, so that LiteLLM's spend logs and standard logging payload carry the decision; a
+    caller's own entry under that key is dropped, as it is from the headers. A `spend_logs_metadata` that is
+    not an object is the caller's to get wrong, and is left as it is."""
+    current = metadata.get(SPEND_LOGS_KEY)
+    if current is None and record is None:
+        return
+    if current is not None and not isinstance(current, dict):
+        return
+    # A copy: the caller's dict may be shared with LiteLLM's record of what the caller sent.
+    merged = {key: value for key, value in (current or {}).items() if key != RECORD_KEY}
+    if record is not None:
+        merged[RECORD_KEY] = dict(record)
+    metadata[SPEND_LOGS_KEY] = merged
 
 
 _hook: PromptierRouter | None = None

@@ -4,7 +4,9 @@ three recording OpenAI-compatible upstreams, called with the openai SDK."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +44,23 @@ FALLBACKS = [{GROUPS["small"]: [GROUPS["medium"], GROUPS["large"]]}, {GROUPS["me
 WILDCARD_GROUP = "wild/large-upstream-model"
 # LiteLLM's proxy takes 10-30 s to start on a quiet machine; on a busy 2-core one, longer.
 READY_WAIT_S = 300
+# Where the fixture's logging callback writes what LiteLLM's standard logging payload held, beside its config.
+LOGGED = "logged.jsonl"
+# A logging callback of the kind LiteLLM's own loggers are (spend logs, Langfuse, OpenTelemetry): it sees the
+# StandardLoggingPayload, not the request's metadata.
+SPY_MODULE = """
+import json
+from litellm.integrations.custom_logger import CustomLogger
+
+class Spy(CustomLogger):
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        payload = kwargs["standard_logging_object"]
+        with open(%r, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"model_group": payload["model_group"],
+                                  "spend_logs_metadata": payload["metadata"]["spend_logs_metadata"]}) + "\\n")
+
+spy = Spy()
+"""
 
 
 def _litellm_config(upstreams: dict[str, Upstream], callbacks: list[str]) -> dict:
@@ -103,7 +122,8 @@ def proxy(upstreams: dict[str, Upstream], tmp_path_factory: pytest.TempPathFacto
         "from serving.litellm_router import PromptierRouter\n"
         f"unserved = PromptierRouter.from_file({str(unserved)!r})\n"
         f"wildcard = PromptierRouter.from_file({str(wildcard)!r})\n", encoding="utf-8")
-    callbacks = ["serving.litellm_router.hook", "own_hooks.unserved", "own_hooks.wildcard"]
+    (directory / "spy.py").write_text(SPY_MODULE % str(directory / LOGGED), encoding="utf-8")
+    callbacks = ["serving.litellm_router.hook", "own_hooks.unserved", "own_hooks.wildcard", "spy.spy"]
     running = Proxy(directory, _litellm_config(upstreams, callbacks), promptier_config)
     try:
         running.wait_ready()
@@ -200,6 +220,48 @@ def test_the_mode_comes_from_request_metadata_and_a_bad_one_is_a_400(proxy: Prox
     assert "promptier_mode" in str(refused.value) and "cheapest" in str(refused.value)
     assert _received(upstreams) == {"small": 0, "medium": 0, "large": 0}
     assert _ask(proxy, EASY[0])[0]["x-promptier-reason"] == "classified"  # and it keeps serving
+
+
+def test_a_null_mode_is_the_default_mode(proxy: Proxy, runtime: classifier.TierClassifier) -> None:
+    # SDKs send an optional field left empty as null: that is no mode, not an unknown one.
+    headers, answer = _ask(proxy, HARD, extra_body={"metadata": {"promptier_mode": None}})
+    expected = _expected_tier(runtime, HARD)
+    assert (headers["x-promptier-mode"], headers["x-promptier-tier"], answer) == (
+        "balanced", expected, f"answer from {expected}")
+
+
+def _logged(proxy: Proxy, case: str) -> dict:
+    """What the logging callback saw for the request whose spend_logs_metadata `case` is `case`: LiteLLM logs
+    after it answers, so this waits for it (a minute at most, then fails)."""
+    path = proxy.output.parent / LOGGED
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                if (entry["spend_logs_metadata"] or {}).get("case") == case:
+                    return entry
+        time.sleep(0.2)
+    pytest.fail(f"LiteLLM logged no request with case {case!r}")
+
+
+def test_the_decision_is_in_what_litellm_spend_logs_and_standard_loggers_see(
+        proxy: Proxy, runtime: classifier.TierClassifier) -> None:
+    expected = _expected_tier(runtime, HARD)
+    headers, _ = _ask(proxy, HARD, extra_body={"metadata": {"spend_logs_metadata": {
+        "case": "routed", "team": "a", "promptier": "forged"}}})
+    routed = _logged(proxy, "routed")
+    assert routed["model_group"] == GROUPS[expected]
+    assert routed["spend_logs_metadata"]["team"] == "a"  # the caller's own entries stay
+    record = routed["spend_logs_metadata"].get("promptier")
+    assert isinstance(record, dict), routed  # the hook's decision, not the caller's forgery
+    assert (record["tier"], record["model_group"], record["reason"], record["mode"]) == (
+        expected, GROUPS[expected], "classified", "balanced")
+    assert record["model_version"] == headers["x-promptier-model-version"]
+    # A pinned request's log holds no decision, not even one the caller wrote.
+    _ask(proxy, HARD, model=GROUPS["small"], extra_body={"metadata": {"spend_logs_metadata": {
+        "case": "pinned", "promptier": {"tier": "large", "reason": "classified"}}}})
+    assert _logged(proxy, "pinned")["spend_logs_metadata"] == {"case": "pinned"}
 
 
 def test_a_request_the_classifier_cannot_read_goes_to_the_fallback_group_visibly(
