@@ -7,9 +7,15 @@ VALIDATION_TOLERANCE; a checkpoint written by two processes resumes in one.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -79,3 +85,34 @@ def _assert_same_validation(a: object, b: object) -> None:
     assert b["loss"] == pytest.approx(a["loss"], rel=VALIDATION_TOLERANCE)
     for group, value in a["apgr"].items():
         assert b["apgr"][group] == pytest.approx(value, abs=VALIDATION_TOLERANCE), group
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_launcher_stops_every_process_of_the_run(tmp_path: Path, tiny_backbone: Path, pool_file: Path,
+                                                              stop: signal.Signals) -> None:
+    """`kill` of `promptier train --processes 2` (or its death) stops torchrun and its workers: none trains
+    on, to write OUT behind the back of a user who saw the command end, or beside the rerun that resumes it."""
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(540, seed=3))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_backbone, epochs=400, checkpoint_every=5).model_dump()))
+    out = tmp_path / "model"
+    launcher = psutil.Popen([sys.executable, "-m", "classifier.cli", "train", "--logs", str(logs), "--pool",
+                             str(pool_file), "--config", str(config), "--out", str(out), "--processes", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run: list[psutil.Process] = []
+    try:
+        checkpoint = tmp_path / "model.work" / "checkpoint.pt"
+        while not checkpoint.exists():  # training has started in both workers
+            assert launcher.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.1)
+        run = launcher.children(recursive=True)
+        assert len(run) >= 3  # torchrun and its two workers
+        launcher.send_signal(stop)
+        launcher.wait(timeout=120)
+        _, alive = psutil.wait_procs(run, timeout=120)
+        assert not alive, [process.cmdline()[:4] for process in alive]
+    finally:  # whatever the outcome, no process of the test outlives it
+        for process in (launcher, *run):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert not out.exists()

@@ -78,11 +78,14 @@ def test_the_launcher_of_several_processes_forwards_the_weight(tmp_path: Path, t
 
     started: list[list[str]] = []
 
-    def run(command: list[str], check: bool) -> subprocess.CompletedProcess:
-        started.append(command)
-        return subprocess.CompletedProcess(command, 0)
+    class Started:
+        def __init__(self, command: list[str], **_options: object) -> None:
+            started.append(command)
 
-    monkeypatch.setattr(subprocess, "run", run)
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Started)
     files = _files(tmp_path, tiny_backbone, teacher={"kind": "embedding-mlp"})
     result = _train([*files, "--distill-weight", "0", "--processes", "2"])
     assert result.exit_code == 0, result.output

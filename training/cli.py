@@ -6,10 +6,14 @@ Registered with the `promptier` command through the `promptier.commands` entry p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -191,9 +195,11 @@ def _why_not_promoted(version: str, comparison: dict) -> str:
 
 def _launch(processes: int, options: dict[str, object]) -> None:
     """Run this same `train` command as `processes` processes under torchrun (PyTorch's launcher),
-    on this machine, at a free port; exit with its status."""
-    import subprocess
+    on this machine, at a free port; exit with its status.
 
+    Stopping the launcher (SIGTERM, SIGHUP, or its death) stops torchrun and, through it, every process of
+    the run: none is left training on.
+    """
     arguments = ["train"]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
@@ -210,9 +216,41 @@ def _launch(processes: int, options: dict[str, object]) -> None:
                # "--": torchrun's own parser would otherwise claim --logs (a prefix of its --logs-specs).
                "-m", "training.cli", "--", *arguments]
     typer.echo(f"starting {processes} processes: {shlex.join(command)}", err=True)
-    status = subprocess.run(command, check=False).returncode
+    # torchrun stops its workers when it is signalled, but nothing tells it that this launcher was: a
+    # `kill` of the command the user started would leave the run training on, to write OUT later.
+    launched = subprocess.Popen(command, preexec_fn=_stop_with_parent)
+    with _forwarding_signals(launched):
+        status = launched.wait()
     if status:
         raise typer.Exit(status)
+
+
+# Signals that ask the launcher to stop, passed on to torchrun (SIGINT reaches it from the terminal itself).
+_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_with_parent() -> None:
+    """In the child, before torchrun starts: have Linux send it SIGTERM when the launcher dies, however
+    it dies (kill -9 included), so that it stops its workers."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(process: subprocess.Popen) -> Iterator[None]:
+    """Pass the signals that stop the launcher on to `process` while the block runs, and wait for it."""
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @app.command("train-bench")
