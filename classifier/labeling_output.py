@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from classifier.artifact import load_manifest
 from classifier.artifact_layout import REQUIRED_FILES
 from classifier.labeling_options import DECISION_COLUMNS, LabelingError, LabelOptions, LabelStats
 from classifier.labeling_rows import input_names
+from classifier.pid_lock import pid_lock
 from classifier.runtime import DEFAULT_MODEL_DIR
 
 # What the output's columns hold. Raised whenever a column keeps its name but changes its meaning, so
@@ -65,50 +66,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold the exclusive lock of `output` (`OUTPUT.lock`, flock) for the with-block.
+def output_lock(output: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the exclusive lock of `output` (`OUTPUT.lock`, classifier.pid_lock) for the with-block.
 
     One labeling job per output: a second job would otherwise merge, or replace, what the first writes.
-    The lock file holds the holder's pid, for the error message, and is removed on release.
 
     Raises:
         LabelingError: another job holds the lock (the message names the output and its pid), or the
             lock file cannot be created.
     """
-    import fcntl
+    def busy(holder: str) -> LabelingError:
+        return LabelingError(f"{output} is being written by another labeling job (pid {holder}); "
+                             "wait for it to finish, or choose another output")
 
-    path = lock_path(output)
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LabelingError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise LabelingError(f"{output} is being written by another labeling job (pid {holder}); "
-                                "wait for it to finish, or choose another output") from None
-        except OSError as exc:
-            os.close(fd)
-            raise LabelingError(f"cannot lock {path}: {exc.strerror or exc}") from None
-        # A holder removes the file when it finishes; a lock taken on a removed file locks nothing.
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        with contextlib.suppress(OSError):  # the pid is for messages only; a full disk must not stop the job
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        _remove(path)
-        os.close(fd)
+    return pid_lock(lock_path(output), busy, LabelingError)
 
 
 def output_schema(keep_columns: Sequence[str], id_column: str) -> pa.Schema:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 from pathlib import Path
 
@@ -144,3 +145,34 @@ def test_a_model_with_familiarity_re_exports_from_its_own_checkpoint_only(tmp_pa
     torch.save(further, tmp_path / "further.pt")
     with pytest.raises(PromptierError, match="trained to step"):
         export_checkpoint(original, tmp_path / "further.pt", prompts, tmp_path / "wrong", quantize=False)
+
+
+def test_a_second_run_on_the_same_work_dir_is_refused_while_the_first_runs(
+        tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path, pool_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs on one OUT share OUT.work: let loose together, each overwrites the other's checkpoint
+    (and they collide on its temporary file). The second is refused, and the first finishes unharmed."""
+    from training import trainer
+    from training.pipeline import train
+
+    config = tiny_config(tiny_backbone, epochs=1)
+    out = tmp_path / "model"
+    save = trainer._save_checkpoint
+    second: list[BaseException | None] = []
+
+    def save_then_start_another(*args, **kwargs):  # type: ignore[no-untyped-def]
+        save(*args, **kwargs)
+        if not second:  # the first checkpoint of the first run: a second command starts now
+            try:
+                train([synthetic_logs], pool_file, out, config, model_version="second")
+                second.append(None)
+            except PromptierError as error:
+                second.append(error)
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_start_another)
+    manifest = train([synthetic_logs], pool_file, out, config, model_version="first")
+    assert second and isinstance(second[0], PromptierError)
+    assert "in use by another training run" in str(second[0]) and str(out.with_name("model.work")) in str(second[0])
+    assert manifest is not None and manifest.training["fit"]["steps_this_run"] == manifest.training["fit"]["steps"]
+    assert json.loads((out / "manifest.json").read_text())["model_version"] == "first"
+    assert not (tmp_path / "model.work" / "train.lock").exists()  # released with the run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -104,57 +105,70 @@ def train(
     Under `torchrun` (several processes), the main process reads the logs and writes the training
     set to the work dir; every process trains on its share of each batch; only the main one writes
     checkpoints and the artifact, and returns the manifest. The others return None.
+
+    The main process holds the work dir's lock for the whole run (training.work_lock): a second run
+    on the same work dir is refused, not let loose on the first one's checkpoints.
+
+    Raises:
+        PromptierError: another run holds the work dir (and errors of the run itself).
     """
-    import torch
+    from training.devices import torchrun_environment
+    from training.work_lock import work_dir_lock
 
-    from training.devices import placed
-    from training.model import backbone_directory, build_model, load_encoder
-    from training.token_store import load_examples, write_training_set
-    from training.trainer import fit
-
-    if unlabeled:
-        _check_unlabeled(unlabeled, config, teacher)
-    started = time.time()
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
-    pool = load_pool(pool_path)
-    backbone_dir = backbone_directory(config.backbone)
-    tokenizer_file = backbone_dir / "tokenizer.json"
-    truncation = TruncationConfig(max_tokens=config.max_tokens, head_chars=config.resolved_head_chars,
-                                  tail_chars=config.resolved_tail_chars, head_fraction=config.head_fraction)
-    encoder = PromptEncoder.from_file(tokenizer_file, truncation)
-    with placed(config.device, config.precision) as place:
-        inputs = None
-        if place.is_main:
-            inputs = (streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher)
-                      if config.streaming else
-                      in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir, skip_invalid,
-                                        teacher, unlabeled, distill_weight, cache_dir))
-            if compare_with is not None:
-                inputs = with_previous_seen(inputs, compare_with)
-        stages = {"inputs": round(time.time() - started, 1)}
-        peaks = {"inputs": peak_rss_mb()}
-        torch.manual_seed(config.seed)
-        model, architecture = build_model(config, load_encoder(backbone_dir), len(pool.tiers), pad_id=encoder.pad_id)
-        if init_from is not None:
-            _load_weights(model, init_from)
-        tokens, targets = (inputs.tokens, inputs.targets) if inputs is not None else ([], np.zeros(0))
-        if place.distributed:
-            if inputs is not None and isinstance(inputs.tokens, list):
-                write_training_set(work_dir / TRAINSET_DIR, inputs.tokens, inputs.targets, vocab_size(tokenizer_file))
-            place.wait_for_main()
-            tokens, targets = load_examples(work_dir / TRAINSET_DIR)
-        fit_report: dict = {}
-        fit(model, tokens, targets, config, work_dir, description="student" if config.student else "train",
-            placement=place, report=fit_report)
-        stages["model_and_fit"] = round(time.time() - started - stages["inputs"], 1)
-        peaks["model_and_fit"] = peak_rss_mb()
-    if inputs is None:
-        return None
-    run = _Run(logs=logs, pool_path=pool_path, out_dir=out_dir, work_dir=work_dir, teacher=teacher,
-               distill_weight=distill_weight, model_version=model_version, command=command,
-               evaluation_backbone=evaluation_backbone, cache_dir=cache_dir, init_from=init_from,
-               compare_with=compare_with, started=started, stages=stages, peaks=peaks)
-    return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, fit_report, run)
+    # Only the main process writes the work dir: the others of a distributed run read what it wrote.
+    with work_dir_lock(work_dir) if torchrun_environment()[0] == 0 else contextlib.nullcontext():
+        import torch
+
+        from training.devices import placed
+        from training.model import backbone_directory, build_model, load_encoder
+        from training.token_store import load_examples, write_training_set
+        from training.trainer import fit
+
+        if unlabeled:
+            _check_unlabeled(unlabeled, config, teacher)
+        started = time.time()
+        pool = load_pool(pool_path)
+        backbone_dir = backbone_directory(config.backbone)
+        tokenizer_file = backbone_dir / "tokenizer.json"
+        truncation = TruncationConfig(max_tokens=config.max_tokens, head_chars=config.resolved_head_chars,
+                                      tail_chars=config.resolved_tail_chars, head_fraction=config.head_fraction)
+        encoder = PromptEncoder.from_file(tokenizer_file, truncation)
+        with placed(config.device, config.precision) as place:
+            inputs = None
+            if place.is_main:
+                inputs = (streamed_inputs(logs, pool, config, encoder, tokenizer_file, work_dir, skip_invalid, teacher)
+                          if config.streaming else
+                          in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir,
+                                           skip_invalid, teacher, unlabeled, distill_weight, cache_dir))
+                if compare_with is not None:
+                    inputs = with_previous_seen(inputs, compare_with)
+            stages = {"inputs": round(time.time() - started, 1)}
+            peaks = {"inputs": peak_rss_mb()}
+            torch.manual_seed(config.seed)
+            model, architecture = build_model(config, load_encoder(backbone_dir), len(pool.tiers),
+                                              pad_id=encoder.pad_id)
+            if init_from is not None:
+                _load_weights(model, init_from)
+            tokens, targets = (inputs.tokens, inputs.targets) if inputs is not None else ([], np.zeros(0))
+            if place.distributed:
+                if inputs is not None and isinstance(inputs.tokens, list):
+                    write_training_set(work_dir / TRAINSET_DIR, inputs.tokens, inputs.targets,
+                                       vocab_size(tokenizer_file))
+                place.wait_for_main()
+                tokens, targets = load_examples(work_dir / TRAINSET_DIR)
+            fit_report: dict = {}
+            fit(model, tokens, targets, config, work_dir, description="student" if config.student else "train",
+                placement=place, report=fit_report)
+            stages["model_and_fit"] = round(time.time() - started - stages["inputs"], 1)
+            peaks["model_and_fit"] = peak_rss_mb()
+        if inputs is None:
+            return None
+        run = _Run(logs=logs, pool_path=pool_path, out_dir=out_dir, work_dir=work_dir, teacher=teacher,
+                   distill_weight=distill_weight, model_version=model_version, command=command,
+                   evaluation_backbone=evaluation_backbone, cache_dir=cache_dir, init_from=init_from,
+                   compare_with=compare_with, started=started, stages=stages, peaks=peaks)
+        return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, fit_report, run)
 
 
 def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:

@@ -1,0 +1,33 @@
+"""One training run per work dir: the lock a run holds on its checkpoints for as long as it runs.
+
+Two `promptier train` commands on the same OUT share its work dir (OUT.work): each would resume and
+overwrite the other's checkpoint, write the same temporary file, and fail with an error about a file
+that vanished, or leave a checkpoint that is half of each. The lock (classifier.pid_lock) is released
+by the system when its holder dies, however it dies: a stopped run never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from classifier.errors import PromptierError
+from classifier.pid_lock import pid_lock
+
+LOCK_FILE = "train.lock"
+
+
+def work_dir_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the exclusive lock of `work_dir` (`WORK_DIR/train.lock`) for the with-block.
+
+    Raises:
+        PromptierError: another run holds the lock (the message names the work dir and its pid), or the
+            lock file cannot be created.
+    """
+    def busy(holder: str) -> PromptierError:
+        return PromptierError(f"{work_dir} is in use by another training run (pid {holder}): wait for it to "
+                              "finish or stop it, then rerun to resume; or give this run another --work-dir "
+                              "and --out")
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return pid_lock(work_dir / LOCK_FILE, busy)
