@@ -81,6 +81,13 @@ def test_a_checkpoint_written_by_training_loads_whole(tmp_path: Path) -> None:
     restored.load_state_dict(state["model"])
     assert torch.equal(restored.linear.weight, model.linear.weight)
     torch.optim.AdamW(restored.parameters(), lr=1e-3).load_state_dict(state["optimizer"])
+    # Cut short (a disk that filled, a copy that stopped) or emptied: an error naming the file and the
+    # remedy, not a traceback from torch's zip reader or a bare "Aborted.".
+    whole = (tmp_path / "checkpoint.pt").read_bytes()
+    for damaged in (whole[: len(whole) // 2], b""):
+        (tmp_path / "checkpoint.pt").write_bytes(damaged)
+        with pytest.raises(PromptierError, match=r"checkpoint\.pt cannot be read: it is cut short or damaged"):
+            load_checkpoint(tmp_path / "checkpoint.pt")
 
 
 def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -> None:

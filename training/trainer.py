@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -334,13 +335,19 @@ def load_checkpoint(path: Path) -> dict:
     tensor).
 
     Raises:
-        PromptierError: the file holds anything else, so it is refused unread.
+        PromptierError: the file holds anything else, so it is refused unread; or it is cut short or
+            damaged (a disk that filled, a copy that stopped), which the message names with its remedy.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise PromptierError(f"{path} holds objects other than tensors, numbers and containers: refused, since "
                              f"loading it could run code. Use checkpoints written by promptier train.") from exc
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:  # as torch's zip reader fails on a cut file
+        raise PromptierError(f"{path} cannot be read: it is cut short or damaged ({type(exc).__name__}). Delete it "
+                             "(in a run's work dir: delete the work dir to train afresh), or restore it") from exc
     if not isinstance(state, dict):
         raise PromptierError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
     return state
