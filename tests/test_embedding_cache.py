@@ -41,3 +41,21 @@ def test_an_interrupted_run_keeps_the_batches_it_finished(tiny_backbone: Path, t
     fresh = baselines.sentence_embeddings(prompts, tiny_backbone, TRUNCATION, tmp_path / "fresh", batch_size=4)
     np.testing.assert_allclose(resumed, fresh, atol=1e-6)
     assert embedded == [len(prompts) - 8, len(prompts)]
+
+
+def test_a_damaged_cache_is_embedded_again_not_fatal(tiny_backbone: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache only saves time: one cut short (a full disk) is read as empty, embedded again and rewritten."""
+    from training import baselines
+
+    prompts = [f"prompt number {i}" for i in range(12)]
+    first = baselines.sentence_embeddings(prompts, tiny_backbone, TRUNCATION, tmp_path, batch_size=4)
+    (cache,) = tmp_path.glob("embeddings-*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])
+    embedded = count_embedded_prompts(monkeypatch)
+    again = baselines.sentence_embeddings(prompts, tiny_backbone, TRUNCATION, tmp_path, batch_size=4)
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    assert embedded == [len(prompts)]
+    assert [path.name for path in tmp_path.iterdir()] == [cache.name]  # rewritten whole, no temporary left
+    baselines.sentence_embeddings(prompts, tiny_backbone, TRUNCATION, tmp_path, batch_size=4)
+    assert embedded == [len(prompts)]  # and read back

@@ -4,6 +4,10 @@ logistic regression on the backbone's mean-pooled sentence embeddings (as in Rou
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +16,8 @@ from sklearn.linear_model import LogisticRegression
 
 from classifier.artifact import TruncationConfig
 from classifier.tokenization import PromptEncoder
+
+log = logging.getLogger(__name__)
 
 
 def random_scores(n: int, n_tiers: int, seed: int) -> np.ndarray:
@@ -68,8 +74,7 @@ def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: 
     cache_file = cache_dir / f"embeddings-{digest.hexdigest()[:20]}.npz" if cache_dir else None
     cached: dict[str, np.ndarray] = {}
     if cache_file is not None and cache_file.exists():
-        with np.load(cache_file) as stored:
-            cached = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
+        cached = _read_cache(cache_file)
     keys = [prompt_hash(prompt) for prompt in prompts]
     missing = sorted({key: i for i, key in enumerate(keys) if key not in cached}.values())
     if missing:
@@ -86,12 +91,30 @@ def sentence_embeddings(prompts: Sequence[str], backbone_dir: Path, truncation: 
     return np.stack([cached[key] for key in keys]) if keys else np.zeros((0, 0), dtype=np.float32)
 
 
+def _read_cache(cache_file: Path) -> dict[str, np.ndarray]:
+    """The cached embeddings; none (with a warning) from a file that cannot be read: a cache only saves
+    time, and a damaged one (cut short by a full disk, say) must not stop the run that would rebuild it."""
+    try:
+        with np.load(cache_file) as stored:
+            return dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        log.warning("embedding cache %s cannot be read (%s: %s); embedding again, and it is rewritten",
+                    cache_file, type(error).__name__, error)
+        return {}
+
+
 def _save_cache(cache_file: Path, cached: dict[str, np.ndarray]) -> None:
-    """Replace the cache file whole, so a reader never sees half of one."""
+    """Replace the cache file whole, so a reader never sees half of one. The temporary file is this
+    writer's own: two runs sharing the cache (seeds side by side) must not write into one."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_file.with_suffix(".tmp.npz")
-    np.savez(temporary, keys=np.array(list(cached)), vectors=np.stack(list(cached.values())))
-    temporary.replace(cache_file)
+    descriptor, name = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.stem}.", suffix=".npz")
+    temporary = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            np.savez(file, keys=np.array(list(cached)), vectors=np.stack(list(cached.values())))
+        temporary.replace(cache_file)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def embedded_batches(prompts: Sequence[str], backbone_dir: Path, truncation: TruncationConfig,
