@@ -275,16 +275,6 @@ def parse_counts(option: str, text: str) -> list[int]:
     return list(dict.fromkeys(counts))
 
 
-def min_rows_for(prompts: int) -> int:
-    """The fewest rows of the synthetic logs that hold `prompts` distinct prompts."""
-    from training.synthetic import distinct_long_prompts
-
-    rows = prompts
-    while distinct_long_prompts(rows) < prompts:
-        rows += 1
-    return rows
-
-
 def parse_choices(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
     """A comma-separated list of names among `allowed`, once each, in order.
 
@@ -311,13 +301,14 @@ def plan_runs(rows: str, devices: str, processes: str, reading: str, max_steps: 
     from classifier.bench import check_output
     from training.config import TrainConfig
     from training.export import MIN_PARITY_PROMPTS
-    from training.synthetic import distinct_long_prompts
+    from training.synthetic import rows_for_distinct_prompts
 
     sizes = parse_counts("--rows", rows)
-    too_few = [size for size in sizes if distinct_long_prompts(size) < MIN_PARITY_PROMPTS]
+    fewest = rows_for_distinct_prompts(MIN_PARITY_PROMPTS)
+    too_few = [size for size in sizes if size < fewest]
     if too_few:  # every run would train and then be refused at export
         raise PromptierError(f"--rows {too_few}: training needs at least {MIN_PARITY_PROMPTS} distinct prompts, "
-                             f"which the synthetic logs reach from {min_rows_for(MIN_PARITY_PROMPTS):,} rows")
+                             f"which the synthetic logs reach from {fewest:,} rows")
     counts = parse_counts("--processes", processes)
     run_modes = modes(parse_choices("--devices", devices, DEVICES), counts,
                       parse_choices("--reading", reading, READINGS))

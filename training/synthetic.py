@@ -117,16 +117,18 @@ def _long_prompt(seed: int, index: int, chars: int) -> tuple[str, int, str]:
     return " ".join(words.tolist()) + f" {index}", level, "alpha" if index % 4 else "beta"
 
 
-def distinct_long_prompts(n_rows: int) -> int:
-    """How many distinct prompts `iter_long_rows(n_rows)` holds: each prompt has a row per tier of its
-    source, and the repeats count once (no text is generated)."""
-    emitted = index = distinct = 0
-    while emitted < n_rows:
+def rows_for_distinct_prompts(prompts: int) -> int:
+    """The fewest rows of `iter_long_rows` that hold `prompts` distinct prompts: each prompt has a row per
+    tier of its source, and the repeats count once (no text is generated)."""
+    emitted = distinct = index = 0
+    while True:
         repeat = index % _REPEAT_EVERY == _REPEAT_EVERY - 1
-        distinct += not repeat
+        if not repeat:
+            distinct += 1
+            if distinct >= prompts:
+                return emitted + 1  # its first row
         emitted += len(_MODELS["alpha" if (index - _REPEAT_LAG * repeat) % 4 else "beta"])
         index += 1
-    return distinct
 
 
 def iter_long_rows(n_rows: int, prompt_chars: int = 1000, seed: int = 0) -> Iterator[dict]:
