@@ -192,6 +192,21 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def try_writing(out: Path) -> None:
+    """Create and remove a trial file beside `out`, and open `out` for writing if it exists (left as it is).
+
+    A trial rather than os.access: access() says yes to root on a read-only file system.
+
+    Raises:
+        OSError: either cannot be done.
+    """
+    with tempfile.NamedTemporaryFile(dir=out.absolute().parent, prefix=f".{out.name}.", suffix=".check"):
+        pass
+    if out.exists():
+        with out.open("r+b"):
+            pass
+
+
 def check_output(out: Path) -> None:
     """Make sure the JSON can be written at `out` before minutes of measuring: its folder is created
     (as `promptier label` does for its output) and a file is created and removed there.
@@ -203,9 +218,7 @@ def check_output(out: Path) -> None:
         raise PromptierError(f"cannot write {out}: it is a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # A trial file rather than os.access: access() says yes to root on a read-only file system.
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
-            pass
+        try_writing(out)
     except OSError as error:
         raise PromptierError(f"cannot write {out}: {error.strerror or error}") from None
 

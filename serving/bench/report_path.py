@@ -3,8 +3,9 @@ written at the end (and the run lost)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+
+from classifier.bench import try_writing
 
 
 def check_report_path(out: Path) -> None:
@@ -20,11 +21,6 @@ def check_report_path(out: Path) -> None:
     if out.is_dir():
         raise RuntimeError(f"--out {out} is a folder: give the path of the JSON report to write")
     try:
-        # A trial file rather than os.access: access() says yes to root on a read-only file system.
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}.", suffix=".check"):
-            pass
-        if out.exists():
-            with out.open("r+b"):  # opened for writing, left as it is
-                pass
+        try_writing(out)
     except OSError as error:
         raise RuntimeError(f"--out {out}: cannot write there: {error.strerror or error}") from None
