@@ -7,18 +7,65 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
+
+# Signals received inside `exit_deferred` blocks, acted on when the outermost one ends (main thread only).
+_deferring = 0
+_deferred: list[int] = []
+
+
+def _stop(number: int) -> None:
+    if number == signal.SIGINT:
+        raise KeyboardInterrupt
+    sys.exit(128 + number)
+
+
+def _stop_or_defer(number: int, frame: FrameType | None) -> None:
+    if _deferring:
+        _deferred.append(number)
+        return
+    _stop(number)
 
 
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """Within the block, SIGTERM raises SystemExit: `finally` blocks then stop the processes a tool
     started in sessions of their own, which a signal to the tool's process group no longer reaches.
-    (Python's default SIGTERM ends the process without running them.) Main thread only."""
+    (Python's default SIGTERM ends the process without running them.) Ctrl-C still raises
+    KeyboardInterrupt; both wait for the end of an `exit_deferred` block. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    previous_term = signal.signal(signal.SIGTERM, _stop_or_defer)
+    # Ctrl-C is left alone where the program set its own handler.
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _stop_or_defer)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+
+
+@contextlib.contextmanager
+def exit_deferred() -> Iterator[None]:
+    """Within the block, a SIGTERM or Ctrl-C under `sigterm_as_exit` waits for the block's end.
+
+    Start a process and put it where a `finally` will stop it inside one block: a signal acted on
+    between the two (even inside `subprocess.Popen`, which waits for the child's exec) would leave the
+    process running with nobody to stop it. Keep the block short: the signal waits for it."""
+    global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run in the main thread only: nothing to defer here
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _deferred:
+            number = _deferred[0]
+            _deferred.clear()
+            _stop(number)

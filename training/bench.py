@@ -35,7 +35,7 @@ import yaml
 
 from classifier.artifact_layout import MANIFEST_FILE
 from classifier.errors import PromptierError
-from classifier.signals import sigterm_as_exit
+from classifier.signals import exit_deferred, sigterm_as_exit
 from training.config import SHIPPED_RECIPE, recipe_path
 
 if TYPE_CHECKING:
@@ -178,18 +178,21 @@ def run_child(command: list[str], log_file: Path, timeout: float) -> ChildRun:
     with log_file.open("w", encoding="utf-8") as output:
         # A session of its own: so that the whole group can be killed, and Ctrl-C (sent to the terminal's
         # group) reaches this process, which then stops the run, rather than torchrun's workers directly.
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        memory = TreeMemory(child.pid)
+        child: subprocess.Popen | None = None
+        memory: TreeMemory | None = None
         timed_out = False
         try:
+            with exit_deferred():  # a SIGTERM while it starts still stops it
+                child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            memory = TreeMemory(child.pid)
             child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            timed_out = child.poll() is None  # not if it ended at that very moment
+            timed_out = child is not None and child.poll() is None  # not if it ended at that very moment
         finally:
-            if child.poll() is None:  # timed out, or this process is being stopped
+            if child is not None and child.poll() is None:  # timed out, or this process is being stopped
                 stop_tree(child)
-            tree_peak = memory.stop()
-    assert child.returncode is not None
+            tree_peak = memory.stop() if memory is not None else 0
+    assert child is not None and child.returncode is not None
     return ChildRun(child.returncode, timed_out, tree_peak)
 
 

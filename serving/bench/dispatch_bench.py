@@ -24,7 +24,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from classifier.signals import sigterm_as_exit
+from classifier.signals import exit_deferred, sigterm_as_exit
 from serving.bench.h2load import h2load_log
 from serving.bench.ports import free_port
 from serving.bench.report_path import check_report_path
@@ -216,8 +216,10 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
                     "h2load is not installed; Debian: apt-get install nghttp2-client"}
     body = {"model": "promptier", "messages": [{"role": "user", "content": LOAD_PROMPT}]}
     try:
-        processes.append(upstream := start_upstream(upstream_port, workdir))
-        processes.append(service := start_process(serve, workdir, "classifier service"))
+        with exit_deferred():  # a SIGTERM while it starts still stops it
+            processes.append(upstream := start_upstream(upstream_port, workdir))
+        with exit_deferred():
+            processes.append(service := start_process(serve, workdir, "classifier service"))
         wait_started(upstream, "upstream", workdir, answers_http(f"http://127.0.0.1:{upstream_port}/docs"))
         wait_started(service, "classifier service", workdir, answers_grpc(address))
         time.sleep(2.0)  # health answers once the first of the two workers is up
@@ -229,9 +231,11 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
             config.write_text(json.dumps({"classifier": classifier, "tiers": tiers, "fallback_tier": "large",
                                           "decision_log": {"path": str(decisions)}, **overlay}))
             label = f"dispatcher ({name})"
-            dispatch = start_process(cli_command("dispatch", "--config", str(config), "--port", str(http_port),
-                                                 "--workers", str(workers)), workdir, label)
+            dispatch: subprocess.Popen | None = None
             try:
+                with exit_deferred():
+                    dispatch = start_process(cli_command("dispatch", "--config", str(config), "--port",
+                                                         str(http_port), "--workers", str(workers)), workdir, label)
                 wait_started(dispatch, label, workdir, answers_http(f"http://127.0.0.1:{http_port}/health"))
                 if workers > 1:
                     time.sleep(3.0)  # health answers once the first worker is up; let the others load too
@@ -252,7 +256,8 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
                     report["load"][name] = [_load(dispatcher_url, body, concurrency, load_seconds)
                                             for concurrency in (8, 32)]
             finally:
-                stop_process(dispatch)
+                if dispatch is not None:
+                    stop_process(dispatch)
     finally:
         for process in processes:
             stop_process(process)

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import yaml
 
-from classifier.signals import sigterm_as_exit
+from classifier.signals import exit_deferred, sigterm_as_exit
 from serving.bench.dispatch_bench import LOAD_PROMPT, start_upstream
 from serving.bench.ports import free_port
 from serving.bench.report_path import check_report_path
@@ -145,17 +145,21 @@ def main(model: str | None, out: Path, count: int) -> dict:
             "litellm_settings": {"callbacks": ["serving.litellm_router.hook"]},
             "general_settings": {"master_key": MASTER_KEY},
         }
-        upstream = start_upstream(upstream_port, directory)
+        upstream: subprocess.Popen | None = None
         proxy: LiteLLMProxy | None = None
         try:
-            proxy = LiteLLMProxy(directory, litellm_config, promptier_config)
+            with exit_deferred():  # a SIGTERM while they start still stops them
+                upstream = start_upstream(upstream_port, directory)
+            with exit_deferred():
+                proxy = LiteLLMProxy(directory, litellm_config, promptier_config)
             wait_started(upstream, "upstream", directory, answers_http(f"{upstream_url.removesuffix('/v1')}/docs"))
             proxy.wait_ready(300)
             report = {"requests": count, "prompt_chars": len(LOAD_PROMPT), **_measure(proxy.url, count)}
         finally:
             if proxy is not None:
                 proxy.stop()
-            stop_process(upstream)
+            if upstream is not None:
+                stop_process(upstream)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("| requests through the LiteLLM proxy | p50 | p90 | p99 |\n|---|---|---|---|")
     for key, label in (("pinned", "pinned to a group (hook passes)"), ("routed", "router model (classified)"),

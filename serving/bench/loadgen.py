@@ -16,6 +16,7 @@ skipped where g++ and libgrpc++ are not installed): what a compiled front end wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -33,6 +34,7 @@ from typing import IO, TypeVar
 import grpc
 import numpy as np
 
+from classifier.signals import exit_deferred
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.bench.h2load import cpu_seconds, h2load_scenario, ok_calls, require_all_ok
 from serving.bench.ports import free_port, port_taken, wait_serving
@@ -240,34 +242,42 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
     if model:
         command += ["--model", model]
     # The server's stderr is read back only to say why it went away, should a scenario fail.
-    with tempfile.TemporaryFile() as stderr:
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    with tempfile.TemporaryFile() as stderr, contextlib.ExitStack() as stopping:
+        with exit_deferred():  # a SIGTERM while it starts still stops it
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+            stopping.callback(_stop_server, server)
         guarded = functools.partial(_run_scenarios_or_say_why, server, stderr)
-        try:
-            guarded(lambda: wait_serving(target, process=server))
-            time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
-            results = []
-            for concurrency, batch, generators in scenarios:
-                if generator == "h2load":
-                    scenario = functools.partial(h2load_scenario, port, prompts, concurrency, batch, seconds,
-                                                 [metrics_port + i for i in range(workers)])
-                else:
-                    scenario = functools.partial(_scenario, target, prompts, concurrency, batch, seconds, generators)
-                results.append(guarded(functools.partial(_with_server_cpu, server.pid, scenario)))
-            ports = [metrics_port + i for i in range(workers)]
-            for concurrency in coalescing_concurrency:
-                for blocking in (False, True):
-                    before = guarded(lambda: ok_calls(ports, "Classify", "ClassifyBatch")[0])
-                    result = guarded(functools.partial(_with_server_cpu, server.pid, functools.partial(
-                        coalescing_client_scenario, target, prompts, concurrency, seconds, blocking)))
-                    # Calls (unary and batch) each server process answered: shows how the connections spread.
-                    after = guarded(lambda: ok_calls(ports, "Classify", "ClassifyBatch")[0])
-                    result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
-                    results.append(result)
-            return results
-        finally:
-            server.terminate()
-            server.wait(15)
+        guarded(lambda: wait_serving(target, process=server))
+        time.sleep(2.0 if workers > 1 else 0.0)  # health answers once the first worker is up; wait for all
+        results = []
+        for concurrency, batch, generators in scenarios:
+            if generator == "h2load":
+                scenario = functools.partial(h2load_scenario, port, prompts, concurrency, batch, seconds,
+                                             [metrics_port + i for i in range(workers)])
+            else:
+                scenario = functools.partial(_scenario, target, prompts, concurrency, batch, seconds, generators)
+            results.append(guarded(functools.partial(_with_server_cpu, server.pid, scenario)))
+        ports = [metrics_port + i for i in range(workers)]
+        for concurrency in coalescing_concurrency:
+            for blocking in (False, True):
+                before = guarded(lambda: ok_calls(ports, "Classify", "ClassifyBatch")[0])
+                result = guarded(functools.partial(_with_server_cpu, server.pid, functools.partial(
+                    coalescing_client_scenario, target, prompts, concurrency, seconds, blocking)))
+                # Calls (unary and batch) each server process answered: shows how the connections spread.
+                after = guarded(lambda: ok_calls(ports, "Classify", "ClassifyBatch")[0])
+                result["ok_calls_by_server_process"] = [a - b for a, b in zip(after, before, strict=True)]
+                results.append(result)
+        return results
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within 15 s (a busy machine may take long to drain)."""
+    server.terminate()
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(15)
 
 
 T = TypeVar("T")
@@ -316,8 +326,10 @@ def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
     """h2load against a Python gRPC server that answers Classify with a fixed reply and does no work:
     what this machine's Python gRPC stack costs before any model runs."""
     port, metrics_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(metrics_port)])
-    try:
+    with contextlib.ExitStack() as stopping:
+        with exit_deferred():
+            server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(metrics_port)])
+            stopping.callback(_stop_server, server)
         deadline = time.time() + 30
         while not port_taken(port) or not port_taken(metrics_port):
             if time.time() > deadline:
@@ -325,9 +337,6 @@ def transport_floor(prompts: list[str], seconds: float) -> list[dict]:
             time.sleep(0.1)
         return [_with_server_cpu(server.pid, functools.partial(
             h2load_scenario, port, prompts, concurrency, 1, seconds, [metrics_port])) for concurrency in (1, 32)]
-    finally:
-        server.terminate()
-        server.wait(15)
 
 
 def native_transport_floor(prompts: list[str], seconds: float) -> list[dict]:
@@ -336,21 +345,22 @@ def native_transport_floor(prompts: list[str], seconds: float) -> list[dict]:
     Raises:
         NativeBuildUnavailable: no compiler or gRPC C++ library here.
     """
-    from serving.bench.native_floor import answered_calls, build_echo_server, start_echo_server
+    from serving.bench.native_floor import answered_calls, build_echo_server, launch_echo_server, wait_echo_server
 
     binary = build_echo_server()
     port = free_port()
-    server = start_echo_server(binary, port)
-    try:
+    with contextlib.ExitStack() as stopping:
+        with exit_deferred():
+            server = launch_echo_server(binary, port)
+            stopping.callback(_stop_server, server)
+        wait_echo_server(server, port)
+
         def counter(rpc: str) -> tuple[list[int], int]:
             return [answered_calls(port)], 0
 
         return [_with_server_cpu(server.pid, functools.partial(
             h2load_scenario, port, prompts, concurrency, 1, seconds, [], counter=counter))
             for concurrency in (1, 32)]
-    finally:
-        server.terminate()
-        server.wait(15)
 
 
 def main(model: str | None, out: Path, seconds: float, workers: int = 2, generator: str = "auto") -> dict:

@@ -85,12 +85,24 @@ def answered_calls(port: int) -> int:
 
 def start_echo_server(binary: Path, port: int, timeout: float = 10.0) -> subprocess.Popen:
     """Start the echo server on loopback and wait until it answers Info."""
-    process = subprocess.Popen([str(binary), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = launch_echo_server(binary, port)
+    wait_echo_server(process, port, timeout)
+    return process
+
+
+def launch_echo_server(binary: Path, port: int) -> subprocess.Popen:
+    """Start the echo server on loopback, without waiting for it."""
+    return subprocess.Popen([str(binary), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_echo_server(process: subprocess.Popen, port: int, timeout: float = 10.0) -> None:
+    """Wait until the echo server `process` answers Info; killed, and RuntimeError, if it exits or does
+    not answer within `timeout` s."""
     deadline = time.time() + timeout
     while True:
         try:
             answered_calls(port)
-            return process
+            return
         except grpc.RpcError:
             if process.poll() is not None or time.time() > deadline:
                 process.kill()

@@ -44,7 +44,7 @@ from typing import Any
 import psutil
 import yaml
 
-from classifier.signals import sigterm_as_exit
+from classifier.signals import exit_deferred, sigterm_as_exit
 from serving.bench import soak_clients, soak_slow_clients
 from serving.bench.ports import listen_ports, port_taken
 from serving.bench.report_path import check_report_path
@@ -276,16 +276,20 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
 
     children = Children()
     label_jobs = LabelJobs()
-    serve = start_process(cli_command("serve", "--port", str(grpc_port), "--workers", str(SERVE_WORKERS),
-                                      "--metrics-port", str(metrics_port), *model_args), workdir, "serve")
-    dispatch = start_process(cli_command("dispatch", "--config", str(config_path), "--port", str(dispatch_port)),
-                             workdir, "dispatch")
     stop = threading.Event()
     threads: list[threading.Thread] = []
     report: dict = {"options": {key: str(value) if isinstance(value, Path) else value
                                 for key, value in asdict(options).items()},
                     "cpus": os.cpu_count(), "load_average_before": list(os.getloadavg())}
+    serve: subprocess.Popen | None = None
+    dispatch: subprocess.Popen | None = None
     try:
+        with exit_deferred():  # a SIGTERM while they start still stops them
+            serve = start_process(cli_command("serve", "--port", str(grpc_port), "--workers", str(SERVE_WORKERS),
+                                              "--metrics-port", str(metrics_port), *model_args), workdir, "serve")
+        with exit_deferred():
+            dispatch = start_process(cli_command("dispatch", "--config", str(config_path), "--port",
+                                                 str(dispatch_port)), workdir, "dispatch")
         children.start_process("upstream", run_upstream, upstream_port, f"{tiers[-1]}-model")
         wait_started(serve, "serve", workdir, answers_grpc(target), START_TIMEOUT_S)  # its exit, and why, at once
         if not wait_until(lambda: serve_ready(serve, metrics_ports), START_TIMEOUT_S):
@@ -356,8 +360,8 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         # connections would hold the dispatcher's shutdown open until it is killed.
         label_jobs.stop_all()
         children.stop_all()
-        report["dispatch_stop_exit_code"] = stop_process(dispatch)
-        report["serve_stop_exit_code"] = stop_process(serve)
+        report["dispatch_stop_exit_code"] = stop_process(dispatch) if dispatch is not None else None
+        report["serve_stop_exit_code"] = stop_process(serve) if serve is not None else None
     report["load_average_after"] = list(os.getloadavg())
     report["logs"] = {
         "serve_tracebacks": _count_in(workdir / "serve.err", TRACEBACK),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from classifier.signals import exit_deferred
 from serving.bench.ports import wait_serving
 
 SERVE_WORKERS = 2
@@ -120,14 +121,16 @@ class Children:
         process = self._context.Process(target=_child_main,
                                         args=(name, function, kwargs, self._results, niceness, own_session),
                                         name=f"soak-{name}", daemon=True)
-        process.start()
-        self._processes[name] = process
+        with exit_deferred():  # recorded before a SIGTERM's exit, so that stop_all ends it
+            process.start()
+            self._processes[name] = process
 
     def start_process(self, name: str, target: Callable[..., None], *args: object) -> BaseProcess:
         """A long-running process of ours (the fake upstream), stopped by `stop_all`."""
         process = self._context.Process(target=target, args=args, name=f"soak-{name}", daemon=True)
-        process.start()
-        self._processes[name] = process
+        with exit_deferred():
+            process.start()
+            self._processes[name] = process
         return process
 
     def collect(self, names: list[str], timeout: float) -> dict[str, dict]:
