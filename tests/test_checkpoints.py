@@ -105,11 +105,13 @@ def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -
     again: dict = {}
     fit(TinyBag(), tokens, targets, config.model_copy(update={"threads": 1}), work_dir, report=again)
     assert again["steps_this_run"] == 0 and again["run_key"] == report["run_key"]  # the same run: resumed
-    others = ((1.0 - targets, config), (targets, config.model_copy(update={"seed": config.seed + 1})),
-              (targets, config.model_copy(update={"learning_rate": 3.0})))
-    for other_targets, other_config in others:
+    edited = [ids + 1 for ids in tokens]  # other prompts of the same token counts
+    others = ((tokens, 1.0 - targets, config), (edited, targets, config),
+              (tokens, targets, config.model_copy(update={"seed": config.seed + 1})),
+              (tokens, targets, config.model_copy(update={"learning_rate": 3.0})))
+    for other_tokens, other_targets, other_config in others:
         with pytest.raises(PromptierError, match="checkpoint of another run"):
-            fit(TinyBag(), tokens, other_targets, other_config, work_dir)
+            fit(TinyBag(), other_tokens, other_targets, other_config, work_dir)
 
 
 def test_a_model_with_familiarity_re_exports_from_its_own_checkpoint_only(tmp_path: Path, tiny_backbone: Path,

@@ -35,12 +35,16 @@ _RUN_SETTINGS = ("backbone", "student", "max_tokens", "head_fraction", "head_cha
                  "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "freeze_embeddings", "seed")
 
 
-def run_key(config: TrainConfig, lengths: np.ndarray, targets: np.ndarray) -> str:
-    """What identifies one training run: its examples (token counts and targets) and the settings its
-    steps depend on. A checkpoint carries it, so that a rerun resumes only the same run."""
+def run_key(config: TrainConfig, source: TokenSource, targets: np.ndarray, chunk: int = 4096) -> str:
+    """What identifies one training run: its examples (token ids and targets) and the settings its
+    steps depend on. A checkpoint carries it, so that a rerun resumes only the same run: edited
+    prompts of the same token counts are another run too. One read of every example's ids."""
     digest = hashlib.sha256(json.dumps({name: getattr(config, name) for name in _RUN_SETTINGS}, sort_keys=True,
                                        default=lambda value: value.model_dump()).encode())
-    digest.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(source.lengths, dtype=np.int64).tobytes())  # where each example ends
+    for start in range(0, len(source), chunk):
+        for ids in source.batch(np.arange(start, min(start + chunk, len(source)))):
+            digest.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(np.nan_to_num(targets, nan=-1.0), dtype=np.float32).tobytes())
     return digest.hexdigest()[:32]
 
@@ -194,7 +198,7 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
     scaler = place.grad_scaler()
     step = 0
     checkpoint_path = work_dir / CHECKPOINT_FILE
-    key = run_key(config, lengths, targets)
+    key = run_key(config, source, targets)
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         if state.get("run_key", key) != key:  # checkpoints written before the key existed resume as before
