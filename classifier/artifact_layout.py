@@ -25,6 +25,7 @@ appears at once, or the previous one stays).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -143,7 +144,14 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
     """
     check_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    with _folder_locked(out_dir.parent):  # so that no writer clears a directory another has not locked yet
+        clear_abandoned_staging(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
+        # Held until the block ends: the lock says a live writer owns the directory; the system releases
+        # it when the writer dies, however it dies, and the next writer then clears what it left.
+        owner = os.open(staging, os.O_RDONLY)
+        with contextlib.suppress(OSError):  # a filesystem without locks: nothing is ever cleared there
+            fcntl.flock(owner, fcntl.LOCK_EX)
     try:
         os.chmod(staging, _DIRECTORY_MODE)
         yield staging
@@ -151,24 +159,89 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
         if undeclared:
             raise ArtifactError(f"the artifact for {out_dir} would hold files the layout does not declare: "
                                 f"{', '.join(undeclared)}")
-        _replace_directory(staging, out_dir)
+        _replace_directory(staging, out_dir, _aside_of(staging))
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        os.close(owner)
 
 
-def _replace_directory(source: Path, target: Path) -> None:
-    """Move `source` to `target`; a directory `target` held is moved aside first and removed after, so
-    that `target` is never a mix of the two (POSIX has no atomic exchange of two directories)."""
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """`folder`'s exclusive lock, for a short critical section among artifact writers."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: nothing is ever cleared there
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.staging-"
+
+
+def _aside_of(staging: Path) -> Path:
+    """Where `out_dir`'s previous artifact waits while `staging` takes its place: named after the staging
+    directory, so that whoever clears an abandoned one knows which is whose."""
+    return staging.with_name(staging.name + _ASIDE_SUFFIX)
+
+
+_ASIDE_SUFFIX = ".replaced"
+
+
+def clear_abandoned_staging(out_dir: Path) -> list[Path]:
+    """Remove the staging directories of `out_dir` whose writer died (killed, or its machine lost power)
+    before it finished or cleaned up, and return them; a live writer's are left alone. Called by
+    `staged_artifact`, with the folder's lock held.
+
+    A writer killed between moving the previous artifact aside and putting its own in place leaves no
+    `out_dir`: the previous artifact is then put back, never deleted."""
+    cleared: list[Path] = []
+    for staging in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*")):
+        if staging.name.endswith(_ASIDE_SUFFIX) or not staging.is_dir() or not _abandoned(staging):
+            continue
+        aside = _aside_of(staging)
+        if aside.is_dir() and not out_dir.exists():
+            aside.rename(out_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        cleared.append(staging)
+    for aside in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*" + _ASIDE_SUFFIX)):
+        # Its staging directory is gone: it became `out_dir`, and only the previous artifact's removal
+        # was cut short. (A live writer's aside always has its staging directory beside it until then.)
+        if aside.is_dir() and not aside.with_name(aside.name.removesuffix(_ASIDE_SUFFIX)).exists():
+            if out_dir.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.rename(out_dir)
+            cleared.append(aside)
+    return cleared
+
+
+def _abandoned(staging: Path) -> bool:
+    """Whether no live process holds `staging`'s lock (a directory that vanished meanwhile is not)."""
+    try:
+        fd = os.open(staging, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _replace_directory(source: Path, target: Path, aside: Path) -> None:
+    """Move `source` to `target`; a directory `target` held is moved to `aside` first and removed after,
+    so that `target` is never a mix of the two (POSIX has no atomic exchange of two directories)."""
     if not target.exists():
         source.rename(target)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
-    try:
-        target.rename(aside)  # onto the empty directory mkdtemp made: a unique name nobody else takes
-    except OSError:
-        aside.rmdir()
-        raise
+    target.rename(aside)
     try:
         source.rename(target)
     except OSError:

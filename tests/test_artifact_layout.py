@@ -3,6 +3,9 @@ whole artifact appears at once or not at all, and one file is replaced whole."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,71 @@ def test_a_staged_artifact_replaces_the_old_one_only_when_complete(tmp_path: Pat
     assert sorted(path.name for path in out.iterdir()) == sorted(REQUIRED_FILES)
     assert (out / "manifest.json").read_text() == "v4"
     assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+# A writer that stages an artifact for argv[1] and stays in the block until it is killed.
+STAGING_WRITER = """
+import sys, time
+from pathlib import Path
+from classifier.artifact_layout import staged_artifact
+with staged_artifact(Path(sys.argv[1])) as staging:
+    (staging / "manifest.json").write_text("half written")
+    print(staging.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def _staging_writer(out: Path) -> tuple[subprocess.Popen, Path]:
+    """A live writer in its staging block, and its staging directory."""
+    writer = subprocess.Popen([sys.executable, "-c", STAGING_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    name = writer.stdout.readline().strip()
+    assert name, f"the writer exited with {writer.wait()}"
+    return writer, out.parent / name
+
+
+def test_a_killed_writers_staging_is_cleared_by_the_next_writer_and_a_live_ones_is_not(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    live, live_staging = _staging_writer(out)
+    killed, killed_staging = _staging_writer(out)
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        with staged_artifact(out) as staging:
+            _write_required(staging, "v1")
+        assert (out / "manifest.json").read_text() == "v1"
+        assert not killed_staging.exists(), "a dead writer's half-written artifact was left beside the model"
+        assert (live_staging / "manifest.json").read_text() == "half written"  # still being written: kept
+    finally:
+        live.kill()
+        live.wait()
+    with staged_artifact(out) as staging:
+        _write_required(staging, "v2")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_writer_killed_while_swapping_directories_leaves_the_previous_artifact_where_it_was(
+        tmp_path: Path) -> None:
+    """Killed after moving the previous artifact aside and before putting its own in place, a writer
+    leaves no artifact at all: the next writer puts the previous one back before anything else, so a
+    failure of its own leaves the model as it was."""
+    out = tmp_path / "model"
+    staging, aside = tmp_path / ".model.staging-dead1", tmp_path / ".model.staging-dead1.replaced"
+    staging.mkdir()
+    _write_required(staging, "v2")
+    aside.mkdir()
+    _write_required(aside, "v1")
+    with pytest.raises(RuntimeError), staged_artifact(out) as new:
+        _write_required(new, "v3")
+        raise RuntimeError("parity failed")
+    assert (out / "manifest.json").read_text() == "v1"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+    # Killed after putting its own in place, before removing the previous one: the leftover goes.
+    leftover = tmp_path / ".model.staging-dead2.replaced"
+    leftover.mkdir()
+    _write_required(leftover, "v0")
+    with staged_artifact(out) as new:
+        _write_required(new, "v4")
+    assert (out / "manifest.json").read_text() == "v4"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
