@@ -364,3 +364,19 @@ def test_a_call_cancelled_before_any_handler_saw_it_is_retried() -> None:
         assert refused.value.code() == grpc.StatusCode.CANCELLED
     finally:
         server.stop(None)
+
+
+def test_the_service_config_documented_for_other_languages_is_the_python_clients() -> None:
+    """serving/README.md gives gateways in other languages the Python client's retry policy to copy:
+    it must be the one the client uses, with its default number of attempts."""
+    import inspect
+    import json
+    import re
+
+    from serving.client import RouterClient, _service_config
+
+    readme = (Path(__file__).resolve().parents[1] / "serving" / "README.md").read_text(encoding="utf-8")
+    documented = re.search(r"service config;.*?```json\n(.*?)\n```", readme, re.DOTALL)
+    assert documented, "the service config for other languages is missing from serving/README.md"
+    attempts = inspect.signature(RouterClient).parameters["attempts"].default
+    assert json.loads(documented.group(1)) == json.loads(_service_config(attempts))
