@@ -323,3 +323,43 @@ def test_check_reads_an_existing_store_and_writes_nothing(tmp_path: Path, redis_
     monkeypatch.setenv("SPEND_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(SpendStoreError, match="ConnectionError"):
         check_tenants_and_store(config({"kind": "redis", "url_env": "SPEND_REDIS_URL"}))
+
+
+def _warnings_after_first_read(store: RedisSpendStore, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The `spend_store_not_persistent` lines a ledger logs once the store first answers."""
+    caplog.clear()
+    ledger = SpendLedger(store, refresh_s=0.05)
+    ledger.watch(("search", "2025-06"), PERIOD_END)
+    ledger.start()
+    try:
+        assert ledger.wait_first_read(10) and ledger.error is None
+    finally:
+        ledger.close()
+    return [record.getMessage() for record in caplog.records if "spend_store_not_persistent" in record.getMessage()]
+
+
+def test_a_redis_that_forgets_every_total_on_restart_is_said_so_at_check_and_in_the_log(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Budgets kept in a Redis without RDB or AOF reopen, spent, whenever it restarts: the operator is told."""
+    import redis
+
+    from serving.dispatch.dispatch_config import DispatcherConfig
+
+    config = DispatcherConfig.model_validate({
+        "tiers": {"small": {"base_url": "http://x/v1", "model": "m"}}, "fallback_tier": "small",
+        "tenants": {"search": {"api_keys_env": "K", "budget": {"usd": 5}}},
+        "spend_store": {"kind": "redis", "url_env": "SPEND_REDIS_URL"}})
+    monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
+    caplog.set_level("WARNING", logger="promptier.dispatcher")
+    store = RedisSpendStore(redis_server.url)  # the test server runs with --save "" --appendonly no
+    assert "warning: it neither snapshots (RDB) nor logs writes (AOF)" in check_tenants_and_store(config)
+    [line] = _warnings_after_first_read(store, caplog)  # once, not once per refresh
+    assert json.loads(line)["store"] == store.describe()
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_set("save", "3600 1")  # snapshots: totals survive a restart
+    try:
+        assert "warning" not in check_tenants_and_store(config)
+        assert _warnings_after_first_read(store, caplog) == []
+    finally:
+        client.config_set("save", "")  # else its shutdown would write a snapshot into the tests' folder

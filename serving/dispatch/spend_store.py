@@ -80,6 +80,11 @@ class SpendStore(Protocol):
 
     def describe(self) -> str: ...
 
+    def forgets_on_restart(self) -> str | None:
+        """Why the store's server loses every total when it restarts, or None: it keeps them, or cannot
+        tell (asks the server; raises what a failed call raises)."""
+        ...
+
     def identity(self) -> str:
         """Names this store's data (not only its server) across processes and hosts: a journal of
         unwritten spend is replayed only into the store it was kept for."""
@@ -203,6 +208,9 @@ class SqliteSpendStore:
     def describe(self) -> str:
         return f"sqlite {self.path}"
 
+    def forgets_on_restart(self) -> str | None:
+        return None  # a file on disk
+
     def identity(self) -> str:
         return f"sqlite {self.path.resolve()}"
 
@@ -296,6 +304,20 @@ class RedisSpendStore:
 
     def describe(self) -> str:
         return self._where
+
+    def forgets_on_restart(self) -> str | None:
+        """Whether the server neither snapshots (RDB `save` empty) nor logs writes (AOF off); None also
+        where CONFIG is refused (managed services often rename or forbid it)."""
+        import redis
+
+        try:
+            save = self._redis.config_get("save").get("save")
+            appendonly = self._redis.config_get("appendonly").get("appendonly")
+        except redis.ResponseError:
+            return None
+        if save == "" and appendonly == "no":
+            return "it neither snapshots (RDB) nor logs writes (AOF)"
+        return None
 
     def identity(self) -> str:
         return f"{self._where} {self.prefix}"
@@ -517,8 +539,20 @@ class SpendLedger:
     def _succeeded(self) -> None:
         if self.error is not None:
             log.info(json.dumps({"event": "spend_store_recovered", "store": self.store.describe()}))
+        if self.last_ok is None:
+            self._warn_if_forgetful()
         self.error = None
         self.last_ok = time.time()
+
+    def _warn_if_forgetful(self) -> None:
+        """Once, when the store first answers: a store that forgets on restart reopens every spent budget."""
+        try:
+            reason = self.store.forgets_on_restart()
+        except Exception:  # a question about the store must never stop the ledger
+            return
+        if reason is not None:
+            log.warning(json.dumps({"event": "spend_store_not_persistent", "store": self.store.describe(),
+                                    "detail": f"{reason}: a restart of it sets every tenant's spend back to $0"}))
 
     def _failed(self, operation: str, error: Exception) -> None:
         detail = f"{operation} failed: {type(error).__name__}: {error}"
