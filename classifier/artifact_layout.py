@@ -76,6 +76,8 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 _FILE_MODE = 0o666 & ~_UMASK
 _DIRECTORY_MODE = 0o777 & ~_UMASK
+# The suffix of the directory a writer moves the previous artifact to while its own takes its place.
+_ASIDE_SUFFIX = ".replaced"
 
 
 def member(directory: Path, name: str) -> Path:
@@ -145,7 +147,7 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
     check_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _folder_locked(out_dir.parent):  # so that no writer clears a directory another has not locked yet
-        clear_abandoned_staging(out_dir)
+        _clear_abandoned_staging(out_dir)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
         # Held until the block ends: the lock says a live writer owns the directory; the system releases
         # it when the writer dies, however it dies, and the next writer then clears what it left.
@@ -188,17 +190,12 @@ def _aside_of(staging: Path) -> Path:
     return staging.with_name(staging.name + _ASIDE_SUFFIX)
 
 
-_ASIDE_SUFFIX = ".replaced"
-
-
-def clear_abandoned_staging(out_dir: Path) -> list[Path]:
+def _clear_abandoned_staging(out_dir: Path) -> None:
     """Remove the staging directories of `out_dir` whose writer died (killed, or its machine lost power)
-    before it finished or cleaned up, and return them; a live writer's are left alone. Called by
-    `staged_artifact`, with the folder's lock held.
+    before it finished or cleaned up; a live writer's are left alone. Called with the folder's lock held.
 
     A writer killed between moving the previous artifact aside and putting its own in place leaves no
     `out_dir`: the previous artifact is then put back, never deleted."""
-    cleared: list[Path] = []
     for staging in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*")):
         if staging.name.endswith(_ASIDE_SUFFIX) or not staging.is_dir() or not _abandoned(staging):
             continue
@@ -206,7 +203,6 @@ def clear_abandoned_staging(out_dir: Path) -> list[Path]:
         if aside.is_dir() and not out_dir.exists():
             aside.rename(out_dir)
         shutil.rmtree(staging, ignore_errors=True)
-        cleared.append(staging)
     for aside in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*" + _ASIDE_SUFFIX)):
         # Its staging directory is gone: it became `out_dir`, and only the previous artifact's removal
         # was cut short. (A live writer's aside always has its staging directory beside it until then.)
@@ -215,8 +211,6 @@ def clear_abandoned_staging(out_dir: Path) -> list[Path]:
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 aside.rename(out_dir)
-            cleared.append(aside)
-    return cleared
 
 
 def _abandoned(staging: Path) -> bool:
