@@ -85,7 +85,7 @@ def _own_group(process: subprocess.Popen) -> bool:
 
 
 def _still_running(started: list[subprocess.Popen]) -> list[list[str]]:
-    """The commands of the started processes that have not ended (a grace of a few seconds each: the
+    """The commands of the started processes that have not ended (after up to 30 s each: the
     tool has asked them to stop, and they may take a moment to do it)."""
     running = []
     for process in started:
