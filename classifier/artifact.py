@@ -32,6 +32,9 @@ MODEL_OUTPUT_NAME = "logits"
 # Optional second output: how unlike the training prompts each prompt is (see FamiliarityConfig).
 UNFAMILIARITY_OUTPUT_NAME = "unfamiliarity"
 MODES = ("quality", "balanced", "cost")
+# The smallest normal and the largest finite float32: the runtime's arithmetic (numpy.finfo(float32)).
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
 # How a tier's probability is compared with the top tier's: see classifier.policy.relative_scores.
 Rule = Literal["ratio", "difference"]
 
@@ -68,10 +71,13 @@ class TruncationConfig(_Strict):
 class CurvePoint(_Strict):
     """Routing on the validation split at one threshold."""
 
-    threshold: float
-    top_share: float
+    # A `top_share` request is served the threshold interpolated from these points: each must be a
+    # threshold and a share a request could give itself, or one edited point routes every such request
+    # to one tier.
+    threshold: float = Field(ge=0, le=1)
+    top_share: float = Field(ge=0, le=1)
     quality: float
-    cost_usd: float
+    cost_usd: float = Field(ge=0)
 
 
 class PolicyConfig(_Strict):
@@ -119,6 +125,11 @@ class CalibrationConfig(_Strict):
     def _positive(cls, value: list[float]) -> list[float]:
         if any(t <= 0 for t in value):
             raise ValueError("temperatures must be positive")
+        # The runtime scales logits in float32: a temperature beyond its range becomes inf there (every
+        # score a flat 0.5) or 0 (every score 0 or 1, or NaN), though the manifest reads it as a number.
+        if not all(FLOAT32_TINY <= t <= FLOAT32_MAX for t in value):
+            raise ValueError(f"temperatures must be between {FLOAT32_TINY:.4g} and {FLOAT32_MAX:.4g} "
+                             "(the runtime computes in float32)")
         return value
 
 

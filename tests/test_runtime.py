@@ -144,6 +144,27 @@ def test_non_finite_numbers_in_the_manifest_are_refused_at_load(shipped_artifact
         classifier.load(shipped_artifact_copy)
 
 
+@pytest.mark.parametrize(("where", "value", "field"), [
+    ("temperature", 1e300, r"calibration\.temperatures: .*float32"),  # inf in float32: every score 0.5
+    ("temperature", 1e-300, r"calibration\.temperatures: .*float32"),  # 0 in float32: scores 0, 1 or NaN
+    ("curve threshold", 5.0, r"policy\.curve\[0\]\.threshold: Input should be less than or equal to 1"),
+    ("curve top_share", -3.0, r"policy\.curve\[0\]\.top_share: Input should be greater than or equal to 0"),
+])
+def test_finite_numbers_the_runtime_cannot_serve_are_refused_at_load(shipped_artifact_copy: Path, where: str,
+                                                                     value: float, field: str) -> None:
+    """Finite in the manifest, yet broken where they are used: a temperature float32 cannot hold, or a
+    curve point a `top_share` request would be served as its threshold (5.0 sends every one to the top)."""
+    path = shipped_artifact_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if where == "temperature":
+        manifest["calibration"]["temperatures"] = [value] * len(manifest["tiers"])
+    else:
+        manifest["policy"]["curve"][0][where.split()[1]] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=field):
+        classifier.load(shipped_artifact_copy)
+
+
 def test_manifest_errors_never_quote_the_file(shipped_artifact_copy: Path) -> None:
     """Admin.Reload passes these messages to its caller, who may name a file they cannot read."""
     path = shipped_artifact_copy / "manifest.json"
