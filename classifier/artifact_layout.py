@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from classifier.errors import ArtifactError
+from classifier.signals import exit_deferred, sigterm_unwinds
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -140,32 +141,41 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
     When the block succeeds, the staged directory replaces `out_dir`; when it raises (a parity check
     that fails, an interrupted run), the staged directory is removed and `out_dir` is as it was. A
     server pointed at `out_dir` therefore never loads an artifact whose evaluation or card is missing.
+    A SIGTERM (a scheduler stopping the job) ends the process through the same cleanup, and waits for a
+    replacement under way to finish (`sigterm_unwinds`, `exit_deferred`); only SIGKILL leaves the staged
+    directory behind.
 
     Raises:
         ArtifactError: `out_dir` is a file, or the staged directory holds a file the layout does not declare.
     """
     check_destination(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_locked(out_dir.parent):  # so that no writer clears a directory another has not locked yet
-        _clear_abandoned_staging(out_dir)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
-        # Held until the block ends: the lock says a live writer owns the directory; the system releases
-        # it when the writer dies, however it dies, and the next writer then clears what it left.
-        owner = os.open(staging, os.O_RDONLY)
-        with contextlib.suppress(OSError):  # a filesystem without locks: nothing is ever cleared there
-            fcntl.flock(owner, fcntl.LOCK_EX)
-    try:
+    with sigterm_unwinds(), contextlib.ExitStack() as cleanup:
+        with exit_deferred():  # a SIGTERM while the directory is made waits until its removal is arranged
+            with _folder_locked(out_dir.parent):  # so that no writer clears a directory another has not locked
+                _clear_abandoned_staging(out_dir)
+                staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
+                # Held until the block ends: the lock says a live writer owns the directory; the system
+                # releases it when the writer dies, however it dies, and the next writer clears what it left.
+                owner = os.open(staging, os.O_RDONLY)
+                with contextlib.suppress(OSError):  # a filesystem without locks: nothing is ever cleared there
+                    fcntl.flock(owner, fcntl.LOCK_EX)
+            cleanup.callback(_remove_staging, staging, owner)
         os.chmod(staging, _DIRECTORY_MODE)
         yield staging
         undeclared = sorted(path.name for path in staging.iterdir() if path.name not in MEMBER_FILES)
         if undeclared:
             raise ArtifactError(f"the artifact for {out_dir} would hold files the layout does not declare: "
                                 f"{', '.join(undeclared)}")
-        _replace_directory(staging, out_dir, _aside_of(staging))
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        os.close(owner)
+        with exit_deferred():  # stopped between its two renames, `out_dir` would be gone
+            _replace_directory(staging, out_dir, _aside_of(staging))
+
+
+def _remove_staging(staging: Path, owner: int) -> None:
+    """What is left of a staging directory (nothing, once it became the artifact), then its lock."""
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    os.close(owner)
 
 
 @contextlib.contextmanager

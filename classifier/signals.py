@@ -50,6 +50,19 @@ def sigterm_as_exit() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """`sigterm_as_exit` where SIGTERM has its default action (the process ends without running a
+    `finally`); a handler the program set (a server's drain, a tool's own) is left as it is.
+
+    For blocks whose `finally` undoes a half-done change on disk: a scheduler stops a job with SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    with sigterm_as_exit():
+        yield
+
+
+@contextlib.contextmanager
 def exit_deferred() -> Iterator[None]:
     """Within the block, a SIGTERM or Ctrl-C under `sigterm_as_exit` waits for the block's end.
 

@@ -170,3 +170,44 @@ def test_a_writer_killed_while_swapping_directories_leaves_the_previous_artifact
         _write_required(new, "v4")
     assert (out / "manifest.json").read_text() == "v4"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+# Run in a process of its own: it stops itself with SIGTERM inside `staged_artifact`, as a scheduler
+# stopping `promptier train` or `promptier export` would. argv: the artifact directory, and "writing"
+# (stopped while the new artifact is written) or "replacing" (between the two renames that swap it in).
+_STOPPED_WRITER = """
+import os, pathlib, signal, sys, time
+from classifier import artifact_layout
+
+out, when = pathlib.Path(sys.argv[1]), sys.argv[2]
+real_rename = pathlib.Path.rename
+
+def rename_then_stop(self, target):
+    moved = real_rename(self, target)
+    if self == out:  # the old artifact is aside and the new one not yet in its place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return moved
+
+if when == "replacing":
+    pathlib.Path.rename = rename_then_stop
+with artifact_layout.staged_artifact(out) as staging:
+    for name in artifact_layout.REQUIRED_FILES:
+        (staging / name).write_text("v2")
+    if when == "writing":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("when", "expected"), [("writing", "v1"), ("replacing", "v2")])
+def test_a_sigterm_leaves_one_whole_artifact_and_nothing_staged(tmp_path: Path, when: str, expected: str) -> None:
+    """Stopped while writing, the old artifact stays and the staged one is removed; stopped half way
+    through the swap, the swap finishes first. Either way the process exits 128 + SIGTERM."""
+    out = tmp_path / "model"
+    with staged_artifact(out) as staging:
+        _write_required(staging, "v1")
+    result = subprocess.run([sys.executable, "-c", _STOPPED_WRITER, str(out), when], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert (out / "manifest.json").read_text() == expected
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
