@@ -34,6 +34,25 @@ def test_a_trained_artifact_holds_exactly_the_declared_files(trained_artifact: P
     classifier.load(trained_artifact)
 
 
+def test_the_card_of_a_model_trained_from_python_gives_its_recipe(trained_artifact: Path) -> None:
+    """No command is recorded for a model `training.pipeline.train` made: the card's Reproduce section
+    gives the recipe it was trained with (which `promptier train --config` reads back), not `None`."""
+    import json
+
+    import yaml
+
+    from classifier.artifact import load_manifest
+    from training.config import TrainConfig
+
+    card = (trained_artifact / "MODEL_CARD.md").read_text()
+    reproduce = card.split("## Reproduce", 1)[1].split("## ", 1)[0]
+    assert "```\nNone\n```" not in reproduce
+    recipe = reproduce.split("```json\n", 1)[1].split("```", 1)[0]
+    recorded = load_manifest(trained_artifact).training["config"]
+    assert TrainConfig.model_validate(yaml.safe_load(recipe)) == TrainConfig.model_validate(recorded)
+    assert json.loads(recipe) == json.loads(json.dumps(recorded))
+
+
 def test_an_artifact_is_readable_by_whoever_the_umask_lets_read_files(trained_artifact: Path, tmp_path: Path) -> None:
     """Trained by one user, served by another: members get open()'s modes, not tempfile's private ones."""
     import os

@@ -114,6 +114,33 @@ def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -
             fit(TinyBag(), other_tokens, other_targets, other_config, work_dir)
 
 
+def test_a_re_export_records_the_libraries_that_wrote_it(tmp_path: Path, trained_artifact: Path) -> None:
+    """Re-exporting after an ONNX Runtime upgrade is what `promptier export` is for: the manifest and card
+    then name the libraries that exported and checked the new file, and keep those it was trained with."""
+    import shutil
+
+    import onnxruntime
+
+    from classifier.artifact import load_manifest
+    from training.export import export_checkpoint
+    from training.synthetic import synthetic_rows
+
+    artifact = Path(shutil.copytree(trained_artifact, tmp_path / "model"))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    trained_with = {**manifest["versions"], "onnxruntime": "1.0.0-before-the-upgrade"}
+    manifest["versions"] = trained_with
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    prompts = [row["prompt"] for row in synthetic_rows(600, 3)]
+    export_checkpoint(artifact, checkpoint, prompts, tmp_path / "again", quantize=False)
+
+    exported = load_manifest(tmp_path / "again")
+    assert exported.versions["onnxruntime"] == onnxruntime.__version__
+    assert exported.training["versions"] == trained_with
+    card = (tmp_path / "again" / "MODEL_CARD.md").read_text()
+    assert f"s on {trained_with}" in card and f"(`promptier export`) on {exported.versions}" in card
+
+
 def test_a_model_with_familiarity_re_exports_from_its_own_checkpoint_only(tmp_path: Path, tiny_backbone: Path,
                                                                           synthetic_logs: Path, pool_file: Path
                                                                           ) -> None:

@@ -43,6 +43,20 @@ TIE_TOLERANCE = 1e-6
 FP32_SCRATCH_FILE = "model.fp32.onnx"
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that write an artifact: torch exports the ONNX file, ONNX Runtime
+    quantizes it and checks its parity, transformers and tokenizers make the tokenizer it reads."""
+    import platform
+
+    import onnxruntime
+    import tokenizers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
 class ExportParityError(PromptierError):
     """The exported model disagrees with the torch model beyond the named tolerances."""
 
@@ -371,8 +385,13 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
     def torch_logits(batch: Sequence[str]) -> np.ndarray:
         return predict_logits(model, tokenize_all(encoder, batch))
 
-    manifest = manifest.model_copy(update={"architecture": {
-        key: value for key, value in manifest.architecture.items() if key not in ("quantization", "parity_failures")}})
+    # `versions` names the libraries that wrote the files, which are this export's (the point of a re-export
+    # after an ONNX Runtime upgrade); those the model was trained with stay in `training`.
+    manifest = manifest.model_copy(update={
+        "architecture": {key: value for key, value in manifest.architecture.items()
+                         if key not in ("quantization", "parity_failures")},
+        "versions": library_versions(),
+        "training": {**manifest.training, "versions": manifest.training.get("versions", manifest.versions)}})
     carried = {name: artifact / name for name in WEIGHTS_RECORDS if (artifact / name).is_file()}
     check_parity_set(texts)
     with staged_artifact(out_dir) as staging:

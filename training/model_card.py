@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from classifier.artifact import ArtifactManifest
@@ -73,12 +74,14 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
           else []),
         f"- Teacher: {training.get('teacher')}",
         f"- Data fingerprint (sha256 of {_fingerprint_basis(training)} and targets): `{manifest.data_fingerprint}`",
-        f"- Training time: {training.get('total_seconds')} s on {manifest.versions}{_where(training)}", "",
+        f"- Training time: {training.get('total_seconds')} s on {training.get('versions', manifest.versions)}"
+        f"{_where(training)}",
+        *_reexport_lines(manifest), "",
         *_retrain_section(training, metrics),
         "## Reproduce", "",
         *(["Teacher first:", "", "```", str(training["teacher_command"]), "```", "", "Then this model:", ""]
           if training.get("teacher_command") else []),
-        "```", str(training.get("command", "(command not recorded)")), "```", "",
+        *_command_lines(training),
         "## Export parity", f"{manifest.metrics.get('export_parity')}", "",
         "## Evaluation (held-out test split)", "",
         eval_md.read_text(encoding="utf-8") if eval_md.exists() else "(no evaluation recorded)", "",
@@ -98,6 +101,24 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
 
 
 SKIP_REASONS_SHOWN = 5
+
+
+def _command_lines(training: dict) -> list[str]:
+    """The command that trained the model; for one trained from Python (no command: the manifest records
+    None), the recipe it was trained with instead, which is what a command would have named."""
+    command = training.get("command")
+    if command:
+        return ["```", str(command), "```", ""]
+    return ["No command was recorded (trained from Python, `training.pipeline.train`); its recipe "
+            "(`promptier train --config` takes it as YAML):", "", "```json",
+            json.dumps(_config_of(training), indent=2, sort_keys=True, default=str), "```", ""]
+
+
+def _reexport_lines(manifest: ArtifactManifest) -> list[str]:
+    """The libraries of a re-export: `promptier export` keeps those the model was trained with in `training`."""
+    if not isinstance(manifest.training.get("versions"), dict):
+        return []
+    return [f"- Re-exported from its training checkpoint (`promptier export`) on {manifest.versions}"]
 
 
 def _skipped_lines(training: dict) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,17 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HELDOUT_CHUNK = 4096  # prompts tokenized and scored at a time where all of them at once would cost memory
-
-
-def _versions() -> dict[str, str]:
-    import onnxruntime
-    import tokenizers
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-            "tokenizers": tokenizers.__version__}
 
 
 def _check_unlabeled(unlabeled: Sequence[str | Path], config: TrainConfig, teacher: Path | None) -> None:
@@ -211,7 +199,7 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
             encoder: PromptEncoder, tokenizer_file: Path, fit_report: dict, run: _Run) -> ArtifactManifest:
     """Calibrate, choose thresholds, fit familiarity, export with the parity check, evaluate (main process)."""
     from training.calibration import apply_temperatures, fit_temperatures
-    from training.export import MIN_PARITY_PROMPTS, check_parity_set, export_into
+    from training.export import MIN_PARITY_PROMPTS, check_parity_set, export_into, library_versions
     from training.model_card import render_model_card
     from training.routing import always_top, curve_points, mode_thresholds, routing_curve
     from training.streaming import write_hashes
@@ -256,7 +244,7 @@ def _finish(model: torch.nn.Module, architecture: dict, inputs: TrainingInputs, 
                   **({"init_from": str(run.compare_with or run.init_from)} if run.init_from else {}),
                   "train_seconds": round(time.time() - started, 1)},
         data_fingerprint=inputs.fingerprint,
-        versions=_versions(),
+        versions=library_versions(),
         metrics={"validation": validation_metrics(val_logits, val_probs, table.subset(val_index), config.policy_rule)},
     )
     parity_index = np.flatnonzero(split != "train")
