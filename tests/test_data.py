@@ -237,3 +237,25 @@ def test_a_held_out_name_no_prompt_has_is_refused_before_training(  # type: igno
     if kind == "source":
         assert "alpha, beta" in str(info.value)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_pool_model_no_row_of_its_source_names_is_named_on_the_console(tmp_path: Path, pool,  # type: ignore[no-untyped-def]
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A mistyped model name in the pool leaves its tier unknown for the whole source: said, with the
+    source's models the pool does not map (the right name is usually among them)."""
+    from training.config import TrainConfig
+    from training.inputs import prepare_data
+
+    mistyped = pool.model_copy(update={"sources": {**pool.sources, "alpha": {**pool.sources["alpha"],
+                                                                             "medium": "a-70B"}}})
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60))
+    with caplog.at_level("WARNING", logger="training.inputs"):
+        data = prepare_data([logs], mistyped, TrainConfig())
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    alpha = int((data.table.sources == "alpha").sum())
+    assert (f"source 'alpha': the pool maps tier 'medium' to model 'a-70B', which none of its rows names, so that "
+            f"tier is unknown for all {alpha} of its prompts (its models the pool does not map: a-70b)") == warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.inputs"):
+        prepare_data([logs], pool, TrainConfig())  # beta maps no large model: a choice, not a typo
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]

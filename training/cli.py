@@ -338,7 +338,7 @@ def evaluate(
     from classifier.artifact_layout import EVAL_FILES, EVAL_MD_FILE, EVAL_REPORT_DIR
     from training.data import read_logs
     from training.evaluate import evaluate_logs
-    from training.inputs import warn_unmapped_sources
+    from training.inputs import warn_unmapped_sources, warn_unseen_pool_models
     from training.labels import build_table
     from training.model import backbone_directory
     from training.pool import load_pool
@@ -362,6 +362,7 @@ def evaluate(
         rows, skipped = read_logs(logs, skip_invalid, tiers=pool_spec.tier_names)
         table, unused = build_table(rows, pool_spec)
         warn_unmapped_sources(pool_spec, unused)  # their prompts are not evaluated: say so, as training does
+        warn_unseen_pool_models(pool_spec, table, unused)
         config = manifest.training.get("config", {})
         backbone = str(config.get("backbone", "minilm-l6")) if isinstance(config, dict) else "minilm-l6"
         backbone_dir = backbone_directory(backbone) if embedding_baseline else None

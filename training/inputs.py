@@ -53,6 +53,22 @@ def warn_unmapped_sources(pool: Pool, unused: dict[str, int]) -> None:
                     source, rows, source, ", ".join(models[:5]) + (", ..." if len(models) > 5 else ""))
 
 
+def warn_unseen_pool_models(pool: Pool, table: PromptTable, unused: dict[str, int]) -> None:
+    """Say which tiers the pool maps, in a source of the logs, to a model none of that source's rows
+    names: a mistyped model name would otherwise leave the tier unknown (masked) for every prompt of the
+    source, and the model would be trained and evaluated without it, with nothing on the console."""
+    for source in sorted(set(table.sources.tolist())):
+        mapped = pool.sources.get(source, {})
+        rows = table.sources == source
+        for tier, model in mapped.items():
+            if np.isnan(table.targets[rows, pool.tier_names.index(tier)]).all():
+                others = sorted(key.split("/", 1)[1] for key in unused if key.split("/", 1)[0] == source)
+                listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                log.warning("source %r: the pool maps tier %r to model %r, which none of its rows names, so that "
+                            "tier is unknown for all %d of its prompts (its models the pool does not map: %s)",
+                            source, tier, model, int(rows.sum()), listed or "none")
+
+
 def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, config: TrainConfig,
                  skip_invalid: bool = False) -> PreparedData:
     pool = pool_path if isinstance(pool_path, Pool) else load_pool(pool_path)
@@ -60,6 +76,7 @@ def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, confi
                               tiers=pool.tier_names)
     table, unused = build_table(rows, pool)
     warn_unmapped_sources(pool, unused)
+    warn_unseen_pool_models(pool, table, unused)
     check_holdouts(table.sources, table.categories, config.holdout_sources, config.holdout_categories)
     split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
                         config.holdout_sources, config.holdout_categories)
