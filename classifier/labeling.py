@@ -34,7 +34,14 @@ from classifier.labeling_options import (
 from classifier.labeling_output import JOB_RECORD, cannot_write, lock_path, output_lock, record_path, rows_to_table
 from classifier.labeling_rows import ParsedRow, parse_row, read_chunks, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
-from classifier.prompt_files import PromptFileError, each_once, expand_pattern, file_format, refuse_json_array
+from classifier.prompt_files import (
+    PromptFileError,
+    each_once,
+    expand_pattern,
+    file_format,
+    refuse_json_array,
+    refuse_unreadable_parquet,
+)
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -64,8 +71,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     """Input files named by paths or globs, in a deterministic order.
 
     Raises:
-        LabelingError: a path does not exist or has an unsupported type, or a glob matches no file (a
-            mistyped one among several would otherwise drop its files from the job unnoticed).
+        LabelingError: a path does not exist, is not a regular file or has an unsupported type, or a
+            glob matches no file (a mistyped one among several would otherwise drop its files from the
+            job unnoticed).
     """
     files: list[Path] = []
     for pattern in patterns:
@@ -78,6 +86,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             path = Path(match)
             if path.is_dir():
                 raise LabelingError(f"{match}: is a directory; name its files, or a glob such as '{match}/*.jsonl'")
+            if path.exists() and not path.is_file():  # a pipe (`<(zcat log.jsonl.gz)`) is no missing file
+                raise LabelingError(f"{match}: not a regular file (a pipe or a device); write it to a .jsonl, "
+                                    ".csv or .parquet file and label that")
             if not path.is_file():
                 raise LabelingError(f"{match}: no such file")
             if file_format(path) is None:
@@ -95,8 +106,9 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
 
     Raises:
         LabelingError: the output type is wrong, the output (or a file beside it) is an input, the id
-            column or a kept column would overwrite an output column, chunk_rows is not positive, or
-            a JSON input holds an array rather than JSON Lines.
+            column or a kept column would overwrite an output column, a column is kept twice,
+            chunk_rows is not positive, a JSON input holds an array rather than JSON Lines, or a
+            Parquet input's footer cannot be read.
     """
     if output.suffix not in OUTPUT_SUFFIXES:
         raise LabelingError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output.name}")
@@ -113,14 +125,20 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
     clashes = [c for c in options.keep_columns if c == options.id_column or c in DECISION_COLUMNS]
     if clashes:
         raise LabelingError(f"--keep {clashes} would overwrite output columns of the same name")
+    # A Parquet output cannot hold two columns of one name (its merge would fail after every row was labeled).
+    twice = sorted({c for c in options.keep_columns if options.keep_columns.count(c) > 1})
+    if twice:
+        raise LabelingError(f"--keep names {', '.join(map(repr, twice))} more than once; name each column once")
     if options.chunk_rows < 1:
         raise LabelingError(f"chunk_rows must be at least 1, got {options.chunk_rows}")
     for path in files:  # found here, not after the files before it were labeled
-        if file_format(path) == "jsonl":
-            try:
+        try:
+            if file_format(path) == "jsonl":
                 refuse_json_array(path)
-            except PromptFileError as exc:
-                raise LabelingError(str(exc)) from None
+            elif file_format(path) == "parquet":
+                refuse_unreadable_parquet(path)
+        except PromptFileError as exc:
+            raise LabelingError(str(exc)) from None
 
 
 def check_model_and_policy(options: LabelOptions) -> None:
@@ -175,6 +193,8 @@ def prepare_job(inputs: Sequence[str], output: Path, options: LabelOptions) -> l
     check_model_and_policy(options)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # its errno's words, "File exists", do not say what is wrong
+        raise LabelingError(f"cannot write {output}: {output.parent} is a file, not a folder") from None
     except OSError as exc:
         raise cannot_write(output.parent, exc, resumable=False) from None
     return files

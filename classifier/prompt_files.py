@@ -2,9 +2,9 @@
 
 `read_payloads` yields every row of one file, numbered, in file order, without judging it: a raw
 JSONL line (decoded by `decode_json_line`, where the caller chooses: the labeler does it in its
-worker processes), a Parquet or CSV record, or a `BadRow` for a CSV record it cannot read. What a
-row must hold is the caller's business: the labeler wants a prompt (classifier/labeling_rows.py), training
-an outcome or a tier (training/data.py).
+worker processes), a Parquet or CSV record, or a `BadRow` for a CSV record it cannot read or a
+Parquet row whose text is not UTF-8. What a row must hold is the caller's business: the labeler
+wants a prompt (classifier/labeling_rows.py), training an outcome or a tier (training/data.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class PromptFileError(PromptierError):
 
 @dataclass(frozen=True)
 class BadRow:
-    """A row its reader could not make a record of (a CSV line with the wrong number of fields, ...)."""
+    """A row its reader could not make a record of (a CSV line with the wrong number of fields, a Parquet
+    row whose text is not UTF-8, ...)."""
 
     error: str
     record: dict  # what could be read of it, so that the error row keeps the row's id
@@ -164,6 +165,20 @@ def refuse_json_array(path: Path) -> None:
             converted = f"{path.stem}.lines.jsonl"
         raise PromptFileError(path, "is a JSON array; prompt files are JSON Lines, one object per line "
                                     f"(convert it with: jq -c '.[]' {path.name} > {converted})")
+
+
+def refuse_unreadable_parquet(path: Path) -> None:
+    """Refuse a Parquet file whose footer (its schema and row groups) cannot be read: only the footer is
+    read, so that a job finds a file that is not Parquet before it starts, not after it labeled the
+    files before it (nor inside a Ray task, whose error is a traceback).
+
+    Raises:
+        PromptFileError: the file cannot be read, or is not Parquet.
+    """
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise PromptFileError(path, f"cannot read Parquet: {exc}") from exc
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, Payload]]:
@@ -322,16 +337,60 @@ def _csv_record(header: list[str], cells: list[str], line: int) -> Payload:
 
 
 def _parquet_records(path: Path, rows: int) -> Iterator[tuple[int, Payload]]:
-    """Parquet records numbered by row, streamed in record batches of about `rows` rows."""
+    """Parquet records numbered by row, streamed in record batches of about `rows` rows; a row holding
+    text that is not UTF-8 is a BadRow."""
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
         number = 0
         for record_batch in batches:
-            for record in record_batch.to_pylist():
+            for record in _batch_records(record_batch):
                 number += 1
                 yield number, record
     except (OSError, pa.ArrowException) as exc:
         raise PromptFileError(path, f"cannot read Parquet: {exc}") from exc
+
+
+def _batch_records(batch: pa.RecordBatch) -> list[Payload]:
+    """A record batch's rows as records.
+
+    Arrow does not check that a string column holds UTF-8, and not every Parquet writer does: such
+    bytes fail the batch's conversion, so the batch is then converted row by row, and only the rows
+    that hold them become BadRows (the job goes on, as it does for invalid UTF-8 in JSONL or CSV).
+    """
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        return [_parquet_row(batch.slice(index, 1)) for index in range(batch.num_rows)]
+
+
+def _parquet_row(row: pa.RecordBatch) -> Payload:
+    """One row of a record batch as a record, or a BadRow naming the first column whose text is not UTF-8
+    (its record keeps every column that converts, and such text with its invalid bytes replaced).
+
+    The error holds no position (the row's number or id names the row, and in a nested column a byte
+    offset would be one of a value inside it), so that training can count such rows by reason."""
+    try:
+        return row.to_pylist()[0]
+    except UnicodeDecodeError:
+        pass
+    record: dict = {}
+    problem = ""
+    for name, column in zip(row.schema.names, row.columns, strict=True):
+        try:
+            record[name] = column.to_pylist()[0]
+        except UnicodeDecodeError:
+            record[name] = _text_replaced(column)
+            problem = problem or f"invalid UTF-8 in column {name!r}"
+    return BadRow(problem, record)
+
+
+def _text_replaced(column: pa.Array) -> str | None:
+    """The text of a one-row string column with its invalid UTF-8 replaced; None for a nested column."""
+    try:
+        raw = column.cast(pa.large_binary())[0].as_py()
+    except pa.ArrowException:
+        return None
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
 
 
 def decode_json_line(raw: bytes) -> tuple[dict, LineProblem | None]:

@@ -109,6 +109,19 @@ def test_parquet_and_jsonl_read_the_same(tmp_path: Path, pool) -> None:  # type:
     assert from_jsonl.fingerprint() == from_parquet.fingerprint()
 
 
+
+def test_a_parquet_prompt_that_is_not_utf8_names_its_row(tmp_path: Path) -> None:
+    """Arrow does not check that a string column holds UTF-8: such a row is an invalid row, not a crash."""
+    rows = [GOOD, {**GOOD, "prompt_id": "alpha:2"}, {**GOOD, "prompt_id": "alpha:3"}]
+    table = pa.Table.from_pylist(rows)
+    prompts = pa.array([b"hi", b"caf\xe9", b"hi"], pa.binary()).view(pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", prompts),
+                   tmp_path / "logs.parquet")
+    with pytest.raises(DataError, match=r"row 2: invalid UTF-8 in column 'prompt'"):
+        read_logs([tmp_path / "logs.parquet"])
+    kept, report = read_logs([tmp_path / "logs.parquet"], skip_invalid=True)
+    assert [row.prompt_id for row in kept] == ["alpha:1", "alpha:3"] and report.total == 1
+
 def test_missing_outcomes_are_masked_not_failures(pool) -> None:  # type: ignore[no-untyped-def]
     from training.data import OutcomeRow
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -167,6 +168,17 @@ def test_an_id_column_named_like_an_output_column_is_refused(tmp_path: Path, shi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+
+def test_a_column_kept_twice_is_refused_before_anything_is_labeled(tmp_path: Path, shipped_artifact: Path) -> None:
+    """A Parquet output cannot hold two columns of one name: its merge failed with a traceback once every
+    row was labeled, and left parts whose every resume failed the same way."""
+    source = _jsonl(tmp_path / "in.jsonl", [{"prompt": EASY, "team": "a"}])
+    options = LabelOptions(model=str(shipped_artifact), keep_columns=("team", "team"))
+    for output in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
+        with pytest.raises(LabelingError, match="--keep names 'team' more than once"):
+            label_files([str(source)], output, options, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
 # ---------------------------------------------------------------- files that are not JSON Lines
 @pytest.mark.parametrize("text", ['[\n  {"prompt": "hi"},\n  {"prompt": "there"}\n]\n',
                                   '\ufeff \n[{"prompt": "hi"}]'])
@@ -187,6 +199,37 @@ def test_a_json_array_is_refused_before_anything_is_labeled(tmp_path: Path, ship
         label_files([str(first), str(array)], out, options, workers=1, progress=False)
     assert not out.exists() and not out.with_name("out.jsonl.parts").exists()
 
+
+
+def test_a_file_that_is_not_parquet_is_refused_before_anything_is_labeled(tmp_path: Path,
+                                                                          shipped_artifact: Path) -> None:
+    """Found at the start, not after the files before it were labeled: their parts would be kept for a
+    resume that no longer matches once the file is replaced."""
+    first = _jsonl(tmp_path / "a.jsonl", [{"prompt": EASY}] * 10)
+    broken = tmp_path / "b.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(shipped_artifact), chunk_rows=2)
+    with pytest.raises(LabelingError, match=r"b\.parquet: cannot read Parquet"):
+        label_files([str(first), str(broken)], out, options, workers=1, progress=False)
+    assert not out.exists() and not out.with_name("out.jsonl.parts").exists()
+
+
+def test_the_ray_engine_refuses_a_file_that_is_not_parquet_in_one_line(tmp_path: Path, shipped_artifact: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a Ray task the reader's error came back as Ray's wrapper: a traceback as the message."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from classifier.labeling_ray import label_with_ray
+
+    first = _jsonl(tmp_path / "a.jsonl", [{"prompt": EASY}])
+    broken = tmp_path / "b.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(LabelingError) as info:
+        label_with_ray([str(first), str(broken)], tmp_path / "out.jsonl", LabelOptions(model=str(shipped_artifact)))
+    assert str(info.value).startswith(f"{broken}: cannot read Parquet") and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.parquet"]
 
 def test_rotated_jsonl_logs_are_inputs(tmp_path: Path) -> None:
     for name in ("decisions.jsonl", "decisions.jsonl.1", "decisions.jsonl.2"):
@@ -213,6 +256,38 @@ def test_a_file_named_twice_is_labeled_once(tmp_path: Path, shipped_artifact: Pa
     label_files(inputs, out, LabelOptions(model=str(shipped_artifact)), workers=1, progress=False)
     assert [row["prompt_id"] for row in read_output(out)] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:1"]
 
+
+
+def test_a_parquet_row_whose_text_is_not_utf8_is_one_error_row(tmp_path: Path, shipped_artifact: Path) -> None:
+    """Arrow does not check that a Parquet string column holds UTF-8, nor does every writer: the row that
+    holds such bytes is an error row that keeps its id, as in JSONL or CSV, and the job goes on."""
+    prompts = pa.array([EASY.encode(), b"caf\xe9 " + HARD.encode(), HARD.encode()], pa.binary()).view(pa.string())
+    content = pa.array([b"hi", b"hi", b"\xff"], pa.binary()).view(pa.string())
+    messages = pa.ListArray.from_arrays([0, 1, 2, 3], pa.StructArray.from_arrays(
+        [pa.array(["user"] * 3), content], ["role", "content"]))
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b", "c"], "prompt": prompts, "messages": messages}), source)
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(shipped_artifact), chunk_rows=2)
+    stats = label_files([str(source)], out, options, workers=1, progress=False)
+    rows = read_output(out)
+    assert [row["prompt_id"] for row in rows] == ["a", "b", "c"] and stats.rows == 3 and stats.errors == 2
+    assert rows[0]["tier"] == "small" and rows[0]["error"] is None
+    assert rows[1]["tier"] is None and rows[1]["error"] == "invalid UTF-8 in column 'prompt'"
+    assert rows[2]["error"] == "invalid UTF-8 in column 'messages'"  # in a nested column too
+
+
+def test_a_pipe_input_or_a_file_as_the_output_folder_is_refused_in_words(tmp_path: Path,
+                                                                         shipped_artifact: Path) -> None:
+    """`label <(zcat log.jsonl.gz)` names a pipe that exists: "no such file" was wrong; an output below a
+    file was refused with the system's "File exists"."""
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    with pytest.raises(LabelingError, match=r"pipe\.jsonl: not a regular file \(a pipe or a device\)"):
+        expand_inputs([str(pipe)])
+    source = _jsonl(tmp_path / "in.jsonl", [{"prompt": EASY}])
+    with pytest.raises(LabelingError, match=r"in\.jsonl is a file, not a folder"):
+        label_files([str(source)], source / "out.jsonl", LabelOptions(model=str(shipped_artifact)), progress=False)
 
 # ---------------------------------------------------------------- ids of rows without one
 def test_ids_of_rows_without_one_are_unique_across_folders(tmp_path: Path, shipped_artifact: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from classifier.decision_files import outcome_logs_beside
 from classifier.prompt_files import (
+    BadRow,
     PromptFileError,
     decode_json_line,
     each_once,
@@ -132,7 +133,7 @@ def _is_log_file(path: Path) -> bool:
 
 def read_records(path: Path) -> Iterator[tuple[int, object]]:
     """(row number, raw record) pairs of one log file, read by the runtime's prompt-file reader (the
-    labeler's); a line that is not a record comes as the DataError that says why.
+    labeler's); a line or row that is not a record comes as the DataError that says why.
 
     Raises:
         DataError: the file is not JSONL or Parquet, or cannot be read at all.
@@ -141,6 +142,9 @@ def read_records(path: Path) -> Iterator[tuple[int, object]]:
         raise DataError(str(path), f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
     try:
         for number, payload in read_payloads(path, PARQUET_BATCH_ROWS):
+            if isinstance(payload, BadRow):  # a Parquet row whose text is not UTF-8
+                yield number, DataError(str(path), payload.error, row=number)
+                continue
             if not isinstance(payload, bytes):
                 yield number, payload
                 continue
