@@ -10,6 +10,7 @@ even when it is killed with -9.
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -26,6 +27,8 @@ from classifier.labeling_output import StagedJob, open_job, write_part
 from classifier.labeling_rows import parse_row, read_chunks
 from classifier.labeling_worker import label_chunk, load_worker_model
 from classifier.prompt_files import Payload
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -121,10 +124,13 @@ def _label_parts(files: Sequence[Path], staged: StagedJob, done: set[int], optio
 
             try:
                 for index, chunk in enumerate(read_chunks(files, options.chunk_rows)):
-                    if index in done:
+                    if index in done and staged.part_holds(index, len(chunk)):
                         stats.resumed_rows += len(chunk)
                         bar.update(len(chunk))
                         continue
+                    if index in done:
+                        log.warning("part %d of the interrupted run is damaged (cut short?): labeling its %d rows "
+                                    "again", index, len(chunk))
                     in_flight[index] = pool.submit(label_part, chunk, options, staged.part(index))
                     # At most two chunks per worker in flight: memory stays flat whatever the input size.
                     while len(in_flight) >= 2 * workers:

@@ -110,6 +110,8 @@ def write_part(rows: list[dict], options: LabelOptions, path: Path) -> None:
                 pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), handle)
             else:
                 handle.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before its name says it is done, power loss included
         os.replace(temporary, path)
     except OSError as exc:
         _remove(temporary)
@@ -258,6 +260,19 @@ class StagedJob:
     def finished_parts(self) -> set[int]:
         """The indexes of the parts already written (by an interrupted run of this job)."""
         return {int(p.stem.split("-")[1]) for p in parts_path(self.output).glob(f"part-*{self.part_suffix}")}
+
+    def part_holds(self, index: int, rows: int) -> bool:
+        """Whether part `index` reads whole with `rows` rows. A kill leaves a part whole or absent, but a
+        machine that lost power may leave one cut short or empty: a resume labels that chunk again."""
+        path = self.part(index)
+        try:
+            if self.part_suffix == ".parquet":
+                return bool(pq.read_metadata(path).num_rows == rows)
+            with path.open("rb") as handle:
+                data = handle.read()
+        except (OSError, pa.ArrowException):
+            return False
+        return data.count(b"\n") == rows and (not data or data.endswith(b"\n"))
 
     def finish(self, rows: int) -> None:
         """Merge the parts into OUTPUT, then record the job beside it, each atomically.

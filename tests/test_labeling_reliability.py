@@ -181,6 +181,33 @@ def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, tra
     assert stats.resumed_rows == 40 and out.read_text() == (tmp_path / "reference.jsonl").read_text()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_resume_labels_again_a_part_a_power_loss_cut_short(tmp_path: Path, trained_artifact: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """A kill leaves a part whole or absent; a machine that lost power can leave one cut short, or empty
+    though named as done. A resume checks each part's rows and labels a damaged one's chunk again."""
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(40))
+    out = tmp_path / f"out{suffix}"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
+    label_files([str(source)], tmp_path / f"reference{suffix}", options, workers=1, progress=False)
+
+    def interrupted(parts: list[Path], output: Path, schema: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(labeling_output, "merge_parts", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            label_files([str(source)], out, options, workers=1, progress=False)
+    parts = sorted(out.with_name(out.name + ".parts").glob(f"part-*{suffix}"))
+    assert len(parts) == 5
+    whole = parts[1].read_bytes()
+    parts[1].write_bytes(whole[: len(whole) // 2])  # cut short
+    parts[3].write_bytes(b"")  # named as done, never written
+    stats = label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    assert stats.resumed_rows == 24 and stats.rows == 16
+    assert read_output(out) == read_output(tmp_path / f"reference{suffix}")
+
+
 # ---------------------------------------------------------------- malformed rows
 def _malformed_jsonl(path: Path) -> Path:
     lines = [
