@@ -144,13 +144,9 @@ def test_resume_of_a_finished_job_checks_its_record(tmp_path: Path, trained_arti
     assert _leftovers(tmp_path) == []
 
 
-def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, trained_artifact: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", sample_rows(40))
-    out = tmp_path / "out.jsonl"
-    options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
-    label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
-
+def _interrupted_before_merging(source: Path, out: Path, options: LabelOptions,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job on `out` stopped (Ctrl-C) once every part is written, before they are merged."""
     def interrupted(parts: list[Path], output: Path, schema: object) -> None:
         raise KeyboardInterrupt
 
@@ -158,6 +154,15 @@ def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, tra
         patch.setattr(labeling_output, "merge_parts", interrupted)
         with pytest.raises(KeyboardInterrupt):
             label_files([str(source)], out, options, workers=1, progress=False)
+
+
+def test_resume_of_an_interrupted_job_checks_its_fingerprint(tmp_path: Path, trained_artifact: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(40))
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
+    label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
+    _interrupted_before_merging(source, out, options, monkeypatch)
     parts = out.with_name(out.name + ".parts")
     before = {p.name: p.read_bytes() for p in parts.iterdir()}
     assert len(before) == 6  # five parts and the job record
@@ -190,14 +195,7 @@ def test_a_resume_labels_again_a_part_a_power_loss_cut_short(tmp_path: Path, tra
     out = tmp_path / f"out{suffix}"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
     label_files([str(source)], tmp_path / f"reference{suffix}", options, workers=1, progress=False)
-
-    def interrupted(parts: list[Path], output: Path, schema: object) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(labeling_output, "merge_parts", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            label_files([str(source)], out, options, workers=1, progress=False)
+    _interrupted_before_merging(source, out, options, monkeypatch)
     parts = sorted(out.with_name(out.name + ".parts").glob(f"part-*{suffix}"))
     assert len(parts) == 5
     whole = parts[1].read_bytes()
