@@ -110,7 +110,8 @@ def label(
     id_column: Annotated[str, typer.Option()] = "prompt_id",
     messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
     keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="processes (default: all cores)")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="processes (default: all cores); with --engine ray, model actors (default: 2)")] = None,
     chunk_rows: Annotated[int, typer.Option(min=1)] = 4096,
     resume: Annotated[bool, typer.Option(help="continue an interrupted job (local engine); a no-op for a job "
                                               "that already finished")] = False,
@@ -149,7 +150,7 @@ def label(
                                      "everything in one run")
             from classifier.labeling_ray import label_with_ray
 
-            stats = label_with_ray(inputs, output, options, address=ray_address)
+            stats = label_with_ray(inputs, output, options, address=ray_address, actors=workers or 2)
         elif engine == "local":
             if ray_address:
                 raise PromptierError("--ray-address needs --engine ray")

@@ -202,3 +202,29 @@ def test_an_unreachable_ray_cluster_is_refused_at_once(tmp_path: Path, shipped_a
     with pytest.raises(LabelingError, match=f"cannot reach the Ray cluster at {address}"):
         label_with_ray([str(source)], tmp_path / "out.jsonl", LabelOptions(model=str(shipped_artifact)),
                        address=address)
+
+
+@pytest.mark.parametrize(("flags", "actors"), [([], 2), (["--workers", "3"], 3)])
+def test_workers_sets_the_ray_engines_model_actors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   flags: list[str], actors: int) -> None:
+    """`--workers` is how many processes label; on the Ray engine those are its model actors."""
+    from typer.testing import CliRunner
+
+    from classifier import labeling_ray
+    from classifier.cli import app
+    from classifier.labeling import LabelStats
+
+    asked: list[int] = []
+
+    def recorded(inputs: list[str], output: Path, options: object, address: str | None = None,
+                 actors: int = 2) -> LabelStats:
+        asked.append(actors)
+        return LabelStats(rows=1)
+
+    monkeypatch.setattr(labeling_ray, "label_with_ray", recorded)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    result = CliRunner().invoke(app, ["label", str(source), "--output", str(tmp_path / "out.jsonl"),
+                                      "--engine", "ray", *flags])
+    assert result.exit_code == 0, result.output
+    assert asked == [actors]
