@@ -9,7 +9,6 @@ merged into OUTPUT so the result matches the local engine row for row, malformed
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -91,13 +90,10 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
             else:
                 ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         try:
-            _run(ray, files, output, options, actors)
+            return _run(ray, files, output, options, actors)
         finally:
             if started_here:
                 ray.shutdown()
-    if output.suffix == ".parquet":
-        return LabelStats.of_rows(pq.read_table(output).to_pylist())
-    return LabelStats.of_rows([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()])
 
 
 def _require_reachable(address: str) -> None:
@@ -118,7 +114,7 @@ def _require_reachable(address: str) -> None:
         raise LabelingError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
-def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: int) -> None:  # type: ignore[no-untyped-def]
+def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: int) -> LabelStats:  # type: ignore[no-untyped-def]
     # Keep input order so the output lines up with the input, as the local engine's does. Set
     # before the datasets are created: a dataset keeps the context it was created with.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -136,7 +132,10 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
         # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file
         # names do not sort in block order, and the output must line up with the input.
         parts = []
+        stats = LabelStats()
         for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
+            # Counted as the batches go by: read back from the output, a large job's rows would fill memory.
+            stats.add(LabelStats.of_rows(table.select(["error", "tier"]).to_pylist()))
             parts.append(staging / f"part-{number:08d}.parquet")
             try:
                 pq.write_table(table, parts[-1])
@@ -146,5 +145,6 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
             merge_parts(parts, output, output_schema(options.keep_columns, options.id_column))
         except OSError as exc:
             raise cannot_write(output, exc, resumable=False) from None
+        return stats
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import classifier
-from classifier.labeling import LabelingError, LabelOptions, label_files
+from classifier.labeling import LabelingError, LabelOptions, LabelStats, label_files
 from tests.grpc_server import EASY, HARD
 from tests.labeling_files import read_output, sample_rows
 
@@ -142,6 +142,7 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
     stats = label_with_ray([str(source)], tmp_path / "ray.jsonl", options)
     local, ray_rows = read_output(tmp_path / "local.jsonl"), read_output(tmp_path / "ray.jsonl")
     assert stats.rows == 900 and stats.errors == 1
+    assert stats.tiers == LabelStats.of_rows(local).tiers  # counted as the batches went by
     assert [r["prompt_id"] for r in ray_rows] == [r["prompt_id"] for r in local]
     assert local[700]["prompt_id"] == "b/in-1.parquet:1" and local[699]["prompt_id"] == rows[699]["prompt_id"]
     for a, b in zip(local, ray_rows, strict=True):
@@ -212,7 +213,6 @@ def test_workers_sets_the_ray_engines_model_actors(tmp_path: Path, monkeypatch: 
 
     from classifier import labeling_ray
     from classifier.cli import app
-    from classifier.labeling import LabelStats
 
     asked: list[int] = []
 
