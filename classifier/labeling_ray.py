@@ -127,7 +127,12 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
     labeled = rows.map_batches(_Labeler, fn_constructor_kwargs={"options": options},
                                batch_size=options.chunk_rows, compute=ray.data.ActorPoolStrategy(size=actors),
                                num_cpus=0.5, batch_format="pyarrow")
-    staging = Path(tempfile.mkdtemp(prefix=".ray-", dir=output.parent))
+    # The caller holds the output's lock, so a staging folder of this output already there is a job's that
+    # was killed (-9): it would otherwise stay, hidden, as large as the output.
+    prefix = f".{output.name}.ray-"
+    for abandoned in output.parent.glob(prefix + "*"):
+        shutil.rmtree(abandoned, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
     try:
         # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file
         # names do not sort in block order, and the output must line up with the input.
