@@ -111,3 +111,22 @@ def test_prompts_known_on_one_tier_only_neither_score_nor_dilute_apgr() -> None:
     mixed = score_group({"model": np.vstack([model, served_model])}, targets, np.tile([1.0, 2.0, 3.0], (n + 60, 1)),
                         ["s", "m", "l"])["methods"]["model"]["apgr"]
     assert mixed == pytest.approx(alone)  # and they do not dilute the whole's
+
+
+def test_a_threshold_that_sends_every_prompt_to_the_cheapest_tier_has_no_top_tier_share() -> None:
+    """A served request is known on the one tier that answered it and goes there at every threshold: it is
+    not a prompt sent to the top tier, so it must not put a floor under the curve's top-tier share (which
+    a `top_share` request is mapped through)."""
+    from training.routing import simulate
+
+    benchmark = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, np.nan, 0.0]])
+    served = np.array([[1.0, np.nan, np.nan]] * 3 + [[np.nan, np.nan, 0.0]])  # cheapest tier x3, top tier x1
+    targets = np.vstack([benchmark, served])
+    probabilities = np.tile([0.5, 0.7, 0.9], (len(targets), 1))
+    costs = np.tile([1.0, 2.0, 3.0], (len(targets), 1))
+    cheapest, top = (simulate(probabilities, targets, costs, t) for t in (0.0, 1.0))
+    assert cheapest.top_share == 0.0 and top.top_share == 1.0
+    # Quality and cost still count every prompt, each on the tier it can go to.
+    assert cheapest.quality == pytest.approx(np.mean([1, 0, 0, 1, 1, 1, 1, 0]))
+    assert top.cost_usd == pytest.approx(np.mean([3, 3, 3, 3, 1, 1, 1, 3]))
+

@@ -30,16 +30,28 @@ def top_known_tier(known: np.ndarray) -> np.ndarray:
 
 def simulate(probabilities: np.ndarray, targets: np.ndarray, costs: np.ndarray, threshold: float,
              rule: Rule = "ratio", cheap_floor: float | None = None) -> RoutingPoint:
-    """Mean quality, mean cost per prompt, and share sent to the top known tier, at one threshold."""
+    """Mean quality and mean cost per prompt, at one threshold, and the share of the prompts it decides
+    (`decided_rows`) that it sends to their top known tier."""
     known = ~np.isnan(targets)
     chosen = choose_tiers(probabilities, threshold, known, rule, cheap_floor)
     rows = np.arange(len(chosen))
+    decided = decided_rows(known)
     return RoutingPoint(
         threshold=float(threshold),
         quality=float(np.mean(targets[rows, chosen])),
         cost_usd=float(np.mean(costs[rows, chosen])),
-        top_share=float(np.mean(chosen == top_known_tier(known))),
+        top_share=float(np.mean(chosen[decided] == top_known_tier(known)[decided])) if decided.any() else 0.0,
     )
+
+
+def decided_rows(known: np.ndarray) -> np.ndarray:
+    """Which prompts a threshold can route: those known on more than one tier.
+
+    A prompt known on one tier (a served request) goes to that tier at every threshold, the cheapest as
+    well as the top one; counted in the top tier's share, it would say that threshold 0 sends prompts to
+    the top tier, and a `top_share` request would be mapped to a threshold that sends fewer than asked.
+    """
+    return np.count_nonzero(known, axis=1) > 1
 
 
 def threshold_grid(probabilities: np.ndarray, known: np.ndarray, points: int = 201,
