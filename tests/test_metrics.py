@@ -130,3 +130,17 @@ def test_a_threshold_that_sends_every_prompt_to_the_cheapest_tier_has_no_top_tie
     assert cheapest.quality == pytest.approx(np.mean([1, 0, 0, 1, 1, 1, 1, 0]))
     assert top.cost_usd == pytest.approx(np.mean([3, 3, 3, 3, 1, 1, 1, 3]))
 
+
+def test_a_group_whose_top_tier_costs_nothing_has_no_saving_to_report() -> None:
+    """Savings are a share of the top tier's cost: where it is zero (a free or self-hosted model logged at
+    no cost) there is nothing to save a share of, which the report says with None rather than crashing."""
+    from training.evaluate import score_group
+
+    targets = np.array([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    probabilities = np.array([[0.2, 0.5, 0.9], [0.9, 0.9, 0.9], [0.1, 0.2, 0.8], [0.8, 0.3, 0.9]])
+    free = score_group({"model": probabilities}, targets, np.zeros((4, 3)), ["s", "m", "l"])
+    assert free["methods"]["model"]["savings_vs_top"] == {"95": None, "98": None, "99": None}
+    priced = score_group({"model": probabilities}, targets, np.tile([1.0, 2.0, 4.0], (4, 1)), ["s", "m", "l"])
+    # Relative scores (ratio rule) s/m: 0.18/0.36, 0.5/0.5, 0.11/0.2, 0.47/0.25. A threshold in (0.2, 0.36]
+    # sends prompt 0 to m, 1 and 3 to s, 2 to l, all answered: (2 + 1 + 4 + 1) / 4 against 4.
+    assert priced["methods"]["model"]["savings_vs_top"]["99"] == pytest.approx(1 - 2 / 4)

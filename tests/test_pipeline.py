@@ -587,6 +587,49 @@ def test_an_evaluation_says_when_its_baselines_were_cross_fitted(trained_artifac
         assert expected in render_markdown(report)
 
 
+def test_an_evaluation_gives_the_same_figures_whatever_the_order_of_its_prompts(
+        shipped_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The random baseline's scores, the cross-fitting folds and the bootstrap's resamples are drawn per row,
+    and the learned baselines' fits depend on the order of their rows: the same prompts given in another
+    order (logs listed in another order) must still give the same report."""
+    import hashlib
+
+    from training import evaluate
+    from training.data import read_logs
+    from training.labels import build_table
+    from training.pool import load_pool
+    from training.synthetic import POOL_YAML
+
+    def scores(artifact: Path, prompts: list[str]) -> np.ndarray:
+        # A score per prompt from its text alone: what is tested is the evaluation, not the model's kernels.
+        return np.array([[digest / 255 for digest in hashlib.sha256(p.encode()).digest()[:3]] for p in prompts])
+
+    featurized: list[list[str]] = []
+
+    def length(prompts: list[str]) -> np.ndarray:
+        # What a learned baseline is fitted on, in its order: a fit stops within its tolerance at a point
+        # that depends on the order of its rows (MiniLM's logistic regression moved by 0.014 APGR).
+        featurized.append(list(prompts))
+        return np.log1p(np.array([[len(p)] for p in prompts], dtype=np.float64))
+
+    monkeypatch.setattr(evaluate, "model_probabilities", scores)
+    monkeypatch.setattr(evaluate, "length_features", length)
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text(POOL_YAML)
+    table, _ = build_table(read_logs([write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(160, 3))])[0],
+                           load_pool(pool_path))
+    rng = np.random.default_rng(0)
+    evaluated, fitted = table.subset(np.arange(80)), table.subset(np.arange(80, len(table)))
+    for fit_table in (None, fitted):  # the learned baselines cross-fitted, then fitted on other prompts
+        given, shuffled = ((evaluated, fit_table),
+                           (evaluated.subset(rng.permutation(80)),
+                            None if fit_table is None else fit_table.subset(rng.permutation(len(fit_table)))))
+        first, second = (evaluate.evaluate_table(shipped_artifact, e, f, None) for e, f in (given, shuffled))
+        assert first["fit_rows"] == (0 if fit_table is None else len(fit_table))
+        assert first["summary"] == second["summary"] and featurized[-2] == featurized[-1]
+        assert "apgr_vs" in first["summary"]["all"]["promptier"]  # the bootstrap's interval is compared too
+
+
 def test_export_parity_counts_a_tie_at_float_precision_as_agreement_and_a_real_flip_as_not() -> None:
     """A threshold chosen among near-saturated scores can be 1e-10: fp32 rounds a relative score of 1.7e-10
     to 0, which no export could avoid. A tier that a quantized model moves by 0.2 is a disagreement."""

@@ -30,7 +30,7 @@ from training.errors import DataError
 from training.generalization_report import BASELINES, MODEL, format_lead
 from training.labels import PromptTable, prompt_hash, seen_prompts
 from training.metrics import apgr, apgr_difference_interval, binary_curve, cpt, tier_metrics
-from training.routing import always_top, cheapest_point_within, routing_curve, top_known_tier
+from training.routing import RoutingPoint, always_top, cheapest_point_within, routing_curve, top_known_tier
 
 CPT_LEVELS = (0.5, 0.8, 0.95)
 SAVING_LEVELS = (0.95, 0.98, 0.99)
@@ -94,10 +94,7 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
         hardness_of[method] = hardness
         curve = binary_curve(hardness, weak, strong)
         routing = routing_curve(probabilities, targets, costs, rule=rule)
-        savings = {}
-        for level in SAVING_LEVELS:
-            point = cheapest_point_within(routing, level * top_quality)
-            savings[f"{round(level * 100)}"] = None if point is None else 1.0 - point.cost_usd / top_cost
+        savings = {f"{round(level * 100)}": saving(routing, level * top_quality, top_cost) for level in SAVING_LEVELS}
         result["methods"][method] = {
             "apgr": apgr(curve),
             "cpt": {f"{round(level * 100)}": cpt(curve, level) for level in CPT_LEVELS},
@@ -116,6 +113,16 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
     return result
 
 
+def saving(routing: Sequence[RoutingPoint], min_quality: float, top_cost: float) -> float | None:
+    """The share of `top_cost` (always calling the top known tier) that the cheapest point of `routing`
+    reaching `min_quality` saves; None when no point reaches it, or when the top tier costs nothing
+    (free or self-hosted at no logged cost): there is then no spend to save a share of."""
+    point = cheapest_point_within(list(routing), min_quality)
+    if point is None or top_cost <= 0.0:
+        return None
+    return 1.0 - point.cost_usd / top_cost
+
+
 # Fewer prompts the model saw than this, and the learned baselines are cross-fitted on the evaluated ones.
 MIN_FIT_ROWS = 50
 
@@ -127,9 +134,16 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
     Baselines that learn (length, embedding) are fitted on `fit_table`, the prompts the model was
     trained on, so that every method sees the same data; without it they are cross-fitted on the
     evaluation rows in 5 folds.
+
+    Both tables are first put in the order of their prompts' hashes: the random baseline's scores, the
+    cross-fitting folds and the bootstrap's resamples are drawn per row position, a logistic regression
+    stops (within its tolerance) at a point that depends on the order of its rows, and the same prompts
+    must give the same figures whatever the order in which the logs were given.
     """
     from classifier.artifact import load_manifest
 
+    eval_table = in_canonical_order(eval_table)
+    fit_table = None if fit_table is None else in_canonical_order(fit_table)
     manifest = load_manifest(artifact)
     tier_names = manifest.tier_names
     methods: dict[str, np.ndarray] = {MODEL: model_probabilities(artifact, eval_table.prompts)}
@@ -154,6 +168,11 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
     }
     report["summary"] = summarize(report)
     return report
+
+
+def in_canonical_order(table: PromptTable) -> PromptTable:
+    """`table` with its rows sorted by prompt hash (prompts are distinct, so the order is unique)."""
+    return table.subset(np.argsort([prompt_hash(prompt) for prompt in table.prompts], kind="stable"))
 
 
 def _learned(featurize, eval_table: PromptTable, fit_table: PromptTable | None, seed: int) -> np.ndarray:  # type: ignore[no-untyped-def]

@@ -153,7 +153,7 @@ def _with_traffic(logs: Sequence[str | Path], pool: str | Path, fold: TrainConfi
     The traffic fold's own artifact also scores itself on the whole source, the half it learned included:
     only the figures returned here are held out.
     """
-    from training.evaluate import evaluate_table, model_probabilities, score_group
+    from training.evaluate import evaluate_table, in_canonical_order, model_probabilities, score_group
 
     held = np.flatnonzero(table.sources == source)
     in_traffic = traffic_half([table.prompt_ids[i] for i in held])
@@ -171,7 +171,9 @@ def _with_traffic(logs: Sequence[str | Path], pool: str | Path, fold: TrainConfi
     manifest = train(logs, pool, out, fold, work_dir=work_root / f"traffic-{source}.work", skip_invalid=skip_invalid,
                      unlabeled=[traffic_file], model_version=f"loso-traffic-{source}", cache_dir=cache_dir)
     assert manifest is not None  # one process: it is the main one
-    scored = table.subset(scored_rows)
+    # In hash order, as evaluate_table scores them: the lead's bootstrap resamples row positions, and
+    # must not depend on the order of the logs.
+    scored = in_canonical_order(table.subset(scored_rows))
     report = evaluate_table(out, scored, table.subset(np.flatnonzero(table.sources != source)), backbone_dir,
                             cache_dir)
     probabilities = {MODEL: model_probabilities(out, scored.prompts),
