@@ -12,19 +12,32 @@ from types import FrameType
 # Signals received inside `exit_deferred` blocks, acted on when the outermost one ends (main thread only).
 _deferring = 0
 _deferred: list[int] = []
+# Set once a signal has been acted on: the cleanup it started (stopping the processes a tool started,
+# each bounded) is not cut short by a repeated Ctrl-C or SIGTERM, which would leave the rest running.
+_stopping = False
 
 
 def _stop(number: int) -> None:
+    global _stopping
+    _stopping = True
+    _deferred.clear()  # acted on now: none may linger into a later block
     if number == signal.SIGINT:
         raise KeyboardInterrupt
     sys.exit(128 + number)
 
 
 def _stop_or_defer(number: int, frame: FrameType | None) -> None:
+    if _stopping:
+        return
     if _deferring:
         _deferred.append(number)
         return
     _stop(number)
+
+
+def _first_to_act_on(numbers: list[int]) -> int:
+    """SIGTERM (a stop asked by a supervisor) over Ctrl-C, when both came during a deferral."""
+    return signal.SIGTERM if signal.SIGTERM in numbers else numbers[0]
 
 
 @contextlib.contextmanager
@@ -32,10 +45,14 @@ def sigterm_as_exit() -> Iterator[None]:
     """Within the block, SIGTERM raises SystemExit: `finally` blocks then stop the processes a tool
     started in sessions of their own, which a signal to the tool's process group no longer reaches.
     (Python's default SIGTERM ends the process without running them.) Ctrl-C still raises
-    KeyboardInterrupt; both wait for the end of an `exit_deferred` block. Main thread only."""
+    KeyboardInterrupt; both wait for the end of an `exit_deferred` block. Once one has been acted on,
+    repeats are ignored, so that the stops it set off all run (each is bounded). Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _stopping
+    _stopping = False
+    _deferred.clear()
     previous_term = signal.signal(signal.SIGTERM, _stop_or_defer)
     # Ctrl-C is left alone where the program set its own handler.
     previous_int = signal.getsignal(signal.SIGINT)
@@ -79,6 +96,4 @@ def exit_deferred() -> Iterator[None]:
     finally:
         _deferring -= 1
         if not _deferring and _deferred:
-            number = _deferred[0]
-            _deferred.clear()
-            _stop(number)
+            _stop(_first_to_act_on(_deferred))

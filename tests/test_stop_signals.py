@@ -1,9 +1,9 @@
 """A SIGTERM (or Ctrl-C) that reaches a bench or soak while it starts a process still stops that process.
 
 `subprocess.Popen` waits for its child's exec before it returns; a signal acted on then, or before the
-process is recorded where a `finally` stops it, used to leave the process running after the tool had
-exited (a server in a session of its own, which no signal to the tool's group reaches). The tests send
-the signal from inside `Popen`'s constructor, once the child runs: that moment, made certain."""
+process is recorded where a `finally` stops it, would leave the process running after the tool exited
+(a server in a session of its own, which no signal to the tool's group reaches). The tests send the
+signal from inside `Popen`'s constructor, once the child runs: that moment, made certain."""
 
 from __future__ import annotations
 
@@ -48,6 +48,38 @@ def test_a_block_that_fails_still_acts_on_the_signal_it_deferred() -> None:
         raise RuntimeError("the start failed")
     with sigterm_as_exit(), exit_deferred():
         pass  # nothing left pending from the block above
+
+
+def test_a_repeated_signal_does_not_cut_short_the_stops_the_first_set_off() -> None:
+    stopped: list[str] = []
+    with pytest.raises(SystemExit) as exited, sigterm_as_exit():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:  # stopping what the tool started, while an impatient supervisor signals again
+            os.kill(os.getpid(), signal.SIGTERM)
+            stopped.append("the last process")
+    assert exited.value.code == 128 + signal.SIGTERM and stopped == ["the last process"]
+
+
+def test_a_sigterm_deferred_after_a_ctrl_c_is_the_one_acted_on() -> None:
+    with pytest.raises(SystemExit) as exited, sigterm_as_exit(), exit_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exited.value.code == 128 + signal.SIGTERM
+
+
+def test_sigterm_unwinds_leaves_a_handler_the_program_set_alone() -> None:
+    from classifier.signals import sigterm_unwinds
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+    try:
+        with sigterm_unwinds():
+            os.kill(os.getpid(), signal.SIGTERM)
+            received.append(0)  # reached: no exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM, 0]
 
 
 @contextlib.contextmanager
