@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +82,8 @@ _FILE_MODE = 0o666 & ~_UMASK
 _DIRECTORY_MODE = 0o777 & ~_UMASK
 # The suffix of the directory a writer moves the previous artifact to while its own takes its place.
 _ASIDE_SUFFIX = ".replaced"
+# The random end tempfile.mkdtemp gives a name (8 of [a-z0-9_]).
+_MKDTEMP_SUFFIX = "[a-z0-9_]{8}"
 
 
 def member(directory: Path, name: str) -> Path:
@@ -167,7 +172,9 @@ def staged_artifact(out_dir: Path) -> Iterator[Path]:
         if undeclared:
             raise ArtifactError(f"the artifact for {out_dir} would hold files the layout does not declare: "
                                 f"{', '.join(undeclared)}")
-        with exit_deferred():  # stopped between its two renames, `out_dir` would be gone
+        # Deferred: stopped between its two renames, `out_dir` would be gone. Locked: a writer clearing
+        # abandoned directories meanwhile would find `out_dir` gone too, and put an old artifact there.
+        with exit_deferred(), _folder_locked(out_dir.parent):
             _replace_directory(staging, out_dir, _aside_of(staging))
 
 
@@ -191,7 +198,17 @@ def _folder_locked(folder: Path) -> Iterator[None]:
 
 
 def _staging_prefix(out_dir: Path) -> str:
-    return f".{out_dir.name}.staging-"
+    """The start of the name of every staging directory this host makes for `out_dir`: a lock is only
+    known to be free for the writers of one host (NFS may keep flocks local), so only they are cleared."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{out_dir.name}.staging-{host}-"
+
+
+def _staging_directories(out_dir: Path, suffix: str = "") -> list[Path]:
+    """This host's staging directories of `out_dir` (with `suffix`: their asides). Matched whole, so
+    that another output whose name starts like this one's, or holds glob characters, is never taken."""
+    pattern = re.compile(re.escape(_staging_prefix(out_dir)) + _MKDTEMP_SUFFIX + re.escape(suffix))
+    return sorted(path for path in out_dir.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir())
 
 
 def _aside_of(staging: Path) -> Path:
@@ -206,17 +223,17 @@ def _clear_abandoned_staging(out_dir: Path) -> None:
 
     A writer killed between moving the previous artifact aside and putting its own in place leaves no
     `out_dir`: the previous artifact is then put back, never deleted."""
-    for staging in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*")):
-        if staging.name.endswith(_ASIDE_SUFFIX) or not staging.is_dir() or not _abandoned(staging):
+    for staging in _staging_directories(out_dir):
+        if not _abandoned(staging):
             continue
         aside = _aside_of(staging)
         if aside.is_dir() and not out_dir.exists():
             aside.rename(out_dir)
         shutil.rmtree(staging, ignore_errors=True)
-    for aside in sorted(out_dir.parent.glob(_staging_prefix(out_dir) + "*" + _ASIDE_SUFFIX)):
+    for aside in _staging_directories(out_dir, _ASIDE_SUFFIX):
         # Its staging directory is gone: it became `out_dir`, and only the previous artifact's removal
-        # was cut short. (A live writer's aside always has its staging directory beside it until then.)
-        if aside.is_dir() and not aside.with_name(aside.name.removesuffix(_ASIDE_SUFFIX)).exists():
+        # was cut short (a writer swaps under the folder's lock, so none is between its two renames).
+        if not aside.with_name(aside.name.removesuffix(_ASIDE_SUFFIX)).exists():
             if out_dir.exists():
                 shutil.rmtree(aside, ignore_errors=True)
             else:

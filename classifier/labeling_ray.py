@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -129,9 +130,12 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
                                num_cpus=0.5, batch_format="pyarrow")
     # The caller holds the output's lock, so a staging folder of this output already there is a job's that
     # was killed (-9): it would otherwise stay, hidden, as large as the output.
+    # Matched whole: another output whose name starts like this one's is another job's, under its own lock.
     prefix = f".{output.name}.ray-"
-    for abandoned in output.parent.glob(prefix + "*"):
-        shutil.rmtree(abandoned, ignore_errors=True)
+    made_by_mkdtemp = re.compile(re.escape(prefix) + "[a-z0-9_]{8}")
+    for abandoned in output.parent.iterdir():
+        if made_by_mkdtemp.fullmatch(abandoned.name) and abandoned.is_dir():
+            shutil.rmtree(abandoned, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
     try:
         # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file

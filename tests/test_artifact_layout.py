@@ -168,27 +168,37 @@ def test_a_writer_killed_while_swapping_directories_leaves_the_previous_artifact
         tmp_path: Path) -> None:
     """Killed after moving the previous artifact aside and before putting its own in place, a writer
     leaves no artifact at all: the next writer puts the previous one back before anything else, so a
-    failure of its own leaves the model as it was."""
-    out = tmp_path / "model"
-    staging, aside = tmp_path / ".model.staging-dead1", tmp_path / ".model.staging-dead1.replaced"
+    failure of its own leaves the model as it was. Another output's directories are never taken, even
+    where a glob of this output's name would match them."""
+    from classifier.artifact_layout import _staging_prefix
+
+    out = tmp_path / "model[1]"
+    staging = tmp_path / (_staging_prefix(out) + "dead0001")
+    aside = staging.with_name(staging.name + ".replaced")
     staging.mkdir()
     _write_required(staging, "v2")
     aside.mkdir()
     _write_required(aside, "v1")
+    # Of the output "model1" (which `.model[1].staging-*` matches as a glob), and of another host.
+    others = [tmp_path / (_staging_prefix(tmp_path / "model1") + "dead0003.replaced"),
+              tmp_path / (".model[1].staging-0000beef-" + "dead0004.replaced")]
+    for other in others:
+        other.mkdir()
+        _write_required(other, "not ours")
     with pytest.raises(RuntimeError), staged_artifact(out) as new:
         _write_required(new, "v3")
         raise RuntimeError("parity failed")
     assert (out / "manifest.json").read_text() == "v1"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["model[1]", *(o.name for o in others)])
 
     # Killed after putting its own in place, before removing the previous one: the leftover goes.
-    leftover = tmp_path / ".model.staging-dead2.replaced"
+    leftover = tmp_path / (_staging_prefix(out) + "dead0002.replaced")
     leftover.mkdir()
     _write_required(leftover, "v0")
     with staged_artifact(out) as new:
         _write_required(new, "v4")
     assert (out / "manifest.json").read_text() == "v4"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["model[1]", *(o.name for o in others)])
 
 
 # Run in a process of its own: it stops itself with SIGTERM inside `staged_artifact`, as a scheduler

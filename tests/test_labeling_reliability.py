@@ -317,12 +317,14 @@ def test_ray_engine_agrees_with_local_on_malformed_rows(tmp_path: Path, trained_
     options = LabelOptions(model=str(trained_artifact), keep_columns=("team",), chunk_rows=4)
     label_files(inputs, tmp_path / "local.jsonl", options, workers=1, progress=False)
     # What a Ray job on this output killed with -9 left, and another output's job (not this one's to remove).
-    killed, others = tmp_path / ".ray.jsonl.ray-killed", tmp_path / ".other.jsonl.ray-running"
-    for staging in (killed, others):
+    # (Of the output "ray.jsonl.ray-a.jsonl", whose name starts like this one's staging folders.)
+    killed = tmp_path / ".ray.jsonl.ray-killed01"
+    others = [tmp_path / ".other.jsonl.ray-running", tmp_path / ".ray.jsonl.ray-a.jsonl.ray-running"]
+    for staging in (killed, *others):
         staging.mkdir()
         (staging / "part-00000000.parquet").write_bytes(b"half a part")
     stats = label_with_ray(inputs, tmp_path / "ray.jsonl", options)
-    assert not killed.exists() and (others / "part-00000000.parquet").exists()
+    assert not killed.exists() and all((other / "part-00000000.parquet").exists() for other in others)
     local, ray_rows = read_output(tmp_path / "local.jsonl"), read_output(tmp_path / "ray.jsonl")
     assert stats.rows == len(local) == 23 and stats.errors == len(EXPECTED_JSONL_ERRORS) + 3
     for a, b in zip(local, ray_rows, strict=True):
