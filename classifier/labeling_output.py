@@ -7,9 +7,9 @@ Beside OUTPUT a job keeps:
 - `OUTPUT.job.json`: the record of the job that wrote OUTPUT (its inputs, model and options). A resume
   checks it, so that it never mistakes an unrelated file, or another job's output, for its own.
 
-Every file is written to a temporary name and renamed into place when complete, so after a kill
-(even -9) a part, a record or OUTPUT exists whole or not at all, and a resume continues at the
-first missing part.
+Every file is written to a temporary name, synced to disk and renamed into place when complete, so
+after a kill (even -9) a part, a record or OUTPUT exists whole or not at all, and a resume continues at
+the first missing part (or a part a power loss damaged).
 """
 
 from __future__ import annotations
@@ -110,9 +110,7 @@ def write_part(rows: list[dict], options: LabelOptions, path: Path) -> None:
                 pq.write_table(rows_to_table(rows, options.keep_columns, options.id_column), handle)
             else:
                 handle.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before its name says it is done, power loss included
-        os.replace(temporary, path)
+        durable_replace(temporary, path)
     except OSError as exc:
         _remove(temporary)
         raise cannot_write(path, exc) from None
@@ -190,12 +188,27 @@ def _read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def durable_replace(temporary: Path, path: Path) -> None:
+    """Rename a fully written `temporary` to `path`, its bytes on disk first and the rename after: a
+    machine that loses power then has the whole file under its name or the old state, never a name over
+    missing data (which a resume would trust, or which the parts it was merged from, removed next,
+    could no longer rebuild)."""
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def _write_json(path: Path, value: dict) -> None:
-    """Write `value` to `path` atomically (a temporary file renamed into place)."""
+    """Write `value` to `path` atomically and durably (a temporary file renamed into place)."""
     temporary = path.with_name(path.name + ".tmp")
     try:
         temporary.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        durable_replace(temporary, path)
     except BaseException:
         _remove(temporary)
         raise
@@ -234,7 +247,7 @@ def merge_parts(parts: list[Path], output: Path, schema: pa.Schema) -> None:
                         if row.get("scores") is not None:
                             row["scores"] = json.loads(row["scores"])
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, output)
+        durable_replace(temporary, output)
     except BaseException:
         _remove(temporary)
         raise
@@ -266,8 +279,8 @@ class StagedJob:
         machine that lost power may leave one cut short or empty: a resume labels that chunk again."""
         path = self.part(index)
         try:
-            if self.part_suffix == ".parquet":
-                return bool(pq.read_metadata(path).num_rows == rows)
+            if self.part_suffix == ".parquet":  # read whole: a damaged page fails here, not in the merge
+                return bool(pq.read_table(path).num_rows == rows)
             with path.open("rb") as handle:
                 data = handle.read()
         except (OSError, pa.ArrowException):
