@@ -29,6 +29,9 @@ from classifier.labeling_worker import label_chunk, load_worker_model
 # Rows travel from the readers to the labelers as (row name, pickled payload): a payload is a raw
 # JSONL line, a record, or a bad row, and records of different files need not share a schema.
 ROW_SCHEMA = pa.schema([("row", pa.string()), ("payload", pa.binary())])
+# The CPU share of each reader task and model actor: on a 2-core machine, whole-CPU actors starve the
+# readers (a Ray Data deadlock).
+TASK_CPUS = 0.5
 
 
 def _read_files(batch: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
@@ -91,10 +94,24 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
             else:
                 ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         try:
+            _require_cpus_for(actors, float(ray.cluster_resources().get("CPU", 0)))
             return _run(ray, files, output, options, actors)
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def _require_cpus_for(actors: int, cpus: float) -> None:
+    """Refuse more model actors than the Ray instance can run beside the file readers: with no CPU left
+    for a reader, Ray Data waits forever (actors it cannot place, it also waits for, without a word).
+
+    Raises:
+        LabelingError: `actors` x their CPU share, plus one reader's, exceeds `cpus`.
+    """
+    if actors * TASK_CPUS + TASK_CPUS > cpus:
+        most = max(0, int((cpus - TASK_CPUS) / TASK_CPUS))
+        raise LabelingError(f"--workers {actors}: each model actor takes {TASK_CPUS:g} CPU beside a reader's "
+                            f"{TASK_CPUS:g}, and this Ray instance has {cpus:g} CPUs: use at most {most}")
 
 
 def _require_reachable(address: str) -> None:
@@ -122,12 +139,11 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
     # Each file with the name its rows' ids are given, as the local engine names them (input_names).
     items = [{"path": str(path.resolve()), "name": name} for path, name in zip(files, input_names(files), strict=True)]
     paths = ray.data.from_items(items, override_num_blocks=len(files))
-    # 0.5 CPU per task and actor: on a 2-core machine, whole-CPU actors starve the readers (Ray Data deadlock).
     rows = paths.map_batches(_read_files, fn_kwargs={"batch_rows": options.chunk_rows}, batch_size=1,
-                             batch_format="pyarrow", num_cpus=0.5)
+                             batch_format="pyarrow", num_cpus=TASK_CPUS)
     labeled = rows.map_batches(_Labeler, fn_constructor_kwargs={"options": options},
                                batch_size=options.chunk_rows, compute=ray.data.ActorPoolStrategy(size=actors),
-                               num_cpus=0.5, batch_format="pyarrow")
+                               num_cpus=TASK_CPUS, batch_format="pyarrow")
     # The caller holds the output's lock, so a staging folder of this output already there is a job's that
     # was killed (-9): it would otherwise stay, hidden, as large as the output.
     # Matched whole: another output whose name starts like this one's is another job's, under its own lock.

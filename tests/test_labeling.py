@@ -228,3 +228,12 @@ def test_workers_sets_the_ray_engines_model_actors(tmp_path: Path, monkeypatch: 
                                       "--engine", "ray", *flags])
     assert result.exit_code == 0, result.output
     assert asked == [actors]
+
+
+def test_more_ray_actors_than_the_instance_can_run_beside_a_reader_are_refused() -> None:
+    """Ray Data would wait forever for actors it cannot place, or for a reader the actors starve."""
+    from classifier.labeling_ray import _require_cpus_for
+
+    _require_cpus_for(3, 2.0)  # 3 x 0.5 + 0.5: every CPU, and no more
+    with pytest.raises(LabelingError, match=r"--workers 4: .* has 2 CPUs: use at most 3"):
+        _require_cpus_for(4, 2.0)
