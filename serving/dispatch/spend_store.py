@@ -82,7 +82,7 @@ class SpendStore(Protocol):
 
     def forgets_on_restart(self) -> str | None:
         """Why the store's server loses every total when it restarts, or None: it keeps them, or cannot
-        tell (asks the server; raises what a failed call raises)."""
+        tell. Raises SpendStoreError when the server cannot be asked."""
         ...
 
     def identity(self) -> str:
@@ -315,8 +315,11 @@ class RedisSpendStore:
             appendonly = self._redis.config_get("appendonly").get("appendonly")
         except redis.ResponseError:
             return None
+        except self._errors as error:
+            raise SpendStoreError(f"spend store {self._where}: {type(error).__name__}: {error}") from error
         if save == "" and appendonly == "no":
-            return "it neither snapshots (RDB) nor logs writes (AOF)"
+            return ("it neither snapshots (RDB) nor logs writes (AOF): a restart of it sets every tenant's "
+                    "spend back to $0")
         return None
 
     def identity(self) -> str:
@@ -360,6 +363,7 @@ class SpendLedger:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.last_ok: float | None = None
+        self._persistence_known = False  # whether the store has said if it forgets on restart
 
     def spent(self, key: Key) -> float:
         """Spend of (tenant, period) as this process knows it."""
@@ -535,24 +539,26 @@ class SpendLedger:
         self._read_tried.set()
         if self._on_refresh is not None:
             self._on_refresh(dict(totals))
+        if not self._persistence_known:  # after the first read is out: start-up does not wait for it
+            self._warn_if_forgetful()
 
     def _succeeded(self) -> None:
         if self.error is not None:
             log.info(json.dumps({"event": "spend_store_recovered", "store": self.store.describe()}))
-        if self.last_ok is None:
-            self._warn_if_forgetful()
         self.error = None
         self.last_ok = time.time()
 
     def _warn_if_forgetful(self) -> None:
-        """Once, when the store first answers: a store that forgets on restart reopens every spent budget."""
+        """Once the store has answered the question: a store that forgets on restart reopens every spent
+        budget. A store that cannot be asked now is asked again after the next read."""
         try:
             reason = self.store.forgets_on_restart()
         except Exception:  # a question about the store must never stop the ledger
             return
+        self._persistence_known = True
         if reason is not None:
             log.warning(json.dumps({"event": "spend_store_not_persistent", "store": self.store.describe(),
-                                    "detail": f"{reason}: a restart of it sets every tenant's spend back to $0"}))
+                                    "detail": reason}))
 
     def _failed(self, operation: str, error: Exception) -> None:
         detail = f"{operation} failed: {type(error).__name__}: {error}"

@@ -136,7 +136,7 @@ def check_tenants_and_store(config: DispatcherConfig) -> str:
         assert isinstance(store, RedisSpendStore)
         store.ping()
         forgets = store.forgets_on_restart()
-        warning = f" (warning: {forgets}; a restart of it sets every tenant's spend back to $0)" if forgets else ""
+        warning = f" (warning: {forgets})" if forgets else ""
         return f"{summary}; spend store {store.describe()} answers{warning}"
     finally:
         store.close()
