@@ -137,10 +137,16 @@ with staged_artifact(Path(sys.argv[1])) as staging:
 
 def _staging_writer(out: Path) -> tuple[subprocess.Popen, Path]:
     """A live writer in its staging block, and its staging directory."""
+    import select
+
     writer = subprocess.Popen([sys.executable, "-c", STAGING_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
     assert writer.stdout is not None
-    name = writer.stdout.readline().strip()
-    assert name, f"the writer exited with {writer.wait()}"
+    ready, _, _ = select.select([writer.stdout], [], [], 120)  # a writer stuck on a lock fails the test
+    name = writer.stdout.readline().strip() if ready else ""
+    writer.stdout.close()
+    if not name:
+        writer.kill()
+        pytest.fail(f"the writer did not reach its staging block (exit status {writer.wait()})")
     return writer, out.parent / name
 
 

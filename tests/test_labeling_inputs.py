@@ -170,8 +170,8 @@ def test_an_id_column_named_like_an_output_column_is_refused(tmp_path: Path, shi
 
 
 def test_a_column_kept_twice_is_refused_before_anything_is_labeled(tmp_path: Path, shipped_artifact: Path) -> None:
-    """A Parquet output cannot hold two columns of one name: its merge failed with a traceback once every
-    row was labeled, and left parts whose every resume failed the same way."""
+    """A Parquet output cannot hold two columns of one name: found only at the merge, the clash would
+    fail the job once every row was labeled, and every resume of its parts the same way."""
     source = _jsonl(tmp_path / "in.jsonl", [{"prompt": EASY, "team": "a"}])
     options = LabelOptions(model=str(shipped_artifact), keep_columns=("team", "team"))
     for output in (tmp_path / "out.parquet", tmp_path / "out.jsonl"):
@@ -217,7 +217,8 @@ def test_a_file_that_is_not_parquet_is_refused_before_anything_is_labeled(tmp_pa
 
 def test_the_ray_engine_refuses_a_file_that_is_not_parquet_in_one_line(tmp_path: Path, shipped_artifact: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside a Ray task the reader's error came back as Ray's wrapper: a traceback as the message."""
+    """Found inside a Ray task, the reader's error would come back in Ray's wrapper: a traceback as the
+    message."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -279,8 +280,8 @@ def test_a_parquet_row_whose_text_is_not_utf8_is_one_error_row(tmp_path: Path, s
 
 def test_a_pipe_input_or_a_file_as_the_output_folder_is_refused_in_words(tmp_path: Path,
                                                                          shipped_artifact: Path) -> None:
-    """`label <(zcat log.jsonl.gz)` names a pipe that exists: "no such file" was wrong; an output below a
-    file was refused with the system's "File exists"."""
+    """`label <(zcat log.jsonl.gz)` names a pipe that exists, not a missing file; an output below a file
+    is refused in words, not with the system's "File exists"."""
     pipe = tmp_path / "pipe.jsonl"
     os.mkfifo(pipe)
     with pytest.raises(LabelingError, match=r"pipe\.jsonl: not a regular file \(a pipe or a device\)"):

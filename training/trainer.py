@@ -43,8 +43,8 @@ def run_key(config: TrainConfig, source: TokenSource, targets: np.ndarray, chunk
                                        default=lambda value: value.model_dump()).encode())
     digest.update(np.ascontiguousarray(source.lengths, dtype=np.int64).tobytes())  # where each example ends
     for start in range(0, len(source), chunk):
-        for ids in source.batch(np.arange(start, min(start + chunk, len(source)))):
-            digest.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        batch = source.batch(np.arange(start, min(start + chunk, len(source))))
+        digest.update(np.concatenate(batch).astype(np.int64, copy=False).tobytes())  # one update per chunk
     digest.update(np.ascontiguousarray(np.nan_to_num(targets, nan=-1.0), dtype=np.float32).tobytes())
     return digest.hexdigest()[:32]
 

@@ -39,6 +39,7 @@ from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.bench.h2load import cpu_seconds, h2load_scenario, ok_calls, require_all_ok
 from serving.bench.ports import free_port, port_taken, wait_serving
 from serving.bench.report_path import check_report_path
+from serving.bench.soak_processes import stop_process
 
 CONNECTIONS_PER_GENERATOR = 4
 
@@ -272,12 +273,7 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
 
 def _stop_server(server: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL if it has not ended within 15 s (a busy machine may take long to drain)."""
-    server.terminate()
-    try:
-        server.wait(15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(15)
+    stop_process(server, timeout=15)
 
 
 T = TypeVar("T")
