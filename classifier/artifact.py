@@ -32,9 +32,9 @@ MODEL_OUTPUT_NAME = "logits"
 # Optional second output: how unlike the training prompts each prompt is (see FamiliarityConfig).
 UNFAMILIARITY_OUTPUT_NAME = "unfamiliarity"
 MODES = ("quality", "balanced", "cost")
-# The smallest normal and the largest finite float32: the runtime's arithmetic (numpy.finfo(float32)).
-FLOAT32_TINY = 1.1754943508222875e-38
-FLOAT32_MAX = 3.4028234663852886e38
+# The temperatures a manifest may hold. Training fits them within [0.05, 20]; far outside, the runtime's
+# float32 logits / temperature flatten every score to 0.5 or push it to 0, 1 or NaN.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 # How a tier's probability is compared with the top tier's: see classifier.policy.relative_scores.
 Rule = Literal["ratio", "difference"]
 
@@ -125,11 +125,10 @@ class CalibrationConfig(_Strict):
     def _positive(cls, value: list[float]) -> list[float]:
         if any(t <= 0 for t in value):
             raise ValueError("temperatures must be positive")
-        # The runtime scales logits in float32: a temperature beyond its range becomes inf there (every
-        # score a flat 0.5) or 0 (every score 0 or 1, or NaN), though the manifest reads it as a number.
-        if not all(FLOAT32_TINY <= t <= FLOAT32_MAX for t in value):
-            raise ValueError(f"temperatures must be between {FLOAT32_TINY:.4g} and {FLOAT32_MAX:.4g} "
-                             "(the runtime computes in float32)")
+        low, high = TEMPERATURE_RANGE
+        if not all(low <= t <= high for t in value):
+            raise ValueError(f"temperatures must be between {low:g} and {high:g} (training fits them within "
+                             "0.05 and 20; far outside, every score is flat or saturated)")
         return value
 
 
