@@ -53,7 +53,13 @@ def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artif
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
 def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Path) -> None:
     from serving.bench.h2load import h2load_scenario, require_all_ok
-    from serving.bench.native_floor import NativeBuildUnavailable, answered_calls, build_echo_server, start_echo_server
+    from serving.bench.native_floor import (
+        NativeBuildUnavailable,
+        answered_calls,
+        build_echo_server,
+        launch_echo_server,
+        wait_echo_server,
+    )
     from serving.bench.ports import free_port
 
     try:
@@ -62,8 +68,9 @@ def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Pa
         pytest.skip(str(reason))
     assert build_echo_server(tmp_path / "cache") == binary  # cached by source hash: not rebuilt
     port = free_port()
-    server = start_echo_server(binary, port)
+    server = launch_echo_server(binary, port)
     try:
+        wait_echo_server(server, port)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY), timeout=5)
         assert reply.tier == "small" and answered_calls(port) == 1

@@ -83,13 +83,6 @@ def answered_calls(port: int) -> int:
     return int(count)
 
 
-def start_echo_server(binary: Path, port: int, timeout: float = 10.0) -> subprocess.Popen:
-    """Start the echo server on loopback and wait until it answers Info."""
-    process = launch_echo_server(binary, port)
-    wait_echo_server(process, port, timeout)
-    return process
-
-
 def launch_echo_server(binary: Path, port: int) -> subprocess.Popen:
     """Start the echo server on loopback, without waiting for it."""
     return subprocess.Popen([str(binary), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
