@@ -48,7 +48,9 @@ def load_probes(path: Path = PROBES_FILE) -> list[Probe]:
     """Read the suite and assign each probe its half.
 
     Within each (difficulty, kind) group, probes sorted by a salted hash of their text go alternately
-    to `select` and `report`: both halves get the same mix, and adding probes moves no existing one.
+    to `select` and `report`: both halves get the same mix, whatever the file's order. A probe's half
+    depends on the rest of its group, so adding one moves others between the halves (one facts probe
+    moved 19): the suite stays as written, or the report half is no longer untouched.
 
     Raises:
         ValueError: a line that is not a valid probe.
