@@ -437,14 +437,7 @@ def test_write_error_in_a_worker_ends_the_job_cleanly(tmp_path: Path, trained_ar
     out = tmp_path / "out.jsonl"
     options = LabelOptions(model=str(trained_artifact), chunk_rows=16)
     label_files([str(source)], tmp_path / "reference.jsonl", options, workers=1, progress=False)
-
-    def interrupted(parts: list[Path], output: Path, schema: object) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:  # an interrupted job: its four parts are written
-        patch.setattr(labeling_output, "merge_parts", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            label_files([str(source)], out, options, workers=1, progress=False)
+    _interrupted_before_merging(source, out, options, monkeypatch)  # its four parts are written
     parts = out.with_name(out.name + ".parts")
     (parts / "part-00000002.jsonl").unlink()
     (parts / "part-00000002.tmp").mkdir()  # where the worker writes that part again: a write error
