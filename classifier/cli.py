@@ -170,6 +170,10 @@ def label(
     elapsed = time.perf_counter() - started
     typer.echo(f"labeled {stats.rows} rows ({stats.errors} with errors, {stats.resumed_rows} resumed) in "
                f"{elapsed:.1f} s ({stats.rows / max(elapsed, 1e-9):,.0f} rows/s); tiers {stats.tiers} -> {output}")
+    for column in options.keep_columns:
+        if stats.rows and not stats.kept_values.get(column):
+            typer.secho(f"--keep {column!r}: none of the {stats.rows} rows labeled has a value there: is it a "
+                        "column of the input?", fg=typer.colors.YELLOW, err=True)
     if stats.rows and stats.errors == stats.rows:
         typer.secho(f"every row failed (see the error column of {output}): is --prompt-column "
                     f"({prompt_column!r}) or --messages-column ({messages_column!r}) the input's?",

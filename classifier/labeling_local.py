@@ -75,7 +75,7 @@ def label_part(chunk: list[tuple[str, Payload]], options: LabelOptions, path: Pa
     """
     rows = label_chunk([parse_row(name, payload, options) for name, payload in chunk], options)
     write_part(rows, options, path)
-    return LabelStats.of_rows(rows)
+    return LabelStats.of_rows(rows, options.keep_columns)
 
 
 def label_locally(files: Sequence[Path], output: Path, options: LabelOptions, workers: int | None, resume: bool,

@@ -47,18 +47,22 @@ class LabelStats:
     errors: int = 0
     resumed_rows: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    kept_values: dict[str, int] = field(default_factory=dict)  # per kept column, the rows that had a value
     complete: bool = False
 
     @classmethod
-    def of_rows(cls, rows: list[dict]) -> LabelStats:
-        """The counts of labeled output rows (a row with an `error` counts as failed, else by its tier)."""
-        stats = cls()
+    def of_rows(cls, rows: list[dict], keep_columns: tuple[str, ...] = ()) -> LabelStats:
+        """The counts of labeled output rows (a row with an `error` counts as failed, else by its tier),
+        and of the rows with a value in each of `keep_columns`."""
+        stats = cls(kept_values=dict.fromkeys(keep_columns, 0))
         for row in rows:
             stats.rows += 1
             if row["error"] is not None:
                 stats.errors += 1
             else:
                 stats.tiers[row["tier"]] = stats.tiers.get(row["tier"], 0) + 1
+            for column in keep_columns:
+                stats.kept_values[column] += row.get(column) is not None
         return stats
 
     def add(self, other: LabelStats) -> None:
@@ -67,3 +71,5 @@ class LabelStats:
         self.errors += other.errors
         for tier, count in other.tiers.items():
             self.tiers[tier] = self.tiers.get(tier, 0) + count
+        for column, count in other.kept_values.items():
+            self.kept_values[column] = self.kept_values.get(column, 0) + count

@@ -160,7 +160,8 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
         stats = LabelStats()
         for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
             # Counted as the batches go by: read back from the output, a large job's rows would fill memory.
-            stats.add(LabelStats.of_rows(table.select(["error", "tier"]).to_pylist()))
+            counted = ["error", "tier", *options.keep_columns]
+            stats.add(LabelStats.of_rows(table.select(counted).to_pylist(), options.keep_columns))
             parts.append(staging / f"part-{number:08d}.parquet")
             try:
                 pq.write_table(table, parts[-1])

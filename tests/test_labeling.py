@@ -143,6 +143,7 @@ def test_ray_engine_equals_local_engine(tmp_path: Path, trained_artifact: Path,
     local, ray_rows = read_output(tmp_path / "local.jsonl"), read_output(tmp_path / "ray.jsonl")
     assert stats.rows == 900 and stats.errors == 1
     assert stats.tiers == LabelStats.of_rows(local).tiers  # counted as the batches went by
+    assert stats.kept_values == {"team": sum(row["team"] is not None for row in local)}
     assert [r["prompt_id"] for r in ray_rows] == [r["prompt_id"] for r in local]
     assert local[700]["prompt_id"] == "b/in-1.parquet:1" and local[699]["prompt_id"] == rows[699]["prompt_id"]
     for a, b in zip(local, ray_rows, strict=True):
@@ -237,3 +238,21 @@ def test_more_ray_actors_than_the_instance_can_run_beside_a_reader_are_refused()
     _require_cpus_for(3, 2.0)  # 3 x 0.5 + 0.5: every CPU, and no more
     with pytest.raises(LabelingError, match=r"--workers 4: .* has 2 CPUs: use at most 3"):
         _require_cpus_for(4, 2.0)
+
+
+def test_a_kept_column_no_row_has_is_named_on_the_console(tmp_path: Path, shipped_artifact: Path) -> None:
+    """A mistyped --keep gives a column of nulls: said, as a mistyped --prompt-column is."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({**row, "team": "search"}) + "\n" for row in sample_rows(5)))
+
+    def label(keep: str, out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "classifier.cli", "label", str(source), "--output",
+                               str(tmp_path / out), "--model", str(shipped_artifact), "--workers", "1",
+                               "--keep", keep], capture_output=True, text=True, timeout=120)
+
+    mistyped = label("teem", "mistyped.jsonl")
+    assert mistyped.returncode == 0, mistyped.stderr
+    assert "--keep 'teem': none of the 5 rows labeled has a value there" in mistyped.stderr
+    right = label("team", "right.jsonl")
+    assert right.returncode == 0 and "--keep" not in right.stderr, right.stderr
+    assert {row["team"] for row in read_output(tmp_path / "right.jsonl")} == {"search"}
