@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -36,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from classifier.errors import ArtifactError
+from classifier.scratch_dirs import made_by_mkdtemp
 from classifier.signals import exit_deferred, sigterm_unwinds
 
 MANIFEST_FILE = "manifest.json"
@@ -82,8 +82,6 @@ _FILE_MODE = 0o666 & ~_UMASK
 _DIRECTORY_MODE = 0o777 & ~_UMASK
 # The suffix of the directory a writer moves the previous artifact to while its own takes its place.
 _ASIDE_SUFFIX = ".replaced"
-# The random end tempfile.mkdtemp gives a name (8 of [a-z0-9_]).
-_MKDTEMP_SUFFIX = "[a-z0-9_]{8}"
 
 
 def member(directory: Path, name: str) -> Path:
@@ -205,10 +203,8 @@ def _staging_prefix(out_dir: Path) -> str:
 
 
 def _staging_directories(out_dir: Path, suffix: str = "") -> list[Path]:
-    """This host's staging directories of `out_dir` (with `suffix`: their asides). Matched whole, so
-    that another output whose name starts like this one's, or holds glob characters, is never taken."""
-    pattern = re.compile(re.escape(_staging_prefix(out_dir)) + _MKDTEMP_SUFFIX + re.escape(suffix))
-    return sorted(path for path in out_dir.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir())
+    """This host's staging directories of `out_dir` (with `suffix`: their asides)."""
+    return made_by_mkdtemp(out_dir.parent, _staging_prefix(out_dir), suffix)
 
 
 def _aside_of(staging: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from classifier.labeling_options import LabelingError, LabelOptions, LabelStats
 from classifier.labeling_output import cannot_write, merge_parts, output_lock, output_schema, rows_to_table
 from classifier.labeling_rows import input_names, parse_row, read_rows
 from classifier.labeling_worker import label_chunk, load_worker_model
+from classifier.scratch_dirs import made_by_mkdtemp
 
 # Rows travel from the readers to the labelers as (row name, pickled payload): a payload is a raw
 # JSONL line, a record, or a bad row, and records of different files need not share a schema.
@@ -146,12 +146,9 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
                                num_cpus=TASK_CPUS, batch_format="pyarrow")
     # The caller holds the output's lock, so a staging folder of this output already there is a job's that
     # was killed (-9): it would otherwise stay, hidden, as large as the output.
-    # Matched whole: another output whose name starts like this one's is another job's, under its own lock.
     prefix = f".{output.name}.ray-"
-    made_by_mkdtemp = re.compile(re.escape(prefix) + "[a-z0-9_]{8}")
-    for abandoned in output.parent.iterdir():
-        if made_by_mkdtemp.fullmatch(abandoned.name) and abandoned.is_dir():
-            shutil.rmtree(abandoned, ignore_errors=True)
+    for abandoned in made_by_mkdtemp(output.parent, prefix):
+        shutil.rmtree(abandoned, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
     try:
         # Streamed back in dataset order (preserve_order), not via write_parquet: Ray's file
