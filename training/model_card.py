@@ -11,6 +11,7 @@ from training.data import counted_reasons
 from training.generalization_report import recorded as recorded_generalization
 from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
+from training.recorded_paths import recorded_command_line, recorded_paths
 
 BACKBONE_LICENCES = {
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), installed offline from the PyPI "
@@ -39,6 +40,11 @@ CHAT_ANCHOR_NOTE = (
 
 
 def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
+    """The artifact's MODEL_CARD.md. The manifest keeps paths as training was given them (export and
+    retraining follow them); the card shows each absolute one relative to the working directory it is
+    rendered in, so that it names no directory of the machine that built the model."""
+    manifest = manifest.model_copy(update={"training": recorded_paths(dict(manifest.training)),
+                                           "architecture": recorded_paths(dict(manifest.architecture))})
     training = manifest.training
     config = training.get("config", {})
     assert isinstance(config, dict)
@@ -79,7 +85,8 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
         *_reexport_lines(manifest), "",
         *_retrain_section(training, metrics),
         "## Reproduce", "",
-        *(["Teacher first:", "", "```", str(training["teacher_command"]), "```", "", "Then this model:", ""]
+        *(["Teacher first:", "", "```", recorded_command_line(str(training["teacher_command"])), "```", "",
+           "Then this model:", ""]
           if training.get("teacher_command") else []),
         *_command_lines(training),
         "## Export parity", f"{manifest.metrics.get('export_parity')}", "",
@@ -108,7 +115,7 @@ def _command_lines(training: dict) -> list[str]:
     None), the recipe it was trained with instead, which is what a command would have named."""
     command = training.get("command")
     if command:
-        return ["```", str(command), "```", ""]
+        return ["```", recorded_command_line(str(command)), "```", ""]
     return ["No command was recorded (trained from Python, `training.pipeline.train`); its recipe "
             "(`promptier train --config` takes it as YAML):", "", "```json",
             json.dumps(_config_of(training), indent=2, sort_keys=True, default=str), "```", ""]
