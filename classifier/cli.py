@@ -107,7 +107,8 @@ def label(
     mode: Annotated[str | None, typer.Option(help="quality | balanced | cost")] = None,
     threshold: Annotated[float | None, typer.Option(callback=finite)] = None,
     prompt_column: Annotated[str, typer.Option()] = "prompt",
-    id_column: Annotated[str, typer.Option()] = "prompt_id",
+    id_column: Annotated[str | None, typer.Option(
+        help="the column of each row's id (a row without one is named FILE:N)  [default: prompt_id]")] = None,
     messages_column: Annotated[str, typer.Option(help="chat-style rows: list of {role, content}")] = "messages",
     keep: Annotated[list[str] | None, typer.Option(help="input columns to copy to the output")] = None,
     workers: Annotated[int | None, typer.Option(
@@ -120,9 +121,11 @@ def label(
 ) -> None:
     """Label prompt files with the tier each prompt needs (one output row per input row, in input order).
 
-    A row that cannot be labeled (broken or too deeply nested JSON, missing or non-string prompt,
-    invalid text, a CSV line with the wrong number of fields) gets an `error` and null decision
-    fields; the job goes on. A UTF-8 BOM at the start of a file is ignored.
+    A row that cannot be labeled (broken or too deeply nested JSON, a JSONL line over 32 MiB, missing
+    or non-string prompt, invalid text, a CSV line with the wrong number of fields) gets an `error`
+    and null decision fields; the job goes on. A UTF-8 BOM at the start of a file is ignored. An
+    --id-column you name that no input has is refused when the inputs are Parquet, and named on the
+    console after the job when no labeled row had a value in it.
 
     One job per output: OUTPUT.lock is held for the whole job, and a second job on the same output
     fails at once, naming the job that holds it. An existing OUTPUT is never replaced: remove it
@@ -139,6 +142,10 @@ def label(
 
     from classifier.labeling import LabelOptions, label_files
 
+    # A named id column is checked (a typo would name every row FILE:N); the default need not be the input's.
+    named_id = id_column is not None
+    if id_column is None:
+        id_column = LabelOptions.id_column
     options = LabelOptions(prompt_column=prompt_column, id_column=id_column, messages_column=messages_column,
                            keep_columns=tuple(keep or ()), mode=mode, threshold=threshold, chunk_rows=chunk_rows,
                            model=str(model) if model else None)
@@ -150,11 +157,12 @@ def label(
                                      "everything in one run")
             from classifier.labeling_ray import label_with_ray
 
-            stats = label_with_ray(inputs, output, options, address=ray_address, actors=workers or 2)
+            stats = label_with_ray(inputs, output, options, address=ray_address, actors=workers or 2,
+                                   id_column_given=named_id)
         elif engine == "local":
             if ray_address:
                 raise PromptierError("--ray-address needs --engine ray")
-            stats = label_files(inputs, output, options, workers=workers, resume=resume)
+            stats = label_files(inputs, output, options, workers=workers, resume=resume, id_column_given=named_id)
         else:
             raise PromptierError(f"unknown engine {engine!r}; use local or ray")
     except PromptierError as error:
@@ -174,6 +182,9 @@ def label(
         if stats.rows and not stats.kept_values.get(column):
             typer.secho(f"--keep {column!r}: none of the {stats.rows} rows labeled has a value there: is it a "
                         "column of the input?", fg=typer.colors.YELLOW, err=True)
+    if named_id and stats.rows and not stats.id_values:
+        typer.secho(f"--id-column {id_column!r}: none of the {stats.rows} rows labeled has a value there, so each "
+                    "is named FILE:N: is it a column of the input?", fg=typer.colors.YELLOW, err=True)
     if stats.rows and stats.errors == stats.rows:
         typer.secho(f"every row failed (see the error column of {output}): is --prompt-column "
                     f"({prompt_column!r}) or --messages-column ({messages_column!r}) the input's?",

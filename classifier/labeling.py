@@ -39,6 +39,7 @@ from classifier.prompt_files import (
     each_once,
     expand_pattern,
     file_format,
+    parquet_columns,
     refuse_json_array,
     refuse_unreadable_parquet,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "LabelStats",
     "LabelingError",
     "ParsedRow",
+    "check_id_column",
     "check_job",
     "expand_inputs",
     "label_chunk",
@@ -141,6 +143,29 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
             raise LabelingError(str(exc)) from None
 
 
+def check_id_column(files: Sequence[Path], id_column: str) -> None:
+    """Refuse an id column that no input has, when every input says its columns up front (Parquet).
+
+    For a user who names the id column: a typo would otherwise name every row `NAME:N` rather than by
+    the ids they asked for. A JSONL or CSV input's columns are known only as its rows are read (the
+    command then names an id column that no labeled row had a value in); an input that lacks the column
+    beside one that has it is no typo, and its rows are named `NAME:N`.
+
+    Raises:
+        LabelingError: every input is Parquet and none has the column; the message lists those it has.
+    """
+    if not files or any(file_format(path) != "parquet" for path in files):
+        return
+    try:
+        columns = list(dict.fromkeys(name for path in files for name in parquet_columns(path)))
+    except PromptFileError as exc:
+        raise LabelingError(str(exc)) from None
+    if id_column not in columns:
+        raise LabelingError(f"--id-column {id_column!r}: no input has that column; the input's columns are "
+                            f"{', '.join(map(repr, columns))} (without --id-column, a row is named by its "
+                            f"{LabelOptions.id_column!r}, else FILE:N)")
+
+
 def check_model_and_policy(options: LabelOptions) -> None:
     """Load the job's model once, here, and route by its policy: a model that does not load would
     otherwise fail in every worker, and a bad mode or threshold in every row, after the job had started.
@@ -160,8 +185,11 @@ def check_model_and_policy(options: LabelOptions) -> None:
 
 
 def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, workers: int | None = None,
-                resume: bool = False, progress: bool = True) -> LabelStats:
+                resume: bool = False, progress: bool = True, id_column_given: bool = False) -> LabelStats:
     """Label every row of `inputs` into `output` (.jsonl or .parquet).
+
+    `id_column_given`: the caller named `options.id_column` (rather than taking the default), so it is
+    refused when no input has it (`check_id_column`).
 
     One job per output at a time (`OUTPUT.lock`). An existing output is never replaced: without
     `resume` it is refused; with `resume` it must be the finished output of this very job (same
@@ -170,26 +198,30 @@ def label_files(inputs: Sequence[str], output: Path, options: LabelOptions, work
     A write error (disk full) removes temporary files and keeps the finished parts.
 
     Raises:
-        LabelingError: bad inputs/outputs, another job on the output, an existing output or an
-            interrupted job that is not this job's, or a write error.
+        LabelingError: bad inputs/outputs, a given id column no input has, another job on the output, an
+            existing output or an interrupted job that is not this job's, or a write error.
         ArtifactError: the model is not a valid artifact.
     """
     if workers is not None and workers < 1:
         raise LabelingError(f"workers must be at least 1, got {workers}")
-    files = prepare_job(inputs, output, options)
+    files = prepare_job(inputs, output, options, id_column_given)
     with output_lock(output):
         return label_locally(files, output, options, workers, resume, progress)
 
 
-def prepare_job(inputs: Sequence[str], output: Path, options: LabelOptions) -> list[Path]:
+def prepare_job(inputs: Sequence[str], output: Path, options: LabelOptions,
+                id_column_given: bool = False) -> list[Path]:
     """The job's input files, once the job is checked and the output's folder exists (both engines).
 
     Raises:
-        LabelingError: bad inputs or options, or the output's folder cannot be created.
+        LabelingError: bad inputs or options (an id column the caller gave that no input has, too), or
+            the output's folder cannot be created.
         ArtifactError: the model is not a valid artifact.
     """
     files = expand_inputs(inputs)
     check_job(files, output, options)
+    if id_column_given:
+        check_id_column(files, options.id_column)
     check_model_and_policy(options)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

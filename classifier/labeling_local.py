@@ -73,9 +73,12 @@ def label_part(chunk: list[tuple[str, Payload]], options: LabelOptions, path: Pa
     Raises:
         LabelingError: the part cannot be written (disk full, ...); no partial file is left.
     """
-    rows = label_chunk([parse_row(name, payload, options) for name, payload in chunk], options)
+    parsed = [parse_row(name, payload, options) for name, payload in chunk]
+    rows = label_chunk(parsed, options)
     write_part(rows, options, path)
-    return LabelStats.of_rows(rows, options.keep_columns)
+    stats = LabelStats.of_rows(rows, options.keep_columns)
+    stats.id_values = sum(row.own_id for row in parsed)
+    return stats
 
 
 def label_locally(files: Sequence[Path], output: Path, options: LabelOptions, workers: int | None, resume: bool,

@@ -48,6 +48,7 @@ class LabelStats:
     resumed_rows: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
     kept_values: dict[str, int] = field(default_factory=dict)  # per kept column, the rows that had a value
+    id_values: int = 0  # the rows that had a value in the id column (the others are named `NAME:N`)
     complete: bool = False
 
     @classmethod
@@ -73,3 +74,4 @@ class LabelStats:
             self.tiers[tier] = self.tiers.get(tier, 0) + count
         for column, count in other.kept_values.items():
             self.kept_values[column] = self.kept_values.get(column, 0) + count
+        self.id_values += other.id_values

@@ -34,8 +34,9 @@ from classifier.pid_lock import pid_lock
 from classifier.runtime import DEFAULT_MODEL_DIR
 
 # What the output's columns hold. Raised whenever a column keeps its name but changes its meaning, so
-# that parts written by another version are never continued into one mixed output.
-OUTPUT_FORMAT = 2
+# that parts written by another version are never continued into one mixed output (3: ids and kept
+# values that are JSON booleans or numbers are written as JSON writes them, `true` rather than `True`).
+OUTPUT_FORMAT = 3
 
 JOB_RECORD = "job.json"
 

@@ -29,6 +29,9 @@ from classifier.scratch_dirs import made_by_mkdtemp
 # Rows travel from the readers to the labelers as (row name, pickled payload): a payload is a raw
 # JSONL line, a record, or a bad row, and records of different files need not share a schema.
 ROW_SCHEMA = pa.schema([("row", pa.string()), ("payload", pa.binary())])
+# A column of the labeled blocks, dropped before they are written: whether each row's id is its own (not
+# its `NAME:N`), which the driver counts as the blocks go by (LabelStats.id_values).
+OWN_ID = "promptier.own_id"
 # The CPU share of each reader task and model actor: on a 2-core machine, whole-CPU actors starve the
 # readers (a Ray Data deadlock).
 TASK_CPUS = 0.5
@@ -60,25 +63,27 @@ class _Labeler:
         rows = [parse_row(name, pickle.loads(payload), self._options)
                 for name, payload in zip(batch.column("row").to_pylist(), batch.column("payload").to_pylist(),
                                          strict=True)]
-        return rows_to_table(label_chunk(rows, self._options), self._options.keep_columns,
-                             self._options.id_column)
+        table = rows_to_table(label_chunk(rows, self._options), self._options.keep_columns,
+                              self._options.id_column)
+        return table.append_column(OWN_ID, pa.array([row.own_id for row in rows], pa.bool_()))
 
 
 def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, address: str | None = None,
-                   actors: int = 2) -> LabelStats:
+                   actors: int = 2, id_column_given: bool = False) -> LabelStats:
     """Label with Ray Data; the output equals the local engine's for the same input and options.
 
     Holds the output's lock like the local engine, and refuses an existing output (no resume).
+    `id_column_given` is label_files's: an id column the caller named is refused when no input has it.
 
     Raises:
-        LabelingError: ray is not installed, bad inputs/outputs, another job on the output, or a write
-            error (no temporary files are left).
+        LabelingError: ray is not installed, bad inputs/outputs, a given id column no input has, another
+            job on the output, or a write error (no temporary files are left).
     """
     try:
         import ray
     except ImportError as exc:
         raise LabelingError("the ray engine needs Ray: pip install 'promptier[ray]'") from exc
-    files = prepare_job(inputs, output, options)
+    files = prepare_job(inputs, output, options, id_column_given)
     with output_lock(output):
         if output.exists():
             raise LabelingError(f"{output} exists; remove it or choose another output")
@@ -157,8 +162,11 @@ def _run(ray, files: list[Path], output: Path, options: LabelOptions, actors: in
         stats = LabelStats()
         for number, table in enumerate(labeled.iter_batches(batch_size=None, batch_format="pyarrow")):
             # Counted as the batches go by: read back from the output, a large job's rows would fill memory.
-            counted = ["error", "tier", *options.keep_columns]
-            stats.add(LabelStats.of_rows(table.select(counted).to_pylist(), options.keep_columns))
+            counted = LabelStats.of_rows(table.select(["error", "tier", *options.keep_columns]).to_pylist(),
+                                         options.keep_columns)
+            counted.id_values = table.column(OWN_ID).to_pylist().count(True)
+            stats.add(counted)
+            table = table.drop_columns([OWN_ID])
             parts.append(staging / f"part-{number:08d}.parquet")
             try:
                 pq.write_table(table, parts[-1])

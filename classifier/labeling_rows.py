@@ -76,6 +76,7 @@ class ParsedRow:
     prompt: str | None
     error: str | None
     kept: dict[str, str | None]
+    own_id: bool = False  # the id is the row's value in the id column, not its name (`NAME:N`)
 
 
 def parse_row(name: str, payload: Payload, options: LabelOptions) -> ParsedRow:
@@ -96,6 +97,8 @@ def _parse_row(name: str, payload: Payload, options: LabelOptions) -> ParsedRow:
         record, error = _json_record(name, payload)
     elif isinstance(payload, BadRow):
         record, error = payload.record, payload.error
+        if payload.line is not None:  # a JSONL line too long to read: named as a broken line is
+            error = f"line {payload.line}: {error}"
     else:
         record, error = payload, None
     prompt = None
@@ -114,7 +117,8 @@ def _parse_row(name: str, payload: Payload, options: LabelOptions) -> ParsedRow:
         if problem:
             problems.append(f"column {column!r}: {problem}")
     error = error or "; ".join(problems) or None
-    return ParsedRow(row_id=row_id, prompt=None if error else prompt, error=error, kept=kept)
+    return ParsedRow(row_id=row_id, prompt=None if error else prompt, error=error, kept=kept,
+                     own_id=raw_id is not None)
 
 
 def _json_record(name: str, raw: bytes) -> tuple[dict, str | None]:
@@ -160,14 +164,26 @@ def _chat_messages(messages: list) -> list[dict]:
 
 
 def _cell(value: object) -> tuple[str | None, str | None]:
-    """A value as output text (one type per column, whatever the input held), and what is wrong with it."""
+    """A value as output text (one type per column, whatever the input held), and what is wrong with it.
+
+    Text is written as it is, and a null as no value (an id column's null names the row `NAME:N`).
+    Booleans, numbers, lists and objects are written as JSON writes them, from every input format and
+    nested or not: `true` (not Python's `True`), `1.5`, `1e+20`, `[1, false]`. A number is the double it
+    reads as, as JSON readers read it (an id that must stay exact belongs in a string). JSON has no
+    number that is not finite, but a double does: `1e400` reads as infinity, Python's reader takes the
+    words `NaN`, `Infinity` and `-Infinity`, and a Parquet float column may hold them. Such a number is
+    written in those words (as Python's json writes it, not str()'s `nan` and `inf`), which Python's
+    float() and JavaScript's Number() read back as that number; it is no error: the output can hold it,
+    and it is the row's value. Dates, decimals and bytes, which Parquet holds and JSON has no type for,
+    are written as Python prints them.
+    """
     if value is None:
         return None, None
     if isinstance(value, str):
         text = value
-    elif isinstance(value, dict | list | tuple):
+    elif isinstance(value, bool | int | float | dict | list | tuple):
         text = json.dumps(value, ensure_ascii=False, default=str)
-    else:  # numbers, and the dates, decimals and bytes that Parquet holds
+    else:  # the dates, decimals and bytes that Parquet holds
         text = str(value)
     position = surrogate_at(text)
     if position is not None:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TextIO, TypeVar
+from typing import BinaryIO, Literal, TextIO, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +33,13 @@ UTF8_BOM = b"\xef\xbb\xbf"
 # without being read whole, so that one cell cannot take unbounded memory; a longer prompt under this
 # bound is read, and refused with its length (validate_text) in a row that keeps its id.
 CSV_LIMIT_FACTOR = 8
+# A JSONL line longer than this many bytes (its line end not counted) is one error row, and is never held
+# whole: a file without line ends would otherwise be read into memory as one line. A line holding the
+# longest prompt the model takes (classifier.runtime.MAX_TEXT_CHARS, 2,000,000 characters) is read, with
+# room for the row's other columns, even as JSON escapes text at its longest (12 bytes a character,
+# `\ud83d\ude00`): so such a prompt, or a longer one below this bound, is refused with its length in a row
+# that keeps its id, as in CSV.
+MAX_JSONL_LINE_BYTES = 32 * 2**20
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
 
@@ -51,6 +58,7 @@ class BadRow:
 
     error: str
     record: dict  # what could be read of it, so that the error row keeps the row's id
+    line: int | None = None  # a JSONL line's number, which the labeler names as it does a broken line's
 
 
 # A raw JSONL line, a Parquet or CSV record, or a bad row.
@@ -120,7 +128,8 @@ def read_payloads(path: Path, batch_rows: int = 4096) -> Iterator[tuple[int, Pay
 
     JSONL rows are numbered by line (blank lines are skipped, not renumbered), CSV and Parquet rows by
     record. Parquet is read a record batch of about `batch_rows` rows at a time, so that a file never
-    has to fit in memory whole.
+    has to fit in memory whole; a JSONL line longer than `MAX_JSONL_LINE_BYTES` is a BadRow, never read
+    whole.
 
     Raises:
         PromptFileError: the file cannot be read at all, its type is not one of `file_format`'s, or it
@@ -181,22 +190,54 @@ def refuse_unreadable_parquet(path: Path) -> None:
         raise PromptFileError(path, f"cannot read Parquet: {exc}") from exc
 
 
+def parquet_columns(path: Path) -> list[str]:
+    """The names of a Parquet file's columns, read from its footer alone.
+
+    Raises:
+        PromptFileError: the file cannot be read, or is not Parquet.
+    """
+    try:
+        return list(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException) as exc:
+        raise PromptFileError(path, f"cannot read Parquet: {exc}") from exc
+
+
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, Payload]]:
     """Raw JSONL lines numbered by line; blank lines are skipped, a leading UTF-8 BOM dropped.
+
+    A line longer than `MAX_JSONL_LINE_BYTES` is a BadRow without a record (its id is not read), and the
+    next line is read after it; no more of such a line than the limit is held at a time.
 
     Raises:
         PromptFileError: the file cannot be read, or holds a JSON array (`refuse_json_array`).
     """
     refuse_json_array(path)
+    limit = MAX_JSONL_LINE_BYTES  # looked up per file, so that a test can set it smaller
     try:
         with path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if number == 1 and raw.startswith(UTF8_BOM):
-                    raw = raw[len(UTF8_BOM):]
-                if raw.strip():
+            if handle.read(len(UTF8_BOM)) != UTF8_BOM:
+                handle.seek(0)
+            number = 0
+            while raw := handle.readline(limit + 1):
+                number += 1
+                cut = len(raw) > limit and not raw.endswith(b"\n")
+                if cut and not _skip_line(handle, blank=not raw.strip()):
+                    # The reason holds no position, so that training can count such lines by reason.
+                    yield number, BadRow(f"longer than {limit} bytes, the longest JSONL line read", {}, number)
+                elif not cut and raw.strip():
                     yield number, raw
     except OSError as exc:
         raise PromptFileError(path, f"cannot read it: {exc.strerror or exc}") from exc
+
+
+def _skip_line(handle: BinaryIO, blank: bool) -> bool:
+    """Read the rest of a line a MiB at a time, up to its end or the file's; returns whether the line was
+    blank (`blank`: its part read before), which is skipped as a short blank line is."""
+    while raw := handle.readline(2**20):
+        blank = blank and not raw.strip()
+        if raw.endswith(b"\n"):
+            break
+    return blank
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Payload]]:

@@ -33,6 +33,7 @@ SLOW_TESTS = {
     "test_client_spreads_its_connections_over_the_server_processes",
     "test_ray_engine_equals_local_engine",
     "test_ray_engine_agrees_with_local_on_malformed_rows",
+    "test_the_ray_engine_reads_long_lines_and_ids_as_the_local_engine",
     "test_kill_9_then_resume_equals_uninterrupted",
     "test_streamed_training_end_to_end",
     "test_a_retiring_dispatcher_answers_the_connections_it_had_accepted",

@@ -218,7 +218,7 @@ def test_workers_sets_the_ray_engines_model_actors(tmp_path: Path, monkeypatch: 
     asked: list[int] = []
 
     def recorded(inputs: list[str], output: Path, options: object, address: str | None = None,
-                 actors: int = 2) -> LabelStats:
+                 actors: int = 2, id_column_given: bool = False) -> LabelStats:
         asked.append(actors)
         return LabelStats(rows=1)
 
@@ -256,3 +256,37 @@ def test_a_kept_column_no_row_has_is_named_on_the_console(tmp_path: Path, shippe
     right = label("team", "right.jsonl")
     assert right.returncode == 0 and "--keep" not in right.stderr, right.stderr
     assert {row["team"] for row in read_output(tmp_path / "right.jsonl")} == {"search"}
+
+
+def test_a_named_id_column_no_row_has_is_named_on_the_console(tmp_path: Path, shipped_artifact: Path) -> None:
+    """A mistyped --id-column names every row FILE:N rather than by the ids asked for: said after the job
+    for JSONL (whose rows each have their own columns), refused up front for Parquet. Not given, the default
+    id column is no one's typo: rows without it are named FILE:N without a word."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in sample_rows(5)))
+
+    def label(path: Path, out: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "classifier.cli", "label", str(path), "--output",
+                               str(tmp_path / out), "--model", str(shipped_artifact), "--workers", "1", *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    mistyped = label(source, "mistyped.jsonl", "--id-column", "promt_id")
+    assert mistyped.returncode == 0, mistyped.stderr
+    assert "--id-column 'promt_id': none of the 5 rows labeled has a value there, so each is named FILE:N" in (
+        mistyped.stderr)
+    assert [row["promt_id"] for row in read_output(tmp_path / "mistyped.jsonl")][:2] == ["in.jsonl:1", "in.jsonl:2"]
+    right = label(source, "right.jsonl", "--id-column", "prompt_id")
+    assert right.returncode == 0 and "--id-column" not in right.stderr, right.stderr
+    no_ids = tmp_path / "no-ids.jsonl"
+    no_ids.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in sample_rows(3)))
+    default = label(no_ids, "default.jsonl")
+    assert default.returncode == 0 and "--id-column" not in default.stderr, default.stderr
+    assert [row["prompt_id"] for row in read_output(tmp_path / "default.jsonl")] == [
+        "no-ids.jsonl:1", "no-ids.jsonl:2", "no-ids.jsonl:3"]
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(sample_rows(5)), parquet)
+    refused = label(parquet, "refused.jsonl", "--id-column", "promt_id")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: --id-column 'promt_id': no input has that column; the input's columns "
+                                     "are 'prompt_id', 'prompt', 'team'")
+    assert not (tmp_path / "refused.jsonl").exists()

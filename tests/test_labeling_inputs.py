@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -157,6 +159,123 @@ def test_a_stray_quote_in_an_overlong_csv_line_says_what_it_took(tmp_path: Path,
         "of the file were read as part of it")
 
 
+# ---------------------------------------------------------------- JSONL lines longer than the read limit
+def _line(row_id: str, size: int) -> bytes:
+    """A JSONL row of exactly `size` bytes, its line end not counted."""
+    head, tail = f'{{"prompt_id": "{row_id}", "prompt": "', '"}'
+    assert size > len(head) + len(tail)
+    return (head + "x" * (size - len(head) - len(tail)) + tail).encode()
+
+
+def test_a_jsonl_line_over_the_read_limit_is_one_error_row(tmp_path: Path, shipped_artifact: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line just over the limit (the rest of a file without line ends, say) is one error row named by
+    its line, as a broken line is, and the job goes on at the next line; a line at the limit is a row."""
+    # The real limit reads a line holding the longest prompt the model takes, however JSON escapes it.
+    assert prompt_files.MAX_JSONL_LINE_BYTES >= 12 * MAX_TEXT_CHARS
+    monkeypatch.setattr(prompt_files, "MAX_JSONL_LINE_BYTES", 64)
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + _line("a", 64) + b"\n"  # a leading BOM is not part of the line
+                       + _line("b", 65) + b"\n"
+                       + b" " * 100 + b"\n"  # a blank line, however long, is no row
+                       + _line("d", 40) + b"\r\n"
+                       + b"x" * 65)  # the last line, without a line end
+    stats = label_files([str(source)], tmp_path / "out.jsonl", LabelOptions(model=str(shipped_artifact)),
+                        workers=1, progress=False)
+    rows = read_output(tmp_path / "out.jsonl")
+    too_long = "longer than 64 bytes, the longest JSONL line read"
+    assert [(row["prompt_id"], row["error"]) for row in rows] == [
+        ("a", None), ("in.jsonl:2", f"line 2: {too_long}"), ("d", None), ("in.jsonl:5", f"line 5: {too_long}")]
+    assert stats.rows == 4 and stats.errors == 2 and rows[2]["tier"] is not None
+    # Training reads its logs with the same reader: such a line is a bad row whose reason holds no position.
+    assert [payload for _, payload in read_payloads(source) if isinstance(payload, BadRow)] == [
+        BadRow(too_long, {}, 2), BadRow(too_long, {}, 5)]
+
+
+def test_a_jsonl_line_over_the_read_limit_is_never_held_whole(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prompt_files, "MAX_JSONL_LINE_BYTES", 1024)
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(_line("a", 16 * 2**20) + b"\n" + _line("b", 40) + b"\n")
+    tracemalloc.start()
+    try:
+        payloads = list(read_payloads(source))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert payloads == [(1, BadRow("longer than 1024 bytes, the longest JSONL line read", {}, 1)),
+                        (2, _line("b", 40) + b"\n")]
+    assert peak < 4 * 2**20  # of the 16 MiB line, a MiB at a time
+
+
+# ---------------------------------------------------------------- ids and kept values that are not text
+def test_ids_and_kept_values_that_are_not_text_are_written_as_json_writes_them(tmp_path: Path) -> None:
+    """`true`, not Python's `True`, and `Infinity`, not `inf`: a value reads the same whether it came from
+    JSONL or Parquet, alone or nested. A number JSON has no text for is written in the words Python's json
+    reads and writes (1e400 reads as infinity), and is no error."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt_id": true, "prompt": "hi", "flag": false, "n": 1e400, "m": -1e400, "nan": NaN, '
+                      '"i": 7, "f": 1.5, "big": 1e20, "o": {"k": true, "x": Infinity}, "none": null}\n'
+                      '{"prompt_id": 1e400, "prompt": "hi"}\n{"prompt_id": null, "prompt": "hi"}\n'
+                      '{"prompt_id": 12345678901234567890123, "prompt": "hi"}\n')
+    keep = ("flag", "n", "m", "nan", "i", "f", "big", "o", "none")
+    parsed = _parsed(source, LabelOptions(keep_columns=keep))
+    assert [(row.row_id, row.error) for row in parsed] == [
+        ("true", None), ("Infinity", None), ("in.jsonl:3", None), ("12345678901234567890123", None)]
+    assert parsed[0].kept == {"flag": "false", "n": "Infinity", "m": "-Infinity", "nan": "NaN", "i": "7",
+                              "f": "1.5", "big": "1e+20", "o": '{"k": true, "x": Infinity}', "none": None}
+    assert [float(parsed[0].kept[column]) for column in ("n", "m")] == [math.inf, -math.inf]  # read back
+    table = pa.Table.from_pylist([{"prompt_id": True, "prompt": "hi", "flag": False, "n": math.inf,
+                                   "nan": math.nan, "i": 7, "f": 1.5}])
+    pq.write_table(table, tmp_path / "in.parquet")
+    (row,) = _parsed(tmp_path / "in.parquet", LabelOptions(keep_columns=("flag", "n", "nan", "i", "f")))
+    assert (row.row_id, row.error) == ("true", None)
+    assert row.kept == {"flag": "false", "n": "Infinity", "nan": "NaN", "i": "7", "f": "1.5"}
+
+
+def test_the_ray_engine_reads_long_lines_and_ids_as_the_local_engine(tmp_path: Path, shipped_artifact: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads, parses and counts in its own processes: an overlong line, ids and kept values that are not
+    text, and rows without an id come out as they do from the local engine, and are counted alike."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from classifier.labeling_ray import label_with_ray
+
+    limit = 200
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"prompt_id": true, "prompt": "' + EASY.encode() + b'", "flag": false, "n": 1e400}\n'
+                       + _line("long", limit + 1) + b"\n"
+                       + b'{"prompt_id": 1.5, "prompt": "' + HARD.encode() + b'", "n": NaN}\n'
+                       + b'{"prompt": "' + EASY.encode() + b'", "flag": true}\n')
+    options = LabelOptions(model=str(shipped_artifact), keep_columns=("flag", "n"))
+    monkeypatch.setattr(prompt_files, "MAX_JSONL_LINE_BYTES", limit)
+    local = label_files([str(source)], tmp_path / "local.jsonl", options, workers=1, progress=False)
+
+    def small_limit() -> None:  # in each Ray worker process, as it starts: Ray reads the files there
+        from classifier import prompt_files
+
+        prompt_files.MAX_JSONL_LINE_BYTES = limit
+
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": small_limit})
+    try:
+        on_ray = label_with_ray([str(source)], tmp_path / "ray.jsonl", options)
+    finally:
+        ray.shutdown()
+    columns = ("prompt_id", "error", "flag", "n", "tier")
+    rows = [tuple(row[c] for c in columns) for row in read_output(tmp_path / "local.jsonl")]
+    assert [tuple(row[c] for c in columns) for row in read_output(tmp_path / "ray.jsonl")] == rows
+    assert [row[:4] for row in rows] == [
+        ("true", None, "false", "Infinity"),
+        ("in.jsonl:2", f"line 2: longer than {limit} bytes, the longest JSONL line read", None, None),
+        ("1.5", None, None, "NaN"), ("in.jsonl:4", None, "true", None)]
+    assert (on_ray.rows, on_ray.errors, on_ray.kept_values, on_ray.id_values) == (
+        local.rows, local.errors, local.kept_values, local.id_values) == (4, 1, {"flag": 2, "n": 2}, 2)
+
+
 # ---------------------------------------------------------------- what the id column may be
 def test_an_id_column_named_like_an_output_column_is_refused(tmp_path: Path, shipped_artifact: Path) -> None:
     source = _jsonl(tmp_path / "in.jsonl", [{"tier": "id-1", "prompt": EASY}])
@@ -167,6 +286,48 @@ def test_an_id_column_named_like_an_output_column_is_refused(tmp_path: Path, shi
                 label_files([str(source)], output, options, workers=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
+
+def test_a_named_id_column_no_parquet_input_has_is_refused(tmp_path: Path, shipped_artifact: Path) -> None:
+    """A mistyped --id-column would name every row FILE:N, not by the ids asked for: Parquet inputs say
+    their columns up front, so the job is refused before anything is labeled, with the columns they have.
+    The default id column is no one's typo: rows without it are named FILE:N, as they always were."""
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([{"request_id": "r1", "prompt": EASY}, {"request_id": "r2", "prompt": HARD}]),
+                   source)
+    older = tmp_path / "older.parquet"  # written before the logs had the column
+    pq.write_table(pa.Table.from_pylist([{"prompt": EASY}]), older)
+    out = tmp_path / "out.jsonl"
+    mistyped = LabelOptions(model=str(shipped_artifact), id_column="requst_id")
+    for inputs in ([source], [source, older]):
+        with pytest.raises(LabelingError, match=r"^--id-column 'requst_id': no input has that column; the input's "
+                                                r"columns are 'request_id', 'prompt' \(without --id-column"):
+            label_files([str(path) for path in inputs], out, mistyped, workers=1, progress=False,
+                        id_column_given=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "older.parquet"]
+    stats = label_files([str(source)], out, LabelOptions(model=str(shipped_artifact)), workers=1, progress=False)
+    assert [row["prompt_id"] for row in read_output(out)] == ["in.parquet:1", "in.parquet:2"]
+    assert stats.id_values == 0
+    # In one input of two: the other is no typo, and its rows are named FILE:N.
+    named = LabelOptions(model=str(shipped_artifact), id_column="request_id")
+    stats = label_files([str(source), str(older)], tmp_path / "both.jsonl", named, workers=1, progress=False,
+                        id_column_given=True)
+    assert [row["request_id"] for row in read_output(tmp_path / "both.jsonl")] == ["r1", "r2", "older.parquet:1"]
+    assert stats.id_values == 2
+
+
+def test_the_ray_engine_refuses_a_named_id_column_no_parquet_input_has(tmp_path: Path, shipped_artifact: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from classifier.labeling_ray import label_with_ray
+
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([{"request_id": "r1", "prompt": EASY}]), source)
+    with pytest.raises(LabelingError, match=r"^--id-column 'requst_id': no input has that column"):
+        label_with_ray([str(source)], tmp_path / "out.jsonl",
+                       LabelOptions(model=str(shipped_artifact), id_column="requst_id"), id_column_given=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
 
 
 def test_a_column_kept_twice_is_refused_before_anything_is_labeled(tmp_path: Path, shipped_artifact: Path) -> None:

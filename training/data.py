@@ -142,7 +142,7 @@ def read_records(path: Path) -> Iterator[tuple[int, object]]:
         raise DataError(str(path), f"unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
     try:
         for number, payload in read_payloads(path, PARQUET_BATCH_ROWS):
-            if isinstance(payload, BadRow):  # a Parquet row whose text is not UTF-8
+            if isinstance(payload, BadRow):  # a Parquet row whose text is not UTF-8, a JSONL line too long to read
                 yield number, DataError(str(path), payload.error, row=number)
                 continue
             if not isinstance(payload, bytes):
