@@ -15,6 +15,9 @@ from classifier.errors import PromptierError
 from serving.dispatch.capabilities import Serves
 from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
 
+# gRPC target schemes: an address with one is passed to gRPC as written, not read as HOST:PORT.
+GRPC_TARGET_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "passthrough:")
+
 
 class ConfigError(PromptierError):
     """The dispatcher config is invalid."""
@@ -64,6 +67,19 @@ class ClassifierEndpoint(_Strict):
                            "while earlier calls are in flight (no wait window; changes nothing at low load)")
     connections: int = Field(default=2, ge=1, le=64, description="gRPC only: HTTP/2 connections to the service "
                              "(one per `promptier serve --workers` process spreads the load over all of them)")
+
+    @field_validator("address")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        # gRPC takes `http://host:port` or a bare host (port 443) without complaint and never connects: every
+        # request would fall back while `--check` said OK. gRPC's own schemes (unix:, dns:, ...) pass as given.
+        if value.startswith(GRPC_TARGET_SCHEMES):
+            return value
+        host, _, port = value.rpartition(":")
+        if "/" in value or not host or not port.isdigit():
+            raise ValueError(f"address is the gRPC service's HOST:PORT (e.g. 127.0.0.1:50051, no http://), "
+                             f"got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _embedded_fields(self) -> ClassifierEndpoint:
