@@ -183,12 +183,14 @@ def test_requests_no_tier_can_serve_are_refused_naming_the_capability(capable: D
     with pytest.raises(openai.BadRequestError) as audio:
         client.chat.completions.create(model="promptier", messages=user_with_parts(EASY, AUDIO))
     assert audio.value.status_code == 400 and audio.value.code == "no_capable_tier"
+    assert audio.value.response.headers["x-promptier-needs"] == "audio"  # as on every response to such a request
     assert "audio input (input_audio content parts)" in audio.value.message
     # Each exists somewhere, not together: the message says which tier has which.
     with pytest.raises(openai.BadRequestError) as combined:
         client.chat.completions.create(model="promptier", messages=user_with_parts(EASY, IMAGE),
                                        response_format={"type": "json_object"})
     assert combined.value.code == "no_capable_tier"
+    assert combined.value.response.headers["x-promptier-needs"] == "images,json_output"
     assert "no tier has all of them (tiers with each: images: medium; json_output: large)" in combined.value.message
     # Pinned to a tier that cannot: refused, with the tiers that can.
     with pytest.raises(openai.BadRequestError) as pinned:

@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from serving.dispatch.capabilities import CapabilityRefusal, request_needs
 from serving.dispatch.dispatch_config import ConfigError
-from serving.dispatch.dispatcher import Dispatcher, Route
+from serving.dispatch.dispatcher import HEADER_PREFIX, Dispatcher, Route
 from serving.dispatch.http_error import HTTPError
 from serving.dispatch.inbound_request import (
     CLIENT_CLOSED,
@@ -85,8 +85,10 @@ class ChatCompletions:
             return self._refused(error)
         except CapabilityRefusal as refusal:
             # 400 as the OpenAI API answers a request its model cannot take (an image to a text-only
-            # model, a prompt past its context): the request, not the server, has to change.
-            return self._refused(HTTPError(400, refusal.message, code=refusal.code))
+            # model, a prompt past its context): the request, not the server, has to change. It says what
+            # the request needs, as every response to such a request does.
+            needed = {f"{HEADER_PREFIX}needs": ",".join(needs.features)} if needs.features else None
+            return self._refused(HTTPError(400, refusal.message, code=refusal.code), needed)
         except ClientDisconnect:
             # A caller that leaves mid-body is routine (and one too slow is cut off by serving.dispatch.inbound).
             client = request.scope.get("client")
@@ -116,10 +118,10 @@ class ChatCompletions:
         dispatcher.explore(route, tenant)  # after the budget: a paced request is not drawn again
         return await self._forward(request, chat)
 
-    def _refused(self, error: HTTPError) -> Response:
+    def _refused(self, error: HTTPError, headers: dict[str, str] | None = None) -> Response:
         """The answer to a request refused before routing, counted by status and code."""
         self.dispatcher.metrics.refused.labels(str(error.status), error.code or error.kind).inc()
-        return error.response()
+        return error.response(headers)
 
     async def _forward(self, request: Request, chat: ChatExchange) -> Response:
         """Send the request to its tier's upstream (escalating on failure) and answer with what comes back:
