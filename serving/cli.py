@@ -99,7 +99,7 @@ def serve(
                           trust_caller_metadata=trust_caller_metadata)
     if workers > 1:
         from classifier import load
-        from serving.service.binding import ensure_port_free
+        from serving.common.binding import ensure_port_free
         from serving.service.workers import serve_workers
 
         if port == 0:
@@ -138,6 +138,7 @@ def dispatch(
     Tiers' `serves:` say what each model takes; operators' page: GET /promptier/savings.
     """
     from classifier import load
+    from serving.common.binding import ensure_port_free
     from serving.common.logs import configure_json_logging
     from serving.dispatch.dispatch_config import load_dispatcher_config
     from serving.dispatch.dispatch_supervisor import run
@@ -161,6 +162,9 @@ def dispatch(
             return
         if settings.classifier.embedded:
             load(settings.classifier.model)  # a bad artifact fails here, once, before any worker starts
+        # A port in use: uvicorn would say only "[Errno 98] Address already in use" and exit 3, as for a worker
+        # that cannot start.
+        ensure_port_free(host, port)
     except PromptierError as error:
         fail(error)
     raise typer.Exit(run(config, host, port, workers))

@@ -132,3 +132,26 @@ def test_dispatcher_workers_that_cannot_start_stop_with_a_failure_code(
                             timeout=120)
     assert result.returncode == 3  # uvicorn's start-up failure code, as with one process
     assert "serves tiers ['small', 'medium', 'large'], but the dispatcher config maps ['small', 'mid'" in result.stderr
+
+
+def test_dispatch_on_a_port_in_use_names_it_and_exits_2(fresh: dict[str, Upstream], trained_artifact: Path,
+                                                         tmp_path: Path) -> None:
+    """As `serve` does: uvicorn alone said "[Errno 98] Address already in use", without the address, and exited 3
+    as if a worker could not start."""
+    import socket
+    import subprocess
+    import sys
+
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact)},
+        "tiers": {name: {"base_url": u.url, "model": name} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
+                                 "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr

@@ -17,9 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import classifier
 from classifier import PromptierError, TierClassifier
 from serving.common.batcher import Batcher
+from serving.common.binding import BindError, ensure_port_free
 from serving.common.startup import freeze_startup_objects
 from serving.service.admin import ADMIN_SERVICE, ADMIN_TOKEN_ENV, AdminService, admin_handlers
-from serving.service.binding import BindError, ensure_port_free, grpc_address
+from serving.service.binding import grpc_address
 from serving.service.fleet import FLEET_SIGNAL, FleetModel, same_directory
 from serving.service.health import SERVING, ServerHealth
 from serving.service.limits import ServerLimits
