@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -160,6 +163,43 @@ def test_reflection_v1_lists_and_describes_the_services(server: ServerThread) ->
                  for raw in described.file_descriptor_response.file_descriptor_proto]
         assert any(file.package == package and service.name == service_name
                    for file in files for service in file.service), described
+
+
+GRPCURL = shutil.which("grpcurl")
+
+
+@pytest.mark.skipif(GRPCURL is None, reason="grpcurl is not installed (the dev extra installs it on x86-64 Linux)")
+def test_grpcurl_calls_the_service_as_the_readme_shows(server: ServerThread) -> None:
+    """The README's grpcurl calls, made by the real grpcurl binary, which learns the service through
+    reflection: the Python client's decisions, JSON field names as the proto gives them, and a refused
+    request's status as grpcurl prints it."""
+    assert GRPCURL is not None
+
+    def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+
+    listed = grpcurl(server.target, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "promptier.v1.Router" in listed.stdout.split()
+    with RouterClient(server.target, timeout=5) as client:
+        for prompt in (EASY, HARD):
+            answer = grpcurl("-d", json.dumps({"prompt": prompt}), server.target, "promptier.v1.Router/Classify")
+            assert answer.returncode == 0, answer.stderr
+            decision, expected = json.loads(answer.stdout), client.classify(prompt)
+            assert decision["tier"] == expected.tier and decision["decided_by"] == expected.decided_by
+            assert decision["scores"] == pytest.approx(expected.scores)
+            assert decision["model_version"] == expected.model_version
+        conversation = {"conversation": {"messages": [{"role": "user", "content": HARD},
+                                                      {"role": "assistant", "content": "..."},
+                                                      {"role": "user", "content": "ok, do it"}]},
+                        "policy": {"mode": "cost"}}
+        answer = grpcurl("-d", json.dumps(conversation), server.target, "promptier.v1.Router/Classify")
+        assert answer.returncode == 0, answer.stderr
+        expected = client.classify(messages=[("user", HARD), ("assistant", "..."), ("user", "ok, do it")], mode="cost")
+        assert json.loads(answer.stdout)["tier"] == expected.tier
+    refused = grpcurl("-d", json.dumps({"prompt": ""}), server.target, "promptier.v1.Router/Classify")
+    assert refused.returncode != 0
+    assert "Code: InvalidArgument" in refused.stderr and "prompt is empty" in refused.stderr
 
 
 def test_concurrent_clients_get_consistent_answers(server: ServerThread) -> None:
