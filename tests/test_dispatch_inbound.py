@@ -91,6 +91,11 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
         assert message in reply.json()["error"]["message"], reply.json()
         assert "x-promptier-tier" not in reply.headers  # refused before routing: no tier was chosen
     assert not any(upstream.received for upstream in fresh.values())
+    for body, message in (({"messages": [{"role": "user", "content": "hi"}]}, "model is required; use one of ["),
+                          ({"model": 5, "messages": [{"role": "user", "content": "hi"}]}, "model must be a string")):
+        reply = httpx.post(url, json=body, timeout=10)
+        assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+        assert reply.json()["error"]["code"] == "invalid_model"
     reply = post('"stream": null}')  # as the OpenAI API allows: not streamed
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
     # A wrong path or method is answered in the same error shape, which OpenAI's SDKs read.

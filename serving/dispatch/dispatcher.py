@@ -231,6 +231,8 @@ class Dispatcher:
     def parse_model(self, name: object, tenant: Tenant | None = None) -> tuple[str | None, str | None]:
         """(mode, pinned tier) from `promptier`, `promptier/<mode>` or `promptier/tier/<tier>`; `promptier`
         is the tenant's default mode, and a tier pinned must be one the tenant may use (else 403)."""
+        if name is None:  # as the OpenAI API has it: the field is required, and the caller is told what to send
+            raise HTTPError(400, f"model is required; use one of {self.model_ids(tenant)}", code="invalid_model")
         if not isinstance(name, str):
             raise HTTPError(400, "model must be a string", code="invalid_model")
         parts = name.split("/")
