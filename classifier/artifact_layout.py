@@ -96,6 +96,15 @@ def member(directory: Path, name: str) -> Path:
     return directory / name
 
 
+def _artifacts_own(name: str) -> bool:
+    """Whether `name`, in an artifact directory, is the artifact's: a member, its report directory, or a
+    member's temporary file that a killed `writing_member` left."""
+    return name in MEMBER_FILES or name == EVAL_REPORT_DIR or name.startswith(_MEMBER_TEMPORARY_PREFIXES)
+
+
+_MEMBER_TEMPORARY_PREFIXES = tuple(f".{name}." for name in sorted(MEMBER_FILES))
+
+
 @contextlib.contextmanager
 def writing_member(directory: Path, name: str) -> Iterator[Path]:
     """A temporary path beside member `name` to write it to; renamed over it when the block succeeds.
@@ -128,13 +137,22 @@ def check_destination(out_dir: Path) -> None:
     """Refuse an artifact destination that cannot become an artifact directory, before any work.
 
     Raises:
-        ArtifactError: `out_dir` or a folder above it is a file.
+        ArtifactError: `out_dir` or a folder above it is a file, or `out_dir` is a directory holding
+            anything an artifact does not (a folder of models, a project's files).
     """
     for path in (out_dir, *out_dir.parents):
         if path.exists():
             if not path.is_dir():
                 raise ArtifactError(f"{out_dir} cannot be an artifact directory: {path} is a file")
-            return
+            break
+    # The new artifact replaces the whole directory: whatever else it held would be deleted with it.
+    if out_dir.is_dir():
+        foreign = sorted(path.name for path in out_dir.iterdir() if not _artifacts_own(path.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise ArtifactError(f"{out_dir} is not an artifact directory (it holds {shown}), and an artifact "
+                                "written there replaces the whole directory, deleting them: give --out a new "
+                                "directory or an artifact's")
 
 
 @contextlib.contextmanager

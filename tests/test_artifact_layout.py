@@ -128,6 +128,31 @@ def test_a_staged_artifact_replaces_the_old_one_only_when_complete(tmp_path: Pat
     assert [path.name for path in tmp_path.iterdir()] == ["model"]
 
 
+
+def test_a_directory_that_is_not_an_artifact_is_never_replaced(tmp_path: Path) -> None:
+    """`--out models` (the folder of every model) or a project folder was replaced whole, and all it held
+    deleted; an artifact's own directory, its `eval/` reports included, and an empty one still are."""
+    folder = tmp_path / "models"
+    (folder / "current").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    refused = r"is not an artifact directory \(it holds current, notes\.txt\)"
+    with pytest.raises(ArtifactError, match=refused), staged_artifact(folder) as staging:
+        _write_required(staging, "v1")
+    assert sorted(path.name for path in folder.iterdir()) == ["current", "notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["models"]  # nothing staged is left
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with staged_artifact(empty) as staging:
+        _write_required(staging, "v1")
+    (empty / "eval").mkdir()  # what `promptier eval` writes into a model it does not record into
+    (empty / "eval" / "eval.md").write_text("report")
+    (empty / ".eval.json.k3j9x2.json").write_text("{")  # a member's temporary file, left by a killed `eval --record`
+    with staged_artifact(empty) as staging:
+        _write_required(staging, "v2")
+    assert (empty / "manifest.json").read_text() == "v2"
+    assert not (empty / ".eval.json.k3j9x2.json").exists()
+
 # A writer that stages an artifact for argv[1] and stays in the block until it is killed.
 STAGING_WRITER = """
 import sys, time

@@ -296,23 +296,6 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
     assert not (tmp_path / "x").exists()
 
 
-def test_an_export_that_fails_parity_leaves_the_previous_artifact_as_it_was(
-        trained_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-
-    from training import export
-
-    out = tmp_path / "deployed"
-    shutil.copytree(trained_artifact, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(export, "MIN_TIER_AGREEMENT", 1.01)  # a bar no export clears
-    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
-    with pytest.raises(export.ExportParityError):
-        export.export_checkpoint(trained_artifact, checkpoint, [row["prompt"] for row in synthetic_rows(600, 3)],
-                                 out, quantize=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["deployed"]  # nothing staged is left beside it
-
 
 def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
                                                   pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -553,33 +536,57 @@ def test_eval_names_a_source_it_leaves_out_and_refuses_record_with_out(trained_a
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_train_and_export_refuse_an_out_that_is_a_file_before_any_work(trained_artifact: Path, synthetic_logs: Path,
-                                                                       pool_file: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """An --out naming a file failed only once the run was done, with a bare OSError (export: a traceback),
-    and left an empty folder beside it at each attempt."""
+def _train_and_export_into(out: Path, export_out: Path, trained_artifact: Path, synthetic_logs: Path,
+                           pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`train --out OUT` and `export --out EXPORT_OUT`, each expected to be refused (exit 2) before any
+    work: their outputs."""
     from typer.testing import CliRunner
 
     import training.pipeline
     from training.cli import app
 
-    taken = tmp_path / "afile"
-    taken.write_text("not an artifact")
-
     def never(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("training started")
 
     monkeypatch.setattr(training.pipeline, "train", never)
-    for command in (["train", "--logs", str(synthetic_logs), "--pool", str(pool_file), "--out", str(taken)],
+    outputs = []
+    for command in (["train", "--logs", str(synthetic_logs), "--pool", str(pool_file), "--out", str(out)],
                     ["export", "--artifact", str(trained_artifact), "--checkpoint",
                      str(trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"),
-                     "--prompts", str(synthetic_logs), "--out", str(taken / "model")]):
+                     "--prompts", str(synthetic_logs), "--out", str(export_out)]):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2, result.output
-        assert f"{taken} is a file" in result.output and "Traceback" not in result.output
+        assert "Traceback" not in result.output
+        outputs.append(result.output)
+    return outputs
+
+
+def test_train_and_export_refuse_an_out_that_is_a_file_before_any_work(trained_artifact: Path, synthetic_logs: Path,
+                                                                        pool_file: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An --out naming a file failed only once the run was done, with a bare OSError (export: a traceback),
+    and left an empty folder beside it at each attempt."""
+    taken = tmp_path / "afile"
+    taken.write_text("not an artifact")
+    for output in _train_and_export_into(taken, taken / "model", trained_artifact, synthetic_logs, pool_file,
+                                         monkeypatch):
+        assert f"{taken} is a file" in output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
     assert taken.read_text() == "not an artifact"
 
+
+def test_train_and_export_refuse_an_out_that_holds_other_files_before_any_work(
+        trained_artifact: Path, synthetic_logs: Path, pool_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out models` (the folder that holds the models) trained for minutes, then replaced the folder
+    with the new artifact, deleting every model and file in it."""
+    folder = tmp_path / "models"
+    (folder / "current").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    for output in _train_and_export_into(folder, folder, trained_artifact, synthetic_logs, pool_file, monkeypatch):
+        assert "is not an artifact directory (it holds current, notes.txt)" in output
+    assert sorted(path.name for path in folder.iterdir()) == ["current", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "keep me"
 
 def test_eval_refuses_logs_where_no_prompt_is_known_on_two_tiers(trained_artifact: Path, pool_file: Path,
                                                                  tmp_path: Path) -> None:
