@@ -204,6 +204,10 @@ def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type:
     ("tiers: [{name: a, usd_per_mtok: {input: -1, output: 1}}, {name: b, usd_per_mtok: {input: 1, output: 1}}]",
      "greater than or equal to 0"),
     (POOL_YAML + "  gamma: {huge: x}\n", "unknown tier"),
+    # A mistyped price key was reported as three fields the file never names (input_usd_per_mtok, ...).
+    ("tiers: [{name: a, usd_per_mtoks: {input: 1, output: 1}}, {name: b, usd_per_mtok: {input: 1, output: 1}}]",
+     r"pool\.yaml: invalid pool: tiers: Value error, tier 'a' has no `usd_per_mtok: \{input: \.\.\., output: "
+     r"\.\.\.\}` \(USD per million tokens\); its keys: name, usd_per_mtoks$"),
     ("tiers: [", "cannot read pool file"),
 ])
 def test_bad_pool_files(tmp_path: Path, text: str, reason: str) -> None:
@@ -272,3 +276,16 @@ def test_a_pool_model_no_row_of_its_source_names_is_named_on_the_console(tmp_pat
     with caplog.at_level("WARNING", logger="training.inputs"):
         prepare_data([logs], pool, TrainConfig())  # beta maps no large model: a choice, not a typo
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_holding_out_every_source_says_so_rather_than_blaming_the_size_of_the_logs(  # type: ignore[no-untyped-def]
+        tmp_path: Path, pool) -> None:
+    """`--holdout-source` naming a log's only source sent every prompt to test, and the run said only
+    "too few prompts (650)" of logs that were big enough."""
+    from training.config import TrainConfig
+    from training.inputs import prepare_data
+
+    logs = write_jsonl(tmp_path / "logs.jsonl", [row for row in synthetic_rows(60) if row["source"] == "alpha"])
+    with pytest.raises(DataError, match=r"too few prompts \((\d+)\) for a train and a validation split: the held-out "
+                                        r"sources and categories put \1 of them in the test split, leaving 0 "):
+        prepare_data([logs], pool, TrainConfig(holdout_sources=["alpha"]))

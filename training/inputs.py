@@ -81,8 +81,21 @@ def prepare_data(logs: Sequence[str | Path], pool_path: str | Path | Pool, confi
     split = split_table(table, config.seed, config.val_fraction, config.test_fraction,
                         config.holdout_sources, config.holdout_categories)
     if not (split == "train").any() or not (split == "val").any():
-        raise DataError("logs", f"too few prompts ({len(table)}) for a train and a validation split")
+        raise DataError("logs", f"too few prompts ({len(table)}) for a train and a validation split"
+                        + held_out_note(table, config))
     return PreparedData(table, split, pool, skipped, unused)
+
+
+def held_out_note(table: PromptTable, config: TrainConfig) -> str:
+    """What a too-small split owes to `--holdout-source`/`--holdout-category` ("" when nothing is held
+    out): holding out a log's only source sends every prompt to test, which "too few prompts" alone
+    would blame on the size of the logs."""
+    held = np.isin(table.sources, list(config.holdout_sources)) | np.isin(table.categories,
+                                                                         list(config.holdout_categories))
+    if not held.any():
+        return ""
+    return (f": the held-out sources and categories put {int(held.sum())} of them in the test split, leaving "
+            f"{int((~held).sum())} to train and validate on; hold out less, or add logs of other sources")
 
 
 def anchor_order(anchors: PromptTable, config: TrainConfig) -> np.ndarray:

@@ -32,7 +32,7 @@ class Pool(BaseModel):
         is the one tier-and-price model everywhere else, so the file form is read into it here."""
         if not isinstance(value, list):
             return value
-        return [_tier_from_file(tier) if isinstance(tier, dict) and "usd_per_mtok" in tier else tier
+        return [_tier_from_file(tier) if isinstance(tier, dict) and not _in_artifact_form(tier) else tier
                 for tier in value]
 
     @model_validator(mode="after")
@@ -78,7 +78,17 @@ class Pool(BaseModel):
         return None
 
 
+def _in_artifact_form(tier: dict) -> bool:
+    """Whether a tier of the file gives its prices as the artifact's TierSpec does (`input_usd_per_mtok`)."""
+    return "usd_per_mtok" not in tier and ("input_usd_per_mtok" in tier or "output_usd_per_mtok" in tier)
+
+
 def _tier_from_file(tier: dict) -> dict:
+    if "usd_per_mtok" not in tier:
+        # Said here: TierSpec would report its own fields (input_usd_per_mtok, ...) as missing, names the
+        # file never holds, and not the mistyped key that is there.
+        raise ValueError(f"tier {tier.get('name')!r} has no `usd_per_mtok: {{input: ..., output: ...}}` "
+                         f"(USD per million tokens); its keys: {', '.join(map(str, tier))}")
     price = tier["usd_per_mtok"]
     if not isinstance(price, dict) or set(price) != {"input", "output"}:
         raise ValueError("usd_per_mtok must have exactly the keys input and output")
