@@ -297,6 +297,42 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
 
 
 
+def test_export_counts_each_prompt_of_a_log_once_towards_the_parity_bars(trained_artifact: Path,
+                                                                         tmp_path: Path) -> None:
+    """A log names a prompt once per model: 200 prompts answered by three models each passed for the
+    500 prompts the parity check needs (and each was checked three times)."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    rows = [{"prompt": row["prompt"], "model": model} for row in synthetic_rows(200, 3) for model in "abc"]
+    assert len({row["prompt"] for row in rows}) < 500 <= len(rows)
+    logs = write_jsonl(tmp_path / "logs.jsonl", rows)
+    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    result = CliRunner().invoke(app, ["export", "--artifact", str(trained_artifact), "--checkpoint",
+                                      str(checkpoint), "--prompts", str(logs), "--out", str(tmp_path / "x"),
+                                      "--no-quantize"])
+    assert result.exit_code == 2 and "parity needs at least 500 prompts" in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+def test_an_export_that_fails_parity_leaves_the_previous_artifact_as_it_was(
+        trained_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from training import export
+
+    out = tmp_path / "deployed"
+    shutil.copytree(trained_artifact, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(export, "MIN_TIER_AGREEMENT", 1.01)  # a bar no export clears
+    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    with pytest.raises(export.ExportParityError):
+        export.export_checkpoint(trained_artifact, checkpoint, [row["prompt"] for row in synthetic_rows(600, 3)],
+                                 out, quantize=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["deployed"]  # nothing staged is left beside it
+
+
 def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
                                                   pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`promptier train --logs --pool --out` with no config: the defaults a user gets (MiniLM teacher,

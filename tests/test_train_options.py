@@ -60,6 +60,25 @@ def test_distill_weight_without_a_teacher_is_refused(tmp_path: Path, tiny_backbo
     assert not (tmp_path / "out").exists()
 
 
+def test_ctrl_c_says_the_run_resumes_when_rerun(tmp_path: Path, tiny_backbone: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped with Ctrl-C, `train` exited with status 130 and not a word, where `label` says how to go on."""
+    import training.pipeline
+    import training.retrain
+
+    def stopped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.pipeline, "train", stopped)
+    monkeypatch.setattr(training.retrain, "retrain", stopped)
+    files = _files(tmp_path, tiny_backbone)
+    for extra in ([], ["--init-from", str(tmp_path / "current")]):
+        result = _train([*files, *extra])
+        assert result.exit_code == 130, result.output
+        assert (f"interrupted: {tmp_path / 'out'} is as it was; rerun the same command to resume from the last "
+                "checkpoint") in result.output
+
+
 def test_logs_too_small_to_check_the_export_are_refused_before_training(tmp_path: Path, tiny_backbone: Path) -> None:
     """The export's parity check needs 500 prompts: logs with fewer stop at once with how many they
     give, not after a whole fit."""
@@ -68,7 +87,8 @@ def test_logs_too_small_to_check_the_export_are_refused_before_training(tmp_path
     result = _train(files)
     assert result.exit_code == 2, result.output
     assert "too few prompts" in result.output and "at least 500 distinct prompts" in result.output
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work" / "checkpoint.pt").exists()
+    # Nothing of the run is left, not even the empty work dir it locked while reading the logs.
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
 def test_the_launcher_of_several_processes_forwards_the_weight(tmp_path: Path, tiny_backbone: Path,

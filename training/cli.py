@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -133,6 +133,8 @@ def train(
                                 cache_dir=Path.home() / ".cache" / "promptier")
     except (PromptierError, ValueError, OSError) as error:
         fail(error)
+    except KeyboardInterrupt:
+        _interrupted(out)
     if manifest is None:  # a process of a distributed run other than the main one
         return
     typer.echo(f"wrote {out} ({manifest.model_version}); thresholds {manifest.policy.thresholds}")
@@ -140,6 +142,14 @@ def train(
     if isinstance(test, dict):
         for group, methods in test.items():
             typer.echo(f"  {group}: APGR {methods['promptier']['apgr']:.4f}")
+
+
+def _interrupted(out: Path) -> NoReturn:
+    """End a training run stopped by Ctrl-C with what to do next: typer would exit with status 130 and
+    say nothing, leaving the user to guess whether the minutes trained are lost."""
+    typer.secho(f"interrupted: {out} is as it was; rerun the same command to resume from the last checkpoint",
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(130)
 
 
 def _with_distill_weight(config: TrainConfig, teacher: Path | None, distill_weight: float | None) -> TrainConfig:
@@ -166,6 +176,8 @@ def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Pa
                          command=command, cache_dir=Path.home() / ".cache" / "promptier", overrides=overrides)
     except (PromptierError, ValueError, FileNotFoundError) as error:
         fail(error)
+    except KeyboardInterrupt:
+        _interrupted(out)
     if result is None:  # a process of a distributed run other than the main one
         return
     comparison = result.comparison
@@ -459,7 +471,7 @@ def export(
     artifact: Annotated[Path, typer.Option(help="an artifact made by `promptier train`")],
     checkpoint: Annotated[Path, typer.Option(help="its training checkpoint (WORK_DIR/checkpoint.pt)")],
     prompts: Annotated[list[Path], typer.Option(help="prompts for the parity check (JSONL/Parquet with a "
-                                                      "`prompt` column; at least 500)")],
+                                                      "`prompt` column; at least 500 distinct)")],
     out: Annotated[Path, typer.Option(help="artifact directory to write")],
     quantize: Annotated[bool, typer.Option(help="try int8 first (kept only if it clears the parity bars)")] = True,
 ) -> None:

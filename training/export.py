@@ -319,8 +319,8 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
 
     `artifact` gives the training config (to rebuild the architecture), the tokenizer, calibration,
     thresholds and metrics; `checkpoint` (a training work dir's `checkpoint.pt`) gives the weights.
-    The parity check runs on `prompts` (at least MIN_PARITY_PROMPTS) plus one prompt far past the
-    token limit, so the new file is held to the same bars as at training time. Use it to try another
+    The parity check runs on `prompts` (at least MIN_PARITY_PROMPTS distinct ones) plus one prompt far past
+    the token limit, so the new file is held to the same bars as at training time. Use it to try another
     quantization, or to re-export after an ONNX Runtime upgrade, without retraining.
 
     A model with familiarity gets its unfamiliarity output back from the statistics its run wrote into the
@@ -380,6 +380,9 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         if not isinstance(model, BagTierModel) or not isinstance(statistics, dict):
             raise ValueError(f"{artifact} has familiarity, which only a bag student's export outputs")
         exported = WithUnfamiliarity(model, FeatureStatistics.from_tensors(statistics))
+    # A log names each prompt once per model that answered it: counted per row, 200 prompts of three
+    # models each would pass for the 500 the parity bars need.
+    prompts = list(dict.fromkeys(prompts))
     texts = [*prompts, " ".join(prompts[:40])]
 
     def torch_logits(batch: Sequence[str]) -> np.ndarray:

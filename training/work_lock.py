@@ -9,6 +9,7 @@ by the system when its holder dies, however it dies: a stopped run never leaves 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from classifier.errors import PromptierError
@@ -17,8 +18,10 @@ from classifier.pid_lock import pid_lock
 LOCK_FILE = "train.lock"
 
 
-def work_dir_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold the exclusive lock of `work_dir` (`WORK_DIR/train.lock`) for the with-block.
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `work_dir` (`WORK_DIR/train.lock`) for the with-block; a work dir the
+    block made and left empty (a run refused for its logs or pool before any checkpoint) is removed.
 
     Raises:
         PromptierError: another run holds the lock (the message names the work dir and its pid), or the
@@ -29,5 +32,12 @@ def work_dir_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
                               "finish or stop it, then rerun to resume; or give this run another --work-dir "
                               "and --out")
 
+    made = not work_dir.exists()
     work_dir.mkdir(parents=True, exist_ok=True)
-    return pid_lock(work_dir / LOCK_FILE, busy)
+    try:
+        with pid_lock(work_dir / LOCK_FILE, busy):
+            yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty directory: a checkpoint stays
+                work_dir.rmdir()
