@@ -52,6 +52,11 @@ def test_a_better_retrain_is_promoted_and_the_previous_model_kept(tmp_path: Path
     assert isinstance(comparison, dict) and comparison["previous_model_version"] == "v1"
     assert comparison["apgr"]["all"]["new"] > comparison["apgr"]["all"]["previous"] and not comparison["worse"]
     assert comparison["prompts"] > 0
+    lead = comparison["lead"]
+    assert lead["difference"] == pytest.approx(comparison["apgr"]["all"]["new"] - comparison["apgr"]["all"]["previous"],
+                                               abs=1e-3)
+    assert lead["ci95"][0] <= lead["difference"] <= lead["ci95"][1]
+    assert "lead of the new model: +" in result.output
     # The previous artifact is intact beside it, ready to roll back to.
     assert load_manifest(tmp_path / "deployed.previous-v1").model_version == "v1"
     classifier.load(tmp_path / "deployed.previous-v1")
@@ -79,6 +84,24 @@ def test_a_worse_retrain_is_not_promoted_unless_forced(tmp_path: Path, tiny_back
     assert result.exit_code == 0, result.output
     assert load_manifest(deployed).model_version == "wrecked"
     assert load_manifest(tmp_path / "deployed.previous-tiny-test-1").model_version == "tiny-test-1"
+
+
+def test_a_decision_the_held_out_prompts_cannot_make_is_called_a_coin_toss(tmp_path: Path, tiny_backbone: Path,
+                                                                          pool_file: Path,
+                                                                          trained_artifact: Path) -> None:
+    """A continuation that barely moved the weights is "not worse" by a hair, or by nothing: promoted on
+    that, it used to be announced like any other promotion."""
+    deployed = Path(shutil.copytree(trained_artifact, tmp_path / "deployed"))
+    new_logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    nudge = _config(tmp_path, "nudge", tiny_backbone, learning_rate=1e-7, warmup_ratio=0.0, max_steps=1)
+    result = _train(["--logs", str(new_logs), "--pool", str(pool_file), "--out", str(deployed), "--init-from",
+                     str(deployed), "--config", str(nudge), "--model-version", "nudged"])
+    assert result.exit_code in (0, 3), result.output
+    assert "cannot tell the two models apart (the interval spans zero)" in result.output
+    where = deployed if result.exit_code == 0 else tmp_path / "deployed.candidate"
+    lead = load_manifest(where).metrics["retrain"]["lead"]  # type: ignore[index]
+    assert lead["ci95"][0] <= 0 <= lead["ci95"][1]
+    assert "prompts known on two tiers cannot tell the two apart." in (where / "MODEL_CARD.md").read_text()
 
 
 def test_init_from_refuses_other_tiers_and_a_missing_checkpoint(tmp_path: Path, artifact_copy: Path) -> None:

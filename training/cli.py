@@ -168,6 +168,7 @@ def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Pa
              force: bool, work_dir: Path | None, skip_invalid: bool, model_version: str | None, command: str) -> None:
     """`train --init-from`: continue, compare, promote or not (exit status 3 when not promoted)."""
     from training.config import load_config
+    from training.generalization_report import format_lead
     from training.retrain import retrain
 
     try:
@@ -184,6 +185,14 @@ def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Pa
     typer.echo(f"on {comparison['prompts']} held-out prompts of the new logs (APGR, previous -> new):")
     for group, values in comparison["apgr"].items():
         typer.echo(f"  {group}: {values['previous']:.4f} -> {values['new']:.4f}")
+    lead = comparison.get("lead")
+    if lead is not None:
+        typer.echo(f"  lead of the new model: {format_lead(lead)} (95% paired-bootstrap interval)")
+        if lead["ci95"][0] <= 0 <= lead["ci95"][1]:
+            # "Not worse" on a handful of prompts is a coin toss: whoever promotes on it should know.
+            typer.secho(f"the {comparison['comparable_prompts']} held-out prompts known on two tiers cannot tell "
+                        "the two models apart (the interval spans zero): compare them with `promptier eval` on "
+                        "more judged prompts before relying on this decision", fg=typer.colors.YELLOW, err=True)
     if result.promoted:
         kept = f"; the artifact it replaces is at {result.rollback}" if result.rollback else ""
         typer.echo(f"promoted {result.manifest.model_version} to {result.location}{kept}")

@@ -309,7 +309,7 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
     test = [i for i in np.flatnonzero(split == "test") if prompt_hash(table.prompts[i]) not in seen]
     if not test:
         raise DataError("logs", f"every test prompt of the new logs was seen by {previous}: nothing to compare on")
-    subset = table.subset(np.array(test))
+    subset = in_canonical_order(table.subset(np.array(test)))
     before = evaluate_table(previous, subset, None, None)["summary"]
     after = evaluate_table(new, subset, None, None)["summary"]
     apgr = {group: {"previous": before[group][MODEL]["apgr"], "new": after[group][MODEL]["apgr"]}
@@ -317,7 +317,27 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
     comparable = int(np.count_nonzero(comparable_rows(subset.targets)))
     worse = apgr["all"]["new"] < apgr["all"]["previous"] if comparable else None
     return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test),
-            "comparable_prompts": comparable, "apgr": apgr, "worse": worse}
+            "comparable_prompts": comparable, "apgr": apgr, "worse": worse,
+            "lead": apgr_lead(new, previous, subset) if comparable > 1 else None}
+
+
+def apgr_lead(artifact: Path, rival: Path, table: PromptTable) -> dict:
+    """APGR(artifact) - APGR(rival) on the prompts of `table` known on the cheapest tier and a more
+    capable one, each model ranked by its own routing rule, with the 95% paired-bootstrap interval of
+    that lead: an interval that spans zero says these prompts cannot tell the two apart."""
+    from classifier.artifact import load_manifest
+
+    known = ~np.isnan(table.targets)
+    rows = np.flatnonzero(comparable_rows(table.targets))
+    weak, strong = table.targets[rows, 0], table.targets[rows, top_known_tier(known)[rows]]
+
+    def hardness(path: Path) -> np.ndarray:
+        probabilities = model_probabilities(path, [table.prompts[i] for i in rows])
+        return 1.0 - relative_scores(probabilities, known[rows], load_manifest(path).policy.rule)[:, 0]
+
+    ours, theirs = hardness(artifact), hardness(rival)
+    return {"difference": apgr(binary_curve(ours, weak, strong)) - apgr(binary_curve(theirs, weak, strong)),
+            "ci95": list(apgr_difference_interval(ours, theirs, weak, strong))}
 
 
 def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbone_dir: Path | None,

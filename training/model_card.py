@@ -8,6 +8,7 @@ from pathlib import Path
 from classifier.artifact import ArtifactManifest
 from classifier.artifact_layout import EVAL_MD_FILE, EVAL_PNG_FILE, GENERALIZATION_PNG_FILE
 from training.data import counted_reasons
+from training.generalization_report import format_lead
 from training.generalization_report import recorded as recorded_generalization
 from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
@@ -185,6 +186,12 @@ def _retrain_section(training: dict, metrics: dict) -> list[str]:
              "| group | previous APGR | this model's APGR |", "|---|---|---|"]
     for group, values in retrain["apgr"].items():
         lines.append(f"| {group} | {values['previous']:.4f} | {values['new']:.4f} |")
+    lead = retrain.get("lead")
+    if isinstance(lead, dict):
+        spans_zero = lead["ci95"][0] <= 0 <= lead["ci95"][1]
+        lines += ["", f"This model's APGR lead, with its 95% paired-bootstrap interval: {format_lead(lead)}"
+                  + (f"; the {retrain['comparable_prompts']} prompts known on two tiers cannot tell the two "
+                     "apart." if spans_zero else ".")]
     if retrain.get("worse", False) is None:
         lines += ["", "None of these prompts has outcomes on two tiers: the APGRs above compare nothing."]
     return [*lines, ""]
