@@ -289,3 +289,19 @@ def test_holding_out_every_source_says_so_rather_than_blaming_the_size_of_the_lo
     with pytest.raises(DataError, match=r"too few prompts \((\d+)\) for a train and a validation split: the held-out "
                                         r"sources and categories put \1 of them in the test split, leaving 0 "):
         prepare_data([logs], pool, TrainConfig(holdout_sources=["alpha"]))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_logs_the_pool_maps_nothing_of_name_the_pool_entry_to_add(  # type: ignore[no-untyped-def]
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path, streaming: bool) -> None:
+    """A decision log trained on with a pool that lacks its `dispatcher` source said only "no row maps to a
+    tier of the pool" and a dict of pairs, not what to add; in-memory and streamed runs say the same."""
+    from tests.conftest import tiny_config
+    from training.pipeline import train
+
+    rows = [{**row, "source": "dispatcher" if row["source"] == "alpha" else "default"} for row in synthetic_rows(60)]
+    logs = write_jsonl(tmp_path / "decisions.jsonl", rows)
+    with pytest.raises(DataError, match=r"no row maps to a tier of the pool, which maps none of the models of these "
+                                        r"sources: 'default' \(.+\); 'dispatcher' \(.+\)\. Add each source to the "
+                                        r"pool's `sources:` as `SOURCE: \{TIER: MODEL, \.\.\.\}`"):
+        train([logs], pool_file, tmp_path / "model", tiny_config(tiny_backbone, streaming=streaming))

@@ -74,6 +74,20 @@ class PromptTable:
         return digest.hexdigest()
 
 
+def nothing_mapped(unused: dict[str, int]) -> DataError:
+    """The error of logs whose rows the pool maps none of, naming each source with its models and the
+    pool entry that would map them (a decision log's source is `dispatcher`; a row without a `source`
+    column is of the source `default`)."""
+    models: dict[str, list[str]] = {}
+    for key in unused:
+        source, _, model = key.partition("/")
+        models.setdefault(source, []).append(model)
+    listed = "; ".join(f"{source!r} ({', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''})"
+                       for source, names in sorted(models.items()))
+    return DataError("logs", f"no row maps to a tier of the pool, which maps none of the models of these sources: "
+                             f"{listed}. Add each source to the pool's `sources:` as `SOURCE: {{TIER: MODEL, ...}}`")
+
+
 def build_table(rows: Iterable[OutcomeRow | TierLabelRow], pool: Pool) -> tuple[PromptTable, dict[str, int]]:
     """Merge duplicate prompts and average each tier's scores.
 
@@ -127,7 +141,7 @@ def build_table(rows: Iterable[OutcomeRow | TierLabelRow], pool: Pool) -> tuple[
             sums[i] += np.arange(n_tiers) >= label
             counts[i] += 1
     if not prompts:
-        raise DataError("logs", f"no row maps to a tier of the pool; unmapped source/model pairs: {unused}")
+        raise nothing_mapped(unused)
     count_matrix = np.stack(counts)
     with np.errstate(invalid="ignore", divide="ignore"):
         targets = np.stack(sums) / count_matrix

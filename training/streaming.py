@@ -31,7 +31,7 @@ from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.data import OutcomeRow, SkipReport, TierLabelRow, iter_rows
 from training.errors import DataError
-from training.labels import PromptTable, check_holdouts
+from training.labels import PromptTable, check_holdouts, nothing_mapped
 from training.pool import Pool
 from training.token_store import Growable, TokenStoreWriter
 
@@ -291,7 +291,7 @@ def stream_logs(paths: Sequence[str | Path], pool: Pool, config: TrainConfig, en
     if not streamer.rows:
         raise DataError(where, "no valid rows")
     if not streamer.index.size:
-        raise DataError("logs", f"no row maps to a tier of the pool; unmapped source/model pairs: {streamer.unused}")
+        raise nothing_mapped(streamer.unused)
     check_holdouts(streamer.sources.names, streamer.categories.names, config.holdout_sources,
                    config.holdout_categories)
     n = streamer.index.size
