@@ -82,11 +82,28 @@ def test_logs_are_read_as_the_labeler_reads_prompt_files(tmp_path: Path) -> None
     assert labeled[3].error == "line 4: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
 
 
-def test_skip_invalid_counts_by_reason(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "logs.jsonl", [GOOD, {**GOOD, "score": 2}, {**GOOD, "score": 3}, {**GOOD}])
-    rows, report = read_logs([path], skip_invalid=True)
-    assert len(rows) == 2
-    assert report.total == 2 and report.counts["score 2.0 is outside [0, 1]"] == 1
+def test_skip_invalid_counts_by_column_and_fault(tmp_path: Path) -> None:
+    """Counted by column and fault, not by value: a judge on a 0-10 scale is one reason, not one per
+    score, and a misnamed prompt column says which column its rows lack."""
+    rows = [GOOD, {**GOOD, "score": 2}, {**GOOD, "score": 3}, {**GOOD}, {**GOOD, "prompt": None, "text": "hi"}]
+    path = write_jsonl(tmp_path / "logs.jsonl", rows)
+    kept, report = read_logs([path], skip_invalid=True)
+    assert len(kept) == 2
+    assert report.counts == {"column 'score': outside [0, 1]": 2, "column 'prompt': missing value": 1}
+    assert report.examples[0].endswith("row 2, column 'score': 2.0 is outside [0, 1]")
+
+
+def test_a_file_every_row_of_which_is_skipped_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under --skip-invalid, a file of another format (its prompts under `text`) left training with
+    nothing but a count among the skipped rows."""
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD, {**GOOD, "score": 3}])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "hi", "model": "m", "score": 1.0}] * 3)
+    with caplog.at_level("WARNING", logger="training.data"):
+        kept, _ = read_logs([good, other], skip_invalid=True)
+    assert len(kept) == 1
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{other}: all 3 of its rows are invalid (3 x column 'prompt': missing value), so none of it trains: are "
+        "its columns those of the log format (prompt, model, score, ...)?"]
 
 
 def test_unsupported_and_missing_files(tmp_path: Path) -> None:

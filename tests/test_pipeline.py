@@ -119,7 +119,7 @@ def test_train_rejects_bad_logs_with_location(tmp_path: Path, tiny_backbone: Pat
     rows = synthetic_rows(60)
     rows[5]["score"] = 7
     logs = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=r"bad.jsonl, row 6, column 'score': score 7.0 is outside"):
+    with pytest.raises(DataError, match=r"bad.jsonl, row 6, column 'score': 7.0 is outside"):
         train([logs], pool_file, tmp_path / "out", tiny_config(tiny_backbone))
     assert not (tmp_path / "out").exists()
 
@@ -511,10 +511,11 @@ def test_the_model_card_counts_the_invalid_rows_a_run_skipped(trained_artifact: 
     from training.model_card import render_model_card
 
     manifest = load_manifest(trained_artifact)
-    skipped = {"score 7.0 is outside [0, 1]": 3, "missing value": 1}
+    skipped = {"column 'score': outside [0, 1]": 3, "column 'prompt': missing value": 1}
     card = render_model_card(manifest.model_copy(update={"training": {**manifest.training, "skipped_rows": skipped}}),
                              trained_artifact)
-    assert "- Invalid rows skipped (`--skip-invalid`): 4 (3 x score 7.0 is outside [0, 1]; 1 x missing value)" in card
+    assert ("- Invalid rows skipped (`--skip-invalid`): 4 (3 x column 'score': outside [0, 1]; 1 x column 'prompt': "
+            "missing value)") in card
     assert "Invalid rows skipped" not in render_model_card(manifest, trained_artifact)
     many = {f"score {7 + i}.0 is outside [0, 1]": 1 for i in range(40)}
     card = render_model_card(manifest.model_copy(update={"training": {**manifest.training, "skipped_rows": many}}),

@@ -114,7 +114,7 @@ def test_streaming_reports_bad_rows_like_reading_whole(tmp_path: Path, pool, tin
     rows[5]["score"] = 7
     logs = write_jsonl(tmp_path / "bad.jsonl", rows)
     encoder = PromptEncoder.from_file(tiny_backbone / "tokenizer.json", _TRUNCATION)
-    with pytest.raises(DataError, match=r"bad.jsonl, row 6, column 'score': score 7.0 is outside"):
+    with pytest.raises(DataError, match=r"bad.jsonl, row 6, column 'score': 7.0 is outside"):
         stream_logs([logs], pool, tiny_config(tiny_backbone), encoder, TokenStoreWriter(tmp_path / "s", 200))
     streamed = stream_logs([logs], pool, tiny_config(tiny_backbone), encoder, TokenStoreWriter(tmp_path / "t", 200),
                            skip_invalid=True)

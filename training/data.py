@@ -9,6 +9,7 @@ file of prompts to label are read alike.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +29,8 @@ from classifier.prompt_files import (
     surrogate_at,
 )
 from training.errors import DataError
+
+log = logging.getLogger(__name__)
 
 OUTCOME_COLUMNS = ("prompt_id", "prompt", "model", "score", "source")
 LABEL_COLUMNS = ("prompt", "tier")
@@ -81,7 +84,9 @@ class SkipReport:
         return sum(self.counts.values())
 
     def add(self, error: DataError) -> None:
-        self.counts[error.reason] += 1
+        # By column and fault: a misnamed column is one count under its name, a judge on the wrong scale
+        # one count, not one per value.
+        self.counts[error.fault] += 1
         if len(self.examples) < 20:
             self.examples.append(str(error))
 
@@ -192,7 +197,7 @@ def _number(record: dict, column: str, path: str, row: int, required: bool) -> f
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(path, f"expected a number, got {type(value).__name__}", row, column)
     if not math.isfinite(value):
-        raise DataError(path, f"not a finite number: {value}", row, column)
+        raise DataError(path, "not a finite number", row, column, value=value)
     return float(value)
 
 
@@ -221,10 +226,10 @@ def parse_row(record: object, path: str, row: int, tiers: Sequence[str] | None =
     score = _number(record, "score", path, row, required=True)
     assert score is not None
     if not 0.0 <= score <= 1.0:
-        raise DataError(path, f"score {score} is outside [0, 1]", row, "score")
+        raise DataError(path, "outside [0, 1]", row, "score", value=score)
     cost = _number(record, "cost_usd", path, row, required=False)
     if cost is not None and cost < 0:
-        raise DataError(path, f"cost {cost} is negative", row, "cost_usd")
+        raise DataError(path, "negative", row, "cost_usd", value=cost)
     return OutcomeRow(prompt_id, prompt, model, score, source, category, cost)
 
 
@@ -329,6 +334,7 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
     scored_prompts = frozenset(prompt_id for prompt_id, _ in outcomes)
     requested: set[str] = set()  # the prompt_ids of the request lines read, which outcomes join
     for path in files:
+        valid, faults = 0, Counter[str]()
         for number, raw in read_records(path):
             if outcomes and isinstance(raw, dict) and "routed_tier" in raw:
                 requested.add(str(raw.get("prompt_id")))
@@ -337,10 +343,18 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
                 continue
             try:
                 yield parse_row(record, str(path), number, tiers)
+                valid += 1
             except DataError as error:
                 if not skip_invalid:
                     raise
                 report.add(error)
+                faults[error.fault] += 1
+        if faults and not valid:
+            # Skipped row by row, a whole file of another format (a misnamed column, a judge on another
+            # scale) would leave training as quietly as one bad row.
+            log.warning("%s: all %d of its rows are invalid (%s), so none of it trains: are its columns those of "
+                        "the log format (prompt, model, score, ...)?", path, faults.total(),
+                        counted_reasons(faults, 3))
     orphans = len(scored_prompts - requested)
     if orphans:  # its request is in a file not given (a rotated backup, another worker's log), or never was
         report.not_trainable["outcome reported for a request not in these logs"] += orphans
