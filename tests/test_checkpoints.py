@@ -90,7 +90,8 @@ def test_a_checkpoint_written_by_training_loads_whole(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / "checkpoint.pt")
 
 
-def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -> None:
+def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     """A checkpoint left by a run on other examples or settings is refused, not resumed: resumed, it
     would train nothing more (its steps are done) and keep the other run's weights."""
     from training.trainer import fit
@@ -102,9 +103,12 @@ def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path) -
     report: dict = {}
     fit(TinyBag(), tokens, targets, config, work_dir, report=report)
     assert report["steps_this_run"] == 5
+    assert "resuming" not in caplog.text
     again: dict = {}
-    fit(TinyBag(), tokens, targets, config.model_copy(update={"threads": 1}), work_dir, report=again)
+    with caplog.at_level("INFO", logger="training.trainer"):
+        fit(TinyBag(), tokens, targets, config.model_copy(update={"threads": 1}), work_dir, report=again)
     assert again["steps_this_run"] == 0 and again["run_key"] == report["run_key"]  # the same run: resumed
+    assert f"resuming from {work_dir / 'checkpoint.pt'} at step 5 of 5" in caplog.text  # and says so
     edited = [ids + 1 for ids in tokens]  # other prompts of the same token counts
     others = ((tokens, 1.0 - targets, config), (edited, targets, config),
               (tokens, targets, config.model_copy(update={"seed": config.seed + 1})),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -25,6 +26,8 @@ from classifier.errors import PromptierError
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
 from training.devices import Placement, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # The checkpoint entry holding the finished run's familiarity statistics (training.model.FeatureStatistics).
@@ -206,6 +209,8 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
                 f"{checkpoint_path} is the checkpoint of another run (other logs, examples or training settings), "
                 f"so it cannot be resumed: delete {work_dir} to start afresh, or give another --work-dir")
         step = _resume(state, model, optimizer, scheduler, scaler, place, config.seed)
+        if place.rank == 0:  # a rerun says it goes on where the last one stopped, not only by its progress bar
+            log.info("resuming from %s at step %d of %d", checkpoint_path, step, total_steps)
     network: nn.Module = model
     if place.distributed:
         from torch.nn.parallel import DistributedDataParallel
