@@ -341,6 +341,30 @@ def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path, caplo
     assert decision["cause"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
+def test_a_decision_made_in_time_is_used_though_the_busy_event_loop_sees_it_late() -> None:
+    """LiteLLM's event loop, busy with other requests, can take up the deadline after the model has answered:
+    falling back then saves no time, and sends the request to the wrong tier."""
+    router = PromptierRouter(LiteLLMRouterConfig.model_validate(
+        {"tiers": GROUPS, "fallback_tier": "medium", "classifier": {"embedded": True, "timeout_ms": 1000}}))
+    data = {"model": "promptier", "messages": [{"role": "user", "content": HARD}]}
+
+    async def route() -> list[dict]:
+        try:
+            warm = await router.decide(dict(data), "acompletion")  # the first call starts the model's thread
+            routing = asyncio.ensure_future(router.decide(dict(data), "acompletion"))
+            for _ in range(5):  # until the prompt is queued for the model, which answers in milliseconds
+                await asyncio.sleep(0)
+            time.sleep(1.5)  # another request's work holds the loop past the deadline
+            return [warm, await routing]
+        finally:
+            await router.close()
+
+    warm, late = asyncio.run(route())
+    assert warm["reason"] == "classified"
+    assert (late["reason"], late["tier"]) == ("classified", warm["tier"]), late
+    assert late["classifier_ms"] >= 1500  # the header still tells how long the request waited for it
+
+
 def test_through_the_grpc_service_tiers_are_checked_at_start_and_requests_classified(
         runtime: classifier.TierClassifier) -> None:
     service = ServerThread()  # `promptier serve` in-process, with the shipped model

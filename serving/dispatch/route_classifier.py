@@ -135,10 +135,19 @@ class EmbeddedRouteClassifier:
             text = render_conversation(messages)
             allowed = tuple(allowed_tiers) if allowed_tiers is not None else None
             request = RoutingRequest(mode=mode, allowed_tiers=allowed) if mode or allowed else None
-            # The timeout also bounds a model call already running, not only the wait in the queue
-            # (asyncio.timeout, unlike wait_for, does not wrap the call in a task of its own).
-            async with asyncio.timeout(self._timeout_s):
-                (outcome,) = await self._batcher.submit([(text, request)], self._timeout_s)
+            # The timeout also bounds a model call already running, not only the wait in the queue. It is
+            # judged by whether the answer is there when the loop takes the timeout up, not by which of the
+            # two the loop reaches first (asyncio.timeout): a loop busy with other requests past the deadline
+            # would otherwise discard a decision made in time, for a fallback that saves no time.
+            submitted = asyncio.ensure_future(self._batcher.submit([(text, request)], self._timeout_s))
+            try:
+                done, _ = await asyncio.wait((submitted,), timeout=self._timeout_s)
+            finally:  # timed out, or the caller went away: the prompt no longer holds the queue
+                if not submitted.done():
+                    submitted.cancel()
+            if not done:
+                raise TimeoutError
+            (outcome,) = submitted.result()
         except InvalidInputError as error:
             raise ClassifierUnavailable("invalid_input") from error
         except (TimeoutError, DeadlineExpiredError) as error:
