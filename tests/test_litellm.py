@@ -445,3 +445,16 @@ def test_the_example_config_fits_the_shipped_model() -> None:
     router = PromptierRouter.from_file(example)  # loads the shipped model and checks the tier map against it
     assert list(router.config.tiers) == classifier.load().tier_names
     assert router.config.classifier.embedded and router.config.router_model == "promptier"
+
+
+def test_a_config_without_a_deadline_gets_the_proxys_not_the_dispatchers() -> None:
+    """LiteLLM's busy event loop takes up answers later than the dispatcher's: a config that leaves the
+    deadline out got the dispatcher's 20 ms, and sent answers the model had made to the fallback group."""
+    from serving.litellm_router import TIMEOUT_MS
+
+    base = {"tiers": GROUPS, "fallback_tier": "medium"}
+    for classifier_block in ({}, {"classifier": {"embedded": True}}, {"classifier": {"address": "127.0.0.1:1"}}):
+        config = LiteLLMRouterConfig.model_validate({**base, **classifier_block})
+        assert config.classifier.timeout_ms == TIMEOUT_MS == 50.0, classifier_block
+    given = LiteLLMRouterConfig.model_validate({**base, "classifier": {"embedded": True, "timeout_ms": 20}})
+    assert given.classifier.timeout_ms == 20
