@@ -148,6 +148,7 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         does not load or its tiers are not the config's, so that the proxy stops before it serves."""
         super().__init__()
         self.config = config
+        self.source: Path | None = None  # the config file, when read from one: errors name it
         self.route_classifier: EmbeddedRouteClassifier | GrpcRouteClassifier | None = None
         endpoint = config.classifier
         self._embedded: EmbeddedRouteClassifier | None = None
@@ -170,11 +171,13 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         """
         config = load_router_config(Path(path))
         try:
-            return cls(config)
+            router = cls(config)
         except ConfigError as error:  # the tier map is not the model's
             raise ConfigError(f"{path}: tiers: {error}") from error
         except ArtifactError as error:
             raise ArtifactError(f"{path}: classifier.model: {error}") from error
+        router.source = Path(path)
+        return router
 
     def _check_service_tiers(self) -> None:
         """The gRPC service's tiers, if it answers now; if not, a decision for a tier the config does not map
@@ -229,9 +232,12 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         missing = {tier: group for tier, group in self.config.tiers.items()
                    if not registry.names(group, kind="route_candidates")}
         if missing:
-            log.error(json.dumps({"event": "model_groups_missing", "missing": missing}))
-            raise HTTPException(status_code=500, detail=f"promptier: tiers map to model groups this proxy does not "
-                                f"serve: {missing}; served: {sorted(registry.names())}")
+            # Named by its model and its file: a proxy with several routers has several configs to look in.
+            where = f"router {self.config.router_model!r}" + (f" ({self.source})" if self.source else "")
+            log.error(json.dumps({"event": "model_groups_missing", "router": self.config.router_model,
+                                  "config": str(self.source) if self.source else None, "missing": missing}))
+            raise HTTPException(status_code=500, detail=f"promptier: {where}: tiers map to model groups this proxy "
+                                f"does not serve: {missing}; served: {sorted(registry.names())}")
         self._groups_served = True
 
     def _mode(self, metadata: Mapping[str, Any]) -> str:

@@ -283,6 +283,8 @@ def test_a_tier_mapped_to_a_group_the_proxy_lacks_is_a_500_that_names_it(proxy: 
     with pytest.raises(openai.InternalServerError) as failed:
         _ask(proxy, EASY[0], model="promptier-unserved")
     assert "no-such-group" in str(failed.value)
+    # A proxy with several routers: the message names the one at fault, and the file to mend.
+    assert "router 'promptier-unserved' (" in str(failed.value) and "unserved.yaml)" in str(failed.value)
     assert _received(upstreams) == {"small": 0, "medium": 0, "large": 0}
     assert _ask(proxy, EASY[1])[0]["x-promptier-reason"] == "classified"  # the other router is unaffected
 
