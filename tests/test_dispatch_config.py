@@ -49,11 +49,14 @@ def test_config_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"inbound\.header_timeout_s: Input should be greater than 0"):
         load_dispatcher_config(path)
     # A URL like the tiers' base_url, or a host without its port (gRPC would dial 443), never connects.
-    for address in ("http://127.0.0.1:50051", "localhost", "127.0.0.1:50051/"):
+    for address in ("http://127.0.0.1:50051", "localhost", "127.0.0.1:50051/", "localhost:99999", "localhost:0"):
         path.write_text(f"classifier: {{address: '{address}'}}\n"
                         "tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n")
         with pytest.raises(ConfigError, match=r"classifier\.address: .*HOST:PORT \(e\.g\. 127\.0\.0\.1:50051"):
             load_dispatcher_config(path)
+    for address in ("::1:50051", "fe80::1:50051"):  # gRPC reads these as other hosts, and never connects
+        with pytest.raises(ValueError, match=r"an IPv6 host is written in brackets, as \[::1\]:50051"):
+            ClassifierEndpoint(address=address)
     for address in ("localhost:50051", "[::1]:50051", "unix:/run/promptier.sock", "dns:///router.internal:50051"):
         assert ClassifierEndpoint(address=address).address == address
 

@@ -76,9 +76,11 @@ class ClassifierEndpoint(_Strict):
         if value.startswith(GRPC_TARGET_SCHEMES):
             return value
         host, _, port = value.rpartition(":")
-        if "/" in value or not host or not port.isdigit():
+        if "/" in value or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"address is the gRPC service's HOST:PORT (e.g. 127.0.0.1:50051, no http://), "
                              f"got {value!r}")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):  # gRPC reads `::1:50051` otherwise
+            raise ValueError(f"address: an IPv6 host is written in brackets, as [::1]:50051; got {value!r}")
         return value
 
     @model_validator(mode="after")
