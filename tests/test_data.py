@@ -104,6 +104,15 @@ def test_a_file_every_row_of_which_is_skipped_is_named(tmp_path: Path, caplog: p
     assert [record.getMessage() for record in caplog.records] == [
         f"{other}: all 3 of its rows are invalid (3 x column 'prompt': missing value), so none of it trains: are "
         "its columns those of the log format (prompt, model, score, ...)?"]
+    # A decision log whose requests have no outcome yet, cut short by a killed writer, is of the right format.
+    request = {"schema_version": 8, "prompt_id": "dispatcher:1", "prompt": "hi", "model": "m", "score": None,
+               "source": "dispatcher", "category": "", "tier": "small", "routed_tier": "small"}
+    decisions = tmp_path / "decisions.jsonl"
+    decisions.write_text(json.dumps(request) + "\n" + json.dumps(request)[:20] + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.data"):
+        read_logs([good, decisions], skip_invalid=True)
+    assert not caplog.records
 
 
 def test_unsupported_and_missing_files(tmp_path: Path) -> None:

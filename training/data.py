@@ -334,8 +334,9 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
     scored_prompts = frozenset(prompt_id for prompt_id, _ in outcomes)
     requested: set[str] = set()  # the prompt_ids of the request lines read, which outcomes join
     for path in files:
-        valid, faults = 0, Counter[str]()
+        read, faults = 0, Counter[str]()
         for number, raw in read_records(path):
+            read += 1
             if outcomes and isinstance(raw, dict) and "routed_tier" in raw:
                 requested.add(str(raw.get("prompt_id")))
             record = _join_outcome(raw, outcomes, report, explored_only, scored_prompts)
@@ -343,18 +344,17 @@ def iter_rows(paths: Sequence[str | Path], report: SkipReport, skip_invalid: boo
                 continue
             try:
                 yield parse_row(record, str(path), number, tiers)
-                valid += 1
             except DataError as error:
                 if not skip_invalid:
                     raise
                 report.add(error)
                 faults[error.fault] += 1
-        if faults and not valid:
+        if faults and faults.total() == read:
             # Skipped row by row, a whole file of another format (a misnamed column, a judge on another
-            # scale) would leave training as quietly as one bad row.
+            # scale) would leave training as quietly as one bad row. Lines a decision log holds that cannot
+            # train yet (outcomes, requests without one) are no fault of its format.
             log.warning("%s: all %d of its rows are invalid (%s), so none of it trains: are its columns those of "
-                        "the log format (prompt, model, score, ...)?", path, faults.total(),
-                        counted_reasons(faults, 3))
+                        "the log format (prompt, model, score, ...)?", path, read, counted_reasons(faults, 3))
     orphans = len(scored_prompts - requested)
     if orphans:  # its request is in a file not given (a rotated backup, another worker's log), or never was
         report.not_trainable["outcome reported for a request not in these logs"] += orphans
