@@ -13,6 +13,7 @@ import pytest
 import classifier
 from classifier.artifact import load_manifest
 from classifier.artifact_layout import SEEN_PROMPTS_FILE
+from classifier.errors import ArtifactError
 from tests.conftest import dies_after_first_checkpoint, synthetic_rows, tiny_config, write_jsonl
 from training.errors import DataError
 from training.pipeline import train
@@ -295,6 +296,17 @@ def test_export_command_reexports_a_trained_checkpoint(trained_artifact: Path, t
     assert result.exit_code == 2 and "parity needs at least 500 prompts" in result.output
     assert not (tmp_path / "x").exists()
 
+
+
+def test_a_work_dir_inside_out_is_refused_before_any_work(tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path,
+                                                          pool_file: Path) -> None:
+    """OUT is replaced whole by the new artifact: a work dir inside it made the run fail at its very end,
+    and again at every rerun (before, its checkpoint was deleted with OUT)."""
+    out = tmp_path / "model"
+    for work_dir in (out / "work", out):
+        with pytest.raises(ArtifactError, match=r"is inside .*which the new artifact replaces whole"):
+            train([synthetic_logs], pool_file, out, tiny_config(tiny_backbone), work_dir=work_dir)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_export_counts_each_prompt_of_a_log_once_towards_the_parity_bars(trained_artifact: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from classifier.artifact import (
     save_manifest,
 )
 from classifier.artifact_layout import MODEL_CARD_FILE, SEEN_PROMPTS_FILE, staged_artifact, write_member_text
+from classifier.errors import ArtifactError
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
@@ -98,12 +100,18 @@ def train(
     on the same work dir is refused, not let loose on the first one's checkpoints.
 
     Raises:
+        ArtifactError: the work dir is inside `out_dir`.
         PromptierError: another run holds the work dir (and errors of the run itself).
     """
     from training.devices import torchrun_environment
     from training.work_lock import work_dir_lock
 
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
+    if Path(os.path.abspath(work_dir)).is_relative_to(os.path.abspath(out_dir)):
+        # The new artifact replaces OUT whole: a work dir inside it would be refused (or lost) only once
+        # the whole run was done, at every rerun.
+        raise ArtifactError(f"the work dir {work_dir} is inside {out_dir}, which the new artifact replaces whole: "
+                            "give --work-dir a folder beside it (the default is OUT.work)")
     # Only the main process writes the work dir: the others of a distributed run read what it wrote.
     with work_dir_lock(work_dir) if torchrun_environment()[0] == 0 else contextlib.nullcontext():
         import torch
