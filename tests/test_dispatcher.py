@@ -131,3 +131,40 @@ def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(
         assert 'promptier_dispatch_classifier_fallbacks_total{cause="timeout"} 1.0' in metrics
     finally:
         running.stop()
+
+
+def test_a_caller_gone_while_its_classification_failed_leaves_no_unread_error(trained_artifact: Path) -> None:
+    """Under overload the model's queue refuses a call at once; a caller that went away meanwhile never
+    read that error, which asyncio then logged, with a traceback, as never retrieved."""
+    import gc
+
+    from prometheus_client import CollectorRegistry
+
+    import classifier
+    from serving.common.batcher import BatcherMetrics, QueueFullError
+    from serving.dispatch.route_classifier import EmbeddedRouteClassifier
+
+    embedded = EmbeddedRouteClassifier(classifier.load(trained_artifact), 1.0,
+                                       BatcherMetrics(CollectorRegistry(), "test"))
+
+    async def refused(*args: object) -> None:
+        raise QueueFullError("full")
+
+    embedded._batcher.submit = refused  # type: ignore[method-assign,assignment]
+    reported: list[dict] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        caller = asyncio.ensure_future(embedded.classify([("user", EASY)], None))
+        await asyncio.sleep(0)  # the caller submits; the submission fails in the next turn
+        await asyncio.sleep(0)
+        caller.cancel()  # ...and the caller goes before it wakes to read it
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        del caller
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    gc.collect()
+    assert not reported, reported

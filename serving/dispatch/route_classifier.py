@@ -109,6 +109,12 @@ class GrpcRouteClassifier:
         await self._client.close()
 
 
+def _read_outcome(task: asyncio.Future) -> None:
+    """Mark a finished task's exception as read (it is handled, or its caller has gone)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class EmbeddedRouteClassifier:
     """The runtime inside the dispatcher process. The model runs on its own worker thread (never on the
     event loop), with the same no-wait micro-batching as the gRPC server."""
@@ -140,6 +146,9 @@ class EmbeddedRouteClassifier:
             # two the loop reaches first (asyncio.timeout): a loop busy with other requests past the deadline
             # would otherwise discard a decision made in time, for a fallback that saves no time.
             submitted = asyncio.ensure_future(self._batcher.submit([(text, request)], self._timeout_s))
+            # A caller gone while the call failed (a full queue, under overload) never reads its error:
+            # read here, or asyncio logs it as never retrieved, with a traceback, for every such caller.
+            submitted.add_done_callback(_read_outcome)
             try:
                 done, _ = await asyncio.wait((submitted,), timeout=self._timeout_s)
             finally:  # timed out, or the caller went away: the prompt no longer holds the queue
