@@ -53,18 +53,19 @@ def manifest_of(artifact: Path) -> dict:
     return json.loads((artifact / "manifest.json").read_text())
 
 
-def assert_card_names_no_absolute_path(artifact: Path) -> None:
-    """The card of `artifact` holds no absolute path (`..`-relative forms name nothing above the
-    directory it was written in)."""
+def assert_card_names_no_absolute_path(artifact: Path, root: Path) -> None:
+    """The card of `artifact` names no path under `root` (the tests' temporary folder) absolutely: its
+    `..`-relative forms name nothing above the directory the card was written in."""
     card = (artifact / "MODEL_CARD.md").read_text()
-    assert not re.findall(r"(?<![\w.])/tmp/\S*", card)
+    assert not re.findall(r"(?<![\w.])" + re.escape(str(root)) + r"\S*", card)
 
 
-def test_the_card_of_a_model_trained_on_absolute_paths_shows_them_relative(trained_artifact: Path) -> None:
+def test_the_card_of_a_model_trained_on_absolute_paths_shows_them_relative(
+        trained_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The fixture is trained from Python on absolute temporary paths. The manifest keeps them, for the
     tools that follow them; the card shows where its logs, pool and backbone were relative to
     the directory it was written in (the test's)."""
-    assert_card_names_no_absolute_path(trained_artifact)
+    assert_card_names_no_absolute_path(trained_artifact, tmp_path_factory.getbasetemp())
     training = manifest_of(trained_artifact)["training"]
     card = (trained_artifact / "MODEL_CARD.md").read_text()
     for path in (training["logs"][0], training["pool"], training["config"]["backbone"]):
@@ -146,6 +147,9 @@ def test_distilled_student_learns_from_its_teacher(tmp_path: Path, tiny_backbone
     assert [r.tier for r in runtime.classify_batch(prompts)] == [r.tier for r in teacher.classify_batch(prompts)]
     summary = manifest.metrics["test"]["all"]
     assert summary["promptier"]["apgr"] > summary["random"]["apgr"] + 0.1
+    # The student's architecture names the backbone it was built from, and the card names it relatively.
+    assert manifest.architecture["backbone"].endswith(f"student of {tiny_backbone}")
+    assert_card_names_no_absolute_path(out, tmp_path.parent)
 
 
 
@@ -361,7 +365,7 @@ def test_train_command_with_the_built_in_defaults(tmp_path: Path, tiny_backbone:
     monkeypatch.setattr(sys, "argv", ["promptier", *arguments])  # the command the manifest records
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert_card_names_no_absolute_path(out)
+    assert_card_names_no_absolute_path(out, tmp_path.parent)
     assert f"--out={out}" in manifest_of(out)["training"]["command"]
     assert f"promptier train --logs {os.path.relpath(synthetic_logs)} " in (out / "MODEL_CARD.md").read_text()
     assert f"--out={os.path.relpath(out)}" in (out / "MODEL_CARD.md").read_text()

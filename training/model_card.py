@@ -12,7 +12,7 @@ from training.generalization_report import format_lead
 from training.generalization_report import recorded as recorded_generalization
 from training.generalization_report import render_markdown as render_generalization
 from training.probes import render_probe_markdown
-from training.recorded_paths import recorded_command_line, recorded_paths
+from training.recorded_paths import recorded_command_line, recorded_path, recorded_paths
 
 BACKBONE_LICENCES = {
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), installed offline from the PyPI "
@@ -44,8 +44,7 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
     """The artifact's MODEL_CARD.md. The manifest keeps paths as training was given them (export and
     retraining follow them); the card shows each absolute one relative to the working directory it is
     rendered in, so that it names no directory of the machine that built the model."""
-    manifest = manifest.model_copy(update={"training": recorded_paths(dict(manifest.training)),
-                                           "architecture": recorded_paths(dict(manifest.architecture))})
+    manifest = _with_relative_paths(manifest)
     training = manifest.training
     config = training.get("config", {})
     assert isinstance(config, dict)
@@ -109,6 +108,23 @@ def render_model_card(manifest: ArtifactManifest, directory: Path) -> str:
 
 
 SKIP_REASONS_SHOWN = 5
+# The fields of the manifest's `training` that hold paths (the recipe's backbone and the commands too).
+PATH_FIELDS = ("logs", "pool", "teacher", "checkpoint", "init_from")
+
+
+def _with_relative_paths(manifest: ArtifactManifest) -> ArtifactManifest:
+    """`manifest` with each absolute path it records relative to the working directory: the paths only,
+    not every string that starts with a slash (a source may be named `/v1/chat`)."""
+    training = {**manifest.training, **{key: recorded_paths(manifest.training[key])
+                                        for key in PATH_FIELDS if key in manifest.training}}
+    architecture = dict(manifest.architecture)
+    config = training.get("config")
+    backbone = config.get("backbone") if isinstance(config, dict) else None
+    if isinstance(config, dict) and isinstance(backbone, str) and backbone != recorded_path(backbone):
+        training["config"] = {**config, "backbone": recorded_path(backbone)}
+        if isinstance(architecture.get("backbone"), str):  # "student of BACKBONE", "bag student of BACKBONE"
+            architecture["backbone"] = str(architecture["backbone"]).replace(backbone, recorded_path(backbone))
+    return manifest.model_copy(update={"training": training, "architecture": architecture})
 
 
 def _command_lines(training: dict) -> list[str]:

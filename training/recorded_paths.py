@@ -22,7 +22,7 @@ def recorded_path(path: str | Path) -> str:
 
 
 def recorded_paths(value: object) -> object:
-    """`value` (plain data: a recipe, a record) with every absolute path string in it made relative."""
+    """`value`, a path or a list of them (or other plain data of paths), with each absolute one made relative."""
     if isinstance(value, dict):
         return {key: recorded_paths(item) for key, item in value.items()}
     if isinstance(value, list):
