@@ -168,8 +168,9 @@ def _cell(value: object) -> tuple[str | None, str | None]:
 
     Text is written as it is, and a null as no value (an id column's null names the row `NAME:N`).
     Booleans, numbers, lists and objects are written as JSON writes them, from every input format and
-    nested or not: `true` (not Python's `True`), `1.5`, `1e+20`, `[1, false]`. A number is the double it
-    reads as, as JSON readers read it (an id that must stay exact belongs in a string). JSON has no
+    nested or not: `true` (not Python's `True`), `1.5`, `1e+20`, `[1, false]`. An integer is written
+    exactly; any other number is the double it reads as, as JSON readers read it (an id that must stay
+    exact is an integer or a string). JSON has no
     number that is not finite, but a double does: `1e400` reads as infinity, Python's reader takes the
     words `NaN`, `Infinity` and `-Infinity`, and a Parquet float column may hold them. Such a number is
     written in those words (as Python's json writes it, not str()'s `nan` and `inf`), which Python's

@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,7 +166,8 @@ def test_reflection_v1_lists_and_describes_the_services(server: ServerThread) ->
                    for file in files for service in file.service), described
 
 
-GRPCURL = shutil.which("grpcurl")
+# The dev extra installs it beside the interpreter, which a run of the venv's python need not have on PATH.
+GRPCURL = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 
 @pytest.mark.skipif(GRPCURL is None, reason="grpcurl is not installed (the dev extra installs it on x86-64 Linux)")
