@@ -64,6 +64,20 @@ def routing_groups(sources: np.ndarray, targets: np.ndarray) -> dict[str, np.nda
     return groups
 
 
+def binary_outcomes(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Binary routing's prompts, those known on the cheapest tier and a more capable one, with their
+    outcome on the cheapest tier (`weak`) and on their most capable known tier (`strong`)."""
+    rows = np.flatnonzero(comparable_rows(targets))
+    strong_index = top_known_tier(~np.isnan(targets))[rows]
+    return rows, targets[rows, 0], targets[rows, strong_index]
+
+
+def router_hardness(probabilities: np.ndarray, known: np.ndarray, rule: Rule) -> np.ndarray:
+    """How much of the strong tier's expected quality the cheapest tier would lose, by a router's
+    probabilities (its relative score): what binary routing ranks the prompts by."""
+    return 1.0 - relative_scores(probabilities, known, rule)[:, 0]
+
+
 def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: np.ndarray,
                 tier_names: list[str], rule: Rule = "ratio", rivals: Sequence[str] = BASELINES) -> dict:
     """Every metric for every method on one group of prompts, each routed by the same `rule`.
@@ -79,18 +93,13 @@ def score_group(methods: Mapping[str, np.ndarray], targets: np.ndarray, costs: n
         if known[:, k].any():
             single[name] = {"quality": float(np.mean(targets[known[:, k], k])),
                             "cost_usd": float(np.mean(costs[known[:, k], k])), "n": int(known[:, k].sum())}
-    # Binary routing: cheapest tier vs each prompt's most capable known tier, on the prompts known on both.
-    rows = np.flatnonzero(comparable_rows(targets))
-    strong_index = top_known_tier(known)[rows]
-    weak, strong = targets[rows, 0], targets[rows, strong_index]
+    rows, weak, strong = binary_outcomes(targets)
     result: dict = {"n": len(targets), "top_quality": top_quality, "top_cost_usd": top_cost,
                     "single_tiers": single, "methods": {}}
     hardness_of: dict[str, np.ndarray] = {}
     for method, probabilities in methods.items():
-        # The oracle knows each prompt's gain from the strong tier; a router scores a prompt by how much
-        # of the strong tier's expected quality the cheapest tier would lose (its relative score).
-        relative = relative_scores(probabilities[rows], known[rows], rule)
-        hardness = (strong - weak) if method == "oracle" else 1.0 - relative[:, 0]
+        # The oracle knows each prompt's gain from the strong tier.
+        hardness = (strong - weak) if method == "oracle" else router_hardness(probabilities[rows], known[rows], rule)
         hardness_of[method] = hardness
         curve = binary_curve(hardness, weak, strong)
         routing = routing_curve(probabilities, targets, costs, rule=rule)
@@ -128,8 +137,10 @@ MIN_FIT_ROWS = 50
 
 
 def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTable | None,
-                   backbone_dir: Path | None, cache_dir: Path | None = None, seed: int = 0) -> dict:
-    """Score the artifact and the baselines on `eval_table`, overall and per source.
+                   backbone_dir: Path | None, cache_dir: Path | None = None, seed: int = 0,
+                   probabilities: np.ndarray | None = None) -> dict:
+    """Score the artifact and the baselines on `eval_table`, overall and per source (`probabilities`:
+    the artifact's for `eval_table`'s prompts, in its order, when the caller has them already).
 
     Baselines that learn (length, embedding) are fitted on `fit_table`, the prompts the model was
     trained on, so that every method sees the same data; without it they are cross-fitted on the
@@ -142,11 +153,13 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
     """
     from classifier.artifact import load_manifest
 
-    eval_table = in_canonical_order(eval_table)
+    order = canonical_order(eval_table)
+    eval_table = eval_table.subset(order)
     fit_table = None if fit_table is None else in_canonical_order(fit_table)
     manifest = load_manifest(artifact)
     tier_names = manifest.tier_names
-    methods: dict[str, np.ndarray] = {MODEL: model_probabilities(artifact, eval_table.prompts)}
+    methods: dict[str, np.ndarray] = {
+        MODEL: model_probabilities(artifact, eval_table.prompts) if probabilities is None else probabilities[order]}
     methods["random"] = random_scores(len(eval_table), len(tier_names), seed)
     methods["length"] = _learned(length_features, eval_table, fit_table, seed)
     if backbone_dir is not None:
@@ -170,9 +183,14 @@ def evaluate_table(artifact: Path, eval_table: PromptTable, fit_table: PromptTab
     return report
 
 
+def canonical_order(table: PromptTable) -> np.ndarray:
+    """The rows of `table` sorted by prompt hash (prompts are distinct, so the order is unique)."""
+    return np.argsort([prompt_hash(prompt) for prompt in table.prompts], kind="stable")
+
+
 def in_canonical_order(table: PromptTable) -> PromptTable:
-    """`table` with its rows sorted by prompt hash (prompts are distinct, so the order is unique)."""
-    return table.subset(np.argsort([prompt_hash(prompt) for prompt in table.prompts], kind="stable"))
+    """`table` with its rows in `canonical_order`."""
+    return table.subset(canonical_order(table))
 
 
 def _learned(featurize, eval_table: PromptTable, fit_table: PromptTable | None, seed: int) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -309,35 +327,31 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
     test = [i for i in np.flatnonzero(split == "test") if prompt_hash(table.prompts[i]) not in seen]
     if not test:
         raise DataError("logs", f"every test prompt of the new logs was seen by {previous}: nothing to compare on")
-    subset = in_canonical_order(table.subset(np.array(test)))
-    before = evaluate_table(previous, subset, None, None)["summary"]
-    after = evaluate_table(new, subset, None, None)["summary"]
+    subset = in_canonical_order(table.subset(np.array(test)))  # the order evaluate_table ranks ties in
+    scores = {path: model_probabilities(path, subset.prompts) for path in (previous, new)}
+    before = evaluate_table(previous, subset, None, None, probabilities=scores[previous])["summary"]
+    after = evaluate_table(new, subset, None, None, probabilities=scores[new])["summary"]
     apgr = {group: {"previous": before[group][MODEL]["apgr"], "new": after[group][MODEL]["apgr"]}
             for group in after}
     comparable = int(np.count_nonzero(comparable_rows(subset.targets)))
     worse = apgr["all"]["new"] < apgr["all"]["previous"] if comparable else None
     return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test),
             "comparable_prompts": comparable, "apgr": apgr, "worse": worse,
-            "lead": apgr_lead(new, previous, subset) if comparable > 1 else None}
+            "lead": apgr_lead(subset.targets, scores[new], load_manifest(new).policy.rule, scores[previous],
+                              load_manifest(previous).policy.rule) if comparable > 1 else None}
 
 
-def apgr_lead(artifact: Path, rival: Path, table: PromptTable) -> dict:
-    """APGR(artifact) - APGR(rival) on the prompts of `table` known on the cheapest tier and a more
-    capable one, each model ranked by its own routing rule, with the 95% paired-bootstrap interval of
-    that lead: an interval that spans zero says these prompts cannot tell the two apart."""
-    from classifier.artifact import load_manifest
-
-    known = ~np.isnan(table.targets)
-    rows = np.flatnonzero(comparable_rows(table.targets))
-    weak, strong = table.targets[rows, 0], table.targets[rows, top_known_tier(known)[rows]]
-
-    def hardness(path: Path) -> np.ndarray:
-        probabilities = model_probabilities(path, [table.prompts[i] for i in rows])
-        return 1.0 - relative_scores(probabilities, known[rows], load_manifest(path).policy.rule)[:, 0]
-
-    ours, theirs = hardness(artifact), hardness(rival)
-    return {"difference": apgr(binary_curve(ours, weak, strong)) - apgr(binary_curve(theirs, weak, strong)),
-            "ci95": list(apgr_difference_interval(ours, theirs, weak, strong))}
+def apgr_lead(targets: np.ndarray, ours: np.ndarray, our_rule: Rule, theirs: np.ndarray, their_rule: Rule) -> dict:
+    """APGR(ours) - APGR(theirs), two routers' probabilities for the same prompts each ranked by its own
+    rule, on the prompts known on the cheapest tier and a more capable one, with the 95% paired-bootstrap
+    interval of that lead: an interval that spans zero says these prompts cannot tell the two apart."""
+    rows, weak, strong = binary_outcomes(targets)
+    known = ~np.isnan(targets[rows])
+    our_hardness = router_hardness(ours[rows], known, our_rule)
+    their_hardness = router_hardness(theirs[rows], known, their_rule)
+    return {"difference": apgr(binary_curve(our_hardness, weak, strong))
+            - apgr(binary_curve(their_hardness, weak, strong)),
+            "ci95": list(apgr_difference_interval(our_hardness, their_hardness, weak, strong))}
 
 
 def evaluate_split(artifact: Path, table: PromptTable, split: np.ndarray, backbone_dir: Path | None,
