@@ -39,5 +39,7 @@ def work_dir_lock(work_dir: Path) -> Iterator[None]:
             yield
     finally:
         if made:
-            with contextlib.suppress(OSError):  # rmdir removes only an empty directory: a checkpoint stays
+            # rmdir removes only an empty directory: a checkpoint, or another run's lock file, keeps it. A
+            # run starting on it between its mkdir and its lock's open fails to create the lock, and says so.
+            with contextlib.suppress(OSError):
                 work_dir.rmdir()
