@@ -331,3 +331,24 @@ def test_logs_the_pool_maps_nothing_of_name_the_pool_entry_to_add(  # type: igno
                                         r"sources: 'default' \(.+\); 'dispatcher' \(.+\)\. Add each source to the "
                                         r"pool's `sources:` as `SOURCE: \{TIER: MODEL, \.\.\.\}`"):
         train([logs], pool_file, tmp_path / "model", tiny_config(tiny_backbone, streaming=streaming))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_tier_no_prompt_has_an_outcome_on_is_refused(  # type: ignore[no-untyped-def]
+        tmp_path: Path, tiny_backbone: Path, synthetic_logs: Path, pool_file: Path, streaming: bool) -> None:
+    """A typo in the pool's only model of the top tier was warned about, and then a model was trained and
+    exported with a top tier it never saw answer."""
+    import yaml
+
+    from tests.conftest import tiny_config
+    from training.pipeline import train
+
+    pool = yaml.safe_load(pool_file.read_text())
+    for source, models in pool["sources"].items():
+        if "large" in models:
+            pool["sources"][source] = {**models, "large": models["large"] + "-typo"}
+    mistyped = tmp_path / "pool.yaml"
+    mistyped.write_text(yaml.safe_dump(pool))
+    with pytest.raises(DataError, match=r"no prompt of the logs has an outcome on the tier\(s\) \['large'\]"):
+        train([synthetic_logs], mistyped, tmp_path / "model", tiny_config(tiny_backbone, streaming=streaming))
+    assert not (tmp_path / "model").exists()

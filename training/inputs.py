@@ -326,6 +326,21 @@ def require_comparable_prompts(table: PromptTable, split: np.ndarray) -> None:
                         "several tiers per prompt (benchmark logs, or a sample judged on every tier)")
 
 
+def require_every_tier_known(table: PromptTable, tier_names: Sequence[str]) -> None:
+    """Refuse logs in which a tier of the pool has no outcome for any prompt: the pool maps it, in every
+    source, to a model that no row names (a typo, most often, warned about as the logs are read), and the
+    model would ship a tier it never learned from outcomes, its scores for it chance or the anchors'.
+
+    Raises:
+        DataError: naming the tiers.
+    """
+    unknown = [name for k, name in enumerate(tier_names) if np.isnan(table.targets[:, k]).all()]
+    if unknown:
+        raise DataError("logs", f"no prompt of the logs has an outcome on the tier(s) {unknown}: the pool maps them "
+                        "to models that no row names (see the warnings above), and a model cannot learn a tier "
+                        "it never saw answer")
+
+
 def vocab_size(tokenizer_file: Path) -> int:
     from tokenizers import Tokenizer
 

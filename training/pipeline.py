@@ -32,6 +32,7 @@ from training.inputs import (
     TRAINSET_DIR,
     TrainingInputs,
     in_memory_inputs,
+    require_every_tier_known,
     streamed_inputs,
     vocab_size,
     with_previous_seen,
@@ -137,6 +138,8 @@ def train(
                           if config.streaming else
                           in_memory_inputs(logs, pool, config, encoder, backbone_dir, truncation, work_dir,
                                            skip_invalid, teacher, unlabeled, distill_weight, cache_dir))
+                if init_from is None:  # a continued model keeps what it learned of a tier the new logs lack
+                    require_every_tier_known(inputs.table, pool.tier_names)
                 if compare_with is not None:
                     inputs = with_previous_seen(inputs, compare_with)
             stages = {"inputs": round(time.time() - started, 1)}
