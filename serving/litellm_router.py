@@ -190,8 +190,12 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
                 served = [tier.name for tier in client.info().tiers]
         except Exception as error:  # grpc.RpcError, or a malformed address
             code = error.code() if isinstance(error, grpc.Call) else None
-            log.warning(json.dumps({"event": "classifier_not_checked", "address": address,
-                                    "detail": code.name if isinstance(code, grpc.StatusCode) else repr(error)}))
+            # Said in the line itself: LiteLLM may print it without a level, and the proxy serves all the same.
+            log.warning(json.dumps({"event": "classifier_not_checked", "level": "warning", "address": address,
+                                    "detail": code.name if isinstance(code, grpc.StatusCode) else repr(error),
+                                    "meaning": "requests go to the fallback tier's group "
+                                               f"({self.config.tiers[self.config.fallback_tier]!r}) until the "
+                                               "service answers; its tiers are not checked against this config"}))
             return
         _check_tiers(served, self.config, f"gRPC service at {address}")
 

@@ -329,6 +329,7 @@ def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path, caplo
         "classifier": {"address": f"127.0.0.1:{free_port()}", "timeout_ms": 200}})
     router = PromptierRouter(config)
     assert '"event": "classifier_not_checked"' in caplog.text and '"detail": "UNAVAILABLE"' in caplog.text
+    assert '"level": "warning"' in caplog.text and "requests go to the fallback tier's group" in caplog.text
 
     async def route() -> dict:
         data = {"model": "promptier", "messages": [{"role": "user", "content": HARD}]}
