@@ -83,6 +83,9 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         import ray
     except ImportError as exc:
         raise LabelingError("the ray engine needs Ray: pip install 'promptier[ray]'") from exc
+    if OWN_ID in (*options.keep_columns, options.id_column):  # the labeled blocks carry a column of that name
+        raise LabelingError(f"the ray engine uses a column named {OWN_ID!r} of its own: label with --engine local, "
+                            "or rename that input column")
     files = prepare_job(inputs, output, options, id_column_given)
     with output_lock(output):
         if output.exists():

@@ -328,6 +328,14 @@ def test_the_ray_engine_refuses_a_named_id_column_no_parquet_input_has(tmp_path:
         label_with_ray([str(source)], tmp_path / "out.jsonl",
                        LabelOptions(model=str(shipped_artifact), id_column="requst_id"), id_column_given=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+    # A column named like the one the engine counts its own ids in would be overwritten, then dropped.
+    from classifier.labeling_ray import OWN_ID
+
+    for options in (LabelOptions(model=str(shipped_artifact), keep_columns=(OWN_ID,)),
+                    LabelOptions(model=str(shipped_artifact), id_column=OWN_ID)):
+        with pytest.raises(LabelingError, match=f"the ray engine uses a column named '{OWN_ID}' of its own"):
+            label_with_ray([str(source)], tmp_path / "out.jsonl", options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
 
 
 def test_a_column_kept_twice_is_refused_before_anything_is_labeled(tmp_path: Path, shipped_artifact: Path) -> None:
