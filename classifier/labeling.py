@@ -41,7 +41,6 @@ from classifier.prompt_files import (
     file_format,
     parquet_columns,
     refuse_json_array,
-    refuse_unreadable_parquet,
 )
 
 __all__ = [
@@ -138,7 +137,7 @@ def check_job(files: Sequence[Path], output: Path, options: LabelOptions) -> Non
             if file_format(path) == "jsonl":
                 refuse_json_array(path)
             elif file_format(path) == "parquet":
-                refuse_unreadable_parquet(path)
+                parquet_columns(path)  # its footer is readable
         except PromptFileError as exc:
             raise LabelingError(str(exc)) from None
 

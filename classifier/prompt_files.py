@@ -176,22 +176,10 @@ def refuse_json_array(path: Path) -> None:
                                     f"(convert it with: jq -c '.[]' {path.name} > {converted})")
 
 
-def refuse_unreadable_parquet(path: Path) -> None:
-    """Refuse a Parquet file whose footer (its schema and row groups) cannot be read: only the footer is
-    read, so that a job finds a file that is not Parquet before it starts, not after it labeled the
-    files before it (nor inside a Ray task, whose error is a traceback).
-
-    Raises:
-        PromptFileError: the file cannot be read, or is not Parquet.
-    """
-    try:
-        pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise PromptFileError(path, f"cannot read Parquet: {exc}") from exc
-
-
 def parquet_columns(path: Path) -> list[str]:
-    """The names of a Parquet file's columns, read from its footer alone.
+    """The names of a Parquet file's columns, read from its footer alone: a job calls it to find a file
+    that is not Parquet before it starts, not after it labeled the files before it (nor inside a Ray
+    task, whose error is a traceback).
 
     Raises:
         PromptFileError: the file cannot be read, or is not Parquet.
