@@ -23,7 +23,7 @@ from training.anchors import CHAT_ANCHOR_PREFIX
 from training.config import TrainConfig
 from training.data import SkipReport, check_unicode, read_logs
 from training.errors import DataError
-from training.labels import PromptTable, build_table, check_holdouts, prompt_hash, split_table
+from training.labels import PromptTable, build_table, check_holdouts, held_out, prompt_hash, split_table
 from training.pool import Pool, load_pool
 
 if TYPE_CHECKING:
@@ -90,8 +90,7 @@ def held_out_note(table: PromptTable, config: TrainConfig) -> str:
     """What a too-small split owes to `--holdout-source`/`--holdout-category` ("" when nothing is held
     out): holding out a log's only source sends every prompt to test, which "too few prompts" alone
     would blame on the size of the logs."""
-    held = np.isin(table.sources, list(config.holdout_sources)) | np.isin(table.categories,
-                                                                         list(config.holdout_categories))
+    held = held_out(table, config.holdout_sources, config.holdout_categories)
     if not held.any():
         return ""
     return (f": the held-out sources and categories put {int(held.sum())} of them in the test split, leaving "

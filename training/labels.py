@@ -183,6 +183,11 @@ def check_holdouts(sources: Iterable[str], categories: Iterable[str], holdout_so
                                     f"the logs' {kind} names (of rows the pool maps): {shown}")
 
 
+def held_out(table: PromptTable, sources: Sequence[str], categories: Sequence[str]) -> np.ndarray:
+    """Which prompts of `table` are of a held-out source or category (`split_table` puts them in test)."""
+    return np.isin(table.sources, list(sources)) | np.isin(table.categories, list(categories))
+
+
 def split_table(table: PromptTable, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 holdout_sources: Sequence[str] = (), holdout_categories: Sequence[str] = ()) -> np.ndarray:
     """Assign each prompt to train/val/test, seeded and by prompt (duplicates were merged already).
@@ -194,7 +199,7 @@ def split_table(table: PromptTable, seed: int, val_fraction: float = 0.1, test_f
         raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum below 1")
     n = len(table)
     split = np.empty(n, dtype=object)
-    held = np.isin(table.sources, list(holdout_sources)) | np.isin(table.categories, list(holdout_categories))
+    held = held_out(table, holdout_sources, holdout_categories)
     rng = np.random.default_rng(seed)
     rest = rng.permutation(np.flatnonzero(~held))
     n_val = round(len(rest) * val_fraction)
