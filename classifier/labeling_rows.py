@@ -166,17 +166,16 @@ def _chat_messages(messages: list) -> list[dict]:
 def _cell(value: object) -> tuple[str | None, str | None]:
     """A value as output text (one type per column, whatever the input held), and what is wrong with it.
 
-    Text is written as it is, and a null as no value (an id column's null names the row `NAME:N`).
-    Booleans, numbers, lists and objects are written as JSON writes them, from every input format and
-    nested or not: `true` (not Python's `True`), `1.5`, `1e+20`, `[1, false]`. An integer is written
-    exactly; any other number is the double it reads as, as JSON readers read it (an id that must stay
-    exact is an integer or a string). JSON has no
-    number that is not finite, but a double does: `1e400` reads as infinity, Python's reader takes the
-    words `NaN`, `Infinity` and `-Infinity`, and a Parquet float column may hold them. Such a number is
-    written in those words (as Python's json writes it, not str()'s `nan` and `inf`), which Python's
-    float() and JavaScript's Number() read back as that number; it is no error: the output can hold it,
-    and it is the row's value. Dates, decimals and bytes, which Parquet holds and JSON has no type for,
-    are written as Python prints them.
+    Text is written as it is, and a null as no value (an id column's null names the row `NAME:N`). Booleans,
+    numbers, lists and objects are written as JSON writes them, from every input format and nested or not:
+    `true` (not Python's `True`), `1.5`, `1e+20`, `[1, false]`. An integer is written exactly; any other
+    number is the double it reads as, as JSON readers read it (an id that must stay exact is an integer or a
+    string). JSON has no number that is not finite, but a double does: `1e400` reads as infinity, Python's
+    reader takes the words `NaN`, `Infinity` and `-Infinity`, and a Parquet float column may hold them. Such a
+    number is written in those words (as Python's json writes it, not str()'s `nan` and `inf`), which Python's
+    float() and JavaScript's Number() read back as that number; it is no error: the output can hold it, and it
+    is the row's value. Dates, decimals and bytes, which Parquet holds and JSON has no type for, are written
+    as Python prints them.
     """
     if value is None:
         return None, None
