@@ -91,6 +91,13 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
         assert message in reply.json()["error"]["message"], reply.json()
         assert "x-promptier-tier" not in reply.headers  # refused before routing: no tier was chosen
     assert not any(upstream.received for upstream in fresh.values())
+    for content, message in ((5, "messages[1].content must be a string, a list of content parts or null, got int"),
+                             ({"text": "hi"}, "got dict")):
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+        reply = httpx.post(url, json={"model": "promptier", "messages": messages}, timeout=10)
+        assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+        assert "x-promptier-tier" not in reply.headers
+    assert not any(upstream.received for upstream in fresh.values())
     for body, message in (({"messages": [{"role": "user", "content": "hi"}]}, "model is required; use one of ["),
                           ({"model": 5, "messages": [{"role": "user", "content": "hi"}]}, "model must be a string")):
         reply = httpx.post(url, json=body, timeout=10)

@@ -188,5 +188,11 @@ def parse_chat(raw: bytes) -> tuple[dict, list[tuple[str, str]]]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise HTTPError(400, f"messages[{index}] must be an object with a role")
+        content = message.get("content")
+        # Another type has no text to route on: routed, it would go to the cheapest tier as an empty
+        # prompt, and only the upstream's refusal would show the caller's mistake.
+        if content is not None and not isinstance(content, str | list):
+            raise HTTPError(400, f"messages[{index}].content must be a string, a list of content parts or null, "
+                                 f"got {type(content).__name__}")
         pairs.append((message["role"], content_text(message.get("content"))))
     return body, pairs
