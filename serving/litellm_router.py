@@ -262,6 +262,7 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         route_classifier = self._started_on(asyncio.get_running_loop())
         started = time.perf_counter()
         cause: str | None = None
+        detail: str | None = None
         try:
             if call_type not in CHAT_CALL_TYPES:
                 raise ClassifierUnavailable("unsupported_call_type")
@@ -273,12 +274,12 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
             if decision.tier not in self.config.tiers:
                 raise ClassifierUnavailable("unknown_tier")
         except ClassifierUnavailable as error:
-            cause = error.cause
+            cause, detail = error.cause, error.detail
         elapsed_ms = (time.perf_counter() - started) * 1000
         if cause is not None:
             tier = self.config.fallback_tier
             log.warning(json.dumps({"event": "classifier_fallback", "cause": cause, "tier": tier,
-                                    "model_group": self.config.tiers[tier]}))
+                                    "model_group": self.config.tiers[tier], **({"detail": detail} if detail else {})}))
             return RoutingRecord(tier=tier, model_group=self.config.tiers[tier], reason="fallback", cause=cause,
                             mode=mode, classifier_ms=round(elapsed_ms, 3))
         return RoutingRecord(tier=decision.tier, model_group=self.config.tiers[decision.tier], reason="classified",

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import ClassVar
 
+import grpc
 import httpx
 import openai
 import pytest
 
 from classifier.policy import choose_tier
+from serving._proto.promptier.v1 import router_pb2_grpc
 from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch.dispatch_config import ClassifierEndpoint, DispatcherConfig
+from serving.dispatch.route_classifier import ClassifierUnavailable, GrpcRouteClassifier
 from tests.dispatcher_harness import Dispatcher, dispatcher_config, read_log
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
@@ -168,3 +172,41 @@ def test_a_caller_gone_while_its_classification_failed_leaves_no_unread_error(tr
     asyncio.run(scenario())
     gc.collect()
     assert not reported, reported
+
+
+def test_a_grpc_service_falls_back_under_the_causes_an_embedded_classifier_gives() -> None:
+    """A slow, overloaded or refusing service is counted under the same cause as an embedded classifier that
+    fails the same way, so that one dashboard query covers either; the status itself is kept as detail."""
+    class Failing(router_pb2_grpc.RouterServicer):
+        """Answers every call as the prompt's text says: too slowly, overloaded or refused."""
+
+        statuses: ClassVar = {"overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED, "bad": grpc.StatusCode.INVALID_ARGUMENT,
+                    "broken": grpc.StatusCode.INTERNAL}
+
+        async def Classify(self, request: object, context: grpc.aio.ServicerContext) -> None:
+            text = request.conversation.messages[0].content  # type: ignore[attr-defined]
+            if text == "slow":
+                await asyncio.sleep(5)
+            await context.abort(self.statuses.get(text, grpc.StatusCode.UNAVAILABLE), text)
+
+    async def causes() -> dict[str, tuple[str, str | None]]:
+        server = grpc.aio.server()
+        router_pb2_grpc.add_RouterServicer_to_server(Failing(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        classifier = GrpcRouteClassifier(f"127.0.0.1:{port}", timeout_s=0.3, coalesce=False, connections=1)
+        found = {}
+        try:
+            for text in ("slow", "overloaded", "bad", "broken", "down"):
+                with pytest.raises(ClassifierUnavailable) as raised:
+                    await classifier.classify([("user", text)], None)
+                found[text] = (raised.value.cause, raised.value.detail)
+        finally:
+            await classifier.close()
+            await server.stop(None)
+        return found
+
+    assert asyncio.run(causes()) == {"slow": ("timeout", "DEADLINE_EXCEEDED"),
+                                     "overloaded": ("overloaded", "RESOURCE_EXHAUSTED"),
+                                     "bad": ("invalid_input", "INVALID_ARGUMENT"), "broken": ("error", "INTERNAL"),
+                                     "down": ("UNAVAILABLE", None)}

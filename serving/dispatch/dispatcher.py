@@ -286,7 +286,8 @@ class Dispatcher:
         except ClassifierUnavailable as error:
             cause = error.cause
             self.metrics.fallbacks.labels(cause).inc()
-            log.warning(json.dumps({"event": "classifier_fallback", "cause": cause}))
+            detail = {"detail": error.detail} if error.detail else {}
+            log.warning(json.dumps({"event": "classifier_fallback", "cause": cause, **detail}))
             return Route(fallback, "fallback", mode, None, (time.perf_counter() - start) * 1000, cause=cause)
         finally:
             self.metrics.overhead.observe(time.perf_counter() - start)

@@ -37,11 +37,30 @@ class ServedModel(NamedTuple):
 
 
 class ClassifierUnavailable(Exception):
-    """No decision in time; `cause` names why (a gRPC status name, `timeout`, `invalid_input`, ...)."""
+    """No decision in time; `cause` names why (`timeout`, `overloaded`, `invalid_input`, `error`, or the
+    name of a gRPC status that has none of these meanings, such as `UNAVAILABLE`); `detail`, when set, is
+    the gRPC status behind a cause of that shared vocabulary."""
 
-    def __init__(self, cause: str) -> None:
+    def __init__(self, cause: str, detail: str | None = None) -> None:
         super().__init__(cause)
         self.cause = cause
+        self.detail = detail
+
+
+# gRPC statuses that mean what an embedded classifier's causes mean, so that a fallback is counted and
+# logged under one name whichever classifier a gateway runs (RESOURCE_EXHAUSTED is also a message over
+# the service's 16 MiB, larger than any request body the dispatcher reads by default).
+SHARED_CAUSES = {grpc.StatusCode.DEADLINE_EXCEEDED: "timeout", grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+                 grpc.StatusCode.INVALID_ARGUMENT: "invalid_input", grpc.StatusCode.INTERNAL: "error"}
+
+
+def unavailable_for(code: object) -> ClassifierUnavailable:
+    """The fallback a gRPC call that failed with status `code` stands for."""
+    if not isinstance(code, grpc.StatusCode):
+        return ClassifierUnavailable("error")
+    if code in SHARED_CAUSES:
+        return ClassifierUnavailable(SHARED_CAUSES[code], detail=code.name)
+    return ClassifierUnavailable(code.name)
 
 
 class GrpcRouteClassifier:
@@ -86,7 +105,7 @@ class GrpcRouteClassifier:
         except grpc.RpcError as error:
             # grpc.aio's errors are not grpc.Call instances, but they do have code().
             code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
-            raise ClassifierUnavailable(code.name if isinstance(code, grpc.StatusCode) else "error") from error
+            raise unavailable_for(code) from error
 
     async def served(self) -> ServedModel | None:
         """The served model's version and tiers with prices, or None while the service cannot be reached."""
