@@ -59,6 +59,13 @@ def test_config_validation(tmp_path: Path) -> None:
             ClassifierEndpoint(address=address)
     for address in ("localhost:50051", "[::1]:50051", "unix:/run/promptier.sock", "dns:///router.internal:50051"):
         assert ClassifierEndpoint(address=address).address == address
+    # A log that promptier train could not read back (it reads logs by extension), or whose outcome files
+    # (named after it) training would not find, is refused at start rather than written for nothing.
+    for name in ("decisions.log", "decisions", "decisions.jsonl.1"):
+        path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                        f"decision_log: {{path: logs/{name}}}\n")
+        with pytest.raises(ConfigError, match=rf"decision_log\.path: .*must name a \.jsonl file.*'{name}'"):
+            load_dispatcher_config(path)
 
 
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,6 +98,17 @@ class DecisionLogConfig(_Strict):
     backups: int = Field(default=5, ge=0)
     store_prompts: bool = Field(default=False, description="write prompt text into the log")
 
+    @field_validator("path")
+    @classmethod
+    def _jsonl(cls, path: Path) -> Path:
+        # `promptier train`, `label` and `budget-sim` read a log by its extension, and the outcome files
+        # beside it are named after it (`decisions.outcomes.<tenant>.jsonl`): a log named otherwise would
+        # be written all the same, and its requests and reported outcomes never train.
+        if path.suffix != ".jsonl":
+            raise ValueError(f"must name a .jsonl file (the log is JSON lines, and promptier train reads "
+                             f"logs by their extension), not {path.name!r}")
+        return path
+
 
 class SavingsPageConfig(_Strict):
     """The savings page (GET /promptier/savings), drawn from the decision log (serving.dispatch.savings_page)."""
