@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from prometheus_client import CollectorRegistry
 
 from serving.common.batcher import Batcher, BatcherMetrics, QueueFullError
+from serving.dispatch.route_classifier import EmbeddedRouteClassifier
 
 
 class _RecordingModel:
@@ -175,3 +176,29 @@ def test_a_drain_waits_for_a_call_still_being_prepared() -> None:
     assert not idle_while_preparing  # a shutdown would otherwise stop the batcher under the call
     assert drained and answer == ["prepared"]
 
+
+def test_one_tenants_flood_delays_another_tenants_request_by_one_model_call_in_the_dispatcher() -> None:
+    async def scenario() -> list[list[str]]:
+        model = _RecordingModel()
+        embedded = EmbeddedRouteClassifier(model, 30.0, BatcherMetrics(CollectorRegistry(), "test"))  # type: ignore[arg-type]
+        embedded._batcher._max_batch = 8
+        embedded.start()
+        try:
+            first = asyncio.ensure_future(embedded.classify([("user", "flood-first")], None, caller="flooder"))
+            await _until(model.entered.is_set, "the first call to enter the model")
+            flood = [asyncio.ensure_future(embedded.classify([("user", f"flood{i}")], None, caller="flooder"))
+                     for i in range(200)]
+            await _until(lambda: embedded._batcher.queued("unary") == 200, "the flood to queue")
+            other = asyncio.ensure_future(embedded.classify([("user", "other")], None, caller="search"))
+            await _until(lambda: embedded._batcher.queued("unary") == 201, "the other tenant's request to queue")
+            model.release.set()
+            await asyncio.gather(first, other, *flood)
+        finally:
+            model.release.set()
+            await embedded.close()
+        return model.calls
+
+    calls = asyncio.run(scenario())
+    # Tenants take turns in the embedded model's queue: first come first served would have run the other
+    # tenant's prompt 25 model calls later, past a 20 ms deadline under a flood, onto the fallback tier.
+    assert any("other" in prompt for prompt in calls[1]), calls[:3]

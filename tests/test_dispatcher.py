@@ -151,7 +151,7 @@ def test_a_caller_gone_while_its_classification_failed_leaves_no_unread_error(tr
     embedded = EmbeddedRouteClassifier(classifier.load(trained_artifact), 1.0,
                                        BatcherMetrics(CollectorRegistry(), "test"))
 
-    async def refused(*args: object) -> None:
+    async def refused(*args: object, **kwargs: object) -> None:
         raise QueueFullError("full")
 
     embedded._batcher.submit = refused  # type: ignore[method-assign,assignment]

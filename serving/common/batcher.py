@@ -23,8 +23,8 @@ calls delays another caller's call by at most one model call, not by the whole f
 may hold more than half of the batch lane's budget (CALLER_SHARE), where a few large calls from one
 caller would otherwise fill it and shut out the rest. (In the unary lane, one prompt a call, a
 connection's calls in flight are bounded by gRPC's stream limit, 256 against a lane of 1,024 by
-default.) Work submitted without a caller (the dispatcher's embedded model, whose callers are its
-tenants, shared out before they reach it) is one caller with no share limit.
+default; the dispatcher's embedded model names the request's tenant as its caller.) Work submitted
+without a caller is one caller with no share limit.
 
 Each call is answered by one model: a batch call cut into several model calls is run by the model
 that took its first prompts, even if a reload swapped in another in between.

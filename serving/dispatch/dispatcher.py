@@ -282,7 +282,7 @@ class Dispatcher:
         allowed = tenant.allowed_names if tenant else None
         fallback = tenant.fallback_tier if tenant else self.config.fallback_tier
         try:
-            decision = await self.classifier.classify(messages, mode, allowed)
+            decision = await self.classifier.classify(messages, mode, allowed, tenant.name if tenant else None)
         except ClassifierUnavailable as error:
             cause = error.cause
             self.metrics.fallbacks.labels(cause).inc()

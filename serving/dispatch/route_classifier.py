@@ -99,7 +99,9 @@ class GrpcRouteClassifier:
             await asyncio.sleep(SPREAD_CHECK_S)
 
     async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None,
-                       allowed_tiers: Sequence[str] | None = None) -> ClassificationResult:
+                       allowed_tiers: Sequence[str] | None = None, caller: str | None = None) -> ClassificationResult:
+        """`caller` (the tenant) is not sent: the service's callers are its connections, and coalescing
+        mixes tenants' prompts in one ClassifyBatch call."""
         try:
             return await self._client.classify(messages=messages, mode=mode, allowed_tiers=allowed_tiers)
         except grpc.RpcError as error:
@@ -155,7 +157,10 @@ class EmbeddedRouteClassifier:
         self._batcher.start()
 
     async def classify(self, messages: Sequence[tuple[str, str]], mode: str | None,
-                       allowed_tiers: Sequence[str] | None = None) -> ClassificationResult:
+                       allowed_tiers: Sequence[str] | None = None, caller: str | None = None) -> ClassificationResult:
+        """`caller`: who sends the prompt (the dispatcher's tenant). Callers take turns in the model's
+        queue, so one tenant's flood delays another tenant's request by one model call, not by the whole
+        flood (which would push it past the deadline, onto the fallback tier)."""
         try:
             text = render_conversation(messages)
             allowed = tuple(allowed_tiers) if allowed_tiers is not None else None
@@ -164,7 +169,8 @@ class EmbeddedRouteClassifier:
             # judged by whether the answer is there when the loop takes the timeout up, not by which of the
             # two the loop reaches first (asyncio.timeout): a loop busy with other requests past the deadline
             # would otherwise discard a decision made in time, for a fallback that saves no time.
-            submitted = asyncio.ensure_future(self._batcher.submit([(text, request)], self._timeout_s))
+            submitted = asyncio.ensure_future(self._batcher.submit([(text, request)], self._timeout_s,
+                                                                 caller=caller))
             # A caller gone while the call failed (a full queue, under overload) never reads its error:
             # read here, or asyncio logs it as never retrieved, with a traceback, for every such caller.
             submitted.add_done_callback(_read_outcome)
