@@ -224,7 +224,7 @@ def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budge
 
 
 def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured(
-        started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRUGAL_KEYS", "frugal-key")
     monkeypatch.setenv("STRICT_KEYS", "strict-key")
     store_path = tmp_path / "spend.sqlite3"
@@ -267,6 +267,19 @@ def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured
     # explored (half of them, each to one of three tiers), all twenty would stay there 3 times in 10,000.
     assert {_ask(frugal, f"{EASY} ({i})")[0] for i in range(20)} == {"small"}
     assert not any(row["explored"] for row in _rows(tmp_path / "decisions.jsonl", 23))
+
+    # A spent budget does not escalate: with the cheapest upstream down, every request would otherwise
+    # go on to a dearer tier and overrun the budget for as long as the outage lasts.
+    fresh["small"].behaviour = "500"
+    try:
+        with pytest.raises(openai.InternalServerError) as failed:
+            frugal.chat.completions.create(model="promptier", messages=[{"role": "user", "content": HARD}])
+    finally:
+        fresh["small"].behaviour = "ok"
+    assert failed.value.status_code == 502 and "spent its budget" in failed.value.message
+    assert failed.value.response.headers["x-promptier-failed-tiers"] == "small"
+    assert [(row["tier"], row["status"], row["failed_tiers"]) for row in _rows(tmp_path / "decisions.jsonl", 24)
+            ][-1] == (None, 502, ["small"])
 
 
 def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(

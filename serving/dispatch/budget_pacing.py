@@ -159,6 +159,7 @@ class BudgetDecision:
     reason: str | None  # PACED, EXHAUSTED, or None when the budget changed nothing
     pressure: float
     reject: bool = False  # exhausted, and the rule refuses instead of serving the cheapest tier
+    exhausted: bool = False  # the period's budget is spent (whether or not that moved the request)
 
 
 def decide(rule: BudgetRule, spent: float, elapsed: float, chosen: int, probabilities: Sequence[float] | None,
@@ -174,9 +175,9 @@ def decide(rule: BudgetRule, spent: float, elapsed: float, chosen: int, probabil
     """
     if spent >= rule.usd:
         if rule.on_exhausted == "reject":
-            return BudgetDecision(chosen, EXHAUSTED, 1.0, reject=True)
+            return BudgetDecision(chosen, EXHAUSTED, 1.0, reject=True, exhausted=True)
         cheapest = allowed[0]
-        return BudgetDecision(cheapest, EXHAUSTED if cheapest < chosen else None, 1.0)
+        return BudgetDecision(cheapest, EXHAUSTED if cheapest < chosen else None, 1.0, exhausted=True)
     pressure = budget_pressure(spent, rule.usd, elapsed, rule.band)
     if not rule.pacing or probabilities is None or pressure <= 0.0 or not prices:
         return BudgetDecision(chosen, None, pressure)

@@ -68,6 +68,7 @@ class Route:
     scores: dict[str, float] | None = None  # per-tier probabilities, when the classifier's model decided
     unpaced_tier: str | None = None  # the policy's tier, when the tenant's budget moved the request
     budget_pressure: float | None = None  # the tenant's pacing pressure, when it has a budget
+    budget_spent: bool = False  # the tenant's budget for the period is spent: no escalation to a dearer tier
     propensity: float | None = None  # P(this tier | the policy's choice), for a classified request
     explored: bool = False  # exploration's random draw chose the tier (serving.dispatch.exploration)
     # The tiers whose upstream failed (5xx, timeout, unreachable) before one answered or none did, in order.
@@ -315,6 +316,7 @@ class Dispatcher:
         if decision is None:
             return
         route.budget_pressure = decision.pressure
+        route.budget_spent = decision.exhausted
         if decision.reject:
             route.reason = decision.reason or route.reason
             raise HTTPError(429, f"the budget of this API key's tenant ({tenant.name}) for the current period is "
@@ -347,12 +349,17 @@ class Dispatcher:
     async def open_upstream(self, route: Route, body: dict, tenant: Tenant | None = None
                             ) -> tuple[aiohttp.ClientResponse, str]:
         """Send to the routed tier; on 5xx, timeout or connection failure before the first byte, retry on
-        the next more capable tier the tenant may use (never a cheaper one). Returns the response and the
-        tier that answered."""
+        the next more capable tier the tenant may use (never a cheaper one; none once the tenant's budget
+        is spent). Returns the response and the tier that answered."""
         last_error = "no upstream tried"
         for tier in self.capabilities.escalation(route.tier, route.needs):
             if tenant is not None and not tenant.may_use(tier):
                 continue
+            if route.budget_spent and tier != route.tier:
+                # A spent budget serves only the tier it was given: escalating every request to a dearer
+                # tier while a cheap upstream is down would overrun the budget without bound.
+                last_error += "; no escalation: this API key's tenant has spent its budget for the period"
+                break
             upstream = self.config.tiers[tier]
             try:
                 payload = json.dumps({**body, "model": upstream.model}, allow_nan=False).encode()
