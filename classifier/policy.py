@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from classifier.artifact import MODES, PolicyConfig, Rule
 from classifier.errors import InvalidInputError
@@ -45,6 +45,15 @@ class RoutingRequest(BaseModel):
     top_share: float | None = Field(default=None)
     allowed_tiers: tuple[str, ...] | None = None
 
+    @field_validator("threshold", "top_share", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        # pydantic reads True as 1.0 and False as 0.0: a flag passed where a number belongs would send
+        # every prompt to the top tier, or to the cheapest, without a word.
+        if isinstance(value, bool | np.bool_):
+            raise ValueError(f"must be a number, got {value!r}")
+        return value
+
     def __init__(self, **fields: Any) -> None:
         """Raises InvalidInputError (a PromptierError, as for every other bad request) naming the field."""
         try:
@@ -52,7 +61,7 @@ class RoutingRequest(BaseModel):
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "request"
-            raise InvalidInputError(f"routing request {where}: {first['msg']}") from None
+            raise InvalidInputError(f"routing request {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def resolve_threshold(policy: PolicyConfig, request: RoutingRequest | None) -> float:
@@ -73,7 +82,9 @@ def resolve_threshold(policy: PolicyConfig, request: RoutingRequest | None) -> f
         return float(request.threshold)
     if request.top_share is not None:
         return threshold_for_top_share(policy, request.top_share)
-    mode = request.mode or policy.default_mode
+    # An empty mode is not the default one: a setting left blank is refused, not silently routed by
+    # whichever mode the artifact defaults to (gRPC's unset field arrives as None, not as "").
+    mode = policy.default_mode if request.mode is None else request.mode
     if mode not in policy.thresholds:
         known = ", ".join(sorted(policy.thresholds)) or ", ".join(MODES)
         raise InvalidInputError(f"unknown mode {mode!r}; known modes: {known}")
@@ -89,7 +100,7 @@ def resolve_floor(policy: PolicyConfig, request: RoutingRequest | None) -> float
         return policy.cheap_floors.get(policy.default_mode)
     if request.threshold is not None or request.top_share is not None:
         return None
-    return policy.cheap_floors.get(request.mode or policy.default_mode)
+    return policy.cheap_floors.get(policy.default_mode if request.mode is None else request.mode)
 
 
 def threshold_for_top_share(policy: PolicyConfig, top_share: float) -> float:

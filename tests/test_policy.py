@@ -63,6 +63,21 @@ def test_resolve_threshold_modes_and_errors() -> None:
         allowed_mask(["small", "large"], [])
 
 
+def test_a_blank_mode_or_a_flag_for_a_number_is_refused_not_routed() -> None:
+    """An empty mode is no mode the artifact has (not its default one), and True or False is no threshold
+    or share (pydantic would read them as 1.0 and 0.0: every prompt to the top tier, or the cheapest)."""
+    with pytest.raises(InvalidInputError, match="unknown mode ''"):
+        resolve_threshold(POLICY, RoutingRequest(mode=""))
+    assert resolve_floor(PolicyConfig(**{**POLICY.model_dump(), "cheap_floors": {"balanced": 0.7}}),
+                         RoutingRequest(mode="")) is None
+    for field in ("threshold", "top_share"):
+        for flag in (True, False, np.bool_(True)):
+            with pytest.raises(InvalidInputError, match=f"routing request {field}: must be a number, got"):
+                RoutingRequest(**{field: flag})
+    assert RoutingRequest(threshold=1).threshold == 1.0  # numbers of any type still are numbers
+    assert RoutingRequest(top_share=np.float32(0.25)).top_share == pytest.approx(0.25)
+
+
 def test_difference_rule_keeps_prompts_no_tier_answers_cheap() -> None:
     # Row 0: every tier answers; row 1: no tier answers; row 2: only the top tier answers.
     probabilities = np.array([[0.95, 0.96, 0.97], [0.02, 0.03, 0.08], [0.1, 0.3, 0.9]])
