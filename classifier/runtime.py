@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -201,16 +202,16 @@ class TierClassifier:
             raise outcome  # as it is: "item 0" would name a list the caller never made
         return outcome
 
-    def classify_batch(self, texts: Sequence[str], request: RoutingRequest | None = None
+    def classify_batch(self, texts: Iterable[str], request: RoutingRequest | None = None
                        ) -> list[ClassificationResult]:
         """Classify many prompts in one model call (one policy for all of them).
 
         Raises:
-            InvalidInputError: any text is invalid (the message names its index), or the policy is bad.
+            InvalidInputError: any text is invalid (the message names its index), the policy is bad, or
+                `texts` is one string or not a collection of prompts (a generator is one).
             ModelError: the model failed on a prompt (the message names its index).
         """
-        if isinstance(texts, str):
-            raise InvalidInputError("classify_batch takes a list of prompts, not one string")
+        texts = _collection(texts, "classify_batch", "prompts")
         self._policy(_request_of(request))  # one policy for all of them: its error is not any one item's
         outcomes = self.classify_items([(text, request) for text in texts])
         for index, outcome in enumerate(outcomes):
@@ -218,13 +219,17 @@ class TierClassifier:
                 raise type(outcome)(f"item {index}: {outcome}") from outcome
         return outcomes  # type: ignore[return-value]
 
-    def classify_items(self, items: Sequence[tuple[object, RoutingRequest | None]]
+    def classify_items(self, items: Iterable[tuple[object, RoutingRequest | None]]
                        ) -> list[ClassificationResult | PromptierError]:
         """Classify (text, policy) pairs in one model call; a bad item yields its error, not an exception:
         InvalidInputError for what the caller sent, ModelError for a prompt the model failed on.
 
         This is the serving and batch-labeling path: one invalid prompt never fails its neighbours.
+
+        Raises:
+            InvalidInputError: `items` is not a collection of items (None, or one string).
         """
+        items = _collection(items, "classify_items", "(prompt, RoutingRequest or None) pairs")
         outcomes: list[ClassificationResult | PromptierError | None] = [None] * len(items)
         valid: list[_ValidItem] = []
         for index, item in enumerate(items):
@@ -313,6 +318,23 @@ class TierClassifier:
             )
 
 
+def _collection(values: object, method: str, what: str) -> Sequence:
+    """`values` as a sequence: as it is when it is one, else the list of what it yields (a generator).
+
+    Raises:
+        InvalidInputError: it is one string or bytes (whose characters would each be read as a prompt),
+            or not iterable at all (None, say).
+    """
+    if isinstance(values, str | bytes | bytearray):
+        kind = "string" if isinstance(values, str) else "bytes object"
+        raise InvalidInputError(f"{method} takes a list of {what}, not one {kind}")
+    if isinstance(values, Sequence):
+        return values
+    if not isinstance(values, Iterable):
+        raise InvalidInputError(f"{method} takes a list of {what}, got {type(values).__name__}")
+    return list(values)
+
+
 def _policy_of(item: object) -> tuple[object, RoutingRequest | None]:
     """An item as its (text, policy) pair.
 
@@ -387,10 +409,17 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
             manifest, unloadable ONNX or tokenizer, wrong input or output signature, an output the
             manifest does not read, a failure, wrong shape or non-finite output on the probe, or a model
             or tokenizer whose sha256 is not the one the manifest records.
-        InvalidInputError: `threads` is not a whole number of at least 1.
+        InvalidInputError: `path` is neither None nor a path (an empty string included), or `threads` is
+            not a whole number of at least 1.
     """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidInputError(f"threads must be a whole number of at least 1, got {threads!r}")
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise InvalidInputError(f"path must be an artifact directory or None, got {type(path).__name__}")
+    if isinstance(path, str) and not path.strip():
+        # Path("") is the working directory: an unset setting would load whatever artifact is there, or
+        # fail naming ".", instead of saying what is wrong.
+        raise InvalidInputError("path is empty: give an artifact directory, or None for the shipped model")
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
     manifest = load_manifest(directory)
     # Each file is read once: the bytes whose digest is checked are the bytes that serve.

@@ -285,6 +285,23 @@ def test_malformed_items_get_their_own_errors(shipped_artifact: Path) -> None:
         runtime.classify_batch(["a", "b"], classifier.RoutingRequest(mode="x"))
 
 
+def test_batches_take_any_collection_of_prompts_and_refuse_what_is_not_one(shipped_artifact: Path) -> None:
+    """A generator is read as the list it yields, as classify_batch always read it; None, one string or
+    bytes (whose characters would each be an item) are refused by name, never a TypeError or an error
+    per character."""
+    runtime = classifier.load(shipped_artifact)
+    prompts = ["hello there", "prove the lemma about entropy"]
+    expected = [result.tier for result in runtime.classify_batch(prompts)]
+    items = runtime.classify_items((prompt, None) for prompt in prompts)
+    assert [item.tier for item in items] == expected  # type: ignore[union-attr]
+    assert [result.tier for result in runtime.classify_batch(prompt for prompt in prompts)] == expected
+    for method, what in ((runtime.classify_batch, "prompts"), (runtime.classify_items, "pairs")):
+        for bad, message in ((None, "got NoneType"), ("hello", "not one string"), (b"hello", "not one bytes object"),
+                             (42, "got int")):
+            with pytest.raises(InvalidInputError, match=f"^{method.__name__} takes a list of .*{what}.*{message}"):
+                method(bad)  # type: ignore[operator]
+
+
 def test_a_tokenizer_panic_fails_only_its_own_prompts(shipped_artifact: Path, tokenizer_panics: str) -> None:
     runtime = classifier.load(shipped_artifact)
     first, failed, last = runtime.classify_items([("hello there", None), (f"{tokenizer_panics} here", None),
@@ -407,6 +424,12 @@ def test_load_names_what_is_wrong_with_its_arguments(shipped_artifact: Path) -> 
         classifier.load(shipped_artifact / "model.onnx")
     with pytest.raises(InvalidInputError, match="threads must be a whole number of at least 1"):
         classifier.load(shipped_artifact, threads=0)
+    # An unset setting ("") is not the working directory, and a number is not a path.
+    with pytest.raises(InvalidInputError, match="path is empty: give an artifact directory, or None"):
+        classifier.load("")
+    for bad in (0, b"models/mine"):
+        with pytest.raises(InvalidInputError, match="path must be an artifact directory or None, got"):
+            classifier.load(bad)  # type: ignore[arg-type]
 
 
 def test_a_large_batch_is_tokenized_a_slice_at_a_time_with_the_same_results(shipped_artifact: Path,
