@@ -21,6 +21,7 @@ from typing import TypeVar
 import grpc
 from grpc.aio import Metadata
 
+from classifier.errors import InvalidInputError
 from classifier.runtime import ClassificationResult
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 
@@ -105,7 +106,13 @@ class RouterClient:
 
     def classify_batch(self, prompts: Sequence[str], timeout: float | None = None, **policy: object
                        ) -> list[Decision | grpc.StatusCode]:
-        """One decision per prompt, or the status code of that item's error."""
+        """One decision per prompt, or the status code of that item's error.
+
+        Raises:
+            InvalidInputError: `prompts` is one string (each of its characters would be a prompt).
+        """
+        if isinstance(prompts, str | bytes):
+            raise InvalidInputError("classify_batch takes a list of prompts, not one string")
         request = router_pb2.ClassifyBatchRequest(items=[build_request(p, **policy) for p in prompts])  # type: ignore[arg-type]
         response = self._stub.ClassifyBatch(request, timeout=timeout or self.timeout * 10)
         return [Decision.from_proto(item.result) if item.HasField("result") else grpc.StatusCode[item.error.code]
@@ -388,6 +395,7 @@ class _ThreadedCoalescer:
 
     def __init__(self, target: str, timeout: float, attempts: int, connections: int) -> None:
         self._loop = asyncio.new_event_loop()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop.run_forever, name="promptier-client", daemon=True)
         self._thread.start()
         self._client: AsyncRouterClient = self._run(self._open(target, timeout, attempts, connections),
@@ -411,10 +419,17 @@ class _ThreadedCoalescer:
 
     def classify(self, prompt: str | None, messages: Sequence[tuple[str, str]] | None, timeout: float,
                  policy: dict[str, object]) -> Decision:
+        if self._closed:
+            # What a call racing the close gets; the closed loop would say "Event loop is closed" and
+            # leave the call's coroutine never awaited.
+            raise _client_closed()
         call = self._client.classify(prompt, messages=messages, timeout=timeout, **policy)
         return self._run(call, timeout + self.HAND_OFF_GRACE_S)  # the deadline itself is the client's
 
     def close(self) -> None:
+        if self._closed:
+            return  # as a channel's close(): a second one does nothing
+        self._closed = True
         self._run(self._client.close(), self.HAND_OFF_GRACE_S * 5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()

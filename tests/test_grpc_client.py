@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ import grpc
 import psutil
 import pytest
 
+from classifier.errors import InvalidInputError
 from serving.client import AsyncRouterClient, Decision, RouterClient
 from serving.service.limits import ServerLimits
 from tests.grpc_server import EASY, HARD, HeldModel, ServerThread, worker_serving
@@ -380,3 +382,18 @@ def test_the_service_config_documented_for_other_languages_is_the_python_clients
     assert documented, "the service config for other languages is missing from serving/README.md"
     attempts = inspect.signature(RouterClient).parameters["attempts"].default
     assert json.loads(documented.group(1)) == json.loads(_service_config(attempts))
+
+
+def test_a_closed_coalescing_client_says_so_and_a_batch_is_never_one_string() -> None:
+    """Neither needs a server: both are answered before anything is sent."""
+    with RouterClient("127.0.0.1:1", timeout=0.2, attempts=1) as plain, \
+            pytest.raises(InvalidInputError, match="not one string"):
+        plain.classify_batch("What is 2+2?")  # one decision per character otherwise
+    client = RouterClient("127.0.0.1:1", timeout=0.2, attempts=1, coalesce=True)
+    client.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no coroutine left never awaited
+        with pytest.raises(grpc.RpcError) as info:  # as a call that raced the close, not "Event loop is closed"
+            client.classify(EASY)
+    assert info.value.code() == grpc.StatusCode.CANCELLED and "client was closed" in (info.value.details() or "")
+    client.close()  # a second close does nothing, as a channel's
