@@ -288,9 +288,14 @@ class TierClassifier:
             # gives the model nothing but its length: the prior routes it, as it does one unlike the
             # training prompts. (Not a share short of all: many CJK ideographs are [UNK] too, and the
             # ones it knows carry what the model learned of those languages.)
-            unknown = [far or unread == content for far, unread, content in
-                       zip((unfamiliarity > config.threshold).tolist(), batch.unknown_tokens, batch.content_tokens,
-                           strict=True)]
+            unreadable = [unread == content for unread, content in
+                          zip(batch.unknown_tokens, batch.content_tokens, strict=True)]
+            unknown = [far or unread for far, unread in
+                       zip((unfamiliarity > config.threshold).tolist(), unreadable, strict=True)]
+            # Such a prompt is nothing like the training prompts, whatever a row of [UNK]s measures
+            # (the same row for every such prompt, and a typical one): reported as typical, it would
+            # contradict the prior's deciding it.
+            familiar = [0.0 if unread else share for share, unread in zip(familiar, unreadable, strict=True)]
         rule = self.manifest.policy.rule
         for row, item in enumerate(valid):
             if batch.content_tokens[row] == 0:

@@ -267,7 +267,8 @@ def test_prompts_with_nothing_the_model_reads_are_refused_not_routed(shipped_art
 def test_a_prompt_the_vocabulary_cannot_read_at_all_is_routed_by_the_prior(shipped_artifact: Path) -> None:
     runtime = classifier.load(shipped_artifact)
     for unreadable in ("ሰላም ነው እንዴት ነህ", "🐶🐱🐭"):  # [UNK], every token
-        assert runtime.classify(unreadable).decided_by == "prior"
+        result = runtime.classify(unreadable)
+        assert result.decided_by == "prior" and result.familiarity == 0.0  # nothing in it is familiar
     for partly in ("I just got a new puppy, look! 🐶", "ሰላም ነው እንዴት ነህ?"):  # a token the model knows
         assert runtime.classify(partly).decided_by == "model"
 
