@@ -230,8 +230,8 @@ def litellm_bench(
 
 @app.command("budget-sim")
 def budget_sim(
-    inputs: Annotated[list[Path], typer.Argument(help="decision logs (promptier dispatch) or labeled logs "
-                                                 "(promptier label): .jsonl or .parquet")],
+    inputs: Annotated[list[str], typer.Argument(help="decision logs (promptier dispatch) or labeled logs "
+                                                "(promptier label): .jsonl or .parquet files or globs")],
     budget_usd: Annotated[float | None, typer.Option(callback=finite,
                                                      min=0.0, help="the period's budget in USD")] = None,
     budget_share: Annotated[float | None, typer.Option(callback=finite,
@@ -274,7 +274,12 @@ def budget_sim(
         if value is not None and value <= 0:  # a budget of nothing has no pace; a floor of 0 moves nothing
             raise typer.BadParameter(f"{name} must be greater than 0, got {value}")
     try:
+        from classifier.labeling import expand_inputs
         from serving.dispatch.tenant_config import BudgetConfig
+
+        # As `promptier label` reads its inputs: a glob, a rotated log (`decisions.jsonl.1`), and a clear
+        # refusal of a directory or a missing file, before any model is loaded.
+        files = expand_inputs(inputs)
 
         settings = BudgetConfig(usd=1.0)  # the config's defaults; usd is replaced below
         allowed = None
@@ -291,7 +296,7 @@ def budget_sim(
             allowed = chosen.allowed_tiers
             if budget_share is None and budget_usd is None:
                 budget_usd = budget.usd
-        run_budget_sim(inputs, out, png or out.with_suffix(".png"), budget_usd=budget_usd, budget_share=budget_share,
+        run_budget_sim(files, out, png or out.with_suffix(".png"), budget_usd=budget_usd, budget_share=budget_share,
                        band=pacing_band if pacing_band is not None else settings.pacing_band,
                        max_quality_loss=max_quality_loss if max_quality_loss is not None else settings.max_quality_loss,
                        on_exhausted=on_exhausted or settings.on_exhausted,  # type: ignore[arg-type]

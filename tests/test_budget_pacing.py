@@ -207,6 +207,10 @@ def test_budget_sim_replays_labeled_logs_and_refuses_what_it_cannot_replay(tmp_p
     broken.write_text('{"tier": "nope", "scores": {}}\n')
     failed = _budget_sim(str(broken), "--out", str(tmp_path / "x.json"))
     assert failed.returncode == 2 and "no replayable request" in failed.stderr and "tier not among" in failed.stderr
+    folder = _budget_sim(str(tmp_path), "--out", str(tmp_path / "d.json"))  # named as `label` names it
+    assert folder.returncode == 2 and "is a directory; name its files, or a glob" in folder.stderr, folder.stderr
+    globbed = _budget_sim(str(tmp_path / "label*.jsonl"), "--budget-usd", "0.0001", "--out", str(tmp_path / "g.json"))
+    assert globbed.returncode == 0 and json.loads((tmp_path / "g.json").read_text())["requests"] == len(texts)
     for option in ("--budget-usd", "--budget-share", "--max-quality-loss"):  # a usage error, not a traceback
         zero = _budget_sim(str(labeled), option, "0", "--out", str(tmp_path / "z.json"))
         assert zero.returncode == 2 and "must be greater than 0" in zero.stderr and "Traceback" not in zero.stderr
