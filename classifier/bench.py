@@ -101,30 +101,43 @@ def latency(runtime, prompts: list[str], iterations: int) -> dict[str, float]:  
     return _percentiles(samples)
 
 
-def _throughput_worker(args: tuple[str | None, list[str], int, int, float]) -> int:
+def _throughput_worker(args: tuple[str | None, list[str], int, int, float]) -> tuple[int, float, float]:
+    """Prompts classified in a window of about `seconds` (at least one batch), and the window's start and
+    end on the monotonic clock, which is the same in every process of the machine."""
     model, prompts, threads, batch, seconds = args
     import classifier
 
     runtime = classifier.load(model, threads=threads)
     runtime.classify_batch(prompts[:batch])
-    done, deadline = 0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    done, began = 0, time.monotonic()
+    while True:
         start = (done * batch) % max(1, len(prompts) - batch)
         runtime.classify_batch(prompts[start : start + batch])
         done += batch
-    return done
+        # The last batch ends past `seconds`: dividing by the time the batches took, not by `seconds`,
+        # keeps a short window (or a slow batch) from overstating the rate.
+        if (ended := time.monotonic()) >= began + seconds:
+            return done, began, ended
+
+
+def _rate(parts: list[tuple[int, float, float]]) -> float:
+    """Prompts per second of workers that ran side by side: all their prompts over the span from the first
+    start to the last end. Their windows start as each has loaded its model, so they overlap only in
+    part; a sum of each worker's own rate would count a worker that ran alone at the edges as if the
+    others had been running too."""
+    return sum(done for done, _, _ in parts) / (max(end for _, _, end in parts) - min(start for _, start, _ in parts))
 
 
 def throughput(model: str | None, prompts: list[str], processes: int, threads: int, batch: int,
                seconds: float) -> float:
-    """Prompts per second over `seconds`, with `processes` workers of `threads` ORT threads each."""
+    """Prompts per second over about `seconds`, with `processes` workers of `threads` ORT threads each."""
     if processes == 1:
-        return _throughput_worker((model, prompts, threads, batch, seconds)) / seconds
+        return _rate([_throughput_worker((model, prompts, threads, batch, seconds))])
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes) as pool:
-        # Each worker loads its model first and counts only its own timed window.
-        counts = pool.map(_throughput_worker, [(model, prompts, threads, batch, seconds)] * processes)
-    return sum(counts) / seconds
+        # Each worker loads its model first and times only its own window.
+        parts = pool.map(_throughput_worker, [(model, prompts, threads, batch, seconds)] * processes)
+    return _rate(parts)
 
 
 def loaded_rss_mb(model: str | None) -> float:

@@ -75,3 +75,37 @@ def test_float_options_of_every_product_refuse_nan_and_infinity(command: list[st
     result = subprocess.run([sys.executable, "-m", "classifier.cli", *command], capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "must be a finite number" in result.stderr, result.stderr
+
+
+class _Clock:
+    """A stand-in for the `time` module whose clock moves only when the fake model runs a batch."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+
+def test_throughput_is_over_the_time_the_batches_took_not_the_window_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that ends past the window's end adds its prompts: the rate must be over the time they took."""
+    import classifier
+    import classifier.bench as bench
+
+    clock = _Clock()
+
+    class Runtime:
+        def classify_batch(self, prompts: list[str]) -> list[str]:
+            clock.now += 0.4  # each batch of the fake model takes 0.4 s on the fake clock
+            return prompts
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(classifier, "load", lambda model, threads=1: Runtime())
+    # A window of 1 s holds three batches of 0.4 s: 12 prompts in 1.2 s, not in 1 s.
+    assert bench.throughput(None, ["a prompt"] * 16, 1, 1, 4, 1.0) == pytest.approx(12 / 1.2)
+    # A window shorter than one batch still times one, rather than reporting no throughput at all.
+    assert bench.throughput(None, ["a prompt"] * 16, 1, 1, 4, 0.01) == pytest.approx(4 / 0.4)
+    # Workers whose windows overlap only in part: all prompts over the span from the first start to the last end.
+    assert bench._rate([(100, 0.0, 1.0), (100, 0.5, 1.5)]) == pytest.approx(200 / 1.5)
