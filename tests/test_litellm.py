@@ -461,3 +461,18 @@ def test_a_config_without_a_deadline_gets_the_proxys_not_the_dispatchers() -> No
         assert config.classifier.timeout_ms == TIMEOUT_MS == 50.0, classifier_block
     given = LiteLLMRouterConfig.model_validate({**base, "classifier": {"embedded": True, "timeout_ms": 20}})
     assert given.classifier.timeout_ms == 20
+
+
+def test_litellm_bench_names_a_failed_answer_instead_of_a_traceback() -> None:
+    """The bench's requests through the proxy: an error answer (an upstream down, a bad key) ends the
+    bench with the proxy's own message, not httpx's traceback."""
+    import httpx
+
+    from serving.bench.litellm_bench import _timed
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "upstream connection refused"}})
+
+    with httpx.Client(transport=httpx.MockTransport(fail)) as client, \
+            pytest.raises(RuntimeError, match=r"answered 500: .*upstream connection refused"):
+        _timed(client, "http://proxy/v1/chat/completions", {"model": "promptier"})

@@ -174,6 +174,22 @@ def test_dispatch_bench_says_why_a_dispatcher_it_started_refused_to_run(tmp_path
     assert not (tmp_path / "bench-dispatch.json").exists()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_dispatch_bench_refuses_to_time_an_answer_that_is_not_a_2xx(stream: bool) -> None:
+    """A config overlay whose tenants need keys gets 401s for the bench's keyless requests: httpx's
+    traceback (non-streaming), or a 401 timed as a first byte (streaming), instead of a message."""
+    import httpx
+
+    from serving.bench.dispatch_bench import _timed_request
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": "missing API key"}})
+
+    with httpx.Client(transport=httpx.MockTransport(refuse)) as client, \
+            pytest.raises(RuntimeError, match=r"answered 401: .*missing API key"):
+        _timed_request(client, "http://dispatcher/v1/chat/completions", {"model": "promptier"}, stream)
+
+
 @pytest.mark.parametrize("command", ["dispatch-bench", "loadtest", "litellm-bench"])
 def test_benches_refuse_a_bad_artifact_before_starting_any_service(command: str, tmp_path: Path) -> None:
     """The services a bench starts would only show a bad artifact as never getting ready."""

@@ -65,12 +65,29 @@ def echo_upstream() -> FastAPI:
     return app
 
 
+def refuse_failed_answer(response: httpx.Response) -> None:
+    """Raise RuntimeError, with the status and the start of the body, for an answer that is not a 2xx.
+
+    Its time is not that of a served request, and streamed it would be timed as if it were; a bench
+    whose every request fails (a config overlay with tenants that need keys, say) would otherwise end
+    in httpx's traceback instead of naming the answer."""
+    if not response.is_success:
+        response.read()
+        raise RuntimeError(f"POST {response.request.url} answered {response.status_code}: "
+                           f"{response.text[:300]}")
+
+
 def _timed_request(client: httpx.Client, url: str, body: dict, stream: bool) -> tuple[float, str | None]:
     """Milliseconds to the whole response (non-streaming) or to the first streamed byte, and the
-    dispatcher's request id (None from the upstream)."""
+    dispatcher's request id (None from the upstream).
+
+    Raises:
+        RuntimeError: the answer is not a 2xx.
+    """
     start = time.perf_counter()
     if stream:
         with client.stream("POST", url, json={**body, "stream": True}) as response:
+            refuse_failed_answer(response)
             chunks = response.iter_raw()
             next(chunks)
             elapsed = (time.perf_counter() - start) * 1000
@@ -78,8 +95,9 @@ def _timed_request(client: httpx.Client, url: str, body: dict, stream: bool) -> 
                 pass
         return elapsed, response.headers.get("x-promptier-request-id")
     response = client.post(url, json=body)
-    response.raise_for_status()
-    return (time.perf_counter() - start) * 1000, response.headers.get("x-promptier-request-id")
+    elapsed = (time.perf_counter() - start) * 1000
+    refuse_failed_answer(response)
+    return elapsed, response.headers.get("x-promptier-request-id")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from classifier.signals import exit_deferred, sigterm_as_exit
-from serving.bench.dispatch_bench import LOAD_PROMPT, start_upstream
+from serving.bench.dispatch_bench import LOAD_PROMPT, refuse_failed_answer, start_upstream
 from serving.bench.ports import free_port
 from serving.bench.report_path import check_report_path
 from serving.bench.soak_processes import answers_http, stop_process, wait_started
@@ -85,10 +85,15 @@ class LiteLLMProxy:
 
 
 def _timed(client: httpx.Client, url: str, body: dict) -> tuple[float, httpx.Response]:
+    """Milliseconds to the whole response, and the response.
+
+    Raises:
+        RuntimeError: the answer is not a 2xx (the proxy's own error says why).
+    """
     start = time.perf_counter()
     response = client.post(url, json=body)
     elapsed = (time.perf_counter() - start) * 1000
-    response.raise_for_status()
+    refuse_failed_answer(response)
     return elapsed, response
 
 
@@ -112,7 +117,11 @@ def _measure(proxy_url: str, count: int) -> dict:
                 if body is routed_body:
                     if response.headers.get("x-promptier-reason") != "classified":
                         fell_back += 1
-                    in_hook.append(float(response.headers["x-promptier-classifier-ms"]))
+                    in_hook_ms = response.headers.get("x-promptier-classifier-ms")
+                    if in_hook_ms is None:  # the proxy ran without the callback's headers: nothing to report
+                        raise RuntimeError("a routed request came back without x-promptier-classifier-ms: did the "
+                                           f"proxy load the callback? Headers: {dict(response.headers)}")
+                    in_hook.append(float(in_hook_ms))
 
     def percentiles(values: list[float]) -> dict[str, float]:
         return {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90)),
