@@ -92,6 +92,21 @@ def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Pa
         server.wait(15)
 
 
+def test_an_h2load_run_that_finished_no_call_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    """h2load exits 0 and logs nothing when nothing answers (a server gone, a port with no listener)."""
+    from serving.bench.h2load import h2load_log
+
+    log = tmp_path / "calls.tsv"
+    log.write_text("")
+    with pytest.raises(RuntimeError, match="h2load finished no call"):
+        h2load_log(log)
+    log.write_text("1000000\t200\t2000\n1001000\t200\t4000\n1002000\t503\t1000\n")
+    timings = h2load_log(log)
+    # Span: the first start (1.000 s) to the last end (1.001 s + 4 ms); median duration 2 ms.
+    assert timings["calls"] == 3 and timings["not_200"] == 1 and timings["p50_ms"] == 2.0
+    assert timings["span_s"] == pytest.approx(0.005)
+
+
 def test_native_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import serving.bench.native_floor as native_floor
 

@@ -53,7 +53,14 @@ def ok_calls(metrics_ports: list[int], *rpcs: str) -> tuple[list[int], int]:
 
 def h2load_log(path: Path) -> dict:
     """Calls, span (first start to last finish), p50/p99 and non-200 count from h2load's --log-file
-    (one row per request: start time in us, HTTP status, duration in us)."""
+    (one row per request: start time in us, HTTP status, duration in us).
+
+    Raises:
+        RuntimeError: no call finished. h2load exits 0 even when it could not connect at all, and
+            there would be no percentiles or rate to report.
+    """
+    if not path.read_text().strip():
+        raise RuntimeError("h2load finished no call in its run: could it connect, and did the server answer?")
     rows = np.loadtxt(path, ndmin=2)
     durations_ms = rows[:, 2] / 1000.0
     return {"calls": int(rows.shape[0]), "span_s": float(((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min()) / 1e6),
