@@ -325,3 +325,31 @@ def test_a_terminated_load_test_stops_its_server(tmp_path: Path) -> None:
     finally:
         if loadtest.poll() is None:
             loadtest.kill()
+
+
+def test_a_load_test_whose_cpp_floor_fails_to_build_keeps_its_rows(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ floor is built last, after minutes of measuring: a compiler that fails (gRPC headers of
+    another version than protoc's) skipped the row with a traceback and no report at all."""
+    import classifier.bench
+    from serving.bench import loadgen
+
+    row = {"concurrency": 1, "batch": 1, "generator": "h2load", "calls": 10, "errors": 0, "server_counted_ok": 10,
+           "prompts_per_s": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "generator_cpu_cores": 0.1, "server_cpu_cores": 1.0}
+
+    def compiler_fails(prompts: list[str], seconds: float) -> list[dict]:
+        raise subprocess.CalledProcessError(1, ["g++", "echo_server.cc"], stderr="router.pb.h: #error version mismatch")
+
+    # Every measurement replaced by a stand-in: only what the load test does with their results is tested.
+    monkeypatch.setattr(loadgen.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(classifier.bench, "throughput", lambda *args: 1000.0)
+    monkeypatch.setattr(loadgen, "run_loadtest", lambda *args, **kwargs: [dict(row)])
+    monkeypatch.setattr(loadgen, "transport_floor", lambda prompts, seconds: [dict(row)])
+    monkeypatch.setattr(loadgen, "native_transport_floor", compiler_fails)
+    out = tmp_path / "bench-serving.json"
+    loadgen.main(None, out, 1.0, workers=1, generator="h2load")
+    report = json.loads(out.read_text())
+    assert report["servers"]["1"] == [row] and report["transport_floor"] == [row]
+    assert "native_transport_floor" not in report
+    skipped = report["native_transport_floor_skipped"]
+    assert "g++" in skipped and "version mismatch" in skipped
