@@ -155,3 +155,16 @@ def test_stopping_the_label_jobs_ends_a_round_under_way(tmp_path: Path, monkeypa
     assert [job["exit_code"] for job in rounds[0]["jobs"]] != [0, 0]
     with (tmp_path / "late.err").open("wb") as err:  # a job the round would start after the stop
         assert jobs.start([sys.executable, "-c", "pass"], tmp_path, err) is None
+
+
+def test_the_soak_percentiles_are_the_samples_nearest_rank() -> None:
+    """Of 100 samples the p99 is the 99th, not the largest, and of 240 the p50 is the 120th: the index
+    int(q * n) was one rank high whenever q * n is whole, so a single slow call became the p99."""
+    from serving.bench.soak_clients import _percentiles
+
+    assert _percentiles([float(value) for value in range(100, 0, -1)]) == {"p50_ms": 50.0, "p99_ms": 99.0,
+                                                                           "max_ms": 100.0}
+    assert _percentiles([float(value) for value in range(1, 241)])["p50_ms"] == 120.0
+    assert _percentiles([float(value) for value in range(1, 241)])["p99_ms"] == 238.0  # ceil(237.6)
+    assert _percentiles([7.0]) == {"p50_ms": 7.0, "p99_ms": 7.0, "max_ms": 7.0}
+    assert _percentiles([]) == {"p50_ms": None, "p99_ms": None, "max_ms": None}

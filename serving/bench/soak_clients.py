@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -177,10 +178,15 @@ def well_behaved(target: str, calls_per_s: float, deadline_s: float, seconds: fl
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max by nearest rank: the smallest sample with at least that share of the samples at
+    or below it (of 100 samples the 99th, not the largest)."""
     ordered = sorted(values)
 
     def at(q: float) -> float | None:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+        # The rank is ceil(q * n); the small allowance keeps a product like 0.07 * 100 = 7.000000000000001
+        # from rounding up past a whole rank.
+        rank = math.ceil(q * len(ordered) - 1e-9)
+        return ordered[min(len(ordered), max(1, rank)) - 1] if ordered else None
 
     return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ordered[-1] if ordered else None}
 
