@@ -197,3 +197,55 @@ def test_a_decision_log_gives_its_prompts_as_unlabeled_or_parity_prompts(tmp_pat
     assert read_unlabeled([log]) == ["first question", "second question"]
     with pytest.raises(DataError, match="missing or empty prompt"):  # a request line without its text still is
         read_unlabeled([write_jsonl(tmp_path / "bare.jsonl", [{"prompt_id": "x", "prompt": None}])])
+
+
+def test_a_batch_of_outcomes_the_disk_cannot_take_is_refused_whole_and_the_next_one_kept(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    """A full disk (here a file-size limit) in the middle of a batch left part of it written behind a 500,
+    and a cut line that the next outcome ran on from, which no reader could parse. The batch is now one
+    write, cut back when it falls short: a 503 says none was kept, so the judge can send it again."""
+    import resource
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port
+    from tests.dispatcher_harness import wait_for_health
+
+    log = tmp_path / "decisions.jsonl"
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 5000},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log)}}))
+    limit = 64 * 1024  # bytes any one file of the dispatcher may grow to
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    port = free_port()
+    dispatcher = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
+                                   "--port", str(port)], preexec_fn=limited,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1/promptier/outcomes"
+
+    def outcomes(count: int, first: int) -> list[dict]:
+        return [{"request_id": f"dispatcher:{first + i:032x}", "score": 1.0, "judge": "a judge of some length"}
+                for i in range(count)]
+
+    try:
+        wait_for_health(port, dispatcher)
+        assert httpx.post(url, json={"outcomes": outcomes(200, 0)}).status_code == 202  # about 30 KiB
+        written = (tmp_path / "decisions.outcomes.default.jsonl").read_bytes()
+        too_many = httpx.post(url, json={"outcomes": outcomes(400, 200)})  # past the limit part way
+        assert too_many.status_code == 503, too_many.text
+        assert too_many.json()["error"]["code"] == "outcomes_not_written"
+        assert "none of them was kept: send them again" in too_many.json()["error"]["message"]
+        assert (tmp_path / "decisions.outcomes.default.jsonl").read_bytes() == written  # nothing of it left
+        assert httpx.post(url, json={"outcomes": outcomes(10, 600)}).status_code == 202  # still serving
+    finally:
+        dispatcher.terminate()
+        _, stderr = dispatcher.communicate(timeout=30)
+    lines = (tmp_path / "decisions.outcomes.default.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["prompt_id"] for line in lines]  # every line whole
+    assert ids == [o["request_id"] for o in outcomes(200, 0) + outcomes(10, 600)]
+    assert '"event": "outcomes_not_written"' in stderr

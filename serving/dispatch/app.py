@@ -117,7 +117,15 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             return HTTPError(400, str(error), code="invalid_outcome").response()
         except ClientDisconnect:
             return Response(status_code=CLIENT_CLOSED)
-        accepted = record_outcomes(dispatcher.decisions, reports, reporter.name)
+        try:
+            accepted = record_outcomes(dispatcher.decisions, reports, reporter.name)
+        except OSError as error:
+            # None of the batch is kept, so the judge can send it again as it is: a 503, which clients retry.
+            log.error(json.dumps({"event": "outcomes_not_written", "tenant": reporter.name, "outcomes": len(reports),
+                                  "detail": str(error)}))
+            return HTTPError(503, f"the outcomes could not be written ({error.strerror or error}); none of them "
+                                  "was kept: send them again", kind="server_error",
+                             code="outcomes_not_written").response()
         dispatcher.metrics.outcomes.inc(accepted)
         return JSONResponse({"accepted": accepted}, status_code=202)
 

@@ -77,9 +77,12 @@ def parse_outcomes(raw: bytes) -> list[OutcomeReport]:
 
 def record_outcomes(log: DecisionLog, outcomes: list[OutcomeReport], tenant: str) -> int:
     """Append the outcomes to the reporting `tenant`'s outcome file beside the decision log, each line
-    naming that tenant; returns how many."""
+    naming that tenant, in one write; returns how many.
+
+    Raises:
+        OSError: the file could not take them (a full disk, say); none of them is written.
+    """
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for outcome in outcomes:
-        log.write_outcome(tenant, OutcomeRecord(prompt_id=outcome.request_id, score=outcome.score,
-                                                judge=outcome.judge, time=now, tenant=tenant).as_dict())
+    log.write_outcomes(tenant, [OutcomeRecord(prompt_id=outcome.request_id, score=outcome.score, judge=outcome.judge,
+                                              time=now, tenant=tenant).as_dict() for outcome in outcomes])
     return len(outcomes)
