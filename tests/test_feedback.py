@@ -156,6 +156,10 @@ def test_an_outcome_for_an_id_with_anything_after_it_is_refused_not_lost(dispatc
     for trailing in ("\n", "\r\n", " "):
         refused = httpx.post(url, json={"request_id": request_id + trailing, "score": 1.0})
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_outcome", refused.text
+    both = httpx.post(url, json={"request_id": request_id, "score": 1.0, "outcomes": [{"request_id": request_id,
+                                                                                       "score": 0.0}]})
+    assert both.status_code == 400 and "one outcome (request_id, score) or a batch of them (outcomes), not both" \
+        in both.json()["error"]["message"], both.text
     assert not (tmp_path / "decisions.outcomes.default.jsonl").exists()  # nothing of them was written
     accepted = httpx.post(url, json={"request_id": request_id, "score": 1.0})
     assert (accepted.status_code, accepted.json()) == (202, {"accepted": 1})

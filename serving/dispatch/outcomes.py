@@ -65,6 +65,10 @@ def parse_outcomes(raw: bytes) -> list[OutcomeReport]:
         raise OutcomeError(f"request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(body, dict):
         raise OutcomeError("request body must be a JSON object")
+    if "outcomes" in body and body.keys() & OutcomeReport.model_fields.keys():
+        # Which of the two was meant cannot be told; validated as a batch, the message would name only
+        # the single outcome's fields, as if they were misspelt.
+        raise OutcomeError("give one outcome (request_id, score) or a batch of them (outcomes), not both")
     try:
         if "outcomes" in body:
             return list(OutcomeBatch.model_validate(body).outcomes)
