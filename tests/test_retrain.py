@@ -286,3 +286,52 @@ def test_a_retrain_with_no_comparable_unseen_test_prompt_is_not_promoted_unless_
     result = _train([*args, "--force"])
     assert result.exit_code == 0, result.output
     assert load_manifest(deployed).model_version == "v2"
+
+
+def test_the_probe_suite_tells_a_model_that_lost_its_common_sense(shipped_artifact: Path,
+                                                                  trained_artifact: Path) -> None:
+    """The tiny model, trained on synthetic words only, ranks the suite's obvious prompts near chance: far
+    below the shipped model, with an interval clear of zero. A model against itself has lost nothing."""
+    from training.probes import COMMON_SENSE_TOLERANCE, common_sense_check
+
+    shipped, tiny = classifier.load(shipped_artifact), classifier.load(trained_artifact)
+    lost = common_sense_check(shipped, tiny)
+    assert lost["previous_auc"] - lost["new_auc"] > COMMON_SENSE_TOLERANCE and lost["ci95"][1] < 0, lost
+    assert lost["lost"] and lost["half"] == "select" and lost["probes"] > 100
+    same = common_sense_check(shipped, shipped)
+    assert not same["lost"] and same["difference"] == 0.0
+
+
+def test_a_retrain_that_lost_its_common_sense_is_not_promoted_unless_forced(
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path, shipped_artifact: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logs scored backwards teach the model their own inversion, and its APGR on their held-out prompts
+    (scored the same way) says it is no worse. Here the continued tiny model is checked against the shipped
+    model's sense of the probes in place of the tiny one's, which it cannot lose: it is far below that."""
+    import training.evaluate
+
+    real_check = training.evaluate.common_sense_check
+    monkeypatch.setattr(training.evaluate, "common_sense_check",
+                        lambda previous, new: real_check(classifier.load(shipped_artifact), new))
+    deployed = tmp_path / "deployed"
+    # As in the promoted retrain above: a model stopped after 4 steps, which continuing on new logs beats there.
+    weak = _config(tmp_path, "weak", tiny_backbone, max_steps=4)
+    old_logs = write_jsonl(tmp_path / "old.jsonl", synthetic_rows(540, seed=3))
+    trained = _train(["--logs", str(old_logs), "--pool", str(pool_file), "--out", str(deployed), "--config", str(weak),
+                      "--model-version", "v1"])
+    assert trained.exit_code == 0, trained.output
+    new_logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    args = ["--logs", str(new_logs), "--pool", str(pool_file), "--out", str(deployed), "--init-from", str(deployed),
+            "--config", str(_config(tmp_path, "continue", tiny_backbone)), "--model-version", "senseless"]
+    result = _train(args)
+    assert result.exit_code == 3, result.output
+    comparison = load_manifest(tmp_path / "deployed.candidate").metrics["retrain"]
+    assert isinstance(comparison, dict) and comparison["worse"] is False and comparison["common_sense"]["lost"]
+    assert "ranks the probe suite's prompts of obvious difficulty far worse than v1" in result.output
+    assert "on the probe suite's 170 select-half prompts" in result.output
+    assert load_manifest(deployed).model_version == "v1"
+    assert "this model has lost the common sense the suite checks" in \
+        (tmp_path / "deployed.candidate" / "MODEL_CARD.md").read_text()
+    forced = _train([*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert load_manifest(deployed).model_version == "senseless"

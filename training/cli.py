@@ -193,6 +193,10 @@ def _retrain(previous: Path, logs: list[Path], pool: Path, out: Path, config: Pa
             typer.secho(f"the {comparison['comparable_prompts']} held-out prompts known on two tiers cannot tell "
                         "the two models apart (the interval spans zero): compare them with `promptier eval` on "
                         "more judged prompts before relying on this decision", fg=typer.colors.YELLOW, err=True)
+    sense = comparison.get("common_sense")
+    if isinstance(sense, dict):
+        typer.echo(f"on the probe suite's {sense['probes']} {sense['half']}-half prompts of obvious difficulty "
+                   f"(AUC, previous -> new): {sense['previous_auc']:.3f} -> {sense['new_auc']:.3f}")
     if result.promoted:
         kept = f"; the artifact it replaces is at {result.rollback}" if result.rollback else ""
         typer.echo(f"promoted {result.manifest.model_version} to {result.location}{kept}")
@@ -206,6 +210,12 @@ def _why_not_promoted(version: str, comparison: dict) -> str:
     """Why a continued model was not promoted: worse than the model it continued, or not comparable with
     it at all (no held-out prompt known on two tiers, so both APGRs are 0 and measure nothing)."""
     previous = comparison["previous_model_version"]
+    sense = comparison.get("common_sense")
+    if isinstance(sense, dict) and sense["lost"] and comparison["worse"] is False:
+        return (f"{version} ranks the probe suite's prompts of obvious difficulty far worse than {previous} (AUC "
+                f"{sense['new_auc']:.3f} against {sense['previous_auc']:.3f}), though the new logs score it no "
+                "worse: they may score answers backwards (a judge whose scale is inverted?) or teach it something "
+                "that does not hold outside them")
     if comparison["worse"] is None:
         return (f"{version} and {previous} cannot be compared: none of the {comparison['prompts']} held-out "
                 "prompts of the new logs that neither saw has outcomes on two tiers (the cheapest and a more "

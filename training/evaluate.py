@@ -30,6 +30,7 @@ from training.errors import DataError
 from training.generalization_report import BASELINES, MODEL, format_lead
 from training.labels import PromptTable, prompt_hash, seen_prompts
 from training.metrics import apgr, apgr_difference_interval, binary_curve, cpt, tier_metrics
+from training.probes import common_sense_check
 from training.routing import RoutingPoint, always_top, cheapest_point_within, routing_curve, top_known_tier
 
 CPT_LEVELS = (0.5, 0.8, 0.95)
@@ -337,6 +338,9 @@ def compare_on_test(previous: Path, new: Path, table: PromptTable, split: np.nda
     worse = apgr["all"]["new"] < apgr["all"]["previous"] if comparable else None
     return {"previous_model_version": load_manifest(previous).model_version, "prompts": len(test),
             "comparable_prompts": comparable, "apgr": apgr, "worse": worse,
+            # The new logs judge the new model by their own scores: logs scored backwards would pass it.
+            # The probe suite's obvious prompts do not depend on them.
+            "common_sense": common_sense_check(load_artifact(previous), load_artifact(new)),
             "lead": apgr_lead(subset.targets, scores[new], load_manifest(new).policy.rule, scores[previous],
                               load_manifest(previous).policy.rule) if comparable > 1 else None}
 

@@ -210,6 +210,12 @@ def _retrain_section(training: dict, metrics: dict) -> list[str]:
                      "apart." if spans_zero else ".")]
     if retrain.get("worse", False) is None:
         lines += ["", "None of these prompts has outcomes on two tiers: the APGRs above compare nothing."]
+    sense = retrain.get("common_sense")
+    if isinstance(sense, dict):
+        lines += ["", f"Probe suite, {sense['half']} half ({sense['probes']} prompts of obvious difficulty), AUC: "
+                  f"previous {sense['previous_auc']:.3f}, this model {sense['new_auc']:.3f} "
+                  f"({sense['difference']:+.3f} [{sense['ci95'][0]:+.3f}, {sense['ci95'][1]:+.3f}])"
+                  + ("; this model has lost the common sense the suite checks." if sense["lost"] else ".")]
     return [*lines, ""]
 
 

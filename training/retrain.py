@@ -6,8 +6,10 @@ default work dir, `ARTIFACT.work/checkpoint.pt`) and the run key the checkpoint 
 checkpoint of another run is never continued in its place. The new run starts from those weights with the
 artifact's recipe (its recorded config, unless another is given), trains on the new logs with a
 fresh optimizer and schedule, and calibrates and chooses thresholds on the new logs' validation
-split. Both models are then scored on the new logs' test prompts that neither saw; the new one is
-promoted (moved to OUT) unless its APGR there is below the previous model's, or with `force`. The
+split. Both models are then scored on the new logs' test prompts that neither saw, and on the probe
+suite's selection half; the new one is promoted (moved to OUT) unless its APGR there is below the
+previous model's or it ranks the probes far worse (`training.probes.COMMON_SENSE_TOLERANCE`), or with
+`force`. The
 artifact OUT held before is moved aside to `OUT.previous-VERSION`, to roll back to; when that is the
 model continued from, the new artifact's manifest and card name it there, so that its recorded command
 rebuilds the new model rather than continuing it.
@@ -147,8 +149,9 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
     Returns None in the processes of a distributed run other than the main one.
 
     The new model is promoted when its APGR on the new logs' held-out prompts is not below the previous
-    model's; when none of those prompts is known on two tiers (so neither APGR measures anything), only
-    with `force`.
+    model's and it has not lost the common sense the probe suite checks (`training.probes.
+    common_sense_check`: logs scored backwards would otherwise promote the model they taught); when none of
+    those prompts is known on two tiers (so neither APGR measures anything), only with `force`.
 
     Raises:
         PromptierError: other tiers than the previous model's, no checkpoint, a model distilled from
@@ -181,8 +184,10 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
     comparison = new.metrics.get("retrain")
     if not isinstance(comparison, dict):
         raise DataError("logs", "the new logs have no test split to compare the models on (test_fraction is 0)")
-    # `worse` is None when no held-out prompt could tell the models apart: promoted only with `force`.
-    promoted = force or comparison["worse"] is False
+    # `worse` is None when no held-out prompt could tell the models apart: promoted only with `force`. Nor
+    # is a model that ranks the probe suite's obvious prompts far worse, however the new logs score it.
+    lost_sense = bool(comparison.get("common_sense", {}).get("lost"))
+    promoted = force or (comparison["worse"] is False and not lost_sense)
     rollback = rollback_location(out) if promoted else None
     if promoted:
         if rollback is not None and same_directory(previous, out):
