@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,19 @@ def build_request(prompt: str | None = None, messages: Sequence[tuple[str, str]]
     return router_pb2.ClassifyRequest(prompt=prompt or "", policy=policy)
 
 
+def _deadline(timeout: float | None, default: float) -> float:
+    """A call's deadline in seconds: `timeout`, or `default` when it is None.
+
+    Raises:
+        ValueError: it is not a positive, finite number of seconds (0 is not "the default": it would
+            fail every call at once, as would a negative one; NaN never expires in some stacks).
+    """
+    chosen = default if timeout is None else timeout
+    if isinstance(chosen, bool) or not isinstance(chosen, int | float) or not 0 < chosen < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds, got {chosen!r}")
+    return float(chosen)
+
+
 class RouterClient:
     """Blocking client. `timeout` is the per-call deadline in seconds.
 
@@ -92,17 +106,17 @@ class RouterClient:
 
     def __init__(self, target: str, timeout: float = 0.05, attempts: int = 3, *, coalesce: bool = False,
                  connections: int = 1) -> None:
+        self.timeout = _deadline(timeout, timeout)
         self._channel = grpc.insecure_channel(target, options=_options(attempts))
         self._stub = router_pb2_grpc.RouterStub(self._channel)
-        self.timeout = timeout
         self._coalescer = _ThreadedCoalescer(target, timeout, attempts, connections) if coalesce else None
 
     def classify(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
                  timeout: float | None = None, **policy: object) -> Decision:
         if self._coalescer is not None:
-            return self._coalescer.classify(prompt, messages, timeout or self.timeout, policy)
+            return self._coalescer.classify(prompt, messages, _deadline(timeout, self.timeout), policy)
         request = build_request(prompt, messages, **policy)  # type: ignore[arg-type]
-        return Decision.from_proto(self._stub.Classify(request, timeout=timeout or self.timeout))
+        return Decision.from_proto(self._stub.Classify(request, timeout=_deadline(timeout, self.timeout)))
 
     def classify_batch(self, prompts: Sequence[str], timeout: float | None = None, **policy: object
                        ) -> list[Decision | grpc.StatusCode]:
@@ -114,7 +128,7 @@ class RouterClient:
         if isinstance(prompts, str | bytes):
             raise InvalidInputError("classify_batch takes a list of prompts, not one string")
         request = router_pb2.ClassifyBatchRequest(items=[build_request(p, **policy) for p in prompts])  # type: ignore[arg-type]
-        response = self._stub.ClassifyBatch(request, timeout=timeout or self.timeout * 10)
+        response = self._stub.ClassifyBatch(request, timeout=_deadline(timeout, self.timeout * 10))
         return [Decision.from_proto(item.result) if item.HasField("result") else grpc.StatusCode[item.error.code]
                 for item in response.items]
 
@@ -163,6 +177,7 @@ class AsyncRouterClient:
                  max_in_flight: int = 4, max_batch: int = 64, connections: int = 1) -> None:
         if connections < 1 or max_in_flight < 1 or max_batch < 1:
             raise ValueError("connections, max_in_flight and max_batch must be at least 1")
+        timeout = _deadline(timeout, timeout)
         # A local subchannel pool gives each channel its own connection (by default equal channels share one).
         options = _options(attempts) + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
         self._target, self._channel_options = target, options
@@ -186,7 +201,7 @@ class AsyncRouterClient:
         if self._closed:
             raise _client_closed()
         request = build_request(prompt, messages, **policy)  # type: ignore[arg-type]
-        limit = timeout or self.timeout
+        limit = _deadline(timeout, self.timeout)
         if not self._coalesce:
             index = self._least_busy()
             self._busy[index] += 1

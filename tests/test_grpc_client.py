@@ -397,3 +397,29 @@ def test_a_closed_coalescing_client_says_so_and_a_batch_is_never_one_string() ->
             client.classify(EASY)
     assert info.value.code() == grpc.StatusCode.CANCELLED and "client was closed" in (info.value.details() or "")
     client.close()  # a second close does nothing, as a channel's
+
+
+def test_a_deadline_that_is_no_positive_number_of_seconds_is_refused_by_name() -> None:
+    """`timeout=0` read as "the default" (a falsy value), and a negative or NaN one reached gRPC: each is a
+    caller's mistake, said before any call goes out."""
+    for bad in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            RouterClient("127.0.0.1:1", timeout=bad)
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            AsyncRouterClient("127.0.0.1:1", timeout=bad)
+    with RouterClient("127.0.0.1:1", timeout=0.2, attempts=1) as client:
+        for bad in (0, -0.5):
+            with pytest.raises(ValueError, match=rf"got {bad}"):
+                client.classify(EASY, timeout=bad)
+            with pytest.raises(ValueError, match=rf"got {bad}"):
+                client.classify_batch([EASY], timeout=bad)
+
+    async def async_call() -> None:
+        client = AsyncRouterClient("127.0.0.1:1", timeout=0.2, attempts=1)
+        try:
+            with pytest.raises(ValueError, match="got 0"):
+                await client.classify(EASY, timeout=0)
+        finally:
+            await client.close()
+
+    asyncio.run(async_call())
