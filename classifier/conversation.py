@@ -32,9 +32,14 @@ def content_text(content: object) -> str:
 Message = tuple[str, object] | Mapping[str, object]
 
 
-def _pairs(messages: Iterable[Message]) -> list[tuple[str, str]]:
+def message_pairs(messages: Iterable[Message]) -> list[tuple[str, str]]:
     """(role, text) per message: a pair's or an object's content read as `content_text` reads it (a string,
-    the text parts of a list, nothing for null), its role checked."""
+    the text parts of a list, nothing for null), its role checked.
+
+    Raises:
+        InvalidInputError: more than `MAX_MESSAGES`, a message of another shape, an unknown role, or a
+            content that is not a string, a list of parts or null.
+    """
     taken = list(islice(messages, MAX_MESSAGES + 1))  # any iterable, bounded before anything else is done
     if len(taken) > MAX_MESSAGES:
         count = len(messages) if isinstance(messages, Sized) else f"more than {MAX_MESSAGES}"
@@ -80,7 +85,7 @@ def render_conversation(messages: Iterable[Message]) -> str:
         InvalidInputError: no messages, more than `MAX_MESSAGES`, a message of another shape, an unknown
             role, or no user turn with content.
     """
-    messages = _pairs(messages)
+    messages = message_pairs(messages)
     if not messages:
         raise InvalidInputError("conversation has no messages")
     user_turns = [i for i, (role, content) in enumerate(messages) if role == "user" and content.strip()]

@@ -22,6 +22,7 @@ from typing import TypeVar
 import grpc
 from grpc.aio import Metadata
 
+from classifier.conversation import Message, message_pairs
 from classifier.errors import InvalidInputError
 from classifier.runtime import ClassificationResult
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
@@ -64,10 +65,22 @@ class Decision(ClassificationResult):
                    server_latency_ms=response.server_latency_ms)
 
 
-def build_request(prompt: str | None = None, messages: Sequence[tuple[str, str]] | None = None,
+def build_request(prompt: str | None = None, messages: Sequence[Message] | None = None,
                   mode: str | None = None, threshold: float | None = None, top_share: float | None = None,
                   allowed_tiers: Sequence[str] | None = None) -> router_pb2.ClassifyRequest:
-    """A ClassifyRequest from a prompt or (role, content) messages and an optional policy."""
+    """A ClassifyRequest from a prompt or messages (as the runtime takes them: (role, content) pairs or
+    OpenAI chat message objects) and an optional policy.
+
+    Raises:
+        InvalidInputError: a prompt that is not a string, or a message that is not one (a string in
+            place of the list would otherwise be sent a character per role and content).
+    """
+    if messages is not None:
+        if isinstance(messages, str | bytes):
+            raise InvalidInputError("messages must be a list of (role, content) pairs, not one string")
+        messages = message_pairs(messages)
+    elif prompt is not None and not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
     policy = router_pb2.Policy(mode=mode or "", allowed_tiers=list(allowed_tiers or []))
     if threshold is not None:
         policy.threshold = threshold

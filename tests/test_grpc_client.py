@@ -423,3 +423,20 @@ def test_a_deadline_that_is_no_positive_number_of_seconds_is_refused_by_name() -
             await client.close()
 
     asyncio.run(async_call())
+
+
+def test_a_prompt_or_messages_of_the_wrong_shape_are_refused_before_anything_is_sent() -> None:
+    """A string passed as the messages was sent one character per role and content; a number as the prompt
+    ended in protobuf's "bad argument type". Messages are read as the runtime reads them, objects included."""
+    from serving.client import build_request
+
+    with RouterClient("127.0.0.1:1", timeout=0.2, attempts=1) as client:
+        for prompt, messages, message in ((5, None, "prompt must be a string, got int"),
+                                          (None, "hi", "not one string"),
+                                          (None, [("user", 5)], "message 0 content must be a string"),
+                                          (None, [("boss", "hi")], "message 0 has unknown role 'boss'")):
+            with pytest.raises(InvalidInputError, match=message):
+                client.classify(prompt, messages=messages)  # type: ignore[arg-type]
+    request = build_request(messages=[{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert [(m.role, m.content) for m in request.conversation.messages] == [("system", "Be brief."), ("user", "hi")]
