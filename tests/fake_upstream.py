@@ -9,7 +9,7 @@ import time
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 MISSING = object()  # an Upstream.usage that leaves the field out
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -40,6 +40,7 @@ class Upstream:
         self.usage: object = USAGE  # what its answers say in `usage` (MISSING: nothing)
         self.delay_s = 1.0  # how long "delay" waits before it answers
         self.huge_mb = 80  # the size of a "huge" answer
+        self.redirect_to = ""  # where "redirect" sends its caller
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -51,6 +52,12 @@ class Upstream:
             if self.behaviour == "400":
                 return JSONResponse({"error": {"message": "bad temperature", "type": "invalid_request_error"}},
                                     status_code=400)
+            if self.behaviour == "401":  # as some OpenAI-compatible servers do: the key it was sent, echoed
+                echoed = f"Incorrect API key provided: {request.headers.get('authorization')}"
+                return JSONResponse({"error": {"message": echoed, "type": "invalid_request_error",
+                                               "code": "invalid_api_key"}}, status_code=401)
+            if self.behaviour == "redirect":  # sends its caller on to another server (`redirect_to`)
+                return RedirectResponse(self.redirect_to, status_code=307)
             if self.behaviour == "429":  # as hosted APIs do: when to try again, and a header of its own
                 return JSONResponse({"error": {"message": "rate limit reached", "type": "rate_limit_error"}},
                                     status_code=429, headers={"retry-after": "7", "retry-after-ms": "7000",

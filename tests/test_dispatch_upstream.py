@@ -63,6 +63,32 @@ def test_upstream_4xx_goes_back_as_it_came(dispatcher: Dispatcher, fresh: dict[s
     assert not fresh["medium"].received  # a caller's error is not retried elsewhere
 
 
+def test_an_upstream_refusing_its_key_or_redirecting_fails_its_tier_and_never_reaches_the_caller(
+        dispatcher: Dispatcher, fresh: dict[str, Upstream], tmp_path: Path) -> None:
+    # A 401 is about the dispatcher's key for the tier, not the caller's: relayed, its body (which
+    # often quotes the key) would reach the caller, and the SDK would say the caller's key is invalid.
+    # A redirect is not followed: it would post the caller's prompt wherever the upstream points.
+    fresh["small"].behaviour = "401"
+    raw = dispatcher.client().chat.completions.with_raw_response.create(
+        model="promptier", messages=[{"role": "user", "content": EASY}])
+    assert raw.headers["x-promptier-tier"] == "medium" and raw.headers["x-promptier-failed-tiers"] == "small"
+    assert raw.parse().choices[0].message.content == "answer from medium"
+    fresh["small"].received.clear()
+    fresh["large"].behaviour = "401"  # the top tier: nowhere left to escalate to
+    with pytest.raises(openai.APIStatusError) as info:
+        dispatcher.client().chat.completions.create(model="promptier/tier/large",
+                                                    messages=[{"role": "user", "content": EASY}])
+    assert info.value.status_code == 502 and "Incorrect API key" not in info.value.response.text
+    assert "refused the dispatcher's key" in info.value.response.text
+    fresh["large"].behaviour, fresh["large"].redirect_to = "redirect", f"{fresh['small'].url}/chat/completions"
+    with pytest.raises(openai.APIStatusError) as info:
+        dispatcher.client().chat.completions.create(model="promptier/tier/large",
+                                                    messages=[{"role": "user", "content": EASY}])
+    assert info.value.status_code == 502 and "a redirect, not followed" in info.value.response.text
+    assert not fresh["small"].received
+    assert read_log(tmp_path)[-1]["failed_tiers"] == ["large"]
+
+
 def test_an_upstream_429_keeps_the_headers_that_say_when_to_retry(dispatcher: Dispatcher,
                                                                    fresh: dict[str, Upstream]) -> None:
     # OpenAI's SDKs wait what retry-after(-ms) says before they retry a 429; without it they retry at

@@ -49,6 +49,10 @@ HEADER_PREFIX = "x-promptier-"
 # How often a dispatcher in front of a gRPC service reads its prices again: the service reloads models on
 # its own, and a new model's manifest may price its tiers differently.
 PRICES_REFRESH_S = 30.0
+# An upstream's 401 is about the key the dispatcher sent it (the tier's api_key_env), not the caller's:
+# relayed, it would tell the caller its own key is invalid, in a body that often quotes the tier's key
+# (in part or whole). It is a failure of the tier, as a 5xx is.
+UPSTREAM_KEY_REFUSED = 401
 
 
 @dataclass
@@ -348,9 +352,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ upstream
     async def open_upstream(self, route: Route, body: dict, tenant: Tenant | None = None
                             ) -> tuple[aiohttp.ClientResponse, str]:
-        """Send to the routed tier; on 5xx, timeout or connection failure before the first byte, retry on
-        the next more capable tier the tenant may use (never a cheaper one; none once the tenant's budget
-        is spent). Returns the response and the tier that answered."""
+        """Send to the routed tier; on 5xx, 401 (the tier's own key refused), a redirect, timeout or
+        connection failure before the first byte, retry on the next more capable tier the tenant may use
+        (never a cheaper one; none once the tenant's budget is spent). Returns the response and the tier
+        that answered."""
         last_error = "no upstream tried"
         for tier in self.capabilities.escalation(route.tier, route.needs):
             if tenant is not None and not tenant.may_use(tier):
@@ -377,20 +382,28 @@ class Dispatcher:
                 route.reason = "escalated"  # now, not once it answers: the caller may leave before that
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout_s):
+                    # Redirects not followed: a chat completion is never redirected by a real upstream, and
+                    # following one would post the caller's prompt (and, to the same origin, the tier's
+                    # key) wherever the upstream, or anyone on a plain-HTTP path to it, points.
                     response = await self.http.post(f"{upstream.base_url}/chat/completions", data=payload,
-                                                     headers=headers, timeout=timeout)
+                                                     headers=headers, timeout=timeout, allow_redirects=False)
                 bound_body_reads(response, upstream.read_timeout_s)
             except TimeoutError:
                 last_error = f"tier {tier}: upstream timed out"
             except aiohttp.ClientError as error:
                 last_error = f"tier {tier}: upstream unreachable ({type(error).__name__})"
             else:
-                if response.status < 500:
+                status = response.status
+                if status < 300 or (400 <= status < 500 and status != UPSTREAM_KEY_REFUSED):
                     if tier != route.tier:
                         route.reason = "escalated"
                     return response, tier
                 response.close()
-                last_error = f"tier {tier}: upstream returned {response.status}"
+                last_error = f"tier {tier}: upstream returned {status}"
+                if status == UPSTREAM_KEY_REFUSED:
+                    last_error += " (it refused the dispatcher's key for the tier)"
+                elif status < 400:
+                    last_error += " (a redirect, not followed)"
             route.failed_tiers.append(tier)
             self.metrics.escalations.labels(tier).inc()
             log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": last_error}))
