@@ -344,6 +344,24 @@ def test_views_are_cut_from_one_reading_and_a_tenant_learns_nothing_of_the_other
     assert later["total"]["requests"] == 2 and later["total"]["spend_usd"] == 0.625
 
 
+def test_tenant_keys_without_operator_keys_warn_that_metrics_shows_every_tenant(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from serving.dispatch.app import create_app
+
+    monkeypatch.setenv("TEAM_KEYS", "team-key")
+    monkeypatch.setenv("OPERATOR_KEYS", "ops-key")
+    keyed = dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                              inbound_api_keys_env="TEAM_KEYS")
+    create_app(keyed)
+    assert '"event": "metrics_open"' in caplog.text and "savings_page.operator_keys_env" in caplog.text
+    caplog.clear()
+    create_app(keyed.model_copy(update={"savings_page": keyed.savings_page.model_copy(
+        update={"operator_keys_env": "OPERATOR_KEYS"})}))
+    create_app(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "open.jsonl"))  # open: nothing to keep
+    assert "metrics_open" not in caplog.text
+
+
 def test_operator_keys_alone_guard_the_page_of_a_dispatcher_without_tenant_keys(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -150,6 +150,12 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     access = SavingsAccess(dispatcher.tenants, config.operator_keys())
     if access.has_operators:  # operators are told apart from tenants: the per-tenant series are theirs alone
         metrics = _OperatorsOnly(metrics, access)
+    elif not dispatcher.tenants.open:
+        # Callers need keys, yet /metrics labels every tenant's spend and budget for anyone who reaches the
+        # port: as documented, but a team that set keys to keep tenants apart would not expect it.
+        log.warning(json.dumps({"event": "metrics_open", "detail": "requests need a key, but /metrics shows "
+                                "every tenant's spend, budget and requests to any caller: set "
+                                "savings_page.operator_keys_env to keep it to operators"}))
     app = Starlette(lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed}, routes=[
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
