@@ -48,7 +48,9 @@ def _cost(tier: str, prompt_tokens: float, completion_tokens: float) -> float:
 
 
 def _metrics(port: int) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics/", headers={"connection": "close"}).text
+    # The operator key of the tests that set one (the others' /metrics is open to any caller).
+    headers = {"connection": "close", "authorization": "Bearer ops-key"}
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics/", headers=headers).text
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
@@ -174,10 +176,12 @@ def mid_month(monkeypatch: pytest.MonkeyPatch) -> Callable[[], float]:
 def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budget(
         started, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mid_month: Callable[[], float]) -> None:
     monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    monkeypatch.setenv("OPERATOR_KEYS", "ops-key")
     store_path = tmp_path / "spend.sqlite3"
     budget = 100.0
     dispatcher = started(tenants={"search": _budgeted(tmp_path, budget, max_quality_loss=1.0)},
-                         spend_store={"path": str(store_path), "refresh_ms": 50})
+                         spend_store={"path": str(store_path), "refresh_ms": 50},
+                         savings_page={"operator_keys_env": "OPERATOR_KEYS"})
     client = dispatcher.client(api_key="search-key")
 
     def pressure_after_request() -> tuple[str, float, str]:
@@ -219,8 +223,14 @@ def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budge
     logged = sum(row["cost_usd"] for row in rows)
     key = ("search", window.key)
     assert _eventually(lambda: abs(SqliteSpendStore(store_path).totals([key])[key] - ahead_by(1.5) - logged) < 1e-9)
-    health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health").json()
-    assert health["spend_store_state"] == "ok" and health["tenants_with_budgets"] == ["search"]
+    health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health", headers={"authorization": "Bearer ops-key"})
+    assert health.json()["spend_store_state"] == "ok" and health.json()["tenants_with_budgets"] == ["search"]
+    assert str(store_path) in health.json()["spend_store"]
+    # Anyone else (a load balancer, a tenant) learns that the store works, not which tenants exist or where it is.
+    for headers in ({}, {"authorization": "Bearer search-key"}):
+        public = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health", headers=headers).json()
+        assert public["status"] == "ok" and public["spend_store_state"] == "ok"
+        assert not {"tenants_with_budgets", "spend_store", "classifier_source"} & set(public), public
 
 
 def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured(
@@ -401,7 +411,9 @@ def test_dispatchers_on_several_hosts_share_spend_through_redis(
     monkeypatch.setenv("SPEND_REDIS_URL", redis_server.url)
     store = {"kind": "redis", "url_env": "SPEND_REDIS_URL", "key_prefix": "test", "refresh_ms": 50,
              "journal_dir": str(tmp_path / "journal")}
-    first = started("first.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store)
+    monkeypatch.setenv("OPERATOR_KEYS", "ops-key")
+    first = started("first.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store,
+                    savings_page={"operator_keys_env": "OPERATOR_KEYS"})
     second = started("second.jsonl", tenants={"search": _budgeted(tmp_path, 10.0)}, spend_store=store)
     for _ in range(3):
         _ask(first.client(api_key="search-key"), HARD)
@@ -415,7 +427,8 @@ def test_dispatchers_on_several_hosts_share_spend_through_redis(
     for dispatcher in (first, second):
         assert _eventually(lambda d=dispatcher: _metrics(d.port).get(
             ("promptier_dispatch_tenant_period_spend_usd", (("tenant", "search"),))) == pytest.approx(total))
-    assert "redis 127.0.0.1" in httpx.get(f"http://127.0.0.1:{first.port}/health").json()["spend_store"]
+    health = httpx.get(f"http://127.0.0.1:{first.port}/health", headers={"authorization": "Bearer ops-key"})
+    assert "redis 127.0.0.1" in health.json()["spend_store"]
 
 
 def _load(tmp_path: Path, text: str) -> DispatcherConfig:

@@ -85,6 +85,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     fingerprint = config.fingerprint  # a hash of the whole config: once, not per health probe
 
     shared_metrics_dir = os.environ.get(METRICS_DIR_ENV)
+    # Who sees every tenant's figures (on /metrics, /health and the savings page): operators, or anyone
+    # where no operator key is set.
+    access = SavingsAccess(dispatcher.tenants, config.operator_keys())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -95,15 +98,22 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             multiprocess.mark_process_dead(os.getpid(), shared_metrics_dir)  # its live gauges leave the sums
 
     async def health(request: Request) -> Response:
+        """Liveness and state for anyone (a load balancer has no key). Where the classifier and the spend
+        store live and which tenants have budgets only for whoever sees every tenant's figures: an operator
+        key, or anyone on a dispatcher without keys."""
         reachable = await dispatcher.classifier.served() is not None
         classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
         body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
-                                   "classifier_source": dispatcher.classifier.describe(),
                                    "fallback_tier": config.fallback_tier, "config_fingerprint": fingerprint}
         if isinstance(dispatcher.classifier, GrpcRouteClassifier):
             # How many of the service's processes this dispatcher's connections reach (null: not known yet).
             body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
-        body.update(dispatcher.tenants.health())
+        spend = dispatcher.tenants.health()
+        if spend:
+            body["spend_store_state"] = "ok" if spend["spend_store_state"] == "ok" else "failing"
+        if access.view(request.headers.get("authorization", "")) == EVERY_TENANT:
+            body["classifier_source"] = dispatcher.classifier.describe()
+            body.update(spend)
         return JSONResponse(body)
 
     async def outcomes(request: Request) -> Response:
@@ -147,7 +157,6 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         exposed = CollectorRegistry()
         multiprocess.MultiProcessCollector(exposed, shared_metrics_dir)
     metrics = make_asgi_app(registry=exposed)
-    access = SavingsAccess(dispatcher.tenants, config.operator_keys())
     if access.has_operators:  # operators are told apart from tenants: the per-tenant series are theirs alone
         metrics = _OperatorsOnly(metrics, access)
     elif not dispatcher.tenants.open:
