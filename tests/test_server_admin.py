@@ -112,6 +112,20 @@ def test_serve_on_a_busy_port_says_so_and_exits_2(trained_artifact: Path, worker
     assert "Traceback" not in result.stderr
 
 
+def test_serve_refuses_an_admin_token_no_call_could_present(trained_artifact: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # gRPC metadata is ASCII: with this token, Reload would refuse every caller, the operator included.
+    environment = {**os.environ, "PROMPTIER_ADMIN_TOKEN": "pässword"}
+    result = subprocess.run([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
+                             "--port", "0"], capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 2, result.stderr
+    assert "PROMPTIER_ADMIN_TOKEN has a character other than printable ASCII" in result.stderr
+    assert "pässword" not in result.stderr and "Traceback" not in result.stderr
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
@@ -172,7 +186,9 @@ def test_admin_needs_the_token_when_the_server_has_one(trained_artifact: Path) -
     try:
         with grpc.insecure_channel(running.target) as channel:
             admin = router_pb2_grpc.AdminStub(channel)
-            for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cre"),)]:
+            # The token without its scheme is refused as well: the documented header is `Bearer <token>`.
+            for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cre"),),
+                             (("authorization", "s3cret"),), (("authorization", "Bearer"),)]:
                 with pytest.raises(grpc.RpcError) as info:
                     admin.Reload(router_pb2.ReloadRequest(), metadata=metadata, timeout=30)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # from this host too
@@ -182,7 +198,7 @@ def test_admin_needs_the_token_when_the_server_has_one(trained_artifact: Path) -
             assert router_pb2_grpc.RouterStub(channel).Classify(router_pb2.ClassifyRequest(prompt=EASY),
                                                                  timeout=5).tier == "small"
         assert running.running is not None
-        assert sample(running.running, "promptier_model_reloads", outcome="denied") == 3
+        assert sample(running.running, "promptier_model_reloads", outcome="denied") == 5
         assert sample(running.running, "promptier_model_reloads", outcome="ok") == 1
     finally:
         running.stop()

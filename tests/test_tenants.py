@@ -449,6 +449,9 @@ def _load(tmp_path: Path, text: str) -> DispatcherConfig:
                                                                          r"of the tenant 'a'"),
     ("tenants: {a: {api_keys_env: A_KEYS}, b: {api_keys_env: A_KEYS}}", r"\['A_KEYS'\] named by more than one tenant"),
     ("savings_page: {operator_keys_env: UNSET_KEYS_VAR}", r"operator_keys_env names UNSET_KEYS_VAR, which holds no"),
+    ("tenants: {a: {api_keys_env: ACCENTED_KEYS}}", r"tenants\.a\.api_keys_env: a key in ACCENTED_KEYS has a "
+                                                    r"character other than printable ASCII"),
+    ("inbound_api_keys_env: ACCENTED_KEYS", r"inbound_api_keys_env: a key in ACCENTED_KEYS has a character"),
     ("tenants: {a: {api_keys_env: A_KEYS}}\nsavings_page: {operator_keys_env: SAME_KEYS}",
      r"operator_keys_env: one of its keys is also a key of the tenant 'a'"),
     ("tenants: {a: {api_keys_env: A_KEYS}}\nsavings_page: {operator_keys_env: A_KEYS}",
@@ -476,9 +479,11 @@ def test_tenant_config_mistakes_are_refused_with_the_field_named(tmp_path: Path,
                                                                 section: str, error: str) -> None:
     monkeypatch.setenv("A_KEYS", "secret-a")
     monkeypatch.setenv("SAME_KEYS", "other, secret-a")
+    # Servers read header bytes as Latin-1, so this key, sent as UTF-8, would arrive as other characters.
+    monkeypatch.setenv("ACCENTED_KEYS", "plain, secret-é")
     with pytest.raises(ConfigError, match=error) as raised:
         _load(tmp_path, section)
-    assert "secret-a" not in str(raised.value)  # a key is never in an error
+    assert "secret-a" not in str(raised.value) and "secret-é" not in str(raised.value)  # a key is never in an error
 
 
 def test_check_reports_tenants_and_their_store(fresh: dict[str, Upstream], trained_artifact: Path,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from classifier.artifact import MODES
 from classifier.errors import PromptierError
+from serving.common.keys import header_safe
 from serving.dispatch.capabilities import Serves
 from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
 
@@ -247,11 +248,15 @@ def _keys_from_env(variable: str, field: str) -> set[str]:
     """The comma-separated keys in environment variable `variable`, which config `field` names.
 
     Raises:
-        ConfigError: the variable is unset or holds no key (the error names the field, never a key).
+        ConfigError: the variable is unset or holds no key, or a key has a character no header can carry
+            (the error names the field, never a key).
     """
     keys = {key.strip() for key in os.environ.get(variable, "").split(",") if key.strip()}
     if not keys:
         raise ConfigError(f"{field} names {variable}, which holds no keys")
+    if not all(header_safe(key) for key in keys):
+        raise ConfigError(f"{field}: a key in {variable} has a character other than printable ASCII, which no "
+                          "client can send in an Authorization header: that key could never be used")
     return keys
 
 

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from classifier import PromptierError
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
+from serving.common.keys import header_safe
 from serving.service.metrics import ServerMetrics
 from serving.service.parsing import parsing_handlers
 from serving.service.status import abort
@@ -57,6 +58,17 @@ def is_local_peer(peer: str) -> bool:
     return address.is_loopback
 
 
+def check_admin_token(token: str | None) -> None:
+    """Refuse, before anything is bound, an Admin token no call could present.
+
+    Raises:
+        PromptierError: the token has a character other than printable ASCII, which gRPC metadata cannot carry.
+    """
+    if token is not None and not header_safe(token):
+        raise PromptierError(f"{ADMIN_TOKEN_ENV} has a character other than printable ASCII, which gRPC "
+                             "metadata cannot carry: no Admin call could present it")
+
+
 class AdminService(router_pb2_grpc.AdminServicer):
     """Reload swaps the model every caller is routed by, from any directory the server can read, so it
     is not open to whoever reaches the port: with a token (PROMPTIER_ADMIN_TOKEN) a call must present
@@ -69,8 +81,11 @@ class AdminService(router_pb2_grpc.AdminServicer):
     def _refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
         if self._token is not None:
             metadata = {key: value for key, value in context.invocation_metadata() or ()}
-            supplied = str(metadata.get("authorization", "")).removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(supplied.encode(), self._token.encode()):
+            scheme, _, supplied = str(metadata.get("authorization", "")).strip().partition(" ")
+            # The token alone, without its scheme, is refused as documented: a header that happened to work
+            # bare would stop working behind a proxy that checks the scheme.
+            presented = supplied.strip() if scheme.casefold() == "bearer" else ""
+            if not presented or not hmac.compare_digest(presented.encode(), self._token.encode()):
                 return grpc.StatusCode.UNAUTHENTICATED, "Admin calls need the header 'authorization: Bearer <token>'"
             return None
         if not is_local_peer(context.peer()):

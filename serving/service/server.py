@@ -19,7 +19,7 @@ from classifier import PromptierError, TierClassifier
 from serving.common.batcher import Batcher
 from serving.common.binding import BindError, ensure_port_free
 from serving.common.startup import freeze_startup_objects
-from serving.service.admin import ADMIN_SERVICE, ADMIN_TOKEN_ENV, AdminService, admin_handlers
+from serving.service.admin import ADMIN_SERVICE, ADMIN_TOKEN_ENV, AdminService, admin_handlers, check_admin_token
 from serving.service.binding import grpc_address
 from serving.service.fleet import FLEET_SIGNAL, FleetModel, same_directory
 from serving.service.health import SERVING, ServerHealth
@@ -123,8 +123,10 @@ async def start_server(model_dir: Path | None = None, address: str = "127.0.0.1:
         admin_token: the token Admin calls must present; None accepts Admin calls from this host only.
 
     Raises:
-        PromptierError: the artifact is invalid (ArtifactError) or the address cannot be bound (BindError).
+        PromptierError: the artifact is invalid (ArtifactError), the address cannot be bound (BindError) or
+            the admin token has a character no call could send.
     """
+    check_admin_token(admin_token)
     limits = limits or ServerLimits()
     address = grpc_address(address)
     metrics = ServerMetrics()
