@@ -388,6 +388,11 @@ def _read(path: Path) -> bytes:
         raise ArtifactError(f"cannot read {path}: {exc.strerror or 'unreadable'}") from exc
 
 
+# ONNX Runtime keeps its thread count in a C int and fails on more with a TypeError that names none of
+# this; far beyond any machine's cores, so it only stops a typo.
+MAX_THREADS = 1024
+
+
 def _session(model: bytes, model_path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -415,10 +420,10 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
             manifest does not read, a failure, wrong shape or non-finite output on the probe, or a model
             or tokenizer whose sha256 is not the one the manifest records.
         InvalidInputError: `path` is neither None nor a path (an empty string included), or `threads` is
-            not a whole number of at least 1.
+            not a whole number from 1 to MAX_THREADS.
     """
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidInputError(f"threads must be a whole number of at least 1, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise InvalidInputError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
     if path is not None and not isinstance(path, str | os.PathLike):
         raise InvalidInputError(f"path must be an artifact directory or None, got {type(path).__name__}")
     if isinstance(path, str) and not path.strip():

@@ -423,8 +423,9 @@ def test_classify_command_reads_standard_input_and_takes_every_policy(shipped_ar
 def test_load_names_what_is_wrong_with_its_arguments(shipped_artifact: Path) -> None:
     with pytest.raises(ArtifactError, match="is a file; give the artifact directory"):
         classifier.load(shipped_artifact / "model.onnx")
-    with pytest.raises(InvalidInputError, match="threads must be a whole number of at least 1"):
-        classifier.load(shipped_artifact, threads=0)
+    for threads in (0, 2**40):  # the second is past the C int ONNX Runtime keeps it in
+        with pytest.raises(InvalidInputError, match="threads must be a whole number from 1 to 1024"):
+            classifier.load(shipped_artifact, threads=threads)
     # An unset setting ("") is not the working directory, and a number is not a path.
     with pytest.raises(InvalidInputError, match="path is empty: give an artifact directory, or None"):
         classifier.load("")
