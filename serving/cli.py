@@ -7,6 +7,7 @@ Registered with the `promptier` command through the `promptier.commands` entry p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -249,8 +250,8 @@ def budget_sim(
                                                       "else 0.1)")] = None,
     on_exhausted: Annotated[str | None, typer.Option(help="cheapest | reject (default: the config's, else "
                                                      "cheapest)")] = None,
-    model: Annotated[Path | None, typer.Option(help="artifact whose tiers and prices to use (default: shipped)")
-                     ] = None,
+    model: Annotated[Path | None, typer.Option(help="artifact whose tiers and prices to use (default: the "
+                                               "--config's embedded model, else the shipped one)")] = None,
     prompt_tokens: Annotated[int, typer.Option(min=0, help="for rows without usage")] = 500,
     completion_tokens: Annotated[int, typer.Option(min=0, help="for rows without usage")] = 300,
     arrival: Annotated[str, typer.Option(help="uniform: evenly over the period in file order; logged: by each "
@@ -287,7 +288,14 @@ def budget_sim(
             from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, read_config
 
             # The config's settings alone: a replay sends nothing, so the keys it names need not be set.
-            tenants = read_config(config, DispatcherConfig).tenants
+            dispatcher_config = read_config(config, DispatcherConfig)
+            tenants = dispatcher_config.tenants
+            if model is None and dispatcher_config.classifier.embedded:
+                model = dispatcher_config.classifier.model  # the prices this dispatcher charges (None: shipped)
+            elif model is None:
+                print("budget-sim: the config's classifier is a gRPC service, whose model a replay cannot ask: "
+                      "tiers and prices are the shipped model's; give --model the artifact it serves",
+                      file=sys.stderr)
             chosen = tenants.get(tenant) if tenant is not None else None
             if chosen is None or chosen.budget is None:
                 raise ConfigError(f"{config}: --tenant must name a tenant with a budget "

@@ -248,6 +248,24 @@ def test_budget_sim_takes_a_tenants_budget_from_a_dispatcher_config_without_its_
     assert result.returncode == 0, result.stderr
     budget = example.tenants[budgeted].budget
     assert budget is not None and json.loads(out.read_text())["budget_usd"] == budget.usd
+    # A gRPC classifier's model is not known offline: the shipped model's prices, and the replay says so.
+    assert "tiers and prices are the shipped model's; give --model" in result.stderr
+    # An embedded one is: the replay charges what that dispatcher charges, its model's prices.
+    dearer = tmp_path / "dearer-model"
+    shutil.copytree(DEFAULT_MODEL_DIR, dearer)
+    manifest = json.loads((dearer / "manifest.json").read_text())
+    for tier in manifest["tiers"]:
+        tier["input_usd_per_mtok"], tier["output_usd_per_mtok"] = 3 * tier["input_usd_per_mtok"], 7.5
+    (dearer / "manifest.json").write_text(json.dumps(manifest))
+    raw["classifier"] = {"embedded": True, "model": str(dearer)}
+    config.write_text(yaml.safe_dump(raw))
+    embedded = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(log), "--config",
+                               str(config), "--tenant", budgeted, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, env=environment)
+    assert embedded.returncode == 0, embedded.stderr
+    assert json.loads(out.read_text())["tier_prices_usd_per_mtok"] == [
+        [tier.input_usd_per_mtok, tier.output_usd_per_mtok] for tier in load_manifest(dearer).tiers]
+    assert load_manifest(dearer).tiers[0].output_usd_per_mtok == 7.5 and "shipped model" not in embedded.stderr
     refused = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(log), "--config", str(config),
                               "--tenant", unbudgeted, "--out", str(out)],
                              capture_output=True, text=True, timeout=300, env=environment)
