@@ -9,6 +9,7 @@ import numpy as np
 
 from classifier.conversation import render_conversation
 from tests.dispatcher_harness import Dispatcher, read_log
+from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD
 
 
@@ -197,3 +198,54 @@ def test_decision_log_writers_in_several_processes_each_follow_a_moved_log(tmp_p
     assert [json.loads(line)["prompt_id"] for line in path.read_text().splitlines()] == ["after-0", "after-1"]
     old = (tmp_path / "decisions.jsonl.old").read_text().splitlines()
     assert [json.loads(line)["prompt_id"] for line in old] == ["before-0", "before-1"]
+
+
+def test_a_decision_log_the_disk_cannot_take_fails_no_request_and_loses_no_line(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
+    """A full disk (here a file-size limit) under the decision log turned answered, paid-for requests into
+    500s. They are answered; each line the log cannot take goes whole to the process log, and is counted."""
+    import resource
+    import subprocess
+    import sys
+
+    import httpx
+
+    from serving.bench.ports import free_port
+    from tests.dispatcher_harness import wait_for_health
+
+    log = tmp_path / "decisions.jsonl"
+    config = tmp_path / "dispatcher.yaml"
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 5000},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log), "store_prompts": True}}))
+    # Bytes any one file of the dispatcher may grow to: its metrics files' first size, and about ten of
+    # these requests' lines.
+    limit = 64 * 1024
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    port = free_port()
+    dispatcher = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
+                                   "--port", str(port)], preexec_fn=limited,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    request_ids = []
+    try:
+        wait_for_health(port, dispatcher)
+        for i in range(16):
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+                "model": "promptier", "messages": [{"role": "user", "content": f"{i} {EASY} " + "word " * 1200}]})
+            assert reply.status_code == 200, reply.text  # answered, the log full or not
+            assert reply.json()["choices"][0]["message"]["content"]
+            request_ids.append(reply.headers["x-promptier-request-id"])
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics/").text
+    finally:
+        dispatcher.terminate()
+        _, stderr = dispatcher.communicate(timeout=30)
+    written = [json.loads(line)["prompt_id"] for line in log.read_text().splitlines()]  # every line whole
+    diverted = [json.loads(line) for line in stderr.splitlines() if '"event": "decision_not_written"' in line]
+    diverted_ids = [entry["line"]["prompt_id"] for entry in diverted]
+    assert written and diverted_ids, (written, stderr[-2000:])  # the limit fell part way through
+    assert sorted(written + diverted_ids) == sorted(request_ids)  # each line in one place or the other
+    assert f"promptier_dispatch_decision_log_errors_total {float(len(diverted_ids))}" in metrics

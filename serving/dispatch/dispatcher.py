@@ -119,7 +119,9 @@ class DispatcherMetrics:
                                "decision: bad input, no or an unknown API key, an unknown or forbidden model, a "
                                "caller gone, a Host not allowed, an internal error",
                                ["status", "code"], registry=self.registry)
-
+        self.decisions_not_written = Counter("promptier_dispatch_decision_log_errors",
+                                             "request lines the decision log could not take (a full disk, say): "
+                                             "each went to the process log instead", registry=self.registry)
 
 
 class Dispatcher:
@@ -476,7 +478,7 @@ class Dispatcher:
             note = f"{note}; {OWED}" if note else OWED
         self.tenants.charge(tenant, tier, cost)
         self.metrics.requests.labels(tier or self.last_tier(route), route.reason, str(status)).inc()
-        self.decisions.write(DecisionRecord(
+        line = DecisionRecord(
             prompt_id=route.request_id, prompt=prompt, messages=conversation,
             model=self.config.tiers[tier].model if tier else None, score=None, cost_usd=cost,
             source="dispatcher", category="", tier=tier, routed_tier=route.tier, reason=route.reason,
@@ -488,7 +490,14 @@ class Dispatcher:
             scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
             propensity=route.propensity, explored=route.explored, failed_tiers=list(route.failed_tiers),
             model_version=route.model_version, threshold=route.threshold, cheap_floor=route.cheap_floor,
-        ).as_dict())
+        ).as_dict()
+        try:
+            self.decisions.write(line)
+        except OSError as error:
+            # The caller's answer is already paid for: a log that cannot take its line must not turn it into
+            # a 500. The line goes whole to the process log, where it can be recovered, and is counted.
+            self.metrics.decisions_not_written.inc()
+            log.error(json.dumps({"event": "decision_not_written", "detail": str(error), "line": line}))
 
 
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:
