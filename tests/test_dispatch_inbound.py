@@ -108,6 +108,10 @@ def test_malformed_bodies_are_400s_that_say_why(dispatcher: Dispatcher, fresh: d
     # A wrong path or method is answered in the same error shape, which OpenAI's SDKs read.
     unknown = httpx.post(f"{dispatcher.base_url}/completions", json={"model": "promptier", "prompt": "hi"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url", unknown.text
+    # A trailing slash is another path, as on OpenAI's API: no redirect built from the caller's Host header.
+    slashed = httpx.post(f"{url}/", json={"model": "promptier", "messages": [{"role": "user", "content": "hi"}]})
+    assert slashed.status_code == 404 and "location" not in slashed.headers, slashed.headers
+    assert slashed.json()["error"]["code"] == "unknown_url"
     wrong = httpx.get(url)
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed", wrong.text
     assert wrong.headers["allow"] == "POST"

@@ -179,6 +179,9 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
           if config.savings_page.enabled else []),
     ])
     app.state.dispatcher = dispatcher
+    # Starlette answers `/v1/models/` with a redirect to the URL built from the request's own Host header,
+    # which a cache in front would keep and serve to others; OpenAI's API answers a 404, and so does this.
+    app.router.redirect_slashes = False
 
     # Without inbound keys, a browser page must not reach the dispatcher under a name of its own.
     host_allowed = (HostCheck(config.allowed_hosts)
