@@ -243,8 +243,9 @@ def test_a_tenants_key_sees_its_own_figures_and_an_operator_key_every_tenants(
     monkeypatch.setenv("OPERATOR_KEYS", "ops-key")
     log = tmp_path / "decisions.jsonl"
     running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, log, savings_page={
-        "operator_keys_env": "OPERATOR_KEYS"}, tenants={"alpha": {"api_keys_env": "ALPHA_KEYS"},
-                                                        "beta": {"api_keys_env": "BETA_KEYS"}}))
+        "operator_keys_env": "OPERATOR_KEYS"}, tenants={
+            "alpha": {"api_keys_env": "ALPHA_KEYS", "allowed_tiers": ["small", "medium"]},
+            "beta": {"api_keys_env": "BETA_KEYS"}}))
     try:
         for text in (EASY, HARD):
             running.client(api_key="alpha-key").chat.completions.create(
@@ -266,8 +267,20 @@ def test_a_tenants_key_sees_its_own_figures_and_an_operator_key_every_tenants(
             assert own["total"]["requests"] == own["window"]["rows"] == len(mine)
             assert own["total"]["spend_usd"] == pytest.approx(sum(row["cost_usd"] for row in mine))
             assert own["window"]["files"] == []  # the operator's paths are not a tenant's business
+            # Always-top-tier is the tenant's own top tier: alpha may not use large.
+            top = "medium" if tenant == "alpha" else "large"
+            price = own["prices"][top]
+            assert own["top_tier"] == top and own["total"]["top_tier_usd"] == pytest.approx(sum(
+                (row["usage"]["prompt_tokens"] * price["input_usd_per_mtok"]
+                 + row["usage"]["completion_tokens"] * price["output_usd_per_mtok"]) / 1e6 for row in mine))
         everything = seen_by("ops-key")
         assert everything["tenant"] is None and everything["total"]["requests"] == 3
+        assert everything["top_tier"] is None  # alpha's and beta's differ: each group names its own
+        if CHROMIUM is not None:  # and the page says so, rather than naming one tier for both
+            page = chromium(f"http://127.0.0.1:{running.port}/promptier/savings#key=ops-key", tmp_path / "profile",
+                            "--dump-dom")
+            assert "Always top tier" in page and "most capable allowed tier (" in page
+            assert "alpha: medium" in page and "beta: large" in page
         assert {group["tenant"] for group in everything["groups"]} == {"alpha", "beta"}
         assert everything["window"]["files"] == [str(log)]
         assert httpx.get(url, headers={"authorization": "Bearer nobody"}).status_code == 401
@@ -458,6 +471,27 @@ def test_summary_groups_tenants_and_prices_the_top_tier() -> None:
     assert report["bucket_s"] == 300 and len(report["buckets"]) == 25
     assert summarize(LogWindow(rows, [], 0, False, 0), TIERS, {})["total"]["top_tier_usd"] is None  # no prices yet
     assert percentile([5.0, 1.0, 3.0], 50) == 3.0 and percentile([], 50) is None
+
+
+def test_a_restricted_tenants_saving_is_measured_against_its_own_top_tier() -> None:
+    """A tenant kept to small and medium would, without the router, call medium: priced at large, its
+    saving would count money it could never have spent."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    rows = [{"tenant": tenant, "tier": "small", "reason": "classified", "status": 200, "cost_usd": 0.00022,
+             "usage": usage, "time": "2026-01-01T00:00:00Z"} for tenant in ("a", "b")]
+    prices = {"small": (0.2, 0.2), "medium": (0.5, 1.0), "large": (1.0, 5.0)}
+    report = summarize(LogWindow(rows, [], 0, False, 0), TIERS, prices, {"a": "medium"})
+    groups = {group["tenant"]: group for group in report["groups"]}
+    assert groups["a"]["top_tier"] == "medium" and groups["a"]["top_tier_usd"] == pytest.approx(0.0006)
+    assert groups["b"]["top_tier"] == "large" and groups["b"]["top_tier_usd"] == pytest.approx(0.0015)
+    assert report["top_tier"] is None and report["total"]["top_tier_usd"] == pytest.approx(0.0021)
+    assert report["total"]["saved_usd"] == pytest.approx(0.0021 - 0.00044)
+    own = summarize(LogWindow(rows[:1], [], 0, False, 0), TIERS, prices, {"a": "medium"})  # a's key's view
+    assert own["top_tier"] == "medium" and own["total"]["saved_share"] == pytest.approx(1 - 0.00022 / 0.0006)
+    # Until medium's price is known, a's saving is unknown, not priced at another tier.
+    unpriced = summarize(LogWindow(rows, [], 0, False, 0), TIERS, {"small": (0.2, 0.2), "large": (1.0, 5.0)},
+                         {"a": "medium"})
+    assert unpriced["total"]["top_tier_usd"] is None
 
 
 def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Dispatcher, Path]) -> None:

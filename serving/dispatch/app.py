@@ -174,7 +174,8 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         Endpoint("/metrics", _Asgi(metrics), methods=["GET", "HEAD"]),
         Mount("/metrics", metrics),
         *(savings_routes(SavingsReport(config.decision_log.path, config.decision_log.backups,
-                                       config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices),
+                                       config.savings_page.max_bytes, dispatcher.tiers, lambda: dispatcher.prices,
+                                       dispatcher.tenants.top_tiers()),
                          access)
           if config.savings_page.enabled else []),
     ])

@@ -5,8 +5,10 @@ first; a bounded amount of work whatever the log's size), and `summarize` adds i
 (the rows' `tenant` field; rows without one are the group "default"), and over all of them:
 
 - spend: the sum of the rows' `cost_usd` (the tier that answered, at its price);
-- always-top-tier cost: the same rows' token usage at the top (last, dearest) tier's price; only rows
-  with a cost are counted on either side, so the two compare the same requests;
+- always-top-tier cost: the same rows' token usage at the price of the most capable tier the row's
+  tenant may use (the last tier, unless the tenant's `allowed_tiers` stop below it: without the
+  router, that tenant would call its own top tier, not one it may not use); only rows with a cost are
+  counted on either side, so the two compare the same requests;
 - requests by the tier that answered, in all and per time bucket (at most MAX_BUCKETS buckets over
   the window); reasons (classified, pinned, fallback, escalated, capability, no_text); fallbacks
   (reason fallback, or a fallback that a capability then moved); escalations; errors (status >= 400);
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +116,16 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _common_top(groups: list[_Group]) -> str | None:
+    """The top tier the groups share, else None."""
+    tops = {group.top_tier for group in groups}
+    return tops.pop() if len(tops) == 1 else None
+
+
 @dataclass
 class _Group:
     tiers: list[str]
+    top_tier: str | None  # what its always-top-tier cost is priced at (None: a sum of groups of other tops)
     requests: int = 0
     errors: int = 0
     spend_usd: float = 0.0
@@ -180,7 +190,7 @@ class _Group:
         saved = top - self.spend_usd if top is not None else None
         tiers = [*self.tiers, *sorted(set(self.by_tier) - set(self.tiers))]  # a tier since renamed, too
         return {
-            "tenant": name, "requests": self.requests, "errors": self.errors,
+            "tenant": name, "requests": self.requests, "errors": self.errors, "top_tier": self.top_tier,
             "spend_usd": self.spend_usd, "top_tier_usd": top, "saved_usd": saved,
             "saved_share": saved / top if saved is not None and top else None,
             "costed_requests": self.costed, "answered_without_cost": self.answered_without_cost,
@@ -235,10 +245,16 @@ def by_tenant(window: LogWindow) -> dict[str, LogWindow]:
     return {tenant: LogWindow(own, [], 0, window.truncated, 0) for tenant, own in rows.items()}
 
 
-def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float, float]]) -> dict:
+def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float, float]],
+              top_tiers: Mapping[str, str] | None = None) -> dict:
     """The savings report of the rows in `window` (see the module docstring); `tiers` cheapest first,
-    `prices` per tier as (input, output) USD per million tokens, possibly empty (not known yet)."""
-    top_price = prices.get(tiers[-1]) if tiers else None
+    `prices` per tier as (input, output) USD per million tokens, possibly empty (not known yet);
+    `top_tiers`: the most capable tier of each tenant that may not use the last one."""
+    top_tiers = top_tiers or {}
+
+    def top_of(group: str) -> str | None:
+        return top_tiers.get(group, tiers[-1]) if tiers else None
+
     epoch = _EpochOf()
     times = [epoch(row.get("time")) for row in window.rows]
     known = [moment for moment in times if moment is not None]
@@ -250,19 +266,22 @@ def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float
         name = group_of(row)
         group = groups.get(name)
         if group is None:
-            group = groups[name] = _Group(tiers)
-        group.add(row, None if moment is None else moment // size * size, top_price)
+            group = groups[name] = _Group(tiers, top_of(name))
+        group.add(row, None if moment is None else moment // size * size, prices.get(group.top_tier or ""))
     ranked = sorted(groups.items(), key=lambda item: (-item[1].requests, item[0]))
     shown, rest = ranked[:MAX_GROUPS], ranked[MAX_GROUPS:]
+    # Where the tenants' top tiers differ, a sum of their groups has no one top tier.
     if rest:
-        other = _Group(tiers)
+        other = _Group(tiers, _common_top([group for _, group in rest]))
         for _, group in rest:
             other.merge(group)
         shown.append((OTHER_GROUP, other))
-    total = _Group(tiers)
+    total = _Group(tiers, _common_top([group for _, group in shown]) if shown else top_of(DEFAULT_GROUP))
     for _, group in shown:
         total.merge(group)
-    priced = top_price is not None
+    # Priced once the classifier has reported the price of every top tier the rows are compared with.
+    tops = {group.top_tier for group in groups.values()} if groups else {total.top_tier}
+    priced = all(top is not None and top in prices for top in tops)
     return {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "window": {"rows": len(window.rows), "files": window.files, "bytes_read": window.bytes_read,
@@ -270,7 +289,7 @@ def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float
                    "first_time": _iso(min(known)) if known else None,
                    "last_time": _iso(max(known)) if known else None},
         "tiers": tiers,
-        "top_tier": tiers[-1] if tiers else None,
+        "top_tier": total.top_tier,  # null where the tenants' top tiers differ: each group names its own
         "prices": {tier: {"input_usd_per_mtok": price[0], "output_usd_per_mtok": price[1]}
                    for tier, price in prices.items()},
         "bucket_s": size,

@@ -97,9 +97,11 @@ class SavingsReport:
     """The latest report of each view, recomputed when the log or the prices change."""
 
     def __init__(self, log_path: Path, backups: int, max_bytes: int, tiers: list[str],
-                 prices: Callable[[], dict[str, tuple[float, float]]]) -> None:
+                 prices: Callable[[], dict[str, tuple[float, float]]], top_tiers: dict[str, str] | None = None
+                 ) -> None:
         self.log_path, self.backups, self.max_bytes = log_path, backups, max_bytes
         self.tiers, self.prices = tiers, prices
+        self.top_tiers = top_tiers or {}  # the most capable tier of each tenant restricted below the last
         self._lock = asyncio.Lock()
         self._key: tuple | None = None
         self._at = 0.0
@@ -136,7 +138,7 @@ class SavingsReport:
         return reports, nothing
 
     def _report(self, window: LogWindow, prices: dict[str, tuple[float, float]], tenant: str | None) -> dict:
-        report = summarize(window, self.tiers, prices)
+        report = summarize(window, self.tiers, prices, self.top_tiers)
         report["window"]["max_bytes"] = self.max_bytes
         report["tenant"] = tenant
         return report

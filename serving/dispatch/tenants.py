@@ -277,6 +277,11 @@ class Tenants:
             except RuntimeError:  # no event loop (a tool, a test): now
                 self.ledger.wake()
 
+    def top_tiers(self) -> dict[str, str]:
+        """The most capable tier of each tenant that may not use the last one, by tenant name."""
+        return {tenant.name: tenant.allowed_names[-1] for tenant in self.by_name.values()
+                if tenant.allowed_names and tenant.allowed_names[-1] != self.tiers[-1]}
+
     def health(self) -> dict[str, object]:
         """The spend store's state, for /health (nothing when no tenant has a budget)."""
         if self.ledger is None:
