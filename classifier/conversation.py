@@ -37,9 +37,14 @@ def message_pairs(messages: Iterable[Message]) -> list[tuple[str, str]]:
     the text parts of a list, nothing for null), its role checked.
 
     Raises:
-        InvalidInputError: more than `MAX_MESSAGES`, a message of another shape, an unknown role, or a
-            content that is not a string, a list of parts or null.
+        InvalidInputError: a single message or a string in place of a list, more than `MAX_MESSAGES`, a
+            message of another shape, an unknown role, or a content that is not a string, a list of parts
+            or null.
     """
+    if isinstance(messages, Mapping | str | bytes):
+        # Iterating one message object would read its keys as messages ("message 0 ... got str").
+        raise InvalidInputError(f"messages must be a list of messages, got one {type(messages).__name__}; "
+                                "wrap a single message in a list")
     taken = list(islice(messages, MAX_MESSAGES + 1))  # any iterable, bounded before anything else is done
     if len(taken) > MAX_MESSAGES:
         count = len(messages) if isinstance(messages, Sized) else f"more than {MAX_MESSAGES}"

@@ -35,6 +35,10 @@ def test_every_role_openais_api_accepts_is_read() -> None:
     assert text == 'What is the weather in Paris?\n\nfunction: {"temperature": 21}\n\ndeveloper: Answer briefly.'
     with pytest.raises(InvalidInputError, match="unknown role 'robot'"):
         render_conversation([("robot", "beep"), ("user", "hi")])
+    # One message, or one string, in place of the list: said as such, not as its keys or characters.
+    for single in ({"role": "user", "content": "hi"}, "hi"):
+        with pytest.raises(InvalidInputError, match=r"must be a list of messages, got one .*wrap a single message"):
+            render_conversation(single)  # type: ignore[arg-type]
 
 
 def test_the_end_of_a_long_latest_turn_is_among_the_tokens_read(shipped_artifact: Path) -> None:
