@@ -19,6 +19,18 @@ from tests.grpc_server import EASY, HARD
 
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_a_loadtest_of_several_workers_counts_every_workers_calls(trained_artifact: Path) -> None:
+    """`serve --workers 2 --metrics-port P` serves metrics on P and P + 1: the load test reads both, each
+    worker's answered calls among them, so the figures are of successful calls across the fleet."""
+    from serving.bench.loadgen import run_loadtest
+
+    [row] = run_loadtest(str(trained_artifact), [EASY, HARD], [(4, 1, 1)], 1.0, workers=2, generator="h2load")
+    assert row["calls"] > 0 and row["errors"] == 0
+    assert len(row["ok_calls_by_server_process"]) == 2
+    assert sum(row["ok_calls_by_server_process"]) == row["server_counted_ok"] >= row["calls"]
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
 def test_h2load_generator_counts_only_calls_the_server_answered_ok(trained_artifact: Path) -> None:
     """The loadtest's h2load figures are of successful calls: the server's own counters must agree with
     what h2load sent, and a scenario whose calls the server refuses is reported as errors."""

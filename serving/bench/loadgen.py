@@ -37,7 +37,7 @@ import numpy as np
 from classifier.signals import exit_deferred
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.bench.h2load import cpu_seconds, h2load_scenario, ok_calls, require_all_ok
-from serving.bench.ports import free_port, port_taken, wait_serving
+from serving.bench.ports import free_port, listen_ports, port_taken, wait_serving
 from serving.bench.report_path import check_report_path
 from serving.bench.soak_processes import stop_process
 
@@ -234,9 +234,9 @@ def run_loadtest(model: str | None, prompts: list[str], scenarios: list[tuple[in
                  coalescing_concurrency: tuple[int, ...] = ()) -> list[dict]:
     """Start `promptier serve` in a subprocess and run each (concurrency, batch, generator processes)
     scenario against it with `generator` (h2load or python); also report the server's own CPU use."""
-    port, metrics_port = free_port(), free_port()
-    while workers > 1 and any(port_taken(metrics_port + i) for i in range(workers)):
-        metrics_port = free_port()
+    # The workers' metrics ports are a run (P to P + N - 1) outside the range outgoing connections take
+    # theirs from: a worker restarted mid-run finds its port free again (see listen_ports).
+    port, metrics_port = free_port(), listen_ports(workers)[0]
     target = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "classifier.cli", "serve", "--port", str(port), "--threads", str(threads),
                "--workers", str(workers), "--metrics-port", str(metrics_port)]
