@@ -104,6 +104,15 @@ def test_native_echo_floor_answers_and_counts_only_what_it_answered(tmp_path: Pa
         server.wait(15)
 
 
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_an_h2load_that_fails_is_reported_with_what_it_said() -> None:
+    """A bare "returned non-zero exit status 1" left the reader to rerun h2load by hand to learn why."""
+    from serving.bench.h2load import h2load_scenario
+
+    with pytest.raises(RuntimeError, match=r"h2load exited with status 1: invalid URI: http://127\.0\.0\.1:70000/"):
+        h2load_scenario(70000, [EASY], 1, 1, 0.5, [], counter=lambda rpc: ([0], 0))
+
+
 def test_an_h2load_run_that_finished_no_call_is_refused_not_a_traceback(tmp_path: Path) -> None:
     """h2load exits 0 and logs nothing when nothing answers (a server gone, a port with no listener)."""
     from serving.bench.h2load import h2load_log

@@ -68,6 +68,18 @@ def h2load_log(path: Path) -> dict:
             "not_200": int((rows[:, 1] != 200).sum())}
 
 
+def _run_h2load(command: list[str]) -> None:
+    """Run h2load; a failure is raised with what h2load said, which a bare exit status would hide.
+
+    Raises:
+        RuntimeError: h2load exited with another status than 0.
+    """
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip())[-2000:] or "(nothing)"
+        raise RuntimeError(f"h2load exited with status {done.returncode}: {said}")
+
+
 CallCounter = Callable[[str], tuple[list[int], int]]
 """(OK calls per server process, other calls) of an RPC, as the server itself counted them."""
 
@@ -90,11 +102,10 @@ def h2load_scenario(port: int, prompts: list[str], concurrency: int, batch: int,
         command = ["h2load", "-c", str(connections), "-m", str(max(1, concurrency // connections)),
                    "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
                    f"http://127.0.0.1:{port}/promptier.v1.Router/{rpc}"]
-        subprocess.run([*command, "-D", "1"], check=True, capture_output=True)  # warm-up
+        _run_h2load([*command, "-D", "1"])  # warm-up
         ok_before, other_before = count(rpc)
         usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([*command, "-D", f"{round(seconds * 1000)}ms", f"--log-file={log}"], check=True,
-                       capture_output=True)
+        _run_h2load([*command, "-D", f"{round(seconds * 1000)}ms", f"--log-file={log}"])
         usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         ok_after, other_after = count(rpc)
         timings = h2load_log(log)
