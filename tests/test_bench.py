@@ -37,7 +37,7 @@ def test_bench_measures_every_bucket_and_writes_its_json(tmp_path: Path) -> None
     assert len(latency) == len(BUCKETS) + 3  # plus 128 tokens with a CJK character, an accent, a rare ideograph
     for stats in latency.values():
         assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
-    assert latency["128 tokens"]["n"] == 40
+    assert latency["128 tokens"]["n"] == 40 and written["settings"] == {"iterations": 40, "seconds": 0.3}
     assert all(rate > 0 for rate in written["throughput"].values())
     assert written["loaded_process_peak_rss_mb"] > 0
     assert written["cpu"]["model"] and written["cpu"]["model"] in result.stdout

@@ -371,6 +371,7 @@ def test_a_load_test_whose_cpp_floor_fails_to_build_keeps_its_rows(tmp_path: Pat
     loadgen.main(None, out, 1.0, workers=1, generator="h2load")
     report = json.loads(out.read_text())
     assert report["servers"]["1"] == [row] and report["transport_floor"] == [row]
+    assert report["settings"] == {"seconds": 1.0, "workers": 1}
     assert "native_transport_floor" not in report
     skipped = report["native_transport_floor_skipped"]
     assert "g++" in skipped and "version mismatch" in skipped

@@ -391,6 +391,7 @@ def _main(model: str | None, out: Path, seconds: float, workers: int, generator:
     # concurrency with calls a gateway batches.
     scenarios = [(1, 1, 1), (32, 1, 2), (128, 1, 2), (8, 64, 1), (32, 16, 1)]
     report: dict = {"model_version": runtime.model_version, "generator": generator,
+                    "settings": {"seconds": seconds, "workers": workers},  # as asked, to rerun it as measured
                     "bare_runtime_prompts_per_s": bare, "servers": {}}
     print(f"bare runtime (best of 1 process x 2 threads and 2 processes x 1 thread, batch 64, 128 tokens): "
           f"{bare:,.0f} prompts/s; load generator: {generator}\n")
