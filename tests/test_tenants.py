@@ -605,6 +605,37 @@ def test_answers_given_before_the_classifier_first_answers_are_charged_once_pric
             classifier_server.stop()
 
 
+def test_answers_still_unpriced_at_a_stop_are_logged_with_their_tokens(
+        fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With the classifier down from start to stop, the held tokens were dropped without a word: the
+    budget never saw them. The stop now says which tenant owes what, on which tier."""
+    import logging
+
+    from serving.bench.ports import free_port
+
+    monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    log = tmp_path / "decisions.jsonl"
+    dispatcher = Dispatcher(dispatcher_config(fresh, f"127.0.0.1:{free_port()}", log,
+                                              tenants={"search": _budgeted(tmp_path, 100.0)},
+                                              spend_store={"path": str(tmp_path / "spend.sqlite3")}))
+    try:
+        client = dispatcher.client(api_key="search-key")
+        for _ in range(2):
+            _ask(client, EASY)
+        held = _rows(log, 2)
+    finally:
+        with caplog.at_level(logging.ERROR, logger="promptier.dispatcher"):
+            dispatcher.stop()  # the stop runs in the server's thread: its last words come a moment later
+            _eventually(lambda: "spend_unpriced_at_stop" in caplog.text)
+    said = [json.loads(record.getMessage()) for record in caplog.records
+            if "spend_unpriced_at_stop" in record.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert said[0]["unpriced"] == [{"tenant": "search", "tier": held[0]["tier"],
+                                    "prompt_tokens": sum(row["usage"]["prompt_tokens"] for row in held),
+                                    "completion_tokens": sum(row["usage"]["completion_tokens"] for row in held)}]
+
+
 def test_a_starting_dispatcher_reads_the_spend_before_it_serves(started, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A store slow to answer at start (a busy Redis, a cold disk) must not let a spent budget through:

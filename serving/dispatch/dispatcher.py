@@ -201,6 +201,14 @@ class Dispatcher:
         return True
 
     async def close(self) -> None:
+        if self._owed:
+            # Answers given while the classifier never reported prices: their tokens were held to be charged
+            # once it did. Stopping first, they would leave the budgets unseen; said with their counts, so an
+            # operator can charge them (each answer's usage is also on its decision-log line).
+            unpriced = [{"tenant": tenant, "tier": tier, **usage} for (tenant, tier), (_, usage) in self._owed.items()]
+            log.error(json.dumps({"event": "spend_unpriced_at_stop", "detail": "the classifier never reported "
+                                  "tier prices, so these answers were not charged to their tenants' budgets",
+                                  "unpriced": unpriced}))
         if self._following_prices is not None:
             self._following_prices.cancel()
             with contextlib.suppress(asyncio.CancelledError):
