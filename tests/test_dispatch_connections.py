@@ -152,6 +152,44 @@ def test_connections_past_the_limit_are_refused_at_once(
         running.stop()
 
 
+def test_one_clients_connections_past_its_cap_are_refused_while_others_connect(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path) -> None:
+    """With a cap per client address, one client holding its share of connections cannot take the rest:
+    its next one is refused, another address still gets in, and the client's slot frees when one closes."""
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, tmp_path / "decisions.jsonl",
+                                           inbound={"max_connections_per_client": 2, "header_timeout_s": 60}))
+
+    def from_address(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", running.port), timeout=30, source_address=(source, 0))
+
+    try:
+        held = [from_address("127.0.0.1") for _ in range(2)]
+        refused = from_address("127.0.0.1")
+        answer = _until_closed(refused)
+        refused.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too_many_client_connections" in answer, answer
+        # Another client (all of 127.0.0.0/8 is this host's loopback) is not refused for the first one's flood.
+        other = from_address("127.0.0.2")
+        other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+        assert _until_closed(other).startswith(b"HTTP/1.1 200 ")
+        other.close()
+        held.pop().close()
+        status = None
+        for _ in range(200):  # once the server has seen it go, the client may connect again
+            retry = from_address("127.0.0.1")
+            retry.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+            status = _until_closed(retry)[:12]
+            retry.close()
+            if status == b"HTTP/1.1 200":
+                break
+            time.sleep(0.05)
+        assert status == b"HTTP/1.1 200"
+        for connection in held:
+            connection.close()
+    finally:
+        running.stop()
+
+
 def test_a_retiring_dispatcher_answers_the_connections_it_had_accepted(
         fresh: dict[str, Upstream], grpc_classifier: ServerThread, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

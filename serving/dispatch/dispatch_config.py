@@ -144,6 +144,10 @@ class InboundConfig(_Strict):
                                         "process; one more is answered 503 and closed at once. Default: half "
                                         "of the open-file limit less 64 (each caller connection may need an "
                                         "upstream one)")
+    max_connections_per_client: int | None = Field(
+        default=None, ge=1, description="open connections one client address may hold per worker process; one "
+        "more from it is answered 503 and closed, while other clients still connect. Off by default: behind a "
+        "load balancer or a gateway every caller arrives from its few addresses")
 
 
 class DispatcherConfig(_Strict):

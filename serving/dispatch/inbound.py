@@ -13,7 +13,8 @@ the event loop and the memory meanwhile. A request past
 its deadline (checked a few times per timeout, at least once a second) is answered 408 and its
 connection closed (a connection that has sent nothing is closed without a word, as an idle keep-alive
 one is). Past `max_connections` open connections a new one is answered 503 and closed at once, before
-the process runs out of descriptors.
+the process runs out of descriptors; with `max_connections_per_client`, so is one from an address that
+already holds that many, so that one client's flood of connections cannot take every slot.
 
 The limits are the `inbound` section of the dispatcher config the app was built from: each worker
 reads them when it loads its app, so a SIGHUP applies them like the rest of the file.
@@ -28,6 +29,7 @@ import math
 import resource
 import time
 import weakref
+from collections import Counter
 from typing import Any
 
 import uvicorn
@@ -58,6 +60,15 @@ def _raw_response(status: str, message: str, code: str, kind: str) -> bytes:
 
 TOO_MANY_CONNECTIONS = _raw_response("503 Service Unavailable", "too many open connections; try again later",
                                      "too_many_connections", "server_error")
+TOO_MANY_CLIENT_CONNECTIONS = _raw_response(
+    "503 Service Unavailable", "too many open connections from this client address; close some or try again later",
+    "too_many_client_connections", "server_error")
+
+
+def _client_address(transport: asyncio.BaseTransport) -> str | None:
+    """The peer's IP address (None on a Unix socket, whose callers share no address to tell them apart)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 def default_max_connections() -> int:
@@ -102,7 +113,8 @@ class DispatchServerConfig(uvicorn.Config):
 class _RefusalLog:
     """At most one log line a second about refused connections (a flood must not flood the log too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: str, limit_name: str) -> None:
+        self.event, self.limit_name = event, limit_name
         self.refused = 0
         self.last = 0.0
 
@@ -110,11 +122,14 @@ class _RefusalLog:
         self.refused += 1
         now = time.monotonic()
         if now - self.last >= 1.0:
-            log.warning(json.dumps({"event": "connections_refused", "count": self.refused, "max_connections": limit}))
+            log.warning(json.dumps({"event": self.event, "count": self.refused, self.limit_name: limit}))
             self.refused, self.last = 0, now
 
 
-_refusals = _RefusalLog()
+_refusals = _RefusalLog("connections_refused", "max_connections")
+_client_refusals = _RefusalLog("client_connections_refused", "max_connections_per_client")
+# Open connections per client address, per server (each worker process runs one).
+_per_client: weakref.WeakKeyDictionary[ServerState, Counter[str]] = weakref.WeakKeyDictionary()
 
 
 class _Sweeper:
@@ -159,6 +174,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_bytes = 0  # received since that request began
         self.max_connections = (config.max_connections if isinstance(config, DispatchServerConfig)
                                 else default_max_connections())
+        self.max_per_client = inbound.max_connections_per_client
+        self.counted_as: str | None = None  # the client address this connection is counted under
+        self.per_client = _per_client.setdefault(server_state, Counter())
         self.deadline = INFINITY  # loop time by which the current phase must be done
         self.phase = HEADERS
         self.received_any = False
@@ -174,8 +192,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             _refusals.add(self.max_connections)
             return
+        address = _client_address(transport)
+        if self.max_per_client is not None and address is not None:
+            if self.per_client[address] >= self.max_per_client:
+                self.transport = transport
+                transport.write(TOO_MANY_CLIENT_CONNECTIONS)
+                transport.close()
+                _client_refusals.add(self.max_per_client)
+                return
+            self.per_client[address] += 1
+            self.counted_as = address
         super().connection_made(transport)
         self.deadline, self.phase = self.loop.time() + self.header_timeout_s, HEADERS
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted_as is not None:
+            self.per_client[self.counted_as] -= 1
+            if not self.per_client[self.counted_as]:
+                del self.per_client[self.counted_as]  # the table holds only addresses with connections open
+            self.counted_as = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
