@@ -43,6 +43,12 @@ class Upstream:
         self.redirect_to = ""  # where "redirect" sends its caller
         app = FastAPI()
 
+        @app.get("/v1/models")
+        async def models(request: Request):  # type: ignore[no-untyped-def]
+            if self.behaviour == "401":
+                return JSONResponse({"error": {"message": "bad key", "code": "invalid_api_key"}}, status_code=401)
+            return {"object": "list", "data": [{"id": f"{self.name}-upstream-model", "object": "model"}]}
+
         @app.post("/v1/chat/completions")
         async def chat(request: Request):  # type: ignore[no-untyped-def]
             body = await request.json()

@@ -111,6 +111,7 @@ def test_check_validates_a_config_against_its_classifier_without_serving(
 
     code, output, path = check({"embedded": True, "model": str(trained_artifact)})
     assert code == 0, output
+    assert "upstreams: small answers, medium answers, large answers" in output, output
     assert f"config_fingerprint {load_dispatcher_config(path).fingerprint}" in output
     assert "serves tiers ['small', 'medium', 'large']" in output
     code, output, _ = check({"address": grpc_classifier.target})
@@ -195,3 +196,28 @@ def test_check_refuses_a_decision_log_that_a_worker_could_not_open(shipped_artif
     code, output = check(tmp_path / "logs" / "d.jsonl")
     assert code == 0 and "decision log" in output and "will be created" in output, output
     assert not (tmp_path / "logs").exists()  # a check writes nothing
+
+
+def test_check_says_which_upstream_cannot_be_reached_has_no_v1_or_refuses_its_key(
+        fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mistakes in a tier's address or key showed only as the first requests' failures."""
+    from typer.testing import CliRunner
+
+    from serving.bench.ports import free_port
+    from serving.cli import app
+
+    monkeypatch.setenv("LARGE_KEY", "wrong-key")
+    fresh["large"].behaviour = "401"
+    path = tmp_path / "dispatcher.yaml"
+    path.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(trained_artifact)}, "fallback_tier": "large",
+        "tiers": {"small": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "s"},
+                  "medium": {"base_url": fresh["medium"].url.removesuffix("/v1"), "model": "m"},
+                  "large": {"base_url": fresh["large"].url, "model": "l", "api_key_env": "LARGE_KEY"}},
+        "decision_log": {"path": str(tmp_path / "d.jsonl")}}))
+    result = CliRunner().invoke(app, ["dispatch", "--config", str(path), "--check"])
+    assert result.exit_code == 0, result.output  # said, not refused: an upstream may be down for a while
+    assert "small not reachable at http://127.0.0.1:" in result.output
+    assert "medium has no " in result.output and "is /v1 missing from its base_url?" in result.output
+    assert "large refused its key (HTTP 401): check LARGE_KEY" in result.output
+    assert "wrong-key" not in result.output

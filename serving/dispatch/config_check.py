@@ -7,12 +7,14 @@ without importing the HTTP stack that serves requests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import classifier
 from serving.dispatch.capabilities import describe_serves
-from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
+from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, Upstream
 from serving.dispatch.route_classifier import GrpcRouteClassifier
 from serving.dispatch.tenants import check_tenants_and_store
 
@@ -38,7 +40,38 @@ async def check_config(config: DispatcherConfig) -> str:
     capabilities = f"; capabilities: {describe_serves({name: tier.serves for name, tier in config.tiers.items()})}"
     tenants = check_tenants_and_store(config)
     log = check_decision_log(config.decision_log.path)
-    return await _check_classifier(config) + capabilities + f"; {tenants}; {log}"
+    upstreams = await check_upstreams(config)
+    return await _check_classifier(config) + capabilities + f"; {tenants}; {log}; upstreams: {upstreams}"
+
+
+async def check_upstreams(config: DispatcherConfig) -> str:
+    """Each tier's upstream asked for its model list (`GET {base_url}/models`, with the tier's key), as
+    every OpenAI-compatible server answers it: a wrong host or port, a base_url without its `/v1` and a
+    refused key show here rather than as the first requests' failures. Said, never refused: an upstream
+    may be down while its config is checked, and a few servers have no model list."""
+    import aiohttp
+
+    async def probe(session: aiohttp.ClientSession, name: str, upstream: Upstream) -> str:
+        url = f"{upstream.base_url}/models"
+        key = upstream.api_key()
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        timeout = aiohttp.ClientTimeout(total=upstream.connect_timeout_s + 5, connect=upstream.connect_timeout_s)
+        try:
+            async with session.get(url, headers=headers, timeout=timeout, allow_redirects=False) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return f"{name} not reachable at {url} ({type(error).__name__})"
+        if status == 200:
+            return f"{name} answers"
+        if status in (401, 403):
+            return f"{name} refused its key (HTTP {status}): check {upstream.api_key_env or 'api_key_env, unset'}"
+        if status == 404 and not urlsplit(upstream.base_url).path.rstrip("/").endswith("/v1"):
+            return f"{name} has no {url} (HTTP 404): is /v1 missing from its base_url?"
+        return f"{name} answered HTTP {status} at {url}"
+
+    async with aiohttp.ClientSession() as session:
+        said = await asyncio.gather(*(probe(session, name, upstream) for name, upstream in config.tiers.items()))
+    return ", ".join(said)
 
 
 def check_decision_log(path: Path) -> str:
