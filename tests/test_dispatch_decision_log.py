@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from classifier.conversation import render_conversation
+from serving.dispatch.decision_log import MIN_MESSAGE_CHARS
 from tests.dispatcher_harness import Dispatcher, read_log
 from tests.fake_upstream import Upstream
-from tests.grpc_server import EASY, HARD
+from tests.grpc_server import EASY, HARD, ServerThread
 
 
 def test_decision_log_with_scores_is_training_input(dispatcher: Dispatcher, tmp_path: Path) -> None:
@@ -249,3 +251,35 @@ def test_a_decision_log_the_disk_cannot_take_fails_no_request_and_loses_no_line(
     assert written and diverted_ids, (written, stderr[-2000:])  # the limit fell part way through
     assert sorted(written + diverted_ids) == sorted(request_ids)  # each line in one place or the other
     assert f"promptier_dispatch_decision_log_errors_total {float(len(diverted_ids))}" in metrics
+
+
+def test_huge_prompts_are_logged_by_their_head_and_tail_and_classify_as_they_were_served(
+        fresh: dict[str, Upstream], grpc_classifier: ServerThread, trained_artifact: Path, tmp_path: Path) -> None:
+    """A caller's 1 MB prompts, logged whole, rotated every other tenant's lines out of a 100 MB log within
+    a hundred requests and filled the savings page's 4 MiB window with four of them. A line keeps the
+    prompt's head and tail, what the classifier reads: a model trained on the line sees what it served."""
+    import classifier
+    from tests.dispatcher_harness import dispatcher_config
+
+    log = tmp_path / "decisions.jsonl"
+    running = Dispatcher(dispatcher_config(fresh, grpc_classifier.target, log,
+                                           decision_log={"path": str(log), "store_prompts": True,
+                                                         "max_text_chars": 4096}))
+    huge = f"{HARD} " + "filler words in the middle of a long paste " * 2500 + f" {EASY}"  # ~110,000 characters
+    try:
+        client = running.client()
+        client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": huge}])
+        conversation = [{"role": "system", "content": "Be brief. " * 3000}, {"role": "user", "content": EASY}]
+        client.chat.completions.create(model="promptier", messages=conversation)  # type: ignore[arg-type]
+        client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    finally:
+        running.stop()
+    single, chat, short = read_log(tmp_path)
+    assert len(single["prompt"]) <= 4096 and single["prompt"].startswith(huge[:1500])
+    assert single["prompt"].endswith(huge[-1500:]) and single["text_cut_chars"] == len(huge) - 4096 + 40
+    # The classifier reads the same head and tail of the logged prompt as of the one it served.
+    relogged = classifier.load(trained_artifact).classify(single["prompt"])
+    assert relogged.scores == pytest.approx(single["scores"]) and relogged.tier == single["tier"]
+    assert sum(len(message["content"]) for message in chat["messages"]) <= 4096 + 2 * MIN_MESSAGE_CHARS
+    assert chat["messages"][1]["content"] == EASY and chat["text_cut_chars"] > 0
+    assert short["prompt"] == EASY and short["text_cut_chars"] is None

@@ -69,8 +69,37 @@ log = logging.getLogger("promptier.dispatcher")
 # (`decisions.outcomes.<tenant>.jsonl`, classifier.decision_files), rotated like the log: a tenant that
 # reports many outcomes rotates its own file only. Their lines are as before; readers take outcome lines
 # from either place.
-DECISION_SCHEMA_VERSION = 9
+# Version 10 added `text_cut_chars`: with store_prompts, the characters cut from the middle of `prompt`
+# and of `messages`' contents to keep a line within `decision_log.max_text_chars` (null: nothing cut).
+DECISION_SCHEMA_VERSION = 10
 OUTCOME_KIND = "outcome"
+# Fewest characters a message's content keeps when a long conversation shares `max_text_chars`.
+MIN_MESSAGE_CHARS = 256
+
+
+def cut_text(text: str, limit: int) -> tuple[str, int]:
+    """`text` within `limit` characters: its head and its tail, a marker between them saying how much was
+    cut; and that count (0: `text` was within `limit`). The head and tail are what a classifier reads of a
+    text, so a cut prompt is classified as the whole one was."""
+    if len(text) <= limit:
+        return text, 0
+    marker_room = 40  # "\n[... 1234567 characters cut ...]\n" and then some
+    keep = max(limit - marker_room, 2)
+    head, tail = keep // 2 + keep % 2, keep // 2
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail:]}", cut
+
+
+def cut_messages(messages: list[dict], limit: int) -> tuple[list[dict], int]:
+    """A conversation's messages with their contents sharing `limit` characters (each at least
+    MIN_MESSAGE_CHARS), each cut as `cut_text` cuts; and the characters cut in all."""
+    share = max(MIN_MESSAGE_CHARS, limit // max(len(messages), 1))
+    kept, cut = [], 0
+    for message in messages:
+        content, removed = cut_text(message["content"], share)
+        kept.append({**message, "content": content})
+        cut += removed
+    return kept, cut
 
 
 @dataclass(frozen=True)
@@ -120,6 +149,7 @@ class DecisionRecord:
     model_version: str | None = None  # the classifier's model, when it gave the tier
     threshold: float | None = None  # the threshold its rule applied to `scores`, when its model decided
     cheap_floor: float | None = None  # the cheap floor applied with it, when there was one
+    text_cut_chars: int | None = None  # characters cut from `prompt` and `messages` (max_text_chars), if any
 
     def as_dict(self) -> dict:
         # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no

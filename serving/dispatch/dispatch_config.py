@@ -98,6 +98,11 @@ class DecisionLogConfig(_Strict):
     max_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     backups: int = Field(default=5, ge=0)
     store_prompts: bool = Field(default=False, description="write prompt text into the log")
+    max_text_chars: int = Field(default=32768, ge=1024, description="with store_prompts, the most characters a "
+                                "line keeps of the prompt (and, shared, of a conversation's messages): a longer "
+                                "text keeps its head and its tail, where the classifier reads (the shipped model: "
+                                "its first 512 and last 384 characters), so that one caller's huge prompts neither "
+                                "rotate everyone's lines out of the log nor fill the savings page's window")
 
     @field_validator("path")
     @classmethod

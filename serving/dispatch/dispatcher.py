@@ -27,7 +27,7 @@ from classifier.errors import InvalidInputError
 from serving.common.batcher import BatcherMetrics
 from serving.dispatch.capabilities import NO_NEEDS, CapabilityMetrics, CapabilityRouter, Needs, Steered
 from serving.dispatch.config_check import check_tier_names
-from serving.dispatch.decision_log import DecisionLog, DecisionRecord
+from serving.dispatch.decision_log import DecisionLog, DecisionRecord, cut_messages, cut_text
 from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
 from serving.dispatch.exploration import draw_tier
 from serving.dispatch.http_error import HTTPError
@@ -466,10 +466,14 @@ class Dispatcher:
         """
         tenant = tenant or self.tenants.default
         prompt = conversation = None
+        text_cut = 0
         if self.decisions.store_prompts:
-            prompt = _logged_prompt(messages)
+            limit = self.config.decision_log.max_text_chars
+            prompt, text_cut = cut_text(_logged_prompt(messages), limit)
             if len(messages) > 1:  # for a judge: the conversation as it was, in order
-                conversation = [{"role": role, "content": content} for role, content in messages]
+                conversation, cut = cut_messages([{"role": role, "content": content} for role, content in messages],
+                                                 limit)
+                text_cut += cut
         cost = None
         counted = usage
         if usage is None and completion_chars is not None and tier is not None:
@@ -498,6 +502,7 @@ class Dispatcher:
             scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
             propensity=route.propensity, explored=route.explored, failed_tiers=list(route.failed_tiers),
             model_version=route.model_version, threshold=route.threshold, cheap_floor=route.cheap_floor,
+            text_cut_chars=text_cut or None,
         ).as_dict()
         try:
             self.decisions.write(line)
