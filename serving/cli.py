@@ -7,6 +7,7 @@ Registered with the `promptier` command through the `promptier.commands` entry p
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -101,6 +102,7 @@ def serve(
     if workers > 1:
         from classifier import load
         from serving.common.binding import ensure_port_free
+        from serving.service.admin import ADMIN_TOKEN_ENV, check_admin_token
         from serving.service.workers import serve_workers
 
         if port == 0:
@@ -109,6 +111,7 @@ def serve(
         try:
             load(model)  # a bad artifact fails here, once, before any worker starts
             ensure_port_free(host, port)  # and a port in use, before workers die trying to bind it
+            check_admin_token(os.environ.get(ADMIN_TOKEN_ENV) or None)  # and a token no Admin call could send
         except PromptierError as error:
             fail(error)
         raise typer.Exit(serve_workers(workers, model, f"{host}:{port}", threads, metrics_port, limits))

@@ -250,6 +250,9 @@ def test_a_decision_log_the_disk_cannot_take_fails_no_request_and_loses_no_line(
     diverted_ids = [entry["line"]["prompt_id"] for entry in diverted]
     assert written and diverted_ids, (written, stderr[-2000:])  # the limit fell part way through
     assert sorted(written + diverted_ids) == sorted(request_ids)  # each line in one place or the other
+    # Its routing and usage, not its prompt: the process log is kept by others, for other times.
+    assert all("prompt" not in entry["line"] and entry["line"]["usage"] for entry in diverted)
+    assert "word word" not in stderr
     assert f"promptier_dispatch_decision_log_errors_total {float(len(diverted_ids))}" in metrics
 
 

@@ -473,7 +473,7 @@ def test_summary_groups_tenants_and_prices_the_top_tier() -> None:
     assert percentile([5.0, 1.0, 3.0], 50) == 3.0 and percentile([], 50) is None
 
 
-def test_a_restricted_tenants_saving_is_measured_against_its_own_top_tier() -> None:
+def test_a_restricted_tenants_saving_is_measured_against_its_own_top_tier(tmp_path: Path) -> None:
     """A tenant kept to small and medium would, without the router, call medium: priced at large, its
     saving would count money it could never have spent."""
     usage = {"prompt_tokens": 1000, "completion_tokens": 100}
@@ -492,6 +492,14 @@ def test_a_restricted_tenants_saving_is_measured_against_its_own_top_tier() -> N
     unpriced = summarize(LogWindow(rows, [], 0, False, 0), TIERS, {"small": (0.2, 0.2), "large": (1.0, 5.0)},
                          {"a": "medium"})
     assert unpriced["total"]["top_tier_usd"] is None
+    # A's key before a's first request: nothing yet, against medium all the same, not the last tier.
+    empty = LogWindow([], [], 0, False, 0)
+    assert summarize(empty, TIERS, prices, {"a": "medium"}, tenant="a")["top_tier"] == "medium"
+    served = savings_page.SavingsReport(tmp_path / "decisions.jsonl", 0, 1 << 20, TIERS, lambda: prices,
+                                        {"a": "medium"})
+    seen = asyncio.run(served.get(savings_page.View("a")))
+    assert seen["tenant"] == "a" and seen["top_tier"] == "medium" and seen["total"]["requests"] == 0
+    assert asyncio.run(served.get(savings_page.View("b")))["top_tier"] == "large"
 
 
 def test_refused_requests_are_not_in_the_log_nor_on_the_page(traffic: tuple[Dispatcher, Path]) -> None:

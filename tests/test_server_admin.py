@@ -117,13 +117,21 @@ def test_serve_refuses_an_admin_token_no_call_could_present(trained_artifact: Pa
     import subprocess
     import sys
 
-    # gRPC metadata is ASCII: with this token, Reload would refuse every caller, the operator included.
-    environment = {**os.environ, "PROMPTIER_ADMIN_TOKEN": "pässword"}
-    result = subprocess.run([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
-                             "--port", "0"], capture_output=True, text=True, timeout=120, env=environment)
-    assert result.returncode == 2, result.stderr
-    assert "PROMPTIER_ADMIN_TOKEN has a character other than printable ASCII" in result.stderr
-    assert "pässword" not in result.stderr and "Traceback" not in result.stderr
+    from serving.bench.ports import free_port
+
+    # gRPC metadata is ASCII, and a header's value loses its surrounding spaces: with these tokens Reload
+    # would refuse every caller, the operator included. Refused once, before any worker starts.
+    for token, said, workers in (("pässword", "has a character other than printable ASCII", "1"),
+                                 ("pässword", "has a character other than printable ASCII", "2"),
+                                 ("password\n", "begins or ends with whitespace", "1")):
+        environment = {**os.environ, "PROMPTIER_ADMIN_TOKEN": token}
+        port = "0" if workers == "1" else str(free_port())
+        result = subprocess.run([sys.executable, "-m", "classifier.cli", "serve", "--model", str(trained_artifact),
+                                 "--port", port, "--workers", workers], capture_output=True, text=True, timeout=120,
+                                env=environment)
+        assert result.returncode == 2, result.stderr
+        assert f"PROMPTIER_ADMIN_TOKEN {said}" in result.stderr and "worker" not in result.stderr, result.stderr
+        assert token.strip() not in result.stderr and "Traceback" not in result.stderr
 
 
 def _ipv6_loopback() -> bool:

@@ -508,9 +508,11 @@ class Dispatcher:
             self.decisions.write(line)
         except OSError as error:
             # The caller's answer is already paid for: a log that cannot take its line must not turn it into
-            # a 500. The line goes whole to the process log, where it can be recovered, and is counted.
+            # a 500. The line goes to the process log, where its routing and spend can be recovered, and is
+            # counted; not its prompt text, which that log (kept by other people, for other times) must not get.
             self.metrics.decisions_not_written.inc()
-            log.error(json.dumps({"event": "decision_not_written", "detail": str(error), "line": line}))
+            kept = {key: value for key, value in line.items() if key not in ("prompt", "messages")}
+            log.error(json.dumps({"event": "decision_not_written", "detail": str(error), "line": kept}))
 
 
 def _logged_prompt(messages: list[tuple[str, str]]) -> str:

@@ -246,10 +246,11 @@ def by_tenant(window: LogWindow) -> dict[str, LogWindow]:
 
 
 def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float, float]],
-              top_tiers: Mapping[str, str] | None = None) -> dict:
+              top_tiers: Mapping[str, str] | None = None, tenant: str | None = None) -> dict:
     """The savings report of the rows in `window` (see the module docstring); `tiers` cheapest first,
     `prices` per tier as (input, output) USD per million tokens, possibly empty (not known yet);
-    `top_tiers`: the most capable tier of each tenant that may not use the last one."""
+    `top_tiers`: the most capable tier of each tenant that may not use the last one; `tenant`: the one
+    tenant whose rows `window` holds, if so (its top tier is the report's even without rows)."""
     top_tiers = top_tiers or {}
 
     def top_of(group: str) -> str | None:
@@ -276,7 +277,7 @@ def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float
         for _, group in rest:
             other.merge(group)
         shown.append((OTHER_GROUP, other))
-    total = _Group(tiers, _common_top([group for _, group in shown]) if shown else top_of(DEFAULT_GROUP))
+    total = _Group(tiers, _common_top([group for _, group in shown]) if shown else top_of(tenant or DEFAULT_GROUP))
     for _, group in shown:
         total.merge(group)
     # Priced once the classifier has reported the price of every top tier the rows are compared with.

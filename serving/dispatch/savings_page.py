@@ -127,7 +127,13 @@ class SavingsReport:
                 self._key, self._at = key, time.monotonic()
             reports, nothing = self._cache
             report = reports.get(view)
-            return report if report is not None else {**nothing, "tenant": view.tenant}
+            if report is None:  # a tenant without rows in the window: nothing, against its own top tier
+                report = {**nothing, "tenant": view.tenant}
+                top = self.top_tiers.get(view.tenant or "")
+                if top is not None:
+                    report = self._report(LogWindow([], [], 0, nothing["window"]["truncated"], 0),
+                                          dict(self.prices()), view.tenant)
+            return report
 
     def _compute(self, prices: dict[str, tuple[float, float]]) -> tuple[dict[View, dict], dict]:
         window = read_window(self.log_path, self.backups, self.max_bytes)
@@ -138,7 +144,7 @@ class SavingsReport:
         return reports, nothing
 
     def _report(self, window: LogWindow, prices: dict[str, tuple[float, float]], tenant: str | None) -> dict:
-        report = summarize(window, self.tiers, prices, self.top_tiers)
+        report = summarize(window, self.tiers, prices, self.top_tiers, tenant)
         report["window"]["max_bytes"] = self.max_bytes
         report["tenant"] = tenant
         return report

@@ -62,8 +62,13 @@ def check_admin_token(token: str | None) -> None:
     """Refuse, before anything is bound, an Admin token no call could present.
 
     Raises:
-        PromptierError: the token has a character other than printable ASCII, which gRPC metadata cannot carry.
+        PromptierError: the token has a character other than printable ASCII, which gRPC metadata cannot carry,
+            or begins or ends with whitespace, which a header's value loses.
     """
+    if token is not None and token != token.strip():
+        # A header's value arrives without its surrounding spaces: such a token would match no call.
+        raise PromptierError(f"{ADMIN_TOKEN_ENV} begins or ends with whitespace (a line end from a secret file?), "
+                             "which no Admin call's header keeps: remove it")
     if token is not None and not header_safe(token):
         raise PromptierError(f"{ADMIN_TOKEN_ENV} has a character other than printable ASCII, which gRPC "
                              "metadata cannot carry: no Admin call could present it")
