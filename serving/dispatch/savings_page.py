@@ -105,8 +105,8 @@ class SavingsReport:
         self._lock = asyncio.Lock()
         self._key: tuple | None = None
         self._at = 0.0
-        # Each view's report, and the report of a tenant without rows in the window.
-        self._cache: tuple[dict[View, dict], dict] | None = None
+        # Each view's report, whether the window left older rows out, and the prices they were priced at.
+        self._cache: tuple[dict[View, dict], bool, dict[str, tuple[float, float]]] | None = None
 
     def _signature(self) -> tuple:
         files = []
@@ -125,23 +125,19 @@ class SavingsReport:
             if self._cache is None or (key != self._key and not fresh):
                 self._cache = await asyncio.to_thread(self._compute, dict(self.prices()))
                 self._key, self._at = key, time.monotonic()
-            reports, nothing = self._cache
+            reports, truncated, prices = self._cache
             report = reports.get(view)
             if report is None:  # a tenant without rows in the window: nothing, against its own top tier
-                report = {**nothing, "tenant": view.tenant}
-                top = self.top_tiers.get(view.tenant or "")
-                if top is not None:
-                    report = self._report(LogWindow([], [], 0, nothing["window"]["truncated"], 0),
-                                          dict(self.prices()), view.tenant)
+                report = self._report(LogWindow([], [], 0, truncated, 0), prices, view.tenant)
             return report
 
-    def _compute(self, prices: dict[str, tuple[float, float]]) -> tuple[dict[View, dict], dict]:
+    def _compute(self, prices: dict[str, tuple[float, float]]
+                 ) -> tuple[dict[View, dict], bool, dict[str, tuple[float, float]]]:
         window = read_window(self.log_path, self.backups, self.max_bytes)
         reports = {EVERY_TENANT: self._report(window, prices, None)}
         for tenant, own in by_tenant(window).items():
             reports[View(tenant)] = self._report(own, prices, tenant)
-        nothing = self._report(LogWindow([], [], 0, window.truncated, 0), prices, None)
-        return reports, nothing
+        return reports, window.truncated, prices
 
     def _report(self, window: LogWindow, prices: dict[str, tuple[float, float]], tenant: str | None) -> dict:
         report = summarize(window, self.tiers, prices, self.top_tiers, tenant)
