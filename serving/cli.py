@@ -287,6 +287,7 @@ def budget_sim(
 
         settings = BudgetConfig(usd=1.0)  # the config's defaults; usd is replaced below
         allowed = None
+        period = None
         if config is not None:
             from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, read_config
 
@@ -305,6 +306,7 @@ def budget_sim(
                                   f"(these have one: {[name for name, t in tenants.items() if t.budget]})")
             budget = settings = chosen.budget
             allowed = chosen.allowed_tiers
+            period = budget.period
             if budget_share is None and budget_usd is None:
                 budget_usd = budget.usd
         run_budget_sim(files, out, png or out.with_suffix(".png"), budget_usd=budget_usd, budget_share=budget_share,
@@ -312,7 +314,7 @@ def budget_sim(
                        max_quality_loss=max_quality_loss if max_quality_loss is not None else settings.max_quality_loss,
                        on_exhausted=on_exhausted or settings.on_exhausted,  # type: ignore[arg-type]
                        model=model, default_tokens=(prompt_tokens, completion_tokens), arrival=arrival,
-                       tenant=tenant, allowed_tiers=allowed)
+                       tenant=tenant, allowed_tiers=allowed, period=period)
     except (PromptierError, OSError) as error:
         fail(error)
 

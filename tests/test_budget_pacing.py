@@ -248,6 +248,18 @@ def test_budget_sim_takes_a_tenants_budget_from_a_dispatcher_config_without_its_
     assert result.returncode == 0, result.stderr
     budget = example.tenants[budgeted].budget
     assert budget is not None and json.loads(out.read_text())["budget_usd"] == budget.usd
+    assert budget.period == "month" and "warning" not in json.loads(out.read_text())  # a month of rows
+    # Three months of rows against a month's budget: replayed as one period, and said so.
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    quarter = tmp_path / "quarter.jsonl"
+    quarter.write_text("".join(json.dumps({**row, "time": _iso(_utc(2025, 6, 1) + index * 90 * 86400 / len(rows))})
+                               + "\n" for index, row in enumerate(rows)))
+    spread = subprocess.run([sys.executable, "-m", "classifier.cli", "budget-sim", str(quarter), "--config",
+                             str(config), "--tenant", budgeted, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=environment)
+    assert spread.returncode == 0, spread.stderr
+    assert "logged over 89.8 days and are replayed as one month's budget period" in spread.stderr
+    assert json.loads(out.read_text())["logged_span_days"] == pytest.approx(90 * 399 / 400)
     # A gRPC classifier's model is not known offline: the shipped model's prices, and the replay says so.
     assert "tiers and prices are the shipped model's; give --model" in result.stderr
     # An embedded one is: the replay charges what that dispatcher charges, its model's prices.

@@ -22,6 +22,7 @@ Prints a table, writes JSON and, with matplotlib installed, a PNG of spend over 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -30,7 +31,7 @@ from pathlib import Path
 from classifier.artifact import Rule
 from classifier.errors import PromptierError
 from classifier.policy import choose_tier
-from serving.dispatch.budget_pacing import BudgetRule, OnExhausted, decide
+from serving.dispatch.budget_pacing import BudgetRule, OnExhausted, Period, decide
 from serving.dispatch.decision_log import OUTCOME_KIND
 
 CURVE_POINTS = 100  # spend is sampled at this many evenly spaced moments of the period
@@ -153,6 +154,7 @@ def _tokens(row: dict, default: tuple[int, int]) -> tuple[float, float]:
 class Replay:
     requests: list[Request]
     skipped: dict[str, int]
+    span_s: float | None = None  # from the first logged `time` to the last; None when a row has none
 
 
 def _policy_tier(row: dict, tiers: Sequence[str], rule: Rule, allowed: Sequence[int] | None) -> str | None:
@@ -251,7 +253,9 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
     requests = [Request(at, chosen, probabilities, _costs(prompt, completion, tier_prices), prompt)
                 for at, (_, chosen, probabilities, prompt, completion) in zip(places, kept, strict=True)]
     requests.sort(key=lambda request: request.at)
-    return Replay(requests, skipped)
+    times = [_moment(str(when)) for when, *_ in kept if when is not None]
+    span_s = max(times) - min(times) if len(times) == len(kept) else None
+    return Replay(requests, skipped, span_s)
 
 
 def _costs(prompt: float, completion: float, tier_prices: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -359,13 +363,18 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
+# The longest a budget period lasts (a month: 31 days), for saying when a replay spans more than one.
+PERIOD_SECONDS = {"day": 86400.0, "month": 31 * 86400.0}
+
+
 def main(inputs: Sequence[Path], out: Path, png: Path | None, *, budget_usd: float | None = None,
          budget_share: float | None = None, band: float = 0.1, max_quality_loss: float = 0.5,
          on_exhausted: OnExhausted = "cheapest", model: Path | None = None,
          default_tokens: tuple[int, int] = (500, 300), arrival: str = "uniform", tenant: str | None = None,
-         allowed_tiers: Sequence[str] | None = None) -> dict:
+         allowed_tiers: Sequence[str] | None = None, period: Period | None = None) -> dict:
     """Run the comparison and report it. The budget: `budget_usd`, else `budget_share` (default 0.5) of
-    the unpaced spend; the other settings are a tenant's `budget:` fields.
+    the unpaced spend; the other settings are a tenant's `budget:` fields. `period`: the budget's (a
+    tenant's from a config), against which rows logged over a longer span are said to be replayed as one.
 
     Raises:
         PromptierError: unreadable inputs or artifact, or nothing to replay.
@@ -388,6 +397,12 @@ def main(inputs: Sequence[Path], out: Path, png: Path | None, *, budget_usd: flo
     report["inputs"] = [str(path) for path in inputs]
     report["skipped"] = replay.skipped
     report["arrival"] = arrival
+    report["logged_span_days"] = replay.span_s / 86400 if replay.span_s is not None else None
+    if period is not None and replay.span_s is not None and replay.span_s > PERIOD_SECONDS[period]:
+        # One budget period is replayed: months of logs against a month's budget would read as overspent.
+        report["warning"] = (f"these rows were logged over {replay.span_s / 86400:.1f} days and are replayed as one "
+                             f"{period}'s budget period: give one {period}'s rows for figures of one {period}")
+        print(f"budget-sim: {report['warning']}", file=sys.stderr)
     print_report(report)
     if replay.skipped:
         print(f"\nskipped rows: {replay.skipped}")
