@@ -78,7 +78,7 @@ SERVE = [
                   "                ('assistant', plan), ('user', 'ok, go ahead')]\n"
                   "print('conversation ->', client.classify(messages=conversation).tier)"),
     new_code_cell("batch = client.classify_batch(['hi', '', 'Summarise this contract clause by clause.'])\n"
-                  "print(batch)  # one result, or one status code, per item\n"
+                  "print(batch)  # one decision, or one error (its code and the reason), per item\n"
                   "import grpc\nassert batch[1] == grpc.StatusCode.INVALID_ARGUMENT"),
     new_markdown_cell("## Through the dispatcher, and the decision log\n\nA stand-in upstream (an OpenAI-compatible "
                       "server that answers at once) plays every tier here; in production each tier is vLLM, llama.cpp "

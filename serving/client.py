@@ -105,6 +105,26 @@ def _deadline(timeout: float | None, default: float) -> float:
     return float(chosen)
 
 
+@dataclass(frozen=True, eq=False)
+class ItemError:
+    """One batch item's error: its status code and what the server said of it (which prompt was empty,
+    which was too long). It compares equal to its code, so `item == grpc.StatusCode.INVALID_ARGUMENT`
+    reads as a bare code would."""
+
+    code: grpc.StatusCode
+    message: str
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, grpc.StatusCode):
+            return self.code == other
+        if isinstance(other, ItemError):
+            return (self.code, self.message) == (other.code, other.message)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.code)  # equal to its code, so hashed as it is
+
+
 class RouterClient:
     """Blocking client. `timeout` is the per-call deadline in seconds.
 
@@ -132,8 +152,8 @@ class RouterClient:
         return Decision.from_proto(self._stub.Classify(request, timeout=_deadline(timeout, self.timeout)))
 
     def classify_batch(self, prompts: Sequence[str], timeout: float | None = None, **policy: object
-                       ) -> list[Decision | grpc.StatusCode]:
-        """One decision per prompt, or the status code of that item's error.
+                       ) -> list[Decision | ItemError]:
+        """One decision per prompt, or that item's error (its status code and the server's message).
 
         Raises:
             InvalidInputError: `prompts` is one string (each of its characters would be a prompt).
@@ -142,8 +162,8 @@ class RouterClient:
             raise InvalidInputError("classify_batch takes a list of prompts, not one string")
         request = router_pb2.ClassifyBatchRequest(items=[build_request(p, **policy) for p in prompts])  # type: ignore[arg-type]
         response = self._stub.ClassifyBatch(request, timeout=_deadline(timeout, self.timeout * 10))
-        return [Decision.from_proto(item.result) if item.HasField("result") else grpc.StatusCode[item.error.code]
-                for item in response.items]
+        return [Decision.from_proto(item.result) if item.HasField("result")
+                else ItemError(grpc.StatusCode[item.error.code], item.error.message) for item in response.items]
 
     def info(self) -> router_pb2.InfoResponse:
         return self._stub.Info(router_pb2.InfoRequest(), timeout=self.timeout * 10)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.client import Decision, RouterClient
+from serving.client import Decision, ItemError, RouterClient
 from serving.service.limits import ServerLimits
 from tests.grpc_server import EASY, HARD, ServerThread
 from tests.server_probes import code_of
@@ -68,6 +68,9 @@ def test_batch_answers_per_item(server: ServerThread) -> None:
         outcomes = client.classify_batch([EASY, "", HARD, "x" * 200_001])
     assert outcomes[0].tier == "small" and outcomes[2].tier == "large"  # type: ignore[union-attr]
     assert outcomes[1] == grpc.StatusCode.INVALID_ARGUMENT and outcomes[3] == grpc.StatusCode.INVALID_ARGUMENT
+    # Each error says which item failed and why, as a single call's would.
+    assert isinstance(outcomes[1], ItemError) and isinstance(outcomes[3], ItemError)
+    assert "empty" in outcomes[1].message and "200001" in outcomes[3].message.replace(",", "")
 
 
 def test_batch_items_carry_what_single_calls_do_and_are_counted(server: ServerThread) -> None:
