@@ -149,10 +149,12 @@ def _tenant(name: str, settings: TenantConfig, config: DispatcherConfig) -> Tena
     # The configured fallback when the tenant may use it; else its most capable tier.
     fallback = config.fallback_tier if names is None or config.fallback_tier in names else tiers[allowed[-1]]
     budget = settings.budget
+    spend_clocks = tuple(WindowClock(period) for period in PERIODS) if budget else ()
     return Tenant(name=name, mode=settings.default_mode or config.default_mode, allowed=allowed,
                   allowed_names=tuple(tiers[index] for index in allowed) if names else None, fallback_tier=fallback,
-                  budget=budget.rule() if budget else None, clock=WindowClock(budget.period) if budget else None,
-                  spend_clocks=tuple(WindowClock(period) for period in PERIODS) if budget else ())
+                  budget=budget.rule() if budget else None, spend_clocks=spend_clocks,
+                  # Its budget's period is one of the periods spend is written under: the same clock.
+                  clock=next(clock for clock in spend_clocks if clock.period == budget.period) if budget else None)
 
 
 class Tenants:
