@@ -7,6 +7,7 @@ Its fixtures (recording upstreams, a gRPC classifier, a dispatcher in front of t
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -88,6 +89,39 @@ def wait_for_health(port: int, process: object) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("the dispatcher did not come up")
+
+
+def dispatch_with_file_limit(upstreams: dict[str, Upstream], model: Path, log: Path, limit_bytes: int,
+                             **decision_log: object) -> tuple[subprocess.Popen, int]:
+    """`promptier dispatch` in a process of its own whose files may each grow to `limit_bytes` (a file-size
+    limit: a full disk, as that process sees it), embedding `model` in front of `upstreams` and logging
+    to `log`; returned with its port once it answers /health. Its stderr is piped: read it after stopping
+    it (`terminate()`, then `communicate()`)."""
+    import resource
+    import sys
+
+    from serving.bench.ports import free_port
+
+    config = log.with_name("dispatcher.yaml")
+    config.write_text(json.dumps({
+        "classifier": {"embedded": True, "model": str(model), "timeout_ms": 5000},
+        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in upstreams.items()},
+        "fallback_tier": "large", "decision_log": {"path": str(log), **decision_log}}))
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
+                                "--port", str(port)], preexec_fn=limited,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_health(port, process)
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=30)
+        raise
+    return process, port
 
 
 def read_log(tmp_path: Path) -> list[dict]:

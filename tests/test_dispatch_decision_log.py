@@ -205,36 +205,17 @@ def test_decision_log_writers_in_several_processes_each_follow_a_moved_log(tmp_p
 def test_a_decision_log_the_disk_cannot_take_fails_no_request_and_loses_no_line(
         fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
     """A full disk (here a file-size limit) under the decision log turned answered, paid-for requests into
-    500s. They are answered; each line the log cannot take goes whole to the process log, and is counted."""
-    import resource
-    import subprocess
-    import sys
-
+    500s. They are answered; each line the log cannot take goes to the process log (its prompt left out), and is counted."""
     import httpx
 
-    from serving.bench.ports import free_port
-    from tests.dispatcher_harness import wait_for_health
+    from tests.dispatcher_harness import dispatch_with_file_limit
 
     log = tmp_path / "decisions.jsonl"
-    config = tmp_path / "dispatcher.yaml"
-    config.write_text(json.dumps({
-        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 5000},
-        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
-        "fallback_tier": "large", "decision_log": {"path": str(log), "store_prompts": True}}))
     # Bytes any one file of the dispatcher may grow to: its metrics files' first size, and about ten of
     # these requests' lines.
-    limit = 64 * 1024
-
-    def limited() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    port = free_port()
-    dispatcher = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
-                                   "--port", str(port)], preexec_fn=limited,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    dispatcher, port = dispatch_with_file_limit(fresh, trained_artifact, log, 64 * 1024, store_prompts=True)
     request_ids = []
     try:
-        wait_for_health(port, dispatcher)
         for i in range(16):
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
                 "model": "promptier", "messages": [{"role": "user", "content": f"{i} {EASY} " + "word " * 1200}]})

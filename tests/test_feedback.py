@@ -208,28 +208,10 @@ def test_a_batch_of_outcomes_the_disk_cannot_take_is_refused_whole_and_the_next_
     """A full disk (here a file-size limit) in the middle of a batch left part of it written behind a 500,
     and a cut line that the next outcome ran on from, which no reader could parse. The batch is now one
     write, cut back when it falls short: a 503 says none was kept, so the judge can send it again."""
-    import resource
-    import subprocess
-    import sys
-
-    from serving.bench.ports import free_port
-    from tests.dispatcher_harness import wait_for_health
+    from tests.dispatcher_harness import dispatch_with_file_limit
 
     log = tmp_path / "decisions.jsonl"
-    config = tmp_path / "dispatcher.yaml"
-    config.write_text(json.dumps({
-        "classifier": {"embedded": True, "model": str(trained_artifact), "timeout_ms": 5000},
-        "tiers": {name: {"base_url": u.url, "model": f"{name}-upstream-model"} for name, u in fresh.items()},
-        "fallback_tier": "large", "decision_log": {"path": str(log)}}))
-    limit = 64 * 1024  # bytes any one file of the dispatcher may grow to
-
-    def limited() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    port = free_port()
-    dispatcher = subprocess.Popen([sys.executable, "-m", "classifier.cli", "dispatch", "--config", str(config),
-                                   "--port", str(port)], preexec_fn=limited,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    dispatcher, port = dispatch_with_file_limit(fresh, trained_artifact, log, 64 * 1024)  # bytes a file may take
     url = f"http://127.0.0.1:{port}/v1/promptier/outcomes"
 
     def outcomes(count: int, first: int) -> list[dict]:
@@ -237,7 +219,6 @@ def test_a_batch_of_outcomes_the_disk_cannot_take_is_refused_whole_and_the_next_
                 for i in range(count)]
 
     try:
-        wait_for_health(port, dispatcher)
         assert httpx.post(url, json={"outcomes": outcomes(200, 0)}).status_code == 202  # about 30 KiB
         written = (tmp_path / "decisions.outcomes.default.jsonl").read_bytes()
         too_many = httpx.post(url, json={"outcomes": outcomes(400, 200)})  # past the limit part way
