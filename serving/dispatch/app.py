@@ -85,8 +85,8 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     fingerprint = config.fingerprint  # a hash of the whole config: once, not per health probe
 
     shared_metrics_dir = os.environ.get(METRICS_DIR_ENV)
-    # Who sees every tenant's figures (on /metrics, /health and the savings page): operators, or anyone
-    # where no operator key is set.
+    # Who sees what of the tenants' figures (the savings page, /health's details, /metrics once operator
+    # keys are set): an operator key every tenant's, a tenant's key its own, anyone all where no key is set.
     access = SavingsAccess(dispatcher.tenants, config.operator_keys())
 
     @asynccontextmanager
