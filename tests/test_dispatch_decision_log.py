@@ -205,7 +205,8 @@ def test_decision_log_writers_in_several_processes_each_follow_a_moved_log(tmp_p
 def test_a_decision_log_the_disk_cannot_take_fails_no_request_and_loses_no_line(
         fresh: dict[str, Upstream], trained_artifact: Path, tmp_path: Path) -> None:
     """A full disk (here a file-size limit) under the decision log turned answered, paid-for requests into
-    500s. They are answered; each line the log cannot take goes to the process log (its prompt left out), and is counted."""
+    500s. They are answered; each line the log cannot take goes to the process log (its prompt left out),
+    and is counted."""
     import httpx
 
     from tests.dispatcher_harness import dispatch_with_file_limit
