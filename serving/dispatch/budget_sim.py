@@ -239,13 +239,17 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
         raise SimulationError(f"no replayable request in {[str(p) for p in paths]} (skipped: {skipped or 'none'})")
     if without_usage:
         kept = _sized_like_the_answered(kept, without_usage)
-    if arrival == "uniform" and all(when is not None for when, *_ in kept):
-        kept.sort(key=lambda row: _moment(str(row[0])))  # stable: rows of one second keep their file order
+    # Each row's logged time, read once; None when a row has none.
+    moments = [_moment(str(when)) for when, *_ in kept] if all(when is not None for when, *_ in kept) else None
+    if arrival == "uniform" and moments is not None:
+        # Stable: rows of one second keep their file order.
+        order = sorted(range(len(kept)), key=moments.__getitem__)
+        kept, moments = [kept[i] for i in order], [moments[i] for i in order]
+    span_s = max(moments) - min(moments) if moments is not None else None
     if arrival == "logged":
-        if any(when is None for when, *_ in kept):
+        if moments is None or span_s is None:
             raise SimulationError("--arrival logged needs a `time` on every row (decision logs have one)")
-        moments = [_moment(str(when)) for when, *_ in kept]
-        first, span = min(moments), max(moments) - min(moments)
+        first, span = min(moments), span_s
         places = [(moment - first) / span * (1 - 1 / len(kept)) if span > 0 else index / len(kept)
                   for index, moment in enumerate(moments)]
     else:
@@ -253,8 +257,6 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
     requests = [Request(at, chosen, probabilities, _costs(prompt, completion, tier_prices), prompt)
                 for at, (_, chosen, probabilities, prompt, completion) in zip(places, kept, strict=True)]
     requests.sort(key=lambda request: request.at)
-    times = [_moment(str(when)) for when, *_ in kept if when is not None]
-    span_s = max(times) - min(times) if len(times) == len(kept) else None
     return Replay(requests, skipped, span_s)
 
 
