@@ -11,3 +11,10 @@ def header_safe(value: str) -> bool:
     where it is configured, not left to match nothing.
     """
     return value.isascii() and value.isprintable()
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case, as RFC 9110 has it);
+    None when the header names another scheme, or none."""
+    scheme, _, rest = authorization.strip().partition(" ")
+    return rest.strip() if rest and scheme.casefold() == "bearer" else None

@@ -21,6 +21,7 @@ from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from serving.common.keys import bearer_token
 from serving.dispatch.budget_pacing import EXHAUSTED, PACED, BudgetDecision, BudgetRule, Period, WindowClock, decide
 from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig
 from serving.dispatch.spend_store import RedisSpendStore, SpendLedger, SpendStore, SpendStoreError, SqliteSpendStore
@@ -53,8 +54,8 @@ class Tenant:
 def bearer_key(authorization: str) -> str:
     """The key of an `Authorization: Bearer <key>` header (the scheme in any case, as RFC 9110 has it;
     the whole header when it names no scheme)."""
-    scheme, _, rest = authorization.strip().partition(" ")
-    return rest.strip() if rest and scheme.casefold() == "bearer" else authorization.strip()
+    token = bearer_token(authorization)
+    return token if token is not None else authorization.strip()
 
 
 def key_digest(key: str) -> bytes:

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from classifier import PromptierError
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
-from serving.common.keys import header_safe
+from serving.common.keys import bearer_token, header_safe
 from serving.service.metrics import ServerMetrics
 from serving.service.parsing import parsing_handlers
 from serving.service.status import abort
@@ -86,10 +86,9 @@ class AdminService(router_pb2_grpc.AdminServicer):
     def _refusal(self, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
         if self._token is not None:
             metadata = {key: value for key, value in context.invocation_metadata() or ()}
-            scheme, _, supplied = str(metadata.get("authorization", "")).strip().partition(" ")
             # The token alone, without its scheme, is refused as documented: a header that happened to work
             # bare would stop working behind a proxy that checks the scheme.
-            presented = supplied.strip() if scheme.casefold() == "bearer" else ""
+            presented = bearer_token(str(metadata.get("authorization", "")))
             if not presented or not hmac.compare_digest(presented.encode(), self._token.encode()):
                 return grpc.StatusCode.UNAUTHENTICATED, "Admin calls need the header 'authorization: Bearer <token>'"
             return None
