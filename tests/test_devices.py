@@ -138,3 +138,62 @@ def test_train_command_refuses_cuda_without_a_gpu(tmp_path: Path, tiny_backbone:
 
 def test_device_errors_are_promptier_errors() -> None:
     assert issubclass(DeviceError, PromptierError)
+
+
+def test_the_gpu_count_the_launcher_asks_for_is_torchs() -> None:
+    from training.cli import visible_gpus
+
+    assert visible_gpus() == torch.cuda.device_count()
+
+
+@pytest.mark.parametrize(("device", "gpus", "refusal"), [
+    ("auto", 1, "--processes 2 with device 'auto' trains one process per GPU, and torch sees 1 GPU here: use "
+                "--processes 1, or --device cpu for 2 CPU processes"),
+    ("cuda", 0, "device 'cuda' was asked for, but torch sees no CUDA device"),
+    ("auto", 0, None),  # CPU processes
+    ("cpu", 1, None),
+    ("cuda", 2, None),
+])
+def test_processes_that_cannot_each_have_a_gpu_are_refused_before_torchrun_starts(
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path, monkeypatch: pytest.MonkeyPatch, device: str,
+        gpus: int, refusal: str | None) -> None:
+    """On a one-GPU machine under `auto`, the second process of `--processes 2` would fail only once the
+    first had started, its reason buried in torchrun's traceback."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from training import cli
+
+    launched: list[int] = []
+    monkeypatch.setattr(cli, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(cli, "_launch", lambda processes, _options: launched.append(processes))
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_backbone, device=device).model_dump()))
+    result = CliRunner().invoke(cli.app, ["train", "--logs", str(logs), "--pool", str(pool_file), "--out",
+                                          str(tmp_path / "out"), "--config", str(config), "--processes", "2"])
+    if refusal is None:
+        assert result.exit_code == 0 and launched == [2], result.output
+    else:
+        assert result.exit_code == 2 and not launched, result.output
+        assert refusal in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_the_device_option_overrides_the_recipes_for_the_gpu_check(
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from training import cli
+
+    launched: list[int] = []
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(cli, "_launch", lambda processes, _options: launched.append(processes))
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_backbone, device="auto").model_dump()))
+    arguments = ["train", "--logs", str(logs), "--pool", str(pool_file), "--out", str(tmp_path / "out"),
+                 "--config", str(config), "--processes", "2"]
+    assert CliRunner().invoke(cli.app, [*arguments, "--device", "cpu"]).exit_code == 0 and launched == [2]
+    result = CliRunner().invoke(cli.app, [*arguments, "--device", "tpu"])
+    assert result.exit_code == 2 and "device" in result.output and launched == [2]

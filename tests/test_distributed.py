@@ -42,7 +42,8 @@ def _train(args: list[str]) -> None:
 def test_two_processes_match_one_and_resume_across_modes(tmp_path: Path, tiny_backbone: Path,
                                                           pool_file: Path, capfd: pytest.CaptureFixture) -> None:
     logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(540, seed=3))
-    values = tiny_config(tiny_backbone, epochs=2, checkpoint_every=10, threads=2,
+    # device cpu: the processes this test is about, which `auto` would put on GPUs where there are some.
+    values = tiny_config(tiny_backbone, epochs=2, checkpoint_every=10, threads=2, device="cpu",
                          student={"kind": "bag", "embedding_dim": 16, "mlp_hidden": 32, "pooling_heads": 2,
                                   "dropout": 0.0, "length_feature": True}).model_dump()
     config = tmp_path / "config.yaml"
@@ -94,7 +95,8 @@ def test_stopping_the_launcher_stops_every_process_of_the_run(tmp_path: Path, ti
     on, to write OUT behind the back of a user who saw the command end, or beside the rerun that resumes it."""
     logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(540, seed=3))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_backbone, epochs=400, checkpoint_every=5).model_dump()))
+    config.write_text(yaml.safe_dump(tiny_config(tiny_backbone, epochs=400, checkpoint_every=5,
+                                                  device="cpu").model_dump()))
     out = tmp_path / "model"
     launcher = psutil.Popen([sys.executable, "-m", "classifier.cli", "train", "--logs", str(logs), "--pool",
                              str(pool_file), "--config", str(config), "--out", str(out), "--processes", "2"],

@@ -95,13 +95,14 @@ def train(
     except PromptierError as error:
         fail(error)
     if processes > 1 and world_size == 1:
-        if distill_weight is not None and teacher is None:  # refused here once, not by every process
-            from training.config import load_config
+        from training.config import load_config
 
-            try:
+        try:
+            if distill_weight is not None and teacher is None:  # refused here once, not by every process
                 _with_distill_weight(load_config(config), teacher, distill_weight)
-            except (PromptierError, ValueError, OSError) as error:
-                fail(error)
+            check_gpus_for_processes(processes, _requested_device(device, config, init_from), visible_gpus())
+        except (PromptierError, ValueError, OSError) as error:
+            fail(error)
         _launch(processes, {"logs": logs, "pool": pool, "out": out, "config": config, "work_dir": work_dir,
                             "skip_invalid": skip_invalid, "teacher": teacher, "unlabeled": unlabeled,
                             "distill_weight": distill_weight, "epochs": epochs, "seed": seed,
@@ -222,6 +223,49 @@ def _why_not_promoted(version: str, comparison: dict) -> str:
                 "capable one). A decision log knows one tier per request: add judged prompts that "
                 f"{previous} never saw (benchmark logs, or a sample judged on every tier)")
     return f"{version} is worse than {previous} on the new logs"
+
+
+def _requested_device(device: str | None, config: Path | None, init_from: Path | None) -> str:
+    """The device every process of the run will ask for: `--device`, else the config's, else (continuing
+    a model without `--config`) its recorded recipe's, else the built-in default."""
+    from training.config import load_config
+
+    if init_from is not None and config is None and device is None:
+        from classifier.artifact import load_manifest
+
+        recorded = load_manifest(init_from).training.get("config")
+        return str(recorded.get("device", "auto")) if isinstance(recorded, dict) else "auto"
+    return load_config(config, device=device).device
+
+
+def visible_gpus() -> int:
+    """How many GPUs torch sees here, asked of a short-lived child process: the launcher itself imports no
+    torch, so that it holds no memory while the run trains. 0 when torch cannot be asked."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, check=False)
+    try:
+        return int(probe.stdout.strip()) if probe.returncode == 0 else 0
+    except ValueError:
+        return 0
+
+
+def check_gpus_for_processes(processes: int, device: str, gpus: int) -> None:
+    """Refuse `--processes N` that cannot start, before torchrun does: where torch sees GPUs, `auto` and
+    `cuda` give each process a GPU of its own, so with fewer GPUs than processes the extra ones would fail
+    only once the others had started.
+
+    Raises:
+        PromptierError: `cuda` without a GPU, or fewer GPUs than processes under `auto` or `cuda`.
+    """
+    if device == "cpu":
+        return
+    if device == "cuda" and gpus == 0:
+        raise PromptierError("device 'cuda' was asked for, but torch sees no CUDA device here; use --device cpu "
+                             "or auto")
+    if 0 < gpus < processes:
+        raise PromptierError(f"--processes {processes} with device '{device}' trains one process per GPU, and torch "
+                             f"sees {gpus} GPU{'s' if gpus > 1 else ''} here: use --processes {gpus}, or --device "
+                             f"cpu for {processes} CPU processes")
 
 
 def _launch(processes: int, options: dict[str, object]) -> None:
