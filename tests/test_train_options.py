@@ -105,7 +105,10 @@ def test_the_launcher_of_several_processes_forwards_the_weight(tmp_path: Path, t
         def wait(self) -> int:
             return 0
 
+    from training import cli
+
     monkeypatch.setattr(subprocess, "Popen", Started)
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 0)  # asked of a child process, which Started is not
     files = _files(tmp_path, tiny_backbone, teacher={"kind": "embedding-mlp"})
     result = _train([*files, "--distill-weight", "0", "--processes", "2"])
     assert result.exit_code == 0, result.output
