@@ -188,16 +188,18 @@ def dispatch_bench(
     _require_bench_extra()
     import yaml
 
+    from classifier.yaml_files import load_yaml
     from serving.bench.dispatch_bench import main as run_dispatch_bench
 
-    overlay = None
+    overlay: dict | None = None
     if config_overlay is not None:
         try:
-            overlay = yaml.safe_load(config_overlay.read_text(encoding="utf-8"))
+            read = load_yaml(config_overlay.read_text(encoding="utf-8"), str(config_overlay))
         except (OSError, yaml.YAMLError) as error:
             fail(error)
-        if not isinstance(overlay, dict):
+        if not isinstance(read, dict):
             fail(ValueError(f"{config_overlay}: a config overlay is a mapping of config sections"))
+        overlay = read
     artifact = _bench_model(model)
     try:
         run_dispatch_bench(artifact, out, requests, overlay=overlay, load=load)

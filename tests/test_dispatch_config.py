@@ -68,6 +68,17 @@ def test_config_validation(tmp_path: Path) -> None:
             load_dispatcher_config(path)
 
 
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    """YAML would keep the second `research:` and drop the first's budget without a word."""
+    path = tmp_path / "dispatcher.yaml"
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\ntenants:\n"
+                    "  research: {default_mode: cost}\n  search: {default_mode: quality}\n"
+                    "  research: {default_mode: balanced}\n")
+    with pytest.raises(ConfigError, match=r"(?s)dispatcher\.yaml: cannot read config: .*key 'research' is "
+                                          r"written twice \(first on line 4\)"):
+        load_dispatcher_config(path)
+
+
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LARGE_API_KEY", "x")
     monkeypatch.setenv("PROMPTIER_API_KEYS", "k")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,22 @@ def test_a_recipe_is_found_by_name_or_by_its_checkout_path_wherever_the_command_
     assert load_config("training/configs/default.yaml").epochs == 2
     with pytest.raises(FileNotFoundError, match=r"no config file 'elsewhere/default\.yaml'.*default, student"):
         load_config("elsewhere/default.yaml")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("epochs: 2\nepochs: 3\n", r"key 'epochs' is written twice \(first on line 1\)"),
+    ("epochs: [\n", "cannot read config"),
+    ("- epochs\n", "a training config is a mapping of settings, got list"),
+])
+def test_a_config_yaml_cannot_read_is_a_clear_error(tmp_path: Path, text: str, reason: str) -> None:
+    from training.cli import app
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(60))
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(POOL_YAML)
+    result = CliRunner().invoke(app, ["train", "--logs", str(logs), "--pool", str(pool), "--out",
+                                      str(tmp_path / "out"), "--config", str(config)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert re.search(reason, " ".join(result.output.split()))

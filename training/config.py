@@ -9,6 +9,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from classifier.yaml_files import load_yaml
+
 DEFAULT_BACKBONE = "minilm-l6"
 RECIPES_DIR = Path(__file__).parent / "configs"  # the recipes, installed with the package
 SHIPPED_RECIPE = RECIPES_DIR / "default.yaml"
@@ -198,9 +200,21 @@ def recipe_path(path: str | Path) -> Path:
 
 def load_config(path: str | Path | None, **overrides: object) -> TrainConfig:
     """Read a YAML config (a file, or a recipe of the package by name: `recipe_path`) or the defaults,
-    then apply non-None overrides."""
+    then apply non-None overrides.
+
+    Raises:
+        ValueError: invalid YAML (a key written twice included), a file that is not a mapping, or an
+            invalid field; FileNotFoundError: no such file or recipe.
+    """
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(recipe_path(path).read_text(encoding="utf-8")) or {}
+        file = recipe_path(path)
+        try:
+            loaded = load_yaml(file.read_text(encoding="utf-8"), str(file)) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{file}: cannot read config: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{file}: a training config is a mapping of settings, got {type(loaded).__name__}")
+        raw = loaded
     raw.update({key: value for key, value in overrides.items() if value is not None})
     return TrainConfig.model_validate(raw)

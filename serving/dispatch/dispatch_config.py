@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from classifier.artifact import MODES
 from classifier.errors import PromptierError
+from classifier.yaml_files import load_yaml
 from serving.common.keys import header_safe
 from serving.dispatch.capabilities import Serves
 from serving.dispatch.tenant_config import DEFAULT_TENANT, SpendStoreConfig, TenantConfig, check_tenants
@@ -275,7 +276,7 @@ SchemaT = TypeVar("SchemaT", bound=BaseModel)
 def read_config(path: Path, schema: type[SchemaT]) -> SchemaT:
     """Read a YAML file and validate it against `schema`. Raises ConfigError naming the file and field."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     try:
