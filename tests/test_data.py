@@ -235,6 +235,14 @@ def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type:
      r"pool\.yaml: invalid pool: tiers: Value error, tier 'a' has no `usd_per_mtok: \{input: \.\.\., output: "
      r"\.\.\.\}` \(USD per million tokens\); its keys: name, usd_per_mtoks$"),
     ("tiers: [", "cannot read pool file"),
+    # Routing reads tiers by position: a pool written most capable first would route backwards.
+    ("tiers: [{name: large, usd_per_mtok: {input: 1.25, output: 5}}, {name: small, usd_per_mtok: {input: 0.2, "
+     "output: 0.2}}]", r"cheapest first: 'small' \(USD 0.2 / 0.2 per million input / output tokens\) comes after "
+                       r"'large' \(1.25 / 5\) and costs less"),
+    ("tiers: [{name: a, usd_per_mtok: {input: 1, output: 1}}, {name: ' ', usd_per_mtok: {input: 2, output: 2}}]",
+     "more than whitespace"),
+    (POOL_YAML.replace("small: a-7b", "small: a-70b"), r"maps model 'a-70b' to tiers \['small', 'medium'\]"),
+    (POOL_YAML + "  alpha: {small: a-7b}\n", r"key 'alpha' is written twice \(first on line \d+\)"),
 ])
 def test_bad_pool_files(tmp_path: Path, text: str, reason: str) -> None:
     path = tmp_path / "pool.yaml"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from classifier.artifact import TierSpec
+from classifier.yaml_files import load_yaml
 from training.errors import DataError
 
 # Answers' lengths are not in the logs; cost estimates assume this many output tokens per call.
@@ -40,10 +42,15 @@ class Pool(BaseModel):
         names = self.tier_names
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        blank = [name for name in names if not name.strip()]
+        if blank:
+            raise ValueError(f"a tier name must hold more than whitespace, got {blank}")
+        _check_cheapest_first(self.tiers)
         for source, mapping in self.sources.items():
             unknown = sorted(set(mapping) - set(names))
             if unknown:
                 raise ValueError(f"source {source!r} maps unknown tier(s) {unknown}; tiers are {names}")
+            _check_one_tier_per_model(source, mapping)
         return self
 
     @property
@@ -78,6 +85,37 @@ class Pool(BaseModel):
         return None
 
 
+def _check_cheapest_first(tiers: list[TierSpec]) -> None:
+    """Refuse tiers listed out of price order. Routing reads the list by position (the first tier is the
+    cheapest, the last the most capable), so a pool written most capable first would train a router that
+    sends every prompt it is sure of to the wrong end. A tier is out of order where it is cheaper than the
+    one before it on one price and no dearer on the other; one dearer on input and cheaper on output (other
+    providers' price shapes) is left as written."""
+    for before, after in pairwise(tiers):
+        cheaper_input = after.input_usd_per_mtok < before.input_usd_per_mtok
+        cheaper_output = after.output_usd_per_mtok < before.output_usd_per_mtok
+        not_dearer_input = after.input_usd_per_mtok <= before.input_usd_per_mtok
+        not_dearer_output = after.output_usd_per_mtok <= before.output_usd_per_mtok
+        if (cheaper_input and not_dearer_output) or (cheaper_output and not_dearer_input):
+            raise ValueError(
+                f"tiers must be listed cheapest first: {after.name!r} (USD {after.input_usd_per_mtok:g} / "
+                f"{after.output_usd_per_mtok:g} per million input / output tokens) comes after {before.name!r} "
+                f"({before.input_usd_per_mtok:g} / {before.output_usd_per_mtok:g}) and costs less")
+
+
+def _check_one_tier_per_model(source: str, mapping: Mapping[str, str]) -> None:
+    """Refuse one model playing two tiers of a source: each row is one model's outcome, read as one tier's,
+    so the other tier would be left unknown for the whole source (and reported as a model no row names)."""
+    tiers_of: dict[str, list[str]] = {}
+    for tier, model in mapping.items():
+        tiers_of.setdefault(model, []).append(tier)
+    shared = {model: tiers for model, tiers in tiers_of.items() if len(tiers) > 1}
+    if shared:
+        model, tiers = next(iter(shared.items()))
+        raise ValueError(f"source {source!r} maps model {model!r} to tiers {tiers}: a model plays one tier "
+                         "of a source")
+
+
 def _in_artifact_form(tier: dict) -> bool:
     """Whether a tier of the file gives its prices as the artifact's TierSpec does (`input_usd_per_mtok`)."""
     return "usd_per_mtok" not in tier and ("input_usd_per_mtok" in tier or "output_usd_per_mtok" in tier)
@@ -104,7 +142,7 @@ def load_pool(path: str | Path) -> Pool:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DataError(str(path), f"cannot read pool file: {exc}") from exc
     try:
