@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import POOL_YAML, synthetic_rows, write_jsonl
-from training.data import TierLabelRow, read_logs
+from training.data import OutcomeRow, TierLabelRow, read_logs
 from training.errors import DataError
 from training.labels import build_table, split_table
 from training.pool import load_pool
@@ -205,9 +205,65 @@ def test_a_label_naming_no_tier_of_the_pool_is_an_invalid_row(tmp_path: Path, po
     with pytest.raises(DataError) as info:
         read_logs([path], tiers=pool.tier_names)
     assert (info.value.row, info.value.column) == (2, "tier") and str(path) in str(info.value)
-    assert "unknown tier 'huge'" in str(info.value)
+    assert "'huge' is an unknown tier" in str(info.value)
     rows, report = read_logs([path], skip_invalid=True, tiers=pool.tier_names)
     assert [row.prompt for row in rows] == ["q"] and report.total == 1
+    # Counted by fault, whatever tier each row names: one reason, not one per misspelling.
+    path = write_jsonl(tmp_path / "more.jsonl", [{"prompt": f"r{i}", "tier": name}
+                                                 for i, name in enumerate(["small", "huge", "xl", "tiny"])])
+    _, report = read_logs([path], skip_invalid=True, tiers=pool.tier_names)
+    assert len(report.counts) == 1 and report.total == 3
+
+
+def test_tier_labeled_rows_with_a_null_model_are_labels(tmp_path: Path, pool) -> None:  # type: ignore[no-untyped-def]
+    """Parquet gives every row every column: in a file of outcome and label rows, a label row's model is
+    null, and it is still a label, not an outcome row missing its prompt_id."""
+    rows = [{"prompt_id": "q1", "prompt": "hello", "model": "a-7b", "score": 1.0, "source": "alpha", "tier": None},
+            {"prompt_id": None, "prompt": "prove it", "model": None, "score": None, "source": "alpha",
+             "tier": "large"}]
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    read, report = read_logs([path], tiers=pool.tier_names)
+    assert report.total == 0
+    assert [type(row).__name__ for row in read] == ["OutcomeRow", "TierLabelRow"]
+    assert isinstance(read[1], TierLabelRow) and read[1].tier == "large"
+
+
+def test_a_number_too_large_for_a_float_is_an_invalid_row(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    good = {"prompt_id": "a", "prompt": "a", "model": "a-7b", "score": 1.0, "source": "alpha"}
+    path.write_text(json.dumps(good) + "\n"
+                    + '{"prompt_id": "b", "prompt": "b", "model": "a-7b", "source": "alpha", "score": 1'
+                    + "0" * 400 + "}\n")
+    with pytest.raises(DataError, match=r"row 2, column 'score': too large a number"):
+        read_logs([path])
+    rows, report = read_logs([path], skip_invalid=True)
+    assert len(rows) == 1 and report.total == 1
+
+
+def test_lines_of_invalid_utf8_are_counted_as_one_fault(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"".join(json.dumps({"prompt_id": str(i), "prompt": "x" * i + "\u00e9", "model": "a-7b",
+                                          "score": 1.0, "source": "alpha"}, ensure_ascii=False)
+                              .encode("latin-1") + b"\n" for i in range(1, 6)))
+    with path.open("a") as file:
+        file.write(json.dumps({"prompt_id": "ok", "prompt": "fine", "model": "a-7b", "score": 1.0,
+                               "source": "alpha"}) + "\n")
+    _, report = read_logs([path], skip_invalid=True)
+    assert report.total == 5 and list(report.counts) == ["invalid UTF-8"]
+
+
+def test_a_prompt_id_naming_two_texts_is_warned_about(pool, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    rows = [OutcomeRow("q1", "What is 2+2?", "a-7b", 1.0, "alpha", "", None),
+            OutcomeRow("q1", "What is 2+2? ", "a-70b", 1.0, "alpha", "", None),
+            OutcomeRow("q2", "Prove it", "a-7b", 0.0, "alpha", "", None),
+            OutcomeRow("q2", "Prove it", "a-70b", 1.0, "alpha", "", None)]
+    table, _ = build_table(rows, pool)
+    assert len(table) == 3
+    assert "1 prompt_id(s) name more than one prompt text, e.g. 'q1'" in caplog.text
+    caplog.clear()
+    build_table(rows[2:], pool)
+    assert "prompt_id" not in caplog.text
 
 
 def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type: ignore[no-untyped-def]
@@ -360,3 +416,4 @@ def test_a_tier_no_prompt_has_an_outcome_on_is_refused(  # type: ignore[no-untyp
     with pytest.raises(DataError, match=r"no prompt of the logs has an outcome on the tier\(s\) \['large'\]"):
         train([synthetic_logs], mistyped, tmp_path / "model", tiny_config(tiny_backbone, streaming=streaming))
     assert not (tmp_path / "model").exists()
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class TierLabelRow:
 # itself in logs written before schema version 9. Reading joins them: a request line takes the mean score
 # reported for its prompt_id; one with none yet, or without stored prompt text, is left out and counted.
 OUTCOME_KIND = "outcome"
+# Where in a line its UTF-8 breaks ("invalid UTF-8 at byte 34"): left out of the reason, which rows are
+# counted by; the row number says where.
+_BYTE_OFFSET = re.compile(r" at byte \d+$")
 
 
 @dataclass
@@ -158,6 +162,7 @@ def read_records(path: Path) -> Iterator[tuple[int, object]]:
                 yield number, record
             else:  # counted by reason under --skip-invalid: the reason leaves out where in the line
                 reason = f"invalid JSON: {problem.reason}" if problem.syntax else problem.reason
+                reason = _BYTE_OFFSET.sub("", reason)
                 yield number, DataError(str(path), reason, row=number)
     except PromptFileError as exc:
         raise DataError(str(path), exc.reason) from exc
@@ -196,9 +201,13 @@ def _number(record: dict, column: str, path: str, row: int, required: bool) -> f
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(path, f"expected a number, got {type(value).__name__}", row, column)
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits, which JSON allows
+        raise DataError(path, "too large a number", row, column) from None
+    if not math.isfinite(number):
         raise DataError(path, "not a finite number", row, column, value=value)
-    return float(value)
+    return number
 
 
 def parse_row(record: object, path: str, row: int, tiers: Sequence[str] | None = None
@@ -215,10 +224,12 @@ def parse_row(record: object, path: str, row: int, tiers: Sequence[str] | None =
     prompt = _text(record, "prompt", path, row)
     source = _text(record, "source", path, row, required=False) or "default"
     category = _text(record, "category", path, row, required=False)
-    if "tier" in record and "model" not in record:
+    # A tier-labeled row names a tier and no model. "No model" includes a null one: Parquet gives every
+    # row every column, so in a file of both shapes a label row's `model` is null, not absent.
+    if record.get("tier") is not None and record.get("model") is None:
         tier = _text(record, "tier", path, row)
         if tiers is not None and tier not in tiers:
-            raise DataError(path, f"unknown tier {tier!r} (pool tiers: {list(tiers)})", row, "tier")
+            raise DataError(path, f"an unknown tier (pool tiers: {list(tiers)})", row, "tier", value=repr(tier))
         prompt_id = _text(record, "prompt_id", path, row, required=False)
         return TierLabelRow(prompt_id, prompt, tier, source, category)
     prompt_id = _text(record, "prompt_id", path, row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from training.errors import DataError
 from training.pool import Pool
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def prompt_hash(text: str) -> str:
@@ -108,7 +111,13 @@ def build_table(rows: Iterable[OutcomeRow | TierLabelRow], pool: Pool) -> tuple[
     cost_sums: list[np.ndarray] = []
     cost_counts: list[np.ndarray] = []
     unused: dict[str, int] = {}
+    text_of_id: dict[str, str] = {}
+    texts_differ: dict[str, str] = {}  # a prompt_id -> a second text it names
     for row in rows:
+        if row.prompt_id:
+            first = text_of_id.setdefault(row.prompt_id, row.prompt)
+            if first != row.prompt and row.prompt_id not in texts_differ:
+                texts_differ[row.prompt_id] = row.prompt
         if isinstance(row, OutcomeRow):
             tier = pool.tier_of(row.source, row.model)
             if tier is None:
@@ -142,6 +151,8 @@ def build_table(rows: Iterable[OutcomeRow | TierLabelRow], pool: Pool) -> tuple[
             counts[i] += 1
     if not prompts:
         raise nothing_mapped(unused)
+    if texts_differ:
+        _warn_ids_with_several_texts(texts_differ, text_of_id)
     count_matrix = np.stack(counts)
     with np.errstate(invalid="ignore", divide="ignore"):
         targets = np.stack(sums) / count_matrix
@@ -161,6 +172,16 @@ def build_table(rows: Iterable[OutcomeRow | TierLabelRow], pool: Pool) -> tuple[
     )
     keep = table.known.any(axis=1)
     return table.subset(np.flatnonzero(keep)), unused
+
+
+def _warn_ids_with_several_texts(texts_differ: dict[str, str], text_of_id: dict[str, str]) -> None:
+    """Say that some prompt_ids name more than one text. Prompts are merged by their text, so each text
+    trains as a prompt of its own with only the tiers its own rows score: a gateway that trims or
+    templates a prompt differently per call splits one prompt's outcomes without a word."""
+    prompt_id, second = next(iter(texts_differ.items()))
+    log.warning("%d prompt_id(s) name more than one prompt text, e.g. %r: %r and %r; each text is trained on "
+                "as a prompt of its own, with only the outcomes of its own rows: log one text per prompt_id",
+                len(texts_differ), prompt_id, text_of_id[prompt_id][:80], second[:80])
 
 
 def check_holdouts(sources: Iterable[str], categories: Iterable[str], holdout_sources: Sequence[str],
