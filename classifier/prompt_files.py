@@ -375,8 +375,12 @@ def _parquet_records(path: Path, rows: int) -> Iterator[tuple[int, Payload]]:
             for record in _batch_records(record_batch):
                 number += 1
                 yield number, record
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, pa.ArrowException, _UnconvertibleColumn) as exc:
         raise PromptFileError(path, f"cannot read Parquet: {exc}") from exc
+
+
+class _UnconvertibleColumn(Exception):
+    """A Parquet column holds a value Python has no type for (a timestamp past year 9999)."""
 
 
 def _batch_records(batch: pa.RecordBatch) -> list[Payload]:
@@ -385,11 +389,37 @@ def _batch_records(batch: pa.RecordBatch) -> list[Payload]:
     Arrow does not check that a string column holds UTF-8, and not every Parquet writer does: such
     bytes fail the batch's conversion, so the batch is then converted row by row, and only the rows
     that hold them become BadRows (the job goes on, as it does for invalid UTF-8 in JSONL or CSV).
+
+    Raises:
+        _UnconvertibleColumn: naming the column whose values Python cannot hold (a timestamp written in
+            the wrong unit, a date past year 9999), whatever column it is.
     """
     try:
         return batch.to_pylist()
     except UnicodeDecodeError:
+        pass
+    except (OverflowError, ValueError) as exc:
+        raise _unconvertible(batch, exc) from exc
+    try:
         return [_parquet_row(batch.slice(index, 1)) for index in range(batch.num_rows)]
+    except UnicodeDecodeError:
+        raise
+    except (OverflowError, ValueError) as exc:
+        raise _unconvertible(batch, exc) from exc
+
+
+def _unconvertible(batch: pa.RecordBatch, error: Exception) -> _UnconvertibleColumn:
+    """The error naming the first column of `batch` that Python cannot convert (text that is not UTF-8
+    is not such a column: its rows are BadRows)."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            column.to_pylist()
+        except UnicodeDecodeError:
+            continue
+        except (OverflowError, ValueError) as column_error:
+            return _UnconvertibleColumn(f"column {name!r} holds a value Python cannot represent ({column_error}): "
+                                        "fix the column, or leave it out of the file")
+    return _UnconvertibleColumn(str(error))
 
 
 def _parquet_row(row: pa.RecordBatch) -> Payload:

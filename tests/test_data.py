@@ -417,3 +417,14 @@ def test_a_tier_no_prompt_has_an_outcome_on_is_refused(  # type: ignore[no-untyp
         train([synthetic_logs], mistyped, tmp_path / "model", tiny_config(tiny_backbone, streaming=streaming))
     assert not (tmp_path / "model").exists()
 
+
+def test_a_parquet_column_python_cannot_hold_is_named(tmp_path: Path) -> None:
+    """A timestamp written in the wrong unit (or a date past year 9999), even in a column training never
+    reads, fails Arrow's conversion: the file and column are named, with no traceback."""
+    good = [{"prompt_id": "a", "prompt": "a", "model": "a-7b", "score": 1.0, "source": "alpha"}]
+    table = pa.Table.from_pylist(good).append_column("logged_at", pa.array([10**17], type=pa.timestamp("ms")))
+    path = tmp_path / "stamped.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(DataError, match=r"stamped\.parquet: cannot read Parquet: column 'logged_at' holds a value "
+                                        r"Python cannot represent"):
+        read_logs([path], skip_invalid=True)
