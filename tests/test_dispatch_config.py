@@ -232,3 +232,29 @@ def test_check_says_which_upstream_cannot_be_reached_has_no_v1_or_refuses_its_ke
     assert "medium has no " in result.output and "is /v1 missing from its base_url?" in result.output
     assert "large refused its key (HTTP 401): check LARGE_KEY" in result.output
     assert "wrong-key" not in result.output
+
+
+def test_check_finds_the_bench_stand_in_upstream_answering() -> None:
+    """The stand-in serving/README.md offers before any model is up: `--check` asks each tier's upstream
+    for its model list, and a stand-in without one was reported as a problem on every tier."""
+    import httpx
+    import uvicorn
+
+    from serving.bench.dispatch_bench import echo_upstream
+    from serving.dispatch.config_check import check_upstreams
+    from tests.fake_upstream import run_uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(echo_upstream(), host="127.0.0.1", port=0, log_level="error"))
+    port = run_uvicorn(server)
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        listed = httpx.get(f"{base_url}/models", timeout=10)
+        assert listed.status_code == 200
+        assert listed.json()["object"] == "list"
+        assert [model["object"] for model in listed.json()["data"]] == ["model"]
+        config = DispatcherConfig.model_validate({
+            "tiers": {name: {"base_url": base_url, "model": f"{name}-model"} for name in ("small", "large")},
+            "fallback_tier": "large"})
+        assert asyncio.run(check_upstreams(config)) == "small answers, large answers"
+    finally:
+        server.should_exit = True

@@ -44,8 +44,16 @@ LOAD_PROMPT = ("Explain how a write-ahead log lets a database recover after a cr
 
 
 def echo_upstream() -> FastAPI:
-    """An upstream that answers immediately: a completion, or a 3-chunk stream."""
+    """An upstream that answers immediately: a completion, or a 3-chunk stream, for any model name.
+
+    It lists one model, as OpenAI's `GET /v1/models` does, so that `promptier dispatch --check`, which
+    asks each tier's upstream for that list, finds it answering."""
     app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list",
+                "data": [{"id": "echo", "object": "model", "created": 0, "owned_by": "promptier-bench"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):  # type: ignore[no-untyped-def]
