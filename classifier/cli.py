@@ -19,7 +19,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from classifier.errors import PromptierError
+from classifier.errors import PromptierError, validation_problems
 
 COMMAND_GROUP = "promptier.commands"
 HELP = "Promptier: route each prompt to the cheapest LLM tier that answers it well."
@@ -28,8 +28,17 @@ app = typer.Typer(help="The runtime's commands.", no_args_is_help=True, pretty_e
 
 
 def fail(error: Exception) -> NoReturn:
-    """End a command with the error's message on stderr and exit status 2 (no traceback)."""
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    """End a command with the error's message on stderr and exit status 2 (no traceback).
+
+    A pydantic ValidationError (a config or a recorded recipe with a bad field) is shown as one
+    `field.path: message` line per problem.
+    """
+    from pydantic import ValidationError
+
+    message = str(error)
+    if isinstance(error, ValidationError):
+        message = f"invalid {error.title}:\n  " + "\n  ".join(validation_problems(error))
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 

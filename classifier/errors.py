@@ -1,5 +1,12 @@
 """Errors raised by the runtime. Each one maps to one gRPC status / HTTP code in `serving`."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class PromptierError(Exception):
     """Base class of every error Promptier raises on purpose."""
@@ -24,3 +31,14 @@ def require(module: str, extra: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise PromptierError(f"{module} is not installed; run: pip install 'promptier[{extra}]'")
+
+
+def validation_problems(error: ValidationError) -> list[str]:
+    """Each problem of a pydantic ValidationError as `field.path: message`, in pydantic's order.
+
+    Its str() spreads each problem over lines of pydantic's own (the model's class name, the input's
+    repr, a link to pydantic's documentation) that are for the program's authors: whoever wrote the
+    config needs the field and what is wrong with it.
+    """
+    return [f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
+            for problem in error.errors(include_url=False)]

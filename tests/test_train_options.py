@@ -152,3 +152,19 @@ def test_a_config_yaml_cannot_read_is_a_clear_error(tmp_path: Path, text: str, r
                                       str(tmp_path / "out"), "--config", str(config)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert re.search(reason, " ".join(result.output.split()))
+
+
+def test_a_config_with_bad_fields_is_refused_naming_each_field_without_pydantics_links(tmp_path: Path) -> None:
+    """pydantic's own message spreads each problem over lines with the input's repr and a link to its
+    documentation; whoever wrote the recipe needs the field and what is wrong with it."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochs: lots\nteacher: {distill_weight: 7}\n")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(POOL_YAML)
+    result = _train(["--logs", str(tmp_path / "logs.jsonl"), "--pool", str(pool), "--config", str(config),
+                     "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "\n  epochs: Input should be a valid number" in result.output
+    assert "\n  teacher.distill_weight: Input should be less than or equal to 1" in result.output
+    assert "errors.pydantic.dev" not in result.output and "input_value" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from classifier.artifact import TierSpec
+from classifier.errors import validation_problems
 from classifier.yaml_files import load_yaml
 from training.errors import DataError
 
@@ -148,7 +149,4 @@ def load_pool(path: str | Path) -> Pool:
     try:
         return Pool.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise DataError(str(path), f"invalid pool: {problems}") from exc
+        raise DataError(str(path), f"invalid pool: {'; '.join(validation_problems(exc))}") from exc

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from classifier.artifact import MODES
-from classifier.errors import PromptierError
+from classifier.errors import PromptierError, validation_problems
 from classifier.yaml_files import load_yaml
 from serving.common.keys import header_safe
 from serving.dispatch.capabilities import Serves
@@ -282,9 +282,7 @@ def read_config(path: Path, schema: type[SchemaT]) -> SchemaT:
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
+        raise ConfigError(f"{path}: {'; '.join(validation_problems(exc))}") from exc
 
 
 def load_dispatcher_config(path: Path) -> DispatcherConfig:
