@@ -114,7 +114,8 @@ def _label_parts(files: Sequence[Path], staged: StagedJob, done: set[int], optio
     stats = LabelStats()
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
-    bar = tqdm(desc="labeling", unit="rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    # Whole rows: unit_scale would show 34 as "34.0", and tqdm writes the unit right after the count.
+    bar = tqdm(desc="labeling", unit=" rows", disable=not progress, dynamic_ncols=True)
     try:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
                                  initargs=(options.model, os.getpid())) as pool:

@@ -74,6 +74,17 @@ def test_bad_rows_are_reported_and_job_goes_on(tmp_path: Path, shipped_artifact:
     assert source.read_bytes().startswith(b'{"prompt_id": "a"')  # input untouched
 
 
+def test_the_progress_bar_counts_rows_in_whole_numbers(tmp_path: Path, shipped_artifact: Path,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    """What a user watching `promptier label` reads: `34 rows`, not `34.0rows`."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(34)))
+    label_files([str(source)], tmp_path / "out.jsonl", LabelOptions(model=str(shipped_artifact)), workers=1,
+                progress=True)
+    bar = capfd.readouterr().err.split("\r")[-1]
+    assert bar.startswith("labeling: 34 rows [") and " rows/s]" in bar, bar
+
+
 def test_empty_input_and_refusals(tmp_path: Path, shipped_artifact: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
