@@ -181,3 +181,33 @@ def test_usage_is_read_from_the_last_event_of_a_stream() -> None:
     assert usage_from_stream_tail(b"data: " + middle + b"\n\ndata: [DONE]\n\n") is None  # not asked for
     assert usage_from_stream_tail(b"data: " + last[:20]) is None  # cut short
     assert usage_from_stream_tail(b"event: ping\n\n") is None and usage_from_stream_tail(b"") is None
+
+
+def test_health_says_which_upstreams_fail_and_when_none_can_answer(dispatcher: Dispatcher,
+                                                                   fresh: dict[str, Upstream]) -> None:
+    """A dispatcher whose every upstream is down still serves (each request a 502), so /health answers
+    200; it says `degraded` then, and which tier failed how, not `ok`."""
+    def health() -> dict:
+        response = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health")
+        assert response.status_code == 200
+        return response.json()
+
+    assert health()["upstreams"] == {"small": "not used yet", "medium": "not used yet", "large": "not used yet"}
+    client = dispatcher.client()
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    assert health()["upstreams"]["small"] == "ok" and health()["status"] == "ok"
+    for upstream in fresh.values():
+        upstream.behaviour = "500"
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    seen = health()
+    assert seen["upstreams"] == {"small": "failing", "medium": "failing", "large": "failing"}
+    assert seen["status"].startswith("degraded")
+    # A dispatcher without keys shows anyone the details an operator would see.
+    assert seen["upstream_failures"]["small"]["consecutive_failures"] == 2
+    assert seen["upstream_failures"]["large"]["last_error"] == "tier large: upstream returned 500"
+    fresh["medium"].behaviour = "ok"
+    client.chat.completions.create(model="promptier", messages=[{"role": "user", "content": EASY}])
+    seen = health()
+    assert seen["status"] == "ok" and seen["upstreams"]["medium"] == "ok" and "medium" not in seen["upstream_failures"]

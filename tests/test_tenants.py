@@ -225,12 +225,13 @@ def test_pacing_moves_requests_to_cheaper_tiers_as_spend_runs_ahead_of_the_budge
     assert _eventually(lambda: abs(SqliteSpendStore(store_path).totals([key])[key] - ahead_by(1.5) - logged) < 1e-9)
     health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health", headers={"authorization": "Bearer ops-key"})
     assert health.json()["spend_store_state"] == "ok" and health.json()["tenants_with_budgets"] == ["search"]
-    assert str(store_path) in health.json()["spend_store"]
+    assert str(store_path) in health.json()["spend_store"] and "upstream_failures" in health.json()
     # Anyone else (a load balancer, a tenant) learns that the store works, not which tenants exist or where it is.
     for headers in ({}, {"authorization": "Bearer search-key"}):
         public = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health", headers=headers).json()
         assert public["status"] == "ok" and public["spend_store_state"] == "ok"
-        assert not {"tenants_with_budgets", "spend_store", "classifier_source"} & set(public), public
+        details = {"tenants_with_budgets", "spend_store", "classifier_source", "upstream_failures"}
+        assert not details & set(public), public
 
 
 def test_a_spent_budget_routes_to_the_cheapest_tier_or_answers_429_as_configured(

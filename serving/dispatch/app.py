@@ -103,8 +103,13 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         key, or anyone on a dispatcher without keys."""
         reachable = await dispatcher.classifier.served() is not None
         classifier_state = "serving" if reachable else "unavailable (requests go to the fallback tier)"
-        body: dict[str, object] = {"status": "ok", "classifier": classifier_state,
-                                   "fallback_tier": config.fallback_tier, "config_fingerprint": fingerprint}
+        upstreams = dispatcher.upstream_health
+        # 200 all the same: the process serves, and a load balancer that took every replica out because
+        # the upstreams are down would turn callers' 502s, which say why, into refused connections.
+        status = "degraded: every tier's upstream failed its last request" if upstreams.every_tier_failing() else "ok"
+        body: dict[str, object] = {"status": status, "classifier": classifier_state,
+                                   "fallback_tier": config.fallback_tier, "config_fingerprint": fingerprint,
+                                   "upstreams": upstreams.states()}
         if isinstance(dispatcher.classifier, GrpcRouteClassifier):
             # How many of the service's processes this dispatcher's connections reach (null: not known yet).
             body["classifier_processes_reached"] = dispatcher.classifier.processes_reached
@@ -113,6 +118,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
             body["spend_store_state"] = "ok" if spend["spend_store_state"] == "ok" else "failing"
         if access.view(request.headers.get("authorization", "")) == EVERY_TENANT:
             body["classifier_source"] = dispatcher.classifier.describe()
+            body["upstream_failures"] = upstreams.failures()
             body.update(spend)
         return JSONResponse(body)
 

@@ -170,6 +170,7 @@ class ChatCompletions:
         failed, and says so where a tier that fails before answering does (headers, log, decision log)."""
         detail = f"upstream of tier {tier} failed while sending its response ({type(error).__name__})"
         chat.route.failed_tiers.append(tier)
+        self.dispatcher.upstream_health.failed(tier, detail)
         log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": detail}))
         failure = HTTPError(502, detail, kind="upstream_error", code="upstream_unavailable")
         self._record(chat, tier, failure.status)
@@ -206,6 +207,7 @@ class ChatCompletions:
                 return  # broken after its last event: the caller has the whole answer (recorded below)
             status = 599  # recorded as a broken stream
             detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
+            self.dispatcher.upstream_health.failed(tier, detail)
             if not streamed:
                 raise ResponseCut(detail) from None  # logged where the connection is closed
             log.warning(json.dumps({"event": "stream_interrupted", "tier": tier, "detail": detail}))

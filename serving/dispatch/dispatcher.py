@@ -40,6 +40,7 @@ from serving.dispatch.route_classifier import (
 from serving.dispatch.stream_meter import CHARS_PER_TOKEN, ESTIMATED, estimated_usage
 from serving.dispatch.tenants import Tenant, Tenants
 from serving.dispatch.upstream_body import bound_body_reads
+from serving.dispatch.upstream_health import UpstreamHealth
 
 log = logging.getLogger("promptier.dispatcher")
 OWED = ("tier prices unknown when answered (the classifier had not answered since the start): charged to the "
@@ -152,6 +153,7 @@ class Dispatcher:
         self.capabilities = CapabilityRouter(self.tiers, {name: tier.serves for name, tier in config.tiers.items()},
                                              CapabilityMetrics(self.metrics.registry))
         self._rng = random.Random()  # exploration's draws; seeded from the OS, per worker process
+        self.upstream_health = UpstreamHealth(self.tiers)
 
     async def start(self) -> None:
         """Open the classifier and the HTTP pool on the serving event loop (they are bound to it)."""
@@ -407,6 +409,7 @@ class Dispatcher:
                 if status < 300 or (400 <= status < 500 and status != UPSTREAM_KEY_REFUSED):
                     if tier != route.tier:
                         route.reason = "escalated"
+                    self.upstream_health.answered(tier)
                     return response, tier
                 response.close()
                 last_error = f"tier {tier}: upstream returned {status}"
@@ -416,6 +419,7 @@ class Dispatcher:
                     last_error += " (a redirect, not followed)"
             route.failed_tiers.append(tier)
             self.metrics.escalations.labels(tier).inc()
+            self.upstream_health.failed(tier, last_error)
             log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": last_error}))
         raise HTTPError(502, f"every eligible upstream failed; last: {last_error}", kind="upstream_error",
                         code="upstream_unavailable")
