@@ -343,3 +343,12 @@ def test_budget_sim_replays_in_logged_order_sizes_refusals_like_answers_and_take
         report = budget_sim.main([tmp_path / "restricted.jsonl"], tmp_path / "sim.json", None, allowed_tiers=allowed)
         assert report["tiers"] == tiers
         assert {tier for tier, n in report["policies"]["unpaced"]["by_tier"].items() if n} == {policy}
+
+
+@pytest.mark.parametrize(("amount", "shown"), [
+    (4.1666e-06, "$0.00000417"), (0.0042, "$0.00420"), (0.0, "$0.0000"), (12.5, "$12.5000"), (1234.5, "$1,234.5000")])
+def test_budget_sim_shows_the_millionths_a_few_requests_cost(amount: float, shown: str) -> None:
+    """A fresh decision log's handful of requests costs millionths of a dollar: not `$0.0000` for every policy."""
+    from serving.dispatch.budget_sim import usd
+
+    assert usd(amount) == shown

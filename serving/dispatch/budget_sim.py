@@ -22,6 +22,7 @@ Prints a table, writes JSON and, with matplotlib installed, a PNG of spend over 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -318,16 +319,24 @@ def budget_for(requests: Sequence[Request], budget_usd: float | None, budget_sha
     return unpaced * (budget_share if budget_share is not None else 0.5)
 
 
+def usd(amount: float) -> str:
+    """Dollars to four places, or to three significant digits below a cent: the handful of requests of
+    a fresh decision log costs millionths of a dollar, which four places would show as $0.0000."""
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:,.4f}"
+    return f"${amount:.{2 - math.floor(math.log10(abs(amount)))}f}"
+
+
 def print_report(report: dict) -> None:
     budget = report["budget_usd"]
-    print(f"{report['requests']} requests, budget ${budget:,.4f} "
+    print(f"{report['requests']} requests, budget {usd(budget)} "
           f"({report['budget_share_of_unpaced']:.0%} of the unpaced spend)\n")
     print("| policy | spend | of budget | served | downgraded | refused | mean P(good answer) | by tier |")
     print("|---|---|---|---|---|---|---|---|")
     for name, row in report["policies"].items():
         quality = f"{row['mean_p_good']:.3f}" if row["mean_p_good"] is not None else "n/a"
         tiers = ", ".join(f"{tier} {count}" for tier, count in row["by_tier"].items())
-        print(f"| {name} | ${row['spend_usd']:,.4f} | {row['spend_vs_budget']:.1%} | {row['served']} | "
+        print(f"| {name} | {usd(row['spend_usd'])} | {row['spend_vs_budget']:.1%} | {row['served']} | "
               f"{row['downgrades']} | {row['refused']} | {quality} | {tiers} |")
     curve = report["curve"]
     print("\nSpend over the period (share of the budget):\n")
