@@ -24,7 +24,10 @@ from classifier.errors import PromptierError, validation_problems
 COMMAND_GROUP = "promptier.commands"
 HELP = "Promptier: route each prompt to the cheapest LLM tier that answers it well."
 
-app = typer.Typer(help="The runtime's commands.", no_args_is_help=True, pretty_exceptions_enable=False)
+# rich_markup_mode None: click's own help, which wraps each option's text beside it at any terminal width,
+# where rich's boxed tables cut long option names short (`--handshake-time…`) at 80 columns.
+app = typer.Typer(help="The runtime's commands.", no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 
 
 def fail(error: Exception) -> NoReturn:
@@ -64,7 +67,8 @@ def command_line(args: list[str]) -> typer.Typer:
                          "reinstall the package: pip install -e .")
     named = next((arg for arg in args if not arg.startswith("-")), None)
     entries = [commands[named]] if named in commands else list(commands.values())
-    root = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
+    root = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
+                   rich_markup_mode=None)
 
     @root.callback()
     def _group() -> None:

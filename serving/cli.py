@@ -21,7 +21,7 @@ from classifier.errors import PromptierError, require
 EXAMPLE_DISPATCHER_CONFIG = Path(__file__).resolve().parent / "dispatch" / "dispatcher.example.yaml"
 
 app = typer.Typer(help="Serve routers and put them in front of models.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _require_bench_extra() -> None:

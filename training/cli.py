@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from classifier.artifact import ArtifactManifest
     from training.config import TrainConfig
 
-app = typer.Typer(help="Train and evaluate routers.", no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(help="Train and evaluate routers.", no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 
 LogsOption = Annotated[list[Path], typer.Option(
     "--logs", help="a log file, directory or quoted glob pattern (JSONL/Parquet); repeat for more")]
