@@ -49,8 +49,9 @@ class TierSpec(_Strict):
     """One tier: a price class, cheapest first in the manifest."""
 
     name: str = Field(min_length=1)
-    input_usd_per_mtok: float = Field(ge=0)
-    output_usd_per_mtok: float = Field(ge=0)
+    # strict: a price is a number, never `true` (which pydantic would read as 1.0) or a string
+    input_usd_per_mtok: float = Field(ge=0, strict=True)
+    output_usd_per_mtok: float = Field(ge=0, strict=True)
 
 
 class TruncationConfig(_Strict):

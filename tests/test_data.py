@@ -297,6 +297,8 @@ def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type:
                        r"'large' \(1.25 / 5\) and costs less"),
     ("tiers: [{name: a, usd_per_mtok: {input: 1, output: 1}}, {name: ' ', usd_per_mtok: {input: 2, output: 2}}]",
      "more than whitespace"),
+    ("tiers: [{name: a, usd_per_mtok: {input: true, output: 1}}, {name: b, usd_per_mtok: {input: 2, output: 2}}]",
+     r"tiers\.0\.input_usd_per_mtok: Input should be a valid number"),
     (POOL_YAML.replace("small: a-7b", "small: a-70b"), r"maps model 'a-70b' to tiers \['small', 'medium'\]"),
     (POOL_YAML + "  alpha: {small: a-7b}\n", r"key 'alpha' is written twice \(first on line \d+\)"),
 ])
