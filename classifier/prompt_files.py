@@ -452,16 +452,17 @@ def _text_replaced(column: pa.Array) -> str | None:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
 
 
-def decode_json_line(raw: bytes) -> tuple[dict, LineProblem | None]:
+def decode_json_line(raw: bytes, unique_keys: bool = False) -> tuple[dict, LineProblem | None]:
     """One JSONL line as (record, None), or (what could be read of it, why it is not a record).
 
     A line with invalid UTF-8 whose rest parses still gives its record, so that a caller can name the
-    row by its id.
+    row by its id. With `unique_keys`, an object naming one key twice is a problem, not its last value
+    (slower: for training logs, where `"score": 7, "score": 0.5` would train on 0.5 without a word).
     """
     try:
-        value, problem = _load_json(raw.decode("utf-8"))
+        value, problem = _load_json(raw.decode("utf-8"), unique_keys)
     except UnicodeDecodeError as exc:
-        salvaged, _ = _load_json(raw.decode("utf-8", "replace"))
+        salvaged, _ = _load_json(raw.decode("utf-8", "replace"), unique_keys)
         return (salvaged if isinstance(salvaged, dict) else {}), LineProblem(f"invalid UTF-8 at byte {exc.start}")
     if problem is None and not isinstance(value, dict):
         problem = LineProblem(f"expected an object, got {type(value).__name__}")
@@ -471,13 +472,31 @@ def decode_json_line(raw: bytes) -> tuple[dict, LineProblem | None]:
     return value, None
 
 
-def _load_json(text: str) -> tuple[object, LineProblem | None]:
+class _KeyWrittenTwice(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict, refusing a key written twice (json keeps the last)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _KeyWrittenTwice(f"key {key!r} is written twice in one object")
+            seen.add(key)
+    return record
+
+
+def _load_json(text: str, unique_keys: bool = False) -> tuple[object, LineProblem | None]:
     """Parse JSON text as (value, None), or (None, why not)."""
     too_deep = LineProblem(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_pairs) if unique_keys else json.loads(text)
     except RecursionError:
         return None, too_deep
+    except _KeyWrittenTwice as exc:
+        return None, LineProblem(str(exc))
     except json.JSONDecodeError as exc:
         return None, LineProblem(exc.msg, f"line {exc.lineno} column {exc.colno} (char {exc.pos})", syntax=True)
     except ValueError as exc:  # what json.loads raises besides a syntax error (an integer too long...)

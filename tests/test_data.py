@@ -430,3 +430,15 @@ def test_a_parquet_column_python_cannot_hold_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"stamped\.parquet: cannot read Parquet: column 'logged_at' holds a value "
                                         r"Python cannot represent"):
         read_logs([path], skip_invalid=True)
+
+
+def test_a_log_line_writing_a_key_twice_is_an_invalid_row(tmp_path: Path) -> None:
+    """json.loads keeps the last of two equal keys: `"score": 7.0, "score": 0.5` would train on 0.5."""
+    path = tmp_path / "twice.jsonl"
+    path.write_text('{"prompt_id": "a", "prompt": "a", "model": "a-7b", "score": 1.0, "source": "alpha"}\n'
+                    '{"prompt_id": "b", "prompt": "b", "model": "a-7b", "score": 7.0, "score": 0.5, '
+                    '"source": "alpha"}\n')
+    with pytest.raises(DataError, match=r"row 2: key 'score' is written twice in one object"):
+        read_logs([path])
+    rows, report = read_logs([path], skip_invalid=True)
+    assert [row.prompt for row in rows] == ["a"] and report.total == 1
