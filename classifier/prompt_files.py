@@ -259,13 +259,28 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Payload]]:
                     number += 1
                     yield number, BadRow(f"CSV line {first_line}: {exc}{skipped}", {})
                     continue
+                # A record that spans lines ends where its quoted field closes, with an even count of
+                # quotes; an odd count means the reader reached the end of the file inside the field, and
+                # every line after its start was read as part of it.
+                unclosed = lines.quotes % 2 == 1 and lines.line > first_line
                 lines.record_read()
                 if header is None:
+                    if unclosed:
+                        raise PromptFileError(path, "unreadable CSV header: a quote in it is never closed")
+                    twice = sorted({name for name in cells if cells.count(name) > 1})
+                    if twice:
+                        raise PromptFileError(path, f"the CSV header names column(s) {twice} twice: each "
+                                                    "column needs a name of its own")
                     header = cells
                     continue
                 if not cells:
                     continue  # a blank line
                 number += 1
+                if unclosed:
+                    yield number, BadRow(f"CSV line {first_line}: a quote in it is never closed, so lines "
+                                         f"{first_line + 1}-{lines.line} to the end of the file were read as "
+                                         "part of it", dict(zip(header, cells[:-1], strict=False)))
+                    continue
                 yield number, _csv_record(header, cells, first_line)
     except OSError as exc:
         raise PromptFileError(path, f"cannot read it: {exc.strerror or exc}") from exc

@@ -159,6 +159,29 @@ def test_a_stray_quote_in_an_overlong_csv_line_says_what_it_took(tmp_path: Path,
         "of the file were read as part of it")
 
 
+def test_a_quoted_csv_field_never_closed_is_an_error_row_naming_the_lines_it_took(tmp_path: Path) -> None:
+    """Python's csv reader ends a field left open at the end of the file without an error: the record took
+    every line after it, and the job reported every row labeled."""
+    source = tmp_path / "in.csv"
+    source.write_text('prompt_id,prompt\n1,first prompt\n2,"he said ""hi"" and left\n3,third\n4,fourth\n',
+                      newline="")
+    payloads = [payload for _, payload in read_payloads(source)]
+    assert payloads[0] == {"prompt_id": "1", "prompt": "first prompt"} and len(payloads) == 2
+    assert payloads[1] == BadRow("CSV line 3: a quote in it is never closed, so lines 4-5 to the end of the file "
+                                 "were read as part of it", {"prompt_id": "2"})
+    # Quoted fields that close, over several lines or with a stray quote in an unquoted field, are rows.
+    source.write_text('prompt_id,prompt\n1,"multi\nline ""q"" ok"\n2,5" screen\n', newline="")
+    assert [payload for _, payload in read_payloads(source)] == [
+        {"prompt_id": "1", "prompt": 'multi\nline "q" ok'}, {"prompt_id": "2", "prompt": '5" screen'}]
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("prompt_id,prompt,prompt\n1,real prompt,\n", newline="")
+    with pytest.raises(PromptFileError, match=r"the CSV header names column\(s\) \['prompt'\] twice"):
+        list(read_payloads(source))
+
+
 # ---------------------------------------------------------------- JSONL lines longer than the read limit
 def _line(row_id: str, size: int) -> bytes:
     """A JSONL row of exactly `size` bytes, its line end not counted."""
