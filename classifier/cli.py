@@ -154,6 +154,7 @@ def label(
     import time
 
     from classifier.labeling import LabelOptions, label_files
+    from classifier.labeling_output import every_row_failed
 
     # A named id column is checked (a typo would name every row FILE:N); the default need not be the input's.
     named_id = id_column is not None
@@ -198,7 +199,8 @@ def label(
     if named_id and stats.rows and not stats.id_values:
         typer.secho(f"--id-column {id_column!r}: none of the {stats.rows} rows labeled has a value there, so each "
                     "is named FILE:N: is it a column of the input?", fg=typer.colors.YELLOW, err=True)
-    if stats.rows and stats.errors == stats.rows:
+    # The job, not this run, is judged: rows an interrupted run labeled count too.
+    if stats.rows and stats.errors == stats.rows and (not stats.resumed_rows or every_row_failed(output)):
         typer.secho(f"every row failed (see the error column of {output}): is --prompt-column "
                     f"({prompt_column!r}) or --messages-column ({messages_column!r}) the input's?",
                     fg=typer.colors.RED, err=True)

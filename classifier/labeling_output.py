@@ -314,7 +314,31 @@ class StagedJob:
 
     def remove_parts(self) -> None:
         """Remove the staged parts and their record (once OUTPUT is finished)."""
-        shutil.rmtree(parts_path(self.output), ignore_errors=True)
+        remove_folder(parts_path(self.output))
+
+
+def every_row_failed(output: Path) -> bool:
+    """Whether every row of a finished output is an error row (read whole: for the rare job whose every
+    newly labeled row failed, to judge the rows a resumed run labeled earlier too)."""
+    if output.suffix == ".parquet":
+        errors = pq.read_table(output, columns=["error"]).column("error")
+        return bool(errors.null_count == 0)
+    with output.open(encoding="utf-8") as handle:
+        return all(json.loads(line).get("error") is not None for line in handle if line.strip())
+
+
+def remove_folder(folder: Path) -> None:
+    """Remove `folder` as one step: renamed first, then deleted. Deleted in place, a kill partway could
+    leave parts without the job record that names them, a folder no resume can match to its job."""
+    doomed = folder.with_name(folder.name + ".removing")
+    shutil.rmtree(doomed, ignore_errors=True)  # left by a kill during an earlier removal
+    try:
+        folder.rename(doomed)
+    except FileNotFoundError:
+        return
+    except OSError:
+        doomed = folder
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def open_job(files: Sequence[Path], output: Path, options: LabelOptions, resume: bool) -> StagedJob | LabelStats:
@@ -341,6 +365,11 @@ def open_job(files: Sequence[Path], output: Path, options: LabelOptions, resume:
         if not resume:
             raise LabelingError(f"{parts_dir} exists from an interrupted job; pass --resume to continue it")
         state = _read_record(state_file)
+        if state is None and output.exists():
+            with contextlib.suppress(LabelingError):  # not this job's output: the parts are the question
+                finished = _finished(output, record_file, job, fingerprint)
+                remove_folder(parts_dir)  # what a kill left of removing a finished job's parts
+                return finished
         if state is None:
             if any(parts_dir.glob("part-*")):
                 raise LabelingError(f"cannot resume: {state_file} is missing or unreadable, so the parts in "

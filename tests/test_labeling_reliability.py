@@ -212,6 +212,46 @@ def test_a_resume_labels_again_a_part_a_power_loss_cut_short(tmp_path: Path, tra
     assert read_output(out) == read_output(tmp_path / f"reference{suffix}")
 
 
+@pytest.mark.parametrize(("earlier_rows_good", "status"), [(True, 0), (False, 1)])
+def test_a_resumed_job_is_judged_by_all_its_rows(tmp_path: Path, trained_artifact: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, earlier_rows_good: bool,
+                                                 status: int) -> None:
+    """Only the rows labeled on resume failed: the job did not (exit 0, as an uninterrupted run's); when the
+    rows labeled before the interruption failed too, every row did (exit 1)."""
+    earlier = sample_rows(16) if earlier_rows_good else [{"prompt_id": f"x{i}"} for i in range(16)]
+    source = _jsonl(tmp_path / "in.jsonl", earlier + [{"prompt_id": f"bad{i}"} for i in range(8)])
+    out = tmp_path / "out.jsonl"
+    _interrupted_before_merging(source, out, LabelOptions(model=str(trained_artifact), chunk_rows=8), monkeypatch)
+    (out.with_name(out.name + ".parts") / "part-00000002.jsonl").unlink()  # the run stopped before it
+    result = CliRunner().invoke(app, ["label", str(source), "--output", str(out), "--model", str(trained_artifact),
+                                      "--chunk-rows", "8", "--workers", "1", "--resume"])
+    assert result.exit_code == status, result.output
+    assert "labeled 8 rows (8 with errors, 16 resumed)" in result.output
+    assert ("every row failed" in result.output) == (status == 1) and len(read_output(out)) == 24
+
+
+def test_a_finished_job_whose_parts_were_being_removed_resumes_as_complete(tmp_path: Path,
+                                                                          trained_artifact: Path) -> None:
+    """A kill while the finished job's parts were deleted left parts without their record: every resume
+    was refused, and its message said to start over a job whose output was complete."""
+    source = _jsonl(tmp_path / "in.jsonl", sample_rows(16))
+    out = tmp_path / "out.jsonl"
+    options = LabelOptions(model=str(trained_artifact), chunk_rows=8)
+    label_files([str(source)], out, options, workers=1, progress=False)
+    finished = out.read_bytes()
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    (parts / "part-00000001.jsonl").write_text(out.read_text().splitlines(keepends=True)[8])  # its record gone
+    stats = label_files([str(source)], out, options, workers=1, resume=True, progress=False)
+    assert stats.complete and stats.resumed_rows == 16 and out.read_bytes() == finished
+    assert not parts.exists() and _leftovers(tmp_path) == []
+    # Removing a folder renames it first: a kill mid-way leaves a `.removing` folder, never a half-emptied one.
+    parts.mkdir()
+    (parts / "job.json").write_text("{}")
+    labeling_output.remove_folder(parts)
+    assert not parts.exists() and not parts.with_name(parts.name + ".removing").exists()
+
+
 # ---------------------------------------------------------------- malformed rows
 def _malformed_jsonl(path: Path) -> Path:
     lines = [
