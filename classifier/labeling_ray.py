@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from classifier.errors import PromptierError
 from classifier.labeling import prepare_job
 from classifier.labeling_options import LabelingError, LabelOptions, LabelStats
 from classifier.labeling_output import cannot_write, merge_parts, output_lock, output_schema, rows_to_table
@@ -104,9 +105,20 @@ def label_with_ray(inputs: list[str], output: Path, options: LabelOptions, addre
         try:
             _require_cpus_for(actors, float(ray.cluster_resources().get("CPU", 0)))
             return _run(ray, files, output, options, actors)
+        except ray.exceptions.RayTaskError as error:
+            # An input that breaks mid-job (a damaged Parquet page) fails inside a Ray task: the user needs
+            # its reason, as the local engine gives it, not Ray's tracebacks of the task and its actor.
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, PromptierError):
+                # Ray Data appends its retry advice to the message; the reason is what comes before it.
+                raise LabelingError(str(cause).split(_RAY_RETRY_ADVICE, 1)[0]) from None
+            raise
         finally:
             if started_here:
                 ray.shutdown()
+
+
+_RAY_RETRY_ADVICE = "\nFailed to apply UDF transform"
 
 
 def _require_cpus_for(actors: int, cpus: float) -> None:

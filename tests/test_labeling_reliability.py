@@ -378,6 +378,18 @@ def test_ray_engine_agrees_with_local_on_malformed_rows(tmp_path: Path, trained_
         if a["scores"] is not None:
             assert all(abs(a["scores"][k] - b["scores"][k]) <= 0.02 for k in a["scores"])  # int8 batch effects
     assert _leftovers(tmp_path) == []
+    # An input whose data breaks mid-job fails in a Ray task: its reason, as the local engine gives it.
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(pa.Table.from_pylist(sample_rows(200)), damaged, compression="snappy")
+    page = bytearray(damaged.read_bytes())
+    page[40:400] = bytes(byte ^ 0x5A for byte in page[40:400])
+    damaged.write_bytes(bytes(page))
+    with pytest.raises(LabelingError) as local_error:
+        label_files([str(damaged)], tmp_path / "local-damaged.jsonl", options, workers=1, progress=False)
+    with pytest.raises(LabelingError) as ray_error:
+        label_with_ray([str(damaged)], tmp_path / "ray-damaged.jsonl", options)
+    assert "ray::" not in str(ray_error.value) and "Traceback" not in str(ray_error.value)
+    assert str(ray_error.value) == str(local_error.value), (ray_error.value, local_error.value)
 
 
 # ---------------------------------------------------------------- workers die with the job
