@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -335,3 +336,45 @@ def test_a_retrain_that_lost_its_common_sense_is_not_promoted_unless_forced(
     forced = _train([*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert load_manifest(deployed).model_version == "senseless"
+
+
+def test_a_continuation_of_another_starting_model_is_never_resumed_in_its_place(
+        tmp_path: Path, tiny_backbone: Path, pool_file: Path) -> None:
+    """Two starting models of one version name share the continuation's work dir (OUT.retrain-v1.work):
+    the second continuation used to 'resume' the first one's finished checkpoint and promote its model."""
+    old_logs = write_jsonl(tmp_path / "old.jsonl", synthetic_rows(540, seed=3))
+    other_logs = write_jsonl(tmp_path / "other.jsonl", synthetic_rows(540, seed=5))
+    new_logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    config = str(_config(tmp_path, "tiny", tiny_backbone, max_steps=6))
+    out = tmp_path / "deployed"
+    continue_it = ["--logs", str(new_logs), "--pool", str(pool_file), "--out", str(out), "--init-from", str(out),
+                   "--model-version", "v2", "--config", config, "--force"]
+    for first_logs in (old_logs, other_logs):
+        result = _train(["--logs", str(first_logs), "--pool", str(pool_file), "--out", str(out), "--config", config,
+                         "--model-version", "v1"])
+        assert result.exit_code == 0, result.output
+        result = _train(continue_it)
+        if first_logs == old_logs:
+            assert result.exit_code == 0 and "promoted v2" in result.output, result.output
+            shutil.rmtree(out)  # the team starts over with another v1, keeping the continuation's work dir
+            shutil.rmtree(tmp_path / "deployed.previous-v1")
+            shutil.rmtree(tmp_path / "deployed.work")
+    assert result.exit_code == 2 and "is the checkpoint of another run" in result.output, result.output
+    assert "resuming" not in result.output and load_manifest(out).model_version == "v1"
+
+
+def test_two_runs_that_would_write_one_artifact_are_refused(tmp_path: Path, artifact_copy: Path, pool_file: Path,
+                                                            tiny_backbone: Path) -> None:
+    """A continuation (`--init-from`) and a fresh run on one OUT have different work dirs, so the work dir's
+    lock let both run: the one that finished last replaced the other's artifact without a word."""
+    from training.work_lock import out_lock
+
+    logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    with out_lock(artifact_copy):
+        for extra in (["--init-from", str(artifact_copy)], []):
+            result = _train(["--logs", str(logs), "--pool", str(pool_file), "--out", str(artifact_copy),
+                             "--config", str(_config(tmp_path, "tiny", tiny_backbone)), *extra])
+            assert result.exit_code == 2, result.output
+            assert f"{artifact_copy.resolve()} is being written by another training run (pid {os.getpid()})" in (
+                " ".join(result.output.split()))
+    assert not artifact_copy.with_name(artifact_copy.name + ".train.lock").exists()

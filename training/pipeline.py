@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -105,7 +106,7 @@ def train(
         PromptierError: another run holds the work dir (and errors of the run itself).
     """
     from training.devices import torchrun_environment
-    from training.work_lock import work_dir_lock
+    from training.work_lock import out_lock, work_dir_lock
 
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
     if Path(os.path.abspath(work_dir)).is_relative_to(os.path.abspath(out_dir)):
@@ -113,8 +114,10 @@ def train(
         # the whole run was done, at every rerun.
         raise ArtifactError(f"the work dir {work_dir} is inside {out_dir}, which the new artifact replaces whole: "
                             "give --work-dir a folder beside it (the default is OUT.work)")
-    # Only the main process writes the work dir: the others of a distributed run read what it wrote.
-    with work_dir_lock(work_dir) if torchrun_environment()[0] == 0 else contextlib.nullcontext():
+    # Only the main process writes the work dir and OUT: the others of a distributed run read what it wrote.
+    main = torchrun_environment()[0] == 0
+    with work_dir_lock(work_dir) if main else contextlib.nullcontext(), \
+            out_lock(out_dir) if main else contextlib.nullcontext():
         import torch
 
         from training.devices import placed
@@ -147,8 +150,7 @@ def train(
             torch.manual_seed(config.seed)
             model, architecture = build_model(config, load_encoder(backbone_dir), len(pool.tiers),
                                               pad_id=encoder.pad_id)
-            if init_from is not None:
-                _load_weights(model, init_from)
+            starting_run = _load_weights(model, init_from) if init_from is not None else None
             tokens, targets = (inputs.tokens, inputs.targets) if inputs is not None else ([], np.zeros(0))
             if place.distributed:
                 if inputs is not None and isinstance(inputs.tokens, list):
@@ -158,7 +160,7 @@ def train(
                 tokens, targets = load_examples(work_dir / TRAINSET_DIR)
             fit_report: dict = {}
             fit(model, tokens, targets, config, work_dir, description="student" if config.student else "train",
-                placement=place, report=fit_report)
+                placement=place, report=fit_report, starting_run=starting_run)
             stages["model_and_fit"] = round(time.time() - started - stages["inputs"], 1)
             peaks["model_and_fit"] = peak_rss_mb()
         if inputs is None:
@@ -170,8 +172,9 @@ def train(
         return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, fit_report, run)
 
 
-def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Start from a training checkpoint's weights.
+def _load_weights(model: torch.nn.Module, checkpoint: Path) -> str:
+    """Start from a training checkpoint's weights; returns what identifies them (the key of the run that
+    wrote the checkpoint, else a digest of its file), which becomes part of the continuing run's key.
 
     Raises:
         ValueError: the checkpoint is of another architecture.
@@ -183,6 +186,8 @@ def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         model.load_state_dict(state.get("model", state))
     except RuntimeError as exc:
         raise ValueError(f"{checkpoint} does not fit this config's architecture: {str(exc)[:300]}") from exc
+    key = state.get("run_key")
+    return str(key) if key else hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:32]
 
 
 @dataclass

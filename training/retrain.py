@@ -17,6 +17,7 @@ rebuilds the new model rather than continuing it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 from collections.abc import Sequence
@@ -25,9 +26,12 @@ from pathlib import Path
 
 from classifier.artifact import ArtifactManifest, load_manifest, save_manifest
 from classifier.errors import PromptierError
+from classifier.signals import exit_deferred
 from training.config import TrainConfig
+from training.devices import torchrun_environment
 from training.errors import DataError
 from training.pool import load_pool
+from training.work_lock import out_lock
 
 log = logging.getLogger(__name__)
 CANDIDATE_SUFFIX = ".candidate"
@@ -93,10 +97,12 @@ def rollback_location(out: Path) -> Path | None:
 
 
 def promote(candidate: Path, out: Path, rollback: Path | None) -> None:
-    """Move `candidate` to `out`; the artifact `out` holds moves to `rollback` first."""
-    if rollback is not None:
-        out.rename(rollback)
-    candidate.rename(out)
+    """Move `candidate` to `out`; the artifact `out` holds moves to `rollback` first. A SIGTERM waits for
+    both renames: stopped between them, OUT would be gone, the models beside it under other names."""
+    with exit_deferred():
+        if rollback is not None:
+            out.rename(rollback)
+        candidate.rename(out)
 
 
 def same_directory(first: Path, second: Path) -> bool:
@@ -176,11 +182,19 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
     candidate = out.with_name(out.name + CANDIDATE_SUFFIX)
     # A work dir of its own per model continued from: a rerun resumes it, a later retrain does not.
     work_dir = work_dir or out.with_name(f"{out.name}.retrain-{manifest.model_version}.work")
-    new = train(logs, pool_path, candidate, config, work_dir=work_dir, skip_invalid=skip_invalid,
-                model_version=model_version, command=command, cache_dir=cache_dir, init_from=checkpoint,
-                compare_with=previous)
-    if new is None:
-        return None
+    main = torchrun_environment()[0] == 0
+    with out_lock(out) if main else contextlib.nullcontext():  # the fresh run on OUT, or another continuation
+        new = train(logs, pool_path, candidate, config, work_dir=work_dir, skip_invalid=skip_invalid,
+                    model_version=model_version, command=command, cache_dir=cache_dir, init_from=checkpoint,
+                    compare_with=previous)
+        if new is None:
+            return None
+        return _promote_if_not_worse(new, previous, candidate, out, force)
+
+
+def _promote_if_not_worse(new: ArtifactManifest, previous: Path, candidate: Path, out: Path,
+                          force: bool) -> RetrainResult:
+    """Move the candidate to OUT unless the comparison says it is worse (or with `force`)."""
     comparison = new.metrics.get("retrain")
     if not isinstance(comparison, dict):
         raise DataError("logs", "the new logs have no test split to compare the models on (test_fraction is 0)")

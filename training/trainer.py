@@ -38,12 +38,17 @@ _RUN_SETTINGS = ("backbone", "student", "max_tokens", "head_fraction", "head_cha
                  "batch_size", "learning_rate", "warmup_ratio", "weight_decay", "freeze_embeddings", "seed")
 
 
-def run_key(config: TrainConfig, source: TokenSource, targets: np.ndarray, chunk: int = 4096) -> str:
-    """What identifies one training run: its examples (token ids and targets) and the settings its
-    steps depend on. A checkpoint carries it, so that a rerun resumes only the same run: edited
-    prompts of the same token counts are another run too. One read of every example's ids."""
+def run_key(config: TrainConfig, source: TokenSource, targets: np.ndarray, chunk: int = 4096,
+            starting_run: str | None = None) -> str:
+    """What identifies one training run: its examples (token ids and targets), the settings its steps
+    depend on and, for a run that continues a model, the model it starts from (`starting_run`: its own
+    run's key). A checkpoint carries it, so that a rerun resumes only the same run: edited prompts of the same
+    token counts are another run too, and so is the same continuation of another starting model. One
+    read of every example's ids."""
     digest = hashlib.sha256(json.dumps({name: getattr(config, name) for name in _RUN_SETTINGS}, sort_keys=True,
                                        default=lambda value: value.model_dump()).encode())
+    if starting_run is not None:
+        digest.update(b"start:" + starting_run.encode())
     digest.update(np.ascontiguousarray(source.lengths, dtype=np.int64).tobytes())  # where each example ends
     for start in range(0, len(source), chunk):
         batch = source.batch(np.arange(start, min(start + chunk, len(source))))
@@ -157,7 +162,7 @@ def sharded_bce(logits: torch.Tensor, targets: torch.Tensor, weight: float, glob
 
 def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets: np.ndarray, config: TrainConfig,
         work_dir: Path, description: str = "train", placement: Placement | None = None,
-        report: dict | None = None) -> nn.Module:
+        report: dict | None = None, starting_run: str | None = None) -> nn.Module:
     """Train `model` in place; resume from `work_dir/checkpoint.pt` if a previous run left one.
 
     Runs where `placement` says (default: the config's device, one process). In a distributed run
@@ -170,6 +175,7 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
         targets: [n, n_tiers] soft targets in [0, 1], NaN where unknown.
         report: filled with the steps taken, the mean loss of the last epoch (over every process) and
             the examples trained per second.
+        starting_run: for a model continued from another run's weights, that run's key (see `run_key`).
 
     Returns:
         The trained model, on the CPU, in eval mode.
@@ -201,7 +207,7 @@ def fit(model: nn.Module, token_ids: Sequence[np.ndarray] | TokenSource, targets
     scaler = place.grad_scaler()
     step = 0
     checkpoint_path = work_dir / CHECKPOINT_FILE
-    key = run_key(config, source, targets)
+    key = run_key(config, source, targets, starting_run=starting_run)
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         if state.get("run_key", key) != key:  # checkpoints written before the key existed resume as before

@@ -16,6 +16,7 @@ from classifier.errors import PromptierError
 from classifier.pid_lock import pid_lock
 
 LOCK_FILE = "train.lock"
+OUT_LOCK_SUFFIX = ".train.lock"
 
 
 @contextlib.contextmanager
@@ -43,3 +44,24 @@ def work_dir_lock(work_dir: Path) -> Iterator[None]:
             # run starting on it between its mkdir and its lock's open fails to create the lock, and says so.
             with contextlib.suppress(OSError):
                 work_dir.rmdir()
+
+
+@contextlib.contextmanager
+def out_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the artifact directory `out_dir` (`OUT.train.lock` beside it, removed on
+    release) for the with-block: two runs that would both write OUT are refused even when their work dirs
+    differ (a fresh run and a continuation, `--init-from`), or the later one's artifact would silently
+    replace the other's.
+
+    Raises:
+        PromptierError: another run holds it (the message names OUT and its pid), or the lock file cannot
+            be created.
+    """
+    def busy(holder: str) -> PromptierError:
+        return PromptierError(f"{out_dir} is being written by another training run (pid {holder}): wait for it "
+                              "to finish or stop it, or give this run another --out")
+
+    out_dir = out_dir.resolve()  # `.` or `models/mine/` name a directory too
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with pid_lock(out_dir.with_name(out_dir.name + OUT_LOCK_SUFFIX), busy):
+        yield
