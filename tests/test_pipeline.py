@@ -587,6 +587,12 @@ def test_eval_names_a_source_it_leaves_out_and_refuses_record_with_out(trained_a
                                         "--out", str(tmp_path / "elsewhere")])
     assert recorded.exit_code == 2 and "--record writes the results into MODEL" in recorded.output
     assert not (tmp_path / "elsewhere").exists()
+    # Written into the artifact, other logs' figures would replace its own evaluation, which its card shows.
+    evaluation = (trained_artifact / "eval.json").read_bytes()
+    into_model = CliRunner().invoke(app, ["eval", "--model", str(trained_artifact), "--logs", str(logs), "--pool",
+                                          str(pool_file), "--no-embedding-baseline", "--out", str(trained_artifact)])
+    assert into_model.exit_code == 2 and "is the model's own directory" in into_model.output, into_model.output
+    assert (trained_artifact / "eval.json").read_bytes() == evaluation
 
 
 def _train_and_export_into(out: Path, export_out: Path, trained_artifact: Path, synthetic_logs: Path,

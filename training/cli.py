@@ -423,6 +423,11 @@ def evaluate(
         if record and out_given:
             raise PromptierError("--record writes the results into MODEL, and --out names where they go without "
                                  "it: pass one of them")
+        if out_given and out is not None and out.resolve() == model.resolve():
+            # Written there, these logs' figures would replace the artifact's own test-split evaluation, which
+            # the model card is rendered from, while its manifest kept the old ones.
+            raise PromptierError(f"--out {out} is the model's own directory: give --out another folder (its "
+                                 "default is MODEL/eval), or --record to store the figures in the artifact")
         if loso_traffic and not loso:
             raise PromptierError("--loso-traffic extends --loso: pass both")
         seed_list = _seed_list("--seeds", seeds) if seeds else []
