@@ -168,3 +168,13 @@ def test_a_config_with_bad_fields_is_refused_naming_each_field_without_pydantics
     assert "\n  teacher.distill_weight: Input should be less than or equal to 1" in result.output
     assert "errors.pydantic.dev" not in result.output and "input_value" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("version", ["team/v1", "../v1", "v 1", "", "-v1"])
+def test_a_model_version_that_cannot_name_a_directory_is_refused_before_training(
+        tmp_path: Path, tiny_backbone: Path, version: str) -> None:
+    """It names OUT.retrain-VERSION.work and OUT.previous-VERSION: `team/v1` trained, and then could never
+    be continued or promoted, each failing only after a whole run."""
+    result = _train([*_files(tmp_path, tiny_backbone), "--model-version", version])
+    assert result.exit_code == 2 and "use letters, digits" in result.output, result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()

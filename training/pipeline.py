@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from classifier.artifact import (
     save_manifest,
 )
 from classifier.artifact_layout import MODEL_CARD_FILE, SEEN_PROMPTS_FILE, staged_artifact, write_member_text
-from classifier.errors import ArtifactError
+from classifier.errors import ArtifactError, PromptierError
 from classifier.runtime import load as load_artifact
 from classifier.tokenization import PromptEncoder
 from training.config import TrainConfig
@@ -108,6 +109,7 @@ def train(
     from training.devices import torchrun_environment
     from training.work_lock import out_lock, work_dir_lock
 
+    check_model_version(model_version)
     work_dir = work_dir or out_dir.with_name(out_dir.name + ".work")
     if Path(os.path.abspath(work_dir)).is_relative_to(os.path.abspath(out_dir)):
         # The new artifact replaces OUT whole: a work dir inside it would be refused (or lost) only once
@@ -170,6 +172,22 @@ def train(
                    evaluation_backbone=evaluation_backbone, cache_dir=cache_dir, init_from=init_from,
                    compare_with=compare_with, started=started, stages=stages, peaks=peaks)
         return _finish(model, architecture, inputs, pool, config, encoder, tokenizer_file, fit_report, run)
+
+
+# A version names directories (OUT.retrain-VERSION.work, OUT.previous-VERSION) and metric labels.
+_MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_model_version(version: str | None) -> None:
+    """Refuse a model version that cannot name a directory: continuing or promoting the model would
+    fail only after a whole run.
+
+    Raises:
+        PromptierError: not letters, digits, `.`, `_`, `+` and `-` (first a letter or digit, 128 at most).
+    """
+    if version is not None and not _MODEL_VERSION.fullmatch(version):
+        raise PromptierError(f"--model-version {version!r}: use letters, digits, '.', '_', '+' and '-' (starting "
+                             "with a letter or digit, 128 at most); it names the directories a continuation writes")
 
 
 def _load_weights(model: torch.nn.Module, checkpoint: Path) -> str:
