@@ -378,3 +378,16 @@ def test_two_runs_that_would_write_one_artifact_are_refused(tmp_path: Path, arti
             assert f"{artifact_copy.resolve()} is being written by another training run (pid {os.getpid()})" in (
                 " ".join(result.output.split()))
     assert not artifact_copy.with_name(artifact_copy.name + ".train.lock").exists()
+
+
+def test_a_candidate_folder_holding_other_files_is_refused_before_any_training(
+        tmp_path: Path, artifact_copy: Path, pool_file: Path, tiny_backbone: Path) -> None:
+    """Found only once the whole run was done, it was named as --out's fault, which was not."""
+    candidate = artifact_copy.with_name(artifact_copy.name + ".candidate")
+    candidate.mkdir()
+    (candidate / "notes.txt").write_text("mine")
+    logs = write_jsonl(tmp_path / "new.jsonl", synthetic_rows(540, seed=11))
+    result = _train(["--logs", str(logs), "--pool", str(pool_file), "--out", str(artifact_copy), "--init-from",
+                     str(artifact_copy), "--config", str(_config(tmp_path, "tiny", tiny_backbone))])
+    assert result.exit_code == 2 and "holds files that are not an artifact's" in " ".join(result.output.split())
+    assert "step" not in result.output and (candidate / "notes.txt").read_text() == "mine"

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from classifier.artifact import ArtifactManifest, load_manifest, save_manifest
-from classifier.errors import PromptierError
+from classifier.artifact_layout import check_destination
+from classifier.errors import ArtifactError, PromptierError
 from classifier.signals import exit_deferred
 from training.config import TrainConfig
 from training.devices import torchrun_environment
@@ -180,6 +181,12 @@ def retrain(previous: Path, logs: Sequence[str | Path], pool_path: Path, out: Pa
                                              **{k: v for k, v in (overrides or {}).items() if v is not None}})
     checkpoint = checkpoint_of(previous)
     candidate = out.with_name(out.name + CANDIDATE_SUFFIX)
+    try:  # before the run: the continued model is written there whatever the comparison says
+        check_destination(candidate)
+    except ArtifactError:
+        raise ArtifactError(f"{candidate} holds files that are not an artifact's, and the continued model is "
+                            "written there before it is compared, replacing the whole directory: move them "
+                            "away and rerun") from None
     # A work dir of its own per model continued from: a rerun resumes it, a later retrain does not.
     work_dir = work_dir or out.with_name(f"{out.name}.retrain-{manifest.model_version}.work")
     main = torchrun_environment()[0] == 0
