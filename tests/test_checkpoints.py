@@ -84,10 +84,14 @@ def test_a_checkpoint_written_by_training_loads_whole(tmp_path: Path) -> None:
     # Cut short (a disk that filled, a copy that stopped) or emptied: an error naming the file and the
     # remedy, not a traceback from torch's zip reader or a bare "Aborted.".
     whole = (tmp_path / "checkpoint.pt").read_bytes()
-    for damaged in (whole[: len(whole) // 2], b""):
+    for damaged in (whole[: len(whole) // 2], b"", b"junk text, never a checkpoint"):
         (tmp_path / "checkpoint.pt").write_bytes(damaged)
         with pytest.raises(PromptierError, match=r"checkpoint\.pt cannot be read: it is cut short or damaged"):
             load_checkpoint(tmp_path / "checkpoint.pt")
+    # A work dir given for its checkpoint: named as a directory, not as a damaged file to delete.
+    with pytest.raises(PromptierError, match=r"is a directory: give the checkpoint file in it") as wrong:
+        load_checkpoint(tmp_path)
+    assert "Delete" not in str(wrong.value)
 
 
 def test_a_rerun_resumes_only_its_own_run(tmp_path: Path, tiny_backbone: Path,

@@ -353,6 +353,8 @@ def load_checkpoint(path: Path) -> dict:
         PromptierError: the file holds anything else, so it is refused unread; or it is cut short or
             damaged (a disk that filled, a copy that stopped), which the message names with its remedy.
     """
+    if path.is_dir():
+        raise PromptierError(f"{path} is a directory: give the checkpoint file in it (checkpoint.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -360,7 +362,8 @@ def load_checkpoint(path: Path) -> dict:
                              f"loading it could run code. Use checkpoints written by promptier train.") from exc
     except FileNotFoundError:
         raise
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:  # as torch's zip reader fails on a cut file
+    # RuntimeError, EOFError, BadZipFile: torch's zip reader on a cut file; KeyError: on a file that was never one
+    except (RuntimeError, EOFError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise PromptierError(f"{path} cannot be read: it is cut short or damaged ({type(exc).__name__}). Delete it "
                              "(in a run's work dir: delete the work dir to train afresh), or restore it") from exc
     if not isinstance(state, dict):
