@@ -138,11 +138,16 @@ def test_a_re_export_records_the_libraries_that_wrote_it(tmp_path: Path, trained
     trained_with = {**manifest["versions"], "onnxruntime": "1.0.0-before-the-upgrade"}
     manifest["versions"] = trained_with
     (artifact / "manifest.json").write_text(json.dumps(manifest))
-    checkpoint = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    trained = trained_artifact.with_name(trained_artifact.name + ".work") / "checkpoint.pt"
+    checkpoint = tmp_path / "model.work" / "checkpoint.pt"  # the work dir moved with the artifact
+    checkpoint.parent.mkdir()
+    shutil.copyfile(trained, checkpoint)
     prompts = [row["prompt"] for row in synthetic_rows(600, 3)]
     export_checkpoint(artifact, checkpoint, prompts, tmp_path / "again", quantize=False)
 
     exported = load_manifest(tmp_path / "again")
+    # It records the checkpoint it was exported from, which a continuation of it then finds.
+    assert Path(str(exported.training["checkpoint"])).resolve() == checkpoint.resolve()
     assert exported.versions["onnxruntime"] == onnxruntime.__version__
     assert exported.training["versions"] == trained_with
     card = (tmp_path / "again" / "MODEL_CARD.md").read_text()

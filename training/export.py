@@ -346,6 +346,7 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         load_encoder,
     )
     from training.model_card import render_model_card
+    from training.recorded_paths import recorded_path
     from training.trainer import FAMILIARITY_STATISTICS, load_checkpoint, predict_logits, tokenize_all
 
     manifest = load_manifest(artifact)
@@ -394,7 +395,10 @@ def export_checkpoint(artifact: Path, checkpoint: Path, prompts: Sequence[str], 
         "architecture": {key: value for key, value in manifest.architecture.items()
                          if key not in ("quantization", "parity_failures")},
         "versions": library_versions(),
-        "training": {**manifest.training, "versions": manifest.training.get("versions", manifest.versions)}})
+        # The checkpoint it was exported from, wherever that is now (an artifact and its work dir moved
+        # together elsewhere): what a continuation (--init-from) of the re-exported artifact looks for.
+        "training": {**manifest.training, "versions": manifest.training.get("versions", manifest.versions),
+                     "checkpoint": recorded_path(checkpoint)}})
     carried = {name: artifact / name for name in WEIGHTS_RECORDS if (artifact / name).is_file()}
     check_parity_set(texts)
     with staged_artifact(out_dir) as staging:
