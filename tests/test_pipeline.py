@@ -595,6 +595,27 @@ def test_eval_names_a_source_it_leaves_out_and_refuses_record_with_out(trained_a
     assert (trained_artifact / "eval.json").read_bytes() == evaluation
 
 
+def test_eval_record_into_a_model_it_cannot_write_is_refused_before_evaluating(
+        trained_artifact: Path, pool_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a read-only mount (which root cannot write either, unlike a folder's mode, so the test stands in
+    for it) the refusal came after the whole evaluation, as a temporary file's error."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from training import cli
+    from training.synthetic import synthetic_rows, write_jsonl
+
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: (mode != os.W_OK or Path(path) != trained_artifact)
+                        and real_access(path, mode))
+    logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(300, 11))
+    result = CliRunner().invoke(cli.app, ["eval", "--model", str(trained_artifact), "--logs", str(logs), "--pool",
+                                          str(pool_file), "--no-embedding-baseline", "--record"])
+    assert result.exit_code == 2 and "which this user cannot write" in result.output, result.output
+    assert "APGR" not in result.output
+
+
 def _train_and_export_into(out: Path, export_out: Path, trained_artifact: Path, synthetic_logs: Path,
                            pool_file: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """`train --out OUT` and `export --out EXPORT_OUT`, each expected to be refused (exit 2) before any

@@ -423,6 +423,10 @@ def evaluate(
         if record and out_given:
             raise PromptierError("--record writes the results into MODEL, and --out names where they go without "
                                  "it: pass one of them")
+        if record and not os.access(model, os.W_OK):
+            # Found at the end, after the whole evaluation (and any --loso retraining), as a temporary file's error.
+            raise PromptierError(f"--record writes into {model}, which this user cannot write: make it writable, or "
+                                 "pass --out instead")
         if out_given and out is not None and out.resolve() == model.resolve():
             # Written there, these logs' figures would replace the artifact's own test-split evaluation, which
             # the model card is rendered from, while its manifest kept the old ones.
