@@ -97,6 +97,22 @@ def test_an_evaluation_that_cannot_be_rendered_replaces_none_of_the_recorded_fil
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_figure_with_nothing_to_measure_it_is_null_in_the_evaluation_json(trained_artifact: Path,
+                                                                           tmp_path: Path) -> None:
+    """Python wrote NaN, which strict JSON readers (jq, a browser) refuse."""
+    from training.evaluate import write_report
+
+    report = json.loads((trained_artifact / "eval.json").read_text())
+    report["summary"]["all"]["promptier"]["apgr"] = float("nan")
+    write_report(report, tmp_path)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "eval.json").read_text(), parse_constant=refuse)
+    assert written["summary"]["all"]["promptier"]["apgr"] is None
+
+
 def test_same_seed_same_model_and_resume_matches(tmp_path: Path, tiny_backbone: Path, pool_file: Path) -> None:
     logs = write_jsonl(tmp_path / "logs.jsonl", synthetic_rows(540, seed=3))
     config = tiny_config(tiny_backbone, epochs=2, checkpoint_every=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -295,6 +296,19 @@ def plot(report: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _nan_as_null(value: object) -> object:
+    """`value` with each NaN or infinite float as None: a figure with nothing to measure it on (no prompt
+    known on two tiers) is `null` in the JSON, which strict readers (jq, a browser's JSON.parse) take,
+    where Python's `NaN` stops them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _nan_as_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_as_null(item) for item in value]
+    return value
+
+
 def write_report(report: dict, out_dir: Path, probes: dict | None = None) -> None:
     """The evaluation as the artifact's eval files (JSON, Markdown, PNG), each replaced whole; `probes` (the
     probe suite's figures, `training.probes.evaluate_probes`), when given, go into the JSON beside the
@@ -302,7 +316,8 @@ def write_report(report: dict, out_dir: Path, probes: dict | None = None) -> Non
 
     Everything is rendered before any file is replaced: should rendering or drawing fail, the files
     recorded before are left as they were."""
-    as_json = json.dumps(report if probes is None else {**report, "probes": probes}, indent=1) + "\n"
+    whole = report if probes is None else {**report, "probes": probes}
+    as_json = json.dumps(_nan_as_null(whole), indent=1, allow_nan=False) + "\n"
     as_markdown = render_markdown(report)
     with writing_member(out_dir, EVAL_PNG_FILE) as path:
         plot(report, path)
