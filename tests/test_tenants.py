@@ -558,6 +558,11 @@ def test_a_tenants_tiers_and_budget_never_send_a_request_to_a_tier_that_cannot_s
         with pytest.raises(openai.PermissionDeniedError) as refused:
             dispatcher.client(api_key="text-key").chat.completions.create(model="promptier", messages=picture)
         assert refused.value.code == "tier_not_allowed" and "images" in refused.value.message
+        # Tools: small lacks them, and the nearest tier that has them (medium) is not this key's; large is.
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        raw = dispatcher.client(api_key="text-key").chat.completions.with_raw_response.create(
+            model="promptier", messages=[{"role": "user", "content": EASY}], tools=[tool])
+        assert raw.headers["x-promptier-tier"] == "large" and raw.headers["x-promptier-steered-from"] == "small"
         frugal = dispatcher.client(api_key="frugal-key")
         assert _eventually(lambda: _metrics(dispatcher.port).get(
             ("promptier_dispatch_tenant_period_spend_usd", (("tenant", "frugal"),))) == 1.0)
@@ -566,9 +571,9 @@ def test_a_tenants_tiers_and_budget_never_send_a_request_to_a_tier_that_cannot_s
         tier, headers = _ask(frugal, HARD)
         assert (tier, headers["x-promptier-reason"]) == ("small", "budget_exhausted")  # text only: small
         assert [upstream.received[-1]["body"]["messages"][0]["content"] for upstream in [fresh["small"]]] == [HARD]
-        rows = _rows(tmp_path / "decisions.jsonl", 3)
+        rows = _rows(tmp_path / "decisions.jsonl", 4)
         assert [(row["tenant"], row["tier"], row["status"]) for row in rows] == [
-            ("text", None, 403), ("frugal", "medium", 200), ("frugal", "small", 200)]
+            ("text", None, 403), ("text", "large", 200), ("frugal", "medium", 200), ("frugal", "small", 200)]
     finally:
         dispatcher.stop()
 

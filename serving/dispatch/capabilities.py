@@ -25,7 +25,7 @@ refused (400) with a message that names what is missing.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
@@ -244,16 +244,22 @@ class CapabilityRouter:
                          f"{CHARS_PER_TOKEN}, {IMAGE_TOKENS} per image, plus max_tokens{window_text})")
         return " and ".join(parts)
 
-    def steer(self, tier: str, reason: str, needs: Needs) -> tuple[str, str, Steered | None]:
+    def steer(self, tier: str, reason: str, needs: Needs, allowed: Collection[str] | None = None
+              ) -> tuple[str, str, Steered | None]:
         """(tier, reason, how it was steered) for a request routed to `tier` for `reason`: the same when
         the tier can serve it; else the nearest capable tier, reason STEERED. The nearest: the next more
-        capable tiers first (as an escalation goes), then the cheaper ones from the nearest down.
-        `check` has passed, so some tier can serve it."""
+        capable tiers first (as an escalation goes), then the cheaper ones from the nearest down; among
+        the tenant's `allowed` tiers first, so that a request one of them can serve is never refused for
+        the tier steering chose (only when none of them can is a tier outside them returned, which the
+        tenant's check then refuses). `check` has passed, so some tier can serve it."""
         lacking = self.missing(tier, needs)
         if not lacking:
             return tier, reason, None
         index = self.tiers.index(tier)
-        for candidate in [*self.tiers[index + 1:], *reversed(self.tiers[:index])]:
+        nearest = [*self.tiers[index + 1:], *reversed(self.tiers[:index])]
+        if allowed is not None:
+            nearest = sorted(nearest, key=lambda candidate: candidate not in allowed)  # stable: nearest first
+        for candidate in nearest:
             if not self.missing(candidate, needs):
                 for name in lacking:
                     self.metrics.steered.labels(name).inc()

@@ -289,7 +289,8 @@ class Dispatcher:
         else:
             route = await self.classify(messages, mode, tenant)
             route.needs = needs
-        route.tier, route.reason, route.steered = self.capabilities.steer(route.tier, route.reason, needs)
+        route.tier, route.reason, route.steered = self.capabilities.steer(
+            route.tier, route.reason, needs, tenant.allowed_names if tenant else None)
         return route
 
     async def classify(self, messages: list[tuple[str, str]], mode: str | None, tenant: Tenant | None = None
