@@ -94,7 +94,7 @@ class Upstream:
                         self.cancelled.set()
                         return JSONResponse({}, status_code=499)
                     await asyncio.sleep(0.05)
-            if body.get("stream"):
+            if body.get("stream") and self.behaviour != "no_stream":  # no_stream: a whole body, asked or not
                 return StreamingResponse(self._stream(body), media_type="text/event-stream")
             answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
                       "choices": [{"index": 0, "finish_reason": "stop",

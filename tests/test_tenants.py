@@ -25,7 +25,7 @@ from serving.dispatch.dispatch_config import ConfigError, DispatcherConfig, load
 from serving.dispatch.spend_store import RedisSpendStore, SqliteSpendStore
 from serving.dispatch.stream_meter import estimated_usage
 from tests.dispatcher_harness import IMAGE, Dispatcher, dispatcher_config, restricted, wait_for_health
-from tests.fake_upstream import MISSING, Upstream
+from tests.fake_upstream import MISSING, USAGE, Upstream
 from tests.grpc_server import EASY, HARD, ServerThread, stop_supervisor, worker_serving
 from tests.redis_server import RedisServer
 
@@ -338,6 +338,15 @@ def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
         list(search.chat.completions.create(model="promptier", messages=messages, stream=True))
     cut = _rows(tmp_path / "decisions.jsonl", 5)[4]
     assert cut["status"] == 599 and cut["cost_usd"] > 0 and "cut before its usage came" in cut["note"]
+    # Asked to stream, an upstream that answers with one whole body: charged by the usage in it, which an
+    # event stream's meter never found (the answer was charged as 4 characters of prompt and nothing else).
+    fresh["small"].behaviour, fresh["small"].usage = "no_stream", USAGE
+    with httpx.stream("POST", f"{dispatcher.base_url}/chat/completions", headers={"authorization": "Bearer search-key"},
+                      json={"model": "promptier", "messages": messages, "stream": True}) as whole:
+        assert whole.status_code == 200 and json.loads(whole.read())["usage"] == USAGE
+    unstreamed = _rows(tmp_path / "decisions.jsonl", 6)[5]
+    assert unstreamed["usage"]["total_tokens"] == USAGE["total_tokens"] and unstreamed["note"] is None
+    assert unstreamed["cost_usd"] == pytest.approx(_cost("small", USAGE["prompt_tokens"], USAGE["completion_tokens"]))
     fresh["small"].behaviour = "ok"
 
     # A tenant without a budget: the stream passes through untouched, as it always has.

@@ -139,6 +139,10 @@ class ChatCompletions:
                 except HTTPError as error:
                     self._record(chat, None, error.status)
                     return error.response(dispatcher.headers(route, dispatcher.last_tier(route)))
+                if chat.streamed and not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                    # Asked to stream, it sent one whole body (an upstream that cannot stream, or an error): read
+                    # as one, for its usage, which an event stream's meter would never find in it.
+                    chat.streamed, chat.meter = False, None
                 received: list[bytes] = []  # the start of a body too large to hold, relayed first
                 whole = False
                 if not chat.streamed:
