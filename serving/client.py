@@ -41,9 +41,17 @@ def _service_config(attempts: int) -> str:
     }]})
 
 
+# gRPC waits up to 120 s between reconnection attempts once a server has been down a while (its backoff
+# doubles from 1 s), and every channel to the same target shares that wait: a service back after a
+# restart stayed unreachable for 10-17 s of a router's calls. At most 1 s between attempts, from 100 ms.
+RECONNECT_BACKOFF: list[tuple[str, object]] = [("grpc.initial_reconnect_backoff_ms", 100),
+                                               ("grpc.min_reconnect_backoff_ms", 100),
+                                               ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def _options(attempts: int) -> list[tuple[str, object]]:
     sizes: list[tuple[str, object]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *RECONNECT_BACKOFF]
     if attempts <= 1:  # gRPC's retry policy needs at least 2 attempts; 1 means "no retries"
         return [("grpc.enable_retries", 0), *sizes]
     return [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(attempts)), *sizes]
@@ -73,7 +81,8 @@ def build_request(prompt: str | None = None, messages: Sequence[Message] | None 
 
     Raises:
         InvalidInputError: a prompt that is not a string, or a message that is not one (a string in
-            place of the list would otherwise be sent a character per role and content).
+            place of the list would otherwise be sent a character per role and content); a threshold or
+            top share that is not a number; allowed tiers given as one string.
     """
     if messages is not None:
         if isinstance(messages, str | bytes):
@@ -81,6 +90,13 @@ def build_request(prompt: str | None = None, messages: Sequence[Message] | None 
         messages = message_pairs(messages)
     elif prompt is not None and not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+    # As the runtime refuses them: protobuf would send True as a threshold of 1.0 (every prompt to the top
+    # tier, without a word) and a tier name as its letters.
+    for name, value in (("threshold", threshold), ("top_share", top_share)):
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int | float)):
+            raise InvalidInputError(f"{name} must be a number, got {value!r}")
+    if isinstance(allowed_tiers, str | bytes):
+        raise InvalidInputError(f"allowed_tiers must be a list of tier names, not one string ({allowed_tiers!r})")
     policy = router_pb2.Policy(mode=mode or "", allowed_tiers=list(allowed_tiers or []))
     if threshold is not None:
         policy.threshold = threshold

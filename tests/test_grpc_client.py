@@ -440,3 +440,31 @@ def test_a_prompt_or_messages_of_the_wrong_shape_are_refused_before_anything_is_
     request = build_request(messages=[{"role": "system", "content": "Be brief."},
                                       {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert [(m.role, m.content) for m in request.conversation.messages] == [("system", "Be brief."), ("user", "hi")]
+
+
+def test_the_reconnect_backoff_documented_for_other_languages_is_the_python_clients() -> None:
+    """Every channel the clients open (and so the dispatcher's) caps gRPC's reconnection wait, as
+    serving/README.md tells gateways in other languages to."""
+    from serving.client import RECONNECT_BACKOFF, _options
+
+    readme = (Path(__file__).resolve().parents[1] / "serving" / "README.md").read_text(encoding="utf-8")
+    for name, value in RECONNECT_BACKOFF:
+        assert f"`{name}={value}`" in readme
+    for attempts in (1, 3):
+        assert set(RECONNECT_BACKOFF) <= set(_options(attempts))
+
+
+@pytest.mark.parametrize(("options", "refusal"), [
+    ({"threshold": True}, "threshold must be a number, got True"),
+    ({"top_share": False}, "top_share must be a number, got False"),
+    ({"threshold": "0.5"}, "threshold must be a number"),
+    ({"allowed_tiers": "large"}, "allowed_tiers must be a list of tier names, not one string"),
+])
+def test_the_client_refuses_a_policy_protobuf_would_silently_change(options: dict, refusal: str) -> None:
+    """Sent as they were, True was a threshold of 1.0 (every prompt to the top tier) and "large" the tiers
+    l, a, r, g, e; the runtime refuses both, and the client now does before sending."""
+    from serving.client import build_request
+
+    with pytest.raises(InvalidInputError, match=refusal):
+        build_request("hi", **options)
+    assert build_request("hi", threshold=1, top_share=0.25, allowed_tiers=["large"]).policy.threshold == 1.0
