@@ -233,19 +233,19 @@ def test_workers_drain_when_the_supervisor_is_killed(trained_artifact: Path) -> 
 # A supervisor whose back-off before restarting a dead worker is where SIGTERM arrives: every death
 # counts as a failed start (so a back-off follows it), and the back-off itself sends the SIGTERM.
 _SIGTERM_IN_BACKOFF = """
-import os, signal, sys, time
+import os, signal, sys
 from pathlib import Path
 from serving.service import workers
 
 workers.MIN_HEALTHY_SECONDS = float("inf")
-poll = time.sleep
+error = workers.log.error
 
-def sleep(seconds):
-    if seconds >= 0.5:  # the back-off, not the 0.2 s poll
+def died(message, *args):  # a worker's death is logged just before its restart is scheduled
+    error(message, *args)
+    if '"worker_died"' in str(message):
         os.kill(os.getpid(), signal.SIGTERM)
-    poll(seconds)
 
-time.sleep = sleep
+workers.log.error = died
 sys.exit(workers.serve_workers(2, Path(sys.argv[1]), f"127.0.0.1:{sys.argv[2]}", 1, None))
 """
 
@@ -329,6 +329,49 @@ def test_a_reload_asked_while_a_worker_starts_reaches_it_once_it_serves(trained_
             for child in spawned_workers(parent.pid):
                 child.kill()
             parent.kill()
+
+
+def test_a_worker_that_cannot_start_again_costs_capacity_not_the_port(trained_artifact: Path,
+                                                                     tmp_path: Path) -> None:
+    """A worker dies, and its replacement cannot load the start directory (a deploy half done meanwhile):
+    after three failed starts the supervisor drained the worker still serving and exited, and every call
+    got UNAVAILABLE. With a worker serving it keeps trying the slot, and gives up only when none serves."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from serving.bench.ports import free_port, wait_serving
+    from serving.client import RouterClient
+
+    port = free_port()
+    log = tmp_path / "serve.err"
+    artifact = Path(shutil.copytree(trained_artifact, tmp_path / "model"))
+    with log.open("wb") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "classifier.cli", "serve", "--model", str(artifact),
+                                   "--port", str(port), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(spawned_workers(parent.pid)) < 2:
+            time.sleep(0.1)
+        (artifact / "manifest.json").write_text("{")  # a bad deploy, which a reload would refuse
+        spawned_workers(parent.pid)[0].kill()
+
+        def deaths() -> list[dict]:
+            return [json.loads(line) for line in log.read_text().splitlines() if '"worker_died"' in line]
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(deaths()) < 4:  # the kill, then three failed starts
+            time.sleep(0.2)
+        # (the kill counts as a failed start too when it comes within MIN_HEALTHY_SECONDS of the start)
+        assert deaths()[3]["failed_starts_in_a_row"] >= 3, deaths()
+        assert all(death["other_workers_serving"] for death in deaths())
+        assert parent.poll() is None, "the supervisor gave up while a worker served"
+        with RouterClient(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.classify("hi").tier
+    finally:
+        stop_supervisor(parent)
 
 
 def test_workers_refuse_a_bad_artifact_before_starting(artifact_copy: Path) -> None:

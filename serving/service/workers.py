@@ -29,10 +29,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("promptier.serve")
 # A worker that dies sooner than this after its start counts as a failed start. After
-# MAX_FAILED_STARTS of them in a row the supervisor stops everything and exits non-zero: a restart
-# loop (port taken, broken environment) would only hide the reason.
+# MAX_FAILED_STARTS of them in a row, with no other worker alive, the supervisor stops and exits
+# non-zero: a restart loop (port taken, broken environment) would only hide the reason. While another
+# worker serves, the slot is started again, every MAX_RESTART_DELAY seconds at most: a crash (and a
+# replacement that cannot load a model deployed badly meanwhile) costs capacity, never the port.
 MIN_HEALTHY_SECONDS = 10.0
 MAX_FAILED_STARTS = 3
+MAX_RESTART_DELAY = 30.0
 
 
 def _worker(model_dir: Path | None, address: str, threads: int, metrics_port: int | None,
@@ -118,8 +121,15 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
             start(index)
         exit_code = 0
         failed_starts = dict.fromkeys(range(workers), 0)
-        while processes:
+        restarts: dict[int, float] = {}  # a dead worker's slot -> when (monotonic) it is started again
+        while processes or restarts:
             time.sleep(0.2)
+            for index, due in list(restarts.items()):
+                if stopping:  # a SIGTERM during the back-off was forwarded to the live workers only
+                    del restarts[index]
+                elif time.monotonic() >= due:
+                    del restarts[index]
+                    start(index)
             for index, (process, started) in list(processes.items()):
                 if process.is_alive():
                     continue
@@ -128,16 +138,18 @@ def serve_workers(workers: int, model_dir: Path | None, address: str, threads: i
                     continue
                 quick = time.monotonic() - started < MIN_HEALTHY_SECONDS
                 failed_starts[index] = failed_starts[index] + 1 if quick else 0
+                others_alive = any(other.is_alive() for other, _ in processes.values())
                 log.error(json.dumps({"event": "worker_died", "worker": index, "exitcode": process.exitcode,
-                                      "failed_starts_in_a_row": failed_starts[index]}))
-                if failed_starts[index] >= MAX_FAILED_STARTS:
+                                      "failed_starts_in_a_row": failed_starts[index],
+                                      "other_workers_serving": others_alive}))
+                if failed_starts[index] >= MAX_FAILED_STARTS and not others_alive:
                     exit_code = 1
                     stopping = True
+                    restarts.clear()
                     forward(signal.SIGTERM, None)  # it cannot stay up: stop all and say so
                     continue
-                time.sleep(0.5 * failed_starts[index])  # back off a worker that keeps dying young
-                if not stopping:  # a SIGTERM during the back-off was forwarded to the others only
-                    start(index)
+                # Back off a worker that keeps dying young; the others are watched meanwhile.
+                restarts[index] = time.monotonic() + min(MAX_RESTART_DELAY, 0.5 * failed_starts[index])
         return exit_code
     finally:
         shutil.rmtree(fleet_dir, ignore_errors=True)
