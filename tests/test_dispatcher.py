@@ -60,6 +60,11 @@ def test_pinning_models_listing_and_health(dispatcher: Dispatcher, fresh: dict[s
     assert not {"x-promptier-confidence", "x-promptier-mode", "x-promptier-decided-by"} & set(pinned.headers)
     ids = {model.id for model in client.models.list()}
     assert {"promptier", "promptier/balanced", "promptier/cost", "promptier/tier/small"} <= ids
+    assert all(isinstance(model.created, int) for model in client.models.list())
+    # One model, as the SDK's models.retrieve asks for it (the ids hold slashes).
+    assert client.models.retrieve("promptier/tier/small").id == "promptier/tier/small"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     health = httpx.get(f"http://127.0.0.1:{dispatcher.port}/health").json()

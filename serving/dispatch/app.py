@@ -79,6 +79,11 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
                      code="method_not_allowed").response(headers=dict(allowed))
 
 
+def _model_object(model_id: str) -> dict[str, object]:
+    """A router model name in OpenAI's Model shape (whose `created` is always an integer)."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "promptier"}
+
+
 def create_app(config: DispatcherConfig) -> ASGIApp:
     """The dispatcher as an ASGI app (tests run it with uvicorn on port 0)."""
     dispatcher = Dispatcher(config)
@@ -152,9 +157,20 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
         if tenant is None:
             return HTTPError(401, "invalid or missing API key", kind="authentication_error",
                              code="invalid_api_key").response()
-        data = [{"id": model_id, "object": "model", "owned_by": "promptier"}
-                for model_id in dispatcher.model_ids(tenant)]
+        data = [_model_object(model_id) for model_id in dispatcher.model_ids(tenant)]
         return JSONResponse({"object": "list", "data": data})
+
+    async def model(request: Request) -> Response:
+        """One model name, as OpenAI's `GET /v1/models/{model}` gives it (the SDK's `models.retrieve`)."""
+        tenant = dispatcher.tenants.authenticate(request.headers.get("authorization", ""))
+        if tenant is None:
+            return HTTPError(401, "invalid or missing API key", kind="authentication_error",
+                             code="invalid_api_key").response()
+        name = request.path_params["name"]
+        if name not in dispatcher.model_ids(tenant):
+            return HTTPError(404, f"model {name[:200]!r} does not exist; use one of {dispatcher.model_ids(tenant)}",
+                             code="model_not_found").response()
+        return JSONResponse(_model_object(name))
 
     chat = ChatCompletions(dispatcher)
 
@@ -174,6 +190,7 @@ def create_app(config: DispatcherConfig) -> ASGIApp:
     app = Starlette(lifespan=lifespan, exception_handlers={404: _not_found, 405: _not_allowed}, routes=[
         Endpoint("/health", health, methods=["GET"]),
         Endpoint("/v1/models", models, methods=["GET"]),
+        Endpoint("/v1/models/{name:path}", model, methods=["GET"]),  # path: ids hold slashes (promptier/cost)
         Endpoint("/v1/chat/completions", chat.handle, methods=["POST"]),
         Endpoint("/v1/promptier/outcomes", outcomes, methods=["POST"]),
         # Both /metrics and /metrics/: a Mount alone answers the first with a redirect plain curl does not follow.
