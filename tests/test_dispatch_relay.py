@@ -185,3 +185,4 @@ def test_an_answer_cut_before_it_was_relayed_names_its_tier_as_failed(
     assert info.value.status_code == 502 and headers["x-promptier-failed-tiers"] == "small"
     (entry,) = read_log_once_written(tmp_path, 1)
     assert entry["status"] == 502 and entry["failed_tiers"] == ["small"]
+    assert entry["tier"] is None  # no tier answered, as when every upstream fails before its first byte

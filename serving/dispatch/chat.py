@@ -177,7 +177,8 @@ class ChatCompletions:
         self.dispatcher.upstream_health.failed(tier, detail)
         log.warning(json.dumps({"event": "upstream_failed", "tier": tier, "detail": detail}))
         failure = HTTPError(502, detail, kind="upstream_error", code="upstream_unavailable")
-        self._record(chat, tier, failure.status)
+        # No tier answered, as for a request every upstream failed: the savings page counts answers by it.
+        self._record(chat, None, failure.status)
         return failure.response(self.dispatcher.headers(chat.route, tier))
 
     async def _relay(self, chat: ChatExchange, upstream: aiohttp.ClientResponse, tier: str,
