@@ -61,6 +61,9 @@ def test_an_image_never_goes_to_a_tier_without_vision(capable: Dispatcher, fresh
     assert rows[0]["steered"] == {"from_tier": "small", "from_reason": "classified", "by": ["images"]}
     assert rows[1]["steered"]["from_tier"] == "large" and rows[2]["steered"] is None
     assert rows[0]["routed_tier"] == rows[0]["tier"] == "medium"
+    # Its confidence is the probability of the tier it went to, not of the one the classifier chose.
+    assert rows[0]["confidence"] == pytest.approx(rows[0]["scores"]["medium"])
+    assert float(easy.headers["x-promptier-confidence"]) == pytest.approx(rows[0]["scores"]["medium"], abs=1e-4)
     metrics = httpx.get(f"http://127.0.0.1:{capable.port}/metrics/").text
     assert 'promptier_dispatch_capability_steered_total{capability="images"} 2.0' in metrics
     assert 'promptier_dispatch_requests_total{reason="capability",status="200",tier="medium"} 2.0' in metrics

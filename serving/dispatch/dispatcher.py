@@ -289,8 +289,11 @@ class Dispatcher:
         else:
             route = await self.classify(messages, mode, tenant)
             route.needs = needs
-        route.tier, route.reason, route.steered = self.capabilities.steer(
-            route.tier, route.reason, needs, tenant.allowed_names if tenant else None)
+        tier, reason, steered = self.capabilities.steer(route.tier, route.reason, needs,
+                                                        tenant.allowed_names if tenant else None)
+        if steered is not None:
+            route.serve_on(tier, reason)  # its confidence becomes the steered-to tier's probability
+            route.steered = steered
         return route
 
     async def classify(self, messages: list[tuple[str, str]], mode: str | None, tenant: Tenant | None = None
