@@ -67,8 +67,7 @@ def command_line(args: list[str]) -> typer.Typer:
                          "reinstall the package: pip install -e .")
     named = next((arg for arg in args if not arg.startswith("-")), None)
     entries = [commands[named]] if named in commands else list(commands.values())
-    root = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
-                   rich_markup_mode=None)
+    root = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
     @root.callback()
     def _group() -> None:

@@ -410,14 +410,11 @@ def _batch_records(batch: pa.RecordBatch) -> list[Payload]:
             the wrong unit, a date past year 9999), whatever column it is.
     """
     try:
-        return batch.to_pylist()
-    except UnicodeDecodeError:
-        pass
-    except (OverflowError, ValueError) as exc:
-        raise _unconvertible(batch, exc) from exc
-    try:
-        return [_parquet_row(batch.slice(index, 1)) for index in range(batch.num_rows)]
-    except UnicodeDecodeError:
+        try:
+            return batch.to_pylist()
+        except UnicodeDecodeError:
+            return [_parquet_row(batch.slice(index, 1)) for index in range(batch.num_rows)]
+    except UnicodeDecodeError:  # a ValueError too, but not a value Python cannot hold
         raise
     except (OverflowError, ValueError) as exc:
         raise _unconvertible(batch, exc) from exc

@@ -93,11 +93,9 @@ def _check_cheapest_first(tiers: list[TierSpec]) -> None:
     one before it on one price and no dearer on the other; one dearer on input and cheaper on output (other
     providers' price shapes) is left as written."""
     for before, after in pairwise(tiers):
-        cheaper_input = after.input_usd_per_mtok < before.input_usd_per_mtok
-        cheaper_output = after.output_usd_per_mtok < before.output_usd_per_mtok
-        not_dearer_input = after.input_usd_per_mtok <= before.input_usd_per_mtok
-        not_dearer_output = after.output_usd_per_mtok <= before.output_usd_per_mtok
-        if (cheaper_input and not_dearer_output) or (cheaper_output and not_dearer_input):
+        prices = (after.input_usd_per_mtok, after.output_usd_per_mtok)
+        previous = (before.input_usd_per_mtok, before.output_usd_per_mtok)
+        if prices != previous and all(price <= earlier for price, earlier in zip(prices, previous, strict=True)):
             raise ValueError(
                 f"tiers must be listed cheapest first: {after.name!r} (USD {after.input_usd_per_mtok:g} / "
                 f"{after.output_usd_per_mtok:g} per million input / output tokens) comes after {before.name!r} "
