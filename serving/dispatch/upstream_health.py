@@ -33,8 +33,9 @@ class UpstreamHealth:
         self._clock = clock
 
     def answered(self, tier: str) -> None:
-        """The tier's upstream answered a request."""
-        self._tiers[tier] = _TierState(OK)
+        """The tier's upstream answered a request (called on every answer: a new state only on a change)."""
+        if self._tiers[tier].state != OK:
+            self._tiers[tier] = _TierState(OK)
 
     def failed(self, tier: str, detail: str) -> None:
         """The tier's upstream failed a request (the request moved on, or got a 502)."""
