@@ -232,6 +232,21 @@ def test_a_jsonl_line_over_the_read_limit_is_never_held_whole(tmp_path: Path,
 
 
 # ---------------------------------------------------------------- ids and kept values that are not text
+def test_a_jsonl_row_naming_a_key_twice_is_an_error_row(tmp_path: Path) -> None:
+    """JSON readers keep the last of two equal keys: a row whose second "prompt" replaced the first would be
+    labeled on a text its writer may not have meant, without a word. It is an error row instead, and the
+    rows around it are labeled."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt_id": "a", "prompt": "hi"}\n'
+                      '{"prompt_id": "b", "prompt": "Prove Fermat", "prompt": "hi"}\n'
+                      '{"prompt_id": "c", "prompt": "hello", "meta": {"k": 1, "k": 2}}\n'
+                      '{"prompt_id": "d", "prompt": "hello", "meta": {"k": 1}}\n')
+    parsed = _parsed(source)
+    assert [row.error is None for row in parsed] == [True, False, False, True]
+    assert parsed[1].error == "line 2: key 'prompt' is written twice in one object"
+    assert "key 'k' is written twice" in parsed[2].error
+
+
 def test_ids_and_kept_values_that_are_not_text_are_written_as_json_writes_them(tmp_path: Path) -> None:
     """`true`, not Python's `True`, and `Infinity`, not `inf`: a value reads the same whether it came from
     JSONL or Parquet, alone or nested. A number JSON has no text for is written in the words Python's json

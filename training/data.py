@@ -157,7 +157,7 @@ def read_records(path: Path) -> Iterator[tuple[int, object]]:
             if not isinstance(payload, bytes):
                 yield number, payload
                 continue
-            record, problem = decode_json_line(payload, unique_keys=True)
+            record, problem = decode_json_line(payload)
             if problem is None:
                 yield number, record
             else:  # counted by reason under --skip-invalid: the reason leaves out where in the line
