@@ -118,6 +118,13 @@ def test_invalid_arguments(stub: router_pb2_grpc.RouterStub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.Classify(request(prompt="hi", policy=policy(mode="cheapest")), timeout=5)
     assert "unknown mode 'cheapest'" in info.value.details()
+    # Each message fits, and so does the sum of their contents; the rendered conversation does not.
+    half = router_pb2.Message(role="user", content="x" * 100_000)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(request(conversation=router_pb2.Conversation(messages=[half, half])), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "conversation, rendered with its role markers, has 2000" in info.value.details()
+    assert "the limit is 200000" in info.value.details()
 
 
 def test_invalid_utf8_is_rejected_and_server_keeps_serving(server: ServerThread) -> None:

@@ -81,7 +81,10 @@ def _prompt_text(request: router_pb2.ClassifyRequest, limits: ServerLimits) -> s
     else:
         raise BadRequest("request has neither prompt nor conversation")
     if len(text) > limits.max_prompt_chars:
-        raise BadRequest(f"prompt has {len(text)} characters; the limit is {limits.max_prompt_chars}")
+        # A conversation's messages may each be under the limit and their sum too: what the model reads, and
+        # what is counted, is the conversation rendered with its role markers.
+        what = "prompt" if kind == "prompt" else "conversation, rendered with its role markers,"
+        raise BadRequest(f"{what} has {len(text)} characters; the limit is {limits.max_prompt_chars}")
     return text
 
 
