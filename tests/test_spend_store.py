@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import time
 from pathlib import Path
@@ -233,21 +234,26 @@ def test_ledger_keeps_counting_through_a_redis_outage_and_writes_the_spend_when_
 
 
 def test_spend_a_process_could_not_write_before_it_stopped_is_written_once_by_the_next(
-        redis_server: RedisServer, tmp_path: Path) -> None:
+        redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A process stops while Redis is down: the spend it could not write is kept on local disk, and the
-    next process on the same store writes it, once, even when the journal is replayed twice."""
-    key, journal = ("search", "2025-06"), tmp_path / "journal"
-    first = SpendLedger(RedisSpendStore(redis_server.url), refresh_s=0.05, journal_dir=journal)
+    next process on the same store writes it, once, even when the journal is replayed twice. Its log line
+    says how much was kept: the failed write and what was charged after it, summed."""
+    key, journal, errors = ("search", "2025-06"), tmp_path / "journal", []
+    first = SpendLedger(RedisSpendStore(redis_server.url), refresh_s=0.05, journal_dir=journal,
+                        on_error=errors.append)
     first.watch(key, PERIOD_END)
     first.start()
     first.charge(key, 1.0)
     assert _wait_for(lambda: RedisSpendStore(redis_server.url).totals([key])[key] == 1.0)
     redis_server.stop()
     first.charge(key, 2.0)
-    assert _wait_for(lambda: first.error is not None)  # that write failed and waits for a retry
-    first.charge(key, 0.5)  # charged after it
-    first.close(timeout_s=2)
+    assert _wait_for(lambda: "write" in errors)  # that write failed and waits for a retry
+    first.charge(key, 0.5)  # charged after it: a write of its own
+    with caplog.at_level(logging.WARNING, logger="promptier.dispatcher"):
+        first.close(timeout_s=2)
     (kept,) = journal.glob("spend-unwritten.*.json")
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if "spend_journaled" in r.getMessage()]
+    assert line["usd"] == {"search/2025-06": 2.5}
     copy = kept.read_bytes()
     restarted = RedisServer(redis_server.port)  # back, empty (no persistence): the 1.0 written before is gone
     redis_server.process = restarted.process

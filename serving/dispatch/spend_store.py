@@ -430,7 +430,10 @@ class SpendLedger:
         return writes
 
     def _keep(self, writes: list[JournaledWrite]) -> None:
-        usd = {f"{tenant}/{period}": value for write in writes for (tenant, period), value in write.increments.items()}
+        usd: dict[str, float] = {}  # both writes may charge one tenant's period: the sum is what is unwritten
+        for write in writes:
+            for (tenant, period), value in write.increments.items():
+                usd[f"{tenant}/{period}"] = usd.get(f"{tenant}/{period}", 0.0) + value
         if self.journal_dir is not None:
             try:
                 path = spend_journal.save(self.journal_dir, self.store.identity(), self._writer, writes)
