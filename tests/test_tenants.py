@@ -356,6 +356,34 @@ def test_streams_of_a_budgeted_tenant_are_charged_from_usage_or_counted_text(
     assert "stream_options" not in fresh["small"].received[-1]["body"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_budgeted_caller_that_leaves_before_the_answer_pays_for_its_prompt(
+        started, fresh: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """The upstream was sent the prompt and read it: a caller whose timeout is shorter than the answer (and
+    whose SDK retries it) must not spend on a hosted tier for free. The prompt is charged by count; a tenant
+    without a budget is logged as before, without a cost."""
+    monkeypatch.setenv("SEARCH_KEYS", "search-key")
+    monkeypatch.setenv("OTHER_KEYS", "other-key")
+    store_path = tmp_path / "spend.sqlite3"
+    dispatcher = started(tenants={"search": _budgeted(tmp_path, 50.0), "other": {"api_keys_env": "OTHER_KEYS"}},
+                         spend_store={"path": str(store_path), "refresh_ms": 50})
+    fresh["large"].behaviour = "generating"
+    for key in ("search-key", "other-key"):
+        with pytest.raises(openai.APITimeoutError):
+            dispatcher.client(api_key=key, timeout=0.4).chat.completions.create(
+                model="promptier/tier/large", stream=stream, messages=[{"role": "user", "content": HARD}])
+        assert fresh["large"].cancelled.wait(10)
+        fresh["large"].cancelled.clear()
+    search, other = _rows(tmp_path / "decisions.jsonl", 2)
+    counted = estimated_usage(len(HARD), 0)
+    assert (search["status"], search["tier"], search["usage"]) == (499, "large", counted)
+    assert search["cost_usd"] > 0 and search["cost_usd"] == pytest.approx(_cost("large", counted["prompt_tokens"], 0))
+    assert "the caller left" in search["note"] and "4 characters per token" in search["note"]
+    key = ("search", window_of("month", time.time()).key)
+    assert _eventually(lambda: SqliteSpendStore(store_path).totals([key])[key] == pytest.approx(search["cost_usd"]))
+    assert (other["status"], other["cost_usd"], other["usage"], other["note"]) == (499, None, None, None)
+
+
 def test_two_dispatcher_workers_share_one_sqlite_store(fresh: dict[str, Upstream], trained_artifact: Path,
                                                        tmp_path: Path) -> None:
     from serving.bench.ports import free_port

@@ -48,6 +48,7 @@ from serving.dispatch.upstream_body import (
 
 log = logging.getLogger("promptier.dispatcher")
 OVER_BUFFER_NOTE = f"the response body is over {BUFFERED_BODY_LIMIT} bytes: relayed without reading usage"
+CALLER_LEFT_NOTE = "the caller left before any of the answer reached it"
 
 
 @dataclass
@@ -155,7 +156,13 @@ class ChatCompletions:
             # Closing the upstream connection is what stops its work (vLLM and others abort on it).
             if upstream is not None:
                 upstream.close()
-            self._record(chat, tier or dispatcher.last_tier(route), CLIENT_CLOSED)
+            # An upstream that was sent the request has read its prompt, and a hosted one bills for it: a
+            # budget that let such requests go free would let a caller whose timeout is shorter than the
+            # answer (and retries it) spend without limit. The prompt is charged by count, the answer as none.
+            sent = chat.metered and route.upstream_tier is not None
+            note = CALLER_LEFT_NOTE if sent else None
+            self._record(chat, tier or dispatcher.last_tier(route), CLIENT_CLOSED, note=note,
+                         completion_chars=0 if sent else None)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
         headers = {**relayed_headers(upstream.headers), **dispatcher.headers(route, tier)}
         media_type = upstream.headers.get("content-type", "application/json")
