@@ -82,7 +82,8 @@ def build_request(prompt: str | None = None, messages: Sequence[Message] | None 
     Raises:
         InvalidInputError: a prompt that is not a string, or a message that is not one (a string in
             place of the list would otherwise be sent a character per role and content); a threshold or
-            top share that is not a number; allowed tiers given as one string.
+            top share that is not a number; allowed tiers given as one string; text with a lone surrogate,
+            which protobuf cannot encode.
     """
     if messages is not None:
         if isinstance(messages, str | bytes):
@@ -102,10 +103,16 @@ def build_request(prompt: str | None = None, messages: Sequence[Message] | None 
         policy.threshold = threshold
     if top_share is not None:
         policy.top_share = top_share
-    if messages is not None:
-        conversation = router_pb2.Conversation(messages=[router_pb2.Message(role=r, content=c) for r, c in messages])
-        return router_pb2.ClassifyRequest(conversation=conversation, policy=policy)
-    return router_pb2.ClassifyRequest(prompt=prompt or "", policy=policy)
+    try:
+        if messages is not None:
+            conversation = router_pb2.Conversation(messages=[router_pb2.Message(role=r, content=c)
+                                                             for r, c in messages])
+            return router_pb2.ClassifyRequest(conversation=conversation, policy=policy)
+        return router_pb2.ClassifyRequest(prompt=prompt or "", policy=policy)
+    except UnicodeEncodeError as error:
+        # A protobuf string is UTF-8, which a lone surrogate (JSON's "\ud800", read into a str) has no
+        # bytes for: the runtime refuses such text as invalid input, and so must the client.
+        raise InvalidInputError(f"text is not valid Unicode: {error.reason} at character {error.start}") from None
 
 
 def _deadline(timeout: float | None, default: float) -> float:

@@ -215,3 +215,29 @@ def test_a_grpc_service_falls_back_under_the_causes_an_embedded_classifier_gives
                                      "overloaded": ("overloaded", "RESOURCE_EXHAUSTED"),
                                      "bad": ("invalid_input", "INVALID_ARGUMENT"), "broken": ("error", "INTERNAL"),
                                      "down": ("UNAVAILABLE", None)}
+
+
+def test_text_the_grpc_client_cannot_send_falls_back_as_invalid_input(
+        dispatcher: Dispatcher, grpc_classifier: ServerThread, fresh: dict[str, Upstream]) -> None:
+    """JSON's "\\ud800" reads as a lone surrogate, which protobuf cannot encode; an unknown role or too many
+    messages are refused before sending. Each is the embedded classifier's `invalid_input` fallback, not a 500."""
+    async def causes() -> list[str]:
+        classifier = GrpcRouteClassifier(grpc_classifier.target, timeout_s=5, coalesce=False, connections=1)
+        found = []
+        try:
+            for messages in ([("user", "x\ud800y")], [("ipython", "x"), ("user", "hi")], [("user", "hi")] * 10_001):
+                with pytest.raises(ClassifierUnavailable) as raised:
+                    await classifier.classify(messages, None)
+                found.append(raised.value.cause)
+        finally:
+            await classifier.close()
+        return found
+
+    assert asyncio.run(causes()) == ["invalid_input"] * 3
+    body = b'{"model": "promptier", "messages": [{"role": "user", "content": "x\\ud800y"}]}'
+    response = httpx.post(f"{dispatcher.base_url}/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert (response.headers["x-promptier-reason"], response.headers["x-promptier-cause"]) == (
+        "fallback", "invalid_input")
+    assert response.headers["x-promptier-tier"] == "large" and fresh["large"].received  # the fallback tier

@@ -104,6 +104,8 @@ class GrpcRouteClassifier:
         mixes tenants' prompts in one ClassifyBatch call."""
         try:
             return await self._client.classify(messages=messages, mode=mode, allowed_tiers=allowed_tiers)
+        except InvalidInputError as error:  # refused before it is sent, as the embedded runtime refuses it
+            raise ClassifierUnavailable("invalid_input") from error
         except grpc.RpcError as error:
             # grpc.aio's errors are not grpc.Call instances, but they do have code().
             code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
