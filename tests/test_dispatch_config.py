@@ -48,6 +48,17 @@ def test_config_validation(tmp_path: Path) -> None:
                     "inbound: {header_timeout_s: 0}\n")
     with pytest.raises(ConfigError, match=r"inbound\.header_timeout_s: Input should be greater than 0"):
         load_dispatcher_config(path)
+    # An infinite timeout passes a positivity check and then fails every call that uses it (gRPC deadlines
+    # must be finite), or never ends one: refused at start, as is a classification deadline over a minute.
+    for setting, error in (("classifier: {timeout_ms: .inf}", r"classifier\.timeout_ms: Input should be less than"),
+                           ("classifier: {timeout_ms: 1e12}", r"classifier\.timeout_ms: Input should be less than"),
+                           ("inbound: {body_timeout_s: .inf}", r"inbound\.body_timeout_s: Input should be a finite"),
+                           ("tiers: {small: {base_url: 'http://x/v1', model: m, first_byte_timeout_s: .inf}}",
+                            r"tiers\.small\.first_byte_timeout_s: Input should be a finite")):
+        tiers = "" if setting.startswith("tiers") else "tiers: {small: {base_url: 'http://x/v1', model: m}}\n"
+        path.write_text(f"{tiers}{setting}\nfallback_tier: small\n")
+        with pytest.raises(ConfigError, match=error):
+            load_dispatcher_config(path)
     # A URL like the tiers' base_url, or a host without its port (gRPC would dial 443), never connects.
     for address in ("http://127.0.0.1:50051", "localhost", "127.0.0.1:50051/", "localhost:99999", "localhost:0"):
         path.write_text(f"classifier: {{address: '{address}'}}\n"

@@ -35,12 +35,12 @@ class Upstream(_Strict):
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
     model: str = Field(min_length=1, description="the upstream's own model name")
     api_key_env: str | None = Field(default=None, description="env var holding the upstream API key")
-    connect_timeout_s: float = Field(default=2.0, gt=0)
-    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="time to response headers (for a "
-                                        "non-streaming request, usually the whole generation); independent of "
-                                        "read_timeout_s")
-    read_timeout_s: float = Field(default=120.0, gt=0, description="max gap between body chunks, once the "
-                                  "headers have come")
+    connect_timeout_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    first_byte_timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False,
+                                        description="time to response headers (for a non-streaming request, "
+                                        "usually the whole generation); independent of read_timeout_s")
+    read_timeout_s: float = Field(default=120.0, gt=0, allow_inf_nan=False,
+                                  description="max gap between body chunks, once the headers have come")
     serves: Serves = Field(default_factory=Serves, description="what the model can take "
                            "(serving.dispatch.capabilities); default: everything, no context limit")
 
@@ -61,7 +61,7 @@ class ClassifierEndpoint(_Strict):
     """The gRPC service (default), or the runtime embedded in the dispatcher (`embedded: true`)."""
 
     address: str = "127.0.0.1:50051"
-    timeout_ms: float = Field(default=20.0, gt=0, description="deadline of one classification")
+    timeout_ms: float = Field(default=20.0, gt=0, le=60_000, description="deadline of one classification")
     embedded: bool = Field(default=False, description="run the model inside the dispatcher: no network hop")
     model: Path | None = Field(default=None, description="embedded only: artifact directory (default: shipped)")
     threads: int = Field(default=1, ge=1, description="embedded only: ONNX Runtime threads")
@@ -135,11 +135,13 @@ class InboundConfig(_Strict):
     (and file descriptors) until real requests fail. Read by each worker process when it starts (so a
     SIGHUP applies them too)."""
 
-    header_timeout_s: float = Field(default=10.0, gt=0, description="a request's headers must have come in "
-                                    "full within this of its first byte (of the connection, for the first "
-                                    "request); otherwise 408 and the connection is closed")
-    body_timeout_s: float = Field(default=30.0, gt=0, description="a request's body must have come in full "
-                                  "within this of its headers; otherwise 408 and the connection is closed")
+    header_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False,
+                                    description="a request's headers must have come in full within this of its "
+                                    "first byte (of the connection, for the first request); otherwise 408 and "
+                                    "the connection is closed")
+    body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                                  description="a request's body must have come in full within this of its "
+                                  "headers; otherwise 408 and the connection is closed")
     keep_alive_timeout_s: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed "
                                       "after this")
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="a request's line and headers may take "
