@@ -521,3 +521,37 @@ def test_reported_outcomes_in_the_log_are_not_counted_as_requests(tmp_path: Path
     outcome = OutcomeRecord(prompt_id=request["prompt_id"], score=1.0, judge=None, time="2026-11-29T10:01:00Z")
     path.write_text(json.dumps(request) + "\n" + json.dumps(outcome.as_dict()) + "\n")
     assert [row["prompt_id"] for row in read_window(path, 0, 1 << 20).rows] == [request["prompt_id"]]
+
+
+def test_a_number_json_reads_as_infinite_or_too_large_counts_as_missing(tmp_path: Path) -> None:
+    """`1e999` reads as infinity, `NaN` as not-a-number, and a 400-digit integer has no float: one such line
+    in the log must leave the page answering (its JSON has no word for infinity), with that figure missing."""
+    path = tmp_path / "decisions.jsonl"
+    good = {"tenant": "a", "tier": "small", "reason": "classified", "status": 200, "cost_usd": 0.001,
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 100}, "classifier_ms": 1.0,
+            "time": "2026-01-01T00:00:00Z"}
+    bad = json.dumps(good)
+    lines = [bad, bad.replace('"cost_usd": 0.001', '"cost_usd": 1e999'),
+             bad.replace('"cost_usd": 0.001', '"cost_usd": NaN').replace('"classifier_ms": 1.0',
+                                                                          '"classifier_ms": NaN'),
+             bad.replace('"cost_usd": 0.001', '"cost_usd": 1' + "0" * 400),
+             bad.replace('"prompt_tokens": 1000', '"prompt_tokens": 1e999')]
+    path.write_text("\n".join(lines) + "\n")
+    served = savings_page.SavingsReport(path, 0, 1 << 20, TIERS, lambda: {"small": (0.2, 0.2), "large": (1.0, 5.0)})
+    report = asyncio.run(served.get())
+    json.dumps(report, allow_nan=False)  # what the page's answer must be
+    total = report["total"]
+    assert total["requests"] == 5 and total["spend_usd"] == pytest.approx(0.002)
+    assert total["answered_without_cost"] == 3  # the rows whose cost was no number
+    assert total["top_tier_usd"] == pytest.approx(0.0015)  # the row whose tokens were no number is not priced
+    assert total["classifier_ms"]["p99"] == 1.0
+
+
+def test_the_chart_has_at_most_its_bucket_count_wherever_the_first_row_falls() -> None:
+    """Two rows 2,879 s apart fit 48 one-minute buckets, but not when the first bucket starts at the
+    minute before a first row at :30."""
+    rows = [{"tier": "small", "reason": "classified", "status": 200, "time": "2026-01-01T00:00:30Z"},
+            {"tier": "small", "reason": "classified", "status": 200, "time": "2026-01-01T00:48:29Z"}]
+    report = summarize(LogWindow(rows, [], 0, False, 0), TIERS, {})
+    assert len(report["buckets"]) <= 48 and report["bucket_s"] == 300
+    assert report["total"]["requests"] == 2

@@ -113,7 +113,16 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A logged number as a float; None for anything else. JSON readers take `1e999` and `NaN` as infinity
+    and not-a-number, and an integer of 400 digits has no float: one such line (hand-edited, or written by
+    another tool) must not make the whole page unanswerable, so it counts as a missing figure."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _common_top(groups: list[_Group]) -> str | None:
@@ -260,6 +269,10 @@ def summarize(window: LogWindow, tiers: list[str], prices: dict[str, tuple[float
     times = [epoch(row.get("time")) for row in window.rows]
     known = [moment for moment in times if moment is not None]
     size = bucket_size(max(known) - min(known)) if known else 60
+    # The first bucket starts at a multiple of its size, before the first row: the span it must cover
+    # can be one bucket longer than the rows', so the size is chosen on that span.
+    while known and (max(known) - min(known) // size * size) // size + 1 > MAX_BUCKETS:
+        size = bucket_size(max(known) - min(known) // size * size)
     first = min(known) // size * size if known else 0
     buckets = list(range(first, max(known) + 1, size)) if known else []
     groups: dict[str, _Group] = {}
