@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from classifier.conversation import render_conversation
-from serving.dispatch.decision_log import MIN_MESSAGE_CHARS
+from serving.dispatch.decision_log import MIN_MESSAGE_CHARS, cut_messages
 from tests.dispatcher_harness import Dispatcher, read_log
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
@@ -268,3 +268,20 @@ def test_huge_prompts_are_logged_by_their_head_and_tail_and_classify_as_they_wer
     assert sum(len(message["content"]) for message in chat["messages"]) <= 4096 + 2 * MIN_MESSAGE_CHARS
     assert chat["messages"][1]["content"] == EASY and chat["text_cut_chars"] > 0
     assert short["prompt"] == EASY and short["text_cut_chars"] is None
+
+
+def test_a_conversation_of_many_messages_is_logged_within_the_bound() -> None:
+    """Each message keeping its 256 characters, 7,000 of them (a 2 MB request) made a 2 MB line, and a few
+    such requests pushed every other caller's lines out of the savings page's window. The middle messages
+    are left out instead, and the first one after the gap says how many."""
+    messages = [{"role": "user" if index % 2 else "assistant", "content": f"{index:05d}" + "x" * 251}
+                for index in range(7000)]
+    kept, cut = cut_messages(messages, 32768)
+    assert len(kept) == 32768 // MIN_MESSAGE_CHARS == 128
+    assert sum(len(message["content"]) for message in kept) <= 32768 + 40
+    assert [message["content"][:5] for message in kept[:64]] == [f"{index:05d}" for index in range(64)]
+    assert kept[64]["content"] == "[... 6872 messages cut ...]\n" + messages[6936]["content"]
+    assert kept[64]["role"] == messages[6936]["role"] and kept[-1] == messages[-1]
+    assert cut == 6872 * 256
+    few = messages[:3]  # a short conversation is kept whole
+    assert cut_messages(few, 32768) == (few, 0)

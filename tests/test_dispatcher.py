@@ -17,6 +17,7 @@ from serving._proto.promptier.v1 import router_pb2_grpc
 from serving.dispatch.decision_log import DECISION_SCHEMA_VERSION
 from serving.dispatch.dispatch_config import ClassifierEndpoint, DispatcherConfig
 from serving.dispatch.route_classifier import ClassifierUnavailable, GrpcRouteClassifier
+from serving.dispatch.savings import read_window, summarize
 from tests.dispatcher_harness import Dispatcher, dispatcher_config, read_log
 from tests.fake_upstream import Upstream
 from tests.grpc_server import EASY, HARD, ServerThread
@@ -106,6 +107,24 @@ def test_classifier_down_or_slow_falls_back(fresh: dict[str, Upstream], trained_
         assert "unavailable" in httpx.get(f"http://127.0.0.1:{running.port}/health").json()["classifier"]
     finally:
         running.stop()
+    # The line keeps the cause; so does a fallback whose tier then failed, whose reason is the escalation's.
+    config = dispatcher_config(fresh, classifier_server.target, tmp_path / "decisions.jsonl")
+    config.fallback_tier = "medium"
+    fresh["medium"].behaviour = "500"
+    running = Dispatcher(config)
+    try:
+        third = running.client(timeout=60).chat.completions.with_raw_response.create(
+            model="promptier", messages=[{"role": "user", "content": EASY}])
+        assert (third.headers["x-promptier-reason"], third.headers["x-promptier-tier"]) == ("escalated", "large")
+    finally:
+        running.stop()
+        fresh["medium"].behaviour = "ok"
+    entries = read_log(tmp_path)
+    assert [(e["reason"], e["cause"]) for e in entries] == [
+        ("classified", None), ("fallback", "UNAVAILABLE"), ("escalated", "UNAVAILABLE")]
+    assert entries[2]["routed_tier"] == "medium" and entries[2]["failed_tiers"] == ["medium"]
+    window = read_window(tmp_path / "decisions.jsonl", 0, 1 << 20)
+    assert summarize(window, ["small", "medium", "large"], {})["total"]["fallbacks"] == 2
 
 
 def test_embedded_classifier_routes_like_the_service_and_falls_back_visibly(

@@ -71,7 +71,12 @@ log = logging.getLogger("promptier.dispatcher")
 # from either place.
 # Version 10 added `text_cut_chars`: with store_prompts, the characters cut from the middle of `prompt`
 # and of `messages`' contents to keep a line within `decision_log.max_text_chars` (null: nothing cut).
-DECISION_SCHEMA_VERSION = 10
+# Version 11 added `cause`: why the classifier gave no tier, on a request that fell back (the
+# x-promptier-cause header's value), kept when an escalation, a budget or a capability then moved the
+# request, whose `reason` no longer says `fallback`. A conversation of more messages than
+# `max_text_chars` / MIN_MESSAGE_CHARS keeps its first and last messages in `messages`, the first one
+# after the gap saying how many were cut (their characters are in `text_cut_chars`).
+DECISION_SCHEMA_VERSION = 11
 OUTCOME_KIND = "outcome"
 # Fewest characters a message's content keeps when a long conversation shares `max_text_chars`.
 MIN_MESSAGE_CHARS = 256
@@ -92,11 +97,25 @@ def cut_text(text: str, limit: int) -> tuple[str, int]:
 
 def cut_messages(messages: list[dict], limit: int) -> tuple[list[dict], int]:
     """A conversation's messages with their contents sharing `limit` characters (each at least
-    MIN_MESSAGE_CHARS), each cut as `cut_text` cuts; and the characters cut in all."""
+    MIN_MESSAGE_CHARS), each cut as `cut_text` cuts; and the characters cut in all.
+
+    Where there are more messages than `limit` / MIN_MESSAGE_CHARS, the middle ones are left out (the first
+    message kept after them says how many), so that the line stays within about `limit` characters
+    however many messages one request sends: otherwise one caller's long conversations could rotate the
+    other callers' lines out of the log and the savings page's window."""
+    most = max(limit // MIN_MESSAGE_CHARS, 2)
+    cut, gap, left_out = 0, len(messages), 0
+    if len(messages) > most:
+        gap = most // 2
+        left_out = len(messages) - most
+        cut = sum(len(message["content"]) for message in messages[gap:gap + left_out])
+        messages = messages[:gap] + messages[gap + left_out:]
     share = max(MIN_MESSAGE_CHARS, limit // max(len(messages), 1))
-    kept, cut = [], 0
-    for message in messages:
+    kept = []
+    for index, message in enumerate(messages):
         content, removed = cut_text(message["content"], share)
+        if index == gap and left_out:
+            content = f"[... {left_out} messages cut ...]\n{content}"
         kept.append({**message, "content": content})
         cut += removed
     return kept, cut
@@ -150,6 +169,9 @@ class DecisionRecord:
     threshold: float | None = None  # the threshold its rule applied to `scores`, when its model decided
     cheap_floor: float | None = None  # the cheap floor applied with it, when there was one
     text_cut_chars: int | None = None  # characters cut from `prompt` and `messages` (max_text_chars), if any
+    # Why the classifier gave no tier (timeout, overloaded, invalid_input, error, unknown_tier or a gRPC
+    # status name), when the request fell back, whatever moved it afterwards; else null.
+    cause: str | None = None
 
     def as_dict(self) -> dict:
         # Shallow: the line is serialized at once, so its nested dicts (usage, scores, messages) need no

@@ -510,7 +510,7 @@ class Dispatcher:
             scores=route.scores, unpaced_tier=route.unpaced_tier, budget_pressure=route.budget_pressure,
             propensity=route.propensity, explored=route.explored, failed_tiers=list(route.failed_tiers),
             model_version=route.model_version, threshold=route.threshold, cheap_floor=route.cheap_floor,
-            text_cut_chars=text_cut or None,
+            text_cut_chars=text_cut or None, cause=route.cause,
         ).as_dict()
         try:
             self.decisions.write(line)

@@ -11,7 +11,8 @@ first; a bounded amount of work whatever the log's size), and `summarize` adds i
   counted on either side, so the two compare the same requests;
 - requests by the tier that answered, in all and per time bucket (at most MAX_BUCKETS buckets over
   the window); reasons (classified, pinned, fallback, escalated, capability, no_text); fallbacks
-  (reason fallback, or a fallback that a capability then moved); escalations; errors (status >= 400);
+  (reason fallback, or a fallback that a capability, an escalation or a budget then moved); escalations;
+  errors (status >= 400);
 - classifier latency: nearest-rank percentiles of `classifier_ms` (rows where the classifier was asked).
 """
 
@@ -156,7 +157,10 @@ class _Group:
         reason = str(row.get("reason"))
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
         steered = row.get("steered")
-        if reason == "fallback" or (isinstance(steered, dict) and steered.get("from_reason") == "fallback"):
+        # A fallback whose tier then failed, or whose tenant's budget moved it, has another reason: its
+        # `cause` (schema 11) still says it fell back.
+        if reason == "fallback" or row.get("cause") is not None or (
+                isinstance(steered, dict) and steered.get("from_reason") == "fallback"):
             self.fallbacks += 1
         if reason == "escalated":
             self.escalations += 1
