@@ -732,3 +732,23 @@ def test_a_budget_whose_period_changes_on_reload_counts_the_spend_already_in_its
         assert new.ledger.spent(key) == pytest.approx(0.75)
     finally:
         new.close()
+
+
+def test_retry_after_is_never_before_the_period_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1.5 s before the day ends, a caller told to retry after 1 s would be refused again: Retry-After is
+    rounded up."""
+    from prometheus_client import CollectorRegistry
+
+    import serving.dispatch.tenants
+    from serving.dispatch.tenants import Tenants
+
+    monkeypatch.setenv("SEARCH_KEYS", "k1")
+    config = DispatcherConfig.model_validate({
+        "tiers": {name: {"base_url": "http://127.0.0.1:9/v1", "model": name} for name in ("small", "large")},
+        "fallback_tier": "large", "spend_store": {"path": str(tmp_path / "spend.sqlite3")},
+        "tenants": {"search": {"api_keys_env": "SEARCH_KEYS", "budget": {"usd": 1.0, "period": "day"}}}})
+    tenants = Tenants(config, CollectorRegistry())
+    day_end = window_of("day", time.time()).end
+    for left, told in ((1.5, 2), (0.2, 1), (3600.0, 3600)):
+        monkeypatch.setattr(serving.dispatch.tenants, "time", SimpleNamespace(time=lambda left=left: day_end - left))
+        assert tenants.seconds_left(tenants.by_name["search"]) == told

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -247,11 +248,12 @@ class Tenants:
         return decision
 
     def seconds_left(self, tenant: Tenant) -> int:
-        """Seconds until the tenant's budget period ends (a refused caller's Retry-After)."""
+        """Seconds until the tenant's budget period ends (a refused caller's Retry-After), rounded up: a
+        caller that retries on time must find the new period open."""
         if tenant.clock is None:
             return 0
         now = time.time()
-        return max(1, int(tenant.clock.at(now).end - now))
+        return max(1, math.ceil(tenant.clock.at(now).end - now))
 
     def charge(self, tenant: Tenant, tier: str | None, usd: float | None) -> None:
         """Count an answered request, and its cost against the tenant's budget."""
