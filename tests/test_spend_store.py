@@ -370,3 +370,36 @@ def test_a_redis_that_forgets_every_total_on_restart_is_said_so_at_check_and_in_
         assert _warnings_after_first_read(store, caplog) == []
     finally:
         client.config_set("save", "")  # else its shutdown would write a snapshot into the tests' folder
+
+
+def test_a_journal_dir_that_cannot_be_written_is_refused_at_check_and_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal is written only when a process stops while its store is down: a folder it cannot write
+    would be found then, and that spend lost. `--check` judges the folder; the start tries it."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.dispatch.dispatch_config import DispatcherConfig
+    from serving.dispatch.tenants import Tenants
+
+    monkeypatch.setenv("K", "search-key")
+
+    def config(journal_dir: Path) -> DispatcherConfig:
+        return DispatcherConfig.model_validate({
+            "tiers": {"small": {"base_url": "http://x/v1", "model": "m"}}, "fallback_tier": "small",
+            "tenants": {"search": {"api_keys_env": "K", "budget": {"usd": 5}}},
+            "spend_store": {"path": str(tmp_path / "spend.sqlite3"), "journal_dir": str(journal_dir)}})
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for where in (a_file, a_file / "journal"):
+        with pytest.raises(SpendStoreError, match=r"journal_dir .*(file, not a folder).*set spend_store\.journal_dir"):
+            check_tenants_and_store(config(where))
+        with pytest.raises(SpendStoreError, match=r"journal_dir .*a journal cannot be written there"):
+            Tenants(config(where), CollectorRegistry())
+    # Where no permission bit says so (a superuser's view of /proc): only trying to write finds it.
+    with pytest.raises(SpendStoreError, match=r"a journal cannot be written there"):
+        Tenants(config(Path("/proc/promptier-journal")), CollectorRegistry())
+    fine = tmp_path / "journal"
+    assert "will be created" in check_tenants_and_store(config(fine)) and not fine.exists()
+    Tenants(config(fine), CollectorRegistry()).close()
+    assert fine.is_dir() and not list(fine.iterdir())  # the probe leaves nothing behind

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,47 @@ def open_store(config: SpendStoreConfig) -> SpendStore:
     return RedisSpendStore(url, config.key_prefix)
 
 
+def _check_creatable(path: Path, what: str) -> None:
+    """Raise SpendStoreError unless `path` could be created: its nearest existing parent is a writable folder."""
+    folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise SpendStoreError(f"{what}: cannot be created: {folder} is a file, not a folder")
+    if folder is None or not os.access(folder, os.W_OK):
+        raise SpendStoreError(f"{what}: cannot be created: {folder} is not writable")
+
+
+def check_journal_dir(directory: Path, probe: bool = False) -> None:
+    """Raise SpendStoreError unless a journal can be written in `directory` (or it can be created).
+
+    The journal is written only when a process stops while the store is down: a folder it cannot write to
+    would otherwise be found then, and that spend lost, however long the dispatcher had run. (Redis's
+    default is the folder the dispatcher runs in, which under a service manager is often `/`.) `probe`:
+    create the folder and a file in it (at start), rather than judge by permissions (`--check`, which
+    writes nothing, and cannot see a read-only file system or what a superuser may not write).
+    """
+    what = f"spend_store.journal_dir {directory}"
+    hint = " (set spend_store.journal_dir to a folder the dispatcher may write)"
+    if probe:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".promptier-probe-"):
+                pass
+        except OSError as error:
+            raise SpendStoreError(f"{what}: a journal cannot be written there ({type(error).__name__}: "
+                                  f"{error.strerror or error}){hint}") from None
+        return
+    if directory.exists():
+        if not directory.is_dir():
+            raise SpendStoreError(f"{what}: is a file, not a folder{hint}")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise SpendStoreError(f"{what}: is not writable{hint}")
+        return
+    try:
+        _check_creatable(directory, what)
+    except SpendStoreError as error:
+        raise SpendStoreError(f"{error}{hint}") from None
+
+
 def check_tenants_and_store(config: DispatcherConfig) -> str:
     """What `promptier dispatch --check` says of the tenants, after reaching the spend store they need.
 
@@ -121,17 +163,14 @@ def check_tenants_and_store(config: DispatcherConfig) -> str:
     if not any(tenant.budget for tenant in config.tenants.values()):
         return summary
     settings = config.spend_store
+    check_journal_dir(settings.journal_directory())
     if settings.kind == "sqlite":  # a check writes nothing: the file is read if it is there, else its folder checked
         assert settings.path is not None
         path = Path(settings.path)
         if path.exists():
             SqliteSpendStore.read_only(path).close()
             return f"{summary}; spend store sqlite {path} reads"
-        folder = next((parent for parent in path.absolute().parents if parent.exists()), None)
-        if folder is not None and not folder.is_dir():
-            raise SpendStoreError(f"spend store {path}: cannot be created: {folder} is a file, not a folder")
-        if folder is None or not os.access(folder, os.W_OK):
-            raise SpendStoreError(f"spend store {path}: cannot be created: {folder} is not writable")
+        _check_creatable(path, f"spend store {path}")
         return f"{summary}; spend store sqlite {path} will be created"
     store = open_store(settings)
     try:
@@ -177,6 +216,7 @@ class Tenants:
         self.ledger: SpendLedger | None = None
         budgeted = [tenant for tenant in self.by_name.values() if tenant.budget is not None]
         if budgeted:
+            check_journal_dir(config.spend_store.journal_directory(), probe=True)
             self.ledger = SpendLedger(open_store(config.spend_store), config.spend_store.refresh_ms / 1000,
                                       on_refresh=self._show_spend,
                                       on_error=lambda operation: self.metrics.store_errors.labels(operation).inc(),
