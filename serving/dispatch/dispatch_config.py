@@ -122,8 +122,8 @@ class SavingsPageConfig(_Strict):
 
     enabled: bool = True
     max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, description="the newest this many bytes of "
-                           "the decision log and its backups are read (~15,000 requests at 270 bytes a line); "
-                           "reading costs about a second of one core per 4-16 MB (serving/README.md)")
+                           "the decision log and its backups are read (~4,700 requests at 890 bytes a line); "
+                           "reading costs up to a second of one core per 4-16 MB (serving/README.md)")
     operator_keys_env: str | None = Field(default=None, description="environment variable of comma-separated "
                                           "keys that see every tenant's figures; a tenant's own key sees only "
                                           "its own; these keys are accepted by the savings page and, once "
