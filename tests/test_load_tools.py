@@ -375,3 +375,22 @@ def test_a_load_test_whose_cpp_floor_fails_to_build_keeps_its_rows(tmp_path: Pat
     assert "native_transport_floor" not in report
     skipped = report["native_transport_floor_skipped"]
     assert "g++" in skipped and "version mismatch" in skipped
+
+
+def test_stopping_a_server_that_ignores_sigterm_kills_it_even_outside_a_session_of_its_own() -> None:
+    """The load test's server and echo floors share the bench's process group: killing "its group" reached
+    nothing, and the bench raised TimeoutExpired with the server still holding its port."""
+    import subprocess
+    import sys
+
+    from serving.bench.soak_processes import stop_process
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+                                 "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline().strip() == "ready"
+        assert stop_process(stubborn, timeout=0.5) is None  # it did not end by itself
+        assert stubborn.poll() is not None
+    finally:
+        stubborn.kill()

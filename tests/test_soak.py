@@ -117,6 +117,47 @@ def test_sigterm_stops_every_service_the_soak_started(tmp_path: Path) -> None:
             soak.kill()
 
 
+def test_a_sigterm_during_the_soaks_own_shutdown_still_stops_the_service(tmp_path: Path) -> None:
+    """The soak ends by stopping its processes one by one, the dispatcher taking up to half a minute: a
+    first SIGTERM then, acted on at once, stopped the cleanup before the gRPC service, which runs in a
+    session of its own and was left running for good."""
+    import contextlib
+    import signal
+    import time
+
+    import psutil
+
+    soak = subprocess.Popen([sys.executable, "-m", "classifier.cli", "soak", "--minutes", "0.2",
+                             "--slow-connections", "5", "--label-rows", "300", "--label-every", "30",
+                             "--chaos-every", "30", "--out", str(tmp_path / "soak.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    started: list[psutil.Process] = []
+    try:
+        assert soak.stdout is not None
+        scratch = Path(soak.stdout.readline().rsplit("scratch ", 1)[1].strip())
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and soak.poll() is None:
+            for child in psutil.Process(soak.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if child not in started and " serve " in " ".join(child.cmdline()):
+                        started.append(child)
+            err = scratch / "dispatch.err"
+            if err.exists() and "Shutting down" in err.read_text(errors="replace"):
+                break  # the soak's cleanup has begun: it stops the dispatcher before the service
+            time.sleep(0.05)
+        assert started, "the soak did not start its service"
+        soak.send_signal(signal.SIGTERM)
+        soak.wait(180)
+        _, alive = psutil.wait_procs(started, timeout=60)
+        assert not alive, alive
+    finally:
+        if soak.poll() is None:
+            soak.kill()
+        for child in started:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
 def test_stopping_the_label_jobs_ends_a_round_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A soak ended early (SIGTERM) runs no `finally` in the daemon thread of its label rounds: the jobs
     of the round under way must be ended from outside it, or they label on after the soak exited."""

@@ -283,10 +283,12 @@ def _run(model: str | None, workdir: Path, count: int, load_seconds: float, over
                                             for concurrency in (8, 32)]
             finally:
                 if dispatch is not None:
-                    stop_process(dispatch)
+                    with exit_deferred():
+                        stop_process(dispatch)
     finally:
-        for process in processes:
-            stop_process(process)
+        with exit_deferred():  # a signal acted on midway would leave the rest running
+            for process in processes:
+                stop_process(process)
     return report
 
 

@@ -356,12 +356,15 @@ def run_soak(options: SoakOptions, workdir: Path) -> dict:
         report.update(traffic=traffic, upstream=upstream, chaos=asdict(chaos), label_rounds=rounds)
     finally:
         stop.set()
-        # The label jobs and the traffic first: on a soak ended early they still run, and the slow
-        # connections would hold the dispatcher's shutdown open until it is killed.
-        label_jobs.stop_all()
-        children.stop_all()
-        report["dispatch_stop_exit_code"] = stop_process(dispatch) if dispatch is not None else None
-        report["serve_stop_exit_code"] = stop_process(serve) if serve is not None else None
+        # A SIGTERM or Ctrl-C while this runs (stopping the dispatcher may take STOP_TIMEOUT_S) waits for
+        # its end: acted on midway, it would leave the service, in a session of its own, running for good.
+        with exit_deferred():
+            # The label jobs and the traffic first: on a soak ended early they still run, and the slow
+            # connections would hold the dispatcher's shutdown open until it is killed.
+            label_jobs.stop_all()
+            children.stop_all()
+            report["dispatch_stop_exit_code"] = stop_process(dispatch) if dispatch is not None else None
+            report["serve_stop_exit_code"] = stop_process(serve) if serve is not None else None
     report["load_average_after"] = list(os.getloadavg())
     report["logs"] = {
         "serve_tracebacks": _count_in(workdir / "serve.err", TRACEBACK),

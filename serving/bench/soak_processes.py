@@ -70,6 +70,9 @@ def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> 
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # workers it may have left behind
     if code is None:
+        # A process not started in a session of its own leads no group of its own to kill.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
         process.wait(10)
     return code
 
