@@ -181,7 +181,9 @@ def dispatch_bench(
     requests: Annotated[int, typer.Option(min=1, help="requests per measurement")] = 500,
     config_overlay: Annotated[Path | None, typer.Option(help="YAML whose top-level sections are added to every "
                                                         "dispatcher config of the bench (e.g. tenants and "
-                                                        "spend_store, to measure their cost)")] = None,
+                                                        "spend_store, to measure their cost; not the sections "
+                                                        "the bench sets: classifier, tiers, fallback_tier, "
+                                                        "decision_log)")] = None,
     load: Annotated[bool, typer.Option(help="also measure under load with h2load, if installed")] = True,
 ) -> None:
     """Measure the latency the dispatcher adds over calling an upstream directly (loopback)."""
@@ -189,6 +191,7 @@ def dispatch_bench(
     import yaml
 
     from classifier.yaml_files import load_yaml
+    from serving.bench.dispatch_bench import BENCH_OWNED_SECTIONS
     from serving.bench.dispatch_bench import main as run_dispatch_bench
 
     overlay: dict | None = None
@@ -199,6 +202,13 @@ def dispatch_bench(
             fail(error)
         if not isinstance(read, dict):
             fail(ValueError(f"{config_overlay}: a config overlay is a mapping of config sections"))
+        # The bench's own sections say what each of its rows measures: an overlay that replaced them would
+        # measure one setup under several names (or write the decision log where the bench cannot read it).
+        owned = sorted(set(read) & set(BENCH_OWNED_SECTIONS))
+        if owned:
+            fail(ValueError(f"{config_overlay}: {', '.join(owned)} {'is' if len(owned) == 1 else 'are'} set by "
+                            "the bench itself (each row's classifier, stand-in tiers and decision log); an "
+                            "overlay adds other sections, such as tenants and spend_store"))
         overlay = read
     artifact = _bench_model(model)
     try:
@@ -335,8 +345,9 @@ def loadtest(
 
     if generator not in ("auto", "h2load", "python"):
         raise typer.BadParameter(f"--generator must be auto, h2load or python, not {generator!r}")
+    artifact = _bench_model(model)  # outside the try: its refusal (typer.Exit) is a RuntimeError too
     try:
-        run_loadtest(_bench_model(model), out, seconds, workers, generator)
+        run_loadtest(artifact, out, seconds, workers, generator)
     except (FileNotFoundError, RuntimeError) as error:
         fail(error)
 

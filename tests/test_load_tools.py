@@ -233,6 +233,7 @@ def test_benches_refuse_a_bad_artifact_before_starting_any_service(command: str,
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2
     assert "artifact directory missing-model does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr  # said once, not followed by "error: 2"
 
 
 @pytest.mark.parametrize("command", ["dispatch-bench", "loadtest", "litellm-bench", "soak"])
@@ -254,6 +255,18 @@ def test_benches_refuse_a_report_path_they_cannot_write_before_measuring(command
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert f"--out {out}: cannot write there" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("section", ["decision_log", "classifier", "tiers"])
+def test_dispatch_bench_refuses_an_overlay_of_its_own_sections(tmp_path: Path, section: str) -> None:
+    """A `decision_log` overlay wrote the log where the bench could not read it (a traceback after the
+    services started); a `classifier` one measured one setup under both rows' names."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"{section}:\n  path: elsewhere.jsonl\n")
+    result = _dispatch_bench(tmp_path, "--config-overlay", str(overlay))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{section} is set by the bench itself" in result.stderr
+    assert not (tmp_path / "bench-dispatch.json").exists()
 
 
 def test_dispatch_bench_refuses_no_requests_before_starting_any_service(tmp_path: Path) -> None:

@@ -201,6 +201,10 @@ def _load(dispatcher_url: str, body: dict, concurrency: int, seconds: float) -> 
             "fallback_share": answered.get("fallback", 0.0) / total}
 
 
+# The config sections each measured dispatcher gets from the bench; a config overlay adds others.
+BENCH_OWNED_SECTIONS = ("classifier", "tiers", "fallback_tier", "decision_log")
+
+
 def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0, overlay: dict | None = None,
          load: bool = True) -> dict:
     """Measure the dispatcher with the gRPC classifier and with the classifier embedded in-process:
