@@ -159,7 +159,7 @@ def run_benchmark(model: str | None, iterations: int = 2000, seconds: float = 5.
     result: dict = {"model_version": runtime.model_version, "architecture": runtime.manifest.architecture,
                     "cpu": cpu_description(), "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
                     # What the run was asked for, so a figure can be rerun as it was measured (the long
-                    # buckets take a quarter of the iterations, at least 200: each bucket's `n` says).
+                    # character bucket takes a quarter of the iterations, at least 200: each bucket's `n` says).
                     "settings": {"iterations": iterations, "seconds": seconds},
                     "latency_batch1_1thread": {}, "throughput": {}}
     prompts_by_bucket = {}
