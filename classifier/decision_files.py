@@ -9,6 +9,7 @@ them with the log they belong to (training.data), wherever the log was named fro
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 OUTCOMES_INFIX = ".outcomes."
@@ -29,6 +30,7 @@ def outcome_logs_beside(log: Path) -> list[Path]:
     base = Path(name)
     if OUTCOMES_INFIX in name or not base.suffix:
         return []
-    pattern = f"{base.stem}{OUTCOMES_INFIX}*{base.suffix}"
+    # Escaped: a log named `decisions[1].jsonl` would otherwise glob for `decisions1...` and find nothing.
+    pattern = f"{glob.escape(base.stem)}{OUTCOMES_INFIX}*{base.suffix}"
     return sorted(path for path in log.parent.glob(pattern + "*") if path.is_file()
                   and (path.name.endswith(base.suffix) or is_rotated_jsonl(path)))

@@ -77,6 +77,11 @@ def test_config_validation(tmp_path: Path) -> None:
                         f"decision_log: {{path: logs/{name}}}\n")
         with pytest.raises(ConfigError, match=rf"decision_log\.path: .*must name a \.jsonl file.*'{name}'"):
             load_dispatcher_config(path)
+    # Named like an outcome file, its own outcome files would never be looked for: nothing it logs would train.
+    path.write_text("tiers: {small: {base_url: 'http://x/v1', model: m}}\nfallback_tier: small\n"
+                    "decision_log: {path: logs/team.outcomes.jsonl}\n")
+    with pytest.raises(ConfigError, match=r"decision_log\.path: .*reads as an outcome file"):
+        load_dispatcher_config(path)
 
 
 def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 import classifier
+from classifier.decision_files import outcome_log_path
 from serving.dispatch.app import create_app
 from serving.dispatch.decision_log import OUTCOME_KIND as LOGGED_OUTCOME_KIND
 from serving.dispatch.dispatch_config import DispatcherConfig
@@ -187,6 +188,29 @@ def test_an_outcome_joins_only_a_request_of_the_tenant_whose_key_reported_it(tmp
     rows, report = read_logs([log])
     assert {row.prompt_id[-1]: row.score for row in rows} == {"1": 1.0, "3": 1.0}
     assert report.not_trainable["outcome reported with another tenant's key"] == 1
+
+
+def test_only_answered_requests_train_and_outcomes_survive_a_compact_rewrite(tmp_path: Path) -> None:
+    """A gateway scoring failed calls 0 taught that a tier cannot answer a prompt it was never asked to
+    answer: an upstream's 429, a caller gone (499) or a broken stream (599) trains nothing, and is counted.
+    A log rewritten compactly (a log shipper, jq -c) keeps its outcomes, and so does a log whose name has
+    glob characters in it."""
+    def request(number: int, status: int) -> dict:
+        return {"schema_version": 11, "prompt_id": f"dispatcher:{number:032x}", "prompt": f"question {number}",
+                "model": "small-upstream-model", "score": None, "cost_usd": 0.001, "source": "dispatcher",
+                "category": "", "tier": "small", "routed_tier": "small", "tenant": "default", "status": status}
+
+    statuses = {1: 200, 2: 429, 3: 499, 4: 599, 5: 400}
+    requests = [request(number, status) for number, status in statuses.items()]
+    outcomes = [{"schema_version": 11, "kind": OUTCOME_KIND, "prompt_id": f"dispatcher:{number:032x}", "score": 0.0,
+                 "judge": None, "time": "2026-12-04T00:00:00Z", "tenant": "default"} for number in statuses]
+    log = tmp_path / "decisions[1].jsonl"
+    log.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in requests))
+    outcome_log = outcome_log_path(log, "default")
+    outcome_log.write_text("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in outcomes))
+    rows, report = read_logs([log])
+    assert [(row.prompt_id[-1], row.score) for row in rows] == [("1", 0.0)]
+    assert report.not_trainable["not an answer (the call ended with a status other than 2xx)"] == 4
 
 
 def test_a_decision_log_gives_its_prompts_as_unlabeled_or_parity_prompts(tmp_path: Path) -> None:

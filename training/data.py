@@ -268,7 +268,9 @@ def reported_outcomes(files: Sequence[Path]) -> dict[OutcomeKey, float]:
     """The mean reported score per (prompt_id, reporting tenant), from the outcome lines of decision logs (a
     first pass that reads only files that start like a decision log, and parses only lines naming the
     outcome kind)."""
-    marker = f'"kind": "{OUTCOME_KIND}"'.encode()
+    # Lines are parsed only when they may be outcomes; the kind is checked once parsed, so that a log
+    # rewritten compactly (`"kind":"outcome"`, by a log shipper or jq -c) keeps its outcomes.
+    marker = f'"{OUTCOME_KIND}"'.encode()
     sums: dict[OutcomeKey, list[float]] = {}
     for path in files:
         if path.suffix == ".parquet":
@@ -285,9 +287,11 @@ def reported_outcomes(files: Sequence[Path]) -> dict[OutcomeKey, float]:
                     record = json.loads(raw_line)
                 except ValueError:
                     continue  # reported as invalid by the main pass
-                score = record.get("score") if isinstance(record, dict) else None
-                prompt_id = record.get("prompt_id") if isinstance(record, dict) else None
-                tenant = record.get("tenant") if isinstance(record, dict) else None
+                if not isinstance(record, dict) or record.get("kind") != OUTCOME_KIND:
+                    continue
+                score = record.get("score")
+                prompt_id = record.get("prompt_id")
+                tenant = record.get("tenant")
                 if (isinstance(prompt_id, str) and isinstance(score, int | float) and not isinstance(score, bool)
                         and 0.0 <= score <= 1.0 and (tenant is None or isinstance(tenant, str))):
                     total = sums.setdefault((prompt_id, tenant), [0.0, 0.0])
@@ -311,6 +315,12 @@ def _join_outcome(record: object, outcomes: dict[OutcomeKey, float], report: Ski
     if explored_only and "routed_tier" in record and record.get("tier") != record.get("routed_tier"):
         # The drawn tier's upstream failed and another answered: that tier was not drawn at random.
         report.not_trainable["explored, but the drawn tier's upstream failed"] += 1
+        return None
+    status = record.get("status")
+    if "routed_tier" in record and "status" in record and not (isinstance(status, int) and 200 <= status < 300):
+        # No answer to score: an upstream's 4xx or rate limit, a caller gone (499) or a broken stream (599).
+        # A gateway that scores failed calls 0 would otherwise teach that the tier cannot answer the prompt.
+        report.not_trainable["not an answer (the call ended with a status other than 2xx)"] += 1
         return None
     if record.get("score") is not None or "routed_tier" not in record:
         return record  # scored already, or not a decision-log line (parse_row says if it is invalid)

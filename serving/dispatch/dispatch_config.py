@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from classifier.artifact import MODES
+from classifier.decision_files import OUTCOMES_INFIX
 from classifier.errors import PromptierError, validation_problems
 from classifier.yaml_files import load_yaml
 from serving.common.keys import header_safe
@@ -114,6 +115,9 @@ class DecisionLogConfig(_Strict):
         if path.suffix != ".jsonl":
             raise ValueError(f"must name a .jsonl file (the log is JSON lines, and promptier train reads "
                              f"logs by their extension), not {path.name!r}")
+        if OUTCOMES_INFIX in path.name:
+            raise ValueError(f"{path.name!r} reads as an outcome file (its name holds {OUTCOMES_INFIX!r}): training "
+                             "would never look for this log's own outcome files; name it otherwise")
         return path
 
 

@@ -8,7 +8,8 @@ to (the tenant's tiers that can serve what it needs). While it is on, the decisi
 every classified request, the probability that its tier was chosen (`propensity`: (1 - e) if it is
 the policy's tier, plus e / n) and whether the draw decided (`explored`). Explored answers are a
 randomized experiment: training on them alone (`outcome_rows: explored` in the training config) is
-unbiased; all rows can be weighted by 1 / propensity instead. Exploration costs quality or money on
+unbiased; a caller's own tooling can weight the classified, unescalated rows by 1 / propensity instead
+(the propensity is the routed tier's; training does not weight). Exploration costs quality or money on
 purpose, so it is off unless configured.
 """
 
