@@ -31,9 +31,11 @@ LiteLLM is imported by this module only: nothing else in Promptier imports it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +52,16 @@ from classifier.errors import ArtifactError, InvalidInputError
 from serving.common.batcher import BatcherMetrics
 from serving.dispatch.dispatch_config import ClassifierEndpoint, ConfigError, read_config
 from serving.dispatch.route_classifier import ClassifierUnavailable, EmbeddedRouteClassifier, GrpcRouteClassifier
+
+# LiteLLM resolves the callback `serving.litellm_router.hook` by file path when its config's folder holds
+# `serving/litellm_router.py` (the Promptier checkout's root, where the README runs the proxy): that runs
+# this file a second time, as a module Python's import system does not know, whose pydantic models cannot
+# resolve their postponed annotations. Such a copy imports the real module first (its models then resolve
+# against it) and hands out the real module's objects (`__getattr__`): one hook, one classifier per process.
+_MODULE = "serving.litellm_router"
+_PATH_LOADED_COPY = getattr(sys.modules.get(_MODULE), "__dict__", None) is not globals()
+if _PATH_LOADED_COPY:
+    importlib.import_module(_MODULE)
 
 try:
     from fastapi import HTTPException
@@ -344,8 +356,11 @@ _hook: PromptierRouter | None = None
 
 def __getattr__(name: str) -> PromptierRouter:
     """`serving.litellm_router.hook`: the hook built from PROMPTIER_LITELLM_CONFIG, once per process, when
-    LiteLLM resolves its callbacks (never at import)."""
+    LiteLLM resolves its callbacks (never at import); from a copy loaded by file path, the real module's."""
     global _hook
+    if _PATH_LOADED_COPY:
+        hook: PromptierRouter = getattr(sys.modules[_MODULE], name)
+        return hook
     if name != "hook":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _hook is None:

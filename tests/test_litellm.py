@@ -106,10 +106,11 @@ def upstreams() -> Iterator[dict[str, Upstream]]:
 
 @pytest.fixture(scope="module")
 def proxy(upstreams: dict[str, Upstream], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    """The proxy with the shipped model embedded, as the README configures it, plus two more routers (built from
-    a module beside the config, as a user's own would be): one whose top tier maps to a group the proxy lacks,
-    one whose top tier maps to a name only a wildcard deployment serves."""
+    """The proxy with the shipped model embedded, as the README configures and runs it, plus two more routers
+    (built from a module beside the config, as a user's own would be): one whose top tier maps to a group the
+    proxy lacks, one whose top tier maps to a name only a wildcard deployment serves."""
     directory = tmp_path_factory.mktemp("litellm")
+    _checkout_like(directory)  # as the README runs it: the config at the checkout's root, beside `serving/`
     promptier_config = _write(directory / "promptier.yaml", {
         "tiers": GROUPS, "fallback_tier": "medium", "classifier": {"embedded": True, "timeout_ms": 2000}})
     unserved = _write(directory / "unserved.yaml", {
@@ -476,3 +477,57 @@ def test_litellm_bench_names_a_failed_answer_instead_of_a_traceback() -> None:
     with httpx.Client(transport=httpx.MockTransport(fail)) as client, \
             pytest.raises(RuntimeError, match=r"answered 500: .*upstream connection refused"):
         _timed(client, "http://proxy/v1/chat/completions", {"model": "promptier"})
+
+
+# LiteLLM resolving `callbacks: ["serving.litellm_router.hook"]` for a config at the Promptier checkout's root: it
+# finds `serving/litellm_router.py` beside the config and loads that file by path, as a module of no package.
+RESOLVE_BESIDE_A_CHECKOUT = """
+import sys
+from litellm.proxy.types_utils.utils import get_instance_fn
+
+hook = get_instance_fn("serving.litellm_router.hook", config_file_path=sys.argv[1])
+import serving.litellm_router as real
+
+assert hook is real.hook, (hook, real.hook)
+print("one hook:", type(hook).__module__, type(hook).__qualname__)
+"""
+
+
+def _checkout_like(directory: Path) -> Path:
+    """A LiteLLM config path in `directory`, beside a `serving` folder that is this package."""
+    import serving
+
+    (directory / "serving").symlink_to(Path(serving.__file__).resolve().parent, target_is_directory=True)
+    return _write(directory / "litellm.yaml", {"litellm_settings": {"callbacks": ["serving.litellm_router.hook"]}})
+
+
+def test_a_config_beside_the_serving_folder_gets_the_one_real_hook(tmp_path: Path) -> None:
+    """In a fresh process, as the proxy starts: the copy LiteLLM loads by path made a hook whose config model
+    pydantic could not build (`LiteLLMRouterConfig is not fully defined`), and the proxy did not start."""
+    import subprocess
+    import sys
+
+    config = _checkout_like(tmp_path)
+    promptier_config = _write(tmp_path / "promptier.yaml", {"tiers": GROUPS, "fallback_tier": "medium",
+                                                            "classifier": {"embedded": True}})
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, CONFIG_ENV: str(promptier_config), "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", RESOLVE_BESIDE_A_CHECKOUT, str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "one hook: serving.litellm_router PromptierRouter" in done.stdout
+
+
+def test_a_copy_loaded_by_path_hands_out_the_hook_already_built(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a process that already imported the module: the copy built a second hook (a second model, or a
+    ConfigError without PROMPTIER_LITELLM_CONFIG) instead of handing out the one there is."""
+    from litellm.proxy.types_utils.utils import get_instance_fn
+
+    import serving.litellm_router as module
+
+    built = object()
+    monkeypatch.setattr(module, "_hook", built)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert get_instance_fn("serving.litellm_router.hook", config_file_path=str(_checkout_like(tmp_path))) is built
