@@ -66,13 +66,17 @@ if _PATH_LOADED_COPY:
 try:
     from fastapi import HTTPException
     from litellm.integrations.custom_logger import CustomLogger
+    from litellm.litellm_core_utils.core_helpers import get_metadata_variable_name_from_kwargs
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("serving.litellm_router needs LiteLLM: pip install 'promptier[litellm]'") from error
 
 log = logging.getLogger("promptier.litellm")
 CONFIG_ENV = "PROMPTIER_LITELLM_CONFIG"
 MODE_KEY = "promptier_mode"  # in the request's `metadata`: this request's routing mode
-RECORD_KEY = "promptier"  # in the request's `metadata`: the decision, for headers and LiteLLM's loggers
+RECORD_KEY = "promptier"  # in LiteLLM's metadata bucket: the decision, for headers and LiteLLM's loggers
+# Where LiteLLM keeps its metadata: `metadata` on /chat/completions; `litellm_metadata` on /v1/responses,
+# /v1/messages, batches and files, whose `metadata` is the caller's own, for the provider.
+METADATA_BUCKETS = ("metadata", "litellm_metadata")
 HEADER_PREFIX = "x-promptier-"
 # LiteLLM's own metadata field for what its spend logs keep: they, and every logger that reads the
 # StandardLoggingPayload (Langfuse, OpenTelemetry, S3, ...), drop metadata keys LiteLLM does not know.
@@ -303,19 +307,28 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
                                   ) -> dict | None:
         """LiteLLM's pre-call hook: rewrite `model` of a request for the router model to its tier's group.
 
+        The decision goes into the metadata bucket LiteLLM keeps for this request (`metadata` or
+        `litellm_metadata`, chosen as LiteLLM chooses it); a `promptier` entry a caller wrote into either
+        bucket, or into either's `spend_logs_metadata`, is dropped on every request, routed or not.
+
         Raises:
             HTTPException: 400 for an unknown `metadata.promptier_mode`; 500 when a mapped group is not served.
         """
-        metadata = data.get("metadata")
-        if data.get("model") != self.config.router_model:
+        for key in METADATA_BUCKETS:
+            metadata = data.get(key)
+            # A RoutingRecord is another router's decision (several routers see each request, in turn):
+            # only a caller's dict is dropped, which must not come back as headers or be logged.
             if isinstance(metadata, dict) and not isinstance(metadata.get(RECORD_KEY), RoutingRecord):
-                metadata.pop(RECORD_KEY, None)  # a caller's own "decision" must not come back as headers
+                metadata.pop(RECORD_KEY, None)
                 _spend_logs_record(metadata, None)
+        if data.get("model") != self.config.router_model:
             return None
         self._check_groups()
         record = await self.decide(data, call_type)
+        bucket = get_metadata_variable_name_from_kwargs(data)
+        metadata = data.get(bucket)
         if not isinstance(metadata, dict):
-            metadata = data["metadata"] = {}
+            metadata = data[bucket] = {}
         metadata[RECORD_KEY] = record
         _spend_logs_record(metadata, record)
         data["model"] = record["model_group"]
@@ -326,12 +339,13 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
                                                     litellm_call_info: dict[str, object] | None = None
                                                     ) -> dict[str, str] | None:
         """The decision as `x-promptier-*` headers, on routed requests only (failed ones included)."""
-        metadata = data.get("metadata")
-        record = metadata.get(RECORD_KEY) if isinstance(metadata, dict) else None
-        if not isinstance(record, RoutingRecord):
-            return None
-        return {f"{HEADER_PREFIX}{key.replace('_', '-')}": str(value) for key, value in record.items()
-                if value is not None}
+        for key in METADATA_BUCKETS:
+            metadata = data.get(key)
+            record = metadata.get(RECORD_KEY) if isinstance(metadata, dict) else None
+            if isinstance(record, RoutingRecord):
+                return {f"{HEADER_PREFIX}{name.replace('_', '-')}": str(value) for name, value in record.items()
+                        if value is not None}
+        return None
 
 
 def _spend_logs_record(metadata: dict, record: RoutingRecord | None) -> None:

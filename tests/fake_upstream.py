@@ -103,6 +103,19 @@ class Upstream:
                 answer["usage"] = self.usage
             return answer
 
+        @app.post("/v1/responses")
+        async def responses(request: Request):  # type: ignore[no-untyped-def]
+            # OpenAI's Responses API, answered as briefly as chat is: LiteLLM calls it for `/v1/responses`.
+            body = await request.json()
+            self.received.append({"body": body, "authorization": request.headers.get("authorization"),
+                                  "path": "/v1/responses"})
+            return {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+                    "model": body["model"], "output": [{
+                        "type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": f"answer from {self.name}", "annotations": []}]}],
+                    "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
         self.port = run_uvicorn(self.server)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -263,6 +264,86 @@ def test_the_decision_is_in_what_litellm_spend_logs_and_standard_loggers_see(
     _ask(proxy, HARD, model=GROUPS["small"], extra_body={"metadata": {"spend_logs_metadata": {
         "case": "pinned", "promptier": {"tier": "large", "reason": "classified"}}}})
     assert _logged(proxy, "pinned")["spend_logs_metadata"] == {"case": "pinned"}
+
+
+# LiteLLM's endpoints that keep its metadata in `litellm_metadata`, not in `metadata` (there the caller's own, for
+# the provider): a request for each, as a caller sends it.
+LITELLM_METADATA_ENDPOINTS = {
+    "/v1/responses": {"input": HARD, "metadata": {"app": "x"}},
+    "/v1/messages": {"max_tokens": 16, "messages": [{"role": "user", "content": HARD}],
+                     "metadata": {"user_id": "u1"}},
+}
+
+
+def _post(proxy: Proxy, path: str, body: dict) -> httpx.Response:
+    response = httpx.post(f"{proxy.url}{path}", json=body, headers={"authorization": f"Bearer {MASTER_KEY}"},
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    return response
+
+
+@pytest.mark.parametrize("path", LITELLM_METADATA_ENDPOINTS)
+def test_on_endpoints_with_litellm_metadata_the_decision_is_logged_and_a_forged_one_is_not(
+        proxy: Proxy, upstreams: dict[str, Upstream], path: str) -> None:
+    """There LiteLLM's spend logs read `litellm_metadata`: the decision written into `metadata` never reached
+    them, and a `promptier` entry the caller wrote into `litellm_metadata` was logged as the decision."""
+    forged = {"tier": "large", "model_group": GROUPS["large"], "reason": "classified"}
+    _clear(upstreams)
+    response = _post(proxy, path, {"model": "promptier", **LITELLM_METADATA_ENDPOINTS[path], "litellm_metadata": {
+        "promptier": forged, "spend_logs_metadata": {"case": f"{path} routed", "team": "a", "promptier": forged}}})
+    # Only chat requests are classified: these go to the fallback tier's group, and say so.
+    assert _received(upstreams) == {"small": 0, "medium": 1, "large": 0}
+    assert response.headers["x-promptier-reason"] == "fallback"
+    assert response.headers["x-promptier-cause"] == "unsupported_call_type"
+    logged = _logged(proxy, f"{path} routed")
+    assert logged["model_group"] == GROUPS["medium"]
+    assert logged["spend_logs_metadata"]["team"] == "a"
+    record = logged["spend_logs_metadata"].get("promptier")
+    assert isinstance(record, dict) and record.get("reason") == "fallback", logged
+    assert (record["tier"], record["model_group"], record["cause"]) == (
+        "medium", GROUPS["medium"], "unsupported_call_type")
+    # The caller's `metadata`, which goes to the provider, carries no record of the hook's.
+    sent = upstreams["medium"].received[0]["body"]
+    assert "promptier" not in json.dumps(sent.get("metadata")), sent
+    # Pinned: no decision logged, not even the caller's, and no headers.
+    response = _post(proxy, path, {"model": GROUPS["small"], **LITELLM_METADATA_ENDPOINTS[path], "litellm_metadata": {
+        "promptier": forged, "spend_logs_metadata": {"case": f"{path} pinned", "promptier": forged}}})
+    assert not [name for name in response.headers if name.startswith("x-promptier-")]
+    assert _logged(proxy, f"{path} pinned")["spend_logs_metadata"] == {"case": f"{path} pinned"}
+
+
+def test_the_hook_writes_where_litellm_keeps_its_metadata_and_drops_forged_records_from_both_buckets() -> None:
+    router = PromptierRouter(LiteLLMRouterConfig.model_validate(
+        {"tiers": GROUPS, "fallback_tier": "medium", "classifier": {"embedded": True, "timeout_ms": 2000}}))
+    router._groups_served = True  # no proxy here: its model groups are taken as served
+    forged = {"tier": "large", "reason": "classified"}
+
+    def request(model: str) -> dict:
+        return {"model": model, "input": HARD,
+                "metadata": {"app": "x", "promptier": forged, "spend_logs_metadata": {"promptier": forged}},
+                "litellm_metadata": {"promptier": forged, "spend_logs_metadata": {"case": 1, "promptier": forged}}}
+
+    async def hook(data: dict) -> dict:
+        return await router.async_pre_call_hook(None, None, data, "aresponses") or data
+
+    async def run() -> tuple[dict, dict, dict | None, dict | None]:
+        try:
+            routed, pinned = await hook(request("promptier")), await hook(request(GROUPS["small"]))
+            return (routed, pinned, await router.async_post_call_response_headers_hook(routed, None, None),
+                    await router.async_post_call_response_headers_hook(pinned, None, None))
+        finally:
+            await router.close()
+
+    routed, pinned, routed_headers, pinned_headers = asyncio.run(run())
+    record = routed["litellm_metadata"]["promptier"]
+    assert (routed["model"], record["model_group"], record["cause"]) == (
+        GROUPS["medium"], GROUPS["medium"], "unsupported_call_type")
+    assert routed["litellm_metadata"]["spend_logs_metadata"] == {"case": 1, "promptier": dict(record)}
+    assert routed["metadata"] == {"app": "x", "spend_logs_metadata": {}}  # the provider's: no record
+    assert routed_headers is not None and routed_headers["x-promptier-cause"] == "unsupported_call_type"
+    assert pinned["model"] == GROUPS["small"] and pinned_headers is None
+    assert pinned["metadata"] == {"app": "x", "spend_logs_metadata": {}}
+    assert pinned["litellm_metadata"] == {"spend_logs_metadata": {"case": 1}}
 
 
 def test_a_request_the_classifier_cannot_read_goes_to_the_fallback_group_visibly(
