@@ -88,6 +88,17 @@ CHAT_CALL_TYPES = frozenset({"acompletion", "completion"})
 TIMEOUT_MS = 50.0
 
 
+def _name_problem(name: str) -> str | None:
+    """What is wrong with `name` as a LiteLLM model name, or None. LiteLLM matches names exactly, so a name
+    padded with spaces is a slip that would never match what callers send or what model_list serves."""
+    if not name.strip():
+        return "is blank"
+    if name != name.strip():
+        return (f"has white space at its start or end: LiteLLM matches model names exactly, so it is not "
+                f"{name.strip()!r}")
+    return None
+
+
 class LiteLLMRouterConfig(BaseModel):
     """What the hook reads from the file named by PROMPTIER_LITELLM_CONFIG."""
 
@@ -100,6 +111,23 @@ class LiteLLMRouterConfig(BaseModel):
     fallback_tier: str = Field(description="tier whose group serves a request the classifier could not decide")
     default_mode: str = "balanced"
     classifier: ClassifierEndpoint = Field(default_factory=lambda: ClassifierEndpoint(timeout_ms=TIMEOUT_MS))
+
+    @field_validator("router_model")
+    @classmethod
+    def _exact_router_model(cls, value: str) -> str:
+        problem = _name_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}")
+        return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _exact_groups(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = [f"{tier}: {group!r} {problem}" for tier, group in value.items()
+                    if (problem := _name_problem(group))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("classifier", mode="before")
     @classmethod
@@ -115,9 +143,6 @@ class LiteLLMRouterConfig(BaseModel):
             raise ValueError(f"default_mode {self.default_mode!r} is not one of {MODES}")
         if self.fallback_tier not in self.tiers:
             raise ValueError(f"fallback_tier {self.fallback_tier!r} is not a configured tier {list(self.tiers)}")
-        empty = [tier for tier, group in self.tiers.items() if not group.strip()]
-        if empty:
-            raise ValueError(f"tiers {empty} map to an empty model group name")
         if self.router_model in self.tiers.values():
             raise ValueError(f"router_model {self.router_model!r} is also a tier's model group: a request for that "
                              "group would be classified instead of served as asked")

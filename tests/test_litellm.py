@@ -488,6 +488,14 @@ def test_bad_configs_are_refused_with_the_field_named(tmp_path: Path, monkeypatc
     assert "router_model 'cheap-group'" in refusal({"tiers": GROUPS, "fallback_tier": "small",
                                                     "router_model": "cheap-group"})
     assert "tiers" in refusal({"fallback_tier": "small"})
+    # LiteLLM matches model names exactly: a blank or padded name is a slip that would never match.
+    assert "router_model: Value error, ' ' is blank" in refusal({"tiers": GROUPS, "fallback_tier": "small",
+                                                                 "router_model": " "})
+    assert "router_model: Value error, ' promptier' has white space at its start or end" in refusal(
+        {"tiers": GROUPS, "fallback_tier": "small", "router_model": " promptier"})
+    padded = refusal({"tiers": {**GROUPS, "large": " top-group ", "small": "  "}, "fallback_tier": "small"})
+    assert "tiers: Value error, " in padded and "small: '  ' is blank" in padded
+    assert "large: ' top-group ' has white space at its start or end" in padded and "not 'top-group'" in padded
     assert "extra" in refusal({"tiers": GROUPS, "fallback_tier": "small", "fallback_group": "x"}).lower()
     # The model's tiers are small, medium, large: a map that leaves one out, or names another, cannot load.
     for tiers in ({"small": "a", "large": "b"}, {**GROUPS, "tiny": "t"}):
