@@ -232,7 +232,9 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         except Exception as error:  # grpc.RpcError, or a malformed address
             code = error.code() if isinstance(error, grpc.Call) else None
             # Said in the line itself: LiteLLM may print it without a level, and the proxy serves all the same.
-            log.warning(json.dumps({"event": "classifier_not_checked", "level": "warning", "address": address,
+            # Named by its model: a proxy with several routers has several classifiers to look at.
+            log.warning(json.dumps({"event": "classifier_not_checked", "router": self.config.router_model,
+                                    "level": "warning", "address": address,
                                     "detail": code.name if isinstance(code, grpc.StatusCode) else repr(error),
                                     "meaning": "requests go to the fallback tier's group "
                                                f"({self.config.tiers[self.config.fallback_tier]!r}) until the "
@@ -319,7 +321,8 @@ class PromptierRouter(CustomLogger):  # type: ignore[misc]  # LiteLLM's class, u
         elapsed_ms = (time.perf_counter() - started) * 1000
         if cause is not None:
             tier = self.config.fallback_tier
-            log.warning(json.dumps({"event": "classifier_fallback", "cause": cause, "tier": tier,
+            log.warning(json.dumps({"event": "classifier_fallback", "router": self.config.router_model,
+                                    "cause": cause, "tier": tier,
                                     "model_group": self.config.tiers[tier], **({"detail": detail} if detail else {})}))
             return RoutingRecord(tier=tier, model_group=self.config.tiers[tier], reason="fallback", cause=cause,
                             mode=mode, classifier_ms=round(elapsed_ms, 3))

@@ -356,7 +356,7 @@ def test_a_request_the_classifier_cannot_read_goes_to_the_fallback_group_visibly
     assert (raw.headers["x-promptier-reason"], raw.headers["x-promptier-cause"],
             raw.headers["x-promptier-tier"]) == ("fallback", "invalid_input", "medium")
     assert "x-promptier-confidence" not in raw.headers
-    assert '"event": "classifier_fallback", "cause": "invalid_input"' in proxy.tail(200_000)
+    assert '"event": "classifier_fallback", "router": "promptier", "cause": "invalid_input"' in proxy.tail(200_000)
 
 
 def test_a_tier_mapped_to_a_group_the_proxy_lacks_is_a_500_that_names_it(proxy: Proxy,
@@ -407,14 +407,16 @@ def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path, caplo
     """The gRPC form, with nothing listening: the start only warns (the service may come later); each request
     goes to the fallback group and says why."""
     config = LiteLLMRouterConfig.model_validate({
-        "tiers": GROUPS, "fallback_tier": "large",
+        "router_model": "promptier-grpc", "tiers": GROUPS, "fallback_tier": "large",
         "classifier": {"address": f"127.0.0.1:{free_port()}", "timeout_ms": 200}})
     router = PromptierRouter(config)
-    assert '"event": "classifier_not_checked"' in caplog.text and '"detail": "UNAVAILABLE"' in caplog.text
+    # Each line names its router: a proxy with several has several classifiers to look at.
+    assert '"event": "classifier_not_checked", "router": "promptier-grpc"' in caplog.text
+    assert '"detail": "UNAVAILABLE"' in caplog.text
     assert '"level": "warning"' in caplog.text and "requests go to the fallback tier's group" in caplog.text
 
     async def route() -> dict:
-        data = {"model": "promptier", "messages": [{"role": "user", "content": HARD}]}
+        data = {"model": "promptier-grpc", "messages": [{"role": "user", "content": HARD}]}
         try:
             await router.decide(data, "acompletion")  # the proxy's hook, less its check of the model groups
             return await router.decide(data, "acompletion")
@@ -423,6 +425,7 @@ def test_classifier_service_down_falls_back_with_its_cause(tmp_path: Path, caplo
 
     decision = asyncio.run(route())
     assert decision["reason"] == "fallback" and decision["model_group"] == "top-group"
+    assert '"event": "classifier_fallback", "router": "promptier-grpc", "cause": ' in caplog.text
     assert decision["cause"] in ("UNAVAILABLE", "timeout")
 
 
