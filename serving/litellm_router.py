@@ -4,9 +4,14 @@ the model group their tier maps to.
 In the LiteLLM config::
 
     router_settings:
-      model_group_alias: {promptier: medium}       # lists the name; where it goes if this hook is absent
+      # Lists the name in /v1/models, and is where it goes if this hook is absent: a model group (a
+      # model_name of model_list: the medium tier's in promptier-litellm.example.yaml), not a tier.
+      model_group_alias: {promptier: gpt-4o-mini}
     litellm_settings:
       callbacks: ["serving.litellm_router.hook"]   # built from the file named by PROMPTIER_LITELLM_CONFIG
+
+It routes in LiteLLM's proxy only: the SDK's `litellm.Router` never calls `async_pre_call_hook`, so a
+request made through it for the router model goes, unrouted, where `model_group_alias` sends it.
 
 The hook is a `CustomLogger` whose `async_pre_call_hook` rewrites the request's `model` before the
 proxy hands it to its Router, as LiteLLM's own sensitive-data routing does. Of LiteLLM 1.110's
