@@ -14,8 +14,8 @@ most capable allowed tier, p_top (see `relative_scores`), by one of two rules st
 
 Both are 0.5 when the tier is as likely as the top tier to answer well, and grow with p.
 
-A mode may also carry a *cheap floor*: the cheapest allowed tier is taken whenever its own calibrated
-probability reaches the floor, however sure the model is of the top tier. Relative rules alone send
+A mode may also carry a *cheap floor*: the cheapest tier, when the request allows it, is taken whenever its
+own calibrated probability reaches the floor, however sure the model is of the top tier. Relative rules alone send
 a prompt the cheapest tier answers 85% of the time to the top tier when the top tier is put at 99%;
 for obviously easy requests that is money spent on a difference the model cannot vouch for. Floors
 are chosen at training time on the probe suite's selection half, with the mode's threshold re-chosen
@@ -162,8 +162,10 @@ def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allow
         threshold: the relative score a cheaper tier must reach, in [0, 1]; or [n, 1], one per row.
         allowed: [n_tiers] or [n, n_tiers] boolean mask of tiers that may be chosen.
         rule: how a tier's score is compared with the top tier's (see `relative_scores`).
-        cheap_floor: where the cheapest allowed tier's own probability reaches it, that tier is chosen;
-            a number, or [n, 1] per row (NaN: no floor for that row); None: no floor.
+        cheap_floor: where the cheapest tier's own probability reaches it, that tier is chosen (when it
+            is allowed: the floor was chosen on the cheapest tier's probabilities, and a dearer tier's run
+            higher, so a request kept off the cheapest tier has no floor); a number, or [n, 1] per row
+            (NaN: no floor for that row); None: no floor.
     """
     if allowed.ndim == 1 and allowed.all():  # the common case: no per-request restriction
         passing = _relative_to(probabilities, probabilities[:, -1:], rule) >= threshold
@@ -176,9 +178,8 @@ def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allow
     rows = np.arange(len(top))
     passing = (_relative_to(probabilities, probabilities[rows, top][:, None], rule) >= threshold) & allowed
     if cheap_floor is not None:
-        cheapest = np.argmax(allowed, axis=1)
         floors = np.broadcast_to(np.asarray(cheap_floor, dtype=float).reshape(-1, 1), (len(rows), 1))[:, 0]
-        passing[rows, cheapest] |= probabilities[rows, cheapest] >= floors
+        passing[:, 0] |= allowed[:, 0] & (probabilities[:, 0] >= floors)
     passing[rows, top] = True
     return np.argmax(passing, axis=1)
 
@@ -199,12 +200,13 @@ def choose_tier(probabilities: Sequence[float], threshold: float, allowed: Seque
         threshold: the relative score a cheaper tier must reach, in [0, 1].
         allowed: which tiers may be chosen (None: all of them); at least one must be.
         rule: how a tier's score is compared with the top tier's (see `relative_scores`).
-        cheap_floor: where the cheapest allowed tier's own probability reaches it, that tier is chosen.
+        cheap_floor: where the cheapest tier's own probability reaches it, that tier is chosen (when it is
+            allowed; see `choose_tiers`).
     """
     candidates = range(len(probabilities)) if allowed is None else [i for i, ok in enumerate(allowed) if ok]
     top_probability = probabilities[candidates[-1]]
-    if cheap_floor is not None and probabilities[candidates[0]] >= cheap_floor:
-        return candidates[0]
+    if cheap_floor is not None and candidates[0] == 0 and probabilities[0] >= cheap_floor:
+        return 0
     for tier in candidates[:-1]:
         probability = probabilities[tier]
         if rule == "difference":

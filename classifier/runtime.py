@@ -53,8 +53,8 @@ class ClassificationResult:
     # prompts that are more unlike it (1 = as typical as any, 0 = beyond all of them); None when the
     # artifact does not measure it.
     familiarity: float | None = None
-    # The cheap floor the request routed under: where the cheapest allowed tier's own score reaches it,
-    # that tier is chosen whatever `threshold` says (with `scores`, `threshold` and the artifact's rule,
+    # The cheap floor the request routed under: where the cheapest tier's own score reaches it (and the
+    # request allows that tier), that tier is chosen whatever `threshold` says (with `scores`, `threshold` and the artifact's rule,
     # this reproduces the decision); None when the request's mode has none or it gave a threshold.
     cheap_floor: float | None = None
 

@@ -99,9 +99,14 @@ def test_cheap_floor_takes_the_cheapest_tier_when_it_is_likely_enough() -> None:
     # Per row; NaN is no floor for that row.
     per_row = np.array([[0.8], [np.nan], [np.nan]])
     assert choose_tiers(probabilities, 0.49, everything, cheap_floor=per_row).tolist() == [0, 2, 2]
-    # With the cheapest tier not allowed, the floor applies to the cheapest allowed one.
+    # With the cheapest tier not allowed there is no floor: it was chosen on that tier's probabilities, and a
+    # dearer tier's run higher. Were it applied to the cheapest allowed one, forbidding a tier the request
+    # never went to would send it to a cheaper one than before (row 1: large with every tier; medium, whose
+    # probability 0.9 passes the floor, were the floor medium's).
     no_small = np.array([[False, True, True]] * 3)
-    assert choose_tiers(probabilities, 0.49, no_small, cheap_floor=0.85).tolist() == [1, 1, 2]
+    assert choose_tiers(probabilities, 0.49, no_small, cheap_floor=0.85).tolist() == [2, 2, 2]
+    assert [choose_tier(row, 0.49, [False, True, True], cheap_floor=0.85) for row in probabilities] == [2, 2, 2]
+    assert choose_tiers(probabilities, 0.49, everything, cheap_floor=0.85).tolist() == [0, 2, 0]
 
 
 def test_cheap_floor_follows_the_mode_never_an_explicit_threshold() -> None:
@@ -140,3 +145,17 @@ def test_one_row_policy_chooses_as_the_vectorised_one(rule: str) -> None:
         if chosen != expected:
             disagreements.append((probabilities.tolist(), threshold, mask, floor, chosen, int(expected)))
     assert not disagreements, disagreements[:5]
+
+
+def test_forbidding_a_tier_the_request_did_not_go_to_leaves_its_tier_unchanged() -> None:
+    """On random rows, thresholds and floors, under both rules: taking away the cheapest tier changes the
+    choice only of the requests that went to it."""
+    rng = np.random.default_rng(7)
+    probabilities = rng.uniform(0.0, 1.0, size=(4000, 3))
+    thresholds = rng.uniform(0.0, 1.0, size=(4000, 1))
+    floors = rng.uniform(0.3, 1.0, size=(4000, 1))
+    for rule in ("ratio", "difference"):
+        every = choose_tiers(probabilities, thresholds, np.ones(3, dtype=bool), rule, floors)
+        no_small = choose_tiers(probabilities, thresholds, np.array([False, True, True]), rule, floors)
+        assert (every[every > 0] == no_small[every > 0]).all()
+        assert (no_small > 0).all() and (every == 0).any()
