@@ -54,8 +54,9 @@ class ClassificationResult:
     # artifact does not measure it.
     familiarity: float | None = None
     # The cheap floor the request routed under: where the cheapest tier's own score reaches it (and the
-    # request allows that tier), that tier is chosen whatever `threshold` says (with `scores`, `threshold` and the artifact's rule,
-    # this reproduces the decision); None when the request's mode has none or it gave a threshold.
+    # request allows that tier), that tier is chosen whatever `threshold` says (with `scores`, `threshold`
+    # and the artifact's rule, this reproduces the decision); None when the request's mode has none or it
+    # gave a threshold.
     cheap_floor: float | None = None
 
 
