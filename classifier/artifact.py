@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -200,6 +201,16 @@ class ArtifactManifest(_Strict):
         names = self.tier_names
         if len(set(names)) != len(names):
             raise ValueError("tier names are not unique")
+        # Said without the names or prices: a manifest's errors never quote the file (see _describe).
+        try:
+            check_tier_names(names)
+        except ValueError:
+            raise ValueError("a tier name is blank or has white space at its start or end") from None
+        try:
+            check_cheapest_first(self.tiers)
+        except ValueError:
+            raise ValueError("tiers are not listed cheapest first: routing reads them by position, and would "
+                             "send what it is sure of to the wrong end") from None
         if len(self.calibration.temperatures) != len(names):
             raise ValueError(
                 f"calibration has {len(self.calibration.temperatures)} temperatures for {len(names)} tiers"
@@ -210,6 +221,30 @@ class ArtifactManifest(_Strict):
         if self.schema_version == 1 and self.files:
             raise ValueError("files needs schema_version 2")
         return self
+
+
+def check_cheapest_first(tiers: Sequence[TierSpec]) -> None:
+    """Refuse tiers listed out of price order. Routing reads the list by position (the first tier is the
+    cheapest, the last the most capable), so a pool written most capable first would train a router that
+    sends every prompt it is sure of to the wrong end, and a manifest edited so would serve one. A tier is
+    out of order where it is cheaper than the one before it on one price and no dearer on the other; one
+    dearer on input and cheaper on output (other providers' price shapes) is left as written."""
+    for before, after in itertools.pairwise(tiers):
+        prices = (after.input_usd_per_mtok, after.output_usd_per_mtok)
+        previous = (before.input_usd_per_mtok, before.output_usd_per_mtok)
+        if prices != previous and all(price <= earlier for price, earlier in zip(prices, previous, strict=True)):
+            raise ValueError(
+                f"tiers must be listed cheapest first: {after.name!r} (USD {after.input_usd_per_mtok:g} / "
+                f"{after.output_usd_per_mtok:g} per million input / output tokens) comes after {before.name!r} "
+                f"({before.input_usd_per_mtok:g} / {before.output_usd_per_mtok:g}) and costs less")
+
+
+def check_tier_names(names: Sequence[str]) -> None:
+    """Refuse a tier name that is blank or padded with white space: it is matched exactly (allowed tiers,
+    a dispatcher's tiers, a pool's sources), so such a name is a slip that no caller would match."""
+    bad = [name for name in names if not name.strip() or name != name.strip()]
+    if bad:
+        raise ValueError(f"a tier name must be more than white space, with none at its start or end, got {bad}")
 
 
 def _schema_fields(model: type[BaseModel], seen: set[str] | None = None) -> set[str]:

@@ -296,7 +296,9 @@ def test_split_is_seeded_by_prompt_and_holds_out_sources(pool) -> None:  # type:
      "output: 0.2}}]", r"cheapest first: 'small' \(USD 0.2 / 0.2 per million input / output tokens\) comes after "
                        r"'large' \(1.25 / 5\) and costs less"),
     ("tiers: [{name: a, usd_per_mtok: {input: 1, output: 1}}, {name: ' ', usd_per_mtok: {input: 2, output: 2}}]",
-     "more than whitespace"),
+     "more than white space"),
+    ("tiers: [{name: a, usd_per_mtok: {input: 1, output: 1}}, {name: ' b', usd_per_mtok: {input: 2, output: 2}}]",
+     r"none at its start or end, got \[' b'\]"),
     ("tiers: [{name: a, usd_per_mtok: {input: true, output: 1}}, {name: b, usd_per_mtok: {input: 2, output: 2}}]",
      r"tiers\.0\.input_usd_per_mtok: Input should be a valid number"),
     (POOL_YAML.replace("small: a-7b", "small: a-70b"), r"maps model 'a-70b' to tiers \['small', 'medium'\]"),

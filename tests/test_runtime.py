@@ -55,6 +55,17 @@ def test_manifest_inconsistent_with_model_is_refused(shipped_artifact_copy: Path
     manifest_path.write_text("{ not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         classifier.load(shipped_artifact_copy)
+    # Tiers edited out of price order would serve routing backwards: what it is sure of to the wrong end.
+    manifest["tiers"] = manifest["tiers"][:3][::-1]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="tiers are not listed cheapest first") as info:
+        classifier.load(shipped_artifact_copy)
+    assert "large" not in str(info.value)  # names and prices are not quoted
+    manifest["tiers"] = manifest["tiers"][::-1]
+    manifest["tiers"][1]["name"] = " medium"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="a tier name is blank or has white space at its start or end"):
+        classifier.load(shipped_artifact_copy)
 
 
 def test_bad_inputs_raise_clear_errors(shipped_artifact: Path) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import pairwise
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from classifier.artifact import TierSpec
+from classifier.artifact import TierSpec, check_cheapest_first, check_tier_names
 from classifier.errors import validation_problems
 from classifier.yaml_files import load_yaml
 from training.errors import DataError
@@ -43,10 +42,8 @@ class Pool(BaseModel):
         names = self.tier_names
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
-        blank = [name for name in names if not name.strip()]
-        if blank:
-            raise ValueError(f"a tier name must hold more than whitespace, got {blank}")
-        _check_cheapest_first(self.tiers)
+        check_tier_names(names)
+        check_cheapest_first(self.tiers)
         for source, mapping in self.sources.items():
             unknown = sorted(set(mapping) - set(names))
             if unknown:
@@ -84,22 +81,6 @@ class Pool(BaseModel):
             if mapped == model:
                 return self.tier_names.index(name)
         return None
-
-
-def _check_cheapest_first(tiers: list[TierSpec]) -> None:
-    """Refuse tiers listed out of price order. Routing reads the list by position (the first tier is the
-    cheapest, the last the most capable), so a pool written most capable first would train a router that
-    sends every prompt it is sure of to the wrong end. A tier is out of order where it is cheaper than the
-    one before it on one price and no dearer on the other; one dearer on input and cheaper on output (other
-    providers' price shapes) is left as written."""
-    for before, after in pairwise(tiers):
-        prices = (after.input_usd_per_mtok, after.output_usd_per_mtok)
-        previous = (before.input_usd_per_mtok, before.output_usd_per_mtok)
-        if prices != previous and all(price <= earlier for price, earlier in zip(prices, previous, strict=True)):
-            raise ValueError(
-                f"tiers must be listed cheapest first: {after.name!r} (USD {after.input_usd_per_mtok:g} / "
-                f"{after.output_usd_per_mtok:g} per million input / output tokens) comes after {before.name!r} "
-                f"({before.input_usd_per_mtok:g} / {before.output_usd_per_mtok:g}) and costs less")
 
 
 def _check_one_tier_per_model(source: str, mapping: Mapping[str, str]) -> None:
