@@ -12,6 +12,9 @@ every operator can read and predict:
 - short (`short_chars` characters or fewer), neither technical nor constrained: the cheapest tier;
 - anything else: the middle tier.
 
+Length counts what a reader sees: each run of white space as one character, none at the ends (a greeting
+padded with 3,000 spaces is still a greeting).
+
 The result says when the prior decided (`decided_by == "prior"`).
 """
 
@@ -92,10 +95,17 @@ def is_constrained_writing(text: str) -> bool:
     return _CONSTRAINED.search(text) is not None
 
 
+def visible_length(text: str) -> int:
+    """`text`'s length with each run of white space counted as one character and none at its ends."""
+    words = text.split()
+    return sum(map(len, words)) + max(len(words) - 1, 0)
+
+
 def prior_tier(text: str, n_tiers: int, config: PriorConfig) -> int:
     """Index of the tier the prior gives `text`, among `n_tiers` tiers cheapest first."""
-    if len(text) >= config.long_chars or is_technical(text) or is_constrained_writing(text):
+    length = visible_length(text)
+    if length >= config.long_chars or is_technical(text) or is_constrained_writing(text):
         return n_tiers - 1
-    if len(text) <= config.short_chars:
+    if length <= config.short_chars:
         return 0
     return (n_tiers - 1) // 2 if n_tiers > 2 else n_tiers - 1

@@ -202,6 +202,10 @@ def test_prior_reads_length_and_structure() -> None:
     assert is_technical("Solve \\int_0^1 x^2 dx") and is_technical("int main() {\n  return 0;\n}")
     assert is_technical("if a = b and b ≤ c then a ≤ c") and not is_technical("Thanks, see you at 5!")
     assert prior_tier("hi", 2, config) == 0 and prior_tier("x" * 500, 2, config) == 1
+    # Length is what a reader sees: padding a greeting with white space, which the model never reads, does
+    # not make it long.
+    for padded in ("Bonjour !" + " " * 3000, "\n" * 2500 + "Bonjour !", "Bonjour" + " \t\n " * 700 + "!"):
+        assert prior_tier(padded, 3, config) == 0
     # A short request to design a system is as demanding as a proof; everyday plans and designs are not.
     for design in ("Architect a real-time fraud detection pipeline for card payments under 50 ms.",
                    "Entwirf ein verteiltes Zahlungssystem.", "分散決済システムを設計してください",

@@ -282,6 +282,9 @@ def test_a_prompt_the_vocabulary_cannot_read_at_all_is_routed_by_the_prior(shipp
         assert result.decided_by == "prior" and result.familiarity == 0.0  # nothing in it is familiar
     for partly in ("I just got a new puppy, look! 🐶", "ሰላም ነው እንዴት ነህ?"):  # a token the model knows
         assert runtime.classify(partly).decided_by == "model"
+    # White space the model never reads does not move what the prior decides.
+    alone, padded = runtime.classify("🐶🐱🐭"), runtime.classify("🐶🐱🐭" + " " * 3000)
+    assert padded.decided_by == "prior" and padded.tier == alone.tier == "small"
 
 
 def test_malformed_items_get_their_own_errors(shipped_artifact: Path) -> None:
