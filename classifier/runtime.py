@@ -405,6 +405,10 @@ def _session(model: bytes, model_path: Path, threads: int) -> ort.InferenceSessi
         raise ArtifactError(f"{model_path} is not a loadable ONNX model: {exc}") from exc
 
 
+# Tries of a load whose directory is replaced while it reads it (see `load`).
+LOAD_ATTEMPTS = 3
+
+
 def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
     """Load and validate an artifact directory; `None` loads the default model shipped with the package.
 
@@ -432,6 +436,30 @@ def load(path: str | Path | None = None, threads: int = 1) -> TierClassifier:
         # fail naming ".", instead of saying what is wrong.
         raise InvalidInputError("path is empty: give an artifact directory, or None for the shipped model")
     directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    # A re-export or `eval --record` replaces the directory whole (artifact_layout): a load that read its
+    # manifest before the swap and its files after would mix two artifacts, or find neither, and blame the
+    # artifact. Where the directory was replaced meanwhile, the load is tried again on the one now there.
+    for attempt in range(LOAD_ATTEMPTS):
+        before = _directory_identity(directory)
+        try:
+            return _load_once(directory, threads)
+        except ArtifactError:
+            if attempt == LOAD_ATTEMPTS - 1 or _directory_identity(directory) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _directory_identity(directory: Path) -> tuple[int, int] | None:
+    """The directory's device and inode (a replaced directory has another), or None where there is none."""
+    try:
+        status = os.stat(directory)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _load_once(directory: Path, threads: int) -> TierClassifier:
+    """`load` of one directory as it is now (see `load`)."""
     manifest = load_manifest(directory)
     # Each file is read once: the bytes whose digest is checked are the bytes that serve.
     tokenizer_bytes, model_bytes = _read(directory / TOKENIZER_FILE), _read(directory / MODEL_FILE)

@@ -482,3 +482,32 @@ def test_a_malformed_routing_request_is_an_invalid_input_error() -> None:
         with pytest.raises(InvalidInputError, match=f"routing request {where}: "):
             classifier.RoutingRequest(**fields)
     assert classifier.RoutingRequest(mode="cost", allowed_tiers=("small",)).allowed_tiers == ("small",)
+
+
+def test_a_load_during_a_directory_swap_loads_the_artifact_now_there(
+        shipped_artifact: Path, trained_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-export replaces the directory whole. A load that read the manifest before the swap and the files
+    after mixed two artifacts and failed, blaming the artifact (a server starting or reloading then failed):
+    it loads the one now there instead. A directory that stays broken is still refused."""
+    import shutil
+
+    import classifier.runtime
+
+    live = Path(shutil.copytree(shipped_artifact, tmp_path / "model"))
+    incoming = Path(shutil.copytree(trained_artifact, tmp_path / "incoming"))
+    real_read = classifier.runtime._read
+    swaps: list[Path] = []
+
+    def read_across_a_swap(path: Path) -> bytes:
+        if not swaps:  # after the manifest was read: the writer swaps the directories now
+            live.rename(tmp_path / "model.previous")
+            incoming.rename(live)
+            swaps.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(classifier.runtime, "_read", read_across_a_swap)
+    loaded = classifier.load(live)
+    assert swaps and loaded.model_version == "tiny-test-1"  # the artifact now there, whole
+    (live / "tokenizer.json").write_text('{"version": "1.0"}')  # broken, and not replaced: refused
+    with pytest.raises(ArtifactError, match="tokenizer"):
+        classifier.load(live)
