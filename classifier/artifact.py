@@ -36,6 +36,8 @@ MODES = ("quality", "balanced", "cost")
 # The temperatures a manifest may hold. Training fits them within [0.05, 20]; far outside, the runtime's
 # float32 logits / temperature flatten every score to 0.5 or push it to 0, 1 or NaN.
 TEMPERATURE_RANGE = (1e-3, 1e3)
+# The most characters a prompt's head or tail cut may keep (32 per token at the longest window, 4,096 tokens).
+MAX_CUT_CHARS = 32 * 4096
 # How a tier's probability is compared with the top tier's: see classifier.policy.relative_scores.
 Rule = Literal["ratio", "difference"]
 
@@ -65,8 +67,9 @@ class TruncationConfig(_Strict):
     """
 
     max_tokens: int = Field(ge=8, le=4096)
-    head_chars: int = Field(ge=16)
-    tail_chars: int = Field(ge=0)
+    # Bounded: the cut is what keeps a 2-million-character prompt from being tokenized whole.
+    head_chars: int = Field(ge=16, le=MAX_CUT_CHARS)
+    tail_chars: int = Field(ge=0, le=MAX_CUT_CHARS)
     head_fraction: float = Field(gt=0, le=1)
 
 
@@ -106,6 +109,16 @@ class PolicyConfig(_Strict):
             raise ValueError("every mode's threshold and cheap floor must be in [0, 1]")
         return value
 
+    @field_validator("curve")
+    @classmethod
+    def _share_grows_with_threshold(cls, value: list[CurvePoint]) -> list[CurvePoint]:
+        # A `top_share` request is served by interpolating this curve, which is well defined only where
+        # the top tier's share grows with the threshold, as routing makes it do.
+        ordered = sorted(value, key=lambda point: point.threshold)
+        if any(b.top_share < a.top_share for a, b in itertools.pairwise(ordered)):
+            raise ValueError("the top tier's share must not fall as the threshold rises")
+        return value
+
     @model_validator(mode="after")
     def _modes_known(self) -> PolicyConfig:
         if self.default_mode not in self.thresholds:
@@ -119,7 +132,7 @@ class PolicyConfig(_Strict):
 class CalibrationConfig(_Strict):
     """Per-tier temperature scaling: p = sigmoid(logit / temperature)."""
 
-    method: str = "temperature"
+    method: Literal["temperature"] = "temperature"  # the only one the runtime applies
     temperatures: list[float]
 
     @field_validator("temperatures")
@@ -140,6 +153,12 @@ class PriorConfig(_Strict):
     short_chars: int = Field(default=200, ge=1)
     long_chars: int = Field(default=2000, ge=1)
 
+    @model_validator(mode="after")
+    def _short_below_long(self) -> PriorConfig:
+        if self.short_chars >= self.long_chars:
+            raise ValueError("short_chars must be less than long_chars (a prompt cannot be both)")
+        return self
+
 
 class FamiliarityConfig(_Strict):
     """When a prompt is too unlike the training prompts for the model's scores to be trusted.
@@ -150,7 +169,8 @@ class FamiliarityConfig(_Strict):
     of the unfamiliarity of held-out prompts like the training ones, so a value reads as a percentile.
     """
 
-    threshold: float = Field(gt=0)
+    # Bounded where the model's float32 output can reach it: past that, no prompt ever would.
+    threshold: float = Field(gt=0, le=1e30)
     reference: list[float] = Field(min_length=2)
     prior: PriorConfig = Field(default_factory=PriorConfig)
 
@@ -188,6 +208,13 @@ class ArtifactManifest(_Strict):
     @property
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self.tiers]
+
+    @field_validator("model_version")
+    @classmethod
+    def _version_as_written(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError("must be more than white space, with none at its start or end")
+        return value
 
     @field_validator("files")
     @classmethod

@@ -470,12 +470,12 @@ def _load_once(directory: Path, threads: int) -> TierClassifier:
         raise ArtifactError(f"model inputs are {input_names}, expected {MODEL_INPUT_NAMES}")
     output_names = [o.name for o in session.get_outputs()]
     expected = [MODEL_OUTPUT_NAME] + ([UNFAMILIARITY_OUTPUT_NAME] if manifest.familiarity else [])
-    if output_names[: len(expected)] != expected:
-        raise ArtifactError(f"model outputs are {output_names}, expected {expected}")
     if manifest.familiarity is None and UNFAMILIARITY_OUTPUT_NAME in output_names:
         # Without the manifest's threshold the output would be ignored: no prompt could reach the prior.
         raise ArtifactError(f"the model has an {UNFAMILIARITY_OUTPUT_NAME!r} output but the manifest has no "
                             "familiarity section to read it with")
+    if output_names != expected:  # an output the manifest does not read would be ignored without a word
+        raise ArtifactError(f"model outputs are {output_names}, expected {expected}")
     classifier = TierClassifier(directory, manifest, session, encoder)
     probe(classifier._run, len(manifest.tiers), session, encoder)
     # After the checks above, so that a file that is not a model or tokenizer at all is named as such;

@@ -511,3 +511,45 @@ def test_a_load_during_a_directory_swap_loads_the_artifact_now_there(
     (live / "tokenizer.json").write_text('{"version": "1.0"}')  # broken, and not replaced: refused
     with pytest.raises(ArtifactError, match="tokenizer"):
         classifier.load(live)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["calibration"].update(method="isotonic"), r"calibration\.method: Input should be 'temperature'"),
+    (lambda m: m["truncation"].update(head_chars=10**9), r"truncation\.head_chars: Input should be less than"),
+    (lambda m: m["familiarity"].update(threshold=1e300), r"familiarity\.threshold: Input should be less than"),
+    (lambda m: m["familiarity"]["prior"].update(short_chars=3000), r"short_chars must be less than long_chars"),
+    (lambda m: m.update(model_version="   "), r"model_version: .*more than white space"),
+    (lambda m: m["policy"].update(curve=[{**m["policy"]["curve"][0], "threshold": 0.1, "top_share": 0.9},
+                                         {**m["policy"]["curve"][0], "threshold": 0.9, "top_share": 0.1}]),
+     r"policy\.curve: .*share must not fall as the threshold rises"),
+])
+def test_manifest_values_the_runtime_would_serve_otherwise_than_they_say_are_refused(
+        shipped_artifact_copy: Path, edit: object, message: str) -> None:
+    """Each loaded before, and was served otherwise than written: another calibration as temperature scaling,
+    a prompt's head uncut, a threshold float32 cannot reach, a prior whose short prompts are long, a blank
+    version, a curve a `top_share` request would be served an arbitrary threshold from."""
+    path = shipped_artifact_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)  # type: ignore[operator]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        classifier.load(shipped_artifact_copy)
+
+
+def test_a_model_with_an_output_the_manifest_does_not_read_is_refused(shipped_artifact_copy: Path) -> None:
+    """The load checks that the manifest reads every output the model has: one more would be ignored."""
+    onnx = pytest.importorskip("onnx")  # the training extra's: the runtime does not need it
+
+    from classifier.artifact import file_digest
+
+    model_path = shipped_artifact_copy / "model.onnx"
+    model = onnx.load(str(model_path))
+    inner = model.graph.node[-1].input[0]  # a value the graph computes anyway, exposed as a third output
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(inner))
+    onnx.save(model, str(model_path))
+    manifest_path = shipped_artifact_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["model.onnx"] = file_digest(model_path.read_bytes())
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"model outputs are \['logits', 'unfamiliarity', .*expected"):
+        classifier.load(shipped_artifact_copy)

@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from classifier.artifact import MAX_CUT_CHARS
 from classifier.yaml_files import load_yaml
 
 DEFAULT_BACKBONE = "minilm-l6"
@@ -83,6 +84,12 @@ class FamiliarityTrainConfig(BaseModel):
     short_chars: int = Field(default=200, ge=1, description="the prior's cheapest tier: this short and not technical")
     long_chars: int = Field(default=2000, ge=1, description="the prior's top tier: this long, or technical")
 
+    @model_validator(mode="after")
+    def _short_below_long(self) -> FamiliarityTrainConfig:
+        if self.short_chars >= self.long_chars:  # found here, not when the trained model is exported
+            raise ValueError("short_chars must be less than long_chars (a prompt cannot be both)")
+        return self
+
 
 class TrainConfig(BaseModel):
     """Everything that decides a training run. Two runs with equal configs and data give equal models."""
@@ -94,8 +101,10 @@ class TrainConfig(BaseModel):
     head_fraction: float = Field(default=0.5, gt=0, le=1)
     # Characters kept before tokenizing: enough for the head and tail token windows with margin
     # (English runs ~4.2 characters a token), and no more, since tokenizing is most of the runtime.
-    head_chars: int | None = Field(default=None, description="default: 8 x the head's share of max_tokens")
-    tail_chars: int | None = Field(default=None, description="default: 6 x the tail's share of max_tokens")
+    head_chars: int | None = Field(default=None, ge=16, le=MAX_CUT_CHARS,
+                                   description="default: 8 x the head's share of max_tokens")
+    tail_chars: int | None = Field(default=None, ge=0, le=MAX_CUT_CHARS,
+                                   description="default: 6 x the tail's share of max_tokens")
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=8e-5, gt=0)
