@@ -49,8 +49,9 @@ class RoutingRequest(BaseModel):
     @classmethod
     def _not_a_bool(cls, value: object) -> object:
         # pydantic reads True as 1.0 and False as 0.0: a flag passed where a number belongs would send
-        # every prompt to the top tier, or to the cheapest, without a word.
-        if isinstance(value, bool | np.bool_):
+        # every prompt to the top tier, or to the cheapest, without a word. It reads "0.5" as 0.5 too: a
+        # setting read from text and never converted is a caller's slip that gRPC and the CLI never make.
+        if isinstance(value, bool | np.bool_ | str | bytes):
             raise ValueError(f"must be a number, got {value!r}")
         return value
 
@@ -167,8 +168,11 @@ def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allow
             higher, so a request kept off the cheapest tier has no floor); a number, or [n, 1] per row
             (NaN: no floor for that row); None: no floor.
     """
+    # Threshold 1 is the top allowed tier whatever the scores: a cheaper tier would reach it only where the
+    # top tier's probability underflows to 0 (its ratio is then 1).
+    below_one = np.asarray(threshold) < 1.0
     if allowed.ndim == 1 and allowed.all():  # the common case: no per-request restriction
-        passing = _relative_to(probabilities, probabilities[:, -1:], rule) >= threshold
+        passing = (_relative_to(probabilities, probabilities[:, -1:], rule) >= threshold) & below_one
         if cheap_floor is not None:
             passing[:, :1] |= probabilities[:, :1] >= cheap_floor
         passing[:, -1] = True  # the top tier is where everything else falls back
@@ -176,7 +180,7 @@ def choose_tiers(probabilities: np.ndarray, threshold: float | np.ndarray, allow
     allowed = np.broadcast_to(allowed, probabilities.shape)
     top = top_allowed_tier(allowed)
     rows = np.arange(len(top))
-    passing = (_relative_to(probabilities, probabilities[rows, top][:, None], rule) >= threshold) & allowed
+    passing = (_relative_to(probabilities, probabilities[rows, top][:, None], rule) >= threshold) & allowed & below_one
     if cheap_floor is not None:
         floors = np.broadcast_to(np.asarray(cheap_floor, dtype=float).reshape(-1, 1), (len(rows), 1))[:, 0]
         passing[:, 0] |= allowed[:, 0] & (probabilities[:, 0] >= floors)
@@ -207,7 +211,7 @@ def choose_tier(probabilities: Sequence[float], threshold: float, allowed: Seque
     top_probability = probabilities[candidates[-1]]
     if cheap_floor is not None and candidates[0] == 0 and probabilities[0] >= cheap_floor:
         return 0
-    for tier in candidates[:-1]:
+    for tier in candidates[:-1] if threshold < 1.0 else ():  # 1: the top allowed tier (see choose_tiers)
         probability = probabilities[tier]
         if rule == "difference":
             relative = min(max((1.0 + probability - top_probability) / 2.0, 0.0), 1.0)

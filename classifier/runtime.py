@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -329,11 +330,15 @@ def _collection(values: object, method: str, what: str) -> Sequence:
 
     Raises:
         InvalidInputError: it is one string or bytes (whose characters would each be read as a prompt),
+            a mapping (whose keys would be) or a set (whose order, which the results follow, is no one's),
             or not iterable at all (None, say).
     """
     if isinstance(values, str | bytes | bytearray):
         kind = "string" if isinstance(values, str) else "bytes object"
         raise InvalidInputError(f"{method} takes a list of {what}, not one {kind}")
+    if isinstance(values, Mapping | AbstractSet):
+        raise InvalidInputError(f"{method} takes a list of {what}, not a {type(values).__name__}: its results "
+                                "come back in the order of the list")
     if isinstance(values, Sequence):
         return values
     if not isinstance(values, Iterable):

@@ -71,7 +71,7 @@ def test_a_blank_mode_or_a_flag_for_a_number_is_refused_not_routed() -> None:
     assert resolve_floor(PolicyConfig(**{**POLICY.model_dump(), "cheap_floors": {"balanced": 0.7}}),
                          RoutingRequest(mode="")) is None
     for field in ("threshold", "top_share"):
-        for flag in (True, False, np.bool_(True)):
+        for flag in (True, False, np.bool_(True), "0.5", b"0.5"):  # a flag, or text never converted
             with pytest.raises(InvalidInputError, match=f"routing request {field}: must be a number, got"):
                 RoutingRequest(**{field: flag})
     assert RoutingRequest(threshold=1).threshold == 1.0  # numbers of any type still are numbers
@@ -89,6 +89,13 @@ def test_difference_rule_keeps_prompts_no_tier_answers_cheap() -> None:
     assert choose_tiers(probabilities, 0.45, everything, "ratio").tolist() == [0, 2, 2]
     assert choose_tiers(probabilities, 1.0, everything, "difference").tolist() == [2, 2, 2]
     assert choose_tiers(probabilities, 0.0, everything, "difference").tolist() == [0, 0, 0]
+    # Threshold 1 is the top tier even where its probability underflows to 0, whose ratio for any cheaper
+    # tier is then 1 (and whose difference is 1 for a cheaper tier at probability 1).
+    underflow = np.array([[0.3, 0.2, 0.0], [1.0, 0.5, 0.0]])
+    for rule in ("ratio", "difference"):
+        assert choose_tiers(underflow, 1.0, everything, rule).tolist() == [2, 2]
+        assert choose_tiers(underflow, 1.0, np.array([True, True, False]), rule).tolist() == [1, 1]
+        assert [choose_tier(row, 1.0, rule=rule) for row in underflow.tolist()] == [2, 2]
 
 
 def test_cheap_floor_takes_the_cheapest_tier_when_it_is_likely_enough() -> None:

@@ -312,7 +312,8 @@ def test_batches_take_any_collection_of_prompts_and_refuse_what_is_not_one(shipp
     assert [result.tier for result in runtime.classify_batch(prompt for prompt in prompts)] == expected
     for method, what in ((runtime.classify_batch, "prompts"), (runtime.classify_items, "pairs")):
         for bad, message in ((None, "got NoneType"), ("hello", "not one string"), (b"hello", "not one bytes object"),
-                             (42, "got int")):
+                             (42, "got int"), ({"hello": None}, "not a dict"), ({"hello"}, "not a set"),
+                             (frozenset({"hello"}), "not a frozenset")):
             with pytest.raises(InvalidInputError, match=f"^{method.__name__} takes a list of .*{what}.*{message}"):
                 method(bad)  # type: ignore[operator]
 
