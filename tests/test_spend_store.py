@@ -195,6 +195,19 @@ def test_a_redis_url_that_does_not_parse_is_refused_without_its_password(url: st
     assert "Zk9q" not in str(refused.value)
 
 
+@pytest.mark.parametrize(("url", "message"), [
+    ("redis://127.0.0.1:6379/spend", "path must be a database number"),  # redis-py reads it as database 0
+    ("redis://127.0.0.1:6379/0/x", "path must be a database number"),
+    ("http://127.0.0.1:6379/0", "must start with redis://, rediss:// or unix://, not http://"),
+    ("127.0.0.1:6379", "must start with redis://"),
+    ("redis://127.0.0.1:99999/0", "port is not a number from 0 to 65535"),
+])
+def test_a_redis_url_redis_py_would_misread_is_refused_saying_why(url: str, message: str) -> None:
+    with pytest.raises(SpendStoreError, match=message) as refused:
+        RedisSpendStore(url)
+    assert "127.0.0.1" not in str(refused.value)  # the URL is never quoted: it may hold a password
+
+
 def test_redis_store_adds_atomically_and_expires_its_keys(redis_server: RedisServer) -> None:
     import redis
 

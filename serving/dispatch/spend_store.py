@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -242,6 +243,35 @@ return totals
 """
 
 
+def _check_redis_url(url: str) -> None:
+    """Refuse a Redis URL that redis-py would misread, saying why without quoting it (it may hold a password).
+
+    redis-py reads a database path that is not a number (`/spend`) as database 0, without a word, and
+    names every other fault a parse error; the password hint below applies only to the cases it fits.
+
+    Raises:
+        SpendStoreError: the scheme is not Redis's, the port is not a port, or the path is not a database.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise SpendStoreError(f"spend store: the Redis URL must start with redis://, rediss:// or unix://, not "
+                              f"{parts.scheme + '://' if parts.scheme else 'without a scheme'}")
+    if parts.scheme == "unix":
+        return
+    password_hint = ("; a password holding '/', '?', '#' or '@' must be percent-encoded. The URL is not shown, as "
+                     "it may hold a password")
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise SpendStoreError("spend store: the Redis URL cannot be parsed: its port is not a number from 0 to "
+                              f"65535{password_hint}") from None
+    if "@" in parts.path:
+        raise SpendStoreError(f"spend store: the Redis URL cannot be parsed{password_hint}")
+    if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
+        raise SpendStoreError("spend store: the Redis URL cannot be parsed: its path must be a database number "
+                              f"(redis://host:6379/0) or nothing{password_hint}")
+
+
 class RedisSpendStore:
     """Spend in Redis, shared by dispatchers on several hosts. Needs the `redis` package (extra `[redis]`)."""
 
@@ -251,6 +281,7 @@ class RedisSpendStore:
         except ImportError as error:
             raise SpendStoreError("spend_store kind redis needs the redis client: pip install 'promptier[redis]'"
                                   ) from error
+        _check_redis_url(url)
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError:
