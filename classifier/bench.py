@@ -223,6 +223,27 @@ def try_writing(out: Path) -> None:
             pass
 
 
+def write_report(out: Path, report: dict, indent: int = 2) -> None:
+    """Write a command's JSON report whole or not at all: into a file beside `out`, then renamed over it,
+    so that a run killed while writing (or a reader meanwhile) never finds half a report, and a rewrite
+    after each of a bench's runs never loses the runs before it."""
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out.absolute().parent, prefix=f".{out.name}.",
+                                     suffix=".partial", delete=False) as handle:
+        partial = Path(handle.name)
+        try:
+            handle.write(json.dumps(report, indent=indent) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    try:
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def check_output(out: Path) -> None:
     """Make sure the JSON can be written at `out` before minutes of measuring: its folder is created
     (as `promptier label` does for its output) and a file is created and removed there.
@@ -249,7 +270,7 @@ def main(model: str | None, out: Path, iterations: int, seconds: float) -> dict:
         raise PromptierError(f"iterations must be at least 1 and seconds above 0, not {iterations} and {seconds}")
     check_output(out)
     result = run_benchmark(model, iterations, seconds)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out, result)
     print(render(result))
     print(f"\nwrote {out}")
     return result

@@ -109,3 +109,23 @@ def test_throughput_is_over_the_time_the_batches_took_not_the_window_asked(monke
     assert bench.throughput(None, ["a prompt"] * 16, 1, 1, 4, 0.01) == pytest.approx(4 / 0.4)
     # Workers whose windows overlap only in part: all prompts over the span from the first start to the last end.
     assert bench._rate([(100, 0.0, 1.0), (100, 0.5, 1.5)]) == pytest.approx(200 / 1.5)
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while writing its JSON left half a report (train-bench rewrites its file after every
+    run, so the runs before were lost too). It is written beside the report and renamed over it."""
+    import os
+
+    from classifier.bench import write_report
+
+    out = tmp_path / "bench.json"
+    write_report(out, {"runs": [1]})
+
+    def killed(source: object, target: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(out, {"runs": [1, 2]})
+    assert json.loads(out.read_text()) == {"runs": [1]}  # the previous report, whole
+    assert [path.name for path in tmp_path.iterdir()] == ["bench.json"]  # nothing half-written left beside it

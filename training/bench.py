@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from classifier.artifact_layout import MANIFEST_FILE
+from classifier.bench import write_report
 from classifier.errors import PromptierError
 from classifier.signals import exit_deferred, sigterm_as_exit
 from training.config import SHIPPED_RECIPE, recipe_path
@@ -380,7 +381,7 @@ def run_bench(rows: list[int], run_modes: list[Mode], max_steps: int, backbone: 
                     print(f"{count:>9} {mode.name:<22} {result['train_prompts_per_second']:>10.0f} "
                           f"{result['steps']:>6} {result['peak_rss_main_mb']:>8.0f} {result['peak_rss_tree_mb']:>8.0f} "
                           f"{result['wall_seconds']:>7.0f} {load[0]:>4.1f}-{load[1]:<4.1f}", flush=True)
-                out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+                write_report(out, report, indent=1)
     return report
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from classifier.bench import write_report
 from classifier.signals import exit_deferred, sigterm_as_exit
 from serving.bench.h2load import h2load_log
 from serving.bench.ports import free_port
@@ -215,7 +216,7 @@ def main(model: str | None, out: Path, count: int, load_seconds: float = 6.0, ov
     # Configs and decision logs (tens of MB per run) go away with the run.
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="promptier-dispatch-bench-") as scratch:
         report = _run(model, Path(scratch), count, load_seconds, overlay or {}, load)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     _print_report(report, load_seconds)
     print(f"\nwrote {out}")
     return report

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import yaml
 
+from classifier.bench import write_report
 from classifier.signals import exit_deferred, sigterm_as_exit
 from serving.bench.dispatch_bench import LOAD_PROMPT, refuse_failed_answer, start_upstream
 from serving.bench.ports import free_port
@@ -169,7 +170,7 @@ def main(model: str | None, out: Path, count: int) -> dict:
                 proxy.stop()
             if upstream is not None:
                 stop_process(upstream)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     print("| requests through the LiteLLM proxy | p50 | p90 | p99 |\n|---|---|---|---|")
     for key, label in (("pinned", "pinned to a group (hook passes)"), ("routed", "router model (classified)"),
                        ("added", "added by the callback"), ("classifier", "x-promptier-classifier-ms")):

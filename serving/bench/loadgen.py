@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import multiprocessing
 import resource
 import shutil
@@ -34,6 +33,7 @@ from typing import IO, TypeVar
 import grpc
 import numpy as np
 
+from classifier.bench import write_report
 from classifier.signals import exit_deferred
 from serving._proto.promptier.v1 import router_pb2, router_pb2_grpc
 from serving.bench.h2load import cpu_seconds, h2load_scenario, ok_calls, require_all_ok
@@ -440,6 +440,6 @@ def _main(model: str | None, out: Path, seconds: float, workers: int, generator:
             for r in report["native_transport_floor"]:
                 require_all_ok(r)
                 row("1, no model, C++ gRPC (transport floor)", r)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     print(f"\nwrote {out}")
     return report

@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 import yaml
 
+from classifier.bench import write_report
 from classifier.signals import exit_deferred, sigterm_as_exit
 from serving.bench import soak_clients, soak_slow_clients
 from serving.bench.ports import listen_ports, port_taken
@@ -387,7 +388,7 @@ def main(options: SoakOptions, out: Path) -> dict:
           f"{' '.join(f'{value:.2f}' for value in os.getloadavg())}; scratch {workdir}", flush=True)
     with sigterm_as_exit():  # SIGTERM stops the services it started too, as Ctrl-C does
         report = run_soak(options, workdir)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report)
     print(render_table(report))
     print(render_timeline(report))
     if report["traffic_errors"]:
