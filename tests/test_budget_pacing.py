@@ -292,13 +292,16 @@ def test_budget_sim_replays_requests_a_spent_budget_refused(tmp_path: Path) -> N
     refused = [{**row, "prompt_id": f"{row['prompt_id']}-refused", "status": 429, "tier": None,
                 "reason": "budget_exhausted", "usage": None, "cost_usd": None} for row in answered[:10]]
     other = {**answered[0], "prompt_id": "gone", "status": 499, "tier": None}  # a caller gone: not replayed
+    # A caller gone, or a stream broken, after the upstream had the request: the live budget charged what
+    # the line's usage says, so the replay spends it too.
+    charged = [{**answered[0], "prompt_id": f"charged-{status}", "status": status} for status in (499, 599)]
     with log.open("a") as file:
-        file.writelines(json.dumps(row) + "\n" for row in [*refused, other])
+        file.writelines(json.dumps(row) + "\n" for row in [*refused, other, *charged])
     out = tmp_path / "sim.json"
     result = _budget_sim(str(log), "--budget-share", "0.5", "--tenant", "search", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["requests"] == 210 and sum(report["skipped"].values()) == 1
+    assert report["requests"] == 212 and sum(report["skipped"].values()) == 1
 
 
 def test_budget_sim_replays_in_logged_order_sizes_refusals_like_answers_and_takes_the_policys_tier(

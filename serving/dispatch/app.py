@@ -24,12 +24,13 @@ from starlette.routing import Route as Endpoint
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.dispatch.chat import ChatCompletions
+from serving.dispatch.decision_log import CLIENT_CLOSED
 from serving.dispatch.dispatch_config import DispatcherConfig
 from serving.dispatch.dispatch_supervisor import METRICS_DIR_ENV
 from serving.dispatch.dispatcher import Dispatcher
 from serving.dispatch.http_error import HTTPError
 from serving.dispatch.inbound import INBOUND_ATTRIBUTE
-from serving.dispatch.inbound_request import CLIENT_CLOSED, HostCheck, caller, read_body
+from serving.dispatch.inbound_request import HostCheck, caller, read_body
 from serving.dispatch.outcomes import MAX_OUTCOMES_BODY_BYTES, OutcomeError, parse_outcomes, record_outcomes
 from serving.dispatch.route_classifier import GrpcRouteClassifier
 from serving.dispatch.savings_page import EVERY_TENANT, SavingsAccess, SavingsReport, savings_routes

@@ -33,7 +33,7 @@ from classifier.artifact import Rule
 from classifier.errors import PromptierError
 from classifier.policy import choose_tier
 from serving.dispatch.budget_pacing import BudgetRule, OnExhausted, Period, decide
-from serving.dispatch.decision_log import OUTCOME_KIND
+from serving.dispatch.decision_log import BROKEN_STREAM, CLIENT_CLOSED, OUTCOME_KIND
 
 CURVE_POINTS = 100  # spend is sampled at this many evenly spaced moments of the period
 
@@ -208,8 +208,12 @@ def read_requests(paths: Sequence[Path], tiers: Sequence[str], tier_prices: Sequ
                 # A request its spent budget refused is demand all the same: the replay asks what the
                 # budget would have made of it (having no usage, it is sized like the answered ones).
                 refused_by_budget = status == 429 and row.get("reason") == "budget_exhausted"
-                if not refused_by_budget and (not isinstance(status, int) or not 200 <= status < 400
-                                              or row.get("tier") is None):
+                # A caller gone (499) or a stream broken (599) after the upstream had the request was charged
+                # for what it used, logged as its usage: spend the live budget counted, so replayed too.
+                charged_unfinished = status in (CLIENT_CLOSED, BROKEN_STREAM) and row.get("tier") is not None \
+                    and isinstance(_json_field(row.get("usage")), dict)
+                if not (refused_by_budget or charged_unfinished) and (
+                        not isinstance(status, int) or not 200 <= status < 400 or row.get("tier") is None):
                     skip("not answered (error, other refusal or caller gone)")
                     continue
                 chosen_name = row.get("unpaced_tier") or row.get("routed_tier")

@@ -21,11 +21,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from serving.dispatch.capabilities import CapabilityRefusal, request_needs
+from serving.dispatch.decision_log import BROKEN_STREAM, CLIENT_CLOSED
 from serving.dispatch.dispatch_config import ConfigError
 from serving.dispatch.dispatcher import HEADER_PREFIX, Dispatcher, Route
 from serving.dispatch.http_error import HTTPError
 from serving.dispatch.inbound_request import (
-    CLIENT_CLOSED,
     ClientGone,
     DisconnectWatch,
     caller,
@@ -217,7 +217,7 @@ class ChatCompletions:
         except (aiohttp.ClientError, TimeoutError) as error:
             if framer is not None and framer.done:
                 return  # broken after its last event: the caller has the whole answer (recorded below)
-            status = 599  # recorded as a broken stream
+            status = BROKEN_STREAM
             detail = f"upstream {'stream' if streamed else 'body'} from tier {tier} broke: {type(error).__name__}"
             self.dispatcher.upstream_health.failed(tier, detail)
             if not streamed:

@@ -78,6 +78,10 @@ log = logging.getLogger("promptier.dispatcher")
 # after the gap saying how many were cut (their characters are in `text_cut_chars`).
 DECISION_SCHEMA_VERSION = 11
 OUTCOME_KIND = "outcome"
+# Statuses of requests that ended without a whole answer after an upstream had them: the caller left
+# (nginx's "client closed request"), or the upstream broke off a stream already relayed.
+CLIENT_CLOSED = 499
+BROKEN_STREAM = 599
 # Fewest characters a message's content keeps when a long conversation shares `max_text_chars`.
 MIN_MESSAGE_CHARS = 256
 

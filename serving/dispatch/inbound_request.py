@@ -18,7 +18,6 @@ from serving.dispatch.http_error import HTTPError
 if TYPE_CHECKING:
     from serving.dispatch.tenants import Tenant, Tenants
 
-CLIENT_CLOSED = 499  # nginx's "client closed request": the decision log's status for a caller that left
 
 
 class ClientGone(Exception):
